@@ -1,0 +1,5 @@
+"""treadle_kernels."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,57 @@
+"""Configs owned by the model runner: what model to load and how much KV cache to give it.
+
+One frozen dataclass per concern; the engine composes them. Every field documented; derived values are
+properties; validation in __post_init__ with errors that name the value and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # HF-format directory (config.json + safetensors), a .gguf file, or a config dir for dummy
+    tokenizer: str | None = None  # tokenizer directory; None = the model directory
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    max_model_len: int | None = None  # None = from the model's config
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    seed: int = 0  # seed for dummy weights and for requests without a seed
+    served_model_name: str | None = None  # the name clients use; None = the directory name
+    attention_backend: str = "auto"  # auto | torch | triton | flashinfer
+    enforce_eager: bool = False  # no CUDA graphs
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.9  # share of GPU memory treadle may use (weights + activations + KV)
+    kv_cache_space: float = 4.0  # GiB of KV cache on CPU
+    enable_prefix_caching: bool = True  # reuse KV blocks across requests with a common prefix
+    num_gpu_blocks_override: int | None = None  # fix the block count (tests, benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_space <= 0:
+            raise ValueError(f"kv_cache_space must be > 0 GiB, got {self.kv_cache_space}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError(f"num_gpu_blocks_override must be >= 2, got {self.num_gpu_blocks_override}")
