@@ -40,7 +40,17 @@ def _sync(session: nox.Session, *args: str) -> None:
 
 def _pytest(session: nox.Session, *args: str) -> None:
     # exit code 5 = no tests collected; a package with no tests yet is not a failure of the suite
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, *session.posargs, success_codes=[0, 5])
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *args,
+        *session.posargs,
+        success_codes=[0, 5],
+    )
 
 
 @nox.session(python=PYTHON)
@@ -78,7 +88,14 @@ def imports(session: nox.Session) -> None:
 def typecheck(session: nox.Session, package: str) -> None:
     dist, imp = PACKAGES[package]
     _sync(session, "--package", dist, "--group", "test", *EXTRAS.get(package, []))
-    session.run("mypy", "--cache-dir", f".mypy_cache/{package}", "-p", imp, env={"MYPYPATH": f"packages/{package}/src"})
+    session.run(
+        "mypy",
+        "--cache-dir",
+        f".mypy_cache/{package}",
+        "-p",
+        imp,
+        env={"MYPYPATH": f"packages/{package}/src"},
+    )
 
 
 @nox.session(python=PYTHON)
@@ -97,8 +114,18 @@ def build(session: nox.Session) -> None:
     # are then installed by pip from the built files only, so their metadata must resolve offline.
     reqs = os.path.join(out, "requirements.txt")
     session.run(
-        "uv", "export", "--frozen", "--all-packages", "--no-dev", "--all-extras", "--no-hashes",
-        "--no-emit-workspace", "-o", reqs, external=True, silent=True,
+        "uv",
+        "export",
+        "--frozen",
+        "--all-packages",
+        "--no-dev",
+        "--all-extras",
+        "--no-hashes",
+        "--no-emit-workspace",
+        "-o",
+        reqs,
+        external=True,
+        silent=True,
     )
     session.run("uv", "pip", "install", "-q", "-p", py, "-r", reqs, external=True)
     members = [w for w in wheels if not os.path.basename(w).startswith("treadle-0")]

@@ -135,7 +135,9 @@ def _check_int(name: str, value: object, *, lo: int | None, hi: int | None) -> N
     _check_range(name, value, lo, hi, lo_open=False)
 
 
-def _check_float(name: str, value: object, *, lo: float | None, hi: float | None, lo_open: bool = False) -> None:
+def _check_float(
+    name: str, value: object, *, lo: float | None, hi: float | None, lo_open: bool = False
+) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value != value or value in (float("inf"), float("-inf")):

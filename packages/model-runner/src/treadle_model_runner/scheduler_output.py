@@ -37,7 +37,8 @@ class CachedRequestData:
     """Requests the runner already holds: only what changed since their last step (parallel lists)."""
 
     req_ids: list[str] = field(default_factory=list)
-    new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)  # blocks appended per group
+    # blocks appended per group since the last step (None = no new blocks)
+    new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)  # tokens in the KV cache before this step
 
     @property
