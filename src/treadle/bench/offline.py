@@ -1,0 +1,168 @@
+"""`treadle bench throughput` and `treadle bench latency`: offline benchmarks printing what `vllm bench` prints.
+
+throughput: the random dataset (token-id prompts, lengths `--input-len`/`--output-len`, optionally spread by
+`--random-range-ratio`), all submitted at once to the offline `LLM` with ignore_eos, timed end to end:
+output tokens / wall time, exactly as vLLM measures it.
+latency: one batch of `--batch-size` requests, fixed lengths, timed per iteration after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine options the offline benchmarks pass through to `LLM`."""
+    parser.add_argument("--model", default=None, help="model directory / .gguf / config dir (dummy)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--kv-cache-space", type=float, default=None)
+    parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-enable-prefix-caching", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-json", default=None, help="write the result as JSON here")
+
+
+def add_throughput_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--random-range-ratio", type=float, default=0.0)
+
+
+def add_latency_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-iters-warmup", type=int, default=1)
+    parser.add_argument("--num-iters", type=int, default=3)
+
+
+def make_llm(args: argparse.Namespace) -> Any:
+    from treadle_frontend import LLM
+
+    options: dict[str, Any] = {"load_format": args.load_format, "dtype": args.dtype, "seed": args.seed}
+    for name in (
+        "max_model_len",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "gpu_memory_utilization",
+        "kv_cache_space",
+        "attention_backend",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    if args.enforce_eager:
+        options["enforce_eager"] = True
+    if args.no_enable_prefix_caching:
+        options["enable_prefix_caching"] = False
+    return LLM(model=args.model, **options)
+
+
+def random_token_prompts(
+    num: int, input_len: int, ratio: float, vocab_size: int, seed: int
+) -> list[list[int]]:
+    rng = random.Random(seed)
+    lo, hi = max(1, int(input_len * (1 - ratio))), max(1, int(input_len * (1 + ratio)))
+    top = max(11, min(vocab_size, 32000))
+    return [[rng.randrange(10, top) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
+
+
+def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    from treadle_model_runner import SamplingParams
+
+    llm = make_llm(args)
+    vocab = int(getattr(llm, "vocab_size", 32000))
+    prompts = random_token_prompts(
+        args.num_prompts, args.input_len, args.random_range_ratio, vocab, args.seed
+    )
+    rng = random.Random(args.seed + 1)
+    lo = max(1, int(args.output_len * (1 - args.random_range_ratio)))
+    hi = max(1, int(args.output_len * (1 + args.random_range_ratio)))
+    params = [
+        SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=rng.randint(lo, hi))
+        for _ in prompts
+    ]
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    num_prompt = sum(len(p) for p in prompts)
+    num_output = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    result = {
+        "elapsed_time": elapsed,
+        "num_requests": len(prompts),
+        "total_num_tokens": num_prompt + num_output,
+        "total_prompt_tokens": num_prompt,
+        "total_output_tokens": num_output,
+        "requests_per_second": len(prompts) / elapsed,
+        "tokens_per_second": (num_prompt + num_output) / elapsed,
+        "output_tokens_per_second": num_output / elapsed,
+    }
+    print(
+        f"Throughput: {result['requests_per_second']:.2f} requests/s, "
+        f"{result['tokens_per_second']:.2f} total tokens/s, "
+        f"{result['output_tokens_per_second']:.2f} output tokens/s"
+    )
+    print(f"Total num prompt tokens:  {num_prompt}")
+    print(f"Total num output tokens:  {num_output}")
+    _save(args, result, llm)
+    return result
+
+
+def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    from treadle_model_runner import SamplingParams
+
+    llm = make_llm(args)
+    vocab = int(getattr(llm, "vocab_size", 32000))
+    prompts = random_token_prompts(args.batch_size, args.input_len, 0.0, vocab, args.seed)
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
+
+    def once() -> float:
+        start = time.perf_counter()
+        llm.generate(requests, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    for _ in range(args.num_iters_warmup):
+        once()
+    latencies = np.array([once() for _ in range(args.num_iters)])
+    print(f"Avg latency: {latencies.mean()} seconds")
+    percentiles = [10, 25, 50, 75, 90, 99]
+    for pct, value in zip(percentiles, np.percentile(latencies, percentiles), strict=True):
+        print(f"{pct}% percentile latency: {value} seconds")
+    result = {
+        "avg_latency": float(latencies.mean()),
+        "latencies": latencies.tolist(),
+        "percentiles": {
+            str(p): float(v) for p, v in zip(percentiles, np.percentile(latencies, percentiles), strict=True)
+        },
+        "ms_per_output_token": float(latencies.mean()) * 1000.0 / args.output_len,
+    }
+    _save(args, result, llm)
+    return result
+
+
+def _save(args: argparse.Namespace, result: dict[str, Any], llm: Any) -> None:
+    if not args.output_json:
+        return
+    info = getattr(llm, "engine_info", None)
+    record = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "result": result}
+    if callable(info):
+        record["engine"] = info()
+    with open(args.output_json, "w") as f:
+        json.dump(record, f, indent=2, default=str)
