@@ -1,0 +1,124 @@
+"""Sampler: float32 logits [B, V] and SamplingMetadata in, one token id per row (and logprobs) out.
+
+The pipeline (ARCHITECTURE §4), every step a batched tensor op on the logits' device, none of them syncing with
+the host:
+
+    allowed / bad tokens, min_tokens -> logit bias -> penalties -> temperature (<= 1e-5: greedy = argmax)
+    -> min-p -> top-k / top-p -> Gumbel-max (noise keyed by (seed, position) for seeded rows)
+    -> logprobs (chosen token's logprob and rank, top-k)
+
+Steps no request of the batch needs are skipped (the metadata's tensors are None), so an all-greedy batch
+without penalties is one argmax. Greedy rows take the argmax of the penalized logits; temperature and truncation
+leave them alone. The logits are modified in place: pass a copy if the caller still needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from treadle_model_runner.sample.gumbel import exponential_noise, gumbel_max
+from treadle_model_runner.sample.logprobs import LogprobsTensors, compute_logprobs, gather_logprobs
+from treadle_model_runner.sample.masks import apply_logit_bias, apply_token_masks
+from treadle_model_runner.sample.metadata import SamplingMetadata
+from treadle_model_runner.sample.penalties import apply_penalties
+from treadle_model_runner.sample.truncation import apply_min_p, apply_top_k_top_p
+
+logger = logging.getLogger(__name__)
+
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+_LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64, on the logits' device
+    logprobs: LogprobsTensors | None  # None when no request asked for logprobs
+
+
+class Sampler:
+    """Stateless apart from its logprobs mode; one instance serves every step."""
+
+    def __init__(self, logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
+        if logprobs_mode not in _LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode {logprobs_mode!r} is not one of {', '.join(_LOGPROBS_MODES)}")
+        self.logprobs_mode = logprobs_mode
+
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        expected = (metadata.num_reqs, metadata.vocab_size)
+        assert tuple(logits.shape) == expected, (
+            f"logits {tuple(logits.shape)} do not match metadata {expected}"
+        )
+        logits = logits.to(torch.float32)
+        want_logprobs = metadata.max_num_logprobs >= 0
+        raw_logprobs = None
+        if want_logprobs and self.logprobs_mode == "raw_logprobs":
+            raw_logprobs = compute_logprobs(logits)
+
+        logits = self.apply_penalties_and_masks(logits, metadata)
+        if metadata.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            greedy = None if metadata.all_random else logits.argmax(dim=-1)
+            logits = self.apply_temperature_and_truncation(logits, metadata)
+            noise = exponential_noise(
+                metadata.num_reqs,
+                metadata.vocab_size,
+                logits.device,
+                metadata.seeded_rows,
+                metadata.seed_lo,
+                metadata.seed_hi,
+                metadata.positions,
+                metadata.generator,
+            )
+            sampled = gumbel_max(logits, noise)
+            if greedy is not None:
+                assert metadata.is_greedy is not None, "mixed batch without is_greedy"
+                sampled = torch.where(metadata.is_greedy, greedy, sampled)
+
+        logprobs = None
+        if want_logprobs:
+            lp = raw_logprobs if raw_logprobs is not None else compute_logprobs(logits)
+            logprobs = gather_logprobs(lp, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    @staticmethod
+    def apply_penalties_and_masks(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Steps before temperature: masks, min_tokens, bias, penalties. In place on logits [B, V]."""
+        apply_token_masks(logits, md.allowed_mask, md.banned_rows, md.banned_cols)
+        apply_logit_bias(logits, md.bias_rows, md.bias_cols, md.bias_values)
+        if not md.no_penalties:
+            assert (
+                md.output_token_counts is not None
+                and md.seen_token_mask is not None
+                and md.presence_penalty is not None
+                and md.frequency_penalty is not None
+                and md.repetition_penalty is not None
+            ), "penalties without their tensors"
+            apply_penalties(
+                logits,
+                md.output_token_counts,
+                md.seen_token_mask,
+                md.presence_penalty,
+                md.frequency_penalty,
+                md.repetition_penalty,
+            )
+        return logits
+
+    @staticmethod
+    def apply_temperature_and_truncation(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Temperature, min-p, top-k, top-p. In place on logits [B, V]; greedy rows are left unchanged."""
+        logits.div_(md.temperature.unsqueeze(1))
+        if md.min_p is not None:
+            apply_min_p(logits, md.min_p)
+        return apply_top_k_top_p(logits, md.top_k, md.top_p, md.max_top_k)
+
+    def process_logits(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Every processing step before sampling, in place: the logits the tokens are drawn from."""
+        logits = self.apply_penalties_and_masks(logits, md)
+        if md.all_greedy:
+            return logits
+        return self.apply_temperature_and_truncation(logits, md)
