@@ -1,0 +1,24 @@
+"""The IR op vocabulary: ``from treadle_ir import ops`` then ``ops.rms_norm(x, weight, eps)``.
+
+Every attribute is an :class:`treadle_ir.IrOp` that dispatches per call to the provider chosen for this
+platform and configuration. Model code calls these, never kernels directly.
+"""
+
+from __future__ import annotations
+
+from .activation import gelu_tanh_and_mul, silu_and_mul
+from .cache import reshape_and_cache
+from .norm import fused_add_rms_norm, fused_add_rms_norm_, gemma_rms_norm, rms_norm
+from .rotary import rotary_embedding, rotary_embedding_
+
+__all__ = [
+    "fused_add_rms_norm",
+    "fused_add_rms_norm_",
+    "gelu_tanh_and_mul",
+    "gemma_rms_norm",
+    "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "rotary_embedding_",
+    "silu_and_mul",
+]
