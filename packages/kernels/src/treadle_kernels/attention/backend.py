@@ -1,0 +1,148 @@
+"""The attention-backend contract: backend / metadata builder / implementation.
+
+A backend is a class with three roles, so the model runner never branches on which one it holds:
+
+- ``AttentionBackend`` (static facts): its ``name``, the KV-cache tensor shape it wants for one layer, and the two
+  classes below.
+- ``AttentionMetadataBuilder`` (once per step, shared by all layers): turns the backend-independent
+  ``AttentionMetadata`` into whatever the backend's kernels consume (plans, split counts, extra index tensors).
+- ``AttentionImpl`` (one per attention layer): holds the layer's head counts, scale, sliding window and logit
+  soft-cap; ``forward`` first writes the step's new K/V into the paged cache through ``slot_mapping``, then attends
+  every query token over the cached + new keys of its request.
+
+Semantics shared by every backend (the torch backend is the reference): GQA with ``num_heads % num_kv_heads == 0``
+(query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``); logits are ``scale * q.k``, then
+``cap * tanh(logits / cap)`` when a soft-cap is set; a query at position ``p`` sees key positions ``k <= p``
+(causal) and, with a sliding window ``W``, only ``k > p - W`` (HF transformers' ``sliding_window_overlay``: the
+window holds ``W`` keys, the query's own included).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from treadle_kernels.attention.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionMetadataBuilder:
+    """Builds a backend's per-step metadata; the default passes the common metadata through unchanged."""
+
+    def __init__(self, block_size: int, device: torch.device | str) -> None:
+        self.block_size = block_size  # tokens per KV-cache block
+        self.device = torch.device(device)
+
+    def build(self, common: AttentionMetadata) -> Any:
+        return common
+
+
+class AttentionImpl:
+    """One attention layer's computation over the paged KV cache."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> None:
+        if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads}) for "
+                "grouped-query attention; check the model config's num_attention_heads / num_key_value_heads."
+            )
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(
+                f"sliding_window ({sliding_window}) must be a positive number of tokens or None (full attention)."
+            )
+        if logits_soft_cap is not None and logits_soft_cap <= 0:
+            raise ValueError(f"logits_soft_cap ({logits_soft_cap}) must be > 0 or None (no soft-cap).")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.num_queries_per_kv = num_heads // num_kv_heads
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # backend's get_kv_cache_shape
+        attn_metadata: Any,  # what the backend's builder returned
+        output: torch.Tensor,  # [num_tokens, num_heads, head_size], written in place
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AttentionBackend:
+    """Static description of a backend; subclasses set ``name`` and the two classes."""
+
+    name: ClassVar[str] = ""
+    builder_cls: ClassVar[type[AttentionMetadataBuilder]] = AttentionMetadataBuilder
+    impl_cls: ClassVar[type[AttentionImpl]] = AttentionImpl
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+    ) -> tuple[int, ...]:
+        """One layer's cache: ``[0]`` keys, ``[1]`` values, each ``[num_blocks, block_size, nkv, head_size]``."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def get_builder_cls(cls) -> type[AttentionMetadataBuilder]:
+        return cls.builder_cls
+
+    @classmethod
+    def get_impl_cls(cls) -> type[AttentionImpl]:
+        return cls.impl_cls
+
+
+def _index_copy_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Fallback KV write used until ``treadle_ir.ops.reshape_and_cache`` exists (same semantics)."""
+    num_kv_heads, head_size = key.shape[-2], key.shape[-1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    key_cache.view(-1, num_kv_heads, head_size).index_copy_(0, slots, key[valid].to(key_cache.dtype))
+    value_cache.view(-1, num_kv_heads, head_size).index_copy_(0, slots, value[valid].to(value_cache.dtype))
+
+
+@functools.cache
+def _reshape_and_cache_fn() -> Callable[..., None]:
+    try:
+        from treadle_ir import ops
+
+        fn = getattr(ops, "reshape_and_cache", None)
+    except ImportError:
+        fn = None
+    if fn is None:
+        logger.debug("treadle_ir.ops.reshape_and_cache not available; attention writes K/V with index_copy_")
+        return _index_copy_cache
+    return fn  # type: ignore[no-any-return]
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size] (may be padded beyond slot_mapping)
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_slots] int64, -1 skipped
+) -> None:
+    """Write this step's new keys/values into the paged cache through the IR op ``reshape_and_cache``."""
+    num_slots = slot_mapping.shape[0]
+    _reshape_and_cache_fn()(key[:num_slots], value[:num_slots], kv_cache[0], kv_cache[1], slot_mapping)

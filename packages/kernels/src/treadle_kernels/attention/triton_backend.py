@@ -1,0 +1,171 @@
+"""The ``triton`` attention backend: one unified paged kernel (``triton_kernel.py``) for every batch shape.
+
+Launch configuration is chosen on the host from integers the metadata already carries (no device sync):
+
+- tile shape: ``BLOCK_M`` rows = ``BLOCK_Q`` query tokens x ``G`` heads of one KV group; 16 rows when every query
+  is short (decode, speculative tails), 64 otherwise (prefill and mixed batches);
+- split-KV (flash-decoding): only when every request fits one query tile, and the ``num_reqs x num_kv_heads``
+  programs would leave the GPU's SMs idle; the split count depends on the batch shape only (never on context
+  lengths), so a CUDA graph captured for a batch size stays correct as contexts grow.
+
+Triton is imported lazily: importing this module never needs it. Under ``TRITON_INTERPRET=1`` the same kernel runs
+on CPU tensors (tests), with small tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from treadle_kernels.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    write_kv_cache,
+)
+from treadle_kernels.attention.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+_MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and split count of one kernel launch."""
+
+    block_m: int  # query rows per program (BLOCK_Q tokens x G heads, padded to a power of two)
+    block_q: int  # query tokens per program
+    block_n: int  # keys per inner-loop iteration
+    num_splits: int  # KV segments per program row (1 = no split-KV)
+    num_warps: int
+    num_stages: int
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def choose_launch_config(
+    device: torch.device,
+    num_reqs: int,
+    max_query_len: int,
+    num_kv_heads: int,
+    group: int,
+    force_num_splits: int | None = None,
+) -> LaunchConfig:
+    """Pick tile sizes and the split count for a batch shape (host integers only)."""
+    on_gpu = device.type == "cuda"
+    small_rows = max(16, _next_pow2(group))
+    if max_query_len * group <= small_rows:
+        block_m = small_rows
+    else:
+        block_m = max(64 if on_gpu else 16, _next_pow2(group))
+    block_q = max(1, block_m // group)
+    block_n = 64 if on_gpu else 16
+    num_splits = 1
+    if max_query_len <= block_q:
+        if force_num_splits is not None:
+            num_splits = force_num_splits
+        elif on_gpu:
+            programs = num_reqs * num_kv_heads
+            target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            if programs < target:
+                num_splits = min(_MAX_SPLITS, _next_pow2((target + programs - 1) // programs))
+    num_warps = 4 if block_m <= 16 else 8
+    return LaunchConfig(block_m, block_q, block_n, num_splits, num_warps, 3 if on_gpu else 1)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, nh, d]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, nkv, d]
+    md: AttentionMetadata,
+    output: torch.Tensor,  # [T, nh, d]
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+    force_num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attend ``query`` over the paged cache (new K/V already written) with the unified Triton kernel."""
+    from treadle_kernels.attention.triton_kernel import paged_attention_kernel, reduce_splits_kernel
+
+    num_tokens = md.num_actual_tokens
+    num_reqs = md.num_reqs
+    if num_tokens == 0 or num_reqs == 0:
+        return output
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    cfg = choose_launch_config(
+        query.device, num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits
+    )
+    head_dim_pad = max(16, _next_pow2(head_dim))
+    num_tiles = num_tokens // cfg.block_q + num_reqs
+    grid = (num_tiles, num_kv_heads, cfg.num_splits)
+    if cfg.num_splits == 1:
+        target, part_m, part_l = output, output, output
+        stride_t, stride_h, stride_s = output.stride(0), output.stride(1), 0
+    else:
+        # [T, nh, splits, d_pad] fp32 partial accumulators + [T, nh, splits] running max / sum
+        target = torch.empty(
+            num_tokens, num_heads, cfg.num_splits, head_dim_pad, dtype=torch.float32, device=query.device
+        )
+        part_m = torch.empty(num_tokens, num_heads, cfg.num_splits, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        stride_t, stride_h, stride_s = target.stride(0), target.stride(1), target.stride(2)
+    paged_attention_kernel[grid](
+        target, part_m, part_l, query, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
+        num_reqs, scale, logits_soft_cap or 0.0, sliding_window or 0,
+        query.stride(0), query.stride(1), stride_t, stride_h, stride_s,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        md.block_table.stride(0),
+        G=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
+        BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SPLITS=cfg.num_splits,
+        CAUSAL=md.causal, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        UPCAST=query.device.type == "cpu",  # CPU means the interpreter
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if cfg.num_splits > 1:
+        reduce_splits_kernel[(num_tokens, num_heads)](
+            output, target, part_m, part_l, num_heads, output.stride(0), output.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=cfg.num_splits, num_warps=4,
+        )  # fmt: skip
+    return output
+
+
+class TritonAttentionImpl(AttentionImpl):
+    force_num_splits: int | None = None  # tests: force the split-KV path (power of two)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        output: torch.Tensor,
+    ) -> torch.Tensor:
+        write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping)
+        return paged_attention(
+            query, kv_cache, attn_metadata, output, self.scale, self.sliding_window, self.logits_soft_cap,
+            self.force_num_splits,
+        )  # fmt: skip
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    builder_cls = AttentionMetadataBuilder
+    impl_cls = TritonAttentionImpl

@@ -1,0 +1,217 @@
+"""One unified paged-attention Triton kernel for prefill, decode and mixed batches (+ a split-KV reduction).
+
+Work decomposition. A program owns one *query tile* of one request and one KV head. A tile holds ``BLOCK_Q``
+consecutive query tokens of the request times the ``G = num_heads // num_kv_heads`` query heads that share the KV
+head, laid out as ``BLOCK_M >= BLOCK_Q * G`` rows (row ``r`` is token ``r // G``, head ``r % G``), so one K/V
+tile read from memory serves every query head of the group (GQA-aware) and decode still feeds ``tl.dot`` with
+16+ rows. Tiles are numbered without any host work: request ``i``'s tiles start at ``cu_q[i] // BLOCK_Q + i`` (an
+upper bound on the tiles before it), so the grid is ``num_tokens // BLOCK_Q + num_reqs`` tiles and a program finds
+its request by binary search over ``query_start_loc``; surplus programs exit at once.
+
+Per program: the query rows sit at positions ``context_len + token`` (``context_len = seq_len - query_len``), so
+the keys it needs are ``[lo, hi)`` with ``hi = min(seq_len, context_len + last token + 1)`` and ``lo = 0`` or, with
+a sliding window ``W``, ``first position - W + 1``. It walks that range in ``BLOCK_N``-key tiles, mapping key
+``n`` to physical slot ``block_table[i, n // BLOCK_SIZE] * BLOCK_SIZE + n % BLOCK_SIZE`` (pages may be anywhere),
+and keeps an online softmax (running max ``m``, sum ``l``, fp32 accumulator). Masking is per element: causal,
+window, context end. Fully masked rows keep ``m = -inf`` and are guarded against ``inf - inf``.
+
+Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range is cut into ``NUM_SPLITS`` contiguous segments
+(split count fixed by the caller from the batch shape only, so CUDA graphs stay valid as contexts grow); each
+program writes its unnormalised accumulator and ``(m, l)`` to fp32 scratch, and ``_reduce_splits_kernel`` merges
+them with the usual ``exp(m_s - max m)`` rescaling. Empty segments contribute ``l = 0``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, tile, last_req, BLOCK_Q: tl.constexpr):
+    """Largest request i <= last_req with query_start_loc[i] // BLOCK_Q + i <= tile (binary search)."""
+    lo = 0
+    hi = last_req
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def paged_attention_kernel(
+    out_ptr,  # [T, nh, d] or, with splits, fp32 partial accumulators [T, nh, NUM_SPLITS, d]
+    part_m_ptr,  # [T, nh, NUM_SPLITS] fp32 running max (split path only)
+    part_l_ptr,  # [T, nh, NUM_SPLITS] fp32 running sum (split path only)
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    num_reqs,
+    scale,
+    soft_cap,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFT_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    req = _find_request(query_start_loc_ptr, tile, num_reqs - 1, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_Q + req)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_tile * BLOCK_Q + rows // G  # token index within the request
+    head = kv_head * G + rows % G
+    row_ok = (rows < BLOCK_Q * G) & (tok < q_len)
+    q_pos = context_len + tok
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+
+    q_offs = (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:  # the CPU interpreter mis-computes 16-bit float dots; compute them in fp32 there
+        q = q.to(tl.float32)
+
+    # key range this tile needs, then this split's share of it
+    first_pos = context_len + q_tile * BLOCK_Q
+    last_pos = tl.minimum(context_len + q_tile * BLOCK_Q + BLOCK_Q, seq_len) - 1
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(first_pos - window + 1, 0)
+    kv_hi = last_pos + 1
+    if not CAUSAL:
+        kv_hi = seq_len
+    kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    if NUM_SPLITS > 1:
+        num_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
+        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        seg_lo = kv_lo + split * per_split * BLOCK_N
+        seg_hi = tl.minimum(seg_lo + per_split * BLOCK_N, kv_hi)
+    else:
+        seg_lo = kv_lo
+        seg_hi = kv_hi
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    qk_scale = scale * LOG2E
+    cols = tl.arange(0, BLOCK_N)
+    bt_row = block_table_ptr + req * stride_bt
+    for n0 in range(seg_lo, seg_hi, BLOCK_N):
+        k_pos = n0 + cols
+        k_ok = k_pos < seg_hi
+        page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        in_page = k_pos % BLOCK_SIZE
+        k_offs = (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[None, :] + dims[:, None]
+        k = tl.load(k_cache_ptr + k_offs, mask=k_ok[None, :] & dim_ok[:, None], other=0.0)  # [D, N]
+        v_offs = (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None] + dims[None, :]
+        v = tl.load(v_cache_ptr + v_offs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [N, D]
+        if UPCAST:
+            v = v.to(tl.float32)
+
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # [M, N] fp32
+        if USE_SOFT_CAP:
+            s = s * scale
+            # cap * tanh(s / cap), with tanh(x) = 1 - 2 / (exp(2x) + 1)
+            s = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * s / soft_cap) + 1.0))
+            s = s * LOG2E
+        else:
+            s = s * qk_scale
+        ok = row_ok[:, None] & k_ok[None, :]
+        if CAUSAL:
+            ok = ok & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            ok = ok & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+    o_mask = row_ok[:, None] & dim_ok[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(out_ptr + o_offs + split * stride_os, acc, mask=o_mask)
+        num_heads = G * tl.num_programs(1)
+        ml_offs = ((q_start + tok) * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_m_ptr + ml_offs, m_i, mask=row_ok)
+        tl.store(part_l_ptr + ml_offs, l_i, mask=row_ok)
+
+
+@triton.jit
+def reduce_splits_kernel(
+    out_ptr,  # [T, nh, d]
+    part_acc_ptr,  # [T, nh, NUM_SPLITS, HEAD_DIM_PAD] fp32
+    part_m_ptr,  # [T, nh, NUM_SPLITS] fp32
+    part_l_ptr,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    base = token * num_heads + head
+    m = tl.load(part_m_ptr + base * NUM_SPLITS + splits)
+    l_s = tl.load(part_l_ptr + base * NUM_SPLITS + splits)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # empty splits: exp2(-inf) = 0
+    denom = tl.sum(w * l_s, axis=0)
+    acc = tl.load(part_acc_ptr + (base * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :])
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(
+        out_ptr + token * stride_ot + head * stride_oh + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )

@@ -1,0 +1,130 @@
+"""Random paged-attention batches for the attention tests, and a dense float64 reference.
+
+A case is a list of ``(context_len, query_len)`` requests: ``context_len`` tokens are already in the paged cache,
+``query_len`` new tokens arrive this step (prefill: context 0; decode: query 1; chunked prefill: both > 0).
+Physical blocks are a random permutation of the pool (non-contiguous, shuffled block tables); unused cache slots
+hold NaN so a kernel that reads outside a request's context is caught.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from treadle_kernels.attention import AttentionMetadata
+
+
+@dataclass
+class Case:
+    query: torch.Tensor  # [T, nh, d] (T may include padding)
+    key: torch.Tensor  # [T, nkv, d] new keys
+    value: torch.Tensor
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, nkv, d], context already written
+    metadata: AttentionMetadata
+    full_keys: list[torch.Tensor]  # per request [seq_len, nkv, d]: context + new
+    full_values: list[torch.Tensor]
+
+
+def make_case(
+    requests: list[tuple[int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    num_padding: int = 0,
+    causal: bool = True,
+) -> Case:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    seq_lens = [c + q for c, q in requests]
+    blocks_per_req = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(blocks_per_req) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    max_blocks = max(blocks_per_req) + 1
+    block_table = torch.zeros(len(requests), max_blocks, dtype=torch.int32)
+    cursor = 0
+    for i, nb in enumerate(blocks_per_req):
+        block_table[i, :nb] = perm[cursor : cursor + nb].to(torch.int32)
+        cursor += nb
+    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    kv_cache = kv_cache.to(device)
+    flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
+    flat_v = kv_cache[1].view(-1, num_kv_heads, head_dim)
+
+    full_keys, full_values, queries, new_k, new_v, slots = [], [], [], [], [], []
+    for i, (ctx, qlen) in enumerate(requests):
+        seq_len = ctx + qlen
+        k, v = rand(seq_len, num_kv_heads, head_dim), rand(seq_len, num_kv_heads, head_dim)
+        full_keys.append(k)
+        full_values.append(v)
+        pos = torch.arange(seq_len)
+        slot = block_table[i, pos // block_size].long() * block_size + pos % block_size
+        flat_k[slot[:ctx].to(device)] = k[:ctx]
+        flat_v[slot[:ctx].to(device)] = v[:ctx]
+        queries.append(rand(qlen, num_heads, head_dim))
+        new_k.append(k[ctx:])
+        new_v.append(v[ctx:])
+        slots.append(slot[ctx:])
+    queries.append(rand(num_padding, num_heads, head_dim))
+    new_k.append(rand(num_padding, num_kv_heads, head_dim))
+    new_v.append(rand(num_padding, num_kv_heads, head_dim))
+    slots.append(torch.full((num_padding,), -1, dtype=torch.long))
+
+    query_lens = torch.tensor([q for _, q in requests], dtype=torch.int32)
+    query_start_loc = torch.zeros(len(requests) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.cumsum(query_lens, 0)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    metadata = AttentionMetadata(
+        num_actual_tokens=int(query_start_loc[-1]),
+        max_query_len=int(query_lens.max()),
+        max_seq_len=max(seq_lens),
+        query_start_loc=query_start_loc.to(device),
+        query_start_loc_cpu=query_start_loc,
+        seq_lens=seq_lens_t.to(device),
+        seq_lens_cpu=seq_lens_t,
+        block_table=block_table.to(device),
+        slot_mapping=torch.cat(slots).to(device),
+        causal=causal,
+    )
+    return Case(
+        torch.cat(queries), torch.cat(new_k), torch.cat(new_v), kv_cache, metadata, full_keys, full_values
+    )
+
+
+def dense_reference(
+    case: Case,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> torch.Tensor:
+    """float64 attention straight from the per-request K/V (no cache), ``[num_actual_tokens, nh, d]``."""
+    md = case.metadata
+    outs = []
+    starts = md.query_start_loc_cpu.tolist()
+    for i, (k, v) in enumerate(zip(case.full_keys, case.full_values, strict=True)):
+        q = case.query[starts[i] : starts[i + 1]].double().cpu()  # [q_len, nh, d]
+        k, v = k.double().cpu(), v.double().cpu()
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        logits = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if soft_cap is not None:
+            logits = soft_cap * torch.tanh(logits / soft_cap)
+        seq_len, q_len = k.shape[0], q.shape[0]
+        q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
+        k_pos = torch.arange(seq_len)[None, :]
+        allowed = torch.ones(q_len, seq_len, dtype=torch.bool)
+        if md.causal:
+            allowed &= k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(logits, -1), v))
+    return torch.cat(outs)

@@ -1,0 +1,111 @@
+"""The unified Triton paged-attention kernel against the torch reference backend.
+
+CPU: under TRITON_INTERPRET=1 at tiny sizes. GPU (``-m gpu``): real shapes (head_dim 128, 32/8 heads, block 16,
+contexts up to 4k) in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from attention_cases import dense_reference, make_case
+
+from treadle_kernels.attention import get_attn_backend
+
+pytest.importorskip("triton")
+
+MIXED = [(0, 9), (13, 5), (20, 1), (5, 1), (0, 1), (29, 3)]  # prefill, chunked prefill, decodes
+DECODE = [(17, 1), (3, 1), (40, 1), (0, 1)]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def run(name, case, nh, nkv, d, window=None, cap=None, splits=None):
+    backend = get_attn_backend(name, case.query.device)
+    builder = backend.get_builder_cls()(case.kv_cache.shape[2], case.query.device)
+    impl = backend.get_impl_cls()(nh, d, d**-0.5, nkv, window, cap)
+    if splits is not None:
+        impl.force_num_splits = splits
+    out = torch.zeros_like(case.query)
+    kv_cache = case.kv_cache.clone()
+    impl.forward(case.query, case.key, case.value, kv_cache, builder.build(case.metadata), out)
+    return out[: case.metadata.num_actual_tokens]
+
+
+def compare(case, nh, nkv, d, dtype, window=None, cap=None, splits=None):
+    out = run("triton", case, nh, nkv, d, window, cap, splits)
+    ref = run("torch", case, nh, nkv, d, window, cap)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    ("window", "cap"), [(None, None), (7, None), (None, 4.0)], ids=["full", "window", "softcap"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mixed_batch_matches_torch(window, cap, dtype):
+    case = make_case(MIXED, 4, 2, 16, 4, dtype=dtype, device=DEVICE, seed=11, num_padding=2)
+    compare(case, 4, 2, 16, dtype, window, cap)
+
+
+@pytest.mark.parametrize(
+    ("nh", "nkv", "d"), [(6, 2, 24), (2, 2, 32), (8, 1, 16)], ids=["g3-d24", "mha", "g8"]
+)
+def test_head_layouts_fp16(nh, nkv, d):
+    case = make_case(MIXED, nh, nkv, d, 8, dtype=torch.float16, device=DEVICE, seed=12)
+    compare(case, nh, nkv, d, torch.float16, window=10)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_split_kv(splits):
+    case = make_case(DECODE, 4, 2, 16, 4, device=DEVICE, seed=13)
+    compare(case, 4, 2, 16, torch.float32, window=None if splits == 1 else 9, splits=splits)
+
+
+def test_matches_dense_reference_directly():
+    case = make_case(MIXED, 4, 2, 16, 4, device=DEVICE, seed=14)
+    out = run("triton", case, 4, 2, 16, window=5, cap=3.0)
+    ref = dense_reference(case, 16**-0.5, 5, 3.0)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_batch(kind: str) -> list[tuple[int, int]]:
+    gen = torch.Generator().manual_seed(5)
+    if kind == "decode":
+        return [(int(c), 1) for c in torch.randint(1, 4096, (48,), generator=gen)]
+    if kind == "prefill":
+        return [(0, 1500), (0, 700), (0, 33)]
+    return [
+        (0, 900),
+        (2000, 512),
+        (1024, 17),
+        *[(int(c), 1) for c in torch.randint(1, 4000, (40,), generator=gen)],
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize(("window", "cap"), [(None, None), (1024, None), (None, 30.0)])
+def test_gpu_real_sizes(kind, window, cap):
+    case = make_case(_gpu_batch(kind), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=21)
+    compare(case, 32, 8, 128, torch.bfloat16, window, cap)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 4, 64])
+def test_gpu_split_kv_decode(batch):
+    reqs = [(4000 - 7 * i, 1) for i in range(batch)]
+    case = make_case(reqs, 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=22)
+    compare(case, 32, 8, 128, torch.bfloat16)
+    compare(case, 32, 8, 128, torch.bfloat16, splits=8)
