@@ -1,0 +1,176 @@
+"""Paged-attention microbenchmark: triton vs flashinfer vs torch on Llama-3.1-8B head shapes (GPU, bf16).
+
+One attention layer (32 query heads, 8 KV heads, head_dim 128, block 16, shuffled physical blocks), timed with
+CUDA events around ``impl.forward`` (the KV write of the step's new tokens included; FlashInfer's per-step plan
+excluded, as it is paid once per step for all layers). Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k,
+and a prefill (4 x 2048 tokens) plus a mixed batch. Reports achieved GB/s of KV read (``sum(seq_len) * nkv *
+head_dim * 2 (K, V) * 2 bytes``) against the device's own copy bandwidth measured in the same run, and TFLOP/s
+for prefill. The torch reference runs only where it finishes quickly.
+
+    python benchmarks/attention.py results.json [--backends triton,flashinfer,torch]
+
+Needs only torch, triton and (optionally) flashinfer-python; the treadle packages are imported from the checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "packages/ir/src"), str(ROOT / "packages/kernels/src")]
+
+from treadle_kernels.attention import AttentionMetadata, get_attn_backend  # noqa: E402
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+def make_step(requests: list[tuple[int, int]], seed: int = 0):
+    """Random q/k/v and a filled paged cache for (context_len, query_len) requests; returns tensors + metadata."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    seq_lens = [c + q for c, q in requests]
+    blocks = [(s + BLOCK_SIZE - 1) // BLOCK_SIZE for s in seq_lens]
+    num_blocks = sum(blocks)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    table = torch.zeros(len(requests), max(blocks), dtype=torch.int32, device="cuda")
+    starts = [0]
+    for nb in blocks:
+        starts.append(starts[-1] + nb)
+    for i, nb in enumerate(blocks):
+        table[i, :nb] = perm[starts[i] : starts[i + 1]]
+    kv_cache = torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE,
+                           generator=gen)  # fmt: skip
+    q_lens = torch.tensor([q for _, q in requests], dtype=torch.int32)
+    qsl = torch.zeros(len(requests) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(q_lens, 0)
+    num_tokens = int(qsl[-1])
+    slots = []
+    for i, (c, q) in enumerate(requests):
+        pos = torch.arange(c, c + q, device="cuda")
+        slots.append(table[i, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    md = AttentionMetadata(
+        num_actual_tokens=num_tokens, max_query_len=int(q_lens.max()), max_seq_len=max(seq_lens),
+        query_start_loc=qsl.cuda(), query_start_loc_cpu=qsl, seq_lens=sl.cuda(), seq_lens_cpu=sl,
+        block_table=table, slot_mapping=torch.cat(slots),
+    )  # fmt: skip
+    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    v = torch.randn_like(k)
+    return q, k, v, kv_cache, md
+
+
+def time_backend(name: str, step, iters: int) -> float:
+    """Median milliseconds of one layer's forward."""
+    q, k, v, kv_cache, md = step
+    backend = get_attn_backend(name, "cuda")
+    builder = backend.get_builder_cls()(BLOCK_SIZE, "cuda")
+    impl = backend.get_impl_cls()(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
+    attn_md = builder.build(md)
+    out = torch.empty_like(q)
+    for _ in range(3):
+        impl.forward(q, k, v, kv_cache, attn_md, out)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        impl.forward(q, k, v, kv_cache, attn_md, out)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (bytes read + written) of a 2 GiB buffer."""
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * src.numel() * 2 * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+
+
+def workloads() -> list[tuple[str, list[tuple[int, int]]]]:
+    cases = [(f"decode b{b} ctx{c}", [(c - 1, 1)] * b) for b in (1, 64, 256) for c in (1024, 4096)]
+    cases.append(("prefill 4x2048", [(0, 2048)] * 4))
+    cases.append(("mixed 1x1024 prefill + 64 decodes ctx2048", [(0, 1024)] + [(2047, 1)] * 64))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output", type=Path, help="JSON file to write")
+    parser.add_argument("--backends", default="triton,flashinfer,torch")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
+    backends = args.backends.split(",")
+    if "flashinfer" in backends:
+        try:
+            import flashinfer  # noqa: F401
+        except ImportError:
+            print("flashinfer not installed: skipping it", file=sys.stderr)
+            backends.remove("flashinfer")
+    t0 = time.time()
+    copy_gbs = copy_bandwidth_gbs()
+    rows = []
+    for label, requests in workloads():
+        step = make_step(requests)
+        kv_bytes = sum(c + q for c, q in requests) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
+        flops = sum(4 * q * (c + (q + 1) / 2) * NUM_HEADS * HEAD_DIM for c, q in requests)
+        for name in backends:
+            if name == "torch" and len(requests) > 64:
+                continue  # a Python loop over requests; too slow to be a useful baseline at this size
+            ms = time_backend(name, step, args.iters)
+            rows.append({"workload": label, "backend": name, "ms": ms,
+                         "kv_read_gbs": kv_bytes / (ms * 1e-3) / 1e9, "tflops": flops / (ms * 1e-3) / 1e12})  # fmt: skip
+        del step
+        torch.cuda.empty_cache()
+    import triton
+
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "shape": {
+            "num_heads": NUM_HEADS,
+            "num_kv_heads": NUM_KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "block_size": BLOCK_SIZE,
+            "dtype": "bfloat16",
+        },
+        "copy_bandwidth_gbs": copy_gbs,
+        "rows": rows,
+        "wall_s": time.time() - t0,
+    }
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"{result['device']}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
+    print(f"{'workload':44} {'backend':11} {'ms':>9} {'KV GB/s':>9} {'TFLOP/s':>8}")
+    for r in rows:
+        print(
+            f"{r['workload']:44} {r['backend']:11} {r['ms']:9.4f} {r['kv_read_gbs']:9.0f} {r['tflops']:8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
