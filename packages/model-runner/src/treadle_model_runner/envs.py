@@ -1,0 +1,58 @@
+"""Environment variables read by treadle_model_runner, declared once, typed, read lazily.
+
+Every variable is read through a function at the moment it is needed, so tests may set it with
+``monkeypatch.setenv`` after import. A malformed value raises ``ValueError`` naming the variable, the value
+and the accepted forms. No other module of treadle_model_runner reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["TREADLE_CACHE_DIR", "TREADLE_CONVERSION_PROGRESS", "parse_bool"]
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """Parse a boolean environment value; raise naming ``name`` when it is not a boolean."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"environment variable {name}={raw!r} is not a boolean; use one of 1/0, true/false, yes/no, on/off"
+    )
+
+
+def _absolute_dir(name: str, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise ValueError(
+            f"environment variable {name}={raw!r} is not an absolute path; give an absolute directory"
+        )
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"environment variable {name}={raw!r} names a file, not a directory; point it at a directory"
+        )
+    return path
+
+
+def TREADLE_CACHE_DIR() -> Path:
+    """Where treadle keeps converted models: ``TREADLE_CACHE_DIR``, else ``$XDG_CACHE_HOME/treadle``,
+    else ``~/.cache/treadle``. The directory need not exist yet."""
+    raw = os.environ.get("TREADLE_CACHE_DIR", "")
+    if raw:
+        return _absolute_dir("TREADLE_CACHE_DIR", raw)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg:
+        return _absolute_dir("XDG_CACHE_HOME", xdg) / "treadle"
+    return Path.home() / ".cache" / "treadle"
+
+
+def TREADLE_CONVERSION_PROGRESS() -> bool:
+    """``0`` hides the progress bar shown on stderr while a GGUF file is converted (default ``1``)."""
+    return parse_bool("TREADLE_CONVERSION_PROGRESS", os.environ.get("TREADLE_CONVERSION_PROGRESS", "1"))

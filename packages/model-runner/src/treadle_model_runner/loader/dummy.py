@@ -1,0 +1,90 @@
+"""Dummy weights: deterministic random parameters from a config alone, for benchmarks and tests.
+
+Theory: a benchmark needs the shapes and the arithmetic of a real model, not its knowledge. Matrices are
+drawn from N(0, std²) (std 0.02 keeps activations and logits in a realistic range through dozens of
+layers), norm weights are 1 and biases 0, so the network neither explodes nor collapses.
+
+Invariants: each parameter's values depend only on (seed, parameter name, shape, device type), never on
+the order parameters are visited, so a model whose layers are built or stacked differently still gets the
+same values for the same names; generation happens on the parameter's own device (fast on GPU, no host
+copy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from treadle_model_runner.loader.weights import CONFIG_FILE
+
+logger = logging.getLogger(__name__)
+
+DUMMY_STD = 0.02
+
+
+def _is_norm(name: str) -> bool:
+    last = name.rsplit(".", 2)
+    return any("norm" in part for part in last[-2:]) or name.endswith("ln_f.weight")
+
+
+@torch.no_grad()
+def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY_STD) -> None:
+    """Fill every parameter of ``model`` in place: matrices ~ N(0, std²), norm weights 1, biases 0."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        if param.device.type == "meta":
+            raise ValueError(
+                f"parameter {name} is on the meta device; materialise the model before load_dummy_weights"
+            )
+        if name.endswith("bias"):
+            param.zero_()
+        elif _is_norm(name) and param.dim() == 1:
+            param.fill_(1.0)
+        else:
+            gen = generators.get(param.device)
+            if gen is None:
+                gen = generators[param.device] = torch.Generator(device=param.device)
+            gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+            if param.dtype.is_floating_point:
+                param.normal_(0.0, std, generator=gen)
+            else:
+                raise ValueError(
+                    f"parameter {name} has dtype {param.dtype}; dummy weights fill floating point only"
+                )
+    logger.info("filled %s with dummy weights (seed %d, std %g)", type(model).__name__, seed, std)
+
+
+def make_dummy_model_dir(config: Any, out_dir: Path) -> Path:
+    """Write an HF-format directory holding only ``config.json``, for ``load_format='dummy'``.
+
+    ``config`` is a transformers ``PretrainedConfig``, a dict of config fields, or the path of a
+    config.json (e.g. ``benchmarks/configs/llama-3.1-8b/config.json``). Returns ``out_dir``.
+    """
+    if isinstance(config, (str, Path)):
+        config_path = Path(config)
+        if config_path.is_dir():
+            config_path = config_path / CONFIG_FILE
+        if not config_path.is_file():
+            raise ValueError(f"config file {config_path} does not exist")
+        try:
+            data = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {config_path} is not valid JSON ({exc})") from exc
+    elif isinstance(config, dict):
+        data = dict(config)
+    elif hasattr(config, "to_dict"):
+        data = config.to_dict()
+    else:
+        raise ValueError(
+            f"config must be a PretrainedConfig, a dict or a config.json path, got {type(config)}"
+        )
+    if "model_type" not in data:
+        raise ValueError("the config has no 'model_type'; transformers cannot tell which model it describes")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    return out_dir

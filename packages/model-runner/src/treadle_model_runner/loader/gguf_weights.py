@@ -1,0 +1,160 @@
+"""GGUF tensors as HF tensors: dequantize, rename, and undo llama.cpp's q/k row permutation.
+
+Theory: a GGUF file stores each tensor with its dims reversed (ne0 = the contiguous dim first), quantized
+in blocks (Q4_1, Q8_0, ...) or plain (F32, F16, BF16). ``gguf.quants.dequantize`` turns the raw blocks into
+float32 with numpy shape = reversed GGUF shape, which is already the PyTorch ``[out, in]`` layout.
+
+Names follow llama.cpp (``blk.N.attn_q.weight``); they map one-to-one onto HF Llama names
+(``model.layers.N.self_attn.q_proj.weight``). llama.cpp's converter permutes the rows of Llama's q and k
+projections from HF's rotate-half layout (per head: first half of the dims, then second half) to the
+interleaved pairs its rope kernel expects; :func:`unpermute_qk` inverts it per head, using
+``head_count`` for q and ``head_count_kv`` for k.
+
+Invariants: every yielded tensor is contiguous, has the target dtype and its HF name; tensors only llama.cpp
+needs (``rope_freqs``) are skipped; an unknown tensor name raises ValueError naming it and the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_SKIPPED = frozenset({"rope_freqs.weight"})  # llama3 rope factors: recomputed from config.json by the model
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+_MISSING = object()
+
+
+def open_gguf(path: Path) -> Any:
+    """Open a GGUF file for reading; raise ValueError naming the file when it is absent or malformed."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise ValueError(f"GGUF file {path} does not exist")
+    try:
+        return GGUFReader(path, "r")
+    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on bad input
+        raise ValueError(f"GGUF file {path} is corrupt, truncated or not a GGUF file ({exc!r})") from exc
+
+
+def gguf_value(reader: Any, key: str, default: Any = _MISSING) -> Any:
+    """One metadata value (str, int, float, bool or list); ``default`` when absent, else ValueError."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise ValueError(f"GGUF file {reader.data.filename} lacks the metadata key {key!r}")
+        return default
+    return field.contents()
+
+
+def gguf_architecture(reader: Any) -> str:
+    arch = str(gguf_value(reader, "general.architecture"))
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF file {reader.data.filename} has architecture {arch!r}; treadle converts "
+            f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} GGUF files. Use the model's HF safetensors release instead"
+        )
+    return arch
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF name of a llama.cpp tensor name; None for tensors the HF model does not hold."""
+    if gguf_name in _SKIPPED:
+        return None
+    if match := _LAYER_RE.match(gguf_name):
+        layer, part, kind = match.groups()
+        if part in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    elif (match := _GLOBAL_RE.match(gguf_name)) and match.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no HF Llama counterpart")
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleave of a q or k projection (weight [heads*head_dim, ...])."""
+    head_dim = weight.shape[0] // num_heads
+    assert head_dim * num_heads == weight.shape[0] and head_dim % 2 == 0, (
+        f"q/k rows {weight.shape[0]} do not split into {num_heads} heads of an even size"
+    )
+    rest = tuple(weight.shape[1:])
+    return (
+        weight.reshape(num_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
+    )
+
+
+def dequantize_tensor(tensor: Any) -> np.ndarray:
+    """float32 numpy array in PyTorch layout (GGUF dims reversed) for one ReaderTensor."""
+    from gguf.quants import dequantize
+
+    values = dequantize(tensor.data, tensor.tensor_type)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    array = np.asarray(values, dtype=np.float32).reshape(shape)
+    return array if array.flags.writeable else array.copy()  # plain F32 tensors are read-only mmap views
+
+
+def count_gguf_tensors(reader: Any) -> int:
+    return sum(1 for t in reader.tensors if t.name not in _SKIPPED)
+
+
+def iterate_gguf_tensors(
+    reader: Any, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for every tensor of an open GGUF reader, dequantized to ``dtype``."""
+    path = reader.data.filename
+    arch = gguf_architecture(reader)
+    num_heads = int(gguf_value(reader, f"{arch}.attention.head_count"))
+    num_kv_heads = int(gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads))
+    for tensor in reader.tensors:
+        try:
+            name = hf_tensor_name(tensor.name)
+        except ValueError as exc:
+            raise ValueError(
+                f"GGUF file {path}: {exc}; it may be a different architecture than {arch!r}"
+            ) from exc
+        if name is None:
+            continue
+        try:
+            values = torch.from_numpy(dequantize_tensor(tensor))
+        except (NotImplementedError, ValueError) as exc:
+            raise ValueError(
+                f"GGUF file {path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be "
+                f"dequantized ({exc})"
+            ) from exc
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            values = unpermute_qk(values, num_heads)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            values = unpermute_qk(values, num_kv_heads)
+        yield name, values.to(dtype).contiguous()
+
+
+def iterate_gguf_weights(
+    path: Path, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for every tensor of the GGUF file at ``path``."""
+    yield from iterate_gguf_tensors(open_gguf(Path(path)), dtype=dtype)

@@ -1,0 +1,142 @@
+"""From what the user named to an HF-format directory, its config and how to read its weights.
+
+Theory: every source ends as a local HF-format directory. ``model`` empty -> the embedded default
+(converted once into the cache); a ``.gguf`` file, or a directory holding one and no safetensors -> converted
+once into ``<cache>/models/gguf/<stem>-<fingerprint>``; a directory with safetensors -> itself; ``dummy`` ->
+the directory of a config.json, no weights. The transformers config is read from the local config.json
+only (``local_files_only``): nothing is ever downloaded, whatever HF_HUB_OFFLINE says.
+
+Invariants: ``ResolvedModel.format`` is ``"safetensors"`` or ``"dummy"`` (GGUF is already converted);
+every problem raises ValueError naming the path and the fix, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from treadle_model_runner.config import LOAD_FORMATS, ModelConfig
+from treadle_model_runner.loader.cache import convert_gguf_cached, models_cache_dir
+from treadle_model_runner.loader.default_model import default_model_path
+from treadle_model_runner.loader.weights import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, plan_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+_GGUF_DTYPES = {
+    "auto": torch.float32,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # HF-format directory: config.json, plus safetensors unless format is "dummy"
+    hf_config: PretrainedConfig  # transformers config read from path/config.json
+    format: str  # how to get the weights: "safetensors" (iterate_weights(path)) or "dummy" (random)
+    tokenizer_path: Path  # directory with tokenizer.json: ModelConfig.tokenizer, else path
+    source: Path | None  # what the user named (a .gguf file or a directory); None for the default model
+
+
+def load_hf_config(path: Path) -> PretrainedConfig:
+    """The transformers config of an HF-format directory, from its local config.json only."""
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"{config_file} is missing: {path} is not an HF-format model directory")
+    from transformers import AutoConfig  # lazy: importing transformers costs seconds
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{config_file} cannot be read as a transformers config ({exc})") from exc
+
+
+def _find_gguf(path: Path) -> Path | None:
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(
+            f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:4])}); pass one file"
+        )
+    return found[0] if found else None
+
+
+def detect_load_format(path: Path) -> str:
+    """``safetensors`` or ``gguf`` for an existing path, from the files it holds."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise ValueError(
+            f"{path} is a file but not a .gguf file; pass an HF-format directory (config.json + *.safetensors) "
+            "or a .gguf file"
+        )
+    if (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")):
+        return "safetensors"
+    if _find_gguf(path) is not None:
+        return "gguf"
+    if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+        return "safetensors"  # plan_safetensors explains that pickle weights are refused and how to convert
+    raise ValueError(
+        f"{path} holds no weights (no *.safetensors, no .gguf); for random weights from its config.json use "
+        "load_format 'dummy'"
+    )
+
+
+def _gguf_fingerprint(gguf_path: Path) -> str:
+    stat = gguf_path.stat()
+    return f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def convert_gguf_to_cache(gguf_path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The cached HF-format directory of a GGUF file, converting it on first use."""
+    fingerprint = _gguf_fingerprint(gguf_path)
+    digest = hashlib.sha256(f"{fingerprint}:{dtype}".encode()).hexdigest()[:12]
+    out_dir = models_cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    return convert_gguf_cached(gguf_path, out_dir, fingerprint, dtype)
+
+
+def resolve_model(model_config: ModelConfig) -> ResolvedModel:
+    """Turn ``model_config.model`` (+ load_format) into a local HF-format directory and its config."""
+    load_format = model_config.load_format
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    source: Path | None = None
+    if not model_config.model:
+        path = default_model_path()
+        load_format = "dummy" if load_format == "dummy" else "safetensors"
+    else:
+        source = Path(model_config.model).expanduser()
+        if not source.exists():
+            raise ValueError(
+                f"model {model_config.model!r}: {source} does not exist; pass an HF-format directory, a .gguf "
+                "file, or no model for the embedded default"
+            )
+        path = source
+        if load_format == "auto":
+            load_format = detect_load_format(source)
+        if load_format == "dummy" and source.is_file() and source.name.endswith(".json"):
+            path = source.parent
+        elif load_format == "gguf":
+            gguf_path = _find_gguf(source)
+            if gguf_path is None:
+                raise ValueError(f"load_format 'gguf' was asked but {source} is not and holds no .gguf file")
+            path = convert_gguf_to_cache(gguf_path, _GGUF_DTYPES[model_config.dtype])
+            load_format = "safetensors"
+        elif load_format == "safetensors":
+            plan_safetensors(source)  # validates the layout now, before the model is built
+    hf_config = load_hf_config(path)
+    tokenizer_path = Path(model_config.tokenizer).expanduser() if model_config.tokenizer else path
+    logger.info("model %s resolved to %s (weights: %s)", model_config.model or "<default>", path, load_format)
+    return ResolvedModel(
+        path=path, hf_config=hf_config, format=load_format, tokenizer_path=tokenizer_path, source=source
+    )
