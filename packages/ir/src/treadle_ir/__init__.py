@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from . import envs, ops
 from .config import IrConfig, get_config, parse_op_priority, set_config, use_config
+from .lowering import compile_backend, lower_ir_ops, make_backend
 from .op import IrOp, op
 from .platforms import Platform, current_platform
 from .provider import NATIVE, Provider
 from .report import report
+from .state import bump_generation as refresh
 
 platform: Platform = current_platform()
 
@@ -23,12 +25,16 @@ __all__ = [
     "IrOp",
     "Platform",
     "Provider",
+    "compile_backend",
     "envs",
     "get_config",
+    "lower_ir_ops",
+    "make_backend",
     "op",
     "ops",
     "parse_op_priority",
     "platform",
+    "refresh",
     "report",
     "set_config",
     "use_config",

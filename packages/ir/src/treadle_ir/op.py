@@ -144,6 +144,15 @@ class IrOp:
 
         return decorate
 
+    def unregister_impl(self, provider: str) -> None:
+        """Remove ``provider`` (tests, plugin teardown); unknown names raise ``ValueError``."""
+        if provider == NATIVE or provider not in self.providers:
+            raise ValueError(
+                f"IR op {self.name!r}: cannot unregister {provider!r}; registered: {', '.join(self.providers)}"
+            )
+        del self.providers[provider]
+        state.bump_generation()
+
     @contextlib.contextmanager
     def priority(self, providers: Sequence[str]) -> Iterator[None]:
         """Scope a priority list for this op to a ``with`` block (native is still the last resort)."""

@@ -20,7 +20,11 @@ generation = 0
 
 
 def bump_generation() -> None:
-    """Invalidate every op's cached dispatch resolution."""
+    """Invalidate every op's cached dispatch resolution (public as ``treadle_ir.refresh``).
+
+    Environment variables are read when an op resolves (first call, or after any change); call this after
+    changing ``TREADLE_IR_OP_PRIORITY`` / ``TREADLE_BATCH_INVARIANT`` in a running process.
+    """
     global generation
     generation += 1
 
