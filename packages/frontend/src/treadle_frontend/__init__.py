@@ -1,5 +1,25 @@
-"""treadle_frontend."""
+"""treadle-frontend: what users touch — LLM, AsyncLLM, RequestOutput, and the OpenAI/Anthropic server.
+
+Input processing (tokenizer, chat template, generation-config defaults, validation), output processing
+(incremental detokenization, stop strings, logprobs, n > 1 fan-out) and the FastAPI server live here;
+the engine core below only sees token ids.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from treadle_frontend.async_llm import AsyncLLM
+from treadle_frontend.engine_client import EngineDeadError
+from treadle_frontend.llm import LLM
+from treadle_frontend.outputs import CompletionOutput, Logprob, RequestOutput
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "CompletionOutput",
+    "EngineDeadError",
+    "Logprob",
+    "RequestOutput",
+    "RequestOutputKind",
+    "SamplingParams",
+]

@@ -1,0 +1,89 @@
+"""Incremental detokenization: token ids arrive a few at a time; text leaves only when it is final.
+
+A character may span tokens (byte-level BPE splits a 4-byte emoji or a 3-byte CJK character over several
+tokens), and a tokenizer may decode a token differently depending on what precedes it (SentencePiece drops
+a leading space at the start of a sequence). So each step decodes a short window twice:
+
+    prefix_text = decode(ids[prefix_offset:read_offset])    # text already emitted, in its own context
+    full_text   = decode(ids[prefix_offset:])                # the same context plus the new tokens
+
+and emits `full_text[len(prefix_text):]` only when it does not end in U+FFFD (the replacement character a
+decoder produces for an incomplete UTF-8 sequence). Then the window slides: prefix_offset = read_offset,
+read_offset = len(ids). While the tail is incomplete nothing moves, so the next token completes it.
+
+Invariants: the emitted deltas concatenate to `decode(output_ids)` of the whole output (for tokenizers whose
+decode is context-free beyond the window), `flush()` at the end emits whatever is still held back (a genuine
+U+FFFD the model produced is not lost), and each step costs O(window), not O(output length).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_REPLACEMENT = "\ufffd"
+_PROMPT_CONTEXT_TOKENS = 6  # prompt tokens kept as left context for the first output tokens
+
+
+class TokenDecoder:
+    """Fast decode of id lists: the Rust tokenizer when the HF tokenizer has one, else `tokenizer.decode`."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        self._rust = backend if backend is not None and hasattr(backend, "decode") else None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if not ids:
+            return ""
+        if self._rust is not None:
+            return str(self._rust.decode(ids, skip_special_tokens=skip_special_tokens))
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output token ids into text deltas, holding back incomplete characters."""
+
+    def __init__(
+        self, decoder: TokenDecoder, prompt_token_ids: list[int], skip_special_tokens: bool = True
+    ) -> None:
+        self.decoder = decoder
+        self.skip_special_tokens = skip_special_tokens
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self.ids: list[int] = context  # left context + every output token so far
+        self.prefix_offset = 0  # window start: text before it was emitted long ago
+        self.read_offset = len(context)  # tokens before it have been emitted as text
+        self.output_text = ""  # everything emitted so far
+
+    def update(self, new_token_ids: list[int]) -> str:
+        """Appends tokens; returns the newly final text (may be empty while a character is incomplete)."""
+        delta_parts: list[str] = []
+        for tok in new_token_ids:
+            self.ids.append(tok)
+            delta = self._step(final=False)
+            if delta:
+                delta_parts.append(delta)
+        delta = "".join(delta_parts)
+        self.output_text += delta
+        return delta
+
+    def flush(self) -> str:
+        """Emits the held-back tail as it decodes now (called once, when the request finishes)."""
+        if self.read_offset >= len(self.ids):
+            return ""
+        delta = self._step(final=True)
+        self.output_text += delta
+        return delta
+
+    def _step(self, final: bool) -> str:
+        prefix_text = self.decoder.decode(
+            self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens
+        )
+        full_text = self.decoder.decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        if not final and (full_text.endswith(_REPLACEMENT) or len(full_text) < len(prefix_text)):
+            return ""  # an incomplete character (or a decoder that needs more context): wait
+        # Text already emitted is final even if the new token changed how the context decodes (rare):
+        # emit only what lies beyond it.
+        delta = full_text[len(prefix_text) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return delta

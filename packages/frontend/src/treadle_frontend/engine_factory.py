@@ -1,0 +1,156 @@
+"""From user options to a running engine client plus the frontend's InputProcessor.
+
+`EngineArgs.from_kwargs(model, **options)` splits vLLM-style keyword options over the three config
+dataclasses (ModelConfig and CacheConfig of the model runner, SchedulerConfig of the engine core) and the
+frontend's own (chat_template, generation_config); an unknown option is an error that lists the valid ones.
+`start_inproc` (offline LLM) and `start_async_mp` (API server: the engine in its own process) resolve the model
+(the embedded default when none is named), load the tokenizer, start the engine, and read the model facts the
+frontend needs (max_model_len, vocab size, KV capacity) from the engine's READY handshake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from treadle_frontend.input_processor import InputProcessor, ModelInfo
+from treadle_frontend.tokenizer import load_generation_defaults, load_tokenizer, resolve_chat_template
+from treadle_model_runner.config import CacheConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_ALIASES = {"scheduling_policy": "policy", "tokenizer_mode": None, "trust_remote_code": None}
+_FRONTEND_FIELDS = ("chat_template", "generation_config", "executor", "fake_runner", "log_stats")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: Any = None  # treadle_engine_core.config.SchedulerConfig (None = its defaults)
+    chat_template: str | None = None  # a Jinja file or text overriding the tokenizer's template
+    generation_config: str = "auto"  # auto | none | a directory holding generation_config.json
+    executor: str = "inproc"  # inproc (the real model runner) | fake (engine core's fake runner, tests)
+    fake_runner: Any = None  # FakeRunnerConfig when executor == "fake"
+    log_stats: bool = True
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
+        from treadle_engine_core.config import SchedulerConfig
+
+        groups: dict[type, dict[str, Any]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        own: dict[str, Any] = {}
+        tp = kwargs.pop("tensor_parallel_size", 1)
+        if tp not in (1, None):
+            raise ValueError(f"tensor_parallel_size {tp} is not supported yet; use 1")
+        for key, value in kwargs.items():
+            key = _ALIASES.get(key, key) if key in _ALIASES else key
+            if key is None:
+                continue
+            if key in _FRONTEND_FIELDS:
+                own[key] = value
+                continue
+            for cfg in groups:
+                if key in {f.name for f in dataclasses.fields(cfg)}:
+                    groups[cfg][key] = value
+                    break
+            else:
+                valid = sorted(
+                    {f.name for cfg in groups for f in dataclasses.fields(cfg)} | set(_FRONTEND_FIELDS)
+                )
+                raise ValueError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
+        model_config = ModelConfig(model=model or "", **groups[ModelConfig])
+        max_len = model_config.max_model_len
+        sched = groups[SchedulerConfig]
+        if max_len is not None:
+            sched.setdefault("max_model_len", max_len)
+        return cls(
+            model_config=model_config,
+            cache_config=CacheConfig(**groups[CacheConfig]),
+            scheduler_config=SchedulerConfig(**sched),
+            **own,
+        )
+
+    def engine_config(self, model_config: ModelConfig) -> Any:
+        from treadle_engine_core.config import EngineConfig, FakeRunnerConfig, SchedulerConfig
+
+        extra: dict[str, Any] = {}
+        if self.fake_runner is not None:
+            extra["fake_runner"] = (
+                self.fake_runner
+                if isinstance(self.fake_runner, FakeRunnerConfig)
+                else FakeRunnerConfig(**self.fake_runner)
+            )
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=self.cache_config,
+            scheduler_config=self.scheduler_config or SchedulerConfig(),
+            executor=self.executor,
+            log_stats=self.log_stats,
+            **extra,
+        )
+
+
+@dataclass
+class Prepared:
+    model_config: ModelConfig  # with model = the resolved HF-format directory
+    tokenizer: Any
+    tokenizer_path: Path
+    served_name: str
+    model_path: Path
+
+
+def prepare(args: EngineArgs) -> Prepared:
+    """Resolves the model directory (converting GGUF / the embedded default once) and loads the tokenizer."""
+    from treadle_model_runner.loader import resolve_model
+
+    resolved = resolve_model(args.model_config)
+    mc = args.model_config
+    name = mc.served_model_name
+    if name is None:
+        name = (
+            resolved.source.stem
+            if resolved.source is not None and resolved.source.is_file()
+            else resolved.path.name
+        )
+    load_format = (
+        mc.load_format if mc.load_format == "dummy" else ("auto" if resolved.format != "dummy" else "dummy")
+    )
+    model_config = dataclasses.replace(
+        mc, model=str(resolved.path), load_format=load_format, served_model_name=name
+    )
+    tokenizer = load_tokenizer(resolved.tokenizer_path)
+    return Prepared(model_config, tokenizer, resolved.tokenizer_path, name, resolved.path)
+
+
+def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputProcessor:
+    """The InputProcessor for a started engine; `ready` is its EngineReady handshake."""
+    info = ModelInfo(
+        name=prep.served_name,
+        path=prep.model_path,
+        max_model_len=int(ready.max_model_len),
+        vocab_size=int(ready.vocab_size),
+        kv_capacity_tokens=getattr(ready, "kv_capacity_tokens", None),
+    )
+    defaults = load_generation_defaults(prep.model_path, args.generation_config)
+    template = resolve_chat_template(prep.tokenizer, args.chat_template)
+    return InputProcessor(prep.tokenizer, info, defaults, template)
+
+
+def start_inproc(args: EngineArgs) -> tuple[Any, InputProcessor]:
+    from treadle_engine_core.client import InprocClient
+
+    prep = prepare(args)
+    client = InprocClient(args.engine_config(prep.model_config))
+    return client, make_input_processor(args, prep, client.ready)
+
+
+def start_async_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
+    from treadle_engine_core.client import AsyncMPClient
+
+    prep = prepare(args)
+    client = AsyncMPClient(args.engine_config(prep.model_config))
+    return client, make_input_processor(args, prep, client.ready)

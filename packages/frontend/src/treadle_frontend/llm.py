@@ -1,0 +1,179 @@
+"""LLM: offline batched generation, the same EngineCore run in this process (no ZMQ, no server).
+
+    llm = LLM()                                  # the embedded SmolLM2-135M-Instruct
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
+    out[0].outputs[0].text
+
+`generate` adds every prompt, then steps the engine until all are done and returns RequestOutputs in prompt
+order (FINAL_ONLY outputs, so no per-step text is built for nobody). `chat` renders conversations with the
+chat template first. `params=None` takes the model's generation_config.json defaults; a list of params gives
+one per prompt. A progress bar (tqdm) shows when `use_tqdm` and there is more than one prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
+from treadle_frontend.input_processor import InputProcessor, PromptType
+from treadle_frontend.output_processor import OutputProcessor
+from treadle_frontend.outputs import RequestOutput
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        from treadle_frontend.engine_factory import EngineArgs, start_inproc
+
+        args = EngineArgs.from_kwargs(model, **kwargs)
+        client, processor = start_inproc(args)
+        self._setup(client, processor)
+
+    @classmethod
+    def from_client(
+        cls,
+        client: SyncEngineClient,
+        input_processor: InputProcessor,
+        request_factory: Callable[..., Any] = make_engine_request,
+    ) -> LLM:
+        """An LLM over an existing engine client (tests use a fake engine)."""
+        self = cls.__new__(cls)
+        self._setup(client, input_processor, request_factory)
+        return self
+
+    def _setup(
+        self,
+        client: SyncEngineClient,
+        input_processor: InputProcessor,
+        request_factory: Callable[..., Any] = make_engine_request,
+    ) -> None:
+        self.client = client
+        self.request_factory = request_factory
+        self.input_processor = input_processor
+        self.output_processor = OutputProcessor()
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.input_processor.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.input_processor.default_params()
+
+    # ---- public API -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompt_list: list[PromptType] = [prompts]  # type: ignore[list-item]
+        else:
+            prompt_list = list(prompts)  # type: ignore[arg-type]
+        encoded = [self.input_processor.encode_prompt(p) for p in prompt_list]
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | list[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        conversations: list[Conversation] = (
+            [messages] if messages and isinstance(messages[0], dict) else messages  # type: ignore[list-item]
+        )
+        encoded: list[tuple[str | None, list[int]]] = [
+            self.input_processor.encode_chat(
+                conv,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                template_kwargs=chat_template_kwargs,
+            )
+            for conv in conversations
+        ]
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def _params_list(self, sampling_params: Any, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [self.get_default_sampling_params() for _ in range(n)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params.clone() for _ in range(n)]
+        plist = list(sampling_params)
+        if len(plist) != n:
+            raise ValueError(f"got {len(plist)} sampling params for {n} prompts; pass one, or one per prompt")
+        return [p.clone() for p in plist]
+
+    def _run(
+        self, encoded: list[tuple[str | None, list[int]]], sampling_params: Any, use_tqdm: bool
+    ) -> list[RequestOutput]:
+        params_list = self._params_list(sampling_params, len(encoded))
+        order: dict[str, int] = {}
+        added: list[str] = []
+        try:
+            for i, ((text, ids), params) in enumerate(zip(encoded, params_list, strict=True)):
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                rid = str(next(self._ids))
+                parent, states, engine_reqs = self.input_processor.make_requests(rid, text, ids, params)
+                self.output_processor.add_request(parent, states)
+                added.append(rid)
+                order[rid] = i
+                now = time.time()
+                for child_id, child_params in engine_reqs:
+                    self.client.add_request(self.request_factory(child_id, ids, child_params, now))
+            return self._drain(order, use_tqdm and len(encoded) > 1)
+        except BaseException:
+            engine_ids = self.output_processor.abort_requests(added)
+            if engine_ids:
+                self.client.abort_requests(engine_ids)
+            raise
+
+    def _drain(self, order: dict[str, int], show_progress: bool) -> list[RequestOutput]:
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while self.output_processor.has_unfinished():
+                outputs = self.client.get_output()
+                processed = self.output_processor.process_outputs(
+                    list(getattr(outputs, "outputs", None) or [])
+                )
+                if processed.reqs_to_abort:
+                    self.client.abort_requests(processed.reqs_to_abort)
+                for out in processed.request_outputs:
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        missing = [rid for rid, i in order.items() if results[i] is None]
+        assert not missing, f"requests {missing} ended without a final output"
+        return [r for r in results if r is not None]
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
+
+    def __del__(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.shutdown()

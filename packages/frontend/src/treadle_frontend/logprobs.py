@@ -1,0 +1,103 @@
+"""Logprob decoding: engine logprobs (parallel id/value lists) -> vLLM-shaped dicts with token text and bytes.
+
+The engine sends, per position, `Logprobs(token_ids=[chosen, top1..topk], logprobs=[...], chosen_rank)`;
+the top-k entries have ranks 1..k. The frontend turns each position into `{token_id: Logprob(logprob, rank,
+decoded_token)}`. A token's text is decoded on its own (a lone byte of a multi-byte character decodes to
+U+FFFD, as in vLLM); `token_bytes` recovers the token's exact bytes for byte-level BPE vocabularies
+(GPT-2 byte alphabet) and SentencePiece byte tokens (`<0xAB>`), which is what OpenAI's `bytes` field wants.
+
+JSON cannot carry -inf or NaN, so `clamp_logprob` maps them (and anything below) to -9999.0.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+from treadle_frontend.detokenizer import TokenDecoder
+from treadle_frontend.outputs import Logprob
+
+LOGPROB_FLOOR = -9999.0  # what -inf / NaN / very negative logprobs become in JSON
+
+
+def clamp_logprob(value: float) -> float:
+    if math.isnan(value) or value < LOGPROB_FLOOR:
+        return LOGPROB_FLOOR
+    return float(value)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable alphabet for raw bytes, inverted: char -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TokenTexts:
+    """Decodes single tokens (text and bytes), memoized per token id."""
+
+    def __init__(self, tokenizer: Any, decoder: TokenDecoder | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.decoder = decoder or TokenDecoder(tokenizer)
+        self._text: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+        self._byte_level = self._is_byte_level(tokenizer)
+
+    @staticmethod
+    def _is_byte_level(tokenizer: Any) -> bool:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return False
+        decoder = getattr(backend, "decoder", None)
+        return decoder is not None and "ByteLevel" in type(decoder).__name__ + repr(decoder)[:200]
+
+    def text(self, token_id: int) -> str:
+        cached = self._text.get(token_id)
+        if cached is None:
+            cached = self.decoder.decode([token_id], skip_special_tokens=False)
+            self._text[token_id] = cached
+        return cached
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        cached = self._bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = None
+        try:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        except Exception:  # an id outside the vocabulary: fall back to the decoded text
+            piece = None
+        result: list[int] | None = None
+        if isinstance(piece, str):
+            if self._byte_level and all(c in _byte_decoder() for c in piece):
+                result = [_byte_decoder()[c] for c in piece]
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    result = [int(piece[3:5], 16)]
+                except ValueError:
+                    result = None
+        if result is None:
+            result = list(self.text(token_id).encode("utf-8"))
+        self._bytes[token_id] = result
+        return result
+
+    def decode_position(
+        self, token_ids: list[int], logprobs: list[float], chosen_rank: int | None
+    ) -> dict[int, Logprob]:
+        """One position's logprobs as {token_id: Logprob}; the chosen token comes first."""
+        out: dict[int, Logprob] = {}
+        for i, (tok, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
+            rank = chosen_rank if i == 0 else i
+            if tok in out:
+                continue  # the chosen token is also in the top-k: keep its first entry
+            out[int(tok)] = Logprob(logprob=float(lp), rank=rank, decoded_token=self.text(int(tok)))
+        return out

@@ -1,0 +1,65 @@
+"""RequestOutput / CompletionOutput: what `LLM.generate` and `AsyncLLM.generate` hand back (vLLM's shapes).
+
+`out[0].outputs[0].text` is the generated text of the first completion of the first prompt. A RequestOutput
+groups the `n` completions of one prompt; each CompletionOutput carries its `index` among them, so a DELTA
+stream of an `n > 1` request can interleave completions and a consumer sorts them by `index`.
+
+Logprobs follow vLLM: per generated position a dict token id -> `Logprob(logprob, rank, decoded_token)`,
+holding the sampled token and the top-k; `prompt_logprobs[0]` is None (the first prompt token has no context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Per position: token id -> its Logprob (the sampled token plus the top-k alternatives).
+SampleLogprobs = list[dict[int, "Logprob"]]
+PromptLogprobs = list[dict[int, "Logprob"] | None]
+
+
+@dataclass(slots=True)
+class Logprob:
+    logprob: float  # natural log probability after the sampler's processing
+    rank: int | None = None  # 1-based rank among the vocabulary (1 = most likely)
+    decoded_token: str | None = None  # the token's text on its own
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int  # which of the request's n completions this is
+    text: str  # generated text (cumulative or delta, per the request's output kind)
+    token_ids: list[int]  # generated token ids (cumulative or delta, like text)
+    cumulative_logprob: float | None  # sum of the sampled tokens' logprobs; None when logprobs weren't asked
+    logprobs: SampleLogprobs | None  # per generated position; None when not asked
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it; None for EOS
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str  # the caller's request id (the parent id for n > 1)
+    prompt: str | None  # the prompt text, when the request came as text
+    prompt_token_ids: list[int]  # the prompt as the engine saw it
+    prompt_logprobs: PromptLogprobs | None  # per prompt position; None when not asked
+    outputs: list[CompletionOutput]  # one per completion (only the changed ones for DELTA)
+    finished: bool  # every completion of this request has finished
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
+    metrics: RequestMetrics | None = None  # timings, when the frontend tracked them
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
+            f"outputs={self.outputs!r}, finished={self.finished})"
+        )
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float  # time.time() when the frontend received the request
+    first_token_time: float | None = None  # time.time() of the first generated token
+    last_token_time: float | None = None  # time.time() of the latest generated token
+    finished_time: float | None = None  # time.time() when the request finished
+    inter_token_latencies: list[float] = field(default_factory=list)  # seconds between output steps

@@ -1,0 +1,194 @@
+"""RequestState: one engine request's text, tokens and logprobs as the frontend accumulates them.
+
+The engine sends token ids; this turns each step's ids into text (incremental detokenizer), ends the request
+at stop strings (the engine never sees them), decodes logprobs, and builds the CompletionOutput the caller's
+output kind asks for:
+- CUMULATIVE: everything so far; DELTA: only what is new since the last output; FINAL_ONLY: once, at the end.
+Text that could still become a stop string is withheld until it is ruled out (see stop_strings).
+
+Invariant: the concatenation of every DELTA text equals the final CUMULATIVE text, and a finished request
+emits exactly one output with `finish_reason` set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from treadle_frontend.detokenizer import IncrementalDetokenizer, TokenDecoder
+from treadle_frontend.logprobs import TokenTexts
+from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, SampleLogprobs
+from treadle_frontend.stop_strings import StopStringChecker
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+
+
+def finish_reason_str(value: Any) -> str | None:
+    """The engine's finish reason (enum, int-enum or string) as the API string: stop | length | abort."""
+    if value is None:
+        return None
+    name = value if isinstance(value, str) else getattr(value, "name", str(value))
+    name = str(name).lower()
+    if name in ("eos", "stop_token", "stopped", "finished_stopped"):
+        return "stop"
+    if name in ("max_tokens", "max_model_len", "finished_length_capped"):
+        return "length"
+    if name in ("aborted", "error", "finished_aborted"):
+        return "abort"
+    return name
+
+
+def iter_logprobs(value: Any) -> list[tuple[list[int], list[float], int | None]]:
+    """Engine logprobs (a list of `Logprobs` or of (ids, values, rank) tuples) as plain tuples."""
+    if value is None:
+        return []
+    out: list[tuple[list[int], list[float], int | None]] = []
+    for item in value:
+        if item is None:
+            continue
+        if hasattr(item, "token_ids"):
+            out.append((list(item.token_ids), list(item.logprobs), getattr(item, "chosen_rank", None)))
+        else:
+            ids, lps = item[0], item[1]
+            out.append((list(ids), list(lps), item[2] if len(item) > 2 else None))
+    return out
+
+
+@dataclass(slots=True)
+class EngineStep:
+    """One request's share of one engine step (normalized from EngineCoreOutput)."""
+
+    new_token_ids: list[int]
+    new_logprobs: Any = None
+    new_prompt_logprobs: Any = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str  # the engine's id (a child id for n > 1)
+    parent_id: str  # the caller's id
+    index: int  # completion index among the parent's n
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    token_texts: TokenTexts
+    stop_checker: StopStringChecker
+    metrics: RequestMetrics
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # output text so far, cut at a stop string
+    num_sent_chars: int = 0  # DELTA: text characters already handed out
+    num_sent_tokens: int = 0  # DELTA: token ids already handed out
+    logprobs: SampleLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        request_id: str,
+        parent_id: str,
+        index: int,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        decoder: TokenDecoder,
+        token_texts: TokenTexts,
+        arrival_time: float | None = None,
+    ) -> RequestState:
+        return cls(
+            request_id=request_id,
+            parent_id=parent_id,
+            index=index,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            detokenizer=IncrementalDetokenizer(decoder, prompt_token_ids, params.skip_special_tokens),
+            token_texts=token_texts,
+            stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
+            metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
+            logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            cumulative_logprob=0.0 if params.logprobs is not None else None,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, step: EngineStep) -> bool:
+        """Applies one engine step; returns True when a stop string ended the request here."""
+        now = time.time()
+        m = self.metrics
+        if step.new_token_ids:
+            if m.first_token_time is None:
+                m.first_token_time = now
+            elif m.last_token_time is not None:
+                m.inter_token_latencies.append(now - m.last_token_time)
+            m.last_token_time = now
+        self.num_cached_tokens = max(self.num_cached_tokens, step.num_cached_tokens or 0)
+        self._add_logprobs(step)
+        new_ids = list(step.new_token_ids)
+        self.token_ids.extend(new_ids)
+        engine_stop = step.finish_reason == "stop"
+        detok_ids = new_ids
+        if engine_stop and new_ids and not self.params.include_stop_str_in_output:
+            detok_ids = new_ids[:-1]  # EOS / stop token: not part of the text
+        delta = self.detokenizer.update(detok_ids)
+        if step.finish_reason is not None:
+            delta += self.detokenizer.flush()
+        self.text += delta
+        stopped_here = False
+        match = self.stop_checker.find(self.text, len(delta))
+        if match is not None:
+            self.text = self.text[: match.truncate_to]
+            self.finish_reason, self.stop_reason = "stop", match.stop
+            stopped_here = step.finish_reason is None
+        elif step.finish_reason is not None:
+            self.finish_reason, self.stop_reason = step.finish_reason, step.stop_reason
+        if self.finish_reason is not None:
+            m.finished_time = now
+        return stopped_here
+
+    def _add_logprobs(self, step: EngineStep) -> None:
+        if self.logprobs is not None:
+            for ids, lps, rank in iter_logprobs(step.new_logprobs):
+                self.logprobs.append(self.token_texts.decode_position(ids, lps, rank))
+                if lps and self.cumulative_logprob is not None:
+                    self.cumulative_logprob += float(lps[0])
+        if self.prompt_logprobs is not None:
+            for ids, lps, rank in iter_logprobs(step.new_prompt_logprobs):
+                self.prompt_logprobs.append(self.token_texts.decode_position(ids, lps, rank))
+
+    def make_output(self) -> CompletionOutput | None:
+        """The CompletionOutput this step owes the caller, or None when there is nothing to send."""
+        kind = self.params.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not self.finished:
+            return None
+        visible = len(self.text) if self.finished else len(self.text) - self.stop_checker.holdback(self.text)
+        if kind == RequestOutputKind.DELTA:
+            text = self.text[self.num_sent_chars : visible]
+            ids = self.token_ids[self.num_sent_tokens :]
+            lps = self.logprobs[self.num_sent_tokens :] if self.logprobs is not None else None
+            if not text and not ids and not self.finished:
+                return None
+            self.num_sent_chars = max(self.num_sent_chars, visible)
+            self.num_sent_tokens = len(self.token_ids)
+        else:
+            text, ids = self.text[:visible], list(self.token_ids)
+            lps = list(self.logprobs) if self.logprobs is not None else None
+        return CompletionOutput(
+            index=self.index,
+            text=text,
+            token_ids=ids,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=lps,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )

@@ -1,0 +1,192 @@
+"""The FastAPI application: routes, API-key check, health, metrics and the periodic stats log line.
+
+`build_app(llm, config)` wires an AsyncLLM (whatever engine client it holds) to the routes; the CLI runs it
+with uvicorn. Every /v1 route requires the API key when one is configured (`Authorization: Bearer KEY` or
+`x-api-key: KEY`); /health, /version, /metrics, /load, /tokenize and /detokenize stay open, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from treadle_frontend.async_llm import AsyncLLM
+from treadle_frontend.server.chat import ChatHandler
+from treadle_frontend.server.common import ServerState
+from treadle_frontend.server.completions import CompletionsHandler
+from treadle_frontend.server.config import ServerConfig
+from treadle_frontend.server.errors import APIError, install_error_handlers
+from treadle_frontend.server.messages import MessagesHandler
+from treadle_frontend.server.metrics import ServerMetrics
+from treadle_frontend.server.protocol import (
+    AnthropicCountTokensRequest,
+    AnthropicMessagesRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def treadle_version() -> str:
+    for dist in ("treadle", "treadle-frontend"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "0.0.0"
+
+
+async def _stats_loop(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(state.config.stats_log_interval_s)
+        line = state.metrics.log_line()
+        if line is not None:
+            logger.info("%s", line)
+
+
+def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None) -> FastAPI:
+    name = model_name or config.served_model_name or llm.model.name
+    metrics = ServerMetrics(name)
+    llm.stats_listeners.append(metrics.record)
+    state = ServerState(llm=llm, config=config, model_name=name, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None if config.disable_log_stats else asyncio.create_task(_stats_loop(state))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+
+    app = FastAPI(title="treadle", version=treadle_version(), lifespan=lifespan)
+    app.state.treadle = state
+    install_error_handlers(app)
+
+    async def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        token = (
+            auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        )
+        if not token or not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            raise APIError(
+                401,
+                "Invalid or missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                code="invalid_api_key",
+            )
+
+    def check_alive() -> None:
+        if llm.is_dead:
+            raise APIError(
+                503, f"the engine process is dead ({llm.dead_error}); restart the server", code="engine_dead"
+            )
+
+    v1 = APIRouter(dependencies=[Depends(check_api_key)])
+    completions, chat, messages = CompletionsHandler(state), ChatHandler(state), MessagesHandler(state)
+
+    @v1.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Any:
+        check_alive()
+        return await completions.handle(body, request)
+
+    @v1.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+        check_alive()
+        return await chat.handle(body, request)
+
+    @v1.post("/v1/messages")
+    async def create_message(body: AnthropicMessagesRequest, request: Request) -> Any:
+        check_alive()
+        return await messages.handle(body, request)
+
+    @v1.post("/v1/messages/count_tokens")
+    async def count_tokens(body: AnthropicCountTokensRequest) -> Any:
+        return await messages.count_tokens(body)
+
+    @v1.get("/v1/models")
+    async def list_models() -> Any:
+        card = {
+            "id": name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "treadle",
+            "root": str(llm.model.path) if llm.model.path else name,
+            "parent": None,
+            "max_model_len": llm.model.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=503 if llm.is_dead else 200)
+
+    @app.get("/version")
+    async def get_version() -> Any:
+        return {"version": treadle_version()}
+
+    @app.get("/load")
+    async def load() -> Any:
+        return {"server_load": llm.num_unfinished}
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        await _refresh_gauges(state)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> Any:
+        state.check_model(body.model)
+        ip = llm.input_processor
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of 'prompt' or 'messages'")
+        if body.messages is not None:
+            _, ids = ip.encode_chat(
+                [m.model_dump(exclude_none=True) for m in body.messages],
+                add_generation_prompt=body.add_generation_prompt,
+            )
+        else:
+            ids = ip.encode_text(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": llm.model.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Any:
+        state.check_model(body.model)
+        ip = llm.input_processor
+        if body.tokens:
+            ip.check_token_ids(body.tokens, "tokens")
+        return {"prompt": ip.decoder.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/ping")
+    async def ping() -> JSONResponse:
+        return JSONResponse({}, status_code=503 if llm.is_dead else 200)
+
+    return app
+
+
+async def _refresh_gauges(state: ServerState) -> None:
+    """Current running/waiting/KV gauges straight from the engine (outputs stop when it goes idle)."""
+    llm = state.llm
+    if llm.is_dead:
+        return
+    stats = None
+    with contextlib.suppress(Exception):
+        stats = await asyncio.wait_for(llm.call_utility("get_stats"), timeout=1.0)
+    if stats is not None:
+        state.metrics.set_gauges(stats)
+    elif llm.num_unfinished == 0:
+        state.metrics.set_gauges({"num_running_reqs": 0, "num_waiting_reqs": 0, "kv_cache_usage": 0.0})

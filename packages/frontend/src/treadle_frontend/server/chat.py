@@ -1,0 +1,223 @@
+"""POST /v1/chat/completions: messages through the chat template, n choices, streamed or not.
+
+Streaming follows OpenAI: per choice, a first chunk with `delta {"role": "assistant", "content": ""}`, then
+content deltas, and `finish_reason` set only on the choice's last chunk; with `stream_options.include_usage`
+every chunk carries `usage: null` and one extra chunk with `choices: []` and the usage precedes `[DONE]`.
+`logprobs: true` (+ `top_logprobs` ≤ 20) returns `{content: [{token, logprob, bytes, top_logprobs}]}`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from treadle_frontend.logprobs import TokenTexts, clamp_logprob
+from treadle_frontend.outputs import RequestOutput, SampleLogprobs
+from treadle_frontend.server.common import (
+    ServerState,
+    collect_all,
+    new_id,
+    sampling_params,
+    sse,
+    until_disconnect,
+    usage,
+)
+from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.protocol import ChatCompletionRequest
+from treadle_model_runner.sampling_params import RequestOutputKind
+
+
+def chat_logprobs(
+    texts: TokenTexts, token_ids: list[int], positions: SampleLogprobs, num_top: int
+) -> list[dict[str, Any]]:
+    content = []
+    for tok, pos in zip(token_ids, positions, strict=False):
+        lp = pos.get(tok)
+        ranked = sorted(pos.items(), key=lambda kv: kv[1].logprob, reverse=True)
+        tops = [
+            {"token": texts.text(t), "logprob": clamp_logprob(e.logprob), "bytes": texts.token_bytes(t)}
+            for t, e in ranked[:num_top]
+        ]
+        content.append(
+            {
+                "token": texts.text(tok),
+                "logprob": clamp_logprob(lp.logprob) if lp is not None else -9999.0,
+                "bytes": texts.token_bytes(tok),
+                "top_logprobs": tops,
+            }
+        )
+    return content
+
+
+def finish_str(reason: str | None) -> str | None:
+    return None if reason is None else (reason if reason in ("stop", "length") else "stop")
+
+
+class ChatHandler:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.texts = state.llm.input_processor.token_texts
+
+    async def handle(self, body: ChatCompletionRequest, request: Request) -> Any:
+        st = self.state
+        st.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if not body.messages:
+            raise APIError(400, "messages must contain at least one message", param="messages")
+        if body.top_logprobs is not None:
+            if not body.logprobs and body.top_logprobs > 0:
+                raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+            if not 0 <= body.top_logprobs <= st.config.max_logprobs:
+                raise APIError(
+                    400,
+                    f"top_logprobs must be in [0, {st.config.max_logprobs}], got {body.top_logprobs}",
+                    param="top_logprobs",
+                )
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(
+                400, f"max_completion_tokens must be >= 1, got {max_tokens}", param="max_completion_tokens"
+            )
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+        params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs, kind=kind)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools:
+            kwargs["tools"] = body.tools
+        ip = st.llm.input_processor
+        text, ids = ip.encode_chat(
+            messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            template_kwargs=kwargs,
+        )
+        ip.check_token_ids(ids, "the rendered chat prompt")
+        ip.check_length(ids, params.clone())
+        rid = new_id("chatcmpl-")
+        gen = st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority)
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                self._stream(rid, created, body, ids, gen), media_type="text/event-stream"
+            )
+        final = (await until_disconnect(request, collect_all([gen])))[0]
+        return JSONResponse(self._response(rid, created, body, final))
+
+    def _response(
+        self, rid: str, created: int, body: ChatCompletionRequest, out: RequestOutput
+    ) -> dict[str, Any]:
+        choices = []
+        for c in out.outputs:
+            lps = None
+            if body.logprobs:
+                lps = {
+                    "content": chat_logprobs(
+                        self.texts, c.token_ids, c.logprobs or [], body.top_logprobs or 0
+                    ),
+                    "refusal": None,
+                }
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None, "tool_calls": []},
+                    "logprobs": lps,
+                    "finish_reason": finish_str(c.finish_reason),
+                    "stop_reason": c.stop_reason,
+                }
+            )
+        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.state.model_name,
+            "choices": choices,
+            "usage": usage(len(out.prompt_token_ids), completion_tokens, out.num_cached_tokens or 0),
+        }
+
+    async def _stream(
+        self,
+        rid: str,
+        created: int,
+        body: ChatCompletionRequest,
+        prompt_ids: list[int],
+        gen: AsyncIterator[RequestOutput],
+    ) -> AsyncIterator[str]:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        model = self.state.model_name
+
+        def chunk(choices: list[dict[str, Any]]) -> str:
+            data: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if include_usage:
+                data["usage"] = None
+            return sse(data)
+
+        started: set[int] = set()
+        completion_tokens, cached = 0, 0
+        try:
+            for i in range(body.n):
+                started.add(i)
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            async for out in gen:
+                for c in out.outputs:
+                    completion_tokens += len(c.token_ids)
+                    finish = finish_str(c.finish_reason)
+                    lps = None
+                    if body.logprobs and c.token_ids:
+                        lps = {
+                            "content": chat_logprobs(
+                                self.texts, c.token_ids, c.logprobs or [], body.top_logprobs or 0
+                            ),
+                            "refusal": None,
+                        }
+                    if not c.text and finish is None and lps is None:
+                        continue
+                    delta = {"content": c.text} if c.text or finish is None else {}
+                    choice: dict[str, Any] = {
+                        "index": c.index,
+                        "delta": delta,
+                        "logprobs": lps,
+                        "finish_reason": finish,
+                    }
+                    if finish is not None:
+                        choice["stop_reason"] = c.stop_reason
+                    yield chunk([choice])
+                if out.finished:
+                    cached = out.num_cached_tokens or 0
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage(len(prompt_ids), completion_tokens, cached),
+                    }
+                )
+        except Exception as e:
+            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+        yield "data: [DONE]\n\n"

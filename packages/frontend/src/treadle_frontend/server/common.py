@@ -1,0 +1,199 @@
+"""What every route shares: the server state, model-name and sampling-field checks, SSE framing,
+merging the streams of several prompts, and aborting work when the HTTP client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from treadle_frontend.async_llm import AsyncLLM
+from treadle_frontend.outputs import RequestOutput
+from treadle_frontend.server.config import ServerConfig
+from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.metrics import ServerMetrics
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "allowed_token_ids",
+    "bad_words",
+)
+
+
+@dataclass
+class ServerState:
+    llm: AsyncLLM
+    config: ServerConfig
+    model_name: str  # the id clients must send
+    metrics: ServerMetrics
+    created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def sampling_params(
+    state: ServerState,
+    body: Any,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    stop: list[str] | None = None,
+    kind: RequestOutputKind,
+) -> SamplingParams:
+    """SamplingParams from a request body: set fields win, unset ones take the model's defaults."""
+    values: dict[str, Any] = state.llm.input_processor.default_sampling_fields()
+    for name in _SAMPLING_FIELDS:
+        v = getattr(body, name, None)
+        if v is not None:
+            values[name] = v
+    if getattr(body, "logit_bias", None):
+        values["logit_bias"] = dict(body.logit_bias)
+    n = getattr(body, "n", 1)
+    if getattr(body, "best_of", None) not in (None, n):
+        raise APIError(
+            400, f"best_of ({body.best_of}) must equal n ({n}): beam search is not supported", param="best_of"
+        )
+    if stop is None:
+        raw = getattr(body, "stop", None)
+        stop = [raw] if isinstance(raw, str) else list(raw or [])
+    limit = state.config.max_logprobs
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and value > limit:
+            raise APIError(
+                400, f"{name} ({value}) is larger than the most this server returns ({limit})", param=name
+            )
+    try:
+        return SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            stop=stop,
+            output_kind=kind,
+            **values,
+        )
+    except TypeError as e:
+        raise APIError(400, f"invalid sampling field: {e}") from e
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
+
+
+def sse_event(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
+
+
+async def merge_streams(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleaves several prompts' output streams as (prompt index, output); closing aborts them all."""
+    if len(gens) == 1:
+        try:
+            async for out in gens[0]:
+                yield 0, out
+        finally:
+            await gens[0].aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in gen:
+                await queue.put((i, out))
+            await queue.put((i, None))
+        except asyncio.CancelledError:
+            await gen.aclose()  # type: ignore[attr-defined]
+            raise
+        except BaseException as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect_all(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """The final output of each stream (FINAL_ONLY streams yield one)."""
+    finals: list[RequestOutput | None] = [None] * len(gens)
+    async for i, out in merge_streams(gens):
+        finals[i] = out
+    assert all(f is not None for f in finals), "every stream ends with a final output"
+    return [f for f in finals if f is not None]
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it (which aborts its requests in the engine) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        logger.info("Client disconnected from %s; request aborted", request.url.path)
+        raise APIError(499, "client disconnected")
+    finally:
+        watcher.cancel()
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }

@@ -1,0 +1,260 @@
+"""POST /v1/completions: one or more prompts, n completions each, streamed or not, with echo and logprobs.
+
+Choice index = prompt index * n + completion index. `logprobs` returns OpenAI's legacy block
+`{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}`; with `echo` the prompt comes first
+(its first token has no logprob: null). `max_tokens: 0` with `echo` is lm-eval's loglikelihood request: the
+engine runs one step for the prompt logprobs and the sampled token is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from treadle_frontend.logprobs import TokenTexts, clamp_logprob
+from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
+from treadle_frontend.server.common import (
+    ServerState,
+    collect_all,
+    merge_streams,
+    new_id,
+    sampling_params,
+    sse,
+    until_disconnect,
+    usage,
+)
+from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.protocol import CompletionRequest
+from treadle_model_runner.sampling_params import RequestOutputKind
+
+
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]  # type: ignore[arg-type]
+    return list(p)  # type: ignore[arg-type]
+
+
+def legacy_logprobs(
+    texts: TokenTexts,
+    token_ids: list[int],
+    positions: SampleLogprobs | PromptLogprobs,
+    num_top: int,
+    offset: int,
+) -> dict[str, list[Any]]:
+    """OpenAI's completions logprobs block for `token_ids`, with text offsets starting at `offset`."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tok, pos in zip(token_ids, positions, strict=False):
+        text = texts.text(tok)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if pos is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        lp = pos.get(tok)
+        token_lps.append(clamp_logprob(lp.logprob) if lp is not None else -9999.0)
+        top: dict[str, float] = {}
+        for tid, entry in sorted(pos.items(), key=lambda kv: kv[1].rank or 10**9):
+            if tid == tok or (entry.rank is not None and entry.rank <= num_top):
+                top.setdefault(texts.text(tid), clamp_logprob(entry.logprob))
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+class CompletionsHandler:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.texts = state.llm.input_processor.token_texts
+
+    async def handle(self, body: CompletionRequest, request: Request) -> Any:
+        st = self.state
+        st.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.max_tokens is not None and body.max_tokens < 0:
+            raise APIError(400, f"max_tokens must be >= 0, got {body.max_tokens}", param="max_tokens")
+        drop_output = body.max_tokens == 0
+        prompt_lps = body.prompt_logprobs
+        if body.echo and body.logprobs is not None and prompt_lps is None:
+            prompt_lps = body.logprobs
+        kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+        params = sampling_params(
+            st,
+            body,
+            max_tokens=1 if drop_output else body.max_tokens,
+            logprobs=body.logprobs,
+            prompt_logprobs=prompt_lps,
+            kind=kind,
+        )
+        ip = st.llm.input_processor
+        encoded = []
+        for p in _prompts(body):
+            if isinstance(p, list) and not all(isinstance(t, int) for t in p):
+                raise APIError(
+                    400, "prompt must be a string, a list of strings, or token id lists", param="prompt"
+                )
+            text, ids = ip.encode_prompt(p, add_special_tokens=body.add_special_tokens)
+            ip.check_length(ids, params.clone())
+            encoded.append((text, ids))
+        rid = new_id("cmpl-")
+        gens = [
+            st.llm.generate(
+                text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority
+            )
+            for i, (text, ids) in enumerate(encoded)
+        ]
+        ctx = _Ctx(rid, int(time.time()), st.model_name, body, encoded, drop_output)
+        if body.stream:
+            return StreamingResponse(self._stream(ctx, gens), media_type="text/event-stream")
+        finals = await until_disconnect(request, collect_all(gens))
+        return JSONResponse(self._response(ctx, finals))
+
+    # ---- non-streaming ----------------------------------------------------------------------------
+    def _choice(self, ctx: _Ctx, i: int, out: RequestOutput, c: CompletionOutput) -> dict[str, Any]:
+        body = ctx.body
+        text, ids, lps = c.text, c.token_ids, c.logprobs
+        if ctx.drop_output:
+            text, ids, lps = "", [], [] if lps is not None else None
+        prefix_text = ""
+        logprobs = None
+        if body.echo:
+            prefix_text = (
+                out.prompt
+                if out.prompt is not None
+                else self.texts.decoder.decode(out.prompt_token_ids, False)
+            )
+        if body.logprobs is not None:
+            num_top = body.logprobs
+            block: dict[str, list[Any]] = {
+                "tokens": [],
+                "token_logprobs": [],
+                "top_logprobs": [],
+                "text_offset": [],
+            }
+            if body.echo:
+                plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, num_top, 0)
+            gen = legacy_logprobs(self.texts, ids, lps or [], num_top, len(prefix_text))
+            logprobs = {k: block[k] + gen[k] for k in block}
+        return {
+            "index": i * body.n + c.index,
+            "text": prefix_text + text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason if c.finish_reason in ("stop", "length") else "stop",
+            "stop_reason": c.stop_reason,
+        }
+
+    def _response(self, ctx: _Ctx, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices, completion_tokens, cached = [], 0, 0
+        for i, out in enumerate(finals):
+            cached += out.num_cached_tokens or 0
+            for c in out.outputs:
+                choices.append(self._choice(ctx, i, out, c))
+                completion_tokens += 0 if ctx.drop_output else len(c.token_ids)
+        choices.sort(key=lambda ch: ch["index"])
+        prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
+        return {
+            "id": ctx.rid,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens, cached),
+        }
+
+    # ---- streaming --------------------------------------------------------------------------------
+    async def _stream(self, ctx: _Ctx, gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+        body = ctx.body
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}
+        completion_tokens, cached = 0, 0
+        try:
+            async for i, out in merge_streams(gens):
+                for c in out.outputs:
+                    index = i * body.n + c.index
+                    text, ids, lps = c.text, c.token_ids, c.logprobs
+                    if ctx.drop_output:
+                        text, ids, lps = "", [], [] if lps is not None else None
+                    completion_tokens += len(ids)
+                    prefix = ""
+                    block = None
+                    if body.echo and index not in echoed:
+                        echoed.add(index)
+                        prefix = (
+                            out.prompt
+                            if out.prompt is not None
+                            else self.texts.decoder.decode(out.prompt_token_ids, False)
+                        )
+                        if body.logprobs is not None:
+                            plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                            block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs, 0)
+                    if body.logprobs is not None:
+                        gen = legacy_logprobs(
+                            self.texts, ids, lps or [], body.logprobs, offsets.get(index, 0) + len(prefix)
+                        )
+                        block = {k: (block[k] if block else []) + gen[k] for k in gen}
+                    offsets[index] = offsets.get(index, 0) + len(prefix) + len(text)
+                    finish = c.finish_reason if c.finish_reason in ("stop", "length", None) else "stop"
+                    if not (prefix or text or finish or (block and block["tokens"])):
+                        continue
+                    choice = {
+                        "index": index,
+                        "text": prefix + text,
+                        "logprobs": block,
+                        "finish_reason": finish,
+                        "stop_reason": c.stop_reason if finish else None,
+                    }
+                    chunk: dict[str, Any] = {
+                        "id": ctx.rid,
+                        "object": "text_completion",
+                        "created": ctx.created,
+                        "model": ctx.model,
+                        "choices": [choice],
+                    }
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield sse(chunk)
+                if out.finished:
+                    cached += out.num_cached_tokens or 0
+            if include_usage:
+                prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
+                yield sse(
+                    {
+                        "id": ctx.rid,
+                        "object": "text_completion",
+                        "created": ctx.created,
+                        "model": ctx.model,
+                        "choices": [],
+                        "usage": usage(prompt_tokens, completion_tokens, cached),
+                    }
+                )
+        except Exception as e:
+            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        yield "data: [DONE]\n\n"
+
+
+class _Ctx:
+    def __init__(
+        self,
+        rid: str,
+        created: int,
+        model: str,
+        body: Any,
+        encoded: list[tuple[str | None, list[int]]],
+        drop_output: bool,
+    ) -> None:
+        self.rid, self.created, self.model, self.body = rid, created, model, body
+        self.encoded, self.drop_output = encoded, drop_output

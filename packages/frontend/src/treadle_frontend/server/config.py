@@ -1,0 +1,38 @@
+"""ServerConfig: how the API server listens and presents the model (the engine has its own configs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"  # interface to bind (--host)
+    port: int = 8000  # TCP port (--port)
+    api_key: str | None = None  # required on every /v1 route when set (--api-key)
+    served_model_name: str | None = None  # the model id clients send; None = the model directory's name
+    chat_template: str | None = None  # a Jinja file or template text overriding the tokenizer's
+    generation_config: str = "auto"  # auto: the model's generation_config.json | none | a directory
+    uvicorn_log_level: str = "info"  # uvicorn's own log level
+    disable_log_stats: bool = False  # no periodic stats line
+    stats_log_interval_s: float = 10.0  # seconds between stats lines while busy
+    max_logprobs: int = 20  # most top logprobs a request may ask for
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
+            raise ValueError(
+                f"uvicorn_log_level {self.uvicorn_log_level!r} is not one of {', '.join(UVICORN_LOG_LEVELS)}"
+            )
+        if self.stats_log_interval_s <= 0:
+            raise ValueError(f"stats_log_interval_s must be > 0 seconds, got {self.stats_log_interval_s}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty; omit --api-key to serve without authentication")
+
+    @property
+    def url(self) -> str:
+        host = "localhost" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"

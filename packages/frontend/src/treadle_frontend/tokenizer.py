@@ -1,0 +1,108 @@
+"""Tokenizer, chat template and generation-config defaults, all read from the model directory (no network).
+
+- The tokenizer comes from `--tokenizer` or the model directory, through transformers' AutoTokenizer with
+  `local_files_only=True` (a missing file is an error that names the directory, never a download).
+- The chat template is the tokenizer's own, or `--chat-template` (a file path, or the Jinja text itself).
+  A chat request against a model without one is a user error (HTTP 400) that says how to supply one.
+- `generation_config.json` supplies default sampling fields (temperature, top_p, top_k, min_p,
+  repetition_penalty, max_new_tokens) and extra EOS ids, unless the user passes generation_config="none".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class ChatTemplateError(ValueError):
+    """A chat request met a model without a chat template (HTTP 400)."""
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer directory {str(path)!r} does not exist; pass --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:
+        raise ValueError(
+            f"could not load a tokenizer from {str(path)!r} ({type(e).__name__}: {e}); the directory needs "
+            "tokenizer.json or tokenizer_config.json + vocabulary files; pass --tokenizer DIR to use another"
+        ) from e
+
+
+def resolve_chat_template(tokenizer: Any, override: str | None) -> str | None:
+    """The chat template to use: `override` (a file path or the template text), else the tokenizer's."""
+    if override:
+        p = Path(override)
+        if len(override) < 4096 and p.is_file():
+            return p.read_text(encoding="utf-8")
+        if "{" not in override:
+            raise ValueError(
+                f"--chat-template {override!r} is neither an existing file nor a Jinja template; "
+                "pass a path to a .jinja file or the template text"
+            )
+        return override
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: use "default"
+        template = template.get("default") or next(iter(template.values()), None)
+    return template
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults from generation_config.json; fields the request leaves unset take these."""
+
+    sampling: dict[str, float | int] = field(default_factory=dict)  # SamplingParams field -> default
+    max_new_tokens: int | None = None  # default max_tokens, when the model declares one
+    eos_token_ids: frozenset[int] = frozenset()  # extra end-of-sequence ids
+
+
+def load_generation_defaults(model_dir: str | Path | None, mode: str = "auto") -> GenerationDefaults:
+    """Reads `<model_dir>/generation_config.json` (mode "auto") or nothing (mode "none")."""
+    if mode == "none" or model_dir is None:
+        return GenerationDefaults()
+    path = Path(mode) / "generation_config.json" if mode not in ("auto", "vllm") else None
+    if path is None:
+        path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return GenerationDefaults()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix it or pass --generation-config none") from e
+    sampling: dict[str, float | int] = {}
+    for name in _DEFAULT_FIELDS:
+        value = data.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            sampling.setdefault(name, value)
+    eos = data.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
+    max_new = data.get("max_new_tokens")
+    defaults = GenerationDefaults(
+        sampling=sampling,
+        max_new_tokens=max_new if isinstance(max_new, int) and max_new > 0 else None,
+        eos_token_ids=frozenset(eos_ids),
+    )
+    if sampling:
+        logger.info("Default sampling parameters from %s: %s", path, sampling)
+    return defaults
+
+
+def eos_token_ids(tokenizer: Any, defaults: GenerationDefaults) -> set[int]:
+    ids = set(defaults.eos_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    return ids

@@ -1,0 +1,83 @@
+"""Incremental detokenization: deltas concatenate to the full decode, whatever the chunking."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from treadle_frontend.detokenizer import IncrementalDetokenizer, TokenDecoder
+
+TEXTS = [
+    "Hello 😀 東京 café",
+    "北京是中国的首都。🎉🚀",
+    "naïve señor Zürich",
+    "plain ascii text here",
+    "🚀" * 5,
+]
+
+
+def _stream(
+    tokenizer: Any, prompt: list[int], ids: list[int], chunks: list[int], skip: bool = True
+) -> list[str]:
+    det = IncrementalDetokenizer(TokenDecoder(tokenizer), prompt, skip)
+    deltas, i = [], 0
+    for size in chunks:
+        deltas.append(det.update(ids[i : i + size]))
+        i += size
+    deltas.append(det.update(ids[i:]))
+    deltas.append(det.flush())
+    return deltas
+
+
+def test_multibyte_characters_never_split(tokenizer: Any) -> None:
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) > 1
+        deltas = _stream(tokenizer, [], ids, [1] * len(ids))
+        assert "".join(deltas) == text
+        assert all("\ufffd" not in d for d in deltas), deltas
+        # every delta is a whole-character piece of the text
+        assert "".join(deltas[: len(deltas) // 2]) == text[: len("".join(deltas[: len(deltas) // 2]))]
+
+
+def test_held_back_until_character_completes(tokenizer: Any) -> None:
+    ids = tokenizer.encode("😀", add_special_tokens=False)
+    assert len(ids) >= 2, "the emoji must span tokens for this test"
+    det = IncrementalDetokenizer(TokenDecoder(tokenizer), [], True)
+    assert det.update(ids[:1]) == ""
+    assert det.update(ids[1:]) == "😀"
+
+
+def test_genuine_replacement_char_flushed_at_end(tokenizer: Any) -> None:
+    ids = tokenizer.encode("ab😀", add_special_tokens=False)[:-1]  # cut inside the emoji
+    deltas = _stream(tokenizer, [], ids, [1] * len(ids))
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert deltas[-1].endswith("\ufffd")
+
+
+def test_skip_special_tokens(tokenizer: Any) -> None:
+    ids = [*tokenizer.encode("Hello", add_special_tokens=False), tokenizer.eos_token_id]
+    ids += tokenizer.encode(" world", add_special_tokens=False)
+    assert "".join(_stream(tokenizer, [], ids, [1] * len(ids), skip=True)) == "Hello world"
+    assert "".join(_stream(tokenizer, [], ids, [1] * len(ids), skip=False)) == "Hello<|im_end|> world"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_random_chunking_matches_full_decode(tokenizer: Any, data: st.DataObject) -> None:
+    text = data.draw(st.sampled_from(TEXTS)) + data.draw(st.text(max_size=12))
+    prompt = tokenizer.encode(data.draw(st.sampled_from(["", "Q: ", "東"])), add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    chunks = data.draw(st.lists(st.integers(1, 4), max_size=len(ids)))
+    deltas = _stream(tokenizer, prompt, ids, chunks)
+    assert "".join(deltas) == tokenizer.decode(ids)
+
+
+def test_random_token_sequences(tokenizer: Any) -> None:
+    rng = random.Random(0)
+    for _ in range(30):
+        ids = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(1, 30))]
+        assert "".join(_stream(tokenizer, [], ids, [1] * len(ids))) == tokenizer.decode(ids)

@@ -1,0 +1,72 @@
+"""The offline LLM over a fake engine: shapes, n > 1 fan-out, stop strings, seeds, chat, validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from treadle_model_runner.sampling_params import SamplingParams
+
+
+def test_generate_shapes(llm: Any) -> None:
+    outs = llm.generate(["Hello", "The capital"], SamplingParams(max_tokens=7, temperature=0), use_tqdm=False)
+    assert [o.prompt for o in outs] == ["Hello", "The capital"]
+    o = outs[0].outputs[0]
+    assert len(o.token_ids) == 7 and o.finish_reason == "length" and o.stop_reason is None
+    assert o.text == llm.get_tokenizer().decode(o.token_ids, skip_special_tokens=True)
+    assert o.cumulative_logprob is None and o.logprobs is None and outs[0].finished
+
+
+def test_n_and_seed(llm: Any) -> None:
+    p = SamplingParams(n=3, max_tokens=5, seed=7, logprobs=2)
+    a = llm.generate("Hi", p, use_tqdm=False)[0]
+    b = llm.generate("Hi", p, use_tqdm=False)[0]
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) == 3
+    c0 = a.outputs[0]
+    assert c0.logprobs is not None and len(c0.logprobs) == 5
+    first = c0.logprobs[0]
+    assert c0.token_ids[0] in first and 2 <= len(first) <= 3
+    assert c0.cumulative_logprob == pytest.approx(
+        sum(d[t].logprob for d, t in zip(c0.logprobs, c0.token_ids, strict=True))
+    )
+
+
+def test_stop_string_ends_request(llm: Any) -> None:
+    base = (
+        llm.generate("Hello", SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0].outputs[0].text
+    )
+    stop = base[3:6]
+    out = llm.generate("Hello", SamplingParams(max_tokens=12, temperature=0, stop=[stop]), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.text == base[: base.find(stop)] and c.finish_reason == "stop" and c.stop_reason == stop
+    assert not llm.client.engine.running, "the stopped request was aborted in the engine"
+
+
+def test_chat_and_prompt_logprobs(llm: Any) -> None:
+    out = llm.chat(
+        [{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False
+    )
+    assert out[0].prompt_token_ids[0] == llm.get_tokenizer().convert_tokens_to_ids("<|im_start|>")
+    pl = out[0].prompt_logprobs
+    assert pl[0] is None and len(pl) == len(out[0].prompt_token_ids)
+    assert all(out[0].prompt_token_ids[i] in pl[i] for i in range(1, len(pl)))
+
+
+def test_context_length_and_bad_ids(llm: Any) -> None:
+    with pytest.raises(
+        ValueError, match=r"maximum context length is 256 tokens\. However, you requested 303 tokens"
+    ):
+        llm.generate([[5] * 3], SamplingParams(max_tokens=300), use_tqdm=False)
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([[10**6]], SamplingParams(max_tokens=3), use_tqdm=False)
+    outs = llm.generate([[5] * 250], SamplingParams(max_tokens=None), use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == 6
+
+
+def test_many_prompts_progress(llm: Any, capsys: Any) -> None:
+    outs = llm.generate([f"p{i}" for i in range(20)], SamplingParams(max_tokens=3), use_tqdm=True)
+    assert [o.prompt for o in outs] == [f"p{i}" for i in range(20)]
+    assert "Processed prompts" in capsys.readouterr().err

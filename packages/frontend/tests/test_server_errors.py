@@ -1,0 +1,136 @@
+"""Bad input: every case gets its 4xx and the right envelope, none a 5xx, and the server keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+OK_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+OK_CMPL = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+OK_MSG = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+LONG = "hello " * 400
+
+# (name, route, body (dict, or str for raw bytes), expected status)
+CASES: list[tuple[str, str, Any, int]] = [
+    ("chat_missing_messages", "/v1/chat/completions", {"model": "tiny"}, 400),
+    ("chat_empty_messages", "/v1/chat/completions", {**OK_CHAT, "messages": []}, 400),
+    ("chat_messages_not_list", "/v1/chat/completions", {**OK_CHAT, "messages": "hi"}, 400),
+    ("chat_message_no_role", "/v1/chat/completions", {**OK_CHAT, "messages": [{"content": "x"}]}, 400),
+    ("chat_temperature_negative", "/v1/chat/completions", {**OK_CHAT, "temperature": -1}, 400),
+    ("chat_temperature_string", "/v1/chat/completions", {**OK_CHAT, "temperature": "hot"}, 400),
+    ("chat_top_p_2", "/v1/chat/completions", {**OK_CHAT, "top_p": 2}, 400),
+    ("chat_top_p_0", "/v1/chat/completions", {**OK_CHAT, "top_p": 0}, 400),
+    ("chat_top_logprobs_30", "/v1/chat/completions", {**OK_CHAT, "logprobs": True, "top_logprobs": 30}, 400),
+    ("chat_top_logprobs_without_logprobs", "/v1/chat/completions", {**OK_CHAT, "top_logprobs": 2}, 400),
+    ("chat_max_tokens_negative", "/v1/chat/completions", {**OK_CHAT, "max_tokens": -5}, 400),
+    ("chat_max_tokens_huge", "/v1/chat/completions", {**OK_CHAT, "max_tokens": 10**9}, 400),
+    ("chat_n_zero", "/v1/chat/completions", {**OK_CHAT, "n": 0}, 400),
+    (
+        "chat_stream_options_without_stream",
+        "/v1/chat/completions",
+        {**OK_CHAT, "stream_options": {"include_usage": True}},
+        400,
+    ),
+    (
+        "chat_prompt_too_long",
+        "/v1/chat/completions",
+        {**OK_CHAT, "messages": [{"role": "user", "content": LONG}]},
+        400,
+    ),
+    ("chat_unknown_model", "/v1/chat/completions", {**OK_CHAT, "model": "gpt-9"}, 404),
+    ("chat_presence_penalty_5", "/v1/chat/completions", {**OK_CHAT, "presence_penalty": 5}, 400),
+    ("chat_stop_empty_string", "/v1/chat/completions", {**OK_CHAT, "stop": [""]}, 400),
+    ("chat_logit_bias_bad_key", "/v1/chat/completions", {**OK_CHAT, "logit_bias": {"abc": 1}}, 400),
+    ("chat_logit_bias_out_of_range", "/v1/chat/completions", {**OK_CHAT, "logit_bias": {"5": 500}}, 400),
+    (
+        "chat_content_image_part",
+        "/v1/chat/completions",
+        {
+            **OK_CHAT,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        },
+        400,
+    ),
+    ("chat_min_tokens_over_max", "/v1/chat/completions", {**OK_CHAT, "min_tokens": 5, "max_tokens": 2}, 400),
+    ("chat_repetition_penalty_zero", "/v1/chat/completions", {**OK_CHAT, "repetition_penalty": 0}, 400),
+    ("malformed_json", "/v1/chat/completions", "{not json", 400),
+    ("body_is_list", "/v1/chat/completions", "[1, 2]", 400),
+    ("cmpl_missing_prompt", "/v1/completions", {"model": "tiny"}, 400),
+    ("cmpl_empty_prompt_list", "/v1/completions", {**OK_CMPL, "prompt": []}, 400),
+    ("cmpl_token_out_of_vocab", "/v1/completions", {**OK_CMPL, "prompt": [1, 2, 99999]}, 400),
+    ("cmpl_negative_token", "/v1/completions", {**OK_CMPL, "prompt": [-1]}, 400),
+    ("cmpl_logprobs_30", "/v1/completions", {**OK_CMPL, "logprobs": 30}, 400),
+    ("cmpl_max_tokens_string", "/v1/completions", {**OK_CMPL, "max_tokens": "many"}, 400),
+    ("cmpl_prompt_too_long", "/v1/completions", {**OK_CMPL, "prompt": LONG}, 400),
+    ("cmpl_best_of", "/v1/completions", {**OK_CMPL, "best_of": 3}, 400),
+    ("cmpl_seed_string", "/v1/completions", {**OK_CMPL, "seed": "abc"}, 400),
+    ("cmpl_top_k_negative", "/v1/completions", {**OK_CMPL, "top_k": -7}, 400),
+    ("cmpl_min_p_2", "/v1/completions", {**OK_CMPL, "min_p": 2}, 400),
+    (
+        "msg_missing_max_tokens",
+        "/v1/messages",
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
+        400,
+    ),
+    ("msg_bad_role", "/v1/messages", {**OK_MSG, "messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("msg_empty_messages", "/v1/messages", {**OK_MSG, "messages": []}, 400),
+    ("msg_unknown_model", "/v1/messages", {**OK_MSG, "model": "claude-9"}, 404),
+    ("msg_temperature_negative", "/v1/messages", {**OK_MSG, "temperature": -1}, 400),
+    ("msg_max_tokens_zero", "/v1/messages", {**OK_MSG, "max_tokens": 0}, 400),
+    ("count_tokens_missing_messages", "/v1/messages/count_tokens", {"model": "tiny"}, 400),
+    ("tokenize_both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
+    ("detokenize_bad_ids", "/detokenize", {"tokens": [10**7]}, 400),
+]
+
+
+@pytest.mark.parametrize(("name", "route", "body", "status"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(fake_server: Any, name: str, route: str, body: Any, status: int) -> None:
+    headers = {"Authorization": "Bearer sekret"}
+    if isinstance(body, str):
+        r = httpx.post(
+            fake_server.url + route, content=body, headers={**headers, "content-type": "application/json"}
+        )
+    else:
+        r = httpx.post(fake_server.url + route, json=body, headers=headers)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    data = r.json()
+    if route.startswith("/v1/messages"):
+        assert (
+            data["type"] == "error" and set(data["error"]) == {"type", "message"} and data["error"]["message"]
+        )
+    else:
+        assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
+
+
+def test_context_length_message(fake_server: Any) -> None:
+    r = httpx.post(
+        fake_server.url + "/v1/completions",
+        json={**OK_CMPL, "prompt": [5] * 200, "max_tokens": 100},
+        headers={"Authorization": "Bearer sekret"},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith(
+        "This model's maximum context length is 256 tokens. However, you requested 300 tokens "
+        "(200 in the messages, 100 in the completion)."
+    )
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/models"])
+def test_api_key(fake_server: Any, route: str) -> None:
+    body = {"/v1/chat/completions": OK_CHAT, "/v1/completions": OK_CMPL, "/v1/messages": OK_MSG}.get(route)
+    method = httpx.get if body is None else (lambda url, **kw: httpx.post(url, json=body, **kw))
+    assert method(fake_server.url + route, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert method(fake_server.url + route).status_code == 401
+    assert method(fake_server.url + route, headers={"x-api-key": "sekret"}).status_code == 200
+    assert httpx.get(fake_server.url + "/health").status_code == 200
+
+
+def test_no_5xx_and_still_serving(fake_server: Any) -> None:
+    r = httpx.post(
+        fake_server.url + "/v1/chat/completions", json=OK_CHAT, headers={"Authorization": "Bearer sekret"}
+    )
+    assert r.status_code == 200
+    metrics = httpx.get(fake_server.url + "/metrics").text
+    assert "treadle:num_requests_running" in metrics

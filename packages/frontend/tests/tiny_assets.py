@@ -1,0 +1,52 @@
+"""Test assets built on the spot: a tiny byte-level BPE tokenizer with a ChatML template (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The capital of France is Paris. Hello world! How are you today?",
+    "東京は日本の首都です。北京是中国的首都。",
+    "Emoji 😀🎉🚀 and accents: café, naïve, señor, Zürich.",
+    "def main():\n    return 42\n# numbers 0123456789",
+    "the quick brown fox jumps over the lazy dog, again and again.",
+]
+
+
+def build_tokenizer_dir(path: Path, *, chat_template: bool = True, vocab_size: int = 400) -> Path:
+    """Writes tokenizer.json + tokenizer_config.json (+ generation_config.json) into `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    if chat_template:
+        fast.chat_template = CHATML
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(path))
+    return path
+
+
+def write_generation_config(path: Path, **fields: object) -> None:
+    (path / "generation_config.json").write_text(json.dumps(fields))
