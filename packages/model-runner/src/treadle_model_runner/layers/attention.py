@@ -1,0 +1,68 @@
+"""Paged attention as a layer: the model hands it q, k, v; the backend writes k/v into the paged cache and
+attends over everything cached for each request.
+
+The layer owns no weights. Its backend implementation is bound by the runner (`bind_backend`) once the backend
+is chosen for the device; the KV-cache tensor and the step's attention metadata come from the forward context,
+indexed by `layer_idx`. Shapes: q [T, num_heads * head_size], k / v [T, num_kv_heads * head_size] -> out like q.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from treadle_model_runner.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        layer_idx: int,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
+        self.impl: Any = None
+
+    def bind_backend(self, backend: Any) -> None:
+        """Create this layer's implementation from an attention backend class."""
+        self.impl = backend.get_impl_cls()(
+            self.num_heads,
+            self.head_size,
+            self.scale,
+            self.num_kv_heads,
+            sliding_window=self.sliding_window,
+            logits_soft_cap=self.logits_soft_cap,
+        )
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        assert self.impl is not None, (
+            f"attention layer {self.layer_idx} has no backend: call bind_backend first"
+        )
+        ctx = get_forward_context()
+        num_tokens = query.shape[0]
+        output = torch.empty(
+            num_tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device
+        )
+        self.impl.forward(
+            query.view(num_tokens, self.num_heads, self.head_size),
+            key.view(num_tokens, self.num_kv_heads, self.head_size),
+            value.view(num_tokens, self.num_kv_heads, self.head_size),
+            ctx.kv_caches[self.layer_idx],
+            ctx.attn_metadata[self.layer_idx],
+            output,
+        )
+        return output.view(num_tokens, self.num_heads * self.head_size)

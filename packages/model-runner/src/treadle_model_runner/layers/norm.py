@@ -1,0 +1,32 @@
+"""RMS norms as modules holding their weight; the arithmetic is the IR op's (`ops.rms_norm`, `ops.gemma_rms_norm`).
+
+RMSNorm:       y = x / sqrt(mean(x²) + eps) * w          (Llama, Qwen)
+GemmaRMSNorm:  y = x / sqrt(mean(x²) + eps) * (1 + w)    (Gemma; computed in fp32, cast back; w stored as offset)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from treadle_ir import ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class GemmaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gemma_rms_norm(x, self.weight, self.eps)

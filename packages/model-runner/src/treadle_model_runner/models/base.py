@@ -1,0 +1,106 @@
+"""What every causal LM in treadle offers the runner, and the shared HF-checkpoint loader.
+
+A model is `forward(input_ids [T], positions [T]) -> hidden [T, hidden]` over a ragged batch of T tokens
+(requests concatenated; attention finds request boundaries in the forward context), plus
+`compute_logits(hidden [N, hidden]) -> [N, vocab]` applied by the runner only at the positions it samples.
+
+Loading: HF tensors arrive by name. Names listed in `stacked_params` (e.g. `q_proj` -> shard "q" of
+`qkv_proj`) are written into their slice of a stacked parameter; every other name must match a parameter of
+the module tree, which mirrors HF's (`model.layers.N.self_attn...`). Afterwards every parameter must have been
+written once, else ValueError names what is missing, so a truncated checkpoint never runs with garbage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from treadle_model_runner.layers.attention import Attention
+from treadle_model_runner.layers.linear import StackedLinear
+
+# HF tensor names that carry no weights treadle needs (buffers some exporters write)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+class CausalLM(nn.Module):
+    # (stacked param name, HF name, shard) — "q_proj" in a tensor name loads shard "q" of "qkv_proj"
+    stacked_params: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", "gate"),
+        ("gate_up_proj", "up_proj", "up"),
+    )
+    config: Any
+    lm_head: nn.Linear
+
+    def attention_layers(self) -> list[Attention]:
+        """The paged-attention layers, in decoder-layer order (index i is decoder layer i)."""
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        assert [a.layer_idx for a in layers] == list(range(len(layers))), "attention layers out of order"
+        return layers
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] (model dtype)."""
+        return self.lm_head(hidden)
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into this model; returns the parameter names written."""
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            if hf_name.endswith(_IGNORED_SUFFIXES) or (
+                self.tie_word_embeddings and hf_name == "lm_head.weight"
+            ):
+                continue
+            name, shard = hf_name, None
+            for stacked, hf_part, shard_id in self.stacked_params:
+                if f".{hf_part}." in hf_name:
+                    name, shard = hf_name.replace(f".{hf_part}.", f".{stacked}."), shard_id
+                    break
+            if name not in params:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} has no parameter in {type(self).__name__}: "
+                    "the checkpoint does not match this architecture"
+                )
+            param = params[name]
+            if shard is not None:
+                module = modules[name.rsplit(".", 1)[0]]
+                assert isinstance(module, StackedLinear), f"{name} is not a stacked parameter"
+                module.load_shard(param, shard, tensor.to(param.dtype))
+                name = f"{name}:{shard}"
+            else:
+                if tensor.shape != param.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model expects "
+                        f"{tuple(param.shape)}: the checkpoint does not match config.json"
+                    )
+                with torch.no_grad():
+                    param.data.copy_(tensor)
+            loaded.add(name)
+        self._check_complete(loaded)
+        return loaded
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        expected: set[str] = set()
+        modules = dict(self.named_modules())
+        for name, _ in self.named_parameters():
+            owner = modules[name.rsplit(".", 1)[0]] if "." in name else self
+            if isinstance(owner, StackedLinear):
+                expected.update(f"{name}:{shard}" for shard in owner.shard_sizes)
+            else:
+                expected.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(
+                f"checkpoint is missing {len(missing)} tensors for {type(self).__name__}: {shown}"
+            )

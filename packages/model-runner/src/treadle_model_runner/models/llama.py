@@ -1,0 +1,123 @@
+"""Llama-family decoders: Llama 3.x (llama3 rope scaling), SmolLM2, Mistral (optional sliding window); Qwen2 and
+Qwen3 reuse these blocks with qkv bias and q/k norms switched on (see qwen.py).
+
+One decoder layer, pre-norm:
+    h   = x + o_proj(attn(rope(q), rope(k), v))      q, k, v = split(qkv_proj(norm_in(x)))
+    out = h + down(silu(gate(norm_post(h))) * up(norm_post(h)))
+q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from treadle_model_runner.layers.attention import Attention
+from treadle_model_runner.layers.linear import StackedLinear
+from treadle_model_runner.layers.mlp import GatedMLP
+from treadle_model_runner.layers.norm import RMSNorm
+from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle_model_runner.models.base import CausalLM
+
+
+def head_dim_of(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def sliding_window_of(config: Any, layer_idx: int) -> int | None:
+    """The layer's sliding window in tokens (key pos > query pos - W), or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+class LlamaSelfAttention(nn.Module):
+    def __init__(
+        self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = StackedLinear(
+            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = rotary_emb  # shared by every layer (one cos/sin table)
+        self.attn = Attention(
+            layer_idx,
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            self.num_kv_heads,
+            sliding_window=sliding_window_of(config, layer_idx),
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
+        q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
+        return self.o_proj(self.attn(q, k, v.contiguous()))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaSelfAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu")
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, max_position: int, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(CausalLM):
+    qkv_bias_default = False  # Llama/Mistral: config.attention_bias decides
+    qk_norm = False
+
+    def __init__(self, config: Any, max_position: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        max_position = max_position or config.max_position_embeddings
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or self.qkv_bias_default
+        self.model = LlamaModel(config, max_position, qkv_bias, self.qk_norm)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)

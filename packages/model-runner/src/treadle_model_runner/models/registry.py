@@ -1,0 +1,44 @@
+"""Model registry: the HF `architectures` name (or, for configs built in code, the `model_type`) -> class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treadle_model_runner.models.base import CausalLM
+from treadle_model_runner.models.gemma3 import Gemma3ForCausalLM
+from treadle_model_runner.models.llama import LlamaForCausalLM
+from treadle_model_runner.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+
+_ARCHITECTURES: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+}
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def get_model_class(hf_config: Any) -> type[CausalLM]:
+    """The model class for an HF config; ValueError listing the supported architectures otherwise."""
+    names = list(getattr(hf_config, "architectures", None) or [])
+    model_type = getattr(hf_config, "model_type", None)
+    if not names and model_type in _MODEL_TYPES:
+        names = [_MODEL_TYPES[model_type]]
+    for name in names:
+        if name in _ARCHITECTURES:
+            return _ARCHITECTURES[name]
+    raise ValueError(
+        f"model architecture {names or model_type!r} is not supported; supported architectures: "
+        f"{', '.join(supported_architectures())}"
+    )

@@ -1,0 +1,70 @@
+"""CUDA graphs for decode-only batches: capture the model forward once per batch size, replay it every step.
+
+Capture sizes are 1, 2, 4, 8, then steps of 8 up to max_num_seqs (max_num_seqs itself included); a decode batch
+of n requests is padded up to the smallest captured size >= n with one-token dummy requests over the null
+block (slot -1: nothing is written). Inputs and attention metadata live in persistent device buffers that the
+runner rewrites before each replay, so the graph reads the step's values; host integers baked into the
+captured launches (token count, request count, max_query_len = 1) are exactly those of the padded batch.
+Only backends whose launches depend on nothing else are captured (the runner checks). Sizes are captured
+largest first into one memory pool, so the smaller graphs reuse the larger one's memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs] + list(range(16, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class CudaGraphRunner:
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sorted(sizes)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's output hidden states [size, hidden]
+
+    def padded_size(self, num_reqs: int) -> int | None:
+        """Smallest captured size >= num_reqs (None when the batch is larger than every graph)."""
+        i = bisect.bisect_left(self.sizes, num_reqs)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+    def has(self, size: int) -> bool:
+        return size in self.graphs
+
+    def capture(self, make_forward: Callable[[int], Callable[[], torch.Tensor]]) -> None:
+        """`make_forward(size)` prepares a dummy batch of `size` and returns the forward to capture."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.inference_mode():
+                for size in reversed(self.sizes):
+                    forward = make_forward(size)
+                    forward()  # warm-up: compile kernels, settle the allocator
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self.outputs[size] = forward()
+                    self.graphs[size] = graph
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            logger.warning("CUDA graph capture failed (%s); running eagerly", exc)
+            self.graphs.clear()
+            self.outputs.clear()
+            return
+        logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s", self.sizes,
+                    time.perf_counter() - start)  # fmt: skip
+
+    def replay(self, size: int) -> torch.Tensor:
+        self.graphs[size].replay()
+        return self.outputs[size]

@@ -1,0 +1,217 @@
+"""ModelRunner: a SchedulerOutput in, a ModelRunnerOutput out, on one device.
+
+    runner = ModelRunner(model_config, cache_config, max_num_seqs, max_num_batched_tokens)
+    runner.load_model(); kv_config = runner.initialize_kv_cache()
+    output = runner.execute(scheduler_output)          # every engine step
+
+A step: apply the scheduler's diff to the persistent state (`state.py`), build the flat inputs with vectorized
+code (`inputs.py`), run the model (eagerly, or by replaying a CUDA graph for a decode-only batch), compute
+logits only where a token is sampled (and at prompt positions asked for prompt logprobs), sample, and append the
+sampled tokens to the persistent batch so the next decode step needs nothing from the scheduler but counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from treadle_kernels.attention import get_attn_backend
+from treadle_model_runner.config import CacheConfig, ModelConfig
+from treadle_model_runner.forward_context import ForwardContext, set_forward_context
+from treadle_model_runner.kv_cache import (
+    allocate_kv_caches,
+    bytes_per_block,
+    cpu_num_blocks,
+    gpu_num_blocks,
+    kv_cache_groups,
+    make_kv_cache_config,
+    max_useful_blocks,
+)
+from treadle_model_runner.kv_cache_spec import KVCacheConfig
+from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
+from treadle_model_runner.models import CausalLM, get_model_class
+from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.input_batch import InputBatch
+from treadle_model_runner.runner.inputs import StepBuffers, StepInputs, prepare_inputs
+from treadle_model_runner.runner.profile import profile_peak_activation_bytes
+from treadle_model_runner.runner.sampling import sample_step
+from treadle_model_runner.runner.setup import (
+    default_dtype,
+    eos_token_ids,
+    resolve_device,
+    resolve_dtype,
+    resolve_max_model_len,
+)
+from treadle_model_runner.runner.state import apply_scheduler_output
+from treadle_model_runner.sample import Sampler
+from treadle_model_runner.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_GRAPH_SAFE_BACKENDS = ("triton",)  # backends whose launches read metadata from device tensors only
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
+            )
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.resolved = resolve_model(model_config)
+        self._max_model_len = resolve_max_model_len(model_config.max_model_len, self.resolved.hf_config)
+        self._eos_token_ids = eos_token_ids(self.resolved.hf_config, self.resolved.path)
+        backend_name = None if model_config.attention_backend == "auto" else model_config.attention_backend
+        self.attn_backend: Any = get_attn_backend(backend_name, self.device)
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=self.device).manual_seed(model_config.seed)
+        self.model: CausalLM | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache_config: KVCacheConfig | None = None
+        self.requests: dict[str, Any] = {}  # request id -> RequestState (live requests, scheduled or not)
+        self.graphs: CudaGraphRunner | None = None
+        logger.info(
+            "model runner: %s on %s, dtype %s, max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d",
+            self.resolved.path, self.device, self.dtype, self._max_model_len, max_num_seqs, max_num_batched_tokens,
+        )  # fmt: skip
+
+    # ---- properties the engine reads ---------------------------------------------------------------
+    @property
+    def hf_config(self) -> Any:
+        return self.resolved.hf_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self._eos_token_ids)
+
+    # ---- startup ------------------------------------------------------------------------------------
+    def load_model(self) -> None:
+        cls = get_model_class(self.hf_config)
+        with default_dtype(self.dtype), self.device:
+            model = cls(self.hf_config, self._max_model_len)
+        if self.resolved.format == "dummy":
+            load_dummy_weights(model, self.model_config.seed)
+        else:
+            with torch.no_grad():
+                model.load_weights(iterate_weights(self.resolved.path, self.resolved.format))
+        model.eval().requires_grad_(False)
+        for layer in model.attention_layers():
+            layer.bind_backend(self.attn_backend)
+        self.model = model
+        logger.info("loaded %s (%s)", cls.__name__, self.resolved.format)
+
+    def initialize_kv_cache(self) -> KVCacheConfig:
+        """Size the paged KV cache from memory, allocate it, and capture CUDA graphs."""
+        model = self._require_model()
+        layers = model.attention_layers()
+        groups = kv_cache_groups(layers)
+        block_size = self.cache_config.block_size
+        self.layer_to_group = [0] * len(layers)
+        for g, group in enumerate(groups):
+            for i in group.layer_indices:
+                self.layer_to_group[i] = g
+        self.batch = InputBatch(self.max_num_seqs, self._max_model_len, block_size, len(groups), self.device)
+        self.buffers = StepBuffers(
+            max(self.max_num_batched_tokens, self.max_num_seqs), self.max_num_seqs, len(groups), self.device
+        )
+        self.builders = [self.attn_backend.get_builder_cls()(block_size, self.device) for _ in groups]
+        block_bytes = bytes_per_block(layers, block_size, self.dtype, self.attn_backend)
+        override = self.cache_config.num_gpu_blocks_override
+        if override is not None:
+            num_blocks = override
+        elif self.device.type == "cuda":
+            peak = profile_peak_activation_bytes(self, block_bytes)
+            free, total = torch.cuda.mem_get_info(self.device)
+            num_blocks = gpu_num_blocks(self.cache_config.gpu_memory_utilization, total, total - free, peak,
+                                        block_bytes)  # fmt: skip
+        else:
+            useful = max_useful_blocks(len(groups), self.max_num_seqs, self._max_model_len, block_size)
+            num_blocks = cpu_num_blocks(self.cache_config.kv_cache_space, block_bytes, useful)
+        self.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, self.dtype, self.device,
+                                            self.attn_backend)  # fmt: skip
+        self.kv_cache_config = make_kv_cache_config(layers, num_blocks, block_size, block_bytes)
+        self._maybe_capture_graphs()
+        return self.kv_cache_config
+
+    def _maybe_capture_graphs(self) -> None:
+        if self.device.type != "cuda" or self.model_config.enforce_eager:
+            return
+        if self.attn_backend.name not in _GRAPH_SAFE_BACKENDS:
+            logger.info(
+                "CUDA graphs off: attention backend %r launches from host metadata", self.attn_backend.name
+            )
+            return
+        sizes = capture_sizes(self.max_num_seqs)
+        self.graphs = CudaGraphRunner(sizes)
+        self.graphs.capture(self._prepare_capture)
+
+    def _require_model(self) -> CausalLM:
+        if self.model is None:
+            raise RuntimeError("ModelRunner.load_model() must run before this call")
+        return self.model
+
+    # ---- one step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if not self.kv_caches:
+            raise RuntimeError("ModelRunner.initialize_kv_cache() must run before execute()")
+        apply_scheduler_output(self.batch, self.requests, scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput.empty()
+        num_reqs = self.batch.num_reqs
+        req_ids: list[str] = [r for r in self.batch.req_ids[:num_reqs] if r is not None]
+        num_scheduled = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
+        padded = None
+        if self.graphs is not None and bool((num_scheduled == 1).all()):
+            padded = self.graphs.padded_size(num_reqs)
+        inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded)
+        hidden = self._forward(inputs)
+        return sample_step(self, req_ids, inputs, hidden)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and inputs.is_decode_only and self.graphs.has(inputs.num_padded_tokens):
+            return self.graphs.replay(inputs.num_padded_tokens)
+        with set_forward_context(self._context(inputs)):
+            return self._require_model()(inputs.input_ids, inputs.positions)
+
+    def _context(self, inputs: StepInputs) -> ForwardContext:
+        built = [b.build(m) for b, m in zip(self.builders, inputs.attn_metadata, strict=True)]
+        per_layer = [built[g] for g in self.layer_to_group]
+        return ForwardContext(self.kv_caches, per_layer, inputs.num_tokens)
+
+    def _prepare_capture(self, size: int) -> Callable[[], torch.Tensor]:
+        """A dummy decode batch of `size` one-token requests over the null block, and its forward."""
+        inputs = prepare_inputs(self.batch, np.zeros(0, dtype=np.int64), self.buffers, size)
+        context = self._context(inputs)
+        model = self._require_model()
+
+        def forward() -> torch.Tensor:
+            with set_forward_context(context):
+                return model(inputs.input_ids, inputs.positions)
+
+        return forward

@@ -1,0 +1,24 @@
+"""RequestState: what the runner remembers about a live request between steps (also while it is unscheduled)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from treadle_model_runner.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class RequestState:
+    req_id: str
+    prompt_token_ids: list[int]  # the prompt
+    sampling_params: SamplingParams
+    block_ids: tuple[list[int], ...]  # per KV-cache group: physical block ids in logical order
+    num_computed_tokens: int  # tokens with KV in the cache before the current step
+    output_token_ids: list[int] = field(default_factory=list)  # tokens sampled so far
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids

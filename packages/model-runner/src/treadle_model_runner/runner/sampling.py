@@ -1,0 +1,86 @@
+"""The end of a step: logits where needed, the sampler, prompt logprobs, and the ModelRunnerOutput.
+
+Logits are computed for the `S` rows that sample (their last scheduled token) and, for requests that asked for
+prompt logprobs, at the prompt positions computed this step whose next token is a prompt token (position p
+scores prompt token p + 1). Sampled tokens are appended to the persistent batch and to each request's outputs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from treadle_model_runner.outputs import Logprobs, ModelRunnerOutput
+from treadle_model_runner.runner.inputs import StepInputs
+from treadle_model_runner.sample import SamplingMetadata, compute_prompt_logprobs
+
+if TYPE_CHECKING:
+    from treadle_model_runner.runner.model_runner import ModelRunner
+
+
+def sample_step(
+    runner: ModelRunner, req_ids: list[str], inputs: StepInputs, hidden: torch.Tensor
+) -> ModelRunnerOutput:
+    batch = runner.batch
+    model = runner._require_model()
+    rows = inputs.sample_rows
+    sampled_lists: list[list[int]] = [[] for _ in req_ids]
+    logprobs_lists: list[list[Logprobs] | None] = [None] * len(req_ids)
+    if rows.size:
+        states = [batch.states[r] for r in rows]
+        assert all(s is not None for s in states), "a sampling row has no request state"
+        params = [s.sampling_params for s in states if s is not None]
+        metadata = SamplingMetadata.build(
+            params,
+            [s.prompt_token_ids for s in states if s is not None],
+            [s.output_token_ids for s in states if s is not None],
+            batch.num_tokens[rows].tolist(),
+            runner.vocab_size,
+            runner.device,
+            generator=runner.generator,
+        )
+        logits = model.compute_logits(hidden[inputs.logits_indices]).float()  # [S, vocab]
+        out = runner.sampler(logits, metadata)
+        tokens = out.sampled_token_ids.cpu().numpy()
+        batch.append_tokens(rows, tokens.astype(np.int32))
+        host_logprobs = out.logprobs.tolists(metadata.num_logprobs) if out.logprobs is not None else None
+        for j, row in enumerate(rows.tolist()):
+            token = int(tokens[j])
+            state = states[j]
+            assert state is not None
+            state.output_token_ids.append(token)
+            sampled_lists[row] = [token]
+            if host_logprobs is not None and host_logprobs[j] is not None:
+                logprobs_lists[row] = [host_logprobs[j]]  # type: ignore[list-item]
+    return ModelRunnerOutput(
+        req_ids=req_ids,
+        req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=sampled_lists,
+        logprobs=logprobs_lists,
+        prompt_logprobs=_prompt_logprobs(runner, req_ids, inputs, hidden),
+    )
+
+
+def _prompt_logprobs(
+    runner: ModelRunner, req_ids: list[str], inputs: StepInputs, hidden: torch.Tensor
+) -> dict[str, list[Logprobs]]:
+    batch = runner.batch
+    result: dict[str, list[Logprobs]] = {}
+    for row, req_id in enumerate(req_ids):
+        state = batch.states[row]
+        if state is None or state.sampling_params.prompt_logprobs is None:
+            continue
+        start = int(batch.num_computed_tokens[row])
+        end = min(start + int(inputs.num_scheduled[row]), int(batch.num_prompt_tokens[row]) - 1)
+        if end <= start:
+            continue
+        first = int(inputs.query_start[row])
+        index = torch.arange(first, first + end - start, device=hidden.device)
+        next_ids = torch.from_numpy(batch.token_ids[row, start + 1 : end + 1].astype(np.int64)).to(
+            hidden.device
+        )
+        logits = runner._require_model().compute_logits(hidden[index]).float()
+        result[req_id] = compute_prompt_logprobs(logits, next_ids, state.sampling_params.prompt_logprobs)
+    return result

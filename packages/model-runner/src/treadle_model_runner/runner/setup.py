@@ -1,0 +1,80 @@
+"""Startup decisions of the runner, each logged once: device, dtype, max_model_len, EOS tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto = bfloat16 on GPU, float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+    """The config's context length, or a smaller override; a larger one raises (positions were never trained)."""
+    derived = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+    if requested is None:
+        if derived <= 0:
+            raise ValueError("config.json has no max_position_embeddings; pass --max-model-len")
+        return derived
+    if derived and requested > derived:
+        raise ValueError(
+            f"max_model_len ({requested}) is larger than the model's max_position_embeddings ({derived}): "
+            f"positions beyond {derived} were never trained; lower --max-model-len to at most {derived}"
+        )
+    return requested
+
+
+def eos_token_ids(hf_config: Any, model_dir: Path) -> set[int]:
+    """EOS ids from config.json and, when present, generation_config.json."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+
+    add(getattr(hf_config, "eos_token_id", None))
+    gen_file = model_dir / "generation_config.json"
+    if gen_file.is_file():
+        try:
+            add(json.loads(gen_file.read_text()).get("eos_token_id"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{gen_file} is not valid JSON ({exc}); fix or remove the file") from exc
+    return ids
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules with parameters of `dtype` (restored on exit)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,151 @@
+"""Test helpers (no tests here): a tiny fake scheduler that drives a ModelRunner, and tiny HF checkpoints.
+
+FakeScheduler hands out blocks from a shuffled free list (so block tables are non-contiguous), sends each
+request in full once and then only diffs, and either follows an explicit plan {req_id: tokens} per step or
+schedules like the real engine (running requests first: decode 1 token, prefill chunks under a budget).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from treadle_model_runner import (
+    CacheConfig,
+    CachedRequestData,
+    ModelConfig,
+    ModelRunnerOutput,
+    NewRequestData,
+    SamplingParams,
+    SchedulerOutput,
+)
+from treadle_model_runner.runner import ModelRunner
+
+
+@dataclass
+class FakeRequest:
+    req_id: str
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    blocks: list[list[int]] = field(default_factory=list)  # per group
+    sent: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def done(self) -> bool:
+        return len(self.output) >= self.max_tokens
+
+
+class FakeScheduler:
+    def __init__(self, runner: ModelRunner, seed: int = 0) -> None:
+        self.runner = runner
+        config = runner.kv_cache_config
+        assert config is not None
+        self.block_size = config.block_size
+        self.num_groups = len(config.groups)
+        self.free = list(range(1, config.num_blocks))
+        random.Random(seed).shuffle(self.free)
+        self.requests: dict[str, FakeRequest] = {}
+        self.finished: set[str] = set()
+        self.outputs: list[ModelRunnerOutput] = []
+        self.done_outputs: dict[str, list[int]] = {}  # finished request -> generated tokens
+
+    def add(
+        self, req_id: str, prompt: list[int], params: SamplingParams | None = None, max_tokens: int = 8
+    ) -> None:
+        params = params or SamplingParams(temperature=0.0)
+        self.requests[req_id] = FakeRequest(
+            req_id, list(prompt), params, max_tokens, blocks=[[] for _ in range(self.num_groups)]
+        )
+
+    def step(self, plan: dict[str, int]) -> ModelRunnerOutput:
+        """Run one step computing plan[req_id] tokens of each named request."""
+        new, cached = [], CachedRequestData()
+        for req_id, n in plan.items():
+            req = self.requests[req_id]
+            assert req.num_computed + n <= req.num_tokens, f"{req_id}: scheduling past known tokens"
+            need = -(-(req.num_computed + n) // self.block_size)
+            added = []
+            for g in range(self.num_groups):
+                extra = [self.free.pop() for _ in range(need - len(req.blocks[g]))]
+                req.blocks[g].extend(extra)
+                added.append(extra)
+            if not req.sent:
+                req.sent = True
+                new.append(NewRequestData(req_id, list(req.prompt), req.params, tuple(list(b) for b in req.blocks),
+                                          req.num_computed, list(req.output)))  # fmt: skip
+            else:
+                cached.req_ids.append(req_id)
+                cached.new_block_ids.append(tuple(added))
+                cached.num_computed_tokens.append(req.num_computed)
+        so = SchedulerOutput(new, cached, dict(plan), sum(plan.values()), finished_req_ids=set(self.finished))
+        self.finished.clear()
+        out = self.runner.execute(so)
+        for req_id, n in plan.items():
+            req = self.requests[req_id]
+            req.num_computed += n
+            tokens = out.sampled_token_ids[out.req_id_to_index[req_id]]
+            if req.num_computed >= req.num_tokens:
+                assert len(tokens) == 1, f"{req_id} reached its last token but sampled {tokens}"
+                req.output.extend(tokens)
+            else:
+                assert tokens == [], f"{req_id} sampled during a partial prefill"
+            if req.done:
+                self.finish(req_id)
+        self.outputs.append(out)
+        return out
+
+    def finish(self, req_id: str) -> None:
+        req = self.requests.pop(req_id)
+        for blocks in req.blocks:
+            self.free.extend(blocks)
+        self.finished.add(req_id)
+        self.done_outputs[req_id] = req.output
+
+    def run(self, budget: int, max_seqs: int = 64) -> dict[str, list[int]]:
+        """Schedule like the engine until every request is done; returns req_id -> generated tokens."""
+        while self.requests:
+            plan: dict[str, int] = {}
+            left = budget
+            for req in list(self.requests.values())[:max_seqs]:
+                n = min(req.num_tokens - req.num_computed, left)
+                if n > 0:
+                    plan[req.req_id] = n
+                    left -= n
+            self.step(plan)
+        return self.done_outputs
+
+
+def save_tiny_model(hf_model: Any, path: Path) -> Path:
+    hf_model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_runner(model_dir: Path, max_num_seqs: int = 16, max_num_batched_tokens: int = 64,
+                block_size: int = 4, num_blocks: int = 256, **model_kwargs: Any) -> ModelRunner:  # fmt: skip
+    model_config = ModelConfig(
+        model=str(model_dir), dtype="float32", attention_backend="torch", **model_kwargs
+    )
+    cache_config = CacheConfig(block_size=block_size, num_gpu_blocks_override=num_blocks)
+    runner = ModelRunner(model_config, cache_config, max_num_seqs, max_num_batched_tokens, device="cpu")
+    runner.load_model()
+    runner.initialize_kv_cache()
+    return runner
+
+
+def perturb_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
+    """Give every parameter (norms and biases included) random values, so no weight is left at its init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
