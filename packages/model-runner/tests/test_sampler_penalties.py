@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -70,6 +71,12 @@ def test_token_counts_ignore_out_of_vocabulary_ids() -> None:
     assert counts[0, 1] == 2 and counts[0, 5] == 1 and counts.sum() == 3
     assert seen[0].nonzero().flatten().tolist() == [1, 2, 5]
     assert seen[1].nonzero().flatten().tolist() == [7]
+    # numpy rows (a persistent batch's token buffer) give the same counts
+    rows = [np.array(r) for r in ([1, 1, 5, VOCAB + 3], [])]
+    counts_np, seen_np = build_token_counts(
+        rows, [np.array([2, -1]), np.array([7, 7])], VOCAB, torch.device("cpu")
+    )
+    assert torch.equal(counts_np, counts) and torch.equal(seen_np, seen)
 
 
 def test_masks_bias_and_min_tokens() -> None:

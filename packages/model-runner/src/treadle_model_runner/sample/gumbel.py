@@ -16,12 +16,17 @@ Everything is int64 tensor arithmetic on values below 2^32; 32-bit wrap-around m
 16-bit halves so that no intermediate exceeds 2^49 (no reliance on signed-overflow behaviour). U takes the top
 23 bits: U = (h >> 9 + 0.5) / 2^23, which is exactly representable in float32 and lies strictly in (0, 1).
 
+On CUDA the seeded noise comes from one fused Triton kernel with the same hash (gumbel_triton.py); this file's
+torch version is the reference and the CPU path.
+
 Unseeded rows draw E from torch's RNG (`exponential_`, optionally with a generator).
 """
 
 from __future__ import annotations
 
 import torch
+
+from treadle_model_runner.sample.gumbel_triton import seeded_noise_triton, triton_available
 
 _M32 = 0xFFFFFFFF
 _M16 = 0xFFFF
@@ -88,7 +93,10 @@ def exponential_noise(
         noise.exponential_(generator=generator)
     if seeded_rows is not None:
         assert seed_lo is not None and seed_hi is not None and positions is not None, "seeded rows need keys"
-        noise[seeded_rows] = -torch.log(seeded_uniform(seed_lo, seed_hi, positions, vocab_size))
+        if noise.is_cuda and triton_available():
+            seeded_noise_triton(noise, seeded_rows, seed_lo, seed_hi, positions)
+        else:
+            noise[seeded_rows] = -torch.log(seeded_uniform(seed_lo, seed_hi, positions, vocab_size))
     return noise.clamp_min_(_TINY)
 
 

@@ -18,23 +18,23 @@ _NEG_INF = float("-inf")
 
 
 def apply_token_masks(
-    logits: torch.Tensor,
-    allowed_mask: torch.Tensor | None,
-    banned_rows: torch.Tensor | None,
-    banned_cols: torch.Tensor | None,
+    logits: torch.Tensor, allowed_mask: torch.Tensor | None, banned_indices: torch.Tensor | None
 ) -> torch.Tensor:
-    """Set not-allowed and banned tokens of logits [B, V] to -inf, in place."""
+    """Set not-allowed and banned tokens of contiguous logits [B, V] to -inf, in place.
+
+    banned_indices [M] int64 are flat: row * V + token (index_fill_ takes a Python scalar: no host->device copy).
+    """
     if allowed_mask is not None:
         logits.masked_fill_(allowed_mask, _NEG_INF)
-    if banned_rows is not None and banned_cols is not None:
-        logits.index_put_((banned_rows, banned_cols), torch.tensor(_NEG_INF, device=logits.device))
+    if banned_indices is not None:
+        logits.view(-1).index_fill_(0, banned_indices, _NEG_INF)
     return logits
 
 
 def apply_logit_bias(
-    logits: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, values: torch.Tensor | None
+    logits: torch.Tensor, bias_indices: torch.Tensor | None, bias_values: torch.Tensor | None
 ) -> torch.Tensor:
-    """Add values [N] to logits[rows, cols] in place ((row, token) pairs are unique per request)."""
-    if rows is not None and cols is not None and values is not None:
-        logits.index_put_((rows, cols), values, accumulate=True)
+    """Add bias_values [N] at flat bias_indices [N] (row * V + token) of contiguous logits [B, V], in place."""
+    if bias_indices is not None and bias_values is not None:
+        logits.view(-1).index_add_(0, bias_indices, bias_values)
     return logits

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from treadle_model_runner.sample.penalties import build_token_counts
@@ -62,11 +63,10 @@ class SamplingMetadata:
     allowed_mask: (
         torch.Tensor | None
     )  # [B, V] bool: True where a token is NOT allowed (rows without a list: all False)
-    banned_rows: torch.Tensor | None  # [M] int64 \ (row, token) pairs set to -inf: bad words, and stop
-    banned_cols: torch.Tensor | None  # [M] int64 /  tokens of requests still below min_tokens
-    bias_rows: torch.Tensor | None  # [N] int64 \
-    bias_cols: torch.Tensor | None  # [N] int64  } logit_bias as (row, token, value) triples
-    bias_values: torch.Tensor | None  # [N] float32 /
+    # flat indices row * V + token of tokens set to -inf: bad words, and stop tokens below min_tokens
+    banned_indices: torch.Tensor | None  # [M] int64
+    bias_indices: torch.Tensor | None  # [N] int64 flat indices row * V + token of logit_bias entries
+    bias_values: torch.Tensor | None  # [N] float32 values added there
     # logprobs
     num_logprobs: list[int]  # per row: top logprobs asked for, -1 = none
     max_num_logprobs: int  # max of num_logprobs; -1 = no row wants logprobs
@@ -80,8 +80,8 @@ class SamplingMetadata:
     def build(
         cls,
         params: Sequence[SamplingParams],
-        prompt_ids: Sequence[Sequence[int]],
-        output_ids: Sequence[Sequence[int]],
+        prompt_ids: Sequence[Sequence[int] | np.ndarray],
+        output_ids: Sequence[Sequence[int] | np.ndarray],
         positions: Sequence[int],
         vocab_size: int,
         device: torch.device | str,
@@ -89,7 +89,7 @@ class SamplingMetadata:
     ) -> SamplingMetadata:
         """Metadata for one step. Row i: request i with its prompt, output so far and sampling position.
 
-        `positions[i]` is the index in the full sequence of the token being sampled (normally
+        Token rows may be lists or numpy int arrays. `positions[i]` is the index in the full sequence of the token being sampled (normally
         len(prompt) + len(output)). Raises ValueError when a token id of a request is outside [0, vocab_size).
         """
         num_reqs = len(params)
@@ -158,11 +158,9 @@ class SamplingMetadata:
 
         allowed_mask = _build_allowed_mask(params, vocab_size, dev)
         banned = _banned_pairs(params, output_ids, vocab_size)
-        banned_rows = i64([r for r, _ in banned]) if banned else None
-        banned_cols = i64([c for _, c in banned]) if banned else None
+        banned_indices = i64([r * vocab_size + c for r, c in banned]) if banned else None
         bias = _bias_triples(params, vocab_size)
-        bias_rows = i64([r for r, _, _ in bias]) if bias else None
-        bias_cols = i64([c for _, c, _ in bias]) if bias else None
+        bias_indices = i64([r * vocab_size + c for r, c, _ in bias]) if bias else None
         bias_values = f32([v for _, _, v in bias]) if bias else None
 
         num_logprobs = [p.num_logprobs for p in params]
@@ -189,10 +187,8 @@ class SamplingMetadata:
             output_token_counts=counts,
             seen_token_mask=seen,
             allowed_mask=allowed_mask,
-            banned_rows=banned_rows,
-            banned_cols=banned_cols,
-            bias_rows=bias_rows,
-            bias_cols=bias_cols,
+            banned_indices=banned_indices,
+            bias_indices=bias_indices,
             bias_values=bias_values,
             num_logprobs=num_logprobs,
             max_num_logprobs=max(num_logprobs, default=-1),
@@ -227,7 +223,7 @@ def _build_allowed_mask(
 
 
 def _banned_pairs(
-    params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]], vocab_size: int
+    params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int] | np.ndarray], vocab_size: int
 ) -> list[tuple[int, int]]:
     """(row, token) pairs that must not be sampled this step: bad words, and stop tokens before min_tokens."""
     banned: list[tuple[int, int]] = []

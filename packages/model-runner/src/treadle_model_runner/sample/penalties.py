@@ -13,18 +13,24 @@ generated tokens; repetition also counts prompt tokens. Penalties of 0 / 0 / 1 l
 without penalties ride along in the same kernels.
 
 The counts are built on the device from flat token lists: one host->device copy of all token ids, then a
-scatter-add, with no per-token Python work beyond flattening.
+scatter-add. Rows may be lists or numpy arrays (a persistent batch's token buffer): numpy rows are concatenated
+with no per-token Python work at all.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
 def build_token_counts(
-    output_ids: list[list[int]], prompt_ids: list[list[int]], vocab_size: int, device: torch.device
+    output_ids: Sequence[Sequence[int] | np.ndarray],
+    prompt_ids: Sequence[Sequence[int] | np.ndarray],
+    vocab_size: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output_token_counts [B, V] float32, seen_token_mask [B, V] bool) for B = len(output_ids) rows.
 
@@ -37,16 +43,27 @@ def build_token_counts(
     return out_counts, seen
 
 
+def _flatten(token_lists: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(all ids [T] int64, per-row lengths [B] int64) with no per-token Python work for numpy rows."""
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    if all(isinstance(t, np.ndarray) for t in token_lists):
+        flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_lists] or [np.zeros(0, np.int64)])
+    else:
+        total = int(lengths.sum())
+        flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=total)
+    return flat, lengths
+
+
 def _scatter_counts(
-    token_lists: list[list[int]], num_reqs: int, vocab_size: int, device: torch.device
+    token_lists: Sequence[Sequence[int] | np.ndarray], num_reqs: int, vocab_size: int, device: torch.device
 ) -> torch.Tensor:
     counts = torch.zeros(num_reqs, vocab_size + 1, dtype=torch.float32, device=device)  # [B, V + 1]
-    lengths = [len(t) for t in token_lists]
-    if sum(lengths) == 0:
+    flat_np, lengths = _flatten(token_lists)
+    if flat_np.size == 0:
         return counts[:, :vocab_size]
-    flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64).to(device)
+    flat = torch.from_numpy(flat_np).to(device)
     rows = torch.repeat_interleave(
-        torch.arange(num_reqs, device=device), torch.tensor(lengths, dtype=torch.int64).to(device)
+        torch.arange(num_reqs, device=device), torch.from_numpy(lengths).to(device)
     )
     # out-of-vocabulary ids land in the spare last column, dropped below
     flat = torch.where((flat >= 0) & (flat < vocab_size), flat, vocab_size)

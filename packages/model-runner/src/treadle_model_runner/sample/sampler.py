@@ -52,7 +52,7 @@ class Sampler:
         assert tuple(logits.shape) == expected, (
             f"logits {tuple(logits.shape)} do not match metadata {expected}"
         )
-        logits = logits.to(torch.float32)
+        logits = logits.to(torch.float32).contiguous()
         want_logprobs = metadata.max_num_logprobs >= 0
         raw_logprobs = None
         if want_logprobs and self.logprobs_mode == "raw_logprobs":
@@ -88,8 +88,8 @@ class Sampler:
     @staticmethod
     def apply_penalties_and_masks(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         """Steps before temperature: masks, min_tokens, bias, penalties. In place on logits [B, V]."""
-        apply_token_masks(logits, md.allowed_mask, md.banned_rows, md.banned_cols)
-        apply_logit_bias(logits, md.bias_rows, md.bias_cols, md.bias_values)
+        apply_token_masks(logits, md.allowed_mask, md.banned_indices)
+        apply_logit_bias(logits, md.bias_indices, md.bias_values)
         if not md.no_penalties:
             assert (
                 md.output_token_counts is not None
