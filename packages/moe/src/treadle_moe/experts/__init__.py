@@ -1,0 +1,16 @@
+"""Experts implementations: the contract, the torch reference (the spec) and Triton fused MoE."""
+
+from __future__ import annotations
+
+from treadle_moe.experts.base import Experts, WorkspaceShapes
+from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
+from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
+
+__all__ = [
+    "BatchedTorchExperts",
+    "BatchedTritonExperts",
+    "Experts",
+    "TorchExperts",
+    "TritonExperts",
+    "WorkspaceShapes",
+]

@@ -1,0 +1,98 @@
+"""The Experts contract: the expert MLPs of one MoE layer applied to already-routed tokens.
+
+An implementation declares what it can run (activation format, dtypes, activations, device types), the scratch
+memory it needs for a problem size, and where the top_k weighting and reduction happen; the modular kernel
+allocates the scratch from the workspace manager and calls `apply`.
+
+Sizes: M tokens (BATCHED: rows per expert slab), K hidden size, N expert intermediate size, E experts.
+Weights: w13 [E, 2N, K] (rows 0..N-1 the gate projection, rows N..2N-1 the up projection), w2 [E, K, N]; an
+expert computes `y = w2[e] @ act(w13[e][:N] @ x) * (w13[e][N:] @ x)`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from treadle_moe.prepare_finalize import ActivationFormat
+from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceShapes:
+    """Scratch an Experts implementation needs, in elements of the activation dtype."""
+
+    workspace13: tuple[int, ...]  # scratch of the w13 GEMM + activation
+    workspace2: tuple[int, ...]  # scratch of the w2 GEMM
+    output: tuple[int, ...]  # shape of the `output` apply writes (what finalize consumes)
+
+
+class Experts(ABC):
+    """Runs the routed expert MLPs. Subclasses set the class attributes and implement the three methods."""
+
+    name: str = "abstract"
+    activation_format: ActivationFormat = ActivationFormat.STANDARD
+    supported_dtypes: frozenset[torch.dtype] = frozenset()
+    supported_activations: frozenset[str] = frozenset()
+    supported_device_types: frozenset[str] = frozenset()
+
+    @classmethod
+    def support_reason(cls, device_type: str, dtype: torch.dtype, activation: str) -> str | None:
+        """None when this implementation runs the case; otherwise why not (for the oracle's report)."""
+        if device_type not in cls.supported_device_types:
+            return f"{cls.name} does not run on {device_type} (runs on {', '.join(sorted(cls.supported_device_types))})"
+        if dtype not in cls.supported_dtypes:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in cls.supported_dtypes))
+            return f"{cls.name} does not support {str(dtype).removeprefix('torch.')} (supports {names})"
+        if activation not in cls.supported_activations:
+            return f"{cls.name} does not support activation {activation!r} (supports {', '.join(sorted(cls.supported_activations))})"
+        return None
+
+    @abstractmethod
+    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, E: int) -> WorkspaceShapes:
+        """Scratch and output shapes for this problem size."""
+
+    @abstractmethod
+    def weight_and_reduce(self) -> TopKWeightAndReduce:
+        """Where the top_k weighting and sum happen (NoOp: done here; Delegate: finalize decides)."""
+
+    @abstractmethod
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        activation: str,
+        expert_num_tokens: torch.Tensor | None,
+        workspace13: torch.Tensor,
+        workspace2: torch.Tensor,
+    ) -> None:
+        """Write the experts' output (shape `workspace_shapes(...).output`) into `output`."""
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.activation_format.value} format)"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def check_weights(hidden_size: int, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
+    """Validate w13 [E, 2N, K] / w2 [E, K, N] against the hidden size; return (E, N)."""
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(
+            f"w13 and w2 must be 3-D [E, 2N, K] / [E, K, N], got {tuple(w13.shape)} / {tuple(w2.shape)}"
+        )
+    num_experts, two_n, k = w13.shape
+    n = two_n // 2
+    if two_n % 2 or k != hidden_size or tuple(w2.shape) != (num_experts, hidden_size, n):
+        raise ValueError(
+            f"expert weights do not match hidden size {hidden_size}: w13 {tuple(w13.shape)} must be [E, 2N, K] "
+            f"and w2 {tuple(w2.shape)} must be [E, K, N] (gate rows first, then up rows, in w13)"
+        )
+    return num_experts, n

@@ -1,0 +1,106 @@
+"""Torch reference experts: a plain loop over experts. This is the semantic spec of every other Experts.
+
+Standard format: group the (token, k) slots by expert with one argsort, then for each expert that received
+tokens gather them, run `w2 @ act_and_mul(w13 @ x)` and write the unweighted result to its slots; the output
+is [M, top_k, K] and finalize weights and sums (WeightAndReduceDelegate). Batched format: the same MLP on the
+first expert_num_tokens[e] rows of every slab. Experts with no token are skipped. One host synchronization
+per call (the per-expert counts), which is why this is the reference and not the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from treadle_moe.activation import ACTIVATIONS, act_and_mul
+from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
+from treadle_moe.prepare_finalize import ActivationFormat
+from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce, WeightAndReduceDelegate
+
+_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+
+
+def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> torch.Tensor:
+    """One expert: x [T, K], w13 [2N, K], w2 [K, N] -> [T, K] = w2 @ act_and_mul(w13 @ x)."""
+    return act_and_mul(x @ w13.t(), activation) @ w2.t()
+
+
+class TorchExperts(Experts):
+    """Per-expert loop over the standard format; output [M, top_k, K], unweighted."""
+
+    name = "torch_reference"
+    activation_format = ActivationFormat.STANDARD
+    supported_dtypes = _DTYPES
+    supported_activations = frozenset(ACTIVATIONS)
+    supported_device_types = frozenset({"cpu", "cuda"})
+
+    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, E: int) -> WorkspaceShapes:
+        return WorkspaceShapes(workspace13=(0,), workspace2=(0,), output=(M, top_k, K))
+
+    def weight_and_reduce(self) -> TopKWeightAndReduce:
+        return WeightAndReduceDelegate()
+
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        activation: str,
+        expert_num_tokens: torch.Tensor | None,
+        workspace13: torch.Tensor,
+        workspace2: torch.Tensor,
+    ) -> None:
+        num_experts, _ = check_weights(hidden.shape[1], w13, w2)
+        top_k = topk_ids.shape[1]
+        slots_out = output.view(-1, hidden.shape[1])  # [M * top_k, K], slot s = token s // top_k
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)  # slot indices grouped by expert
+        counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # the one host sync
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            slots = order[start : start + count]
+            start += count
+            slots_out[slots] = expert_mlp(hidden[slots // top_k], w13[expert], w2[expert], activation)
+
+
+class BatchedTorchExperts(Experts):
+    """Per-expert loop over the batched format; output [E, max_tokens, K] (rows past the count untouched)."""
+
+    name = "batched_torch_reference"
+    activation_format = ActivationFormat.BATCHED
+    supported_dtypes = _DTYPES
+    supported_activations = frozenset(ACTIVATIONS)
+    supported_device_types = frozenset({"cpu", "cuda"})
+
+    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, E: int) -> WorkspaceShapes:
+        return WorkspaceShapes(workspace13=(0,), workspace2=(0,), output=(E, M, K))
+
+    def weight_and_reduce(self) -> TopKWeightAndReduce:
+        return WeightAndReduceDelegate()
+
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        activation: str,
+        expert_num_tokens: torch.Tensor | None,
+        workspace13: torch.Tensor,
+        workspace2: torch.Tensor,
+    ) -> None:
+        assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
+        check_weights(hidden.shape[2], w13, w2)
+        for expert, count in enumerate(expert_num_tokens.tolist()):
+            if count:
+                output[expert, :count] = expert_mlp(
+                    hidden[expert, :count], w13[expert], w2[expert], activation
+                )

@@ -1,0 +1,223 @@
+"""Triton fused MoE experts: sort slots by expert, two grouped GEMMs, weighted reduction.
+
+Standard format (`TritonExperts`), for M tokens routed to top_k experts each:
+  1. align: slots grouped by expert and padded to BLOCK_M (experts/align.py), no host sync;
+  2. w13 grouped GEMM with the gated activation fused in its epilogue -> workspace13 [M * top_k, N];
+  3. w2 grouped GEMM scaling each row by its routing weight -> workspace2 [M * top_k, K];
+  4. sum over top_k -> output [M, K]. The experts weight and reduce themselves (WeightAndReduceNoOp).
+Batched format (`BatchedTritonExperts`): the same two GEMMs over slabs [E, max_tokens, K] with one fixed set of
+blocks per slab; the output stays per slab and finalize weights and sums (WeightAndReduceDelegate).
+
+Block sizes come from configs/ (tuned per device) unless a BlockConfig is passed in; under TRITON_INTERPRET=1
+(CPU tests) a small config keeps the interpreter fast. Accumulation is float32; float32 inputs use IEEE dot
+products (no TF32), so fp32 results match the torch reference closely.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from treadle_moe import envs
+from treadle_moe.activation import check_activation
+from treadle_moe.configs import INTERPRETER_CONFIG, BlockConfig, get_block_config
+from treadle_moe.experts.align import BlockAlignment, align_batched, align_block_size
+from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
+from treadle_moe.prepare_finalize import ActivationFormat
+from treadle_moe.topk_weight_and_reduce import (
+    TopKWeightAndReduce,
+    WeightAndReduceDelegate,
+    WeightAndReduceNoOp,
+)
+
+_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+@functools.cache
+def is_triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def invoke_moe_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    alignment: BlockAlignment,
+    config: BlockConfig,
+    *,
+    a_rows_per_token: int,
+    gated: bool,
+    activation: str = "silu",
+) -> None:
+    """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ b[expert].T) (* topk_weights[slot])."""
+    from treadle_moe.experts import triton_kernels as tk
+
+    assert config.block_m == alignment.block_m, "block alignment built for another BLOCK_M"
+    assert a.stride(1) == 1 and c.stride(1) == 1, "rows of a and c must be contiguous"
+    n_out = b.shape[1] // 2 if gated else b.shape[1]
+    k = b.shape[2]
+    grid = (alignment.num_blocks * -(-n_out // config.block_n),)
+    weights = topk_weights if topk_weights is not None else c  # unused pointer when not multiplying
+    tk.fused_moe_gemm_kernel[grid](
+        a,
+        b,
+        c,
+        weights,
+        alignment.sorted_token_ids,
+        alignment.expert_ids,
+        alignment.num_tokens_post_padded,
+        n_out,
+        k,
+        alignment.num_slots,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        c.stride(0),
+        c.stride(1),
+        A_ROWS_PER_TOKEN=a_rows_per_token,
+        GATED=gated,
+        ACTIVATION=tk.ACTIVATION_CODES[activation],
+        MUL_ROUTED_WEIGHT=topk_weights is not None,
+        IEEE=a.dtype == torch.float32 or a.device.type == "cpu",
+        EVEN_K=k % config.block_k == 0,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+class _TritonBase(Experts):
+    supported_dtypes = _DTYPES
+    supported_activations = frozenset({"silu", "gelu_tanh"})
+    supported_device_types = frozenset({"cuda"})
+
+    def __init__(self, block_config: BlockConfig | None = None) -> None:
+        self.block_config = block_config  # None: tuned JSON / fallback per batch
+
+    @classmethod
+    def support_reason(cls, device_type: str, dtype: torch.dtype, activation: str) -> str | None:
+        if not is_triton_available():
+            return f"{cls.name} needs triton, which is not installed"
+        if device_type == "cpu" and envs.triton_interpret():
+            device_type = "cuda"  # the interpreter runs the kernels on CPU tensors
+        return super().support_reason(device_type, dtype, activation)
+
+    def config_for(self, num_tokens: int, w13: torch.Tensor, top_k: int) -> tuple[BlockConfig, str]:
+        if self.block_config is not None:
+            return self.block_config, "given"
+        if w13.device.type != "cuda":
+            return INTERPRETER_CONFIG, "interpreter"
+        num_experts, two_n, hidden = w13.shape
+        device_name = torch.cuda.get_device_name(w13.device)
+        return get_block_config(num_tokens, num_experts, two_n // 2, hidden, top_k, w13.dtype, device_name)
+
+
+class TritonExperts(_TritonBase):
+    """Fused MoE over the standard format; weights and reduces itself (output [M, K])."""
+
+    name = "triton_fused"
+    activation_format = ActivationFormat.STANDARD
+
+    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, E: int) -> WorkspaceShapes:
+        return WorkspaceShapes(workspace13=(M * top_k, N), workspace2=(M * top_k, K), output=(M, K))
+
+    def weight_and_reduce(self) -> TopKWeightAndReduce:
+        return WeightAndReduceNoOp()
+
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        activation: str,
+        expert_num_tokens: torch.Tensor | None,
+        workspace13: torch.Tensor,
+        workspace2: torch.Tensor,
+    ) -> None:
+        check_activation(activation)
+        num_experts, n = check_weights(hidden.shape[1], w13, w2)
+        num_tokens, top_k = topk_ids.shape
+        config, _ = self.config_for(num_tokens, w13, top_k)
+        alignment = align_block_size(topk_ids, config.block_m, num_experts)
+        hidden = hidden.contiguous()
+        intermediate = workspace13.view(num_tokens * top_k, n)
+        down = workspace2.view(num_tokens * top_k, hidden.shape[1])
+        weights = topk_weights.reshape(-1).float().contiguous()  # [M * top_k] indexed by slot
+        invoke_moe_gemm(
+            hidden,
+            w13,
+            intermediate,
+            None,
+            alignment,
+            config,
+            a_rows_per_token=top_k,
+            gated=True,
+            activation=activation,
+        )
+        invoke_moe_gemm(intermediate, w2, down, weights, alignment, config, a_rows_per_token=1, gated=False)
+        torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=output)
+
+
+class BatchedTritonExperts(_TritonBase):
+    """Fused MoE over the batched format; output [E, max_tokens, K] unweighted (finalize reduces)."""
+
+    name = "batched_triton_fused"
+    activation_format = ActivationFormat.BATCHED
+
+    def workspace_shapes(self, M: int, N: int, K: int, top_k: int, E: int) -> WorkspaceShapes:
+        return WorkspaceShapes(workspace13=(E * M, N), workspace2=(0,), output=(E, M, K))
+
+    def weight_and_reduce(self) -> TopKWeightAndReduce:
+        return WeightAndReduceDelegate()
+
+    def apply(
+        self,
+        output: torch.Tensor,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        activation: str,
+        expert_num_tokens: torch.Tensor | None,
+        workspace13: torch.Tensor,
+        workspace2: torch.Tensor,
+    ) -> None:
+        assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
+        check_activation(activation)
+        num_experts, max_tokens, hidden_size = hidden.shape
+        _, n = check_weights(hidden_size, w13, w2)
+        # Config by the expected load of one slab: max_tokens rows spread over the experts like top-1 routing.
+        config, _ = self.config_for(max_tokens, w13, 1)
+        alignment = align_batched(expert_num_tokens, max_tokens, config.block_m)
+        rows = hidden.contiguous().view(num_experts * max_tokens, hidden_size)
+        intermediate = workspace13.view(num_experts * max_tokens, n)
+        out_rows = output.view(num_experts * max_tokens, hidden_size)
+        invoke_moe_gemm(
+            rows,
+            w13,
+            intermediate,
+            None,
+            alignment,
+            config,
+            a_rows_per_token=1,
+            gated=True,
+            activation=activation,
+        )
+        invoke_moe_gemm(intermediate, w2, out_rows, None, alignment, config, a_rows_per_token=1, gated=False)

@@ -1,0 +1,206 @@
+"""FusedMoE: the MoE block of a transformer layer, assembled from router + modular kernel.
+
+    topk_weights, topk_ids = router(router_logits)                  # [T, top_k] float32 / int32
+    out = kernel(hidden, w13_weight, w2_weight, topk_weights, topk_ids)   # prepare -> experts -> finalize
+
+Weight layout (what checkpoints are loaded into):
+- `w13_weight` [E, 2N, K]: for expert e, rows 0..N-1 are the gate projection (HF `gate_proj`, Mixtral `w1`),
+  rows N..2N-1 the up projection (HF `up_proj`, Mixtral `w3`). Same as transformers' fused `gate_up_proj`.
+- `w2_weight` [E, K, N]: the down projection (HF `down_proj`, Mixtral `w2`). Same as transformers' `down_proj`.
+  K = hidden_size, N = moe intermediate size, E = num_experts.
+The router's gate (a [E, K] linear layer) stays in the model; forward takes its logits.
+
+The kernel is chosen by the oracle at the first forward on each (device, dtype), since a model is often built
+on one device and moved; the decision is logged once and readable through `describe()`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from treadle_moe.activation import check_activation
+from treadle_moe.modular_kernel import ModularKernel
+from treadle_moe.oracle import MoEKernelChoice, MoEProblem, select_moe_kernel
+from treadle_moe.router import RouterConfig, Scoring
+
+logger = logging.getLogger(__name__)
+
+SHARD_IDS = ("w1", "w3", "w2")  # gate, up, down
+
+
+class FusedMoE(nn.Module):
+    """Routed experts of one layer: forward(hidden [T, K], router_logits [T, E]) -> [T, K]."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        renormalize: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        activation: str = "silu",
+        scoring: Scoring = "softmax",
+        num_expert_group: int | None = None,
+        topk_group: int | None = None,
+        routed_scaling_factor: float = 1.0,
+        use_correction_bias: bool = False,
+        shared_experts: nn.Module | None = None,
+        backend: str | None = None,
+        max_num_tokens: int = 8192,
+    ) -> None:
+        super().__init__()
+        check_activation(activation)
+        self.router = RouterConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            renormalize=renormalize,
+            scoring=scoring,
+            num_expert_group=num_expert_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+        )
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.activation = activation
+        self.backend = backend
+        self.max_num_tokens = max_num_tokens
+        # [E, 2N, K]: gate rows then up rows per expert
+        self.w13_weight = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+        # [E, K, N]
+        self.w2_weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device),
+            requires_grad=False,
+        )
+        self.w13_weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.w2_weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.e_score_correction_bias: nn.Parameter | None = None
+        if use_correction_bias:  # DeepSeek-V3: selection bias [E], float32
+            bias = torch.zeros(num_experts, dtype=torch.float32, device=device)
+            self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
+        self.shared_experts = shared_experts
+        self._kernels: dict[tuple[torch.device, torch.dtype], tuple[MoEKernelChoice, ModularKernel]] = {}
+        self._last_key: tuple[torch.device, torch.dtype] | None = None
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """hidden [T, K] (or [..., K]), router_logits [T, E] -> [T, K] (same leading shape as hidden)."""
+        shape = hidden.shape
+        hidden = hidden.reshape(-1, self.hidden_size)
+        router_logits = router_logits.reshape(-1, self.num_experts)
+        if router_logits.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"router_logits has {router_logits.shape[0]} tokens but hidden has {hidden.shape[0]}; "
+                "pass the gate's logits for the same tokens"
+            )
+        topk_weights, topk_ids = self.router.select(router_logits, self.e_score_correction_bias)
+        kernel = self._kernel_for(hidden)
+        out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation)
+        return out.view(shape)
+
+    def _kernel_for(self, hidden: torch.Tensor) -> ModularKernel:
+        key = (hidden.device, hidden.dtype)
+        entry = self._kernels.get(key)
+        if entry is None:
+            problem = MoEProblem(
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size,
+                dtype=hidden.dtype,
+                device=hidden.device,
+                max_num_tokens=self.max_num_tokens,
+                activation=self.activation,
+            )
+            choice = select_moe_kernel(problem, self.backend)
+            entry = (choice, choice.build(self.shared_experts))
+            self._kernels[key] = entry
+        self._last_key = key
+        return entry[1]
+
+    def describe(self) -> str:
+        """The oracle's choice (and reasons) for the last forward; before any forward, what CPU would pick."""
+        if self._last_key is None:
+            return "moe: not run yet (the kernel is chosen at the first forward on each device and dtype)"
+        return self._kernels[self._last_key][0].describe()
+
+    # ---- weight loading -------------------------------------------------------------------------------------
+
+    def weight_loader(
+        self,
+        param: nn.Parameter,
+        loaded_weight: torch.Tensor,
+        weight_name: str,
+        shard_id: str,
+        expert_id: int,
+    ) -> None:
+        """vLLM-style loader: copy one expert's gate ("w1"), up ("w3") or down ("w2") matrix into `param`."""
+        if shard_id not in SHARD_IDS:
+            raise ValueError(
+                f"shard_id {shard_id!r} of {weight_name} is unknown; valid: {', '.join(SHARD_IDS)}"
+            )
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(
+                f"expert_id {expert_id} of {weight_name} is out of range [0, {self.num_experts})"
+            )
+        inter = self.intermediate_size
+        if shard_id == "w2":
+            target = param.data[expert_id]  # [K, N]
+        else:
+            rows = slice(0, inter) if shard_id == "w1" else slice(inter, 2 * inter)
+            target = param.data[expert_id, rows]  # [N, K]
+        if tuple(loaded_weight.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{weight_name} (expert {expert_id}, {shard_id}) has shape {tuple(loaded_weight.shape)}, expected "
+                f"{tuple(target.shape)}; check hidden_size / intermediate_size against the checkpoint"
+            )
+        target.copy_(loaded_weight)
+
+    def load_expert_weight(self, expert_id: int, shard_id: str, weight: torch.Tensor) -> None:
+        """Per-expert checkpoint tensor: "w1" gate [N, K], "w3" up [N, K], "w2" down [K, N]."""
+        param = self.w2_weight if shard_id == "w2" else self.w13_weight
+        self.weight_loader(param, weight, f"expert {expert_id} {shard_id}", shard_id, expert_id)
+
+    def load_stacked_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """transformers' fused layout: gate_up_proj [E, 2N, K] (gate first), down_proj [E, K, N]."""
+        for name, param, weight in (
+            ("gate_up_proj", self.w13_weight, gate_up),
+            ("down_proj", self.w2_weight, down),
+        ):
+            if tuple(weight.shape) != tuple(param.shape):
+                raise ValueError(f"{name} has shape {tuple(weight.shape)}, expected {tuple(param.shape)}")
+            param.data.copy_(weight)
+
+    @staticmethod
+    def make_expert_params_mapping(
+        num_experts: int,
+        gate_proj_name: str = "gate_proj",
+        down_proj_name: str = "down_proj",
+        up_proj_name: str = "up_proj",
+    ) -> list[tuple[str, str, int, str]]:
+        """(param name, checkpoint name fragment, expert id, shard id) for every expert weight.
+
+        Qwen3-MoE: `experts.{e}.gate_proj.` / `up_proj.` / `down_proj.`; Mixtral: pass "w1", "w2", "w3".
+        """
+        mapping = []
+        for expert in range(num_experts):
+            for ckpt_name, shard in ((gate_proj_name, "w1"), (up_proj_name, "w3"), (down_proj_name, "w2")):
+                param = "experts.w2_weight" if shard == "w2" else "experts.w13_weight"
+                mapping.append((param, f"experts.{expert}.{ckpt_name}.", expert, shard))
+        return mapping
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, renormalize={self.router.renormalize}, "
+            f"scoring={self.router.scoring}, activation={self.activation}"
+        )

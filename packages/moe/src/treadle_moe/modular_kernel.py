@@ -1,0 +1,97 @@
+"""The modular MoE kernel: prepare/finalize + experts (+ shared experts), glued by the workspace manager.
+
+    prepared = prepare_finalize.prepare(hidden, topk_weights, topk_ids)     # dispatch
+    experts.apply(expert_out, prepared.hidden, w13, w2, ...)                 # the expert MLPs
+    prepare_finalize.finalize(output, expert_out, prepared, experts.weight_and_reduce())   # combine
+    output += shared_experts(hidden)                                          # optional
+
+Any experts implementation composes with any prepare/finalize of the same activation format; the constructor
+checks that. Scratch comes from the workspace manager; the returned output is always a fresh tensor. When the
+experts reduce themselves (WeightAndReduceNoOp) in the standard format they write straight into the output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from treadle_moe.experts.base import Experts, check_weights
+from treadle_moe.prepare_finalize import ActivationFormat, PrepareFinalize
+from treadle_moe.topk_weight_and_reduce import WeightAndReduceNoOp
+from treadle_moe.workspace import WorkspaceManager, default_workspace_manager
+
+
+class ModularKernel:
+    """One MoE forward from routed tokens: dispatch, expert MLPs, combine."""
+
+    def __init__(
+        self,
+        prepare_finalize: PrepareFinalize,
+        experts: Experts,
+        shared_experts: nn.Module | None = None,
+        workspace: WorkspaceManager | None = None,
+    ) -> None:
+        if prepare_finalize.activation_format != experts.activation_format:
+            raise ValueError(
+                f"{prepare_finalize.name} produces the {prepare_finalize.activation_format.value} format but "
+                f"{experts.name} consumes {experts.activation_format.value}; pair experts with a "
+                "PrepareFinalize of the same activation format"
+            )
+        self.prepare_finalize = prepare_finalize
+        self.experts = experts
+        self.shared_experts = shared_experts
+        self.workspace = workspace or default_workspace_manager()
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        activation: str = "silu",
+    ) -> torch.Tensor:
+        """hidden [M, K], w13 [E, 2N, K], w2 [E, K, N], topk [M, top_k] -> [M, K]."""
+        num_experts, n = check_weights(hidden.shape[-1], w13, w2)
+        num_tokens, top_k = topk_ids.shape
+        k = hidden.shape[1]
+        output = torch.empty_like(hidden)  # [M, K]
+        if num_tokens == 0:
+            return output
+        prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, num_experts)
+        rows = self.prepare_finalize.max_tokens_per_expert(num_tokens)
+        shapes = self.experts.workspace_shapes(rows, n, k, top_k, num_experts)
+        reduce = self.experts.weight_and_reduce()
+        get = self.workspace.get
+        ws13 = get("moe_workspace13", shapes.workspace13, hidden.dtype, hidden.device)
+        ws2 = get("moe_workspace2", shapes.workspace2, hidden.dtype, hidden.device)
+        writes_output = (
+            isinstance(reduce, WeightAndReduceNoOp)
+            and self.experts.activation_format == ActivationFormat.STANDARD
+            and shapes.output == tuple(output.shape)
+        )
+        expert_out = (
+            output if writes_output else get("moe_expert_output", shapes.output, hidden.dtype, hidden.device)
+        )
+        self.experts.apply(
+            expert_out,
+            prepared.hidden,
+            w13,
+            w2,
+            prepared.topk_weights,
+            prepared.topk_ids,
+            activation=activation,
+            expert_num_tokens=prepared.expert_num_tokens,
+            workspace13=ws13,
+            workspace2=ws2,
+        )
+        self.prepare_finalize.finalize(output, expert_out, prepared, reduce)
+        if self.shared_experts is not None:
+            output += self.shared_experts(hidden)
+        return output
+
+    def describe(self) -> str:
+        shared = " + shared experts" if self.shared_experts is not None else ""
+        return (
+            f"experts={self.experts.describe()}, prepare_finalize={self.prepare_finalize.describe()}{shared}"
+        )

@@ -1,0 +1,153 @@
+"""The oracle: pick the experts implementation and the prepare/finalize for a layer, and say why.
+
+Rules, in order (each decision is recorded as a reason and shows in `describe()` and `report()`):
+1. A forced backend (argument, else env TREADLE_MOE_BACKEND) wins if that implementation supports the case;
+   otherwise it is an error naming the reason and the valid choices.
+2. Prepare/finalize: single device, no expert parallelism -> the no-EP implementation of the experts' format.
+   The standard format is the default; the batched one ([E, max_tokens, K] slabs) only pays off with an
+   all-to-all that delivers tokens per expert, so it is used only when asked for.
+3. Experts: on CUDA with triton installed and a supported dtype (fp16/bf16/fp32) and activation, Triton fused
+   MoE; the batch size picks its block config (tuned JSON for the device when present, else the heuristic),
+   reported for the layer's max batch. Everything else (CPU, where the interpreter is far too slow; float64;
+   no triton) runs the torch reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from treadle_moe import envs
+from treadle_moe.configs import get_block_config
+from treadle_moe.experts.base import Experts
+from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
+from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
+from treadle_moe.modular_kernel import ModularKernel
+from treadle_moe.prepare_finalize import (
+    ActivationFormat,
+    NoEPBatchedPrepareFinalize,
+    NoEPStandardPrepareFinalize,
+    PrepareFinalize,
+)
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: dict[str, type[Experts]] = {
+    "torch": TorchExperts,
+    "triton": TritonExperts,
+    "torch_batched": BatchedTorchExperts,
+    "triton_batched": BatchedTritonExperts,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MoEProblem:
+    """What the oracle needs to know about a layer and where it runs."""
+
+    num_experts: int  # E
+    top_k: int
+    hidden_size: int  # K
+    intermediate_size: int  # N (per expert)
+    dtype: torch.dtype  # activation and weight dtype
+    device: torch.device  # where the layer runs
+    max_num_tokens: int = 8192  # largest batch the layer will see (for the block-config report)
+    activation: str = "silu"
+
+
+@dataclass(slots=True)
+class MoEKernelChoice:
+    """The oracle's answer: which parts, and the reasons."""
+
+    experts_cls: type[Experts]
+    prepare_finalize: PrepareFinalize
+    reasons: list[str] = field(default_factory=list)
+
+    def build(self, shared_experts: torch.nn.Module | None = None) -> ModularKernel:
+        return ModularKernel(self.prepare_finalize, self.experts_cls(), shared_experts=shared_experts)
+
+    def describe(self) -> str:
+        head = f"moe: experts={self.experts_cls.name}, prepare_finalize={self.prepare_finalize.name}"
+        return head + "".join(f"\n  - {reason}" for reason in self.reasons)
+
+
+def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKernelChoice:
+    """Choose experts + prepare/finalize for `problem`; `backend` (or TREADLE_MOE_BACKEND) forces the experts."""
+    reasons: list[str] = []
+    device_type = problem.device.type
+    forced = backend if backend is not None else envs.moe_backend()
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"MoE backend {forced!r} is unknown; valid: {', '.join(BACKENDS)}")
+        experts_cls = BACKENDS[forced]
+        why_not = experts_cls.support_reason(device_type, problem.dtype, problem.activation)
+        if why_not is not None:
+            raise ValueError(
+                f"MoE backend {forced!r} was requested but {why_not}; choose another of {', '.join(BACKENDS)}"
+            )
+        reasons.append(
+            f"experts {experts_cls.name}: requested ({'argument' if backend else 'TREADLE_MOE_BACKEND'})"
+        )
+    else:
+        why_not = TritonExperts.support_reason(device_type, problem.dtype, problem.activation)
+        if device_type == "cuda" and why_not is None:
+            experts_cls = TritonExperts
+            reasons.append(
+                f"experts {experts_cls.name}: cuda, {_dtype_name(problem.dtype)}, {problem.activation}"
+            )
+        else:
+            experts_cls = TorchExperts
+            if device_type != "cuda":
+                why_not = f"Triton fused MoE is for cuda (on {device_type} the interpreter is far too slow)"
+            reasons.append(f"experts {experts_cls.name}: {why_not}")
+    if experts_cls.activation_format == ActivationFormat.BATCHED:
+        prepare_finalize: PrepareFinalize = NoEPBatchedPrepareFinalize()
+        reasons.append(f"prepare_finalize {prepare_finalize.name}: single device, batched experts requested")
+    else:
+        prepare_finalize = NoEPStandardPrepareFinalize()
+        reasons.append(f"prepare_finalize {prepare_finalize.name}: single device, no expert parallelism")
+    if experts_cls in (TritonExperts, BatchedTritonExperts) and device_type == "cuda":
+        device_name = torch.cuda.get_device_name(problem.device)
+        for tokens in sorted({1, min(256, problem.max_num_tokens), problem.max_num_tokens}):
+            config, source = get_block_config(
+                tokens,
+                problem.num_experts,
+                problem.intermediate_size,
+                problem.hidden_size,
+                problem.top_k,
+                problem.dtype,
+                device_name,
+            )
+            reasons.append(
+                f"block config at {tokens} tokens: BLOCK_M={config.block_m} BLOCK_N={config.block_n} "
+                f"BLOCK_K={config.block_k} warps={config.num_warps} stages={config.num_stages} ({source})"
+            )
+    choice = MoEKernelChoice(experts_cls, prepare_finalize, reasons)
+    _record(problem, choice)
+    return choice
+
+
+_decisions: dict[str, str] = {}  # problem summary -> describe() of its choice
+
+
+def _record(problem: MoEProblem, choice: MoEKernelChoice) -> None:
+    summary = (
+        f"E={problem.num_experts} top_k={problem.top_k} K={problem.hidden_size} N={problem.intermediate_size} "
+        f"{_dtype_name(problem.dtype)} on {problem.device}"
+    )
+    described = choice.describe()
+    if _decisions.get(summary) != described:
+        _decisions[summary] = described
+        logger.info("MoE layer [%s]: %s", summary, described)
+
+
+def report() -> str:
+    """Every distinct MoE decision made in this process, for the dispatch report."""
+    if not _decisions:
+        return "moe: no MoE layer has run yet"
+    return "\n".join(f"[{summary}] {described}" for summary, described in _decisions.items())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,73 @@
+"""Workspace manager, block configs, weight-and-reduce strategies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from treadle_moe import (
+    WeightAndReduceContiguous,
+    WeightAndReduceDelegate,
+    WeightAndReduceNoOp,
+    WorkspaceManager,
+)
+from treadle_moe.configs import (
+    CONFIG_DIR,
+    BlockConfig,
+    fallback_config,
+    get_block_config,
+    load_device_configs,
+)
+
+
+def test_workspace_reuses_and_grows() -> None:
+    ws = WorkspaceManager()
+    a = ws.get("a", (4, 8), torch.float32, torch.device("cpu"))
+    a2 = ws.get("a", (2, 8), torch.bfloat16, torch.device("cpu"))
+    assert a2.data_ptr() == a.data_ptr() and a2.shape == (2, 8) and a2.dtype == torch.bfloat16
+    b = ws.get("b", (4, 8), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() != a.data_ptr(), "different names never alias"
+    big = ws.get("a", (64, 64), torch.float32, torch.device("cpu"))
+    assert big.numel() == 64 * 64 and ws.num_bytes == 64 * 64 * 4 + 4 * 8 * 4
+    assert ws.get("a", (8,), torch.float32, torch.device("cpu")).data_ptr() == big.data_ptr(), "never shrinks"
+    ws.clear()
+    assert ws.num_bytes == 0
+
+
+def test_config_files_parse_and_are_valid() -> None:
+    files = sorted(CONFIG_DIR.glob("*.json"))
+    assert files, "at least one tuned device file ships"
+    for path in files:
+        data = json.loads(path.read_text())
+        tables = load_device_configs(data["device_name"])
+        assert tables and all(
+            isinstance(cfg, BlockConfig) for table in tables.values() for cfg in table.values()
+        )
+
+
+def test_config_lookup_nearest_and_fallback() -> None:
+    config, source = get_block_config(200, 128, 768, 2048, 8, torch.bfloat16, "NVIDIA H200")
+    assert "M=256" in source
+    assert config == load_device_configs("NVIDIA H200")["E=128,N=768,K=2048,dtype=bfloat16"][256]
+    config, source = get_block_config(200, 64, 512, 1024, 8, torch.bfloat16, "NVIDIA H200")
+    assert source == "fallback heuristic" and config == fallback_config(200, 8, 64)
+    assert fallback_config(1, 8, 128).block_m == 16 and fallback_config(8192, 8, 128).block_m >= 64
+    with pytest.raises(ValueError, match="power of two"):
+        BlockConfig(24, 64, 64)
+
+
+def test_weight_and_reduce_strategies() -> None:
+    y = torch.randn(5, 3, 7)
+    w = torch.rand(5, 3)
+    ids = torch.zeros(5, 3, dtype=torch.int32)
+    expected = (y * w[..., None]).sum(1)
+    torch.testing.assert_close(WeightAndReduceContiguous().apply(None, y, w, ids), expected)
+    out = torch.empty(5, 7)
+    WeightAndReduceContiguous(weights_applied=True).apply(out, y * w[..., None], w, ids)
+    torch.testing.assert_close(out, expected)
+    reduced = expected.clone()
+    assert WeightAndReduceNoOp().apply(reduced, reduced, w, ids) is reduced
+    with pytest.raises(AssertionError):
+        WeightAndReduceDelegate().apply(None, y, w, ids)
