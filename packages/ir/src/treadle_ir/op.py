@@ -194,9 +194,11 @@ class IrOp:
                 skipped[name] = reason
             else:
                 candidates.append(provider)
-        for name in self.providers:
+        for name, provider in self.providers.items():
             if name not in priority:
                 skipped[name] = f"not in the priority list {list(priority)} ({source})"
+                if (reason := provider.platform_reason(platform)) is not None:
+                    skipped[name] += f"; also {reason}"
         return Resolution(priority, source, tuple(candidates), skipped)
 
     def _refresh(self) -> tuple[Provider, ...]:

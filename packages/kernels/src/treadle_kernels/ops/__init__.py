@@ -1,0 +1,23 @@
+"""Providers for treadle_ir ops. Importing this package registers them without importing Triton.
+
+Each ``<noun>.py`` holds provider functions with the native signatures and their argument checks;
+``<noun>_kernels.py`` holds the ``@triton.jit`` kernels and is imported on the first launch.
+"""
+
+from __future__ import annotations
+
+from . import activation, cache, norm, rotary
+
+__all__ = ["register_triton_providers"]
+
+_registered = False
+
+
+def register_triton_providers() -> None:
+    """Register the Triton provider of every IR op (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    for module in (norm, activation, rotary, cache):
+        module.register()
+    _registered = True

@@ -1,0 +1,86 @@
+"""Triton provider for ``reshape_and_cache``: write new K/V into the paged caches through the slot mapping.
+
+key/value [T, kv_heads, head_size] with unit-stride head_size (token and head strides are free, so slices
+of a fused qkv buffer work); caches [num_blocks, block_size, kv_heads, head_size] with unit-stride last dim
+(e.g. ``kv_cache[0]`` of a [2, ...] buffer). Negative slots are skipped inside the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from treadle_ir import ops
+
+from .support import check_tensor, next_pow2, triton_supported
+
+__all__ = ["register"]
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    from . import cache_kernels
+
+    num_tokens, num_kv_heads, head_size = key.shape
+    if num_tokens == 0:
+        return
+    heads_block, dim_block = next_pow2(num_kv_heads), next_pow2(head_size)
+    cache_kernels.reshape_and_cache_kernel[(num_tokens,)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
+        num_kv_heads,
+        head_size,
+        key_cache.shape[1],
+        HEADS_BLOCK=heads_block,
+        DIM_BLOCK=dim_block,
+        num_warps=min(max(heads_block * dim_block // 256, 1), 8),
+    )
+
+
+def _check(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> bool | str:
+    for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if (reason := check_tensor(t, name)) is not None:
+            return reason
+    if (
+        reason := check_tensor(slot_mapping, "slot_mapping", frozenset({torch.int64, torch.int32}))
+    ) is not None:
+        return reason
+    if key.dim() != 3 or value.shape != key.shape:
+        return (
+            f"key/value must both be [T, kv_heads, head_size], got {tuple(key.shape)} / {tuple(value.shape)}"
+        )
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape or key_cache.shape[2:] != key.shape[1:]:
+        return f"caches {tuple(key_cache.shape)} do not match [blocks, block_size, {key.shape[1]}, {key.shape[2]}]"
+    if slot_mapping.shape[0] != key.shape[0]:
+        return f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens"
+    return True
+
+
+def register(provider: str = "triton") -> None:
+    """Register the Triton KV-cache write provider under ``provider``."""
+    ops.reshape_and_cache.register_impl(
+        provider, supported=triton_supported, supports_args=_check, batch_invariant=True
+    )(reshape_and_cache)

@@ -1,0 +1,130 @@
+"""Triton providers for ``rotary_embedding`` (functional) and ``rotary_embedding_`` (in place).
+
+Query/key may be [T, heads * head_size] or [T, heads, head_size] with unit-stride heads (token stride is
+free, so column slices of a fused qkv buffer work in place). The functional form writes fresh outputs; when
+``rot_dim < head_size`` it first copies the input so the pass-through dims are present, then rotates in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from treadle_ir import ops
+
+from .support import check_tensor, next_pow2, triton_supported
+
+__all__ = ["register"]
+
+
+def _head_strides(x: torch.Tensor, head_size: int) -> tuple[int, int, int]:
+    """(num_heads, token stride, head stride) of x viewed as [T, heads, head_size]."""
+    if x.dim() == 3:
+        return x.shape[1], x.stride(0), x.stride(1)
+    return x.shape[1] // head_size, x.stride(0), head_size
+
+
+def _rotate(
+    positions: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    head_size: int,
+    cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    from . import rotary_kernels
+
+    num_tokens = x.shape[0]
+    if num_tokens == 0:
+        return
+    num_heads, x_token_stride, x_head_stride = _head_strides(x, head_size)
+    _, out_token_stride, out_head_stride = _head_strides(out, head_size)
+    half_rot = cache.shape[-1] // 2
+    heads_block, half_block = next_pow2(num_heads), next_pow2(half_rot)
+    rotary_kernels.rotary_kernel[(num_tokens,)](
+        positions,
+        x,
+        x_token_stride,
+        x_head_stride,
+        out,
+        out_token_stride,
+        out_head_stride,
+        cache,
+        cache.stride(0),
+        num_heads,
+        half_rot,
+        IS_NEOX=is_neox,
+        HEADS_BLOCK=heads_block,
+        HALF_BLOCK=half_block,
+        num_warps=min(max(heads_block * half_block // 256, 1), 8),
+    )
+
+
+def _fresh(x: torch.Tensor, rot_dim: int, head_size: int) -> torch.Tensor:
+    return (
+        x.clone(memory_format=torch.contiguous_format)
+        if rot_dim < head_size
+        else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    )
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rot_dim = cos_sin_cache.shape[-1]
+    query_out, key_out = _fresh(query, rot_dim, head_size), _fresh(key, rot_dim, head_size)
+    _rotate(positions, query, query_out, head_size, cos_sin_cache, is_neox)
+    _rotate(positions, key, key_out, head_size, cos_sin_cache, is_neox)
+    return query_out, key_out
+
+
+def rotary_embedding_(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    _rotate(positions, query, query, head_size, cos_sin_cache, is_neox)
+    _rotate(positions, key, key, head_size, cos_sin_cache, is_neox)
+
+
+def _check(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> bool | str:
+    for name, t in (("query", query), ("key", key), ("cos_sin_cache", cos_sin_cache)):
+        if (reason := check_tensor(t, name)) is not None:
+            return reason
+    if (reason := check_tensor(positions, "positions", frozenset({torch.int64, torch.int32}))) is not None:
+        return reason
+    rot_dim = cos_sin_cache.shape[-1]
+    if rot_dim % 2 or rot_dim > head_size:
+        return f"rot_dim {rot_dim} must be even and <= head_size {head_size}"
+    for name, t in (("query", query), ("key", key)):
+        if t.shape[0] != positions.shape[0]:
+            return f"{name} has {t.shape[0]} tokens, positions has {positions.shape[0]}"
+        if t.dim() == 3 and (t.shape[2] != head_size or t.stride(1) != head_size):
+            return f"{name} [T, heads, head_size] must have contiguous heads of size {head_size}"
+        if t.dim() == 2 and t.shape[1] % head_size:
+            return f"{name} width {t.shape[1]} is not a multiple of head_size {head_size}"
+        if t.dim() not in (2, 3):
+            return f"{name} must be 2-D or 3-D, got {t.dim()}-D"
+    return True
+
+
+def register(provider: str = "triton") -> None:
+    """Register the Triton rotary providers under ``provider``."""
+    for ir_op, impl in ((ops.rotary_embedding, rotary_embedding), (ops.rotary_embedding_, rotary_embedding_)):
+        ir_op.register_impl(provider, supported=triton_supported, supports_args=_check, batch_invariant=True)(
+            impl
+        )
