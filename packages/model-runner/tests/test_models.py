@@ -1,6 +1,6 @@
 """Parity with HF transformers (CPU, fp32) on tiny random configs, driven through the ModelRunner.
 
-For Llama (llama3 rope scaling), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm) and Gemma3 (sliding +
+For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm) and Gemma3 (sliding +
 global layers with a window small enough to matter, linear-scaled global rope, softcapping): one step mixing a
 fresh prefill, a chunked prefill continuing on cached blocks and several decodes gives per-position logits
 within 1e-4 of HF, and greedy 32-token continuations equal HF `generate`.
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, make_runner, perturb_
+from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
 COMMON = dict(
     vocab_size=160,
@@ -35,6 +35,8 @@ def _config(arch: str) -> Any:
         rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
         return tf.LlamaConfig(**COMMON, rope_parameters=rope), tf.LlamaForCausalLM
+    if arch == "mistral":  # sliding window over every layer, short enough to matter
+        return tf.MistralConfig(**COMMON, head_dim=16, sliding_window=7), tf.MistralForCausalLM
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=True), tf.Qwen2ForCausalLM
     if arch == "qwen3":
@@ -50,7 +52,7 @@ def _config(arch: str) -> Any:
     raise AssertionError(arch)
 
 
-ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -80,9 +82,7 @@ def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path]) -> None:
         sched.add(name, prompt, max_tokens=4)
     sched.step({"chunked": 10, "b": 5, "c": 7, "d": 9})
 
-    hidden: list[torch.Tensor] = []
-    forward = runner._forward
-    runner._forward = lambda inputs: hidden.append(forward(inputs)) or hidden[-1]  # type: ignore[method-assign]
+    hidden = record_hidden(runner)
     before = {name: (list(r.prompt + r.output), r.num_computed) for name, r in sched.requests.items()}
     plan = {"chunked": 13, "fresh": 11, "b": 1, "c": 1, "d": 1}
     out = sched.step(plan)

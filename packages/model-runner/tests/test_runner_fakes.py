@@ -59,6 +59,7 @@ class FakeScheduler:
         self.finished: set[str] = set()
         self.outputs: list[ModelRunnerOutput] = []
         self.done_outputs: dict[str, list[int]] = {}  # finished request -> generated tokens
+        self.preempted: set[str] = set()  # preempted since the last step
 
     def add(
         self, req_id: str, prompt: list[int], params: SamplingParams | None = None, max_tokens: int = 8
@@ -88,8 +89,11 @@ class FakeScheduler:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(tuple(added))
                 cached.num_computed_tokens.append(req.num_computed)
-        so = SchedulerOutput(new, cached, dict(plan), sum(plan.values()), finished_req_ids=set(self.finished))
+        so = SchedulerOutput(
+            new, cached, dict(plan), sum(plan.values()), set(self.finished), set(self.preempted)
+        )
         self.finished.clear()
+        self.preempted.clear()
         out = self.runner.execute(so)
         for req_id, n in plan.items():
             req = self.requests[req_id]
@@ -104,6 +108,15 @@ class FakeScheduler:
                 self.finish(req_id)
         self.outputs.append(out)
         return out
+
+    def preempt(self, req_id: str) -> None:
+        """Free the request's blocks; it is resent in full (with its outputs) and recomputed when scheduled."""
+        req = self.requests[req_id]
+        for blocks in req.blocks:
+            self.free.extend(blocks)
+        req.blocks = [[] for _ in req.blocks]
+        req.num_computed, req.sent = 0, False
+        self.preempted.add(req_id)
 
     def finish(self, req_id: str) -> None:
         req = self.requests.pop(req_id)
@@ -141,6 +154,20 @@ def make_runner(model_dir: Path, max_num_seqs: int = 16, max_num_batched_tokens:
     runner.load_model()
     runner.initialize_kv_cache()
     return runner
+
+
+def record_hidden(runner: ModelRunner) -> list[torch.Tensor]:
+    """Make the runner keep a copy of every step's hidden states [num_tokens, hidden] (real tokens only)."""
+    hidden: list[torch.Tensor] = []
+    forward = runner._forward
+
+    def recording_forward(inputs: Any) -> torch.Tensor:
+        out = forward(inputs)
+        hidden.append(out[: inputs.num_tokens].clone())
+        return out
+
+    runner._forward = recording_forward  # type: ignore[method-assign]
+    return hidden
 
 
 def perturb_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:

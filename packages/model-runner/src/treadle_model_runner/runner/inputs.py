@@ -56,6 +56,14 @@ class StepBuffers:
         self.seq_lens = pair(max_num_reqs, torch.int32)
         self.slot_mappings = [pair(max_num_tokens, torch.int64) for _ in range(num_groups)]
         self.logits_indices = pair(max_num_reqs, torch.int64)
+        # set after the step's host->device copies: pinned host memory (these buffers, the block tables) must
+        # not be rewritten before the copies reading it ran (a step that samples nothing never syncs)
+        self.copies_done = torch.cuda.Event() if device.type == "cuda" else None
+
+    def wait_for_copies(self) -> None:
+        """Block until the previous step's non-blocking copies from pinned host memory have run."""
+        if self.copies_done is not None:
+            self.copies_done.synchronize()
 
 
 def _commit(buffers: tuple[torch.Tensor, torch.Tensor], values: np.ndarray, n: int) -> torch.Tensor:
@@ -120,6 +128,8 @@ def prepare_inputs(
 
     sample_rows = np.nonzero(seq_lens >= batch.num_tokens[:num_reqs])[0]
     logits_indices = _commit(buffers.logits_indices, cu[sample_rows] - 1, len(sample_rows))
+    if buffers.copies_done is not None:
+        buffers.copies_done.record()
     return StepInputs(
         num_reqs=num_reqs,
         num_tokens=num_tokens,

@@ -180,6 +180,7 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         if not self.kv_caches:
             raise RuntimeError("ModelRunner.initialize_kv_cache() must run before execute()")
+        self.buffers.wait_for_copies()  # the diff below rewrites pinned rows the last step copied from
         apply_scheduler_output(self.batch, self.requests, scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput.empty()
