@@ -1,0 +1,45 @@
+"""Chained block hashes for automatic prefix caching.
+
+Theory. Full block i of a request (tokens [i*B, (i+1)*B)) is identified by
+`h_i = sha256(h_{i-1} || tokens_i || extra_keys_i)`, with `h_{-1}` a fixed root. Chaining makes a block's hash
+name its whole prefix, so two requests share block i only if every earlier token matches too. Extra keys
+(today the request's cache_salt, folded into block 0 only and inherited through the chain) keep tenants
+apart. sha256 keeps collisions out of reach (a collision would silently serve another prompt's KV);
+hashes are 32 bytes and are computed once per block, when it becomes full.
+
+Only full blocks are hashed: a partial block's content is not final, so it is never shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from treadle_engine_core.request import Request
+
+ROOT_HASH = hashlib.sha256(b"treadle-prefix-cache-v1").digest()
+
+
+def hash_block(parent: bytes, token_ids: list[int], extra_key: bytes = b"") -> bytes:
+    """sha256 over (parent hash, tokens as int64, extra key bytes)."""
+    h = hashlib.sha256(parent)
+    h.update(array("q", token_ids).tobytes())
+    if extra_key:
+        h.update(b"\x00salt\x00")
+        h.update(extra_key)
+    return h.digest()
+
+
+def update_block_hashes(request: Request, block_size: int) -> list[bytes]:
+    """Extend `request.block_hashes` to cover every full block of its known tokens; return the list."""
+    hashes = request.block_hashes
+    num_full = len(request.all_token_ids) // block_size
+    if len(hashes) >= num_full:
+        return hashes
+    tokens = request.all_token_ids
+    parent = hashes[-1] if hashes else ROOT_HASH
+    for i in range(len(hashes), num_full):
+        salt = request.cache_salt.encode() if (i == 0 and request.cache_salt) else b""
+        parent = hash_block(parent, tokens[i * block_size : (i + 1) * block_size], salt)
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,156 @@
+"""EngineCore: token ids in, token ids out. One step = schedule -> execute -> update.
+
+The same object runs in-process (offline `LLM`, InprocClient) and inside the engine process
+(engine_process.py). It is single-threaded: every method is called from one thread.
+
+With async scheduling the step keeps a queue of at most two steps in flight: it schedules step N+1 and
+hands it to the executor before waiting for step N's output, so the host work of scheduling overlaps the
+device work of the previous step. Tokens not yet sampled are placeholders in the scheduler (see scheduler.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+from treadle_engine_core.config import EngineConfig
+from treadle_engine_core.executor import Executor
+from treadle_engine_core.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady, SchedulerStats
+from treadle_engine_core.request import Request, RequestStatus
+from treadle_engine_core.scheduler import Scheduler
+from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_BATCH_QUEUE_DEPTH = 2  # steps in flight under async scheduling
+
+
+_NO_OUTPUT = ModelRunnerOutput.empty()
+
+
+def _has_work(so: SchedulerOutput) -> bool:
+    """Whether the runner must see this step (tokens to run, or rows to drop)."""
+    return bool(so.total_num_scheduled_tokens or so.finished_req_ids or so.preempted_req_ids)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class EngineCore:
+    # Methods a client may call by name (utility RPC); anything else is refused.
+    UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_stats", "ping", "get_num_unfinished_requests"})
+
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        self.config = config
+        self.executor = executor if executor is not None else Executor.create(config)
+        self.kv_cache_config = self.executor.initialize()
+        has_cuda = config.executor != "fake" and _has_cuda()
+        self.scheduler_config = config.scheduler_config.resolve(self.executor.max_model_len, has_cuda)
+        self.scheduler = Scheduler(
+            self.scheduler_config,
+            self.kv_cache_config,
+            enable_prefix_caching=config.cache_config.enable_prefix_caching,
+            eos_token_ids=frozenset(self.executor.eos_token_ids),
+            log_stats=config.log_stats,
+        )
+        self.max_model_len: int = self.scheduler.max_model_len
+        self._batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
+        logger.info(
+            "engine core: max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d, policy=%s, "
+            "prefix caching=%s, async scheduling=%s, KV capacity %d tokens",
+            self.max_model_len,
+            self.scheduler_config.max_num_seqs,
+            self.scheduler_config.max_num_batched_tokens,
+            self.scheduler_config.policy,
+            config.cache_config.enable_prefix_caching,
+            self.scheduler_config.async_scheduling,
+            self.kv_cache_config.num_tokens,
+        )
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request; ValueError (HTTP 400) if it can never fit or its id is in flight."""
+        self.scheduler.add_request(
+            Request(
+                request_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                sampling_params=request.sampling_params,
+                arrival_time=request.arrival_time,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
+                max_model_len=self.max_model_len,
+            )
+        )
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """End requests now and free everything they hold; unknown ids are ignored."""
+        self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_requests or bool(self._batch_queue)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        if self.scheduler_config.async_scheduling:
+            return self._step_async()
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute(scheduler_output) if _has_work(scheduler_output) else _NO_OUTPUT
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _step_async(self) -> EngineCoreOutputs:
+        queue = self._batch_queue
+        scheduled = False
+        if len(queue) < _BATCH_QUEUE_DEPTH and self.scheduler.has_requests:
+            so = self.scheduler.schedule()
+            if _has_work(so):
+                queue.append((so, self.executor.execute_async(so)))
+                scheduled = not so.is_empty
+        if not queue or (scheduled and len(queue) < _BATCH_QUEUE_DEPTH):
+            return EngineCoreOutputs()  # nothing to wait for yet: let the caller schedule the next step
+        so, future = queue.popleft()
+        return self.scheduler.update_from_output(so, future.result())
+
+    # ---- utility RPC ------------------------------------------------------------------------------
+    def call_utility(self, method: str, args: list[Any]) -> Any:
+        if method not in self.UTILITY_METHODS:
+            raise ValueError(
+                f"unknown utility method {method!r}; valid ones: {', '.join(sorted(self.UTILITY_METHODS))}"
+            )
+        return getattr(self, method)(*args)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.make_stats()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.requests)
+
+    def ping(self) -> str:
+        return "pong"
+
+    def ready_message(self, pid: int) -> EngineReady:
+        kv = self.kv_cache_config
+        return EngineReady(
+            pid=pid,
+            num_kv_blocks=kv.num_blocks - 1,
+            block_size=kv.block_size,
+            kv_capacity_tokens=kv.num_tokens,
+            max_model_len=self.max_model_len,
+            vocab_size=self.executor.vocab_size,
+            eos_token_ids=sorted(self.executor.eos_token_ids),
+        )
+
+    def shutdown(self) -> None:
+        self._batch_queue.clear()
+        self.executor.shutdown()

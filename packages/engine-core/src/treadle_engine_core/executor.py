@@ -1,0 +1,119 @@
+"""Executors: where the model runner(s) live, behind one interface the EngineCore calls.
+
+`InprocExecutor` holds one `ModelRunner` in this process (one device). `FakeExecutor` holds the
+`FakeModelRunner` (tests, benchmarks). A multi-process executor (one worker process per GPU for tensor
+parallel) implements the same five members: `initialize()` returns the KV-cache layout all workers agreed
+on, `execute()` runs one SchedulerOutput everywhere and returns rank 0's ModelRunnerOutput.
+
+`execute_async` runs a step on a single worker thread and returns a Future; the async-scheduling loop uses it
+to schedule step N+1 on the host while step N runs on the device (the runner releases the GIL while it
+waits for the device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+from treadle_engine_core.config import EngineConfig
+from treadle_engine_core.fake_runner import FakeModelRunner
+from treadle_model_runner.kv_cache_spec import KVCacheConfig
+from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class _Runner(Protocol):
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: set[int]
+
+    def initialize_kv_cache(self) -> KVCacheConfig: ...
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+class Executor:
+    """One runner in this process; subclasses decide how it is built."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner: _Runner = self._make_runner()
+        self._thread: ThreadPoolExecutor | None = None
+
+    @staticmethod
+    def create(config: EngineConfig) -> Executor:
+        if config.executor == "fake":
+            return FakeExecutor(config)
+        return InprocExecutor(config)
+
+    def _make_runner(self) -> _Runner:
+        raise NotImplementedError
+
+    def initialize(self) -> KVCacheConfig:
+        """Load the model (if any) and allocate the KV cache; returns its layout."""
+        kv = self.runner.initialize_kv_cache()
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%d groups) = %d tokens per sequence",
+            kv.num_blocks - 1,
+            kv.block_size,
+            len(kv.groups),
+            kv.num_tokens,
+        )
+        return kv
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.runner.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.runner.vocab_size)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self.runner.eos_token_ids)
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(so)
+
+    def execute_async(self, so: SchedulerOutput) -> Future[ModelRunnerOutput]:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="treadle-execute")
+        return self._thread.submit(self.runner.execute, so)
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
+            self._thread = None
+
+
+class InprocExecutor(Executor):
+    """The real ModelRunner on this process's device."""
+
+    def _make_runner(self) -> _Runner:
+        from treadle_model_runner.runner import ModelRunner  # heavy (torch, model code): import on use
+
+        sc = self.config.scheduler_config
+        runner = ModelRunner(
+            self.config.model_config,
+            self.config.cache_config,
+            max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
+        )
+        runner.load_model()
+        return runner  # type: ignore[no-any-return]
+
+
+class FakeExecutor(Executor):
+    """The deterministic FakeModelRunner; sizes come from EngineConfig.fake_runner and cache_config."""
+
+    def _make_runner(self) -> _Runner:
+        cc = self.config.cache_config
+        fake = self.config.fake_runner
+        if self.config.model_config.max_model_len is not None:
+            fake = dataclasses.replace(fake, max_model_len=self.config.model_config.max_model_len)
+        return FakeModelRunner(fake, block_size=cc.block_size, num_blocks=cc.num_gpu_blocks_override)

@@ -1,0 +1,171 @@
+"""FakeModelRunner: a model runner without a model, for tests, benchmarks and process tests.
+
+It keeps the same persistent per-request state a real runner keeps (from NewRequestData once, then the
+CachedRequestData diffs) and asserts the SchedulerOutput invariants on every step. Its "sampled" token for
+position p of request r is `fake_token(r, p)`: a pure function, so the expected output of any request is
+known in advance however it was batched, chunked or preempted. With `check_kv` it also keeps a shadow KV
+cache (slot -> token id), writes every scheduled token through the block tables and checks every position a
+query could attend to holds that request's own token: a leaked, double-owned or wrongly shared block fails.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+
+from treadle_engine_core.config import FakeRunnerConfig
+from treadle_model_runner.kv_cache_spec import KVCacheConfig, KVCacheGroupSpec
+from treadle_model_runner.outputs import Logprobs, ModelRunnerOutput
+from treadle_model_runner.sampling_params import SamplingParams
+from treadle_model_runner.scheduler_output import SchedulerOutput
+
+_MASK = 0xFFFFFFFF
+
+
+def fake_token(request_id: str, position: int, config: FakeRunnerConfig, seed: int | None = None) -> int:
+    """The token the fake model samples at `position` (0-based index in prompt + output) of a request."""
+    if seed is None:
+        seed = zlib.crc32(request_id.encode())
+    x = (seed * 0x9E3779B1 + (position + 1) * 0x85EBCA77) & _MASK
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & _MASK
+    x ^= x >> 12
+    if config.eos_every and x % config.eos_every == 0:
+        return config.eos_token_id
+    return 2 + (x >> 5) % (config.vocab_size - 2)
+
+
+@dataclass(slots=True)
+class _ReqState:
+    tokens: list[int]  # prompt + every token known to the runner (including ones it sampled)
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    block_ids: list[list[int]]  # per group
+    params: SamplingParams
+    seed: int
+    sampled: list[int] = field(default_factory=list)
+
+
+class FakeModelRunner:
+    def __init__(self, config: FakeRunnerConfig, block_size: int, num_blocks: int | None = None) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.num_blocks = num_blocks or config.num_blocks
+        self.max_model_len = config.max_model_len
+        self.vocab_size = config.vocab_size
+        self.eos_token_ids = {config.eos_token_id}
+        self.reqs: dict[str, _ReqState] = {}
+        self.kv: dict[int, int] = {}  # shadow KV: slot -> token id written there
+        self.windows: list[int | None] = [None]
+        self.num_steps = 0
+
+    def initialize_kv_cache(self) -> KVCacheConfig:
+        groups = [KVCacheGroupSpec(layer_indices=(0,), sliding_window=None)]
+        if self.config.sliding_window is not None:
+            groups.append(KVCacheGroupSpec(layer_indices=(1,), sliding_window=self.config.sliding_window))
+        self.windows = [g.sliding_window for g in groups]
+        return KVCacheConfig(self.num_blocks, self.block_size, tuple(groups), bytes_per_block=0)
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.num_steps += 1
+        if self.config.fail_on_step == self.num_steps - 1:
+            raise RuntimeError(f"fake runner: injected failure in step {self.num_steps - 1}")
+        if self.config.step_delay_s:
+            time.sleep(self.config.step_delay_s)
+        for rid in so.finished_req_ids:
+            self.reqs.pop(rid, None)
+        for rid in so.preempted_req_ids:
+            assert self.reqs.pop(rid, None) is not None, f"preempted request {rid} was not running"
+        for new in so.scheduled_new_reqs:
+            assert new.req_id not in self.reqs, f"new request {new.req_id} is already in the runner"
+            self.reqs[new.req_id] = _ReqState(
+                tokens=list(new.prompt_token_ids) + list(new.output_token_ids),
+                num_prompt_tokens=len(new.prompt_token_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                block_ids=[list(b) for b in new.block_ids],
+                params=new.sampling_params,
+                seed=zlib.crc32(new.req_id.encode()),
+            )
+        cached = so.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            st = self.reqs.get(rid)
+            assert st is not None, f"cached request {rid} is unknown to the runner"
+            assert cached.num_computed_tokens[i] == st.num_computed_tokens, (
+                f"{rid}: scheduler says {cached.num_computed_tokens[i]} computed, runner has {st.num_computed_tokens}"
+            )
+            new_ids = cached.new_block_ids[i]
+            if new_ids:
+                for g, ids in enumerate(new_ids):
+                    st.block_ids[g].extend(ids)
+        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
+        if self.config.check_kv:
+            self._write_and_check_kv(so)
+        return self._sample(so)
+
+    def _sample(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        req_ids = list(so.num_scheduled_tokens)
+        sampled: list[list[int]] = []
+        logprobs: list[list[Logprobs] | None] = []
+        prompt_logprobs: dict[str, list[Logprobs]] = {}
+        any_logprobs = False
+        for rid in req_ids:
+            st = self.reqs[rid]
+            n = so.num_scheduled_tokens[rid]
+            start = st.num_computed_tokens
+            end = start + n
+            assert n > 0 and end <= len(st.tokens), (
+                f"{rid}: scheduled {start}+{n} > {len(st.tokens)} known tokens"
+            )
+            st.num_computed_tokens = end
+            if st.params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
+                prompt_logprobs[rid] = [
+                    Logprobs([st.tokens[p + 1]], [-1.0], 1)
+                    for p in range(start, min(end, st.num_prompt_tokens - 1))
+                ]
+            if end == len(st.tokens):
+                tok = fake_token(rid, end, self.config, st.seed)
+                st.tokens.append(tok)
+                sampled.append([tok])
+                if st.params.logprobs is not None:
+                    any_logprobs = True
+                    k = st.params.logprobs
+                    logprobs.append([Logprobs([tok, *range(2, 2 + k)], [-0.5] * (k + 1), 1)])
+                else:
+                    logprobs.append(None)
+            else:
+                sampled.append([])
+                logprobs.append(None)
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
+            sampled_token_ids=sampled,
+            logprobs=logprobs if any_logprobs else [],
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _write_and_check_kv(self, so: SchedulerOutput) -> None:
+        """Write every scheduled token's KV, then check each request can read exactly its own tokens."""
+        bs = self.block_size
+        for rid, n in so.num_scheduled_tokens.items():
+            st = self.reqs[rid]
+            for g, table in enumerate(st.block_ids):
+                assert len(table) * bs >= st.num_computed_tokens + n, (
+                    f"{rid} group {g}: {len(table)} blocks cannot hold {st.num_computed_tokens + n} tokens"
+                )
+                for p in range(st.num_computed_tokens, st.num_computed_tokens + n):
+                    block = table[p // bs]
+                    assert block != 0, f"{rid} group {g}: writes position {p} into the null block"
+                    self.kv[block * bs + p % bs] = st.tokens[p]
+        for rid, n in so.num_scheduled_tokens.items():
+            st = self.reqs[rid]
+            end = st.num_computed_tokens + n
+            for g, table in enumerate(st.block_ids):
+                w = self.windows[g]
+                first = 0 if w is None else max(0, st.num_computed_tokens - w + 1)
+                for p in range(first, end):
+                    slot = table[p // bs] * bs + p % bs
+                    assert self.kv.get(slot) == st.tokens[p], (
+                        f"{rid} group {g}: position {p} reads token {self.kv.get(slot)} from block "
+                        f"{table[p // bs]}, expected {st.tokens[p]} (corrupted or wrongly shared KV block)"
+                    )

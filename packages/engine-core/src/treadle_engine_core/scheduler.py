@@ -1,0 +1,338 @@
+"""Scheduler: hands out each step's token budget over running and waiting requests.
+
+Theory. There are no prefill or decode phases. Each request has `num_computed_tokens` (KV in the cache) and
+`num_tokens` (prompt + output, plus placeholders under async scheduling); a step gives it
+`num_tokens - num_computed_tokens` more, capped by the budget `max_num_batched_tokens` and by
+`long_prefill_token_threshold`. A decode is thus one token and a long prompt is chunked over steps.
+Running requests are served first, in admission order; then waiting requests are admitted (FCFS or by
+priority) while budget, `max_num_seqs` and KV blocks last, reusing prefix-cache hits. When a running request
+cannot get blocks, the lowest-priority / latest running request is preempted by recompute: its blocks are
+freed, `num_computed_tokens` reset to 0, and it waits again, keeping its output tokens (it resumes as a new
+request carrying them). No waiting request is admitted in a step that preempted.
+
+`num_computed_tokens` advances when a step is scheduled, so the next step can be scheduled before this one
+returns (async scheduling): a request whose scheduled tokens reach its end will sample one token, counted in
+`num_output_placeholders` until `update_from_output` delivers it.
+
+Invariants: every running request holds blocks for its num_computed_tokens; waiting requests hold none;
+a request is in exactly one of running / waiting / (gone); the runner hears of a finished or preempted
+request in the next SchedulerOutput.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from treadle_engine_core.config import SchedulerConfig
+from treadle_engine_core.kv_cache_manager import KVCacheManager
+from treadle_engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from treadle_engine_core.request import Request, RequestStatus
+from treadle_engine_core.request_queue import make_queue
+from treadle_engine_core.stop import check_stop
+from treadle_model_runner.kv_cache_spec import KVCacheConfig
+from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+def validate_request_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """Raise ValueError (HTTP 400) for a request that can never fit max_model_len (API.md's message)."""
+    if num_prompt_tokens == 0:
+        raise ValueError("The prompt is empty: it must contain at least one token.")
+    completion = 1 if max_tokens is None else max_tokens
+    if num_prompt_tokens + completion > max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + completion} tokens ({num_prompt_tokens} in the messages, {completion} in "
+            "the completion). Please reduce the length of the messages or completion."
+        )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_config: KVCacheConfig,
+        *,
+        enable_prefix_caching: bool = True,
+        eos_token_ids: frozenset[int] | set[int] = frozenset(),
+        log_stats: bool = True,
+    ) -> None:
+        if config.max_model_len is None:
+            raise ValueError("SchedulerConfig.max_model_len is unset; call config.resolve(...) first")
+        self.config = config
+        self.max_model_len: int = config.max_model_len
+        self.max_num_seqs = config.max_num_seqs
+        self.async_scheduling = bool(config.async_scheduling)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.log_stats = log_stats
+        self.kv = KVCacheManager(kv_cache_config, enable_caching=enable_prefix_caching)
+        need = self.kv.blocks_needed_for(self.max_model_len, config.max_num_batched_tokens)
+        if need > kv_cache_config.num_blocks - 1:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) needs {need} KV blocks for one request but the cache has "
+                f"{kv_cache_config.num_blocks - 1}: such a request could never run; lower --max-model-len or "
+                "give the KV cache more memory"
+            )
+        self.requests: dict[str, Request] = {}  # live requests (waiting or running)
+        self.waiting = make_queue(config.policy)
+        self.running: list[Request] = []  # admission order
+        self.finished_req_ids: set[str] = set()  # ended since the last schedule(); the runner drops them
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.num_finished = 0
+
+    # ---- requests in / out ------------------------------------------------------------------------
+    def validate_request(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        validate_request_length(num_prompt_tokens, max_tokens, self.max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in flight; ids must be unique")
+        self.validate_request(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside (abort, error); unknown or finished ids are ignored."""
+        ended = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._free(req)
+            ended.append(req)
+        return ended
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        self.finished_req_ids.add(req.request_id)
+        self.num_finished += 1
+
+    @property
+    def has_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- schedule ---------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        kv = self.kv
+        budget = cfg.max_num_batched_tokens
+        threshold = cfg.long_prefill_token_threshold
+        max_len = self.max_model_len
+        num_scheduled: dict[str, int] = {}
+        cached = CachedRequestData()
+        new_reqs: list[NewRequestData] = []
+        preempted: set[str] = set()
+
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            num_new = req.num_tokens_with_placeholders - req.num_computed_tokens
+            if req.num_output_placeholders and (
+                req.num_output_tokens + req.num_output_placeholders >= req.max_tokens
+                or req.num_tokens_with_placeholders >= max_len
+            ):
+                num_new = 0  # the tokens in flight already end it
+            if threshold and num_new > threshold:
+                num_new = threshold
+            if num_new > budget:
+                num_new = budget
+            if num_new > max_len - req.num_computed_tokens:
+                num_new = max_len - req.num_computed_tokens
+            if num_new <= 0:
+                i += 1
+                continue
+            new_blocks = kv.allocate_slots(req, num_new)
+            while new_blocks is None:
+                victim = self._pick_victim(i)
+                self._preempt(victim)
+                preempted.add(victim.request_id)
+                if victim is req:
+                    break
+                new_blocks = kv.allocate_slots(req, num_new)
+            if new_blocks is None:
+                continue  # req itself was preempted; running[i] is now the next request
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            cached.req_ids.append(req.request_id)
+            cached.new_block_ids.append(new_blocks or None)
+            cached.num_computed_tokens.append(req.num_computed_tokens)
+            i += 1
+
+        if not preempted:
+            self._admit_waiting(budget, num_scheduled, new_reqs)
+
+        for rid, n in num_scheduled.items():
+            req = self.requests[rid]
+            req.num_computed_tokens += n
+            if self.async_scheduling and req.num_computed_tokens >= req.num_tokens_with_placeholders:
+                req.num_output_placeholders += 1
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=preempted,
+        )
+        self.finished_req_ids = set()
+        return out
+
+    def _admit_waiting(
+        self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
+    ) -> None:
+        cfg = self.config
+        kv = self.kv
+        while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting.peek()
+            hit_blocks, num_hit = kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit
+            if cfg.long_prefill_token_threshold and num_new > cfg.long_prefill_token_threshold:
+                num_new = cfg.long_prefill_token_threshold
+            if num_new > budget:
+                if not cfg.enable_chunked_prefill:
+                    break
+                num_new = budget
+            new_blocks = kv.allocate_slots(req, num_new, num_hit, hit_blocks)
+            if new_blocks is None:
+                break
+            self.waiting.pop()
+            kv.record_prefix_lookup(req.num_tokens, num_hit)
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            new_reqs.append(
+                NewRequestData(
+                    req_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    sampling_params=req.sampling_params,
+                    block_ids=kv.get_block_ids(req.request_id),
+                    num_computed_tokens=num_hit,
+                    output_token_ids=list(req.output_token_ids),
+                )
+            )
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+
+    def _pick_victim(self, first: int) -> Request:
+        """The running request to preempt, among those not yet scheduled this step (index >= first)."""
+        if self.config.policy == "priority":
+            return max(self.running[first:], key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_output_placeholders = 0  # a token still in flight is appended when it arrives
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_preempted(req)
+        logger.debug("preempted %s (KV cache full)", req.request_id)
+
+    # ---- update -----------------------------------------------------------------------------------
+    def update_from_output(self, so: SchedulerOutput, mro: ModelRunnerOutput) -> EngineCoreOutputs:
+        """Append sampled tokens, run stop checks, free finished requests; return per-request diffs."""
+        outputs: list[EngineCoreOutput] = []
+        finished: list[str] = []
+        requests = self.requests
+        index = mro.req_id_to_index
+        sampled = mro.sampled_token_ids
+        all_logprobs = mro.logprobs
+        prompt_logprobs = mro.prompt_logprobs
+        eos, max_len = self.eos_token_ids, self.max_model_len
+        any_running_finished = False
+        for rid in so.num_scheduled_tokens:
+            req = requests.get(rid)
+            if req is None:
+                continue  # aborted or finished while this step ran
+            j = index.get(rid)
+            new = sampled[j] if j is not None else []
+            plp = prompt_logprobs.get(rid) if prompt_logprobs else None
+            if not new and not plp:
+                continue
+            if req.num_output_placeholders:
+                req.num_output_placeholders = max(0, req.num_output_placeholders - len(new))
+            first_output = not req.output_token_ids
+            was_running = req.status == RequestStatus.RUNNING
+            appended = new
+            stopped = False
+            if len(new) == 1 and req.num_output_tokens < req.max_tokens:
+                req.output_token_ids.append(new[0])
+                req.all_token_ids.append(new[0])
+                stopped = check_stop(req, new[0], eos, max_len)
+            elif new:
+                appended, stopped = self._append_many(req, new)
+            if appended:
+                self.num_generation_tokens += len(appended)
+                if first_output:
+                    self.num_prompt_tokens += req.num_prompt_tokens
+            lps = all_logprobs[j] if (all_logprobs and j is not None) else None
+            if lps is not None and len(lps) != len(appended):
+                lps = lps[: len(appended)]
+            if stopped:
+                finished.append(rid)
+                if was_running:
+                    any_running_finished = True
+                else:
+                    self.waiting.remove(req)  # preempted with a token in flight
+                self._free(req)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=rid,
+                    new_token_ids=appended,
+                    new_logprobs=lps,
+                    new_prompt_logprobs=plp,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                    num_cached_tokens=max(0, req.num_cached_tokens),
+                )
+            )
+        if any_running_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return EngineCoreOutputs(
+            outputs=outputs,
+            scheduler_stats=self.make_stats() if self.log_stats else None,
+            timestamp=time.monotonic(),
+            finished_requests=finished,
+        )
+
+    def _append_many(self, req: Request, new: list[int]) -> tuple[list[int], bool]:
+        appended: list[int] = []
+        for tok in new:
+            if req.num_output_tokens >= req.max_tokens:  # max_tokens == 0: prompt only
+                req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+                return appended, True
+            req.append_output_token_ids([tok])
+            appended.append(tok)
+            if check_stop(req, tok, self.eos_token_ids, self.max_model_len):
+                return appended, True
+        return appended, False
+
+    # ---- stats ------------------------------------------------------------------------------------
+    def make_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_finished_reqs=self.num_finished,
+        )

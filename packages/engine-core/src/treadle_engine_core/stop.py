@@ -1,0 +1,30 @@
+"""Stop checks: after each new token, decide whether the request is done and why.
+
+Order (the first that holds wins): a token of `stop_token_ids` (stop_reason = that id), then EOS (the model's
+EOS ids plus `sampling_params.all_stop_token_ids`) unless `ignore_eos`, then the length caps (`max_tokens`
+output tokens, or `max_model_len` tokens in all). Stop and EOS tokens count only once `min_tokens` tokens came
+before them, matching the sampler, which masks them for the first `min_tokens` positions. The stop token
+itself stays in the output (the frontend hides it when detokenizing). Stop strings are the frontend's.
+"""
+
+from __future__ import annotations
+
+from treadle_engine_core.request import Request, RequestStatus
+
+
+def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int], max_model_len: int) -> bool:
+    """Call after appending `token_id`; sets status / stop_reason and returns True if the request ended."""
+    params = request.sampling_params
+    num_output = len(request.output_token_ids)
+    if num_output > params.min_tokens:
+        if params.stop_token_ids and token_id in params.stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token_id
+            return True
+        if not params.ignore_eos and (token_id in eos_token_ids or token_id in params.all_stop_token_ids):
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
+    if num_output >= request.max_tokens or len(request.all_token_ids) >= max_model_len:
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        return True
+    return False
