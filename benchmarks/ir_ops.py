@@ -165,6 +165,7 @@ def main() -> None:
     copy_gbps = copy_bandwidth_gbps()
     print(f"device {torch.cuda.get_device_name(0)}  copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     rows: list[Row] = []
+    errors: list[str] = []
     started = time.perf_counter()
     for name in op_names:
         ir_op = getattr(ops, name)
@@ -180,7 +181,13 @@ def main() -> None:
             assert chosen == "triton", f"dispatch would not pick triton for {name} at {num_tokens}: {chosen}"
             for impl_name, impl in impls.items():
                 fn = lambda impl=impl, case=case: impl(*case)  # noqa: E731
-                device_us = time_graph_us(fn)
+                try:
+                    device_us = time_graph_us(fn)
+                except Exception as exc:  # one broken measurement must not lose the others
+                    errors.append(f"{name} {impl_name} T={num_tokens}: {type(exc).__name__}: {exc}")
+                    print("ERROR", errors[-1], flush=True)
+                    torch.cuda.synchronize()
+                    continue
                 gbps = moved / (device_us * 1e-6) / 1e9
                 row = Row(
                     name, impl_name, num_tokens, device_us, time_launch_us(fn), gbps, 100 * gbps / copy_gbps
@@ -225,6 +232,7 @@ def main() -> None:
         "dispatch_overhead_us": round(dispatch_us, 2),
         "acceptance": acceptance,
         "wall_s": round(time.perf_counter() - started, 1),
+        "errors": errors,
         "results": [asdict(r) for r in rows],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from treadle_ir import IrOp, lowering, ops
+from treadle_ir import IrOp, lowering, op, ops
 
 
 def _model(
@@ -83,21 +83,39 @@ def test_lowering_picks_the_same_provider_as_eager(scale_op: IrOp) -> None:
             assert torch.equal(out, f(x))
 
 
-def test_opaque_native_for_data_dependent_op() -> None:
+def test_reshape_and_cache_native_inlines_without_data_dependent_shapes() -> None:
     key, value = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
-    slots = torch.tensor([3, -1, 0, 9])
 
-    def f(kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    def f(kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         ops.reshape_and_cache(key, value, kc, vc, slots)
         return kc.sum()
 
-    kc_e, vc_e = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
-    f(kc_e, vc_e)
+    compiled = torch.compile(f, backend=lowering.make_backend("aot_eager"), fullgraph=True)
     torch._dynamo.reset()
-    kc_c, vc_c = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
-    torch.compile(f, backend=lowering.make_backend("aot_eager"), fullgraph=True)(kc_c, vc_c)
+    for slots in (torch.tensor([3, -1, 0, 9]), torch.tensor([-1, -1, -1, -1])):
+        kc_e, vc_e = torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8)
+        kc_c, vc_c = kc_e.clone(), vc_e.clone()
+        f(kc_e, vc_e, slots)
+        compiled(kc_c, vc_c, slots)
+        assert [(r.provider, r.inlined) for r in lowering.last_lowering] == [("native", True)]
+        assert torch.equal(kc_c, kc_e) and torch.equal(vc_c, vc_e)
+
+
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x / 2
+
+
+_HALVE = op(name="test_halve_opaque", inline_native=False)(_halve)
+
+
+def test_native_marked_opaque_stays_a_custom_op() -> None:
+    x = torch.randn(3)
+    torch._dynamo.reset()
+    out = torch.compile(lambda t: _HALVE(t) + 1, backend=lowering.make_backend("aot_eager"), fullgraph=True)(
+        x
+    )
     assert [(r.provider, r.inlined) for r in lowering.last_lowering] == [("native", False)]
-    assert torch.equal(kc_c, kc_e) and torch.equal(vc_c, vc_e)
+    assert torch.equal(out, x / 2 + 1)
 
 
 @pytest.mark.slow

@@ -103,6 +103,11 @@ def test_reshape_and_cache_skips_negative_slots() -> None:
             expect_k[s], expect_v[s] = key[t], value[t]
     assert torch.equal(kc.reshape(-1, nkv, hs), expect_k)
     assert torch.equal(vc.reshape(-1, nkv, hs), expect_v)
+    before = kc.clone()
+    ops.reshape_and_cache(key, value, kc, vc, torch.full((5,), -1))  # all padding: nothing changes
+    assert torch.equal(kc, before)
+    ops.reshape_and_cache(key[:0], value[:0], kc, vc, slots[:0])  # no tokens
+    assert torch.equal(kc, before)
 
 
 def test_custom_ops_exist_with_inferred_schema() -> None:

@@ -5,8 +5,10 @@ head_size]; slot_mapping [T] int64 with ``slot = block * block_size + offset``. 
 is skipped. Values are cast to the cache dtype. Slots of distinct real tokens are distinct (the KV cache
 manager guarantees it), so the write order does not matter.
 
-The native implementation selects valid rows with a data-dependent mask, so it is not inlined by the
-compile lowering (``inline_native=False``): the lowered graph calls it as an opaque op.
+The native implementation has no data-dependent shapes and no host sync (so it is CUDA-graph capturable and
+the compile lowering can inline it): a padding token is redirected to repeat the write of the first real
+token (same slot, same data), and when there is no real token every row rewrites slot 0 with its own
+current contents. Duplicate writes then carry identical data, so their order cannot matter.
 """
 
 from __future__ import annotations
@@ -26,7 +28,20 @@ def _example(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ..
     return key, key.clone(), cache, cache.clone(), slots
 
 
-@op(mutates_args=("key_cache", "value_cache"), example=_example, inline_native=False)
+def _write(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> None:
+    """cache.view(slots)[slots[i]] = rows[i] with padding rows redirected as described above."""
+    num_tokens = rows.shape[0]
+    flat = cache.view(cache.shape[0] * cache.shape[1], -1)  # [num_slots, kv_heads * head_size]
+    data = rows.reshape(num_tokens, -1).to(cache.dtype)
+    first = torch.argmax(valid.to(torch.int32))  # first real token (0 when there is none)
+    any_valid = valid[first]
+    source = torch.where(valid, torch.arange(num_tokens, device=rows.device), first)
+    target = torch.where(any_valid, slots.index_select(0, source), torch.zeros_like(slots))
+    data = torch.where(any_valid, data.index_select(0, source), flat[0].unsqueeze(0).expand_as(data))
+    flat.index_copy_(0, target, data)
+
+
+@op(mutates_args=("key_cache", "value_cache"), example=_example)
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -35,8 +50,8 @@ def reshape_and_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value rows into the paged caches at ``slot_mapping`` (negative slots skipped)."""
-    num_slots = key_cache.shape[0] * key_cache.shape[1]
+    if key.shape[0] == 0:
+        return
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    key_cache.view(num_slots, *key_cache.shape[2:])[slots] = key[valid].to(key_cache.dtype)
-    value_cache.view(num_slots, *value_cache.shape[2:])[slots] = value[valid].to(value_cache.dtype)
+    _write(key_cache, key, slot_mapping, valid)
+    _write(value_cache, value, slot_mapping, valid)
