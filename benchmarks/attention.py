@@ -2,7 +2,8 @@
 
 One attention layer (32 query heads, 8 KV heads, head_dim 128, block 16, shuffled physical blocks), timed with
 CUDA events around ``impl.forward`` (the KV write of the step's new tokens included; FlashInfer's per-step plan
-excluded, as it is paid once per step for all layers). Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k,
+excluded, as it is paid once per step for all layers), replayed from a CUDA graph when the forward can be captured
+(so launch overhead is not counted, as in the engine's decode graphs), else eagerly (``mode`` says which). Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k,
 and a prefill (4 x 2048 tokens) plus a mixed batch. Reports achieved GB/s of KV read (``sum(seq_len) * nkv *
 head_dim * 2 (K, V) * 2 bytes``) against the device's own copy bandwidth measured in the same run, and TFLOP/s
 for prefill. The torch reference runs only where it finishes quickly.
@@ -67,27 +68,41 @@ def make_step(requests: list[tuple[int, int]], seed: int = 0):
     return q, k, v, kv_cache, md
 
 
-def time_backend(name: str, step, iters: int) -> float:
-    """Median milliseconds of one layer's forward."""
+def time_backend(name: str, step, iters: int) -> tuple[float, str]:
+    """Mean milliseconds of one layer's forward, replayed from a CUDA graph when it can be captured."""
     q, k, v, kv_cache, md = step
     backend = get_attn_backend(name, "cuda")
     builder = backend.get_builder_cls()(BLOCK_SIZE, "cuda")
     impl = backend.get_impl_cls()(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
     attn_md = builder.build(md)
     out = torch.empty_like(q)
+
+    def forward() -> None:
+        impl.forward(q, k, v, kv_cache, attn_md, out)
+
     for _ in range(3):
-        impl.forward(q, k, v, kv_cache, attn_md, out)
+        forward()
     torch.cuda.synchronize()
-    times = []
+    run, mode = forward, "eager"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        torch.cuda.synchronize()
+        run, mode = graph.replay, "graph"
+    except Exception:  # host syncs or CPU work inside forward: time it eagerly
+        torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        impl.forward(q, k, v, kv_cache, attn_md, out)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters, mode
 
 
 def copy_bandwidth_gbs() -> float:
@@ -140,8 +155,8 @@ def main() -> None:
         for name in backends:
             if name == "torch" and len(requests) > 64:
                 continue  # a Python loop over requests; too slow to be a useful baseline at this size
-            ms = time_backend(name, step, args.iters)
-            rows.append({"workload": label, "backend": name, "ms": ms,
+            ms, mode = time_backend(name, step, args.iters)
+            rows.append({"workload": label, "backend": name, "mode": mode, "ms": ms,
                          "kv_read_gbs": kv_bytes / (ms * 1e-3) / 1e9, "tflops": flops / (ms * 1e-3) / 1e12})  # fmt: skip
         del step
         torch.cuda.empty_cache()
