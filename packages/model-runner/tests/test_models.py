@@ -34,7 +34,9 @@ def _config(arch: str) -> Any:
     if arch == "llama":
         rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
-        return tf.LlamaConfig(**COMMON, rope_parameters=rope), tf.LlamaForCausalLM
+        return tf.LlamaConfig(
+            **COMMON, rope_parameters=rope, attention_bias=True, mlp_bias=True
+        ), tf.LlamaForCausalLM
     if arch == "mistral":  # sliding window over every layer, short enough to matter
         return tf.MistralConfig(**COMMON, head_dim=16, sliding_window=7), tf.MistralForCausalLM
     if arch == "qwen2":

@@ -20,14 +20,18 @@ _ACTIVATIONS = {
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu") -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False
+    ) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"hidden activation {activation!r} is not supported; supported: {', '.join(_ACTIVATIONS)}"
             )
-        self.gate_up_proj = StackedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size})
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = StackedLinear(
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias
+        )
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_and_mul = getattr(ops, _ACTIVATIONS[activation])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,10 @@ class LlamaSelfAttention(nn.Module):
         self.qkv_proj = StackedLinear(
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        # attention_bias (Llama, Qwen3) covers q, k, v and o; Qwen2's always-on bias covers q, k, v only
+        self.o_proj = nn.Linear(
+            self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False))
+        )
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb  # shared by every layer (one cos/sin table)
@@ -76,9 +79,8 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = LlamaSelfAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
-        self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu")
-        )
+        act, mlp_bias = getattr(config, "hidden_act", "silu"), bool(getattr(config, "mlp_bias", False))
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act, bias=mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
