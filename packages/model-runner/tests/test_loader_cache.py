@@ -142,3 +142,19 @@ def test_outdated_conversion_is_replaced(source: Path, tmp_path: Path, stale: st
     assert is_converted(out, "fp-new", torch.float32) and visible(out.parent) == ["m"]
     # another dtype is another conversion
     assert not is_converted(out, "fp-new", torch.bfloat16)
+
+
+def test_progress_bar_goes_to_stderr(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TREADLE_CONVERSION_PROGRESS", "1")
+    convert_gguf_cached(source, tmp_path / "cache" / "m", "fp", convert=fake_convert())
+    captured = capfd.readouterr()
+    assert "converting m.gguf" in captured.err and captured.out == ""
+
+
+def test_unwritable_cache_says_which_variable_to_set(source: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"cannot write the converted model under .*file.*TREADLE_CACHE_DIR"):
+        convert_gguf_cached(source, blocker / "models" / "m", "fp", convert=fake_convert())

@@ -286,3 +286,17 @@ def test_resolve_model_converts_a_gguf_file_once_into_the_cache(
         torch.testing.assert_close(got["model.embed_tokens.weight"], expected["model.embed_tokens.weight"])
     converted = [p for p in (tmp_path / "cache" / "models" / "gguf").iterdir() if not p.name.startswith(".")]
     assert converted == [resolved.path]  # converted once, then reused
+
+
+def test_large_conversions_are_sharded_with_an_index(tiny_gguf: tuple[Path, dict], tmp_path: Path) -> None:
+    path, expected = tiny_gguf
+    out = tmp_path / "sharded"
+    out.mkdir()
+    convert_gguf(path, out, max_shard_bytes=64 * 1024)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(expected) and set(index["weight_map"].values()) == set(shards)
+    got = dict(iterate_weights(out))
+    for name, ref in expected.items():
+        torch.testing.assert_close(got[name], ref, rtol=0, atol=1e-6, msg=name)

@@ -112,7 +112,14 @@ def convert_gguf_cached(
     """
     if is_converted(out_dir, fingerprint, dtype):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        (out_dir.parent / f".{out_dir.name}.lock").touch()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write the converted model under {out_dir.parent} ({exc}); point TREADLE_CACHE_DIR at a "
+            "writable directory"
+        ) from exc
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
         if is_converted(out_dir, fingerprint, dtype):  # another process finished while we waited
             return out_dir
