@@ -3,7 +3,8 @@
 Launch configuration is chosen on the host from integers the metadata already carries (no device sync):
 
 - tile shape: ``BLOCK_M`` rows = ``BLOCK_Q`` query tokens x ``G`` heads of one KV group; 16 rows when every query
-  is short (decode, speculative tails), 64 otherwise (prefill and mixed batches);
+  is short (decode, speculative tails), 64 otherwise (prefill); a mixed batch is launched twice, 16-row tiles for
+  its short queries and 64-row tiles for its long ones (the builder records the step's shortest query);
 - split-KV (flash-decoding): only when every request fits one query tile, and the ``num_reqs x num_kv_heads``
   programs would leave the GPU's SMs idle; the split count depends on the batch shape only (never on context
   lengths), so a CUDA graph captured for a batch size stays correct as contexts grow.
@@ -68,7 +69,7 @@ def choose_launch_config(
     if max_query_len * group <= small_rows:
         block_m = small_rows
     else:
-        block_m = max(64 if on_gpu else 16, _next_pow2(group))
+        block_m = max(64 if on_gpu else 32, _next_pow2(group))
     block_q = max(1, block_m // group)
     block_n = 64 if on_gpu else 16
     num_splits = 1
@@ -84,54 +85,58 @@ def choose_launch_config(
     return LaunchConfig(block_m, block_q, block_n, num_splits, 4, 2 if on_gpu else 1)
 
 
-def paged_attention(
-    query: torch.Tensor,  # [T, nh, d]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, nkv, d]
+@dataclass
+class TritonAttentionMetadata:
+    """The common metadata plus the shortest query of the step (decides the mixed-batch double launch)."""
+
+    common: AttentionMetadata
+    min_query_len: int  # tokens of the shortest query this step
+
+
+class TritonMetadataBuilder(AttentionMetadataBuilder):
+    def build(self, common: AttentionMetadata) -> TritonAttentionMetadata:
+        qsl = common.query_start_loc_cpu
+        min_query_len = int((qsl[1:] - qsl[:-1]).min()) if qsl.shape[0] > 1 else 0
+        return TritonAttentionMetadata(common, min_query_len)
+
+
+def _launch(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
     md: AttentionMetadata,
-    output: torch.Tensor,  # [T, nh, d]
+    output: torch.Tensor,
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None,
-    force_num_splits: int | None = None,
-) -> torch.Tensor:
-    """Attend ``query`` over the paged cache (new K/V already written) with the unified Triton kernel."""
+    cfg: LaunchConfig,
+    q_len_range: tuple[int, int],
+) -> None:
     from treadle_kernels.attention.triton_kernel import paged_attention_kernel, reduce_splits_kernel
 
-    num_tokens = md.num_actual_tokens
-    num_reqs = md.num_reqs
-    if num_tokens == 0 or num_reqs == 0:
-        return output
+    num_tokens, num_reqs = md.num_actual_tokens, md.num_reqs
     num_heads, head_dim = query.shape[1], query.shape[2]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    cfg = choose_launch_config(
-        query.device, num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits
-    )
     head_dim_pad = max(16, _next_pow2(head_dim))
-    num_tiles = num_tokens // cfg.block_q + num_reqs
-    grid = (num_tiles, num_kv_heads, cfg.num_splits)
+    grid = (num_tokens // cfg.block_q + num_reqs, num_kv_heads, cfg.num_splits)
     if cfg.num_splits == 1:
         target, part_m, part_l = output, output, output
         stride_t, stride_h, stride_s = output.stride(0), output.stride(1), 0
     else:
         # [T, nh, splits, d_pad] fp32 partial accumulators + [T, nh, splits] running max / sum
-        target = torch.empty(
-            num_tokens, num_heads, cfg.num_splits, head_dim_pad, dtype=torch.float32, device=query.device
-        )
+        target = torch.empty(num_tokens, num_heads, cfg.num_splits, head_dim_pad, dtype=torch.float32,
+                             device=query.device)  # fmt: skip
         part_m = torch.empty(num_tokens, num_heads, cfg.num_splits, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
         stride_t, stride_h, stride_s = target.stride(0), target.stride(1), target.stride(2)
     paged_attention_kernel[grid](
         target, part_m, part_l, query, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
-        num_reqs, scale, logits_soft_cap or 0.0, sliding_window or 0,
+        num_reqs, q_len_range[0], q_len_range[1], scale, logits_soft_cap or 0.0, sliding_window or 0,
         query.stride(0), query.stride(1), stride_t, stride_h, stride_s,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         md.block_table.stride(0),
-        G=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
+        G=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SPLITS=cfg.num_splits,
         CAUSAL=md.causal, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
@@ -143,6 +148,37 @@ def paged_attention(
             output, target, part_m, part_l, num_heads, output.stride(0), output.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=cfg.num_splits, num_warps=4,
         )  # fmt: skip
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, nh, d]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, nkv, d]
+    md: AttentionMetadata,
+    output: torch.Tensor,  # [T, nh, d]
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+    force_num_splits: int | None = None,
+    min_query_len: int = 1,
+) -> torch.Tensor:
+    """Attend ``query`` over the paged cache (new K/V already written) with the unified Triton kernel."""
+    if md.num_actual_tokens == 0 or md.num_reqs == 0:
+        return output
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    num_kv_heads = kv_cache.shape[3]
+    group = query.shape[1] // num_kv_heads
+    args = (query, kv_cache, md, output, scale, sliding_window, logits_soft_cap)
+    cfg = choose_launch_config(
+        query.device, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits
+    )
+    short = choose_launch_config(query.device, md.num_reqs, 1, num_kv_heads, group, 1)
+    if cfg.block_m > short.block_m and min_query_len <= short.block_q:
+        # mixed batch: short queries (decodes) in small tiles, long ones (prefills) in large tiles
+        _launch(*args, short, (0, short.block_q))
+        _launch(*args, cfg, (short.block_q + 1, md.max_query_len))
+    else:
+        _launch(*args, cfg, (0, md.max_query_len))
     return output
 
 
@@ -155,17 +191,18 @@ class TritonAttentionImpl(AttentionImpl):
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
+        attn_metadata: TritonAttentionMetadata,
         output: torch.Tensor,
     ) -> torch.Tensor:
-        write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping)
+        md = attn_metadata.common
+        write_kv_cache(key, value, kv_cache, md.slot_mapping)
         return paged_attention(
-            query, kv_cache, attn_metadata, output, self.scale, self.sliding_window, self.logits_soft_cap,
-            self.force_num_splits,
+            query, kv_cache, md, output, self.scale, self.sliding_window, self.logits_soft_cap,
+            self.force_num_splits, attn_metadata.min_query_len,
         )  # fmt: skip
 
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
-    builder_cls = AttentionMetadataBuilder
+    builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

@@ -15,6 +15,10 @@ a sliding window ``W``, ``first position - W + 1``. It walks that range in ``BLO
 and keeps an online softmax (running max ``m``, sum ``l``, fp32 accumulator). Masking is per element: causal,
 window, context end. Fully masked rows keep ``m = -inf`` and are guarded against ``inf - inf``.
 
+Mixed batches: a 64-row tile wastes 15/16 of its rows on a decode token, so the host may launch the kernel twice
+over the same metadata, once with 16-row tiles for the requests whose query is short and once with 64-row tiles
+for the rest (``min_q_len``/``max_q_len`` select a program's requests; the others exit at once).
+
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range is cut into ``NUM_SPLITS`` contiguous segments
 (split count fixed by the caller from the batch shape only, so CUDA graphs stay valid as contexts grow); each
 program writes its unnormalised accumulator and ``(m, l)`` to fp32 scratch, and ``_reduce_splits_kernel`` merges
@@ -56,6 +60,8 @@ def paged_attention_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     num_reqs,
+    min_q_len,  # this launch serves only requests with min_q_len <= query_len <= max_q_len
+    max_q_len,
     scale,
     soft_cap,
     window,
@@ -93,7 +99,7 @@ def paged_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     q_tile = tile - (q_start // BLOCK_Q + req)
-    if q_tile * BLOCK_Q >= q_len:
+    if (q_tile * BLOCK_Q >= q_len) or (q_len < min_q_len) or (q_len > max_q_len):
         return
     seq_len = tl.load(seq_lens_ptr + req)
     context_len = seq_len - q_len
