@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 import queue
+import shutil
 import signal
 import threading
 import traceback
@@ -32,7 +33,8 @@ from treadle_engine_core.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-PROCESS_NAME = "treadle-engine-core"
+PROCESS_NAME = "treadle-engine-core"  # multiprocessing's name; `ps -o comm` shows COMM_NAME (15 bytes max)
+COMM_NAME = "treadle-engine"
 _PARENT_POLL_MS = 100
 _STOP = object()  # input-queue sentinel: leave the loop
 
@@ -49,7 +51,7 @@ def set_process_name(name: str) -> None:
 
 def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
     """Entry point of the spawned process."""
-    set_process_name(PROCESS_NAME)
+    set_process_name(COMM_NAME)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s"
     )
@@ -100,6 +102,8 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str, 
         out_q.put(_STOP)
         t_out.join(timeout=5)
         t_in.join(timeout=1)
+        if os.getppid() != parent_pid:  # orphaned: nobody else will remove the socket directory
+            shutil.rmtree(os.path.dirname(input_addr.removeprefix("ipc://")), ignore_errors=True)
         try:
             engine.shutdown()
         except Exception:
