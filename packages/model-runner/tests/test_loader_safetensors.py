@@ -167,3 +167,33 @@ def test_dummy_weights_on_gpu() -> None:
     load_dummy_weights(model, seed=1)
     weight = model.model.embed_tokens.weight
     assert weight.device.type == "cuda" and abs(weight.float().std().item() - 0.02) < 0.002
+
+
+def test_yielded_tensors_are_writable_without_touching_the_file(tmp_path: Path) -> None:
+    tensors = random_tensors(4)
+    path = write_single(tmp_path / "m", tensors)
+    before = (path / "model.safetensors").read_bytes()
+    got = dict(iterate_weights(path))
+    got["model.norm.weight"].add_(1.0)  # copy-on-write: the model may own and modify what it is given
+    torch.testing.assert_close(got["model.norm.weight"], tensors["model.norm.weight"] + 1.0)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert torch.equal(dict(iterate_weights(path))["model.norm.weight"], tensors["model.norm.weight"])
+
+
+def test_unaligned_tensor_data_is_read_correctly(tmp_path: Path) -> None:
+    import struct
+
+    values = torch.randn(3)
+    header = {
+        "flag": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "w": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]},  # starts at an odd byte
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(tiny_llama_config()))
+    data = struct.pack("<Q", len(raw)) + raw + bytes([7]) + values.numpy().tobytes()
+    (path / "model.safetensors").write_bytes(data)
+    got = dict(iterate_weights(path))
+    assert torch.equal(got["w"], values) and got["flag"].tolist() == [7]

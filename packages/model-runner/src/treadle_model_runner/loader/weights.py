@@ -2,8 +2,9 @@
 
 Theory: an HF directory holds ``config.json`` and either one ``model.safetensors`` or shards named by
 ``model.safetensors.index.json`` (its ``weight_map`` sends each tensor name to a shard file). Weights are
-yielded lazily, one ``(hf_name, tensor)`` pair at a time, shard by shard, so peak host memory stays at one
-tensor beyond what the model itself holds.
+yielded lazily, one ``(hf_name, tensor)`` pair at a time, shard by shard, as views of the memory-mapped file
+(:mod:`treadle_model_runner.loader.mapped_file`), so loading is one copy from the page cache into the
+model's parameters and peak host memory stays at what the model itself holds.
 
 Invariants:
 - Every problem found on disk raises ``ValueError`` naming the file and the problem, before or while the
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from treadle_model_runner.loader.mapped_file import MappedSafetensors
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +143,12 @@ def iterate_safetensors(path: Path, dtype: torch.dtype | None = None) -> Iterato
     logger.info("reading %d safetensors file(s) from %s", len(plan.files), path)
     for file in plan.files:
         try:
+            mapped = MappedSafetensors(file)
             with safe_open(str(file), framework="pt") as handle:
                 for name in plan.names[file]:
-                    tensor = handle.get_tensor(name)
+                    tensor = mapped.get(name)
+                    if tensor is None:
+                        tensor = handle.get_tensor(name)
                     yield name, tensor if dtype is None else tensor.to(dtype)
         except SafetensorError as exc:
             raise ValueError(f"safetensors file {file} is corrupt or truncated ({exc})") from exc
