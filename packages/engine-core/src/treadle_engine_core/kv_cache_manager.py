@@ -43,6 +43,7 @@ class KVCacheManager:
         self.num_groups = len(kv_cache_config.groups)
         self.windows = [g.sliding_window for g in kv_cache_config.groups]
         self.has_sliding_window = any(w is not None for w in self.windows)
+        self.is_single_full_group = self.windows == [None]
         self.enable_caching = enable_caching
         self.pool = BlockPool(kv_cache_config.num_blocks, self.num_groups, enable_caching)
         self.req_blocks: dict[str, list[list[KVCacheBlock]]] = {}  # request id -> per group block table
@@ -109,16 +110,23 @@ class KVCacheManager:
         bs = self.block_size
         rid = request.request_id
         tables = self.req_blocks.get(rid)
-        num_computed = request.num_computed_tokens + num_new_computed_tokens
-        num_total = num_computed + num_new_tokens + num_lookahead_tokens
-        num_known = min(num_computed + num_new_tokens, request.num_tokens)  # tokens with known ids
-        # Fast path: one full-attention group, no hits, tables already long enough, nothing to publish.
-        if tables is not None and not new_computed_blocks and not self.has_sliding_window:
-            table = tables[0]
-            if cdiv(num_total, bs) <= len(table) and (
-                not self.enable_caching or num_known // bs <= self.num_cached_blocks[rid]
-            ):
-                return NO_NEW_BLOCKS
+        num_after = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        # Fast path (every decode step but one in block_size): one full-attention group, no hits, the table
+        # already has room, no block became full.
+        if (
+            tables is not None
+            and self.is_single_full_group
+            and not new_computed_blocks
+            and num_after + num_lookahead_tokens <= len(tables[0]) * bs
+            and (
+                not self.enable_caching
+                or min(num_after, len(request.all_token_ids)) // bs <= self.num_cached_blocks[rid]
+            )
+        ):
+            return NO_NEW_BLOCKS
+        num_computed = num_after - num_new_tokens
+        num_total = num_after + num_lookahead_tokens
+        num_known = min(num_after, request.num_tokens)  # tokens whose ids are known (no placeholders)
         if tables is None:
             tables = [[] for _ in range(self.num_groups)]
         if self.has_sliding_window:

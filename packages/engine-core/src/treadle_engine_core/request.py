@@ -57,11 +57,11 @@ _FINISH_REASONS = {
 
 class Request:
     __slots__ = (
-        "_max_tokens",
         "all_token_ids",
         "arrival_time",
         "block_hashes",
         "cache_salt",
+        "max_tokens",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_output_placeholders",
@@ -102,11 +102,11 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks (see block_hash.py)
         self.stop_reason: int | str | None = None  # the stop token id that ended it, if any
-        # Resolved output cap: max_tokens, or the rest of the context when max_tokens is None.
+        # Most output tokens it may produce: max_tokens, or the rest of the context when max_tokens is None.
         max_tokens = sampling_params.max_tokens
         if max_tokens is None:
             max_tokens = (max_model_len - self.num_prompt_tokens) if max_model_len is not None else 1 << 62
-        self._max_tokens = max_tokens
+        self.max_tokens: int = max_tokens
 
     # ---- sizes ------------------------------------------------------------------------------------
     @property
@@ -120,11 +120,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def max_tokens(self) -> int:
-        """Most output tokens this request may produce (max_tokens, or the rest of max_model_len)."""
-        return self._max_tokens
 
     # ---- state ------------------------------------------------------------------------------------
     @property

@@ -36,6 +36,8 @@ from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestD
 
 logger = logging.getLogger(__name__)
 
+_NO_TOKENS: list[int] = []
+
 
 def validate_request_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
     """Raise ValueError (HTTP 400) for a request that can never fit max_model_len (API.md's message)."""
@@ -135,21 +137,24 @@ class Scheduler:
         preempted: set[str] = set()
 
         running = self.running
+        async_sched = self.async_scheduling
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            num_new = req.num_tokens_with_placeholders - req.num_computed_tokens
-            if req.num_output_placeholders and (
-                req.num_output_tokens + req.num_output_placeholders >= req.max_tokens
-                or req.num_tokens_with_placeholders >= max_len
+            num_computed = req.num_computed_tokens
+            num_placeholders = req.num_output_placeholders
+            num_tokens = len(req.all_token_ids) + num_placeholders
+            num_new = num_tokens - num_computed
+            if num_placeholders and (
+                len(req.output_token_ids) + num_placeholders >= req.max_tokens or num_tokens >= max_len
             ):
                 num_new = 0  # the tokens in flight already end it
             if threshold and num_new > threshold:
                 num_new = threshold
             if num_new > budget:
                 num_new = budget
-            if num_new > max_len - req.num_computed_tokens:
-                num_new = max_len - req.num_computed_tokens
+            if num_new > max_len - num_computed:
+                num_new = max_len - num_computed
             if num_new <= 0:
                 i += 1
                 continue
@@ -163,26 +168,25 @@ class Scheduler:
                 new_blocks = kv.allocate_slots(req, num_new)
             if new_blocks is None:
                 continue  # req itself was preempted; running[i] is now the next request
-            num_scheduled[req.request_id] = num_new
+            rid = req.request_id
+            num_scheduled[rid] = num_new
             budget -= num_new
-            cached.req_ids.append(req.request_id)
+            cached.req_ids.append(rid)
             cached.new_block_ids.append(new_blocks or None)
-            cached.num_computed_tokens.append(req.num_computed_tokens)
+            cached.num_computed_tokens.append(num_computed)
+            req.num_computed_tokens = num_computed + num_new
+            if async_sched and num_computed + num_new >= num_tokens:
+                req.num_output_placeholders = num_placeholders + 1  # it samples a token we will not see yet
             i += 1
 
         if not preempted:
-            self._admit_waiting(budget, num_scheduled, new_reqs)
+            budget = self._admit_waiting(budget, num_scheduled, new_reqs)
 
-        for rid, n in num_scheduled.items():
-            req = self.requests[rid]
-            req.num_computed_tokens += n
-            if self.async_scheduling and req.num_computed_tokens >= req.num_tokens_with_placeholders:
-                req.num_output_placeholders += 1
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached,
             num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids=preempted,
         )
@@ -211,7 +215,9 @@ class Scheduler:
             kv.record_prefix_lookup(req.num_tokens, num_hit)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_hit
+            req.num_computed_tokens = num_hit + num_new
+            if self.async_scheduling and req.num_computed_tokens >= req.num_tokens:
+                req.num_output_placeholders = 1
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
             new_reqs.append(
@@ -226,6 +232,7 @@ class Scheduler:
             )
             num_scheduled[req.request_id] = num_new
             budget -= num_new
+        return budget
 
     def _pick_victim(self, first: int) -> Request:
         """The running request to preempt, among those not yet scheduled this step (index >= first)."""
@@ -256,25 +263,34 @@ class Scheduler:
         prompt_logprobs = mro.prompt_logprobs
         eos, max_len = self.eos_token_ids, self.max_model_len
         any_running_finished = False
+        running_status = RequestStatus.RUNNING
         for rid in so.num_scheduled_tokens:
             req = requests.get(rid)
             if req is None:
                 continue  # aborted or finished while this step ran
             j = index.get(rid)
-            new = sampled[j] if j is not None else []
+            new = sampled[j] if j is not None else _NO_TOKENS
             plp = prompt_logprobs.get(rid) if prompt_logprobs else None
             if not new and not plp:
                 continue
             if req.num_output_placeholders:
                 req.num_output_placeholders = max(0, req.num_output_placeholders - len(new))
-            first_output = not req.output_token_ids
-            was_running = req.status == RequestStatus.RUNNING
+            output_ids = req.output_token_ids
+            first_output = not output_ids
+            was_running = req.status is running_status
             appended = new
             stopped = False
-            if len(new) == 1 and req.num_output_tokens < req.max_tokens:
-                req.output_token_ids.append(new[0])
-                req.all_token_ids.append(new[0])
-                stopped = check_stop(req, new[0], eos, max_len)
+            if len(new) == 1 and len(output_ids) < req.max_tokens:
+                tok = new[0]
+                output_ids.append(tok)
+                req.all_token_ids.append(tok)
+                if (
+                    tok in eos
+                    or tok in req.sampling_params.all_stop_token_ids
+                    or len(output_ids) >= req.max_tokens
+                    or len(req.all_token_ids) >= max_len
+                ):
+                    stopped = check_stop(req, tok, eos, max_len)
             elif new:
                 appended, stopped = self._append_many(req, new)
             if appended:
@@ -284,6 +300,7 @@ class Scheduler:
             lps = all_logprobs[j] if (all_logprobs and j is not None) else None
             if lps is not None and len(lps) != len(appended):
                 lps = lps[: len(appended)]
+            num_cached = req.num_cached_tokens if req.num_cached_tokens > 0 else 0
             if stopped:
                 finished.append(rid)
                 if was_running:
@@ -291,17 +308,11 @@ class Scheduler:
                 else:
                     self.waiting.remove(req)  # preempted with a token in flight
                 self._free(req)
-            outputs.append(
-                EngineCoreOutput(
-                    request_id=rid,
-                    new_token_ids=appended,
-                    new_logprobs=lps,
-                    new_prompt_logprobs=plp,
-                    finish_reason=req.finish_reason,
-                    stop_reason=req.stop_reason,
-                    num_cached_tokens=max(0, req.num_cached_tokens),
+                outputs.append(
+                    EngineCoreOutput(rid, appended, lps, plp, req.finish_reason, req.stop_reason, num_cached)
                 )
-            )
+            else:
+                outputs.append(EngineCoreOutput(rid, appended, lps, plp, None, None, num_cached))
         if any_running_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return EngineCoreOutputs(
