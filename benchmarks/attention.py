@@ -3,10 +3,10 @@
 One attention layer (32 query heads, 8 KV heads, head_dim 128, block 16, shuffled physical blocks), timed with
 CUDA events around ``impl.forward`` (the KV write of the step's new tokens included; FlashInfer's per-step plan
 excluded, as it is paid once per step for all layers), replayed from a CUDA graph when the forward can be captured
-(so launch overhead is not counted, as in the engine's decode graphs), else eagerly (``mode`` says which). Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k,
-and a prefill (4 x 2048 tokens) plus a mixed batch. Reports achieved GB/s of KV read (``sum(seq_len) * nkv *
-head_dim * 2 (K, V) * 2 bytes``) against the device's own copy bandwidth measured in the same run, and TFLOP/s
-for prefill. The torch reference runs only where it finishes quickly.
+(so launch overhead is not counted, as in the engine's decode graphs), else eagerly (``mode`` says which).
+Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k, a prefill (4 x 2048 tokens) and a mixed batch.
+Reports achieved GB/s of KV read (``sum(seq_len) * nkv * head_dim * 2 (K, V) * 2 bytes``) against the device's
+own copy bandwidth measured in the same run, and TFLOP/s for prefill. The torch reference runs only where it finishes quickly.
 
     python benchmarks/attention.py results.json [--backends triton,flashinfer,torch]
 
@@ -180,10 +180,11 @@ def main() -> None:
     }
     args.output.write_text(json.dumps(result, indent=2))
     print(f"{result['device']}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    print(f"{'workload':44} {'backend':11} {'ms':>9} {'KV GB/s':>9} {'TFLOP/s':>8}")
+    print(f"{'workload':44} {'backend':11} {'mode':6} {'ms':>9} {'KV GB/s':>9} {'TFLOP/s':>8}")
     for r in rows:
         print(
-            f"{r['workload']:44} {r['backend']:11} {r['ms']:9.4f} {r['kv_read_gbs']:9.0f} {r['tflops']:8.1f}"
+            f"{r['workload']:44} {r['backend']:11} {r['mode']:6} {r['ms']:9.4f} {r['kv_read_gbs']:9.0f} "
+            f"{r['tflops']:8.1f}"
         )
 
 
