@@ -28,11 +28,13 @@ pytestmark = pytest.mark.timeout(120)
 MAX_LEN = 256
 
 
-def _config(**fake: object) -> EngineConfig:
+def _config(async_scheduling: bool = False, **fake: object) -> EngineConfig:
     return EngineConfig(
         model_config=ModelConfig(model="fake", max_model_len=MAX_LEN),
         cache_config=CacheConfig(block_size=8, num_gpu_blocks_override=160),
-        scheduler_config=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=16, max_num_batched_tokens=128, async_scheduling=async_scheduling
+        ),
         executor="fake",
         fake_runner=FakeRunnerConfig(**fake),  # type: ignore[arg-type]
     )
@@ -56,9 +58,10 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
     return _is_gone(pid)
 
 
-def test_fifty_requests_ten_aborted_midway() -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_fifty_requests_ten_aborted_midway(async_scheduling: bool) -> None:
     fake = FakeRunnerConfig(eos_every=0, step_delay_s=0.002)
-    client = AsyncMPClient(_config(eos_every=0, step_delay_s=0.002))
+    client = AsyncMPClient(_config(async_scheduling, eos_every=0, step_delay_s=0.002))
     pid = client.proc.pid
     assert client.ready.max_model_len == MAX_LEN and client.ready.num_kv_blocks == 159
     shared = list(range(10, 42))  # 4 full blocks every request shares

@@ -27,9 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 class _Runner(Protocol):
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: set[int]
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> set[int]: ...
 
     def initialize_kv_cache(self) -> KVCacheConfig: ...
 
@@ -105,7 +110,7 @@ class InprocExecutor(Executor):
             max_num_batched_tokens=sc.max_num_batched_tokens,
         )
         runner.load_model()
-        return runner  # type: ignore[no-any-return]
+        return runner
 
 
 class FakeExecutor(Executor):

@@ -31,7 +31,7 @@ from treadle_engine_core import messages as msg
 from treadle_engine_core.client import EngineCoreClient, EngineDeadError
 from treadle_engine_core.config import EngineConfig
 from treadle_engine_core.engine_process import PROCESS_NAME, run_engine_process
-from treadle_engine_core.scheduler import validate_request_length
+from treadle_engine_core.request import validate_request_length
 
 logger = logging.getLogger(__name__)
 

@@ -139,3 +139,16 @@ class Request:
             f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
             f"output={self.num_output_tokens}, computed={self.num_computed_tokens})"
         )
+
+
+def validate_request_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """Raise ValueError (HTTP 400) for a request that can never fit max_model_len (API.md's message)."""
+    if num_prompt_tokens == 0:
+        raise ValueError("The prompt is empty: it must contain at least one token.")
+    completion = 1 if max_tokens is None else max_tokens
+    if num_prompt_tokens + completion > max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + completion} tokens ({num_prompt_tokens} in the messages, {completion} in "
+            "the completion). Please reduce the length of the messages or completion."
+        )

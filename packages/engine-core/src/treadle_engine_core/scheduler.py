@@ -27,9 +27,9 @@ import time
 from treadle_engine_core.config import SchedulerConfig
 from treadle_engine_core.kv_cache_manager import KVCacheManager
 from treadle_engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
-from treadle_engine_core.request import Request, RequestStatus
+from treadle_engine_core.request import Request, RequestStatus, validate_request_length
 from treadle_engine_core.request_queue import make_queue
-from treadle_engine_core.stop import check_stop
+from treadle_engine_core.stop import append_and_check_stop, check_stop
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -37,19 +37,6 @@ from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestD
 logger = logging.getLogger(__name__)
 
 _NO_TOKENS: list[int] = []
-
-
-def validate_request_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
-    """Raise ValueError (HTTP 400) for a request that can never fit max_model_len (API.md's message)."""
-    if num_prompt_tokens == 0:
-        raise ValueError("The prompt is empty: it must contain at least one token.")
-    completion = 1 if max_tokens is None else max_tokens
-    if num_prompt_tokens + completion > max_model_len:
-        raise ValueError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + completion} tokens ({num_prompt_tokens} in the messages, {completion} in "
-            "the completion). Please reduce the length of the messages or completion."
-        )
 
 
 class Scheduler:
@@ -195,7 +182,8 @@ class Scheduler:
 
     def _admit_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
-    ) -> None:
+    ) -> int:
+        """Admit waiting requests while budget, max_num_seqs and blocks last; returns the budget left."""
         cfg = self.config
         kv = self.kv
         while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -292,7 +280,7 @@ class Scheduler:
                 ):
                     stopped = check_stop(req, tok, eos, max_len)
             elif new:
-                appended, stopped = self._append_many(req, new)
+                appended, stopped = append_and_check_stop(req, new, eos, max_len)
             if appended:
                 self.num_generation_tokens += len(appended)
                 if first_output:
@@ -321,18 +309,6 @@ class Scheduler:
             timestamp=time.monotonic(),
             finished_requests=finished,
         )
-
-    def _append_many(self, req: Request, new: list[int]) -> tuple[list[int], bool]:
-        appended: list[int] = []
-        for tok in new:
-            if req.num_output_tokens >= req.max_tokens:  # max_tokens == 0: prompt only
-                req.status = RequestStatus.FINISHED_LENGTH_CAPPED
-                return appended, True
-            req.append_output_token_ids([tok])
-            appended.append(tok)
-            if check_stop(req, tok, self.eos_token_ids, self.max_model_len):
-                return appended, True
-        return appended, False
 
     # ---- stats ------------------------------------------------------------------------------------
     def make_stats(self) -> SchedulerStats:

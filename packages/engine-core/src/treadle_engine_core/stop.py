@@ -28,3 +28,19 @@ def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int], m
         request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return True
     return False
+
+
+def append_and_check_stop(
+    request: Request, token_ids: list[int], eos_token_ids: frozenset[int], max_model_len: int
+) -> tuple[list[int], bool]:
+    """Append tokens one by one until the request ends; returns (tokens kept, ended)."""
+    kept: list[int] = []
+    for tok in token_ids:
+        if len(request.output_token_ids) >= request.max_tokens:  # max_tokens == 0: prompt only
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return kept, True
+        request.append_output_token_ids([tok])
+        kept.append(tok)
+        if check_stop(request, tok, eos_token_ids, max_model_len):
+            return kept, True
+    return kept, False
