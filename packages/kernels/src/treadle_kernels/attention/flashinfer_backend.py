@@ -49,12 +49,15 @@ def _import_flashinfer() -> Any:
 
 @dataclass
 class FlashInferMetadata:
-    """One step's common metadata plus FlashInfer's CSR page table and the wrappers planned so far."""
+    """One step's common metadata plus FlashInfer's CSR page table and the wrappers planned so far.
+
+    ``plan`` copies its index arrays to the device itself, so the host-side ones are kept on the host (no sync).
+    """
 
     common: AttentionMetadata
-    paged_kv_indptr: torch.Tensor  # [num_reqs + 1] int32 (device): prefix sums of pages per request
+    paged_kv_indptr: torch.Tensor  # [num_reqs + 1] int32 (host): prefix sums of pages per request
     paged_kv_indices: torch.Tensor  # [total_pages] int32 (device): physical page ids, request after request
-    paged_kv_last_page_len: torch.Tensor  # [num_reqs] int32 (device): tokens in each request's last page
+    paged_kv_last_page_len: torch.Tensor  # [num_reqs] int32 (host): tokens in each request's last page
     builder: FlashInferMetadataBuilder
     planned: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # layer signature -> planned wrapper
 
@@ -78,9 +81,9 @@ class FlashInferMetadataBuilder(AttentionMetadataBuilder):
         indices = table[used].to(torch.int32)  # row-major: request after request
         return FlashInferMetadata(
             common=common,
-            paged_kv_indptr=indptr.to(self.device, non_blocking=True),
+            paged_kv_indptr=indptr,
             paged_kv_indices=indices,
-            paged_kv_last_page_len=last_page_len.to(self.device, non_blocking=True),
+            paged_kv_last_page_len=last_page_len,
             builder=self,
         )
 
@@ -119,9 +122,8 @@ class FlashInferMetadataBuilder(AttentionMetadataBuilder):
                 q_data_type=dtype, kv_data_type=kv_dtype,
             )  # fmt: skip
         else:
-            qo_indptr = common.query_start_loc_cpu.to(self.device, non_blocking=True)
             wrapper.plan(
-                qo_indptr, md.paged_kv_indptr, md.paged_kv_indices, md.paged_kv_last_page_len,
+                common.query_start_loc_cpu, md.paged_kv_indptr, md.paged_kv_indices, md.paged_kv_last_page_len,
                 impl.num_heads, impl.num_kv_heads, impl.head_size, self.block_size,
                 causal=common.causal, window_left=window_left, logits_soft_cap=impl.logits_soft_cap,
                 sm_scale=impl.scale, q_data_type=dtype, kv_data_type=kv_dtype,
