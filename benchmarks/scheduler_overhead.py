@@ -111,12 +111,14 @@ def main() -> None:
     ap.add_argument("--device", default=f"cpu {os.cpu_count()}-core")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     results = [measure(n, args.steps, args.warmup) for n in args.num_requests]
     record = {
         "benchmark": "scheduler_overhead",
         "device": args.device,
         "cpu": platform.processor() or platform.machine(),
         "python": sys.version.split()[0],
+        "load_average_1m_before": round(load_before, 2),  # the CI machine is shared: other jobs add noise
         "commit": _commit(),
         "command": "python " + " ".join(sys.argv),
         "workload": (

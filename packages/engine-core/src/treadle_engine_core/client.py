@@ -128,3 +128,12 @@ class InprocClient(EngineCoreClient):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def __getattr__(name: str) -> Any:
+    """`from treadle_engine_core.client import AsyncMPClient` works too (they live in mp_client.py)."""
+    if name in ("AsyncMPClient", "SyncMPClient"):
+        from treadle_engine_core import mp_client
+
+        return getattr(mp_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
