@@ -68,6 +68,12 @@ def test_decode_split_kv(splits):
     compare(case, 4, 2, 16, torch.float32, window=None if splits == 1 else 9, splits=splits)
 
 
+def test_idle_request_and_padding():
+    """A request with no query tokens this step (and padded inputs) leaves the others' outputs intact."""
+    case = make_case([(6, 3), (10, 0), (0, 1)], 4, 2, 16, 4, device=DEVICE, seed=15, num_padding=3)
+    compare(case, 4, 2, 16, torch.float32)
+
+
 def test_matches_dense_reference_directly():
     case = make_case(MIXED, 4, 2, 16, 4, device=DEVICE, seed=14)
     out = run("triton", case, 4, 2, 16, window=5, cap=3.0)
@@ -99,6 +105,14 @@ def _gpu_batch(kind: str) -> list[tuple[int, int]]:
 def test_gpu_real_sizes(kind, window, cap):
     case = make_case(_gpu_batch(kind), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=21)
     compare(case, 32, 8, 128, torch.bfloat16, window, cap)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("nh", "nkv", "d"), [(9, 3, 64), (8, 4, 256)], ids=["smollm2", "gemma3"])
+def test_gpu_other_head_shapes(nh, nkv, d):
+    case = make_case(_gpu_batch("mixed"), nh, nkv, d, 16, dtype=torch.bfloat16, device="cuda", seed=23)
+    compare(case, nh, nkv, d, torch.bfloat16, window=512, cap=50.0)
 
 
 @pytest.mark.gpu
