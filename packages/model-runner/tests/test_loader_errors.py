@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_loader_gguf import tiny_gguf, write_tiny_gguf
 
 from treadle_model_runner import ModelConfig, envs
 from treadle_model_runner.loader import iterate_weights, resolve_model
+
+__all__ = ["tiny_gguf"]  # the fixture, re-exported so pytest finds it here
 
 CONFIG = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1}
 
@@ -180,3 +183,31 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert envs.TREADLE_CACHE_DIR() == tmp_path / "xdg" / "treadle"
     monkeypatch.setenv("TREADLE_CACHE_DIR", str(tmp_path / "mine"))
     assert envs.TREADLE_CACHE_DIR() == tmp_path / "mine"
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "other.gguf"
+    write_tiny_gguf(path, arch="bert")
+    with pytest.raises(ValueError, match=r"other\.gguf.*architecture 'bert'.*llama"):
+        list(iterate_weights(path))
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00garbage", b"not a gguf file at all"])
+def test_corrupt_gguf_is_named(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"broken\.gguf is corrupt, truncated or not a GGUF file"):
+        list(iterate_weights(path, "gguf"))
+
+
+def test_truncated_gguf_is_named(tiny_gguf: tuple[Path, dict], tmp_path: Path) -> None:
+    path, _ = tiny_gguf
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.gguf is corrupt, truncated"):
+        list(iterate_weights(cut))
+
+
+def test_missing_gguf_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"GGUF file .*absent\.gguf does not exist"):
+        list(iterate_weights(tmp_path / "absent.gguf"))

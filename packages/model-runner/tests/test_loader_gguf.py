@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -16,8 +17,6 @@ import pytest
 import torch
 
 from treadle_model_runner.loader import convert_gguf, iterate_weights
-from treadle_model_runner.loader.gguf_tokenizer import build_tokenizer
-from treadle_model_runner.loader.gguf_weights import open_gguf
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
@@ -66,10 +65,13 @@ def ref_dequant_q4_1(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def write_tiny_gguf(
-    path: Path, *, tied: bool = True, seed: int = 0, arch: str = "llama"
+    path: Path, *, tied: bool = True, seed: int = 0, arch: str = "llama", pre: str = "smollm"
 ) -> dict[str, torch.Tensor]:
-    """Write a 2-layer Llama GGUF; return the HF-named tensors the converter must produce."""
+    """Write a 2-layer Llama (or Qwen2: q/k/v biases, Qwen3: q/k norms and head_dim != hidden/heads) GGUF;
+    return the HF-named tensors the converter must produce."""
     gen = torch.Generator().manual_seed(seed)
+    head_dim = 32 if arch == "qwen3" else HEAD_DIM
+    permuted = arch == "llama"  # llama.cpp permutes q/k rows for Llama only
     tokens = vocab_tokens()
     vocab = len(tokens)
     writer = gguf.GGUFWriter(path, arch)
@@ -81,9 +83,12 @@ def write_tiny_gguf(
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(50000.0)
     writer.add_layer_norm_rms_eps(1e-6)
+    if arch == "qwen3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_vocab_size(vocab)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([3] * len(SPECIALS) + [1] * (vocab - len(SPECIALS)))
     writer.add_token_merges(MERGES)
@@ -120,22 +125,33 @@ def write_tiny_gguf(
     for i in range(LAYERS):
         p, h = f"blk.{i}.", f"model.layers.{i}."
         qkv_type = Q.Q4_1 if i == 0 else Q.F32
+        q_heads, kv_heads = (HEADS, KV_HEADS) if permuted else (None, None)
         add(
             p + "attn_q.weight",
             h + "self_attn.q_proj.weight",
-            rand(HEADS * HEAD_DIM, HIDDEN),
+            rand(HEADS * head_dim, HIDDEN),
             qkv_type,
-            HEADS,
+            q_heads,
         )
         add(
             p + "attn_k.weight",
             h + "self_attn.k_proj.weight",
-            rand(KV_HEADS * HEAD_DIM, HIDDEN),
+            rand(KV_HEADS * head_dim, HIDDEN),
             qkv_type,
-            KV_HEADS,
+            kv_heads,
         )
-        add(p + "attn_v.weight", h + "self_attn.v_proj.weight", rand(KV_HEADS * HEAD_DIM, HIDDEN), Q.Q8_0)
-        add(p + "attn_output.weight", h + "self_attn.o_proj.weight", rand(HIDDEN, HIDDEN), Q.Q4_1)
+        add(p + "attn_v.weight", h + "self_attn.v_proj.weight", rand(KV_HEADS * head_dim, HIDDEN), Q.Q8_0)
+        add(p + "attn_output.weight", h + "self_attn.o_proj.weight", rand(HIDDEN, HEADS * head_dim), Q.Q4_1)
+        if arch == "qwen2":
+            for proj, rows in (
+                ("q", HEADS * head_dim),
+                ("k", KV_HEADS * head_dim),
+                ("v", KV_HEADS * head_dim),
+            ):
+                add(f"{p}attn_{proj}.bias", f"{h}self_attn.{proj}_proj.bias", rand(rows), Q.F32)
+        if arch == "qwen3":
+            add(p + "attn_q_norm.weight", h + "self_attn.q_norm.weight", 1 + 0.1 * rand(head_dim), Q.F32)
+            add(p + "attn_k_norm.weight", h + "self_attn.k_norm.weight", 1 + 0.1 * rand(head_dim), Q.F32)
         add(p + "ffn_gate.weight", h + "mlp.gate_proj.weight", rand(FFN, HIDDEN), Q.Q4_1)
         add(p + "ffn_up.weight", h + "mlp.up_proj.weight", rand(FFN, HIDDEN), Q.Q8_0)
         add(p + "ffn_down.weight", h + "mlp.down_proj.weight", rand(HIDDEN, FFN), Q.Q4_1)
@@ -218,55 +234,6 @@ def test_converted_dir_matches_gguf_and_loads_in_transformers(
     assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # tied
 
 
-def test_tokenizer_from_gguf_metadata(tiny_gguf: tuple[Path, dict], tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
-    path, _ = tiny_gguf
-    tokens = vocab_tokens()
-    tokenizer = build_tokenizer(open_gguf(path))
-    ids = tokenizer.encode("hello world 12<|im_end|>").ids
-    # merges give "hello", "Ġwor"; digits split one by one; the control token matches whole
-    assert [tokens[i] for i in ids] == ["hello", "Ġwor", "l", "d", "Ġ", "1", "2", "<|im_end|>"]
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "hello world 12"
-    out = tmp_path / "hf"
-    out.mkdir()
-    convert_gguf(path, out)
-    hf_tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert hf_tokenizer.eos_token == "<|im_end|>" and hf_tokenizer.bos_token == "<|im_start|>"
-    assert hf_tokenizer.unk_token == "<|endoftext|>" and hf_tokenizer.pad_token == "<|im_end|>"
-    assert hf_tokenizer("hello").input_ids == [tokens.index("hello")]  # no BOS: add_bos_token false
-    text = hf_tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False)
-    assert text == "<|im_start|>user\nhello<|im_end|>\n"
-
-
-def test_unsupported_gguf_architecture_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "other.gguf"
-    write_tiny_gguf(path, arch="bert")
-    with pytest.raises(ValueError, match=r"other\.gguf.*architecture 'bert'.*llama"):
-        list(iterate_weights(path))
-
-
-@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00garbage", b"not a gguf file at all"])
-def test_corrupt_gguf_is_named(tmp_path: Path, content: bytes) -> None:
-    path = tmp_path / "broken.gguf"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=r"broken\.gguf is corrupt, truncated or not a GGUF file"):
-        list(iterate_weights(path, "gguf"))
-
-
-def test_truncated_gguf_is_named(tiny_gguf: tuple[Path, dict], tmp_path: Path) -> None:
-    path, _ = tiny_gguf
-    cut = tmp_path / "cut.gguf"
-    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"cut\.gguf is corrupt, truncated"):
-        list(iterate_weights(cut))
-
-
-def test_missing_gguf_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"GGUF file .*absent\.gguf does not exist"):
-        list(iterate_weights(tmp_path / "absent.gguf"))
-
-
 def test_resolve_model_converts_a_gguf_file_once_into_the_cache(
     tiny_gguf: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -300,3 +267,27 @@ def test_large_conversions_are_sharded_with_an_index(tiny_gguf: tuple[Path, dict
     got = dict(iterate_weights(out))
     for name, ref in expected.items():
         torch.testing.assert_close(got[name], ref, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_each_gguf_architecture_converts_to_a_complete_hf_model(tmp_path: Path, arch: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / f"{arch}.gguf"
+    expected = write_tiny_gguf(
+        path, tied=arch != "qwen2", arch=arch, seed=int(torch.randint(0, 2**31, ()).item())
+    )
+    out = tmp_path / "hf"
+    out.mkdir()
+    convert_gguf(path, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == arch and config["head_dim"] == (32 if arch == "qwen3" else HEAD_DIM)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        out, local_files_only=True, dtype=torch.float32, output_loading_info=True
+    )
+    model, info = loaded
+    assert type(model).__name__ == config["architectures"][0]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    state = model.state_dict()
+    for name, ref in expected.items():
+        torch.testing.assert_close(state[name], ref, rtol=0, atol=1e-6, msg=name)

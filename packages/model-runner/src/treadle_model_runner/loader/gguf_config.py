@@ -2,7 +2,7 @@
 
 Theory: llama.cpp writes the hyperparameters as ``<arch>.<key>`` metadata (``llama.embedding_length``,
 ``llama.attention.head_count_kv``, ...) and the special token ids as ``tokenizer.ggml.*_token_id``. Each maps
-onto one LlamaConfig field. Embeddings are tied exactly when the file has no ``output.weight`` (llama.cpp
+onto one LlamaConfig (Qwen2Config, Qwen3Config) field. Embeddings are tied exactly when the file has no ``output.weight`` (llama.cpp
 then reuses ``token_embd`` for the logits).
 
 Invariants: the written config loads with ``transformers.AutoConfig.from_pretrained`` offline and gives the
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from treadle_model_runner.loader.gguf_weights import gguf_architecture, gguf_value
+from treadle_model_runner.loader.gguf_weights import GGUF_ARCHITECTURES, gguf_architecture, gguf_value
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def hf_config_dict(reader: Any, dtype: torch.dtype) -> dict[str, Any]:
     eos_ids = _eos_token_ids(reader)
     head_dim = int(meta("attention.key_length", meta("rope.dimension_count", hidden_size // num_heads)))
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [GGUF_ARCHITECTURES[arch].hf_architecture],
+        "model_type": GGUF_ARCHITECTURES[arch].model_type,
         "hidden_size": hidden_size,
         "intermediate_size": int(meta("feed_forward_length")),
         "num_hidden_layers": int(meta("block_count")),
@@ -101,6 +101,9 @@ def hf_config_dict(reader: Any, dtype: torch.dtype) -> dict[str, Any]:
         "pad_token_id": gguf_value(reader, "tokenizer.ggml.padding_token_id", None),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if arch in ("qwen2", "qwen3"):
+        num_layers = config["num_hidden_layers"]
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=num_layers)
     if config["bos_token_id"] is not None:
         config["bos_token_id"] = int(config["bos_token_id"])
     if config["pad_token_id"] is not None:

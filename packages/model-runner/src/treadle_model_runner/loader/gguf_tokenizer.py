@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from treadle_model_runner.loader.gguf_weights import gguf_value
 
@@ -31,11 +31,13 @@ _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
     r"\s+(?!\S)|\s+"
 )
+_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # llama.cpp pre-tokenizer name -> how to split before byte-level BPE
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "codeshell")
 _GPT2_PRE = ("gpt2", "default")
 _LLAMA3_PRE = ("llama-bpe", "llama3")
-SUPPORTED_PRE_TOKENIZERS = _DIGIT_SPLIT_PRE + _GPT2_PRE + _LLAMA3_PRE
+_QWEN2_PRE = ("qwen2",)
+SUPPORTED_PRE_TOKENIZERS = _DIGIT_SPLIT_PRE + _GPT2_PRE + _LLAMA3_PRE + _QWEN2_PRE
 _ROLE_KEYS = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}  # HF role -> GGUF key infix
 
 
@@ -45,8 +47,9 @@ def _pre_tokenizer(pre: str, path: str) -> Any:
         return byte_level
     if pre in _DIGIT_SPLIT_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _LLAMA3_PRE:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False)
+    if pre in _LLAMA3_PRE + _QWEN2_PRE:
+        regex = _LLAMA3_REGEX if pre in _LLAMA3_PRE else _QWEN2_REGEX
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
         return pre_tokenizers.Sequence(
             [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
@@ -77,7 +80,10 @@ def build_tokenizer(reader: Any) -> Tokenizer:
     if len(vocab) != len(tokens):
         raise ValueError(f"GGUF file {path}: tokenizer.ggml.tokens holds duplicate tokens")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = _pre_tokenizer(str(gguf_value(reader, "tokenizer.ggml.pre", "default")), path)
+    pre = str(gguf_value(reader, "tokenizer.ggml.pre", "default"))
+    tokenizer.pre_tokenizer = _pre_tokenizer(pre, path)
+    if pre in _QWEN2_PRE:
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.decoder = decoders.ByteLevel()
     special = [tokens[i] for i, t in enumerate(token_types) if t == _TOKEN_CONTROL]
     user = [tokens[i] for i, t in enumerate(token_types) if t == _TOKEN_USER_DEFINED]

@@ -4,11 +4,11 @@ Theory: a GGUF file stores each tensor with its dims reversed (ne0 = the contigu
 in blocks (Q4_1, Q8_0, ...) or plain (F32, F16, BF16). ``gguf.quants.dequantize`` turns the raw blocks into
 float32 with numpy shape = reversed GGUF shape, which is already the PyTorch ``[out, in]`` layout.
 
-Names follow llama.cpp (``blk.N.attn_q.weight``); they map one-to-one onto HF Llama names
+Names follow llama.cpp (``blk.N.attn_q.weight``); they map one-to-one onto HF Llama / Qwen2 / Qwen3 names
 (``model.layers.N.self_attn.q_proj.weight``). llama.cpp's converter permutes the rows of Llama's q and k
 projections from HF's rotate-half layout (per head: first half of the dims, then second half) to the
 interleaved pairs its rope kernel expects; :func:`unpermute_qk` inverts it per head, using
-``head_count`` for q and ``head_count_kv`` for k.
+``head_count`` for q and ``head_count_kv`` for k. Qwen2/Qwen3 GGUFs are written unpermuted.
 
 Invariants: every yielded tensor is contiguous, has the target dtype and its HF name; tensors only llama.cpp
 needs (``rope_freqs``) are skipped; an unknown tensor name raises ValueError naming it and the file.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,20 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
+
+@dataclass(frozen=True, slots=True)
+class GGUFArchitecture:
+    hf_architecture: str  # the HF class written to config.json "architectures"
+    model_type: str  # config.json "model_type"
+    permute_qk: bool  # llama.cpp interleaved the q/k rows for its rope (Llama family only)
+
+
+GGUF_ARCHITECTURES = {
+    "llama": GGUFArchitecture("LlamaForCausalLM", "llama", permute_qk=True),  # also Mistral GGUFs
+    "qwen2": GGUFArchitecture("Qwen2ForCausalLM", "qwen2", permute_qk=False),
+    "qwen3": GGUFArchitecture("Qwen3ForCausalLM", "qwen3", permute_qk=False),
+}
+SUPPORTED_GGUF_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -44,6 +58,8 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
 _SKIPPED = frozenset({"rope_freqs.weight"})  # llama3 rope factors: recomputed from config.json by the model
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -93,7 +109,7 @@ def hf_tensor_name(gguf_name: str) -> str | None:
             return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
     elif (match := _GLOBAL_RE.match(gguf_name)) and match.group(1) in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no HF Llama counterpart")
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no HF counterpart")
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -130,6 +146,7 @@ def iterate_gguf_tensors(
     arch = gguf_architecture(reader)
     num_heads = int(gguf_value(reader, f"{arch}.attention.head_count"))
     num_kv_heads = int(gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads))
+    permute = GGUF_ARCHITECTURES[arch].permute_qk
     for tensor in reader.tensors:
         try:
             name = hf_tensor_name(tensor.name)
@@ -146,9 +163,9 @@ def iterate_gguf_tensors(
                 f"GGUF file {path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be "
                 f"dequantized ({exc})"
             ) from exc
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             values = unpermute_qk(values, num_heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             values = unpermute_qk(values, num_kv_heads)
         yield name, values.to(dtype).contiguous()
 
