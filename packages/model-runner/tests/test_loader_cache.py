@@ -158,3 +158,14 @@ def test_unwritable_cache_says_which_variable_to_set(source: Path, tmp_path: Pat
     blocker.write_text("not a directory")
     with pytest.raises(ValueError, match=r"cannot write the converted model under .*file.*TREADLE_CACHE_DIR"):
         convert_gguf_cached(source, blocker / "models" / "m", "fp", convert=fake_convert())
+
+
+def test_gguf_storage_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from treadle_model_runner.loader import resolve
+
+    small = tmp_path / "small.gguf"
+    small.write_bytes(b"GGUF")
+    assert resolve.gguf_storage_dtype(small, "auto") == torch.float32
+    assert resolve.gguf_storage_dtype(small, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(resolve, "AUTO_FP32_MAX_GGUF_BYTES", 4)
+    assert resolve.gguf_storage_dtype(small, "auto") == torch.bfloat16  # large files: half the disk

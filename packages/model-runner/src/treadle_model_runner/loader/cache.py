@@ -58,7 +58,11 @@ def is_converted(out_dir: Path, fingerprint: str, dtype: torch.dtype) -> bool:
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another process is converting into %s; waiting for it", lock_path.parent)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -30,12 +30,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_GGUF_DTYPES = {
-    "auto": torch.float32,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+_GGUF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dtype "auto" stores small GGUFs as fp32 (dequantized values kept exactly) and larger ones as bf16, so a
+# 4 GB Q4 file does not become 30 GB on disk; the runner casts to its compute dtype either way.
+AUTO_FP32_MAX_GGUF_BYTES = 1 << 30
+
+
+def gguf_storage_dtype(gguf_path: Path, dtype: str) -> torch.dtype:
+    """The dtype a GGUF file is dequantized to on conversion, for ModelConfig.dtype ``dtype``."""
+    if dtype != "auto":
+        return _GGUF_DTYPES[dtype]
+    return torch.float32 if gguf_path.stat().st_size < AUTO_FP32_MAX_GGUF_BYTES else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def resolve_model(model_config: ModelConfig) -> ResolvedModel:
             gguf_path = _find_gguf(source)
             if gguf_path is None:
                 raise ValueError(f"load_format 'gguf' was asked but {source} is not and holds no .gguf file")
-            path = convert_gguf_to_cache(gguf_path, _GGUF_DTYPES[model_config.dtype])
+            path = convert_gguf_to_cache(gguf_path, gguf_storage_dtype(gguf_path, model_config.dtype))
             load_format = "safetensors"
         elif load_format == "safetensors":
             plan_safetensors(source)  # validates the layout now, before the model is built
