@@ -36,6 +36,8 @@ def test_missing_directory(tmp_path: Path) -> None:
         list(iterate_weights(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"'.*nowhere'.*does not exist; pass an HF-format directory"):
         resolve_model(ModelConfig(model=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match=r"'org/model'.*never downloads.*hf download org/model --local-dir"):
+        resolve_model(ModelConfig(model="org/model"))
 
 
 def test_missing_config_json(tmp_path: Path) -> None:

@@ -122,9 +122,14 @@ def resolve_model(model_config: ModelConfig) -> ResolvedModel:
     else:
         source = Path(model_config.model).expanduser()
         if not source.exists():
+            hub_hint = (
+                f" (treadle never downloads: fetch it first, e.g. `hf download {model_config.model} --local-dir DIR`)"
+                if model_config.model.count("/") == 1 and not source.is_absolute()
+                else ""
+            )
             raise ValueError(
                 f"model {model_config.model!r}: {source} does not exist; pass an HF-format directory, a .gguf "
-                "file, or no model for the embedded default"
+                f"file, or no model for the embedded default{hub_hint}"
             )
         path = source
         if load_format == "auto":
