@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from treadle_model_runner import envs
-from treadle_model_runner.loader.gguf_convert import ProgressCallback, convert_gguf, fsync_dir
+from treadle_model_runner.loader.gguf_convert import ProgressCallback, convert_gguf, fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def convert_gguf_cached(
             marker = _marker(fingerprint, dtype)
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
             _make_readable(tmp)
-            fsync_dir(tmp)
+            fsync_tree(tmp)  # the converter's files and the marker are durable before the rename
             if out_dir.exists():  # outdated conversion: move it aside, then publish the new one
                 logger.info("replacing outdated conversion %s", out_dir)
                 out_dir.rename(Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-old-", dir=out_dir.parent)))

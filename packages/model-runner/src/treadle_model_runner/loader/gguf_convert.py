@@ -6,8 +6,8 @@ is one shard, not the whole model. One shard is named ``model.safetensors``; sev
 ``model-0000i-of-0000n.safetensors`` names plus ``model.safetensors.index.json``.
 
 Invariants: this module writes into the directory it is given and nothing else; making that directory
-appear atomically under its final name is the cache's job (:mod:`treadle_model_runner.loader.cache`).
-Every file is fsynced before the function returns, so a rename after it publishes complete data.
+appear atomically under its final name, durably (``fsync_tree`` before the rename), is the cache's job
+(:mod:`treadle_model_runner.loader.cache`).
 """
 
 from __future__ import annotations
@@ -110,4 +110,3 @@ def convert_gguf(
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", generation_config_dict(reader))
     write_tokenizer_files(reader, out_dir, model_max_length=int(config["max_position_embeddings"]))
-    fsync_tree(out_dir)
