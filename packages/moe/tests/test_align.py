@@ -46,3 +46,18 @@ def test_align_batched() -> None:
         assert slab[e, :c].tolist() == [e * 20 + r for r in range(c)]
         assert (slab[e, c:] == 80).all()
     assert al.expert_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m"), [(1, 8, 2, 16), (70, 128, 8, 16), (300, 16, 4, 64)]
+)
+def test_triton_align_equals_torch_align(tokens: int, experts: int, top_k: int, block_m: int) -> None:
+    gen = torch.Generator().manual_seed(tokens + experts)
+    ids = torch.rand(tokens, experts, generator=gen).topk(top_k, -1).indices.to(torch.int32)
+    if torch.cuda.is_available():
+        ids = ids.cuda()
+    ref = align_block_size(ids, block_m, experts, use_triton=False)
+    got = align_block_size(ids, block_m, experts, use_triton=True)
+    assert torch.equal(got.num_tokens_post_padded, ref.num_tokens_post_padded)
+    assert torch.equal(got.sorted_token_ids, ref.sorted_token_ids)
+    assert torch.equal(got.expert_ids, ref.expert_ids)

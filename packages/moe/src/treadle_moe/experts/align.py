@@ -43,13 +43,26 @@ def count_per_expert(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
 
 
-def align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int) -> BlockAlignment:
-    """Standard format: topk_ids [M, top_k] -> slots grouped by expert and padded to block_m."""
+def align_block_size(
+    topk_ids: torch.Tensor, block_m: int, num_experts: int, use_triton: bool | None = None
+) -> BlockAlignment:
+    """Standard format: topk_ids [M, top_k] -> slots grouped by expert and padded to block_m.
+
+    use_triton: three Triton launches (align_triton.py) instead of a dozen torch ops; None = on CUDA.
+    """
     device = topk_ids.device
-    flat = topk_ids.reshape(-1).long()  # [num_slots] expert of each slot
-    num_slots = flat.numel()
+    num_slots = topk_ids.numel()
     max_padded = num_slots + min(num_experts, num_slots) * (block_m - 1)
     num_blocks = -(-max_padded // block_m)
+    if use_triton is None:
+        use_triton = topk_ids.is_cuda
+    if use_triton and num_slots > 0:
+        from treadle_moe.experts.align_triton import align_block_size_triton
+
+        flat32 = topk_ids.reshape(-1).to(torch.int32)
+        sorted_ids, expert_ids, num_post = align_block_size_triton(flat32, block_m, num_experts, num_blocks)
+        return BlockAlignment(sorted_ids, expert_ids, num_post, num_slots, block_m)
+    flat = topk_ids.reshape(-1).long()  # [num_slots] expert of each slot
     counts = count_per_expert(flat, num_experts)  # [E]
     padded = (counts + block_m - 1) // block_m * block_m  # [E] rows reserved per expert
     padded_end = torch.cumsum(padded, 0)  # [E] inclusive
