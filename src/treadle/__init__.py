@@ -1,12 +1,29 @@
 """treadle: an LLM inference and serving engine.
 
 The meta-package pins the six treadle packages, re-exports the offline API and owns the `treadle` CLI.
+
+    from treadle import LLM, SamplingParams
+    out = LLM().generate(["Hello"], SamplingParams(max_tokens=8))
+    print(out[0].outputs[0].text)
 """
 
 from __future__ import annotations
 
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
 
 __version__ = _version("treadle")
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:
+    from treadle_frontend import LLM, RequestOutput, SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `treadle --version` must not import torch.
+    if name in ("LLM", "RequestOutput", "SamplingParams"):
+        import treadle_frontend
+
+        return getattr(treadle_frontend, name)
+    raise AttributeError(f"module 'treadle' has no attribute {name!r}")

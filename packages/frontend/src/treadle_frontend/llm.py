@@ -62,6 +62,20 @@ class LLM:
         self.output_processor = OutputProcessor()
         self._ids = itertools.count()
 
+    @property
+    def vocab_size(self) -> int:
+        return self.input_processor.model.vocab_size
+
+    def engine_info(self) -> dict[str, Any]:
+        """What a benchmark record needs to know about the engine it ran on."""
+        info = self.input_processor.model
+        return {
+            "model": info.name,
+            "model_path": str(info.path) if info.path else None,
+            "max_model_len": info.max_model_len,
+            "kv_capacity_tokens": info.kv_capacity_tokens,
+        }
+
     def get_tokenizer(self) -> Any:
         return self.input_processor.tokenizer
 

@@ -1,0 +1,184 @@
+"""`treadle serve [MODEL]`: the OpenAI/Anthropic-compatible server, engine in its own process.
+
+Flags take their defaults from the config dataclasses (ModelConfig, CacheConfig, SchedulerConfig,
+ServerConfig), with vLLM's spellings. Start-up: resolve the model (the embedded SmolLM2-135M-Instruct when
+none is named; converted once into the user cache), start the engine process and wait for its READY handshake
+(KV capacity), then log what was decided (model, dtype, device, KV capacity, attention backend, IR dispatch)
+and the URL, and serve with uvicorn. Ctrl-C / SIGTERM stop uvicorn and then the engine process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger("treadle.serve")
+
+
+def _defaults() -> dict[str, Any]:
+    from treadle_engine_core.config import SchedulerConfig
+    from treadle_frontend.server.config import ServerConfig
+    from treadle_model_runner.config import CacheConfig, ModelConfig
+
+    d: dict[str, Any] = {}
+    for cfg in (ModelConfig(model=""), CacheConfig(), SchedulerConfig(), ServerConfig()):
+        for f in dataclasses.fields(cfg):
+            d.setdefault(f.name, getattr(cfg, f.name))
+    return d
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from treadle_model_runner.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS
+
+    d = _defaults()
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="HF-format directory, .gguf file, or none for the embedded default",
+    )
+    p.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--host", default=d["host"], help=f"interface to bind (default {d['host']})")
+    p.add_argument("--port", type=int, default=d["port"], help=f"port (default {d['port']})")
+    p.add_argument("--api-key", default=d["api_key"], help="require this key on every /v1 route")
+    p.add_argument("--served-model-name", default=d["served_model_name"], help="model id clients send")
+    p.add_argument(
+        "--max-model-len", type=int, default=d["max_model_len"], help="context length (default: the model's)"
+    )
+    p.add_argument("--dtype", default=d["dtype"], choices=DTYPES)
+    p.add_argument("--tokenizer", default=d["tokenizer"], help="tokenizer directory (default: the model's)")
+    p.add_argument("--chat-template", default=d["chat_template"], help="Jinja chat template file or text")
+    p.add_argument(
+        "--generation-config",
+        default=d["generation_config"],
+        help="auto: the model's generation_config.json defaults | none | a directory",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
+    p.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"])
+    p.add_argument("--kv-cache-space", type=float, default=d["kv_cache_space"], help="GiB of KV cache on CPU")
+    p.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"]
+    )
+    p.add_argument("--scheduling-policy", default=d["policy"], choices=["fcfs", "priority"])
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--enforce-eager", action="store_true", default=d["enforce_eager"])
+    p.add_argument("--load-format", default=d["load_format"], choices=LOAD_FORMATS)
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--attention-backend", default=d["attention_backend"], choices=ATTENTION_BACKENDS)
+    p.add_argument(
+        "--ir-op-priority",
+        default=None,
+        help='per-op provider order, e.g. "rms_norm=triton,native;silu_and_mul=native"',
+    )
+    p.add_argument("--disable-log-stats", action="store_true", default=d["disable_log_stats"])
+    p.add_argument(
+        "--uvicorn-log-level",
+        default=d["uvicorn_log_level"],
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+    )
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "tokenizer": args.tokenizer,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "load_format": args.load_format,
+        "seed": args.seed,
+        "served_model_name": args.served_model_name,
+        "attention_backend": args.attention_backend,
+        "enforce_eager": args.enforce_eager,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "kv_cache_space": args.kv_cache_space,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "scheduling_policy": args.scheduling_policy,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "chat_template": args.chat_template,
+        "generation_config": args.generation_config,
+        "log_stats": True,
+    }
+
+
+def _apply_ir_priority(spec: str | None) -> None:
+    """--ir-op-priority goes to the engine process through TREADLE_IR_OP_PRIORITY (read by treadle_ir)."""
+    if spec:
+        import os
+
+        os.environ["TREADLE_IR_OP_PRIORITY"] = spec
+
+
+def _startup_report(llm: Any, model_config: Any, server_url: str, seconds: float) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model_config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    info = llm.model
+    backend = model_config.attention_backend
+    if backend == "auto":
+        backend = "auto (triton on CUDA, torch on CPU)"
+    logger.info(
+        "Model: %s (%s) | dtype %s | device %s | max_model_len %d",
+        info.name,
+        info.path,
+        dtype,
+        device,
+        info.max_model_len,
+    )
+    logger.info("KV cache capacity: %s tokens | attention backend: %s", info.kv_capacity_tokens, backend)
+    try:
+        import treadle_ir
+        import treadle_kernels  # noqa: F401  (registers the kernel providers the report lists)
+
+        for line in str(treadle_ir.report()).splitlines():
+            logger.info("IR dispatch: %s", line)
+    except Exception as e:  # the report is informative only
+        logger.info("IR dispatch summary unavailable (%s)", e)
+    logger.info(
+        "treadle is ready in %.1f s: serving %s at %s/v1 (OpenAI, Anthropic /v1/messages)",
+        seconds,
+        info.name,
+        server_url,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from treadle_frontend.async_llm import AsyncLLM
+    from treadle_frontend.engine_factory import EngineArgs, start_async_mp
+    from treadle_frontend.server import ServerConfig, build_app
+
+    t0 = time.monotonic()
+    model = args.model or args.model_opt
+    server_config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        chat_template=args.chat_template,
+        generation_config=args.generation_config,
+        uvicorn_log_level=args.uvicorn_log_level,
+        disable_log_stats=args.disable_log_stats,
+    )
+    _apply_ir_priority(args.ir_op_priority)
+    engine_args = EngineArgs.from_kwargs(model, **engine_options(args))
+    client, processor = start_async_mp(engine_args)
+    llm = AsyncLLM(client, processor)
+    try:
+        app = build_app(llm, server_config)
+        _startup_report(llm, engine_args.model_config, server_config.url, time.monotonic() - t0)
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5
+        )
+        uvicorn.Server(config).run()
+    finally:
+        llm.shutdown()
+    return 0
