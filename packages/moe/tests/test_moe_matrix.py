@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_moe_inputs, moe_reference_fp64, tolerance
+from moe_cases import COMBOS, make_moe_inputs, moe_reference_fp64, run_combo, tolerance
 
 from treadle_moe import (
     BatchedTorchExperts,
-    BatchedTritonExperts,
-    Experts,
     ModularKernel,
     NoEPBatchedPrepareFinalize,
     NoEPStandardPrepareFinalize,
-    PrepareFinalize,
-    TorchExperts,
-    TritonExperts,
 )
 
-# (prepare/finalize factory, experts factory, runs in the interpreter)
-COMBOS: dict[str, tuple[type[PrepareFinalize], type[Experts], bool]] = {
-    "standard-torch": (NoEPStandardPrepareFinalize, TorchExperts, False),
-    "standard-triton": (NoEPStandardPrepareFinalize, TritonExperts, True),
-    "batched-torch": (NoEPBatchedPrepareFinalize, BatchedTorchExperts, False),
-    "batched-triton": (NoEPBatchedPrepareFinalize, BatchedTritonExperts, True),
-}
 # (tokens, hidden K, intermediate N, experts, top_k, experts left without tokens)
 SMALL_CASES = [
     (1, 64, 32, 8, 1, 0),
@@ -42,14 +30,6 @@ LARGE_CASES = [
     (2048, 32, 16, 32, 8, 0),
 ]
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def run_combo(combo: str, inputs: dict[str, torch.Tensor], activation: str = "silu") -> torch.Tensor:
-    pf_cls, experts_cls, _ = COMBOS[combo]
-    kernel = ModularKernel(pf_cls(), experts_cls())
-    return kernel(
-        inputs["hidden"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"], activation
-    )
 
 
 def reference(inputs: dict[str, torch.Tensor], activation: str = "silu") -> torch.Tensor:

@@ -6,8 +6,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import make_moe_inputs, tolerance
-from test_matrix import run_combo
+from moe_cases import make_moe_inputs, run_combo, tolerance
 
 from treadle_moe import FusedMoE, ModularKernel, NoEPStandardPrepareFinalize, TorchExperts, TritonExperts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import moe_reference_fp64
+from moe_cases import moe_reference_fp64
 
 from treadle_moe import FusedMoE, SharedExperts, select_experts
 
