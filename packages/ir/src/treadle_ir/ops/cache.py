@@ -33,8 +33,8 @@ def _write(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, valid: 
     num_tokens = rows.shape[0]
     flat = cache.view(cache.shape[0] * cache.shape[1], -1)  # [num_slots, kv_heads * head_size]
     data = rows.reshape(num_tokens, -1).to(cache.dtype)
-    first = torch.argmax(valid.to(torch.int32))  # first real token (0 when there is none)
-    any_valid = valid[first]
+    first = torch.argmax(valid.to(torch.int32))  # first real token (0 when there is none); stays on device
+    any_valid = valid.any()  # 0-dim bool tensor: no host sync, no data-dependent shape
     source = torch.where(valid, torch.arange(num_tokens, device=rows.device), first)
     target = torch.where(any_valid, slots.index_select(0, source), torch.zeros_like(slots))
     data = torch.where(any_valid, data.index_select(0, source), flat[0].unsqueeze(0).expand_as(data))
