@@ -19,13 +19,12 @@ window holds ``W`` keys, the query's own included).
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
+from treadle_ir import ops
 from treadle_kernels.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -108,35 +107,6 @@ class AttentionBackend:
         return cls.impl_cls
 
 
-def _index_copy_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Fallback KV write used until ``treadle_ir.ops.reshape_and_cache`` exists (same semantics)."""
-    num_kv_heads, head_size = key.shape[-2], key.shape[-1]
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    key_cache.view(-1, num_kv_heads, head_size).index_copy_(0, slots, key[valid].to(key_cache.dtype))
-    value_cache.view(-1, num_kv_heads, head_size).index_copy_(0, slots, value[valid].to(value_cache.dtype))
-
-
-@functools.cache
-def _reshape_and_cache_fn() -> Callable[..., None]:
-    try:
-        from treadle_ir import ops
-
-        fn = getattr(ops, "reshape_and_cache", None)
-    except ImportError:
-        fn = None
-    if fn is None:
-        logger.debug("treadle_ir.ops.reshape_and_cache not available; attention writes K/V with index_copy_")
-        return _index_copy_cache
-    return fn  # type: ignore[no-any-return]
-
-
 def write_kv_cache(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size] (may be padded beyond slot_mapping)
     value: torch.Tensor,
@@ -145,4 +115,4 @@ def write_kv_cache(
 ) -> None:
     """Write this step's new keys/values into the paged cache through the IR op ``reshape_and_cache``."""
     num_slots = slot_mapping.shape[0]
-    _reshape_and_cache_fn()(key[:num_slots], value[:num_slots], kv_cache[0], kv_cache[1], slot_mapping)
+    ops.reshape_and_cache(key[:num_slots], value[:num_slots], kv_cache[0], kv_cache[1], slot_mapping)
