@@ -54,6 +54,8 @@ class AsyncLLM:
     # ---- state ------------------------------------------------------------------------------------
     @property
     def is_dead(self) -> bool:
+        if self.dead_error is None and getattr(self.client, "is_dead", False):
+            self.dead_error = EngineDeadError("the engine process exited")
         return self.dead_error is not None
 
     @property

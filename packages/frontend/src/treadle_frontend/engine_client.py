@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from treadle_engine_core.client import EngineDeadError  # the engine process is gone (HTTP 503)
 from treadle_model_runner.sampling_params import SamplingParams
 
-
-class EngineDeadError(RuntimeError):
-    """The engine process is gone; requests cannot be served (HTTP 503)."""
+__all__ = ["AsyncEngineClient", "EngineDeadError", "SyncEngineClient", "make_engine_request"]
 
 
 class SyncEngineClient(Protocol):

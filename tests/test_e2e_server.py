@@ -1,0 +1,223 @@
+"""End to end: the real server (API process + engine process) through the real openai and anthropic SDKs.
+
+Runs in file order; the last test kills the engine process under load.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from conftest import API_KEY, MODEL_NAME, RealServer, children_of
+from test_server_errors import CASES
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def oai(real_server: RealServer) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=real_server.url + "/v1",
+        api_key=API_KEY,
+        _strict_response_validation=True,
+        max_retries=0,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def oai_lax(real_server: RealServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=real_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_startup_log_and_models(real_server: RealServer, oai: openai.OpenAI) -> None:
+    log = real_server.log.read_text()
+    for needle in ("KV cache capacity", "attention backend", "IR dispatch", "ready in", "dtype", "device"):
+        assert needle in log, needle
+    models = oai.models.list().data
+    assert [m.id for m in models] == [MODEL_NAME]
+
+
+def test_chat_greedy_stream_equals_non_stream(oai: openai.OpenAI) -> None:
+    kw = dict(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
+    full = oai.chat.completions.create(**kw)
+    assert full.usage is not None and full.usage.completion_tokens <= 12
+    chunks = list(oai.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        full.usage.prompt_tokens,
+        full.usage.completion_tokens,
+    )
+    # the second request reuses the first one's full prompt blocks from the prefix cache
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 16
+
+
+def test_seeded_sampling_reproducible_and_streamed(oai: openai.OpenAI, oai_lax: openai.OpenAI) -> None:
+    kw = dict(model=MODEL_NAME, prompt="Hello world", max_tokens=10, temperature=1.0, seed=123)
+    a = oai.completions.create(**kw).choices[0].text
+    b = oai.completions.create(**kw).choices[0].text
+    assert a == b
+    streamed = "".join(c.choices[0].text for c in oai_lax.completions.create(stream=True, **kw) if c.choices)
+    assert streamed == a
+
+
+def test_logprobs_and_n(oai: openai.OpenAI, oai_lax: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(
+        model=MODEL_NAME,
+        messages=CHAT,
+        max_tokens=5,
+        n=2,
+        seed=1,
+        temperature=1.0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert c.logprobs is not None and c.logprobs.content is not None
+        for entry in c.logprobs.content:
+            assert len(entry.top_logprobs) == 3 and entry.logprob <= 0.0
+            top = [t.logprob for t in entry.top_logprobs]
+            assert top == sorted(top, reverse=True)
+    echo = oai_lax.completions.create(
+        model=MODEL_NAME, prompt="Hello world", max_tokens=1, logprobs=1, echo=True, temperature=0
+    )
+    lp = echo.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+
+
+def test_stop_string_spanning_tokens(oai: openai.OpenAI) -> None:
+    kw = dict(
+        model=MODEL_NAME,
+        prompt="The capital of",
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    text = oai.completions.create(**kw).choices[0].text
+    printable = [i for i in range(1, len(text) - 3) if "\ufffd" not in text[i : i + 3]]
+    if not printable:
+        pytest.skip("random weights produced no printable 3-character span")
+    stop = text[printable[0] : printable[0] + 3]
+    r = oai.completions.create(stop=[stop], **kw)
+    assert r.choices[0].text == text[: text.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_anthropic_messages(real_server: RealServer) -> None:
+    client = anthropic.Anthropic(
+        base_url=real_server.url, api_key=API_KEY, _strict_response_validation=True, max_retries=0
+    )
+    kw = dict(
+        model=MODEL_NAME, max_tokens=6, messages=CHAT, system="Answer briefly.", extra_body={"temperature": 0}
+    )
+    m = client.messages.create(**kw)
+    assert (
+        m.usage.input_tokens
+        == client.messages.count_tokens(
+            model=MODEL_NAME, messages=CHAT, system="Answer briefly."
+        ).input_tokens
+    )
+    events = list(client.messages.create(stream=True, **kw))
+    assert [e.type for e in events][:2] == ["message_start", "content_block_start"]
+    assert [e.type for e in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == m.content[0].text
+
+
+def test_bad_inputs_are_4xx(real_server: RealServer) -> None:
+    statuses = []
+    for name, route, body, status in CASES:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        if isinstance(body, str):
+            r = httpx.post(
+                real_server.url + route, content=body, headers={**headers, "content-type": "application/json"}
+            )
+        else:
+            r = httpx.post(real_server.url + route, json=body, headers=headers)
+        statuses.append(r.status_code)
+        assert r.status_code == status, (name, r.text)
+    assert len(CASES) >= 30 and max(statuses) < 500
+    assert httpx.post(
+        real_server.url + "/v1/models", headers={"Authorization": "Bearer nope"}
+    ).status_code in (401, 405)
+    assert (
+        httpx.get(real_server.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    )
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(name)
+
+
+def test_disconnect_frees_engine(real_server: RealServer) -> None:
+    url = real_server.url
+    body = {"model": MODEL_NAME, "prompt": "go " * 30, "max_tokens": 150, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"x-api-key": API_KEY}) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert _metric(url, "treadle:num_requests_running") == 1
+        busy_kv = _metric(url, "treadle:kv_cache_usage_perc")
+        assert busy_kv > 0
+    deadline = time.monotonic() + 5
+    while _metric(url, "treadle:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "the aborted request is still running"
+        time.sleep(0.05)
+    assert _metric(url, "treadle:kv_cache_usage_perc") < busy_kv
+
+
+def test_zz_engine_killed_under_load(real_server: RealServer) -> None:
+    import os
+    import signal
+
+    url = real_server.url
+    results: list[Any] = []
+
+    def one() -> None:
+        body = {"model": MODEL_NAME, "prompt": "load", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream(
+                "POST", url + "/v1/completions", json=body, headers={"x-api-key": API_KEY}, timeout=30
+            ) as r:
+                results.append("\n".join(r.iter_lines()))
+        except httpx.HTTPError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while _metric(url, "treadle:num_requests_running") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    engine = real_server.engine_pid()
+    os.kill(engine, signal.SIGKILL)
+    killed = time.monotonic()
+    while httpx.get(url + "/health").status_code != 503:
+        assert time.monotonic() - killed < 2.0, "/health did not turn 503 within 2 s"
+        time.sleep(0.02)
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 4
+    assert all(isinstance(r, httpx.HTTPError) or '"error"' in r or "[DONE]" in r for r in results)
+    assert any(isinstance(r, str) and '"error"' in r for r in results), results
+    r = httpx.post(
+        url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x"}, headers={"x-api-key": API_KEY}
+    )
+    assert r.status_code == 503
+    server_pid = real_server.proc.pid
+    real_server.stop()
+    assert real_server.proc.returncode is not None
+    assert children_of(server_pid) == []
