@@ -10,7 +10,7 @@ class Logprobs:
     """Logprobs of one position: the chosen token first, then the top-k tokens (parallel lists)."""
 
     token_ids: list[int]  # [chosen, top1, ..., topk]
-    logprobs: list[float]  # natural-log probabilities after the sampler's processing of the logits
+    logprobs: list[float]  # natural-log probabilities of the raw model logits (vLLM v1 default)
     chosen_rank: int  # 1-based rank of the chosen token among all tokens (1 = most likely)
 
 
