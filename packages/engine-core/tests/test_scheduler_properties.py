@@ -34,7 +34,8 @@ def workloads(draw: st.DrawFn) -> dict:
     max_batched = draw(st.integers(1, 64))
     chunked = draw(st.booleans()) or max_batched < max_model_len
     blocks_one_req = -(-max_model_len // block_size) * (2 if sliding_window else 1)
-    tight = draw(st.integers(0, 2)) > 0  # two in three: a pool barely above one request, so preemption happens
+    # two in three: a pool barely above one request, so preemption happens
+    tight = draw(st.integers(0, 2)) > 0
     num_blocks = 1 + blocks_one_req + (draw(st.integers(0, 4)) if tight else 400)
     prefixes = [
         draw(st.lists(st.integers(2, VOCAB - 1), min_size=0, max_size=30))

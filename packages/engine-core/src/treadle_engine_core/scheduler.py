@@ -62,8 +62,8 @@ class Scheduler:
         if need > kv_cache_config.num_blocks - 1:
             raise ValueError(
                 f"max_model_len ({self.max_model_len}) needs {need} KV blocks for one request but the cache has "
-                f"{kv_cache_config.num_blocks - 1}: such a request could never run; lower --max-model-len or "
-                "give the KV cache more memory"
+                f"{kv_cache_config.num_blocks - 1}: such a request could never run; lower --max-model-len, or "
+                "give the KV cache more memory (--gpu-memory-utilization on GPU, --kv-cache-space on CPU)"
             )
         self.requests: dict[str, Request] = {}  # live requests (waiting or running)
         self.waiting = make_queue(config.policy)
