@@ -16,7 +16,7 @@ import pytest
 from conftest import API_KEY, MODEL_NAME, RealServer, children_of
 from test_server_errors import CASES
 
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+CHAT: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_startup_log_and_models(real_server: RealServer, oai: openai.OpenAI) -> 
 
 
 def test_chat_greedy_stream_equals_non_stream(oai: openai.OpenAI) -> None:
-    kw = dict(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
+    kw: dict[str, Any] = dict(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
     full = oai.chat.completions.create(**kw)
     assert full.usage is not None and full.usage.completion_tokens <= 12
     chunks = list(oai.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
@@ -62,7 +62,7 @@ def test_chat_greedy_stream_equals_non_stream(oai: openai.OpenAI) -> None:
 
 
 def test_seeded_sampling_reproducible_and_streamed(oai: openai.OpenAI, oai_lax: openai.OpenAI) -> None:
-    kw = dict(model=MODEL_NAME, prompt="Hello world", max_tokens=10, temperature=1.0, seed=123)
+    kw: dict[str, Any] = dict(model=MODEL_NAME, prompt="Hello world", max_tokens=10, temperature=1.0, seed=123)
     a = oai.completions.create(**kw).choices[0].text
     b = oai.completions.create(**kw).choices[0].text
     assert a == b
@@ -97,7 +97,7 @@ def test_logprobs_and_n(oai: openai.OpenAI, oai_lax: openai.OpenAI) -> None:
 
 
 def test_stop_string_spanning_tokens(oai: openai.OpenAI) -> None:
-    kw = dict(
+    kw: dict[str, Any] = dict(
         model=MODEL_NAME,
         prompt="The capital of",
         max_tokens=16,
@@ -117,7 +117,7 @@ def test_anthropic_messages(real_server: RealServer) -> None:
     client = anthropic.Anthropic(
         base_url=real_server.url, api_key=API_KEY, _strict_response_validation=True, max_retries=0
     )
-    kw = dict(
+    kw: dict[str, Any] = dict(
         model=MODEL_NAME, max_tokens=6, messages=CHAT, system="Answer briefly.", extra_body={"temperature": 0}
     )
     m = client.messages.create(**kw)

@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    quiet = args.command in ("chat", "complete")  # their stdout is the conversation
     logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s", datefmt="%m-%d %H:%M:%S"
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+        datefmt="%m-%d %H:%M:%S",
     )
     try:
         return int(args.func(args) or 0)

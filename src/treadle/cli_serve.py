@@ -133,20 +133,30 @@ def _startup_report(llm: Any, model_config: Any, server_url: str, seconds: float
         info.max_model_len,
     )
     logger.info("KV cache capacity: %s tokens | attention backend: %s", info.kv_capacity_tokens, backend)
-    try:
-        import treadle_ir
-        import treadle_kernels  # noqa: F401  (registers the kernel providers the report lists)
-
-        for line in str(treadle_ir.report()).splitlines():
-            logger.info("IR dispatch: %s", line)
-    except Exception as e:  # the report is informative only
-        logger.info("IR dispatch summary unavailable (%s)", e)
+    logger.info("IR dispatch: %s", _ir_summary())
     logger.info(
         "treadle is ready in %.1f s: serving %s at %s/v1 (OpenAI, Anthropic /v1/messages)",
         seconds,
         info.name,
         server_url,
     )
+
+
+def _ir_summary() -> str:
+    """One line: which provider each IR op dispatches to on this machine (from treadle_ir.report())."""
+    try:
+        import treadle_ir
+        import treadle_kernels  # noqa: F401  (registers the kernel providers the report lists)
+
+        report = str(treadle_ir.report())
+    except Exception as e:  # the summary is informative only
+        return f"unavailable ({e})"
+    picks = []
+    for line in report.splitlines():
+        if ": selected " in line and not line.startswith(" "):
+            op, rest = line.split(": selected ", 1)
+            picks.append(f"{op.strip()}={rest.split()[0]}")
+    return ", ".join(picks) or report.splitlines()[0]
 
 
 def run_serve(args: argparse.Namespace) -> int:

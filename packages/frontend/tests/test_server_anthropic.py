@@ -29,7 +29,7 @@ def test_message_basic(client: anthropic.Anthropic) -> None:
 
 
 def test_system_and_count_tokens(client: anthropic.Anthropic, fake_server: Any) -> None:
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    msgs: list[Any] = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
     plain = client.messages.count_tokens(model="tiny", messages=msgs)
     with_sys = client.messages.count_tokens(model="tiny", messages=msgs, system="Be brief.")
     assert with_sys.input_tokens > plain.input_tokens > 0
@@ -38,7 +38,7 @@ def test_system_and_count_tokens(client: anthropic.Anthropic, fake_server: Any) 
 
 
 def test_stop_sequences(client: anthropic.Anthropic) -> None:
-    kw = dict(
+    kw: dict[str, Any] = dict(
         model="tiny",
         max_tokens=14,
         messages=[{"role": "user", "content": "go"}],
@@ -52,7 +52,7 @@ def test_stop_sequences(client: anthropic.Anthropic) -> None:
 
 
 def test_stream_event_order(client: anthropic.Anthropic) -> None:
-    kw = dict(
+    kw: dict[str, Any] = dict(
         model="tiny",
         max_tokens=8,
         messages=[{"role": "user", "content": "go"}],

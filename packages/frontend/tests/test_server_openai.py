@@ -35,7 +35,7 @@ def test_completion_basic_and_usage(client: openai.OpenAI) -> None:
 
 
 def test_completion_stream_equals_non_stream(client: openai.OpenAI, lax_client: openai.OpenAI) -> None:
-    kw = dict(model="tiny", prompt="The capital", max_tokens=12, seed=11, temperature=0.8)
+    kw: dict[str, Any] = dict(model="tiny", prompt="The capital", max_tokens=12, seed=11, temperature=0.8)
     full = client.completions.create(**kw).choices[0].text
     chunks = list(lax_client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert (
@@ -76,7 +76,7 @@ def test_completion_multiple_prompts_and_n(client: openai.OpenAI) -> None:
 
 
 def test_seed_reproducible(client: openai.OpenAI) -> None:
-    kw = dict(
+    kw: dict[str, Any] = dict(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=10, seed=5, temperature=1.0
     )
     a = client.chat.completions.create(**kw).choices[0].message.content
@@ -103,7 +103,9 @@ def test_chat_basic_logprobs_n(client: openai.OpenAI) -> None:
 
 
 def test_chat_stream_format(client: openai.OpenAI) -> None:
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=9, seed=4)
+    kw: dict[str, Any] = dict(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=9, seed=4
+    )
     full = client.chat.completions.create(**kw).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
@@ -117,7 +119,9 @@ def test_chat_stream_format(client: openai.OpenAI) -> None:
 
 
 def test_stop_string_across_tokens(client: openai.OpenAI, tokenizer: Any) -> None:
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "tell me"}], max_tokens=16, temperature=0)
+    kw: dict[str, Any] = dict(
+        model="tiny", messages=[{"role": "user", "content": "tell me"}], max_tokens=16, temperature=0
+    )
     r = client.chat.completions.create(**kw)
     text = r.choices[0].message.content or ""
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -107,9 +107,10 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        conversations: list[Conversation] = (
-            [messages] if messages and isinstance(messages[0], dict) else messages  # type: ignore[list-item]
-        )
+        if messages and isinstance(messages[0], dict):
+            conversations: list[Conversation] = [messages]  # type: ignore[list-item]
+        else:
+            conversations = messages  # type: ignore[assignment]
         encoded: list[tuple[str | None, list[int]]] = [
             self.input_processor.encode_chat(
                 conv,

@@ -51,7 +51,10 @@ def legacy_logprobs(
     offset: int,
 ) -> dict[str, list[Any]]:
     """OpenAI's completions logprobs block for `token_ids`, with text offsets starting at `offset`."""
-    tokens, token_lps, tops, offsets = [], [], [], []
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     for tok, pos in zip(token_ids, positions, strict=False):
         text = texts.text(tok)
         tokens.append(text)

@@ -54,7 +54,7 @@ _COUNTERS = {  # SchedulerStats cumulative field -> metric attribute
 }
 
 
-def _stat(stats: Any, name: str, default: float = 0) -> Any:
+def _stat(stats: Any, name: str, default: float | None = 0) -> Any:
     if stats is None:
         return default
     if isinstance(stats, dict):

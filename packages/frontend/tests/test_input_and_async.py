@@ -1,0 +1,133 @@
+"""Input processing (generation-config defaults, chat templates) and AsyncLLM cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FakeAsyncClient, fake_request, make_engine, make_processor
+from tiny_assets import CHATML, write_generation_config
+
+from treadle_frontend.async_llm import AsyncLLM
+from treadle_frontend.input_processor import InputProcessor, ModelInfo
+from treadle_frontend.output_processor import FinishedRequestStats, IterationStats
+from treadle_frontend.server.metrics import ServerMetrics
+from treadle_frontend.tokenizer import ChatTemplateError, load_generation_defaults, resolve_chat_template
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+
+
+def test_generation_config_defaults(tmp_path: Path) -> None:
+    write_generation_config(
+        tmp_path,
+        temperature=0.3,
+        top_p=0.9,
+        top_k=40,
+        repetition_penalty=1.1,
+        eos_token_id=[2, 7],
+        max_new_tokens=50,
+        do_sample=True,
+    )
+    d = load_generation_defaults(tmp_path)
+    assert d.sampling == {"temperature": 0.3, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
+    assert d.eos_token_ids == frozenset({2, 7}) and d.max_new_tokens == 50
+    assert load_generation_defaults(tmp_path, "none").sampling == {}
+    assert load_generation_defaults(tmp_path / "missing").sampling == {}
+    (tmp_path / "generation_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match="generation-config none"):
+        load_generation_defaults(tmp_path)
+
+
+def test_defaults_apply_only_to_unset_fields(tokenizer: Any, tmp_path: Path) -> None:
+    write_generation_config(tmp_path, temperature=0.3, top_k=40)
+    ip = make_processor(tokenizer, defaults=load_generation_defaults(tmp_path))
+    p = ip.default_params(temperature=0.9)
+    assert p.temperature == 0.9 and p.top_k == 40
+
+
+def test_chat_template_missing_and_override(tokenizer: Any, tmp_path: Path) -> None:
+    info = ModelInfo(name="tiny", path=None, max_model_len=256, vocab_size=len(tokenizer))
+    no_template = InputProcessor(tokenizer, info, chat_template=None)
+    with pytest.raises(ChatTemplateError, match="--chat-template"):
+        no_template.render_chat([{"role": "user", "content": "hi"}])
+    f = tmp_path / "t.jinja"
+    f.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    override = InputProcessor(tokenizer, info, chat_template=resolve_chat_template(tokenizer, str(f)))
+    assert override.render_chat([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+    assert resolve_chat_template(tokenizer, None) == CHATML
+    with pytest.raises(ValueError, match="neither an existing file"):
+        resolve_chat_template(tokenizer, "no-such-file.jinja")
+    parts = override.render_chat(
+        [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    )
+    assert parts == "[user] ab\n"
+
+
+def test_async_generate_cancel_aborts(tokenizer: Any) -> None:
+    engine = make_engine(tokenizer)
+    client = FakeAsyncClient(engine, step_delay=0.005)
+    llm = AsyncLLM(client, make_processor(tokenizer), request_factory=fake_request)
+
+    async def main() -> None:
+        params = SamplingParams(max_tokens=100, output_kind=RequestOutputKind.DELTA)
+        seen = 0
+
+        async def consume() -> None:
+            nonlocal seen
+            async for _ in llm.generate("hello", params, "r1"):
+                seen += 1
+
+        task = asyncio.create_task(consume())
+        while seen < 3:
+            await asyncio.sleep(0.005)
+        assert "r1" in engine.running
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert "r1" not in engine.running and engine.num_aborted == 1 and llm.num_unfinished == 0
+        # break out of the loop early: also aborts
+        async for out in llm.generate("hello", params.clone(n=2), "r2"):
+            assert out.outputs[0].index in (0, 1)
+            break
+        await asyncio.sleep(0.05)
+        assert not engine.running and engine.num_aborted == 3
+        final = await llm.collect("hi", SamplingParams(max_tokens=4, n=2, seed=3))
+        assert final.finished and [c.index for c in final.outputs] == [0, 1]
+        llm.shutdown()
+
+    asyncio.run(main())
+
+
+def test_stats_log_line() -> None:
+    m = ServerMetrics("tiny")
+    assert m.log_line() is None  # idle
+    it = IterationStats(num_prompt_tokens=10, num_generation_tokens=5, time_to_first_tokens=[0.1])
+    it.finished.append(FinishedRequestStats("stop", 0.5, 10, 5))
+    m.record(
+        {
+            "num_running_reqs": 2,
+            "num_waiting_reqs": 1,
+            "kv_cache_usage": 0.25,
+            "prefix_cache_queries": 100,
+            "prefix_cache_hits": 40,
+            "num_prompt_tokens": 10,
+            "num_generation_tokens": 5,
+        },
+        it,
+    )
+    line = m.log_line()
+    assert line is not None
+    for part in (
+        "prompt throughput",
+        "generation throughput",
+        "Running: 2 reqs",
+        "Waiting: 1 reqs",
+        "KV cache usage: 25.0%",
+        "Prefix cache hit rate: 40.0%",
+    ):
+        assert part in line, (part, line)
+    text = m.render().decode()
+    assert 'treadle:request_success_total{finished_reason="stop",model_name="tiny"} 1.0' in text
+    assert 'treadle:prompt_tokens_total{model_name="tiny"} 10.0' in text
