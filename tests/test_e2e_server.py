@@ -62,7 +62,9 @@ def test_chat_greedy_stream_equals_non_stream(oai: openai.OpenAI) -> None:
 
 
 def test_seeded_sampling_reproducible_and_streamed(oai: openai.OpenAI, oai_lax: openai.OpenAI) -> None:
-    kw: dict[str, Any] = dict(model=MODEL_NAME, prompt="Hello world", max_tokens=10, temperature=1.0, seed=123)
+    kw: dict[str, Any] = dict(
+        model=MODEL_NAME, prompt="Hello world", max_tokens=10, temperature=1.0, seed=123
+    )
     a = oai.completions.create(**kw).choices[0].text
     b = oai.completions.create(**kw).choices[0].text
     assert a == b
