@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, MODEL_NAME, RealServer, children_of
+from e2e_helpers import API_KEY, MODEL_NAME, RealServer, children_of
 from test_server_errors import CASES
 
 CHAT: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]

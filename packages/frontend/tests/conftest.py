@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_engine import FakeAsyncClient, FakeEngine, FakeSyncClient, fake_request
+from fake_engine import FakeSyncClient, fake_request
+from frontend_helpers import make_engine, make_processor, start_fake_server
 from tiny_assets import build_tokenizer_dir
 
 
@@ -26,19 +27,6 @@ def tokenizer(tokenizer_dir: Path) -> Any:
     return load_tokenizer(tokenizer_dir)
 
 
-def make_processor(tokenizer: Any, max_model_len: int = 256, **kwargs: Any) -> Any:
-    from treadle_frontend.input_processor import InputProcessor, ModelInfo
-    from treadle_frontend.tokenizer import resolve_chat_template
-
-    info = ModelInfo(name="tiny", path=None, max_model_len=max_model_len, vocab_size=len(tokenizer))
-    return InputProcessor(tokenizer, info, chat_template=resolve_chat_template(tokenizer, None), **kwargs)
-
-
-def make_engine(tokenizer: Any, **kwargs: Any) -> FakeEngine:
-    specials = set(tokenizer.all_special_ids)
-    return FakeEngine(len(tokenizer), specials, tokenizer.eos_token_id, **kwargs)
-
-
 @pytest.fixture
 def processor(tokenizer: Any) -> Any:
     return make_processor(tokenizer)
@@ -49,33 +37,6 @@ def llm(tokenizer: Any) -> Any:
     from treadle_frontend.llm import LLM
 
     return LLM.from_client(FakeSyncClient(make_engine(tokenizer)), make_processor(tokenizer), fake_request)
-
-
-__all__ = ["FakeAsyncClient", "FakeEngine", "FakeSyncClient", "fake_request", "make_engine", "make_processor"]
-
-
-class FakeServer:
-    def __init__(
-        self, url: str, engine: FakeEngine, client: FakeAsyncClient, llm: Any, api_key: str | None
-    ) -> None:
-        self.url, self.engine, self.client, self.llm, self.api_key = url, engine, client, llm, api_key
-
-
-def start_fake_server(tokenizer: Any, api_key: str | None = None, **engine_kwargs: Any) -> Any:
-    from server_harness import ThreadedServer
-
-    from treadle_frontend.async_llm import AsyncLLM
-    from treadle_frontend.server import ServerConfig, build_app
-
-    engine = make_engine(tokenizer, **engine_kwargs)
-    client = FakeAsyncClient(engine)
-    llm = AsyncLLM(client, make_processor(tokenizer), request_factory=fake_request)
-    config = ServerConfig(
-        host="127.0.0.1", api_key=api_key, served_model_name="tiny", stats_log_interval_s=0.5
-    )
-    app = build_app(llm, config)
-    server = ThreadedServer(app)
-    return server, FakeServer(server.url, engine, client, llm, api_key)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeAsyncClient, fake_request, make_engine, make_processor
+from frontend_helpers import FakeAsyncClient, fake_request, make_engine, make_processor
 from tiny_assets import CHATML, write_generation_config
 
 from treadle_frontend.async_llm import AsyncLLM

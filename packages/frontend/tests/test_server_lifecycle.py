@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import httpx
-from conftest import start_fake_server
+from frontend_helpers import start_fake_server
 
 
 def _gauge(url: str, name: str) -> float:
