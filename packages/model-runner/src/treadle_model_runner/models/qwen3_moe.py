@@ -40,7 +40,9 @@ class Qwen3MoeForCausalLM(MoeCausalLM):
                     config.moe_intermediate_size,
                     renormalize=bool(config.norm_topk_prob),
                 )
-            return GatedMLP(config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu"))
+            return GatedMLP(
+                config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu")
+            )
 
         self.model = MoeModel(config, max_position, qk_norm=True, make_mlp=make_mlp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

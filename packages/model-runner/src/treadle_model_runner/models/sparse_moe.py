@@ -78,7 +78,8 @@ class MoeModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
         self.layers = nn.ModuleList(
-            MoeDecoderLayer(config, i, rotary_emb, qk_norm, make_mlp(i)) for i in range(config.num_hidden_layers)
+            MoeDecoderLayer(config, i, rotary_emb, qk_norm, make_mlp(i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -107,7 +108,9 @@ class MoeCausalLM(CausalLM):
         loaded = super().load_weights(self._load_experts(weights))
         return loaded | {f"{name}[{expert}:{shard}]" for name, expert, shard in self._experts_loaded}
 
-    def _load_experts(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _load_experts(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Consume expert tensors (copying them into the FusedMoE layers), yield every other tensor."""
         modules = dict(self.named_modules())
         for hf_name, tensor in weights:
@@ -129,7 +132,9 @@ class MoeCausalLM(CausalLM):
                         f"{type(self).__name__}; expected one of {', '.join(self.expert_proj_names)}"
                     )
                 expert = int(per_expert["expert"])
-                moe.weight_loader(_param_of(moe, shard), tensor.to(moe.w13_weight.dtype), hf_name, shard, expert)
+                moe.weight_loader(
+                    _param_of(moe, shard), tensor.to(moe.w13_weight.dtype), hf_name, shard, expert
+                )
                 self._experts_loaded.add((match["moe"], expert, shard))
             else:
                 weight = tensor.to(moe.w13_weight.dtype)
@@ -155,7 +160,9 @@ class MoeCausalLM(CausalLM):
                 continue
             for shard in ("w1", "w3", "w2"):
                 absent = [
-                    e for e in range(module.num_experts) if (module_name, e, shard) not in self._experts_loaded
+                    e
+                    for e in range(module.num_experts)
+                    if (module_name, e, shard) not in self._experts_loaded
                 ]
                 param = "w2_weight" if shard == "w2" else "w13_weight"
                 missing += [f"{module_name}.{param}[expert {e}, {_SHARD_NAMES[shard]}]" for e in absent]
