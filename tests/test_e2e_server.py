@@ -180,6 +180,38 @@ def test_disconnect_frees_engine(real_server: RealServer) -> None:
     assert _metric(url, "treadle:kv_cache_usage_perc") < busy_kv
 
 
+def test_cli_chat_and_complete(real_server: RealServer) -> None:
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "treadle.cli"]
+    url = ["--url", real_server.url + "/v1", "--api-key", API_KEY, "--max-tokens", "5", "--temperature", "0"]
+    chat = subprocess.run(
+        [*base, "chat", *url, "--system-prompt", "Be brief.", "--quick", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert chat.returncode == 0, chat.stderr
+    expected = httpx.post(
+        real_server.url + "/v1/chat/completions",
+        headers={"x-api-key": API_KEY},
+        json={
+            "model": MODEL_NAME,
+            "max_tokens": 5,
+            "temperature": 0,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        },
+    ).json()
+    assert chat.stdout == expected["choices"][0]["message"]["content"] + "\n"
+    done = subprocess.run(
+        [*base, "complete", *url, "--quick", "Hello"], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode == 0 and done.stdout.strip() != "") or done.stdout == "\n", done.stderr
+    version = subprocess.run([*base, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.startswith("treadle ")
+
+
 def test_zz_engine_killed_under_load(real_server: RealServer) -> None:
     import os
     import signal

@@ -176,3 +176,35 @@ def test_models_and_utility_routes(client: openai.OpenAI, fake_server: Any) -> N
     ):
         assert name in metrics, name
     assert 'model_name="tiny"' in metrics
+
+
+def test_streamed_n2_and_multi_prompt(client: openai.OpenAI, lax_client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "hey"}],
+        max_tokens=6,
+        n=2,
+        seed=9,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    full = client.chat.completions.create(**kw)
+    texts = {0: "", 1: ""}
+    finishes: dict[int, str | None] = {}
+    num_lp = {0: 0, 1: 0}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.logprobs and c.logprobs.content:
+                num_lp[c.index] += len(c.logprobs.content)
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert finishes == {0: "length", 1: "length"} and num_lp == {0: 6, 1: 6}
+    ckw: dict[str, Any] = dict(model="tiny", prompt=["one", "two"], n=2, max_tokens=4, seed=2)
+    batch = client.completions.create(**ckw)
+    streamed = {i: "" for i in range(4)}
+    for chunk in lax_client.completions.create(stream=True, **ckw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == {c.index: c.text for c in batch.choices}
