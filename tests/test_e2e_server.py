@@ -207,7 +207,7 @@ def test_cli_chat_and_complete(real_server: RealServer) -> None:
     done = subprocess.run(
         [*base, "complete", *url, "--quick", "Hello"], capture_output=True, text=True, timeout=60
     )
-    assert (done.returncode == 0 and done.stdout.strip() != "") or done.stdout == "\n", done.stderr
+    assert done.returncode == 0 and done.stdout.endswith("\n"), done.stderr
     version = subprocess.run([*base, "--version"], capture_output=True, text=True, timeout=60)
     assert version.stdout.startswith("treadle ")
 
