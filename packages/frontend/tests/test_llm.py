@@ -70,3 +70,20 @@ def test_many_prompts_progress(llm: Any, capsys: Any) -> None:
     outs = llm.generate([f"p{i}" for i in range(20)], SamplingParams(max_tokens=3), use_tqdm=True)
     assert [o.prompt for o in outs] == [f"p{i}" for i in range(20)]
     assert "Processed prompts" in capsys.readouterr().err
+
+
+def test_engine_error_finish_raises(llm: Any) -> None:
+    engine = llm.client.engine
+    real_step = engine.step
+
+    def failing_step() -> Any:
+        outs = real_step()
+        for o in outs.outputs:
+            o.finish_reason = "FINISHED_ERROR"
+        return outs
+
+    engine.step = failing_step
+    with pytest.raises(RuntimeError, match="the engine failed"):
+        llm.generate("Hello", SamplingParams(max_tokens=5), use_tqdm=False)
+    engine.step = real_step
+    assert not llm.output_processor.has_unfinished()

@@ -39,8 +39,7 @@ class ModelInfo:
 def context_length_error(max_model_len: int, num_prompt: int, num_completion: int) -> ValueError:
     return ValueError(
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{num_prompt + num_completion} tokens ({num_prompt} in the messages, {num_completion} in the completion). "
-        "Please reduce the length of the messages or completion."
+        f"{num_prompt + num_completion} tokens ({num_prompt} in the messages, {num_completion} in the completion)."
     )
 
 

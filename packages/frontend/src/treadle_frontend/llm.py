@@ -172,6 +172,8 @@ class LLM:
                 )
                 if processed.reqs_to_abort:
                     self.client.abort_requests(processed.reqs_to_abort)
+                if self.output_processor.failed:
+                    raise self.output_processor.failed.pop()
                 for out in processed.request_outputs:
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out

@@ -66,6 +66,7 @@ class OutputProcessor:
     def __init__(self) -> None:
         self.states: dict[str, RequestState] = {}  # engine request id -> state
         self.parents: dict[str, ParentRequest] = {}  # caller request id -> parent
+        self.failed: list[BaseException] = []  # engine failures of requests without a queue (offline LLM)
 
     @property
     def num_unfinished(self) -> int:
@@ -105,6 +106,22 @@ class OutputProcessor:
         self.parents.clear()
         self.states.clear()
 
+    def _fail(self, state: RequestState) -> None:
+        """The engine failed this request: its caller gets an error, its siblings are dropped."""
+        del self.states[state.request_id]
+        parent = self.parents.pop(state.parent_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self.states.pop(child, None)
+        error = RuntimeError(
+            f"the engine failed while generating request {parent.request_id!r}; see the server log"
+        )
+        if parent.queue is not None:
+            parent.queue.put_nowait(error)
+        else:
+            self.failed.append(error)
+
     def process_outputs(self, engine_outputs: list[Any]) -> ProcessedOutputs:
         stats = IterationStats()
         request_outputs: list[RequestOutput] = []
@@ -125,6 +142,9 @@ class OutputProcessor:
             if state.update(step):
                 reqs_to_abort.append(state.request_id)
             self._record_stats(state, step, had_first, stats)
+            if state.finish_reason == "error":
+                self._fail(state)
+                continue
             completion = state.make_output()
             if state.finished:
                 del self.states[state.request_id]

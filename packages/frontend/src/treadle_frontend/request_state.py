@@ -33,8 +33,10 @@ def finish_reason_str(value: Any) -> str | None:
         return "stop"
     if name in ("max_tokens", "max_model_len", "finished_length_capped"):
         return "length"
-    if name in ("aborted", "error", "finished_aborted"):
+    if name in ("aborted", "finished_aborted"):
         return "abort"
+    if name in ("finished_error", "failed"):
+        return "error"
     return name
 
 
