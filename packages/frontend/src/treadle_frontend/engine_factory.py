@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,10 +172,15 @@ def start_async_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
         except BaseException as e:  # re-raised in the caller's thread
             booted["error"] = e
 
+    t0 = time.monotonic()
     thread = threading.Thread(target=boot, name="treadle-engine-boot", daemon=True)
     thread.start()
     try:
         prep = prepare(args)
+        logger.info(
+            "Model resolved and tokenizer loaded in %.1f s; waiting for the engine process",
+            time.monotonic() - t0,
+        )
     except BaseException:
         thread.join()
         if "client" in booted:
