@@ -87,3 +87,10 @@ def test_engine_error_finish_raises(llm: Any) -> None:
         llm.generate("Hello", SamplingParams(max_tokens=5), use_tqdm=False)
     engine.step = real_step
     assert not llm.output_processor.has_unfinished()
+
+
+def test_n2_keeps_prompt_logprobs(llm: Any) -> None:
+    out = llm.generate(
+        "Hello world", SamplingParams(n=2, max_tokens=3, prompt_logprobs=1, seed=0), use_tqdm=False
+    )[0]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)

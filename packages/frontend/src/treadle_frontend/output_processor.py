@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from treadle_frontend.outputs import CompletionOutput, RequestOutput
+from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from treadle_frontend.request_state import EngineStep, RequestState, finish_reason_str
 from treadle_model_runner.sampling_params import RequestOutputKind
 
@@ -60,6 +60,8 @@ class ParentRequest:
     num_finished: int = 0
     queue: asyncio.Queue[RequestOutput | BaseException] | None = None  # AsyncLLM: where outputs go
     children: list[str] = field(default_factory=list)  # engine request ids
+    prompt_logprobs: PromptLogprobs | None = None  # from child 0, the one that computes them
+    num_cached_tokens: int = 0  # prefix-cache hits of the prompt (max over children)
 
 
 class OutputProcessor:
@@ -167,6 +169,9 @@ class OutputProcessor:
             return None
         if completion.finish_reason is not None:
             parent.num_finished += 1
+        if state.prompt_logprobs is not None:
+            parent.prompt_logprobs = state.prompt_logprobs
+        parent.num_cached_tokens = max(parent.num_cached_tokens, state.num_cached_tokens)
         all_done = parent.num_finished >= parent.n
         kind = parent.output_kind
         if kind == RequestOutputKind.DELTA:
@@ -180,10 +185,10 @@ class OutputProcessor:
             request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
-            prompt_logprobs=state.prompt_logprobs,
+            prompt_logprobs=parent.prompt_logprobs,
             outputs=outputs,
             finished=all_done,
-            num_cached_tokens=state.num_cached_tokens,
+            num_cached_tokens=parent.num_cached_tokens,
             metrics=state.metrics,
         )
 
