@@ -112,6 +112,8 @@ class FakeEngine:
     def _logprobs(self, rng: random.Random, chosen: int, k: int) -> Logprobs:
         top = rng.sample(self.vocab, k) if k else []
         values = sorted((-rng.random() * 3 for _ in top), reverse=True)
+        if len(values) >= 3:
+            values[-1] = float("-inf")  # a masked token: must reach JSON as -9999.0, never -inf
         return Logprobs([chosen, *top], [-0.25 - rng.random(), *values], chosen_rank=rng.randint(1, 5))
 
     def step(self) -> FakeOutputs:

@@ -64,6 +64,9 @@ def test_completion_logprobs_echo(client: openai.OpenAI, lax_client: openai.Open
     assert len(lp.tokens) == n_prompt + 1 and lp.token_logprobs[0] is None
     assert r.choices[0].text.startswith("Hello world")
     assert lp.text_offset == sorted(lp.text_offset)
+    masked = client.completions.create(model="tiny", prompt="Hi", max_tokens=2, logprobs=3, temperature=0)
+    tops = masked.choices[0].logprobs.top_logprobs  # type: ignore[union-attr]
+    assert tops is not None and any(-9999.0 in t.values() for t in tops)  # -inf reaches JSON as -9999.0
     r0 = client.completions.create(model="tiny", prompt="Hello world", max_tokens=0, echo=True)
     assert r0.choices[0].text == "Hello world" and r0.usage is not None and r0.usage.completion_tokens == 0
 
