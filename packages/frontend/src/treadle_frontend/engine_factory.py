@@ -108,27 +108,39 @@ class Prepared:
     model_path: Path
 
 
-def prepare(args: EngineArgs) -> Prepared:
-    """Resolves the model directory (converting GGUF / the embedded default once) and loads the tokenizer."""
-    from treadle_model_runner.loader import resolve_model
+def _model_dir(mc: ModelConfig) -> tuple[Path, Path | None]:
+    """(HF-format directory, what the user named): a plain directory is used as is; the default model, GGUF
+    files and anything else go through the loader (which converts once into the cache)."""
+    if mc.model:
+        source = Path(mc.model).expanduser()
+        has_weights = mc.load_format == "dummy" or any(source.glob("*.safetensors"))
+        if (
+            source.is_dir()
+            and (source / "config.json").is_file()
+            and has_weights
+            and mc.load_format != "gguf"
+        ):
+            return source, source
+        from treadle_model_runner.loader import resolve_model
 
-    resolved = resolve_model(args.model_config)
+        resolved = resolve_model(mc)
+        return resolved.path, resolved.source
+    from treadle_model_runner.loader import default_model_path
+
+    return default_model_path(), None
+
+
+def prepare(args: EngineArgs) -> Prepared:
+    """Finds the model directory (converting GGUF / the embedded default once) and loads the tokenizer."""
     mc = args.model_config
+    path, source = _model_dir(mc)
     name = mc.served_model_name
     if name is None:
-        name = (
-            resolved.source.stem
-            if resolved.source is not None and resolved.source.is_file()
-            else resolved.path.name
-        )
-    load_format = (
-        mc.load_format if mc.load_format == "dummy" else ("auto" if resolved.format != "dummy" else "dummy")
-    )
-    model_config = dataclasses.replace(
-        mc, model=str(resolved.path), load_format=load_format, served_model_name=name
-    )
-    tokenizer = load_tokenizer(resolved.tokenizer_path)
-    return Prepared(model_config, tokenizer, resolved.tokenizer_path, name, resolved.path)
+        name = source.stem if source is not None and source.is_file() else path.name
+    tokenizer_path = Path(mc.tokenizer).expanduser() if mc.tokenizer else path
+    model_config = dataclasses.replace(mc, served_model_name=name)
+    tokenizer = load_tokenizer(tokenizer_path)
+    return Prepared(model_config, tokenizer, tokenizer_path, name, path)
 
 
 def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputProcessor:

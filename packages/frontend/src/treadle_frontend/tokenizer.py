@@ -25,13 +25,23 @@ class ChatTemplateError(ValueError):
     """A chat request met a model without a chat template (HTTP 400)."""
 
 
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
+_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")  # what AutoTokenizer maps these names to
 
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer from a local directory. When tokenizer_config.json names the generic fast tokenizer class
+    (what AutoTokenizer would pick anyway), that class is loaded directly: it skips importing the auto-class
+    machinery, a few seconds of start-up on a small machine."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"tokenizer directory {str(path)!r} does not exist; pass --tokenizer DIR")
     try:
+        if _tokenizer_class(path) in _FAST_CLASSES and (path / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(
             str(path), local_files_only=True, trust_remote_code=trust_remote_code
         )
@@ -40,6 +50,16 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
             f"could not load a tokenizer from {str(path)!r} ({type(e).__name__}: {e}); the directory needs "
             "tokenizer.json or tokenizer_config.json + vocabulary files; pass --tokenizer DIR to use another"
         ) from e
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    try:
+        value = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get(
+            "tokenizer_class"
+        )
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def resolve_chat_template(tokenizer: Any, override: str | None) -> str | None:
