@@ -36,6 +36,9 @@ def oai_lax(real_server: RealServer) -> openai.OpenAI:
 
 
 def test_startup_log_and_models(real_server: RealServer, oai: openai.OpenAI) -> None:
+    deadline = time.monotonic() + 30  # the platform lines come from a thread after start-up
+    while "IR dispatch" not in real_server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     log = real_server.log.read_text()
     for needle in ("KV cache capacity", "attention backend", "IR dispatch", "ready in", "dtype", "device"):
         assert needle in log, needle

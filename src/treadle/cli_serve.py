@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import threading
 import time
 from typing import Any
 
@@ -113,33 +114,32 @@ def _apply_ir_priority(spec: str | None) -> None:
         os.environ["TREADLE_IR_OP_PRIORITY"] = spec
 
 
-def _startup_report(llm: Any, model_config: Any, server_url: str, seconds: float) -> None:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = model_config.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+def _startup_report(llm: Any, server_url: str, seconds: float) -> None:
     info = llm.model
-    backend = model_config.attention_backend
-    if backend == "auto":
-        backend = "auto (triton on CUDA, torch on CPU)"
-    logger.info(
-        "Model: %s (%s) | dtype %s | device %s | max_model_len %d",
-        info.name,
-        info.path,
-        dtype,
-        device,
-        info.max_model_len,
-    )
-    logger.info("KV cache capacity: %s tokens | attention backend: %s", info.kv_capacity_tokens, backend)
-    logger.info("IR dispatch: %s", _ir_summary())
+    logger.info("Model: %s (%s) | max_model_len %d", info.name, info.path, info.max_model_len)
+    logger.info("KV cache capacity: %s tokens", info.kv_capacity_tokens)
     logger.info(
         "treadle is ready in %.1f s: serving %s at %s/v1 (OpenAI, Anthropic /v1/messages)",
         seconds,
         info.name,
         server_url,
     )
+
+
+def _platform_report(model_config: Any) -> None:
+    """Device, dtype, attention backend and IR dispatch. Runs in a thread once the server is up: it imports
+    torch, which the API process does not otherwise need, so it stays off the start-up path."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model_config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    backend = model_config.attention_backend
+    if backend == "auto":
+        backend = "triton" if device == "cuda" else "torch"
+    logger.info("Platform: device %s | dtype %s | attention backend %s", device, dtype, backend)
+    logger.info("IR dispatch: %s", _ir_summary())
 
 
 def _ir_summary() -> str:
@@ -184,7 +184,10 @@ def run_serve(args: argparse.Namespace) -> int:
     llm = AsyncLLM(client, processor)
     try:
         app = build_app(llm, server_config)
-        _startup_report(llm, engine_args.model_config, server_config.url, time.monotonic() - t0)
+        _startup_report(llm, server_config.url, time.monotonic() - t0)
+        threading.Thread(
+            target=_platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True
+        ).start()
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5
         )

@@ -28,6 +28,8 @@ _ALIASES: dict[str, str | None] = {
     "tokenizer_mode": None,
     "trust_remote_code": None,
 }
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default, as the loader names its cache directory
+_CONVERSION_MARKER = "treadle_conversion.json"  # written last by the loader's converter
 _FRONTEND_FIELDS = ("chat_template", "generation_config", "executor", "fake_runner", "log_stats")
 
 
@@ -125,6 +127,13 @@ def _model_dir(mc: ModelConfig) -> tuple[Path, Path | None]:
 
         resolved = resolve_model(mc)
         return resolved.path, resolved.source
+    from treadle_model_runner import envs as runner_envs
+
+    cached = runner_envs.TREADLE_CACHE_DIR() / "models" / DEFAULT_MODEL_NAME
+    if (cached / _CONVERSION_MARKER).is_file() and (cached / "tokenizer.json").is_file():
+        # Already converted: the engine process checks the conversion is current (and redoes it under the
+        # loader's lock if not); here only the tokenizer is read, so skip importing the loader and torch.
+        return cached, None
     from treadle_model_runner.loader import default_model_path
 
     return default_model_path(), None
