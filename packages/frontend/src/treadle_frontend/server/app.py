@@ -50,6 +50,8 @@ def treadle_version() -> str:
 async def _stats_loop(state: ServerState) -> None:
     while True:
         await asyncio.sleep(state.config.stats_log_interval_s)
+        if state.llm.num_unfinished == 0:
+            await _refresh_gauges(state)  # idle: the engine sends no more outputs, so ask it once
         line = state.metrics.log_line()
         if line is not None:
             logger.info("%s", line)
