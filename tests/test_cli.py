@@ -1,0 +1,82 @@
+"""The `treadle` CLI: serve flags default to the config dataclasses, and map onto engine options."""
+
+from __future__ import annotations
+
+from treadle import cli, cli_serve
+from treadle_engine_core.config import SchedulerConfig
+from treadle_frontend.engine_factory import EngineArgs
+from treadle_frontend.server.config import ServerConfig
+from treadle_model_runner.config import CacheConfig, ModelConfig
+
+
+def test_serve_defaults_come_from_the_dataclasses() -> None:
+    args = cli.build_parser().parse_args(["serve"])
+    model, cache, sched, server = ModelConfig(model=""), CacheConfig(), SchedulerConfig(), ServerConfig()
+    assert args.model is None
+    assert (args.host, args.port, args.api_key, args.uvicorn_log_level) == (
+        server.host,
+        server.port,
+        server.api_key,
+        server.uvicorn_log_level,
+    )
+    assert (args.dtype, args.max_model_len, args.load_format, args.seed, args.attention_backend) == (
+        model.dtype,
+        model.max_model_len,
+        model.load_format,
+        model.seed,
+        model.attention_backend,
+    )
+    assert (args.gpu_memory_utilization, args.kv_cache_space, args.enable_prefix_caching) == (
+        cache.gpu_memory_utilization,
+        cache.kv_cache_space,
+        cache.enable_prefix_caching,
+    )
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.scheduling_policy) == (
+        sched.max_num_seqs,
+        sched.max_num_batched_tokens,
+        sched.policy,
+    )
+
+
+def test_serve_flags_reach_the_configs() -> None:
+    args = cli.build_parser().parse_args(
+        [
+            "serve",
+            "some/dir",
+            "--max-model-len",
+            "512",
+            "--no-enable-prefix-caching",
+            "--max-num-seqs",
+            "7",
+            "--scheduling-policy",
+            "priority",
+            "--load-format",
+            "dummy",
+            "--kv-cache-space",
+            "0.5",
+            "-tp",
+            "1",
+            "--enforce-eager",
+            "--served-model-name",
+            "m",
+            "--generation-config",
+            "none",
+        ]
+    )
+    ea = EngineArgs.from_kwargs(args.model, **cli_serve.engine_options(args))
+    assert ea.model_config.model == "some/dir" and ea.model_config.max_model_len == 512
+    assert ea.model_config.load_format == "dummy" and ea.model_config.enforce_eager
+    assert ea.model_config.served_model_name == "m" and ea.generation_config == "none"
+    assert not ea.cache_config.enable_prefix_caching and ea.cache_config.kv_cache_space == 0.5
+    assert ea.scheduler_config.max_num_seqs == 7 and ea.scheduler_config.policy == "priority"
+    assert ea.scheduler_config.max_model_len == 512
+
+
+def test_bad_option_and_version(capsys: object) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown engine option 'max_num_seq'"):
+        EngineArgs.from_kwargs(None, max_num_seq=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 is not supported"):
+        EngineArgs.from_kwargs(None, tensor_parallel_size=2)
+    assert cli.main(["--version"]) == 0
