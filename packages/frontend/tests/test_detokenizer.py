@@ -81,3 +81,31 @@ def test_random_token_sequences(tokenizer: Any) -> None:
     for _ in range(30):
         ids = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(1, 30))]
         assert "".join(_stream(tokenizer, [], ids, [1] * len(ids))) == tokenizer.decode(ids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_metaspace_tokenizer_chunking(data: st.DataObject) -> None:
+    tok = _metaspace()
+    # 🦀 and ß are not in the training corpus: they become <0x..> byte-fallback tokens, one per UTF-8 byte
+    text = data.draw(st.sampled_from(TEXTS)) + data.draw(st.text(alphabet="ab é😀 東🦀ß", max_size=10))
+    prompt = tok.encode("Q: hi", add_special_tokens=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    chunks = data.draw(st.lists(st.integers(1, 4), max_size=len(ids)))
+    deltas = _stream(tok, prompt, ids, chunks)
+    # with a prompt before it, the output's leading space is real text (SentencePiece strips it only at the
+    # very start of a sequence): compare against decoding in context
+    expected = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+    assert "".join(deltas) == expected
+    assert all("\ufffd" not in d for d in deltas)
+
+
+_METASPACE: list[Any] = []
+
+
+def _metaspace() -> Any:
+    if not _METASPACE:
+        from tiny_assets import build_metaspace_tokenizer
+
+        _METASPACE.append(build_metaspace_tokenizer())
+    return _METASPACE[0]

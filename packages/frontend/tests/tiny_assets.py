@@ -50,3 +50,29 @@ def build_tokenizer_dir(path: Path, *, chat_template: bool = True, vocab_size: i
 
 def write_generation_config(path: Path, **fields: object) -> None:
     (path / "generation_config.json").write_text(json.dumps(fields))
+
+
+def build_metaspace_tokenizer() -> object:
+    """A SentencePiece-style tokenizer (Metaspace "▁" word marker, byte fallback), like Llama 2 / Mistral."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    # Byte-fallback pieces are ordinary vocabulary entries (as in Llama's), not special tokens, so
+    # skip_special_tokens keeps them. Rebuild the model with them appended.
+    trained = json.loads(tok.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tok.model = models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
