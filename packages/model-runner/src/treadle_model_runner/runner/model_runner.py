@@ -166,9 +166,9 @@ class ModelRunner:
                 "CUDA graphs off: attention backend %r launches from host metadata", self.attn_backend.name
             )
             return
-        sizes = capture_sizes(self.max_num_seqs)
-        self.graphs = CudaGraphRunner(sizes)
-        self.graphs.capture(self._prepare_capture)
+        graphs = CudaGraphRunner(capture_sizes(self.max_num_seqs))
+        graphs.capture(self._prepare_capture)
+        self.graphs = graphs if graphs.graphs else None  # capture failed: run eagerly, no padding
 
     def _require_model(self) -> CausalLM:
         if self.model is None:
