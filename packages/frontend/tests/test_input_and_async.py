@@ -131,3 +131,24 @@ def test_stats_log_line() -> None:
     text = m.render().decode()
     assert 'treadle:request_success_total{finished_reason="stop",model_name="tiny"} 1.0' in text
     assert 'treadle:prompt_tokens_total{model_name="tiny"} 10.0' in text
+
+
+def test_slow_consumer_gets_merged_deltas(tokenizer: Any) -> None:
+    engine = make_engine(tokenizer)
+    client = FakeAsyncClient(engine, step_delay=0.001)
+    llm = AsyncLLM(client, make_processor(tokenizer), request_factory=fake_request)
+
+    async def main() -> None:
+        params = SamplingParams(max_tokens=40, seed=1, logprobs=1, output_kind=RequestOutputKind.DELTA)
+        outs = []
+        async for out in llm.generate("hello", params, "slow"):
+            outs.append(out)
+            await asyncio.sleep(0.02)  # slower than the engine: deltas pile up and are merged
+        final = await llm.collect("hello", SamplingParams(max_tokens=40, seed=1, logprobs=1))
+        assert len(outs) < 40 and outs[-1].finished
+        assert "".join(o.outputs[0].text for o in outs) == final.outputs[0].text
+        assert [t for o in outs for t in o.outputs[0].token_ids] == final.outputs[0].token_ids
+        assert sum(len(o.outputs[0].logprobs or []) for o in outs) == 40
+        llm.shutdown()
+
+    asyncio.run(main())

@@ -106,8 +106,12 @@ class AsyncLLM:
                 await self.client.add_request_async(
                     self.request_factory(child_id, ids, child_params, now, priority)
                 )
+            merge = params.output_kind == RequestOutputKind.DELTA and params.n == 1
             while True:
                 item = await queue.get()
+                while merge and not queue.empty() and isinstance(item, RequestOutput) and not item.finished:
+                    nxt = queue.get_nowait()  # the consumer fell behind: hand over one merged delta
+                    item = nxt if isinstance(nxt, BaseException) else _merge_delta(item, nxt)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -193,6 +197,16 @@ class AsyncLLM:
             self.client.shutdown()
         except Exception as e:
             logger.debug("engine client shutdown: %s", e)
+
+
+def _merge_delta(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive DELTA outputs of a single-completion request as one."""
+    ca, cb = a.outputs[0], b.outputs[0]
+    cb.text = ca.text + cb.text
+    cb.token_ids = ca.token_ids + cb.token_ids
+    if ca.logprobs is not None and cb.logprobs is not None:
+        cb.logprobs = ca.logprobs + cb.logprobs
+    return b
 
 
 def _merge(into: IterationStats, other: IterationStats) -> None:
