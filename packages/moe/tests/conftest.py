@@ -4,12 +4,19 @@ triton is first imported, so it is set here, before any test module imports trea
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if sys.platform == "linux":
+    # Triton ships for Linux with every declared dependency: if it fails to import here, its tests would only
+    # skip, so fail loudly instead (a missing interpreter dependency once hid every Triton test).
+    import triton
+    import triton.language  # noqa: F401
 
 HAS_CUDA = torch.cuda.is_available()
 
