@@ -124,6 +124,7 @@ class ModelRunner:
             layer.bind_backend(self.attn_backend)
         self.model = model
         logger.info("loaded %s (%s)", cls.__name__, self.resolved.format)
+        _log_dispatch_report(model)
 
     def initialize_kv_cache(self) -> KVCacheConfig:
         """Size the paged KV cache from memory, allocate it, and capture CUDA graphs."""
@@ -216,3 +217,14 @@ class ModelRunner:
                 return model(inputs.input_ids, inputs.positions)
 
         return forward
+
+
+def _log_dispatch_report(model: torch.nn.Module) -> None:
+    """Log, once at start-up, which provider each IR op dispatches to here (and the MoE kernel choice)."""
+    import treadle_ir
+
+    logger.info("IR dispatch report:\n%s", treadle_ir.report())
+    if any(type(m).__name__ == "FusedMoE" for m in model.modules()):
+        import treadle_moe.oracle
+
+        logger.info("MoE kernel report:\n%s", treadle_moe.oracle.report())
