@@ -2,6 +2,9 @@
 
 - The tokenizer comes from `--tokenizer` or the model directory, through transformers' AutoTokenizer with
   `local_files_only=True` (a missing file is an error that names the directory, never a download).
+  A directory with no tokenizer file at all (a `--load-format dummy` config directory) gets a `NoTokenizer`:
+  prompts must be token ids, text prompts are a user error (HTTP 400), and outputs carry token ids with empty
+  text. That is what benchmarks on dummy weights need (`treadle bench` sends token ids).
 - The chat template is the tokenizer's own, or `--chat-template` (a file path, or the Jinja text itself).
   A chat request against a model without one is a user error (HTTP 400) that says how to supply one.
 - `generation_config.json` supplies default sampling fields (temperature, top_p, top_k, min_p,
@@ -26,6 +29,47 @@ class ChatTemplateError(ValueError):
 
 
 _FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")  # what AutoTokenizer maps these names to
+# Any of these in a directory means it has a tokenizer (a broken one is then an error, not a NoTokenizer).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tiktoken.model",
+)
+
+
+class NoTokenizer:
+    """Stands in for the tokenizer of a model directory that has none: token ids in, token ids out.
+
+    `encode` raises ValueError (HTTP 400) naming the fix; `decode` returns "" so outputs carry only ids.
+    """
+
+    eos_token_id = None
+    chat_template = None
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise self._no_text()
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+        return "" if isinstance(ids, int) else ["" for _ in ids]
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
+        raise self._no_text()
+
+    def _no_text(self) -> ValueError:
+        return ValueError(
+            f"the model directory {str(self.path)!r} has no tokenizer, so text cannot be encoded; "
+            "send token ids (prompt: [int, ...]) or start the server with --tokenizer DIR"
+        )
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
@@ -35,6 +79,14 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"tokenizer directory {str(path)!r} does not exist; pass --tokenizer DIR")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        logger.warning(
+            "%s has no tokenizer files (%s): serving token-id prompts only, outputs carry empty text; "
+            "pass --tokenizer DIR for text",
+            path,
+            ", ".join(_TOKENIZER_FILES),
+        )
+        return NoTokenizer(path)
     try:
         if _tokenizer_class(path) in _FAST_CLASSES and (path / "tokenizer.json").is_file():
             from transformers import PreTrainedTokenizerFast
