@@ -1,8 +1,9 @@
 """`treadle bench throughput` and `treadle bench latency`: offline benchmarks printing what `vllm bench` prints.
 
 throughput: the random dataset (token-id prompts, lengths `--input-len`/`--output-len`, optionally spread by
-`--random-range-ratio`), all submitted at once to the offline `LLM` with ignore_eos, timed end to end:
-output tokens / wall time, exactly as vLLM measures it.
+`--random-range-ratio`, or drawn uniformly from `--input-len-range LO,HI` / `--output-len-range LO,HI`, the
+workload of nano-vllm's table: 100,1024 for both), all submitted at once to the offline `LLM` with ignore_eos,
+timed end to end: output tokens / wall time, exactly as vLLM measures it.
 latency: one batch of `--batch-size` requests, fixed lengths, timed per iteration after warm-up.
 """
 
@@ -40,6 +41,13 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--random-range-ratio", type=float, default=0.0)
+    for kind in ("input", "output"):
+        parser.add_argument(
+            f"--{kind}-len-range",
+            default=None,
+            metavar="LO,HI",
+            help=f"{kind} lengths uniform in [LO, HI] (replaces --{kind}-len and --random-range-ratio)",
+        )
 
 
 def add_latency_args(parser: argparse.ArgumentParser) -> None:
@@ -73,11 +81,21 @@ def make_llm(args: argparse.Namespace) -> Any:
     return LLM(model=args.model, **options)
 
 
-def random_token_prompts(
-    num: int, input_len: int, ratio: float, vocab_size: int, seed: int
-) -> list[list[int]]:
+def length_bounds(mean: int, ratio: float, span: str | None = None) -> tuple[int, int]:
+    """(lo, hi) of uniformly drawn lengths: `span` "LO,HI" if given, else mean * (1 -/+ ratio)."""
+    if span is None:
+        return max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
+    try:
+        lo, hi = (int(x) for x in span.split(","))
+    except ValueError:
+        raise ValueError(f"a length range must be LO,HI (two integers), got {span!r}") from None
+    if not 1 <= lo <= hi:
+        raise ValueError(f"a length range needs 1 <= LO <= HI, got {span!r}")
+    return lo, hi
+
+
+def random_token_prompts(num: int, lo: int, hi: int, vocab_size: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    lo, hi = max(1, int(input_len * (1 - ratio))), max(1, int(input_len * (1 + ratio)))
     top = max(11, min(vocab_size, 32000))
     return [[rng.randrange(10, top) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
 
@@ -85,14 +103,12 @@ def random_token_prompts(
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     from treadle_model_runner import SamplingParams
 
+    in_lo, in_hi = length_bounds(args.input_len, args.random_range_ratio, args.input_len_range)
+    lo, hi = length_bounds(args.output_len, args.random_range_ratio, args.output_len_range)
     llm = make_llm(args)
     vocab = int(getattr(llm, "vocab_size", 32000))
-    prompts = random_token_prompts(
-        args.num_prompts, args.input_len, args.random_range_ratio, vocab, args.seed
-    )
+    prompts = random_token_prompts(args.num_prompts, in_lo, in_hi, vocab, args.seed)
     rng = random.Random(args.seed + 1)
-    lo = max(1, int(args.output_len * (1 - args.random_range_ratio)))
-    hi = max(1, int(args.output_len * (1 + args.random_range_ratio)))
     params = [
         SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=rng.randint(lo, hi))
         for _ in prompts
@@ -129,7 +145,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
 
     llm = make_llm(args)
     vocab = int(getattr(llm, "vocab_size", 32000))
-    prompts = random_token_prompts(args.batch_size, args.input_len, 0.0, vocab, args.seed)
+    prompts = random_token_prompts(args.batch_size, args.input_len, args.input_len, vocab, args.seed)
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
 
