@@ -7,7 +7,11 @@ Launch configuration is chosen on the host from integers the metadata already ca
   its short queries and 64-row tiles for its long ones (the builder records the step's shortest query);
 - split-KV (flash-decoding): only when every request fits one query tile, and the ``num_reqs x num_kv_heads``
   programs would leave the GPU's SMs idle; the split count depends on the batch shape only (never on context
-  lengths), so a CUDA graph captured for a batch size stays correct as contexts grow.
+  lengths), so a CUDA graph captured for a batch size stays correct as contexts grow. In a mixed batch only the
+  long-query launch may split, and its reduction touches only the rows of the requests that launch served.
+
+The heuristics read the device through a ``DeviceProfile`` (GPU tiles or not, SM count); tests inject a GPU's
+profile (``H100_PROFILE``) so the interpreter runs exactly the launches that GPU would.
 
 Triton is imported lazily: importing this module never needs it. Under ``TRITON_INTERPRET=1`` the same kernel runs
 on CPU tensors (tests), with small tiles.
@@ -50,13 +54,33 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The device facts the launch heuristics read (injectable: tests run a GPU's launches on the interpreter)."""
+
+    # GPU tiles (64-row prefill tiles, 64-key blocks, 2 stages); False: small interpreter tiles
+    gpu_tiles: bool
+    num_sms: int  # streaming multiprocessors the split-KV heuristic fills; 0 = never split unless forced
+
+
+H100_PROFILE = DeviceProfile(gpu_tiles=True, num_sms=132)
+_CPU_PROFILE = DeviceProfile(gpu_tiles=False, num_sms=0)
+
+
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+def _cuda_profile(device_index: int) -> DeviceProfile:
+    return DeviceProfile(True, int(torch.cuda.get_device_properties(device_index).multi_processor_count))
+
+
+def device_profile(device: torch.device) -> DeviceProfile:
+    """The profile of a real device: CUDA devices report their SM count, anything else runs the interpreter."""
+    if device.type != "cuda":
+        return _CPU_PROFILE
+    return _cuda_profile(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_launch_config(
-    device: torch.device,
+    profile: DeviceProfile,
     num_reqs: int,
     max_query_len: int,
     num_kv_heads: int,
@@ -64,7 +88,7 @@ def choose_launch_config(
     force_num_splits: int | None = None,
 ) -> LaunchConfig:
     """Pick tile sizes and the split count for a batch shape (host integers only)."""
-    on_gpu = device.type == "cuda"
+    on_gpu = profile.gpu_tiles
     small_rows = max(16, _next_pow2(group))
     if max_query_len * group <= small_rows:
         block_m = small_rows
@@ -76,9 +100,9 @@ def choose_launch_config(
     if max_query_len <= block_q:
         if force_num_splits is not None:
             num_splits = force_num_splits
-        elif on_gpu:
+        elif profile.num_sms > 0:
             programs = num_reqs * num_kv_heads
-            target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            target = 2 * profile.num_sms
             if programs < target:
                 num_splits = min(_MAX_SPLITS, _next_pow2((target + programs - 1) // programs))
     # H200 sweep (benchmarks/attention.py shapes): 4 warps and 2 stages won for decode and prefill alike
@@ -110,7 +134,13 @@ def _launch(
     logits_soft_cap: float | None,
     cfg: LaunchConfig,
     q_len_range: tuple[int, int],
+    serves_all: bool,
 ) -> None:
+    """One kernel launch over the requests with ``q_len_range[0] <= query_len <= q_len_range[1]`` (+ the reduction).
+
+    ``serves_all``: that range holds every request, so every scratch row is written and the reduction need not
+    look up each token's request.
+    """
     from treadle_kernels.attention.triton_kernel import paged_attention_kernel, reduce_splits_kernel
 
     num_tokens, num_reqs = md.num_actual_tokens, md.num_reqs
@@ -145,8 +175,10 @@ def _launch(
     )  # fmt: skip
     if cfg.num_splits > 1:
         reduce_splits_kernel[(num_tokens, num_heads)](
-            output, target, part_m, part_l, num_heads, output.stride(0), output.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=cfg.num_splits, num_warps=4,
+            output, target, part_m, part_l, md.query_start_loc, num_reqs, q_len_range[0], q_len_range[1],
+            num_heads, output.stride(0), output.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=cfg.num_splits, FILTER=not serves_all,
+            num_warps=4,
         )  # fmt: skip
 
 
@@ -160,6 +192,7 @@ def paged_attention(
     logits_soft_cap: float | None,
     force_num_splits: int | None = None,
     min_query_len: int = 1,
+    profile: DeviceProfile | None = None,
 ) -> torch.Tensor:
     """Attend ``query`` over the paged cache (new K/V already written) with the unified Triton kernel."""
     if md.num_actual_tokens == 0 or md.num_reqs == 0:
@@ -169,21 +202,21 @@ def paged_attention(
     num_kv_heads = kv_cache.shape[3]
     group = query.shape[1] // num_kv_heads
     args = (query, kv_cache, md, output, scale, sliding_window, logits_soft_cap)
-    cfg = choose_launch_config(
-        query.device, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits
-    )
-    short = choose_launch_config(query.device, md.num_reqs, 1, num_kv_heads, group, 1)
+    profile = profile or device_profile(query.device)
+    cfg = choose_launch_config(profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits)
+    short = choose_launch_config(profile, md.num_reqs, 1, num_kv_heads, group, 1)
     if cfg.block_m > short.block_m and min_query_len <= short.block_q:
         # mixed batch: short queries (decodes) in small tiles, long ones (prefills) in large tiles
-        _launch(*args, short, (0, short.block_q))
-        _launch(*args, cfg, (short.block_q + 1, md.max_query_len))
+        _launch(*args, short, (0, short.block_q), False)
+        _launch(*args, cfg, (short.block_q + 1, md.max_query_len), False)
     else:
-        _launch(*args, cfg, (0, md.max_query_len))
+        _launch(*args, cfg, (0, md.max_query_len), True)
     return output
 
 
 class TritonAttentionImpl(AttentionImpl):
     force_num_splits: int | None = None  # tests: force the split-KV path (power of two)
+    device_profile: DeviceProfile | None = None  # tests: launch as on this device (None: the query's device)
 
     def forward(
         self,
@@ -198,7 +231,7 @@ class TritonAttentionImpl(AttentionImpl):
         write_kv_cache(key, value, kv_cache, md.slot_mapping)
         return paged_attention(
             query, kv_cache, md, output, self.scale, self.sliding_window, self.logits_soft_cap,
-            self.force_num_splits, attn_metadata.min_query_len,
+            self.force_num_splits, attn_metadata.min_query_len, self.device_profile,
         )  # fmt: skip
 
 

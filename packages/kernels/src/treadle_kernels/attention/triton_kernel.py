@@ -22,7 +22,12 @@ for the rest (``min_q_len``/``max_q_len`` select a program's requests; the other
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range is cut into ``NUM_SPLITS`` contiguous segments
 (split count fixed by the caller from the batch shape only, so CUDA graphs stay valid as contexts grow); each
 program writes its unnormalised accumulator and ``(m, l)`` to fp32 scratch, and ``_reduce_splits_kernel`` merges
-them with the usual ``exp(m_s - max m)`` rescaling. Empty segments contribute ``l = 0``.
+them with the usual ``exp(m_s - max m)`` rescaling. A segment that is empty for a row (its range starts past the
+row's keys, e.g. a short sequence cut into more segments than it has key tiles) or fully masked for it (causal,
+window) leaves ``m = -inf, l = 0, acc = 0`` and gets weight ``exp(-inf) = 0``; a row with every segment empty
+reduces to 0, never ``inf - inf``. Invariant: the reduction writes only rows the split launch served; in a mixed
+batch's double launch the split launch serves a subset of the requests (``FILTER``) and the other rows hold the
+short launch's output while their scratch rows were never written.
 """
 
 from __future__ import annotations
@@ -34,13 +39,16 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _find_request(query_start_loc_ptr, tile, last_req, BLOCK_Q: tl.constexpr):
-    """Largest request i <= last_req with query_start_loc[i] // BLOCK_Q + i <= tile (binary search)."""
+def _find_request(query_start_loc_ptr, tile, last_req, BLOCK_Q: tl.constexpr, PER_REQ: tl.constexpr):
+    """Largest request i <= last_req with query_start_loc[i] // BLOCK_Q + i * PER_REQ <= tile (binary search).
+
+    ``PER_REQ = 1``: the request owning query tile ``tile``; ``BLOCK_Q = 1, PER_REQ = 0``: the owner of token ``tile``.
+    """
     lo = 0
     hi = last_req
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid * PER_REQ
         if start <= tile:
             lo = mid
         else:
@@ -95,7 +103,7 @@ def paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    req = _find_request(query_start_loc_ptr, tile, num_reqs - 1, BLOCK_Q)
+    req = _find_request(query_start_loc_ptr, tile, num_reqs - 1, BLOCK_Q, 1)
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     q_tile = tile - (q_start // BLOCK_Q + req)
@@ -196,28 +204,38 @@ def reduce_splits_kernel(
     part_acc_ptr,  # [T, nh, NUM_SPLITS, HEAD_DIM_PAD] fp32
     part_m_ptr,  # [T, nh, NUM_SPLITS] fp32
     part_l_ptr,
+    query_start_loc_ptr,
+    num_reqs,
+    min_q_len,  # with FILTER, only tokens of requests with min_q_len <= query_len <= max_q_len are reduced
+    max_q_len,
     num_heads,
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    FILTER: tl.constexpr,  # the split launch served only some requests (mixed batch); skip the others' rows
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
+    if FILTER:
+        req = _find_request(query_start_loc_ptr, token, num_reqs - 1, 1, 0)
+        q_len = tl.load(query_start_loc_ptr + req + 1) - tl.load(query_start_loc_ptr + req)
+        if (q_len < min_q_len) or (q_len > max_q_len):
+            return
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
     base = token * num_heads + head
     m = tl.load(part_m_ptr + base * NUM_SPLITS + splits)
     l_s = tl.load(part_l_ptr + base * NUM_SPLITS + splits)
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)  # empty splits: exp2(-inf) = 0
+    w = tl.exp2(m - m_max)  # empty or fully masked splits: exp2(-inf) = 0
     denom = tl.sum(w * l_s, axis=0)
-    acc = tl.load(part_acc_ptr + (base * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :])
+    acc_offs = (base * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :]
+    acc = tl.load(part_acc_ptr + acc_offs, mask=dim_ok[None, :], other=0.0)  # padded dims were never written
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(
-        out_ptr + token * stride_ot + head * stride_oh + dims,
-        out.to(out_ptr.dtype.element_ty),
-        mask=dims < HEAD_DIM,
+        out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok
     )
