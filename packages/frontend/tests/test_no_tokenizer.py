@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,13 @@ def test_config_dir_serves_token_ids_only(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["usage"]["completion_tokens"] == 6 and out["usage"]["prompt_tokens"] == 4
-        assert out["choices"][0]["text"] == ""
+        assert re.fullmatch(r"(<\d+>){6}", out["choices"][0]["text"]), out["choices"][0]["text"]
         stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url, json=stream, timeout=30) as s:
-            lines = [ln for ln in s.iter_lines() if ln.startswith("data:")]
-        assert lines[-1] == "data: [DONE]"
-        assert json.loads(lines[-2][5:])["usage"]["completion_tokens"] == 6
+            chunks = [json.loads(ln[5:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+        texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+        assert len(texts) == 6 and all(re.fullmatch(r"<\d+>", t) for t in texts), texts  # a chunk per token
+        assert chunks[-1]["usage"]["completion_tokens"] == 6
         r = httpx.post(url, json={**body, "prompt": "hello"}, timeout=30)
         assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
         chat = {"model": "dummy", "messages": [{"role": "user", "content": "hi"}]}

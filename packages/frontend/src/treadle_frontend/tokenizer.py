@@ -3,8 +3,9 @@
 - The tokenizer comes from `--tokenizer` or the model directory, through transformers' AutoTokenizer with
   `local_files_only=True` (a missing file is an error that names the directory, never a download).
   A directory with no tokenizer file at all (a `--load-format dummy` config directory) gets a `NoTokenizer`:
-  prompts must be token ids, text prompts are a user error (HTTP 400), and outputs carry token ids with empty
-  text. That is what benchmarks on dummy weights need (`treadle bench` sends token ids).
+  prompts must be token ids, text prompts are a user error (HTTP 400), and each output token's text is its id
+  as `<id>` (never empty, so every step still streams a chunk: TTFT and ITL stay measurable). That is what
+  benchmarks on dummy weights need (`treadle bench` sends token ids).
 - The chat template is the tokenizer's own, or `--chat-template` (a file path, or the Jinja text itself).
   A chat request against a model without one is a user error (HTTP 400) that says how to supply one.
 - `generation_config.json` supplies default sampling fields (temperature, top_p, top_k, min_p,
@@ -44,7 +45,8 @@ _TOKENIZER_FILES = (
 class NoTokenizer:
     """Stands in for the tokenizer of a model directory that has none: token ids in, token ids out.
 
-    `encode` raises ValueError (HTTP 400) naming the fix; `decode` returns "" so outputs carry only ids.
+    `encode` raises ValueError (HTTP 400) naming the fix; `decode` writes each id as `<id>`: context-free, so
+    incremental detokenization emits exactly the new tokens, and never empty, so streams send one chunk per step.
     """
 
     eos_token_id = None
@@ -57,10 +59,10 @@ class NoTokenizer:
         raise self._no_text()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return ""
+        return "".join(f"<{int(i)}>" for i in ids)
 
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
-        return "" if isinstance(ids, int) else ["" for _ in ids]
+        return self.decode([ids]) if isinstance(ids, int) else [self.decode([i]) for i in ids]
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
         raise self._no_text()
@@ -81,7 +83,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
         raise ValueError(f"tokenizer directory {str(path)!r} does not exist; pass --tokenizer DIR")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         logger.warning(
-            "%s has no tokenizer files (%s): serving token-id prompts only, outputs carry empty text; "
+            "%s has no tokenizer files (%s): token-id prompts only, output text is each token id as <id>; "
             "pass --tokenizer DIR for text",
             path,
             ", ".join(_TOKENIZER_FILES),
