@@ -1,0 +1,638 @@
+"""Every end-to-end measurement of the GPU issue in one go, within one device call; a table last.
+
+Items, in run order (each in its own subprocess, so each starts on a clean GPU; `--only` picks some):
+  ceilings    copy bandwidth (bytes read + written) and bf16 matmul rate (benchmarks/device_ceilings.py)
+  latency     Llama-3.1-8B dummy, batch 1, 128 in / 128 out: mean of 3 timed iterations after a warm-up, / 128
+              -> ms per output token; achieved GB/s = bytes one decode step reads (every weight except the
+              embedding table: layers, final norm, lm_head) / that time
+  throughput  Llama-3.1-8B, 1000 prompts random 1024 / 1024, ignore_eos: output tokens / wall time
+  baseline    HF transformers `generate` (static cache, bf16) on the same dummy Llama and workload, and treadle
+              on exactly that workload, in the same run -> ratio (target >= 5x)
+  serve       cold start of `treadle serve` (spawn -> /health 200, graph capture included), then
+              `treadle bench serve` random 1024 / 128 at max concurrency 1, 16, 64, 256
+  qwen        Qwen3-0.6B, 256 prompts, input and output lengths uniform in 100-1024 (nano-vllm's workload)
+
+Budget: `--budget-s` bounds the whole run. An item whose usual minimum no longer fits is skipped (the last line
+names the `--only` that runs what was skipped); a running one is cut at the budget. Each item writes
+OUT/<item>.json (device, commit, command, numbers, same-run baseline, KV capacity in tokens, CUDA-graph mode,
+max_model_len, dummy weights); OUT/summary.json and OUT/table.md hold the table, OUT/serve_throughput.png the
+plot (when matplotlib is installed), OUT/logs/ every subprocess's output.
+`--smoke` runs the same plumbing on CPU on tiny configs derived from the real ones, in well under 90 s.
+
+Usage on the GPU machine: source .whl/activate.sh; python3 benchmarks/gpu_e2e.py --out $OUT --commit <sha>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "benchmarks" / "configs"
+ITEMS = ("ceilings", "latency", "throughput", "baseline", "serve", "qwen")
+MIN_S = {"ceilings": 25, "latency": 60, "throughput": 150, "baseline": 90, "serve": 90, "qwen": 40}
+RESERVE_S = 10.0  # kept for the table and the plot
+# vLLM 0.20.2, stock defaults, same dummy Llama-3.1-8B, same cards (issue 8, measured 2026-11-27).
+VLLM = {
+    "H100": {
+        "copy_gbps": 3027,
+        "matmul_tflops": 786,
+        "ms_per_token": 6.72,
+        "tok_s": 6879,
+        "cold_s": 112,
+        "kv_tokens": 439_000,
+    },
+    "H200": {
+        "copy_gbps": 4279,
+        "matmul_tflops": 790,
+        "ms_per_token": 5.02,
+        "tok_s": 8393,
+        "cold_s": 94,
+        "kv_tokens": 886_000,
+    },
+}
+TARGETS = {"H100": {"ms_per_token": 5.6, "tok_s": 10_000}, "H200": {"ms_per_token": 4.2, "tok_s": 12_000}}
+TARGET_HF_RATIO, TARGET_COLD_S = 5.0, 30.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The workloads; `smoke()` shrinks every one of them for a CPU run."""
+
+    llama: Path = CONFIGS / "llama-3.1-8b"
+    qwen: Path = CONFIGS / "qwen3-0.6b"
+    engine: tuple[str, ...] = ("--max-model-len", "4096", "--gpu-memory-utilization", "0.9")
+    max_model_len: int = 4096
+    latency_len: int = 128  # input = output tokens, batch 1
+    tp_prompts: int = 1000
+    tp_len: int = 1024  # input = output tokens
+    qwen_prompts: int = 256
+    qwen_range: str = "100,1024"
+    base_prompts: int = 32  # one batch of HF generate
+    base_in: int = 1024
+    base_out: int = 128
+    hf_dtype: str = "bfloat16"
+    serve_in: int = 1024
+    serve_out: int = 128
+    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
+    prompts_per_concurrency: int = 4
+    min_serve_prompts: int = 16
+    dtype_bytes: int = 2
+
+    def serve_prompts(self, concurrency: int) -> int:
+        return max(self.min_serve_prompts, self.prompts_per_concurrency * concurrency)
+
+
+def smoke_plan(tmp: Path) -> Plan:
+    """Tiny Llama (2 layers, hidden 64, vocab 512) and Qwen3 configs, tiny lengths and counts, CPU KV cache."""
+    tiny = {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 512,
+        "torch_dtype": "float32",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    dirs = []
+    for name in ("llama-3.1-8b", "qwen3-0.6b"):
+        config = {**json.loads((CONFIGS / name / "config.json").read_text()), **tiny}
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        (tmp / name / "config.json").write_text(json.dumps(config))
+        dirs.append(tmp / name)
+    return Plan(
+        llama=dirs[0],
+        qwen=dirs[1],
+        engine=("--max-model-len", "256", "--kv-cache-space", "0.05"),
+        max_model_len=256,
+        latency_len=8,
+        tp_prompts=6,
+        tp_len=16,
+        qwen_prompts=6,
+        qwen_range="4,24",
+        base_prompts=4,
+        base_in=16,
+        base_out=8,
+        hf_dtype="float32",
+        serve_in=16,
+        serve_out=8,
+        concurrencies=(1, 4),
+        prompts_per_concurrency=2,
+        min_serve_prompts=2,
+        dtype_bytes=4,
+    )
+
+
+def decode_bytes(model: Path, dtype_bytes: int) -> int:
+    """Bytes of weights one decode step reads: all layers, the final norm and lm_head (not the embedding)."""
+    c = json.loads((model / "config.json").read_text())
+    h, heads, kv = (
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c.get("num_key_value_heads", c["num_attention_heads"]),
+    )
+    hd = c.get("head_dim") or h // heads
+    attn = h * heads * hd * 2 + h * kv * hd * 2 + (2 * hd if c.get("model_type") == "qwen3" else 0)
+    layer = attn + 3 * h * c["intermediate_size"] + 2 * h
+    return (c["num_hidden_layers"] * layer + h + c["vocab_size"] * h) * dtype_bytes
+
+
+def parse_log(text: str) -> dict[str, Any]:
+    """KV capacity and CUDA-graph mode as the engine logs them at start-up."""
+    out: dict[str, Any] = {}
+    if m := re.search(r"KV (?:cache )?capacity:? (\d+) tokens", text):
+        out["kv_capacity_tokens"] = int(m.group(1))
+    if m := re.search(r"CUDA graphs captured for decode batch sizes (.*?) in ([\d.]+) s", text):
+        out["cuda_graphs"] = f"full decode graphs, sizes {m.group(1)}, captured in {m.group(2)} s"
+    elif m := re.search(r"CUDA graphs off: ?(.*)", text):
+        out["cuda_graphs"] = f"off: {m.group(1).strip()}"
+    elif "CUDA graph capture failed" in text:
+        out["cuda_graphs"] = "capture failed: eager"
+    return out
+
+
+class Session:
+    """Runs items within the budget; writes one JSON per item and remembers each for the table."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, device: str) -> None:
+        self.args, self.plan, self.device = args, plan, device
+        self.out = Path(args.out)
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        self.deadline = time.monotonic() + args.budget_s
+        self.commit = args.commit or _git_commit()
+        self.records: dict[str, dict[str, Any]] = {}
+        self.skipped: list[str] = []
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic() - RESERVE_S
+
+    def run(self, name: str, cmd: list[str], cap_s: float | None = None) -> tuple[int, str]:
+        """Runs `cmd`, output to logs/<name>.log; rc 124 when cut at the budget."""
+        limit = max(1.0, min(cap_s or 1e9, self.remaining()))
+        log = self.out / "logs" / f"{name}.log"
+        with open(log, "w") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+                rc = 124
+        return rc, log.read_text(errors="replace")
+
+    def record(self, item: str, command: list[str] | str, numbers: dict[str, Any], **extra: Any) -> None:
+        rec = {
+            "item": item,
+            "device": self.device,
+            "commit": self.commit,
+            "command": command if isinstance(command, str) else " ".join(command),
+            "numbers": numbers,
+            "dummy_weights": True,
+            "smoke": bool(self.args.smoke),
+            "max_model_len": self.plan.max_model_len,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+        self.records[item] = rec
+        (self.out / f"{item}.json").write_text(json.dumps(rec, indent=2, default=str))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM to the process group this script started, SIGKILL after 20 s."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _treadle(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "treadle.cli", *argv]
+
+
+def _bench(s: Session, name: str, kind: str, model: Path, extra: str) -> tuple[dict[str, Any], list[str]]:
+    """`treadle bench latency|throughput` in a subprocess: its --output-json result plus start-up facts."""
+    out = s.out / "logs" / f"{name}.result.json"
+    cmd = _treadle("bench", kind, "--model", str(model), "--load-format", "dummy", *s.plan.engine)
+    cmd += [*extra.split(), "--output-json", str(out)]
+    rc, log = s.run(name, cmd)
+    if rc != 0 or not out.is_file():
+        raise RuntimeError(f"{name}: exit {rc}" + (" (cut at the budget)" if rc == 124 else "") + _tail(log))
+    rec = json.loads(out.read_text())
+    facts = {**parse_log(log), **{k: v for k, v in rec.get("engine", {}).items() if v is not None}}
+    return {**rec["result"], **facts}, cmd
+
+
+def _tail(log: str, n: int = 6) -> str:
+    return "; log tail: " + " | ".join(log.strip().splitlines()[-n:])
+
+
+def _facts(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r.get(k) for k in ("kv_capacity_tokens", "cuda_graphs", "max_model_len")}
+
+
+def item_ceilings(s: Session) -> None:
+    if s.device == "cpu":
+        raise _Skip("no CUDA device")
+    raw = s.out / "logs" / "ceilings.result.json"
+    cmd = [sys.executable, "benchmarks/device_ceilings.py", "--out", str(raw)]
+    rc, log = s.run("ceilings", cmd, cap_s=180)
+    if rc != 0:
+        raise RuntimeError(f"ceilings: exit {rc}{_tail(log)}")
+    r = json.loads(raw.read_text())
+    s.record("ceilings", cmd, {k: r[k] for k in ("copy_bandwidth_gbps", "bf16_matmul_tflops")}, detail=r)
+
+
+def item_latency(s: Session) -> None:
+    n = s.plan.latency_len
+    extra = f"--batch-size 1 --input-len {n} --output-len {n} --num-iters-warmup 1 --num-iters 3"
+    r, cmd = _bench(s, "latency", "latency", s.plan.llama, extra)
+    ms = float(r["avg_latency"]) * 1000.0 / n
+    num_bytes = decode_bytes(s.plan.llama, s.plan.dtype_bytes)
+    gbps = num_bytes / (ms * 1e-3) / 1e9
+    numbers = {"ms_per_output_token": ms, "achieved_gbps": gbps, "decode_weight_bytes": num_bytes}
+    s.record("latency", cmd, {**numbers, "latencies_s": r["latencies"]}, **_facts(r))
+
+
+def item_throughput(s: Session) -> None:
+    p = s.plan
+    extra = f"--num-prompts {p.tp_prompts} --input-len {p.tp_len} --output-len {p.tp_len}"
+    r, cmd = _bench(s, "throughput", "throughput", p.llama, extra)
+    s.record("throughput", cmd, _tp_numbers(r), **_facts(r))
+
+
+def item_qwen(s: Session) -> None:
+    p = s.plan
+    extra = (
+        f"--num-prompts {p.qwen_prompts} --input-len-range {p.qwen_range} --output-len-range {p.qwen_range}"
+    )
+    r, cmd = _bench(s, "qwen", "throughput", p.qwen, extra)
+    ref = (
+        "nano-vllm 1,434 / vLLM 1,362 output tok/s on an RTX 4070 Laptop (nano-vllm's README), same workload"
+    )
+    s.record("qwen", cmd, _tp_numbers(r), reference=ref, **_facts(r))
+
+
+def _tp_numbers(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("output_tokens_per_second", "tokens_per_second", "requests_per_second", "elapsed_time")
+    return {k: r[k] for k in (*keys, "total_prompt_tokens", "total_output_tokens")}
+
+
+def item_baseline(s: Session) -> None:
+    p = s.plan
+    raw = s.out / "logs" / "baseline_hf.result.json"
+    workload = f"--num-prompts {p.base_prompts} --input-len {p.base_in} --output-len {p.base_out}"
+    hf_cmd = [sys.executable, "benchmarks/hf_baseline.py", "--model", str(p.llama), "--out", str(raw)]
+    hf_cmd += f"--dummy --dtype {p.hf_dtype} --static-cache --batch-size {p.base_prompts} {workload}".split()
+    rc, log = s.run("baseline_hf", hf_cmd, cap_s=max(60.0, s.remaining() - 60))
+    if rc != 0:
+        raise RuntimeError(f"HF baseline: exit {rc}{_tail(log)}")
+    hf = json.loads(raw.read_text())
+    r, cmd = _bench(s, "baseline_treadle", "throughput", p.llama, workload)
+    ours, theirs = r["output_tokens_per_second"], hf["output_tokens_per_second"]
+    numbers = {"treadle_output_tok_s": ours, "hf_output_tok_s": theirs, "ratio": ours / theirs}
+    s.record("baseline", f"{' '.join(cmd)}  VS  {' '.join(hf_cmd)}", numbers, baseline=hf, **_facts(r))
+
+
+def item_serve(s: Session) -> None:
+    """Cold start (spawn -> /health 200, recorded as cold_start.json), then one bench serve per concurrency."""
+    p = s.plan
+    port = _free_port()
+    cmd = _treadle("serve", str(p.llama), "--load-format", "dummy", *p.engine)
+    cmd += f"--host 127.0.0.1 --port {port} --served-model-name llama-3.1-8b-dummy".split()
+    log_path = s.out / "logs" / "serve_server.log"
+    levels: list[dict[str, Any]] = []
+    with open(log_path, "w") as log:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            cold = _wait_ready(proc, port, start, min(400.0, s.remaining()))
+            facts = parse_log(log_path.read_text(errors="replace"))
+            s.record("cold_start", cmd, {"cold_start_s": cold}, **facts)
+            for conc in p.concurrencies:
+                enough = s.remaining() >= 20
+                levels.append(
+                    _serve_level(s, port, conc) if enough else {"max_concurrency": conc, "skipped": 1}
+                )
+            workload = f"random {p.serve_in} / {p.serve_out}, ignore_eos"
+            s.record("serve", cmd, {"cold_start_s": cold, "levels": levels}, workload=workload, **facts)
+        finally:
+            _stop(proc)
+    failed = [
+        f"c={lv['max_concurrency']}: {lv['failed']} failed {lv['errors'][:1]}"
+        for lv in levels
+        if lv.get("failed")
+    ]
+    if failed:
+        raise _Recorded("; ".join(failed))
+
+
+def _serve_level(s: Session, port: int, conc: int) -> dict[str, Any]:
+    """`treadle bench serve` in this process (it is only an HTTP client), its report to logs/serve_c<N>.log."""
+    from treadle.bench import serve as bench_serve
+
+    p = s.plan
+    argv = (
+        f"--port {port} --num-prompts {p.serve_prompts(conc)} --random-input-len {p.serve_in} "
+        f"--random-output-len {p.serve_out} --max-concurrency {conc} --ignore-eos --seed {conc} "
+        f"--random-vocab-size {_vocab(p.llama)}"
+    )
+    parser = argparse.ArgumentParser()
+    bench_serve.add_serve_args(parser)
+    bench = bench_serve.run_serve_benchmark(parser.parse_args(argv.split()))
+    with open(s.out / "logs" / f"serve_c{conc}.log", "w") as f, contextlib.redirect_stdout(f):
+        print(f"treadle bench serve {argv}")
+        metrics = asyncio.run(asyncio.wait_for(bench, max(5.0, s.remaining())))
+    return {"command": f"treadle bench serve {argv}", **metrics}
+
+
+def _vocab(model: Path) -> int:
+    """Prompt token ids are drawn below this: the vocabulary, at most 32,000 (as the offline benchmarks)."""
+    return min(32_000, int(json.loads((model / "config.json").read_text())["vocab_size"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(proc: subprocess.Popen[Any], port: int, start: float, limit_s: float) -> float:
+    """Seconds from spawn to GET /health == 200."""
+    import httpx
+
+    while time.monotonic() - start < limit_s:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"treadle serve exited with {proc.returncode} before READY (logs/serve_server.log)"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return time.monotonic() - start
+        time.sleep(0.1)
+    raise RuntimeError(f"treadle serve not READY after {limit_s:.0f} s (logs/serve_server.log)")
+
+
+class _Skip(Exception):
+    """An item that does not apply here (no CUDA for the ceilings)."""
+
+
+class _Recorded(Exception):
+    """An item that recorded its numbers but failed in part (failed requests)."""
+
+
+RUNNERS = {
+    "ceilings": item_ceilings,
+    "latency": item_latency,
+    "throughput": item_throughput,
+    "baseline": item_baseline,
+    "serve": item_serve,
+    "qwen": item_qwen,
+}
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def _row(
+    name: str,
+    ours: float,
+    ref_name: str,
+    ref: float | None,
+    digits: int = 0,
+    lower: bool = False,
+    target: float | None = None,
+) -> list[str]:
+    """One metric against a reference; `lower`: smaller is better (the ratio is then reference / ours)."""
+    ratio = "—" if not ours or not ref else f"{(ref / ours if lower else ours / ref):.2f}×"
+    met = "—"
+    if target is not None:
+        met = (
+            "yes" if (ours <= target if lower else ours >= target) else "NO"
+        ) + f" ({'<=' if lower else '>='} {target:,g})"
+    return [name, _fmt(ours, digits), f"{ref_name} {_fmt(ref, digits)}".strip(), ratio, met]
+
+
+def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
+    """item | treadle | baseline / reference | ratio (> 1: treadle better) | target met?"""
+    gen = "H200" if "H200" in s.device else "H100" if "H100" in s.device else None
+    ref, tgt = VLLM.get(gen or "", {}), TARGETS.get(gen or "", {})
+    vllm, p = f"vLLM {gen or ''}".strip(), s.plan
+    num = {k: r["numbers"] for k, r in s.records.items() if "error" not in r}
+    rows: list[list[str]] = []
+    bw = num.get("ceilings", {}).get("copy_bandwidth_gbps")
+    if c := num.get("ceilings"):
+        rows.append(_row("copy bandwidth GB/s", bw, f"{vllm}'s card", ref.get("copy_gbps")))
+        rows.append(
+            _row("bf16 matmul TFLOP/s", c["bf16_matmul_tflops"], f"{vllm}'s card", ref.get("matmul_tflops"))
+        )
+    if r := num.get("latency"):
+        name = f"Llama-8B b1 {p.latency_len}/{p.latency_len} ms/token"
+        rows.append(
+            _row(
+                name,
+                r["ms_per_output_token"],
+                vllm,
+                ref.get("ms_per_token"),
+                2,
+                True,
+                tgt.get("ms_per_token"),
+            )
+        )
+        rows.append(_row("  achieved GB/s (weights read)", r["achieved_gbps"], "copy bandwidth", bw))
+    if r := num.get("throughput"):
+        name = f"Llama-8B {p.tp_prompts}x{p.tp_len}/{p.tp_len} out tok/s"
+        rows.append(
+            _row(name, r["output_tokens_per_second"], vllm, ref.get("tok_s"), target=tgt.get("tok_s"))
+        )
+    kvs = [
+        s.records[k].get("kv_capacity_tokens") for k in ("throughput", "latency", "serve") if k in s.records
+    ]
+    if kv := next((k for k in kvs if k), None):
+        rows.append(
+            _row(f"KV capacity tokens (max_model_len {p.max_model_len})", kv, vllm, ref.get("kv_tokens"))
+        )
+    if r := num.get("baseline"):
+        name = f"vs HF generate {p.base_prompts}x{p.base_in}/{p.base_out} out tok/s"
+        row = _row(name, r["treadle_output_tok_s"], "HF transformers", r["hf_output_tok_s"])
+        row[-1] = ("yes" if r["ratio"] >= TARGET_HF_RATIO else "NO") + f" (>= {TARGET_HF_RATIO:g}×)"
+        rows.append(row)
+    if r := num.get("cold_start"):
+        rows.append(
+            _row("cold start to READY s", r["cold_start_s"], vllm, ref.get("cold_s"), 1, True, TARGET_COLD_S)
+        )
+    for lv in num.get("serve", {}).get("levels", []):
+        name = f"serve {p.serve_in}/{p.serve_out} c={lv['max_concurrency']} out tok/s"
+        if "skipped" in lv:
+            rows.append([name, "skipped (budget)", "—", "—", "—"])
+            continue
+        ours = f"{_fmt(lv['output_throughput'])} (TTFT {lv['median_ttft_ms']:.0f}, TPOT {lv['median_tpot_ms']:.1f} ms)"
+        rows.append([name, ours + (f", {lv['failed']} failed" if lv["failed"] else ""), "—", "—", "—"])
+    if r := num.get("qwen"):
+        name = f"Qwen3-0.6B {p.qwen_prompts}x U({p.qwen_range}) out tok/s"
+        rows.append(_row(name, r["output_tokens_per_second"], "nano-vllm (RTX 4070 laptop)", 1434.0))
+        rows[-1][3] = "—"  # another GPU: no ratio
+    rows += [[item, st[:80], "—", "—", "—"] for item, st in status.items() if st != "ok"]
+    return rows
+
+
+def render_table(rows: list[list[str]]) -> str:
+    head = ["item", "treadle", "baseline / reference", "ratio (>1: treadle better)", "target met?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def plot_serve(s: Session) -> Path | None:
+    levels = [
+        lv for lv in s.records.get("serve", {}).get("numbers", {}).get("levels", []) if "skipped" not in lv
+    ]
+    if not levels:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the numbers are in serve.json)", file=sys.stderr)
+        return None
+    xs = [lv["max_concurrency"] for lv in levels]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [lv["output_throughput"] for lv in levels], marker="o", label="treadle")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("max concurrency")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"Llama-3.1-8B (dummy) {s.plan.serve_in}/{s.plan.serve_out}, {s.device}")
+    ax.grid(True, alpha=0.3)
+    path = s.out / "serve_throughput.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def device_name(smoke: bool) -> str:
+    if smoke or not shutil.which("nvidia-smi"):
+        return "cpu"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        if out:
+            return out
+    return "cpu"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--out", required=True, help="directory for the JSON results, table, plot and logs")
+    ap.add_argument("--commit", default=None, help="commit recorded in every result (default: git rev-parse)")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole run")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ITEMS)},cold_start")
+    ap.add_argument("--smoke", action="store_true", help="tiny configs on CPU: the plumbing, not the numbers")
+    ap.add_argument("--num-prompts", type=int, default=None, help="throughput prompts (default 1000)")
+    ap.add_argument("--concurrency", default=None, help="serving levels, e.g. 1,16,64,256")
+    ap.add_argument("--prompts-per-concurrency", type=int, default=None, help="serving prompts per level")
+    args = ap.parse_args(argv)
+    valid = (*ITEMS, "cold_start")
+    args.items = args.only.split(",") if args.only else list(ITEMS)
+    if bad := [i for i in args.items if i not in valid]:
+        ap.error(f"unknown item(s) {bad} in --only; valid: {', '.join(valid)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="gpu_e2e_") as tmp:
+        plan = smoke_plan(Path(tmp)) if args.smoke else Plan()
+        if args.num_prompts:
+            plan = replace(plan, tp_prompts=args.num_prompts)
+        if args.concurrency:
+            plan = replace(plan, concurrencies=tuple(int(c) for c in args.concurrency.split(",")))
+        if args.prompts_per_concurrency:
+            plan = replace(plan, prompts_per_concurrency=args.prompts_per_concurrency)
+        items = [i for i in ITEMS if i in args.items]
+        if "cold_start" in args.items and "serve" not in items:
+            items.append("serve")
+            plan = replace(plan, concurrencies=())
+        if args.smoke:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # subprocesses stay on the CPU
+        s = Session(args, plan, device_name(args.smoke))
+        print(
+            f"gpu_e2e: device {s.device}, commit {s.commit}, items {','.join(items)}, budget {args.budget_s:.0f} s"
+        )
+        status: dict[str, str] = {}
+        for item in items:
+            if s.remaining() < (3 if args.smoke else MIN_S[item]):
+                status[item] = f"skipped: {s.remaining():.0f} s left < {MIN_S[item]} s"
+                s.skipped.append(item)
+                continue
+            t0 = time.monotonic()
+            try:
+                RUNNERS[item](s)
+                status[item] = "ok"
+            except _Skip as e:
+                status[item] = f"skipped: {e}"
+            except _Recorded as e:
+                status[item] = f"FAILED: {e}"
+            except Exception as e:  # one failed item must not lose the others
+                status[item] = f"FAILED: {e}"
+                s.record(item, "", {}, error=f"{type(e).__name__}: {e}")
+            print(f"[{time.monotonic() - t0:6.1f} s] {item}: {status[item]}", flush=True)
+        plot = plot_serve(s)
+        rows = table_rows(s, status)
+        table = render_table(rows)
+        summary = {
+            "device": s.device,
+            "commit": s.commit,
+            "status": status,
+            "plan": asdict(plan),
+            "records": s.records,
+            "table": rows,
+            "plot": str(plot) if plot else None,
+        }
+        (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (s.out / "table.md").write_text(table + "\n")
+        if s.skipped:
+            print(f"out of budget: rerun with --only {','.join(s.skipped)}")
+        print(f"\n{s.device} | commit {s.commit[:12]} | dummy weights | results in {s.out}\n{table}")
+    return 1 if any(st.startswith("FAILED") for st in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
