@@ -340,10 +340,12 @@ def item_serve(s: Session) -> None:
             facts = parse_log(log_path.read_text(errors="replace"))
             s.record("cold_start", cmd, {"cold_start_s": cold}, **facts)
             for conc in p.concurrencies:
-                enough = s.remaining() >= 20
-                levels.append(
-                    _serve_level(s, port, conc) if enough else {"max_concurrency": conc, "skipped": 1}
-                )
+                try:
+                    if s.remaining() < 20:
+                        raise TimeoutError
+                    levels.append(_serve_level(s, port, conc))
+                except TimeoutError:  # not started, or cut at the budget
+                    levels.append({"max_concurrency": conc, "skipped": "budget"})
             workload = f"random {p.serve_in} / {p.serve_out}, ignore_eos"
             s.record("serve", cmd, {"cold_start_s": cold, "levels": levels}, workload=workload, **facts)
         finally:
