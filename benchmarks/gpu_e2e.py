@@ -165,6 +165,8 @@ def parse_log(text: str) -> dict[str, Any]:
         out["cuda_graphs"] = f"off: {m.group(1).strip()}"
     elif "CUDA graph capture failed" in text:
         out["cuda_graphs"] = "capture failed: eager"
+    else:
+        out["cuda_graphs"] = "none logged (eager)"
     return out
 
 
