@@ -43,8 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "benchmarks" / "configs"
-ITEMS = ("ceilings", "latency", "throughput", "baseline", "serve", "qwen")
-MIN_S = {"ceilings": 25, "latency": 60, "throughput": 150, "baseline": 90, "serve": 90, "qwen": 40}
+ITEMS = ("ceilings", "latency", "throughput", "baseline", "serve", "cold_start", "qwen")
 RESERVE_S = 10.0  # kept for the table and the plot
 # vLLM 0.20.2, stock defaults, same dummy Llama-3.1-8B, same cards (issue 8, measured 2026-11-27).
 VLLM = {
@@ -92,6 +91,10 @@ class Plan:
     prompts_per_concurrency: int = 4
     min_serve_prompts: int = 16
     dtype_bytes: int = 2
+
+    @property
+    def base_workload(self) -> str:
+        return f"--num-prompts {self.base_prompts} --input-len {self.base_in} --output-len {self.base_out}"
 
     def serve_prompts(self, concurrency: int) -> int:
         return max(self.min_serve_prompts, self.prompts_per_concurrency * concurrency)
@@ -180,7 +183,8 @@ class Session:
         self.deadline = time.monotonic() + args.budget_s
         self.commit = args.commit or _git_commit()
         self.records: dict[str, dict[str, Any]] = {}
-        self.skipped: list[str] = []
+        self.hf: dict[str, Any] | None = None  # the HF baseline's result, once step_hf ran
+        self.hf_cmd: list[str] = []
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic() - RESERVE_S
@@ -250,9 +254,16 @@ def _bench(s: Session, name: str, kind: str, model: Path, extra: str) -> tuple[d
     rc, log = s.run(name, cmd)
     if rc != 0 or not out.is_file():
         raise RuntimeError(f"{name}: exit {rc}" + (" (cut at the budget)" if rc == 124 else "") + _tail(log))
-    rec = json.loads(out.read_text())
-    facts = {**parse_log(log), **{k: v for k, v in rec.get("engine", {}).items() if v is not None}}
-    return {**rec["result"], **facts}, cmd
+    return _result(out, log), cmd
+
+
+def _result(path: Path, log: str) -> dict[str, Any]:
+    rec = json.loads(path.read_text())
+    return {
+        **rec["result"],
+        **parse_log(log),
+        **{k: v for k, v in rec.get("engine", {}).items() if v is not None},
+    }
 
 
 def _tail(log: str, n: int = 6) -> str:
@@ -263,7 +274,7 @@ def _facts(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("kv_capacity_tokens", "cuda_graphs", "max_model_len")}
 
 
-def item_ceilings(s: Session) -> None:
+def step_ceilings(s: Session, items: list[str]) -> dict[str, str]:
     if s.device == "cpu":
         raise _Skip("no CUDA device")
     raw = s.out / "logs" / "ceilings.result.json"
@@ -273,27 +284,97 @@ def item_ceilings(s: Session) -> None:
         raise RuntimeError(f"ceilings: exit {rc}{_tail(log)}")
     r = json.loads(raw.read_text())
     s.record("ceilings", cmd, {k: r[k] for k in ("copy_bandwidth_gbps", "bf16_matmul_tflops")}, detail=r)
+    return {"ceilings": "ok"}
 
 
-def item_latency(s: Session) -> None:
-    n = s.plan.latency_len
-    extra = f"--batch-size 1 --input-len {n} --output-len {n} --num-iters-warmup 1 --num-iters 3"
-    r, cmd = _bench(s, "latency", "latency", s.plan.llama, extra)
-    ms = float(r["avg_latency"]) * 1000.0 / n
-    num_bytes = decode_bytes(s.plan.llama, s.plan.dtype_bytes)
-    gbps = num_bytes / (ms * 1e-3) / 1e9
-    numbers = {"ms_per_output_token": ms, "achieved_gbps": gbps, "decode_weight_bytes": num_bytes}
-    s.record("latency", cmd, {**numbers, "latencies_s": r["latencies"]}, **_facts(r))
-
-
-def item_throughput(s: Session) -> None:
+def step_hf(s: Session, items: list[str]) -> dict[str, str]:
+    """HF transformers on the baseline workload; treadle's side runs in step_llama, the record is written there."""
     p = s.plan
-    extra = f"--num-prompts {p.tp_prompts} --input-len {p.tp_len} --output-len {p.tp_len}"
-    r, cmd = _bench(s, "throughput", "throughput", p.llama, extra)
-    s.record("throughput", cmd, _tp_numbers(r), **_facts(r))
+    raw = s.out / "logs" / "baseline_hf.result.json"
+    s.hf_cmd = [sys.executable, "benchmarks/hf_baseline.py", "--model", str(p.llama), "--out", str(raw)]
+    s.hf_cmd += (
+        f"--dummy --dtype {p.hf_dtype} --static-cache --batch-size {p.base_prompts} {p.base_workload}".split()
+    )
+    rc, log = s.run("baseline_hf", s.hf_cmd, cap_s=max(60.0, s.remaining() - 120))
+    if rc != 0:
+        raise RuntimeError(f"HF baseline: exit {rc}{_tail(log)}")
+    s.hf = json.loads(raw.read_text())
+    return {}
 
 
-def item_qwen(s: Session) -> None:
+def step_llama(s: Session, items: list[str]) -> dict[str, str]:
+    """latency, the baseline workload and throughput on ONE engine start-up (`--worker`), in that order, each
+    phase with its own prompt seed (no prefix-cache hits across phases); a phase cut at the budget loses only
+    itself and those after it."""
+    p, n = s.plan, s.plan.latency_len
+    workloads = {
+        "latency": f"latency --batch-size 1 --input-len {n} --output-len {n} --num-iters-warmup 1 --num-iters 3",
+        # not recorded: batched prefill and decode shapes once (kernel JIT) before the short baseline workload
+        "warmup": f"throughput --num-prompts {p.base_prompts} --input-len {p.base_in} --output-len 8",
+        "baseline": f"throughput {p.base_workload}",
+        "throughput": f"throughput --num-prompts {p.tp_prompts} --input-len {p.tp_len} --output-len {p.tp_len}",
+    }
+    if s.hf is None:
+        workloads.pop("baseline")
+    phases: list[tuple[str, list[str]]] = []  # (item, argv of `treadle`)
+    wanted = [*items, "warmup"] if {"baseline", "throughput"} & set(items) else items
+    for seed, (name, workload) in enumerate(w for w in workloads.items() if w[0] in wanted):
+        kind, extra = workload.split(" ", 1)
+        argv = ["bench", kind, "--model", str(p.llama), "--load-format", "dummy", *p.engine, *extra.split()]
+        phases.append(
+            (name, [*argv, "--seed", str(seed), "--output-json", str(s.out / "logs" / f"{name}.result.json")])
+        )
+    spec = s.out / "logs" / "llama_phases.json"
+    spec.write_text(json.dumps([{"name": name, "argv": argv} for name, argv in phases], indent=2))
+    rc, log = s.run("llama", [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec)])
+    shared = f"  (one engine for {', '.join(name for name, _ in phases)})"
+    status = {}
+    for name, argv in phases:
+        path = Path(argv[-1])
+        if not path.is_file():
+            cut = " (cut at the budget)" if rc == 124 else ""
+            raise RuntimeError(f"{name}: no result, llama worker exit {rc}{cut}{_tail(log)}")
+        if name == "warmup":
+            continue
+        r = _result(path, log)
+        cmd = "treadle " + " ".join(argv[:-2]) + shared
+        if name == "latency":
+            ms = float(r["avg_latency"]) * 1000.0 / n
+            num_bytes = decode_bytes(p.llama, p.dtype_bytes)
+            gbps = num_bytes / (ms * 1e-3) / 1e9
+            numbers = {"ms_per_output_token": ms, "achieved_gbps": gbps, "decode_weight_bytes": num_bytes}
+            s.record("latency", cmd, {**numbers, "latencies_s": r["latencies"]}, **_facts(r))
+        elif name == "baseline":
+            assert s.hf is not None, "the baseline phase runs only after step_hf"
+            ours, theirs = r["output_tokens_per_second"], s.hf["output_tokens_per_second"]
+            numbers = {"treadle_output_tok_s": ours, "hf_output_tok_s": theirs, "ratio": ours / theirs}
+            cmd += "  VS  " + " ".join(s.hf_cmd)
+            s.record("baseline", cmd, numbers, baseline=s.hf, **_facts(r))
+        else:
+            s.record("throughput", cmd, _tp_numbers(r), **_facts(r))
+        status[name] = "ok"
+    return status
+
+
+def offline_worker(spec_path: str) -> int:
+    """`gpu_e2e.py --worker SPEC`: runs the `treadle bench` phases listed in SPEC on one started engine."""
+    import logging
+
+    from treadle.bench import offline
+    from treadle.cli import build_parser
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    parser = build_parser()
+    llm = None
+    for phase in json.loads(Path(spec_path).read_text()):
+        args = parser.parse_args(phase["argv"])
+        print(f"== {phase['name']}: treadle {' '.join(phase['argv'])}", flush=True)
+        llm = llm if llm is not None else offline.make_llm(args)
+        (offline.run_latency if args.bench_command == "latency" else offline.run_throughput)(args, llm)
+    return 0
+
+
+def step_qwen(s: Session, items: list[str]) -> dict[str, str]:
     p = s.plan
     extra = (
         f"--num-prompts {p.qwen_prompts} --input-len-range {p.qwen_range} --output-len-range {p.qwen_range}"
@@ -303,6 +384,7 @@ def item_qwen(s: Session) -> None:
         "nano-vllm 1,434 / vLLM 1,362 output tok/s on an RTX 4070 Laptop (nano-vllm's README), same workload"
     )
     s.record("qwen", cmd, _tp_numbers(r), reference=ref, **_facts(r))
+    return {"qwen": "ok"}
 
 
 def _tp_numbers(r: dict[str, Any]) -> dict[str, Any]:
@@ -310,23 +392,7 @@ def _tp_numbers(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in (*keys, "total_prompt_tokens", "total_output_tokens")}
 
 
-def item_baseline(s: Session) -> None:
-    p = s.plan
-    raw = s.out / "logs" / "baseline_hf.result.json"
-    workload = f"--num-prompts {p.base_prompts} --input-len {p.base_in} --output-len {p.base_out}"
-    hf_cmd = [sys.executable, "benchmarks/hf_baseline.py", "--model", str(p.llama), "--out", str(raw)]
-    hf_cmd += f"--dummy --dtype {p.hf_dtype} --static-cache --batch-size {p.base_prompts} {workload}".split()
-    rc, log = s.run("baseline_hf", hf_cmd, cap_s=max(60.0, s.remaining() - 60))
-    if rc != 0:
-        raise RuntimeError(f"HF baseline: exit {rc}{_tail(log)}")
-    hf = json.loads(raw.read_text())
-    r, cmd = _bench(s, "baseline_treadle", "throughput", p.llama, workload)
-    ours, theirs = r["output_tokens_per_second"], hf["output_tokens_per_second"]
-    numbers = {"treadle_output_tok_s": ours, "hf_output_tok_s": theirs, "ratio": ours / theirs}
-    s.record("baseline", f"{' '.join(cmd)}  VS  {' '.join(hf_cmd)}", numbers, baseline=hf, **_facts(r))
-
-
-def item_serve(s: Session) -> None:
+def step_serve(s: Session, items: list[str]) -> dict[str, str]:
     """Cold start (spawn -> /health 200, recorded as cold_start.json), then one bench serve per concurrency."""
     p = s.plan
     port = _free_port()
@@ -334,6 +400,7 @@ def item_serve(s: Session) -> None:
     cmd += f"--host 127.0.0.1 --port {port} --served-model-name llama-3.1-8b-dummy".split()
     log_path = s.out / "logs" / "serve_server.log"
     levels: list[dict[str, Any]] = []
+    status = {}
     with open(log_path, "w") as log:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -341,15 +408,17 @@ def item_serve(s: Session) -> None:
             cold = _wait_ready(proc, port, start, min(400.0, s.remaining()))
             facts = parse_log(log_path.read_text(errors="replace"))
             s.record("cold_start", cmd, {"cold_start_s": cold}, **facts)
-            for conc in p.concurrencies:
+            status["cold_start"] = "ok"
+            for conc in p.concurrencies if "serve" in items else ():
                 try:
                     if s.remaining() < 20:
                         raise TimeoutError
                     levels.append(_serve_level(s, port, conc))
                 except TimeoutError:  # not started, or cut at the budget
                     levels.append({"max_concurrency": conc, "skipped": "budget"})
-            workload = f"random {p.serve_in} / {p.serve_out}, ignore_eos"
-            s.record("serve", cmd, {"cold_start_s": cold, "levels": levels}, workload=workload, **facts)
+            if "serve" in items:
+                workload = f"random {p.serve_in} / {p.serve_out}, ignore_eos"
+                s.record("serve", cmd, {"cold_start_s": cold, "levels": levels}, workload=workload, **facts)
         finally:
             _stop(proc)
     failed = [
@@ -357,8 +426,9 @@ def item_serve(s: Session) -> None:
         for lv in levels
         if lv.get("failed")
     ]
-    if failed:
-        raise _Recorded("; ".join(failed))
+    if "serve" in items:
+        status["serve"] = f"FAILED: {'; '.join(failed)}" if failed else "ok"
+    return status
 
 
 def _serve_level(s: Session, port: int, conc: int) -> dict[str, Any]:
@@ -411,18 +481,14 @@ class _Skip(Exception):
     """An item that does not apply here (no CUDA for the ceilings)."""
 
 
-class _Recorded(Exception):
-    """An item that recorded its numbers but failed in part (failed requests)."""
-
-
-RUNNERS = {
-    "ceilings": item_ceilings,
-    "latency": item_latency,
-    "throughput": item_throughput,
-    "baseline": item_baseline,
-    "serve": item_serve,
-    "qwen": item_qwen,
-}
+# (name, items it measures, the least time it needs, runner), in run order
+STEPS = (
+    ("ceilings", ("ceilings",), 25, step_ceilings),
+    ("hf", ("baseline",), 60, step_hf),
+    ("serve", ("cold_start", "serve"), 60, step_serve),
+    ("qwen", ("qwen",), 40, step_qwen),
+    ("llama", ("latency", "baseline", "throughput"), 60, step_llama),
+)
 
 
 def _fmt(v: float | None, digits: int = 0) -> str:
@@ -567,20 +633,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="directory for the JSON results, table, plot and logs")
     ap.add_argument("--commit", default=None, help="commit recorded in every result (default: git rev-parse)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole run")
-    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ITEMS)},cold_start")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ITEMS)}")
     ap.add_argument("--smoke", action="store_true", help="tiny configs on CPU: the plumbing, not the numbers")
     ap.add_argument("--num-prompts", type=int, default=None, help="throughput prompts (default 1000)")
     ap.add_argument("--concurrency", default=None, help="serving levels, e.g. 1,16,64,256")
     ap.add_argument("--prompts-per-concurrency", type=int, default=None, help="serving prompts per level")
     args = ap.parse_args(argv)
-    valid = (*ITEMS, "cold_start")
     args.items = args.only.split(",") if args.only else list(ITEMS)
-    if bad := [i for i in args.items if i not in valid]:
-        ap.error(f"unknown item(s) {bad} in --only; valid: {', '.join(valid)}")
+    if bad := [i for i in args.items if i not in ITEMS]:
+        ap.error(f"unknown item(s) {bad} in --only; valid: {', '.join(ITEMS)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return offline_worker(argv[1])
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gpu_e2e_") as tmp:
         plan = smoke_plan(Path(tmp)) if args.smoke else Plan()
@@ -590,34 +658,36 @@ def main(argv: list[str] | None = None) -> int:
             plan = replace(plan, concurrencies=tuple(int(c) for c in args.concurrency.split(",")))
         if args.prompts_per_concurrency:
             plan = replace(plan, prompts_per_concurrency=args.prompts_per_concurrency)
-        items = [i for i in ITEMS if i in args.items]
-        if "cold_start" in args.items and "serve" not in items:
-            items.append("serve")
-            plan = replace(plan, concurrencies=())
         if args.smoke:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # subprocesses stay on the CPU
         s = Session(args, plan, device_name(args.smoke))
         print(
-            f"gpu_e2e: device {s.device}, commit {s.commit}, items {','.join(items)}, budget {args.budget_s:.0f} s"
+            f"gpu_e2e: {s.device}, commit {s.commit}, items {','.join(args.items)}, budget {args.budget_s:.0f} s"
         )
         status: dict[str, str] = {}
-        for item in items:
-            if s.remaining() < (3 if args.smoke else MIN_S[item]):
-                status[item] = f"skipped: {s.remaining():.0f} s left < {MIN_S[item]} s"
-                s.skipped.append(item)
+        skipped: list[str] = []
+        for step, measures, min_s, runner in STEPS:
+            items = [i for i in measures if i in args.items and i not in status]
+            if not items:
+                continue
+            if s.remaining() < (3 if args.smoke else min_s):
+                status.update({i: f"skipped: {s.remaining():.0f} s left < {min_s} s" for i in items})
+                skipped += items
                 continue
             t0 = time.monotonic()
             try:
-                RUNNERS[item](s)
-                status[item] = "ok"
+                status.update(runner(s, items))
             except _Skip as e:
-                status[item] = f"skipped: {e}"
-            except _Recorded as e:
-                status[item] = f"FAILED: {e}"
-            except Exception as e:  # one failed item must not lose the others
-                status[item] = f"FAILED: {e}"
-                s.record(item, "", {}, error=f"{type(e).__name__}: {e}")
-            print(f"[{time.monotonic() - t0:6.1f} s] {item}: {status[item]}", flush=True)
+                status.update({i: f"skipped: {e}" for i in items})
+            except Exception as e:  # one failed step must not lose the others (nor its finished items)
+                for i in items:
+                    if i in s.records:
+                        status.setdefault(i, "ok")
+                    else:
+                        status[i] = f"FAILED: {e}"
+                        s.record(i, "", {}, error=f"{type(e).__name__}: {e}")
+            done = ", ".join(f"{i} {status.get(i, 'ok')}" for i in items)
+            print(f"[{time.monotonic() - t0:6.1f} s] {step}: {done}", flush=True)
         plot = plot_serve(s)
         rows = table_rows(s, status)
         table = render_table(rows)
@@ -632,8 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (s.out / "table.md").write_text(table + "\n")
-        if s.skipped:
-            print(f"out of budget: rerun with --only {','.join(s.skipped)}")
+        if skipped:
+            print(f"out of budget: rerun with --only {','.join(dict.fromkeys(skipped))}")
         print(f"\n{s.device} | commit {s.commit[:12]} | dummy weights | results in {s.out}\n{table}")
     return 1 if any(st.startswith("FAILED") for st in status.values()) else 0
 

@@ -100,12 +100,13 @@ def random_token_prompts(num: int, lo: int, hi: int, vocab_size: int, seed: int)
     return [[rng.randrange(10, top) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
 
 
-def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
+def run_throughput(args: argparse.Namespace, llm: Any = None) -> dict[str, Any]:
+    """`llm`: an already started engine to reuse (several workloads on one start-up), else one from `args`."""
     from treadle_model_runner import SamplingParams
 
     in_lo, in_hi = length_bounds(args.input_len, args.random_range_ratio, args.input_len_range)
     lo, hi = length_bounds(args.output_len, args.random_range_ratio, args.output_len_range)
-    llm = make_llm(args)
+    llm = llm if llm is not None else make_llm(args)
     vocab = int(getattr(llm, "vocab_size", 32000))
     prompts = random_token_prompts(args.num_prompts, in_lo, in_hi, vocab, args.seed)
     rng = random.Random(args.seed + 1)
@@ -140,10 +141,10 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+def run_latency(args: argparse.Namespace, llm: Any = None) -> dict[str, Any]:
     from treadle_model_runner import SamplingParams
 
-    llm = make_llm(args)
+    llm = llm if llm is not None else make_llm(args)
     vocab = int(getattr(llm, "vocab_size", 32000))
     prompts = random_token_prompts(args.batch_size, args.input_len, args.input_len, vocab, args.seed)
     requests = [{"prompt_token_ids": p} for p in prompts]
