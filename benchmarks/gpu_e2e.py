@@ -1,6 +1,6 @@
 """Every end-to-end measurement of the GPU issue in one go, within one device call; a table last.
 
-Items, in run order (each in its own subprocess, so each starts on a clean GPU; `--only` picks some):
+Items (`--only` picks some):
   ceilings    copy bandwidth (bytes read + written) and bf16 matmul rate (benchmarks/device_ceilings.py)
   latency     Llama-3.1-8B dummy, batch 1, 128 in / 128 out: mean of 3 timed iterations after a warm-up, / 128
               -> ms per output token; achieved GB/s = bytes one decode step reads (every weight except the
@@ -8,10 +8,14 @@ Items, in run order (each in its own subprocess, so each starts on a clean GPU; 
   throughput  Llama-3.1-8B, 1000 prompts random 1024 / 1024, ignore_eos: output tokens / wall time
   baseline    HF transformers `generate` (static cache, bf16) on the same dummy Llama and workload, and treadle
               on exactly that workload, in the same run -> ratio (target >= 5x)
-  serve       cold start of `treadle serve` (spawn -> /health 200, graph capture included), then
-              `treadle bench serve` random 1024 / 128 at max concurrency 1, 16, 64, 256
+  cold_start  `treadle serve` from spawn to /health 200 (model init and CUDA-graph capture included)
+  serve       then `treadle bench serve` random 1024 / 128 at max concurrency 1, 16, 64, 256 against it
   qwen        Qwen3-0.6B, 256 prompts, input and output lengths uniform in 100-1024 (nano-vllm's workload)
 
+Steps, in run order, each a fresh process (a clean GPU each): ceilings; HF baseline; the server (cold_start,
+serve); qwen; last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
+throughput (`--worker`: one start-up instead of three; each phase has its own prompt seed, so no prefix-cache
+hits across phases). The long throughput run comes last, so a cut at the budget loses nothing else.
 Budget: `--budget-s` bounds the whole run. An item whose usual minimum no longer fits is skipped (the last line
 names the `--only` that runs what was skipped); a running one is cut at the budget. Each item writes
 OUT/<item>.json (device, commit, command, numbers, same-run baseline, KV capacity in tokens, CUDA-graph mode,
@@ -30,7 +34,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -426,8 +429,11 @@ def step_serve(s: Session, items: list[str]) -> dict[str, str]:
         for lv in levels
         if lv.get("failed")
     ]
+    cut = [str(lv["max_concurrency"]) for lv in levels if "skipped" in lv]
     if "serve" in items:
         status["serve"] = f"FAILED: {'; '.join(failed)}" if failed else "ok"
+        if cut and not failed:
+            status["serve"] = f"partial: concurrency {','.join(cut)} cut at the budget"
     return status
 
 
@@ -613,18 +619,16 @@ def plot_serve(s: Session) -> Path | None:
 
 
 def device_name(smoke: bool) -> str:
-    if smoke or not shutil.which("nvidia-smi"):
+    """GPU 0's name from nvidia-smi (or torch, in a child: this process keeps off the GPU), else "cpu"."""
+    if smoke:
         return "cpu"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
-        if out:
-            return out
+    query = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+    smi = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"]
+    for cmd in (smi, [sys.executable, "-c", query]):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+            if out:
+                return out.splitlines()[-1]
     return "cpu"
 
 
@@ -670,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             items = [i for i in measures if i in args.items and i not in status]
             if not items:
                 continue
-            if s.remaining() < (3 if args.smoke else min_s):
+            min_s = 3 if args.smoke else min_s
+            if s.remaining() < min_s:
                 status.update({i: f"skipped: {s.remaining():.0f} s left < {min_s} s" for i in items})
                 skipped += items
                 continue
@@ -702,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (s.out / "table.md").write_text(table + "\n")
+        skipped += [i for i, st in status.items() if "cut at the budget" in st]
         if skipped:
             print(f"out of budget: rerun with --only {','.join(dict.fromkeys(skipped))}")
         print(f"\n{s.device} | commit {s.commit[:12]} | dummy weights | results in {s.out}\n{table}")
