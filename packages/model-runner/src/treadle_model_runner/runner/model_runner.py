@@ -46,6 +46,7 @@ from treadle_model_runner.runner.setup import (
     resolve_device,
     resolve_dtype,
     resolve_max_model_len,
+    skip_param_init,
 )
 from treadle_model_runner.runner.state import apply_scheduler_output
 from treadle_model_runner.sample import Sampler
@@ -112,7 +113,7 @@ class ModelRunner:
     # ---- startup ------------------------------------------------------------------------------------
     def load_model(self) -> None:
         cls = get_model_class(self.hf_config)
-        with default_dtype(self.dtype), self.device:
+        with default_dtype(self.dtype), self.device, skip_param_init():  # every parameter is loaded below
             model = cls(self.hf_config, self._max_model_len)
         if self.resolved.format == "dummy":
             load_dummy_weights(model, self.model_config.seed)

@@ -1,4 +1,9 @@
-"""Startup decisions of the runner, each logged once: device, dtype, max_model_len, EOS tokens."""
+"""Startup decisions of the runner, each logged once: device, dtype, max_model_len, EOS tokens.
+
+Also how modules are built: ``skip_param_init`` turns torch's random parameter initialisers into no-ops while
+the model is constructed, since every parameter is then overwritten (checkpoint loading checks that each one
+was written; dummy loading fills each one) — drawing 135M random numbers costs a second on a small CPU.
+"""
 
 from __future__ import annotations
 
@@ -67,6 +72,29 @@ def eos_token_ids(hf_config: Any, model_dir: Path) -> set[int]:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{gen_file} is not valid JSON ({exc}); fix or remove the file") from exc
     return ids
+
+
+_RANDOM_INITS = (
+    "uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+    "xavier_normal_", "orthogonal_",
+)  # fmt: skip
+
+
+@contextmanager
+def skip_param_init() -> Iterator[None]:
+    """Within the block, ``torch.nn.init``'s random initialisers return their tensor untouched."""
+
+    def keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor
+
+    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
+    for name in _RANDOM_INITS:
+        setattr(torch.nn.init, name, keep)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 @contextmanager
