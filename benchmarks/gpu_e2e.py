@@ -73,7 +73,7 @@ TARGET_HF_RATIO, TARGET_COLD_S = 5.0, 30.0
 
 @dataclass(frozen=True)
 class Plan:
-    """The workloads; `smoke()` shrinks every one of them for a CPU run."""
+    """The workloads of every item; `smoke_plan()` shrinks each of them for a CPU run."""
 
     llama: Path = CONFIGS / "llama-3.1-8b"
     qwen: Path = CONFIGS / "qwen3-0.6b"
