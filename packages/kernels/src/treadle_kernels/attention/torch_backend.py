@@ -15,9 +15,14 @@ into groups (``plan_groups``); each group is one padded attention call:
 A group grows while its padded work ``n * Qmax * Lmax`` stays within twice the real work and its gathered
 context within ``_MAX_GROUP_TOKENS``; so a decode batch or a batch of equal prompts is one call per layer, and
 a long prompt is attended alone, in query chunks of ``_QUERY_CHUNK`` tokens that bound the logits.
+
+On CPU the gathered pages go to a per-thread scratch buffer reused by every layer and step: a fresh
+multi-megabyte tensor each call would cost more in page faults than the copy itself.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,19 @@ from treadle_kernels.attention.metadata import AttentionMetadata
 _QUERY_CHUNK = 1024  # query tokens attended at once for a request attended alone (bounds its logits)
 _MAX_GROUP_TOKENS = 1 << 15  # padded context tokens gathered at once per group (n * Lmax)
 _MAX_WASTE = 2  # a group's padded work n * Qmax * Lmax may be at most this times its real work
+_scratch = threading.local()  # .buffers: (dtype, "k" | "v") -> flat CPU tensor reused for gathered pages
+
+
+def _scratch_pages(kv_part: torch.Tensor, num_pages: int, name: str) -> torch.Tensor:
+    """A ``[num_pages, block_size, nkv, d]`` CPU buffer for pages of ``kv_part``, reused across calls."""
+    buffers: dict[tuple[torch.dtype, str], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    page_shape = kv_part.shape[1:]
+    need = num_pages * page_shape.numel()
+    buf = buffers.get((kv_part.dtype, name))
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, dtype=kv_part.dtype)
+        buffers[(kv_part.dtype, name)] = buf
+    return buf[:need].view(num_pages, *page_shape)
 
 
 def gather_context(kv_cache_part: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -153,8 +171,8 @@ class TorchAttentionImpl(AttentionImpl):
         blocks = md.block_table[g_start:g_end, :num_blocks]  # [n, num_blocks]
         blocks = torch.where(torch.arange(num_blocks, device=device) * block_size < seq[:, None], blocks, 0)
         first_pad = min(seq_lens[g_start:g_end])  # positions before it are valid in every request
-        k = self._gather(kv_cache[0], blocks, l_max, k_valid, first_pad)  # [n, nkv, Lmax, d]
-        v = self._gather(kv_cache[1], blocks, l_max, k_valid, first_pad)
+        k = self._gather(kv_cache[0], blocks, l_max, k_valid, first_pad, "k")  # [n, nkv, Lmax, d]
+        v = self._gather(kv_cache[1], blocks, l_max, k_valid, first_pad, "v")
 
         t0, t1 = starts[g_start], starts[g_end]
         if q_max == 1 and t1 - t0 == n:  # decode: one query per request, already in order
@@ -187,14 +205,23 @@ class TorchAttentionImpl(AttentionImpl):
 
     @staticmethod
     def _gather(
-        kv_part: torch.Tensor, blocks: torch.Tensor, l_max: int, valid: torch.Tensor, first_pad: int
+        kv_part: torch.Tensor,
+        blocks: torch.Tensor,
+        l_max: int,
+        valid: torch.Tensor,
+        first_pad: int,
+        name: str,
     ) -> torch.Tensor:
         """Pages ``blocks [n, nb]`` of ``[num_blocks, block_size, nkv, d]`` -> float32 ``[n, nkv, Lmax, d]``.
 
         Whole pages are copied (block 0 where a request has no page); rows at or past a request's seq_len are
         then zeroed (only positions >= ``first_pad`` can be such rows)."""
         n = blocks.shape[0]
-        pages = kv_part.index_select(0, blocks.reshape(-1))  # [n * nb, block_size, nkv, d]
+        index = blocks.reshape(-1)
+        if kv_part.device.type == "cpu":
+            pages = torch.index_select(kv_part, 0, index, out=_scratch_pages(kv_part, index.numel(), name))
+        else:
+            pages = kv_part.index_select(0, index)  # [n * nb, block_size, nkv, d]
         rows = pages.view(n, -1, kv_part.shape[2], kv_part.shape[3])[:, :l_max].float()  # [n, Lmax, nkv, d]
         if first_pad < l_max:
             rows[:, first_pad:].masked_fill_(~valid[:, first_pad:, None, None], 0.0)
