@@ -1,0 +1,178 @@
+"""The offline steps of benchmarks/gpu_e2e.py: device ceilings, the HF baseline, Llama and Qwen `treadle bench`.
+
+Each `step_*(session, items) -> {item: status}` runs its measurement in subprocesses and records every item it
+finishes. The Llama items (latency, treadle's side of the HF baseline, throughput) share ONE engine start-up:
+`step_llama` writes the phases to a JSON spec and runs `gpu_e2e.py --worker SPEC`, which lands in
+`offline_worker` here. Invariants: each phase has its own prompt seed (no prefix-cache hits across phases), and
+a phase cut at the budget loses only itself and those after it. Achieved GB/s counts the bytes one decode step
+reads (every weight but the embedding table).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpu_e2e_session import Session, Skip, log_tail, parse_log, treadle_argv
+
+WORKER = Path(__file__).resolve().with_name("gpu_e2e.py")  # the entry point; `--worker` runs offline_worker
+
+
+def decode_bytes(model: Path, dtype_bytes: int) -> int:
+    """Bytes of weights one decode step reads: all layers, the final norm and lm_head (not the embedding)."""
+    c = json.loads((model / "config.json").read_text())
+    h, heads, kv = (
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c.get("num_key_value_heads", c["num_attention_heads"]),
+    )
+    hd = c.get("head_dim") or h // heads
+    attn = h * heads * hd * 2 + h * kv * hd * 2 + (2 * hd if c.get("model_type") == "qwen3" else 0)
+    layer = attn + 3 * h * c["intermediate_size"] + 2 * h
+    return (c["num_hidden_layers"] * layer + h + c["vocab_size"] * h) * dtype_bytes
+
+
+def _bench(s: Session, name: str, kind: str, model: Path, extra: str) -> tuple[dict[str, Any], list[str]]:
+    """`treadle bench latency|throughput` in a subprocess: its --output-json result plus start-up facts."""
+    out = s.out / "logs" / f"{name}.result.json"
+    cmd = treadle_argv("bench", kind, "--model", str(model), "--load-format", "dummy", *s.plan.engine)
+    cmd += [*extra.split(), "--output-json", str(out)]
+    rc, log = s.run(name, cmd)
+    if rc != 0 or not out.is_file():
+        raise RuntimeError(
+            f"{name}: exit {rc}" + (" (cut at the budget)" if rc == 124 else "") + log_tail(log)
+        )
+    return _result(out, log), cmd
+
+
+def _result(path: Path, log: str) -> dict[str, Any]:
+    rec = json.loads(path.read_text())
+    return {
+        **rec["result"],
+        **parse_log(log),
+        **{k: v for k, v in rec.get("engine", {}).items() if v is not None},
+    }
+
+
+def _facts(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r.get(k) for k in ("kv_capacity_tokens", "cuda_graphs", "max_model_len")}
+
+
+def step_ceilings(s: Session, items: list[str]) -> dict[str, str]:
+    if s.device == "cpu":
+        raise Skip("no CUDA device")
+    raw = s.out / "logs" / "ceilings.result.json"
+    cmd = [sys.executable, "benchmarks/device_ceilings.py", "--out", str(raw)]
+    rc, log = s.run("ceilings", cmd, cap_s=180)
+    if rc != 0:
+        raise RuntimeError(f"ceilings: exit {rc}{log_tail(log)}")
+    r = json.loads(raw.read_text())
+    s.record("ceilings", cmd, {k: r[k] for k in ("copy_bandwidth_gbps", "bf16_matmul_tflops")}, detail=r)
+    return {"ceilings": "ok"}
+
+
+def step_hf(s: Session, items: list[str]) -> dict[str, str]:
+    """HF transformers on the baseline workload; treadle's side runs in step_llama, the record is written there."""
+    p = s.plan
+    raw = s.out / "logs" / "baseline_hf.result.json"
+    s.hf_cmd = [sys.executable, "benchmarks/hf_baseline.py", "--model", str(p.llama), "--out", str(raw)]
+    s.hf_cmd += (
+        f"--dummy --dtype {p.hf_dtype} --static-cache --batch-size {p.base_prompts} {p.base_workload}".split()
+    )
+    rc, log = s.run("baseline_hf", s.hf_cmd, cap_s=max(60.0, s.remaining() - 120))
+    if rc != 0:
+        raise RuntimeError(f"HF baseline: exit {rc}{log_tail(log)}")
+    s.hf = json.loads(raw.read_text())
+    return {}
+
+
+def step_llama(s: Session, items: list[str]) -> dict[str, str]:
+    """latency, the baseline workload and throughput on ONE engine start-up (`--worker`), in that order, each
+    phase with its own prompt seed (no prefix-cache hits across phases); a phase cut at the budget loses only
+    itself and those after it."""
+    p, n = s.plan, s.plan.latency_len
+    workloads = {
+        "latency": f"latency --batch-size 1 --input-len {n} --output-len {n} --num-iters-warmup 1 --num-iters 3",
+        # not recorded: batched prefill and decode shapes once (kernel JIT) before the short baseline workload
+        "warmup": f"throughput --num-prompts {p.base_prompts} --input-len {p.base_in} --output-len 8",
+        "baseline": f"throughput {p.base_workload}",
+        "throughput": f"throughput --num-prompts {p.tp_prompts} --input-len {p.tp_len} --output-len {p.tp_len}",
+    }
+    if s.hf is None:
+        workloads.pop("baseline")
+    phases: list[tuple[str, list[str]]] = []  # (item, argv of `treadle`)
+    wanted = [*items, "warmup"] if {"baseline", "throughput"} & set(items) else items
+    for seed, (name, workload) in enumerate(w for w in workloads.items() if w[0] in wanted):
+        kind, extra = workload.split(" ", 1)
+        argv = ["bench", kind, "--model", str(p.llama), "--load-format", "dummy", *p.engine, *extra.split()]
+        phases.append(
+            (name, [*argv, "--seed", str(seed), "--output-json", str(s.out / "logs" / f"{name}.result.json")])
+        )
+    spec = s.out / "logs" / "llama_phases.json"
+    spec.write_text(json.dumps([{"name": name, "argv": argv} for name, argv in phases], indent=2))
+    rc, log = s.run("llama", [sys.executable, str(WORKER), "--worker", str(spec)])
+    shared = f"  (one engine for {', '.join(name for name, _ in phases)})"
+    status = {}
+    for name, argv in phases:
+        path = Path(argv[-1])
+        if not path.is_file():
+            cut = " (cut at the budget)" if rc == 124 else ""
+            raise RuntimeError(f"{name}: no result, llama worker exit {rc}{cut}{log_tail(log)}")
+        if name == "warmup":
+            continue
+        r = _result(path, log)
+        cmd = "treadle " + " ".join(argv[:-2]) + shared
+        if name == "latency":
+            ms = float(r["avg_latency"]) * 1000.0 / n
+            num_bytes = decode_bytes(p.llama, p.dtype_bytes)
+            gbps = num_bytes / (ms * 1e-3) / 1e9
+            numbers = {"ms_per_output_token": ms, "achieved_gbps": gbps, "decode_weight_bytes": num_bytes}
+            s.record("latency", cmd, {**numbers, "latencies_s": r["latencies"]}, **_facts(r))
+        elif name == "baseline":
+            assert s.hf is not None, "the baseline phase runs only after step_hf"
+            ours, theirs = r["output_tokens_per_second"], s.hf["output_tokens_per_second"]
+            numbers = {"treadle_output_tok_s": ours, "hf_output_tok_s": theirs, "ratio": ours / theirs}
+            cmd += "  VS  " + " ".join(s.hf_cmd)
+            s.record("baseline", cmd, numbers, baseline=s.hf, **_facts(r))
+        else:
+            s.record("throughput", cmd, _tp_numbers(r), **_facts(r))
+        status[name] = "ok"
+    return status
+
+
+def offline_worker(spec_path: str) -> int:
+    """`gpu_e2e.py --worker SPEC`: runs the `treadle bench` phases listed in SPEC on one started engine."""
+    import logging
+
+    from treadle.bench import offline
+    from treadle.cli import build_parser
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    parser = build_parser()
+    llm = None
+    for phase in json.loads(Path(spec_path).read_text()):
+        args = parser.parse_args(phase["argv"])
+        print(f"== {phase['name']}: treadle {' '.join(phase['argv'])}", flush=True)
+        llm = llm if llm is not None else offline.make_llm(args)
+        (offline.run_latency if args.bench_command == "latency" else offline.run_throughput)(args, llm)
+    return 0
+
+
+def step_qwen(s: Session, items: list[str]) -> dict[str, str]:
+    p = s.plan
+    extra = (
+        f"--num-prompts {p.qwen_prompts} --input-len-range {p.qwen_range} --output-len-range {p.qwen_range}"
+    )
+    r, cmd = _bench(s, "qwen", "throughput", p.qwen, extra)
+    ref = (
+        "nano-vllm 1,434 / vLLM 1,362 output tok/s on an RTX 4070 Laptop (nano-vllm's README), same workload"
+    )
+    s.record("qwen", cmd, _tp_numbers(r), reference=ref, **_facts(r))
+    return {"qwen": "ok"}
+
+
+def _tp_numbers(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("output_tokens_per_second", "tokens_per_second", "requests_per_second", "elapsed_time")
+    return {k: r[k] for k in (*keys, "total_prompt_tokens", "total_output_tokens")}

@@ -1,0 +1,158 @@
+"""The report of benchmarks/gpu_e2e.py: reference numbers, the results table and the serving plot.
+
+Every row reads item | treadle | baseline / reference | ratio | target met?, the ratio > 1 when treadle is
+better (reference / ours for lower-is-better metrics). References are vLLM 0.20.2 with stock defaults on the
+same dummy Llama-3.1-8B and the same card generation (picked from the device name; none on other devices),
+HF transformers from the same run, and nano-vllm's published Qwen3-0.6B number (another GPU: no ratio).
+Items that did not run ok get a row with their status, so the table never hides a failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from gpu_e2e_session import Session
+
+# vLLM 0.20.2, stock defaults, same dummy Llama-3.1-8B, same cards (issue 8, measured 2026-11-27).
+VLLM = {
+    "H100": {
+        "copy_gbps": 3027,
+        "matmul_tflops": 786,
+        "ms_per_token": 6.72,
+        "tok_s": 6879,
+        "cold_s": 112,
+        "kv_tokens": 439_000,
+    },
+    "H200": {
+        "copy_gbps": 4279,
+        "matmul_tflops": 790,
+        "ms_per_token": 5.02,
+        "tok_s": 8393,
+        "cold_s": 94,
+        "kv_tokens": 886_000,
+    },
+}
+TARGETS = {"H100": {"ms_per_token": 5.6, "tok_s": 10_000}, "H200": {"ms_per_token": 4.2, "tok_s": 12_000}}
+TARGET_HF_RATIO, TARGET_COLD_S = 5.0, 30.0
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:,.{digits}f}"
+
+
+def _row(
+    name: str,
+    ours: float,
+    ref_name: str,
+    ref: float | None,
+    digits: int = 0,
+    lower: bool = False,
+    target: float | None = None,
+) -> list[str]:
+    """One metric against a reference; `lower`: smaller is better (the ratio is then reference / ours)."""
+    ratio = "—" if not ours or not ref else f"{(ref / ours if lower else ours / ref):.2f}×"
+    met = "—"
+    if target is not None:
+        met = (
+            "yes" if (ours <= target if lower else ours >= target) else "NO"
+        ) + f" ({'<=' if lower else '>='} {target:,g})"
+    return [name, _fmt(ours, digits), f"{ref_name} {_fmt(ref, digits)}".strip(), ratio, met]
+
+
+def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
+    """item | treadle | baseline / reference | ratio (> 1: treadle better) | target met?"""
+    gen = "H200" if "H200" in s.device else "H100" if "H100" in s.device else None
+    ref, tgt = VLLM.get(gen or "", {}), TARGETS.get(gen or "", {})
+    vllm, p = f"vLLM {gen or ''}".strip(), s.plan
+    num = {k: r["numbers"] for k, r in s.records.items() if "error" not in r}
+    rows: list[list[str]] = []
+    bw = num.get("ceilings", {}).get("copy_bandwidth_gbps")
+    if c := num.get("ceilings"):
+        rows.append(_row("copy bandwidth GB/s", bw, f"{vllm}'s card", ref.get("copy_gbps")))
+        rows.append(
+            _row("bf16 matmul TFLOP/s", c["bf16_matmul_tflops"], f"{vllm}'s card", ref.get("matmul_tflops"))
+        )
+    if r := num.get("latency"):
+        name = f"Llama-8B b1 {p.latency_len}/{p.latency_len} ms/token"
+        rows.append(
+            _row(
+                name,
+                r["ms_per_output_token"],
+                vllm,
+                ref.get("ms_per_token"),
+                2,
+                True,
+                tgt.get("ms_per_token"),
+            )
+        )
+        rows.append(_row("  achieved GB/s (weights read)", r["achieved_gbps"], "copy bandwidth", bw))
+    if r := num.get("throughput"):
+        name = f"Llama-8B {p.tp_prompts}x{p.tp_len}/{p.tp_len} out tok/s"
+        rows.append(
+            _row(name, r["output_tokens_per_second"], vllm, ref.get("tok_s"), target=tgt.get("tok_s"))
+        )
+    kvs = [
+        s.records[k].get("kv_capacity_tokens") for k in ("throughput", "latency", "serve") if k in s.records
+    ]
+    if kv := next((k for k in kvs if k), None):
+        rows.append(
+            _row(f"KV capacity tokens (max_model_len {p.max_model_len})", kv, vllm, ref.get("kv_tokens"))
+        )
+    if r := num.get("baseline"):
+        name = f"vs HF generate {p.base_prompts}x{p.base_in}/{p.base_out} out tok/s"
+        row = _row(name, r["treadle_output_tok_s"], "HF transformers", r["hf_output_tok_s"])
+        row[-1] = ("yes" if r["ratio"] >= TARGET_HF_RATIO else "NO") + f" (>= {TARGET_HF_RATIO:g}×)"
+        rows.append(row)
+    if r := num.get("cold_start"):
+        rows.append(
+            _row("cold start to READY s", r["cold_start_s"], vllm, ref.get("cold_s"), 1, True, TARGET_COLD_S)
+        )
+    for lv in num.get("serve", {}).get("levels", []):
+        name = f"serve {p.serve_in}/{p.serve_out} c={lv['max_concurrency']} out tok/s"
+        if "skipped" in lv:
+            rows.append([name, "skipped (budget)", "—", "—", "—"])
+            continue
+        ours = f"{_fmt(lv['output_throughput'])} (TTFT {lv['median_ttft_ms']:.0f}, TPOT {lv['median_tpot_ms']:.1f} ms)"
+        rows.append([name, ours + (f", {lv['failed']} failed" if lv["failed"] else ""), "—", "—", "—"])
+    if r := num.get("qwen"):
+        name = f"Qwen3-0.6B {p.qwen_prompts}x U({p.qwen_range}) out tok/s"
+        rows.append(_row(name, r["output_tokens_per_second"], "nano-vllm (RTX 4070 laptop)", 1434.0))
+        rows[-1][3] = "—"  # another GPU: no ratio
+    rows += [[item, st[:80], "—", "—", "—"] for item, st in status.items() if st != "ok"]
+    return rows
+
+
+def render_table(rows: list[list[str]]) -> str:
+    head = ["item", "treadle", "baseline / reference", "ratio (>1: treadle better)", "target met?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def plot_serve(s: Session) -> Path | None:
+    levels = [
+        lv for lv in s.records.get("serve", {}).get("numbers", {}).get("levels", []) if "skipped" not in lv
+    ]
+    if not levels:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the numbers are in serve.json)", file=sys.stderr)
+        return None
+    xs = [lv["max_concurrency"] for lv in levels]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [lv["output_throughput"] for lv in levels], marker="o", label="treadle")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("max concurrency")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"Llama-3.1-8B (dummy) {s.plan.serve_in}/{s.plan.serve_out}, {s.device}")
+    ax.grid(True, alpha=0.3)
+    path = s.out / "serve_throughput.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
