@@ -8,18 +8,29 @@ only (``local_files_only``): nothing is ever downloaded, whatever HF_HUB_OFFLINE
 
 Invariants: ``ResolvedModel.format`` is ``"safetensors"`` or ``"dummy"`` (GGUF is already converted);
 every problem raises ValueError naming the path and the fix, before any weight is read.
+
+Config cache. Importing any transformers 5 model config class pulls in torch.distributed and sympy (1.5 s with
+cached bytecode, 3-4 s without), a third of a warm start. So the first read of a config.json stores the
+resolved config's ``to_dict()`` (every field, defaults and rope standardisation included) under
+``<cache>/configs/<sha256 of path, config.json bytes, transformers version>.json``; later reads rebuild it as a
+base ``PretrainedConfig`` with the same attribute values (not the subclass). Config classes with sub-configs,
+attribute aliases (``attribute_map``) or properties are never cached; an unreadable cache entry is ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from treadle_model_runner import envs
 from treadle_model_runner.config import LOAD_FORMATS, ModelConfig
 from treadle_model_runner.loader.cache import convert_gguf_cached, models_cache_dir
 from treadle_model_runner.loader.default_model import default_model_path
@@ -57,12 +68,61 @@ def load_hf_config(path: Path) -> PretrainedConfig:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"{config_file} is missing: {path} is not an HF-format model directory")
+    cache_file = _config_cache_file(config_file)
+    cached = _read_cached_config(cache_file)
+    if cached is not None:
+        return cached
     from transformers import AutoConfig  # lazy: importing transformers costs seconds
 
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{config_file} cannot be read as a transformers config ({exc})") from exc
+    _write_cached_config(cache_file, config)
+    return config
+
+
+def _config_cache_file(config_file: Path) -> Path:
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    digest = hashlib.sha256()
+    for part in (str(config_file.parent.resolve()).encode(), config_file.read_bytes(), version.encode()):
+        digest.update(part + b"\0")
+    return envs.TREADLE_CACHE_DIR() / "configs" / f"{digest.hexdigest()[:24]}.json"
+
+
+def _read_cached_config(cache_file: Path) -> PretrainedConfig | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        values = json.loads(cache_file.read_text())
+        from transformers.configuration_utils import (
+            PretrainedConfig,
+        )  # the base class only: no torch.distributed
+
+        return PretrainedConfig(**values)
+    except Exception as exc:  # a stale or damaged entry: read config.json the slow way
+        logger.debug("ignoring config cache %s (%s)", cache_file, exc)
+        return None
+
+
+def _write_cached_config(cache_file: Path, config: PretrainedConfig) -> None:
+    cls = type(config)
+    if (
+        getattr(config, "sub_configs", None)
+        or getattr(cls, "attribute_map", None)
+        or any(isinstance(v, property) for v in vars(cls).values())
+    ):
+        return  # aliases, properties or nested configs the base class would not reproduce
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(config.to_dict()))
+        os.replace(tmp, cache_file)
+    except (OSError, TypeError, ValueError) as exc:  # caching is an optimisation only
+        logger.debug("config cache %s not written (%s)", cache_file, exc)
 
 
 def _find_gguf(path: Path) -> Path | None:
