@@ -37,6 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
+    parser.add_argument(
+        "--temperature", type=float, default=1.0,
+        help="sampling temperature (default 1.0 as vLLM; 0 = greedy, like an HF generate baseline)",
+    )  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
@@ -111,7 +115,12 @@ def run_throughput(args: argparse.Namespace, llm: Any = None) -> dict[str, Any]:
     prompts = random_token_prompts(args.num_prompts, in_lo, in_hi, vocab, args.seed)
     rng = random.Random(args.seed + 1)
     params = [
-        SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=rng.randint(lo, hi))
+        SamplingParams(
+            temperature=getattr(args, "temperature", 1.0),
+            top_p=1.0,
+            ignore_eos=True,
+            max_tokens=rng.randint(lo, hi),
+        )
         for _ in prompts
     ]
     requests = [{"prompt_token_ids": p} for p in prompts]
