@@ -11,6 +11,8 @@ Items (`--only` picks some):
   cold_start  `treadle serve` from spawn to /health 200 (model init and CUDA-graph capture included)
   serve       then `treadle bench serve` random 1024 / 128 at max concurrency 1, 16, 64, 256 against it
   qwen        Qwen3-0.6B, 256 prompts, input and output lengths uniform in 100-1024 (nano-vllm's workload)
+  moe_latency, moe_throughput   Qwen3-30B-A3B dummy: batch-1 128/128 latency, 1000 x 1024/1024 throughput,
+              each against its roofline (benchmarks/roofline.py, gpu_e2e_moe.py)
 
 Steps, in run order, each a fresh process (a clean GPU each): ceilings; HF baseline; the server (cold_start,
 serve); qwen; last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
@@ -39,12 +41,23 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from gpu_e2e_moe import step_moe
 from gpu_e2e_offline import offline_worker, step_ceilings, step_hf, step_llama, step_qwen
 from gpu_e2e_report import plot_serve, render_table, table_rows
 from gpu_e2e_serve import step_serve
 from gpu_e2e_session import Plan, Session, Skip, smoke_plan
 
-ITEMS = ("ceilings", "latency", "throughput", "baseline", "serve", "cold_start", "qwen")
+ITEMS = (
+    "ceilings",
+    "latency",
+    "throughput",
+    "baseline",
+    "serve",
+    "cold_start",
+    "qwen",
+    "moe_latency",
+    "moe_throughput",
+)
 
 # (name, items it measures, the least time it needs, runner), in run order
 STEPS = (
@@ -53,6 +66,7 @@ STEPS = (
     ("serve", ("cold_start", "serve"), 60, step_serve),
     ("qwen", ("qwen",), 40, step_qwen),
     ("llama", ("latency", "baseline", "throughput"), 60, step_llama),
+    ("moe", ("moe_latency", "moe_throughput"), 60, step_moe),
 )
 
 

@@ -16,22 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from gpu_e2e_session import Session, Skip, log_tail, parse_log, treadle_argv
+from roofline import latency_roofline_ms, shapes, throughput_roofline
 
 WORKER = Path(__file__).resolve().with_name("gpu_e2e.py")  # the entry point; `--worker` runs offline_worker
-
-
-def decode_bytes(model: Path, dtype_bytes: int) -> int:
-    """Bytes of weights one decode step reads: all layers, the final norm and lm_head (not the embedding)."""
-    c = json.loads((model / "config.json").read_text())
-    h, heads, kv = (
-        c["hidden_size"],
-        c["num_attention_heads"],
-        c.get("num_key_value_heads", c["num_attention_heads"]),
-    )
-    hd = c.get("head_dim") or h // heads
-    attn = h * heads * hd * 2 + h * kv * hd * 2 + (2 * hd if c.get("model_type") == "qwen3" else 0)
-    layer = attn + 3 * h * c["intermediate_size"] + 2 * h
-    return (c["num_hidden_layers"] * layer + h + c["vocab_size"] * h) * dtype_bytes
 
 
 def _bench(s: Session, name: str, kind: str, model: Path, extra: str) -> tuple[dict[str, Any], list[str]]:
@@ -102,17 +89,8 @@ def step_llama(s: Session, items: list[str]) -> dict[str, str]:
     }
     if s.hf is None:
         workloads.pop("baseline")
-    phases: list[tuple[str, list[str]]] = []  # (item, argv of `treadle`)
     wanted = [*items, "warmup"] if {"baseline", "throughput"} & set(items) else items
-    for seed, (name, workload) in enumerate(w for w in workloads.items() if w[0] in wanted):
-        kind, extra = workload.split(" ", 1)
-        argv = ["bench", kind, "--model", str(p.llama), "--load-format", "dummy", *p.engine, *extra.split()]
-        phases.append(
-            (name, [*argv, "--seed", str(seed), "--output-json", str(s.out / "logs" / f"{name}.result.json")])
-        )
-    spec = s.out / "logs" / "llama_phases.json"
-    spec.write_text(json.dumps([{"name": name, "argv": argv} for name, argv in phases], indent=2))
-    rc, log = s.run("llama", [sys.executable, str(WORKER), "--worker", str(spec)])
+    phases, rc, log = run_phases(s, "llama", p.llama, {k: v for k, v in workloads.items() if k in wanted})
     shared = f"  (one engine for {', '.join(name for name, _ in phases)})"
     status = {}
     for name, argv in phases:
@@ -126,9 +104,10 @@ def step_llama(s: Session, items: list[str]) -> dict[str, str]:
         cmd = "treadle " + " ".join(argv[:-2]) + shared
         if name == "latency":
             ms = float(r["avg_latency"]) * 1000.0 / n
-            num_bytes = decode_bytes(p.llama, p.dtype_bytes)
+            num_bytes = int(shapes(p.llama).decode_weights(1)) * p.dtype_bytes
             gbps = num_bytes / (ms * 1e-3) / 1e9
             numbers = {"ms_per_output_token": ms, "achieved_gbps": gbps, "decode_weight_bytes": num_bytes}
+            numbers |= latency_vs_roofline(s, p.llama, ms)
             s.record("latency", cmd, {**numbers, "latencies_s": r["latencies"]}, **_facts(r))
         elif name == "baseline":
             assert s.hf is not None, "the baseline phase runs only after step_hf"
@@ -137,9 +116,62 @@ def step_llama(s: Session, items: list[str]) -> dict[str, str]:
             cmd += "  VS  " + " ".join(s.hf_cmd)
             s.record("baseline", cmd, numbers, baseline=s.hf, **_facts(r))
         else:
-            s.record("throughput", cmd, _tp_numbers(r), **_facts(r))
+            numbers = _tp_numbers(r) | throughput_vs_roofline(s, p.llama, r, p.tp_prompts, p.tp_len, p.tp_len)
+            s.record("throughput", cmd, numbers, **_facts(r))
         status[name] = "ok"
     return status
+
+
+def run_phases(
+    s: Session, name: str, model: Path, workloads: dict[str, str]
+) -> tuple[list[tuple[str, list[str]]], int, str]:
+    """Runs `treadle bench` workloads {phase: "KIND ARGS"} on ONE engine (`--worker`), each with its own seed."""
+    phases: list[tuple[str, list[str]]] = []  # (phase, argv of `treadle`)
+    for seed, (phase, workload) in enumerate(workloads.items()):
+        kind, extra = workload.split(" ", 1)
+        argv = [
+            "bench",
+            kind,
+            "--model",
+            str(model),
+            "--load-format",
+            "dummy",
+            *s.plan.engine,
+            *extra.split(),
+        ]
+        result = s.out / "logs" / f"{name}_{phase}.result.json"
+        phases.append((phase, [*argv, "--seed", str(seed), "--output-json", str(result)]))
+    spec = s.out / "logs" / f"{name}_phases.json"
+    spec.write_text(json.dumps([{"name": phase, "argv": argv} for phase, argv in phases], indent=2))
+    rc, log = s.run(name, [sys.executable, str(WORKER), "--worker", str(spec)])
+    return phases, rc, log
+
+
+def _ceilings(s: Session) -> tuple[float, float] | None:
+    rec = s.records.get("ceilings")
+    if rec is None:
+        return None
+    return rec["numbers"]["copy_bandwidth_gbps"], rec["numbers"]["bf16_matmul_tflops"]
+
+
+def latency_vs_roofline(s: Session, model: Path, ms: float) -> dict[str, Any]:
+    """Batch-1 roofline (weights read once per step at the same-run copy rate) and our share of it."""
+    ceil = _ceilings(s)
+    if ceil is None:
+        return {}
+    roof = latency_roofline_ms(shapes(model, s.plan.dtype_bytes), ceil[0], s.plan.dtype_bytes)
+    return {"roofline_ms_per_token": roof, "roofline_fraction": roof / ms}
+
+
+def throughput_vs_roofline(
+    s: Session, model: Path, r: dict[str, Any], prompts: int, in_len: int, out_len: int
+) -> dict[str, Any]:
+    ceil = _ceilings(s)
+    kv = r.get("kv_capacity_tokens")
+    if ceil is None or not kv:
+        return {}
+    roof = throughput_roofline(shapes(model, s.plan.dtype_bytes), *ceil, prompts, in_len, out_len, int(kv))
+    return roof | {"roofline_fraction": r["output_tokens_per_second"] / roof["roofline_output_tok_s"]}
 
 
 def offline_worker(spec_path: str) -> int:

@@ -119,6 +119,21 @@ def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
         name = f"Qwen3-0.6B {p.qwen_prompts}x U({p.qwen_range}) out tok/s"
         rows.append(_row(name, r["output_tokens_per_second"], "nano-vllm (RTX 4070 laptop)", 1434.0))
         rows[-1][3] = "—"  # another GPU: no ratio
+    for item, label in (
+        ("latency", "Llama-8B b1"),
+        ("throughput", "Llama-8B offline"),
+        ("moe_latency", "Qwen3-30B-A3B b1 ms/token"),
+        ("moe_throughput", "Qwen3-30B-A3B offline out tok/s"),
+    ):
+        r = num.get(item, {})
+        if r and item.startswith("moe"):
+            ours = r.get("ms_per_output_token") or r.get("output_tokens_per_second")
+            roof = r.get("roofline_ms_per_token") or r.get("roofline_output_tok_s")
+            rows.append(_row(label, ours, "roofline", roof, 2 if "latency" in item else 0, "latency" in item))
+        if "roofline_fraction" in r:
+            rows.append(
+                [f"  {label}: share of roofline", f"{100 * r['roofline_fraction']:.0f} %", "—", "—", "—"]
+            )
     rows += [[item, st[:80], "—", "—", "—"] for item, st in status.items() if st != "ok"]
     return rows
 

@@ -34,6 +34,8 @@ class Plan:
 
     llama: Path = CONFIGS / "llama-3.1-8b"
     qwen: Path = CONFIGS / "qwen3-0.6b"
+    moe: Path = CONFIGS / "qwen3-30b-a3b"
+    moe_prompts: int = 1000
     engine: tuple[str, ...] = ("--max-model-len", "4096", "--gpu-memory-utilization", "0.9")
     max_model_len: int = 4096
     latency_len: int = 128  # input = output tokens, batch 1
@@ -70,12 +72,15 @@ def smoke_plan(tmp: Path) -> Plan:
         "num_key_value_heads": 2,
         "head_dim": 16,
         "vocab_size": 512,
+        "moe_intermediate_size": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
         "torch_dtype": "float32",
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
     dirs = []
-    for name in ("llama-3.1-8b", "qwen3-0.6b"):
+    for name in ("llama-3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b"):
         config = {**json.loads((CONFIGS / name / "config.json").read_text()), **tiny}
         (tmp / name).mkdir(parents=True, exist_ok=True)
         (tmp / name / "config.json").write_text(json.dumps(config))
@@ -83,6 +88,8 @@ def smoke_plan(tmp: Path) -> Plan:
     return Plan(
         llama=dirs[0],
         qwen=dirs[1],
+        moe=dirs[2],
+        moe_prompts=4,
         engine=("--max-model-len", "256", "--kv-cache-space", "0.05"),
         max_model_len=256,
         latency_len=8,

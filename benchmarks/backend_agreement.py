@@ -1,0 +1,168 @@
+"""Attention backends against each other on a real-sized model: top-1 agreement and CUDA-graph decode vs eager.
+
+    python3 benchmarks/backend_agreement.py --out result.json            # GPU, Llama-3.1-8B dummy bf16
+
+Each configuration runs in its own process (a clean GPU each) on the same dummy weights (same seed) and the
+same random token-id prompts, and saves what it saw:
+  torch         reference attention, eager
+  triton_eager  the unified Triton kernel, eager
+  triton_graph  the unified Triton kernel, decode replayed from CUDA graphs (the default)
+  flashinfer    FlashInfer, eager (when the wheel is installed)
+Top-1 agreement: at every prompt position (teacher forcing, so one disagreement cannot derail the rest) the
+most likely next token under each backend, from prompt_logprobs=2; the top-1 - top-2 margin of the reference
+says how close each disagreement was to a tie. CUDA-graph decode vs eager: greedy continuations of the same
+prompts, lengths staggered so the decode batch shrinks 8 -> 1 and is padded up to the captured sizes on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "benchmarks" / "configs" / "llama-3.1-8b"
+RUNS = {
+    "torch": {"attention_backend": "torch", "enforce_eager": True},
+    "triton_eager": {"attention_backend": "triton", "enforce_eager": True},
+    "triton_graph": {"attention_backend": "triton"},
+    "flashinfer": {"attention_backend": "flashinfer", "enforce_eager": True},
+}
+
+
+def prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(num)]
+
+
+def worker(name: str, args: argparse.Namespace, out: Path) -> None:
+    from treadle_frontend import LLM
+    from treadle_model_runner import SamplingParams
+
+    llm = LLM(
+        model=str(args.model), load_format="dummy", dtype=args.dtype, max_model_len=1024,
+        num_gpu_blocks_override=4096, seed=0, **RUNS[name],
+    )  # fmt: skip
+    ps = prompts(args.num_prompts, args.prompt_len, llm.vocab_size, seed=1)
+    scored = llm.generate(
+        [{"prompt_token_ids": p} for p in ps],
+        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2, ignore_eos=True),
+        use_tqdm=False,
+    )
+    top = []  # per position: [top-1 id, top-1 - top-2 logprob margin]
+    for r in scored:
+        for pos in r.prompt_logprobs or []:
+            if pos is None:
+                continue
+            ranked = sorted(((lp.rank or 99, tok, lp.logprob) for tok, lp in pos.items()))
+            best = [x for x in ranked if x[0] <= 2]
+            top.append([best[0][1], best[0][2] - best[1][2] if len(best) > 1 else None])
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=args.gen_len - 6 * i, logprobs=1, ignore_eos=True)
+        for i in range(len(ps))
+    ]
+    gen = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    out.write_text(
+        json.dumps(
+            {
+                "top": top,
+                "tokens": [g.outputs[0].token_ids for g in gen],
+                "logprobs": [
+                    [
+                        lp[t].logprob
+                        for lp, t in zip(g.outputs[0].logprobs or [], g.outputs[0].token_ids, strict=False)
+                    ]
+                    for g in gen
+                ],
+            }
+        )
+    )
+
+
+def agreement(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    pairs = list(zip(ref["top"], other["top"], strict=True))
+    differ = [(a, b) for a, b in pairs if a[0] != b[0]]
+    margins = sorted(a[1] for a, _ in differ if a[1] is not None)
+    return {
+        "positions": len(pairs),
+        "top1_agreement": 1.0 - len(differ) / len(pairs),
+        "disagreements": len(differ),
+        "reference_margin_at_disagreements": margins[:20],
+        "positions_with_reference_margin_below_0.05": sum(1 for a, _ in pairs if (a[1] or 0) < 0.05),
+    }
+
+
+def decode_match(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    same = sum(x == y for x, y in zip(a["tokens"], b["tokens"], strict=True))
+    diffs = [
+        abs(p - q)
+        for xs, ys in zip(a["logprobs"], b["logprobs"], strict=True)
+        for p, q in zip(xs, ys, strict=False)
+    ]
+    first = [next((i for i, (x, y) in enumerate(zip(s, t, strict=False)) if x != y), None) for s, t in
+             zip(a["tokens"], b["tokens"], strict=True)]  # fmt: skip
+    return {
+        "sequences_identical": same,
+        "sequences": len(a["tokens"]),
+        "first_divergence": first,
+        "max_abs_logprob_diff": max(diffs) if diffs else 0.0,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default=str(CONFIG))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=160)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        worker(args.worker, args, out)
+        return 0
+    seen: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    for name in args.runs.split(","):
+        part = out.with_name(f"{out.stem}.{name}.json")
+        t0 = time.monotonic()
+        cmd = [sys.executable, __file__, "--worker", name, "--out", str(part), "--model", args.model,
+               "--dtype", args.dtype, "--num-prompts", str(args.num_prompts), "--prompt-len",
+               str(args.prompt_len), "--gen-len", str(args.gen_len)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        print(f"[{time.monotonic() - t0:5.1f} s] {name}: exit {proc.returncode}", flush=True)
+        if proc.returncode != 0 or not part.is_file():
+            errors[name] = (proc.stderr or proc.stdout)[-1500:]
+            print(errors[name], flush=True)
+            continue
+        seen[name] = json.loads(part.read_text())
+    result: dict[str, Any] = {"commit": args.commit, "command": " ".join(sys.argv), "errors": errors}
+    import torch
+
+    result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result["model"] = args.model
+    if "torch" in seen:
+        result["top1_vs_torch"] = {n: agreement(seen["torch"], v) for n, v in seen.items() if n != "torch"}
+        result["greedy_vs_torch"] = {
+            n: decode_match(seen["torch"], v) for n, v in seen.items() if n != "torch"
+        }
+    if "triton_graph" in seen and "triton_eager" in seen:
+        result["cuda_graph_vs_eager"] = decode_match(seen["triton_eager"], seen["triton_graph"])
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=2))
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

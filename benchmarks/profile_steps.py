@@ -1,0 +1,78 @@
+"""Where a step's time goes on the GPU: torch.profiler over batch-1 decode steps and over one prefill step.
+
+    python3 benchmarks/profile_steps.py --out DIR [--model benchmarks/configs/llama-3.1-8b]
+
+Prints, for each phase, the wall time per step and the profiler's top CUDA kernels and CPU ops, and writes
+DIR/<phase>.trace.json (chrome://tracing) for the gaps between kernels (host overhead between CUDA-graph
+replays, eager launch costs in a prefill step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from treadle_frontend import LLM
+from treadle_model_runner import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def ids(rng: random.Random, n: int, vocab: int) -> dict[str, list[int]]:
+    return {"prompt_token_ids": [rng.randrange(10, vocab) for _ in range(n)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default=str(ROOT / "benchmarks" / "configs" / "llama-3.1-8b"))
+    ap.add_argument("--attention-backend", default="auto")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = LLM(model=args.model, load_format="dummy", max_model_len=4096, attention_backend=args.attention_backend,
+              kv_cache_space=0.2)  # fmt: skip
+    rng, vocab = random.Random(0), llm.vocab_size
+    phases = {
+        # (prompts, prompt length, new tokens)
+        "decode_b1": (1, 128, 64),
+        "decode_b64": (64, 128, 32),
+        "prefill_8x1024": (8, 1024, 1),
+    }
+    for name, (n, length, new) in phases.items():
+        params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True)
+        llm.generate([ids(rng, length, vocab) for _ in range(n)], params, use_tqdm=False)  # warm-up
+        batch = [ids(rng, length, vocab) for _ in range(n)]
+        sync()
+        t0 = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        sync()
+        wall = time.perf_counter() - t0
+        batch = [ids(rng, length, vocab) for _ in range(n)]
+        few = SamplingParams(temperature=1.0, max_tokens=min(new, 8), ignore_eos=True)  # a small trace
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(batch, few, use_tqdm=False)
+            sync()
+        prof.export_chrome_trace(str(out / f"{name}.trace.json"))
+        print(f"==== {name}: {n} x {length} in, {new} out: {wall * 1e3:.1f} ms wall "
+              f"({wall * 1e3 / new:.2f} ms per step)", flush=True)  # fmt: skip
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        print(table, flush=True)
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60
+        )
+        print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
