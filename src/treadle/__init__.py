@@ -9,10 +9,14 @@ The meta-package pins the six treadle packages, re-exports the offline API and o
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
 
-__version__ = _version("treadle")
+try:
+    __version__ = _version("treadle")
+except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed
+    __version__ = "0+source"
 
 if TYPE_CHECKING:
     from treadle_frontend import LLM, RequestOutput, SamplingParams

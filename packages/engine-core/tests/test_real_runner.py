@@ -37,7 +37,9 @@ def _llama_config() -> Any:
     )  # fmt: skip
 
 
-def _engine_config(path: Path, num_blocks: int, load_format: str = "auto") -> EngineConfig:
+def _engine_config(
+    path: Path, num_blocks: int, load_format: str = "auto", async_scheduling: bool = False
+) -> EngineConfig:
     return EngineConfig(
         model_config=ModelConfig(
             model=str(path),
@@ -47,7 +49,9 @@ def _engine_config(path: Path, num_blocks: int, load_format: str = "auto") -> En
             max_model_len=64,
         ),
         cache_config=CacheConfig(block_size=4, num_gpu_blocks_override=num_blocks),
-        scheduler_config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=4, max_num_batched_tokens=16, async_scheduling=async_scheduling
+        ),
     )
 
 
@@ -68,7 +72,8 @@ def _run_inproc(client: InprocClient, prompts: list[list[int]], max_tokens: int)
     return got
 
 
-def test_greedy_matches_hf_with_prefix_cache_and_preemption(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_matches_hf_with_prefix_cache_and_preemption(tmp_path: Path, async_scheduling: bool) -> None:
     torch.manual_seed(0)
     hf = tf.LlamaForCausalLM(_llama_config()).eval()
     with torch.no_grad():
@@ -77,7 +82,8 @@ def test_greedy_matches_hf_with_prefix_cache_and_preemption(tmp_path: Path) -> N
     hf.save_pretrained(tmp_path, safe_serialization=True)
     prompts = _prompts()
     # 6 requests of up to 36 tokens need ~54 blocks of 4; 20 blocks force preemptions and recomputation.
-    client = InprocClient(_engine_config(tmp_path, num_blocks=20))
+    # async scheduling: the runner returns before each step's tokens reach the host (async output)
+    client = InprocClient(_engine_config(tmp_path, num_blocks=20, async_scheduling=async_scheduling))
     got = _run_inproc(client, prompts, max_tokens=12)
     stats = client.get_stats()
     assert stats.num_preemptions > 0, "the test should force preemption"
@@ -114,3 +120,42 @@ def test_engine_process_with_real_runner_matches_inproc(tmp_path: Path) -> None:
     finally:
         client.shutdown()
     assert client.proc.exitcode == 0
+
+
+def test_async_output_equals_sync_for_every_kind_of_request(tmp_path: Path, monkeypatch: Any) -> None:
+    """Seeded sampling, penalties, bad words and logprobs (steps that need host tokens) mixed with plain
+    sampled and greedy requests: async scheduling with deferred tokens gives exactly the sync tokens."""
+    from treadle_model_runner.loader import make_dummy_model_dir
+
+    model_dir = make_dummy_model_dir(_llama_config(), tmp_path / "dummy")
+    prompts = _prompts() + _prompts()[:2]
+    kinds = [  # the first four run alone at first (max_num_seqs 4): their steps are deferred
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.9, seed=7, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=3, max_tokens=10, ignore_eos=True, top_k=20, top_p=0.9),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, min_tokens=4),
+        SamplingParams(temperature=0.9, seed=8, max_tokens=10, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, bad_words_token_ids=[[5], [7, 9]]),
+        SamplingParams(temperature=0.9, seed=9, max_tokens=10, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.9, seed=10, max_tokens=10, ignore_eos=True, frequency_penalty=0.5),
+    ]
+
+    def run(async_scheduling: bool) -> dict[str, list[int]]:
+        client = InprocClient(_engine_config(model_dir, 20, "dummy", async_scheduling))
+        for i, (p, params) in enumerate(zip(prompts, kinds, strict=True)):
+            client.add_request(EngineCoreRequest(f"r{i}", p, params, time.time()))
+        got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+        while client.has_unfinished_requests:
+            for o in client.get_output().outputs:
+                got[o.request_id].extend(o.new_token_ids)
+        return got
+
+    from treadle_model_runner.runner.pending import TokenCopier
+
+    deferred = []
+    start = TokenCopier.start
+    monkeypatch.setattr(TokenCopier, "start", lambda self, *a: deferred.append(1) or start(self, *a))
+    sync = run(False)
+    assert all(len(v) == 10 for v in sync.values()) and not deferred
+    assert run(True) == sync
+    assert len(deferred) > 5, "async scheduling should defer the steps that need no host tokens"

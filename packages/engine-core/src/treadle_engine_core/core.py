@@ -20,7 +20,7 @@ from treadle_engine_core.executor import Executor
 from treadle_engine_core.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady, SchedulerStats
 from treadle_engine_core.request import Request, RequestStatus
 from treadle_engine_core.scheduler import Scheduler
-from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class EngineCore:
         self.kv_cache_config = self.executor.initialize()
         has_cuda = config.executor != "fake" and _has_cuda()
         self.scheduler_config = config.scheduler_config.resolve(self.executor.max_model_len, has_cuda)
+        # the runner may then return before a step's tokens reach the host (the queue below waits for them)
+        self.executor.set_async_output(bool(self.scheduler_config.async_scheduling))
         self.scheduler = Scheduler(
             self.scheduler_config,
             self.kv_cache_config,
@@ -62,7 +64,9 @@ class EngineCore:
             log_stats=config.log_stats,
         )
         self.max_model_len: int = self.scheduler.max_model_len
-        self._batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
+        self._batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput | AsyncModelRunnerOutput]]] = (
+            deque()
+        )
         logger.info(
             "engine core: max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d, policy=%s, "
             "prefix caching=%s, async scheduling=%s, KV capacity %d tokens",
@@ -117,7 +121,10 @@ class EngineCore:
         if not queue or (scheduled and len(queue) < _BATCH_QUEUE_DEPTH):
             return EngineCoreOutputs()  # nothing to wait for yet: let the caller schedule the next step
         so, future = queue.popleft()
-        return self.scheduler.update_from_output(so, future.result())
+        output = future.result()
+        if isinstance(output, AsyncModelRunnerOutput):
+            output = output.get_output()  # waits only for this step's sampled-token copy
+        return self.scheduler.update_from_output(so, output)
 
     # ---- utility RPC ------------------------------------------------------------------------------
     def call_utility(self, method: str, args: list[Any]) -> Any:

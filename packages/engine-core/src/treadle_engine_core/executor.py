@@ -20,7 +20,7 @@ from typing import Protocol
 from treadle_engine_core.config import EngineConfig
 from treadle_engine_core.fake_runner import FakeModelRunner
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
-from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class _Runner(Protocol):
 
     def initialize_kv_cache(self) -> KVCacheConfig: ...
 
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput | AsyncModelRunnerOutput: ...
 
 
 class Executor:
@@ -83,9 +83,17 @@ class Executor:
         return set(self.runner.eos_token_ids)
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(so)
+        output = self.runner.execute(so)
+        if isinstance(output, AsyncModelRunnerOutput):
+            return output.get_output()
+        return output
 
-    def execute_async(self, so: SchedulerOutput) -> Future[ModelRunnerOutput]:
+    def set_async_output(self, enabled: bool) -> None:
+        """Let the runner return before a step's sampled tokens reach the host (async scheduling only)."""
+        if hasattr(self.runner, "async_output"):
+            self.runner.async_output = enabled  # type: ignore[attr-defined]
+
+    def execute_async(self, so: SchedulerOutput) -> Future[ModelRunnerOutput | AsyncModelRunnerOutput]:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="treadle-execute")
         return self._thread.submit(self.runner.execute, so)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -26,3 +27,31 @@ class ModelRunnerOutput:
     @classmethod
     def empty(cls) -> ModelRunnerOutput:
         return cls([], {}, [])
+
+
+class AsyncModelRunnerOutput:
+    """A step's output whose sampled tokens are still being copied to the host (async scheduling).
+
+    The runner returns it without waiting for the device; `get_output()` blocks until the step's token copy
+    has landed and builds the ModelRunnerOutput. It reads only its own pinned buffer, so the engine may call
+    it from another thread while the runner already prepares the next step.
+    """
+
+    def __init__(self, req_ids: list[str], sample_rows: list[int], tokens: Any, wait: Any) -> None:
+        self.req_ids = req_ids
+        self.sample_rows = sample_rows  # index in req_ids of each sampled token
+        self._tokens = tokens  # pinned host tensor [S], valid once wait() returned
+        self._wait = wait
+
+    def get_output(self) -> ModelRunnerOutput:
+        self._wait()
+        tokens = self._tokens.tolist()
+        sampled: list[list[int]] = [[] for _ in self.req_ids]
+        for j, i in enumerate(self.sample_rows):
+            sampled[i] = [tokens[j]]
+        return ModelRunnerOutput(
+            req_ids=self.req_ids,
+            req_id_to_index={r: i for i, r in enumerate(self.req_ids)},
+            sampled_token_ids=sampled,
+            logprobs=[None] * len(self.req_ids),
+        )

@@ -118,6 +118,17 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
+    def needs_host_tokens(self) -> bool:
+        """The runner must know this request's sampled tokens on the host before its next step (penalties and
+        bad words read the outputs; logprobs are returned with the step), so its steps are not deferred."""
+        return (
+            self.needs_penalties
+            or bool(self.bad_words_token_ids)
+            or self.logprobs is not None
+            or self.prompt_logprobs is not None
+        )
+
+    @property
     def num_logprobs(self) -> int:
         """Top logprobs to return per sampled token; -1 when none were asked."""
         return -1 if self.logprobs is None else self.logprobs

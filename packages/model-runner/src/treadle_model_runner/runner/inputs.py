@@ -16,6 +16,7 @@ slot -1, and (decode graphs) one-token requests of context 1 that nobody reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,9 @@ class StepBuffers:
         self.seq_lens = pair(max_num_reqs, torch.int32)
         self.slot_mappings = [pair(max_num_tokens, torch.int64) for _ in range(num_groups)]
         self.logits_indices = pair(max_num_reqs, torch.int64)
+        # input tokens sampled by the step in flight (async output): their token index and source index
+        self.hole_positions = pair(max_num_reqs, torch.int64)
+        self.hole_sources = pair(max_num_reqs, torch.int64)
         # set after the step's host->device copies: pinned host memory (these buffers, the block tables) must
         # not be rewritten before the copies reading it ran (a step that samples nothing never syncs)
         self.copies_done = torch.cuda.Event() if device.type == "cuda" else None
@@ -73,10 +77,21 @@ def _commit(buffers: tuple[torch.Tensor, torch.Tensor], values: np.ndarray, n: i
     return dev[:n]
 
 
+# batch rows -> (device tensor of tokens in flight, index of each row's token in it); see pending.py
+PlaceholderSource = Callable[[np.ndarray], tuple[torch.Tensor, np.ndarray]]
+
+
 def prepare_inputs(
-    batch: InputBatch, num_scheduled: np.ndarray, buffers: StepBuffers, num_padded_tokens: int | None = None
+    batch: InputBatch,
+    num_scheduled: np.ndarray,
+    buffers: StepBuffers,
+    num_padded_tokens: int | None = None,
+    placeholders: PlaceholderSource | None = None,
 ) -> StepInputs:
-    """Build the step's device inputs for rows [0, len(num_scheduled)); pad tokens up to num_padded_tokens."""
+    """Build the step's device inputs for rows [0, len(num_scheduled)); pad tokens up to num_padded_tokens.
+
+    Input tokens still in flight (placeholders, < 0) are gathered on the device from `placeholders`.
+    """
     num_reqs = len(num_scheduled)
     num_tokens = int(num_scheduled.sum())
     padded = num_tokens if num_padded_tokens is None else num_padded_tokens
@@ -100,7 +115,18 @@ def prepare_inputs(
             values if padded == num_tokens else np.concatenate([values, np.full(padded - num_tokens, fill)])
         )
 
+    holes = np.flatnonzero(ids < 0)
+    if holes.size:
+        if placeholders is None:
+            raise RuntimeError(f"{holes.size} input token(s) are placeholders but no step in flight holds them")
+        ids = np.where(ids < 0, 0, ids)
     input_ids = _commit(buffers.input_ids, padded_tokens(ids, 0), padded)
+    if holes.size:
+        assert placeholders is not None
+        source, index = placeholders(req_idx[holes])
+        hole_pos = _commit(buffers.hole_positions, holes, holes.size)
+        hole_src = _commit(buffers.hole_sources, index, holes.size)
+        input_ids.index_copy_(0, hole_pos, source.index_select(0, hole_src))
     positions_dev = _commit(buffers.positions, padded_tokens(positions, 0), padded)
     n_meta = num_reqs + num_pad_reqs
     qsl = np.concatenate([query_start, num_tokens + np.arange(1, num_pad_reqs + 1)])

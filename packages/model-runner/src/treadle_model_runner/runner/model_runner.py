@@ -34,10 +34,11 @@ from treadle_model_runner.kv_cache import (
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
 from treadle_model_runner.models import CausalLM, get_model_class
-from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepBuffers, StepInputs, prepare_inputs
+from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
 from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
@@ -88,6 +89,11 @@ class ModelRunner:
         self.kv_cache_config: KVCacheConfig | None = None
         self.requests: dict[str, Any] = {}  # request id -> RequestState (live requests, scheduled or not)
         self.graphs: CudaGraphRunner | None = None
+        # async output (set by the engine under async scheduling): return before the sampled tokens reach the
+        # host; `pending` holds the steps whose tokens the host has not written yet (pending.py)
+        self.async_output = False
+        self.copier = TokenCopier(self.device)
+        self.pending: list[PendingTokens] = []
         logger.info(
             "model runner: %s on %s, dtype %s, max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d",
             self.resolved.path, self.device, self.dtype, self._max_model_len, max_num_seqs, max_num_batched_tokens,
@@ -179,22 +185,37 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | AsyncModelRunnerOutput:
+        """Run one step. Under async output the result may be an AsyncModelRunnerOutput (see pending.py)."""
         if not self.kv_caches:
             raise RuntimeError("ModelRunner.initialize_kv_cache() must run before execute()")
         self.buffers.wait_for_copies()  # the diff below rewrites pinned rows the last step copied from
+        self._resolve_pending(keep_newest=True)
         apply_scheduler_output(self.batch, self.requests, scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput.empty()
         num_reqs = self.batch.num_reqs
         req_ids: list[str] = [r for r in self.batch.req_ids[:num_reqs] if r is not None]
+        defer = self.async_output and not any(
+            s is not None and s.sampling_params.needs_host_tokens for s in self.batch.states[:num_reqs]
+        )
+        if not defer:
+            self._resolve_pending(keep_newest=False)
         num_scheduled = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         padded = None
         if self.graphs is not None and bool((num_scheduled == 1).all()):
             padded = self.graphs.padded_size(num_reqs)
-        inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded)
+        newest = self.pending[-1] if self.pending else None
+        source = device_source(newest, self.batch.req_ids)
+        inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source)
         hidden = self._forward(inputs)
-        return sample_step(self, req_ids, inputs, hidden)
+        return sample_step(self, req_ids, inputs, hidden, defer)
+
+    def _resolve_pending(self, keep_newest: bool) -> None:
+        """Write landed sampled tokens into the host state: all steps in flight, or all but the newest."""
+        keep = 1 if keep_newest else 0
+        while len(self.pending) > keep:
+            resolve(self.pending.pop(0), self.requests, self.batch)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.graphs is not None and inputs.is_decode_only and self.graphs.has(inputs.num_padded_tokens):

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from treadle_model_runner.outputs import Logprobs, ModelRunnerOutput
+from treadle_model_runner.outputs import AsyncModelRunnerOutput, Logprobs, ModelRunnerOutput
 from treadle_model_runner.runner.inputs import StepInputs
+from treadle_model_runner.runner.pending import PLACEHOLDER
 from treadle_model_runner.sample import SamplingMetadata, compute_prompt_logprobs
 
 if TYPE_CHECKING:
@@ -21,8 +22,10 @@ if TYPE_CHECKING:
 
 
 def sample_step(
-    runner: ModelRunner, req_ids: list[str], inputs: StepInputs, hidden: torch.Tensor
-) -> ModelRunnerOutput:
+    runner: ModelRunner, req_ids: list[str], inputs: StepInputs, hidden: torch.Tensor, defer: bool = False
+) -> ModelRunnerOutput | AsyncModelRunnerOutput:
+    """Sample this step's tokens. `defer`: do not wait for them (async output, see pending.py); the caller
+    guarantees no request of the step wants logprobs or prompt logprobs."""
     batch = runner.batch
     model = runner._require_model()
     rows = inputs.sample_rows
@@ -43,6 +46,15 @@ def sample_step(
         )
         logits = model.compute_logits(hidden[inputs.logits_indices]).float()  # [S, vocab]
         out = runner.sampler(logits, metadata)
+        if defer:
+            positions = batch.num_tokens[rows].copy()
+            batch.append_tokens(rows, np.full(rows.size, PLACEHOLDER, dtype=np.int32))
+            for state in states:
+                assert state is not None
+                state.output_token_ids.append(PLACEHOLDER)
+            pending = runner.copier.start([req_ids[r] for r in rows.tolist()], positions, out.sampled_token_ids)
+            runner.pending.append(pending)
+            return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait)
         tokens = out.sampled_token_ids.cpu().numpy()
         batch.append_tokens(rows, tokens.astype(np.int32))
         host_logprobs = out.logprobs.tolists(metadata.num_logprobs) if out.logprobs is not None else None
