@@ -8,6 +8,9 @@ same random token-id prompts, and saves what it saw:
   triton_eager  the unified Triton kernel, eager
   triton_graph  the unified Triton kernel, decode replayed from CUDA graphs (the default)
   flashinfer    FlashInfer, eager (when the wheel is installed)
+In fp32 the torch and Triton runs are compared again, and every run against torch in fp32: a random network
+amplifies bf16 rounding (one ulp in one attention output) into different top-1 picks among near-ties, so the
+fp32 pair isolates the kernel, and the bf16 runs' agreement with fp32 says which of them is closer to exact.
 Top-1 agreement: at every prompt position (teacher forcing, so one disagreement cannot derail the rest) the
 most likely next token under each backend, from prompt_logprobs=2; the top-1 - top-2 margin of the reference
 says how close each disagreement was to a tie. CUDA-graph decode vs eager: greedy continuations of the same
@@ -26,10 +29,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "benchmarks" / "configs" / "llama-3.1-8b"
-RUNS = {
+RUNS: dict[str, dict[str, Any]] = {
     "torch": {"attention_backend": "torch", "enforce_eager": True},
     "triton_eager": {"attention_backend": "triton", "enforce_eager": True},
     "triton_graph": {"attention_backend": "triton"},
+    # fp32: the same comparison without bf16 rounding (a random network amplifies 1-ulp differences)
+    "torch_fp32": {"attention_backend": "torch", "enforce_eager": True, "dtype": "float32"},
+    "triton_fp32": {"attention_backend": "triton", "enforce_eager": True, "dtype": "float32"},
     "flashinfer": {"attention_backend": "flashinfer", "enforce_eager": True},
 }
 
@@ -45,9 +51,10 @@ def worker(name: str, args: argparse.Namespace, out: Path) -> None:
     from treadle_frontend import LLM
     from treadle_model_runner import SamplingParams
 
+    options = {"dtype": args.dtype, **RUNS[name]}
     llm = LLM(
-        model=str(args.model), load_format="dummy", dtype=args.dtype, max_model_len=1024,
-        num_gpu_blocks_override=4096, seed=0, **RUNS[name],
+        model=str(args.model), load_format="dummy", max_model_len=1024, num_gpu_blocks_override=4096, seed=0,
+        **options,
     )  # fmt: skip
     ps = prompts(args.num_prompts, args.prompt_len, llm.vocab_size, seed=1)
     scored = llm.generate(
