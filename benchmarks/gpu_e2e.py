@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-prompts", type=int, default=None, help="throughput prompts (default 1000)")
     ap.add_argument("--concurrency", default=None, help="serving levels, e.g. 1,16,64,256")
     ap.add_argument("--prompts-per-concurrency", type=int, default=None, help="serving prompts per level")
+    ap.add_argument(
+        "--moe-prompts", type=int, default=None, help="Qwen3-30B-A3B throughput prompts (default 1000)"
+    )
+    ap.add_argument(
+        "--engine-args", default="", help="extra engine options for every treadle run, e.g. --enforce-eager"
+    )
     args = ap.parse_args(argv)
     args.items = args.only.split(",") if args.only else list(ITEMS)
     if bad := [i for i in args.items if i not in ITEMS]:
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             plan = replace(plan, tp_prompts=args.num_prompts)
         if args.concurrency:
             plan = replace(plan, concurrencies=tuple(int(c) for c in args.concurrency.split(",")))
+        if args.moe_prompts:
+            plan = replace(plan, moe_prompts=args.moe_prompts)
+        if args.engine_args:
+            plan = replace(plan, engine=(*plan.engine, *args.engine_args.split()))
         if args.prompts_per_concurrency:
             plan = replace(plan, prompts_per_concurrency=args.prompts_per_concurrency)
         if args.smoke:

@@ -68,7 +68,7 @@ def step_hf(s: Session, items: list[str]) -> dict[str, str]:
     s.hf_cmd += (
         f"--dummy --dtype {p.hf_dtype} --static-cache --batch-size {p.base_prompts} {p.base_workload}".split()
     )
-    rc, log = s.run("baseline_hf", s.hf_cmd, cap_s=max(60.0, s.remaining() - 120))
+    rc, log = s.run("baseline_hf", s.hf_cmd, cap_s=min(180.0, max(60.0, s.remaining() - 120)))
     if rc != 0:
         raise RuntimeError(f"HF baseline: exit {rc}{log_tail(log)}")
     s.hf = json.loads(raw.read_text())

@@ -67,6 +67,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default=d["policy"], choices=["fcfs", "priority"])
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true", default=d["enforce_eager"])
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule step N+1 while step N runs (default: on with CUDA, off on CPU)",
+    )
     p.add_argument("--load-format", default=d["load_format"], choices=LOAD_FORMATS)
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--attention-backend", default=d["attention_backend"], choices=ATTENTION_BACKENDS)
@@ -93,6 +99,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "served_model_name": args.served_model_name,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "kv_cache_space": args.kv_cache_space,
         "enable_prefix_caching": args.enable_prefix_caching,

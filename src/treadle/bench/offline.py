@@ -30,6 +30,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-space", type=float, default=None)
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--no-enable-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-json", default=None, help="write the result as JSON here")
@@ -74,6 +75,7 @@ def make_llm(args: argparse.Namespace) -> Any:
         "gpu_memory_utilization",
         "kv_cache_space",
         "attention_backend",
+        "async_scheduling",
     ):
         value = getattr(args, name)
         if value is not None:
