@@ -200,3 +200,34 @@ def test_gpu_kv_capacity_from_profiling(llama: tuple[Any, Path]) -> None:
     sched = FakeScheduler(runner)
     sched.add("r", list(range(1, 40)), max_tokens=8)
     assert len(sched.run(budget=256)["r"]) == 8
+
+
+def test_kernel_warm_up_leaves_no_trace(llama: tuple[Any, Path]) -> None:
+    """The start-up warm-up steps (dummy requests on the null block) leave the runner as they found it."""
+    from treadle_model_runner.runner.warmup import SHAPES, _fits, warm_up_kernels
+
+    _, path = llama
+    gen = torch.Generator().manual_seed(9)
+    prompts = [_prompt(gen, n) for n in (7, 20, 4)]
+    results = []
+    for warm in (False, True):
+        runner = make_runner(path)
+        if warm:
+            calls: list[Any] = []
+            execute = runner.execute
+
+            def counted(so: Any, calls: list[Any] = calls, execute: Any = execute) -> Any:
+                calls.append(so)
+                return execute(so)
+
+            runner.execute = counted  # type: ignore[method-assign]
+            warm_up_kernels(runner)
+            fitting = sum(_fits(runner, q, c) for q, c in SHAPES)
+            assert fitting >= 1 and len(calls) == 2 * fitting, "each fitting shape runs (then is dropped)"
+            assert runner.batch.num_reqs == 0 and not runner.requests
+            runner.execute = execute  # type: ignore[method-assign]
+        sched = FakeScheduler(runner, seed=3)
+        for i, p in enumerate(prompts):
+            sched.add(f"r{i}", p, SamplingParams(temperature=0.0), max_tokens=8)
+        results.append(sched.run(budget=32))
+    assert results[0] == results[1]

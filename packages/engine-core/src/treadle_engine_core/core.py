@@ -64,9 +64,9 @@ class EngineCore:
             log_stats=config.log_stats,
         )
         self.max_model_len: int = self.scheduler.max_model_len
-        self._batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput | AsyncModelRunnerOutput]]] = (
-            deque()
-        )
+        self._batch_queue: deque[
+            tuple[SchedulerOutput, Future[ModelRunnerOutput | AsyncModelRunnerOutput]]
+        ] = deque()
         logger.info(
             "engine core: max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d, policy=%s, "
             "prefix caching=%s, async scheduling=%s, KV capacity %d tokens",

@@ -25,38 +25,33 @@ def _head_strides(x: torch.Tensor, head_size: int) -> tuple[int, int, int]:
 
 def _rotate(
     positions: torch.Tensor,
-    x: torch.Tensor,
-    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_out: torch.Tensor,
+    key_out: torch.Tensor,
     head_size: int,
     cache: torch.Tensor,
     is_neox: bool,
 ) -> None:
+    """Rotate query -> query_out and key -> key_out in one launch (outputs may alias the inputs)."""
     from . import rotary_kernels
 
-    num_tokens = x.shape[0]
+    num_tokens = query.shape[0]
     if num_tokens == 0:
         return
-    num_heads, x_token_stride, x_head_stride = _head_strides(x, head_size)
-    _, out_token_stride, out_head_stride = _head_strides(out, head_size)
+    num_q, q_token_stride, q_head_stride = _head_strides(query, head_size)
+    _, qo_token_stride, qo_head_stride = _head_strides(query_out, head_size)
+    num_k, k_token_stride, k_head_stride = _head_strides(key, head_size)
+    _, ko_token_stride, ko_head_stride = _head_strides(key_out, head_size)
     half_rot = cache.shape[-1] // 2
-    heads_block, half_block = next_pow2(num_heads), next_pow2(half_rot)
-    rotary_kernels.rotary_kernel[(num_tokens,)](
-        positions,
-        x,
-        x_token_stride,
-        x_head_stride,
-        out,
-        out_token_stride,
-        out_head_stride,
-        cache,
-        cache.stride(0),
-        num_heads,
-        half_rot,
-        IS_NEOX=is_neox,
-        HEADS_BLOCK=heads_block,
-        HALF_BLOCK=half_block,
-        num_warps=min(max(heads_block * half_block // 256, 1), 8),
-    )
+    q_block, k_block, half_block = next_pow2(num_q), next_pow2(num_k), next_pow2(half_rot)
+    rotary_kernels.rotary_qk_kernel[(num_tokens, 2)](
+        positions, query, q_token_stride, q_head_stride, query_out, qo_token_stride, qo_head_stride, num_q,
+        key, k_token_stride, k_head_stride, key_out, ko_token_stride, ko_head_stride, num_k,
+        cache, cache.stride(0), half_rot,
+        IS_NEOX=is_neox, Q_HEADS_BLOCK=q_block, K_HEADS_BLOCK=k_block, HALF_BLOCK=half_block,
+        num_warps=min(max(q_block * half_block // 256, 1), 8),
+    )  # fmt: skip
 
 
 def _fresh(x: torch.Tensor, rot_dim: int, head_size: int) -> torch.Tensor:
@@ -77,8 +72,7 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rot_dim = cos_sin_cache.shape[-1]
     query_out, key_out = _fresh(query, rot_dim, head_size), _fresh(key, rot_dim, head_size)
-    _rotate(positions, query, query_out, head_size, cos_sin_cache, is_neox)
-    _rotate(positions, key, key_out, head_size, cos_sin_cache, is_neox)
+    _rotate(positions, query, key, query_out, key_out, head_size, cos_sin_cache, is_neox)
     return query_out, key_out
 
 
@@ -90,8 +84,7 @@ def rotary_embedding_(
     cos_sin_cache: torch.Tensor,
     is_neox: bool,
 ) -> None:
-    _rotate(positions, query, query, head_size, cos_sin_cache, is_neox)
-    _rotate(positions, key, key, head_size, cos_sin_cache, is_neox)
+    _rotate(positions, query, key, query, key, head_size, cos_sin_cache, is_neox)
 
 
 def _check(

@@ -1,6 +1,7 @@
 """Triton rotary-embedding kernel (imported lazily: this module imports triton).
 
-Grid (tokens,). A program loads its token's cos/sin row once and rotates every head of one tensor as a
+Grid (tokens, 2): program (t, 0) rotates every query head of token t, program (t, 1) every key head, so q and
+k take one launch. A program loads its token's cos/sin row once and rotates the heads of its tensor as a
 [heads, rot_dim/2] tile of pairs (x1, x2): neox pairs ``i`` with ``i + rot_dim/2``, gpt-j pairs ``2i`` with
 ``2i + 1``. ``x1' = x1 cos - x2 sin``, ``x2' = x2 cos + x1 sin`` in fp32, rounded once. Dims past ``rot_dim``
 are not touched (the caller either writes in place or pre-copies them). Input and output may alias.
@@ -13,31 +14,9 @@ import triton.language as tl
 
 
 @triton.jit
-def rotary_kernel(
-    positions_ptr,
-    x_ptr,
-    x_token_stride,
-    x_head_stride,
-    out_ptr,
-    out_token_stride,
-    out_head_stride,
-    cache_ptr,
-    cache_row_stride,
-    num_heads,
-    half_rot,
-    IS_NEOX: tl.constexpr,
-    HEADS_BLOCK: tl.constexpr,
-    HALF_BLOCK: tl.constexpr,
+def _rotate_heads(
+    x_row, out_row, heads, num_heads, cos, sin, pairs, pair_mask, half_rot, IS_NEOX: tl.constexpr
 ):
-    token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    pairs = tl.arange(0, HALF_BLOCK)
-    pair_mask = pairs < half_rot
-    cos = tl.load(cache_ptr + position * cache_row_stride + pairs, mask=pair_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + position * cache_row_stride + half_rot + pairs, mask=pair_mask, other=0.0).to(
-        tl.float32
-    )
-    heads = tl.arange(0, HEADS_BLOCK)
     mask = (heads[:, None] < num_heads) & pair_mask[None, :]
     if IS_NEOX:
         first = pairs
@@ -45,11 +24,53 @@ def rotary_kernel(
     else:
         first = 2 * pairs
         second = 2 * pairs + 1
-    x_row = x_ptr + token * x_token_stride + heads[:, None] * x_head_stride
-    out_row = out_ptr + token * out_token_stride + heads[:, None] * out_head_stride
     x1 = tl.load(x_row + first[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + second[None, :], mask=mask, other=0.0).to(tl.float32)
     y1 = x1 * cos[None, :] - x2 * sin[None, :]
     y2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(out_row + first[None, :], y1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_row + second[None, :], y2.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_row + first[None, :], y1.to(out_row.dtype.element_ty), mask=mask)
+    tl.store(out_row + second[None, :], y2.to(out_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rotary_qk_kernel(
+    positions_ptr,
+    q_ptr,
+    q_token_stride,
+    q_head_stride,
+    q_out_ptr,
+    q_out_token_stride,
+    q_out_head_stride,
+    num_q_heads,
+    k_ptr,
+    k_token_stride,
+    k_head_stride,
+    k_out_ptr,
+    k_out_token_stride,
+    k_out_head_stride,
+    num_k_heads,
+    cache_ptr,
+    cache_row_stride,
+    half_rot,
+    IS_NEOX: tl.constexpr,
+    Q_HEADS_BLOCK: tl.constexpr,
+    K_HEADS_BLOCK: tl.constexpr,
+    HALF_BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    pairs = tl.arange(0, HALF_BLOCK)
+    pair_mask = pairs < half_rot
+    cos_row = cache_ptr + position * cache_row_stride
+    cos = tl.load(cos_row + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cos_row + half_rot + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    if tl.program_id(1) == 0:
+        heads = tl.arange(0, Q_HEADS_BLOCK)
+        x_row = q_ptr + token * q_token_stride + heads[:, None] * q_head_stride
+        out_row = q_out_ptr + token * q_out_token_stride + heads[:, None] * q_out_head_stride
+        _rotate_heads(x_row, out_row, heads, num_q_heads, cos, sin, pairs, pair_mask, half_rot, IS_NEOX)
+    else:
+        heads = tl.arange(0, K_HEADS_BLOCK)
+        x_row = k_ptr + token * k_token_stride + heads[:, None] * k_head_stride
+        out_row = k_out_ptr + token * k_out_token_stride + heads[:, None] * k_out_head_stride
+        _rotate_heads(x_row, out_row, heads, num_k_heads, cos, sin, pairs, pair_mask, half_rot, IS_NEOX)

@@ -1,6 +1,6 @@
 """RMS norms as modules holding their weight; the arithmetic is the IR op's (`ops.rms_norm`, `ops.gemma_rms_norm`).
 
-RMSNorm:       y = x / sqrt(mean(x²) + eps) * w          (Llama, Qwen)
+RMSNorm:       y = x / sqrt(mean(x²) + eps) * w          (Llama, Qwen); add_and_norm fuses the residual add
 GemmaRMSNorm:  y = x / sqrt(mean(x²) + eps) * (1 + w)    (Gemma; computed in fp32, cast back; w stored as offset)
 """
 
@@ -20,6 +20,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)`` in one fused op: the residual stream of a pre-norm block."""
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GemmaRMSNorm(nn.Module):

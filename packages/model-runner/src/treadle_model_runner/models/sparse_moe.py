@@ -63,9 +63,17 @@ class MoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous block's output (the embeddings when residual is None); residual: the stream before
+        it. Returns (this block's MLP output, the stream before it): each add is fused into the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, positions), residual)
+        return self.mlp(h), residual
 
 
 class MoeModel(nn.Module):
@@ -84,10 +92,12 @@ class MoeModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(h, positions)
-        return self.norm(h)
+            h, residual = layer(h, positions, residual)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm.add_and_norm(h, residual)[0]
 
 
 class MoeCausalLM(CausalLM):

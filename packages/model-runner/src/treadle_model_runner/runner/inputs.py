@@ -118,7 +118,9 @@ def prepare_inputs(
     holes = np.flatnonzero(ids < 0)
     if holes.size:
         if placeholders is None:
-            raise RuntimeError(f"{holes.size} input token(s) are placeholders but no step in flight holds them")
+            raise RuntimeError(
+                f"{holes.size} input token(s) are placeholders but no step in flight holds them"
+            )
         ids = np.where(ids < 0, 0, ids)
     input_ids = _commit(buffers.input_ids, padded_tokens(ids, 0), padded)
     if holes.size:

@@ -50,6 +50,7 @@ from treadle_model_runner.runner.setup import (
     skip_param_init,
 )
 from treadle_model_runner.runner.state import apply_scheduler_output
+from treadle_model_runner.runner.warmup import warm_up_kernels
 from treadle_model_runner.sample import Sampler
 from treadle_model_runner.scheduler_output import SchedulerOutput
 
@@ -163,6 +164,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, self.dtype, self.device,
                                             self.attn_backend)  # fmt: skip
         self.kv_cache_config = make_kv_cache_config(layers, num_blocks, block_size, block_bytes)
+        if self.device.type == "cuda":
+            warm_up_kernels(self)  # compile the prefill kernel variants now, not on a user's request
         self._maybe_capture_graphs()
         return self.kv_cache_config
 

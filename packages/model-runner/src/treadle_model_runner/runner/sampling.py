@@ -52,7 +52,9 @@ def sample_step(
             for state in states:
                 assert state is not None
                 state.output_token_ids.append(PLACEHOLDER)
-            pending = runner.copier.start([req_ids[r] for r in rows.tolist()], positions, out.sampled_token_ids)
+            pending = runner.copier.start(
+                [req_ids[r] for r in rows.tolist()], positions, out.sampled_token_ids
+            )
             runner.pending.append(pending)
             return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait)
         tokens = out.sampled_token_ids.cpu().numpy()
