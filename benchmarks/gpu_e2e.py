@@ -15,7 +15,7 @@ Items (`--only` picks some):
               each against its roofline (benchmarks/roofline.py, gpu_e2e_moe.py)
 
 Steps, in run order, each a fresh process (a clean GPU each): ceilings; HF baseline; the server (cold_start,
-serve); qwen; last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
+serve); qwen; the MoE engine (moe_latency, moe_throughput); last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
 throughput (`--worker`: one start-up instead of three; each phase has its own prompt seed, so no prefix-cache
 hits across phases). The long throughput run comes last, so a cut at the budget loses nothing else.
 Budget: `--budget-s` bounds the whole run. An item whose usual minimum no longer fits is skipped (the last line
@@ -65,8 +65,8 @@ STEPS = (
     ("hf", ("baseline",), 60, step_hf),
     ("serve", ("cold_start", "serve"), 60, step_serve),
     ("qwen", ("qwen",), 40, step_qwen),
-    ("llama", ("latency", "baseline", "throughput"), 60, step_llama),
     ("moe", ("moe_latency", "moe_throughput"), 60, step_moe),
+    ("llama", ("latency", "baseline", "throughput"), 60, step_llama),
 )
 
 

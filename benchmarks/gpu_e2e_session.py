@@ -45,7 +45,7 @@ class Plan:
     qwen_range: str = "100,1024"
     base_prompts: int = 32  # one batch of HF generate
     base_in: int = 1024
-    base_out: int = 128
+    base_out: int = 1024  # the throughput workload's lengths, one HF batch of prompts
     hf_dtype: str = "bfloat16"
     serve_in: int = 1024
     serve_out: int = 128
