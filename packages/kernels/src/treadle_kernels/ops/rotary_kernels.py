@@ -15,8 +15,25 @@ import triton.language as tl
 
 @triton.jit
 def _rotate_heads(
-    x_row, out_row, heads, num_heads, cos, sin, pairs, pair_mask, half_rot, IS_NEOX: tl.constexpr
+    x_ptr,
+    x_token_stride,
+    x_head_stride,
+    out_ptr,
+    out_token_stride,
+    out_head_stride,
+    num_heads,
+    token,
+    cos,
+    sin,
+    pairs,
+    pair_mask,
+    half_rot,
+    IS_NEOX: tl.constexpr,
+    HEADS_BLOCK: tl.constexpr,
 ):
+    heads = tl.arange(0, HEADS_BLOCK)
+    x_row = x_ptr + token * x_token_stride + heads[:, None] * x_head_stride
+    out_row = out_ptr + token * out_token_stride + heads[:, None] * out_head_stride
     mask = (heads[:, None] < num_heads) & pair_mask[None, :]
     if IS_NEOX:
         first = pairs
@@ -28,8 +45,8 @@ def _rotate_heads(
     x2 = tl.load(x_row + second[None, :], mask=mask, other=0.0).to(tl.float32)
     y1 = x1 * cos[None, :] - x2 * sin[None, :]
     y2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(out_row + first[None, :], y1.to(out_row.dtype.element_ty), mask=mask)
-    tl.store(out_row + second[None, :], y2.to(out_row.dtype.element_ty), mask=mask)
+    tl.store(out_row + first[None, :], y1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_row + second[None, :], y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -64,13 +81,10 @@ def rotary_qk_kernel(
     cos_row = cache_ptr + position * cache_row_stride
     cos = tl.load(cos_row + pairs, mask=pair_mask, other=0.0).to(tl.float32)
     sin = tl.load(cos_row + half_rot + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    # the branches assign nothing (Triton needs one type per variable across them): each calls the helper
     if tl.program_id(1) == 0:
-        heads = tl.arange(0, Q_HEADS_BLOCK)
-        x_row = q_ptr + token * q_token_stride + heads[:, None] * q_head_stride
-        out_row = q_out_ptr + token * q_out_token_stride + heads[:, None] * q_out_head_stride
-        _rotate_heads(x_row, out_row, heads, num_q_heads, cos, sin, pairs, pair_mask, half_rot, IS_NEOX)
+        _rotate_heads(q_ptr, q_token_stride, q_head_stride, q_out_ptr, q_out_token_stride, q_out_head_stride,
+                      num_q_heads, token, cos, sin, pairs, pair_mask, half_rot, IS_NEOX, Q_HEADS_BLOCK)  # fmt: skip
     else:
-        heads = tl.arange(0, K_HEADS_BLOCK)
-        x_row = k_ptr + token * k_token_stride + heads[:, None] * k_head_stride
-        out_row = k_out_ptr + token * k_out_token_stride + heads[:, None] * k_out_head_stride
-        _rotate_heads(x_row, out_row, heads, num_k_heads, cos, sin, pairs, pair_mask, half_rot, IS_NEOX)
+        _rotate_heads(k_ptr, k_token_stride, k_head_stride, k_out_ptr, k_out_token_stride, k_out_head_stride,
+                      num_k_heads, token, cos, sin, pairs, pair_mask, half_rot, IS_NEOX, K_HEADS_BLOCK)  # fmt: skip

@@ -1,0 +1,60 @@
+"""Compile treadle's Triton kernels ahead of time for Hopper (sm_90) on a machine without a GPU.
+
+Run as a script (a subprocess of test_compile_sm90.py, outside the interpreter mode the test session sets):
+the Triton front end and ptxas run exactly as on an H100, so a kernel the interpreter accepts but the compiler
+rejects (e.g. a variable typed differently in the two branches of an `if`) fails here, not on the device.
+Signatures come from parameter names: `*_ptr` are pointers (bf16 unless listed), constexprs are given, float
+scalars are listed, everything else is i32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from treadle_kernels.attention import triton_kernel as attn
+from treadle_kernels.ops import rotary_kernels
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_one(
+    fn: Any, constexprs: dict[str, Any], ptr: dict[str, str], floats: tuple[str, ...] = ()
+) -> None:
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr.get(name, "*bf16")
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+
+
+def main() -> int:
+    rotary = {"IS_NEOX": True, "Q_HEADS_BLOCK": 32, "K_HEADS_BLOCK": 8, "HALF_BLOCK": 64}
+    compile_one(rotary_kernels.rotary_qk_kernel, rotary, {"positions_ptr": "*i64"})
+    ints = {n: "*i32" for n in ("block_table_ptr", "seq_lens_ptr", "query_start_loc_ptr")}
+    fp32 = {n: "*fp32" for n in ("part_m_ptr", "part_l_ptr", "part_acc_ptr")}
+    for splits, block_m in ((1, 64), (16, 16), (4, 64)):
+        out = {"out_ptr": "*fp32" if splits > 1 else "*bf16"}
+        constexprs = {
+            "G": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": block_m // 4,
+            "BLOCK_M": block_m, "BLOCK_N": 64, "NUM_SPLITS": splits, "CAUSAL": True, "USE_WINDOW": splits == 4,
+            "USE_SOFT_CAP": splits == 4, "DOT_PRECISION": "tf32", "UPCAST": False,
+        }  # fmt: skip
+        compile_one(attn.paged_attention_kernel, constexprs, {**ints, **fp32, **out}, ("scale", "soft_cap"))
+    for flt in (False, True):
+        constexprs = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 16, "FILTER": flt}
+        compile_one(attn.reduce_splits_kernel, constexprs, {**ints, **fp32})
+    print("compiled for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
