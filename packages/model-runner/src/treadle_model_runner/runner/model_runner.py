@@ -8,6 +8,8 @@ A step: apply the scheduler's diff to the persistent state (`state.py`), build t
 code (`inputs.py`), run the model (eagerly, or by replaying a CUDA graph for a decode-only batch), compute
 logits only where a token is sampled (and at prompt positions asked for prompt logprobs), sample, and append the
 sampled tokens to the persistent batch so the next decode step needs nothing from the scheduler but counts.
+Under async scheduling (`async_output`) a step that needs no host tokens returns before its sampled tokens
+reach the host: placeholders hold their places and the next step reads them on the device (`pending.py`).
 """
 
 from __future__ import annotations
