@@ -26,14 +26,26 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     records = {}
-    for item in ("latency", "throughput", "baseline", "cold_start", "serve", "qwen"):
+    for item in (
+        "latency",
+        "throughput",
+        "baseline",
+        "cold_start",
+        "serve",
+        "qwen",
+        "moe_latency",
+        "moe_throughput",
+    ):
         rec = json.loads((out / f"{item}.json").read_text())
         assert "error" not in rec, rec
         assert rec["device"] == "cpu" and rec["commit"] == "abc123" and rec["dummy_weights"] is True
         assert rec["command"] and rec["max_model_len"] == 256
         records[item] = rec
-    for item in ("latency", "throughput", "qwen", "baseline", "serve"):
+    for item in ("latency", "throughput", "qwen", "baseline", "serve", "moe_latency", "moe_throughput"):
         assert records[item]["kv_capacity_tokens"] > 0, item
+    moe = records["moe_throughput"]["numbers"]
+    assert moe["total_prompt_tokens"] == 4 * 16 and moe["total_output_tokens"] == 4 * 16
+    assert records["moe_latency"]["numbers"]["ms_per_output_token"] > 0
 
     lat = records["latency"]["numbers"]
     assert lat["ms_per_output_token"] > 0 and lat["achieved_gbps"] > 0 and len(lat["latencies_s"]) == 3
@@ -46,6 +58,7 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
         base["treadle_output_tok_s"] / base["hf_output_tok_s"]
     )
     assert records["baseline"]["baseline"]["total_output_tokens"] == 4 * 8
+    assert base["full_run_ratio"] == pytest.approx(tp["output_tokens_per_second"] / base["hf_output_tok_s"])
     assert 0 < records["cold_start"]["numbers"]["cold_start_s"] < 120
     levels = records["serve"]["numbers"]["levels"]
     assert [lv["max_concurrency"] for lv in levels] == [1, 4]
