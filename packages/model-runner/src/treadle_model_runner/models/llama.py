@@ -9,6 +9,7 @@ q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,14 +74,25 @@ class LlamaSelfAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v.contiguous()))
 
 
+def dense_mlp(config: Any) -> nn.Module:
+    act, mlp_bias = getattr(config, "hidden_act", "silu"), bool(getattr(config, "mlp_bias", False))
+    return GatedMLP(config.hidden_size, config.intermediate_size, act, bias=mlp_bias)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+        self,
+        config: Any,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool,
+        qk_norm: bool,
+        mlp: nn.Module | None = None,
     ) -> None:
+        """`mlp`: the layer's MLP (a routed MoE block in sparse models); None = the dense gated MLP."""
         super().__init__()
         self.self_attn = LlamaSelfAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
-        act, mlp_bias = getattr(config, "hidden_act", "silu"), bool(getattr(config, "mlp_bias", False))
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act, bias=mlp_bias)
+        self.mlp = mlp if mlp is not None else dense_mlp(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -98,12 +110,21 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, max_position: int, qkv_bias: bool, qk_norm: bool) -> None:
+    """Embedding, decoder layers, final norm; `make_mlp(layer_idx)` gives a layer's MLP (None: dense)."""
+
+    def __init__(
+        self,
+        config: Any,
+        max_position: int,
+        qkv_bias: bool,
+        qk_norm: bool,
+        make_mlp: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm)
+            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm, make_mlp(i) if make_mlp else None)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

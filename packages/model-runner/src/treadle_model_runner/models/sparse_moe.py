@@ -27,10 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from treadle_model_runner.layers.norm import RMSNorm
-from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle_model_runner.models.base import CausalLM
-from treadle_model_runner.models.llama import LlamaSelfAttention, head_dim_of
+from treadle_model_runner.models.llama import LlamaModel
 from treadle_moe import FusedMoE
 
 _SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -52,52 +50,14 @@ class SparseMoeBlock(nn.Module):
         return self.experts(x, self.gate(x))
 
 
-class MoeDecoderLayer(nn.Module):
-    def __init__(
-        self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool, mlp: nn.Module
-    ) -> None:
-        super().__init__()
-        qkv_bias = bool(getattr(config, "attention_bias", False))
-        self.self_attn = LlamaSelfAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous block's output (the embeddings when residual is None); residual: the stream before
-        it. Returns (this block's MLP output, the stream before it): each add is fused into the next norm."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, positions), residual)
-        return self.mlp(h), residual
-
-
-class MoeModel(nn.Module):
-    """Embedding, decoder layers (`make_mlp(layer_idx)` gives each layer's MLP), final norm."""
+class MoeModel(LlamaModel):
+    """The Llama decoder stack with `make_mlp(layer_idx)` giving each layer's MLP (routed or dense)."""
 
     def __init__(
         self, config: Any, max_position: int, qk_norm: bool, make_mlp: Callable[[int], nn.Module]
     ) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
-        self.layers = nn.ModuleList(
-            MoeDecoderLayer(config, i, rotary_emb, qk_norm, make_mlp(i))
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            h, residual = layer(h, positions, residual)
-        if residual is None:  # no layers
-            return self.norm(h)
-        return self.norm.add_and_norm(h, residual)[0]
+        qkv_bias = bool(getattr(config, "attention_bias", False))
+        super().__init__(config, max_position, qkv_bias, qk_norm, make_mlp)
 
 
 class MoeCausalLM(CausalLM):
