@@ -121,10 +121,8 @@ class EngineCore:
         if not queue or (scheduled and len(queue) < _BATCH_QUEUE_DEPTH):
             return EngineCoreOutputs()  # nothing to wait for yet: let the caller schedule the next step
         so, future = queue.popleft()
-        output = future.result()
-        if isinstance(output, AsyncModelRunnerOutput):
-            output = output.get_output()  # waits only for this step's sampled-token copy
-        return self.scheduler.update_from_output(so, output)
+        # an AsyncModelRunnerOutput waits here only for this step's sampled-token copy
+        return self.scheduler.update_from_output(so, future.result().get_output())
 
     # ---- utility RPC ------------------------------------------------------------------------------
     def call_utility(self, method: str, args: list[Any]) -> Any:

@@ -83,10 +83,7 @@ class Executor:
         return set(self.runner.eos_token_ids)
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        output = self.runner.execute(so)
-        if isinstance(output, AsyncModelRunnerOutput):
-            return output.get_output()
-        return output
+        return self.runner.execute(so).get_output()
 
     def set_async_output(self, enabled: bool) -> None:
         """Let the runner return before a step's sampled tokens reach the host (async scheduling only)."""

@@ -28,6 +28,10 @@ class ModelRunnerOutput:
     def empty(cls) -> ModelRunnerOutput:
         return cls([], {}, [])
 
+    def get_output(self) -> ModelRunnerOutput:
+        """Already on the host (the same call as AsyncModelRunnerOutput's, so callers need not tell them apart)."""
+        return self
+
 
 class AsyncModelRunnerOutput:
     """A step's output whose sampled tokens are still being copied to the host (async scheduling).
