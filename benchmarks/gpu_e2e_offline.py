@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,9 @@ def step_llama(s: Session, items: list[str]) -> dict[str, str]:
     """latency, the baseline workload and throughput on ONE engine start-up (`--worker`), in that order, each
     phase with its own prompt seed (no prefix-cache hits across phases); a phase cut at the budget loses only
     itself and those after it."""
-    p, n = s.plan, s.plan.latency_len
+    p = s.plan
     workloads = {
-        "latency": f"latency --batch-size 1 --input-len {n} --output-len {n} --num-iters-warmup 1 --num-iters 3",
+        "latency": latency_workload(p.latency_len),
         # not recorded: batched prefill and decode shapes once (kernel JIT) before the short baseline workload
         "warmup": f"throughput --num-prompts {p.base_prompts} --input-len {p.base_in} --output-len 8",
         "baseline": f"throughput {p.base_workload}",
@@ -91,24 +92,12 @@ def step_llama(s: Session, items: list[str]) -> dict[str, str]:
         workloads.pop("baseline")
     wanted = [*items, "warmup"] if {"baseline", "throughput"} & set(items) else items
     phases, rc, log = run_phases(s, "llama", p.llama, {k: v for k, v in workloads.items() if k in wanted})
-    shared = f"  (one engine for {', '.join(name for name, _ in phases)})"
     status = {}
-    for name, argv in phases:
-        path = Path(argv[-1])
-        if not path.is_file():
-            cut = " (cut at the budget)" if rc == 124 else ""
-            raise RuntimeError(f"{name}: no result, llama worker exit {rc}{cut}{log_tail(log)}")
+    for name, r, cmd in phase_results(phases, rc, log, "llama"):
         if name == "warmup":
             continue
-        r = _result(path, log)
-        cmd = "treadle " + " ".join(argv[:-2]) + shared
         if name == "latency":
-            ms = float(r["avg_latency"]) * 1000.0 / n
-            num_bytes = int(shapes(p.llama).decode_weights(1)) * p.dtype_bytes
-            gbps = num_bytes / (ms * 1e-3) / 1e9
-            numbers = {"ms_per_output_token": ms, "achieved_gbps": gbps, "decode_weight_bytes": num_bytes}
-            numbers |= latency_vs_roofline(s, p.llama, ms)
-            s.record("latency", cmd, {**numbers, "latencies_s": r["latencies"]}, **_facts(r))
+            s.record("latency", cmd, latency_numbers(s, p.llama, r), **_facts(r))
         elif name == "baseline":
             assert s.hf is not None, "the baseline phase runs only after step_hf"
             ours, theirs = r["output_tokens_per_second"], s.hf["output_tokens_per_second"]
@@ -153,6 +142,38 @@ def run_phases(
     spec.write_text(json.dumps([{"name": phase, "argv": argv} for phase, argv in phases], indent=2))
     rc, log = s.run(name, [sys.executable, str(WORKER), "--worker", str(spec)])
     return phases, rc, log
+
+
+def latency_workload(n: int) -> str:
+    """`treadle bench latency` at batch 1, n in / n out, 3 timed iterations after one warm-up."""
+    return f"latency --batch-size 1 --input-len {n} --output-len {n} --num-iters-warmup 1 --num-iters 3"
+
+
+def phase_results(
+    phases: list[tuple[str, list[str]]], rc: int, log: str, worker: str
+) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(phase, its result, its command line) of each phase `run_phases` ran; a missing result is an error."""
+    shared = f"  (one engine for {', '.join(name for name, _ in phases)})"
+    for name, argv in phases:
+        path = Path(argv[-1])
+        if not path.is_file():
+            cut = " (cut at the budget)" if rc == 124 else ""
+            raise RuntimeError(f"{name}: no result, {worker} worker exit {rc}{cut}{log_tail(log)}")
+        yield name, _result(path, log), "treadle " + " ".join(argv[:-2]) + shared
+
+
+def latency_numbers(
+    s: Session, model: Path, r: dict[str, Any], bytes_key: str = "decode_weight_bytes"
+) -> dict[str, Any]:
+    """ms per output token of a batch-1 latency result, the GB/s it reads weights at, and its roofline share."""
+    ms = float(r["avg_latency"]) * 1000.0 / s.plan.latency_len
+    num_bytes = int(shapes(model).decode_weights(1)) * s.plan.dtype_bytes
+    numbers = {
+        "ms_per_output_token": ms,
+        "achieved_gbps": num_bytes / (ms * 1e-3) / 1e9,
+        bytes_key: num_bytes,
+    }
+    return numbers | latency_vs_roofline(s, model, ms) | {"latencies_s": r["latencies"]}
 
 
 def _ceilings(s: Session) -> tuple[float, float] | None:
