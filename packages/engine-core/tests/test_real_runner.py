@@ -61,10 +61,13 @@ def _prompts() -> list[list[int]]:
     return [shared + torch.randint(2, VOCAB, (1 + 3 * i,), generator=gen).tolist() for i in range(6)]
 
 
-def _run_inproc(client: InprocClient, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+def _run_inproc(
+    client: InprocClient, prompts: list[list[int]], max_tokens: int, params: list[Any] | None = None
+) -> dict[str, list[int]]:
+    """Greedy max_tokens per prompt, or `params[i]` for prompt i; the tokens each request produced."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
-        client.add_request(EngineCoreRequest(f"r{i}", p, params, time.time()))
+        client.add_request(EngineCoreRequest(f"r{i}", p, params[i] if params else greedy, time.time()))
     got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     while client.has_unfinished_requests:
         for o in client.get_output().outputs:
@@ -142,13 +145,7 @@ def test_async_output_equals_sync_for_every_kind_of_request(tmp_path: Path, monk
 
     def run(async_scheduling: bool) -> dict[str, list[int]]:
         client = InprocClient(_engine_config(model_dir, 20, "dummy", async_scheduling))
-        for i, (p, params) in enumerate(zip(prompts, kinds, strict=True)):
-            client.add_request(EngineCoreRequest(f"r{i}", p, params, time.time()))
-        got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-        while client.has_unfinished_requests:
-            for o in client.get_output().outputs:
-                got[o.request_id].extend(o.new_token_ids)
-        return got
+        return _run_inproc(client, prompts, 10, kinds)
 
     from treadle_model_runner.runner.pending import TokenCopier
 
