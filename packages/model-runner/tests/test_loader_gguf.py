@@ -64,6 +64,23 @@ def ref_dequant_q4_1(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy((scale * quants + minimum).reshape(shape))
 
 
+def add_tokenizer(writer: Any, pre: str = "smollm") -> None:
+    """The tiny byte-level BPE tokenizer (vocab_tokens(), MERGES, chat TEMPLATE) as GGUF metadata."""
+    tokens = vocab_tokens()
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(TEMPLATE)
+
+
 def write_tiny_gguf(
     path: Path, *, tied: bool = True, seed: int = 0, arch: str = "llama", pre: str = "smollm"
 ) -> dict[str, torch.Tensor]:
@@ -72,8 +89,7 @@ def write_tiny_gguf(
     gen = torch.Generator().manual_seed(seed)
     head_dim = 32 if arch == "qwen3" else HEAD_DIM
     permuted = arch == "llama"  # llama.cpp permutes q/k rows for Llama only
-    tokens = vocab_tokens()
-    vocab = len(tokens)
+    vocab = len(vocab_tokens())
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
@@ -86,18 +102,7 @@ def write_tiny_gguf(
     if arch == "qwen3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_vocab_size(vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] * len(SPECIALS) + [1] * (vocab - len(SPECIALS)))
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(TEMPLATE)
+    add_tokenizer(writer, pre)
     expected: dict[str, torch.Tensor] = {}
 
     def add(gguf_name: str, hf_name: str, w: torch.Tensor, qtype: Q, n_head: int | None = None) -> None:

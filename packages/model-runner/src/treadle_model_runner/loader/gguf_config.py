@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from treadle_model_runner.loader.gguf_weights import GGUF_ARCHITECTURES, gguf_architecture, gguf_value
+from treadle_model_runner.loader.gguf_weights import gguf_architecture, gguf_model_kind, gguf_value
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,12 @@ def hf_config_dict(reader: Any, dtype: torch.dtype) -> dict[str, Any]:
     tensor_names = {t.name for t in reader.tensors}
     eos_ids = _eos_token_ids(reader)
     head_dim = int(meta("attention.key_length", meta("rope.dimension_count", hidden_size // num_heads)))
+    kind = gguf_model_kind(reader)
     config: dict[str, Any] = {
-        "architectures": [GGUF_ARCHITECTURES[arch].hf_architecture],
-        "model_type": GGUF_ARCHITECTURES[arch].model_type,
+        "architectures": [kind.hf_architecture],
+        "model_type": kind.model_type,
         "hidden_size": hidden_size,
-        "intermediate_size": int(meta("feed_forward_length")),
+        "intermediate_size": int(meta("feed_forward_length", meta("expert_feed_forward_length"))),
         "num_hidden_layers": int(meta("block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(meta("attention.head_count_kv", num_heads)),
@@ -101,14 +102,35 @@ def hf_config_dict(reader: Any, dtype: torch.dtype) -> dict[str, Any]:
         "pad_token_id": gguf_value(reader, "tokenizer.ggml.padding_token_id", None),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if arch in ("qwen2", "qwen3"):
+    if arch in ("qwen2", "qwen3", "qwen3moe"):
         num_layers = config["num_hidden_layers"]
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=num_layers)
+    config.update(_moe_config(kind.model_type, meta))
     if config["bos_token_id"] is not None:
         config["bos_token_id"] = int(config["bos_token_id"])
     if config["pad_token_id"] is not None:
         config["pad_token_id"] = int(config["pad_token_id"])
     return config
+
+
+def _moe_config(model_type: str, meta: Any) -> dict[str, Any]:
+    """The experts' part of config.json (llama.cpp's `expert_count`, `expert_used_count`, ...)."""
+    if model_type == "mixtral":
+        return {
+            "num_local_experts": int(meta("expert_count")),
+            "num_experts_per_tok": int(meta("expert_used_count")),
+            "sliding_window": None,
+        }
+    if model_type == "qwen3_moe":
+        return {
+            "num_experts": int(meta("expert_count")),
+            "num_experts_per_tok": int(meta("expert_used_count")),
+            "moe_intermediate_size": int(meta("expert_feed_forward_length")),
+            "norm_topk_prob": bool(meta("expert_weights_norm", True)),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+    return {}
 
 
 def generation_config_dict(reader: Any) -> dict[str, Any]:

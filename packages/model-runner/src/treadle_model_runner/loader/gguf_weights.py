@@ -10,6 +10,11 @@ projections from HF's rotate-half layout (per head: first half of the dims, then
 interleaved pairs its rope kernel expects; :func:`unpermute_qk` inverts it per head, using
 ``head_count`` for q and ``head_count_kv`` for k. Qwen2/Qwen3 GGUFs are written unpermuted.
 
+Sparse MoE files (Qwen3-MoE ``qwen3moe``; Mixtral, a ``llama`` file with ``llama.expert_count``) hold per
+layer the router ``ffn_gate_inp`` and the experts stacked as ``ffn_{gate,up,down}_exps`` [experts, out, in];
+they become the per-expert HF names checkpoints use (``mlp.experts.{e}.gate_proj.weight``, Mixtral
+``block_sparse_moe.experts.{e}.w1.weight``), one tensor per expert.
+
 Invariants: every yielded tensor is contiguous, has the target dtype and its HF name; tensors only llama.cpp
 needs (``rope_freqs``) are skipped; an unknown tensor name raises ValueError naming it and the file.
 """
@@ -34,14 +39,23 @@ class GGUFArchitecture:
     hf_architecture: str  # the HF class written to config.json "architectures"
     model_type: str  # config.json "model_type"
     permute_qk: bool  # llama.cpp interleaved the q/k rows for its rope (Llama family only)
+    moe_block: str = "mlp"  # HF module name of a layer's MoE block (router `gate`, `experts.{e}`)
+    expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # HF names of gate, up, down
 
 
 GGUF_ARCHITECTURES = {
     "llama": GGUFArchitecture("LlamaForCausalLM", "llama", permute_qk=True),  # also Mistral GGUFs
     "qwen2": GGUFArchitecture("Qwen2ForCausalLM", "qwen2", permute_qk=False),
     "qwen3": GGUFArchitecture("Qwen3ForCausalLM", "qwen3", permute_qk=False),
+    "qwen3moe": GGUFArchitecture("Qwen3MoeForCausalLM", "qwen3_moe", permute_qk=False),
 }
 SUPPORTED_GGUF_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
+# llama.cpp writes Mixtral as "llama" with `llama.expert_count` experts per layer
+MIXTRAL = GGUFArchitecture("MixtralForCausalLM", "mixtral", True, "block_sparse_moe", ("w1", "w3", "w2"))
+# stacked expert tensors [experts, out, in] -> index into GGUFArchitecture.expert_projs
+_EXPERT_TENSORS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
+_EXPERTS_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate_exps|ffn_up_exps|ffn_down_exps)\.weight$")
+_ROUTER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -99,6 +113,14 @@ def gguf_architecture(reader: Any) -> str:
     return arch
 
 
+def gguf_model_kind(reader: Any) -> GGUFArchitecture:
+    """The HF model a GGUF file converts to (a "llama" file with experts is Mixtral)."""
+    arch = gguf_architecture(reader)
+    if arch == "llama" and int(gguf_value(reader, "llama.expert_count", 0) or 0) > 0:
+        return MIXTRAL
+    return GGUF_ARCHITECTURES[arch]
+
+
 def hf_tensor_name(gguf_name: str) -> str | None:
     """HF name of a llama.cpp tensor name; None for tensors the HF model does not hold."""
     if gguf_name in _SKIPPED:
@@ -135,7 +157,10 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
 
 
 def count_gguf_tensors(reader: Any) -> int:
-    return sum(1 for t in reader.tensors if t.name not in _SKIPPED)
+    """HF tensors the file yields: one per tensor, one per expert of a stacked expert tensor."""
+    return sum(
+        int(t.shape[-1]) if _EXPERTS_RE.match(t.name) else 1 for t in reader.tensors if t.name not in _SKIPPED
+    )
 
 
 def iterate_gguf_tensors(
@@ -146,8 +171,12 @@ def iterate_gguf_tensors(
     arch = gguf_architecture(reader)
     num_heads = int(gguf_value(reader, f"{arch}.attention.head_count"))
     num_kv_heads = int(gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads))
-    permute = GGUF_ARCHITECTURES[arch].permute_qk
+    kind = gguf_model_kind(reader)
+    permute = kind.permute_qk
     for tensor in reader.tensors:
+        if moe := _moe_tensors(tensor, kind, dtype):
+            yield from moe
+            continue
         try:
             name = hf_tensor_name(tensor.name)
         except ValueError as exc:
@@ -168,6 +197,19 @@ def iterate_gguf_tensors(
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             values = unpermute_qk(values, num_kv_heads)
         yield name, values.to(dtype).contiguous()
+
+
+def _moe_tensors(tensor: Any, kind: GGUFArchitecture, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """HF tensors of a router or a stacked expert tensor ([experts, out, in] -> one per expert); [] otherwise."""
+    if match := _ROUTER_RE.match(tensor.name):
+        name = f"model.layers.{match.group(1)}.{kind.moe_block}.gate.weight"
+        return [(name, torch.from_numpy(dequantize_tensor(tensor)).to(dtype).contiguous())]
+    if not (match := _EXPERTS_RE.match(tensor.name)):
+        return []
+    layer, proj = match.group(1), kind.expert_projs[_EXPERT_TENSORS[match.group(2)]]
+    stacked = torch.from_numpy(dequantize_tensor(tensor)).to(dtype)
+    prefix = f"model.layers.{layer}.{kind.moe_block}.experts"
+    return [(f"{prefix}.{e}.{proj}.weight", stacked[e].contiguous()) for e in range(stacked.shape[0])]
 
 
 def iterate_gguf_weights(
