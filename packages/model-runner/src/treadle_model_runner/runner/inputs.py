@@ -1,17 +1,19 @@
 """Input preparation: from the persistent batch and this step's token counts to the model's flat inputs.
 
-Everything here is vectorized numpy over the step's T tokens (no per-token Python): with q[i] tokens scheduled
-for batch row i and c[i] already computed,
-    query_start_loc = [0, cumsum(q)]            req_idx[t] = row of token t   (np.repeat)
-    positions[t]    = c[req_idx[t]] + (t - query_start_loc[req_idx[t]])
-    input_ids[t]    = token_ids[req_idx[t], positions[t]]   (one gather on the flat token table)
-    seq_lens        = c + q                     slot_mapping per KV-cache group from its block table
+The host does only per-request work (numpy over the R requests): with q[i] tokens scheduled for batch row i and
+c[i] already computed, it forms query_start = [0, cumsum(q)] and seq_lens = c + q (the attention backends plan
+from these host copies), max_query_len, max_seq_len and the rows that sample. The one T-sized host job is the
+input ids, which only the host knows: one gather on the flat token table,
+    input_ids[t] = token_ids[row of t, c[row] + t - query_start[row]].
+It stages q, c and the ids in pinned memory and sends them with one non-blocking copy; the block tables send
+only their dirty rows (block_table.py); the device builds positions, query_start_loc, seq_lens and the slot
+mappings (device_inputs.py). Nothing here waits for the device.
+
 Logits are computed only for rows whose computation reaches the end of their known tokens (c + q >= num_tokens):
 the last scheduled token of a decode or a final prefill chunk; a partial prefill chunk samples nothing.
-
-Host staging tensors are pinned on CUDA and copied into persistent device buffers non-blocking, so a CUDA graph
-captured on those buffers sees each step's values. Tokens in [T, padded T) are padding: id 0, position 0,
-slot -1, and (decode graphs) one-token requests of context 1 that nobody reads.
+Input tokens still in flight (async output, placeholders < 0) are staged as 0 and overwritten on the device from
+the tensor of the step that samples them. Tokens in [T, padded T) are padding: id 0, position 0, slot -1, and
+(decode graphs) one-token requests of context 1 that nobody reads.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from treadle_kernels.attention import AttentionMetadata
+from treadle_model_runner.runner.device_inputs import StepBuffers, commit, compute_on_device
 from treadle_model_runner.runner.input_batch import InputBatch
 
 
@@ -39,42 +42,6 @@ class StepInputs:
     sample_rows: np.ndarray  # [S] batch rows that sample a token this step
     logits_indices: torch.Tensor  # [S] int64 token index of each sampled row's last scheduled token
     is_decode_only: bool  # every request has exactly one token this step
-
-
-class StepBuffers:
-    """Persistent host staging (pinned on CUDA) and device buffers for one step's inputs."""
-
-    def __init__(self, max_num_tokens: int, max_num_reqs: int, num_groups: int, device: torch.device) -> None:
-        pin = device.type == "cuda"
-
-        def pair(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.zeros(n, dtype=dtype, pin_memory=pin), torch.zeros(n, dtype=dtype, device=device)
-
-        self.device = device
-        self.input_ids = pair(max_num_tokens, torch.int64)
-        self.positions = pair(max_num_tokens, torch.int64)
-        self.query_start_loc = pair(max_num_reqs + 1, torch.int32)
-        self.seq_lens = pair(max_num_reqs, torch.int32)
-        self.slot_mappings = [pair(max_num_tokens, torch.int64) for _ in range(num_groups)]
-        self.logits_indices = pair(max_num_reqs, torch.int64)
-        # input tokens sampled by the step in flight (async output): their token index and source index
-        self.hole_positions = pair(max_num_reqs, torch.int64)
-        self.hole_sources = pair(max_num_reqs, torch.int64)
-        # set after the step's host->device copies: pinned host memory (these buffers, the block tables) must
-        # not be rewritten before the copies reading it ran (a step that samples nothing never syncs)
-        self.copies_done = torch.cuda.Event() if device.type == "cuda" else None
-
-    def wait_for_copies(self) -> None:
-        """Block until the previous step's non-blocking copies from pinned host memory have run."""
-        if self.copies_done is not None:
-            self.copies_done.synchronize()
-
-
-def _commit(buffers: tuple[torch.Tensor, torch.Tensor], values: np.ndarray, n: int) -> torch.Tensor:
-    host, dev = buffers
-    host.numpy()[:n] = values
-    dev[:n].copy_(host[:n], non_blocking=True)
-    return dev[:n]
 
 
 # batch rows -> (device tensor of tokens in flight, index of each row's token in it); see pending.py
@@ -98,64 +65,65 @@ def prepare_inputs(
     is_decode_only = bool(num_reqs > 0 and (num_scheduled == 1).all())
     # decode graphs (and their capture, with no real request): padding tokens are one-token dummy requests
     num_pad_reqs = padded - num_tokens if is_decode_only or num_reqs == 0 else 0
+    n_meta = num_reqs + num_pad_reqs
 
     cu = np.cumsum(num_scheduled, dtype=np.int64)
     query_start = np.concatenate([[0], cu]).astype(np.int64)
-    req_idx = np.repeat(np.arange(num_reqs), num_scheduled)
     computed = batch.num_computed_tokens[:num_reqs]
-    positions = computed[req_idx] + np.arange(num_tokens) - query_start[req_idx]
     seq_lens = computed + num_scheduled
 
-    max_len = batch.max_model_len
-    flat_ids = torch.from_numpy(req_idx * max_len + positions)
-    ids = torch.index_select(batch.token_ids_cpu.view(-1), 0, flat_ids).numpy()
-
-    def padded_tokens(values: np.ndarray, fill: int) -> np.ndarray:
-        return (
-            values if padded == num_tokens else np.concatenate([values, np.full(padded - num_tokens, fill)])
-        )
-
+    # stage [q | c | input ids] and send them in one copy
+    r, t = num_reqs, num_tokens
+    staged = buffers.upload[0].numpy()
+    staged[:r] = num_scheduled
+    staged[r : 2 * r] = computed
+    ids = staged[2 * r : 2 * r + t]
+    gather_input_ids(batch, computed, num_scheduled, query_start, out=ids)
     holes = np.flatnonzero(ids < 0)
     if holes.size:
         if placeholders is None:
             raise RuntimeError(
                 f"{holes.size} input token(s) are placeholders but no step in flight holds them"
             )
-        ids = np.where(ids < 0, 0, ids)
-    input_ids = _commit(buffers.input_ids, padded_tokens(ids, 0), padded)
+        ids[holes] = 0
+    commit(buffers.upload, 2 * r + t)
+    block_tables = [table.commit(n_meta) for table in batch.block_tables]
+    compute_on_device(buffers, batch.block_tables, num_reqs, num_tokens, padded, num_pad_reqs)
+    input_ids = buffers.input_ids[:padded]
     if holes.size:
         assert placeholders is not None
-        source, index = placeholders(req_idx[holes])
-        hole_pos = _commit(buffers.hole_positions, holes, holes.size)
-        hole_src = _commit(buffers.hole_sources, index, holes.size)
+        hole_rows = np.searchsorted(query_start, holes, side="right") - 1
+        source, index = placeholders(hole_rows)
+        buffers.hole_positions[0].numpy()[: holes.size] = holes
+        buffers.hole_sources[0].numpy()[: holes.size] = index
+        hole_pos = commit(buffers.hole_positions, holes.size)
+        hole_src = commit(buffers.hole_sources, holes.size)
         input_ids.index_copy_(0, hole_pos, source.index_select(0, hole_src))
-    positions_dev = _commit(buffers.positions, padded_tokens(positions, 0), padded)
-    n_meta = num_reqs + num_pad_reqs
-    qsl = np.concatenate([query_start, num_tokens + np.arange(1, num_pad_reqs + 1)])
-    qsl_dev = _commit(buffers.query_start_loc, qsl, n_meta + 1)
-    seq_all = np.concatenate([seq_lens, np.ones(num_pad_reqs, dtype=np.int64)])
-    seq_dev = _commit(buffers.seq_lens, seq_all, n_meta)
-    qsl_cpu = buffers.query_start_loc[0][: n_meta + 1]
-    seq_cpu = buffers.seq_lens[0][:n_meta]
-    metadata = []
-    for table, slot_buf in zip(batch.block_tables, buffers.slot_mappings, strict=True):
-        slots = _commit(slot_buf, padded_tokens(table.slot_mapping(req_idx, positions), -1), padded)
-        metadata.append(
-            AttentionMetadata(
-                num_actual_tokens=padded if num_pad_reqs else num_tokens,
-                max_query_len=max(int(num_scheduled.max()) if num_reqs else 0, 1 if num_pad_reqs else 0),
-                max_seq_len=int(seq_all.max()) if n_meta else 0,
-                query_start_loc=qsl_dev,
-                query_start_loc_cpu=qsl_cpu,
-                seq_lens=seq_dev,
-                seq_lens_cpu=seq_cpu,
-                block_table=table.commit(n_meta),
-                slot_mapping=slots,
-            )
+
+    qsl_cpu = buffers.query_start_loc_cpu[: n_meta + 1]
+    qsl_cpu.numpy()[: r + 1] = query_start
+    qsl_cpu.numpy()[r + 1 :] = num_tokens + np.arange(1, num_pad_reqs + 1)
+    seq_cpu = buffers.seq_lens_cpu[:n_meta]
+    seq_cpu.numpy()[:r] = seq_lens
+    seq_cpu.numpy()[r:] = 1
+    metadata = [
+        AttentionMetadata(
+            num_actual_tokens=padded if num_pad_reqs else num_tokens,
+            max_query_len=max(int(num_scheduled.max()) if num_reqs else 0, 1 if num_pad_reqs else 0),
+            max_seq_len=max(int(seq_lens.max()) if num_reqs else 0, 1 if num_pad_reqs else 0),
+            query_start_loc=buffers.query_start_loc[: n_meta + 1],
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens=buffers.seq_lens[:n_meta],
+            seq_lens_cpu=seq_cpu,
+            block_table=table,
+            slot_mapping=slots[:padded],
         )
+        for table, slots in zip(block_tables, buffers.slot_mappings, strict=True)
+    ]
 
     sample_rows = np.nonzero(seq_lens >= batch.num_tokens[:num_reqs])[0]
-    logits_indices = _commit(buffers.logits_indices, cu[sample_rows] - 1, len(sample_rows))
+    buffers.logits_indices[0].numpy()[: sample_rows.size] = cu[sample_rows] - 1
+    logits_indices = commit(buffers.logits_indices, sample_rows.size)
     if buffers.copies_done is not None:
         buffers.copies_done.record()
     return StepInputs(
@@ -165,9 +133,23 @@ def prepare_inputs(
         num_scheduled=num_scheduled,
         query_start=query_start,
         input_ids=input_ids,
-        positions=positions_dev,
+        positions=buffers.positions[:padded],
         attn_metadata=metadata,
         sample_rows=sample_rows,
         logits_indices=logits_indices,
         is_decode_only=is_decode_only,
     )
+
+
+def gather_input_ids(
+    batch: InputBatch,
+    computed: np.ndarray,
+    num_scheduled: np.ndarray,
+    query_start: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Write the T input ids of rows [0, R) into `out`: row i's tokens [c[i], c[i] + q[i])."""
+    rows = np.arange(len(num_scheduled), dtype=np.int64)
+    first = rows * batch.max_model_len + computed - query_start[:-1]  # [R] flat index of token t is first + t
+    flat = np.repeat(first, num_scheduled) + np.arange(len(out), dtype=np.int64)
+    np.take(batch.token_ids.reshape(-1), flat, out=out)

@@ -5,9 +5,10 @@
     output = runner.execute(scheduler_output)          # every engine step
 
 A step: apply the scheduler's diff to the persistent state (`state.py`), build the flat inputs with vectorized
-code (`inputs.py`), run the model (eagerly, or by replaying a CUDA graph for a decode-only batch), compute
-logits only where a token is sampled (and at prompt positions asked for prompt logprobs), sample, and append the
-sampled tokens to the persistent batch so the next decode step needs nothing from the scheduler but counts.
+code (`inputs.py`; the T-sized ones on the device, `device_inputs.py`), run the model (eagerly, or by replaying
+a CUDA graph for a decode-only batch), compute logits only where a token is sampled (and at prompt positions
+asked for prompt logprobs), sample, and append the sampled tokens to the persistent batch so the next decode step
+needs nothing from the scheduler but counts.
 Under async scheduling (`async_output`) a step that needs no host tokens returns before its sampled tokens
 reach the host: placeholders hold their places and the next step reads them on the device (`pending.py`).
 """
@@ -38,8 +39,9 @@ from treadle_model_runner.loader import iterate_weights, load_dummy_weights, res
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.input_batch import InputBatch
-from treadle_model_runner.runner.inputs import StepBuffers, StepInputs, prepare_inputs
+from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
 from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
