@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_cases import make_case
+from flashinfer_fake import FakeWrapper, fake_flashinfer
 
 from treadle_kernels.attention import get_attn_backend
 
@@ -67,62 +68,15 @@ def test_flashinfer_missing_gives_install_hint(monkeypatch):
         backend.get_builder_cls()(16, "cuda")
 
 
-class _FakeWrapper:
-    """Stands in for FlashInfer's paged wrappers on CPU: checks the glue (CSR page table, window, plan per step)."""
-
-    plans = 0
-
-    def __init__(self, workspace, kv_layout, use_tensor_cores=False):
-        assert kv_layout == "NHD"
-        self.decode = None
-
-    def plan(self, *args, **kw):
-        type(self).plans += 1
-        if len(args) == 7:  # decode: indptr, indices, last_page_len, nh, nkv, d, page_size
-            indptr, indices, last, *_ = args
-            qo = torch.arange(len(last) + 1, dtype=torch.int32)
-        else:
-            qo, indptr, indices, last, *_ = args
-        self.p = dict(qo=qo.cpu(), indptr=indptr.cpu(), indices=indices, last=last.cpu(), page=args[-1], **kw)
-
-    def run(self, q, kv, out):
-        p, (k_cache, v_cache) = self.p, kv
-        for i in range(len(p["last"])):
-            pages = p["indices"][p["indptr"][i] : p["indptr"][i + 1]].long()
-            kv_len = (len(pages) - 1) * p["page"] + int(p["last"][i])
-            k = k_cache[pages].flatten(0, 1)[:kv_len].float()
-            v = v_cache[pages].flatten(0, 1)[:kv_len].float()
-            q0, q1 = int(p["qo"][i]), int(p["qo"][i + 1])
-            group = q.shape[1] // k.shape[1]
-            logits = (
-                torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k.repeat_interleave(group, 1)) * p["sm_scale"]
-            )
-            if p["logits_soft_cap"]:
-                logits = p["logits_soft_cap"] * torch.tanh(logits / p["logits_soft_cap"])
-            q_pos = torch.arange(kv_len - (q1 - q0), kv_len)[:, None]
-            k_pos = torch.arange(kv_len)[None, :]
-            ok = k_pos <= q_pos if p.get("causal", True) else torch.ones_like(k_pos <= q_pos)
-            if p["window_left"] >= 0:
-                ok &= k_pos >= q_pos - p["window_left"]
-            probs = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1)
-            out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1)).to(out.dtype)
-        return out
-
-
 @pytest.mark.parametrize("requests", [[(0, 7), (13, 5), (20, 1), (5, 1)], [(17, 1), (3, 1), (40, 1)]])
 @pytest.mark.parametrize(("window", "cap"), [(None, None), (6, 3.0)])
 def test_flashinfer_glue_with_fake_module(monkeypatch, requests, window, cap):
     """CPU check of the CSR page table, window_left = W - 1, and one plan per layer signature per step."""
-    import types
-
     from treadle_kernels.attention import flashinfer_backend as fb
 
-    fake = types.SimpleNamespace(
-        BatchDecodeWithPagedKVCacheWrapper=_FakeWrapper, BatchPrefillWithPagedKVCacheWrapper=_FakeWrapper
-    )
-    monkeypatch.setattr(fb, "_import_flashinfer", lambda: fake)
+    monkeypatch.setattr(fb, "_import_flashinfer", fake_flashinfer)
     monkeypatch.setattr(fb, "_WORKSPACE_BYTES", 16)
-    _FakeWrapper.plans = 0
+    FakeWrapper.plans = 0
     case = make_case(requests, 4, 2, 16, 4, dtype=torch.bfloat16, seed=41, num_padding=2)
     n = case.metadata.num_actual_tokens
     builder = fb.FlashInferMetadataBuilder(4, "cpu")
@@ -136,7 +90,7 @@ def test_flashinfer_glue_with_fake_module(monkeypatch, requests, window, cap):
             case.query, case.key, case.value, case.kv_cache.clone(), md, torch.zeros_like(case.query)
         )
         torch.testing.assert_close(out[:n].float(), ref.float(), atol=2e-2, rtol=2e-2)
-    assert _FakeWrapper.plans == 1
+    assert FakeWrapper.plans == 1
     with pytest.raises(ValueError, match="float16/bfloat16"):
         fb.FlashInferAttentionImpl(4, 16, 0.3, 2).forward(
             case.query.float(),

@@ -6,6 +6,8 @@ A backend is a class with three roles, so the model runner never branches on whi
   classes below.
 - ``AttentionMetadataBuilder`` (once per step, shared by all layers): turns the backend-independent
   ``AttentionMetadata`` into whatever the backend's kernels consume (plans, split counts, extra index tensors).
+  Backends with ``supports_cuda_graphs`` also serve decode CUDA graphs: ``build_for_cuda_graph`` before the
+  capture of a batch size, ``prepare_cuda_graph_replay`` on the host before every replay of it.
 - ``AttentionImpl`` (one per attention layer): holds the layer's head counts, scale, sliding window and logit
   soft-cap; ``forward`` first writes the step's new K/V into the paged cache through ``slot_mapping``, then attends
   every query token over the cached + new keys of its request.
@@ -39,6 +41,22 @@ class AttentionMetadataBuilder:
 
     def build(self, common: AttentionMetadata) -> Any:
         return common
+
+    def build_for_cuda_graph(self, common: AttentionMetadata, num_reqs: int) -> Any:
+        """Metadata for capturing the decode graph of ``num_reqs`` one-token requests (a dummy batch).
+
+        The graph keeps whatever device memory its launches read, and replays them with the host values of the
+        capture. The default suits kernels that read only ``common``'s persistent device tensors (rewritten by
+        the runner before every replay) and take no step-dependent host values: it is ``build(common)``.
+        """
+        return self.build(common)
+
+    def prepare_cuda_graph_replay(self, common: AttentionMetadata, num_reqs: int) -> None:
+        """Called on the host before each replay of the ``num_reqs`` decode graph, with the step's metadata.
+
+        A backend whose captured kernels read state of its own (plans, page tables in fixed buffers) rewrites it
+        here, outside the graph. The default does nothing.
+        """
 
 
 class AttentionImpl:
@@ -88,6 +106,8 @@ class AttentionBackend:
     """Static description of a backend; subclasses set ``name`` and the two classes."""
 
     name: ClassVar[str] = ""
+    # decode steps may be captured in CUDA graphs and replayed (see the builder's graph methods)
+    supports_cuda_graphs: ClassVar[bool] = False
     builder_cls: ClassVar[type[AttentionMetadataBuilder]] = AttentionMetadataBuilder
     impl_cls: ClassVar[type[AttentionImpl]] = AttentionImpl
 

@@ -1,23 +1,24 @@
 """The ``flashinfer`` attention backend (optional extra ``treadle-kernels[flashinfer]``, CUDA only).
 
-FlashInfer describes a paged cache in CSR form: request ``i`` owns pages ``indices[indptr[i]:indptr[i + 1]]`` and
-its last page holds ``last_page_len[i]`` tokens (1..block_size). The builder derives these from the block table once
-per step. Kernels must be *planned* (host-side scheduling) before they run, and a plan depends on per-layer facts
-(head counts, head size, scale, sliding window, soft-cap, dtype) that the builder does not know; so the step's
-metadata keeps one planned wrapper per distinct layer signature, planned by the first layer that asks for it and
-reused by every other layer of that kind (Gemma 3 plans twice a step: sliding and global layers).
+Kernels must be *planned* (host-side scheduling) before they run, from the step's page table in FlashInfer's CSR
+form (``flashinfer_plan.py``) and per-layer facts (head counts, head size, scale, sliding window, soft-cap, dtype)
+that the builder does not know; so the step's metadata keeps one planned wrapper per distinct layer signature,
+planned by the first layer that asks for it and reused by every other layer of that kind (Gemma 3 plans twice a
+step: sliding and global layers).
 
 Decode-only steps use ``BatchDecodeWithPagedKVCacheWrapper``; anything with a longer query (prefill, chunked
 prefill, mixed) uses ``BatchPrefillWithPagedKVCacheWrapper`` with the causal mask (FlashInfer aligns queries to
-the end of the context, the same ``seq_len - query_len + i`` convention as ours). The cache layout is NHD, which
-is exactly ``kv_cache[0]`` / ``kv_cache[1]`` of our ``(2, num_blocks, block_size, nkv, head_size)`` cache. Our
-window ``W`` (``key > query - W``) is FlashInfer's inclusive ``window_left = W - 1``. One 128 MiB float workspace
-is allocated per builder and shared by all its wrappers (they run one after another on one stream).
+the end of the context, the same ``seq_len - query_len + i`` convention as ours). Decode batches replayed from a
+CUDA graph use graph-mode decode wrappers, one per batch size, re-planned before each replay
+(``flashinfer_graphs.py``). The cache layout is NHD, which is exactly ``kv_cache[0]`` / ``kv_cache[1]`` of our
+``(2, num_blocks, block_size, nkv, head_size)`` cache. One 128 MiB float workspace is allocated per builder and
+shared by all its wrappers (they run one after another on one stream).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,14 @@ from treadle_kernels.attention.backend import (
     AttentionImpl,
     AttentionMetadataBuilder,
     write_kv_cache,
+)
+from treadle_kernels.attention.flashinfer_graphs import GraphDecodeWrappers
+from treadle_kernels.attention.flashinfer_plan import (
+    LayerSignature,
+    PageTable,
+    build_page_table,
+    plan_decode,
+    plan_prefill,
 )
 from treadle_kernels.attention.metadata import AttentionMetadata
 
@@ -49,17 +58,13 @@ def _import_flashinfer() -> Any:
 
 @dataclass
 class FlashInferMetadata:
-    """One step's common metadata plus FlashInfer's CSR page table and the wrappers planned so far.
-
-    ``plan`` copies its index arrays to the device itself, so the host-side ones are kept on the host (no sync).
-    """
+    """One step's common metadata, its CSR page table, and the wrappers planned for it so far."""
 
     common: AttentionMetadata
-    paged_kv_indptr: torch.Tensor  # [num_reqs + 1] int32 (host): prefix sums of pages per request
-    paged_kv_indices: torch.Tensor  # [total_pages] int32 (device): physical page ids, request after request
-    paged_kv_last_page_len: torch.Tensor  # [num_reqs] int32 (host): tokens in each request's last page
+    pages: PageTable  # the step's paged KV in FlashInfer's CSR form
     builder: FlashInferMetadataBuilder
-    planned: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # layer signature -> planned wrapper
+    cuda_graph_size: int | None = None  # batch size of the decode graph being captured; None: eager
+    planned: dict[LayerSignature, Any] = field(default_factory=dict)  # layer signature -> planned wrapper
 
 
 class FlashInferMetadataBuilder(AttentionMetadataBuilder):
@@ -67,69 +72,82 @@ class FlashInferMetadataBuilder(AttentionMetadataBuilder):
         super().__init__(block_size, device)
         self._flashinfer = _import_flashinfer()
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self._wrappers: dict[tuple[Any, ...], Any] = {}  # (kind, layer signature) -> wrapper, created once
+        self._wrappers: dict[tuple[str, LayerSignature], Any] = {}  # eager wrappers, created once
+        self.graph_wrappers = GraphDecodeWrappers(self._flashinfer, self.workspace)
+        self._plan_copied: dict[int, torch.cuda.Event] = {}  # id(wrapper) -> set after its last plan's copy
 
     def build(self, common: AttentionMetadata) -> FlashInferMetadata:
-        bs = self.block_size
-        seq_lens = common.seq_lens_cpu.long()
-        pages = (seq_lens + bs - 1) // bs  # [num_reqs]
-        indptr = torch.zeros(len(pages) + 1, dtype=torch.int32)
-        indptr[1:] = torch.cumsum(pages, 0)
-        last_page_len = (seq_lens - (pages - 1) * bs).to(torch.int32)
-        table = common.block_table
-        used = torch.arange(table.shape[1], device=table.device)[None, :] < pages.to(table.device)[:, None]
-        indices = table[used].to(torch.int32)  # row-major: request after request
-        return FlashInferMetadata(
-            common=common,
-            paged_kv_indptr=indptr,
-            paged_kv_indices=indices,
-            paged_kv_last_page_len=last_page_len,
-            builder=self,
+        return FlashInferMetadata(common, build_page_table(common, self.block_size), self)
+
+    def build_for_cuda_graph(self, common: AttentionMetadata, num_reqs: int) -> FlashInferMetadata:
+        """The dummy batch's metadata: its layers create and plan the graph-mode wrappers of ``num_reqs``."""
+        assert common.is_decode_only and common.num_reqs == num_reqs, (
+            f"a decode graph of {num_reqs} requests was built from {common.num_reqs} requests "
+            f"of up to {common.max_query_len} tokens"
         )
+        return FlashInferMetadata(common, build_page_table(common, self.block_size), self, num_reqs)
+
+    def prepare_cuda_graph_replay(self, common: AttentionMetadata, num_reqs: int) -> None:
+        """Plan every graph-mode wrapper of ``num_reqs`` for this step: rewrites the buffers the graph reads."""
+        wrappers = self.graph_wrappers.for_size(num_reqs)
+        if not wrappers:
+            return
+        assert common.num_reqs == num_reqs, f"graph of {num_reqs} requests replayed for {common.num_reqs}"
+        pages = build_page_table(common, self.block_size)
+        for sig, wrapper in wrappers.items():
+            self._plan(plan_decode, wrapper, pages, sig, self.block_size)
 
     def wrapper(
         self, md: FlashInferMetadata, impl: AttentionImpl, dtype: torch.dtype, kv_dtype: torch.dtype
     ) -> Any:
         """The wrapper for this layer's signature, planned for this step (planned at most once per step)."""
-        signature = (impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale, impl.sliding_window,
-                     impl.logits_soft_cap, dtype, kv_dtype)  # fmt: skip
-        if signature in md.planned:
-            return md.planned[signature]
+        sig = LayerSignature.of(impl, dtype, kv_dtype)
+        if sig in md.planned:
+            return md.planned[sig]
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
                 f"attention backend 'flashinfer' supports float16/bfloat16 activations, got {dtype}; "
                 "use --dtype bfloat16 or --attention-backend triton."
             )
-        common = md.common
-        decode = common.is_decode_only and common.causal
-        key = ("decode" if decode else "prefill", *signature)
+        common, pages, bs = md.common, md.pages, self.block_size
         fi = self._flashinfer
-        if key not in self._wrappers:
-            if decode:
-                use_tc = impl.num_heads // impl.num_kv_heads >= 4
+        if md.cuda_graph_size is not None:
+            wrapper = self.graph_wrappers.get(md.cuda_graph_size, sig, common.block_table.shape[1])
+            self._plan(plan_decode, wrapper, pages, sig, bs)
+        elif common.is_decode_only and common.causal:
+            key = ("decode", sig)
+            if key not in self._wrappers:
                 self._wrappers[key] = fi.BatchDecodeWithPagedKVCacheWrapper(
-                    self.workspace, "NHD", use_tensor_cores=use_tc
+                    self.workspace, "NHD", use_tensor_cores=sig.decode_uses_tensor_cores
                 )
-            else:
-                self._wrappers[key] = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        wrapper = self._wrappers[key]
-        window_left = impl.sliding_window - 1 if impl.sliding_window is not None else -1
-        if decode:
-            wrapper.plan(
-                md.paged_kv_indptr, md.paged_kv_indices, md.paged_kv_last_page_len,
-                impl.num_heads, impl.num_kv_heads, impl.head_size, self.block_size,
-                window_left=window_left, logits_soft_cap=impl.logits_soft_cap, sm_scale=impl.scale,
-                q_data_type=dtype, kv_data_type=kv_dtype,
-            )  # fmt: skip
+            wrapper = self._wrappers[key]
+            self._plan(plan_decode, wrapper, pages, sig, bs)
         else:
-            wrapper.plan(
-                common.query_start_loc_cpu, md.paged_kv_indptr, md.paged_kv_indices, md.paged_kv_last_page_len,
-                impl.num_heads, impl.num_kv_heads, impl.head_size, self.block_size,
-                causal=common.causal, window_left=window_left, logits_soft_cap=impl.logits_soft_cap,
-                sm_scale=impl.scale, q_data_type=dtype, kv_data_type=kv_dtype,
-            )  # fmt: skip
-        md.planned[signature] = wrapper
+            key = ("prefill", sig)
+            if key not in self._wrappers:
+                self._wrappers[key] = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+            wrapper = self._wrappers[key]
+            self._plan(plan_prefill, wrapper, common, pages, sig, bs)
+        md.planned[sig] = wrapper
         return wrapper
+
+    def _plan(self, plan: Callable[..., None], wrapper: Any, *args: Any) -> None:
+        """``plan(wrapper, *args)`` once the device has consumed the wrapper's previous plan.
+
+        ``plan`` stages its schedule in the wrapper's pinned host buffer and copies it to the device
+        asynchronously; under async scheduling the host may plan the next step before the GPU ran that copy
+        for the step in flight. So each wrapper's copy is fenced by an event; the copy was queued ahead of that
+        step's attention kernels, so the wait is short or none.
+        """
+        if self.device.type != "cuda":
+            plan(wrapper, *args)
+            return
+        copied = self._plan_copied.get(id(wrapper))
+        if copied is None:
+            copied = self._plan_copied[id(wrapper)] = torch.cuda.Event()
+        copied.synchronize()
+        plan(wrapper, *args)
+        copied.record()
 
 
 class FlashInferAttentionImpl(AttentionImpl):
@@ -158,5 +176,6 @@ class FlashInferAttentionImpl(AttentionImpl):
 
 class FlashInferAttentionBackend(AttentionBackend):
     name = "flashinfer"
+    supports_cuda_graphs = True
     builder_cls = FlashInferMetadataBuilder
     impl_cls = FlashInferAttentionImpl

@@ -237,5 +237,6 @@ class TritonAttentionImpl(AttentionImpl):
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    supports_cuda_graphs = True  # launches read metadata from persistent device tensors only
     builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

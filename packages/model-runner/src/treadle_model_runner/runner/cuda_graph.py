@@ -5,7 +5,9 @@ of n requests is padded up to the smallest captured size >= n with one-token dum
 block (slot -1: nothing is written). Inputs and attention metadata live in persistent device buffers that the
 runner rewrites before each replay, so the graph reads the step's values; host integers baked into the
 captured launches (token count, request count, max_query_len = 1) are exactly those of the padded batch.
-Only backends whose launches depend on nothing else are captured (the runner checks). Sizes are captured
+Only backends with `supports_cuda_graphs` are captured (the runner checks); their metadata builders build the
+dummy batch's metadata (`build_for_cuda_graph`) and rewrite any state of their own on the host before each
+replay (`prepare_cuda_graph_replay`: FlashInfer re-plans its graph-mode decode wrappers there). Sizes are captured
 largest first into one memory pool, so the smaller graphs reuse the larger one's memory.
 """
 

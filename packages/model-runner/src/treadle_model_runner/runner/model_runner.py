@@ -60,8 +60,6 @@ from treadle_model_runner.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-_GRAPH_SAFE_BACKENDS = ("triton",)  # backends whose launches read metadata from device tensors only
-
 
 class ModelRunner:
     def __init__(
@@ -176,7 +174,7 @@ class ModelRunner:
     def _maybe_capture_graphs(self) -> None:
         if self.device.type != "cuda" or self.model_config.enforce_eager:
             return
-        if self.attn_backend.name not in _GRAPH_SAFE_BACKENDS:
+        if not self.attn_backend.supports_cuda_graphs:
             logger.info(
                 "CUDA graphs off: attention backend %r launches from host metadata", self.attn_backend.name
             )
@@ -225,20 +223,28 @@ class ModelRunner:
             resolve(self.pending.pop(0), self.requests, self.batch)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        if self.graphs is not None and inputs.is_decode_only and self.graphs.has(inputs.num_padded_tokens):
-            return self.graphs.replay(inputs.num_padded_tokens)
+        size = inputs.num_padded_tokens
+        if self.graphs is not None and inputs.is_decode_only and self.graphs.has(size):
+            for builder, common in zip(self.builders, inputs.attn_metadata, strict=True):
+                builder.prepare_cuda_graph_replay(common, size)
+            return self.graphs.replay(size)
         with set_forward_context(self._context(inputs)):
             return self._require_model()(inputs.input_ids, inputs.positions)
 
-    def _context(self, inputs: StepInputs) -> ForwardContext:
-        built = [b.build(m) for b, m in zip(self.builders, inputs.attn_metadata, strict=True)]
+    def _context(self, inputs: StepInputs, graph_size: int | None = None) -> ForwardContext:
+        """The forward context of a step (eager), or of the dummy batch a decode graph of `graph_size` captures."""
+        pairs = zip(self.builders, inputs.attn_metadata, strict=True)
+        if graph_size is None:
+            built = [b.build(m) for b, m in pairs]
+        else:
+            built = [b.build_for_cuda_graph(m, graph_size) for b, m in pairs]
         per_layer = [built[g] for g in self.layer_to_group]
         return ForwardContext(self.kv_caches, per_layer, inputs.num_tokens)
 
     def _prepare_capture(self, size: int) -> Callable[[], torch.Tensor]:
         """A dummy decode batch of `size` one-token requests over the null block, and its forward."""
         inputs = prepare_inputs(self.batch, np.zeros(0, dtype=np.int64), self.buffers, size)
-        context = self._context(inputs)
+        context = self._context(inputs, graph_size=size)
         model = self._require_model()
 
         def forward() -> torch.Tensor:
