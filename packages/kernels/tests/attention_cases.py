@@ -93,9 +93,15 @@ def make_case(
         slot_mapping=torch.cat(slots).to(device),
         causal=causal,
     )
+    # query, key and value are views of one fused [T, (nh + 2 nkv) d] buffer, as the models pass them (the
+    # slices of the qkv projection, rows strided by the fused width): every backend must read strided rows
+    q, k, v = torch.cat(queries), torch.cat(new_k), torch.cat(new_v)
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    q_view, k_view, v_view = qkv.split([q[0].numel(), k[0].numel(), v[0].numel()], dim=1)
     return Case(
-        torch.cat(queries), torch.cat(new_k), torch.cat(new_v), kv_cache, metadata, full_keys, full_values
-    )
+        q_view.unflatten(1, q.shape[1:]), k_view.unflatten(1, k.shape[1:]), v_view.unflatten(1, v.shape[1:]),
+        kv_cache, metadata, full_keys, full_values,
+    )  # fmt: skip
 
 
 def dense_reference(

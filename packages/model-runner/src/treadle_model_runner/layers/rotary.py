@@ -80,3 +80,7 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64; query [T, nh * head_size]; key [T, nkv * head_size]."""
         return ops.rotary_embedding(positions, query, key, self.head_size, self.cos_sin_cache, self.is_neox)
+
+    def rotate_(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Rotate in place; query/key may be strided views (slices of a fused qkv buffer), no copies made."""
+        ops.rotary_embedding_(positions, query, key, self.head_size, self.cos_sin_cache, self.is_neox)

@@ -65,8 +65,8 @@ class Gemma3SelfAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous()))
+        self.rotary_emb.rotate_(positions, q, k)  # q, k: fresh from the norms; v: a strided view of qkv
+        return self.o_proj(self.attn(q, k, v))
 
 
 def _gemma_rope(config: Any, layer_type: str) -> dict[str, Any]:

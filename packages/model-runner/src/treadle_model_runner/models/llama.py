@@ -70,8 +70,10 @@ class LlamaSelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
             k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
-        q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
-        return self.o_proj(self.attn(q, k, v.contiguous()))
+        # q, k, v stay views of the qkv buffer (row stride q + 2 kv): rotary, the KV-cache write and attention
+        # all read strided rows, so no copy kernel runs; rotating in place is safe, qkv is this step's own
+        self.rotary_emb.rotate_(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
 
 
 def dense_mlp(config: Any) -> nn.Module:
