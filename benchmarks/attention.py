@@ -74,7 +74,12 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
     backend = get_attn_backend(name, "cuda")
     builder = backend.get_builder_cls()(BLOCK_SIZE, "cuda")
     impl = backend.get_impl_cls()(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
-    attn_md = builder.build(md)
+    decode_only = md.max_query_len == 1
+    if decode_only and backend.supports_cuda_graphs:  # the engine's decode graphs use this metadata
+        attn_md = builder.build_for_cuda_graph(md, md.num_reqs)
+        builder.prepare_cuda_graph_replay(md, md.num_reqs)
+    else:
+        attn_md = builder.build(md)
     out = torch.empty_like(q)
 
     def forward() -> None:

@@ -79,7 +79,7 @@ def worker(name: str, args: argparse.Namespace, out: Path) -> None:
         _round_toward_zero()
     options = {"dtype": args.dtype, **RUNS[name]}
     llm = LLM(
-        model=str(args.model), load_format="dummy", max_model_len=1024, num_gpu_blocks_override=4096, seed=0,
+        model=str(args.model), load_format="dummy", max_model_len=1024, num_gpu_blocks_override=512, seed=0,
         **options,
     )  # fmt: skip
     ps = prompts(args.num_prompts, args.prompt_len, llm.vocab_size, seed=1)

@@ -31,6 +31,7 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
         "throughput",
         "baseline",
         "cold_start",
+        "warm_start",
         "serve",
         "qwen",
         "moe_latency",
@@ -43,6 +44,7 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
         records[item] = rec
     for item in ("latency", "throughput", "qwen", "baseline", "serve", "moe_latency", "moe_throughput"):
         assert records[item]["kv_capacity_tokens"] > 0, item
+    assert records["warm_start"]["numbers"]["warm_start_s"] > 0
     moe = records["moe_throughput"]["numbers"]
     assert moe["total_prompt_tokens"] == 4 * 16 and moe["total_output_tokens"] == 4 * 16
     assert records["moe_latency"]["numbers"]["ms_per_output_token"] > 0
