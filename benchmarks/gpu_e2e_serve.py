@@ -77,7 +77,9 @@ def _warm_start(s: Session, cmd: list[str]) -> str:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         try:
             warm = _wait_ready(proc, port, start, min(200.0, s.remaining()))
-            s.record("warm_start", cmd, {"warm_start_s": warm}, **parse_log(log_path.read_text(errors="replace")))
+            s.record(
+                "warm_start", cmd, {"warm_start_s": warm}, **parse_log(log_path.read_text(errors="replace"))
+            )
             return "ok"
         except RuntimeError as exc:
             return f"FAILED: {exc}"
