@@ -22,8 +22,8 @@ timeout "$limit" python3 benchmarks/backend_agreement.py --out "$R/agreement/agr
   --parallel "$parallel" > "$R/agreement.log" 2>&1
 echo "agreement exit $? after $(( $(date +%s) - t0 )) s" >> "$R/agreement.log"
 # the runner tests size the KV cache from free memory: run them once the 8B processes are gone
-limit=200 gpu_tests runner packages/model-runner/tests packages/engine-core/tests
+limit=${RUNNER_LIMIT_S:-200} gpu_tests runner packages/model-runner/tests packages/engine-core/tests
 wait
-timeout 90 python3 benchmarks/attention.py "$R/attention.json" > "$R/attention.log" 2>&1
+timeout ${ATTENTION_LIMIT_S:-90} python3 benchmarks/attention.py "$R/attention.json" > "$R/attention.log" 2>&1
 echo "attention exit $? after $(( $(date +%s) - t0 )) s" >> "$R/attention.log"
 pkill -f backend_agreement.py; pkill -f "pytest -q" ; true
