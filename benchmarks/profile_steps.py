@@ -10,6 +10,7 @@ replays, eager launch costs in a prefill step).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def main() -> None:
         "decode_b64": (64, 128, 32),
         "prefill_8x1024": (8, 1024, 1),
     }
+    summary: dict[str, dict[str, object]] = {}
     for name, (n, length, new) in phases.items():
         params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True)
         llm.generate([ids(rng, length, vocab) for _ in range(n)], params, use_tqdm=False)  # warm-up
@@ -63,7 +65,10 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(batch, few, use_tqdm=False)
             sync()
-        prof.export_chrome_trace(str(out / f"{name}.trace.json"))
+        trace = out / f"{name}.trace.json"
+        prof.export_chrome_trace(str(trace))
+        summary[name] = kernel_summary(trace, len(batch), min(new, 8))
+        summary[name]["wall_ms_per_step"] = wall * 1e3 / new
         print(f"==== {name}: {n} x {length} in, {new} out: {wall * 1e3:.1f} ms wall "
               f"({wall * 1e3 / new:.2f} ms per step)", flush=True)  # fmt: skip
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
@@ -72,6 +77,34 @@ def main() -> None:
             sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60
         )
         print(table, flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def kernel_summary(trace: Path, num_prompts: int, steps: int) -> dict[str, object]:
+    """GPU kernels of a chrome trace: count, busy time, the span they cover (busy / span = how full the GPU
+    was), and the top kernels by total time; per step = over the `steps` decode steps (+ prefill) traced."""
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        return {"kernels": 0}
+    busy = sum(e["dur"] for e in kernels)
+    span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e["name"][:90], []).append(e["dur"])
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    return {
+        "prompts": num_prompts,
+        "steps_traced": steps,
+        "kernels": len(kernels),
+        "gpu_busy_us": round(busy, 1),
+        "gpu_span_us": round(span, 1),
+        "busy_fraction": round(busy / span, 4) if span else None,
+        "top": [
+            {"kernel": k, "calls": len(v), "total_us": round(sum(v), 1), "mean_us": round(sum(v) / len(v), 2)}
+            for k, v in top
+        ],
+    }
 
 
 if __name__ == "__main__":
