@@ -56,7 +56,12 @@ def _find_request(query_start_loc_ptr, tile, last_req, BLOCK_Q: tl.constexpr, PE
     return lo
 
 
-@triton.jit
+# Batch-shape integers are not specialised (Triton would compile a variant for value 1 and for multiples of 16 of
+# each): the decode graphs of 35 batch sizes and the prefill shapes then share one compiled kernel per tile config.
+_BATCH_INTS = ["num_reqs", "min_q_len", "max_q_len"]
+
+
+@triton.jit(do_not_specialize=_BATCH_INTS)
 def paged_attention_kernel(
     out_ptr,  # [T, nh, d] or, with splits, fp32 partial accumulators [T, nh, NUM_SPLITS, d]
     part_m_ptr,  # [T, nh, NUM_SPLITS] fp32 running max (split path only)
@@ -198,7 +203,7 @@ def paged_attention_kernel(
         tl.store(part_l_ptr + ml_offs, l_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_INTS)
 def reduce_splits_kernel(
     out_ptr,  # [T, nh, d]
     part_acc_ptr,  # [T, nh, NUM_SPLITS, HEAD_DIM_PAD] fp32
