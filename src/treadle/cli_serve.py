@@ -166,12 +166,16 @@ def _ir_summary() -> str:
     return ", ".join(picks) or report.splitlines()[0]
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _import_web_stack() -> None:
+    import uvicorn  # noqa: F401
 
-    from treadle_frontend.async_llm import AsyncLLM
+    import treadle_frontend.async_llm
+    import treadle_frontend.server.app  # noqa: F401
+
+
+def run_serve(args: argparse.Namespace) -> int:
     from treadle_frontend.engine_factory import EngineArgs, start_async_mp
-    from treadle_frontend.server import ServerConfig, build_app
+    from treadle_frontend.server.config import ServerConfig
 
     t0 = time.monotonic()
     model = args.model or args.model_opt
@@ -187,7 +191,16 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     _apply_ir_priority(args.ir_op_priority)
     engine_args = EngineArgs.from_kwargs(model, **engine_options(args))
+    # the web stack (FastAPI, pydantic, uvicorn: ~1 s of imports) loads while the engine process boots
+    web = threading.Thread(target=_import_web_stack, name="treadle-import-web", daemon=True)
+    web.start()
     client, processor = start_async_mp(engine_args)
+    web.join()
+    import uvicorn
+
+    from treadle_frontend.async_llm import AsyncLLM
+    from treadle_frontend.server import build_app
+
     llm = AsyncLLM(client, processor)
     try:
         app = build_app(llm, server_config)
