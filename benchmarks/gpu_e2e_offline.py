@@ -200,7 +200,11 @@ def throughput_vs_roofline(
     if ceil is None or not kv:
         return {}
     roof = throughput_roofline(shapes(model, s.plan.dtype_bytes), *ceil, prompts, in_len, out_len, int(kv))
-    return roof | {"roofline_fraction": r["output_tokens_per_second"] / roof["roofline_output_tok_s"]}
+    rate = r["output_tokens_per_second"]
+    return roof | {
+        "roofline_fraction": rate / roof["roofline_output_tok_s"],
+        "serial_bound_fraction": rate / roof["serial_bound_output_tok_s"],
+    }
 
 
 def offline_worker(spec_path: str) -> int:

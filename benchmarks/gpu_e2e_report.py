@@ -146,6 +146,9 @@ def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
             rows.append(
                 [f"  {label}: share of roofline", f"{100 * r['roofline_fraction']:.0f} %", "—", "—", "—"]
             )
+        if "serial_bound_fraction" in r and abs(r["serial_bound_fraction"] - r["roofline_fraction"]) > 1e-3:
+            share = f"{100 * r['serial_bound_fraction']:.0f} % of {_fmt(r['serial_bound_output_tok_s'])}"
+            rows.append([f"  {label}: share of the serial bound", share, "—", "—", "—"])
     rows += [[item, st[:80], "—", "—", "—"] for item, st in status.items() if st != "ok"]
     return rows
 

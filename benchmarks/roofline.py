@@ -9,6 +9,10 @@ Bytes and FLOPs come from the shapes alone (bf16: 2 bytes a weight):
                    the B tokens touch (an MoE layer's experts: E (1 - (1 - k/E)^B) in expectation) plus the KV
                    cache of B sequences at their mean length (in + out / 2). B = min(max_num_seqs, KV capacity /
                    (in + out)). Roofline tok/s = N out / (prefill time + decode time).
+  serial bound     the same, but a decode step's GEMMs take max(weight bytes / copy rate, 2 B active FLOPs /
+                   matmul rate) and attention's KV reads come after them (nothing overlaps the two): at B = 256
+                   an 8B model's GEMMs are compute-bound, so this bounds an engine that runs a step's kernels
+                   one after another, as treadle and vLLM do.
 The copy rate counts bytes read plus written, which is how a step's reads stream through HBM in practice.
 """
 
@@ -86,10 +90,18 @@ def throughput_roofline(
     step_bytes = (
         s.decode_weights(batch) * dtype_bytes + batch * (input_len + output_len / 2) * s.kv_bytes_per_token
     )
-    decode_s = (num_prompts * output_len / batch) * step_bytes / (copy_gbps * 1e9)
+    steps = num_prompts * output_len / batch
+    decode_s = steps * step_bytes / (copy_gbps * 1e9)
+    # serial: a step's GEMMs take max(weight bytes, their FLOPs at the matmul rate), then attention reads the KV
+    weights_s = s.decode_weights(batch) * dtype_bytes / (copy_gbps * 1e9)
+    gemm_s = max(weights_s, 2.0 * s.active_per_token * batch / (matmul_tflops * 1e12))
+    kv_s = batch * (input_len + output_len / 2) * s.kv_bytes_per_token / (copy_gbps * 1e9)
+    serial_decode_s = steps * (gemm_s + kv_s)
     return {
         "roofline_output_tok_s": num_prompts * output_len / (prefill_s + decode_s),
         "roofline_concurrency": batch,
         "roofline_prefill_s": prefill_s,
         "roofline_decode_s": decode_s,
+        "serial_bound_output_tok_s": num_prompts * output_len / (prefill_s + serial_decode_s),
+        "serial_bound_decode_s": serial_decode_s,
     }

@@ -43,3 +43,17 @@ def test_throughput_roofline_is_bounded_by_kv_capacity() -> None:
     assert small["roofline_concurrency"] == 100 and large["roofline_concurrency"] == 256
     assert small["roofline_output_tok_s"] < large["roofline_output_tok_s"]
     assert small["roofline_prefill_s"] == pytest.approx(2 * s.active_per_token * 1000 * 1024 / 700e12)
+
+
+def test_serial_bound_counts_compute_bound_gemms_at_large_batch() -> None:
+    s = shapes(ROOT / "benchmarks" / "configs" / "llama-3.1-8b")
+    r = throughput_roofline(s, 4000.0, 800.0, 1000, 1024, 1024, kv_capacity_tokens=10**7)
+    steps = 1000 * 1024 / 256
+    gemm = max(s.decode_weights(256) * 2 / 4e12, 2 * s.active_per_token * 256 / 800e12)
+    assert gemm == 2 * s.active_per_token * 256 / 800e12  # 256 tokens: the FLOPs outlast the weight reads
+    kv = 256 * (1024 + 512) * s.kv_bytes_per_token / 4e12
+    assert r["serial_bound_decode_s"] == pytest.approx(steps * (gemm + kv))
+    assert r["serial_bound_output_tok_s"] < r["roofline_output_tok_s"]
+    # batch 1: the weight reads outlast the FLOPs, so both bounds agree
+    one = throughput_roofline(s, 4000.0, 800.0, 1, 1024, 1024, kv_capacity_tokens=10**7)
+    assert one["serial_bound_decode_s"] == pytest.approx(one["roofline_decode_s"])
