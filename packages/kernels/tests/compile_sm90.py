@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from treadle_kernels.attention import triton_kernel as attn
-from treadle_kernels.ops import rotary_kernels
+from treadle_kernels.ops import activation_kernels, cache_kernels, norm_kernels, rotary_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -52,6 +52,13 @@ def main() -> int:
     for flt in (False, True):
         constexprs = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 16, "FILTER": flt}
         compile_one(attn.reduce_splits_kernel, constexprs, {**ints, **fp32})
+    for residual, gemma in ((False, False), (True, False), (False, True)):
+        norm = {"HAS_RESIDUAL": residual, "GEMMA": gemma, "BLOCK": 4096}
+        compile_one(norm_kernels.rms_norm_kernel, norm, {}, ("epsilon",))
+    for gelu in (False, True):
+        compile_one(activation_kernels.act_and_mul_kernel, {"GELU_TANH": gelu, "BLOCK": 1024}, {})
+    cache = {"HEADS_BLOCK": 8, "DIM_BLOCK": 128}
+    compile_one(cache_kernels.reshape_and_cache_kernel, cache, {"slot_mapping_ptr": "*i64"})
     print("compiled for sm_90")
     return 0
 

@@ -1,0 +1,52 @@
+"""Compile treadle-moe's Triton kernels ahead of time for Hopper (sm_90) on a machine without a GPU.
+
+Run as a script (a subprocess of test_compile_sm90.py, outside the interpreter mode the test session sets): the
+Triton front end and ptxas run as on an H100, so a kernel the interpreter accepts but the compiler rejects fails
+in CI, not on the device. Signatures come from parameter names: `*_ptr` are pointers (int32 unless listed),
+constexprs are given, everything else is i32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from treadle_moe.experts import align_triton
+from treadle_moe.experts import triton_kernels as tk
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_one(fn: Any, constexprs: dict[str, Any], ptr: dict[str, str]) -> None:
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = ptr.get(name, "*i32") if name.endswith("_ptr") else "i32"
+    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+
+
+def main() -> int:
+    # the grouped GEMM as the Qwen3-30B-A3B layer runs it: w13 (gated, SiLU fused) then w2 (routed weights)
+    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "topk_weights_ptr": "*fp32"}
+    for gated, mul, block_m in ((True, False, 16), (False, True, 64)):
+        constexprs = {
+            "A_ROWS_PER_TOKEN": 8 if gated else 1, "GATED": gated, "ACTIVATION": tk.ACTIVATION_CODES["silu"],
+            "MUL_ROUTED_WEIGHT": mul, "IEEE": False, "EVEN_K": True, "BLOCK_M": block_m, "BLOCK_N": 64,
+            "BLOCK_K": 128, "GROUP_M": 8,
+        }  # fmt: skip
+        compile_one(tk.fused_moe_gemm_kernel, constexprs, ptrs)
+    compile_one(align_triton._count_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128, "FILL_BLOCK": 256}, {})
+    compile_one(align_triton._offsets_kernel, {"BLOCK_M": 16, "E_P2": 128, "ROWS": 64, "BLOCKS": 64}, {})
+    compile_one(align_triton._scatter_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128}, {})
+    print("compiled for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
