@@ -11,7 +11,8 @@ Block 0 is the null block: never handed out, read by padding.
 
 Capacity. CPU: `kv_cache_space` GiB, at most what max_num_seqs full-length requests could ever use.
 GPU: gpu_memory_utilization × total − (memory in use after loading weights) − peak activations of a profiling
-forward pass at max_num_batched_tokens (the runner measures it). `num_gpu_blocks_override` wins everywhere.
+forward pass at max_num_batched_tokens − what the decode CUDA graphs will take (a two-size capture probe,
+runner/graph_memory.py); the runner measures both. `num_gpu_blocks_override` wins everywhere.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Only backends with `supports_cuda_graphs` are captured (the runner checks); thei
 dummy batch's metadata (`build_for_cuda_graph`) and rewrite any state of their own on the host before each
 replay (`prepare_cuda_graph_replay`: FlashInfer re-plans its graph-mode decode wrappers there). Sizes are captured
 largest first into one memory pool, so the smaller graphs reuse the larger one's memory.
+
+Memory. Before the KV cache is sized, `graph_memory.probe_graph_bytes` captures the largest and the smallest size
+over a one-block cache and extrapolates what all sizes will take (the largest graph's pool and executable, then
+one more executable and backend buffers per size); the runner leaves that much free, and logs what the real
+capture took against it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's output hidden states [size, hidden]
         self.memory_bytes = 0  # device memory the capture took (measured by capture())
+        self.memory_by_size: dict[int, int] = {}  # size -> device memory its warm-up and capture took
 
     def padded_size(self, num_reqs: int) -> int | None:
         """Smallest captured size >= num_reqs (None when the batch is larger than every graph)."""
@@ -54,6 +60,7 @@ class CudaGraphRunner:
         try:
             with torch.inference_mode():
                 for size in reversed(self.sizes):
+                    free = torch.cuda.mem_get_info()[0]
                     forward = make_forward(size)
                     forward()  # warm-up: compile kernels, settle the allocator
                     torch.cuda.synchronize()
@@ -61,7 +68,8 @@ class CudaGraphRunner:
                     with torch.cuda.graph(graph, pool=pool):
                         self.outputs[size] = forward()
                     self.graphs[size] = graph
-            torch.cuda.synchronize()
+                    torch.cuda.synchronize()
+                    self.memory_by_size[size] = max(0, free - torch.cuda.mem_get_info()[0])
         except RuntimeError as exc:
             logger.warning("CUDA graph capture failed (%s); running eagerly", exc)
             self.graphs.clear()

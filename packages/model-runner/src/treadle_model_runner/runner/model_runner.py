@@ -40,6 +40,7 @@ from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
 from treadle_model_runner.runner.device_inputs import StepBuffers
+from treadle_model_runner.runner.graph_memory import probe_graph_bytes
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
@@ -92,6 +93,7 @@ class ModelRunner:
         self.kv_cache_config: KVCacheConfig | None = None
         self.requests: dict[str, Any] = {}  # request id -> RequestState (live requests, scheduled or not)
         self.graphs: CudaGraphRunner | None = None
+        self.graph_bytes_reserved = 0  # device memory left free for the CUDA graphs when sizing the KV cache
         # async output (set by the engine under async scheduling): return before the sampled tokens reach the
         # host; `pending` holds the steps whose tokens the host has not written yet (pending.py)
         self.async_output = False
@@ -157,9 +159,10 @@ class ModelRunner:
             num_blocks = override
         elif self.device.type == "cuda":
             peak = profile_peak_activation_bytes(self, block_bytes)
+            self.graph_bytes_reserved = probe_graph_bytes(self) if self._graphs_wanted() else 0
             free, total = torch.cuda.mem_get_info(self.device)
-            num_blocks = gpu_num_blocks(self.cache_config.gpu_memory_utilization, total, total - free, peak,
-                                        block_bytes)  # fmt: skip
+            num_blocks = gpu_num_blocks(self.cache_config.gpu_memory_utilization, total, total - free,
+                                        peak + self.graph_bytes_reserved, block_bytes)  # fmt: skip
         else:
             useful = max_useful_blocks(len(groups), self.max_num_seqs, self._max_model_len, block_size)
             num_blocks = cpu_num_blocks(self.cache_config.kv_cache_space, block_bytes, useful)
@@ -171,17 +174,29 @@ class ModelRunner:
         self._maybe_capture_graphs()
         return self.kv_cache_config
 
+    def _graphs_wanted(self) -> bool:
+        return (
+            self.device.type == "cuda"
+            and not self.model_config.enforce_eager
+            and bool(self.attn_backend.supports_cuda_graphs)
+        )
+
     def _maybe_capture_graphs(self) -> None:
-        if self.device.type != "cuda" or self.model_config.enforce_eager:
-            return
-        if not self.attn_backend.supports_cuda_graphs:
-            logger.info(
-                "CUDA graphs off: attention backend %r launches from host metadata", self.attn_backend.name
-            )
+        if not self._graphs_wanted():
+            if self.device.type == "cuda" and not self.model_config.enforce_eager:
+                logger.info(
+                    "CUDA graphs off: attention backend %r launches from host metadata",
+                    self.attn_backend.name,
+                )
             return
         graphs = CudaGraphRunner(capture_sizes(self.max_num_seqs))
         graphs.capture(self._prepare_capture)
         self.graphs = graphs if graphs.graphs else None  # capture failed: run eagerly, no padding
+        reserved = self.graph_bytes_reserved
+        if graphs.graphs and reserved and graphs.memory_bytes > 1.2 * reserved + (64 << 20):
+            logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
+                           "was sized; lower --gpu-memory-utilization if memory runs out",
+                           graphs.memory_bytes / (1 << 20), reserved / (1 << 20))  # fmt: skip
 
     def _require_model(self) -> CausalLM:
         if self.model is None:

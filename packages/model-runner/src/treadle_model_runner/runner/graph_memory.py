@@ -1,0 +1,60 @@
+"""How much device memory the decode CUDA graphs will take, measured before the KV cache is sized (GPU only).
+
+Theory: the graphs share one private pool, sized by the largest batch's activations (captured first); every other
+size adds its executable and whatever its attention backend allocates per captured size (FlashInfer: one
+graph-mode wrapper with its own buffers). So capturing just the largest and the smallest size measures both
+terms, and all sizes take about largest + (n - 1) x smallest. The probe runs over a one-block KV cache (decode
+padding reads only the null block), then drops its graphs and returns the memory; the runner subtracts the
+estimate from the KV budget, captures for real after the KV cache is allocated, and logs measured against
+estimated.
+
+Invariants: the probe leaves no graph and no cache behind; on a capture failure it estimates 0 (the real capture
+fails the same way and the runner runs eagerly).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from treadle_model_runner.kv_cache import allocate_kv_caches
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+
+if TYPE_CHECKING:
+    from treadle_model_runner.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_MiB = 1 << 20
+
+
+def estimate_graph_bytes(memory_by_size: dict[int, int], num_sizes: int) -> int:
+    """All `num_sizes` graphs from a probe of the largest and the smallest size (size -> bytes it took)."""
+    if not memory_by_size or num_sizes < 1:
+        return 0
+    largest, smallest = memory_by_size[max(memory_by_size)], memory_by_size[min(memory_by_size)]
+    return largest + (num_sizes - 1) * smallest
+
+
+@torch.inference_mode()
+def probe_graph_bytes(runner: ModelRunner) -> int:
+    """Capture the largest and the smallest decode graph over a one-block cache; the estimate for all sizes."""
+    sizes = capture_sizes(runner.max_num_seqs)
+    layers = runner._require_model().attention_layers()
+    runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.dtype, runner.device,
+                                          runner.attn_backend)  # fmt: skip
+    probe = CudaGraphRunner(sorted({sizes[0], sizes[-1]}))
+    try:
+        probe.capture(runner._prepare_capture)
+        measured = dict(probe.memory_by_size) if probe.graphs else {}
+    finally:
+        del probe
+        runner.kv_caches = []
+        torch.cuda.synchronize(runner.device)
+        torch.cuda.empty_cache()
+    estimate = estimate_graph_bytes(measured, len(sizes))
+    logger.info("CUDA graph memory: %.0f MiB expected for %d sizes (probe: %s)", estimate / _MiB, len(sizes),
+                ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(measured.items())))  # fmt: skip
+    return estimate

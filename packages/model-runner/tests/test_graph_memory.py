@@ -1,0 +1,42 @@
+"""CUDA-graph memory: the estimate from a two-size probe (CPU), and on GPU that the probe's estimate is left free
+before the KV cache is sized and covers what the real capture takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from treadle_model_runner import CacheConfig, ModelConfig
+from treadle_model_runner.runner import ModelRunner
+from treadle_model_runner.runner.cuda_graph import capture_sizes
+from treadle_model_runner.runner.graph_memory import estimate_graph_bytes
+
+
+def test_estimate_is_the_largest_plus_one_smallest_per_other_size() -> None:
+    assert estimate_graph_bytes({256: 100, 1: 3}, 35) == 100 + 34 * 3
+    assert estimate_graph_bytes({1: 7}, 1) == 7  # max_num_seqs 1: one size, probed once
+    assert estimate_graph_bytes({}, 35) == 0  # the probe's capture failed: nothing reserved
+    assert len(capture_sizes(256)) == 35 and capture_sizes(1) == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_memory_is_reserved_before_the_kv_cache(tmp_path: Path) -> None:
+    config = tf.LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    cache = CacheConfig(block_size=16, gpu_memory_utilization=0.2)
+    runner = ModelRunner(ModelConfig(str(tmp_path)), cache, 64, 512, "cuda")
+    runner.load_model()
+    kv = runner.initialize_kv_cache()
+    assert runner.graphs is not None and runner.graphs.has(64)
+    reserved, taken = runner.graph_bytes_reserved, runner.graphs.memory_bytes
+    assert reserved > 0 and taken > 0
+    assert taken <= 1.2 * reserved + (64 << 20), (taken, reserved)  # the estimate covers the real capture
+    # the KV cache left the reserve (and the profiled activations) free under the 0.2 budget
+    assert kv.num_blocks * kv.bytes_per_block + reserved <= 0.2 * torch.cuda.mem_get_info()[1]
