@@ -26,6 +26,17 @@ def test_renormalize_sums_to_one_and_keeps_order() -> None:
     assert all(len(set(row.tolist())) == 8 for row in ids)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_renormalized_softmax_equals_softmax_topk_renormalize(dtype: torch.dtype) -> None:
+    # HF's order (Qwen3-MoE, Mixtral): softmax over all experts, top-k, divide by the kept sum
+    logits = (torch.randn(301, 128) * 3).to(dtype)
+    weights, ids = fused_topk(logits, 8, renormalize=True)
+    probs = torch.softmax(logits.float(), -1)
+    expected_w, expected_ids = probs.topk(8, -1)
+    assert torch.equal(ids.long(), expected_ids)
+    torch.testing.assert_close(weights, expected_w / expected_w.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
+
+
 def test_sigmoid_scoring() -> None:
     logits = torch.randn(10, 8)
     weights, ids = select_experts(logits, 2, renormalize=False, scoring="sigmoid")
