@@ -44,6 +44,8 @@ def main() -> int:
     compile_one(align_triton._count_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128, "FILL_BLOCK": 256}, {})
     compile_one(align_triton._offsets_kernel, {"BLOCK_M": 16, "E_P2": 128, "ROWS": 64, "BLOCKS": 64}, {})
     compile_one(align_triton._scatter_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128}, {})
+    single = {"CHUNK": align_triton.CHUNK, "E_P2": 256, "BLOCK_M": 16, "FILL_BLOCK": 256, "BLOCKS": 32}
+    compile_one(align_triton._single_kernel, single, {})
     print("compiled for sm_90")
     return 0
 

@@ -49,7 +49,9 @@ def test_align_batched() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tokens", "experts", "top_k", "block_m"), [(1, 8, 2, 16), (70, 128, 8, 16), (300, 16, 4, 64)]
+    ("tokens", "experts", "top_k", "block_m"),
+    # one launch up to 64 slots (decode), three beyond
+    [(1, 8, 2, 16), (1, 128, 8, 16), (8, 128, 8, 64), (5, 16, 4, 16), (70, 128, 8, 16), (300, 16, 4, 64)],
 )
 def test_triton_align_equals_torch_align(tokens: int, experts: int, top_k: int, block_m: int) -> None:
     pytest.importorskip("triton")

@@ -11,6 +11,9 @@ torch ops, whose launch cost dominated small batches. The slots are cut into chu
 3. scatter: program c places slot s of expert e at padded_start[e] + chunk_offsets[c, e] + (slots of e before
             s inside the chunk).
 Experts are padded to E_P2 (a power of two > E) columns; the extra columns count nothing.
+
+Up to CHUNK slots (decode: top-8 of at most 8 tokens) all three steps run in one program, `_single_kernel`: one
+launch instead of three where launches are most of the cost.
 """
 
 from __future__ import annotations
@@ -83,6 +86,35 @@ def _scatter_kernel(
     tl.store(sorted_ids_ptr + base + rank, offs.to(tl.int32), mask=mask)
 
 
+@triton.jit(do_not_specialize=["num_slots", "num_blocks", "fill_len"])
+def _single_kernel(
+    ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_slots, num_experts, num_blocks, fill_len,
+    CHUNK: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, FILL_BLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):  # fmt: skip
+    local = tl.arange(0, CHUNK)
+    mask = local < num_slots
+    ids = tl.load(ids_ptr + local, mask=mask, other=-1)
+    bins = tl.arange(0, E_P2)
+    hit = ids[:, None] == bins[None, :]  # [CHUNK, E_P2]
+    counts = tl.sum(hit.to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    tl.store(num_post_ptr, tl.sum(padded, axis=0))
+    for i in range(0, fill_len, FILL_BLOCK):
+        fill = i + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ids_ptr + fill, tl.zeros((FILL_BLOCK,), tl.int32) + num_slots, mask=fill < fill_len)
+    tl.debug_barrier()  # the sentinel fill lands before the slots overwrite part of it (other threads' stores)
+    earlier = local[None, :] < local[:, None]
+    rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
+    base = tl.sum(tl.where(hit, (padded_end - padded)[None, :], 0), axis=1)  # padded_start of each slot's expert
+    tl.store(sorted_ids_ptr + base + rank, local.to(tl.int32), mask=mask)
+    for b0 in range(0, num_blocks, BLOCKS):
+        blocks = b0 + tl.arange(0, BLOCKS)
+        expert = tl.sum((padded_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < num_blocks)
+
+
 def align_block_size_triton(
     flat_ids: torch.Tensor, block_m: int, num_experts: int, num_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,6 +124,14 @@ def align_block_size_triton(
     e_p2 = triton.next_power_of_2(num_experts + 1)
     num_chunks = triton.cdiv(num_slots, CHUNK)
     fill_len = num_blocks * block_m
+    if num_chunks == 1:
+        buffer = torch.empty(fill_len + num_blocks + 1, dtype=torch.int32, device=flat_ids.device)
+        sorted_ids, expert_ids, num_post = torch.split(buffer, [fill_len, num_blocks, 1])
+        _single_kernel[(1,)](
+            flat_ids, sorted_ids, expert_ids, num_post, num_slots, num_experts, num_blocks, fill_len,
+            CHUNK=CHUNK, E_P2=e_p2, BLOCK_M=block_m, FILL_BLOCK=256, BLOCKS=max(1, min(64, 8192 // e_p2)),
+        )  # fmt: skip
+        return sorted_ids, expert_ids, num_post
     sizes = [num_chunks * e_p2, num_chunks * e_p2, e_p2, fill_len, num_blocks, 1]
     buffer = torch.empty(sum(sizes), dtype=torch.int32, device=flat_ids.device)
     chunk_counts, chunk_offsets, padded_start, sorted_ids, expert_ids, num_post = torch.split(buffer, sizes)
