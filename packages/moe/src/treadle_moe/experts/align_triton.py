@@ -107,7 +107,8 @@ def _single_kernel(
     tl.debug_barrier()  # the sentinel fill lands before the slots overwrite part of it (other threads' stores)
     earlier = local[None, :] < local[:, None]
     rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
-    base = tl.sum(tl.where(hit, (padded_end - padded)[None, :], 0), axis=1)  # padded_start of each slot's expert
+    # padded_start of each slot's expert, gathered through the one-hot
+    base = tl.sum(tl.where(hit, (padded_end - padded)[None, :], 0), axis=1)
     tl.store(sorted_ids_ptr + base + rank, local.to(tl.int32), mask=mask)
     for b0 in range(0, num_blocks, BLOCKS):
         blocks = b0 + tl.arange(0, BLOCKS)
