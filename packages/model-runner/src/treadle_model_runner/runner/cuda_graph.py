@@ -40,8 +40,13 @@ class CudaGraphRunner:
         self.sizes = sorted(sizes)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's output hidden states [size, hidden]
-        self.memory_bytes = 0  # device memory the capture took (measured by capture())
         self.memory_by_size: dict[int, int] = {}  # size -> device memory its warm-up and capture took
+
+    @property
+    def memory_bytes(self) -> int:
+        """Device memory the capture took: the graphs' private pool, their executables, backend buffers
+        (FlashInfer's graph-mode wrappers); it comes out of the headroom gpu_memory_utilization leaves."""
+        return sum(self.memory_by_size.values())
 
     def padded_size(self, num_reqs: int) -> int | None:
         """Smallest captured size >= num_reqs (None when the batch is larger than every graph)."""
@@ -54,8 +59,6 @@ class CudaGraphRunner:
     def capture(self, make_forward: Callable[[int], Callable[[], torch.Tensor]]) -> None:
         """`make_forward(size)` prepares a dummy batch of `size` and returns the forward to capture."""
         start = time.perf_counter()
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode():
@@ -74,10 +77,8 @@ class CudaGraphRunner:
             logger.warning("CUDA graph capture failed (%s); running eagerly", exc)
             self.graphs.clear()
             self.outputs.clear()
+            self.memory_by_size.clear()
             return
-        # device memory the capture took: the graphs' private pool, their executables, backend buffers (FlashInfer's
-        # graph-mode wrappers); it comes out of the headroom gpu_memory_utilization leaves above the KV cache
-        self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
         logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s, using %.0f MiB of device memory",
                     self.sizes, time.perf_counter() - start, self.memory_bytes / (1 << 20))  # fmt: skip
 

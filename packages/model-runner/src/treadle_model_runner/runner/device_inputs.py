@@ -17,6 +17,7 @@ The pinned staging memory must not be rewritten before the copies reading it ran
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from treadle_model_runner.runner.block_table import BlockTable
@@ -66,6 +67,12 @@ def commit(buffers: tuple[torch.Tensor, torch.Tensor], n: int) -> torch.Tensor:
     host, dev = buffers
     dev[:n].copy_(host[:n], non_blocking=True)
     return dev[:n]
+
+
+def stage_and_commit(buffers: tuple[torch.Tensor, torch.Tensor], values: np.ndarray) -> torch.Tensor:
+    """Write `values` into the pinned staging buffer and `commit` them; returns the device view."""
+    buffers[0].numpy()[: values.size] = values
+    return commit(buffers, values.size)
 
 
 def compute_on_device(

@@ -48,7 +48,7 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     probe = CudaGraphRunner(sorted({sizes[0], sizes[-1]}))
     try:
         probe.capture(runner._prepare_capture)
-        measured = dict(probe.memory_by_size) if probe.graphs else {}
+        measured = dict(probe.memory_by_size)
     except Exception as exc:  # an estimate only: the real capture reports its own failure
         logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", exc)
         measured = {}

@@ -5,7 +5,7 @@ runner removes rows of finished, preempted and unscheduled requests, adds rows f
 `condense()` moves the last rows into the holes, so most rows (a steady decode batch) are never rewritten.
 
 Per row: the request's token ids (prompt then outputs) in `token_ids` [max_num_reqs, max_model_len] (int32,
-pinned on CUDA), `num_tokens` (tokens known), `num_prompt_tokens`, `num_computed_tokens` (tokens with KV in
+host numpy), `num_tokens` (tokens known), `num_prompt_tokens`, `num_computed_tokens` (tokens with KV in
 the cache before this step), and one block-table row per KV-cache group. Sampled tokens are appended here by
 `append_tokens`, so the next decode step finds its input token without the scheduler sending it.
 """
@@ -30,9 +30,8 @@ class InputBatch:
     ) -> None:
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
-        pin = device.type == "cuda"
-        self.token_ids_cpu = torch.zeros(max_num_reqs, max_model_len, dtype=torch.int32, pin_memory=pin)
-        self.token_ids = self.token_ids_cpu.numpy()  # [max_num_reqs, max_model_len]
+        # host only: the step gathers its input ids from here into the pinned upload buffer (inputs.py)
+        self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from treadle_kernels.attention import AttentionMetadata
-from treadle_model_runner.runner.device_inputs import StepBuffers, commit, compute_on_device
+from treadle_model_runner.runner.device_inputs import StepBuffers, commit, compute_on_device, stage_and_commit
 from treadle_model_runner.runner.input_batch import InputBatch
 
 
@@ -94,10 +94,8 @@ def prepare_inputs(
         assert placeholders is not None
         hole_rows = np.searchsorted(query_start, holes, side="right") - 1
         source, index = placeholders(hole_rows)
-        buffers.hole_positions[0].numpy()[: holes.size] = holes
-        buffers.hole_sources[0].numpy()[: holes.size] = index
-        hole_pos = commit(buffers.hole_positions, holes.size)
-        hole_src = commit(buffers.hole_sources, holes.size)
+        hole_pos = stage_and_commit(buffers.hole_positions, holes)
+        hole_src = stage_and_commit(buffers.hole_sources, index)
         input_ids.index_copy_(0, hole_pos, source.index_select(0, hole_src))
 
     qsl_cpu = buffers.query_start_loc_cpu[: n_meta + 1]
@@ -122,8 +120,7 @@ def prepare_inputs(
     ]
 
     sample_rows = np.nonzero(seq_lens >= batch.num_tokens[:num_reqs])[0]
-    buffers.logits_indices[0].numpy()[: sample_rows.size] = cu[sample_rows] - 1
-    logits_indices = commit(buffers.logits_indices, sample_rows.size)
+    logits_indices = stage_and_commit(buffers.logits_indices, cu[sample_rows] - 1)
     if buffers.copies_done is not None:
         buffers.copies_done.record()
     return StepInputs(
