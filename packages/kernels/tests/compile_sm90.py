@@ -3,37 +3,17 @@
 Run as a script (a subprocess of test_compile_sm90.py, outside the interpreter mode the test session sets):
 the Triton front end and ptxas run exactly as on an H100, so a kernel the interpreter accepts but the compiler
 rejects (e.g. a variable typed differently in the two branches of an `if`) fails here, not on the device.
-Signatures come from parameter names: `*_ptr` are pointers (bf16 unless listed), constexprs are given, float
-scalars are listed, everything else is i32.
+Signatures come from parameter names (`treadle_kernels.ops.support.compile_ahead`): `*_ptr` are pointers (bf16
+unless listed), constexprs are given, float scalars are listed, everything else is i32.
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
-from typing import Any
-
-import triton
-from triton.backends.compiler import GPUTarget
 
 from treadle_kernels.attention import triton_kernel as attn
 from treadle_kernels.ops import activation_kernels, cache_kernels, norm_kernels, rotary_kernels
-
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-def compile_one(
-    fn: Any, constexprs: dict[str, Any], ptr: dict[str, str], floats: tuple[str, ...] = ()
-) -> None:
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptr.get(name, "*bf16")
-        else:
-            sig[name] = "fp32" if name in floats else "i32"
-    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+from treadle_kernels.ops.support import compile_ahead as compile_one
 
 
 def main() -> int:

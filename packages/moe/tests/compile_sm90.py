@@ -2,33 +2,20 @@
 
 Run as a script (a subprocess of test_compile_sm90.py, outside the interpreter mode the test session sets): the
 Triton front end and ptxas run as on an H100, so a kernel the interpreter accepts but the compiler rejects fails
-in CI, not on the device. Signatures come from parameter names: `*_ptr` are pointers (int32 unless listed),
-constexprs are given, everything else is i32.
+in CI, not on the device. Signatures come from parameter names (`treadle_kernels.ops.support.compile_ahead`):
+`*_ptr` are pointers (int32 unless listed), constexprs are given, everything else is i32.
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
-from typing import Any
+from functools import partial
 
-import triton
-from triton.backends.compiler import GPUTarget
-
+from treadle_kernels.ops.support import compile_ahead
 from treadle_moe.experts import align_triton
 from treadle_moe.experts import triton_kernels as tk
 
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-def compile_one(fn: Any, constexprs: dict[str, Any], ptr: dict[str, str]) -> None:
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = ptr.get(name, "*i32") if name.endswith("_ptr") else "i32"
-    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+compile_one = partial(compile_ahead, default_pointer="*i32")
 
 
 def main() -> int:

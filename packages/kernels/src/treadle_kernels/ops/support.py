@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ from treadle_ir import Platform
 
 from .. import envs
 
-__all__ = ["FLOAT_DTYPES", "check_tensor", "next_pow2", "rows_view", "triton_supported"]
+__all__ = ["FLOAT_DTYPES", "check_tensor", "compile_ahead", "next_pow2", "rows_view", "triton_supported"]
 
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
@@ -66,3 +67,32 @@ def rows_view(t: torch.Tensor) -> torch.Tensor | None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def compile_ahead(
+    fn: Any,
+    constexprs: dict[str, Any],
+    pointers: dict[str, str],
+    floats: tuple[str, ...] = (),
+    default_pointer: str = "*bf16",
+    target: tuple[str, int, int] = ("cuda", 90, 32),
+) -> None:
+    """Compile the Triton kernel ``fn`` for ``target`` (backend, arch, warp size) without a GPU: the front end
+    and ptxas run as on the device, so a kernel the interpreter accepts but the compiler rejects fails here.
+    The signature comes from parameter names: ``*_ptr`` are pointers (``pointers[name]``, else
+    ``default_pointer``), ``constexprs`` are given, ``floats`` are fp32 scalars, everything else is i32."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, default_pointer)
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget(*target))
