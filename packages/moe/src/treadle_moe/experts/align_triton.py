@@ -26,6 +26,40 @@ CHUNK = 64
 
 
 @triton.jit
+def _fill(ptr, start, end, value, FILL_BLOCK: tl.constexpr):
+    """ptr[start:end] = value (int32)."""
+    for i in range(start, end, FILL_BLOCK):
+        offs = i + tl.arange(0, FILL_BLOCK)
+        tl.store(ptr + offs, tl.zeros((FILL_BLOCK,), tl.int32) + value, mask=offs < end)
+
+
+@triton.jit
+def _pad_to_blocks(counts, num_post_ptr, BLOCK_M: tl.constexpr):
+    """Each expert's slot count rounded up to BLOCK_M, and their running end; stores the padded total."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    tl.store(num_post_ptr, tl.sum(padded, axis=0))
+    return padded, tl.cumsum(padded, axis=0)
+
+
+@triton.jit
+def _store_block_experts(
+    expert_ids_ptr, padded_end, num_experts, num_blocks, BLOCK_M: tl.constexpr, BLOCKS: tl.constexpr
+):
+    """expert_ids[b] = the expert whose padded range holds block b (clamped for blocks past the total)."""
+    for b0 in range(0, num_blocks, BLOCKS):
+        blocks = b0 + tl.arange(0, BLOCKS)
+        expert = tl.sum((padded_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < num_blocks)
+
+
+@triton.jit
+def _rank_among_earlier(ids, local):
+    """For each slot of a chunk: how many earlier slots of the chunk went to the same expert."""
+    earlier = local[None, :] < local[:, None]
+    return tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
+
+
+@triton.jit
 def _count_kernel(
     ids_ptr, chunk_counts_ptr, sorted_ids_ptr, num_slots, fill_len, fill_per_program,
     CHUNK: tl.constexpr, E_P2: tl.constexpr, FILL_BLOCK: tl.constexpr,
@@ -37,10 +71,7 @@ def _count_kernel(
     counts = tl.sum((ids[:, None] == bins[None, :]).to(tl.int32), axis=0)
     tl.store(chunk_counts_ptr + pid * E_P2 + bins, counts)
     start = pid * fill_per_program
-    for i in range(0, fill_per_program, FILL_BLOCK):
-        fill = start + i + tl.arange(0, FILL_BLOCK)
-        mask = (fill < fill_len) & (fill < start + fill_per_program)
-        tl.store(sorted_ids_ptr + fill, tl.zeros((FILL_BLOCK,), tl.int32) + num_slots, mask=mask)
+    _fill(sorted_ids_ptr, start, tl.minimum(start + fill_per_program, fill_len), num_slots, FILL_BLOCK)
 
 
 @triton.jit
@@ -58,14 +89,9 @@ def _offsets_kernel(
         exclusive = tl.cumsum(tile, axis=0) - tile + running[None, :]
         tl.store(chunk_offsets_ptr + rows[:, None] * E_P2 + bins[None, :], exclusive, mask=mask)
         running += tl.sum(tile, axis=0)
-    padded = (running + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
+    padded, padded_end = _pad_to_blocks(running, num_post_ptr, BLOCK_M)
     tl.store(padded_start_ptr + bins, padded_end - padded)
-    tl.store(num_post_ptr, tl.sum(padded, axis=0))
-    for b0 in range(0, num_blocks, BLOCKS):
-        blocks = b0 + tl.arange(0, BLOCKS)
-        expert = tl.sum((padded_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < num_blocks)
+    _store_block_experts(expert_ids_ptr, padded_end, num_experts, num_blocks, BLOCK_M, BLOCKS)
 
 
 @triton.jit
@@ -78,8 +104,7 @@ def _scatter_kernel(
     offs = pid * CHUNK + local
     mask = offs < num_slots
     ids = tl.load(ids_ptr + offs, mask=mask, other=-1)
-    earlier = local[None, :] < local[:, None]
-    rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
+    rank = _rank_among_earlier(ids, local)
     safe = tl.where(mask, ids, 0)
     base = tl.load(padded_start_ptr + safe, mask=mask, other=0)
     base += tl.load(chunk_offsets_ptr + pid * E_P2 + safe, mask=mask, other=0)
@@ -97,23 +122,14 @@ def _single_kernel(
     ids = tl.load(ids_ptr + local, mask=mask, other=-1)
     bins = tl.arange(0, E_P2)
     hit = ids[:, None] == bins[None, :]  # [CHUNK, E_P2]
-    counts = tl.sum(hit.to(tl.int32), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    padded_end = tl.cumsum(padded, axis=0)
-    tl.store(num_post_ptr, tl.sum(padded, axis=0))
-    for i in range(0, fill_len, FILL_BLOCK):
-        fill = i + tl.arange(0, FILL_BLOCK)
-        tl.store(sorted_ids_ptr + fill, tl.zeros((FILL_BLOCK,), tl.int32) + num_slots, mask=fill < fill_len)
+    padded, padded_end = _pad_to_blocks(tl.sum(hit.to(tl.int32), axis=0), num_post_ptr, BLOCK_M)
+    _fill(sorted_ids_ptr, 0, fill_len, num_slots, FILL_BLOCK)
     tl.debug_barrier()  # the sentinel fill lands before the slots overwrite part of it (other threads' stores)
-    earlier = local[None, :] < local[:, None]
-    rank = tl.sum(((ids[:, None] == ids[None, :]) & earlier).to(tl.int32), axis=1)
+    rank = _rank_among_earlier(ids, local)
     # padded_start of each slot's expert, gathered through the one-hot
     base = tl.sum(tl.where(hit, (padded_end - padded)[None, :], 0), axis=1)
     tl.store(sorted_ids_ptr + base + rank, local.to(tl.int32), mask=mask)
-    for b0 in range(0, num_blocks, BLOCKS):
-        blocks = b0 + tl.arange(0, BLOCKS)
-        expert = tl.sum((padded_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < num_blocks)
+    _store_block_experts(expert_ids_ptr, padded_end, num_experts, num_blocks, BLOCK_M, BLOCKS)
 
 
 def align_block_size_triton(
