@@ -16,6 +16,7 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +27,24 @@ def step_serve(s: Session, items: list[str]) -> dict[str, str]:
     """Cold start (spawn -> /health 200, recorded as cold_start.json), then one bench serve per concurrency."""
     p = s.plan
     port = _free_port()
-    cmd = treadle_argv("serve", str(p.llama), "--load-format", "dummy", *p.engine)
-    cmd += f"--host 127.0.0.1 --port {port} --served-model-name llama-3.1-8b-dummy".split()
-    log_path = s.out / "logs" / "serve_server.log"
+    cmd = _server_cmd(p, port)
     levels: list[dict[str, Any]] = []
     status = {}
-    with open(log_path, "w") as log:
-        start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        try:
-            cold = _wait_ready(proc, port, start, min(400.0, s.remaining()))
-            facts = parse_log(log_path.read_text(errors="replace"))
-            s.record("cold_start", cmd, {"cold_start_s": cold}, **facts)
-            status["cold_start"] = "ok"
-            for conc in p.concurrencies if "serve" in items else ():
-                try:
-                    if s.remaining() < 20:
-                        raise TimeoutError
-                    levels.append(_serve_level(s, port, conc))
-                except TimeoutError:  # not started, or cut at the budget
-                    levels.append({"max_concurrency": conc, "skipped": "budget"})
-            if "serve" in items:
-                workload = f"random {p.serve_in} / {p.serve_out}, ignore_eos"
-                s.record("serve", cmd, {"cold_start_s": cold, "levels": levels}, workload=workload, **facts)
-        finally:
-            stop_process_group(proc)
-    if status.get("cold_start") == "ok" and s.remaining() > 90:
-        status["warm_start"] = _warm_start(s, cmd)
+    with _started(cmd, port, s.out / "logs" / "serve_server.log", min(400.0, s.remaining())) as (cold, facts):
+        s.record("cold_start", cmd, {"cold_start_s": cold}, **facts)
+        status["cold_start"] = "ok"
+        for conc in p.concurrencies if "serve" in items else ():
+            try:
+                if s.remaining() < 20:
+                    raise TimeoutError
+                levels.append(_serve_level(s, port, conc))
+            except TimeoutError:  # not started, or cut at the budget
+                levels.append({"max_concurrency": conc, "skipped": "budget"})
+        if "serve" in items:
+            workload = f"random {p.serve_in} / {p.serve_out}, ignore_eos"
+            s.record("serve", cmd, {"cold_start_s": cold, "levels": levels}, workload=workload, **facts)
+    if s.remaining() > 90:
+        status["warm_start"] = _warm_start(s)
     failed = [
         f"c={lv['max_concurrency']}: {lv['failed']} failed {lv['errors'][:1]}"
         for lv in levels
@@ -66,23 +58,38 @@ def step_serve(s: Session, items: list[str]) -> dict[str, str]:
     return status
 
 
-def _warm_start(s: Session, cmd: list[str]) -> str:
+def _warm_start(s: Session) -> str:
     """The same server started again: the Triton and FlashInfer caches now hold every kernel (vLLM's 'compile
     cache warm' start), so this is start-up without compilation. Recorded as warm_start.json."""
     port = _free_port()
-    cmd = [*cmd[: cmd.index("--port") + 1], str(port), *cmd[cmd.index("--port") + 2 :]]
-    log_path = s.out / "logs" / "serve_server_warm.log"
+    cmd = _server_cmd(s.plan, port)
+    try:
+        with _started(
+            cmd, port, s.out / "logs" / "serve_server_warm.log", min(200.0, s.remaining())
+        ) as started:
+            s.record("warm_start", cmd, {"warm_start_s": started[0]}, **started[1])
+        return "ok"
+    except RuntimeError as exc:
+        return f"FAILED: {exc}"
+
+
+def _server_cmd(p: Any, port: int) -> list[str]:
+    cmd = treadle_argv("serve", str(p.llama), "--load-format", "dummy", *p.engine)
+    return cmd + f"--host 127.0.0.1 --port {port} --served-model-name llama-3.1-8b-dummy".split()
+
+
+@contextlib.contextmanager
+def _started(
+    cmd: list[str], port: int, log_path: Path, limit_s: float
+) -> Iterator[tuple[float, dict[str, Any]]]:
+    """Spawn the server in its own process group, logging to `log_path`; yields (seconds from spawn to
+    /health 200, facts parsed from its log) and stops it on every exit path."""
     with open(log_path, "w") as log:
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         try:
-            warm = _wait_ready(proc, port, start, min(200.0, s.remaining()))
-            s.record(
-                "warm_start", cmd, {"warm_start_s": warm}, **parse_log(log_path.read_text(errors="replace"))
-            )
-            return "ok"
-        except RuntimeError as exc:
-            return f"FAILED: {exc}"
+            ready = _wait_ready(proc, port, start, limit_s)
+            yield ready, parse_log(log_path.read_text(errors="replace"))
         finally:
             stop_process_group(proc)
 
