@@ -12,7 +12,13 @@ from __future__ import annotations
 import sys
 
 from treadle_kernels.attention import triton_kernel as attn
-from treadle_kernels.ops import activation_kernels, cache_kernels, norm_kernels, rotary_kernels
+from treadle_kernels.ops import (
+    activation_kernels,
+    cache_kernels,
+    linear_kernels,
+    norm_kernels,
+    rotary_kernels,
+)
 from treadle_kernels.ops.support import compile_ahead as compile_one
 
 
@@ -39,6 +45,13 @@ def main() -> int:
         compile_one(activation_kernels.act_and_mul_kernel, {"GELU_TANH": gelu, "BLOCK": 1024}, {})
     cache = {"HEADS_BLOCK": 8, "DIM_BLOCK": 128}
     compile_one(cache_kernels.reshape_and_cache_kernel, cache, {"slot_mapping_ptr": "*i64"})
+    for prologue in (0, 1, 2, 3):
+        for rows, block_n, block_k in ((1, 16, 512), (16, 32, 128)):
+            linear = {
+                "PROLOGUE": prologue, "HAS_BIAS": prologue == 0, "ROWS": rows, "BLOCK_N": block_n,
+                "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "UPCAST": False,
+            }  # fmt: skip
+            compile_one(linear_kernels.small_m_linear_kernel, linear, {}, ("epsilon",))
     print("compiled for sm_90")
     return 0
 

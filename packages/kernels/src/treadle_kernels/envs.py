@@ -10,9 +10,26 @@ import os
 
 from treadle_ir.envs import parse_bool
 
-__all__ = ["TRITON_INTERPRET"]
+__all__ = ["SMALL_BATCH_LINEAR_MAX_ROWS", "TRITON_INTERPRET"]
 
 
 def TRITON_INTERPRET() -> bool:
     """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
     return parse_bool("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+
+
+def SMALL_BATCH_LINEAR_MAX_ROWS(default: int) -> int:
+    """Rows up to which the fused linear ops run the weight-streaming Triton kernel
+    (``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS``; 0 turns it off: norm/activation kernel + cuBLAS for every size)."""
+    raw = os.environ.get("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= default:
+        raise ValueError(
+            f"TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {default}"
+        )
+    return value

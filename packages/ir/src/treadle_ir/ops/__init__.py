@@ -8,17 +8,22 @@ from __future__ import annotations
 
 from .activation import gelu_tanh_and_mul, silu_and_mul
 from .cache import reshape_and_cache
+from .linear import add_rms_norm_linear, gelu_tanh_and_mul_linear, linear, silu_and_mul_linear
 from .norm import fused_add_rms_norm, fused_add_rms_norm_, gemma_rms_norm, rms_norm
 from .rotary import rotary_embedding, rotary_embedding_
 
 __all__ = [
+    "add_rms_norm_linear",
     "fused_add_rms_norm",
     "fused_add_rms_norm_",
     "gelu_tanh_and_mul",
+    "gelu_tanh_and_mul_linear",
     "gemma_rms_norm",
+    "linear",
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
     "rotary_embedding_",
     "silu_and_mul",
+    "silu_and_mul_linear",
 ]

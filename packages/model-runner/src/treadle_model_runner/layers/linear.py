@@ -1,7 +1,12 @@
-"""Stacked linear layers: several HF projections fused into one matmul at load time.
+"""Linear layers that dispatch through the IR (`ops.linear`), and stacked ones: several HF projections fused
+into one matmul at load time.
+
+`Linear` is `nn.Linear` whose forward is `ops.linear`: on GPU a decode step's few rows take Triton's weight-streaming
+kernel, more rows cuBLAS. Norms and activations before a projection can fuse into it (`RMSNorm.add_norm_linear`,
+`GatedMLP`), which is why the projections hold plain weights, never a wrapped kernel.
 
 `StackedLinear(in, {"q": nq, "k": nk, "v": nv})` holds one [nq + nk + nv, in] weight; loading the HF tensor of
-shard "k" writes rows [nq, nq + nk). The forward is a single `F.linear`; callers split the output by
+shard "k" writes rows [nq, nq + nk). The forward is a single `ops.linear`; callers split the output by
 `shard_sizes`. Invariant: every shard is loaded exactly once before use (the model's loader checks coverage).
 """
 
@@ -10,8 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from treadle_ir import ops
 
-class StackedLinear(nn.Linear):
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class StackedLinear(Linear):
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
         super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
         self.shard_sizes = dict(shard_sizes)

@@ -1,7 +1,8 @@
 """Gated MLP: down(act(gate(x)) * up(x)), with gate and up stacked into one matmul at load time.
 
-The activation-and-multiply is one IR op on the stacked [.., 2 * intermediate] output: `ops.silu_and_mul`
-(Llama, Qwen, Mistral) or `ops.gelu_tanh_and_mul` (Gemma's gelu_pytorch_tanh).
+The activation-and-multiply runs fused into down_proj as one IR op on the stacked [.., 2 * intermediate] output:
+`ops.silu_and_mul_linear` (Llama, Qwen, Mistral) or `ops.gelu_tanh_and_mul_linear` (Gemma's gelu_pytorch_tanh).
+`forward_add_norm` also fuses the block's residual add and RMSNorm into gate_up_proj.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
-from treadle_model_runner.layers.linear import StackedLinear
+from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.layers.norm import RMSNorm
 
 _ACTIVATIONS = {
-    "silu": "silu_and_mul",
-    "gelu_pytorch_tanh": "gelu_tanh_and_mul",
-    "gelu_tanh": "gelu_tanh_and_mul",
+    "silu": "silu_and_mul_linear",
+    "gelu_pytorch_tanh": "gelu_tanh_and_mul_linear",
+    "gelu_tanh": "gelu_tanh_and_mul_linear",
 }
 
 
@@ -31,8 +33,18 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = StackedLinear(
             hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias
         )
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_and_mul = getattr(ops, _ACTIVATIONS[activation])
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_and_mul_linear = getattr(ops, _ACTIVATIONS[activation])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def forward_add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp(norm(x + residual)), x + residual)``: the add and norm run fused into gate_up_proj."""
+        gate_up, residual = norm.add_norm_linear(x, residual, self.gate_up_proj)
+        return self.down(gate_up), residual
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)

@@ -1,6 +1,7 @@
 """RMS norms as modules holding their weight; the arithmetic is the IR op's (`ops.rms_norm`, `ops.gemma_rms_norm`).
 
-RMSNorm:       y = x / sqrt(mean(x²) + eps) * w          (Llama, Qwen); add_and_norm fuses the residual add
+RMSNorm:       y = x / sqrt(mean(x²) + eps) * w          (Llama, Qwen); add_and_norm fuses the residual add,
+                                                         add_norm_linear also the projection after it
 GemmaRMSNorm:  y = x / sqrt(mean(x²) + eps) * (1 + w)    (Gemma; computed in fp32, cast back; w stored as offset)
 """
 
@@ -24,6 +25,12 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(x + residual), x + residual)`` in one fused op: the residual stream of a pre-norm block."""
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def add_norm_linear(
+        self, x: torch.Tensor, residual: torch.Tensor, linear: nn.Linear
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(linear(norm(x + residual)), x + residual)`` as one op: the norm feeds the projection after it."""
+        return ops.add_rms_norm_linear(x, residual, self.weight, self.eps, linear.weight, linear.bias)
 
 
 class GemmaRMSNorm(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import StackedLinear
+from treadle_model_runner.layers.linear import Linear, StackedLinear
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import GemmaRMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
@@ -46,7 +46,7 @@ class Gemma3SelfAttention(nn.Module):
         self.qkv_proj = StackedLinear(
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
         self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         is_sliding = _layer_type(config, layer_idx) == "sliding_attention"

@@ -5,6 +5,9 @@ One decoder layer, pre-norm:
     h   = x + o_proj(attn(rope(q), rope(k), v))      q, k, v = split(qkv_proj(norm_in(x)))
     out = h + down(silu(gate(norm_post(h))) * up(norm_post(h)))
 q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary.
+Each residual add runs fused into the norm after it, and each norm into the projection after it
+(`add_norm_linear`): at decode batch sizes one kernel streams the projection's weight with the norm applied to
+its input on the fly.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import StackedLinear
+from treadle_model_runner.layers.linear import Linear, StackedLinear
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import RMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
@@ -50,7 +53,7 @@ class LlamaSelfAttention(nn.Module):
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias
         )
         # attention_bias (Llama, Qwen3) covers q, k, v and o; Qwen2's always-on bias covers q, k, v only
-        self.o_proj = nn.Linear(
+        self.o_proj = Linear(
             self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False))
         )
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -65,8 +68,9 @@ class LlamaSelfAttention(nn.Module):
             sliding_window=sliding_window_of(config, layer_idx),
         )
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """qkv: this block's qkv_proj output (the layer runs qkv_proj fused with its input norm)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
             k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
@@ -103,11 +107,15 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous block's output (the embeddings when residual is None); residual: the stream before
         it. Returns (this block's MLP output, the stream before it): each add is fused into the next norm."""
+        qkv_proj = self.self_attn.qkv_proj
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, qkv = x, qkv_proj(self.input_layernorm(x))
         else:
-            h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, positions), residual)
+            qkv, residual = self.input_layernorm.add_norm_linear(x, residual, qkv_proj)
+        attn_out = self.self_attn(qkv, positions)
+        if isinstance(self.mlp, GatedMLP):
+            return self.mlp.forward_add_norm(attn_out, residual, self.post_attention_layernorm)
+        h, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
         return self.mlp(h), residual
 
 

@@ -1,0 +1,197 @@
+"""Triton providers for the fused linear ops: ``linear``, ``add_rms_norm_linear``, ``*_and_mul_linear``.
+
+Up to ``MAX_ROWS`` rows (a decode step at small batch; ``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` lowers it, 0 off) run :mod:`.linear_kernels`: one launch streams the
+weight once with the norm or gated activation applied to the input on the fly. More rows are compute-bound
+matmuls, which cuBLAS does best: the provider then runs the standalone prologue op (itself dispatched, so the
+Triton norm or activation kernel on GPU) followed by ``F.linear``. Tile sizes come from ``_config``, measured
+on an H200 with ``benchmarks/gemv_sweep.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from treadle_ir import ops
+
+from .. import envs
+from .support import check_tensor, rows_view, triton_supported
+
+__all__ = ["MAX_ROWS", "register"]
+
+MAX_ROWS = 16  # beyond this a step's matmuls stop being weight-read bound
+
+
+@functools.cache
+def _max_rows() -> int:
+    return envs.SMALL_BATCH_LINEAR_MAX_ROWS(MAX_ROWS)
+
+
+def _small(x: torch.Tensor) -> bool:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows <= _max_rows()
+
+
+_PLAIN, _NORM, _SILU, _GELU_TANH = 0, 1, 2, 3
+
+
+class Config(NamedTuple):
+    rows: int  # padded row count: 1 (multiply and row sum) or 16 (tl.dot)
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _config(num_rows: int, n: int, k: int) -> Config:
+    if num_rows == 1:
+        return Config(1, 16, 512, 4, 3)
+    return Config(16, 16, 256, 4, 3)
+
+
+def _launch(
+    prologue: int,
+    x: torch.Tensor,
+    k: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    epsilon: float = 0.0,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the kernel on x's rows; returns (out [..., n], residual_out [..., k] for the norm prologue)."""
+    from . import linear_kernels
+
+    x2 = rows_view(x)
+    assert x2 is not None
+    num_rows, n = x2.shape[0], weight.shape[0]
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    residual_out = None
+    if residual is not None:
+        residual_out = torch.empty((num_rows, k), dtype=x.dtype, device=x.device)
+    if num_rows > 0 and n > 0:
+        cfg = config or _config(num_rows, n, k)
+        r2 = rows_view(residual) if residual is not None else x2
+        assert r2 is not None
+        linear_kernels.small_m_linear_kernel[(-(-n // cfg.block_n),)](
+            x2,
+            x2.stride(0),
+            r2,
+            r2.stride(0),
+            norm_weight if norm_weight is not None else weight,
+            residual_out if residual_out is not None else out,
+            weight,
+            bias if bias is not None else weight,
+            out,
+            out.stride(0),
+            num_rows,
+            n,
+            k,
+            epsilon,
+            PROLOGUE=prologue,
+            HAS_BIAS=bias is not None,
+            ROWS=cfg.rows,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            UPCAST=x.device.type == "cpu",  # CPU means the interpreter
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    lead = x.shape[:-1]
+    return out.view(*lead, n), None if residual_out is None else residual_out.view(*lead, k)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not _small(x):
+        return F.linear(x, weight, bias)
+    return _launch(_PLAIN, x, x.shape[-1], weight, bias)[0]
+
+
+def add_rms_norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    epsilon: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _small(x):
+        normed, residual_out = ops.fused_add_rms_norm(x, residual, norm_weight, epsilon)
+        return F.linear(normed, weight, bias), residual_out
+    out, residual_out = _launch(_NORM, x, x.shape[-1], weight, bias, residual, norm_weight, epsilon)
+    assert residual_out is not None
+    return out, residual_out
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not _small(x):
+        return F.linear(ops.silu_and_mul(x), weight, bias)
+    return _launch(_SILU, x, x.shape[-1] // 2, weight, bias)[0]
+
+
+def gelu_tanh_and_mul_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if not _small(x):
+        return F.linear(ops.gelu_tanh_and_mul(x), weight, bias)
+    return _launch(_GELU_TANH, x, x.shape[-1] // 2, weight, bias)[0]
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+def _check_linear(x: torch.Tensor, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
+    for name, t in (("x", x), ("weight", weight), *((("bias", bias),) if bias is not None else ())):
+        if (reason := check_tensor(t, name)) is not None:
+            return reason
+    if x.dim() == 0 or rows_view(x) is None:
+        return "x must be viewable as [rows, features] without a copy"
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != k:
+        return f"weight {tuple(weight.shape)} must be contiguous [out, {k}]"
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return f"weight/bias dtype differs from x ({x.dtype})"
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        return f"bias {tuple(bias.shape)} does not match {weight.shape[0]} outputs"
+    return True
+
+
+def _check_plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
+    return _check_linear(x, x.shape[-1] if x.dim() else -1, weight, bias)
+
+
+def _check_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    epsilon: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> bool | str:
+    for name, t in (("residual", residual), ("norm_weight", norm_weight)):
+        if (reason := check_tensor(t, name)) is not None:
+            return reason
+    if residual.shape != x.shape or rows_view(residual) is None:
+        return "residual must have x's shape and be viewable as rows"
+    if norm_weight.shape != (x.shape[-1],) or norm_weight.dtype != x.dtype:
+        return f"norm_weight {tuple(norm_weight.shape)} must be [{x.shape[-1]}] in {x.dtype}"
+    return _check_plain(x, weight, bias)
+
+
+def _check_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
+    if x.dim() == 0 or x.shape[-1] % 2:
+        return f"last dim {x.shape[-1] if x.dim() else None} must be even (gate | up)"
+    return _check_linear(x, x.shape[-1] // 2, weight, bias)
+
+
+def register(provider: str = "triton") -> None:
+    """Register the fused linear providers under ``provider``."""
+    for ir_op, impl, check in (
+        (ops.linear, linear, _check_plain),
+        (ops.add_rms_norm_linear, add_rms_norm_linear, _check_norm),
+        (ops.silu_and_mul_linear, silu_and_mul_linear, _check_gated),
+        (ops.gelu_tanh_and_mul_linear, gelu_tanh_and_mul_linear, _check_gated),
+    ):
+        ir_op.register_impl(provider, supported=triton_supported, supports_args=check)(impl)

@@ -1,0 +1,118 @@
+"""The Triton providers of the fused linear ops against their native specs, on fresh random inputs.
+
+CPU: Triton's interpreter at tiny, deliberately ragged sizes (outputs not a multiple of BLOCK_N, inputs not a
+multiple of BLOCK_K, strided input rows, leading dims); GPU (``-m gpu``): the projections of Llama-3.1-8B and
+SmolLM2 at the row counts a decode step uses. Rows beyond ``MAX_ROWS`` take the unfused path and must match too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_ir_providers import CUDA, DEVICE, DTYPES, _check, _gen, _randn, _triton, gpu, needs_cuda
+
+import treadle_kernels  # noqa: F401  (registers the triton providers)
+from treadle_ir import ops
+from treadle_kernels.ops.linear import MAX_ROWS
+
+pytest.importorskip("triton")
+
+
+def _inputs(rows: tuple[int, ...], n: int, k: int, dtype: torch.dtype, bias: bool, seed: int) -> dict:
+    gen = _gen(seed)
+    weight = (_randn(gen, n, k, dtype=torch.float32) * k**-0.5).to(dtype)
+    return {
+        "x": _randn(gen, *rows, k, dtype=dtype),
+        "residual": _randn(gen, *rows, k, dtype=dtype),
+        "norm_weight": (1 + 0.1 * _randn(gen, k, dtype=torch.float32)).to(dtype),
+        "gated": _randn(gen, *rows, 2 * k, dtype=dtype) * 2,
+        "weight": weight,
+        "bias": _randn(gen, n, dtype=dtype) if bias else None,
+    }
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """`_check`'s bounds; under the interpreter bf16 relative error up to 2e-2: it truncates each of the two or
+    three roundings the prologue makes (sum, norm, activation), and the matmul adds them up (elementwise: 3 % of
+    the largest output, since single outputs near zero carry the sum of their inputs' truncations)."""
+    if dtype == torch.bfloat16 and not CUDA:
+        scale = expected.float().abs().max().item()
+        torch.testing.assert_close(got, expected, atol=0.03 * scale, rtol=2.5e-2)
+        err = (got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)
+        assert err.item() <= 2e-2, f"bf16 relative error {err.item():.3g} > 2e-2 under the interpreter"
+    else:
+        _check(got, expected, dtype)
+
+
+def _check_all(rows: tuple[int, ...], n: int, k: int, dtype: torch.dtype, bias: bool, seed: int) -> None:
+    t = _inputs(rows, n, k, dtype, bias, seed)
+    w, b = t["weight"], t["bias"]
+    cases = [
+        (ops.linear, (t["x"], w, b)),
+        (ops.add_rms_norm_linear, (t["x"], t["residual"], t["norm_weight"], 1e-6, w, b)),
+        (ops.silu_and_mul_linear, (t["gated"], w, b)),
+        (ops.gelu_tanh_and_mul_linear, (t["gated"], w, b)),
+    ]
+    for ir_op, args in cases:
+        expected = ir_op.native(*args)
+        with _triton(ir_op, *args):
+            got = ir_op(*args)
+        if ir_op is ops.add_rms_norm_linear:
+            assert got[0].shape == (*rows, n) and got[1].shape == (*rows, k)
+            _close(got[0], expected[0], dtype)
+            _close(got[1], expected[1], dtype)  # x + residual, stored once by program 0
+        else:
+            assert got.shape == (*rows, n), ir_op.name
+            _close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [(1,), (3,), (MAX_ROWS,), (2, 2), (MAX_ROWS + 1,)])
+def test_fused_linears(rows: tuple[int, ...], dtype: torch.dtype) -> None:
+    _check_all(rows, n=40, k=80, dtype=dtype, bias=False, seed=sum(rows))
+
+
+@pytest.mark.parametrize("rows", [(1,), (5,)])
+def test_fused_linears_ragged_with_bias(rows: tuple[int, ...]) -> None:
+    """n = 33 leaves a partial BLOCK_N tile, k = 1100 a partial BLOCK_K tile; bias added in fp32."""
+    _check_all(rows, n=33, k=1100, dtype=torch.bfloat16, bias=True, seed=7)
+
+
+def test_linear_on_strided_rows() -> None:
+    """x as a column slice of a wider buffer (rows strided), as attention output views can be."""
+    gen = _gen(9)
+    wide = _randn(gen, 3, 100, dtype=torch.float32)
+    x, weight = wide[:, :64], _randn(gen, 24, 64, dtype=torch.float32)
+    with _triton(ops.linear, x, weight, None):
+        got = ops.linear(x, weight, None)
+    _check(got, ops.linear.native(x, weight, None), torch.float32)
+
+
+def test_triton_declines_what_it_cannot_read() -> None:
+    x = torch.randn(2, 64, device=DEVICE)
+    for weight, why in (
+        (torch.randn(64, 24, device=DEVICE).t(), "strided"),
+        (torch.randn(24, 32, device=DEVICE), "contiguous"),
+        (torch.randn(24, 64, device=DEVICE, dtype=torch.float16), "dtype"),
+    ):
+        with ops.linear.priority(["triton"]):
+            chosen, skipped = ops.linear.explain(x, weight, None)
+        assert chosen.name == "native" and why in skipped["triton"], skipped
+    with ops.silu_and_mul_linear.priority(["triton"]):
+        chosen, skipped = ops.silu_and_mul_linear.explain(torch.randn(2, 65, device=DEVICE), x, None)
+    assert chosen.name == "native" and "even" in skipped["triton"]
+
+
+LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, gate_up, down
+SMOLLM2 = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 4, MAX_ROWS, 64])
+@pytest.mark.parametrize("shape", LLAMA_8B + SMOLLM2)
+def test_fused_linears_gpu(shape: tuple[int, int], rows: int, dtype: torch.dtype) -> None:
+    assert CUDA
+    n, k = shape
+    _check_all((rows,), n, k, dtype, bias=n == 960, seed=n + k + rows)
