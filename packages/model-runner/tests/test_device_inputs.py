@@ -268,7 +268,24 @@ def test_steady_decode_commits_no_block_table_rows() -> None:
     batch.block_tables[0].append(2, [99])
     assert step() == [1, 0]  # one appended block: one row
     batch.remove("r0")
-    batch.condense()  # r3 moves into row 0
+    batch.condense()  # r3 moves into row 0; row 3, vacated, is cleared to the null block
     ones = ones[:3]
-    assert step() == [1, 1]
+    assert step() == [2, 2]
     assert step() == [0, 0]
+
+
+def test_vacated_rows_point_padding_at_the_null_block() -> None:
+    """Decode-graph padding requests read the first block-table entry of rows past num_reqs: after requests leave
+    (the start-up profiling pass, finished requests) that entry must be block 0, not a stale id that may lie past
+    a smaller cache (the graph-memory probe captures over a one-block cache)."""
+    batch, buffers = make_batch(), StepBuffers(MAX_TOKENS, MAX_REQS, len(BLOCK_SIZES), CPU)
+    for i in range(3):
+        batch.add(RequestState(f"r{i}", [1] * 9, SamplingParams(), ([5 + i, 9 + i, 13],) * 2, 0))
+    prepare_inputs(batch, np.full(3, 9, dtype=np.int64), buffers)
+    batch.remove("r0")
+    batch.remove("r2")
+    batch.condense()  # r1 moves to row 0
+    inputs = prepare_inputs(batch, np.zeros(0, dtype=np.int64), buffers, 4)  # capture: padding only
+    for table in batch.block_tables:
+        assert table.device_table[:, 0].tolist() == [6] + [0] * (MAX_REQS - 1)
+    assert inputs.num_padded_tokens == 4

@@ -5,7 +5,8 @@ The table lives twice: a host numpy mirror (`np`), where the scheduler's diffs l
 `move_row`), and a device-resident copy (`device_table`) that attention and the slot mapping read.
 
 Invariant: after `commit()`, `device_table` equals `np` row for row, entries past `num_blocks` included (padding
-requests of a decode graph read rows past num_reqs, so they must match too). Every host write marks its row
+requests of a decode graph read rows past num_reqs, so they must match too; a vacated row's first entry is the
+null block, which is all a padding request reads). Every host write marks its row
 dirty; `commit()` sends only dirty rows: it gathers them into a pinned staging buffer, copies it and the row
 indices to the device with non-blocking copies, and scatters them with one `index_copy_`. A steady decode batch
 that crossed no block boundary commits nothing. The staging buffer must not be rewritten before the copies read
@@ -59,6 +60,14 @@ class BlockTable:
         self.np[dst, :n] = self.np[src, :n]
         self.num_blocks[dst] = n
         self.is_dirty[dst] = True
+        self.clear_row(src)
+
+    def clear_row(self, row: int) -> None:
+        """Empty a vacated row: its first entry becomes the null block, the only one a padding request reads
+        (a stale id could lie past a smaller cache, e.g. the graph-memory probe's one block)."""
+        self.np[row, 0] = 0
+        self.num_blocks[row] = 0
+        self.is_dirty[row] = True
 
     def commit(self, num_reqs: int) -> torch.Tensor:
         """Send the dirty rows to the device (non-blocking); returns the device view [num_reqs, max_blocks]."""

@@ -76,6 +76,8 @@ class InputBatch:
         if row is not None:
             self.req_ids[row] = None
             self.states[row] = None
+            for table in self.block_tables:
+                table.clear_row(row)
 
     def condense(self) -> None:
         """Fill holes by moving the last rows down, so rows [0, num_reqs) are all occupied."""
