@@ -36,11 +36,11 @@ SHAPES = {  # name: (prologue, n, k)
 ROW_COUNTS = (1, 2, 4, 8, 16)
 ROWS1 = [
     Config(1, bn, bk, w, st)
-    for bn in (8, 16, 32)
-    for bk in (256, 512, 1024)
-    for w in (4, 8)
+    for bn in (4, 8, 16)
+    for bk in (512, 1024, 2048, 4096)
+    for w in (4, 8, 16)
     for st in (1, 3)
-    if bn * bk <= 16384
+    if 2048 <= bn * bk <= 32768
 ]
 ROWS16 = [Config(16, bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (2, 4)]
 

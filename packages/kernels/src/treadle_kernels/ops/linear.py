@@ -1,10 +1,9 @@
 """Triton providers for the fused linear ops: ``linear``, ``add_rms_norm_linear``, ``*_and_mul_linear``.
 
-Up to ``MAX_ROWS`` rows (a decode step at small batch; ``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` lowers it, 0 off) run :mod:`.linear_kernels`: one launch streams the
-weight once with the norm or gated activation applied to the input on the fly. More rows are compute-bound
-matmuls, which cuBLAS does best: the provider then runs the standalone prologue op (itself dispatched, so the
-Triton norm or activation kernel on GPU) followed by ``F.linear``. Tile sizes come from ``_config``, measured
-on an H200 with ``benchmarks/gemv_sweep.py``.
+:mod:`.linear_kernels` streams the weight once with the norm or gated activation applied to the input on the fly,
+for up to ``MAX_ROWS`` rows (``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` lowers that; 0 turns it off). ``_config``
+picks it only where it measured faster than the unfused path, which runs otherwise: the standalone prologue op
+(itself dispatched: the Triton norm or activation kernel on GPU) then cuBLAS ``F.linear``.
 """
 
 from __future__ import annotations
@@ -30,11 +29,6 @@ def _max_rows() -> int:
     return envs.SMALL_BATCH_LINEAR_MAX_ROWS(MAX_ROWS)
 
 
-def _small(x: torch.Tensor) -> bool:
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return rows <= _max_rows()
-
-
 _PLAIN, _NORM, _SILU, _GELU_TANH = 0, 1, 2, 3
 
 
@@ -46,10 +40,19 @@ class Config(NamedTuple):
     num_stages: int
 
 
-def _config(num_rows: int, n: int, k: int) -> Config:
-    if num_rows == 1:
-        return Config(1, 16, 512, 4, 3)
-    return Config(16, 16, 256, 4, 3)
+def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
+    """The kernel's tiles where it beats the unfused path, else None (unfused: norm / activation kernel + cuBLAS).
+
+    Measured on an H200 inside CUDA graphs (results/gemv-sweep-h200-83f14bb.json): only the plain projection at
+    2-16 rows wins (o_proj 11.6 against 12.4 us, lm_head 239 against 254 us); at one row cuBLAS's GEMV is as fast
+    or faster, and with a norm or gated prologue the fused kernel is slower than the two launches it replaces."""
+    if prologue == _PLAIN and 2 <= num_rows <= _max_rows():
+        return Config(16, 32, 256, 4, 4) if n <= 8192 else Config(16, 64, 128, 4, 4)
+    return None
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def _launch(
@@ -74,7 +77,7 @@ def _launch(
     if residual is not None:
         residual_out = torch.empty((num_rows, k), dtype=x.dtype, device=x.device)
     if num_rows > 0 and n > 0:
-        cfg = config or _config(num_rows, n, k)
+        cfg = config or Config(1 if num_rows == 1 else 16, 16, 256, 4, 3)
         r2 = rows_view(residual) if residual is not None else x2
         assert r2 is not None
         linear_kernels.small_m_linear_kernel[(-(-n // cfg.block_n),)](
@@ -107,9 +110,10 @@ def _launch(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if not _small(x):
+    k = x.shape[-1]
+    if (cfg := _config(_PLAIN, _rows(x), weight.shape[0], k)) is None:
         return F.linear(x, weight, bias)
-    return _launch(_PLAIN, x, x.shape[-1], weight, bias)[0]
+    return _launch(_PLAIN, x, k, weight, bias, config=cfg)[0]
 
 
 def add_rms_norm_linear(
@@ -120,26 +124,33 @@ def add_rms_norm_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _small(x):
+    k = x.shape[-1]
+    if (cfg := _config(_NORM, _rows(x), weight.shape[0], k)) is None:
         normed, residual_out = ops.fused_add_rms_norm(x, residual, norm_weight, epsilon)
         return F.linear(normed, weight, bias), residual_out
-    out, residual_out = _launch(_NORM, x, x.shape[-1], weight, bias, residual, norm_weight, epsilon)
+    out, residual_out = _launch(_NORM, x, k, weight, bias, residual, norm_weight, epsilon, cfg)
     assert residual_out is not None
     return out, residual_out
 
 
+def _gated_linear(
+    prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    k = x.shape[-1] // 2
+    if (cfg := _config(prologue, _rows(x), weight.shape[0], k)) is None:
+        act = ops.silu_and_mul if prologue == _SILU else ops.gelu_tanh_and_mul
+        return F.linear(act(x), weight, bias)
+    return _launch(prologue, x, k, weight, bias, config=cfg)[0]
+
+
 def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if not _small(x):
-        return F.linear(ops.silu_and_mul(x), weight, bias)
-    return _launch(_SILU, x, x.shape[-1] // 2, weight, bias)[0]
+    return _gated_linear(_SILU, x, weight, bias)
 
 
 def gelu_tanh_and_mul_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    if not _small(x):
-        return F.linear(ops.gelu_tanh_and_mul(x), weight, bias)
-    return _launch(_GELU_TANH, x, x.shape[-1] // 2, weight, bias)[0]
+    return _gated_linear(_GELU_TANH, x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------ argument checks
