@@ -120,14 +120,26 @@ def test_triton_declines_what_it_cannot_read() -> None:
     assert chosen.name == "native" and "even" in skipped["triton"]
 
 
-def test_default_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Measured on an H200: the kernel only for the plain projection at 2-16 rows; cuBLAS paths elsewhere."""
+def test_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by default; when allowed, the kernel where the H200 sweep measured it faster: every prologue at one
+    row, only the plain projection at 2-16 rows."""
     monkeypatch.undo()
-    assert provider._config(provider._PLAIN, 1, 4096, 4096) is None
-    assert provider._config(provider._PLAIN, 4, 4096, 4096) is not None
-    assert provider._config(provider._PLAIN, MAX_ROWS + 1, 4096, 4096) is None
-    for prologue in (provider._NORM, provider._SILU, provider._GELU_TANH):
-        assert all(provider._config(prologue, rows, 4096, 4096) is None for rows in (1, 4, 16))
+    provider._max_rows.cache_clear()
+    try:
+        monkeypatch.delenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", raising=False)
+        assert provider._config(provider._PLAIN, 1, 4096, 4096) is None
+        provider._max_rows.cache_clear()
+        monkeypatch.setenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", str(MAX_ROWS))
+        for prologue in (provider._PLAIN, provider._NORM, provider._SILU, provider._GELU_TANH):
+            assert provider._config(prologue, 1, 4096, 4096) is not None
+            assert (provider._config(prologue, 4, 4096, 4096) is not None) == (prologue == provider._PLAIN)
+            assert provider._config(prologue, MAX_ROWS + 1, 4096, 4096) is None
+        provider._max_rows.cache_clear()
+        monkeypatch.setenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", "99")
+        with pytest.raises(ValueError, match="from 0 to 16"):
+            provider._config(provider._PLAIN, 1, 4096, 4096)
+    finally:
+        provider._max_rows.cache_clear()
 
 
 LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, gate_up, down

@@ -18,18 +18,18 @@ def TRITON_INTERPRET() -> bool:
     return parse_bool("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
 
 
-def SMALL_BATCH_LINEAR_MAX_ROWS(default: int) -> int:
-    """Rows up to which the fused linear ops run the weight-streaming Triton kernel
-    (``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS``; 0 turns it off: norm/activation kernel + cuBLAS for every size)."""
+def SMALL_BATCH_LINEAR_MAX_ROWS(limit: int) -> int:
+    """Rows up to which the fused linear ops may run the weight-streaming Triton kernel
+    (``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS``, 0 to ``limit``; default 0, off: norm/activation kernel + cuBLAS)."""
     raw = os.environ.get("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS")
     if raw is None:
-        return default
+        return 0
     try:
         value = int(raw)
     except ValueError:
         value = -1
-    if not 0 <= value <= default:
+    if not 0 <= value <= limit:
         raise ValueError(
-            f"TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {default}"
+            f"TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}"
         )
     return value

@@ -1,7 +1,7 @@
 """Triton providers for the fused linear ops: ``linear``, ``add_rms_norm_linear``, ``*_and_mul_linear``.
 
 :mod:`.linear_kernels` streams the weight once with the norm or gated activation applied to the input on the fly,
-for up to ``MAX_ROWS`` rows (``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` lowers that; 0 turns it off). ``_config``
+for up to ``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` rows (0, the default, turns it off; at most ``MAX_ROWS``). ``_config``
 picks it only where it measured faster than the unfused path, which runs otherwise: the standalone prologue op
 (itself dispatched: the Triton norm or activation kernel on GPU) then cuBLAS ``F.linear``.
 """
@@ -43,10 +43,19 @@ class Config(NamedTuple):
 def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
     """The kernel's tiles where it beats the unfused path, else None (unfused: norm / activation kernel + cuBLAS).
 
-    Measured on an H200 inside CUDA graphs (results/gemv-sweep-h200-83f14bb.json): only the plain projection at
-    2-16 rows wins (o_proj 11.6 against 12.4 us, lm_head 239 against 254 us); at one row cuBLAS's GEMV is as fast
-    or faster, and with a norm or gated prologue the fused kernel is slower than the two launches it replaces."""
-    if prologue == _PLAIN and 2 <= num_rows <= _max_rows():
+    Measured on an H200 inside CUDA graphs (results/gemv-sweep-h200-*.json). One row: every projection of
+    Llama-3.1-8B is as fast or faster fused (o_proj 10.8 against 12.5 us, qkv + norm 16.7 against 17.3, down +
+    SiLU 31.3 against 32.0, lm_head 228 against 239; gate_up + norm ties). 2-16 rows: only the plain projection
+    wins (o_proj 11.6 against 12.4 us); the norm and gated prologues are slower there than the launches they
+    replace. Off unless TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS is set: each tile shape is one more Triton compile
+    (about a second) at start-up, against about 0.1 ms per batch-1 step saved."""
+    if num_rows > _max_rows():
+        return None
+    if num_rows == 1:
+        if prologue == _PLAIN:
+            return Config(1, 8, 4096, 8, 3)
+        return Config(1, 8, 2048, 4, 3) if prologue == _NORM else Config(1, 8, 2048, 8, 1)
+    if prologue == _PLAIN:
         return Config(16, 32, 256, 4, 4) if n <= 8192 else Config(16, 64, 128, 4, 4)
     return None
 

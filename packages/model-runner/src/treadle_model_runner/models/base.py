@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from treadle_ir import ops
 from treadle_model_runner.layers.attention import Attention
 from treadle_model_runner.layers.linear import StackedLinear
 
@@ -45,7 +46,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] (model dtype)."""
-        return self.lm_head(hidden)
+        return ops.linear(hidden, self.lm_head.weight, self.lm_head.bias)
 
     @property
     def tie_word_embeddings(self) -> bool:
