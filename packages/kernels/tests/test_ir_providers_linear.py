@@ -121,12 +121,16 @@ def test_triton_declines_what_it_cannot_read() -> None:
 
 
 def test_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off by default; when allowed, the kernel where the H200 sweep measured it faster: every prologue at one
-    row, only the plain projection at 2-16 rows."""
+    """Where allowed (one row by default), the kernel where the H200 sweep measured it faster: every prologue at
+    one row, only the plain projection at 2-16 rows."""
     monkeypatch.undo()
     provider._max_rows.cache_clear()
     try:
-        monkeypatch.delenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", raising=False)
+        monkeypatch.delenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", raising=False)  # default: one row
+        assert provider._config(provider._NORM, 1, 4096, 4096) is not None
+        assert provider._config(provider._PLAIN, 2, 4096, 4096) is None
+        provider._max_rows.cache_clear()
+        monkeypatch.setenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", "0")
         assert provider._config(provider._PLAIN, 1, 4096, 4096) is None
         provider._max_rows.cache_clear()
         monkeypatch.setenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", str(MAX_ROWS))

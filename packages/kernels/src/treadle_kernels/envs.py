@@ -20,10 +20,11 @@ def TRITON_INTERPRET() -> bool:
 
 def SMALL_BATCH_LINEAR_MAX_ROWS(limit: int) -> int:
     """Rows up to which the fused linear ops may run the weight-streaming Triton kernel
-    (``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS``, 0 to ``limit``; default 0, off: norm/activation kernel + cuBLAS)."""
+    (``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS``, 0 to ``limit``; default 1: batch-1 decode; 0: norm/activation kernel
+    + cuBLAS everywhere)."""
     raw = os.environ.get("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS")
     if raw is None:
-        return 0
+        return 1
     try:
         value = int(raw)
     except ValueError:
