@@ -115,12 +115,14 @@ def parse_log(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if m := re.search(r"KV (?:cache )?capacity:? (\d+) tokens", text):
         out["kv_capacity_tokens"] = int(m.group(1))
-    if m := re.search(
+    captures = re.findall(
         r"CUDA graphs captured for decode batch sizes (.*?) in ([\d.]+) s(?:, using (\d+) MiB)?", text
-    ):
-        out["cuda_graphs"] = f"full decode graphs, sizes {m.group(1)}, captured in {m.group(2)} s"
-        if m.group(3):
-            out["cuda_graphs"] += f", {m.group(3)} MiB of device memory"
+    )  # the last one: before it, the graph-memory probe logs its own capture of two sizes
+    if captures:
+        sizes, seconds, mib = captures[-1]
+        out["cuda_graphs"] = f"full decode graphs, sizes {sizes}, captured in {seconds} s"
+        if mib:
+            out["cuda_graphs"] += f", {mib} MiB of device memory"
     elif m := re.search(r"CUDA graphs off: ?(.*)", text):
         out["cuda_graphs"] = f"off: {m.group(1).strip()}"
     elif "CUDA graph capture failed" in text:
