@@ -22,6 +22,7 @@ import queue
 import shutil
 import signal
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -49,8 +50,11 @@ def set_process_name(name: str) -> None:
         pass
 
 
-def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
-    """Entry point of the spawned process."""
+def run_engine_process(
+    config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, spawned_at: float | None = None
+) -> None:
+    """Entry point of the spawned process (`spawned_at`: the parent's time.time() when it started it)."""
+    entered = time.time()
     set_process_name(COMM_NAME)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s"
@@ -74,6 +78,8 @@ def run_engine_process(config: EngineConfig, input_addr: str, output_addr: str, 
     try:
         from treadle_engine_core.core import EngineCore  # after the name is set: imports may be slow
 
+        logger.info("engine process: up %.1f s after spawn, imports %.1f s", entered - (spawned_at or entered),
+                    time.time() - entered)  # fmt: skip
         engine = EngineCore(config)
     except BaseException as e:
         logger.exception("engine core failed to start")

@@ -61,7 +61,9 @@ class _MPClient(EngineCoreClient):
         self._out.bind(output_addr)
         mp = multiprocessing.get_context("spawn")
         self.proc = mp.Process(
-            target=run_engine_process, args=(config, input_addr, output_addr, os.getpid()), name=PROCESS_NAME
+            target=run_engine_process,
+            args=(config, input_addr, output_addr, os.getpid(), time.time()),
+            name=PROCESS_NAME,
         )
         self.proc.start()
         self._finalizer = weakref.finalize(self, _shutdown_engine, self.proc, self._ctx, self._tmpdir)

@@ -16,6 +16,7 @@ reach the host: placeholders hold their places and the next step reads them on t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,7 @@ from treadle_model_runner.runner.setup import (
     resolve_dtype,
     resolve_max_model_len,
     skip_param_init,
+    start_device_init,
 )
 from treadle_model_runner.runner.state import apply_scheduler_output
 from treadle_model_runner.runner.warmup import warm_up_kernels
@@ -81,7 +83,14 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
+        start = time.perf_counter()
+        device_init = start_device_init(self.device)
         self.resolved = resolve_model(model_config)
+        config_s = time.perf_counter() - start
+        if device_init is not None:
+            device_init.join()
+            logger.info("model config read in %.1f s; device %s ready after %.1f s (alongside)", config_s,
+                        self.device, time.perf_counter() - start)  # fmt: skip
         self._max_model_len = resolve_max_model_len(model_config.max_model_len, self.resolved.hf_config)
         self._eos_token_ids = eos_token_ids(self.resolved.hf_config, self.resolved.path)
         backend_name = None if model_config.attention_backend == "auto" else model_config.attention_backend

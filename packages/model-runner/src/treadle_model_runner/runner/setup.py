@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,18 @@ import torch
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def start_device_init(device: torch.device) -> threading.Thread | None:
+    """Create the CUDA context in a side thread and return it (None on CPU): the first allocation takes from
+    hundreds of ms to seconds, which the caller overlaps with reading the model config (importing transformers)."""
+    if device.type != "cuda":
+        return None
+    thread = threading.Thread(
+        target=torch.empty, args=(1,), kwargs={"device": device}, name="treadle-cuda-init"
+    )
+    thread.start()
+    return thread
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
