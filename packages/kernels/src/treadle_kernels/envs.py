@@ -10,7 +10,7 @@ import os
 
 from treadle_ir.envs import parse_bool
 
-__all__ = ["PDL", "SMALL_BATCH_LINEAR_MAX_ROWS", "TRITON_INTERPRET"]
+__all__ = ["SMALL_BATCH_LINEAR_MAX_ROWS", "TRITON_INTERPRET"]
 
 
 def TRITON_INTERPRET() -> bool:
@@ -34,9 +34,3 @@ def SMALL_BATCH_LINEAR_MAX_ROWS(limit: int) -> int:
             f"TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}"
         )
     return value
-
-
-def PDL() -> bool:
-    """``TREADLE_PDL=1``: launch the small-batch linear kernel with programmatic dependent launch (Hopper+), so
-    it starts reading its weight while the kernel before it finishes. Default off."""
-    return parse_bool("TREADLE_PDL", os.environ.get("TREADLE_PDL", "0"))

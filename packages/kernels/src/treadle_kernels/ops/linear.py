@@ -62,12 +62,6 @@ def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
     return None
 
 
-@functools.cache
-def _pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: asked for (TREADLE_PDL) and the device is Hopper or newer."""
-    return device.type == "cuda" and envs.PDL() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
@@ -119,10 +113,8 @@ def _launch(
             BLOCK_K=cfg.block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             UPCAST=x.device.type == "cpu",  # CPU means the interpreter
-            USE_PDL=(pdl := _pdl(x.device)),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
-            **({"launch_pdl": True} if pdl else {}),
         )
     lead = x.shape[:-1]
     return out.view(*lead, n), None if residual_out is None else residual_out.view(*lead, k)

@@ -11,9 +11,6 @@ ROWS is the padded row count: 1 reduces with an elementwise multiply and a row s
 in fp32, for the CPU interpreter, which mis-computes 16-bit dots).
 PROLOGUE 1 first makes one pass over the (few, small) input rows for their mean square; program 0 also stores
 ``x + residual`` to ``residual_out``. Accumulation is fp32.
-USE_PDL (programmatic dependent launch, Hopper): the kernel lets the next kernel launch at once and may itself
-start while the previous one finishes; it loads its first weight tile (independent of that kernel), then waits
-(gdc_wait) before reading any activation. Every PDL kernel waits before it ends, so dependencies stay transitive.
 """
 
 from __future__ import annotations
@@ -59,7 +56,6 @@ def small_m_linear_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -69,12 +65,6 @@ def small_m_linear_kernel(
     row_mask = rows < num_rows
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
     w_rows = weight_ptr + offs_n.to(tl.int64)[:, None] * k
-
-    if USE_PDL:  # started beside the previous kernel: read the first weight tile, then wait for its outputs
-        first = tl.arange(0, BLOCK_K)
-        w_first = tl.load(w_rows + first[None, :], mask=n_mask[:, None] & (first < k)[None, :], other=0.0)
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
 
     if PROLOGUE == 1:
         r_rows = residual_ptr + rows.to(tl.int64)[:, None] * residual_row_stride
@@ -97,12 +87,7 @@ def small_m_linear_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         k_mask = cols < k
         mask = row_mask[:, None] & k_mask[None, :]
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        if USE_PDL:  # the first tile is already in registers
-            w = tl.load(w_rows + cols[None, :], mask=w_mask & (k0 > 0), other=0.0)
-            w = tl.where(k0 == 0, w_first, w)
-        else:
-            w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
+        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if PROLOGUE == 0:
             a = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
         elif PROLOGUE == 1:
