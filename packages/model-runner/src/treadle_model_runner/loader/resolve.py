@@ -9,6 +9,9 @@ only (``local_files_only``): nothing is ever downloaded, whatever HF_HUB_OFFLINE
 Invariants: ``ResolvedModel.format`` is ``"safetensors"`` or ``"dummy"`` (GGUF is already converted);
 every problem raises ValueError naming the path and the fix, before any weight is read.
 
+Light configs. For Llama, Mistral, Qwen2/3, Qwen3-MoE and Mixtral config.json files that spell out the fields
+whose defaults differ between families, the config is read without transformers (``light_config.py``).
+
 Config cache. Importing any transformers 5 model config class pulls in torch.distributed and sympy (1.5 s with
 cached bytecode, 3-4 s without), a third of a warm start. So the first read of a config.json stores the
 resolved config's ``to_dict()`` (every field, defaults and rope standardisation included) under
@@ -34,6 +37,7 @@ from treadle_model_runner import envs
 from treadle_model_runner.config import LOAD_FORMATS, ModelConfig
 from treadle_model_runner.loader.cache import convert_gguf_cached, models_cache_dir
 from treadle_model_runner.loader.default_model import default_model_path
+from treadle_model_runner.loader.light_config import light_config
 from treadle_model_runner.loader.weights import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, plan_safetensors
 
 if TYPE_CHECKING:
@@ -68,6 +72,12 @@ def load_hf_config(path: Path) -> PretrainedConfig:
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"{config_file} is missing: {path} is not an HF-format model directory")
+    try:
+        light = light_config(json.loads(config_file.read_text()))
+    except (ValueError, UnicodeDecodeError):
+        light = None  # transformers below names what is wrong with the file
+    if light is not None:
+        return light  # type: ignore[return-value]  # the fields the models read, as transformers gives them
     cache_file = _config_cache_file(config_file)
     cached = _read_cached_config(cache_file)
     if cached is not None:
