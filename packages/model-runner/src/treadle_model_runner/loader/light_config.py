@@ -1,7 +1,7 @@
 """A model config read straight from config.json, without importing transformers, for the common dense families.
 
 Why: importing transformers' config machinery takes ~2 s with warm disks. On a fresh machine it took 11.7 s of a
-35 s cold start (H200, results/gpu-e2e-h200-6f7b0b9). The engine only reads plain fields, so for the families
+35 s cold start (H200, benchmarks/results/gpu-e2e-h200-6f7b0b9/). The engine only reads plain fields, so for the families
 below it reads config.json itself.
 
 Invariant: a `LightConfig` answers every field the model code reads exactly as transformers' class would. To
