@@ -70,8 +70,10 @@ class LightConfig:
 def light_config(raw: dict[str, Any]) -> LightConfig | None:
     """The config for a config.json dict when it is one of the families above and complete, else None."""
     model_type = raw.get("model_type")
-    required = _REQUIRED.get(model_type) if isinstance(model_type, str) else None
-    if required is None or any(raw.get(key) is None and key != "sliding_window" for key in required):
+    if not isinstance(model_type, str) or model_type not in _REQUIRED:
+        return None
+    required = _REQUIRED[model_type]
+    if any(raw.get(key) is None and key != "sliding_window" for key in required):
         return None
     if any(key not in raw for key in required):
         return None
