@@ -6,8 +6,8 @@ One decoder layer, pre-norm:
     out = h + down(silu(gate(norm_post(h))) * up(norm_post(h)))
 q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary.
 Each residual add runs fused into the norm after it, and each norm into the projection after it
-(`add_norm_linear`): at decode batch sizes one kernel streams the projection's weight with the norm applied to
-its input on the fly.
+(`add_norm_linear`): for a one-row decode step one GPU kernel streams the projection's weight with the norm
+applied to its input on the fly (more rows: the norm kernel, then cuBLAS; see treadle_kernels.ops.linear).
 """
 
 from __future__ import annotations
