@@ -59,8 +59,8 @@ def _inputs(prologue: int, n: int, k: int, rows: int, copies: int) -> dict:
 def _fused_call(prologue: int, t: dict, w: torch.Tensor, cfg: Config) -> torch.Tensor:
     k = w.shape[1]
     if prologue == fused._NORM:
-        return fused._launch(prologue, t["x"], k, w, None, t["residual"], t["norm_weight"], 1e-5, cfg)[0]
-    return fused._launch(prologue, t["x"], k, w, None, config=cfg)[0]
+        return fused._launch(prologue, t["x"], k, w, None, cfg, t["residual"], t["norm_weight"], 1e-5)[0]
+    return fused._launch(prologue, t["x"], k, w, None, cfg)[0]
 
 
 def _unfused_call(prologue: int, t: dict, w: torch.Tensor) -> torch.Tensor:

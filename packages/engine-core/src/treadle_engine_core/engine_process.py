@@ -59,6 +59,7 @@ def run_engine_process(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s"
     )
+    logger.info("engine process: up %.1f s after spawn", entered - (spawned_at or entered))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -78,8 +79,6 @@ def run_engine_process(
     try:
         from treadle_engine_core.core import EngineCore  # after the name is set: imports may be slow
 
-        logger.info("engine process: up %.1f s after spawn, imports %.1f s", entered - (spawned_at or entered),
-                    time.time() - entered)  # fmt: skip
         engine = EngineCore(config)
     except BaseException as e:
         logger.exception("engine core failed to start")

@@ -2,9 +2,8 @@
 
 :mod:`.linear_kernels` streams the weight once with the norm or gated activation applied to the input on the fly,
 for up to ``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` rows (default 1, a batch-1 decode step; 0 turns it off; at most
-``MAX_ROWS``). ``_config``
-picks it only where it measured faster than the unfused path, which runs otherwise: the standalone prologue op
-(itself dispatched: the Triton norm or activation kernel on GPU) then cuBLAS ``F.linear``.
+``MAX_ROWS``). ``_config`` picks it only where it measured faster than the unfused path, which runs otherwise: the
+standalone prologue op (itself dispatched: the Triton norm or activation kernel on GPU) then cuBLAS ``F.linear``.
 """
 
 from __future__ import annotations
@@ -72,10 +71,10 @@ def _launch(
     k: int,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    cfg: Config,
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     epsilon: float = 0.0,
-    config: Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel on x's rows; returns (out [..., n], residual_out [..., k] for the norm prologue)."""
     from . import linear_kernels
@@ -88,7 +87,6 @@ def _launch(
     if residual is not None:
         residual_out = torch.empty((num_rows, k), dtype=x.dtype, device=x.device)
     if num_rows > 0 and n > 0:
-        cfg = config or Config(1 if num_rows == 1 else 16, 16, 256, 4, 3)
         r2 = rows_view(residual) if residual is not None else x2
         assert r2 is not None
         linear_kernels.small_m_linear_kernel[(-(-n // cfg.block_n),)](
@@ -124,7 +122,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     k = x.shape[-1]
     if (cfg := _config(_PLAIN, _rows(x), weight.shape[0], k)) is None:
         return F.linear(x, weight, bias)
-    return _launch(_PLAIN, x, k, weight, bias, config=cfg)[0]
+    return _launch(_PLAIN, x, k, weight, bias, cfg)[0]
 
 
 def add_rms_norm_linear(
@@ -139,7 +137,7 @@ def add_rms_norm_linear(
     if (cfg := _config(_NORM, _rows(x), weight.shape[0], k)) is None:
         normed, residual_out = ops.fused_add_rms_norm(x, residual, norm_weight, epsilon)
         return F.linear(normed, weight, bias), residual_out
-    out, residual_out = _launch(_NORM, x, k, weight, bias, residual, norm_weight, epsilon, cfg)
+    out, residual_out = _launch(_NORM, x, k, weight, bias, cfg, residual, norm_weight, epsilon)
     assert residual_out is not None
     return out, residual_out
 
@@ -151,7 +149,7 @@ def _gated_linear(
     if (cfg := _config(prologue, _rows(x), weight.shape[0], k)) is None:
         act = ops.silu_and_mul if prologue == _SILU else ops.gelu_tanh_and_mul
         return F.linear(act(x), weight, bias)
-    return _launch(prologue, x, k, weight, bias, config=cfg)[0]
+    return _launch(prologue, x, k, weight, bias, cfg)[0]
 
 
 def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -72,10 +72,8 @@ def light_config(raw: dict[str, Any]) -> LightConfig | None:
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in _REQUIRED:
         return None
-    required = _REQUIRED[model_type]
-    if any(raw.get(key) is None and key != "sliding_window" for key in required):
-        return None
-    if any(key not in raw for key in required):
+    # every required field present; only sliding_window may be null
+    if any(key not in raw or (raw[key] is None and key != "sliding_window") for key in _REQUIRED[model_type]):
         return None
     if "rope_theta" not in raw and not isinstance(raw.get("rope_parameters"), dict):
         return None  # transformers' default theta differs by family (Mixtral 1e6)
