@@ -6,7 +6,7 @@ Each ``<noun>.py`` holds provider functions with the native signatures and their
 
 from __future__ import annotations
 
-from . import activation, cache, linear, norm, rotary
+from . import activation, cache, linear, norm, rotary, sampling
 
 __all__ = ["register_triton_providers"]
 
@@ -18,6 +18,6 @@ def register_triton_providers() -> None:
     global _registered
     if _registered:
         return
-    for module in (norm, activation, rotary, cache, linear):
+    for module in (norm, activation, rotary, cache, linear, sampling):
         module.register()
     _registered = True

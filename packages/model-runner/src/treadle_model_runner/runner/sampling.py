@@ -44,7 +44,9 @@ def sample_step(
             runner.device,
             generator=runner.generator,
         )
-        logits = model.compute_logits(hidden[inputs.logits_indices]).float()  # [S, vocab]
+        logits = model.compute_logits(
+            hidden[inputs.logits_indices]
+        )  # [S, vocab] model dtype; the sampler casts
         out = runner.sampler(logits, metadata)
         if defer:
             positions = batch.num_tokens[rows].copy()

@@ -8,8 +8,8 @@ the host:
     -> logprobs (chosen token's logprob and rank, top-k)
 
 Steps no request of the batch needs are skipped (the metadata's tensors are None), so an all-greedy batch
-without penalties is one argmax. Greedy rows take the argmax of the penalized logits; temperature and truncation
-leave them alone. The logits are modified in place: pass a copy if the caller still needs them.
+without masks, bias, penalties or logprobs is one argmax (``ops.argmax_rows``, on the model-dtype logits).
+Greedy rows take the argmax of the penalized logits; temperature and truncation leave them alone. The logits are modified in place: pass a copy if the caller still needs them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from treadle_ir import ops
 from treadle_model_runner.sample.gumbel import exponential_noise, gumbel_max
 from treadle_model_runner.sample.logprobs import LogprobsTensors, compute_logprobs, gather_logprobs
 from treadle_model_runner.sample.masks import apply_logit_bias, apply_token_masks
@@ -52,6 +53,9 @@ class Sampler:
         assert tuple(logits.shape) == expected, (
             f"logits {tuple(logits.shape)} do not match metadata {expected}"
         )
+        if metadata.all_greedy and metadata.max_num_logprobs < 0 and _untouched(metadata):
+            # the whole sampler is one argmax, on the logits as they come (a float32 cast is exact and monotone)
+            return SamplerOutput(sampled_token_ids=ops.argmax_rows(logits), logprobs=None)
         logits = logits.to(torch.float32).contiguous()
         want_logprobs = metadata.max_num_logprobs >= 0
         raw_logprobs = None
@@ -122,3 +126,10 @@ class Sampler:
         if md.all_greedy:
             return logits
         return self.apply_temperature_and_truncation(logits, md)
+
+
+def _untouched(md: SamplingMetadata) -> bool:
+    """No mask, bias or penalty changes any row's logits."""
+    return (
+        md.allowed_mask is None and md.banned_indices is None and md.bias_indices is None and md.no_penalties
+    )
