@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from treadle_kernels.attention import triton_decode_kernel as decode
 from treadle_kernels.attention import triton_kernel as attn
 from treadle_kernels.ops import (
     activation_kernels,
@@ -18,6 +19,7 @@ from treadle_kernels.ops import (
     linear_kernels,
     norm_kernels,
     rotary_kernels,
+    sampling_kernels,
 )
 from treadle_kernels.ops.support import compile_ahead as compile_one
 
@@ -38,6 +40,13 @@ def main() -> int:
     for flt in (False, True):
         constexprs = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 16, "FILTER": flt}
         compile_one(attn.reduce_splits_kernel, constexprs, {**ints, **fp32})
+    decode_ptrs = {**ints, **fp32, "counter_ptr": "*i32", "positions_ptr": "*i64", "slot_mapping_ptr": "*i64"}
+    for splits, window in ((1, False), (16, True)):
+        constexprs = {
+            "G": 4, "HALF": 64, "BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "NUM_SPLITS": splits,
+            "USE_WINDOW": window, "DOT_PRECISION": "tf32", "UPCAST": False, "USE_PDL": splits > 1,
+        }  # fmt: skip
+        compile_one(decode.decode_attention_kernel, constexprs, decode_ptrs, ("scale",))
     for residual, gemma in ((False, False), (True, False), (False, True)):
         norm = {"HAS_RESIDUAL": residual, "GEMMA": gemma, "BLOCK": 4096}
         compile_one(norm_kernels.rms_norm_kernel, norm, {}, ("epsilon",))
@@ -49,9 +58,18 @@ def main() -> int:
         for rows, block_n, block_k in ((1, 16, 512), (16, 32, 128)):
             linear = {
                 "PROLOGUE": prologue, "HAS_BIAS": prologue == 0, "ROWS": rows, "BLOCK_N": block_n,
-                "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "UPCAST": False,
+                "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "UPCAST": False, "USE_PDL": prologue % 2 == 1,
             }  # fmt: skip
             compile_one(linear_kernels.small_m_linear_kernel, linear, {}, ("epsilon",))
+    partials = {"part_key_ptr": "*i32", "part_index_ptr": "*i32"}
+    for logits in ("*fp32", "*bf16", "*fp16"):
+        for chunk in (16, 1024):
+            compile_one(
+                sampling_kernels.argmax_chunks_kernel, {"CHUNK": chunk}, {"logits_ptr": logits, **partials}
+            )
+    for chunks_block in (1, 128, 1024):
+        reduce = {"CHUNKS_BLOCK": chunks_block}
+        compile_one(sampling_kernels.argmax_reduce_kernel, reduce, {**partials, "out_ptr": "*i64"})
     print("compiled for sm_90")
     return 0
 

@@ -10,7 +10,7 @@ import os
 
 from treadle_ir.envs import parse_bool
 
-__all__ = ["SMALL_BATCH_LINEAR_MAX_ROWS", "TRITON_INTERPRET"]
+__all__ = ["FUSED_DECODE_ATTENTION", "PDL", "SMALL_BATCH_LINEAR_MAX_ROWS", "TRITON_INTERPRET"]
 
 
 def TRITON_INTERPRET() -> bool:
@@ -34,3 +34,16 @@ def SMALL_BATCH_LINEAR_MAX_ROWS(limit: int) -> int:
             f"TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}"
         )
     return value
+
+
+def FUSED_DECODE_ATTENTION() -> bool:
+    """``TREADLE_FUSED_DECODE_ATTENTION`` (default 1): the Triton attention backend runs rotary, the KV-cache write
+    and split-KV attention of a decode step in one kernel; 0 runs them as separate launches."""
+    return parse_bool("TREADLE_FUSED_DECODE_ATTENTION", os.environ.get("TREADLE_FUSED_DECODE_ATTENTION", "1"))
+
+
+def PDL() -> bool:
+    """``TREADLE_PDL=1`` (Hopper+; default off): the one-row linear kernel and the fused decode attention kernel
+    launch with programmatic dependent launch, each requesting the weights or metadata it can read before the
+    kernel ahead of it finishes."""
+    return parse_bool("TREADLE_PDL", os.environ.get("TREADLE_PDL", "0"))

@@ -22,6 +22,7 @@ window holds ``W`` keys, the query's own included).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +31,16 @@ from treadle_ir import ops
 from treadle_kernels.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Rope:
+    """The rotary embedding a layer asks the backend to apply to q and k before attending (``forward_rope``):
+    ``ops.rotary_embedding_`` semantics with these positions [T] and cos/sin table [max_position, rot_dim]."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    is_neox: bool
 
 
 class AttentionMetadataBuilder:
@@ -100,6 +111,22 @@ class AttentionImpl:
         output: torch.Tensor,  # [num_tokens, num_heads, head_size], written in place
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_rope(
+        self,
+        rope: Rope,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size], not yet rotated
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], not yet rotated
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        output: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` on rotated q and k. This default rotates them in place first; a backend may fuse the
+        rotation into its kernels instead (query and key then hold unspecified values afterwards)."""
+        ops.rotary_embedding_(rope.positions, query.flatten(1), key.flatten(1), self.head_size, rope.cos_sin_cache,
+                              rope.is_neox)  # fmt: skip
+        return self.forward(query, key, value, kv_cache, attn_metadata, output)
 
 
 class AttentionBackend:

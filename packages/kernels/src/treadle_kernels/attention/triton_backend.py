@@ -29,9 +29,11 @@ from treadle_kernels.attention.backend import (
     AttentionBackend,
     AttentionImpl,
     AttentionMetadataBuilder,
+    Rope,
     write_kv_cache,
 )
 from treadle_kernels.attention.metadata import AttentionMetadata
+from treadle_kernels.attention.triton_decode import fusable, fused_decode_attention, new_counters
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +117,18 @@ class TritonAttentionMetadata:
 
     common: AttentionMetadata
     min_query_len: int  # tokens of the shortest query this step
+    counters: torch.Tensor  # the fused decode kernel's split-reduction tickets (triton_decode.py)
 
 
 class TritonMetadataBuilder(AttentionMetadataBuilder):
+    def __init__(self, block_size: int, device: torch.device | str) -> None:
+        super().__init__(block_size, device)
+        self.counters = new_counters(self.device)  # before any graph capture; shared by every layer
+
     def build(self, common: AttentionMetadata) -> TritonAttentionMetadata:
         qsl = common.query_start_loc_cpu
         min_query_len = int((qsl[1:] - qsl[:-1]).min()) if qsl.shape[0] > 1 else 0
-        return TritonAttentionMetadata(common, min_query_len)
+        return TritonAttentionMetadata(common, min_query_len, self.counters)
 
 
 def _launch(
@@ -233,6 +240,26 @@ class TritonAttentionImpl(AttentionImpl):
             query, kv_cache, md, output, self.scale, self.sliding_window, self.logits_soft_cap,
             self.force_num_splits, attn_metadata.min_query_len, self.device_profile,
         )  # fmt: skip
+
+    def forward_rope(
+        self,
+        rope: Rope,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: TritonAttentionMetadata,
+        output: torch.Tensor,
+    ) -> torch.Tensor:
+        md = attn_metadata.common
+        if not fusable(rope, md, self.head_size, self.logits_soft_cap, query):
+            return super().forward_rope(rope, query, key, value, kv_cache, attn_metadata, output)
+        profile = self.device_profile or device_profile(query.device)
+        cfg = choose_launch_config(profile, md.num_reqs, 1, self.num_kv_heads, self.num_queries_per_kv,
+                                   self.force_num_splits)  # fmt: skip
+        return fused_decode_attention(rope, query, key, value, kv_cache, md, output, self.scale,
+                                      self.sliding_window, attn_metadata.counters, cfg.num_splits,
+                                      cfg.block_n)  # fmt: skip
 
 
 class TritonAttentionBackend(AttentionBackend):

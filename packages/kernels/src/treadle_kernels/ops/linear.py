@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from treadle_ir import ops
 
 from .. import envs
-from .support import check_tensor, rows_view, triton_supported
+from .support import check_tensor, pdl_enabled, rows_view, triton_supported
 
 __all__ = ["MAX_ROWS", "register"]
 
@@ -111,8 +111,10 @@ def _launch(
             BLOCK_K=cfg.block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             UPCAST=x.device.type == "cpu",  # CPU means the interpreter
+            USE_PDL=(pdl := cfg.rows == 1 and pdl_enabled(x.device)),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            **({"launch_pdl": True} if pdl else {}),
         )
     lead = x.shape[:-1]
     return out.view(*lead, n), None if residual_out is None else residual_out.view(*lead, k)

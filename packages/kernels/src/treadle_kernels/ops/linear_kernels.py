@@ -11,6 +11,11 @@ ROWS is the padded row count: 1 reduces with an elementwise multiply and a row s
 in fp32, for the CPU interpreter, which mis-computes 16-bit dots).
 PROLOGUE 1 first makes one pass over the (few, small) input rows for their mean square; program 0 also stores
 ``x + residual`` to ``residual_out``. Accumulation is fp32.
+ROWS 1 requests its first weight tile before anything that reads the input (the norm pass included), and each
+next tile one iteration ahead: the weight does not depend on the kernel before, so its read starts at once.
+USE_PDL (programmatic dependent launch, Hopper): the kernel may start while the kernel before it finishes; it
+requests its first weight tile, lets the next kernel launch, and waits (``gdc_wait``) before reading any input.
+Every PDL kernel waits before it ends, so completion stays transitive along the chain.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def small_m_linear_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     dtype = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -65,6 +71,12 @@ def small_m_linear_kernel(
     row_mask = rows < num_rows
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
     w_rows = weight_ptr + offs_n.to(tl.int64)[:, None] * k
+    tile = tl.arange(0, BLOCK_K)
+    if ROWS == 1:  # the first weight tile, requested before the input is read (and before waiting, with PDL)
+        w_next = tl.load(w_rows + tile[None, :], mask=n_mask[:, None] & (tile < k)[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
     if PROLOGUE == 1:
         r_rows = residual_ptr + rows.to(tl.int64)[:, None] * residual_row_stride
@@ -84,10 +96,15 @@ def small_m_linear_kernel(
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = k0 + tile
         k_mask = cols < k
         mask = row_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if ROWS == 1:  # this tile arrived during the last iteration; request the next one now
+            w = w_next
+            ahead = cols + BLOCK_K
+            w_next = tl.load(w_rows + ahead[None, :], mask=n_mask[:, None] & (ahead < k)[None, :], other=0.0)
+        else:
+            w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if PROLOGUE == 0:
             a = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
         elif PROLOGUE == 1:

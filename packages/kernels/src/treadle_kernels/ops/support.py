@@ -17,7 +17,9 @@ from treadle_ir import Platform
 
 from .. import envs
 
-__all__ = ["FLOAT_DTYPES", "check_tensor", "compile_ahead", "next_pow2", "rows_view", "triton_supported"]
+__all__ = [
+    "FLOAT_DTYPES", "check_tensor", "compile_ahead", "next_pow2", "pdl_enabled", "rows_view", "triton_supported",
+]  # fmt: skip
 
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
@@ -30,6 +32,12 @@ def _triton_installed() -> bool:
 @functools.cache
 def interpreter_on() -> bool:
     return envs.TRITON_INTERPRET()
+
+
+@functools.cache
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch: asked for (``TREADLE_PDL``) and the device is Hopper or newer."""
+    return device.type == "cuda" and envs.PDL() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def triton_supported(platform: Platform) -> bool | str:

@@ -4,6 +4,8 @@ attends over everything cached for each request.
 The layer owns no weights. Its backend implementation is bound by the runner (`bind_backend`) once the backend
 is chosen for the device; the KV-cache tensor and the step's attention metadata come from the forward context,
 indexed by `layer_idx`. Shapes: q [T, num_heads * head_size], k / v [T, num_kv_heads * head_size] -> out like q.
+A layer may hand over q and k unrotated with their rotary embedding (`rope`): the backend rotates them, and the
+Triton backend does it inside its decode kernel together with the cache write (one launch instead of three).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from treadle_kernels.attention.backend import Rope
 from treadle_model_runner.forward_context import get_forward_context
 
 
@@ -48,7 +51,11 @@ class Attention(nn.Module):
             logits_soft_cap=self.logits_soft_cap,
         )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rope: Rope | None = None
+    ) -> torch.Tensor:
+        """Attend; with ``rope``, q and k arrive unrotated and the backend rotates them (perhaps fused into its
+        kernels, so q and k may be left unrotated or rotated afterwards)."""
         assert self.impl is not None, (
             f"attention layer {self.layer_idx} has no backend: call bind_backend first"
         )
@@ -57,7 +64,7 @@ class Attention(nn.Module):
         output = torch.empty(
             num_tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device
         )
-        self.impl.forward(
+        args = (
             query.view(num_tokens, self.num_heads, self.head_size),
             key.view(num_tokens, self.num_kv_heads, self.head_size),
             value.view(num_tokens, self.num_kv_heads, self.head_size),
@@ -65,4 +72,8 @@ class Attention(nn.Module):
             ctx.attn_metadata[self.layer_idx],
             output,
         )
+        if rope is None:
+            self.impl.forward(*args)
+        else:
+            self.impl.forward_rope(rope, *args)
         return output.view(num_tokens, self.num_heads * self.head_size)

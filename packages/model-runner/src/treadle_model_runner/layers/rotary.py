@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
+from treadle_kernels.attention.backend import Rope
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -63,6 +64,8 @@ def _inv_freq(rot_dim: int, params: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    cos_sin_cache: torch.Tensor  # a buffer [max_position, rotary_dim]
+
     def __init__(
         self, head_size: int, max_position: int, params: dict[str, Any], is_neox: bool = True
     ) -> None:
@@ -80,6 +83,10 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64; query [T, nh * head_size]; key [T, nkv * head_size]."""
         return ops.rotary_embedding(positions, query, key, self.head_size, self.cos_sin_cache, self.is_neox)
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        """This embedding at these positions, for an attention backend to apply (``Attention(..., rope=)``)."""
+        return Rope(positions, self.cos_sin_cache, self.is_neox)
 
     def rotate_(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
         """Rotate in place; query/key may be strided views (slices of a fused qkv buffer), no copies made."""

@@ -75,9 +75,9 @@ class LlamaSelfAttention(nn.Module):
             q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
             k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
         # q, k, v stay views of the qkv buffer (row stride q + 2 kv): rotary, the KV-cache write and attention
-        # all read strided rows, so no copy kernel runs; rotating in place is safe, qkv is this step's own
-        self.rotary_emb.rotate_(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        # all read strided rows, so no copy kernel runs; the backend rotates q and k (in place, or fused into
+        # its decode kernel), which is safe: qkv is this step's own
+        return self.o_proj(self.attn(q, k, v, rope=self.rotary_emb.rope(positions)))
 
 
 def dense_mlp(config: Any) -> nn.Module:

@@ -1,0 +1,154 @@
+"""The fused decode kernel (rotary + KV write + split-KV attention + in-kernel reduction) against the torch backend.
+
+Both sides get the same unrotated q/k and a rotary table and run ``forward_rope``: the torch backend rotates with
+the IR op's native spec, then writes the cache and attends (the reference); the Triton backend takes the fused
+kernel for one-token batches. Compared: the attention output, the whole cache afterwards (the new slots hold the
+rotated key and the value; nothing else changed: unused slots hold NaN and must stay NaN), and the split
+counters, which must be back at zero. CPU: the interpreter at tiny sizes, with an H100's launch shapes (16 splits)
+and forced split counts. GPU (``-m gpu``): Llama-3.1-8B's heads, bf16, batches 1-64 with contexts up to 4k.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from attention_cases import Case, make_case
+
+from treadle_kernels.attention import get_attn_backend
+from treadle_kernels.attention.backend import Rope
+from treadle_kernels.attention.triton_backend import H100_PROFILE, TritonAttentionImpl
+from treadle_kernels.attention.triton_decode import fusable
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+DECODES = [(17, 1), (0, 1), (40, 1), (63, 1), (64, 1), (3, 1)]  # context 0: the new token alone
+
+
+def make_rope(case: Case, head_dim: int, is_neox: bool = True, rot_dim: int | None = None) -> Rope:
+    md = case.metadata
+    gen = torch.Generator().manual_seed(7)
+    angles = torch.rand(md.max_seq_len + 8, (rot_dim or head_dim) // 2, generator=gen) * 6.3
+    cache = torch.cat([angles.cos(), angles.sin()], dim=-1).to(case.query.dtype).to(case.query.device)
+    # each request's token sits at position seq_len - 1; padding rows at 0
+    positions = torch.zeros(case.query.shape[0], dtype=torch.int64)
+    positions[: md.num_reqs] = md.seq_lens_cpu.long() - 1
+    return Rope(positions.to(case.query.device), cache, is_neox)
+
+
+def run(name: str, case: Case, rope: Rope, nh: int, nkv: int, d: int, window: int | None = None,
+        splits: int | None = None, h100: bool = False) -> tuple[torch.Tensor, torch.Tensor, object]:  # fmt: skip
+    backend = get_attn_backend(name, case.query.device)
+    builder = backend.get_builder_cls()(case.kv_cache.shape[2], case.query.device)
+    impl = backend.get_impl_cls()(nh, d, d**-0.5, nkv, window)
+    if isinstance(impl, TritonAttentionImpl):
+        impl.force_num_splits = splits
+        impl.device_profile = H100_PROFILE if h100 else None
+    q, k, v = case.query.clone(), case.key.clone(), case.value.clone()
+    out = torch.zeros_like(q)
+    kv_cache = case.kv_cache.clone()
+    md = builder.build(case.metadata)
+    impl.forward_rope(rope, q, k, v, kv_cache, md, out)
+    return out[: case.metadata.num_actual_tokens], kv_cache, md
+
+
+def compare(case: Case, nh: int, nkv: int, d: int, dtype: torch.dtype, window: int | None = None,
+            splits: int | None = None, h100: bool = False, rope: Rope | None = None) -> None:  # fmt: skip
+    rope = rope or make_rope(case, d)
+    out, cache, md = run("triton", case, rope, nh, nkv, d, window, splits, h100)
+    ref, ref_cache, _ = run("torch", case, rope, nh, nkv, d, window)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # the rotated keys may differ by one rounding of the rotation (fused multiply-add); values are copies
+    torch.testing.assert_close(cache.float(), ref_cache.float(), atol=tol, rtol=tol, equal_nan=True)
+    assert int(md.counters.abs().sum()) == 0, "split counters were not reset"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [None, 1, 4], ids=["cpu-launch", "splits1", "splits4"])
+def test_decode_matches_torch(splits: int | None, dtype: torch.dtype) -> None:
+    case = make_case(DECODES, 4, 2, 32, 16, dtype=dtype, device=DEVICE, seed=41, num_padding=2)
+    compare(case, 4, 2, 32, dtype, splits=splits)
+
+
+@pytest.mark.parametrize("window", [5, 16, 70])
+def test_sliding_window_with_h100_splits(window: int) -> None:
+    """16 splits of 64 keys (H100 launch): empty splits, windows inside one tile and across tiles."""
+    reqs = [(0, 1), (20, 1), (100, 1), (1100, 1)]
+    case = make_case(reqs, 2, 1, 32, 16, device=DEVICE, seed=42)
+    compare(case, 2, 1, 32, torch.float32, window=window, h100=True)
+
+
+def test_h100_splits_full_attention_g8() -> None:
+    case = make_case([(200, 1), (1500, 1), (5, 1)], 8, 1, 32, 16, device=DEVICE, seed=43)
+    compare(case, 8, 1, 32, torch.float32, h100=True)
+
+
+def test_fused_path_is_taken_and_leaves_query_unrotated() -> None:
+    case = make_case(DECODES, 4, 2, 32, 16, device=DEVICE, seed=44)
+    rope = make_rope(case, 32)
+    assert fusable(rope, case.metadata, 32, None, case.query)
+    backend = get_attn_backend("triton", case.query.device)
+    impl = backend.get_impl_cls()(4, 32, 32**-0.5, 2)
+    q = case.query.clone()
+    impl.forward_rope(rope, q, case.key.clone(), case.value.clone(), case.kv_cache.clone(),
+                      backend.get_builder_cls()(16, DEVICE).build(case.metadata), torch.zeros_like(q))  # fmt: skip
+    assert torch.equal(q, case.query), "the fused kernel must not have rotated q in place (unfused path ran?)"
+
+
+@pytest.mark.parametrize("variant", ["gptj", "partial", "prefill", "softcap", "env_off"])
+def test_unfusable_calls_fall_back(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls outside the fused kernel's scope run rotary + the unified kernel, and still match the reference."""
+    reqs = [(5, 3), (9, 1)] if variant == "prefill" else DECODES
+    case = make_case(reqs, 4, 2, 32, 16, device=DEVICE, seed=45)
+    rope = make_rope(case, 32, is_neox=variant != "gptj", rot_dim=16 if variant == "partial" else None)
+    if variant == "prefill":  # positions of every query token
+        pos = [p for (c, q) in reqs for p in range(c, c + q)]
+        rope = Rope(torch.tensor(pos, device=DEVICE), rope.cos_sin_cache, True)
+    if variant == "env_off":
+        monkeypatch.setenv("TREADLE_FUSED_DECODE_ATTENTION", "0")
+    cap = 5.0 if variant == "softcap" else None
+    assert not fusable(rope, case.metadata, 32, cap, case.query)
+    if variant != "softcap":
+        compare(case, 4, 2, 32, torch.float32, rope=rope)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 4, 64])
+@pytest.mark.parametrize("window", [None, 1024])
+def test_gpu_llama_heads(batch: int, window: int | None) -> None:
+    gen = torch.Generator().manual_seed(batch)
+    reqs = [(int(c), 1) for c in torch.randint(0, 4000, (batch,), generator=gen)]
+    case = make_case(reqs, 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=46, num_padding=3)
+    compare(case, 32, 8, 128, torch.bfloat16, window=window)
+    compare(case, 32, 8, 128, torch.bfloat16, window=window, splits=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_repeated_launches_keep_counters_consistent() -> None:
+    """Many launches on one set of counters (as 32 layers x many steps share them) stay exact."""
+    case = make_case([(3000, 1), (17, 1)], 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=47)
+    rope = make_rope(case, 128)
+    ref, _, _ = run("torch", case, rope, 32, 8, 128)
+    backend = get_attn_backend("triton", case.query.device)
+    builder = backend.get_builder_cls()(16, "cuda")
+    impl = backend.get_impl_cls()(32, 128, 128**-0.5, 8)
+    md = builder.build(case.metadata)
+    for _ in range(200):
+        out = torch.zeros_like(case.query)
+        impl.forward_rope(rope, case.query.clone(), case.key.clone(), case.value.clone(), case.kv_cache.clone(),
+                          md, out)  # fmt: skip
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert int(md.counters.abs().sum()) == 0
