@@ -19,12 +19,13 @@ gpu_tests() {  # name, limit, env assignments (comma-separated or empty), test p
 }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   gpu_tests decode "${TEST_LIMIT_S:-240}" "" packages/kernels/tests/test_attention_triton_decode.py \
-    packages/kernels/tests/test_attention_triton.py packages/kernels/tests/test_ir_providers_linear.py &
+    packages/kernels/tests/test_attention_triton.py packages/kernels/tests/test_ir_providers_linear.py \
+    packages/kernels/tests/test_ir_providers_sampling.py &
   gpu_tests decode_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/kernels/tests/test_attention_triton_decode.py \
     packages/kernels/tests/test_ir_providers_linear.py &
   gpu_tests runner "${TEST_LIMIT_S:-240}" "" packages/model-runner/tests packages/engine-core/tests &
+  gpu_tests runner_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/model-runner/tests &
   wait
-  gpu_tests runner_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/model-runner/tests
 fi
 MODEL=benchmarks/configs/llama-3.1-8b
 for variant in ${VARIANTS:-unfused:TREADLE_FUSED_DECODE_ATTENTION=0 fused: fused_pdl:TREADLE_PDL=1}; do
@@ -39,3 +40,7 @@ env ${PROFILE_ENV:-} timeout "${PROFILE_LIMIT_S:-120}" python3 benchmarks/profil
   > "$R/profile.log" 2>&1
 stamp "profile (${PROFILE_ENV:-})" $?
 rm -f "$R"/profile/*.trace.json
+for f in "$R"/latency_*.json; do
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['result']['ms_per_output_token'])" "$f"
+done
+tail -n 3 "$R"/tests_*.log
