@@ -9,6 +9,9 @@ all) that no call finds its weight in L2. Every config's output is checked again
 
 Usage (GPU machine): python3 benchmarks/gemv_sweep.py --out OUT/gemv.json --commit SHA [--compile-only I/N]
 `--compile-only I/N` runs part I of N of the configs once each (fills Triton's cache; several processes at once).
+`--rows 1` sweeps only one row (with TREADLE_PDL=1 in the environment: the configs launched with PDL).
+`--chosen` times only the one-row config each projection runs with (`linear._config`), with programmatic dependent
+launch off and on (back-to-back calls in one graph: with PDL each call overlaps the tail of the one before).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 import treadle_kernels  # noqa: F401  (registers the triton providers)
 from treadle_ir import ops
 from treadle_kernels.ops import linear as fused
+from treadle_kernels.ops import support
 from treadle_kernels.ops.linear import Config
 
 SHAPES = {  # name: (prologue, n, k)
@@ -104,8 +109,13 @@ def _configs(rows: int) -> list[Config]:
     return ROWS1 if rows == 1 else ROWS16
 
 
-def compile_part(part: int, parts: int) -> None:
-    jobs = [(name, rows, cfg) for name in SHAPES for rows in (1, 16) for cfg in _configs(rows)]
+def compile_part(part: int, parts: int, row_counts: tuple[int, ...]) -> None:
+    jobs = [
+        (name, rows, cfg)
+        for name in SHAPES
+        for rows in {min(r, 16) for r in row_counts}
+        for cfg in _configs(rows)
+    ]
     for i, (name, rows, cfg) in enumerate(jobs):
         if i % parts == part:
             prologue, n, k = SHAPES[name]
@@ -143,10 +153,10 @@ def _measure(prologue: int, n: int, k: int, rows: int) -> dict:
     return entry
 
 
-def sweep() -> dict:
+def sweep(row_counts: tuple[int, ...] = ROW_COUNTS) -> dict:
     results: dict = {}
     for name, (prologue, n, k) in SHAPES.items():
-        for rows in ROW_COUNTS:
+        for rows in row_counts:
             entry = results[f"{name}/rows{rows}"] = _measure(prologue, n, k, rows)
             best = entry["best"] or {"us": float("nan"), "config": None}
             print(
@@ -158,23 +168,56 @@ def sweep() -> dict:
     return results
 
 
+def _chosen_entry(prologue: int, n: int, k: int) -> dict:
+    cfg = fused._config(prologue, 1, n, k)
+    assert cfg is not None, f"no one-row config for {n} x {k}"
+    copies = max(2, math.ceil(256e6 / (n * k * 2)))
+    t = _inputs(prologue, n, k, 1, copies)
+    ws = t["weights"]
+    entry = {"config": list(cfg), "weight_MB": round(n * k * 2 / 1e6, 1)}
+    entry["unfused_us"] = round(_graph_us(lambda i: _unfused_call(prologue, t, ws[i]), copies), 2)
+    for label, flag in (("us", "0"), ("pdl_us", "1")):
+        os.environ["TREADLE_PDL"] = flag
+        support.pdl_enabled.cache_clear()
+        entry[label] = round(_graph_us(lambda i: _fused_call(prologue, t, ws[i], cfg), copies), 2)
+    os.environ.pop("TREADLE_PDL")
+    support.pdl_enabled.cache_clear()
+    entry["GBps"] = round(n * k * 2 / entry["us"] / 1e3, 1)
+    entry["pdl_GBps"] = round(n * k * 2 / entry["pdl_us"] / 1e3, 1)
+    return entry
+
+
+def chosen() -> dict:
+    """The production one-row config of each projection, PDL off and on, against the unfused path."""
+    results: dict = {}
+    for name, (prologue, n, k) in SHAPES.items():
+        results[name] = _chosen_entry(prologue, n, k)
+        print(name, results[name], flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--compile-only")
+    parser.add_argument(
+        "--chosen", action="store_true", help="only the production one-row configs, PDL off / on"
+    )
     args = parser.parse_args()
     if args.compile_only:
         part, parts = (int(v) for v in args.compile_only.split("/"))
         compile_part(part, parts)
         return
     t0 = time.time()
-    results = sweep()
+    results = chosen() if args.chosen else sweep()
     record = {
         "item": "fused small-batch linear kernel: tile sweep vs the unfused Triton-norm/activation + cuBLAS path",
         "device": torch.cuda.get_device_name(),
         "commit": args.commit,
-        "command": "python3 benchmarks/gemv_sweep.py --out gemv.json",
+        "command": "python3 benchmarks/gemv_sweep.py --out gemv.json"
+        + (" --chosen" if args.chosen else "")
+        + f" --rows {args.rows} (TREADLE_PDL={os.environ.get('TREADLE_PDL', '0')})",
         "baseline": "unfused_us: Triton norm or SiLU kernel + cuBLAS F.linear (the previous decode path); "
         "cublas_linear_only_us: F.linear alone; all inside CUDA graphs, same run, weights cycled past L2",
         "seconds": round(time.time() - t0, 1),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on batch-1 decode: the GPU tests of the kernels a decode step runs (fused decode attention,
-# one-row linear kernel, runner graph = eager), with and without programmatic dependent launch; then, alone on the
-# GPU and each in a fresh process on the same machine, `treadle bench latency` (Llama-3.1-8B dummy, batch 1,
+# one-row linear kernel, runner graph = eager), with and without programmatic dependent launch; then (SWEEP=1) the
+# one-row linear kernel's production configs with PDL off and on, and a one-row tile sweep with PDL; then, alone on
+# the GPU and each in a fresh process on the same machine, `treadle bench latency` (Llama-3.1-8B dummy, batch 1,
 # 128 in / 128 out, as gpu_e2e's latency item) under each variant of VARIANTS; then a torch.profiler kernel
 # breakdown of batch-1 steps under PROFILE_ENV.
 # A variant is NAME:ENV=VALUE,ENV=VALUE (no env: NAME:).
@@ -17,15 +18,32 @@ gpu_tests() {  # name, limit, env assignments (comma-separated or empty), test p
     > "$R/tests_$name.log" 2>&1
   stamp "tests_$name" $?
 }
+if [ "${SWEEP:-0}" = 1 ]; then  # fill Triton's cache for the PDL one-row sweep while the tests run
+  for i in 0 1 2 3 4 5; do
+    TREADLE_PDL=1 timeout 200 python3 benchmarks/gemv_sweep.py --rows 1 --compile-only $i/6 > "$R/compile_$i.log" 2>&1 &
+  done
+fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   gpu_tests decode "${TEST_LIMIT_S:-240}" "" packages/kernels/tests/test_attention_triton_decode.py \
     packages/kernels/tests/test_attention_triton.py packages/kernels/tests/test_ir_providers_linear.py \
     packages/kernels/tests/test_ir_providers_sampling.py &
   gpu_tests decode_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/kernels/tests/test_attention_triton_decode.py \
     packages/kernels/tests/test_ir_providers_linear.py &
-  gpu_tests runner "${TEST_LIMIT_S:-240}" "" packages/model-runner/tests packages/engine-core/tests &
-  gpu_tests runner_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/model-runner/tests &
+  # the graph-memory test measures device memory: it runs below, alone
+  gpu_tests runner "${TEST_LIMIT_S:-240}" "" packages/model-runner/tests packages/engine-core/tests \
+    --deselect packages/model-runner/tests/test_graph_memory.py::test_graph_memory_is_reserved_before_the_kv_cache &
   wait
+  gpu_tests runner_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/model-runner/tests/test_runner.py \
+    packages/model-runner/tests/test_graph_memory.py
+  gpu_tests graph_memory 60 "" packages/model-runner/tests/test_graph_memory.py
+fi
+wait
+if [ "${SWEEP:-0}" = 1 ]; then
+  timeout 60 python3 benchmarks/gemv_sweep.py --chosen --out "$R/gemv_chosen.json" > "$R/gemv_chosen.log" 2>&1
+  stamp gemv_chosen $?
+  TREADLE_PDL=1 timeout "${SWEEP_LIMIT_S:-120}" python3 benchmarks/gemv_sweep.py --rows 1 --out "$R/gemv_pdl.json" \
+    > "$R/gemv_pdl.log" 2>&1
+  stamp gemv_pdl_sweep $?
 fi
 MODEL=benchmarks/configs/llama-3.1-8b
 for variant in ${VARIANTS:-unfused:TREADLE_FUSED_DECODE_ATTENTION=0 fused: fused_pdl:TREADLE_PDL=1}; do

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from treadle_ir import ops
 from treadle_model_runner.sample.gumbel_triton import seeded_noise_triton, triton_available
 
 _M32 = 0xFFFFFFFF
@@ -106,4 +107,4 @@ def exponential_noise(
 
 def gumbel_max(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """argmax(logits - log E) [B] int64: a sample of softmax(logits) per row."""
-    return (logits - noise.log()).argmax(dim=-1)
+    return ops.argmax_rows(logits - noise.log())

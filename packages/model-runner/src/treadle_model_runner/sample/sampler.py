@@ -64,9 +64,9 @@ class Sampler:
 
         logits = self.apply_penalties_and_masks(logits, metadata)
         if metadata.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = ops.argmax_rows(logits)
         else:
-            greedy = None if metadata.all_random else logits.argmax(dim=-1)
+            greedy = None if metadata.all_random else ops.argmax_rows(logits)
             logits = self.apply_temperature_and_truncation(logits, metadata)
             noise = exponential_noise(
                 metadata.num_reqs,
