@@ -204,13 +204,15 @@ def main() -> None:
     parser.add_argument(
         "--chosen", action="store_true", help="only the production one-row configs, PDL off / on"
     )
+    parser.add_argument("--rows", default=",".join(map(str, ROW_COUNTS)), help="row counts to sweep")
     args = parser.parse_args()
+    row_counts = tuple(int(r) for r in args.rows.split(","))
     if args.compile_only:
         part, parts = (int(v) for v in args.compile_only.split("/"))
-        compile_part(part, parts)
+        compile_part(part, parts, row_counts)
         return
     t0 = time.time()
-    results = chosen() if args.chosen else sweep()
+    results = chosen() if args.chosen else sweep(row_counts)
     record = {
         "item": "fused small-batch linear kernel: tile sweep vs the unfused Triton-norm/activation + cuBLAS path",
         "device": torch.cuda.get_device_name(),

@@ -4,7 +4,8 @@
 # one-row linear kernel's production configs with PDL off and on, and a one-row tile sweep with PDL; then, alone on
 # the GPU and each in a fresh process on the same machine, `treadle bench latency` (Llama-3.1-8B dummy, batch 1,
 # 128 in / 128 out, as gpu_e2e's latency item) under each variant of VARIANTS; then a torch.profiler kernel
-# breakdown of batch-1 steps under PROFILE_ENV.
+# breakdown of batch-1 steps under PROFILE_ENV (PROFILE=0: none); then the gpu_e2e.py items E2E_ITEMS, if any.
+# AGREEMENT=1 also runs benchmarks/backend_agreement.py (torch, triton graph, the bf16 noise floor) beside the tests.
 # A variant is NAME:ENV=VALUE,ENV=VALUE (no env: NAME:).
 # Run from the repo root:  source .whl/activate.sh; OUT_DIR=/tmp/r bash benchmarks/gpu_latency_variants.sh
 set -u
@@ -18,10 +19,14 @@ gpu_tests() {  # name, limit, env assignments (comma-separated or empty), test p
     > "$R/tests_$name.log" 2>&1
   stamp "tests_$name" $?
 }
-if [ "${SWEEP:-0}" = 1 ]; then  # fill Triton's cache for the PDL one-row sweep while the tests run
+if [ "${SWEEP:-0}" = 1 ] && [ "${SWEEP_PDL:-1}" = 1 ]; then  # fill Triton's cache for the PDL sweep while tests run
   for i in 0 1 2 3 4 5; do
     TREADLE_PDL=1 timeout 200 python3 benchmarks/gemv_sweep.py --rows 1 --compile-only $i/6 > "$R/compile_$i.log" 2>&1 &
   done
+fi
+if [ "${AGREEMENT:-0}" = 1 ]; then  # triton vs torch top-1 (issue 4), beside the tests
+  timeout 300 python3 benchmarks/backend_agreement.py --out "$R/agreement/agreement.json" \
+    --runs torch,triton_graph,torch_rtz --parallel 3 > "$R/agreement.log" 2>&1 &
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   gpu_tests decode "${TEST_LIMIT_S:-240}" "" packages/kernels/tests/test_attention_triton_decode.py \
@@ -41,9 +46,11 @@ wait
 if [ "${SWEEP:-0}" = 1 ]; then
   timeout 60 python3 benchmarks/gemv_sweep.py --chosen --out "$R/gemv_chosen.json" > "$R/gemv_chosen.log" 2>&1
   stamp gemv_chosen $?
-  TREADLE_PDL=1 timeout "${SWEEP_LIMIT_S:-120}" python3 benchmarks/gemv_sweep.py --rows 1 --out "$R/gemv_pdl.json" \
-    > "$R/gemv_pdl.log" 2>&1
-  stamp gemv_pdl_sweep $?
+  if [ "${SWEEP_PDL:-1}" = 1 ]; then
+    TREADLE_PDL=1 timeout "${SWEEP_LIMIT_S:-120}" python3 benchmarks/gemv_sweep.py --rows 1 --out "$R/gemv_pdl.json" \
+      > "$R/gemv_pdl.log" 2>&1
+    stamp gemv_pdl_sweep $?
+  fi
 fi
 MODEL=benchmarks/configs/llama-3.1-8b
 for variant in ${VARIANTS:-unfused:TREADLE_FUSED_DECODE_ATTENTION=0 fused: fused_pdl:TREADLE_PDL=1}; do
@@ -54,10 +61,16 @@ for variant in ${VARIANTS:-unfused:TREADLE_FUSED_DECODE_ATTENTION=0 fused: fused
     > "$R/latency_$name.log" 2>&1
   stamp "latency_$name ($envs)" $?
 done
-env ${PROFILE_ENV:-} timeout "${PROFILE_LIMIT_S:-120}" python3 benchmarks/profile_steps.py --out "$R/profile" \
+[ "${PROFILE:-1}" = 1 ] && env ${PROFILE_ENV:-} timeout "${PROFILE_LIMIT_S:-120}" python3 benchmarks/profile_steps.py --out "$R/profile" \
   > "$R/profile.log" 2>&1
-stamp "profile (${PROFILE_ENV:-})" $?
+[ "${PROFILE:-1}" = 1 ] && stamp "profile (${PROFILE_ENV:-})" $?
 rm -f "$R"/profile/*.trace.json
+if [ -n "${E2E_ITEMS:-}" ]; then  # then gpu_e2e.py items, with a fresh Triton cache (the cold start compiles all)
+  TRITON_CACHE_DIR=$(mktemp -d) timeout "${E2E_LIMIT_S:-300}" python3 benchmarks/gpu_e2e.py --out "$R/e2e" \
+    --commit "${COMMIT:-unknown}" --only "$E2E_ITEMS" --budget-s $(( ${E2E_LIMIT_S:-300} - 10 )) > "$R/e2e.log" 2>&1
+  stamp "e2e $E2E_ITEMS" $?
+  tail -n 30 "$R/e2e.log"
+fi
 for f in "$R"/latency_*.json; do
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['result']['ms_per_output_token'])" "$f"
 done

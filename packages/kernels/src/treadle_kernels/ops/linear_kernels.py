@@ -11,13 +11,13 @@ ROWS is the padded row count: 1 reduces with an elementwise multiply and a row s
 in fp32, for the CPU interpreter, which mis-computes 16-bit dots).
 PROLOGUE 1 first makes one pass over the (few, small) input rows for their mean square; program 0 also stores
 ``x + residual`` to ``residual_out``. Accumulation is fp32.
-ROWS 1 requests its first weight tile before anything that reads the input (the norm pass included): the weight
-does not depend on the kernel before, so its read starts at once. Only the first: holding the next tile through
-the loop doubles the registers a program needs (an H200 ran batch-1 decode at 5.15 ms per token with that,
-against 4.73 before it, on another machine).
-USE_PDL (programmatic dependent launch, Hopper): the kernel may start while the kernel before it finishes; it
-requests its first weight tile, lets the next kernel launch, and waits (``gdc_wait``) before reading any input.
-Every PDL kernel waits before it ends, so completion stays transitive along the chain.
+USE_PDL (programmatic dependent launch, Hopper; opt-in): the kernel may start while the kernel before it finishes;
+it requests its first weight tile (independent of that kernel), lets the next kernel launch, and waits
+(``gdc_wait``) before reading any input. Every PDL kernel waits before it ends, so completion stays transitive.
+Measured on an H200 (results/gpu-latency-h200-6d5783c): faster alone for qkv, o and down, slower for gate_up and
+lm_head, and batch-1 decode 0.09-0.14 ms per token slower end to end; off by default. Without PDL the weight is
+read in the loop: requesting the first tile ahead of the loop made down + SiLU 35.9 us against 31.3, and holding
+the next tile through the loop doubled the registers a program needs.
 """
 
 from __future__ import annotations
@@ -107,9 +107,8 @@ def small_m_linear_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
     w_rows = weight_ptr + offs_n.to(tl.int64)[:, None] * k
     tile = tl.arange(0, BLOCK_K)
-    if ROWS == 1:  # the first weight tile, requested before the input is read (and before waiting, with PDL)
+    if USE_PDL:  # the first weight tile, requested before waiting for the kernel ahead
         w_first = tl.load(w_rows + tile[None, :], mask=n_mask[:, None] & (tile < k)[None, :], other=0.0)
-    if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
@@ -131,7 +130,7 @@ def small_m_linear_kernel(
         inv_rms = 1.0 / tl.sqrt(sum_sq / k + epsilon)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    if ROWS == 1:  # the first tile apart (its weight is in flight), then the rest
+    if USE_PDL:  # the first tile apart (its weight is in flight), then the rest
         a = _input_tile(x_rows, r_rows, norm_weight_ptr, tile, k, row_mask, inv_rms, PROLOGUE, dtype)
         acc = _accumulate(acc, a, w_first, ROWS, DOT_PRECISION, UPCAST)
         for k0 in range(BLOCK_K, k, BLOCK_K):
