@@ -8,7 +8,7 @@ Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k, a prefill (4 x 2048 t
 Reports achieved GB/s of KV read (``sum(seq_len) * nkv * head_dim * 2 (K, V) * 2 bytes``) against the device's
 own copy bandwidth measured in the same run, and TFLOP/s for prefill. The torch reference runs only where it finishes quickly.
 
-    python benchmarks/attention.py results.json [--backends triton,flashinfer,torch]
+    python benchmarks/attention.py results.json [--backends triton,flashinfer,torch,triton+rope,triton+rope_unfused]
 
 Needs only torch, triton and (optionally) flashinfer-python; the treadle packages are imported from the checkout.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "packages/ir/src"), str(ROOT / "packages/kernels/src")]
 
 from treadle_kernels.attention import AttentionMetadata, get_attn_backend  # noqa: E402
+from treadle_kernels.attention.backend import Rope  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -68,9 +70,27 @@ def make_step(requests: list[tuple[int, int]], seed: int = 0):
     return q, k, v, kv_cache, md
 
 
+def rope_for(md: AttentionMetadata, num_tokens: int) -> Rope:
+    """A rotary table and each token's position (decode: seq_len - 1), for the ``+rope`` variants."""
+    angles = torch.rand(md.max_seq_len + 1, HEAD_DIM // 2, device="cuda") * 6.3
+    table = torch.cat([angles.cos(), angles.sin()], dim=-1).to(DTYPE)
+    if md.max_query_len == 1:
+        positions = md.seq_lens.long() - 1
+    else:
+        qsl, seq = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
+        positions = torch.cat([torch.arange(s - (qsl[i + 1] - qsl[i]), s) for i, s in enumerate(seq)])
+    return Rope(positions[:num_tokens].cuda(), table, True)
+
+
 def time_backend(name: str, step, iters: int) -> tuple[float, str]:
-    """Mean milliseconds of one layer's forward, replayed from a CUDA graph when it can be captured."""
+    """Mean milliseconds of one layer's forward, replayed from a CUDA graph when it can be captured.
+
+    ``NAME+rope``: the layer hands q and k unrotated with their rotary table (``forward_rope``): for the triton
+    backend, one-token batches take the fused decode kernel; ``NAME+rope_unfused`` runs the rotary op first."""
     q, k, v, kv_cache, md = step
+    name, _, variant = name.partition("+")
+    os.environ["TREADLE_FUSED_DECODE_ATTENTION"] = "0" if variant == "rope_unfused" else "1"
+    rope = rope_for(md, q.shape[0]) if variant else None
     backend = get_attn_backend(name, "cuda")
     builder = backend.get_builder_cls()(BLOCK_SIZE, "cuda")
     impl = backend.get_impl_cls()(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
@@ -83,7 +103,10 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
     out = torch.empty_like(q)
 
     def forward() -> None:
-        impl.forward(q, k, v, kv_cache, attn_md, out)
+        if rope is None:
+            impl.forward(q, k, v, kv_cache, attn_md, out)
+        else:
+            impl.forward_rope(rope, q, k, v, kv_cache, attn_md, out)
 
     for _ in range(3):
         forward()
@@ -127,7 +150,8 @@ def copy_bandwidth_gbs() -> float:
 
 
 def workloads() -> list[tuple[str, list[tuple[int, int]]]]:
-    cases = [(f"decode b{b} ctx{c}", [(c - 1, 1)] * b) for b in (1, 64, 256) for c in (1024, 4096)]
+    cases = [("decode b1 ctx192", [(191, 1)]), ("decode b32 ctx1536", [(1535, 1)] * 32)]
+    cases += [(f"decode b{b} ctx{c}", [(c - 1, 1)] * b) for b in (1, 64, 256) for c in (1024, 4096)]
     cases.append(("prefill 4x2048", [(0, 2048)] * 4))
     cases.append(("mixed 1x1024 prefill + 64 decodes ctx2048", [(0, 1024)] + [(2047, 1)] * 64))
     return cases
@@ -158,7 +182,7 @@ def main() -> None:
         kv_bytes = sum(c + q for c, q in requests) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
         flops = sum(4 * q * (c + (q + 1) / 2) * NUM_HEADS * HEAD_DIM for c, q in requests)
         for name in backends:
-            if name == "torch" and len(requests) > 64:
+            if name.startswith("torch") and len(requests) > 64:
                 continue  # a Python loop over requests; too slow to be a useful baseline at this size
             ms, mode = time_backend(name, step, args.iters)
             rows.append({"workload": label, "backend": name, "mode": mode, "ms": ms,

@@ -5,6 +5,7 @@
 # the GPU and each in a fresh process on the same machine, `treadle bench latency` (Llama-3.1-8B dummy, batch 1,
 # 128 in / 128 out, as gpu_e2e's latency item) under each variant of VARIANTS; then a torch.profiler kernel
 # breakdown of batch-1 steps under PROFILE_ENV (PROFILE=0: none); then the gpu_e2e.py items E2E_ITEMS, if any.
+# TPUT_VARIANTS (same NAME:ENV form) runs gpu_e2e's 1000 x 1024/1024 throughput under each, last.
 # AGREEMENT=1 also runs benchmarks/backend_agreement.py (torch, triton graph, the bf16 noise floor) beside the tests.
 # A variant is NAME:ENV=VALUE,ENV=VALUE (no env: NAME:).
 # Run from the repo root:  source .whl/activate.sh; OUT_DIR=/tmp/r bash benchmarks/gpu_latency_variants.sh
@@ -75,3 +76,11 @@ for f in "$R"/latency_*.json; do
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['result']['ms_per_output_token'])" "$f"
 done
 tail -n 3 "$R"/tests_*.log
+for variant in ${TPUT_VARIANTS:-}; do  # 1000 x 1024/1024 offline throughput (gpu_e2e's workload), fresh process each
+  name=${variant%%:*}; envs=${variant#*:}
+  env ${envs//,/ } timeout "${TPUT_LIMIT_S:-200}" python3 -m treadle.cli bench throughput --model "$MODEL" \
+    --load-format dummy --max-model-len 4096 --gpu-memory-utilization 0.9 --num-prompts 1000 --input-len 1024 \
+    --output-len 1024 --seed 3 --output-json "$R/throughput_$name.json" > "$R/throughput_$name.log" 2>&1
+  stamp "throughput_$name ($envs)" $?
+  grep -i "throughput" "$R/throughput_$name.log" | tail -n 2
+done
