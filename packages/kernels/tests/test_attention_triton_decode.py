@@ -23,7 +23,7 @@ from attention_cases import Case, make_case
 from treadle_kernels.attention import get_attn_backend
 from treadle_kernels.attention.backend import Rope
 from treadle_kernels.attention.triton_backend import H100_PROFILE, TritonAttentionImpl
-from treadle_kernels.attention.triton_decode import fusable
+from treadle_kernels.attention.triton_decode import FUSED_MAX_PROGRAMS, fusable
 
 pytest.importorskip("triton")
 
@@ -51,6 +51,7 @@ def run(name: str, case: Case, rope: Rope, nh: int, nkv: int, d: int, window: in
     if isinstance(impl, TritonAttentionImpl):
         impl.force_num_splits = splits
         impl.device_profile = H100_PROFILE if h100 else None
+        impl.fused_decode_max_programs = 1 << 30  # the fused kernel at every batch size here
     q, k, v = case.query.clone(), case.key.clone(), case.value.clone()
     out = torch.zeros_like(q)
     kv_cache = case.kv_cache.clone()
@@ -94,13 +95,33 @@ def test_h100_splits_full_attention_g8() -> None:
 def test_fused_path_is_taken_and_leaves_query_unrotated() -> None:
     case = make_case(DECODES, 4, 2, 32, 16, device=DEVICE, seed=44)
     rope = make_rope(case, 32)
-    assert fusable(rope, case.metadata, 32, None, case.query)
+    assert fusable(rope, case.metadata, 32, None, case.query, 2)
     backend = get_attn_backend("triton", case.query.device)
     impl = backend.get_impl_cls()(4, 32, 32**-0.5, 2)
     q = case.query.clone()
     impl.forward_rope(rope, q, case.key.clone(), case.value.clone(), case.kv_cache.clone(),
                       backend.get_builder_cls()(16, DEVICE).build(case.metadata), torch.zeros_like(q))  # fmt: skip
     assert torch.equal(q, case.query), "the fused kernel must not have rotated q in place (unfused path ran?)"
+
+
+def test_batches_past_the_measured_size_run_unfused() -> None:
+    """Above FUSED_MAX_PROGRAMS request x KV-head pairs the unified kernel serves decode (measured faster there)."""
+    small = make_case([(5, 1)] * 16, 4, 2, 32, 16, device=DEVICE, seed=48)
+    large = make_case([(5, 1)] * 17, 4, 2, 32, 16, device=DEVICE, seed=48)
+    assert FUSED_MAX_PROGRAMS == 32
+    assert fusable(make_rope(small, 32), small.metadata, 32, None, small.query, 2)
+    assert not fusable(make_rope(large, 32), large.metadata, 32, None, large.query, 2)
+    rope = make_rope(large, 32)
+    backend = get_attn_backend("triton", large.query.device)
+    impl = backend.get_impl_cls()(
+        4, 32, 32**-0.5, 2
+    )  # default policy: the rotary op, then the unified kernel
+    q, out = large.query.clone(), torch.zeros_like(large.query)
+    impl.forward_rope(rope, q, large.key.clone(), large.value.clone(), large.kv_cache.clone(),
+                      backend.get_builder_cls()(16, DEVICE).build(large.metadata), out)  # fmt: skip
+    assert not torch.equal(q, large.query), "the rotary op should have rotated q in place (fused kernel ran?)"
+    ref, _, _ = run("torch", large, rope, 4, 2, 32)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("variant", ["gptj", "partial", "prefill", "softcap", "env_off"])
@@ -115,7 +136,7 @@ def test_unfusable_calls_fall_back(variant: str, monkeypatch: pytest.MonkeyPatch
     if variant == "env_off":
         monkeypatch.setenv("TREADLE_FUSED_DECODE_ATTENTION", "0")
     cap = 5.0 if variant == "softcap" else None
-    assert not fusable(rope, case.metadata, 32, cap, case.query)
+    assert not fusable(rope, case.metadata, 32, cap, case.query, 2)
     if variant != "softcap":
         compare(case, 4, 2, 32, torch.float32, rope=rope)
 

@@ -33,7 +33,12 @@ from treadle_kernels.attention.backend import (
     write_kv_cache,
 )
 from treadle_kernels.attention.metadata import AttentionMetadata
-from treadle_kernels.attention.triton_decode import fusable, fused_decode_attention, new_counters
+from treadle_kernels.attention.triton_decode import (
+    FUSED_MAX_PROGRAMS,
+    fusable,
+    fused_decode_attention,
+    new_counters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +229,9 @@ def paged_attention(
 class TritonAttentionImpl(AttentionImpl):
     force_num_splits: int | None = None  # tests: force the split-KV path (power of two)
     device_profile: DeviceProfile | None = None  # tests: launch as on this device (None: the query's device)
+    fused_decode_max_programs: int = (
+        FUSED_MAX_PROGRAMS  # tests: run the fused decode kernel at larger batches
+    )
 
     def forward(
         self,
@@ -252,7 +260,8 @@ class TritonAttentionImpl(AttentionImpl):
         output: torch.Tensor,
     ) -> torch.Tensor:
         md = attn_metadata.common
-        if not fusable(rope, md, self.head_size, self.logits_soft_cap, query):
+        if not fusable(rope, md, self.head_size, self.logits_soft_cap, query, self.num_kv_heads,
+                       self.fused_decode_max_programs):  # fmt: skip
             return super().forward_rope(rope, query, key, value, kv_cache, attn_metadata, output)
         profile = self.device_profile or device_profile(query.device)
         cfg = choose_launch_config(profile, md.num_reqs, 1, self.num_kv_heads, self.num_queries_per_kv,
