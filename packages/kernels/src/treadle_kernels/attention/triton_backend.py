@@ -229,9 +229,8 @@ def paged_attention(
 class TritonAttentionImpl(AttentionImpl):
     force_num_splits: int | None = None  # tests: force the split-KV path (power of two)
     device_profile: DeviceProfile | None = None  # tests: launch as on this device (None: the query's device)
-    fused_decode_max_programs: int = (
-        FUSED_MAX_PROGRAMS  # tests: run the fused decode kernel at larger batches
-    )
+    # tests: run the fused decode kernel at larger batches
+    fused_decode_max_programs: int = FUSED_MAX_PROGRAMS
 
     def forward(
         self,

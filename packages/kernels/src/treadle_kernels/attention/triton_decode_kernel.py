@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
+from treadle_kernels.attention.triton_kernel import LOG2E, online_softmax_step
 
 
 @triton.jit
@@ -150,13 +150,7 @@ def decode_attention_kernel(
         if USE_WINDOW:
             ok = ok & (k_pos[None, :] > q_pos - window)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     # the new token, from registers, in split 0 only
     own = (rows * 0 + split) == 0  # [M], all true in split 0

@@ -56,6 +56,20 @@ def _find_request(query_start_loc_ptr, tile, last_req, BLOCK_Q: tl.constexpr, PE
     return lo
 
 
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into a running softmax: scores ``s`` [M, N] (log2 units, -inf where masked) and values
+    ``v`` [N, D] into the row max ``m_i``, sum ``l_i`` and unnormalised accumulator ``acc``; fully masked rows keep
+    ``m = -inf`` without computing ``inf - inf``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # Batch-shape integers are not specialised (Triton would compile a variant for value 1 and for multiples of 16 of
 # each): the decode graphs of 35 batch sizes and the prefill shapes then share one compiled kernel per tile config.
 _BATCH_INTS = ["num_reqs", "min_q_len", "max_q_len"]
@@ -181,14 +195,7 @@ def paged_attention_kernel(
         if USE_WINDOW:
             ok = ok & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(ok, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     o_mask = row_ok[:, None] & dim_ok[None, :]
