@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=str(ROOT / "benchmarks" / "configs" / "llama-3.1-8b"))
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--phases", default="decode_b1,decode_b64,prefill_8x1024", help="comma-separated subset")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,8 @@ def main() -> None:
     }
     summary: dict[str, dict[str, object]] = {}
     for name, (n, length, new) in phases.items():
+        if name not in args.phases.split(","):
+            continue
         params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True)
         llm.generate([ids(rng, length, vocab) for _ in range(n)], params, use_tqdm=False)  # warm-up
         batch = [ids(rng, length, vocab) for _ in range(n)]
@@ -93,6 +96,13 @@ def kernel_summary(trace: Path, num_prompts: int, steps: int) -> dict[str, objec
     for e in kernels:
         by_name.setdefault(e["name"][:90], []).append(e["dur"])
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    ordered = sorted(kernels, key=lambda e: e["ts"])
+    gaps = [
+        (b["ts"] - (a["ts"] + a["dur"]), a["name"][:60], b["name"][:60])
+        for a, b in zip(ordered[:-1], ordered[1:], strict=True)
+    ]
+    gaps = [g for g in gaps if g[0] > 0]
+    buckets = {"<=2us": (0, 2), "2-10us": (2, 10), "10-100us": (10, 100), ">100us": (100, float("inf"))}
     return {
         "prompts": num_prompts,
         "steps_traced": steps,
@@ -100,6 +110,19 @@ def kernel_summary(trace: Path, num_prompts: int, steps: int) -> dict[str, objec
         "gpu_busy_us": round(busy, 1),
         "gpu_span_us": round(span, 1),
         "busy_fraction": round(busy / span, 4) if span else None,
+        # idle GPU time between consecutive kernels, by gap size: small gaps are launch latency inside a CUDA
+        # graph; large ones are the host (the profiler's own host overhead inflates them)
+        "idle_us_by_gap": {
+            k: {
+                "gaps": sum(1 for g in gaps if lo < g[0] <= hi),
+                "total_us": round(sum(g[0] for g in gaps if lo < g[0] <= hi), 1),
+            }
+            for k, (lo, hi) in buckets.items()
+        },
+        "largest_gaps": [
+            {"us": round(g[0], 1), "after": g[1], "before": g[2]}
+            for g in sorted(gaps, key=lambda g: -g[0])[:8]
+        ],
         "top": [
             {"kernel": k, "calls": len(v), "total_us": round(sum(v), 1), "mean_us": round(sum(v) / len(v), 2)}
             for k, v in top
