@@ -10,6 +10,7 @@ replays, eager launch costs in a prefill step).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import time
@@ -99,7 +100,7 @@ def kernel_summary(trace: Path, num_prompts: int, steps: int) -> dict[str, objec
     ordered = sorted(kernels, key=lambda e: e["ts"])
     gaps = [
         (b["ts"] - (a["ts"] + a["dur"]), a["name"][:60], b["name"][:60])
-        for a, b in zip(ordered[:-1], ordered[1:], strict=True)
+        for a, b in itertools.pairwise(ordered)
     ]
     gaps = [g for g in gaps if g[0] > 0]
     buckets = {"<=2us": (0, 2), "2-10us": (2, 10), "10-100us": (10, 100), ">100us": (100, float("inf"))}
