@@ -11,6 +11,7 @@ from treadle_kernels.attention.backend import (
     AttentionBackend,
     AttentionImpl,
     AttentionMetadataBuilder,
+    Rope,
     write_kv_cache,
 )
 from treadle_kernels.attention.metadata import AttentionMetadata
@@ -21,6 +22,7 @@ __all__ = [
     "AttentionImpl",
     "AttentionMetadata",
     "AttentionMetadataBuilder",
+    "Rope",
     "available_backend_names",
     "get_attn_backend",
     "write_kv_cache",

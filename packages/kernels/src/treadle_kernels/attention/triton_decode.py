@@ -6,8 +6,9 @@ cost more than the work), the rotation is the neox layout over the whole head (L
 is a power of two >= 32 and there is no logit soft-cap. Measured on an H200 (results/gpu-attention-h200-eb7d0f5):
 one layer at batch 1 takes 7.7 us fused against 10.2 unfused (context 192), but 79 against 63 us at batch 32 and
 346 against 257 at batch 64, context 4k (its key loop reads K in two rotary halves with two half-width dots), and
-the 1000-prompt offline run gave 9,480 tok/s with it at every batch size against 9,749 without. Anything else runs unfused: the rotary op, then the backend's usual forward.
-``TREADLE_FUSED_DECODE_ATTENTION=0`` turns it off (measurements against the unfused launches).
+the 1000-prompt offline run gave 9,480 tok/s with it at every batch size against 9,749 without. Anything else
+runs unfused: the rotary op, then the backend's usual forward. ``TREADLE_FUSED_DECODE_ATTENTION=0`` turns it off
+(measurements against the unfused launches).
 
 Tiles and the split count are the unified kernel's for a decode batch (``choose_launch_config``), so a graph
 captured for a batch size keeps one split count as contexts grow. The split reduction's ticket counters come
@@ -23,9 +24,8 @@ from treadle_kernels.attention.backend import Rope
 from treadle_kernels.attention.metadata import AttentionMetadata
 from treadle_kernels.ops.support import pdl_enabled
 
-FUSED_MAX_PROGRAMS = (
-    32  # request x KV-head pairs up to which the fused kernel runs (batch 1 measured; 32 lost)
-)
+# request x KV-head pairs up to which the fused kernel runs (batch 1 measured faster; batch 32 slower)
+FUSED_MAX_PROGRAMS = 32
 MAX_COUNTERS = 1024  # split-KV runs only while tokens x KV heads < 2 x SMs; more than any GPU has
 
 

@@ -130,20 +130,16 @@ def small_m_linear_kernel(
         inv_rms = 1.0 / tl.sqrt(sum_sq / k + epsilon)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    if USE_PDL:  # the first tile apart (its weight is in flight), then the rest
+    k_start = 0
+    if USE_PDL:  # the first tile apart (its weight is in flight), then the loop over the rest
         a = _input_tile(x_rows, r_rows, norm_weight_ptr, tile, k, row_mask, inv_rms, PROLOGUE, dtype)
         acc = _accumulate(acc, a, w_first, ROWS, DOT_PRECISION, UPCAST)
-        for k0 in range(BLOCK_K, k, BLOCK_K):
-            cols = k0 + tile
-            w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & (cols < k)[None, :], other=0.0)
-            a = _input_tile(x_rows, r_rows, norm_weight_ptr, cols, k, row_mask, inv_rms, PROLOGUE, dtype)
-            acc = _accumulate(acc, a, w, ROWS, DOT_PRECISION, UPCAST)
-    else:
-        for k0 in range(0, k, BLOCK_K):
-            cols = k0 + tile
-            w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & (cols < k)[None, :], other=0.0)
-            a = _input_tile(x_rows, r_rows, norm_weight_ptr, cols, k, row_mask, inv_rms, PROLOGUE, dtype)
-            acc = _accumulate(acc, a, w, ROWS, DOT_PRECISION, UPCAST)
+        k_start = BLOCK_K
+    for k0 in range(k_start, k, BLOCK_K):
+        cols = k0 + tile
+        w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & (cols < k)[None, :], other=0.0)
+        a = _input_tile(x_rows, r_rows, norm_weight_ptr, cols, k, row_mask, inv_rms, PROLOGUE, dtype)
+        acc = _accumulate(acc, a, w, ROWS, DOT_PRECISION, UPCAST)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

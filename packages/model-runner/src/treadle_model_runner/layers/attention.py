@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from treadle_kernels.attention.backend import Rope
+from treadle_kernels.attention import Rope
 from treadle_model_runner.forward_context import get_forward_context
 
 

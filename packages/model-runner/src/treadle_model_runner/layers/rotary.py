@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
-from treadle_kernels.attention.backend import Rope
+from treadle_kernels.attention import Rope
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -44,9 +44,8 @@ def sample_step(
             runner.device,
             generator=runner.generator,
         )
-        logits = model.compute_logits(
-            hidden[inputs.logits_indices]
-        )  # [S, vocab] model dtype; the sampler casts
+        # [S, vocab] in the model dtype: the sampler casts when a step needs float32
+        logits = model.compute_logits(hidden[inputs.logits_indices])
         out = runner.sampler(logits, metadata)
         if defer:
             positions = batch.num_tokens[rows].copy()

@@ -9,7 +9,8 @@ the host:
 
 Steps no request of the batch needs are skipped (the metadata's tensors are None), so an all-greedy batch
 without masks, bias, penalties or logprobs is one argmax (``ops.argmax_rows``, on the model-dtype logits).
-Greedy rows take the argmax of the penalized logits; temperature and truncation leave them alone. The logits are modified in place: pass a copy if the caller still needs them.
+Greedy rows take the argmax of the penalized logits; temperature and truncation leave them alone. The logits are
+modified in place: pass a copy if the caller still needs them.
 """
 
 from __future__ import annotations
