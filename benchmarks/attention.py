@@ -8,7 +8,8 @@ Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k, a prefill (4 x 2048 t
 Reports achieved GB/s of KV read (``sum(seq_len) * nkv * head_dim * 2 (K, V) * 2 bytes``) against the device's
 own copy bandwidth measured in the same run, and TFLOP/s for prefill. The torch reference runs only where it finishes quickly.
 
-    python benchmarks/attention.py results.json [--backends triton,flashinfer,torch,triton+rope,triton+rope_unfused]
+    python benchmarks/attention.py results.json [--backends triton,flashinfer,torch,triton+rope,triton+rope_fused,
+        triton+rope_unfused]
 
 Needs only torch, triton and (optionally) flashinfer-python; the treadle packages are imported from the checkout.
 """
@@ -86,7 +87,8 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
     """Mean milliseconds of one layer's forward, replayed from a CUDA graph when it can be captured.
 
     ``NAME+rope``: the layer hands q and k unrotated with their rotary table (``forward_rope``): for the triton
-    backend, one-token batches take the fused decode kernel; ``NAME+rope_unfused`` runs the rotary op first."""
+    backend, small decode batches take the fused decode kernel (the engine's policy); ``NAME+rope_fused`` takes it
+    at every batch size; ``NAME+rope_unfused`` runs the rotary op first."""
     q, k, v, kv_cache, md = step
     name, _, variant = name.partition("+")
     os.environ["TREADLE_FUSED_DECODE_ATTENTION"] = "0" if variant == "rope_unfused" else "1"
@@ -94,6 +96,8 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
     backend = get_attn_backend(name, "cuda")
     builder = backend.get_builder_cls()(BLOCK_SIZE, "cuda")
     impl = backend.get_impl_cls()(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
+    if variant == "rope_fused":
+        impl.fused_decode_max_programs = 1 << 30  # type: ignore[attr-defined]
     decode_only = md.max_query_len == 1
     if decode_only and backend.supports_cuda_graphs:  # the engine's decode graphs use this metadata
         attn_md = builder.build_for_cuda_graph(md, md.num_reqs)

@@ -7,7 +7,9 @@
 # breakdown of batch-1 steps under PROFILE_ENV (PROFILE=0: none); then the gpu_e2e.py items E2E_ITEMS, if any.
 # TPUT_VARIANTS (same NAME:ENV form) runs gpu_e2e's 1000 x 1024/1024 throughput under each, last.
 # AGREEMENT=1 also runs benchmarks/backend_agreement.py (torch, triton graph, the bf16 noise floor) beside the tests.
-# A variant is NAME:ENV=VALUE,ENV=VALUE (no env: NAME:).
+# A variant is NAME:ENV=VALUE,ENV=VALUE (no env: NAME:), optionally followed by engine options, each after an @
+# (fast:TREADLE_PDL=1@--max-num-seqs=512). PDL_TEST_ENV: the environment of the PDL test groups (default
+# TREADLE_PDL=1). PROFILE_ARGS: extra profile_steps.py options (e.g. --phases decode_b1).
 # Run from the repo root:  source .whl/activate.sh; OUT_DIR=/tmp/r bash benchmarks/gpu_latency_variants.sh
 set -u
 R="${OUT_DIR:-gpu-out}"; mkdir -p "$R"
@@ -33,13 +35,13 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   gpu_tests decode "${TEST_LIMIT_S:-240}" "" packages/kernels/tests/test_attention_triton_decode.py \
     packages/kernels/tests/test_attention_triton.py packages/kernels/tests/test_ir_providers_linear.py \
     packages/kernels/tests/test_ir_providers_sampling.py &
-  gpu_tests decode_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/kernels/tests/test_attention_triton_decode.py \
+  gpu_tests decode_pdl "${TEST_LIMIT_S:-240}" "${PDL_TEST_ENV:-TREADLE_PDL=1}" packages/kernels/tests/test_attention_triton_decode.py \
     packages/kernels/tests/test_ir_providers_linear.py &
   # the graph-memory test measures device memory: it runs below, alone
   gpu_tests runner "${TEST_LIMIT_S:-240}" "" packages/model-runner/tests packages/engine-core/tests \
     --deselect packages/model-runner/tests/test_graph_memory.py::test_graph_memory_is_reserved_before_the_kv_cache &
   wait
-  gpu_tests runner_pdl "${TEST_LIMIT_S:-240}" "TREADLE_PDL=1" packages/model-runner/tests/test_runner.py \
+  gpu_tests runner_pdl "${TEST_LIMIT_S:-240}" "${PDL_TEST_ENV:-TREADLE_PDL=1}" packages/model-runner/tests/test_runner.py \
     packages/model-runner/tests/test_graph_memory.py
   gpu_tests graph_memory 60 "" packages/model-runner/tests/test_graph_memory.py
 fi
@@ -55,14 +57,15 @@ if [ "${SWEEP:-0}" = 1 ]; then
 fi
 MODEL=benchmarks/configs/llama-3.1-8b
 for variant in ${VARIANTS:-unfused:TREADLE_FUSED_DECODE_ATTENTION=0 fused: fused_pdl:TREADLE_PDL=1}; do
-  name=${variant%%:*}; envs=${variant#*:}
+  name=${variant%%:*}; envs=${variant#*:}; opts=""
+  [[ $envs == *@* ]] && { opts=${envs#*@}; opts=${opts//@/ }; envs=${envs%%@*}; }
   env ${envs//,/ } timeout "${LATENCY_LIMIT_S:-120}" python3 -m treadle.cli bench latency --model "$MODEL" \
     --load-format dummy --max-model-len 4096 --gpu-memory-utilization 0.9 --batch-size 1 --input-len 128 \
-    --output-len 128 --num-iters-warmup 1 --num-iters 3 --seed 0 --output-json "$R/latency_$name.json" \
+    --output-len 128 --num-iters-warmup 1 --num-iters 3 --seed 0 --output-json "$R/latency_$name.json" $opts \
     > "$R/latency_$name.log" 2>&1
-  stamp "latency_$name ($envs)" $?
+  stamp "latency_$name ($envs $opts)" $?
 done
-[ "${PROFILE:-1}" = 1 ] && env ${PROFILE_ENV:-} timeout "${PROFILE_LIMIT_S:-120}" python3 benchmarks/profile_steps.py --out "$R/profile" \
+[ "${PROFILE:-1}" = 1 ] && env ${PROFILE_ENV:-} timeout "${PROFILE_LIMIT_S:-120}" python3 benchmarks/profile_steps.py --out "$R/profile" ${PROFILE_ARGS:-} \
   > "$R/profile.log" 2>&1
 [ "${PROFILE:-1}" = 1 ] && stamp "profile (${PROFILE_ENV:-})" $?
 rm -f "$R"/profile/*.trace.json
@@ -77,10 +80,11 @@ for f in "$R"/latency_*.json; do
 done
 tail -n 3 "$R"/tests_*.log
 for variant in ${TPUT_VARIANTS:-}; do  # 1000 x 1024/1024 offline throughput (gpu_e2e's workload), fresh process each
-  name=${variant%%:*}; envs=${variant#*:}
+  name=${variant%%:*}; envs=${variant#*:}; opts=""
+  [[ $envs == *@* ]] && { opts=${envs#*@}; opts=${opts//@/ }; envs=${envs%%@*}; }
   env ${envs//,/ } timeout "${TPUT_LIMIT_S:-200}" python3 -m treadle.cli bench throughput --model "$MODEL" \
     --load-format dummy --max-model-len 4096 --gpu-memory-utilization 0.9 --num-prompts 1000 --input-len 1024 \
-    --output-len 1024 --seed 3 --output-json "$R/throughput_$name.json" > "$R/throughput_$name.log" 2>&1
-  stamp "throughput_$name ($envs)" $?
+    --output-len 1024 --seed 3 --output-json "$R/throughput_$name.json" $opts > "$R/throughput_$name.log" 2>&1
+  stamp "throughput_$name ($envs $opts)" $?
   grep -i "throughput" "$R/throughput_$name.log" | tail -n 2
 done

@@ -88,14 +88,19 @@ def compile_ahead(
     """Compile the Triton kernel ``fn`` for ``target`` (backend, arch, warp size) without a GPU: the front end
     and ptxas run as on the device, so a kernel the interpreter accepts but the compiler rejects fails here.
     The signature comes from parameter names: ``*_ptr`` are pointers (``pointers[name]``, else
-    ``default_pointer``), ``constexprs`` are given, ``floats`` are fp32 scalars, everything else is i32."""
+    ``default_pointer``), ``constexprs`` are given (constexpr parameters not given keep their defaults),
+    ``floats`` are fp32 scalars, everything else is i32."""
     import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
 
     sig = {}
-    for name in inspect.signature(fn.fn).parameters:
+    params = inspect.signature(fn.fn).parameters
+    constexpr = {n: p.default for n, p in params.items() if "constexpr" in str(p.annotation)}
+    defaults = {n: d for n, d in constexpr.items() if d is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}
+    for name in params:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
