@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=str(ROOT / "benchmarks" / "configs" / "llama-3.1-8b"))
     ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--phases", default="decode_b1,decode_b64,prefill_8x1024", help="comma-separated subset")
+    ap.add_argument("--phases", default="decode_b1,decode_b64,prefill_8x1024",
+                    help="comma-separated subset of decode_b1, decode_b1_greedy, decode_b64, prefill_8x1024")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,7 @@ def main() -> None:
     phases = {
         # (prompts, prompt length, new tokens)
         "decode_b1": (1, 128, 64),
+        "decode_b1_greedy": (1, 128, 64),  # temperature 0: the sampler is one argmax
         "decode_b64": (64, 128, 32),
         "prefill_8x1024": (8, 1024, 1),
     }
@@ -56,7 +58,8 @@ def main() -> None:
     for name, (n, length, new) in phases.items():
         if name not in args.phases.split(","):
             continue
-        params = SamplingParams(temperature=1.0, max_tokens=new, ignore_eos=True)
+        temperature = 0.0 if name.endswith("_greedy") else 1.0
+        params = SamplingParams(temperature=temperature, max_tokens=new, ignore_eos=True)
         llm.generate([ids(rng, length, vocab) for _ in range(n)], params, use_tqdm=False)  # warm-up
         batch = [ids(rng, length, vocab) for _ in range(n)]
         sync()
@@ -65,7 +68,9 @@ def main() -> None:
         sync()
         wall = time.perf_counter() - t0
         batch = [ids(rng, length, vocab) for _ in range(n)]
-        few = SamplingParams(temperature=1.0, max_tokens=min(new, 8), ignore_eos=True)  # a small trace
+        few = SamplingParams(
+            temperature=temperature, max_tokens=min(new, 8), ignore_eos=True
+        )  # a small trace
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(batch, few, use_tqdm=False)
             sync()
@@ -128,6 +133,41 @@ def kernel_summary(trace: Path, num_prompts: int, steps: int) -> dict[str, objec
             {"kernel": k, "calls": len(v), "total_us": round(sum(v), 1), "mean_us": round(sum(v) / len(v), 2)}
             for k, v in top
         ],
+        "decode_region": decode_region(ordered, events),
+    }
+
+
+def decode_region(ordered: list[dict], events: list[dict]) -> dict[str, object] | None:
+    """The decode steps alone: kernels from the first fused decode attention kernel on (the prefill before it
+    is left out), their busy time against the span, every gap over 3 us with the kernels around it, and the
+    host's CUDA-graph launches in that span (interval between launches, time each launch call took)."""
+    first = next((i for i, e in enumerate(ordered) if e["name"].startswith("decode_attention")), None)
+    if first is None:
+        return None
+    region = ordered[first:]
+    start, end = region[0]["ts"], max(e["ts"] + e["dur"] for e in region)
+    gaps = [
+        (b["ts"] - (a["ts"] + a["dur"]), a["name"][:50], b["name"][:50], a["ts"] + a["dur"] - start)
+        for a, b in itertools.pairwise(region)
+    ]
+    launches = sorted(
+        (e for e in events if e.get("name") == "cudaGraphLaunch" and start <= e.get("ts", -1) <= end),
+        key=lambda e: e["ts"],
+    )
+    intervals = [b["ts"] - a["ts"] for a, b in itertools.pairwise(launches)]
+    return {
+        "span_us": round(end - start, 1),
+        "busy_us": round(sum(e["dur"] for e in region), 1),
+        "small_gaps_us": round(sum(g[0] for g in gaps if 0 < g[0] <= 3), 1),
+        "small_gaps": sum(1 for g in gaps if 0 < g[0] <= 3),
+        "gaps_over_3us": [
+            {"us": round(g[0], 1), "at_us": round(g[3], 1), "after": g[1], "before": g[2]}
+            for g in gaps
+            if g[0] > 3
+        ][:40],
+        "graph_launches": len(launches),
+        "graph_launch_interval_us": [round(i, 1) for i in intervals],
+        "graph_launch_call_us": [round(e.get("dur", 0), 1) for e in launches],
     }
 
 
