@@ -1,0 +1,78 @@
+"""Host-side timeline of batch-1 requests: where the time of each engine step goes (in-process engine).
+
+Wraps, without changing them, the engine's scheduler (schedule, update_from_output), the executor's submission of
+a step to its worker thread, the runner's execute (in that thread) and the wait for a step's sampled tokens, and
+runs one 128-token prompt (reused, as `treadle bench latency` does) at several output lengths. Prints, per request,
+the wall time and each step's pieces in milliseconds; writes them to --out.
+
+    python3 benchmarks/request_timeline.py --out OUT.json [--model benchmarks/configs/llama-3.1-8b] [--engine-args ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+from treadle_engine_core import core, executor, scheduler
+from treadle_frontend import LLM
+from treadle_model_runner import SamplingParams, outputs
+from treadle_model_runner.runner import model_runner
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS: list[tuple[str, float, float]] = []  # (what, start s, duration ms)
+
+
+def _timed(cls: type, name: str, label: str) -> None:
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            EVENTS.append((label, t, (time.perf_counter() - t) * 1e3))
+
+    setattr(cls, name, wrapper)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default=str(ROOT / "benchmarks" / "configs" / "llama-3.1-8b"))
+    ap.add_argument("--lengths", default="1,2,3,8,1,2,3,8")
+    ap.add_argument("--no-async-scheduling", action="store_true")
+    args = ap.parse_args()
+    _timed(scheduler.Scheduler, "schedule", "schedule")
+    _timed(scheduler.Scheduler, "update_from_output", "update")
+    _timed(executor.Executor, "execute_async", "submit")
+    _timed(model_runner.ModelRunner, "execute", "execute (worker)")
+    _timed(outputs.AsyncModelRunnerOutput, "get_output", "wait tokens")
+    _timed(core.EngineCore, "step", "engine step")
+    options = {"load_format": "dummy", "max_model_len": 4096, "gpu_memory_utilization": 0.9}
+    if args.no_async_scheduling:
+        options["async_scheduling"] = False
+    llm = LLM(model=args.model, **options)
+    prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
+    llm.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    runs = []
+    for n in (int(x) for x in args.lengths.split(",")):
+        EVENTS.clear()
+        t0 = time.perf_counter()
+        llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        wall = (time.perf_counter() - t0) * 1e3
+        events = [{"what": w, "at_ms": round((s - t0) * 1e3, 2), "ms": round(d, 2)} for w, s, d in EVENTS]
+        runs.append({"max_tokens": n, "wall_ms": round(wall, 2), "events": events})
+        print(f"max_tokens {n}: {wall:.2f} ms", flush=True)
+        for e in events:
+            print(f"    {e['at_ms']:8.2f}  {e['what']:18} {e['ms']:8.2f}", flush=True)
+    Path(args.out).write_text(
+        json.dumps({"async_scheduling": not args.no_async_scheduling, "runs": runs}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
