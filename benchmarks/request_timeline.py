@@ -3,16 +3,21 @@
 Wraps, without changing them, the engine's scheduler (schedule, update_from_output), the executor's submission of
 a step to its worker thread, the runner's execute (in that thread) and the wait for a step's sampled tokens, and
 runs one 128-token prompt (reused, as `treadle bench latency` does) at several output lengths. Prints, per request,
-the wall time and each step's pieces in milliseconds; writes them to --out.
+the wall time and each step's pieces in milliseconds; writes them to --out. ``--cprofile F`` also runs cProfile
+over every step that computes more than one token (the eager prefills; in the runner's worker thread) and writes
+the functions with the most own time and the most cumulative time to F.
 
-    python3 benchmarks/request_timeline.py --out OUT.json [--model benchmarks/configs/llama-3.1-8b] [--engine-args ...]
+    python3 benchmarks/request_timeline.py --out OUT.json [--model DIR] [--lengths 1,2,8] [--cprofile F]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
+import io
 import json
+import pstats
 import time
 from pathlib import Path
 
@@ -39,13 +44,34 @@ def _timed(cls: type, name: str, label: str) -> None:
     setattr(cls, name, wrapper)
 
 
+def _profile_prefills(profiler: cProfile.Profile) -> None:
+    """Run ModelRunner.execute under ``profiler`` when the step computes more than one token."""
+    original = model_runner.ModelRunner.execute
+
+    @functools.wraps(original)
+    def wrapper(self, scheduler_output):
+        if scheduler_output.total_num_scheduled_tokens <= 1:
+            return original(self, scheduler_output)
+        profiler.enable()
+        try:
+            return original(self, scheduler_output)
+        finally:
+            profiler.disable()
+
+    model_runner.ModelRunner.execute = wrapper
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=str(ROOT / "benchmarks" / "configs" / "llama-3.1-8b"))
     ap.add_argument("--lengths", default="1,2,3,8,1,2,3,8")
     ap.add_argument("--no-async-scheduling", action="store_true")
+    ap.add_argument("--cprofile", help="write a cProfile summary of the multi-token (prefill) steps here")
     args = ap.parse_args()
+    profiler = cProfile.Profile() if args.cprofile else None
+    if profiler is not None:
+        _profile_prefills(profiler)  # inside the timing wrapper below: its own time is not in the step's
     _timed(scheduler.Scheduler, "schedule", "schedule")
     _timed(scheduler.Scheduler, "update_from_output", "update")
     _timed(executor.Executor, "execute_async", "submit")
@@ -69,6 +95,12 @@ def main() -> None:
         print(f"max_tokens {n}: {wall:.2f} ms", flush=True)
         for e in events:
             print(f"    {e['at_ms']:8.2f}  {e['what']:18} {e['ms']:8.2f}", flush=True)
+    if profiler is not None:
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        Path(args.cprofile).write_text(text.getvalue())
     Path(args.out).write_text(
         json.dumps({"async_scheduling": not args.no_async_scheduling, "runs": runs}, indent=1)
     )
