@@ -16,6 +16,10 @@ R="${OUT_DIR:-gpu-out}"; mkdir -p "$R"
 t0=$(date +%s)
 stamp() { echo "$1 exit $2 after $(( $(date +%s) - t0 )) s" >> "$R/stamps.log"; }
 nvidia-smi -L > "$R/meta.log" 2>&1
+parse_variant() {  # NAME:ENV=V,ENV=V@--opt@--opt -> name, envs (comma-separated), opts (space-separated)
+  name=${1%%:*}; envs=${1#*:}; opts=""
+  [[ $envs == *@* ]] && { opts=${envs#*@}; opts=${opts//@/ }; envs=${envs%%@*}; }
+}
 gpu_tests() {  # name, limit, env assignments (comma-separated or empty), test paths...
   local name=$1 limit=$2 envs=$3; shift 3
   env ${envs//,/ } timeout "$limit" python3 -m pytest -q -p no:cacheprovider -m gpu --durations=5 "$@" \
@@ -57,8 +61,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
 fi
 MODEL=benchmarks/configs/llama-3.1-8b
 for variant in ${VARIANTS:-unfused:TREADLE_FUSED_DECODE_ATTENTION=0 fused: fused_pdl:TREADLE_PDL=1}; do
-  name=${variant%%:*}; envs=${variant#*:}; opts=""
-  [[ $envs == *@* ]] && { opts=${envs#*@}; opts=${opts//@/ }; envs=${envs%%@*}; }
+  parse_variant "$variant"
   env ${envs//,/ } timeout "${LATENCY_LIMIT_S:-120}" python3 -m treadle.cli bench latency --model "$MODEL" \
     --load-format dummy --max-model-len 4096 --gpu-memory-utilization 0.9 --batch-size 1 --input-len 128 \
     --output-len 128 --num-iters-warmup 1 --num-iters 3 --seed 0 --output-json "$R/latency_$name.json" $opts \
@@ -80,8 +83,7 @@ for f in "$R"/latency_*.json; do
 done
 tail -n 3 "$R"/tests_*.log
 for variant in ${TPUT_VARIANTS:-}; do  # 1000 x 1024/1024 offline throughput (gpu_e2e's workload), fresh process each
-  name=${variant%%:*}; envs=${variant#*:}; opts=""
-  [[ $envs == *@* ]] && { opts=${envs#*@}; opts=${opts//@/ }; envs=${envs%%@*}; }
+  parse_variant "$variant"
   env ${envs//,/ } timeout "${TPUT_LIMIT_S:-200}" python3 -m treadle.cli bench throughput --model "$MODEL" \
     --load-format dummy --max-model-len 4096 --gpu-memory-utilization 0.9 --num-prompts 1000 --input-len 1024 \
     --output-len 1024 --seed 3 --output-json "$R/throughput_$name.json" $opts > "$R/throughput_$name.log" 2>&1

@@ -68,9 +68,8 @@ def main() -> None:
         sync()
         wall = time.perf_counter() - t0
         batch = [ids(rng, length, vocab) for _ in range(n)]
-        few = SamplingParams(
-            temperature=temperature, max_tokens=min(new, 8), ignore_eos=True
-        )  # a small trace
+        # a small trace
+        few = SamplingParams(temperature=temperature, max_tokens=min(new, 8), ignore_eos=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             llm.generate(batch, few, use_tqdm=False)
             sync()

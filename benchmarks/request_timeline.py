@@ -30,35 +30,43 @@ ROOT = Path(__file__).resolve().parent.parent
 EVENTS: list[tuple[str, float, float]] = []  # (what, start s, duration ms)
 
 
-def _timed(cls: type, name: str, label: str) -> None:
+def _wrap(cls: type, name: str, before, after) -> None:
+    """Replace ``cls.name`` by a wrapper that calls ``before(*args)``, then the method, then ``after`` with what
+    ``before`` returned."""
     original = getattr(cls, name)
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        t = time.perf_counter()
+        token = before(*args)
         try:
             return original(*args, **kwargs)
         finally:
-            EVENTS.append((label, t, (time.perf_counter() - t) * 1e3))
+            after(token)
 
     setattr(cls, name, wrapper)
 
 
+def _timed(cls: type, name: str, label: str) -> None:
+    def after(start: float) -> None:
+        EVENTS.append((label, start, (time.perf_counter() - start) * 1e3))
+
+    _wrap(cls, name, lambda *_: time.perf_counter(), after)
+
+
 def _profile_prefills(profiler: cProfile.Profile) -> None:
     """Run ModelRunner.execute under ``profiler`` when the step computes more than one token."""
-    original = model_runner.ModelRunner.execute
 
-    @functools.wraps(original)
-    def wrapper(self, scheduler_output):
-        if scheduler_output.total_num_scheduled_tokens <= 1:
-            return original(self, scheduler_output)
-        profiler.enable()
-        try:
-            return original(self, scheduler_output)
-        finally:
+    def before(_runner, scheduler_output) -> bool:
+        multi = scheduler_output.total_num_scheduled_tokens > 1
+        if multi:
+            profiler.enable()
+        return multi
+
+    def after(multi: bool) -> None:
+        if multi:
             profiler.disable()
 
-    model_runner.ModelRunner.execute = wrapper
+    _wrap(model_runner.ModelRunner, "execute", before, after)
 
 
 def main() -> None:
@@ -71,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     profiler = cProfile.Profile() if args.cprofile else None
     if profiler is not None:
-        _profile_prefills(profiler)  # inside the timing wrapper below: its own time is not in the step's
+        _profile_prefills(profiler)  # wrapped by the timing below: profiled steps time slower
     _timed(scheduler.Scheduler, "schedule", "schedule")
     _timed(scheduler.Scheduler, "update_from_output", "update")
     _timed(executor.Executor, "execute_async", "submit")
