@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TREADLE_CACHE_DIR", "TREADLE_CONVERSION_PROGRESS", "parse_bool"]
+__all__ = ["TREADLE_CACHE_DIR", "TREADLE_CONVERSION_PROGRESS", "TREADLE_PIECEWISE_MAX_TOKENS", "parse_bool"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
@@ -56,3 +56,16 @@ def TREADLE_CACHE_DIR() -> Path:
 def TREADLE_CONVERSION_PROGRESS() -> bool:
     """``0`` hides the progress bar shown on stderr while a GGUF file is converted (default ``1``)."""
     return parse_bool("TREADLE_CONVERSION_PROGRESS", os.environ.get("TREADLE_CONVERSION_PROGRESS", "1"))
+
+
+def TREADLE_PIECEWISE_MAX_TOKENS() -> int:
+    """Largest step (in tokens) that is not decode-only and still runs as piecewise CUDA graphs (default 512;
+    0 turns them off). Steps are padded up to a power-of-two bucket from 16; each bucket keeps its attention
+    inputs and outputs alive (runner/piecewise.py)."""
+    raw = os.environ.get("TREADLE_PIECEWISE_MAX_TOKENS", "512").strip()
+    if not raw.isdigit():
+        raise ValueError(
+            f"environment variable TREADLE_PIECEWISE_MAX_TOKENS={raw!r} is not a whole number of tokens "
+            "(0 turns piecewise CUDA graphs off)"
+        )
+    return int(raw)

@@ -10,7 +10,7 @@ one metadata object, built from that group's block table); the context is cleare
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,8 @@ class ForwardContext:
         Any
     ]  # per decoder layer: the backend's metadata for this step (shared within a group)
     num_actual_tokens: int  # real tokens this step; inputs may be padded beyond it (CUDA graphs)
+    # piecewise CUDA-graph capture only: takes each attention layer's call (runner/piecewise.py)
+    split_attention: Callable[..., torch.Tensor] | None = None
 
 
 _CONTEXT: ForwardContext | None = None

@@ -6,6 +6,8 @@ is chosen for the device; the KV-cache tensor and the step's attention metadata 
 indexed by `layer_idx`. Shapes: q [T, num_heads * head_size], k / v [T, num_kv_heads * head_size] -> out like q.
 A layer may hand over q and k unrotated with their rotary embedding (`rope`): the backend rotates them, and the
 Triton backend does it inside its decode kernel together with the cache write (one launch instead of three).
+Under a piecewise CUDA-graph capture (runner/piecewise.py) the forward context's `split_attention` takes the call
+instead; the runner then calls `attend` on the captured tensors between the graphs' replays.
 """
 
 from __future__ import annotations
@@ -56,24 +58,36 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attend; with ``rope``, q and k arrive unrotated and the backend rotates them (perhaps fused into its
         kernels, so q and k may be left unrotated or rotated afterwards)."""
+        ctx = get_forward_context()
+        if ctx.split_attention is not None:  # piecewise CUDA-graph capture: attention runs between the pieces
+            return ctx.split_attention(self, query, key, value, rope)
+        output = query.new_empty(query.shape[0], self.num_heads * self.head_size)
+        self.attend(query, key, value, rope, output)
+        return output
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rope: Rope | None,
+        output: torch.Tensor,  # [T, num_heads * head_size], written in place
+    ) -> None:
+        """Run the backend on the forward context's KV cache and metadata for this layer."""
         assert self.impl is not None, (
             f"attention layer {self.layer_idx} has no backend: call bind_backend first"
         )
         ctx = get_forward_context()
         num_tokens = query.shape[0]
-        output = torch.empty(
-            num_tokens, self.num_heads, self.head_size, dtype=query.dtype, device=query.device
-        )
         args = (
             query.view(num_tokens, self.num_heads, self.head_size),
             key.view(num_tokens, self.num_kv_heads, self.head_size),
             value.view(num_tokens, self.num_kv_heads, self.head_size),
             ctx.kv_caches[self.layer_idx],
             ctx.attn_metadata[self.layer_idx],
-            output,
+            output.view(num_tokens, self.num_heads, self.head_size),
         )
         if rope is None:
             self.impl.forward(*args)
         else:
             self.impl.forward_rope(rope, *args)
-        return output.view(num_tokens, self.num_heads * self.head_size)

@@ -8,6 +8,11 @@ padding reads only the null block), then drops its graphs and returns the memory
 estimate from the KV budget, captures for real after the KV cache is allocated, and logs measured against
 estimated.
 
+Piecewise graphs (piecewise.py) are probed the same way, at their largest and smallest token bucket; besides
+the shared pool and an executable per piece, each bucket keeps its attention inputs and outputs alive, which grow
+with its token count: the estimate adds, per other bucket, the smallest bucket's pieces plus the largest bucket's
+kept bytes per token times its tokens.
+
 Invariants: the probe leaves no graph and no cache behind; if it fails it estimates 0 with a warning (the real
 capture then reports its own failure and the runner runs eagerly).
 """
@@ -21,6 +26,7 @@ import torch
 
 from treadle_model_runner.kv_cache import allocate_kv_caches
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.model_runner import ModelRunner
@@ -38,6 +44,20 @@ def estimate_graph_bytes(memory_by_size: dict[int, int], num_sizes: int) -> int:
     return largest + (num_sizes - 1) * smallest
 
 
+def estimate_piecewise_bytes(
+    memory_by_size: dict[int, int], held_by_size: dict[int, int], sizes: list[int]
+) -> int:
+    """All piecewise buckets `sizes` from a probe of the largest and the smallest (bucket -> bytes taken / kept)."""
+    if not memory_by_size or not sizes:
+        return 0
+    largest, smallest = max(memory_by_size), min(memory_by_size)
+    pieces = max(
+        0, memory_by_size[smallest] - held_by_size[smallest]
+    )  # executables: the same for each bucket
+    held_per_token = held_by_size[largest] / largest
+    return memory_by_size[largest] + sum(pieces + int(held_per_token * s) for s in sizes if s != largest)
+
+
 @torch.inference_mode()
 def probe_graph_bytes(runner: ModelRunner) -> int:
     """Capture the largest and the smallest decode graph over a one-block cache; the estimate for all sizes."""
@@ -45,19 +65,26 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     layers = runner._require_model().attention_layers()
     runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.dtype, runner.device,
                                           runner.attn_backend)  # fmt: skip
+    buckets = runner.piecewise_sizes()
     probe = CudaGraphRunner(sorted({sizes[0], sizes[-1]}))
+    pieces = PiecewiseGraphs(sorted({buckets[0], buckets[-1]}) if buckets else [])
     try:
         probe.capture(runner._prepare_capture)
         measured = dict(probe.memory_by_size)
+        if pieces.sizes:
+            pieces.capture(runner._prepare_piecewise_capture)
     except Exception as exc:  # an estimate only: the real capture reports its own failure
         logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", exc)
         measured = {}
     finally:
-        del probe
+        piece_bytes = estimate_piecewise_bytes(pieces.memory_by_size, pieces.held_bytes_by_size, buckets)
+        del probe, pieces
         runner.kv_caches = []
         torch.cuda.synchronize(runner.device)
         torch.cuda.empty_cache()
     estimate = estimate_graph_bytes(measured, len(sizes))
-    logger.info("CUDA graph memory: %.0f MiB expected for %d sizes (probe: %s)", estimate / _MiB, len(sizes),
-                ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(measured.items())))  # fmt: skip
-    return estimate
+    logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes (probe: %s) and %.0f MiB for %d "
+                "piecewise token buckets", estimate / _MiB, len(sizes),
+                ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(measured.items())),
+                piece_bytes / _MiB, len(buckets))  # fmt: skip
+    return estimate + piece_bytes

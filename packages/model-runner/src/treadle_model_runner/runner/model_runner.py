@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from treadle_kernels.attention import get_attn_backend
+from treadle_model_runner import envs
 from treadle_model_runner.config import CacheConfig, ModelConfig
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.kv_cache import (
@@ -45,6 +46,7 @@ from treadle_model_runner.runner.graph_memory import probe_graph_bytes
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
+from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
 from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
@@ -102,6 +104,7 @@ class ModelRunner:
         self.kv_cache_config: KVCacheConfig | None = None
         self.requests: dict[str, Any] = {}  # request id -> RequestState (live requests, scheduled or not)
         self.graphs: CudaGraphRunner | None = None
+        self.piecewise: PiecewiseGraphs | None = None  # steps that are not decode-only (piecewise.py)
         self.graph_bytes_reserved = 0  # device memory left free for the CUDA graphs when sizing the KV cache
         # async output (set by the engine under async scheduling): return before the sampled tokens reach the
         # host; `pending` holds the steps whose tokens the host has not written yet (pending.py)
@@ -201,11 +204,19 @@ class ModelRunner:
         graphs = CudaGraphRunner(capture_sizes(self.max_num_seqs))
         graphs.capture(self._prepare_capture)
         self.graphs = graphs if graphs.graphs else None  # capture failed: run eagerly, no padding
-        reserved = self.graph_bytes_reserved
-        if graphs.graphs and reserved and graphs.memory_bytes > 1.2 * reserved + (64 << 20):
+        piecewise = PiecewiseGraphs(self.piecewise_sizes())
+        if piecewise.sizes:
+            piecewise.capture(self._prepare_piecewise_capture)
+        self.piecewise = piecewise if piecewise.buckets else None
+        reserved, taken = self.graph_bytes_reserved, graphs.memory_bytes + piecewise.memory_bytes
+        if graphs.graphs and reserved and taken > 1.2 * reserved + (64 << 20):
             logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
                            "was sized; lower --gpu-memory-utilization if memory runs out",
-                           graphs.memory_bytes / (1 << 20), reserved / (1 << 20))  # fmt: skip
+                           taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
+
+    def piecewise_sizes(self) -> list[int]:
+        """Token buckets of the piecewise CUDA graphs (TREADLE_PIECEWISE_MAX_TOKENS, within the step budget)."""
+        return bucket_sizes(min(envs.TREADLE_PIECEWISE_MAX_TOKENS(), self.max_num_batched_tokens))
 
     def _require_model(self) -> CausalLM:
         if self.model is None:
@@ -234,6 +245,8 @@ class ModelRunner:
         padded = None
         if self.graphs is not None and bool((num_scheduled == 1).all()):
             padded = self.graphs.padded_size(num_reqs)
+        elif self.piecewise is not None:
+            padded = self.piecewise.padded_size(scheduler_output.total_num_scheduled_tokens)
         newest = self.pending[-1] if self.pending else None
         source = device_source(newest, self.batch.req_ids)
         inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source)
@@ -253,6 +266,8 @@ class ModelRunner:
                 builder.prepare_cuda_graph_replay(common, size)
             return self.graphs.replay(size)
         with set_forward_context(self._context(inputs)):
+            if self.piecewise is not None and not inputs.is_decode_only and self.piecewise.has(size):
+                return self.piecewise.replay(size)
             return self._require_model()(inputs.input_ids, inputs.positions)
 
     def _context(self, inputs: StepInputs, graph_size: int | None = None) -> ForwardContext:
@@ -276,6 +291,12 @@ class ModelRunner:
                 return model(inputs.input_ids, inputs.positions)
 
         return forward
+
+    def _prepare_piecewise_capture(self, size: int, split: Any) -> Callable[[], torch.Tensor]:
+        """The forward of `size` tokens over the input buffers, each attention call taken by `split`."""
+        buffers = self.buffers
+        return piecewise_forward(self._require_model(), self.kv_caches, buffers.input_ids[:size],
+                                 buffers.positions[:size], split)  # fmt: skip
 
 
 def _log_dispatch_report(model: torch.nn.Module) -> None:
