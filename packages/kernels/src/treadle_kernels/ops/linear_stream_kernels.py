@@ -1,0 +1,170 @@
+"""Persistent, software-pipelined one-row linear kernel: an experiment (imported lazily: this module imports triton).
+
+Same math as :func:`.linear_kernels.small_m_linear_kernel` at ``ROWS == 1``: ``out[n] = sum_k a[k] * weight[n, k]
+(+ bias[n])`` with ``a`` the prologue applied to the input on the fly (0 plain, 1 add + rms_norm, 2 silu_and_mul,
+3 gelu_tanh_and_mul), rounded as there (the prologue is that module's ``_input_tile``). Accumulation is fp32.
+
+Why: that kernel runs one program per BLOCK_N outputs (512-768 programs of 64 KB on 132 SMs for the 4096-6144
+output projections); every program issues its loads at once, so each wave ramps up and the last one runs part
+empty, ~3-5 us of a 10-16 us projection on an H200. Here a fixed grid of NUM_PROGRAMS programs (a multiple of
+the SM count) walks output tiles pid, pid + NUM_PROGRAMS, ...; the (output tile, k tile) pairs of a program are
+ONE loop, ``tl.range(..., num_stages=NUM_STAGES)``, so Triton's pipeliner (which pipelines loads that feed no dot
+only in loops carrying that attribute) keeps the next NUM_STAGES - 1 weight tiles in flight across tile
+boundaries. A tile's accumulator is stored (masked) after its last k tile, and reset.
+PROLOGUE 1: each program first makes one pass over x + residual (one row, from L2) for its inverse RMS; program 0
+also stores x + residual to ``residual_out``. No PDL.
+
+Measured against: the production one-row config of ``small_m_linear_kernel`` (``linear._config``) on
+Llama-3.1-8B's projections, in CUDA graphs with the weight cold in L2 (benchmarks/gemv_stream_sweep.py).
+Nothing dispatches to this kernel; :func:`launch_stream` is for that benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .linear_kernels import _input_tile
+from .support import rows_view
+
+__all__ = ["launch_stream", "stream_linear_kernel"]
+
+
+@triton.jit
+def _norm_prepass(x_rows, r_rows, residual_out_ptr, k, row_mask, epsilon, pid, BLOCK_K: tl.constexpr, dtype):
+    """inv_rms [1] of round(x + residual); program 0 stores that sum to ``residual_out`` (as the existing kernel)."""
+    tile = tl.arange(0, BLOCK_K)
+    store_row = row_mask & ((tl.zeros([1], dtype=tl.int32) + pid) == 0)
+    sum_sq = tl.zeros([1], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tile
+        mask = row_mask[:, None] & (cols < k)[None, :]
+        xs = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rs = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        summed = (xs + rs).to(dtype)
+        tl.store(residual_out_ptr + cols[None, :], summed, mask=mask & store_row[:, None])
+        summed = summed.to(tl.float32)
+        sum_sq += tl.sum(summed * summed, axis=1)
+    return 1.0 / tl.sqrt(sum_sq / k + epsilon)
+
+
+@triton.jit(do_not_specialize=["NUM_PROGRAMS"])  # one compile for every grid size
+def stream_linear_kernel(
+    x_ptr,
+    x_row_stride,
+    residual_ptr,
+    residual_row_stride,
+    norm_weight_ptr,
+    residual_out_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    out_row_stride,
+    num_rows,
+    n,
+    k,
+    epsilon,
+    NUM_PROGRAMS,
+    PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    dtype = out_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = tl.arange(0, 1)  # the one row (masked off when num_rows is 0)
+    row_mask = rows < num_rows
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
+    r_rows = residual_ptr + rows.to(tl.int64)[:, None] * residual_row_stride
+    inv_rms = tl.zeros([1], dtype=tl.float32)
+    if PROLOGUE == 1:
+        inv_rms = _norm_prepass(x_rows, r_rows, residual_out_ptr, k, row_mask, epsilon, pid, BLOCK_K, dtype)
+
+    num_k_tiles = tl.cdiv(k, BLOCK_K)
+    num_n_tiles = tl.cdiv(n, BLOCK_N)
+    # this program's tiles: pid, pid + NUM_PROGRAMS, ... below num_n_tiles (none when pid >= num_n_tiles)
+    num_my_tiles = (num_n_tiles - pid + NUM_PROGRAMS - 1) // NUM_PROGRAMS
+    tile_n, tile_k = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    for i in tl.range(0, num_my_tiles * num_k_tiles, num_stages=NUM_STAGES):
+        t = i // num_k_tiles
+        k_tile = i - t * num_k_tiles
+        offs_n = (pid + t * NUM_PROGRAMS) * BLOCK_N + tile_n
+        n_mask = offs_n < n
+        cols = k_tile * BLOCK_K + tile_k
+        w_mask = n_mask[:, None] & (cols < k)[None, :]
+        w = tl.load(weight_ptr + offs_n.to(tl.int64)[:, None] * k + cols[None, :], mask=w_mask, other=0.0)
+        a = _input_tile(x_rows, r_rows, norm_weight_ptr, cols, k, row_mask, inv_rms, PROLOGUE, dtype)
+        acc += tl.sum(a.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        if k_tile == num_k_tiles - 1:  # the tile is done: store it and start the next one from zero
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + offs_n[None, :]
+            tl.store(out, acc.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
+            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+
+
+def launch_stream(
+    prologue: int,
+    x: torch.Tensor,
+    k: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    num_stages: int,
+    num_programs: int,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    epsilon: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the kernel on x's one row; returns (out [..., n], residual_out [..., k] for the norm prologue).
+
+    Arguments as ``linear._launch``, with the tiles spelled out and ``num_programs`` the persistent grid. One row
+    reduces with a multiply and a row sum (no ``tl.dot``), so there is nothing to upcast for the interpreter."""
+    x2 = rows_view(x)
+    assert x2 is not None, "x must be viewable as [rows, k] without a copy"
+    num_rows, n = x2.shape[0], weight.shape[0]
+    if num_rows > 1:
+        raise ValueError(
+            f"launch_stream takes one row, x has {num_rows}: the kernel would compute only the first; "
+            "use linear._launch for several rows"
+        )
+    if num_programs < 1:
+        raise ValueError(f"num_programs ({num_programs}) must be at least 1, e.g. the device's SM count")
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)  # [rows, n]
+    residual_out = None
+    if residual is not None:
+        residual_out = torch.empty((num_rows, k), dtype=x.dtype, device=x.device)  # [rows, k]
+    if num_rows > 0 and n > 0:
+        r2 = rows_view(residual) if residual is not None else x2
+        assert r2 is not None, "residual must be viewable as [rows, k] without a copy"
+        stream_linear_kernel[(num_programs,)](
+            x2,
+            x2.stride(0),
+            r2,
+            r2.stride(0),
+            norm_weight if norm_weight is not None else weight,
+            residual_out if residual_out is not None else out,
+            weight,
+            bias if bias is not None else weight,
+            out,
+            out.stride(0),
+            num_rows,
+            n,
+            k,
+            epsilon,
+            num_programs,
+            PROLOGUE=prologue,
+            HAS_BIAS=bias is not None,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            NUM_STAGES=num_stages,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    lead = x.shape[:-1]
+    return out.view(*lead, n), None if residual_out is None else residual_out.view(*lead, k)
