@@ -169,6 +169,17 @@ def record_hidden(runner: ModelRunner) -> list[torch.Tensor]:
     return hidden
 
 
+def count_piecewise_replays(runner: ModelRunner) -> list[int]:
+    """The bucket of every piecewise-graph replay from now on (none when the runner has no piecewise graphs)."""
+    replays: list[int] = []
+    graphs = runner.piecewise
+    if graphs is not None:
+        assert graphs.sizes == [16, 32, 64] and all(map(graphs.has, (16, 32, 64)))
+        replay = graphs.replay
+        graphs.replay = lambda size: (replays.append(size), replay(size))[1]  # type: ignore[method-assign]
+    return replays
+
+
 def perturb_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
     """Give every parameter (norms and biases included) random values, so no weight is left at its init."""
     gen = torch.Generator().manual_seed(seed)

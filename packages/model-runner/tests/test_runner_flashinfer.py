@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, perturb_
+from test_runner_fakes import FakeScheduler, count_piecewise_replays, perturb_
 
 from treadle_model_runner import CacheConfig, ModelConfig, SamplingParams
 from treadle_model_runner.runner import ModelRunner
@@ -47,7 +47,8 @@ def llama_gqa4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(
     path: Path, prompts: list[list[int]], eager: bool
 ) -> tuple[dict[str, list[Any]], list[tuple[int, int]]]:
-    """Greedy-decode every prompt; per request its (token, logprobs) steps, and (batch, graph size) per replay."""
+    """Greedy-decode every prompt; per request its (token, logprobs) steps, and (batch, graph size) per replay.
+    With graphs, the prefill steps replay piecewise graphs (FlashInfer's prefill runs eagerly between them)."""
     config = ModelConfig(str(path), dtype="bfloat16", attention_backend="flashinfer", enforce_eager=eager)
     runner = ModelRunner(config, CacheConfig(block_size=16, num_gpu_blocks_override=64), 12, 64, "cuda")
     runner.load_model()
@@ -64,11 +65,13 @@ def _run(
             return replay(size)
 
         graphs.replay = counted  # type: ignore[method-assign]
+    pieces = count_piecewise_replays(runner)
     sched = FakeScheduler(runner)
     params = SamplingParams(temperature=0.0, logprobs=2)
     for i, prompt in enumerate(prompts):
         sched.add(f"r{i}", prompt, params, max_tokens=6 + 3 * i)
     sched.run(budget=64)
+    assert eager or pieces, "the prefill steps must replay piecewise graphs"
     steps: dict[str, list[Any]] = {f"r{i}": [] for i in range(len(prompts))}
     for out in sched.outputs:
         for req_id, index in out.req_id_to_index.items():
