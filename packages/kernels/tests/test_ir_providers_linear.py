@@ -21,14 +21,19 @@ from treadle_kernels.ops.linear import MAX_ROWS, Config
 pytest.importorskip("triton")
 
 
-@pytest.fixture(autouse=True)
-def kernel_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the fused kernel wherever it may run (up to MAX_ROWS rows), not only where it is the default."""
+@pytest.fixture(autouse=True, params=["tiles", "stream"])
+def kernel_everywhere(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Run the fused kernel wherever it may run (up to MAX_ROWS rows), not only where it is the default; one row
+    with one program per tile (`tiles`) or with the persistent stream kernel (`stream`: on CPU small k tiles and
+    4 programs, so each program walks several output tiles and k tiles; on GPU the production tiles)."""
+    stream = Config(1, 4, 2048, 4, 3, 2) if CUDA else Config(1, 4, 64, 4, 3, 1)
 
     def config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
         if num_rows > MAX_ROWS:
             return None
-        return Config(1, 16, 512, 4, 3) if num_rows == 1 else Config(16, 16, 256, 4, 3)
+        if num_rows == 1:
+            return stream if request.param == "stream" else Config(1, 16, 512, 4, 3)
+        return Config(16, 16, 256, 4, 3)
 
     monkeypatch.setattr(provider, "_config", config)
 
@@ -122,12 +127,16 @@ def test_triton_declines_what_it_cannot_read() -> None:
 
 def test_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where allowed (one row by default), the kernel where the H200 sweep measured it faster: every prologue at
-    one row, only the plain projection at 2-16 rows."""
+    one row (the stream kernel below the lm_head's size), only the plain projection at 2-16 rows."""
     monkeypatch.undo()
     provider._max_rows.cache_clear()
     try:
         monkeypatch.delenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", raising=False)  # default: one row
-        assert provider._config(provider._NORM, 1, 4096, 4096) is not None
+        assert provider._config(provider._NORM, 1, 4096, 4096).programs_per_sm > 0  # type: ignore[union-attr]
+        assert provider._config(provider._PLAIN, 1, 128256, 4096).programs_per_sm == 0  # type: ignore[union-attr]
+        monkeypatch.setenv("TREADLE_STREAM_LINEAR", "0")
+        assert provider._config(provider._NORM, 1, 4096, 4096).programs_per_sm == 0  # type: ignore[union-attr]
+        monkeypatch.delenv("TREADLE_STREAM_LINEAR")
         assert provider._config(provider._PLAIN, 2, 4096, 4096) is None
         provider._max_rows.cache_clear()
         monkeypatch.setenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", "0")

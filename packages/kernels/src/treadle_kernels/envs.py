@@ -10,7 +10,13 @@ import os
 
 from treadle_ir.envs import parse_bool
 
-__all__ = ["FUSED_DECODE_ATTENTION", "PDL", "SMALL_BATCH_LINEAR_MAX_ROWS", "TRITON_INTERPRET"]
+__all__ = [
+    "FUSED_DECODE_ATTENTION",
+    "PDL",
+    "SMALL_BATCH_LINEAR_MAX_ROWS",
+    "STREAM_LINEAR",
+    "TRITON_INTERPRET",
+]
 
 
 def TRITON_INTERPRET() -> bool:
@@ -47,3 +53,9 @@ def PDL() -> bool:
     launch with programmatic dependent launch, each requesting the weights or metadata it can read before the
     kernel ahead of it finishes."""
     return parse_bool("TREADLE_PDL", os.environ.get("TREADLE_PDL", "0"))
+
+
+def STREAM_LINEAR() -> bool:
+    """``TREADLE_STREAM_LINEAR`` (default 1): one-row projections below the lm_head's size run the persistent,
+    pipelined weight-streaming kernel (``ops/linear_stream_kernels.py``); 0 runs the one-program-per-tile kernel."""
+    return parse_bool("TREADLE_STREAM_LINEAR", os.environ.get("TREADLE_STREAM_LINEAR", "1"))

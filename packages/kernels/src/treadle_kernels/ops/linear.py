@@ -2,7 +2,8 @@
 
 :mod:`.linear_kernels` streams the weight once with the norm or gated activation applied to the input on the fly,
 for up to ``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` rows (default 1, a batch-1 decode step; 0 turns it off; at most
-``MAX_ROWS``). ``_config`` picks it only where it measured faster than the unfused path, which runs otherwise: the
+``MAX_ROWS``). At one row, projections with fewer than ``STREAM_MAX_N`` outputs run :mod:`.linear_stream_kernels`
+instead (persistent programs, loads pipelined across tiles; ``TREADLE_STREAM_LINEAR=0`` turns it off). ``_config`` picks it only where it measured faster than the unfused path, which runs otherwise: the
 standalone prologue op (itself dispatched: the Triton norm or activation kernel on GPU) then cuBLAS ``F.linear``.
 """
 
@@ -38,6 +39,15 @@ class Config(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 0  # > 0: the persistent stream kernel (one row) on this many programs per SM
+
+
+STREAM_MAX_N = 65536  # the lm_head (128k outputs) streams at 4.6 TB/s with one program per tile already
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
@@ -49,10 +59,16 @@ def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
     wins (o_proj 11.6 against 12.4 us); the norm and gated prologues are slower there than the launches they
     replace. By default only one row (TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS=1): batch-1 decode went from 5.21 to 4.65
     ms per token with the kernel (H200, same call), while each tile shape costs one Triton compile (about a
-    second) at a cold start, and 2-16 rows gain only ~1 us per o_proj."""
+    second) at a cold start, and 2-16 rows gain only ~1 us per o_proj.
+    The persistent stream kernel at 2 programs per SM beat those one-row tiles on H200
+    (results/gpu-piecewise-h200-3ea134f/gemv_stream.json): qkv + norm 15.84 against 16.22 us, o_proj 10.55 against
+    10.83, gate_up + norm 57.11 against 57.42, down + SiLU 29.89 against 30.86; it lost on lm_head (230.8 against
+    227.9), which keeps one program per tile."""
     if num_rows > _max_rows():
         return None
     if num_rows == 1:
+        if n < STREAM_MAX_N and envs.STREAM_LINEAR():
+            return Config(1, 8 if prologue in (_SILU, _GELU_TANH) else 4, 2048, 4, 3, programs_per_sm=2)
         if prologue == _PLAIN:
             return Config(1, 8, 4096, 8, 3)
         return Config(1, 8, 2048, 4, 3) if prologue == _NORM else Config(1, 8, 2048, 8, 1)
@@ -78,6 +94,13 @@ def _launch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel on x's rows; returns (out [..., n], residual_out [..., k] for the norm prologue)."""
     from . import linear_kernels
+
+    if cfg.programs_per_sm:
+        from .linear_stream_kernels import launch_stream
+
+        sms = _num_sms(x.device.index or 0) if x.is_cuda else 4  # CPU: the interpreter
+        return launch_stream(prologue, x, k, weight, bias, cfg.block_n, cfg.block_k, cfg.num_warps,
+                             cfg.num_stages, cfg.programs_per_sm * sms, residual, norm_weight, epsilon)  # fmt: skip
 
     x2 = rows_view(x)
     assert x2 is not None
