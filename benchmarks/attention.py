@@ -9,7 +9,7 @@ Reports achieved GB/s of KV read (``sum(seq_len) * nkv * head_dim * 2 (K, V) * 2
 own copy bandwidth measured in the same run, and TFLOP/s for prefill. The torch reference runs only where it finishes quickly.
 
     python benchmarks/attention.py results.json [--backends triton,flashinfer,torch,triton+rope,triton+rope_fused,
-        triton+rope_unfused]
+        triton+rope_unfused,triton+rope/s4]      (/sN: N KV splits forced, batch-1 decode rows only)
 
 Needs only torch, triton and (optionally) flashinfer-python; the treadle packages are imported from the checkout.
 """
@@ -88,8 +88,10 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
 
     ``NAME+rope``: the layer hands q and k unrotated with their rotary table (``forward_rope``): for the triton
     backend, small decode batches take the fused decode kernel (the engine's policy); ``NAME+rope_fused`` takes it
-    at every batch size; ``NAME+rope_unfused`` runs the rotary op first."""
+    at every batch size; ``NAME+rope_unfused`` runs the rotary op first. A ``/sN`` suffix forces N KV splits
+    (triton; decode)."""
     q, k, v, kv_cache, md = step
+    name, _, splits = name.partition("/s")
     name, _, variant = name.partition("+")
     os.environ["TREADLE_FUSED_DECODE_ATTENTION"] = "0" if variant == "rope_unfused" else "1"
     rope = rope_for(md, q.shape[0]) if variant else None
@@ -98,6 +100,8 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
     impl = backend.get_impl_cls()(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)
     if variant == "rope_fused":
         impl.fused_decode_max_programs = 1 << 30  # type: ignore[attr-defined]
+    if splits:
+        impl.force_num_splits = int(splits)  # type: ignore[attr-defined]
     decode_only = md.max_query_len == 1
     if decode_only and backend.supports_cuda_graphs:  # the engine's decode graphs use this metadata
         attn_md = builder.build_for_cuda_graph(md, md.num_reqs)
@@ -154,7 +158,8 @@ def copy_bandwidth_gbs() -> float:
 
 
 def workloads() -> list[tuple[str, list[tuple[int, int]]]]:
-    cases = [("decode b1 ctx192", [(191, 1)]), ("decode b32 ctx1536", [(1535, 1)] * 32)]
+    cases = [("decode b1 ctx192", [(191, 1)]), ("decode b1 ctx320", [(319, 1)])]
+    cases.append(("decode b32 ctx1536", [(1535, 1)] * 32))
     cases += [(f"decode b{b} ctx{c}", [(c - 1, 1)] * b) for b in (1, 64, 256) for c in (1024, 4096)]
     cases.append(("prefill 4x2048", [(0, 2048)] * 4))
     cases.append(("mixed 1x1024 prefill + 64 decodes ctx2048", [(0, 1024)] + [(2047, 1)] * 64))
@@ -188,6 +193,8 @@ def main() -> None:
         for name in backends:
             if name.startswith("torch") and len(requests) > 64:
                 continue  # a Python loop over requests; too slow to be a useful baseline at this size
+            if "/s" in name and not label.startswith("decode b1 "):
+                continue  # forced split counts: the batch-1 question only
             ms, mode = time_backend(name, step, args.iters)
             rows.append({"workload": label, "backend": name, "mode": mode, "ms": ms,
                          "kv_read_gbs": kv_bytes / (ms * 1e-3) / 1e9, "tflops": flops / (ms * 1e-3) / 1e12})  # fmt: skip

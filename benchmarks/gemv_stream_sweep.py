@@ -35,7 +35,9 @@ from gemv_sweep import SHAPES, _fused_call, _graph_us, _inputs, _native
 from treadle_kernels.ops import linear as fused
 
 MAX_REL_ERR = 1e-2
-PROGRAMS_PER_SM = (1, 2, 4)
+# the sweep's axes (--block-n etc. override them): tiles with 2048 <= block_n * block_k <= 32768 are kept
+GRID = {"block_n": (4, 8, 16), "block_k": (512, 1024, 2048), "warps": (4, 8), "stages": (2, 3, 4),
+        "programs_per_sm": (1, 2, 4)}  # fmt: skip
 
 
 class StreamConfig(NamedTuple):
@@ -49,12 +51,12 @@ class StreamConfig(NamedTuple):
 def stream_configs(num_sms: int) -> list[StreamConfig]:
     return [
         StreamConfig(bn, bk, w, st, num_sms * per_sm)
-        for bn in (4, 8, 16)
-        for bk in (512, 1024, 2048)
-        for w in (4, 8)
-        for st in (2, 3, 4)
-        for per_sm in PROGRAMS_PER_SM
-        if 2048 <= bn * bk <= 16384
+        for bn in GRID["block_n"]
+        for bk in GRID["block_k"]
+        for w in GRID["warps"]
+        for st in GRID["stages"]
+        for per_sm in GRID["programs_per_sm"]
+        if 2048 <= bn * bk <= 32768
     ]
 
 
@@ -142,7 +144,7 @@ def compile_part(part: int, parts: int, num_sms: int) -> None:
     names: dict[int, str] = {}  # prologue -> the first projection with it
     for name, (prologue, _, _) in SHAPES.items():
         names.setdefault(prologue, name)
-    configs = [c for c in stream_configs(num_sms) if c.num_programs == num_sms]
+    configs = [c for c in stream_configs(num_sms) if c.num_programs == num_sms * GRID["programs_per_sm"][0]]
     jobs = [(name, cfg) for name in names.values() for cfg in [None, *configs]]  # None: the production config
     for i, (name, cfg) in enumerate(jobs):
         if i % parts == part:
@@ -164,7 +166,12 @@ def main() -> None:
     parser.add_argument(
         "--compile-only", metavar="I/N", help="only compile part I of N of the kernel variants"
     )
+    for axis, values in GRID.items():
+        parser.add_argument(f"--{axis.replace('_', '-')}", default=",".join(map(str, values)),
+                            help=f"comma-separated {axis} values (default %(default)s)")  # fmt: skip
     args = parser.parse_args()
+    for axis in GRID:
+        GRID[axis] = tuple(int(v) for v in getattr(args, axis).split(","))
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (this sweep times kernels inside CUDA graphs)")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -180,7 +187,9 @@ def main() -> None:
         "num_sms": num_sms,
         "commit": args.commit,
         "command": "python3 benchmarks/gemv_stream_sweep.py --out gemv_stream.json "
-        f"(TREADLE_PDL={os.environ.get('TREADLE_PDL', '0')})",
+        + " ".join(f"--{a.replace('_', '-')} {','.join(map(str, v))}" for a, v in GRID.items())
+        + f" (TREADLE_PDL={os.environ.get('TREADLE_PDL', '0')}, "
+        f"TREADLE_STREAM_LINEAR={os.environ.get('TREADLE_STREAM_LINEAR', '1')})",
         "dtype": "bfloat16",
         "baseline": "production: small_m_linear_kernel with linear._config's one-row config, same run; all inside "
         "CUDA graphs, weights cycled past L2 (gemv_sweep._graph_us)",
