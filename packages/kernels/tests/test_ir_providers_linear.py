@@ -127,15 +127,15 @@ def test_triton_declines_what_it_cannot_read() -> None:
 
 def test_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where allowed (one row by default), the kernel where the H200 sweep measured it faster: every prologue at
-    one row (the stream kernel below the lm_head's size), only the plain projection at 2-16 rows."""
+    one row (the stream kernel below the lm_head's size only when asked), only the plain projection at 2-16 rows."""
     monkeypatch.undo()
     provider._max_rows.cache_clear()
     try:
         monkeypatch.delenv("TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS", raising=False)  # default: one row
+        assert provider._config(provider._NORM, 1, 4096, 4096).programs_per_sm == 0  # type: ignore[union-attr]
+        monkeypatch.setenv("TREADLE_STREAM_LINEAR", "1")
         assert provider._config(provider._NORM, 1, 4096, 4096).programs_per_sm > 0  # type: ignore[union-attr]
         assert provider._config(provider._PLAIN, 1, 128256, 4096).programs_per_sm == 0  # type: ignore[union-attr]
-        monkeypatch.setenv("TREADLE_STREAM_LINEAR", "0")
-        assert provider._config(provider._NORM, 1, 4096, 4096).programs_per_sm == 0  # type: ignore[union-attr]
         monkeypatch.delenv("TREADLE_STREAM_LINEAR")
         assert provider._config(provider._PLAIN, 2, 4096, 4096) is None
         provider._max_rows.cache_clear()

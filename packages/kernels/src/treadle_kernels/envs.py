@@ -56,6 +56,7 @@ def PDL() -> bool:
 
 
 def STREAM_LINEAR() -> bool:
-    """``TREADLE_STREAM_LINEAR`` (default 1): one-row projections below the lm_head's size run the persistent,
-    pipelined weight-streaming kernel (``ops/linear_stream_kernels.py``); 0 runs the one-program-per-tile kernel."""
-    return parse_bool("TREADLE_STREAM_LINEAR", os.environ.get("TREADLE_STREAM_LINEAR", "1"))
+    """``TREADLE_STREAM_LINEAR=1`` (default off): one-row projections below the lm_head's size run the persistent,
+    pipelined weight-streaming kernel (``ops/linear_stream_kernels.py``) instead of the one-program-per-tile kernel.
+    Faster alone on an H200, slower end to end there (results/gpu-stream-h200-815d627)."""
+    return parse_bool("TREADLE_STREAM_LINEAR", os.environ.get("TREADLE_STREAM_LINEAR", "0"))

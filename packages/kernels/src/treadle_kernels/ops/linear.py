@@ -2,8 +2,9 @@
 
 :mod:`.linear_kernels` streams the weight once with the norm or gated activation applied to the input on the fly,
 for up to ``TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS`` rows (default 1, a batch-1 decode step; 0 turns it off; at most
-``MAX_ROWS``). At one row, projections with fewer than ``STREAM_MAX_N`` outputs run :mod:`.linear_stream_kernels`
-instead (persistent programs, loads pipelined across tiles; ``TREADLE_STREAM_LINEAR=0`` turns it off). ``_config`` picks it only where it measured faster than the unfused path, which runs otherwise: the
+``MAX_ROWS``). With ``TREADLE_STREAM_LINEAR=1`` (off by default), one-row projections with fewer than
+``STREAM_MAX_N`` outputs run :mod:`.linear_stream_kernels` instead (persistent programs, loads pipelined across
+tiles). ``_config`` picks it only where it measured faster than the unfused path, which runs otherwise: the
 standalone prologue op (itself dispatched: the Triton norm or activation kernel on GPU) then cuBLAS ``F.linear``.
 """
 
@@ -63,7 +64,8 @@ def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
     The persistent stream kernel at 2 programs per SM beat those one-row tiles on H200
     (results/gpu-piecewise-h200-3ea134f/gemv_stream.json): qkv + norm 15.84 against 16.22 us, o_proj 10.55 against
     10.83, gate_up + norm 57.11 against 57.42, down + SiLU 29.89 against 30.86; it lost on lm_head (230.8 against
-    227.9), which keeps one program per tile."""
+    227.9). End to end it was slower (4.43 / 4.45 against 4.41 / 4.40 ms per token, results/gpu-stream-h200-815d627),
+    so it runs only with TREADLE_STREAM_LINEAR=1."""
     if num_rows > _max_rows():
         return None
     if num_rows == 1:
