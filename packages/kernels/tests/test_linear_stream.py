@@ -40,13 +40,13 @@ def _native(prologue: int, t: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     return native(t["gated"], w, b), None
 
 
-def _stream(prologue: int, t: dict, k: int, num_programs: int) -> tuple:
+def _stream(prologue: int, t: dict, k: int, num_programs: int, peel: bool = False) -> tuple:
     _poison_allocator()
     x = t["gated"] if prologue in (_SILU, _GELU_TANH) else t["x"]
     norm = {"residual": t["residual"], "norm_weight": t["norm_weight"], "epsilon": 1e-6}
     return launch_stream(
         prologue, x, k, t["weight"], t["bias"], BLOCK_N, BLOCK_K, 4, 3, num_programs,
-        **(norm if prologue == _NORM else {}),
+        **(norm if prologue == _NORM else {}), peel=peel,
     )  # fmt: skip
 
 
@@ -54,10 +54,13 @@ def _stream(prologue: int, t: dict, k: int, num_programs: int) -> tuple:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("prologue", [_PLAIN, _NORM, _SILU, _GELU_TANH])
 @pytest.mark.parametrize("num_programs", [2, 5, 9])  # n = 37: 5 output tiles of BLOCK_N = 8
-def test_stream_matches_native(prologue: int, bias: bool, dtype: torch.dtype, num_programs: int) -> None:
+@pytest.mark.parametrize("peel", [False, True])  # the first tile before the loop, as the PDL launch runs it
+def test_stream_matches_native(
+    prologue: int, bias: bool, dtype: torch.dtype, num_programs: int, peel: bool
+) -> None:
     n, k = 37, 150  # 150 = 2 full k tiles of 64 and a partial one
     t = _inputs((1,), n, k, dtype, bias, seed=100 * prologue + 10 * num_programs + int(bias))
-    got, residual_out = _stream(prologue, t, k, num_programs)
+    got, residual_out = _stream(prologue, t, k, num_programs, peel)
     expected, expected_residual = _native(prologue, t)
     assert got.shape == (1, n)
     _close(got, expected, dtype)
@@ -95,23 +98,34 @@ import inspect, triton
 from triton.backends.compiler import GPUTarget
 from treadle_kernels.ops.linear_stream_kernels import stream_linear_kernel as fn
 names = list(inspect.signature(fn.fn).parameters)
-constexprs = {"PROLOGUE": 1, "HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 2048, "NUM_STAGES": 3}
+import sys
+constexprs = {"PROLOGUE": 1, "HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 2048, "NUM_STAGES": 3,
+              "USE_PDL": sys.argv[1] == "pdl", "PEEL": sys.argv[1] == "pdl"}
 sig = {p: "constexpr" if p in constexprs else "*bf16" if p.endswith("_ptr") else "fp32" if p == "epsilon"
        else "i32" for p in names}
 div16 = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(names) if p.endswith("_ptr") or p == "k"}
 src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=div16)
-print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ttgir"])
+asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm
+print(asm["ttgir"])
+print(*(line for line in asm["ptx"].splitlines() if "griddepcontrol" in line))
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's compiler ships for Linux")
-def test_weight_loads_are_pipelined_on_sm90() -> None:
+@pytest.mark.parametrize("pdl", ["pdl", "plain"])
+def test_weight_loads_are_pipelined_on_sm90(pdl: str) -> None:
     """Compiled for Hopper without a GPU (outside the interpreter, k divisible by 16 as the JIT specialises
     4096): the [BLOCK_N, BLOCK_K] weight tile is an async copy to shared memory, issued ahead of the loop and in
-    it. Without ``tl.range(num_stages=...)`` Triton would leave this loop (no dot) unpipelined."""
+    it. Without ``tl.range(num_stages=...)`` Triton would leave this loop (no dot) unpipelined. With PDL too
+    (the first tile requested before the wait, outside the loop)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", _SM90], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM90, pdl], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("griddepcontrol" in proc.stdout) == (pdl == "pdl"), (
+        "the PDL wait / trigger must be there iff asked"
+    )
     copies = [line for line in proc.stdout.splitlines() if "async_copy_global_to_local" in line]
     weight_copies = [line for line in copies if "tensor<8x2048x!tt.ptr<bf16>" in line]
     assert len(weight_copies) >= 2, f"weight tile not pipelined; async copies: {copies}"
