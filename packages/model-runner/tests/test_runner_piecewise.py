@@ -39,6 +39,23 @@ def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A routed MoE (a dense layer 0, then sparse layers): the fused-MoE kernels inside the pieces."""
+    config = tf.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, norm_topk_prob=True, mlp_only_layers=[0], decoder_sparse_step=1,
+        eos_token_id=None, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = tf.Qwen3MoeForCausalLM(config).eval()
+    perturb_(hf, seed=4, std=0.15)
+    path = tmp_path_factory.mktemp("qwen3_moe")
+    hf.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def test_bucket_sizes() -> None:
     assert bucket_sizes(512) == [16, 32, 64, 128, 256, 512]
     assert bucket_sizes(100) == [16, 32, 64, 100]
@@ -78,14 +95,16 @@ def _run(runner: ModelRunner, prompts: list[list[int]]) -> tuple[dict[str, list[
     return sched.run(budget=24), hidden
 
 
-def test_padded_prefill_steps_equal_unpadded(qwen3: Path) -> None:
+@pytest.mark.parametrize("model", ["qwen3", "qwen3_moe"])
+def test_padded_prefill_steps_equal_unpadded(model: str, request: pytest.FixtureRequest) -> None:
     """Prefill chunks, chunks on cached blocks and mixed steps padded up to a bucket: same tokens, same hidden
-    states on the real rows (the padding rows' K/V go nowhere and the backends skip their queries)."""
+    states on the real rows (the padding rows' K/V go nowhere and the backends skip their queries; in the MoE model
+    the padding rows are routed like any token and change no real row)."""
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (9, 30, 5, 14)]
     results = []
     for pad in (False, True):
-        runner = make_runner(qwen3)
+        runner = make_runner(request.getfixturevalue(model))
         if pad:
             runner.piecewise = _PadOnly([16, 32])  # type: ignore[assignment]
         results.append(_run(runner, prompts))
@@ -127,13 +146,15 @@ def _gpu_runner(path: Path, backend: str, eager: bool) -> ModelRunner:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_piecewise_graphs_equal_eager(qwen3: Path) -> None:
+@pytest.mark.parametrize("model", ["qwen3", "qwen3_moe"])
+def test_piecewise_graphs_equal_eager(model: str, request: pytest.FixtureRequest) -> None:
     """Triton in fp32 (FlashInfer takes bf16 only: test_runner_flashinfer.py checks its pieces by logprobs)."""
+    path = request.getfixturevalue(model)
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (5, 40, 17, 3, 60, 11)]
     results: list[Any] = []
     for eager in (True, False):
-        runner = _gpu_runner(qwen3, "triton", eager)
+        runner = _gpu_runner(path, "triton", eager)
         assert (runner.piecewise is None) == eager
         replays = count_piecewise_replays(runner)
         results.append(_run(runner, prompts))
