@@ -9,13 +9,17 @@ Batched format (`BatchedTritonExperts`): the same two GEMMs over slabs [E, max_t
 blocks per slab; the output stays per slab and finalize weights and sums (WeightAndReduceDelegate).
 
 Block sizes come from configs/ (tuned per device) unless a BlockConfig is passed in; under TRITON_INTERPRET=1
-(CPU tests) a small config keeps the interpreter fast. Accumulation is float32; float32 inputs use IEEE dot
+(CPU tests) a small config keeps the interpreter fast. A config whose tiles do not fit the GPU's shared memory
+(float32 inputs with tiles tuned for 16-bit ones) is shrunk at its first launch: fewer stages, then smaller
+BLOCK_K, then smaller BLOCK_N; the fitted config is remembered. Accumulation is float32; float32 inputs use IEEE dot
 products (no TF32), so fp32 results match the torch reference closely.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 
 import torch
 
@@ -30,6 +34,8 @@ from treadle_moe.topk_weight_and_reduce import (
     WeightAndReduceDelegate,
     WeightAndReduceNoOp,
 )
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
@@ -56,10 +62,52 @@ def invoke_moe_gemm(
     activation: str = "silu",
 ) -> None:
     """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ b[expert].T) (* topk_weights[slot])."""
-    from treadle_moe.experts import triton_kernels as tk
+    from triton.runtime.errors import OutOfResources
 
     assert config.block_m == alignment.block_m, "block alignment built for another BLOCK_M"
     assert a.stride(1) == 1 and c.stride(1) == 1, "rows of a and c must be contiguous"
+    key = (config, a.dtype, gated)
+    config = _FITTED.get(key, config)
+    while True:
+        try:
+            return _launch(a, b, c, topk_weights, alignment, config, a_rows_per_token, gated, activation)
+        except OutOfResources as exc:  # e.g. float32 tiles of a config tuned for 16-bit inputs
+            smaller = _smaller(config)
+            if smaller is None:
+                raise
+            logger.warning("fused MoE blocks %s do not fit this GPU for %s inputs (%s); trying %s", config,
+                           a.dtype, exc, smaller)  # fmt: skip
+            config = _FITTED[key] = smaller
+
+
+_FITTED: dict[tuple[BlockConfig, torch.dtype, bool], BlockConfig] = {}  # a config -> the one that fit the GPU
+
+
+def _smaller(config: BlockConfig) -> BlockConfig | None:
+    """The next config to try when `config` needs more shared memory than the GPU has: fewer pipeline stages,
+    then a shorter reduction step, then narrower output blocks (BLOCK_M is fixed by the slot alignment)."""
+    if config.num_stages > 1:
+        return dataclasses.replace(config, num_stages=config.num_stages - 1)
+    if config.block_k > 16:
+        return dataclasses.replace(config, block_k=config.block_k // 2)
+    if config.block_n > 16:
+        return dataclasses.replace(config, block_n=config.block_n // 2)
+    return None
+
+
+def _launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    alignment: BlockAlignment,
+    config: BlockConfig,
+    a_rows_per_token: int,
+    gated: bool,
+    activation: str,
+) -> None:
+    from treadle_moe.experts import triton_kernels as tk
+
     n_out = b.shape[1] // 2 if gated else b.shape[1]
     k = b.shape[2]
     grid = (alignment.num_blocks * -(-n_out // config.block_n),)
