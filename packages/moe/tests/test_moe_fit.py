@@ -2,7 +2,8 @@
 16-bit ones) is shrunk at its first launch and the fitted config is remembered; the result is still exact.
 
 The launch is wrapped so that configs above a shared-memory budget raise Triton's OutOfResources, as the real
-launch does on a GPU; the kernel itself runs under the interpreter (CPU) and is compared with the torch reference.
+launch does on a GPU; the kernel itself runs (on the GPU, or under the interpreter on CPU) and is compared with the
+torch reference.
 """
 
 from __future__ import annotations
@@ -38,16 +39,19 @@ def test_config_too_big_for_shared_memory_is_shrunk_and_remembered(monkeypatch: 
     monkeypatch.setattr(triton_fused, "_FITTED", {})
     gen = torch.Generator().manual_seed(0)
     num_tokens, hidden, inter, experts, top_k = 12, 64, 48, 4, 2
-    a = torch.randn(num_tokens, hidden, generator=gen)
-    w = torch.randn(experts, inter, hidden, generator=gen) * hidden**-0.5
-    topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(num_tokens)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(num_tokens, hidden, generator=gen).to(device)
+    w = (torch.randn(experts, inter, hidden, generator=gen) * hidden**-0.5).to(device)
+    topk_ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(num_tokens)]).to(
+        device
+    )
     config = BlockConfig(16, 32, 64, num_warps=4, num_stages=3)  # 3 * 48 * 64 * 4 B = 36 KiB > 16 KiB
     alignment = align_block_size(topk_ids, config.block_m, experts, use_triton=False)
     expected = torch.einsum("th,eih->tei", a, w)[torch.arange(num_tokens)[:, None], topk_ids].reshape(
         -1, inter
     )
     for attempt in range(2):
-        out = torch.zeros(num_tokens * top_k, inter)
+        out = torch.zeros(num_tokens * top_k, inter, device=device)
         triton_fused.invoke_moe_gemm(a, w, out, None, alignment, config, a_rows_per_token=top_k, gated=False)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
         fitted = tried[-1]
