@@ -30,7 +30,9 @@ def test_workspace_reuses_and_grows() -> None:
     b = ws.get("b", (4, 8), torch.float32, torch.device("cpu"))
     assert b.data_ptr() != a.data_ptr(), "different names never alias"
     big = ws.get("a", (64, 64), torch.float32, torch.device("cpu"))
-    assert big.numel() == 64 * 64 and ws.num_bytes == 64 * 64 * 4 + 4 * 8 * 4
+    # the outgrown "a" stays alive (a CUDA graph captured on it still uses it at every replay)
+    assert big.numel() == 64 * 64 and ws.num_bytes == 64 * 64 * 4 + 4 * 8 * 4 + 4 * 8 * 4
+    assert [r.data_ptr() for r in ws.retired] == [a.data_ptr()]
     assert ws.get("a", (8,), torch.float32, torch.device("cpu")).data_ptr() == big.data_ptr(), "never shrinks"
     ws.clear()
     assert ws.num_bytes == 0
