@@ -6,7 +6,8 @@
 
 A step: apply the scheduler's diff to the persistent state (`state.py`), build the flat inputs with vectorized
 code (`inputs.py`; the T-sized ones on the device, `device_inputs.py`), run the model (eagerly, or by replaying
-a CUDA graph for a decode-only batch), compute logits only where a token is sampled (and at prompt positions
+a CUDA graph for a decode-only batch; other steps of up to 512 tokens replay piecewise graphs around eager
+attention, `piecewise.py`), compute logits only where a token is sampled (and at prompt positions
 asked for prompt logprobs), sample, and append the sampled tokens to the persistent batch so the next decode step
 needs nothing from the scheduler but counts.
 Under async scheduling (`async_output`) a step that needs no host tokens returns before its sampled tokens
@@ -242,10 +243,10 @@ class ModelRunner:
         if not defer:
             self._resolve_pending(keep_newest=False)
         num_scheduled = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
-        padded = None
-        if self.graphs is not None and bool((num_scheduled == 1).all()):
+        padded, decode_only = None, bool((num_scheduled == 1).all())
+        if self.graphs is not None and decode_only:
             padded = self.graphs.padded_size(num_reqs)
-        elif self.piecewise is not None:
+        elif self.piecewise is not None and not decode_only:
             padded = self.piecewise.padded_size(scheduler_output.total_num_scheduled_tokens)
         newest = self.pending[-1] if self.pending else None
         source = device_source(newest, self.batch.req_ids)
