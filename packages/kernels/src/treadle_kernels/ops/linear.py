@@ -104,31 +104,10 @@ def _launch(
         return launch_stream(prologue, x, k, weight, bias, cfg.block_n, cfg.block_k, cfg.num_warps,
                              cfg.num_stages, cfg.programs_per_sm * sms, residual, norm_weight, epsilon)  # fmt: skip
 
-    x2 = rows_view(x)
-    assert x2 is not None
-    num_rows, n = x2.shape[0], weight.shape[0]
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-    residual_out = None
-    if residual is not None:
-        residual_out = torch.empty((num_rows, k), dtype=x.dtype, device=x.device)
-    if num_rows > 0 and n > 0:
-        r2 = rows_view(residual) if residual is not None else x2
-        assert r2 is not None
-        linear_kernels.small_m_linear_kernel[(-(-n // cfg.block_n),)](
-            x2,
-            x2.stride(0),
-            r2,
-            r2.stride(0),
-            norm_weight if norm_weight is not None else weight,
-            residual_out if residual_out is not None else out,
-            weight,
-            bias if bias is not None else weight,
-            out,
-            out.stride(0),
-            num_rows,
-            n,
-            k,
-            epsilon,
+    out, residual_out, args = prepare_launch(x, k, weight, bias, residual, norm_weight, epsilon)
+    if args is not None:
+        linear_kernels.small_m_linear_kernel[(-(-weight.shape[0] // cfg.block_n),)](
+            *args,
             PROLOGUE=prologue,
             HAS_BIAS=bias is not None,
             ROWS=cfg.rows,
@@ -141,8 +120,45 @@ def _launch(
             num_stages=cfg.num_stages,
             **({"launch_pdl": True} if pdl else {}),
         )
+    return shaped(x, out, residual_out)
+
+
+def prepare_launch(
+    x: torch.Tensor,
+    k: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+    """The outputs (out [rows, n]; residual_out [rows, k] for the norm prologue) and the arguments both one-row
+    kernels take first (x ... epsilon), or None when there is nothing to compute."""
+    x2 = rows_view(x)
+    assert x2 is not None, "x must be viewable as [rows, k] without a copy"
+    num_rows, n = x2.shape[0], weight.shape[0]
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    residual_out = None if residual is None else torch.empty((num_rows, k), dtype=x.dtype, device=x.device)
+    if num_rows == 0 or n == 0:
+        return out, residual_out, None
+    r2 = rows_view(residual) if residual is not None else x2
+    assert r2 is not None, "residual must be viewable as [rows, k] without a copy"
+    args = (
+        x2, x2.stride(0), r2, r2.stride(0),
+        norm_weight if norm_weight is not None else weight, residual_out if residual_out is not None else out,
+        weight, bias if bias is not None else weight, out, out.stride(0), num_rows, n, k, epsilon,
+    )  # fmt: skip
+    return out, residual_out, args
+
+
+def shaped(
+    x: torch.Tensor, out: torch.Tensor, residual_out: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """out and residual_out with x's leading dims."""
     lead = x.shape[:-1]
-    return out.view(*lead, n), None if residual_out is None else residual_out.view(*lead, k)
+    return out.view(*lead, out.shape[-1]), None if residual_out is None else residual_out.view(
+        *lead, x.shape[-1]
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

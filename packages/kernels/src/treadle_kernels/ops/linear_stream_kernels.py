@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear import prepare_launch, shaped
 from .linear_kernels import _input_tile
-from .support import pdl_enabled, rows_view
+from .support import pdl_enabled
 
 __all__ = ["launch_stream", "stream_linear_kernel"]
 
@@ -157,38 +158,18 @@ def launch_stream(
     Arguments as ``linear._launch``, with the tiles spelled out and ``num_programs`` the persistent grid. One row
     reduces with a multiply and a row sum (no ``tl.dot``), so there is nothing to upcast for the interpreter.
     ``peel`` (default: with PDL) loads the first weight tile before the loop; tests set it without PDL."""
-    x2 = rows_view(x)
-    assert x2 is not None, "x must be viewable as [rows, k] without a copy"
-    num_rows, n = x2.shape[0], weight.shape[0]
-    if num_rows > 1:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows > 1:
         raise ValueError(
-            f"launch_stream takes one row, x has {num_rows}: the kernel would compute only the first; "
+            f"launch_stream takes one row, x has {rows}: the kernel would compute only the first; "
             "use linear._launch for several rows"
         )
     if num_programs < 1:
         raise ValueError(f"num_programs ({num_programs}) must be at least 1, e.g. the device's SM count")
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)  # [rows, n]
-    residual_out = None
-    if residual is not None:
-        residual_out = torch.empty((num_rows, k), dtype=x.dtype, device=x.device)  # [rows, k]
-    if num_rows > 0 and n > 0:
-        r2 = rows_view(residual) if residual is not None else x2
-        assert r2 is not None, "residual must be viewable as [rows, k] without a copy"
+    out, residual_out, args = prepare_launch(x, k, weight, bias, residual, norm_weight, epsilon)
+    if args is not None:
         stream_linear_kernel[(num_programs,)](
-            x2,
-            x2.stride(0),
-            r2,
-            r2.stride(0),
-            norm_weight if norm_weight is not None else weight,
-            residual_out if residual_out is not None else out,
-            weight,
-            bias if bias is not None else weight,
-            out,
-            out.stride(0),
-            num_rows,
-            n,
-            k,
-            epsilon,
+            *args,
             num_programs,
             PROLOGUE=prologue,
             HAS_BIAS=bias is not None,
@@ -201,5 +182,4 @@ def launch_stream(
             num_stages=num_stages,
             **({"launch_pdl": True} if pdl else {}),
         )
-    lead = x.shape[:-1]
-    return out.view(*lead, n), None if residual_out is None else residual_out.view(*lead, k)
+    return shaped(x, out, residual_out)
