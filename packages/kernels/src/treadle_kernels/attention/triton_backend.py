@@ -39,6 +39,7 @@ from treadle_kernels.attention.triton_decode import (
     fused_decode_attention,
     new_counters,
 )
+from treadle_kernels.ops.support import num_sms
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ _CPU_PROFILE = DeviceProfile(gpu_tiles=False, num_sms=0)
 
 @functools.cache
 def _cuda_profile(device_index: int) -> DeviceProfile:
-    return DeviceProfile(True, int(torch.cuda.get_device_properties(device_index).multi_processor_count))
+    return DeviceProfile(True, num_sms(device_index))
 
 
 def device_profile(device: torch.device) -> DeviceProfile:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from treadle_ir import ops
 
 from .. import envs
-from .support import check_tensor, pdl_enabled, rows_view, triton_supported
+from .support import check_tensor, num_sms, pdl_enabled, rows_view, triton_supported
 
 __all__ = ["MAX_ROWS", "register"]
 
@@ -44,11 +44,6 @@ class Config(NamedTuple):
 
 
 STREAM_MAX_N = 65536  # the lm_head (128k outputs) streams at 4.6 TB/s with one program per tile already
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
@@ -100,7 +95,7 @@ def _launch(
     if cfg.programs_per_sm:
         from .linear_stream_kernels import launch_stream
 
-        sms = _num_sms(x.device.index or 0) if x.is_cuda else 4  # CPU: the interpreter
+        sms = num_sms(x.device.index or 0) if x.is_cuda else 4  # CPU: the interpreter
         return launch_stream(prologue, x, k, weight, bias, cfg.block_n, cfg.block_k, cfg.num_warps,
                              cfg.num_stages, cfg.programs_per_sm * sms, residual, norm_weight, epsilon)  # fmt: skip
 

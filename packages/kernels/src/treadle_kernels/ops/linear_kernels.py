@@ -62,6 +62,27 @@ def _input_tile(x_rows, r_rows, norm_weight_ptr, cols, k, row_mask, inv_rms, PRO
 
 
 @triton.jit
+def norm_prepass(x_rows, r_rows, residual_out_ptr, k, rows, row_mask, epsilon, pid, ROWS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, dtype):  # fmt: skip
+    """PROLOGUE 1's first pass: each row's 1 / rms of round(x + residual) [ROWS]; program 0 also stores that sum
+    to ``residual_out`` (rows of k)."""
+    tile = tl.arange(0, BLOCK_K)
+    res_out_rows = residual_out_ptr + rows.to(tl.int64)[:, None] * k
+    store_rows = row_mask & ((tl.zeros([ROWS], dtype=tl.int32) + pid) == 0)  # program 0 stores the sum
+    sum_sq = tl.zeros([ROWS], dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tile
+        mask = row_mask[:, None] & (cols < k)[None, :]
+        xs = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rs = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        summed = (xs + rs).to(dtype)
+        tl.store(res_out_rows + cols[None, :], summed, mask=mask & store_rows[:, None])
+        summed = summed.to(tl.float32)
+        sum_sq += tl.sum(summed * summed, axis=1)
+    return 1.0 / tl.sqrt(sum_sq / k + epsilon)
+
+
+@triton.jit
 def _accumulate(acc, a, w, ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc [ROWS, BLOCK_N] += a [ROWS, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T in fp32."""
     if ROWS == 1:
@@ -115,19 +136,8 @@ def small_m_linear_kernel(
     r_rows = residual_ptr + rows.to(tl.int64)[:, None] * residual_row_stride
     inv_rms = tl.zeros([ROWS], dtype=tl.float32)
     if PROLOGUE == 1:
-        res_out_rows = residual_out_ptr + rows.to(tl.int64)[:, None] * k
-        store_rows = row_mask & ((tl.zeros([ROWS], dtype=tl.int32) + pid) == 0)  # program 0 stores the sum
-        sum_sq = tl.zeros([ROWS], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            cols = k0 + tile
-            mask = row_mask[:, None] & (cols < k)[None, :]
-            xs = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            rs = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            summed = (xs + rs).to(dtype)
-            tl.store(res_out_rows + cols[None, :], summed, mask=mask & store_rows[:, None])
-            summed = summed.to(tl.float32)
-            sum_sq += tl.sum(summed * summed, axis=1)
-        inv_rms = 1.0 / tl.sqrt(sum_sq / k + epsilon)
+        inv_rms = norm_prepass(x_rows, r_rows, residual_out_ptr, k, rows, row_mask, epsilon, pid, ROWS, BLOCK_K,
+                               dtype)  # fmt: skip
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     k_start = 0

@@ -19,8 +19,8 @@ loop. The persistent grid is resident in one wave, so the next kernel's programs
 kernel's programs finish, and request their first weights in this kernel's tail.
 
 Measured against: the production one-row config of ``small_m_linear_kernel`` (``linear._config``) on
-Llama-3.1-8B's projections, in CUDA graphs with the weight cold in L2 (benchmarks/gemv_stream_sweep.py).
-Nothing dispatches to this kernel; :func:`launch_stream` is for that benchmark and the tests.
+Llama-3.1-8B's projections, in CUDA graphs with the weight cold in L2 (benchmarks/gemv_stream_sweep.py): faster
+alone, slower end to end, so the linear provider dispatches here only with ``TREADLE_STREAM_LINEAR=1``.
 """
 
 from __future__ import annotations
@@ -29,29 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import prepare_launch, shaped
-from .linear_kernels import _input_tile
+from .linear import _rows, prepare_launch, shaped
+from .linear_kernels import _input_tile, norm_prepass
 from .support import pdl_enabled
 
 __all__ = ["launch_stream", "stream_linear_kernel"]
-
-
-@triton.jit
-def _norm_prepass(x_rows, r_rows, residual_out_ptr, k, row_mask, epsilon, pid, BLOCK_K: tl.constexpr, dtype):
-    """inv_rms [1] of round(x + residual); program 0 stores that sum to ``residual_out`` (as the existing kernel)."""
-    tile = tl.arange(0, BLOCK_K)
-    store_row = row_mask & ((tl.zeros([1], dtype=tl.int32) + pid) == 0)
-    sum_sq = tl.zeros([1], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        cols = k0 + tile
-        mask = row_mask[:, None] & (cols < k)[None, :]
-        xs = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rs = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        summed = (xs + rs).to(dtype)
-        tl.store(residual_out_ptr + cols[None, :], summed, mask=mask & store_row[:, None])
-        summed = summed.to(tl.float32)
-        sum_sq += tl.sum(summed * summed, axis=1)
-    return 1.0 / tl.sqrt(sum_sq / k + epsilon)
 
 
 @triton.jit(do_not_specialize=["NUM_PROGRAMS"])  # one compile for every grid size
@@ -101,7 +83,8 @@ def stream_linear_kernel(
         tl.extra.cuda.gdc_wait()
     inv_rms = tl.zeros([1], dtype=tl.float32)
     if PROLOGUE == 1:
-        inv_rms = _norm_prepass(x_rows, r_rows, residual_out_ptr, k, row_mask, epsilon, pid, BLOCK_K, dtype)
+        inv_rms = norm_prepass(x_rows, r_rows, residual_out_ptr, k, rows, row_mask, epsilon, pid, 1, BLOCK_K,
+                               dtype)  # fmt: skip
     if PEEL:  # that first tile, then the loop over the rest
         if num_my_tiles > 0:
             a = _input_tile(x_rows, r_rows, norm_weight_ptr, tile_k, k, row_mask, inv_rms, PROLOGUE, dtype)
@@ -158,8 +141,7 @@ def launch_stream(
     Arguments as ``linear._launch``, with the tiles spelled out and ``num_programs`` the persistent grid. One row
     reduces with a multiply and a row sum (no ``tl.dot``), so there is nothing to upcast for the interpreter.
     ``peel`` (default: with PDL) loads the first weight tile before the loop; tests set it without PDL."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows > 1:
+    if (rows := _rows(x)) > 1:
         raise ValueError(
             f"launch_stream takes one row, x has {rows}: the kernel would compute only the first; "
             "use linear._launch for several rows"

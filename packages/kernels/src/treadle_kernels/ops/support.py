@@ -18,7 +18,8 @@ from treadle_ir import Platform
 from .. import envs
 
 __all__ = [
-    "FLOAT_DTYPES", "check_tensor", "compile_ahead", "next_pow2", "pdl_enabled", "rows_view", "triton_supported",
+    "FLOAT_DTYPES", "check_tensor", "compile_ahead", "next_pow2", "num_sms", "pdl_enabled", "rows_view",
+    "triton_supported",
 ]  # fmt: skip
 
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
@@ -32,6 +33,12 @@ def _triton_installed() -> bool:
 @functools.cache
 def interpreter_on() -> bool:
     return envs.TRITON_INTERPRET()
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device `device_index`."""
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 @functools.cache
