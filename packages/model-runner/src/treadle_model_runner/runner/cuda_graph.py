@@ -35,11 +35,12 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-class CudaGraphRunner:
+class GraphSizes:
+    """The sizes a set of graphs is captured at and the device memory each took (decode graphs: requests;
+    piecewise graphs, piecewise.py: tokens)."""
+
     def __init__(self, sizes: list[int]) -> None:
         self.sizes = sorted(sizes)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's output hidden states [size, hidden]
         self.memory_by_size: dict[int, int] = {}  # size -> device memory its warm-up and capture took
 
     @property
@@ -48,10 +49,17 @@ class CudaGraphRunner:
         (FlashInfer's graph-mode wrappers); it comes out of the headroom gpu_memory_utilization leaves."""
         return sum(self.memory_by_size.values())
 
-    def padded_size(self, num_reqs: int) -> int | None:
-        """Smallest captured size >= num_reqs (None when the batch is larger than every graph)."""
-        i = bisect.bisect_left(self.sizes, num_reqs)
+    def padded_size(self, n: int) -> int | None:
+        """Smallest captured size >= n (None when the step is larger than every graph)."""
+        i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
+
+
+class CudaGraphRunner(GraphSizes):
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__(sizes)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's output hidden states [size, hidden]
 
     def has(self, size: int) -> bool:
         return size in self.graphs

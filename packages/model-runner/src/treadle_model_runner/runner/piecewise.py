@@ -27,7 +27,6 @@ reads and writes them between replays); the pool's transient memory is shared by
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import logging
 import time
@@ -36,6 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from treadle_model_runner.forward_context import ForwardContext, set_forward_context
+from treadle_model_runner.runner.cuda_graph import GraphSizes
 
 logger = logging.getLogger(__name__)
 
@@ -109,21 +111,11 @@ class _Bucket:
     output: torch.Tensor
 
 
-class PiecewiseGraphs:
+class PiecewiseGraphs(GraphSizes):
     def __init__(self, sizes: list[int]) -> None:
-        self.sizes = sorted(sizes)
+        super().__init__(sizes)
         self.buckets: dict[int, _Bucket] = {}
-        self.memory_by_size: dict[int, int] = {}  # bucket -> device memory its warm-up and capture took
         self.held_bytes_by_size: dict[int, int] = {}  # bucket -> attention inputs / outputs it keeps alive
-
-    @property
-    def memory_bytes(self) -> int:
-        return sum(self.memory_by_size.values())
-
-    def padded_size(self, num_tokens: int) -> int | None:
-        """Smallest captured bucket >= num_tokens (None when the step is larger than every bucket)."""
-        i = bisect.bisect_left(self.sizes, num_tokens)
-        return self.sizes[i] if i < len(self.sizes) else None
 
     def has(self, size: int) -> bool:
         return size in self.buckets
@@ -186,8 +178,6 @@ def piecewise_forward(
     split_attention: Callable[..., torch.Tensor],
 ) -> Callable[[], torch.Tensor]:  # fmt: skip
     """The forward to capture over the persistent `input_ids` / `positions` views (zeroed: the warm-up runs it)."""
-    from treadle_model_runner.forward_context import ForwardContext, set_forward_context
-
     input_ids.zero_()
     positions.zero_()
     context = ForwardContext(kv_caches, [None] * len(kv_caches), input_ids.shape[0], split_attention)
