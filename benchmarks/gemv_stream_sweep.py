@@ -198,7 +198,7 @@ def main() -> None:
         "command": "python3 benchmarks/gemv_stream_sweep.py --out gemv_stream.json "
         + " ".join(f"--{a.replace('_', '-')} {','.join(map(str, v))}" for a, v in GRID.items())
         + f" (TREADLE_PDL={os.environ.get('TREADLE_PDL', '0')}, "
-        f"TREADLE_STREAM_LINEAR={os.environ.get('TREADLE_STREAM_LINEAR', '1')})",
+        f"TREADLE_STREAM_LINEAR={os.environ.get('TREADLE_STREAM_LINEAR', '0')})",
         "dtype": "bfloat16",
         "baseline": "production: small_m_linear_kernel with linear._config's one-row config, same run; all inside "
         "CUDA graphs, weights cycled past L2 (gemv_sweep._graph_us)",
