@@ -26,10 +26,16 @@ def test_serve_defaults_come_from_the_dataclasses() -> None:
         model.seed,
         model.attention_backend,
     )
-    assert (args.gpu_memory_utilization, args.kv_cache_space, args.enable_prefix_caching) == (
+    assert (
+        args.gpu_memory_utilization,
+        args.kv_cache_space,
+        args.enable_prefix_caching,
+        args.kv_cache_dtype,
+    ) == (
         cache.gpu_memory_utilization,
         cache.kv_cache_space,
         cache.enable_prefix_caching,
+        cache.kv_cache_dtype,
     )
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.scheduling_policy) == (
         sched.max_num_seqs,
@@ -54,6 +60,8 @@ def test_serve_flags_reach_the_configs() -> None:
             "dummy",
             "--kv-cache-space",
             "0.5",
+            "--kv-cache-dtype",
+            "fp8",
             "-tp",
             "1",
             "--enforce-eager",
@@ -68,6 +76,7 @@ def test_serve_flags_reach_the_configs() -> None:
     assert ea.model_config.load_format == "dummy" and ea.model_config.enforce_eager
     assert ea.model_config.served_model_name == "m" and ea.generation_config == "none"
     assert not ea.cache_config.enable_prefix_caching and ea.cache_config.kv_cache_space == 0.5
+    assert ea.cache_config.kv_cache_dtype == "fp8"
     assert ea.scheduler_config.max_num_seqs == 7 and ea.scheduler_config.policy == "priority"
     assert ea.scheduler_config.max_model_len == 512
 
@@ -77,6 +86,10 @@ def test_bad_option_and_version(capsys: object) -> None:
 
     with pytest.raises(ValueError, match="unknown engine option 'max_num_seq'"):
         EngineArgs.from_kwargs(None, max_num_seq=3)
+    with pytest.raises(
+        ValueError, match=r"kv_cache_dtype 'int8' is not one of auto, fp8, fp8_e4m3, fp8_e5m2"
+    ):
+        EngineArgs.from_kwargs(None, kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="tensor_parallel_size 2 is not supported"):
         EngineArgs.from_kwargs(None, tensor_parallel_size=2)
     assert cli.main(["--version"]) == 0

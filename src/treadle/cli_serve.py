@@ -32,7 +32,7 @@ def _defaults() -> dict[str, Any]:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from treadle_model_runner.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS
+    from treadle_model_runner.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS
 
     d = _defaults()
     p.add_argument(
@@ -61,6 +61,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
     p.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"])
     p.add_argument("--kv-cache-space", type=float, default=d["kv_cache_space"], help="GiB of KV cache on CPU")
+    p.add_argument(
+        "--kv-cache-dtype", default=d["kv_cache_dtype"], choices=KV_CACHE_DTYPES,
+        help="auto: the model dtype; fp8 (= fp8_e4m3) / fp8_e5m2: 8-bit K/V at unit scale (triton, torch backends)",
+    )  # fmt: skip
     p.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"]
     )
@@ -102,6 +106,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "async_scheduling": args.async_scheduling,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "kv_cache_space": args.kv_cache_space,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "enable_prefix_caching": args.enable_prefix_caching,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,

@@ -110,6 +110,31 @@ def test_reshape_and_cache_skips_negative_slots() -> None:
     assert torch.equal(kc, before)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reshape_and_cache_fp8_rounds_and_saturates(dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
+    """An fp8 cache holds each value rounded to nearest even, clamped to the format's largest finite value."""
+    nkv, hs, nb, bs = 2, 16, 3, 4
+    gen = torch.Generator().manual_seed(3)
+    key = (torch.randn(6, nkv, hs, generator=gen) * 200).to(dtype)  # many beyond e4m3's 448
+    value = (torch.randn(6, nkv, hs, generator=gen) * 3e4).to(dtype)  # some beyond e5m2's 57344
+    kc = torch.full((nb, bs, nkv, hs), float("nan")).to(cache_dtype)
+    vc = kc.clone()
+    slots = torch.tensor([5, -1, 0, 11, 2, -1])
+    ops.reshape_and_cache(key, value, kc, vc, slots)
+    fmax = torch.finfo(cache_dtype).max
+    for cache, rows in ((kc, key), (vc, value)):
+        flat = cache.view(-1, nkv, hs).float()
+        for t, slot in enumerate(slots.tolist()):
+            if slot >= 0:  # round-to-nearest-even of the clamped value, compared as floats (no NaN here)
+                assert torch.equal(flat[slot], rows[t].float().clamp(-fmax, fmax).to(cache_dtype).float())
+        written = set(slots[slots >= 0].tolist())
+        untouched = [i for i in range(nb * bs) if i not in written]
+        assert torch.isnan(flat[untouched]).all()
+    assert float(kc.float().nan_to_num().abs().max()) == fmax or cache_dtype == torch.float8_e5m2
+    assert not torch.isinf(vc.float()).any()
+
+
 def test_custom_ops_exist_with_inferred_schema() -> None:
     schema = str(torch.ops.treadle_ir.fused_add_rms_norm_.default._schema)
     assert "Tensor(a0!) x" in schema and "Tensor(a1!) residual" in schema

@@ -4,6 +4,10 @@ A case is a list of ``(context_len, query_len)`` requests: ``context_len`` token
 ``query_len`` new tokens arrive this step (prefill: context 0; decode: query 1; chunked prefill: both > 0).
 Physical blocks are a random permutation of the pool (non-contiguous, shuffled block tables); unused cache slots
 hold NaN so a kernel that reads outside a request's context is caught.
+
+``cache_dtype`` (fp8): the cache holds K/V in that dtype at unit scale. Every key and value of the case is then an
+exact fp8 value (cast there and back), so writing it to the cache loses nothing and the dense reference still
+holds; the CPU interpreter narrows to fp8 without round-to-nearest-even, so only exact values compare bit-for-bit.
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ def make_case(
     seed: int = 0,
     num_padding: int = 0,
     causal: bool = True,
+    cache_dtype: torch.dtype | None = None,
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    def rand_kv(*shape: int) -> torch.Tensor:
+        x = rand(*shape)
+        return x if cache_dtype is None else x.to(cache_dtype).to(dtype)
 
     seq_lens = [c + q for c, q in requests]
     blocks_per_req = [(s + block_size - 1) // block_size for s in seq_lens]
@@ -53,28 +62,32 @@ def make_case(
     for i, nb in enumerate(blocks_per_req):
         block_table[i, :nb] = perm[cursor : cursor + nb].to(torch.int32)
         cursor += nb
-    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    kv_cache = kv_cache.to(device)
-    flat_k = kv_cache[0].view(-1, num_kv_heads, head_dim)
-    flat_v = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
+    kv_cache = kv_cache.to(device=device, dtype=cache_dtype or dtype)
+    store = kv_cache.view(torch.uint8) if cache_dtype is not None else kv_cache  # fp8 has no index_put on CPU
+    flat_k = store[0].view(-1, num_kv_heads, head_dim)
+    flat_v = store[1].view(-1, num_kv_heads, head_dim)
+
+    def as_stored(x: torch.Tensor) -> torch.Tensor:
+        return x if cache_dtype is None else x.to(cache_dtype).view(torch.uint8)
 
     full_keys, full_values, queries, new_k, new_v, slots = [], [], [], [], [], []
     for i, (ctx, qlen) in enumerate(requests):
         seq_len = ctx + qlen
-        k, v = rand(seq_len, num_kv_heads, head_dim), rand(seq_len, num_kv_heads, head_dim)
+        k, v = rand_kv(seq_len, num_kv_heads, head_dim), rand_kv(seq_len, num_kv_heads, head_dim)
         full_keys.append(k)
         full_values.append(v)
         pos = torch.arange(seq_len)
         slot = block_table[i, pos // block_size].long() * block_size + pos % block_size
-        flat_k[slot[:ctx].to(device)] = k[:ctx]
-        flat_v[slot[:ctx].to(device)] = v[:ctx]
+        flat_k[slot[:ctx].to(device)] = as_stored(k[:ctx])
+        flat_v[slot[:ctx].to(device)] = as_stored(v[:ctx])
         queries.append(rand(qlen, num_heads, head_dim))
         new_k.append(k[ctx:])
         new_v.append(v[ctx:])
         slots.append(slot[ctx:])
     queries.append(rand(num_padding, num_heads, head_dim))
-    new_k.append(rand(num_padding, num_kv_heads, head_dim))
-    new_v.append(rand(num_padding, num_kv_heads, head_dim))
+    new_k.append(rand_kv(num_padding, num_kv_heads, head_dim))
+    new_v.append(rand_kv(num_padding, num_kv_heads, head_dim))
     slots.append(torch.full((num_padding,), -1, dtype=torch.long))
 
     query_lens = torch.tensor([q for _, q in requests], dtype=torch.int32)

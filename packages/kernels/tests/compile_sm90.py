@@ -29,8 +29,9 @@ def main() -> int:
     compile_one(rotary_kernels.rotary_qk_kernel, rotary, {"positions_ptr": "*i64"})
     ints = {n: "*i32" for n in ("block_table_ptr", "seq_lens_ptr", "query_start_loc_ptr")}
     fp32 = {n: "*fp32" for n in ("part_m_ptr", "part_l_ptr", "part_acc_ptr")}
+    fp8_cache = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}  # --kv-cache-dtype fp8 (e4m3)
     for splits, block_m in ((1, 64), (16, 16), (4, 64)):
-        out = {"out_ptr": "*fp32" if splits > 1 else "*bf16"}
+        out = {"out_ptr": "*fp32" if splits > 1 else "*bf16", **(fp8_cache if splits == 16 else {})}
         constexprs = {
             "G": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": block_m // 4,
             "BLOCK_M": block_m, "BLOCK_N": 64, "NUM_SPLITS": splits, "CAUSAL": True, "USE_WINDOW": splits == 4,
@@ -41,19 +42,23 @@ def main() -> int:
         constexprs = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 16, "FILTER": flt}
         compile_one(attn.reduce_splits_kernel, constexprs, {**ints, **fp32})
     decode_ptrs = {**ints, **fp32, "counter_ptr": "*i32", "positions_ptr": "*i64", "slot_mapping_ptr": "*i64"}
-    for splits, window in ((1, False), (16, True)):
+    for splits, window, fp8 in ((1, False, False), (16, True, False), (16, False, True)):
         constexprs = {
             "G": 4, "HALF": 64, "BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "NUM_SPLITS": splits,
             "USE_WINDOW": window, "DOT_PRECISION": "tf32", "UPCAST": False, "USE_PDL": splits > 1,
+            "FP8_MAX": 448.0 if fp8 else 0.0,
         }  # fmt: skip
-        compile_one(decode.decode_attention_kernel, constexprs, decode_ptrs, ("scale",))
+        ptrs = {**decode_ptrs, **(fp8_cache if fp8 else {})}
+        compile_one(decode.decode_attention_kernel, constexprs, ptrs, ("scale",))
     for residual, gemma in ((False, False), (True, False), (False, True)):
         norm = {"HAS_RESIDUAL": residual, "GEMMA": gemma, "BLOCK": 4096}
         compile_one(norm_kernels.rms_norm_kernel, norm, {}, ("epsilon",))
     for gelu in (False, True):
         compile_one(activation_kernels.act_and_mul_kernel, {"GELU_TANH": gelu, "BLOCK": 1024}, {})
-    cache = {"HEADS_BLOCK": 8, "DIM_BLOCK": 128}
-    compile_one(cache_kernels.reshape_and_cache_kernel, cache, {"slot_mapping_ptr": "*i64"})
+    for cache_type, fp8_max in (("*bf16", 0.0), ("*fp8e4nv", 448.0), ("*fp8e5", 57344.0)):
+        cache = {"HEADS_BLOCK": 8, "DIM_BLOCK": 128, "FP8_MAX": fp8_max, "INTERPRETED": False}
+        ptrs = {"slot_mapping_ptr": "*i64", "key_cache_ptr": cache_type, "value_cache_ptr": cache_type}
+        compile_one(cache_kernels.reshape_and_cache_kernel, cache, ptrs)
     for prologue in (0, 1, 2, 3):
         for rows, block_n, block_k in ((1, 16, 512), (16, 32, 128)):
             linear = {

@@ -24,6 +24,7 @@ MIXED = [(0, 9), (13, 5), (20, 1), (5, 1), (0, 1), (29, 3)]  # prefill, chunked 
 DECODE = [(17, 1), (3, 1), (40, 1), (0, 1)]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
 def run(name, case, nh, nkv, d, window=None, cap=None, splits=None):
@@ -81,6 +82,23 @@ def test_matches_dense_reference_directly():
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("cache", FP8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_cache_matches_torch(dtype, cache):
+    """An fp8 cache (unit scale): prefill, chunked prefill on cached blocks, decodes, padding; split-KV decode."""
+    case = make_case(
+        MIXED, 4, 2, 16, 4, dtype=dtype, device=DEVICE, seed=16, num_padding=2, cache_dtype=FP8[cache]
+    )
+    compare(case, 4, 2, 16, dtype, window=7)
+    decode = make_case(DECODE, 4, 2, 16, 4, dtype=dtype, device=DEVICE, seed=17, cache_dtype=FP8[cache])
+    compare(decode, 4, 2, 16, dtype, splits=4)
+    if dtype == torch.float32:  # the case's K/V are exact fp8 values: the dense reference holds as it is
+        out = run("triton", case, 4, 2, 16, window=7)
+        torch.testing.assert_close(
+            out.double().cpu(), dense_reference(case, 16**-0.5, 7), atol=2e-5, rtol=2e-5
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -123,3 +141,15 @@ def test_gpu_split_kv_decode(batch):
     case = make_case(reqs, 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=22)
     compare(case, 32, 8, 128, torch.bfloat16)
     compare(case, 32, 8, 128, torch.bfloat16, splits=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("cache", FP8)
+def test_gpu_fp8_cache(cache, kind):
+    case = make_case(_gpu_batch(kind), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=24,
+                     cache_dtype=FP8[cache])  # fmt: skip
+    compare(case, 32, 8, 128, torch.bfloat16)
+    if kind == "decode":
+        compare(case, 32, 8, 128, torch.bfloat16, splits=8)

@@ -29,6 +29,7 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 DECODES = [(17, 1), (0, 1), (40, 1), (63, 1), (64, 1), (3, 1)]  # context 0: the new token alone
 
 
@@ -61,14 +62,17 @@ def run(name: str, case: Case, rope: Rope, nh: int, nkv: int, d: int, window: in
 
 
 def compare(case: Case, nh: int, nkv: int, d: int, dtype: torch.dtype, window: int | None = None,
-            splits: int | None = None, h100: bool = False, rope: Rope | None = None) -> None:  # fmt: skip
+            splits: int | None = None, h100: bool = False, rope: Rope | None = None,
+            out_tol: float | None = None, cache_tol: tuple[float, float] | None = None) -> None:  # fmt: skip
+    """``cache_tol`` (atol, rtol) for the cache afterwards; default: the output's tolerance."""
     rope = rope or make_rope(case, d)
     out, cache, md = run("triton", case, rope, nh, nkv, d, window, splits, h100)
     ref, ref_cache, _ = run("torch", case, rope, nh, nkv, d, window)
-    tol = TOL[dtype]
+    tol = out_tol or TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     # the rotated keys may differ by one rounding of the rotation (fused multiply-add); values are copies
-    torch.testing.assert_close(cache.float(), ref_cache.float(), atol=tol, rtol=tol, equal_nan=True)
+    atol, rtol = cache_tol or (tol, tol)
+    torch.testing.assert_close(cache.float(), ref_cache.float(), atol=atol, rtol=rtol, equal_nan=True)
     assert int(md.counters.abs().sum()) == 0, "split counters were not reset"
 
 
@@ -77,6 +81,20 @@ def compare(case: Case, nh: int, nkv: int, d: int, dtype: torch.dtype, window: i
 def test_decode_matches_torch(splits: int | None, dtype: torch.dtype) -> None:
     case = make_case(DECODES, 4, 2, 32, 16, dtype=dtype, device=DEVICE, seed=41, num_padding=2)
     compare(case, 4, 2, 32, dtype, splits=splits)
+
+
+@pytest.mark.parametrize("cache", FP8)
+@pytest.mark.parametrize("variant", ["splits1", "splits4", "saturated"])
+def test_fp8_cache_matches_torch(variant: str, cache: str) -> None:
+    """fp8 cache (unit scale): the new token is stored rounded, saturating, and scored as stored (as the unfused
+    path reads it back). fp32 model: the interpreter's narrowing differs from round-to-nearest-even only on exact
+    ties (never hit by fp32 rotations) and below e4m3's smallest normal (one subnormal step, 2^-9, allowed)."""
+    case = make_case(DECODES, 4, 2, 32, 16, device=DEVICE, seed=49, num_padding=2, cache_dtype=FP8[cache])
+    if variant == "saturated":  # new keys and values far past the format's largest finite value
+        case.key.mul_(2 * torch.finfo(FP8[cache]).max)
+        case.value.mul_(2 * torch.finfo(FP8[cache]).max)
+    splits = 4 if variant == "splits4" else 1
+    compare(case, 4, 2, 32, torch.float32, splits=splits, out_tol=2e-3, cache_tol=(2**-9, 0.0))
 
 
 @pytest.mark.parametrize("window", [5, 16, 70])
@@ -173,3 +191,18 @@ def test_gpu_repeated_launches_keep_counters_consistent() -> None:
                           md, out)  # fmt: skip
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     assert int(md.counters.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("cache", FP8)
+def test_gpu_fp8_cache(cache: str, batch: int) -> None:
+    """bf16 model, fp8 cache: the cache afterwards may differ by one fp8 step where the two rotations round apart."""
+    gen = torch.Generator().manual_seed(batch)
+    reqs = [(int(c), 1) for c in torch.randint(0, 4000, (batch,), generator=gen)]
+    case = make_case(reqs, 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=50, num_padding=3,
+                     cache_dtype=FP8[cache])  # fmt: skip
+    step = 0.125 if cache == "e4m3" else 0.25
+    compare(case, 32, 8, 128, torch.bfloat16, cache_tol=(2**-9, step))
+    compare(case, 32, 8, 128, torch.bfloat16, splits=8, cache_tol=(2**-9, step))

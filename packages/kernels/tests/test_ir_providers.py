@@ -221,21 +221,33 @@ def test_rotary_gpu(rot_dim: int, is_neox: bool, dtype: torch.dtype) -> None:
 
 
 # ------------------------------------------------------------------------------------------ kv cache
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
 def _check_cache(
-    num_tokens: int, nkv: int, head_size: int, num_blocks: int, block_size: int, dtype: torch.dtype
-) -> None:
+    num_tokens: int, nkv: int, head_size: int, num_blocks: int, block_size: int, dtype: torch.dtype,
+    cache_dtype: torch.dtype | None = None,
+) -> None:  # fmt: skip
+    """``cache_dtype`` fp8: a third of the values lie past the format's largest finite value (saturation), the rest
+    are arbitrary (round to nearest even, subnormals included); the bytes must equal the IR op's."""
     gen = _gen(num_tokens)
     kv = _randn(gen, num_tokens, 2 * nkv, head_size, dtype=dtype)
+    if cache_dtype is not None:
+        kv = (kv.float() * (torch.finfo(cache_dtype).max / 2)).to(dtype)
+        kv[: num_tokens // 2, 0, :4] = torch.tensor([1e-3, -3 * 2.0**-10, 2.0**-18, 1.0625], dtype=dtype)
     key, value = kv[:, :nkv], kv[:, nkv:]  # strided token dim, like a slice of fused qkv
     perm = torch.randperm(num_blocks * block_size, generator=gen, device=DEVICE)[:num_tokens]
     slots = torch.where(torch.arange(num_tokens, device=DEVICE) % 3 == 1, -1, perm)  # every third is padding
-    kv_cache = torch.full(
-        (2, num_blocks, block_size, nkv, head_size), float("nan"), device=DEVICE, dtype=dtype
-    )
+    kv_cache = torch.full((2, num_blocks, block_size, nkv, head_size), float("nan"), device=DEVICE)
+    kv_cache = kv_cache.to(cache_dtype or dtype)
     ref = kv_cache.clone()
     ops.reshape_and_cache.native(key, value, ref[0], ref[1], slots)
     with _triton(ops.reshape_and_cache, key, value, kv_cache[0], kv_cache[1], slots):
         ops.reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots)
+    if cache_dtype is not None:  # fp8: compare the bytes (NaN where nothing was written)
+        assert torch.equal(kv_cache.view(torch.uint8), ref.view(torch.uint8))
+        assert float(ref.float().nan_to_num().abs().max()) == torch.finfo(cache_dtype).max
+        return
     torch.testing.assert_close(kv_cache, ref, atol=0, rtol=0, equal_nan=True)
 
 
@@ -244,11 +256,24 @@ def test_reshape_and_cache(dtype: torch.dtype) -> None:
     _check_cache(7, 2, 24, 3, 4, dtype)
 
 
+@pytest.mark.parametrize("cache_dtype", FP8, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reshape_and_cache_fp8(dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
+    _check_cache(7, 2, 24, 3, 4, dtype, cache_dtype)
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reshape_and_cache_gpu(dtype: torch.dtype) -> None:
     _check_cache(4096, 8, 128, 1024, 16, dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("cache_dtype", FP8, ids=["e4m3", "e5m2"])
+def test_reshape_and_cache_fp8_gpu(cache_dtype: torch.dtype) -> None:
+    _check_cache(4096, 8, 128, 1024, 16, torch.bfloat16, cache_dtype)
 
 
 # ------------------------------------------------------------------------------------------ report

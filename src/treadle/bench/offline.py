@@ -28,6 +28,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--kv-cache-space", type=float, default=None)
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
@@ -74,6 +75,7 @@ def make_llm(args: argparse.Namespace) -> Any:
         "max_num_batched_tokens",
         "gpu_memory_utilization",
         "kv_cache_space",
+        "kv_cache_dtype",
         "attention_backend",
         "async_scheduling",
     ):

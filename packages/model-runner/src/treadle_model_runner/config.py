@@ -11,6 +11,7 @@ from dataclasses import dataclass
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto = the model dtype; fp8 = fp8_e4m3
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class CacheConfig:
     kv_cache_space: float = 4.0  # GiB of KV cache on CPU
     enable_prefix_caching: bool = True  # reuse KV blocks across requests with a common prefix
     num_gpu_blocks_override: int | None = None  # fix the block count (tests, benchmarks)
+    # auto = the model dtype; fp8 / fp8_e4m3 / fp8_e5m2 store K/V in 8 bits at unit scale (half of bf16's bytes:
+    # twice the tokens, half the KV reads of a decode step), saturating at the format's largest value
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -53,5 +57,9 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_space <= 0:
             raise ValueError(f"kv_cache_space must be > 0 GiB, got {self.kv_cache_space}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise ValueError(f"num_gpu_blocks_override must be >= 2, got {self.num_gpu_blocks_override}")

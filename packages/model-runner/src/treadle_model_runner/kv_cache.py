@@ -30,6 +30,23 @@ logger = logging.getLogger(__name__)
 _GiB = 1 << 30
 
 
+_FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, backend: Any) -> torch.dtype:
+    """The cache's torch dtype for CacheConfig.kv_cache_dtype (auto = the model dtype), checked against the backend."""
+    if name == "auto":
+        return model_dtype
+    if name not in _FP8:
+        raise ValueError(f"kv_cache_dtype {name!r} is not one of auto, {', '.join(_FP8)}")
+    if not getattr(backend, "supports_fp8_kv_cache", False):
+        raise ValueError(
+            f"kv_cache_dtype {name!r} is not supported by the {backend.name!r} attention backend; use "
+            "--attention-backend triton or torch, or --kv-cache-dtype auto"
+        )
+    return _FP8[name]
+
+
 def kv_cache_groups(layers: list[Attention]) -> tuple[KVCacheGroupSpec, ...]:
     """Group layers by sliding window: full attention first, then windows ascending."""
     windows = sorted({a.sliding_window for a in layers}, key=lambda w: (w is not None, w or 0))

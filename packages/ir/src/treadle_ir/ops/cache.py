@@ -5,6 +5,10 @@ head_size]; slot_mapping [T] int64 with ``slot = block * block_size + offset``. 
 is skipped. Values are cast to the cache dtype. Slots of distinct real tokens are distinct (the KV cache
 manager guarantees it), so the write order does not matter.
 
+An fp8 cache (``float8_e4m3fn`` / ``float8_e5m2``: ``--kv-cache-dtype fp8``) holds the values at unit scale:
+each is clamped to the format's largest finite value, then rounded to nearest even (``to_kv_cache_dtype``);
+readers cast it back to the model dtype.
+
 The native implementation has no data-dependent shapes and no host sync (so it is CUDA-graph capturable and
 the compile lowering can inline it): a padding token is redirected to repeat the write of the first real
 token (same slot, same data), and when there is no real token every row rewrites slot 0 with its own
@@ -17,7 +21,17 @@ import torch
 
 from ..op import op
 
-__all__ = ["reshape_and_cache"]
+__all__ = ["FP8_KV_CACHE_DTYPES", "reshape_and_cache", "to_kv_cache_dtype"]
+
+FP8_KV_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def to_kv_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the cache stores it: a plain cast, or for fp8 a cast that saturates at the largest finite value."""
+    if dtype not in FP8_KV_CACHE_DTYPES:
+        return x.to(dtype)
+    fmax = torch.finfo(dtype).max
+    return x.float().clamp(-fmax, fmax).to(dtype)
 
 
 def _example(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -32,7 +46,9 @@ def _write(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, valid: 
     """cache.view(slots)[slots[i]] = rows[i] with padding rows redirected as described above."""
     num_tokens = rows.shape[0]
     flat = cache.view(cache.shape[0] * cache.shape[1], -1)  # [num_slots, kv_heads * head_size]
-    data = rows.reshape(num_tokens, -1).to(cache.dtype)
+    data = to_kv_cache_dtype(rows.reshape(num_tokens, -1), cache.dtype)
+    if cache.dtype in FP8_KV_CACHE_DTYPES:  # move fp8 bytes as uint8 (index_copy_ has no fp8 kernel on CPU)
+        flat, data = flat.view(torch.uint8), data.view(torch.uint8)
     first = torch.argmax(valid.to(torch.int32))  # first real token (0 when there is none); stays on device
     any_valid = valid.any()  # 0-dim bool tensor: no host sync, no data-dependent shape
     source = torch.where(valid, torch.arange(num_tokens, device=rows.device), first)

@@ -259,5 +259,6 @@ class TorchAttentionImpl(AttentionImpl):
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    supports_fp8_kv_cache = True
     builder_cls = AttentionMetadataBuilder
     impl_cls = TorchAttentionImpl

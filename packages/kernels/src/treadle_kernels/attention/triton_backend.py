@@ -273,6 +273,7 @@ class TritonAttentionImpl(AttentionImpl):
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    supports_fp8_kv_cache = True
     supports_cuda_graphs = True  # launches read metadata from persistent device tensors only
     builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

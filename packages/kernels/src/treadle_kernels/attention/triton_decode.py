@@ -74,6 +74,7 @@ def fused_decode_attention(
 ) -> torch.Tensor:
     """Rotate, write the new K/V and attend, for one-token requests (token i is request i)."""
     from treadle_kernels.attention.triton_decode_kernel import decode_attention_kernel
+    from treadle_kernels.ops.cache import fp8_max
 
     num_tokens = md.num_reqs  # padded decode graphs carry one-token dummy requests for their padding
     if num_tokens == 0:
@@ -104,6 +105,7 @@ def fused_decode_attention(
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu", USE_PDL=(pdl := pdl_enabled(query.device)),
+        FP8_MAX=fp8_max(k_cache.dtype),
         num_warps=4, num_stages=2 if query.device.type == "cuda" else 1, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return output

@@ -13,7 +13,8 @@ per (token, KV head, split) does all four:
    so a score is ``q1 . k1 + q2 . k2`` with ``k1``/``k2`` the halves of the cached key.
 3. The new token (position ``seq_len - 1``) is never read back from the cache: split 0 scores it from registers
    and folds it into its online softmax, then writes its rotated key and its value to ``slot_mapping[token]``
-   (skipped for a negative slot). No program reads that slot this step, so the write races with nothing.
+   (skipped for a negative slot). No program reads that slot this step, so the write races with nothing. With an
+   fp8 cache the new token is scored at the precision the cache stores it (as an unfused backend reads it back).
 4. ``NUM_SPLITS > 1``: each split stores its unnormalised accumulator and ``(m, l)`` to fp32 scratch, then takes a
    ticket from ``counter[token, kv_head]`` (an atomic add, acquire-release at GPU scope, after a CTA barrier so
    every thread's stores are ordered before it). The split that draws the last ticket merges all splits
@@ -30,6 +31,7 @@ import triton
 import triton.language as tl
 
 from treadle_kernels.attention.triton_kernel import LOG2E, online_softmax_step
+from treadle_kernels.ops.cache_kernels import to_cache
 
 
 @triton.jit
@@ -82,6 +84,7 @@ def decode_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # the CPU interpreter mis-computes 16-bit dots: compute them in fp32 there
     USE_PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait before reading q, k, v
+    FP8_MAX: tl.constexpr,  # > 0: an fp8 cache (unit scale), the new K/V clamped to +-FP8_MAX as they are stored
 ):
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -111,6 +114,11 @@ def decode_attention_kernel(
     k_row = k_ptr + token * stride_kt + kv_head * stride_kh + half
     k1_new, k2_new = _rotate(tl.load(k_row), tl.load(k_row + HALF), cos, sin, dtype)
     v_new = tl.load(v_ptr + token * stride_vt + kv_head * stride_vh + dims)
+    # what the cache will hold (a no-op unless it is fp8); the new token is scored as it will be read back
+    k1_cached = to_cache(k1_new, k_cache_ptr.dtype.element_ty, FP8_MAX, UPCAST)
+    k2_cached = to_cache(k2_new, k_cache_ptr.dtype.element_ty, FP8_MAX, UPCAST)
+    v_cached = to_cache(v_new, v_cache_ptr.dtype.element_ty, FP8_MAX, UPCAST)
+    k1_new, k2_new, v_new = k1_cached.to(dtype), k2_cached.to(dtype), v_cached.to(dtype)
     if UPCAST:
         q1 = q1.to(tl.float32)
         q2 = q2.to(tl.float32)
@@ -142,8 +150,7 @@ def decode_attention_kernel(
         k1 = tl.load(k_cache_ptr + slot[None, :] + half[:, None], mask=k_ok[None, :], other=0.0)  # [HALF, N]
         k2 = tl.load(k_cache_ptr + slot[None, :] + HALF + half[:, None], mask=k_ok[None, :], other=0.0)
         v = tl.load(v_cache_ptr + slot[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = v.to(q1.dtype)  # an fp8 cache is read at unit scale; under UPCAST q1 is fp32
         s = tl.dot(q1, k1.to(q1.dtype), input_precision=DOT_PRECISION)
         s = tl.dot(q2, k2.to(q2.dtype), s, input_precision=DOT_PRECISION) * qk_scale
         ok = row_ok[:, None] & k_ok[None, :]
@@ -170,9 +177,9 @@ def decode_attention_kernel(
     cache_at = (
         (new_slot // BLOCK_SIZE) * stride_cb + (new_slot % BLOCK_SIZE) * stride_cslot + kv_head * stride_chead
     )
-    tl.store(k_cache_ptr + cache_at + half, k1_new, mask=write_half)
-    tl.store(k_cache_ptr + cache_at + HALF + half, k2_new, mask=write_half)
-    tl.store(v_cache_ptr + cache_at + dims, v_new, mask=write_dims)
+    tl.store(k_cache_ptr + cache_at + half, k1_cached, mask=write_half)
+    tl.store(k_cache_ptr + cache_at + HALF + half, k2_cached, mask=write_half)
+    tl.store(v_cache_ptr + cache_at + dims, v_cached, mask=write_dims)
 
     o_offs = token * stride_ot + head[:, None] * stride_oh + dims[None, :]
     if NUM_SPLITS == 1:

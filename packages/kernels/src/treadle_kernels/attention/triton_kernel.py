@@ -19,6 +19,8 @@ Mixed batches: a 64-row tile wastes 15/16 of its rows on a decode token, so the 
 over the same metadata, once with 16-row tiles for the requests whose query is short and once with 64-row tiles
 for the rest (``min_q_len``/``max_q_len`` select a program's requests; the others exit at once).
 
+K/V tiles are cast to the query's dtype as they are loaded, so an fp8 cache (unit scale) is read like any other.
+
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range is cut into ``NUM_SPLITS`` contiguous segments
 (split count fixed by the caller from the batch shape only, so CUDA graphs stay valid as contexts grow); each
 program writes its unnormalised accumulator and ``(m, l)`` to fp32 scratch, and ``_reduce_splits_kernel`` merges
@@ -178,8 +180,7 @@ def paged_attention_kernel(
         k = tl.load(k_cache_ptr + k_offs, mask=k_ok[None, :] & dim_ok[:, None], other=0.0)  # [D, N]
         v_offs = (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None] + dims[None, :]
         v = tl.load(v_cache_ptr + v_offs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [N, D]
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = v.to(q.dtype)  # an fp8 cache is read at unit scale; under UPCAST q is fp32
 
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # [M, N] fp32
         if USE_SOFT_CAP:

@@ -2,7 +2,8 @@
 
 key/value [T, kv_heads, head_size] with unit-stride head_size (token and head strides are free, so slices
 of a fused qkv buffer work); caches [num_blocks, block_size, kv_heads, head_size] with unit-stride last dim
-(e.g. ``kv_cache[0]`` of a [2, ...] buffer). Negative slots are skipped inside the kernel.
+(e.g. ``kv_cache[0]`` of a [2, ...] buffer). Negative slots are skipped inside the kernel. An fp8 cache is
+written at unit scale, saturating at the format's largest finite value (the IR op's semantics).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from treadle_ir import ops
+from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
 
-from .support import check_tensor, next_pow2, triton_supported
+from .support import FLOAT_DTYPES, check_tensor, next_pow2, triton_supported
 
 __all__ = ["register"]
 
@@ -50,8 +52,15 @@ def reshape_and_cache(
         key_cache.shape[1],
         HEADS_BLOCK=heads_block,
         DIM_BLOCK=dim_block,
+        FP8_MAX=fp8_max(key_cache.dtype),
+        INTERPRETED=key.device.type == "cpu",
         num_warps=min(max(heads_block * dim_block // 256, 1), 8),
     )
+
+
+def fp8_max(cache_dtype: torch.dtype) -> float:
+    """The saturation bound of an fp8 cache dtype; 0.0 (no clamp) for any other dtype."""
+    return float(torch.finfo(cache_dtype).max) if cache_dtype in FP8_KV_CACHE_DTYPES else 0.0
 
 
 def _check(
@@ -61,8 +70,10 @@ def _check(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> bool | str:
-    for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if (reason := check_tensor(t, name)) is not None:
+    cache_dtypes = FLOAT_DTYPES | frozenset(FP8_KV_CACHE_DTYPES)
+    for name, t, dtypes in (("key", key, FLOAT_DTYPES), ("value", value, FLOAT_DTYPES),
+                            ("key_cache", key_cache, cache_dtypes), ("value_cache", value_cache, cache_dtypes)):  # fmt: skip
+        if (reason := check_tensor(t, name, dtypes)) is not None:
             return reason
     if (
         reason := check_tensor(slot_mapping, "slot_mapping", frozenset({torch.int64, torch.int32}))

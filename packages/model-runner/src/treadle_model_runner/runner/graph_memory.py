@@ -63,8 +63,8 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     """Capture the largest and the smallest decode graph over a one-block cache; the estimate for all sizes."""
     sizes = capture_sizes(runner.max_num_seqs)
     layers = runner._require_model().attention_layers()
-    runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.dtype, runner.device,
-                                          runner.attn_backend)  # fmt: skip
+    runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.kv_cache_dtype,
+                                          runner.device, runner.attn_backend)  # fmt: skip
     buckets = runner.piecewise_sizes()
     probe = CudaGraphRunner(sorted({sizes[0], sizes[-1]}))
     pieces = PiecewiseGraphs(sorted({buckets[0], buckets[-1]}) if buckets else [])

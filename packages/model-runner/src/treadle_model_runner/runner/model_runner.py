@@ -36,6 +36,7 @@ from treadle_model_runner.kv_cache import (
     kv_cache_groups,
     make_kv_cache_config,
     max_useful_blocks,
+    resolve_kv_cache_dtype,
 )
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
@@ -98,6 +99,9 @@ class ModelRunner:
         self._eos_token_ids = eos_token_ids(self.resolved.hf_config, self.resolved.path)
         backend_name = None if model_config.attention_backend == "auto" else model_config.attention_backend
         self.attn_backend: Any = get_attn_backend(backend_name, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(
+            cache_config.kv_cache_dtype, self.dtype, self.attn_backend
+        )
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(model_config.seed)
         self.model: CausalLM | None = None
@@ -113,8 +117,9 @@ class ModelRunner:
         self.copier = TokenCopier(self.device)
         self.pending: list[PendingTokens] = []
         logger.info(
-            "model runner: %s on %s, dtype %s, max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d",
-            self.resolved.path, self.device, self.dtype, self._max_model_len, max_num_seqs, max_num_batched_tokens,
+            "model runner: %s on %s, dtype %s, KV cache %s, max_model_len %d, max_num_seqs %d, "
+            "max_num_batched_tokens %d", self.resolved.path, self.device, self.dtype, self.kv_cache_dtype,
+            self._max_model_len, max_num_seqs, max_num_batched_tokens,
         )  # fmt: skip
 
     # ---- properties the engine reads ---------------------------------------------------------------
@@ -166,7 +171,7 @@ class ModelRunner:
             max(self.max_num_batched_tokens, self.max_num_seqs), self.max_num_seqs, len(groups), self.device
         )
         self.builders = [self.attn_backend.get_builder_cls()(block_size, self.device) for _ in groups]
-        block_bytes = bytes_per_block(layers, block_size, self.dtype, self.attn_backend)
+        block_bytes = bytes_per_block(layers, block_size, self.kv_cache_dtype, self.attn_backend)
         override = self.cache_config.num_gpu_blocks_override
         if override is not None:
             num_blocks = override
@@ -179,7 +184,7 @@ class ModelRunner:
         else:
             useful = max_useful_blocks(len(groups), self.max_num_seqs, self._max_model_len, block_size)
             num_blocks = cpu_num_blocks(self.cache_config.kv_cache_space, block_bytes, useful)
-        self.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, self.dtype, self.device,
+        self.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, self.kv_cache_dtype, self.device,
                                             self.attn_backend)  # fmt: skip
         self.kv_cache_config = make_kv_cache_config(layers, num_blocks, block_size, block_bytes)
         if self.device.type == "cuda":

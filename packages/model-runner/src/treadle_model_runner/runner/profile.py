@@ -50,8 +50,8 @@ def profile_peak_activation_bytes(runner: ModelRunner, block_bytes: int) -> int:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(runner.device)
     base = torch.cuda.memory_allocated(runner.device)
-    runner.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, runner.dtype, runner.device,
-                                          runner.attn_backend)  # fmt: skip
+    runner.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, runner.kv_cache_dtype,
+                                          runner.device, runner.attn_backend)  # fmt: skip
     try:
         for state in states:
             runner.batch.add(state)
