@@ -5,11 +5,13 @@ CUDA events around ``impl.forward`` (the KV write of the step's new tokens inclu
 excluded, as it is paid once per step for all layers), replayed from a CUDA graph when the forward can be captured
 (so launch overhead is not counted, as in the engine's decode graphs), else eagerly (``mode`` says which).
 Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k, a prefill (4 x 2048 tokens) and a mixed batch.
-Reports achieved GB/s of KV read (``sum(seq_len) * nkv * head_dim * 2 (K, V) * 2 bytes``) against the device's
-own copy bandwidth measured in the same run, and TFLOP/s for prefill. The torch reference runs only where it finishes quickly.
+Reports achieved GB/s of KV read (``sum(seq_len) * nkv * head_dim * 2 (K, V) * bytes per value``) against the
+device's own copy bandwidth measured in the same run, and TFLOP/s for prefill. The torch reference runs only where it
+finishes quickly. ``--kv-cache-dtype fp8`` (or fp8_e5m2) fills an 8-bit cache (unit scale, as the engine's).
 
     python benchmarks/attention.py results.json [--backends triton,flashinfer,torch,triton+rope,triton+rope_fused,
         triton+rope_unfused,triton+rope/s4]      (/sN: N KV splits forced, batch-1 decode rows only)
+        [--kv-cache-dtype fp8] [--workloads "b256,prefill"] (rows whose label holds one of the words)
 
 Needs only torch, triton and (optionally) flashinfer-python; the treadle packages are imported from the checkout.
 """
@@ -34,9 +36,11 @@ from treadle_kernels.attention.backend import Rope  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
+CACHE_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                "fp8_e5m2": torch.float8_e5m2}  # fmt: skip
 
 
-def make_step(requests: list[tuple[int, int]], seed: int = 0):
+def make_step(requests: list[tuple[int, int]], seed: int = 0, cache_dtype: torch.dtype = DTYPE):
     """Random q/k/v and a filled paged cache for (context_len, query_len) requests; returns tensors + metadata."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     seq_lens = [c + q for c, q in requests]
@@ -50,7 +54,7 @@ def make_step(requests: list[tuple[int, int]], seed: int = 0):
     for i, nb in enumerate(blocks):
         table[i, :nb] = perm[starts[i] : starts[i + 1]]
     kv_cache = torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE,
-                           generator=gen)  # fmt: skip
+                           generator=gen).to(cache_dtype)  # fmt: skip
     q_lens = torch.tensor([q for _, q in requests], dtype=torch.int32)
     qsl = torch.zeros(len(requests) + 1, dtype=torch.int32)
     qsl[1:] = torch.cumsum(q_lens, 0)
@@ -160,6 +164,7 @@ def copy_bandwidth_gbs() -> float:
 def workloads() -> list[tuple[str, list[tuple[int, int]]]]:
     cases = [("decode b1 ctx192", [(191, 1)]), ("decode b1 ctx320", [(319, 1)])]
     cases.append(("decode b32 ctx1536", [(1535, 1)] * 32))
+    cases.append(("decode b256 ctx1536", [(1535, 1)] * 256))  # the 1000 x 1024/1024 run's mean decode step
     cases += [(f"decode b{b} ctx{c}", [(c - 1, 1)] * b) for b in (1, 64, 256) for c in (1024, 4096)]
     cases.append(("prefill 4x2048", [(0, 2048)] * 4))
     cases.append(("mixed 1x1024 prefill + 64 decodes ctx2048", [(0, 1024)] + [(2047, 1)] * 64))
@@ -173,6 +178,10 @@ def main() -> None:
     parser.add_argument("output", type=Path, help="JSON file to write")
     parser.add_argument("--backends", default="triton,flashinfer,torch")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=sorted(CACHE_DTYPES))
+    parser.add_argument(
+        "--workloads", default="", help="comma-separated words; only rows whose label holds one"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
@@ -186,9 +195,13 @@ def main() -> None:
     t0 = time.time()
     copy_gbs = copy_bandwidth_gbs()
     rows = []
+    cache_dtype = CACHE_DTYPES[args.kv_cache_dtype]
+    words = [w for w in args.workloads.split(",") if w]
     for label, requests in workloads():
-        step = make_step(requests)
-        kv_bytes = sum(c + q for c, q in requests) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
+        if words and not any(w in label for w in words):
+            continue
+        step = make_step(requests, cache_dtype=cache_dtype)
+        kv_bytes = sum(c + q for c, q in requests) * NUM_KV_HEADS * HEAD_DIM * 2 * cache_dtype.itemsize
         flops = sum(4 * q * (c + (q + 1) / 2) * NUM_HEADS * HEAD_DIM for c, q in requests)
         for name in backends:
             if name.startswith("torch") and len(requests) > 64:
@@ -213,7 +226,9 @@ def main() -> None:
             "head_dim": HEAD_DIM,
             "block_size": BLOCK_SIZE,
             "dtype": "bfloat16",
+            "kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
         },
+        "env": {k: v for k, v in os.environ.items() if k.startswith("TREADLE_")},
         "copy_bandwidth_gbs": copy_gbs,
         "rows": rows,
         "wall_s": time.time() - t0,

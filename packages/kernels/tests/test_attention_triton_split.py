@@ -68,6 +68,15 @@ def test_h100_launch_matches_torch(batch: str, window: int | None, dtype: torch.
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("batch", ["mixed", "short_decodes"])
+def test_h100_launch_fp8_cache_matches_torch(batch: str) -> None:
+    """An fp8 cache takes 128-key tiles on a GPU; the same launches under the interpreter, against the reference."""
+    case = make_case(BATCHES[batch], NH, NKV, D, BLOCK, device=DEVICE, seed=32, num_padding=2,
+                     cache_dtype=torch.float8_e4m3fn)  # fmt: skip
+    out = run("triton", case, 9, h100=True)
+    torch.testing.assert_close(out, run("torch", case, 9), atol=2e-5, rtol=2e-5)
+
+
 def test_h100_split_counts_cover_the_cases() -> None:
     """The cases above really take the split path, and the split count depends on the batch size only."""
     group = NH // NKV
@@ -78,3 +87,4 @@ def test_h100_split_counts_cover_the_cases() -> None:
     assert choose_launch_config(H100_PROFILE, 1, 5, NKV, group).num_splits == 16  # "prefill5": one launch
     big = choose_launch_config(H100_PROFILE, 256, 1, 8, 4)
     assert big.num_splits == 1  # 2048 programs already fill 132 SMs
+    assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4, fp8_cache=True).block_n == 128

@@ -94,6 +94,7 @@ def choose_launch_config(
     num_kv_heads: int,
     group: int,
     force_num_splits: int | None = None,
+    fp8_cache: bool = False,
 ) -> LaunchConfig:
     """Pick tile sizes and the split count for a batch shape (host integers only)."""
     on_gpu = profile.gpu_tiles
@@ -103,7 +104,9 @@ def choose_launch_config(
     else:
         block_m = max(64 if on_gpu else 32, _next_pow2(group))
     block_q = max(1, block_m // group)
-    block_n = 64 if on_gpu else 16
+    # H200 (results/gpu-fp8-kv-h200-bb1aa9d): an fp8 cache reads 128-key tiles faster (375 against 426 us at
+    # 256 x 1.5k-token decodes), a bf16 cache 64-key tiles (399 against 418)
+    block_n = (128 if fp8_cache else 64) if on_gpu else 16
     num_splits = 1
     if max_query_len <= block_q:
         if force_num_splits is not None:
@@ -216,8 +219,9 @@ def paged_attention(
     group = query.shape[1] // num_kv_heads
     args = (query, kv_cache, md, output, scale, sliding_window, logits_soft_cap)
     profile = profile or device_profile(query.device)
-    cfg = choose_launch_config(profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits)
-    short = choose_launch_config(profile, md.num_reqs, 1, num_kv_heads, group, 1)
+    fp8 = kv_cache.dtype.itemsize == 1
+    cfg = choose_launch_config(profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits, fp8)
+    short = choose_launch_config(profile, md.num_reqs, 1, num_kv_heads, group, 1, fp8)
     if cfg.block_m > short.block_m and min_query_len <= short.block_q:
         # mixed batch: short queries (decodes) in small tiles, long ones (prefills) in large tiles
         _launch(*args, short, (0, short.block_q), False)

@@ -19,7 +19,9 @@ Mixed batches: a 64-row tile wastes 15/16 of its rows on a decode token, so the 
 over the same metadata, once with 16-row tiles for the requests whose query is short and once with 64-row tiles
 for the rest (``min_q_len``/``max_q_len`` select a program's requests; the others exit at once).
 
-K/V tiles are cast to the query's dtype as they are loaded, so an fp8 cache (unit scale) is read like any other.
+K/V tiles are cast to the query's dtype as they are loaded. With an fp8 cache (unit scale) a 16-bit query is cast to
+fp16 first, so the tiles widen in one conversion and the dots run in fp16 (fp32 accumulation, as in bf16); a query
+value past fp16's range (65504) would be clamped to it.
 
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range is cut into ``NUM_SPLITS`` contiguous segments
 (split count fixed by the caller from the batch shape only, so CUDA graphs stay valid as contexts grow); each
@@ -145,6 +147,9 @@ def paged_attention_kernel(
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if UPCAST:  # the CPU interpreter mis-computes 16-bit float dots; compute them in fp32 there
         q = q.to(tl.float32)
+    elif k_cache_ptr.dtype.element_ty.is_fp8() and q_ptr.dtype.element_ty != tl.float32:
+        # fp8 widens to fp16 in one conversion (to bf16 in three): attend in fp16, q clamped to its range
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     # key range this tile needs, then this split's share of it
     first_pos = context_len + q_tile * BLOCK_Q
