@@ -220,7 +220,9 @@ def paged_attention(
     args = (query, kv_cache, md, output, scale, sliding_window, logits_soft_cap)
     profile = profile or device_profile(query.device)
     fp8 = kv_cache.dtype.itemsize == 1
-    cfg = choose_launch_config(profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits, fp8)
+    cfg = choose_launch_config(
+        profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits, fp8
+    )
     short = choose_launch_config(profile, md.num_reqs, 1, num_kv_heads, group, 1, fp8)
     if cfg.block_m > short.block_m and min_query_len <= short.block_q:
         # mixed batch: short queries (decodes) in small tiles, long ones (prefills) in large tiles
