@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from treadle_kernels.attention import AttentionMetadata
-from treadle_kernels.attention.backend import kv_cache_views
 
 
 @dataclass
@@ -65,9 +64,9 @@ def make_case(
         cursor += nb
     kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
     kv_cache = kv_cache.to(device=device, dtype=cache_dtype or dtype)
-    key_view, value_view = kv_cache_views(kv_cache)  # an fp8 cache keeps its value blocks key-major
-    if cache_dtype is not None:  # fp8 has no index_put on CPU: move bytes
-        key_view, value_view = key_view.view(torch.uint8), value_view.view(torch.uint8)
+    store = kv_cache.view(torch.uint8) if cache_dtype is not None else kv_cache  # fp8 has no index_put on CPU
+    flat_k = store[0].view(-1, num_kv_heads, head_dim)
+    flat_v = store[1].view(-1, num_kv_heads, head_dim)
 
     def as_stored(x: torch.Tensor) -> torch.Tensor:
         return x if cache_dtype is None else x.to(cache_dtype).view(torch.uint8)
@@ -80,9 +79,8 @@ def make_case(
         full_values.append(v)
         pos = torch.arange(seq_len)
         slot = block_table[i, pos // block_size].long() * block_size + pos % block_size
-        where = (slot[:ctx] // block_size).to(device), (slot[:ctx] % block_size).to(device)
-        key_view[where] = as_stored(k[:ctx])
-        value_view[where] = as_stored(v[:ctx])
+        flat_k[slot[:ctx].to(device)] = as_stored(k[:ctx])
+        flat_v[slot[:ctx].to(device)] = as_stored(v[:ctx])
         queries.append(rand(qlen, num_heads, head_dim))
         new_k.append(k[ctx:])
         new_v.append(v[ctx:])

@@ -36,7 +36,6 @@ def main() -> int:
             "G": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": block_m // 4,
             "BLOCK_M": block_m, "BLOCK_N": 64, "NUM_SPLITS": splits, "CAUSAL": True, "USE_WINDOW": splits == 4,
             "USE_SOFT_CAP": splits == 4, "DOT_PRECISION": "tf32", "UPCAST": False,
-            "V_KEY_MAJOR_RUN": 16 if splits == 16 else 0,  # fp8: key-major value blocks
         }  # fmt: skip
         compile_one(attn.paged_attention_kernel, constexprs, {**ints, **fp32, **out}, ("scale", "soft_cap"))
     for flt in (False, True):
@@ -47,7 +46,7 @@ def main() -> int:
         constexprs = {
             "G": 4, "HALF": 64, "BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "NUM_SPLITS": splits,
             "USE_WINDOW": window, "DOT_PRECISION": "tf32", "UPCAST": False, "USE_PDL": splits > 1,
-            "FP8_MAX": 448.0 if fp8 else 0.0, "V_KEY_MAJOR_RUN": 16 if fp8 else 0,
+            "FP8_MAX": 448.0 if fp8 else 0.0,
         }  # fmt: skip
         ptrs = {**decode_ptrs, **(fp8_cache if fp8 else {})}
         compile_one(decode.decode_attention_kernel, constexprs, ptrs, ("scale",))
@@ -57,13 +56,7 @@ def main() -> int:
     for gelu in (False, True):
         compile_one(activation_kernels.act_and_mul_kernel, {"GELU_TANH": gelu, "BLOCK": 1024}, {})
     for cache_type, fp8_max in (("*bf16", 0.0), ("*fp8e4nv", 448.0), ("*fp8e5", 57344.0)):
-        cache = {
-            "HEADS_BLOCK": 8,
-            "DIM_BLOCK": 128,
-            "FP8_MAX": fp8_max,
-            "INTERPRETED": False,
-            "V_DIM_UNIT": not fp8_max,
-        }
+        cache = {"HEADS_BLOCK": 8, "DIM_BLOCK": 128, "FP8_MAX": fp8_max, "INTERPRETED": False}
         ptrs = {"slot_mapping_ptr": "*i64", "key_cache_ptr": cache_type, "value_cache_ptr": cache_type}
         compile_one(cache_kernels.reshape_and_cache_kernel, cache, ptrs)
     for prologue in (0, 1, 2, 3):

@@ -15,7 +15,6 @@ import torch
 
 import treadle_kernels  # noqa: F401  (registers the triton providers)
 from treadle_ir import IrOp, ops
-from treadle_kernels.attention.backend import kv_cache_views
 
 pytest.importorskip("triton")
 
@@ -242,10 +241,9 @@ def _check_cache(
     kv_cache = torch.full((2, num_blocks, block_size, nkv, head_size), float("nan"), device=DEVICE)
     kv_cache = kv_cache.to(cache_dtype or dtype)
     ref = kv_cache.clone()
-    views, ref_views = kv_cache_views(kv_cache), kv_cache_views(ref)  # fp8: key-major value blocks
-    ops.reshape_and_cache.native(key, value, *ref_views, slots)
-    with _triton(ops.reshape_and_cache, key, value, *views, slots):
-        ops.reshape_and_cache(key, value, *views, slots)
+    ops.reshape_and_cache.native(key, value, ref[0], ref[1], slots)
+    with _triton(ops.reshape_and_cache, key, value, kv_cache[0], kv_cache[1], slots):
+        ops.reshape_and_cache(key, value, kv_cache[0], kv_cache[1], slots)
     if cache_dtype is not None:  # fp8: compare the bytes (NaN where nothing was written)
         assert torch.equal(kv_cache.view(torch.uint8), ref.view(torch.uint8))
         assert float(ref.float().nan_to_num().abs().max()) == torch.finfo(cache_dtype).max

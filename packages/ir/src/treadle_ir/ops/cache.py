@@ -1,8 +1,7 @@
 """Paged KV-cache write: scatter the new tokens' keys and values into their cache slots.
 
 key/value [T, num_kv_heads, head_size]; key_cache/value_cache [num_blocks, block_size, num_kv_heads,
-head_size] (any strides: an attention backend may hand a strided view of its own layout); slot_mapping [T] int64
-with ``slot = block * block_size + offset``. A negative slot (padding)
+head_size]; slot_mapping [T] int64 with ``slot = block * block_size + offset``. A negative slot (padding)
 is skipped. Values are cast to the cache dtype. Slots of distinct real tokens are distinct (the KV cache
 manager guarantees it), so the write order does not matter.
 
@@ -44,18 +43,18 @@ def _example(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ..
 
 
 def _write(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> None:
-    """cache[slot // block_size, slot % block_size] = rows[i] with padding rows redirected as described above."""
+    """cache.view(slots)[slots[i]] = rows[i] with padding rows redirected as described above."""
     num_tokens = rows.shape[0]
-    data = to_kv_cache_dtype(rows, cache.dtype)  # [T, kv_heads, head_size]
-    if cache.dtype in FP8_KV_CACHE_DTYPES:  # move fp8 bytes as uint8 (index_put_ has no fp8 kernel on CPU)
-        cache, data = cache.view(torch.uint8), data.view(torch.uint8)
+    flat = cache.view(cache.shape[0] * cache.shape[1], -1)  # [num_slots, kv_heads * head_size]
+    data = to_kv_cache_dtype(rows.reshape(num_tokens, -1), cache.dtype)
+    if cache.dtype in FP8_KV_CACHE_DTYPES:  # move fp8 bytes as uint8 (index_copy_ has no fp8 kernel on CPU)
+        flat, data = flat.view(torch.uint8), data.view(torch.uint8)
     first = torch.argmax(valid.to(torch.int32))  # first real token (0 when there is none); stays on device
     any_valid = valid.any()  # 0-dim bool tensor: no host sync, no data-dependent shape
     source = torch.where(valid, torch.arange(num_tokens, device=rows.device), first)
     target = torch.where(any_valid, slots.index_select(0, source), torch.zeros_like(slots))
-    data = torch.where(any_valid, data.index_select(0, source), cache[0, 0].unsqueeze(0).expand_as(data))
-    block_size = cache.shape[1]
-    cache.index_put_((target // block_size, target % block_size), data)
+    data = torch.where(any_valid, data.index_select(0, source), flat[0].unsqueeze(0).expand_as(data))
+    flat.index_copy_(0, target, data)
 
 
 @op(mutates_args=("key_cache", "value_cache"), example=_example)

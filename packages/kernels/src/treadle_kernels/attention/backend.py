@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 import torch
 
 from treadle_ir import ops
-from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
 from treadle_kernels.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -157,22 +156,6 @@ class AttentionBackend:
         return cls.impl_cls
 
 
-def kv_cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's key and value caches as ``[num_blocks, block_size, nkv, head_size]`` views of a contiguous
-    ``[2, num_blocks, block_size, nkv, head_size]`` cache (``get_kv_cache_shape``).
-
-    Keys are stored as shaped. So are values in a 16- or 32-bit cache; an fp8 cache stores each value block
-    transposed, ``[nkv, head_size, block_size]`` (a dim's values of the block's keys side by side): attention's
-    P.V dot reduces over keys, and an 8-bit operand has no transposing shared-memory load, so a kernel reading
-    values key-contiguous avoids a byte-by-byte transpose (results/gpu-fp8-kv-h200-*). The value view returned
-    for it is strided (``stride(1) == 1``) and indexes like any other; writers and readers go through it."""
-    keys, values = kv_cache[0], kv_cache[1]
-    if kv_cache.dtype in FP8_KV_CACHE_DTYPES:
-        num_blocks, block_size, num_kv_heads, head_size = values.shape
-        values = values.view(num_blocks, num_kv_heads, head_size, block_size).permute(0, 3, 1, 2)
-    return keys, values
-
-
 def write_kv_cache(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size] (may be padded beyond slot_mapping)
     value: torch.Tensor,
@@ -181,5 +164,4 @@ def write_kv_cache(
 ) -> None:
     """Write this step's new keys/values into the paged cache through the IR op ``reshape_and_cache``."""
     num_slots = slot_mapping.shape[0]
-    key_cache, value_cache = kv_cache_views(kv_cache)
-    ops.reshape_and_cache(key[:num_slots], value[:num_slots], key_cache, value_cache, slot_mapping)
+    ops.reshape_and_cache(key[:num_slots], value[:num_slots], kv_cache[0], kv_cache[1], slot_mapping)

@@ -31,7 +31,6 @@ from treadle_kernels.attention.backend import (
     AttentionBackend,
     AttentionImpl,
     AttentionMetadataBuilder,
-    kv_cache_views,
     write_kv_cache,
 )
 from treadle_kernels.attention.metadata import AttentionMetadata
@@ -135,9 +134,8 @@ class TorchAttentionImpl(AttentionImpl):
         """Request ``i`` alone, its queries in chunks of ``_QUERY_CHUNK``."""
         if q_end == q_start:
             return
-        key_cache, value_cache = kv_cache_views(kv_cache)
-        k = gather_context(key_cache, md.block_table[i], seq_len).transpose(0, 1).float()  # [nkv, seq, d]
-        v = gather_context(value_cache, md.block_table[i], seq_len).transpose(0, 1).float()
+        k = gather_context(kv_cache[0], md.block_table[i], seq_len).transpose(0, 1).float()  # [nkv, seq, d]
+        v = gather_context(kv_cache[1], md.block_table[i], seq_len).transpose(0, 1).float()
         context_len = seq_len - (q_end - q_start)
         for c_start in range(q_start, q_end, _QUERY_CHUNK):
             c_end = min(c_start + _QUERY_CHUNK, q_end)
@@ -173,9 +171,8 @@ class TorchAttentionImpl(AttentionImpl):
         blocks = md.block_table[g_start:g_end, :num_blocks]  # [n, num_blocks]
         blocks = torch.where(torch.arange(num_blocks, device=device) * block_size < seq[:, None], blocks, 0)
         first_pad = min(seq_lens[g_start:g_end])  # positions before it are valid in every request
-        key_cache, value_cache = kv_cache_views(kv_cache)
-        k = self._gather(key_cache, blocks, l_max, k_valid, first_pad, "k")  # [n, nkv, Lmax, d]
-        v = self._gather(value_cache, blocks, l_max, k_valid, first_pad, "v")
+        k = self._gather(kv_cache[0], blocks, l_max, k_valid, first_pad, "k")  # [n, nkv, Lmax, d]
+        v = self._gather(kv_cache[1], blocks, l_max, k_valid, first_pad, "v")
 
         t0, t1 = starts[g_start], starts[g_end]
         if q_max == 1 and t1 - t0 == n:  # decode: one query per request, already in order

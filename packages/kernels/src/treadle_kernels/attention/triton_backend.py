@@ -30,7 +30,6 @@ from treadle_kernels.attention.backend import (
     AttentionImpl,
     AttentionMetadataBuilder,
     Rope,
-    kv_cache_views,
     write_kv_cache,
 )
 from treadle_kernels.attention.metadata import AttentionMetadata
@@ -141,18 +140,6 @@ class TritonMetadataBuilder(AttentionMetadataBuilder):
         return TritonAttentionMetadata(common, min_query_len, self.counters)
 
 
-def key_major_run(v_cache: torch.Tensor, block_n: int) -> int:
-    """0 for a value cache in the usual layout; for key-major value blocks (an fp8 cache, ``kv_cache_views``) the
-    keys a kernel loads as one contiguous run: min(block_n, block_size)."""
-    block_size = v_cache.shape[1]
-    if v_cache.stride(-1) == 1:
-        return 0
-    assert v_cache.stride(1) == 1 and v_cache.stride(3) == block_size, (
-        f"unknown value layout {v_cache.stride()}"
-    )
-    return min(block_n, block_size)
-
-
 def _launch(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -174,7 +161,7 @@ def _launch(
 
     num_tokens, num_reqs = md.num_actual_tokens, md.num_reqs
     num_heads, head_dim = query.shape[1], query.shape[2]
-    k_cache, v_cache = kv_cache_views(kv_cache)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     head_dim_pad = max(16, _next_pow2(head_dim))
     grid = (num_tokens // cfg.block_q + num_reqs, num_kv_heads, cfg.num_splits)
@@ -200,7 +187,6 @@ def _launch(
         CAUSAL=md.causal, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
-        V_KEY_MAJOR_RUN=key_major_run(v_cache, cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if cfg.num_splits > 1:

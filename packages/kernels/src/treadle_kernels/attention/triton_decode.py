@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from treadle_kernels import envs
-from treadle_kernels.attention.backend import Rope, kv_cache_views
+from treadle_kernels.attention.backend import Rope
 from treadle_kernels.attention.metadata import AttentionMetadata
 from treadle_kernels.ops.support import pdl_enabled
 
@@ -73,7 +73,6 @@ def fused_decode_attention(
     block_n: int,
 ) -> torch.Tensor:
     """Rotate, write the new K/V and attend, for one-token requests (token i is request i)."""
-    from treadle_kernels.attention.triton_backend import key_major_run
     from treadle_kernels.attention.triton_decode_kernel import decode_attention_kernel
     from treadle_kernels.ops.cache import fp8_max
 
@@ -81,11 +80,11 @@ def fused_decode_attention(
     if num_tokens == 0:
         return output
     num_heads, head_dim = query.shape[1], query.shape[2]
-    k_cache, v_cache = kv_cache_views(kv_cache)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    v_run = key_major_run(v_cache, block_n)
-    assert k_cache.stride(0) == v_cache.stride(0) and k_cache.stride(-1) == 1, "unexpected KV cache layout"
-    assert v_run or k_cache.stride() == v_cache.stride(), "K and V caches must share strides"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, (
+        "K and V caches must share strides"
+    )
     if num_splits > 1 and num_tokens * num_kv_heads > counters.numel():
         num_splits = 1
     part_acc = part_m = part_l = output
@@ -101,12 +100,12 @@ def fused_decode_attention(
         k_cache, v_cache, md.block_table, md.seq_lens, md.slot_mapping, scale, sliding_window or 0,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         output.stride(0), output.stride(1), cos_sin.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(2), md.block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), md.block_table.stride(0),
         G=group, HALF=head_dim // 2, BLOCK_SIZE=block_size, BLOCK_M=max(16, 1 << (group - 1).bit_length()),
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu", USE_PDL=(pdl := pdl_enabled(query.device)),
-        FP8_MAX=fp8_max(k_cache.dtype), V_KEY_MAJOR_RUN=v_run,
+        FP8_MAX=fp8_max(k_cache.dtype),
         num_warps=4, num_stages=2 if query.device.type == "cuda" else 1, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return output

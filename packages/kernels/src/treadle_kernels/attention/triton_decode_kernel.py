@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from treadle_kernels.attention.triton_kernel import LOG2E, load_values_key_major, online_softmax_step
+from treadle_kernels.attention.triton_kernel import LOG2E, online_softmax_step
 from treadle_kernels.ops.cache_kernels import to_cache
 
 
@@ -73,7 +73,6 @@ def decode_attention_kernel(
     stride_cb,  # cache strides (block, slot, head), shared by the key and value caches
     stride_cslot,
     stride_chead,
-    stride_vhead,  # the value cache's head stride (key-major value blocks: head_size * block_size)
     stride_bt,
     G: tl.constexpr,
     HALF: tl.constexpr,  # head_dim // 2, a power of two
@@ -86,7 +85,6 @@ def decode_attention_kernel(
     UPCAST: tl.constexpr,  # the CPU interpreter mis-computes 16-bit dots: compute them in fp32 there
     USE_PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait before reading q, k, v
     FP8_MAX: tl.constexpr,  # > 0: an fp8 cache (unit scale), the new K/V clamped to +-FP8_MAX as they are stored
-    V_KEY_MAJOR_RUN: tl.constexpr,  # > 0: key-major value blocks (fp8 cache), read in runs of this many keys
 ):
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -151,11 +149,7 @@ def decode_attention_kernel(
         slot = page * stride_cb + (k_pos % BLOCK_SIZE) * stride_cslot + kv_head * stride_chead
         k1 = tl.load(k_cache_ptr + slot[None, :] + half[:, None], mask=k_ok[None, :], other=0.0)  # [HALF, N]
         k2 = tl.load(k_cache_ptr + slot[None, :] + HALF + half[:, None], mask=k_ok[None, :], other=0.0)
-        if V_KEY_MAJOR_RUN > 0:
-            v = tl.trans(load_values_key_major(v_cache_ptr, bt_row, n0, seg_hi, kv_head, stride_cb, stride_vhead,
-                                               dims, dims < 2 * HALF, BLOCK_SIZE, BLOCK_N, V_KEY_MAJOR_RUN))  # fmt: skip
-        else:
-            v = tl.load(v_cache_ptr + slot[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
+        v = tl.load(v_cache_ptr + slot[:, None] + dims[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
         v = v.to(q1.dtype)  # an fp8 cache is read at unit scale; under UPCAST q1 is fp32
         s = tl.dot(q1, k1.to(q1.dtype), input_precision=DOT_PRECISION)
         s = tl.dot(q2, k2.to(q2.dtype), s, input_precision=DOT_PRECISION) * qk_scale
@@ -185,11 +179,7 @@ def decode_attention_kernel(
     )
     tl.store(k_cache_ptr + cache_at + half, k1_cached, mask=write_half)
     tl.store(k_cache_ptr + cache_at + HALF + half, k2_cached, mask=write_half)
-    if V_KEY_MAJOR_RUN > 0:
-        v_at = (new_slot // BLOCK_SIZE) * stride_cb + kv_head * stride_vhead + new_slot % BLOCK_SIZE
-        tl.store(v_cache_ptr + v_at + dims * BLOCK_SIZE, v_cached, mask=write_dims)
-    else:
-        tl.store(v_cache_ptr + cache_at + dims, v_cached, mask=write_dims)
+    tl.store(v_cache_ptr + cache_at + dims, v_cached, mask=write_dims)
 
     o_offs = token * stride_ot + head[:, None] * stride_oh + dims[None, :]
     if NUM_SPLITS == 1:

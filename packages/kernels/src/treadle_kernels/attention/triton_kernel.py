@@ -74,39 +74,6 @@ def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
-def load_values_key_major(v_cache_ptr, bt_row, n0, hi, kv_head, stride_vb, stride_vh, dims, dim_ok,
-                          BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, RUN: tl.constexpr):  # fmt: skip
-    """The values of keys ``n0 ..`` transposed, ``[D, BLOCK_N]`` (zero at and past ``hi``), from key-major value
-    blocks (``[nkv, head, block_size]`` per block, an fp8 cache's layout: ``backend.kv_cache_views``). Loaded as
-    ``[D, BLOCK_N / RUN, RUN]``, ``RUN = min(BLOCK_N, BLOCK_SIZE)`` keys of one page per run, so each dim's values
-    of a run are contiguous bytes (``n0`` is a multiple of BLOCK_N, so a run never crosses a page), and kept
-    key-contiguous: as the left operand of ``V^T P^T`` they reduce along their contiguous axis."""
-    RUNS: tl.constexpr = BLOCK_N // RUN
-    first = n0 + tl.arange(0, RUNS) * RUN  # first key of each run
-    page = tl.load(bt_row + first // BLOCK_SIZE, mask=first < hi, other=0).to(tl.int64)
-    within = tl.arange(0, RUN)
-    base = page * stride_vb + kv_head * stride_vh + first % BLOCK_SIZE  # [RUNS]
-    offs = dims[:, None, None] * BLOCK_SIZE + base[None, :, None] + within[None, None, :]
-    # whole runs are read (a per-key mask would split the vector loads into bytes): slots past `hi` inside a
-    # page are readable memory but may hold anything, NaN included, so they are zeroed after the load
-    v = tl.load(v_cache_ptr + offs, mask=dim_ok[:, None, None] & (first < hi)[None, :, None], other=0.0)
-    v = tl.where(((first[:, None] + within[None, :]) < hi)[None, :, :], v, 0.0)
-    return tl.reshape(v, [dims.shape[0], BLOCK_N])
-
-
-@triton.jit
-def online_softmax_step_t(s, v_t, m_i, l_i, acc_t, DOT_PRECISION: tl.constexpr):
-    """``online_softmax_step`` with the values and the accumulator transposed: ``v_t`` [D, N], ``acc_t`` [D, M]."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc_t = acc_t * alpha[None, :] + tl.dot(v_t, tl.trans(p.to(v_t.dtype)), input_precision=DOT_PRECISION)
-    return m_new, l_i, acc_t
-
-
 # Batch-shape integers are not specialised (Triton would compile a variant for value 1 and for multiples of 16 of
 # each): the decode graphs of 35 batch sizes and the prefill shapes then share one compiled kernel per tile config.
 _BATCH_INTS = ["num_reqs", "min_q_len", "max_q_len"]
@@ -154,7 +121,6 @@ def paged_attention_kernel(
     USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    V_KEY_MAJOR_RUN: tl.constexpr = 0,  # > 0: key-major value blocks (fp8 cache), loaded in runs of this many keys
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -206,10 +172,7 @@ def paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if V_KEY_MAJOR_RUN > 0:  # accumulated transposed, [D, M] (V^T P^T), turned back after the loop
-        acc = tl.zeros([HEAD_DIM_PAD, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     qk_scale = scale * LOG2E
     cols = tl.arange(0, BLOCK_N)
     bt_row = block_table_ptr + req * stride_bt
@@ -220,12 +183,8 @@ def paged_attention_kernel(
         in_page = k_pos % BLOCK_SIZE
         k_offs = (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[None, :] + dims[:, None]
         k = tl.load(k_cache_ptr + k_offs, mask=k_ok[None, :] & dim_ok[:, None], other=0.0)  # [D, N]
-        if V_KEY_MAJOR_RUN > 0:
-            v = load_values_key_major(v_cache_ptr, bt_row, n0, seg_hi, kv_head, stride_vb, stride_vh, dims, dim_ok,
-                                      BLOCK_SIZE, BLOCK_N, V_KEY_MAJOR_RUN)  # fmt: skip  # [D, N]
-        else:
-            v_offs = (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None] + dims[None, :]
-            v = tl.load(v_cache_ptr + v_offs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [N, D]
+        v_offs = (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None] + dims[None, :]
+        v = tl.load(v_cache_ptr + v_offs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [N, D]
         v = v.to(q.dtype)  # an fp8 cache is read at unit scale; under UPCAST q is fp32
 
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # [M, N] fp32
@@ -242,12 +201,7 @@ def paged_attention_kernel(
         if USE_WINDOW:
             ok = ok & (k_pos[None, :] > q_pos[:, None] - window)
         s = tl.where(ok, s, float("-inf"))
-        if V_KEY_MAJOR_RUN > 0:
-            m_i, l_i, acc = online_softmax_step_t(s, v, m_i, l_i, acc, DOT_PRECISION)
-        else:
-            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
-    if V_KEY_MAJOR_RUN > 0:
-        acc = tl.trans(acc)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     o_mask = row_ok[:, None] & dim_ok[None, :]

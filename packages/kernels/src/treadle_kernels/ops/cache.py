@@ -47,7 +47,6 @@ def reshape_and_cache(
         value_cache.stride(0),
         value_cache.stride(1),
         value_cache.stride(2),
-        value_cache.stride(3),
         num_kv_heads,
         head_size,
         key_cache.shape[1],
@@ -55,7 +54,6 @@ def reshape_and_cache(
         DIM_BLOCK=dim_block,
         FP8_MAX=fp8_max(key_cache.dtype),
         INTERPRETED=key.device.type == "cpu",
-        V_DIM_UNIT=value_cache.stride(3) == 1,
         num_warps=min(max(heads_block * dim_block // 256, 1), 8),
     )
 
@@ -74,15 +72,9 @@ def _check(
 ) -> bool | str:
     cache_dtypes = FLOAT_DTYPES | frozenset(FP8_KV_CACHE_DTYPES)
     for name, t, dtypes in (("key", key, FLOAT_DTYPES), ("value", value, FLOAT_DTYPES),
-                            ("key_cache", key_cache, cache_dtypes)):  # fmt: skip
+                            ("key_cache", key_cache, cache_dtypes), ("value_cache", value_cache, cache_dtypes)):  # fmt: skip
         if (reason := check_tensor(t, name, dtypes)) is not None:
             return reason
-    # the value cache may be an fp8 cache's key-major view (last dim strided, slots unit-stride)
-    unit_last = value_cache
-    if value_cache.dim() == 4 and value_cache.stride(-1) != 1 and value_cache.stride(1) == 1:
-        unit_last = value_cache.transpose(1, 3)
-    if (reason := check_tensor(unit_last, "value_cache", cache_dtypes)) is not None:
-        return reason
     if (
         reason := check_tensor(slot_mapping, "slot_mapping", frozenset({torch.int64, torch.int32}))
     ) is not None:

@@ -29,7 +29,6 @@ def reshape_and_cache_kernel(
     vc_block_stride,
     vc_slot_stride,
     vc_head_stride,
-    vc_dim_stride,  # 1, or block_size for an fp8 cache's key-major value blocks (attention/backend.kv_cache_views)
     num_kv_heads,
     head_size,
     block_size,
@@ -37,7 +36,6 @@ def reshape_and_cache_kernel(
     DIM_BLOCK: tl.constexpr,
     FP8_MAX: tl.constexpr,
     INTERPRETED: tl.constexpr,  # the CPU interpreter (see to_cache)
-    V_DIM_UNIT: tl.constexpr,  # vc_dim_stride == 1 (vector stores)
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -52,8 +50,7 @@ def reshape_and_cache_kernel(
     key = tl.load(key_ptr + token * key_token_stride + heads * key_head_stride + dims, mask=mask)
     value = tl.load(value_ptr + token * value_token_stride + heads * value_head_stride + dims, mask=mask)
     kc = key_cache_ptr + block * kc_block_stride + offset * kc_slot_stride + heads * kc_head_stride + dims
-    vc = value_cache_ptr + block * vc_block_stride + offset * vc_slot_stride + heads * vc_head_stride
-    vc = vc + (dims if V_DIM_UNIT else dims * vc_dim_stride)
+    vc = value_cache_ptr + block * vc_block_stride + offset * vc_slot_stride + heads * vc_head_stride + dims
     tl.store(kc, to_cache(key, key_cache_ptr.dtype.element_ty, FP8_MAX, INTERPRETED), mask=mask)
     tl.store(vc, to_cache(value, value_cache_ptr.dtype.element_ty, FP8_MAX, INTERPRETED), mask=mask)
 
