@@ -92,6 +92,8 @@ def test_fp8_cache_matches_torch(dtype, cache):
     compare(case, 4, 2, 16, dtype, window=7)
     decode = make_case(DECODE, 4, 2, 16, 4, dtype=dtype, device=DEVICE, seed=17, cache_dtype=FP8[cache])
     compare(decode, 4, 2, 16, dtype, splits=4)
+    big_pages = make_case(MIXED, 4, 2, 16, 32, dtype=dtype, device=DEVICE, seed=18, cache_dtype=FP8[cache])
+    compare(big_pages, 4, 2, 16, dtype)  # pages longer than a key tile
     if dtype == torch.float32:  # the case's K/V are exact fp8 values: the dense reference holds as it is
         out = run("triton", case, 4, 2, 16, window=7)
         torch.testing.assert_close(
