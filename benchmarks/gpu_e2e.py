@@ -13,11 +13,13 @@ Items (`--only` picks some):
   qwen        Qwen3-0.6B, 256 prompts, input and output lengths uniform in 100-1024 (nano-vllm's workload)
   moe_latency, moe_throughput   Qwen3-30B-A3B dummy: batch-1 128/128 latency, 1000 x 1024/1024 throughput,
               each against its roofline (benchmarks/roofline.py, gpu_e2e_moe.py)
+  throughput_fp8  the throughput workload with an fp8 KV cache at 512 sequences (gpu_e2e_fp8.py)
 
 Steps, in run order, each a fresh process (a clean GPU each): ceilings; HF baseline; the server (cold_start,
 serve); qwen; the MoE engine (moe_latency, moe_throughput); last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
 throughput (`--worker`: one start-up instead of three; each phase has its own prompt seed, so no prefix-cache
-hits across phases). The long throughput run comes last, so a cut at the budget loses nothing else.
+hits across phases); then the fp8-cache engine (throughput_fp8). The long throughput runs come last, so a cut at
+the budget loses nothing else.
 Budget: `--budget-s` bounds the whole run. An item whose usual minimum no longer fits is skipped (the last line
 names the `--only` that runs what was skipped); a running one is cut at the budget. Each item writes
 OUT/<item>.json (device, commit, command, numbers, same-run baseline, KV capacity in tokens, CUDA-graph mode,
@@ -41,6 +43,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from gpu_e2e_fp8 import step_fp8
 from gpu_e2e_moe import step_moe
 from gpu_e2e_offline import offline_worker, step_ceilings, step_hf, step_llama, step_qwen
 from gpu_e2e_report import plot_serve, render_table, table_rows
@@ -57,6 +60,7 @@ ITEMS = (
     "qwen",
     "moe_latency",
     "moe_throughput",
+    "throughput_fp8",
 )
 
 # (name, items it measures, the least time it needs, runner), in run order
@@ -67,6 +71,7 @@ STEPS = (
     ("qwen", ("qwen",), 40, step_qwen),
     ("moe", ("moe_latency", "moe_throughput"), 60, step_moe),
     ("llama", ("latency", "baseline", "throughput"), 60, step_llama),
+    ("fp8", ("throughput_fp8",), 60, step_fp8),
 )
 
 

@@ -193,13 +193,15 @@ def latency_vs_roofline(s: Session, model: Path, ms: float) -> dict[str, Any]:
 
 
 def throughput_vs_roofline(
-    s: Session, model: Path, r: dict[str, Any], prompts: int, in_len: int, out_len: int
-) -> dict[str, Any]:
+    s: Session, model: Path, r: dict[str, Any], prompts: int, in_len: int, out_len: int,
+    kv_dtype_bytes: int | None = None, max_num_seqs: int = 256,
+) -> dict[str, Any]:  # fmt: skip
     ceil = _ceilings(s)
     kv = r.get("kv_capacity_tokens")
     if ceil is None or not kv:
         return {}
-    roof = throughput_roofline(shapes(model, s.plan.dtype_bytes), *ceil, prompts, in_len, out_len, int(kv))
+    model_shapes = shapes(model, s.plan.dtype_bytes, kv_dtype_bytes)
+    roof = throughput_roofline(model_shapes, *ceil, prompts, in_len, out_len, int(kv), max_num_seqs)
     rate = r["output_tokens_per_second"]
     return roof | {
         "roofline_fraction": rate / roof["roofline_output_tok_s"],

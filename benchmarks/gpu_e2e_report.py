@@ -94,6 +94,11 @@ def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
         rows.append(
             _row(name, r["output_tokens_per_second"], vllm, ref.get("tok_s"), target=tgt.get("tok_s"))
         )
+    if r := num.get("throughput_fp8"):
+        name = f"  same, --kv-cache-dtype fp8, {p.fp8_max_num_seqs} seqs"
+        rows.append(
+            _row(name, r["output_tokens_per_second"], vllm, ref.get("tok_s"), target=tgt.get("tok_s"))
+        )
     kvs = [
         s.records[k].get("kv_capacity_tokens") for k in ("throughput", "latency", "serve") if k in s.records
     ]

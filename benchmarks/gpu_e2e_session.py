@@ -41,6 +41,9 @@ class Plan:
     latency_len: int = 128  # input = output tokens, batch 1
     tp_prompts: int = 1000
     tp_len: int = 1024  # input = output tokens
+    fp8_max_num_seqs: int = (
+        512  # throughput_fp8: the fp8 cache holds twice the tokens, so twice the sequences fit
+    )
     qwen_prompts: int = 256
     qwen_range: str = "100,1024"
     base_prompts: int = 32  # one batch of HF generate

@@ -47,7 +47,8 @@ class Shapes:
         return self.layers * (self.dense_per_layer + self.top_k * self.expert) + self.lm_head
 
 
-def shapes(model_dir: Path, dtype_bytes: int = 2) -> Shapes:
+def shapes(model_dir: Path, dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> Shapes:
+    """``kv_dtype_bytes``: bytes of one cached K or V value (default the model's; 1 for an fp8 cache)."""
     c = json.loads((Path(model_dir) / "config.json").read_text())
     h, heads = c["hidden_size"], c["num_attention_heads"]
     kv = c.get("num_key_value_heads", heads)
@@ -66,7 +67,7 @@ def shapes(model_dir: Path, dtype_bytes: int = 2) -> Shapes:
         top_k=int(c.get("num_experts_per_tok") or 0),
         layers=c["num_hidden_layers"],
         lm_head=c["vocab_size"] * h + h,
-        kv_bytes_per_token=2 * c["num_hidden_layers"] * kv * hd * dtype_bytes,
+        kv_bytes_per_token=2 * c["num_hidden_layers"] * kv * hd * (kv_dtype_bytes or dtype_bytes),
     )
 
 

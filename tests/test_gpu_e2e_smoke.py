@@ -36,14 +36,19 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
         "qwen",
         "moe_latency",
         "moe_throughput",
+        "throughput_fp8",
     ):
         rec = json.loads((out / f"{item}.json").read_text())
         assert "error" not in rec, rec
         assert rec["device"] == "cpu" and rec["commit"] == "abc123" and rec["dummy_weights"] is True
         assert rec["command"] and rec["max_model_len"] == 256
         records[item] = rec
-    for item in ("latency", "throughput", "qwen", "baseline", "serve", "moe_latency", "moe_throughput"):
+    for item in ("latency", "throughput", "qwen", "baseline", "serve", "moe_latency", "moe_throughput",
+                 "throughput_fp8"):  # fmt: skip
         assert records[item]["kv_capacity_tokens"] > 0, item
+    fp8 = records["throughput_fp8"]
+    assert fp8["kv_cache_dtype"] == "fp8" and "--kv-cache-dtype fp8" in fp8["command"]
+    assert fp8["numbers"]["total_output_tokens"] == records["throughput"]["numbers"]["total_output_tokens"]
     assert records["warm_start"]["numbers"]["warm_start_s"] > 0
     moe = records["moe_throughput"]["numbers"]
     assert moe["total_prompt_tokens"] == 4 * 16 and moe["total_output_tokens"] == 4 * 16

@@ -57,3 +57,19 @@ def test_serial_bound_counts_compute_bound_gemms_at_large_batch() -> None:
     # batch 1: the weight reads outlast the FLOPs, so both bounds agree
     one = throughput_roofline(s, 4000.0, 800.0, 1, 1024, 1024, kv_capacity_tokens=10**7)
     assert one["serial_bound_decode_s"] == pytest.approx(one["roofline_decode_s"])
+
+
+def test_fp8_cache_halves_the_kv_bytes_and_raises_the_serial_bound() -> None:
+    config = ROOT / "benchmarks" / "configs" / "llama-3.1-8b"
+    bf16, fp8 = shapes(config), shapes(config, kv_dtype_bytes=1)
+    assert (
+        bf16.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 2 * fp8.kv_bytes_per_token
+    )  # (k, v) x layers x nkv x d
+    assert fp8.decode_weights(1) == bf16.decode_weights(1)  # weights stay in the model dtype
+    a = throughput_roofline(bf16, 4279.0, 790.0, 1000, 1024, 1024, kv_capacity_tokens=880_752)
+    b = throughput_roofline(
+        fp8, 4279.0, 790.0, 1000, 1024, 1024, kv_capacity_tokens=1_742_416, max_num_seqs=512
+    )
+    assert (
+        b["roofline_concurrency"] == 512 and b["serial_bound_output_tok_s"] > a["serial_bound_output_tok_s"]
+    )
