@@ -52,7 +52,8 @@ def test_forced_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TREADLE_MOE_BACKEND")
     with pytest.raises(ValueError, match="valid"):
         select_moe_kernel(problem(), backend="cutlass")
-    with pytest.raises(ValueError, match="float64"):  # a CUDA problem: on a GPU machine triton refuses CPU tensors
+    # a CUDA problem: on a GPU machine (no interpreter) triton refuses a CPU problem for its device first
+    with pytest.raises(ValueError, match="float64"):
         select_moe_kernel(problem("cuda", dtype=torch.float64), backend="triton")
     # under the interpreter (set by conftest on CPU machines) triton may be forced on CPU for testing
     if not torch.cuda.is_available() and TritonExperts.support_reason("cpu", torch.bfloat16, "silu") is None:
