@@ -7,7 +7,8 @@ Full attention comes first, then sliding windows by size. Gemma 3 has two groups
 One pool. Block ids are shared by all groups: every layer gets a tensor of `num_blocks` blocks in its
 backend's shape (torch/triton: [2, num_blocks, block_size, nkv, head_size]), and a block id, owned by one group
 at a time, indexes that group's layers. So one block costs `bytes_per_block` = the sum over all layers.
-Block 0 is the null block: never handed out, read by padding.
+Block 0 is the null block: never handed out, read by padding. The cache's dtype is CacheConfig.kv_cache_dtype
+(`resolve_kv_cache_dtype`: auto = the model dtype; fp8 = 1 byte a value, half a bf16 block's bytes).
 
 Capacity. CPU: `kv_cache_space` GiB, at most what max_num_seqs full-length requests could ever use.
 GPU: gpu_memory_utilization × total − (memory in use after loading weights) − peak activations of a profiling
