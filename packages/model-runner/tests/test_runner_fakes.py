@@ -145,11 +145,14 @@ def save_tiny_model(hf_model: Any, path: Path) -> Path:
 
 
 def make_runner(model_dir: Path, max_num_seqs: int = 16, max_num_batched_tokens: int = 64,
-                block_size: int = 4, num_blocks: int = 256, **model_kwargs: Any) -> ModelRunner:  # fmt: skip
+                block_size: int = 4, num_blocks: int = 256, kv_cache_dtype: str = "auto", device: str = "cpu",
+                **model_kwargs: Any) -> ModelRunner:  # fmt: skip
     model_kwargs = {"dtype": "float32", "attention_backend": "torch", **model_kwargs}
     model_config = ModelConfig(model=str(model_dir), **model_kwargs)
-    cache_config = CacheConfig(block_size=block_size, num_gpu_blocks_override=num_blocks)
-    runner = ModelRunner(model_config, cache_config, max_num_seqs, max_num_batched_tokens, device="cpu")
+    cache_config = CacheConfig(
+        block_size=block_size, num_gpu_blocks_override=num_blocks, kv_cache_dtype=kv_cache_dtype
+    )
+    runner = ModelRunner(model_config, cache_config, max_num_seqs, max_num_batched_tokens, device=device)
     runner.load_model()
     runner.initialize_kv_cache()
     return runner

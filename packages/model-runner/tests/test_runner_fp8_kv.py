@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, perturb_, record_hidden
+from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
 from treadle_kernels.attention.flashinfer_backend import FlashInferAttentionBackend
 from treadle_model_runner import CacheConfig, ModelConfig
@@ -41,12 +41,8 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _runner(path: Path, kv_cache_dtype: str, device: str = "cpu", **model: Any) -> ModelRunner:
-    model = {"dtype": "float32", "attention_backend": "torch", **model}
-    cache = CacheConfig(block_size=4, num_gpu_blocks_override=96, kv_cache_dtype=kv_cache_dtype)
-    runner = ModelRunner(ModelConfig(str(path), **model), cache, 8, 24, device=device)
-    runner.load_model()
-    runner.initialize_kv_cache()
-    return runner
+    return make_runner(path, 8, 24, block_size=4, num_blocks=96, kv_cache_dtype=kv_cache_dtype, device=device,
+                       **model)  # fmt: skip
 
 
 def _generate(runner: ModelRunner, max_tokens: int = 10) -> tuple[dict[str, list[int]], list[torch.Tensor]]:

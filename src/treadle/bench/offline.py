@@ -20,6 +20,8 @@ import numpy as np
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine options the offline benchmarks pass through to `LLM`."""
+    from treadle_model_runner.config import KV_CACHE_DTYPES
+
     parser.add_argument("--model", default=None, help="model directory / .gguf / config dir (dummy)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     parser.add_argument("--dtype", default="auto")
@@ -28,7 +30,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--kv-cache-space", type=float, default=None)
-    parser.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+    parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES)
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
 from treadle_kernels.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -219,7 +220,7 @@ def paged_attention(
     group = query.shape[1] // num_kv_heads
     args = (query, kv_cache, md, output, scale, sliding_window, logits_soft_cap)
     profile = profile or device_profile(query.device)
-    fp8 = kv_cache.dtype.itemsize == 1
+    fp8 = kv_cache.dtype in FP8_KV_CACHE_DTYPES
     cfg = choose_launch_config(
         profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits, fp8
     )

@@ -17,6 +17,8 @@ from .support import FLOAT_DTYPES, check_tensor, next_pow2, triton_supported
 
 __all__ = ["register"]
 
+_CACHE_DTYPES = FLOAT_DTYPES | frozenset(FP8_KV_CACHE_DTYPES)  # what a cache may hold (checked on every call)
+
 
 def reshape_and_cache(
     key: torch.Tensor,
@@ -70,9 +72,8 @@ def _check(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> bool | str:
-    cache_dtypes = FLOAT_DTYPES | frozenset(FP8_KV_CACHE_DTYPES)
     for name, t, dtypes in (("key", key, FLOAT_DTYPES), ("value", value, FLOAT_DTYPES),
-                            ("key_cache", key_cache, cache_dtypes), ("value_cache", value_cache, cache_dtypes)):  # fmt: skip
+                            ("key_cache", key_cache, _CACHE_DTYPES), ("value_cache", value_cache, _CACHE_DTYPES)):  # fmt: skip
         if (reason := check_tensor(t, name, dtypes)) is not None:
             return reason
     if (
