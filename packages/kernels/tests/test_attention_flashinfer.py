@@ -50,6 +50,26 @@ def test_flashinfer_matches_torch(kind, window, cap):
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("kind", "cache", "window"), [
+    ("decode", "e4m3", None), ("decode", "e5m2", None), ("prefill", "e4m3", None), ("prefill", "e5m2", None),
+    ("mixed", "e4m3", None), ("mixed", "e4m3", 512), ("decode", "e4m3", 512),
+])  # fmt: skip
+def test_flashinfer_fp8_cache_matches_torch(kind, cache, window):
+    """An fp8 cache read at unit scale: the case's K/V are exact fp8 values, so bf16 tolerances hold."""
+    pytest.importorskip("flashinfer")
+    case = make_case(_batch(kind), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=33,
+                     cache_dtype=FP8[cache])  # fmt: skip
+    (ref,), _ = _run("torch", case, window, None)
+    (out,), md = _run("flashinfer", case, window, None)
+    assert [sig.kv_dtype for sig in md.planned] == [FP8[cache]]
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_flashinfer_missing_gives_install_hint(monkeypatch):

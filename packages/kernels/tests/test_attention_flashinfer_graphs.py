@@ -68,13 +68,18 @@ def test_page_table_lists_each_requests_blocks() -> None:
     assert pages.last_page_len.tolist() == [1, 4, 1, 1, 1]
 
 
-def test_decode_tensor_cores_for_groups_above_four() -> None:
+def test_decode_tensor_cores_for_groups_above_four(monkeypatch) -> None:
+    monkeypatch.delenv("TREADLE_FLASHINFER_DECODE_TENSOR_CORES", raising=False)
+
     def uses(num_heads: int, num_kv_heads: int) -> bool:
         sig = LayerSignature(num_heads, num_kv_heads, 128, 0.1, None, None, torch.bfloat16, torch.bfloat16)
         return sig.decode_uses_tensor_cores
 
     assert [uses(32, kv) for kv in (32, 16, 8)] == [False, False, False]  # groups 1, 2, 4 (Llama-3.1-8B: 4)
     assert [uses(h, 4) for h in (20, 24, 28, 32, 64)] == [True] * 5  # groups 5, 6, 7, 8, 16
+    for forced in ("0", "1"):  # the measurement knob
+        monkeypatch.setenv("TREADLE_FLASHINFER_DECODE_TENSOR_CORES", forced)
+        assert {uses(32, 8), uses(32, 4)} == {forced == "1"}
 
 
 @pytest.mark.parametrize("sizes", [(8, 3), (3, 8)])  # the runner's order (largest first), and the other one
@@ -125,15 +130,15 @@ def test_graph_glue_replans_the_buffers_the_capture_reads(monkeypatch, sizes):
 class _CapturedDecode:
     """One decode batch size captured in a CUDA graph through the flashinfer backend, with static inputs."""
 
-    def __init__(self, builder, impl, size: int, max_blocks: int, num_blocks: int) -> None:
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")
+    def __init__(self, builder, impl, size: int, max_blocks: int, num_blocks: int, cache_dtype=None) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device="cuda")
 
         nh, nkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
         self.size, self.builder = size, builder
         self.q, self.out = zeros(size, nh, d), zeros(size, nh, d)
         self.k, self.v = zeros(size, nkv, d), zeros(size, nkv, d)
-        self.kv_cache = zeros(2, num_blocks, builder.block_size, nkv, d)
+        self.kv_cache = zeros(2, num_blocks, builder.block_size, nkv, d, dtype=cache_dtype or torch.bfloat16)
         self.md = builder.build_for_cuda_graph(_dummy_decode(size, max_blocks, "cuda"), size)
         impl.forward(
             self.q, self.k, self.v, self.kv_cache, self.md, self.out
@@ -156,14 +161,17 @@ class _CapturedDecode:
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("num_kv_heads", [8, 4])  # group 4: CUDA-core decode; group 8: tensor-core decode
-@pytest.mark.parametrize(("window", "cap"), [(None, None), (512, None), (None, 30.0)])
-def test_graph_mode_decode_matches_torch(num_kv_heads, window, cap):
+@pytest.mark.parametrize(("window", "cap", "cache_dtype"), [
+    (None, None, None), (512, None, None), (None, 30.0, None), (None, None, torch.float8_e4m3fn),
+])  # fmt: skip
+def test_graph_mode_decode_matches_torch(num_kv_heads, window, cap, cache_dtype):
     pytest.importorskip("flashinfer")
     num_heads, head_size, block_size, max_blocks = 32, 128, 16, 256  # up to 4096 tokens a request
     backend = get_attn_backend("flashinfer", "cuda")
     builder = backend.get_builder_cls()(block_size, "cuda")
     impl = backend.get_impl_cls()(num_heads, head_size, head_size**-0.5, num_kv_heads, window, cap)
-    graphs = {size: _CapturedDecode(builder, impl, size, max_blocks, 8 * max_blocks + 3) for size in (8, 3)}
+    graphs = {size: _CapturedDecode(builder, impl, size, max_blocks, 8 * max_blocks + 3, cache_dtype)
+              for size in (8, 3)}  # fmt: skip
     for size in graphs:
         wrapper = _graph_wrapper(builder, size)
         assert wrapper.is_cuda_graph_enabled and wrapper.use_tensor_cores == (num_heads // num_kv_heads > 4)
@@ -174,7 +182,7 @@ def test_graph_mode_decode_matches_torch(num_kv_heads, window, cap):
         low, high = context_ranges[step % len(context_ranges)]
         contexts = torch.randint(low, high, (size,), generator=gen).tolist()
         case = make_case([(c, 1) for c in contexts], num_heads, num_kv_heads, head_size, block_size,
-                         dtype=torch.bfloat16, device="cuda", seed=step)  # fmt: skip
+                         dtype=torch.bfloat16, device="cuda", seed=step, cache_dtype=cache_dtype)  # fmt: skip
         ref = _reference(case, num_heads, head_size, num_kv_heads, window, cap)
         out = graphs[size].replay(case)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

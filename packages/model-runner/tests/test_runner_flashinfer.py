@@ -45,12 +45,13 @@ def llama_gqa4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(
-    path: Path, prompts: list[list[int]], eager: bool
+    path: Path, prompts: list[list[int]], eager: bool, kv_cache_dtype: str
 ) -> tuple[dict[str, list[Any]], list[tuple[int, int]]]:
     """Greedy-decode every prompt; per request its (token, logprobs) steps, and (batch, graph size) per replay.
     With graphs, the prefill steps replay piecewise graphs (FlashInfer's prefill runs eagerly between them)."""
     config = ModelConfig(str(path), dtype="bfloat16", attention_backend="flashinfer", enforce_eager=eager)
-    runner = ModelRunner(config, CacheConfig(block_size=16, num_gpu_blocks_override=64), 12, 64, "cuda")
+    cache = CacheConfig(block_size=16, num_gpu_blocks_override=64, kv_cache_dtype=kv_cache_dtype)
+    runner = ModelRunner(config, cache, 12, 64, "cuda")
     runner.load_model()
     runner.initialize_kv_cache()
     replays: list[tuple[int, int]] = []
@@ -81,13 +82,16 @@ def _run(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("num_requests", [1, 3, 5, 9])
-def test_flashinfer_cuda_graph_decode_equals_eager(llama_gqa4: Path, num_requests: int) -> None:
+@pytest.mark.parametrize(("num_requests", "kv_cache_dtype"), [(1, "auto"), (3, "auto"), (5, "auto"), (9, "auto"),
+                                                              (3, "fp8"), (9, "fp8")])  # fmt: skip
+def test_flashinfer_cuda_graph_decode_equals_eager(
+    llama_gqa4: Path, num_requests: int, kv_cache_dtype: str
+) -> None:
     pytest.importorskip("flashinfer")
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(1, VOCAB, (3 + 4 * i,), generator=gen).tolist() for i in range(num_requests)]
-    eager, _ = _run(llama_gqa4, prompts, eager=True)
-    graph, replays = _run(llama_gqa4, prompts, eager=False)
+    eager, _ = _run(llama_gqa4, prompts, True, kv_cache_dtype)
+    graph, replays = _run(llama_gqa4, prompts, False, kv_cache_dtype)
 
     assert replays, "decode-only steps must replay CUDA graphs"
     if num_requests > 1:

@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
+from treadle_kernels.attention import AttentionBackend
 from treadle_kernels.attention.flashinfer_backend import FlashInferAttentionBackend
 from treadle_model_runner import CacheConfig, ModelConfig
 from treadle_model_runner.kv_cache import resolve_kv_cache_dtype
@@ -88,11 +89,16 @@ def test_fp8_cache_holds_more_tokens_in_the_same_memory(llama: Path) -> None:
 def test_fp8_cache_errors(llama: Path) -> None:
     with pytest.raises(ValueError, match=r"kv_cache_dtype 'fp4' is not one of auto, fp8, fp8_e4m3, fp8_e5m2"):
         CacheConfig(kv_cache_dtype="fp4")
+
+    class NoFp8(AttentionBackend):
+        name = "no-fp8"
+
     with pytest.raises(
-        ValueError, match=r"not supported by the 'flashinfer' attention backend.*--attention-backend"
+        ValueError, match=r"not supported by the 'no-fp8' attention backend.*--attention-backend"
     ):
-        resolve_kv_cache_dtype("fp8", torch.bfloat16, FlashInferAttentionBackend)
-    assert resolve_kv_cache_dtype("auto", torch.bfloat16, FlashInferAttentionBackend) == torch.bfloat16
+        resolve_kv_cache_dtype("fp8", torch.bfloat16, NoFp8)
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16, NoFp8) == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16, FlashInferAttentionBackend) == torch.float8_e5m2
 
 
 @pytest.mark.gpu

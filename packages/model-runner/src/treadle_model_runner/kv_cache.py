@@ -43,7 +43,7 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, backend: Any) ->
     if not getattr(backend, "supports_fp8_kv_cache", False):
         raise ValueError(
             f"kv_cache_dtype {name!r} is not supported by the {backend.name!r} attention backend; use "
-            "--attention-backend triton or torch, or --kv-cache-dtype auto"
+            "another --attention-backend (triton, flashinfer and torch read fp8 caches), or --kv-cache-dtype auto"
         )
     return _FP8[name]
 

@@ -11,6 +11,7 @@ window ``W`` (``key > query - W``) is FlashInfer's inclusive ``window_left = W -
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,11 @@ class LayerSignature:
         sgl-project/sglang#2169). So group > 4 (which also covers every size the CUDA-core kernel lacks); the
         Llama-3.1-8B case (32 / 8 = 4) takes CUDA cores. vLLM has since used tensor cores for every group size
         (vllm-project/vllm#23214): measure group 4 both ways on H100 before changing this line.
+        ``TREADLE_FLASHINFER_DECODE_TENSOR_CORES=1`` / ``=0`` forces one path, for that measurement.
         """
+        forced = os.environ.get("TREADLE_FLASHINFER_DECODE_TENSOR_CORES")
+        if forced in ("0", "1"):
+            return forced == "1"
         return self.num_heads // self.num_kv_heads > 4
 
 
