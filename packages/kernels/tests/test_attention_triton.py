@@ -101,28 +101,6 @@ def test_fp8_cache_matches_torch(dtype, cache):
         )
 
 
-def _force_prefetch(monkeypatch, prefetch: str) -> None:
-    """Both loop shapes of the kernel, the next K/V tile loaded ahead or not, whatever the cache's default."""
-    from treadle_kernels.attention import triton_backend as tb
-
-    monkeypatch.setattr(tb, "_FORCE_PREFETCH", prefetch)
-    assert tb.choose_launch_config(tb.H100_PROFILE, 4, 1, 2, 2).prefetch == (prefetch == "1")
-
-
-@pytest.mark.parametrize("prefetch", ["0", "1"])
-@pytest.mark.parametrize("cache", [None, "e4m3"])
-def test_prefetch_on_and_off(monkeypatch, prefetch, cache):
-    _force_prefetch(monkeypatch, prefetch)
-    cache_dtype = FP8[cache] if cache else None
-    case = make_case(MIXED, 4, 2, 16, 4, dtype=torch.bfloat16, device=DEVICE, seed=19, num_padding=2,
-                     cache_dtype=cache_dtype)  # fmt: skip
-    compare(case, 4, 2, 16, torch.bfloat16, window=7)
-    decode = make_case(
-        DECODE, 4, 2, 16, 4, dtype=torch.bfloat16, device=DEVICE, seed=20, cache_dtype=cache_dtype
-    )
-    compare(decode, 4, 2, 16, torch.bfloat16, splits=4)
-
-
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -175,18 +153,5 @@ def test_gpu_fp8_cache(cache, kind):
     case = make_case(_gpu_batch(kind), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=24,
                      cache_dtype=FP8[cache])  # fmt: skip
     compare(case, 32, 8, 128, torch.bfloat16)
-    if kind == "decode":
-        compare(case, 32, 8, 128, torch.bfloat16, splits=8)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
-@pytest.mark.parametrize(("cache", "prefetch"), [(None, "1"), ("e4m3", "0")])  # each the other of its default
-def test_gpu_prefetch_forced(monkeypatch, kind, cache, prefetch):
-    _force_prefetch(monkeypatch, prefetch)
-    case = make_case(_gpu_batch(kind), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=25,
-                     cache_dtype=FP8[cache] if cache else None)  # fmt: skip
-    compare(case, 32, 8, 128, torch.bfloat16, window=1024 if kind == "mixed" else None)
     if kind == "decode":
         compare(case, 32, 8, 128, torch.bfloat16, splits=8)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +45,6 @@ from treadle_kernels.ops.support import num_sms
 logger = logging.getLogger(__name__)
 
 _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
-# measurement knobs, read once (benchmarks/attention.py runs each variant in its own process); unset: the defaults
-_FORCE_PREFETCH = os.environ.get("TREADLE_ATTN_PREFETCH")  # "1" / "0": K/V prefetch on / off for every cache
-_FORCE_FP8_BLOCK_N = os.environ.get("TREADLE_ATTN_FP8_BLOCK_N")  # keys per tile with an fp8 cache on a GPU
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,6 @@ class LaunchConfig:
     num_splits: int  # KV segments per program row (1 = no split-KV)
     num_warps: int
     num_stages: int
-    prefetch: bool = False  # the kernel loads the next K/V tile while it computes this one (PREFETCH)
 
 
 def _next_pow2(x: int) -> int:
@@ -113,9 +108,6 @@ def choose_launch_config(
     # H200 (results/gpu-fp8-kv-h200-bb1aa9d): an fp8 cache reads 128-key tiles faster (375 against 426 us at
     # 256 x 1.5k-token decodes), a bf16 cache 64-key tiles (399 against 418)
     block_n = (128 if fp8_cache else 64) if on_gpu else 16
-    if fp8_cache and on_gpu and _FORCE_FP8_BLOCK_N:
-        block_n = int(_FORCE_FP8_BLOCK_N)
-    prefetch = fp8_cache if _FORCE_PREFETCH is None else _FORCE_PREFETCH == "1"
     num_splits = 1
     if max_query_len <= block_q:
         if force_num_splits is not None:
@@ -126,7 +118,7 @@ def choose_launch_config(
             if programs < target:
                 num_splits = min(_MAX_SPLITS, _next_pow2((target + programs - 1) // programs))
     # H200 sweep (benchmarks/attention.py shapes): 4 warps and 2 stages won for decode and prefill alike
-    return LaunchConfig(block_m, block_q, block_n, num_splits, 4, 2 if on_gpu else 1, prefetch)
+    return LaunchConfig(block_m, block_q, block_n, num_splits, 4, 2 if on_gpu else 1)
 
 
 @dataclass
@@ -196,7 +188,6 @@ def _launch(
         CAUSAL=md.causal, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
-        PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if cfg.num_splits > 1:

@@ -74,22 +74,6 @@ def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
-def load_kv_tile(k_cache_ptr, v_cache_ptr, bt_row, n0, hi, kv_head, stride_kb, stride_ks, stride_kh, stride_vb,
-                 stride_vs, stride_vh, dims, dim_ok, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Keys ``n0 .. n0 + BLOCK_N`` as stored: K ``[D, N]`` and V ``[N, D]``, zero at and past ``hi`` (a tile wholly
-    past ``hi`` loads nothing: every lane is masked)."""
-    k_pos = n0 + tl.arange(0, BLOCK_N)
-    k_ok = k_pos < hi
-    page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-    in_page = k_pos % BLOCK_SIZE
-    k_offs = (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[None, :] + dims[:, None]
-    k = tl.load(k_cache_ptr + k_offs, mask=k_ok[None, :] & dim_ok[:, None], other=0.0)
-    v_offs = (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None] + dims[None, :]
-    v = tl.load(v_cache_ptr + v_offs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)
-    return k, v
-
-
 # Batch-shape integers are not specialised (Triton would compile a variant for value 1 and for multiples of 16 of
 # each): the decode graphs of 35 batch sizes and the prefill shapes then share one compiled kernel per tile config.
 _BATCH_INTS = ["num_reqs", "min_q_len", "max_q_len"]
@@ -137,7 +121,6 @@ def paged_attention_kernel(
     USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    PREFETCH: tl.constexpr = False,  # load the next K/V tile while this one is computed (registers: see above)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -193,25 +176,15 @@ def paged_attention_kernel(
     qk_scale = scale * LOG2E
     cols = tl.arange(0, BLOCK_N)
     bt_row = block_table_ptr + req * stride_bt
-    if PREFETCH:
-        k_next, v_next = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, bt_row, seg_lo, seg_hi, kv_head, stride_kb, stride_ks, stride_kh, stride_vb,
-            stride_vs, stride_vh, dims, dim_ok, BLOCK_SIZE, BLOCK_N,
-        )  # fmt: skip
     for n0 in range(seg_lo, seg_hi, BLOCK_N):
         k_pos = n0 + cols
         k_ok = k_pos < seg_hi
-        if PREFETCH:  # this tile was loaded last iteration; the next one is in flight while this one computes
-            k, v = k_next, v_next
-            k_next, v_next = load_kv_tile(
-                k_cache_ptr, v_cache_ptr, bt_row, n0 + BLOCK_N, seg_hi, kv_head, stride_kb, stride_ks, stride_kh,
-                stride_vb, stride_vs, stride_vh, dims, dim_ok, BLOCK_SIZE, BLOCK_N,
-            )  # fmt: skip
-        else:
-            k, v = load_kv_tile(
-                k_cache_ptr, v_cache_ptr, bt_row, n0, seg_hi, kv_head, stride_kb, stride_ks, stride_kh, stride_vb,
-                stride_vs, stride_vh, dims, dim_ok, BLOCK_SIZE, BLOCK_N,
-            )  # fmt: skip  # K [D, N], V [N, D]
+        page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        in_page = k_pos % BLOCK_SIZE
+        k_offs = (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[None, :] + dims[:, None]
+        k = tl.load(k_cache_ptr + k_offs, mask=k_ok[None, :] & dim_ok[:, None], other=0.0)  # [D, N]
+        v_offs = (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None] + dims[None, :]
+        v = tl.load(v_cache_ptr + v_offs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [N, D]
         v = v.to(q.dtype)  # an fp8 cache is read at unit scale; under UPCAST q is fp32
 
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # [M, N] fp32
