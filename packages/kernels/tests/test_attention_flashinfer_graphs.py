@@ -71,12 +71,14 @@ def test_page_table_lists_each_requests_blocks() -> None:
 def test_decode_tensor_cores_for_groups_above_four(monkeypatch) -> None:
     monkeypatch.delenv("TREADLE_FLASHINFER_DECODE_TENSOR_CORES", raising=False)
 
-    def uses(num_heads: int, num_kv_heads: int) -> bool:
-        sig = LayerSignature(num_heads, num_kv_heads, 128, 0.1, None, None, torch.bfloat16, torch.bfloat16)
+    def uses(num_heads: int, num_kv_heads: int, kv_dtype: torch.dtype = torch.bfloat16) -> bool:
+        sig = LayerSignature(num_heads, num_kv_heads, 128, 0.1, None, None, torch.bfloat16, kv_dtype)
         return sig.decode_uses_tensor_cores
 
     assert [uses(32, kv) for kv in (32, 16, 8)] == [False, False, False]  # groups 1, 2, 4 (Llama-3.1-8B: 4)
     assert [uses(h, 4) for h in (20, 24, 28, 32, 64)] == [True] * 5  # groups 5, 6, 7, 8, 16
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):  # an fp8 cache: tensor cores at every group size
+        assert [uses(32, kv, fp8) for kv in (32, 8, 4)] == [True] * 3
     for forced in ("0", "1"):  # the measurement knob
         monkeypatch.setenv("TREADLE_FLASHINFER_DECODE_TENSOR_CORES", forced)
         assert {uses(32, 8), uses(32, 4)} == {forced == "1"}
@@ -160,7 +162,9 @@ class _CapturedDecode:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("num_kv_heads", [8, 4])  # group 4: CUDA-core decode; group 8: tensor-core decode
+@pytest.mark.parametrize(
+    "num_kv_heads", [8, 4]
+)  # group 4: CUDA-core decode (bf16); group 8: tensor-core decode
 @pytest.mark.parametrize(("window", "cap", "cache_dtype"), [
     (None, None, None), (512, None, None), (None, 30.0, None), (None, None, torch.float8_e4m3fn),
 ])  # fmt: skip
@@ -174,7 +178,8 @@ def test_graph_mode_decode_matches_torch(num_kv_heads, window, cap, cache_dtype)
               for size in (8, 3)}  # fmt: skip
     for size in graphs:
         wrapper = _graph_wrapper(builder, size)
-        assert wrapper.is_cuda_graph_enabled and wrapper.use_tensor_cores == (num_heads // num_kv_heads > 4)
+        tensor_cores = num_heads // num_kv_heads > 4 or cache_dtype is not None
+        assert wrapper.is_cuda_graph_enabled and wrapper.use_tensor_cores == tensor_cores
 
     gen = torch.Generator().manual_seed(11)
     context_ranges = [(0, 30), (500, 3000), (0, 3000)]  # short, long (split KV), mixed
