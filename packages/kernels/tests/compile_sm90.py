@@ -36,6 +36,7 @@ def main() -> int:
             "G": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": block_m // 4,
             "BLOCK_M": block_m, "BLOCK_N": 64, "NUM_SPLITS": splits, "CAUSAL": True, "USE_WINDOW": splits == 4,
             "USE_SOFT_CAP": splits == 4, "DOT_PRECISION": "tf32", "UPCAST": False,
+            "WIDE_OFFSETS": splits != 1,  # TREADLE_ATTN_NARROW_OFFSETS=1: 32-bit cache offsets
         }  # fmt: skip
         compile_one(attn.paged_attention_kernel, constexprs, {**ints, **fp32, **out}, ("scale", "soft_cap"))
     for flt in (False, True):

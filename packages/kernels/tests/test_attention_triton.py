@@ -101,6 +101,34 @@ def test_fp8_cache_matches_torch(dtype, cache):
         )
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("cache", [None, "e4m3"])
+def test_offset_widths(monkeypatch, narrow, cache):
+    """32- and 64-bit cache offsets give the same attention (TREADLE_ATTN_NARROW_OFFSETS=1: 32 bits where they fit)."""
+    from treadle_kernels.attention import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_NARROW_OFFSETS", narrow)
+    cache_dtype = FP8[cache] if cache else None
+    case = make_case(MIXED, 4, 2, 16, 4, dtype=torch.bfloat16, device=DEVICE, seed=26, num_padding=2,
+                     cache_dtype=cache_dtype)  # fmt: skip
+    compare(case, 4, 2, 16, torch.bfloat16, window=7)
+    decode = make_case(
+        DECODE, 4, 2, 16, 4, dtype=torch.bfloat16, device=DEVICE, seed=27, cache_dtype=cache_dtype
+    )
+    compare(decode, 4, 2, 16, torch.bfloat16, splits=4)
+
+
+def test_wide_offsets_past_two_to_the_31(monkeypatch) -> None:
+    from treadle_kernels.attention import triton_backend as tb
+
+    small, big = torch.empty(1).expand(2**31 - 1), torch.empty(1).expand(2**31)  # numel without the memory
+    monkeypatch.setattr(tb, "_NARROW_OFFSETS", True)
+    assert not tb._wide_offsets(small, small)
+    assert tb._wide_offsets(small, big) and tb._wide_offsets(big, small)
+    monkeypatch.setattr(tb, "_NARROW_OFFSETS", False)  # the default: 64 bits whatever the size
+    assert tb._wide_offsets(small, small)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,10 @@ from treadle_kernels.ops.support import num_sms
 logger = logging.getLogger(__name__)
 
 _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
+# opt-in until measured on a GPU: 32-bit cache offsets in the unified kernel where a layer's cache allows them
+# (sm_90 SASS of the 64-key decode tile, Triton 3.9: 3,510 -> 2,186 instructions for bf16, 3,455 -> 2,546 for fp8)
+_NARROW_OFFSETS = os.environ.get("TREADLE_ATTN_NARROW_OFFSETS") == "1"
+_FP8_BLOCK_N = int(os.environ.get("TREADLE_ATTN_FP8_BLOCK_N", "128"))  # keys per tile, fp8 cache on a GPU (knob)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def choose_launch_config(
     block_q = max(1, block_m // group)
     # H200 (results/gpu-fp8-kv-h200-bb1aa9d): an fp8 cache reads 128-key tiles faster (375 against 426 us at
     # 256 x 1.5k-token decodes), a bf16 cache 64-key tiles (399 against 418)
-    block_n = (128 if fp8_cache else 64) if on_gpu else 16
+    block_n = (_FP8_BLOCK_N if fp8_cache else 64) if on_gpu else 16
     num_splits = 1
     if max_query_len <= block_q:
         if force_num_splits is not None:
@@ -139,6 +144,12 @@ class TritonMetadataBuilder(AttentionMetadataBuilder):
         qsl = common.query_start_loc_cpu
         min_query_len = int((qsl[1:] - qsl[:-1]).min()) if qsl.shape[0] > 1 else 0
         return TritonAttentionMetadata(common, min_query_len, self.counters)
+
+
+def _wide_offsets(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the kernel computes cache offsets in 64 bits: always, unless narrowing is on and every element
+    offset into this layer's K and V caches stays below 2**31."""
+    return not _NARROW_OFFSETS or max(k_cache.numel(), v_cache.numel()) >= 2**31
 
 
 def _launch(
@@ -188,6 +199,7 @@ def _launch(
         CAUSAL=md.causal, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
+        WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if cfg.num_splits > 1:

@@ -121,6 +121,7 @@ def paged_attention_kernel(
     USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr = True,  # False: a layer's K (and V) cache has < 2**31 elements, 32-bit offsets do
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -179,7 +180,9 @@ def paged_attention_kernel(
     for n0 in range(seg_lo, seg_hi, BLOCK_N):
         k_pos = n0 + cols
         k_ok = k_pos < seg_hi
-        page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
+        if WIDE_OFFSETS:
+            page = page.to(tl.int64)
         in_page = k_pos % BLOCK_SIZE
         k_offs = (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[None, :] + dims[:, None]
         k = tl.load(k_cache_ptr + k_offs, mask=k_ok[None, :] & dim_ok[:, None], other=0.0)  # [D, N]
