@@ -49,7 +49,8 @@ _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
 # opt-in until measured on a GPU: 32-bit cache offsets in the unified kernel where a layer's cache allows them
 # (sm_90 SASS of the 64-key decode tile, Triton 3.9: 3,510 -> 2,186 instructions for bf16, 3,455 -> 2,546 for fp8)
 _NARROW_OFFSETS = os.environ.get("TREADLE_ATTN_NARROW_OFFSETS") == "1"
-_FP8_BLOCK_N = int(os.environ.get("TREADLE_ATTN_FP8_BLOCK_N", "128"))  # keys per tile, fp8 cache on a GPU (knob)
+# keys per tile with an fp8 cache on a GPU (measurement knob)
+_FP8_BLOCK_N = int(os.environ.get("TREADLE_ATTN_FP8_BLOCK_N", "128"))
 
 
 @dataclass(frozen=True)
