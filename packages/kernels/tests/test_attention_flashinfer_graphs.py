@@ -162,9 +162,7 @@ class _CapturedDecode:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize(
-    "num_kv_heads", [8, 4]
-)  # group 4: CUDA-core decode (bf16); group 8: tensor-core decode
+@pytest.mark.parametrize("num_kv_heads", [8, 4])  # group 4: CUDA cores for bf16; group 8: tensor cores
 @pytest.mark.parametrize(("window", "cap", "cache_dtype"), [
     (None, None, None), (512, None, None), (None, 30.0, None), (None, None, torch.float8_e4m3fn),
 ])  # fmt: skip

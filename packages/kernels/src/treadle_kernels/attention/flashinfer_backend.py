@@ -15,10 +15,10 @@ CUDA graph use graph-mode decode wrappers, one per batch size, re-planned before
 shared by all its wrappers (they run one after another on one stream).
 
 An fp8 cache (``--kv-cache-dtype fp8``) is planned with ``kv_data_type`` fp8 and read at unit scale (``run``'s
-``k_scale`` / ``v_scale`` default to 1.0), our cache's semantics. Facts, FlashInfer 0.6.18.post1: the CUDA-core
-decode kernel reads an fp8 cache beside a 16-bit query; prefill then takes the FA2 kernels on every GPU, because
-its Hopper (FA3) kernels read an fp8 cache only beside an fp8 query (``is_fa3_backend_supported``,
-flashinfer/utils.py:463).
+``k_scale`` / ``v_scale`` default to 1.0), our cache's semantics. Facts, FlashInfer 0.6.18.post1: both decode
+paths read an fp8 cache beside a 16-bit query (we take the tensor-core one: ``LayerSignature``); prefill takes the
+FA2 kernels on every GPU, because its Hopper (FA3) kernels read an fp8 cache only beside an fp8 query
+(``is_fa3_backend_supported``, flashinfer/utils.py:463).
 """
 
 from __future__ import annotations
