@@ -91,12 +91,17 @@ def compile_ahead(
     floats: tuple[str, ...] = (),
     default_pointer: str = "*bf16",
     target: tuple[str, int, int] = ("cuda", 90, 32),
-) -> None:
+    divisible_by_16: tuple[str, ...] = (),
+    options: dict[str, Any] | None = None,
+) -> Any:
     """Compile the Triton kernel ``fn`` for ``target`` (backend, arch, warp size) without a GPU: the front end
     and ptxas run as on the device, so a kernel the interpreter accepts but the compiler rejects fails here.
     The signature comes from parameter names: ``*_ptr`` are pointers (``pointers[name]``, else
     ``default_pointer``), ``constexprs`` are given (constexpr parameters not given keep their defaults),
-    ``floats`` are fp32 scalars, everything else is i32."""
+    ``floats`` are fp32 scalars, everything else is i32. ``divisible_by_16`` names the arguments a launch would
+    specialise as multiples of 16 (pointers and strides, as Triton does on the device: the generated code
+    depends on it); ``options`` are compile options (``num_warps``, ``num_stages``). Returns the compiled
+    kernel (``.asm["cubin"]``, ``.metadata``)."""
     import inspect
 
     import triton
@@ -114,5 +119,7 @@ def compile_ahead(
             sig[name] = pointers.get(name, default_pointer)
         else:
             sig[name] = "fp32" if name in floats else "i32"
-    source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget(*target))
+    names = list(params)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
+    source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget(*target), options=options)
