@@ -8,7 +8,7 @@ programs an SM fits by registers (64K a SM) and by shared memory (at the 227 KB 
 smaller one: ncu showed 168 KB, i.e. 4 programs, for the bf16 kernel), and the loop's instruction mix. Use the device's Triton to match it (session 9: Triton 3.6 reproduced the 115 / 218 registers
 ncu reported), e.g. ``uv pip install --target /tmp/t36 --no-deps triton==3.6.0`` and ``PYTHONPATH=/tmp/t36``.
 
-    python benchmarks/sass_stats.py [--caches bf16,fp8] [--block-n 64,128] [--narrow 0,1]
+    python benchmarks/sass_stats.py [--caches bf16,fp8] [--block-n 64,128] [--narrow 0,1] [--warps 4] [--stages 2]
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from treadle_kernels.ops.support import compile_ahead  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
 MIX = ("HMMA", "LDGSTS", "LDG", "LDSM", "LDS", "STS", "F2FP", "IMAD", "BAR")
-REGS_PER_SM, SMEM_PER_SM, THREADS = 65536, 227 * 1024, 128
+REGS_PER_SM, SMEM_PER_SM = 65536, 227 * 1024
 
 
-def compile_variant(cache: str, block_n: int, narrow: bool):
-    """The decode launch of one Llama-3.1-8B layer (group 4, 16-row tiles, 4 warps, 2 stages, no splits)."""
+def compile_variant(cache: str, block_n: int, narrow: bool, warps: int = 4, stages: int = 2):
+    """The decode launch of one Llama-3.1-8B layer (group 4, 16-row tiles, no splits)."""
     constexprs = {
         "G": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": 4, "BLOCK_M": 16,
         "BLOCK_N": block_n, "NUM_SPLITS": 1, "CAUSAL": True, "USE_WINDOW": False, "USE_SOFT_CAP": False,
@@ -55,7 +55,7 @@ def compile_variant(cache: str, block_n: int, narrow: bool):
         n for n in names if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_bt")
     )
     return compile_ahead(attn.paged_attention_kernel, constexprs, pointers, ("scale", "soft_cap"),
-                         divisible_by_16=divisible, options={"num_warps": 4, "num_stages": 2})  # fmt: skip
+                         divisible_by_16=divisible, options={"num_warps": warps, "num_stages": stages})  # fmt: skip
 
 
 def sass_of(kernel) -> tuple[str, str]:
@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--caches", default="bf16,fp8")
     parser.add_argument("--block-n", default="64,128")
     parser.add_argument("--narrow", default="0,1")
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=2)
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90, decode launch of one Llama-3.1-8B layer")
     print(f"{'cache':6} {'keys':>4} {'offsets':8} {'loop':>6} {'/64 keys':>8} {'regs':>4} {'smem KB':>7} "
@@ -101,13 +103,14 @@ def main() -> None:
     for cache in args.caches.split(","):
         for block_n in map(int, args.block_n.split(",")):
             for narrow in map(int, args.narrow.split(",")):
-                kernel = compile_variant(cache, block_n, bool(narrow))
+                kernel = compile_variant(cache, block_n, bool(narrow), args.warps, args.stages)
                 sass, usage = sass_of(kernel)
                 loop = key_loop(sass)
                 mix = collections.Counter(op.split(".")[0] for op in loop)
                 regs = int(re.findall(r"REG:(\d+)", usage)[0])
                 smem = kernel.metadata.shared + 1024  # + the driver's reserve per block
-                fit_regs = min(REGS_PER_SM // (-(-regs // 8) * 8 * THREADS), 64 * 32 // THREADS)
+                threads = 32 * args.warps
+                fit_regs = min(REGS_PER_SM // (-(-regs // 8) * 8 * threads), 64 * 32 // threads)
                 print(f"{cache:6} {block_n:>4} {'32-bit' if narrow else '64-bit':8} {len(loop):>6} "
                       f"{len(loop) * 64 / block_n:>8.0f} {regs:>4} {smem / 1024:>7.1f} {fit_regs:>3}/{SMEM_PER_SM // smem:<3}  "
                       + " ".join(f"{mix[m]:>6}" for m in MIX))  # fmt: skip
