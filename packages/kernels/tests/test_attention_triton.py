@@ -118,13 +118,32 @@ def test_offset_widths(monkeypatch, narrow, cache):
     compare(decode, 4, 2, 16, torch.bfloat16, splits=4)
 
 
+class _View:
+    """The shape and strides of a cache view, without its memory."""
+
+    def __init__(self, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+        self.shape, self._strides = shape, strides
+
+    def stride(self) -> tuple[int, ...]:
+        return self._strides
+
+    def numel(self) -> int:
+        return int(torch.tensor(self.shape).prod())
+
+
 def test_wide_offsets_past_two_to_the_31(monkeypatch) -> None:
     from treadle_kernels.attention import triton_backend as tb
 
-    small, big = torch.empty(1).expand(2**31 - 1), torch.empty(1).expand(2**31)  # numel without the memory
+    def contiguous(n: int) -> _View:  # [blocks, 16, 8, 128]
+        return _View((n // 16384, 16, 8, 128), (16384, 1024, 128, 1))
+
+    small, big = contiguous(2**31 - 16384), contiguous(2**31)
+    strided = _View((2, 16, 8, 128), (2**30, 1024, 128, 1))  # two blocks 2**30 apart: offsets past 2**30 only
+    far = _View((3, 16, 8, 128), (2**30, 1024, 128, 1))  # the third block starts at 2**31
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", True)
-    assert not tb._wide_offsets(small, small)
+    assert not tb._wide_offsets(small, small) and not tb._wide_offsets(strided, small)
     assert tb._wide_offsets(small, big) and tb._wide_offsets(big, small)
+    assert far.numel() < small.numel() and tb._wide_offsets(far, small), "a small view reaching past 2**31"
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", False)  # the default: 64 bits whatever the size
     assert tb._wide_offsets(small, small)
 

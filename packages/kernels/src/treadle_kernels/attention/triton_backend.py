@@ -149,10 +149,19 @@ class TritonMetadataBuilder(AttentionMetadataBuilder):
         return TritonAttentionMetadata(common, min_query_len, self.counters)
 
 
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset a view reaches from its first element (its numel when contiguous)."""
+    return (
+        1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        if t.numel()
+        else 0
+    )
+
+
 def _wide_offsets(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the kernel computes cache offsets in 64 bits: always, unless narrowing is on and every element
     offset into this layer's K and V caches stays below 2**31."""
-    return not _NARROW_OFFSETS or max(k_cache.numel(), v_cache.numel()) >= 2**31
+    return not _NARROW_OFFSETS or max(_extent(k_cache), _extent(v_cache)) >= 2**31
 
 
 def _launch(
