@@ -18,6 +18,8 @@ import torch
 
 from treadle_kernels.attention import AttentionMetadata
 
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}  # the fp8 cache dtypes, by test id
+
 
 @dataclass
 class Case:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_cases import make_case
+from attention_cases import FP8, make_case
 from flashinfer_fake import FakeWrapper, fake_flashinfer
 
 from treadle_kernels.attention import get_attn_backend
@@ -48,9 +48,6 @@ def test_flashinfer_matches_torch(kind, window, cap):
     assert len(md.planned) == 1, "layers with one signature must share one plan per step"
     for out in outs:
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
-
-
-FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attention_cases import dense_reference, make_case
+from attention_cases import FP8, dense_reference, make_case
 
 from treadle_kernels.attention import get_attn_backend
 
@@ -24,7 +24,6 @@ MIXED = [(0, 9), (13, 5), (20, 1), (5, 1), (0, 1), (29, 3)]  # prefill, chunked 
 DECODE = [(17, 1), (3, 1), (40, 1), (0, 1)]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
 def run(name, case, nh, nkv, d, window=None, cap=None, splits=None):

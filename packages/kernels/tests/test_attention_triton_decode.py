@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attention_cases import Case, make_case
+from attention_cases import FP8, Case, make_case
 
 from treadle_kernels.attention import get_attn_backend
 from treadle_kernels.attention.backend import Rope
@@ -29,7 +29,6 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 DECODES = [(17, 1), (0, 1), (40, 1), (63, 1), (64, 1), (3, 1)]  # context 0: the new token alone
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
 from treadle_kernels.attention.backend import AttentionImpl
 from treadle_kernels.attention.metadata import AttentionMetadata
 
@@ -64,7 +65,7 @@ class LayerSignature:
         forced = os.environ.get("TREADLE_FLASHINFER_DECODE_TENSOR_CORES")
         if forced in ("0", "1"):
             return forced == "1"
-        return self.num_heads // self.num_kv_heads > 4 or self.kv_dtype.itemsize == 1
+        return self.num_heads // self.num_kv_heads > 4 or self.kv_dtype in FP8_KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)
