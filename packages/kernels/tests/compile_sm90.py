@@ -39,6 +39,15 @@ def main() -> int:
             "WIDE_OFFSETS": splits != 1,  # TREADLE_ATTN_NARROW_OFFSETS=1: 32-bit cache offsets
         }  # fmt: skip
         compile_one(attn.paged_attention_kernel, constexprs, {**ints, **fp32, **out}, ("scale", "soft_cap"))
+    # fp8 tiles widened after their load (FP8_WIDEN)
+    for widen, cache in ((1, "*fp8e4nv"), (2, "*fp8e4nv"), (2, "*fp8e5")):
+        constexprs = {
+            "G": 4, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": 4, "BLOCK_M": 16,
+            "BLOCK_N": 128, "NUM_SPLITS": 1, "CAUSAL": True, "USE_WINDOW": False, "USE_SOFT_CAP": False,
+            "DOT_PRECISION": "tf32", "UPCAST": False, "WIDE_OFFSETS": False, "FP8_WIDEN": widen,
+        }  # fmt: skip
+        ptrs = {**ints, **fp32, "k_cache_ptr": cache, "v_cache_ptr": cache}
+        compile_one(attn.paged_attention_kernel, constexprs, ptrs, ("scale", "soft_cap"))
     for flt in (False, True):
         constexprs = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 16, "FILTER": flt}
         compile_one(attn.reduce_splits_kernel, constexprs, {**ints, **fp32})

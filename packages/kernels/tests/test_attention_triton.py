@@ -195,7 +195,15 @@ def test_gpu_split_kv_decode(batch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
 @pytest.mark.parametrize("cache", FP8)
-def test_gpu_fp8_cache(cache, kind):
+@pytest.mark.parametrize(("widen", "warps", "narrow"), [(0, 4, 0), (1, 4, 1), (2, 4, 1), (1, 8, 1)])
+def test_gpu_fp8_cache(monkeypatch, cache, kind, widen, warps, narrow):
+    """fp8 tiles widened in the dot or after their load (FP8_WIDEN; inline assembly, so GPU only), at 4 and 8
+    warps, 64- and 32-bit offsets."""
+    from treadle_kernels.attention import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_FP8_WIDEN", widen)
+    monkeypatch.setattr(tb, "_FP8_WARPS", warps)
+    monkeypatch.setattr(tb, "_NARROW_OFFSETS", narrow)
     case = make_case(_gpu_batch(kind), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=24,
                      cache_dtype=FP8[cache])  # fmt: skip
     compare(case, 32, 8, 128, torch.bfloat16)

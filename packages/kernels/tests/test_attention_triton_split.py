@@ -88,3 +88,15 @@ def test_h100_split_counts_cover_the_cases() -> None:
     big = choose_launch_config(H100_PROFILE, 256, 1, 8, 4)
     assert big.num_splits == 1  # 2048 programs already fill 132 SMs
     assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4, fp8_cache=True).block_n == 128
+
+
+def test_fp8_widening_only_where_the_device_converts(monkeypatch) -> None:
+    """TREADLE_ATTN_FP8_WIDEN reaches an fp8 launch on a device with fp8 conversions (sm_89+), never a 16-bit
+    cache or an older device."""
+    from treadle_kernels.attention import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_FP8_WIDEN", 2)
+    assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4, fp8_cache=True).fp8_widen == 2
+    assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4).fp8_widen == 0
+    ampere = tb.DeviceProfile(gpu_tiles=True, num_sms=108)
+    assert choose_launch_config(ampere, 256, 1, 8, 4, fp8_cache=True).fp8_widen == 0

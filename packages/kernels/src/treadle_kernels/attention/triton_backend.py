@@ -51,8 +51,14 @@ _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
 # reproduces): instructions per key-loop iteration and registers, bf16 64-key tiles 604 / 115 -> 432 / 96, fp8
 # 128-key tiles 1,387 / 218 -> 1,087 / 214
 _NARROW_OFFSETS = os.environ.get("TREADLE_ATTN_NARROW_OFFSETS") == "1"
-# keys per tile with an fp8 cache on a GPU (measurement knob)
+# keys per tile on a GPU with a 16-bit / an fp8 cache, and warps per program with an fp8 cache (measurement knobs)
+_BLOCK_N = int(os.environ.get("TREADLE_ATTN_BLOCK_N", "64"))
 _FP8_BLOCK_N = int(os.environ.get("TREADLE_ATTN_FP8_BLOCK_N", "128"))
+_FP8_WARPS = int(os.environ.get("TREADLE_ATTN_FP8_WARPS", "4"))
+# where an fp8 cache's tiles widen to fp16 (triton_kernel.py, FP8_WIDEN): 0 in the dot (Triton), 1 the value tile
+# after its load, 2 both tiles. sm_90 SASS of the decode launch, 128-key tiles, 32-bit offsets: 1,087 / 733 / 687
+# instructions per key-loop iteration, registers 214 / 180 / 182 (the byte-wise gathers of the value tile go)
+_FP8_WIDEN = int(os.environ.get("TREADLE_ATTN_FP8_WIDEN", "0"))
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class LaunchConfig:
     num_splits: int  # KV segments per program row (1 = no split-KV)
     num_warps: int
     num_stages: int
+    fp8_widen: int = 0  # FP8_WIDEN of the launch (0 unless an fp8 cache on a GPU with fp8 conversions)
 
 
 def _next_pow2(x: int) -> int:
@@ -78,15 +85,17 @@ class DeviceProfile:
     # GPU tiles (64-row prefill tiles, 64-key blocks, 2 stages); False: small interpreter tiles
     gpu_tiles: bool
     num_sms: int  # streaming multiprocessors the split-KV heuristic fills; 0 = never split unless forced
+    fp8_convert: bool = False  # the device converts fp8 pairs to fp16 in one instruction (sm_89+)
 
 
-H100_PROFILE = DeviceProfile(gpu_tiles=True, num_sms=132)
+H100_PROFILE = DeviceProfile(gpu_tiles=True, num_sms=132, fp8_convert=True)
 _CPU_PROFILE = DeviceProfile(gpu_tiles=False, num_sms=0)
 
 
 @functools.cache
 def _cuda_profile(device_index: int) -> DeviceProfile:
-    return DeviceProfile(True, num_sms(device_index))
+    capability = torch.cuda.get_device_capability(device_index)
+    return DeviceProfile(True, num_sms(device_index), fp8_convert=capability >= (8, 9))
 
 
 def device_profile(device: torch.device) -> DeviceProfile:
@@ -115,7 +124,7 @@ def choose_launch_config(
     block_q = max(1, block_m // group)
     # H200 (results/gpu-fp8-kv-h200-bb1aa9d): an fp8 cache reads 128-key tiles faster (375 against 426 us at
     # 256 x 1.5k-token decodes), a bf16 cache 64-key tiles (399 against 418)
-    block_n = (_FP8_BLOCK_N if fp8_cache else 64) if on_gpu else 16
+    block_n = (_FP8_BLOCK_N if fp8_cache else _BLOCK_N) if on_gpu else 16
     num_splits = 1
     if max_query_len <= block_q:
         if force_num_splits is not None:
@@ -126,7 +135,9 @@ def choose_launch_config(
             if programs < target:
                 num_splits = min(_MAX_SPLITS, _next_pow2((target + programs - 1) // programs))
     # H200 sweep (benchmarks/attention.py shapes): 4 warps and 2 stages won for decode and prefill alike
-    return LaunchConfig(block_m, block_q, block_n, num_splits, 4, 2 if on_gpu else 1)
+    num_warps = _FP8_WARPS if fp8_cache and on_gpu else 4
+    widen = _FP8_WIDEN if fp8_cache and profile.fp8_convert else 0
+    return LaunchConfig(block_m, block_q, block_n, num_splits, num_warps, 2 if on_gpu else 1, widen)
 
 
 @dataclass
@@ -212,6 +223,7 @@ def _launch(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
+        FP8_WIDEN=cfg.fp8_widen if query.device.type == "cuda" else 0,  # inline assembly: never interpreted
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if cfg.num_splits > 1:

@@ -21,7 +21,11 @@ for the rest (``min_q_len``/``max_q_len`` select a program's requests; the other
 
 K/V tiles are cast to the query's dtype as they are loaded. With an fp8 cache (unit scale) a 16-bit query is cast to
 fp16 first, so the tiles widen in one conversion and the dots run in fp16 (fp32 accumulation, as in bf16); a query
-value past fp16's range (65504) would be clamped to it.
+value past fp16's range (65504) would be clamped to it. Where the widening happens is ``FP8_WIDEN`` (a GPU with
+fp8 conversions, sm_89+): 0 leaves it to Triton, which keeps the 8-bit tile in shared memory and widens it as the
+dot reads it (for the value tile, read transposed, that is one byte-wide shared load per value); 1 widens the value
+tile and 2 both tiles right after their load (``widen_fp8``, an opaque op Triton cannot move into the dot), so the
+tile is read from shared memory in 16-byte vectors and the fp16 copy reaches the dot through ldmatrix.
 
 Split-KV (flash-decoding): with ``NUM_SPLITS > 1`` the key range is cut into ``NUM_SPLITS`` contiguous segments
 (split count fixed by the caller from the batch shape only, so CUDA graphs stay valid as contexts grow); each
@@ -58,6 +62,18 @@ def _find_request(query_start_loc_ptr, tile, last_req, BLOCK_Q: tl.constexpr, PE
         else:
             hi = mid - 1
     return lo
+
+
+@triton.jit
+def widen_fp8(x):
+    """fp8 (e4m3 or e5m2) to fp16, two values per conversion instruction (sm_89+). Inline assembly is opaque to
+    Triton's layout passes: the conversion stays where it is written instead of being folded into the dot operand
+    load (see the module docstring, ``FP8_WIDEN``)."""
+    cvt: tl.constexpr = "cvt.rn.f16x2.e5m2x2" if x.dtype == tl.float8e5 else "cvt.rn.f16x2.e4m3x2"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; " + cvt + " $0, lo; " + cvt + " $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -122,6 +138,7 @@ def paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     WIDE_OFFSETS: tl.constexpr = True,  # False: a layer's K (and V) cache has < 2**31 elements, 32-bit offsets do
+    FP8_WIDEN: tl.constexpr = 0,  # fp8 cache on sm_89+: 1 widens the V tile after its load, 2 K and V (docstring)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -188,6 +205,10 @@ def paged_attention_kernel(
         k = tl.load(k_cache_ptr + k_offs, mask=k_ok[None, :] & dim_ok[:, None], other=0.0)  # [D, N]
         v_offs = (page * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None] + dims[None, :]
         v = tl.load(v_cache_ptr + v_offs, mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [N, D]
+        if FP8_WIDEN == 2:
+            k = widen_fp8(k)
+        if FP8_WIDEN >= 1:
+            v = widen_fp8(v)
         v = v.to(q.dtype)  # an fp8 cache is read at unit scale; under UPCAST q is fp32
 
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # [M, N] fp32
