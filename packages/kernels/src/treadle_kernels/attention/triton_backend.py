@@ -51,10 +51,11 @@ _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
 # reproduces): instructions per key-loop iteration and registers, bf16 64-key tiles 604 / 115 -> 432 / 96, fp8
 # 128-key tiles 1,387 / 218 -> 1,087 / 214
 _NARROW_OFFSETS = os.environ.get("TREADLE_ATTN_NARROW_OFFSETS") == "1"
-# keys per tile on a GPU with a 16-bit / an fp8 cache, and warps per program with an fp8 cache (measurement knobs)
+# keys per tile on a GPU with a 16-bit / an fp8 cache, warps and pipeline stages with an fp8 cache (measurement knobs)
 _BLOCK_N = int(os.environ.get("TREADLE_ATTN_BLOCK_N", "64"))
 _FP8_BLOCK_N = int(os.environ.get("TREADLE_ATTN_FP8_BLOCK_N", "128"))
 _FP8_WARPS = int(os.environ.get("TREADLE_ATTN_FP8_WARPS", "4"))
+_FP8_STAGES = int(os.environ.get("TREADLE_ATTN_FP8_STAGES", "2"))
 # where an fp8 cache's tiles widen to fp16 (triton_kernel.py, FP8_WIDEN): 0 in the dot (Triton), 1 the value tile
 # after its load, 2 both tiles. sm_90 SASS of the decode launch, 128-key tiles, 32-bit offsets: 1,087 / 733 / 687
 # instructions per key-loop iteration, registers 214 / 180 / 182 (the byte-wise gathers of the value tile go)
@@ -135,9 +136,11 @@ def choose_launch_config(
             if programs < target:
                 num_splits = min(_MAX_SPLITS, _next_pow2((target + programs - 1) // programs))
     # H200 sweep (benchmarks/attention.py shapes): 4 warps and 2 stages won for decode and prefill alike
-    num_warps = _FP8_WARPS if fp8_cache and on_gpu else 4
+    num_warps, num_stages = (_FP8_WARPS, _FP8_STAGES) if fp8_cache else (4, 2)
     widen = _FP8_WIDEN if fp8_cache and profile.fp8_convert else 0
-    return LaunchConfig(block_m, block_q, block_n, num_splits, num_warps, 2 if on_gpu else 1, widen)
+    if not on_gpu:
+        num_warps, num_stages = 4, 1
+    return LaunchConfig(block_m, block_q, block_n, num_splits, num_warps, num_stages, widen)
 
 
 @dataclass
