@@ -143,8 +143,11 @@ def test_wide_offsets_past_two_to_the_31(monkeypatch) -> None:
     assert not tb._wide_offsets(small, small) and not tb._wide_offsets(strided, small)
     assert tb._wide_offsets(small, big) and tb._wide_offsets(big, small)
     assert far.numel() < small.numel() and tb._wide_offsets(far, small), "a small view reaching past 2**31"
-    monkeypatch.setattr(tb, "_NARROW_OFFSETS", False)  # the default: 64 bits whatever the size
-    assert tb._wide_offsets(small, small)
+    monkeypatch.setattr(tb, "_NARROW_OFFSETS", False)  # 64 bits whatever the size
+    assert tb._wide_offsets(small, small) and tb._wide_offsets(small, small, fp8=True)
+    monkeypatch.setattr(tb, "_NARROW_OFFSETS", None)  # the default: 32 bits for fp8 caches that allow them
+    assert tb._wide_offsets(small, small) and not tb._wide_offsets(small, small, fp8=True)
+    assert tb._wide_offsets(small, big, fp8=True)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU

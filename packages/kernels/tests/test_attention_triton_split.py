@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 from attention_cases import Case, make_case
 
 from treadle_kernels.attention import get_attn_backend
+from treadle_kernels.attention import triton_backend as tb
 from treadle_kernels.attention.triton_backend import H100_PROFILE, TritonAttentionImpl, choose_launch_config
 
 pytest.importorskip("triton")
@@ -70,7 +71,7 @@ def test_h100_launch_matches_torch(batch: str, window: int | None, dtype: torch.
 
 @pytest.mark.parametrize("batch", ["mixed", "short_decodes"])
 def test_h100_launch_fp8_cache_matches_torch(batch: str) -> None:
-    """An fp8 cache takes 128-key tiles on a GPU; the same launches under the interpreter, against the reference."""
+    """An fp8 cache's GPU launches (their own key tile) under the interpreter, against the reference."""
     case = make_case(BATCHES[batch], NH, NKV, D, BLOCK, device=DEVICE, seed=32, num_padding=2,
                      cache_dtype=torch.float8_e4m3fn)  # fmt: skip
     out = run("triton", case, 9, h100=True)
@@ -87,14 +88,12 @@ def test_h100_split_counts_cover_the_cases() -> None:
     assert choose_launch_config(H100_PROFILE, 1, 5, NKV, group).num_splits == 16  # "prefill5": one launch
     big = choose_launch_config(H100_PROFILE, 256, 1, 8, 4)
     assert big.num_splits == 1  # 2048 programs already fill 132 SMs
-    assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4, fp8_cache=True).block_n == 128
+    assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4, fp8_cache=True).block_n == tb._FP8_BLOCK_N
 
 
 def test_fp8_widening_only_where_the_device_converts(monkeypatch) -> None:
     """TREADLE_ATTN_FP8_WIDEN reaches an fp8 launch on a device with fp8 conversions (sm_89+), never a 16-bit
     cache or an older device."""
-    from treadle_kernels.attention import triton_backend as tb
-
     monkeypatch.setattr(tb, "_FP8_WIDEN", 2)
     assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4, fp8_cache=True).fp8_widen == 2
     assert choose_launch_config(H100_PROFILE, 256, 1, 8, 4).fp8_widen == 0

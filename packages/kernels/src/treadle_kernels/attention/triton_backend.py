@@ -46,20 +46,23 @@ from treadle_kernels.ops.support import num_sms
 logger = logging.getLogger(__name__)
 
 _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
-# opt-in until measured on a GPU: 32-bit cache offsets in the unified kernel where a layer's cache allows them.
-# sm_90 SASS of the decode launch (Triton 3.6, strides divisible by 16 as on the device, whose register counts it
-# reproduces): instructions per key-loop iteration and registers, bf16 64-key tiles 604 / 115 -> 432 / 96, fp8
-# 128-key tiles 1,387 / 218 -> 1,087 / 214
-_NARROW_OFFSETS = os.environ.get("TREADLE_ATTN_NARROW_OFFSETS") == "1"
-# keys per tile on a GPU with a 16-bit / an fp8 cache, warps and pipeline stages with an fp8 cache (measurement knobs)
+# The fp8-cache launch, from one Llama-3.1-8B layer of 256 x 1.5k-token decodes on an H200
+# (results/gpu-fp8-widen-h200-a4b8e69, calls 1 and 2; ms): 0.371 as it was (128-key tiles, 64-bit offsets, tiles
+# widened inside the dot); 32-bit offsets 0.322; + the value tile widened after its load (FP8_WIDEN=1) 0.326, at
+# 64-key tiles 0.304 (the default; end to end 11,173 against 10,413 output tok/s, same machine); both tiles widened
+# 0.407 (64 keys 0.447); at 64 keys without the widening 0.374, 3 stages 0.371, 2 warps 0.331, 8 warps 0.467;
+# 32-key tiles 0.396. sm_90 SASS (sass_stats.py): 1,387 key-loop instructions per 128 keys as it was, 886 now.
+# 32-bit cache offsets where a layer's cache allows them: "1" always, "0" never, unset: for fp8 caches (bf16 at
+# 64-key tiles measured slower with them, 0.408 against 0.378 ms)
+_NARROW_OFFSETS: bool | None = {"1": True, "0": False}.get(os.environ.get("TREADLE_ATTN_NARROW_OFFSETS", ""))
+# keys per tile on a GPU with a 16-bit / an fp8 cache, warps and pipeline stages with an fp8 cache
 _BLOCK_N = int(os.environ.get("TREADLE_ATTN_BLOCK_N", "64"))
-_FP8_BLOCK_N = int(os.environ.get("TREADLE_ATTN_FP8_BLOCK_N", "128"))
+_FP8_BLOCK_N = int(os.environ.get("TREADLE_ATTN_FP8_BLOCK_N", "64"))
 _FP8_WARPS = int(os.environ.get("TREADLE_ATTN_FP8_WARPS", "4"))
 _FP8_STAGES = int(os.environ.get("TREADLE_ATTN_FP8_STAGES", "2"))
 # where an fp8 cache's tiles widen to fp16 (triton_kernel.py, FP8_WIDEN): 0 in the dot (Triton), 1 the value tile
-# after its load, 2 both tiles. sm_90 SASS of the decode launch, 128-key tiles, 32-bit offsets: 1,087 / 733 / 687
-# instructions per key-loop iteration, registers 214 / 180 / 182 (the byte-wise gathers of the value tile go)
-_FP8_WIDEN = int(os.environ.get("TREADLE_ATTN_FP8_WIDEN", "0"))
+# after its load, 2 both tiles
+_FP8_WIDEN = int(os.environ.get("TREADLE_ATTN_FP8_WIDEN", "1"))
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,8 @@ def choose_launch_config(
     else:
         block_m = max(64 if on_gpu else 32, _next_pow2(group))
     block_q = max(1, block_m // group)
-    # H200 (results/gpu-fp8-kv-h200-bb1aa9d): an fp8 cache reads 128-key tiles faster (375 against 426 us at
-    # 256 x 1.5k-token decodes), a bf16 cache 64-key tiles (399 against 418)
+    # H200: a bf16 cache reads 64-key tiles faster (399 against 418 us at 256 x 1.5k-token decodes,
+    # results/gpu-fp8-kv-h200-bb1aa9d); an fp8 cache too, once its value tile widens after the load (above)
     block_n = (_FP8_BLOCK_N if fp8_cache else _BLOCK_N) if on_gpu else 16
     num_splits = 1
     if max_query_len <= block_q:
@@ -172,10 +175,11 @@ def _extent(t: torch.Tensor) -> int:
     )
 
 
-def _wide_offsets(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether the kernel computes cache offsets in 64 bits: always, unless narrowing is on and every element
-    offset into this layer's K and V caches stays below 2**31."""
-    return not _NARROW_OFFSETS or max(_extent(k_cache), _extent(v_cache)) >= 2**31
+def _wide_offsets(k_cache: torch.Tensor, v_cache: torch.Tensor, fp8: bool = False) -> bool:
+    """Whether the kernel computes cache offsets in 64 bits: always, unless narrowing is on (by default for an
+    fp8 cache) and every element offset into this layer's K and V caches stays below 2**31."""
+    narrow = fp8 if _NARROW_OFFSETS is None else _NARROW_OFFSETS
+    return not narrow or max(_extent(k_cache), _extent(v_cache)) >= 2**31
 
 
 def _launch(
@@ -225,7 +229,7 @@ def _launch(
         CAUSAL=md.causal, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
-        WIDE_OFFSETS=_wide_offsets(k_cache, v_cache),
+        WIDE_OFFSETS=_wide_offsets(k_cache, v_cache, k_cache.dtype in FP8_KV_CACHE_DTYPES),
         FP8_WIDEN=cfg.fp8_widen if query.device.type == "cuda" else 0,  # inline assembly: never interpreted
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
