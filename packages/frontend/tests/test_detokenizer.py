@@ -76,6 +76,22 @@ def test_random_chunking_matches_full_decode(tokenizer: Any, data: st.DataObject
     assert "".join(deltas) == tokenizer.decode(ids)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_at_once_matches_incremental(tokenizer: Any, data: st.DataObject) -> None:
+    """`update_at_once` (one decode for many tokens, for FINAL_ONLY requests) gives the incremental text, for
+    byte-level and SentencePiece tokenizers, with and without a prompt, incomplete characters included."""
+    tok = data.draw(st.sampled_from([tokenizer, _metaspace()]))
+    text = data.draw(st.sampled_from(TEXTS)) + data.draw(st.text(alphabet="ab é😀 東🦀ß", max_size=10))
+    prompt = tok.encode(data.draw(st.sampled_from(["", "Q: hi", "東"])), add_special_tokens=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    ids = ids[: data.draw(st.integers(1, len(ids)))]  # may cut inside a character
+    at_once = IncrementalDetokenizer(TokenDecoder(tok), prompt, True)
+    split = data.draw(st.integers(0, len(ids)))
+    got = at_once.update_at_once(ids[:split]) + at_once.update_at_once(ids[split:]) + at_once.flush()
+    assert got == "".join(_stream(tok, prompt, ids, [1] * len(ids)))
+
+
 def test_random_token_sequences(tokenizer: Any) -> None:
     rng = random.Random(0)
     for _ in range(30):

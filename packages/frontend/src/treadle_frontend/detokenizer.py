@@ -66,6 +66,23 @@ class IncrementalDetokenizer:
         self.output_text += delta
         return delta
 
+    def update_at_once(self, new_token_ids: list[int]) -> str:
+        """Like `update`, in one decode of the window instead of two per token, for a caller that reads the text
+        only when the request ends. Where that decode holds a U+FFFD (an incomplete or invalid UTF-8 sequence,
+        which a byte-fallback decoder renders differently in a longer window) it redoes them one by one, so the
+        text is always the incremental one."""
+        state = (len(self.ids), self.prefix_offset, self.read_offset)
+        self.ids.extend(new_token_ids)
+        if self.read_offset >= len(self.ids):
+            return ""
+        delta = self._step(final=False)
+        if delta and _REPLACEMENT not in delta:
+            self.output_text += delta
+            return delta
+        length, self.prefix_offset, self.read_offset = state
+        del self.ids[length:]
+        return self.update(new_token_ids)
+
     def flush(self) -> str:
         """Emits the held-back tail as it decodes now (called once, when the request finishes)."""
         if self.read_offset >= len(self.ids):

@@ -90,6 +90,8 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # FINAL_ONLY without stop strings: nobody reads the text before the end, so it is decoded once, then
+    unread_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -142,7 +144,14 @@ class RequestState:
         detok_ids = new_ids
         if engine_stop and new_ids and not self.params.include_stop_str_in_output:
             detok_ids = new_ids[:-1]  # EOS / stop token: not part of the text
-        delta = self.detokenizer.update(detok_ids)
+        if self.params.output_kind == RequestOutputKind.FINAL_ONLY and not self.params.stop:
+            self.unread_ids.extend(detok_ids)
+            if step.finish_reason is None:
+                return False
+            delta = self.detokenizer.update_at_once(self.unread_ids)
+            self.unread_ids = []
+        else:
+            delta = self.detokenizer.update(detok_ids)
         if step.finish_reason is not None:
             delta += self.detokenizer.flush()
         self.text += delta
