@@ -18,7 +18,9 @@ import random
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,25 +44,54 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
 
 
-def run(llm: LLM, prompts: list[dict[str, list[int]]], tokens: int) -> tuple[float, dict[str, float]]:
-    """Wall seconds of the batch without the profiler, then its CUDA kernel microseconds by name with it."""
+Prompts = Callable[[], list[dict[str, list[int]]]]
+
+
+def run(llm: LLM, prompts: Prompts, tokens: int) -> tuple[float, dict[str, float], dict[str, Any]]:
+    """Wall seconds of a batch without the profiler, then (another batch of the same shape, so the prefix cache
+    serves neither) its CUDA kernel microseconds by name and the idle gaps between its kernels."""
     params = SamplingParams(temperature=1.0, max_tokens=tokens, ignore_eos=True)
     sync()
     t0 = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
+    llm.generate(prompts(), params, use_tqdm=False)
     sync()
     wall = time.perf_counter() - t0
-    activity = (
-        ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
-    )  # CPU: plumbing only
-    with profile(activities=[activity]) as prof:
-        llm.generate(prompts, params, use_tqdm=False)
+    batch = prompts()
+    cuda = torch.cuda.is_available()
+    with profile(
+        activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
+    ) as prof:  # CPU: plumbing
+        llm.generate(batch, params, use_tqdm=False)
         sync()
     kernels: dict[str, float] = defaultdict(float)
+    spans = []
     for event in prof.events():
         if event.device_type.name == "CUDA":
             kernels[event.name] += event.time_range.elapsed_us()
-    return wall, dict(kernels)
+            spans.append((event.time_range.start, event.time_range.end, event.name))
+    return wall, dict(kernels), gaps(sorted(spans))
+
+
+def gaps(spans: list[tuple[float, float, str]]) -> dict[str, Any]:
+    """Idle GPU time between consecutive kernels (us), by size, and the largest gaps with their neighbours."""
+    idle = []
+    end, last = (spans[0][1], spans[0][2]) if spans else (0.0, "")
+    for start, stop, name in spans[1:]:
+        if start > end:
+            idle.append((start - end, last[:60], name[:60]))
+        if stop > end:
+            end, last = stop, name
+    buckets = {"<=5us": (0, 5), "5-50us": (5, 50), "50-500us": (50, 500), ">500us": (500, float("inf"))}
+    return {
+        "span_us": round(end - spans[0][0], 1) if spans else 0.0,
+        "idle_us": {
+            k: round(sum(g for g, _, _ in idle if lo < g <= hi), 1) for k, (lo, hi) in buckets.items()
+        },
+        "count": {k: sum(1 for g, _, _ in idle if lo < g <= hi) for k, (lo, hi) in buckets.items()},
+        "largest": [
+            {"us": round(g, 1), "after": a, "before": b} for g, a, b in sorted(idle, reverse=True)[:12]
+        ],
+    }
 
 
 def sync() -> None:
@@ -82,13 +113,16 @@ def main() -> None:
     llm = LLM(model=args.model, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.9,
               kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, **json.loads(args.engine_args))  # fmt: skip
     rng = random.Random(0)
-    prompts = [
-        {"prompt_token_ids": [rng.randrange(10, llm.vocab_size) for _ in range(args.input_len)]}
-        for _ in range(args.num_prompts)
-    ]
-    llm.generate(prompts[:8], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-    wall_prefill, k_prefill = run(llm, prompts, 1)
-    wall_all, k_all = run(llm, prompts, args.output_len)
+
+    def prompts() -> list[dict[str, list[int]]]:
+        return [
+            {"prompt_token_ids": [rng.randrange(10, llm.vocab_size) for _ in range(args.input_len)]}
+            for _ in range(args.num_prompts)
+        ]
+
+    llm.generate(prompts()[:8], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    wall_prefill, k_prefill, gaps_prefill = run(llm, prompts, 1)
+    wall_all, k_all, gaps_all = run(llm, prompts, args.output_len)
     steps = args.output_len - 1
     per_step = {n: (t - k_prefill.get(n, 0.0)) / steps for n, t in k_all.items()}
     by_kind: dict[str, float] = defaultdict(float)
@@ -104,6 +138,8 @@ def main() -> None:
         "decode_tok_per_s": round(args.num_prompts / step_ms * 1e3, 1),
         "kernel_ms_per_step": round(kernel_ms, 3),
         "not_covered_ms_per_step": round(step_ms - kernel_ms, 3),
+        "gpu_idle_prefill_only": gaps_prefill,
+        "gpu_idle_with_decode": gaps_all,
         "by_kind_ms_per_step": {
             k: round(v / 1e3, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
         },
