@@ -117,6 +117,16 @@ def test_offset_widths(monkeypatch, narrow, cache):
     compare(decode, 4, 2, 16, torch.bfloat16, splits=4)
 
 
+def test_masking_every_tile_gives_the_same_attention(monkeypatch):
+    """TREADLE_ATTN_MASK_ALL_TILES=1 (every key tile through the masked loop, the measurement baseline) matches the
+    reference as the default split into unmasked and masked tiles does."""
+    from treadle_kernels.attention import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_MASK_ALL_TILES", True)
+    case = make_case(MIXED, 4, 2, 16, 4, dtype=torch.float32, device=DEVICE, seed=28, num_padding=2)
+    compare(case, 4, 2, 16, torch.float32)
+
+
 class _View:
     """The shape and strides of a cache view, without its memory."""
 

@@ -63,6 +63,9 @@ _FP8_STAGES = int(os.environ.get("TREADLE_ATTN_FP8_STAGES", "2"))
 # where an fp8 cache's tiles widen to fp16 (triton_kernel.py, FP8_WIDEN): 0 in the dot (Triton), 1 the value tile
 # after its load, 2 both tiles
 _FP8_WIDEN = int(os.environ.get("TREADLE_ATTN_FP8_WIDEN", "1"))
+# register cap of an fp8 launch on a GPU (0: ptxas decides) and masking every key tile, as before the unmasked loop
+_FP8_MAX_REGISTERS = int(os.environ.get("TREADLE_ATTN_FP8_MAXNREG", "0"))
+_MASK_ALL_TILES = os.environ.get("TREADLE_ATTN_MASK_ALL_TILES") == "1"
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     fp8_widen: int = 0  # FP8_WIDEN of the launch (0 unless an fp8 cache on a GPU with fp8 conversions)
+    max_registers: int = 0  # ptxas register cap per thread (0: none)
 
 
 def _next_pow2(x: int) -> int:
@@ -141,9 +145,10 @@ def choose_launch_config(
     # H200 sweep (benchmarks/attention.py shapes): 4 warps and 2 stages won for decode and prefill alike
     num_warps, num_stages = (_FP8_WARPS, _FP8_STAGES) if fp8_cache else (4, 2)
     widen = _FP8_WIDEN if fp8_cache and profile.fp8_convert else 0
+    max_registers = _FP8_MAX_REGISTERS if fp8_cache else 0
     if not on_gpu:
-        num_warps, num_stages = 4, 1
-    return LaunchConfig(block_m, block_q, block_n, num_splits, num_warps, num_stages, widen)
+        num_warps, num_stages, max_registers = 4, 1, 0
+    return LaunchConfig(block_m, block_q, block_n, num_splits, num_warps, num_stages, widen, max_registers)
 
 
 @dataclass
@@ -231,7 +236,9 @@ def _launch(
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
         WIDE_OFFSETS=_wide_offsets(k_cache, v_cache, k_cache.dtype in FP8_KV_CACHE_DTYPES),
         FP8_WIDEN=cfg.fp8_widen if query.device.type == "cuda" else 0,  # inline assembly: never interpreted
+        SCORE_MASK_ALWAYS=_MASK_ALL_TILES,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers and query.device.type == "cuda" else {}),
     )  # fmt: skip
     if cfg.num_splits > 1:
         reduce_splits_kernel[(num_tokens, num_heads)](

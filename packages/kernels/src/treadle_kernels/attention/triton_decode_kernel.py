@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from treadle_kernels.attention.triton_kernel import LOG2E, online_softmax_step
+from treadle_kernels.attention.triton_tiles import LOG2E, online_softmax_step
 from treadle_kernels.ops.cache_kernels import to_cache
 
 
