@@ -3,7 +3,7 @@
 # variant of VARIANTS, each a fresh process on the same machine; then the variant fastest on the ROW workload and
 # the BASELINE variant (default: the first) each run the 1000 x 1024/1024 offline throughput (Llama-3.1-8B dummy, THROUGHPUT_ARGS), the
 # baseline last. A variant is NAME:CACHE:ENV=V,ENV=V (CACHE: auto, fp8 or fp8_e5m2; no env: NAME:CACHE:), e.g.
-#   VARIANTS="fp8:fp8: fp8_narrow:fp8:TREADLE_ATTN_NARROW_OFFSETS=1 fp8_n64_narrow:fp8:TREADLE_ATTN_FP8_BLOCK_N=64,TREADLE_ATTN_NARROW_OFFSETS=1"
+#   VARIANTS="fp8:fp8: fp8_wide:fp8:TREADLE_ATTN_NARROW_OFFSETS=0 fp8_n128_w0:fp8:TREADLE_ATTN_FP8_BLOCK_N=128,TREADLE_ATTN_FP8_WIDEN=0"
 # The throughput runs take the variant's cache dtype. THROUGHPUT=0 skips them. Stops starting work after BUDGET_S.
 # Run from the repo root:  source .whl/activate.sh; OUT_DIR=/tmp/r bash benchmarks/gpu_attention_variants.sh
 set -u
@@ -11,7 +11,7 @@ R="${OUT_DIR:-gpu-out}"; mkdir -p "$R"
 t0=$(date +%s)
 stamp() { echo "$1 exit $2 after $(( $(date +%s) - t0 )) s" >> "$R/stamps.log"; }
 nvidia-smi -L > "$R/meta.log" 2>&1
-VARIANTS=${VARIANTS:-"fp8:fp8: fp8_narrow:fp8:TREADLE_ATTN_NARROW_OFFSETS=1 fp8_n64_narrow:fp8:TREADLE_ATTN_FP8_BLOCK_N=64,TREADLE_ATTN_NARROW_OFFSETS=1 bf16:auto: bf16_narrow:auto:TREADLE_ATTN_NARROW_OFFSETS=1"}
+VARIANTS=${VARIANTS:-"fp8:fp8: fp8_maskall:fp8:TREADLE_ATTN_MASK_ALL_TILES=1 fp8_n128:fp8:TREADLE_ATTN_FP8_BLOCK_N=128 bf16:auto: bf16_narrow:auto:TREADLE_ATTN_NARROW_OFFSETS=1"}
 ROW=${ROW:-decode b256 ctx1536}
 WORKLOADS=${WORKLOADS:-decode b256 ctx1536,decode b64 ctx4096,decode b256 ctx4096,decode b32,prefill,mixed}
 declare -A CACHE ENVS
