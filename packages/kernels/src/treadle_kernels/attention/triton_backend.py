@@ -51,7 +51,8 @@ _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
 # widened inside the dot); 32-bit offsets 0.322; + the value tile widened after its load (FP8_WIDEN=1) 0.326, at
 # 64-key tiles 0.304 (the default; end to end 11,173 against 10,413 output tok/s, same machine); both tiles widened
 # 0.407 (64 keys 0.447); at 64 keys without the widening 0.374, 3 stages 0.371, 2 warps 0.331, 8 warps 0.467;
-# 32-key tiles 0.396. sm_90 SASS (sass_stats.py): 1,387 key-loop instructions per 128 keys as it was, 886 now.
+# 32-key tiles 0.396; then the loop without masks (triton_kernel.py) 0.302 -> 0.282 (call 4). sm_90 SASS
+# (sass_stats.py): 1,387 key-loop instructions per 128 keys as it was, 886 with these, 720 in the unmasked loop.
 # 32-bit cache offsets where a layer's cache allows them: "1" always, "0" never, unset: for fp8 caches (bf16 at
 # 64-key tiles measured slower with them, 0.408 against 0.378 ms)
 _NARROW_OFFSETS: bool | None = {"1": True, "0": False}.get(os.environ.get("TREADLE_ATTN_NARROW_OFFSETS", ""))

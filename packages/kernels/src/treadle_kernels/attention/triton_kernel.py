@@ -16,9 +16,10 @@ and keeps an online softmax (running max ``m``, sum ``l``, fp32 accumulator). Ma
 window, context end. Fully masked rows keep ``m = -inf`` and are guarded against ``inf - inf``.
 
 Key tiles wholly inside the keys every row of the program sees (before the causal diagonal, inside its split; no
-sliding window) run a loop without any score or load masks, the rest a masked one (``triton_tiles.attend_tiles``): sm_90 SASS of
-a decode launch (Triton 3.6) has 377 instructions per 64-key iteration unmasked against 604 masked for bf16, 360
-against 443 for fp8. Padding rows (no query) score those keys against a zero query: finite, and never stored.
+sliding window) run a loop without score or load masks, the rest a masked one (``triton_tiles.attend_tiles``).
+sm_90 SASS of a decode launch (Triton 3.6): 377 instructions per 64-key iteration for bf16 and 360 for fp8 in the
+unmasked loop, against 604 and 443 when every tile was masked. Padding rows (no query) score those keys against a
+zero query: finite, and never stored.
 
 Mixed batches: a 64-row tile wastes 15/16 of its rows on a decode token, so the host may launch the kernel twice
 over the same metadata, once with 16-row tiles for the requests whose query is short and once with 64-row tiles

@@ -14,7 +14,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def widen_fp8(x):
     """fp8 (e4m3 or e5m2) to fp16, two values per conversion instruction (sm_89+). Inline assembly is opaque to
     Triton's layout passes: the conversion stays where it is written instead of being folded into the dot operand
-    load (see the module docstring, ``FP8_WIDEN``)."""
+    load (``FP8_WIDEN`` in triton_kernel.py's docstring)."""
     cvt: tl.constexpr = "cvt.rn.f16x2.e5m2x2" if x.dtype == tl.float8e5 else "cvt.rn.f16x2.e4m3x2"
     return tl.inline_asm_elementwise(
         "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; " + cvt + " $0, lo; " + cvt + " $1, hi; }",
