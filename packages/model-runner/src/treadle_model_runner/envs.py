@@ -69,3 +69,10 @@ def TREADLE_PIECEWISE_MAX_TOKENS() -> int:
             "(0 turns piecewise CUDA graphs off)"
         )
     return int(raw)
+
+
+def TREADLE_FUSED_GUMBEL() -> bool:
+    """``1`` samples a batch that only samples (every row random; no mask, bias, penalty, truncation or logprobs)
+    on CUDA with one Triton pass over the logits (``treadle_kernels.ops.gumbel``) instead of seven torch passes
+    (default ``0`` until measured on a GPU)."""
+    return parse_bool("TREADLE_FUSED_GUMBEL", os.environ.get("TREADLE_FUSED_GUMBEL", "0"))

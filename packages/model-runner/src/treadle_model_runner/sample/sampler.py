@@ -22,7 +22,8 @@ from typing import Literal
 import torch
 
 from treadle_ir import ops
-from treadle_model_runner.sample.gumbel import exponential_noise, gumbel_max
+from treadle_model_runner import envs
+from treadle_model_runner.sample.gumbel import exponential_noise, fused_gumbel_sample, gumbel_keys, gumbel_max
 from treadle_model_runner.sample.logprobs import LogprobsTensors, compute_logprobs, gather_logprobs
 from treadle_model_runner.sample.masks import apply_logit_bias, apply_token_masks
 from treadle_model_runner.sample.metadata import SamplingMetadata
@@ -57,6 +58,11 @@ class Sampler:
         if metadata.all_greedy and metadata.max_num_logprobs < 0 and _untouched(metadata):
             # the whole sampler is one argmax, on the logits as they come (a float32 cast is exact and monotone)
             return SamplerOutput(sampled_token_ids=ops.argmax_rows(logits), logprobs=None)
+        if _only_samples(logits, metadata) and envs.TREADLE_FUSED_GUMBEL():
+            md = metadata
+            keys = gumbel_keys(md.num_reqs, logits.device, md.seeded_rows, md.seed_lo, md.seed_hi, md.positions,
+                               md.generator)  # fmt: skip
+            return SamplerOutput(fused_gumbel_sample(logits, md.temperature, keys), logprobs=None)
         logits = logits.to(torch.float32).contiguous()
         want_logprobs = metadata.max_num_logprobs >= 0
         raw_logprobs = None
@@ -127,6 +133,18 @@ class Sampler:
         if md.all_greedy:
             return logits
         return self.apply_temperature_and_truncation(logits, md)
+
+
+def _only_samples(logits: torch.Tensor, md: SamplingMetadata) -> bool:
+    """A CUDA batch whose every row samples from softmax(logits / T) untouched: the fused Gumbel path's case."""
+    return (
+        logits.is_cuda
+        and logits.stride(1) == 1
+        and md.all_random
+        and md.no_truncation
+        and md.max_num_logprobs < 0
+        and _untouched(md)
+    )
 
 
 def _untouched(md: SamplingMetadata) -> bool:

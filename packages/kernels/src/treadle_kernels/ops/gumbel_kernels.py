@@ -1,0 +1,59 @@
+"""Triton kernel of ``gumbel.gumbel_sample``: temperature, exponential noise and the first stage of the row argmax in
+one pass over the logits (imported lazily: this module imports triton).
+
+Per (row, chunk) program: ``x / T - log(max(E, TINY))`` for the chunk's logits, with ``E = -log U`` and
+``U = (fmix32(fmix32(v ^ k0) + k1) >> 9 + 0.5) / 2^23`` from the row's two 32-bit keys (the hash of
+``treadle_model_runner.sample.gumbel``, uint32 arithmetic that wraps as the torch version's masked int64 does),
+then the first maximum of the chunk by the order key of ``sampling_kernels``; ``argmax_reduce_kernel`` finishes
+each row.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sampling_kernels import KEY_BELOW_ALL, _order_key
+
+TINY = tl.constexpr(1.0e-30)  # floor of the exponential noise: log(0) would let a masked token win
+
+
+@triton.jit
+def fmix32(x):
+    """MurmurHash3's 32-bit finalizer on uint32 (wrapping multiply, logical shifts)."""
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def gumbel_argmax_chunks_kernel(
+    logits_ptr,
+    logits_row_stride,
+    vocab_size,
+    temperature_ptr,  # [B] float32
+    keys_ptr,  # [B, 2] int64 holding 32-bit keys
+    part_key_ptr,
+    part_index_ptr,
+    CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = cols < vocab_size
+    x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x = x / tl.load(temperature_ptr + row)
+    k0 = tl.load(keys_ptr + 2 * row).to(tl.uint32)
+    k1 = tl.load(keys_ptr + 2 * row + 1).to(tl.uint32)
+    h = fmix32(fmix32(cols.to(tl.uint32) ^ k0) + k1)
+    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    noise = tl.maximum(-tl.log(u), TINY)
+    score = x - tl.log(noise)
+    key = tl.where(mask, _order_key(score), KEY_BELOW_ALL)
+    best_key, best = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    slot = row * tl.num_programs(1) + chunk  # partials are [rows, chunks], contiguous
+    tl.store(part_key_ptr + slot, best_key)
+    tl.store(part_index_ptr + slot, chunk * CHUNK + best)
