@@ -16,6 +16,7 @@ from treadle_kernels.attention import triton_kernel as attn
 from treadle_kernels.ops import (
     activation_kernels,
     cache_kernels,
+    gumbel_kernels,
     linear_kernels,
     norm_kernels,
     rotary_kernels,
@@ -85,6 +86,11 @@ def main() -> int:
     for chunks_block in (1, 128, 1024):
         reduce = {"CHUNKS_BLOCK": chunks_block}
         compile_one(sampling_kernels.argmax_reduce_kernel, reduce, {**partials, "out_ptr": "*i64"})
+    gumbel = {"temperature_ptr": "*fp32", "keys_ptr": "*i64", **partials}
+    for logits in ("*fp32", "*bf16"):
+        compile_one(
+            gumbel_kernels.gumbel_argmax_chunks_kernel, {"CHUNK": 1024}, {"logits_ptr": logits, **gumbel}
+        )
     print("compiled for sm_90")
     return 0
 

@@ -4,8 +4,8 @@ one pass over the logits (imported lazily: this module imports triton).
 Per (row, chunk) program: ``x / T - log(max(E, TINY))`` for the chunk's logits, with ``E = -log U`` and
 ``U = (fmix32(fmix32(v ^ k0) + k1) >> 9 + 0.5) / 2^23`` from the row's two 32-bit keys (the hash of
 ``treadle_model_runner.sample.gumbel``, uint32 arithmetic that wraps as the torch version's masked int64 does),
-then the first maximum of the chunk by the order key of ``sampling_kernels``; ``argmax_reduce_kernel`` finishes
-each row.
+then the first maximum of the chunk as ``argmax_rows`` takes it (``store_chunk_argmax``); ``argmax_reduce_kernel``
+finishes each row.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sampling_kernels import KEY_BELOW_ALL, _order_key
+from .sampling_kernels import store_chunk_argmax
 
 TINY = tl.constexpr(1.0e-30)  # floor of the exponential noise: log(0) would let a masked token win
 
@@ -51,9 +51,4 @@ def gumbel_argmax_chunks_kernel(
     h = fmix32(fmix32(cols.to(tl.uint32) ^ k0) + k1)
     u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
     noise = tl.maximum(-tl.log(u), TINY)
-    score = x - tl.log(noise)
-    key = tl.where(mask, _order_key(score), KEY_BELOW_ALL)
-    best_key, best = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    slot = row * tl.num_programs(1) + chunk  # partials are [rows, chunks], contiguous
-    tl.store(part_key_ptr + slot, best_key)
-    tl.store(part_index_ptr + slot, chunk * CHUNK + best)
+    store_chunk_argmax(x - tl.log(noise), mask, row, chunk, part_key_ptr, part_index_ptr, CHUNK)

@@ -45,6 +45,13 @@ def argmax_chunks_kernel(
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = cols < vocab_size
     x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=mask, other=0.0)
+    store_chunk_argmax(x, mask, row, chunk, part_key_ptr, part_index_ptr, CHUNK)
+
+
+@triton.jit
+def store_chunk_argmax(x, mask, row, chunk, part_key_ptr, part_index_ptr, CHUNK: tl.constexpr):
+    """Store (order key, index) of the first maximum of chunk ``chunk`` of row ``row`` (values ``x``, lanes
+    outside the row masked) into the [rows, chunks] partials."""
     key = tl.where(mask, _order_key(x), KEY_BELOW_ALL)
     best_key, best = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
     slot = row * tl.num_programs(1) + chunk  # partials are [rows, chunks], contiguous

@@ -25,14 +25,7 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def fmix32(x):  # type: ignore[no-untyped-def]
-        x ^= x >> 16
-        x *= 0x85EBCA6B
-        x ^= x >> 13
-        x *= 0xC2B2AE35
-        x ^= x >> 16
-        return x
+    from treadle_kernels.ops.gumbel_kernels import fmix32
 
     @triton.jit
     def seeded_noise_kernel(  # type: ignore[no-untyped-def]
