@@ -90,7 +90,8 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
-    # FINAL_ONLY without stop strings: nobody reads the text before the end, so it is decoded once, then
+    # FINAL_ONLY without stop strings: nobody reads the text before the end, so the ids wait here and are decoded
+    # once, when the request finishes
     unread_ids: list[int] = field(default_factory=list)
 
     @classmethod
