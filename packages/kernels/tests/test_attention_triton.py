@@ -104,7 +104,7 @@ def test_fp8_cache_matches_torch(dtype, cache):
 @pytest.mark.parametrize("cache", [None, "e4m3"])
 def test_offset_widths(monkeypatch, narrow, cache):
     """32- and 64-bit cache offsets give the same attention (TREADLE_ATTN_NARROW_OFFSETS=1: 32 bits where they fit)."""
-    from treadle_kernels.attention import triton_backend as tb
+    from treadle_kernels.attention import triton_launch as tb
 
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", narrow)
     cache_dtype = FP8[cache] if cache else None
@@ -120,7 +120,7 @@ def test_offset_widths(monkeypatch, narrow, cache):
 def test_masking_every_tile_gives_the_same_attention(monkeypatch):
     """TREADLE_ATTN_MASK_ALL_TILES=1 (every key tile through the masked loop, the measurement baseline) matches the
     reference as the default split into unmasked and masked tiles does."""
-    from treadle_kernels.attention import triton_backend as tb
+    from treadle_kernels.attention import triton_launch as tb
 
     monkeypatch.setattr(tb, "_MASK_ALL_TILES", True)
     case = make_case(MIXED, 4, 2, 16, 4, dtype=torch.float32, device=DEVICE, seed=28, num_padding=2)
@@ -141,7 +141,7 @@ class _View:
 
 
 def test_wide_offsets_past_two_to_the_31(monkeypatch) -> None:
-    from treadle_kernels.attention import triton_backend as tb
+    from treadle_kernels.attention import triton_launch as tb
 
     def contiguous(n: int) -> _View:  # [blocks, 16, 8, 128]
         return _View((n // 16384, 16, 8, 128), (16384, 1024, 128, 1))
@@ -150,14 +150,14 @@ def test_wide_offsets_past_two_to_the_31(monkeypatch) -> None:
     strided = _View((2, 16, 8, 128), (2**30, 1024, 128, 1))  # two blocks 2**30 apart: offsets past 2**30 only
     far = _View((3, 16, 8, 128), (2**30, 1024, 128, 1))  # the third block starts at 2**31
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", True)
-    assert not tb._wide_offsets(small, small) and not tb._wide_offsets(strided, small)
-    assert tb._wide_offsets(small, big) and tb._wide_offsets(big, small)
-    assert far.numel() < small.numel() and tb._wide_offsets(far, small), "a small view reaching past 2**31"
+    assert not tb.wide_offsets(small, small) and not tb.wide_offsets(strided, small)
+    assert tb.wide_offsets(small, big) and tb.wide_offsets(big, small)
+    assert far.numel() < small.numel() and tb.wide_offsets(far, small), "a small view reaching past 2**31"
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", False)  # 64 bits whatever the size
-    assert tb._wide_offsets(small, small) and tb._wide_offsets(small, small, fp8=True)
+    assert tb.wide_offsets(small, small) and tb.wide_offsets(small, small, fp8=True)
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", None)  # the default: 32 bits for fp8 caches that allow them
-    assert tb._wide_offsets(small, small) and not tb._wide_offsets(small, small, fp8=True)
-    assert tb._wide_offsets(small, big, fp8=True)
+    assert tb.wide_offsets(small, small) and not tb.wide_offsets(small, small, fp8=True)
+    assert tb.wide_offsets(small, big, fp8=True)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
@@ -212,7 +212,7 @@ def test_gpu_split_kv_decode(batch):
 def test_gpu_fp8_cache(monkeypatch, cache, kind, widen, warps, narrow):
     """fp8 tiles widened in the dot or after their load (FP8_WIDEN; inline assembly, so GPU only), at 4 and 8
     warps, 64- and 32-bit offsets."""
-    from treadle_kernels.attention import triton_backend as tb
+    from treadle_kernels.attention import triton_launch as tb
 
     monkeypatch.setattr(tb, "_FP8_WIDEN", widen)
     monkeypatch.setattr(tb, "_FP8_WARPS", warps)

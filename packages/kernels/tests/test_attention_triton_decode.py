@@ -22,8 +22,9 @@ from attention_cases import FP8, Case, make_case
 
 from treadle_kernels.attention import get_attn_backend
 from treadle_kernels.attention.backend import Rope
-from treadle_kernels.attention.triton_backend import H100_PROFILE, TritonAttentionImpl
+from treadle_kernels.attention.triton_backend import TritonAttentionImpl
 from treadle_kernels.attention.triton_decode import FUSED_MAX_PROGRAMS, fusable
+from treadle_kernels.attention.triton_launch import H100_PROFILE
 
 pytest.importorskip("triton")
 

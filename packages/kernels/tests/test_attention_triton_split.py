@@ -22,8 +22,9 @@ if not torch.cuda.is_available():
 from attention_cases import Case, make_case
 
 from treadle_kernels.attention import get_attn_backend
-from treadle_kernels.attention import triton_backend as tb
-from treadle_kernels.attention.triton_backend import H100_PROFILE, TritonAttentionImpl, choose_launch_config
+from treadle_kernels.attention import triton_launch as tb
+from treadle_kernels.attention.triton_backend import TritonAttentionImpl
+from treadle_kernels.attention.triton_launch import H100_PROFILE, choose_launch_config
 
 pytest.importorskip("triton")
 
