@@ -23,8 +23,8 @@ def _fmix32(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint32(16))
 
 
-def _expected(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """argmax(logits / T - log(max(-log U, 1e-30))), U from the keyed hash, in numpy uint32 / torch float32."""
+def _scores(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """logits / T - log(max(-log U, 1e-30)) [B, V], U from the keyed hash, in numpy uint32 / torch float32."""
     vocab = np.arange(logits.shape[1], dtype=np.uint32)[None, :]
     k = keys.cpu().numpy().astype(np.uint32)
     with np.errstate(over="ignore"):
@@ -32,7 +32,18 @@ def _expected(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tenso
     u = torch.from_numpy(((h >> np.uint32(9)).astype(np.float32) + 0.5) * np.float32(1.0 / 8388608.0))
     noise = (-torch.log(u)).clamp_min(1e-30)
     x = logits.cpu().float() / temperature.cpu()[:, None]
-    return torch.argmax(x - torch.log(noise), dim=-1)
+    return x - torch.log(noise)
+
+
+def _assert_argmax(got: torch.Tensor, scores: torch.Tensor) -> None:
+    """``got`` is each row's argmax of ``scores``; a different index only where its score ties the maximum to
+    float rounding (the logs may round differently on another device)."""
+    got = got.cpu()
+    want = scores.argmax(dim=-1)
+    picked = scores.gather(1, got[:, None])[:, 0]
+    best = scores.gather(1, want[:, None])[:, 0]
+    assert ((got == want) | ((best - picked).abs() <= 1e-5 * best.abs().clamp_min(1.0))).all(), (got, want)
+    assert (got == want).float().mean() >= 0.99
 
 
 def _keys(gen: torch.Generator, rows: int) -> torch.Tensor:
@@ -46,7 +57,7 @@ def test_matches_the_numpy_model(rows: int, vocab: int, dtype: torch.dtype) -> N
     temperature = torch.rand(rows, generator=gen) * 1.5 + 0.2
     keys = _keys(gen, rows)
     got = gumbel_sample(logits.to(DEVICE), temperature.to(DEVICE), keys.to(DEVICE))
-    assert got.tolist() == _expected(logits, temperature, keys).tolist()
+    _assert_argmax(got, _scores(logits, temperature, keys))
 
 
 def test_samples_follow_the_softmax() -> None:
@@ -69,4 +80,4 @@ def test_gpu_llama_vocab() -> None:
     temperature = torch.rand(512, generator=gen) + 0.5
     keys = _keys(gen, 512)
     got = gumbel_sample(logits.cuda(), temperature.cuda(), keys.cuda())
-    assert got.tolist() == _expected(logits, temperature, keys).tolist()
+    _assert_argmax(got, _scores(logits, temperature, keys))
