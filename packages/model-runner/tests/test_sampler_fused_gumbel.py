@@ -3,6 +3,8 @@ as the torch path for seeded rows, and the path taken only for batches that only
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -26,13 +28,15 @@ def test_keys_seeded_rows_derived_others_random() -> None:
     md = _metadata(params, "cpu")
     assert md.seeded_rows is not None and md.seed_lo is not None and md.seed_hi is not None
     assert md.positions is not None
-    keys = gumbel_keys(md.num_reqs, torch.device("cpu"), md.seeded_rows, md.seed_lo, md.seed_hi, md.positions,
-                       torch.Generator().manual_seed(1))  # fmt: skip
+    keys = gumbel_keys(
+        dataclasses.replace(md, generator=torch.Generator().manual_seed(1)), torch.device("cpu")
+    )
     k0, k1 = derive_keys(md.seed_lo, md.seed_hi, md.positions)
     assert torch.equal(keys[md.seeded_rows], torch.stack([k0, k1], dim=1))
     assert ((keys >= 0) & (keys < 2**32)).all()
-    again = gumbel_keys(md.num_reqs, torch.device("cpu"), md.seeded_rows, md.seed_lo, md.seed_hi, md.positions,
-                        torch.Generator().manual_seed(2))  # fmt: skip
+    again = gumbel_keys(
+        dataclasses.replace(md, generator=torch.Generator().manual_seed(2)), torch.device("cpu")
+    )
     unseeded = [1, 4, 7]
     assert torch.equal(again[md.seeded_rows], keys[md.seeded_rows])
     assert not torch.equal(again[unseeded], keys[unseeded]), "unseeded rows draw from the generator"

@@ -22,18 +22,23 @@ torch version is the reference and the CPU path.
 Unseeded rows draw E from torch's RNG (`exponential_` on CUDA, -log of `uniform_` on CPU; optionally with a
 generator).
 
-With TREADLE_FUSED_GUMBEL=1, a CUDA batch that only samples takes `fused_gumbel_sample`: one Triton pass over the
-logits (temperature, noise, argmax; `treadle_kernels.ops.gumbel`) keyed per row by `gumbel_keys`: seeded rows get
-the keys above (the same tokens as this file's path, up to float rounding of the logs), the others two random
-32-bit words from torch's RNG.
+With TREADLE_FUSED_GUMBEL=1, a CUDA batch that only samples takes `treadle_kernels.ops.gumbel.gumbel_sample`: one
+Triton pass over the logits (temperature, noise, argmax) keyed per row by `gumbel_keys`: seeded rows get the keys
+above (the same tokens as this file's path, up to float rounding of the logs), the others two random 32-bit words
+from torch's RNG.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from treadle_ir import ops
 from treadle_model_runner.sample.gumbel_triton import seeded_noise_triton, triton_available
+
+if TYPE_CHECKING:
+    from treadle_model_runner.sample.metadata import SamplingMetadata
 
 _M32 = 0xFFFFFFFF
 _M16 = 0xFFFF
@@ -110,28 +115,18 @@ def exponential_noise(
     return noise.clamp_min_(_TINY)
 
 
-def gumbel_keys(
-    num_reqs: int,
-    device: torch.device,
-    seeded_rows: torch.Tensor | None,
-    seed_lo: torch.Tensor | None,
-    seed_hi: torch.Tensor | None,
-    positions: torch.Tensor | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """[B, 2] int64 32-bit hash keys: derived from (seed, position) on seeded rows, random on the others."""
-    keys = torch.randint(0, 1 << 32, (num_reqs, 2), dtype=torch.int64, device=device, generator=generator)
-    if seeded_rows is not None:
-        assert seed_lo is not None and seed_hi is not None and positions is not None, "seeded rows need keys"
-        keys[seeded_rows] = torch.stack(derive_keys(seed_lo, seed_hi, positions), dim=1)
+def gumbel_keys(md: SamplingMetadata, device: torch.device) -> torch.Tensor:
+    """[B, 2] int64 32-bit hash keys: derived from (seed, position) on seeded rows, random (``md.generator``) on
+    the others."""
+    keys = torch.randint(
+        0, 1 << 32, (md.num_reqs, 2), dtype=torch.int64, device=device, generator=md.generator
+    )
+    if md.seeded_rows is not None:
+        assert md.seed_lo is not None and md.seed_hi is not None and md.positions is not None, (
+            "seeded rows need keys"
+        )
+        keys[md.seeded_rows] = torch.stack(derive_keys(md.seed_lo, md.seed_hi, md.positions), dim=1)
     return keys
-
-
-def fused_gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Temperature, noise and argmax in one Triton pass (CUDA): [B] int64."""
-    from treadle_kernels.ops.gumbel import gumbel_sample
-
-    return gumbel_sample(logits, temperature, keys)
 
 
 def gumbel_max(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

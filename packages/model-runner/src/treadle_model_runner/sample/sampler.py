@@ -22,8 +22,9 @@ from typing import Literal
 import torch
 
 from treadle_ir import ops
+from treadle_kernels.ops.gumbel import gumbel_sample
 from treadle_model_runner import envs
-from treadle_model_runner.sample.gumbel import exponential_noise, fused_gumbel_sample, gumbel_keys, gumbel_max
+from treadle_model_runner.sample.gumbel import exponential_noise, gumbel_keys, gumbel_max
 from treadle_model_runner.sample.logprobs import LogprobsTensors, compute_logprobs, gather_logprobs
 from treadle_model_runner.sample.masks import apply_logit_bias, apply_token_masks
 from treadle_model_runner.sample.metadata import SamplingMetadata
@@ -59,10 +60,8 @@ class Sampler:
             # the whole sampler is one argmax, on the logits as they come (a float32 cast is exact and monotone)
             return SamplerOutput(sampled_token_ids=ops.argmax_rows(logits), logprobs=None)
         if _only_samples(logits, metadata) and envs.TREADLE_FUSED_GUMBEL():
-            md = metadata
-            keys = gumbel_keys(md.num_reqs, logits.device, md.seeded_rows, md.seed_lo, md.seed_hi, md.positions,
-                               md.generator)  # fmt: skip
-            return SamplerOutput(fused_gumbel_sample(logits, md.temperature, keys), logprobs=None)
+            keys = gumbel_keys(metadata, logits.device)
+            return SamplerOutput(gumbel_sample(logits, metadata.temperature, keys), logprobs=None)
         logits = logits.to(torch.float32).contiguous()
         want_logprobs = metadata.max_num_logprobs >= 0
         raw_logprobs = None
