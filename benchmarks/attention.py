@@ -165,6 +165,8 @@ def workloads() -> list[tuple[str, list[tuple[int, int]]]]:
     cases = [("decode b1 ctx192", [(191, 1)]), ("decode b1 ctx320", [(319, 1)])]
     cases.append(("decode b32 ctx1536", [(1535, 1)] * 32))
     cases.append(("decode b256 ctx1536", [(1535, 1)] * 256))  # the 1000 x 1024/1024 run's mean decode step
+    # profile_throughput.py's decode steps (512 sequences, contexts 1024-1152) and the fp8 run's mean step
+    cases += [("decode b512 ctx1088", [(1087, 1)] * 512), ("decode b512 ctx1536", [(1535, 1)] * 512)]
     cases += [(f"decode b{b} ctx{c}", [(c - 1, 1)] * b) for b in (1, 64, 256) for c in (1024, 4096)]
     cases.append(("prefill 4x2048", [(0, 2048)] * 4))
     cases.append(("mixed 1x1024 prefill + 64 decodes ctx2048", [(0, 1024)] + [(2047, 1)] * 64))
