@@ -22,10 +22,10 @@ torch version is the reference and the CPU path.
 Unseeded rows draw E from torch's RNG (`exponential_` on CUDA, -log of `uniform_` on CPU; optionally with a
 generator).
 
-With TREADLE_FUSED_GUMBEL=1, a CUDA batch that only samples takes `treadle_kernels.ops.gumbel.gumbel_sample`: one
-Triton pass over the logits (temperature, noise, argmax) keyed per row by `gumbel_keys`: seeded rows get the keys
-above (the same tokens as this file's path, up to float rounding of the logs), the others two random 32-bit words
-from torch's RNG.
+By default (TREADLE_FUSED_GUMBEL=1), a CUDA batch that only samples takes `treadle_kernels.ops.gumbel.gumbel_sample`:
+one Triton pass over the logits (temperature, noise, argmax) keyed per row by `gumbel_keys`: seeded rows get the
+keys above (the same tokens as this file's path, up to float rounding of the logs), the others two random 32-bit
+words from torch's RNG.
 """
 
 from __future__ import annotations
