@@ -23,7 +23,8 @@ the budget loses nothing else.
 Budget: `--budget-s` bounds the whole run. An item whose usual minimum no longer fits is skipped (the last line
 names the `--only` that runs what was skipped); a running one is cut at the budget. Each item writes
 OUT/<item>.json (device, commit, command, numbers, same-run baseline, KV capacity in tokens, CUDA-graph mode,
-max_model_len, dummy weights); OUT/summary.json and OUT/table.md hold the table, OUT/serve_throughput.png the
+max_model_len, dummy weights); OUT/summary.json (with each step's SM clock, power and share of samples at the
+power cap, `gpu_state.py`) and OUT/table.md hold the table, OUT/serve_throughput.png the
 plot (when matplotlib is installed), OUT/logs/ every subprocess's output.
 `--smoke` runs the same plumbing on CPU on tiny configs derived from the real ones, in well under 90 s.
 
@@ -49,6 +50,7 @@ from gpu_e2e_offline import offline_worker, step_ceilings, step_hf, step_llama, 
 from gpu_e2e_report import plot_serve, render_table, table_rows
 from gpu_e2e_serve import step_serve
 from gpu_e2e_session import Plan, Session, Skip, smoke_plan
+from gpu_state import GpuStateSampler
 
 ITEMS = (
     "ceilings",
@@ -112,6 +114,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_steps(
+    s: Session,
+    args: argparse.Namespace,
+    status: dict[str, str],
+    skipped: list[str],
+    gpu: GpuStateSampler,
+    gpu_state: dict[str, object],
+) -> None:
+    """Run each step whose items were asked for and still fit the budget; fills ``status``, ``skipped`` and the
+    step's SM clock and power (``gpu_state``)."""
+    for step, measures, min_s, runner in STEPS:
+        items = [i for i in measures if i in args.items and i not in status]
+        if not items:
+            continue
+        min_s = 3 if args.smoke else min_s
+        if s.remaining() < min_s:
+            status.update({i: f"skipped: {s.remaining():.0f} s left < {min_s} s" for i in items})
+            skipped += items
+            continue
+        t0 = time.monotonic()
+        try:
+            status.update(runner(s, items))
+        except Skip as e:
+            status.update({i: f"skipped: {e}" for i in items})
+        except Exception as e:  # one failed step must not lose the others (nor its finished items)
+            for i in items:
+                if i in s.records:
+                    status.setdefault(i, "ok")
+                else:
+                    status[i] = f"FAILED: {e}"
+                    s.record(i, "", {}, error=f"{type(e).__name__}: {e}")
+        done = ", ".join(f"{i} {status.get(i, 'ok')}" for i in items)
+        state = gpu.summary(t0, time.monotonic())
+        gpu_state[step] = state
+        clock = (
+            f" ({state['sm_clock_mhz_median']:.0f} MHz, {state['power_w_median']:.0f} W median)"
+            if state
+            else ""
+        )
+        print(f"[{time.monotonic() - t0:6.1f} s] {step}: {done}{clock}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -137,29 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         status: dict[str, str] = {}
         skipped: list[str] = []
-        for step, measures, min_s, runner in STEPS:
-            items = [i for i in measures if i in args.items and i not in status]
-            if not items:
-                continue
-            min_s = 3 if args.smoke else min_s
-            if s.remaining() < min_s:
-                status.update({i: f"skipped: {s.remaining():.0f} s left < {min_s} s" for i in items})
-                skipped += items
-                continue
-            t0 = time.monotonic()
-            try:
-                status.update(runner(s, items))
-            except Skip as e:
-                status.update({i: f"skipped: {e}" for i in items})
-            except Exception as e:  # one failed step must not lose the others (nor its finished items)
-                for i in items:
-                    if i in s.records:
-                        status.setdefault(i, "ok")
-                    else:
-                        status[i] = f"FAILED: {e}"
-                        s.record(i, "", {}, error=f"{type(e).__name__}: {e}")
-            done = ", ".join(f"{i} {status.get(i, 'ok')}" for i in items)
-            print(f"[{time.monotonic() - t0:6.1f} s] {step}: {done}", flush=True)
+        gpu_state: dict[str, object] = {}  # per step: SM clock, power, share at the power cap (gpu_state.py)
+        with GpuStateSampler() as gpu:
+            run_steps(s, args, status, skipped, gpu, gpu_state)
         plot = plot_serve(s)
         rows = table_rows(s, status)
         table = render_table(rows)
@@ -167,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": s.device,
             "commit": s.commit,
             "status": status,
+            "gpu_state": gpu_state,
             "plan": asdict(plan),
             "records": s.records,
             "table": rows,
