@@ -37,6 +37,7 @@ from treadle_kernels.attention.triton_launch import (
     device_profile,
     wide_offsets,
 )
+from treadle_kernels.ops.support import next_pow2
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _launch(
     num_heads, head_dim = query.shape[1], query.shape[2]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    head_dim_pad = max(16, 1 << (head_dim - 1).bit_length())
+    head_dim_pad = max(16, next_pow2(head_dim))
     grid = (num_tokens // cfg.block_q + num_reqs, num_kv_heads, cfg.num_splits)
     if cfg.num_splits == 1:
         target, part_m, part_l = output, output, output

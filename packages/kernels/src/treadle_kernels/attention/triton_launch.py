@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from treadle_kernels.ops.support import num_sms
+from treadle_kernels.ops.support import next_pow2, num_sms
 
 _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
 # The fp8-cache launch, from one Llama-3.1-8B layer of 256 x 1.5k-token decodes on an H200
@@ -62,10 +62,6 @@ class LaunchConfig:
     mask_all_tiles: bool = False  # every key tile through the masked loop (TREADLE_ATTN_MASK_ALL_TILES)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 @dataclass(frozen=True)
 class DeviceProfile:
     """The device facts the launch heuristics read (injectable: tests run a GPU's launches on the interpreter)."""
@@ -104,11 +100,11 @@ def choose_launch_config(
 ) -> LaunchConfig:
     """Pick tile sizes and the split count for a batch shape (host integers only)."""
     on_gpu = profile.gpu_tiles
-    small_rows = max(16, _next_pow2(group))
+    small_rows = max(16, next_pow2(group))
     if max_query_len * group <= small_rows:
         block_m = small_rows
     else:
-        block_m = max(64 if on_gpu else 32, _next_pow2(group))
+        block_m = max(64 if on_gpu else 32, next_pow2(group))
     block_q = max(1, block_m // group)
     # H200: a bf16 cache reads 64-key tiles faster (399 against 418 us at 256 x 1.5k-token decodes,
     # results/gpu-fp8-kv-h200-bb1aa9d); an fp8 cache too, once its value tile widens after the load (above)
@@ -121,7 +117,7 @@ def choose_launch_config(
             programs = num_reqs * num_kv_heads
             target = 2 * profile.num_sms
             if programs < target:
-                num_splits = min(_MAX_SPLITS, _next_pow2((target + programs - 1) // programs))
+                num_splits = min(_MAX_SPLITS, next_pow2((target + programs - 1) // programs))
     # H200 sweep (benchmarks/attention.py shapes): 4 warps and 2 stages won for decode and prefill alike
     num_warps, num_stages = (_FP8_WARPS, _FP8_STAGES) if fp8_cache else (4, 2)
     widen = _FP8_WIDEN if fp8_cache and profile.fp8_convert else 0

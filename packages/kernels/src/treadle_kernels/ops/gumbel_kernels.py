@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sampling_kernels import store_chunk_argmax
+from .sampling_kernels import load_chunk, store_chunk_argmax
 
 TINY = tl.constexpr(1.0e-30)  # floor of the exponential noise: log(0) would let a masked token win
 
@@ -40,12 +40,8 @@ def gumbel_argmax_chunks_kernel(
     part_index_ptr,
     CHUNK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    cols = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = cols < vocab_size
-    x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    x = x / tl.load(temperature_ptr + row)
+    x, cols, mask, row, chunk = load_chunk(logits_ptr, logits_row_stride, vocab_size, CHUNK)
+    x = x.to(tl.float32) / tl.load(temperature_ptr + row)
     k0 = tl.load(keys_ptr + 2 * row).to(tl.uint32)
     k1 = tl.load(keys_ptr + 2 * row + 1).to(tl.uint32)
     h = fmix32(fmix32(cols.to(tl.uint32) ^ k0) + k1)

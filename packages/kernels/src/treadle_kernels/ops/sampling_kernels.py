@@ -40,12 +40,20 @@ def argmax_chunks_kernel(
     part_index_ptr,
     CHUNK: tl.constexpr,
 ):
+    x, _cols, mask, row, chunk = load_chunk(logits_ptr, logits_row_stride, vocab_size, CHUNK)
+    store_chunk_argmax(x, mask, row, chunk, part_key_ptr, part_index_ptr, CHUNK)
+
+
+@triton.jit
+def load_chunk(logits_ptr, logits_row_stride, vocab_size, CHUNK: tl.constexpr):
+    """The logits of this (row, chunk) program with their columns and mask (masked lanes read 0), the row (int64)
+    and the chunk."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = cols < vocab_size
     x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=mask, other=0.0)
-    store_chunk_argmax(x, mask, row, chunk, part_key_ptr, part_index_ptr, CHUNK)
+    return x, cols, mask, row, chunk
 
 
 @triton.jit

@@ -44,12 +44,14 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless apart from its logprobs mode; one instance serves every step."""
+    """Stateless apart from its logprobs mode and the fused-Gumbel switch (read from the environment when built);
+    one instance serves every step."""
 
     def __init__(self, logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
         if logprobs_mode not in _LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode {logprobs_mode!r} is not one of {', '.join(_LOGPROBS_MODES)}")
         self.logprobs_mode = logprobs_mode
+        self.fused_gumbel = envs.TREADLE_FUSED_GUMBEL()  # read once, not every step
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         expected = (metadata.num_reqs, metadata.vocab_size)
@@ -59,7 +61,7 @@ class Sampler:
         if metadata.all_greedy and metadata.max_num_logprobs < 0 and _untouched(metadata):
             # the whole sampler is one argmax, on the logits as they come (a float32 cast is exact and monotone)
             return SamplerOutput(sampled_token_ids=ops.argmax_rows(logits), logprobs=None)
-        if _only_samples(logits, metadata) and envs.TREADLE_FUSED_GUMBEL():
+        if self.fused_gumbel and _only_samples(logits, metadata):
             keys = gumbel_keys(metadata, logits.device)
             return SamplerOutput(gumbel_sample(logits, metadata.temperature, keys), logprobs=None)
         logits = logits.to(torch.float32).contiguous()
