@@ -10,7 +10,7 @@ device's own copy bandwidth measured in the same run, and TFLOP/s for prefill. T
 finishes quickly. ``--kv-cache-dtype fp8`` (or fp8_e5m2) fills an 8-bit cache (unit scale, as the engine's).
 
     python benchmarks/attention.py results.json [--backends triton,flashinfer,torch,triton+rope,triton+rope_fused,
-        triton+rope_unfused,triton+rope/s4]      (/sN: N KV splits forced, batch-1 decode rows only)
+        triton+rope_unfused,triton+rope/s4,triton+xqa]      (/sN: N KV splits forced, batch-1 decode rows only)
         [--kv-cache-dtype fp8] [--workloads "b256,prefill"] (rows whose label holds one of the words)
 
 Needs only torch, triton and (optionally) flashinfer-python; the treadle packages are imported from the checkout.
@@ -92,13 +92,15 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
 
     ``NAME+rope``: the layer hands q and k unrotated with their rotary table (``forward_rope``): for the triton
     backend, small decode batches take the fused decode kernel (the engine's policy); ``NAME+rope_fused`` takes it
-    at every batch size; ``NAME+rope_unfused`` runs the rotary op first. A ``/sN`` suffix forces N KV splits
+    at every batch size; ``NAME+rope_unfused`` runs the rotary op first; ``triton+xqa``: decode steps take
+    FlashInfer's XQA kernel (``TREADLE_ATTN_XQA=2``, attention/xqa.py). A ``/sN`` suffix forces N KV splits
     (triton; decode)."""
     q, k, v, kv_cache, md = step
     name, _, splits = name.partition("/s")
     name, _, variant = name.partition("+")
     os.environ["TREADLE_FUSED_DECODE_ATTENTION"] = "0" if variant == "rope_unfused" else "1"
-    rope = rope_for(md, q.shape[0]) if variant else None
+    os.environ["TREADLE_ATTN_XQA"] = "2" if variant == "xqa" else "0"  # read when the builder is made
+    rope = rope_for(md, q.shape[0]) if variant.startswith("rope") else None
     backend = get_attn_backend(name, "cuda")
     builder = backend.get_builder_cls()(BLOCK_SIZE, "cuda")
     impl = backend.get_impl_cls()(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS)

@@ -2,7 +2,8 @@
 
 Each launch's tiles, split count and kernel variant come from ``triton_launch.py`` (host integers only, no device
 sync); a mixed batch is launched twice, 16-row tiles for its short queries and 64-row tiles for its long ones (the
-builder records the step's shortest query).
+builder records the step's shortest query). With ``TREADLE_ATTN_XQA`` set, decode-only steps may take FlashInfer's
+XQA kernel instead (``xqa.py``, opt-in).
 
 Triton is imported lazily: importing this module never needs it. Under ``TRITON_INTERPRET=1`` the same kernel runs
 on CPU tensors (tests), with small tiles.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
+from treadle_kernels.attention import xqa
 from treadle_kernels.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -49,17 +51,19 @@ class TritonAttentionMetadata:
     common: AttentionMetadata
     min_query_len: int  # tokens of the shortest query this step
     counters: torch.Tensor  # the fused decode kernel's split-reduction tickets (triton_decode.py)
+    xqa_workspace: torch.Tensor | None = None  # XQA's zeroed workspace (xqa.py); None: XQA off
 
 
 class TritonMetadataBuilder(AttentionMetadataBuilder):
     def __init__(self, block_size: int, device: torch.device | str) -> None:
         super().__init__(block_size, device)
         self.counters = new_counters(self.device)  # before any graph capture; shared by every layer
+        self.xqa_workspace = xqa.new_workspace(self.device)
 
     def build(self, common: AttentionMetadata) -> TritonAttentionMetadata:
         qsl = common.query_start_loc_cpu
         min_query_len = int((qsl[1:] - qsl[:-1]).min()) if qsl.shape[0] > 1 else 0
-        return TritonAttentionMetadata(common, min_query_len, self.counters)
+        return TritonAttentionMetadata(common, min_query_len, self.counters, self.xqa_workspace)
 
 
 def _launch(
@@ -176,6 +180,10 @@ class TritonAttentionImpl(AttentionImpl):
     ) -> torch.Tensor:
         md = attn_metadata.common
         write_kv_cache(key, value, kv_cache, md.slot_mapping)
+        workspace = attn_metadata.xqa_workspace
+        if xqa.applies(query, kv_cache, md, self.sliding_window, self.logits_soft_cap, workspace):
+            assert workspace is not None
+            return xqa.decode(query, kv_cache, md, output, self.scale, workspace)
         return paged_attention(
             query, kv_cache, md, output, self.scale, self.sliding_window, self.logits_soft_cap,
             self.force_num_splits, attn_metadata.min_query_len, self.device_profile,

@@ -1,0 +1,204 @@
+"""XQA decode (attention/xqa.py): when it serves a call and its glue on CPU, through a stand-in for
+``flashinfer.decode`` that computes the documented semantics in torch; the real kernel on a GPU against the dense
+reference, eager and replayed from a CUDA graph (skipped without CUDA or flashinfer)."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from attention_cases import FP8, dense_reference, make_case
+
+from treadle_kernels.attention import AttentionMetadata, get_attn_backend, xqa
+from treadle_kernels.attention.backend import write_kv_cache
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _fake_decode(calls: list[dict]) -> SimpleNamespace:
+    """``xqa_batch_decode_with_kv_cache`` as FlashInfer documents it, in float64 torch."""
+
+    def xqa_batch_decode_with_kv_cache(query, kv_cache, workspace, block_tables, seq_lens, max_seq_len, *,
+                                       bmm1_scale, bmm2_scale, out, kv_layout, enable_pdl):  # fmt: skip
+        calls.append({"query": query, "seq_lens": seq_lens, "max_seq_len": max_seq_len, "pdl": enable_pdl})
+        assert kv_layout == "NHD" and query.is_contiguous() and out.is_contiguous()
+        assert block_tables.dtype == torch.int32 and seq_lens.dtype == torch.uint32
+        k_cache, v_cache = kv_cache  # [pages, page_size, nkv, d] each
+        page = k_cache.shape[1]
+        assert max_seq_len == block_tables.shape[1] * page
+        group = query.shape[1] // k_cache.shape[2]
+        for i, length in enumerate(seq_lens.view(torch.int32).tolist()):
+            pos = torch.arange(length)
+            slots = block_tables[i, pos // page].long() * page + pos % page
+            k = k_cache.flatten(0, 1)[slots].double().repeat_interleave(group, dim=1)  # [L, nh, d]
+            v = v_cache.flatten(0, 1)[slots].double().repeat_interleave(group, dim=1)
+            p = torch.softmax(torch.einsum("hd,khd->hk", query[i].double(), k) * bmm1_scale, -1)
+            out[i] = (torch.einsum("hk,khd->hd", p, v) * bmm2_scale).to(out.dtype)
+        return out
+
+    return SimpleNamespace(xqa_batch_decode_with_kv_cache=xqa_batch_decode_with_kv_cache)
+
+
+def _decodes(n: int, max_context: int, seed: int) -> list[tuple[int, int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(int(c), 1) for c in torch.randint(0, max_context, (n,), generator=gen)]
+
+
+@pytest.mark.parametrize("raw", ["3", "yes", "-1"])
+def test_mode_rejects_other_values(monkeypatch, raw):
+    monkeypatch.setenv("TREADLE_ATTN_XQA", raw)
+    with pytest.raises(ValueError, match="TREADLE_ATTN_XQA"):
+        xqa.mode()
+
+
+def test_no_workspace_off_or_on_cpu(monkeypatch):
+    monkeypatch.delenv("TREADLE_ATTN_XQA", raising=False)
+    assert xqa.mode() == 0
+    monkeypatch.setenv("TREADLE_ATTN_XQA", "2")
+    assert xqa.new_workspace(torch.device("cpu")) is None
+    builder = get_attn_backend("triton", "cpu").get_builder_cls()(16, "cpu")
+    assert builder.xqa_workspace is None  # the interpreter never calls XQA
+
+
+def test_serves_only_plain_decode_steps(monkeypatch):
+    monkeypatch.setenv("TREADLE_ATTN_XQA", "2")
+    ws = torch.zeros(1, dtype=torch.uint8)
+    case = make_case(_decodes(6, 90, 1), 8, 2, 64, 16, dtype=torch.bfloat16)
+    q, kv, md = case.query, case.kv_cache, case.metadata
+    assert xqa.applies(q, kv, md, None, None, ws)
+    assert not xqa.applies(q, kv, md, None, None, None)  # no workspace: off or not CUDA
+    assert not xqa.applies(q, kv, md, 256, None, ws)  # sliding window
+    assert not xqa.applies(q, kv, md, None, 30.0, ws)  # soft-cap
+    assert not xqa.applies(q.float(), kv.float(), md, None, None, ws)  # fp32 activations
+    assert not xqa.applies(q, kv, dataclasses.replace(md, causal=False), None, None, ws)
+    padded = dataclasses.replace(md, num_actual_tokens=md.num_reqs + 2)  # tokens past the requests
+    assert not xqa.applies(q, kv, padded, None, None, ws)
+    mixed = make_case([(0, 40), *_decodes(3, 90, 2)], 8, 2, 64, 16, dtype=torch.bfloat16)
+    assert not xqa.applies(mixed.query, mixed.kv_cache, mixed.metadata, None, None, ws)
+    monkeypatch.setenv("TREADLE_ATTN_XQA", "1")  # fp8 caches only
+    assert not xqa.applies(q, kv, md, None, None, ws)
+    odd_pages = make_case(_decodes(2, 90, 3), 8, 2, 64, 8, dtype=torch.bfloat16)
+    monkeypatch.setenv("TREADLE_ATTN_XQA", "2")
+    assert not xqa.applies(odd_pages.query, odd_pages.kv_cache, odd_pages.metadata, None, None, ws)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (8, 8)])
+def test_glue_passes_the_step_as_xqa_reads_it(monkeypatch, heads, kv_heads):
+    """Strided query rows, shuffled pages, int32 seq_lens read as uint32, the cache's two NHD halves, the scale."""
+    calls: list[dict] = []
+    monkeypatch.setattr(xqa, "_flashinfer_decode", lambda: _fake_decode(calls))
+    case = make_case(_decodes(5, 70, 4), heads, kv_heads, 64, 16, dtype=torch.bfloat16, seed=5)
+    assert not case.query.is_contiguous()
+    scale = 0.3
+    write_kv_cache(case.key, case.value, case.kv_cache, case.metadata.slot_mapping)
+    out = torch.full_like(case.query, float("nan")).contiguous()
+    xqa.decode(case.query, case.kv_cache, case.metadata, out, scale, torch.zeros(8, dtype=torch.uint8))
+    ref = dense_reference(case, scale)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    assert len(calls) == 1 and calls[0]["pdl"] is False
+    assert calls[0]["seq_lens"].view(torch.int32).tolist() == case.metadata.seq_lens_cpu.tolist()
+
+
+def test_glue_writes_through_a_strided_output(monkeypatch):
+    monkeypatch.setattr(xqa, "_flashinfer_decode", lambda: _fake_decode([]))
+    case = make_case(_decodes(4, 50, 6), 4, 2, 64, 16, dtype=torch.bfloat16, seed=6)
+    wide = torch.zeros(4, 2, 4, 64, dtype=torch.bfloat16)
+    out = wide[:, 1]  # rows strided past the heads
+    write_kv_cache(case.key, case.value, case.kv_cache, case.metadata.slot_mapping)
+    xqa.decode(case.query, case.kv_cache, case.metadata, out, 0.125, torch.zeros(8, dtype=torch.uint8))
+    torch.testing.assert_close(out.float(), dense_reference(case, 0.125).float(), atol=2e-2, rtol=2e-2)
+    assert wide[:, 0].abs().sum() == 0
+
+
+def _xqa_run(monkeypatch, case, mode: str, num_heads: int, num_kv_heads: int):
+    """The triton backend's forward with XQA on; asserts XQA served it."""
+    monkeypatch.setenv("TREADLE_ATTN_XQA", mode)
+    served = []
+    real = xqa.decode
+    monkeypatch.setattr(xqa, "decode", lambda *a: served.append(1) or real(*a))
+    backend = get_attn_backend("triton", "cuda")
+    builder = backend.get_builder_cls()(16, "cuda")
+    impl = backend.get_impl_cls()(num_heads, 128, 128**-0.5, num_kv_heads)
+    out = torch.zeros_like(case.query)
+    impl.forward(case.query, case.key, case.value, case.kv_cache, builder.build(case.metadata), out)
+    assert served, "XQA did not serve the decode step"
+    return out, builder, impl
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("requests", ["b1", "b64"])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(32, 8), (16, 8)])  # Llama-3.1-8B / Qwen3-0.6B groups
+def test_xqa_fp8_matches_reference(monkeypatch, requests, heads, kv_heads):
+    """The fp8 kernel rounds the query and the softmax weights to e4m3 (the cache's K/V are exact e4m3 values):
+    its error is that rounding's, a few percent, never a wrong page or scale (errors of order 1)."""
+    pytest.importorskip("flashinfer")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("XQA's fp8 kernel is Hopper's")
+    batch = [(3000, 1)] if requests == "b1" else _decodes(64, 4000, 7)  # b1: XQA splits the keys
+    case = make_case(batch, heads, kv_heads, 128, 16, dtype=torch.bfloat16, device="cuda", seed=8,
+                     cache_dtype=FP8["e4m3"])  # fmt: skip
+    out, _, _ = _xqa_run(monkeypatch, case, "1", heads, kv_heads)
+    ref = dense_reference(case, 128**-0.5).to(out.device)
+    err, worst = _relative_error(out, ref), float((out.double() - ref.double()).abs().max())
+    print(f"xqa fp8 {requests} {heads}/{kv_heads}: relative error {err:.4f}, max abs {worst:.4f}")
+    assert err < 0.06 and worst < 0.15
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("requests", ["b1", "b64"])
+def test_xqa_bf16_cache_matches_reference(monkeypatch, requests):
+    pytest.importorskip("flashinfer")
+    batch = [(3000, 1)] if requests == "b1" else _decodes(64, 4000, 9)
+    case = make_case(batch, 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=10)
+    out, _, _ = _xqa_run(monkeypatch, case, "2", 32, 8)
+    ref = dense_reference(case, 128**-0.5).to(out.device)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cache", ["e4m3", "bf16"])
+def test_xqa_graph_replay_equals_eager(monkeypatch, cache):
+    """Captured as the runner does (one-token requests of context 1 on the null block), replayed on a real step
+    written into the same buffers: the same output as an eager call on that step."""
+    pytest.importorskip("flashinfer")
+    if cache == "e4m3" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("XQA's fp8 kernel is Hopper's")
+    n = 24
+    case = make_case(_decodes(n, 2500, 11), 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda", seed=12,
+                     cache_dtype=FP8.get(cache))  # fmt: skip
+    eager, builder, impl = _xqa_run(monkeypatch, case, "2", 32, 8)
+    width = case.metadata.block_table.shape[1] + 5
+    qsl = torch.arange(n + 1, dtype=torch.int32)
+    static = AttentionMetadata(
+        num_actual_tokens=n, max_query_len=1, max_seq_len=1, query_start_loc=qsl.cuda(), query_start_loc_cpu=qsl,
+        seq_lens=torch.ones(n, dtype=torch.int32, device="cuda"), seq_lens_cpu=torch.ones(n, dtype=torch.int32),
+        block_table=torch.zeros(n, width, dtype=torch.int32, device="cuda"),
+        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device="cuda"),
+    )  # fmt: skip
+    q, k, v = (torch.zeros_like(t).contiguous() for t in (case.query, case.key, case.value))
+    out = torch.zeros_like(q)
+    md = builder.build_for_cuda_graph(static, n)
+    impl.forward(q, k, v, case.kv_cache, md, out)  # warm-up
+    torch.cuda.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        impl.forward(q, k, v, case.kv_cache, md, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    q.copy_(case.query)
+    static.seq_lens.copy_(case.metadata.seq_lens)
+    static.block_table[:, : width - 5].copy_(case.metadata.block_table)
+    graph.replay()
+    torch.cuda.synchronize()
+    diff = float((out.float() - eager.float()).abs().max())
+    print(f"xqa {cache} graph replay against eager: max abs difference {diff}")
+    assert diff <= 1e-2
