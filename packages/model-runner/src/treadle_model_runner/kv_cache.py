@@ -105,15 +105,20 @@ def allocate_kv_caches(
     device: torch.device,
     backend: Any,
 ) -> list[torch.Tensor]:
-    """One tensor per layer, in the backend's shape, left uninitialised except the null block (zeros).
+    """One tensor per layer, in the backend's shape: zeroed on a GPU, else uninitialised except the null block.
 
-    Not zero-filling saves seconds at start-up (4 GiB on CPU): backends never read a slot at or past a
-    request's seq_len (they are tested on caches poisoned with NaN), and padding reads only the null block."""
+    On CPU, not zero-filling saves seconds at start-up (4 GiB): the CPU backends never read a slot at or past a
+    request's seq_len (they are tested on caches poisoned with NaN), and padding reads only the null block. A GPU
+    zeroes 100 GiB in well under a second, and XQA (treadle_kernels/attention/xqa.py) reads whole pages past
+    seq_len, masking their scores: a weight of 0 times a NaN there (an uninitialised fp8 byte can be one) would
+    be NaN, so those slots must hold finite values (later writes are saturating casts: finite)."""
     caches = []
     for a in layers:
         shape = backend.get_kv_cache_shape(num_blocks, block_size, a.num_kv_heads, a.head_size)
         cache = torch.empty(shape, dtype=dtype, device=device)
-        if len(shape) > 1 and shape[1] == num_blocks:  # [2, num_blocks, ...]: zero the null block
+        if torch.device(device).type == "cuda":
+            cache.zero_()
+        elif len(shape) > 1 and shape[1] == num_blocks:  # [2, num_blocks, ...]: zero the null block
             cache[:, 0].zero_()
         else:  # a layout this function does not know: zero it all
             cache.zero_()

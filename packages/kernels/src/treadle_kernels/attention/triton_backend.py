@@ -2,8 +2,8 @@
 
 Each launch's tiles, split count and kernel variant come from ``triton_launch.py`` (host integers only, no device
 sync); a mixed batch is launched twice, 16-row tiles for its short queries and 64-row tiles for its long ones (the
-builder records the step's shortest query). With ``TREADLE_ATTN_XQA`` set, decode-only steps may take FlashInfer's
-XQA kernel instead (``xqa.py``, opt-in).
+builder records the step's shortest query). Decode-only steps over an e4m3 cache on Hopper take FlashInfer's
+XQA kernel instead, where flashinfer-python is installed (``xqa.py``).
 
 Triton is imported lazily: importing this module never needs it. Under ``TRITON_INTERPRET=1`` the same kernel runs
 on CPU tensors (tests), with small tiles.

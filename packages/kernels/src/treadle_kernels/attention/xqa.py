@@ -1,10 +1,11 @@
-"""FlashInfer's XQA decode kernel (TensorRT-LLM's) for the decode-only steps of the ``triton`` backend (opt-in).
+"""FlashInfer's XQA decode kernel (TensorRT-LLM's) for the decode-only steps of the ``triton`` backend.
 
-``TREADLE_ATTN_XQA`` picks which steps it serves: ``0`` (default) none; ``1`` decode-only steps over an e4m3 cache
-on a Hopper GPU (sm_90), where FlashInfer runs XQA's fp8 kernel (``mha_sm90.cu``: TMA page loads, warp-group MMAs
-in fp8, so the query and the softmax weights are rounded to e4m3 as FA3 does); ``2`` also 16-bit caches (XQA's
-generic kernel). Everything else (prefill, chunked prefill, mixed steps, sliding windows, soft-caps, the fused
-small-batch decode kernel's batches) stays on the unified Triton kernel.
+It serves decode-only steps over an e4m3 cache (``--kv-cache-dtype fp8``) on a Hopper GPU (sm_90), where FlashInfer
+runs XQA's fp8 kernel (``mha_sm90.cu``: TMA page loads, warp-group MMAs in fp8, so the query and the softmax weights
+are rounded to e4m3, as FA3's fp8 path does). Everything else (prefill, chunked prefill, mixed steps, sliding
+windows, soft-caps, the fused small-batch decode kernel's batches, 16-bit caches) stays on the unified Triton kernel.
+``TREADLE_ATTN_XQA``: unset, on where it applies when flashinfer-python is installed; ``0`` off; ``1`` on (an
+error without flashinfer); ``2`` also 16-bit caches (XQA's generic kernel; slower than Triton's, for measurement).
 
 The call reads the step's metadata as the Triton kernel does: the decode graph's padding requests (one token of
 context on the null block) are attended like real ones and their rows never read; ``seq_lens`` is read as uint32
@@ -32,9 +33,12 @@ WORKSPACE_BYTES = 40 * 1024 * 1024
 _PAGE_SIZES = (16, 32, 64, 128)
 
 
-def mode() -> int:
-    """``TREADLE_ATTN_XQA``: 0 off, 1 e4m3 caches on sm_90, 2 also 16-bit caches."""
-    raw = os.environ.get("TREADLE_ATTN_XQA", "0")
+def mode() -> int | None:
+    """``TREADLE_ATTN_XQA``: None (unset: where flashinfer is installed), 0 off, 1 e4m3 caches on sm_90, 2 also
+    16-bit caches."""
+    raw = os.environ.get("TREADLE_ATTN_XQA")
+    if raw is None:
+        return None
     if raw not in ("0", "1", "2"):
         raise ValueError(
             f"TREADLE_ATTN_XQA={raw!r}: expected 0 (off), 1 (fp8 e4m3 caches) or 2 (every cache)"
@@ -54,11 +58,25 @@ def _flashinfer_decode() -> Any:
     return decode
 
 
+def _installed() -> bool:
+    try:
+        _flashinfer_decode()
+    except ImportError:
+        return False
+    return True
+
+
 def new_workspace(device: torch.device) -> torch.Tensor | None:
-    """The zeroed XQA workspace of one metadata builder, or None where XQA never runs (off, or not CUDA)."""
-    if device.type != "cuda" or mode() == 0:
+    """The zeroed XQA workspace of one metadata builder, or None where XQA never runs (off, not CUDA, or unset
+    and either not a Hopper GPU or without flashinfer)."""
+    selected = mode()
+    if device.type != "cuda" or selected == 0:
         return None
-    _flashinfer_decode()  # fail at start-up, not at the first decode step
+    if selected is None:
+        if torch.cuda.get_device_capability(device)[0] != 9 or not _installed():
+            return None
+    else:
+        _flashinfer_decode()  # asked for: fail at start-up, not at the first decode step
     return torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
 
 
