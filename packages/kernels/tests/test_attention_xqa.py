@@ -141,7 +141,8 @@ def _xqa_run(monkeypatch, case, mode: str, num_heads: int, num_kv_heads: int):
 
 
 def _triton_run(case, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """The unified Triton kernel on the same case (XQA off; the case's new K/V are written again, unchanged)."""
+    """The unified Triton kernel on the same case (with ``TREADLE_ATTN_XQA=0``; the case's new K/V are written
+    again, unchanged)."""
     backend = get_attn_backend("triton", "cuda")
     impl = backend.get_impl_cls()(num_heads, 128, 128**-0.5, num_kv_heads)
     out = torch.zeros_like(case.query)
@@ -149,8 +150,26 @@ def _triton_run(case, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     return impl.forward(case.query, case.key, case.value, case.kv_cache, md, out)
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
+def _e4m3_model(case, scale: float) -> torch.Tensor:
+    """Attention as XQA's fp8 kernel rounds it, in float64: the query and the unnormalised softmax weights
+    ``exp(s - max)`` rounded to e4m3 before their products, the row sum taken before the rounding."""
+    md, outs = case.metadata, []
+    starts = md.query_start_loc_cpu.tolist()
+    for i, (k, v) in enumerate(zip(case.full_keys, case.full_values, strict=True)):
+        q = case.query[starts[i] : starts[i + 1]].double().cpu()
+        group = q.shape[1] // k.shape[1]
+        k, v = (t.double().cpu().repeat_interleave(group, dim=1) for t in (k, v))
+        s = torch.einsum("qhd,khd->hqk", q.to(torch.float8_e4m3fn).double(), k) * scale
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        o = torch.einsum("hqk,khd->qhd", p.to(torch.float8_e4m3fn).double(), v)
+        outs.append(o / p.sum(-1).transpose(0, 1)[..., None])
+    return torch.cat(outs)
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Relative error of the whole output and of its worst (token, head) row."""
+    d, r = out.double().cpu() - ref.double().cpu(), ref.double().cpu()
+    return float(d.norm() / r.norm()), float((d.norm(dim=-1) / r.norm(dim=-1)).max())
 
 
 @pytest.mark.gpu
@@ -158,11 +177,11 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("requests", ["b1", "b64"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(32, 8), (16, 8)])  # Llama-3.1-8B / Qwen3-0.6B groups
 @pytest.mark.parametrize("sharpness", [1.0, 4.0])  # query scale: scores of std 1 / 4 (peaked attention)
-def test_xqa_fp8_matches_reference(monkeypatch, requests, heads, kv_heads, sharpness):
-    """The fp8 kernel rounds the query and the softmax weights to e4m3 (3 mantissa bits: ~2.5 % each on
-    average; the cache's K/V are exact e4m3 values): its error is that rounding's, a few percent, growing with
-    the scores' spread, never a wrong page or scale (errors of order 1). The unified Triton kernel's error on the
-    same case is printed beside it."""
+def test_xqa_fp8_error_is_its_e4m3_rounding(monkeypatch, requests, heads, kv_heads, sharpness):
+    """The fp8 kernel rounds the query and the softmax weights to e4m3 (3 mantissa bits; the cache's K/V are
+    exact e4m3 values): its error against the exact reference is what that rounding predicts (``_e4m3_model``;
+    session 12's first run: 3.6 / 3.0 % at scores of std 1, 5.8-6.9 % at std 4, within 0.3 % of the model's),
+    never a wrong page or scale (errors of order 1). The unified Triton kernel's error is printed beside it."""
     pytest.importorskip("flashinfer")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("XQA's fp8 kernel is Hopper's")
@@ -170,13 +189,14 @@ def test_xqa_fp8_matches_reference(monkeypatch, requests, heads, kv_heads, sharp
     case = _finite_tails(make_case(batch, heads, kv_heads, 128, 16, dtype=torch.bfloat16, device="cuda", seed=8,
                                    cache_dtype=FP8["e4m3"]))  # fmt: skip
     case.query.mul_(sharpness)
+    monkeypatch.setenv("TREADLE_ATTN_XQA", "0")
     triton = _triton_run(case, heads, kv_heads)
     out, _, _ = _xqa_run(monkeypatch, case, "1", heads, kv_heads)
-    ref = dense_reference(case, 128**-0.5).to(out.device)
-    err, worst = _relative_error(out, ref), float((out.double() - ref.double()).abs().max())
-    print(f"xqa fp8 {requests} {heads}/{kv_heads} x{sharpness}: relative error {err:.4f}, max abs {worst:.4f}; "
-          f"triton {_relative_error(triton, ref):.4f}")  # fmt: skip
-    assert err < (0.08 if sharpness == 1.0 else 0.15) and worst < 0.25
+    ref = dense_reference(case, 128**-0.5)
+    (err, row), (model, model_row) = _errors(out, ref), _errors(_e4m3_model(case, 128**-0.5), ref)
+    print(f"xqa fp8 {requests} {heads}/{kv_heads} x{sharpness}: relative error {err:.4f} (worst row {row:.4f}); "
+          f"e4m3 model {model:.4f} ({model_row:.4f}); triton {_errors(triton, ref)[0]:.4f}")  # fmt: skip
+    assert err <= 1.25 * model + 0.005 and row <= 1.5 * model_row + 0.02
 
 
 @pytest.mark.gpu
