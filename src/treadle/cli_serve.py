@@ -63,7 +63,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-space", type=float, default=d["kv_cache_space"], help="GiB of KV cache on CPU")
     p.add_argument(
         "--kv-cache-dtype", default=d["kv_cache_dtype"], choices=KV_CACHE_DTYPES,
-        help="auto: the model dtype; fp8 (= fp8_e4m3) / fp8_e5m2: 8-bit K/V at unit scale (triton, torch backends)",
+        help="auto: the model dtype; fp8 (= fp8_e4m3) / fp8_e5m2: 8-bit K/V at unit scale. On Hopper with "
+        "flashinfer-python, fp8 decode runs FlashInfer's XQA kernel (query and softmax weights in e4m3 too; "
+        "TREADLE_ATTN_XQA=0 keeps Triton's)",
     )  # fmt: skip
     p.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"]
