@@ -183,6 +183,18 @@ def count_piecewise_replays(runner: ModelRunner) -> list[int]:
     return replays
 
 
+def save_llama(directory: Path, seed: int, **config: Any) -> Path:
+    """A tiny random Llama (every weight perturbed, ``std`` 0.15) saved to ``directory`` as an HF model;
+    ``config``: LlamaConfig fields (no BOS / EOS token unless given)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(**{"eos_token_id": None, "bos_token_id": None, **config})).eval()
+    perturb_(hf, seed=seed, std=0.15)
+    hf.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def perturb_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
     """Give every parameter (norms and biases included) random values, so no weight is left at its init."""
     gen = torch.Generator().manual_seed(seed)

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-import transformers as tf
-from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
+from test_runner_fakes import FakeScheduler, make_runner, record_hidden, save_llama
 
 from treadle_kernels.attention import AttentionBackend
 from treadle_kernels.attention.flashinfer_backend import FlashInferAttentionBackend
@@ -29,16 +28,9 @@ BOUND = {"fp8": 0.12, "fp8_e5m2": 0.25}
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=None, bos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = tf.LlamaForCausalLM(config).eval()
-    perturb_(hf, seed=3, std=0.15)
-    path = tmp_path_factory.mktemp("llama_fp8")
-    hf.save_pretrained(path, safe_serialization=True)
-    return path
+    return save_llama(tmp_path_factory.mktemp("llama_fp8"), 3, vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128)  # fmt: skip
 
 
 def _runner(path: Path, kv_cache_dtype: str, device: str = "cpu", **model: Any) -> ModelRunner:

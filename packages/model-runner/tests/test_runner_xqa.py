@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
+from test_runner_fakes import FakeScheduler, make_runner, record_hidden, save_llama
 
 from treadle_kernels.attention import xqa
 
@@ -24,16 +23,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, eos_token_id=None, bos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = tf.LlamaForCausalLM(config).eval()
-    perturb_(hf, seed=3, std=0.15)
-    path = tmp_path_factory.mktemp("llama_xqa")
-    hf.save_pretrained(path, safe_serialization=True)
-    return path
+    return save_llama(tmp_path_factory.mktemp("llama_xqa"), 3, vocab_size=VOCAB, hidden_size=256,
+                      intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=256)  # fmt: skip
 
 
 def _run(path: Path, **model: object) -> tuple[dict[str, list[int]], list[torch.Tensor]]:
