@@ -59,7 +59,9 @@ def test_xqa_decode_in_graphs_matches_eager_and_torch(llama: Path, monkeypatch: 
     monkeypatch.setattr(xqa, "decode", lambda *a: served.append(1) or real(*a))
     eager_tokens, eager_hidden = _run(llama, attention_backend="triton", enforce_eager=True)
     assert served, "XQA served no decode step"
+    eager_calls = len(served)
     graph_tokens, graph_hidden = _run(llama, attention_backend="triton")
+    assert len(served) > eager_calls, "the decode graphs were not captured on XQA"
     first_decode = _error(torch_hidden[:2], eager_hidden[:2])  # the prefill step, then the first decode step
     print(f"hidden error: graphs vs eager {_error(eager_hidden, graph_hidden):.4f}, eager vs torch over the "
           f"prefill and first decode step {first_decode:.4f}; tokens {eager_tokens} / torch {torch_tokens}")  # fmt: skip
