@@ -125,6 +125,45 @@ def _finite_tails(case):
     return case
 
 
+def _failing_flashinfer() -> SimpleNamespace:
+    def xqa_batch_decode_with_kv_cache(*args, **kwargs):
+        raise RuntimeError("nvcc: not found")
+
+    return SimpleNamespace(xqa_batch_decode_with_kv_cache=xqa_batch_decode_with_kv_cache)
+
+
+def test_unset_mode_falls_back_to_triton_when_xqa_fails(monkeypatch, caplog):
+    """Unset, a failing XQA (no nvcc for FlashInfer's build) is logged and turned off; the step runs on Triton."""
+    monkeypatch.delenv("TREADLE_ATTN_XQA")
+    monkeypatch.setattr(xqa, "_failure", None)
+    monkeypatch.setattr(xqa, "_flashinfer_decode", _failing_flashinfer)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # as on a Hopper GPU
+    case = make_case(
+        _decodes(5, 90, 13), 8, 2, 64, 16, dtype=torch.bfloat16, seed=14, cache_dtype=FP8["e4m3"]
+    )
+    backend = get_attn_backend("triton", "cpu")
+    md = backend.get_builder_cls()(16, "cpu").build(case.metadata)
+    md.xqa_workspace = torch.zeros(8, dtype=torch.uint8)  # as a GPU builder holds it
+    assert xqa.applies(case.query, case.kv_cache, case.metadata, None, None, md.xqa_workspace)
+    out = torch.zeros_like(case.query)
+    backend.get_impl_cls()(8, 64, 0.125, 2).forward(case.query, case.key, case.value, case.kv_cache, md, out)
+    torch.testing.assert_close(out.float(), dense_reference(case, 0.125).float(), atol=2e-2, rtol=2e-2)
+    assert "nvcc: not found" in (xqa._failure or "") and "Triton kernel from now on" in caplog.text
+    assert not xqa.applies(case.query, case.kv_cache, case.metadata, None, None, md.xqa_workspace)
+
+
+def test_asked_for_xqa_fails_loudly(monkeypatch):
+    monkeypatch.setenv("TREADLE_ATTN_XQA", "1")
+    monkeypatch.setattr(xqa, "_failure", None)
+    monkeypatch.setattr(xqa, "_flashinfer_decode", _failing_flashinfer)
+    case = make_case(_decodes(2, 40, 15), 4, 2, 64, 16, dtype=torch.bfloat16, seed=16)
+    with pytest.raises(RuntimeError, match="nvcc"):
+        xqa.decode(
+            case.query, case.kv_cache, case.metadata, torch.zeros_like(case.query), 0.125, torch.zeros(8)
+        )
+    assert xqa._failure is None
+
+
 def _xqa_run(monkeypatch, case, mode: str, num_heads: int, num_kv_heads: int):
     """The triton backend's forward with XQA on; asserts XQA served it."""
     monkeypatch.setenv("TREADLE_ATTN_XQA", mode)

@@ -183,7 +183,10 @@ class TritonAttentionImpl(AttentionImpl):
         workspace = attn_metadata.xqa_workspace
         if xqa.applies(query, kv_cache, md, self.sliding_window, self.logits_soft_cap, workspace):
             assert workspace is not None
-            return xqa.decode(query, kv_cache, md, output, self.scale, workspace)
+            try:
+                return xqa.decode(query, kv_cache, md, output, self.scale, workspace)
+            except xqa.Unavailable:
+                pass  # logged; XQA is off from now on
         return paged_attention(
             query, kv_cache, md, output, self.scale, self.sliding_window, self.logits_soft_cap,
             self.force_num_splits, attn_metadata.min_query_len, self.device_profile,

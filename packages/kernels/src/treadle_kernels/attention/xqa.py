@@ -6,6 +6,8 @@ are rounded to e4m3, as FA3's fp8 path does). Everything else (prefill, chunked 
 windows, soft-caps, the fused small-batch decode kernel's batches, 16-bit caches) stays on the unified Triton kernel.
 ``TREADLE_ATTN_XQA``: unset, on where it applies when flashinfer-python is installed; ``0`` off; ``1`` on (an
 error without flashinfer); ``2`` also 16-bit caches (XQA's generic kernel; slower than Triton's, for measurement).
+Unset, a first call that fails (FlashInfer builds XQA with nvcc on first use; a machine may have the package but not
+the toolkit) logs a warning and turns XQA off for the process: that step and every later one run on Triton.
 
 The call reads the step's metadata as the Triton kernel does: the decode graph's padding requests (one token of
 context on the null block) are attended like real ones and their rows never read; ``seq_lens`` is read as uint32
@@ -20,6 +22,7 @@ kernels around it do not use it).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -31,6 +34,12 @@ from treadle_kernels.attention.metadata import AttentionMetadata
 # KV heads x 12 sequences, the most XQA splits a batch into on a 132-SM GPU)
 WORKSPACE_BYTES = 40 * 1024 * 1024
 _PAGE_SIZES = (16, 32, 64, 128)
+logger = logging.getLogger(__name__)
+_failure: str | None = None  # why XQA was turned off for this process (unset mode, first call failed)
+
+
+class Unavailable(RuntimeError):
+    """XQA could not run this call (unset mode): the caller runs the Triton kernel instead."""
 
 
 def mode() -> int | None:
@@ -89,7 +98,13 @@ def applies(
     workspace: torch.Tensor | None,
 ) -> bool:
     """Whether XQA serves this call (module docstring)."""
-    if workspace is None or md.max_query_len != 1 or not md.causal or md.num_actual_tokens != md.num_reqs:
+    if (
+        workspace is None
+        or _failure is not None
+        or md.max_query_len != 1
+        or not md.causal
+        or md.num_actual_tokens != md.num_reqs
+    ):
         return False
     if sliding_window is not None or logits_soft_cap is not None or kv_cache.shape[2] not in _PAGE_SIZES:
         return False
@@ -108,25 +123,35 @@ def decode(
     scale: float,
     workspace: torch.Tensor,
 ) -> torch.Tensor:
-    """Attend each request's one query token over its paged cache (new K/V already written) with XQA."""
+    """Attend each request's one query token over its paged cache (new K/V already written) with XQA; raises
+    ``Unavailable`` (unset mode) when XQA fails, having turned it off for the process (module docstring)."""
+    global _failure
     n = md.num_reqs
     if n == 0:
         return output
     out = output[:n]
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    _flashinfer_decode().xqa_batch_decode_with_kv_cache(
-        query[:n].contiguous(),  # XQA indexes the query densely; ours is a strided view of the qkv buffer
-        (kv_cache[0], kv_cache[1]),
-        workspace,
-        md.block_table[:n],
-        md.seq_lens[:n].view(torch.uint32),
-        md.block_table.shape[1] * kv_cache.shape[2],
-        bmm1_scale=scale,
-        bmm2_scale=1.0,
-        out=target,
-        kv_layout="NHD",
-        enable_pdl=False,
-    )
+    try:
+        _flashinfer_decode().xqa_batch_decode_with_kv_cache(
+            query[:n].contiguous(),  # XQA indexes the query densely; ours is a strided view of the qkv buffer
+            (kv_cache[0], kv_cache[1]),
+            workspace,
+            md.block_table[:n],
+            md.seq_lens[:n].view(torch.uint32),
+            md.block_table.shape[1] * kv_cache.shape[2],
+            bmm1_scale=scale,
+            bmm2_scale=1.0,
+            out=target,
+            kv_layout="NHD",
+            enable_pdl=False,
+        )
+    except Exception as exc:
+        if mode() is not None:  # asked for explicitly: fail
+            raise
+        _failure = f"{type(exc).__name__}: {exc}"
+        logger.warning("FlashInfer's XQA decode failed (%s); decoding with the Triton kernel from now on "
+                       "(TREADLE_ATTN_XQA=0 skips XQA)", _failure)  # fmt: skip
+        raise Unavailable(_failure) from exc
     if target is not out:
         out.copy_(target)
     return output
