@@ -1,6 +1,7 @@
-"""XQA decode (attention/xqa.py): when it serves a call and its glue on CPU, through a stand-in for
-``flashinfer.decode`` that computes the documented semantics in torch; the real kernel on a GPU against the dense
-reference, eager and replayed from a CUDA graph (skipped without CUDA or flashinfer).
+"""XQA decode (attention/xqa.py): when it serves a call, its glue and its fallback to Triton on CPU, through
+stand-ins for ``flashinfer.decode`` (one computes the documented semantics in torch, one fails); the real kernel on a
+GPU against the dense reference and an e4m3-rounding model, eager and replayed from a CUDA graph (skipped without
+CUDA or flashinfer).
 
 XQA reads whole pages past a request's seq_len and masks their scores; a NaN there would still reach the output
 (0 x NaN), so the GPU cases hold zeros, not the NaN poison of ``make_case``, in the unused slots, as the runner's
