@@ -116,11 +116,9 @@ def allocate_kv_caches(
     for a in layers:
         shape = backend.get_kv_cache_shape(num_blocks, block_size, a.num_kv_heads, a.head_size)
         cache = torch.empty(shape, dtype=dtype, device=device)
-        if torch.device(device).type == "cuda":
-            cache.zero_()
-        elif len(shape) > 1 and shape[1] == num_blocks:  # [2, num_blocks, ...]: zero the null block
-            cache[:, 0].zero_()
-        else:  # a layout this function does not know: zero it all
+        if torch.device(device).type != "cuda" and len(shape) > 1 and shape[1] == num_blocks:
+            cache[:, 0].zero_()  # CPU, [2, num_blocks, ...]: the null block only
+        else:  # a GPU, or a layout this function does not know: all of it
             cache.zero_()
         caches.append(cache)
     return caches
