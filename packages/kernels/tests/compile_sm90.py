@@ -19,7 +19,6 @@ from treadle_kernels.ops import (
     gumbel_kernels,
     linear_kernels,
     norm_kernels,
-    prefetch_kernels,
     rotary_kernels,
     sampling_kernels,
 )
@@ -92,13 +91,6 @@ def main() -> int:
         compile_one(
             gumbel_kernels.gumbel_argmax_chunks_kernel, {"CHUNK": 1024}, {"logits_ptr": logits, **gumbel}
         )
-    for weight, line_elems in (("*bf16", 64), ("*fp32", 32), ("*fp8e4nv", 128)):
-        lines = {"LINE_ELEMS": line_elems, "LINES_PER_PROGRAM": 2048, "BLOCK": 256}
-        kernel = compile_one(
-            prefetch_kernels.l2_prefetch_kernel, lines, {"base_ptr": weight}, options={"num_warps": 4}
-        )
-        issued = kernel.asm["ptx"].count("prefetch.global.L2 ")
-        assert issued == 2048 // 128, f"{issued} prefetches per thread, expected 16 (2048 lines, 128 threads)"
     print("compiled for sm_90")
     return 0
 

@@ -12,8 +12,6 @@ from treadle_ir.envs import parse_bool
 
 __all__ = [
     "FUSED_DECODE_ATTENTION",
-    "L2_PREFETCH",
-    "L2_PREFETCH_STREAM",
     "PDL",
     "SMALL_BATCH_LINEAR_MAX_ROWS",
     "STREAM_LINEAR",
@@ -62,23 +60,3 @@ def STREAM_LINEAR() -> bool:
     pipelined weight-streaming kernel (``ops/linear_stream_kernels.py``) instead of the one-program-per-tile kernel.
     Faster alone on an H200, slower end to end there (results/gpu-stream-h200-815d627)."""
     return parse_bool("TREADLE_STREAM_LINEAR", os.environ.get("TREADLE_STREAM_LINEAR", "0"))
-
-
-def L2_PREFETCH() -> int:
-    """``TREADLE_L2_PREFETCH`` (default 0: off): decode steps of up to this many tokens prefetch the projection that
-    follows attention (o_proj) into the GPU's L2 cache while attention runs, which reads little memory at small
-    batches. ``TREADLE_L2_PREFETCH_STREAM=1`` issues the prefetch on a second stream, beside attention, instead of
-    just before it on the same stream."""
-    raw = os.environ.get("TREADLE_L2_PREFETCH", "0")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"TREADLE_L2_PREFETCH={raw!r}: expected a token count >= 0 (0 turns it off)")
-    return value
-
-
-def L2_PREFETCH_STREAM() -> bool:
-    """``TREADLE_L2_PREFETCH_STREAM=1`` (default off): see ``L2_PREFETCH``."""
-    return parse_bool("TREADLE_L2_PREFETCH_STREAM", os.environ.get("TREADLE_L2_PREFETCH_STREAM", "0"))

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from treadle_kernels.attention import Rope
-from treadle_kernels.ops.prefetch import l2_prefetched
 from treadle_model_runner.forward_context import get_forward_context
 
 
@@ -55,23 +54,15 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        rope: Rope | None = None,
-        warm: torch.Tensor | None = None,
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rope: Rope | None = None
     ) -> torch.Tensor:
         """Attend; with ``rope``, q and k arrive unrotated and the backend rotates them (perhaps fused into its
-        kernels, so q and k may be left unrotated or rotated afterwards). ``warm``: the weight the caller
-        streams next (o_proj's), prefetched into the GPU's L2 while a small decode step's attention runs
-        (``treadle_kernels.ops.prefetch``; off unless ``TREADLE_L2_PREFETCH`` is set)."""
+        kernels, so q and k may be left unrotated or rotated afterwards)."""
         ctx = get_forward_context()
         if ctx.split_attention is not None:  # piecewise CUDA-graph capture: attention runs between the pieces
             return ctx.split_attention(self, query, key, value, rope)
         output = query.new_empty(query.shape[0], self.num_heads * self.head_size)
-        with l2_prefetched(warm, query.shape[0]):
-            self.attend(query, key, value, rope, output)
+        self.attend(query, key, value, rope, output)
         return output
 
     def attend(

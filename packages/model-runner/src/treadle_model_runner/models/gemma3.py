@@ -66,7 +66,7 @@ class Gemma3SelfAttention(nn.Module):
         q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
         self.rotary_emb.rotate_(positions, q, k)  # q, k: fresh from the norms; v: a strided view of qkv
-        return self.o_proj(self.attn(q, k, v, warm=self.o_proj.weight))
+        return self.o_proj(self.attn(q, k, v))
 
 
 def _gemma_rope(config: Any, layer_type: str) -> dict[str, Any]:

@@ -77,8 +77,7 @@ class LlamaSelfAttention(nn.Module):
         # q, k, v stay views of the qkv buffer (row stride q + 2 kv): rotary, the KV-cache write and attention
         # all read strided rows, so no copy kernel runs; the backend rotates q and k (in place, or fused into
         # its decode kernel), which is safe: qkv is this step's own
-        rope = self.rotary_emb.rope(positions)
-        return self.o_proj(self.attn(q, k, v, rope=rope, warm=self.o_proj.weight))
+        return self.o_proj(self.attn(q, k, v, rope=self.rotary_emb.rope(positions)))
 
 
 def dense_mlp(config: Any) -> nn.Module:
