@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
+
 from treadle import cli, cli_serve
 from treadle_engine_core.config import SchedulerConfig
+from treadle_frontend import engine_factory
 from treadle_frontend.engine_factory import EngineArgs
 from treadle_frontend.server.config import ServerConfig
 from treadle_model_runner.config import CacheConfig, ModelConfig
@@ -82,8 +87,6 @@ def test_serve_flags_reach_the_configs() -> None:
 
 
 def test_bad_option_and_version(capsys: object) -> None:
-    import pytest
-
     with pytest.raises(ValueError, match="unknown engine option 'max_num_seq'"):
         EngineArgs.from_kwargs(None, max_num_seq=3)
     with pytest.raises(
@@ -93,3 +96,20 @@ def test_bad_option_and_version(capsys: object) -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size 2 is not supported"):
         EngineArgs.from_kwargs(None, tensor_parallel_size=2)
     assert cli.main(["--version"]) == 0
+
+
+def test_serve_on_a_taken_port_fails_before_loading_anything(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listening socket is bound before the engine starts: a taken port is a one-line error at once, not a
+    "ready" log after the model loaded and then a crash."""
+    monkeypatch.setattr(engine_factory, "start_async_mp", lambda *a: pytest.fail("the engine started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy"]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in caplog.text
+    free = cli_serve.listen_socket("127.0.0.1", 0)  # a free port binds; uvicorn listens on it later
+    assert free.getsockname()[0] == "127.0.0.1"
+    free.close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -198,6 +200,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     _apply_ir_priority(args.ir_op_priority)
     engine_args = EngineArgs.from_kwargs(model, **engine_options(args))
+    sock = listen_socket(args.host, args.port)  # first: a taken port fails at once, not after loading
     # the web stack (FastAPI, pydantic, uvicorn: ~1 s of imports) loads while the engine process boots
     web = threading.Thread(target=_import_web_stack, name="treadle-import-web", daemon=True)
     web.start()
@@ -218,7 +221,23 @@ def run_serve(args: argparse.Namespace) -> int:
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5
         )
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         llm.shutdown()
+        sock.close()
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), which uvicorn listens on once the engine is up. ValueError (the CLI's
+    user-error exit) when the address is taken or cannot be bound."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds its own
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # also an unresolvable host (socket.gaierror)
+        sock.close()
+        taken = e.errno == errno.EADDRINUSE
+        hint = " (another server is running there? pick one with --port)" if taken else ""
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+    return sock
