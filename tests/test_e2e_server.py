@@ -126,14 +126,14 @@ def test_anthropic_messages(real_server: RealServer) -> None:
         model=MODEL_NAME, max_tokens=6, messages=CHAT, system="Answer briefly.", extra_body={"temperature": 0}
     )
     m = client.messages.create(**kw)
-    assert (
-        m.usage.input_tokens
-        == client.messages.count_tokens(
-            model=MODEL_NAME, messages=CHAT, system="Answer briefly."
-        ).input_tokens
-    )
+    prompt = client.messages.count_tokens(
+        model=MODEL_NAME, messages=CHAT, system="Answer briefly."
+    ).input_tokens
+    assert m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) == prompt
     events = list(client.messages.create(stream=True, **kw))
     assert [e.type for e in events][:2] == ["message_start", "content_block_start"]
+    start = events[0].message.usage  # the same prompt again: its full blocks come from the prefix cache
+    assert start.cache_read_input_tokens and start.input_tokens + start.cache_read_input_tokens == prompt
     assert [e.type for e in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == m.content[0].text
 

@@ -91,6 +91,9 @@ class FakeEngine:
         self.shared_rng = random.Random(1234)
         self.dead = False
         self.eos_at: dict[int, int] = {}  # prompt length -> position where EOS is emitted (tests)
+        self.cached_prefix_tokens = (
+            0  # prompt tokens each request's first output reports as prefix-cache hits
+        )
         self.num_added = 0
         self.num_aborted = 0
 
@@ -124,6 +127,8 @@ class FakeEngine:
             p = r.req.sampling_params
             rng = r.rng or self.shared_rng
             out = FakeOutput(rid, [])
+            if not r.output:
+                out.num_cached_tokens = min(self.cached_prefix_tokens, len(r.req.prompt_token_ids) - 1)
             if p.prompt_logprobs is not None and not r.prompt_logprobs_sent:
                 r.prompt_logprobs_sent = True
                 ids = r.req.prompt_token_ids

@@ -61,7 +61,7 @@ def test_chat_template_missing_and_override(tokenizer: Any, tmp_path: Path) -> N
     parts = override.render_chat(
         [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     )
-    assert parts == "[user] ab\n"
+    assert parts == "[user] a\nb\n"  # text parts one per line, as vLLM joins them
 
 
 def test_async_generate_cancel_aborts(tokenizer: Any) -> None:

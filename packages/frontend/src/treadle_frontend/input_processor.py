@@ -44,7 +44,7 @@ def context_length_error(max_model_len: int, num_prompt: int, num_completion: in
 
 
 def flatten_content(content: Any) -> str:
-    """Message content as text: a string, or a list of {"type": "text", "text": ...} parts."""
+    """Message content as text: a string, or a list of {"type": "text", "text": ...} parts, one per line."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -59,7 +59,7 @@ def flatten_content(content: Any) -> str:
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ValueError(f"message content part of type {kind!r} is not supported; send text parts")
-        return "".join(parts)
+        return "\n".join(parts)  # as vLLM joins text parts
     raise ValueError(
         f"message content must be a string or a list of text parts, got {type(content).__name__}"
     )

@@ -4,7 +4,11 @@
 token), max_tokens (length), stop_sequence (with `stop_sequence` set to the string that matched).
 Streaming sends named events, each with an `event:` line and a `data:` object of the same `type`:
 message_start → content_block_start → content_block_delta* → content_block_stop → message_delta → message_stop.
-A failure mid-stream is an `event: error`. There is no [DONE].
+message_start goes out with the engine's first output (which knows the prefix-cache hits). A failure mid-stream
+is an `event: error`. There is no [DONE].
+usage follows Anthropic: input_tokens excludes the prompt tokens read from the prefix cache
+(cache_read_input_tokens); the two add up to the prompt. Replies are text only: `tools`, a forced `tool_choice`
+and enabled `thinking` are rejected with a 400 rather than ignored.
 """
 
 from __future__ import annotations
@@ -26,23 +30,57 @@ def _block_text(content: Any, where: str) -> str:
         return content
     parts = []
     for i, block in enumerate(content):
-        if block.type != "text" or block.text is None:
+        if block.type != "text":
             raise APIError(
                 400, f"{where}[{i}]: content blocks of type {block.type!r} are not supported; send text"
             )
+        if block.text is None:
+            raise APIError(400, f"{where}[{i}].text: a text block needs its text")
         parts.append(block.text)
-    return "".join(parts)
+    return "\n".join(parts)  # as vLLM joins text parts
 
 
 def to_chat_messages(body: AnthropicMessagesRequest | AnthropicCountTokensRequest) -> list[dict[str, Any]]:
+    """The chat-template messages: `system` first; consecutive turns of one role combined into one turn (as
+    Anthropic combines them), their texts one per line. Empty content is rejected, except in a final assistant
+    turn (a prefill that is empty)."""
     if not body.messages:
         raise APIError(400, "messages: at least one message is required")
     msgs: list[dict[str, Any]] = []
     if body.system:
         msgs.append({"role": "system", "content": _block_text(body.system, "system")})
+    last = len(body.messages) - 1
     for i, m in enumerate(body.messages):
-        msgs.append({"role": m.role, "content": _block_text(m.content, f"messages.{i}.content")})
+        text = _block_text(m.content, f"messages.{i}.content")
+        if not text and not (i == last and m.role == "assistant"):
+            raise APIError(400, f"messages.{i}.content: a {m.role} message needs non-empty content")
+        if msgs and msgs[-1]["role"] == m.role:
+            msgs[-1]["content"] += "\n" + text
+        else:
+            msgs.append({"role": m.role, "content": text})
     return msgs
+
+
+def check_unsupported(body: AnthropicMessagesRequest) -> None:
+    """Reject what the server cannot honour instead of silently replying with plain text."""
+    if body.tools:
+        raise APIError(400, "tools: tool use is not supported on /v1/messages (replies are text only)")
+    if body.tool_choice and body.tool_choice.get("type") not in (None, "auto", "none"):
+        raise APIError(
+            400, f"tool_choice: {body.tool_choice.get('type')!r} needs tools, which are not supported"
+        )
+    if body.thinking and body.thinking.get("type") == "enabled":
+        raise APIError(400, "thinking: extended thinking is not supported by this server")
+    if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
+        raise APIError(400, f"temperature: must be in [0, 1] (Anthropic's range), got {body.temperature}")
+
+
+def usage(num_prompt: int, num_cached: int, num_output: int | None = None) -> dict[str, int]:
+    """Anthropic's usage: input_tokens excludes the prompt tokens read from the prefix cache
+    (cache_read_input_tokens), so the two add up to the prompt."""
+    counts = {"input_tokens": num_prompt - num_cached, "cache_creation_input_tokens": 0,
+              "cache_read_input_tokens": num_cached}  # fmt: skip
+    return counts if num_output is None else {**counts, "output_tokens": num_output}
 
 
 def stop_info(finish: str | None, stop_reason: Any) -> tuple[str, str | None]:
@@ -74,6 +112,7 @@ class MessagesHandler:
         st.check_model(body.model)
         if body.max_tokens < 1:
             raise APIError(400, f"max_tokens: must be >= 1, got {body.max_tokens}")
+        check_unsupported(body)
         text, ids = self._encode(body)
         values = st.llm.input_processor.default_sampling_fields()
         for name in ("temperature", "top_p", "top_k"):
@@ -101,38 +140,38 @@ class MessagesHandler:
                 "content": [{"type": "text", "text": c.text}],
                 "stop_reason": reason,
                 "stop_sequence": seq,
-                "usage": {
-                    "input_tokens": len(ids),
-                    "output_tokens": len(c.token_ids),
-                    "cache_read_input_tokens": out.num_cached_tokens or 0,
-                },
+                "usage": usage(len(ids), out.num_cached_tokens or 0, len(c.token_ids)),
             }
         )
 
-    async def _stream(self, mid: str, num_input: int, gen: AsyncIterator[Any]) -> AsyncIterator[str]:
-        model = self.state.model_name
-        start = {
-            "type": "message_start",
-            "message": {
-                "id": mid,
-                "type": "message",
-                "role": "assistant",
-                "model": model,
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": num_input, "output_tokens": 0},
-            },
+    def _opening(self, mid: str, num_input: int, num_cached: int) -> list[str]:
+        message: dict[str, Any] = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": self.state.model_name,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage(num_input, num_cached, 0),
         }
-        yield sse_event("message_start", start)
-        yield sse_event(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        )
-        num_output = 0
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+        return [
+            sse_event("message_start", {"type": "message_start", "message": message}),
+            sse_event("content_block_start", block),
+        ]
+
+    async def _stream(self, mid: str, num_input: int, gen: AsyncIterator[Any]) -> AsyncIterator[str]:
+        """message_start waits for the engine's first output, which knows the prompt's prefix-cache hits."""
+        num_output, num_cached = 0, 0
         reason, seq = "end_turn", None
+        started = False
         try:
             async for out in gen:
+                if not started:
+                    num_cached, started = out.num_cached_tokens or 0, True
+                    for event in self._opening(mid, num_input, num_cached):
+                        yield event
                 c = out.outputs[0]
                 num_output += len(c.token_ids)
                 if c.text:
@@ -151,13 +190,16 @@ class MessagesHandler:
             return
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
+        if not started:  # the stream ended without an output (not expected from the engine)
+            for event in self._opening(mid, num_input, 0):
+                yield event
         yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield sse_event(
             "message_delta",
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": reason, "stop_sequence": seq},
-                "usage": {"output_tokens": num_output},
+                "usage": usage(num_input, num_cached, num_output),
             },
         )
         yield sse_event("message_stop", {"type": "message_stop"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 IntList = list[int]
 
@@ -98,7 +98,7 @@ class AnthropicMessage(_Body):
 
 class AnthropicMessagesRequest(_Body):
     model: str
-    max_tokens: int = Field(...)
+    max_tokens: StrictInt = Field(...)
     messages: list[AnthropicMessage]
     system: str | list[AnthropicTextBlock] | None = None
     stop_sequences: list[str] | None = None
@@ -107,6 +107,9 @@ class AnthropicMessagesRequest(_Body):
     top_k: int | None = None
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # rejected when non-empty: replies are text only
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # rejected when enabled
 
 
 class AnthropicCountTokensRequest(_Body):
