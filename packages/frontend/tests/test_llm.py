@@ -56,14 +56,23 @@ def test_chat_and_prompt_logprobs(llm: Any) -> None:
 
 
 def test_context_length_and_bad_ids(llm: Any) -> None:
-    with pytest.raises(
-        ValueError, match=r"maximum context length is 256 tokens\. However, you requested 303 tokens"
-    ):
-        llm.generate([[5] * 3], SamplingParams(max_tokens=300), use_tqdm=False)
+    """Offline, as vLLM's LLM: max_tokens past max_model_len (256 here) generates up to it and ends with
+    finish_reason "length"; only a prompt that leaves no room is an error, naming its index in a batch (and
+    the batch's other requests are aborted)."""
+    params = SamplingParams(max_tokens=300, min_tokens=300, ignore_eos=True)
+    out = llm.generate([[5] * 3], params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 253 and out.finish_reason == "length"
+    assert params.max_tokens == 300  # the caller's params are not changed
     with pytest.raises(ValueError, match="out of range"):
         llm.generate([[10**6]], SamplingParams(max_tokens=3), use_tqdm=False)
     outs = llm.generate([[5] * 250], SamplingParams(max_tokens=None), use_tqdm=False)
     assert len(outs[0].outputs[0].token_ids) == 6
+    with pytest.raises(ValueError, match=r"^prompt 1: The prompt is 256 tokens long, which leaves no room"):
+        llm.generate([[5] * 3, [5] * 256, [6] * 3], SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^The prompt is 257 tokens long"):
+        llm.generate([[5] * 257], SamplingParams(max_tokens=0), use_tqdm=False)
+    llm.generate([[5] * 256], SamplingParams(max_tokens=0), use_tqdm=False)  # prompt logprobs only: it fits
+    assert not llm.output_processor.states  # nothing left behind by the failed batch
 
 
 def test_many_prompts_progress(llm: Any, capsys: Any) -> None:

@@ -173,6 +173,22 @@ class InputProcessor:
             params.max_tokens = limit - num_prompt
         return params
 
+    def fit_length(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """The engine's rule (vLLM's offline one): the prompt must leave room for the output; max_tokens that is
+        None or runs past max_model_len is cut to the room left, so generation ends there with finish_reason
+        "length". The HTTP routes apply OpenAI's stricter rule first (`check_length`)."""
+        limit, num_prompt = self.model.max_model_len, len(prompt_ids)
+        if num_prompt > limit or (num_prompt == limit and params.max_tokens != 0):
+            raise ValueError(
+                f"The prompt is {num_prompt} tokens long, which leaves no room for output within this model's "
+                f"maximum context length of {limit} tokens."
+            )
+        room = limit - num_prompt
+        if params.max_tokens is None or params.max_tokens > room:
+            params.max_tokens = room
+            params.min_tokens = min(params.min_tokens, room)
+        return params
+
     # ---- requests ---------------------------------------------------------------------------------
     def make_requests(
         self,
@@ -183,7 +199,7 @@ class InputProcessor:
         arrival_time: float | None = None,
     ) -> tuple[ParentRequest, list[RequestState], list[tuple[str, SamplingParams]]]:
         """The parent, one RequestState per child, and (engine id, params) per child for the engine."""
-        params = self.check_length(prompt_ids, params)
+        params = self.fit_length(prompt_ids, params)
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = [
                 self.encode_text(w, add_special_tokens=False) for w in params.bad_words

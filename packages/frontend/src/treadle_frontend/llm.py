@@ -143,7 +143,10 @@ class LLM:
             for i, ((text, ids), params) in enumerate(zip(encoded, params_list, strict=True)):
                 params.output_kind = RequestOutputKind.FINAL_ONLY
                 rid = str(next(self._ids))
-                parent, states, engine_reqs = self.input_processor.make_requests(rid, text, ids, params)
+                try:
+                    parent, states, engine_reqs = self.input_processor.make_requests(rid, text, ids, params)
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}" if len(encoded) > 1 else str(e)) from None
                 self.output_processor.add_request(parent, states)
                 added.append(rid)
                 order[rid] = i
