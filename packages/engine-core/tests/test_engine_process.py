@@ -183,10 +183,14 @@ def test_startup_failure_is_reported() -> None:
         executor="fake",
         fake_runner=FakeRunnerConfig(max_model_len=4096),
     )
-    with pytest.raises(
-        RuntimeError, match=r"engine core failed to start: ValueError: max_model_len \(4096\)"
-    ):
-        SyncMPClient(bad)
+    for client_cls in (
+        SyncMPClient,
+        AsyncMPClient,
+    ):  # the asyncio client reports it too (not an AttributeError)
+        with pytest.raises(
+            RuntimeError, match=r"engine core failed to start: ValueError: max_model_len \(4096\)"
+        ):
+            client_cls(bad)
 
 
 def _become_subreaper() -> bool:

@@ -214,12 +214,13 @@ class AsyncMPClient(_MPClient):
     """asyncio client for the API server. Use it from one event loop."""
 
     def __init__(self, config: EngineConfig, *, startup_timeout_s: float = 600.0) -> None:
-        super().__init__(config, startup_timeout_s=startup_timeout_s)
+        # set before the base starts the engine: a failed start calls shutdown(), which reads them
         self._queue: asyncio.Queue[msg.EngineCoreOutputs | EngineDeadError] | None = None
         self._task: asyncio.Task[None] | None = None
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._ain: zmq.asyncio.Socket | None = None
         self._aout: zmq.asyncio.Socket | None = None
+        super().__init__(config, startup_timeout_s=startup_timeout_s)
 
     def _start(self) -> zmq.asyncio.Socket:
         if self._ain is None:
