@@ -189,12 +189,44 @@ def run_latency(args: argparse.Namespace, llm: Any = None) -> dict[str, Any]:
     return result
 
 
+def provenance() -> dict[str, str | None]:
+    """treadle's version and, run from a source checkout, its commit (+ "-dirty" with uncommitted changes)."""
+    import subprocess
+    from pathlib import Path
+
+    import treadle
+
+    root = Path(treadle.__file__).resolve().parents[2]  # <root>/src/treadle/__init__.py
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        if done.returncode:
+            raise subprocess.SubprocessError(done.stderr)
+        return done.stdout.strip()
+
+    commit = None
+    if (root / ".git").exists() and (root / "pyproject.toml").is_file():
+        try:
+            commit = git("rev-parse", "--short", "HEAD")
+            if git("status", "--porcelain", "--untracked-files=no"):
+                commit += "-dirty"
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"version": treadle.__version__, "commit": commit}
+
+
 def _save(args: argparse.Namespace, result: dict[str, Any], llm: Any) -> None:
     if not args.output_json:
         return
     info = getattr(llm, "engine_info", None)
-    record = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "result": result}
+    record = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "result": result,
+        "treadle": provenance(),
+    }
     if callable(info):
-        record["engine"] = info()
+        record["engine"] = (
+            info()
+        )  # model, max_model_len, KV capacity, device, dtypes, backend, CUDA graphs, weights
     with open(args.output_json, "w") as f:
         json.dump(record, f, indent=2, default=str)

@@ -154,6 +154,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             vocab_size=self.executor.vocab_size,
             eos_token_ids=sorted(self.executor.eos_token_ids),
+            runtime=self.executor.describe(),
         )
 
     def shutdown(self) -> None:

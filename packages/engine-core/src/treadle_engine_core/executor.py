@@ -82,6 +82,11 @@ class Executor:
     def eos_token_ids(self) -> set[int]:
         return set(self.runner.eos_token_ids)
 
+    def describe(self) -> dict[str, str]:
+        """The runner's device, dtypes, backend and graph mode in words (empty for runners that do not say)."""
+        describe = getattr(self.runner, "describe", None)
+        return dict(describe()) if callable(describe) else {}
+
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(so).get_output()
 

@@ -95,6 +95,7 @@ class EngineReady(msgspec.Struct):
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+    runtime: dict[str, str] = {}  # device, dtypes, attention backend, CUDA graphs, weights (in words)
 
 
 class EngineFailure(msgspec.Struct):

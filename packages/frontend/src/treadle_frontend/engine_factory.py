@@ -160,6 +160,7 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
         max_model_len=int(ready.max_model_len),
         vocab_size=int(ready.vocab_size),
         kv_capacity_tokens=getattr(ready, "kv_capacity_tokens", None),
+        runtime=dict(getattr(ready, "runtime", None) or {}),
     )
     defaults = load_generation_defaults(prep.model_path, args.generation_config)
     template = resolve_chat_template(prep.tokenizer, args.chat_template)

@@ -12,7 +12,7 @@ Every problem raises ValueError with a message a user can act on (HTTP 400 in th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class ModelInfo:
     max_model_len: int  # context length in tokens (prompt + output)
     vocab_size: int  # valid token ids are [0, vocab_size)
     kv_capacity_tokens: int | None = None  # KV cache size in tokens, when the engine reported it
+    runtime: dict[str, str] = field(default_factory=dict)  # the engine's device, dtypes, graphs...
 
 
 def context_length_error(max_model_len: int, num_prompt: int, num_completion: int) -> ValueError:

@@ -74,6 +74,7 @@ class LLM:
             "model_path": str(info.path) if info.path else None,
             "max_model_len": info.max_model_len,
             "kv_capacity_tokens": info.kv_capacity_tokens,
+            **info.runtime,
         }
 
     def get_tokenizer(self) -> Any:

@@ -43,6 +43,7 @@ from treadle_model_runner.loader import iterate_weights, load_dummy_weights, res
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.describe import runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.graph_memory import probe_graph_bytes
 from treadle_model_runner.runner.input_batch import InputBatch
@@ -191,6 +192,10 @@ class ModelRunner:
             warm_up_kernels(self)  # compile the prefill kernel variants now, not on a user's request
         self._maybe_capture_graphs()
         return self.kv_cache_config
+
+    def describe(self) -> dict[str, str]:
+        """Device, dtypes, attention backend, CUDA-graph mode, dummy or real weights (runner/describe.py)."""
+        return runtime_summary(self)
 
     def _graphs_wanted(self) -> bool:
         return (

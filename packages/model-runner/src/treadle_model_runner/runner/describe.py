@@ -1,0 +1,47 @@
+"""What a started runner is running on, in words, for benchmark records and the start-up report: device, dtypes,
+attention backend, CUDA-graph mode and whether the weights are real."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def graph_mode(runner: Any) -> str:
+    """'decode sizes 1-256 (34 graphs); piecewise buckets 8-512 (7)', or 'off (<why>)'."""
+    if runner.device.type != "cuda":
+        return "off (not a CUDA device)"
+    if runner.model_config.enforce_eager:
+        return "off (enforce_eager)"
+    if runner.graphs is None:
+        return f"off (attention backend {runner.attn_backend.name!r})"
+    decode = sorted(runner.graphs.graphs)
+    mode = f"decode sizes {decode[0]}-{decode[-1]} ({len(decode)} graphs)"
+    if runner.piecewise is not None:
+        buckets = sorted(runner.piecewise.buckets)
+        mode += f"; piecewise buckets {buckets[0]}-{buckets[-1]} ({len(buckets)})"
+    return mode
+
+
+def runtime_summary(runner: Any) -> dict[str, str]:
+    device = runner.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type} ({platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "device": name,
+        "torch": str(torch.__version__),  # a str subclass msgspec does not encode
+        "dtype": _dtype(runner.dtype),
+        "kv_cache_dtype": _dtype(runner.kv_cache_dtype),
+        "attention_backend": str(runner.attn_backend.name),
+        "cuda_graphs": graph_mode(runner),
+        "weights": "dummy (random)" if runner.model_config.load_format == "dummy" else "loaded",
+    }

@@ -1,0 +1,70 @@
+"""`treadle bench throughput|latency` on CPU with a tiny dummy Llama: vLLM's printed lines, the numbers'
+arithmetic, and the --output-json record carrying what API.md asks every result to record (device, version and
+commit, model, dtype, dummy or real weights, max_model_len, KV capacity, CUDA graphs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from treadle import cli
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float32",
+    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu",
+}  # fmt: skip
+ENGINE = ["--load-format", "dummy", "--max-model-len", "256", "--kv-cache-space", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tmp_path_factory.mktemp("tiny_llama")
+    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return model
+
+
+def _engine_record(record: dict, tiny: Path) -> None:
+    engine, treadle = record["engine"], record["treadle"]
+    assert engine["model_path"] == str(tiny) and engine["max_model_len"] == 256
+    assert engine["kv_capacity_tokens"] > 0 and engine["device"].startswith("cpu (")
+    assert (engine["dtype"], engine["kv_cache_dtype"]) == ("float32", "float32")
+    assert engine["cuda_graphs"] == "off (not a CUDA device)" and engine["weights"] == "dummy (random)"
+    assert engine["attention_backend"] == "torch" and engine["torch"]
+    assert treadle["version"] and (treadle["commit"] is None or len(treadle["commit"]) >= 7)
+
+
+def test_bench_throughput(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "t.json"
+    argv = ["bench", "throughput", "--model", str(tiny), *ENGINE, "--num-prompts", "6", "--input-len", "12",
+            "--output-len", "5", "--output-json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Throughput: " in printed and "Total num prompt tokens:  72" in printed
+    record = json.loads(out.read_text())
+    result = record["result"]
+    assert (result["total_prompt_tokens"], result["total_output_tokens"], result["num_requests"]) == (
+        72,
+        30,
+        6,
+    )
+    assert result["output_tokens_per_second"] == pytest.approx(30 / result["elapsed_time"])
+    assert record["args"]["num_prompts"] == 6
+    _engine_record(record, tiny)
+
+
+def test_bench_latency(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "l.json"
+    argv = ["bench", "latency", "--model", str(tiny), *ENGINE, "--batch-size", "2", "--input-len", "8",
+            "--output-len", "4", "--num-iters-warmup", "1", "--num-iters", "2", "--output-json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "Avg latency: " in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert len(record["result"]["latencies"]) == 2
+    assert record["result"]["ms_per_output_token"] == pytest.approx(
+        record["result"]["avg_latency"] * 1000 / 4
+    )
+    _engine_record(record, tiny)
