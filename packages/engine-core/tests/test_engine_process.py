@@ -154,6 +154,31 @@ def test_engine_exception_fails_requests_with_its_message() -> None:
     assert _is_gone(pid)
 
 
+def test_out_of_vocabulary_ids_fail_their_request_not_the_engine() -> None:
+    """A token id the sampler would index with, outside the vocabulary, ends its request with an error naming the
+    field; the engine keeps serving (it used to die on it in the sampler)."""
+    client = SyncMPClient(_config())
+    try:
+        bad = {
+            "logit_bias": SamplingParams(max_tokens=3, logit_bias={10**9: 1.0}),
+            "allowed_token_ids": SamplingParams(max_tokens=3, allowed_token_ids=[5, 10**9]),
+            "prompt token id": SamplingParams(max_tokens=3),
+        }
+        for name, params in bad.items():
+            prompt = [1, 2, 10**9] if name == "prompt token id" else [1, 2, 3]
+            client.add_request(EngineCoreRequest(name, prompt, params, 0.0))
+            out = client.get_output(timeout_s=10).outputs
+            assert [(o.request_id, o.finish_reason) for o in out] == [(name, FinishReason.ERROR)]
+            assert name in (out[0].error or "") and "outside the vocabulary" in (out[0].error or "")
+        client.add_request(EngineCoreRequest("ok", [1, 2, 3], SamplingParams(max_tokens=3), 0.0))
+        tokens = []
+        while client.num_in_flight:
+            tokens.extend(t for o in client.get_output(timeout_s=10).outputs for t in o.new_token_ids)
+        assert len(tokens) == 3
+    finally:
+        client.shutdown()
+
+
 def test_sync_client_utilities_and_validation() -> None:
     client = SyncMPClient(_config())
     try:

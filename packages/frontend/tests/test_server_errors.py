@@ -68,6 +68,13 @@ CASES: list[tuple[str, str, Any, int]] = [
     ("cmpl_seed_string", "/v1/completions", {**OK_CMPL, "seed": "abc"}, 400),
     ("cmpl_top_k_negative", "/v1/completions", {**OK_CMPL, "top_k": -7}, 400),
     ("cmpl_min_p_2", "/v1/completions", {**OK_CMPL, "min_p": 2}, 400),
+    ("cmpl_logit_bias_out_of_vocab", "/v1/completions", {**OK_CMPL, "logit_bias": {"99999": 1}}, 400),
+    (
+        "chat_allowed_ids_out_of_vocab",
+        "/v1/chat/completions",
+        {**OK_CHAT, "allowed_token_ids": [3, 99999]},
+        400,
+    ),
     (
         "msg_missing_max_tokens",
         "/v1/messages",
@@ -134,3 +141,13 @@ def test_no_5xx_and_still_serving(fake_server: Any) -> None:
     assert r.status_code == 200
     metrics = httpx.get(fake_server.url + "/metrics").text
     assert "treadle:num_requests_running" in metrics
+
+
+def test_out_of_vocabulary_sampling_ids_are_named(fake_server: Any) -> None:
+    """They used to reach the engine, whose sampler raised and took the engine process down."""
+    for field, value in (("logit_bias", {"99999": 1}), ("allowed_token_ids", [99999])):
+        r = httpx.post(fake_server.url + "/v1/chat/completions", json={**OK_CHAT, field: value},
+                       headers={"Authorization": "Bearer sekret"})  # fmt: skip
+        assert r.status_code == 400
+        assert f"{field} contains token id 99999, outside the vocabulary" in r.json()["error"]["message"]
+    assert httpx.get(fake_server.url + "/health").status_code == 200

@@ -18,7 +18,7 @@ from typing import Any
 from treadle_engine_core.config import EngineConfig
 from treadle_engine_core.executor import Executor
 from treadle_engine_core.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady, SchedulerStats
-from treadle_engine_core.request import Request, RequestStatus
+from treadle_engine_core.request import Request, RequestStatus, check_vocabulary
 from treadle_engine_core.scheduler import Scheduler
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.scheduler_output import SchedulerOutput
@@ -81,7 +81,9 @@ class EngineCore:
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
-        """Queue a request; ValueError (HTTP 400) if it can never fit or its id is in flight."""
+        """Queue a request; ValueError (HTTP 400) if it can never fit, its id is in flight or a token id is outside
+        the vocabulary (the client checks these first; an id the model would index with must never reach it)."""
+        check_vocabulary(request.prompt_token_ids, request.sampling_params, self.executor.vocab_size)
         self.scheduler.add_request(
             Request(
                 request_id=request.request_id,

@@ -152,3 +152,21 @@ def validate_request_length(num_prompt_tokens: int, max_tokens: int | None, max_
             f"{num_prompt_tokens + completion} tokens ({num_prompt_tokens} in the messages, {completion} in "
             "the completion). Please reduce the length of the messages or completion."
         )
+
+
+def check_vocabulary(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
+    """ValueError naming the field when a token id the model would index with is outside [0, vocab_size): the
+    prompt's, logit_bias keys, allowed_token_ids, bad words. Out-of-vocabulary stop_token_ids are harmless
+    (never sampled) and allowed, as vLLM allows them."""
+    if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab_size:
+        bad = next(t for t in prompt_token_ids if not 0 <= t < vocab_size)
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    fields = (
+        ("logit_bias", (params.logit_bias or {}).keys()),
+        ("allowed_token_ids", params.allowed_token_ids or ()),
+        ("bad_words", [t for word in params.bad_words_token_ids or () for t in word]),
+    )
+    for name, ids in fields:
+        for t in ids:
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"{name} contains token id {t}, outside the vocabulary [0, {vocab_size})")

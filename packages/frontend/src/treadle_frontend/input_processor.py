@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from treadle_engine_core.request import check_vocabulary
 from treadle_frontend.detokenizer import TokenDecoder
 from treadle_frontend.logprobs import TokenTexts
 from treadle_frontend.output_processor import ParentRequest
@@ -205,6 +206,7 @@ class InputProcessor:
             params.bad_words_token_ids = [
                 self.encode_text(w, add_special_tokens=False) for w in params.bad_words
             ]
+        check_vocabulary([], params, self.model.vocab_size)  # logit_bias, allowed_token_ids, bad words
         arrival = arrival_time or time.time()
         parent = ParentRequest(request_id, prompt_text, prompt_ids, params.n, params.output_kind)
         states, engine_reqs = [], []
