@@ -151,3 +151,36 @@ def test_out_of_vocabulary_sampling_ids_are_named(fake_server: Any) -> None:
         assert r.status_code == 400
         assert f"{field} contains token id 99999, outside the vocabulary" in r.json()["error"]["message"]
     assert httpx.get(fake_server.url + "/health").status_code == 200
+
+
+PARAMS = [
+    ("/v1/chat/completions", {**OK_CHAT, "top_p": 0}, "top_p", "top_p must be in"),
+    ("/v1/completions", {**OK_CMPL, "temperature": -1}, "temperature", "temperature"),
+    ("/v1/chat/completions", {**OK_CHAT, "max_tokens": -1}, "max_tokens", "max_tokens must be >= 1, got -1"),
+    ("/v1/chat/completions", {**OK_CHAT, "max_completion_tokens": 0}, "max_completion_tokens", "got 0"),
+    ("/v1/chat/completions", {**OK_CHAT, "response_format": {"type": "json_object"}}, "response_format",
+     "structured output is not supported"),
+    ("/v1/completions", {**OK_CMPL, "response_format": {"type": "json_schema"}}, "response_format", "'json_schema'"),
+    ("/v1/chat/completions", {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": "required"}, "tool_choice", "forcing a tool call is not supported"),
+    ("/v1/chat/completions", {**OK_CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     "tool_choice", "'function'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("route", "body", "param", "message"), PARAMS)
+def test_error_names_the_field_sent(
+    fake_server: Any, route: str, body: Any, param: str, message: str
+) -> None:
+    r = httpx.post(fake_server.url + route, json=body, headers={"Authorization": "Bearer sekret"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_text_response_format_and_auto_tool_choice_are_fine(fake_server: Any) -> None:
+    body = {**OK_CHAT, "response_format": {"type": "text"}, "tool_choice": "auto"}
+    r = httpx.post(
+        fake_server.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"}
+    )
+    assert r.status_code == 200, r.text

@@ -78,11 +78,16 @@ class ChatHandler:
                     f"top_logprobs must be in [0, {st.config.max_logprobs}], got {body.top_logprobs}",
                     param="top_logprobs",
                 )
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(body, field)
         if max_tokens is not None and max_tokens < 1:
-            raise APIError(
-                400, f"max_completion_tokens must be >= 1, got {max_tokens}", param="max_completion_tokens"
-            )
+            raise APIError(400, f"{field} must be >= 1, got {max_tokens}", param=field)
+        choice = (
+            body.tool_choice if isinstance(body.tool_choice, str) else (body.tool_choice or {}).get("type")
+        )
+        if choice not in (None, "auto", "none"):
+            raise APIError(400, f"tool_choice {choice!r}: forcing a tool call is not supported (tools reach the chat "
+                                "template; replies are text)", param="tool_choice")  # fmt: skip
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs, kind=kind)

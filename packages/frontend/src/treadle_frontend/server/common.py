@@ -4,6 +4,7 @@ merging the streams of several prompts, and aborting work when the HTTP client g
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -65,6 +66,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
+_PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
 def sampling_params(
     state: ServerState,
     body: Any,
@@ -97,6 +101,10 @@ def sampling_params(
             raise APIError(
                 400, f"{name} ({value}) is larger than the most this server returns ({limit})", param=name
             )
+    fmt = getattr(body, "response_format", None)
+    if fmt and fmt.get("type") not in (None, "text"):
+        raise APIError(400, f"response_format {fmt.get('type')!r}: structured output is not supported by this "
+                            "server; ask for the format in the prompt", param="response_format")  # fmt: skip
     try:
         return SamplingParams(
             n=n,
@@ -109,6 +117,9 @@ def sampling_params(
         )
     except TypeError as e:
         raise APIError(400, f"invalid sampling field: {e}") from e
+    except ValueError as e:  # SamplingParams' range checks start with the field's name
+        field = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param=field if field in _PARAM_NAMES else None) from None
 
 
 def sse(data: dict[str, Any]) -> str:

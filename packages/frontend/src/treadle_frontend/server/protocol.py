@@ -50,6 +50,7 @@ class _SamplingFields(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}: no structured output
 
 
 class CompletionRequest(_SamplingFields):
