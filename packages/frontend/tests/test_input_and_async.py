@@ -152,3 +152,17 @@ def test_slow_consumer_gets_merged_deltas(tokenizer: Any) -> None:
         llm.shutdown()
 
     asyncio.run(main())
+
+
+def test_metrics_series_exist_at_zero_from_the_start() -> None:
+    """Like vLLM's: a dashboard's rate() over preemptions or finished requests reads 0 before the first event."""
+    text = ServerMetrics("tiny").render().decode()
+    for sample in (
+        'treadle:num_preemptions_total{model_name="tiny"} 0.0',
+        'treadle:prompt_tokens_total{model_name="tiny"} 0.0',
+        'treadle:num_requests_running{model_name="tiny"} 0.0',
+        'treadle:e2e_request_latency_seconds_count{model_name="tiny"} 0.0',
+        *(f'treadle:request_success_total{{finished_reason="{r}",model_name="tiny"}} 0.0'
+          for r in ("stop", "length", "abort", "error")),
+    ):  # fmt: skip
+        assert sample in text, sample

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from treadle_engine_core.request import FinishReason
 from treadle_frontend.output_processor import IterationStats
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,14 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # every series exists at 0 from the start (as vLLM's): dashboards and rate() see 0, not "no data"
+        for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
+                       self.prompt_tokens, self.generation_tokens, self.num_preemptions, self.prefix_cache_queries,
+                       self.prefix_cache_hits, self.time_to_first_token_seconds, self.inter_token_latency_seconds,
+                       self.e2e_request_latency_seconds):  # fmt: skip
+            metric.labels(model_name)
+        for reason in (str(r) for r in FinishReason):  # stop, length, abort, error
+            self.request_success.labels(model_name, reason)
         self._last: dict[str, float] = {}  # last cumulative engine counters
         self._engine_counts_tokens = False  # the engine reports token counters (else the frontend counts)
         self.window = _Window()
