@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -211,3 +213,34 @@ def test_streamed_n2_and_multi_prompt(client: openai.OpenAI, lax_client: openai.
         for c in chunk.choices:
             streamed[c.index] += c.text
     assert streamed == {c.index: c.text for c in batch.choices}
+
+
+def test_prompt_logprobs_are_returned(fake_server: Any) -> None:
+    """vLLM's prompt_logprobs extra: per choice in completions (streamed: once, in the choice's first chunk
+    that has them), top level in chat; position 0 is None, every other position holds the prompt's own token."""
+    url, headers = fake_server.url, {"Authorization": "Bearer sekret"}
+    body = {"model": "tiny", "prompt": [7, 8, 9, 10], "max_tokens": 2, "prompt_logprobs": 3, "n": 2}
+    data = httpx.post(url + "/v1/completions", json=body, headers=headers).json()
+    for choice in data["choices"]:
+        plps = choice["prompt_logprobs"]
+        assert len(plps) == 4 and plps[0] is None
+        for token, pos in zip([8, 9, 10], plps[1:], strict=True):
+            assert str(token) in pos and 1 <= len(pos) <= 4
+            assert all(set(e) == {"logprob", "rank", "decoded_token"} for e in pos.values())
+            assert all(e["logprob"] >= -9999.0 for e in pos.values())  # -inf clamped
+    chunks = httpx.post(url + "/v1/completions", json={**body, "stream": True}, headers=headers).text
+    events = [json.loads(line[6:]) for line in chunks.splitlines() if line.startswith("data: {")]
+    sent = [c["choices"][0]["index"] for c in events if "prompt_logprobs" in c["choices"][0]]
+    assert sorted(sent) == [0, 1]
+    chat = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "prompt_logprobs": 1,
+    }
+    data = httpx.post(url + "/v1/chat/completions", json=chat, headers=headers).json()
+    assert (
+        len(data["prompt_logprobs"]) == data["usage"]["prompt_tokens"] and data["prompt_logprobs"][0] is None
+    )
+    r = httpx.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"

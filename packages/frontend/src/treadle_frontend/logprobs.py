@@ -101,3 +101,19 @@ class TokenTexts:
                 continue  # the chosen token is also in the top-k: keep its first entry
             out[int(tok)] = Logprob(logprob=float(lp), rank=rank, decoded_token=self.text(int(tok)))
         return out
+
+
+def prompt_logprobs_json(
+    texts: TokenTexts, positions: list[dict[int, Any] | None] | None
+) -> list[Any] | None:
+    """vLLM's `prompt_logprobs` field: per prompt position None (the first) or {token id: {logprob, rank,
+    decoded_token}}, with -inf clamped like every logprob here."""
+    if positions is None:
+        return None
+    return [
+        None if pos is None else {
+            str(t): {"logprob": clamp_logprob(e.logprob), "rank": e.rank, "decoded_token": texts.text(t)}
+            for t, e in pos.items()
+        }
+        for pos in positions
+    ]  # fmt: skip

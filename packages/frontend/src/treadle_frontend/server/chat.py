@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from treadle_frontend.logprobs import TokenTexts, clamp_logprob
+from treadle_frontend.logprobs import TokenTexts, clamp_logprob, prompt_logprobs_json
 from treadle_frontend.outputs import RequestOutput, SampleLogprobs
 from treadle_frontend.server.common import (
     ServerState,
@@ -90,7 +90,12 @@ class ChatHandler:
                                 "template; replies are text)", param="tool_choice")  # fmt: skip
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-        params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs, kind=kind)
+        if body.stream and body.prompt_logprobs is not None:
+            raise APIError(
+                400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+            )
+        params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs,
+                                 prompt_logprobs=body.prompt_logprobs, kind=kind)  # fmt: skip
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         kwargs = dict(body.chat_template_kwargs or {})
         if body.tools:
@@ -137,7 +142,7 @@ class ChatHandler:
                 }
             )
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return {
+        response = {
             "id": rid,
             "object": "chat.completion",
             "created": created,
@@ -145,6 +150,9 @@ class ChatHandler:
             "choices": choices,
             "usage": usage(len(out.prompt_token_ids), completion_tokens, out.num_cached_tokens or 0),
         }
+        if body.prompt_logprobs is not None:  # vLLM's extra, over the rendered chat prompt
+            response["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
+        return response
 
     async def _stream(
         self,

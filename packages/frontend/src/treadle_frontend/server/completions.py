@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from treadle_frontend.logprobs import TokenTexts, clamp_logprob
+from treadle_frontend.logprobs import TokenTexts, clamp_logprob, prompt_logprobs_json
 from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
 from treadle_frontend.server.common import (
     ServerState,
@@ -151,13 +151,16 @@ class CompletionsHandler:
                 block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, num_top, 0)
             gen = legacy_logprobs(self.texts, ids, lps or [], num_top, len(prefix_text))
             logprobs = {k: block[k] + gen[k] for k in block}
-        return {
+        choice = {
             "index": i * body.n + c.index,
             "text": prefix_text + text,
             "logprobs": logprobs,
             "finish_reason": c.finish_reason if c.finish_reason in ("stop", "length") else "stop",
             "stop_reason": c.stop_reason,
         }
+        if body.prompt_logprobs is not None:  # vLLM's extra, per choice
+            choice["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
+        return choice
 
     def _response(self, ctx: _Ctx, finals: list[RequestOutput]) -> dict[str, Any]:
         choices, completion_tokens, cached = [], 0, 0
@@ -182,6 +185,7 @@ class CompletionsHandler:
         body = ctx.body
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         echoed: set[int] = set()
+        prompt_sent: set[int] = set()
         offsets: dict[int, int] = {}
         completion_tokens, cached = 0, 0
         try:
@@ -220,6 +224,9 @@ class CompletionsHandler:
                         "finish_reason": finish,
                         "stop_reason": c.stop_reason if finish else None,
                     }
+                    if body.prompt_logprobs is not None and index not in prompt_sent and out.prompt_logprobs:
+                        prompt_sent.add(index)  # once per choice, in its first chunk that has them
+                        choice["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
                     chunk: dict[str, Any] = {
                         "id": ctx.rid,
                         "object": "text_completion",
