@@ -8,6 +8,7 @@ engine runs one step for the prompt logprobs and the sampled token is dropped.
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,23 +44,37 @@ def _prompts(body: CompletionRequest) -> list[str | list[int]]:
     return list(p)  # type: ignore[arg-type]
 
 
+class TextOffsets:
+    """Each token's text_offset: the characters of the text wholly before the token's first byte, counted by
+    decoding the tokens' bytes incrementally (a token that starts inside a multi-byte character, as byte-level
+    tokens of CJK text do, points at that character). Offsets never decrease, stay within the decoded text, and
+    are the same whether the tokens arrive at once or in stream chunks (keep one tracker per choice)."""
+
+    def __init__(self, texts: TokenTexts, start: int) -> None:
+        self.texts, self.chars = texts, start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, token_ids: list[int]) -> list[int]:
+        offsets = []
+        for tok in token_ids:
+            offsets.append(self.chars)
+            self.chars += len(self._utf8.decode(bytes(self.texts.token_bytes(tok))))
+        return offsets
+
+
 def legacy_logprobs(
     texts: TokenTexts,
     token_ids: list[int],
     positions: SampleLogprobs | PromptLogprobs,
     num_top: int,
-    offset: int,
+    offsets: TextOffsets,
 ) -> dict[str, list[Any]]:
-    """OpenAI's completions logprobs block for `token_ids`, with text offsets starting at `offset`."""
+    """OpenAI's completions logprobs block for `token_ids`, with text offsets from `offsets`."""
     tokens: list[str] = []
     token_lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
-    offsets: list[int] = []
     for tok, pos in zip(token_ids, positions, strict=False):
-        text = texts.text(tok)
-        tokens.append(text)
-        offsets.append(offset)
-        offset += len(text)
+        tokens.append(texts.text(tok))
         if pos is None:
             token_lps.append(None)
             tops.append(None)
@@ -71,7 +86,10 @@ def legacy_logprobs(
             if tid == tok or (entry.rank is not None and entry.rank <= num_top):
                 top.setdefault(texts.text(tid), clamp_logprob(entry.logprob))
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    return {
+        "tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+        "text_offset": offsets.take(token_ids[: len(tokens)]),
+    }  # fmt: skip
 
 
 class CompletionsHandler:
@@ -148,8 +166,11 @@ class CompletionsHandler:
             }
             if body.echo:
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, num_top, 0)
-            gen = legacy_logprobs(self.texts, ids, lps or [], num_top, len(prefix_text))
+                prompt_offsets = TextOffsets(self.texts, 0)
+                block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, num_top, prompt_offsets)
+            gen = legacy_logprobs(
+                self.texts, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
+            )
             logprobs = {k: block[k] + gen[k] for k in block}
         choice = {
             "index": i * body.n + c.index,
@@ -186,7 +207,7 @@ class CompletionsHandler:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         echoed: set[int] = set()
         prompt_sent: set[int] = set()
-        offsets: dict[int, int] = {}
+        trackers: dict[int, TextOffsets] = {}  # per choice: the generated tokens' text offsets
         completion_tokens, cached = 0, 0
         try:
             async for i, out in merge_streams(gens):
@@ -207,13 +228,13 @@ class CompletionsHandler:
                         )
                         if body.logprobs is not None:
                             plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                            block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs, 0)
+                            prompt_offsets = TextOffsets(self.texts, 0)
+                            block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs,
+                                                    prompt_offsets)  # fmt: skip
                     if body.logprobs is not None:
-                        gen = legacy_logprobs(
-                            self.texts, ids, lps or [], body.logprobs, offsets.get(index, 0) + len(prefix)
-                        )
+                        tracker = trackers.setdefault(index, TextOffsets(self.texts, len(prefix)))
+                        gen = legacy_logprobs(self.texts, ids, lps or [], body.logprobs, tracker)
                         block = {k: (block[k] if block else []) + gen[k] for k in gen}
-                    offsets[index] = offsets.get(index, 0) + len(prefix) + len(text)
                     finish = c.finish_reason if c.finish_reason in ("stop", "length", None) else "stop"
                     if not (prefix or text or finish or (block and block["tokens"])):
                         continue
