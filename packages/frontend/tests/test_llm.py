@@ -103,3 +103,15 @@ def test_n2_keeps_prompt_logprobs(llm: Any) -> None:
         "Hello world", SamplingParams(n=2, max_tokens=3, prompt_logprobs=1, seed=0), use_tqdm=False
     )[0]
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+
+
+def test_chat_hands_tools_to_the_template(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+    real = llm.input_processor.encode_chat
+    monkeypatch.setattr(
+        llm.input_processor, "encode_chat", lambda conv, **kw: seen.append(kw) or real(conv, **kw)
+    )
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), use_tqdm=False, tools=tools,
+             chat_template_kwargs={"x": 1})  # fmt: skip
+    assert seen[0]["template_kwargs"] == {"x": 1, "tools": tools}

@@ -107,7 +107,12 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation or a list of them through the chat template; `tools` (OpenAI's
+        function definitions) reach the template as its `tools` variable; replies are text."""
+        if tools is not None:
+            chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
         if messages and isinstance(messages[0], dict):
             conversations: list[Conversation] = [messages]  # type: ignore[list-item]
         else:
