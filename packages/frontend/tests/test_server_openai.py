@@ -244,3 +244,27 @@ def test_prompt_logprobs_are_returned(fake_server: Any) -> None:
     )
     r = httpx.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats(fake_server: Any, route: str) -> None:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far; the last usage chunk
+    has the totals. Without it the chunks carry usage null."""
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 5, "stream": True}
+    body.update(
+        {"prompt": [7, 8, 9]}
+        if route == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    for continuous in (True, False):
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": continuous}
+        r = httpx.post(fake_server.url + route, json=body, headers={"Authorization": "Bearer sekret"})
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        content, final = [c for c in chunks if c["choices"]], chunks[-1]
+        assert final["choices"] == [] and final["usage"]["completion_tokens"] == 5
+        if not continuous:
+            assert all(c["usage"] is None for c in content)
+            continue
+        seen = [c["usage"]["completion_tokens"] for c in content]
+        assert seen == sorted(seen) and seen[-1] == 5 and seen[0] <= 1
+        assert all(c["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for c in content)

@@ -163,6 +163,9 @@ class ChatHandler:
         gen: AsyncIterator[RequestOutput],
     ) -> AsyncIterator[str]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        continuous = include_usage and bool(
+            body.stream_options and body.stream_options.continuous_usage_stats
+        )
         model = self.state.model_name
 
         def chunk(choices: list[dict[str, Any]]) -> str:
@@ -173,8 +176,8 @@ class ChatHandler:
                 "model": model,
                 "choices": choices,
             }
-            if include_usage:
-                data["usage"] = None
+            if include_usage:  # continuous_usage_stats (vLLM): the running usage in every chunk
+                data["usage"] = usage(len(prompt_ids), completion_tokens, cached) if continuous else None
             return sse(data)
 
         started: set[int] = set()
@@ -193,6 +196,7 @@ class ChatHandler:
                     ]
                 )
             async for out in gen:
+                cached = max(cached, out.num_cached_tokens or 0)
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
                     finish = finish_str(c.finish_reason)
@@ -216,8 +220,6 @@ class ChatHandler:
                     if finish is not None:
                         choice["stop_reason"] = c.stop_reason
                     yield chunk([choice])
-                if out.finished:
-                    cached = out.num_cached_tokens or 0
             if include_usage:
                 yield sse(
                     {

@@ -208,9 +208,14 @@ class CompletionsHandler:
         echoed: set[int] = set()
         prompt_sent: set[int] = set()
         trackers: dict[int, TextOffsets] = {}  # per choice: the generated tokens' text offsets
-        completion_tokens, cached = 0, 0
+        continuous = include_usage and bool(
+            body.stream_options and body.stream_options.continuous_usage_stats
+        )
+        prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
+        completion_tokens, cached = 0, dict[int, int]()  # cached: per prompt
         try:
             async for i, out in merge_streams(gens):
+                cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
                 for c in out.outputs:
                     index = i * body.n + c.index
                     text, ids, lps = c.text, c.token_ids, c.logprobs
@@ -255,13 +260,11 @@ class CompletionsHandler:
                         "model": ctx.model,
                         "choices": [choice],
                     }
-                    if include_usage:
-                        chunk["usage"] = None
+                    if include_usage:  # continuous_usage_stats (vLLM): the running usage in every chunk
+                        running = usage(prompt_tokens, completion_tokens, sum(cached.values()))
+                        chunk["usage"] = running if continuous else None
                     yield sse(chunk)
-                if out.finished:
-                    cached += out.num_cached_tokens or 0
             if include_usage:
-                prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
                 yield sse(
                     {
                         "id": ctx.rid,
@@ -269,7 +272,7 @@ class CompletionsHandler:
                         "created": ctx.created,
                         "model": ctx.model,
                         "choices": [],
-                        "usage": usage(prompt_tokens, completion_tokens, cached),
+                        "usage": usage(prompt_tokens, completion_tokens, sum(cached.values())),
                     }
                 )
         except Exception as e:
