@@ -185,6 +185,9 @@ def test_sync_client_utilities_and_validation() -> None:
         with pytest.raises(ValueError, match=r"maximum context length is 256 tokens.*300 in the completion"):
             client.add_request(EngineCoreRequest("long", [1] * 10, SamplingParams(max_tokens=300), 0.0))
         assert client.call_utility("ping") == "pong"
+        assert (
+            client.ready.scheduling_policy == "fcfs" and client.ready.runtime == {}
+        )  # the fake runner says nothing
         assert client.reset_prefix_cache() is True
         with pytest.raises(RuntimeError, match="unknown utility method 'shutdown_now'"):
             client.call_utility("shutdown_now")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,14 @@ def test_metrics_series_exist_at_zero_from_the_start() -> None:
           for r in ("stop", "length", "abort", "error")),
     ):  # fmt: skip
         assert sample in text, sample
+
+
+def test_priorities_need_the_priority_policy(tokenizer: Any) -> None:
+    fcfs = make_processor(tokenizer)
+    fcfs.check_priority(0)
+    with pytest.raises(
+        ValueError, match="priority 3: request priorities need the priority scheduling policy"
+    ):
+        fcfs.check_priority(3)
+    info = dataclasses.replace(fcfs.model, scheduling_policy="priority")
+    InputProcessor(tokenizer, info, chat_template=None).check_priority(3)

@@ -68,6 +68,7 @@ CASES: list[tuple[str, str, Any, int]] = [
     ("cmpl_seed_string", "/v1/completions", {**OK_CMPL, "seed": "abc"}, 400),
     ("cmpl_top_k_negative", "/v1/completions", {**OK_CMPL, "top_k": -7}, 400),
     ("cmpl_min_p_2", "/v1/completions", {**OK_CMPL, "min_p": 2}, 400),
+    ("chat_priority_without_priority_policy", "/v1/chat/completions", {**OK_CHAT, "priority": 5}, 400),
     ("cmpl_logit_bias_out_of_vocab", "/v1/completions", {**OK_CMPL, "logit_bias": {"99999": 1}}, 400),
     (
         "chat_allowed_ids_out_of_vocab",
@@ -154,6 +155,7 @@ def test_out_of_vocabulary_sampling_ids_are_named(fake_server: Any) -> None:
 
 
 PARAMS = [
+    ("/v1/completions", {**OK_CMPL, "priority": -2}, "priority", "need the priority scheduling policy"),
     ("/v1/chat/completions", {**OK_CHAT, "top_p": 0}, "top_p", "top_p must be in"),
     ("/v1/completions", {**OK_CMPL, "temperature": -1}, "temperature", "temperature"),
     ("/v1/chat/completions", {**OK_CHAT, "max_tokens": -1}, "max_tokens", "max_tokens must be >= 1, got -1"),

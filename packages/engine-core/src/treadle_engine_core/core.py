@@ -157,6 +157,7 @@ class EngineCore:
             vocab_size=self.executor.vocab_size,
             eos_token_ids=sorted(self.executor.eos_token_ids),
             runtime=self.executor.describe(),
+            scheduling_policy=self.scheduler_config.policy,
         )
 
     def shutdown(self) -> None:

@@ -96,6 +96,7 @@ class EngineReady(msgspec.Struct):
     vocab_size: int
     eos_token_ids: list[int]
     runtime: dict[str, str] = {}  # device, dtypes, attention backend, CUDA graphs, weights (in words)
+    scheduling_policy: str = "fcfs"  # fcfs | priority: whether request priorities mean anything
 
 
 class EngineFailure(msgspec.Struct):

@@ -87,6 +87,7 @@ class AsyncLLM:
         """Streams RequestOutputs of one prompt; `prompt_token_ids` skips tokenization when given."""
         self._check_alive()
         self._ensure_handler()
+        self.input_processor.check_priority(priority)
         request_id = request_id or f"req-{next(self._ids)}"
         if prompt_token_ids is None:
             text, ids = self.input_processor.encode_prompt(prompt)

@@ -161,6 +161,7 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
         vocab_size=int(ready.vocab_size),
         kv_capacity_tokens=getattr(ready, "kv_capacity_tokens", None),
         runtime=dict(getattr(ready, "runtime", None) or {}),
+        scheduling_policy=str(getattr(ready, "scheduling_policy", "fcfs")),
     )
     defaults = load_generation_defaults(prep.model_path, args.generation_config)
     template = resolve_chat_template(prep.tokenizer, args.chat_template)

@@ -36,6 +36,7 @@ class ModelInfo:
     vocab_size: int  # valid token ids are [0, vocab_size)
     kv_capacity_tokens: int | None = None  # KV cache size in tokens, when the engine reported it
     runtime: dict[str, str] = field(default_factory=dict)  # the engine's device, dtypes, graphs...
+    scheduling_policy: str = "fcfs"  # the engine's; priorities other than 0 need "priority"
 
 
 def context_length_error(max_model_len: int, num_prompt: int, num_completion: int) -> ValueError:
@@ -164,6 +165,14 @@ class InputProcessor:
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"{what} token id {t!r} is out of range: token ids must be in [0, {vocab})")
+
+    def check_priority(self, priority: int) -> None:
+        """A priority other than 0 means nothing to a first-come-first-served engine: an error, as in vLLM."""
+        if priority and self.model.scheduling_policy != "priority":
+            raise ValueError(
+                f"priority {priority}: request priorities need the priority scheduling policy "
+                "(--scheduling-policy priority); this engine schedules first come, first served"
+            )
 
     def check_length(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Raises the context-length error, and fills max_tokens=None with the rest of the context."""

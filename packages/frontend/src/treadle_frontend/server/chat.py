@@ -19,6 +19,7 @@ from treadle_frontend.logprobs import TokenTexts, clamp_logprob, prompt_logprobs
 from treadle_frontend.outputs import RequestOutput, SampleLogprobs
 from treadle_frontend.server.common import (
     ServerState,
+    check_priority,
     collect_all,
     new_id,
     sampling_params,
@@ -109,6 +110,7 @@ class ChatHandler:
         )
         ip.check_token_ids(ids, "the rendered chat prompt")
         ip.check_length(ids, params.clone())
+        check_priority(st, body.priority)
         rid = new_id("chatcmpl-")
         gen = st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority)
         created = int(time.time())

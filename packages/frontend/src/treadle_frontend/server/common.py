@@ -66,6 +66,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
+def check_priority(state: ServerState, priority: int) -> None:
+    try:
+        state.llm.input_processor.check_priority(priority)
+    except ValueError as e:
+        raise APIError(400, str(e), param="priority") from None
+
+
 _PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 

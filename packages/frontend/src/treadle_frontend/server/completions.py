@@ -20,6 +20,7 @@ from treadle_frontend.logprobs import TokenTexts, clamp_logprob, prompt_logprobs
 from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
 from treadle_frontend.server.common import (
     ServerState,
+    check_priority,
     collect_all,
     merge_streams,
     new_id,
@@ -129,6 +130,7 @@ class CompletionsHandler:
             text, ids = ip.encode_prompt(p, add_special_tokens=body.add_special_tokens)
             ip.check_length(ids, params.clone())
             encoded.append((text, ids))
+        check_priority(st, body.priority)
         rid = new_id("cmpl-")
         gens = [
             st.llm.generate(
