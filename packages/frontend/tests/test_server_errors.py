@@ -186,3 +186,19 @@ def test_text_response_format_and_auto_tool_choice_are_fine(fake_server: Any) ->
         fake_server.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"}
     )
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**OK_CHAT, "stop": 5}, "stop"),
+        ({**OK_CMPL, "prompt": 3.5}, "prompt"),
+        ({**OK_CHAT, "messages": [{"content": "x"}]}, "messages.0.role"),
+    ],
+)
+def test_validation_param_is_the_field(fake_server: Any, body: Any, param: str) -> None:
+    """Union-typed fields are reported as themselves, not as pydantic's member paths (stop.str)."""
+    route = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    r = httpx.post(fake_server.url + route, json=body, headers={"Authorization": "Bearer sekret"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert ".str" not in r.json()["error"]["message"] and "list[" not in r.json()["error"]["message"]

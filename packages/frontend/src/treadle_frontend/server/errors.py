@@ -78,12 +78,24 @@ def error_response(
     return JSONResponse(error_body(request.url.path, status, message, param, code), status_code=status)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _where(loc: Any) -> list[str]:
+    """A pydantic error location as field names: without "body" and without the union-member tags pydantic
+    inserts ("stop.str", "prompt.list[int]" are the field "stop", "prompt")."""
+    parts = [str(p) for p in loc if p != "body"]
+    return [
+        p for p in parts if p.lower() not in _TYPE_TAGS and "[" not in p and not p.startswith("function-")
+    ]
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = _where(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         return (
             f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
@@ -92,7 +104,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     field = ".".join(loc) or None
     msgs = []
     for e in errors[:5]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        where = ".".join(_where(e.get("loc", ()))) or "body"
         msgs.append(f"{where}: {e.get('msg')}")
     return "invalid request: " + "; ".join(msgs), field
 
