@@ -8,22 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
+from e2e_helpers import LLAMA
 
 from treadle import cli
 
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
-    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float32",
-    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu",
-}  # fmt: skip
 ENGINE = ["--load-format", "dummy", "--max-model-len", "256", "--kv-cache-space", "0.05"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tmp_path_factory.mktemp("tiny_llama")
-    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    (model / "config.json").write_text(json.dumps(LLAMA))  # the e2e tests' tiny Llama
     return model
 
 
