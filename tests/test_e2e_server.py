@@ -216,6 +216,24 @@ def test_cli_chat_and_complete(real_server: RealServer) -> None:
     assert version.stdout.startswith("treadle ")
 
 
+def test_text_offsets_of_multibyte_text(real_server: RealServer) -> None:
+    """Byte-level tokens of CJK text: text_offset never decreases, stays inside the text, and a stream gives the
+    same offsets as one response (lm-eval finds the continuation by them)."""
+    body = {"model": MODEL_NAME, "prompt": "日本語の猫は", "max_tokens": 6, "temperature": 0, "logprobs": 0,
+            "echo": True}  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    choice = httpx.post(real_server.url + "/v1/completions", json=body, headers=headers).json()["choices"][0]
+    offsets, text = choice["logprobs"]["text_offset"], choice["text"]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text) and offsets[0] == 0
+    assert len(offsets) > len("日本語の猫は")  # several byte-level tokens per character
+    streamed = httpx.post(
+        real_server.url + "/v1/completions", json={**body, "stream": True}, headers=headers
+    ).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])] == offsets
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+
+
 def test_zz_engine_killed_under_load(real_server: RealServer) -> None:
     import os
     import signal
@@ -259,21 +277,3 @@ def test_zz_engine_killed_under_load(real_server: RealServer) -> None:
     real_server.stop()
     assert real_server.proc.returncode is not None
     assert children_of(server_pid) == []
-
-
-def test_text_offsets_of_multibyte_text(real_server: RealServer) -> None:
-    """Byte-level tokens of CJK text: text_offset never decreases, stays inside the text, and a stream gives the
-    same offsets as one response (lm-eval finds the continuation by them)."""
-    body = {"model": MODEL_NAME, "prompt": "日本語の猫は", "max_tokens": 6, "temperature": 0, "logprobs": 0,
-            "echo": True}  # fmt: skip
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    choice = httpx.post(real_server.url + "/v1/completions", json=body, headers=headers).json()["choices"][0]
-    offsets, text = choice["logprobs"]["text_offset"], choice["text"]
-    assert offsets == sorted(offsets) and offsets[-1] <= len(text) and offsets[0] == 0
-    assert len(offsets) > len("日本語の猫は")  # several byte-level tokens per character
-    streamed = httpx.post(
-        real_server.url + "/v1/completions", json={**body, "stream": True}, headers=headers
-    ).text
-    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
-    assert [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])] == offsets
-    assert "".join(c["choices"][0]["text"] for c in chunks) == text
