@@ -113,3 +113,20 @@ def test_serve_on_a_taken_port_fails_before_loading_anything(
     free = cli_serve.listen_socket("127.0.0.1", 0)  # a free port binds; uvicorn listens on it later
     assert free.getsockname()[0] == "127.0.0.1"
     free.close()
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_engine_start_failure_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, interrupted: bool
+) -> None:
+    """The engine logged its own details; the CLI says what failed in one line (exit 1), or nothing after a
+    Ctrl-C during start-up (exit 130), and never serves."""
+    from treadle_engine_core.client import EngineStartError
+
+    def fail(*_: object) -> None:
+        raise EngineStartError("engine core failed to start: OSError: disk on fire", interrupted)
+
+    monkeypatch.setattr(engine_factory, "start_async_mp", fail)
+    rc = cli.main(["serve", "--host", "127.0.0.1", "--port", "0", "--load-format", "dummy"])
+    assert rc == (130 if interrupted else 1)
+    assert ("engine core failed to start: OSError: disk on fire" in caplog.text) != interrupted

@@ -63,11 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(asctime)s %(name)s: %(message)s",
         datefmt="%m-%d %H:%M:%S",
     )
+    from treadle_engine_core.client import EngineStartError
+
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # a user error: say what to fix, no traceback
         logging.getLogger("treadle").error("%s", e)
         return 2
+    except EngineStartError as e:  # the engine process logged its own details above
+        if e.interrupted:
+            return 130
+        logging.getLogger("treadle").error("%s", e)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import errno
 import logging
+import signal
 import socket
 import threading
 import time
@@ -204,8 +205,18 @@ def run_serve(args: argparse.Namespace) -> int:
     # the web stack (FastAPI, pydantic, uvicorn: ~1 s of imports) loads while the engine process boots
     web = threading.Thread(target=_import_web_stack, name="treadle-import-web", daemon=True)
     web.start()
-    client, processor = start_async_mp(engine_args)
-    web.join()
+    signals: list[int] = []  # a Ctrl-C / SIGTERM while starting: recorded, and raised as KeyboardInterrupt
+    previous = {sig: signal.signal(sig, _interrupt(signals)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        client, processor = start_async_mp(engine_args)
+        web.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signals:  # the interrupt was swallowed somewhere while loading: never go on to serve
+        client.shutdown()
+        sock.close()
+        return 130
     import uvicorn
 
     from treadle_frontend.async_llm import AsyncLLM
@@ -226,6 +237,14 @@ def run_serve(args: argparse.Namespace) -> int:
         llm.shutdown()
         sock.close()
     return 0
+
+
+def _interrupt(seen: list[int]) -> Any:
+    def handler(signum: int, _frame: object) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt(f"signal {signum} during start-up")
+
+    return handler
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from engine_core_harness import expected_output
 
-from treadle_engine_core.client import EngineDeadError
+from treadle_engine_core.client import EngineDeadError, EngineStartError
 from treadle_engine_core.config import EngineConfig, FakeRunnerConfig, SchedulerConfig
 from treadle_engine_core.messages import EngineCoreRequest
 from treadle_engine_core.mp_client import AsyncMPClient, SyncMPClient
@@ -219,6 +219,34 @@ def test_startup_failure_is_reported() -> None:
             RuntimeError, match=r"engine core failed to start: ValueError: max_model_len \(4096\)"
         ):
             client_cls(bad)
+
+
+def test_signal_during_startup_is_not_reported_ready() -> None:
+    """Ctrl-C reaches the whole process group: the engine, still loading, must report that it was interrupted
+    instead of READY (a server went on to serve with a dead engine)."""
+    import multiprocessing
+    import threading
+
+    result: dict[str, BaseException] = {}
+
+    def start() -> None:
+        try:
+            SyncMPClient(_config(startup_delay_s=3.0)).shutdown()
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the engine process is up and "loading"
+    for child in multiprocessing.active_children():
+        os.kill(child.pid or 0, signal.SIGINT)
+    thread.join(timeout=30)
+    error = result.get("error")
+    assert isinstance(error, EngineStartError) and error.interrupted, error
+    assert "interrupted during start-up" in str(error)
 
 
 def _become_subreaper() -> bool:

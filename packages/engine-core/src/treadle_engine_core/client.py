@@ -23,6 +23,15 @@ class EngineDeadError(RuntimeError):
         self.request_ids = request_ids or []  # requests in flight when the engine died
 
 
+class EngineStartError(RuntimeError):
+    """The engine process did not get ready: its error (already logged by the engine, with its traceback unless
+    it was a user's error), or `interrupted` when a signal stopped it while it loaded."""
+
+    def __init__(self, message: str, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.interrupted = interrupted
+
+
 class EngineCoreClient:
     """The interface both the offline LLM and the API server program against."""
 

@@ -78,6 +78,7 @@ class FakeRunnerConfig:
     step_delay_s: float = 0.0  # sleep per step, to give requests a lifetime in process tests
     check_kv: bool = True  # keep a shadow KV cache and assert every read returns the request's own tokens
     fail_on_step: int = -1  # raise in this step (>= 0), to test error propagation
+    startup_delay_s: float = 0.0  # sleep while "loading", to test signals during start-up
 
     def __post_init__(self) -> None:
         if self.vocab_size < 3:

@@ -80,8 +80,16 @@ def run_engine_process(
         from treadle_engine_core.core import EngineCore  # after the name is set: imports may be slow
 
         engine = EngineCore(config)
+        if stop.is_set():  # Ctrl-C / SIGTERM arrived while loading: never report ready
+            engine.shutdown()
+            raise KeyboardInterrupt("interrupted during start-up")
     except BaseException as e:
-        logger.exception("engine core failed to start")
+        if isinstance(
+            e, (ValueError, KeyboardInterrupt)
+        ):  # a user's error or interruption: the message is enough
+            logger.error("engine core failed to start: %s", e)
+        else:
+            logger.exception("engine core failed to start")
         out_sock.send_multipart([msg.FAILED, msg.encode(_failure(e))])
         out_sock.close()
         in_sock.close()

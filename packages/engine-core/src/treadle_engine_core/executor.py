@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -131,4 +132,5 @@ class FakeExecutor(Executor):
         fake = self.config.fake_runner
         if self.config.model_config.max_model_len is not None:
             fake = dataclasses.replace(fake, max_model_len=self.config.model_config.max_model_len)
+        time.sleep(fake.startup_delay_s)
         return FakeModelRunner(fake, block_size=cc.block_size, num_blocks=cc.num_gpu_blocks_override)

@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from treadle_engine_core import messages as msg
-from treadle_engine_core.client import EngineCoreClient, EngineDeadError
+from treadle_engine_core.client import EngineCoreClient, EngineDeadError, EngineStartError
 from treadle_engine_core.config import EngineConfig
 from treadle_engine_core.engine_process import PROCESS_NAME, run_engine_process
 from treadle_engine_core.request import validate_request_length
@@ -97,9 +97,10 @@ class _MPClient(EngineCoreClient):
                     return ready
                 if kind == msg.FAILED:
                     failure = msg.decode(payload, msg.EngineFailure)
-                    raise RuntimeError(f"engine core failed to start: {failure.message}\n{failure.traceback}")
+                    interrupted = failure.message.startswith("KeyboardInterrupt")
+                    raise EngineStartError(f"engine core failed to start: {failure.message}", interrupted)
             elif not self.proc.is_alive():
-                raise RuntimeError(
+                raise EngineStartError(
                     f"engine core process exited with code {self.proc.exitcode} before it was ready; "
                     "see its log above"
                 )
