@@ -148,13 +148,24 @@ def test_stop_string_across_tokens(client: openai.OpenAI, tokenizer: Any) -> Non
     assert inc.choices[0].message.content == text[: text.find(stop) + 3]
 
 
+def client_tokenizer_strs(fake_server: Any, ids: list[int]) -> list[str]:
+    """The tokenizer's own token strings (vLLM's token_strs: convert_ids_to_tokens)."""
+    tokens = fake_server.llm.input_processor.tokenizer.convert_ids_to_tokens(ids)
+    assert "".join(tokens).replace("Ġ", " ") == "Hello world"  # byte-level pieces of the text
+    return list(tokens)
+
+
 def test_models_and_utility_routes(client: openai.OpenAI, fake_server: Any) -> None:
     import httpx
 
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
     tok = httpx.post(fake_server.url + "/tokenize", json={"prompt": "Hello world"}).json()
-    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 256
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 256 and tok["token_strs"] is None
+    strs = httpx.post(
+        fake_server.url + "/tokenize", json={"prompt": "Hello world", "return_token_strs": True}
+    )
+    assert strs.json()["token_strs"] == client_tokenizer_strs(fake_server, tok["tokens"])
     de = httpx.post(fake_server.url + "/detokenize", json={"tokens": tok["tokens"]}).json()
     assert de["prompt"] == "Hello world"
     chat_tok = httpx.post(

@@ -163,7 +163,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
             )
         else:
             ids = ip.encode_text(body.prompt or "", add_special_tokens=body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": llm.model.max_model_len, "tokens": ids}
+        strs = ip.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None  # vLLM's extra
+        return {
+            "count": len(ids),
+            "max_model_len": llm.model.max_model_len,
+            "tokens": ids,
+            "token_strs": strs,
+        }
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Any:
