@@ -38,6 +38,8 @@ def test_generation_config_defaults(tmp_path: Path) -> None:
     (tmp_path / "generation_config.json").write_text("{bad")
     with pytest.raises(ValueError, match="generation-config none"):
         load_generation_defaults(tmp_path)
+    with pytest.raises(ValueError, match="no such directory"):  # an explicit --generation-config DIR
+        load_generation_defaults(tmp_path, str(tmp_path / "nodir"))
 
 
 def test_defaults_apply_only_to_unset_fields(tokenizer: Any, tmp_path: Path) -> None:

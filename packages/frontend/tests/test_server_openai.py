@@ -279,3 +279,22 @@ def test_continuous_usage_stats(fake_server: Any, route: str) -> None:
         seen = [c["usage"]["completion_tokens"] for c in content]
         assert seen == sorted(seen) and seen[-1] == 5 and seen[0] <= 1
         assert all(c["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for c in content)
+
+
+def test_generation_config_max_new_tokens_is_the_default(fake_server: Any) -> None:
+    """generation_config.json's max_new_tokens is max_tokens when a chat request leaves it unset (vLLM)."""
+    from treadle_frontend.tokenizer import GenerationDefaults
+
+    ip = fake_server.llm.input_processor
+    saved, ip.defaults = ip.defaults, GenerationDefaults(max_new_tokens=3)
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        headers = {"Authorization": "Bearer sekret"}
+        unset = httpx.post(fake_server.url + "/v1/chat/completions", json=body, headers=headers).json()
+        given = httpx.post(
+            fake_server.url + "/v1/chat/completions", json={**body, "max_tokens": 5}, headers=headers
+        )
+    finally:
+        ip.defaults = saved
+    assert unset["usage"]["completion_tokens"] == 3 and unset["choices"][0]["finish_reason"] == "length"
+    assert given.json()["usage"]["completion_tokens"] == 5

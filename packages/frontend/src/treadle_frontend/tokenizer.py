@@ -148,9 +148,15 @@ def load_generation_defaults(model_dir: str | Path | None, mode: str = "auto") -
     if mode == "none" or model_dir is None:
         return GenerationDefaults()
     path = Path(mode) / "generation_config.json" if mode not in ("auto", "vllm") else None
+    if path is not None and not path.parent.is_dir():
+        raise ValueError(f"--generation-config {mode}: no such directory (pass a directory holding "
+                         "generation_config.json, 'auto' or 'none')")  # fmt: skip
     if path is None:
         path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
+        if mode not in ("auto", "vllm"):
+            logger.warning("--generation-config %s has no generation_config.json: no default sampling parameters",
+                           mode)  # fmt: skip
         return GenerationDefaults()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -88,6 +88,8 @@ def sampling_params(
 ) -> SamplingParams:
     """SamplingParams from a request body: set fields win, unset ones take the model's defaults."""
     values: dict[str, Any] = state.llm.input_processor.default_sampling_fields()
+    if max_tokens is None:  # unset: generation_config.json's max_new_tokens, else the rest of the context
+        max_tokens = state.llm.input_processor.defaults.max_new_tokens
     for name in _SAMPLING_FIELDS:
         v = getattr(body, name, None)
         if v is not None:
