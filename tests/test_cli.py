@@ -130,3 +130,22 @@ def test_engine_start_failure_is_one_line(
     rc = cli.main(["serve", "--host", "127.0.0.1", "--port", "0", "--load-format", "dummy"])
     assert rc == (130 if interrupted else 1)
     assert ("engine core failed to start: OSError: disk on fire" in caplog.text) != interrupted
+
+
+def test_chat_client_when_the_server_is_down_and_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --model-name (no /models probe) a down server is the same one-line message, not a traceback; the
+    key falls back to $OPENAI_API_KEY as vLLM's chat client's does."""
+    from treadle import cli_chat
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    for command in ("chat", "complete"):
+        with pytest.raises(SystemExit, match="cannot reach the server at"):
+            cli.main([command, "--url", url, "--model-name", "x", "-q", "hi"])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    args = cli.build_parser().parse_args(["chat", "--url", url, "--model-name", "x"])
+    assert cli_chat._Client(args).http.headers["Authorization"] == "Bearer sk-env"
+    args = cli.build_parser().parse_args(["chat", "--url", url, "--model-name", "x", "--api-key", "sk-flag"])
+    assert cli_chat._Client(args).http.headers["Authorization"] == "Bearer sk-flag"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,11 @@ DEFAULT_URL = "http://localhost:8000/v1"
 def add_client_args(p: argparse.ArgumentParser, chat: bool) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"the server's OpenAI base URL (default {DEFAULT_URL})")
     p.add_argument("--model-name", default=None, help="model id (default: the server's first model)")
-    p.add_argument("--api-key", default=None, help="API key, if the server wants one")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="API key, if the server wants one (default: $OPENAI_API_KEY, as vLLM's)",
+    )
     p.add_argument(
         "-q", "--quick", default=None, metavar="MESSAGE", help="send one message, print the reply, exit"
     )
@@ -33,35 +38,42 @@ def add_client_args(p: argparse.ArgumentParser, chat: bool) -> None:
 
 class _Client:
     def __init__(self, args: argparse.Namespace) -> None:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        key = args.api_key or os.environ.get("OPENAI_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(
             base_url=args.url.rstrip("/"), headers=headers, timeout=httpx.Timeout(600, connect=10)
         )
         self.model = args.model_name or self._first_model()
 
+    def _unreachable(self, e: Exception) -> SystemExit:
+        return SystemExit(
+            f"cannot reach the server at {self.http.base_url} ({e}); start one with `treadle serve`"
+        )
+
     def _first_model(self) -> str:
         try:
             r = self.http.get("/models")
         except httpx.HTTPError as e:
-            raise SystemExit(
-                f"cannot reach the server at {self.http.base_url} ({e}); start one with `treadle serve`"
-            ) from e
+            raise self._unreachable(e) from e
         if r.status_code != 200:
             raise SystemExit(f"GET /models failed with {r.status_code}: {r.text}")
         return str(r.json()["data"][0]["id"])
 
     def stream(self, route: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        with self.http.stream("POST", route, json={**body, "model": self.model, "stream": True}) as r:
-            if r.status_code != 200:
-                r.read()
-                raise SystemExit(f"the server answered {r.status_code}: {r.text}")
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data.strip() == "[DONE]":
-                    return
-                yield json.loads(data)
+        try:
+            with self.http.stream("POST", route, json={**body, "model": self.model, "stream": True}) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise SystemExit(f"the server answered {r.status_code}: {r.text}")
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data.strip() == "[DONE]":
+                        return
+                    yield json.loads(data)
+        except httpx.HTTPError as e:  # down (--model-name skips the /models probe) or gone mid-reply
+            raise self._unreachable(e) from e
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
