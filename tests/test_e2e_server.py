@@ -6,8 +6,10 @@ Runs in file order; the last test kills the engine process under load.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -232,6 +234,34 @@ def test_text_offsets_of_multibyte_text(real_server: RealServer) -> None:
     chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
     assert [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])] == offsets
     assert "".join(c["choices"][0]["text"] for c in chunks) == text
+
+
+def test_bench_serve(
+    real_server: RealServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`treadle bench serve` (vLLM's bench serve) against the real server: vLLM's result block, a strict-JSON
+    result without the API key; a wrong model fails its initial test request in one line, as vLLM's does."""
+    from treadle import cli
+
+    port = real_server.url.rsplit(":", 1)[1]
+    base = ["bench", "serve", "--port", port, "--api-key", API_KEY, "--dataset-name", "random",
+            "--num-prompts", "4", "--random-input-len", "12", "--random-output-len", "4", "--random-vocab-size",
+            "300", "--ignore-eos", "--max-concurrency", "2"]  # fmt: skip
+    out = tmp_path / "serve.json"
+    assert cli.main([*base, "--save-result", "--result-filename", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"Successful requests:\s+4 ", printed) and re.search(
+        r"Total generated tokens:\s+16 ", printed
+    )
+    text = out.read_text()
+    record = json.loads(text)  # strict: no Infinity
+    assert record["completed"] == 4 and record["request_rate"] == "inf" and "Infinity" not in text
+    assert record["args"]["api_key"] == "<redacted>" and API_KEY not in text
+    assert cli.main([*base, "--model", "nope"]) == 2
+    assert "initial test request to" in caplog.text and "failed: HTTP 404" in caplog.text
 
 
 def test_zz_engine_killed_under_load(real_server: RealServer) -> None:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
@@ -38,6 +41,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--endpoint", default="/v1/completions")
     parser.add_argument("--model", default=None, help="model name (default: the server's first model)")
+    parser.add_argument("--dataset-name", default="random", choices=["random"], help="vLLM's flag: random only")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--random-input-len", type=int, default=1024)
     parser.add_argument("--random-output-len", type=int, default=128)
@@ -111,9 +115,24 @@ async def run_serve_benchmark(args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(None), limits=limits) as client:
         model = args.model
         if model is None:
-            resp = await client.get("/v1/models", headers=headers)
-            resp.raise_for_status()
+            try:
+                resp = await client.get("/v1/models", headers=headers)
+            except httpx.HTTPError as e:
+                raise ValueError(f"cannot reach the server at {base} ({type(e).__name__}: {e})") from None
+            if resp.status_code != 200:
+                raise ValueError(f"GET {base}/v1/models answered {resp.status_code}: {resp.text[:300]}")
             model = resp.json()["data"][0]["id"]
+        # one short request first, as vLLM's bench does: a wrong URL, key, model or endpoint fails here, said once
+        probe = {
+            "model": model,
+            "prompt": prompts[0][:16],
+            "max_tokens": 2,
+            "temperature": 0.0,
+            "stream": True,
+        }
+        first = await _one_request(client, args.endpoint, probe, headers)
+        if not first.success:
+            raise ValueError(f"initial test request to {base}{args.endpoint} failed: {first.error}")
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
         async def limited(payload: dict) -> RequestResult:
@@ -146,9 +165,24 @@ async def run_serve_benchmark(args: argparse.Namespace) -> dict:
     print_summary(metrics, args)
     if args.save_result:
         name = args.result_filename or f"treadle-serve-{int(time.time())}.json"
-        with open(name, "w") as f:
-            json.dump({**metrics, "args": {k: v for k, v in vars(args).items() if k != "func"}}, f, indent=2)
+        saved_args = {k: v for k, v in vars(args).items() if k != "func"}
+        if saved_args.get("api_key"):
+            saved_args["api_key"] = "<redacted>"
+        with open(
+            name, "w"
+        ) as f:  # strict JSON: an infinite request rate is written "inf", as vLLM writes it
+            json.dump(_finite({**metrics, "args": saved_args}), f, indent=2, allow_nan=False)
     return metrics
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
@@ -211,9 +245,12 @@ def print_summary(m: dict, args: argparse.Namespace) -> None:
         print(fline(f"Median {short} (ms):", m[f"median_{key}_ms"]))
         print(fline(f"P99 {short} (ms):", m[f"p99_{key}_ms"]))
     print("=" * 50)
+    for error in m["errors"]:
+        print(f"error: {error}")
 
 
 def main_serve(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per request
     metrics = asyncio.run(run_serve_benchmark(args))
     return 0 if metrics["completed"] > 0 else 1
 
