@@ -149,3 +149,21 @@ def test_chat_client_when_the_server_is_down_and_key_from_env(monkeypatch: pytes
     assert cli_chat._Client(args).http.headers["Authorization"] == "Bearer sk-env"
     args = cli.build_parser().parse_args(["chat", "--url", url, "--model-name", "x", "--api-key", "sk-flag"])
     assert cli_chat._Client(args).http.headers["Authorization"] == "Bearer sk-flag"
+
+
+def test_served_model_id_also_accepts_the_model_argument() -> None:
+    """vLLM serves `treadle serve /path/to/model` as the id "/path/to/model": that id is accepted beside the
+    directory's name, unless --served-model-name names it."""
+    from treadle_frontend.server.common import ServerState
+    from treadle_frontend.server.errors import APIError
+
+    args = cli.build_parser().parse_args(["serve", "/models/tiny"])
+    config = cli_serve.make_server_config(args, args.model)
+    assert config.model_aliases == ("/models/tiny",)
+    state = ServerState(llm=None, config=config, model_name="tiny", metrics=None)  # type: ignore[arg-type]
+    state.check_model("tiny")
+    state.check_model("/models/tiny")
+    with pytest.raises(APIError, match="does not exist"):
+        state.check_model("other")
+    named = cli.build_parser().parse_args(["serve", "/models/tiny", "--served-model-name", "mine"])
+    assert cli_serve.make_server_config(named, named.model).model_aliases == ()

@@ -183,22 +183,30 @@ def _import_web_stack() -> None:
     import treadle_frontend.server.app  # noqa: F401
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from treadle_frontend.engine_factory import EngineArgs, start_async_mp
+def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
+    """The ServerConfig of `treadle serve` from its flags and the model argument."""
     from treadle_frontend.server.config import ServerConfig
 
-    t0 = time.monotonic()
-    model = args.model or args.model_opt
-    server_config = ServerConfig(
+    return ServerConfig(
         host=args.host,
         port=args.port,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
+        # vLLM serves a model under its argument as given (a path): accept that id too, unless named explicitly
+        model_aliases=(model,) if model and not args.served_model_name else (),
         chat_template=args.chat_template,
         generation_config=args.generation_config,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_log_stats=args.disable_log_stats,
     )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from treadle_frontend.engine_factory import EngineArgs, start_async_mp
+
+    t0 = time.monotonic()
+    model = args.model or args.model_opt
+    server_config = make_server_config(args, model)
     _apply_ir_priority(args.ir_op_priority)
     engine_args = EngineArgs.from_kwargs(model, **engine_options(args))
     sock = listen_socket(args.host, args.port)  # first: a taken port fails at once, not after loading

@@ -41,7 +41,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--endpoint", default="/v1/completions")
     parser.add_argument("--model", default=None, help="model name (default: the server's first model)")
-    parser.add_argument("--dataset-name", default="random", choices=["random"], help="vLLM's flag: random only")
+    parser.add_argument(
+        "--dataset-name", default="random", choices=["random"], help="vLLM's flag: random only"
+    )
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--random-input-len", type=int, default=1024)
     parser.add_argument("--random-output-len", type=int, default=128)

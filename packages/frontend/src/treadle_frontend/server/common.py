@@ -53,7 +53,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model != self.model_name and model not in self.config.model_aliases:
             raise APIError(
                 404,
                 f"The model `{model}` does not exist. This server serves `{self.model_name}`.",

@@ -13,6 +13,7 @@ class ServerConfig:
     port: int = 8000  # TCP port (--port)
     api_key: str | None = None  # required on every /v1 route when set (--api-key)
     served_model_name: str | None = None  # the model id clients send; None = the model directory's name
+    model_aliases: tuple[str, ...] = ()  # ids also accepted (the model argument as given, as vLLM serves it)
     chat_template: str | None = None  # a Jinja file or template text overriding the tokenizer's
     generation_config: str = "auto"  # auto: the model's generation_config.json | none | a directory
     uvicorn_log_level: str = "info"  # uvicorn's own log level
