@@ -260,6 +260,9 @@ def test_bench_serve(
     record = json.loads(text)  # strict: no Infinity
     assert record["completed"] == 4 and record["request_rate"] == "inf" and "Infinity" not in text
     assert record["args"]["api_key"] == "<redacted>" and API_KEY not in text
+    assert (record["model_id"], record["num_prompts"], record["backend"]) == (MODEL_NAME, 4, "openai")
+    assert record["output_lens"] == [4] * 4 and len(record["ttfts"]) == len(record["itls"]) == 4
+    assert record["input_lens"] == [12] * 4 and record["server_version"]
     assert cli.main([*base, "--model", "nope"]) == 2
     assert "initial test request to" in caplog.text and "failed: HTTP 404" in caplog.text
 

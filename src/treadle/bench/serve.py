@@ -164,6 +164,12 @@ async def run_serve_benchmark(args: argparse.Namespace) -> dict:
     metrics.update(
         model=model, base_url=base, max_concurrency=args.max_concurrency, request_rate=args.request_rate
     )
+    metrics.update(  # vLLM's record keys, per request too
+        date=time.strftime("%Y%m%d-%H%M%S"), backend="openai", model_id=model, num_prompts=args.num_prompts,
+        server_version=await _server_version(base, headers), input_lens=[r.prompt_len for r in results],
+        output_lens=[r.output_tokens for r in results], ttfts=[r.ttft for r in results],
+        itls=[r.itl for r in results],
+    )  # fmt: skip
     print_summary(metrics, args)
     if args.save_result:
         name = args.result_filename or f"treadle-serve-{int(time.time())}.json"
@@ -175,6 +181,16 @@ async def run_serve_benchmark(args: argparse.Namespace) -> dict:
         ) as f:  # strict JSON: an infinite request rate is written "inf", as vLLM writes it
             json.dump(_finite({**metrics, "args": saved_args}), f, indent=2, allow_nan=False)
     return metrics
+
+
+async def _server_version(base: str, headers: dict[str, str]) -> str | None:
+    """The server's /version (treadle's and vLLM's route), or None when it has none."""
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            resp = await client.get("/version", headers=headers)
+        return str(resp.json().get("version")) if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def _finite(value: Any) -> Any:
