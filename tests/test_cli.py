@@ -102,7 +102,7 @@ def test_serve_on_a_taken_port_fails_before_loading_anything(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The listening socket is bound before the engine starts: a taken port is a one-line error at once, not a
-    "ready" log after the model loaded and then a crash."""
+    "ready" log after the model loaded and then a crash. A bad --chat-template is checked before it too."""
     monkeypatch.setattr(engine_factory, "start_async_mp", lambda *a: pytest.fail("the engine started"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -110,6 +110,9 @@ def test_serve_on_a_taken_port_fails_before_loading_anything(
         port = taken.getsockname()[1]
         assert cli.main(["serve", "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy"]) == 2
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in caplog.text
+    bad_template = ["serve", "--port", "0", "--load-format", "dummy", "--chat-template", "no/such/file.jinja"]
+    assert cli.main(bad_template) == 2  # also before the engine
+    assert "--chat-template 'no/such/file.jinja' is neither an existing file" in caplog.text
     free = cli_serve.listen_socket("127.0.0.1", 0)  # a free port binds; uvicorn listens on it later
     assert free.getsockname()[0] == "127.0.0.1"
     free.close()

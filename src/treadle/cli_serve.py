@@ -209,6 +209,10 @@ def run_serve(args: argparse.Namespace) -> int:
     server_config = make_server_config(args, model)
     _apply_ir_priority(args.ir_op_priority)
     engine_args = EngineArgs.from_kwargs(model, **engine_options(args))
+    if args.chat_template:  # a file or template text: checked before the engine loads anything
+        from treadle_frontend.tokenizer import resolve_chat_template
+
+        resolve_chat_template(None, args.chat_template)
     sock = listen_socket(args.host, args.port)  # first: a taken port fails at once, not after loading
     # the web stack (FastAPI, pydantic, uvicorn: ~1 s of imports) loads while the engine process boots
     web = threading.Thread(target=_import_web_stack, name="treadle-import-web", daemon=True)
