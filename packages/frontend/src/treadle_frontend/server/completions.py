@@ -168,8 +168,9 @@ class CompletionsHandler:
             }
             if body.echo:
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                prompt_offsets = TextOffsets(self.texts, 0)
-                block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, num_top, prompt_offsets)
+                block = legacy_logprobs(
+                    self.texts, out.prompt_token_ids, plps, num_top, TextOffsets(self.texts, 0)
+                )
             gen = legacy_logprobs(
                 self.texts, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
             )
@@ -214,7 +215,8 @@ class CompletionsHandler:
             body.stream_options and body.stream_options.continuous_usage_stats
         )
         prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
-        completion_tokens, cached = 0, dict[int, int]()  # cached: per prompt
+        completion_tokens = 0
+        cached: dict[int, int] = {}  # prefix-cache hits per prompt
         try:
             async for i, out in merge_streams(gens):
                 cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
@@ -235,9 +237,8 @@ class CompletionsHandler:
                         )
                         if body.logprobs is not None:
                             plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                            prompt_offsets = TextOffsets(self.texts, 0)
                             block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs,
-                                                    prompt_offsets)  # fmt: skip
+                                                    TextOffsets(self.texts, 0))  # fmt: skip
                     if body.logprobs is not None:
                         tracker = trackers.setdefault(index, TextOffsets(self.texts, len(prefix)))
                         gen = legacy_logprobs(self.texts, ids, lps or [], body.logprobs, tracker)
