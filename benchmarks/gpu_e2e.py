@@ -6,8 +6,10 @@ Items (`--only` picks some):
               -> ms per output token; achieved GB/s = bytes one decode step reads (every weight except the
               embedding table: layers, final norm, lm_head) / that time
   throughput  Llama-3.1-8B, 1000 prompts random 1024 / 1024, ignore_eos: output tokens / wall time
-  baseline    HF transformers `generate` (static cache, bf16) on the same dummy Llama and workload, and treadle
-              on exactly that workload, in the same run -> ratio (target >= 5x)
+  baseline    HF transformers `generate` (static cache, bf16; one batch of 32 x 1024/1024) on the same dummy Llama,
+              and treadle on exactly that workload, in the same run -> ratio (target >= 5x). `--hf-baseline
+              batch`: transformers' continuous batching (`generate_batch`, paged cache) on `--baseline-prompts`
+              prompts of 1024/1024 instead
   cold_start  `treadle serve` from spawn to /health 200 (model init and CUDA-graph capture included)
   serve       then `treadle bench serve` random 1024 / 128 at max concurrency 1, 16, 64, 256 against it
   qwen        Qwen3-0.6B, 256 prompts, input and output lengths uniform in 100-1024 (nano-vllm's workload)
@@ -105,6 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--moe-prompts", type=int, default=None, help="Qwen3-30B-A3B throughput prompts (default 1000)"
     )
     ap.add_argument(
+        "--hf-baseline", choices=("static", "batch"), default="static", help="HF's side of baseline"
+    )
+    ap.add_argument("--baseline-prompts", type=int, default=None, help="baseline prompts (default 32)")
+    ap.add_argument(
         "--engine-args", default="", help="extra engine options for every treadle run, e.g. --enforce-eager"
     )
     args = ap.parse_args(argv)
@@ -171,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             plan = replace(plan, moe_prompts=args.moe_prompts)
         if args.engine_args:
             plan = replace(plan, engine=(*plan.engine, *args.engine_args.split()))
+        plan = replace(plan, hf_mode=args.hf_baseline)
+        if args.baseline_prompts:
+            plan = replace(plan, base_prompts=args.baseline_prompts)
         if args.prompts_per_concurrency:
             plan = replace(plan, prompts_per_concurrency=args.prompts_per_concurrency)
         if args.smoke:

@@ -66,10 +66,10 @@ def step_hf(s: Session, items: list[str]) -> dict[str, str]:
     p = s.plan
     raw = s.out / "logs" / "baseline_hf.result.json"
     s.hf_cmd = [sys.executable, "benchmarks/hf_baseline.py", "--model", str(p.llama), "--out", str(raw)]
-    s.hf_cmd += (
-        f"--dummy --dtype {p.hf_dtype} --static-cache --batch-size {p.base_prompts} {p.base_workload}".split()
-    )
-    rc, log = s.run("baseline_hf", s.hf_cmd, cap_s=min(180.0, max(60.0, s.remaining() - 120)))
+    how = "--continuous-batching" if p.hf_mode == "batch" else f"--static-cache --batch-size {p.base_prompts}"
+    s.hf_cmd += f"--dummy --dtype {p.hf_dtype} {how} {p.base_workload}".split()
+    cap = 180.0 if p.hf_mode == "static" else 420.0  # continuous batching runs more prompts
+    rc, log = s.run("baseline_hf", s.hf_cmd, cap_s=min(cap, max(60.0, s.remaining() - 120)))
     if rc != 0:
         raise RuntimeError(f"HF baseline: exit {rc}{log_tail(log)}")
     s.hf = json.loads(raw.read_text())

@@ -107,12 +107,12 @@ def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
             _row(f"KV capacity tokens (max_model_len {p.max_model_len})", kv, vllm, ref.get("kv_tokens"))
         )
     if r := num.get("baseline"):
-        name = f"vs HF generate {p.base_prompts}x{p.base_in}/{p.base_out} out tok/s"
+        name = f"vs {p.hf_name} {p.base_prompts}x{p.base_in}/{p.base_out} out tok/s"
         row = _row(name, r["treadle_output_tok_s"], "HF transformers", r["hf_output_tok_s"])
         row[-1] = ("yes" if r["ratio"] >= TARGET_HF_RATIO else "NO") + f" (>= {TARGET_HF_RATIO:g}×)"
         rows.append(row)
         if "full_run_ratio" in r:  # treadle's full offline run (its own batching) against HF's rate
-            name = f"  full {p.tp_prompts}-prompt run vs HF generate's rate"
+            name = f"  full {p.tp_prompts}-prompt run vs {p.hf_name}'s rate"
             row = _row(name, r["full_run_output_tok_s"], "HF transformers", r["hf_output_tok_s"])
             row[-1] = (
                 "yes" if r["full_run_ratio"] >= TARGET_HF_RATIO else "NO"

@@ -46,6 +46,7 @@ class Plan:
     )
     qwen_prompts: int = 256
     qwen_range: str = "100,1024"
+    hf_mode: str = "static"  # HF's side: "static" (generate, static cache) or "batch" (generate_batch)
     base_prompts: int = 32  # one batch of HF generate
     base_in: int = 1024
     base_out: int = 1024  # the throughput workload's lengths, one HF batch of prompts
@@ -56,6 +57,10 @@ class Plan:
     prompts_per_concurrency: int = 4
     min_serve_prompts: int = 16
     dtype_bytes: int = 2
+
+    @property
+    def hf_name(self) -> str:
+        return "HF generate_batch" if self.hf_mode == "batch" else "HF generate"
 
     @property
     def base_workload(self) -> str:
