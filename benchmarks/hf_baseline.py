@@ -123,8 +123,8 @@ def continuous_batching(
     """`generate_batch` on every prompt at once, EOS disabled (-1), greedy; the span excludes its warm-up."""
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
     start = time.perf_counter()
-    with torch.inference_mode():
-        outputs = model.generate_batch(inputs=prompts, generation_config=config)
+    # not under inference_mode: generate_batch's worker thread runs outside it and updates tensors made here in place
+    outputs = model.generate_batch(inputs=prompts, generation_config=config)
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
