@@ -124,7 +124,7 @@ def continuous_batching(
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
     start = time.perf_counter()
     # not under inference_mode: generate_batch's worker thread runs outside it and updates tensors made here in place
-    outputs = model.generate_batch(inputs=prompts, generation_config=config)
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=True)
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
