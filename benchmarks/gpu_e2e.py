@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from gpu_e2e_moe import step_moe
 from gpu_e2e_offline import offline_worker, step_ceilings, step_hf, step_llama, step_qwen
 from gpu_e2e_report import plot_serve, render_table, table_rows
 from gpu_e2e_serve import step_serve
-from gpu_e2e_session import Plan, Session, Skip, smoke_plan
+from gpu_e2e_session import Plan, Session, Skip, smoke_plan, strict_json
 from gpu_state import GpuStateSampler
 
 ITEMS = (
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "table": rows,
             "plot": str(plot) if plot else None,
         }
-        (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (s.out / "summary.json").write_text(strict_json(summary))
         (s.out / "table.md").write_text(table + "\n")
         skipped += [i for i, st in status.items() if "cut at the budget" in st]
         if skipped:

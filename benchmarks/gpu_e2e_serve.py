@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpu_e2e_session import ROOT, Session, parse_log, stop_process_group, treadle_argv
+from gpu_e2e_session import ROOT, Session, parse_log, stop_process_group, strict_json, treadle_argv
 
 
 def step_serve(s: Session, items: list[str]) -> dict[str, str]:
@@ -110,7 +110,13 @@ def _serve_level(s: Session, port: int, conc: int) -> dict[str, Any]:
     with open(s.out / "logs" / f"serve_c{conc}.log", "w") as f, contextlib.redirect_stdout(f):
         print(f"treadle bench serve {argv}")
         metrics = asyncio.run(asyncio.wait_for(bench, max(5.0, s.remaining())))
+    # the per-request lists (vLLM's input_lens, output_lens, ttfts, itls: ~1 MB at c=256) go to the logs
+    per_request = {k: metrics.pop(k) for k in PER_REQUEST if k in metrics}
+    (s.out / "logs" / f"serve_c{conc}.requests.json").write_text(strict_json(per_request))
     return {"command": f"treadle bench serve {argv}", **metrics}
+
+
+PER_REQUEST = ("input_lens", "output_lens", "ttfts", "itls")
 
 
 def _vocab(model: Path) -> int:

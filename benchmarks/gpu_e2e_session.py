@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -185,7 +186,23 @@ class Session:
             **extra,
         }
         self.records[item] = rec
-        (self.out / f"{item}.json").write_text(json.dumps(rec, indent=2, default=str))
+        (self.out / f"{item}.json").write_text(strict_json(rec))
+
+
+def strict_json(value: Any) -> str:
+    """JSON that strict parsers read: an infinite float (an unbounded request rate) is written "inf", as vLLM
+    writes it, and NaN "nan"."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, default=str, allow_nan=False)
 
 
 def _git_commit() -> str:

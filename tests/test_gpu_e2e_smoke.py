@@ -38,7 +38,7 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
         "moe_throughput",
         "throughput_fp8",
     ):
-        rec = json.loads((out / f"{item}.json").read_text())
+        rec = _strict_load(out / f"{item}.json")
         assert "error" not in rec, rec
         assert rec["device"] == "cpu" and rec["commit"] == "abc123" and rec["dummy_weights"] is True
         assert rec["command"] and rec["max_model_len"] == 256
@@ -72,8 +72,11 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
     for lv, prompts in zip(levels, (2, 8), strict=True):
         assert lv["completed"] == prompts and lv["failed"] == 0, lv
         assert lv["total_output_tokens"] == prompts * 8 and lv["mean_ttft_ms"] > 0
+        assert lv["request_rate"] == "inf" and "itls" not in lv  # per-request lists go to the logs
+        per_request = _strict_load(out / "logs" / f"serve_c{lv['max_concurrency']}.requests.json")
+        assert len(per_request["itls"]) == len(per_request["ttfts"]) == prompts
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _strict_load(out / "summary.json")
     assert summary["status"]["ceilings"].startswith("skipped") and summary["commit"] == "abc123"
     assert all(summary["status"][i] == "ok" for i in records if i != "cold_start")
     table = (out / "table.md").read_text().strip()
@@ -88,3 +91,12 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
         "Qwen3",
     ):
         assert label in table, label
+
+
+def _strict_load(path: Path) -> dict:
+    """json.loads that refuses NaN / Infinity: what strict JSON parsers (and jq) accept."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{path.name}: non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
