@@ -150,6 +150,9 @@ class Session:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.budget_s
         self.commit = args.commit or _git_commit()
+        os.environ["TREADLE_SOURCE_COMMIT"] = (
+            self.commit
+        )  # every bench record names it (treadle.bench.offline)
         self.records: dict[str, dict[str, Any]] = {}
         self.hf: dict[str, Any] | None = None  # the HF baseline's result, once step_hf ran
         self.hf_cmd: list[str] = []

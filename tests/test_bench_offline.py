@@ -63,3 +63,13 @@ def test_bench_latency(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
         record["result"]["avg_latency"] * 1000 / 4
     )
     _engine_record(record, tiny)
+
+
+def test_provenance_names_the_commit_a_benchmark_machine_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from treadle.bench.offline import provenance
+
+    monkeypatch.setenv("TREADLE_SOURCE_COMMIT", "380eb36")
+    assert provenance()["commit"] == "380eb36"
+    monkeypatch.delenv("TREADLE_SOURCE_COMMIT")
+    commit = provenance()["commit"]  # this checkout's own
+    assert commit is None or (commit != "380eb36" and len(commit) >= 7)

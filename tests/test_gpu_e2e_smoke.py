@@ -54,6 +54,8 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
     assert moe["total_prompt_tokens"] == 4 * 16 and moe["total_output_tokens"] == 4 * 16
     assert records["moe_latency"]["numbers"]["ms_per_output_token"] > 0
 
+    bench_record = json.loads((out / "logs" / "llama_latency.result.json").read_text())
+    assert bench_record["treadle"]["commit"] == "abc123"  # gpu_e2e's --commit reaches every bench record
     lat = records["latency"]["numbers"]
     assert lat["ms_per_output_token"] > 0 and lat["achieved_gbps"] > 0 and len(lat["latencies_s"]) == 3
     tp = records["throughput"]["numbers"]

@@ -190,7 +190,10 @@ def run_latency(args: argparse.Namespace, llm: Any = None) -> dict[str, Any]:
 
 
 def provenance() -> dict[str, str | None]:
-    """treadle's version and, run from a source checkout, its commit (+ "-dirty" with uncommitted changes)."""
+    """treadle's version and, run from a source checkout, its commit (+ "-dirty" with uncommitted changes).
+    $TREADLE_SOURCE_COMMIT, where set, names the commit instead: a copy of the tree without its own git history
+    (a benchmark machine) sets it, since a stale .git there would name the wrong one."""
+    import os
     import subprocess
     from pathlib import Path
 
@@ -204,8 +207,8 @@ def provenance() -> dict[str, str | None]:
             raise subprocess.SubprocessError(done.stderr)
         return done.stdout.strip()
 
-    commit = None
-    if (root / ".git").exists() and (root / "pyproject.toml").is_file():
+    commit = os.environ.get("TREADLE_SOURCE_COMMIT") or None
+    if commit is None and (root / ".git").exists() and (root / "pyproject.toml").is_file():
         try:
             commit = git("rev-parse", "--short", "HEAD")
             if git("status", "--porcelain", "--untracked-files=no"):
