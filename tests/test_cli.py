@@ -170,3 +170,7 @@ def test_served_model_id_also_accepts_the_model_argument() -> None:
         state.check_model("other")
     named = cli.build_parser().parse_args(["serve", "/models/tiny", "--served-model-name", "mine"])
     assert cli_serve.make_server_config(named, named.model).model_aliases == ()
+    several = cli.build_parser().parse_args(["serve", "/models/tiny", "--served-model-name", "a", "b/c"])
+    config = cli_serve.make_server_config(several, several.model)
+    assert (config.served_model_name, config.more_model_names, config.model_aliases) == ("a", ("b/c",), ())
+    assert cli_serve.engine_options(several)["served_model_name"] == "a"

@@ -48,7 +48,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=d["host"], help=f"interface to bind (default {d['host']})")
     p.add_argument("--port", type=int, default=d["port"], help=f"port (default {d['port']})")
     p.add_argument("--api-key", default=d["api_key"], help="require this key on every /v1 route")
-    p.add_argument("--served-model-name", default=d["served_model_name"], help="model id clients send")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="model id(s) clients send; responses carry the first (default: the model directory's name)",
+    )
     p.add_argument(
         "--max-model-len", type=int, default=d["max_model_len"], help="context length (default: the model's)"
     )
@@ -105,7 +111,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "load_format": args.load_format,
         "seed": args.seed,
-        "served_model_name": args.served_model_name,
+        "served_model_name": args.served_model_name[0] if args.served_model_name else None,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling,
@@ -187,13 +193,15 @@ def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
     """The ServerConfig of `treadle serve` from its flags and the model argument."""
     from treadle_frontend.server.config import ServerConfig
 
+    names = args.served_model_name or []
     return ServerConfig(
         host=args.host,
         port=args.port,
         api_key=args.api_key,
-        served_model_name=args.served_model_name,
+        served_model_name=names[0] if names else None,
+        more_model_names=tuple(names[1:]),
         # vLLM serves a model under its argument as given (a path): accept that id too, unless named explicitly
-        model_aliases=(model,) if model and not args.served_model_name else (),
+        model_aliases=(model,) if model and not names else (),
         chat_template=args.chat_template,
         generation_config=args.generation_config,
         uvicorn_log_level=args.uvicorn_log_level,

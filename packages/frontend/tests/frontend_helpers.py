@@ -31,7 +31,9 @@ class FakeServer:
         self.url, self.engine, self.client, self.llm, self.api_key = url, engine, client, llm, api_key
 
 
-def start_fake_server(tokenizer: Any, api_key: str | None = None, **engine_kwargs: Any) -> Any:
+def start_fake_server(
+    tokenizer: Any, api_key: str | None = None, more_model_names: tuple[str, ...] = (), **engine_kwargs: Any
+) -> Any:
     from server_harness import ThreadedServer
 
     from treadle_frontend.async_llm import AsyncLLM
@@ -41,7 +43,11 @@ def start_fake_server(tokenizer: Any, api_key: str | None = None, **engine_kwarg
     client = FakeAsyncClient(engine)
     llm = AsyncLLM(client, make_processor(tokenizer), request_factory=fake_request)
     config = ServerConfig(
-        host="127.0.0.1", api_key=api_key, served_model_name="tiny", stats_log_interval_s=0.5
+        host="127.0.0.1",
+        api_key=api_key,
+        served_model_name="tiny",
+        more_model_names=more_model_names,
+        stats_log_interval_s=0.5,
     )
     app = build_app(llm, config)
     server = ThreadedServer(app)

@@ -120,16 +120,20 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
 
     @v1.get("/v1/models")
     async def list_models() -> Any:
-        card = {
-            "id": name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "treadle",
-            "root": str(llm.model.path) if llm.model.path else name,
-            "parent": None,
-            "max_model_len": llm.model.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
+        root = str(llm.model.path) if llm.model.path else name
+        cards = [
+            {
+                "id": served,
+                "object": "model",
+                "created": state.created,
+                "owned_by": "treadle",
+                "root": root,
+                "parent": None,
+                "max_model_len": llm.model.max_model_len,
+            }
+            for served in state.model_names
+        ]
+        return {"object": "list", "data": cards}
 
     app.include_router(v1)
 

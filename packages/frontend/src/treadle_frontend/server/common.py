@@ -52,11 +52,17 @@ class ServerState:
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every served id, the one responses carry first (vLLM's --served-model-name list)."""
+        return (self.model_name, *(n for n in self.config.more_model_names if n != self.model_name))
+
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name and model not in self.config.model_aliases:
+        if model is not None and model not in self.model_names and model not in self.config.model_aliases:
+            served = ", ".join(f"`{n}`" for n in self.model_names)
             raise APIError(
                 404,
-                f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                f"The model `{model}` does not exist. This server serves {served}.",
                 param="model",
                 code="model_not_found",
             )

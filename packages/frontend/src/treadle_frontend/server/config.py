@@ -13,6 +13,7 @@ class ServerConfig:
     port: int = 8000  # TCP port (--port)
     api_key: str | None = None  # required on every /v1 route when set (--api-key)
     served_model_name: str | None = None  # the model id clients send; None = the model directory's name
+    more_model_names: tuple[str, ...] = ()  # further served ids: listed by /v1/models and accepted
     model_aliases: tuple[str, ...] = ()  # ids also accepted (the model argument as given, as vLLM serves it)
     chat_template: str | None = None  # a Jinja file or template text overriding the tokenizer's
     generation_config: str = "auto"  # auto: the model's generation_config.json | none | a directory
@@ -30,6 +31,11 @@ class ServerConfig:
             )
         if self.stats_log_interval_s <= 0:
             raise ValueError(f"stats_log_interval_s must be > 0 seconds, got {self.stats_log_interval_s}")
+        names = (self.served_model_name, *self.more_model_names)
+        if self.more_model_names and self.served_model_name is None:
+            raise ValueError("more_model_names needs served_model_name (the first served name)")
+        if any(not n for n in names if n is not None):
+            raise ValueError("a served model name must not be empty")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty; omit --api-key to serve without authentication")
 
