@@ -174,3 +174,14 @@ def test_served_model_id_also_accepts_the_model_argument() -> None:
     config = cli_serve.make_server_config(several, several.model)
     assert (config.served_model_name, config.more_model_names, config.model_aliases) == ("a", ("b/c",), ())
     assert cli_serve.engine_options(several)["served_model_name"] == "a"
+
+
+def test_tool_call_flags() -> None:
+    args = cli.build_parser().parse_args(
+        ["serve", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    )
+    config = cli_serve.make_server_config(args, None)
+    assert config.enable_auto_tool_choice and config.tool_call_parser == "hermes"
+    alone = cli.build_parser().parse_args(["serve", "--enable-auto-tool-choice"])
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        cli_serve.make_server_config(alone, None)

@@ -62,6 +62,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=d["tokenizer"], help="tokenizer directory (default: the model's)")
     p.add_argument("--chat-template", default=d["chat_template"], help="Jinja chat template file or text")
     p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="return the tool calls replies write as tool_calls (with --tool-call-parser)",
+    )
+    p.add_argument("--tool-call-parser", choices=["hermes"], default=None, help="how replies write tool calls")
+    p.add_argument(
         "--generation-config",
         default=d["generation_config"],
         help="auto: the model's generation_config.json defaults | none | a directory",
@@ -204,6 +210,8 @@ def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
         model_aliases=(model,) if model and not names else (),
         chat_template=args.chat_template,
         generation_config=args.generation_config,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_log_stats=args.disable_log_stats,
     )

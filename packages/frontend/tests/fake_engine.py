@@ -91,6 +91,9 @@ class FakeEngine:
         self.shared_rng = random.Random(1234)
         self.dead = False
         self.eos_at: dict[int, int] = {}  # prompt length -> position where EOS is emitted (tests)
+        self.script: list[int] | None = (
+            None  # when set, every request's reply: these tokens, then EOS (tests)
+        )
         self.cached_prefix_tokens = (
             0  # prompt tokens each request's first output reports as prefix-cache hits
         )
@@ -137,7 +140,9 @@ class FakeEngine:
                 ]
             for _ in range(self.tokens_per_step):
                 pos = len(r.output)
-                if self.eos_at.get(len(r.req.prompt_token_ids)) == pos and not p.ignore_eos:
+                if self.script is not None:
+                    tok = self.script[pos] if pos < len(self.script) else self.eos_id
+                elif self.eos_at.get(len(r.req.prompt_token_ids)) == pos and not p.ignore_eos:
                     tok = self.eos_id
                 else:
                     tok = rng.choice(self.vocab)

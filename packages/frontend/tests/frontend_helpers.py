@@ -32,7 +32,10 @@ class FakeServer:
 
 
 def start_fake_server(
-    tokenizer: Any, api_key: str | None = None, more_model_names: tuple[str, ...] = (), **engine_kwargs: Any
+    tokenizer: Any,
+    api_key: str | None = None,
+    server_options: dict[str, Any] | None = None,
+    **engine_kwargs: Any,
 ) -> Any:
     from server_harness import ThreadedServer
 
@@ -46,8 +49,8 @@ def start_fake_server(
         host="127.0.0.1",
         api_key=api_key,
         served_model_name="tiny",
-        more_model_names=more_model_names,
         stats_log_interval_s=0.5,
+        **(server_options or {}),
     )
     app = build_app(llm, config)
     server = ThreadedServer(app)

@@ -16,7 +16,7 @@ from treadle_frontend.server import ServerConfig
 
 @pytest.fixture(scope="module")
 def named_server(tokenizer: Any) -> Iterator[Any]:
-    server, handle = start_fake_server(tokenizer, more_model_names=("team/alias", "tiny"))
+    server, handle = start_fake_server(tokenizer, server_options={"more_model_names": ("team/alias", "tiny")})
     with server:
         yield handle
 

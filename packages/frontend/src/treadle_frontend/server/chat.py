@@ -4,6 +4,9 @@ Streaming follows OpenAI: per choice, a first chunk with `delta {"role": "assist
 content deltas, and `finish_reason` set only on the choice's last chunk; with `stream_options.include_usage`
 every chunk carries `usage: null` and one extra chunk with `choices: []` and the usage precedes `[DONE]`.
 `logprobs: true` (+ `top_logprobs` ≤ 20) returns `{content: [{token, logprob, bytes, top_logprobs}]}`.
+With `--enable-auto-tool-choice --tool-call-parser hermes` and `tools` in the request (tool_choice auto), calls
+the model writes come back as `message.tool_calls` (streamed: one `delta.tool_calls` entry per call, whole when its
+block closes) with finish_reason "tool_calls" (tool_calls.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from treadle_frontend.server.common import (
 )
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.protocol import ChatCompletionRequest
+from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -97,7 +101,8 @@ class ChatHandler:
             )
         params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs,
                                  prompt_logprobs=body.prompt_logprobs, kind=kind)  # fmt: skip
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        tools = bool(st.config.enable_auto_tool_choice and body.tools and choice != "none")
         kwargs = dict(body.chat_template_kwargs or {})
         if body.tools:
             kwargs["tools"] = body.tools
@@ -116,13 +121,13 @@ class ChatHandler:
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
-                self._stream(rid, created, body, ids, gen), media_type="text/event-stream"
+                self._stream(rid, created, body, ids, gen, tools), media_type="text/event-stream"
             )
         final = (await until_disconnect(request, collect_all([gen])))[0]
-        return JSONResponse(self._response(rid, created, body, final))
+        return JSONResponse(self._response(rid, created, body, final, tools))
 
     def _response(
-        self, rid: str, created: int, body: ChatCompletionRequest, out: RequestOutput
+        self, rid: str, created: int, body: ChatCompletionRequest, out: RequestOutput, tools: bool
     ) -> dict[str, Any]:
         choices = []
         for c in out.outputs:
@@ -134,12 +139,15 @@ class ChatHandler:
                     ),
                     "refusal": None,
                 }
+            content, calls = parse_reply(c.text) if tools else (c.text, [])
+            message = {"role": "assistant", "content": content, "refusal": None,
+                       "tool_calls": [call.json() for call in calls]}  # fmt: skip
             choices.append(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None, "tool_calls": []},
+                    "message": message,
                     "logprobs": lps,
-                    "finish_reason": finish_str(c.finish_reason),
+                    "finish_reason": "tool_calls" if calls else finish_str(c.finish_reason),
                     "stop_reason": c.stop_reason,
                 }
             )
@@ -163,6 +171,7 @@ class ChatHandler:
         body: ChatCompletionRequest,
         prompt_ids: list[int],
         gen: AsyncIterator[RequestOutput],
+        tools: bool,
     ) -> AsyncIterator[str]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and bool(
@@ -183,6 +192,7 @@ class ChatHandler:
             return sse(data)
 
         started: set[int] = set()
+        parsers = {i: ToolCallStream() for i in range(body.n)} if tools else {}
         completion_tokens, cached = 0, 0
         try:
             for i in range(body.n):
@@ -210,9 +220,11 @@ class ChatHandler:
                             ),
                             "refusal": None,
                         }
-                    if not c.text and finish is None and lps is None:
+                    delta = _delta(parsers.get(c.index), c.text, finish)
+                    if not delta and finish is None and lps is None:
                         continue
-                    delta = {"content": c.text} if c.text or finish is None else {}
+                    if parsers and finish is not None and parsers[c.index].num_calls:
+                        finish = "tool_calls"
                     choice: dict[str, Any] = {
                         "index": c.index,
                         "delta": delta,
@@ -238,3 +250,17 @@ class ChatHandler:
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         yield "data: [DONE]\n\n"
+
+
+def _delta(parser: ToolCallStream | None, text: str, finish: str | None) -> dict[str, Any]:
+    """A chunk's delta: its text (through the tool-call parser when on), and the calls it completes."""
+    if parser is None:
+        return {"content": text} if text or finish is None else {}
+    before = parser.num_calls
+    content, calls = parser.feed(text)
+    if finish is not None:
+        content += parser.finish()
+    delta: dict[str, Any] = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = [call.json(index=before + k) for k, call in enumerate(calls)]
+    return delta

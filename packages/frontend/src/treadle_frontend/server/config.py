@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from treadle_frontend.server.tool_calls import PARSERS
+
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -21,6 +23,8 @@ class ServerConfig:
     disable_log_stats: bool = False  # no periodic stats line
     stats_log_interval_s: float = 10.0  # seconds between stats lines while busy
     max_logprobs: int = 20  # most top logprobs a request may ask for
+    enable_auto_tool_choice: bool = False  # parse the tool calls replies write (needs tool_call_parser)
+    tool_call_parser: str | None = None  # the format they are written in: "hermes"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -36,6 +40,14 @@ class ServerConfig:
             raise ValueError("more_model_names needs served_model_name (the first served name)")
         if any(not n for n in names if n is not None):
             raise ValueError("a served model name must not be empty")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(
+                f"--enable-auto-tool-choice needs --tool-call-parser (one of: {', '.join(PARSERS)})"
+            )
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(
+                f"tool_call_parser {self.tool_call_parser!r} is not one of: {', '.join(PARSERS)}"
+            )
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty; omit --api-key to serve without authentication")
 

@@ -1,0 +1,161 @@
+"""Tool calls written in the hermes format (`<tool_call>{json}</tool_call>`): the parser alone, fed whole and in
+every split, and the chat route with `--enable-auto-tool-choice --tool-call-parser hermes` through the openai
+SDK (a fake engine writes the reply), streamed and not."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from frontend_helpers import start_fake_server
+
+from treadle_frontend.server import ServerConfig
+from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply, template_messages
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+REPLY = (
+    "Let me check both.\n<tool_call>\n"
+    + json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    + "\n</tool_call>\n<tool_call>\n"
+    + json.dumps({"name": "get_weather", "arguments": {"city": "Zürich"}}, ensure_ascii=False)
+    + "\n</tool_call>\n"
+)
+
+
+def _summary(content: str | None, calls: list[Any]) -> tuple[str | None, list[tuple[str, Any]]]:
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_parse_reply() -> None:
+    content, calls = _summary(*parse_reply(REPLY))
+    assert content == "Let me check both."
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Zürich"})]
+    only = '<tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call>'
+    assert _summary(*parse_reply(only)) == (None, [("f", {"x": 1})])
+    assert parse_reply("plain text, kept as written \n") == ("plain text, kept as written \n", [])
+    for bad in ("<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
+                'Sure <tool_call>{"name": "f"'):  # fmt: skip
+        assert parse_reply(bad) == (bad, []), bad
+    args_text = parse_reply('<tool_call>{"name": "f", "arguments": "{\\"a\\": 2}"}</tool_call>')[1][
+        0
+    ].arguments
+    assert json.loads(args_text) == {"a": 2}
+
+
+@pytest.mark.parametrize(
+    "text", [REPLY, "no calls <tool at all> <tool_call", "x <tool_call>{bad}</tool_call> y"]
+)
+def test_streamed_in_any_pieces_equals_whole(text: str) -> None:
+    whole = _summary(*parse_reply(text))
+    rng = random.Random(0)
+    splits = [[i] for i in range(len(text) + 1)] + [
+        sorted(rng.sample(range(len(text)), 6)) for _ in range(50)
+    ]
+    for cuts in splits:
+        bounds = [0, *cuts, len(text)]
+        stream = ToolCallStream()
+        content, calls = "", []
+        for a, b in itertools.pairwise(bounds):
+            piece, new = stream.feed(text[a:b])
+            content += piece
+            calls += new
+        content += stream.finish()
+        assert _summary(content or None if calls else content, calls) == whole, cuts
+
+
+def test_history_arguments_reach_the_template_as_objects() -> None:
+    call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    out = template_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert out[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert call["function"]["arguments"] == '{"a": 1}'  # the request itself is left as sent
+
+
+def test_config_needs_a_known_parser() -> None:
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        ServerConfig(enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="not one of: hermes"):
+        ServerConfig(enable_auto_tool_choice=True, tool_call_parser="mistral")
+
+
+@pytest.fixture(scope="module")
+def tool_server(tokenizer: Any) -> Iterator[Any]:
+    options = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    server, handle = start_fake_server(tokenizer, server_options=options)
+    handle.engine.script = tokenizer.encode(REPLY, add_special_tokens=False)
+    assert tokenizer.decode(handle.engine.script) == REPLY
+    with server:
+        yield handle
+
+
+def _client(server: Any) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=server.url + "/v1",
+        api_key=server.api_key or "x",
+        _strict_response_validation=True,
+        max_retries=0,
+    )
+
+
+def test_chat_returns_tool_calls(tool_server: Any) -> None:
+    messages = [{"role": "user", "content": "Weather in Paris and Zürich?"}]
+    done = _client(tool_server).chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], max_tokens=200
+    )
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check both."
+    calls = choice.message.tool_calls or []
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "Zürich"}),
+    ]
+    assert len({c.id for c in calls}) == 2 and all(c.type == "function" for c in calls)
+    # the calls and their results go back as history: the template receives them
+    history = [*messages, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C"}]  # fmt: skip
+    again = _client(tool_server).chat.completions.create(model="tiny", messages=history, tools=[WEATHER])
+    assert again.choices[0].finish_reason == "tool_calls"
+
+
+def test_chat_streams_tool_calls(tool_server: Any) -> None:
+    stream = _client(tool_server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], stream=True
+    )
+    content, calls, finish = "", {}, []
+    for chunk in stream:
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                assert tc.index not in calls and tc.function is not None  # each call whole, once
+                calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments or ""))
+            if ch.finish_reason:
+                finish.append(ch.finish_reason)
+    assert content == "Let me check both." and finish == ["tool_calls"]
+    assert calls == {0: ("get_weather", {"city": "Paris"}), 1: ("get_weather", {"city": "Zürich"})}
+
+
+@pytest.mark.parametrize("tool_choice", ["none", None])
+def test_text_when_tools_are_off(tool_server: Any, fake_server: Any, tool_choice: str | None) -> None:
+    kwargs: dict[str, Any] = {"tool_choice": "none"} if tool_choice else {}
+    server = tool_server if tool_choice else fake_server  # fake_server runs without the parser flags
+    if server is fake_server:
+        fake_server.engine.script = tool_server.engine.script
+    try:
+        done = _client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], **kwargs
+        )
+    finally:
+        fake_server.engine.script = None
+    assert done.choices[0].message.content == REPLY and not done.choices[0].message.tool_calls
+    assert done.choices[0].finish_reason == "stop"
