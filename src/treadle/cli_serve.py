@@ -66,7 +66,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="return the tool calls replies write as tool_calls (with --tool-call-parser)",
     )
-    p.add_argument("--tool-call-parser", choices=["hermes"], default=None, help="how replies write tool calls")
+    p.add_argument(
+        "--tool-call-parser", choices=["hermes"], default=None, help="how replies write tool calls"
+    )
     p.add_argument(
         "--generation-config",
         default=d["generation_config"],

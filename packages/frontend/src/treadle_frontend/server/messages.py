@@ -7,8 +7,9 @@ message_start → content_block_start → content_block_delta* → content_block
 message_start goes out with the engine's first output (which knows the prefix-cache hits). A failure mid-stream
 is an `event: error`. There is no [DONE].
 usage follows Anthropic: input_tokens excludes the prompt tokens read from the prefix cache
-(cache_read_input_tokens); the two add up to the prompt. Replies are text only: `tools`, a forced `tool_choice`
-and enabled `thinking` are rejected with a 400 rather than ignored.
+(cache_read_input_tokens); the two add up to the prompt. Tool use (messages_tools.py) needs the server's
+`--enable-auto-tool-choice --tool-call-parser hermes`; without them `tools` are a 400, and so are a forced
+`tool_choice` (any / tool) and enabled `thinking` always, rather than ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from treadle_frontend.server.common import ServerState, collect_all, new_id, sse_event, until_disconnect
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.messages_tools import BlockStream, chat_turns, openai_tools, tool_use_block
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -51,24 +54,28 @@ def to_chat_messages(body: AnthropicMessagesRequest | AnthropicCountTokensReques
         msgs.append({"role": "system", "content": _block_text(body.system, "system")})
     last = len(body.messages) - 1
     for i, m in enumerate(body.messages):
+        if not isinstance(m.content, str) and any(b.type in ("tool_use", "tool_result") for b in m.content):
+            blocks = [b.model_dump(exclude_none=True) for b in m.content]
+            msgs += chat_turns(m.role, blocks, f"messages.{i}.content")
+            continue
         text = _block_text(m.content, f"messages.{i}.content")
         if not text and not (i == last and m.role == "assistant"):
             raise APIError(400, f"messages.{i}.content: a {m.role} message needs non-empty content")
-        if msgs and msgs[-1]["role"] == m.role:
+        if msgs and msgs[-1]["role"] == m.role and not msgs[-1].get("tool_calls"):
             msgs[-1]["content"] += "\n" + text
         else:
             msgs.append({"role": m.role, "content": text})
     return msgs
 
 
-def check_unsupported(body: AnthropicMessagesRequest) -> None:
+def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool) -> None:
     """Reject what the server cannot honour instead of silently replying with plain text."""
-    if body.tools:
-        raise APIError(400, "tools: tool use is not supported on /v1/messages (replies are text only)")
+    if body.tools and not tools_on:
+        raise APIError(400, "tools: tool use needs the server started with --enable-auto-tool-choice "
+                            "--tool-call-parser hermes")  # fmt: skip
     if body.tool_choice and body.tool_choice.get("type") not in (None, "auto", "none"):
-        raise APIError(
-            400, f"tool_choice: {body.tool_choice.get('type')!r} needs tools, which are not supported"
-        )
+        raise APIError(400, f"tool_choice: {body.tool_choice.get('type')!r} forces a tool call, which is not "
+                            "supported (use auto)")  # fmt: skip
     if body.thinking and body.thinking.get("type") == "enabled":
         raise APIError(400, "thinking: extended thinking is not supported by this server")
     if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
@@ -97,9 +104,13 @@ class MessagesHandler:
 
     def _encode(self, body: AnthropicMessagesRequest | AnthropicCountTokensRequest) -> tuple[str, list[int]]:
         msgs = to_chat_messages(body)
-        last_is_assistant = msgs[-1]["role"] == "assistant"
+        last_is_assistant = msgs[-1]["role"] == "assistant" and not msgs[-1].get("tool_calls")
+        kwargs = {"tools": openai_tools(body.tools)} if body.tools else {}
         return self.state.llm.input_processor.encode_chat(
-            msgs, add_generation_prompt=not last_is_assistant, continue_final_message=last_is_assistant
+            msgs,
+            add_generation_prompt=not last_is_assistant,
+            continue_final_message=last_is_assistant,
+            template_kwargs=kwargs,
         )
 
     async def count_tokens(self, body: AnthropicCountTokensRequest) -> dict[str, int]:
@@ -112,7 +123,9 @@ class MessagesHandler:
         st.check_model(body.model)
         if body.max_tokens < 1:
             raise APIError(400, f"max_tokens: must be >= 1, got {body.max_tokens}")
-        check_unsupported(body)
+        check_unsupported(body, st.config.enable_auto_tool_choice)
+        tools = bool(st.config.enable_auto_tool_choice and body.tools and
+                     (body.tool_choice or {}).get("type") != "none")  # fmt: skip
         text, ids = self._encode(body)
         values = st.llm.input_processor.default_sampling_fields()
         for name in ("temperature", "top_p", "top_k"):
@@ -127,24 +140,28 @@ class MessagesHandler:
         mid = new_id("msg_")
         gen = st.llm.generate(text, params, mid, prompt_token_ids=ids)
         if body.stream:
-            return StreamingResponse(self._stream(mid, len(ids), gen), media_type="text/event-stream")
+            stream = self._stream(mid, len(ids), gen, tools)
+            return StreamingResponse(stream, media_type="text/event-stream")
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)
+        content, calls = parse_reply(c.text) if tools else (c.text, [])
+        blocks = [{"type": "text", "text": content}] if content or not calls else []
+        blocks += [tool_use_block(call) for call in calls]
         return JSONResponse(
             {
                 "id": mid,
                 "type": "message",
                 "role": "assistant",
                 "model": st.model_name,
-                "content": [{"type": "text", "text": c.text}],
-                "stop_reason": reason,
+                "content": blocks,
+                "stop_reason": "tool_use" if calls else reason,
                 "stop_sequence": seq,
                 "usage": usage(len(ids), out.num_cached_tokens or 0, len(c.token_ids)),
             }
         )
 
-    def _opening(self, mid: str, num_input: int, num_cached: int) -> list[str]:
+    def _opening(self, mid: str, num_input: int, num_cached: int, blocks: BlockStream) -> list[str]:
         message: dict[str, Any] = {
             "id": mid,
             "type": "message",
@@ -155,34 +172,36 @@ class MessagesHandler:
             "stop_sequence": None,
             "usage": usage(num_input, num_cached, 0),
         }
-        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
         return [
             sse_event("message_start", {"type": "message_start", "message": message}),
-            sse_event("content_block_start", block),
+            *blocks.start_text(),
         ]
 
-    async def _stream(self, mid: str, num_input: int, gen: AsyncIterator[Any]) -> AsyncIterator[str]:
+    async def _stream(
+        self, mid: str, num_input: int, gen: AsyncIterator[Any], tools: bool
+    ) -> AsyncIterator[str]:
         """message_start waits for the engine's first output, which knows the prompt's prefix-cache hits."""
         num_output, num_cached = 0, 0
         reason, seq = "end_turn", None
+        blocks = BlockStream()
+        parser = ToolCallStream() if tools else None
         started = False
         try:
             async for out in gen:
                 if not started:
                     num_cached, started = out.num_cached_tokens or 0, True
-                    for event in self._opening(mid, num_input, num_cached):
+                    for event in self._opening(mid, num_input, num_cached, blocks):
                         yield event
                 c = out.outputs[0]
                 num_output += len(c.token_ids)
-                if c.text:
-                    yield sse_event(
-                        "content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": 0,
-                            "delta": {"type": "text_delta", "text": c.text},
-                        },
-                    )
+                text, calls = parser.feed(c.text) if parser else (c.text, [])
+                if parser and c.finish_reason is not None:
+                    text += parser.finish()
+                for event in blocks.text(text):
+                    yield event
+                for call in calls:
+                    for event in blocks.call(call):
+                        yield event
                 if c.finish_reason is not None:
                     reason, seq = stop_info(c.finish_reason, c.stop_reason)
         except Exception as e:
@@ -191,14 +210,15 @@ class MessagesHandler:
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         if not started:  # the stream ended without an output (not expected from the engine)
-            for event in self._opening(mid, num_input, 0):
+            for event in self._opening(mid, num_input, 0, blocks):
                 yield event
-        yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        for event in blocks.close():
+            yield event
         yield sse_event(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": reason, "stop_sequence": seq},
+                "delta": {"stop_reason": "tool_use" if blocks.num_calls else reason, "stop_sequence": seq},
                 "usage": usage(num_input, num_cached, num_output),
             },
         )

@@ -108,7 +108,7 @@ class AnthropicMessagesRequest(_Body):
     top_k: int | None = None
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None  # rejected when non-empty: replies are text only
+    tools: list[dict[str, Any]] | None = None  # needs --enable-auto-tool-choice (messages_tools.py)
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None  # rejected when enabled
 
@@ -117,6 +117,7 @@ class AnthropicCountTokensRequest(_Body):
     model: str
     messages: list[AnthropicMessage]
     system: str | list[AnthropicTextBlock] | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template, as in a request
 
 
 class TokenizeRequest(_Body):

@@ -1,0 +1,145 @@
+"""Tool use on /v1/messages: Anthropic's tool blocks to and from the chat template's OpenAI-shaped messages.
+
+Request side: `tools` ({name, description, input_schema}) reach the template as OpenAI function tools; an
+assistant turn's `tool_use` blocks become its `tool_calls` (arguments as objects), and a user turn's
+`tool_result` blocks become `tool` messages (its other text after them, as a user message). Reply side (with
+`--enable-auto-tool-choice --tool-call-parser hermes`): the calls the reply writes become `tool_use` blocks after
+its text, with stop_reason "tool_use"; streamed, each call is a block of its own (content_block_start with empty
+`input`, one `input_json_delta` holding the whole arguments, content_block_stop), text after a call opens a new
+text block, and block indexes count up from 0.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from treadle_frontend.server.common import sse_event
+from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.tool_calls import ToolCall
+
+
+def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic tool definitions as the OpenAI function tools chat templates render."""
+    out = []
+    for i, tool in enumerate(tools):
+        name, schema = tool.get("name"), tool.get("input_schema")
+        if not isinstance(name, str) or not name:
+            raise APIError(400, f"tools.{i}.name: a tool needs a name")
+        if not isinstance(schema, dict):
+            raise APIError(400, f"tools.{i}.input_schema: a tool needs a JSON schema object")
+        fn = {"name": name, "description": tool.get("description", ""), "parameters": schema}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _text_of(block: Any, where: str) -> str:
+    text = block.get("text") if isinstance(block, dict) else None
+    if not isinstance(text, str):
+        raise APIError(400, f"{where}.text: a text block needs its text")
+    return text
+
+
+def _result_text(content: Any, where: str) -> str:
+    """A tool_result's content: a string, or text blocks joined one per line."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise APIError(400, f"{where}.content: a string or a list of text blocks")
+    parts = []
+    for j, block in enumerate(content):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise APIError(400, f"{where}.content[{j}]: tool results are text here")
+        parts.append(_text_of(block, f"{where}.content[{j}]"))
+    return "\n".join(parts)
+
+
+def chat_turns(role: str, blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """One Anthropic message with tool blocks as chat-template messages."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        kind, at = block.get("type"), f"{where}[{j}]"
+        if kind == "text":
+            texts.append(_text_of(block, at))
+        elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+                raise APIError(400, f"{at}: a tool_use block needs a name and an input object")
+            fn = {"name": block["name"], "arguments": block.get("input", {})}
+            calls.append({"id": block.get("id", ""), "type": "function", "function": fn})
+        elif kind == "tool_result" and role == "user":
+            content = _result_text(block.get("content"), at)
+            results.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""), "content": content})
+        else:
+            raise APIError(400, f"{at}: content blocks of type {kind!r} are not supported in a {role} turn")
+    text = "\n".join(texts)
+    if role == "assistant":
+        return [{"role": "assistant", "content": text, "tool_calls": calls}]
+    return [*results, *([{"role": "user", "content": text}] if text or not results else [])]
+
+
+def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    try:
+        args = json.loads(call.arguments)
+    except ValueError:
+        args = {}
+    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
+            "input": args if isinstance(args, dict) else {"value": args}}  # fmt: skip
+
+
+class BlockStream:
+    """The content-block events of a streamed reply: text goes to an open text block (opened on demand), each
+    call is a tool_use block of its own."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.open_text = False
+        self.num_calls = 0
+
+    def start_text(self) -> list[str]:
+        self.index += 1
+        self.open_text = True
+        block = {
+            "type": "content_block_start",
+            "index": self.index,
+            "content_block": {"type": "text", "text": ""},
+        }
+        return [sse_event("content_block_start", block)]
+
+    def text(self, text: str) -> list[str]:
+        if not text:
+            return []
+        events = [] if self.open_text else self.start_text()
+        delta = {
+            "type": "content_block_delta",
+            "index": self.index,
+            "delta": {"type": "text_delta", "text": text},
+        }
+        return [*events, sse_event("content_block_delta", delta)]
+
+    def call(self, call: ToolCall) -> list[str]:
+        events = self.close()
+        self.index += 1
+        self.num_calls += 1
+        block = tool_use_block(call)
+        start = {**block, "input": {}}
+        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
+        return [
+            *events,
+            sse_event(
+                "content_block_start",
+                {"type": "content_block_start", "index": self.index, "content_block": start},
+            ),
+            sse_event(
+                "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+            ),
+            sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index}),
+        ]
+
+    def close(self) -> list[str]:
+        if not self.open_text:
+            return []
+        self.open_text = False
+        return [sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
