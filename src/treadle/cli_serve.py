@@ -70,6 +70,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--tool-call-parser", choices=["hermes"], default=None, help="how replies write tool calls"
     )
     p.add_argument(
+        "--reasoning-parser",
+        choices=["deepseek_r1", "qwen3"],
+        default=None,
+        help="return a thinking model's <think> block as reasoning_content",
+    )
+    p.add_argument(
         "--generation-config",
         default=d["generation_config"],
         help="auto: the model's generation_config.json defaults | none | a directory",
@@ -214,6 +220,7 @@ def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
         generation_config=args.generation_config,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_log_stats=args.disable_log_stats,
     )

@@ -6,7 +6,8 @@ every chunk carries `usage: null` and one extra chunk with `choices: []` and the
 `logprobs: true` (+ `top_logprobs` ≤ 20) returns `{content: [{token, logprob, bytes, top_logprobs}]}`.
 With `--enable-auto-tool-choice --tool-call-parser hermes` and `tools` in the request (tool_choice auto), calls
 the model writes come back as `message.tool_calls` (streamed: one `delta.tool_calls` entry per call, whole when its
-block closes) with finish_reason "tool_calls" (tool_calls.py).
+block closes) with finish_reason "tool_calls" (tool_calls.py). With `--reasoning-parser qwen3|deepseek_r1` the
+`<think>` block is `message.reasoning_content` (streamed as `delta.reasoning_content`), vLLM's field (reply.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from treadle_frontend.server.common import (
 )
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.protocol import ChatCompletionRequest
-from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply, template_messages
+from treadle_frontend.server.reply import ReplyParser, parse_whole
+from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -129,6 +131,7 @@ class ChatHandler:
     def _response(
         self, rid: str, created: int, body: ChatCompletionRequest, out: RequestOutput, tools: bool
     ) -> dict[str, Any]:
+        rp = self.state.config.reasoning_parser
         choices = []
         for c in out.outputs:
             lps = None
@@ -139,9 +142,11 @@ class ChatHandler:
                     ),
                     "refusal": None,
                 }
-            content, calls = parse_reply(c.text) if tools else (c.text, [])
+            reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
+            if rp:
+                message["reasoning_content"] = reasoning
             choices.append(
                 {
                     "index": c.index,
@@ -192,7 +197,8 @@ class ChatHandler:
             return sse(data)
 
         started: set[int] = set()
-        parsers = {i: ToolCallStream() for i in range(body.n)} if tools else {}
+        rp = self.state.config.reasoning_parser
+        parsers = {i: ReplyParser(rp, tools) for i in range(body.n)} if rp or tools else {}
         completion_tokens, cached = 0, 0
         try:
             for i in range(body.n):
@@ -252,15 +258,16 @@ class ChatHandler:
         yield "data: [DONE]\n\n"
 
 
-def _delta(parser: ToolCallStream | None, text: str, finish: str | None) -> dict[str, Any]:
-    """A chunk's delta: its text (through the tool-call parser when on), and the calls it completes."""
+def _delta(parser: ReplyParser | None, text: str, finish: str | None) -> dict[str, Any]:
+    """A chunk's delta: its text (split by the reasoning and tool-call parsers when on), and the calls it
+    completes."""
     if parser is None:
         return {"content": text} if text or finish is None else {}
     before = parser.num_calls
-    content, calls = parser.feed(text)
-    if finish is not None:
-        content += parser.finish()
-    delta: dict[str, Any] = {"content": content} if content else {}
-    if calls:
-        delta["tool_calls"] = [call.json(index=before + k) for k, call in enumerate(calls)]
+    piece = parser.feed(text, final=finish is not None)
+    delta: dict[str, Any] = {"reasoning_content": piece.reasoning} if piece.reasoning else {}
+    if piece.content:
+        delta["content"] = piece.content
+    if piece.calls:
+        delta["tool_calls"] = [call.json(index=before + k) for k, call in enumerate(piece.calls)]
     return delta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from treadle_frontend.server.reply import REASONING_PARSERS
 from treadle_frontend.server.tool_calls import PARSERS
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -25,6 +26,7 @@ class ServerConfig:
     max_logprobs: int = 20  # most top logprobs a request may ask for
     enable_auto_tool_choice: bool = False  # parse the tool calls replies write (needs tool_call_parser)
     tool_call_parser: str | None = None  # the format they are written in: "hermes"
+    reasoning_parser: str | None = None  # split the <think> block into reasoning_content: qwen3 | deepseek_r1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -47,6 +49,10 @@ class ServerConfig:
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(
                 f"tool_call_parser {self.tool_call_parser!r} is not one of: {', '.join(PARSERS)}"
+            )
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser {self.reasoning_parser!r} is not one of: {', '.join(REASONING_PARSERS)}"
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty; omit --api-key to serve without authentication")

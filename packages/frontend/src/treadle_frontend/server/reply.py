@@ -1,0 +1,132 @@
+"""A chat reply split into reasoning, content and tool calls: `--reasoning-parser` and `--tool-call-parser`.
+
+Reasoning (vLLM's `reasoning_content`) is the text a thinking model writes between `<think>` and `</think>`:
+  qwen3        reasoning only when the reply opens with `<think>` (after any whitespace); without it every word
+               is content (Qwen3 with `enable_thinking: false` writes no block, or an empty one);
+  deepseek_r1  the template opens the block in the prompt, so the reply is reasoning from its first word until
+               `</think>` (a `<think>` the model writes anyway is dropped); a reply cut before `</think>` is all
+               reasoning.
+The newlines around the block are not content. Content then goes through the tool-call parser when it is on.
+`ReplyParser.feed` takes the reply in any pieces and releases what is decided; the same reply text gives the same
+reasoning, content and calls whether fed whole or in pieces (a possible tag held back until the next piece).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from treadle_frontend.server.tool_calls import ToolCall, ToolCallStream
+
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
+START, END = "<think>", "</think>"
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that could begin `tag`."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReasoningStream:
+    def __init__(self, parser: str) -> None:
+        if parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning parser {parser!r} is not one of: {', '.join(REASONING_PARSERS)}")
+        self._state = "opening" if parser == "qwen3" else "reasoning"  # opening -> reasoning -> content
+        self._r1 = parser == "deepseek_r1"
+        self._buf = ""
+        self._started = False  # any reasoning released yet (R1: drop a leading <think> only)
+        self._lead_done = False  # the block's leading newlines dropped
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) decided by this piece."""
+        self._buf += text
+        reasoning = ""
+        if self._state == "opening":
+            head = self._buf.lstrip()
+            if head.startswith(START):
+                self._state, self._buf = "reasoning", head[len(START) :]
+            elif not head or START.startswith(head):
+                return "", ""  # still could be the opening tag
+            else:
+                self._state = "content"
+        if self._state == "reasoning":
+            if self._r1 and not self._started:
+                head = self._buf.lstrip()
+                if not head or (START.startswith(head) and head != START):
+                    return "", ""
+                if head.startswith(START):
+                    self._buf = head[len(START) :]
+            end = self._buf.find(END)
+            if end < 0:
+                cut = len(self._buf) - _tag_prefix(self._buf, END)
+                reasoning, self._buf = self._buf[:cut], self._buf[cut:]
+                self._started = self._started or bool(reasoning)
+                return self._lead(reasoning), ""
+            reasoning, self._buf = self._buf[:end], self._buf[end + len(END) :]
+            self._state = "after"
+            reasoning = self._lead(reasoning)
+        if self._state == "after":  # the newlines right after </think> are not content
+            self._buf = self._buf.lstrip()
+            if not self._buf:
+                return reasoning, ""
+            self._state = "content"
+        content, self._buf = self._buf, ""
+        return reasoning, content
+
+    def _lead(self, reasoning: str) -> str:
+        """The block's first newline(s) are not reasoning."""
+        if not self._lead_done and reasoning:
+            reasoning = reasoning.lstrip("\n")
+            self._lead_done = bool(reasoning)
+        return reasoning
+
+    def finish(self) -> tuple[str, str]:
+        rest, self._buf = self._buf, ""
+        if self._state == "reasoning":
+            return self._lead(rest), ""
+        return "", rest if self._state in ("opening", "content") else ""
+
+
+@dataclass
+class Piece:
+    reasoning: str = ""
+    content: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+class ReplyParser:
+    """Reasoning first (when a reasoning parser is on), then tool calls in the content (when tools are on)."""
+
+    def __init__(self, reasoning_parser: str | None, tools: bool) -> None:
+        self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
+        self.tools = ToolCallStream() if tools else None
+
+    @property
+    def num_calls(self) -> int:
+        return self.tools.num_calls if self.tools else 0
+
+    def feed(self, text: str, final: bool = False) -> Piece:
+        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
+        if final and self.reasoning:
+            more_r, more_c = self.reasoning.finish()
+            reasoning, content = reasoning + more_r, content + more_c
+        piece = Piece(reasoning=reasoning, content=content)
+        if self.tools:
+            piece.content, piece.calls = self.tools.feed(content)
+            if final:
+                piece.content += self.tools.finish()
+        return piece
+
+
+def parse_whole(
+    text: str, reasoning_parser: str | None, tools: bool
+) -> tuple[str | None, str | None, list[ToolCall]]:
+    """A finished reply's (reasoning or None, content or None where calls or reasoning stand alone, calls)."""
+    piece = ReplyParser(reasoning_parser, tools).feed(text, final=True)
+    reasoning = (piece.reasoning or None) if reasoning_parser else None
+    content: str | None = piece.content
+    if not content and (piece.calls or reasoning is not None):
+        content = None
+    return reasoning, content, piece.calls

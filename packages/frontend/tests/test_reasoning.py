@@ -1,0 +1,95 @@
+"""Reasoning (`--reasoning-parser qwen3|deepseek_r1`): the `<think>` block split off a reply as vLLM's
+`reasoning_content`, alone, with tool calls after it, fed whole and in every split, and through the openai SDK
+on a server whose fake engine writes a thinking reply (streamed and not)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from frontend_helpers import start_fake_server
+
+from treadle_frontend.server import ServerConfig
+from treadle_frontend.server.reply import ReplyParser, parse_whole
+
+CALL = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+CASES = [
+    ("qwen3", False, "<think>\nThe user greets.\n</think>\n\nHello!", ("The user greets.\n", "Hello!", [])),
+    ("qwen3", False, "  <think>x</think>y", ("x", "y", [])),
+    ("qwen3", False, "<think>\n\n</think>\n\nHi", (None, "Hi", [])),  # enable_thinking false: an empty block
+    ("qwen3", False, "No block at all. </think> stays", (None, "No block at all. </think> stays", [])),
+    ("qwen3", False, "<think>cut off by max_tokens", ("cut off by max_tokens", None, [])),
+    ("qwen3", False, "<thin", (None, "<thin", [])),
+    ("deepseek_r1", False, "Let me think.\n</think>\n\nAnswer", ("Let me think.\n", "Answer", [])),
+    ("deepseek_r1", False, "<think>\nX</think>Y", ("X", "Y", [])),
+    ("deepseek_r1", False, "all reasoning, never closed", ("all reasoning, never closed", None, [])),
+    ("qwen3", True, f"<think>plan</think>\n{CALL}", ("plan", None, [("f", {"x": 1})])),
+    ("deepseek_r1", True, f"plan</think>\n\nSure.\n{CALL}\n", ("plan", "Sure.", [("f", {"x": 1})])),
+    ("qwen3", True, f"{CALL} and text", (None, " and text", [("f", {"x": 1})])),
+]
+
+
+def _summary(reasoning: Any, content: Any, calls: list[Any]) -> tuple[Any, Any, list[Any]]:
+    return reasoning, content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize(("parser", "tools", "text", "expected"), CASES)
+def test_whole_reply(parser: str, tools: bool, text: str, expected: Any) -> None:
+    assert _summary(*parse_whole(text, parser, tools)) == expected
+
+
+@pytest.mark.parametrize(("parser", "tools", "text", "expected"), CASES)
+def test_any_pieces_give_the_whole_reply(parser: str, tools: bool, text: str, expected: Any) -> None:
+    rng = random.Random(len(text))
+    splits = [[i] for i in range(len(text) + 1)]
+    splits += [sorted(rng.sample(range(len(text)), min(5, len(text)))) for _ in range(40)]
+    for cuts in splits:
+        bounds = [0, *cuts, len(text)]
+        rp = ReplyParser(parser, tools)
+        reasoning, content, calls = "", "", []
+        pairs = list(itertools.pairwise(bounds))
+        for k, (a, b) in enumerate(pairs):
+            piece = rp.feed(text[a:b], final=k == len(pairs) - 1)
+            reasoning, content, calls = (
+                reasoning + piece.reasoning,
+                content + piece.content,
+                calls + piece.calls,
+            )
+        got = (reasoning or None, content or (None if calls or reasoning else content), calls)
+        assert _summary(*got) == expected, cuts
+
+
+def test_config_names_the_parsers() -> None:
+    with pytest.raises(ValueError, match="not one of: deepseek_r1, qwen3"):
+        ServerConfig(reasoning_parser="granite")
+
+
+THINKING = "<think>\nThe user greets me; answer briefly.\n</think>\n\nHello there!"
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer: Any) -> Iterator[Any]:
+    srv, handle = start_fake_server(tokenizer, server_options={"reasoning_parser": "qwen3"})
+    handle.engine.script = tokenizer.encode(THINKING, add_special_tokens=False)
+    with srv:
+        yield handle
+
+
+def test_chat_reasoning_content(server: Any) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", _strict_response_validation=True)
+    messages = [{"role": "user", "content": "Hi"}]
+    done = client.chat.completions.create(model="tiny", messages=messages)
+    message = done.choices[0].message
+    assert message.content == "Hello there!" and done.choices[0].finish_reason == "stop"
+    assert getattr(message, "reasoning_content", None) == "The user greets me; answer briefly.\n"
+    reasoning, content = "", ""
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, stream=True):
+        for ch in chunk.choices:
+            reasoning += getattr(ch.delta, "reasoning_content", None) or ""
+            content += ch.delta.content or ""
+    assert (reasoning, content) == ("The user greets me; answer briefly.\n", "Hello there!")
