@@ -1,6 +1,6 @@
 """Reasoning (`--reasoning-parser qwen3|deepseek_r1`): the `<think>` block split off a reply as vLLM's
 `reasoning_content`, alone, with tool calls after it, fed whole and in every split, and through the openai SDK
-on a server whose fake engine writes a thinking reply (streamed and not)."""
+on a server whose fake engine writes a thinking reply (streamed and not); on /v1/messages, thinking blocks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from frontend_helpers import start_fake_server
@@ -93,3 +94,29 @@ def test_chat_reasoning_content(server: Any) -> None:
             reasoning += getattr(ch.delta, "reasoning_content", None) or ""
             content += ch.delta.content or ""
     assert (reasoning, content) == ("The user greets me; answer briefly.\n", "Hello there!")
+
+
+def test_messages_thinking_blocks(server: Any) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    kw: dict[str, Any] = {"model": "tiny", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
+    expected = [("thinking", "The user greets me; answer briefly.\n"), ("text", "Hello there!")]
+    m = client.messages.create(thinking={"type": "enabled", "budget_tokens": 1024}, **kw)
+    assert [(b.type, b.thinking if b.type == "thinking" else b.text) for b in m.content] == expected
+    assert m.stop_reason == "end_turn"
+    with client.messages.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [(b.type, b.thinking if b.type == "thinking" else b.text) for b in final.content] == expected
+    starts = [(e.index, e.content_block.type) for e in events if e.type == "content_block_start"]
+    assert starts == [(0, "thinking"), (1, "text")]
+    # an earlier turn's thinking sent back is dropped, as Anthropic drops it
+    turn = [{"type": "thinking", "thinking": "long private musing", "signature": ""},
+            {"type": "text", "text": "Hello there!"}]  # fmt: skip
+    with_thinking = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": turn},
+                     {"role": "user", "content": "Bye"}]  # fmt: skip
+    without = [*with_thinking[:1], {"role": "assistant", "content": turn[1:]}, with_thinking[2]]
+    count = client.messages.count_tokens
+    assert (
+        count(model="tiny", messages=with_thinking).input_tokens
+        == count(model="tiny", messages=without).input_tokens
+    )

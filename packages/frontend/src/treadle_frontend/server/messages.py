@@ -8,8 +8,11 @@ message_start goes out with the engine's first output (which knows the prefix-ca
 is an `event: error`. There is no [DONE].
 usage follows Anthropic: input_tokens excludes the prompt tokens read from the prefix cache
 (cache_read_input_tokens); the two add up to the prompt. Tool use (messages_tools.py) needs the server's
-`--enable-auto-tool-choice --tool-call-parser hermes`; without them `tools` are a 400, and so are a forced
-`tool_choice` (any / tool) and enabled `thinking` always, rather than ignored.
+`--enable-auto-tool-choice --tool-call-parser hermes`; without them `tools` are a 400, and so is a forced
+`tool_choice` (any / tool) always, rather than ignored. With `--reasoning-parser` the `<think>` block is a
+`thinking` block first (empty signature; `thinking.budget_tokens` is not enforced beyond max_tokens), thinking
+blocks sent back in the history are dropped, as Anthropic drops them from earlier turns; without a reasoning
+parser, enabled `thinking` is a 400.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from treadle_frontend.server.common import ServerState, collect_all, new_id, sse
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.messages_tools import BlockStream, chat_turns, openai_tools, tool_use_block
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply
+from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -54,6 +57,8 @@ def to_chat_messages(body: AnthropicMessagesRequest | AnthropicCountTokensReques
         msgs.append({"role": "system", "content": _block_text(body.system, "system")})
     last = len(body.messages) - 1
     for i, m in enumerate(body.messages):
+        if m.role == "assistant" and not isinstance(m.content, str):  # earlier turns' thinking: dropped
+            m = m.model_copy(update={"content": [b for b in m.content if b.type not in THINKING_BLOCKS]})
         if not isinstance(m.content, str) and any(b.type in ("tool_use", "tool_result") for b in m.content):
             blocks = [b.model_dump(exclude_none=True) for b in m.content]
             msgs += chat_turns(m.role, blocks, f"messages.{i}.content")
@@ -68,7 +73,10 @@ def to_chat_messages(body: AnthropicMessagesRequest | AnthropicCountTokensReques
     return msgs
 
 
-def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool) -> None:
+THINKING_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool, reasoning_on: bool) -> None:
     """Reject what the server cannot honour instead of silently replying with plain text."""
     if body.tools and not tools_on:
         raise APIError(400, "tools: tool use needs the server started with --enable-auto-tool-choice "
@@ -76,8 +84,8 @@ def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool) -> None:
     if body.tool_choice and body.tool_choice.get("type") not in (None, "auto", "none"):
         raise APIError(400, f"tool_choice: {body.tool_choice.get('type')!r} forces a tool call, which is not "
                             "supported (use auto)")  # fmt: skip
-    if body.thinking and body.thinking.get("type") == "enabled":
-        raise APIError(400, "thinking: extended thinking is not supported by this server")
+    if body.thinking and body.thinking.get("type") == "enabled" and not reasoning_on:
+        raise APIError(400, "thinking: extended thinking needs the server started with --reasoning-parser")
     if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
         raise APIError(400, f"temperature: must be in [0, 1] (Anthropic's range), got {body.temperature}")
 
@@ -123,7 +131,8 @@ class MessagesHandler:
         st.check_model(body.model)
         if body.max_tokens < 1:
             raise APIError(400, f"max_tokens: must be >= 1, got {body.max_tokens}")
-        check_unsupported(body, st.config.enable_auto_tool_choice)
+        rp = st.config.reasoning_parser
+        check_unsupported(body, st.config.enable_auto_tool_choice, rp is not None)
         tools = bool(st.config.enable_auto_tool_choice and body.tools and
                      (body.tool_choice or {}).get("type") != "none")  # fmt: skip
         text, ids = self._encode(body)
@@ -145,8 +154,11 @@ class MessagesHandler:
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)
-        content, calls = parse_reply(c.text) if tools else (c.text, [])
-        blocks = [{"type": "text", "text": content}] if content or not calls else []
+        reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
+        blocks: list[dict[str, Any]] = (
+            [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+        )
+        blocks += [{"type": "text", "text": content or ""}] if content or not (calls or reasoning) else []
         blocks += [tool_use_block(call) for call in calls]
         return JSONResponse(
             {
@@ -172,10 +184,8 @@ class MessagesHandler:
             "stop_sequence": None,
             "usage": usage(num_input, num_cached, 0),
         }
-        return [
-            sse_event("message_start", {"type": "message_start", "message": message}),
-            *blocks.start_text(),
-        ]
+        opening = [] if self.state.config.reasoning_parser else blocks.start_text()  # else: blocks on demand
+        return [sse_event("message_start", {"type": "message_start", "message": message}), *opening]
 
     async def _stream(
         self, mid: str, num_input: int, gen: AsyncIterator[Any], tools: bool
@@ -184,7 +194,8 @@ class MessagesHandler:
         num_output, num_cached = 0, 0
         reason, seq = "end_turn", None
         blocks = BlockStream()
-        parser = ToolCallStream() if tools else None
+        rp = self.state.config.reasoning_parser
+        parser = ReplyParser(rp, tools) if rp or tools else None
         started = False
         try:
             async for out in gen:
@@ -194,12 +205,11 @@ class MessagesHandler:
                         yield event
                 c = out.outputs[0]
                 num_output += len(c.token_ids)
-                text, calls = parser.feed(c.text) if parser else (c.text, [])
-                if parser and c.finish_reason is not None:
-                    text += parser.finish()
-                for event in blocks.text(text):
+                final = c.finish_reason is not None
+                piece = parser.feed(c.text, final=final) if parser else Piece(content=c.text)
+                for event in [*blocks.thinking(piece.reasoning), *blocks.text(piece.content)]:
                     yield event
-                for call in calls:
+                for call in piece.calls:
                     for event in blocks.call(call):
                         yield event
                 if c.finish_reason is not None:
@@ -211,6 +221,9 @@ class MessagesHandler:
             await gen.aclose()  # type: ignore[attr-defined]
         if not started:  # the stream ended without an output (not expected from the engine)
             for event in self._opening(mid, num_input, 0, blocks):
+                yield event
+        if blocks.index < 0:  # a reply with no block at all (an empty reply under a reasoning parser)
+            for event in blocks.start_text():
                 yield event
         for event in blocks.close():
             yield event

@@ -90,34 +90,50 @@ def tool_use_block(call: ToolCall) -> dict[str, Any]:
 
 
 class BlockStream:
-    """The content-block events of a streamed reply: text goes to an open text block (opened on demand), each
-    call is a tool_use block of its own."""
+    """The content-block events of a streamed reply: reasoning goes to an open thinking block and text to an open
+    text block (each opened on demand, closing the other), each call is a tool_use block of its own."""
 
     def __init__(self) -> None:
         self.index = -1
-        self.open_text = False
+        self.open: str | None = None  # the open block's type: "text" or "thinking"
         self.num_calls = 0
 
-    def start_text(self) -> list[str]:
+    def _start(self, kind: str) -> list[str]:
+        events = self.close()
         self.index += 1
-        self.open_text = True
-        block = {
-            "type": "content_block_start",
-            "index": self.index,
-            "content_block": {"type": "text", "text": ""},
-        }
-        return [sse_event("content_block_start", block)]
+        self.open = kind
+        body = (
+            {"type": "text", "text": ""}
+            if kind == "text"
+            else {"type": "thinking", "thinking": "", "signature": ""}
+        )
+        block = {"type": "content_block_start", "index": self.index, "content_block": body}
+        return [*events, sse_event("content_block_start", block)]
+
+    def start_text(self) -> list[str]:
+        return self._start("text")
 
     def text(self, text: str) -> list[str]:
         if not text:
             return []
-        events = [] if self.open_text else self.start_text()
+        events = [] if self.open == "text" else self._start("text")
         delta = {
             "type": "content_block_delta",
             "index": self.index,
             "delta": {"type": "text_delta", "text": text},
         }
         return [*events, sse_event("content_block_delta", delta)]
+
+    def thinking(self, text: str) -> list[str]:
+        if not text:
+            return []
+        events = [] if self.open == "thinking" else self._start("thinking")
+        event = {
+            "type": "content_block_delta",
+            "index": self.index,
+            "delta": {"type": "thinking_delta", "thinking": text},
+        }
+        return [*events, sse_event("content_block_delta", event)]
 
     def call(self, call: ToolCall) -> list[str]:
         events = self.close()
@@ -139,7 +155,16 @@ class BlockStream:
         ]
 
     def close(self) -> list[str]:
-        if not self.open_text:
+        """Stop the open block (a thinking block gets its (empty) signature first, as Anthropic streams it)."""
+        if self.open is None:
             return []
-        self.open_text = False
-        return [sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        events = []
+        if self.open == "thinking":
+            sig = {
+                "type": "content_block_delta",
+                "index": self.index,
+                "delta": {"type": "signature_delta", "signature": ""},
+            }
+            events.append(sse_event("content_block_delta", sig))
+        self.open = None
+        return [*events, sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
