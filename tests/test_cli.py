@@ -182,6 +182,8 @@ def test_tool_call_flags() -> None:
     )
     config = cli_serve.make_server_config(args, None)
     assert config.enable_auto_tool_choice and config.tool_call_parser == "hermes"
+    thinking = cli.build_parser().parse_args(["serve", "--reasoning-parser", "qwen3"])
+    assert cli_serve.make_server_config(thinking, None).reasoning_parser == "qwen3"
     alone = cli.build_parser().parse_args(["serve", "--enable-auto-tool-choice"])
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         cli_serve.make_server_config(alone, None)
