@@ -114,25 +114,15 @@ class BlockStream:
         return self._start("text")
 
     def text(self, text: str) -> list[str]:
-        if not text:
-            return []
-        events = [] if self.open == "text" else self._start("text")
-        delta = {
-            "type": "content_block_delta",
-            "index": self.index,
-            "delta": {"type": "text_delta", "text": text},
-        }
-        return [*events, sse_event("content_block_delta", delta)]
+        return self._append("text", {"type": "text_delta", "text": text}) if text else []
 
     def thinking(self, text: str) -> list[str]:
-        if not text:
-            return []
-        events = [] if self.open == "thinking" else self._start("thinking")
-        event = {
-            "type": "content_block_delta",
-            "index": self.index,
-            "delta": {"type": "thinking_delta", "thinking": text},
-        }
+        return self._append("thinking", {"type": "thinking_delta", "thinking": text}) if text else []
+
+    def _append(self, kind: str, delta: dict[str, Any]) -> list[str]:
+        """`delta` into the open block of `kind`, opening one (and closing the other) first if needed."""
+        events = [] if self.open == kind else self._start(kind)
+        event = {"type": "content_block_delta", "index": self.index, "delta": delta}
         return [*events, sse_event("content_block_delta", event)]
 
     def call(self, call: ToolCall) -> list[str]:
