@@ -55,6 +55,9 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer
         "16",
         "--uvicorn-log-level",
         "warning",
+        "--enable-auto-tool-choice",  # tools change nothing for requests without them
+        "--tool-call-parser",
+        "hermes",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as f:

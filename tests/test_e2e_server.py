@@ -267,6 +267,32 @@ def test_bench_serve(
     assert "initial test request to" in caplog.text and "failed: HTTP 404" in caplog.text
 
 
+def test_tools_through_the_real_engine(real_server: RealServer, oai: openai.OpenAI) -> None:
+    """With the tool-call flags, requests with tools reach the real engine on both routes (the random model
+    writes no call: its text comes back as content), and the history's calls and results render."""
+    tool = {
+        "name": "get_weather",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+    fn = {"type": "function", "function": {"name": tool["name"], "parameters": tool["input_schema"]}}
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]  # fmt: skip
+    chat = oai.chat.completions.create(
+        model=MODEL_NAME, messages=history, tools=[fn], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.choices[0].message.content is not None
+    msg = anthropic.Anthropic(base_url=real_server.url, api_key=API_KEY, max_retries=0).messages.create(
+        model=MODEL_NAME, max_tokens=4, tools=[tool], messages=[{"role": "user", "content": "Weather?"}]
+    )
+    assert msg.stop_reason in ("end_turn", "max_tokens") and msg.content[0].type == "text"
+
+
 def test_zz_engine_killed_under_load(real_server: RealServer) -> None:
     import os
     import signal
