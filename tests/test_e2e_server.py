@@ -293,6 +293,88 @@ def test_tools_through_the_real_engine(real_server: RealServer, oai: openai.Open
     assert msg.stop_reason in ("end_turn", "max_tokens") and msg.content[0].type == "text"
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "ok": {"type": "boolean"}},
+    "required": ["color", "n", "ok"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_structured_outputs_through_the_real_engine(oai: openai.OpenAI, temperature: float) -> None:
+    """The random model's replies, constrained by the engine's grammar masks, always parse: a JSON schema (no
+    whitespace, so the reply is short), a regex and a choice, on both routes, greedy and sampled (seeded)."""
+    chat = oai.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=60, temperature=temperature, seed=3,
+        extra_body={"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+    )  # fmt: skip
+    assert chat.choices[0].finish_reason == "stop", chat.choices[0].message.content
+    value = json.loads(chat.choices[0].message.content or "")
+    assert set(value) == {"color", "n", "ok"} and value["color"] in ("red", "green", "blue")
+    assert isinstance(value["n"], int) and 0 <= value["n"] <= 99 and isinstance(value["ok"], bool)
+    regex = oai.completions.create(
+        model=MODEL_NAME, prompt="Code:", max_tokens=20, temperature=temperature, seed=4,
+        extra_body={"guided_regex": "[a-z]{3}-[0-9]{2}"},
+    )  # fmt: skip
+    assert (
+        re.fullmatch("[a-z]{3}-[0-9]{2}", regex.choices[0].text) and regex.choices[0].finish_reason == "stop"
+    )
+    stream = oai.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=20, temperature=temperature, seed=5, stream=True,
+        extra_body={"guided_choice": ["Paris", "Lyon", "Nice"]},
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in ("Paris", "Lyon", "Nice")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_calls_through_the_real_engine(oai: openai.OpenAI, stream: bool) -> None:
+    """tool_choice required / a named function: decoding constrained to the calls' JSON, so even the random
+    model's reply is well-formed calls to the tools given, with arguments matching their schemas."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"],
+        "additionalProperties": False}}}  # fmt: skip
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}  # fmt: skip
+    for choice, finish in (({"type": "function", "function": {"name": "get_weather"}}, "stop"),
+                           ("required", "tool_calls")):  # fmt: skip
+        kw: dict[str, Any] = dict(model=MODEL_NAME, messages=CHAT, tools=[weather, clock], tool_choice=choice,
+                                  max_tokens=200, temperature=1.0, seed=9)  # fmt: skip
+        if stream:
+            calls: dict[int, Any] = {}
+            reasons = []
+            for chunk in oai.chat.completions.create(stream=True, **kw):
+                for ch in chunk.choices:
+                    for tc in ch.delta.tool_calls or []:
+                        calls[tc.index] = tc.function
+                    reasons += [ch.finish_reason] if ch.finish_reason else []
+            got, reason = [calls[i] for i in sorted(calls)], reasons[-1]
+        else:
+            done = oai.chat.completions.create(**kw)
+            got, reason = (
+                [c.function for c in done.choices[0].message.tool_calls or []],
+                done.choices[0].finish_reason,
+            )
+            assert done.choices[0].message.content is None
+        assert reason == finish and got, (choice, reason)
+        for fn in got:
+            args = json.loads(fn.arguments)
+            assert fn.name in ("get_weather", "get_time")
+            assert args == {} if fn.name == "get_time" else args["unit"] in ("C", "F")
+        if isinstance(choice, dict):
+            assert [fn.name for fn in got] == ["get_weather"]
+
+
+def test_structured_output_errors_leave_the_engine_serving(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="Unsupported type"):
+        oai.chat.completions.create(
+            model=MODEL_NAME, messages=CHAT, extra_body={"structured_outputs": {"json": {"type": "nonsense"}}}
+        )
+    ok = oai.completions.create(model=MODEL_NAME, prompt="Hi", max_tokens=2)
+    assert ok.choices[0].finish_reason == "length"
+
+
 def test_zz_engine_killed_under_load(real_server: RealServer) -> None:
     import os
     import signal

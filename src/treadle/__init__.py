@@ -19,14 +19,14 @@ except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not instal
     __version__ = "0+source"
 
 if TYPE_CHECKING:
-    from treadle_frontend import LLM, RequestOutput, SamplingParams
+    from treadle_frontend import LLM, RequestOutput, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `treadle --version` must not import torch.
-    if name in ("LLM", "RequestOutput", "SamplingParams"):
+    if name in ("LLM", "RequestOutput", "SamplingParams", "StructuredOutputsParams"):
         import treadle_frontend
 
         return getattr(treadle_frontend, name)

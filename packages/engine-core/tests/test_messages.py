@@ -59,3 +59,13 @@ def test_ready_and_utility_messages() -> None:
     assert msg.decode(msg.encode(ready), msg.EngineReady) == ready
     call = msg.UtilityRequest(7, "get_stats", [])
     assert msg.decode(msg.encode(call), msg.UtilityRequest) == call
+
+
+def test_structured_outputs_round_trip() -> None:
+    from treadle_model_runner.structured_outputs import StructuredOutputsParams
+
+    so = StructuredOutputsParams(json={"type": "object"}, disable_any_whitespace=True)
+    req = msg.EngineCoreRequest("id-2", [1], SamplingParams(structured_outputs=so), 0.0)
+    back = msg.decode(msg.encode(req), msg.EngineCoreRequest)
+    assert back == req and isinstance(back.sampling_params.structured_outputs, StructuredOutputsParams)
+    assert back.sampling_params.structured_outputs.key() == so.key()

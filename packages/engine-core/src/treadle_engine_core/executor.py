@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 from treadle_engine_core.config import EngineConfig
 from treadle_engine_core.fake_runner import FakeModelRunner
@@ -87,6 +87,14 @@ class Executor:
         """The runner's device, dtypes, backend and graph mode in words (empty for runners that do not say)."""
         describe = getattr(self.runner, "describe", None)
         return dict(describe()) if callable(describe) else {}
+
+    def check_structured_outputs(self, params: Any) -> None:
+        """ValueError when the runner cannot constrain a request to `params` (an invalid grammar, no tokenizer,
+        or a runner without structured outputs)."""
+        check = getattr(self.runner, "check_structured_outputs", None)
+        if not callable(check):
+            raise ValueError("structured outputs are not supported by this engine's runner")
+        check(params)
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(so).get_output()

@@ -12,6 +12,7 @@ from treadle_frontend.engine_client import EngineDeadError
 from treadle_frontend.llm import LLM
 from treadle_frontend.outputs import CompletionOutput, Logprob, RequestOutput
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "LLM",
@@ -22,4 +23,5 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]

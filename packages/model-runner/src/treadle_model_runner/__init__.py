@@ -9,6 +9,7 @@ from treadle_model_runner.kv_cache_spec import KVCacheConfig, KVCacheGroupSpec
 from treadle_model_runner.outputs import Logprobs, ModelRunnerOutput
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner import ModelRunner
@@ -26,6 +27,7 @@ __all__ = [
     "RequestOutputKind",
     "SamplingParams",
     "SchedulerOutput",
+    "StructuredOutputsParams",
 ]
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
+
+from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5  # temperature at or below this is greedy
 MAX_LOGPROBS = 20  # top-k logprobs a request may ask for
@@ -47,6 +50,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
     # Filled by the engine from the model's generation config: token ids that end generation (EOS).
     all_stop_token_ids: set[int] = field(default_factory=set)
 
@@ -57,6 +61,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        so: Any = self.structured_outputs
+        if isinstance(so, dict):
+            self.structured_outputs = StructuredOutputsParams(**so)
         self._validate()
         self.all_stop_token_ids = set(self.all_stop_token_ids) | set(self.stop_token_ids)
 
@@ -126,6 +133,7 @@ class SamplingParams:
             or bool(self.bad_words_token_ids)
             or self.logprobs is not None
             or self.prompt_logprobs is not None
+            or self.structured_outputs is not None  # the grammar advances with each sampled token
         )
 
     @property

@@ -12,6 +12,7 @@ block closes) with finish_reason "tool_calls" (tool_calls.py). With `--reasoning
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,10 +33,12 @@ from treadle_frontend.server.common import (
     usage,
 )
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls, forced_schema
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.reply import ReplyParser, parse_whole
 from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
+from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 
 def chat_logprobs(
@@ -92,9 +95,10 @@ class ChatHandler:
         choice = (
             body.tool_choice if isinstance(body.tool_choice, str) else (body.tool_choice or {}).get("type")
         )
-        if choice not in (None, "auto", "none"):
-            raise APIError(400, f"tool_choice {choice!r}: forcing a tool call is not supported (tools reach the chat "
-                                "template; replies are text)", param="tool_choice")  # fmt: skip
+        if choice not in (None, "auto", "none", "required", "function"):
+            raise APIError(400, f"tool_choice {choice!r}: one of none, auto, required or a function",
+                           param="tool_choice")  # fmt: skip
+        forced = forced_schema(body.tools, body.tool_choice) if choice in ("required", "function") else None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         if body.stream and body.prompt_logprobs is not None:
@@ -103,6 +107,14 @@ class ChatHandler:
             )
         params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs,
                                  prompt_logprobs=body.prompt_logprobs, kind=kind)  # fmt: skip
+        if forced is not None:  # decoding constrained to the call's JSON
+            if params.structured_outputs is not None:
+                raise APIError(400, "tool_choice: a forced tool call cannot be combined with a structured "
+                                    "output", param="tool_choice")  # fmt: skip
+            so = StructuredOutputsParams(
+                json=json.dumps(forced[0]), disable_any_whitespace=True
+            )  # compact JSON
+            params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         tools = bool(st.config.enable_auto_tool_choice and body.tools and choice != "none")
         kwargs = dict(body.chat_template_kwargs or {})
@@ -122,14 +134,19 @@ class ChatHandler:
         gen = st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority)
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(
-                self._stream(rid, created, body, ids, gen, tools), media_type="text/event-stream"
-            )
+            stream = self._stream(rid, created, body, ids, gen, tools, forced)
+            return StreamingResponse(stream, media_type="text/event-stream")
         final = (await until_disconnect(request, collect_all([gen])))[0]
-        return JSONResponse(self._response(rid, created, body, final, tools))
+        return JSONResponse(self._response(rid, created, body, final, tools, forced))
 
     def _response(
-        self, rid: str, created: int, body: ChatCompletionRequest, out: RequestOutput, tools: bool
+        self,
+        rid: str,
+        created: int,
+        body: ChatCompletionRequest,
+        out: RequestOutput,
+        tools: bool,
+        forced: tuple[Any, str | None] | None,
     ) -> dict[str, Any]:
         rp = self.state.config.reasoning_parser
         choices = []
@@ -143,6 +160,8 @@ class ChatHandler:
                     "refusal": None,
                 }
             reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
+            if forced is not None and (calls := forced_calls(c.text, forced[1])):
+                content = None
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
             if rp:
@@ -152,7 +171,7 @@ class ChatHandler:
                     "index": c.index,
                     "message": message,
                     "logprobs": lps,
-                    "finish_reason": "tool_calls" if calls else finish_str(c.finish_reason),
+                    "finish_reason": _finish(c.finish_reason, bool(calls), forced),
                     "stop_reason": c.stop_reason,
                 }
             )
@@ -177,6 +196,7 @@ class ChatHandler:
         prompt_ids: list[int],
         gen: AsyncIterator[RequestOutput],
         tools: bool,
+        forced: tuple[Any, str | None] | None,
     ) -> AsyncIterator[str]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and bool(
@@ -198,7 +218,11 @@ class ChatHandler:
 
         started: set[int] = set()
         rp = self.state.config.reasoning_parser
-        parsers = {i: ReplyParser(rp, tools) for i in range(body.n)} if rp or tools else {}
+        parsers: dict[int, ReplyParser | ForcedToolCalls] = {}
+        if forced is not None:
+            parsers = {i: ForcedToolCalls(forced[1]) for i in range(body.n)}
+        elif rp or tools:
+            parsers = {i: ReplyParser(rp, tools) for i in range(body.n)}
         completion_tokens, cached = 0, 0
         try:
             for i in range(body.n):
@@ -229,8 +253,8 @@ class ChatHandler:
                     delta = _delta(parsers.get(c.index), c.text, finish)
                     if not delta and finish is None and lps is None:
                         continue
-                    if parsers and finish is not None and parsers[c.index].num_calls:
-                        finish = "tool_calls"
+                    if parsers and finish is not None:
+                        finish = _finish(finish, bool(parsers[c.index].num_calls), forced)
                     choice: dict[str, Any] = {
                         "index": c.index,
                         "delta": delta,
@@ -258,7 +282,15 @@ class ChatHandler:
         yield "data: [DONE]\n\n"
 
 
-def _delta(parser: ReplyParser | None, text: str, finish: str | None) -> dict[str, Any]:
+def _finish(reason: str | None, called: bool, forced: tuple[Any, str | None] | None) -> str | None:
+    """OpenAI's finish_reason: tool_calls when the reply's calls were parsed or required, stop for a forced
+    named function."""
+    if not called:
+        return finish_str(reason)
+    return "stop" if forced is not None and forced[1] is not None else "tool_calls"
+
+
+def _delta(parser: ReplyParser | ForcedToolCalls | None, text: str, finish: str | None) -> dict[str, Any]:
     """A chunk's delta: its text (split by the reasoning and tool-call parsers when on), and the calls it
     completes."""
     if parser is None:

@@ -20,6 +20,7 @@ from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.metrics import ServerMetrics
+from treadle_frontend.server.structured import structured_outputs
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -116,10 +117,8 @@ def sampling_params(
             raise APIError(
                 400, f"{name} ({value}) is larger than the most this server returns ({limit})", param=name
             )
-    fmt = getattr(body, "response_format", None)
-    if fmt and fmt.get("type") not in (None, "text"):
-        raise APIError(400, f"response_format {fmt.get('type')!r}: structured output is not supported by this "
-                            "server; ask for the format in the prompt", param="response_format")  # fmt: skip
+    has_tokenizer = state.llm.input_processor.tokenizer is not None
+    values["structured_outputs"] = structured_outputs(body, has_tokenizer)
     try:
         return SamplingParams(
             n=n,

@@ -50,7 +50,12 @@ class _SamplingFields(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}: no structured output
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema (server/structured.py)
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json | regex | choice | grammar | json_object
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names for the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):

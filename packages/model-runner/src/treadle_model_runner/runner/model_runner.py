@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,9 +63,11 @@ from treadle_model_runner.runner.setup import (
     start_device_init,
 )
 from treadle_model_runner.runner.state import apply_scheduler_output
+from treadle_model_runner.runner.structured import StructuredOutputs
 from treadle_model_runner.runner.warmup import warm_up_kernels
 from treadle_model_runner.sample import Sampler
 from treadle_model_runner.scheduler_output import SchedulerOutput
+from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,10 @@ class ModelRunner:
             cache_config.kv_cache_dtype, self.dtype, self.attn_backend
         )
         self.sampler = Sampler()
+        tokenizer = (
+            Path(model_config.tokenizer).expanduser() if model_config.tokenizer else self.resolved.path
+        )
+        self.structured = StructuredOutputs(tokenizer, self.vocab_size, self._eos_token_ids)
         self.generator = torch.Generator(device=self.device).manual_seed(model_config.seed)
         self.model: CausalLM | None = None
         self.kv_caches: list[torch.Tensor] = []
@@ -139,6 +146,10 @@ class ModelRunner:
     @property
     def eos_token_ids(self) -> set[int]:
         return set(self._eos_token_ids)
+
+    def check_structured_outputs(self, params: StructuredOutputsParams) -> None:
+        """Compile (and cache) a request's grammar before it is queued: ValueError when it cannot run."""
+        self.structured.compile(params)
 
     # ---- startup ------------------------------------------------------------------------------------
     def load_model(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from treadle_model_runner.sampling_params import SamplingParams
 
@@ -15,6 +16,8 @@ class RequestState:
     block_ids: tuple[list[int], ...]  # per KV-cache group: physical block ids in logical order
     num_computed_tokens: int  # tokens with KV in the cache before the current step
     output_token_ids: list[int] = field(default_factory=list)  # tokens sampled so far
+    grammar: Any = None  # structured outputs: its xgrammar matcher (None: not built yet; False: abandoned)
+    grammar_accepted: int = 0  # output tokens the matcher has accepted
 
     @property
     def num_tokens(self) -> int:

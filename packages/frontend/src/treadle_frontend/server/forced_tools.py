@@ -1,0 +1,68 @@
+"""A forced tool call on /v1/chat/completions: `tool_choice` "required" or a named function, as OpenAI defines
+them, done as vLLM does: decoding is constrained to JSON (structured outputs, without whitespace between its
+tokens, which a call's arguments do not need and which a model could otherwise repeat without end) and that
+JSON becomes the calls.
+
+- named (`{"type": "function", "function": {"name": N}}`): the reply is N's arguments, a JSON value of its
+  `parameters` schema; one call, finish_reason "stop" (OpenAI's for a forced function);
+- "required": the reply is a JSON array of one or more `{"name", "parameters"}` objects, each naming a tool and
+  matching its schema; one call per item, finish_reason "tool_calls".
+`ForcedToolCalls` streams nothing until the reply ends, then every call at once (the JSON is never content).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.reply import Piece
+from treadle_frontend.server.tool_calls import ToolCall
+
+
+def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[dict[str, Any], str | None]:
+    """(the JSON schema the reply must follow, the forced function's name or None for "required")."""
+    functions = {}
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"tools[{i}].function.name: every tool needs a function name", param="tools")
+        functions[fn["name"]] = fn.get("parameters") or {"type": "object"}
+    if not functions:
+        raise APIError(400, "tool_choice: forcing a tool call needs tools", param="tool_choice")
+    if tool_choice == "required":
+        variants = [{"type": "object", "properties": {"name": {"enum": [name]}, "parameters": schema},
+                     "required": ["name", "parameters"]} for name, schema in functions.items()]  # fmt: skip
+        return {"type": "array", "minItems": 1, "items": {"anyOf": variants}}, None
+    name = (tool_choice.get("function") or {}).get("name")
+    if name not in functions:
+        raise APIError(400, f"tool_choice: no tool named {name!r} in tools", param="tool_choice")
+    return functions[name], name
+
+
+def forced_calls(text: str, name: str | None) -> list[ToolCall]:
+    """The calls a constrained reply holds (none when it was cut short and does not parse)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    if name is not None:
+        return [ToolCall(name, json.dumps(value, ensure_ascii=False))]
+    return [ToolCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in value]
+
+
+class ForcedToolCalls:
+    """The streaming side: holds the reply, releases its calls when it ends."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.text = ""
+        self.num_calls = 0
+
+    def feed(self, text: str, final: bool = False) -> Piece:
+        self.text += text
+        if not final:
+            return Piece()
+        calls = forced_calls(self.text, self.name)
+        self.num_calls = len(calls)
+        return Piece(calls=calls, content="" if calls else self.text)

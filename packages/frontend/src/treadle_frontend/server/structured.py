@@ -1,0 +1,69 @@
+"""A request's structured-output constraint, from any of the ways OpenAI and vLLM clients ask for one.
+
+`response_format` (OpenAI: `json_object`, or `json_schema` with its `schema`), vLLM's `structured_outputs`
+object (`json`, `regex`, `choice`, `grammar`, `json_object`) and vLLM's older `guided_json`, `guided_regex`,
+`guided_choice` and `guided_grammar` fields all become one StructuredOutputsParams; more than one of them is a
+400, and so is a schema, regex or grammar that does not compile (the message names the field). The engine then
+masks every step's logits to what the constraint allows (treadle_model_runner.runner.structured).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treadle_frontend.server.errors import APIError
+from treadle_model_runner.structured_outputs import KINDS, StructuredOutputsParams
+
+OPTIONS = (*KINDS, "disable_any_whitespace")
+GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
+def structured_outputs(body: Any, has_tokenizer: bool) -> StructuredOutputsParams | None:
+    asked: list[tuple[str, dict[str, Any]]] = []  # (the field as sent, StructuredOutputsParams fields)
+    fmt = getattr(body, "response_format", None)
+    if fmt and fmt.get("type") not in (None, "text"):
+        asked.append(("response_format", _from_response_format(fmt)))
+    so = getattr(body, "structured_outputs", None)
+    if so:
+        unknown = sorted(k for k, v in so.items() if k not in OPTIONS and v not in (None, False))
+        if unknown:
+            raise APIError(400, f"structured_outputs: {', '.join(unknown)} not supported; use one of "
+                                f"{', '.join(KINDS)}", param="structured_outputs")  # fmt: skip
+        asked.append(("structured_outputs", {k: v for k, v in so.items() if k in OPTIONS}))
+    for name, kind in GUIDED.items():
+        if getattr(body, name, None) is not None:
+            asked.append((name, {kind: getattr(body, name)}))
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise APIError(400, f"ask for one structured output, not {' and '.join(n for n, _ in asked)}",
+                       param=asked[1][0])  # fmt: skip
+    name, fields = asked[0]
+    if not has_tokenizer:
+        raise APIError(400, f"{name}: structured outputs need the model's tokenizer", param=name)
+    try:
+        params = StructuredOutputsParams(**fields)
+        params.build()  # compiles the schema / regex / grammar: a bad one is this request's 400
+    except (TypeError, ValueError) as e:  # "structured_outputs.<kind>: why" -> "<field as sent>: why"
+        raise APIError(400, f"{name}: {str(e).split(': ', 1)[-1]}", param=name) from None
+    return params
+
+
+def _from_response_format(fmt: dict[str, Any]) -> dict[str, Any]:
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema: a JSON schema object is required",
+                           param="response_format")  # fmt: skip
+        return {"json": schema}
+    raise APIError(
+        400, f"response_format {kind!r}: one of text, json_object, json_schema", param="response_format"
+    )

@@ -1,0 +1,99 @@
+"""The runner's structured outputs: per request, an xgrammar matcher that follows its sampled tokens, and each
+step's logits masked to what the grammar allows next.
+
+The vocabulary comes from the model's tokenizer, loaded on the first structured request (`compile`, which
+`EngineCore.add_request` calls, so an invalid grammar or a model without a tokenizer fails that request alone
+with a ValueError). Compiled grammars are cached by their `key()`. A request's matcher lives in its
+RequestState: it is built on the request's first sampling step and replays the outputs the request already has
+(a preempted request is re-sent in full and starts a new state), then accepts each new output token before the
+step masks its row. Requests with structured outputs need their tokens on the host every step
+(`SamplingParams.needs_host_tokens`), so no output is a placeholder here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from treadle_model_runner.runner.request_state import RequestState
+from treadle_model_runner.structured_outputs import StructuredOutputsParams, import_xgrammar
+
+logger = logging.getLogger(__name__)
+
+
+class StructuredOutputs:
+    def __init__(self, tokenizer_path: Path, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self._compiler: Any = None
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()  # add_request (engine thread) and the step (worker thread) both compile
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """The compiled grammar (cached); ValueError when it is invalid or the model has no tokenizer."""
+        key = params.key()
+        with self._lock:
+            if key not in self._cache:
+                grammar = params.build()  # ValueError naming the constraint
+                self._cache[key] = self._require_compiler().compile_grammar(grammar)
+            return self._cache[key]
+
+    def _require_compiler(self) -> Any:
+        if self._compiler is None:
+            xgr = import_xgrammar()
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_path), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"structured outputs need the model's tokenizer ({self.tokenizer_path}): {e}"
+                ) from None
+            info = xgr.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids or None
+            )
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+    def mask(self, states: Sequence[RequestState], logits: torch.Tensor) -> None:
+        """Mask `logits` [S, V] in place: row j to what request `states[j]`'s grammar allows next (other rows
+        untouched)."""
+        xgr = import_xgrammar()
+        rows = [j for j, s in enumerate(states) if s.sampling_params.structured_outputs is not None]
+        if not rows:
+            return
+        bitmask = xgr.allocate_token_bitmask(len(states), self.vocab_size)  # all allowed
+        for j in rows:
+            matcher = self._advance(states[j])
+            if matcher is not None:
+                matcher.fill_next_token_bitmask(bitmask, j)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+    def _advance(self, state: RequestState) -> Any:
+        """The request's matcher, after it accepted every output token so far (None once it went astray)."""
+        if state.grammar is False:
+            return None
+        if state.grammar is None:
+            params = state.sampling_params.structured_outputs
+            assert params is not None
+            state.grammar = import_xgrammar().GrammarMatcher(self.compile(params))
+            state.grammar_accepted = 0
+        matcher = state.grammar
+        while state.grammar_accepted < len(state.output_token_ids):
+            token = state.output_token_ids[state.grammar_accepted]
+            state.grammar_accepted += 1
+            if matcher.is_terminated():
+                continue  # tokens past the grammar's end (ignore_eos): nothing left to constrain
+            if not matcher.accept_token(token):
+                logger.warning(
+                    "request %s: token %d is outside its grammar; no longer constrained", state.req_id, token
+                )
+                state.grammar = False
+                return None
+        return None if state.grammar is False else matcher

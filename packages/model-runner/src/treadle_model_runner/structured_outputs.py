@@ -1,0 +1,84 @@
+"""Structured outputs: a request's reply constrained to a JSON schema, any JSON object, a regex, one of a list of
+strings, or an EBNF grammar (vLLM's `StructuredOutputsParams`; `SamplingParams.structured_outputs`).
+
+Exactly one constraint is set. A JSON schema is kept as JSON text, so the params travel between processes as
+plain data. `build()` makes the xgrammar Grammar and raises ValueError naming the constraint when it is
+invalid; `key()` identifies the compiled grammar for caching. The runner masks each step's logits to the tokens
+the grammar allows (runner/structured.py), so a reply always parses, and once the grammar is complete only an
+end-of-sequence token may follow.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    json: str | None = None  # a JSON schema (JSON text; a dict is serialised at creation)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None  # the reply is exactly one of these strings
+    grammar: str | None = None  # an EBNF grammar (xgrammar's dialect, GBNF-like, root rule `root`)
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens (vLLM's option)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = jsonlib.dumps(self.json)
+        set_ = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        if len(set_) != 1:
+            raise ValueError(
+                f"structured_outputs: set exactly one of {', '.join(KINDS)}; got {set_ or 'none'}"
+            )
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice: a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        value = getattr(self, self.kind)
+        text = jsonlib.dumps(value) if isinstance(value, (list, bool)) else str(value)
+        return self.kind, text + (" compact" if self.disable_any_whitespace else "")
+
+    def build(self) -> Any:
+        """The xgrammar Grammar; ValueError naming the constraint when it is invalid."""
+        xgr = import_xgrammar()
+        kind = self.kind
+        try:
+            spaces = not self.disable_any_whitespace
+            if kind == "json":
+                return xgr.Grammar.from_json_schema(self.json, any_whitespace=spaces)
+            if kind == "json_object":
+                if spaces:
+                    return xgr.Grammar.builtin_json_grammar()
+                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+            if kind == "regex":
+                return xgr.Grammar.from_regex(self.regex)
+            if kind == "choice":
+                assert self.choice is not None
+                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(jsonlib.dumps(c) for c in self.choice))
+            return xgr.Grammar.from_ebnf(self.grammar)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"structured_outputs.{kind}: {_first_line(e)}") from None
+
+
+def import_xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:  # pragma: no cover - xgrammar is a dependency; a broken install is named
+        raise ValueError(f"structured outputs need the xgrammar package ({e})") from None
+    return xgrammar
+
+
+def _first_line(e: Exception) -> str:
+    """xgrammar's message without its C++ source location prefix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text

@@ -1,0 +1,89 @@
+"""StructuredOutputsParams (the constraint a request carries) and the runner's grammar masks on CPU.
+
+The masks are checked against the real embedded model's tokenizer (SmolLM2): after each token of a valid JSON
+text only tokens the grammar allows stay finite, EOS is the only token once the value is complete, and the
+masked greedy choice of random logits always keeps the text a valid prefix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from treadle_model_runner import SamplingParams
+from treadle_model_runner.runner.request_state import RequestState
+from treadle_model_runner.runner.structured import StructuredOutputs
+from treadle_model_runner.structured_outputs import StructuredOutputsParams as S
+
+
+def test_exactly_one_constraint_and_named_errors() -> None:
+    with pytest.raises(ValueError, match="set exactly one of"):
+        S()
+    with pytest.raises(ValueError, match="set exactly one of"):
+        S(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="choice: a non-empty list"):
+        S(choice=[])
+    with pytest.raises(ValueError, match=r"structured_outputs\.json: Unsupported type"):
+        S(json={"type": "nonsense"}).build()
+    with pytest.raises(ValueError, match=r"structured_outputs\.regex: Regex parsing error"):
+        S(regex="(ab").build()
+    assert S(json={"type": "object"}).json == '{"type": "object"}' and S(choice=["a", "b"]).kind == "choice"
+    assert S(json_object=True).key() != S(json_object=True, disable_any_whitespace=True).key()
+
+
+def test_sampling_params_take_a_dict_and_keep_tokens_on_the_host() -> None:
+    params = SamplingParams(structured_outputs={"regex": "[0-9]+"})  # type: ignore[arg-type]
+    assert isinstance(params.structured_outputs, S) and params.needs_host_tokens
+    assert params.clone().structured_outputs == params.structured_outputs
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[StructuredOutputs, object]:
+    from transformers import AutoTokenizer
+
+    from treadle_model_runner.loader import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return StructuredOutputs(path, 49152, {tokenizer.eos_token_id}), tokenizer
+
+
+def _state(so: S, outputs: list[int]) -> RequestState:
+    return RequestState("r", [1, 2], SamplingParams(structured_outputs=so), ([],), 2, list(outputs))
+
+
+def test_masks_follow_a_json_value(smollm2: tuple[StructuredOutputs, object]) -> None:
+    structured, tokenizer = smollm2
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    text_ids = tokenizer.encode('{"n": 42}', add_special_tokens=False)  # type: ignore[attr-defined]
+    state = _state(S(json=schema), [])
+    plain = RequestState("p", [1], SamplingParams(), ([],), 1)
+    for i, token in enumerate(text_ids):
+        logits = torch.zeros(2, 49152)
+        structured.mask([state, plain], logits)
+        assert torch.isfinite(logits[0, token]), (i, token)  # the next token of a valid text is allowed
+        assert torch.isfinite(logits[1]).all()  # an unconstrained row is untouched
+        assert int(torch.isfinite(logits[0]).sum()) < 49152
+        state.output_token_ids.append(token)
+    logits = torch.zeros(1, 49152)
+    structured.mask([state], logits)
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [tokenizer.eos_token_id]  # type: ignore[attr-defined]
+
+
+def test_masked_random_choices_stay_valid(smollm2: tuple[StructuredOutputs, object]) -> None:
+    structured, tokenizer = smollm2
+    gen = torch.Generator().manual_seed(0)
+    state = _state(
+        S(json={"type": "array", "items": {"type": "boolean"}, "maxItems": 3}, disable_any_whitespace=True),
+        [],
+    )
+    for _ in range(40):
+        logits = torch.randn(1, 49152, generator=gen)
+        structured.mask([state], logits)
+        token = int(logits[0].argmax())
+        if token == tokenizer.eos_token_id:  # type: ignore[attr-defined]
+            break
+        state.output_token_ids.append(token)
+    value = json.loads(tokenizer.decode(state.output_token_ids))  # type: ignore[attr-defined]
+    assert isinstance(value, list) and len(value) <= 3 and all(isinstance(v, bool) for v in value)
