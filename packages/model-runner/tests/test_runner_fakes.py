@@ -128,15 +128,19 @@ class FakeScheduler:
     def run(self, budget: int, max_seqs: int = 64) -> dict[str, list[int]]:
         """Schedule like the engine until every request is done; returns req_id -> generated tokens."""
         while self.requests:
-            plan: dict[str, int] = {}
-            left = budget
-            for req in list(self.requests.values())[:max_seqs]:
-                n = min(req.num_tokens - req.num_computed, left)
-                if n > 0:
-                    plan[req.req_id] = n
-                    left -= n
-            self.step(plan)
+            self.run_step(budget, max_seqs)
         return self.done_outputs
+
+    def run_step(self, budget: int, max_seqs: int = 64) -> None:
+        """One step as the engine would schedule it: every unfinished request's next tokens, within the budget."""
+        plan: dict[str, int] = {}
+        left = budget
+        for req in list(self.requests.values())[:max_seqs]:
+            n = min(req.num_tokens - req.num_computed, left)
+            if n > 0:
+                plan[req.req_id] = n
+                left -= n
+        self.step(plan)
 
 
 def save_tiny_model(hf_model: Any, path: Path) -> Path:

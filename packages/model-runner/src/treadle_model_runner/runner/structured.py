@@ -71,9 +71,21 @@ class StructuredOutputs:
         bitmask = xgr.allocate_token_bitmask(len(states), self.vocab_size)  # all allowed
         for j in rows:
             matcher = self._advance(states[j])
-            if matcher is not None:
+            if matcher is None:
+                continue
+            if matcher.is_terminated():  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
+                self._only_eos(bitmask[j])
+            else:
                 matcher.fill_next_token_bitmask(bitmask, j)
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+    def _only_eos(self, row: torch.Tensor) -> None:
+        """A bitmask row (int32 words, bit t % 32 of word t // 32) allowing only the EOS tokens."""
+        row.zero_()
+        for t in self.eos_token_ids:
+            if 0 <= t < self.vocab_size:
+                word = int(row[t // 32]) | (1 << (t % 32))
+                row[t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # as a signed 32-bit value
 
     def _advance(self, state: RequestState) -> Any:
         """The request's matcher, after it accepted every output token so far (None once it went astray)."""
