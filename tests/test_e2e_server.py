@@ -366,6 +366,38 @@ def test_forced_tool_calls_through_the_real_engine(oai: openai.OpenAI, stream: b
             assert [fn.name for fn in got] == ["get_weather"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_use_on_messages(real_server: RealServer, stream: bool) -> None:
+    """Anthropic's tool_choice any / tool: the random model's reply is only well-formed tool_use blocks."""
+    client = anthropic.Anthropic(base_url=real_server.url, api_key=API_KEY, max_retries=0)
+    weather = {
+        "name": "get_weather",
+        "input_schema": {
+            "type": "object",
+            "properties": {"unit": {"enum": ["C", "F"]}},
+            "required": ["unit"],
+            "additionalProperties": False,
+        },
+    }
+    clock = {
+        "name": "get_time",
+        "input_schema": {"type": "object", "properties": {}, "additionalProperties": False},
+    }
+    for choice in ({"type": "tool", "name": "get_weather"}, {"type": "any"}):  # fmt: skip
+        kw: dict[str, Any] = dict(model=MODEL_NAME, max_tokens=200, tools=[weather, clock], tool_choice=choice,
+                                  messages=[{"role": "user", "content": "Weather?"}])  # fmt: skip
+        if stream:
+            with client.messages.stream(**kw) as s:
+                m = s.get_final_message()
+        else:
+            m = client.messages.create(**kw)
+        assert m.stop_reason == "tool_use" and m.content and all(b.type == "tool_use" for b in m.content), m
+        for b in m.content:
+            assert b.input == {} if b.name == "get_time" else b.input["unit"] in ("C", "F")
+        if choice["type"] == "tool":
+            assert [b.name for b in m.content] == ["get_weather"]
+
+
 def test_structured_output_errors_leave_the_engine_serving(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="Unsupported type"):
         oai.chat.completions.create(

@@ -94,7 +94,8 @@ def test_tool_choice_none_replies_with_text(client: anthropic.Anthropic) -> None
 
 BAD = [
     ({"tools": [{"name": "f"}]}, "tools.0.input_schema"),
-    ({"tool_choice": {"type": "tool", "name": "get_weather"}}, "tool_choice: 'tool' forces a tool call"),
+    ({"tool_choice": {"type": "tool", "name": "get_time"}}, "tool_choice: no tool named 'get_time' in tools"),
+    ({"tool_choice": {"type": "required"}}, "tool_choice: 'required' is not one of auto, none, any, tool"),
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "1"}]}]},
      "messages.0.content[0]: content blocks of type 'tool_result' are not supported in a assistant turn"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": [{"type": "image"}]}]}]},

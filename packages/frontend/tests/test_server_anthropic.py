@@ -80,7 +80,7 @@ def test_raw_stream_has_named_events(fake_server: Any) -> None:
 
 BAD_MESSAGES = [
     ("tools", {"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools: tool use needs the server started with --enable-auto-tool-choice"),
-    ("tool_choice_any", {"tool_choice": {"type": "any"}}, "tool_choice: 'any' forces a tool call"),
+    ("tool_choice_any", {"tool_choice": {"type": "any"}}, "tool_choice: forcing a tool call needs tools"),
     ("thinking", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking: extended thinking"),
     ("temperature_5", {"temperature": 5}, "temperature: must be in [0, 1]"),
     ("max_tokens_bool", {"max_tokens": True}, "max_tokens"),

@@ -8,8 +8,8 @@ message_start goes out with the engine's first output (which knows the prefix-ca
 is an `event: error`. There is no [DONE].
 usage follows Anthropic: input_tokens excludes the prompt tokens read from the prefix cache
 (cache_read_input_tokens); the two add up to the prompt. Tool use (messages_tools.py) needs the server's
-`--enable-auto-tool-choice --tool-call-parser hermes`; without them `tools` are a 400, and so is a forced
-`tool_choice` (any / tool) always, rather than ignored. With `--reasoning-parser` the `<think>` block is a
+`--enable-auto-tool-choice --tool-call-parser hermes`; without them `tools` are a 400 unless `tool_choice`
+forces a call (any / tool: constrained decoding, no flag needed), rather than ignored. With `--reasoning-parser` the `<think>` block is a
 `thinking` block first (empty signature; `thinking.budget_tokens` is not enforced beyond max_tokens), thinking
 blocks sent back in the history are dropped, as Anthropic drops them from earlier turns; without a reasoning
 parser, enabled `thinking` is a 400.
@@ -17,6 +17,7 @@ parser, enabled `thinking` is a 400.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,10 +26,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from treadle_frontend.server.common import ServerState, collect_all, new_id, sse_event, until_disconnect
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.messages_tools import BlockStream, chat_turns, openai_tools, tool_use_block
+from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls
+from treadle_frontend.server.messages_tools import (
+    BlockStream,
+    chat_turns,
+    forced_choice,
+    openai_tools,
+    tool_use_block,
+)
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 
 def _block_text(content: Any, where: str) -> str:
@@ -78,12 +87,12 @@ THINKING_BLOCKS = ("thinking", "redacted_thinking")
 
 def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool, reasoning_on: bool) -> None:
     """Reject what the server cannot honour instead of silently replying with plain text."""
-    if body.tools and not tools_on:
+    kind = (body.tool_choice or {}).get("type")
+    if kind not in (None, "auto", "none", "any", "tool"):
+        raise APIError(400, f"tool_choice: {kind!r} is not one of auto, none, any, tool")
+    if body.tools and not tools_on and kind not in ("any", "tool"):
         raise APIError(400, "tools: tool use needs the server started with --enable-auto-tool-choice "
-                            "--tool-call-parser hermes")  # fmt: skip
-    if body.tool_choice and body.tool_choice.get("type") not in (None, "auto", "none"):
-        raise APIError(400, f"tool_choice: {body.tool_choice.get('type')!r} forces a tool call, which is not "
-                            "supported (use auto)")  # fmt: skip
+                            "--tool-call-parser hermes (or a tool_choice that forces a call)")  # fmt: skip
     if body.thinking and body.thinking.get("type") == "enabled" and not reasoning_on:
         raise APIError(400, "thinking: extended thinking needs the server started with --reasoning-parser")
     if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
@@ -133,7 +142,8 @@ class MessagesHandler:
             raise APIError(400, f"max_tokens: must be >= 1, got {body.max_tokens}")
         rp = st.config.reasoning_parser
         check_unsupported(body, st.config.enable_auto_tool_choice, rp is not None)
-        tools = bool(st.config.enable_auto_tool_choice and body.tools and
+        forced = forced_choice(body.tools, body.tool_choice)
+        tools = bool(st.config.enable_auto_tool_choice and body.tools and forced is None and
                      (body.tool_choice or {}).get("type") != "none")  # fmt: skip
         text, ids = self._encode(body)
         values = st.llm.input_processor.default_sampling_fields()
@@ -142,6 +152,10 @@ class MessagesHandler:
             if v is not None:
                 values[name] = v
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+        if forced is not None:  # decoding constrained to the calls' JSON
+            values["structured_outputs"] = StructuredOutputsParams(
+                json=json.dumps(forced[0]), disable_any_whitespace=True
+            )
         params = SamplingParams(
             max_tokens=body.max_tokens, stop=list(body.stop_sequences or []), output_kind=kind, **values
         )
@@ -149,12 +163,14 @@ class MessagesHandler:
         mid = new_id("msg_")
         gen = st.llm.generate(text, params, mid, prompt_token_ids=ids)
         if body.stream:
-            stream = self._stream(mid, len(ids), gen, tools)
+            stream = self._stream(mid, len(ids), gen, tools, forced)
             return StreamingResponse(stream, media_type="text/event-stream")
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)
         reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
+        if forced is not None and (calls := forced_calls(c.text, forced[1])):
+            reasoning, content = None, None
         blocks: list[dict[str, Any]] = (
             [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
         )
@@ -173,7 +189,9 @@ class MessagesHandler:
             }
         )
 
-    def _opening(self, mid: str, num_input: int, num_cached: int, blocks: BlockStream) -> list[str]:
+    def _opening(
+        self, mid: str, num_input: int, num_cached: int, blocks: BlockStream, on_demand: bool
+    ) -> list[str]:
         message: dict[str, Any] = {
             "id": mid,
             "type": "message",
@@ -184,24 +202,27 @@ class MessagesHandler:
             "stop_sequence": None,
             "usage": usage(num_input, num_cached, 0),
         }
-        opening = [] if self.state.config.reasoning_parser else blocks.start_text()  # else: blocks on demand
+        opening = [] if on_demand else blocks.start_text()  # a reasoning parser or a forced call: on demand
         return [sse_event("message_start", {"type": "message_start", "message": message}), *opening]
 
     async def _stream(
-        self, mid: str, num_input: int, gen: AsyncIterator[Any], tools: bool
+        self, mid: str, num_input: int, gen: AsyncIterator[Any], tools: bool, forced: Any
     ) -> AsyncIterator[str]:
         """message_start waits for the engine's first output, which knows the prompt's prefix-cache hits."""
         num_output, num_cached = 0, 0
         reason, seq = "end_turn", None
         blocks = BlockStream()
         rp = self.state.config.reasoning_parser
-        parser = ReplyParser(rp, tools) if rp or tools else None
+        parser: ReplyParser | ForcedToolCalls | None = ReplyParser(rp, tools) if rp or tools else None
+        if forced is not None:
+            parser = ForcedToolCalls(forced[1])
+        on_demand = rp is not None or forced is not None
         started = False
         try:
             async for out in gen:
                 if not started:
                     num_cached, started = out.num_cached_tokens or 0, True
-                    for event in self._opening(mid, num_input, num_cached, blocks):
+                    for event in self._opening(mid, num_input, num_cached, blocks, on_demand):
                         yield event
                 c = out.outputs[0]
                 num_output += len(c.token_ids)
@@ -220,7 +241,7 @@ class MessagesHandler:
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         if not started:  # the stream ended without an output (not expected from the engine)
-            for event in self._opening(mid, num_input, 0, blocks):
+            for event in self._opening(mid, num_input, 0, blocks, on_demand):
                 yield event
         if blocks.index < 0:  # a reply with no block at all (an empty reply under a reasoning parser)
             for event in blocks.start_text():

@@ -6,7 +6,8 @@ assistant turn's `tool_use` blocks become its `tool_calls` (arguments as objects
 `--enable-auto-tool-choice --tool-call-parser hermes`): the calls the reply writes become `tool_use` blocks after
 its text, with stop_reason "tool_use"; streamed, each call is a block of its own (content_block_start with empty
 `input`, one `input_json_delta` holding the whole arguments, content_block_stop), text after a call opens a new
-text block, and block indexes count up from 0.
+text block, and block indexes count up from 0. A forced `tool_choice` (`any`, or `tool` with its name) needs no
+flag: decoding is constrained to the calls' JSON (forced_tools.py) and the reply is only tool_use blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from treadle_frontend.server.common import sse_event
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.forced_tools import forced_schema
 from treadle_frontend.server.tool_calls import ToolCall
 
 
@@ -32,6 +34,18 @@ def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fn = {"name": name, "description": tool.get("description", ""), "parameters": schema}
         out.append({"type": "function", "function": fn})
     return out
+
+
+def forced_choice(tools: list[dict[str, Any]] | None, tool_choice: dict[str, Any] | None) -> Any:
+    """(the JSON schema the reply must follow, the tool's name or None for `any`), or None when not forced."""
+    kind = (tool_choice or {}).get("type")
+    if kind not in ("any", "tool"):
+        return None
+    assert tool_choice is not None
+    choice = (
+        "required" if kind == "any" else {"type": "function", "function": {"name": tool_choice.get("name")}}
+    )
+    return forced_schema(openai_tools(tools or []), choice)
 
 
 def _text_of(block: Any, where: str) -> str:
