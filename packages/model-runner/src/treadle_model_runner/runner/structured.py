@@ -108,4 +108,4 @@ class StructuredOutputs:
                 )
                 state.grammar = False
                 return None
-        return None if state.grammar is False else matcher
+        return matcher
