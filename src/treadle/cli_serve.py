@@ -67,7 +67,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="return the tool calls replies write as tool_calls (with --tool-call-parser)",
     )
     p.add_argument(
-        "--tool-call-parser", choices=["hermes"], default=None, help="how replies write tool calls"
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json"],
+        default=None,
+        help="how replies write tool calls",
     )
     p.add_argument(
         "--reasoning-parser",

@@ -15,7 +15,7 @@ import pytest
 from frontend_helpers import start_fake_server
 
 from treadle_frontend.server import ServerConfig
-from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply, template_messages
+from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply, template_messages, tool_stream
 
 WEATHER = {
     "type": "function",
@@ -71,7 +71,8 @@ def test_streamed_in_any_pieces_equals_whole(text: str) -> None:
             piece, new = stream.feed(text[a:b])
             content += piece
             calls += new
-        content += stream.finish()
+        rest, more = stream.finish()
+        content, calls = content + rest, calls + more
         assert _summary(content or None if calls else content, calls) == whole, cuts
 
 
@@ -159,3 +160,65 @@ def test_text_when_tools_are_off(tool_server: Any, fake_server: Any, tool_choice
         fake_server.engine.script = None
     assert done.choices[0].message.content == REPLY and not done.choices[0].message.tool_calls
     assert done.choices[0].finish_reason == "stop"
+
+
+LLAMA_CALLS = (
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "f", "parameters": {}}'
+)
+LLAMA_CASES = [
+    (LLAMA_CALLS, None, [("get_weather", {"city": "Paris"}), ("f", {})]),
+    (' {"name": "f", "arguments": {"x": 1}}', None, [("f", {"x": 1})]),
+    ('Sure: {"name": "f", "parameters": {}}', 'Sure: {"name": "f", "parameters": {}}', []),
+    ('{"not": "a call"}', '{"not": "a call"}', []),
+    ('{"name": "f", "parameters": {}} trailing words', '{"name": "f", "parameters": {}} trailing words', []),
+    ("<|python", "<|python", []),
+]
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), LLAMA_CASES)
+def test_llama3_json_in_any_pieces(text: str, content: str | None, calls: list[Any]) -> None:
+    from treadle_frontend.server.reply import parse_whole
+
+    assert _summary(*parse_whole(text, None, "llama3_json")[1:]) == (content, calls)
+    for cut in range(len(text) + 1):
+        stream = tool_stream("llama3_json")
+        first, got = stream.feed(text[:cut])
+        second, more = stream.feed(text[cut:])
+        rest, last = stream.finish()
+        joined = first + second + rest
+        assert _summary(joined or (None if got + more + last else joined), got + more + last) == (
+            content,
+            calls,
+        )
+
+
+@pytest.fixture(scope="module")
+def llama_server(tokenizer: Any) -> Iterator[Any]:
+    options = {"enable_auto_tool_choice": True, "tool_call_parser": "llama3_json"}
+    server, handle = start_fake_server(tokenizer, server_options=options)
+    text = LLAMA_CALLS.removeprefix("<|python_tag|>")  # a special token: skipped in the reply's text anyway
+    handle.engine.script = tokenizer.encode(text, add_special_tokens=False)
+    with server:
+        yield handle
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_llama3_json_tool_calls(llama_server: Any, stream: bool) -> None:
+    kw: dict[str, Any] = dict(
+        model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER]
+    )
+    if stream:
+        calls, finish = {}, []
+        for chunk in _client(llama_server).chat.completions.create(stream=True, **kw):
+            for ch in chunk.choices:
+                assert not ch.delta.content  # the JSON never leaks as text
+                for tc in ch.delta.tool_calls or []:
+                    calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments or ""))
+                finish += [ch.finish_reason] if ch.finish_reason else []
+        got = [calls[i] for i in sorted(calls)]
+    else:
+        choice = _client(llama_server).chat.completions.create(**kw).choices[0]
+        assert choice.message.content is None
+        got = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
+        finish = [choice.finish_reason]
+    assert got == [("get_weather", {"city": "Paris"}), ("f", {})] and finish == ["tool_calls"]

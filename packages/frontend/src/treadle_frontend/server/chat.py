@@ -116,7 +116,8 @@ class ChatHandler:
             )  # compact JSON
             params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
-        tools = bool(st.config.enable_auto_tool_choice and body.tools and choice != "none")
+        on = st.config.enable_auto_tool_choice and body.tools and choice != "none"
+        tools = st.config.tool_call_parser if on else None  # the parser that reads the reply's calls
         kwargs = dict(body.chat_template_kwargs or {})
         if body.tools:
             kwargs["tools"] = body.tools
@@ -145,7 +146,7 @@ class ChatHandler:
         created: int,
         body: ChatCompletionRequest,
         out: RequestOutput,
-        tools: bool,
+        tools: str | None,
         forced: tuple[Any, str | None] | None,
     ) -> dict[str, Any]:
         rp = self.state.config.reasoning_parser
@@ -195,7 +196,7 @@ class ChatHandler:
         body: ChatCompletionRequest,
         prompt_ids: list[int],
         gen: AsyncIterator[RequestOutput],
-        tools: bool,
+        tools: str | None,
         forced: tuple[Any, str | None] | None,
     ) -> AsyncIterator[str]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -143,8 +143,9 @@ class MessagesHandler:
         rp = st.config.reasoning_parser
         check_unsupported(body, st.config.enable_auto_tool_choice, rp is not None)
         forced = forced_choice(body.tools, body.tool_choice)
-        tools = bool(st.config.enable_auto_tool_choice and body.tools and forced is None and
-                     (body.tool_choice or {}).get("type") != "none")  # fmt: skip
+        on = st.config.enable_auto_tool_choice and body.tools and forced is None and \
+            (body.tool_choice or {}).get("type") != "none"  # fmt: skip
+        tools = st.config.tool_call_parser if on else None  # the parser that reads the reply's calls
         text, ids = self._encode(body)
         values = st.llm.input_processor.default_sampling_fields()
         for name in ("temperature", "top_p", "top_k"):
@@ -206,7 +207,7 @@ class MessagesHandler:
         return [sse_event("message_start", {"type": "message_start", "message": message}), *opening]
 
     async def _stream(
-        self, mid: str, num_input: int, gen: AsyncIterator[Any], tools: bool, forced: Any
+        self, mid: str, num_input: int, gen: AsyncIterator[Any], tools: str | None, forced: Any
     ) -> AsyncIterator[str]:
         """message_start waits for the engine's first output, which knows the prompt's prefix-cache hits."""
         num_output, num_cached = 0, 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from treadle_frontend.server.tool_calls import ToolCall, ToolCallStream
+from treadle_frontend.server.tool_calls import ToolCall, tool_stream
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
@@ -99,9 +99,9 @@ class Piece:
 class ReplyParser:
     """Reasoning first (when a reasoning parser is on), then tool calls in the content (when tools are on)."""
 
-    def __init__(self, reasoning_parser: str | None, tools: bool) -> None:
+    def __init__(self, reasoning_parser: str | None, tool_parser: str | None) -> None:
         self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
-        self.tools = ToolCallStream() if tools else None
+        self.tools = tool_stream(tool_parser) if tool_parser else None
 
     @property
     def num_calls(self) -> int:
@@ -116,15 +116,16 @@ class ReplyParser:
         if self.tools:
             piece.content, piece.calls = self.tools.feed(content)
             if final:
-                piece.content += self.tools.finish()
+                rest, more = self.tools.finish()
+                piece.content, piece.calls = piece.content + rest, piece.calls + more
         return piece
 
 
 def parse_whole(
-    text: str, reasoning_parser: str | None, tools: bool
+    text: str, reasoning_parser: str | None, tool_parser: str | None
 ) -> tuple[str | None, str | None, list[ToolCall]]:
     """A finished reply's (reasoning or None, content or None where calls or reasoning stand alone, calls)."""
-    piece = ReplyParser(reasoning_parser, tools).feed(text, final=True)
+    piece = ReplyParser(reasoning_parser, tool_parser).feed(text, final=True)
     reasoning = (piece.reasoning or None) if reasoning_parser else None
     content: str | None = piece.content
     if not content and (piece.calls or reasoning is not None):

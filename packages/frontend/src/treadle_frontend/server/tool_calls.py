@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-PARSERS = ("hermes",)
+PARSERS = ("hermes", "llama3_json")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -88,13 +88,13 @@ class ToolCallStream:
         self.num_calls += len(calls)
         return self._release("".join(pieces)), calls
 
-    def finish(self) -> str:
-        """The content left when the reply ends (an unclosed block as text)."""
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The content left when the reply ends (an unclosed block as text); no call is left by then."""
         rest, self._buf = self._buf, ""
         text = self._release(rest)
         if self._space and not self.num_calls:
             text, self._space = text + self._space, ""
-        return text
+        return text, []
 
     def _release(self, text: str) -> str:
         """`text` after any whitespace held before it, less its own trailing whitespace (held in turn)."""
@@ -104,11 +104,70 @@ class ToolCallStream:
         return kept
 
 
+class Llama3JsonStream:
+    """The llama3_json format (Llama 3.1-3.3's tool prompt): a reply that opens with a JSON object (after an
+    optional `<|python_tag|>`) is its calls, `{"name": ..., "parameters": {...}}` each, several separated by
+    ";". Such a reply is held whole and parsed when it ends (text that does not parse is released as it was);
+    any other reply is text, streamed as it comes."""
+
+    TAG = "<|python_tag|>"
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._mode: str | None = None  # "text" or "calls", once the reply's opening decides it
+        self.num_calls = 0
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        if self._mode == "text":
+            return text, []
+        self._buf += text
+        head = self._buf.lstrip()
+        if self._mode is None:
+            if head.startswith(("{", self.TAG)):
+                self._mode = "calls"
+            elif head and not self.TAG.startswith(head):
+                self._mode, rest, self._buf = "text", self._buf, ""
+                return rest, []
+        return "", []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(the held text, if it is not calls; the calls, if it is)."""
+        text, self._buf = self._buf, ""
+        if self._mode != "calls":
+            return text, []
+        calls = _json_calls(text.strip().removeprefix(self.TAG))
+        self.num_calls = len(calls)
+        return ("", calls) if calls else (text, [])
+
+
+def _json_calls(text: str) -> list[ToolCall]:
+    """`{...}; {...}` as calls, or none at all when any part is not a call."""
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(text):
+        try:
+            obj, end = decoder.raw_decode(text, at)
+        except ValueError:
+            return []
+        call = parse_call(json.dumps(obj)) if isinstance(obj, dict) else None
+        if call is None:
+            return []
+        calls.append(call)
+        at = end
+        while at < len(text) and text[at] in " \t\n;":
+            at += 1
+    return calls
+
+
+def tool_stream(parser: str) -> ToolCallStream | Llama3JsonStream:
+    return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
+
+
 def parse_reply(text: str) -> tuple[str | None, list[ToolCall]]:
     """A finished reply's content (None when it made calls and nothing else) and its calls."""
     stream = ToolCallStream()
     content, calls = stream.feed(text)
-    content += stream.finish()
+    rest, more = stream.finish()
+    content, calls = content + rest, calls + more
     return (content or None) if calls else content, calls
 
 
