@@ -120,3 +120,25 @@ def test_messages_thinking_blocks(server: Any) -> None:
         count(model="tiny", messages=with_thinking).input_tokens
         == count(model="tiny", messages=without).input_tokens
     )
+
+
+def test_structured_outputs_wait_for_the_reasoning_block() -> None:
+    """With a reasoning parser, a constraint is told the block's tag ids (the engine holds it off until the block
+    ends); a tokenizer without the tags leaves it as it was."""
+    from treadle_frontend.server.structured import after_reasoning
+    from treadle_model_runner import StructuredOutputsParams
+
+    class Vocab:
+        def __init__(self, vocab: dict[str, int]) -> None:
+            self.vocab = vocab
+
+        def get_vocab(self) -> dict[str, int]:
+            return self.vocab
+
+    so = StructuredOutputsParams(json_object=True)
+    tags = Vocab({"<think>": 7, "</think>": 8, "a": 1})
+    got = after_reasoning(so, "qwen3", tags)
+    assert (got.reasoning, got.think_start_id, got.think_end_id, got.json_object) == ("qwen3", 7, 8, True)
+    assert after_reasoning(so, "deepseek_r1", Vocab({"</think>": 8})).think_end_id == 8
+    assert after_reasoning(so, "qwen3", Vocab({"</think>": 8})) is so  # no opening tag to allow
+    assert after_reasoning(so, None, tags) is so and after_reasoning(so, "qwen3", None) is so

@@ -7,6 +7,7 @@ masked greedy choice of random logits always keeps the text a valid prefix."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,50 @@ def test_masked_random_choices_stay_valid(smollm2: tuple[StructuredOutputs, obje
         state.output_token_ids.append(token)
     value = json.loads(tokenizer.decode(state.output_token_ids))  # type: ignore[attr-defined]
     assert isinstance(value, list) and len(value) <= 3 and all(isinstance(v, bool) for v in value)
+
+
+def _raw_structured() -> StructuredOutputs:
+    """A raw 98-token vocabulary: ids 0-94 the characters ' '..'~', 95 EOS, 96 <think>, 97 </think>."""
+    xgr = pytest.importorskip("xgrammar")
+    vocab = [*(chr(32 + i) for i in range(95)), "", "<think>", "</think>"]
+    structured = StructuredOutputs(Path("/no/tokenizer"), 98, {95})
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, vocab_size=98, stop_token_ids=[95])
+    structured._compiler = xgr.GrammarCompiler(info)
+    return structured
+
+
+def _allowed(structured: StructuredOutputs, so: S, outputs: list[int]) -> set[int]:
+    logits = torch.zeros(1, 98)
+    structured.mask([_state(so, outputs)], logits)
+    return set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
+
+
+A, B, C = 65, 66, 67  # 'a', 'b', 'c'
+
+
+def test_the_constraint_waits_for_the_reasoning_block() -> None:
+    structured = _raw_structured()
+    r1 = S(regex="[a-c]{2}", reasoning="deepseek_r1", think_end_id=97)
+    assert _allowed(structured, r1, []) == set(range(98))  # the reply starts inside the block: free
+    assert _allowed(structured, r1, [40, 41]) == set(range(98))
+    assert _allowed(structured, r1, [40, 97]) == {A, B, C}  # the block closed: the grammar from here
+    assert _allowed(structured, r1, [40, 97, A]) == {A, B, C}
+    assert _allowed(structured, r1, [40, 97, A, B]) == {95}
+    qwen = S(regex="[a-c]{2}", reasoning="qwen3", think_start_id=96, think_end_id=97)
+    assert _allowed(structured, qwen, []) == {A, B, C, 96}  # the grammar, or open a block
+    assert _allowed(structured, qwen, [96, 40]) == set(range(98))
+    assert _allowed(structured, qwen, [96, 40, 97]) == {A, B, C}
+    assert _allowed(structured, qwen, [B]) == {A, B, C}  # no block: the grammar from the first token
+    with pytest.raises(ValueError, match=r"structured_outputs\.reasoning"):
+        S(regex="a", reasoning="qwen3", think_end_id=97)
+
+
+def test_a_matcher_built_before_the_block_opened_resumes_after_it() -> None:
+    structured = _raw_structured()
+    state = _state(S(regex="[a-c]{2}", reasoning="qwen3", think_start_id=96, think_end_id=97), [])
+    for outputs, allowed in (([], {A, B, C, 96}), ([96], set(range(98))), ([96, 97], {A, B, C}),
+                             ([96, 97, C], {A, B, C}), ([96, 97, C, A], {95})):  # fmt: skip
+        state.output_token_ids = list(outputs)
+        logits = torch.zeros(1, 98)
+        structured.mask([state], logits)  # one state across the steps, as in the runner
+        assert set(torch.isfinite(logits[0]).nonzero().flatten().tolist()) == allowed, outputs

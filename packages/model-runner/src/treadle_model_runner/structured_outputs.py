@@ -25,6 +25,12 @@ class StructuredOutputsParams:
     choice: list[str] | None = None  # the reply is exactly one of these strings
     grammar: str | None = None  # an EBNF grammar (xgrammar's dialect, GBNF-like, root rule `root`)
     disable_any_whitespace: bool = False  # JSON without whitespace between its tokens (vLLM's option)
+    # A thinking model's reasoning block comes first, unconstrained (set by the server's reasoning parser):
+    # "deepseek_r1" the reply starts inside the block; "qwen3" only a reply whose first token is think_start_id
+    # opens one. The constraint holds from the token after think_end_id.
+    reasoning: str | None = None
+    think_start_id: int | None = None
+    think_end_id: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
@@ -34,6 +40,13 @@ class StructuredOutputsParams:
             raise ValueError(
                 f"structured_outputs: set exactly one of {', '.join(KINDS)}; got {set_ or 'none'}"
             )
+        if self.reasoning is not None and (
+            self.reasoning not in ("qwen3", "deepseek_r1")
+            or self.think_end_id is None
+            or (self.reasoning == "qwen3" and self.think_start_id is None)
+        ):
+            raise ValueError("structured_outputs.reasoning: qwen3 (with think_start_id and think_end_id) or "
+                             "deepseek_r1 (with think_end_id)")  # fmt: skip
         if self.choice is not None and (
             not self.choice or not all(isinstance(c, str) and c for c in self.choice)
         ):

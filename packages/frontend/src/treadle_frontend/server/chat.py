@@ -36,6 +36,7 @@ from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls, forced_schema
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.reply import ReplyParser, parse_whole
+from treadle_frontend.server.structured import after_reasoning
 from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
@@ -114,6 +115,7 @@ class ChatHandler:
             so = StructuredOutputsParams(
                 json=json.dumps(forced[0]), disable_any_whitespace=True
             )  # compact JSON
+            so = after_reasoning(so, st.config.reasoning_parser, st.llm.input_processor.tokenizer)
             params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         on = st.config.enable_auto_tool_choice and body.tools and choice != "none"

@@ -36,6 +36,7 @@ from treadle_frontend.server.messages_tools import (
 )
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
+from treadle_frontend.server.structured import after_reasoning
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
@@ -154,9 +155,8 @@ class MessagesHandler:
                 values[name] = v
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         if forced is not None:  # decoding constrained to the calls' JSON
-            values["structured_outputs"] = StructuredOutputsParams(
-                json=json.dumps(forced[0]), disable_any_whitespace=True
-            )
+            so = StructuredOutputsParams(json=json.dumps(forced[0]), disable_any_whitespace=True)
+            values["structured_outputs"] = after_reasoning(so, rp, st.llm.input_processor.tokenizer)
         params = SamplingParams(
             max_tokens=body.max_tokens, stop=list(body.stop_sequences or []), output_kind=kind, **values
         )

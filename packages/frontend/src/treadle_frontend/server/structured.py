@@ -9,6 +9,7 @@ masks every step's logits to what the constraint allows (treadle_model_runner.ru
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from treadle_frontend.server.errors import APIError
@@ -52,6 +53,18 @@ def structured_outputs(body: Any, has_tokenizer: bool) -> StructuredOutputsParam
     except (TypeError, ValueError) as e:  # "structured_outputs.<kind>: why" -> "<field as sent>: why"
         raise APIError(400, f"{name}: {str(e).split(': ', 1)[-1]}", param=name) from None
     return params
+
+
+def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | None, tokenizer: Any) -> Any:
+    """`params` holding off until a thinking model's reasoning block ends, when the server reads one and the
+    tokenizer has the block's tags as tokens (else unchanged: the constraint holds from the first token)."""
+    if reasoning_parser is None or tokenizer is None:
+        return params
+    vocab = tokenizer.get_vocab()
+    start, end = vocab.get("<think>"), vocab.get("</think>")
+    if end is None or (reasoning_parser == "qwen3" and start is None):
+        return params
+    return dataclasses.replace(params, reasoning=reasoning_parser, think_start_id=start, think_end_id=end)
 
 
 def _from_response_format(fmt: dict[str, Any]) -> dict[str, Any]:

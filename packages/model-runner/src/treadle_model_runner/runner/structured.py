@@ -70,32 +70,47 @@ class StructuredOutputs:
             return
         bitmask = xgr.allocate_token_bitmask(len(states), self.vocab_size)  # all allowed
         for j in rows:
-            matcher = self._advance(states[j])
+            start = _grammar_start(states[j])
+            if start is None:  # still inside the reasoning block: unconstrained
+                continue
+            matcher = self._advance(states[j], start)
             if matcher is None:
                 continue
             if matcher.is_terminated():  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
-                self._only_eos(bitmask[j])
+                self._set_only(bitmask[j], self.eos_token_ids)
             else:
                 matcher.fill_next_token_bitmask(bitmask, j)
+                params = states[j].sampling_params.structured_outputs
+                if params is not None and params.reasoning == "qwen3" and not states[j].output_token_ids:
+                    self._set_only(
+                        bitmask[j], [params.think_start_id], keep=True
+                    )  # or open a reasoning block
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
 
-    def _only_eos(self, row: torch.Tensor) -> None:
-        """A bitmask row (int32 words, bit t % 32 of word t // 32) allowing only the EOS tokens."""
-        row.zero_()
-        for t in self.eos_token_ids:
+    def _set_only(self, row: torch.Tensor, tokens: Sequence[int | None], keep: bool = False) -> None:
+        """Allow `tokens` in a bitmask row (int32 words, bit t % 32 of word t // 32): only them, or, with `keep`,
+        them too."""
+        if not keep:
+            row.zero_()
+        for t in tokens:
+            if t is None:
+                continue
             if 0 <= t < self.vocab_size:
                 word = int(row[t // 32]) | (1 << (t % 32))
                 row[t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # as a signed 32-bit value
 
-    def _advance(self, state: RequestState) -> Any:
-        """The request's matcher, after it accepted every output token so far (None once it went astray)."""
+    def _advance(self, state: RequestState, start: int) -> Any:
+        """The request's matcher, after it accepted every output token from `start` on (None once it went
+        astray)."""
         if state.grammar is False:
             return None
         if state.grammar is None:
             params = state.sampling_params.structured_outputs
             assert params is not None
             state.grammar = import_xgrammar().GrammarMatcher(self.compile(params))
-            state.grammar_accepted = 0
+            state.grammar_accepted = start
+        # a qwen3 reply may open its reasoning block at step 0, after the matcher was built: it accepted nothing
+        state.grammar_accepted = max(state.grammar_accepted, start)
         matcher = state.grammar
         while state.grammar_accepted < len(state.output_token_ids):
             token = state.output_token_ids[state.grammar_accepted]
@@ -109,3 +124,16 @@ class StructuredOutputs:
                 state.grammar = False
                 return None
         return matcher
+
+
+def _grammar_start(state: RequestState) -> int | None:
+    """Where the constrained part of the reply begins in its outputs, or None while a reasoning block is open."""
+    params = state.sampling_params.structured_outputs
+    if params is None or params.reasoning is None:
+        return 0
+    out = state.output_token_ids
+    if params.reasoning == "qwen3" and (not out or out[0] != params.think_start_id):
+        return 0  # no block opened (the first step allows the opening tag besides the grammar)
+    if params.think_end_id in out:
+        return out.index(params.think_end_id) + 1
+    return None
