@@ -82,9 +82,8 @@ class StructuredOutputs:
                 matcher.fill_next_token_bitmask(bitmask, j)
                 params = states[j].sampling_params.structured_outputs
                 if params is not None and params.reasoning == "qwen3" and not states[j].output_token_ids:
-                    self._set_only(
-                        bitmask[j], [params.think_start_id], keep=True
-                    )  # or open a reasoning block
+                    opening = [params.think_start_id]  # the first token may open a reasoning block instead
+                    self._set_only(bitmask[j], opening, keep=True)
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
 
     def _set_only(self, row: torch.Tensor, tokens: Sequence[int | None], keep: bool = False) -> None:
