@@ -398,6 +398,16 @@ def test_forced_tool_use_on_messages(real_server: RealServer, stream: bool) -> N
             assert [b.name for b in m.content] == ["get_weather"]
 
 
+def test_responses_api_through_the_real_engine(oai: openai.OpenAI) -> None:
+    """/v1/responses on the real engine: a reply, and text.format's JSON schema constraining it."""
+    done = oai.responses.create(model=MODEL_NAME, input="Hello", max_output_tokens=4)
+    assert done.status == "incomplete" and done.usage is not None and done.usage.output_tokens == 4
+    # a JSON string from a list: no room for the whitespace a random model could otherwise repeat inside an object
+    fmt = {"type": "json_schema", "name": "pick", "schema": {"enum": ["red", "green", "blue"]}}
+    shaped = oai.responses.create(model=MODEL_NAME, input="Pick", max_output_tokens=60, text={"format": fmt})  # type: ignore[arg-type]
+    assert shaped.status == "completed" and json.loads(shaped.output_text) in ("red", "green", "blue")
+
+
 def test_structured_output_errors_leave_the_engine_serving(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="Unsupported type"):
         oai.chat.completions.create(

@@ -32,8 +32,10 @@ from treadle_frontend.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
+from treadle_frontend.server.responses import ResponsesHandler
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
 
     v1 = APIRouter(dependencies=[Depends(check_api_key)])
     completions, chat, messages = CompletionsHandler(state), ChatHandler(state), MessagesHandler(state)
+    responses = ResponsesHandler(state)
 
     @v1.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Any:
@@ -108,6 +111,11 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
         check_alive()
         return await chat.handle(body, request)
+
+    @v1.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        check_alive()
+        return await responses.handle(body, request)
 
     @v1.post("/v1/messages")
     async def create_message(body: AnthropicMessagesRequest, request: Request) -> Any:

@@ -91,6 +91,26 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_logprobs: int | None = None
 
 
+class ResponsesRequest(_Body):
+    """OpenAI's Responses API, the text subset (server/responses.py)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    metadata: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    tools: list[dict[str, Any]] | None = None  # rejected when non-empty
+    tool_choice: Any = None
+    previous_response_id: str | None = None  # rejected: nothing is stored
+    background: bool | None = None  # rejected
+    store: bool | None = None  # accepted, nothing is stored
+    user: str | None = None
+
+
 class AnthropicTextBlock(_Body):
     model_config = ConfigDict(extra="allow")
     type: str

@@ -1,0 +1,80 @@
+"""/v1/responses (OpenAI's Responses API, text) through the real openai SDK with strict validation: a reply, its
+usage and status (completed, or incomplete at max_output_tokens), the streamed events in order with their
+sequence numbers, and the 400s for what is not served."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from frontend_helpers import start_fake_server
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer: Any) -> Iterator[Any]:
+    srv, handle = start_fake_server(tokenizer)
+    with srv:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=server.url + "/v1", api_key="x", _strict_response_validation=True, max_retries=0
+    )
+
+
+def test_reply_usage_and_status(client: openai.OpenAI, server: Any, tokenizer: Any) -> None:
+    cut = client.responses.create(model="tiny", input="Hello there", max_output_tokens=5)
+    assert (
+        cut.status == "incomplete"
+        and cut.incomplete_details
+        and cut.incomplete_details.reason == "max_output_tokens"
+    )
+    assert cut.output_text and cut.usage and cut.usage.output_tokens == 5 and cut.usage.total_tokens > 5
+    server.engine.script = tokenizer.encode("A short answer.", add_special_tokens=False)
+    try:
+        done = client.responses.create(
+            model="tiny",
+            instructions="Be brief.",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                   {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Answer?"}],
+        )  # fmt: skip
+    finally:
+        server.engine.script = None
+    assert (
+        done.status == "completed"
+        and done.output_text == "A short answer."
+        and done.incomplete_details is None
+    )
+    assert done.output[0].type == "message" and done.instructions == "Be brief."
+
+
+def test_streamed_events(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(model="tiny", input="Hello", max_output_tokens=6, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]  # fmt: skip
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == text and final.usage is not None and final.usage.output_tokens == 6
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+    ({"input": [{"type": "function_call_output", "call_id": "1", "output": "x"}]}, "input"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+])  # fmt: skip
+def test_what_is_not_served_is_a_400(server: Any, change: dict[str, Any], param: str) -> None:
+    body = {"model": "tiny", "input": "Hi", **change}
+    r = httpx.post(server.url + "/v1/responses", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
