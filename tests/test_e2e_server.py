@@ -406,6 +406,14 @@ def test_responses_api_through_the_real_engine(oai: openai.OpenAI) -> None:
     fmt = {"type": "json_schema", "name": "pick", "schema": {"enum": ["red", "green", "blue"]}}
     shaped = oai.responses.create(model=MODEL_NAME, input="Pick", max_output_tokens=60, text={"format": fmt})  # type: ignore[arg-type]
     assert shaped.status == "completed" and json.loads(shaped.output_text) in ("red", "green", "blue")
+    unit = {"type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"],
+            "additionalProperties": False}  # fmt: skip
+    tool = {"type": "function", "name": "get_weather", "parameters": unit}
+    forced = oai.responses.create(model=MODEL_NAME, input="Weather?", tools=[tool],  # type: ignore[list-item]
+                                  tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60)  # fmt: skip
+    calls = [o for o in forced.output if o.type == "function_call"]
+    assert forced.status == "completed" and len(calls) == 1 and calls[0].name == "get_weather"
+    assert json.loads(calls[0].arguments)["unit"] in ("C", "F")
 
 
 def test_structured_output_errors_leave_the_engine_serving(oai: openai.OpenAI) -> None:

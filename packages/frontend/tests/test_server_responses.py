@@ -4,6 +4,7 @@ sequence numbers, and the 400s for what is not served."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,12 +70,40 @@ def test_streamed_events(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize(("change", "param"), [
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
-    ({"input": [{"type": "function_call_output", "call_id": "1", "output": "x"}]}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
 ])  # fmt: skip
 def test_what_is_not_served_is_a_400(server: Any, change: dict[str, Any], param: str) -> None:
     body = {"model": "tiny", "input": "Hi", **change}
     r = httpx.post(server.url + "/v1/responses", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_function_calls_read_from_the_reply(tokenizer: Any, stream: bool) -> None:
+    """With the tool-call flags, calls the reply writes are function_call items after its text, streamed as
+    items of their own; the calls and their outputs go back as input items."""
+    options = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    srv, handle = start_fake_server(tokenizer, server_options=options)
+    reply = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    handle.engine.script = tokenizer.encode(reply, add_special_tokens=False)
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    history = [{"role": "user", "content": "Weather?"},
+               {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+               {"type": "function_call_output", "call_id": "call_1", "output": "21 C"}]  # fmt: skip
+    with srv:
+        client = openai.OpenAI(base_url=handle.url + "/v1", api_key="x", _strict_response_validation=True)
+        if stream:
+            events = list(client.responses.create(model="tiny", input=history, tools=[tool], stream=True))
+            kinds = [e.type for e in events]
+            assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+            done = events[-1].response  # type: ignore[union-attr]
+        else:
+            done = client.responses.create(model="tiny", input=history, tools=[tool])
+    assert [o.type for o in done.output] == ["message", "function_call"] and done.output_text == "Checking."
+    call = done.output[1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id

@@ -1,18 +1,21 @@
-"""POST /v1/responses: OpenAI's Responses API for text, over the chat template (vLLM serves it too).
+"""POST /v1/responses: OpenAI's Responses API for text and function tools, over the chat template (vLLM serves
+it too). Tools and function-call items: responses_tools.py.
 
 `input` is a string (one user turn) or a list of turns (`{"role", "content"}` with a string or `input_text`
 parts; `type: "message"` items are the same); `instructions` become a leading system turn. `max_output_tokens`,
-`temperature`, `top_p` and `text.format` (`json_schema` / `json_object`: structured outputs) apply. The reply is
-one `message` output item holding one `output_text` part. A reply cut at max_output_tokens has status
+`temperature`, `top_p` and `text.format` (`json_schema` / `json_object`: structured outputs) apply. The reply's
+text is one `message` output item holding one `output_text` part, its calls `function_call` items after it. A reply cut at max_output_tokens has status
 "incomplete" with `incomplete_details.reason` "max_output_tokens". Streaming sends named events, each with a
 `sequence_number`: response.created → response.in_progress → response.output_item.added →
 response.content_part.added → response.output_text.delta* → response.output_text.done →
 response.content_part.done → response.output_item.done → response.completed (or response.incomplete); a failure
-mid-stream is an `error` event. Nothing is stored: `previous_response_id`, `background` and `tools` are 400s.
+mid-stream is an `error` event. Nothing is stored: `previous_response_id` and `background` are 400s. A reasoning
+parser's block is left out of the message (no reasoning items yet).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,9 +32,21 @@ from treadle_frontend.server.common import (
     until_disconnect,
 )
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls, forced_schema
 from treadle_frontend.server.protocol import ResponsesRequest
+from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
+from treadle_frontend.server.responses_tools import (
+    ItemStream,
+    call_item,
+    call_turns,
+    chat_tools,
+    forced_choice,
+    message,
+)
 from treadle_frontend.server.structured import after_reasoning, structured_outputs
+from treadle_frontend.server.tool_calls import ToolCall, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
+from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 
 def to_chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -43,11 +58,20 @@ def to_chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     if not body.input:
         raise APIError(400, "input: at least one input item is required", param="input")
     for i, item in enumerate(body.input):
-        if item.get("type", "message") != "message" or not isinstance(item.get("role"), str):
-            raise APIError(400, f"input[{i}]: only message items ({{role, content}}) are supported here",
-                           param="input")  # fmt: skip
+        kind = item.get("type", "message")
+        if kind in ("function_call", "function_call_output"):
+            for turn in call_turns(body.input, i):
+                last = msgs[-1] if msgs else {}
+                if turn.get("tool_calls") and last.get("tool_calls") and last.get("content") is None:
+                    last["tool_calls"] += turn["tool_calls"]  # calls in a row: one assistant turn
+                else:
+                    msgs.append(turn)
+            continue
+        if kind != "message" or not isinstance(item.get("role"), str):
+            raise APIError(400, f"input[{i}]: only message, function_call and function_call_output items are "
+                                "supported here", param="input")  # fmt: skip
         msgs.append({"role": item["role"], "content": _text(item.get("content"), i)})
-    return msgs
+    return template_messages(msgs)
 
 
 def _text(content: Any, i: int) -> str:
@@ -68,15 +92,20 @@ class ResponsesHandler:
     async def handle(self, body: ResponsesRequest, request: Request) -> Any:
         st = self.state
         st.check_model(body.model)
-        for name in ("previous_response_id", "background", "tools"):
+        for name in ("previous_response_id", "background"):
             if getattr(body, name):
-                raise APIError(400, f"{name} is not supported: this server keeps no responses and calls no tools "
-                                    "on /v1/responses", param=name)  # fmt: skip
+                raise APIError(400, f"{name} is not supported: this server keeps no responses", param=name)
+        tools = chat_tools(body.tools)
+        choice = forced_choice(body.tool_choice)
+        forced = forced_schema(tools, choice) if choice is not None else None
+        auto = st.config.enable_auto_tool_choice and tools and forced is None and body.tool_choice != "none"
+        tool_parser = st.config.tool_call_parser if auto else None
         if body.max_output_tokens is not None and body.max_output_tokens < 1:
             raise APIError(400, f"max_output_tokens must be >= 1, got {body.max_output_tokens}",
                            param="max_output_tokens")  # fmt: skip
         ip = st.llm.input_processor
-        text, ids = ip.encode_chat(to_chat_messages(body), add_generation_prompt=True)
+        kwargs = {"tools": tools} if tools else {}
+        text, ids = ip.encode_chat(to_chat_messages(body), add_generation_prompt=True, template_kwargs=kwargs)
         ip.check_token_ids(ids, "the rendered input")
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=body.max_output_tokens, logprobs=None, kind=kind)
@@ -86,34 +115,42 @@ class ResponsesHandler:
             try:
                 so = structured_outputs(_Format(wrapped), ip.tokenizer is not None)
             except APIError as e:  # named as this API names the field
-                message = e.message.replace("response_format.json_schema.schema", "text.format.schema")
+                why = e.message.replace("response_format.json_schema.schema", "text.format.schema")
                 raise APIError(
-                    400, message.replace("response_format", "text.format"), param="text.format"
+                    400, why.replace("response_format", "text.format"), param="text.format"
                 ) from None
             if so is not None:
                 params = params.clone(structured_outputs=after_reasoning(so, st.config.reasoning_parser,
                                                                          ip.tokenizer))  # fmt: skip
+        if forced is not None:  # decoding constrained to the calls' JSON
+            if params.structured_outputs is not None:
+                raise APIError(400, "tool_choice: a forced call cannot be combined with text.format",
+                               param="tool_choice")  # fmt: skip
+            so = StructuredOutputsParams(json=json.dumps(forced[0]), disable_any_whitespace=True)
+            params = params.clone(
+                structured_outputs=after_reasoning(so, st.config.reasoning_parser, ip.tokenizer)
+            )
         ip.check_length(ids, params.clone())
         rid = new_id("resp_")
         gen = st.llm.generate(text, params, rid, prompt_token_ids=ids)
         created = int(time.time())
+        reply = _Reply(
+            st.config.reasoning_parser, tool_parser, forced[1] if forced else None, forced is not None
+        )
         if body.stream:
-            return StreamingResponse(
-                self._stream(rid, created, body, len(ids), gen), media_type="text/event-stream"
-            )
+            stream = self._stream(rid, created, body, len(ids), gen, reply)
+            return StreamingResponse(stream, media_type="text/event-stream")
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
+        status = "incomplete" if c.finish_reason == "length" else "completed"
+        content, calls = reply.whole(c.text)
+        output = [message(new_id("msg_"), content or "", status)] if content or not calls else []
+        output += [call_item(call, new_id("fc_")) for call in calls]
         counts = (len(ids), out.num_cached_tokens or 0, len(c.token_ids))
-        return JSONResponse(
-            self._response(rid, created, body, new_id("msg_"), c.text, c.finish_reason, counts)
-        )
+        return JSONResponse(self._response(rid, created, body, output, status, counts))
 
-    def _response(self, rid: str, created: int, body: ResponsesRequest, mid: str, text: str | None,
-                  finish: str | None, counts: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
-        """The response object; `text` None: still in progress (no output item yet)."""
-        incomplete = finish == "length"
-        status = "in_progress" if finish is None else ("incomplete" if incomplete else "completed")
-        output = [] if text is None else [_message(mid, text, "incomplete" if incomplete else "completed")]
+    def _response(self, rid: str, created: int, body: ResponsesRequest, output: list[dict[str, Any]],
+                  status: str, counts: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
         usage = None
         if counts is not None:
             n_in, n_cached, n_out = counts
@@ -121,61 +158,83 @@ class ResponsesHandler:
                      "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": n_in + n_out}  # fmt: skip
         fmt = (body.text or {}).get("format") or {"type": "text"}
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
         return {
             "id": rid, "object": "response", "created_at": created, "model": self.state.model_name,
             "status": status, "output": output, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "metadata": body.metadata or {}, "parallel_tool_calls": False, "tool_choice": "none", "tools": [],
-            "temperature": body.temperature, "top_p": body.top_p, "text": {"format": fmt}, "usage": usage,
+            "metadata": body.metadata or {}, "parallel_tool_calls": True, "tool_choice": choice,
+            "tools": body.tools or [], "temperature": body.temperature, "top_p": body.top_p,
+            "text": {"format": fmt}, "usage": usage,
         }  # fmt: skip
 
     async def _stream(self, rid: str, created: int, body: ResponsesRequest, num_input: int,
-                      gen: AsyncIterator[Any]) -> AsyncIterator[str]:  # fmt: skip
+                      gen: AsyncIterator[Any], reply: _Reply) -> AsyncIterator[str]:  # fmt: skip
         seq = iter(range(1 << 62))
-        mid = new_id("msg_")
 
         def event(kind: str, **data: Any) -> str:
             return sse_event(kind, {"type": kind, "sequence_number": next(seq), **data})
 
-        where = {"item_id": mid, "output_index": 0, "content_index": 0}
-        yield event("response.created", response=self._response(rid, created, body, mid, None, None, None))
-        yield event(
-            "response.in_progress", response=self._response(rid, created, body, mid, None, None, None)
-        )
-        yield event("response.output_item.added", output_index=0, item=_message(mid, None, "in_progress"))
-        yield event("response.content_part.added", part=_part(""), **where)
-        text, finish, num_output, num_cached = "", None, 0, 0
+        started = self._response(rid, created, body, [], "in_progress", None)
+        yield event("response.created", response=started)
+        yield event("response.in_progress", response=started)
+        items = ItemStream(event)
+        parser = reply.stream()
+        finish, num_output, num_cached = None, 0, 0
         try:
             async for out in gen:
                 num_cached = max(num_cached, out.num_cached_tokens or 0)
                 c = out.outputs[0]
                 num_output += len(c.token_ids)
                 finish = c.finish_reason or finish
-                if c.text:
-                    text += c.text
-                    yield event("response.output_text.delta", delta=c.text, logprobs=[], **where)
+                piece = (
+                    parser.feed(c.text, final=c.finish_reason is not None)
+                    if parser
+                    else Piece(content=c.text)
+                )
+                for ev in [
+                    *items.text(piece.content),
+                    *(e for call in piece.calls for e in items.call(call)),
+                ]:
+                    yield ev
         except Exception as e:
             yield event("error", code="server_error", message=str(e), param=None)
             return
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
-        finish = finish or "stop"
         status = "incomplete" if finish == "length" else "completed"
-        yield event("response.output_text.done", text=text, logprobs=[], **where)
-        yield event("response.content_part.done", part=_part(text), **where)
-        yield event("response.output_item.done", output_index=0, item=_message(mid, text, status))
-        done = self._response(rid, created, body, mid, text, finish, (num_input, num_cached, num_output))
+        for ev in items.finish(status):
+            yield ev
+        done = self._response(rid, created, body, items.items, status, (num_input, num_cached, num_output))
         yield event(f"response.{status}", response=done)
 
 
-def _part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+class _Reply:
+    """How a reply is read: reasoning dropped (no reasoning items yet), then calls forced or parsed, or text."""
 
+    def __init__(
+        self, reasoning: str | None, tool_parser: str | None, forced_name: str | None, forced: bool
+    ) -> None:
+        self.reasoning, self.tool_parser, self.forced_name, self.forced = (
+            reasoning,
+            tool_parser,
+            forced_name,
+            forced,
+        )
 
-def _message(mid: str, text: str | None, status: str) -> dict[str, Any]:
-    content = [] if text is None else [_part(text)]
-    return {"id": mid, "type": "message", "role": "assistant", "status": status, "content": content}
+    def whole(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.forced and (calls := forced_calls(text, self.forced_name)):
+            return None, calls
+        if self.reasoning or self.tool_parser:
+            _, content, calls = parse_whole(text, self.reasoning, self.tool_parser)
+            return content, calls
+        return text, []
+
+    def stream(self) -> ReplyParser | ForcedToolCalls | None:
+        if self.forced:
+            return ForcedToolCalls(self.forced_name)
+        return ReplyParser(self.reasoning, self.tool_parser) if self.reasoning or self.tool_parser else None
 
 
 class _Format:

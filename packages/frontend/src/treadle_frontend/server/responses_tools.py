@@ -1,0 +1,132 @@
+"""Function tools on /v1/responses, and the output items of a reply (a message, function calls).
+
+Request side: `tools` (`{"type": "function", name, description, parameters}`) reach the chat template as chat
+tools; input items `function_call` (a call the model made) and `function_call_output` (its result) become an
+assistant turn's `tool_calls` and a `tool` turn. Reply side: calls are read from the reply by the server's tool
+parser (`--enable-auto-tool-choice`, tool_choice auto) or forced by constrained decoding (`tool_choice`
+"required" or `{"type": "function", "name"}`, no flag needed), as on chat completions. Each call is a
+`function_call` output item; text is a `message` item before them. `ItemStream` writes the streamed events of
+those items, opening the message on its first text and each call's item when the call is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from treadle_frontend.server.common import new_id
+from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.tool_calls import ToolCall
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    out = []
+    for i, tool in enumerate(tools or []):
+        if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+            raise APIError(400, f"tools[{i}]: only function tools (type function, with a name) are served here",
+                           param="tools")  # fmt: skip
+        fn = {"name": tool["name"], "description": tool.get("description") or "",
+              "parameters": tool.get("parameters") or {"type": "object"}}  # fmt: skip
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def forced_choice(tool_choice: Any) -> Any:
+    """tool_choice as chat completions spell it, when it forces a call (else None)."""
+    if tool_choice == "required":
+        return "required"
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        return {"type": "function", "function": {"name": tool_choice.get("name")}}
+    return None
+
+
+def call_turns(items: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    """Input item i, a function_call or its output, as chat turns (calls in a row join one assistant turn)."""
+    item = items[i]
+    if item.get("type") == "function_call_output":
+        output = item.get("output")
+        text = output if isinstance(output, str) else json.dumps(output)
+        return [{"role": "tool", "tool_call_id": str(item.get("call_id", "")), "content": text}]
+    if not isinstance(item.get("name"), str):
+        raise APIError(400, f"input[{i}]: a function_call needs its name", param="input")
+    fn = {"name": item["name"], "arguments": item.get("arguments") or "{}"}
+    return [{"role": "assistant", "content": None,
+             "tool_calls": [{"id": str(item.get("call_id", "")), "type": "function", "function": fn}]}]  # fmt: skip
+
+
+def call_item(call: ToolCall, item_id: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments, "status": status}  # fmt: skip
+
+
+def part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message(mid: str, text: str | None, status: str) -> dict[str, Any]:
+    content = [] if text is None else [part(text)]
+    return {"id": mid, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+class ItemStream:
+    """The output items' events, in order; `items` collects each item once it is done."""
+
+    def __init__(self, event: Callable[..., str]) -> None:
+        self.event = event
+        self.items: list[dict[str, Any]] = []
+        self._mid: str | None = None  # the open message item
+        self._text = ""
+
+    def text(self, text: str) -> list[str]:
+        if not text:
+            return []
+        events = []
+        if self._mid is None:
+            self._mid, self._text = new_id("msg_"), ""
+            index = len(self.items)
+            events += [self.event("response.output_item.added", output_index=index,
+                                  item=message(self._mid, None, "in_progress")),
+                       self.event("response.content_part.added", part=part(""), **self._where())]  # fmt: skip
+        self._text += text
+        return [*events, self.event("response.output_text.delta", delta=text, logprobs=[], **self._where())]
+
+    def call(self, call: ToolCall) -> list[str]:
+        events = self.close("completed")
+        item_id, index = new_id("fc_"), len(self.items)
+        item = call_item(call, item_id)
+        where = {"item_id": item_id, "output_index": index}
+        self.items.append(item)
+        return [
+            *events,
+            self.event("response.output_item.added", output_index=index, item={**item, "arguments": "",
+                                                                               "status": "in_progress"}),
+            self.event("response.function_call_arguments.delta", delta=call.arguments, **where),
+            self.event("response.function_call_arguments.done", arguments=call.arguments, **where),
+            self.event("response.output_item.done", output_index=index, item=item),
+        ]  # fmt: skip
+
+    def finish(self, status: str) -> list[str]:
+        """Close the open message; a reply with no item at all still gets an (empty) message item."""
+        if self._mid is None and not self.items:
+            self._mid, self._text = new_id("msg_"), ""
+            opening = [self.event("response.output_item.added", output_index=0,
+                                  item=message(self._mid, None, "in_progress")),
+                       self.event("response.content_part.added", part=part(""), **self._where())]  # fmt: skip
+            return [*opening, *self.close(status)]
+        return self.close(status)
+
+    def close(self, status: str) -> list[str]:
+        """Finish the open message item (if any)."""
+        if self._mid is None:
+            return []
+        where, text = self._where(), self._text
+        item = message(self._mid, text, status)
+        self._mid = None
+        self.items.append(item)
+        return [self.event("response.output_text.done", text=text, logprobs=[], **where),
+                self.event("response.content_part.done", part=part(text), **where),
+                self.event("response.output_item.done", output_index=where["output_index"], item=item)]  # fmt: skip
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self._mid, "output_index": len(self.items), "content_index": 0}
