@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from treadle_frontend.detokenizer import TokenDecoder
-from treadle_frontend.outputs import Logprob
+from treadle_frontend.outputs import Logprob, SampleLogprobs
 
 LOGPROB_FLOOR = -9999.0  # what -inf / NaN / very negative logprobs become in JSON
 
@@ -117,3 +117,27 @@ def prompt_logprobs_json(
         }
         for pos in positions
     ]  # fmt: skip
+
+
+def chat_logprobs(
+    texts: TokenTexts, token_ids: list[int], positions: SampleLogprobs, num_top: int
+) -> list[dict[str, Any]]:
+    """Chat completions' `logprobs.content`: per sampled token its text, logprob, bytes and `num_top` top
+    alternatives (OpenAI's shape)."""
+    content = []
+    for tok, pos in zip(token_ids, positions, strict=False):
+        lp = pos.get(tok)
+        ranked = sorted(pos.items(), key=lambda kv: kv[1].logprob, reverse=True)
+        tops = [
+            {"token": texts.text(t), "logprob": clamp_logprob(e.logprob), "bytes": texts.token_bytes(t)}
+            for t, e in ranked[:num_top]
+        ]
+        content.append(
+            {
+                "token": texts.text(tok),
+                "logprob": clamp_logprob(lp.logprob) if lp is not None else -9999.0,
+                "bytes": texts.token_bytes(tok),
+                "top_logprobs": tops,
+            }
+        )
+    return content

@@ -20,8 +20,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from treadle_frontend.logprobs import TokenTexts, clamp_logprob, prompt_logprobs_json
-from treadle_frontend.outputs import RequestOutput, SampleLogprobs
+from treadle_frontend.logprobs import chat_logprobs, prompt_logprobs_json
+from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
@@ -40,28 +40,6 @@ from treadle_frontend.server.structured import after_reasoning
 from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
-
-
-def chat_logprobs(
-    texts: TokenTexts, token_ids: list[int], positions: SampleLogprobs, num_top: int
-) -> list[dict[str, Any]]:
-    content = []
-    for tok, pos in zip(token_ids, positions, strict=False):
-        lp = pos.get(tok)
-        ranked = sorted(pos.items(), key=lambda kv: kv[1].logprob, reverse=True)
-        tops = [
-            {"token": texts.text(t), "logprob": clamp_logprob(e.logprob), "bytes": texts.token_bytes(t)}
-            for t, e in ranked[:num_top]
-        ]
-        content.append(
-            {
-                "token": texts.text(tok),
-                "logprob": clamp_logprob(lp.logprob) if lp is not None else -9999.0,
-                "bytes": texts.token_bytes(tok),
-                "top_logprobs": tops,
-            }
-        )
-    return content
 
 
 def finish_str(reason: str | None) -> str | None:
