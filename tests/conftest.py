@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,3 +80,14 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(real_server: RealServer) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=real_server.url + "/v1",
+        api_key=API_KEY,
+        _strict_response_validation=True,
+        max_retries=0,
+        timeout=60,
+    )

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 API_KEY = "e2e-key"
 MODEL_NAME = "tiny"
@@ -28,6 +29,8 @@ LLAMA = {
     "eos_token_id": 2,
     "torch_dtype": "float32",
 }
+
+CHAT: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def free_port() -> int:

@@ -15,7 +15,14 @@ import pytest
 from frontend_helpers import start_fake_server
 
 from treadle_frontend.server import ServerConfig
-from treadle_frontend.server.tool_calls import ToolCallStream, parse_reply, template_messages, tool_stream
+from treadle_frontend.server.reply import parse_whole
+from treadle_frontend.server.tool_calls import ToolCallStream, template_messages, tool_stream
+
+
+def parse_reply(text: str) -> tuple[str | None, list[Any]]:
+    """A whole reply through the hermes parser alone: (content, calls)."""
+    return parse_whole(text, None, "hermes")[1:]
+
 
 WEATHER = {
     "type": "function",

@@ -84,10 +84,9 @@ class EngineCore:
         """Queue a request; ValueError (HTTP 400) if it can never fit, its id is in flight or a token id is outside
         the vocabulary (the client checks these first; an id the model would index with must never reach it)."""
         check_vocabulary(request.prompt_token_ids, request.sampling_params, self.executor.vocab_size)
-        if (
-            request.sampling_params.structured_outputs is not None
-        ):  # an invalid grammar fails this request only
-            self.executor.check_structured_outputs(request.sampling_params.structured_outputs)
+        structured = request.sampling_params.structured_outputs
+        if structured is not None:  # an invalid grammar fails this request only
+            self.executor.check_structured_outputs(structured)
         self.scheduler.add_request(
             Request(
                 request_id=request.request_id,

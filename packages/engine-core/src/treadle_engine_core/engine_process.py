@@ -84,9 +84,7 @@ def run_engine_process(
             engine.shutdown()
             raise KeyboardInterrupt("interrupted during start-up")
     except BaseException as e:
-        if isinstance(
-            e, (ValueError, KeyboardInterrupt)
-        ):  # a user's error or interruption: the message is enough
+        if isinstance(e, (ValueError, KeyboardInterrupt)):  # a user's error or an interruption: its message
             logger.error("engine core failed to start: %s", e)
         else:
             logger.exception("engine core failed to start")

@@ -12,7 +12,6 @@ block closes) with finish_reason "tool_calls" (tool_calls.py). With `--reasoning
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,10 +35,9 @@ from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls, forced_schema
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.reply import ReplyParser, parse_whole
-from treadle_frontend.server.structured import after_reasoning
+from treadle_frontend.server.structured import forced_constraint
 from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
-from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 
 def finish_str(reason: str | None) -> str | None:
@@ -90,14 +88,10 @@ class ChatHandler:
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced tool call cannot be combined with a structured "
                                     "output", param="tool_choice")  # fmt: skip
-            so = StructuredOutputsParams(
-                json=json.dumps(forced[0]), disable_any_whitespace=True
-            )  # compact JSON
-            so = after_reasoning(so, st.config.reasoning_parser, st.llm.input_processor.tokenizer)
+            so = forced_constraint(forced[0], st.llm.input_processor.tokenizer, st.config.reasoning_parser)
             params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
-        on = st.config.enable_auto_tool_choice and body.tools and choice != "none"
-        tools = st.config.tool_call_parser if on else None  # the parser that reads the reply's calls
+        tools = st.config.reply_tool_parser(bool(body.tools) and choice != "none")
         kwargs = dict(body.chat_template_kwargs or {})
         if body.tools:
             kwargs["tools"] = body.tools

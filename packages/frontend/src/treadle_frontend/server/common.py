@@ -20,7 +20,7 @@ from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.metrics import ServerMetrics
-from treadle_frontend.server.structured import after_reasoning, structured_outputs
+from treadle_frontend.server.structured import structured_outputs
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ def sampling_params(
                 400, f"{name} ({value}) is larger than the most this server returns ({limit})", param=name
             )
     tokenizer = state.llm.input_processor.tokenizer
-    so = structured_outputs(body, tokenizer is not None)
-    values["structured_outputs"] = so and after_reasoning(so, state.config.reasoning_parser, tokenizer)
+    values["structured_outputs"] = structured_outputs(body, tokenizer, state.config.reasoning_parser)
     try:
         return SamplingParams(
             n=n,

@@ -57,6 +57,11 @@ class ServerConfig:
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty; omit --api-key to serve without authentication")
 
+    def reply_tool_parser(self, auto: bool) -> str | None:
+        """The parser that reads the calls a reply writes, when the request lets the model choose (`auto`: it
+        has tools and neither forbids nor forces a call) and the server was started to read them."""
+        return self.tool_call_parser if auto and self.enable_auto_tool_choice else None
+
     @property
     def url(self) -> str:
         host = "localhost" if self.host in ("0.0.0.0", "::", "") else self.host

@@ -17,7 +17,6 @@ parser, enabled `thinking` is a 400.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,9 +35,8 @@ from treadle_frontend.server.messages_tools import (
 )
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
-from treadle_frontend.server.structured import after_reasoning
+from treadle_frontend.server.structured import forced_constraint
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
-from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 
 def _block_text(content: Any, where: str) -> str:
@@ -144,9 +142,8 @@ class MessagesHandler:
         rp = st.config.reasoning_parser
         check_unsupported(body, st.config.enable_auto_tool_choice, rp is not None)
         forced = forced_choice(body.tools, body.tool_choice)
-        on = st.config.enable_auto_tool_choice and body.tools and forced is None and \
-            (body.tool_choice or {}).get("type") != "none"  # fmt: skip
-        tools = st.config.tool_call_parser if on else None  # the parser that reads the reply's calls
+        choice = (body.tool_choice or {}).get("type")
+        tools = st.config.reply_tool_parser(bool(body.tools) and forced is None and choice != "none")
         text, ids = self._encode(body)
         values = st.llm.input_processor.default_sampling_fields()
         for name in ("temperature", "top_p", "top_k"):
@@ -155,8 +152,7 @@ class MessagesHandler:
                 values[name] = v
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         if forced is not None:  # decoding constrained to the calls' JSON
-            so = StructuredOutputsParams(json=json.dumps(forced[0]), disable_any_whitespace=True)
-            values["structured_outputs"] = after_reasoning(so, rp, st.llm.input_processor.tokenizer)
+            values["structured_outputs"] = forced_constraint(forced[0], st.llm.input_processor.tokenizer, rp)
         params = SamplingParams(
             max_tokens=body.max_tokens, stop=list(body.stop_sequences or []), output_kind=kind, **values
         )

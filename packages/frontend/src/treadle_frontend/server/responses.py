@@ -15,7 +15,6 @@ parser's block is left out of the message (no reasoning items yet).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,10 +42,9 @@ from treadle_frontend.server.responses_tools import (
     forced_choice,
     message,
 )
-from treadle_frontend.server.structured import after_reasoning, structured_outputs
+from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
 from treadle_frontend.server.tool_calls import ToolCall, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
-from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 
 def to_chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -98,8 +96,9 @@ class ResponsesHandler:
         tools = chat_tools(body.tools)
         choice = forced_choice(body.tool_choice)
         forced = forced_schema(tools, choice) if choice is not None else None
-        auto = st.config.enable_auto_tool_choice and tools and forced is None and body.tool_choice != "none"
-        tool_parser = st.config.tool_call_parser if auto else None
+        tool_parser = st.config.reply_tool_parser(
+            bool(tools) and forced is None and body.tool_choice != "none"
+        )
         if body.max_output_tokens is not None and body.max_output_tokens < 1:
             raise APIError(400, f"max_output_tokens must be >= 1, got {body.max_output_tokens}",
                            param="max_output_tokens")  # fmt: skip
@@ -109,27 +108,17 @@ class ResponsesHandler:
         ip.check_token_ids(ids, "the rendered input")
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=body.max_output_tokens, logprobs=None, kind=kind)
-        fmt = (body.text or {}).get("format")
-        if fmt:  # the Responses API's structured outputs: text.format {type, schema, name}
-            wrapped = {"type": fmt.get("type"), "json_schema": {"schema": fmt.get("schema")}}
-            try:
-                so = structured_outputs(_Format(wrapped), ip.tokenizer is not None)
-            except APIError as e:  # named as this API names the field
-                why = e.message.replace("response_format.json_schema.schema", "text.format.schema")
-                raise APIError(
-                    400, why.replace("response_format", "text.format"), param="text.format"
-                ) from None
-            if so is not None:
-                params = params.clone(structured_outputs=after_reasoning(so, st.config.reasoning_parser,
-                                                                         ip.tokenizer))  # fmt: skip
+        fmt = (body.text or {}).get("format") or {}
+        if fmt.get("type") not in (None, "text"):  # the Responses API's structured outputs: text.format
+            fields = format_fields(fmt.get("type"), fmt.get("schema"), "text.format", "text.format.schema")
+            so = compile_constraint("text.format", fields, ip.tokenizer, st.config.reasoning_parser)
+            params = params.clone(structured_outputs=so)
         if forced is not None:  # decoding constrained to the calls' JSON
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced call cannot be combined with text.format",
                                param="tool_choice")  # fmt: skip
-            so = StructuredOutputsParams(json=json.dumps(forced[0]), disable_any_whitespace=True)
-            params = params.clone(
-                structured_outputs=after_reasoning(so, st.config.reasoning_parser, ip.tokenizer)
-            )
+            so = forced_constraint(forced[0], ip.tokenizer, st.config.reasoning_parser)
+            params = params.clone(structured_outputs=so)
         ip.check_length(ids, params.clone())
         rid = new_id("resp_")
         gen = st.llm.generate(text, params, rid, prompt_token_ids=ids)
@@ -235,10 +224,3 @@ class _Reply:
         if self.forced:
             return ForcedToolCalls(self.forced_name)
         return ReplyParser(self.reasoning, self.tool_parser) if self.reasoning or self.tool_parser else None
-
-
-class _Format:
-    """`text.format` seen as a chat request's response_format, for structured_outputs()."""
-
-    def __init__(self, response_format: dict[str, Any]) -> None:
-        self.response_format = response_format

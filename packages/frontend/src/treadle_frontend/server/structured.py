@@ -10,6 +10,7 @@ masks every step's logits to what the constraint allows (treadle_model_runner.ru
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from treadle_frontend.server.errors import APIError
@@ -24,11 +25,16 @@ GUIDED = {
 }
 
 
-def structured_outputs(body: Any, has_tokenizer: bool) -> StructuredOutputsParams | None:
+def structured_outputs(
+    body: Any, tokenizer: Any, reasoning_parser: str | None
+) -> StructuredOutputsParams | None:
+    """The constraint a chat or completions body asks for (compiled, so a bad one is a 400), or None."""
     asked: list[tuple[str, dict[str, Any]]] = []  # (the field as sent, StructuredOutputsParams fields)
     fmt = getattr(body, "response_format", None)
     if fmt and fmt.get("type") not in (None, "text"):
-        asked.append(("response_format", _from_response_format(fmt)))
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        asked.append(("response_format", format_fields(fmt.get("type"), schema, "response_format",
+                                                       "response_format.json_schema.schema")))  # fmt: skip
     so = getattr(body, "structured_outputs", None)
     if so:
         unknown = sorted(k for k, v in so.items() if k not in OPTIONS and v not in (None, False))
@@ -44,15 +50,31 @@ def structured_outputs(body: Any, has_tokenizer: bool) -> StructuredOutputsParam
     if len(asked) > 1:
         raise APIError(400, f"ask for one structured output, not {' and '.join(n for n, _ in asked)}",
                        param=asked[1][0])  # fmt: skip
-    name, fields = asked[0]
-    if not has_tokenizer:
+    return compile_constraint(*asked[0], tokenizer, reasoning_parser)
+
+
+def compile_constraint(
+    name: str, fields: dict[str, Any], tokenizer: Any, reasoning_parser: str | None
+) -> StructuredOutputsParams:
+    """StructuredOutputsParams(**fields), compiled once here so a bad schema, regex or grammar is a 400 naming
+    `name` (the field as sent), and holding off for the reasoning block where the server reads one."""
+    if tokenizer is None:
         raise APIError(400, f"{name}: structured outputs need the model's tokenizer", param=name)
     try:
         params = StructuredOutputsParams(**fields)
-        params.build()  # compiles the schema / regex / grammar: a bad one is this request's 400
+        params.build()
     except (TypeError, ValueError) as e:  # "structured_outputs.<kind>: why" -> "<field as sent>: why"
         raise APIError(400, f"{name}: {str(e).split(': ', 1)[-1]}", param=name) from None
-    return params
+    return after_reasoning(params, reasoning_parser, tokenizer)
+
+
+def forced_constraint(
+    schema: dict[str, Any], tokenizer: Any, reasoning_parser: str | None
+) -> StructuredOutputsParams:
+    """A forced tool call's constraint: its JSON schema, without whitespace between tokens (a call's arguments
+    do not need it, and a model could otherwise repeat it without end)."""
+    params = StructuredOutputsParams(json=json.dumps(schema), disable_any_whitespace=True)
+    return after_reasoning(params, reasoning_parser, tokenizer)
 
 
 def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | None, tokenizer: Any) -> Any:
@@ -67,16 +89,12 @@ def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | Non
     return dataclasses.replace(params, reasoning=reasoning_parser, think_start_id=start, think_end_id=end)
 
 
-def _from_response_format(fmt: dict[str, Any]) -> dict[str, Any]:
-    kind = fmt.get("type")
+def format_fields(kind: Any, schema: Any, field: str, schema_field: str) -> dict[str, Any]:
+    """OpenAI's format object (`response_format`, the Responses API's `text.format`) as constraint fields."""
     if kind == "json_object":
         return {"json_object": True}
     if kind == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise APIError(400, "response_format.json_schema.schema: a JSON schema object is required",
-                           param="response_format")  # fmt: skip
+            raise APIError(400, f"{schema_field}: a JSON schema object is required", param=field)
         return {"json": schema}
-    raise APIError(
-        400, f"response_format {kind!r}: one of text, json_object, json_schema", param="response_format"
-    )
+    raise APIError(400, f"{field} {kind!r}: one of text, json_object, json_schema", param=field)

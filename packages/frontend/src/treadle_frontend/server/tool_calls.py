@@ -162,15 +162,6 @@ def tool_stream(parser: str) -> ToolCallStream | Llama3JsonStream:
     return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 
-def parse_reply(text: str) -> tuple[str | None, list[ToolCall]]:
-    """A finished reply's content (None when it made calls and nothing else) and its calls."""
-    stream = ToolCallStream()
-    content, calls = stream.feed(text)
-    rest, more = stream.finish()
-    content, calls = content + rest, calls + more
-    return (content or None) if calls else content, calls
-
-
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Assistant turns' tool calls with their JSON `arguments` as objects, as chat templates (and vLLM) expect."""
     out = []

@@ -46,8 +46,7 @@ def sample_step(
         )
         # [S, vocab] in the model dtype: the sampler casts when a step needs float32
         logits = model.compute_logits(hidden[inputs.logits_indices])
-        if any(s.sampling_params.structured_outputs is not None for s in states if s is not None):
-            runner.structured.mask([s for s in states if s is not None], logits)  # the grammar's next tokens
+        runner.structured.mask([s for s in states if s is not None], logits)  # rows with a grammar, if any
         out = runner.sampler(logits, metadata)
         if defer:
             positions = batch.num_tokens[rows].copy()

@@ -64,10 +64,10 @@ class StructuredOutputs:
     def mask(self, states: Sequence[RequestState], logits: torch.Tensor) -> None:
         """Mask `logits` [S, V] in place: row j to what request `states[j]`'s grammar allows next (other rows
         untouched)."""
-        xgr = import_xgrammar()
         rows = [j for j, s in enumerate(states) if s.sampling_params.structured_outputs is not None]
         if not rows:
             return
+        xgr = import_xgrammar()
         bitmask = xgr.allocate_token_bitmask(len(states), self.vocab_size)  # all allowed
         for j in rows:
             start = _grammar_start(states[j])
