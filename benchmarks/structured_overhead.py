@@ -1,8 +1,18 @@
-"""Structured outputs' host cost on CPU: the embedded model (SmolLM2-135M) generating the same number of tokens
-with and without a grammar (a regex that cannot finish within max_tokens, so every reply runs to max_tokens and
-every step masks its rows), alternating, in one process.
+"""What structured outputs cost: the same number of tokens generated with and without a grammar, alternating, in
+one process.
 
-Usage: python benchmarks/structured_overhead.py [--prompts 16] [--tokens 64] [--rounds 2] [--out F]
+The grammar is a regex that cannot finish within max_tokens (`[a-z ]{8 x tokens}`), so every reply runs to
+max_tokens and every step masks its rows: the worst case for the host (xgrammar fills a bitmask row per
+constrained request per step). Variants: `unconstrained`, `regex` (every request) and `mixed` (every fourth).
+
+CPU (default): the embedded model (SmolLM2-135M, float32), 16 prompts x 64 tokens.
+GPU: a model directory with dummy weights (`--model DIR --load-format dummy`); structured outputs need a
+tokenizer, and a benchmark config has none, so `--tokenizer-from DIR` builds a directory from the config with
+that directory's tokenizer files and vocabulary size (e.g. Llama-3.1-8B's shapes with SmolLM2's 49,152 tokens).
+`--batches 1,64,256` runs each batch size in turn (batch 1 also reports ms per output token).
+
+Usage: python benchmarks/structured_overhead.py [--model DIR --load-format dummy --tokenizer-from DIR]
+       [--batches 16] [--tokens 64] [--rounds 2] [--out F]
 """
 
 from __future__ import annotations
@@ -10,42 +20,101 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from treadle import LLM, SamplingParams, StructuredOutputsParams
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    llm = LLM()
-    prompts = [f"Write a list of words about topic number {i}:" for i in range(args.prompts)]
-    grammar = StructuredOutputsParams(regex=f"[a-z ]{{{args.tokens * 8}}}")  # longer than max_tokens allows
+
+def with_tokenizer(model: str, tokenizer_dir: str) -> str:
+    """A temporary model directory: `model`'s config.json with the tokenizer files (and vocabulary size, bos and
+    eos ids) of `tokenizer_dir`."""
+    src = Path(tokenizer_dir)
+    out = Path(tempfile.mkdtemp(prefix="structured-model-"))
+    config = json.loads((Path(model) / "config.json").read_text())
+    donor = json.loads((src / "config.json").read_text())
+    for key in ("vocab_size", "bos_token_id", "eos_token_id"):
+        config[key] = donor[key]
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return str(out)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def run_batch(llm: LLM, batch: int, tokens: int, rounds: int) -> dict:
+    prompts = [f"Write a list of words about topic number {i}:" for i in range(batch)]
+    grammar = StructuredOutputsParams(regex=f"[a-z ]{{{tokens * 8}}}")  # longer than max_tokens allows
+    plain = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    regex = SamplingParams(temperature=0, max_tokens=tokens, structured_outputs=grammar)
     variants = {
-        "unconstrained": SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True),
-        "regex": SamplingParams(temperature=0, max_tokens=args.tokens, structured_outputs=grammar),
+        "unconstrained": [plain] * batch,
+        "regex": [regex] * batch,
+        **({"mixed": [regex if i % 4 == 0 else plain for i in range(batch)]} if batch >= 4 else {}),
     }
-    llm.generate(prompts[:2], variants["regex"])  # warm-up: the tokenizer's vocabulary, the grammar compiled
+    llm.generate(prompts[:2], regex)  # warm-up: the tokenizer's vocabulary, the grammar compiled
     runs: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, params in variants.items():
             start = time.perf_counter()
             outs = llm.generate(prompts, params)
             elapsed = time.perf_counter() - start
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            assert tokens == args.prompts * args.tokens, (name, tokens)
-            runs[name].append(tokens / elapsed)
-            print(f"{name}: {tokens / elapsed:.1f} output tok/s")
+            made = sum(len(o.outputs[0].token_ids) for o in outs)
+            assert made == batch * tokens, (name, made)
+            runs[name].append(made / elapsed)
+            print(f"batch {batch} {name}: {made / elapsed:.1f} output tok/s")
+    result: dict = {"output_tok_s": runs}
+    mean = {name: sum(v) / len(v) for name, v in runs.items()}
+    result["over_unconstrained"] = {
+        n: m / mean["unconstrained"] for n, m in mean.items() if n != "unconstrained"
+    }
+    if batch == 1:
+        result["ms_per_output_token"] = {n: 1000.0 / m for n, m in mean.items()}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--tokenizer-from", default=None, help="take the tokenizer files of this model directory")
+    ap.add_argument("--batches", default="16", help="comma-separated batch sizes")
+    ap.add_argument("--prompts", type=int, default=None, help="one batch size (the older option)")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model = args.model
+    if args.tokenizer_from:
+        if model is None:
+            ap.error("--tokenizer-from needs --model")
+        model = with_tokenizer(model, args.tokenizer_from)
+    llm = LLM(model, load_format=args.load_format) if model else LLM()
+    batches = [args.prompts] if args.prompts else [int(b) for b in args.batches.split(",")]
     result = {
-        "device": f"cpu ({platform.processor() or platform.machine()})",
-        "model": "SmolLM2-135M-Instruct (embedded), float32",
-        "workload": f"{args.prompts} prompts x {args.tokens} tokens, greedy, alternating, {args.rounds} rounds",
-        "output_tok_s": runs,
-        "regex_over_unconstrained": sum(runs["regex"]) / sum(runs["unconstrained"]),
+        "device": device_name(),
+        "model": args.model or "SmolLM2-135M-Instruct (embedded)",
+        "load_format": args.load_format,
+        "tokenizer": args.tokenizer_from or "the model's",
+        "workload": f"batch sizes {batches} x {args.tokens} tokens, greedy, alternating, {args.rounds} rounds",
+        "batches": {str(b): run_batch(llm, b, args.tokens, args.rounds) for b in batches},
     }
     print(json.dumps(result, indent=1))
     if args.out:

@@ -23,6 +23,7 @@ from treadle_model_runner import (
     SamplingParams,
     SchedulerOutput,
 )
+from treadle_model_runner.outputs import AsyncModelRunnerOutput
 from treadle_model_runner.runner import ModelRunner
 
 
@@ -60,6 +61,7 @@ class FakeScheduler:
         self.outputs: list[ModelRunnerOutput] = []
         self.done_outputs: dict[str, list[int]] = {}  # finished request -> generated tokens
         self.preempted: set[str] = set()  # preempted since the last step
+        self.deferred_steps = 0  # steps the runner returned before their tokens reached the host
 
     def add(
         self, req_id: str, prompt: list[int], params: SamplingParams | None = None, max_tokens: int = 8
@@ -95,6 +97,9 @@ class FakeScheduler:
         self.finished.clear()
         self.preempted.clear()
         out = self.runner.execute(so)
+        if isinstance(out, AsyncModelRunnerOutput):  # runner.async_output: the tokens land after the return
+            self.deferred_steps += 1
+            out = out.get_output()
         for req_id, n in plan.items():
             req = self.requests[req_id]
             req.num_computed += n

@@ -127,13 +127,14 @@ class SamplingParams:
     @property
     def needs_host_tokens(self) -> bool:
         """The runner must know this request's sampled tokens on the host before its next step (penalties and
-        bad words read the outputs; logprobs are returned with the step), so its steps are not deferred."""
+        bad words read the outputs; logprobs are returned with the step), so its steps are not deferred.
+        Structured outputs need them only when the step samples, after its forward is launched (runner/sampling.py),
+        so their steps are deferred."""
         return (
             self.needs_penalties
             or bool(self.bad_words_token_ids)
             or self.logprobs is not None
             or self.prompt_logprobs is not None
-            or self.structured_outputs is not None  # the grammar advances with each sampled token
         )
 
     @property

@@ -9,7 +9,8 @@ waiting for N's sampled tokens. A step that samples in async mode therefore
   - returns an AsyncModelRunnerOutput that waits on that event only when the engine asks for the tokens.
 The next step's input ids take each placeholder's value on the device (`device_source`); the host values are
 filled in (`resolve`) at the start of the step after next, or at once when a step needs real output tokens on
-the host (penalties, bad words, logprobs).
+the host (penalties, bad words, logprobs), or, when a request of the step has a grammar, as the step samples
+(after its forward is queued).
 
 Invariant: at the start of a step at most one PendingTokens (the newest) is unresolved, so any placeholder in
 the host token ids belongs to it. Resolution writes only placeholders still there: a request that finished,

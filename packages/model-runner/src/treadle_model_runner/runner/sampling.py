@@ -46,7 +46,11 @@ def sample_step(
         )
         # [S, vocab] in the model dtype: the sampler casts when a step needs float32
         logits = model.compute_logits(hidden[inputs.logits_indices])
-        runner.structured.mask([s for s in states if s is not None], logits)  # rows with a grammar, if any
+        if any(s is not None and s.sampling_params.structured_outputs is not None for s in states):
+            # a grammar advances over the previous step's tokens: wait for them now, with this step's forward
+            # already queued on the device, instead of before the step (which would leave the device idle)
+            runner._resolve_pending(keep_newest=False)
+            runner.structured.mask([s for s in states if s is not None], logits)
         out = runner.sampler(logits, metadata)
         if defer:
             positions = batch.num_tokens[rows].copy()

@@ -6,8 +6,10 @@ The vocabulary comes from the model's tokenizer, loaded on the first structured 
 with a ValueError). Compiled grammars are cached by their `key()`. A request's matcher lives in its
 RequestState: it is built on the request's first sampling step and replays the outputs the request already has
 (a preempted request is re-sent in full and starts a new state), then accepts each new output token before the
-step masks its row. Requests with structured outputs need their tokens on the host every step
-(`SamplingParams.needs_host_tokens`), so no output is a placeholder here.
+step masks its row. Under async scheduling the step that masks was launched before the previous step's tokens
+reached the host; the runner resolves them just before `mask` (runner/sampling.py), so no output is a
+placeholder here. The bitmask goes to the device from pinned memory without a host wait, so the host never
+waits for the forward it masks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class StructuredOutputs:
         self._compiler: Any = None
         self._cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()  # add_request (engine thread) and the step (worker thread) both compile
+        self._batch_matcher: Any = (
+            None  # xgrammar's BatchGrammarMatcher: fills many rows' masks on its threads
+        )
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar (cached); ValueError when it is invalid or the model has no tokenizer."""
@@ -68,7 +73,12 @@ class StructuredOutputs:
         if not rows:
             return
         xgr = import_xgrammar()
-        bitmask = xgr.allocate_token_bitmask(len(states), self.vocab_size)  # all allowed
+        pinned = logits.is_cuda
+        # xgrammar's layout (allocate_token_bitmask): int32 words of 32 tokens, -1 = every token allowed
+        bitmask = torch.full(
+            (len(states), -(-self.vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pinned
+        )
+        fill: dict[int, Any] = {}  # row -> its matcher, filled together below (xgrammar's threads)
         for j in rows:
             start = _grammar_start(states[j])
             if start is None:  # still inside the reasoning block: unconstrained
@@ -79,12 +89,28 @@ class StructuredOutputs:
             if matcher.is_terminated():  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
                 self._set_only(bitmask[j], self.eos_token_ids)
             else:
-                matcher.fill_next_token_bitmask(bitmask, j)
-                params = states[j].sampling_params.structured_outputs
-                if params is not None and params.reasoning == "qwen3" and not states[j].output_token_ids:
-                    opening = [params.think_start_id]  # the first token may open a reasoning block instead
-                    self._set_only(bitmask[j], opening, keep=True)
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+                fill[j] = matcher
+        if len(fill) == 1:
+            j, matcher = next(iter(fill.items()))
+            matcher.fill_next_token_bitmask(bitmask, j)
+        elif fill:
+            if self._batch_matcher is None:
+                self._batch_matcher = xgr.BatchGrammarMatcher()
+            self._batch_matcher.batch_fill_next_token_bitmask(list(fill.values()), bitmask, list(fill))
+        for j in fill:
+            params = states[j].sampling_params.structured_outputs
+            if params is not None and params.reasoning == "qwen3" and not states[j].output_token_ids:
+                opening = [params.think_start_id]  # the first token may open a reasoning block instead
+                self._set_only(bitmask[j], opening, keep=True)
+        indices = torch.tensor(rows, dtype=torch.int32, pin_memory=pinned).to(
+            logits.device, non_blocking=True
+        )
+        xgr.apply_token_bitmask_inplace(
+            logits,
+            bitmask.to(logits.device, non_blocking=True),
+            vocab_size=self.vocab_size,
+            indices=indices if pinned else rows,
+        )
 
     def _set_only(self, row: torch.Tensor, tokens: Sequence[int | None], keep: bool = False) -> None:
         """Allow `tokens` in a bitmask row (int32 words, bit t % 32 of word t // 32): only them, or, with `keep`,
