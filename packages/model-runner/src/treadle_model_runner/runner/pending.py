@@ -41,7 +41,9 @@ class PendingTokens:
     index: dict[str, int]  # request id -> its index in req_ids
 
     def wait(self) -> None:
-        if self.done is not None:
+        # query first: synchronize() drops the GIL even when the copy has landed, and another thread may then
+        # hold it for a whole switch interval
+        if self.done is not None and not self.done.query():
             self.done.synchronize()
 
 
