@@ -8,6 +8,7 @@ directory; the outputs through ZMQ must equal the in-process engine's.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,15 @@ def test_async_output_equals_sync_for_every_kind_of_request(tmp_path: Path, monk
     deferred = []
     start = TokenCopier.start
     monkeypatch.setattr(TokenCopier, "start", lambda self, *a: deferred.append(1) or start(self, *a))
-    sync = run(False)
-    assert all(len(v) == 10 for v in sync.values()) and not deferred
-    assert run(True) == sync
-    assert len(deferred) > 5, "async scheduling should defer the steps that need no host tokens"
+    interval = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)  # CPython's default
+        sync = run(False)
+        assert all(len(v) == 10 for v in sync.values()) and not deferred
+        assert sys.getswitchinterval() == 0.005, "no worker thread: the GIL switch interval stays"
+        assert run(True) == sync
+        assert len(deferred) > 5, "async scheduling should defer the steps that need no host tokens"
+        # the worker thread must not wait 5 ms for the GIL after each torch call (executor.py)
+        assert sys.getswitchinterval() <= 0.0005
+    finally:
+        sys.setswitchinterval(interval)
