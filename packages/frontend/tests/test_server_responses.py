@@ -73,7 +73,8 @@ def test_streamed_events(client: openai.OpenAI) -> None:
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),  # accepted, but dropped: nothing to answer
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
 ])  # fmt: skip
 def test_what_is_not_served_is_a_400(server: Any, change: dict[str, Any], param: str) -> None:

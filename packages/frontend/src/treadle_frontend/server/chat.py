@@ -32,7 +32,7 @@ from treadle_frontend.server.common import (
     usage,
 )
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls, forced_schema
+from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_schema, forced_whole
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.reply import ReplyParser, parse_whole
 from treadle_frontend.server.structured import forced_constraint
@@ -134,9 +134,12 @@ class ChatHandler:
                     ),
                     "refusal": None,
                 }
-            reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
-            if forced is not None and (calls := forced_calls(c.text, forced[1])):
-                content = None
+            if forced is not None:
+                reasoning, content, calls = forced_whole(c.text, forced[1], rp)
+            else:
+                reasoning, content, calls = (
+                    parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
+                )
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
             if rp:
@@ -195,7 +198,7 @@ class ChatHandler:
         rp = self.state.config.reasoning_parser
         parsers: dict[int, ReplyParser | ForcedToolCalls] = {}
         if forced is not None:
-            parsers = {i: ForcedToolCalls(forced[1]) for i in range(body.n)}
+            parsers = {i: ForcedToolCalls(forced[1], rp) for i in range(body.n)}
         elif rp or tools:
             parsers = {i: ReplyParser(rp, tools) for i in range(body.n)}
         completion_tokens, cached = 0, 0

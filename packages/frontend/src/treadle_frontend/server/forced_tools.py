@@ -8,6 +8,8 @@ JSON becomes the calls.
 - "required": the reply is a JSON array of one or more `{"name", "parameters"}` objects, each naming a tool and
   matching its schema; one call per item, finish_reason "tool_calls".
 `ForcedToolCalls` streams nothing until the reply ends, then every call at once (the JSON is never content).
+With a reasoning parser the constraint holds off until the reasoning block ends (structured.after_reasoning), so
+the block is split off first and streamed as reasoning; the JSON after it is the calls.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 from typing import Any
 
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.reply import Piece
+from treadle_frontend.server.reply import Piece, ReasoningStream
 from treadle_frontend.server.tool_calls import ToolCall
 
 
@@ -52,17 +54,33 @@ def forced_calls(text: str, name: str | None) -> list[ToolCall]:
 
 
 class ForcedToolCalls:
-    """The streaming side: holds the reply, releases its calls when it ends."""
+    """The streaming side: releases the reasoning block as it comes, holds the rest, releases its calls when the
+    reply ends (or, when it does not parse, its text)."""
 
-    def __init__(self, name: str | None) -> None:
+    def __init__(self, name: str | None, reasoning_parser: str | None = None) -> None:
         self.name = name
+        self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
         self.text = ""
         self.num_calls = 0
 
     def feed(self, text: str, final: bool = False) -> Piece:
-        self.text += text
+        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
+        if final and self.reasoning:
+            more_r, more_c = self.reasoning.finish()
+            reasoning, content = reasoning + more_r, content + more_c
+        self.text += content
         if not final:
-            return Piece()
+            return Piece(reasoning=reasoning)
         calls = forced_calls(self.text, self.name)
         self.num_calls = len(calls)
-        return Piece(calls=calls, content="" if calls else self.text)
+        return Piece(reasoning=reasoning, calls=calls, content="" if calls else self.text)
+
+
+def forced_whole(
+    text: str, name: str | None, reasoning_parser: str | None
+) -> tuple[str | None, str | None, list[ToolCall]]:
+    """A finished forced reply as reply.parse_whole gives it: (reasoning or None, content or None, calls)."""
+    piece = ForcedToolCalls(name, reasoning_parser).feed(text, final=True)
+    reasoning = (piece.reasoning or None) if reasoning_parser else None
+    content = piece.content or (None if piece.calls or reasoning is not None else piece.content)
+    return reasoning, content, piece.calls

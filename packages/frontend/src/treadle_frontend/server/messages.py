@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from treadle_frontend.server.common import ServerState, collect_all, new_id, sse_event, until_disconnect
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls
+from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_whole
 from treadle_frontend.server.messages_tools import (
     BlockStream,
     chat_turns,
@@ -165,9 +165,10 @@ class MessagesHandler:
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)
-        reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
-        if forced is not None and (calls := forced_calls(c.text, forced[1])):
-            reasoning, content = None, None
+        if forced is not None:
+            reasoning, content, calls = forced_whole(c.text, forced[1], rp)
+        else:
+            reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
         blocks: list[dict[str, Any]] = (
             [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
         )
@@ -212,7 +213,7 @@ class MessagesHandler:
         rp = self.state.config.reasoning_parser
         parser: ReplyParser | ForcedToolCalls | None = ReplyParser(rp, tools) if rp or tools else None
         if forced is not None:
-            parser = ForcedToolCalls(forced[1])
+            parser = ForcedToolCalls(forced[1], rp)
         on_demand = rp is not None or forced is not None
         started = False
         try:

@@ -9,8 +9,9 @@ text is one `message` output item holding one `output_text` part, its calls `fun
 `sequence_number`: response.created → response.in_progress → response.output_item.added →
 response.content_part.added → response.output_text.delta* → response.output_text.done →
 response.content_part.done → response.output_item.done → response.completed (or response.incomplete); a failure
-mid-stream is an `error` event. Nothing is stored: `previous_response_id` and `background` are 400s. A reasoning
-parser's block is left out of the message (no reasoning items yet).
+mid-stream is an `error` event. Nothing is stored: `previous_response_id` and `background` are 400s. With a
+reasoning parser the block is a `reasoning` output item before the message (streamed as
+response.reasoning_text.delta events), its tokens counted in `usage.output_tokens_details.reasoning_tokens`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from treadle_frontend.server.common import (
     until_disconnect,
 )
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_calls, forced_schema
+from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_schema, forced_whole
 from treadle_frontend.server.protocol import ResponsesRequest
 from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
 from treadle_frontend.server.responses_tools import (
@@ -41,6 +42,8 @@ from treadle_frontend.server.responses_tools import (
     chat_tools,
     forced_choice,
     message,
+    reasoning_item,
+    reasoning_tokens,
 )
 from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
 from treadle_frontend.server.tool_calls import ToolCall, template_messages
@@ -57,6 +60,8 @@ def to_chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         raise APIError(400, "input: at least one input item is required", param="input")
     for i, item in enumerate(body.input):
         kind = item.get("type", "message")
+        if kind == "reasoning":  # an earlier turn's reasoning: not shown to the model again
+            continue
         if kind in ("function_call", "function_call_output"):
             for turn in call_turns(body.input, i):
                 last = msgs[-1] if msgs else {}
@@ -66,9 +71,13 @@ def to_chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                     msgs.append(turn)
             continue
         if kind != "message" or not isinstance(item.get("role"), str):
-            raise APIError(400, f"input[{i}]: only message, function_call and function_call_output items are "
-                                "supported here", param="input")  # fmt: skip
+            raise APIError(400, f"input[{i}]: only message, reasoning, function_call and function_call_output "
+                                "items are supported here", param="input")  # fmt: skip
         msgs.append({"role": item["role"], "content": _text(item.get("content"), i)})
+    if all(m["role"] == "system" for m in msgs):
+        raise APIError(
+            400, "input: no turn to answer (reasoning items are not shown to the model)", param="input"
+        )
     return template_messages(msgs)
 
 
@@ -132,19 +141,23 @@ class ResponsesHandler:
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         status = "incomplete" if c.finish_reason == "length" else "completed"
-        content, calls = reply.whole(c.text)
-        output = [message(new_id("msg_"), content or "", status)] if content or not calls else []
+        reasoning, content, calls = reply.whole(c.text)
+        output = [] if reasoning is None else [reasoning_item(new_id("rs_"), reasoning, "completed"
+                                                             if content or calls else status)]  # fmt: skip
+        if content or not (calls or reasoning is not None):
+            output.append(message(new_id("msg_"), content or "", status))
         output += [call_item(call, new_id("fc_")) for call in calls]
-        counts = (len(ids), out.num_cached_tokens or 0, len(c.token_ids))
+        thought = reasoning_tokens(ip.tokenizer, list(c.token_ids), reasoning is not None)
+        counts = (len(ids), out.num_cached_tokens or 0, len(c.token_ids), thought)
         return JSONResponse(self._response(rid, created, body, output, status, counts))
 
     def _response(self, rid: str, created: int, body: ResponsesRequest, output: list[dict[str, Any]],
-                  status: str, counts: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
+                  status: str, counts: tuple[int, int, int, int] | None) -> dict[str, Any]:  # fmt: skip
         usage = None
-        if counts is not None:
-            n_in, n_cached, n_out = counts
+        if counts is not None:  # input, cached input, output, reasoning tokens
+            n_in, n_cached, n_out, n_thought = counts
             usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": n_cached, "cache_write_tokens": 0},
-                     "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": n_thought},
                      "total_tokens": n_in + n_out}  # fmt: skip
         fmt = (body.text or {}).get("format") or {"type": "text"}
         choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
@@ -170,19 +183,21 @@ class ResponsesHandler:
         yield event("response.in_progress", response=started)
         items = ItemStream(event)
         parser = reply.stream()
-        finish, num_output, num_cached = None, 0, 0
+        finish, output_ids, num_cached, reasoned = None, [], 0, False
         try:
             async for out in gen:
                 num_cached = max(num_cached, out.num_cached_tokens or 0)
                 c = out.outputs[0]
-                num_output += len(c.token_ids)
+                output_ids += c.token_ids
                 finish = c.finish_reason or finish
                 piece = (
                     parser.feed(c.text, final=c.finish_reason is not None)
                     if parser
                     else Piece(content=c.text)
                 )
+                reasoned = reasoned or bool(piece.reasoning)
                 for ev in [
+                    *items.reasoning(piece.reasoning),
                     *items.text(piece.content),
                     *(e for call in piece.calls for e in items.call(call)),
                 ]:
@@ -195,12 +210,14 @@ class ResponsesHandler:
         status = "incomplete" if finish == "length" else "completed"
         for ev in items.finish(status):
             yield ev
-        done = self._response(rid, created, body, items.items, status, (num_input, num_cached, num_output))
+        thought = reasoning_tokens(self.state.llm.input_processor.tokenizer, output_ids, reasoned)
+        counts = (num_input, num_cached, len(output_ids), thought)
+        done = self._response(rid, created, body, items.items, status, counts)
         yield event(f"response.{status}", response=done)
 
 
 class _Reply:
-    """How a reply is read: reasoning dropped (no reasoning items yet), then calls forced or parsed, or text."""
+    """How a reply is read: reasoning apart, then calls forced or parsed, or text."""
 
     def __init__(
         self, reasoning: str | None, tool_parser: str | None, forced_name: str | None, forced: bool
@@ -212,15 +229,15 @@ class _Reply:
             forced,
         )
 
-    def whole(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        if self.forced and (calls := forced_calls(text, self.forced_name)):
-            return None, calls
+    def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
+        """(reasoning or None, content, calls) of a finished reply."""
+        if self.forced:
+            return forced_whole(text, self.forced_name, self.reasoning)
         if self.reasoning or self.tool_parser:
-            _, content, calls = parse_whole(text, self.reasoning, self.tool_parser)
-            return content, calls
-        return text, []
+            return parse_whole(text, self.reasoning, self.tool_parser)
+        return None, text, []
 
     def stream(self) -> ReplyParser | ForcedToolCalls | None:
         if self.forced:
-            return ForcedToolCalls(self.forced_name)
+            return ForcedToolCalls(self.forced_name, self.reasoning)
         return ReplyParser(self.reasoning, self.tool_parser) if self.reasoning or self.tool_parser else None

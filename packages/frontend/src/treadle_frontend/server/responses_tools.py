@@ -2,11 +2,13 @@
 
 Request side: `tools` (`{"type": "function", name, description, parameters}`) reach the chat template as chat
 tools; input items `function_call` (a call the model made) and `function_call_output` (its result) become an
-assistant turn's `tool_calls` and a `tool` turn. Reply side: calls are read from the reply by the server's tool
+assistant turn's `tool_calls` and a `tool` turn; `reasoning` items sent back are dropped (as earlier turns'
+reasoning is). Reply side: calls are read from the reply by the server's tool
 parser (`--enable-auto-tool-choice`, tool_choice auto) or forced by constrained decoding (`tool_choice`
 "required" or `{"type": "function", "name"}`, no flag needed), as on chat completions. Each call is a
-`function_call` output item; text is a `message` item before them. `ItemStream` writes the streamed events of
-those items, opening the message on its first text and each call's item when the call is complete.
+`function_call` output item; text is a `message` item before them, and a reasoning block (`--reasoning-parser`)
+a `reasoning` item first. `ItemStream` writes the streamed events of those items, opening the reasoning and the
+message items on their first text and each call's item when the call is complete.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from treadle_frontend.server.common import new_id
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.reply import END
 from treadle_frontend.server.tool_calls import ToolCall
 
 
@@ -69,6 +72,34 @@ def message(mid: str, text: str | None, status: str) -> dict[str, Any]:
     return {"id": mid, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
+def reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+def reasoning_item(rid: str, text: str | None, status: str) -> dict[str, Any]:
+    """A thinking model's reasoning block (`--reasoning-parser`) as a `reasoning` output item."""
+    content = [] if text is None else [reasoning_part(text)]
+    return {"id": rid, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def reasoning_tokens(tokenizer: Any, token_ids: list[int], has_reasoning: bool) -> int:
+    """Output tokens up to the end of the reasoning block: the fewest whose text holds `</think>` (all of them
+    when the block never closed; 0 without a block or a tokenizer)."""
+    if not has_reasoning or tokenizer is None or not token_ids:
+        return 0
+
+    def closed(k: int) -> bool:
+        return END in tokenizer.decode(token_ids[:k], skip_special_tokens=False)
+
+    if not closed(len(token_ids)):
+        return len(token_ids)
+    lo, hi = 1, len(token_ids)  # the text of the first hi tokens holds the tag, so does every longer prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if closed(mid) else (mid + 1, hi)
+    return lo
+
+
 class ItemStream:
     """The output items' events, in order; `items` collects each item once it is done."""
 
@@ -77,22 +108,51 @@ class ItemStream:
         self.items: list[dict[str, Any]] = []
         self._mid: str | None = None  # the open message item
         self._text = ""
+        self._rid: str | None = None  # the open reasoning item
+        self._reasoning = ""
+
+    def reasoning(self, text: str) -> list[str]:
+        if not text:
+            return []
+        events = []
+        if self._rid is None:
+            self._rid, self._reasoning = new_id("rs_"), ""
+            index = len(self.items)
+            events += [self.event("response.output_item.added", output_index=index,
+                                  item=reasoning_item(self._rid, None, "in_progress")),
+                       self.event("response.content_part.added", part=reasoning_part(""),
+                                  **self._where(self._rid))]  # fmt: skip
+        self._reasoning += text
+        return [*events, self.event("response.reasoning_text.delta", delta=text, **self._where(self._rid))]
+
+    def close_reasoning(self, status: str = "completed") -> list[str]:
+        """Finish the open reasoning item (if any): the reply went on to text or calls, or ended."""
+        if self._rid is None:
+            return []
+        where, text = self._where(self._rid), self._reasoning
+        item = reasoning_item(self._rid, text, status)
+        self._rid = None
+        self.items.append(item)
+        return [self.event("response.reasoning_text.done", text=text, **where),
+                self.event("response.content_part.done", part=reasoning_part(text), **where),
+                self.event("response.output_item.done", output_index=where["output_index"], item=item)]  # fmt: skip
 
     def text(self, text: str) -> list[str]:
         if not text:
             return []
-        events = []
+        events = self.close_reasoning()
         if self._mid is None:
             self._mid, self._text = new_id("msg_"), ""
             index = len(self.items)
             events += [self.event("response.output_item.added", output_index=index,
                                   item=message(self._mid, None, "in_progress")),
-                       self.event("response.content_part.added", part=part(""), **self._where())]  # fmt: skip
+                       self.event("response.content_part.added", part=part(""), **self._where(self._mid))]  # fmt: skip
         self._text += text
-        return [*events, self.event("response.output_text.delta", delta=text, logprobs=[], **self._where())]
+        return [*events, self.event("response.output_text.delta", delta=text, logprobs=[],
+                                    **self._where(self._mid))]  # fmt: skip
 
     def call(self, call: ToolCall) -> list[str]:
-        events = self.close("completed")
+        events = [*self.close_reasoning(), *self.close("completed")]
         item_id, index = new_id("fc_"), len(self.items)
         item = call_item(call, item_id)
         where = {"item_id": item_id, "output_index": index}
@@ -107,12 +167,14 @@ class ItemStream:
         ]  # fmt: skip
 
     def finish(self, status: str) -> list[str]:
-        """Close the open message; a reply with no item at all still gets an (empty) message item."""
+        """Close the open item; a reply with no item at all still gets an (empty) message item."""
+        if self._rid is not None:  # the reply ended inside its reasoning block
+            return self.close_reasoning(status)
         if self._mid is None and not self.items:
             self._mid, self._text = new_id("msg_"), ""
             opening = [self.event("response.output_item.added", output_index=0,
                                   item=message(self._mid, None, "in_progress")),
-                       self.event("response.content_part.added", part=part(""), **self._where())]  # fmt: skip
+                       self.event("response.content_part.added", part=part(""), **self._where(self._mid))]  # fmt: skip
             return [*opening, *self.close(status)]
         return self.close(status)
 
@@ -120,7 +182,7 @@ class ItemStream:
         """Finish the open message item (if any)."""
         if self._mid is None:
             return []
-        where, text = self._where(), self._text
+        where, text = self._where(self._mid), self._text
         item = message(self._mid, text, status)
         self._mid = None
         self.items.append(item)
@@ -128,5 +190,6 @@ class ItemStream:
                 self.event("response.content_part.done", part=part(text), **where),
                 self.event("response.output_item.done", output_index=where["output_index"], item=item)]  # fmt: skip
 
-    def _where(self) -> dict[str, Any]:
-        return {"item_id": self._mid, "output_index": len(self.items), "content_index": 0}
+    def _where(self, item_id: str) -> dict[str, Any]:
+        """The open item's place (an open item is always the next one in `items`)."""
+        return {"item_id": item_id, "output_index": len(self.items), "content_index": 0}
