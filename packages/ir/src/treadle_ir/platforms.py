@@ -19,9 +19,10 @@ __all__ = ["DEFAULT_PRIORITY", "PLATFORM_KINDS", "Platform", "current_platform"]
 
 PLATFORM_KINDS = ("cpu", "cuda")
 
-# Default provider priority per platform kind; ``native`` is appended when missing.
+# Default provider priority per platform kind; ``native`` is appended when missing. On CPU, ``onednn`` (oneDNN's
+# matmul on packed weights, treadle-kernels) serves the linear ops where registered; every other op is native.
 DEFAULT_PRIORITY: dict[str, tuple[str, ...]] = {
-    "cpu": ("native",),
+    "cpu": ("onednn", "native"),
     "cuda": ("triton", "native"),
 }
 

@@ -6,9 +6,9 @@ Each ``<noun>.py`` holds provider functions with the native signatures and their
 
 from __future__ import annotations
 
-from . import activation, cache, linear, norm, rotary, sampling
+from . import activation, cache, linear, linear_onednn, norm, rotary, sampling
 
-__all__ = ["register_triton_providers"]
+__all__ = ["register_cpu_providers", "register_triton_providers"]
 
 _registered = False
 
@@ -21,3 +21,8 @@ def register_triton_providers() -> None:
     for module in (norm, activation, rotary, cache, linear, sampling):
         module.register()
     _registered = True
+
+
+def register_cpu_providers() -> None:
+    """Register the CPU providers: ``onednn`` for the linear ops (re-registering replaces them)."""
+    linear_onednn.register()
