@@ -36,9 +36,8 @@ class StructuredOutputs:
         self._compiler: Any = None
         self._cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()  # add_request (engine thread) and the step (worker thread) both compile
-        self._batch_matcher: Any = (
-            None  # xgrammar's BatchGrammarMatcher: fills many rows' masks on its threads
-        )
+        # xgrammar's BatchGrammarMatcher (made on first use): fills many rows' masks on its threads
+        self._batch_matcher: Any = None
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar (cached); ValueError when it is invalid or the model has no tokenizer."""
