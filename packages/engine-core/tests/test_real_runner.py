@@ -63,9 +63,14 @@ def _prompts() -> list[list[int]]:
 
 
 def _run_inproc(
-    client: InprocClient, prompts: list[list[int]], max_tokens: int, params: list[Any] | None = None
+    client: InprocClient,
+    prompts: list[list[int]],
+    max_tokens: int,
+    params: list[Any] | None = None,
+    logprobs: dict[str, list[Any]] | None = None,
 ) -> dict[str, list[int]]:
-    """Greedy max_tokens per prompt, or `params[i]` for prompt i; the tokens each request produced."""
+    """Greedy max_tokens per prompt, or `params[i]` for prompt i; the tokens each request produced (and, into
+    `logprobs`, each request's sampled-token logprobs)."""
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         client.add_request(EngineCoreRequest(f"r{i}", p, params[i] if params else greedy, time.time()))
@@ -73,6 +78,8 @@ def _run_inproc(
     while client.has_unfinished_requests:
         for o in client.get_output().outputs:
             got[o.request_id].extend(o.new_token_ids)
+            if logprobs is not None and o.new_logprobs:
+                logprobs.setdefault(o.request_id, []).extend(o.new_logprobs)
     return got
 
 
@@ -126,6 +133,16 @@ def test_engine_process_with_real_runner_matches_inproc(tmp_path: Path) -> None:
     assert client.proc.exitcode == 0
 
 
+def _same_logprobs(got: dict[str, list[Any]], expected: dict[str, list[Any]]) -> None:
+    """The same tokens and ranks; values equal up to float32 rounding (steps batch other rows in other runs, and
+    the matmuls' summation order follows the row count)."""
+    assert got.keys() == expected.keys()
+    for req, lps in expected.items():
+        assert [(x.token_ids, x.chosen_rank) for x in got[req]] == [(x.token_ids, x.chosen_rank) for x in lps]
+        for a, b in zip(got[req], lps, strict=True):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
 def test_async_output_equals_sync_for_every_kind_of_request(tmp_path: Path, monkeypatch: Any) -> None:
     """Seeded sampling, penalties, bad words and logprobs (steps that need host tokens) mixed with plain
     sampled and greedy requests: async scheduling with deferred tokens gives exactly the sync tokens."""
@@ -144,9 +161,11 @@ def test_async_output_equals_sync_for_every_kind_of_request(tmp_path: Path, monk
         SamplingParams(temperature=0.9, seed=10, max_tokens=10, ignore_eos=True, frequency_penalty=0.5),
     ]
 
-    def run(async_scheduling: bool) -> dict[str, list[int]]:
+    def run(
+        async_scheduling: bool, logprobs: dict[str, list[Any]] | None = None, which: list[Any] = kinds
+    ) -> dict[str, list[int]]:
         client = InprocClient(_engine_config(model_dir, 20, "dummy", async_scheduling))
-        return _run_inproc(client, prompts, 10, kinds)
+        return _run_inproc(client, prompts[: len(which)], 10, which, logprobs)
 
     from treadle_model_runner.runner.pending import TokenCopier
 
@@ -156,11 +175,21 @@ def test_async_output_equals_sync_for_every_kind_of_request(tmp_path: Path, monk
     interval = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.005)  # CPython's default
-        sync = run(False)
+        sync_lps: dict[str, list[Any]] = {}
+        sync = run(False, sync_lps)
         assert all(len(v) == 10 for v in sync.values()) and not deferred
         assert sys.getswitchinterval() == 0.005, "no worker thread: the GIL switch interval stays"
-        assert run(True) == sync
+        async_lps: dict[str, list[Any]] = {}
+        assert run(True, async_lps) == sync
         assert len(deferred) > 5, "async scheduling should defer the steps that need no host tokens"
+        _same_logprobs(async_lps, sync_lps)
+        assert len(sync_lps["r6"]) == 10  # the logprobs request's
+        # a logprobs request's steps are deferred too: its logprobs travel with its tokens
+        deferred.clear()
+        alone: dict[str, list[Any]] = {}
+        assert run(True, alone, [kinds[6]]) == {"r0": sync["r6"]}
+        _same_logprobs({"r6": alone["r0"]}, sync_lps)
+        assert len(deferred) >= 9
         # the worker thread must not wait 5 ms for the GIL after each torch call (executor.py)
         assert sys.getswitchinterval() <= 0.0005
     finally:

@@ -41,21 +41,30 @@ class AsyncModelRunnerOutput:
     it from another thread while the runner already prepares the next step.
     """
 
-    def __init__(self, req_ids: list[str], sample_rows: list[int], tokens: Any, wait: Any) -> None:
+    def __init__(
+        self, req_ids: list[str], sample_rows: list[int], tokens: Any, wait: Any, logprobs: Any = None
+    ) -> None:
         self.req_ids = req_ids
         self.sample_rows = sample_rows  # index in req_ids of each sampled token
         self._tokens = tokens  # pinned host tensor [S], valid once wait() returned
         self._wait = wait
+        self._logprobs = logprobs  # None, or () -> [S] Logprobs | None per sampled token, valid after wait()
 
     def get_output(self) -> ModelRunnerOutput:
         self._wait()
         tokens = self._tokens.tolist()
+        per_token: list[Logprobs | None] = (
+            self._logprobs() if self._logprobs is not None else [None] * len(tokens)
+        )
         sampled: list[list[int]] = [[] for _ in self.req_ids]
+        logprobs: list[list[Logprobs] | None] = [None] * len(self.req_ids)
         for j, i in enumerate(self.sample_rows):
             sampled[i] = [tokens[j]]
+            if (lp := per_token[j]) is not None:
+                logprobs[i] = [lp]
         return ModelRunnerOutput(
             req_ids=self.req_ids,
             req_id_to_index={r: i for i, r in enumerate(self.req_ids)},
             sampled_token_ids=sampled,
-            logprobs=[None] * len(self.req_ids),
+            logprobs=logprobs,
         )

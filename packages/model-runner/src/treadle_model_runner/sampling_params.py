@@ -127,15 +127,10 @@ class SamplingParams:
     @property
     def needs_host_tokens(self) -> bool:
         """The runner must know this request's sampled tokens on the host before its next step (penalties and
-        bad words read the outputs; logprobs are returned with the step), so its steps are not deferred.
-        Structured outputs need them only when the step samples, after its forward is launched (runner/sampling.py),
-        so their steps are deferred."""
-        return (
-            self.needs_penalties
-            or bool(self.bad_words_token_ids)
-            or self.logprobs is not None
-            or self.prompt_logprobs is not None
-        )
+        bad words read the outputs; prompt logprobs are returned with the step), so its steps are not deferred.
+        Structured outputs need them only when the step samples, after its forward is launched, and sampled-token
+        logprobs travel with the tokens (runner/sampling.py), so those steps are deferred."""
+        return self.needs_penalties or bool(self.bad_words_token_ids) or self.prompt_logprobs is not None
 
     @property
     def num_logprobs(self) -> int:

@@ -9,8 +9,8 @@ waiting for N's sampled tokens. A step that samples in async mode therefore
   - returns an AsyncModelRunnerOutput that waits on that event only when the engine asks for the tokens.
 The next step's input ids take each placeholder's value on the device (`device_source`); the host values are
 filled in (`resolve`) at the start of the step after next, or at once when a step needs real output tokens on
-the host (penalties, bad words, logprobs), or, when a request of the step has a grammar, as the step samples
-(after its forward is queued).
+the host (penalties, bad words, prompt logprobs), or, when a request of the step has a grammar, as the step
+samples (after its forward is queued). A deferred step's logprobs travel with its tokens (`extra`).
 
 Invariant: at the start of a step at most one PendingTokens (the newest) is unresolved, so any placeholder in
 the host token ids belongs to it. Resolution writes only placeholders still there: a request that finished,
@@ -39,6 +39,9 @@ class PendingTokens:
     host: torch.Tensor  # [S] int64 pinned host copy, valid after wait()
     done: torch.cuda.Event | None  # recorded after the copy (None on CPU: the copy was synchronous)
     index: dict[str, int]  # request id -> its index in req_ids
+    extra: list[
+        torch.Tensor
+    ]  # host copies of `extra` tensors given to start() (the logprobs), valid after wait()
 
     def wait(self) -> None:
         # query first: synchronize() drops the GIL even when the copy has landed, and another thread may then
@@ -54,21 +57,33 @@ class TokenCopier:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def start(self, req_ids: list[str], positions: np.ndarray, sampled: torch.Tensor) -> PendingTokens:
+    def start(
+        self,
+        req_ids: list[str],
+        positions: np.ndarray,
+        sampled: torch.Tensor,
+        extra: tuple[torch.Tensor, ...] = (),
+    ) -> PendingTokens:
+        """Copy `sampled` (and each `extra` tensor, e.g. the step's logprobs) to the host, landing together."""
         sampled = sampled.to(torch.int64)
-        host = torch.empty(sampled.shape, dtype=torch.int64, pin_memory=self.stream is not None)
+        pinned = self.stream is not None
+        host = torch.empty(sampled.shape, dtype=torch.int64, pin_memory=pinned)
+        extra_host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for t in extra]
         done = None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                host.copy_(sampled, non_blocking=True)
+                for dst, src in zip([host, *extra_host], [sampled, *extra], strict=True):
+                    dst.copy_(src, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self.stream)
-            sampled.record_stream(self.stream)
+            for src in (sampled, *extra):
+                src.record_stream(self.stream)
         else:
-            host.copy_(sampled)
+            for dst, src in zip([host, *extra_host], [sampled, *extra], strict=True):
+                dst.copy_(src)
         index = {r: j for j, r in enumerate(req_ids)}
-        return PendingTokens(req_ids, positions, sampled, host, done, index)
+        return PendingTokens(req_ids, positions, sampled, host, done, index, extra_host)
 
 
 def resolve(pending: PendingTokens, requests: dict[str, RequestState], batch: InputBatch) -> None:

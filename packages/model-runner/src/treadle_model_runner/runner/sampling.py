@@ -15,7 +15,7 @@ import torch
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, Logprobs, ModelRunnerOutput
 from treadle_model_runner.runner.inputs import StepInputs
 from treadle_model_runner.runner.pending import PLACEHOLDER
-from treadle_model_runner.sample import SamplingMetadata, compute_prompt_logprobs
+from treadle_model_runner.sample import LogprobsTensors, SamplingMetadata, compute_prompt_logprobs
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.model_runner import ModelRunner
@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 def sample_step(
     runner: ModelRunner, req_ids: list[str], inputs: StepInputs, hidden: torch.Tensor, defer: bool = False
 ) -> ModelRunnerOutput | AsyncModelRunnerOutput:
-    """Sample this step's tokens. `defer`: do not wait for them (async output, see pending.py); the caller
-    guarantees no request of the step wants logprobs or prompt logprobs."""
+    """Sample this step's tokens. `defer`: do not wait for them (async output, see pending.py; their logprobs
+    travel with them); the caller guarantees no request of the step wants prompt logprobs."""
     batch = runner.batch
     model = runner._require_model()
     rows = inputs.sample_rows
@@ -58,11 +58,17 @@ def sample_step(
             for state in states:
                 assert state is not None
                 state.output_token_ids.append(PLACEHOLDER)
+            lp = out.logprobs
+            extra = () if lp is None else (lp.token_ids, lp.logprobs, lp.ranks)
             pending = runner.copier.start(
-                [req_ids[r] for r in rows.tolist()], positions, out.sampled_token_ids
+                [req_ids[r] for r in rows.tolist()], positions, out.sampled_token_ids, extra
             )
             runner.pending.append(pending)
-            return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait)
+            logprobs = None
+            if lp is not None:  # built from the host copies when the engine asks for the step's output
+                host, counts = pending.extra, metadata.num_logprobs
+                logprobs = lambda: LogprobsTensors(*host).tolists(counts)  # noqa: E731
+            return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait, logprobs)
         tokens = out.sampled_token_ids.cpu().numpy()
         batch.append_tokens(rows, tokens.astype(np.int32))
         host_logprobs = out.logprobs.tolists(metadata.num_logprobs) if out.logprobs is not None else None
