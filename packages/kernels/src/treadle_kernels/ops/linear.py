@@ -11,6 +11,7 @@ standalone prologue op (itself dispatched: the Triton norm or activation kernel 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from treadle_ir import ops
 
 from .. import envs
+from .linear_checks import LinearChecks, register_linear_ops
 from .support import check_tensor, num_sms, pdl_enabled, rows_view, triton_supported
 
 __all__ = ["MAX_ROWS", "register"]
@@ -200,56 +202,6 @@ def gelu_tanh_and_mul_linear(
     return _gated_linear(_GELU_TANH, x, weight, bias)
 
 
-# ------------------------------------------------------------------------------------------ argument checks
-def _check_linear(x: torch.Tensor, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
-    for name, t in (("x", x), ("weight", weight), *((("bias", bias),) if bias is not None else ())):
-        if (reason := check_tensor(t, name)) is not None:
-            return reason
-    if x.dim() == 0 or rows_view(x) is None:
-        return "x must be viewable as [rows, features] without a copy"
-    if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != k:
-        return f"weight {tuple(weight.shape)} must be contiguous [out, {k}]"
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return f"weight/bias dtype differs from x ({x.dtype})"
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        return f"bias {tuple(bias.shape)} does not match {weight.shape[0]} outputs"
-    return True
-
-
-def _check_plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
-    return _check_linear(x, x.shape[-1] if x.dim() else -1, weight, bias)
-
-
-def _check_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    epsilon: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> bool | str:
-    for name, t in (("residual", residual), ("norm_weight", norm_weight)):
-        if (reason := check_tensor(t, name)) is not None:
-            return reason
-    if residual.shape != x.shape or rows_view(residual) is None:
-        return "residual must have x's shape and be viewable as rows"
-    if norm_weight.shape != (x.shape[-1],) or norm_weight.dtype != x.dtype:
-        return f"norm_weight {tuple(norm_weight.shape)} must be [{x.shape[-1]}] in {x.dtype}"
-    return _check_plain(x, weight, bias)
-
-
-def _check_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
-    if x.dim() == 0 or x.shape[-1] % 2:
-        return f"last dim {x.shape[-1] if x.dim() else None} must be even (gate | up)"
-    return _check_linear(x, x.shape[-1] // 2, weight, bias)
-
-
 def register(provider: str = "triton") -> None:
     """Register the fused linear providers under ``provider``."""
-    for ir_op, impl, check in (
-        (ops.linear, linear, _check_plain),
-        (ops.add_rms_norm_linear, add_rms_norm_linear, _check_norm),
-        (ops.silu_and_mul_linear, silu_and_mul_linear, _check_gated),
-        (ops.gelu_tanh_and_mul_linear, gelu_tanh_and_mul_linear, _check_gated),
-    ):
-        ir_op.register_impl(provider, supported=triton_supported, supports_args=check)(impl)
+    register_linear_ops(provider, sys.modules[__name__], triton_supported, LinearChecks(check_tensor))

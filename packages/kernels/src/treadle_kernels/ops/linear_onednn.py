@@ -16,12 +16,15 @@ the matmul's summation order.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
 
 from treadle_ir import ops
 from treadle_ir.platforms import Platform
+
+from .linear_checks import LinearChecks, register_linear_ops
 
 __all__ = ["PROVIDER", "packed_weight", "register"]
 
@@ -86,51 +89,16 @@ def gelu_tanh_and_mul_linear(
     return _matmul(ops.gelu_tanh_and_mul(x), weight, bias)
 
 
-def _check(x: torch.Tensor, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
-    tensors = [("x", x), ("weight", weight), *((("bias", bias),) if bias is not None else ())]
-    for name, t in tensors:
-        if t.device.type != "cpu":
-            return f"{name} is on {t.device}, not the CPU"
-        if t.dtype not in DTYPES:
-            return f"{name} is {t.dtype}; oneDNN's packed matmul here takes float32 or bfloat16"
-        if t.dtype != x.dtype:
-            return f"{name} is {t.dtype}, x is {x.dtype}"
-    if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
-        return "autograd: the packed matmul has no backward"
-    if weight.dim() != 2 or not weight.is_contiguous() or weight.shape[1] != k or x.dim() == 0:
-        return f"weight {tuple(weight.shape)} must be contiguous [out, {k}]"
-    if bias is not None and bias.shape != (weight.shape[0],):
-        return f"bias {tuple(bias.shape)} does not match {weight.shape[0]} outputs"
-    return True
-
-
-def _check_plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
-    return _check(x, x.shape[-1] if x.dim() else -1, weight, bias)
-
-
-def _check_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    epsilon: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> bool | str:
-    return _check_plain(x, weight, bias)
-
-
-def _check_gated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool | str:
-    if x.dim() == 0 or x.shape[-1] % 2:
-        return f"last dim {x.shape[-1] if x.dim() else None} must be even (gate | up)"
-    return _check(x, x.shape[-1] // 2, weight, bias)
+def _tensor_reason(t: torch.Tensor, name: str) -> str | None:
+    if t.device.type != "cpu":
+        return f"{name} is on {t.device}, not the CPU"
+    if t.dtype not in DTYPES:
+        return f"{name} is {t.dtype}; oneDNN's packed matmul here takes float32 or bfloat16"
+    if torch.is_grad_enabled() and t.requires_grad:
+        return f"autograd: {name} requires grad and the packed matmul has no backward"
+    return None
 
 
 def register() -> None:
     """Register the ``onednn`` provider of every linear IR op."""
-    for ir_op, impl, check in (
-        (ops.linear, linear, _check_plain),
-        (ops.add_rms_norm_linear, add_rms_norm_linear, _check_norm),
-        (ops.silu_and_mul_linear, silu_and_mul_linear, _check_gated),
-        (ops.gelu_tanh_and_mul_linear, gelu_tanh_and_mul_linear, _check_gated),
-    ):
-        ir_op.register_impl(PROVIDER, supported=supported, supports_args=check)(impl)
+    register_linear_ops(PROVIDER, sys.modules[__name__], supported, LinearChecks(_tensor_reason))
