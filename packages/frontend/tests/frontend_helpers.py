@@ -67,3 +67,12 @@ __all__ = [
     "make_processor",
     "start_fake_server",
 ]
+
+
+def openai_client(url: str, api_key: str = "x") -> Any:
+    """The real openai SDK on a test server's /v1, validating every response strictly, with no retries."""
+    import openai
+
+    return openai.OpenAI(
+        base_url=url + "/v1", api_key=api_key, _strict_response_validation=True, max_retries=0
+    )

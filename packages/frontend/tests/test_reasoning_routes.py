@@ -12,7 +12,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from frontend_helpers import start_fake_server
+from frontend_helpers import openai_client, start_fake_server
 
 THOUGHT = "The user greets me; answer briefly.\n"
 THINKING = f"<think>\n{THOUGHT}</think>\n\nHello there!"
@@ -30,9 +30,7 @@ def server(tokenizer: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def client(server: Any) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=server.url + "/v1", api_key="x", _strict_response_validation=True, max_retries=0
-    )
+    return openai_client(server.url)
 
 
 def _script(server: Any, tokenizer: Any, text: str) -> list[int]:

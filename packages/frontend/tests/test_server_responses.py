@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from frontend_helpers import start_fake_server
+from frontend_helpers import openai_client, start_fake_server
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,7 @@ def server(tokenizer: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def client(server: Any) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=server.url + "/v1", api_key="x", _strict_response_validation=True, max_retries=0
-    )
+    return openai_client(server.url)
 
 
 def test_reply_usage_and_status(client: openai.OpenAI, server: Any, tokenizer: Any) -> None:
