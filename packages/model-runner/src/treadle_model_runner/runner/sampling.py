@@ -7,6 +7,7 @@ scores prompt token p + 1). Sampled tokens are appended to the persistent batch 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,8 +67,7 @@ def sample_step(
             runner.pending.append(pending)
             logprobs = None
             if lp is not None:  # built from the host copies when the engine asks for the step's output
-                host, counts = pending.extra, metadata.num_logprobs
-                logprobs = lambda: LogprobsTensors(*host).tolists(counts)  # noqa: E731
+                logprobs = functools.partial(_host_logprobs, pending.extra, metadata.num_logprobs)
             return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait, logprobs)
         tokens = out.sampled_token_ids.cpu().numpy()
         batch.append_tokens(rows, tokens.astype(np.int32))
@@ -87,6 +87,11 @@ def sample_step(
         logprobs=logprobs_lists,
         prompt_logprobs=_prompt_logprobs(runner, req_ids, inputs, hidden),
     )
+
+
+def _host_logprobs(host: list[torch.Tensor], counts: list[int]) -> list[Logprobs | None]:
+    """A deferred step's logprobs, from their host copies (token ids, logprobs, ranks) once they landed."""
+    return LogprobsTensors(*host).tolists(counts)
 
 
 def _prompt_logprobs(
