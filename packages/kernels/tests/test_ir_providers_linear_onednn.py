@@ -87,3 +87,19 @@ def test_default_on_cpu() -> None:
     chosen, _ = ops.linear.explain(x, weight, None)
     assert chosen.name == (provider.PROVIDER if not torch.cuda.is_available() else "triton")
     _close(ops.linear(x, weight, None), ops.linear.native(x, weight, None), torch.float32)
+
+
+def test_packing_stops_at_its_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = provider._Budget()
+    budget.limit = 24 * 16 * 4 + 100  # room for one [24, 16] float32 weight
+    monkeypatch.setattr(provider, "_budget", budget)
+    x, first, _ = _args("linear", (4,), 24, 16, torch.float32, False, 1)
+    _, second, _ = _args("linear", (4,), 24, 16, torch.float32, False, 2)
+    assert provider.packed_weight(first) is not None and provider.packed_weight(second) is None
+    assert torch.equal(
+        provider.linear(x, second, None), ops.linear.native(x, second, None)
+    )  # F.linear itself
+    with torch.no_grad():
+        first.add_(1.0)  # a repack of a packed weight stays within what it already holds
+    assert provider.packed_weight(first) is not None and budget.used == 24 * 16 * 4
+    _close(provider.linear(x, first, None), ops.linear.native(x, first, None), torch.float32)

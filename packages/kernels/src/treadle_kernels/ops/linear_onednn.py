@@ -7,8 +7,9 @@ matmul measured faster at every row count (SmolLM2's 576 -> 3072 projection: 0.3
 already goes through oneDNN, so packing gains little there; both dtypes are served.
 
 The packed copy is made on a weight's first use and kept on the weight tensor; it is remade when the weight
-changes (its storage, shape or in-place version counter). It costs as much memory again as the linear weights;
-``--ir-op-priority`` (e.g. ``linear=native``) or ``TREADLE_IR_OP_PRIORITY`` turns it off per op. The prologues of
+changes (its storage, shape or in-place version counter). It costs as much memory again as the weights it
+packs: packing stops once the copies reach a quarter of physical memory (the weights after that run
+``F.linear``), and ``--ir-op-priority`` (e.g. ``linear=native``) or ``TREADLE_IR_OP_PRIORITY`` turns it off per op. The prologues of
 the fused ops (norm, gated activation) run as their standalone ops first, so results differ from native only by
 the matmul's summation order.
 """
@@ -16,10 +17,14 @@ the matmul's summation order.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
+import threading
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from treadle_ir import ops
 from treadle_ir.platforms import Platform
@@ -30,7 +35,8 @@ __all__ = ["PROVIDER", "packed_weight", "register"]
 
 PROVIDER = "onednn"
 DTYPES = (torch.float32, torch.bfloat16)
-_ATTR = "_treadle_onednn_packed"  # (key, packed) on the weight tensor
+_ATTR = "_treadle_onednn_packed"  # (key, packed or None) on the weight tensor
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -49,18 +55,59 @@ def supported(platform: Platform) -> bool | str:
     return _onednn_reason() or True
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return 0
+
+
+class _Budget:
+    """The bytes of packed copies one process may hold: a quarter of physical memory, so a large model on CPU
+    keeps most of its memory (the weights past the budget stay unpacked and run ``F.linear``)."""
+
+    def __init__(self) -> None:
+        self.limit = _physical_memory() // 4
+        self.used = 0
+        self.lock = threading.Lock()
+        self.warned = False
+
+    def take(self, nbytes: int) -> bool:
+        with self.lock:
+            if self.used + nbytes > self.limit:
+                if not self.warned:
+                    logger.warning("onednn: packed linear weights reached %.1f GiB (a quarter of physical memory); "
+                                   "the rest run unpacked", self.used / (1 << 30))  # fmt: skip
+                    self.warned = True
+                return False
+            self.used += nbytes
+            return True
+
+
+_budget = _Budget()
+
+
 def packed_weight(weight: torch.Tensor) -> Any:
-    """``weight`` [out, in] in oneDNN's blocked layout, packed on first use and kept until the weight changes."""
+    """``weight`` [out, in] in oneDNN's blocked layout, packed on first use and kept until the weight changes;
+    None when the packing budget is spent (the weight is then used as it is)."""
     key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
     cached = getattr(weight, _ATTR, None)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        nbytes = weight.numel() * weight.element_size()
+        fresh = cached is not None and cached[1] is not None  # a repack reuses its own budget
+        packed = None
+        if fresh or _budget.take(nbytes):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        cached = (key, packed)
         setattr(weight, _ATTR, cached)
     return cached[1]
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+    packed = packed_weight(weight)
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
