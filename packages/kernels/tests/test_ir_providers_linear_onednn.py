@@ -82,6 +82,12 @@ def test_what_it_cannot_serve_falls_back_to_native() -> None:
     assert "CPU only" in str(provider.supported(Platform(kind="cuda", capability=(9, 0))))
 
 
+def test_other_cpus_keep_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured on x86-64 only: elsewhere (an Arm laptop) the linear ops stay native."""
+    monkeypatch.setattr(provider._py_platform, "machine", lambda: "arm64")
+    assert "x86-64 only" in str(provider.supported(Platform(kind="cpu")))
+
+
 def test_default_on_cpu() -> None:
     x, weight, _ = _args("linear", (4,), 24, 16, torch.float32, False, 0)
     chosen, _ = ops.linear.explain(x, weight, None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform as _py_platform
 import sys
 import threading
 from typing import Any
@@ -52,6 +53,8 @@ def _onednn_reason() -> str | None:
 def supported(platform: Platform) -> bool | str:
     if not platform.is_cpu:
         return "CPU only (oneDNN's packed weights live in host memory)"
+    if (machine := _py_platform.machine().lower()) not in ("x86_64", "amd64"):
+        return f"measured on x86-64 only; this CPU is {machine or 'unknown'}"
     return _onednn_reason() or True
 
 
@@ -97,7 +100,12 @@ def packed_weight(weight: torch.Tensor) -> Any:
         fresh = cached is not None and cached[1] is not None  # a repack reuses its own budget
         packed = None
         if fresh or _budget.take(nbytes):
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+            except RuntimeError as exc:  # a shape or build oneDNN refuses: this weight runs unpacked
+                logger.warning(
+                    "onednn: cannot pack a %s weight (%s); it runs unpacked", tuple(weight.shape), exc
+                )
         cached = (key, packed)
         setattr(weight, _ATTR, cached)
     return cached[1]
