@@ -279,12 +279,17 @@ def test_reshape_and_cache_fp8_gpu(cache_dtype: torch.dtype) -> None:
 # ------------------------------------------------------------------------------------------ report
 def test_report_on_this_platform() -> None:
     import treadle_ir
+    from treadle_ir.platforms import Platform
+    from treadle_kernels.ops import linear_onednn
 
     text = treadle_ir.report()
     linear_ops = {"linear", "add_rms_norm_linear", "silu_and_mul_linear", "gelu_tanh_and_mul_linear"}
     for name in ops.__all__:
         line = next(line for line in text.splitlines() if line.startswith(f"{name}: "))
-        cpu = "onednn" if name in linear_ops else "native"  # oneDNN's packed matmul (linear_onednn.py)
+        onednn = (
+            linear_onednn.supported(Platform(kind="cpu")) is True
+        )  # x86-64 with oneDNN (linear_onednn.py)
+        cpu = "onednn" if name in linear_ops and onednn else "native"
         assert line.startswith(f"{name}: selected {'triton' if CUDA else cpu}"), line
     if not CUDA:
         assert "triton: skipped: not in the priority list ['onednn', 'native']" in text
