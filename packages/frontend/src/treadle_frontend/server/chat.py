@@ -32,9 +32,9 @@ from treadle_frontend.server.common import (
     usage,
 )
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_schema, forced_whole
+from treadle_frontend.server.forced_tools import ForcedToolCalls, ReplyReader, forced_schema
 from treadle_frontend.server.protocol import ChatCompletionRequest
-from treadle_frontend.server.reply import ReplyParser, parse_whole
+from treadle_frontend.server.reply import ReplyParser
 from treadle_frontend.server.structured import forced_constraint
 from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
@@ -134,12 +134,7 @@ class ChatHandler:
                     ),
                     "refusal": None,
                 }
-            if forced is not None:
-                reasoning, content, calls = forced_whole(c.text, forced[1], rp)
-            else:
-                reasoning, content, calls = (
-                    parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
-                )
+            reasoning, content, calls = ReplyReader(rp, tools, forced).whole(c.text)
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
             if rp:
@@ -196,11 +191,8 @@ class ChatHandler:
 
         started: set[int] = set()
         rp = self.state.config.reasoning_parser
-        parsers: dict[int, ReplyParser | ForcedToolCalls] = {}
-        if forced is not None:
-            parsers = {i: ForcedToolCalls(forced[1], rp) for i in range(body.n)}
-        elif rp or tools:
-            parsers = {i: ReplyParser(rp, tools) for i in range(body.n)}
+        reader = ReplyReader(rp, tools, forced)
+        parsers = {i: p for i in range(body.n) if (p := reader.stream()) is not None}
         completion_tokens, cached = 0, 0
         try:
             for i in range(body.n):

@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.reply import Piece, ReasoningStream
+from treadle_frontend.server.reply import Piece, ReasoningStream, ReplyParser, whole_reply
 from treadle_frontend.server.tool_calls import ToolCall
 
 
@@ -64,10 +64,7 @@ class ForcedToolCalls:
         self.num_calls = 0
 
     def feed(self, text: str, final: bool = False) -> Piece:
-        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
-        if final and self.reasoning:
-            more_r, more_c = self.reasoning.finish()
-            reasoning, content = reasoning + more_r, content + more_c
+        reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
         self.text += content
         if not final:
             return Piece(reasoning=reasoning)
@@ -76,11 +73,26 @@ class ForcedToolCalls:
         return Piece(reasoning=reasoning, calls=calls, content="" if calls else self.text)
 
 
-def forced_whole(
-    text: str, name: str | None, reasoning_parser: str | None
-) -> tuple[str | None, str | None, list[ToolCall]]:
-    """A finished forced reply as reply.parse_whole gives it: (reasoning or None, content or None, calls)."""
-    piece = ForcedToolCalls(name, reasoning_parser).feed(text, final=True)
-    reasoning = (piece.reasoning or None) if reasoning_parser else None
-    content = piece.content or (None if piece.calls or reasoning is not None else piece.content)
-    return reasoning, content, piece.calls
+class ReplyReader:
+    """How a route reads its reply: a forced call's JSON (`forced`: forced_schema's (schema, name)), else the
+    reasoning and tool-call parsers the request and server enable, else plain text."""
+
+    def __init__(
+        self, reasoning_parser: str | None, tool_parser: str | None, forced: tuple[Any, str | None] | None
+    ) -> None:
+        self.reasoning_parser, self.tool_parser, self.forced = reasoning_parser, tool_parser, forced
+
+    def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
+        """A finished reply: (reasoning or None, content or None where calls or reasoning stand alone, calls)."""
+        parser = self.stream()
+        if parser is None:
+            return None, text, []
+        return whole_reply(parser.feed(text, final=True), self.reasoning_parser)
+
+    def stream(self) -> ReplyParser | ForcedToolCalls | None:
+        """A parser for the reply's streamed pieces (None: every piece is content)."""
+        if self.forced is not None:
+            return ForcedToolCalls(self.forced[1], self.reasoning_parser)
+        if self.reasoning_parser or self.tool_parser:
+            return ReplyParser(self.reasoning_parser, self.tool_parser)
+        return None

@@ -9,10 +9,10 @@ is an `event: error`. There is no [DONE].
 usage follows Anthropic: input_tokens excludes the prompt tokens read from the prefix cache
 (cache_read_input_tokens); the two add up to the prompt. Tool use (messages_tools.py) needs the server's
 `--enable-auto-tool-choice --tool-call-parser hermes`; without them `tools` are a 400 unless `tool_choice`
-forces a call (any / tool: constrained decoding, no flag needed), rather than ignored. With `--reasoning-parser` the `<think>` block is a
-`thinking` block first (empty signature; `thinking.budget_tokens` is not enforced beyond max_tokens), thinking
-blocks sent back in the history are dropped, as Anthropic drops them from earlier turns; without a reasoning
-parser, enabled `thinking` is a 400.
+forces a call (any / tool: constrained decoding, no flag needed), rather than ignored. With
+`--reasoning-parser` the `<think>` block is a `thinking` block first (empty signature; `thinking.budget_tokens`
+is not enforced beyond max_tokens), thinking blocks sent back in the history are dropped, as Anthropic drops
+them from earlier turns; without a reasoning parser, enabled `thinking` is a 400.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from treadle_frontend.server.common import ServerState, collect_all, new_id, sse_event, until_disconnect
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_whole
+from treadle_frontend.server.forced_tools import ReplyReader
 from treadle_frontend.server.messages_tools import (
     BlockStream,
     chat_turns,
@@ -34,7 +34,7 @@ from treadle_frontend.server.messages_tools import (
     tool_use_block,
 )
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
+from treadle_frontend.server.reply import Piece
 from treadle_frontend.server.structured import forced_constraint
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
@@ -165,10 +165,7 @@ class MessagesHandler:
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)
-        if forced is not None:
-            reasoning, content, calls = forced_whole(c.text, forced[1], rp)
-        else:
-            reasoning, content, calls = parse_whole(c.text, rp, tools) if rp or tools else (None, c.text, [])
+        reasoning, content, calls = ReplyReader(rp, tools, forced).whole(c.text)
         blocks: list[dict[str, Any]] = (
             [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
         )
@@ -211,9 +208,7 @@ class MessagesHandler:
         reason, seq = "end_turn", None
         blocks = BlockStream()
         rp = self.state.config.reasoning_parser
-        parser: ReplyParser | ForcedToolCalls | None = ReplyParser(rp, tools) if rp or tools else None
-        if forced is not None:
-            parser = ForcedToolCalls(forced[1], rp)
+        parser = ReplyReader(rp, tools, forced).stream()
         on_demand = rp is not None or forced is not None
         started = False
         try:

@@ -103,7 +103,7 @@ class ResponsesRequest(_Body):
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
-    tools: list[dict[str, Any]] | None = None  # rejected when non-empty
+    tools: list[dict[str, Any]] | None = None  # function tools (responses_tools.py)
     tool_choice: Any = None
     previous_response_id: str | None = None  # rejected: nothing is stored
     background: bool | None = None  # rejected

@@ -82,6 +82,14 @@ class ReasoningStream:
             self._lead_done = bool(reasoning)
         return reasoning
 
+    def split(self, text: str, final: bool) -> tuple[str, str]:
+        """(reasoning, content) decided by this piece, and, when it is the reply's last, by its end."""
+        reasoning, content = self.feed(text)
+        if final:
+            more_r, more_c = self.finish()
+            reasoning, content = reasoning + more_r, content + more_c
+        return reasoning, content
+
     def finish(self) -> tuple[str, str]:
         rest, self._buf = self._buf, ""
         if self._state == "reasoning":
@@ -108,10 +116,7 @@ class ReplyParser:
         return self.tools.num_calls if self.tools else 0
 
     def feed(self, text: str, final: bool = False) -> Piece:
-        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
-        if final and self.reasoning:
-            more_r, more_c = self.reasoning.finish()
-            reasoning, content = reasoning + more_r, content + more_c
+        reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
         piece = Piece(reasoning=reasoning, content=content)
         if self.tools:
             piece.content, piece.calls = self.tools.feed(content)
@@ -125,7 +130,12 @@ def parse_whole(
     text: str, reasoning_parser: str | None, tool_parser: str | None
 ) -> tuple[str | None, str | None, list[ToolCall]]:
     """A finished reply's (reasoning or None, content or None where calls or reasoning stand alone, calls)."""
-    piece = ReplyParser(reasoning_parser, tool_parser).feed(text, final=True)
+    return whole_reply(ReplyParser(reasoning_parser, tool_parser).feed(text, final=True), reasoning_parser)
+
+
+def whole_reply(piece: Piece, reasoning_parser: str | None) -> tuple[str | None, str | None, list[ToolCall]]:
+    """A finished reply's piece as (reasoning or None, content or None where calls or reasoning stand alone,
+    calls)."""
     reasoning = (piece.reasoning or None) if reasoning_parser else None
     content: str | None = piece.content
     if not content and (piece.calls or reasoning is not None):

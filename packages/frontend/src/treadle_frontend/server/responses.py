@@ -32,9 +32,9 @@ from treadle_frontend.server.common import (
     until_disconnect,
 )
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.forced_tools import ForcedToolCalls, forced_schema, forced_whole
+from treadle_frontend.server.forced_tools import ReplyReader, forced_schema
 from treadle_frontend.server.protocol import ResponsesRequest
-from treadle_frontend.server.reply import Piece, ReplyParser, parse_whole
+from treadle_frontend.server.reply import Piece
 from treadle_frontend.server.responses_tools import (
     ItemStream,
     call_item,
@@ -46,7 +46,7 @@ from treadle_frontend.server.responses_tools import (
     reasoning_tokens,
 )
 from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
-from treadle_frontend.server.tool_calls import ToolCall, template_messages
+from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -132,9 +132,7 @@ class ResponsesHandler:
         rid = new_id("resp_")
         gen = st.llm.generate(text, params, rid, prompt_token_ids=ids)
         created = int(time.time())
-        reply = _Reply(
-            st.config.reasoning_parser, tool_parser, forced[1] if forced else None, forced is not None
-        )
+        reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced)
         if body.stream:
             stream = self._stream(rid, created, body, len(ids), gen, reply)
             return StreamingResponse(stream, media_type="text/event-stream")
@@ -172,7 +170,7 @@ class ResponsesHandler:
         }  # fmt: skip
 
     async def _stream(self, rid: str, created: int, body: ResponsesRequest, num_input: int,
-                      gen: AsyncIterator[Any], reply: _Reply) -> AsyncIterator[str]:  # fmt: skip
+                      gen: AsyncIterator[Any], reply: ReplyReader) -> AsyncIterator[str]:  # fmt: skip
         seq = iter(range(1 << 62))
 
         def event(kind: str, **data: Any) -> str:
@@ -214,30 +212,3 @@ class ResponsesHandler:
         counts = (num_input, num_cached, len(output_ids), thought)
         done = self._response(rid, created, body, items.items, status, counts)
         yield event(f"response.{status}", response=done)
-
-
-class _Reply:
-    """How a reply is read: reasoning apart, then calls forced or parsed, or text."""
-
-    def __init__(
-        self, reasoning: str | None, tool_parser: str | None, forced_name: str | None, forced: bool
-    ) -> None:
-        self.reasoning, self.tool_parser, self.forced_name, self.forced = (
-            reasoning,
-            tool_parser,
-            forced_name,
-            forced,
-        )
-
-    def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
-        """(reasoning or None, content, calls) of a finished reply."""
-        if self.forced:
-            return forced_whole(text, self.forced_name, self.reasoning)
-        if self.reasoning or self.tool_parser:
-            return parse_whole(text, self.reasoning, self.tool_parser)
-        return None, text, []
-
-    def stream(self) -> ReplyParser | ForcedToolCalls | None:
-        if self.forced:
-            return ForcedToolCalls(self.forced_name, self.reasoning)
-        return ReplyParser(self.reasoning, self.tool_parser) if self.reasoning or self.tool_parser else None

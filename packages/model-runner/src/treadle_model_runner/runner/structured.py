@@ -101,14 +101,13 @@ class StructuredOutputs:
             if params is not None and params.reasoning == "qwen3" and not states[j].output_token_ids:
                 opening = [params.think_start_id]  # the first token may open a reasoning block instead
                 self._set_only(bitmask[j], opening, keep=True)
-        indices = torch.tensor(rows, dtype=torch.int32, pin_memory=pinned).to(
-            logits.device, non_blocking=True
-        )
+        indices: Any = rows  # on a GPU: a pinned copy, so the upload does not wait on the host either
+        if pinned:
+            indices = torch.tensor(rows, dtype=torch.int32, pin_memory=True).to(
+                logits.device, non_blocking=True
+            )
         xgr.apply_token_bitmask_inplace(
-            logits,
-            bitmask.to(logits.device, non_blocking=True),
-            vocab_size=self.vocab_size,
-            indices=indices if pinned else rows,
+            logits, bitmask.to(logits.device, non_blocking=True), vocab_size=self.vocab_size, indices=indices
         )
 
     def _set_only(self, row: torch.Tensor, tokens: Sequence[int | None], keep: bool = False) -> None:
