@@ -4,7 +4,9 @@ one process.
 The grammar is a regex that should not finish within max_tokens (`[a-z ]{32 x tokens}`; a token can hold
 many letters, and with ignore_eos a reply that does finish goes on under an EOS-only mask), so every reply runs
 to max_tokens and every step masks its rows: the worst case for the host (xgrammar fills a bitmask row per
-constrained request per step). Variants: `unconstrained`, `regex` (every request) and `mixed` (every fourth).
+constrained request per step). Variants: `unconstrained`, `regex` (every request) and `mixed` (every fourth);
+with `--logprobs N`, also `logprobs` (every request unconstrained, asking its sampled tokens' N top logprobs: the
+other per-request feature whose steps used to wait for their tokens under async scheduling).
 
 CPU (default): the embedded model (SmolLM2-135M, float32), 16 prompts x 64 tokens.
 GPU: a model directory with dummy weights (`--model DIR --load-format dummy`); structured outputs need a
@@ -13,7 +15,7 @@ that directory's tokenizer files and vocabulary size (e.g. Llama-3.1-8B's shapes
 `--batches 1,64,256` runs each batch size in turn (batch 1 also reports ms per output token).
 
 Usage: python benchmarks/structured_overhead.py [--model DIR --load-format dummy --tokenizer-from DIR]
-       [--batches 16] [--tokens 64] [--rounds 2] [--out F]
+       [--batches 16] [--tokens 64] [--rounds 2] [--logprobs N] [--out F]
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def run_batch(llm: LLM, batch: int, tokens: int, rounds: int) -> dict:
+def run_batch(llm: LLM, batch: int, tokens: int, rounds: int, logprobs: int = 0) -> dict:
     prompts = [f"Write a list of words about topic number {i}:" for i in range(batch)]
     grammar = StructuredOutputsParams(regex=f"[a-z ]{{{tokens * 32}}}")  # longer than max_tokens allows
     plain = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
@@ -69,6 +71,7 @@ def run_batch(llm: LLM, batch: int, tokens: int, rounds: int) -> dict:
         "unconstrained": [plain] * batch,
         "regex": [regex] * batch,
         **({"mixed": [regex if i % 4 == 0 else plain for i in range(batch)]} if batch >= 4 else {}),
+        **({"logprobs": [plain.clone(logprobs=logprobs)] * batch} if logprobs else {}),
     }
     llm.generate(prompts[:2], regex)  # warm-up: the tokenizer's vocabulary, the grammar compiled
     runs: dict[str, list[float]] = {name: [] for name in variants}
@@ -79,6 +82,8 @@ def run_batch(llm: LLM, batch: int, tokens: int, rounds: int) -> dict:
             elapsed = time.perf_counter() - start
             made = sum(len(o.outputs[0].token_ids) for o in outs)
             assert made == batch * tokens, (name, made)
+            if name == "logprobs":
+                assert all(len(o.outputs[0].logprobs or []) == tokens for o in outs), "logprobs missing"
             runs[name].append(made / elapsed)
             print(f"batch {batch} {name}: {made / elapsed:.1f} output tok/s")
     result: dict = {"output_tok_s": runs}
@@ -100,6 +105,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="one batch size (the older option)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--logprobs", type=int, default=0, help="add a variant asking N top logprobs (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = args.model
@@ -115,7 +121,7 @@ def main() -> None:
         "load_format": args.load_format,
         "tokenizer": args.tokenizer_from or "the model's",
         "workload": f"batch sizes {batches} x {args.tokens} tokens, greedy, alternating, {args.rounds} rounds",
-        "batches": {str(b): run_batch(llm, b, args.tokens, args.rounds) for b in batches},
+        "batches": {str(b): run_batch(llm, b, args.tokens, args.rounds, args.logprobs) for b in batches},
     }
     print(json.dumps(result, indent=1))
     if args.out:
