@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
+from treadle_engine_core import envs
 from treadle_engine_core.config import EngineConfig
 from treadle_engine_core.fake_runner import FakeModelRunner
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
@@ -31,13 +32,14 @@ logger = logging.getLogger(__name__)
 # launches each step. The worker drops the GIL in every torch call and every token wait; at CPython's default
 # 5 ms switch interval it may then wait that long to get it back while the device idles. Measured on an H200
 # (results/gpu-structured-async-h200-*): Qwen3-0.6B, 256 requests under a grammar, 20.6-23.1k output tok/s at
-# 5 ms against 28.0-28.6k at 0.5 ms.
+# 5 ms against 28.0-28.6k at 0.5 ms. TREADLE_GIL_SWITCH_INTERVAL_S overrides it (0: leave the interpreter's).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def _shorten_gil_switch_interval() -> None:
-    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    interval = envs.TREADLE_GIL_SWITCH_INTERVAL_S(GIL_SWITCH_INTERVAL_S)
+    if interval is not None and sys.getswitchinterval() > interval:
+        sys.setswitchinterval(interval)
 
 
 class _Runner(Protocol):
