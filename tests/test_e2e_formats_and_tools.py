@@ -91,12 +91,16 @@ def test_forced_tool_calls_through_the_real_engine(oai: openai.OpenAI, stream: b
         kw: dict[str, Any] = dict(model=MODEL_NAME, messages=CHAT, tools=[weather, clock], tool_choice=choice,
                                   max_tokens=200, temperature=1.0, seed=9)  # fmt: skip
         if stream:
-            calls: dict[int, Any] = {}
+            calls: dict[int, Any] = {}  # index -> the function, its arguments joined as they stream
             reasons = []
             for chunk in oai.chat.completions.create(stream=True, **kw):
                 for ch in chunk.choices:
                     for tc in ch.delta.tool_calls or []:
-                        calls[tc.index] = tc.function
+                        assert tc.function is not None
+                        if tc.index in calls:
+                            calls[tc.index].arguments += tc.function.arguments or ""
+                        else:
+                            calls[tc.index] = tc.function
                     reasons += [ch.finish_reason] if ch.finish_reason else []
             got, reason = [calls[i] for i in sorted(calls)], reasons[-1]
         else:

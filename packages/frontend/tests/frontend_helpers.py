@@ -76,3 +76,23 @@ def openai_client(url: str, api_key: str = "x") -> Any:
     return openai.OpenAI(
         base_url=url + "/v1", api_key=api_key, _strict_response_validation=True, max_retries=0
     )
+
+
+def streamed_tool_calls(chunks: Any) -> tuple[dict[int, tuple[str, str]], int]:
+    """Chat chunks' tool-call deltas put together as OpenAI's clients do: ({index: (name, arguments)}, how many
+    deltas carried argument text). A call's first delta must carry its id, type and name, later ones neither."""
+    calls: dict[int, tuple[str, str]] = {}
+    pieces = 0
+    for chunk in chunks:
+        for ch in chunk.choices:
+            for tc in ch.delta.tool_calls or []:
+                assert tc.function is not None
+                if tc.index not in calls:
+                    assert tc.id and tc.type == "function" and tc.function.name, tc
+                    calls[tc.index] = (tc.function.name, "")
+                else:
+                    assert tc.id is None and tc.function.name is None, tc
+                name, args = calls[tc.index]
+                calls[tc.index] = (name, args + (tc.function.arguments or ""))
+                pieces += bool(tc.function.arguments)
+    return calls, pieces

@@ -4,6 +4,7 @@ text and stop_reason tool_use, the same blocks streamed, tool history reaching t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +60,11 @@ def test_streamed_tool_use_blocks(client: anthropic.Anthropic) -> None:
     starts = [e.index for e in events if e.type == "content_block_start"]
     stops = [e.index for e in events if e.type == "content_block_stop"]
     assert starts == stops == [0, 1, 2]
+    # each call's input streams as it is written
+    for index, (_, args) in ((1, EXPECTED[1]), (2, EXPECTED[2])):
+        parts = [e.delta.partial_json for e in events  # type: ignore[union-attr]
+                 if e.type == "content_block_delta" and e.index == index and e.delta.type == "input_json_delta"]  # fmt: skip
+        assert len(parts) > 2 and json.loads("".join(parts)) == args
 
 
 def test_tool_history_reaches_the_template(client: anthropic.Anthropic) -> None:

@@ -55,12 +55,12 @@ def test_any_pieces_give_the_whole_reply(parser: str, tools: bool, text: str, ex
         reasoning, content, calls = "", "", []
         pairs = list(itertools.pairwise(bounds))
         for k, (a, b) in enumerate(pairs):
-            piece = rp.feed(text[a:b], final=k == len(pairs) - 1)
-            reasoning, content, calls = (
-                reasoning + piece.reasoning,
-                content + piece.content,
-                calls + piece.calls,
-            )
+            for piece in rp.feed(text[a:b], final=k == len(pairs) - 1):
+                reasoning, content, calls = (
+                    reasoning + piece.reasoning,
+                    content + piece.content,
+                    calls + piece.calls,
+                )
         got = (reasoning or None, content or (None if calls or reasoning else content), calls)
         assert _summary(*got) == expected, cuts
 

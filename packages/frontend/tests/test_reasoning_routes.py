@@ -12,7 +12,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from frontend_helpers import openai_client, start_fake_server
+from frontend_helpers import openai_client, start_fake_server, streamed_tool_calls
 
 THOUGHT = "The user greets me; answer briefly.\n"
 THINKING = f"<think>\n{THOUGHT}</think>\n\nHello there!"
@@ -127,10 +127,8 @@ def test_forced_call_after_reasoning(client: openai.OpenAI, server: Any, tokeniz
     deltas = [ch.delta for chunk in chunks for ch in chunk.choices]
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THOUGHT
     assert not "".join(d.content or "" for d in deltas)
-    calls = [c for d in deltas for c in d.tool_calls or []]
-    assert [(c.function.name, json.loads(c.function.arguments or "")) for c in calls if c.function] == [
-        ("weather", ARGS)
-    ]
+    calls, _ = streamed_tool_calls(chunks)
+    assert [(name, json.loads(args)) for name, args in calls.values()] == [("weather", ARGS)]
     for m in (message, streamed):
         assert [b.type for b in m.content] == ["thinking", "tool_use"]
         assert m.content[0].thinking == THOUGHT and m.content[1].input == ARGS  # type: ignore[union-attr]

@@ -99,6 +99,11 @@ def test_function_calls_read_from_the_reply(tokenizer: Any, stream: bool) -> Non
             events = list(client.responses.create(model="tiny", input=history, tools=[tool], stream=True))
             kinds = [e.type for e in events]
             assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+            parts = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+            assert len(parts) > 2 and json.loads("".join(parts)) == {"city": "Paris"}  # streamed as written
+            added = [e.item for e in events if e.type == "response.output_item.added"]  # type: ignore[union-attr]
+            assert added[-1].type == "function_call" and added[-1].name == "get_weather"
+            assert added[-1].arguments == ""  # the arguments come in the delta events
             done = events[-1].response  # type: ignore[union-attr]
         else:
             done = client.responses.create(model="tiny", input=history, tools=[tool])

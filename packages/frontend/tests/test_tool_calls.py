@@ -12,11 +12,11 @@ from typing import Any
 
 import openai
 import pytest
-from frontend_helpers import start_fake_server
+from frontend_helpers import start_fake_server, streamed_tool_calls
 
 from treadle_frontend.server import ServerConfig
 from treadle_frontend.server.reply import parse_whole
-from treadle_frontend.server.tool_calls import ToolCallStream, template_messages, tool_stream
+from treadle_frontend.server.tool_calls import Piece, ToolCallStream, template_messages, tool_stream
 
 
 def parse_reply(text: str) -> tuple[str | None, list[Any]]:
@@ -61,26 +61,57 @@ def test_parse_reply() -> None:
     assert json.loads(args_text) == {"a": 2}
 
 
+CUT_SHORT = '<tool_call>{"name": "f", "arguments": {"a": [1, "x}'
+ODD_CALLS = [
+    '<tool_call>{"name": "f", "arguments": {"code": "if (x) { y(\\"}\\"); }"}, "id": 3}</tool_call>',
+    '<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>',  # read whole: the name comes second
+    '<tool_call>{"name": "f", "arguments": {"a": 1}</tool_call> then text',  # the object never closes
+]
+
+
+def _feed(text: str, cuts: list[int]) -> tuple[str, list[Any], list[Piece]]:
+    """`text` fed to the hermes parser in the pieces `cuts` make: (content, calls, every piece in order)."""
+    stream, pieces = ToolCallStream(), []
+    for a, b in itertools.pairwise([0, *cuts, len(text)]):
+        pieces += stream.feed(text[a:b])
+    pieces += stream.finish()
+    calls = [c for p in pieces for c in p.calls]
+    return "".join(p.content for p in pieces), calls, pieces
+
+
 @pytest.mark.parametrize(
-    "text", [REPLY, "no calls <tool at all> <tool_call", "x <tool_call>{bad}</tool_call> y"]
+    "text",
+    [REPLY, "no calls <tool at all> <tool_call", "x <tool_call>{bad}</tool_call> y", CUT_SHORT, *ODD_CALLS],
 )
 def test_streamed_in_any_pieces_equals_whole(text: str) -> None:
-    whole = _summary(*parse_reply(text))
+    whole = parse_reply(text)
     rng = random.Random(0)
     splits = [[i] for i in range(len(text) + 1)] + [
         sorted(rng.sample(range(len(text)), 6)) for _ in range(50)
     ]
     for cuts in splits:
-        bounds = [0, *cuts, len(text)]
-        stream = ToolCallStream()
-        content, calls = "", []
-        for a, b in itertools.pairwise(bounds):
-            piece, new = stream.feed(text[a:b])
-            content += piece
-            calls += new
-        rest, more = stream.finish()
-        content, calls = content + rest, calls + more
-        assert _summary(content or None if calls else content, calls) == whole, cuts
+        content, calls, pieces = _feed(text, cuts)
+        got = (content or None if calls else content, [(c.name, c.arguments) for c in calls])
+        assert got == (whole[0], [(c.name, c.arguments) for c in whole[1]]), cuts
+        for call in calls:  # every call's deltas: one first, one last, and its arguments in between
+            deltas = [d for p in pieces for d in p.deltas if d.call is call]
+            assert deltas[0].first and deltas[-1].done and sum(d.first or d.done for d in deltas[1:-1]) == 0
+            assert "".join(d.arguments for d in deltas) == call.arguments
+
+
+def test_arguments_stream_as_they_are_written() -> None:
+    _, calls, pieces = _feed(REPLY, list(range(len(REPLY))))  # one character at a time
+    # the arguments as the model wrote them
+    assert [c.arguments for c in calls] == ['{"city": "Paris"}', '{"city": "Zürich"}']
+    # named with its first character, then one delta a character, then closed
+    first = [d for p in pieces for d in p.deltas if d.call is calls[0]]
+    assert len(first) == len(calls[0].arguments) + 1
+    content, cut = parse_reply(CUT_SHORT)  # the reply ended inside the arguments: kept as written
+    assert content is None and [(c.name, c.arguments) for c in cut] == [("f", '{"a": [1, "x}')]
+    assert [json.loads(c.arguments) for c in parse_reply(ODD_CALLS[0])[1]] == [{"code": 'if (x) { y("}"); }'}]
+    assert [json.loads(c.arguments) for c in parse_reply(ODD_CALLS[1])[1]] == [{"a": 1}]
+    content, unclosed = parse_reply(ODD_CALLS[2])  # CLOSE ends the call even where its object does not
+    assert content == " then text" and [json.loads(c.arguments) for c in unclosed] == [{"a": 1}]
 
 
 def test_history_arguments_reach_the_template_as_objects() -> None:
@@ -140,17 +171,16 @@ def test_chat_streams_tool_calls(tool_server: Any) -> None:
     stream = _client(tool_server).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], stream=True
     )
-    content, calls, finish = "", {}, []
-    for chunk in stream:
-        for ch in chunk.choices:
-            content += ch.delta.content or ""
-            for tc in ch.delta.tool_calls or []:
-                assert tc.index not in calls and tc.function is not None  # each call whole, once
-                calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments or ""))
-            if ch.finish_reason:
-                finish.append(ch.finish_reason)
+    chunks = list(stream)
+    content = "".join(ch.delta.content or "" for chunk in chunks for ch in chunk.choices)
+    finish = [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason]
     assert content == "Let me check both." and finish == ["tool_calls"]
-    assert calls == {0: ("get_weather", {"city": "Paris"}), 1: ("get_weather", {"city": "Zürich"})}
+    calls, pieces = streamed_tool_calls(chunks)
+    assert {i: (name, json.loads(args)) for i, (name, args) in calls.items()} == {
+        0: ("get_weather", {"city": "Paris"}),
+        1: ("get_weather", {"city": "Zürich"}),
+    }
+    assert pieces > 4, "the arguments should stream in several deltas, as the tokens come"
 
 
 @pytest.mark.parametrize("tool_choice", ["none", None])
@@ -189,14 +219,9 @@ def test_llama3_json_in_any_pieces(text: str, content: str | None, calls: list[A
     assert _summary(*parse_whole(text, None, "llama3_json")[1:]) == (content, calls)
     for cut in range(len(text) + 1):
         stream = tool_stream("llama3_json")
-        first, got = stream.feed(text[:cut])
-        second, more = stream.feed(text[cut:])
-        rest, last = stream.finish()
-        joined = first + second + rest
-        assert _summary(joined or (None if got + more + last else joined), got + more + last) == (
-            content,
-            calls,
-        )
+        pieces = stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.finish()
+        joined, got = "".join(p.content for p in pieces), [c for p in pieces for c in p.calls]
+        assert _summary(joined or (None if got else joined), got) == (content, calls)
 
 
 @pytest.fixture(scope="module")
@@ -215,14 +240,11 @@ def test_chat_llama3_json_tool_calls(llama_server: Any, stream: bool) -> None:
         model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER]
     )
     if stream:
-        calls, finish = {}, []
-        for chunk in _client(llama_server).chat.completions.create(stream=True, **kw):
-            for ch in chunk.choices:
-                assert not ch.delta.content  # the JSON never leaks as text
-                for tc in ch.delta.tool_calls or []:
-                    calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments or ""))
-                finish += [ch.finish_reason] if ch.finish_reason else []
-        got = [calls[i] for i in sorted(calls)]
+        chunks = list(_client(llama_server).chat.completions.create(stream=True, **kw))
+        assert not any(ch.delta.content for chunk in chunks for ch in chunk.choices)  # the JSON is never text
+        finish = [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason]
+        calls, _ = streamed_tool_calls(chunks)
+        got = [(name, json.loads(args)) for name, args in (calls[i] for i in sorted(calls))]
     else:
         choice = _client(llama_server).chat.completions.create(**kw).choices[0]
         assert choice.message.content is None

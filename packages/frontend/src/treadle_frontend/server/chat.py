@@ -5,8 +5,9 @@ content deltas, and `finish_reason` set only on the choice's last chunk; with `s
 every chunk carries `usage: null` and one extra chunk with `choices: []` and the usage precedes `[DONE]`.
 `logprobs: true` (+ `top_logprobs` ≤ 20) returns `{content: [{token, logprob, bytes, top_logprobs}]}`.
 With `--enable-auto-tool-choice --tool-call-parser hermes` and `tools` in the request (tool_choice auto), calls
-the model writes come back as `message.tool_calls` (streamed: one `delta.tool_calls` entry per call, whole when its
-block closes) with finish_reason "tool_calls" (tool_calls.py). With `--reasoning-parser qwen3|deepseek_r1` the
+the model writes come back as `message.tool_calls` with finish_reason "tool_calls" (tool_calls.py); streamed, a
+call's first `delta.tool_calls` entry carries its index, id and name, and later ones add to its `arguments` as the
+model writes them. With `--reasoning-parser qwen3|deepseek_r1` the
 `<think>` block is `message.reasoning_content` (streamed as `delta.reasoning_content`), vLLM's field (reply.py).
 """
 
@@ -36,7 +37,7 @@ from treadle_frontend.server.forced_tools import ForcedToolCalls, ReplyReader, f
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.reply import ReplyParser
 from treadle_frontend.server.structured import forced_constraint
-from treadle_frontend.server.tool_calls import template_messages
+from treadle_frontend.server.tool_calls import merged, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -261,15 +262,14 @@ def _finish(reason: str | None, called: bool, forced: tuple[Any, str | None] | N
 
 
 def _delta(parser: ReplyParser | ForcedToolCalls | None, text: str, finish: str | None) -> dict[str, Any]:
-    """A chunk's delta: its text (split by the reasoning and tool-call parsers when on), and the calls it
-    completes."""
+    """A chunk's delta: its text (split by the reasoning and tool-call parsers when on), and the calls it opens
+    or adds argument text to."""
     if parser is None:
         return {"content": text} if text or finish is None else {}
-    before = parser.num_calls
-    piece = parser.feed(text, final=finish is not None)
+    piece = merged(parser.feed(text, final=finish is not None))
     delta: dict[str, Any] = {"reasoning_content": piece.reasoning} if piece.reasoning else {}
     if piece.content:
         delta["content"] = piece.content
-    if piece.calls:
-        delta["tool_calls"] = [call.json(index=before + k) for k, call in enumerate(piece.calls)]
+    if calls := [d.openai() for d in piece.deltas if d.first or d.arguments]:
+        delta["tool_calls"] = calls
     return delta

@@ -34,8 +34,8 @@ from treadle_frontend.server.messages_tools import (
     tool_use_block,
 )
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from treadle_frontend.server.reply import Piece
 from treadle_frontend.server.structured import forced_constraint
+from treadle_frontend.server.tool_calls import Piece
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -220,12 +220,12 @@ class MessagesHandler:
                 c = out.outputs[0]
                 num_output += len(c.token_ids)
                 final = c.finish_reason is not None
-                piece = parser.feed(c.text, final=final) if parser else Piece(content=c.text)
-                for event in [*blocks.thinking(piece.reasoning), *blocks.text(piece.content)]:
-                    yield event
-                for call in piece.calls:
-                    for event in blocks.call(call):
+                for piece in parser.feed(c.text, final=final) if parser else [Piece(content=c.text)]:
+                    for event in [*blocks.thinking(piece.reasoning), *blocks.text(piece.content)]:
                         yield event
+                    for delta in piece.deltas:
+                        for event in blocks.call(delta):
+                            yield event
                 if c.finish_reason is not None:
                     reason, seq = stop_info(c.finish_reason, c.stop_reason)
         except Exception as e:

@@ -5,8 +5,8 @@ assistant turn's `tool_use` blocks become its `tool_calls` (arguments as objects
 `tool_result` blocks become `tool` messages (its other text after them, as a user message). Reply side (with
 `--enable-auto-tool-choice --tool-call-parser hermes`): the calls the reply writes become `tool_use` blocks after
 its text, with stop_reason "tool_use"; streamed, each call is a block of its own (content_block_start with empty
-`input`, one `input_json_delta` holding the whole arguments, content_block_stop), text after a call opens a new
-text block, and block indexes count up from 0. A forced `tool_choice` (`any`, or `tool` with its name) needs no
+`input`, `input_json_delta`s with the arguments as the model writes them, content_block_stop), text after a call
+opens a new text block, and block indexes count up from 0. A forced `tool_choice` (`any`, or `tool` with its name) needs no
 flag: decoding is constrained to the calls' JSON (forced_tools.py) and the reply is only tool_use blocks.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from treadle_frontend.server.common import sse_event
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import forced_schema
-from treadle_frontend.server.tool_calls import ToolCall
+from treadle_frontend.server.tool_calls import CallDelta, ToolCall
 
 
 def openai_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,7 +109,7 @@ class BlockStream:
 
     def __init__(self) -> None:
         self.index = -1
-        self.open: str | None = None  # the open block's type: "text" or "thinking"
+        self.open: str | None = None  # the open block's type: "text", "thinking" or "tool_use"
         self.num_calls = 0
 
     def _start(self, kind: str) -> list[str]:
@@ -139,24 +139,30 @@ class BlockStream:
         event = {"type": "content_block_delta", "index": self.index, "delta": delta}
         return [*events, sse_event("content_block_delta", event)]
 
-    def call(self, call: ToolCall) -> list[str]:
-        events = self.close()
-        self.index += 1
-        self.num_calls += 1
-        block = tool_use_block(call)
-        start = {**block, "input": {}}
-        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
-        return [
-            *events,
-            sse_event(
-                "content_block_start",
-                {"type": "content_block_start", "index": self.index, "content_block": start},
-            ),
-            sse_event(
-                "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
-            ),
-            sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index}),
-        ]
+    def call(self, delta: CallDelta) -> list[str]:
+        """A call's delta: its first opens a tool_use block (empty `input`), its argument text goes out as
+        `input_json_delta`s, its last stops the block. A call read whole (first and last at once) sends its input
+        as `tool_use_block` reads it (an object)."""
+        events, text = [], delta.arguments
+        if delta.first:
+            events += self.close()
+            self.index += 1
+            self.num_calls += 1
+            block = tool_use_block(delta.call)
+            self.open = "tool_use"
+            start = {
+                "type": "content_block_start",
+                "index": self.index,
+                "content_block": {**block, "input": {}},
+            }
+            events.append(sse_event("content_block_start", start))
+            if delta.done:
+                text = json.dumps(block["input"], ensure_ascii=False)
+        if text:
+            event = {"type": "content_block_delta", "index": self.index,
+                     "delta": {"type": "input_json_delta", "partial_json": text}}  # fmt: skip
+            events.append(sse_event("content_block_delta", event))
+        return events + (self.close() if delta.done else [])
 
     def close(self) -> list[str]:
         """Stop the open block (a thinking block gets its (empty) signature first, as Anthropic streams it)."""

@@ -7,15 +7,14 @@ Reasoning (vLLM's `reasoning_content`) is the text a thinking model writes betwe
                `</think>` (a `<think>` the model writes anyway is dropped); a reply cut before `</think>` is all
                reasoning.
 The newlines around the block are not content. Content then goes through the tool-call parser when it is on.
-`ReplyParser.feed` takes the reply in any pieces and releases what is decided; the same reply text gives the same
-reasoning, content and calls whether fed whole or in pieces (a possible tag held back until the next piece).
+`ReplyParser.feed` takes the reply in any pieces and releases what is decided, as `Piece`s in order (reasoning,
+content, call deltas); the same reply text gives the same reasoning, content and calls whether fed whole or in
+pieces (a possible tag held back until the next piece).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from treadle_frontend.server.tool_calls import ToolCall, tool_stream
+from treadle_frontend.server.tool_calls import Piece, ToolCall, merged, tool_stream
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
@@ -97,13 +96,6 @@ class ReasoningStream:
         return "", rest if self._state in ("opening", "content") else ""
 
 
-@dataclass
-class Piece:
-    reasoning: str = ""
-    content: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
-
-
 class ReplyParser:
     """Reasoning first (when a reasoning parser is on), then tool calls in the content (when tools are on)."""
 
@@ -115,15 +107,16 @@ class ReplyParser:
     def num_calls(self) -> int:
         return self.tools.num_calls if self.tools else 0
 
-    def feed(self, text: str, final: bool = False) -> Piece:
+    def feed(self, text: str, final: bool = False) -> list[Piece]:
+        """The pieces this text (and, when `final`, the reply's end) decides, in order; reasoning comes first."""
         reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
-        piece = Piece(reasoning=reasoning, content=content)
-        if self.tools:
-            piece.content, piece.calls = self.tools.feed(content)
-            if final:
-                rest, more = self.tools.finish()
-                piece.content, piece.calls = piece.content + rest, piece.calls + more
-        return piece
+        if not self.tools:
+            pieces = [Piece(content=content)]
+        else:
+            pieces = self.tools.feed(content) + (self.tools.finish() if final else [])
+        if reasoning:
+            pieces = [Piece(reasoning=reasoning), *pieces]
+        return [p for p in pieces if p.reasoning or p.content or p.deltas]
 
 
 def parse_whole(
@@ -133,9 +126,12 @@ def parse_whole(
     return whole_reply(ReplyParser(reasoning_parser, tool_parser).feed(text, final=True), reasoning_parser)
 
 
-def whole_reply(piece: Piece, reasoning_parser: str | None) -> tuple[str | None, str | None, list[ToolCall]]:
-    """A finished reply's piece as (reasoning or None, content or None where calls or reasoning stand alone,
+def whole_reply(
+    pieces: list[Piece], reasoning_parser: str | None
+) -> tuple[str | None, str | None, list[ToolCall]]:
+    """A finished reply's pieces as (reasoning or None, content or None where calls or reasoning stand alone,
     calls)."""
+    piece = merged(pieces)
     reasoning = (piece.reasoning or None) if reasoning_parser else None
     content: str | None = piece.content
     if not content and (piece.calls or reasoning is not None):

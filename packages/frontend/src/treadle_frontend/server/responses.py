@@ -34,7 +34,6 @@ from treadle_frontend.server.common import (
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, forced_schema
 from treadle_frontend.server.protocol import ResponsesRequest
-from treadle_frontend.server.reply import Piece
 from treadle_frontend.server.responses_tools import (
     ItemStream,
     call_item,
@@ -46,7 +45,7 @@ from treadle_frontend.server.responses_tools import (
     reasoning_tokens,
 )
 from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
-from treadle_frontend.server.tool_calls import template_messages
+from treadle_frontend.server.tool_calls import Piece, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -188,18 +187,15 @@ class ResponsesHandler:
                 c = out.outputs[0]
                 output_ids += c.token_ids
                 finish = c.finish_reason or finish
-                piece = (
-                    parser.feed(c.text, final=c.finish_reason is not None)
-                    if parser
-                    else Piece(content=c.text)
-                )
-                reasoned = reasoned or bool(piece.reasoning)
-                for ev in [
-                    *items.reasoning(piece.reasoning),
-                    *items.text(piece.content),
-                    *(e for call in piece.calls for e in items.call(call)),
-                ]:
-                    yield ev
+                final = c.finish_reason is not None
+                for piece in parser.feed(c.text, final=final) if parser else [Piece(content=c.text)]:
+                    reasoned = reasoned or bool(piece.reasoning)
+                    for ev in [
+                        *items.reasoning(piece.reasoning),
+                        *items.text(piece.content),
+                        *(e for delta in piece.deltas for e in items.call(delta)),
+                    ]:
+                        yield ev
         except Exception as e:
             yield event("error", code="server_error", message=str(e), param=None)
             return

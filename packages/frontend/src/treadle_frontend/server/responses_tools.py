@@ -8,7 +8,8 @@ parser (`--enable-auto-tool-choice`, tool_choice auto) or forced by constrained 
 "required" or `{"type": "function", "name"}`, no flag needed), as on chat completions. Each call is a
 `function_call` output item; text is a `message` item before them, and a reasoning block (`--reasoning-parser`)
 a `reasoning` item first. `ItemStream` writes the streamed events of those items, opening the reasoning and the
-message items on their first text and each call's item when the call is complete.
+message items on their first text and each call's item on its first delta; the call's arguments stream as the
+model writes them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from treadle_frontend.server.common import new_id
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.reply import END
-from treadle_frontend.server.tool_calls import ToolCall
+from treadle_frontend.server.tool_calls import CallDelta, ToolCall
 
 
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -109,6 +110,7 @@ class ItemStream:
         self._mid: str | None = None  # the open message item
         self._text = ""
         self._rid: str | None = None  # the open reasoning item
+        self._call: tuple[str, int] | None = None  # the open function_call item: (id, output index)
         self._reasoning = ""
 
     def reasoning(self, text: str) -> list[str]:
@@ -151,20 +153,30 @@ class ItemStream:
         return [*events, self.event("response.output_text.delta", delta=text, logprobs=[],
                                     **self._where(self._mid))]  # fmt: skip
 
-    def call(self, call: ToolCall) -> list[str]:
-        events = [*self.close_reasoning(), *self.close("completed")]
-        item_id, index = new_id("fc_"), len(self.items)
-        item = call_item(call, item_id)
+    def call(self, delta: CallDelta) -> list[str]:
+        """A call's delta: its first adds a function_call item (empty arguments, in progress), its argument text
+        goes out as `function_call_arguments.delta` events, its last completes the item."""
+        events = []
+        if delta.first:
+            events += [*self.close_reasoning(), *self.close("completed")]
+            self._call = (new_id("fc_"), len(self.items))
+        assert self._call is not None
+        item_id, index = self._call
         where = {"item_id": item_id, "output_index": index}
-        self.items.append(item)
-        return [
-            *events,
-            self.event("response.output_item.added", output_index=index, item={**item, "arguments": "",
-                                                                               "status": "in_progress"}),
-            self.event("response.function_call_arguments.delta", delta=call.arguments, **where),
-            self.event("response.function_call_arguments.done", arguments=call.arguments, **where),
-            self.event("response.output_item.done", output_index=index, item=item),
-        ]  # fmt: skip
+        if delta.first:
+            opened = {**call_item(delta.call, item_id), "arguments": "", "status": "in_progress"}
+            events.append(self.event("response.output_item.added", output_index=index, item=opened))
+        if delta.arguments:
+            events.append(
+                self.event("response.function_call_arguments.delta", delta=delta.arguments, **where)
+            )
+        if delta.done:
+            item = call_item(delta.call, item_id)
+            self.items.append(item)
+            self._call = None
+            events += [self.event("response.function_call_arguments.done", arguments=delta.call.arguments, **where),
+                       self.event("response.output_item.done", output_index=index, item=item)]  # fmt: skip
+        return events
 
     def finish(self, status: str) -> list[str]:
         """Close the open item; a reply with no item at all still gets an (empty) message item."""

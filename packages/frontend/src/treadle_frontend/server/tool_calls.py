@@ -2,10 +2,15 @@
 
 The hermes format (the Hermes, Qwen2.5 and Qwen3 chat templates) writes each call into the reply text as
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. `ToolCallStream` turns reply text, fed whole or in
-streamed deltas, into content and calls:
-- text is released as soon as it cannot be the start of a block; a call is released whole when its block closes;
-- a block whose body is not a JSON object with a string `name` stays in the content as it was written, as vLLM
-  leaves output it cannot parse as text; so does an unclosed block when the reply ends;
+streamed deltas, into pieces of content and `CallDelta`s, in order:
+- text is released as soon as it cannot be the start of a block;
+- a call streams as it is written (call_scanner.py): once its name and the `{` opening its arguments are read it
+  is committed, and each piece adds the argument text written so far (the call's `arguments` are that text, as the
+  model wrote it); its last delta comes when the block closes, or when the reply ends inside it (a call cut short
+  by max_tokens keeps the arguments written, as OpenAI returns them);
+- a block of another shape (string-valued arguments, another key first) is read whole when it closes: a JSON
+  object with a string `name` is a call (one delta, first and last), anything else stays in the content as it was
+  written, as vLLM leaves output it cannot parse as text; so does an uncommitted block when the reply ends;
 - trailing whitespace is held until other text follows, and dropped at the end when the reply made calls (the
   newlines around blocks are not content).
 Invariant: the same reply text gives the same content and calls whether it is fed whole or in any pieces.
@@ -18,6 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from treadle_frontend.server.call_scanner import CallScanner
+
 PARSERS = ("hermes", "llama3_json")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -28,14 +35,55 @@ class ToolCall:
     arguments: str  # JSON text, as OpenAI sends it
     id: str = field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex[:24]}")
 
-    def json(self, index: int | None = None) -> dict[str, Any]:
-        """The OpenAI `tool_calls` entry; with `index`, the streamed delta's form."""
-        call = {
+    def json(self) -> dict[str, Any]:
+        """The OpenAI `tool_calls` entry."""
+        return {
             "id": self.id,
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         }
-        return call if index is None else {"index": index, **call}
+
+
+@dataclass
+class CallDelta:
+    """One step of a streamed call: the first names it, each adds `arguments` (text appended to the call's), the
+    last (`done`) completes it. A call read whole is one delta, first and done."""
+
+    index: int  # the call's place among the reply's calls
+    call: ToolCall  # its arguments grow with each delta
+    arguments: str
+    first: bool = False
+    done: bool = False
+
+    def openai(self) -> dict[str, Any]:
+        """The streamed chat chunk's `delta.tool_calls` entry: the call's id, type and name on its first delta."""
+        if self.first:
+            fn = {"name": self.call.name, "arguments": self.arguments}
+            return {"index": self.index, "id": self.call.id, "type": "function", "function": fn}
+        return {"index": self.index, "function": {"arguments": self.arguments}}
+
+
+@dataclass
+class Piece:
+    """Part of a reply, in order: reasoning, then content, then call deltas."""
+
+    reasoning: str = ""
+    content: str = ""
+    deltas: list[CallDelta] = field(default_factory=list)
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The calls this piece completes."""
+        return [d.call for d in self.deltas if d.done]
+
+
+def merged(pieces: list[Piece]) -> Piece:
+    """The pieces as one (the deltas' order kept; content and reasoning joined)."""
+    return Piece(
+        reasoning="".join(p.reasoning for p in pieces),
+        content="".join(p.content for p in pieces),
+        deltas=[d for p in pieces for d in p.deltas],
+    )
 
 
 def parse_call(body: str) -> ToolCall | None:
@@ -49,52 +97,122 @@ def parse_call(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
-def _open_prefix(text: str) -> int:
-    """Length of the longest end of `text` that could begin OPEN (held back until the next delta decides)."""
-    for n in range(min(len(text), len(OPEN) - 1), 0, -1):
-        if OPEN.startswith(text[-n:]):
+def _tag_prefix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that could begin `tag` (held back until the next delta decides)."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
             return n
     return 0
+
+
+class _Out:
+    """The pieces one feed releases: text joins the last piece until a delta follows it."""
+
+    def __init__(self) -> None:
+        self.pieces: list[Piece] = []
+
+    def text(self, text: str) -> None:
+        if not text:
+            return
+        if not self.pieces or self.pieces[-1].deltas:
+            self.pieces.append(Piece())
+        self.pieces[-1].content += text
+
+    def delta(self, delta: CallDelta) -> None:
+        if not self.pieces:
+            self.pieces.append(Piece())
+        self.pieces[-1].deltas.append(delta)
 
 
 class ToolCallStream:
     def __init__(self) -> None:
         self._buf = ""  # text not yet decided
         self._space = ""  # whitespace-only text held back
+        self._scanner: CallScanner | None = None  # the open block's (None: between blocks)
+        self._block = ""  # an uncommitted block's text so far, OPEN included: content again if it is no call
+        self._call: CallDelta | None = None  # the open block's committed call (its latest delta)
+        self._closed = False  # that call's object is complete (what follows up to CLOSE is not content)
         self.num_calls = 0
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(content to release now, calls completed by this text)."""
+    def feed(self, text: str) -> list[Piece]:
+        """The pieces this text decides."""
         self._buf += text
-        pieces: list[str] = []
-        calls: list[ToolCall] = []
-        while True:
-            start = self._buf.find(OPEN)
-            if start < 0:
-                cut = len(self._buf) - _open_prefix(self._buf)
-                pieces.append(self._buf[:cut])
-                self._buf = self._buf[cut:]
-                break
-            end = self._buf.find(CLOSE, start + len(OPEN))
-            if end < 0:
-                pieces.append(self._buf[:start])
-                self._buf = self._buf[start:]
-                break
-            call = parse_call(self._buf[start + len(OPEN) : end])
-            pieces.append(self._buf[: end + len(CLOSE)] if call is None else self._buf[:start])
-            if call is not None:
-                calls.append(call)
-            self._buf = self._buf[end + len(CLOSE) :]
-        self.num_calls += len(calls)
-        return self._release("".join(pieces)), calls
+        out = _Out()
+        while self._between_blocks(out) if self._scanner is None else self._in_block(out):
+            pass
+        return out.pieces
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """The content left when the reply ends (an unclosed block as text); no call is left by then."""
-        rest, self._buf = self._buf, ""
-        text = self._release(rest)
+    def finish(self) -> list[Piece]:
+        """The rest when the reply ends: text, an uncommitted block as text, or a committed call's last delta."""
+        out, rest = _Out(), self._buf
+        if self._scanner is None:
+            out.text(self._release(rest))
+        elif self._call is None:
+            out.text(self._release(self._block + rest))
+        else:
+            if not self._closed:  # a held possible CLOSE was argument text after all
+                self._add(out, self._scanner.feed(rest)[0])
+            out.delta(CallDelta(self._call.index, self._call.call, "", done=True))
+        self._buf, self._scanner, self._call, self._block = "", None, None, ""
         if self._space and not self.num_calls:
-            text, self._space = text + self._space, ""
-        return text, []
+            out.text(self._space)
+            self._space = ""
+        return out.pieces
+
+    def _between_blocks(self, out: _Out) -> bool:
+        start = self._buf.find(OPEN)
+        if start < 0:
+            cut = len(self._buf) - _tag_prefix(self._buf, OPEN)
+            out.text(self._release(self._buf[:cut]))
+            self._buf = self._buf[cut:]
+            return False
+        out.text(self._release(self._buf[:start]))
+        self._buf, self._block, self._scanner = self._buf[start + len(OPEN) :], OPEN, CallScanner()
+        self._call, self._closed = None, False
+        return True
+
+    def _in_block(self, out: _Out) -> bool:
+        """Read the open block up to CLOSE (or up to a possible start of it); True when the block ended."""
+        assert self._scanner is not None
+        end = self._buf.find(CLOSE)
+        body = self._buf[: len(self._buf) - _tag_prefix(self._buf, CLOSE)] if end < 0 else self._buf[:end]
+        self._buf = self._buf[len(body) :]
+        if self._call is None:
+            self._read_uncommitted(out, self._scanner, body)
+        elif not self._closed:
+            args, object_end = self._scanner.feed(body)
+            self._add(out, args)
+            self._closed = object_end is not None
+        if end < 0:
+            return False
+        self._buf = self._buf[len(CLOSE) :]
+        if self._call is not None:
+            out.delta(CallDelta(self._call.index, self._call.call, "", done=True))
+        elif (call := parse_call(self._block[len(OPEN) :])) is None:
+            out.text(self._release(self._block + CLOSE))
+        else:
+            out.delta(CallDelta(self.num_calls, call, call.arguments, first=True, done=True))
+            self.num_calls += 1
+        self._scanner, self._call, self._block = None, None, ""
+        return True
+
+    def _read_uncommitted(self, out: _Out, scanner: CallScanner, body: str) -> None:
+        args, object_end = scanner.feed(body)
+        if scanner.name is None:
+            self._block += body
+            return
+        self._block = ""
+        self._call = CallDelta(self.num_calls, ToolCall(scanner.name, args), args, first=True)
+        self._closed = object_end is not None
+        self.num_calls += 1
+        out.delta(self._call)
+
+    def _add(self, out: _Out, args: str) -> None:
+        """Argument text of the committed call."""
+        if args and self._call is not None:
+            self._call.call.arguments += args
+            self._call = CallDelta(self._call.index, self._call.call, args)
+            out.delta(self._call)
 
     def _release(self, text: str) -> str:
         """`text` after any whitespace held before it, less its own trailing whitespace (held in turn)."""
@@ -117,9 +235,9 @@ class Llama3JsonStream:
         self._mode: str | None = None  # "text" or "calls", once the reply's opening decides it
         self.num_calls = 0
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, text: str) -> list[Piece]:
         if self._mode == "text":
-            return text, []
+            return [Piece(content=text)] if text else []
         self._buf += text
         head = self._buf.lstrip()
         if self._mode is None:
@@ -127,17 +245,19 @@ class Llama3JsonStream:
                 self._mode = "calls"
             elif head and not self.TAG.startswith(head):
                 self._mode, rest, self._buf = "text", self._buf, ""
-                return rest, []
-        return "", []
+                return [Piece(content=rest)]
+        return []
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """(the held text, if it is not calls; the calls, if it is)."""
+    def finish(self) -> list[Piece]:
+        """The held text, if it is not calls; the calls (each one delta), if it is."""
         text, self._buf = self._buf, ""
-        if self._mode != "calls":
-            return text, []
-        calls = _json_calls(text.strip().removeprefix(self.TAG))
+        calls = _json_calls(text.strip().removeprefix(self.TAG)) if self._mode == "calls" else []
         self.num_calls = len(calls)
-        return ("", calls) if calls else (text, [])
+        if not calls:
+            return [Piece(content=text)] if text else []
+        return [
+            Piece(deltas=[CallDelta(i, c, c.arguments, first=True, done=True) for i, c in enumerate(calls)])
+        ]
 
 
 def _json_calls(text: str) -> list[ToolCall]:

@@ -1,0 +1,74 @@
+"""A forced tool call's reply (constrained JSON: a named function's arguments, or "required"'s array of calls)
+read by ForcedToolCalls: fed whole or in any pieces it gives the same calls, and each call streams as written."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from typing import Any
+
+import pytest
+
+from treadle_frontend.server.forced_tools import ForcedToolCalls
+from treadle_frontend.server.tool_calls import Piece
+
+NAMED = '{"city":"Paris","days":[1,2]}'
+REQUIRED = '[{"name":"get_weather","parameters":{"city":"Paris"}},{"name":"get_time","parameters":{}}]'
+OTHER_ORDER = (  # the second item names its function last: read whole
+    '[{"name":"f","parameters":{"a":1}},{"parameters":{"b":2},"name":"g"},{"name":"h","parameters":{}}]'
+)
+
+
+def _feed(name: str | None, text: str, cuts: list[int]) -> tuple[list[Piece], ForcedToolCalls]:
+    forced, pieces = ForcedToolCalls(name), []
+    bounds = [0, *cuts, len(text)]
+    for k, (a, b) in enumerate(itertools.pairwise(bounds)):
+        pieces += forced.feed(text[a:b], final=k == len(bounds) - 2)
+    return pieces, forced
+
+
+def _calls(pieces: list[Piece]) -> list[tuple[str, Any]]:
+    return [(c.name, json.loads(c.arguments)) for p in pieces for c in p.calls]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "calls"),
+    [
+        ("get_weather", NAMED, [("get_weather", {"city": "Paris", "days": [1, 2]})]),
+        (None, REQUIRED, [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+        (None, OTHER_ORDER, [("f", {"a": 1}), ("g", {"b": 2}), ("h", {})]),  # g read whole, h after it
+    ],
+)
+def test_any_pieces_give_the_same_calls(name: str | None, text: str, calls: list[Any]) -> None:
+    rng = random.Random(len(text))
+    splits = [[i] for i in range(len(text) + 1)]
+    splits += [sorted(rng.sample(range(len(text)), 5)) for _ in range(30)]
+    for cuts in splits:
+        pieces, forced = _feed(name, text, cuts)
+        assert _calls(pieces) == calls and forced.num_calls == len(calls), cuts
+        assert not "".join(p.content for p in pieces), cuts  # the JSON is never content
+        deltas = [d for p in pieces for d in p.deltas]
+        for index in range(len(calls)):
+            own = [d for d in deltas if d.index == index]
+            assert own[0].first and own[-1].done
+            assert "".join(d.arguments for d in own) == own[0].call.arguments
+
+
+def test_arguments_stream_as_written() -> None:
+    pieces, _ = _feed(None, REQUIRED, list(range(len(REQUIRED))))
+    first = [d for p in pieces for d in p.deltas if d.index == 0]
+    assert first[0].first and first[0].call.name == "get_weather" and first[0].arguments == "{"
+    assert len(first) == len('{"city":"Paris"}') + 1  # every character as it came, then the close
+    named, _ = _feed("f", NAMED, list(range(len(NAMED))))
+    assert len([d for p in named for d in p.deltas]) == len(NAMED) + 1
+
+
+def test_a_reply_cut_short() -> None:
+    # cut inside the second call's name: only the first is a call
+    pieces, forced = _feed(None, REQUIRED[:70], [30])
+    assert _calls(pieces) == [("get_weather", {"city": "Paris"})] and forced.num_calls == 1
+    pieces, _ = _feed("f", NAMED[:12], [5])  # a named call's arguments cut short are kept as written
+    assert [(c.name, c.arguments) for p in pieces for c in p.calls] == [("f", NAMED[:12])]
+    pieces, forced = _feed("f", "", [])  # nothing written (max_tokens spent on reasoning): no call
+    assert forced.num_calls == 0 and not [c for p in pieces for c in p.calls]
