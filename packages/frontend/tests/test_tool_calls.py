@@ -15,8 +15,8 @@ import pytest
 from frontend_helpers import start_fake_server, streamed_tool_calls
 
 from treadle_frontend.server import ServerConfig
-from treadle_frontend.server.reply import parse_whole
-from treadle_frontend.server.tool_calls import Piece, ToolCallStream, template_messages, tool_stream
+from treadle_frontend.server.reply import parse_whole, tool_stream
+from treadle_frontend.server.tool_calls import Piece, ToolCallStream, template_messages
 
 
 def parse_reply(text: str) -> tuple[str | None, list[Any]]:
@@ -207,8 +207,11 @@ LLAMA_CASES = [
     (' {"name": "f", "arguments": {"x": 1}}', None, [("f", {"x": 1})]),
     ('Sure: {"name": "f", "parameters": {}}', 'Sure: {"name": "f", "parameters": {}}', []),
     ('{"not": "a call"}', '{"not": "a call"}', []),
-    ('{"name": "f", "parameters": {}} trailing words', '{"name": "f", "parameters": {}} trailing words', []),
+    ('{"name": "f", "parameters": {}} trailing words', "trailing words", [("f", {})]),  # nothing lost
     ("<|python", "<|python", []),
+    ('{"parameters": {"x": 1}, "name": "f"}', None, [("f", {"x": 1})]),  # read whole: the name comes second
+    ('{"name": "f", "parameters": {}}; {"parameters": {}, "name": "g"}', None, [("f", {}), ("g", {})]),
+    ("<|python_tag|>print(1)", "<|python_tag|>print(1)", []),
 ]
 
 
@@ -222,6 +225,17 @@ def test_llama3_json_in_any_pieces(text: str, content: str | None, calls: list[A
         pieces = stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.finish()
         joined, got = "".join(p.content for p in pieces), [c for p in pieces for c in p.calls]
         assert _summary(joined or (None if got else joined), got) == (content, calls)
+
+
+def test_llama3_json_arguments_stream() -> None:
+    stream = tool_stream("llama3_json")
+    pieces = [p for c in LLAMA_CALLS for p in stream.feed(c)] + stream.finish()
+    deltas = [d for p in pieces for d in p.deltas]
+    assert [d.call.name for d in deltas if d.first] == ["get_weather", "f"]
+    assert len([d for d in deltas if d.index == 0]) == len('{"city": "Paris"}') + 1  # a character at a time
+    cut = tool_stream("llama3_json")
+    pieces = cut.feed('{"name": "f", "parameters": {"a": [1') + cut.finish()  # cut short: kept as written
+    assert [(c.name, c.arguments) for p in pieces for c in p.calls] == [("f", '{"a": [1')]
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +257,9 @@ def test_chat_llama3_json_tool_calls(llama_server: Any, stream: bool) -> None:
         chunks = list(_client(llama_server).chat.completions.create(stream=True, **kw))
         assert not any(ch.delta.content for chunk in chunks for ch in chunk.choices)  # the JSON is never text
         finish = [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason]
-        calls, _ = streamed_tool_calls(chunks)
+        calls, pieces = streamed_tool_calls(chunks)
         got = [(name, json.loads(args)) for name, args in (calls[i] for i in sorted(calls))]
+        assert pieces > 2  # the arguments stream as they are written
     else:
         choice = _client(llama_server).chat.completions.create(**kw).choices[0]
         assert choice.message.content is None

@@ -108,6 +108,11 @@ class CallScanner:
         self._object = JsonNesting(depth=1)  # the call object's own keys after the arguments
         self._in_args = False
 
+    @property
+    def head(self) -> str:
+        """The text read before the call was committed (all of it, when it is not streamable)."""
+        return self._head
+
     def feed(self, text: str) -> tuple[str, int | None]:
         """(argument text added by `text`, the index in `text` just past the call object's `}` or None)."""
         if not self.streamable:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from treadle_frontend.server.call_scanner import WHITESPACE, CallScanner
+from treadle_frontend.server.call_sequence import CallSequence
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.reply import ReasoningStream, ReplyParser, whole_reply
 from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall
@@ -52,78 +52,6 @@ def _array_items(text: str) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-class CallArray:
-    """A "required" reply, `[{"name": ..., "parameters": {...}}, ...]`, read as it is written: each item streams
-    through a CallScanner. An item the scanner cannot stream stops the streaming; `finish` then reads the items
-    from there on out of the whole reply."""
-
-    def __init__(self) -> None:
-        self._buf = ""
-        self._state = "open"  # open -> item -> scanning -> separator -> item ... -> end; or whole
-        self._scanner = CallScanner()
-        self._call: CallDelta | None = None
-        self.count = 0
-
-    def feed(self, text: str) -> list[CallDelta]:
-        self._buf += text
-        deltas: list[CallDelta] = []
-        while self._state not in ("end", "whole"):
-            if self._state == "scanning":
-                if not self._scan(deltas):
-                    break
-                continue
-            self._buf = self._buf.lstrip(WHITESPACE)
-            if not self._buf:
-                break
-            char, want = self._buf[0], {"open": "[", "item": "{]", "separator": ",]"}[self._state]
-            if char not in want:
-                self._state = "whole"
-            elif char == "[" or char == ",":
-                self._state, self._buf = "item", self._buf[1:]
-            elif char == "]":
-                self._state = "end"
-            else:  # an item's "{": the scanner reads it from there
-                self._state, self._scanner = "scanning", CallScanner()
-        return deltas
-
-    def _scan(self, deltas: list[CallDelta]) -> bool:
-        """Feed the open item; True when it ended (the buffer then holds what follows it)."""
-        args, end = self._scanner.feed(self._buf)
-        self._buf = "" if end is None else self._buf[end:]
-        if not self._scanner.streamable:
-            self._state = "whole"
-            return False
-        if self._scanner.name is not None and self._call is None:
-            self._call = CallDelta(self.count, ToolCall(self._scanner.name, args), args, first=True)
-            self.count += 1
-            deltas.append(self._call)
-        elif args and self._call is not None:
-            self._call.call.arguments += args
-            deltas.append(CallDelta(self._call.index, self._call.call, args))
-        if end is None:
-            return False
-        if self._call is not None:
-            deltas.append(CallDelta(self._call.index, self._call.call, "", done=True))
-        self._state, self._call = "separator", None
-        return True
-
-    def finish(self, text: str) -> list[CallDelta]:
-        """The open item's last delta (a reply cut short keeps the arguments written), or, when streaming had
-        stopped, the calls left in the whole reply `text`."""
-        if self._call is not None:
-            return [CallDelta(self._call.index, self._call.call, "", done=True)]
-        if self._state != "whole":
-            return []
-        deltas = []
-        for item in _array_items(text)[self.count :]:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                continue
-            call = ToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False))
-            deltas.append(CallDelta(self.count, call, call.arguments, first=True, done=True))
-            self.count += 1
-        return deltas
-
-
 class ForcedToolCalls:
     """The streaming side: releases the reasoning block as it comes, then streams the calls as their JSON is
     written (named: the reply is the arguments, the call opens on its first character; "required": each array
@@ -135,7 +63,7 @@ class ForcedToolCalls:
         self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
         self.text = ""
         self._named: CallDelta | None = None
-        self._array = CallArray() if name is None else None
+        self._array = CallSequence.array() if name is None else None
 
     @property
     def num_calls(self) -> int:
@@ -147,7 +75,7 @@ class ForcedToolCalls:
         deltas = self._array.feed(content) if self._array is not None else self._stream_named(content)
         pieces = [Piece(reasoning=reasoning)] if reasoning else []
         if final:
-            deltas += self._array.finish(self.text) if self._array is not None else self._finish_named()
+            deltas += self._finish_array(self._array) if self._array is not None else self._finish_named()
             if not self.num_calls:
                 pieces.append(Piece(content=self.text))
         return [*pieces, Piece(deltas=deltas)] if deltas else pieces
@@ -164,6 +92,18 @@ class ForcedToolCalls:
             return []
         self._named.call.arguments += content
         return [CallDelta(0, self._named.call, content)]
+
+    def _finish_array(self, array: CallSequence) -> list[CallDelta]:
+        """The open item's last delta, or, when streaming stopped, the calls left in the whole reply."""
+        deltas = array.finish()
+        if array.stopped:
+            for item in _array_items(self.text)[array.count :]:
+                if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                    continue
+                call = ToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False))
+                deltas.append(CallDelta(array.count, call, call.arguments, first=True, done=True))
+                array.count += 1
+        return deltas
 
     def _finish_named(self) -> list[CallDelta]:
         return [] if self._named is None else [CallDelta(0, self._named.call, "", done=True)]

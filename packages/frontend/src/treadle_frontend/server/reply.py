@@ -14,7 +14,8 @@ pieces (a possible tag held back until the next piece).
 
 from __future__ import annotations
 
-from treadle_frontend.server.tool_calls import Piece, ToolCall, merged, tool_stream
+from treadle_frontend.server.call_sequence import Llama3JsonStream
+from treadle_frontend.server.tool_calls import Piece, ToolCall, ToolCallStream, merged
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
@@ -94,6 +95,11 @@ class ReasoningStream:
         if self._state == "reasoning":
             return self._lead(rest), ""
         return "", rest if self._state in ("opening", "content") else ""
+
+
+def tool_stream(parser: str) -> ToolCallStream | Llama3JsonStream:
+    """The streaming reader of `--tool-call-parser` `parser` (tool_calls.PARSERS)."""
+    return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 
 class ReplyParser:

@@ -25,7 +25,7 @@ from typing import Any
 
 from treadle_frontend.server.call_scanner import CallScanner
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json")  # llama3_json: call_sequence.py
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -220,66 +220,6 @@ class ToolCallStream:
         kept = text.rstrip()
         self._space = text[len(kept) :]
         return kept
-
-
-class Llama3JsonStream:
-    """The llama3_json format (Llama 3.1-3.3's tool prompt): a reply that opens with a JSON object (after an
-    optional `<|python_tag|>`) is its calls, `{"name": ..., "parameters": {...}}` each, several separated by
-    ";". Such a reply is held whole and parsed when it ends (text that does not parse is released as it was);
-    any other reply is text, streamed as it comes."""
-
-    TAG = "<|python_tag|>"
-
-    def __init__(self) -> None:
-        self._buf = ""
-        self._mode: str | None = None  # "text" or "calls", once the reply's opening decides it
-        self.num_calls = 0
-
-    def feed(self, text: str) -> list[Piece]:
-        if self._mode == "text":
-            return [Piece(content=text)] if text else []
-        self._buf += text
-        head = self._buf.lstrip()
-        if self._mode is None:
-            if head.startswith(("{", self.TAG)):
-                self._mode = "calls"
-            elif head and not self.TAG.startswith(head):
-                self._mode, rest, self._buf = "text", self._buf, ""
-                return [Piece(content=rest)]
-        return []
-
-    def finish(self) -> list[Piece]:
-        """The held text, if it is not calls; the calls (each one delta), if it is."""
-        text, self._buf = self._buf, ""
-        calls = _json_calls(text.strip().removeprefix(self.TAG)) if self._mode == "calls" else []
-        self.num_calls = len(calls)
-        if not calls:
-            return [Piece(content=text)] if text else []
-        return [
-            Piece(deltas=[CallDelta(i, c, c.arguments, first=True, done=True) for i, c in enumerate(calls)])
-        ]
-
-
-def _json_calls(text: str) -> list[ToolCall]:
-    """`{...}; {...}` as calls, or none at all when any part is not a call."""
-    decoder, calls, at = json.JSONDecoder(), [], 0
-    while at < len(text):
-        try:
-            obj, end = decoder.raw_decode(text, at)
-        except ValueError:
-            return []
-        call = parse_call(json.dumps(obj)) if isinstance(obj, dict) else None
-        if call is None:
-            return []
-        calls.append(call)
-        at = end
-        while at < len(text) and text[at] in " \t\n;":
-            at += 1
-    return calls
-
-
-def tool_stream(parser: str) -> ToolCallStream | Llama3JsonStream:
-    return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
