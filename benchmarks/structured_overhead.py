@@ -15,7 +15,7 @@ that directory's tokenizer files and vocabulary size (e.g. Llama-3.1-8B's shapes
 `--batches 1,64,256` runs each batch size in turn (batch 1 also reports ms per output token).
 
 Usage: python benchmarks/structured_overhead.py [--model DIR --load-format dummy --tokenizer-from DIR]
-       [--batches 16] [--tokens 64] [--rounds 2] [--logprobs N] [--out F]
+       [--batches 16] [--tokens 64] [--rounds 2] [--logprobs N] [--engine-process] [--out F]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--logprobs", type=int, default=0, help="add a variant asking N top logprobs (0: none)")
+    ap.add_argument("--engine-process", action="store_true", help="the engine core in its own process")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = args.model
@@ -113,13 +114,14 @@ def main() -> None:
         if model is None:
             ap.error("--tokenizer-from needs --model")
         model = with_tokenizer(model, args.tokenizer_from)
-    llm = LLM(model, load_format=args.load_format) if model else LLM()
+    llm = LLM(model, load_format=args.load_format, engine_process=args.engine_process)
     batches = [args.prompts] if args.prompts else [int(b) for b in args.batches.split(",")]
     result = {
         "device": device_name(),
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "load_format": args.load_format,
         "tokenizer": args.tokenizer_from or "the model's",
+        "engine_process": args.engine_process,
         "workload": f"batch sizes {batches} x {args.tokens} tokens, greedy, alternating, {args.rounds} rounds",
         "batches": {str(b): run_batch(llm, b, args.tokens, args.rounds, args.logprobs) for b in batches},
     }

@@ -35,6 +35,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--no-enable-prefix-caching", action="store_true")
+    parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the engine core in its own process (LLM(engine_process=True))",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-json", default=None, help="write the result as JSON here")
 
@@ -88,7 +93,7 @@ def make_llm(args: argparse.Namespace) -> Any:
         options["enforce_eager"] = True
     if args.no_enable_prefix_caching:
         options["enable_prefix_caching"] = False
-    return LLM(model=args.model, **options)
+    return LLM(model=args.model, engine_process=args.engine_process, **options)
 
 
 def length_bounds(mean: int, ratio: float, span: str | None = None) -> tuple[int, int]:

@@ -3,7 +3,8 @@
 `EngineArgs.from_kwargs(model, **options)` splits vLLM-style keyword options over the three config
 dataclasses (ModelConfig and CacheConfig of the model runner, SchedulerConfig of the engine core) and the
 frontend's own (chat_template, generation_config); an unknown option is an error that lists the valid ones.
-`start_inproc` (offline LLM) and `start_async_mp` (API server: the engine in its own process) resolve the model
+`start_inproc` (offline LLM), `start_sync_mp` (offline LLM, the engine in its own process) and
+`start_async_mp` (API server: the engine in its own process) resolve the model
 (the embedded default when none is named), load the tokenizer, start the engine, and read the model facts the
 frontend needs (max_model_len, vocab size, KV capacity) from the engine's READY handshake.
 """
@@ -177,6 +178,21 @@ def start_inproc(args: EngineArgs) -> tuple[Any, InputProcessor]:
 
 
 def start_async_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
+    """The API server's engine: in its own process, driven from an asyncio loop (`_start_mp`)."""
+    from treadle_engine_core.client import AsyncMPClient
+
+    return _start_mp(args, AsyncMPClient)
+
+
+def start_sync_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
+    """The offline LLM's engine in its own process (`LLM(engine_process=True)`): scheduling and the model's
+    launches run beside this process's output processing (detokenizing, logprobs) instead of sharing its GIL."""
+    from treadle_engine_core.client import SyncMPClient
+
+    return _start_mp(args, SyncMPClient)
+
+
+def _start_mp(args: EngineArgs, client_cls: Any) -> tuple[Any, InputProcessor]:
     """Starts the engine process and, while it boots, resolves the model and loads the tokenizer here.
 
     The two processes import torch and read the model at the same time, which roughly halves the time to
@@ -185,13 +201,11 @@ def start_async_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
     """
     import threading
 
-    from treadle_engine_core.client import AsyncMPClient
-
     booted: dict[str, Any] = {}
 
     def boot() -> None:
         try:
-            booted["client"] = AsyncMPClient(args.engine_config(args.model_config))
+            booted["client"] = client_cls(args.engine_config(args.model_config))
         except BaseException as e:  # re-raised in the caller's thread
             booted["error"] = e
 

@@ -31,11 +31,15 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        from treadle_frontend.engine_factory import EngineArgs, start_inproc
+    def __init__(self, model: str | None = None, *, engine_process: bool = False, **kwargs: Any) -> None:
+        """`engine_process=True` runs the engine core in its own process (as the server does, and as vLLM's LLM
+        does by default): its scheduling and launches then do not share this process's GIL with the output
+        processing (detokenizing, logprobs), which pays when the host is the bottleneck; it costs the process's
+        start and a message per step."""
+        from treadle_frontend.engine_factory import EngineArgs, start_inproc, start_sync_mp
 
         args = EngineArgs.from_kwargs(model, **kwargs)
-        client, processor = start_inproc(args)
+        client, processor = (start_sync_mp if engine_process else start_inproc)(args)
         self._setup(client, processor)
 
     @classmethod
