@@ -34,8 +34,10 @@ class LLM:
     def __init__(self, model: str | None = None, *, engine_process: bool = False, **kwargs: Any) -> None:
         """`engine_process=True` runs the engine core in its own process (as the server does, and as vLLM's LLM
         does by default): its scheduling and launches then do not share this process's GIL with the output
-        processing (detokenizing, logprobs), which pays when the host is the bottleneck; it costs the process's
-        start and a message per step."""
+        processing (detokenizing, logprobs); it costs the process's start and a message per step. Measured on an
+        H200 it did not pay (Qwen3-0.6B 256 x U(100, 1024): 20.4k against 20.6k output tok/s; 256 requests
+        under a regex: 15.5-18.6k against 21.5-23.9k; benchmarks/results/gpu-engine-process-h200-5d136f8), so
+        in-process stays the default."""
         from treadle_frontend.engine_factory import EngineArgs, start_inproc, start_sync_mp
 
         args = EngineArgs.from_kwargs(model, **kwargs)
