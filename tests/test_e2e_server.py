@@ -32,6 +32,11 @@ def test_startup_log_and_models(real_server: RealServer, oai: openai.OpenAI) -> 
     log = real_server.log.read_text()
     for needle in ("KV cache capacity", "attention backend", "IR dispatch", "ready in", "dtype", "device"):
         assert needle in log, needle
+    for process in (
+        "engine process",
+        "API server",
+    ):  # each froze its start-up heap (treadle_engine_core.heap)
+        assert re.search(rf"{process}: [1-9]\d* start-up objects frozen", log), process
     models = oai.models.list().data
     assert [m.id for m in models] == [MODEL_NAME]
 

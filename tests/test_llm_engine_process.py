@@ -1,9 +1,11 @@
 """`LLM(engine_process=True)`: the offline engine core in its own process gives exactly what the in-process one
-gives (greedy and seeded tokens, logprobs), and its process ends with `shutdown`; `treadle bench throughput
+gives (greedy and seeded tokens, logprobs), and its process ends with `shutdown`; an LLM freezes its start-up
+heap out of the garbage collector's scans; `treadle bench throughput
 --engine-process` runs on it."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,11 @@ def _run(llm: LLM) -> list[Any]:
 
 
 def test_engine_process_equals_in_process(tiny: Path) -> None:
+    gc.unfreeze()
     inproc = LLM(str(tiny), **ENGINE)
+    assert gc.get_freeze_count() > 10_000, (
+        "the LLM should freeze its start-up heap (treadle_engine_core.heap)"
+    )
     try:
         want = _run(inproc)
     finally:

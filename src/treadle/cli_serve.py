@@ -265,6 +265,9 @@ def run_serve(args: argparse.Namespace) -> int:
     llm = AsyncLLM(client, processor)
     try:
         app = build_app(llm, server_config)
+        from treadle_engine_core.heap import freeze_startup_heap
+
+        freeze_startup_heap("API server")
         _startup_report(llm, server_config.url, time.monotonic() - t0)
         threading.Thread(
             target=_platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True

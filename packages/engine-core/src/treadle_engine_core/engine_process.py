@@ -31,6 +31,7 @@ import zmq
 
 from treadle_engine_core import messages as msg
 from treadle_engine_core.config import EngineConfig
+from treadle_engine_core.heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def run_engine_process(
         in_sock.close()
         ctx.term()
         raise SystemExit(1) from None
+    freeze_startup_heap("engine process")
     out_sock.send_multipart([msg.READY, msg.encode(engine.ready_message(os.getpid()))])
     in_q: queue.Queue[Any] = queue.Queue()
     out_q: queue.Queue[Any] = queue.Queue()

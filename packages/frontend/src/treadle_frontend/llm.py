@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from treadle_engine_core.heap import freeze_startup_heap
 from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
 from treadle_frontend.input_processor import InputProcessor, PromptType
 from treadle_frontend.output_processor import OutputProcessor
@@ -43,6 +44,7 @@ class LLM:
         args = EngineArgs.from_kwargs(model, **kwargs)
         client, processor = (start_sync_mp if engine_process else start_inproc)(args)
         self._setup(client, processor)
+        freeze_startup_heap("LLM")  # treadle_engine_core.heap: full collections stop walking the model's heap
 
     @classmethod
     def from_client(

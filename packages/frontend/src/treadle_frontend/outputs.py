@@ -11,14 +11,18 @@ holding the sampled token and the top-k; `prompt_logprobs[0]` is None (the first
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # Per position: token id -> its Logprob (the sampled token plus the top-k alternatives).
 SampleLogprobs = list[dict[int, "Logprob"]]
 PromptLogprobs = list[dict[int, "Logprob"] | None]
 
 
-@dataclass(slots=True)
-class Logprob:
+class Logprob(NamedTuple):
+    """A tuple of atomic values, so that the garbage collector stops tracking it (and the position dicts holding
+    only these) after its first pass: a long logprobs run keeps ~7 objects a token alive, and tracked they made
+    every full collection slower (treadle_engine_core.heap)."""
+
     logprob: float  # natural log probability after the sampler's processing
     rank: int | None = None  # 1-based rank among the vocabulary (1 = most likely)
     decoded_token: str | None = None  # the token's text on its own
