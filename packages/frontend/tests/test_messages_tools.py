@@ -67,6 +67,16 @@ def test_streamed_tool_use_blocks(client: anthropic.Anthropic) -> None:
         assert len(parts) > 2 and json.loads("".join(parts)) == args
 
 
+def test_a_call_cut_by_max_tokens(client: anthropic.Anthropic, server: Any, tokenizer: Any) -> None:
+    ids = server.engine.script
+    cut = next(n for n in range(len(ids)) if '"city": "Pa' in tokenizer.decode(ids[:n]))
+    m = client.messages.create(model="tiny", max_tokens=cut, tools=[WEATHER], messages=ASK)
+    assert m.stop_reason == "max_tokens" and [b.type for b in m.content] == ["text", "tool_use"]
+    with client.messages.stream(model="tiny", max_tokens=cut, tools=[WEATHER], messages=ASK) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "max_tokens" and [b.type for b in final.content] == ["text", "tool_use"]
+
+
 def test_tool_history_reaches_the_template(client: anthropic.Anthropic) -> None:
     def count(result: str) -> int:
         turns = [

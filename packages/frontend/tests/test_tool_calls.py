@@ -183,6 +183,28 @@ def test_chat_streams_tool_calls(tool_server: Any) -> None:
     assert pieces > 4, "the arguments should stream in several deltas, as the tokens come"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_tokens(tool_server: Any, tokenizer: Any, stream: bool) -> None:
+    """max_tokens ends the reply inside the first call's arguments: finish_reason length, and the call with the
+    arguments written so far (as OpenAI returns a cut call)."""
+    ids = tool_server.engine.script
+    cut = next(n for n in range(len(ids)) if '"city": "Pa' in tokenizer.decode(ids[:n]))
+    written = tokenizer.decode(ids[:cut])
+    args = written[written.index('{"city"') :]
+    kw: dict[str, Any] = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                              max_tokens=cut)  # fmt: skip
+    if stream:
+        chunks = list(_client(tool_server).chat.completions.create(stream=True, **kw))
+        calls, _ = streamed_tool_calls(chunks)
+        finish = [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason]
+        got = list(calls.values())
+    else:
+        choice = _client(tool_server).chat.completions.create(**kw).choices[0]
+        got = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        finish = [choice.finish_reason]
+    assert got == [("get_weather", args)] and finish == ["length"]
+
+
 @pytest.mark.parametrize("tool_choice", ["none", None])
 def test_text_when_tools_are_off(tool_server: Any, fake_server: Any, tool_choice: str | None) -> None:
     kwargs: dict[str, Any] = {"tool_choice": "none"} if tool_choice else {}

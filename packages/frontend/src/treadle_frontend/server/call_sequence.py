@@ -20,9 +20,8 @@ class CallSequence:
 
     def __init__(self, open_: str = "", separator: str = ";", close: str = "") -> None:
         self._open, self._separator, self._close = open_, separator, close
-        self._state = (
-            "open" if open_ else "item"
-        )  # open -> item -> scanning -> separator -> ... -> end | stopped
+        # open -> item -> scanning -> separator -> item ... -> end; or stopped
+        self._state = "open" if open_ else "item"
         self._buf = ""
         self._scanner = CallScanner()
         self._call: CallDelta | None = None

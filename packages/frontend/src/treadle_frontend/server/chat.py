@@ -255,8 +255,8 @@ class ChatHandler:
 
 def _finish(reason: str | None, called: bool, forced: tuple[Any, str | None] | None) -> str | None:
     """OpenAI's finish_reason: tool_calls when the reply's calls were parsed or required, stop for a forced
-    named function."""
-    if not called:
+    named function; length whenever max_tokens cut the reply (a call cut short keeps the arguments written)."""
+    if not called or reason == "length":
         return finish_str(reason)
     return "stop" if forced is not None and forced[1] is not None else "tool_calls"
 

@@ -178,7 +178,7 @@ class MessagesHandler:
                 "role": "assistant",
                 "model": st.model_name,
                 "content": blocks,
-                "stop_reason": "tool_use" if calls else reason,
+                "stop_reason": "tool_use" if calls and reason != "max_tokens" else reason,
                 "stop_sequence": seq,
                 "usage": usage(len(ids), out.num_cached_tokens or 0, len(c.token_ids)),
             }
@@ -245,7 +245,10 @@ class MessagesHandler:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "tool_use" if blocks.num_calls else reason, "stop_sequence": seq},
+                "delta": {
+                    "stop_reason": "tool_use" if blocks.num_calls and reason != "max_tokens" else reason,
+                    "stop_sequence": seq,
+                },
                 "usage": usage(num_input, num_cached, num_output),
             },
         )

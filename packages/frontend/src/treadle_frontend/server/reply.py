@@ -15,18 +15,10 @@ pieces (a possible tag held back until the next piece).
 from __future__ import annotations
 
 from treadle_frontend.server.call_sequence import Llama3JsonStream
-from treadle_frontend.server.tool_calls import Piece, ToolCall, ToolCallStream, merged
+from treadle_frontend.server.tool_calls import Piece, ToolCall, ToolCallStream, merged, tag_prefix
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
-
-
-def _tag_prefix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that could begin `tag`."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningStream:
@@ -60,7 +52,7 @@ class ReasoningStream:
                     self._buf = head[len(START) :]
             end = self._buf.find(END)
             if end < 0:
-                cut = len(self._buf) - _tag_prefix(self._buf, END)
+                cut = len(self._buf) - tag_prefix(self._buf, END)
                 reasoning, self._buf = self._buf[:cut], self._buf[cut:]
                 self._started = self._started or bool(reasoning)
                 return self._lead(reasoning), ""

@@ -97,7 +97,7 @@ def parse_call(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
-def _tag_prefix(text: str, tag: str) -> int:
+def tag_prefix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that could begin `tag` (held back until the next delta decides)."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-n:]):
@@ -162,7 +162,7 @@ class ToolCallStream:
     def _between_blocks(self, out: _Out) -> bool:
         start = self._buf.find(OPEN)
         if start < 0:
-            cut = len(self._buf) - _tag_prefix(self._buf, OPEN)
+            cut = len(self._buf) - tag_prefix(self._buf, OPEN)
             out.text(self._release(self._buf[:cut]))
             self._buf = self._buf[cut:]
             return False
@@ -175,7 +175,7 @@ class ToolCallStream:
         """Read the open block up to CLOSE (or up to a possible start of it); True when the block ended."""
         assert self._scanner is not None
         end = self._buf.find(CLOSE)
-        body = self._buf[: len(self._buf) - _tag_prefix(self._buf, CLOSE)] if end < 0 else self._buf[:end]
+        body = self._buf[: len(self._buf) - tag_prefix(self._buf, CLOSE)] if end < 0 else self._buf[:end]
         self._buf = self._buf[len(body) :]
         if self._call is None:
             self._read_uncommitted(out, self._scanner, body)
