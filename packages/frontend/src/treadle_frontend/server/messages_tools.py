@@ -4,10 +4,11 @@ Request side: `tools` ({name, description, input_schema}) reach the template as 
 assistant turn's `tool_use` blocks become its `tool_calls` (arguments as objects), and a user turn's
 `tool_result` blocks become `tool` messages (its other text after them, as a user message). Reply side (with
 `--enable-auto-tool-choice --tool-call-parser hermes`): the calls the reply writes become `tool_use` blocks after
-its text, with stop_reason "tool_use"; streamed, each call is a block of its own (content_block_start with empty
-`input`, `input_json_delta`s with the arguments as the model writes them, content_block_stop), text after a call
-opens a new text block, and block indexes count up from 0. A forced `tool_choice` (`any`, or `tool` with its name) needs no
-flag: decoding is constrained to the calls' JSON (forced_tools.py) and the reply is only tool_use blocks.
+its text, with stop_reason "tool_use" (max_tokens when the reply was cut); streamed, each call is a block of its
+own (content_block_start with empty `input`, `input_json_delta`s with the arguments as the model writes them,
+content_block_stop), text after a call opens a new text block, and block indexes count up from 0. A forced
+`tool_choice` (`any`, or `tool` with its name) needs no flag: decoding is constrained to the calls' JSON
+(forced_tools.py) and the reply is only tool_use blocks.
 """
 
 from __future__ import annotations
