@@ -68,7 +68,14 @@ def test_a_reply_cut_short() -> None:
     # cut inside the second call's name: only the first is a call
     pieces, forced = _feed(None, REQUIRED[:70], [30])
     assert _calls(pieces) == [("get_weather", {"city": "Paris"})] and forced.num_calls == 1
+    assert [c.complete for p in pieces for c in p.calls] == [True]
+    pieces, _ = _feed(None, REQUIRED[:40], [30])  # inside the first call's arguments: kept, incomplete
+    assert [(c.name, c.arguments, c.complete) for p in pieces for c in p.calls] == [
+        ("get_weather", REQUIRED[36:40], False)
+    ]
     pieces, _ = _feed("f", NAMED[:12], [5])  # a named call's arguments cut short are kept as written
-    assert [(c.name, c.arguments) for p in pieces for c in p.calls] == [("f", NAMED[:12])]
+    assert [(c.name, c.arguments, c.complete) for p in pieces for c in p.calls] == [("f", NAMED[:12], False)]
+    pieces, _ = _feed("f", NAMED, [5])
+    assert [c.complete for p in pieces for c in p.calls] == [True]
     pieces, forced = _feed("f", "", [])  # nothing written (max_tokens spent on reasoning): no call
     assert forced.num_calls == 0 and not [c for p in pieces for c in p.calls]

@@ -111,3 +111,30 @@ def test_function_calls_read_from_the_reply(tokenizer: Any, stream: bool) -> Non
     call = done.output[1]
     assert call.type == "function_call" and call.name == "get_weather"
     assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_output_tokens(tokenizer: Any, stream: bool) -> None:
+    """The reply ends inside a call's arguments: the response and the function_call item are incomplete, the
+    arguments as far as they got."""
+    options = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    srv, handle = start_fake_server(tokenizer, server_options=options)
+    reply = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}</tool_call>'
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    handle.engine.script = ids
+    cut = next(n for n in range(len(ids)) if '"city": "Pa' in tokenizer.decode(ids[:n]))
+    written = tokenizer.decode(ids[:cut])
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    kw: dict[str, Any] = {"model": "tiny", "input": "Weather?", "tools": [tool], "max_output_tokens": cut}
+    with srv:
+        client = openai.OpenAI(base_url=handle.url + "/v1", api_key="x", _strict_response_validation=True)
+        if stream:
+            events = list(client.responses.create(stream=True, **kw))
+            assert events[-1].type == "response.incomplete"
+            done = events[-1].response  # type: ignore[union-attr]
+        else:
+            done = client.responses.create(**kw)
+    assert done.status == "incomplete" and [o.type for o in done.output] == ["function_call"]
+    call = done.output[0]
+    assert call.type == "function_call" and call.status == "incomplete"
+    assert call.arguments == written[written.index('{"city"') :]

@@ -95,6 +95,7 @@ class CallSequence:
         """The open call's last delta (a reply cut short keeps the arguments written)."""
         if self._call is None:
             return []
+        self._call.call.complete = False
         return [CallDelta(self._call.index, self._call.call, "", done=True)]
 
 

@@ -43,6 +43,14 @@ def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple
     return functions[name], name
 
 
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _array_items(text: str) -> list[Any]:
     """The items of a constrained "required" reply (none when it was cut short and does not parse)."""
     try:
@@ -106,7 +114,11 @@ class ForcedToolCalls:
         return deltas
 
     def _finish_named(self) -> list[CallDelta]:
-        return [] if self._named is None else [CallDelta(0, self._named.call, "", done=True)]
+        if self._named is None:
+            return []
+        call = self._named.call
+        call.complete = _parses(call.arguments)  # constrained JSON: whole unless max_tokens cut it
+        return [CallDelta(0, call, "", done=True)]
 
 
 class ReplyReader:

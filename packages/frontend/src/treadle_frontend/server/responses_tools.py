@@ -59,9 +59,10 @@ def call_turns(items: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
              "tool_calls": [{"id": str(item.get("call_id", "")), "type": "function", "function": fn}]}]  # fmt: skip
 
 
-def call_item(call: ToolCall, item_id: str, status: str = "completed") -> dict[str, Any]:
+def call_item(call: ToolCall, item_id: str) -> dict[str, Any]:
+    """A function_call output item; "incomplete" when the reply ended inside the call."""
     return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
-            "arguments": call.arguments, "status": status}  # fmt: skip
+            "arguments": call.arguments, "status": "completed" if call.complete else "incomplete"}  # fmt: skip
 
 
 def part(text: str) -> dict[str, Any]:

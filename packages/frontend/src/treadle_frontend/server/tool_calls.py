@@ -34,6 +34,7 @@ class ToolCall:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
     id: str = field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex[:24]}")
+    complete: bool = True  # False: the reply ended inside the call (its arguments are as far as they got)
 
     def json(self) -> dict[str, Any]:
         """The OpenAI `tool_calls` entry."""
@@ -152,6 +153,7 @@ class ToolCallStream:
         else:
             if not self._closed:  # a held possible CLOSE was argument text after all
                 self._add(out, self._scanner.feed(rest)[0])
+            self._call.call.complete = self._closed
             out.delta(CallDelta(self._call.index, self._call.call, "", done=True))
         self._buf, self._scanner, self._call, self._block = "", None, None, ""
         if self._space and not self.num_calls:
