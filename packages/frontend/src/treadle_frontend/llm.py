@@ -1,4 +1,5 @@
-"""LLM: offline batched generation, the same EngineCore run in this process (no ZMQ, no server).
+"""LLM: offline batched generation, the same EngineCore run in this process (no ZMQ, no server; with
+`engine_process=True`, in a process of its own behind ZMQ, as the server runs it).
 
     llm = LLM()                                  # the embedded SmolLM2-135M-Instruct
     out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))
