@@ -60,10 +60,10 @@ def test_streamed_tool_use_blocks(client: anthropic.Anthropic) -> None:
     starts = [e.index for e in events if e.type == "content_block_start"]
     stops = [e.index for e in events if e.type == "content_block_stop"]
     assert starts == stops == [0, 1, 2]
+    deltas = [e for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
     # each call's input streams as it is written
     for index, (_, args) in ((1, EXPECTED[1]), (2, EXPECTED[2])):
-        parts = [e.delta.partial_json for e in events  # type: ignore[union-attr]
-                 if e.type == "content_block_delta" and e.index == index and e.delta.type == "input_json_delta"]  # fmt: skip
+        parts = [e.delta.partial_json for e in deltas if e.index == index]  # type: ignore[union-attr]
         assert len(parts) > 2 and json.loads("".join(parts)) == args
 
 
