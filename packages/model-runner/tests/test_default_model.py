@@ -55,7 +55,9 @@ def test_conversion_lands_in_the_cache_with_every_file(converted: tuple[Path, fl
         True,
     )
     assert (config["rope_theta"], config["max_position_embeddings"]) == (100000.0, 8192)
-    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == 2
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2
+    assert (generation["temperature"], generation["top_p"], generation["do_sample"]) == (0.2, 0.9, True)
     assert "<|im_start|>" in json.loads((path / "tokenizer_config.json").read_text())["chat_template"]
 
 
