@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,15 @@ def _run(llm: LLM) -> list[Any]:
 def test_engine_process_equals_in_process(tiny: Path) -> None:
     gc.unfreeze()
     inproc = LLM(str(tiny), **ENGINE)
-    assert gc.get_freeze_count() > 10_000, (
-        "the LLM should freeze its start-up heap (treadle_engine_core.heap)"
-    )
+    assert gc.get_freeze_count() > 10_000, "the LLM should freeze its start-up heap (engine_core.heap)"
+    runner = weakref.ref(inproc.client.engine.executor.runner)  # type: ignore[attr-defined]
     try:
         want = _run(inproc)
     finally:
         inproc.shutdown()
+    del inproc
+    gc.collect()
+    assert runner() is None, "a frozen LLM must still be freed by reference counting once dropped"
     llm = LLM(str(tiny), engine_process=True, **ENGINE)
     proc = llm.client.proc  # type: ignore[attr-defined]
     try:
