@@ -39,7 +39,11 @@ class LLM:
         processing (detokenizing, logprobs); it costs the process's start and a message per step. Measured on an
         H200 it did not pay (Qwen3-0.6B 256 x U(100, 1024): 20.4k against 20.6k output tok/s; 256 requests
         under a regex: 15.5-18.6k against 21.5-23.9k; benchmarks/results/gpu-engine-process-h200-5d136f8), so
-        in-process stays the default."""
+        in-process stays the default.
+
+        Once started, the LLM freezes the process's heap out of the garbage collector's scans (gc.freeze, as
+        vLLM's engine does; treadle_engine_core.heap): every object alive then, the caller's too, is freed by
+        reference counting only; a reference cycle among them stays until `gc.unfreeze()`."""
         from treadle_frontend.engine_factory import EngineArgs, start_inproc, start_sync_mp
 
         args = EngineArgs.from_kwargs(model, **kwargs)
