@@ -78,25 +78,21 @@ class CallSequence:
             self._state, self.rest, self._buf = "stopped", self._scanner.head, ""
             return False
         if self._scanner.name is not None and self._call is None:
-            self._call = CallDelta(self.count, ToolCall(self._scanner.name, args), args, first=True)
+            self._call = CallDelta.opening(self.count, self._scanner.name, args)
             self.count += 1
             deltas.append(self._call)
         elif args and self._call is not None:
-            self._call.call.arguments += args
-            deltas.append(CallDelta(self._call.index, self._call.call, args))
+            deltas.append(self._call.then(args))
         if end is None:
             return False
         if self._call is not None:
-            deltas.append(CallDelta(self._call.index, self._call.call, "", done=True))
+            deltas.append(self._call.last())
         self._state, self._call = "separator", None
         return True
 
     def finish(self) -> list[CallDelta]:
         """The open call's last delta (a reply cut short keeps the arguments written)."""
-        if self._call is None:
-            return []
-        self._call.call.complete = False
-        return [CallDelta(self._call.index, self._call.call, "", done=True)]
+        return [] if self._call is None else [self._call.last(complete=False)]
 
 
 def json_calls(text: str, separators: str = " \t\r\n;") -> list[ToolCall]:
@@ -156,7 +152,7 @@ class Llama3JsonStream:
             return [Piece(content=self._all)] if self._mode is None and self._all else []
         deltas, rest = self._calls.finish(), self._calls.rest
         for call in json_calls(rest) if rest.strip() else []:
-            deltas.append(CallDelta(self._calls.count, call, call.arguments, first=True, done=True))
+            deltas.append(CallDelta.whole(self._calls.count, call))
             self._calls.count += 1
             rest = ""
         if not self._calls.count:  # nothing in it is a call: the reply is text, as it was written

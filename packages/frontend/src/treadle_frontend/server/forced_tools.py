@@ -20,7 +20,7 @@ from typing import Any
 from treadle_frontend.server.call_sequence import CallSequence
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.reply import ReasoningStream, ReplyParser, whole_reply
-from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall
+from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, parse_call
 
 
 def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[dict[str, Any], str | None]:
@@ -94,31 +94,25 @@ class ForcedToolCalls:
             content = content.lstrip()
             if not content:
                 return []
-            self._named = CallDelta(0, ToolCall(self.name, content), content, first=True)
+            self._named = CallDelta.opening(0, self.name, content)
             return [self._named]
-        if not content:
-            return []
-        self._named.call.arguments += content
-        return [CallDelta(0, self._named.call, content)]
+        return [self._named.then(content)] if content else []
 
     def _finish_array(self, array: CallSequence) -> list[CallDelta]:
         """The open item's last delta, or, when streaming stopped, the calls left in the whole reply."""
         deltas = array.finish()
         if array.stopped:
             for item in _array_items(self.text)[array.count :]:
-                if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                    continue
-                call = ToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False))
-                deltas.append(CallDelta(array.count, call, call.arguments, first=True, done=True))
-                array.count += 1
+                if (call := parse_call(json.dumps(item))) is not None:
+                    deltas.append(CallDelta.whole(array.count, call))
+                    array.count += 1
         return deltas
 
     def _finish_named(self) -> list[CallDelta]:
         if self._named is None:
             return []
-        call = self._named.call
-        call.complete = _parses(call.arguments)  # constrained JSON: whole unless max_tokens cut it
-        return [CallDelta(0, call, "", done=True)]
+        # constrained JSON: whole unless max_tokens cut it
+        return [self._named.last(complete=_parses(self._named.call.arguments))]
 
 
 class ReplyReader:

@@ -56,6 +56,26 @@ class CallDelta:
     first: bool = False
     done: bool = False
 
+    @classmethod
+    def opening(cls, index: int, name: str, arguments: str) -> CallDelta:
+        """A streamed call's first delta: its name and the argument text read so far."""
+        return cls(index, ToolCall(name, arguments), arguments, first=True)
+
+    @classmethod
+    def whole(cls, index: int, call: ToolCall) -> CallDelta:
+        """A call read whole: one delta, first and last."""
+        return cls(index, call, call.arguments, first=True, done=True)
+
+    def then(self, arguments: str) -> CallDelta:
+        """The call's next delta, adding `arguments` (appended to the call's)."""
+        self.call.arguments += arguments
+        return CallDelta(self.index, self.call, arguments)
+
+    def last(self, complete: bool = True) -> CallDelta:
+        """The call's last delta; `complete=False`: the reply ended inside it."""
+        self.call.complete = complete
+        return CallDelta(self.index, self.call, "", done=True)
+
     def openai(self) -> dict[str, Any]:
         """The streamed chat chunk's `delta.tool_calls` entry: the call's id, type and name on its first delta."""
         if self.first:
@@ -153,8 +173,7 @@ class ToolCallStream:
         else:
             if not self._closed:  # a held possible CLOSE was argument text after all
                 self._add(out, self._scanner.feed(rest)[0])
-            self._call.call.complete = self._closed
-            out.delta(CallDelta(self._call.index, self._call.call, "", done=True))
+            out.delta(self._call.last(complete=self._closed))
         self._buf, self._scanner, self._call, self._block = "", None, None, ""
         if self._space and not self.num_calls:
             out.text(self._space)
@@ -189,11 +208,11 @@ class ToolCallStream:
             return False
         self._buf = self._buf[len(CLOSE) :]
         if self._call is not None:
-            out.delta(CallDelta(self._call.index, self._call.call, "", done=True))
+            out.delta(self._call.last())
         elif (call := parse_call(self._block[len(OPEN) :])) is None:
             out.text(self._release(self._block + CLOSE))
         else:
-            out.delta(CallDelta(self.num_calls, call, call.arguments, first=True, done=True))
+            out.delta(CallDelta.whole(self.num_calls, call))
             self.num_calls += 1
         self._scanner, self._call, self._block = None, None, ""
         return True
@@ -204,7 +223,7 @@ class ToolCallStream:
             self._block += body
             return
         self._block = ""
-        self._call = CallDelta(self.num_calls, ToolCall(scanner.name, args), args, first=True)
+        self._call = CallDelta.opening(self.num_calls, scanner.name, args)
         self._closed = object_end is not None
         self.num_calls += 1
         out.delta(self._call)
@@ -212,8 +231,7 @@ class ToolCallStream:
     def _add(self, out: _Out, args: str) -> None:
         """Argument text of the committed call."""
         if args and self._call is not None:
-            self._call.call.arguments += args
-            self._call = CallDelta(self._call.index, self._call.call, args)
+            self._call = self._call.then(args)
             out.delta(self._call)
 
     def _release(self, text: str) -> str:

@@ -111,15 +111,11 @@ def packed_weight(weight: torch.Tensor) -> Any:
     return cached[1]
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     packed = packed_weight(weight)
     if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _matmul(x, weight, bias)
 
 
 def add_rms_norm_linear(
@@ -131,17 +127,17 @@ def add_rms_norm_linear(
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     normed, residual_out = ops.fused_add_rms_norm(x, residual, norm_weight, epsilon)
-    return _matmul(normed, weight, bias), residual_out
+    return linear(normed, weight, bias), residual_out
 
 
 def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _matmul(ops.silu_and_mul(x), weight, bias)
+    return linear(ops.silu_and_mul(x), weight, bias)
 
 
 def gelu_tanh_and_mul_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    return _matmul(ops.gelu_tanh_and_mul(x), weight, bias)
+    return linear(ops.gelu_tanh_and_mul(x), weight, bias)
 
 
 def _tensor_reason(t: torch.Tensor, name: str) -> str | None:
