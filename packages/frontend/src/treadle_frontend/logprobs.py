@@ -12,6 +12,7 @@ JSON cannot carry -inf or NaN, so `clamp_logprob` maps them (and anything below)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -91,7 +92,7 @@ class TokenTexts:
         return result
 
     def decode_position(
-        self, token_ids: list[int], logprobs: list[float], chosen_rank: int | None
+        self, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
     ) -> dict[int, Logprob]:
         """One position's logprobs as {token_id: Logprob}; the chosen token comes first."""
         out: dict[int, Logprob] = {}

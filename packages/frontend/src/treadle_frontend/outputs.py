@@ -6,15 +6,21 @@ stream of an `n > 1` request can interleave completions and a consumer sorts the
 
 Logprobs follow vLLM: per generated position a dict token id -> `Logprob(logprob, rank, decoded_token)`,
 holding the sampled token and the top-k; `prompt_logprobs[0]` is None (the first prompt token has no context).
+A completion's `logprobs` is a `PositionLogprobs`: a read-only sequence of those dicts, stored flat and built
+as they are read (position_logprobs.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from treadle_frontend.position_logprobs import PositionLogprobs
 
 # Per position: token id -> its Logprob (the sampled token plus the top-k alternatives).
-SampleLogprobs = list[dict[int, "Logprob"]]
+SampleLogprobs = Sequence[dict[int, "Logprob"]]
 PromptLogprobs = list[dict[int, "Logprob"] | None]
 
 
@@ -34,7 +40,7 @@ class CompletionOutput:
     text: str  # generated text (cumulative or delta, per the request's output kind)
     token_ids: list[int]  # generated token ids (cumulative or delta, like text)
     cumulative_logprob: float | None  # sum of the sampled tokens' logprobs; None when logprobs weren't asked
-    logprobs: SampleLogprobs | None  # per generated position; None when not asked
+    logprobs: PositionLogprobs | None  # per generated position; None when not asked
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it; None for EOS
 

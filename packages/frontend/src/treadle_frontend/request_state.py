@@ -13,12 +13,14 @@ emits exactly one output with `finish_reason` set.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from treadle_frontend.detokenizer import IncrementalDetokenizer, TokenDecoder
 from treadle_frontend.logprobs import TokenTexts
-from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, SampleLogprobs
+from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestMetrics
+from treadle_frontend.position_logprobs import PositionLogprobs
 from treadle_frontend.stop_strings import StopStringChecker
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
@@ -40,19 +42,19 @@ def finish_reason_str(value: Any) -> str | None:
     return name
 
 
-def iter_logprobs(value: Any) -> list[tuple[list[int], list[float], int | None]]:
-    """Engine logprobs (a list of `Logprobs` or of (ids, values, rank) tuples) as plain tuples."""
-    if value is None:
+def iter_logprobs(value: Any) -> list[tuple[Sequence[int], Sequence[float], int | None]]:
+    """Engine logprobs (a list of `Logprobs`, or of (ids, values[, rank]) tuples) as (ids, values, rank), the
+    lists themselves (not copied)."""
+    if not value:
         return []
-    out: list[tuple[list[int], list[float], int | None]] = []
+    out: list[tuple[Sequence[int], Sequence[float], int | None]] = []
     for item in value:
         if item is None:
             continue
-        if hasattr(item, "token_ids"):
-            out.append((list(item.token_ids), list(item.logprobs), getattr(item, "chosen_rank", None)))
+        if isinstance(item, tuple):
+            out.append((item[0], item[1], item[2] if len(item) > 2 else None))
         else:
-            ids, lps = item[0], item[1]
-            out.append((list(ids), list(lps), item[2] if len(item) > 2 else None))
+            out.append((item.token_ids, item.logprobs, item.chosen_rank))
     return out
 
 
@@ -84,7 +86,7 @@ class RequestState:
     text: str = ""  # output text so far, cut at a stop string
     num_sent_chars: int = 0  # DELTA: text characters already handed out
     num_sent_tokens: int = 0  # DELTA: token ids already handed out
-    logprobs: SampleLogprobs | None = None
+    logprobs: PositionLogprobs | None = None
     prompt_logprobs: PromptLogprobs | None = None
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
@@ -118,7 +120,7 @@ class RequestState:
             token_texts=token_texts,
             stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
             metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
-            logprobs=[] if params.logprobs is not None else None,
+            logprobs=PositionLogprobs(token_texts) if params.logprobs is not None else None,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
         )
@@ -171,7 +173,7 @@ class RequestState:
     def _add_logprobs(self, step: EngineStep) -> None:
         if self.logprobs is not None:
             for ids, lps, rank in iter_logprobs(step.new_logprobs):
-                self.logprobs.append(self.token_texts.decode_position(ids, lps, rank))
+                self.logprobs.append_position(ids, lps, rank)  # its dict is built when read
                 if lps and self.cumulative_logprob is not None:
                     self.cumulative_logprob += float(lps[0])
         if self.prompt_logprobs is not None:
@@ -194,7 +196,7 @@ class RequestState:
             self.num_sent_tokens = len(self.token_ids)
         else:
             text, ids = self.text[:visible], list(self.token_ids)
-            lps = list(self.logprobs) if self.logprobs is not None else None
+            lps = self.logprobs.copy() if self.logprobs is not None else None
         return CompletionOutput(
             index=self.index,
             text=text,

@@ -147,7 +147,8 @@ class CompletionsHandler:
     # ---- non-streaming ----------------------------------------------------------------------------
     def _choice(self, ctx: _Ctx, i: int, out: RequestOutput, c: CompletionOutput) -> dict[str, Any]:
         body = ctx.body
-        text, ids, lps = c.text, c.token_ids, c.logprobs
+        text, ids = c.text, c.token_ids
+        lps: SampleLogprobs | None = c.logprobs
         if ctx.drop_output:
             text, ids, lps = "", [], [] if lps is not None else None
         prefix_text = ""
@@ -222,7 +223,8 @@ class CompletionsHandler:
                 cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
                 for c in out.outputs:
                     index = i * body.n + c.index
-                    text, ids, lps = c.text, c.token_ids, c.logprobs
+                    text, ids = c.text, c.token_ids
+                    lps: SampleLogprobs | None = c.logprobs
                     if ctx.drop_output:
                         text, ids, lps = "", [], [] if lps is not None else None
                     completion_tokens += len(ids)

@@ -1,0 +1,127 @@
+"""PositionLogprobs: a completion's sampled-token logprobs, stored flat and read as vLLM's list of dicts.
+
+vLLM hands back, per generated position, ``{token id: Logprob(logprob, rank, decoded_token)}`` holding the
+sampled token and the top-k. Building those dicts (and every entry's text) as the tokens arrived was the
+frontend's largest cost per token: at 256 requests asking 5 logprobs on an H200 it left the GPU idle half the
+time (benchmarks/README.md, session 17). Here arriving positions are appended to flat lists, and a position's
+dict is built when it is read, with each token's text from the request's memoized `TokenTexts` (so a reader
+gets exactly what eager building gave). vLLM offers the same trade as its flat logprobs.
+
+It is a read-only `Sequence` of those dicts (index, slice, iterate, ``len``, ``==`` and ``+`` with any sequence
+of dicts); only the frontend appends to it. A slice or a `copy` is a new flat object: later appends to the
+original do not show in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
+
+from treadle_frontend.logprobs import TokenTexts
+from treadle_frontend.outputs import Logprob
+
+__all__ = ["PositionLogprobs"]
+
+
+class PositionLogprobs(Sequence[dict[int, Logprob]]):
+    """Per position: the token ids (the sampled token first, then the top-k), their logprobs and the sampled
+    token's rank, in flat lists; ``self[i]`` builds position i's ``{token id: Logprob}``."""
+
+    __slots__ = ("_ends", "_ids", "_ranks", "_texts", "_values")
+
+    def __init__(self, texts: TokenTexts) -> None:
+        self._texts = texts
+        self._ids: list[int] = []  # every position's token ids, one after the other
+        self._values: list[float] = []  # their logprobs, aligned with _ids
+        self._ranks: list[int | None] = []  # per position: the sampled token's rank
+        self._ends: list[int] = []  # per position: where its entries end in _ids
+
+    def append_position(
+        self, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
+    ) -> None:
+        """Adds one position: token_ids[0] the sampled token, then the top-k; logprobs aligned with them."""
+        if len(token_ids) != len(logprobs):
+            raise ValueError(
+                f"a position's logprobs need one value per token: got {len(token_ids)} token ids and "
+                f"{len(logprobs)} logprobs"
+            )
+        self._ids.extend(token_ids)
+        self._values.extend(logprobs)
+        self._ranks.append(chosen_rank)
+        self._ends.append(len(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[int, Logprob]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PositionLogprobs: ...
+
+    def __getitem__(self, index: int | slice) -> dict[int, Logprob] | PositionLogprobs:
+        if isinstance(index, slice):
+            return self._slice(index)
+        n = len(self._ends)
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"position {index} out of range for {n} positions")
+        start, end = self._ends[i - 1] if i else 0, self._ends[i]
+        return self._texts.decode_position(self._ids[start:end], self._values[start:end], self._ranks[i])
+
+    def __iter__(self) -> Iterator[dict[int, Logprob]]:
+        for i in range(len(self._ends)):
+            yield self[i]
+
+    def _slice(self, index: slice) -> PositionLogprobs:
+        first, stop, step = index.indices(len(self._ends))
+        out = PositionLogprobs(self._texts)
+        if step != 1:
+            for i in range(first, stop, step):
+                start, end = self._ends[i - 1] if i else 0, self._ends[i]
+                out.append_position(self._ids[start:end], self._values[start:end], self._ranks[i])
+            return out
+        if stop <= first:
+            return out
+        base, top = self._ends[first - 1] if first else 0, self._ends[stop - 1]
+        out._ids = self._ids[base:top]
+        out._values = self._values[base:top]
+        out._ranks = self._ranks[first:stop]
+        out._ends = [end - base for end in self._ends[first:stop]]
+        return out
+
+    def copy(self) -> PositionLogprobs:
+        """A snapshot: positions appended to self later do not show in it."""
+        return self._slice(slice(None))
+
+    def __add__(self, other: Sequence[dict[int, Logprob]]) -> Any:
+        if isinstance(other, PositionLogprobs):
+            out = self.copy()
+            offset = len(out._ids)
+            out._ids.extend(other._ids)
+            out._values.extend(other._values)
+            out._ranks.extend(other._ranks)
+            out._ends.extend(end + offset for end in other._ends)
+            return out
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) + list(other)
+        return NotImplemented
+
+    def __radd__(self, other: Sequence[dict[int, Logprob]]) -> Any:
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(other) + list(self)
+        return NotImplemented
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PositionLogprobs):
+            return (self._ids, self._values, self._ranks, self._ends) == (
+                other._ids, other._values, other._ranks, other._ends
+            ) or list(self) == list(other)  # fmt: skip
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the list it stands for
+
+    def __repr__(self) -> str:
+        return repr(list(self))

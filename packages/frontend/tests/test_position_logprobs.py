@@ -1,0 +1,78 @@
+"""PositionLogprobs reads back exactly the dicts eager decoding built, and behaves as a read-only sequence."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from treadle_frontend.detokenizer import TokenDecoder
+from treadle_frontend.logprobs import TokenTexts
+from treadle_frontend.outputs import Logprob
+from treadle_frontend.position_logprobs import PositionLogprobs
+
+
+def _positions(rng: random.Random, vocab: int, n: int) -> list[tuple[list[int], list[float], int]]:
+    out = []
+    for _ in range(n):
+        k = rng.randrange(0, 6)
+        top = rng.sample(range(vocab), k)
+        chosen = rng.choice(top) if top and rng.random() < 0.5 else rng.randrange(vocab)
+        values = sorted((rng.uniform(-12.0, 0.0) for _ in range(k)), reverse=True)
+        chosen_value = values[top.index(chosen)] if chosen in top else rng.uniform(-20.0, -12.0)
+        rank = top.index(chosen) + 1 if chosen in top else rng.randrange(k + 1, vocab)
+        out.append(([chosen, *top], [chosen_value, *values], rank))
+    return out
+
+
+@pytest.fixture
+def texts(tokenizer: Any) -> TokenTexts:
+    return TokenTexts(tokenizer, TokenDecoder(tokenizer))
+
+
+def test_reads_back_what_eager_decoding_builds(texts: TokenTexts) -> None:
+    rng = random.Random(random.randrange(1 << 30))
+    vocab = len(texts.tokenizer)
+    positions = _positions(rng, vocab, 40)
+    flat = PositionLogprobs(texts)
+    for ids, values, rank in positions:
+        flat.append_position(ids, values, rank)
+    eager = [texts.decode_position(ids, values, rank) for ids, values, rank in positions]
+    assert len(flat) == len(eager) == 40
+    assert list(flat) == eager and flat == eager and eager == list(flat)
+    assert [flat[i] for i in range(-40, 0)] == eager
+    for i, (ids, _, rank) in enumerate(positions):  # the sampled token's rank, even when also in the top-k
+        assert flat[i][ids[0]].rank == rank
+    first = flat[0][positions[0][0][0]]
+    assert isinstance(first, Logprob) and first.decoded_token == texts.text(positions[0][0][0])
+    with pytest.raises(IndexError):
+        flat[40]
+    with pytest.raises(IndexError):
+        flat[-41]
+
+
+def test_slices_copies_and_concatenation(texts: TokenTexts) -> None:
+    rng = random.Random(random.randrange(1 << 30))
+    positions = _positions(rng, len(texts.tokenizer), 12)
+    flat = PositionLogprobs(texts)
+    for ids, values, rank in positions:
+        flat.append_position(ids, values, rank)
+    eager = list(flat)
+    for sl in (slice(3, 9), slice(None, 5), slice(7, None), slice(5, 2), slice(None, None, 3), slice(-4, None)):
+        part = flat[sl]
+        assert isinstance(part, PositionLogprobs) and list(part) == eager[sl], sl
+    snapshot, tail = flat.copy(), flat[10:]
+    flat.append_position(*positions[0])
+    assert len(snapshot) == 12 and len(tail) == 2 and len(flat) == 13  # later appends do not show
+    joined = flat[:4] + flat[4:]
+    assert isinstance(joined, PositionLogprobs) and joined == flat and list(joined) == list(flat)
+    assert flat[:2] + eager[2:5] == eager[:5] and eager[:2] + flat[2:5] == eager[:5]
+    assert flat != eager and flat[:12] != flat[:11]
+
+
+def test_rejects_unaligned_positions(texts: TokenTexts) -> None:
+    flat = PositionLogprobs(texts)
+    with pytest.raises(ValueError, match="2 token ids and 1 logprobs"):
+        flat.append_position([5, 6], [-0.5], 1)
+    assert len(flat) == 0 and list(flat) == [] and flat == []
