@@ -59,7 +59,14 @@ def test_slices_copies_and_concatenation(texts: TokenTexts) -> None:
     for ids, values, rank in positions:
         flat.append_position(ids, values, rank)
     eager = list(flat)
-    for sl in (slice(3, 9), slice(None, 5), slice(7, None), slice(5, 2), slice(None, None, 3), slice(-4, None)):
+    for sl in (
+        slice(3, 9),
+        slice(None, 5),
+        slice(7, None),
+        slice(5, 2),
+        slice(None, None, 3),
+        slice(-4, None),
+    ):
         part = flat[sl]
         assert isinstance(part, PositionLogprobs) and list(part) == eager[sl], sl
     snapshot, tail = flat.copy(), flat[10:]

@@ -71,3 +71,37 @@ def test_argmax_rows_schema_fake_and_lowering() -> None:
     assert [(r.op, r.provider, r.inlined) for r in lowering.last_lowering] == [
         ("argmax_rows", "native", True)
     ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_top", [0, 1, 4])
+def test_token_logprobs_against_the_spec_in_python(num_top: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(num_top)
+    logits = (torch.randn(5, 40, generator=gen) * 3).to(dtype)
+    logits[1, 7:30] = -INF  # a truncated row
+    logits[2, [3, 9]] = logits[2].max() + 1  # the token ties for first: rank 2
+    tokens = torch.tensor([0, 5, 9, 39, int(logits[4].argmax())])
+    ids, values, ranks = ops.token_logprobs(logits, tokens, num_top)
+    assert ids.shape == values.shape == (5, num_top + 1) and values.dtype == torch.float32
+    for row, x in enumerate(logits.float().double().tolist()):
+        lse = math.log(sum(math.exp(v) for v in x if v != -INF))
+        token = int(tokens[row])
+        assert ranks[row].item() == sum(v >= x[token] for v in x)
+        order = sorted(range(len(x)), key=lambda t: -x[t])[:num_top]
+        if row == 2:  # the planted tie: either id may come first
+            assert ids[row, 0].item() == token and set(ids[row, 1:3].tolist()) <= {3, 9}
+        else:
+            assert ids[row].tolist() == [token, *order]  # random logits: no ties among the top
+        want = [x[t] - lse for t in [token, *order]]
+        assert values[row].tolist() == pytest.approx(want, abs=1e-5)
+    assert ranks[2].item() == 2 and ranks[4].item() == 1
+
+
+def test_token_logprobs_schema_and_fake() -> None:
+    schema = str(torch.ops.treadle_ir.token_logprobs.default._schema)
+    assert schema.endswith("(Tensor logits, Tensor token_ids, SymInt num_top) -> (Tensor, Tensor, Tensor)")
+    ids, values, ranks = torch.ops.treadle_ir.token_logprobs(
+        torch.empty(3, 128256, device="meta"), torch.empty(3, dtype=torch.int64, device="meta"), 5
+    )
+    assert ids.shape == values.shape == (3, 6) and ranks.shape == (3,)
+    assert (ids.dtype, values.dtype, ranks.dtype) == (torch.int64, torch.float32, torch.int64)

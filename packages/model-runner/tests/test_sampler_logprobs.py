@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from treadle_model_runner.outputs import Logprobs
-from treadle_model_runner.sample import Sampler, SamplingMetadata, compute_prompt_logprobs, gather_logprobs
+from treadle_model_runner.sample import Sampler, SamplingMetadata, compute_prompt_logprobs, token_logprobs
 from treadle_model_runner.sampling_params import SamplingParams
 
 
@@ -71,12 +71,12 @@ def test_no_logprobs_requested_gives_none() -> None:
 
 
 def test_rank_counts_ties_against_the_chosen_token() -> None:
-    lp = torch.log_softmax(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), dim=-1)
-    t = gather_logprobs(lp, torch.tensor([2]), num_top=2)
-    assert t.ranks.tolist() == [2]  # tokens 1 and 2 tie for first: rank = count of logprobs >= chosen
-    assert gather_logprobs(lp, torch.tensor([3]), num_top=0).ranks.tolist() == [4]
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+    t = token_logprobs(logits, torch.tensor([2]), num_top=2)
+    assert t.ranks.tolist() == [2]  # tokens 1 and 2 tie for first: rank = count of logits >= chosen
+    assert token_logprobs(logits, torch.tensor([3]), num_top=0).ranks.tolist() == [4]
     with pytest.raises(ValueError, match=r"num_top \(21\) must be in \[0, 20\]"):
-        gather_logprobs(lp, torch.tensor([0]), num_top=21)
+        token_logprobs(logits, torch.tensor([0]), num_top=21)
 
 
 @pytest.mark.parametrize("num_logprobs", [0, 4])

@@ -11,7 +11,7 @@ from .cache import reshape_and_cache
 from .linear import add_rms_norm_linear, gelu_tanh_and_mul_linear, linear, silu_and_mul_linear
 from .norm import fused_add_rms_norm, fused_add_rms_norm_, gemma_rms_norm, rms_norm
 from .rotary import rotary_embedding, rotary_embedding_
-from .sampling import argmax_rows
+from .sampling import argmax_rows, token_logprobs
 
 __all__ = [
     "add_rms_norm_linear",
@@ -28,4 +28,5 @@ __all__ = [
     "rotary_embedding_",
     "silu_and_mul",
     "silu_and_mul_linear",
+    "token_logprobs",
 ]

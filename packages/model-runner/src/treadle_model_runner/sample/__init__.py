@@ -14,7 +14,7 @@ from treadle_model_runner.sample.logprobs import (
     LogprobsTensors,
     compute_prompt_logprobs,
     compute_prompt_logprobs_tensors,
-    gather_logprobs,
+    token_logprobs,
 )
 from treadle_model_runner.sample.metadata import SamplingMetadata
 from treadle_model_runner.sample.sampler import LogprobsMode, Sampler, SamplerOutput
@@ -27,5 +27,5 @@ __all__ = [
     "SamplingMetadata",
     "compute_prompt_logprobs",
     "compute_prompt_logprobs_tensors",
-    "gather_logprobs",
+    "token_logprobs",
 ]

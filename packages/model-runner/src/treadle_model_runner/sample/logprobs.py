@@ -9,8 +9,9 @@ describe the model rather than the sampling recipe. `Sampler(logprobs_mode="proc
 reports the log-softmax of the logits the token was actually drawn from (after every processing step; truncated
 tokens get -inf). Prompt logprobs are always raw.
 
-Rank. rank = number of tokens whose logprob is >= the chosen token's (vLLM's convention): 1 for the argmax,
-ties counted against the chosen token.
+Rank. rank = number of tokens whose logit is >= the chosen token's (vLLM counts logprobs >= the chosen one's,
+the same order up to float32 rounding of the log-softmax): 1 for the argmax, ties counted against the chosen
+token.
 
 Top-k. Column 0 holds the chosen token; columns 1..K the K most likely tokens by logprob, where K is the largest
 number asked for in the batch; `tolists` cuts each row to what its request asked for (0 = only the chosen token).
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from treadle_ir import ops
 from treadle_model_runner.outputs import Logprobs
 from treadle_model_runner.sampling_params import MAX_LOGPROBS
 
@@ -56,27 +58,14 @@ class LogprobsTensors:
         return out
 
 
-def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
-    """Chosen-token logprob and rank plus the top num_top logprobs. logprobs [N, V] (log-softmaxed), token_ids [N]."""
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> LogprobsTensors:
+    """The logprob and rank of token_ids [N] under logits [N, V] (log-softmaxed in float32 here), plus the top
+    num_top logprobs of each row: ``ops.token_logprobs``, which a provider computes in one read of the logits."""
     if not 0 <= num_top <= MAX_LOGPROBS:
         raise ValueError(
             f"num_top ({num_top}) must be in [0, {MAX_LOGPROBS}]; ask for at most {MAX_LOGPROBS}"
         )
-    token_ids = token_ids.to(torch.int64).unsqueeze(1)  # [N, 1]
-    chosen = logprobs.gather(1, token_ids)  # [N, 1]
-    ranks = (logprobs >= chosen).sum(dim=-1)  # [N]
-    if num_top > 0:
-        top_values, top_ids = torch.topk(logprobs, num_top, dim=-1)  # [N, K]
-        ids = torch.cat([token_ids, top_ids], dim=1)
-        values = torch.cat([chosen, top_values], dim=1)
-    else:
-        ids, values = token_ids, chosen
-    return LogprobsTensors(token_ids=ids, logprobs=values.to(torch.float32), ranks=ranks.to(torch.int64))
-
-
-def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """log-softmax in float32 over the last dimension. [N, V] -> [N, V]."""
-    return torch.log_softmax(logits.to(torch.float32), dim=-1)
+    return LogprobsTensors(*ops.token_logprobs(logits, token_ids, num_top))
 
 
 def compute_prompt_logprobs_tensors(
@@ -88,7 +77,7 @@ def compute_prompt_logprobs_tensors(
             f"prompt logprobs need one next token per position: got {logits.shape[0]} logits rows and "
             f"{next_token_ids.shape[0]} next tokens"
         )
-    return gather_logprobs(compute_logprobs(logits), next_token_ids, max(num_logprobs, 0))
+    return token_logprobs(logits, next_token_ids, max(num_logprobs, 0))
 
 
 def compute_prompt_logprobs(
@@ -97,7 +86,7 @@ def compute_prompt_logprobs(
     """Per prompt position i: the logprob and rank of prompt token i + 1, plus the top num_logprobs (raw logits).
 
     logits [T, V] are the model's outputs at T prompt positions, next_token_ids [T] the tokens that follow them.
-    For long prompts call it chunk by chunk: it materializes a [T, V] float32 log-softmax.
+    For long prompts call it chunk by chunk: the torch op materializes a [T, V] float32 log-softmax.
     """
     result = compute_prompt_logprobs_tensors(logits, next_token_ids, num_logprobs).tolists(
         max(num_logprobs, 0)

@@ -8,7 +8,9 @@ the host:
     -> logprobs (chosen token's logprob and rank, top-k)
 
 Steps no request of the batch needs are skipped (the metadata's tensors are None), so an all-greedy batch
-without masks, bias, penalties or logprobs is one argmax (``ops.argmax_rows``, on the model-dtype logits).
+without masks, bias or penalties is one argmax (``ops.argmax_rows``, on the model-dtype logits), and one that
+only samples is one fused Gumbel pass; raw logprobs (``ops.token_logprobs``) are read from the logits as they
+came, after either.
 Greedy rows take the argmax of the penalized logits; temperature and truncation leave them alone. The logits are
 modified in place: pass a copy if the caller still needs them.
 """
@@ -25,7 +27,7 @@ from treadle_ir import ops
 from treadle_kernels.ops.gumbel import gumbel_sample
 from treadle_model_runner import envs
 from treadle_model_runner.sample.gumbel import exponential_noise, gumbel_keys, gumbel_max
-from treadle_model_runner.sample.logprobs import LogprobsTensors, compute_logprobs, gather_logprobs
+from treadle_model_runner.sample.logprobs import LogprobsTensors, token_logprobs
 from treadle_model_runner.sample.masks import apply_logit_bias, apply_token_masks
 from treadle_model_runner.sample.metadata import SamplingMetadata
 from treadle_model_runner.sample.penalties import apply_penalties
@@ -58,17 +60,19 @@ class Sampler:
         assert tuple(logits.shape) == expected, (
             f"logits {tuple(logits.shape)} do not match metadata {expected}"
         )
-        if metadata.all_greedy and metadata.max_num_logprobs < 0 and _untouched(metadata):
-            # the whole sampler is one argmax, on the logits as they come (a float32 cast is exact and monotone)
-            return SamplerOutput(sampled_token_ids=ops.argmax_rows(logits), logprobs=None)
-        if self.fused_gumbel and _only_samples(logits, metadata):
-            keys = gumbel_keys(metadata, logits.device)
-            return SamplerOutput(gumbel_sample(logits, metadata.temperature, keys), logprobs=None)
-        logits = logits.to(torch.float32).contiguous()
         want_logprobs = metadata.max_num_logprobs >= 0
-        raw_logprobs = None
-        if want_logprobs and self.logprobs_mode == "raw_logprobs":
-            raw_logprobs = compute_logprobs(logits)
+        raw = self.logprobs_mode == "raw_logprobs"
+        if not want_logprobs or raw:  # processed logprobs need the processed logits the fast paths skip
+            sampled = self._fast_sample(logits, metadata)
+            if sampled is not None:
+                logprobs = (
+                    token_logprobs(logits, sampled, metadata.max_num_logprobs) if want_logprobs else None
+                )
+                return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+        raw_logits = None
+        if want_logprobs and raw:  # the float32 logits below are processed in place
+            raw_logits = logits.clone() if logits.dtype == torch.float32 else logits
+        logits = logits.to(torch.float32).contiguous()
 
         logits = self.apply_penalties_and_masks(logits, metadata)
         if metadata.all_greedy:
@@ -93,9 +97,18 @@ class Sampler:
 
         logprobs = None
         if want_logprobs:
-            lp = raw_logprobs if raw_logprobs is not None else compute_logprobs(logits)
-            logprobs = gather_logprobs(lp, sampled, metadata.max_num_logprobs)
+            source = raw_logits if raw_logits is not None else logits
+            logprobs = token_logprobs(source, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _fast_sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor | None:
+        """The batch's tokens when one kernel draws them all from the logits as they came, else None."""
+        if md.all_greedy and _untouched(md):
+            # the whole sampler is one argmax, on the logits as they come (a float32 cast is exact and monotone)
+            return ops.argmax_rows(logits)
+        if self.fused_gumbel and _only_samples(logits, md):
+            return gumbel_sample(logits, md.temperature, gumbel_keys(md, logits.device))
+        return None
 
     @staticmethod
     def apply_penalties_and_masks(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -138,14 +151,7 @@ class Sampler:
 
 def _only_samples(logits: torch.Tensor, md: SamplingMetadata) -> bool:
     """A CUDA batch whose every row samples from softmax(logits / T) untouched: the fused Gumbel path's case."""
-    return (
-        logits.is_cuda
-        and logits.stride(1) == 1
-        and md.all_random
-        and md.no_truncation
-        and md.max_num_logprobs < 0
-        and _untouched(md)
-    )
+    return logits.is_cuda and logits.stride(1) == 1 and md.all_random and md.no_truncation and _untouched(md)
 
 
 def _untouched(md: SamplingMetadata) -> bool:
