@@ -136,3 +136,42 @@ def test_a_matcher_built_before_the_block_opened_resumes_after_it() -> None:
         logits = torch.zeros(1, 98)
         structured.mask([state], logits)  # one state across the steps, as in the runner
         assert set(torch.isfinite(logits[0]).nonzero().flatten().tolist()) == allowed, outputs
+
+
+def test_one_step_advances_every_row_whatever_its_stage(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mask calls over rows at different stages, stepped together as the runner does: rows with one new token
+    (accepted in one batched call), a row catching up on three, rows past their stop token (ignore_eos), a row
+    whose token left the grammar (unconstrained from then on) and an unconstrained request."""
+    structured = _raw_structured()
+    xgr = pytest.importorskip("xgrammar")
+    batches: list[int] = []
+    batch_accept = xgr.BatchGrammarMatcher.batch_accept_token
+
+    def counted(matchers: list[object], tokens: list[int]) -> list[bool]:
+        batches.append(len(matchers))
+        return batch_accept(matchers, tokens)
+
+    monkeypatch.setattr(xgr.BatchGrammarMatcher, "batch_accept_token", counted)
+    so, anything = S(regex="[a-c]{3}"), set(range(98))
+    rows = [_state(so, []), _state(so, [A]), _state(so, [A, B, C]), _state(so, [A])]
+    plain = RequestState("p", [1], SamplingParams(), ([],), 1)
+    structured.mask([*rows, plain], torch.zeros(5, 98))  # builds the matchers; row 2 catches up on 3 tokens
+    steps = [  # per step: the token each row receives, then what each row allows next
+        ([A, B, 95, 40], [{A, B, C}, {A, B, C}, {95}, anything]),
+        ([B, C, 7, A], [{A, B, C}, {95}, {95}, anything]),
+        ([C, 95, 9, B], [{95}, {95}, {95}, anything]),
+    ]
+    for tokens, allowed in steps:
+        for state, token in zip(rows, tokens, strict=True):
+            state.output_token_ids.append(token)
+        logits = torch.zeros(5, 98)
+        structured.mask([*rows, plain], logits)
+        for j, want in enumerate(allowed):
+            assert set(torch.isfinite(logits[j]).nonzero().flatten().tolist()) == want, (tokens, j)
+        assert torch.isfinite(logits[4]).all()
+    assert [r.grammar_ended for r in rows[:3]] == [False, True, True]
+    assert [r.grammar_accepted for r in rows[:3]] == [3, 4, 6]
+    assert rows[3].grammar is False and "token 40 is outside its grammar" in caplog.text
+    assert batches == [2, 4, 2, 2]  # rows with one new token, not past their end and not abandoned

@@ -18,6 +18,7 @@ class RequestState:
     output_token_ids: list[int] = field(default_factory=list)  # tokens sampled so far
     grammar: Any = None  # structured outputs: its xgrammar matcher (None: not built yet; False: abandoned)
     grammar_accepted: int = 0  # output tokens the matcher has accepted
+    grammar_ended: bool = False  # the matcher accepted a stop token: the grammar allows nothing more
 
     @property
     def num_tokens(self) -> int:

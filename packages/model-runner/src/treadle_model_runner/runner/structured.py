@@ -9,7 +9,9 @@ RequestState: it is built on the request's first sampling step and replays the o
 step masks its row. Under async scheduling the step that masks was launched before the previous step's tokens
 reached the host; the runner resolves them just before `mask` (runner/sampling.py), so no output is a
 placeholder here. The bitmask goes to the device from pinned memory without a host wait, so the host never
-waits for the forward it masks.
+waits for the forward it masks. A step's rows that each have one new token accept them in one xgrammar call
+(`batch_accept_token`); only a matcher catching up on several tokens (a new or replayed request) goes token by
+token. A matcher ends by accepting a stop token, so termination is asked of xgrammar only then.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class StructuredOutputs:
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
+        self._stop_ids = frozenset(self.eos_token_ids)
         self._compiler: Any = None
         self._cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()  # add_request (engine thread) and the step (worker thread) both compile
@@ -78,17 +81,11 @@ class StructuredOutputs:
             (len(states), -(-self.vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pinned
         )
         fill: dict[int, Any] = {}  # row -> its matcher, filled together below (xgrammar's threads)
-        for j in rows:
-            start = _grammar_start(states[j])
-            if start is None:  # still inside the reasoning block: unconstrained
-                continue
-            matcher = self._advance(states[j], start)
-            if matcher is None:
-                continue
-            if matcher.is_terminated():  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
+        for j in self._advance_all([(j, states[j]) for j in rows]):
+            if states[j].grammar_ended:  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
                 self._set_only(bitmask[j], self.eos_token_ids)
             else:
-                fill[j] = matcher
+                fill[j] = states[j].grammar
         if len(fill) == 1:
             j, matcher = next(iter(fill.items()))
             matcher.fill_next_token_bitmask(bitmask, j)
@@ -122,9 +119,35 @@ class StructuredOutputs:
                 word = int(row[t // 32]) | (1 << (t % 32))
                 row[t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # as a signed 32-bit value
 
-    def _advance(self, state: RequestState, start: int) -> Any:
-        """The request's matcher, after it accepted every output token from `start` on (None once it went
-        astray)."""
+    def _advance_all(self, rows: list[tuple[int, RequestState]]) -> list[int]:
+        """Brings each row's matcher up to its request's outputs; returns the rows whose grammar constrains this
+        step (not inside a reasoning block, not abandoned)."""
+        ready: list[tuple[int, RequestState]] = []
+        one_matchers: list[Any] = []  # matchers with exactly one new token, accepted in one call below
+        one_tokens: list[int] = []
+        one_states: list[RequestState] = []
+        for j, state in rows:
+            start = _grammar_start(state)
+            if start is None or (matcher := self._matcher(state, start)) is None:
+                continue  # still inside the reasoning block (unconstrained), or abandoned
+            ready.append((j, state))
+            pending = len(state.output_token_ids) - state.grammar_accepted
+            if pending == 1 and not state.grammar_ended:
+                one_matchers.append(matcher)
+                one_tokens.append(state.output_token_ids[-1])
+                one_states.append(state)
+            elif pending > 0:
+                self._accept(state, matcher, state.output_token_ids[state.grammar_accepted :])
+        if one_matchers:
+            xgr = import_xgrammar()
+            accepted = xgr.BatchGrammarMatcher.batch_accept_token(one_matchers, one_tokens)
+            for state, matcher, token, ok in zip(one_states, one_matchers, one_tokens, accepted, strict=True):
+                self._accepted(state, matcher, token, ok)
+        return [j for j, state in ready if state.grammar is not False]
+
+    def _matcher(self, state: RequestState, start: int) -> Any:
+        """The request's matcher, built on first use (None once it went astray); its outputs before `start`
+        (a reasoning block) count as accepted."""
         if state.grammar is False:
             return None
         if state.grammar is None:
@@ -134,19 +157,27 @@ class StructuredOutputs:
             state.grammar_accepted = start
         # a qwen3 reply may open its reasoning block at step 0, after the matcher was built: it accepted nothing
         state.grammar_accepted = max(state.grammar_accepted, start)
-        matcher = state.grammar
-        while state.grammar_accepted < len(state.output_token_ids):
-            token = state.output_token_ids[state.grammar_accepted]
-            state.grammar_accepted += 1
-            if matcher.is_terminated():
-                continue  # tokens past the grammar's end (ignore_eos): nothing left to constrain
-            if not matcher.accept_token(token):
-                logger.warning(
-                    "request %s: token %d is outside its grammar; no longer constrained", state.req_id, token
-                )
-                state.grammar = False
-                return None
-        return matcher
+        return state.grammar
+
+    def _accept(self, state: RequestState, matcher: Any, tokens: list[int]) -> None:
+        """Accept `tokens` one by one (tokens past the grammar's end, under ignore_eos, are skipped)."""
+        for token in tokens:
+            ok = True if state.grammar_ended else matcher.accept_token(token)
+            if not self._accepted(state, matcher, token, ok):
+                return
+
+    def _accepted(self, state: RequestState, matcher: Any, token: int, ok: bool) -> bool:
+        """Book one token the matcher was given; False (and the request unconstrained) when it refused it."""
+        state.grammar_accepted += 1
+        if not ok:
+            logger.warning(
+                "request %s: token %d is outside its grammar; no longer constrained", state.req_id, token
+            )
+            state.grammar = False
+            return False
+        if token in self._stop_ids and not state.grammar_ended:
+            state.grammar_ended = bool(matcher.is_terminated())
+        return True
 
 
 def _grammar_start(state: RequestState) -> int | None:
