@@ -141,19 +141,19 @@ def test_a_matcher_built_before_the_block_opened_resumes_after_it() -> None:
 def test_one_step_advances_every_row_whatever_its_stage(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Mask calls over rows at different stages, stepped together as the runner does: rows with one new token
-    (accepted in one batched call), a row catching up on three, rows past their stop token (ignore_eos), a row
-    whose token left the grammar (unconstrained from then on) and an unconstrained request."""
+    """Mask calls over rows at different stages, stepped together as the runner does: rows with one new token, a
+    row catching up on three, rows past their stop token (ignore_eos), a row whose token left the grammar
+    (unconstrained from then on) and an unconstrained request."""
     structured = _raw_structured()
     xgr = pytest.importorskip("xgrammar")
-    batches: list[int] = []
-    batch_accept = xgr.BatchGrammarMatcher.batch_accept_token
+    ended_asked: list[int] = []
+    is_terminated = xgr.GrammarMatcher.is_terminated
 
-    def counted(matchers: list[object], tokens: list[int]) -> list[bool]:
-        batches.append(len(matchers))
-        return batch_accept(matchers, tokens)
+    def counted(matcher: object) -> bool:
+        ended_asked.append(1)
+        return is_terminated(matcher)
 
-    monkeypatch.setattr(xgr.BatchGrammarMatcher, "batch_accept_token", counted)
+    monkeypatch.setattr(xgr.GrammarMatcher, "is_terminated", counted)
     so, anything = S(regex="[a-c]{3}"), set(range(98))
     rows = [_state(so, []), _state(so, [A]), _state(so, [A, B, C]), _state(so, [A])]
     plain = RequestState("p", [1], SamplingParams(), ([],), 1)
@@ -174,4 +174,4 @@ def test_one_step_advances_every_row_whatever_its_stage(
     assert [r.grammar_ended for r in rows[:3]] == [False, True, True]
     assert [r.grammar_accepted for r in rows[:3]] == [3, 4, 6]
     assert rows[3].grammar is False and "token 40 is outside its grammar" in caplog.text
-    assert batches == [2, 4, 2, 2]  # rows with one new token, not past their end and not abandoned
+    assert len(ended_asked) == 2  # only after the stop tokens rows 1 and 2 accepted
