@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import random
 from typing import Any
 
@@ -76,6 +78,16 @@ def test_slices_copies_and_concatenation(texts: TokenTexts) -> None:
     assert isinstance(joined, PositionLogprobs) and joined == flat and list(joined) == list(flat)
     assert flat[:2] + eager[2:5] == eager[:5] and eager[:2] + flat[2:5] == eager[:5]
     assert flat != eager and flat[:12] != flat[:11]
+
+
+def test_pickles_as_the_list_it_stands_for(texts: TokenTexts) -> None:
+    rng = random.Random(random.randrange(1 << 30))
+    flat = PositionLogprobs(texts)
+    for ids, values, rank in _positions(rng, len(texts.tokenizer), 5):
+        flat.append_position(ids, values, rank)
+    for copied in (pickle.loads(pickle.dumps(flat)), copy.deepcopy(flat)):
+        assert type(copied) is list and copied == list(flat)
+    assert len(pickle.dumps(flat)) < 4096  # the tokenizer does not travel
 
 
 def test_rejects_unaligned_positions(texts: TokenTexts) -> None:

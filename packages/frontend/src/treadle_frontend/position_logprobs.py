@@ -9,7 +9,8 @@ gets exactly what eager building gave). vLLM offers the same trade as its flat l
 
 It is a read-only `Sequence` of those dicts (index, slice, iterate, ``len``, ``==`` and ``+`` with any sequence
 of dicts); only the frontend appends to it. A slice or a `copy` is a new flat object: later appends to the
-original do not show in it.
+original do not show in it. Pickled (or deep-copied) it becomes the plain list of dicts it stands for, so it never
+carries the tokenizer along.
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ class PositionLogprobs(Sequence[dict[int, Logprob]]):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like the list it stands for
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return list, (list(self),)
 
     def __repr__(self) -> str:
         return repr(list(self))
