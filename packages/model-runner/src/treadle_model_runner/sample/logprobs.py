@@ -48,13 +48,18 @@ class LogprobsTensors:
         token_ids = self.token_ids.cpu().tolist()
         logprobs = self.logprobs.cpu().tolist()
         ranks = self.ranks.cpu().tolist()
+        num_top = self.num_top
+        assert max(counts, default=-1) <= num_top, (
+            f"rows ask for up to {max(counts)} top logprobs, {num_top} computed"
+        )
         out: list[Logprobs | None] = []
         for i, k in enumerate(counts):
             if k < 0:
                 out.append(None)
-                continue
-            assert k <= self.num_top, f"row {i} asks for {k} top logprobs, only {self.num_top} were computed"
-            out.append(Logprobs(token_ids[i][: k + 1], logprobs[i][: k + 1], ranks[i]))
+            elif k == num_top:  # the whole row (tolist made each row its own list)
+                out.append(Logprobs(token_ids[i], logprobs[i], ranks[i]))
+            else:
+                out.append(Logprobs(token_ids[i][: k + 1], logprobs[i][: k + 1], ranks[i]))
         return out
 
 
