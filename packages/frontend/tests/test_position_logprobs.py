@@ -12,7 +12,7 @@ import pytest
 from treadle_frontend.detokenizer import TokenDecoder
 from treadle_frontend.logprobs import TokenTexts
 from treadle_frontend.outputs import Logprob
-from treadle_frontend.position_logprobs import PositionLogprobs
+from treadle_frontend.position_logprobs import PositionLogprobs, PromptPositionLogprobs
 
 
 def _positions(rng: random.Random, vocab: int, n: int) -> list[tuple[list[int], list[float], int]]:
@@ -88,6 +88,26 @@ def test_pickles_as_the_list_it_stands_for(texts: TokenTexts) -> None:
     for copied in (pickle.loads(pickle.dumps(flat)), copy.deepcopy(flat)):
         assert type(copied) is list and copied == list(flat)
     assert len(pickle.dumps(flat)) < 4096  # the tokenizer does not travel
+
+
+def test_prompt_logprobs_start_with_none(texts: TokenTexts) -> None:
+    rng = random.Random(random.randrange(1 << 30))
+    positions = _positions(rng, len(texts.tokenizer), 9)
+    prompt = PromptPositionLogprobs(texts)
+    assert len(prompt) == 1 and list(prompt) == [None] and prompt[0] is None and prompt == [None]
+    for ids, values, rank in positions:
+        prompt.positions.append_position(ids, values, rank)
+    eager = [None, *(texts.decode_position(ids, values, rank) for ids, values, rank in positions)]
+    assert len(prompt) == 10 and list(prompt) == eager and prompt == eager and eager == prompt
+    assert (
+        [prompt[i] for i in range(-10, 0)] == eager
+        and prompt[2:5] == eager[2:5]
+        and prompt[::4] == eager[::4]
+    )
+    with pytest.raises(IndexError):
+        prompt[10]
+    copied = pickle.loads(pickle.dumps(prompt))
+    assert type(copied) is list and copied == eager and prompt != eager[:-1]
 
 
 def test_rejects_unaligned_positions(texts: TokenTexts) -> None:

@@ -105,7 +105,7 @@ class TokenTexts:
 
 
 def prompt_logprobs_json(
-    texts: TokenTexts, positions: list[dict[int, Any] | None] | None
+    texts: TokenTexts, positions: Sequence[dict[int, Logprob] | None] | None
 ) -> list[Any] | None:
     """vLLM's `prompt_logprobs` field: per prompt position None (the first) or {token id: {logprob, rank,
     decoded_token}}, with -inf clamped like every logprob here."""

@@ -6,8 +6,8 @@ stream of an `n > 1` request can interleave completions and a consumer sorts the
 
 Logprobs follow vLLM: per generated position a dict token id -> `Logprob(logprob, rank, decoded_token)`,
 holding the sampled token and the top-k; `prompt_logprobs[0]` is None (the first prompt token has no context).
-A completion's `logprobs` is a `PositionLogprobs`: a read-only sequence of those dicts, stored flat and built
-as they are read (position_logprobs.py).
+A completion's `logprobs` is a `PositionLogprobs` and `prompt_logprobs` a `PromptPositionLogprobs`: read-only
+sequences of those dicts, stored flat and built as they are read (position_logprobs.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # Per position: token id -> its Logprob (the sampled token plus the top-k alternatives).
 SampleLogprobs = Sequence[dict[int, "Logprob"]]
-PromptLogprobs = list[dict[int, "Logprob"] | None]
+PromptLogprobs = Sequence[dict[int, "Logprob"] | None]
 
 
 class Logprob(NamedTuple):

@@ -10,7 +10,7 @@ gets exactly what eager building gave). vLLM offers the same trade as its flat l
 It is a read-only `Sequence` of those dicts (index, slice, iterate, ``len``, ``==`` and ``+`` with any sequence
 of dicts); only the frontend appends to it. A slice or a `copy` is a new flat object: later appends to the
 original do not show in it. Pickled (or deep-copied) it becomes the plain list of dicts it stands for, so it never
-carries the tokenizer along.
+carries the tokenizer along. `PromptPositionLogprobs` does the same for ``prompt_logprobs`` (None first).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, overload
 from treadle_frontend.logprobs import TokenTexts
 from treadle_frontend.outputs import Logprob
 
-__all__ = ["PositionLogprobs"]
+__all__ = ["PositionLogprobs", "PromptPositionLogprobs"]
 
 
 class PositionLogprobs(Sequence[dict[int, Logprob]]):
@@ -123,6 +123,51 @@ class PositionLogprobs(Sequence[dict[int, Logprob]]):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like the list it stands for
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return list, (list(self),)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+class PromptPositionLogprobs(Sequence[dict[int, Logprob] | None]):
+    """vLLM's ``prompt_logprobs``: None for the first prompt token (it has no context), then one position per
+    prompt token, stored flat in ``positions`` as they arrive and built when read, like `PositionLogprobs`."""
+
+    __slots__ = ("positions",)
+
+    def __init__(self, texts: TokenTexts) -> None:
+        self.positions = PositionLogprobs(texts)
+
+    def __len__(self) -> int:
+        return 1 + len(self.positions)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[int, Logprob] | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[int, Logprob] | None]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[int, Logprob] | list[dict[int, Logprob] | None] | None:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"position {index} out of range for {n} prompt positions")
+        return None if i == 0 else self.positions[i - 1]
+
+    def __iter__(self) -> Iterator[dict[int, Logprob] | None]:
+        yield None
+        yield from self.positions
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple[Any, ...]:
         return list, (list(self),)

@@ -19,8 +19,8 @@ from typing import Any
 
 from treadle_frontend.detokenizer import IncrementalDetokenizer, TokenDecoder
 from treadle_frontend.logprobs import TokenTexts
-from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestMetrics
-from treadle_frontend.position_logprobs import PositionLogprobs
+from treadle_frontend.outputs import CompletionOutput, RequestMetrics
+from treadle_frontend.position_logprobs import PositionLogprobs, PromptPositionLogprobs
 from treadle_frontend.stop_strings import StopStringChecker
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
@@ -87,7 +87,7 @@ class RequestState:
     num_sent_chars: int = 0  # DELTA: text characters already handed out
     num_sent_tokens: int = 0  # DELTA: token ids already handed out
     logprobs: PositionLogprobs | None = None
-    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs: PromptPositionLogprobs | None = None
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -121,7 +121,9 @@ class RequestState:
             stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
             metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
             logprobs=PositionLogprobs(token_texts) if params.logprobs is not None else None,
-            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            prompt_logprobs=PromptPositionLogprobs(token_texts)
+            if params.prompt_logprobs is not None
+            else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
         )
 
@@ -178,7 +180,7 @@ class RequestState:
                     self.cumulative_logprob += float(lps[0])
         if self.prompt_logprobs is not None:
             for ids, lps, rank in iter_logprobs(step.new_prompt_logprobs):
-                self.prompt_logprobs.append(self.token_texts.decode_position(ids, lps, rank))
+                self.prompt_logprobs.positions.append_position(ids, lps, rank)
 
     def make_output(self) -> CompletionOutput | None:
         """The CompletionOutput this step owes the caller, or None when there is nothing to send."""
