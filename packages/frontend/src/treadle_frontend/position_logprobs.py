@@ -5,7 +5,8 @@ sampled token and the top-k. Building those dicts (and every entry's text) as th
 frontend's largest cost per token: at 256 requests asking 5 logprobs on an H200 it left the GPU idle half the
 time (benchmarks/README.md, session 17). Here arriving positions are appended to flat lists, and a position's
 dict is built when it is read, with each token's text from the request's memoized `TokenTexts` (so a reader
-gets exactly what eager building gave). vLLM offers the same trade as its flat logprobs.
+gets exactly what eager building gave). vLLM's `FlatLogprobs` flattens the same way, with the texts decoded as
+the tokens arrive.
 
 It is a read-only `Sequence` of those dicts (index, slice, iterate, ``len``, ``==`` and ``+`` with any sequence
 of dicts); only the frontend appends to it. A slice or a `copy` is a new flat object: later appends to the
