@@ -17,15 +17,42 @@ carries the tokenizer along. `PromptPositionLogprobs` does the same for ``prompt
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, overload
+from typing import Any, TypeGuard, TypeVar, overload
 
 from treadle_frontend.logprobs import TokenTexts
 from treadle_frontend.outputs import Logprob
 
 __all__ = ["PositionLogprobs", "PromptPositionLogprobs"]
 
+_Item = TypeVar("_Item")
 
-class PositionLogprobs(Sequence[dict[int, Logprob]]):
+
+def _is_items(other: object) -> TypeGuard[Sequence[Any]]:
+    """A sequence another sequence of positions can compare or concatenate with (not text)."""
+    return isinstance(other, Sequence) and not isinstance(other, str | bytes)
+
+
+class _ReadsAsList(Sequence[_Item]):
+    """What both sequences share with the list they stand for: ``==`` item by item, ``repr``, and pickling (and
+    deep copies) as that plain list."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if not _is_items(other):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the list it stands for
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return list, (list(self),)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
     """Per position: the token ids (the sampled token first, then the top-k), their logprobs and the sampled
     token's rank, in flat lists; ``self[i]`` builds position i's ``{token id: Logprob}``."""
 
@@ -68,8 +95,12 @@ class PositionLogprobs(Sequence[dict[int, Logprob]]):
         i = index + n if index < 0 else index
         if not 0 <= i < n:
             raise IndexError(f"position {index} out of range for {n} positions")
+        return self._texts.decode_position(*self._position(i))
+
+    def _position(self, i: int) -> tuple[list[int], list[float], int | None]:
+        """Position i as stored: its token ids, their logprobs and the sampled token's rank."""
         start, end = self._ends[i - 1] if i else 0, self._ends[i]
-        return self._texts.decode_position(self._ids[start:end], self._values[start:end], self._ranks[i])
+        return self._ids[start:end], self._values[start:end], self._ranks[i]
 
     def __iter__(self) -> Iterator[dict[int, Logprob]]:
         for i in range(len(self._ends)):
@@ -80,8 +111,7 @@ class PositionLogprobs(Sequence[dict[int, Logprob]]):
         out = PositionLogprobs(self._texts)
         if step != 1:
             for i in range(first, stop, step):
-                start, end = self._ends[i - 1] if i else 0, self._ends[i]
-                out.append_position(self._ids[start:end], self._values[start:end], self._ranks[i])
+                out.append_position(*self._position(i))
             return out
         if stop <= first:
             return out
@@ -105,34 +135,20 @@ class PositionLogprobs(Sequence[dict[int, Logprob]]):
             out._ranks.extend(other._ranks)
             out._ends.extend(end + offset for end in other._ends)
             return out
-        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
-            return list(self) + list(other)
-        return NotImplemented
+        return list(self) + list(other) if _is_items(other) else NotImplemented
 
     def __radd__(self, other: Sequence[dict[int, Logprob]]) -> Any:
-        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
-            return list(other) + list(self)
-        return NotImplemented
+        return list(other) + list(self) if _is_items(other) else NotImplemented
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, PositionLogprobs):
-            return (self._ids, self._values, self._ranks, self._ends) == (
-                other._ids, other._values, other._ranks, other._ends
-            ) or list(self) == list(other)  # fmt: skip
-        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
-            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the list it stands for
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return list, (list(self),)
-
-    def __repr__(self) -> str:
-        return repr(list(self))
+        if isinstance(other, PositionLogprobs) and (self._ids, self._values, self._ranks, self._ends) == (
+            other._ids, other._values, other._ranks, other._ends
+        ):  # fmt: skip
+            return True  # the same stored positions (different ones may still read the same: compared below)
+        return super().__eq__(other)
 
 
-class PromptPositionLogprobs(Sequence[dict[int, Logprob] | None]):
+class PromptPositionLogprobs(_ReadsAsList[dict[int, Logprob] | None]):
     """vLLM's ``prompt_logprobs``: None for the first prompt token (it has no context), then one position per
     prompt token, stored flat in ``positions`` as they arrive and built when read, like `PositionLogprobs`."""
 
@@ -162,16 +178,3 @@ class PromptPositionLogprobs(Sequence[dict[int, Logprob] | None]):
     def __iter__(self) -> Iterator[dict[int, Logprob] | None]:
         yield None
         yield from self.positions
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
-            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return list, (list(self),)
-
-    def __repr__(self) -> str:
-        return repr(list(self))

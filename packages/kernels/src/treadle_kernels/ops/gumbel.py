@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import _chunk
+from .sampling import row_chunks
 from .support import next_pow2
 
 
@@ -31,8 +31,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, keys: torch.T
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
-    chunk = _chunk(vocab_size)
-    num_chunks = -(-vocab_size // chunk)
+    chunk, num_chunks = row_chunks(vocab_size)
     partials = torch.empty((2, num_rows, num_chunks), dtype=torch.int32, device=logits.device)  # key | index
     stage1 = gumbel_kernels.gumbel_argmax_chunks_kernel[(num_rows, num_chunks)]
     stage1(logits, logits.stride(0), vocab_size, temperature, keys, partials[0], partials[1], CHUNK=chunk)

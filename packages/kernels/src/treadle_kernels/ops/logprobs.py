@@ -13,6 +13,7 @@ import torch
 
 from treadle_ir import ops
 
+from .sampling import row_chunks
 from .support import check_tensor, next_pow2, triton_supported
 
 __all__ = ["CHUNK", "MAX_VOCAB", "TOPS", "register"]
@@ -20,10 +21,6 @@ __all__ = ["CHUNK", "MAX_VOCAB", "TOPS", "register"]
 CHUNK = 2048  # logits per stage-1 program (4 warps x 16 a thread) when V > CHUNK
 MAX_VOCAB = 1024 * CHUNK  # stage 2 holds a row's chunk partials in one block of at most 1024
 TOPS = (1, 2, 5, 10, 20)  # candidates kept per chunk: num_top rounded up to one of these
-
-
-def _chunk(vocab_size: int) -> int:
-    return min(CHUNK, max(16, next_pow2(vocab_size)))
 
 
 def token_logprobs(
@@ -39,8 +36,7 @@ def token_logprobs(
     if num_rows == 0:
         return ids, values, ranks
     top = next((t for t in TOPS if t >= num_top), 0) if num_top else 0
-    chunk = _chunk(vocab_size)
-    num_chunks = -(-vocab_size // chunk)
+    chunk, num_chunks = row_chunks(vocab_size, CHUNK)
     floats = torch.empty((2, num_rows, num_chunks), dtype=torch.float32, device=device)  # max | sum
     counts = torch.empty((num_rows, num_chunks), dtype=torch.int32, device=device)
     candidates = torch.empty((2, num_rows, num_chunks, max(top, 1)), dtype=torch.int32, device=device)

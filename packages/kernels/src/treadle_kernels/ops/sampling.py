@@ -23,9 +23,11 @@ CHUNK = 1024  # logits per stage-1 program (4 warps x 8 per thread) when V > CHU
 MAX_VOCAB = 1024 * CHUNK  # stage 2 holds a row's chunk partials in one block of at most 1024
 
 
-def _chunk(vocab_size: int) -> int:
-    """Stage-1 chunk: the whole row when it fits one chunk, else ``CHUNK``."""
-    return min(CHUNK, max(16, next_pow2(vocab_size)))
+def row_chunks(vocab_size: int, limit: int = CHUNK) -> tuple[int, int]:
+    """A two-stage row kernel's stage-1 split of a row: (chunk, number of chunks), the chunk the whole row when it
+    fits in ``limit``, else ``limit`` (shared by argmax_rows, gumbel_sample and token_logprobs)."""
+    chunk = min(limit, max(16, next_pow2(vocab_size)))
+    return chunk, -(-vocab_size // chunk)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -35,8 +37,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)  # [B]
     if num_rows == 0:
         return out
-    chunk = _chunk(vocab_size)
-    num_chunks = -(-vocab_size // chunk)
+    chunk, num_chunks = row_chunks(vocab_size)
     partials = torch.empty((2, num_rows, num_chunks), dtype=torch.int32, device=logits.device)  # key | index
     sampling_kernels.argmax_chunks_kernel[(num_rows, num_chunks)](
         logits, logits.stride(0), vocab_size, partials[0], partials[1], CHUNK=chunk, num_warps=4
