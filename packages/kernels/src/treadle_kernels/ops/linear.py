@@ -43,6 +43,7 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     programs_per_sm: int = 0  # > 0: the persistent stream kernel (one row) on this many programs per SM
+    maxnreg: int = 0  # > 0: registers per thread capped at this (ptxas), so more programs share an SM
 
 
 STREAM_MAX_N = 65536  # the lm_head (128k outputs) streams at 4.6 TB/s with one program per tile already
@@ -62,15 +63,28 @@ def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
     (results/gpu-piecewise-h200-3ea134f/gemv_stream.json): qkv + norm 15.84 against 16.22 us, o_proj 10.55 against
     10.83, gate_up + norm 57.11 against 57.42, down + SiLU 29.89 against 30.86; it lost on lm_head (230.8 against
     227.9). End to end it was slower (4.43 / 4.45 against 4.41 / 4.40 ms per token, results/gpu-stream-h200-815d627),
-    so it runs only with TREADLE_STREAM_LINEAR=1."""
+    so it runs only with TREADLE_STREAM_LINEAR=1.
+    Register caps (``maxnreg``) change how many programs share an SM, and on the GPU image's Triton 3.6 they
+    mattered more than the tiles (results/gpu-regcap-h200-3570cf7, one-row times): o_proj (4, 2048, 4 warps, cap
+    128) 9.85 against 10.77 us for the previous (8, 4096, 8 warps); gate_up + norm (8, 4096, 8 warps, cap 64) 56.7
+    against 57.6; down + SiLU (cap 96) 29.2 against 31.6; lm_head (4, 4096, 4 warps, cap 96) 226.6 against 227.8;
+    no cap helped qkv + norm beyond the noise. Batch-1 decode of Llama-3.1-8B: 4.223 / 4.198 against 4.326 / 4.319
+    ms per token (same machine, alternating processes). Another Triton allocates registers its own way, so the
+    caps are tuned for that one."""
     if num_rows > _max_rows():
         return None
     if num_rows == 1:
         if n < STREAM_MAX_N and envs.STREAM_LINEAR():
             return Config(1, 8 if prologue in (_SILU, _GELU_TANH) else 4, 2048, 4, 3, programs_per_sm=2)
         if prologue == _PLAIN:
-            return Config(1, 8, 4096, 8, 3)
-        return Config(1, 8, 2048, 4, 3) if prologue == _NORM else Config(1, 8, 2048, 8, 1)
+            if n >= STREAM_MAX_N:  # an lm_head
+                return Config(1, 4, 4096, 4, 3, maxnreg=96)
+            return Config(1, 4, 2048, 4, 3, maxnreg=128)
+        if prologue == _NORM:
+            return (
+                Config(1, 8, 4096, 8, 3, maxnreg=64) if n > 16384 else Config(1, 8, 2048, 4, 3)
+            )  # gate_up / qkv
+        return Config(1, 8, 2048, 8, 1, maxnreg=96)
     if prologue == _PLAIN:
         return Config(16, 32, 256, 4, 4) if n <= 8192 else Config(16, 64, 128, 4, 4)
     return None
@@ -116,6 +130,7 @@ def _launch(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **({"launch_pdl": True} if pdl else {}),
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}),
         )
     return shaped(x, out, residual_out)
 
