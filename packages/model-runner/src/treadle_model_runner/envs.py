@@ -71,6 +71,12 @@ def TREADLE_PIECEWISE_MAX_TOKENS() -> int:
     return int(raw)
 
 
+def TREADLE_PREFILL_GRAPHS() -> bool:
+    """``1`` (default) captures full CUDA graphs for steps that prefill one request (runner/prefill_graphs.py) where
+    the attention backend allows it; ``0`` runs those steps as piecewise graphs, like any other prefill."""
+    return parse_bool("TREADLE_PREFILL_GRAPHS", os.environ.get("TREADLE_PREFILL_GRAPHS", "1"))
+
+
 def TREADLE_FUSED_GUMBEL() -> bool:
     """``1`` (default) samples a batch that only samples (every row random; no mask, bias, penalty, truncation or
     logprobs) on CUDA with one Triton pass over the logits (``treadle_kernels.ops.gumbel``) instead of seven torch

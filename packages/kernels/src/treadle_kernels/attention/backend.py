@@ -135,6 +135,9 @@ class AttentionBackend:
     name: ClassVar[str] = ""
     # decode steps may be captured in CUDA graphs and replayed (see the builder's graph methods)
     supports_cuda_graphs: ClassVar[bool] = False
+    # a step prefilling one request may be captured whole: a launch captured for one request of B query tokens
+    # reads everything else from the persistent device metadata, so it serves any one request of up to B tokens
+    supports_prefill_graphs: ClassVar[bool] = False
     # reads and writes a float8_e4m3fn / float8_e5m2 cache (unit scale; `--kv-cache-dtype fp8`)
     supports_fp8_kv_cache: ClassVar[bool] = False
     builder_cls: ClassVar[type[AttentionMetadataBuilder]] = AttentionMetadataBuilder

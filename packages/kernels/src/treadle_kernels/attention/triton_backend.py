@@ -218,5 +218,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_fp8_kv_cache = True
     supports_cuda_graphs = True  # launches read metadata from persistent device tensors only
+    # one request: one unified-kernel launch whose programs find their query tiles through query_start_loc
+    supports_prefill_graphs = True
     builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

@@ -56,8 +56,12 @@ class GraphSizes:
 
 
 class CudaGraphRunner(GraphSizes):
-    def __init__(self, sizes: list[int]) -> None:
+    """Whole-forward graphs by size: decode batches (requests), or one-request prefills (tokens,
+    prefill_graphs.py); `kind` names them in the log."""
+
+    def __init__(self, sizes: list[int], kind: str = "decode batch") -> None:
         super().__init__(sizes)
+        self.kind = kind
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's output hidden states [size, hidden]
 
@@ -87,8 +91,8 @@ class CudaGraphRunner(GraphSizes):
             self.outputs.clear()
             self.memory_by_size.clear()
             return
-        logger.info("CUDA graphs captured for decode batch sizes %s in %.1f s, using %.0f MiB of device memory",
-                    self.sizes, time.perf_counter() - start, self.memory_bytes / (1 << 20))  # fmt: skip
+        logger.info("CUDA graphs captured for %s sizes %s in %.1f s, using %.0f MiB of device memory",
+                    self.kind, self.sizes, time.perf_counter() - start, self.memory_bytes / (1 << 20))  # fmt: skip
 
     def replay(self, size: int) -> torch.Tensor:
         self.graphs[size].replay()

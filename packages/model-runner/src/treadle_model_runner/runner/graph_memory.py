@@ -13,6 +13,9 @@ the shared pool and an executable per piece, each bucket keeps its attention inp
 with its token count: the estimate adds, per other bucket, the smallest bucket's pieces plus the largest bucket's
 kept bytes per token times its tokens.
 
+One-request prefill graphs (prefill_graphs.py) are whole forwards like the decode graphs, by token bucket: the
+same largest + (n - 1) x smallest estimate over their largest and smallest bucket.
+
 Invariants: the probe leaves no graph and no cache behind; if it fails it estimates 0 with a warning (the real
 capture then reports its own failure and the runner runs eagerly).
 """
@@ -68,23 +71,30 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     buckets = runner.piecewise_sizes()
     probe = CudaGraphRunner(sorted({sizes[0], sizes[-1]}))
     pieces = PiecewiseGraphs(sorted({buckets[0], buckets[-1]}) if buckets else [])
+    prefill_buckets = buckets if runner._prefill_graphs_wanted() else []
+    prefill = CudaGraphRunner(
+        sorted({prefill_buckets[0], prefill_buckets[-1]}) if prefill_buckets else [], "one-request prefill"
+    )
     try:
         probe.capture(runner._prepare_capture)
         measured = dict(probe.memory_by_size)
         if pieces.sizes:
             pieces.capture(runner._prepare_piecewise_capture)
+        if prefill.sizes:
+            prefill.capture(runner._prepare_prefill_capture)
     except Exception as exc:  # an estimate only: the real capture reports its own failure
         logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", exc)
         measured = {}
     finally:
         piece_bytes = estimate_piecewise_bytes(pieces.memory_by_size, pieces.held_bytes_by_size, buckets)
-        del probe, pieces
+        prefill_bytes = estimate_graph_bytes(prefill.memory_by_size, len(prefill_buckets))
+        del probe, pieces, prefill
         runner.kv_caches = []
         torch.cuda.synchronize(runner.device)
         torch.cuda.empty_cache()
     estimate = estimate_graph_bytes(measured, len(sizes))
-    logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes (probe: %s) and %.0f MiB for %d "
-                "piecewise token buckets", estimate / _MiB, len(sizes),
-                ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(measured.items())),
-                piece_bytes / _MiB, len(buckets))  # fmt: skip
-    return estimate + piece_bytes
+    logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes (probe: %s), %.0f MiB for %d "
+                "piecewise token buckets and %.0f MiB for %d one-request prefill buckets", estimate / _MiB,
+                len(sizes), ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(measured.items())),
+                piece_bytes / _MiB, len(buckets), prefill_bytes / _MiB, len(prefill_buckets))  # fmt: skip
+    return estimate + piece_bytes + prefill_bytes

@@ -51,6 +51,7 @@ from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
+from treadle_model_runner.runner.prefill_graphs import capture_metadata
 from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
@@ -118,6 +119,7 @@ class ModelRunner:
         self.requests: dict[str, Any] = {}  # request id -> RequestState (live requests, scheduled or not)
         self.graphs: CudaGraphRunner | None = None
         self.piecewise: PiecewiseGraphs | None = None  # steps that are not decode-only (piecewise.py)
+        self.prefill_graphs: CudaGraphRunner | None = None  # such steps with one request (prefill_graphs.py)
         self.graph_bytes_reserved = 0  # device memory left free for the CUDA graphs when sizing the KV cache
         # async output (set by the engine under async scheduling): return before the sampled tokens reach the
         # host; `pending` holds the steps whose tokens the host has not written yet (pending.py)
@@ -230,11 +232,21 @@ class ModelRunner:
         if piecewise.sizes:
             piecewise.capture(self._prepare_piecewise_capture)
         self.piecewise = piecewise if piecewise.buckets else None
-        reserved, taken = self.graph_bytes_reserved, graphs.memory_bytes + piecewise.memory_bytes
+        prefill = CudaGraphRunner(
+            self.piecewise_sizes() if self._prefill_graphs_wanted() else [], "one-request prefill"
+        )
+        if prefill.sizes:
+            prefill.capture(self._prepare_prefill_capture)
+        self.prefill_graphs = prefill if prefill.graphs else None
+        reserved = self.graph_bytes_reserved
+        taken = graphs.memory_bytes + piecewise.memory_bytes + prefill.memory_bytes
         if graphs.graphs and reserved and taken > 1.2 * reserved + (64 << 20):
             logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
                            "was sized; lower --gpu-memory-utilization if memory runs out",
                            taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
+
+    def _prefill_graphs_wanted(self) -> bool:
+        return bool(self.attn_backend.supports_prefill_graphs) and envs.TREADLE_PREFILL_GRAPHS()
 
     def piecewise_sizes(self) -> list[int]:
         """Token buckets of the piecewise CUDA graphs (TREADLE_PIECEWISE_MAX_TOKENS, within the step budget)."""
@@ -267,8 +279,8 @@ class ModelRunner:
         padded, decode_only = None, bool((num_scheduled == 1).all())
         if self.graphs is not None and decode_only:
             padded = self.graphs.padded_size(num_reqs)
-        elif self.piecewise is not None and not decode_only:
-            padded = self.piecewise.padded_size(scheduler_output.total_num_scheduled_tokens)
+        elif not decode_only and (buckets := self._buckets(num_reqs)) is not None:
+            padded = buckets.padded_size(scheduler_output.total_num_scheduled_tokens)
         newest = self.pending[-1] if self.pending else None
         source = device_source(newest, self.batch.req_ids)
         inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source)
@@ -287,10 +299,17 @@ class ModelRunner:
             for builder, common in zip(self.builders, inputs.attn_metadata, strict=True):
                 builder.prepare_cuda_graph_replay(common, size)
             return self.graphs.replay(size)
+        prefill = self.prefill_graphs
+        if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
+            return prefill.replay(size)
         with set_forward_context(self._context(inputs)):
             if self.piecewise is not None and not inputs.is_decode_only and self.piecewise.has(size):
                 return self.piecewise.replay(size)
             return self._require_model()(inputs.input_ids, inputs.positions)
+
+    def _buckets(self, num_reqs: int) -> CudaGraphRunner | PiecewiseGraphs | None:
+        """The graphs whose token buckets a step that is not decode-only pads up to (None: no padding)."""
+        return self.prefill_graphs if num_reqs == 1 and self.prefill_graphs is not None else self.piecewise
 
     def _context(self, inputs: StepInputs, graph_size: int | None = None) -> ForwardContext:
         """The forward context of a step (eager), or of the dummy batch a decode graph of `graph_size` captures."""
@@ -311,6 +330,23 @@ class ModelRunner:
         def forward() -> torch.Tensor:
             with set_forward_context(context):
                 return model(inputs.input_ids, inputs.positions)
+
+        return forward
+
+    def _prepare_prefill_capture(self, size: int) -> Callable[[], torch.Tensor]:
+        """One request of `size` tokens over the step buffers (holding a harmless batch), and its forward."""
+        metadata = capture_metadata(self.batch, self.buffers, size)
+        built = [b.build(m) for b, m in zip(self.builders, metadata, strict=True)]
+        context = ForwardContext(self.kv_caches, [built[g] for g in self.layer_to_group], size)
+        model, input_ids, positions = (
+            self._require_model(),
+            self.buffers.input_ids[:size],
+            self.buffers.positions[:size],
+        )
+
+        def forward() -> torch.Tensor:
+            with set_forward_context(context):
+                return model(input_ids, positions)
 
         return forward
 
