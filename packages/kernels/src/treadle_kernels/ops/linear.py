@@ -68,9 +68,10 @@ def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
     mattered more than the tiles (results/gpu-regcap-h200-3570cf7, one-row times): o_proj (4, 2048, 4 warps, cap
     128) 9.85 against 10.77 us for the previous (8, 4096, 8 warps); gate_up + norm (8, 4096, 8 warps, cap 64) 56.7
     against 57.6; down + SiLU (cap 96) 29.2 against 31.6; lm_head (4, 4096, 4 warps, cap 96) 226.6 against 227.8;
-    no cap helped qkv + norm beyond the noise. Batch-1 decode of Llama-3.1-8B: 4.198-4.232 against 4.312-4.371 ms
-    per token on two machines, 4.24-4.34 against 4.38-4.40 on a third (alternating processes). Another Triton
-    allocates registers its own way, so the caps are tuned for that one."""
+    qkv + norm (8, 2048, 4 warps, cap 72) 16.0 against 16.2-16.7 alone. Batch-1 decode of Llama-3.1-8B: 4.198-4.232
+    against 4.312-4.371 ms per token on two machines, 4.24-4.34 against 4.38-4.40 on a third (alternating
+    processes); qkv's cap, measured last, 4.190-4.193 against 4.208-4.213 (with one-request prefill graphs, same
+    machine). Another Triton allocates registers its own way, so the caps are tuned for that one."""
     if num_rows > _max_rows():
         return None
     if num_rows == 1:
@@ -81,7 +82,7 @@ def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
                 return Config(1, 4, 4096, 4, 3, maxnreg=96)
             return Config(1, 4, 2048, 4, 3, maxnreg=128)
         if prologue == _NORM:  # a wide gate_up, else qkv
-            return Config(1, 8, 4096, 8, 3, maxnreg=64) if n > 16384 else Config(1, 8, 2048, 4, 3)
+            return Config(1, 8, 4096, 8, 3, maxnreg=64) if n > 16384 else Config(1, 8, 2048, 4, 3, maxnreg=72)
         return Config(1, 8, 2048, 8, 1, maxnreg=96 if prologue == _SILU else 0)  # GELU: not timed under a cap
     if prologue == _PLAIN:
         return Config(16, 32, 256, 4, 4) if n <= 8192 else Config(16, 64, 128, 4, 4)
