@@ -338,11 +338,8 @@ class ModelRunner:
         metadata = capture_metadata(self.batch, self.buffers, size)
         built = [b.build(m) for b, m in zip(self.builders, metadata, strict=True)]
         context = ForwardContext(self.kv_caches, [built[g] for g in self.layer_to_group], size)
-        model, input_ids, positions = (
-            self._require_model(),
-            self.buffers.input_ids[:size],
-            self.buffers.positions[:size],
-        )
+        model = self._require_model()
+        input_ids, positions = self.buffers.input_ids[:size], self.buffers.positions[:size]
 
         def forward() -> torch.Tensor:
             with set_forward_context(context):

@@ -14,8 +14,8 @@ time for ~4.5 ms of GPU work (Llama-3.1-8B on an H200, benchmarks/results/gpu-la
 Capture: per token bucket (the piecewise buckets), the step buffers are filled with a harmless batch (one token
 at position 0 over the null block, the rest padding with slot -1) and the forward is captured with the metadata
 of one request of ``B`` tokens over those buffers (``capture_metadata``), into one memory pool, largest bucket
-first. Replay: prepare_inputs writes the real request into the same buffers
-(its ``B - T`` padding tokens with slot -1); the host integers of the capture stay baked into the launches.
+first. Replay: prepare_inputs writes the real request of ``T`` tokens into the same buffers (its ``B - T``
+padding tokens with slot -1); the host integers of the capture stay baked into the launches.
 ``TREADLE_PREFILL_GRAPHS=0`` turns them off (such steps run piecewise again).
 """
 
