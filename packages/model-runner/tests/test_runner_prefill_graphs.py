@@ -178,3 +178,23 @@ def test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TREADLE_PREFILL_GRAPHS", "sometimes")
     with pytest.raises(ValueError, match="TREADLE_PREFILL_GRAPHS"):
         envs.TREADLE_PREFILL_GRAPHS()
+
+
+def test_graph_mode_names_the_prefill_buckets() -> None:
+    from types import SimpleNamespace
+
+    from treadle_model_runner.runner.describe import graph_mode
+
+    def graphs(sizes: list[int]) -> SimpleNamespace:
+        return SimpleNamespace(graphs=dict.fromkeys(sizes), buckets=dict.fromkeys(sizes))
+
+    runner = SimpleNamespace(
+        device=torch.device("cuda"), model_config=SimpleNamespace(enforce_eager=False),
+        attn_backend=SimpleNamespace(name="triton"), graphs=graphs([1, 2, 4]), piecewise=graphs([16, 32]),
+        prefill_graphs=graphs([16, 32, 64]),
+    )  # fmt: skip
+    assert graph_mode(runner) == (
+        "decode sizes 1-4 (3 graphs); piecewise buckets 16-32 (2); one-request prefill buckets 16-64 (3)"
+    )
+    runner.prefill_graphs = None  # a backend without them, or TREADLE_PREFILL_GRAPHS=0
+    assert graph_mode(runner) == "decode sizes 1-4 (3 graphs); piecewise buckets 16-32 (2)"

@@ -15,7 +15,8 @@ def _dtype(dtype: torch.dtype) -> str:
 
 
 def graph_mode(runner: Any) -> str:
-    """'decode sizes 1-256 (34 graphs); piecewise buckets 8-512 (7)', or 'off (<why>)'."""
+    """'decode sizes 1-256 (35 graphs); piecewise buckets 16-512 (6); one-request prefill buckets 16-512 (6)', or
+    'off (<why>)'."""
     if runner.device.type != "cuda":
         return "off (not a CUDA device)"
     if runner.model_config.enforce_eager:
@@ -27,6 +28,9 @@ def graph_mode(runner: Any) -> str:
     if runner.piecewise is not None:
         buckets = sorted(runner.piecewise.buckets)
         mode += f"; piecewise buckets {buckets[0]}-{buckets[-1]} ({len(buckets)})"
+    if runner.prefill_graphs is not None:
+        sizes = sorted(runner.prefill_graphs.graphs)
+        mode += f"; one-request prefill buckets {sizes[0]}-{sizes[-1]} ({len(sizes)})"
     return mode
 
 
