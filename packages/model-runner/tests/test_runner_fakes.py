@@ -210,3 +210,22 @@ def perturb_(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def run_interpreted(script: str, *args: str) -> str:
+    """Run ``script`` in a fresh Python under Triton's interpreter (``TRITON_INTERPRET`` must be set before triton
+    is imported), with these test modules importable; returns its stdout, failing the test on a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout

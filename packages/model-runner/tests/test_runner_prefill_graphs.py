@@ -10,9 +10,6 @@ own forward, against the torch backend: the same greedy tokens, prompt logprobs 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, perturb_, record_hidden
+from test_runner_fakes import FakeScheduler, perturb_, record_hidden, run_interpreted
 
 from treadle_model_runner import CacheConfig, ModelConfig, SamplingParams
 from treadle_model_runner.runner import ModelRunner
@@ -121,16 +118,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below replays the real graphs")
 def test_capture_time_forward_serves_each_one_request_step(llama: Path) -> None:
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(llama)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "replays" in done.stdout
+    assert "replays" in run_interpreted(SCRIPT, str(llama))
 
 
 def _gpu_runner(path: Path, eager: bool) -> ModelRunner:

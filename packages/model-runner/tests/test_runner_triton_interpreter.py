@@ -10,16 +10,13 @@ tokens exactly. It runs in a subprocess because ``TRITON_INTERPRET`` must be set
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import perturb_
+from test_runner_fakes import perturb_, run_interpreted
 
 pytest.importorskip("triton")
 
@@ -66,13 +63,4 @@ def test_llama_on_triton_interpreter_matches_torch_backend(tmp_path: Path) -> No
     hf = tf.LlamaForCausalLM(config).eval()
     perturb_(hf, seed=4, std=0.15)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "steps" in done.stdout
+    assert "steps" in run_interpreted(SCRIPT, str(tmp_path))
