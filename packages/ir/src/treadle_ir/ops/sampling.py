@@ -54,9 +54,8 @@ def token_logprobs(
     x = logits.to(torch.float32)
     lp = torch.log_softmax(x, dim=-1)
     tok = token_ids.to(torch.int64).unsqueeze(1)  # [N, 1]
-    ranks = (x >= x.gather(1, tok)).sum(
-        dim=-1, dtype=torch.int32
-    )  # int32: counting into int64 is slower on CPU
+    above = x >= x.gather(1, tok)  # [N, V]: the logits that rank at or above the token's
+    ranks = above.sum(dim=-1, dtype=torch.int32)  # int32: counting into int64 is slower on CPU
     top_values, top_ids = torch.topk(lp, num_top, dim=-1)  # [N, num_top]
     ids = torch.cat([tok, top_ids], dim=1)
     values = torch.cat([lp.gather(1, tok), top_values], dim=1)
