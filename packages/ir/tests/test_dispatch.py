@@ -142,10 +142,10 @@ def test_report_lists_every_op_with_selection_and_reasons(scale_op: IrOp) -> Non
     text = treadle_ir.report()
     for (
         name
-    ) in ops.__all__:  # installed plugins may serve some (treadle-kernels' onednn: the linear ops on CPU)
+    ) in ops.__all__:  # installed plugins may serve some (treadle-kernels' onednn and cpu providers on CPU)
         assert f"\n{name}: selected " in text
     assert f"\n{scale_op.name}: selected native" in text
-    assert "gpu_only: skipped: not in the priority list ['onednn', 'native']" in text  # CPU's default list
+    assert "gpu_only: skipped: not in the priority list ['onednn', 'cpu', 'native']" in text  # CPU's default
     with scale_op.priority(["gpu_only"]):
         assert "gpu_only: skipped: needs CUDA" in treadle_ir.report()
 

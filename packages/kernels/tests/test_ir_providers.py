@@ -284,12 +284,13 @@ def test_report_on_this_platform() -> None:
 
     text = treadle_ir.report()
     linear_ops = {"linear", "add_rms_norm_linear", "silu_and_mul_linear", "gelu_tanh_and_mul_linear"}
+    host_ops = {"reshape_and_cache", "rotary_embedding_"}  # ops/host.py
     for name in ops.__all__:
         line = next(line for line in text.splitlines() if line.startswith(f"{name}: "))
         onednn = (
             linear_onednn.supported(Platform(kind="cpu")) is True
         )  # x86-64 with oneDNN (linear_onednn.py)
-        cpu = "onednn" if name in linear_ops and onednn else "native"
+        cpu = "onednn" if name in linear_ops and onednn else "cpu" if name in host_ops else "native"
         assert line.startswith(f"{name}: selected {'triton' if CUDA else cpu}"), line
     if not CUDA:
-        assert "triton: skipped: not in the priority list ['onednn', 'native']" in text
+        assert "triton: skipped: not in the priority list ['onednn', 'cpu', 'native']" in text

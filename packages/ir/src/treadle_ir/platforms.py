@@ -19,10 +19,11 @@ __all__ = ["DEFAULT_PRIORITY", "PLATFORM_KINDS", "Platform", "current_platform"]
 
 PLATFORM_KINDS = ("cpu", "cuda")
 
-# Default provider priority per platform kind; ``native`` is appended when missing. On CPU, ``onednn`` (oneDNN's
-# matmul on packed weights, treadle-kernels) serves the linear ops where registered; every other op is native.
+# Default provider priority per platform kind; ``native`` is appended when missing. On CPU, where treadle-kernels
+# registers them, ``onednn`` (oneDNN's matmul on packed weights) serves the linear ops and ``cpu`` (the specs in
+# fewer torch calls, no graph capture needed) the KV-cache write and the in-place rotary; every other op is native.
 DEFAULT_PRIORITY: dict[str, tuple[str, ...]] = {
-    "cpu": ("onednn", "native"),
+    "cpu": ("onednn", "cpu", "native"),
     "cuda": ("triton", "native"),
 }
 

@@ -31,8 +31,7 @@ def _rotate(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int, is_neox: bool
 ) -> torch.Tensor:
     """Rotated copy of x [T, ...]: cos/sin [T, rot_dim/2] fp32."""
-    num_tokens = x.shape[0]
-    heads = x.reshape(num_tokens, -1, head_size)  # [T, heads, head_size]
+    heads = x.unflatten(-1, (-1, head_size)) if x.dim() == 2 else x  # [T, heads, head_size], also for T = 0
     rot_dim = cos.shape[-1] * 2
     rot = heads[..., :rot_dim].float()
     cos, sin = cos[:, None, :], sin[:, None, :]

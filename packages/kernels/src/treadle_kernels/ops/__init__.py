@@ -6,7 +6,7 @@ Each ``<noun>.py`` holds provider functions with the native signatures and their
 
 from __future__ import annotations
 
-from . import activation, cache, linear, linear_onednn, logprobs, norm, rotary, sampling
+from . import activation, cache, host, linear, linear_onednn, logprobs, norm, rotary, sampling
 
 __all__ = ["register_cpu_providers", "register_triton_providers"]
 
@@ -24,5 +24,7 @@ def register_triton_providers() -> None:
 
 
 def register_cpu_providers() -> None:
-    """Register the CPU providers: ``onednn`` for the linear ops (re-registering replaces them)."""
+    """Register the CPU providers (re-registering replaces them): ``onednn`` for the linear ops, ``cpu`` for the
+    KV-cache write and the in-place rotary embedding."""
     linear_onednn.register()
+    host.register()
