@@ -4,7 +4,8 @@ One attention layer (32 query heads, 8 KV heads, head_dim 128, block 16, shuffle
 CUDA events around ``impl.forward`` (the KV write of the step's new tokens included; FlashInfer's per-step plan
 excluded, as it is paid once per step for all layers), replayed from a CUDA graph when the forward can be captured
 (so launch overhead is not counted, as in the engine's decode graphs), else eagerly (``mode`` says which).
-Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k, a prefill (4 x 2048 tokens) and a mixed batch.
+Workloads: decode at batch 1 / 64 / 256 x context 1k / 4k, prefills (4 x 2048 tokens; an 8192-token chunk on
+8192 cached) and a mixed batch.
 Reports achieved GB/s of KV read (``sum(seq_len) * nkv * head_dim * 2 (K, V) * bytes per value``) against the
 device's own copy bandwidth measured in the same run, and TFLOP/s for prefill. The torch reference runs only where it
 finishes quickly. ``--kv-cache-dtype fp8`` (or fp8_e5m2) fills an 8-bit cache (unit scale, as the engine's).
@@ -171,6 +172,7 @@ def workloads() -> list[tuple[str, list[tuple[int, int]]]]:
     cases += [("decode b512 ctx1088", [(1087, 1)] * 512), ("decode b512 ctx1536", [(1535, 1)] * 512)]
     cases += [(f"decode b{b} ctx{c}", [(c - 1, 1)] * b) for b in (1, 64, 256) for c in (1024, 4096)]
     cases.append(("prefill 4x2048", [(0, 2048)] * 4))
+    cases.append(("prefill 1x8192 chunk on 8192 cached", [(8192, 8192)]))  # a long prompt's second chunk
     cases.append(("mixed 1x1024 prefill + 64 decodes ctx2048", [(0, 1024)] + [(2047, 1)] * 64))
     return cases
 

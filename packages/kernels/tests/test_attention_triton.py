@@ -103,7 +103,7 @@ def test_fp8_cache_matches_torch(dtype, cache):
 @pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("cache", [None, "e4m3"])
 def test_offset_widths(monkeypatch, narrow, cache):
-    """32- and 64-bit cache offsets give the same attention (TREADLE_ATTN_NARROW_OFFSETS=1: 32 bits where they fit)."""
+    """32- and 64-bit cache offsets give the same attention (TREADLE_ATTN_NARROW_OFFSETS=0: always 64 bits)."""
     from treadle_kernels.attention import triton_launch as tb
 
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", narrow)
@@ -154,10 +154,9 @@ def test_wide_offsets_past_two_to_the_31(monkeypatch) -> None:
     assert tb.wide_offsets(small, big) and tb.wide_offsets(big, small)
     assert far.numel() < small.numel() and tb.wide_offsets(far, small), "a small view reaching past 2**31"
     monkeypatch.setattr(tb, "_NARROW_OFFSETS", False)  # 64 bits whatever the size
-    assert tb.wide_offsets(small, small) and tb.wide_offsets(small, small, fp8=True)
-    monkeypatch.setattr(tb, "_NARROW_OFFSETS", None)  # the default: 32 bits for fp8 caches that allow them
-    assert tb.wide_offsets(small, small) and not tb.wide_offsets(small, small, fp8=True)
-    assert tb.wide_offsets(small, big, fp8=True)
+    assert tb.wide_offsets(small, small) and tb.wide_offsets(strided, small)
+    monkeypatch.setattr(tb, "_NARROW_OFFSETS", None)  # the default: 32 bits for any cache that allows them
+    assert not tb.wide_offsets(small, small) and tb.wide_offsets(small, big) and tb.wide_offsets(far, small)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU

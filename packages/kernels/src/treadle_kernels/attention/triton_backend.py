@@ -113,7 +113,7 @@ def _launch(
         CAUSAL=md.causal, USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
-        WIDE_OFFSETS=wide_offsets(k_cache, v_cache, k_cache.dtype in FP8_KV_CACHE_DTYPES),
+        WIDE_OFFSETS=wide_offsets(k_cache, v_cache),
         FP8_WIDEN=cfg.fp8_widen if query.device.type == "cuda" else 0,  # inline assembly: never interpreted
         SCORE_MASK_ALWAYS=cfg.mask_all_tiles,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -31,8 +31,11 @@ _MAX_SPLITS = 16  # most KV segments per (request, KV head) on the split-KV path
 # 0.407 (64 keys 0.447); at 64 keys without the widening 0.374, 3 stages 0.371, 2 warps 0.331, 8 warps 0.467;
 # 32-key tiles 0.396; then the loop without masks (triton_kernel.py) 0.302 -> 0.282 (call 4). sm_90 SASS
 # (sass_stats.py): 1,387 key-loop instructions per 128 keys as it was, 886 with these, 720 in the unmasked loop.
-# 32-bit cache offsets where a layer's cache allows them: "1" always, "0" never, unset: for fp8 caches (bf16 at
-# 64-key tiles measured slower with them, 0.408 against 0.378 ms)
+# 32-bit cache offsets where a layer's cache allows them: "1" or unset, "0" never. First for fp8 caches only (bf16
+# decode at 64-key tiles measured slower with them, 0.408 against 0.378 ms, before the unmasked key loop); on the
+# unmasked loop, with a bf16 cache on an H200 (results/gpu-pdl-cap-h200-381f3dc, call 2; ms, 64- / 32-bit): prefill
+# 4 x 2048 0.567 / 0.418, an 8192-token chunk on 8192 cached 5.49 / 3.99, mixed 1 x 1024 + 64 decodes 0.200 /
+# 0.188, decodes b256 ctx1536 0.392 / 0.392, b64 ctx4096 0.248 / 0.247; so they are the default for every cache
 _NARROW_OFFSETS: bool | None = {"1": True, "0": False}.get(os.environ.get("TREADLE_ATTN_NARROW_OFFSETS", ""))
 # keys per tile on a GPU with a 16-bit / an fp8 cache, warps and pipeline stages with an fp8 cache
 _BLOCK_N = int(os.environ.get("TREADLE_ATTN_BLOCK_N", "64"))
@@ -137,8 +140,8 @@ def extent(t: torch.Tensor) -> int:
     )
 
 
-def wide_offsets(k_cache: torch.Tensor, v_cache: torch.Tensor, fp8: bool = False) -> bool:
-    """Whether the kernel computes cache offsets in 64 bits: always, unless narrowing is on (by default for an
-    fp8 cache) and every element offset into this layer's K and V caches stays below 2**31."""
-    narrow = fp8 if _NARROW_OFFSETS is None else _NARROW_OFFSETS
+def wide_offsets(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the kernel computes cache offsets in 64 bits: when an element offset into this layer's K or V cache
+    reaches 2**31, or always with ``TREADLE_ATTN_NARROW_OFFSETS=0``."""
+    narrow = True if _NARROW_OFFSETS is None else _NARROW_OFFSETS
     return not narrow or max(extent(k_cache), extent(v_cache)) >= 2**31
