@@ -15,7 +15,9 @@ USE_PDL (programmatic dependent launch, Hopper; opt-in): the kernel may start wh
 it requests its first weight tile (independent of that kernel), lets the next kernel launch, and waits
 (``gdc_wait``) before reading any input. Every PDL kernel waits before it ends, so completion stays transitive.
 Measured on an H200 (results/gpu-latency-h200-6d5783c): faster alone for qkv, o and down, slower for gate_up and
-lm_head, and batch-1 decode 0.09-0.14 ms per token slower end to end; off by default. Without PDL the weight is
+lm_head, and batch-1 decode 0.09-0.14 ms per token slower end to end; off by default. Against today's register-capped
+configs (which PDL launches leave uncapped: the held tile needs 126-192 registers) 5.01 against 4.14 ms per token
+(results/gpu-pdl-cap-h200-381f3dc, call 2). Without PDL the weight is
 read in the loop: requesting the first tile ahead of the loop made down + SiLU 35.9 us against 31.3, and holding
 the next tile through the loop doubled the registers a program needs.
 """
