@@ -18,6 +18,13 @@ def _gauge(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def _series(url: str, name: str, label: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{label}}} not in /metrics")
+
+
 def test_disconnect_mid_stream_aborts(tokenizer: Any) -> None:
     server, h = start_fake_server(tokenizer)
     h.client.step_delay = 0.01
@@ -39,6 +46,9 @@ def test_disconnect_mid_stream_aborts(tokenizer: Any) -> None:
             time.sleep(0.02)
         assert not h.engine.running and h.engine.num_aborted == 1
         assert _gauge(h.url, "treadle:num_requests_running") == 0
+        # counted as finished with reason abort (vLLM's counter stays 0), kept out of the e2e latencies
+        assert _series(h.url, "treadle:request_success_total", 'finished_reason="abort"') == 1
+        assert _series(h.url, "treadle:e2e_request_latency_seconds_count", "") == 0
         # the same for a non-streaming request whose client gives up
         with contextlib.suppress(httpx.ReadTimeout):
             httpx.post(h.url + "/v1/completions", json={"prompt": "x", "max_tokens": 150}, timeout=0.3)
@@ -47,6 +57,13 @@ def test_disconnect_mid_stream_aborts(tokenizer: Any) -> None:
             time.sleep(0.02)
         assert not h.engine.running and h.engine.num_aborted == 2
         assert httpx.get(h.url + "/load").json() == {"server_load": 0}
+        assert _series(h.url, "treadle:request_success_total", 'finished_reason="abort"') == 2
+        # a request that finishes still counts as before
+        httpx.post(
+            h.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10
+        ).raise_for_status()
+        assert _series(h.url, "treadle:request_success_total", 'finished_reason="length"') == 1
+        assert _series(h.url, "treadle:e2e_request_latency_seconds_count", "") == 1
 
 
 def test_engine_death(tokenizer: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from treadle_frontend.engine_client import AsyncEngineClient, EngineDeadError, make_engine_request
 from treadle_frontend.input_processor import InputProcessor, ModelInfo, PromptType
-from treadle_frontend.output_processor import IterationStats, OutputProcessor
+from treadle_frontend.output_processor import FinishedRequestStats, IterationStats, OutputProcessor
 from treadle_frontend.outputs import RequestOutput
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
@@ -124,8 +124,19 @@ class AsyncLLM:
             if not finished:
                 self._abort_soon(request_id)
 
+    def _forget(self, request_id: str) -> list[str]:
+        """Drops a request its caller left or aborted; returns the engine ids to abort. Its engine requests reach
+        the stats listeners as finished with reason abort (vLLM's request_success_total never counts these)."""
+        aborted: list[FinishedRequestStats] = []
+        ids = self.output_processor.abort_requests([request_id], aborted)
+        if aborted:
+            stats = IterationStats(finished=aborted)
+            for listener in self.stats_listeners:
+                listener(None, stats)
+        return ids
+
     def _abort_soon(self, request_id: str) -> None:
-        ids = self.output_processor.abort_requests([request_id])
+        ids = self._forget(request_id)
         if not ids or self.is_dead:
             return
         logger.debug("Aborting request %s (engine ids %s)", request_id, ids)
@@ -143,7 +154,7 @@ class AsyncLLM:
             logger.debug("abort of %s failed: %s", engine_ids, e)
 
     async def abort(self, request_id: str) -> None:
-        ids = self.output_processor.abort_requests([request_id])
+        ids = self._forget(request_id)
         if ids and not self.is_dead:
             await self.client.abort_requests_async(ids)
 

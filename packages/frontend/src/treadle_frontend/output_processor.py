@@ -85,20 +85,29 @@ class OutputProcessor:
         for child in children:
             self.states[child.request_id] = child
 
-    def abort_requests(self, request_ids: list[str]) -> list[str]:
-        """Forgets the given caller ids (or engine ids); returns the engine ids still to abort in the engine."""
-        to_abort: list[str] = []
+    def abort_requests(
+        self, request_ids: list[str], finished: list[FinishedRequestStats] | None = None
+    ) -> list[str]:
+        """Forgets the given caller ids (or engine ids); returns the engine ids still to abort in the engine.
+        ``finished`` (if given) gets the stats of each engine request forgotten, with finish reason abort."""
+        forgotten: list[RequestState] = []
         for rid in request_ids:
             parent = self.parents.pop(rid, None)
             if parent is not None:
-                for child in parent.children:
-                    if self.states.pop(child, None) is not None:
-                        to_abort.append(child)
+                forgotten += [state for child in parent.children if (state := self.states.pop(child, None))]
             elif rid in self.states:
-                to_abort.append(rid)
                 state = self.states.pop(rid)
+                forgotten.append(state)
                 self.parents.pop(state.parent_id, None)
-        return to_abort
+        if finished is not None:
+            now = time.time()
+            finished += [
+                FinishedRequestStats(
+                    "abort", now - s.metrics.arrival_time, len(s.prompt_token_ids), len(s.token_ids)
+                )
+                for s in forgotten
+            ]
+        return [state.request_id for state in forgotten]
 
     def fail_all(self, error: BaseException) -> None:
         """The engine died: every waiting caller gets the error; all state is dropped."""

@@ -147,7 +147,8 @@ class ServerMetrics:
         for v in it.inter_token_latencies:
             self.inter_token_latency_seconds.labels(m).observe(v)
         for f in it.finished:
-            self.e2e_request_latency_seconds.labels(m).observe(f.e2e_latency)
+            if f.finish_reason != "abort":  # a client that gave up says nothing of how long a reply takes
+                self.e2e_request_latency_seconds.labels(m).observe(f.e2e_latency)
             self.request_success.labels(m, f.finish_reason).inc()
         if it.num_generation_tokens or it.num_prompt_tokens or it.finished:
             self.window.busy = True
