@@ -94,7 +94,8 @@ class OutputProcessor:
         for rid in request_ids:
             parent = self.parents.pop(rid, None)
             if parent is not None:
-                forgotten += [state for child in parent.children if (state := self.states.pop(child, None))]
+                states = (self.states.pop(child, None) for child in parent.children)
+                forgotten += [state for state in states if state is not None]
             elif rid in self.states:
                 state = self.states.pop(rid)
                 forgotten.append(state)
