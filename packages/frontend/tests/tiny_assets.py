@@ -19,8 +19,11 @@ CORPUS = [
 ]
 
 
-def build_tokenizer_dir(path: Path, *, chat_template: bool = True, vocab_size: int = 400) -> Path:
-    """Writes tokenizer.json + tokenizer_config.json (+ generation_config.json) into `path`."""
+def build_tokenizer_dir(
+    path: Path, *, chat_template: bool = True, vocab_size: int = 400, extra_specials: tuple[str, ...] = ()
+) -> Path:
+    """Writes tokenizer.json + tokenizer_config.json (+ generation_config.json) into `path`; `extra_specials`
+    are more special tokens (e.g. Mistral's `[TOOL_CALLS]`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +32,7 @@ def build_tokenizer_dir(path: Path, *, chat_template: bool = True, vocab_size: i
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=[*SPECIALS, *extra_specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -26,6 +26,7 @@ class CallSequence:
         self._scanner = CallScanner()
         self._call: CallDelta | None = None
         self.rest = ""  # the text from where streaming stopped
+        self.after = ""  # the text after the closing character
         self.count = 0  # the calls streamed
 
     @classmethod
@@ -37,8 +38,11 @@ class CallSequence:
         return self._state == "stopped"
 
     def feed(self, text: str) -> list[CallDelta]:
-        if self._state == "stopped":
-            self.rest += text
+        if self._state in ("stopped", "end"):
+            if self._state == "stopped":
+                self.rest += text
+            else:
+                self.after += text
             return []
         self._buf += text
         deltas: list[CallDelta] = []
@@ -61,6 +65,8 @@ class CallSequence:
             else:  # after an item
                 closing = bool(self._close) and char == self._close
                 self._expect(char == self._separator or closing, "end" if closing else "item", 1)
+        if self._state == "end":
+            self.after, self._buf = self.after + self._buf, ""
         return deltas
 
     def _expect(self, ok: bool, state: str, consume: int) -> None:

@@ -37,7 +37,7 @@ from treadle_frontend.server.forced_tools import ForcedToolCalls, ReplyReader, f
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.reply import ReplyParser
 from treadle_frontend.server.structured import forced_constraint
-from treadle_frontend.server.tool_calls import merged, template_messages
+from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, merged, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -93,6 +93,8 @@ class ChatHandler:
             params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         tools = st.config.reply_tool_parser(bool(body.tools) and choice != "none")
+        if tools in SPECIAL_TOKEN_PARSERS:  # the calls open with a special token: keep it in the reply's text
+            params = params.clone(skip_special_tokens=False)
         kwargs = dict(body.chat_template_kwargs or {})
         if body.tools:
             kwargs["tools"] = body.tools

@@ -14,6 +14,7 @@ pieces (a possible tag held back until the next piece).
 
 from __future__ import annotations
 
+from treadle_frontend.server.call_mistral import MistralStream
 from treadle_frontend.server.call_sequence import Llama3JsonStream
 from treadle_frontend.server.tool_calls import Piece, ToolCall, ToolCallStream, merged, tag_prefix
 
@@ -89,8 +90,10 @@ class ReasoningStream:
         return "", rest if self._state in ("opening", "content") else ""
 
 
-def tool_stream(parser: str) -> ToolCallStream | Llama3JsonStream:
+def tool_stream(parser: str) -> ToolCallStream | Llama3JsonStream | MistralStream:
     """The streaming reader of `--tool-call-parser` `parser` (tool_calls.PARSERS)."""
+    if parser == "mistral":
+        return MistralStream()
     return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 

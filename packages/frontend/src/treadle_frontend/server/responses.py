@@ -45,7 +45,7 @@ from treadle_frontend.server.responses_tools import (
     reasoning_tokens,
 )
 from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
-from treadle_frontend.server.tool_calls import Piece, template_messages
+from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, Piece, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -116,6 +116,8 @@ class ResponsesHandler:
         ip.check_token_ids(ids, "the rendered input")
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=body.max_output_tokens, logprobs=None, kind=kind)
+        if tool_parser in SPECIAL_TOKEN_PARSERS:  # the calls open with a special token: keep it in the text
+            params = params.clone(skip_special_tokens=False)
         fmt = (body.text or {}).get("format") or {}
         if fmt.get("type") not in (None, "text"):  # the Responses API's structured outputs: text.format
             fields = format_fields(fmt.get("type"), fmt.get("schema"), "text.format", "text.format.schema")

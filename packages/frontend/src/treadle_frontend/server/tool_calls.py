@@ -25,7 +25,10 @@ from typing import Any
 
 from treadle_frontend.server.call_scanner import CallScanner
 
-PARSERS = ("hermes", "llama3_json")  # llama3_json: call_sequence.py
+PARSERS = ("hermes", "llama3_json", "mistral")  # llama3_json: call_sequence.py; mistral: call_mistral.py
+SPECIAL_TOKEN_PARSERS = (
+    "mistral",
+)  # formats opened by a special token: replies keep special tokens in their text
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
