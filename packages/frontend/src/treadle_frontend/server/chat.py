@@ -149,6 +149,7 @@ class ChatHandler:
                     "logprobs": lps,
                     "finish_reason": _finish(c.finish_reason, bool(calls), forced),
                     "stop_reason": c.stop_reason,
+                    **({"token_ids": list(c.token_ids)} if body.return_token_ids else {}),
                 }
             )
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
@@ -162,6 +163,8 @@ class ChatHandler:
         }
         if body.prompt_logprobs is not None:  # vLLM's extra, over the rendered chat prompt
             response["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
+        if body.return_token_ids:  # vLLM's extra: the rendered prompt's ids
+            response["prompt_token_ids"] = list(out.prompt_token_ids)
         return response
 
     async def _stream(
@@ -180,7 +183,7 @@ class ChatHandler:
         )
         model = self.state.model_name
 
-        def chunk(choices: list[dict[str, Any]]) -> str:
+        def chunk(choices: list[dict[str, Any]], first: bool = False) -> str:
             data: dict[str, Any] = {
                 "id": rid,
                 "object": "chat.completion.chunk",
@@ -188,6 +191,8 @@ class ChatHandler:
                 "model": model,
                 "choices": choices,
             }
+            if first and body.return_token_ids:  # vLLM's extra: the prompt's ids in the first chunk
+                data["prompt_token_ids"] = list(prompt_ids)
             if include_usage:  # continuous_usage_stats (vLLM): the running usage in every chunk
                 data["usage"] = usage(len(prompt_ids), completion_tokens, cached) if continuous else None
             return sse(data)
@@ -208,7 +213,8 @@ class ChatHandler:
                             "logprobs": None,
                             "finish_reason": None,
                         }
-                    ]
+                    ],
+                    first=i == 0,
                 )
             async for out in gen:
                 cached = max(cached, out.num_cached_tokens or 0)
@@ -224,7 +230,12 @@ class ChatHandler:
                             "refusal": None,
                         }
                     delta = _delta(parsers.get(c.index), c.text, finish)
-                    if not delta and finish is None and lps is None:
+                    if (
+                        not delta
+                        and finish is None
+                        and lps is None
+                        and not (body.return_token_ids and c.token_ids)
+                    ):
                         continue
                     if parsers and finish is not None:
                         finish = _finish(finish, bool(parsers[c.index].num_calls), forced)
@@ -236,6 +247,8 @@ class ChatHandler:
                     }
                     if finish is not None:
                         choice["stop_reason"] = c.stop_reason
+                    if body.return_token_ids:  # vLLM's extra: the ids this chunk adds
+                        choice["token_ids"] = list(c.token_ids)
                     yield chunk([choice])
             if include_usage:
                 yield sse(

@@ -185,6 +185,8 @@ class CompletionsHandler:
         }
         if body.prompt_logprobs is not None:  # vLLM's extra, per choice
             choice["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
+        if body.return_token_ids:  # vLLM's extra, per choice: the prompt's and the generated ids
+            choice["prompt_token_ids"], choice["token_ids"] = list(out.prompt_token_ids), list(ids)
         return choice
 
     def _response(self, ctx: _Ctx, finals: list[RequestOutput]) -> dict[str, Any]:
@@ -211,6 +213,7 @@ class CompletionsHandler:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         echoed: set[int] = set()
         prompt_sent: set[int] = set()
+        ids_sent: set[int] = set()  # choices whose prompt_token_ids went out (return_token_ids)
         trackers: dict[int, TextOffsets] = {}  # per choice: the generated tokens' text offsets
         continuous = include_usage and bool(
             body.stream_options and body.stream_options.continuous_usage_stats
@@ -246,7 +249,13 @@ class CompletionsHandler:
                         gen = legacy_logprobs(self.texts, ids, lps or [], body.logprobs, tracker)
                         block = {k: (block[k] if block else []) + gen[k] for k in gen}
                     finish = c.finish_reason if c.finish_reason in ("stop", "length", None) else "stop"
-                    if not (prefix or text or finish or (block and block["tokens"])):
+                    if not (
+                        prefix
+                        or text
+                        or finish
+                        or (block and block["tokens"])
+                        or (body.return_token_ids and ids)
+                    ):
                         continue
                     choice = {
                         "index": index,
@@ -258,6 +267,11 @@ class CompletionsHandler:
                     if body.prompt_logprobs is not None and index not in prompt_sent and out.prompt_logprobs:
                         prompt_sent.add(index)  # once per choice, in its first chunk that has them
                         choice["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
+                    if body.return_token_ids:  # vLLM's extra: the prompt's ids in a choice's first chunk
+                        if index not in ids_sent:
+                            ids_sent.add(index)
+                            choice["prompt_token_ids"] = list(out.prompt_token_ids)
+                        choice["token_ids"] = list(ids)  # the ids this chunk adds
                     chunk: dict[str, Any] = {
                         "id": ctx.rid,
                         "object": "text_completion",

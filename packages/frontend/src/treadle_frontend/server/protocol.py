@@ -56,6 +56,7 @@ class _SamplingFields(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids in the response
 
 
 class CompletionRequest(_SamplingFields):
