@@ -137,7 +137,7 @@ class ChatHandler:
                     ),
                     "refusal": None,
                 }
-            reasoning, content, calls = ReplyReader(rp, tools, forced).whole(c.text)
+            reasoning, content, calls = ReplyReader(rp, tools, forced, body.tools).whole(c.text)
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
             if rp:
@@ -199,7 +199,7 @@ class ChatHandler:
 
         started: set[int] = set()
         rp = self.state.config.reasoning_parser
-        reader = ReplyReader(rp, tools, forced)
+        reader = ReplyReader(rp, tools, forced, body.tools)
         parsers = {i: p for i in range(body.n) if (p := reader.stream()) is not None}
         completion_tokens, cached = 0, 0
         try:

@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from treadle_frontend.server.call_sequence import CallSequence
+from treadle_frontend.server.call_xml import tool_schemas
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.reply import ReasoningStream, ReplyParser, whole_reply
 from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, parse_call
@@ -120,9 +121,15 @@ class ReplyReader:
     reasoning and tool-call parsers the request and server enable, else plain text."""
 
     def __init__(
-        self, reasoning_parser: str | None, tool_parser: str | None, forced: tuple[Any, str | None] | None
+        self,
+        reasoning_parser: str | None,
+        tool_parser: str | None,
+        forced: tuple[Any, str | None] | None,
+        tools: list[Any] | None = None,
     ) -> None:
+        """`tools`: the request's tool definitions (their parameter schemas type qwen3_coder's values)."""
         self.reasoning_parser, self.tool_parser, self.forced = reasoning_parser, tool_parser, forced
+        self.schemas = tool_schemas(tools)
 
     def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
         """A finished reply: (reasoning or None, content or None where calls or reasoning stand alone, calls)."""
@@ -136,5 +143,5 @@ class ReplyReader:
         if self.forced is not None:
             return ForcedToolCalls(self.forced[1], self.reasoning_parser)
         if self.reasoning_parser or self.tool_parser:
-            return ReplyParser(self.reasoning_parser, self.tool_parser)
+            return ReplyParser(self.reasoning_parser, self.tool_parser, self.schemas)
         return None

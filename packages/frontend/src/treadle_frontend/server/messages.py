@@ -162,12 +162,12 @@ class MessagesHandler:
         mid = new_id("msg_")
         gen = st.llm.generate(text, params, mid, prompt_token_ids=ids)
         if body.stream:
-            stream = self._stream(mid, len(ids), gen, tools, forced)
+            stream = self._stream(mid, len(ids), gen, tools, forced, body.tools)
             return StreamingResponse(stream, media_type="text/event-stream")
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)
-        reasoning, content, calls = ReplyReader(rp, tools, forced).whole(c.text)
+        reasoning, content, calls = ReplyReader(rp, tools, forced, body.tools).whole(c.text)
         blocks: list[dict[str, Any]] = (
             [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
         )
@@ -203,14 +203,20 @@ class MessagesHandler:
         return [sse_event("message_start", {"type": "message_start", "message": message}), *opening]
 
     async def _stream(
-        self, mid: str, num_input: int, gen: AsyncIterator[Any], tools: str | None, forced: Any
+        self,
+        mid: str,
+        num_input: int,
+        gen: AsyncIterator[Any],
+        tools: str | None,
+        forced: Any,
+        definitions: list[Any] | None,
     ) -> AsyncIterator[str]:
         """message_start waits for the engine's first output, which knows the prompt's prefix-cache hits."""
         num_output, num_cached = 0, 0
         reason, seq = "end_turn", None
         blocks = BlockStream()
         rp = self.state.config.reasoning_parser
-        parser = ReplyReader(rp, tools, forced).stream()
+        parser = ReplyReader(rp, tools, forced, definitions).stream()
         on_demand = rp is not None or forced is not None
         started = False
         try:

@@ -14,8 +14,11 @@ pieces (a possible tag held back until the next piece).
 
 from __future__ import annotations
 
+from typing import Any
+
 from treadle_frontend.server.call_mistral import MistralStream
 from treadle_frontend.server.call_sequence import Llama3JsonStream
+from treadle_frontend.server.call_xml import Qwen3CoderStream
 from treadle_frontend.server.tool_calls import Piece, ToolCall, ToolCallStream, merged, tag_prefix
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
@@ -90,19 +93,29 @@ class ReasoningStream:
         return "", rest if self._state in ("opening", "content") else ""
 
 
-def tool_stream(parser: str) -> ToolCallStream | Llama3JsonStream | MistralStream:
-    """The streaming reader of `--tool-call-parser` `parser` (tool_calls.PARSERS)."""
+def tool_stream(
+    parser: str, schemas: dict[str, dict[str, Any]] | None = None
+) -> ToolCallStream | Llama3JsonStream | MistralStream | Qwen3CoderStream:
+    """The streaming reader of `--tool-call-parser` `parser` (tool_calls.PARSERS); `schemas`: the request's tools'
+    parameter schemas by name (call_xml.tool_schemas), for formats whose values carry no JSON type."""
     if parser == "mistral":
         return MistralStream()
+    if parser == "qwen3_coder":
+        return Qwen3CoderStream(schemas)
     return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 
 class ReplyParser:
     """Reasoning first (when a reasoning parser is on), then tool calls in the content (when tools are on)."""
 
-    def __init__(self, reasoning_parser: str | None, tool_parser: str | None) -> None:
+    def __init__(
+        self,
+        reasoning_parser: str | None,
+        tool_parser: str | None,
+        schemas: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
-        self.tools = tool_stream(tool_parser) if tool_parser else None
+        self.tools = tool_stream(tool_parser, schemas) if tool_parser else None
 
     @property
     def num_calls(self) -> int:

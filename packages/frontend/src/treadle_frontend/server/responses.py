@@ -133,7 +133,7 @@ class ResponsesHandler:
         rid = new_id("resp_")
         gen = st.llm.generate(text, params, rid, prompt_token_ids=ids)
         created = int(time.time())
-        reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced)
+        reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools)
         if body.stream:
             stream = self._stream(rid, created, body, len(ids), gen, reply)
             return StreamingResponse(stream, media_type="text/event-stream")

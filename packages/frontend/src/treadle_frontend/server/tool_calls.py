@@ -25,7 +25,12 @@ from typing import Any
 
 from treadle_frontend.server.call_scanner import CallScanner
 
-PARSERS = ("hermes", "llama3_json", "mistral")  # llama3_json: call_sequence.py; mistral: call_mistral.py
+PARSERS = (
+    "hermes",
+    "llama3_json",
+    "mistral",
+    "qwen3_coder",
+)  # call_sequence.py, call_mistral.py, call_xml.py
 SPECIAL_TOKEN_PARSERS = (
     "mistral",
 )  # formats opened by a special token: replies keep special tokens in their text
