@@ -68,7 +68,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tool-call-parser",
-        choices=["hermes", "llama3_json", "mistral", "qwen3_coder"],
+        choices=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"],
         default=None,
         help="how replies write tool calls",
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from treadle_frontend.server.call_mistral import MistralStream
+from treadle_frontend.server.call_pythonic import PythonicStream
 from treadle_frontend.server.call_sequence import Llama3JsonStream
 from treadle_frontend.server.call_xml import Qwen3CoderStream
 from treadle_frontend.server.tool_calls import Piece, ToolCall, ToolCallStream, merged, tag_prefix
@@ -95,13 +96,15 @@ class ReasoningStream:
 
 def tool_stream(
     parser: str, schemas: dict[str, dict[str, Any]] | None = None
-) -> ToolCallStream | Llama3JsonStream | MistralStream | Qwen3CoderStream:
+) -> ToolCallStream | Llama3JsonStream | MistralStream | PythonicStream | Qwen3CoderStream:
     """The streaming reader of `--tool-call-parser` `parser` (tool_calls.PARSERS); `schemas`: the request's tools'
     parameter schemas by name (call_xml.tool_schemas), for formats whose values carry no JSON type."""
     if parser == "mistral":
         return MistralStream()
     if parser == "qwen3_coder":
         return Qwen3CoderStream(schemas)
+    if parser == "pythonic":
+        return PythonicStream()
     return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 

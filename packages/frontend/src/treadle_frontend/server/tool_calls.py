@@ -25,12 +25,8 @@ from typing import Any
 
 from treadle_frontend.server.call_scanner import CallScanner
 
-PARSERS = (
-    "hermes",
-    "llama3_json",
-    "mistral",
-    "qwen3_coder",
-)  # call_sequence.py, call_mistral.py, call_xml.py
+# hermes: here; llama3_json: call_sequence.py; the others: call_mistral.py, call_pythonic.py, call_xml.py
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
 SPECIAL_TOKEN_PARSERS = (
     "mistral",
 )  # formats opened by a special token: replies keep special tokens in their text
