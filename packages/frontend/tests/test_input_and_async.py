@@ -165,6 +165,7 @@ def test_metrics_series_exist_at_zero_from_the_start() -> None:
         'treadle:prompt_tokens_total{model_name="tiny"} 0.0',
         'treadle:num_requests_running{model_name="tiny"} 0.0',
         'treadle:e2e_request_latency_seconds_count{model_name="tiny"} 0.0',
+        'treadle:request_prompt_tokens_count{model_name="tiny"} 0.0',
         *(f'treadle:request_success_total{{finished_reason="{r}",model_name="tiny"}} 0.0'
           for r in ("stop", "length", "abort", "error")),
     ):  # fmt: skip
@@ -180,3 +181,27 @@ def test_priorities_need_the_priority_policy(tokenizer: Any) -> None:
         fcfs.check_priority(3)
     info = dataclasses.replace(fcfs.model, scheduling_policy="priority")
     InputProcessor(tokenizer, info, chat_template=None).check_priority(3)
+
+
+def test_request_length_histograms() -> None:
+    """vLLM's request_prompt_tokens / request_generation_tokens: 1-2-5 buckets up to max_model_len, observed for each
+    request that finished (not for one its client left)."""
+    from treadle_frontend.server.metrics import length_buckets
+
+    assert length_buckets(1000) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+    assert length_buckets(4096)[-1] == 2000 and length_buckets(1) == (1,)
+    m = ServerMetrics("tiny", max_model_len=1000)
+    it = IterationStats()
+    it.finished += [FinishedRequestStats("stop", 0.5, 30, 7), FinishedRequestStats("length", 0.9, 300, 60),
+                    FinishedRequestStats("abort", 0.1, 999, 1)]  # fmt: skip
+    m.record(None, it)
+    text = m.render().decode()
+    for sample in (
+        'treadle:request_prompt_tokens_count{model_name="tiny"} 2.0',
+        'treadle:request_prompt_tokens_sum{model_name="tiny"} 330.0',
+        'treadle:request_prompt_tokens_bucket{le="50.0",model_name="tiny"} 1.0',
+        'treadle:request_generation_tokens_bucket{le="10.0",model_name="tiny"} 1.0',
+        'treadle:request_generation_tokens_sum{model_name="tiny"} 67.0',
+        'treadle:request_generation_tokens_bucket{le="1000.0",model_name="tiny"} 2.0',
+    ):
+        assert sample in text, sample

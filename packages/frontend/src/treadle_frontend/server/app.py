@@ -61,7 +61,7 @@ async def _stats_loop(state: ServerState) -> None:
 
 def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None) -> FastAPI:
     name = model_name or config.served_model_name or llm.model.name
-    metrics = ServerMetrics(name)
+    metrics = ServerMetrics(name, llm.model.max_model_len)
     llm.stats_listeners.append(metrics.record)
     state = ServerState(llm=llm, config=config, model_name=name, metrics=metrics)
 

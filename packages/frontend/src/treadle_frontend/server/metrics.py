@@ -55,6 +55,18 @@ _COUNTERS = {  # SchedulerStats cumulative field -> metric attribute
 }
 
 
+def length_buckets(max_model_len: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_model_len (vLLM's buckets for the request-length histograms)."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
 def _stat(stats: Any, name: str, default: float | None = 0) -> Any:
     if stats is None:
         return default
@@ -64,7 +76,7 @@ def _stat(stats: Any, name: str, default: float | None = 0) -> Any:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int = 8192) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r, lab = self.registry, ["model_name"]
@@ -110,11 +122,26 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        lengths = length_buckets(
+            max_model_len
+        )  # finished requests' prompt and generated tokens (not aborted)
+        self.request_prompt_tokens = Histogram(
+            "treadle:request_prompt_tokens",
+            "Prompt tokens per finished request",
+            lab,
+            buckets=lengths,
+            registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            "treadle:request_generation_tokens", "Generated tokens per finished request", lab, buckets=lengths,
+            registry=r,
+        )  # fmt: skip
         # every series exists at 0 from the start (as vLLM's): dashboards and rate() see 0, not "no data"
         for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                        self.prompt_tokens, self.generation_tokens, self.num_preemptions, self.prefix_cache_queries,
                        self.prefix_cache_hits, self.time_to_first_token_seconds, self.inter_token_latency_seconds,
-                       self.e2e_request_latency_seconds):  # fmt: skip
+                       self.e2e_request_latency_seconds, self.request_prompt_tokens,
+                       self.request_generation_tokens):  # fmt: skip
             metric.labels(model_name)
         for reason in (str(r) for r in FinishReason):  # stop, length, abort, error
             self.request_success.labels(model_name, reason)
@@ -149,6 +176,8 @@ class ServerMetrics:
         for f in it.finished:
             if f.finish_reason != "abort":  # a client that gave up says nothing of how long a reply takes
                 self.e2e_request_latency_seconds.labels(m).observe(f.e2e_latency)
+                self.request_prompt_tokens.labels(m).observe(f.num_prompt_tokens)
+                self.request_generation_tokens.labels(m).observe(f.num_generation_tokens)
             self.request_success.labels(m, f.finish_reason).inc()
         if it.num_generation_tokens or it.num_prompt_tokens or it.finished:
             self.window.busy = True
