@@ -96,3 +96,42 @@ def streamed_tool_calls(chunks: Any) -> tuple[dict[int, tuple[str, str]], int]:
                 calls[tc.index] = (name, args + (tc.function.arguments or ""))
                 pieces += bool(tc.function.arguments)
     return calls, pieces
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tool_reply(
+    parser: str, parts: list[str], schemas: Any = None
+) -> tuple[str | None, list[tuple[str, Any]]]:
+    """A reply fed in `parts` through `--tool-call-parser` `parser`'s stream: (content, or None where calls stand
+    alone; [(name, arguments as an object)])."""
+    import json
+
+    from treadle_frontend.server.reply import tool_stream
+
+    stream = tool_stream(parser, schemas)
+    pieces = [p for part in parts for p in stream.feed(part)] + stream.finish()
+    content, calls = "".join(p.content for p in pieces), [c for p in pieces for c in p.calls]
+    return content or (None if calls else content), [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def check_in_any_pieces(
+    parser: str, text: str, expected: tuple[Any, Any], step: int, schemas: Any = None
+) -> None:
+    """The reply gives `expected` fed whole, in every split into two pieces, and in every `step`-th three."""
+    assert tool_reply(parser, [text], schemas) == expected
+    for cut in range(len(text) + 1):
+        assert tool_reply(parser, [text[:cut], text[cut:]], schemas) == expected, cut
+        for cut2 in range(cut, len(text) + 1, step):
+            assert tool_reply(parser, [text[:cut], text[cut:cut2], text[cut2:]], schemas) == expected, (
+                cut,
+                cut2,
+            )

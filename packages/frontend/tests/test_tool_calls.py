@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 import pytest
-from frontend_helpers import start_fake_server, streamed_tool_calls
+from frontend_helpers import WEATHER, start_fake_server, streamed_tool_calls
 
 from treadle_frontend.server import ServerConfig
 from treadle_frontend.server.reply import parse_whole, tool_stream
@@ -24,14 +24,6 @@ def parse_reply(text: str) -> tuple[str | None, list[Any]]:
     return parse_whole(text, None, "hermes")[1:]
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 REPLY = (
     "Let me check both.\n<tool_call>\n"
     + json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})

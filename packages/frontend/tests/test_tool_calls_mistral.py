@@ -11,19 +11,11 @@ from typing import Any
 
 import openai
 import pytest
-from frontend_helpers import start_fake_server, streamed_tool_calls
+from frontend_helpers import WEATHER, check_in_any_pieces, start_fake_server, streamed_tool_calls
 from tiny_assets import build_tokenizer_dir
 
 from treadle_frontend.server.reply import parse_whole, tool_stream
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 ARRAY = (
     '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "f", "arguments": {}}]'
 )
@@ -50,24 +42,11 @@ CASES = [
 ]
 
 
-def _summary(content: str | None, calls: list[Any]) -> tuple[str | None, list[tuple[str, Any]]]:
-    return content, [(c.name, json.loads(c.arguments)) for c in calls]
-
-
-def _pieces(parts: list[str]) -> tuple[str | None, list[Any]]:
-    stream = tool_stream("mistral")
-    pieces = [p for part in parts for p in stream.feed(part)] + stream.finish()
-    joined, calls = "".join(p.content for p in pieces), [c for p in pieces for c in p.calls]
-    return joined or (None if calls else joined), calls
-
-
 @pytest.mark.parametrize(("text", "content", "calls"), CASES)
 def test_in_any_pieces(text: str, content: str | None, calls: list[Any]) -> None:
-    assert _summary(*parse_whole(text, None, "mistral")[1:]) == (content, calls)
-    for cut in range(len(text) + 1):
-        assert _summary(*_pieces([text[:cut], text[cut:]])) == (content, calls), cut
-        for cut2 in range(cut, len(text) + 1, 5):
-            assert _summary(*_pieces([text[:cut], text[cut:cut2], text[cut2:]])) == (content, calls)
+    _, whole_content, whole_calls = parse_whole(text, None, "mistral")  # the non-streamed routes' reading
+    assert (whole_content, [(c.name, json.loads(c.arguments)) for c in whole_calls]) == (content, calls)
+    check_in_any_pieces("mistral", text, (content, calls), step=5)
 
 
 @pytest.mark.parametrize("text", [ARRAY, NAMED])

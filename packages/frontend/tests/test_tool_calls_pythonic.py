@@ -10,7 +10,7 @@ from typing import Any
 
 import openai
 import pytest
-from frontend_helpers import start_fake_server, streamed_tool_calls
+from frontend_helpers import check_in_any_pieces, start_fake_server, streamed_tool_calls
 
 from treadle_frontend.server.call_pythonic import parse_python_call
 from treadle_frontend.server.reply import tool_stream
@@ -37,20 +37,9 @@ CASES = [
 ]
 
 
-def _run(parts: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
-    stream = tool_stream("pythonic")
-    pieces = [p for part in parts for p in stream.feed(part)] + stream.finish()
-    content, calls = "".join(p.content for p in pieces), [c for p in pieces for c in p.calls]
-    return content or (None if calls else content), [(c.name, json.loads(c.arguments)) for c in calls]
-
-
 @pytest.mark.parametrize(("text", "content", "calls"), CASES)
 def test_in_any_pieces(text: str, content: str | None, calls: list[Any]) -> None:
-    assert _run([text]) == (content, calls)
-    for cut in range(len(text) + 1):
-        assert _run([text[:cut], text[cut:]]) == (content, calls), cut
-        for cut2 in range(cut, len(text) + 1, 3):
-            assert _run([text[:cut], text[cut:cut2], text[cut2:]]) == (content, calls)
+    check_in_any_pieces("pythonic", text, (content, calls), step=3)
 
 
 def test_each_call_is_released_as_it_closes() -> None:

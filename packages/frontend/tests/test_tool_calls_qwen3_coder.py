@@ -11,7 +11,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from frontend_helpers import start_fake_server, streamed_tool_calls
+from frontend_helpers import check_in_any_pieces, start_fake_server, streamed_tool_calls
 
 from treadle_frontend.server.call_xml import tool_schemas
 from treadle_frontend.server.reply import tool_stream
@@ -57,20 +57,9 @@ CASES = [
 ]
 
 
-def _run(parts: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
-    stream = tool_stream("qwen3_coder", tool_schemas(TOOLS))
-    pieces = [p for part in parts for p in stream.feed(part)] + stream.finish()
-    content, calls = "".join(p.content for p in pieces), [c for p in pieces for c in p.calls]
-    return content or (None if calls else content), [(c.name, json.loads(c.arguments)) for c in calls]
-
-
 @pytest.mark.parametrize(("text", "content", "calls"), CASES)
 def test_in_any_pieces(text: str, content: str | None, calls: list[Any]) -> None:
-    assert _run([text]) == (content, calls)
-    for cut in range(len(text) + 1):
-        assert _run([text[:cut], text[cut:]]) == (content, calls), cut
-        for cut2 in range(cut, len(text) + 1, 11):
-            assert _run([text[:cut], text[cut:cut2], text[cut2:]]) == (content, calls)
+    check_in_any_pieces("qwen3_coder", text, (content, calls), step=11, schemas=tool_schemas(TOOLS))
 
 
 def test_arguments_stream_per_parameter_and_a_cut_call_keeps_them() -> None:
