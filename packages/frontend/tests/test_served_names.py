@@ -26,6 +26,17 @@ def test_models_lists_every_name_once(named_server: Any) -> None:
     assert [m.id for m in client.models.list().data] == ["tiny", "team/alias"]
 
 
+def test_models_retrieve_each_name(named_server: Any) -> None:
+    """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve), a name with a slash too; unknown: 404."""
+    client = openai.OpenAI(base_url=named_server.url + "/v1", api_key="x", _strict_response_validation=True)
+    for name in ("tiny", "team/alias"):
+        card = client.models.retrieve(name)
+        assert card.id == name and card.object == "model" and (card.model_extra or {})["max_model_len"] == 256
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("nope")
+    assert "does not exist" in str(err.value)
+
+
 def test_a_request_may_name_any_and_responses_carry_the_first(named_server: Any) -> None:
     client = openai.OpenAI(base_url=named_server.url + "/v1", api_key="x", _strict_response_validation=True)
     done = client.completions.create(model="team/alias", prompt="Hello", max_tokens=3)

@@ -126,22 +126,28 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
     async def count_tokens(body: AnthropicCountTokensRequest) -> Any:
         return await messages.count_tokens(body)
 
+    def model_card(served: str) -> dict[str, Any]:
+        return {
+            "id": served,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "treadle",
+            "root": str(llm.model.path) if llm.model.path else name,
+            "parent": None,
+            "max_model_len": llm.model.max_model_len,
+        }
+
     @v1.get("/v1/models")
     async def list_models() -> Any:
-        root = str(llm.model.path) if llm.model.path else name
-        cards = [
-            {
-                "id": served,
-                "object": "model",
-                "created": state.created,
-                "owned_by": "treadle",
-                "root": root,
-                "parent": None,
-                "max_model_len": llm.model.max_model_len,
-            }
-            for served in state.model_names
-        ]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": [model_card(served) for served in state.model_names]}
+
+    @v1.get("/v1/models/{model:path}")
+    async def retrieve_model(
+        model: str,
+    ) -> Any:  # OpenAI's GET /v1/models/{model} (the SDK's models.retrieve)
+        if model not in state.model_names:
+            state.check_model(model)  # 404 model_not_found, unless it is an alias
+        return model_card(model)
 
     app.include_router(v1)
 
