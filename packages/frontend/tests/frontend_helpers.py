@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,6 @@ def tool_reply(
 ) -> tuple[str | None, list[tuple[str, Any]]]:
     """A reply fed in `parts` through `--tool-call-parser` `parser`'s stream: (content, or None where calls stand
     alone; [(name, arguments as an object)])."""
-    import json
-
     from treadle_frontend.server.reply import tool_stream
 
     stream = tool_stream(parser, schemas)

@@ -99,8 +99,9 @@ class PythonicStream:
         self._all += text
         if self._mode is None:
             head = self._all.lstrip(WHITESPACE)
-            head = head[len(START) :].lstrip(WHITESPACE) if head.startswith(START) else head
-            if not head or (START.startswith(head) and not self._all.lstrip(WHITESPACE).startswith(START)):
+            tagged = head.startswith(START)
+            head = head[len(START) :].lstrip(WHITESPACE) if tagged else head
+            if not head or (not tagged and START.startswith(head)):
                 return []  # only whitespace so far, or what may still be the start tag
             if not head.startswith("["):
                 self._mode = "text"

@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from treadle_frontend.server.call_scanner import WHITESPACE
-from treadle_frontend.server.tool_calls import CallDelta, Piece, tag_prefix
+from treadle_frontend.server.tool_calls import CallDelta, Piece, add_text, tag_prefix
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FUNCTION, END_FUNCTION = "<function=", "</function>"
@@ -190,9 +190,4 @@ class Qwen3CoderStream:
             self._after_block = not text
         kept = text.rstrip(WHITESPACE)
         self._space = text[len(kept) :]
-        if not kept:
-            return
-        if pieces and not pieces[-1].deltas:
-            pieces[-1].content += kept
-        else:
-            pieces.append(Piece(content=kept))
+        add_text(pieces, kept)

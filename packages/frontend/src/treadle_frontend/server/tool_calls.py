@@ -130,18 +130,23 @@ def tag_prefix(text: str, tag: str) -> int:
     return 0
 
 
+def add_text(pieces: list[Piece], text: str) -> None:
+    """Text joins the last piece until a delta follows it."""
+    if not text:
+        return
+    if not pieces or pieces[-1].deltas:
+        pieces.append(Piece())
+    pieces[-1].content += text
+
+
 class _Out:
-    """The pieces one feed releases: text joins the last piece until a delta follows it."""
+    """The pieces one feed releases."""
 
     def __init__(self) -> None:
         self.pieces: list[Piece] = []
 
     def text(self, text: str) -> None:
-        if not text:
-            return
-        if not self.pieces or self.pieces[-1].deltas:
-            self.pieces.append(Piece())
-        self.pieces[-1].content += text
+        add_text(self.pieces, text)
 
     def delta(self, delta: CallDelta) -> None:
         if not self.pieces:

@@ -80,6 +80,17 @@ def _check(
         reason := check_tensor(slot_mapping, "slot_mapping", frozenset({torch.int64, torch.int32}))
     ) is not None:
         return reason
+    return shapes_reason(key, value, key_cache, value_cache, slot_mapping) or True
+
+
+def shapes_reason(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> str | None:
+    """Why these shapes are not the op's (None: they are); shared by the Triton and CPU providers."""
     if key.dim() != 3 or value.shape != key.shape:
         return (
             f"key/value must both be [T, kv_heads, head_size], got {tuple(key.shape)} / {tuple(value.shape)}"
@@ -88,7 +99,7 @@ def _check(
         return f"caches {tuple(key_cache.shape)} do not match [blocks, block_size, {key.shape[1]}, {key.shape[2]}]"
     if slot_mapping.shape[0] != key.shape[0]:
         return f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens"
-    return True
+    return None
 
 
 def register(provider: str = "triton") -> None:

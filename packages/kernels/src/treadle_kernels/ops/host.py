@@ -16,6 +16,8 @@ import torch
 from treadle_ir import Platform, ops
 from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES, to_kv_cache_dtype
 
+from .cache import shapes_reason as cache_shapes_reason
+
 __all__ = ["PROVIDER", "register"]
 
 PROVIDER = "cpu"
@@ -89,12 +91,8 @@ def _cache_args(
         return reason
     if slot_mapping.dtype not in _INDEX_DTYPES:
         return f"slot_mapping is {slot_mapping.dtype}; expected int64 or int32"
-    if key.dim() != 3 or value.shape != key.shape:
-        return (
-            f"key/value must both be [T, kv_heads, head_size], got {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape or key_cache.shape[2:] != key.shape[1:]:
-        return f"caches {tuple(key_cache.shape)} do not match [blocks, block_size, {key.shape[1]}, {key.shape[2]}]"
+    if (reason := cache_shapes_reason(key, value, key_cache, value_cache, slot_mapping)) is not None:
+        return reason
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         return "the caches must be contiguous (each is viewed as [slots, kv_heads * head_size])"
     return True
