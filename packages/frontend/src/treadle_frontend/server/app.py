@@ -142,11 +142,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
         return {"object": "list", "data": [model_card(served) for served in state.model_names]}
 
     @v1.get("/v1/models/{model:path}")
-    async def retrieve_model(
-        model: str,
-    ) -> Any:  # OpenAI's GET /v1/models/{model} (the SDK's models.retrieve)
-        if model not in state.model_names:
-            state.check_model(model)  # 404 model_not_found, unless it is an alias
+    async def retrieve_model(model: str) -> Any:
+        """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve): 404 model_not_found for a name not served."""
+        state.check_model(model)
         return model_card(model)
 
     app.include_router(v1)
