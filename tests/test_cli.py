@@ -93,8 +93,9 @@ def test_bad_option_and_version(capsys: object) -> None:
         ValueError, match=r"kv_cache_dtype 'int8' is not one of auto, fp8, fp8_e4m3, fp8_e5m2"
     ):
         EngineArgs.from_kwargs(None, kv_cache_dtype="int8")
-    with pytest.raises(ValueError, match="tensor_parallel_size 2 is not supported"):
-        EngineArgs.from_kwargs(None, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
+        EngineArgs.from_kwargs(None, tensor_parallel_size=0)
+    assert EngineArgs.from_kwargs(None, tensor_parallel_size=2).model_config.tensor_parallel_size == 2
     assert cli.main(["--version"]) == 0
 
 

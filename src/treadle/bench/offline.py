@@ -33,6 +33,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES)
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--no-enable-prefix-caching", action="store_true")
     parser.add_argument(
@@ -85,6 +86,7 @@ def make_llm(args: argparse.Namespace) -> Any:
         "kv_cache_dtype",
         "attention_backend",
         "async_scheduling",
+        "tensor_parallel_size",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -1,9 +1,9 @@
 """Executors: where the model runner(s) live, behind one interface the EngineCore calls.
 
 `InprocExecutor` holds one `ModelRunner` in this process (one device). `FakeExecutor` holds the
-`FakeModelRunner` (tests, benchmarks). A multi-process executor (one worker process per GPU for tensor
-parallel) implements the same five members: `initialize()` returns the KV-cache layout all workers agreed
-on, `execute()` runs one SchedulerOutput everywhere and returns rank 0's ModelRunnerOutput.
+`FakeModelRunner` (tests, benchmarks). `TensorParallelExecutor` (tp_executor.py, one process per device) keeps
+rank 0's runner here and feeds every call to the other ranks' processes: `initialize()` returns the KV-cache
+layout all ranks agreed on, `execute()` runs one SchedulerOutput everywhere and returns rank 0's output.
 
 `execute_async` runs a step on a single worker thread and returns a Future; the async-scheduling loop uses it
 to schedule step N+1 on the host while step N runs on the device (the runner releases the GIL while it
@@ -67,8 +67,15 @@ class Executor:
 
     @staticmethod
     def create(config: EngineConfig) -> Executor:
+        tp = config.model_config.tensor_parallel_size
         if config.executor == "fake":
+            if tp > 1:
+                raise ValueError("the fake executor has no tensor parallelism; use tensor_parallel_size 1")
             return FakeExecutor(config)
+        if tp > 1:
+            from treadle_engine_core.tp_executor import TensorParallelExecutor
+
+            return TensorParallelExecutor(config)
         return InprocExecutor(config)
 
     def _make_runner(self) -> _Runner:
@@ -135,17 +142,23 @@ class InprocExecutor(Executor):
     """The real ModelRunner on this process's device."""
 
     def _make_runner(self) -> _Runner:
-        from treadle_model_runner.runner import ModelRunner  # heavy (torch, model code): import on use
+        return build_runner(self.config)
 
-        sc = self.config.scheduler_config
-        runner = ModelRunner(
-            self.config.model_config,
-            self.config.cache_config,
-            max_num_seqs=sc.max_num_seqs,
-            max_num_batched_tokens=sc.max_num_batched_tokens,
-        )
-        runner.load_model()
-        return runner
+
+def build_runner(config: EngineConfig, device: Any = None) -> Any:
+    """The real ModelRunner for `config`, its model loaded (on `device`; None = the default device)."""
+    from treadle_model_runner.runner import ModelRunner  # heavy (torch, model code): import on use
+
+    sc = config.scheduler_config
+    runner = ModelRunner(
+        config.model_config,
+        config.cache_config,
+        max_num_seqs=sc.max_num_seqs,
+        max_num_batched_tokens=sc.max_num_batched_tokens,
+        device=device,
+    )
+    runner.load_model()
+    return runner
 
 
 class FakeExecutor(Executor):

@@ -51,9 +51,8 @@ class EngineArgs:
 
         groups: dict[type, dict[str, Any]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
         own: dict[str, Any] = {}
-        tp = kwargs.pop("tensor_parallel_size", 1)
-        if tp not in (1, None):
-            raise ValueError(f"tensor_parallel_size {tp} is not supported yet; use 1")
+        if kwargs.get("tensor_parallel_size", 1) is None:
+            kwargs["tensor_parallel_size"] = 1
         for raw_key, value in kwargs.items():
             key: str | None = _ALIASES.get(raw_key, raw_key)
             if key is None:

@@ -25,6 +25,7 @@ class ModelConfig:
     served_model_name: str | None = None  # the name clients use; None = the directory name
     attention_backend: str = "auto"  # auto | torch | triton | flashinfer
     enforce_eager: bool = False  # no CUDA graphs
+    tensor_parallel_size: int = 1  # devices (one process each) the model's heads and columns are split across
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -35,6 +36,8 @@ class ModelConfig:
             raise ValueError(
                 f"attention_backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
             )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -8,6 +8,12 @@ kernel, more rows cuBLAS. Norms and activations before a projection can fuse int
 `StackedLinear(in, {"q": nq, "k": nk, "v": nv})` holds one [nq + nk + nv, in] weight; loading the HF tensor of
 shard "k" writes rows [nq, nq + nk). The forward is a single `ops.linear`; callers split the output by
 `shard_sizes`. Invariant: every shard is loaded exactly once before use (the model's loader checks coverage).
+
+Tensor parallelism (see treadle_model_runner.parallel): a `parallel` StackedLinear keeps this rank's rows of each
+shard (column-parallel), `RowParallelLinear` this rank's input columns and sums the partial outputs, and
+`ParallelLMHead` this rank's vocabulary rows and gathers the logits. Each holds its local slice; the loaders hand
+it the checkpoint's full tensor (`full_shape`) and it keeps its part (`take_shard`), so with one rank nothing
+changes and with several every rank's slices join to the one-rank model exactly (dummy weights included).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
+from treadle_model_runner.parallel import TensorParallel, all_gather_last, all_reduce, get_tp
 
 
 class Linear(nn.Linear):
@@ -24,23 +31,95 @@ class Linear(nn.Linear):
 
 
 class StackedLinear(Linear):
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
-        self.shard_sizes = dict(shard_sizes)
+    def __init__(
+        self, in_features: int, shard_sizes: dict[str, int], bias: bool = False, parallel: bool = False
+    ) -> None:
+        """`shard_sizes`: each shard's rows in the checkpoint; `parallel`: keep this rank's share of each."""
+        tp = get_tp() if parallel else TensorParallel()
+        local = {
+            name: tp.shard(size, f"the {name} projection's {size} rows") for name, size in shard_sizes.items()
+        }
+        super().__init__(in_features, sum(local.values()), bias=bias)
+        self.shard_sizes = local
+        self.full_sizes = dict(shard_sizes)
+        self.rank = tp.rank
         self.shard_offsets: dict[str, int] = {}
-        offset = 0
-        for name, size in shard_sizes.items():
-            self.shard_offsets[name] = offset
+        self.full_offsets: dict[str, int] = {}
+        offset = full_offset = 0
+        for name, size in local.items():
+            self.shard_offsets[name], self.full_offsets[name] = offset, full_offset
             offset += size
+            full_offset += self.full_sizes[name]
 
     def load_shard(self, param: nn.Parameter, shard: str, loaded: torch.Tensor) -> None:
-        """Copy one HF projection's weight or bias into its rows of the stacked parameter."""
-        size = self.shard_sizes[shard]
-        if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
+        """Copy one HF projection's weight or bias (this rank's rows of it) into its rows of the stacked parameter."""
+        size, full = self.shard_sizes[shard], self.full_sizes[shard]
+        if loaded.shape[0] != full or loaded.shape[1:] != param.shape[1:]:
             raise ValueError(
-                f"shard {shard!r} has shape {tuple(loaded.shape)}, expected ({size}, ...{tuple(param.shape[1:])}): "
+                f"shard {shard!r} has shape {tuple(loaded.shape)}, expected ({full}, ...{tuple(param.shape[1:])}): "
                 "the checkpoint does not match the model config"
             )
         start = self.shard_offsets[shard]
         with torch.no_grad():
-            param.data[start : start + size].copy_(loaded)
+            param.data[start : start + size].copy_(loaded[self.rank * size : (self.rank + 1) * size])
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return (sum(self.full_sizes.values()), *getattr(self, name).shape[1:])
+
+    def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of every shard of the stacked checkpoint-sized tensor `full`."""
+        parts = [
+            full[self.full_offsets[n] + self.rank * size :][:size] for n, size in self.shard_sizes.items()
+        ]
+        return torch.cat(parts)
+
+
+class RowParallelLinear(Linear):
+    """A projection whose input is split across ranks (o_proj, down_proj): this rank holds columns
+    [rank * in / size, (rank + 1) * in / size) of the weight; the forward sums the ranks' partial products
+    (the bias is added once, by rank 0)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        tp = get_tp()
+        super().__init__(tp.shard(in_features, f"the {in_features} input columns of a projection"),
+                         out_features, bias=bias)  # fmt: skip
+        self.rank, self.full_in = tp.rank, in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(ops.linear(x, self.weight, self.bias))
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return (self.out_features, self.full_in) if name == "weight" else (self.out_features,)
+
+    def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        if name == "weight":
+            return full[:, self.rank * self.in_features :][:, : self.in_features]
+        return full if self.rank == 0 else torch.zeros_like(full)
+
+
+class ParallelLMHead(nn.Linear):
+    """The output projection, its vocabulary rows split across ranks (the last rank's slice padded with zero
+    rows when the vocabulary does not divide); the forward gathers every rank's logits: [N, hidden] -> [N, vocab].
+    `tie(embedding)` shares the input embedding's (replicated) weight instead: each rank computes all logits."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        tp = get_tp()
+        super().__init__(hidden_size, -(-vocab_size // tp.size), bias=False)
+        self.rank, self.vocab_size, self.gather = tp.rank, vocab_size, tp.size > 1
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        self.weight = embedding.weight
+        self.gather = False
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = ops.linear(hidden, self.weight, self.bias)
+        return all_gather_last(logits)[..., : self.vocab_size] if self.gather else logits
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return (self.vocab_size, self.in_features)
+
+    def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        rows = full[self.rank * self.out_features :][: self.out_features]
+        if rows.shape[0] == self.out_features:
+            return rows
+        return torch.cat([rows, rows.new_zeros(self.out_features - rows.shape[0], rows.shape[1])])

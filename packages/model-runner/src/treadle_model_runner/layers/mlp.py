@@ -3,6 +3,8 @@
 The activation-and-multiply runs fused into down_proj as one IR op on the stacked [.., 2 * intermediate] output:
 `ops.silu_and_mul_linear` (Llama, Qwen, Mistral) or `ops.gelu_tanh_and_mul_linear` (Gemma's gelu_pytorch_tanh).
 `forward_add_norm` also fuses the block's residual add and RMSNorm into gate_up_proj.
+Under tensor parallelism each rank holds its slice of the intermediate columns (gate_up column-parallel,
+down row-parallel): the ranks' down outputs are summed (`parallel.all_reduce`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
-from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.layers.linear import RowParallelLinear, StackedLinear
 from treadle_model_runner.layers.norm import RMSNorm
+from treadle_model_runner.parallel import all_reduce
 
 _ACTIVATIONS = {
     "silu": "silu_and_mul_linear",
@@ -31,9 +34,9 @@ class GatedMLP(nn.Module):
                 f"hidden activation {activation!r} is not supported; supported: {', '.join(_ACTIVATIONS)}"
             )
         self.gate_up_proj = StackedLinear(
-            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias, parallel=True
         )
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act_and_mul_linear = getattr(ops, _ACTIVATIONS[activation])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,4 +50,4 @@ class GatedMLP(nn.Module):
         return self.down(gate_up), residual
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+        return all_reduce(self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))

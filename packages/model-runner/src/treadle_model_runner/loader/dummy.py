@@ -7,7 +7,8 @@ layers), norm weights are 1 and biases 0, so the network neither explodes nor co
 Invariants: each parameter's values depend only on (seed, parameter name, shape, device type), never on
 the order parameters are visited, so a model whose layers are built or stacked differently still gets the
 same values for the same names; generation happens on the parameter's own device (fast on GPU, no host
-copy).
+copy). A tensor-parallel layer's parameter is drawn at its full (one-rank) shape and sliced (`take_shard`), so
+every rank's slices join to the one-rank model's values.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _is_norm(name: str) -> bool:
 def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY_STD) -> None:
     """Fill every parameter of ``model`` in place: matrices ~ N(0, std²), norm weights 1, biases 0."""
     generators: dict[torch.device, torch.Generator] = {}
+    modules = dict(model.named_modules())
     for name, param in model.named_parameters():
         if param.device.type == "meta":
             raise ValueError(
@@ -50,7 +52,13 @@ def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY
             if gen is None:
                 gen = generators[param.device] = torch.Generator(device=param.device)
             gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
-            if param.dtype.is_floating_point:
+            owner_name, _, attr = name.rpartition(".")
+            owner = modules[owner_name]
+            sharded = hasattr(owner, "take_shard") and tuple(owner.full_shape(attr)) != tuple(param.shape)
+            if param.dtype.is_floating_point and sharded:
+                full = param.new_empty(owner.full_shape(attr)).normal_(0.0, std, generator=gen)
+                param.copy_(owner.take_shard(attr, full))
+            elif param.dtype.is_floating_point:
                 param.normal_(0.0, std, generator=gen)
             else:
                 raise ValueError(

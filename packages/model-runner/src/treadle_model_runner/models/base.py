@@ -18,9 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from treadle_ir import ops
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import StackedLinear
+from treadle_model_runner.layers.linear import ParallelLMHead, StackedLinear
 
 # HF tensor names that carry no weights treadle needs (buffers some exporters write)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -36,7 +35,7 @@ class CausalLM(nn.Module):
         ("gate_up_proj", "up_proj", "up"),
     )
     config: Any
-    lm_head: nn.Linear
+    lm_head: ParallelLMHead
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention layers, in decoder-layer order (index i is decoder layer i)."""
@@ -46,7 +45,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] (model dtype)."""
-        return ops.linear(hidden, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(hidden)
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -79,13 +78,18 @@ class CausalLM(nn.Module):
                 module.load_shard(param, shard, tensor.to(param.dtype))
                 name = f"{name}:{shard}"
             else:
-                if tensor.shape != param.shape:
+                owner_name, _, attr = name.rpartition(".")
+                owner = modules[owner_name]
+                expected = owner.full_shape(attr) if hasattr(owner, "take_shard") else tuple(param.shape)
+                if tuple(tensor.shape) != tuple(expected):
                     raise ValueError(
                         f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model expects "
-                        f"{tuple(param.shape)}: the checkpoint does not match config.json"
+                        f"{tuple(expected)}: the checkpoint does not match config.json"
                     )
-                with torch.no_grad():
-                    param.data.copy_(tensor)
+                with torch.no_grad():  # a tensor-parallel layer keeps this rank's slice (layers/linear.py)
+                    param.data.copy_(
+                        owner.take_shard(attr, tensor) if hasattr(owner, "take_shard") else tensor
+                    )
             loaded.add(name)
         self._check_complete(loaded)
         return loaded

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.layers.linear import ParallelLMHead, RowParallelLinear, StackedLinear
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import GemmaRMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle_model_runner.models.base import CausalLM
-from treadle_model_runner.models.llama import head_dim_of
+from treadle_model_runner.models.llama import head_dim_of, local_heads
+from treadle_model_runner.parallel import get_tp
 
 
 def _layer_type(config: Any, layer_idx: int) -> str:
@@ -37,16 +38,18 @@ def _layer_type(config: Any, layer_idx: int) -> str:
 class Gemma3SelfAttention(nn.Module):
     def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = local_heads(config)
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(getattr(config, "attention_bias", False))
+        bias, tp = bool(getattr(config, "attention_bias", False)), get_tp().size
         self.qkv_proj = StackedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=bias
+            config.hidden_size,
+            {"q": self.q_size * tp, "k": self.kv_size * tp, "v": self.kv_size * tp},
+            bias=bias,
+            parallel=True,
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
+        self.o_proj = RowParallelLinear(self.q_size * tp, config.hidden_size, bias=bias)
         self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         is_sliding = _layer_type(config, layer_idx) == "sliding_attention"
@@ -124,9 +127,9 @@ class Gemma3ForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = Gemma3Model(config, max_position or config.max_position_embeddings)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie(self.model.embed_tokens)
         self.final_logit_softcapping: float | None = getattr(config, "final_logit_softcapping", None)
 
     @property

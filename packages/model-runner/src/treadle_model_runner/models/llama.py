@@ -5,6 +5,7 @@ One decoder layer, pre-norm:
     h   = x + o_proj(attn(rope(q), rope(k), v))      q, k, v = split(qkv_proj(norm_in(x)))
     out = h + down(silu(gate(norm_post(h))) * up(norm_post(h)))
 q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary.
+Under tensor parallelism each rank runs its share of the query and key/value heads (treadle_model_runner.parallel).
 Each residual add runs fused into the norm after it, and each norm into the projection after it
 (`add_norm_linear`): for a one-row decode step one GPU kernel streams the projection's weight with the norm
 applied to its input on the fly (more rows: the norm kernel, then cuBLAS; see treadle_kernels.ops.linear).
@@ -19,15 +20,26 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.layers.linear import ParallelLMHead, RowParallelLinear, StackedLinear
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import RMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle_model_runner.models.base import CausalLM
+from treadle_model_runner.parallel import get_tp
 
 
 def head_dim_of(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def local_heads(config: Any) -> tuple[int, int]:
+    """(query heads, key/value heads) this tensor-parallel rank runs; ValueError when the group size does not
+    divide them."""
+    tp = get_tp()
+    return (
+        tp.shard(config.num_attention_heads, "num_attention_heads"),
+        tp.shard(config.num_key_value_heads, "num_key_value_heads"),
+    )
 
 
 def sliding_window_of(config: Any, layer_idx: int) -> int | None:
@@ -44,17 +56,20 @@ class LlamaSelfAttention(nn.Module):
         self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = local_heads(config)
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        tp = get_tp().size
         self.qkv_proj = StackedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias
+            config.hidden_size,
+            {"q": self.q_size * tp, "k": self.kv_size * tp, "v": self.kv_size * tp},
+            bias=qkv_bias,
+            parallel=True,
         )
         # attention_bias (Llama, Qwen3) covers q, k, v and o; Qwen2's always-on bias covers q, k, v only
-        self.o_proj = Linear(
-            self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False))
+        self.o_proj = RowParallelLinear(
+            self.q_size * tp, config.hidden_size, bias=bool(getattr(config, "attention_bias", False))
         )
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -158,9 +173,9 @@ class LlamaForCausalLM(CausalLM):
         max_position = max_position or config.max_position_embeddings
         qkv_bias = bool(getattr(config, "attention_bias", False)) or self.qkv_bias_default
         self.model = LlamaModel(config, max_position, qkv_bias, self.qk_norm)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

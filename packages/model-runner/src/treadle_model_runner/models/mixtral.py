@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from treadle_model_runner.layers.linear import ParallelLMHead
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, MoeModel, SparseMoeBlock
 
 
@@ -33,6 +34,6 @@ class MixtralForCausalLM(MoeCausalLM):
             )
 
         self.model = MoeModel(config, max_position, qk_norm=False, make_mlp=make_mlp)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie(self.model.embed_tokens)

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from treadle_model_runner.layers.linear import ParallelLMHead
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, MoeModel, SparseMoeBlock
 
@@ -45,6 +46,6 @@ class Qwen3MoeForCausalLM(MoeCausalLM):
             )
 
         self.model = MoeModel(config, max_position, qk_norm=True, make_mlp=make_mlp)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie(self.model.embed_tokens)

@@ -29,6 +29,7 @@ from torch import nn
 
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.llama import LlamaModel
+from treadle_model_runner.parallel import get_tp
 from treadle_moe import FusedMoE
 
 _SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -43,6 +44,10 @@ class SparseMoeBlock(nn.Module):
         self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool
     ) -> None:
         super().__init__()
+        if get_tp().size > 1:
+            raise ValueError(
+                "tensor parallelism does not cover mixture-of-experts models yet; use tensor_parallel_size 1"
+            )
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize=renormalize)
 

@@ -40,8 +40,9 @@ def runtime_summary(runner: Any) -> dict[str, str]:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{device.type} ({platform.machine()}, {os.cpu_count()} cores)"
+    tp = runner.model_config.tensor_parallel_size
     return {
-        "device": name,
+        "device": name if tp == 1 else f"{name} x {tp} (tensor parallel)",
         "torch": str(torch.__version__),  # a str subclass msgspec does not encode
         "dtype": _dtype(runner.dtype),
         "kv_cache_dtype": _dtype(runner.kv_cache_dtype),

@@ -43,6 +43,7 @@ from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+from treadle_model_runner.parallel import get_tp, min_over_ranks
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
 from treadle_model_runner.runner.describe import runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
@@ -85,6 +86,13 @@ class ModelRunner:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
+            )
+        tp = get_tp()
+        if model_config.tensor_parallel_size != tp.size:
+            raise ValueError(
+                f"tensor_parallel_size {model_config.tensor_parallel_size} needs a tensor-parallel group of that "
+                f"size (engine_core's TensorParallelExecutor starts one process per device); this process's group "
+                f"has size {tp.size}"
             )
         self.model_config = model_config
         self.cache_config = cache_config
@@ -198,6 +206,7 @@ class ModelRunner:
         else:
             useful = max_useful_blocks(len(groups), self.max_num_seqs, self._max_model_len, block_size)
             num_blocks = cpu_num_blocks(self.cache_config.kv_cache_space, block_bytes, useful)
+        num_blocks = min_over_ranks(num_blocks)  # tensor parallel: every rank holds the same blocks
         self.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, self.kv_cache_dtype, self.device,
                                             self.attn_backend)  # fmt: skip
         self.kv_cache_config = make_kv_cache_config(layers, num_blocks, block_size, block_bytes)

@@ -1,0 +1,102 @@
+"""Tensor parallelism: which slice of the model this process holds, and the collectives that join the slices.
+
+One process per device, `size` of them, ranks 0..size-1 (engine_core's TensorParallelExecutor starts them).
+Rank r holds heads [r * H / size, (r + 1) * H / size) of every attention layer (query and key/value heads alike),
+the same slice of every MLP's intermediate columns, and rows [r * V / size, ...) of the lm_head. So:
+    q/k/v, gate/up  column-parallel: each rank computes its own heads / columns, no communication;
+    o_proj, down    row-parallel: each rank multiplies its slice of the input, `all_reduce` sums the partials;
+    lm_head         vocabulary-parallel: `all_gather` joins the logits, so every rank samples the same tokens
+                    (all ranks run the same sampler with the same seeds on identical logits);
+norms, embeddings and the residual stream are replicated. With size 1 (no group) both collectives are no-ops.
+
+    init_tensor_parallel(rank, size, init_method, device)   # once per process, before the ModelRunner is built
+    get_tp().rank, get_tp().size, get_tp().shard(full, what)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # the process group (None when size is 1)
+
+    def shard(self, full: int, what: str) -> int:
+        """This rank's share of `full` (heads, columns); ValueError naming `what` when it does not divide."""
+        if full % self.size:
+            raise ValueError(
+                f"{what} ({full}) is not divisible by tensor_parallel_size ({self.size}); "
+                f"use a tensor_parallel_size that divides it"
+            )
+        return full // self.size
+
+
+_tp = TensorParallel()
+
+
+def get_tp() -> TensorParallel:
+    return _tp
+
+
+def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
+    """Join the group of `size` processes (NCCL on CUDA, gloo on CPU); blocks until every rank has joined."""
+    global _tp
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} is outside a tensor-parallel group of size {size}")
+    if size == 1:
+        _tp = TensorParallel()
+        return _tp
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=size, device_id=device,
+                                timeout=timedelta(minutes=10))  # fmt: skip
+    else:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size,
+                                timeout=timedelta(minutes=10))  # fmt: skip
+    _tp = TensorParallel(rank, size, dist.group.WORLD)
+    logger.info("tensor parallel: rank %d of %d on %s (%s)", rank, size, device, dist.get_backend())
+    return _tp
+
+
+def destroy_tensor_parallel() -> None:
+    global _tp
+    if _tp.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    _tp = TensorParallel()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks, in place; returns it."""
+    if _tp.size > 1:
+        dist.all_reduce(x, group=_tp.group)
+    return x
+
+
+def all_gather_last(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] on every rank -> [..., size * n], rank r's slice at columns [r * n, (r + 1) * n)."""
+    if _tp.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=_tp.group)
+    return torch.cat(parts, dim=-1)
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (each rank's KV-cache capacity -> the one all can hold)."""
+    if _tp.size == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_tp.group)
+    return int(t.item())

@@ -1,0 +1,125 @@
+"""Tensor parallelism on CPU (gloo): two ranks, each a ModelRunner holding half of every model's heads and columns,
+driven by the same fake scheduler, give the one-rank runner's tokens and logprobs.
+
+Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two), Qwen2 (q/k/v bias), Qwen3 (q/k
+norms, tied embeddings), Gemma 3 (sliding-window layers, GELU, tied), and dummy weights (each rank draws the
+one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from test_runner_fakes import FakeScheduler, make_runner, perturb_
+
+from treadle_model_runner import SamplingParams
+from treadle_model_runner.loader import make_dummy_model_dir
+from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
+
+SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+
+
+def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
+    configs = {
+        "llama": tf.LlamaConfig(vocab_size=129, tie_word_embeddings=False, **SMALL),
+        "qwen2": tf.Qwen2Config(vocab_size=128, tie_word_embeddings=False, **SMALL),
+        "qwen3": tf.Qwen3Config(vocab_size=128, tie_word_embeddings=True, head_dim=16, **SMALL),
+        "gemma3": tf.Gemma3TextConfig(
+            vocab_size=128,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            **SMALL,
+        ),
+    }
+    dirs: dict[str, tuple[Path, str]] = {}
+    for i, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(i)
+        hf = tf.AutoModelForCausalLM.from_config(config).eval()
+        perturb_(hf, seed=i, std=0.15)
+        hf.save_pretrained(root / name, safe_serialization=True)
+        dirs[name] = (root / name, "auto")
+    dirs["dummy"] = (make_dummy_model_dir(tf.LlamaConfig(vocab_size=128, **SMALL), root / "dummy"), "dummy")
+    return dirs
+
+
+def _run(model_dir: Path, load_format: str, tp: int) -> dict[str, Any]:
+    """Tokens and logprobs of a fixed mix of requests (greedy, seeded sampling, logprobs, prompt logprobs)."""
+    runner = make_runner(model_dir, load_format=load_format, tensor_parallel_size=tp)
+    sched = FakeScheduler(runner, seed=5)
+    gen = torch.Generator().manual_seed(3)
+    params = [
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=11),
+        SamplingParams(temperature=0.0, prompt_logprobs=2),
+        SamplingParams(temperature=1.0, top_k=20, seed=12, logprobs=2),
+    ]
+    for i, p in enumerate(params):
+        sched.add(f"r{i}", torch.randint(1, 128, (5 + 9 * i,), generator=gen).tolist(), p, max_tokens=12)
+    tokens = sched.run(budget=24)
+    logprobs = []
+    for out in sched.outputs:
+        sampled = [(r, lps) for r, lps in zip(out.req_ids, out.logprobs, strict=False) if lps]
+        for req_id, per_token in sampled + sorted(out.prompt_logprobs.items()):
+            logprobs += [(req_id, lp.token_ids, lp.logprobs) for lp in per_token]
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def _rank_main(rank: int, init_method: str, dirs: dict[str, tuple[Path, str]], results: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        init_tensor_parallel(rank, 2, init_method, torch.device("cpu"))
+        got = {name: _run(path, fmt, tp=2) for name, (path, fmt) in dirs.items()}
+        destroy_tensor_parallel()
+        if rank == 0:
+            results.put(got)
+    except BaseException:
+        results.put(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_ranks_match_one(tmp_path: Path) -> None:
+    dirs = _checkpoints(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [ctx.Process(target=_rank_main, args=(r, init, dirs, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    expected = {name: _run(path, fmt, tp=1) for name, (path, fmt) in dirs.items()}
+    got = results.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    assert not isinstance(got, str), got
+    assert [p.exitcode for p in procs] == [0, 0]
+    for name in dirs:
+        assert got[name]["tokens"] == expected[name]["tokens"], name
+        pairs = list(zip(got[name]["logprobs"], expected[name]["logprobs"], strict=True))
+        assert pairs, name
+        for (req_a, ids_a, lp_a), (req_b, ids_b, lp_b) in pairs:
+            assert (req_a, ids_a) == (req_b, ids_b), name
+            assert max(abs(a - b) for a, b in zip(lp_a, lp_b, strict=True)) < 1e-4, name
+
+
+def test_group_size_must_divide_heads() -> None:
+    from treadle_model_runner.parallel import TensorParallel
+
+    with pytest.raises(
+        ValueError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel_size \(4\)"
+    ):
+        TensorParallel(0, 4).shard(2, "num_key_value_heads")
