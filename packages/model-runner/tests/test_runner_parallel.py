@@ -2,8 +2,8 @@
 driven by the same fake scheduler, give the one-rank runner's tokens and logprobs.
 
 Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two), Qwen2 (q/k/v bias), Qwen3 (q/k
-norms, tied embeddings), Gemma 3 (sliding-window layers, GELU, tied), and dummy weights (each rank draws the
-one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes.
+norms, tied embeddings), Gemma 3 (sliding-window layers, GELU, tied), Qwen3-MoE and Mixtral (each rank holds a slice
+of every expert), and dummy weights (each rank draws the one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes.
 """
 
 from __future__ import annotations
@@ -40,6 +40,16 @@ def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
             layer_types=["sliding_attention", "full_attention"],
             **SMALL,
         ),
+        "qwen3_moe": tf.Qwen3MoeConfig(
+            vocab_size=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            head_dim=16,
+            **SMALL,
+        ),
+        "mixtral": tf.MixtralConfig(vocab_size=128, num_local_experts=4, num_experts_per_tok=2, **SMALL),
     }
     dirs: dict[str, tuple[Path, str]] = {}
     for i, (name, config) in enumerate(configs.items()):

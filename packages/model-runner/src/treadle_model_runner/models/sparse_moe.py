@@ -16,6 +16,9 @@ Loading expert weights. Two HF layouts reach `load_weights`:
 Checkpoint module prefixes the architecture renames (Mixtral's `block_sparse_moe.` -> `mlp.`) are rewritten
 first. Invariant: every expert's gate, up and down matrix is written before the model runs; otherwise
 ValueError names the missing ones (e.g. `model.layers.3.mlp.experts.w13_weight[expert 5, up]`).
+
+Tensor parallelism: each rank holds its slice of every expert's intermediate columns (`ParallelFusedMoE`: gate
+and up rows, down columns; the router is replicated) and the ranks' outputs are summed, as in the dense MLP.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.llama import LlamaModel
-from treadle_model_runner.parallel import get_tp
+from treadle_model_runner.parallel import all_reduce, get_tp
 from treadle_moe import FusedMoE
 
 _SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -44,15 +47,50 @@ class SparseMoeBlock(nn.Module):
         self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool
     ) -> None:
         super().__init__()
-        if get_tp().size > 1:
-            raise ValueError(
-                "tensor parallelism does not cover mixture-of-experts models yet; use tensor_parallel_size 1"
-            )
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize=renormalize)
+        self.experts = ParallelFusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate(x))
+        return all_reduce(self.experts(x, self.gate(x)))
+
+
+class ParallelFusedMoE(FusedMoE):
+    """FusedMoE with this tensor-parallel rank's columns [rank * N / size, ...) of every expert's intermediate
+    width N: rows of gate and of up in w13 [E, 2N/size, K], columns of w2 [E, K, N/size]. `full_shape` and
+    `take_shard` let the loaders hand it one-rank tensors (as layers/linear.py's parallel layers)."""
+
+    def __init__(
+        self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool
+    ) -> None:
+        tp = get_tp()
+        local = tp.shard(intermediate, "the experts' intermediate size")
+        super().__init__(num_experts, top_k, hidden, local, renormalize=renormalize)
+        self.rank, self.tp_size, self.full_intermediate = tp.rank, tp.size, intermediate
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        e, k, n = self.num_experts, self.hidden_size, self.full_intermediate
+        return (e, 2 * n, k) if name == "w13_weight" else (e, k, n)
+
+    def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        n, start = self.intermediate_size, self.rank * self.intermediate_size
+        if name == "w13_weight":
+            gate, up = full.narrow(1, start, n), full.narrow(1, self.full_intermediate + start, n)
+            return torch.cat([gate, up], dim=1)
+        return full.narrow(2, start, n)
+
+    def take_expert_shard(self, shard: str, tensor: torch.Tensor, hf_name: str) -> torch.Tensor:
+        """This rank's part of one expert's checkpoint matrix (gate / up [N, K], down [K, N])."""
+        if self.tp_size == 1:
+            return tensor  # FusedMoE.weight_loader checks the shape
+        k, n = self.hidden_size, self.full_intermediate
+        full = (k, n) if shard == "w2" else (n, k)
+        if tuple(tensor.shape) != full:
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model expects {full}: "
+                "the checkpoint does not match config.json"
+            )
+        dim = 1 if shard == "w2" else 0
+        return tensor.narrow(dim, self.rank * self.intermediate_size, self.intermediate_size)
 
 
 class MoeModel(LlamaModel):
@@ -107,21 +145,27 @@ class MoeCausalLM(CausalLM):
                         f"{type(self).__name__}; expected one of {', '.join(self.expert_proj_names)}"
                     )
                 expert = int(per_expert["expert"])
+                if isinstance(moe, ParallelFusedMoE):
+                    tensor = moe.take_expert_shard(shard, tensor, hf_name)
                 moe.weight_loader(
                     _param_of(moe, shard), tensor.to(moe.w13_weight.dtype), hf_name, shard, expert
                 )
                 self._experts_loaded.add((match["moe"], expert, shard))
             else:
                 weight = tensor.to(moe.w13_weight.dtype)
-                param = moe.w13_weight if match["proj"] == "gate_up_proj" else moe.w2_weight
-                if tuple(weight.shape) != tuple(param.shape):
+                name = "w13_weight" if match["proj"] == "gate_up_proj" else "w2_weight"
+                param = getattr(moe, name)
+                full = moe.full_shape(name) if isinstance(moe, ParallelFusedMoE) else tuple(param.shape)
+                if tuple(weight.shape) != tuple(full):
                     raise ValueError(
                         f"checkpoint tensor {hf_name!r} has shape {tuple(weight.shape)}, the model expects "
-                        f"{tuple(param.shape)} ([experts, 2 * moe_intermediate, hidden] for gate_up_proj, "
+                        f"{tuple(full)} ([experts, 2 * moe_intermediate, hidden] for gate_up_proj, "
                         "[experts, hidden, moe_intermediate] for down_proj): the checkpoint does not match "
                         "config.json"
                     )
-                param.data.copy_(weight)
+                param.data.copy_(
+                    moe.take_shard(name, weight) if isinstance(moe, ParallelFusedMoE) else weight
+                )
                 shards = ("w1", "w3") if match["proj"] == "gate_up_proj" else ("w2",)
                 self._experts_loaded.update(
                     (match["moe"], e, s) for e in range(moe.num_experts) for s in shards

@@ -366,9 +366,9 @@ class ModelRunner:
 def _log_dispatch_report(model: torch.nn.Module) -> None:
     """Log, once at start-up, which provider each IR op dispatches to here (and the MoE kernel choice)."""
     import treadle_ir
+    import treadle_moe
+    import treadle_moe.oracle
 
     logger.info("IR dispatch report:\n%s", treadle_ir.report())
-    if any(type(m).__name__ == "FusedMoE" for m in model.modules()):
-        import treadle_moe.oracle
-
+    if any(isinstance(m, treadle_moe.FusedMoE) for m in model.modules()):
         logger.info("MoE kernel report:\n%s", treadle_moe.oracle.report())
