@@ -1,6 +1,7 @@
 """`tensor_parallel_size=2` on CPU (gloo): the offline LLM, in-process and in an engine process, gives the one-device
 engine's tokens and logprobs (dummy weights: each rank keeps its slice of the one-device values); its worker process
-ends with `shutdown`; a worker that dies takes the engine process down, and the client says the engine is dead."""
+ends with `shutdown`; a worker that dies takes the engine process down, and the client says the engine is dead; a
+group size that does not divide the heads fails with that message and leaves no worker behind."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_two_ranks_in_process_equal_one_device(tiny: Path, one_device: list[Any]
 
 def _is_worker(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "treadle-tp1"
+        return Path(f"/proc/{pid}/comm").read_text().startswith("treadle-tp")
     except OSError:
         return False
 
@@ -98,3 +99,11 @@ def test_two_ranks_in_an_engine_process_and_a_dying_worker(tiny: Path, one_devic
             llm.generate([{"prompt_token_ids": [3, 4]}], SamplingParams(max_tokens=2))
     finally:
         llm.shutdown()
+
+
+def test_a_group_size_that_does_not_divide_the_heads_fails_clearly(tiny: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"
+    ):
+        LLM(str(tiny), tensor_parallel_size=3, **ENGINE)
+    assert not [pid for pid in _children(os.getpid()) if _is_worker(pid)], "the workers should be stopped"

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 # frame 0 of every message to a worker
 _INIT, _ASYNC, _STEP, _STOP = b"i", b"a", b"s", b"q"
+_GRACE_S = 2.0  # once a worker exited, how long rank 0 may take to fail on its own before the process ends
 
 
 def rank_device(rank: int, size: int) -> torch.device:
@@ -83,12 +85,17 @@ class TensorParallelExecutor(InprocExecutor):
             self._workers.append((proc, ours))
         threading.Thread(target=self._watch, name="treadle-tp-monitor", daemon=True).start()
         _share_cpu_threads(device, size)
-        init_tensor_parallel(0, size, init_method, device)
-        super().__init__(config)
+        try:
+            init_tensor_parallel(0, size, init_method, device)
+            super().__init__(config)
+        except BaseException:  # e.g. heads the group size does not divide: all ranks fail; rank 0 says why
+            self._stop_workers()
+            raise
 
     def _watch(self) -> None:
         procs = {p.sentinel: (rank, p) for rank, (p, _) in enumerate(self._workers, start=1)}
         ready = wait(list(procs))
+        time.sleep(_GRACE_S)  # rank 0 may be failing for the same reason: let its own error through first
         if self._closing:
             return
         rank, proc = procs[ready[0]]  # type: ignore[index]
@@ -121,8 +128,11 @@ class TensorParallelExecutor(InprocExecutor):
         return super().execute_async(so)
 
     def shutdown(self) -> None:
-        self._closing = True
         super().shutdown()
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        self._closing = True
         for _, conn in self._workers:
             with contextlib.suppress(OSError):  # already gone
                 conn.send_bytes(_STOP)
@@ -161,6 +171,9 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
                 break
     except EOFError:  # rank 0's process is gone
         pass
+    except ValueError as exc:  # a user's error (rank 0 reports it too): its message, no traceback
+        logger.error("tensor-parallel rank %d failed: %s", rank, exc)
+        raise SystemExit(1) from None
     except BaseException:
         logger.exception("tensor-parallel rank %d failed", rank)
         raise SystemExit(1) from None
