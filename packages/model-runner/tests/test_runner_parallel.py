@@ -1,9 +1,10 @@
 """Tensor parallelism on CPU (gloo): two ranks, each a ModelRunner holding half of every model's heads and columns,
 driven by the same fake scheduler, give the one-rank runner's tokens and logprobs.
 
-Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two), Qwen2 (q/k/v bias), Qwen3 (q/k
-norms, tied embeddings), Gemma 3 (sliding-window layers, GELU, tied), Qwen3-MoE and Mixtral (each rank holds a slice
-of every expert), and dummy weights (each rank draws the one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes.
+Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two; and with one key/value head,
+which both ranks then hold), Qwen2 (q/k/v bias), Qwen3 (q/k norms, tied embeddings), Gemma 3 (sliding-window layers,
+GELU, tied), Qwen3-MoE and Mixtral (each rank holds a slice of every expert), and dummy weights (each rank draws the
+one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
     configs = {
         "llama": tf.LlamaConfig(vocab_size=129, tie_word_embeddings=False, **SMALL),
         "qwen2": tf.Qwen2Config(vocab_size=128, tie_word_embeddings=False, **SMALL),
+        "mqa": tf.LlamaConfig(
+            vocab_size=128, **(SMALL | {"num_key_value_heads": 1})
+        ),  # its KV head on both ranks
         "qwen3": tf.Qwen3Config(vocab_size=128, tie_word_embeddings=True, head_dim=16, **SMALL),
         "gemma3": tf.Gemma3TextConfig(
             vocab_size=128,

@@ -32,12 +32,20 @@ class Linear(nn.Linear):
 
 class StackedLinear(Linear):
     def __init__(
-        self, in_features: int, shard_sizes: dict[str, int], bias: bool = False, parallel: bool = False
+        self,
+        in_features: int,
+        shard_sizes: dict[str, int],
+        bias: bool = False,
+        parallel: bool = False,
+        replicas: dict[str, int] | None = None,
     ) -> None:
-        """`shard_sizes`: each shard's rows in the checkpoint; `parallel`: keep this rank's share of each."""
+        """`shard_sizes`: each shard's rows in the checkpoint; `parallel`: keep this rank's share of each;
+        `replicas[shard]`: how many consecutive ranks share one slice of it (key/value heads fewer than ranks)."""
         tp = get_tp() if parallel else TensorParallel()
+        self.replicas = {name: (replicas or {}).get(name, 1) for name in shard_sizes}
         local = {
-            name: tp.shard(size, f"the {name} projection's {size} rows") for name, size in shard_sizes.items()
+            name: tp.shard(size * self.replicas[name], f"the {name} projection's {size} rows")
+            for name, size in shard_sizes.items()
         }
         super().__init__(in_features, sum(local.values()), bias=bias)
         self.shard_sizes = local
@@ -59,9 +67,13 @@ class StackedLinear(Linear):
                 f"shard {shard!r} has shape {tuple(loaded.shape)}, expected ({full}, ...{tuple(param.shape[1:])}): "
                 "the checkpoint does not match the model config"
             )
-        start = self.shard_offsets[shard]
+        start, first = self.shard_offsets[shard], self._first_row(shard)
         with torch.no_grad():
-            param.data[start : start + size].copy_(loaded[self.rank * size : (self.rank + 1) * size])
+            param.data[start : start + size].copy_(loaded[first : first + size])
+
+    def _first_row(self, shard: str) -> int:
+        """Where this rank's rows of `shard` start in the checkpoint's tensor."""
+        return self.rank // self.replicas[shard] * self.shard_sizes[shard]
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return (sum(self.full_sizes.values()), *getattr(self, name).shape[1:])
@@ -69,7 +81,7 @@ class StackedLinear(Linear):
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of every shard of the stacked checkpoint-sized tensor `full`."""
         parts = [
-            full[self.full_offsets[n] + self.rank * size :][:size] for n, size in self.shard_sizes.items()
+            full[self.full_offsets[n] + self._first_row(n) :][:size] for n, size in self.shard_sizes.items()
         ]
         return torch.cat(parts)
 

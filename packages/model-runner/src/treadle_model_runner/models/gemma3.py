@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import ParallelLMHead, RowParallelLinear, StackedLinear
+from treadle_model_runner.layers.linear import ParallelLMHead
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import GemmaRMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle_model_runner.models.base import CausalLM
-from treadle_model_runner.models.llama import head_dim_of, local_heads
-from treadle_model_runner.parallel import get_tp
+from treadle_model_runner.models.llama import attention_projections, head_dim_of, local_heads
 
 
 def _layer_type(config: Any, layer_idx: int) -> str:
@@ -42,14 +41,8 @@ class Gemma3SelfAttention(nn.Module):
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias, tp = bool(getattr(config, "attention_bias", False)), get_tp().size
-        self.qkv_proj = StackedLinear(
-            config.hidden_size,
-            {"q": self.q_size * tp, "k": self.kv_size * tp, "v": self.kv_size * tp},
-            bias=bias,
-            parallel=True,
-        )
-        self.o_proj = RowParallelLinear(self.q_size * tp, config.hidden_size, bias=bias)
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj, self.o_proj = attention_projections(config, bias, bias)
         self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         is_sliding = _layer_type(config, layer_idx) == "sliding_attention"

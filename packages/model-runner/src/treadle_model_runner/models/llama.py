@@ -33,13 +33,31 @@ def head_dim_of(config: Any) -> int:
 
 
 def local_heads(config: Any) -> tuple[int, int]:
-    """(query heads, key/value heads) this tensor-parallel rank runs; ValueError when the group size does not
-    divide them."""
-    tp = get_tp()
-    return (
-        tp.shard(config.num_attention_heads, "num_attention_heads"),
-        tp.shard(config.num_key_value_heads, "num_key_value_heads"),
-    )
+    """(query heads, key/value heads) this tensor-parallel rank runs. With fewer key/value heads than ranks, each
+    is replicated on size / num_key_value_heads consecutive ranks (one head each). ValueError when the group size
+    divides neither way."""
+    tp, kv = get_tp(), int(config.num_key_value_heads)
+    heads = tp.shard(config.num_attention_heads, "num_attention_heads")
+    if kv < tp.size:
+        if tp.size % kv:
+            raise ValueError(
+                f"num_key_value_heads ({kv}) neither divides nor is divisible by tensor_parallel_size ({tp.size}); "
+                "use a tensor_parallel_size that divides it or is a multiple of it"
+            )
+        return heads, 1
+    return heads, tp.shard(kv, "num_key_value_heads")
+
+
+def attention_projections(
+    config: Any, qkv_bias: bool, o_bias: bool
+) -> tuple[StackedLinear, RowParallelLinear]:
+    """qkv_proj (this rank's query heads and key/value heads, stacked) and o_proj (row-parallel) of one layer."""
+    tp, head_dim = get_tp().size, head_dim_of(config)
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    kv_replicas = max(1, tp // config.num_key_value_heads)
+    qkv = StackedLinear(config.hidden_size, {"q": q, "k": kv, "v": kv}, qkv_bias, parallel=True,
+                        replicas={"k": kv_replicas, "v": kv_replicas})  # fmt: skip
+    return qkv, RowParallelLinear(q, config.hidden_size, bias=o_bias)
 
 
 def sliding_window_of(config: Any, layer_idx: int) -> int | None:
@@ -60,17 +78,9 @@ class LlamaSelfAttention(nn.Module):
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        tp = get_tp().size
-        self.qkv_proj = StackedLinear(
-            config.hidden_size,
-            {"q": self.q_size * tp, "k": self.kv_size * tp, "v": self.kv_size * tp},
-            bias=qkv_bias,
-            parallel=True,
-        )
         # attention_bias (Llama, Qwen3) covers q, k, v and o; Qwen2's always-on bias covers q, k, v only
-        self.o_proj = RowParallelLinear(
-            self.q_size * tp, config.hidden_size, bias=bool(getattr(config, "attention_bias", False))
-        )
+        o_bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj, self.o_proj = attention_projections(config, qkv_bias, o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb  # shared by every layer (one cos/sin table)
