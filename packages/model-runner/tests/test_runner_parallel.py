@@ -3,7 +3,7 @@ driven by the same fake scheduler, give the one-rank runner's tokens and logprob
 
 Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two; and with one key/value head,
 which both ranks then hold), Qwen2 (q/k/v bias), Qwen3 (q/k norms, tied embeddings), Gemma 3 (sliding-window layers,
-GELU, tied), Qwen3-MoE and Mixtral (each rank holds a slice of every expert), and dummy weights (each rank draws the
+GELU, tied with an odd vocabulary), Qwen3-MoE and Mixtral (each rank holds a slice of every expert), and dummy weights (each rank draws the
 one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes.
 """
 
@@ -37,7 +37,7 @@ def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
         ),  # its KV head on both ranks
         "qwen3": tf.Qwen3Config(vocab_size=128, tie_word_embeddings=True, head_dim=16, **SMALL),
         "gemma3": tf.Gemma3TextConfig(
-            vocab_size=128,
+            vocab_size=131,
             head_dim=16,
             sliding_window=8,
             query_pre_attn_scalar=16,

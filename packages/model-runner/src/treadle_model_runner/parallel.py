@@ -1,8 +1,9 @@
 """Tensor parallelism: which slice of the model this process holds, and the collectives that join the slices.
 
 One process per device, `size` of them, ranks 0..size-1 (engine_core's TensorParallelExecutor starts them).
-Rank r holds heads [r * H / size, (r + 1) * H / size) of every attention layer (query and key/value heads alike),
-the same slice of every MLP's intermediate columns, and rows [r * V / size, ...) of the lm_head. So:
+Rank r holds heads [r * H / size, (r + 1) * H / size) of every attention layer (query and key/value heads alike;
+fewer key/value heads than ranks are replicated), the same slice of every MLP's and expert's intermediate columns,
+and rows [r * V / size, ...) of the lm_head (of the embedding's weight when they are tied). So:
     q/k/v, gate/up  column-parallel: each rank computes its own heads / columns, no communication;
     o_proj, down    row-parallel: each rank multiplies its slice of the input, `all_reduce` sums the partials;
     lm_head         vocabulary-parallel: `all_gather` joins the logits, so every rank samples the same tokens

@@ -19,6 +19,7 @@ changes and with several every rank's slices join to the one-rank model exactly 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from treadle_ir import ops
@@ -112,20 +113,26 @@ class RowParallelLinear(Linear):
 class ParallelLMHead(nn.Linear):
     """The output projection, its vocabulary rows split across ranks (the last rank's slice padded with zero
     rows when the vocabulary does not divide); the forward gathers every rank's logits: [N, hidden] -> [N, vocab].
-    `tie(embedding)` shares the input embedding's (replicated) weight instead: each rank computes all logits."""
+    `tie(embedding)` shares the input embedding's (replicated) weight instead; each rank still multiplies only its
+    own rows of it (a view), so the ranks split the work either way."""
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         tp = get_tp()
         super().__init__(hidden_size, -(-vocab_size // tp.size), bias=False)
-        self.rank, self.vocab_size, self.gather = tp.rank, vocab_size, tp.size > 1
+        self.rank, self.size, self.vocab_size, self.tied = tp.rank, tp.size, vocab_size, False
 
     def tie(self, embedding: nn.Embedding) -> None:
         self.weight = embedding.weight
-        self.gather = False
+        self.tied = True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = ops.linear(hidden, self.weight, self.bias)
-        return all_gather_last(logits)[..., : self.vocab_size] if self.gather else logits
+        if self.size == 1:
+            return ops.linear(hidden, self.weight, self.bias)
+        rows = self.weight[self.rank * self.out_features :][: self.out_features] if self.tied else self.weight
+        logits = ops.linear(hidden, rows, None)
+        if logits.shape[-1] < self.out_features:  # the last rank's share of an untidy vocabulary (tied)
+            logits = F.pad(logits, (0, self.out_features - logits.shape[-1]))
+        return all_gather_last(logits)[..., : self.vocab_size]
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return (self.vocab_size, self.in_features)
