@@ -3,12 +3,13 @@
 One process per device, `size` of them, ranks 0..size-1 (engine_core's TensorParallelExecutor starts them).
 Rank r holds heads [r * H / size, (r + 1) * H / size) of every attention layer (query and key/value heads alike;
 fewer key/value heads than ranks are replicated), the same slice of every MLP's and expert's intermediate columns,
-and rows [r * V / size, ...) of the lm_head (of the embedding's weight when they are tied). So:
+and rows [r * V / size, ...) of the embedding and of the lm_head (layers/vocab.py). So:
     q/k/v, gate/up  column-parallel: each rank computes its own heads / columns, no communication;
     o_proj, down    row-parallel: each rank multiplies its slice of the input, `all_reduce` sums the partials;
+    embedding       vocabulary-parallel: each rank looks up the ids it holds, `all_reduce` sums the rows;
     lm_head         vocabulary-parallel: `all_gather` joins the logits, so every rank samples the same tokens
                     (all ranks run the same sampler with the same seeds on identical logits);
-norms, embeddings and the residual stream are replicated. With size 1 (no group) both collectives are no-ops.
+norms and the residual stream are replicated. With size 1 (no group) both collectives are no-ops.
 
     init_tensor_parallel(rank, size, init_method, device)   # once per process, before the ModelRunner is built
     get_tp().rank, get_tp().size, get_tp().shard(full, what)

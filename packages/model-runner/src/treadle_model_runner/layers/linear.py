@@ -10,20 +10,19 @@ shard "k" writes rows [nq, nq + nk). The forward is a single `ops.linear`; calle
 `shard_sizes`. Invariant: every shard is loaded exactly once before use (the model's loader checks coverage).
 
 Tensor parallelism (see treadle_model_runner.parallel): a `parallel` StackedLinear keeps this rank's rows of each
-shard (column-parallel), `RowParallelLinear` this rank's input columns and sums the partial outputs, and
-`ParallelLMHead` this rank's vocabulary rows and gathers the logits. Each holds its local slice; the loaders hand
-it the checkpoint's full tensor (`full_shape`) and it keeps its part (`take_shard`), so with one rank nothing
-changes and with several every rank's slices join to the one-rank model exactly (dummy weights included).
+shard (column-parallel), `RowParallelLinear` this rank's input columns and sums the partial outputs (vocab.py holds
+the vocabulary-parallel embedding and lm_head). Each holds its local slice; the loaders hand it the checkpoint's full
+tensor (`full_shape`) and it keeps its part (`take_shard`), so with one rank nothing changes and with several every
+rank's slices join to the one-rank model exactly (dummy weights included).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from treadle_ir import ops
-from treadle_model_runner.parallel import TensorParallel, all_gather_last, all_reduce, get_tp
+from treadle_model_runner.parallel import TensorParallel, all_reduce, get_tp
 
 
 class Linear(nn.Linear):
@@ -108,37 +107,3 @@ class RowParallelLinear(Linear):
         if name == "weight":
             return full[:, self.rank * self.in_features :][:, : self.in_features]
         return full if self.rank == 0 else torch.zeros_like(full)
-
-
-class ParallelLMHead(nn.Linear):
-    """The output projection, its vocabulary rows split across ranks (the last rank's slice padded with zero
-    rows when the vocabulary does not divide); the forward gathers every rank's logits: [N, hidden] -> [N, vocab].
-    `tie(embedding)` shares the input embedding's (replicated) weight instead; each rank still multiplies only its
-    own rows of it (a view), so the ranks split the work either way."""
-
-    def __init__(self, hidden_size: int, vocab_size: int) -> None:
-        tp = get_tp()
-        super().__init__(hidden_size, -(-vocab_size // tp.size), bias=False)
-        self.rank, self.size, self.vocab_size, self.tied = tp.rank, tp.size, vocab_size, False
-
-    def tie(self, embedding: nn.Embedding) -> None:
-        self.weight = embedding.weight
-        self.tied = True
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return ops.linear(hidden, self.weight, self.bias)
-        rows = self.weight[self.rank * self.out_features :][: self.out_features] if self.tied else self.weight
-        logits = ops.linear(hidden, rows, None)
-        if logits.shape[-1] < self.out_features:  # the last rank's share of an untidy vocabulary (tied)
-            logits = F.pad(logits, (0, self.out_features - logits.shape[-1]))
-        return all_gather_last(logits)[..., : self.vocab_size]
-
-    def full_shape(self, name: str) -> tuple[int, ...]:
-        return (self.vocab_size, self.in_features)
-
-    def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        rows = full[self.rank * self.out_features :][: self.out_features]
-        if rows.shape[0] == self.out_features:
-            return rows
-        return torch.cat([rows, rows.new_zeros(self.out_features - rows.shape[0], rows.shape[1])])

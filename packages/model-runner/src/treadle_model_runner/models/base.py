@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import ParallelLMHead, StackedLinear
+from treadle_model_runner.layers.linear import StackedLinear
+from treadle_model_runner.layers.vocab import ParallelLMHead
 
 # HF tensor names that carry no weights treadle needs (buffers some exporters write)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")

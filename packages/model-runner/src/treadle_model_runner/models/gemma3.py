@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import ParallelLMHead
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import GemmaRMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.llama import attention_projections, head_dim_of, local_heads
 
@@ -95,7 +95,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, config: Any, max_position: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         scale = torch.tensor(float(config.hidden_size) ** 0.5).to(torch.get_default_dtype())
         self.register_buffer("embed_scale", scale, persistent=False)
         ropes = {

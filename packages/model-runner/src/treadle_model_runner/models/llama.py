@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import ParallelLMHead, RowParallelLinear, StackedLinear
+from treadle_model_runner.layers.linear import RowParallelLinear, StackedLinear
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import RMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.parallel import get_tp
 
@@ -156,7 +157,7 @@ class LlamaModel(nn.Module):
         make_mlp: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm, make_mlp(i) if make_mlp else None)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from treadle_model_runner.layers.linear import ParallelLMHead
+from treadle_model_runner.layers.vocab import ParallelLMHead
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, MoeModel, SparseMoeBlock
 
 

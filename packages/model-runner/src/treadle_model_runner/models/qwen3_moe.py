@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from treadle_model_runner.layers.linear import ParallelLMHead
 from treadle_model_runner.layers.mlp import GatedMLP
+from treadle_model_runner.layers.vocab import ParallelLMHead
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, MoeModel, SparseMoeBlock
 
 
