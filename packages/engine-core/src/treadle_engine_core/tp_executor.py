@@ -18,6 +18,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -128,6 +129,7 @@ class TensorParallelExecutor(InprocExecutor):
         return super().execute_async(so)
 
     def shutdown(self) -> None:
+        self._closing = True  # workers exiting from here on are expected
         super().shutdown()
         self._stop_workers()
 
@@ -150,6 +152,7 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
     from treadle_engine_core.engine_process import set_process_name
 
     set_process_name(f"treadle-tp{rank}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 stops us
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s [tp-rank {rank}] %(name)s: %(message)s"
     )
