@@ -26,6 +26,11 @@ from e2e_helpers import API_KEY, LLAMA, MAX_MODEL_LEN, MODEL_NAME, RealServer, f
 from tiny_assets import build_tokenizer_dir  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The engine-kill test stops the shared server: run it after every other test, whatever the file order."""
+    items.sort(key=lambda item: item.name.startswith("test_zz_engine_killed"))
+
+
 @pytest.fixture(scope="session")
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
     model = build_tokenizer_dir(tmp_path_factory.mktemp("tiny_llama"))
@@ -91,3 +96,9 @@ def oai(real_server: RealServer) -> openai.OpenAI:
         max_retries=0,
         timeout=60,
     )
+
+
+@pytest.fixture(scope="module")
+def oai_lax(real_server: RealServer) -> openai.OpenAI:
+    """Without the SDK's strict validation (which checks a response before the SDK's own post-processing)."""
+    return openai.OpenAI(base_url=real_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)

@@ -20,11 +20,6 @@ from e2e_helpers import API_KEY, CHAT, MODEL_NAME, RealServer, children_of
 from test_server_errors import CASES
 
 
-@pytest.fixture(scope="module")
-def oai_lax(real_server: RealServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=real_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-
-
 def test_startup_log_and_models(real_server: RealServer, oai: openai.OpenAI) -> None:
     deadline = time.monotonic() + 30  # the platform lines come from a thread after start-up
     while "IR dispatch" not in real_server.log.read_text() and time.monotonic() < deadline:

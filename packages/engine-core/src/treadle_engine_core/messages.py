@@ -45,6 +45,9 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):
     stop_reason: int | str | None = None  # the stop token id that ended it (None for EOS / length)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the engine rejected or failed it (finish_reason ERROR)
+    pooled: list[float] | None = (
+        None  # the request's embedding (sampling_params.pooling), with its first token
+    )
 
     @property
     def finished(self) -> bool:

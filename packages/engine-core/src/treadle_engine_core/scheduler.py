@@ -249,6 +249,7 @@ class Scheduler:
         sampled = mro.sampled_token_ids
         all_logprobs = mro.logprobs
         prompt_logprobs = mro.prompt_logprobs
+        pooled = mro.pooled
         eos, max_len = self.eos_token_ids, self.max_model_len
         any_running_finished = False
         running_status = RequestStatus.RUNNING
@@ -296,11 +297,14 @@ class Scheduler:
                 else:
                     self.waiting.remove(req)  # preempted with a token in flight
                 self._free(req)
-                outputs.append(
-                    EngineCoreOutput(rid, appended, lps, plp, req.finish_reason, req.stop_reason, num_cached)
+                out = EngineCoreOutput(
+                    rid, appended, lps, plp, req.finish_reason, req.stop_reason, num_cached
                 )
             else:
-                outputs.append(EngineCoreOutput(rid, appended, lps, plp, None, None, num_cached))
+                out = EngineCoreOutput(rid, appended, lps, plp, None, None, num_cached)
+            if pooled and rid in pooled:
+                out.pooled = pooled[rid]
+            outputs.append(out)
         if any_running_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return EngineCoreOutputs(

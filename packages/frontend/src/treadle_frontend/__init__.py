@@ -10,7 +10,13 @@ from __future__ import annotations
 from treadle_frontend.async_llm import AsyncLLM
 from treadle_frontend.engine_client import EngineDeadError
 from treadle_frontend.llm import LLM
-from treadle_frontend.outputs import CompletionOutput, Logprob, RequestOutput
+from treadle_frontend.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
@@ -18,6 +24,8 @@ __all__ = [
     "LLM",
     "AsyncLLM",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "EngineDeadError",
     "Logprob",
     "RequestOutput",

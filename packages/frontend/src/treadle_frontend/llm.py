@@ -24,7 +24,7 @@ from treadle_engine_core.heap import freeze_startup_heap
 from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
 from treadle_frontend.input_processor import InputProcessor, PromptType
 from treadle_frontend.output_processor import OutputProcessor
-from treadle_frontend.outputs import RequestOutput
+from treadle_frontend.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,18 @@ class LLM:
             prompt_list = list(prompts)  # type: ignore[arg-type]
         encoded = [self.input_processor.encode_prompt(p) for p in prompt_list]
         return self._run(encoded, sampling_params, use_tqdm)
+
+    def embed(
+        self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's LLM.embed on a decoder model: each prompt's embedding, the L2-normalised final hidden state of its
+        last token (last-token pooling); `out.outputs.embedding` is a list of hidden_size floats."""
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last")
+        outs = self.generate(prompts, params, use_tqdm)
+        return [
+            EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding or []))
+            for o in outs
+        ]
 
     def chat(
         self,

@@ -149,6 +149,7 @@ class OutputProcessor:
                 finish_reason=finish_reason_str(getattr(eo, "finish_reason", None)),
                 stop_reason=getattr(eo, "stop_reason", None),
                 num_cached_tokens=getattr(eo, "num_cached_tokens", 0) or 0,
+                pooled=getattr(eo, "pooled", None),
             )
             had_first = state.metrics.first_token_time is not None
             if state.update(step):
@@ -200,6 +201,7 @@ class OutputProcessor:
             finished=all_done,
             num_cached_tokens=parent.num_cached_tokens,
             metrics=state.metrics,
+            embedding=state.embedding,
         )
 
     @staticmethod

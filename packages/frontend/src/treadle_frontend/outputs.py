@@ -58,6 +58,7 @@ class RequestOutput:
     finished: bool  # every completion of this request has finished
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None  # timings, when the frontend tracked them
+    embedding: list[float] | None = None  # the prompt's embedding, when SamplingParams.pooling asked for it
 
     def __repr__(self) -> str:
         return (
@@ -73,3 +74,18 @@ class RequestMetrics:
     last_token_time: float | None = None  # time.time() of the latest generated token
     finished_time: float | None = None  # time.time() when the request finished
     inter_token_latencies: list[float] = field(default_factory=list)  # seconds between output steps
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    embedding: list[float]  # L2-normalised, hidden_size floats
+
+
+@dataclass(slots=True)
+class EmbeddingRequestOutput:
+    """vLLM's shape for LLM.embed: `out.outputs.embedding`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

@@ -68,6 +68,7 @@ class EngineStep:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    pooled: list[float] | None = None  # the embedding, for a request that asked for one
 
 
 @dataclass(slots=True)
@@ -92,6 +93,7 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    embedding: list[float] | None = None  # SamplingParams.pooling: the prompt's embedding, once computed
     # FINAL_ONLY without stop strings: nobody reads the text before the end, so the ids wait here and are decoded
     # once, when the request finishes
     unread_ids: list[int] = field(default_factory=list)
@@ -142,6 +144,8 @@ class RequestState:
                 m.inter_token_latencies.append(now - m.last_token_time)
             m.last_token_time = now
         self.num_cached_tokens = max(self.num_cached_tokens, step.num_cached_tokens or 0)
+        if step.pooled is not None:
+            self.embedding = step.pooled
         self._add_logprobs(step)
         new_ids = list(step.new_token_ids)
         self.token_ids.extend(new_ids)

@@ -23,6 +23,8 @@ class ModelRunnerOutput:
     logprobs: list[list[Logprobs] | None] = field(default_factory=list)  # per request, per sampled token
     # request id -> logprobs of prompt positions computed this step (position i scores prompt token i+1)
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
+    # request id -> its embedding (SamplingParams.pooling), in the step that computed its last prompt token
+    pooled: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> ModelRunnerOutput:

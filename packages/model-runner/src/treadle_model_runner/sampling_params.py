@@ -24,6 +24,9 @@ class RequestOutputKind(IntEnum):
     FINAL_ONLY = 2  # once, when the request finishes
 
 
+POOLING_TYPES = (None, "last")
+
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1  # completions per prompt
@@ -53,6 +56,9 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
     # Filled by the engine from the model's generation config: token ids that end generation (EOS).
     all_stop_token_ids: set[int] = field(default_factory=set)
+    # "last": also return the L2-normalised final hidden state of the last prompt token (an embedding request of
+    # the frontend's, with max_tokens 1; the sampled token is then not needed); None: a generation request
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -112,6 +118,10 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must be a list of non-empty strings, got {s!r}")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(
+                f"pooling {self.pooling!r} is not one of None, {', '.join(map(repr, POOLING_TYPES[1:]))}"
+            )
         if self.n > 1 and self.is_greedy and self.seed is None:
             pass  # allowed, as in vLLM: n identical greedy completions
 
@@ -130,7 +140,12 @@ class SamplingParams:
         bad words read the outputs; prompt logprobs are returned with the step), so its steps are not deferred.
         Structured outputs need them only when the step samples, after its forward is launched, and sampled-token
         logprobs travel with the tokens (runner/sampling.py), so those steps are deferred."""
-        return self.needs_penalties or bool(self.bad_words_token_ids) or self.prompt_logprobs is not None
+        return (
+            self.needs_penalties
+            or bool(self.bad_words_token_ids)
+            or self.prompt_logprobs is not None
+            or self.pooling is not None  # the embedding is returned with the step
+        )
 
     @property
     def num_logprobs(self) -> int:

@@ -23,6 +23,7 @@ from treadle_frontend.server.chat import ChatHandler
 from treadle_frontend.server.common import ServerState
 from treadle_frontend.server.completions import CompletionsHandler
 from treadle_frontend.server.config import ServerConfig
+from treadle_frontend.server.embeddings import EmbeddingsHandler
 from treadle_frontend.server.errors import APIError, install_error_handlers
 from treadle_frontend.server.messages import MessagesHandler
 from treadle_frontend.server.metrics import ServerMetrics
@@ -32,6 +33,7 @@ from treadle_frontend.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ResponsesRequest,
     TokenizeRequest,
 )
@@ -100,7 +102,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
 
     v1 = APIRouter(dependencies=[Depends(check_api_key)])
     completions, chat, messages = CompletionsHandler(state), ChatHandler(state), MessagesHandler(state)
-    responses = ResponsesHandler(state)
+    responses, embeddings = ResponsesHandler(state), EmbeddingsHandler(state)
 
     @v1.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request) -> Any:
@@ -121,6 +123,11 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
     async def create_message(body: AnthropicMessagesRequest, request: Request) -> Any:
         check_alive()
         return await messages.handle(body, request)
+
+    @v1.post("/v1/embeddings")
+    async def create_embedding(body: EmbeddingRequest, request: Request) -> Any:
+        check_alive()
+        return await embeddings.handle(body, request)
 
     @v1.post("/v1/messages/count_tokens")
     async def count_tokens(body: AnthropicCountTokensRequest) -> Any:

@@ -158,3 +158,13 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = None
+    input: str | list[str] | IntList | list[IntList]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    add_special_tokens: bool = True  # vLLM's extra
+    priority: int = 0  # vLLM's extra

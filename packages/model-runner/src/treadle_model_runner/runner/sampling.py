@@ -3,6 +3,8 @@
 Logits are computed for the `S` rows that sample (their last scheduled token) and, for requests that asked for
 prompt logprobs, at the prompt positions computed this step whose next token is a prompt token (position p
 scores prompt token p + 1). Sampled tokens are appended to the persistent batch and to each request's outputs.
+A request asking for pooling gets its embedding with its first sampled token: the final hidden state of its last
+prompt token, L2-normalised (last-token pooling, as decoder embedding models such as Qwen3-Embedding use).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from treadle_model_runner.sample import LogprobsTensors, SamplingMetadata, compu
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.model_runner import ModelRunner
+    from treadle_model_runner.runner.request_state import RequestState
 
 
 def sample_step(
@@ -32,6 +35,7 @@ def sample_step(
     rows = inputs.sample_rows
     sampled_lists: list[list[int]] = [[] for _ in req_ids]
     logprobs_lists: list[list[Logprobs] | None] = [None] * len(req_ids)
+    pooled: dict[str, list[float]] = {}
     if rows.size:
         states = [batch.states[r] for r in rows]
         assert all(s is not None for s in states), "a sampling row has no request state"
@@ -69,6 +73,7 @@ def sample_step(
             if lp is not None:  # built from the host copies when the engine asks for the step's output
                 logprobs = functools.partial(_host_logprobs, pending.extra, metadata.num_logprobs)
             return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait, logprobs)
+        pooled = _pooled(states, [req_ids[r] for r in rows.tolist()], hidden[inputs.logits_indices])
         tokens = out.sampled_token_ids.cpu().numpy()
         batch.append_tokens(rows, tokens.astype(np.int32))
         host_logprobs = out.logprobs.tolists(metadata.num_logprobs) if out.logprobs is not None else None
@@ -86,7 +91,24 @@ def sample_step(
         sampled_token_ids=sampled_lists,
         logprobs=logprobs_lists,
         prompt_logprobs=_prompt_logprobs(runner, req_ids, inputs, hidden),
+        pooled=pooled,
     )
+
+
+def _pooled(
+    states: list[RequestState | None], ids: list[str], last_hidden: torch.Tensor
+) -> dict[str, list[float]]:
+    """Embeddings of the sampling rows whose request asked for one and samples its first token now (its last prompt
+    token's final hidden state, L2-normalised in float32)."""
+    wanted = [
+        j
+        for j, s in enumerate(states)
+        if s is not None and s.sampling_params.pooling and not s.output_token_ids
+    ]
+    if not wanted:
+        return {}
+    vectors = torch.nn.functional.normalize(last_hidden[wanted].float(), dim=-1).tolist()
+    return {ids[j]: v for j, v in zip(wanted, vectors, strict=True)}
 
 
 def _host_logprobs(host: list[torch.Tensor], counts: list[int]) -> list[Logprobs | None]:

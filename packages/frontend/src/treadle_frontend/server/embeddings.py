@@ -1,0 +1,83 @@
+"""POST /v1/embeddings (OpenAI's shape): each input's embedding from the served decoder model.
+
+An embedding is the L2-normalised final hidden state of the input's last token (last-token pooling, what decoder
+embedding models such as Qwen3-Embedding and e5-mistral use; vLLM's default for them). Each input runs through the
+engine as a one-token request with `SamplingParams.pooling = "last"`; its sampled token is dropped. Inputs: a string,
+a list of strings, a token-id list, or a list of token-id lists. `encoding_format` "base64" sends the float32 bytes
+(little-endian), as the openai SDK asks for by default. `dimensions` is refused: the models served have no
+Matryoshka training, so a cut vector would not be an embedding.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from treadle_frontend.server.common import ServerState, check_priority, collect_all, new_id, until_disconnect
+from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.protocol import EmbeddingRequest
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+
+
+def _inputs(body: EmbeddingRequest) -> list[str | list[int]]:
+    given = body.input
+    if isinstance(given, str):
+        return [given]
+    if not given:
+        raise APIError(400, "input must not be empty", param="input")
+    if all(isinstance(x, int) for x in given):
+        return [list(given)]  # type: ignore[arg-type]
+    return list(given)  # type: ignore[arg-type]
+
+
+class EmbeddingsHandler:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def handle(self, body: EmbeddingRequest, request: Request) -> Any:
+        st = self.state
+        st.check_model(body.model)
+        if body.dimensions is not None:
+            raise APIError(400, "dimensions is not supported: this model has no Matryoshka embeddings",
+                           param="dimensions")  # fmt: skip
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last",
+                                output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+        ip = st.llm.input_processor
+        encoded = []
+        for item in _inputs(body):
+            if isinstance(item, str) and not item:
+                raise APIError(400, "input must not contain empty strings", param="input")
+            text, ids = ip.encode_prompt(item, add_special_tokens=body.add_special_tokens)
+            ip.check_length(ids, params.clone())
+            encoded.append((text, ids))
+        check_priority(st, body.priority)
+        rid = new_id("embd-")
+        gens = [
+            st.llm.generate(
+                text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority
+            )
+            for i, (text, ids) in enumerate(encoded)
+        ]
+        finals = await until_disconnect(request, collect_all(gens))
+        data = []
+        for i, out in enumerate(finals):
+            if out.embedding is None:
+                raise APIError(500, "the engine returned no embedding", code="internal_error")
+            vector: Any = out.embedding
+            if body.encoding_format == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        num_tokens = sum(len(ids) for _, ids in encoded)
+        return JSONResponse({
+            "id": rid,
+            "object": "list",
+            "created": int(time.time()),
+            "model": st.model_name,
+            "data": data,
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+        })  # fmt: skip

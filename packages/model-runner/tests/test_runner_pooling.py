@@ -1,0 +1,52 @@
+"""Embeddings (SamplingParams.pooling="last"): the runner returns the L2-normalised final hidden state of the last
+prompt token, equal to HF's `last_hidden_state` there, once, in the step that finishes the prompt (also when the
+prompt is chunked, or batched with generation requests, which get none)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from test_runner_fakes import FakeScheduler, make_runner, perturb_
+
+from treadle_model_runner import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory) -> tuple[tf.PreTrainedModel, Path]:
+    config = tf.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    hf = tf.Qwen3ForCausalLM(config).eval()
+    perturb_(hf, seed=1, std=0.15)
+    path = tmp_path_factory.mktemp("qwen3")
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, path
+
+
+def test_last_token_embedding_matches_hf(qwen3: tuple[tf.PreTrainedModel, Path]) -> None:
+    hf, path = qwen3
+    gen = torch.Generator().manual_seed(4)
+    prompts = {f"e{i}": torch.randint(1, 128, (7 + 19 * i,), generator=gen).tolist() for i in range(3)}
+    sched = FakeScheduler(make_runner(path), seed=2)
+    embed = SamplingParams(temperature=0.0, max_tokens=1, pooling="last")
+    for req_id, prompt in prompts.items():
+        sched.add(req_id, prompt, embed, max_tokens=1)
+    sched.add("gen", prompts["e1"], SamplingParams(temperature=0.0), max_tokens=5)
+    sched.run(budget=16)  # e1 and e2 are chunked
+    pooled = [out.pooled for out in sched.outputs if out.pooled]
+    got = {req_id: vec for step in pooled for req_id, vec in step.items()}
+    assert sorted(got) == sorted(prompts), "one embedding per pooling request, none for generation"
+    assert sum(len(step) for step in pooled) == len(prompts)
+    for req_id, prompt in prompts.items():
+        with torch.no_grad():
+            last = hf.model(torch.tensor([prompt])).last_hidden_state[0, -1]
+        want = torch.nn.functional.normalize(last.float(), dim=-1)
+        assert torch.tensor(got[req_id]).sub(want).abs().max().item() < 1e-5, req_id
+
+
+def test_unknown_pooling_is_rejected() -> None:
+    with pytest.raises(ValueError, match="pooling 'mean' is not one of None, 'last'"):
+        SamplingParams(pooling="mean")
