@@ -50,3 +50,26 @@ def test_last_token_embedding_matches_hf(qwen3: tuple[tf.PreTrainedModel, Path])
 def test_unknown_pooling_is_rejected() -> None:
     with pytest.raises(ValueError, match="pooling 'mean' is not one of None, 'last'"):
         SamplingParams(pooling="mean")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_last_token_embedding_on_gpu(qwen3: tuple[tf.PreTrainedModel, Path]) -> None:
+    """bf16 on the GPU (Triton attention, CUDA graphs): within bf16 rounding of HF's float32 embedding."""
+    hf, path = qwen3
+    gen = torch.Generator().manual_seed(5)
+    prompts = {f"e{i}": torch.randint(1, 128, (3 + 41 * i,), generator=gen).tolist() for i in range(4)}
+    runner = make_runner(
+        path, block_size=16, num_blocks=64, device="cuda", dtype="bfloat16", attention_backend="triton"
+    )
+    sched = FakeScheduler(runner, seed=3)
+    for req_id, prompt in prompts.items():
+        sched.add(req_id, prompt, SamplingParams(temperature=0.0, max_tokens=1, pooling="last"), max_tokens=1)
+    sched.run(budget=64)
+    got = {req_id: vec for out in sched.outputs for req_id, vec in out.pooled.items()}
+    assert sorted(got) == sorted(prompts)
+    for req_id, prompt in prompts.items():
+        with torch.no_grad():
+            want = hf.model(torch.tensor([prompt])).last_hidden_state[0, -1].float()
+        cos = torch.nn.functional.cosine_similarity(torch.tensor(got[req_id]), want, dim=0).item()
+        assert cos > 0.999, (req_id, cos)
