@@ -86,6 +86,35 @@ def test_serve_flags_reach_the_configs() -> None:
     assert ea.scheduler_config.max_model_len == 512
 
 
+def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
+    argv = ["serve", "d", "--block-size", "32", "--num-gpu-blocks-override", "100", "--no-enable-chunked-prefill",
+            "--max-num-batched-tokens", "4096", "--max-model-len", "512", "--long-prefill-token-threshold", "64",
+            "--trust-remote-code", "--max-logprobs", "5", "--allowed-origins", '["http://a.example"]',
+            "--allow-credentials", "-pp", "1", "-dp", "1"]  # fmt: skip
+    args = cli.build_parser().parse_args(argv)
+    ea = EngineArgs.from_kwargs(args.model, **cli_serve.engine_options(args))
+    assert (ea.cache_config.block_size, ea.cache_config.num_gpu_blocks_override) == (32, 100)
+    assert (
+        not ea.scheduler_config.enable_chunked_prefill
+        and ea.scheduler_config.long_prefill_token_threshold == 64
+    )
+    server = cli_serve.make_server_config(args, args.model)
+    assert (
+        server.max_logprobs == 5
+        and server.allowed_origins == ("http://a.example",)
+        and server.allow_credentials
+    )
+    for flags, message in (
+        (["-pp", "2"], "pipeline_parallel_size 2 is not supported"),
+        (["-dp", "2"], "data_parallel_size 2 is not supported"),
+        (["--quantization", "fp8"], "quantization 'fp8' is not supported"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            cli_serve.engine_options(cli.build_parser().parse_args(["serve", *flags]))
+    with pytest.raises(ValueError, match=r"max_logprobs must be in \[0, 20\]"):
+        cli_serve.make_server_config(cli.build_parser().parse_args(["serve", "--max-logprobs", "21"]), None)
+
+
 def test_bad_option_and_version(capsys: object) -> None:
     with pytest.raises(ValueError, match="unknown engine option 'max_num_seq'"):
         EngineArgs.from_kwargs(None, max_num_seq=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import logging
 import signal
 import socket
@@ -97,7 +98,30 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d["enable_prefix_caching"]
     )
     p.add_argument("--scheduling-policy", default=d["policy"], choices=["fcfs", "priority"])
+    p.add_argument("--block-size", type=int, default=d["block_size"], help="tokens per KV-cache block")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="fix the KV-cache block count")
+    p.add_argument(
+        "--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d["enable_chunked_prefill"]
+    )
+    p.add_argument("--long-prefill-token-threshold", type=int, default=d["long_prefill_token_threshold"])
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    # vLLM flags treadle accepts so that vLLM command lines run, refusing values it cannot honour
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 only (use -tp)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="1 only (run one server per GPU)")
+    p.add_argument("--quantization", "-q", default=None, help="none only: weights load unquantized")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="accepted; treadle never runs a model's code"
+    )
+    p.add_argument(
+        "--max-logprobs", type=int, default=d["max_logprobs"], help="most logprobs a request may ask"
+    )
+    p.add_argument("--root-path", default="", help="path prefix when served behind a path-based proxy")
+    p.add_argument("--ssl-keyfile", default=None)
+    p.add_argument("--ssl-certfile", default=None)
+    p.add_argument("--allowed-origins", type=json.loads, default=list(d["allowed_origins"]), help="JSON list")
+    p.add_argument("--allowed-methods", type=json.loads, default=list(d["allowed_methods"]), help="JSON list")
+    p.add_argument("--allowed-headers", type=json.loads, default=list(d["allowed_headers"]), help="JSON list")
+    p.add_argument("--allow-credentials", action="store_true", default=d["allow_credentials"])
     p.add_argument("--enforce-eager", action="store_true", default=d["enforce_eager"])
     p.add_argument(
         "--async-scheduling",
@@ -122,7 +146,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    for flag, value in (("pipeline_parallel_size", args.pipeline_parallel_size),
+                        ("data_parallel_size", args.data_parallel_size)):  # fmt: skip
+        if value != 1:
+            raise ValueError(
+                f"{flag} {value} is not supported; split a model across GPUs with --tensor-parallel-size"
+            )
+    if args.quantization not in (None, "none"):
+        raise ValueError(
+            f"quantization {args.quantization!r} is not supported: weights load unquantized (GGUF dequantized at "
+            "load); --kv-cache-dtype fp8 stores the KV cache in 8 bits"
+        )
     return {
+        "block_size": args.block_size,
+        "num_gpu_blocks_override": args.num_gpu_blocks_override,
+        "enable_chunked_prefill": args.enable_chunked_prefill,
+        "long_prefill_token_threshold": args.long_prefill_token_threshold,
         "tokenizer": args.tokenizer,
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
@@ -226,6 +265,11 @@ def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
         reasoning_parser=args.reasoning_parser,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_log_stats=args.disable_log_stats,
+        max_logprobs=args.max_logprobs,
+        allowed_origins=tuple(args.allowed_origins),
+        allowed_methods=tuple(args.allowed_methods),
+        allowed_headers=tuple(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
     )
 
 
@@ -236,6 +280,10 @@ def run_serve(args: argparse.Namespace) -> int:
     model = args.model or args.model_opt
     server_config = make_server_config(args, model)
     _apply_ir_priority(args.ir_op_priority)
+    if args.trust_remote_code:
+        logger.info(
+            "--trust-remote-code changes nothing: treadle runs its own model code, never a checkpoint's"
+        )
     engine_args = EngineArgs.from_kwargs(model, **engine_options(args))
     if args.chat_template:  # a file or template text: checked before the engine loads anything
         from treadle_frontend.tokenizer import resolve_chat_template
@@ -273,8 +321,9 @@ def run_serve(args: argparse.Namespace) -> int:
             target=_platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True
         ).start()
         config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5
-        )
+            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
+            root_path=args.root_path, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+        )  # fmt: skip
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         llm.shutdown()

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from treadle_frontend.async_llm import AsyncLLM
@@ -78,6 +79,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
 
     app = FastAPI(title="treadle", version=treadle_version(), lifespan=lifespan)
     app.state.treadle = state
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(config.allowed_origins),
+        allow_methods=list(config.allowed_methods),
+        allow_headers=list(config.allowed_headers),
+        allow_credentials=config.allow_credentials,
+    )
     install_error_handlers(app)
 
     async def check_api_key(request: Request) -> None:

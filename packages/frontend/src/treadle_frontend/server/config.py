@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from treadle_frontend.server.reply import REASONING_PARSERS
 from treadle_frontend.server.tool_calls import PARSERS
+from treadle_model_runner.sampling_params import MAX_LOGPROBS
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -27,6 +28,11 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False  # parse the tool calls replies write (needs tool_call_parser)
     tool_call_parser: str | None = None  # the format they are written in: "hermes"
     reasoning_parser: str | None = None  # split the <think> block into reasoning_content: qwen3 | deepseek_r1
+    # CORS, as vLLM's --allowed-origins / --allowed-methods / --allowed-headers / --allow-credentials (its defaults)
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -34,6 +40,10 @@ class ServerConfig:
         if self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
             raise ValueError(
                 f"uvicorn_log_level {self.uvicorn_log_level!r} is not one of {', '.join(UVICORN_LOG_LEVELS)}"
+            )
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"max_logprobs must be in [0, {MAX_LOGPROBS}] (the sampler's most), got {self.max_logprobs}"
             )
         if self.stats_log_interval_s <= 0:
             raise ValueError(f"stats_log_interval_s must be > 0 seconds, got {self.stats_log_interval_s}")
