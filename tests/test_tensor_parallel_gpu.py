@@ -5,6 +5,7 @@ logprobs, and with CUDA graphs (decode graphs and piecewise graphs holding the a
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def _run(path: Path, **engine: Any) -> list[Any]:
         outs = llm.generate(prompts, greedy)
     finally:
         llm.shutdown()
+    del llm
+    gc.collect()  # rank 0's runner lives in this process: free its memory before the next engine sizes its cache
+    torch.cuda.empty_cache()
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 

@@ -106,9 +106,10 @@ class TensorParallelExecutor(InprocExecutor):
         os._exit(1)
 
     def _send(self, kind: bytes, payload: bytes = b"") -> None:
+        message = kind + payload
         for rank, (_, conn) in enumerate(self._workers, start=1):
             try:
-                conn.send_bytes(kind + payload)
+                conn.send_bytes(message)
             except OSError as exc:
                 raise RuntimeError(f"tensor-parallel rank {rank} is gone ({exc})") from exc
 
