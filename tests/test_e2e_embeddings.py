@@ -1,7 +1,7 @@
 """POST /v1/embeddings through the openai SDK on the real server (tiny dummy Llama): one unit-length vector of
 hidden_size floats per input, in input order, whether the SDK asks for base64 (its default) or floats; token-id
 inputs; usage counts the prompt tokens; the vectors equal the offline `LLM.embed` of the same weights; `dimensions`
-and empty input are 400s."""
+and empty input are 400s; /score and /rerank rank by those vectors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from e2e_helpers import API_KEY, LLAMA, MODEL_NAME, RealServer
+from tiny_assets import build_tokenizer_dir
 
 from treadle import LLM
 
@@ -54,3 +55,48 @@ def test_embedding_errors(real_server: RealServer) -> None:
         r = httpx.post(real_server.url + "/v1/embeddings", json=body, headers=headers, timeout=30)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
+
+
+def test_score_and_rerank(real_server: RealServer, tmp_path: Path) -> None:
+    """/score and /rerank (vLLM's, for an embedding model): the dot products of the /v1/embeddings vectors; rerank
+    orders the documents best first and keeps top_n; the offline LLM.score gives the same scores."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(path: str, body: dict[str, object]) -> dict:
+        r = httpx.post(
+            real_server.url + path, json={"model": MODEL_NAME, **body}, headers=headers, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    query, docs = (
+        "where is the capital",
+        ["Paris is in France", "the capital city", "bananas are yellow", "x"],
+    )
+    vectors = [d["embedding"] for d in post("/v1/embeddings", {"input": [query, *docs]})["data"]]
+    want = [sum(a * b for a, b in zip(vectors[0], v, strict=True)) for v in vectors[1:]]
+    for path in ("/score", "/v1/score"):
+        got = post(path, {"text_1": query, "text_2": docs})
+        assert [d["index"] for d in got["data"]] == [0, 1, 2, 3]
+        assert [d["score"] for d in got["data"]] == pytest.approx(want, abs=1e-5)
+    pairwise = post("/score", {"text_1": [query, docs[0]], "text_2": [docs[1], docs[0]]})["data"]
+    assert pairwise[1]["score"] == pytest.approx(1.0, abs=1e-5)  # a text with itself
+    best_first = sorted(range(len(docs)), key=lambda i: -want[i])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        got = post(path, {"query": query, "documents": docs, "top_n": 3})
+        assert [r["index"] for r in got["results"]] == best_first[:3]
+        assert [r["document"]["text"] for r in got["results"]] == [docs[i] for i in best_first[:3]]
+        assert [r["relevance_score"] for r in got["results"]] == pytest.approx(
+            [want[i] for i in best_first[:3]]
+        )
+    model = build_tokenizer_dir(tmp_path)  # the server's model: this tokenizer, dummy weights (seed 0)
+    (model / "config.json").write_text(json.dumps(LLAMA))
+    llm = LLM(str(model), load_format="dummy", max_model_len=512, kv_cache_space=0.01)
+    try:
+        offline = [o.outputs.score for o in llm.score(query, docs, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert offline == pytest.approx(want, abs=1e-5)
+    r = httpx.post(real_server.url + "/score", json={"text_1": ["a", "b"], "text_2": ["c", "d", "e"]},
+                   headers=headers, timeout=30)  # fmt: skip
+    assert r.status_code == 400 and "as many as text_2" in r.json()["error"]["message"]

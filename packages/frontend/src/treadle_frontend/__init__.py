@@ -16,6 +16,8 @@ from treadle_frontend.outputs import (
     EmbeddingRequestOutput,
     Logprob,
     RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
 )
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
@@ -31,5 +33,7 @@ __all__ = [
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "ScoringOutput",
+    "ScoringRequestOutput",
     "StructuredOutputsParams",
 ]

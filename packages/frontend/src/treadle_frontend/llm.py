@@ -24,7 +24,14 @@ from treadle_engine_core.heap import freeze_startup_heap
 from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
 from treadle_frontend.input_processor import InputProcessor, PromptType
 from treadle_frontend.output_processor import OutputProcessor
-from treadle_frontend.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from treadle_frontend.outputs import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+    similarity,
+)
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -122,6 +129,28 @@ class LLM:
         return [
             EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding or []))
             for o in outs
+        ]
+
+    def score(
+        self, text_1: str | Sequence[str], text_2: str | Sequence[str], use_tqdm: bool = True
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's LLM.score for an embedding model: the cosine similarity of each pair's embeddings (`embed`). One
+        text_1 against each text_2, or two lists of one length, pairwise."""
+        left = [text_1] if isinstance(text_1, str) else list(text_1)
+        right = [text_2] if isinstance(text_2, str) else list(text_2)
+        if len(left) == 1:
+            left = left * len(right)
+        if len(left) != len(right) or not right:
+            raise ValueError(
+                f"text_1 has {len(left)} texts and text_2 {len(right)}: give one text_1, or as many"
+            )
+        distinct = list(dict.fromkeys(left + right))
+        vectors = {
+            t: o.outputs.embedding for t, o in zip(distinct, self.embed(distinct, use_tqdm), strict=True)
+        }
+        return [
+            ScoringRequestOutput(str(i), ScoringOutput(similarity(vectors[a], vectors[b])))
+            for i, (a, b) in enumerate(zip(left, right, strict=True))
         ]
 
     def chat(

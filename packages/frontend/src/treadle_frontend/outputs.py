@@ -89,3 +89,22 @@ class EmbeddingRequestOutput:
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
     finished: bool = True
+
+
+@dataclass(slots=True)
+class ScoringOutput:
+    score: float  # cosine similarity of the two texts' embeddings
+
+
+@dataclass(slots=True)
+class ScoringRequestOutput:
+    """vLLM's shape for LLM.score: `out.outputs.score`."""
+
+    request_id: str
+    outputs: ScoringOutput
+    finished: bool = True
+
+
+def similarity(a: list[float], b: list[float]) -> float:
+    """The score of two embeddings: their cosine similarity (both are unit vectors, so their dot product)."""
+    return float(sum(x * y for x, y in zip(a, b, strict=True)))

@@ -35,10 +35,13 @@ from treadle_frontend.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
 )
 from treadle_frontend.server.responses import ResponsesHandler
+from treadle_frontend.server.scoring import ScoringHandler
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,21 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
     async def create_embedding(body: EmbeddingRequest, request: Request) -> Any:
         check_alive()
         return await embeddings.handle(body, request)
+
+    scoring = ScoringHandler(state)
+
+    @v1.post("/score")
+    @v1.post("/v1/score")
+    async def create_score(body: ScoreRequest, request: Request) -> Any:
+        check_alive()
+        return await scoring.score(body, request)
+
+    @v1.post("/rerank")
+    @v1.post("/v1/rerank")
+    @v1.post("/v2/rerank")
+    async def create_rerank(body: RerankRequest, request: Request) -> Any:
+        check_alive()
+        return await scoring.rerank(body, request)
 
     @v1.post("/v1/messages/count_tokens")
     async def count_tokens(body: AnthropicCountTokensRequest) -> Any:

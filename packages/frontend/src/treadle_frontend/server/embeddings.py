@@ -35,6 +35,39 @@ def _inputs(body: EmbeddingRequest) -> list[str | list[int]]:
     return list(given)  # type: ignore[arg-type]
 
 
+async def embed_inputs(
+    st: ServerState,
+    items: list[str | list[int]],
+    request: Request,
+    param: str,
+    *,
+    add_special_tokens: bool = True,
+    priority: int = 0,
+    prefix: str = "embd-",
+) -> tuple[str, list[list[float]], int]:
+    """(request id, each item's embedding, prompt tokens in all): the engine runs one pooling request per item."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last",
+                            output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+    ip = st.llm.input_processor
+    encoded = []
+    for item in items:
+        if isinstance(item, str) and not item:
+            raise APIError(400, f"{param} must not contain empty strings", param=param)
+        text, ids = ip.encode_prompt(item, add_special_tokens=add_special_tokens)
+        ip.check_length(ids, params.clone())
+        encoded.append((text, ids))
+    check_priority(st, priority)
+    rid = new_id(prefix)
+    gens = [
+        st.llm.generate(text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=priority)
+        for i, (text, ids) in enumerate(encoded)
+    ]
+    finals = await until_disconnect(request, collect_all(gens))
+    if any(out.embedding is None for out in finals):
+        raise APIError(500, "the engine returned no embedding", code="internal_error")
+    return rid, [list(out.embedding or []) for out in finals], sum(len(ids) for _, ids in encoded)
+
+
 class EmbeddingsHandler:
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -45,34 +78,20 @@ class EmbeddingsHandler:
         if body.dimensions is not None:
             raise APIError(400, "dimensions is not supported: this model has no Matryoshka embeddings",
                            param="dimensions")  # fmt: skip
-        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last",
-                                output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
-        ip = st.llm.input_processor
-        encoded = []
-        for item in _inputs(body):
-            if isinstance(item, str) and not item:
-                raise APIError(400, "input must not contain empty strings", param="input")
-            text, ids = ip.encode_prompt(item, add_special_tokens=body.add_special_tokens)
-            ip.check_length(ids, params.clone())
-            encoded.append((text, ids))
-        check_priority(st, body.priority)
-        rid = new_id("embd-")
-        gens = [
-            st.llm.generate(
-                text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority
-            )
-            for i, (text, ids) in enumerate(encoded)
-        ]
-        finals = await until_disconnect(request, collect_all(gens))
+        rid, vectors, num_tokens = await embed_inputs(
+            st,
+            _inputs(body),
+            request,
+            "input",
+            add_special_tokens=body.add_special_tokens,
+            priority=body.priority,
+        )
         data = []
-        for i, out in enumerate(finals):
-            if out.embedding is None:
-                raise APIError(500, "the engine returned no embedding", code="internal_error")
-            vector: Any = out.embedding
+        for i, vector in enumerate(vectors):
+            sent: Any = vector
             if body.encoding_format == "base64":
-                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            data.append({"object": "embedding", "index": i, "embedding": vector})
-        num_tokens = sum(len(ids) for _, ids in encoded)
+                sent = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": sent})
         return JSONResponse({
             "id": rid,
             "object": "list",

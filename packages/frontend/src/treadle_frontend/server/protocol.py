@@ -168,3 +168,21 @@ class EmbeddingRequest(_Body):
     user: str | None = None
     add_special_tokens: bool = True  # vLLM's extra
     priority: int = 0  # vLLM's extra
+
+
+class ScoreRequest(_Body):
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    add_special_tokens: bool = True
+    priority: int = 0
+
+
+class RerankRequest(_Body):
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int = 0  # 0 = every document
+    return_documents: bool = True
+    add_special_tokens: bool = True
+    priority: int = 0
