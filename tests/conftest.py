@@ -8,21 +8,17 @@ One server is shared by the whole session; the engine-kill test runs last and st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "packages" / "frontend" / "tests"))
 
-from e2e_helpers import API_KEY, LLAMA, MAX_MODEL_LEN, MODEL_NAME, RealServer, free_port  # noqa: E402
+from e2e_helpers import API_KEY, LLAMA, RealServer, start_server  # noqa: E402
 from tiny_assets import build_tokenizer_dir  # noqa: E402
 
 
@@ -35,53 +31,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
     model = build_tokenizer_dir(tmp_path_factory.mktemp("tiny_llama"))
     (model / "config.json").write_text(json.dumps(LLAMA))
-    port = free_port()
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "treadle.cli",
-        "serve",
-        str(model),
-        "--load-format",
-        "dummy",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--kv-cache-space",
-        "0.01",
-        "--api-key",
-        API_KEY,
-        "--served-model-name",
-        MODEL_NAME,
-        "--max-num-seqs",
-        "16",
-        "--uvicorn-log-level",
-        "warning",
-        "--enable-auto-tool-choice",  # tools change nothing for requests without them
+    extra = [
+        "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = RealServer(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + 240
+    ]  # tools change nothing for other requests
+    server = start_server(model, tmp_path_factory.mktemp("logs") / "server.log", extra)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"treadle serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"treadle serve not ready in 240 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
         yield server
     finally:
         server.stop()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 API_KEY = "e2e-key"
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 256
+ROOT = Path(__file__).resolve().parent.parent
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -83,3 +89,32 @@ class RealServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def start_server(model: Path, log: Path, extra: list[str]) -> RealServer:
+    """`treadle serve` on `model` (dummy weights) on a free port, once /health answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "treadle.cli", "serve", str(model), "--load-format", "dummy", "--port", str(port),
+           "--host", "127.0.0.1", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-space", "0.01",
+           "--api-key", API_KEY, "--served-model-name", MODEL_NAME, "--max-num-seqs", "16",
+           "--uvicorn-log-level", "warning", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    server = RealServer(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"treadle serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"treadle serve not ready in 240 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+    except BaseException:
+        server.stop()
+        raise

@@ -90,10 +90,11 @@ def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
     argv = ["serve", "d", "--block-size", "32", "--num-gpu-blocks-override", "100", "--no-enable-chunked-prefill",
             "--max-num-batched-tokens", "4096", "--max-model-len", "512", "--long-prefill-token-threshold", "64",
             "--trust-remote-code", "--max-logprobs", "5", "--allowed-origins", '["http://a.example"]',
-            "--allow-credentials", "-pp", "1", "-dp", "1"]  # fmt: skip
+            "--allow-credentials", "-pp", "1", "-dp", "2"]  # fmt: skip
     args = cli.build_parser().parse_args(argv)
     ea = EngineArgs.from_kwargs(args.model, **cli_serve.engine_options(args))
     assert (ea.cache_config.block_size, ea.cache_config.num_gpu_blocks_override) == (32, 100)
+    assert ea.data_parallel_size == 2 and ea.engine_config(ea.model_config).data_parallel_size == 2
     assert (
         not ea.scheduler_config.enable_chunked_prefill
         and ea.scheduler_config.long_prefill_token_threshold == 64
@@ -106,7 +107,6 @@ def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
     )
     for flags, message in (
         (["-pp", "2"], "pipeline_parallel_size 2 is not supported"),
-        (["-dp", "2"], "data_parallel_size 2 is not supported"),
         (["--quantization", "fp8"], "quantization 'fp8' is not supported"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -107,7 +107,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     # vLLM flags treadle accepts so that vLLM command lines run, refusing values it cannot honour
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 only (use -tp)")
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="1 only (run one server per GPU)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine processes, each a whole model on its own GPU(s) (x tensor_parallel_size)")  # fmt: skip
     p.add_argument("--quantization", "-q", default=None, help="none only: weights load unquantized")
     p.add_argument(
         "--trust-remote-code", action="store_true", help="accepted; treadle never runs a model's code"
@@ -146,12 +147,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    for flag, value in (("pipeline_parallel_size", args.pipeline_parallel_size),
-                        ("data_parallel_size", args.data_parallel_size)):  # fmt: skip
-        if value != 1:
-            raise ValueError(
-                f"{flag} {value} is not supported; split a model across GPUs with --tensor-parallel-size"
-            )
+    if args.pipeline_parallel_size != 1:
+        raise ValueError(
+            f"pipeline_parallel_size {args.pipeline_parallel_size} is not supported; split a model across GPUs with "
+            "--tensor-parallel-size"
+        )
     if args.quantization not in (None, "none"):
         raise ValueError(
             f"quantization {args.quantization!r} is not supported: weights load unquantized (GGUF dequantized at "
@@ -179,6 +179,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "scheduling_policy": args.scheduling_policy,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "data_parallel_size": args.data_parallel_size,
         "chat_template": args.chat_template,
         "generation_config": args.generation_config,
         "log_stats": True,
@@ -317,6 +318,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         freeze_startup_heap("API server")
         _startup_report(llm, server_config.url, time.monotonic() - t0)
+        if args.data_parallel_size > 1:
+            logger.info("Data parallel: %d engine processes, each holding the whole model and its own KV cache "
+                        "(the capacity above is one engine's)", args.data_parallel_size)  # fmt: skip
         threading.Thread(
             target=_platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True
         ).start()

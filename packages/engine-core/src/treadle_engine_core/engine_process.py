@@ -56,6 +56,8 @@ def run_engine_process(
 ) -> None:
     """Entry point of the spawned process (`spawned_at`: the parent's time.time() when it started it)."""
     entered = time.time()
+    if config.visible_devices is not None:  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.visible_devices
     set_process_name(COMM_NAME)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s [engine-core] %(name)s: %(message)s"

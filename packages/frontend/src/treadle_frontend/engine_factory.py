@@ -31,7 +31,14 @@ _ALIASES: dict[str, str | None] = {
 }
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default, as the loader names its cache directory
 _CONVERSION_MARKER = "treadle_conversion.json"  # written last by the loader's converter
-_FRONTEND_FIELDS = ("chat_template", "generation_config", "executor", "fake_runner", "log_stats")
+_FRONTEND_FIELDS = (
+    "chat_template",
+    "generation_config",
+    "executor",
+    "fake_runner",
+    "log_stats",
+    "data_parallel_size",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class EngineArgs:
     executor: str = "inproc"  # inproc (the real model runner) | fake (engine core's fake runner, tests)
     fake_runner: Any = None  # FakeRunnerConfig when executor == "fake"
     log_stats: bool = True
+    data_parallel_size: int = 1  # engine processes behind the API server (treadle serve -dp N)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
@@ -97,6 +105,7 @@ class EngineArgs:
             scheduler_config=self.scheduler_config or SchedulerConfig(),
             executor=self.executor,
             log_stats=self.log_stats,
+            data_parallel_size=self.data_parallel_size,
             **extra,
         )
 
@@ -168,19 +177,29 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
     return InputProcessor(prep.tokenizer, info, defaults, template)
 
 
+def _one_engine(args: EngineArgs) -> None:
+    if args.data_parallel_size != 1:
+        raise ValueError(
+            f"data_parallel_size {args.data_parallel_size}: the offline LLM drives one engine; serve with "
+            "`treadle serve -dp N` for N engine processes"
+        )
+
+
 def start_inproc(args: EngineArgs) -> tuple[Any, InputProcessor]:
     from treadle_engine_core.client import InprocClient
 
+    _one_engine(args)
     prep = prepare(args)
     client = InprocClient(args.engine_config(prep.model_config))
     return client, make_input_processor(args, prep, client.ready)
 
 
 def start_async_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
-    """The API server's engine: in its own process, driven from an asyncio loop (`_start_mp`)."""
+    """The API server's engine: in its own process (one per data-parallel rank), driven from an asyncio loop."""
     from treadle_engine_core.client import AsyncMPClient
+    from treadle_engine_core.dp_client import AsyncDPClient
 
-    return _start_mp(args, AsyncMPClient)
+    return _start_mp(args, AsyncDPClient if args.data_parallel_size > 1 else AsyncMPClient)
 
 
 def start_sync_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
@@ -188,6 +207,7 @@ def start_sync_mp(args: EngineArgs) -> tuple[Any, InputProcessor]:
     launches run beside this process's output processing (detokenizing, logprobs) instead of sharing its GIL."""
     from treadle_engine_core.client import SyncMPClient
 
+    _one_engine(args)
     return _start_mp(args, SyncMPClient)
 
 
