@@ -65,7 +65,9 @@ def test_two_engines_serve_like_one() -> None:
         async def run() -> tuple[dict[str, list[int]], object, list[bool]]:
             got = await _serve(client, 12, set())
             used = [e.num_in_flight for e in client.engines]
-            stats = await client.call_utility_async("reset_prefix_cache")
+            stats = await client.call_utility_async("get_stats")
+            assert await client.call_utility_async("reset_prefix_cache") is True
+            assert await client.call_utility_async("get_num_unfinished_requests") == 0
             aborted = await _serve(client, 6, {"r0", "r1", "r2", "r3"})
             return (
                 got,
@@ -89,6 +91,9 @@ def test_requests_spread_and_stats_sum() -> None:
                 req = EngineCoreRequest(f"s{i}", [5, 6, 7], SamplingParams(max_tokens=40), time.time())
                 await client.add_request_async(req)
             spread = [e.num_in_flight for e in client.engines]
+            assert await client.call_utility_async("get_num_unfinished_requests") == 8
+            stats = await client.call_utility_async("get_stats")
+            assert stats.get("num_running_reqs", 0) + stats.get("num_waiting_reqs", 0) == 8, stats
             running = 0
             for _ in range(20):
                 out = await asyncio.wait_for(client.get_output_async(), timeout=30)

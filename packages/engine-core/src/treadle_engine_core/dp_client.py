@@ -4,8 +4,8 @@ KV cache, model) on its own device(s): rank r sees GPUs [r * tp, (r + 1) * tp) o
 `AsyncDPClient` offers the AsyncMPClient calls the server makes. A new request goes to the engine with the fewest
 requests in flight and stays there (its aborts follow it); the engines' outputs are merged into one stream, each
 batch carrying the sum of the engines' latest scheduler stats (KV usage: their mean), so the metrics describe the
-whole server. Utility calls go to every engine. One engine dying makes the client dead, as one engine's death
-would (the server then answers 503).
+whole server. Utility calls go to every engine and their answers are merged (`merge_results`). One engine dying
+makes the client dead, as one engine's death would (the server then answers 503).
 """
 
 from __future__ import annotations
@@ -57,6 +57,21 @@ def _sum_stats(stats: list[msg.SchedulerStats]) -> msg.SchedulerStats:
                 setattr(total, f, getattr(total, f) + getattr(s, f))
     total.kv_cache_usage = sum(s.kv_cache_usage for s in stats) / max(1, len(stats))
     return total
+
+
+def merge_results(method: str, results: list[Any]) -> Any:
+    """One answer from every engine's answer to a utility call: stats summed (KV usage averaged), counts summed,
+    reset_prefix_cache true only if every engine reset; otherwise the first engine's."""
+    if method == "get_stats":
+        keys = dict.fromkeys(k for r in results for k in r)  # a field at its default is left out of the wire
+        total = {k: sum(r.get(k, 0) for r in results) for k in keys}
+        total["kv_cache_usage"] = sum(r.get("kv_cache_usage", 0.0) for r in results) / len(results)
+        return total
+    if method == "get_num_unfinished_requests":
+        return sum(results)
+    if method == "reset_prefix_cache":
+        return all(results)
+    return results[0]
 
 
 class AsyncDPClient:
@@ -128,7 +143,7 @@ class AsyncDPClient:
 
     async def call_utility_async(self, method: str, *args: Any) -> Any:
         results = await asyncio.gather(*(e.call_utility_async(method, *args) for e in self.engines))
-        return results[0]
+        return merge_results(method, results)
 
     def shutdown(self) -> None:
         for task in self._tasks:
