@@ -136,6 +136,18 @@ def sampling_params(
         raise APIError(400, str(e), param=field if field in _PARAM_NAMES else None) from None
 
 
+def prompt_list(given: str | list[Any], param: str) -> list[str | list[int]]:
+    """OpenAI's prompt forms as a list of prompts: a string, a list of strings, one token-id list, or a list of
+    token-id lists (`param` names the field in the error for an empty one)."""
+    if isinstance(given, str):
+        return [given]
+    if not given:
+        raise APIError(400, f"{param} must not be empty", param=param)
+    if all(isinstance(x, int) for x in given):
+        return [list(given)]
+    return list(given)
+
+
 def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
 

@@ -24,6 +24,7 @@ from treadle_frontend.server.common import (
     collect_all,
     merge_streams,
     new_id,
+    prompt_list,
     sampling_params,
     sse,
     until_disconnect,
@@ -32,17 +33,6 @@ from treadle_frontend.server.common import (
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.protocol import CompletionRequest
 from treadle_model_runner.sampling_params import RequestOutputKind
-
-
-def _prompts(body: CompletionRequest) -> list[str | list[int]]:
-    p = body.prompt
-    if isinstance(p, str):
-        return [p]
-    if not p:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(x, int) for x in p):
-        return [list(p)]  # type: ignore[arg-type]
-    return list(p)  # type: ignore[arg-type]
 
 
 class TextOffsets:
@@ -122,7 +112,7 @@ class CompletionsHandler:
         )
         ip = st.llm.input_processor
         encoded = []
-        for p in _prompts(body):
+        for p in prompt_list(body.prompt, "prompt"):
             if isinstance(p, list) and not all(isinstance(t, int) for t in p):
                 raise APIError(
                     400, "prompt must be a string, a list of strings, or token id lists", param="prompt"

@@ -18,21 +18,17 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from treadle_frontend.server.common import ServerState, check_priority, collect_all, new_id, until_disconnect
+from treadle_frontend.server.common import (
+    ServerState,
+    check_priority,
+    collect_all,
+    new_id,
+    prompt_list,
+    until_disconnect,
+)
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.protocol import EmbeddingRequest
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
-
-
-def _inputs(body: EmbeddingRequest) -> list[str | list[int]]:
-    given = body.input
-    if isinstance(given, str):
-        return [given]
-    if not given:
-        raise APIError(400, "input must not be empty", param="input")
-    if all(isinstance(x, int) for x in given):
-        return [list(given)]  # type: ignore[arg-type]
-    return list(given)  # type: ignore[arg-type]
 
 
 async def embed_inputs(
@@ -80,7 +76,7 @@ class EmbeddingsHandler:
                            param="dimensions")  # fmt: skip
         rid, vectors, num_tokens = await embed_inputs(
             st,
-            _inputs(body),
+            prompt_list(body.input, "input"),
             request,
             "input",
             add_special_tokens=body.add_special_tokens,
