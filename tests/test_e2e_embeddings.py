@@ -1,7 +1,8 @@
 """POST /v1/embeddings through the openai SDK on the real server (tiny dummy Llama): one unit-length vector of
 hidden_size floats per input, in input order, whether the SDK asks for base64 (its default) or floats; token-id
-inputs; usage counts the prompt tokens; the vectors equal the offline `LLM.embed` of the same weights; `dimensions`
-and empty input are 400s; /score and /rerank rank by those vectors."""
+inputs; `truncate_prompt_tokens` keeps the last tokens; usage counts the prompt tokens; the vectors equal the
+offline `LLM.embed` of the same weights; `dimensions` and empty input are 400s; /score and /rerank rank by those
+vectors."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def test_embeddings_through_the_sdk(oai: openai.OpenAI, oai_lax: openai.OpenAI, 
 
     by_ids = oai.embeddings.create(model=MODEL_NAME, input=IDS, encoding_format="float")
     assert by_ids.usage.prompt_tokens == sum(len(ids) for ids in IDS)
+    cut = oai.embeddings.create(model=MODEL_NAME, input=IDS[2], encoding_format="float",
+                                extra_body={"truncate_prompt_tokens": 7})  # fmt: skip
+    tail = oai.embeddings.create(model=MODEL_NAME, input=IDS[2][-7:], encoding_format="float")
+    assert cut.usage.prompt_tokens == 7 and cut.data[0].embedding == pytest.approx(
+        tail.data[0].embedding, abs=1e-6
+    )
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))  # the server's weights: dummy, seed 0
     llm = LLM(str(tmp_path), load_format="dummy", max_model_len=512, kv_cache_space=0.01)
     try:

@@ -29,6 +29,7 @@ from treadle_frontend.server.common import (
     new_id,
     sampling_params,
     sse,
+    truncate_prompt,
     until_disconnect,
     usage,
 )
@@ -106,6 +107,7 @@ class ChatHandler:
             template_kwargs=kwargs,
         )
         ip.check_token_ids(ids, "the rendered chat prompt")
+        ids = truncate_prompt(ids, body.truncate_prompt_tokens, ip.model.max_model_len)
         ip.check_length(ids, params.clone())
         check_priority(st, body.priority)
         rid = new_id("chatcmpl-")

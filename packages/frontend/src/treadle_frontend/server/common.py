@@ -148,6 +148,17 @@ def prompt_list(given: str | list[Any], param: str) -> list[str | list[int]]:
     return list(given)
 
 
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (-1: the last max_model_len); None: all."""
+    if keep is None:
+        return ids
+    if keep != -1 and keep < 1:
+        raise APIError(
+            400, f"truncate_prompt_tokens must be -1 or >= 1, got {keep}", param="truncate_prompt_tokens"
+        )
+    return ids[-(max_model_len if keep == -1 else keep) :]
+
+
 def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
 

@@ -27,6 +27,7 @@ from treadle_frontend.server.common import (
     prompt_list,
     sampling_params,
     sse,
+    truncate_prompt,
     until_disconnect,
     usage,
 )
@@ -118,6 +119,8 @@ class CompletionsHandler:
                     400, "prompt must be a string, a list of strings, or token id lists", param="prompt"
                 )
             text, ids = ip.encode_prompt(p, add_special_tokens=body.add_special_tokens)
+            if body.truncate_prompt_tokens is not None:
+                text, ids = None, truncate_prompt(ids, body.truncate_prompt_tokens, ip.model.max_model_len)
             ip.check_length(ids, params.clone())
             encoded.append((text, ids))
         check_priority(st, body.priority)

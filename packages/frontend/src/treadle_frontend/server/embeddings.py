@@ -24,6 +24,7 @@ from treadle_frontend.server.common import (
     collect_all,
     new_id,
     prompt_list,
+    truncate_prompt,
     until_disconnect,
 )
 from treadle_frontend.server.errors import APIError
@@ -40,6 +41,7 @@ async def embed_inputs(
     add_special_tokens: bool = True,
     priority: int = 0,
     prefix: str = "embd-",
+    truncate: int | None = None,
 ) -> tuple[str, list[list[float]], int]:
     """(request id, each item's embedding, prompt tokens in all): the engine runs one pooling request per item."""
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last",
@@ -50,6 +52,8 @@ async def embed_inputs(
         if isinstance(item, str) and not item:
             raise APIError(400, f"{param} must not contain empty strings", param=param)
         text, ids = ip.encode_prompt(item, add_special_tokens=add_special_tokens)
+        if truncate is not None:  # the last tokens, leaving room for the one token the request runs for
+            text, ids = None, truncate_prompt(ids, truncate, ip.model.max_model_len - 1)
         ip.check_length(ids, params.clone())
         encoded.append((text, ids))
     check_priority(st, priority)
@@ -81,6 +85,7 @@ class EmbeddingsHandler:
             "input",
             add_special_tokens=body.add_special_tokens,
             priority=body.priority,
+            truncate=body.truncate_prompt_tokens,
         )
         data = []
         for i, vector in enumerate(vectors):

@@ -57,6 +57,7 @@ class _SamplingFields(_Body):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids in the response
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
 
 
 class CompletionRequest(_SamplingFields):
@@ -168,6 +169,9 @@ class EmbeddingRequest(_Body):
     user: str | None = None
     add_special_tokens: bool = True  # vLLM's extra
     priority: int = 0  # vLLM's extra
+    truncate_prompt_tokens: int | None = (
+        None  # vLLM's extra: keep each input's last k tokens (-1: max_model_len)
+    )
 
 
 class ScoreRequest(_Body):
@@ -176,6 +180,7 @@ class ScoreRequest(_Body):
     text_2: str | list[str]
     add_special_tokens: bool = True
     priority: int = 0
+    truncate_prompt_tokens: int | None = None
 
 
 class RerankRequest(_Body):
@@ -186,3 +191,4 @@ class RerankRequest(_Body):
     return_documents: bool = True
     add_special_tokens: bool = True
     priority: int = 0
+    truncate_prompt_tokens: int | None = None

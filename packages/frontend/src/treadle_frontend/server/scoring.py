@@ -49,7 +49,7 @@ class ScoringHandler:
         distinct = list(dict.fromkeys(texts))
         rid, vectors, tokens = await embed_inputs(
             self.state, list(distinct), request, param, add_special_tokens=body.add_special_tokens,
-            priority=body.priority, prefix="score-",
+            priority=body.priority, prefix="score-", truncate=body.truncate_prompt_tokens,
         )  # fmt: skip
         return rid, dict(zip(distinct, vectors, strict=True)), tokens
 
