@@ -139,13 +139,13 @@ class TensorParallelExecutor(InprocExecutor):
         for _, conn in self._workers:
             with contextlib.suppress(OSError):  # already gone
                 conn.send_bytes(_STOP)
+        destroy_tensor_parallel()  # while the workers leave the group too (NCCL's shutdown may wait for all ranks)
         for proc, conn in self._workers:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
             conn.close()
-        destroy_tensor_parallel()
 
 
 def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, conn: Connection) -> None:
@@ -181,4 +181,8 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
     except BaseException:
         logger.exception("tensor-parallel rank %d failed", rank)
         raise SystemExit(1) from None
-    destroy_tensor_parallel()
+    destroy_tensor_parallel()  # alongside rank 0's
+    logging.shutdown()
+    os._exit(
+        0
+    )  # nothing left to do: skip interpreter teardown, where CUDA and NCCL objects could still block

@@ -17,7 +17,9 @@ norms and the residual stream are replicated. With size 1 (no group) both collec
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -71,11 +73,28 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     return _tp
 
 
-def destroy_tensor_parallel() -> None:
+def destroy_tensor_parallel(timeout_s: float = 20.0) -> bool:
+    """Leave the group; True once it is torn down. Every rank should call it at about the same time: shutting down
+    an NCCL communicator may wait for the other ranks (torch notes ncclCommAbort was collective in some NCCL
+    versions), so it runs on a side thread and is given up after `timeout_s` rather than hanging the caller."""
     global _tp
-    if _tp.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
     _tp = TensorParallel()
+    if not dist.is_initialized():
+        return True
+    done = threading.Event()
+
+    def destroy() -> None:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="treadle-tp-destroy", daemon=True).start()
+    if not done.wait(timeout_s):
+        logger.warning(
+            "tensor parallel: the process group did not shut down within %.0f s; left behind", timeout_s
+        )
+        return False
+    return True
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
