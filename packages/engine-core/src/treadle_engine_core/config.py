@@ -93,12 +93,8 @@ class EngineConfig:
     executor: str = "inproc"  # inproc: ModelRunner in this process | fake: FakeModelRunner
     fake_runner: FakeRunnerConfig = field(default_factory=FakeRunnerConfig)
     log_stats: bool = True  # attach SchedulerStats to every EngineCoreOutputs
-    data_parallel_size: int = (
-        1  # engine processes, each with its own device(s) (dp_client.py; the API server only)
-    )
-    visible_devices: str | None = (
-        None  # CUDA_VISIBLE_DEVICES the engine process sets first (data parallel ranks)
-    )
+    data_parallel_size: int = 1  # engine processes, each on its own device(s) (dp_client.py; API server only)
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES the engine process sets first (data parallel)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:

@@ -62,11 +62,10 @@ def _sum_stats(stats: list[msg.SchedulerStats]) -> msg.SchedulerStats:
 def merge_results(method: str, results: list[Any]) -> Any:
     """One answer from every engine's answer to a utility call: stats summed (KV usage averaged), counts summed,
     reset_prefix_cache true only if every engine reset; otherwise the first engine's."""
-    if method == "get_stats":
-        keys = dict.fromkeys(k for r in results for k in r)  # a field at its default is left out of the wire
-        total = {k: sum(r.get(k, 0) for r in results) for k in keys}
-        total["kv_cache_usage"] = sum(r.get("kv_cache_usage", 0.0) for r in results) / len(results)
-        return total
+    if (
+        method == "get_stats"
+    ):  # the engines' SchedulerStats arrive as dicts (fields at their default left out)
+        return msgspec.to_builtins(_sum_stats([msgspec.convert(r, msg.SchedulerStats) for r in results]))
     if method == "get_num_unfinished_requests":
         return sum(results)
     if method == "reset_prefix_cache":

@@ -183,6 +183,5 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
         raise SystemExit(1) from None
     destroy_tensor_parallel()  # alongside rank 0's
     logging.shutdown()
-    os._exit(
-        0
-    )  # nothing left to do: skip interpreter teardown, where CUDA and NCCL objects could still block
+    # nothing left to do: skip interpreter teardown, where CUDA and NCCL objects could still block
+    os._exit(0)

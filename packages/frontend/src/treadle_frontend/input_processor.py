@@ -39,6 +39,11 @@ class ModelInfo:
     scheduling_policy: str = "fcfs"  # the engine's; priorities other than 0 need "priority"
 
 
+def embedding_params() -> SamplingParams:
+    """A request for its prompt's embedding (last-token pooling): it runs for one greedy token, which is dropped."""
+    return SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last")
+
+
 def context_length_error(max_model_len: int, num_prompt: int, num_completion: int) -> ValueError:
     return ValueError(
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "

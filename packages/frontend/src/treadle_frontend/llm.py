@@ -22,7 +22,7 @@ from typing import Any
 
 from treadle_engine_core.heap import freeze_startup_heap
 from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
-from treadle_frontend.input_processor import InputProcessor, PromptType
+from treadle_frontend.input_processor import InputProcessor, PromptType, embedding_params
 from treadle_frontend.output_processor import OutputProcessor
 from treadle_frontend.outputs import (
     EmbeddingOutput,
@@ -30,6 +30,7 @@ from treadle_frontend.outputs import (
     RequestOutput,
     ScoringOutput,
     ScoringRequestOutput,
+    score_pairs,
     similarity,
 )
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
@@ -124,8 +125,7 @@ class LLM:
     ) -> list[EmbeddingRequestOutput]:
         """vLLM's LLM.embed on a decoder model: each prompt's embedding, the L2-normalised final hidden state of its
         last token (last-token pooling); `out.outputs.embedding` is a list of hidden_size floats."""
-        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last")
-        outs = self.generate(prompts, params, use_tqdm)
+        outs = self.generate(prompts, embedding_params(), use_tqdm)
         return [
             EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding or []))
             for o in outs
@@ -136,21 +136,14 @@ class LLM:
     ) -> list[ScoringRequestOutput]:
         """vLLM's LLM.score for an embedding model: the cosine similarity of each pair's embeddings (`embed`). One
         text_1 against each text_2, or two lists of one length, pairwise."""
-        left = [text_1] if isinstance(text_1, str) else list(text_1)
-        right = [text_2] if isinstance(text_2, str) else list(text_2)
-        if len(left) == 1:
-            left = left * len(right)
-        if len(left) != len(right) or not right:
-            raise ValueError(
-                f"text_1 has {len(left)} texts and text_2 {len(right)}: give one text_1, or as many"
-            )
-        distinct = list(dict.fromkeys(left + right))
+        pairs = score_pairs(text_1, text_2)
+        distinct = list(dict.fromkeys(t for pair in pairs for t in pair))
         vectors = {
             t: o.outputs.embedding for t, o in zip(distinct, self.embed(distinct, use_tqdm), strict=True)
         }
         return [
             ScoringRequestOutput(str(i), ScoringOutput(similarity(vectors[a], vectors[b])))
-            for i, (a, b) in enumerate(zip(left, right, strict=True))
+            for i, (a, b) in enumerate(pairs)
         ]
 
     def chat(

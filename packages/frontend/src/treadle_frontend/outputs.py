@@ -108,3 +108,19 @@ class ScoringRequestOutput:
 def similarity(a: list[float], b: list[float]) -> float:
     """The score of two embeddings: their cosine similarity (both are unit vectors, so their dot product)."""
     return float(sum(x * y for x, y in zip(a, b, strict=True)))
+
+
+def score_pairs(text_1: str | Sequence[str], text_2: str | Sequence[str]) -> list[tuple[str, str]]:
+    """vLLM's score pairing: one text_1 against each text_2, or two lists of one length, pairwise. ValueError
+    naming the mismatch otherwise."""
+    left = [text_1] if isinstance(text_1, str) else list(text_1)
+    right = [text_2] if isinstance(text_2, str) else list(text_2)
+    if not left or not right:
+        raise ValueError("text_1 and text_2 must not be empty")
+    if len(left) == 1:
+        left = left * len(right)
+    if len(left) != len(right):
+        raise ValueError(
+            f"text_1 has {len(left)} texts and text_2 {len(right)}: give one text_1, or as many as text_2"
+        )
+    return list(zip(left, right, strict=True))

@@ -19,7 +19,7 @@ import string
 
 from treadle_frontend.server.call_scanner import WHITESPACE, JsonNesting
 from treadle_frontend.server.call_sequence import CallSequence
-from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, parse_call, tag_prefix
+from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, parse_call, run_steps, tag_prefix
 
 TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
 _MAX_NAME = 256  # longer text between a tag and [ARGS] is not a function name
@@ -50,10 +50,7 @@ class MistralStream:
             self._rest += text
             return []
         self._buf += text
-        pieces: list[Piece] = []
-        while self._step(pieces):
-            pass
-        return pieces
+        return run_steps(self._step)
 
     def _step(self, pieces: list[Piece]) -> bool:
         """Read what the buffer decides in the current state; True when the state moved on."""

@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from treadle_frontend.server.call_scanner import WHITESPACE
-from treadle_frontend.server.tool_calls import CallDelta, Piece, add_text, tag_prefix
+from treadle_frontend.server.tool_calls import CallDelta, Piece, add_text, run_steps, tag_prefix
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FUNCTION, END_FUNCTION = "<function=", "</function>"
@@ -79,10 +79,7 @@ class Qwen3CoderStream:
 
     def feed(self, text: str) -> list[Piece]:
         self._buf += text
-        pieces: list[Piece] = []
-        while self._step(pieces):
-            pass
-        return pieces
+        return run_steps(self._step)
 
     def _step(self, pieces: list[Piece]) -> bool:
         """Read what the buffer decides in the current state; True when the state moved on."""

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from treadle_frontend.input_processor import embedding_params
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
@@ -29,7 +30,7 @@ from treadle_frontend.server.common import (
 )
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.protocol import EmbeddingRequest
-from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+from treadle_model_runner.sampling_params import RequestOutputKind
 
 
 async def embed_inputs(
@@ -44,8 +45,7 @@ async def embed_inputs(
     truncate: int | None = None,
 ) -> tuple[str, list[list[float]], int]:
     """(request id, each item's embedding, prompt tokens in all): the engine runs one pooling request per item."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last",
-                            output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+    params = embedding_params().clone(output_kind=RequestOutputKind.FINAL_ONLY)
     ip = st.llm.input_processor
     encoded = []
     for item in items:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from treadle_frontend.outputs import similarity
+from treadle_frontend.outputs import score_pairs, similarity
 from treadle_frontend.server.common import ServerState
 from treadle_frontend.server.embeddings import embed_inputs
 from treadle_frontend.server.errors import APIError
@@ -24,19 +24,10 @@ from treadle_frontend.server.protocol import RerankRequest, ScoreRequest
 
 
 def _pairs(body: ScoreRequest) -> list[tuple[str, str]]:
-    left = [body.text_1] if isinstance(body.text_1, str) else list(body.text_1)
-    right = [body.text_2] if isinstance(body.text_2, str) else list(body.text_2)
-    if not left or not right:
-        raise APIError(400, "text_1 and text_2 must not be empty", param="text_1" if not left else "text_2")
-    if len(left) == 1:
-        left = left * len(right)
-    if len(left) != len(right):
-        raise APIError(
-            400,
-            f"text_1 has {len(left)} texts and text_2 {len(right)}: give one text_1, or as many as text_2",
-            param="text_2",
-        )
-    return list(zip(left, right, strict=True))
+    try:
+        return score_pairs(body.text_1, body.text_2)
+    except ValueError as e:
+        raise APIError(400, str(e), param="text_2" if body.text_1 else "text_1") from None
 
 
 class ScoringHandler:

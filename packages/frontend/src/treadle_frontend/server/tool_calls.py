@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,14 @@ def tag_prefix(text: str, tag: str) -> int:
         if tag.startswith(text[-n:]):
             return n
     return 0
+
+
+def run_steps(step: Callable[[list[Piece]], bool]) -> list[Piece]:
+    """Call a stream reader's `step(pieces)` until it reports no progress; the pieces it appended."""
+    pieces: list[Piece] = []
+    while step(pieces):
+        pass
+    return pieces
 
 
 def add_text(pieces: list[Piece], text: str) -> None:

@@ -30,6 +30,18 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
+def checkpoint_shape(module: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape a checkpoint holds for `module.<name>`: a tensor-parallel layer's one-rank shape, else the param's."""
+    full_shape = getattr(module, "full_shape", None)
+    return tuple(full_shape(name)) if full_shape is not None else tuple(param.shape)
+
+
+def rank_part(module: nn.Module, name: str, full: torch.Tensor) -> torch.Tensor:
+    """What this rank keeps of the checkpoint-shaped tensor `full` for `module.<name>` (all of it, unless sharded)."""
+    take_shard = getattr(module, "take_shard", None)
+    return take_shard(name, full) if take_shard is not None else full
+
+
 class StackedLinear(Linear):
     def __init__(
         self,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
 from treadle_model_runner.loader.weights import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,11 @@ def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY
             gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
             owner_name, _, attr = name.rpartition(".")
             owner = modules[owner_name]
-            sharded = hasattr(owner, "take_shard") and tuple(owner.full_shape(attr)) != tuple(param.shape)
-            if param.dtype.is_floating_point and sharded:
-                full = param.new_empty(owner.full_shape(attr)).normal_(0.0, std, generator=gen)
-                param.copy_(owner.take_shard(attr, full))
+            full_shape = checkpoint_shape(owner, attr, param)
+            if param.dtype.is_floating_point and full_shape != tuple(param.shape):  # a tensor-parallel slice
+                param.copy_(
+                    rank_part(owner, attr, param.new_empty(full_shape).normal_(0.0, std, generator=gen))
+                )
             elif param.dtype.is_floating_point:
                 param.normal_(0.0, std, generator=gen)
             else:

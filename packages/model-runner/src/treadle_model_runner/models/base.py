@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import StackedLinear
+from treadle_model_runner.layers.linear import StackedLinear, checkpoint_shape, rank_part
 from treadle_model_runner.layers.vocab import ParallelLMHead
 
 # HF tensor names that carry no weights treadle needs (buffers some exporters write)
@@ -81,16 +81,14 @@ class CausalLM(nn.Module):
             else:
                 owner_name, _, attr = name.rpartition(".")
                 owner = modules[owner_name]
-                expected = owner.full_shape(attr) if hasattr(owner, "take_shard") else tuple(param.shape)
-                if tuple(tensor.shape) != tuple(expected):
+                expected = checkpoint_shape(owner, attr, param)
+                if tuple(tensor.shape) != expected:
                     raise ValueError(
                         f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, the model expects "
-                        f"{tuple(expected)}: the checkpoint does not match config.json"
+                        f"{expected}: the checkpoint does not match config.json"
                     )
                 with torch.no_grad():  # a tensor-parallel layer keeps this rank's slice (layers/linear.py)
-                    param.data.copy_(
-                        owner.take_shard(attr, tensor) if hasattr(owner, "take_shard") else tensor
-                    )
+                    param.data.copy_(rank_part(owner, attr, tensor))
             loaded.add(name)
         self._check_complete(loaded)
         return loaded

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.llama import LlamaModel
 from treadle_model_runner.parallel import all_reduce, get_tp
@@ -155,17 +156,15 @@ class MoeCausalLM(CausalLM):
                 weight = tensor.to(moe.w13_weight.dtype)
                 name = "w13_weight" if match["proj"] == "gate_up_proj" else "w2_weight"
                 param = getattr(moe, name)
-                full = moe.full_shape(name) if isinstance(moe, ParallelFusedMoE) else tuple(param.shape)
-                if tuple(weight.shape) != tuple(full):
+                full = checkpoint_shape(moe, name, param)
+                if tuple(weight.shape) != full:
                     raise ValueError(
                         f"checkpoint tensor {hf_name!r} has shape {tuple(weight.shape)}, the model expects "
-                        f"{tuple(full)} ([experts, 2 * moe_intermediate, hidden] for gate_up_proj, "
+                        f"{full} ([experts, 2 * moe_intermediate, hidden] for gate_up_proj, "
                         "[experts, hidden, moe_intermediate] for down_proj): the checkpoint does not match "
                         "config.json"
                     )
-                param.data.copy_(
-                    moe.take_shard(name, weight) if isinstance(moe, ParallelFusedMoE) else weight
-                )
+                param.data.copy_(rank_part(moe, name, weight))
                 shards = ("w1", "w3") if match["proj"] == "gate_up_proj" else ("w2",)
                 self._experts_loaded.update(
                     (match["moe"], e, s) for e in range(moe.num_experts) for s in shards

@@ -50,7 +50,8 @@ def sample_step(
             generator=runner.generator,
         )
         # [S, vocab] in the model dtype: the sampler casts when a step needs float32
-        logits = model.compute_logits(hidden[inputs.logits_indices])
+        last_hidden = hidden[inputs.logits_indices]
+        logits = model.compute_logits(last_hidden)
         if any(s is not None and s.sampling_params.structured_outputs is not None for s in states):
             # a grammar advances over the previous step's tokens: wait for them now, with this step's forward
             # already queued on the device, instead of before the step (which would leave the device idle)
@@ -73,7 +74,7 @@ def sample_step(
             if lp is not None:  # built from the host copies when the engine asks for the step's output
                 logprobs = functools.partial(_host_logprobs, pending.extra, metadata.num_logprobs)
             return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait, logprobs)
-        pooled = _pooled(states, [req_ids[r] for r in rows.tolist()], hidden[inputs.logits_indices])
+        pooled = _pooled(states, rows, req_ids, last_hidden)
         tokens = out.sampled_token_ids.cpu().numpy()
         batch.append_tokens(rows, tokens.astype(np.int32))
         host_logprobs = out.logprobs.tolists(metadata.num_logprobs) if out.logprobs is not None else None
@@ -96,10 +97,10 @@ def sample_step(
 
 
 def _pooled(
-    states: list[RequestState | None], ids: list[str], last_hidden: torch.Tensor
+    states: list[RequestState | None], rows: np.ndarray, req_ids: list[str], last_hidden: torch.Tensor
 ) -> dict[str, list[float]]:
     """Embeddings of the sampling rows whose request asked for one and samples its first token now (its last prompt
-    token's final hidden state, L2-normalised in float32)."""
+    token's final hidden state, L2-normalised in float32); {} at once when none did."""
     wanted = [
         j
         for j, s in enumerate(states)
@@ -108,7 +109,7 @@ def _pooled(
     if not wanted:
         return {}
     vectors = torch.nn.functional.normalize(last_hidden[wanted].float(), dim=-1).tolist()
-    return {ids[j]: v for j, v in zip(wanted, vectors, strict=True)}
+    return {req_ids[int(rows[j])]: v for j, v in zip(wanted, vectors, strict=True)}
 
 
 def _host_logprobs(host: list[torch.Tensor], counts: list[int]) -> list[Logprobs | None]:
