@@ -1,11 +1,13 @@
 """`tensor_parallel_size=2` on two GPUs (NCCL), against one GPU, on a tiny Llama checkpoint with HF-random weights
 (fp32, so sums of two partial products and one full product agree to rounding): the same greedy tokens and
-logprobs, and with CUDA graphs (decode graphs and piecewise graphs holding the all-reduces) the same tokens as eager.
+logprobs, and with CUDA graphs (decode graphs and piecewise graphs holding the all-reduces) the same tokens as eager;
+each engine shuts down promptly, so three engines run one after another in this process.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,11 @@ def _run(path: Path, **engine: Any) -> list[Any]:
         greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
         outs = llm.generate(prompts, greedy)
     finally:
+        start = time.monotonic()
         llm.shutdown()
+        # leaving the NCCL group must not wait on the CUDA graphs that captured its all-reduces (the group's
+        # teardown gives up after 20 s, and the next group in this process would then fail to start)
+        assert time.monotonic() - start < 10, f"shutdown took {time.monotonic() - start:.1f} s"
     del llm
     gc.collect()  # rank 0's runner lives in this process: free its memory before the next engine sizes its cache
     torch.cuda.empty_cache()

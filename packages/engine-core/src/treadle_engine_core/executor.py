@@ -56,6 +56,8 @@ class _Runner(Protocol):
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput | AsyncModelRunnerOutput: ...
 
+    def release_graphs(self) -> None: ...
+
 
 class Executor:
     """One runner in this process; subclasses decide how it is built."""

@@ -60,6 +60,9 @@ class FakeModelRunner:
         self.windows: list[int | None] = [None]
         self.num_steps = 0
 
+    def release_graphs(self) -> None:
+        """Nothing to free: the fake runner captures no CUDA graphs."""
+
     def initialize_kv_cache(self) -> KVCacheConfig:
         groups = [KVCacheGroupSpec(layer_indices=(0,), sliding_window=None)]
         if self.config.sliding_window is not None:

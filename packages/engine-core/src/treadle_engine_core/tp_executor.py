@@ -132,6 +132,7 @@ class TensorParallelExecutor(InprocExecutor):
     def shutdown(self) -> None:
         self._closing = True  # workers exiting from here on are expected
         super().shutdown()
+        self.runner.release_graphs()  # graphs holding all-reduces would block the group's teardown
         self._stop_workers()
 
     def _stop_workers(self) -> None:
@@ -181,6 +182,7 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
     except BaseException:
         logger.exception("tensor-parallel rank %d failed", rank)
         raise SystemExit(1) from None
+    runner.release_graphs()  # as rank 0 does: graphs holding all-reduces would block the group's teardown
     destroy_tensor_parallel()  # alongside rank 0's
     logging.shutdown()
     # nothing left to do: skip interpreter teardown, where CUDA and NCCL objects could still block

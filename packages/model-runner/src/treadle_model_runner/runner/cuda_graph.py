@@ -10,6 +10,10 @@ dummy batch's metadata (`build_for_cuda_graph`) and rewrite any state of their o
 replay (`prepare_cuda_graph_replay`: FlashInfer re-plans its graph-mode decode wrappers there). Sizes are captured
 largest first into one memory pool, so the smaller graphs reuse the larger one's memory.
 
+Release. A graph that captured a collective keeps its NCCL communicator busy: destroying the process group waits
+for the graph forever (pytorch#115388). `release()` frees a runner's graphs at once; tensor-parallel ranks call
+`ModelRunner.release_graphs` before they leave the group, and the memory probe releases its own captures.
+
 Memory. Before the KV cache is sized, `graph_memory.probe_graph_bytes` captures the largest and the smallest size
 over a one-block cache and extrapolates what all sizes will take (the largest graph's pool and executable, then
 one more executable and backend buffers per size); the runner leaves that much free, and logs what the real
@@ -97,3 +101,10 @@ class CudaGraphRunner(GraphSizes):
     def replay(self, size: int) -> torch.Tensor:
         self.graphs[size].replay()
         return self.outputs[size]
+
+    def release(self) -> None:
+        """Free every graph now rather than whenever its last reference goes (see `release_graphs`)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()

@@ -88,6 +88,8 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     finally:
         piece_bytes = estimate_piecewise_bytes(pieces.memory_by_size, pieces.held_bytes_by_size, buckets)
         prefill_bytes = estimate_graph_bytes(prefill.memory_by_size, len(prefill_buckets))
+        for graphs in (probe, pieces, prefill):
+            graphs.release()
         del probe, pieces, prefill
         runner.kv_caches = []
         torch.cuda.synchronize(runner.device)

@@ -254,6 +254,16 @@ class ModelRunner:
                            "was sized; lower --gpu-memory-utilization if memory runs out",
                            taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
 
+    def release_graphs(self) -> None:
+        """Free every CUDA graph (decode, piecewise, one-request prefill); later steps run eagerly. Call it before
+        leaving a tensor-parallel group: graphs holding its all-reduces block the group's teardown."""
+        for graphs in (self.graphs, self.piecewise, self.prefill_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.piecewise = self.prefill_graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _prefill_graphs_wanted(self) -> bool:
         return bool(self.attn_backend.supports_prefill_graphs) and envs.TREADLE_PREFILL_GRAPHS()
 

@@ -162,6 +162,13 @@ class PiecewiseGraphs(GraphSizes):
         bucket.graphs[-1].replay()
         return bucket.output
 
+    def release(self) -> None:
+        """Free every bucket's graphs now (see cuda_graph.release_graphs)."""
+        for bucket in self.buckets.values():
+            for graph in bucket.graphs:
+                graph.reset()
+        self.buckets.clear()
+
 
 def _held_bytes(splits: list[_Split]) -> int:
     """Device memory the splits keep alive: each distinct storage once (q, k, v are views of one qkv)."""
