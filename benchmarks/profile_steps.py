@@ -39,13 +39,14 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=str(ROOT / "benchmarks" / "configs" / "llama-3.1-8b"))
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="rank 0's GPU is profiled")
     ap.add_argument("--phases", default="decode_b1,decode_b64,prefill_8x1024",
                     help="comma-separated subset of decode_b1, decode_b1_greedy, decode_b64, prefill_8x1024")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     llm = LLM(model=args.model, load_format="dummy", max_model_len=4096, attention_backend=args.attention_backend,
-              kv_cache_space=0.2)  # fmt: skip
+              kv_cache_space=0.2, tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
     rng, vocab = random.Random(0), llm.vocab_size
     phases = {
         # (prompts, prompt length, new tokens)

@@ -65,3 +65,51 @@ def test_two_gpus_equal_one(checkpoint: Path) -> None:
             assert list(pos) == list(ref_pos)
             worst = max(worst, *(abs(pos[t].logprob - ref_pos[t].logprob) for t in pos))
     assert worst < 1e-3, worst
+
+
+def _small_all_reduce_rank(rank: int, init_method: str) -> None:
+    from treadle_model_runner import parallel
+
+    device = torch.device("cuda", rank)
+    parallel.init_tensor_parallel(rank, 2, init_method, device)
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            parallel.prepare_small_all_reduce(dtype, device)
+            assert parallel._small is not None, (
+                "the one-shot kernel was not set up (its check failed: see the log)"
+            )
+            limit = parallel._small.max_bytes // torch.tensor([], dtype=dtype).element_size()
+            gen = torch.Generator(device=device).manual_seed(rank)
+            # eligible sizes, one not a multiple of 16 bytes, and one over the limit (both NCCL)
+            for numel in (8, 4096, 3 * 4096 + 8, limit, 4100 + 3, 2 * limit):
+                x = torch.randn(numel, generator=gen, device=device).to(dtype)
+                expected = x.clone()
+                torch.distributed.all_reduce(expected)
+                assert torch.equal(parallel.all_reduce(x.clone()), expected), (dtype, numel)
+            # inside a CUDA graph: replays read the static input's new values
+            static = torch.zeros(2, 4096, device=device, dtype=dtype)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = parallel.all_reduce(static)
+            for _ in range(3):
+                fresh = torch.randn(2, 4096, generator=gen, device=device).to(dtype)
+                static.copy_(fresh)
+                graph.replay()
+                torch.distributed.all_reduce(fresh)
+                assert torch.equal(out, fresh), dtype
+            graph.reset()
+    finally:
+        parallel.destroy_tensor_parallel()
+
+
+def test_small_all_reduce_equals_nccl() -> None:
+    """The symmetric-memory one-shot all-reduce (symm_all_reduce.py) gives NCCL's sums, eagerly and in a graph."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_small_all_reduce_rank, args=(f"tcp://127.0.0.1:{port}",), nprocs=2, join=True)

@@ -137,3 +137,17 @@ def test_group_size_must_divide_heads() -> None:
         ValueError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel_size \(4\)"
     ):
         TensorParallel(0, 4).shard(2, "num_key_value_heads")
+
+
+def test_one_shot_limit_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from treadle_model_runner import envs
+    from treadle_model_runner.symm_all_reduce import SmallAllReduce
+
+    assert envs.TREADLE_TP_ONE_SHOT_MAX_BYTES() == 2 << 20
+    monkeypatch.setenv("TREADLE_TP_ONE_SHOT_MAX_BYTES", "0")
+    assert envs.TREADLE_TP_ONE_SHOT_MAX_BYTES() == 0
+    monkeypatch.setenv("TREADLE_TP_ONE_SHOT_MAX_BYTES", "1MiB")
+    with pytest.raises(ValueError, match="TREADLE_TP_ONE_SHOT_MAX_BYTES='1MiB'"):
+        envs.TREADLE_TP_ONE_SHOT_MAX_BYTES()
+    # off CUDA (gloo) there is no kernel to set up: every all-reduce goes through the group
+    assert SmallAllReduce.create(None, torch.float32, torch.device("cpu"), 1 << 20) is None

@@ -83,3 +83,16 @@ def TREADLE_FUSED_GUMBEL() -> bool:
     passes; ``0`` keeps the torch passes. H200, 1000 x 1024/1024 at 512 sequences with an fp8 cache: 11,676 output
     tok/s against 11,489 / 11,507 without, same machine (benchmarks/results/gpu-power-h200-ef1a60f)."""
     return parse_bool("TREADLE_FUSED_GUMBEL", os.environ.get("TREADLE_FUSED_GUMBEL", "1"))
+
+
+def TREADLE_TP_ONE_SHOT_MAX_BYTES() -> int:
+    """Tensor parallelism on CUDA: all-reduces of up to this many bytes run as one symmetric-memory kernel rather
+    than through NCCL (default 2097152, 2 MiB: a decode step of 256 sequences of an 8B model; 0 keeps NCCL for all;
+    symm_all_reduce.py)."""
+    raw = os.environ.get("TREADLE_TP_ONE_SHOT_MAX_BYTES", "2097152").strip()
+    if not raw.isdigit():
+        raise ValueError(
+            f"environment variable TREADLE_TP_ONE_SHOT_MAX_BYTES={raw!r} is not a whole number of bytes "
+            "(0 keeps NCCL for every all-reduce)"
+        )
+    return int(raw)

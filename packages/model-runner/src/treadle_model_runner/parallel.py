@@ -10,6 +10,8 @@ and rows [r * V / size, ...) of the embedding and of the lm_head (layers/vocab.p
     lm_head         vocabulary-parallel: `all_gather` joins the logits, so every rank samples the same tokens
                     (all ranks run the same sampler with the same seeds on identical logits);
 norms and the residual stream are replicated. With size 1 (no group) both collectives are no-ops.
+On CUDA, small all-reduces (decode steps) run as one symmetric-memory kernel once the runner has called
+`prepare_small_all_reduce` (symm_all_reduce.py); larger ones, and every one on CPU (gloo), go through the group.
 
     init_tensor_parallel(rank, size, init_method, device)   # once per process, before the ModelRunner is built
     get_tp().rank, get_tp().size, get_tp().shard(full, what)
@@ -26,6 +28,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from treadle_model_runner import envs
+from treadle_model_runner.symm_all_reduce import SmallAllReduce
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class TensorParallel:
 
 
 _tp = TensorParallel()
+_small: SmallAllReduce | None = None  # small all-reduces on CUDA (symm_all_reduce.py)
+_groups_started = 0  # tensor-parallel groups this process has joined
 
 
 def get_tp() -> TensorParallel:
@@ -55,7 +62,7 @@ def get_tp() -> TensorParallel:
 
 def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallel:
     """Join the group of `size` processes (NCCL on CUDA, gloo on CPU); blocks until every rank has joined."""
-    global _tp
+    global _tp, _groups_started
     if not 0 <= rank < size:
         raise ValueError(f"rank {rank} is outside a tensor-parallel group of size {size}")
     if size == 1:
@@ -69,16 +76,27 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size,
                                 timeout=timedelta(minutes=10))  # fmt: skip
     _tp = TensorParallel(rank, size, dist.group.WORLD)
+    _groups_started += 1
     logger.info("tensor parallel: rank %d of %d on %s (%s)", rank, size, device, dist.get_backend())
     return _tp
+
+
+def prepare_small_all_reduce(dtype: torch.dtype, device: torch.device) -> None:
+    """Set up the one-shot kernel for all-reduces of `dtype` (the model's) on every rank: a collective, called by
+    each rank's runner once its model is loaded. A no-op without a group, off CUDA, or with the kernel turned off."""
+    global _small
+    if _tp.size > 1:
+        limit = envs.TREADLE_TP_ONE_SHOT_MAX_BYTES()
+        _small = SmallAllReduce.create(_tp.group, dtype, device, limit, first_group=_groups_started == 1)
 
 
 def destroy_tensor_parallel(timeout_s: float = 20.0) -> bool:
     """Leave the group; True once it is torn down. Every rank should call it at about the same time: shutting down
     an NCCL communicator may wait for the other ranks (torch notes ncclCommAbort was collective in some NCCL
     versions), so it runs on a side thread and is given up after `timeout_s` rather than hanging the caller."""
-    global _tp
+    global _tp, _small
     _tp = TensorParallel()
+    _small = None
     if not dist.is_initialized():
         return True
     done = threading.Event()
@@ -99,7 +117,7 @@ def destroy_tensor_parallel(timeout_s: float = 20.0) -> bool:
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the ranks, in place; returns it."""
-    if _tp.size > 1:
+    if _tp.size > 1 and not (_small is not None and _small.try_all_reduce(x)):
         dist.all_reduce(x, group=_tp.group)
     return x
 

@@ -43,7 +43,7 @@ from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
-from treadle_model_runner.parallel import get_tp, min_over_ranks
+from treadle_model_runner.parallel import get_tp, min_over_ranks, prepare_small_all_reduce
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
 from treadle_model_runner.runner.describe import runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
@@ -175,6 +175,7 @@ class ModelRunner:
         for layer in model.attention_layers():
             layer.bind_backend(self.attn_backend)
         self.model = model
+        prepare_small_all_reduce(self.dtype, self.device)  # tensor parallel on CUDA: every rank, here
         logger.info("loaded %s (%s)", cls.__name__, self.resolved.format)
         _log_dispatch_report(model)
 
