@@ -151,3 +151,13 @@ def test_one_shot_limit_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         envs.TREADLE_TP_ONE_SHOT_MAX_BYTES()
     # off CUDA (gloo) there is no kernel to set up: every all-reduce goes through the group
     assert SmallAllReduce.create(None, torch.float32, torch.device("cpu"), 1 << 20) is None
+
+
+def test_one_shot_needs_peer_access_to_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from treadle_model_runner import symm_all_reduce
+
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda device, peer: peer != 2)
+    assert symm_all_reduce._no_peer_access(torch.device("cuda", 1), 2) == ""
+    assert symm_all_reduce._no_peer_access(torch.device("cuda", 0), 4) == (
+        "cuda:0 cannot read cuda:2 directly (no peer access)"
+    )

@@ -50,7 +50,9 @@ class SmallAllReduce:
         whether this is the first tensor-parallel group of this process (see `_why_not`)."""
         if device.type != "cuda":
             return None
-        why_not = _why_not(dtype, max_bytes, first_group)
+        why_not = _why_not(dtype, max_bytes, first_group) or _no_peer_access(
+            device, dist.get_world_size(group)
+        )
         if not _all_ranks_agree(not why_not, group, device):
             if max_bytes > 0:
                 logger.info(
@@ -122,6 +124,16 @@ def _why_not(dtype: torch.dtype, max_bytes: int, first_group: bool) -> str:
         # the symmetric-memory exchange, which reuses the group name of the process's destroyed first group
         return "this process had a tensor-parallel group before"
     return ""
+
+
+def _no_peer_access(device: torch.device, size: int) -> str:
+    """'' when this rank's GPU can read every other rank's directly (ranks hold cuda:0..size-1, tp_executor)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        blocked = [p for p in range(size) if p != index and not torch.cuda.can_device_access_peer(index, p)]
+    except RuntimeError as exc:
+        return f"peer access could not be checked ({exc})"
+    return f"cuda:{index} cannot read cuda:{blocked[0]} directly (no peer access)" if blocked else ""
 
 
 def _all_ranks_agree(ok: bool, group: Any, device: torch.device) -> bool:
