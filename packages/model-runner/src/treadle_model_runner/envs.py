@@ -41,6 +41,14 @@ def _absolute_dir(name: str, raw: str) -> Path:
     return path
 
 
+def _whole_number(name: str, default: str, unit: str, zero: str) -> int:
+    """A non-negative integer variable; ValueError naming it, its value, the unit and what 0 means."""
+    raw = os.environ.get(name, default).strip()
+    if not raw.isdigit():
+        raise ValueError(f"environment variable {name}={raw!r} is not a whole number of {unit} ({zero})")
+    return int(raw)
+
+
 def TREADLE_CACHE_DIR() -> Path:
     """Where treadle keeps converted models: ``TREADLE_CACHE_DIR``, else ``$XDG_CACHE_HOME/treadle``,
     else ``~/.cache/treadle``. The directory need not exist yet."""
@@ -62,13 +70,7 @@ def TREADLE_PIECEWISE_MAX_TOKENS() -> int:
     """Largest step (in tokens) that is not decode-only and still runs as piecewise CUDA graphs (default 512;
     0 turns them off). Steps are padded up to a power-of-two bucket from 16; each bucket keeps its attention
     inputs and outputs alive (runner/piecewise.py)."""
-    raw = os.environ.get("TREADLE_PIECEWISE_MAX_TOKENS", "512").strip()
-    if not raw.isdigit():
-        raise ValueError(
-            f"environment variable TREADLE_PIECEWISE_MAX_TOKENS={raw!r} is not a whole number of tokens "
-            "(0 turns piecewise CUDA graphs off)"
-        )
-    return int(raw)
+    return _whole_number("TREADLE_PIECEWISE_MAX_TOKENS", "512", "tokens", "0 turns piecewise CUDA graphs off")
 
 
 def TREADLE_PREFILL_GRAPHS() -> bool:
@@ -89,10 +91,6 @@ def TREADLE_TP_ONE_SHOT_MAX_BYTES() -> int:
     """Tensor parallelism on CUDA: all-reduces of up to this many bytes run as one symmetric-memory kernel rather
     than through NCCL (default 2097152, 2 MiB: a decode step of 256 sequences of an 8B model; 0 keeps NCCL for all;
     symm_all_reduce.py)."""
-    raw = os.environ.get("TREADLE_TP_ONE_SHOT_MAX_BYTES", "2097152").strip()
-    if not raw.isdigit():
-        raise ValueError(
-            f"environment variable TREADLE_TP_ONE_SHOT_MAX_BYTES={raw!r} is not a whole number of bytes "
-            "(0 keeps NCCL for every all-reduce)"
-        )
-    return int(raw)
+    return _whole_number(
+        "TREADLE_TP_ONE_SHOT_MAX_BYTES", "2097152", "bytes", "0 keeps NCCL for every all-reduce"
+    )

@@ -121,7 +121,8 @@ def _why_not(dtype: torch.dtype, max_bytes: int, first_group: bool) -> str:
         return f"the one-shot kernel does not sum {dtype}"
     if not first_group:
         # seen on two H200s (torch 2.11): a second group in one process (one offline LLM after another) hung in
-        # the symmetric-memory exchange, which reuses the group name of the process's destroyed first group
+        # the symmetric-memory exchange; our reading, not verified: torch keeps that state by group name, and the
+        # new group takes the destroyed first group's name
         return "this process had a tensor-parallel group before"
     return ""
 
