@@ -1,6 +1,6 @@
 """`tensor_parallel_size=2` on CPU (gloo): the offline LLM, in-process and in an engine process, gives the one-device
 engine's tokens and logprobs (dummy weights: each rank keeps its slice of the one-device values); its worker process
-ends with `shutdown`; a worker that dies takes the engine process down, and the client says the engine is dead; a
+ends with `shutdown`, rank 0 freeing its CUDA graphs before it leaves the group; a worker that dies takes the engine process down, and the client says the engine is dead; a
 group size that does not divide the heads fails with that message and leaves no worker behind."""
 
 from __future__ import annotations
@@ -66,7 +66,22 @@ def one_device(tiny: Path) -> list[Any]:
         llm.shutdown()
 
 
-def test_two_ranks_in_process_equal_one_device(tiny: Path, one_device: list[Any]) -> None:
+def test_two_ranks_in_process_equal_one_device(
+    tiny: Path, one_device: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import treadle_engine_core.tp_executor as tp_executor
+    from treadle_model_runner.runner import ModelRunner
+
+    order: list[
+        str
+    ] = []  # rank 0's: its CUDA graphs must go before the group (NCCL's teardown waits on them)
+    release, destroy = ModelRunner.release_graphs, tp_executor.destroy_tensor_parallel
+    monkeypatch.setattr(
+        ModelRunner, "release_graphs", lambda self: (order.append("release"), release(self))[1]
+    )
+    monkeypatch.setattr(
+        tp_executor, "destroy_tensor_parallel", lambda: (order.append("destroy"), destroy())[1]
+    )
     llm = LLM(str(tiny), tensor_parallel_size=2, **ENGINE)
     workers = [pid for pid in _children(os.getpid()) if _is_worker(pid)]
     try:
@@ -76,6 +91,7 @@ def test_two_ranks_in_process_equal_one_device(tiny: Path, one_device: list[Any]
     finally:
         llm.shutdown()
     assert not Path(f"/proc/{workers[0]}").exists(), "shutdown should end the worker process"
+    assert order[:2] == ["release", "destroy"], order
 
 
 def _is_worker(pid: int) -> bool:
