@@ -161,3 +161,11 @@ def test_one_shot_needs_peer_access_to_every_rank(monkeypatch: pytest.MonkeyPatc
     assert symm_all_reduce._no_peer_access(torch.device("cuda", 0), 4) == (
         "cuda:0 cannot read cuda:2 directly (no peer access)"
     )
+
+
+def test_a_group_left_behind_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as after a teardown that gave up
+    with pytest.raises(RuntimeError, match=r"already has a torch\.distributed process group"):
+        init_tensor_parallel(0, 2, "tcp://127.0.0.1:1", torch.device("cpu"))

@@ -68,6 +68,12 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
     if size == 1:
         _tp = TensorParallel()
         return _tp
+    if dist.is_initialized():  # torch's own error would be "initialize the default process group twice"
+        raise RuntimeError(
+            "this process already has a torch.distributed process group (one an earlier tensor-parallel engine "
+            "left behind, as a warning then said, or the caller's own); tensor parallelism starts its own group: "
+            "start this engine in a new process"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=size, device_id=device,
