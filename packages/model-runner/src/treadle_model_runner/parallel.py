@@ -96,15 +96,15 @@ def prepare_small_all_reduce(dtype: torch.dtype, device: torch.device) -> None:
         _small = SmallAllReduce.create(_tp.group, dtype, device, limit, first_group=_groups_started == 1)
 
 
-def destroy_tensor_parallel(timeout_s: float = 20.0) -> bool:
-    """Leave the group; True once it is torn down. Every rank should call it at about the same time: shutting down
-    an NCCL communicator may wait for the other ranks (torch notes ncclCommAbort was collective in some NCCL
-    versions), so it runs on a side thread and is given up after `timeout_s` rather than hanging the caller."""
+def destroy_tensor_parallel(timeout_s: float = 20.0) -> None:
+    """Leave the group. Free the CUDA graphs holding its collectives first (ModelRunner.release_graphs): NCCL's
+    teardown waits for them. Every rank should call it at about the same time (an NCCL communicator's shutdown may
+    wait for the other ranks), so it runs on a side thread, given up with a warning after `timeout_s`."""
     global _tp, _small
     _tp = TensorParallel()
     _small = None
     if not dist.is_initialized():
-        return True
+        return
     done = threading.Event()
 
     def destroy() -> None:
@@ -117,8 +117,6 @@ def destroy_tensor_parallel(timeout_s: float = 20.0) -> bool:
         logger.warning(
             "tensor parallel: the process group did not shut down within %.0f s; left behind", timeout_s
         )
-        return False
-    return True
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ class SmallAllReduce:
         small: SmallAllReduce | None = None
         try:
             small = cls._exchange(group, dtype, device, max_bytes)
-            why_not = small._check(group, dtype, device)
+            why_not = small._check(group)
         except Exception as exc:  # e.g. no peer access between the devices, or a torch without the kernel
             why_not = f"{type(exc).__name__}: {exc}"
         if not _all_ranks_agree(not why_not, group, device):
@@ -89,11 +89,13 @@ class SmallAllReduce:
         symm_mem.rendezvous(buffer, group.group_name)
         return cls(buffer, group.group_name, max_bytes)
 
-    def _check(self, group: Any, dtype: torch.dtype, device: torch.device) -> str:
+    def _check(self, group: Any) -> str:
         """'' when one all-reduce through the kernel equals NCCL's; else what differed."""
-        rank = dist.get_rank(group)
-        gen = torch.Generator(device=device).manual_seed(1234 + rank)
-        x = torch.randn(3, 1024, generator=gen, device=device).to(dtype)  # a different tensor on every rank
+        device = self.buffer.device
+        gen = torch.Generator(device=device).manual_seed(1234 + dist.get_rank(group))
+        x = torch.randn(3, 1024, generator=gen, device=device).to(
+            self.buffer.dtype
+        )  # different on every rank
         expected = x.clone()
         dist.all_reduce(expected, group=group)
         if not self.try_all_reduce(x):

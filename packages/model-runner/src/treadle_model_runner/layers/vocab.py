@@ -21,9 +21,17 @@ class _VocabRows:
     """What both ends share: this rank's row range and how it is cut from a checkpoint's [vocab, hidden] tensor."""
 
     rank: int
+    size: int
     rows: int  # L
     vocab_size: int
     hidden_size: int
+
+    def _split(self, vocab_size: int, hidden_size: int) -> int:
+        """Take this rank's place in the group; returns L, the rows it holds."""
+        tp = get_tp()
+        self.rank, self.size, self.vocab_size, self.hidden_size = tp.rank, tp.size, vocab_size, hidden_size
+        self.rows = -(-vocab_size // tp.size)
+        return self.rows
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return (self.vocab_size, self.hidden_size)
@@ -37,10 +45,7 @@ class _VocabRows:
 
 class VocabParallelEmbedding(nn.Embedding, _VocabRows):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        tp = get_tp()
-        self.rank, self.size, self.vocab_size, self.hidden_size = tp.rank, tp.size, vocab_size, hidden_size
-        self.rows = -(-vocab_size // tp.size)
-        super().__init__(self.rows, hidden_size)
+        super().__init__(self._split(vocab_size, hidden_size), hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
@@ -53,10 +58,7 @@ class VocabParallelEmbedding(nn.Embedding, _VocabRows):
 
 class ParallelLMHead(nn.Linear, _VocabRows):
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
-        tp = get_tp()
-        self.rank, self.size, self.vocab_size, self.hidden_size = tp.rank, tp.size, vocab_size, hidden_size
-        self.rows = -(-vocab_size // tp.size)
-        super().__init__(hidden_size, self.rows, bias=False)
+        super().__init__(hidden_size, self._split(vocab_size, hidden_size), bias=False)
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
