@@ -94,3 +94,9 @@ def TREADLE_TP_ONE_SHOT_MAX_BYTES() -> int:
     return _whole_number(
         "TREADLE_TP_ONE_SHOT_MAX_BYTES", "2097152", "bytes", "0 keeps NCCL for every all-reduce"
     )
+
+
+def TREADLE_COMPILE_AHEAD() -> bool:
+    """``1`` (default) compiles the Triton attention kernels' variants on a thread pool before the GPU start-up
+    passes launch them (runner/precompile.py); ``0`` leaves each to compile on its first launch."""
+    return parse_bool("TREADLE_COMPILE_AHEAD", os.environ.get("TREADLE_COMPILE_AHEAD", "1"))

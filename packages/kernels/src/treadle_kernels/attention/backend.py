@@ -140,6 +140,9 @@ class AttentionBackend:
     supports_prefill_graphs: ClassVar[bool] = False
     # reads and writes a float8_e4m3fn / float8_e5m2 cache (unit scale; `--kv-cache-dtype fp8`)
     supports_fp8_kv_cache: ClassVar[bool] = False
+    # every kernel launch goes through treadle_kernels.ops.launch.launch, so start-up may compile its variants
+    # ahead under compile_only (model-runner runner/precompile.py) without running anything
+    compiles_ahead: ClassVar[bool] = False
     builder_cls: ClassVar[type[AttentionMetadataBuilder]] = AttentionMetadataBuilder
     impl_cls: ClassVar[type[AttentionImpl]] = AttentionImpl
 

@@ -39,6 +39,7 @@ from treadle_kernels.attention.triton_launch import (
     device_profile,
     wide_offsets,
 )
+from treadle_kernels.ops.launch import launch
 from treadle_kernels.ops.support import next_pow2
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def _launch(
         part_m = torch.empty(num_tokens, num_heads, cfg.num_splits, dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
         stride_t, stride_h, stride_s = target.stride(0), target.stride(1), target.stride(2)
-    paged_attention_kernel[grid](
+    launch(
+        paged_attention_kernel, grid,
         target, part_m, part_l, query, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
         num_reqs, q_len_range[0], q_len_range[1], scale, logits_soft_cap or 0.0, sliding_window or 0,
         query.stride(0), query.stride(1), stride_t, stride_h, stride_s,
@@ -120,7 +122,8 @@ def _launch(
         **({"maxnreg": cfg.max_registers} if cfg.max_registers and query.device.type == "cuda" else {}),
     )  # fmt: skip
     if cfg.num_splits > 1:
-        reduce_splits_kernel[(num_tokens, num_heads)](
+        launch(
+            reduce_splits_kernel, (num_tokens, num_heads),
             output, target, part_m, part_l, md.query_start_loc, num_reqs, q_len_range[0], q_len_range[1],
             num_heads, output.stride(0), output.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=cfg.num_splits, FILTER=not serves_all,
@@ -220,5 +223,6 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True  # launches read metadata from persistent device tensors only
     # one request: one unified-kernel launch whose programs find their query tiles through query_start_loc
     supports_prefill_graphs = True
+    compiles_ahead = True  # every launch is ops.launch.launch (XQA, FlashInfer's, is switched off for it)
     builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

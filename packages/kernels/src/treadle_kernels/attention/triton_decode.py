@@ -22,6 +22,7 @@ import torch
 from treadle_kernels import envs
 from treadle_kernels.attention.backend import Rope
 from treadle_kernels.attention.metadata import AttentionMetadata
+from treadle_kernels.ops.launch import launch
 from treadle_kernels.ops.support import pdl_enabled
 
 # request x KV-head pairs up to which the fused kernel runs (batch 1 measured faster; batch 32 slower)
@@ -95,7 +96,9 @@ def fused_decode_attention(
         part_l = torch.empty_like(part_m)
     group = num_heads // num_kv_heads
     cos_sin = rope.cos_sin_cache
-    decode_attention_kernel[(num_tokens, num_kv_heads, num_splits)](
+    pdl = pdl_enabled(query.device)
+    launch(
+        decode_attention_kernel, (num_tokens, num_kv_heads, num_splits),
         output, part_acc, part_m, part_l, counters, query, key, value, rope.positions, cos_sin,
         k_cache, v_cache, md.block_table, md.seq_lens, md.slot_mapping, scale, sliding_window or 0,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
@@ -104,7 +107,7 @@ def fused_decode_attention(
         G=group, HALF=head_dim // 2, BLOCK_SIZE=block_size, BLOCK_M=max(16, 1 << (group - 1).bit_length()),
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        UPCAST=query.device.type == "cpu", USE_PDL=(pdl := pdl_enabled(query.device)),
+        UPCAST=query.device.type == "cpu", USE_PDL=pdl,
         FP8_MAX=fp8_max(k_cache.dtype),
         num_warps=4, num_stages=2 if query.device.type == "cuda" else 1, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 from treadle_ir import ops
 from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
 
+from .launch import launch
 from .support import FLOAT_DTYPES, check_tensor, next_pow2, triton_supported
 
 __all__ = ["register"]
@@ -33,7 +34,9 @@ def reshape_and_cache(
     if num_tokens == 0:
         return
     heads_block, dim_block = next_pow2(num_kv_heads), next_pow2(head_size)
-    cache_kernels.reshape_and_cache_kernel[(num_tokens,)](
+    launch(
+        cache_kernels.reshape_and_cache_kernel,
+        (num_tokens,),
         key,
         value,
         key_cache,

@@ -11,6 +11,7 @@ import torch
 
 from treadle_ir import ops
 
+from .launch import launch
 from .support import check_tensor, next_pow2, triton_supported
 
 __all__ = ["register"]
@@ -45,7 +46,8 @@ def _rotate(
     _, ko_token_stride, ko_head_stride = _head_strides(key_out, head_size)
     half_rot = cache.shape[-1] // 2
     q_block, k_block, half_block = next_pow2(num_q), next_pow2(num_k), next_pow2(half_rot)
-    rotary_kernels.rotary_qk_kernel[(num_tokens, 2)](
+    launch(
+        rotary_kernels.rotary_qk_kernel, (num_tokens, 2),
         positions, query, q_token_stride, q_head_stride, query_out, qo_token_stride, qo_head_stride, num_q,
         key, k_token_stride, k_head_stride, key_out, ko_token_stride, ko_head_stride, num_k,
         cache, cache.stride(0), half_rot,

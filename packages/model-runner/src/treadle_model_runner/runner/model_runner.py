@@ -52,6 +52,7 @@ from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
+from treadle_model_runner.runner.precompile import start_compile_ahead
 from treadle_model_runner.runner.prefill_graphs import capture_metadata
 from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
@@ -195,6 +196,7 @@ class ModelRunner:
         )
         self.builders = [self.attn_backend.get_builder_cls()(block_size, self.device) for _ in groups]
         block_bytes = bytes_per_block(layers, block_size, self.kv_cache_dtype, self.attn_backend)
+        compiling = start_compile_ahead(self)  # GPU: the passes below then find their kernels compiled
         override = self.cache_config.num_gpu_blocks_override
         if override is not None:
             num_blocks = override
@@ -214,6 +216,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             warm_up_kernels(self)  # compile the prefill kernel variants now, not on a user's request
         self._maybe_capture_graphs()
+        if compiling is not None:
+            compiling.report()
         return self.kv_cache_config
 
     def describe(self) -> dict[str, str]:
