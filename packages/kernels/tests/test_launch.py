@@ -35,19 +35,31 @@ def test_launch_runs_outside_compile_only() -> None:
     assert grid == (3, 1) and args[0] is x and args[1] == 7 and kwargs == {"BLOCK": 16, "num_warps": 4}
 
 
-def test_compile_only_submits_the_compile_and_launches_nothing() -> None:
-    kernel, x = FakeKernel(), torch.zeros(3, dtype=torch.bfloat16)
+def test_compile_only_submits_the_compiles_and_launches_nothing() -> None:
+    kernel, other, x = FakeKernel(), FakeKernel(), torch.zeros(3, dtype=torch.bfloat16)
     with ThreadPoolExecutor(2) as pool:
         with compile_only(pool) as futures:
             assert compiling_only()
             launch(kernel, (3,), x, 7, 2.5, BLOCK=16)
             launch(kernel, (5,), x.float(), 1, 0.0, BLOCK=32)
+            launch(kernel, (9,), x, 9, 2.5, BLOCK=16)  # only integers differ: the first one's job
+            launch(other, (3,), x, 7, 2.5, BLOCK=16)  # another kernel: its own job
+            assert futures == []  # submitted on leaving the block
         assert not compiling_only()
-        assert [f.result() for f in futures] == ["compiled", "compiled"]
-    assert kernel.launched == []
-    compiled = sorted(kernel.compiled, key=lambda c: c[0])
-    # tensors reach the compile as their dtypes (Triton's warmup takes a dtype for a pointer): none is kept alive
-    assert compiled[0] == ((3,), (torch.bfloat16, 7, 2.5), {"BLOCK": 16})
-    assert compiled[1] == ((5,), (torch.float32, 1, 0.0), {"BLOCK": 32})
+        assert len(futures) == 3
+        for f in futures:
+            f.result()
+    assert kernel.launched == [] and other.launched == []
+    # tensors reach the compile as their dtypes (Triton's warmup takes a dtype for a pointer): none is kept
+    # alive; launches differing only in integers compile in turn, in launch order
+    assert sorted(kernel.compiled, key=lambda c: c[0]) == [
+        ((3,), (torch.bfloat16, 7, 2.5), {"BLOCK": 16}),
+        ((5,), (torch.float32, 1, 0.0), {"BLOCK": 32}),
+        ((9,), (torch.bfloat16, 9, 2.5), {"BLOCK": 16}),
+    ]
+    assert kernel.compiled.index(((3,), (torch.bfloat16, 7, 2.5), {"BLOCK": 16})) < kernel.compiled.index(
+        ((9,), (torch.bfloat16, 9, 2.5), {"BLOCK": 16})
+    )
+    assert other.compiled == [((3,), (torch.bfloat16, 7, 2.5), {"BLOCK": 16})]
     launch(kernel, (1,), x)  # after the block: launches again
     assert len(kernel.launched) == 1

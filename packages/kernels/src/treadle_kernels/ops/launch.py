@@ -5,9 +5,11 @@ graph capture, warm-up) launched it: 26 variants, 10.9 s of an H200 host's 24.9 
 attention kernels (results/gpu-coldstart-compile-h200-529f98c). Inside ``compile_only(pool)`` a launch made
 through ``launch`` does not run: the variant it would use is compiled on ``pool`` instead (Triton's ``warmup``,
 from the arguments' dtypes and values alone), so a caller can walk the shapes it will run, cheaply on the host,
-and have the compiles proceed side by side while it goes on. A later real launch of a variant compiled by then
-finds it in Triton's cache; one still compiling is compiled again by the launching thread (Triton shares no
-in-flight compile between threads), which costs time but never changes a result.
+and have the compiles proceed side by side while it goes on. Launches that differ only in integer arguments
+(batch sizes, strides) are mostly one variant: they share one job, run in turn, so a variant compiles once and
+its repeats find it in Triton's cache. A later real launch of a variant compiled by then finds it there too;
+one still compiling is compiled again by the launching thread (Triton shares no in-flight compile between
+threads), which costs time but never changes a result.
 
 Outside ``compile_only`` (every step the engine serves), ``launch`` is ``kernel[grid](*args, **kwargs)``.
 """
@@ -22,20 +24,29 @@ from typing import Any
 
 import torch
 
-_PENDING: ContextVar[tuple[Executor, list[Future[Any]]] | None] = ContextVar(
+Compile = tuple[Any, tuple[int, ...], tuple[Any, ...], dict[str, Any]]  # kernel, grid, stand-ins, kwargs
+_PENDING: ContextVar[dict[tuple[Any, ...], list[Compile]] | None] = ContextVar(
     "treadle_compile_only", default=None
 )
 
 
 @contextlib.contextmanager
 def compile_only(pool: Executor) -> Iterator[list[Future[Any]]]:
-    """Within, `launch` compiles on `pool` instead of running; yields the list of those compiles' futures."""
+    """Within, `launch` records compiles instead of running; on leaving, they go to `pool`, one job per group of
+    launches that differ only in integer arguments. Yields the list that then holds those jobs' futures."""
     futures: list[Future[Any]] = []
-    token = _PENDING.set((pool, futures))
+    groups: dict[tuple[Any, ...], list[Compile]] = {}
+    token = _PENDING.set(groups)
     try:
         yield futures
     finally:
         _PENDING.reset(token)
+        futures.extend(pool.submit(_compile_all, group) for group in groups.values())
+
+
+def _compile_all(group: list[Compile]) -> None:
+    for kernel, grid, stand_ins, kwargs in group:
+        kernel.warmup(*stand_ins, grid=grid, **kwargs)
 
 
 def compiling_only() -> bool:
@@ -44,13 +55,13 @@ def compiling_only() -> bool:
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    """``kernel[grid](*args, **kwargs)``; inside `compile_only`, submit its compile instead. The compile sees
+    """``kernel[grid](*args, **kwargs)``; inside `compile_only`, record its compile instead. The compile sees
     each tensor as its dtype (Triton then assumes a 16-byte aligned pointer, as fresh allocations are), so no
     tensor is kept alive by a pending compile."""
-    pending = _PENDING.get()
-    if pending is None:
+    groups = _PENDING.get()
+    if groups is None:
         kernel[grid](*args, **kwargs)
         return
-    pool, futures = pending
-    stand_ins = [a.dtype if isinstance(a, torch.Tensor) else a for a in args]
-    futures.append(pool.submit(kernel.warmup, *stand_ins, grid=grid, **kwargs))
+    stand_ins = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+    key = (id(kernel), *(a for a in stand_ins if not isinstance(a, int)), *sorted(kwargs.items()))
+    groups.setdefault(key, []).append((kernel, grid, stand_ins, kwargs))

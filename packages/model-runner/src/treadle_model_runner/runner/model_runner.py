@@ -202,6 +202,8 @@ class ModelRunner:
             num_blocks = override
         elif self.device.type == "cuda":
             peak = profile_peak_activation_bytes(self, block_bytes)
+            if compiling is not None:
+                compiling.wait()  # the probe captures graphs: no compile thread may touch the device then
             self.graph_bytes_reserved = probe_graph_bytes(self) if self._graphs_wanted() else 0
             free, total = torch.cuda.mem_get_info(self.device)
             num_blocks = gpu_num_blocks(self.cache_config.gpu_memory_utilization, total, total - free,
@@ -213,6 +215,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, self.kv_cache_dtype, self.device,
                                             self.attn_backend)  # fmt: skip
         self.kv_cache_config = make_kv_cache_config(layers, num_blocks, block_size, block_bytes)
+        if compiling is not None:
+            compiling.wait()
         if self.device.type == "cuda":
             warm_up_kernels(self)  # compile the prefill kernel variants now, not on a user's request
         self._maybe_capture_graphs()

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,7 +41,8 @@ Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (query lengths, context lengt
 
 
 class CompileAhead:
-    """The compiles submitted at start-up; `report` logs how many finished, failed, and when."""
+    """The compiles submitted at start-up: `wait` for them (before any CUDA-graph capture, so no other thread
+    touches the device then), `report` how many there were, which failed, and when the last one finished."""
 
     def __init__(self, futures: list[Future[Any]], started: float, threads: int) -> None:
         self.futures, self.started, self.threads = futures, started, threads
@@ -53,15 +55,15 @@ class CompileAhead:
         with self._lock:
             self._last_done = max(self._last_done, time.perf_counter())
 
+    def wait(self) -> None:
+        futures_wait(self.futures)
+
     def report(self) -> None:
+        self.wait()
         failed = [e for f in self.futures if (e := f.exception()) is not None]
-        note = (
-            f"; {len(failed)} failed (each compiles on its first launch instead): {failed[0]!r}"
-            if failed
-            else ""
-        )
-        logger.info("compile-ahead: %d attention kernel variants on %d threads, all done %.1f s after the start%s",
-                    len(self.futures), self.threads, self._last_done - self.started, note)  # fmt: skip
+        note = f"; {len(failed)} failed (compiled at first launch instead): {failed[0]!r}" if failed else ""
+        logger.info("compile-ahead: %d attention kernel variant groups on %d threads, all done %.1f s after the "
+                    "start%s", len(self.futures), self.threads, self._last_done - self.started, note)  # fmt: skip
 
 
 def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
@@ -72,8 +74,10 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
         return None
     started = time.perf_counter()
     threads = max(1, min(16, (os.cpu_count() or 2) - 1))
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="treadle-compile",
-                              initializer=torch.cuda.set_device, initargs=(runner.device,))  # fmt: skip
+    index = runner.device.index if runner.device.index is not None else torch.cuda.current_device()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="treadle-compile", initializer=torch.cuda.set_device,
+                              initargs=(index,))  # fmt: skip
+    futures: list[Future[Any]] = []
     try:
         with torch.inference_mode(), compile_only(pool) as futures:
             for layer in _layer_kinds(runner._require_model().attention_layers()):
@@ -97,10 +101,10 @@ def _layer_kinds(layers: list[Attention]) -> list[Attention]:
 
 def _shapes(runner: ModelRunner) -> list[Shape]:
     """The batch shapes the start-up passes run: decode captures, profiling, one-request prefills, warm-up."""
-    shapes: list[Shape] = [((1,) * n, (1,) * n) for n in capture_sizes(runner.max_num_seqs)]
     max_len, budget = runner.max_model_len, runner.max_num_batched_tokens
     lengths = [min(max_len, budget - start) for start in range(0, budget, max_len)][: runner.max_num_seqs]
-    shapes.append((tuple(lengths), (0,) * len(lengths)))  # profile.py's pass
+    shapes: list[Shape] = [(tuple(lengths), (0,) * len(lengths))]  # profile.py's pass, the first to run
+    shapes += [((1,) * n, (1,) * n) for n in capture_sizes(runner.max_num_seqs)]
     shapes += [((n,), (0,)) for n in runner.piecewise_sizes()]
     shapes += [s for s in SHAPES if len(s[0]) <= runner.max_num_seqs and sum(s[0]) <= budget]
     return shapes
