@@ -2,7 +2,7 @@
 
 A cold start used to compile every Triton variant one after another, the first time a start-up pass (profiling,
 graph capture, warm-up) launched it: 26 variants, 10.9 s of an H200 host's 24.9 s to ready, 7.7 s of them the
-attention kernels (results/gpu-coldstart-compile-h200-529f98c). Inside ``compile_only(pool)`` a launch made
+attention kernels (benchmarks/results/gpu-compile-ahead-h200-529f98c). Inside ``compile_only(pool)`` a launch made
 through ``launch`` does not run: the variant it would use is compiled on ``pool`` instead (Triton's ``warmup``,
 from the arguments' dtypes and values alone), so a caller can walk the shapes it will run, cheaply on the host,
 and have the compiles proceed side by side while it goes on. Launches that differ only in integer arguments
