@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from test_runner_fakes import run_interpreted
+from test_runner_fakes import run_interpreted, save_llama
 
 pytest.importorskip("triton")
 
@@ -95,11 +94,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU start-up covers the real compile")
 def test_compile_ahead_walk_compiles_what_a_step_launches(tmp_path: Path) -> None:
-    config = tf.LlamaConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    save_llama(tmp_path, seed=2, vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
     out = run_interpreted(SCRIPT, str(tmp_path))
     assert "variants checked" in out

@@ -49,11 +49,6 @@ def _compile_all(group: list[Compile]) -> None:
         kernel.warmup(*stand_ins, grid=grid, **kwargs)
 
 
-def compiling_only() -> bool:
-    """Whether launches in this context only compile (a caller's host-side work may then be skipped)."""
-    return _PENDING.get() is not None
-
-
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)``; inside `compile_only`, record its compile instead. The compile sees
     each tensor as its dtype (Triton then assumes a 16-byte aligned pointer, as fresh allocations are), so no
