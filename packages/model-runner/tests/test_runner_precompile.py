@@ -1,8 +1,10 @@
 """Start-up compile-ahead (runner/precompile.py): for a batch shape, the variants it compiles are the ones a real
-step of that shape launches. On CPU under Triton's interpreter, with an H100's launch heuristics injected (so
-split-KV, tile and fused-decode choices are a GPU's), each step of a schedule (prefill, chunk on cached blocks,
-mixed decodes and prefills, a decode batch) records the Triton variants it launches (kernel, tensor dtypes,
-constexprs and options); the compile-ahead walk of the same shape must submit exactly those, and launch none."""
+step of that shape launches, walking the whole model or (tensor parallel, routed experts) its attention layers.
+On CPU under Triton's interpreter, with an H100's launch heuristics injected (so split-KV, tile and fused-decode
+choices are a GPU's), each step of a schedule (prefill, chunk on cached blocks, mixed decodes and prefills, a
+decode batch) records the Triton variants it launches (kernel, tensor dtypes, constexprs and options); both
+walks of the same shape must submit exactly those, and launch none. (On CPU the norms, SiLU and linear run
+natively, so only the attention family is Triton here; the GPU start-up log shows the rest.)"""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from treadle_kernels.attention.triton_backend import TritonAttentionImpl
     from treadle_kernels.attention.triton_launch import H100_PROFILE
     from treadle_kernels.ops import cache_kernels, rotary_kernels
-    from treadle_kernels.ops.launch import compile_only
+    from treadle_kernels.ops.launch import compile_only, compiles_finished
     from treadle_model_runner.runner import precompile
 
     launched, compiled = [], []
@@ -78,15 +80,17 @@ SCRIPT = textwrap.dedent(
         sched.step(plan)
         real = set(launched)
         shape = (tuple(plan.values()), tuple(before[r] for r in plan))
-        compiled.clear()
-        launched.clear()
-        with compile_only(RecordingPool()):
-            precompile._attend(runner, layer, shape)
-        assert not launched, f"{shape}: the walk launched {launched}"
-        assert set(compiled) == real, f"{shape}: compiled {sorted(set(compiled))} but a step launched {sorted(real)}"
+        for name, walk in (("model", precompile.walk), ("attention", lambda r, s: precompile._attend(r, layer, s))):
+            compiled.clear()
+            launched.clear()
+            with compile_only(RecordingPool()):
+                walk(runner, shape)
+            assert not launched, f"{name} walk of {shape} launched {launched}"
+            assert set(compiled) == real, f"{name} walk of {shape}: compiled {sorted(set(compiled))}, a step launched {sorted(real)}"
         checked += len(real)
     names = {v[0] for v in compiled}
     assert "decode_attention_kernel" in names, names
+    compiles_finished()
     print("variants checked", checked)
     """
 )
