@@ -80,7 +80,8 @@ SCRIPT = textwrap.dedent(
         sched.step(plan)
         real = set(launched)
         shape = (tuple(plan.values()), tuple(before[r] for r in plan))
-        for name, walk in (("model", precompile.walk), ("attention", lambda r, s: precompile._attend(r, layer, s))):
+        walks = (("model", precompile._forward), ("attention", lambda r, s: precompile._attend(r, layer, s)))
+        for name, walk in walks:
             compiled.clear()
             launched.clear()
             with compile_only(RecordingPool()):

@@ -1,16 +1,17 @@
 """Compile the model's Triton kernel variants side by side at start-up, before the passes that launch them.
 
 The start-up passes (profiling, the graph-memory probe, warm-up, CUDA-graph capture) compile each Triton variant
-the first time they launch it, one after another. Here, before the profiling pass, the model walks the batch
-shapes those passes will run under `compile_only` (treadle_kernels/ops/launch.py): its Triton launches (norms,
-SiLU, the small-batch linear, rotary, KV write, attention) do not run, their variants compile on a thread pool,
-and the passes find them compiled, or wait for the one still compiling. The shapes: the profiling pass, each
-decode capture size (with its logits), the one-request prefill sizes and the warm-up shapes; each launch picks
-its variant from host integers only, so the variants are the passes' own. The walk runs the whole model over
-zero token ids, on a KV cache of two blocks per layer: what is not Triton (cuBLAS matmuls, the embedding) runs
-on whatever the skipped kernels left in their outputs, and nothing the engine holds is written. A model with
-routed experts, or a tensor-parallel one (its forward all-reduces), walks its attention layers only, on
-tensors in the shapes and strides the model hands them. `TREADLE_COMPILE_AHEAD=0` turns it off.
+the first time they launch it, one after another. Here, before the profiling pass, they are walked under
+`compile_only` (treadle_kernels/ops/launch.py): the Triton launches do not run, their variants compile on a
+thread pool, and the passes find them compiled, or wait for the one still compiling. Attention (rotary, KV
+write, the attention kernels) picks its variant from the batch shape, so each attention layer kind walks the
+shapes the passes run: the profiling pass, each decode capture size, the one-request prefill sizes and the
+warm-up shapes, on tensors in the shapes and strides the model hands it (q, k and v views of one qkv row).
+The rest of the model (norms, SiLU, the small-batch linear) picks it by one row or several, so the whole
+forward runs twice, over one zero token and over sixteen, on a KV cache of two blocks per layer: what is not
+Triton (cuBLAS matmuls, the embedding) runs on whatever the skipped kernels left in their outputs. Not with
+routed experts, nor tensor parallel (see `_walks_whole_model`): those compile the rest at first launch.
+Nothing the engine holds is written. `TREADLE_COMPILE_AHEAD=0` turns it off.
 
 Measured on an H200 with dummy Llama-3.1-8B weights, kernel caches removed, alternating with the tree before on
 one machine: 13 variant groups compile on 15 threads in 4.3-5.0 s while the profiling pass runs, and `treadle
@@ -90,8 +91,16 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
     futures: list[Future[Any]] = []
     try:
         with torch.inference_mode(), compile_only(pool) as futures:
+            model = runner._require_model()
+            if _walks_whole_model(model):
+                # the rest of the model picks its variants by one row or several, not by the batch shape
+                _forward(runner, ((1,), (1,)))  # one decode token: the one-row linear kernels, their logits
+                _forward(
+                    runner, ((min(16, runner.max_num_batched_tokens, runner.max_model_len),), (0,))
+                )  # rows
             for shape in _shapes(runner):
-                walk(runner, shape)
+                for layer in _layer_kinds(model.attention_layers()):
+                    _attend(runner, layer, shape)
     except Exception:  # an optimisation only: the passes compile whatever is missing
         logger.exception("compile-ahead stopped; the start-up passes compile the remaining kernels")
     finally:
@@ -119,15 +128,10 @@ def _shapes(runner: ModelRunner) -> list[Shape]:
     return shapes
 
 
-def walk(runner: ModelRunner, shape: Shape) -> None:
-    """Under compile_only: the launches of a step of `shape` (the whole model, or its attention layers)."""
-    model = runner._require_model()
-    dense = not any(isinstance(m, SparseMoeBlock) for m in model.modules())
-    if dense and get_tp().size == 1:
-        _forward(runner, shape)
-    else:
-        for layer in _layer_kinds(model.attention_layers()):
-            _attend(runner, layer, shape)
+def _walks_whole_model(model: torch.nn.Module) -> bool:
+    """Whether the whole forward may run under compile_only: not with routed experts (their token order comes
+    from a Triton kernel that does not run) nor across tensor-parallel ranks (its all-reduces would run)."""
+    return get_tp().size == 1 and not any(isinstance(m, SparseMoeBlock) for m in model.modules())
 
 
 def _forward(runner: ModelRunner, shape: Shape) -> None:
