@@ -95,9 +95,8 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
             if _walks_whole_model(model):
                 # the rest of the model picks its variants by one row or several, not by the batch shape
                 _forward(runner, ((1,), (1,)))  # one decode token: the one-row linear kernels, their logits
-                _forward(
-                    runner, ((min(16, runner.max_num_batched_tokens, runner.max_model_len),), (0,))
-                )  # rows
+                rows = min(16, runner.max_num_batched_tokens, runner.max_model_len)
+                _forward(runner, ((rows,), (0,)))  # several rows: the norms and SiLU of the unfused path
             for shape in _shapes(runner):
                 for layer in _layer_kinds(model.attention_layers()):
                     _attend(runner, layer, shape)
