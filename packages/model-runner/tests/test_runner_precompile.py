@@ -1,10 +1,8 @@
 """Start-up compile-ahead (runner/precompile.py): for a batch shape, the variants it compiles are the ones a real
-step of that shape launches, walking the whole model or (tensor parallel, routed experts) its attention layers.
-On CPU under Triton's interpreter, with an H100's launch heuristics injected (so split-KV, tile and fused-decode
-choices are a GPU's), each step of a schedule (prefill, chunk on cached blocks, mixed decodes and prefills, a
-decode batch) records the Triton variants it launches (kernel, tensor dtypes, constexprs and options); both
-walks of the same shape must submit exactly those, and launch none. (On CPU the norms, SiLU and linear run
-natively, so only the attention family is Triton here; the GPU start-up log shows the rest.)"""
+step of that shape launches. On CPU under Triton's interpreter, with an H100's launch heuristics injected (so
+split-KV, tile and fused-decode choices are a GPU's), each step of a schedule (prefill, chunk on cached blocks,
+mixed decodes and prefills, a decode batch) records the Triton variants it launches (kernel, tensor dtypes,
+constexprs and options); the compile-ahead walk of the same shape must submit exactly those, and launch none."""
 
 from __future__ import annotations
 
@@ -80,14 +78,12 @@ SCRIPT = textwrap.dedent(
         sched.step(plan)
         real = set(launched)
         shape = (tuple(plan.values()), tuple(before[r] for r in plan))
-        walks = (("model", precompile._forward), ("attention", lambda r, s: precompile._attend(r, layer, s)))
-        for name, walk in walks:
-            compiled.clear()
-            launched.clear()
-            with compile_only(RecordingPool()):
-                walk(runner, shape)
-            assert not launched, f"{name} walk of {shape} launched {launched}"
-            assert set(compiled) == real, f"{name} walk of {shape}: compiled {sorted(set(compiled))}, a step launched {sorted(real)}"
+        compiled.clear()
+        launched.clear()
+        with compile_only(RecordingPool()):
+            precompile._attend(runner, layer, shape)
+        assert not launched, f"{shape}: the walk launched {launched}"
+        assert set(compiled) == real, f"{shape}: compiled {sorted(set(compiled))} but a step launched {sorted(real)}"
         checked += len(real)
     names = {v[0] for v in compiled}
     assert "decode_attention_kernel" in names, names

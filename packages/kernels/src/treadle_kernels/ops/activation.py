@@ -10,7 +10,6 @@ import torch
 
 from treadle_ir import ops
 
-from .launch import launch
 from .support import check_tensor, rows_view, triton_supported
 
 __all__ = ["register"]
@@ -29,8 +28,9 @@ def _launch(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     if x2.shape[0] > 0 and d > 0:
         block = min(BLOCK, max(16, 1 << (d - 1).bit_length()))
         grid = (x2.shape[0], triton_cdiv(d, block))
-        launch(activation_kernels.act_and_mul_kernel, grid, x2, x2.stride(0), out, out.stride(0), d,
-               GELU_TANH=gelu_tanh, BLOCK=block, num_warps=4)  # fmt: skip
+        activation_kernels.act_and_mul_kernel[grid](
+            x2, x2.stride(0), out, out.stride(0), d, GELU_TANH=gelu_tanh, BLOCK=block, num_warps=4
+        )
     return out.view(*x.shape[:-1], d)
 
 

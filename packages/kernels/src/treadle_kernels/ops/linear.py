@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from treadle_ir import ops
 
 from .. import envs
-from .launch import launch
 from .linear_checks import LinearChecks, register_linear_ops
 from .support import check_tensor, num_sms, pdl_enabled, rows_view, triton_supported
 
@@ -117,10 +116,7 @@ def _launch(
 
     out, residual_out, args = prepare_launch(x, k, weight, bias, residual, norm_weight, epsilon)
     if args is not None:
-        pdl = cfg.rows == 1 and pdl_enabled(x.device)
-        launch(
-            linear_kernels.small_m_linear_kernel,
-            (-(-weight.shape[0] // cfg.block_n),),
+        linear_kernels.small_m_linear_kernel[(-(-weight.shape[0] // cfg.block_n),)](
             *args,
             PROLOGUE=prologue,
             HAS_BIAS=bias is not None,
@@ -129,7 +125,7 @@ def _launch(
             BLOCK_K=cfg.block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             UPCAST=x.device.type == "cpu",  # CPU means the interpreter
-            USE_PDL=pdl,
+            USE_PDL=(pdl := cfg.rows == 1 and pdl_enabled(x.device)),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **({"launch_pdl": True} if pdl else {}),

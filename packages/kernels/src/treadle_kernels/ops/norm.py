@@ -14,7 +14,6 @@ import torch
 
 from treadle_ir import ops
 
-from .launch import launch
 from .support import check_tensor, next_pow2, rows_view, triton_supported
 
 __all__ = ["register"]
@@ -61,9 +60,7 @@ def _launch(
     has_residual = residual is not None
     res = residual if residual is not None else x
     res_out = residual_out if residual_out is not None else out
-    launch(
-        norm_kernels.rms_norm_kernel,
-        (num_rows,),
+    norm_kernels.rms_norm_kernel[(num_rows,)](
         x,
         x.stride(0),
         res,

@@ -1,21 +1,19 @@
-"""Compile the model's Triton kernel variants side by side at start-up, before the passes that launch them.
+"""Compile the attention kernels' variants side by side at start-up, before the passes that launch them.
 
 The start-up passes (profiling, the graph-memory probe, warm-up, CUDA-graph capture) compile each Triton variant
-the first time they launch it, one after another. Here, before the profiling pass, they are walked under
-`compile_only` (treadle_kernels/ops/launch.py): the Triton launches do not run, their variants compile on a
-thread pool, and the passes find them compiled, or wait for the one still compiling. Attention (rotary, KV
-write, the attention kernels) picks its variant from the batch shape, so each attention layer kind walks the
-shapes the passes run: the profiling pass, each decode capture size, the one-request prefill sizes and the
-warm-up shapes, on tensors in the shapes and strides the model hands it (q, k and v views of one qkv row).
-The rest of the model (norms, SiLU, the small-batch linear) picks it by one row or several, so the whole
-forward runs twice, over one zero token and over sixteen, on a KV cache of two blocks per layer: what is not
-Triton (cuBLAS matmuls, the embedding) runs on whatever the skipped kernels left in their outputs. Not with
-routed experts, nor tensor parallel (see `_walks_whole_model`): those compile the rest at first launch.
-Nothing the engine holds is written. `TREADLE_COMPILE_AHEAD=0` turns it off.
+the first time they launch it, one after another. Here, before the profiling pass, every attention layer kind
+walks the batch shapes those passes will run, under `compile_only` (treadle_kernels/ops/launch.py): the rotary,
+KV-write and attention launches do not run, their variants compile on a thread pool, and the passes find them
+compiled, or wait for the one still compiling. The shapes: each decode capture size, the profiling pass, the one-request prefill sizes and the
+warm-up shapes; each launch picks its variant from these host integers only, so the variants are the passes'
+own. The tensors are fresh, in the shapes and strides the model hands its attention layers (q, k and v are
+views of one qkv row); nothing the engine holds is written. `TREADLE_COMPILE_AHEAD=0` turns it off.
 
 Measured on an H200 with dummy Llama-3.1-8B weights, kernel caches removed, alternating with the tree before on
 one machine: 13 variant groups compile on 15 threads in 4.3-5.0 s while the profiling pass runs, and `treadle
 serve` is ready 19.5-23.3 s after its start against 26.1-28.8 s (benchmarks/results/gpu-compile-ahead-h200-529f98c).
+Walking the rest of the model too (norms, SiLU, the small-batch linear: about 2 s of compiles left in the main
+thread) measured no faster there (calls 5 and 6): their compiles then contend with the profiling pass.
 """
 
 from __future__ import annotations
@@ -36,8 +34,6 @@ from treadle_model_runner import envs
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.kv_cache import allocate_kv_caches
 from treadle_model_runner.layers.rotary import RotaryEmbedding
-from treadle_model_runner.models.sparse_moe import SparseMoeBlock
-from treadle_model_runner.parallel import get_tp
 from treadle_model_runner.runner.cuda_graph import capture_sizes
 from treadle_model_runner.runner.warmup import SHAPES
 
@@ -91,14 +87,8 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
     futures: list[Future[Any]] = []
     try:
         with torch.inference_mode(), compile_only(pool) as futures:
-            model = runner._require_model()
-            if _walks_whole_model(model):
-                # the rest of the model picks its variants by one row or several, not by the batch shape
-                _forward(runner, ((1,), (1,)))  # one decode token: the one-row linear kernels, their logits
-                rows = min(16, runner.max_num_batched_tokens, runner.max_model_len)
-                _forward(runner, ((rows,), (0,)))  # several rows: the norms and SiLU of the unfused path
-            for shape in _shapes(runner):
-                for layer in _layer_kinds(model.attention_layers()):
+            for layer in _layer_kinds(runner._require_model().attention_layers()):
+                for shape in _shapes(runner):
                     _attend(runner, layer, shape)
     except Exception:  # an optimisation only: the passes compile whatever is missing
         logger.exception("compile-ahead stopped; the start-up passes compile the remaining kernels")
@@ -127,32 +117,11 @@ def _shapes(runner: ModelRunner) -> list[Shape]:
     return shapes
 
 
-def _walks_whole_model(model: torch.nn.Module) -> bool:
-    """Whether the whole forward may run under compile_only: not with routed experts (their token order comes
-    from a Triton kernel that does not run) nor across tensor-parallel ranks (its all-reduces would run)."""
-    return get_tp().size == 1 and not any(isinstance(m, SparseMoeBlock) for m in model.modules())
-
-
-def _forward(runner: ModelRunner, shape: Shape) -> None:
-    """The model's forward over `shape` (zero token ids), then the logits of each request's last token."""
-    model = runner._require_model()
-    layers = model.attention_layers()
-    tokens, device = sum(shape[0]), runner.device
-    metadata = {g: _metadata(runner, g, shape) for g in set(runner.layer_to_group)}
-    caches = allocate_kv_caches(layers, 2, runner.cache_config.block_size, runner.kv_cache_dtype, device,
-                                runner.attn_backend)  # fmt: skip
-    context = ForwardContext(caches, [metadata[g] for g in runner.layer_to_group], tokens)
-    zeros = torch.zeros(tokens, dtype=torch.int64, device=device)
-    with set_forward_context(context):
-        hidden = model(zeros, zeros)
-    model.compute_logits(hidden[: len(shape[0])])
-
-
-def _metadata(runner: ModelRunner, group: int, shape: Shape) -> Any:
-    """The backend's metadata of a step of `shape` for KV-cache group `group` (XQA off: it is not Triton)."""
+def _attend(runner: ModelRunner, layer: Attention, shape: Shape) -> None:
+    """One attention call of `layer` over `shape`, as the model makes it, under compile_only."""
     queries, contexts = shape
     n, tokens = len(queries), sum(queries)
-    device = runner.device
+    device, group = runner.device, runner.layer_to_group[layer.layer_idx]
     seq_lens = torch.tensor([q + c for q, c in zip(queries, contexts, strict=True)], dtype=torch.int32)
     qsl = torch.zeros(n + 1, dtype=torch.int32)
     qsl[1:] = torch.tensor(queries, dtype=torch.int32).cumsum(0)
@@ -170,13 +139,6 @@ def _metadata(runner: ModelRunner, group: int, shape: Shape) -> Any:
     metadata = runner.builders[group].build(common)
     if hasattr(metadata, "xqa_workspace"):
         metadata.xqa_workspace = None  # FlashInfer's XQA kernel is not Triton: it would run
-    return metadata
-
-
-def _attend(runner: ModelRunner, layer: Attention, shape: Shape) -> None:
-    """One attention call of `layer` over `shape`, as the model makes it."""
-    tokens, device = sum(shape[0]), runner.device
-    metadata = _metadata(runner, runner.layer_to_group[layer.layer_idx], shape)
     q_size, kv_size = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
     qkv = torch.empty(tokens, q_size + 2 * kv_size, dtype=runner.dtype, device=device)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
