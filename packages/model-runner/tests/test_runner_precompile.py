@@ -99,3 +99,27 @@ def test_compile_ahead_walk_compiles_what_a_step_launches(tmp_path: Path) -> Non
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
     out = run_interpreted(SCRIPT, str(tmp_path))
     assert "variants checked" in out
+
+
+@pytest.mark.parametrize(("device", "index"), [("cuda", 3), ("cuda:1", 1)])
+def test_compile_threads_set_their_device_by_index(
+    monkeypatch: pytest.MonkeyPatch, device: str, index: int
+) -> None:
+    """A runner's device may be a bare "cuda": the threads must still get an index (the first GPU run failed on
+    exactly this, so nothing compiled ahead)."""
+    from treadle_model_runner.runner.precompile import compile_pool
+
+    def set_device(d: object) -> None:
+        assert isinstance(d, int), f"set_device({d!r}): torch refuses a device without an index"
+        seen.append(d)
+
+    seen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    pool = compile_pool(torch.device(device), 2)
+    try:
+        for f in [pool.submit(lambda: None) for _ in range(4)]:
+            f.result()
+    finally:
+        pool.shutdown()
+    assert seen and set(seen) == {index}

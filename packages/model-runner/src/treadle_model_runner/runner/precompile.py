@@ -81,9 +81,7 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
         return None
     started = time.perf_counter()
     threads = max(1, min(16, (os.cpu_count() or 2) - 1))
-    index = runner.device.index if runner.device.index is not None else torch.cuda.current_device()
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="treadle-compile", initializer=torch.cuda.set_device,
-                              initargs=(index,))  # fmt: skip
+    pool = compile_pool(runner.device, threads)
     futures: list[Future[Any]] = []
     try:
         with torch.inference_mode(), compile_only(pool) as futures:
@@ -95,6 +93,14 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
     finally:
         pool.shutdown(wait=False)
     return CompileAhead(futures, started, threads) if futures else None
+
+
+def compile_pool(device: torch.device, threads: int) -> ThreadPoolExecutor:
+    """Threads whose current CUDA device is `device` (Triton compiles for the current device), by its index:
+    a bare "cuda" is the process's current device (set_device refuses an index-less device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ThreadPoolExecutor(threads, thread_name_prefix="treadle-compile", initializer=torch.cuda.set_device,
+                              initargs=(index,))  # fmt: skip
 
 
 def _layer_kinds(layers: list[Attention]) -> list[Attention]:
