@@ -204,7 +204,7 @@ def test_gpu_kv_capacity_from_profiling(llama: tuple[Any, Path]) -> None:
 
 def test_kernel_warm_up_leaves_no_trace(llama: tuple[Any, Path]) -> None:
     """The start-up warm-up steps (dummy requests on the null block) leave the runner as they found it."""
-    from treadle_model_runner.runner.warmup import SHAPES, _fits, warm_up_kernels
+    from treadle_model_runner.runner.warmup import SHAPES, fits, warm_up_kernels
 
     _, path = llama
     gen = torch.Generator().manual_seed(9)
@@ -222,7 +222,7 @@ def test_kernel_warm_up_leaves_no_trace(llama: tuple[Any, Path]) -> None:
 
             runner.execute = counted  # type: ignore[method-assign]
             warm_up_kernels(runner)
-            fitting = sum(_fits(runner, q, c) for q, c in SHAPES)
+            fitting = sum(fits(runner, q, c) for q, c in SHAPES)
             assert fitting >= 1 and len(calls) == 2 * fitting, "each fitting shape runs (then is dropped)"
             assert runner.batch.num_reqs == 0 and not runner.requests
             runner.execute = execute  # type: ignore[method-assign]

@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(
         compiled.clear()
         launched.clear()
         with compile_only(RecordingPool()):
-            precompile._attend(runner, layer, shape)
+            precompile._attend(runner, layer, shape, *precompile.attention_inputs(runner, layer))
         assert not launched, f"{shape}: the walk launched {launched}"
         assert set(compiled) == real, f"{shape}: compiled {sorted(set(compiled))} but a step launched {sorted(real)}"
         checked += len(real)

@@ -4,10 +4,11 @@ The start-up passes (profiling, the graph-memory probe, warm-up, CUDA-graph capt
 the first time they launch it, one after another. Here, before the profiling pass, every attention layer kind
 walks the batch shapes those passes will run, under `compile_only` (treadle_kernels/ops/launch.py): the rotary,
 KV-write and attention launches do not run, their variants compile on a thread pool, and the passes find them
-compiled, or wait for the one still compiling. The shapes: each decode capture size, the profiling pass, the one-request prefill sizes and the
-warm-up shapes; each launch picks its variant from these host integers only, so the variants are the passes'
-own. The tensors are fresh, in the shapes and strides the model hands its attention layers (q, k and v are
-views of one qkv row); nothing the engine holds is written. `TREADLE_COMPILE_AHEAD=0` turns it off.
+compiled, or wait for the one still compiling. The shapes: the profiling pass, each decode capture size, the
+one-request prefill sizes and the warm-up shapes; each launch picks its variant from these host integers only, so
+the variants are the passes' own. The tensors are fresh, in the shapes and strides the model hands its attention
+layers (q, k and v are views of one qkv row); nothing the engine holds is written. `TREADLE_COMPILE_AHEAD=0` turns
+it off.
 
 Measured on an H200 with dummy Llama-3.1-8B weights, kernel caches removed, alternating with the tree before on
 one machine: 13 variant groups compile on 15 threads in 4.3-5.0 s while the profiling pass runs, and `treadle
@@ -35,7 +36,8 @@ from treadle_model_runner.forward_context import ForwardContext, set_forward_con
 from treadle_model_runner.kv_cache import allocate_kv_caches
 from treadle_model_runner.layers.rotary import RotaryEmbedding
 from treadle_model_runner.runner.cuda_graph import capture_sizes
-from treadle_model_runner.runner.warmup import SHAPES
+from treadle_model_runner.runner.profile import profile_lengths
+from treadle_model_runner.runner.warmup import SHAPES, fits
 
 if TYPE_CHECKING:
     from treadle_model_runner.layers.attention import Attention
@@ -85,9 +87,11 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
     futures: list[Future[Any]] = []
     try:
         with torch.inference_mode(), compile_only(pool) as futures:
+            shapes = _shapes(runner)
             for layer in _layer_kinds(runner._require_model().attention_layers()):
-                for shape in _shapes(runner):
-                    _attend(runner, layer, shape)
+                inputs = attention_inputs(runner, layer)
+                for shape in shapes:
+                    _attend(runner, layer, shape, *inputs)
     except Exception:  # an optimisation only: the passes compile whatever is missing
         logger.exception("compile-ahead stopped; the start-up passes compile the remaining kernels")
     finally:
@@ -114,16 +118,29 @@ def _layer_kinds(layers: list[Attention]) -> list[Attention]:
 
 def _shapes(runner: ModelRunner) -> list[Shape]:
     """The batch shapes the start-up passes run: decode captures, profiling, one-request prefills, warm-up."""
-    max_len, budget = runner.max_model_len, runner.max_num_batched_tokens
-    lengths = [min(max_len, budget - start) for start in range(0, budget, max_len)][: runner.max_num_seqs]
+    lengths = profile_lengths(runner)
     shapes: list[Shape] = [(tuple(lengths), (0,) * len(lengths))]  # profile.py's pass, the first to run
     shapes += [((1,) * n, (1,) * n) for n in capture_sizes(runner.max_num_seqs)]
     shapes += [((n,), (0,)) for n in runner.piecewise_sizes()]
-    shapes += [s for s in SHAPES if len(s[0]) <= runner.max_num_seqs and sum(s[0]) <= budget]
+    shapes += [s for s in SHAPES if fits(runner, *s)]
     return shapes
 
 
-def _attend(runner: ModelRunner, layer: Attention, shape: Shape) -> None:
+def attention_inputs(runner: ModelRunner, layer: Attention) -> tuple[torch.Tensor, RotaryEmbedding | None]:
+    """What every walk of `layer` shares: a KV cache of two blocks in its shape, and the model's rotary embedding."""
+    kv_cache = allocate_kv_caches([layer], 2, runner.cache_config.block_size, runner.kv_cache_dtype, runner.device,
+                                  runner.attn_backend)[0]  # fmt: skip
+    rotary = next((m for m in runner._require_model().modules() if isinstance(m, RotaryEmbedding)), None)
+    return kv_cache, rotary
+
+
+def _attend(
+    runner: ModelRunner,
+    layer: Attention,
+    shape: Shape,
+    kv_cache: torch.Tensor,
+    rotary: RotaryEmbedding | None,
+) -> None:
     """One attention call of `layer` over `shape`, as the model makes it, under compile_only."""
     queries, contexts = shape
     n, tokens = len(queries), sum(queries)
@@ -148,9 +165,6 @@ def _attend(runner: ModelRunner, layer: Attention, shape: Shape) -> None:
     q_size, kv_size = layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size
     qkv = torch.empty(tokens, q_size + 2 * kv_size, dtype=runner.dtype, device=device)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    kv_cache = allocate_kv_caches([layer], 2, runner.cache_config.block_size, runner.kv_cache_dtype, device,
-                                  runner.attn_backend)[0]  # fmt: skip
-    rotary = next((m for m in runner._require_model().modules() if isinstance(m, RotaryEmbedding)), None)
     rope = rotary.rope(torch.zeros(tokens, dtype=torch.int64, device=device)) if rotary is not None else None
     caches: list[Any] = [None] * (layer.layer_idx + 1)
     caches[layer.layer_idx] = kv_cache

@@ -26,14 +26,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def profile_lengths(runner: ModelRunner) -> list[int]:
+    """The pass's prompt lengths: max_num_batched_tokens in requests of at most max_model_len, max_num_seqs of
+    them at most."""
+    max_len, budget = runner.max_model_len, runner.max_num_batched_tokens
+    return [min(max_len, budget - start) for start in range(0, budget, max_len)][: runner.max_num_seqs]
+
+
 @torch.inference_mode()
 def profile_peak_activation_bytes(runner: ModelRunner, block_bytes: int) -> int:
     model = runner._require_model()
     layers = model.attention_layers()
     block_size = runner.cache_config.block_size
     num_groups = len(runner.batch.block_tables)
-    max_len, budget = runner.max_model_len, runner.max_num_batched_tokens
-    lengths = [min(max_len, budget - start) for start in range(0, budget, max_len)][: runner.max_num_seqs]
+    lengths = profile_lengths(runner)
     blocks_per_req = [-(-n // block_size) for n in lengths]
     num_blocks = sum(blocks_per_req) + 1
     states, next_block = [], 1

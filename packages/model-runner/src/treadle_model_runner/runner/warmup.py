@@ -32,7 +32,7 @@ SHAPES: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (
 )
 
 
-def _fits(runner: ModelRunner, queries: tuple[int, ...], contexts: tuple[int, ...]) -> bool:
+def fits(runner: ModelRunner, queries: tuple[int, ...], contexts: tuple[int, ...]) -> bool:
     return (
         len(queries) <= runner.max_num_seqs
         and sum(queries) <= runner.max_num_batched_tokens
@@ -48,7 +48,7 @@ def warm_up_kernels(runner: ModelRunner) -> None:
     params = SamplingParams(temperature=1.0, max_tokens=1)
     ran = 0
     for step, (queries, contexts) in enumerate(SHAPES):
-        if not _fits(runner, queries, contexts):
+        if not fits(runner, queries, contexts):
             continue
         new, scheduled = [], {}
         for i, (q, c) in enumerate(zip(queries, contexts, strict=True)):
