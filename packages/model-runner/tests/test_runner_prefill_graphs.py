@@ -73,6 +73,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from test_runner_fakes import make_runner
     from test_runner_prefill_graphs import _run, assert_same_prompt_logprobs
+    from treadle_model_runner.runner.graphs import prepare_prefill_capture
 
     class CaptureTimeForwards:
         \"\"\"Stands in for the prefill graphs: each bucket's forward built before any request (as the capture
@@ -80,7 +81,7 @@ SCRIPT = textwrap.dedent(
 
         def __init__(self, runner, sizes):
             self.sizes = sizes
-            self.forwards = {s: runner._prepare_prefill_capture(s) for s in sizes}
+            self.forwards = {s: prepare_prefill_capture(runner, s) for s in sizes}
             self.replays = []
 
         def padded_size(self, n):

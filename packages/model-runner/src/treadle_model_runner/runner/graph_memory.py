@@ -29,6 +29,13 @@ import torch
 
 from treadle_model_runner.kv_cache import allocate_kv_caches
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.graphs import (
+    piecewise_sizes,
+    prefill_graphs_wanted,
+    prepare_decode_capture,
+    prepare_piecewise_capture,
+    prepare_prefill_capture,
+)
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 
 if TYPE_CHECKING:
@@ -68,20 +75,20 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     layers = runner._require_model().attention_layers()
     runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.kv_cache_dtype,
                                           runner.device, runner.attn_backend)  # fmt: skip
-    buckets = runner.piecewise_sizes()
+    buckets = piecewise_sizes(runner)
     probe = CudaGraphRunner(sorted({sizes[0], sizes[-1]}))
     pieces = PiecewiseGraphs(sorted({buckets[0], buckets[-1]}) if buckets else [])
-    prefill_buckets = buckets if runner._prefill_graphs_wanted() else []
+    prefill_buckets = buckets if prefill_graphs_wanted(runner) else []
     prefill = CudaGraphRunner(
         sorted({prefill_buckets[0], prefill_buckets[-1]}) if prefill_buckets else [], "one-request prefill"
     )
     try:
-        probe.capture(runner._prepare_capture)
+        probe.capture(lambda size: prepare_decode_capture(runner, size))
         measured = dict(probe.memory_by_size)
         if pieces.sizes:
-            pieces.capture(runner._prepare_piecewise_capture)
+            pieces.capture(lambda size, split: prepare_piecewise_capture(runner, size, split))
         if prefill.sizes:
-            prefill.capture(runner._prepare_prefill_capture)
+            prefill.capture(lambda size: prepare_prefill_capture(runner, size))
     except Exception as exc:  # an estimate only: the real capture reports its own failure
         logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", exc)
         measured = {}

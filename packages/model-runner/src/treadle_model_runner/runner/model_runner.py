@@ -7,7 +7,7 @@
 A step: apply the scheduler's diff to the persistent state (`state.py`), build the flat inputs with vectorized
 code (`inputs.py`; the T-sized ones on the device, `device_inputs.py`), run the model (eagerly, or by replaying
 a CUDA graph for a decode-only batch; other steps of up to 512 tokens replay piecewise graphs around eager
-attention, `piecewise.py`), compute logits only where a token is sampled (and at prompt positions
+attention; `graphs.py` captures them), compute logits only where a token is sampled (and at prompt positions
 asked for prompt logprobs), sample, and append the sampled tokens to the persistent batch so the next decode step
 needs nothing from the scheduler but counts.
 Under async scheduling (`async_output`) a step that needs no host tokens returns before its sampled tokens
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ import numpy as np
 import torch
 
 from treadle_kernels.attention import get_attn_backend
-from treadle_model_runner import envs
 from treadle_model_runner.config import CacheConfig, ModelConfig
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.kv_cache import (
@@ -44,16 +42,16 @@ from treadle_model_runner.loader import iterate_weights, load_dummy_weights, res
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import get_tp, min_over_ranks, prepare_small_all_reduce
-from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner
 from treadle_model_runner.runner.describe import runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.graph_memory import probe_graph_bytes
+from treadle_model_runner.runner.graphs import capture_graphs, graphs_wanted
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
-from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
+from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 from treadle_model_runner.runner.precompile import start_compile_ahead
-from treadle_model_runner.runner.prefill_graphs import capture_metadata
 from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
@@ -204,7 +202,7 @@ class ModelRunner:
             peak = profile_peak_activation_bytes(self, block_bytes)
             if compiling is not None:
                 compiling.wait()  # the probe captures graphs: no compile thread may touch the device then
-            self.graph_bytes_reserved = probe_graph_bytes(self) if self._graphs_wanted() else 0
+            self.graph_bytes_reserved = probe_graph_bytes(self) if graphs_wanted(self) else 0
             free, total = torch.cuda.mem_get_info(self.device)
             num_blocks = gpu_num_blocks(self.cache_config.gpu_memory_utilization, total, total - free,
                                         peak + self.graph_bytes_reserved, block_bytes)  # fmt: skip
@@ -219,7 +217,7 @@ class ModelRunner:
             compiling.wait()
         if self.device.type == "cuda":
             warm_up_kernels(self)  # compile the prefill kernel variants now, not on a user's request
-        self._maybe_capture_graphs()
+        capture_graphs(self)
         if compiling is not None:
             compiling.report()
         return self.kv_cache_config
@@ -227,41 +225,6 @@ class ModelRunner:
     def describe(self) -> dict[str, str]:
         """Device, dtypes, attention backend, CUDA-graph mode, dummy or real weights (runner/describe.py)."""
         return runtime_summary(self)
-
-    def _graphs_wanted(self) -> bool:
-        return (
-            self.device.type == "cuda"
-            and not self.model_config.enforce_eager
-            and bool(self.attn_backend.supports_cuda_graphs)
-        )
-
-    def _maybe_capture_graphs(self) -> None:
-        if not self._graphs_wanted():
-            if self.device.type == "cuda" and not self.model_config.enforce_eager:
-                logger.info(
-                    "CUDA graphs off: attention backend %r launches from host metadata",
-                    self.attn_backend.name,
-                )
-            return
-        graphs = CudaGraphRunner(capture_sizes(self.max_num_seqs))
-        graphs.capture(self._prepare_capture)
-        self.graphs = graphs if graphs.graphs else None  # capture failed: run eagerly, no padding
-        piecewise = PiecewiseGraphs(self.piecewise_sizes())
-        if piecewise.sizes:
-            piecewise.capture(self._prepare_piecewise_capture)
-        self.piecewise = piecewise if piecewise.buckets else None
-        prefill = CudaGraphRunner(
-            self.piecewise_sizes() if self._prefill_graphs_wanted() else [], "one-request prefill"
-        )
-        if prefill.sizes:
-            prefill.capture(self._prepare_prefill_capture)
-        self.prefill_graphs = prefill if prefill.graphs else None
-        reserved = self.graph_bytes_reserved
-        taken = graphs.memory_bytes + piecewise.memory_bytes + prefill.memory_bytes
-        if graphs.graphs and reserved and taken > 1.2 * reserved + (64 << 20):
-            logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
-                           "was sized; lower --gpu-memory-utilization if memory runs out",
-                           taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
 
     def release_graphs(self) -> None:
         """Free every CUDA graph (decode, piecewise, one-request prefill); later steps run eagerly. Call it before
@@ -272,13 +235,6 @@ class ModelRunner:
         self.graphs = self.piecewise = self.prefill_graphs = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _prefill_graphs_wanted(self) -> bool:
-        return bool(self.attn_backend.supports_prefill_graphs) and envs.TREADLE_PREFILL_GRAPHS()
-
-    def piecewise_sizes(self) -> list[int]:
-        """Token buckets of the piecewise CUDA graphs (TREADLE_PIECEWISE_MAX_TOKENS, within the step budget)."""
-        return bucket_sizes(min(envs.TREADLE_PIECEWISE_MAX_TOKENS(), self.max_num_batched_tokens))
 
     def _require_model(self) -> CausalLM:
         if self.model is None:
@@ -330,7 +286,7 @@ class ModelRunner:
         prefill = self.prefill_graphs
         if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
             return prefill.replay(size)
-        with set_forward_context(self._context(inputs)):
+        with set_forward_context(self.forward_context(inputs)):
             if self.piecewise is not None and not inputs.is_decode_only and self.piecewise.has(size):
                 return self.piecewise.replay(size)
             return self._require_model()(inputs.input_ids, inputs.positions)
@@ -339,7 +295,7 @@ class ModelRunner:
         """The graphs whose token buckets a step that is not decode-only pads up to (None: no padding)."""
         return self.prefill_graphs if num_reqs == 1 and self.prefill_graphs is not None else self.piecewise
 
-    def _context(self, inputs: StepInputs, graph_size: int | None = None) -> ForwardContext:
+    def forward_context(self, inputs: StepInputs, graph_size: int | None = None) -> ForwardContext:
         """The forward context of a step (eager), or of the dummy batch a decode graph of `graph_size` captures."""
         pairs = zip(self.builders, inputs.attn_metadata, strict=True)
         if graph_size is None:
@@ -348,38 +304,6 @@ class ModelRunner:
             built = [b.build_for_cuda_graph(m, graph_size) for b, m in pairs]
         per_layer = [built[g] for g in self.layer_to_group]
         return ForwardContext(self.kv_caches, per_layer, inputs.num_tokens)
-
-    def _prepare_capture(self, size: int) -> Callable[[], torch.Tensor]:
-        """A dummy decode batch of `size` one-token requests over the null block, and its forward."""
-        inputs = prepare_inputs(self.batch, np.zeros(0, dtype=np.int64), self.buffers, size)
-        context = self._context(inputs, graph_size=size)
-        model = self._require_model()
-
-        def forward() -> torch.Tensor:
-            with set_forward_context(context):
-                return model(inputs.input_ids, inputs.positions)
-
-        return forward
-
-    def _prepare_prefill_capture(self, size: int) -> Callable[[], torch.Tensor]:
-        """One request of `size` tokens over the step buffers (holding a harmless batch), and its forward."""
-        metadata = capture_metadata(self.batch, self.buffers, size)
-        built = [b.build(m) for b, m in zip(self.builders, metadata, strict=True)]
-        context = ForwardContext(self.kv_caches, [built[g] for g in self.layer_to_group], size)
-        model = self._require_model()
-        input_ids, positions = self.buffers.input_ids[:size], self.buffers.positions[:size]
-
-        def forward() -> torch.Tensor:
-            with set_forward_context(context):
-                return model(input_ids, positions)
-
-        return forward
-
-    def _prepare_piecewise_capture(self, size: int, split: Any) -> Callable[[], torch.Tensor]:
-        """The forward of `size` tokens over the input buffers, each attention call taken by `split`."""
-        buffers = self.buffers
-        return piecewise_forward(self._require_model(), self.kv_caches, buffers.input_ids[:size],
-                                 buffers.positions[:size], split)  # fmt: skip
 
 
 def _log_dispatch_report(model: torch.nn.Module) -> None:

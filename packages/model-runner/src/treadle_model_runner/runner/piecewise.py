@@ -8,7 +8,7 @@ real metadata. An eager prefill launches ~11 kernels per layer from Python, whic
 the kernels' own time at small token counts; replayed, each piece is one launch.
 
     graphs = PiecewiseGraphs(bucket_sizes(max_num_batched_tokens))
-    graphs.capture(runner._prepare_piecewise_capture)    # once, after the KV cache exists
+    graphs.capture(make_forward)    # once, after the KV cache exists (graphs.prepare_piecewise_capture)
     hidden = graphs.replay(bucket)                         # inside the step's forward context
 
 Capture. `make_forward(bucket)` returns a forward over the persistent input buffers with a forward context

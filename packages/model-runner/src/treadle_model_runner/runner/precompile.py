@@ -36,6 +36,7 @@ from treadle_model_runner.forward_context import ForwardContext, set_forward_con
 from treadle_model_runner.kv_cache import allocate_kv_caches
 from treadle_model_runner.layers.rotary import RotaryEmbedding
 from treadle_model_runner.runner.cuda_graph import capture_sizes
+from treadle_model_runner.runner.graphs import piecewise_sizes
 from treadle_model_runner.runner.profile import profile_lengths
 from treadle_model_runner.runner.warmup import SHAPES, fits
 
@@ -121,7 +122,7 @@ def _shapes(runner: ModelRunner) -> list[Shape]:
     lengths = profile_lengths(runner)
     shapes: list[Shape] = [(tuple(lengths), (0,) * len(lengths))]  # profile.py's pass, the first to run
     shapes += [((1,) * n, (1,) * n) for n in capture_sizes(runner.max_num_seqs)]
-    shapes += [((n,), (0,)) for n in runner.piecewise_sizes()]
+    shapes += [((n,), (0,)) for n in piecewise_sizes(runner)]
     shapes += [s for s in SHAPES if fits(runner, *s)]
     return shapes
 

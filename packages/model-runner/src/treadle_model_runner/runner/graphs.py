@@ -1,0 +1,115 @@
+"""The runner's CUDA graphs: which are wanted, the dummy batches they capture, and their capture at start-up.
+
+Three sets, all over the runner's persistent step buffers and KV cache (so a replay reads the step's inputs where
+the capture read the dummy ones):
+  decode      `runner.graphs`: whole forwards of N one-token requests at the capture sizes (cuda_graph.py)
+  piecewise   `runner.piecewise`: any other step of up to TREADLE_PIECEWISE_MAX_TOKENS tokens, the pieces between
+              the attention calls captured and attention run eagerly (piecewise.py)
+  prefill     `runner.prefill_graphs`: one request's prefill at the piecewise token buckets, whole, where the
+              attention backend can build its metadata on the device (prefill_graphs.py)
+Graphs are wanted on CUDA unless `enforce_eager`, and only with a backend that supports them. A capture that fails
+leaves that set empty (None on the runner): those steps run eagerly. The memory probe (graph_memory.py) captures a
+few of the same forwards before the KV cache is sized.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from treadle_model_runner import envs
+from treadle_model_runner.forward_context import ForwardContext, set_forward_context
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.inputs import prepare_inputs
+from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
+from treadle_model_runner.runner.prefill_graphs import capture_metadata
+
+if TYPE_CHECKING:
+    from treadle_model_runner.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def graphs_wanted(runner: ModelRunner) -> bool:
+    return (
+        runner.device.type == "cuda"
+        and not runner.model_config.enforce_eager
+        and bool(runner.attn_backend.supports_cuda_graphs)
+    )
+
+
+def prefill_graphs_wanted(runner: ModelRunner) -> bool:
+    return bool(runner.attn_backend.supports_prefill_graphs) and envs.TREADLE_PREFILL_GRAPHS()
+
+
+def piecewise_sizes(runner: ModelRunner) -> list[int]:
+    """Token buckets of the piecewise CUDA graphs (TREADLE_PIECEWISE_MAX_TOKENS, within the step budget)."""
+    return bucket_sizes(min(envs.TREADLE_PIECEWISE_MAX_TOKENS(), runner.max_num_batched_tokens))
+
+
+def capture_graphs(runner: ModelRunner) -> None:
+    """Capture the decode, piecewise and one-request prefill graphs (when wanted) and set them on the runner."""
+    if not graphs_wanted(runner):
+        if runner.device.type == "cuda" and not runner.model_config.enforce_eager:
+            logger.info(
+                "CUDA graphs off: attention backend %r launches from host metadata", runner.attn_backend.name
+            )
+        return
+    graphs = CudaGraphRunner(capture_sizes(runner.max_num_seqs))
+    graphs.capture(lambda size: prepare_decode_capture(runner, size))
+    runner.graphs = graphs if graphs.graphs else None  # capture failed: run eagerly, no padding
+    piecewise = PiecewiseGraphs(piecewise_sizes(runner))
+    if piecewise.sizes:
+        piecewise.capture(lambda size, split: prepare_piecewise_capture(runner, size, split))
+    runner.piecewise = piecewise if piecewise.buckets else None
+    prefill = CudaGraphRunner(
+        piecewise_sizes(runner) if prefill_graphs_wanted(runner) else [], "one-request prefill"
+    )
+    if prefill.sizes:
+        prefill.capture(lambda size: prepare_prefill_capture(runner, size))
+    runner.prefill_graphs = prefill if prefill.graphs else None
+    reserved = runner.graph_bytes_reserved
+    taken = graphs.memory_bytes + piecewise.memory_bytes + prefill.memory_bytes
+    if graphs.graphs and reserved and taken > 1.2 * reserved + (64 << 20):
+        logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
+                       "was sized; lower --gpu-memory-utilization if memory runs out",
+                       taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
+
+
+def prepare_decode_capture(runner: ModelRunner, size: int) -> Callable[[], torch.Tensor]:
+    """A dummy decode batch of `size` one-token requests over the null block, and its forward."""
+    inputs = prepare_inputs(runner.batch, np.zeros(0, dtype=np.int64), runner.buffers, size)
+    context = runner.forward_context(inputs, graph_size=size)
+    model = runner._require_model()
+
+    def forward() -> torch.Tensor:
+        with set_forward_context(context):
+            return model(inputs.input_ids, inputs.positions)
+
+    return forward
+
+
+def prepare_prefill_capture(runner: ModelRunner, size: int) -> Callable[[], torch.Tensor]:
+    """One request of `size` tokens over the step buffers (holding a harmless batch), and its forward."""
+    metadata = capture_metadata(runner.batch, runner.buffers, size)
+    built = [b.build(m) for b, m in zip(runner.builders, metadata, strict=True)]
+    context = ForwardContext(runner.kv_caches, [built[g] for g in runner.layer_to_group], size)
+    model = runner._require_model()
+    input_ids, positions = runner.buffers.input_ids[:size], runner.buffers.positions[:size]
+
+    def forward() -> torch.Tensor:
+        with set_forward_context(context):
+            return model(input_ids, positions)
+
+    return forward
+
+
+def prepare_piecewise_capture(runner: ModelRunner, size: int, split: Any) -> Callable[[], torch.Tensor]:
+    """The forward of `size` tokens over the input buffers, each attention call taken by `split`."""
+    buffers = runner.buffers
+    return piecewise_forward(runner._require_model(), runner.kv_caches, buffers.input_ids[:size],
+                             buffers.positions[:size], split)  # fmt: skip
