@@ -47,6 +47,7 @@ class FakeOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # why the engine rejected the request (finish_reason "error")
 
 
 @dataclass
@@ -99,8 +100,13 @@ class FakeEngine:
         )
         self.num_added = 0
         self.num_aborted = 0
+        self.reject: str | None = None  # when set, every request added is rejected with this reason (tests)
+        self.rejected: list[str] = []
 
     def add(self, req: FakeRequest) -> None:
+        if self.reject is not None:  # as the engine process answers a ValueError from add_request
+            self.rejected.append(req.request_id)
+            return
         p = req.sampling_params
         rng = None
         if p.seed is not None:
@@ -125,7 +131,8 @@ class FakeEngine:
     def step(self) -> FakeOutputs:
         if self.dead:
             raise RuntimeError("engine core process died (fake)")
-        outs: list[FakeOutput] = []
+        outs = [FakeOutput(rid, [], finish_reason="error", error=self.reject) for rid in self.rejected]
+        self.rejected = []
         for rid, r in list(self.running.items()):
             p = r.req.sampling_params
             rng = r.rng or self.shared_rng
@@ -201,7 +208,7 @@ class FakeAsyncClient:
         self.engine.abort(request_ids)
 
     async def get_output_async(self) -> FakeOutputs:
-        while not self.engine.running and not self.engine.dead:
+        while not self.engine.running and not self.engine.rejected and not self.engine.dead:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.05)

@@ -11,8 +11,20 @@ OK_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ma
 OK_CMPL = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 OK_MSG = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
 LONG = "hello " * 400
+BAD_TOOL = {
+    "type": "function",
+    "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}}},
+}
+BAD_PATTERN_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}},
+    },
+}
 
 # (name, route, body (dict, or str for raw bytes), expected status)
+# fmt: off
 CASES: list[tuple[str, str, Any, int]] = [
     ("chat_missing_messages", "/v1/chat/completions", {"model": "tiny"}, 400),
     ("chat_empty_messages", "/v1/chat/completions", {**OK_CHAT, "messages": []}, 400),
@@ -89,8 +101,29 @@ CASES: list[tuple[str, str, Any, int]] = [
     ("msg_max_tokens_zero", "/v1/messages", {**OK_MSG, "max_tokens": 0}, 400),
     ("count_tokens_missing_messages", "/v1/messages/count_tokens", {"model": "tiny"}, 400),
     ("tokenize_both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
+    # a forced tool call whose schema cannot constrain decoding: a 400 naming tools, never the engine's 500
+    ("chat_forced_tool_bad_type", "/v1/chat/completions", {**OK_CHAT, "tools": [BAD_TOOL], "tool_choice": "required"},
+     400),
+    ("chat_named_tool_bad_pattern", "/v1/chat/completions",
+     {**OK_CHAT, "tools": [BAD_PATTERN_TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400),
+    ("chat_tool_parameters_not_object", "/v1/chat/completions",
+     {**OK_CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}],
+      "tool_choice": "required"}, 400),
+    ("responses_forced_tool_bad_type", "/v1/responses",
+     {"model": "tiny", "input": "hi", "tools": [{"type": "function", **BAD_TOOL["function"]}],
+      "tool_choice": "required"}, 400),
+    ("responses_tool_choice_unknown", "/v1/responses", {"model": "tiny", "input": "hi", "tool_choice": "bogus"}, 400),
+    ("msg_forced_tool_bad_type", "/v1/messages",
+     {**OK_MSG, "tools": [{"name": "f", "input_schema": BAD_TOOL["function"]["parameters"]}],
+      "tool_choice": {"type": "any"}}, 400),
+    ("chat_continue_and_generation_prompt", "/v1/chat/completions",
+     {**OK_CHAT, "messages": [*OK_CHAT["messages"], {"role": "assistant", "content": "He"}],
+      "continue_final_message": True}, 400),
+    ("tokenize_continue_and_generation_prompt", "/tokenize",
+     {"messages": [{"role": "assistant", "content": "He"}], "continue_final_message": True}, 400),
     ("detokenize_bad_ids", "/detokenize", {"tokens": [10**7]}, 400),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("name", "route", "body", "status"), CASES, ids=[c[0] for c in CASES])

@@ -116,10 +116,13 @@ class InputProcessor:
         if not messages:
             raise ValueError("messages must contain at least one message")
         norm = []
+        # OpenAI's "developer" role is the system prompt, unless the template knows it as a role of its own
+        developer_is_system = "developer" not in self.chat_template
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"messages[{i}] must be an object with a 'role' and a 'content'")
-            norm.append({**m, "content": flatten_content(m.get("content"))})
+            role = "system" if m["role"] == "developer" and developer_is_system else m["role"]
+            norm.append({**m, "role": role, "content": flatten_content(m.get("content"))})
         try:
             text = self.tokenizer.apply_chat_template(
                 norm,

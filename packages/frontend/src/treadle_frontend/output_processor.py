@@ -118,16 +118,21 @@ class OutputProcessor:
         self.parents.clear()
         self.states.clear()
 
-    def _fail(self, state: RequestState) -> None:
-        """The engine failed this request: its caller gets an error, its siblings are dropped."""
+    def _fail(self, state: RequestState, reason: str | None) -> None:
+        """The engine rejected this request: its caller gets a ValueError (HTTP 400) with the engine's reason (a
+        RuntimeError when it gave none), its siblings are dropped."""
         del self.states[state.request_id]
         parent = self.parents.pop(state.parent_id, None)
         if parent is None:
             return
         for child in parent.children:
             self.states.pop(child, None)
-        error = RuntimeError(
-            f"the engine failed while generating request {parent.request_id!r}; see the server log"
+        error: Exception = (
+            ValueError(reason)
+            if reason
+            else RuntimeError(
+                f"the engine failed while generating request {parent.request_id!r}; see the server log"
+            )
         )
         if parent.queue is not None:
             parent.queue.put_nowait(error)
@@ -156,7 +161,7 @@ class OutputProcessor:
                 reqs_to_abort.append(state.request_id)
             self._record_stats(state, step, had_first, stats)
             if state.finish_reason == "error":
-                self._fail(state)
+                self._fail(state, getattr(eo, "error", None))
                 continue
             completion = state.make_output()
             if state.finished:

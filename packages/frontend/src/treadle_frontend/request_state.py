@@ -165,7 +165,9 @@ class RequestState:
             delta += self.detokenizer.flush()
         self.text += delta
         stopped_here = False
-        match = self.stop_checker.find(self.text, len(delta))
+        # no stop string ends within the first min_tokens tokens (as vLLM: their text is never searched)
+        searched = len(delta) if len(self.token_ids) > self.params.min_tokens else 0
+        match = self.stop_checker.find(self.text, searched)
         if match is not None:
             self.text = self.text[: match.truncate_to]
             self.finish_reason, self.stop_reason = "stop", match.stop

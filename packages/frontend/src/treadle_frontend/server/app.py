@@ -42,6 +42,7 @@ from treadle_frontend.server.protocol import (
 )
 from treadle_frontend.server.responses import ResponsesHandler
 from treadle_frontend.server.scoring import ScoringHandler
+from treadle_frontend.server.tool_calls import template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +206,16 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
         ip = llm.input_processor
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' or 'messages'")
-        if body.messages is not None:
+        if body.messages is not None:  # as /v1/chat/completions renders them
+            if body.continue_final_message and body.add_generation_prompt:
+                raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                               param="continue_final_message")  # fmt: skip
+            kwargs = {**(body.chat_template_kwargs or {}), **({"tools": body.tools} if body.tools else {})}
             _, ids = ip.encode_chat(
-                [m.model_dump(exclude_none=True) for m in body.messages],
+                template_messages([m.model_dump(exclude_none=True) for m in body.messages]),
                 add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                template_kwargs=kwargs,
             )
         else:
             ids = ip.encode_text(body.prompt or "", add_special_tokens=body.add_special_tokens)

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from treadle_frontend.input_processor import flatten_content
 from treadle_frontend.logprobs import chat_logprobs, prompt_logprobs_json
 from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.common import (
@@ -58,6 +59,10 @@ class ChatHandler:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if not body.messages:
             raise APIError(400, "messages must contain at least one message", param="messages")
+        if body.continue_final_message and body.add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: send "
+                                "add_generation_prompt false to continue the final message",
+                           param="continue_final_message")  # fmt: skip
         if body.top_logprobs is not None:
             if not body.logprobs and body.top_logprobs > 0:
                 raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -114,10 +119,10 @@ class ChatHandler:
         gen = st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority)
         created = int(time.time())
         if body.stream:
-            stream = self._stream(rid, created, body, ids, gen, tools, forced)
+            stream = self._stream(rid, created, body, ids, gen, tools, forced, echoed(body, messages))
             return StreamingResponse(stream, media_type="text/event-stream")
         final = (await until_disconnect(request, collect_all([gen])))[0]
-        return JSONResponse(self._response(rid, created, body, final, tools, forced))
+        return JSONResponse(self._response(rid, created, body, final, tools, forced, echoed(body, messages)))
 
     def _response(
         self,
@@ -127,6 +132,7 @@ class ChatHandler:
         out: RequestOutput,
         tools: str | None,
         forced: tuple[Any, str | None] | None,
+        echo: str,
     ) -> dict[str, Any]:
         rp = self.state.config.reasoning_parser
         choices = []
@@ -140,6 +146,7 @@ class ChatHandler:
                     "refusal": None,
                 }
             reasoning, content, calls = ReplyReader(rp, tools, forced, body.tools).whole(c.text)
+            content = echo + (content or "") if echo else content
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
             if rp:
@@ -178,6 +185,7 @@ class ChatHandler:
         gen: AsyncIterator[RequestOutput],
         tools: str | None,
         forced: tuple[Any, str | None] | None,
+        echo: str,
     ) -> AsyncIterator[str]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = include_usage and bool(
@@ -217,6 +225,10 @@ class ChatHandler:
                         }
                     ],
                     first=i == 0,
+                )
+            for i in range(body.n) if echo else ():
+                yield chunk(
+                    [{"index": i, "delta": {"content": echo}, "logprobs": None, "finish_reason": None}]
                 )
             async for out in gen:
                 cached = max(cached, out.num_cached_tokens or 0)
@@ -268,6 +280,15 @@ class ChatHandler:
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         yield "data: [DONE]\n\n"
+
+
+def echoed(body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> str:
+    """vLLM's `echo` on chat: the last message's text opens each reply when that message is in the reply's role
+    (the assistant's after a generation prompt, else the last message's own: the reply continues it)."""
+    last = messages[-1]
+    if not body.echo or (body.add_generation_prompt and last.get("role") != "assistant"):
+        return ""
+    return flatten_content(last.get("content"))
 
 
 def _finish(reason: str | None, called: bool, forced: tuple[Any, str | None] | None) -> str | None:

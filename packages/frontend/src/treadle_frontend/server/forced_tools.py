@@ -31,7 +31,12 @@ def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise APIError(400, f"tools[{i}].function.name: every tool needs a function name", param="tools")
-        functions[fn["name"]] = fn.get("parameters") or {"type": "object"}
+        parameters = fn.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise APIError(
+                400, f"tools[{i}].function.parameters: a JSON schema object is required", param="tools"
+            )
+        functions[fn["name"]] = parameters or {"type": "object"}
     if not functions:
         raise APIError(400, "tool_choice: forcing a tool call needs tools", param="tool_choice")
     if tool_choice == "required":

@@ -37,12 +37,16 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 
 def forced_choice(tool_choice: Any) -> Any:
-    """tool_choice as chat completions spell it, when it forces a call (else None)."""
+    """tool_choice as chat completions spell it, when it forces a call (else None); 400 for anything but none,
+    auto, required or a function ({"type": "function", "name": ...})."""
     if tool_choice == "required":
         return "required"
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
         return {"type": "function", "function": {"name": tool_choice.get("name")}}
-    return None
+    if tool_choice is None or tool_choice in ("none", "auto"):
+        return None
+    raise APIError(400, f"tool_choice {tool_choice!r}: one of none, auto, required or a function "
+                        '({"type": "function", "name": ...})', param="tool_choice")  # fmt: skip
 
 
 def call_turns(items: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
