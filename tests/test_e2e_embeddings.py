@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from e2e_helpers import API_KEY, LLAMA, MODEL_NAME, RealServer
+from e2e_helpers import API_KEY, LLAMA, MAX_MODEL_LEN, MODEL_NAME, RealServer
 from tiny_assets import build_tokenizer_dir
 
 from treadle import LLM
@@ -62,6 +62,22 @@ def test_embedding_errors(real_server: RealServer) -> None:
         r = httpx.post(real_server.url + "/v1/embeddings", json=body, headers=headers, timeout=30)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param
+
+
+def test_an_input_may_fill_the_context(oai: openai.OpenAI, real_server: RealServer) -> None:
+    """An embedding runs the prompt only: max_model_len tokens fit (the prefill's sampled token is dropped), one
+    more is a 400 in vLLM's words, and truncate_prompt_tokens -1 keeps max_model_len tokens."""
+    full = [(7 * i) % 390 + 5 for i in range(MAX_MODEL_LEN)]
+    out = oai.embeddings.create(model=MODEL_NAME, input=full, encoding_format="float")
+    assert out.usage.prompt_tokens == MAX_MODEL_LEN and len(out.data[0].embedding) == LLAMA["hidden_size"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(real_server.url + "/v1/embeddings", json={"model": MODEL_NAME, "input": [3, *full]},
+                   headers=headers, timeout=30)  # fmt: skip
+    assert r.status_code == 400 and "in the input for embedding generation" in r.json()["error"]["message"]
+    cut = oai.embeddings.create(model=MODEL_NAME, input=[3, *full], encoding_format="float",
+                                extra_body={"truncate_prompt_tokens": -1})  # fmt: skip
+    assert cut.usage.prompt_tokens == MAX_MODEL_LEN
+    assert cut.data[0].embedding == pytest.approx(out.data[0].embedding, abs=1e-5)
 
 
 def test_score_and_rerank(real_server: RealServer, tmp_path: Path) -> None:

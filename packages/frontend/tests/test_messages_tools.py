@@ -67,14 +67,35 @@ def test_streamed_tool_use_blocks(client: anthropic.Anthropic) -> None:
         assert len(parts) > 2 and json.loads("".join(parts)) == args
 
 
-def test_a_call_cut_by_max_tokens(client: anthropic.Anthropic, server: Any, tokenizer: Any) -> None:
+@pytest.mark.parametrize(
+    ("written", "expected"), [('"city": "Pa', {}), ('"city": "Paris"', {"city": "Paris"})]
+)
+def test_a_call_cut_by_max_tokens(
+    client: anthropic.Anthropic, server: Any, tokenizer: Any, written: str, expected: dict[str, Any]
+) -> None:
     ids = server.engine.script
-    cut = next(n for n in range(len(ids)) if '"city": "Pa' in tokenizer.decode(ids[:n]))
+    cut = next(n for n in range(len(ids)) if written in tokenizer.decode(ids[:n]))
     m = client.messages.create(model="tiny", max_tokens=cut, tools=[WEATHER], messages=ASK)
     assert m.stop_reason == "max_tokens" and [b.type for b in m.content] == ["text", "tool_use"]
     with client.messages.stream(model="tiny", max_tokens=cut, tools=[WEATHER], messages=ASK) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "max_tokens" and [b.type for b in final.content] == ["text", "tool_use"]
+    # the input written so far (complete values), whole or streamed (as the SDK reads partial JSON)
+    assert m.content[1].input == final.content[1].input == expected  # type: ignore[union-attr]
+
+
+def test_a_reply_that_opens_with_a_call_streams_no_empty_text_block(tokenizer: Any) -> None:
+    options = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    srv, handle = start_fake_server(tokenizer, server_options=options)
+    handle.engine.script = tokenizer.encode(REPLY[REPLY.index("<tool_call>") :], add_special_tokens=False)
+    with srv:
+        client = anthropic.Anthropic(base_url=handle.url, api_key="x", max_retries=0)
+        whole = client.messages.create(model="tiny", max_tokens=200, tools=[WEATHER], messages=ASK)
+        with client.messages.stream(model="tiny", max_tokens=200, tools=[WEATHER], messages=ASK) as stream:
+            starts = [e.index for e in stream if e.type == "content_block_start"]
+            final = stream.get_final_message()
+    assert [b.type for b in whole.content] == [b.type for b in final.content] == ["tool_use", "tool_use"]
+    assert starts == [0, 1] and final.stop_reason == whole.stop_reason == "tool_use"
 
 
 def test_tool_history_reaches_the_template(client: anthropic.Anthropic) -> None:

@@ -91,6 +91,13 @@ BAD_MESSAGES = [
 ]  # fmt: skip
 
 
+def test_tool_choice_none_needs_no_tool_flags(client: anthropic.Anthropic) -> None:
+    tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    m = client.messages.create(model="tiny", max_tokens=3, tools=tools, tool_choice={"type": "none"},
+                               messages=[{"role": "user", "content": "hi"}])  # type: ignore[arg-type]  # fmt: skip
+    assert [b.type for b in m.content] == ["text"] and m.stop_reason == "max_tokens"
+
+
 @pytest.mark.parametrize(("name", "change", "message"), BAD_MESSAGES, ids=[c[0] for c in BAD_MESSAGES])
 def test_unsupported_or_invalid_requests_are_named(
     fake_server: Any, name: str, change: Any, message: str

@@ -165,7 +165,18 @@ def test_api_key(fake_server: Any, route: str) -> None:
     assert method(fake_server.url + route, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert method(fake_server.url + route).status_code == 401
     assert method(fake_server.url + route, headers={"x-api-key": "sekret"}).status_code == 200
+    # either header may carry the key (the anthropic SDK can send both)
+    both = {"Authorization": "Bearer wrong", "x-api-key": "sekret"}
+    assert method(fake_server.url + route, headers=both).status_code == 200
     assert httpx.get(fake_server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/messages", "/rerank", "/score"])
+def test_the_key_is_checked_before_the_body(fake_server: Any, route: str) -> None:
+    r = httpx.post(fake_server.url + route, content="{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401, r.text
+    error = r.json()["error"]
+    assert error["type"] == ("authentication_error" if route == "/v1/messages" else "invalid_request_error")
 
 
 def test_no_5xx_and_still_serving(fake_server: Any) -> None:
@@ -240,11 +251,14 @@ def test_text_response_format_and_auto_tool_choice_are_fine(fake_server: Any) ->
         ({**OK_CHAT, "stop": 5}, "stop"),
         ({**OK_CMPL, "prompt": 3.5}, "prompt"),
         ({**OK_CHAT, "messages": [{"content": "x"}]}, "messages.0.role"),
+        ({"model": "tiny", "query": "", "documents": ["a"]}, "query"),
     ],
 )
 def test_validation_param_is_the_field(fake_server: Any, body: Any, param: str) -> None:
     """Union-typed fields are reported as themselves, not as pydantic's member paths (stop.str)."""
-    route = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    route = (
+        "/rerank" if "query" in body else "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    )
     r = httpx.post(fake_server.url + route, json=body, headers={"Authorization": "Bearer sekret"})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert ".str" not in r.json()["error"]["message"] and "list[" not in r.json()["error"]["message"]

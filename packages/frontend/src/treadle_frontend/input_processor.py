@@ -40,8 +40,9 @@ class ModelInfo:
 
 
 def embedding_params() -> SamplingParams:
-    """A request for its prompt's embedding (last-token pooling): it runs for one greedy token, which is dropped."""
-    return SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, pooling="last")
+    """A request for its prompt's embedding (last-token pooling): prompt only (max_tokens 0), so an input may fill
+    the whole context; the token the prefill step samples is dropped by the engine."""
+    return SamplingParams(temperature=0.0, max_tokens=0, ignore_eos=True, pooling="last")
 
 
 def context_length_error(max_model_len: int, num_prompt: int, num_completion: int) -> ValueError:

@@ -57,7 +57,7 @@ class SamplingParams:
     # Filled by the engine from the model's generation config: token ids that end generation (EOS).
     all_stop_token_ids: set[int] = field(default_factory=set)
     # "last": also return the L2-normalised final hidden state of the last prompt token (an embedding request of
-    # the frontend's, with max_tokens 1; the sampled token is then not needed); None: a generation request
+    # the frontend's, with max_tokens 0: the engine drops the token its prefill samples); None: a generation request
     pooling: str | None = None
 
     def __post_init__(self) -> None:
@@ -145,6 +145,7 @@ class SamplingParams:
             or bool(self.bad_words_token_ids)
             or self.prompt_logprobs is not None
             or self.pooling is not None  # the embedding is returned with the step
+            or self.max_tokens == 0  # prompt only: its row may be full (sampling.py keeps its token out)
         )
 
     @property

@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from treadle_frontend.async_llm import AsyncLLM
 from treadle_frontend.server.chat import ChatHandler
@@ -25,7 +26,7 @@ from treadle_frontend.server.common import ServerState
 from treadle_frontend.server.completions import CompletionsHandler
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.embeddings import EmbeddingsHandler
-from treadle_frontend.server.errors import APIError, install_error_handlers
+from treadle_frontend.server.errors import APIError, error_response, install_error_handlers
 from treadle_frontend.server.messages import MessagesHandler
 from treadle_frontend.server.metrics import ServerMetrics
 from treadle_frontend.server.protocol import (
@@ -83,7 +84,26 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
 
     app = FastAPI(title="treadle", version=treadle_version(), lifespan=lifespan)
     app.state.treadle = state
-    app.add_middleware(
+    protected: set[str] = set()  # the key-checked routes outside /v1 (/score, /rerank, ...), filled below
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Any) -> Any:
+        """The key before anything else (a malformed body without a key is a 401, as vLLM answers); either
+        header may carry it (the anthropic SDK can send both)."""
+        path = request.url.path.removeprefix(request.scope.get("root_path") or "")
+        if config.api_key is None or request.method == "OPTIONS":
+            return await call_next(request)
+        if not path.startswith("/v1/") and path not in protected:
+            return await call_next(request)
+        auth = request.headers.get("authorization", "")
+        tokens = [auth[7:].strip()] if auth.lower().startswith("bearer ") else []
+        tokens.append(request.headers.get("x-api-key", ""))
+        if not any(t and hmac.compare_digest(t.encode(), config.api_key.encode()) for t in tokens):
+            message = "Invalid or missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+            return error_response(request, 401, message, code="invalid_api_key")
+        return await call_next(request)
+
+    app.add_middleware(  # added last, so outermost: a 401 carries the CORS headers too
         CORSMiddleware,
         allow_origins=list(config.allowed_origins),
         allow_methods=list(config.allowed_methods),
@@ -92,27 +112,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
     )
     install_error_handlers(app)
 
-    async def check_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        token = (
-            auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        )
-        if not token or not hmac.compare_digest(token.encode(), config.api_key.encode()):
-            raise APIError(
-                401,
-                "Invalid or missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
-                code="invalid_api_key",
-            )
-
     def check_alive() -> None:
         if llm.is_dead:
             raise APIError(
                 503, f"the engine process is dead ({llm.dead_error}); restart the server", code="engine_dead"
             )
 
-    v1 = APIRouter(dependencies=[Depends(check_api_key)])
+    v1 = APIRouter()
     completions, chat, messages = CompletionsHandler(state), ChatHandler(state), MessagesHandler(state)
     responses, embeddings = ResponsesHandler(state), EmbeddingsHandler(state)
 
@@ -181,6 +187,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
         state.check_model(model)
         return model_card(model)
 
+    protected.update(r.path for r in v1.routes if isinstance(r, APIRoute) and not r.path.startswith("/v1/"))
     app.include_router(v1)
 
     @app.get("/health")

@@ -52,9 +52,13 @@ async def embed_inputs(
         if isinstance(item, str) and not item:
             raise APIError(400, f"{param} must not contain empty strings", param=param)
         text, ids = ip.encode_prompt(item, add_special_tokens=add_special_tokens)
-        if truncate is not None:  # the last tokens, leaving room for the one token the request runs for
-            text, ids = None, truncate_prompt(ids, truncate, ip.model.max_model_len - 1)
-        ip.check_length(ids, params.clone())
+        limit = ip.model.max_model_len
+        if truncate is not None:  # the last tokens
+            text, ids = None, truncate_prompt(ids, truncate, limit)
+        if len(ids) > limit:  # vLLM's words for a pooling input
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{len(ids)} tokens in the input for embedding generation. Please reduce the "
+                                "length of the input.", param=param)  # fmt: skip
         encoded.append((text, ids))
     check_priority(st, priority)
     rid = new_id(prefix)

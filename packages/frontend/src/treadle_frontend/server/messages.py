@@ -89,7 +89,7 @@ def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool, reasoning_
     kind = (body.tool_choice or {}).get("type")
     if kind not in (None, "auto", "none", "any", "tool"):
         raise APIError(400, f"tool_choice: {kind!r} is not one of auto, none, any, tool")
-    if body.tools and not tools_on and kind not in ("any", "tool"):
+    if body.tools and not tools_on and kind not in ("any", "tool", "none"):
         raise APIError(400, "tools: tool use needs the server started with --enable-auto-tool-choice "
                             "--tool-call-parser hermes (or a tool_choice that forces a call)")  # fmt: skip
     if body.thinking and body.thinking.get("type") == "enabled" and not reasoning_on:
@@ -217,7 +217,7 @@ class MessagesHandler:
         blocks = BlockStream()
         rp = self.state.config.reasoning_parser
         parser = ReplyReader(rp, tools, forced, definitions).stream()
-        on_demand = rp is not None or forced is not None
+        on_demand = rp is not None or forced is not None or tools is not None  # a reply may open with a call
         started = False
         try:
             async for out in gen:

@@ -17,6 +17,8 @@ import json
 import uuid
 from typing import Any
 
+from pydantic_core import from_json
+
 from treadle_frontend.server.common import sse_event
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import forced_schema
@@ -96,8 +98,10 @@ def chat_turns(role: str, blocks: list[dict[str, Any]], where: str) -> list[dict
 
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
+    """A whole reply's call as a tool_use block; arguments cut short by max_tokens give the input written so far
+    (complete values only), as the anthropic SDK reads the same call streamed."""
     try:
-        args = json.loads(call.arguments)
+        args = from_json(call.arguments, allow_partial=True)
     except ValueError:
         args = {}
     return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,

@@ -63,6 +63,8 @@ class ScoringHandler:
         st.check_model(body.model)
         if not body.documents:
             raise APIError(400, "documents must not be empty", param="documents")
+        if not body.query:
+            raise APIError(400, "query must not be empty", param="query")
         if body.top_n < 0:
             raise APIError(400, f"top_n must be >= 0 (0 = every document), got {body.top_n}", param="top_n")
         rid, vec, tokens = await self._embed([body.query, *body.documents], request, "documents", body)
