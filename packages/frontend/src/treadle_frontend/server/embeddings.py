@@ -2,10 +2,11 @@
 
 An embedding is the L2-normalised final hidden state of the input's last token (last-token pooling, what decoder
 embedding models such as Qwen3-Embedding and e5-mistral use; vLLM's default for them). Each input runs through the
-engine as a one-token request with `SamplingParams.pooling = "last"`; its sampled token is dropped. Inputs: a string,
-a list of strings, a token-id list, or a list of token-id lists. `encoding_format` "base64" sends the float32 bytes
-(little-endian), as the openai SDK asks for by default. `dimensions` is refused: the models served have no
-Matryoshka training, so a cut vector would not be an embedding.
+engine as a prompt-only request (`max_tokens` 0, `SamplingParams.pooling = "last"`), so it may fill max_model_len;
+the token its prefill samples is dropped. Inputs: a string, a list of strings, a token-id list, or a list of
+token-id lists. `encoding_format` "base64" sends the float32 bytes (little-endian), as the openai SDK asks for by
+default. `dimensions` is refused: the models served have no Matryoshka training, so a cut vector would not be an
+embedding.
 """
 
 from __future__ import annotations
