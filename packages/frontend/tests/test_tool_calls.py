@@ -45,7 +45,7 @@ def test_parse_reply() -> None:
     assert _summary(*parse_reply(only)) == (None, [("f", {"x": 1})])
     assert parse_reply("plain text, kept as written \n") == ("plain text, kept as written \n", [])
     for bad in ("<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
-                'Sure <tool_call>{"name": "f"'):  # fmt: skip
+                'Sure <tool_call>{"name": "f"', '<tool_call>{"name": "Bob", "age": 3}</tool_call>'):  # fmt: skip
         assert parse_reply(bad) == (bad, []), bad
     args_text = parse_reply('<tool_call>{"name": "f", "arguments": "{\\"a\\": 2}"}</tool_call>')[1][
         0
@@ -221,6 +221,8 @@ LLAMA_CASES = [
     (' {"name": "f", "arguments": {"x": 1}}', None, [("f", {"x": 1})]),
     ('Sure: {"name": "f", "parameters": {}}', 'Sure: {"name": "f", "parameters": {}}', []),
     ('{"not": "a call"}', '{"not": "a call"}', []),
+    # JSON that names something is not a call without its arguments: a structured reply stays content (as vLLM)
+    ('{"name": "Bob", "age": 3}', '{"name": "Bob", "age": 3}', []),
     ('{"name": "f", "parameters": {}} trailing words', "trailing words", [("f", {})]),  # nothing lost
     ("<|python", "<|python", []),
     ('{"parameters": {"x": 1}, "name": "f"}', None, [("f", {"x": 1})]),  # read whole: the name comes second

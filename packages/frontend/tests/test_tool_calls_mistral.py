@@ -38,6 +38,8 @@ CASES = [
     ("[TOOL_CALLS] [1, 2]", "[TOOL_CALLS] [1, 2]", []),
     ('[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}] then words', "then words", [("f", {"a": 1})]),
     ("[TOOL_CALLS]f[ARGS]{} trailing", "trailing", [("f", {})]),
+    ('Hi [TOOL_CALLS] [{"name": "f", "arguments": {}}] after', "Hi after", [("f", {})]),  # not glued together
+    ("Hi [TOOL_CALLS]f[ARGS]{}\nafter", "Hi after", [("f", {})]),
     ('[TOOL_CALLS][{"arguments": {}, "name": "g"}]', None, [("g", {})]),  # read whole: the name comes second
 ]
 

@@ -18,8 +18,9 @@ from treadle_frontend.server.reply import tool_stream
 
 PARAMETERS = {
     "type": "object",
-    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "opts": {"type": "object"}},
-}
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "opts": {"type": "object"},
+                   "ok": {"type": "boolean"}, "tags": {"type": "array"}},
+}  # fmt: skip
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMETERS}}]
 
 
@@ -54,6 +55,25 @@ CASES = [
         [],
     ),  # nothing lost
     ("a <tool_ca", "a <tool_ca", []),
+    # a model that leaves `</parameter>` out: the value ends at the next parameter or at `</function>` (as vLLM)
+    (
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n3\n</function>\n</tool_call>",
+        None,
+        [("get_weather", {"city": "Paris", "days": 3})],
+    ),
+    # vLLM's typing: Python's True for a boolean, a Python list literal for an array, null for any type
+    (
+        "<tool_call>\n<function=get_weather>\n<parameter=ok>\nTrue\n</parameter>\n<parameter=tags>\n['a', 'b']\n"
+        "</parameter>\n<parameter=city>\nnull\n</parameter>\n</function>\n</tool_call>",
+        None,
+        [("get_weather", {"ok": True, "tags": ["a", "b"], "city": None})],
+    ),
+    # text around a call keeps one separator, not glued together
+    (
+        "Let me check.\n" + _call("Paris") + "\nDone",
+        "Let me check.\nDone",
+        [("get_weather", {"city": "Paris", "days": 3})],
+    ),
 ]
 
 

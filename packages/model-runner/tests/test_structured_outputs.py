@@ -33,6 +33,27 @@ def test_exactly_one_constraint_and_named_errors() -> None:
     assert S(json_object=True).key() != S(json_object=True, disable_any_whitespace=True).key()
 
 
+@pytest.mark.parametrize(
+    ("params", "accepted", "refused"),
+    [
+        # a choice is written as it is: outside the BMP (JSON would escape it as two surrogates), quotes,
+        # backslashes and line breaks
+        (S(choice=["😀 yes", "no"]), ["😀 yes", "no"], ["😀", "yes"]),
+        (S(choice=['a "q" \\ b', "x\ny\tz"]), ['a "q" \\ b', "x\ny\tz"], ["a", "x"]),
+        # json_object is an object (OpenAI's and vLLM's rule), with or without whitespace between tokens
+        (S(json_object=True), ['{"a": [1]}', "{}"], ["[1]", "[]", "3", '"s"']),
+        (S(json_object=True, disable_any_whitespace=True), ['{"a": [1]}'], ["[1]", "3"]),
+    ],
+)
+def test_what_a_grammar_accepts(params: S, accepted: list[str], refused: list[str]) -> None:
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    grammar = params.build()
+    assert [accepts(grammar, text) for text in accepted + refused] == [True] * len(accepted) + [False] * len(
+        refused
+    )
+
+
 def test_sampling_params_take_a_dict_and_steps_stay_deferrable() -> None:
     params = SamplingParams(structured_outputs={"regex": "[0-9]+"})  # type: ignore[arg-type]
     # the grammar catches up with the previous step's tokens as the step samples (test_runner_structured.py)

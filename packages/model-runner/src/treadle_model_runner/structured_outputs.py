@@ -69,18 +69,25 @@ class StructuredOutputsParams:
             spaces = not self.disable_any_whitespace
             if kind == "json":
                 return xgr.Grammar.from_json_schema(self.json, any_whitespace=spaces)
-            if kind == "json_object":
-                if spaces:
-                    return xgr.Grammar.builtin_json_grammar()
-                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+            if kind == "json_object":  # an object, as OpenAI (and vLLM) define it: not an array or a scalar
+                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=spaces)
             if kind == "regex":
                 return xgr.Grammar.from_regex(self.regex)
             if kind == "choice":
                 assert self.choice is not None
-                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(jsonlib.dumps(c) for c in self.choice))
+                return xgr.Grammar.from_ebnf("root ::= " + " | ".join(map(ebnf_string, self.choice)))
             return xgr.Grammar.from_ebnf(self.grammar)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"structured_outputs.{kind}: {_first_line(e)}") from None
+
+
+def ebnf_string(text: str) -> str:
+    """`text` as an EBNF string literal: quotes, backslashes and line breaks escaped, every other character as it
+    is (JSON's \\u escapes would write a character outside the BMP as two surrogates, which the grammar reads as two
+    lone code points, so such a choice could never be written)."""
+    for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+        text = text.replace(raw, escaped)
+    return f'"{text}"'
 
 
 def import_xgrammar() -> Any:

@@ -43,6 +43,9 @@ class MistralStream:
         self._call: CallDelta | None = None
         self._name, self._written = "", ""  # `name[ARGS]`: the name, and the text from the tag as written
         self._nesting = JsonNesting()
+        self._space = (
+            ""  # the whitespace between the content and the tag: it separates any content after the calls
+        )
         self.num_calls = 0
 
     def feed(self, text: str) -> list[Piece]:
@@ -63,7 +66,8 @@ class MistralStream:
             if at < 0:
                 self._buf = self._buf[len(released) :]
                 return False
-            self._state, self._buf = "tag", self._buf[at + len(TAG) :]  # whitespace before the calls: dropped
+            self._state, self._space = "tag", text[len(released) :]
+            self._buf = self._buf[at + len(TAG) :]
             return True
         if self._state == "tag":
             body = self._buf.lstrip(WHITESPACE)
@@ -144,10 +148,10 @@ class MistralStream:
         if self._state == "text":
             return [Piece(content=self._buf)] if self._buf else []
         if self._state in ("tag", "name"):
-            return [Piece(content=TAG + self._buf)]
+            return [Piece(content=self._space + TAG + self._buf)]
         if self._state == "args":  # cut short: the arguments written so far (none yet: content, as written)
             if self._call is None:
-                return [Piece(content=self._written + self._buf)]
+                return [Piece(content=self._space + self._written + self._buf)]
             return [Piece(deltas=[self._call.last(complete=False)])]
         if self._state == "array" and self._array is not None:
             deltas = self._array.finish()
@@ -158,11 +162,11 @@ class MistralStream:
                 self.num_calls += 1
                 rest = ""
             if not self.num_calls:  # nothing in it was a call: the reply is text, as written
-                return [Piece(content=TAG + self._array_start)]
+                return [Piece(content=self._space + TAG + self._array_start)]
             pieces.append(Piece(deltas=deltas))
             self._rest = rest + self._array.after.lstrip(WHITESPACE)
         text = self._rest + (self._buf if self._state == "between" else "")
-        return [*pieces, Piece(content=text)] if text.strip() else pieces
+        return [*pieces, Piece(content=self._space + text)] if text.strip() else pieces
 
 
 def _is_name(name: str) -> bool:

@@ -22,6 +22,7 @@ Invariant: the same reply text gives the same content and calls whether it is fe
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import Any
@@ -52,15 +53,31 @@ def _json_value(raw: str, schema: dict[str, Any] | None) -> str:
     value = raw.removeprefix("\n").removesuffix("\n")
     types = (schema or {}).get("type")
     types = types if isinstance(types, list) else [types]
+    if value.strip().lower() == "null":  # null for any type (a string parameter too, as vLLM reads it)
+        return "null"
     if "string" in types or (schema is not None and not any(types)):
         return json.dumps(value, ensure_ascii=False)
+    if "boolean" in types and value.strip().lower() in ("true", "false"):  # Python's True / False too
+        return value.strip().lower()
     try:
         parsed = json.loads(value)
     except ValueError:
-        return json.dumps(value, ensure_ascii=False)
+        parsed = _python_literal(value)  # ['a', 'b'] or {'k': 1}, as a model may write them
+        if parsed is None:
+            return json.dumps(value, ensure_ascii=False)
     if schema is None and isinstance(parsed, str):
         return json.dumps(value, ensure_ascii=False)
     return json.dumps(parsed, ensure_ascii=False)
+
+
+def _python_literal(value: str) -> Any:
+    """A Python list, dict or tuple literal as a JSON value (None when `value` is not one, or holds no JSON)."""
+    try:
+        parsed = ast.literal_eval(value.strip())
+        json.dumps(parsed)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return list(parsed) if isinstance(parsed, tuple) else parsed if isinstance(parsed, (list, dict)) else None
 
 
 class Qwen3CoderStream:
@@ -72,6 +89,9 @@ class Qwen3CoderStream:
         self._buf = ""  # text not yet decided
         self._space = ""  # whitespace held back after content
         self._after_block = False  # no content since a block ended (the whitespace after it is not content)
+        self._wrote = (
+            False  # content was released (the whitespace before a block separates it from what follows)
+        )
         self._call: CallDelta | None = None
         self._param = ""  # the open parameter's name
         self._count = 0  # parameters written in the open call
@@ -101,7 +121,8 @@ class Qwen3CoderStream:
                 if not _NAME.fullmatch(name):
                     return self._not_a_call(pieces)
                 self._call = CallDelta.opening(self.num_calls, name, "")
-                self.num_calls, self._count, self._space = self.num_calls + 1, 0, ""
+                self.num_calls, self._count = self.num_calls + 1, 0
+                self._space = self._space if self._wrote else ""  # no content yet: nothing to separate
                 pieces.append(Piece(deltas=[self._call]))
                 self._state, self._buf = "function", head[end + 1 :]
                 return True
@@ -128,12 +149,18 @@ class Qwen3CoderStream:
             skip = body.find("<", 1)  # stray text between parameters: skipped
             self._buf = "" if skip < 0 else body[skip:]
             return skip >= 0
-        if self._state == "parameter":
-            end = self._buf.find(END_PARAMETER)
-            if end < 0:
+        if self._state == "parameter":  # the value ends at `</parameter>`, or where a model that left it out
+            ends = [
+                (at, tag)
+                for tag in (END_PARAMETER, PARAMETER, END_FUNCTION)
+                if (at := self._buf.find(tag)) >= 0
+            ]
+            if not ends:  # goes on: the next parameter or the function's end (as vLLM reads them)
                 return False
+            end, tag = min(ends)
             self._add_parameter(pieces, self._buf[:end])
-            self._state, self._buf = "function", self._buf[end + len(END_PARAMETER) :]
+            self._state = "function"
+            self._buf = self._buf[end + len(END_PARAMETER) :] if tag == END_PARAMETER else self._buf[end:]
             return True
         # done: the call's `</function>` is read; CLOSE ends the block (text instead: the block was left open)
         if body.startswith(CLOSE):
@@ -181,10 +208,11 @@ class Qwen3CoderStream:
 
     def _content(self, pieces: list[Piece], text: str) -> None:
         """Release text, holding back its trailing whitespace (dropped before a call, kept before more text)."""
-        text = self._space + text
         if self._after_block:
             text = text.lstrip(WHITESPACE)
             self._after_block = not text
+        text = self._space + text
         kept = text.rstrip(WHITESPACE)
         self._space = text[len(kept) :]
+        self._wrote = self._wrote or bool(kept)
         add_text(pieces, kept)

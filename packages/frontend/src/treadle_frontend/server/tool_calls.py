@@ -119,7 +119,10 @@ def parse_call(body: str) -> ToolCall | None:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
+    key = next((k for k in ("arguments", "parameters") if k in obj), None)
+    if key is None:  # JSON that names something is not a call without its arguments (vLLM's parsers agree)
+        return None
+    args = obj[key]
     return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
