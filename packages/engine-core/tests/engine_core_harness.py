@@ -61,11 +61,13 @@ def expected_output(
     while True:
         tok = fake_token(request_id, prompt_len + len(out), fake)
         out.append(tok)
-        if len(out) > params.min_tokens:
-            if tok in params.stop_token_ids:
-                return out, FinishReason.STOP, tok
+        if (
+            len(out) > params.min_tokens
+        ):  # EOS first (vLLM's order: no stop_reason when EOS is a stop token too)
             if not params.ignore_eos and tok == fake.eos_token_id:
                 return out, FinishReason.STOP, None
+            if tok in params.stop_token_ids:
+                return out, FinishReason.STOP, tok
         if len(out) >= max_tokens or prompt_len + len(out) >= max_model_len:
             return out, FinishReason.LENGTH, None
 

@@ -84,6 +84,7 @@ def test_stop_rules() -> None:
     }
     stop_tok = expected_output("stop_tok", 3, SamplingParams(max_tokens=40, ignore_eos=True), 128, fake)[0][4]
     specs["stop_tok"] = dict(max_tokens=40, ignore_eos=True, stop_token_ids=[stop_tok])
+    specs["eos_in_stop_ids"] = dict(max_tokens=40, stop_token_ids=[fake.eos_token_id])  # EOS wins: no reason
     for rid, p in specs.items():
         _add(engine, rid, [7, 8, 9], **p)
     got = _run(engine)
@@ -99,6 +100,8 @@ def test_stop_rules() -> None:
     assert len(got["ignore_eos"].tokens) == 12
     assert len(got["min_tokens"].tokens) > 6
     assert got["stop_tok"].stop_reason == stop_tok
+    eos_stop = got["eos_in_stop_ids"]
+    assert eos_stop.tokens[-1] == fake.eos_token_id and eos_stop.stop_reason is None, eos_stop
     assert got["zero"].tokens == [] and got["zero"].finish_reason == FinishReason.LENGTH
     assert len(got["to_len"].tokens) == 128 - 3
 

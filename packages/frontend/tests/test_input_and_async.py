@@ -205,3 +205,23 @@ def test_request_length_histograms() -> None:
         'treadle:request_generation_tokens_bucket{le="1000.0",model_name="tiny"} 2.0',
     ):
         assert sample in text, sample
+
+
+def test_a_bad_word_is_banned_mid_text_too(processor: Any, tokenizer: Any) -> None:
+    """As vLLM bans bad words: the word as it opens a text and after a space (its own first token there)."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    assert ids("Paris")[0] != ids(" Paris")[0]
+    assert (
+        processor.bad_word_ids("Paris") == processor.bad_word_ids(" Paris") == [ids("Paris"), ids(" Paris")]
+    )
+    params = SamplingParams(max_tokens=2, bad_words=["Paris", "world"])
+    _, _, engine_requests = processor.make_requests("r", None, ids("hi"), params)
+    assert engine_requests[0][1].bad_words_token_ids == [
+        ids("Paris"),
+        ids(" Paris"),
+        ids("world"),
+        ids(" world"),
+    ]

@@ -1,7 +1,8 @@
 """Stop checks: after each new token, decide whether the request is done and why.
 
-Order (the first that holds wins): a token of `stop_token_ids` (stop_reason = that id), then EOS (the model's
-EOS ids plus `sampling_params.all_stop_token_ids`) unless `ignore_eos`, then the length caps (`max_tokens`
+Order (the first that holds wins, as in vLLM): the model's EOS unless `ignore_eos` (no stop_reason, even when the
+id is also in `stop_token_ids`), a token of `stop_token_ids` (stop_reason = that id), the generation config's other
+EOS ids (`sampling_params.all_stop_token_ids`) unless `ignore_eos`, then the length caps (`max_tokens`
 output tokens, or `max_model_len` tokens in all). Stop and EOS tokens count only once `min_tokens` tokens came
 before them, matching the sampler, which masks them for the first `min_tokens` positions. The stop token
 itself stays in the output (the frontend hides it when detokenizing). Stop strings are the frontend's.
@@ -17,11 +18,14 @@ def check_stop(request: Request, token_id: int, eos_token_ids: frozenset[int], m
     params = request.sampling_params
     num_output = len(request.output_token_ids)
     if num_output > params.min_tokens:
+        if not params.ignore_eos and token_id in eos_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
         if params.stop_token_ids and token_id in params.stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token_id
             return True
-        if not params.ignore_eos and (token_id in eos_token_ids or token_id in params.all_stop_token_ids):
+        if not params.ignore_eos and token_id in params.all_stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             return True
     if num_output >= request.max_tokens or len(request.all_token_ids) >= max_model_len:

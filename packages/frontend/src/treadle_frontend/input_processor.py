@@ -143,6 +143,15 @@ class InputProcessor:
         text = self.render_chat(messages, **kwargs)
         return text, self.encode_text(text, add_special_tokens=False)
 
+    def bad_word_ids(self, word: str) -> list[list[int]]:
+        """The token sequences a bad word bans, as vLLM bans them: the word as it opens a text, and the word after
+        a space (a different first token in the same number of tokens), so it is banned mid-text too."""
+        bare = self.encode_text(word.lstrip(), add_special_tokens=False)
+        spaced = self.encode_text(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and bare and spaced[0] != bare[0] and len(spaced) == len(bare):
+            return [bare, spaced]
+        return [bare]
+
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -221,9 +230,7 @@ class InputProcessor:
         """The parent, one RequestState per child, and (engine id, params) per child for the engine."""
         params = self.fit_length(prompt_ids, params)
         if params.bad_words and params.bad_words_token_ids is None:
-            params.bad_words_token_ids = [
-                self.encode_text(w, add_special_tokens=False) for w in params.bad_words
-            ]
+            params.bad_words_token_ids = [ids for w in params.bad_words for ids in self.bad_word_ids(w)]
         check_vocabulary([], params, self.model.vocab_size)  # logit_bias, allowed_token_ids, bad words
         arrival = arrival_time or time.time()
         parent = ParentRequest(request_id, prompt_text, prompt_ids, params.n, params.output_kind)
