@@ -19,14 +19,32 @@ except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not instal
     __version__ = "0+source"
 
 if TYPE_CHECKING:
-    from treadle_frontend import LLM, RequestOutput, SamplingParams, StructuredOutputsParams
+    from treadle_frontend import (
+        LLM,
+        CompletionOutput,
+        RequestOutput,
+        SamplingParams,
+        StructuredOutputsParams,
+        TextPrompt,
+        TokensPrompt,
+    )
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "TextPrompt",
+    "TokensPrompt",
+    "__version__",
+]
+_LAZY = tuple(__all__[:-1])
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `treadle --version` must not import torch.
-    if name in ("LLM", "RequestOutput", "SamplingParams", "StructuredOutputsParams"):
+    if name in _LAZY:
         import treadle_frontend
 
         return getattr(treadle_frontend, name)

@@ -115,3 +115,32 @@ def test_chat_hands_tools_to_the_template(llm: Any, monkeypatch: pytest.MonkeyPa
     llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), use_tqdm=False, tools=tools,
              chat_template_kwargs={"x": 1})  # fmt: skip
     assert seen[0]["template_kwargs"] == {"x": 1, "tools": tools}
+
+
+def test_vllm_arguments_offline(llm: Any) -> None:
+    """priority (one per prompt, checked against the policy), truncate_prompt_tokens, a chat's own template, and
+    a clear TypeError for prompts or params of the wrong type."""
+    added: list[Any] = []
+    engine = llm.client.engine
+    add = engine.add
+    engine.add = lambda req: (added.append(req), add(req))[1]
+    ids = list(range(20, 40))
+    out = llm.generate(
+        {"prompt_token_ids": ids}, SamplingParams(max_tokens=2, truncate_prompt_tokens=5), use_tqdm=False
+    )
+    assert out[0].prompt_token_ids == ids[-5:] and added[-1].prompt_token_ids == ids[-5:]
+    llm.generate(["a", "b"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[0, 0])
+    assert [r.priority for r in added[-2:]] == [0, 0]
+    with pytest.raises(ValueError, match="priority scheduling policy"):
+        llm.generate(["a"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[3])
+    with pytest.raises(ValueError, match="1 priorities for 2 prompts"):
+        llm.generate(["a", "b"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[0])
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1), chat_template=template)
+    assert chat[0].prompt == "[user] hi\n"
+    with pytest.raises(TypeError, match="prompts must be"):
+        llm.generate(123)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate("a", {"max_tokens": 1})

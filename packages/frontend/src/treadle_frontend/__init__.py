@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from treadle_frontend.async_llm import AsyncLLM
 from treadle_frontend.engine_client import EngineDeadError
+from treadle_frontend.input_processor import TextPrompt, TokensPrompt
 from treadle_frontend.llm import LLM
 from treadle_frontend.outputs import (
     CompletionOutput,
@@ -36,4 +37,6 @@ __all__ = [
     "ScoringOutput",
     "ScoringRequestOutput",
     "StructuredOutputsParams",
+    "TextPrompt",
+    "TokensPrompt",
 ]

@@ -105,7 +105,7 @@ class AsyncLLM:
             now = time.time()
             for child_id, child_params in engine_reqs:
                 await self.client.add_request_async(
-                    self.request_factory(child_id, ids, child_params, now, priority)
+                    self.request_factory(child_id, parent.prompt_token_ids, child_params, now, priority)
                 )
             merge = params.output_kind == RequestOutputKind.DELTA and params.n == 1
             while True:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from treadle_engine_core.request import check_vocabulary
 from treadle_frontend.detokenizer import TokenDecoder
@@ -26,6 +26,18 @@ from treadle_model_runner.sampling_params import SamplingParams
 
 # A prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids} like vLLM.
 PromptType = str | list[int] | dict[str, Any]
+
+
+class TextPrompt(TypedDict):
+    """vLLM's prompt dict of text."""
+
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """vLLM's prompt dict of token ids."""
+
+    prompt_token_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,11 @@ class InputProcessor:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> str:
-        if self.chat_template is None:
+        """The conversation through the chat template (`chat_template`: this call's own, else the model's)."""
+        template = chat_template or self.chat_template
+        if template is None:
             raise ChatTemplateError(
                 f"model {self.model.name!r} has no chat template, so chat requests cannot be formatted; "
                 "start the server with --chat-template FILE (a Jinja template) or use /v1/completions"
@@ -118,7 +133,7 @@ class InputProcessor:
             raise ValueError("messages must contain at least one message")
         norm = []
         # OpenAI's "developer" role is the system prompt, unless the template knows it as a role of its own
-        developer_is_system = "developer" not in self.chat_template
+        developer_is_system = "developer" not in template
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"messages[{i}] must be an object with a 'role' and a 'content'")
@@ -127,7 +142,7 @@ class InputProcessor:
         try:
             text = self.tokenizer.apply_chat_template(
                 norm,
-                chat_template=self.chat_template,
+                chat_template=template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
@@ -228,6 +243,9 @@ class InputProcessor:
         arrival_time: float | None = None,
     ) -> tuple[ParentRequest, list[RequestState], list[tuple[str, SamplingParams]]]:
         """The parent, one RequestState per child, and (engine id, params) per child for the engine."""
+        if params.truncate_prompt_tokens is not None:  # the last k tokens (-1: as many as the context holds)
+            keep = params.truncate_prompt_tokens
+            prompt_ids, prompt_text = prompt_ids[-(self.model.max_model_len if keep == -1 else keep) :], None
         params = self.fit_length(prompt_ids, params)
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = [ids for w in params.bad_words for ids in self.bad_word_ids(w)]

@@ -110,15 +110,22 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
+        """vLLM's LLM.generate; `priority`: one per prompt (lower runs first; needs the priority policy)."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompt_list: list[PromptType] = [prompts]  # type: ignore[list-item]
-        else:
+        elif isinstance(prompts, (list, tuple)):
             prompt_list = list(prompts)  # type: ignore[arg-type]
+        else:
+            raise TypeError(
+                "prompts must be a string, a list of token ids, a prompt dict ({'prompt': ...} or "
+                f"{{'prompt_token_ids': ...}}) or a list of those; got {type(prompts).__name__}"
+            )
         encoded = [self.input_processor.encode_prompt(p) for p in prompt_list]
-        return self._run(encoded, sampling_params, use_tqdm)
+        return self._run(encoded, sampling_params, use_tqdm, priority)
 
     def embed(
         self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True
@@ -155,6 +162,7 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """vLLM's LLM.chat: one conversation or a list of them through the chat template; `tools` (OpenAI's
         function definitions) reach the template as its `tools` variable; replies are text."""
@@ -170,6 +178,7 @@ class LLM:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 template_kwargs=chat_template_kwargs,
+                chat_template=chat_template,
             )
             for conv in conversations
         ]
@@ -181,15 +190,33 @@ class LLM:
             return [self.get_default_sampling_params() for _ in range(n)]
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params.clone() for _ in range(n)]
+        if not isinstance(sampling_params, (list, tuple)) or not all(
+            isinstance(p, SamplingParams) for p in sampling_params
+        ):
+            raise TypeError(
+                "sampling_params must be a SamplingParams or a list of them (one per prompt); got "
+                f"{type(sampling_params).__name__}"
+            )
         plist = list(sampling_params)
         if len(plist) != n:
             raise ValueError(f"got {len(plist)} sampling params for {n} prompts; pass one, or one per prompt")
         return [p.clone() for p in plist]
 
     def _run(
-        self, encoded: list[tuple[str | None, list[int]]], sampling_params: Any, use_tqdm: bool
+        self,
+        encoded: list[tuple[str | None, list[int]]],
+        sampling_params: Any,
+        use_tqdm: bool,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         params_list = self._params_list(sampling_params, len(encoded))
+        if priority is not None and len(priority) != len(encoded):
+            raise ValueError(
+                f"got {len(priority)} priorities for {len(encoded)} prompts; pass one per prompt"
+            )
+        priorities = list(priority) if priority is not None else [0] * len(encoded)
+        for p in set(priorities):
+            self.input_processor.check_priority(p)
         order: dict[str, int] = {}
         added: list[str] = []
         try:
@@ -205,7 +232,11 @@ class LLM:
                 order[rid] = i
                 now = time.time()
                 for child_id, child_params in engine_reqs:
-                    self.client.add_request(self.request_factory(child_id, ids, child_params, now))
+                    self.client.add_request(
+                        self.request_factory(
+                            child_id, parent.prompt_token_ids, child_params, now, priorities[i]
+                        )
+                    )
             return self._drain(order, use_tqdm and len(encoded) > 1)
         except BaseException:
             engine_ids = self.output_processor.abort_requests(added)

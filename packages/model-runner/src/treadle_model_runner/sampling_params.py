@@ -52,6 +52,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top logprobs per prompt token, <= 20
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = (
+        None  # keep the prompt's last k tokens (-1: max_model_len); the frontend's
+    )
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
     # Filled by the engine from the model's generation config: token ids that end generation (EOS).
@@ -92,6 +95,8 @@ class SamplingParams:
                 raise ValueError(
                     f"min_tokens ({self.min_tokens}) must be less than or equal to max_tokens ({self.max_tokens})"
                 )
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, lo=1, hi=None)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
