@@ -89,9 +89,9 @@ def main() -> None:
         return {
             "command": " ".join(["treadle", *cmd[3:-2]]),
             "sampling": sampling,
-            "output_tokens_per_second": round(float(out["result"]["output_tokens_per_second"]), 2),
-            "tokens_per_second": round(float(out["result"]["tokens_per_second"]), 2),
-            "elapsed_s": round(float(out["result"]["elapsed_time"]), 1),
+            "output_tokens_per_second": round(float(out["output_tokens_per_second"]), 2),
+            "tokens_per_second": round(float(out["tokens_per_second"]), 2),
+            "elapsed_s": round(float(out["elapsed_time"]), 1),
             **load,
         }
 

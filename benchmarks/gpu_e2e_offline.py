@@ -38,7 +38,7 @@ def _bench(s: Session, name: str, kind: str, model: Path, extra: str) -> tuple[d
 def _result(path: Path, log: str) -> dict[str, Any]:
     rec = json.loads(path.read_text())
     return {
-        **rec["result"],
+        **{k: v for k, v in rec.items() if k not in ("args", "treadle", "engine")},  # the result's keys
         **parse_log(log),
         **{k: v for k, v in rec.get("engine", {}).items() if v is not None},
     }

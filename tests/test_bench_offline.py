@@ -40,7 +40,7 @@ def test_bench_throughput(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     printed = capsys.readouterr().out
     assert "Throughput: " in printed and "Total num prompt tokens:  72" in printed
     record = json.loads(out.read_text())
-    result = record["result"]
+    result = record
     assert (result["total_prompt_tokens"], result["total_output_tokens"], result["num_requests"]) == (
         72,
         30,
@@ -58,10 +58,8 @@ def test_bench_latency(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli.main(argv) == 0
     assert "Avg latency: " in capsys.readouterr().out
     record = json.loads(out.read_text())
-    assert len(record["result"]["latencies"]) == 2
-    assert record["result"]["ms_per_output_token"] == pytest.approx(
-        record["result"]["avg_latency"] * 1000 / 4
-    )
+    assert len(record["latencies"]) == 2
+    assert record["ms_per_output_token"] == pytest.approx(record["avg_latency"] * 1000 / 4)
     _engine_record(record, tiny)
 
 
@@ -73,3 +71,19 @@ def test_provenance_names_the_commit_a_benchmark_machine_passes(monkeypatch: pyt
     monkeypatch.delenv("TREADLE_SOURCE_COMMIT")
     commit = provenance()["commit"]  # this checkout's own
     assert commit is None or (commit != "380eb36" and len(commit) >= 7)
+
+
+def test_vllm_flag_names_and_bad_values(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "throughput", "--model", str(tiny), *ENGINE, "--dataset-name", "random", "--num-prompts", "2",
+            "--random-input-len", "6", "--random-output-len", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Total num prompt tokens:  12" in printed and "Total num output tokens:  6" in printed
+    # a value that would run another workload (or divide by zero) is a usage error, before any engine starts
+    for kind, bad in (("throughput", ["--output-len", "0"]), ("throughput", ["--num-prompts", "0"]),
+                      ("throughput", ["--random-range-ratio", "2"]), ("throughput", ["--input-len", "-1"]),
+                      ("latency", ["--output-len", "0"]), ("latency", ["--batch-size", "0"])):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["bench", kind, "--model", str(tiny), *ENGINE, *bad])
+        assert exit_info.value.code == 2, (kind, bad)
+        assert "must be" in capsys.readouterr().err

@@ -73,4 +73,4 @@ def test_bench_throughput_in_an_engine_process(
     assert cli.main(argv) == 0
     assert "Throughput: " in capsys.readouterr().out
     record = json.loads(out.read_text())
-    assert record["args"]["engine_process"] is True and record["result"]["total_output_tokens"] == 16
+    assert record["args"]["engine_process"] is True and record["total_output_tokens"] == 16

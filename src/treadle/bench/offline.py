@@ -45,16 +45,46 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default=None, help="write the result as JSON here")
 
 
+def at_least(lowest: int) -> Any:
+    """An argparse type: an integer >= `lowest` (a bad value is a usage error, never a run of another workload)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
+        return value
+
+    return parse
+
+
+def range_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
     parser.add_argument(
         "--temperature", type=float, default=1.0,
         help="sampling temperature (default 1.0 as vLLM; 0 = greedy, like an HF generate baseline)",
     )  # fmt: skip
-    parser.add_argument("--num-prompts", type=int, default=1000)
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--random-range-ratio", type=float, default=0.0)
+    parser.add_argument(
+        "--dataset-name", default="random", choices=["random"], help="random token prompts only"
+    )
+    parser.add_argument("--num-prompts", type=at_least(1), default=1000)
+    parser.add_argument("--input-len", "--random-input-len", dest="input_len", type=at_least(1), default=1024)
+    parser.add_argument(
+        "--output-len", "--random-output-len", dest="output_len", type=at_least(1), default=128
+    )
+    parser.add_argument("--random-range-ratio", type=range_ratio, default=0.0)
     for kind in ("input", "output"):
         parser.add_argument(
             f"--{kind}-len-range",
@@ -66,11 +96,11 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
 
 def add_latency_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--num-iters-warmup", type=int, default=1)
-    parser.add_argument("--num-iters", type=int, default=3)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--input-len", type=at_least(1), default=32)
+    parser.add_argument("--output-len", type=at_least(1), default=128)
+    parser.add_argument("--num-iters-warmup", type=at_least(0), default=1)
+    parser.add_argument("--num-iters", type=at_least(1), default=3)
 
 
 def make_llm(args: argparse.Namespace) -> Any:
@@ -229,9 +259,9 @@ def _save(args: argparse.Namespace, result: dict[str, Any], llm: Any) -> None:
     if not args.output_json:
         return
     info = getattr(llm, "engine_info", None)
-    record = {
+    record = {  # vLLM's keys at the top (a parser of `vllm bench --output-json` reads both), then the context
+        **result,
         "args": {k: v for k, v in vars(args).items() if k != "func"},
-        "result": result,
         "treadle": provenance(),
     }
     if callable(info):
