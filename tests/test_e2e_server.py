@@ -237,8 +237,11 @@ def test_bench_serve(
     base = ["bench", "serve", "--port", port, "--api-key", API_KEY, "--dataset-name", "random",
             "--num-prompts", "4", "--random-input-len", "12", "--random-output-len", "4", "--random-vocab-size",
             "300", "--ignore-eos", "--max-concurrency", "2"]  # fmt: skip
-    out = tmp_path / "serve.json"
-    assert cli.main([*base, "--save-result", "--result-filename", str(out)]) == 0
+    out = tmp_path / "results" / "serve.json"  # --result-dir, made if missing, as vLLM's
+    assert (
+        cli.main([*base, "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert re.search(r"Successful requests:\s+4 ", printed) and re.search(
         r"Total generated tokens:\s+16 ", printed
@@ -251,6 +254,9 @@ def test_bench_serve(
     assert record["output_lens"] == [4] * 4 and len(record["ttfts"]) == len(record["itls"]) == 4
     assert record["input_lens"] == [12] * 4 and record["server_version"]
     assert cli.main([*base, "--model", "nope"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a value that would run another workload: a usage error
+        cli.main([*base, "--random-output-len", "0"])
+    assert exit_info.value.code == 2
     assert "initial test request to" in caplog.text and "failed: HTTP 404" in caplog.text
 
 

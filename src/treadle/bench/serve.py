@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from treadle.bench.offline import at_least, range_ratio
 
 
 @dataclass(slots=True)
@@ -44,10 +47,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset-name", default="random", choices=["random"], help="vLLM's flag: random only"
     )
-    parser.add_argument("--num-prompts", type=int, default=1000)
-    parser.add_argument("--random-input-len", type=int, default=1024)
-    parser.add_argument("--random-output-len", type=int, default=128)
-    parser.add_argument("--random-range-ratio", type=float, default=0.0)
+    parser.add_argument("--num-prompts", type=at_least(1), default=1000)
+    parser.add_argument("--random-input-len", type=at_least(1), default=1024)
+    parser.add_argument("--random-output-len", type=at_least(1), default=128)
+    parser.add_argument("--random-range-ratio", type=range_ratio, default=0.0)
     parser.add_argument(
         "--random-vocab-size", type=int, default=1000, help="prompt token ids are drawn below this"
     )
@@ -57,6 +60,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--save-result", action="store_true")
+    parser.add_argument(
+        "--result-dir", default=None, help="directory of the --save-result file (default: here)"
+    )
     parser.add_argument("--result-filename", default=None)
 
 
@@ -173,6 +179,9 @@ async def run_serve_benchmark(args: argparse.Namespace) -> dict:
     print_summary(metrics, args)
     if args.save_result:
         name = args.result_filename or f"treadle-serve-{int(time.time())}.json"
+        if args.result_dir:  # as vLLM: the file goes into the directory, made if missing
+            os.makedirs(args.result_dir, exist_ok=True)
+            name = os.path.join(args.result_dir, name)
         saved_args = {k: v for k, v in vars(args).items() if k != "func"}
         if saved_args.get("api_key"):
             saved_args["api_key"] = "<redacted>"
