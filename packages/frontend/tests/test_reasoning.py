@@ -28,6 +28,7 @@ CASES = [
     ("qwen3", False, "<thin", (None, "<thin", [])),
     ("deepseek_r1", False, "Let me think.\n</think>\n\nAnswer", ("Let me think.\n", "Answer", [])),
     ("deepseek_r1", False, "<think>\nX</think>Y", ("X", "Y", [])),
+    ("deepseek_r1", False, "<think><think> x</think>y", ("<think> x", "y", [])),  # one leading tag dropped
     ("deepseek_r1", False, "all reasoning, never closed", ("all reasoning, never closed", None, [])),
     ("qwen3", True, f"<think>plan</think>\n{CALL}", ("plan", None, [("f", {"x": 1})])),
     ("deepseek_r1", True, f"plan</think>\n\nSure.\n{CALL}\n", ("plan", "Sure.", [("f", {"x": 1})])),

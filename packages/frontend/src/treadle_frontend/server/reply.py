@@ -31,9 +31,9 @@ class ReasoningStream:
         if parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning parser {parser!r} is not one of: {', '.join(REASONING_PARSERS)}")
         self._state = "opening" if parser == "qwen3" else "reasoning"  # opening -> reasoning -> content
-        self._r1 = parser == "deepseek_r1"
         self._buf = ""
-        self._started = False  # any reasoning released yet (R1: drop a leading <think> only)
+        self._started = False  # any reasoning released yet
+        self._head_read = parser != "deepseek_r1"  # R1: the reply's head read (a leading <think> dropped once)
         self._lead_done = False  # the block's leading newlines dropped
 
     def feed(self, text: str) -> tuple[str, str]:
@@ -49,12 +49,13 @@ class ReasoningStream:
             else:
                 self._state = "content"
         if self._state == "reasoning":
-            if self._r1 and not self._started:
+            if not self._head_read:
                 head = self._buf.lstrip()
                 if not head or (START.startswith(head) and head != START):
                     return "", ""
                 if head.startswith(START):
                     self._buf = head[len(START) :]
+                self._head_read = True
             end = self._buf.find(END)
             if end < 0:
                 cut = len(self._buf) - tag_prefix(self._buf, END)
