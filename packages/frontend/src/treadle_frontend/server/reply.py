@@ -33,7 +33,7 @@ class ReasoningStream:
         self._state = "opening" if parser == "qwen3" else "reasoning"  # opening -> reasoning -> content
         self._buf = ""
         self._started = False  # any reasoning released yet
-        self._head_read = parser != "deepseek_r1"  # R1: the reply's head read (a leading <think> dropped once)
+        self._head_read = parser != "deepseek_r1"  # R1: a leading <think> read (dropped) once
         self._lead_done = False  # the block's leading newlines dropped
 
     def feed(self, text: str) -> tuple[str, str]:
