@@ -43,9 +43,8 @@ class MistralStream:
         self._call: CallDelta | None = None
         self._name, self._written = "", ""  # `name[ARGS]`: the name, and the text from the tag as written
         self._nesting = JsonNesting()
-        self._space = (
-            ""  # the whitespace between the content and the tag: it separates any content after the calls
-        )
+        # the whitespace between the content and the tag: it separates any content after the calls
+        self._space = ""
         self.num_calls = 0
 
     def feed(self, text: str) -> list[Piece]:

@@ -89,9 +89,8 @@ class Qwen3CoderStream:
         self._buf = ""  # text not yet decided
         self._space = ""  # whitespace held back after content
         self._after_block = False  # no content since a block ended (the whitespace after it is not content)
-        self._wrote = (
-            False  # content was released (the whitespace before a block separates it from what follows)
-        )
+        # content was released (the whitespace before a block then separates it from what follows)
+        self._wrote = False
         self._call: CallDelta | None = None
         self._param = ""  # the open parameter's name
         self._count = 0  # parameters written in the open call
