@@ -52,9 +52,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top logprobs per prompt token, <= 20
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: int | None = (
-        None  # keep the prompt's last k tokens (-1: max_model_len); the frontend's
-    )
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
     # Filled by the engine from the model's generation config: token ids that end generation (EOS).
