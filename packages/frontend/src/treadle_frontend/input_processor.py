@@ -51,6 +51,11 @@ class ModelInfo:
     scheduling_policy: str = "fcfs"  # the engine's; priorities other than 0 need "priority"
 
 
+def keep_last(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (-1: the last max_model_len); None: all."""
+    return ids if keep is None else ids[-(max_model_len if keep == -1 else keep) :]
+
+
 def embedding_params() -> SamplingParams:
     """A request for its prompt's embedding (last-token pooling): prompt only (max_tokens 0), so an input may fill
     the whole context; the token the prefill step samples is dropped by the engine."""
@@ -243,9 +248,9 @@ class InputProcessor:
         arrival_time: float | None = None,
     ) -> tuple[ParentRequest, list[RequestState], list[tuple[str, SamplingParams]]]:
         """The parent, one RequestState per child, and (engine id, params) per child for the engine."""
-        if params.truncate_prompt_tokens is not None:  # the last k tokens (-1: as many as the context holds)
-            keep = params.truncate_prompt_tokens
-            prompt_ids, prompt_text = prompt_ids[-(self.model.max_model_len if keep == -1 else keep) :], None
+        if params.truncate_prompt_tokens is not None:
+            prompt_ids = keep_last(prompt_ids, params.truncate_prompt_tokens, self.model.max_model_len)
+            prompt_text = None
         params = self.fit_length(prompt_ids, params)
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = [ids for w in params.bad_words for ids in self.bad_word_ids(w)]

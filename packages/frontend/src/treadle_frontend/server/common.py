@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from treadle_frontend.async_llm import AsyncLLM
+from treadle_frontend.input_processor import keep_last
 from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
@@ -156,7 +157,7 @@ def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> lis
         raise APIError(
             400, f"truncate_prompt_tokens must be -1 or >= 1, got {keep}", param="truncate_prompt_tokens"
         )
-    return ids[-(max_model_len if keep == -1 else keep) :]
+    return keep_last(ids, keep, max_model_len)
 
 
 def sse(data: dict[str, Any]) -> str:

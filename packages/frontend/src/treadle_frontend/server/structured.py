@@ -69,13 +69,13 @@ def compile_constraint(
 
 
 def forced_constraint(
-    schema: dict[str, Any], tokenizer: Any, reasoning_parser: str | None, name: str = "tools"
+    schema: dict[str, Any], tokenizer: Any, reasoning_parser: str | None
 ) -> StructuredOutputsParams:
     """A forced tool call's constraint: its JSON schema, without whitespace between tokens (a call's arguments
     do not need it, and a model could otherwise repeat it without end). Compiled here: a tool schema that cannot
-    constrain decoding is a 400 naming `name` (the tools field as sent)."""
+    constrain decoding is a 400 naming `tools`."""
     fields = {"json": json.dumps(schema), "disable_any_whitespace": True}
-    return compile_constraint(name, fields, tokenizer, reasoning_parser)
+    return compile_constraint("tools", fields, tokenizer, reasoning_parser)
 
 
 def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | None, tokenizer: Any) -> Any:

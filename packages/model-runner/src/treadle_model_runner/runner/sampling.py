@@ -76,10 +76,13 @@ def sample_step(
             return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait, logprobs)
         pooled = _pooled(states, rows, req_ids, last_hidden)
         tokens = out.sampled_token_ids.cpu().numpy()
-        # a prompt-only request (max_tokens 0, e.g. an embedding) may fill the whole context: the engine drops the
-        # token its prefill samples, so it stays out of the row
-        keep = np.array([s is None or s.sampling_params.max_tokens != 0 for s in states], dtype=bool)
-        batch.append_tokens(rows[keep], tokens[keep].astype(np.int32))
+        kept_rows, kept = rows, tokens
+        if (batch.num_tokens[rows] >= batch.max_model_len).any():
+            # only a prompt-only request (max_tokens 0, e.g. an embedding) fills its row: the engine drops the token
+            # its prefill samples, so it stays out of the row (a full row of any other request still raises)
+            mask = np.array([s is None or s.sampling_params.max_tokens != 0 for s in states], dtype=bool)
+            kept_rows, kept = rows[mask], tokens[mask]
+        batch.append_tokens(kept_rows, kept.astype(np.int32))
         host_logprobs = out.logprobs.tolists(metadata.num_logprobs) if out.logprobs is not None else None
         for j, row in enumerate(rows.tolist()):
             token = int(tokens[j])
