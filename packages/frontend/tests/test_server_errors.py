@@ -11,6 +11,8 @@ OK_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ma
 OK_CMPL = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 OK_MSG = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
 LONG = "hello " * 400
+# the first structured-output request imports xgrammar (1.5 s alone, several on a busy 2-core machine)
+TIMEOUT_S = 60
 BAD_TOOL = {
     "type": "function",
     "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}}},
@@ -131,10 +133,13 @@ def test_bad_input(fake_server: Any, name: str, route: str, body: Any, status: i
     headers = {"Authorization": "Bearer sekret"}
     if isinstance(body, str):
         r = httpx.post(
-            fake_server.url + route, content=body, headers={**headers, "content-type": "application/json"}
+            fake_server.url + route,
+            content=body,
+            headers={**headers, "content-type": "application/json"},
+            timeout=TIMEOUT_S,
         )
     else:
-        r = httpx.post(fake_server.url + route, json=body, headers=headers)
+        r = httpx.post(fake_server.url + route, json=body, headers=headers, timeout=TIMEOUT_S)
     assert r.status_code == status, (name, r.status_code, r.text)
     data = r.json()
     if route.startswith("/v1/messages"):
