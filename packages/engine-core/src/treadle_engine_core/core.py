@@ -64,6 +64,7 @@ class EngineCore:
             log_stats=config.log_stats,
         )
         self.max_model_len: int = self.scheduler.max_model_len
+        self.max_logprobs: int = config.model_config.max_logprobs  # per request; -1 = the whole vocabulary
         self._batch_queue: deque[
             tuple[SchedulerOutput, Future[ModelRunnerOutput | AsyncModelRunnerOutput]]
         ] = deque()
@@ -81,9 +82,11 @@ class EngineCore:
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
-        """Queue a request; ValueError (HTTP 400) if it can never fit, its id is in flight or a token id is outside
-        the vocabulary (the client checks these first; an id the model would index with must never reach it)."""
+        """Queue a request; ValueError (HTTP 400) if it can never fit, its id is in flight, a token id is outside
+        the vocabulary or it asks for more logprobs than max_logprobs (the client checks these first; an id the
+        model would index with must never reach it)."""
         check_vocabulary(request.prompt_token_ids, request.sampling_params, self.executor.vocab_size)
+        request.sampling_params.check_logprobs_limit(self.max_logprobs, self.executor.vocab_size)
         structured = request.sampling_params.structured_outputs
         if structured is not None:  # an invalid grammar fails this request only
             self.executor.check_structured_outputs(structured)
@@ -161,6 +164,7 @@ class EngineCore:
             eos_token_ids=sorted(self.executor.eos_token_ids),
             runtime=self.executor.describe(),
             scheduling_policy=self.scheduler_config.policy,
+            max_logprobs=self.max_logprobs,
         )
 
     def shutdown(self) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from treadle_engine_core.config import FakeRunnerConfig
 from treadle_model_runner.kv_cache_spec import KVCacheConfig, KVCacheGroupSpec
 from treadle_model_runner.outputs import Logprobs, ModelRunnerOutput
-from treadle_model_runner.sampling_params import SamplingParams
+from treadle_model_runner.sampling_params import SamplingParams, num_top_logprobs
 from treadle_model_runner.scheduler_output import SchedulerOutput
 
 _MASK = 0xFFFFFFFF
@@ -132,8 +132,9 @@ class FakeModelRunner:
                 sampled.append([tok])
                 if st.params.logprobs is not None:
                     any_logprobs = True
-                    k = st.params.logprobs
-                    logprobs.append([Logprobs([tok, *range(2, 2 + k)], [-0.5] * (k + 1), 1)])
+                    k = num_top_logprobs(st.params.logprobs, self.vocab_size)  # -1: the whole vocabulary
+                    top = [(2 + j) % self.vocab_size for j in range(k)]
+                    logprobs.append([Logprobs([tok, *top], [-0.5] * (k + 1), 1)])
                 else:
                     logprobs.append(None)
             else:

@@ -16,7 +16,7 @@ import msgspec
 
 from treadle_engine_core.request import FinishReason
 from treadle_model_runner.outputs import Logprobs
-from treadle_model_runner.sampling_params import SamplingParams
+from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams
 
 # frame 0 of every message
 ADD = b"\x00"
@@ -100,6 +100,8 @@ class EngineReady(msgspec.Struct):
     eos_token_ids: list[int]
     runtime: dict[str, str] = {}  # device, dtypes, attention backend, CUDA graphs, weights (in words)
     scheduling_policy: str = "fcfs"  # fcfs | priority: whether request priorities mean anything
+    # most logprobs / prompt_logprobs a request may ask for (ModelConfig.max_logprobs); -1 = the whole vocabulary
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
 
 class EngineFailure(msgspec.Struct):

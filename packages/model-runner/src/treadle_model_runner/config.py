@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS
+
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
@@ -26,6 +28,8 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | torch | triton | flashinfer
     enforce_eager: bool = False  # no CUDA graphs
     tensor_parallel_size: int = 1  # devices (one process each) the model's heads and columns are split across
+    # most logprobs / prompt_logprobs a request may ask for (vLLM's max_logprobs); -1 = the whole vocabulary
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -40,6 +44,11 @@ class ModelConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(
+                "max_logprobs must be an integer >= -1 (-1: no limit, the whole vocabulary), "
+                f"got {self.max_logprobs!r}"
+            )
 
 
 @dataclass(frozen=True)

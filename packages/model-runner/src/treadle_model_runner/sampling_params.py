@@ -13,7 +13,7 @@ from typing import Any
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5  # temperature at or below this is greedy
-MAX_LOGPROBS = 20  # top-k logprobs a request may ask for
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's default for the engine's max_logprobs (ModelConfig)
 
 
 class RequestOutputKind(IntEnum):
@@ -48,8 +48,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end the request
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    logprobs: int | None = None  # top logprobs per sampled token (0 = only the sampled one), <= 20
-    prompt_logprobs: int | None = None  # top logprobs per prompt token, <= 20
+    # top logprobs per sampled token (0 = only the sampled one, -1 = the whole vocabulary), at most the engine's
+    # max_logprobs (check_logprobs_limit)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top logprobs per prompt token, the same way
+    detokenize: bool = True  # False: outputs carry token ids only (text "", logprobs' decoded_token None)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
@@ -95,10 +98,12 @@ class SamplingParams:
                 )
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens != -1:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, lo=1, hi=None)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
-        if self.prompt_logprobs is not None:
-            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, lo=None, hi=None)
+                if value < -1:
+                    raise ValueError(f"{name} must be non-negative or -1 (the whole vocabulary), got {value}")
         if self.logit_bias is not None:
             bias: dict[int, float] = {}
             for k, v in self.logit_bias.items():
@@ -121,6 +126,10 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must be a list of non-empty strings, got {s!r}")
+        if self.stop and not self.detokenize:  # stop strings are matched in the detokenized text
+            raise ValueError(
+                "stop strings are only supported when detokenize is True. Set detokenize=True to use stop."
+            )
         if self.pooling not in POOLING_TYPES:
             raise ValueError(
                 f"pooling {self.pooling!r} is not one of None, {', '.join(map(repr, POOLING_TYPES[1:]))}"
@@ -151,16 +160,40 @@ class SamplingParams:
             or self.max_tokens == 0  # prompt only: its row may be full (sampling.py keeps its token out)
         )
 
-    @property
-    def num_logprobs(self) -> int:
-        """Top logprobs to return per sampled token; -1 when none were asked."""
-        return -1 if self.logprobs is None else self.logprobs
+    def check_logprobs_limit(self, max_logprobs: int, vocab_size: int) -> None:
+        """vLLM's limit on logprobs and prompt_logprobs: ValueError when either asks for more than the engine's
+        max_logprobs (-1 on either side counting as the whole vocabulary; 0 and None always pass)."""
+        check_num_logprobs("sample", self.logprobs, max_logprobs, vocab_size)
+        check_num_logprobs("prompt", self.prompt_logprobs, max_logprobs, vocab_size)
 
     def clone(self, **changes: object) -> SamplingParams:
         """A copy with some fields changed (validated again)."""
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}
         values.update(changes)
         return SamplingParams(**values)  # type: ignore[arg-type]
+
+
+def num_top_logprobs(value: int | None, vocab_size: int) -> int:
+    """Top logprobs to compute for a logprobs / prompt_logprobs value: -1 (the whole vocabulary) and anything above
+    the vocabulary are vocab_size; None (none asked) is -1."""
+    if value is None:
+        return -1
+    return vocab_size if value == -1 else min(value, vocab_size)
+
+
+def check_num_logprobs(kind: str, value: int | None, max_logprobs: int, vocab_size: int) -> None:
+    """ValueError in vLLM's words when `value` (a request's logprobs, kind "sample", or prompt_logprobs, kind
+    "prompt"; -1 = the whole vocabulary) exceeds max_logprobs (-1 = the whole vocabulary)."""
+    if not value:
+        return
+    requested = vocab_size if value == -1 else value
+    limit = vocab_size if max_logprobs == -1 else max_logprobs
+    if requested > limit:
+        raise ValueError(
+            f"Requested {kind} logprobs of {requested}, which is greater than max allowed: {limit}. Ask for at "
+            f"most {limit}, or start the engine with a larger max_logprobs (LLM(max_logprobs=...), treadle serve "
+            "--max-logprobs; -1 allows the whole vocabulary)"
+        )
 
 
 def _check_int(name: str, value: object, *, lo: int | None, hi: int | None) -> None:

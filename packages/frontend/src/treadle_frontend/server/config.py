@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from treadle_frontend.server.reply import REASONING_PARSERS
 from treadle_frontend.server.tool_calls import PARSERS
-from treadle_model_runner.sampling_params import MAX_LOGPROBS
+from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS as MAX_LOGPROBS
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from treadle_model_runner.sample.penalties import build_token_counts
-from treadle_model_runner.sampling_params import SamplingParams
+from treadle_model_runner.sampling_params import SamplingParams, num_top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class SamplingMetadata:
     bias_indices: torch.Tensor | None  # [N] int64 flat indices row * V + token of logit_bias entries
     bias_values: torch.Tensor | None  # [N] float32 values added there
     # logprobs
-    num_logprobs: list[int]  # per row: top logprobs asked for, -1 = none
+    num_logprobs: list[int]  # per row: top logprobs asked for, -1 = none, vocab_size = the whole vocabulary
     max_num_logprobs: int  # max of num_logprobs; -1 = no row wants logprobs
 
     @property
@@ -163,7 +163,7 @@ class SamplingMetadata:
         bias_indices = i64([r * vocab_size + c for r, c, _ in bias]) if bias else None
         bias_values = f32([v for _, _, v in bias]) if bias else None
 
-        num_logprobs = [p.num_logprobs for p in params]
+        num_logprobs = [num_top_logprobs(p.logprobs, vocab_size) for p in params]
         return cls(
             num_reqs=num_reqs,
             vocab_size=vocab_size,
