@@ -100,19 +100,21 @@ def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
         and ea.scheduler_config.long_prefill_token_threshold == 64
     )
     server = cli_serve.make_server_config(args, args.model)
-    assert (
-        server.max_logprobs == 5
-        and server.allowed_origins == ("http://a.example",)
-        and server.allow_credentials
-    )
+    assert ea.model_config.max_logprobs == 5  # an engine option, as in vLLM: the engine core checks it too
+    assert server.allowed_origins == ("http://a.example",) and server.allow_credentials
     for flags, message in (
         (["-pp", "2"], "pipeline_parallel_size 2 is not supported"),
         (["--quantization", "fp8"], "quantization 'fp8' is not supported"),
     ):
         with pytest.raises(ValueError, match=message):
             cli_serve.engine_options(cli.build_parser().parse_args(["serve", *flags]))
-    with pytest.raises(ValueError, match=r"max_logprobs must be in \[0, 20\]"):
-        cli_serve.make_server_config(cli.build_parser().parse_args(["serve", "--max-logprobs", "21"]), None)
+    for value, limit in (("21", 21), ("-1", -1)):  # above vLLM's default of 20, and no limit at all
+        options = cli_serve.engine_options(cli.build_parser().parse_args(["serve", "--max-logprobs", value]))
+        assert EngineArgs.from_kwargs(None, **options).model_config.max_logprobs == limit
+    with pytest.raises(ValueError, match=r"max_logprobs must be an integer >= -1 \(-1: no limit"):
+        EngineArgs.from_kwargs(
+            None, **cli_serve.engine_options(cli.build_parser().parse_args(["serve", "--max-logprobs", "-2"]))
+        )
 
 
 def test_bad_option_and_version(capsys: object) -> None:

@@ -114,7 +114,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--trust-remote-code", action="store_true", help="accepted; treadle never runs a model's code"
     )
     p.add_argument(
-        "--max-logprobs", type=int, default=d["max_logprobs"], help="most logprobs a request may ask"
+        "--max-logprobs",
+        type=int,
+        default=d["max_logprobs"],
+        help=f"most logprobs / top_logprobs / prompt_logprobs a request may ask for (default {d['max_logprobs']}; "
+        "-1: no limit, the whole vocabulary)",
     )
     p.add_argument("--root-path", default="", help="path prefix when served behind a path-based proxy")
     p.add_argument("--ssl-keyfile", default=None)
@@ -165,6 +169,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "tokenizer": args.tokenizer,
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
+        "max_logprobs": args.max_logprobs,
         "load_format": args.load_format,
         "seed": args.seed,
         "served_model_name": args.served_model_name[0] if args.served_model_name else None,
@@ -266,7 +271,6 @@ def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
         reasoning_parser=args.reasoning_parser,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_log_stats=args.disable_log_stats,
-        max_logprobs=args.max_logprobs,
         allowed_origins=tuple(args.allowed_origins),
         allowed_methods=tuple(args.allowed_methods),
         allowed_headers=tuple(args.allowed_headers),

@@ -6,7 +6,7 @@ frontend's own (chat_template, generation_config); an unknown option is an error
 `start_inproc` (offline LLM), `start_sync_mp` (offline LLM, the engine in its own process) and
 `start_async_mp` (API server: the engine in its own process) resolve the model
 (the embedded default when none is named), load the tokenizer, start the engine, and read the model facts the
-frontend needs (max_model_len, vocab size, KV capacity) from the engine's READY handshake.
+frontend needs (max_model_len, vocab size, KV capacity, max_logprobs) from the engine's READY handshake.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
         kv_capacity_tokens=getattr(ready, "kv_capacity_tokens", None),
         runtime=dict(getattr(ready, "runtime", None) or {}),
         scheduling_policy=str(getattr(ready, "scheduling_policy", "fcfs")),
+        max_logprobs=int(getattr(ready, "max_logprobs", args.model_config.max_logprobs)),
     )
     defaults = load_generation_defaults(prep.model_path, args.generation_config)
     template = resolve_chat_template(prep.tokenizer, args.chat_template)

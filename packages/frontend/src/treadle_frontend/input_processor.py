@@ -2,9 +2,10 @@
 
 Steps: render chat messages through the chat template; tokenize (chat text without extra special tokens,
 since the template already placed them); validate every token id against the vocabulary and the total length
-against max_model_len with OpenAI's message; fill `max_tokens=None` with the rest of the context; fan a request
-with `n > 1` out into n child requests `"{i}_{request_id}"` (child i gets seed + i, so seeded children differ
-but stay reproducible; only child 0 computes prompt logprobs).
+against max_model_len with OpenAI's message, and logprobs against the engine's max_logprobs with vLLM's; fill
+`max_tokens=None` with the rest of the context; fan a request with `n > 1` out into n child requests
+`"{i}_{request_id}"` (child i gets seed + i, so seeded children differ but stay reproducible; only child 0
+computes prompt logprobs).
 
 Every problem raises ValueError with a message a user can act on (HTTP 400 in the server).
 """
@@ -22,7 +23,7 @@ from treadle_frontend.logprobs import TokenTexts
 from treadle_frontend.output_processor import ParentRequest
 from treadle_frontend.request_state import RequestState
 from treadle_frontend.tokenizer import ChatTemplateError, GenerationDefaults
-from treadle_model_runner.sampling_params import SamplingParams
+from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams
 
 # A prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids} like vLLM.
 PromptType = str | list[int] | dict[str, Any]
@@ -49,6 +50,8 @@ class ModelInfo:
     kv_capacity_tokens: int | None = None  # KV cache size in tokens, when the engine reported it
     runtime: dict[str, str] = field(default_factory=dict)  # the engine's device, dtypes, graphs...
     scheduling_policy: str = "fcfs"  # the engine's; priorities other than 0 need "priority"
+    # the engine's max_logprobs: most logprobs / prompt_logprobs a request may ask for; -1 = the whole vocabulary
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
 
 def keep_last(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
@@ -255,6 +258,7 @@ class InputProcessor:
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = [ids for w in params.bad_words for ids in self.bad_word_ids(w)]
         check_vocabulary([], params, self.model.vocab_size)  # logit_bias, allowed_token_ids, bad words
+        params.check_logprobs_limit(self.model.max_logprobs, self.model.vocab_size)
         arrival = arrival_time or time.time()
         parent = ParentRequest(request_id, prompt_text, prompt_ids, params.n, params.output_kind)
         states, engine_reqs = [], []

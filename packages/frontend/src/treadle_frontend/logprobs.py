@@ -95,13 +95,21 @@ class TokenTexts:
         self, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
     ) -> dict[int, Logprob]:
         """One position's logprobs as {token_id: Logprob}; the chosen token comes first."""
-        out: dict[int, Logprob] = {}
-        for i, (tok, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
-            rank = chosen_rank if i == 0 else i
-            if tok in out:
-                continue  # the chosen token is also in the top-k: keep its first entry
-            out[int(tok)] = Logprob(logprob=float(lp), rank=rank, decoded_token=self.text(int(tok)))
-        return out
+        return position_dict(self, token_ids, logprobs, chosen_rank)
+
+
+def position_dict(
+    texts: TokenTexts | None, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
+) -> dict[int, Logprob]:
+    """One position's logprobs as {token_id: Logprob}, the chosen token first; `texts` None (a request with
+    detokenize=False) leaves every decoded_token None, as vLLM does."""
+    out: dict[int, Logprob] = {}
+    for i, (tok, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
+        if tok in out:
+            continue  # the chosen token is also in the top-k: keep its first entry
+        text = None if texts is None else texts.text(int(tok))
+        out[int(tok)] = Logprob(logprob=float(lp), rank=chosen_rank if i == 0 else i, decoded_token=text)
+    return out
 
 
 def prompt_logprobs_json(
@@ -124,14 +132,14 @@ def chat_logprobs(
     texts: TokenTexts, token_ids: list[int], positions: SampleLogprobs, num_top: int
 ) -> list[dict[str, Any]]:
     """Chat completions' `logprobs.content`: per sampled token its text, logprob, bytes and `num_top` top
-    alternatives (OpenAI's shape)."""
+    alternatives (OpenAI's shape; -1: every token the position holds, the whole vocabulary)."""
     content = []
     for tok, pos in zip(token_ids, positions, strict=False):
         lp = pos.get(tok)
         ranked = sorted(pos.items(), key=lambda kv: kv[1].logprob, reverse=True)
         tops = [
             {"token": texts.text(t), "logprob": clamp_logprob(e.logprob), "bytes": texts.token_bytes(t)}
-            for t, e in ranked[:num_top]
+            for t, e in (ranked if num_top < 0 else ranked[:num_top])
         ]
         content.append(
             {

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeGuard, TypeVar, overload
 
-from treadle_frontend.logprobs import TokenTexts
+from treadle_frontend.logprobs import TokenTexts, position_dict
 from treadle_frontend.outputs import Logprob
 
 __all__ = ["PositionLogprobs", "PromptPositionLogprobs"]
@@ -58,8 +58,8 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
 
     __slots__ = ("_ends", "_ids", "_ranks", "_texts", "_values")
 
-    def __init__(self, texts: TokenTexts) -> None:
-        self._texts = texts
+    def __init__(self, texts: TokenTexts | None) -> None:
+        self._texts = texts  # None: decoded_token None (a request with detokenize=False)
         self._ids: list[int] = []  # every position's token ids, one after the other
         self._values: list[float] = []  # their logprobs, aligned with _ids
         self._ranks: list[int | None] = []  # per position: the sampled token's rank
@@ -95,7 +95,7 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
         i = index + n if index < 0 else index
         if not 0 <= i < n:
             raise IndexError(f"position {index} out of range for {n} positions")
-        return self._texts.decode_position(*self._position(i))
+        return position_dict(self._texts, *self._position(i))
 
     def _position(self, i: int) -> tuple[list[int], list[float], int | None]:
         """Position i as stored: its token ids, their logprobs and the sampled token's rank."""
@@ -154,7 +154,7 @@ class PromptPositionLogprobs(_ReadsAsList[dict[int, Logprob] | None]):
 
     __slots__ = ("positions",)
 
-    def __init__(self, texts: TokenTexts) -> None:
+    def __init__(self, texts: TokenTexts | None) -> None:
         self.positions = PositionLogprobs(texts)
 
     def __len__(self) -> int:

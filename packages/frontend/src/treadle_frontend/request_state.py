@@ -6,6 +6,9 @@ output kind asks for:
 - CUMULATIVE: everything so far; DELTA: only what is new since the last output; FINAL_ONLY: once, at the end.
 Text that could still become a stop string is withheld until it is ruled out (see stop_strings).
 
+A request with `detokenize=False` skips all of that text work, as vLLM does: its outputs carry the token ids,
+text "" and logprobs whose decoded_token is None (it cannot have stop strings: SamplingParams refuses them).
+
 Invariant: the concatenation of every DELTA text equals the final CUMULATIVE text, and a finished request
 emits exactly one output with `finish_reason` set.
 """
@@ -79,8 +82,7 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
-    token_texts: TokenTexts
+    detokenizer: IncrementalDetokenizer | None  # None: detokenize=False, the text stays ""
     stop_checker: StopStringChecker
     metrics: RequestMetrics
     token_ids: list[int] = field(default_factory=list)
@@ -111,6 +113,7 @@ class RequestState:
         token_texts: TokenTexts,
         arrival_time: float | None = None,
     ) -> RequestState:
+        texts = token_texts if params.detokenize else None
         return cls(
             request_id=request_id,
             parent_id=parent_id,
@@ -118,14 +121,13 @@ class RequestState:
             prompt=prompt,
             prompt_token_ids=prompt_token_ids,
             params=params,
-            detokenizer=IncrementalDetokenizer(decoder, prompt_token_ids, params.skip_special_tokens),
-            token_texts=token_texts,
+            detokenizer=IncrementalDetokenizer(decoder, prompt_token_ids, params.skip_special_tokens)
+            if params.detokenize
+            else None,
             stop_checker=StopStringChecker(params.stop, params.include_stop_str_in_output),
             metrics=RequestMetrics(arrival_time=arrival_time or time.time()),
-            logprobs=PositionLogprobs(token_texts) if params.logprobs is not None else None,
-            prompt_logprobs=PromptPositionLogprobs(token_texts)
-            if params.prompt_logprobs is not None
-            else None,
+            logprobs=PositionLogprobs(texts) if params.logprobs is not None else None,
+            prompt_logprobs=PromptPositionLogprobs(texts) if params.prompt_logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
         )
 
@@ -149,6 +151,11 @@ class RequestState:
         self._add_logprobs(step)
         new_ids = list(step.new_token_ids)
         self.token_ids.extend(new_ids)
+        if self.detokenizer is None:  # token ids only: no text, so no stop string either
+            if step.finish_reason is not None:
+                self.finish_reason, self.stop_reason = step.finish_reason, step.stop_reason
+                m.finished_time = now
+            return False
         engine_stop = step.finish_reason == "stop"
         detok_ids = new_ids
         if engine_stop and new_ids and not self.params.include_stop_str_in_output:

@@ -3,7 +3,8 @@
 Streaming follows OpenAI: per choice, a first chunk with `delta {"role": "assistant", "content": ""}`, then
 content deltas, and `finish_reason` set only on the choice's last chunk; with `stream_options.include_usage`
 every chunk carries `usage: null` and one extra chunk with `choices: []` and the usage precedes `[DONE]`.
-`logprobs: true` (+ `top_logprobs` ≤ 20) returns `{content: [{token, logprob, bytes, top_logprobs}]}`.
+`logprobs: true` (+ `top_logprobs` ≤ the engine's --max-logprobs, 20 by default; -1: the whole vocabulary) returns
+`{content: [{token, logprob, bytes, top_logprobs}]}`.
 With `--enable-auto-tool-choice --tool-call-parser hermes` and `tools` in the request (tool_choice auto), calls
 the model writes come back as `message.tool_calls` with finish_reason "tool_calls" (tool_calls.py); streamed, a
 call's first `delta.tool_calls` entry carries its index, id and name, and later ones add to its `arguments` as the
@@ -63,15 +64,13 @@ class ChatHandler:
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: send "
                                 "add_generation_prompt false to continue the final message",
                            param="continue_final_message")  # fmt: skip
+        # vLLM's rules for top_logprobs; its limit (the engine's max_logprobs) is checked in sampling_params
         if body.top_logprobs is not None:
-            if not body.logprobs and body.top_logprobs > 0:
+            if body.top_logprobs < -1:
+                raise APIError(400, f"top_logprobs must be non-negative or -1 (the whole vocabulary), got "
+                                    f"{body.top_logprobs}", param="top_logprobs")  # fmt: skip
+            if not body.logprobs and body.top_logprobs != 0:
                 raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-            if not 0 <= body.top_logprobs <= st.config.max_logprobs:
-                raise APIError(
-                    400,
-                    f"top_logprobs must be in [0, {st.config.max_logprobs}], got {body.top_logprobs}",
-                    param="top_logprobs",
-                )
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = getattr(body, field)
         if max_tokens is not None and max_tokens < 1:
@@ -90,7 +89,8 @@ class ChatHandler:
                 400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
             )
         params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs,
-                                 prompt_logprobs=body.prompt_logprobs, kind=kind)  # fmt: skip
+                                 prompt_logprobs=body.prompt_logprobs, kind=kind,
+                                 logprobs_field="top_logprobs")  # fmt: skip
         if forced is not None:  # decoding constrained to the call's JSON
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced tool call cannot be combined with a structured "

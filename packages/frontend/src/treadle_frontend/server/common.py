@@ -22,7 +22,7 @@ from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.metrics import ServerMetrics
 from treadle_frontend.server.structured import structured_outputs
-from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams, check_num_logprobs
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,8 +93,10 @@ def sampling_params(
     prompt_logprobs: int | None = None,
     stop: list[str] | None = None,
     kind: RequestOutputKind,
+    logprobs_field: str = "logprobs",
 ) -> SamplingParams:
-    """SamplingParams from a request body: set fields win, unset ones take the model's defaults."""
+    """SamplingParams from a request body: set fields win, unset ones take the model's defaults. `logprobs_field`
+    names the body's field `logprobs` came from in errors (chat's top_logprobs)."""
     values: dict[str, Any] = state.llm.input_processor.default_sampling_fields()
     if max_tokens is None:  # unset: generation_config.json's max_new_tokens, else the rest of the context
         max_tokens = state.llm.input_processor.defaults.max_new_tokens
@@ -112,12 +114,14 @@ def sampling_params(
     if stop is None:
         raw = getattr(body, "stop", None)
         stop = [raw] if isinstance(raw, str) else list(raw or [])
-    limit = state.config.max_logprobs
-    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-        if value is not None and value > limit:
-            raise APIError(
-                400, f"{name} ({value}) is larger than the most this server returns ({limit})", param=name
-            )
+    # the engine's max_logprobs, in vLLM's words, naming the request's field
+    model = state.llm.input_processor.model
+    checks = (("sample", logprobs_field, logprobs), ("prompt", "prompt_logprobs", prompt_logprobs))
+    for which, name, value in checks:
+        try:
+            check_num_logprobs(which, value, model.max_logprobs, model.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param=name) from None
     tokenizer = state.llm.input_processor.tokenizer
     values["structured_outputs"] = structured_outputs(body, tokenizer, state.config.reasoning_parser)
     try:

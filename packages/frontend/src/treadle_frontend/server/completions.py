@@ -98,6 +98,9 @@ class CompletionsHandler:
             raise APIError(400, "suffix is not supported", param="suffix")
         if body.max_tokens is not None and body.max_tokens < 0:
             raise APIError(400, f"max_tokens must be >= 0, got {body.max_tokens}", param="max_tokens")
+        if body.logprobs is not None and body.logprobs < 0:  # vLLM takes no -1 (whole vocabulary) here
+            raise APIError(400, f"logprobs must be >= 0, got {body.logprobs} (the whole vocabulary, -1, is for "
+                                "prompt_logprobs and chat's top_logprobs)", param="logprobs")  # fmt: skip
         drop_output = body.max_tokens == 0
         prompt_lps = body.prompt_logprobs
         if body.echo and body.logprobs is not None and prompt_lps is None:

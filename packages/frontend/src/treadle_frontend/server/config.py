@@ -1,4 +1,5 @@
-"""ServerConfig: how the API server listens and presents the model (the engine has its own configs)."""
+"""ServerConfig: how the API server listens and presents the model (the engine has its own configs, among them
+max_logprobs, the most logprobs a request may ask for: ModelConfig)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from dataclasses import dataclass
 
 from treadle_frontend.server.reply import REASONING_PARSERS
 from treadle_frontend.server.tool_calls import PARSERS
-from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS as MAX_LOGPROBS
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -24,7 +24,6 @@ class ServerConfig:
     uvicorn_log_level: str = "info"  # uvicorn's own log level
     disable_log_stats: bool = False  # no periodic stats line
     stats_log_interval_s: float = 10.0  # seconds between stats lines while busy
-    max_logprobs: int = 20  # most top logprobs a request may ask for
     enable_auto_tool_choice: bool = False  # parse the tool calls replies write (needs tool_call_parser)
     tool_call_parser: str | None = None  # the format they are written in: "hermes"
     reasoning_parser: str | None = None  # split the <think> block into reasoning_content: qwen3 | deepseek_r1
@@ -40,10 +39,6 @@ class ServerConfig:
         if self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
             raise ValueError(
                 f"uvicorn_log_level {self.uvicorn_log_level!r} is not one of {', '.join(UVICORN_LOG_LEVELS)}"
-            )
-        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
-            raise ValueError(
-                f"max_logprobs must be in [0, {MAX_LOGPROBS}] (the sampler's most), got {self.max_logprobs}"
             )
         if self.stats_log_interval_s <= 0:
             raise ValueError(f"stats_log_interval_s must be > 0 seconds, got {self.stats_log_interval_s}")
