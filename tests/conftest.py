@@ -35,6 +35,9 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",
+        # above vLLM's default of 20 (test_max_logprobs_reaches_the_engine), below the 30 test_server_errors refuses
+        "--max-logprobs",
+        "25",
     ]  # tools change nothing for other requests
     server = start_server(model, tmp_path_factory.mktemp("logs") / "server.log", extra)
     try:

@@ -91,6 +91,25 @@ def test_logprobs_and_n(oai: openai.OpenAI, oai_lax: openai.OpenAI) -> None:
     assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
 
 
+def test_max_logprobs_reaches_the_engine(oai: openai.OpenAI) -> None:
+    """`treadle serve --max-logprobs 25` (conftest): the engine process computes 25 top logprobs (above vLLM's
+    default of 20) and reports its limit to the API server, which refuses 26 in vLLM's words, naming the field."""
+    r = oai.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, max_tokens=2, temperature=0, logprobs=True, top_logprobs=25
+    )
+    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and all(len(entry.top_logprobs) == 25 for entry in content)
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(
+            model=MODEL_NAME, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=26
+        )
+    error = info.value.response.json()["error"]
+    assert error["param"] == "top_logprobs"
+    assert error["message"].startswith(
+        "Requested sample logprobs of 26, which is greater than max allowed: 25"
+    )
+
+
 def test_stop_string_spanning_tokens(oai: openai.OpenAI) -> None:
     kw: dict[str, Any] = dict(
         model=MODEL_NAME,

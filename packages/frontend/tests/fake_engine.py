@@ -122,7 +122,8 @@ class FakeEngine:
                 self.num_aborted += 1
 
     def _logprobs(self, rng: random.Random, chosen: int, k: int) -> Logprobs:
-        top = rng.sample(self.vocab, k) if k else []
+        pool = list(range(self.vocab_size)) if k == -1 else self.vocab  # -1: the whole vocabulary
+        top = rng.sample(pool, len(pool) if k == -1 else k) if k else []
         values = sorted((-rng.random() * 3 for _ in top), reverse=True)
         if len(values) >= 3:
             values[-1] = float("-inf")  # a masked token: must reach JSON as -9999.0, never -inf
