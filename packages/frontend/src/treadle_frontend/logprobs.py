@@ -11,6 +11,7 @@ JSON cannot carry -inf or NaN, so `clamp_logprob` maps them (and anything below)
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -101,14 +102,19 @@ class TokenTexts:
 def position_dict(
     texts: TokenTexts | None, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
 ) -> dict[int, Logprob]:
-    """One position's logprobs as {token_id: Logprob}, the chosen token first; `texts` None (a request with
-    detokenize=False) leaves every decoded_token None, as vLLM does."""
-    out: dict[int, Logprob] = {}
-    for i, (tok, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
-        if tok in out:
-            continue  # the chosen token is also in the top-k: keep its first entry
-        text = None if texts is None else texts.text(int(tok))
-        out[int(tok)] = Logprob(logprob=float(lp), rank=chosen_rank if i == 0 else i, decoded_token=text)
+    """One position's logprobs as {token_id: Logprob}, the chosen token first (then the top-k, ranks 1..k);
+    `texts` None (a request with detokenize=False) leaves every decoded_token None, as vLLM does. Built in bulk:
+    a whole-vocabulary position holds V entries."""
+    if not token_ids:
+        return {}
+    ranks = itertools.chain((chosen_rank,), range(1, len(token_ids)))
+    decoded = itertools.repeat(None) if texts is None else map(texts.text, token_ids)
+    new = tuple.__new__  # Logprob(...) without its Python-level __new__
+    entries = [new(Logprob, entry) for entry in zip(logprobs, ranks, decoded, strict=False)]
+    out = dict(zip(token_ids, entries, strict=False))
+    out[token_ids[0]] = entries[
+        0
+    ]  # the chosen token, also in the top-k, keeps its own entry (first, its rank)
     return out
 
 
