@@ -1,0 +1,227 @@
+"""Lark grammars for structured outputs: detected as vLLM detects them, written out as xgrammar EBNF.
+
+vLLM takes a `grammar` with no `::=` on any line (comments aside) to be Lark and converts it before xgrammar
+compiles it; `is_lark` is that test. `lark_to_ebnf` reads the grammar (lark_syntax.py) and writes one EBNF rule
+per Lark rule and terminal; the root is `start` (or, as in vLLM, the first definition when there is no
+`start`). Terminals keep Python `re`'s meaning (lark_regex.py). `%import common.NAME` brings in Lark's common
+terminals (their helpers under private names, so a grammar's own DIGIT does not change common.INT), and
+templates are instantiated once per distinct argument list.
+
+What "accepts" means: the EBNF is a context-free grammar over characters, where a terminal may match any text
+its pattern matches. That is Lark's Earley parser with `lexer="dynamic_complete"`. Lark's default dynamic
+lexer tries only the first match of each terminal's regex at a position (usually the longest), so it can
+refuse a text this accepts (`start: WORD "a"` on "aa"); and for a regex whose alternatives are prefixes of one
+another (`/a|ab/`) Python's `re` never returns the longer one, where the EBNF allows both.
+
+`%ignore X`: Lark skips X tokens between any two terminals, before the first and after the last. That is kept
+exactly as a grammar: in rules (not inside terminals), every terminal is preceded by `(X)*`, and the root ends
+with it. (Lark matches the ignored text greedily, so a grammar whose own terminals start with ignored
+characters can accept more here than in Lark.)
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from treadle_model_runner.lark_regex import literal_to_ebnf, range_to_ebnf, regex_to_ebnf
+from treadle_model_runner.lark_syntax import (
+    Alt,
+    Call,
+    CharRange,
+    Definition,
+    Expr,
+    LarkGrammar,
+    Literal,
+    Name,
+    Pattern,
+    Repeat,
+    Seq,
+    parse_lark,
+)
+
+# Lark's common.lark, with its one lazy, lookbehind-using string pattern written as the language it matches
+# (a quote, then characters or backslash escapes, no line break, up to the first unescaped quote) and the C
+# comment likewise (up to the first "*/").
+_COMMON = r"""
+DIGIT: "0".."9"
+HEXDIGIT: "a".."f"|"A".."F"|DIGIT
+INT: DIGIT+
+SIGNED_INT: ["+"|"-"] INT
+DECIMAL: INT "." INT? | "." INT
+_EXP: ("e"|"E") SIGNED_INT
+FLOAT: INT _EXP | DECIMAL _EXP?
+SIGNED_FLOAT: ["+"|"-"] FLOAT
+NUMBER: FLOAT | INT
+SIGNED_NUMBER: ["+"|"-"] NUMBER
+ESCAPED_STRING: "\"" /([^"\\\n]|\\[^\n])*/ "\""
+LCASE_LETTER: "a".."z"
+UCASE_LETTER: "A".."Z"
+LETTER: UCASE_LETTER | LCASE_LETTER
+WORD: LETTER+
+CNAME: ("_"|LETTER) ("_"|LETTER|DIGIT)*
+WS_INLINE: (" "|/\t/)+
+WS: /[ \t\f\r\n]/+
+CR : /\r/
+LF : /\n/
+NEWLINE: (CR? LF)+
+SH_COMMENT: /#[^\n]*/
+CPP_COMMENT: /\/\/[^\n]*/
+C_COMMENT: /\/\*([^*]|\*+[^*\/])*\*+\//
+SQL_COMMENT: /--[^\n]*/
+"""
+_IGNORE = "ignore-"  # EBNF names with a "-" cannot clash with Lark's names
+_MAX_INSTANCES = 256  # template instances in one grammar
+
+
+def is_lark(grammar: str) -> bool:
+    """vLLM's test: no line (with `#` and `//` comments cut) holds EBNF's `::=`."""
+    lines = (re.sub(r"(#|//).*$", "", line).strip() for line in grammar.split("\n"))
+    return bool(grammar) and not any("::=" in line for line in lines)
+
+
+@functools.cache
+def _common() -> dict[str, Definition]:
+    return parse_lark(_COMMON).definitions
+
+
+def lark_to_ebnf(text: str) -> str:
+    """The Lark grammar `text` as xgrammar EBNF (root rule `root`); ValueError naming the construct and line of
+    what cannot be converted."""
+    return _Writer(parse_lark(text)).write()
+
+
+def _ebnf_name(name: str) -> str:
+    return "root-rule" if name == "root" else name
+
+
+class _Writer:
+    def __init__(self, grammar: LarkGrammar) -> None:
+        self.grammar = grammar
+        self.defs = dict(grammar.definitions)  # the user's, then the imported ones
+        self.rules: list[str] = []  # EBNF rules written so far
+        self.instances: dict[tuple[str, str], str] = {}  # (template, its arguments written out) -> instance
+        self.pending: list[tuple[str, Definition, tuple[Expr, ...]]] = []  # instances to write
+        for common, local, line in grammar.imports:
+            self.import_(common, local, line)
+
+    def import_(self, common: str, local: str, line: int) -> None:
+        if common not in _common() or common.startswith("_"):
+            names = ", ".join(n for n in _common() if not n.startswith("_"))
+            raise ValueError(f"Lark grammar line {line}: %import common.{common}: common has no such terminal; "
+                             f"it has {names}")  # fmt: skip
+        if local in self.defs:
+            raise ValueError(f"Lark grammar line {line}: %import brings in {local}, which is already defined")
+        self.defs[local] = Definition(local, (), Name(f"common-{common}", line), line)
+        todo = [common]
+        while todo:  # the common terminal and what it uses, under private names
+            name = todo.pop()
+            if f"common-{name}" not in self.defs:
+                d = _common()[name]
+                self.defs[f"common-{name}"] = Definition(f"common-{name}", (), _rename(d.body), d.line)
+                todo += _names(d.body)
+
+    def write(self) -> str:
+        if not self.grammar.definitions:
+            raise ValueError('Lark grammar: no rule is defined (write e.g. `start: "yes" | "no"`)')
+        start = "start" if "start" in self.defs else next(iter(self.grammar.definitions))
+        if self.defs[start].params:
+            raise ValueError(f"Lark grammar: the start rule {start} is a template; give it no parameters")
+        ignore = " " + _IGNORE if self.grammar.ignored else ""
+        self.rules.append(f"root ::= {_ebnf_name(start)}{ignore}")
+        for d in self.defs.values():
+            if not d.params:
+                self.rules.append(f"{_ebnf_name(d.name)} ::= {self.expr(d.body, d, {})}")
+        if self.grammar.ignored:
+            parts = [self.expr(e, _IGNORED, {}) for e in self.grammar.ignored]
+            self.rules.append(f"{_IGNORE} ::= ({' | '.join(parts)})*")
+        while self.pending:
+            name, template, args = self.pending.pop()
+            params = dict(zip(template.params, args, strict=True))
+            self.rules.append(f"{name} ::= {self.expr(template.body, template, params)}")
+        return "\n".join(self.rules) + "\n"
+
+    def expr(self, e: Expr, owner: Definition, params: dict[str, Expr]) -> str:
+        """`e`, inside definition `owner` (a terminal, a rule or the ignored items), as EBNF; `params` maps a
+        template's parameters to its arguments."""
+        in_rule = not owner.is_terminal and owner is not _IGNORED
+        ignore = f"{_IGNORE} " if in_rule and self.grammar.ignored else ""
+        where = f"Lark grammar line {getattr(e, 'line', owner.line)} ({owner.name})"
+        if isinstance(e, Name):
+            if e.name in params:
+                return self.expr(params[e.name], owner, {})
+            d = self.defs.get(e.name)
+            if d is None:
+                raise ValueError(f"{where}: {e.name} is used but not defined"
+                                 + (" (%import common." + e.name + "?)" if e.name in _common() else ""))  # fmt: skip
+            if d.params:
+                raise ValueError(f"{where}: {e.name} is a template; use it as {e.name}{{...}}")
+            if not in_rule and not d.is_terminal:
+                raise ValueError(f"{where}: the rule {e.name} is used inside a terminal (terminals can only "
+                                 "use terminals)")  # fmt: skip
+            return ignore + _ebnf_name(e.name) if d.is_terminal else _ebnf_name(e.name)
+        if isinstance(e, Literal):
+            return ignore + literal_to_ebnf(e.text, e.insensitive, where)
+        if isinstance(e, Pattern):
+            return ignore + regex_to_ebnf(e.regex, e.flags, where)
+        if isinstance(e, CharRange):
+            return ignore + range_to_ebnf(e.low, e.high)
+        if isinstance(e, Repeat):
+            inner = self.expr(e.item, owner, params)
+            count = {(0, 1): "?", (0, None): "*", (1, None): "+"}.get((e.low, e.high))
+            return f"({inner}){count or '{' + str(e.low) + ',' + str(e.high) + '}'}"
+        if isinstance(e, Seq):
+            return "(" + " ".join(self.expr(i, owner, params) for i in e.items) + ")" if e.items else '""'
+        if isinstance(e, Alt):
+            return "(" + " | ".join(self.expr(o, owner, params) for o in e.options) + ")"
+        return self.call(e, owner, params, where)
+
+    def call(self, e: Call, owner: Definition, params: dict[str, Expr], where: str) -> str:
+        template = self.defs.get(e.name)
+        if template is None or not template.params:
+            raise ValueError(f"{where}: {e.name}{{...}} uses {e.name}, which is not a template")
+        if len(e.args) != len(template.params):
+            raise ValueError(f"{where}: template {e.name} takes {len(template.params)} arguments "
+                             f"({', '.join(template.params)}), got {len(e.args)}")  # fmt: skip
+        args = tuple(_substitute(a, params) for a in e.args)
+        key = (e.name, re.sub(r"line=\d+", "", repr(args)))  # the same arguments wherever the use stands
+        if key not in self.instances:
+            if len(self.instances) >= _MAX_INSTANCES:
+                raise ValueError(f"{where}: more than {_MAX_INSTANCES} template instances (a template that "
+                                 "instantiates itself with ever new arguments?)")  # fmt: skip
+            self.instances[key] = f"{e.name}-{len(self.instances) + 1}"
+            self.pending.append((self.instances[key], template, args))
+        return self.instances[key]
+
+
+_IGNORED = Definition("%ignore", (), Seq(()), 0)  # the owner of the ignored items: written as terminals
+
+
+def _names(e: Expr) -> list[str]:
+    if isinstance(e, Name):
+        return [e.name]
+    if isinstance(e, Repeat):
+        return _names(e.item)
+    if isinstance(e, (Seq, Alt)):
+        return [n for i in (e.items if isinstance(e, Seq) else e.options) for n in _names(i)]
+    return []
+
+
+def _substitute(e: Expr, names: dict[str, Expr]) -> Expr:
+    """`e` with each Name in `names` replaced by what it maps to."""
+    if isinstance(e, Name):
+        return names.get(e.name, e)
+    if isinstance(e, Repeat):
+        return Repeat(_substitute(e.item, names), e.low, e.high)
+    if isinstance(e, Seq):
+        return Seq(tuple(_substitute(i, names) for i in e.items))
+    if isinstance(e, Alt):
+        return Alt(tuple(_substitute(o, names) for o in e.options))
+    if isinstance(e, Call):
+        return Call(e.name, tuple(_substitute(a, names) for a in e.args), e.line)
+    return e
+
+
+def _rename(e: Expr) -> Expr:
+    """A common definition's body with its references made private (common-NAME)."""
+    return _substitute(e, {n: Name(f"common-{n}", 0) for n in _names(e)})
