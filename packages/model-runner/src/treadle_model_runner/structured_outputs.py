@@ -1,5 +1,6 @@
 """Structured outputs: a request's reply constrained to a JSON schema, any JSON object, a regex, one of a list of
-strings, or an EBNF grammar (vLLM's `StructuredOutputsParams`; `SamplingParams.structured_outputs`).
+strings, or a grammar, in xgrammar's EBNF or in Lark's syntax (vLLM's `StructuredOutputsParams`;
+`SamplingParams.structured_outputs`).
 
 Exactly one constraint is set. A JSON schema is kept as JSON text, so the params travel between processes as
 plain data. `build()` makes the xgrammar Grammar and raises ValueError naming the constraint when it is
@@ -14,6 +15,8 @@ import json as jsonlib
 from dataclasses import dataclass
 from typing import Any
 
+from treadle_model_runner.grammar_lark import is_lark, lark_to_ebnf
+
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
@@ -23,7 +26,9 @@ class StructuredOutputsParams:
     json_object: bool = False  # any JSON object
     regex: str | None = None
     choice: list[str] | None = None  # the reply is exactly one of these strings
-    grammar: str | None = None  # an EBNF grammar (xgrammar's dialect, GBNF-like, root rule `root`)
+    # an EBNF grammar (xgrammar's dialect, GBNF-like, root rule `root`), or a Lark grammar (no `::=`, as vLLM
+    # tells them apart; converted by grammar_lark.py)
+    grammar: str | None = None
     disable_any_whitespace: bool = False  # JSON without whitespace between its tokens (vLLM's option)
     # A thinking model's reasoning block comes first, unconstrained (set by the server's reasoning parser):
     # "deepseek_r1" the reply starts inside the block; "qwen3" only a reply whose first token is think_start_id
@@ -76,7 +81,9 @@ class StructuredOutputsParams:
             if kind == "choice":
                 assert self.choice is not None
                 return xgr.Grammar.from_ebnf("root ::= " + " | ".join(map(ebnf_string, self.choice)))
-            return xgr.Grammar.from_ebnf(self.grammar)
+            assert self.grammar is not None
+            ebnf = lark_to_ebnf(self.grammar) if is_lark(self.grammar) else self.grammar
+            return xgr.Grammar.from_ebnf(ebnf)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"structured_outputs.{kind}: {_first_line(e)}") from None
 
