@@ -125,6 +125,7 @@ def test_the_conversion_accepts_what_lark_accepts(grammar: str, seed: int) -> No
 def test_it_is_lark_as_vllm_tells() -> None:
     assert is_lark('start: "a"') and is_lark("rule: 'abc'  # a comment with ::= in it")
     assert not is_lark('root ::= "a"') and not is_lark('root ::= x\n// a: b\nx ::= "y"') and not is_lark("")
+    assert not is_lark(None) and not is_lark(3)
     # EBNF grammars go to xgrammar as they are; single-quoted strings are read as vLLM's converter reads them
     assert S(grammar='root ::= "a" [0-9]').build() is not None
     assert '\nrule ::= "abc"\n' in lark_to_ebnf("rule: 'abc'")
@@ -148,6 +149,8 @@ def test_it_is_lark_as_vllm_tells() -> None:
             ["-1.5e3,ab"],
             ["1,"],
         ),
+        # a class member written as an escape, then a hex digit ("-" then "A" is not one code point 0x2dA)
+        ("start: /[a-fA-]+/", ["-A", "a-"], ["g", "-g"]),
         # the i flag on a regex follows Python's case folding (the Kelvin sign is a k)
         ("start: /k[a-c]{2}/i", ["Kab", "\u212aCA"], ["k", "kd1"]),
     ],

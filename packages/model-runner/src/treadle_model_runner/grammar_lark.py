@@ -74,10 +74,11 @@ _IGNORE = "ignore-"  # EBNF names with a "-" cannot clash with Lark's names
 _MAX_INSTANCES = 256  # template instances in one grammar
 
 
-def is_lark(grammar: str) -> bool:
-    """vLLM's test: no line (with `#` and `//` comments cut) holds EBNF's `::=`."""
-    lines = (re.sub(r"(#|//).*$", "", line).strip() for line in grammar.split("\n"))
-    return bool(grammar) and not any("::=" in line for line in lines)
+def is_lark(grammar: object) -> bool:
+    """vLLM's test: a non-empty text where no line (with `#` and `//` comments cut) holds EBNF's `::=`."""
+    if not isinstance(grammar, str) or not grammar:
+        return False
+    return not any("::=" in re.sub(r"(#|//).*$", "", line) for line in grammar.split("\n"))
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+import warnings
 
 _MAX = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
@@ -36,7 +37,10 @@ def code_points(item: str, flags: int) -> tuple[tuple[int, int], ...]:
     if not flags and item.startswith("[") and item.isascii() and "\\" not in item and "^" not in item:
         text = text[:128]  # a plain ASCII class: nothing past ASCII can match
     ranges = []
-    for m in re.compile(f"(?:{item})+", flags).finditer(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pattern = re.compile(f"(?:{item})+", flags)
+    for m in pattern.finditer(text):
         low, high = m.start(), m.end() - 1
         if low <= _SURROGATES[1] and high >= _SURROGATES[0]:  # cut the surrogates out
             ranges += [(low, _SURROGATES[0] - 1)] if low < _SURROGATES[0] else []
@@ -51,7 +55,8 @@ def _char(cp: int) -> str:
     c = chr(cp)
     if c.isascii() and (c.isalnum() or c in " _!#$%&'()*+,./:;<=>?@{|}~`"):
         return c
-    return f"\\x{cp:02x}" if cp < 0x80 else f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
+    # \\u and \\U take a fixed number of digits; xgrammar's \\x reads every hex digit that follows
+    return f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
 
 
 def char_class(ranges: tuple[tuple[int, int], ...], what: str) -> str:
@@ -109,7 +114,9 @@ def regex_to_ebnf(regex: str, flags: str, what: str) -> str:
                 f"{what}: the regex flag {flag!r} ({why}) is not supported; use flags i, s, m, u"
             )
     try:
-        re.compile(regex)
+        with warnings.catch_warnings():  # Python's notes on nested sets ("[[", "--"): its meaning is kept
+            warnings.simplefilter("ignore", FutureWarning)
+            re.compile(regex)
     except re.error as e:
         raise ValueError(f"{what}: /{regex}/ is not a valid regex ({e})") from None
     return _RegexWriter(regex, functools.reduce(lambda a, f: a | _FLAGS[f], flags, 0), what).write()
