@@ -13,7 +13,8 @@ from pathlib import Path
 
 import lark
 
-from treadle_model_runner.lark_syntax import (
+from treadle_model_runner.lark_syntax import parse_lark
+from treadle_model_runner.lark_tree import (
     Alt,
     Call,
     CharRange,
@@ -24,7 +25,6 @@ from treadle_model_runner.lark_syntax import (
     Pattern,
     Repeat,
     Seq,
-    parse_lark,
 )
 
 try:  # Python 3.11+

@@ -25,7 +25,8 @@ import functools
 import re
 
 from treadle_model_runner.lark_regex import literal_to_ebnf, range_to_ebnf, regex_to_ebnf
-from treadle_model_runner.lark_syntax import (
+from treadle_model_runner.lark_syntax import parse_lark
+from treadle_model_runner.lark_tree import (
     Alt,
     Call,
     CharRange,
@@ -37,7 +38,6 @@ from treadle_model_runner.lark_syntax import (
     Pattern,
     Repeat,
     Seq,
-    parse_lark,
 )
 
 # Lark's common.lark, with its one lazy, lookbehind-using string pattern written as the language it matches

@@ -1,4 +1,4 @@
-"""A Lark grammar's text read into definitions (the tree grammar_lark.py writes out as xgrammar EBNF).
+"""A Lark grammar's text read into definitions (lark_tree.py), which grammar_lark.py writes out as EBNF.
 
 Lark's grammar language: `name: expansions` defines a rule (lowercase) or a terminal (UPPERCASE), optionally
 prefixed `?` or `!`, with template parameters `name{a, b}` and a priority `.N`; alternatives are separated by
@@ -14,7 +14,21 @@ is a ValueError naming the line.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+
+from treadle_model_runner.lark_tree import (
+    Alt,
+    Call,
+    CharRange,
+    Definition,
+    Expr,
+    LarkGrammar,
+    Literal,
+    Name,
+    Pattern,
+    Repeat,
+    Seq,
+    is_terminal_name,
+)
 
 # One Lark grammar token: newline runs, skipped space / comments / line continuations, then the tokens proper.
 # STRING and REGEXP are Lark's own token shapes (plus 'single-quoted' strings, which vLLM's converter takes).
@@ -30,84 +44,6 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 _RULE = re.compile(r"_?[a-z][_a-z0-9]*")
-_TERMINAL = re.compile(r"_?[A-Z][_A-Z0-9]*")
-
-
-@dataclass(frozen=True, slots=True)
-class Name:
-    name: str  # a rule, a terminal or a template parameter
-    line: int  # where it is used (1-based)
-
-
-@dataclass(frozen=True, slots=True)
-class Literal:
-    text: str  # after Lark's escape processing
-    insensitive: bool  # the `i` flag
-    line: int
-
-
-@dataclass(frozen=True, slots=True)
-class Pattern:
-    regex: str  # Python `re` syntax, after Lark's escape processing
-    flags: str  # Lark's regex flags, a subset of "imslux"
-    line: int
-
-
-@dataclass(frozen=True, slots=True)
-class CharRange:
-    low: str  # one character
-    high: str  # one character, not below low
-    line: int
-
-
-@dataclass(frozen=True, slots=True)
-class Repeat:
-    item: Expr
-    low: int  # fewest repetitions
-    high: int | None  # most repetitions (None: unbounded)
-
-
-@dataclass(frozen=True, slots=True)
-class Seq:
-    items: tuple[Expr, ...]  # one after the other; empty: the empty string
-
-
-@dataclass(frozen=True, slots=True)
-class Alt:
-    options: tuple[Expr, ...]  # any one of them
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    name: str  # a template rule
-    args: tuple[Expr, ...]  # its arguments, in parameter order
-    line: int
-
-
-Expr = Name | Literal | Pattern | CharRange | Repeat | Seq | Alt | Call
-
-
-@dataclass(frozen=True, slots=True)
-class Definition:
-    name: str
-    params: tuple[str, ...]  # template parameters (a rule only); () for a plain definition
-    body: Expr
-    line: int
-
-    @property
-    def is_terminal(self) -> bool:
-        return is_terminal_name(self.name.removeprefix("common-"))  # an imported terminal's private name
-
-
-@dataclass(slots=True)
-class LarkGrammar:
-    definitions: dict[str, Definition] = field(default_factory=dict)  # in the order they were written
-    ignored: list[Expr] = field(default_factory=list)  # every `%ignore` statement's item
-    imports: list[tuple[str, str, int]] = field(default_factory=list)  # (common name, local name, line)
-
-
-def is_terminal_name(name: str) -> bool:
-    return bool(_TERMINAL.fullmatch(name))
 
 
 def lark_escapes(text: str) -> str:
@@ -201,7 +137,7 @@ class _Parser:
         while self.at("?", "!"):  # inline / keep-all-tokens marks: the parse tree's shape only
             self.take()
         kind, name, line = self.take()
-        if kind != "name" or not (_RULE.fullmatch(name) or _TERMINAL.fullmatch(name)):
+        if kind != "name" or not (_RULE.fullmatch(name) or is_terminal_name(name)):
             self.pos -= 1
             raise self.fail("expected a rule (lowercase) or TERMINAL (uppercase) name to define")
         params: list[str] = []
