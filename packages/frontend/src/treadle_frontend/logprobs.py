@@ -6,11 +6,15 @@ decoded_token)}`. A token's text is decoded on its own (a lone byte of a multi-b
 U+FFFD, as in vLLM); `token_bytes` recovers the token's exact bytes for byte-level BPE vocabularies
 (GPT-2 byte alphabet) and SentencePiece byte tokens (`<0xAB>`), which is what OpenAI's `bytes` field wants.
 
+OpenAI's two reply shapes are built here too: chat's `logprobs.content` list (`chat_logprobs`) and the
+completions route's legacy block with its text offsets (`legacy_logprobs`, `TextOffsets`).
+
 JSON cannot carry -inf or NaN, so `clamp_logprob` maps them (and anything below) to -9999.0.
 """
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import math
 from collections.abc import Sequence
@@ -18,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from treadle_frontend.detokenizer import TokenDecoder
-from treadle_frontend.outputs import Logprob, SampleLogprobs
+from treadle_frontend.outputs import Logprob, PromptLogprobs, SampleLogprobs
 
 LOGPROB_FLOOR = -9999.0  # what -inf / NaN / very negative logprobs become in JSON
 
@@ -156,3 +160,51 @@ def chat_logprobs(
             }
         )
     return content
+
+
+class TextOffsets:
+    """Each token's text_offset: the characters of the text wholly before the token's first byte, counted by
+    decoding the tokens' bytes incrementally (a token that starts inside a multi-byte character, as byte-level
+    tokens of CJK text do, points at that character). Offsets never decrease, stay within the decoded text, and
+    are the same whether the tokens arrive at once or in stream chunks (keep one tracker per choice)."""
+
+    def __init__(self, texts: TokenTexts, start: int) -> None:
+        self.texts, self.chars = texts, start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, token_ids: list[int]) -> list[int]:
+        offsets = []
+        for tok in token_ids:
+            offsets.append(self.chars)
+            self.chars += len(self._utf8.decode(bytes(self.texts.token_bytes(tok))))
+        return offsets
+
+
+def legacy_logprobs(
+    texts: TokenTexts,
+    token_ids: list[int],
+    positions: SampleLogprobs | PromptLogprobs,
+    num_top: int,
+    offsets: TextOffsets,
+) -> dict[str, list[Any]]:
+    """OpenAI's completions logprobs block for `token_ids`, with text offsets from `offsets`."""
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    for tok, pos in zip(token_ids, positions, strict=False):
+        tokens.append(texts.text(tok))
+        if pos is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        lp = pos.get(tok)
+        token_lps.append(clamp_logprob(lp.logprob) if lp is not None else -9999.0)
+        top: dict[str, float] = {}
+        for tid, entry in sorted(pos.items(), key=lambda kv: kv[1].rank or 10**9):
+            if tid == tok or (entry.rank is not None and entry.rank <= num_top):
+                top.setdefault(texts.text(tid), clamp_logprob(entry.logprob))
+        tops.append(top)
+    return {
+        "tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+        "text_offset": offsets.take(token_ids[: len(tokens)]),
+    }  # fmt: skip

@@ -8,7 +8,6 @@ engine runs one step for the prompt logprobs and the sampled token is dropped.
 
 from __future__ import annotations
 
-import codecs
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from treadle_frontend.logprobs import TokenTexts, clamp_logprob, prompt_logprobs_json
-from treadle_frontend.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
+from treadle_frontend.logprobs import TextOffsets, legacy_logprobs, prompt_logprobs_json
+from treadle_frontend.outputs import CompletionOutput, RequestOutput, SampleLogprobs
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
@@ -34,54 +33,6 @@ from treadle_frontend.server.common import (
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.protocol import CompletionRequest
 from treadle_model_runner.sampling_params import RequestOutputKind
-
-
-class TextOffsets:
-    """Each token's text_offset: the characters of the text wholly before the token's first byte, counted by
-    decoding the tokens' bytes incrementally (a token that starts inside a multi-byte character, as byte-level
-    tokens of CJK text do, points at that character). Offsets never decrease, stay within the decoded text, and
-    are the same whether the tokens arrive at once or in stream chunks (keep one tracker per choice)."""
-
-    def __init__(self, texts: TokenTexts, start: int) -> None:
-        self.texts, self.chars = texts, start
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def take(self, token_ids: list[int]) -> list[int]:
-        offsets = []
-        for tok in token_ids:
-            offsets.append(self.chars)
-            self.chars += len(self._utf8.decode(bytes(self.texts.token_bytes(tok))))
-        return offsets
-
-
-def legacy_logprobs(
-    texts: TokenTexts,
-    token_ids: list[int],
-    positions: SampleLogprobs | PromptLogprobs,
-    num_top: int,
-    offsets: TextOffsets,
-) -> dict[str, list[Any]]:
-    """OpenAI's completions logprobs block for `token_ids`, with text offsets from `offsets`."""
-    tokens: list[str] = []
-    token_lps: list[float | None] = []
-    tops: list[dict[str, float] | None] = []
-    for tok, pos in zip(token_ids, positions, strict=False):
-        tokens.append(texts.text(tok))
-        if pos is None:
-            token_lps.append(None)
-            tops.append(None)
-            continue
-        lp = pos.get(tok)
-        token_lps.append(clamp_logprob(lp.logprob) if lp is not None else -9999.0)
-        top: dict[str, float] = {}
-        for tid, entry in sorted(pos.items(), key=lambda kv: kv[1].rank or 10**9):
-            if tid == tok or (entry.rank is not None and entry.rank <= num_top):
-                top.setdefault(texts.text(tid), clamp_logprob(entry.logprob))
-        tops.append(top)
-    return {
-        "tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-        "text_offset": offsets.take(token_ids[: len(tokens)]),
-    }  # fmt: skip
 
 
 class CompletionsHandler:
