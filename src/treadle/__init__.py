@@ -21,6 +21,7 @@ except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not instal
 if TYPE_CHECKING:
     from treadle_frontend import (
         LLM,
+        BeamSearchParams,
         CompletionOutput,
         RequestOutput,
         SamplingParams,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLM",
+    "BeamSearchParams",
     "CompletionOutput",
     "RequestOutput",
     "SamplingParams",

@@ -8,6 +8,7 @@ the engine core below only sees token ids.
 from __future__ import annotations
 
 from treadle_frontend.async_llm import AsyncLLM
+from treadle_frontend.beam_search import BeamSearchParams
 from treadle_frontend.engine_client import EngineDeadError
 from treadle_frontend.input_processor import TextPrompt, TokensPrompt
 from treadle_frontend.llm import LLM
@@ -26,6 +27,7 @@ from treadle_model_runner.structured_outputs import StructuredOutputsParams
 __all__ = [
     "LLM",
     "AsyncLLM",
+    "BeamSearchParams",
     "CompletionOutput",
     "EmbeddingOutput",
     "EmbeddingRequestOutput",

@@ -9,6 +9,7 @@
 order (FINAL_ONLY outputs, so no per-step text is built for nobody). `chat` renders conversations with the
 chat template first. `params=None` takes the model's generation_config.json defaults; a list of params gives
 one per prompt. A progress bar (tqdm) shows when `use_tqdm` and there is more than one prompt.
+`beam_search` is vLLM's beam search, a loop of one-token requests over the same engine (beam_search.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from treadle_engine_core.heap import freeze_startup_heap
+from treadle_frontend.beam_search import BeamSearchOutput, BeamSearchParams, beam_search_offline
 from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
 from treadle_frontend.input_processor import InputProcessor, PromptType, embedding_params
 from treadle_frontend.output_processor import OutputProcessor
@@ -152,6 +154,21 @@ class LLM:
             ScoringRequestOutput(str(i), ScoringOutput(similarity(vectors[a], vectors[b])))
             for i, (a, b) in enumerate(pairs)
         ]
+
+    def beam_search(
+        self,
+        prompts: Sequence[PromptType] | str | dict[str, Any],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search (beam_search.py): per prompt, up to `params.beam_width` sequences, best first,
+        whose `tokens` and `text` hold the prompt too. Each step sends every live beam of every running prompt to the
+        engine as one batch; `concurrency_limit` caps how many prompts run at once (None: all of them)."""
+        return beam_search_offline(
+            self.input_processor, lambda enc, sp: self._run(enc, sp, False), prompts, params, use_tqdm,
+            concurrency_limit,
+        )  # fmt: skip
 
     def chat(
         self,
