@@ -36,11 +36,10 @@ from treadle_frontend.server.common import (
     usage,
 )
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.forced_tools import ForcedToolCalls, ReplyReader, forced_schema
+from treadle_frontend.server.forced_tools import ReplyReader, chat_delta, forced_schema
 from treadle_frontend.server.protocol import ChatCompletionRequest
-from treadle_frontend.server.reply import ReplyParser
 from treadle_frontend.server.structured import forced_constraint
-from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, merged, template_messages
+from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -243,7 +242,7 @@ class ChatHandler:
                             ),
                             "refusal": None,
                         }
-                    delta = _delta(parsers.get(c.index), c.text, finish)
+                    delta = chat_delta(parsers.get(c.index), c.text, finish)
                     if (
                         not delta
                         and finish is None
@@ -297,17 +296,3 @@ def _finish(reason: str | None, called: bool, forced: tuple[Any, str | None] | N
     if not called or reason == "length":
         return finish_str(reason)
     return "stop" if forced is not None and forced[1] is not None else "tool_calls"
-
-
-def _delta(parser: ReplyParser | ForcedToolCalls | None, text: str, finish: str | None) -> dict[str, Any]:
-    """A chunk's delta: its text (split by the reasoning and tool-call parsers when on), and the calls it opens
-    or adds argument text to."""
-    if parser is None:
-        return {"content": text} if text or finish is None else {}
-    piece = merged(parser.feed(text, final=finish is not None))
-    delta: dict[str, Any] = {"reasoning_content": piece.reasoning} if piece.reasoning else {}
-    if piece.content:
-        delta["content"] = piece.content
-    if calls := [d.openai() for d in piece.deltas if d.first or d.arguments]:
-        delta["tool_calls"] = calls
-    return delta

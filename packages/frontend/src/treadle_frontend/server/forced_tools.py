@@ -10,6 +10,8 @@ JSON becomes the calls.
 `ForcedToolCalls` streams each call as its JSON is written (the JSON is never content).
 With a reasoning parser the constraint holds off until the reasoning block ends (structured.after_reasoning), so
 the block is split off first and streamed as reasoning; the JSON after it is the calls.
+`ReplyReader` picks the parser for a reply (forced calls, the tool-call and reasoning parsers, or none), and
+`chat_delta` turns what a parser releases into a streamed chunk's delta.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from treadle_frontend.server.call_sequence import CallSequence
 from treadle_frontend.server.call_xml import tool_schemas
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.reply import ReasoningStream, ReplyParser, whole_reply
-from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, parse_call
+from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, merged, parse_call
 
 
 def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[dict[str, Any], str | None]:
@@ -150,3 +152,17 @@ class ReplyReader:
         if self.reasoning_parser or self.tool_parser:
             return ReplyParser(self.reasoning_parser, self.tool_parser, self.schemas)
         return None
+
+
+def chat_delta(parser: ReplyParser | ForcedToolCalls | None, text: str, finish: str | None) -> dict[str, Any]:
+    """A chunk's delta: its text (split by the reasoning and tool-call parsers when on), and the calls it opens
+    or adds argument text to."""
+    if parser is None:
+        return {"content": text} if text or finish is None else {}
+    piece = merged(parser.feed(text, final=finish is not None))
+    delta: dict[str, Any] = {"reasoning_content": piece.reasoning} if piece.reasoning else {}
+    if piece.content:
+        delta["content"] = piece.content
+    if calls := [d.openai() for d in piece.deltas if d.first or d.arguments]:
+        delta["tool_calls"] = calls
+    return delta
