@@ -4,7 +4,7 @@ cum_logprobs within 1e-4. The reference follows vLLM's rules: 2 * beam_width can
 candidate ending in EOS is finished (its EOS kept in the tokens) unless ignore_eos, the beam_width best others by
 score go on, and finished and live beams are ranked together at the end by cum_logprob / len ** length_penalty
 (len counting the prompt, not a final EOS). The tiny random Llama's EOS row is swapped with a token its greedy
-path picks, so EOS is the likely next token a few steps in and the finished-beam path runs.
+path picks (beam_model.py), so EOS is the likely next token a few steps in and the finished-beam path runs.
 """
 
 from __future__ import annotations
@@ -13,47 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_assets import build_tokenizer_dir
-
-EOS = 2  # the tiny tokenizer's eos_token ("<|im_end|>")
-PROMPTS = [[5, 17, 33, 90, 41], [120, 7, 260, 99], [301, 12, 12, 48, 77, 150]]
-
-
-def _hf_model() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=400, max_position_embeddings=64, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)  # sharper distributions: no near-ties among the candidates
-    return model
-
-
-def _greedy(model: Any, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
-def _make_eos_likely(model: Any) -> None:
-    """Swaps the (tied) embedding rows of EOS and of the token the greedy path of PROMPTS[0] takes third: that
-    path then ends with EOS at its third token, and EOS is a strong candidate elsewhere too."""
-    path = _greedy(model, PROMPTS[0], 3)
-    token = path[2]
-    assert token not in {0, 1, EOS, *path[:2]} and all(token not in p for p in PROMPTS), path
-    with torch.no_grad():
-        rows = model.model.embed_tokens.weight
-        rows[[EOS, token]] = rows[[token, EOS]].clone()
-    assert _greedy(model, PROMPTS[0], 3) == [*path[:2], EOS]
-
+from beam_model import EOS, PROMPTS, build_model_dir
 
 _FORWARDS: dict[tuple[int, ...], torch.Tensor] = {}  # the searches below revisit sequences: run each once
 
@@ -92,13 +52,11 @@ def reference(
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from treadle_frontend import LLM
 
-    path = build_tokenizer_dir(tmp_path_factory.mktemp("beam_llama"))
-    model = _hf_model()
-    _make_eos_likely(model)
-    model.save_pretrained(path, safe_serialization=True)
+    path = tmp_path_factory.mktemp("beam_llama")
+    model = build_model_dir(path)
     llm = LLM(str(path), kv_cache_space=0.05, dtype="float32")
     yield model, llm
     llm.shutdown()

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from treadle_frontend.input_processor import flatten_content
 from treadle_frontend.logprobs import chat_logprobs, prompt_logprobs_json
 from treadle_frontend.outputs import RequestOutput
+from treadle_frontend.server.beam import beam_searches, length_params
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
@@ -87,10 +88,12 @@ class ChatHandler:
             raise APIError(
                 400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
             )
-        params = sampling_params(st, body, max_tokens=max_tokens, logprobs=logprobs,
-                                 prompt_logprobs=body.prompt_logprobs, kind=kind,
-                                 logprobs_field="top_logprobs")  # fmt: skip
-        if forced is not None:  # decoding constrained to the call's JSON
+        beam = body.use_beam_search  # server/beam.py: most sampling fields are ignored, as vLLM ignores them
+        params = length_params(body, max_tokens) if beam else sampling_params(
+            st, body, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs, kind=kind,
+            logprobs_field="top_logprobs",
+        )  # fmt: skip
+        if forced is not None and not beam:  # decoding constrained to the call's JSON
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced tool call cannot be combined with a structured "
                                     "output", param="tool_choice")  # fmt: skip
@@ -112,10 +115,12 @@ class ChatHandler:
         )
         ip.check_token_ids(ids, "the rendered chat prompt")
         ids = truncate_prompt(ids, body.truncate_prompt_tokens, ip.model.max_model_len)
-        ip.check_length(ids, params.clone())
+        checked = ip.check_length(ids, params.clone())
         check_priority(st, body.priority)
         rid = new_id("chatcmpl-")
-        gen = st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority)
+        gen = beam_searches(st, body, [(text, ids)], [checked], rid)[0] if beam else st.llm.generate(
+            text, params, rid, prompt_token_ids=ids, priority=body.priority
+        )  # fmt: skip
         created = int(time.time())
         if body.stream:
             stream = self._stream(rid, created, body, ids, gen, tools, forced, echoed(body, messages))

@@ -109,7 +109,10 @@ def sampling_params(
     n = getattr(body, "n", 1)
     if getattr(body, "best_of", None) not in (None, n):
         raise APIError(
-            400, f"best_of ({body.best_of}) must equal n ({n}): beam search is not supported", param="best_of"
+            400,
+            f"best_of ({body.best_of}) must equal n ({n}): every completion generated is returned (for beam "
+            "search, send use_beam_search: true with n beams)",
+            param="best_of",
         )
     if stop is None:
         raw = getattr(body, "stop", None)

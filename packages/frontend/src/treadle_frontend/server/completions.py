@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from treadle_frontend.logprobs import TextOffsets, legacy_logprobs, prompt_logprobs_json
 from treadle_frontend.outputs import CompletionOutput, RequestOutput, SampleLogprobs
+from treadle_frontend.server.beam import beam_searches, length_params, one_event
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
@@ -57,16 +58,13 @@ class CompletionsHandler:
         if body.echo and body.logprobs is not None and prompt_lps is None:
             prompt_lps = body.logprobs
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-        params = sampling_params(
-            st,
-            body,
-            max_tokens=1 if drop_output else body.max_tokens,
-            logprobs=body.logprobs,
-            prompt_logprobs=prompt_lps,
-            kind=kind,
-        )
+        beam = body.use_beam_search  # server/beam.py: most sampling fields are ignored, as vLLM ignores them
+        params = length_params(body, body.max_tokens) if beam else sampling_params(
+            st, body, max_tokens=1 if drop_output else body.max_tokens, logprobs=body.logprobs,
+            prompt_logprobs=prompt_lps, kind=kind,
+        )  # fmt: skip
         ip = st.llm.input_processor
-        encoded = []
+        encoded, checked = [], []
         for p in prompt_list(body.prompt, "prompt"):
             if isinstance(p, list) and not all(isinstance(t, int) for t in p):
                 raise APIError(
@@ -75,21 +73,19 @@ class CompletionsHandler:
             text, ids = ip.encode_prompt(p, add_special_tokens=body.add_special_tokens)
             if body.truncate_prompt_tokens is not None:
                 text, ids = None, truncate_prompt(ids, body.truncate_prompt_tokens, ip.model.max_model_len)
-            ip.check_length(ids, params.clone())
+            checked.append(ip.check_length(ids, params.clone()))
             encoded.append((text, ids))
         check_priority(st, body.priority)
         rid = new_id("cmpl-")
-        gens = [
-            st.llm.generate(
-                text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority
-            )
+        gens = beam_searches(st, body, encoded, checked, rid) if beam else [
+            st.llm.generate(text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority)
             for i, (text, ids) in enumerate(encoded)
-        ]
+        ]  # fmt: skip
         ctx = _Ctx(rid, int(time.time()), st.model_name, body, encoded, drop_output)
-        if body.stream:
+        if body.stream and not beam:
             return StreamingResponse(self._stream(ctx, gens), media_type="text/event-stream")
-        finals = await until_disconnect(request, collect_all(gens))
-        return JSONResponse(self._response(ctx, finals))
+        response = self._response(ctx, await until_disconnect(request, collect_all(gens)))
+        return one_event(response) if body.stream else JSONResponse(response)
 
     # ---- non-streaming ----------------------------------------------------------------------------
     def _choice(self, ctx: _Ctx, i: int, out: RequestOutput, c: CompletionOutput) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Request bodies of every route, as pydantic models (validation failures become HTTP 400 envelopes).
 
 Fields follow OpenAI's published spec, plus vLLM's extra sampling fields (top_k, min_p, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, priority), and the
-Anthropic Messages spec. Unknown fields are ignored, as vLLM does. Range checks live in SamplingParams, so the
+min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, priority, and beam
+search's use_beam_search and length_penalty), and the Anthropic Messages spec. Unknown fields are ignored, as vLLM does. Range checks live in SamplingParams, so the
 server and the offline API reject the same things with the same messages.
 """
 
@@ -58,6 +58,8 @@ class _SamplingFields(_Body):
     guided_grammar: str | None = None
     return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids in the response
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
+    use_beam_search: bool = False  # vLLM's: beam search with n beams, the n best returned (server/beam.py)
+    length_penalty: float = 1.0  # vLLM's, beam search only: score = cum_logprob / len ** length_penalty
 
 
 class CompletionRequest(_SamplingFields):
