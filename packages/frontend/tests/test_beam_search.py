@@ -148,6 +148,20 @@ def test_concurrency_limit_and_prompt_forms(tiny: tuple[Any, Any]) -> None:
     assert free[0].sequences[0].text.startswith("Hello world")
 
 
+def test_steps_hit_the_prefix_cache(tiny: tuple[Any, Any]) -> None:
+    """The design's premise: a beam's next request finds its earlier full blocks in the prefix cache, so a step
+    computes at most a block's worth of tokens per beam, not the whole sequence."""
+    from treadle_frontend import BeamSearchParams
+
+    _, llm = tiny
+    before = llm.client.get_stats()
+    prompt = list(range(10, 50))  # 40 tokens: two full 16-token blocks
+    llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(2, max_tokens=5, ignore_eos=True))
+    after = llm.client.get_stats()
+    # steps 2 to 5 send two beams each, and each finds (at least) the prompt's two full blocks
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= 4 * 2 * 32
+
+
 def test_context_end_and_errors(tiny: tuple[Any, Any]) -> None:
     from treadle_frontend import BeamSearchParams
 
@@ -162,6 +176,22 @@ def test_context_end_and_errors(tiny: tuple[Any, Any]) -> None:
         llm.beam_search(["hi"], BeamSearchParams(2, max_tokens=3), concurrency_limit=0)
     with pytest.raises(TypeError, match="BeamSearchParams"):
         llm.beam_search(["hi"], object())  # type: ignore[arg-type]
+
+
+def test_pruning_rules() -> None:
+    """vLLM's LLM prunes a step by score, its server by cum_logprob: with ignore_eos an EOS-ending candidate's score
+    counts one token less, so the two keep different beams (EOS: -1.0 / 3 = -0.33; token 7: -1.05 / 4 = -0.26)."""
+    from treadle_frontend.beam_search import BeamSearch, BeamSearchParams
+    from treadle_frontend.outputs import Logprob
+
+    params = BeamSearchParams(1, max_tokens=2, ignore_eos=True)
+    step = {EOS: Logprob(-1.0, 1), 7: Logprob(-1.05, 2)}
+    kept = []
+    for by_score in (True, False):
+        search = BeamSearch([4, 5, 6], params, EOS, 2, prune_by_score=by_score)
+        search.advance([step])
+        kept.append(search.beams[0].tokens[-1])
+    assert kept == [7, EOS]
 
 
 @pytest.mark.parametrize(

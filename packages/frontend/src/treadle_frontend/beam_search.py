@@ -6,10 +6,14 @@ most likely next tokens (HF transformers' candidate count). The engine's prefix 
 earlier tokens, so a step computes only the tokens past the beam's last full cached block: a decode step's work,
 not a prefill's. Each (beam, candidate token) pair is a new candidate whose cum_logprob adds the token's logprob.
 A candidate that ends in the tokenizer's EOS (unless ignore_eos) is finished and set aside, with its EOS kept in
-`tokens`; of the others, the beam_width best by score are the next step's beams. After max_tokens steps (or
-when the context is full) the finished and the live beams together are ranked by vLLM's (HF's) score,
+`tokens`; of the others, the beam_width best are the next step's beams. After max_tokens steps (or when the
+context is full) the finished and the live beams together are ranked by vLLM's (HF's) score,
 `cum_logprob / len(tokens) ** length_penalty`, where len counts the prompt and not a final EOS, and the best
 beam_width are the result, best first. Ties keep candidates in the order the engine listed them.
+
+Each step's pruning follows vLLM's two searches: its LLM ranks the live candidates by that score, its server by
+cum_logprob. Live candidates of one step are all as long, so the two agree unless ignore_eos lets a candidate
+end in EOS mid-search (the score counts that EOS out of the length).
 
 Logprobs are the engine's raw ones (the model's distribution), so temperature only changes which token each step
 samples; like vLLM, that sampled token is a candidate too, even when it is not among the 2 * beam_width.
@@ -111,12 +115,17 @@ def first_candidates(out: RequestOutput) -> Candidates | None:
 
 class BeamSearch:
     """One prompt's search: its live beams and its finished ones. `max_steps` caps its steps (the caller fits
-    max_tokens into the context left after the prompt)."""
+    max_tokens into the context left after the prompt); `prune_by_score` False prunes by cum_logprob (the server)."""
 
     def __init__(
-        self, prompt_ids: list[int], params: BeamSearchParams, eos_token_id: int | None, max_steps: int
+        self,
+        prompt_ids: list[int],
+        params: BeamSearchParams,
+        eos_token_id: int | None,
+        max_steps: int,
+        prune_by_score: bool = True,
     ) -> None:
-        self.params, self.eos_token_id = params, eos_token_id
+        self.params, self.eos_token_id, self.prune_by_score = params, eos_token_id, prune_by_score
         self.prompt_ids = list(prompt_ids)
         self.beams = [BeamSearchSequence(list(prompt_ids), [])]
         self.finished: list[BeamSearchSequence] = []
@@ -145,7 +154,8 @@ class BeamSearch:
                     self.finished.append(seq)
                 else:
                     live.append(seq)
-        live.sort(key=self.score, reverse=True)  # stable: ties keep the engine's order
+        # stable: ties keep the engine's order
+        live.sort(key=self.score if self.prune_by_score else _cum_logprob, reverse=True)
         self.beams = live[: self.params.beam_width]
         self.steps_left -= 1
 
@@ -155,6 +165,10 @@ class BeamSearch:
         for seq in ranked:
             seq.finish_reason = seq.finish_reason or "length"
         return ranked
+
+
+def _cum_logprob(seq: BeamSearchSequence) -> float:
+    return seq.cum_logprob
 
 
 StepFn = Callable[[list[list[int]]], list[Candidates | None]]  # beams' tokens -> each beam's candidates

@@ -104,7 +104,8 @@ def beam_searches(
         except ValueError as e:  # BeamSearchParams names its field: n is the beam width here
             message = str(e).replace("beam_width", "n", 1)
             raise APIError(400, f"with use_beam_search, {message}", param=message.split(" ", 1)[0]) from None
-        search = BeamSearch(ids, beam, getattr(ip.tokenizer, "eos_token_id", None), beam.max_tokens)
+        eos_token_id = getattr(ip.tokenizer, "eos_token_id", None)
+        search = BeamSearch(ids, beam, eos_token_id, beam.max_tokens, prune_by_score=False)  # vLLM's server
         rid = f"{request_id}-{len(searches)}"
         searches.append(_run(state.llm, search, text, rid, body.priority, params.skip_special_tokens))
     return searches
