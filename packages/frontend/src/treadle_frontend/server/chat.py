@@ -10,6 +10,7 @@ the model writes come back as `message.tool_calls` with finish_reason "tool_call
 call's first `delta.tool_calls` entry carries its index, id and name, and later ones add to its `arguments` as the
 model writes them. With `--reasoning-parser qwen3|deepseek_r1` the
 `<think>` block is `message.reasoning_content` (streamed as `delta.reasoning_content`), vLLM's field (reply.py).
+`use_beam_search` (server/beam.py): the n best of n beams; streamed, each choice's whole text is one chunk.
 """
 
 from __future__ import annotations

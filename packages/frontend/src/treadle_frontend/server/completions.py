@@ -3,7 +3,8 @@
 Choice index = prompt index * n + completion index. `logprobs` returns OpenAI's legacy block
 `{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}`; with `echo` the prompt comes first
 (its first token has no logprob: null). `max_tokens: 0` with `echo` is lm-eval's loglikelihood request: the
-engine runs one step for the prompt logprobs and the sampled token is dropped.
+engine runs one step for the prompt logprobs and the sampled token is dropped. `use_beam_search` runs vLLM's beam
+search instead (server/beam.py): the n best sequences per prompt; streamed, the whole response is one event.
 """
 
 from __future__ import annotations
