@@ -32,10 +32,8 @@ from typing import Any
 
 from treadle_frontend.input_processor import InputProcessor, PromptType
 from treadle_frontend.outputs import Logprob, RequestOutput
-from treadle_model_runner.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
-# each step asks for 2 * beam_width candidate logprobs, and the engine returns at most MAX_LOGPROBS (20)
-MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
 # one step of one beam: token id -> its Logprob (the engine's top-k, and the token it sampled)
 Candidates = dict[int, Logprob]
 
@@ -44,7 +42,8 @@ Candidates = dict[int, Logprob]
 class BeamSearchParams:
     """vLLM's BeamSearchParams, validated at creation (ValueError naming the field, its value and its range)."""
 
-    beam_width: int  # beams kept each step and sequences returned, in [1, 10]
+    # beams kept each step and sequences returned, >= 1 (2 * beam_width within the engine's max_logprobs)
+    beam_width: int
     max_tokens: int  # most tokens a sequence generates, >= 1
     ignore_eos: bool = False  # EOS is an ordinary token: no beam finishes early
     temperature: float = 0.0  # the one-token requests' sampling temperature (0: greedy), >= 0
@@ -56,11 +55,8 @@ class BeamSearchParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
-            raise ValueError(
-                f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {self.beam_width}: each step asks the engine for "
-                f"the 2 * beam_width most likely next tokens, and it returns at most {MAX_LOGPROBS} logprobs"
-            )
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be in [1, inf], got {self.beam_width}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be in [1, inf], got {self.max_tokens}")
         for name in ("temperature", "length_penalty"):
@@ -72,6 +68,17 @@ class BeamSearchParams:
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def check_width(self, max_logprobs: int, vocab_size: int) -> None:
+        """ValueError when the engine's max_logprobs (-1: the whole vocabulary) cannot return the 2 * beam_width
+        candidates a step asks for (vLLM fails there too, in its logprobs check)."""
+        limit = vocab_size if max_logprobs == -1 else max_logprobs
+        if 2 * self.beam_width > limit:
+            raise ValueError(
+                f"beam_width {self.beam_width} is too wide: each step asks for the 2 * beam_width most likely next "
+                f"tokens, and the engine returns at most {limit} logprobs (max_logprobs); use a beam_width of at "
+                f"most {limit // 2}, or start the engine with a larger max_logprobs"
+            )
 
     def step_params(self) -> SamplingParams:
         """One step of one beam: one token, and the logprobs of the 2 * beam_width most likely."""
@@ -216,6 +223,7 @@ def beam_search_offline(
     max_tokens stops its beams where the context ends ("length"), as `LLM.generate` does."""
     if not isinstance(params, BeamSearchParams):
         raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+    params.check_width(processor.model.max_logprobs, processor.model.vocab_size)
     items: list[PromptType] = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
     eos_token_id = getattr(processor.tokenizer, "eos_token_id", None)
     searches = []

@@ -73,10 +73,10 @@ def beam_searches(
         raise APIError(
             400, f"best_of ({body.best_of}) must equal n ({body.n}), the beam width", param="best_of"
         )
-    limit = state.config.max_logprobs
-    num_top = getattr(
-        body, "logprobs", None
-    )  # completions' int (chat's top_logprobs is checked by its route)
+    model = state.llm.input_processor.model
+    limit = model.vocab_size if model.max_logprobs == -1 else model.max_logprobs
+    # completions' int (chat's top_logprobs is checked by its route)
+    num_top = getattr(body, "logprobs", None)
     if not isinstance(num_top, bool) and isinstance(num_top, int) and not 0 <= num_top <= limit:
         raise APIError(400, f"logprobs must be in [0, {limit}], got {num_top}", param="logprobs")
     if 2 * body.n > limit:
