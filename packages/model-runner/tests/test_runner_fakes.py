@@ -37,6 +37,7 @@ class FakeRequest:
     num_computed: int = 0
     blocks: list[list[int]] = field(default_factory=list)  # per group
     sent: bool = False
+    lora_request: Any = None  # its LoRA adapter (None: the base model)
 
     @property
     def num_tokens(self) -> int:
@@ -64,12 +65,18 @@ class FakeScheduler:
         self.deferred_steps = 0  # steps the runner returned before their tokens reached the host
 
     def add(
-        self, req_id: str, prompt: list[int], params: SamplingParams | None = None, max_tokens: int = 8
+        self,
+        req_id: str,
+        prompt: list[int],
+        params: SamplingParams | None = None,
+        max_tokens: int = 8,
+        lora_request: Any = None,
     ) -> None:
         params = params or SamplingParams(temperature=0.0)
         self.requests[req_id] = FakeRequest(
-            req_id, list(prompt), params, max_tokens, blocks=[[] for _ in range(self.num_groups)]
-        )
+            req_id, list(prompt), params, max_tokens, blocks=[[] for _ in range(self.num_groups)],
+            lora_request=lora_request,
+        )  # fmt: skip
 
     def step(self, plan: dict[str, int]) -> ModelRunnerOutput:
         """Run one step computing plan[req_id] tokens of each named request."""
@@ -86,7 +93,7 @@ class FakeScheduler:
             if not req.sent:
                 req.sent = True
                 new.append(NewRequestData(req_id, list(req.prompt), req.params, tuple(list(b) for b in req.blocks),
-                                          req.num_computed, list(req.output)))  # fmt: skip
+                                          req.num_computed, list(req.output), req.lora_request))  # fmt: skip
             else:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(tuple(added))
@@ -156,12 +163,14 @@ def save_tiny_model(hf_model: Any, path: Path) -> Path:
 def make_runner(model_dir: Path, max_num_seqs: int = 16, max_num_batched_tokens: int = 64,
                 block_size: int = 4, num_blocks: int = 256, kv_cache_dtype: str = "auto", device: str = "cpu",
                 **model_kwargs: Any) -> ModelRunner:  # fmt: skip
+    lora_config = model_kwargs.pop("lora_config", None)  # a LoRAConfig: serve adapters
     model_kwargs = {"dtype": "float32", "attention_backend": "torch", **model_kwargs}
     model_config = ModelConfig(model=str(model_dir), **model_kwargs)
     cache_config = CacheConfig(
         block_size=block_size, num_gpu_blocks_override=num_blocks, kv_cache_dtype=kv_cache_dtype
     )
-    runner = ModelRunner(model_config, cache_config, max_num_seqs, max_num_batched_tokens, device=device)
+    runner = ModelRunner(model_config, cache_config, max_num_seqs, max_num_batched_tokens, device=device,
+                         lora_config=lora_config)  # fmt: skip
     runner.load_model()
     runner.initialize_kv_cache()
     return runner

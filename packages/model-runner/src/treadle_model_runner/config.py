@@ -75,3 +75,30 @@ class CacheConfig:
             )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise ValueError(f"num_gpu_blocks_override must be >= 2, got {self.num_gpu_blocks_override}")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's --enable-lora family): adapters in PEFT format, chosen per request."""
+
+    enable_lora: bool = False  # accept requests naming a LoRA adapter (the other fields apply only then)
+    max_loras: int = 1  # most distinct adapters in one step: the device slots every LoRA layer holds
+    max_lora_rank: int = 16  # largest adapter rank accepted; each slot is this wide
+    # adapters kept loaded in host memory (the least recently used go first); None = max_loras
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}; raise --max-loras")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}; raise --max-lora-rank")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): every adapter of "
+                "a step is also held in host memory; raise --max-cpu-loras or lower --max-loras"
+            )
+
+    @property
+    def num_cpu_loras(self) -> int:
+        """Adapters the host-memory cache holds."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams
 
 
@@ -30,6 +31,7 @@ class NewRequestData:
     block_ids: tuple[list[int], ...]  # per KV-cache group: physical block ids, in logical order
     num_computed_tokens: int  # tokens whose KV is already in the cache (prefix hit or earlier chunks)
     output_token_ids: list[int] = field(default_factory=list)  # tokens generated before a preemption
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
 
 @dataclass(slots=True)

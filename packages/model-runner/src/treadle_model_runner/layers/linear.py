@@ -18,16 +18,27 @@ rank's slices join to the one-rank model exactly (dummy weights included).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
 from treadle_ir import ops
 from treadle_model_runner.parallel import TensorParallel, all_reduce, get_tp
 
+if TYPE_CHECKING:
+    from treadle_model_runner.lora.layer import LoRASlots
+
 
 class Linear(nn.Linear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # with LoRA enabled: the adapters' slots (lora/layer.py), added to the output; fused paths step aside
+        self.lora: LoRASlots | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        y = ops.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 def checkpoint_shape(module: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
@@ -110,7 +121,7 @@ class RowParallelLinear(Linear):
         self.rank, self.full_in = tp.rank, in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(ops.linear(x, self.weight, self.bias))
+        return all_reduce(super().forward(x))
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return (self.out_features, self.full_in) if name == "weight" else (self.out_features,)

@@ -38,6 +38,7 @@ class GatedMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act_and_mul_linear = getattr(ops, _ACTIVATIONS[activation])
+        self.act_and_mul = getattr(ops, _ACTIVATIONS[activation].removesuffix("_linear"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.gate_up_proj(x))
@@ -50,4 +51,6 @@ class GatedMLP(nn.Module):
         return self.down(gate_up), residual
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.down_proj.lora is not None:  # LoRA needs down_proj's input rows: the activation runs unfused
+            return self.down_proj(self.act_and_mul(gate_up))
         return all_reduce(self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))

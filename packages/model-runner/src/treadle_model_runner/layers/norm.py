@@ -29,7 +29,11 @@ class RMSNorm(nn.Module):
     def add_norm_linear(
         self, x: torch.Tensor, residual: torch.Tensor, linear: nn.Linear
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(linear(norm(x + residual)), x + residual)`` as one op: the norm feeds the projection after it."""
+        """``(linear(norm(x + residual)), x + residual)`` as one op: the norm feeds the projection after it.
+        A projection with LoRA slots needs the normed rows themselves, so it runs unfused."""
+        if getattr(linear, "lora", None) is not None:
+            h, residual = self.add_and_norm(x, residual)
+            return linear(h), residual
         return ops.add_rms_norm_linear(x, residual, self.weight, self.eps, linear.weight, linear.bias)
 
 

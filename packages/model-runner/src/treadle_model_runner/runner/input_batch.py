@@ -35,6 +35,7 @@ class InputBatch:
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.lora_ids = np.zeros(max_num_reqs, dtype=np.int64)  # the row's LoRA adapter (0: the base model)
         max_blocks = -(-max_model_len // block_size)
         self.block_tables = [
             BlockTable(max_num_reqs, max_blocks, block_size, device) for _ in range(num_groups)
@@ -64,6 +65,7 @@ class InputBatch:
         self.num_tokens[row] = num_tokens
         self.num_prompt_tokens[row] = len(state.prompt_token_ids)
         self.num_computed_tokens[row] = state.num_computed_tokens
+        self.lora_ids[row] = state.lora_id
         for table, block_ids in zip(self.block_tables, state.block_ids, strict=True):
             table.set_row(row, block_ids)
         self.req_ids[row] = state.req_id
@@ -97,7 +99,7 @@ class InputBatch:
     def _move(self, src: int, dst: int) -> None:
         n = int(self.num_tokens[src])
         self.token_ids[dst, :n] = self.token_ids[src, :n]
-        for arr in (self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens):
+        for arr in (self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.lora_ids):
             arr[dst] = arr[src]
         for table in self.block_tables:
             table.move_row(src, dst)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from treadle_kernels.attention import get_attn_backend
-from treadle_model_runner.config import CacheConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.kv_cache import (
     allocate_kv_caches,
@@ -39,6 +39,8 @@ from treadle_model_runner.kv_cache import (
 )
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
+from treadle_model_runner.lora.manager import LoRAManager
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import get_tp, min_over_ranks, prepare_small_all_reduce
@@ -81,7 +83,9 @@ class ModelRunner:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         device: torch.device | str | None = None,
+        lora_config: LoRAConfig | None = None,
     ) -> None:
+        """`lora_config`: serve LoRA adapters when its enable_lora is set (lora/manager.py)."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
@@ -93,8 +97,15 @@ class ModelRunner:
                 f"size (engine_core's TensorParallelExecutor starts one process per device); this process's group "
                 f"has size {tp.size}"
             )
+        if lora_config is not None and lora_config.enable_lora and tp.size > 1:
+            raise ValueError(
+                f"LoRA adapters do not run under tensor parallelism yet (tensor_parallel_size {tp.size}); serve "
+                "with tensor_parallel_size 1 or without enable_lora"
+            )
         self.model_config = model_config
         self.cache_config = cache_config
+        self.lora_config = lora_config if lora_config is not None and lora_config.enable_lora else None
+        self.lora: LoRAManager | None = None  # the adapters, once the model is loaded
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.device = resolve_device(device)
@@ -160,6 +171,23 @@ class ModelRunner:
         """Compile (and cache) a request's grammar before it is queued: ValueError when it cannot run."""
         self.structured.compile(params)
 
+    # ---- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) -------------------------------
+    def add_lora(self, request: LoRARequest) -> bool:
+        """Load and check an adapter into the host cache before a request uses it: ValueError when it cannot run."""
+        self._require_lora().add(request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self._require_lora().remove(lora_id)
+
+    def list_loras(self) -> list[int]:
+        return self._require_lora().list_loras() if self.lora is not None else []
+
+    def _require_lora(self) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return self.lora
+
     # ---- startup ------------------------------------------------------------------------------------
     def load_model(self) -> None:
         cls = get_model_class(self.hf_config)
@@ -171,6 +199,9 @@ class ModelRunner:
             with torch.no_grad():
                 model.load_weights(iterate_weights(self.resolved.path, self.resolved.format))
         model.eval().requires_grad_(False)
+        if self.lora_config is not None:
+            num_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
+            self.lora = LoRAManager(model, self.lora_config, num_tokens, self.dtype, self.device)
         for layer in model.attention_layers():
             layer.bind_backend(self.attn_backend)
         self.model = model
@@ -265,6 +296,9 @@ class ModelRunner:
             padded = self.graphs.padded_size(num_reqs)
         elif not decode_only and (buckets := self._buckets(num_reqs)) is not None:
             padded = buckets.padded_size(scheduler_output.total_num_scheduled_tokens)
+        if self.lora is not None:  # before the inputs below: their staging event covers its copy too
+            self.lora.prepare_step(self.batch.lora_ids[:num_reqs], self.batch.states[:num_reqs], num_scheduled,
+                                   padded or scheduler_output.total_num_scheduled_tokens)  # fmt: skip
         newest = self.pending[-1] if self.pending else None
         source = device_source(newest, self.batch.req_ids)
         inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams
 
 
@@ -19,6 +20,11 @@ class RequestState:
     grammar: Any = None  # structured outputs: its xgrammar matcher (None: not built yet; False: abandoned)
     grammar_accepted: int = 0  # output tokens the matcher has accepted
     grammar_ended: bool = False  # the matcher accepted a stop token: the grammar allows nothing more
+    lora_request: LoRARequest | None = None  # its adapter (None: the base model)
+
+    @property
+    def lora_id(self) -> int:
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_tokens(self) -> int:

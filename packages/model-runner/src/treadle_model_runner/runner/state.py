@@ -27,6 +27,7 @@ def apply_scheduler_output(batch: InputBatch, requests: dict[str, RequestState],
             block_ids=tuple(list(ids) for ids in new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
             output_token_ids=list(new.output_token_ids),
+            lora_request=new.lora_request,
         )
 
     cached = so.scheduled_cached_reqs

@@ -1,0 +1,115 @@
+"""LoRA on a projection: every adapter of the step applied to its own rows, in two matmuls of static shape.
+
+A projection with n output shards (qkv: q, k, v; gate_up: gate, up; o and down: one) holds, for S = max_loras
+slots of rank up to R:
+    lora_a  [n * S * R, in]         rows (shard i, slot s) = that adapter's A for shard i, zero-padded to R rows
+    lora_b  [out, n * S * R]        block-diagonal: shard i's output rows read only shard i's columns (B * scaling)
+With the step's token mask M [T, S] (M[t, s] = 1 when token t's request uses the adapter in slot s, all zero for
+base-model rows), the delta is
+    y += ((x lora_a^T).view(T, n, S, R) * M[:, None, :, None]).view(T, n S R) lora_b^T
+so each row gets exactly its own adapter's  scaling * (x A^T) B^T  on each shard's rows, and nothing else (the
+zeros of other slots and of the padding add exact zeros). No shape depends on which adapters a step uses: the
+slots are filled in place (`set_slot`) and the mask is a persistent buffer the runner rewrites each step
+(manager.py), so CUDA graphs captured once replay with any adapters.
+
+`attach_lora` gives each LoRA-capable projection of a model its slots (`Linear.lora`, read by layers/linear.py and
+the fused norm / MLP paths) and returns the HF module names they answer to, e.g. "model.layers.0.self_attn.q_proj"
+is shard 0 of that layer's qkv_proj.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from treadle_ir import ops
+from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.lora.adapter import SUPPORTED_TARGETS, LoRAWeights
+
+
+class TokenMask:
+    """The step's token -> slot one-hot, shared by every LoRA layer; the runner rewrites `buffer` in place."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer  # [max_num_tokens, max_loras] in the model dtype
+
+    def rows(self, num_tokens: int) -> torch.Tensor:
+        return self.buffer[:num_tokens]
+
+
+class LoRASlots(nn.Module):
+    lora_a: torch.Tensor  # [shards * slots * max_rank, in] (buffers: loaded by set_slot, never trained)
+    lora_b: torch.Tensor  # [out, shards * slots * max_rank]
+
+    def __init__(
+        self, in_features: int, shard_sizes: list[int], max_loras: int, max_rank: int, mask: TokenMask
+    ) -> None:
+        super().__init__()
+        self.num_shards, self.max_loras, self.max_rank = len(shard_sizes), max_loras, max_rank
+        self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
+        self.shard_sizes = shard_sizes
+        width = self.num_shards * max_loras * max_rank
+        dtype, device = mask.buffer.dtype, mask.buffer.device
+        self.register_buffer("lora_a", torch.zeros(width, in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(sum(shard_sizes), width, dtype=dtype, device=device))
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y` (this projection's output for `x` [T, in]) plus each row's adapter delta."""
+        num_tokens = x.shape[0]
+        mask = self.mask.rows(num_tokens)[:, None, :, None]  # [T, 1, S, 1]
+        xa = ops.linear(x, self.lora_a, None).view(num_tokens, self.num_shards, self.max_loras, self.max_rank)
+        return y + ops.linear((xa * mask).view(num_tokens, -1), self.lora_b, None)
+
+    def set_slot(self, slot: int, shard: int, weights: LoRAWeights | None) -> None:
+        """Put one adapter's weights for `shard` into `slot` (None: that adapter leaves this shard alone)."""
+        first = (shard * self.max_loras + slot) * self.max_rank
+        cols = slice(first, first + self.max_rank)
+        rows = slice(self.shard_offsets[shard], self.shard_offsets[shard] + self.shard_sizes[shard])
+        self.lora_a[cols].zero_()
+        self.lora_b[rows, cols].zero_()
+        if weights is not None:
+            rank = weights.lora_a.shape[0]
+            self.lora_a[first : first + rank].copy_(weights.lora_a)
+            self.lora_b[rows, first : first + rank].copy_(weights.lora_b)
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """Where one HF module's adapter goes: a shard of a projection's slots."""
+
+    slots: LoRASlots
+    shard: int  # index of the shard in the projection's output (q, k, v = 0, 1, 2)
+    in_features: int
+    out_features: int
+
+
+def attach_lora(model: nn.Module, max_loras: int, max_rank: int, mask: TokenMask) -> dict[str, LoRATarget]:
+    """Give every LoRA-capable projection of `model` its adapter slots; returns HF module name -> target."""
+    stacked_parts: dict[
+        str, dict[str, str]
+    ] = {}  # stacked name -> shard -> HF name ("qkv_proj" -> "q" -> "q_proj")
+    for stacked, hf_part, shard in getattr(model, "stacked_params", ()):
+        stacked_parts.setdefault(stacked, {})[shard] = hf_part
+    targets: dict[str, LoRATarget] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        if isinstance(module, StackedLinear):
+            parts = stacked_parts.get(leaf, {})
+            if set(parts) != set(module.shard_sizes) or not set(parts.values()) <= set(SUPPORTED_TARGETS):
+                continue
+            sizes = list(module.shard_sizes.values())
+            slots = LoRASlots(module.in_features, sizes, max_loras, max_rank, mask)
+            for i, (shard, size) in enumerate(module.shard_sizes.items()):
+                targets[f"{prefix}.{parts[shard]}"] = LoRATarget(slots, i, module.in_features, size)
+        elif leaf in SUPPORTED_TARGETS:
+            slots = LoRASlots(module.in_features, [module.out_features], max_loras, max_rank, mask)
+            targets[name] = LoRATarget(slots, 0, module.in_features, module.out_features)
+        else:
+            continue
+        module.lora = slots
+    return targets

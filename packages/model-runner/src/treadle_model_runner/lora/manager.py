@@ -1,0 +1,141 @@
+"""The runner's adapters: loaded in host memory (LRU), placed in device slots, and chosen per token each step.
+
+Three levels, as in vLLM:
+- known: every LoRARequest the runner has seen, by id (its path, to load it again after an eviction);
+- host cache: up to `max_cpu_loras` loaded and checked adapters (adapter.py), least recently used evicted;
+- device slots: `max_loras` per LoRA layer (layer.py). A step's adapters are put in slots before it runs; a slot
+  whose adapter the step does not use is reused. The scheduler never puts more than max_loras distinct adapters in
+  one step, so every step fits.
+
+Per step (`prepare_step`, before the step's other inputs are staged): row r of the persistent batch runs adapter
+`batch.lora_ids[r]` (0 = base model); its slot, repeated over the row's scheduled tokens (numpy, per request not per
+token), is uploaded as token -> slot, and the device turns it into the one-hot token mask every LoRA layer reads:
+mask[t, s] = (slot[t] == s), padding rows zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from treadle_model_runner.config import LoRAConfig
+from treadle_model_runner.lora.adapter import LoRAAdapter, load_adapter
+from treadle_model_runner.lora.layer import LoRATarget, TokenMask, attach_lora
+from treadle_model_runner.lora.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAManager:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoRAConfig,
+        max_num_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.model_name = type(model).__name__
+        self.mask = TokenMask(torch.zeros(max_num_tokens, config.max_loras, dtype=dtype, device=device))
+        self.targets: dict[str, LoRATarget] = attach_lora(
+            model, config.max_loras, config.max_lora_rank, self.mask
+        )
+        if not self.targets:
+            raise ValueError(
+                f"{self.model_name} has no LoRA-capable projections; start it without enable_lora"
+            )
+        self.shapes = {name: (t.in_features, t.out_features) for name, t in self.targets.items()}
+        self.known: dict[int, LoRARequest] = {}
+        self.cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # host memory, least recently used first
+        self.slot_ids = [0] * config.max_loras  # slot -> adapter id in it (0: empty)
+        pin = device.type == "cuda"
+        self.staged_slots = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        self.token_slots = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        self.is_slot = torch.zeros(max_num_tokens, config.max_loras, dtype=torch.bool, device=device)
+        self.slot_range = torch.arange(config.max_loras, device=device)
+        layers = {id(t.slots) for t in self.targets.values()}
+        logger.info("LoRA: %d projections take adapters, %d slots of rank <= %d, %d adapters cached on the host",
+                    len(layers), config.max_loras, config.max_lora_rank, config.num_cpu_loras)  # fmt: skip
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def add(self, request: LoRARequest) -> LoRAAdapter:
+        """Load and check `request`'s adapter into the host cache (a cache hit only refreshes it); ValueError for
+        an adapter this model cannot run (adapter.py)."""
+        lora_id = request.lora_int_id
+        known = self.known.get(lora_id)
+        if known is not None and known.lora_path != request.lora_path:
+            raise ValueError(
+                f"lora_int_id {lora_id} already names adapter {known.lora_name!r} at {known.lora_path}; give "
+                f"{request.lora_name!r} ({request.lora_path}) an id of its own"
+            )
+        adapter = self.cache.get(lora_id)
+        if adapter is None:
+            adapter = load_adapter(request, self.shapes, self.config.max_lora_rank, self.model_name)
+            self.cache[lora_id] = adapter
+            while len(self.cache) > self.config.num_cpu_loras:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(lora_id)
+        self.known[lora_id] = request
+        return adapter
+
+    def remove(self, lora_id: int) -> bool:
+        """Forget an adapter (host cache and slot); False if it was not loaded. A request still naming it loads
+        it again from its LoRARequest."""
+        self.known.pop(lora_id, None)
+        self.slot_ids = [0 if i == lora_id else i for i in self.slot_ids]
+        return self.cache.pop(lora_id, None) is not None
+
+    def list_loras(self) -> list[int]:
+        return list(self.cache)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def prepare_step(
+        self, lora_ids: np.ndarray, states: list[Any], num_scheduled: np.ndarray, padded: int
+    ) -> None:
+        """Put the step's adapters in slots and write the token mask for `padded` tokens. `lora_ids` [R]: each
+        row's adapter id (0 = none); `states`: the rows' RequestStates (their LoRARequests, to reload one)."""
+        num_tokens = int(num_scheduled.sum())
+        step_ids = np.unique(lora_ids[lora_ids > 0])
+        if step_ids.size == 0:
+            self.mask.buffer[:padded].zero_()
+            return
+        assert step_ids.size <= self.config.max_loras, (
+            f"{step_ids.size} adapters in one step, more than max_loras ({self.config.max_loras}): the scheduler "
+            "must keep to it"
+        )
+        row_slots = np.full(lora_ids.shape, -1, dtype=np.int64)
+        wanted = set(step_ids.tolist())
+        for lora_id in wanted:
+            row_slots[lora_ids == lora_id] = self._slot_of(lora_id, wanted, states, lora_ids)
+        staged = self.staged_slots.numpy()
+        staged[:num_tokens] = np.repeat(row_slots, num_scheduled)
+        slots = self.token_slots[:num_tokens]
+        slots.copy_(self.staged_slots[:num_tokens], non_blocking=True)
+        torch.eq(slots[:, None], self.slot_range, out=self.is_slot[:num_tokens])
+        self.mask.buffer[:num_tokens].copy_(self.is_slot[:num_tokens])
+        self.mask.buffer[num_tokens:padded].zero_()
+
+    def _slot_of(self, lora_id: int, wanted: set[int], states: list[Any], lora_ids: np.ndarray) -> int:
+        """The slot holding `lora_id`, loading it into one no adapter of this step uses if need be."""
+        if lora_id in self.slot_ids:
+            return self.slot_ids.index(lora_id)
+        slot = next(s for s, held in enumerate(self.slot_ids) if held not in wanted)
+        adapter = self.cache.get(lora_id)
+        if adapter is None:
+            request = self.known.get(lora_id)
+            if request is None:  # removed while a request still names it: that request's own LoRARequest
+                row = int(np.flatnonzero(lora_ids == lora_id)[0])
+                request = states[row].lora_request
+            adapter = self.add(request)
+        self.cache.move_to_end(lora_id)
+        for name, target in self.targets.items():
+            target.slots.set_slot(slot, target.shard, adapter.modules.get(name))
+        self.slot_ids[slot] = lora_id
+        logger.debug("LoRA adapter %s (id %d) now in slot %d", adapter.name, lora_id, slot)
+        return slot

@@ -1,0 +1,70 @@
+"""Test helpers (no tests here): tiny HF decoders with random PEFT LoRA adapters, and PEFT's own logits for them.
+
+Adapters are made with `peft.get_peft_model(..., init_lora_weights=False)`, so B is random (non-zero) and every
+adapter changes the model's output; they are saved in PEFT's format, exactly what users bring.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_adapter(
+    hf_model: Any,
+    directory: Path,
+    seed: int,
+    r: int,
+    alpha: float,
+    targets: list[str],
+    use_rslora: bool = False,
+) -> Path:
+    """A random LoRA adapter for `hf_model` (left untouched), saved as a PEFT directory."""
+    import peft
+
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora, init_lora_weights=False
+    )
+    model = peft.get_peft_model(copy.deepcopy(hf_model), config)
+    model.save_pretrained(directory)
+    return directory
+
+
+class PeftReference:
+    """`hf_model` with every adapter of `adapters` (name -> directory) loaded by PEFT; logits and greedy
+    continuations under one adapter, or the base model (name None)."""
+
+    def __init__(self, hf_model: Any, adapters: dict[str, Path]) -> None:
+        import peft
+
+        names = list(adapters)
+        model = peft.PeftModel.from_pretrained(
+            copy.deepcopy(hf_model), adapters[names[0]], adapter_name=names[0]
+        )
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+        self.model = model.eval()
+
+    def _run(self, adapter: str | None, fn: Any) -> Any:
+        with torch.no_grad():
+            if adapter is None:
+                with self.model.disable_adapter():
+                    return fn()
+            self.model.set_adapter(adapter)
+            return fn()
+
+    def logits(self, adapter: str | None, tokens: list[int]) -> torch.Tensor:
+        """[len(tokens), vocab] fp32 logits of every position."""
+        return self._run(adapter, lambda: self.model(input_ids=torch.tensor([tokens])).logits[0].float())
+
+    def greedy(self, adapter: str | None, prompt: list[int], max_new_tokens: int) -> list[int]:
+        def generate() -> list[int]:
+            out = self.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+            return [int(t) for t in out[0, len(prompt) :]]
+
+        return list(self._run(adapter, generate))
