@@ -15,6 +15,7 @@ from treadle_engine_core.kv_cache_manager import KVCacheManager
 from treadle_engine_core.messages import EngineCoreOutputs
 from treadle_engine_core.request import FinishReason
 from treadle_model_runner import CacheConfig, ModelConfig, ModelRunnerOutput, SamplingParams, SchedulerOutput
+from treadle_model_runner.config import LoRAConfig
 
 
 class SyncFakeExecutor(FakeExecutor):
@@ -33,6 +34,7 @@ def make_engine(
     num_blocks: int = 64,
     fake: FakeRunnerConfig | None = None,
     enable_prefix_caching: bool = True,
+    lora: LoRAConfig | None = None,
     **scheduler_kwargs: object,
 ) -> EngineCore:
     fake = fake or FakeRunnerConfig()
@@ -46,6 +48,7 @@ def make_engine(
         scheduler_config=SchedulerConfig(**scheduler_kwargs),  # type: ignore[arg-type]
         executor="fake",
         fake_runner=fake,
+        lora_config=lora or LoRAConfig(),
     )
     return EngineCore(cfg, executor=SyncFakeExecutor(cfg))
 

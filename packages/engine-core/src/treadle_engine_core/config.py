@@ -2,7 +2,7 @@
 
 `SchedulerConfig` is frozen and validated in __post_init__; values that depend on the model (max_model_len,
 async scheduling on GPU) are settled by `resolve()` once the executor reports them. `EngineConfig` composes
-the model runner's `ModelConfig` and `CacheConfig` with it, plus the executor choice.
+the model runner's `ModelConfig`, `CacheConfig` and `LoRAConfig` with it, plus the executor choice.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from treadle_model_runner.config import CacheConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
 
 POLICIES = ("fcfs", "priority")
 EXECUTORS = ("inproc", "fake")
@@ -95,9 +95,21 @@ class EngineConfig:
     log_stats: bool = True  # attach SchedulerStats to every EngineCoreOutputs
     data_parallel_size: int = 1  # engine processes, each on its own device(s) (dp_client.py; API server only)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES the engine process sets first (data parallel)
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters (off unless enable_lora)
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        tp = self.model_config.tensor_parallel_size
+        if self.lora_config.enable_lora and tp > 1:
+            raise ValueError(
+                f"LoRA adapters do not run under tensor parallelism yet (tensor_parallel_size {tp}); serve with "
+                "--tensor-parallel-size 1 or without --enable-lora"
+            )
+
+    @property
+    def max_loras(self) -> int:
+        """Most distinct LoRA adapters in one step (0: LoRA is off)."""
+        return self.lora_config.max_loras if self.lora_config.enable_lora else 0

@@ -20,6 +20,7 @@ from treadle_engine_core.executor import Executor
 from treadle_engine_core.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady, SchedulerStats
 from treadle_engine_core.request import Request, RequestStatus, check_vocabulary
 from treadle_engine_core.scheduler import Scheduler
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.scheduler_output import SchedulerOutput
 
@@ -46,7 +47,10 @@ def _has_cuda() -> bool:
 
 class EngineCore:
     # Methods a client may call by name (utility RPC); anything else is refused.
-    UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_stats", "ping", "get_num_unfinished_requests"})
+    UTILITY_METHODS = frozenset(
+        {"reset_prefix_cache", "get_stats", "ping", "get_num_unfinished_requests", "add_lora", "remove_lora",
+         "list_loras"}
+    )  # fmt: skip
 
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
@@ -62,6 +66,7 @@ class EngineCore:
             enable_prefix_caching=config.cache_config.enable_prefix_caching,
             eos_token_ids=frozenset(self.executor.eos_token_ids),
             log_stats=config.log_stats,
+            max_loras=config.max_loras,
         )
         self.max_model_len: int = self.scheduler.max_model_len
         self.max_logprobs: int = config.model_config.max_logprobs  # per request; -1 = the whole vocabulary
@@ -90,6 +95,11 @@ class EngineCore:
         structured = request.sampling_params.structured_outputs
         if structured is not None:  # an invalid grammar fails this request only
             self.executor.check_structured_outputs(structured)
+        lora = request.lora_request
+        if (
+            lora is not None and self.config.max_loras
+        ):  # a bad adapter fails this request only (cached once loaded)
+            self.executor.add_lora(lora)
         self.scheduler.add_request(
             Request(
                 request_id=request.request_id,
@@ -99,6 +109,7 @@ class EngineCore:
                 priority=request.priority,
                 cache_salt=request.cache_salt,
                 max_model_len=self.max_model_len,
+                lora_request=lora,
             )
         )
 
@@ -151,6 +162,20 @@ class EngineCore:
 
     def ping(self) -> str:
         return "pong"
+
+    def add_lora(self, request: LoRARequest | dict[str, Any]) -> bool:
+        """vLLM's add_lora: load and check an adapter now (ValueError when it cannot run), so requests naming it
+        find it loaded. Over the utility RPC the LoRARequest arrives as a dict."""
+        if not self.config.max_loras:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        lora = request if isinstance(request, LoRARequest) else LoRARequest(**request)
+        return self.executor.add_lora(lora)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.executor.remove_lora(lora_id) if self.config.max_loras else False
+
+    def list_loras(self) -> list[int]:
+        return self.executor.list_loras() if self.config.max_loras else []
 
     def ready_message(self, pid: int) -> EngineReady:
         kv = self.kv_cache_config

@@ -120,6 +120,22 @@ class Executor:
             raise ValueError("structured outputs are not supported by this engine's runner")
         check(params)
 
+    def add_lora(self, request: Any) -> bool:
+        """Load and check a LoRA adapter (a LoRARequest) before requests use it: ValueError when it cannot run."""
+        return bool(self._lora_call("add_lora", request))
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return bool(self._lora_call("remove_lora", lora_id))
+
+    def list_loras(self) -> list[int]:
+        return list(self._lora_call("list_loras"))
+
+    def _lora_call(self, method: str, *args: Any) -> Any:
+        call = getattr(self.runner, method, None)
+        if not callable(call):
+            raise ValueError("LoRA adapters are not supported by this engine's runner")
+        return call(*args)
+
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(so).get_output()
 
@@ -158,6 +174,7 @@ def build_runner(config: EngineConfig, device: Any = None) -> Any:
         max_num_seqs=sc.max_num_seqs,
         max_num_batched_tokens=sc.max_num_batched_tokens,
         device=device,
+        lora_config=config.lora_config,
     )
     runner.load_model()
     return runner

@@ -4,8 +4,9 @@ It keeps the same persistent per-request state a real runner keeps (from NewRequ
 CachedRequestData diffs) and asserts the SchedulerOutput invariants on every step. Its "sampled" token for
 position p of request r is `fake_token(r, p)`: a pure function, so the expected output of any request is
 known in advance however it was batched, chunked or preempted. With `check_kv` it also keeps a shadow KV
-cache (slot -> token id), writes every scheduled token through the block tables and checks every position a
-query could attend to holds that request's own token: a leaked, double-owned or wrongly shared block fails.
+cache (slot -> token id and LoRA adapter id), writes every scheduled token through the block tables and checks
+every position a query could attend to holds that request's own token, computed under its own adapter: a leaked,
+double-owned or wrongly shared block fails. LoRA adapters are only counted (`loras`, `most_loras_in_a_step`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from treadle_engine_core.config import FakeRunnerConfig
 from treadle_model_runner.kv_cache_spec import KVCacheConfig, KVCacheGroupSpec
@@ -45,6 +47,7 @@ class _ReqState:
     params: SamplingParams
     seed: int
     sampled: list[int] = field(default_factory=list)
+    lora_id: int = 0  # its LoRA adapter (0: the base model)
 
 
 class FakeModelRunner:
@@ -56,9 +59,25 @@ class FakeModelRunner:
         self.vocab_size = config.vocab_size
         self.eos_token_ids = {config.eos_token_id}
         self.reqs: dict[str, _ReqState] = {}
-        self.kv: dict[int, int] = {}  # shadow KV: slot -> token id written there
+        self.kv: dict[
+            int, tuple[int, int]
+        ] = {}  # shadow KV: slot -> (token id, LoRA adapter id) written there
         self.windows: list[int | None] = [None]
         self.num_steps = 0
+        self.loras: set[int] = set()  # adapters added (add_lora)
+        self.most_loras_in_a_step = 0  # distinct adapters of the busiest step
+
+    def add_lora(self, request: Any) -> bool:
+        self.loras.add(request.lora_int_id)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        found = lora_id in self.loras
+        self.loras.discard(lora_id)
+        return found
+
+    def list_loras(self) -> list[int]:
+        return sorted(self.loras)
 
     def release_graphs(self) -> None:
         """Nothing to free: the fake runner captures no CUDA graphs."""
@@ -89,6 +108,7 @@ class FakeModelRunner:
                 block_ids=[list(b) for b in new.block_ids],
                 params=new.sampling_params,
                 seed=zlib.crc32(new.req_id.encode()),
+                lora_id=new.lora_request.lora_int_id if new.lora_request is not None else 0,
             )
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
@@ -102,6 +122,8 @@ class FakeModelRunner:
                 for g, ids in enumerate(new_ids):
                     st.block_ids[g].extend(ids)
         assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
+        step_loras = {self.reqs[rid].lora_id for rid in so.num_scheduled_tokens} - {0}
+        self.most_loras_in_a_step = max(self.most_loras_in_a_step, len(step_loras))
         if self.config.check_kv:
             self._write_and_check_kv(so)
         return self._sample(so)
@@ -160,7 +182,7 @@ class FakeModelRunner:
                 for p in range(st.num_computed_tokens, st.num_computed_tokens + n):
                     block = table[p // bs]
                     assert block != 0, f"{rid} group {g}: writes position {p} into the null block"
-                    self.kv[block * bs + p % bs] = st.tokens[p]
+                    self.kv[block * bs + p % bs] = (st.tokens[p], st.lora_id)
         for rid, n in so.num_scheduled_tokens.items():
             st = self.reqs[rid]
             end = st.num_computed_tokens + n
@@ -169,7 +191,8 @@ class FakeModelRunner:
                 first = 0 if w is None else max(0, st.num_computed_tokens - w + 1)
                 for p in range(first, end):
                     slot = table[p // bs] * bs + p % bs
-                    assert self.kv.get(slot) == st.tokens[p], (
-                        f"{rid} group {g}: position {p} reads token {self.kv.get(slot)} from block "
-                        f"{table[p // bs]}, expected {st.tokens[p]} (corrupted or wrongly shared KV block)"
+                    assert self.kv.get(slot) == (st.tokens[p], st.lora_id), (
+                        f"{rid} group {g}: position {p} reads (token, adapter) {self.kv.get(slot)} from block "
+                        f"{table[p // bs]}, expected {(st.tokens[p], st.lora_id)} (corrupted or wrongly shared KV "
+                        "block)"
                     )

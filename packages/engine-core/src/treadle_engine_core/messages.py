@@ -5,7 +5,7 @@ Wire protocol (see engine_process.py). Client -> engine over DEALER -> ROUTER, t
 (UtilityRequest). Engine -> client over PUSH -> PULL, two frames `[kind, payload]` with kind READY
 (EngineReady, once), OUTPUTS (EngineCoreOutputs), FAILED (EngineFailure, then the engine exits).
 Outputs are diffs: only the tokens new since the last message for that request.
-SamplingParams and Logprobs are dataclasses; msgspec encodes and validates them natively.
+SamplingParams, LoRARequest and Logprobs are dataclasses; msgspec encodes and validates them natively.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from treadle_engine_core.request import FinishReason
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import Logprobs
 from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams
 
@@ -34,6 +35,7 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     arrival_time: float  # time.time() when the frontend received it
     priority: int = 0  # lower = sooner under the priority policy
     cache_salt: str | None = None  # prefix-cache isolation key
+    lora_request: LoRARequest | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 class EngineCoreOutput(msgspec.Struct, omit_defaults=True, array_like=True):

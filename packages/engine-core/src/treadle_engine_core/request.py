@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams
 
 
@@ -61,6 +62,7 @@ class Request:
         "arrival_time",
         "block_hashes",
         "cache_salt",
+        "lora_request",
         "max_tokens",
         "num_cached_tokens",
         "num_computed_tokens",
@@ -85,6 +87,7 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         max_model_len: int | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids  # never mutated
@@ -92,6 +95,7 @@ class Request:
         self.arrival_time = arrival_time  # seconds (time.time() of the client)
         self.priority = priority  # lower value = served first under the priority policy
         self.cache_salt = cache_salt  # isolates this request's prefix-cache entries from other salts
+        self.lora_request = lora_request  # its LoRA adapter (None: the base model)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
@@ -120,6 +124,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def lora_id(self) -> int:
+        """Its LoRA adapter's id (0: the base model)."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     # ---- state ------------------------------------------------------------------------------------
     @property

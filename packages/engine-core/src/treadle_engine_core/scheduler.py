@@ -5,7 +5,8 @@ Theory. There are no prefill or decode phases. Each request has `num_computed_to
 `num_tokens - num_computed_tokens` more, capped by the budget `max_num_batched_tokens` and by
 `long_prefill_token_threshold`. A decode is thus one token and a long prompt is chunked over steps.
 Running requests are served first, in admission order; then waiting requests are admitted (FCFS or by
-priority) while budget, `max_num_seqs` and KV blocks last, reusing prefix-cache hits. When a running request
+priority) while budget, `max_num_seqs`, KV blocks and the LoRA adapter cap (lora_admission.py) last, reusing
+prefix-cache hits. When a running request
 cannot get blocks, the lowest-priority / latest running request is preempted by recompute: its blocks are
 freed, `num_computed_tokens` reset to 0, and it waits again, keeping its output tokens (it resumes as a new
 request carrying them). No waiting request is admitted in a step that preempted.
@@ -26,6 +27,7 @@ import time
 
 from treadle_engine_core.config import SchedulerConfig
 from treadle_engine_core.kv_cache_manager import KVCacheManager
+from treadle_engine_core.lora_admission import LoRAAdmission, Verdict
 from treadle_engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from treadle_engine_core.request import Request, RequestStatus, validate_request_length
 from treadle_engine_core.request_queue import make_queue
@@ -48,7 +50,9 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         eos_token_ids: frozenset[int] | set[int] = frozenset(),
         log_stats: bool = True,
+        max_loras: int = 0,
     ) -> None:
+        """`max_loras`: most distinct LoRA adapters among running requests (0: LoRA off, such requests refused)."""
         if config.max_model_len is None:
             raise ValueError("SchedulerConfig.max_model_len is unset; call config.resolve(...) first")
         self.config = config
@@ -73,6 +77,7 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_finished = 0
+        self.lora = LoRAAdmission(max_loras) if max_loras else None
 
     # ---- requests in / out ------------------------------------------------------------------------
     def validate_request(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -82,6 +87,13 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in flight; ids must be unique")
         self.validate_request(request.num_prompt_tokens, request.sampling_params.max_tokens)
+        if request.lora_request is not None:
+            if self.lora is None:
+                raise ValueError(
+                    f"request {request.request_id!r} names LoRA adapter {request.lora_request.lora_name!r} but "
+                    "LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)"
+                )
+            self.lora.on_added(request)
         self.requests[request.request_id] = request
         self.waiting.add(request)
 
@@ -104,6 +116,8 @@ class Scheduler:
     def _free(self, req: Request) -> None:
         self.kv.free(req)
         del self.requests[req.request_id]
+        if self.lora is not None:
+            self.lora.on_freed(req.request_id)
         self.finished_req_ids.add(req.request_id)
         self.num_finished += 1
 
@@ -183,11 +197,22 @@ class Scheduler:
     def _admit_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
     ) -> int:
-        """Admit waiting requests while budget, max_num_seqs and blocks last; returns the budget left."""
+        """Admit waiting requests while budget, max_num_seqs, blocks and the adapter cap last; returns the budget
+        left. Requests whose adapter does not fit are skipped and keep their place at the head of the queue."""
         cfg = self.config
         kv = self.kv
+        lora = self.lora if self.lora is not None and len(self.waiting) else None
+        if lora is not None:
+            lora.start_step(self.running)
+        skipped: list[Request] = []
         while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.peek()
+            verdict = lora.verdict(req) if lora is not None else Verdict.ADMIT
+            if verdict is Verdict.SKIP:
+                skipped.append(self.waiting.pop())
+                continue
+            if verdict is Verdict.STOP:
+                break
             hit_blocks, num_hit = kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit
             if cfg.long_prefill_token_threshold and num_new > cfg.long_prefill_token_threshold:
@@ -200,6 +225,8 @@ class Scheduler:
             if new_blocks is None:
                 break
             self.waiting.pop()
+            if lora is not None:
+                lora.admitted(req)
             kv.record_prefix_lookup(req.num_tokens, num_hit)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
@@ -216,10 +243,13 @@ class Scheduler:
                     block_ids=kv.get_block_ids(req.request_id),
                     num_computed_tokens=num_hit,
                     output_token_ids=list(req.output_token_ids),
+                    lora_request=req.lora_request,
                 )
             )
             num_scheduled[req.request_id] = num_new
             budget -= num_new
+        for req in reversed(skipped):  # back to the head of the queue, in their order
+            self.waiting.add_preempted(req)
         return budget
 
     def _pick_victim(self, first: int) -> Request:

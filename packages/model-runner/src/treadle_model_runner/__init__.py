@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from treadle_model_runner.config import CacheConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
 from treadle_model_runner.kv_cache_spec import KVCacheConfig, KVCacheGroupSpec
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import Logprobs, ModelRunnerOutput
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -19,6 +20,8 @@ __all__ = [
     "CachedRequestData",
     "KVCacheConfig",
     "KVCacheGroupSpec",
+    "LoRAConfig",
+    "LoRARequest",
     "Logprobs",
     "ModelConfig",
     "ModelRunner",
