@@ -91,9 +91,10 @@ class RealServer:
                 self.proc.wait()
 
 
-def start_server(model: Path, log: Path, extra: list[str]) -> RealServer:
-    """`treadle serve` on `model` (dummy weights) on a free port, once /health answers 200."""
-    port = free_port()
+def start_server(model: Path, log: Path, extra: list[str], port: int | None = None) -> RealServer:
+    """`treadle serve` on `model` (dummy weights unless `extra` says otherwise) on `port` (None: a free one), once
+    /health answers 200."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "treadle.cli", "serve", str(model), "--load-format", "dummy", "--port", str(port),
            "--host", "127.0.0.1", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-space", "0.01",
            "--api-key", API_KEY, "--served-model-name", MODEL_NAME, "--max-num-seqs", "16",

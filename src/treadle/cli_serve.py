@@ -26,10 +26,10 @@ logger = logging.getLogger("treadle.serve")
 def _defaults() -> dict[str, Any]:
     from treadle_engine_core.config import SchedulerConfig
     from treadle_frontend.server.config import ServerConfig
-    from treadle_model_runner.config import CacheConfig, ModelConfig
+    from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
 
     d: dict[str, Any] = {}
-    for cfg in (ModelConfig(model=""), CacheConfig(), SchedulerConfig(), ServerConfig()):
+    for cfg in (ModelConfig(model=""), CacheConfig(), SchedulerConfig(), ServerConfig(), LoRAConfig()):
         for f in dataclasses.fields(cfg):
             d.setdefault(f.name, getattr(cfg, f.name))
     return d
@@ -105,6 +105,20 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--long-prefill-token-threshold", type=int, default=d["long_prefill_token_threshold"])
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--enable-lora", action="store_true", default=d["enable_lora"], help="serve LoRA adapters")
+    p.add_argument(
+        "--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+        help='LoRA adapters (PEFT directories) served as models: name=path, or JSON {"name", "path", '
+        '"base_model_name"}; a request\'s "model" picks one',
+    )  # fmt: skip
+    p.add_argument("--max-loras", type=int, default=d["max_loras"], help="most distinct adapters in one step")
+    p.add_argument(
+        "--max-lora-rank", type=int, default=d["max_lora_rank"], help="largest adapter rank accepted"
+    )
+    p.add_argument(
+        "--max-cpu-loras", type=int, default=d["max_cpu_loras"],
+        help="adapters kept loaded in host memory (default: --max-loras)",
+    )  # fmt: skip
     # vLLM flags treadle accepts so that vLLM command lines run, refusing values it cannot honour
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 only (use -tp)")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -161,6 +175,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             f"quantization {args.quantization!r} is not supported: weights load unquantized (GGUF dequantized at "
             "load); --kv-cache-dtype fp8 stores the KV cache in 8 bits"
         )
+    if args.lora_modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
     return {
         "block_size": args.block_size,
         "num_gpu_blocks_override": args.num_gpu_blocks_override,
@@ -185,6 +201,10 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "scheduling_policy": args.scheduling_policy,
         "tensor_parallel_size": args.tensor_parallel_size,
         "data_parallel_size": args.data_parallel_size,
+        "enable_lora": args.enable_lora,
+        "max_loras": args.max_loras,
+        "max_lora_rank": args.max_lora_rank,
+        "max_cpu_loras": args.max_cpu_loras,
         "chat_template": args.chat_template,
         "generation_config": args.generation_config,
         "log_stats": True,
@@ -254,6 +274,7 @@ def _import_web_stack() -> None:
 def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
     """The ServerConfig of `treadle serve` from its flags and the model argument."""
     from treadle_frontend.server.config import ServerConfig
+    from treadle_frontend.server.lora import parse_lora_modules
 
     names = args.served_model_name or []
     return ServerConfig(
@@ -275,6 +296,7 @@ def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
         allowed_methods=tuple(args.allowed_methods),
         allowed_headers=tuple(args.allowed_headers),
         allow_credentials=args.allow_credentials,
+        lora_modules=parse_lora_modules(args.lora_modules),
     )
 
 
@@ -332,6 +354,7 @@ def run_serve(args: argparse.Namespace) -> int:
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
             root_path=args.root_path, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         )  # fmt: skip
+        # uvicorn exits 3 when the app's start-up fails (a --lora-modules adapter the engine refuses)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         llm.shutdown()

@@ -21,6 +21,7 @@ from treadle_frontend.outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
 
@@ -32,6 +33,7 @@ __all__ = [
     "EmbeddingOutput",
     "EmbeddingRequestOutput",
     "EngineDeadError",
+    "LoRARequest",
     "Logprob",
     "RequestOutput",
     "RequestOutputKind",

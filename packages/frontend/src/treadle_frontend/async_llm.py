@@ -23,6 +23,7 @@ from treadle_frontend.engine_client import AsyncEngineClient, EngineDeadError, m
 from treadle_frontend.input_processor import InputProcessor, ModelInfo, PromptType
 from treadle_frontend.output_processor import FinishedRequestStats, IterationStats, OutputProcessor
 from treadle_frontend.outputs import RequestOutput
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,10 @@ class AsyncLLM:
         prompt_token_ids: list[int] | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Streams RequestOutputs of one prompt; `prompt_token_ids` skips tokenization when given."""
+        """Streams RequestOutputs of one prompt; `prompt_token_ids` skips tokenization when given; `lora_request`:
+        the LoRA adapter it runs with (None: the base model)."""
         self._check_alive()
         self._ensure_handler()
         self.input_processor.check_priority(priority)
@@ -103,9 +106,12 @@ class AsyncLLM:
         finished = False
         try:
             now = time.time()
+            lora = {"lora_request": lora_request} if lora_request is not None else {}
             for child_id, child_params in engine_reqs:
                 await self.client.add_request_async(
-                    self.request_factory(child_id, parent.prompt_token_ids, child_params, now, priority)
+                    self.request_factory(
+                        child_id, parent.prompt_token_ids, child_params, now, priority, **lora
+                    )
                 )
             merge = params.output_kind == RequestOutputKind.DELTA and params.n == 1
             while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from treadle_engine_core.client import EngineDeadError  # the engine process is gone (HTTP 503)
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngineClient", "EngineDeadError", "SyncEngineClient", "make_engine_request"]
@@ -38,6 +39,7 @@ def make_engine_request(
     arrival_time: float,
     priority: int = 0,
     cache_salt: str | None = None,
+    lora_request: LoRARequest | None = None,
 ) -> Any:
     """The engine core's EngineCoreRequest for one (child) request."""
     from treadle_engine_core.messages import EngineCoreRequest
@@ -49,4 +51,5 @@ def make_engine_request(
         arrival_time=arrival_time,
         priority=priority,
         cache_salt=cache_salt,
+        lora_request=lora_request,
     )

@@ -1,7 +1,7 @@
 """From user options to a running engine client plus the frontend's InputProcessor.
 
-`EngineArgs.from_kwargs(model, **options)` splits vLLM-style keyword options over the three config
-dataclasses (ModelConfig and CacheConfig of the model runner, SchedulerConfig of the engine core) and the
+`EngineArgs.from_kwargs(model, **options)` splits vLLM-style keyword options over the four config
+dataclasses (ModelConfig, CacheConfig and LoRAConfig of the model runner, SchedulerConfig of the engine core) and the
 frontend's own (chat_template, generation_config); an unknown option is an error that lists the valid ones.
 `start_inproc` (offline LLM), `start_sync_mp` (offline LLM, the engine in its own process) and
 `start_async_mp` (API server: the engine in its own process) resolve the model
@@ -20,7 +20,7 @@ from typing import Any
 
 from treadle_frontend.input_processor import InputProcessor, ModelInfo
 from treadle_frontend.tokenizer import load_generation_defaults, load_tokenizer, resolve_chat_template
-from treadle_model_runner.config import CacheConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,18 @@ class EngineArgs:
     fake_runner: Any = None  # FakeRunnerConfig when executor == "fake"
     log_stats: bool = True
     data_parallel_size: int = 1  # engine processes behind the API server (treadle serve -dp N)
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)  # enable_lora, max_loras, max_lora_rank, ...
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
         from treadle_engine_core.config import SchedulerConfig
 
-        groups: dict[type, dict[str, Any]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        groups: dict[type, dict[str, Any]] = {
+            ModelConfig: {},
+            CacheConfig: {},
+            SchedulerConfig: {},
+            LoRAConfig: {},
+        }
         own: dict[str, Any] = {}
         if kwargs.get("tensor_parallel_size", 1) is None:
             kwargs["tensor_parallel_size"] = 1
@@ -86,6 +92,7 @@ class EngineArgs:
             model_config=model_config,
             cache_config=CacheConfig(**groups[CacheConfig]),
             scheduler_config=SchedulerConfig(**sched),
+            lora_config=LoRAConfig(**groups[LoRAConfig]),
             **own,
         )
 
@@ -106,6 +113,7 @@ class EngineArgs:
             executor=self.executor,
             log_stats=self.log_stats,
             data_parallel_size=self.data_parallel_size,
+            lora_config=self.lora_config,
             **extra,
         )
 

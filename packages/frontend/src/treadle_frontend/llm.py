@@ -8,7 +8,8 @@
 `generate` adds every prompt, then steps the engine until all are done and returns RequestOutputs in prompt
 order (FINAL_ONLY outputs, so no per-step text is built for nobody). `chat` renders conversations with the
 chat template first. `params=None` takes the model's generation_config.json defaults; a list of params gives
-one per prompt. A progress bar (tqdm) shows when `use_tqdm` and there is more than one prompt.
+one per prompt, and so does a list of `lora_request`s (LoRA adapters, with `enable_lora=True`). A progress bar
+(tqdm) shows when `use_tqdm` and there is more than one prompt.
 `beam_search` is vLLM's beam search, a loop of one-token requests over the same engine (beam_search.py).
 """
 
@@ -35,11 +36,13 @@ from treadle_frontend.outputs import (
     score_pairs,
     similarity,
 )
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 Conversation = list[dict[str, Any]]
+LoRARequests = LoRARequest | Sequence[LoRARequest | None] | None  # one for every prompt, or one per prompt
 
 
 class LLM:
@@ -113,8 +116,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequests = None,
     ) -> list[RequestOutput]:
-        """vLLM's LLM.generate; `priority`: one per prompt (lower runs first; needs the priority policy)."""
+        """vLLM's LLM.generate; `priority`: one per prompt (lower runs first; needs the priority policy);
+        `lora_request`: the LoRA adapter every prompt runs with, or a list with one per prompt (None: the base
+        model)."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -127,7 +133,7 @@ class LLM:
                 f"{{'prompt_token_ids': ...}}) or a list of those; got {type(prompts).__name__}"
             )
         encoded = [self.input_processor.encode_prompt(p) for p in prompt_list]
-        return self._run(encoded, sampling_params, use_tqdm, priority)
+        return self._run(encoded, sampling_params, use_tqdm, priority, lora_request)
 
     def embed(
         self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True
@@ -159,15 +165,21 @@ class LLM:
         self,
         prompts: Sequence[PromptType] | str | dict[str, Any],
         params: BeamSearchParams,
+        lora_request: LoRARequest | None = None,
         use_tqdm: bool = False,
         concurrency_limit: int | None = None,
     ) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search (beam_search.py): per prompt, up to `params.beam_width` sequences, best first,
         whose `tokens` and `text` hold the prompt too. Each step sends every live beam of every running prompt to the
-        engine as one batch; `concurrency_limit` caps how many prompts run at once (None: all of them)."""
+        engine as one batch; `concurrency_limit` caps how many prompts run at once (None: all of them);
+        `lora_request`: the adapter every prompt runs with (None: the base model)."""
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise TypeError(
+                f"lora_request must be one LoRARequest for every prompt, got {type(lora_request).__name__}"
+            )
         return beam_search_offline(
-            self.input_processor, lambda enc, sp: self._run(enc, sp, False), prompts, params, use_tqdm,
-            concurrency_limit,
+            self.input_processor, lambda enc, sp: self._run(enc, sp, False, lora_request=lora_request), prompts,
+            params, use_tqdm, concurrency_limit,
         )  # fmt: skip
 
     def chat(
@@ -180,6 +192,7 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
         chat_template: str | None = None,
+        lora_request: LoRARequests = None,
     ) -> list[RequestOutput]:
         """vLLM's LLM.chat: one conversation or a list of them through the chat template; `tools` (OpenAI's
         function definitions) reach the template as its `tools` variable; replies are text."""
@@ -199,7 +212,7 @@ class LLM:
             )
             for conv in conversations
         ]
-        return self._run(encoded, sampling_params, use_tqdm)
+        return self._run(encoded, sampling_params, use_tqdm, lora_request=lora_request)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _params_list(self, sampling_params: Any, n: int) -> list[SamplingParams]:
@@ -225,8 +238,10 @@ class LLM:
         sampling_params: Any,
         use_tqdm: bool,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequests = None,
     ) -> list[RequestOutput]:
         params_list = self._params_list(sampling_params, len(encoded))
+        loras = _per_prompt(lora_request, len(encoded))
         if priority is not None and len(priority) != len(encoded):
             raise ValueError(
                 f"got {len(priority)} priorities for {len(encoded)} prompts; pass one per prompt"
@@ -248,10 +263,11 @@ class LLM:
                 added.append(rid)
                 order[rid] = i
                 now = time.time()
+                lora = {"lora_request": loras[i]} if loras[i] is not None else {}
                 for child_id, child_params in engine_reqs:
                     self.client.add_request(
                         self.request_factory(
-                            child_id, parent.prompt_token_ids, child_params, now, priorities[i]
+                            child_id, parent.prompt_token_ids, child_params, now, priorities[i], **lora
                         )
                     )
             return self._drain(order, use_tqdm and len(encoded) > 1)
@@ -298,3 +314,20 @@ class LLM:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.shutdown()
+
+
+def _per_prompt(lora_request: LoRARequests, n: int) -> list[LoRARequest | None]:
+    """One LoRARequest (or None) per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    if not isinstance(lora_request, (list, tuple)) or not all(
+        r is None or isinstance(r, LoRARequest) for r in lora_request
+    ):
+        raise TypeError(
+            f"lora_request must be a LoRARequest or a list of them (one per prompt); got {type(lora_request).__name__}"
+        )
+    if len(lora_request) != n:
+        raise ValueError(
+            f"got {len(lora_request)} lora requests for {n} prompts; pass one, or one per prompt"
+        )
+    return list(lora_request)

@@ -17,9 +17,10 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 
+from treadle_frontend import envs
 from treadle_frontend.async_llm import AsyncLLM
 from treadle_frontend.server.chat import ChatHandler
 from treadle_frontend.server.common import ServerState
@@ -36,10 +37,12 @@ from treadle_frontend.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
     RerankRequest,
     ResponsesRequest,
     ScoreRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from treadle_frontend.server.responses import ResponsesHandler
 from treadle_frontend.server.scoring import ScoringHandler
@@ -75,6 +78,8 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for module in config.lora_modules:  # a bad adapter fails the start-up (server/lora.py)
+            await state.loras.load(llm, module.name, module.path, module.base_model_name or name)
         task = None if config.disable_log_stats else asyncio.create_task(_stats_loop(state))
         try:
             yield
@@ -177,15 +182,43 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
             "max_model_len": llm.model.max_model_len,
         }
 
+    def lora_cards() -> list[dict[str, Any]]:
+        return state.loras.cards(state.created, llm.model.max_model_len)
+
     @v1.get("/v1/models")
     async def list_models() -> Any:
-        return {"object": "list", "data": [model_card(served) for served in state.model_names]}
+        return {
+            "object": "list",
+            "data": [*(model_card(served) for served in state.model_names), *lora_cards()],
+        }
 
     @v1.get("/v1/models/{model:path}")
     async def retrieve_model(model: str) -> Any:
         """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve): 404 model_not_found for a name not served."""
         state.check_model(model)
-        return model_card(model)
+        return next((card for card in lora_cards() if card["id"] == model), None) or model_card(model)
+
+    if envs.TREADLE_ALLOW_RUNTIME_LORA_UPDATING():
+        logger.warning(
+            "Runtime LoRA updating is on: /v1/load_lora_adapter loads any directory this server reads"
+        )
+
+        @v1.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Any:
+            try:
+                await state.loras.load(llm, body.lora_name, body.lora_path, name)
+            except ValueError as e:
+                raise APIError(400, str(e), param="lora_path") from None
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @v1.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Any:
+            try:
+                await state.loras.unload(llm, body.lora_name)
+            except KeyError:
+                raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.",
+                               param="lora_name") from None  # fmt: skip
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     protected.update(r.path for r in v1.routes if isinstance(r, APIRoute) and not r.path.startswith("/v1/"))
     app.include_router(v1)

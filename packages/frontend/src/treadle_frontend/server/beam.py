@@ -29,6 +29,7 @@ from treadle_frontend.outputs import CompletionOutput, RequestOutput
 from treadle_frontend.position_logprobs import PositionLogprobs
 from treadle_frontend.server.common import ServerState, sse
 from treadle_frontend.server.errors import APIError
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams
 
 # constraints this search cannot keep (vLLM's newest filters its candidates by them): a 400, not ignored
@@ -54,9 +55,11 @@ def beam_searches(
     encoded: list[tuple[str | None, list[int]]],
     checked: list[SamplingParams],
     request_id: str,
+    lora_request: LoRARequest | None = None,
 ) -> list[AsyncIterator[RequestOutput]]:
-    """One search per (text, prompt ids), `checked[i]` its length-checked `length_params`; a request beam search
-    cannot serve is an APIError (400) naming the field, raised here, before anything runs."""
+    """One search per (text, prompt ids), `checked[i]` its length-checked `length_params`, every step under
+    `lora_request`'s adapter (None: the base model); a request beam search cannot serve is an APIError (400)
+    naming the field, raised here, before anything runs."""
     for name in _UNSUPPORTED:
         if getattr(body, name, None) is not None:
             raise APIError(400, f"{name} cannot be combined with use_beam_search", param=name)
@@ -107,12 +110,20 @@ def beam_searches(
         eos_token_id = getattr(ip.tokenizer, "eos_token_id", None)
         search = BeamSearch(ids, beam, eos_token_id, beam.max_tokens, prune_by_score=False)  # vLLM's server
         rid = f"{request_id}-{len(searches)}"
-        searches.append(_run(state.llm, search, text, rid, body.priority, params.skip_special_tokens))
+        searches.append(
+            _run(state.llm, search, text, rid, body.priority, params.skip_special_tokens, lora_request)
+        )
     return searches
 
 
 async def _run(
-    llm: AsyncLLM, search: BeamSearch, text: str | None, request_id: str, priority: int, skip_special: bool
+    llm: AsyncLLM,
+    search: BeamSearch,
+    text: str | None,
+    request_id: str,
+    priority: int,
+    skip_special: bool,
+    lora_request: LoRARequest | None,
 ) -> AsyncIterator[RequestOutput]:
     """Runs `search` to its end (each step, one one-token request per live beam, all sent at once), then yields
     its result as one final RequestOutput."""
@@ -121,7 +132,7 @@ async def _run(
     while not search.is_done:
         requests = [
             llm.collect(beam.tokens, step_params.clone(), request_id=f"{request_id}-{step}-{i}",
-                        prompt_token_ids=beam.tokens, priority=priority)
+                        prompt_token_ids=beam.tokens, priority=priority, lora_request=lora_request)
             for i, beam in enumerate(search.beams)
         ]  # fmt: skip
         outs = await asyncio.gather(*requests)

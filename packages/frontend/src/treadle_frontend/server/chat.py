@@ -119,8 +119,9 @@ class ChatHandler:
         checked = ip.check_length(ids, params.clone())
         check_priority(st, body.priority)
         rid = new_id("chatcmpl-")
-        gen = beam_searches(st, body, [(text, ids)], [checked], rid)[0] if beam else st.llm.generate(
-            text, params, rid, prompt_token_ids=ids, priority=body.priority
+        lora = st.lora_request(body.model)
+        gen = beam_searches(st, body, [(text, ids)], [checked], rid, lora)[0] if beam else st.llm.generate(
+            text, params, rid, prompt_token_ids=ids, priority=body.priority, lora_request=lora
         )  # fmt: skip
         created = int(time.time())
         if body.stream:
@@ -171,7 +172,7 @@ class ChatHandler:
             "id": rid,
             "object": "chat.completion",
             "created": created,
-            "model": self.state.model_name,
+            "model": self.state.response_model(body.model),
             "choices": choices,
             "usage": usage(len(out.prompt_token_ids), completion_tokens, out.num_cached_tokens or 0),
         }
@@ -196,7 +197,7 @@ class ChatHandler:
         continuous = include_usage and bool(
             body.stream_options and body.stream_options.continuous_usage_stats
         )
-        model = self.state.model_name
+        model = self.state.response_model(body.model)
 
         def chunk(choices: list[dict[str, Any]], first: bool = False) -> str:
             data: dict[str, Any] = {

@@ -20,8 +20,10 @@ from treadle_frontend.input_processor import keep_last
 from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.lora import ServedLoRAs
 from treadle_frontend.server.metrics import ServerMetrics
 from treadle_frontend.server.structured import structured_outputs
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams, check_num_logprobs
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class ServerState:
     model_name: str  # the id clients must send
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
+    loras: ServedLoRAs = field(default_factory=ServedLoRAs)  # LoRA adapters served as models (server/lora.py)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -61,13 +64,24 @@ class ServerState:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names and model not in self.config.model_aliases:
-            served = ", ".join(f"`{n}`" for n in self.model_names)
+            if self.loras.get(model) is not None:
+                return
+            served = ", ".join(f"`{n}`" for n in (*self.model_names, *self.loras.requests))
             raise APIError(
                 404,
                 f"The model `{model}` does not exist. This server serves {served}.",
                 param="model",
                 code="model_not_found",
             )
+
+    def lora_request(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names (None: the base model)."""
+        return self.loras.get(model)
+
+    def response_model(self, model: str | None) -> str:
+        """The `model` a response carries: the adapter's name when one was asked for, else the served name."""
+        lora = self.loras.get(model)
+        return lora.lora_name if lora is not None else self.model_name
 
 
 def new_id(prefix: str) -> str:

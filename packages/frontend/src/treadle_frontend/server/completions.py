@@ -78,11 +78,13 @@ class CompletionsHandler:
             encoded.append((text, ids))
         check_priority(st, body.priority)
         rid = new_id("cmpl-")
-        gens = beam_searches(st, body, encoded, checked, rid) if beam else [
-            st.llm.generate(text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority)
+        lora = st.lora_request(body.model)
+        gens = beam_searches(st, body, encoded, checked, rid, lora) if beam else [
+            st.llm.generate(text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority,
+                            lora_request=lora)
             for i, (text, ids) in enumerate(encoded)
         ]  # fmt: skip
-        ctx = _Ctx(rid, int(time.time()), st.model_name, body, encoded, drop_output)
+        ctx = _Ctx(rid, int(time.time()), st.response_model(body.model), body, encoded, drop_output)
         if body.stream and not beam:
             return StreamingResponse(self._stream(ctx, gens), media_type="text/event-stream")
         response = self._response(ctx, await until_disconnect(request, collect_all(gens)))

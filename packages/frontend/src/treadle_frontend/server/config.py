@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from treadle_frontend.server.lora import LoRAModule
 from treadle_frontend.server.reply import REASONING_PARSERS
 from treadle_frontend.server.tool_calls import PARSERS
 
@@ -32,6 +33,9 @@ class ServerConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    lora_modules: tuple[
+        LoRAModule, ...
+    ] = ()  # LoRA adapters served as models (--lora-modules; needs enable_lora)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,6 +62,11 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(
                 f"reasoning_parser {self.reasoning_parser!r} is not one of: {', '.join(REASONING_PARSERS)}"
+            )
+        clash = {m.name for m in self.lora_modules} & {*names, *self.model_aliases}
+        if clash:
+            raise ValueError(
+                f"LoRA adapter name(s) {sorted(clash)} are also served model names; rename the adapters"
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty; omit --api-key to serve without authentication")

@@ -160,7 +160,9 @@ class MessagesHandler:
         )
         st.llm.input_processor.check_length(ids, params.clone())
         mid = new_id("msg_")
-        gen = st.llm.generate(text, params, mid, prompt_token_ids=ids)
+        gen = st.llm.generate(
+            text, params, mid, prompt_token_ids=ids, lora_request=st.lora_request(body.model)
+        )
         if body.stream:
             stream = self._stream(mid, len(ids), gen, tools, forced, body.tools)
             return StreamingResponse(stream, media_type="text/event-stream")

@@ -197,3 +197,17 @@ class RerankRequest(_Body):
     add_special_tokens: bool = True
     priority: int = 0
     truncate_prompt_tokens: int | None = None
+
+
+class LoadLoRAAdapterRequest(_Body):
+    """vLLM's POST /v1/load_lora_adapter (with TREADLE_ALLOW_RUNTIME_LORA_UPDATING)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    lora_name: str
+    lora_int_id: int | None = None  # accepted, as vLLM accepts it; the name decides

@@ -131,7 +131,9 @@ class ResponsesHandler:
             params = params.clone(structured_outputs=so)
         ip.check_length(ids, params.clone())
         rid = new_id("resp_")
-        gen = st.llm.generate(text, params, rid, prompt_token_ids=ids)
+        gen = st.llm.generate(
+            text, params, rid, prompt_token_ids=ids, lora_request=st.lora_request(body.model)
+        )
         created = int(time.time())
         reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools)
         if body.stream:

@@ -1,0 +1,160 @@
+"""LoRA end to end on a tiny random Llama with two PEFT adapters: the offline LLM (in-process and with its engine
+in a process of its own) gives PEFT's greedy continuations for a list mixing the base model and both adapters, even
+with one adapter slot (max_loras=1); a bad adapter fails its request; `treadle serve --enable-lora --lora-modules`
+lists the adapters and runs the one a request's `model` names, through the real openai SDK, and a bad one stops
+the server before it serves.
+
+E2E_LORA_PORT pins the servers' port (default: a free one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers as tf
+from e2e_helpers import API_KEY, MODEL_NAME, RealServer, start_server
+from tiny_assets import build_tokenizer_dir
+
+from treadle import LLM, LoRARequest, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packages" / "model-runner" / "tests"))
+from lora_fixtures import PeftReference, save_adapter
+
+PORT = int(os.environ.get("E2E_LORA_PORT", "0")) or None
+ENGINE: dict[str, Any] = {"max_model_len": 128, "kv_cache_space": 0.02, "dtype": "float32"}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[5 + i, 40 + 3 * i, 17, 200 - i, 9] for i in range(6)]
+ADAPTER_OF = [None, "sql", "poet", "sql", "poet", None]
+
+
+@dataclass
+class Tiny:
+    model: Path
+    adapters: dict[str, Path]
+    peft: PeftReference
+
+    def request(self, name: str | None) -> LoRARequest | None:
+        if name is None:
+            return None
+        return LoRARequest(name, list(self.adapters).index(name) + 1, str(self.adapters[name]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    root = tmp_path_factory.mktemp("lora_e2e")
+    model = build_tokenizer_dir(root / "model")
+    config = tf.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    hf = tf.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape) * 0.15)
+    hf.save_pretrained(model, safe_serialization=True)
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapters = {
+        "sql": save_adapter(hf, root / "sql", seed=1, r=8, alpha=16, targets=every),
+        "poet": save_adapter(hf, root / "poet", seed=2, r=4, alpha=8, targets=every[1:3] + every[-1:]),
+    }
+    return Tiny(model, adapters, PeftReference(hf, adapters))
+
+
+def _generate(llm: LLM, tiny: Tiny) -> list[list[int]]:
+    prompts: list[Any] = [{"prompt_token_ids": p} for p in PROMPTS]
+    outs = llm.generate(prompts, GREEDY, lora_request=[tiny.request(a) for a in ADAPTER_OF])
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["inproc", "engine_process"])
+def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process: bool) -> None:
+    llm = LLM(str(tiny.model), engine_process=engine_process, enable_lora=True, max_loras=1, max_lora_rank=8,
+              **ENGINE)  # fmt: skip
+    try:
+        got = _generate(llm, tiny)
+        with pytest.raises(ValueError, match="is not a directory"):
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY,
+                         lora_request=LoRARequest("missing", 9, str(tiny.model / "no-such-adapter")))  # fmt: skip
+    finally:
+        llm.shutdown()
+    want = [tiny.peft.greedy(a, p, 8) for p, a in zip(PROMPTS, ADAPTER_OF, strict=True)]
+    assert got == want
+    assert got[0] != got[1] != got[2]  # the adapters change the continuations
+
+
+# ---- the server --------------------------------------------------------------------------------------------------
+def _serve_args(tiny: Tiny, *modules: str) -> list[str]:
+    return ["--load-format", "auto", "--dtype", "float32", "--enable-lora", "--max-loras", "2",
+            "--max-lora-rank", "8", "--lora-modules", *modules]  # fmt: skip
+
+
+def test_a_bad_adapter_stops_the_server_before_it_serves(tiny: Tiny, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"r": 64, "lora_alpha": 8}))
+    message = r"exited with 3[\s\S]*LoRA rank 64 is greater than max_lora_rank 8"
+    with pytest.raises(RuntimeError, match=message):
+        start_server(tiny.model, tmp_path / "server.log", _serve_args(tiny, f"bad={bad}"), port=PORT).stop()
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    poet = json.dumps({"name": "poet", "path": str(tiny.adapters["poet"])})  # vLLM's JSON form
+    extra = _serve_args(tiny, f"sql={tiny.adapters['sql']}", poet)
+    os.environ["TREADLE_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    try:
+        server = start_server(tiny.model, tmp_path_factory.mktemp("logs") / "server.log", extra, port=PORT)
+    finally:
+        del os.environ["TREADLE_ALLOW_RUNTIME_LORA_UPDATING"]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_server_selects_the_adapter_by_model(tiny: Tiny, lora_server: RealServer) -> None:
+    client = openai.OpenAI(base_url=lora_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    models = {m.id: m for m in client.models.list().data}
+    assert list(models) == [MODEL_NAME, "sql", "poet"]
+    assert models["sql"].model_extra == {**models["sql"].model_extra, "parent": MODEL_NAME,
+                                         "root": str(tiny.adapters["sql"])}  # fmt: skip
+    assert getattr(client.models.retrieve("poet"), "parent", None) == MODEL_NAME
+    for model, adapter in ((MODEL_NAME, None), ("sql", "sql"), ("poet", "poet")):
+        out = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+        assert out.model == model
+        assert out.choices[0].model_extra["token_ids"] == tiny.peft.greedy(adapter, PROMPTS[1], 8), model
+    hi: Any = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="poet", messages=hi, max_tokens=3)
+    assert chat.model == "poet" and chat.usage is not None and chat.usage.completion_tokens >= 1
+    with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
+        client.completions.create(model="nope", prompt="hi", max_tokens=1)
+
+
+def test_runtime_load_and_unload(tiny: Tiny, lora_server: RealServer) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    url = lora_server.url + "/v1"
+    body = {"lora_name": "sql2", "lora_path": str(tiny.adapters["sql"])}
+    loaded = httpx.post(f"{url}/load_lora_adapter", json=body, headers=headers, timeout=60)
+    assert loaded.status_code == 200 and "added successfully" in loaded.text
+    again = httpx.post(f"{url}/load_lora_adapter", json=body, headers=headers, timeout=60)
+    assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+    client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
+    out = client.completions.create(model="sql2", prompt=PROMPTS[2], max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    assert out.choices[0].model_extra["token_ids"] == tiny.peft.greedy("sql", PROMPTS[2], 8)
+    for status in (200, 404):  # unloaded, then unknown
+        unload = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "sql2"}, headers=headers)
+        assert unload.status_code == status
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="sql2", prompt="hi", max_tokens=1)
