@@ -68,3 +68,35 @@ class PeftReference:
             return [int(t) for t in out[0, len(prompt) :]]
 
         return list(self._run(adapter, generate))
+
+
+def write_adapter(
+    directory: Path, hf_config: Any, seed: int, r: int, alpha: float, targets: list[str]
+) -> Path:
+    """A random LoRA adapter in PEFT's format written without PEFT (the GPU machine has no PEFT): every layer's
+    `targets` get A [r, in] and B [out, r] of std 0.1."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // hf_config.num_attention_heads
+    q, kv = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}  # fmt: skip
+    parent = {
+        name: "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn" for name in shapes
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(hf_config.num_hidden_layers):
+        for name in targets:
+            in_features, out_features = shapes[name]
+            prefix = f"base_model.model.model.layers.{layer}.{parent[name]}.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_features, generator=gen) * 0.1
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, r, generator=gen) * 0.1
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "bias": "none"}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory

@@ -182,3 +182,47 @@ def test_lora_requests_need_enable_lora(tiny: Tiny) -> None:
         LoRARequest("zero", 0, "/nowhere")
     with pytest.raises(ValueError, match="max_cpu_loras \\(1\\) must be >= max_loras \\(2\\)"):
         LoRAConfig(enable_lora=True, max_loras=2, max_cpu_loras=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Path) -> None:
+    """fp32, Triton attention: decode steps replay the decode graphs and prefills the piecewise ones, with the
+    adapters' slots and the token mask read from their persistent buffers; tokens and hidden states equal eager's."""
+    from lora_fixtures import write_adapter
+
+    from treadle_model_runner import CacheConfig, ModelConfig
+    from treadle_model_runner.runner import ModelRunner
+
+    config = tf.LlamaConfig(**COMMON)
+    hf = tf.LlamaForCausalLM(config)
+    perturb_(hf.eval(), seed=4, std=0.15)
+    hf.save_pretrained(tmp_path / "base", safe_serialization=True)
+    lora = {"a": LoRARequest("a", 1, str(write_adapter(tmp_path / "a", config, 1, 8, 16, ALL_TARGETS))),
+            "b": LoRARequest("b", 2, str(write_adapter(tmp_path / "b", config, 2, 4, 8, ["q_proj", "down_proj"])))}  # fmt: skip
+    gen = torch.Generator().manual_seed(9)
+    adapters = [None, "a", "b", "a", "b", None, "a"]
+    prompts = [torch.randint(1, 160, (n,), generator=gen).tolist() for n in (5, 40, 17, 3, 60, 11, 8)]
+    results = []
+    for eager in (True, False):
+        model_config = ModelConfig(str(tmp_path / "base"), dtype="float32", attention_backend="triton",
+                                   enforce_eager=eager)  # fmt: skip
+        runner = ModelRunner(model_config, CacheConfig(block_size=16, num_gpu_blocks_override=64), 8, 64, "cuda",
+                             lora_config=LoRAConfig(enable_lora=True, max_loras=2, max_lora_rank=8))  # fmt: skip
+        runner.load_model()
+        runner.initialize_kv_cache()
+        replays: list[int] = []
+        if not eager:
+            assert runner.graphs is not None and runner.piecewise is not None
+            replay, log = runner.graphs.replay, replays.append
+            runner.graphs.replay = lambda size, r=replay, log=log: (log(size), r(size))[1]  # type: ignore[method-assign]
+        hidden = record_hidden(runner)
+        sched = FakeScheduler(runner, seed=2)
+        for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
+            sched.add(f"r{i}", prompt, max_tokens=12, lora_request=lora[adapter] if adapter else None)
+        results.append((sched.run(budget=64), [h.cpu() for h in hidden]))
+        assert eager or len(replays) >= 5, replays
+    (tokens, hidden), (graph_tokens, graph_hidden) = results
+    assert graph_tokens == tokens
+    for h, h_graph in zip(hidden, graph_hidden, strict=True):
+        torch.testing.assert_close(h_graph, h, atol=1e-4, rtol=1e-4)
