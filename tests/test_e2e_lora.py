@@ -134,6 +134,11 @@ def test_server_selects_the_adapter_by_model(tiny: Tiny, lora_server: RealServer
                                         extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
         assert out.model == model
         assert out.choices[0].model_extra["token_ids"] == tiny.peft.greedy(adapter, PROMPTS[1], 8), model
+    for model, adapter in ((MODEL_NAME, None), ("poet", "poet")):  # pooling runs under the adapter too
+        embedding = client.embeddings.create(model=model, input=[PROMPTS[3]], encoding_format="float")
+        assert embedding.model == model
+        want = tiny.peft.embedding(adapter, PROMPTS[3]).tolist()
+        assert embedding.data[0].embedding == pytest.approx(want, abs=1e-4), model
     hi: Any = [{"role": "user", "content": "hi"}]
     chat = client.chat.completions.create(model="poet", messages=hi, max_tokens=3)
     assert chat.model == "poet" and chat.usage is not None and chat.usage.completion_tokens >= 1

@@ -61,6 +61,15 @@ class PeftReference:
         """[len(tokens), vocab] fp32 logits of every position."""
         return self._run(adapter, lambda: self.model(input_ids=torch.tensor([tokens])).logits[0].float())
 
+    def embedding(self, adapter: str | None, tokens: list[int]) -> torch.Tensor:
+        """The last token's final hidden state (after the final norm), L2-normalised: last-token pooling."""
+
+        def run() -> torch.Tensor:
+            out = self.model(input_ids=torch.tensor([tokens]), output_hidden_states=True)
+            return torch.nn.functional.normalize(out.hidden_states[-1][0, -1].float(), dim=0)
+
+        return self._run(adapter, run)
+
     def greedy(self, adapter: str | None, prompt: list[int], max_new_tokens: int) -> list[int]:
         def generate() -> list[int]:
             out = self.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens,

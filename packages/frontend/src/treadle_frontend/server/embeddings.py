@@ -44,8 +44,10 @@ async def embed_inputs(
     priority: int = 0,
     prefix: str = "embd-",
     truncate: int | None = None,
+    model: str | None = None,
 ) -> tuple[str, list[list[float]], int]:
-    """(request id, each item's embedding, prompt tokens in all): the engine runs one pooling request per item."""
+    """(request id, each item's embedding, prompt tokens in all): the engine runs one pooling request per item
+    (under the LoRA adapter `model` names, if it names one)."""
     params = embedding_params().clone(output_kind=RequestOutputKind.FINAL_ONLY)
     ip = st.llm.input_processor
     encoded = []
@@ -63,10 +65,12 @@ async def embed_inputs(
         encoded.append((text, ids))
     check_priority(st, priority)
     rid = new_id(prefix)
+    lora = st.lora_request(model)
     gens = [
-        st.llm.generate(text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=priority)
+        st.llm.generate(text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=priority,
+                        lora_request=lora)
         for i, (text, ids) in enumerate(encoded)
-    ]
+    ]  # fmt: skip
     finals = await until_disconnect(request, collect_all(gens))
     if any(out.embedding is None for out in finals):
         raise APIError(500, "the engine returned no embedding", code="internal_error")
@@ -91,6 +95,7 @@ class EmbeddingsHandler:
             add_special_tokens=body.add_special_tokens,
             priority=body.priority,
             truncate=body.truncate_prompt_tokens,
+            model=body.model,
         )
         data = []
         for i, vector in enumerate(vectors):
@@ -102,7 +107,7 @@ class EmbeddingsHandler:
             "id": rid,
             "object": "list",
             "created": int(time.time()),
-            "model": st.model_name,
+            "model": st.response_model(body.model),
             "data": data,
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
         })  # fmt: skip

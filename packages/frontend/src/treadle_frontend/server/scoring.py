@@ -40,7 +40,7 @@ class ScoringHandler:
         distinct = list(dict.fromkeys(texts))
         rid, vectors, tokens = await embed_inputs(
             self.state, list(distinct), request, param, add_special_tokens=body.add_special_tokens,
-            priority=body.priority, prefix="score-", truncate=body.truncate_prompt_tokens,
+            priority=body.priority, prefix="score-", truncate=body.truncate_prompt_tokens, model=body.model,
         )  # fmt: skip
         return rid, dict(zip(distinct, vectors, strict=True)), tokens
 
@@ -54,7 +54,7 @@ class ScoringHandler:
             for i, (a, b) in enumerate(pairs)
         ]
         return JSONResponse({
-            "id": rid, "object": "list", "created": int(time.time()), "model": st.model_name, "data": data,
+            "id": rid, "object": "list", "created": int(time.time()), "model": st.response_model(body.model), "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })  # fmt: skip
 
@@ -76,6 +76,7 @@ class ScoringHandler:
             if body.return_documents:
                 result["document"] = {"text": body.documents[i]}
             results.append(result)
+        model = st.response_model(body.model)
         return JSONResponse(
-            {"id": rid, "model": st.model_name, "usage": {"total_tokens": tokens}, "results": results}
+            {"id": rid, "model": model, "usage": {"total_tokens": tokens}, "results": results}
         )
