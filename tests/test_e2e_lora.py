@@ -25,7 +25,7 @@ import transformers as tf
 from e2e_helpers import API_KEY, MODEL_NAME, RealServer, start_server
 from tiny_assets import build_tokenizer_dir
 
-from treadle import LLM, LoRARequest, SamplingParams
+from treadle import LLM, BeamSearchParams, LoRARequest, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packages" / "model-runner" / "tests"))
 from lora_fixtures import PeftReference, save_adapter
@@ -82,6 +82,9 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
               **ENGINE)  # fmt: skip
     try:
         got = _generate(llm, tiny)
+        # beam search runs every step under the adapter: one beam is the adapter's greedy continuation
+        beam = llm.beam_search([{"prompt_token_ids": PROMPTS[1]}], BeamSearchParams(1, max_tokens=8, ignore_eos=True),
+                               lora_request=tiny.request("sql"))  # fmt: skip
         with pytest.raises(ValueError, match="is not a directory"):
             llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY,
                          lora_request=LoRARequest("missing", 9, str(tiny.model / "no-such-adapter")))  # fmt: skip
@@ -90,6 +93,7 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
     want = [tiny.peft.greedy(a, p, 8) for p, a in zip(PROMPTS, ADAPTER_OF, strict=True)]
     assert got == want
     assert got[0] != got[1] != got[2]  # the adapters change the continuations
+    assert beam[0].sequences[0].tokens == PROMPTS[1] + want[1]
 
 
 # ---- the server --------------------------------------------------------------------------------------------------
@@ -139,6 +143,10 @@ def test_server_selects_the_adapter_by_model(tiny: Tiny, lora_server: RealServer
         assert embedding.model == model
         want = tiny.peft.embedding(adapter, PROMPTS[3]).tolist()
         assert embedding.data[0].embedding == pytest.approx(want, abs=1e-4), model
+    beam = client.completions.create(model="sql", prompt=PROMPTS[1], max_tokens=8, n=1,
+                                     extra_body={"use_beam_search": True, "ignore_eos": True,
+                                                 "return_token_ids": True})  # fmt: skip
+    assert beam.choices[0].model_extra["token_ids"] == tiny.peft.greedy("sql", PROMPTS[1], 8)
     hi: Any = [{"role": "user", "content": "hi"}]
     chat = client.chat.completions.create(model="poet", messages=hi, max_tokens=3)
     assert chat.model == "poet" and chat.usage is not None and chat.usage.completion_tokens >= 1
