@@ -216,16 +216,16 @@ def test_pruning_rules() -> None:
     ],
 )
 def test_params_validated(fields: dict[str, Any], message: str) -> None:
-    from treadle import BeamSearchParams
+    from treadle_frontend import BeamSearchParams
 
     with pytest.raises(ValueError, match=message):
         BeamSearchParams(**fields)
 
 
 def test_exports() -> None:
-    import treadle
     import treadle_frontend
     from treadle_frontend.beam_search import BeamSearchParams
 
-    assert treadle.BeamSearchParams is treadle_frontend.BeamSearchParams is BeamSearchParams
-    assert "BeamSearchParams" in treadle.__all__ and "BeamSearchParams" in treadle_frontend.__all__
+    # the meta-package's re-export: tests/test_exports.py (this package's venv does not hold `treadle`)
+    assert treadle_frontend.BeamSearchParams is BeamSearchParams
+    assert "BeamSearchParams" in treadle_frontend.__all__
