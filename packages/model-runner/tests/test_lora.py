@@ -19,23 +19,12 @@ import torch
 import transformers as tf
 from lora_fixtures import PeftReference, save_adapter
 from safetensors.torch import load_file, save_file
+from test_models import COMMON  # the tiny HF configs the model tests build
 from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
 from treadle_model_runner.config import LoRAConfig
 from treadle_model_runner.lora import LoRARequest
 
-COMMON = dict(
-    vocab_size=160,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    eos_token_id=None,
-    bos_token_id=None,
-    pad_token_id=0,
-)
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
