@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -82,6 +83,7 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
               **ENGINE)  # fmt: skip
     try:
         got = _generate(llm, tiny)
+        embedded = llm.embed([{"prompt_token_ids": PROMPTS[3]}], lora_request=tiny.request("poet"))
         # beam search runs every step under the adapter: one beam is the adapter's greedy continuation
         beam = llm.beam_search([{"prompt_token_ids": PROMPTS[1]}], BeamSearchParams(1, max_tokens=8, ignore_eos=True),
                                lora_request=tiny.request("sql"))  # fmt: skip
@@ -94,6 +96,8 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
     assert got == want
     assert got[0] != got[1] != got[2]  # the adapters change the continuations
     assert beam[0].sequences[0].tokens == PROMPTS[1] + want[1]
+    poet = tiny.peft.embedding("poet", PROMPTS[3]).tolist()
+    assert embedded[0].outputs.embedding == pytest.approx(poet, abs=1e-4)
 
 
 # ---- the server --------------------------------------------------------------------------------------------------
@@ -152,6 +156,13 @@ def test_server_selects_the_adapter_by_model(tiny: Tiny, lora_server: RealServer
     assert chat.model == "poet" and chat.usage is not None and chat.usage.completion_tokens >= 1
     with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
         client.completions.create(model="nope", prompt="hi", max_tokens=1)
+    # every route answers with the adapter's name: Anthropic's messages (whole and streamed) and Responses
+    claude = anthropic.Anthropic(base_url=lora_server.url, api_key=API_KEY, max_retries=0, timeout=60)
+    kw: dict[str, Any] = dict(model="sql", max_tokens=3, messages=hi, extra_body={"temperature": 0})
+    assert claude.messages.create(**kw).model == "sql"
+    events = list(claude.messages.create(stream=True, **kw))
+    assert events[0].type == "message_start" and events[0].message.model == "sql"
+    assert client.responses.create(model="poet", input="hi", max_output_tokens=3).model == "poet"
 
 
 def test_runtime_load_and_unload(tiny: Tiny, lora_server: RealServer) -> None:
@@ -162,6 +173,8 @@ def test_runtime_load_and_unload(tiny: Tiny, lora_server: RealServer) -> None:
     assert loaded.status_code == 200 and "added successfully" in loaded.text
     again = httpx.post(f"{url}/load_lora_adapter", json=body, headers=headers, timeout=60)
     assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+    base = httpx.post(f"{url}/load_lora_adapter", json={**body, "lora_name": MODEL_NAME}, headers=headers)
+    assert base.status_code == 400 and "is a served model name" in base.json()["error"]["message"]
     client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
     out = client.completions.create(model="sql2", prompt=PROMPTS[2], max_tokens=8, temperature=0,
                                     extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip

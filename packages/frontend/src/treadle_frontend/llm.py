@@ -136,11 +136,15 @@ class LLM:
         return self._run(encoded, sampling_params, use_tqdm, priority, lora_request)
 
     def embed(
-        self, prompts: PromptType | Sequence[PromptType], use_tqdm: bool = True
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        use_tqdm: bool = True,
+        lora_request: LoRARequests = None,
     ) -> list[EmbeddingRequestOutput]:
         """vLLM's LLM.embed on a decoder model: each prompt's embedding, the L2-normalised final hidden state of its
-        last token (last-token pooling); `out.outputs.embedding` is a list of hidden_size floats."""
-        outs = self.generate(prompts, embedding_params(), use_tqdm)
+        last token (last-token pooling); `out.outputs.embedding` is a list of hidden_size floats. `lora_request`:
+        as in `generate`."""
+        outs = self.generate(prompts, embedding_params(), use_tqdm, lora_request=lora_request)
         return [
             EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding or []))
             for o in outs

@@ -79,7 +79,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for module in config.lora_modules:  # a bad adapter fails the start-up (server/lora.py)
-            await state.loras.load(llm, module.name, module.path, module.base_model_name or name)
+            # vLLM's parent: the base_model_name given, when it is a name this server serves
+            parent = module.base_model_name if module.base_model_name in state.model_names else name
+            await state.loras.load(llm, module.name, module.path, parent)
         task = None if config.disable_log_stats else asyncio.create_task(_stats_loop(state))
         try:
             yield
@@ -205,6 +207,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
 
         @v1.post("/v1/load_lora_adapter")
         async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Any:
+            if body.lora_name in state.model_names or body.lora_name in config.model_aliases:
+                raise APIError(400, f"The lora adapter name '{body.lora_name}' is a served model name; name the "
+                               "adapter otherwise", param="lora_name")  # fmt: skip
             try:
                 await state.loras.load(llm, body.lora_name, body.lora_path, name)
             except ValueError as e:

@@ -164,7 +164,9 @@ class MessagesHandler:
             text, params, mid, prompt_token_ids=ids, lora_request=st.lora_request(body.model)
         )
         if body.stream:
-            stream = self._stream(mid, len(ids), gen, tools, forced, body.tools)
+            stream = self._stream(
+                mid, len(ids), gen, tools, forced, body.tools, st.response_model(body.model)
+            )
             return StreamingResponse(stream, media_type="text/event-stream")
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
@@ -180,7 +182,7 @@ class MessagesHandler:
                 "id": mid,
                 "type": "message",
                 "role": "assistant",
-                "model": st.model_name,
+                "model": st.response_model(body.model),
                 "content": blocks,
                 "stop_reason": "tool_use" if calls and reason != "max_tokens" else reason,
                 "stop_sequence": seq,
@@ -189,13 +191,13 @@ class MessagesHandler:
         )
 
     def _opening(
-        self, mid: str, num_input: int, num_cached: int, blocks: BlockStream, on_demand: bool
+        self, mid: str, num_input: int, num_cached: int, blocks: BlockStream, on_demand: bool, model: str
     ) -> list[str]:
         message: dict[str, Any] = {
             "id": mid,
             "type": "message",
             "role": "assistant",
-            "model": self.state.model_name,
+            "model": model,
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
@@ -212,6 +214,7 @@ class MessagesHandler:
         tools: str | None,
         forced: Any,
         definitions: list[Any] | None,
+        model: str,
     ) -> AsyncIterator[str]:
         """message_start waits for the engine's first output, which knows the prompt's prefix-cache hits."""
         num_output, num_cached = 0, 0
@@ -225,7 +228,7 @@ class MessagesHandler:
             async for out in gen:
                 if not started:
                     num_cached, started = out.num_cached_tokens or 0, True
-                    for event in self._opening(mid, num_input, num_cached, blocks, on_demand):
+                    for event in self._opening(mid, num_input, num_cached, blocks, on_demand, model):
                         yield event
                 c = out.outputs[0]
                 num_output += len(c.token_ids)
@@ -244,7 +247,7 @@ class MessagesHandler:
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
         if not started:  # the stream ended without an output (not expected from the engine)
-            for event in self._opening(mid, num_input, 0, blocks, on_demand):
+            for event in self._opening(mid, num_input, 0, blocks, on_demand, model):
                 yield event
         if blocks.index < 0:  # a reply with no block at all (an empty reply under a reasoning parser)
             for event in blocks.start_text():

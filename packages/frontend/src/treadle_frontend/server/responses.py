@@ -163,7 +163,7 @@ class ResponsesHandler:
         fmt = (body.text or {}).get("format") or {"type": "text"}
         choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
         return {
-            "id": rid, "object": "response", "created_at": created, "model": self.state.model_name,
+            "id": rid, "object": "response", "created_at": created, "model": self.state.response_model(body.model),
             "status": status, "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
