@@ -151,6 +151,12 @@ def test_chat_equal_offline_and_streamed(served: tuple[openai.OpenAI, Any]) -> N
         ("completions", {"allowed_token_ids": [5]}, "allowed_token_ids", "cannot be combined with use_beam"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format", "cannot be combined with"),
         ("chat", {"n": 0}, "n", r"^with use_beam_search, n must be in \[1, inf\], got 0"),
+        (
+            "chat",
+            {"n": 2, "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+            r"^top_logprobs must be in \[0, 20\]",
+        ),
     ],
 )
 def test_bad_requests(

@@ -109,3 +109,18 @@ def test_whole_vocabulary_where_the_engine_allows_it(unlimited: Any, tokenizer: 
         f"Requested sample logprobs of {vocab + 1}, which is greater than max allowed: {vocab}"
     )
     assert param == "logprobs"
+
+
+def test_streamed_chat_takes_prompt_logprobs_zero(fake_server: Any) -> None:
+    """vLLM refuses prompt_logprobs > 0 or -1 with stream; 0 asks for nothing and is accepted."""
+    client = openai_client(fake_server.url, "sekret")
+    chunks = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    message, param = _bad_request(
+        lambda: client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 1}
+        )
+    )
+    assert param == "prompt_logprobs" and "not available when stream is true" in message

@@ -25,6 +25,9 @@ def test_exactly_one_constraint_and_named_errors() -> None:
         S(regex="a", choice=["a"])
     with pytest.raises(ValueError, match="choice: a non-empty list"):
         S(choice=[])
+    for kind in ("grammar", "regex", "json"):  # not text: named, before xgrammar's binding sees it
+        with pytest.raises(ValueError, match=rf"structured_outputs\.{kind}: a string is required, got int"):
+            S(**{kind: 123})
     with pytest.raises(ValueError, match=r"structured_outputs\.json: Unsupported type"):
         S(json={"type": "nonsense"}).build()
     with pytest.raises(ValueError, match=r"structured_outputs\.regex: Regex parsing error"):

@@ -40,6 +40,12 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
             self.json = jsonlib.dumps(self.json)
+        for name in ("json", "regex", "grammar"):  # a JSON schema arrives as text or, above, a dict
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(
+                    f"structured_outputs.{name}: a string is required, got {type(value).__name__}"
+                )
         set_ = [k for k in KINDS if getattr(self, k) not in (None, False)]
         if len(set_) != 1:
             raise ValueError(

@@ -78,10 +78,11 @@ def beam_searches(
         )
     model = state.llm.input_processor.model
     limit = model.vocab_size if model.max_logprobs == -1 else model.max_logprobs
-    # completions' int (chat's top_logprobs is checked by its route)
-    num_top = getattr(body, "logprobs", None)
+    # completions' logprobs (an int) or chat's top_logprobs: within the engine's max_logprobs, as without beams
+    field = "top_logprobs" if isinstance(getattr(body, "logprobs", None), bool) else "logprobs"
+    num_top = getattr(body, field, None)
     if not isinstance(num_top, bool) and isinstance(num_top, int) and not 0 <= num_top <= limit:
-        raise APIError(400, f"logprobs must be in [0, {limit}], got {num_top}", param="logprobs")
+        raise APIError(400, f"{field} must be in [0, {limit}], got {num_top}", param=field)
     if 2 * body.n > limit:
         raise APIError(
             400,

@@ -85,13 +85,16 @@ class ChatHandler:
         forced = forced_schema(body.tools, body.tool_choice) if choice in ("required", "function") else None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
-        if body.stream and body.prompt_logprobs is not None:
+        prompt_logprobs = None if body.stream and body.prompt_logprobs == 0 else body.prompt_logprobs
+        if (
+            body.stream and prompt_logprobs is not None
+        ):  # vLLM refuses > 0 and -1; 0 asks for nothing streamed
             raise APIError(
                 400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
             )
         beam = body.use_beam_search  # server/beam.py: most sampling fields are ignored, as vLLM ignores them
         params = length_params(body, max_tokens) if beam else sampling_params(
-            st, body, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs, kind=kind,
+            st, body, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, kind=kind,
             logprobs_field="top_logprobs",
         )  # fmt: skip
         if forced is not None and not beam:  # decoding constrained to the call's JSON
