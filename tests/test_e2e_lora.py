@@ -117,7 +117,8 @@ def test_a_bad_adapter_stops_the_server_before_it_serves(tiny: Tiny, tmp_path: P
 
 @pytest.fixture(scope="module")
 def lora_server(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
-    poet = json.dumps({"name": "poet", "path": str(tiny.adapters["poet"])})  # vLLM's JSON form
+    # vLLM's JSON form; a base_model_name the server does not serve leaves the parent the served model
+    poet = json.dumps({"name": "poet", "path": str(tiny.adapters["poet"]), "base_model_name": "not-served"})
     extra = _serve_args(tiny, f"sql={tiny.adapters['sql']}", poet)
     os.environ["TREADLE_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     try:
