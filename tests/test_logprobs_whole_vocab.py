@@ -134,9 +134,8 @@ def test_max_logprobs_limits_in_vllm_words(tiny: Path, llm: Any) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=25, prompt_logprobs=25)
         out = capped.generate([PROMPT], params, use_tqdm=False)[0]
         assert out.outputs[0].logprobs is not None
-        assert all(
-            len(p) in (25, 26) for p in out.outputs[0].logprobs
-        )  # the top 25, plus the chosen if not in them
+        # the top 25, plus the chosen if not in them
+        assert all(len(p) in (25, 26) for p in out.outputs[0].logprobs)
         assert out.prompt_logprobs is not None and all(len(p) in (25, 26) for p in out.prompt_logprobs[1:])
         for params, words in (
             (

@@ -82,9 +82,8 @@ def test_echo_opens_the_reply_with_the_message_it_continues(client: openai.OpenA
     continued = {"continue_final_message": True, "add_generation_prompt": False}
     reply = content(False, CONTINUED, **continued)
     assert reply and content(True, CONTINUED, **continued) == "Zero," + reply
-    assert content(True, CONTINUED[:1]) == content(
-        False, CONTINUED[:1]
-    )  # a new assistant turn: nothing echoed
+    # a new assistant turn: nothing echoed
+    assert content(True, CONTINUED[:1]) == content(False, CONTINUED[:1])
 
 
 def test_tokenize_renders_messages_as_the_chat_route(server: Any, client: openai.OpenAI) -> None:

@@ -28,6 +28,15 @@ def _positions(rng: random.Random, vocab: int, n: int) -> list[tuple[list[int], 
     return out
 
 
+def _eager(texts: TokenTexts, ids: list[int], values: list[float], rank: int | None) -> dict[int, Logprob]:
+    """The reference: one position's dict built entry by entry, the chosen token first (kept once, its own rank)."""
+    out: dict[int, Logprob] = {}
+    for i, (tok, value) in enumerate(zip(ids, values, strict=True)):
+        if tok not in out:
+            out[tok] = Logprob(logprob=value, rank=rank if i == 0 else i, decoded_token=texts.text(tok))
+    return out
+
+
 @pytest.fixture
 def texts(tokenizer: Any) -> TokenTexts:
     return TokenTexts(tokenizer, TokenDecoder(tokenizer))
@@ -40,7 +49,7 @@ def test_reads_back_what_eager_decoding_builds(texts: TokenTexts) -> None:
     flat = PositionLogprobs(texts)
     for ids, values, rank in positions:
         flat.append_position(ids, values, rank)
-    eager = [texts.decode_position(ids, values, rank) for ids, values, rank in positions]
+    eager = [_eager(texts, ids, values, rank) for ids, values, rank in positions]
     assert len(flat) == len(eager) == 40
     assert list(flat) == eager and flat == eager and eager == list(flat)
     assert [flat[i] for i in range(-40, 0)] == eager
@@ -97,7 +106,7 @@ def test_prompt_logprobs_start_with_none(texts: TokenTexts) -> None:
     assert len(prompt) == 1 and list(prompt) == [None] and prompt[0] is None and prompt == [None]
     for ids, values, rank in positions:
         prompt.positions.append_position(ids, values, rank)
-    eager = [None, *(texts.decode_position(ids, values, rank) for ids, values, rank in positions)]
+    eager = [None, *(_eager(texts, ids, values, rank) for ids, values, rank in positions)]
     assert len(prompt) == 10 and list(prompt) == eager and prompt == eager and eager == prompt
     assert (
         [prompt[i] for i in range(-10, 0)] == eager

@@ -32,7 +32,7 @@ from typing import Any
 
 from treadle_frontend.input_processor import InputProcessor, PromptType
 from treadle_frontend.outputs import Logprob, RequestOutput
-from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams, logprobs_limit
 
 # one step of one beam: token id -> its Logprob (the engine's top-k, and the token it sampled)
 Candidates = dict[int, Logprob]
@@ -72,7 +72,7 @@ class BeamSearchParams:
     def check_width(self, max_logprobs: int, vocab_size: int) -> None:
         """ValueError when the engine's max_logprobs (-1: the whole vocabulary) cannot return the 2 * beam_width
         candidates a step asks for (vLLM fails there too, in its logprobs check)."""
-        limit = vocab_size if max_logprobs == -1 else max_logprobs
+        limit = logprobs_limit(max_logprobs, vocab_size)
         if 2 * self.beam_width > limit:
             raise ValueError(
                 f"beam_width {self.beam_width} is too wide: each step asks for the 2 * beam_width most likely next "

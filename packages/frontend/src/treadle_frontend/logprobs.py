@@ -96,12 +96,6 @@ class TokenTexts:
         self._bytes[token_id] = result
         return result
 
-    def decode_position(
-        self, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
-    ) -> dict[int, Logprob]:
-        """One position's logprobs as {token_id: Logprob}; the chosen token comes first."""
-        return position_dict(self, token_ids, logprobs, chosen_rank)
-
 
 def position_dict(
     texts: TokenTexts | None, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
@@ -116,9 +110,8 @@ def position_dict(
     new = tuple.__new__  # Logprob(...) without its Python-level __new__
     entries = [new(Logprob, entry) for entry in zip(logprobs, ranks, decoded, strict=False)]
     out = dict(zip(token_ids, entries, strict=False))
-    out[token_ids[0]] = entries[
-        0
-    ]  # the chosen token, also in the top-k, keeps its own entry (first, its rank)
+    # the chosen token, also in the top-k, keeps its own entry (first, its rank)
+    out[token_ids[0]] = entries[0]
     return out
 
 

@@ -181,13 +181,18 @@ def num_top_logprobs(value: int | None, vocab_size: int) -> int:
     return vocab_size if value == -1 else min(value, vocab_size)
 
 
+def logprobs_limit(max_logprobs: int, vocab_size: int) -> int:
+    """The most logprobs a request may ask for under the engine's max_logprobs (-1: the whole vocabulary)."""
+    return vocab_size if max_logprobs == -1 else max_logprobs
+
+
 def check_num_logprobs(kind: str, value: int | None, max_logprobs: int, vocab_size: int) -> None:
     """ValueError in vLLM's words when `value` (a request's logprobs, kind "sample", or prompt_logprobs, kind
     "prompt"; -1 = the whole vocabulary) exceeds max_logprobs (-1 = the whole vocabulary)."""
     if not value:
         return
     requested = vocab_size if value == -1 else value
-    limit = vocab_size if max_logprobs == -1 else max_logprobs
+    limit = logprobs_limit(max_logprobs, vocab_size)
     if requested > limit:
         raise ValueError(
             f"Requested {kind} logprobs of {requested}, which is greater than max allowed: {limit}. Ask for at "

@@ -30,7 +30,7 @@ from treadle_frontend.position_logprobs import PositionLogprobs
 from treadle_frontend.server.common import ServerState, sse
 from treadle_frontend.server.errors import APIError
 from treadle_model_runner.lora.request import LoRARequest
-from treadle_model_runner.sampling_params import SamplingParams
+from treadle_model_runner.sampling_params import SamplingParams, logprobs_limit
 
 # constraints this search cannot keep (vLLM's newest filters its candidates by them): a 400, not ignored
 _UNSUPPORTED = (
@@ -76,8 +76,9 @@ def beam_searches(
         raise APIError(
             400, f"best_of ({body.best_of}) must equal n ({body.n}), the beam width", param="best_of"
         )
-    model = state.llm.input_processor.model
-    limit = model.vocab_size if model.max_logprobs == -1 else model.max_logprobs
+    ip = state.llm.input_processor
+    model = ip.model
+    limit = logprobs_limit(model.max_logprobs, model.vocab_size)
     # completions' logprobs (an int) or chat's top_logprobs: within the engine's max_logprobs, as without beams
     field = "top_logprobs" if isinstance(getattr(body, "logprobs", None), bool) else "logprobs"
     num_top = getattr(body, field, None)
@@ -90,10 +91,10 @@ def beam_searches(
             f"server returns at most {limit} logprobs (--max-logprobs); ask for n <= {limit // 2}",
             param="n",
         )
-    ip = state.llm.input_processor
     temperature = body.temperature
     if temperature is None:
         temperature = ip.default_sampling_fields().get("temperature", 1.0)
+    eos_token_id = getattr(ip.tokenizer, "eos_token_id", None)
     searches: list[AsyncIterator[RequestOutput]] = []
     for (text, ids), params in zip(encoded, checked, strict=True):
         try:
@@ -108,7 +109,6 @@ def beam_searches(
         except ValueError as e:  # BeamSearchParams names its field: n is the beam width here
             message = str(e).replace("beam_width", "n", 1)
             raise APIError(400, f"with use_beam_search, {message}", param=message.split(" ", 1)[0]) from None
-        eos_token_id = getattr(ip.tokenizer, "eos_token_id", None)
         search = BeamSearch(ids, beam, eos_token_id, beam.max_tokens, prune_by_score=False)  # vLLM's server
         rid = f"{request_id}-{len(searches)}"
         searches.append(
