@@ -11,6 +11,7 @@ import os
 from treadle_ir.envs import parse_bool
 
 __all__ = [
+    "FP8_LINEAR_MAX_ROWS",
     "FUSED_DECODE_ATTENTION",
     "PDL",
     "SMALL_BATCH_LINEAR_MAX_ROWS",
@@ -39,6 +40,21 @@ def SMALL_BATCH_LINEAR_MAX_ROWS(limit: int) -> int:
         raise ValueError(
             f"TREADLE_SMALL_BATCH_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}"
         )
+    return value
+
+
+def FP8_LINEAR_MAX_ROWS(limit: int) -> int:
+    """Rows up to which ``fp8_linear`` runs the fp8 weight-streaming Triton kernel (``TREADLE_FP8_LINEAR_MAX_ROWS``,
+    0 to ``limit``; default ``limit``); more rows quantize the activations and run ``torch._scaled_mm``."""
+    raw = os.environ.get("TREADLE_FP8_LINEAR_MAX_ROWS")
+    if raw is None:
+        return limit
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= limit:
+        raise ValueError(f"TREADLE_FP8_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}")
     return value
 
 
