@@ -14,6 +14,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto = the model dtype; fp8 = fp8_e4m3
+QUANTIZATIONS = ("fp8",)  # online weight quantization methods (None: weights in the model dtype)
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,17 @@ class ModelConfig:
     tensor_parallel_size: int = 1  # devices (one process each) the model's heads and columns are split across
     # most logprobs / prompt_logprobs a request may ask for (vLLM's max_logprobs); -1 = the whole vocabulary
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
+    # None: weights in the model dtype; "fp8": each dense projection's weight quantized at load to float8_e4m3fn
+    # with one fp32 scale per output channel, activations quantized per token for the fp8 matmul (vLLM's online
+    # fp8; the embedding and lm_head stay in the model dtype)
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization {self.quantization!r} is not supported; supported: {', '.join(QUANTIZATIONS)} "
+                "(or None for weights in the model dtype)"
+            )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format {self.load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
         if self.dtype not in DTYPES:

@@ -135,6 +135,13 @@ def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def max_over_ranks_(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise largest of every rank's `t`, in place (a load-time reduction); returns it."""
+    if _tp.size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_tp.group)
+    return t
+
+
 def min_over_ranks(value: int) -> int:
     """The smallest of every rank's `value` (each rank's KV-cache capacity -> the one all can hold)."""
     if _tp.size == 1:

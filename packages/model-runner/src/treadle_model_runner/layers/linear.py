@@ -14,6 +14,12 @@ shard (column-parallel), `RowParallelLinear` this rank's input columns and sums 
 the vocabulary-parallel embedding and lm_head). Each holds its local slice; the loaders hand it the checkpoint's full
 tensor (`full_shape`) and it keeps its part (`take_shard`), so with one rank nothing changes and with several every
 rank's slices join to the one-rank model exactly (dummy weights included).
+
+fp8 (`quantize_fp8`, once after loading; `quantization="fp8"`): the weight becomes float8_e4m3fn with one fp32
+scale per output channel (`weight_scale`, amax / 448 of the row), the model-dtype copy is freed, and the forward is
+`ops.fp8_linear` (activations quantized per token). A row-parallel layer takes each row's amax over every rank's
+columns, so every rank's fp8 slice is exactly its slice of the one-rank quantization (column-parallel layers hold
+whole rows already). Its activations are quantized per token over the rank's own columns, as vLLM does.
 """
 
 from __future__ import annotations
@@ -24,21 +30,46 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
-from treadle_model_runner.parallel import TensorParallel, all_reduce, get_tp
+from treadle_ir.ops.fp8 import quantize_with_scale, row_scale
+from treadle_model_runner.parallel import TensorParallel, all_reduce, get_tp, max_over_ranks_
 
 if TYPE_CHECKING:
     from treadle_model_runner.lora.layer import LoRASlots
 
 
 class Linear(nn.Linear):
+    weight_scale: torch.Tensor | None  # [out] fp32 once quantized to fp8 (`weight` is then float8_e4m3fn)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # with LoRA enabled: the adapters' slots (lora/layer.py), added to the output; fused paths step aside
         self.lora: LoRASlots | None = None
+        self.register_buffer("weight_scale", None)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether fused ops (norm + projection, activation + projection) may read the plain weight: not with
+        LoRA slots (they need the projection's input rows) nor once quantized to fp8."""
+        return self.lora is None and self.weight_scale is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.linear(x, self.weight, self.bias)
+        if self.weight_scale is not None:
+            y = ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        else:
+            y = ops.linear(x, self.weight, self.bias)
         return y if self.lora is None else self.lora(x, y)
+
+    @torch.no_grad()
+    def quantize_fp8(self) -> None:
+        """Replace the weight by float8_e4m3fn with one fp32 scale per output channel; the original is freed."""
+        amax = self.row_amax(self.weight.abs().amax(dim=1).float())
+        scale = row_scale(amax)  # [out]
+        self.weight = nn.Parameter(quantize_with_scale(self.weight, scale[:, None]), requires_grad=False)
+        self.weight_scale = scale
+
+    def row_amax(self, local: torch.Tensor) -> torch.Tensor:
+        """The largest magnitude of each whole weight row, from this rank's part of it."""
+        return local
 
 
 def checkpoint_shape(module: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:
@@ -122,6 +153,9 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(super().forward(x))
+
+    def row_amax(self, local: torch.Tensor) -> torch.Tensor:
+        return max_over_ranks_(local)  # each rank holds a slice of every row's columns
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         return (self.out_features, self.full_in) if name == "weight" else (self.out_features,)

@@ -51,6 +51,6 @@ class GatedMLP(nn.Module):
         return self.down(gate_up), residual
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if self.down_proj.lora is not None:  # LoRA needs down_proj's input rows: the activation runs unfused
+        if not self.down_proj.fusable:  # LoRA needs down_proj's input rows, fp8 quantizes them: unfused
             return self.down_proj(self.act_and_mul(gate_up))
         return all_reduce(self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
+from treadle_model_runner.layers.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -27,11 +28,12 @@ class RMSNorm(nn.Module):
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
     def add_norm_linear(
-        self, x: torch.Tensor, residual: torch.Tensor, linear: nn.Linear
+        self, x: torch.Tensor, residual: torch.Tensor, linear: Linear
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(linear(norm(x + residual)), x + residual)`` as one op: the norm feeds the projection after it.
-        A projection with LoRA slots needs the normed rows themselves, so it runs unfused."""
-        if getattr(linear, "lora", None) is not None:
+        A projection with LoRA slots needs the normed rows themselves, and an fp8 one quantizes them: those run
+        unfused."""
+        if not linear.fusable:
             h, residual = self.add_and_norm(x, residual)
             return linear(h), residual
         return ops.add_rms_norm_linear(x, residual, self.weight, self.eps, linear.weight, linear.bias)

@@ -37,6 +37,7 @@ class CausalLM(nn.Module):
     )
     config: Any
     lm_head: ParallelLMHead
+    supports_fp8: ClassVar[bool] = True  # its projections may be quantized online (quantization.py)
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention layers, in decoder-layer order (index i is decoder layer i)."""

@@ -107,6 +107,8 @@ class MoeModel(LlamaModel):
 class MoeCausalLM(CausalLM):
     """A CausalLM whose loader also understands expert tensors (both layouts, see the module docstring)."""
 
+    supports_fp8: ClassVar[bool] = False  # the fused experts have no fp8 path
+
     # checkpoint projection name -> FusedMoE shard ("w1" gate, "w3" up, "w2" down)
     expert_proj_names: ClassVar[dict[str, str]] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
     # (checkpoint fragment, model fragment) rewritten in every tensor name before matching

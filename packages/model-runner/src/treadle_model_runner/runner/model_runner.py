@@ -44,6 +44,7 @@ from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import get_tp, min_over_ranks, prepare_small_all_reduce
+from treadle_model_runner.quantization import check_quantization, quantize_model
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner
 from treadle_model_runner.runner.describe import runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
@@ -120,6 +121,7 @@ class ModelRunner:
                         self.device, time.perf_counter() - start)  # fmt: skip
         self._max_model_len = resolve_max_model_len(model_config.max_model_len, self.resolved.hf_config)
         self._eos_token_ids = eos_token_ids(self.resolved.hf_config, self.resolved.path)
+        check_quantization(model_config.quantization, self.hf_config, get_model_class(self.hf_config))
         backend_name = None if model_config.attention_backend == "auto" else model_config.attention_backend
         self.attn_backend: Any = get_attn_backend(backend_name, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(
@@ -199,6 +201,8 @@ class ModelRunner:
             with torch.no_grad():
                 model.load_weights(iterate_weights(self.resolved.path, self.resolved.format))
         model.eval().requires_grad_(False)
+        if self.model_config.quantization is not None:  # after the weights (dummy ones too) are in
+            quantize_model(model, self.model_config.quantization)
         if self.lora_config is not None:
             num_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
             self.lora = LoRAManager(model, self.lora_config, num_tokens, self.dtype, self.device)
