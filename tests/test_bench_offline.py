@@ -29,6 +29,7 @@ def _engine_record(record: dict, tiny: Path) -> None:
     assert (engine["dtype"], engine["kv_cache_dtype"]) == ("float32", "float32")
     assert engine["cuda_graphs"] == "off (not a CUDA device)" and engine["weights"] == "dummy (random)"
     assert engine["attention_backend"] == "torch" and engine["torch"]
+    assert engine["quantization"] == ("fp8" if record["args"].get("quantization") else "none")
     assert treadle["version"] and (treadle["commit"] is None or len(treadle["commit"]) >= 7)
 
 
@@ -60,6 +61,17 @@ def test_bench_latency(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     record = json.loads(out.read_text())
     assert len(record["latencies"]) == 2
     assert record["ms_per_output_token"] == pytest.approx(record["avg_latency"] * 1000 / 4)
+    _engine_record(record, tiny)
+
+
+def test_bench_latency_quantized(tiny: Path, tmp_path: Path) -> None:
+    """`--quantization fp8` (vLLM's `-q`) reaches the engine: its record says the weights run quantized."""
+    out = tmp_path / "q.json"
+    argv = ["bench", "latency", "--model", str(tiny), *ENGINE, "-q", "fp8", "--batch-size", "1", "--input-len", "8",
+            "--output-len", "4", "--num-iters-warmup", "0", "--num-iters", "1", "--output-json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["args"]["quantization"] == "fp8"
     _engine_record(record, tiny)
 
 

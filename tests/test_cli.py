@@ -102,12 +102,16 @@ def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
     server = cli_serve.make_server_config(args, args.model)
     assert ea.model_config.max_logprobs == 5  # an engine option, as in vLLM: the engine core checks it too
     assert server.allowed_origins == ("http://a.example",) and server.allow_credentials
-    for flags, message in (
-        (["-pp", "2"], "pipeline_parallel_size 2 is not supported"),
-        (["--quantization", "fp8"], "quantization 'fp8' is not supported"),
-    ):
+    for flags, message in ((["-pp", "2"], "pipeline_parallel_size 2 is not supported"),):
         with pytest.raises(ValueError, match=message):
             cli_serve.engine_options(cli.build_parser().parse_args(["serve", *flags]))
+    for flags, method in ((["--quantization", "fp8"], "fp8"), (["-q", "fp8"], "fp8"), (["-q", "none"], None)):
+        options = cli_serve.engine_options(cli.build_parser().parse_args(["serve", *flags]))
+        assert EngineArgs.from_kwargs(None, **options).model_config.quantization == method
+    with pytest.raises(ValueError, match=r"quantization 'awq' is not supported; supported: fp8"):
+        EngineArgs.from_kwargs(
+            None, **cli_serve.engine_options(cli.build_parser().parse_args(["serve", "-q", "awq"]))
+        )
     for value, limit in (("21", 21), ("-1", -1)):  # above vLLM's default of 20, and no limit at all
         options = cli_serve.engine_options(cli.build_parser().parse_args(["serve", "--max-logprobs", value]))
         assert EngineArgs.from_kwargs(None, **options).model_config.max_logprobs == limit

@@ -74,3 +74,15 @@ def test_bench_throughput_in_an_engine_process(
     assert "Throughput: " in capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["args"]["engine_process"] is True and record["total_output_tokens"] == 16
+
+
+def test_quantization_reaches_an_engine_process(tiny: Path, tmp_path: Path) -> None:
+    """`--quantization fp8` travels with the engine config to the engine's own process (as `treadle serve`'s does):
+    the READY handshake's runtime facts say the weights run fp8."""
+    out = tmp_path / "q.json"
+    argv = ["bench", "throughput", "--model", str(tiny), "--load-format", "dummy", "--max-model-len", "256",
+            "--kv-cache-space", "0.05", "--num-prompts", "2", "--input-len", "8", "--output-len", "4",
+            "--quantization", "fp8", "--engine-process", "--output-json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["engine"]["quantization"] == "fp8" and record["total_output_tokens"] == 8

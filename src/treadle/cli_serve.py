@@ -36,7 +36,13 @@ def _defaults() -> dict[str, Any]:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from treadle_model_runner.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS
+    from treadle_model_runner.config import (
+        ATTENTION_BACKENDS,
+        DTYPES,
+        KV_CACHE_DTYPES,
+        LOAD_FORMATS,
+        QUANTIZATIONS,
+    )
 
     d = _defaults()
     p.add_argument(
@@ -123,7 +129,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 only (use -tp)")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="engine processes, each a whole model on its own GPU(s) (x tensor_parallel_size)")  # fmt: skip
-    p.add_argument("--quantization", "-q", default=None, help="none only: weights load unquantized")
+    p.add_argument(
+        "--quantization", "-q", default=d["quantization"],
+        help=f"online weight quantization: {', '.join(QUANTIZATIONS)} (each dense projection to float8_e4m3fn at "
+        "load, one scale per output channel; activations per token; embedding and lm_head kept) | none (default)",
+    )  # fmt: skip
     p.add_argument(
         "--trust-remote-code", action="store_true", help="accepted; treadle never runs a model's code"
     )
@@ -170,11 +180,6 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             f"pipeline_parallel_size {args.pipeline_parallel_size} is not supported; split a model across GPUs with "
             "--tensor-parallel-size"
         )
-    if args.quantization not in (None, "none"):
-        raise ValueError(
-            f"quantization {args.quantization!r} is not supported: weights load unquantized (GGUF dequantized at "
-            "load); --kv-cache-dtype fp8 stores the KV cache in 8 bits"
-        )
     if args.lora_modules and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
     return {
@@ -186,6 +191,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
         "max_logprobs": args.max_logprobs,
+        "quantization": None if args.quantization in (None, "none") else args.quantization,
         "load_format": args.load_format,
         "seed": args.seed,
         "served_model_name": args.served_model_name[0] if args.served_model_name else None,
@@ -243,7 +249,9 @@ def _platform_report(model_config: Any) -> None:
     backend = model_config.attention_backend
     if backend == "auto":
         backend = "triton" if device == "cuda" else "torch"
-    logger.info("Platform: device %s | dtype %s | attention backend %s", device, dtype, backend)
+    quantization = model_config.quantization or "none"
+    logger.info("Platform: device %s | dtype %s | quantization %s | attention backend %s", device, dtype,
+                quantization, backend)  # fmt: skip
     logger.info("IR dispatch: %s", _ir_summary())
 
 

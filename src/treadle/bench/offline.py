@@ -20,7 +20,7 @@ import numpy as np
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine options the offline benchmarks pass through to `LLM`."""
-    from treadle_model_runner.config import KV_CACHE_DTYPES
+    from treadle_model_runner.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
     parser.add_argument("--model", default=None, help="model directory / .gguf / config dir (dummy)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
@@ -31,6 +31,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--kv-cache-space", type=float, default=None)
     parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES)
+    parser.add_argument(
+        "--quantization", "-q", default=None, choices=QUANTIZATIONS,
+        help="online weight quantization (fp8: dense projections to float8_e4m3fn at load)",
+    )  # fmt: skip
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
@@ -114,6 +118,7 @@ def make_llm(args: argparse.Namespace) -> Any:
         "gpu_memory_utilization",
         "kv_cache_space",
         "kv_cache_dtype",
+        "quantization",
         "attention_backend",
         "async_scheduling",
         "tensor_parallel_size",
