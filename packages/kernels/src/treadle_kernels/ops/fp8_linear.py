@@ -105,10 +105,15 @@ def scaled_mm_linear(
     return out
 
 
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _scaled_mm_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     if not x.is_cuda:
         return "torch._scaled_mm runs on CUDA here"
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
+    if _capability(x.device.index or 0) < (9, 0):
         return "row-wise torch._scaled_mm needs compute capability >= 9.0"
     if x.dtype != torch.bfloat16:
         return f"row-wise torch._scaled_mm returns bf16 only; x is {x.dtype}"
