@@ -16,11 +16,14 @@ Items (`--only` picks some):
   moe_latency, moe_throughput   Qwen3-30B-A3B dummy: batch-1 128/128 latency, 1000 x 1024/1024 throughput,
               each against its roofline (benchmarks/roofline.py, gpu_e2e_moe.py)
   throughput_fp8  the throughput workload with an fp8 KV cache at 512 sequences (gpu_e2e_fp8.py)
+  latency_wfp8, throughput_wfp8   the latency and throughput workloads with fp8 weights (`--quantization fp8`),
+              each beside the same run's bf16 number (gpu_e2e_wfp8.py)
 
 Steps, in run order, each a fresh process (a clean GPU each): ceilings; HF baseline; the server (cold_start,
 serve); qwen; the MoE engine (moe_latency, moe_throughput); last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
 throughput (`--worker`: one start-up instead of three; each phase has its own prompt seed, so no prefix-cache
-hits across phases); then the fp8-cache engine (throughput_fp8). The long throughput runs come last, so a cut at
+hits across phases); then the fp8-weight engine (latency_wfp8, throughput_wfp8); then the fp8-cache engine
+(throughput_fp8). The long throughput runs come last, so a cut at
 the budget loses nothing else.
 Budget: `--budget-s` bounds the whole run. An item whose usual minimum no longer fits is skipped (the last line
 names the `--only` that runs what was skipped); a running one is cut at the budget. Each item writes
@@ -51,6 +54,7 @@ from gpu_e2e_offline import offline_worker, step_ceilings, step_hf, step_llama, 
 from gpu_e2e_report import plot_serve, render_table, table_rows
 from gpu_e2e_serve import step_serve
 from gpu_e2e_session import Plan, Session, Skip, smoke_plan, strict_json
+from gpu_e2e_wfp8 import step_wfp8
 from gpu_state import GpuStateSampler
 
 ITEMS = (
@@ -64,6 +68,8 @@ ITEMS = (
     "moe_latency",
     "moe_throughput",
     "throughput_fp8",
+    "latency_wfp8",
+    "throughput_wfp8",
 )
 
 # (name, items it measures, the least time it needs, runner), in run order
@@ -74,6 +80,7 @@ STEPS = (
     ("qwen", ("qwen",), 40, step_qwen),
     ("moe", ("moe_latency", "moe_throughput"), 60, step_moe),
     ("llama", ("latency", "baseline", "throughput"), 60, step_llama),
+    ("wfp8", ("latency_wfp8", "throughput_wfp8"), 60, step_wfp8),
     ("fp8", ("throughput_fp8",), 60, step_fp8),
 )
 

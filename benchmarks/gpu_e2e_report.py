@@ -94,6 +94,20 @@ def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
         rows.append(
             _row(name, r["output_tokens_per_second"], vllm, ref.get("tok_s"), target=tgt.get("tok_s"))
         )
+    if r := num.get("latency_wfp8"):
+        name = f"  b1 {p.latency_len}/{p.latency_len} ms/token, --quantization fp8"
+        rows.append(_row(name, r["ms_per_output_token"], "bf16, same run", r.get("bf16_ms_per_output_token"),
+                         2, True))  # fmt: skip
+    if r := num.get("throughput_wfp8"):
+        name = f"  {p.tp_prompts}x{p.tp_len}/{p.tp_len} out tok/s, --quantization fp8"
+        rows.append(
+            _row(
+                name, r["output_tokens_per_second"], "bf16, same run", r.get("bf16_output_tokens_per_second")
+            )
+        )
+        bf16_kv = s.records.get("throughput", {}).get("kv_capacity_tokens")
+        if kv := s.records["throughput_wfp8"].get("kv_capacity_tokens"):
+            rows.append(_row("  KV capacity tokens, --quantization fp8", kv, "bf16, same run", bf16_kv))
     if r := num.get("throughput_fp8"):
         name = f"  same, --kv-cache-dtype fp8, {p.fp8_max_num_seqs} seqs"
         rows.append(

@@ -37,6 +37,8 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
         "moe_latency",
         "moe_throughput",
         "throughput_fp8",
+        "latency_wfp8",
+        "throughput_wfp8",
     ):
         rec = _strict_load(out / f"{item}.json")
         assert "error" not in rec, rec
@@ -50,6 +52,12 @@ def test_gpu_e2e_smoke(tmp_path: Path) -> None:
     assert fp8["kv_cache_dtype"] == "fp8" and "--kv-cache-dtype fp8" in fp8["command"]
     assert fp8["numbers"]["total_output_tokens"] == records["throughput"]["numbers"]["total_output_tokens"]
     assert records["warm_start"]["numbers"]["warm_start_s"] > 0
+    for item in ("latency_wfp8", "throughput_wfp8"):
+        wfp8 = records[item]
+        assert wfp8["quantization"] == "fp8" and "--quantization fp8" in wfp8["command"], item
+        assert wfp8["kv_capacity_tokens"] > 0 and wfp8["numbers"]["speedup_vs_bf16"] > 0, item
+    wfp8_out = records["throughput_wfp8"]["numbers"]["total_output_tokens"]
+    assert wfp8_out == records["throughput"]["numbers"]["total_output_tokens"]
     moe = records["moe_throughput"]["numbers"]
     assert moe["total_prompt_tokens"] == 4 * 16 and moe["total_output_tokens"] == 4 * 16
     assert records["moe_latency"]["numbers"]["ms_per_output_token"] > 0
