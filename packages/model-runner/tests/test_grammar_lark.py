@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from lark_judges import xgrammar_judge
 from lark_sampler import Sampler
 
 from treadle_model_runner import SamplingParams
@@ -87,19 +88,6 @@ _WS: " "+
 """
 
 
-def _xgrammar_judge(grammar: str):  # type: ignore[no-untyped-def]
-    xgr = pytest.importorskip("xgrammar")
-    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(
-        S(grammar=grammar).build()
-    )
-
-    def accepts(text: str) -> bool:
-        matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
-        return bool(matcher.accept_string(text) and matcher.is_terminated())
-
-    return accepts
-
-
 @pytest.mark.parametrize(
     ("grammar", "seed"),
     [(ARITHMETIC, 0), (JSON, 1), (OPTIONAL, 2), (REGEX, 3), (CASELESS, 4)],
@@ -107,7 +95,7 @@ def _xgrammar_judge(grammar: str):  # type: ignore[no-untyped-def]
 )
 def test_the_conversion_accepts_what_lark_accepts(grammar: str, seed: int) -> None:
     oracle = lark.Lark(grammar, parser="earley", lexer="dynamic_complete")
-    accepts = _xgrammar_judge(grammar)
+    accepts = xgrammar_judge(grammar)
     sampler = Sampler(grammar, random.Random(seed))
     texts = [sampler.member() for _ in range(150)] + [sampler.mutant() for _ in range(250)]
     verdicts = {True: 0, False: 0}
@@ -156,7 +144,7 @@ def test_it_is_lark_as_vllm_tells() -> None:
     ],
 )
 def test_what_a_lark_grammar_accepts(grammar: str, accepted: list[str], refused: list[str]) -> None:
-    accepts = _xgrammar_judge(grammar)
+    accepts = xgrammar_judge(grammar)
     oracle = lark.Lark(grammar, parser="earley", lexer="dynamic_complete", start=grammar.split(":")[0])
     for text in accepted + refused:
         assert accepts(text) == (text in accepted), text

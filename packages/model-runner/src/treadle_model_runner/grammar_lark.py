@@ -13,23 +13,30 @@ lexer tries only the first match of each terminal's regex at a position (usually
 refuse a text this accepts (`start: WORD "a"` on "aa"); and for a regex whose alternatives are prefixes of one
 another (`/a|ab/`) Python's `re` never returns the longer one, where the EBNF allows both.
 
-`%ignore X`: Lark skips X tokens between any two terminals, before the first and after the last. That is kept
-exactly as a grammar: in rules (not inside terminals), every terminal is preceded by `(X)*`, and the root ends
-with it. (Lark matches the ignored text greedily, so a grammar whose own terminals start with ignored
-characters can accept more here than in Lark.)
+`%ignore X`: Lark skips X between any two tokens, before the first and after the last, each time taking the one
+match Python's `re` finds (a comment runs to the end of its line). In rules (not inside terminals) every token
+is preceded by a gap rule that accepts exactly such chains of matches for the common shapes of ignored
+terminals (lark_ignore.py says which, and where it stays approximate), and the root ends with one. Regexes and
+literals are read into trees of characters (lark_regex.py) and written in the shapes xgrammar masks fastest
+(lark_ebnf.py): whitespace gaps become one `[...]*`.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 import re
+from collections.abc import Callable
 
-from treadle_model_runner.lark_regex import literal_to_ebnf, range_to_ebnf, regex_to_ebnf
+from treadle_model_runner.lark_ebnf import merge_single_chars, repeat, write_tree
+from treadle_model_runner.lark_ignore import Gaps, Terminals
+from treadle_model_runner.lark_regex import literal_tree, regex_tree
 from treadle_model_runner.lark_syntax import parse_lark
 from treadle_model_runner.lark_tree import (
     Alt,
     Call,
     CharRange,
+    Chars,
     Definition,
     Expr,
     LarkGrammar,
@@ -70,7 +77,6 @@ CPP_COMMENT: /\/\/[^\n]*/
 C_COMMENT: /\/\*([^*]|\*+[^*\/])*\*+\//
 SQL_COMMENT: /--[^\n]*/
 """
-_IGNORE = "ignore-"  # EBNF names with a "-" cannot clash with Lark's names
 _MAX_INSTANCES = 256  # template instances in one grammar
 
 
@@ -105,6 +111,8 @@ class _Writer:
         self.pending: list[tuple[str, Definition, tuple[Expr, ...]]] = []  # instances to write
         for common, local, line in grammar.imports:
             self.import_(common, local, line)
+        self.terminals = Terminals(self.defs)
+        self.gaps: Gaps | None = None  # the ignored texts between tokens (lark_ignore.py), made in write()
 
     def import_(self, common: str, local: str, line: int) -> None:
         if common not in _common() or common.startswith("_"):
@@ -128,25 +136,30 @@ class _Writer:
         start = "start" if "start" in self.defs else next(iter(self.grammar.definitions))
         if self.defs[start].params:
             raise ValueError(f"Lark grammar: the start rule {start} is a template; give it no parameters")
-        ignore = " " + _IGNORE if self.grammar.ignored else ""
-        self.rules.append(f"root ::= {_ebnf_name(start)}{ignore}")
-        for d in self.defs.values():
-            if not d.params:
-                self.rules.append(f"{_ebnf_name(d.name)} ::= {self.expr(d.body, d, {})}")
+        for d in self.defs.values():  # every literal and regex read once, so that an error names its owner
+            _leaves(d.body, d.name, self.tree)
+        for e in self.grammar.ignored:
+            _leaves(e, "%ignore", self.tree)
+        plain = [d for d in self.defs.values() if not d.params]
+        # terminals and ignored items first: what the gaps look into is then known to be well defined
+        bodies = {d.name: self.expr(d.body, d, {}) for d in plain if d.is_terminal}
         if self.grammar.ignored:
-            parts = [self.expr(e, _IGNORED, {}) for e in self.grammar.ignored]
-            self.rules.append(f"{_IGNORE} ::= ({' | '.join(parts)})*")
+            for e in self.grammar.ignored:
+                self.expr(e, _IGNORED, {})
+            self.gaps = Gaps(self.grammar.ignored, self.terminals, lambda e: self.expr(e, _IGNORED, {}))
+        bodies |= {d.name: self.expr(d.body, d, {}) for d in plain if not d.is_terminal}
+        self.rules.append(f"root ::= {_ebnf_name(start)}{' ' + self.gaps.end() if self.gaps else ''}")
+        self.rules += [f"{_ebnf_name(d.name)} ::= {bodies[d.name]}" for d in plain]
         while self.pending:
             name, template, args = self.pending.pop()
             params = dict(zip(template.params, args, strict=True))
             self.rules.append(f"{name} ::= {self.expr(template.body, template, params)}")
-        return "\n".join(self.rules) + "\n"
+        return "\n".join(self.rules + (self.gaps.rules if self.gaps else [])) + "\n"
 
     def expr(self, e: Expr, owner: Definition, params: dict[str, Expr]) -> str:
         """`e`, inside definition `owner` (a terminal, a rule or the ignored items), as EBNF; `params` maps a
         template's parameters to its arguments."""
         in_rule = not owner.is_terminal and owner is not _IGNORED
-        ignore = f"{_IGNORE} " if in_rule and self.grammar.ignored else ""
         where = f"Lark grammar line {getattr(e, 'line', owner.line)} ({owner.name})"
         if isinstance(e, Name):
             if e.name in params:
@@ -160,22 +173,49 @@ class _Writer:
             if not in_rule and not d.is_terminal:
                 raise ValueError(f"{where}: the rule {e.name} is used inside a terminal (terminals can only "
                                  "use terminals)")  # fmt: skip
-            return ignore + _ebnf_name(e.name) if d.is_terminal else _ebnf_name(e.name)
-        if isinstance(e, Literal):
-            return ignore + literal_to_ebnf(e.text, e.insensitive, where)
-        if isinstance(e, Pattern):
-            return ignore + regex_to_ebnf(e.regex, e.flags, where)
-        if isinstance(e, CharRange):
-            return ignore + range_to_ebnf(e.low, e.high)
+            return self.token(e, _ebnf_name(e.name)) if in_rule and d.is_terminal else _ebnf_name(e.name)
+        if isinstance(e, (Literal, Pattern, CharRange, Chars)):
+            tree = self.tree(e, where)
+            return self.token(tree, write_tree(tree)) if in_rule else write_tree(tree)
         if isinstance(e, Repeat):
             inner = self.expr(e.item, owner, params)
-            count = {(0, 1): "?", (0, None): "*", (1, None): "+"}.get((e.low, e.high))
-            return f"({inner}){count or '{' + str(e.low) + ',' + str(e.high) + '}'}"
+            return repeat(inner, e.low, e.high, None if in_rule else self.single(e.item, params))
         if isinstance(e, Seq):
             return "(" + " ".join(self.expr(i, owner, params) for i in e.items) + ")" if e.items else '""'
         if isinstance(e, Alt):
-            return "(" + " | ".join(self.expr(o, owner, params) for o in e.options) + ")"
+            options = merge_single_chars(e.options, lambda o: self.single(o, params))
+            if len(options) == 1:
+                return self.expr(options[0], owner, params)
+            return "(" + " | ".join(self.expr(o, owner, params) for o in options) + ")"
         return self.call(e, owner, params, where)
+
+    def token(self, e: Expr, ebnf: str) -> str:
+        """A token of a rule (a terminal, a literal, a regex), after the ignored text that may come before it."""
+        return self.gaps.before(e, ebnf) if self.gaps else ebnf
+
+    @staticmethod
+    def tree(e: Expr, where: str) -> Expr:
+        """A literal, regex or range read into a tree of characters (lark_regex.py)."""
+        if isinstance(e, Literal):
+            return literal_tree(e.text, e.insensitive, where)
+        if isinstance(e, Pattern):
+            return regex_tree(e.regex, e.flags, where)
+        if isinstance(e, CharRange):
+            return Chars(((ord(e.low), ord(e.high)),))
+        return e
+
+    def single(self, e: Expr, params: dict[str, Expr]) -> Chars | None:
+        """The characters `e` matches when each of its matches is one character (template parameters are
+        their arguments; rules and template uses are not one character)."""
+        if isinstance(e, Name) and e.name in params:
+            return self.single(params[e.name], {})
+        if isinstance(e, Alt):
+            sets = [self.single(o, params) for o in e.options]
+            return None if None in sets else functools.reduce(operator.or_, sets)  # type: ignore[arg-type]
+        if isinstance(e, Name):
+            d = self.defs.get(e.name)
+            return self.terminals.single(e) if d is not None and d.is_terminal and not d.params else None
+        return None if isinstance(e, (Call, Repeat, Seq)) else self.terminals.single(e)
 
     def call(self, e: Call, owner: Definition, params: dict[str, Expr], where: str) -> str:
         template = self.defs.get(e.name)
@@ -196,6 +236,15 @@ class _Writer:
 
 
 _IGNORED = Definition("%ignore", (), Seq(()), 0)  # the owner of the ignored items: written as terminals
+
+
+def _leaves(e: Expr, owner: str, read: Callable[[Expr, str], object]) -> None:
+    """`read(leaf, where)` called on each literal, regex and range in `e`, a part of `owner`."""
+    if isinstance(e, (Literal, Pattern, CharRange)):
+        read(e, f"Lark grammar line {e.line} ({owner})")
+    parts = {Seq: "items", Alt: "options", Call: "args"}.get(type(e))
+    for item in (e.item,) if isinstance(e, Repeat) else getattr(e, parts) if parts else ():
+        _leaves(item, owner, read)
 
 
 def _names(e: Expr) -> list[str]:

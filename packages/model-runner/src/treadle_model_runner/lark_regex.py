@@ -1,13 +1,14 @@
-"""A Lark terminal's regex, literal or character range written as an xgrammar EBNF expression.
+"""A Lark terminal's regex, literal or character range read into a tree of lark_tree items (lark_ebnf.py writes
+it out as EBNF).
 
 Lark matches terminals with Python's `re`, so that is the meaning kept here. The regular part maps one to one
-onto xgrammar's EBNF: concatenation, `|`, groups, `* + ?`, `{m}`, `{m,}`, `{m,n}`. Every single-character item
-(a class `[...]`, `.`, an escape such as `\\d`, `\\w` or `\\s`, a character under the `i` flag) is turned into
-its exact set of code points by running Python's `re` itself over every code point once (cached), so Unicode
-classes and case folding match what Lark would accept; the set is written as an EBNF character class
-(surrogates left out: a UTF-8 reply cannot hold them). Constructs that are not regular or depend on how the
-match is searched are refused by name: anchors and word boundaries, lookarounds, backreferences, lazy and
-possessive quantifiers, inline flags and conditionals, and the `x` and `l` flags.
+onto the tree: concatenation (Seq), `|` (Alt), groups, `* + ?`, `{m}`, `{m,}`, `{m,n}` (Repeat). Every
+single-character item (a class `[...]`, `.`, an escape such as `\\d`, `\\w` or `\\s`, a character under the
+`i` flag) becomes `Chars`, its exact set of code points, found by running Python's `re` itself over every code
+point once (cached), so Unicode classes and case folding match what Lark would accept (surrogates left out: a
+UTF-8 reply cannot hold them). Constructs that are not regular or depend on how the match is searched are
+refused by name: anchors and word boundaries, lookarounds, backreferences, lazy and possessive quantifiers,
+inline flags and conditionals, and the `x` and `l` flags.
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ import re
 import unicodedata
 import warnings
 
-_MAX = 0x10FFFF
-_SURROGATES = (0xD800, 0xDFFF)
+from treadle_model_runner.lark_tree import (
+    MAX_CODE_POINT,
+    SURROGATES,
+    Alt,
+    Chars,
+    Expr,
+    Literal,
+    Repeat,
+    Seq,
+    chars,
+)
+
 _FLAGS = {"i": re.IGNORECASE, "s": re.DOTALL, "m": 0, "u": 0}  # m: only anchors, which are refused anyway
 _QUANTIFIER = re.compile(r"\{(\d*)(?:(,)(\d*))?\}")
 _REFUSED_ESCAPES = {"A": "the anchor \\A", "Z": "the anchor \\Z", "b": "the word boundary \\b",
@@ -27,11 +38,11 @@ _REFUSED_ESCAPES = {"A": "the anchor \\A", "Z": "the anchor \\Z", "b": "the word
 
 @functools.cache
 def _every_code_point() -> str:
-    return "".join(map(chr, range(_MAX + 1)))
+    return "".join(map(chr, range(MAX_CODE_POINT + 1)))
 
 
 @functools.lru_cache(maxsize=4096)
-def code_points(item: str, flags: int) -> tuple[tuple[int, int], ...]:
+def code_points(item: str, flags: int) -> Chars:
     """The code point ranges a one-character Python regex `item` matches under `flags` (surrogates left out)."""
     text = _every_code_point()
     if not flags and item.startswith("[") and item.isascii() and "\\" not in item and "^" not in item:
@@ -42,51 +53,23 @@ def code_points(item: str, flags: int) -> tuple[tuple[int, int], ...]:
         pattern = re.compile(f"(?:{item})+", flags)
     for m in pattern.finditer(text):
         low, high = m.start(), m.end() - 1
-        if low <= _SURROGATES[1] and high >= _SURROGATES[0]:  # cut the surrogates out
-            ranges += [(low, _SURROGATES[0] - 1)] if low < _SURROGATES[0] else []
-            ranges += [(_SURROGATES[1] + 1, high)] if high > _SURROGATES[1] else []
+        if low <= SURROGATES[1] and high >= SURROGATES[0]:  # cut the surrogates out
+            ranges += [(low, SURROGATES[0] - 1)] if low < SURROGATES[0] else []
+            ranges += [(SURROGATES[1] + 1, high)] if high > SURROGATES[1] else []
         else:
             ranges.append((low, high))
-    return tuple(ranges)
+    return chars(ranges)
 
 
-def _char(cp: int) -> str:
-    """`cp` as it may stand inside an EBNF string or class."""
-    c = chr(cp)
-    if c.isascii() and (c.isalnum() or c in " _!#$%&'()*+,./:;<=>?@{|}~`"):
-        return c
-    # \\u and \\U take a fixed number of digits; xgrammar's \\x reads every hex digit that follows
-    return f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
-
-
-def char_class(ranges: tuple[tuple[int, int], ...], what: str) -> str:
-    """An EBNF expression for exactly these code point ranges (a string for one code point, else a class, or
-    its negation where that is shorter)."""
-    if not ranges:
-        raise ValueError(f"{what} matches no character")
-    if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
-        return f'"{_char(ranges[0][0])}"'
-    gaps, last = [], -1
-    for low, high in (*ranges, (_MAX + 1, _MAX + 1)):
-        gap = [(a, b) for a, b in [(last + 1, low - 1)] if a <= b and (a, b) != _SURROGATES]
-        gaps += gap
-        last = high
-    negate = len(gaps) < len(ranges)
-    body = "".join(_char(a) if a == b else f"{_char(a)}-{_char(b)}" for a, b in (gaps if negate else ranges))
-    return f"[{'^' if negate else ''}{body}]"
-
-
-def literal_to_ebnf(text: str, insensitive: bool, what: str) -> str:
-    """A Lark string literal ("text", "text"i) as an EBNF expression."""
+def literal_tree(text: str, insensitive: bool, what: str) -> Expr:
+    """A Lark string literal ("text", "text"i) as a tree: itself, or under the i flag each character's case
+    variants in turn."""
     if not text:
         raise ValueError(f"{what}: an empty string literal (Lark does not allow empty terminals)")
     if not insensitive:
-        return '"' + "".join(map(_char, map(ord, text))) + '"'
-    return " ".join(char_class(code_points(re.escape(c), re.IGNORECASE), what) for c in text)
-
-
-def range_to_ebnf(low: str, high: str) -> str:
-    return char_class(((ord(low), ord(high)),), f'"{low}".."{high}"')
+        return Literal(text, False, 0)
+    items = tuple(code_points(re.escape(c), re.IGNORECASE) for c in text)
+    return items[0] if len(items) == 1 else Seq(items)
 
 
 def _single_char(item: str) -> int | None:
@@ -105,8 +88,9 @@ def _single_char(item: str) -> int | None:
     return ord({"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}.get(c, c))
 
 
-def regex_to_ebnf(regex: str, flags: str, what: str) -> str:
-    """A Lark /regex/flags as an EBNF expression; ValueError naming `what` and the construct it cannot take."""
+@functools.lru_cache(maxsize=1024)
+def regex_tree(regex: str, flags: str, what: str) -> Expr:
+    """A Lark /regex/flags as a tree; ValueError naming `what` and the construct it cannot take."""
     for flag in flags:
         if flag not in _FLAGS:
             why = {"x": "verbose regexes", "l": "locale-dependent matching"}.get(flag, "an unknown flag")
@@ -119,10 +103,10 @@ def regex_to_ebnf(regex: str, flags: str, what: str) -> str:
             re.compile(regex)
     except re.error as e:
         raise ValueError(f"{what}: /{regex}/ is not a valid regex ({e})") from None
-    return _RegexWriter(regex, functools.reduce(lambda a, f: a | _FLAGS[f], flags, 0), what).write()
+    return _RegexReader(regex, functools.reduce(lambda a, f: a | _FLAGS[f], flags, 0), what).read()
 
 
-class _RegexWriter:
+class _RegexReader:
     def __init__(self, regex: str, flags: int, what: str) -> None:
         self.s, self.i, self.flags, self.what = regex, 0, flags, what
 
@@ -130,46 +114,40 @@ class _RegexWriter:
         return ValueError(f"{self.what}: {construct} in /{self.s}/ is not supported (xgrammar's EBNF has no "
                           "equivalent; write the terminal without it)")  # fmt: skip
 
-    def write(self) -> str:
+    def read(self) -> Expr:
         out = self.alternatives()
         if self.i < len(self.s):  # an unmatched ")" (re.compile has already refused it)
             raise self.refuse(f"{self.s[self.i]!r} at position {self.i}")
         return out
 
-    def alternatives(self) -> str:
+    def alternatives(self) -> Expr:
         options = [self.sequence()]
         while self.i < len(self.s) and self.s[self.i] == "|":
             self.i += 1
             options.append(self.sequence())
-        return options[0] if len(options) == 1 else "(" + " | ".join(options) + ")"
+        return options[0] if len(options) == 1 else Alt(tuple(options))
 
-    def sequence(self) -> str:
-        items: list[str] = []
+    def sequence(self) -> Expr:
+        items: list[Expr] = []
         while self.i < len(self.s) and self.s[self.i] not in "|)":
-            item = self.quantified(self.atom())
-            if items and items[-1].startswith('"') and item.startswith('"'):  # "a" "b" -> "ab"
-                items[-1] = items[-1][:-1] + item[1:]
-            else:
-                items.append(item)
-        if not items:
-            return '""'
-        return items[0] if len(items) == 1 else "(" + " ".join(items) + ")"
+            items.append(self.quantified(self.atom()))
+        return items[0] if len(items) == 1 else Seq(tuple(items))
 
-    def quantified(self, atom: str) -> str:
+    def quantified(self, atom: Expr) -> Expr:
         s, i = self.s, self.i
         if i < len(s) and s[i] in "*+?":
-            suffix, self.i = s[i], i + 1
+            (low, high), self.i = {"*": (0, None), "+": (1, None), "?": (0, 1)}[s[i]], i + 1
         elif (m := _QUANTIFIER.match(s, i)) and m.group() != "{}":  # else "{" is a literal, as in re
-            low, comma, high = m.group(1) or "0", m.group(2), m.group(3)
-            suffix = f"{{{low}}}" if not comma else f"{{{low},{high or ''}}}"
+            low = int(m.group(1) or "0")
+            high = low if not m.group(2) else int(m.group(3)) if m.group(3) else None
             self.i = m.end()
         else:
             return atom
         if self.i < len(s) and s[self.i] in "?+":
             raise self.refuse("a lazy quantifier" if s[self.i] == "?" else "a possessive quantifier")
-        return f"({atom}){suffix}"
+        return Repeat(atom, low, high)
 
-    def atom(self) -> str:
+    def atom(self) -> Expr:
         s, i = self.s, self.i
         c = s[i]
         if c == "(":
@@ -182,23 +160,29 @@ class _RegexWriter:
             while s[end] != "]":
                 end += 2 if s[end] == "\\" else 1
             self.i = end + 1
-            return char_class(code_points(s[i : end + 1], self.flags), f"{self.what}: {s[i : end + 1]}")
+            return self.nonempty(code_points(s[i : end + 1], self.flags), f"{self.what}: {s[i : end + 1]}")
         if c == ".":
             self.i = i + 1
-            return char_class(code_points(".", self.flags), self.what)
+            return self.nonempty(code_points(".", self.flags), self.what)
         if c == "\\":
             return self.escape()
         self.i = i + 1
         return self.one(re.escape(c))
 
-    def one(self, item: str) -> str:
+    def one(self, item: str) -> Chars:
         """One character or class escape (under the i flag: every case variant Python's re takes for it)."""
         cp = None if self.flags & re.IGNORECASE else _single_char(item)
         if cp is not None:
-            return char_class(((cp, cp),), self.what)
-        return char_class(code_points(item, self.flags & re.IGNORECASE), self.what)
+            return Chars(((cp, cp),))
+        return self.nonempty(code_points(item, self.flags & re.IGNORECASE), self.what)
 
-    def escape(self) -> str:
+    @staticmethod
+    def nonempty(c: Chars, what: str) -> Chars:
+        if not c.ranges:
+            raise ValueError(f"{what} matches no character")
+        return c
+
+    def escape(self) -> Chars:
         s, i = self.s, self.i
         c = s[i + 1]
         if c in _REFUSED_ESCAPES:
@@ -213,7 +197,7 @@ class _RegexWriter:
         self.i = end
         return self.one(s[i:end])
 
-    def group(self) -> str:
+    def group(self) -> Expr:
         s, i = self.s, self.i
         if s.startswith("(?", i) and not s.startswith(("(?:", "(?P<"), i):
             kinds = {"(?=": "a lookahead", "(?!": "a negative lookahead", "(?<=": "a lookbehind",

@@ -4,12 +4,14 @@ writes out as EBNF).
 A definition is a rule (lowercase name) or a terminal (UPPERCASE name); a rule may be a template with
 parameters. Items: names, literals, /regexes/, "a".."z" ranges, repetitions (`? * + ~`), sequences,
 alternatives and template uses. Only what decides the language is kept: Lark's tree-shaping marks are dropped
-when the text is read.
+when the text is read. A regex, once read (lark_regex.py), is a tree of the same items whose leaves are `Chars`:
+one character out of a set of code points.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 _TERMINAL = re.compile(r"_?[A-Z][_A-Z0-9]*")
@@ -43,6 +45,27 @@ class CharRange:
 
 
 @dataclass(frozen=True, slots=True)
+class Chars:
+    ranges: tuple[tuple[int, int], ...]  # code point ranges (low, high), sorted, disjoint, not adjacent
+
+    def __and__(self, other: Chars) -> Chars:
+        out = []
+        for a, b in self.ranges:
+            out += [(max(a, c), min(b, d)) for c, d in other.ranges if max(a, c) <= min(b, d)]
+        return chars(out)
+
+    def __or__(self, other: Chars) -> Chars:
+        return chars(self.ranges + other.ranges)
+
+    def __sub__(self, other: Chars) -> Chars:
+        out, last = [], -1  # other's complement (surrogates left out), then intersected
+        for low, high in (*(other | Chars((SURROGATES,))).ranges, (MAX_CODE_POINT + 1, MAX_CODE_POINT + 1)):
+            out += [(last + 1, low - 1)] if last + 1 <= low - 1 else []
+            last = high
+        return self & chars(out)
+
+
+@dataclass(frozen=True, slots=True)
 class Repeat:
     item: Expr
     low: int  # fewest repetitions
@@ -66,7 +89,9 @@ class Call:
     line: int
 
 
-Expr = Name | Literal | Pattern | CharRange | Repeat | Seq | Alt | Call
+Expr = Name | Literal | Pattern | CharRange | Chars | Repeat | Seq | Alt | Call
+MAX_CODE_POINT = 0x10FFFF
+SURROGATES = (0xD800, 0xDFFF)  # never in a Chars: a UTF-8 reply cannot hold them
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,3 +115,14 @@ class LarkGrammar:
 
 def is_terminal_name(name: str) -> bool:
     return bool(_TERMINAL.fullmatch(name))
+
+
+def chars(ranges: Iterable[tuple[int, int]]) -> Chars:
+    """The set of code points in `ranges` (any order, overlaps allowed), normalized."""
+    out: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], high))
+        else:
+            out.append((low, high))
+    return Chars(tuple(out))
