@@ -172,6 +172,10 @@ def test_what_a_lark_grammar_accepts(grammar: str, accepted: list[str], refused:
         ('start: t{"a"}\nt{x, y}: x y', r"line 1 \(start\): template t takes 2 arguments \(x, y\), got 1"),
         ('start: "a" = "b"', r"line 1: unexpected character '='"),
         ('A: b\nb: "x"', r"line 1 \(A\): the rule b is used inside a terminal"),
+        (
+            'start: A\nA: "a" B\nB: A?',
+            r"line 2 \(A\): the terminal A refers to itself; recursion is only allowed",
+        ),
         ('start: ""', r"line 1 \(start\): an empty string literal"),
     ],
 )

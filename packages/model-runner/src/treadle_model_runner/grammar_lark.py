@@ -140,6 +140,10 @@ class _Writer:
             _leaves(d.body, d.name, self.tree)
         for e in self.grammar.ignored:
             _leaves(e, "%ignore", self.tree)
+        for d in self.defs.values():
+            if d.is_terminal and d.name in self.terminal_names(d.body):
+                raise ValueError(f"Lark grammar line {d.line} ({d.name}): the terminal {d.name} refers to "
+                                 "itself; recursion is only allowed in rules, not terminals")  # fmt: skip
         plain = [d for d in self.defs.values() if not d.params]
         # terminals and ignored items first: what the gaps look into is then known to be well defined
         bodies = {d.name: self.expr(d.body, d, {}) for d in plain if d.is_terminal}
@@ -188,6 +192,18 @@ class _Writer:
                 return self.expr(options[0], owner, params)
             return "(" + " | ".join(self.expr(o, owner, params) for o in options) + ")"
         return self.call(e, owner, params, where)
+
+    def terminal_names(self, e: Expr) -> set[str]:
+        """The terminals `e` uses, directly or through other terminals."""
+        seen: set[str] = set()
+        todo = [n for n in _names(e) if n in self.defs and self.defs[n].is_terminal]
+        while todo:
+            if (name := todo.pop()) not in seen:
+                seen.add(name)
+                todo += [
+                    n for n in _names(self.defs[name].body) if n in self.defs and self.defs[n].is_terminal
+                ]
+        return seen
 
     def token(self, e: Expr, ebnf: str) -> str:
         """A token of a rule (a terminal, a literal, a regex), after the ignored text that may come before it."""
