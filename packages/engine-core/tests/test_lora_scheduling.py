@@ -11,7 +11,7 @@ from treadle_engine_core.block_hash import update_block_hashes
 from treadle_engine_core.config import EngineConfig, FakeRunnerConfig
 from treadle_engine_core.core import EngineCore
 from treadle_engine_core.messages import EngineCoreRequest, decode, encode
-from treadle_engine_core.request import Request
+from treadle_engine_core.request import FinishReason, Request
 from treadle_model_runner import ModelConfig, SamplingParams
 from treadle_model_runner.config import LoRAConfig
 from treadle_model_runner.lora import LoRARequest
@@ -92,6 +92,32 @@ def test_a_skipped_adapter_is_not_starved_by_later_arrivals() -> None:
     while engine.has_work:
         _step(engine, got, 1)
     assert all(c.finish_reason is not None for c in got.values()) and len(got) == step + 2
+
+
+def test_an_adapter_that_fails_to_load_at_admission_fails_only_its_requests() -> None:
+    """B cannot be loaded again when its requests are admitted (its directory went away): both end with an error
+    output naming the problem, their blocks are freed, and every other request runs to its end."""
+    engine = _engine(1, max_num_seqs=8)
+    runner = engine.executor.runner
+    runner.unloadable_loras.add(ADAPTERS["B"].lora_int_id)  # type: ignore[attr-defined]
+    for i, adapter in enumerate(["A", "B", None, "B", "C"]):
+        _add(engine, f"r{i}", adapter, prompt_len=6, max_tokens=3)
+    got: dict[str, Collected] = {}
+    errors: dict[str, str | None] = {}
+    for _ in range(100):
+        if not engine.has_work:
+            break
+        outputs = engine.step()
+        errors |= {o.request_id: o.error for o in outputs.outputs if o.finish_reason == FinishReason.ERROR}
+        collect(outputs, got)
+        check_block_ownership(engine.scheduler.kv)
+    assert not engine.has_work and engine.scheduler.kv.usage == 0
+    assert set(errors) == {"r1", "r3"}
+    assert all(e is not None and "/adapters/B is not a directory" in e for e in errors.values())
+    assert all(got[r].tokens == [] for r in errors)
+    for rid in ("r0", "r2", "r4"):
+        assert got[rid].finish_reason == FinishReason.LENGTH and len(got[rid].tokens) == 3, rid
+    assert runner.held_loras == {"r0": 1, "r4": 3}  # type: ignore[attr-defined]
 
 
 def test_prefix_cache_is_not_shared_across_adapters() -> None:

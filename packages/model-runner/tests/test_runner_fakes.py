@@ -92,6 +92,8 @@ class FakeScheduler:
                 added.append(extra)
             if not req.sent:
                 req.sent = True
+                if req.lora_request is not None:  # admitted: the engine's scheduler holds its adapter then
+                    self.runner.hold_lora(req_id, req.lora_request)
                 new.append(NewRequestData(req_id, list(req.prompt), req.params, tuple(list(b) for b in req.blocks),
                                           req.num_computed, list(req.output), req.lora_request))  # fmt: skip
             else:

@@ -67,6 +67,7 @@ class EngineCore:
             eos_token_ids=frozenset(self.executor.eos_token_ids),
             log_stats=config.log_stats,
             max_loras=config.max_loras,
+            hold_lora=self.executor.hold_lora if config.max_loras else None,
         )
         self.max_model_len: int = self.scheduler.max_model_len
         self.max_logprobs: int = config.model_config.max_logprobs  # per request; -1 = the whole vocabulary
@@ -163,13 +164,14 @@ class EngineCore:
     def ping(self) -> str:
         return "pong"
 
-    def add_lora(self, request: LoRARequest | dict[str, Any]) -> bool:
+    def add_lora(self, request: LoRARequest | dict[str, Any], load_inplace: bool = False) -> bool:
         """vLLM's add_lora: load and check an adapter now (ValueError when it cannot run), so requests naming it
-        find it loaded. Over the utility RPC the LoRARequest arrives as a dict."""
+        find it loaded. Over the utility RPC the LoRARequest arrives as a dict. `load_inplace`: read the adapter
+        with this id again (from the request's path) and serve its new weights from the next step on."""
         if not self.config.max_loras:
             raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
         lora = request if isinstance(request, LoRARequest) else LoRARequest(**request)
-        return self.executor.add_lora(lora)
+        return self.executor.add_lora(lora, load_inplace)
 
     def remove_lora(self, lora_id: int) -> bool:
         return self.executor.remove_lora(lora_id) if self.config.max_loras else False

@@ -120,9 +120,15 @@ class Executor:
             raise ValueError("structured outputs are not supported by this engine's runner")
         check(params)
 
-    def add_lora(self, request: Any) -> bool:
-        """Load and check a LoRA adapter (a LoRARequest) before requests use it: ValueError when it cannot run."""
-        return bool(self._lora_call("add_lora", request))
+    def add_lora(self, request: Any, load_inplace: bool = False) -> bool:
+        """Load and check a LoRA adapter (a LoRARequest) before requests use it: ValueError when it cannot run.
+        `load_inplace`: replace the weights of the adapter with its id."""
+        return bool(self._lora_call("add_lora", request, load_inplace))
+
+    def hold_lora(self, request_id: str, request: Any) -> None:
+        """An admitted request's adapter stays in the runner's host memory until the request leaves it, loaded
+        again if it was evicted: ValueError when that load fails (model_runner/lora/host_cache.py)."""
+        self._lora_call("hold_lora", request_id, request)
 
     def remove_lora(self, lora_id: int) -> bool:
         return bool(self._lora_call("remove_lora", lora_id))

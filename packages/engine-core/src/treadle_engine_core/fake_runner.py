@@ -66,10 +66,18 @@ class FakeModelRunner:
         self.num_steps = 0
         self.loras: set[int] = set()  # adapters added (add_lora)
         self.most_loras_in_a_step = 0  # distinct adapters of the busiest step
+        self.unloadable_loras: set[int] = set()  # adapters whose (re)load at admission fails (tests set it)
+        self.held_loras: dict[str, int] = {}  # request id -> adapter held at its last admission
 
-    def add_lora(self, request: Any) -> bool:
+    def add_lora(self, request: Any, load_inplace: bool = False) -> bool:
         self.loras.add(request.lora_int_id)
         return True
+
+    def hold_lora(self, request_id: str, request: Any) -> None:
+        """Admission holds an adapter; one in `unloadable_loras` fails to load, as a deleted directory would."""
+        if request.lora_int_id in self.unloadable_loras:
+            raise ValueError(f"LoRA adapter {request.lora_name!r}: {request.lora_path} is not a directory")
+        self.held_loras[request_id] = request.lora_int_id
 
     def remove_lora(self, lora_id: int) -> bool:
         found = lora_id in self.loras

@@ -6,7 +6,9 @@ Theory. There are no prefill or decode phases. Each request has `num_computed_to
 `long_prefill_token_threshold`. A decode is thus one token and a long prompt is chunked over steps.
 Running requests are served first, in admission order; then waiting requests are admitted (FCFS or by
 priority) while budget, `max_num_seqs`, KV blocks and the LoRA adapter cap (lora_admission.py) last, reusing
-prefix-cache hits. When a running request
+prefix-cache hits. Admitting a request that names an adapter holds that adapter in the runner's host memory
+(`hold_lora`, loading it again if it was evicted): a load that fails there fails that request alone, with an error
+output, and admission goes on. When a running request
 cannot get blocks, the lowest-priority / latest running request is preempted by recompute: its blocks are
 freed, `num_computed_tokens` reset to 0, and it waits again, keeping its output tokens (it resumes as a new
 request carrying them). No waiting request is admitted in a step that preempted.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from treadle_engine_core.config import SchedulerConfig
 from treadle_engine_core.kv_cache_manager import KVCacheManager
@@ -33,6 +36,7 @@ from treadle_engine_core.request import Request, RequestStatus, validate_request
 from treadle_engine_core.request_queue import make_queue
 from treadle_engine_core.stop import append_and_check_stop, check_stop
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
@@ -51,8 +55,11 @@ class Scheduler:
         eos_token_ids: frozenset[int] | set[int] = frozenset(),
         log_stats: bool = True,
         max_loras: int = 0,
+        hold_lora: Callable[[str, LoRARequest], None] | None = None,
     ) -> None:
-        """`max_loras`: most distinct LoRA adapters among running requests (0: LoRA off, such requests refused)."""
+        """`max_loras`: most distinct LoRA adapters among running requests (0: LoRA off, such requests refused);
+        `hold_lora(request_id, lora)`: called as a request naming an adapter is admitted (the runner keeps the
+        adapter in host memory for it); its ValueError fails that request."""
         if config.max_model_len is None:
             raise ValueError("SchedulerConfig.max_model_len is unset; call config.resolve(...) first")
         self.config = config
@@ -78,6 +85,9 @@ class Scheduler:
         self.num_generation_tokens = 0
         self.num_finished = 0
         self.lora = LoRAAdmission(max_loras) if max_loras else None
+        self.hold_lora = hold_lora
+        # requests failed while scheduling (their adapter could not be loaded), reported by the next update
+        self.failed: list[EngineCoreOutput] = []
 
     # ---- requests in / out ------------------------------------------------------------------------
     def validate_request(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -225,6 +235,13 @@ class Scheduler:
             if new_blocks is None:
                 break
             self.waiting.pop()
+            if req.lora_request is not None and self.hold_lora is not None:
+                try:
+                    self.hold_lora(req.request_id, req.lora_request)
+                except ValueError as exc:
+                    # its adapter cannot be loaded: this request fails, the others go on
+                    self._fail(req, str(exc))
+                    continue
             if lora is not None:
                 lora.admitted(req)
             kv.record_prefix_lookup(req.num_tokens, num_hit)
@@ -252,6 +269,15 @@ class Scheduler:
             self.waiting.add_preempted(req)
         return budget
 
+    def _fail(self, req: Request, message: str) -> None:
+        """End a request taken off the waiting queue with an error its client sees (blocks freed)."""
+        logger.warning("request %s failed: %s", req.request_id, message)
+        req.status = RequestStatus.FINISHED_ERROR
+        self._free(req)
+        self.failed.append(
+            EngineCoreOutput(req.request_id, [], finish_reason=req.finish_reason, error=message)
+        )
+
     def _pick_victim(self, first: int) -> Request:
         """The running request to preempt, among those not yet scheduled this step (index >= first)."""
         if self.config.policy == "priority":
@@ -272,8 +298,8 @@ class Scheduler:
     # ---- update -----------------------------------------------------------------------------------
     def update_from_output(self, so: SchedulerOutput, mro: ModelRunnerOutput) -> EngineCoreOutputs:
         """Append sampled tokens, run stop checks, free finished requests; return per-request diffs."""
-        outputs: list[EngineCoreOutput] = []
-        finished: list[str] = []
+        outputs, self.failed = self.failed, []
+        finished = [out.request_id for out in outputs]
         requests = self.requests
         index = mro.req_id_to_index
         sampled = mro.sampled_token_ids

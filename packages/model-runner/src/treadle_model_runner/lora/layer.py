@@ -72,8 +72,9 @@ class LoRASlots(nn.Module):
         self.lora_b[rows, cols].zero_()
         if weights is not None:
             rank = weights.lora_a.shape[0]
-            self.lora_a[first : first + rank].copy_(weights.lora_a)
-            self.lora_b[rows, first : first + rank].copy_(weights.lora_b)
+            # page-locked host tensors on CUDA (host_cache.py): asynchronous, ordered before the step's kernels
+            self.lora_a[first : first + rank].copy_(weights.lora_a, non_blocking=True)
+            self.lora_b[rows, first : first + rank].copy_(weights.lora_b, non_blocking=True)
 
 
 @dataclass(frozen=True)

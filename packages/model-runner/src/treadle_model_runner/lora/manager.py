@@ -1,8 +1,8 @@
-"""The runner's adapters: loaded in host memory (LRU), placed in device slots, and chosen per token each step.
+"""The runner's adapters: loaded in host memory (host_cache.py), placed in device slots, chosen per token each step.
 
 Three levels, as in vLLM:
-- known: every LoRARequest the runner has seen, by id (its path, to load it again after an eviction);
-- host cache: up to `max_cpu_loras` loaded and checked adapters (adapter.py), least recently used evicted;
+- host cache: up to `max_cpu_loras` loaded and checked adapters, least recently used evicted, those of admitted
+  requests held (host_cache.py says why: a step never reads disk, so a failed load fails one request, at admission);
 - device slots: `max_loras` per LoRA layer (layer.py). A step's adapters are put in slots before it runs; a slot
   whose adapter the step does not use is reused. The scheduler never puts more than max_loras distinct adapters in
   one step, so every step fits.
@@ -15,16 +15,17 @@ mask[t, s] = (slot[t] == s), padding rows zero.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections import OrderedDict
-from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from treadle_model_runner.config import LoRAConfig
-from treadle_model_runner.lora.adapter import LoRAAdapter, load_adapter
+from treadle_model_runner.lora.adapter import LoRAAdapter, LoRAWeights, load_adapter
+from treadle_model_runner.lora.host_cache import HostCache
 from treadle_model_runner.lora.layer import LoRATarget, TokenMask, attach_lora
 from treadle_model_runner.lora.request import LoRARequest
 
@@ -51,10 +52,11 @@ class LoRAManager:
                 f"{self.model_name} has no LoRA-capable projections; start it without enable_lora"
             )
         self.shapes = {name: (t.in_features, t.out_features) for name, t in self.targets.items()}
-        self.known: dict[int, LoRARequest] = {}
-        self.cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # host memory, least recently used first
+        self.dtype = dtype
+        self.pin = device.type == "cuda"  # host tensors page-locked: slot copies run asynchronously
+        self.cache = HostCache(config.num_cpu_loras, self._load)
         self.slot_ids = [0] * config.max_loras  # slot -> adapter id in it (0: empty)
-        pin = device.type == "cuda"
+        pin = self.pin
         self.staged_slots = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=pin)
         self.token_slots = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
         self.is_slot = torch.zeros(max_num_tokens, config.max_loras, dtype=torch.bool, device=device)
@@ -64,42 +66,49 @@ class LoRAManager:
                     len(layers), config.max_loras, config.max_lora_rank, config.num_cpu_loras)  # fmt: skip
 
     # ---- adapters ---------------------------------------------------------------------------------
-    def add(self, request: LoRARequest) -> LoRAAdapter:
-        """Load and check `request`'s adapter into the host cache (a cache hit only refreshes it); ValueError for
-        an adapter this model cannot run (adapter.py)."""
-        lora_id = request.lora_int_id
-        known = self.known.get(lora_id)
-        if known is not None and known.lora_path != request.lora_path:
-            raise ValueError(
-                f"lora_int_id {lora_id} already names adapter {known.lora_name!r} at {known.lora_path}; give "
-                f"{request.lora_name!r} ({request.lora_path}) an id of its own"
-            )
-        adapter = self.cache.get(lora_id)
-        if adapter is None:
-            adapter = load_adapter(request, self.shapes, self.config.max_lora_rank, self.model_name)
-            self.cache[lora_id] = adapter
-            while len(self.cache) > self.config.num_cpu_loras:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(lora_id)
-        self.known[lora_id] = request
+    def add(self, request: LoRARequest, replace: bool = False) -> LoRAAdapter:
+        """Load and check `request`'s adapter into host memory (a cache hit only refreshes it); ValueError for an
+        adapter this model cannot run (adapter.py). `replace`: read it again and let the next step put the new
+        weights in its slot (vLLM's load_inplace)."""
+        adapter = self.cache.add(request, replace)
+        if replace:
+            self._forget_slot(request.lora_int_id)
         return adapter
 
+    def hold(self, request_id: str, request: LoRARequest) -> None:
+        """Keep an admitted request's adapter in host memory until it finishes (host_cache.py)."""
+        self.cache.hold(request_id, request)
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        self.cache.release(request_ids)
+
     def remove(self, lora_id: int) -> bool:
-        """Forget an adapter (host cache and slot); False if it was not loaded. A request still naming it loads
-        it again from its LoRARequest."""
-        self.known.pop(lora_id, None)
-        self.slot_ids = [0 if i == lora_id else i for i in self.slot_ids]
-        return self.cache.pop(lora_id, None) is not None
+        """Forget an adapter (host memory and slot); False if it was not loaded. Requests holding it keep it."""
+        self._forget_slot(lora_id)
+        return self.cache.remove(lora_id)
 
     def list_loras(self) -> list[int]:
-        return list(self.cache)
+        return self.cache.ids()
+
+    def _forget_slot(self, lora_id: int) -> None:
+        with self.cache.lock:
+            self.slot_ids = [0 if i == lora_id else i for i in self.slot_ids]
+
+    def _load(self, request: LoRARequest) -> LoRAAdapter:
+        """Read and check an adapter; its tensors in the model's dtype, page-locked on CUDA."""
+        adapter = load_adapter(request, self.shapes, self.config.max_lora_rank, self.model_name)
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.dtype).contiguous()
+            return t.pin_memory() if self.pin else t
+
+        modules = {name: LoRAWeights(host(w.lora_a), host(w.lora_b)) for name, w in adapter.modules.items()}
+        return dataclasses.replace(adapter, modules=modules)
 
     # ---- one step ---------------------------------------------------------------------------------
-    def prepare_step(
-        self, lora_ids: np.ndarray, states: list[Any], num_scheduled: np.ndarray, padded: int
-    ) -> None:
+    def prepare_step(self, lora_ids: np.ndarray, num_scheduled: np.ndarray, padded: int) -> None:
         """Put the step's adapters in slots and write the token mask for `padded` tokens. `lora_ids` [R]: each
-        row's adapter id (0 = none); `states`: the rows' RequestStates (their LoRARequests, to reload one)."""
+        row's adapter id (0 = none); every one is held in host memory (hold)."""
         num_tokens = int(num_scheduled.sum())
         step_ids = np.unique(lora_ids[lora_ids > 0])
         if step_ids.size == 0:
@@ -111,8 +120,9 @@ class LoRAManager:
         )
         row_slots = np.full(lora_ids.shape, -1, dtype=np.int64)
         wanted = set(step_ids.tolist())
-        for lora_id in wanted:
-            row_slots[lora_ids == lora_id] = self._slot_of(lora_id, wanted, states, lora_ids)
+        with self.cache.lock:
+            for lora_id in wanted:
+                row_slots[lora_ids == lora_id] = self._slot_of(lora_id, wanted)
         staged = self.staged_slots.numpy()
         staged[:num_tokens] = np.repeat(row_slots, num_scheduled)
         slots = self.token_slots[:num_tokens]
@@ -121,19 +131,13 @@ class LoRAManager:
         self.mask.buffer[:num_tokens].copy_(self.is_slot[:num_tokens])
         self.mask.buffer[num_tokens:padded].zero_()
 
-    def _slot_of(self, lora_id: int, wanted: set[int], states: list[Any], lora_ids: np.ndarray) -> int:
-        """The slot holding `lora_id`, loading it into one no adapter of this step uses if need be."""
+    def _slot_of(self, lora_id: int, wanted: set[int]) -> int:
+        """The slot holding `lora_id`, copying it (from host memory) into one no adapter of this step uses if need
+        be. The copies are asynchronous, on the stream the step then runs on."""
         if lora_id in self.slot_ids:
             return self.slot_ids.index(lora_id)
         slot = next(s for s, held in enumerate(self.slot_ids) if held not in wanted)
         adapter = self.cache.get(lora_id)
-        if adapter is None:
-            request = self.known.get(lora_id)
-            if request is None:  # removed while a request still names it: that request's own LoRARequest
-                row = int(np.flatnonzero(lora_ids == lora_id)[0])
-                request = states[row].lora_request
-            adapter = self.add(request)
-        self.cache.move_to_end(lora_id)
         for name, target in self.targets.items():
             target.slots.set_slot(slot, target.shard, adapter.modules.get(name))
         self.slot_ids[slot] = lora_id

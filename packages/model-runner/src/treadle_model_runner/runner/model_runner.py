@@ -174,10 +174,17 @@ class ModelRunner:
         self.structured.compile(params)
 
     # ---- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) -------------------------------
-    def add_lora(self, request: LoRARequest) -> bool:
-        """Load and check an adapter into the host cache before a request uses it: ValueError when it cannot run."""
-        self._require_lora().add(request)
+    def add_lora(self, request: LoRARequest, load_inplace: bool = False) -> bool:
+        """Load and check an adapter into the host cache before a request uses it: ValueError when it cannot run.
+        `load_inplace`: read it again from its path and replace the weights under its id (running requests use
+        the new weights from their next step on)."""
+        self._require_lora().add(request, replace=load_inplace)
         return True
+
+    def hold_lora(self, request_id: str, request: LoRARequest) -> None:
+        """The scheduler admits `request_id`, which runs `request`'s adapter: keep it in host memory until the
+        request finishes or is preempted, loading it again if it was evicted (ValueError: fail that request)."""
+        self._require_lora().hold(request_id, request)
 
     def remove_lora(self, lora_id: int) -> bool:
         return self._require_lora().remove(lora_id)
@@ -285,6 +292,8 @@ class ModelRunner:
         self.buffers.wait_for_copies()  # the diff below rewrites pinned rows the last step copied from
         self._resolve_pending(keep_newest=True)
         apply_scheduler_output(self.batch, self.requests, scheduler_output)
+        if self.lora is not None:  # their adapters may leave host memory now (lora/host_cache.py)
+            self.lora.release(scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids)
         if scheduler_output.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput.empty()
         num_reqs = self.batch.num_reqs
@@ -301,7 +310,7 @@ class ModelRunner:
         elif not decode_only and (buckets := self._buckets(num_reqs)) is not None:
             padded = buckets.padded_size(scheduler_output.total_num_scheduled_tokens)
         if self.lora is not None:  # before the inputs below: their staging event covers its copy too
-            self.lora.prepare_step(self.batch.lora_ids[:num_reqs], self.batch.states[:num_reqs], num_scheduled,
+            self.lora.prepare_step(self.batch.lora_ids[:num_reqs], num_scheduled,
                                    padded or scheduler_output.total_num_scheduled_tokens)  # fmt: skip
         newest = self.pending[-1] if self.pending else None
         source = device_source(newest, self.batch.req_ids)
