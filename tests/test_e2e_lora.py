@@ -75,7 +75,8 @@ def test_a_bad_adapter_stops_the_server_before_it_serves(tiny: Tiny, tmp_path: P
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "adapter_config.json").write_text(json.dumps({"r": 64, "lora_alpha": 8}))
-    message = r"exited with 3[\s\S]*LoRA rank 64 is greater than max_lora_rank 8"
+    # the CLI's user-error exit, with the entry named on the last line
+    message = rf"exited with 2[\s\S]*--lora-modules bad={bad}: .*LoRA rank 64 is greater than max_lora_rank 8; .*\(--max-lora-rank\)\n$"
     with pytest.raises(RuntimeError, match=message):
         start_server(tiny.model, tmp_path / "server.log", _serve_args(tiny, f"bad={bad}"), port=PORT).stop()
 

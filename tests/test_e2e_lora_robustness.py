@@ -9,10 +9,18 @@ the openai SDK.
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import openai
 import pytest
+from e2e_helpers import API_KEY, MODEL_NAME, RealServer, start_server
 from lora_e2e_assets import Tiny, build_tiny
 
 from treadle import LoRARequest, SamplingParams
@@ -22,6 +30,7 @@ from treadle_engine_core.messages import EngineCoreRequest
 from treadle_engine_core.request import FinishReason
 from treadle_model_runner import CacheConfig, LoRAConfig, ModelConfig
 
+PORT = int(os.environ.get("E2E_LORA_PORT", "0")) or None
 PROMPTS = {"r1": [5, 40, 17, 200, 9], "r2": [6, 43, 17, 199, 9], "r3": [7, 46, 17, 198, 9], "r4": [8, 49, 17]}
 
 
@@ -91,3 +100,77 @@ def test_a_deleted_adapter_fails_its_request_and_the_engine_goes_on(
     for rid, adapter in (("r1", "sql"), ("r3", "poet"), ("r4", None)):
         assert finished[rid] == (FinishReason.LENGTH, None), rid
         assert tokens[rid] == tiny.peft.greedy(adapter, PROMPTS[rid], 6), rid
+
+
+# ---- through the server --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def doomed_server(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RealServer, Path]]:
+    root = tmp_path_factory.mktemp("served")
+    doomed = Path(shutil.copytree(tiny.adapters["poet"], root / "doomed"))
+    modules = [f"sql={tiny.adapters['sql']}", f"doomed={doomed}", f"poet={tiny.adapters['poet']}"]
+    extra = ["--load-format", "auto", "--dtype", "float32", "--enable-lora", "--max-loras", "1", "--max-cpu-loras",
+             "1", "--max-lora-rank", "8", "--lora-modules", *modules]  # fmt: skip
+    server = start_server(tiny.model, root / "server.log", extra, port=PORT)
+    try:
+        yield server, doomed
+    finally:
+        server.stop()
+
+
+def test_serve_is_ready_only_once_its_adapters_are_loaded(doomed_server: tuple[RealServer, Path]) -> None:
+    """start_server returned on the first /health 200: by then the log says ready, after every adapter loaded."""
+    lines = doomed_server[0].log.read_text().splitlines()
+    ready = next(i for i, line in enumerate(lines) if "treadle is ready" in line)
+    for name in ("sql", "doomed", "poet"):
+        loaded = next(i for i, line in enumerate(lines) if f"Loaded LoRA adapter {name!r}" in line)
+        assert loaded < ready, (name, lines[loaded], lines[ready])
+
+
+def test_a_deleted_adapter_fails_its_request_and_the_server_goes_on(
+    tiny: Tiny, doomed_server: tuple[RealServer, Path]
+) -> None:
+    """sql runs a long request in the one slot; doomed's and poet's requests wait, and poet's arrival evicts
+    doomed from host memory; doomed's directory is deleted: its request fails (400, the adapter and the problem
+    named) once admitted, and poet's request and a base-model request still run."""
+    server, doomed = doomed_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    greedy: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+    results: dict[str, Any] = {}
+
+    def complete(model: str, prompt: list[int], max_tokens: int) -> None:
+        try:
+            results[model] = client.completions.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, **greedy
+            )
+        except openai.APIError as e:
+            results[model] = e
+
+    threads = [threading.Thread(target=complete, args=("sql", PROMPTS["r1"], 250 - len(PROMPTS["r1"])))]
+    threads[0].start()
+    _wait_for(server, "num_requests_running", 1)
+    for model, rid in (("doomed", "r2"), ("poet", "r3")):  # in this order: poet's load evicts doomed
+        threads.append(threading.Thread(target=complete, args=(model, PROMPTS[rid], 6)))
+        threads[-1].start()
+        _wait_for(server, "num_requests_waiting", len(threads) - 1)
+    shutil.rmtree(doomed)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not isinstance(results["sql"], Exception), results["sql"]
+    assert isinstance(results["doomed"], openai.BadRequestError), results["doomed"]
+    message = results["doomed"].message
+    assert "LoRA adapter 'doomed'" in message and f"{doomed} is not a directory" in message, message
+    assert results["poet"].choices[0].model_extra["token_ids"] == tiny.peft.greedy("poet", PROMPTS["r3"], 6)
+    base = client.completions.create(model=MODEL_NAME, prompt=PROMPTS["r4"], max_tokens=6, **greedy)
+    assert base.choices[0].model_extra["token_ids"] == tiny.peft.greedy(None, PROMPTS["r4"], 6)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def _wait_for(server: RealServer, gauge: str, value: int) -> None:
+    """Until /metrics shows `treadle:<gauge>` at `value` (the engine's per-step stats feed it)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith(f"treadle:{gauge}{{") and float(line.rsplit(" ", 1)[1]) == value:
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"treadle:{gauge} never reached {value}")

@@ -346,11 +346,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from treadle_frontend.server import build_app
 
     llm = AsyncLLM(client, processor)
-    try:
-        app = build_app(llm, server_config)
-        from treadle_engine_core.heap import freeze_startup_heap
 
-        freeze_startup_heap("API server")
+    def on_ready() -> None:
+        """Start-up done (the --lora-modules adapters loaded): say so, just before connections are accepted."""
         _startup_report(llm, server_config.url, time.monotonic() - t0)
         if args.data_parallel_size > 1:
             logger.info("Data parallel: %d engine processes, each holding the whole model and its own KV cache "
@@ -358,12 +356,23 @@ def run_serve(args: argparse.Namespace) -> int:
         threading.Thread(
             target=_platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True
         ).start()
+
+    try:
+        app = build_app(llm, server_config, on_ready=on_ready)
+        from treadle_engine_core.heap import freeze_startup_heap
+
+        freeze_startup_heap("API server")
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
             root_path=args.root_path, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         )  # fmt: skip
-        # uvicorn exits 3 when the app's start-up fails (a --lora-modules adapter the engine refuses)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except SystemExit:  # uvicorn exits 3 when the app's start-up fails: a user error when we know why
+            error = app.state.treadle.startup_error
+            if error is not None:
+                raise error from None
+            raise
     finally:
         llm.shutdown()
         sock.close()

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -70,7 +70,14 @@ async def _stats_loop(state: ServerState) -> None:
             logger.info("%s", line)
 
 
-def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None) -> FastAPI:
+def build_app(
+    llm: AsyncLLM,
+    config: ServerConfig,
+    model_name: str | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """`on_ready`: called once start-up is done (the --lora-modules adapters loaded), just before the server
+    accepts connections: the CLI logs that it is ready there."""
     name = model_name or config.served_model_name or llm.model.name
     metrics = ServerMetrics(name, llm.model.max_model_len)
     llm.stats_listeners.append(metrics.record)
@@ -81,7 +88,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str | None = None
         for module in config.lora_modules:  # a bad adapter fails the start-up (server/lora.py)
             # vLLM's parent: the base_model_name given, when it is a name this server serves
             parent = module.base_model_name if module.base_model_name in state.model_names else name
-            await state.loras.load(llm, module.name, module.path, parent)
+            try:
+                await state.loras.load(llm, module.name, module.path, parent)
+            except ValueError as e:  # kept for the CLI, which exits with it once uvicorn gives up
+                state.startup_error = ValueError(f"--lora-modules {module.name}={module.path}: {e}")
+                raise state.startup_error from None
+        if on_ready is not None:
+            on_ready()
         task = None if config.disable_log_stats else asyncio.create_task(_stats_loop(state))
         try:
             yield

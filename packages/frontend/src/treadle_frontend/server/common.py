@@ -56,6 +56,9 @@ class ServerState:
     metrics: ServerMetrics
     created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
     loras: ServedLoRAs = field(default_factory=ServedLoRAs)  # LoRA adapters served as models (server/lora.py)
+    startup_error: ValueError | None = (
+        None  # why start-up failed (a --lora-modules adapter the engine refused)
+    )
 
     @property
     def model_names(self) -> tuple[str, ...]:
