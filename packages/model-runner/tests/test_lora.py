@@ -177,11 +177,14 @@ def test_lora_requests_need_enable_lora(tiny: Tiny) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Path) -> None:
     """fp32, Triton attention: decode steps replay the decode graphs and prefills the piecewise ones, with the
-    adapters' slots and the token mask read from their persistent buffers; tokens and hidden states equal eager's."""
+    adapters' slots and the token mask read from their persistent buffers; tokens and hidden states equal eager's.
+    Both LoRA variants replay: the one with the adapters' path in steps where a row runs an adapter, the one without
+    (fused norm and activation back) in steps of base-model rows only, before and after adapter steps."""
     from lora_fixtures import write_adapter
 
     from treadle_model_runner import CacheConfig, ModelConfig
     from treadle_model_runner.runner import ModelRunner
+    from treadle_model_runner.runner.lora_graphs import LoRAVariants
 
     config = tf.LlamaConfig(**COMMON)
     hf = tf.LlamaForCausalLM(config)
@@ -190,8 +193,16 @@ def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Pat
     lora = {"a": LoRARequest("a", 1, str(write_adapter(tmp_path / "a", config, 1, 8, 16, ALL_TARGETS))),
             "b": LoRARequest("b", 2, str(write_adapter(tmp_path / "b", config, 2, 4, 8, ["q_proj", "down_proj"])))}  # fmt: skip
     gen = torch.Generator().manual_seed(9)
-    adapters = [None, "a", "b", "a", "b", None, "a"]
-    prompts = [torch.randint(1, 160, (n,), generator=gen).tolist() for n in (5, 40, 17, 3, 60, 11, 8)]
+    # phase 1 mixes base rows and both adapters, two base requests outliving the others (decode steps of base
+    # rows only, with adapters still in their slots); phase 2 is base rows only (prefill and decode); phase 3 an
+    # adapter again
+    phases = [
+        [(5, None, 12), (40, "a", 12), (17, "b", 12), (3, "a", 12), (60, "b", 12), (11, None, 24), (8, "a", 12),
+         (6, None, 24)],
+        [(30, None, 10), (3, None, 10)],
+        [(20, "b", 8)],
+    ]  # fmt: skip
+    prompts = [[torch.randint(1, 160, (n,), generator=gen).tolist() for n, _, _ in phase] for phase in phases]
     results = []
     for eager in (True, False):
         model_config = ModelConfig(str(tmp_path / "base"), dtype="float32", attention_backend="triton",
@@ -200,17 +211,28 @@ def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Pat
                              lora_config=LoRAConfig(enable_lora=True, max_loras=2, max_lora_rank=8))  # fmt: skip
         runner.load_model()
         runner.initialize_kv_cache()
-        replays: list[int] = []
+        replays: dict[str, list[int]] = {}
         if not eager:
-            assert runner.graphs is not None and runner.piecewise is not None
-            replay, log = runner.graphs.replay, replays.append
-            runner.graphs.replay = lambda size, r=replay, log=log: (log(size), r(size))[1]  # type: ignore[method-assign]
+            for kind, graphs in (("decode", runner.graphs), ("piecewise", runner.piecewise)):
+                assert isinstance(graphs, LoRAVariants), graphs
+                for variant, captured in (("with", graphs.with_adapters), ("without", graphs.without)):
+                    log = replays.setdefault(f"{kind} {variant}", [])
+                    replay = captured.replay
+                    captured.replay = lambda size, r=replay, log=log: (log.append(size), r(size))[1]  # type: ignore[method-assign]
         hidden = record_hidden(runner)
-        sched = FakeScheduler(runner, seed=2)
-        for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
-            sched.add(f"r{i}", prompt, max_tokens=12, lora_request=lora[adapter] if adapter else None)
-        results.append((sched.run(budget=64), [h.cpu() for h in hidden]))
-        assert eager or len(replays) >= 5, replays
+        tokens: dict[str, list[int]] = {}
+        for p, (phase, phase_prompts) in enumerate(zip(phases, prompts, strict=True)):
+            sched = FakeScheduler(runner, seed=2 + p)
+            for i, ((_, adapter, max_tokens), prompt) in enumerate(zip(phase, phase_prompts, strict=True)):
+                sched.add(
+                    f"p{p}r{i}",
+                    prompt,
+                    max_tokens=max_tokens,
+                    lora_request=lora[adapter] if adapter else None,
+                )
+            tokens |= sched.run(budget=64)
+        results.append((tokens, [h.cpu() for h in hidden]))
+        assert eager or all(replays.values()), {k: len(v) for k, v in replays.items()}
     (tokens, hidden), (graph_tokens, graph_hidden) = results
     assert graph_tokens == tokens
     for h, h_graph in zip(hidden, graph_hidden, strict=True):

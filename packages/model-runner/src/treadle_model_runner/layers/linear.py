@@ -42,15 +42,16 @@ class Linear(nn.Linear):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # with LoRA enabled: the adapters' slots (lora/layer.py), added to the output; fused paths step aside
+        # with LoRA enabled: the adapters' slots (lora/layer.py), added to the output in steps that run an adapter;
+        # fused paths before the projection step aside in those steps (`runs_lora`)
         self.lora: LoRASlots | None = None
         self.register_buffer("weight_scale", None)
 
     @property
     def fusable(self) -> bool:
-        """Whether fused ops (norm + projection, activation + projection) may read the plain weight: not with
-        LoRA slots (they need the projection's input rows) nor once quantized to fp8."""
-        return self.lora is None and self.weight_scale is None
+        """Whether fused ops (norm + projection, activation + projection) may read the plain weight: not in a step
+        that runs a LoRA adapter (it needs the projection's input rows; `runs_lora`) nor once quantized to fp8."""
+        return not runs_lora(self) and self.weight_scale is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale is not None:
@@ -70,6 +71,13 @@ class Linear(nn.Linear):
     def row_amax(self, local: torch.Tensor) -> torch.Tensor:
         """The largest magnitude of each whole weight row, from this rank's part of it."""
         return local
+
+
+def runs_lora(linear: nn.Module) -> bool:
+    """Whether this step adds adapter deltas to `linear`'s output: LoRA is enabled and some row of the step runs an
+    adapter. Then the projection needs its input rows themselves, so a norm or activation fused into it runs apart."""
+    lora = getattr(linear, "lora", None)
+    return lora is not None and lora.mask.has_adapters
 
 
 def checkpoint_shape(module: nn.Module, name: str, param: torch.Tensor) -> tuple[int, ...]:

@@ -51,6 +51,7 @@ class GatedMLP(nn.Module):
         return self.down(gate_up), residual
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if not self.down_proj.fusable:  # LoRA needs down_proj's input rows, fp8 quantizes them: unfused
+        # an adapter in the step needs down_proj's input rows, and fp8 quantizes them: unfused then
+        if not self.down_proj.fusable:
             return self.down_proj(self.act_and_mul(gate_up))
         return all_reduce(self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))

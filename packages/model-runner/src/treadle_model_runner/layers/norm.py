@@ -31,8 +31,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor, linear: Linear
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(linear(norm(x + residual)), x + residual)`` as one op: the norm feeds the projection after it.
-        A projection with LoRA slots needs the normed rows themselves, and an fp8 one quantizes them: those run
-        unfused."""
+        In a step that runs a LoRA adapter the projection needs the normed rows themselves, and an fp8 one quantizes
+        them: those run unfused."""
         if not linear.fusable:
             h, residual = self.add_and_norm(x, residual)
             return linear(h), residual

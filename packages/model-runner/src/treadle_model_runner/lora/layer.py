@@ -12,6 +12,11 @@ zeros of other slots and of the padding add exact zeros). No shape depends on wh
 slots are filled in place (`set_slot`) and the mask is a persistent buffer the runner rewrites each step
 (manager.py), so CUDA graphs captured once replay with any adapters.
 
+A step where no row runs an adapter (`TokenMask.has_adapters` false) skips all of it: the layer returns `y`, and the
+norm + projection and activation + down_proj fusions, which step aside for LoRA, run again. Eager and piecewise
+steps read the flag in Python; CUDA graphs are captured once per value and the replay picks the variant
+(runner/lora_graphs.py).
+
 `attach_lora` gives each LoRA-capable projection of a model its slots (`Linear.lora`, read by layers/linear.py and
 the fused norm / MLP paths) and returns the HF module names they answer to, e.g. "model.layers.0.self_attn.q_proj"
 is shard 0 of that layer's qkv_proj.
@@ -19,6 +24,8 @@ is shard 0 of that layer's qkv_proj.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +37,23 @@ from treadle_model_runner.lora.adapter import SUPPORTED_TARGETS, LoRAWeights
 
 
 class TokenMask:
-    """The step's token -> slot one-hot, shared by every LoRA layer; the runner rewrites `buffer` in place."""
+    """The step's token -> slot one-hot, shared by every LoRA layer; the runner rewrites `buffer` in place, and
+    `has_adapters` before each step."""
 
     def __init__(self, buffer: torch.Tensor) -> None:
         self.buffer = buffer  # [max_num_tokens, max_loras] in the model dtype
+        # some row of the step runs an adapter; when not, every LoRA layer adds nothing and launches nothing, and
+        # fused norm / activation paths run again. True until the first step (the profiling pass: the worst case)
+        self.has_adapters = True
+
+    @contextlib.contextmanager
+    def forcing(self, has_adapters: bool) -> Iterator[None]:
+        """`has_adapters` fixed while CUDA graphs of one variant are captured (runner/lora_graphs.py)."""
+        before, self.has_adapters = self.has_adapters, has_adapters
+        try:
+            yield
+        finally:
+            self.has_adapters = before
 
     def rows(self, num_tokens: int) -> torch.Tensor:
         return self.buffer[:num_tokens]
@@ -57,7 +77,10 @@ class LoRASlots(nn.Module):
         self.mask = mask
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y` (this projection's output for `x` [T, in]) plus each row's adapter delta."""
+        """`y` (this projection's output for `x` [T, in]) plus each row's adapter delta (`y` itself in a step where
+        no row runs an adapter)."""
+        if not self.mask.has_adapters:
+            return y
         num_tokens = x.shape[0]
         mask = self.mask.rows(num_tokens)[:, None, :, None]  # [T, 1, S, 1]
         xa = ops.linear(x, self.lora_a, None).view(num_tokens, self.num_shards, self.max_loras, self.max_rank)

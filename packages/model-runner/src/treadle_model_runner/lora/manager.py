@@ -111,8 +111,8 @@ class LoRAManager:
         row's adapter id (0 = none); every one is held in host memory (hold)."""
         num_tokens = int(num_scheduled.sum())
         step_ids = np.unique(lora_ids[lora_ids > 0])
-        if step_ids.size == 0:
-            self.mask.buffer[:padded].zero_()
+        self.mask.has_adapters = bool(step_ids.size)
+        if not step_ids.size:  # the LoRA layers read nothing this step (layer.py)
             return
         assert step_ids.size <= self.config.max_loras, (
             f"{step_ids.size} adapters in one step, more than max_loras ({self.config.max_loras}): the scheduler "

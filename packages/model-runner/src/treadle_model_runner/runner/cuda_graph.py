@@ -26,6 +26,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -37,6 +38,27 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     if sizes[-1] != max_num_seqs:
         sizes.append(max_num_seqs)
     return sizes
+
+
+class GraphSet(Protocol):
+    """What the runner asks of a set of captured graphs (decode, piecewise, one-request prefill, or a set's two
+    LoRA variants, lora_graphs.py)."""
+
+    sizes: list[int]
+
+    @property
+    def memory_bytes(self) -> int: ...
+
+    @property
+    def is_captured(self) -> bool: ...
+
+    def padded_size(self, n: int) -> int | None: ...
+
+    def has(self, size: int) -> bool: ...
+
+    def replay(self, size: int) -> torch.Tensor: ...
+
+    def release(self) -> None: ...
 
 
 class GraphSizes:
@@ -69,13 +91,18 @@ class CudaGraphRunner(GraphSizes):
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's output hidden states [size, hidden]
 
+    @property
+    def is_captured(self) -> bool:
+        return bool(self.graphs)
+
     def has(self, size: int) -> bool:
         return size in self.graphs
 
-    def capture(self, make_forward: Callable[[int], Callable[[], torch.Tensor]]) -> None:
-        """`make_forward(size)` prepares a dummy batch of `size` and returns the forward to capture."""
+    def capture(self, make_forward: Callable[[int], Callable[[], torch.Tensor]], pool: Any = None) -> None:
+        """`make_forward(size)` prepares a dummy batch of `size` and returns the forward to capture; `pool`: a
+        memory pool shared with other graphs that never run at the same time (default: a new one)."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode():
                 for size in reversed(self.sizes):

@@ -23,14 +23,16 @@ def graph_mode(runner: Any) -> str:
         return "off (enforce_eager)"
     if runner.graphs is None:
         return f"off (attention backend {runner.attn_backend.name!r})"
-    decode = sorted(runner.graphs.graphs)
+    decode = runner.graphs.sizes
     mode = f"decode sizes {decode[0]}-{decode[-1]} ({len(decode)} graphs)"
     if runner.piecewise is not None:
-        buckets = sorted(runner.piecewise.buckets)
+        buckets = runner.piecewise.sizes
         mode += f"; piecewise buckets {buckets[0]}-{buckets[-1]} ({len(buckets)})"
     if runner.prefill_graphs is not None:
-        sizes = sorted(runner.prefill_graphs.graphs)
+        sizes = runner.prefill_graphs.sizes
         mode += f"; one-request prefill buckets {sizes[0]}-{sizes[-1]} ({len(sizes)})"
+    if runner.lora is not None:
+        mode += "; each with and without the LoRA path"
     return mode
 
 

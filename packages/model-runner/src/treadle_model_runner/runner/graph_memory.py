@@ -16,6 +16,8 @@ kept bytes per token times its tokens.
 One-request prefill graphs (prefill_graphs.py) are whole forwards like the decode graphs, by token bucket: the
 same largest + (n - 1) x smallest estimate over their largest and smallest bucket.
 
+With LoRA enabled every set is probed in both its variants (lora_graphs.py), each estimated as above.
+
 Invariants: the probe leaves no graph and no cache behind; if it fails it estimates 0 with a warning (the real
 capture then reports its own failure and the runner runs eagerly).
 """
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from treadle_model_runner.kv_cache import allocate_kv_caches
-from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, GraphSet, capture_sizes
 from treadle_model_runner.runner.graphs import (
     piecewise_sizes,
     prefill_graphs_wanted,
@@ -36,6 +38,7 @@ from treadle_model_runner.runner.graphs import (
     prepare_piecewise_capture,
     prepare_prefill_capture,
 )
+from treadle_model_runner.runner.lora_graphs import capture_set
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 
 if TYPE_CHECKING:
@@ -76,34 +79,48 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.kv_cache_dtype,
                                           runner.device, runner.attn_backend)  # fmt: skip
     buckets = piecewise_sizes(runner)
-    probe = CudaGraphRunner(sorted({sizes[0], sizes[-1]}))
-    pieces = PiecewiseGraphs(sorted({buckets[0], buckets[-1]}) if buckets else [])
     prefill_buckets = buckets if prefill_graphs_wanted(runner) else []
-    prefill = CudaGraphRunner(
-        sorted({prefill_buckets[0], prefill_buckets[-1]}) if prefill_buckets else [], "one-request prefill"
-    )
+    mask = runner.lora.mask if runner.lora is not None else None  # LoRA: both variants of each set
+    decode: list[CudaGraphRunner] = []
+    pieces: list[PiecewiseGraphs] = []
+    prefill: list[CudaGraphRunner] = []
     try:
-        probe.capture(lambda size: prepare_decode_capture(runner, size))
-        measured = dict(probe.memory_by_size)
-        if pieces.sizes:
-            pieces.capture(lambda size, split: prepare_piecewise_capture(runner, size, split))
-        if prefill.sizes:
-            prefill.capture(lambda size: prepare_prefill_capture(runner, size))
+        decode = capture_set(
+            mask, lambda kind: CudaGraphRunner(sorted({sizes[0], sizes[-1]}), "decode batch (memory probe)" + kind),
+            lambda g, pool: g.capture(lambda size: prepare_decode_capture(runner, size), pool),
+        )  # fmt: skip
+        if buckets:
+            pieces = capture_set(
+                mask, lambda kind: PiecewiseGraphs(sorted({buckets[0], buckets[-1]}), " (memory probe)" + kind),
+                lambda g, pool: g.capture(lambda size, split: prepare_piecewise_capture(runner, size, split), pool),
+            )  # fmt: skip
+        if prefill_buckets:
+            prefill = capture_set(
+                mask, lambda kind: CudaGraphRunner(sorted({buckets[0], buckets[-1]}), "one-request prefill" + kind),
+                lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
+            )  # fmt: skip
     except Exception as exc:  # an estimate only: the real capture reports its own failure
         logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", exc)
-        measured = {}
+        decode = []
     finally:
-        piece_bytes = estimate_piecewise_bytes(pieces.memory_by_size, pieces.held_bytes_by_size, buckets)
-        prefill_bytes = estimate_graph_bytes(prefill.memory_by_size, len(prefill_buckets))
-        for graphs in (probe, pieces, prefill):
+        measured = [dict(g.memory_by_size) for g in decode]
+        piece_bytes = sum(
+            estimate_piecewise_bytes(g.memory_by_size, g.held_bytes_by_size, buckets) for g in pieces
+        )
+        prefill_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(prefill_buckets)) for g in prefill)
+        probes: list[GraphSet] = [*decode, *pieces, *prefill]
+        for graphs in probes:
             graphs.release()
-        del probe, pieces, prefill
+        del decode, pieces, prefill
         runner.kv_caches = []
         torch.cuda.synchronize(runner.device)
         torch.cuda.empty_cache()
-    estimate = estimate_graph_bytes(measured, len(sizes))
-    logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes (probe: %s), %.0f MiB for %d "
+    estimate = sum(estimate_graph_bytes(m, len(sizes)) for m in measured)
+    probed = "; ".join(
+        ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(m.items())) for m in measured
+    )
+    logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes%s (probe: %s), %.0f MiB for %d "
                 "piecewise token buckets and %.0f MiB for %d one-request prefill buckets", estimate / _MiB,
-                len(sizes), ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(measured.items())),
+                len(sizes), " in two LoRA variants" if len(measured) == 2 else "", probed,
                 piece_bytes / _MiB, len(buckets), prefill_bytes / _MiB, len(prefill_buckets))  # fmt: skip
     return estimate + piece_bytes + prefill_bytes

@@ -9,7 +9,8 @@ the capture read the dummy ones):
               attention backend can build its metadata on the device (prefill_graphs.py)
 Graphs are wanted on CUDA unless `enforce_eager`, and only with a backend that supports them. A capture that fails
 leaves that set empty (None on the runner): those steps run eagerly. The memory probe (graph_memory.py) captures a
-few of the same forwards before the KV cache is sized.
+few of the same forwards before the KV cache is sized. With LoRA enabled each set is captured in two variants, with
+and without the adapters' path, and replays the one the step needs (lora_graphs.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from treadle_model_runner import envs
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
 from treadle_model_runner.runner.inputs import prepare_inputs
+from treadle_model_runner.runner.lora_graphs import as_one_set, capture_set
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
 from treadle_model_runner.runner.prefill_graphs import capture_metadata
 
@@ -59,22 +61,26 @@ def capture_graphs(runner: ModelRunner) -> None:
                 "CUDA graphs off: attention backend %r launches from host metadata", runner.attn_backend.name
             )
         return
-    graphs = CudaGraphRunner(capture_sizes(runner.max_num_seqs))
-    graphs.capture(lambda size: prepare_decode_capture(runner, size))
-    runner.graphs = graphs if graphs.graphs else None  # capture failed: run eagerly, no padding
-    piecewise = PiecewiseGraphs(piecewise_sizes(runner))
-    if piecewise.sizes:
-        piecewise.capture(lambda size, split: prepare_piecewise_capture(runner, size, split))
-    runner.piecewise = piecewise if piecewise.buckets else None
-    prefill = CudaGraphRunner(
-        piecewise_sizes(runner) if prefill_graphs_wanted(runner) else [], "one-request prefill"
-    )
-    if prefill.sizes:
-        prefill.capture(lambda size: prepare_prefill_capture(runner, size))
-    runner.prefill_graphs = prefill if prefill.graphs else None
+    mask = runner.lora.mask if runner.lora is not None else None
+    decode = capture_set(
+        mask, lambda kind: CudaGraphRunner(capture_sizes(runner.max_num_seqs), "decode batch" + kind),
+        lambda g, pool: g.capture(lambda size: prepare_decode_capture(runner, size), pool),
+    )  # fmt: skip
+    runner.graphs = as_one_set(decode, mask)  # capture failed: run eagerly, no padding
+    buckets = piecewise_sizes(runner)
+    pieces = capture_set(
+        mask, lambda kind: PiecewiseGraphs(buckets, kind),
+        lambda g, pool: g.capture(lambda size, split: prepare_piecewise_capture(runner, size, split), pool),
+    ) if buckets else []  # fmt: skip
+    runner.piecewise = as_one_set(pieces, mask)
+    prefill = capture_set(
+        mask, lambda kind: CudaGraphRunner(buckets, "one-request prefill" + kind),
+        lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
+    ) if buckets and prefill_graphs_wanted(runner) else []  # fmt: skip
+    runner.prefill_graphs = as_one_set(prefill, mask)
     reserved = runner.graph_bytes_reserved
-    taken = graphs.memory_bytes + piecewise.memory_bytes + prefill.memory_bytes
-    if graphs.graphs and reserved and taken > 1.2 * reserved + (64 << 20):
+    taken = sum(g.memory_bytes for g in (*decode, *pieces, *prefill))
+    if decode and reserved and taken > 1.2 * reserved + (64 << 20):
         logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
                        "was sized; lower --gpu-memory-utilization if memory runs out",
                        taken / (1 << 20), reserved / (1 << 20))  # fmt: skip

@@ -45,7 +45,7 @@ from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import get_tp, min_over_ranks, prepare_small_all_reduce
 from treadle_model_runner.quantization import check_quantization, quantize_model
-from treadle_model_runner.runner.cuda_graph import CudaGraphRunner
+from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.graph_memory import probe_graph_bytes
@@ -53,7 +53,6 @@ from treadle_model_runner.runner.graphs import capture_graphs, graphs_wanted
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
-from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 from treadle_model_runner.runner.precompile import start_compile_ahead
 from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
@@ -137,9 +136,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.kv_cache_config: KVCacheConfig | None = None
         self.requests: dict[str, Any] = {}  # request id -> RequestState (live requests, scheduled or not)
-        self.graphs: CudaGraphRunner | None = None
-        self.piecewise: PiecewiseGraphs | None = None  # steps that are not decode-only (piecewise.py)
-        self.prefill_graphs: CudaGraphRunner | None = None  # such steps with one request (prefill_graphs.py)
+        # decode-only steps (cuda_graph.py); with LoRA each set is two variants, with and without adapters (lora_graphs.py)
+        self.graphs: GraphSet | None = None
+        self.piecewise: GraphSet | None = None  # steps that are not decode-only (piecewise.py)
+        self.prefill_graphs: GraphSet | None = None  # such steps with one request (prefill_graphs.py)
         self.graph_bytes_reserved = 0  # device memory left free for the CUDA graphs when sizing the KV cache
         # async output (set by the engine under async scheduling): return before the sampled tokens reach the
         # host; `pending` holds the steps whose tokens the host has not written yet (pending.py)
@@ -338,7 +338,7 @@ class ModelRunner:
                 return self.piecewise.replay(size)
             return self._require_model()(inputs.input_ids, inputs.positions)
 
-    def _buckets(self, num_reqs: int) -> CudaGraphRunner | PiecewiseGraphs | None:
+    def _buckets(self, num_reqs: int) -> GraphSet | None:
         """The graphs whose token buckets a step that is not decode-only pads up to (None: no padding)."""
         return self.prefill_graphs if num_reqs == 1 and self.prefill_graphs is not None else self.piecewise
 

@@ -112,18 +112,27 @@ class _Bucket:
 
 
 class PiecewiseGraphs(GraphSizes):
-    def __init__(self, sizes: list[int]) -> None:
+    def __init__(self, sizes: list[int], kind: str = "") -> None:
+        """`kind`: what the log adds to 'piecewise CUDA graphs' (a LoRA variant)."""
         super().__init__(sizes)
+        self.kind = kind
         self.buckets: dict[int, _Bucket] = {}
         self.held_bytes_by_size: dict[int, int] = {}  # bucket -> attention inputs / outputs it keeps alive
+
+    @property
+    def is_captured(self) -> bool:
+        return bool(self.buckets)
 
     def has(self, size: int) -> bool:
         return size in self.buckets
 
-    def capture(self, make_forward: Callable[[int, Any], Callable[[], torch.Tensor]]) -> None:
-        """`make_forward(bucket, split_attention)` returns the forward of `bucket` tokens to capture in pieces."""
+    def capture(
+        self, make_forward: Callable[[int, Any], Callable[[], torch.Tensor]], pool: Any = None
+    ) -> None:
+        """`make_forward(bucket, split_attention)` returns the forward of `bucket` tokens to capture in pieces;
+        `pool`: shared with graphs that never run at the same time (default: a new one)."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         try:
             with torch.inference_mode(), torch.cuda.stream(stream):
@@ -150,8 +159,9 @@ class PiecewiseGraphs(GraphSizes):
             self.memory_by_size.clear()
             self.held_bytes_by_size.clear()
             return
-        logger.info("piecewise CUDA graphs captured for token buckets %s in %.1f s, using %.0f MiB of device "
-                    "memory", self.sizes, time.perf_counter() - start, self.memory_bytes / (1 << 20))  # fmt: skip
+        logger.info("piecewise CUDA graphs%s captured for token buckets %s in %.1f s, using %.0f MiB of device "
+                    "memory", self.kind, self.sizes, time.perf_counter() - start,
+                    self.memory_bytes / (1 << 20))  # fmt: skip
 
     def replay(self, size: int) -> torch.Tensor:
         """Run bucket `size`'s pieces with eager attention between them (inside the step's forward context)."""
