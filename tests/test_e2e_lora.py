@@ -151,3 +151,43 @@ def test_runtime_load_and_unload(tiny: Tiny, lora_server: RealServer) -> None:
         assert unload.status_code == status
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="sql2", prompt="hi", max_tokens=1)
+
+
+def test_load_inplace_replaces_an_adapters_weights(tiny: Tiny, lora_server: RealServer) -> None:
+    """vLLM's load_inplace: loading a served name again is a 400 without it; with it the name serves the new
+    directory's weights, and a prompt whose blocks the old weights filled is not served from the prefix cache."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    url = lora_server.url + "/v1"
+    client = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=60)
+    prompt = [
+        (7 * i) % 390 + 5 for i in range(40)
+    ]  # two full KV blocks of 16 tokens, reused by the second call
+
+    def greedy_tokens() -> list[int]:
+        out = client.completions.create(model="swap", prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+        return list(out.choices[0].model_extra["token_ids"])
+
+    def load(path: Path, **extra: Any) -> httpx.Response:
+        body = {"lora_name": "swap", "lora_path": str(path), **extra}
+        return httpx.post(f"{url}/load_lora_adapter", json=body, headers=headers, timeout=60)
+
+    assert load(tiny.adapters["sql"]).status_code == 200
+    assert greedy_tokens() == tiny.peft.greedy("sql", prompt, 8)
+    again = load(tiny.adapters["poet"])
+    assert again.status_code == 400 and "load_inplace" in again.json()["error"]["message"]
+    assert greedy_tokens() == tiny.peft.greedy("sql", prompt, 8)  # unchanged
+    replaced = load(tiny.adapters["poet"], load_inplace=True)
+    assert replaced.status_code == 200, replaced.text
+    assert greedy_tokens() == tiny.peft.greedy("poet", prompt, 8)
+    card = client.models.retrieve("swap")
+    assert getattr(card, "root", None) == str(tiny.adapters["poet"])
+    broken = load(
+        tiny.adapters["poet"] / "missing", load_inplace=True
+    )  # a failed reload keeps the old weights
+    assert broken.status_code == 400 and "is not a directory" in broken.json()["error"]["message"]
+    assert greedy_tokens() == tiny.peft.greedy("poet", prompt, 8)
+    assert (
+        httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "swap"}, headers=headers).status_code
+        == 200
+    )

@@ -138,6 +138,27 @@ def test_prefix_cache_is_not_shared_across_adapters() -> None:
     assert len({h[0] for h in hashes.values()}) == 3 and len({h[2] for h in hashes.values()}) == 3
 
 
+def test_an_in_place_reload_starts_a_new_prefix_cache_generation() -> None:
+    """After add_lora(load_inplace) an adapter keeps its id, but requests arriving later do not match the blocks
+    its old weights computed; they share blocks among themselves again."""
+    engine = _engine(1, block_size=4)
+    got: dict[str, Collected] = {}
+    runner = engine.executor.runner
+    for rid, reload, hit in (
+        ("a", False, 0),
+        ("a_again", False, 12),
+        ("a_reloaded", True, 0),
+        ("a_after", False, 12),
+    ):
+        if reload:
+            assert engine.call_utility("add_lora", [msgspec.to_builtins(ADAPTERS["A"]), True]) is True
+        _add(engine, rid, "A", prompt_len=14, max_tokens=1)
+        while engine.has_work:
+            _step(engine, got, 1)
+        assert got[rid].num_cached_tokens == hit, rid
+    assert runner.loras == {1}  # type: ignore[attr-defined]
+
+
 def test_lora_requests_need_enable_lora_and_travel_the_wire() -> None:
     engine = make_engine()
     with pytest.raises(ValueError, match="LoRA is not enabled"):

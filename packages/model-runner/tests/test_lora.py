@@ -112,6 +112,21 @@ def test_adapters_take_turns_in_one_slot(tiny: Tiny) -> None:
     assert runner.lora is not None and runner.lora.slot_ids == [1]
 
 
+def test_an_in_place_reload_serves_the_new_weights_from_the_next_step(tiny: Tiny) -> None:
+    """vLLM's load_inplace: the id keeps its slot's place but the slot gets the new directory's weights."""
+    runner = _lora_runner(tiny, max_loras=1)
+    prompt = torch.randint(1, 160, (7,), generator=torch.Generator().manual_seed(13)).tolist()
+    sched = FakeScheduler(runner, seed=5)
+    sched.add("x1", prompt, max_tokens=5, lora_request=tiny.lora("a"))
+    assert sched.run(budget=16)["x1"] == tiny.peft.greedy("a", prompt, 5)
+    moved = LoRARequest("a", 1, str(tiny.adapters["b"]))  # same id, b's weights now
+    with pytest.raises(ValueError, match="lora_int_id 1 already names adapter 'a'"):
+        runner.add_lora(moved)
+    assert runner.add_lora(moved, load_inplace=True) is True
+    sched.add("x2", prompt, max_tokens=5, lora_request=moved)
+    assert sched.run(budget=16)["x2"] == tiny.peft.greedy("b", prompt, 5)
+
+
 # ---- adapters that cannot run ---------------------------------------------------------------------------------
 def _copy(tiny: Tiny, tmp_path: Path, name: str = "a") -> Path:
     return Path(shutil.copytree(tiny.adapters[name], tmp_path / "adapter"))

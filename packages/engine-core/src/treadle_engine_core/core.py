@@ -71,6 +71,7 @@ class EngineCore:
         )
         self.max_model_len: int = self.scheduler.max_model_len
         self.max_logprobs: int = config.model_config.max_logprobs  # per request; -1 = the whole vocabulary
+        self.lora_generations: dict[int, int] = {}  # adapter id -> in-place reloads so far (block_hash.py)
         self._batch_queue: deque[
             tuple[SchedulerOutput, Future[ModelRunnerOutput | AsyncModelRunnerOutput]]
         ] = deque()
@@ -111,6 +112,7 @@ class EngineCore:
                 cache_salt=request.cache_salt,
                 max_model_len=self.max_model_len,
                 lora_request=lora,
+                lora_generation=self.lora_generations.get(lora.lora_int_id, 0) if lora is not None else 0,
             )
         )
 
@@ -171,7 +173,10 @@ class EngineCore:
         if not self.config.max_loras:
             raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
         lora = request if isinstance(request, LoRARequest) else LoRARequest(**request)
-        return self.executor.add_lora(lora, load_inplace)
+        added = self.executor.add_lora(lora, load_inplace)
+        if load_inplace:  # later requests must not match prefixes the old weights computed
+            self.lora_generations[lora.lora_int_id] = self.lora_generations.get(lora.lora_int_id, 0) + 1
+        return added
 
     def remove_lora(self, lora_id: int) -> bool:
         return self.executor.remove_lora(lora_id) if self.config.max_loras else False

@@ -62,6 +62,7 @@ class Request:
         "arrival_time",
         "block_hashes",
         "cache_salt",
+        "lora_generation",
         "lora_request",
         "max_tokens",
         "num_cached_tokens",
@@ -88,6 +89,7 @@ class Request:
         cache_salt: str | None = None,
         max_model_len: int | None = None,
         lora_request: LoRARequest | None = None,
+        lora_generation: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids  # never mutated
@@ -96,6 +98,8 @@ class Request:
         self.priority = priority  # lower value = served first under the priority policy
         self.cache_salt = cache_salt  # isolates this request's prefix-cache entries from other salts
         self.lora_request = lora_request  # its LoRA adapter (None: the base model)
+        # how many times that adapter was reloaded in place before this request arrived (prefix-cache key)
+        self.lora_generation = lora_generation
         self.num_prompt_tokens = len(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

@@ -224,7 +224,7 @@ def build_app(
                 raise APIError(400, f"The lora adapter name '{body.lora_name}' is a served model name; name the "
                                "adapter otherwise", param="lora_name")  # fmt: skip
             try:
-                await state.loras.load(llm, body.lora_name, body.lora_path, name)
+                await state.loras.load(llm, body.lora_name, body.lora_path, name, body.load_inplace)
             except ValueError as e:
                 raise APIError(400, str(e), param="lora_path") from None
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")

@@ -5,7 +5,11 @@ given an id (1, 2, ... in order) and loaded into the engine, which checks it aga
 the server before it serves. A request whose `model` is an adapter's name runs with that adapter and its response
 carries that name; /v1/models lists every adapter with `root` = its path and `parent` = the base model; any
 other unknown name stays a 404. With TREADLE_ALLOW_RUNTIME_LORA_UPDATING set, POST /v1/load_lora_adapter
-{lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} add and remove adapters while serving.
+{lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} add and remove adapters while serving. Loading a name
+already served is an error unless `load_inplace` is true (vLLM's in-place reload, for weights that change while
+serving, as in RL training): the adapter keeps its id and the engine reads the new directory; requests in flight
+under that name run with the new weights from their next step on, and the prefix cache no longer matches KV that
+the old weights computed (engine_core/core.py).
 
 This module keeps the pydantic and FastAPI imports out: ServerConfig holds `LoRAModule`s.
 """
@@ -66,21 +70,32 @@ class ServedLoRAs:
     def get(self, name: str | None) -> LoRARequest | None:
         return self.requests.get(name) if name is not None else None
 
-    async def load(self, llm: Any, name: str, path: str, base_model_name: str) -> LoRARequest:
+    async def load(
+        self, llm: Any, name: str, path: str, base_model_name: str, load_inplace: bool = False
+    ) -> LoRARequest:
         """Load an adapter into the engine (which checks it) and serve it as `name`. ValueError: a name already
-        served, or an adapter the engine refuses (its message)."""
+        served (unless `load_inplace`: its weights are replaced from `path`), or an adapter the engine refuses
+        (its message; an in-place reload that fails leaves the old weights serving)."""
         if not name or not path:
             raise ValueError("Both 'lora_name' and 'lora_path' must be provided.")
-        if name in self.requests:
-            raise ValueError(f"The lora adapter '{name}' has already been loaded.")
-        request = LoRARequest(name, self._next_id, path, base_model_name)
+        served = self.requests.get(name)
+        if served is not None and not load_inplace:
+            raise ValueError(
+                f"The lora adapter '{name}' has already been loaded; pass load_inplace: true to replace its weights."
+            )
+        if served is not None:
+            request = LoRARequest(name, served.lora_int_id, path, served.base_model_name)
+        else:
+            request = LoRARequest(name, self._next_id, path, base_model_name)
         try:
-            await llm.call_utility("add_lora", request)
+            await llm.call_utility("add_lora", request, served is not None)
         except Exception as exc:  # the engine's ValueError (in-process), or its message over the utility RPC
             raise ValueError(str(exc).split("ValueError: ", 1)[-1]) from None
-        self._next_id += 1
+        if served is None:
+            self._next_id += 1
         self.requests[name] = request
-        logger.info("Loaded LoRA adapter %r (id %d) from %s", name, request.lora_int_id, path)
+        how = "Reloaded in place" if served is not None else "Loaded"
+        logger.info("%s LoRA adapter %r (id %d) from %s", how, name, request.lora_int_id, path)
         return request
 
     async def unload(self, llm: Any, name: str) -> None:

@@ -204,6 +204,7 @@ class LoadLoRAAdapterRequest(_Body):
 
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # an adapter of that name already loaded: replace its weights (else a 400)
 
 
 class UnloadLoRAAdapterRequest(_Body):
