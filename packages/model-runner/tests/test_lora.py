@@ -226,6 +226,9 @@ def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Pat
                              lora_config=LoRAConfig(enable_lora=True, max_loras=2, max_lora_rank=8))  # fmt: skip
         runner.load_model()
         runner.initialize_kv_cache()
+        assert runner.add_lora(lora["a"]) and runner.lora is not None  # host copies: page-locked, model dtype
+        weights = list(runner.lora.cache.adapters[1].modules.values())
+        assert all(t.is_pinned() and t.dtype == runner.dtype for w in weights for t in (w.lora_a, w.lora_b))
         replays: dict[str, list[int]] = {}
         if not eager:
             for kind, graphs in (("decode", runner.graphs), ("piecewise", runner.piecewise)):
