@@ -175,15 +175,17 @@ def test_graph_mode_names_the_prefill_buckets() -> None:
     from treadle_model_runner.runner.describe import graph_mode
 
     def graphs(sizes: list[int]) -> SimpleNamespace:
-        return SimpleNamespace(graphs=dict.fromkeys(sizes), buckets=dict.fromkeys(sizes))
+        return SimpleNamespace(sizes=sizes)  # runner/cuda_graph.GraphSet's captured sizes
 
     runner = SimpleNamespace(
         device=torch.device("cuda"), model_config=SimpleNamespace(enforce_eager=False),
         attn_backend=SimpleNamespace(name="triton"), graphs=graphs([1, 2, 4]), piecewise=graphs([16, 32]),
-        prefill_graphs=graphs([16, 32, 64]),
+        prefill_graphs=graphs([16, 32, 64]), lora=None,
     )  # fmt: skip
     assert graph_mode(runner) == (
         "decode sizes 1-4 (3 graphs); piecewise buckets 16-32 (2); one-request prefill buckets 16-64 (3)"
     )
     runner.prefill_graphs = None  # a backend without them, or TREADLE_PREFILL_GRAPHS=0
     assert graph_mode(runner) == "decode sizes 1-4 (3 graphs); piecewise buckets 16-32 (2)"
+    runner.lora = object()  # LoRA on: every set in two variants (runner/lora_graphs.py)
+    assert graph_mode(runner).endswith("; each with and without the LoRA path")

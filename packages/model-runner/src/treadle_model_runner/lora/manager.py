@@ -56,8 +56,7 @@ class LoRAManager:
         self.pin = device.type == "cuda"  # host tensors page-locked: slot copies run asynchronously
         self.cache = HostCache(config.num_cpu_loras, self._load)
         self.slot_ids = [0] * config.max_loras  # slot -> adapter id in it (0: empty)
-        pin = self.pin
-        self.staged_slots = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        self.staged_slots = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=self.pin)
         self.token_slots = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
         self.is_slot = torch.zeros(max_num_tokens, config.max_loras, dtype=torch.bool, device=device)
         self.slot_range = torch.arange(config.max_loras, device=device)
