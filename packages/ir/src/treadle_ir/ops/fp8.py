@@ -27,7 +27,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 def row_scale(amax: torch.Tensor) -> torch.Tensor:
     """The fp32 scale of rows whose largest magnitude is ``amax``: amax / 448, or 1 for an all-zero row."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal, which is not amax / 448
+    return torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
