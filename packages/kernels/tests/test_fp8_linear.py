@@ -12,6 +12,8 @@ one bf16 step).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from test_ir_providers import CUDA, DEVICE, _gen, _randn, _triton, gpu, needs_cuda
@@ -67,7 +69,7 @@ def test_quantize_rows_equals_spec(shape: tuple[int, ...], dtype: torch.dtype) -
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("shape", [(45, 70), (33, 130), (8, 2048)])
 def test_small_m_kernel_matches_spec(
-    shape: tuple[int, int], rows: int, bias: bool, dtype: torch.dtype
+    shape: tuple[int, int], rows: int, bias: bool, dtype: torch.dtype, kernel_rows: None
 ) -> None:
     n, k = shape
     args = _inputs(rows, n, k, dtype, bias, seed=n + k + rows)
@@ -77,7 +79,17 @@ def test_small_m_kernel_matches_spec(
     _close(got, expected)
 
 
-def test_leading_dims_and_strided_rows() -> None:
+@pytest.fixture
+def kernel_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The kernel for every row count it takes (by default it runs one row only)."""
+    monkeypatch.setenv("TREADLE_FP8_LINEAR_MAX_ROWS", str(provider.MAX_ROWS))
+    provider._max_rows.cache_clear()
+    yield
+    monkeypatch.delenv("TREADLE_FP8_LINEAR_MAX_ROWS")
+    provider._max_rows.cache_clear()
+
+
+def test_leading_dims_and_strided_rows(kernel_rows: None) -> None:
     """x as [2, 3, k] and as a column slice of a wider buffer (rows strided)."""
     n, k = 24, 40
     x, w, s, b = _inputs(6, n, k, torch.float32, True, seed=5)
@@ -145,7 +157,7 @@ def test_declines_what_it_cannot_read() -> None:
 def test_row_limit_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     provider._max_rows.cache_clear()
     try:
-        assert provider._max_rows() == provider.MAX_ROWS
+        assert provider._max_rows() == provider.DEFAULT_ROWS
         monkeypatch.setenv("TREADLE_FP8_LINEAR_MAX_ROWS", "0")
         provider._max_rows.cache_clear()
         assert provider._max_rows() == 0
@@ -170,7 +182,7 @@ def test_fp8_linear_gpu(shape: tuple[int, int], rows: int) -> None:
     (the provider must take that path on an H100/H200: asserted), against the spec computed in fp32."""
     n, k = shape
     x, w, s, b = _inputs(rows, n, k, torch.bfloat16, bias=n == 6144, seed=n + k + rows)
-    if rows > provider.MAX_ROWS:
+    if rows > provider._max_rows():
         assert provider._scaled_mm_reason(x, w) is None, provider._scaled_mm_reason(x, w)
     expected = ops.fp8_linear.native(x, w, s, b)
     with _triton(ops.fp8_linear, x, w, s, b):
@@ -178,5 +190,8 @@ def test_fp8_linear_gpu(shape: tuple[int, int], rows: int) -> None:
     _close(got, expected)
     with _triton(ops.quantize_fp8_rows, x):
         q, scale = ops.quantize_fp8_rows(x)
-    q_ref, scale_ref = ops.quantize_fp8_rows.native(x)
-    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    # the spec on the CPU: IEEE division and a round-to-nearest-even cast, whatever torch's CUDA kernels do
+    q_ref, scale_ref = ops.quantize_fp8_rows.native(x.cpu())
+    assert torch.equal(scale.cpu(), scale_ref) and torch.equal(
+        q.cpu().view(torch.uint8), q_ref.view(torch.uint8)
+    )

@@ -43,12 +43,12 @@ def SMALL_BATCH_LINEAR_MAX_ROWS(limit: int) -> int:
     return value
 
 
-def FP8_LINEAR_MAX_ROWS(limit: int) -> int:
+def FP8_LINEAR_MAX_ROWS(limit: int, default: int) -> int:
     """Rows up to which ``fp8_linear`` runs the fp8 weight-streaming Triton kernel (``TREADLE_FP8_LINEAR_MAX_ROWS``,
-    0 to ``limit``; default ``limit``); more rows quantize the activations and run ``torch._scaled_mm``."""
+    0 to ``limit``; default ``default``); more rows quantize the activations and run ``torch._scaled_mm``."""
     raw = os.environ.get("TREADLE_FP8_LINEAR_MAX_ROWS")
     if raw is None:
-        return limit
+        return default
     try:
         value = int(raw)
     except ValueError:

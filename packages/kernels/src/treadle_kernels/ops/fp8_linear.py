@@ -1,9 +1,12 @@
 """Triton / cuBLAS-Lt providers of the fp8 ops: ``quantize_fp8_rows`` and ``fp8_linear`` (``triton``).
 
 ``fp8_linear`` picks by the number of rows, like the bf16 linear provider (linear.py):
-- up to ``TREADLE_FP8_LINEAR_MAX_ROWS`` rows (default ``MAX_ROWS`` = 16; a decode step's few tokens), the
-  weight-streaming kernel of :mod:`.fp8_linear_kernels`: it reads the fp8 weight once (half the bf16 bytes, which
-  is what bounds a small batch) and quantizes the activations on the fly, in one launch;
+- up to ``TREADLE_FP8_LINEAR_MAX_ROWS`` rows (default ``DEFAULT_ROWS`` = 1, a batch-1 decode step; at most
+  ``MAX_ROWS`` = 16), the weight-streaming kernel of :mod:`.fp8_linear_kernels`: it reads the fp8 weight once (half
+  the bf16 bytes, which is what bounds a small batch) and quantizes the activations on the fly, in one launch.
+  Measured on an H200 in CUDA graphs (benchmarks/fp8_gemv_sweep.py, results/gpu-fp8-lora-h200-*/call2): one row,
+  qkv 10.3 / o_proj 8.4 / gate_up 37.8 / down 24.7 us against 13.7 / 10.1 / 55.1 / 28.9 for the bf16 path; but
+  8 rows through its tl.dot variant took 72-250 us (bf16: 12-57), so 2-16 rows go to ``torch._scaled_mm`` too;
 - more rows, the activations' quantization kernel, then ``torch._scaled_mm`` with row-wise scales (scale_a [M, 1],
   scale_b [1, N] fp32; the weight passed transposed, i.e. column-major; bf16 out: row-wise scaling takes bf16 only),
   the bias added after. It needs a bf16 input, k and n multiples of 16 and a Hopper GPU (compute capability >= 9.0);
@@ -26,12 +29,13 @@ from .support import check_tensor, rows_view, triton_supported
 __all__ = ["MAX_ROWS", "register", "scaled_mm_linear"]
 
 MAX_ROWS = 16  # the kernel's tl.dot tile; beyond, _scaled_mm
+DEFAULT_ROWS = 1  # its 2-16 row variant is slower than _scaled_mm on an H200 (see above)
 BLOCK_K_QUANT = 1024
 
 
 @functools.cache
 def _max_rows() -> int:
-    return envs.FP8_LINEAR_MAX_ROWS(MAX_ROWS)
+    return envs.FP8_LINEAR_MAX_ROWS(MAX_ROWS, DEFAULT_ROWS)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -96,13 +100,11 @@ def scaled_mm_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``torch._scaled_mm`` on quantized rows q [M, k] (scale [M, 1]) and the weight [n, k] (weight_scale [n]):
-    bf16 [M, n], bias added after."""
-    out = torch._scaled_mm(
-        q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16
+    bf16 [M, n]; the bias goes into the matmul's epilogue, so the output is rounded once, as the spec's (adding it
+    to the bf16 result rounds twice: 0.25 % relative error against the spec's 0.2 % bound, H200 call 2)."""
+    return torch._scaled_mm(
+        q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias, out_dtype=torch.bfloat16
     )
-    if bias is not None:
-        out += bias
-    return out
 
 
 @functools.cache
