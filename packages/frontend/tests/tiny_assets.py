@@ -79,3 +79,31 @@ def build_metaspace_tokenizer() -> object:
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
     tok.model = models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_wide_tokenizer_dir(path: Path, vocab_size: int = 49152) -> Path:
+    """A byte-level tokenizer with SmolLM2's vocabulary size (49152) and the ChatML template: the byte alphabet,
+    then made-up 4-letter pieces (no merges: it encodes text byte by byte, and decodes every id). For replies whose
+    logprobs span the whole vocabulary."""
+    import itertools
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    pieces = ("".join(p) for p in itertools.product("abcdefghijklmnopqrstuvwxyzĠ", repeat=4))
+    while len(vocab) < vocab_size - len(SPECIALS):
+        vocab.setdefault(next(pieces), len(vocab))
+    for special in SPECIALS:
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    fast.chat_template = CHATML
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(path))
+    return path

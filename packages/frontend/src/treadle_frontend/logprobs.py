@@ -17,8 +17,9 @@ from __future__ import annotations
 import codecs
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 from treadle_frontend.detokenizer import TokenDecoder
@@ -55,7 +56,9 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self.decoder = decoder or TokenDecoder(tokenizer)
         self._text: dict[int, str] = {}
-        self._bytes: dict[int, list[int]] = {}
+        # tuples, not lists: a reply's entries that hold them are then dicts the garbage collector does not track
+        # (a whole-vocabulary position builds 49k of them; tracked, every full collection walked them all)
+        self._bytes: dict[int, tuple[int, ...]] = {}
         self._byte_level = self._is_byte_level(tokenizer)
 
     @staticmethod
@@ -73,7 +76,8 @@ class TokenTexts:
             self._text[token_id] = cached
         return cached
 
-    def token_bytes(self, token_id: int) -> list[int]:
+    def token_bytes(self, token_id: int) -> tuple[int, ...]:
+        """The token's bytes (JSON writes the tuple as OpenAI's list of ints)."""
         cached = self._bytes.get(token_id)
         if cached is not None:
             return cached
@@ -82,17 +86,17 @@ class TokenTexts:
             piece = self.tokenizer.convert_ids_to_tokens(token_id)
         except Exception:  # an id outside the vocabulary: fall back to the decoded text
             piece = None
-        result: list[int] | None = None
+        result: tuple[int, ...] | None = None
         if isinstance(piece, str):
             if self._byte_level and all(c in _byte_decoder() for c in piece):
-                result = [_byte_decoder()[c] for c in piece]
+                result = tuple(_byte_decoder()[c] for c in piece)
             elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
                 try:
-                    result = [int(piece[3:5], 16)]
+                    result = (int(piece[3:5], 16),)
                 except ValueError:
                     result = None
         if result is None:
-            result = list(self.text(token_id).encode("utf-8"))
+            result = tuple(self.text(token_id).encode("utf-8"))
         self._bytes[token_id] = result
         return result
 
@@ -136,18 +140,25 @@ def chat_logprobs(
 ) -> list[dict[str, Any]]:
     """Chat completions' `logprobs.content`: per sampled token its text, logprob, bytes and `num_top` top
     alternatives (OpenAI's shape; -1: every token the position holds, the whole vocabulary)."""
+    # a PositionLogprobs reads its values without building the Logprobs (position_logprobs.py)
+    value_dicts = getattr(positions, "value_dicts", None)
+    per_position: Iterable[dict[int, float]] = (
+        value_dicts()
+        if value_dicts is not None
+        else ({t: e.logprob for t, e in pos.items()} for pos in positions)
+    )
     content = []
-    for tok, pos in zip(token_ids, positions, strict=False):
-        lp = pos.get(tok)
-        ranked = sorted(pos.items(), key=lambda kv: kv[1].logprob, reverse=True)
+    for tok, values in zip(token_ids, per_position, strict=False):
+        lp = values.get(tok)
+        ranked = sorted(values.items(), key=itemgetter(1), reverse=True)
         tops = [
-            {"token": texts.text(t), "logprob": clamp_logprob(e.logprob), "bytes": texts.token_bytes(t)}
-            for t, e in (ranked if num_top < 0 else ranked[:num_top])
+            {"token": texts.text(t), "logprob": clamp_logprob(v), "bytes": texts.token_bytes(t)}
+            for t, v in (ranked if num_top < 0 else ranked[:num_top])
         ]
         content.append(
             {
                 "token": texts.text(tok),
-                "logprob": clamp_logprob(lp.logprob) if lp is not None else -9999.0,
+                "logprob": clamp_logprob(lp) if lp is not None else -9999.0,
                 "bytes": texts.token_bytes(tok),
                 "top_logprobs": tops,
             }

@@ -106,6 +106,16 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
         for i in range(len(self._ends)):
             yield self[i]
 
+    def value_dicts(self) -> Iterator[dict[int, float]]:
+        """Per position, ``{token id: its Logprob's logprob}`` in the position dict's order, without building the
+        Logprobs: a whole-vocabulary position is 49k of them, each an object the garbage collector tracks."""
+        for i in range(len(self._ends)):
+            ids, values, _ = self._position(i)
+            out = dict(zip(ids, values, strict=True))
+            if ids:  # as position_dict: the chosen token keeps its own entry
+                out[ids[0]] = values[0]
+            yield out
+
     def _slice(self, index: slice) -> PositionLogprobs:
         first, stop, step = index.indices(len(self._ends))
         out = PositionLogprobs(self._texts)

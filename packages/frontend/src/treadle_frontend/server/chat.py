@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from treadle_frontend.input_processor import flatten_content
 from treadle_frontend.logprobs import chat_logprobs, prompt_logprobs_json
@@ -39,6 +39,7 @@ from treadle_frontend.server.common import (
 )
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, chat_delta, forced_schema
+from treadle_frontend.server.offload import is_heavy, json_reply, logprob_entries, off_loop, sse_text
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.structured import forced_constraint
 from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, template_messages
@@ -131,7 +132,15 @@ class ChatHandler:
             stream = self._stream(rid, created, body, ids, gen, tools, forced, echoed(body, messages))
             return StreamingResponse(stream, media_type="text/event-stream")
         final = (await until_disconnect(request, collect_all([gen])))[0]
-        return JSONResponse(self._response(rid, created, body, final, tools, forced, echoed(body, messages)))
+        heavy = is_heavy(self._entries(body, sum(len(c.token_ids) for c in final.outputs), len(ids)))
+        return await off_loop(heavy, lambda: json_reply(heavy, self._response(
+            rid, created, body, final, tools, forced, echoed(body, messages))))  # fmt: skip
+
+    def _entries(self, body: ChatCompletionRequest, num_tokens: int, num_prompt: int = 0) -> int:
+        """The logprob entries a reply (or chunk) of `num_tokens` tokens builds (offload.py)."""
+        vocab = self.state.llm.input_processor.model.vocab_size
+        sampled = logprob_entries(num_tokens, body.top_logprobs or 0, vocab) if body.logprobs else 0
+        return sampled + logprob_entries(num_prompt, body.prompt_logprobs, vocab)
 
     def _response(
         self,
@@ -202,7 +211,7 @@ class ChatHandler:
         )
         model = self.state.response_model(body.model)
 
-        def chunk(choices: list[dict[str, Any]], first: bool = False) -> str:
+        def chunk(choices: list[dict[str, Any]], first: bool = False, heavy: bool = False) -> str:
             data: dict[str, Any] = {
                 "id": rid,
                 "object": "chat.completion.chunk",
@@ -214,27 +223,17 @@ class ChatHandler:
                 data["prompt_token_ids"] = list(prompt_ids)
             if include_usage:  # continuous_usage_stats (vLLM): the running usage in every chunk
                 data["usage"] = usage(len(prompt_ids), completion_tokens, cached) if continuous else None
-            return sse(data)
+            return sse_text(data) if heavy else sse(data)
 
-        started: set[int] = set()
         rp = self.state.config.reasoning_parser
         reader = ReplyReader(rp, tools, forced, body.tools)
         parsers = {i: p for i in range(body.n) if (p := reader.stream()) is not None}
         completion_tokens, cached = 0, 0
         try:
             for i in range(body.n):
-                started.add(i)
-                yield chunk(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                    first=i == 0,
-                )
+                opening = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}  # fmt: skip
+                yield chunk([opening], first=i == 0)
             for i in range(body.n) if echo else ():
                 yield chunk(
                     [{"index": i, "delta": {"content": echo}, "logprobs": None, "finish_reason": None}]
@@ -244,14 +243,12 @@ class ChatHandler:
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
                     finish = finish_str(c.finish_reason)
+                    heavy = is_heavy(self._entries(body, len(c.token_ids)))  # whole-vocabulary logprobs
                     lps = None
                     if body.logprobs and c.token_ids:
-                        lps = {
-                            "content": chat_logprobs(
-                                self.texts, c.token_ids, c.logprobs or [], body.top_logprobs or 0
-                            ),
-                            "refusal": None,
-                        }
+                        content = await off_loop(heavy, chat_logprobs, self.texts, c.token_ids, c.logprobs or [],
+                                                 body.top_logprobs or 0)  # fmt: skip
+                        lps = {"content": content, "refusal": None}
                     delta = chat_delta(parsers.get(c.index), c.text, finish)
                     if (
                         not delta
@@ -272,18 +269,10 @@ class ChatHandler:
                         choice["stop_reason"] = c.stop_reason
                     if body.return_token_ids:  # vLLM's extra: the ids this chunk adds
                         choice["token_ids"] = list(c.token_ids)
-                    yield chunk([choice])
+                    yield await off_loop(heavy, chunk, [choice], False, heavy)
             if include_usage:
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage(len(prompt_ids), completion_tokens, cached),
-                    }
-                )
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage(len(prompt_ids), completion_tokens, cached)})  # fmt: skip
         except Exception as e:
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         finally:

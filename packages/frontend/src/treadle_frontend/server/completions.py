@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from treadle_frontend.logprobs import TextOffsets, legacy_logprobs, prompt_logprobs_json
 from treadle_frontend.outputs import CompletionOutput, RequestOutput, SampleLogprobs
@@ -33,6 +34,7 @@ from treadle_frontend.server.common import (
     usage,
 )
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.offload import is_heavy, json_reply, logprob_entries, off_loop, sse_text
 from treadle_frontend.server.protocol import CompletionRequest
 from treadle_model_runner.sampling_params import RequestOutputKind
 
@@ -84,11 +86,18 @@ class CompletionsHandler:
                             lora_request=lora)
             for i, (text, ids) in enumerate(encoded)
         ]  # fmt: skip
-        ctx = _Ctx(rid, int(time.time()), st.response_model(body.model), body, encoded, drop_output)
+        model, vocab = st.response_model(body.model), ip.model.vocab_size
+        ctx = _Ctx(rid, int(time.time()), model, body, encoded, drop_output, vocab)
         if body.stream and not beam:
             return StreamingResponse(self._stream(ctx, gens), media_type="text/event-stream")
-        response = self._response(ctx, await until_disconnect(request, collect_all(gens)))
-        return one_event(response) if body.stream else JSONResponse(response)
+        finals = await until_disconnect(request, collect_all(gens))
+        if body.stream:
+            return one_event(self._response(ctx, finals))
+        num_tokens = 0 if drop_output else sum(len(c.token_ids) for out in finals for c in out.outputs)
+        # every choice carries its prompt's logprobs (echoed, or vLLM's prompt_logprobs field)
+        num_prompt = sum(len(out.prompt_token_ids) * len(out.outputs) for out in finals)
+        heavy = is_heavy(ctx.entries(num_tokens, num_prompt))
+        return await off_loop(heavy, lambda: json_reply(heavy, self._response(ctx, finals)))
 
     # ---- non-streaming ----------------------------------------------------------------------------
     def _choice(self, ctx: _Ctx, i: int, out: RequestOutput, c: CompletionOutput) -> dict[str, Any]:
@@ -156,80 +165,22 @@ class CompletionsHandler:
     # ---- streaming --------------------------------------------------------------------------------
     async def _stream(self, ctx: _Ctx, gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         body = ctx.body
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        echoed: set[int] = set()
-        prompt_sent: set[int] = set()
-        ids_sent: set[int] = set()  # choices whose prompt_token_ids went out (return_token_ids)
-        trackers: dict[int, TextOffsets] = {}  # per choice: the generated tokens' text offsets
-        continuous = include_usage and bool(
+        sent = _Sent(include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        sent.continuous = sent.include_usage and bool(
             body.stream_options and body.stream_options.continuous_usage_stats
         )
         prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
-        completion_tokens = 0
-        cached: dict[int, int] = {}  # prefix-cache hits per prompt
         try:
             async for i, out in merge_streams(gens):
-                cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
+                sent.cached[i] = max(sent.cached.get(i, 0), out.num_cached_tokens or 0)
                 for c in out.outputs:
                     index = i * body.n + c.index
-                    text, ids = c.text, c.token_ids
-                    lps: SampleLogprobs | None = c.logprobs
-                    if ctx.drop_output:
-                        text, ids, lps = "", [], [] if lps is not None else None
-                    completion_tokens += len(ids)
-                    prefix = ""
-                    block = None
-                    if body.echo and index not in echoed:
-                        echoed.add(index)
-                        prefix = (
-                            out.prompt
-                            if out.prompt is not None
-                            else self.texts.decoder.decode(out.prompt_token_ids, False)
-                        )
-                        if body.logprobs is not None:
-                            plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                            block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs,
-                                                    TextOffsets(self.texts, 0))  # fmt: skip
-                    if body.logprobs is not None:
-                        tracker = trackers.setdefault(index, TextOffsets(self.texts, len(prefix)))
-                        gen = legacy_logprobs(self.texts, ids, lps or [], body.logprobs, tracker)
-                        block = {k: (block[k] if block else []) + gen[k] for k in gen}
-                    finish = c.finish_reason if c.finish_reason in ("stop", "length", None) else "stop"
-                    if not (
-                        prefix
-                        or text
-                        or finish
-                        or (block and block["tokens"])
-                        or (body.return_token_ids and ids)
-                    ):
-                        continue
-                    choice = {
-                        "index": index,
-                        "text": prefix + text,
-                        "logprobs": block,
-                        "finish_reason": finish,
-                        "stop_reason": c.stop_reason if finish else None,
-                    }
-                    if body.prompt_logprobs is not None and index not in prompt_sent and out.prompt_logprobs:
-                        prompt_sent.add(index)  # once per choice, in its first chunk that has them
-                        choice["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
-                    if body.return_token_ids:  # vLLM's extra: the prompt's ids in a choice's first chunk
-                        if index not in ids_sent:
-                            ids_sent.add(index)
-                            choice["prompt_token_ids"] = list(out.prompt_token_ids)
-                        choice["token_ids"] = list(ids)  # the ids this chunk adds
-                    chunk: dict[str, Any] = {
-                        "id": ctx.rid,
-                        "object": "text_completion",
-                        "created": ctx.created,
-                        "model": ctx.model,
-                        "choices": [choice],
-                    }
-                    if include_usage:  # continuous_usage_stats (vLLM): the running usage in every chunk
-                        running = usage(prompt_tokens, completion_tokens, sum(cached.values()))
-                        chunk["usage"] = running if continuous else None
-                    yield sse(chunk)
-            if include_usage:
+                    num_prompt = len(out.prompt_token_ids) if sent.owes_prompt(body, index) else 0
+                    heavy = is_heavy(ctx.entries(0 if ctx.drop_output else len(c.token_ids), num_prompt))
+                    event = await off_loop(heavy, self._chunk, ctx, sent, index, out, c, prompt_tokens, heavy)
+                    if event is not None:
+                        yield event
+            if sent.include_usage:
                 yield sse(
                     {
                         "id": ctx.rid,
@@ -237,23 +188,121 @@ class CompletionsHandler:
                         "created": ctx.created,
                         "model": ctx.model,
                         "choices": [],
-                        "usage": usage(prompt_tokens, completion_tokens, sum(cached.values())),
+                        "usage": usage(prompt_tokens, sent.completion_tokens, sum(sent.cached.values())),
                     }
                 )
         except Exception as e:
             yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         yield "data: [DONE]\n\n"
 
-
-class _Ctx:
-    def __init__(
+    def _chunk(
         self,
-        rid: str,
-        created: int,
-        model: str,
-        body: Any,
-        encoded: list[tuple[str | None, list[int]]],
-        drop_output: bool,
-    ) -> None:
-        self.rid, self.created, self.model, self.body = rid, created, model, body
-        self.encoded, self.drop_output = encoded, drop_output
+        ctx: _Ctx,
+        sent: _Sent,
+        index: int,
+        out: RequestOutput,
+        c: CompletionOutput,
+        prompt_tokens: int,
+        heavy: bool,
+    ) -> str | None:
+        """Choice `index`'s event for output `c` (None: it adds nothing), `sent` updated; `heavy`: serialised in
+        slices (offload.py), as this then runs in a worker thread."""
+        body = ctx.body
+        text, ids = c.text, c.token_ids
+        lps: SampleLogprobs | None = c.logprobs
+        if ctx.drop_output:
+            text, ids, lps = "", [], [] if lps is not None else None
+        sent.completion_tokens += len(ids)
+        prefix = ""
+        block = None
+        if body.echo and index not in sent.echoed:
+            sent.echoed.add(index)
+            prefix = (
+                out.prompt
+                if out.prompt is not None
+                else self.texts.decoder.decode(out.prompt_token_ids, False)
+            )
+            if body.logprobs is not None:
+                plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs,
+                                        TextOffsets(self.texts, 0))  # fmt: skip
+        if body.logprobs is not None:
+            tracker = sent.trackers.setdefault(index, TextOffsets(self.texts, len(prefix)))
+            gen = legacy_logprobs(self.texts, ids, lps or [], body.logprobs, tracker)
+            block = {k: (block[k] if block else []) + gen[k] for k in gen}
+        finish = c.finish_reason if c.finish_reason in ("stop", "length", None) else "stop"
+        if not (prefix or text or finish or (block and block["tokens"]) or (body.return_token_ids and ids)):
+            return None
+        choice = {
+            "index": index,
+            "text": prefix + text,
+            "logprobs": block,
+            "finish_reason": finish,
+            "stop_reason": c.stop_reason if finish else None,
+        }
+        if body.prompt_logprobs is not None and index not in sent.prompt_sent and out.prompt_logprobs:
+            sent.prompt_sent.add(index)  # once per choice, in its first chunk that has them
+            choice["prompt_logprobs"] = prompt_logprobs_json(self.texts, out.prompt_logprobs)
+        if body.return_token_ids:  # vLLM's extra: the prompt's ids in a choice's first chunk
+            if index not in sent.ids_sent:
+                sent.ids_sent.add(index)
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
+            choice["token_ids"] = list(ids)  # the ids this chunk adds
+        chunk: dict[str, Any] = {
+            "id": ctx.rid,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [choice],
+        }
+        if sent.include_usage:  # continuous_usage_stats (vLLM): the running usage in every chunk
+            running = usage(prompt_tokens, sent.completion_tokens, sum(sent.cached.values()))
+            chunk["usage"] = running if sent.continuous else None
+        return sse_text(chunk) if heavy else sse(chunk)
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What a completions stream has sent so far."""
+
+    include_usage: bool  # stream_options.include_usage
+    continuous: bool = False  # stream_options.continuous_usage_stats: the running usage in every chunk
+    echoed: set[int] = field(default_factory=set)  # choices whose prompt went out (echo)
+    prompt_sent: set[int] = field(default_factory=set)  # choices whose prompt_logprobs went out
+    ids_sent: set[int] = field(
+        default_factory=set
+    )  # choices whose prompt_token_ids went out (return_token_ids)
+    trackers: dict[int, TextOffsets] = field(default_factory=dict)  # per choice: its tokens' text offsets
+    completion_tokens: int = 0
+    cached: dict[int, int] = field(default_factory=dict)  # prefix-cache hits per prompt
+
+    def owes_prompt(self, body: Any, index: int) -> bool:
+        """Whether choice `index`'s next chunk may carry its prompt (echo, or the prompt_logprobs field)."""
+        return (body.echo and index not in self.echoed) or (
+            body.prompt_logprobs is not None and index not in self.prompt_sent
+        )
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """One completions request as its reply is built."""
+
+    rid: str
+    created: int  # unix seconds
+    model: str  # the name the reply carries
+    body: Any  # the CompletionRequest
+    encoded: list[tuple[str | None, list[int]]]  # per prompt: (its text or None, its token ids)
+    drop_output: bool  # max_tokens 0: the prompt only (echo), the sampled token dropped
+    vocab_size: int
+
+    def entries(self, num_tokens: int, num_prompt: int) -> int:
+        """The logprob entries a choice's chunk (or a reply) builds for `num_tokens` generated tokens and
+        `num_prompt` prompt tokens (echoed with logprobs, and vLLM's prompt_logprobs field): offload.py."""
+        body, vocab = self.body, self.vocab_size
+        echoed = body.echo and body.logprobs is not None
+        echo_top = body.prompt_logprobs if body.prompt_logprobs is not None else body.logprobs
+        return (
+            logprob_entries(num_tokens, body.logprobs, vocab)
+            + (logprob_entries(num_prompt, echo_top, vocab) if echoed else 0)
+            + logprob_entries(num_prompt, body.prompt_logprobs, vocab)
+        )
