@@ -13,7 +13,8 @@ from typing import Any
 
 import openai
 import pytest
-from beam_model import EOS, PROMPTS, build_model_dir
+import torch
+from beam_model import EOS, PROMPTS, build_model_dir, hf_model, make_eos_likely
 from frontend_helpers import openai_client
 from server_harness import ThreadedServer
 
@@ -141,6 +142,56 @@ def test_chat_equal_offline_and_streamed(served: tuple[openai.OpenAI, Any]) -> N
     assert chunks[-1].choices == [] and chunks[-1].usage == r.usage
 
 
+def test_echo_returns_the_prompt_logprobs(served: tuple[openai.OpenAI, Any]) -> None:
+    """Completions' echo with logprobs: every choice opens with the prompt's logprobs (null first), as the request
+    without beams gives them, and they are the model's own (the HF model's log-softmax); chat's prompt_logprobs
+    too. (vLLM's search returns none, and its echo then fails.) The SDK types token_logprobs as list[float]: the
+    echo's null first entry needs a client without strict validation."""
+    strict, _ = served
+    client = openai.OpenAI(base_url=str(strict.base_url), api_key="x", max_retries=0)
+    prompt = PROMPTS[0]
+    model = hf_model()
+    make_eos_likely(model)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    want = [logp[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    kw: dict[str, Any] = {"model": "tiny", "prompt": prompt, "temperature": 0, "logprobs": 2, "echo": True}
+    plain = client.completions.create(max_tokens=1, **kw).choices[0].logprobs
+    assert plain is not None and plain.token_logprobs is not None and plain.top_logprobs is not None
+    k = len(prompt)
+    for stream in (False, True):
+        r = client.completions.create(n=2, max_tokens=3, extra_body=BEAM, stream=stream, **kw)
+        choices = next(iter(r)).choices if stream else r.choices  # type: ignore[arg-type, union-attr]
+        for c in choices:
+            lps = c.logprobs
+            assert lps is not None and lps.tokens is not None and lps.token_logprobs is not None
+            assert lps.tokens[:k] == plain.tokens[:k] and lps.text_offset[:k] == plain.text_offset[:k]  # type: ignore[index]
+            assert lps.token_logprobs[0] is None and lps.token_logprobs[1:k] == pytest.approx(want, abs=1e-4)
+            assert lps.top_logprobs is not None and lps.top_logprobs[0] is None
+            for got, expected in zip(lps.top_logprobs[1:k], plain.top_logprobs[1:k], strict=True):
+                assert got == pytest.approx(expected, abs=1e-5)
+            assert len(lps.tokens) == k + len((c.model_extra or {})["token_ids"])
+    messages: Any = MESSAGES
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        n=2,
+        max_tokens=3,
+        temperature=0,
+        extra_body={**BEAM, "prompt_logprobs": 1},
+    )
+    plain_chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 1}
+    )
+    beam_prompt, plain_prompt = (x.model_extra["prompt_logprobs"] for x in (chat, plain_chat))  # type: ignore[index]
+    assert beam_prompt[0] is None and len(beam_prompt) == len(plain_prompt) > 1
+    for got, expected in zip(beam_prompt[1:], plain_prompt[1:], strict=True):
+        assert got.keys() == expected.keys()
+        for token, entry in got.items():
+            assert entry["rank"] == expected[token]["rank"]
+            assert entry["logprob"] == pytest.approx(expected[token]["logprob"], abs=1e-5)
+
+
 @pytest.mark.parametrize(
     ("route", "fields", "param", "message"),
     [
@@ -149,6 +200,12 @@ def test_chat_equal_offline_and_streamed(served: tuple[openai.OpenAI, Any]) -> N
         ("completions", {"n": 2, "max_tokens": 0}, "max_tokens", r"beam_search, max_tokens must be in \[1"),
         ("completions", {"n": 2, "length_penalty": "x"}, "length_penalty", "length_penalty"),
         ("completions", {"allowed_token_ids": [5]}, "allowed_token_ids", "cannot be combined with use_beam"),
+        (
+            "completions",
+            {"n": 2, "prompt_logprobs": 21},
+            "prompt_logprobs",
+            r"^Requested prompt logprobs of 21",
+        ),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format", "cannot be combined with"),
         ("chat", {"n": 0}, "n", r"^with use_beam_search, n must be in \[1, inf\], got 0"),
         (

@@ -9,8 +9,10 @@ newest filters its candidates by them; this search cannot), best_of other than n
 requests sent together each step (beam_search.py has the algorithm), and yields one final RequestOutput whose n
 completions are the best sequences, best first. A completion's text leaves a final EOS out; its token_ids keep it
 only with include_stop_str_in_output; its logprobs are, per token, that step's candidates; finish_reason is "stop"
-(EOS, with stop_reason its id) or "length". The routes format it like any final output: usage counts those
-token_ids, and no prompt tokens as cached. Streamed, completions send that whole response as one event and chat
+(EOS, with stop_reason its id) or "length". Its prompt_logprobs, when asked (completions' echo with logprobs, vLLM's
+prompt_logprobs field), come from the first step, whose one beam is the prompt (vLLM's search returns none, and its
+echo with logprobs then fails). The routes format it like any final output: usage counts those token_ids, and no
+prompt tokens as cached. Streamed, completions send that whole response as one event and chat
 sends each choice's whole text as one chunk (vLLM's two behaviours).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -30,7 +33,7 @@ from treadle_frontend.position_logprobs import PositionLogprobs
 from treadle_frontend.server.common import ServerState, sse
 from treadle_frontend.server.errors import APIError
 from treadle_model_runner.lora.request import LoRARequest
-from treadle_model_runner.sampling_params import SamplingParams, logprobs_limit
+from treadle_model_runner.sampling_params import SamplingParams, check_num_logprobs, logprobs_limit
 
 # constraints this search cannot keep (vLLM's newest filters its candidates by them): a 400, not ignored
 _UNSUPPORTED = (
@@ -56,10 +59,12 @@ def beam_searches(
     checked: list[SamplingParams],
     request_id: str,
     lora_request: LoRARequest | None = None,
+    prompt_logprobs: int | None = None,
 ) -> list[AsyncIterator[RequestOutput]]:
     """One search per (text, prompt ids), `checked[i]` its length-checked `length_params`, every step under
-    `lora_request`'s adapter (None: the base model); a request beam search cannot serve is an APIError (400)
-    naming the field, raised here, before anything runs."""
+    `lora_request`'s adapter (None: the base model); `prompt_logprobs`: how many top logprobs each prompt position
+    returns (completions' echo with logprobs, vLLM's prompt_logprobs field), computed by the search's first step. A
+    request beam search cannot serve is an APIError (400) naming the field, raised here, before anything runs."""
     for name in _UNSUPPORTED:
         if getattr(body, name, None) is not None:
             raise APIError(400, f"{name} cannot be combined with use_beam_search", param=name)
@@ -84,6 +89,10 @@ def beam_searches(
     num_top = getattr(body, field, None)
     if not isinstance(num_top, bool) and isinstance(num_top, int) and not 0 <= num_top <= limit:
         raise APIError(400, f"{field} must be in [0, {limit}], got {num_top}", param=field)
+    try:  # the engine's max_logprobs, in vLLM's words
+        check_num_logprobs("prompt", prompt_logprobs, model.max_logprobs, model.vocab_size)
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt_logprobs") from None
     if 2 * body.n > limit:
         raise APIError(
             400,
@@ -111,37 +120,44 @@ def beam_searches(
             raise APIError(400, f"with use_beam_search, {message}", param=message.split(" ", 1)[0]) from None
         search = BeamSearch(ids, beam, eos_token_id, beam.max_tokens, prune_by_score=False)  # vLLM's server
         rid = f"{request_id}-{len(searches)}"
-        searches.append(
-            _run(state.llm, search, text, rid, body.priority, params.skip_special_tokens, lora_request)
-        )
+        run = _Run(state.llm, rid, body.priority, lora_request, prompt_logprobs)
+        searches.append(run.search(search, text, params.skip_special_tokens))
     return searches
 
 
-async def _run(
-    llm: AsyncLLM,
-    search: BeamSearch,
-    text: str | None,
-    request_id: str,
-    priority: int,
-    skip_special: bool,
-    lora_request: LoRARequest | None,
-) -> AsyncIterator[RequestOutput]:
-    """Runs `search` to its end (each step, one one-token request per live beam, all sent at once), then yields
-    its result as one final RequestOutput."""
-    step_params = search.params.step_params()
-    step = 0
-    while not search.is_done:
-        requests = [
-            llm.collect(beam.tokens, step_params.clone(), request_id=f"{request_id}-{step}-{i}",
-                        prompt_token_ids=beam.tokens, priority=priority, lora_request=lora_request)
-            for i, beam in enumerate(search.beams)
-        ]  # fmt: skip
-        outs = await asyncio.gather(*requests)
-        search.advance([first_candidates(out) for out in outs])
-        step += 1
-    texts = llm.input_processor.token_texts
-    outputs = [_completion(i, seq, search, texts, skip_special) for i, seq in enumerate(search.best())]
-    yield RequestOutput(request_id, text, search.prompt_ids, None, outputs, finished=True)
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """How one prompt's search sends its one-token requests."""
+
+    llm: AsyncLLM
+    request_id: str  # each step's requests are "{request_id}-{step}-{beam}"
+    priority: int
+    lora_request: LoRARequest | None  # None: the base model
+    prompt_logprobs: int | None  # asked of the first step (its one beam is the prompt); None: not asked
+
+    async def search(
+        self, search: BeamSearch, text: str | None, skip_special: bool
+    ) -> AsyncIterator[RequestOutput]:
+        """Runs `search` to its end (each step, one one-token request per live beam, all sent at once), then
+        yields its result as one final RequestOutput, with the prompt's logprobs when they were asked."""
+        step_params = search.params.step_params()
+        prompt_logprobs = None
+        step = 0
+        while not search.is_done:
+            params = step_params.clone(prompt_logprobs=self.prompt_logprobs) if step == 0 else step_params
+            requests = [
+                self.llm.collect(beam.tokens, params.clone(), request_id=f"{self.request_id}-{step}-{i}",
+                                 prompt_token_ids=beam.tokens, priority=self.priority, lora_request=self.lora_request)
+                for i, beam in enumerate(search.beams)
+            ]  # fmt: skip
+            outs = await asyncio.gather(*requests)
+            if step == 0:
+                prompt_logprobs = outs[0].prompt_logprobs
+            search.advance([first_candidates(out) for out in outs])
+            step += 1
+        texts = self.llm.input_processor.token_texts
+        outputs = [_completion(i, seq, search, texts, skip_special) for i, seq in enumerate(search.best())]
+        yield RequestOutput(self.request_id, text, search.prompt_ids, prompt_logprobs, outputs, finished=True)
 
 
 def _completion(

@@ -124,8 +124,8 @@ class ChatHandler:
         check_priority(st, body.priority)
         rid = new_id("chatcmpl-")
         lora = st.lora_request(body.model)
-        gen = beam_searches(st, body, [(text, ids)], [checked], rid, lora)[0] if beam else st.llm.generate(
-            text, params, rid, prompt_token_ids=ids, priority=body.priority, lora_request=lora
+        gen = beam_searches(st, body, [(text, ids)], [checked], rid, lora, prompt_logprobs)[0] if beam else (
+            st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority, lora_request=lora)
         )  # fmt: skip
         created = int(time.time())
         if body.stream:

@@ -81,7 +81,7 @@ class CompletionsHandler:
         check_priority(st, body.priority)
         rid = new_id("cmpl-")
         lora = st.lora_request(body.model)
-        gens = beam_searches(st, body, encoded, checked, rid, lora) if beam else [
+        gens = beam_searches(st, body, encoded, checked, rid, lora, prompt_lps) if beam else [
             st.llm.generate(text or ids, params.clone(), f"{rid}-{i}", prompt_token_ids=ids, priority=body.priority,
                             lora_request=lora)
             for i, (text, ids) in enumerate(encoded)
@@ -109,28 +109,19 @@ class CompletionsHandler:
         prefix_text = ""
         logprobs = None
         if body.echo:
-            prefix_text = (
-                out.prompt
-                if out.prompt is not None
-                else self.texts.decoder.decode(out.prompt_token_ids, False)
-            )
+            prefix_text = self._prompt_text(out)
         if body.logprobs is not None:
             num_top = body.logprobs
-            block: dict[str, list[Any]] = {
-                "tokens": [],
-                "token_logprobs": [],
-                "top_logprobs": [],
-                "text_offset": [],
-            }
-            if body.echo:
+            gen = legacy_logprobs(
+                self.texts, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
+            )
+            logprobs = gen
+            if body.echo:  # the prompt's block first
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
                 block = legacy_logprobs(
                     self.texts, out.prompt_token_ids, plps, num_top, TextOffsets(self.texts, 0)
                 )
-            gen = legacy_logprobs(
-                self.texts, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
-            )
-            logprobs = {k: block[k] + gen[k] for k in block}
+                logprobs = {k: block[k] + gen[k] for k in block}
         choice = {
             "index": i * body.n + c.index,
             "text": prefix_text + text,
@@ -143,6 +134,12 @@ class CompletionsHandler:
         if body.return_token_ids:  # vLLM's extra, per choice: the prompt's and the generated ids
             choice["prompt_token_ids"], choice["token_ids"] = list(out.prompt_token_ids), list(ids)
         return choice
+
+    def _prompt_text(self, out: RequestOutput) -> str:
+        """The prompt as echo writes it: its text, or its ids decoded."""
+        return (
+            out.prompt if out.prompt is not None else self.texts.decoder.decode(out.prompt_token_ids, False)
+        )
 
     def _response(self, ctx: _Ctx, finals: list[RequestOutput]) -> dict[str, Any]:
         choices, completion_tokens, cached = [], 0, 0
@@ -217,11 +214,7 @@ class CompletionsHandler:
         block = None
         if body.echo and index not in sent.echoed:
             sent.echoed.add(index)
-            prefix = (
-                out.prompt
-                if out.prompt is not None
-                else self.texts.decoder.decode(out.prompt_token_ids, False)
-            )
+            prefix = self._prompt_text(out)
             if body.logprobs is not None:
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
                 block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs,
