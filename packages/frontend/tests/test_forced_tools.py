@@ -79,3 +79,17 @@ def test_a_reply_cut_short() -> None:
     assert [c.complete for p in pieces for c in p.calls] == [True]
     pieces, forced = _feed("f", "", [])  # nothing written (max_tokens spent on reasoning): no call
     assert forced.num_calls == 0 and not [c for p in pieces for c in p.calls]
+
+
+def test_calls_only_never_gives_text() -> None:
+    """Anthropic's forced replies (`calls_only`): cut anywhere, a reply is calls or nothing, never its JSON as
+    text; a named call is made even when nothing was written (max_tokens spent on reasoning)."""
+    forced = ForcedToolCalls("f", calls_only=True)
+    pieces = forced.feed("", final=True)
+    assert [(c.name, c.arguments, c.complete) for p in pieces for c in p.calls] == [("f", "{}", False)]
+    for cut in range(len(REQUIRED)):
+        forced = ForcedToolCalls(None, calls_only=True)
+        pieces = forced.feed(REQUIRED[:cut], final=True)
+        assert not "".join(p.content for p in pieces), cut
+        whole_names = [n for n in ("get_weather", "get_time") if f'"name":"{n}"' in REQUIRED[:cut]]
+        assert [c.name for p in pieces for c in p.calls] == whole_names, cut

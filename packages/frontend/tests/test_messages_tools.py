@@ -145,3 +145,37 @@ def test_bad_tool_requests_are_named(server: Any, change: dict[str, Any], messag
     body = {"model": "tiny", "max_tokens": 2, "tools": [WEATHER], "messages": ASK, **change}
     r = httpx.post(server.url + "/v1/messages", json=body)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+TIME = {
+    "name": "get_time",
+    "description": "Time in a city",
+    "input_schema": {"type": "object", "properties": {}},
+}
+FORCED = [  # (tool_choice, the reply constrained decoding writes)
+    ({"type": "any"}, '[{"name":"get_weather","parameters":{"city":"Paris"}}]'),
+    ({"type": "tool", "name": "get_weather"}, '{"city":"Paris"}'),
+]
+
+
+@pytest.mark.parametrize(("tool_choice", "reply"), FORCED)
+def test_a_forced_call_cut_by_max_tokens(tokenizer: Any, tool_choice: dict[str, Any], reply: str) -> None:
+    """Anthropic's forced tool_choice cut by max_tokens, at every token: stop_reason max_tokens and only tool_use
+    blocks, whole and streamed. `tool` names its call whatever was written; `any` has a call once its name is
+    written whole, and no content before (never the JSON as text); the input is what was written whole so far."""
+    srv, handle = start_fake_server(tokenizer)  # a forced call needs no tool-call flags
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    handle.engine.script = ids
+    with srv:
+        client = anthropic.Anthropic(base_url=handle.url, api_key="x", max_retries=0)
+        for cut in range(1, len(ids)):
+            written = tokenizer.decode(ids[:cut])
+            named = tool_choice["type"] == "tool" or '"name":"get_weather"' in written
+            want = [("get_weather", {"city": "Paris"} if '"Paris"' in written else {})] if named else []
+            kw: dict[str, Any] = dict(model="tiny", max_tokens=cut, tools=[WEATHER, TIME], messages=ASK,
+                                      tool_choice=tool_choice)  # fmt: skip
+            whole = client.messages.create(**kw)
+            with client.messages.stream(**kw) as stream:
+                streamed = stream.get_final_message()
+            for m in (whole, streamed):
+                assert m.stop_reason == "max_tokens" and _blocks(m.content) == want, (written, m.content)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic_core import from_json
+
 from treadle_frontend.server.call_sequence import CallSequence
 from treadle_frontend.server.call_xml import tool_schemas
 from treadle_frontend.server.errors import APIError
@@ -59,23 +61,40 @@ def _parses(text: str) -> bool:
     return True
 
 
-def _array_items(text: str) -> list[Any]:
-    """The items of a constrained "required" reply (none when it was cut short and does not parse)."""
+def _array_items(text: str, partial: bool = False) -> list[Any]:
+    """The items of a constrained "required" reply: none when it was cut short and does not parse, or, `partial`,
+    what its text holds so far (complete values only: an item cut inside its name has no name)."""
     try:
-        value = json.loads(text)
+        value = from_json(text, allow_partial=True) if partial else json.loads(text)
     except ValueError:
         return []
     return value if isinstance(value, list) else []
+
+
+def _cut_call(item: Any) -> ToolCall | None:
+    """An array item cut short: a call when its name was written whole (its arguments as far as they got)."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    arguments = item.get("parameters")
+    text = json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)
+    return ToolCall(item["name"], text, complete=False)
 
 
 class ForcedToolCalls:
     """The streaming side: releases the reasoning block as it comes, then streams the calls as their JSON is
     written (named: the reply is the arguments, the call opens on its first character; "required": each array
     item streams as call_scanner.py reads it). A reply with no call in it (empty, or an array whose items the
-    scanner cannot stream and whose JSON does not parse at the end) is released as its text when it ends."""
+    scanner cannot stream and whose JSON does not parse at the end) is released as its text when it ends.
 
-    def __init__(self, name: str | None, reasoning_parser: str | None = None) -> None:
-        self.name = name
+    `calls_only` (Anthropic's forced tool_choice, whose reply is only tool_use blocks): a reply cut short (by
+    max_tokens or a stop sequence) is never text. A named call is made even if none of its arguments were written
+    (input {}); of an array, every item whose name was written whole is a call, with the arguments written so far
+    (complete values only); an item cut inside its name is dropped, as is the JSON around it."""
+
+    def __init__(
+        self, name: str | None, reasoning_parser: str | None = None, calls_only: bool = False
+    ) -> None:
+        self.name, self.calls_only = name, calls_only
         self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
         self.text = ""
         self._named: CallDelta | None = None
@@ -92,7 +111,7 @@ class ForcedToolCalls:
         pieces = [Piece(reasoning=reasoning)] if reasoning else []
         if final:
             deltas += self._finish_array(self._array) if self._array is not None else self._finish_named()
-            if not self.num_calls:
+            if not self.num_calls and not self.calls_only:
                 pieces.append(Piece(content=self.text))
         return [*pieces, Piece(deltas=deltas)] if deltas else pieces
 
@@ -107,18 +126,21 @@ class ForcedToolCalls:
         return [self._named.then(content)] if content else []
 
     def _finish_array(self, array: CallSequence) -> list[CallDelta]:
-        """The open item's last delta, or, when streaming stopped, the calls left in the whole reply."""
+        """The open item's last delta, or, when streaming stopped, the calls left in the whole reply (with
+        `calls_only`, also those of a reply cut short: each item whose name is whole)."""
         deltas = array.finish()
-        if array.stopped:
-            for item in _array_items(self.text)[array.count :]:
-                if (call := parse_call(json.dumps(item))) is not None:
+        if array.stopped or self.calls_only:
+            for item in _array_items(self.text, partial=self.calls_only)[array.count :]:
+                if (call := parse_call(json.dumps(item)) or _cut_call(item)) is not None:
                     deltas.append(CallDelta.whole(array.count, call))
                     array.count += 1
         return deltas
 
     def _finish_named(self) -> list[CallDelta]:
         if self._named is None:
-            return []
+            assert self.name is not None
+            # cut before its first character: still the call the tool_choice named, with no input
+            return [CallDelta.whole(0, ToolCall(self.name, "{}", complete=False))] if self.calls_only else []
         # constrained JSON: whole unless max_tokens cut it
         return [self._named.last(complete=_parses(self._named.call.arguments))]
 
@@ -133,10 +155,13 @@ class ReplyReader:
         tool_parser: str | None,
         forced: tuple[Any, str | None] | None,
         tools: list[Any] | None = None,
+        calls_only: bool = False,
     ) -> None:
-        """`tools`: the request's tool definitions (their parameter schemas type qwen3_coder's values)."""
+        """`tools`: the request's tool definitions (their parameter schemas type qwen3_coder's values);
+        `calls_only`: a forced reply cut short is still calls, never text (ForcedToolCalls)."""
         self.reasoning_parser, self.tool_parser, self.forced = reasoning_parser, tool_parser, forced
         self.schemas = tool_schemas(tools)
+        self.calls_only = calls_only
 
     def whole(self, text: str) -> tuple[str | None, str | None, list[ToolCall]]:
         """A finished reply: (reasoning or None, content or None where calls or reasoning stand alone, calls)."""
@@ -148,7 +173,7 @@ class ReplyReader:
     def stream(self) -> ReplyParser | ForcedToolCalls | None:
         """A parser for the reply's streamed pieces (None: every piece is content)."""
         if self.forced is not None:
-            return ForcedToolCalls(self.forced[1], self.reasoning_parser)
+            return ForcedToolCalls(self.forced[1], self.reasoning_parser, self.calls_only)
         if self.reasoning_parser or self.tool_parser:
             return ReplyParser(self.reasoning_parser, self.tool_parser, self.schemas)
         return None

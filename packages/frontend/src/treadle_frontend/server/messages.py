@@ -171,11 +171,13 @@ class MessagesHandler:
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)
-        reasoning, content, calls = ReplyReader(rp, tools, forced, body.tools).whole(c.text)
+        reasoning, content, calls = ReplyReader(rp, tools, forced, body.tools, calls_only=True).whole(c.text)
         blocks: list[dict[str, Any]] = (
             [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
         )
-        blocks += [{"type": "text", "text": content or ""}] if content or not (calls or reasoning) else []
+        # a forced reply is only tool_use blocks: one cut inside its first call's name has none at all
+        empty = not (calls or reasoning or forced)
+        blocks += [{"type": "text", "text": content or ""}] if content or empty else []
         blocks += [tool_use_block(call) for call in calls]
         return JSONResponse(
             {
@@ -221,7 +223,7 @@ class MessagesHandler:
         reason, seq = "end_turn", None
         blocks = BlockStream()
         rp = self.state.config.reasoning_parser
-        parser = ReplyReader(rp, tools, forced, definitions).stream()
+        parser = ReplyReader(rp, tools, forced, definitions, calls_only=True).stream()
         on_demand = rp is not None or forced is not None or tools is not None  # a reply may open with a call
         started = False
         try:
@@ -249,7 +251,7 @@ class MessagesHandler:
         if not started:  # the stream ended without an output (not expected from the engine)
             for event in self._opening(mid, num_input, 0, blocks, on_demand, model):
                 yield event
-        if blocks.index < 0:  # a reply with no block at all (an empty reply under a reasoning parser)
+        if blocks.index < 0 and forced is None:  # no block at all (an empty reply under a reasoning parser)
             for event in blocks.start_text():
                 yield event
         for event in blocks.close():

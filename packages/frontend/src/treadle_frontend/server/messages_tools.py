@@ -8,7 +8,10 @@ its text, with stop_reason "tool_use" (max_tokens when the reply was cut); strea
 own (content_block_start with empty `input`, `input_json_delta`s with the arguments as the model writes them,
 content_block_stop), text after a call opens a new text block, and block indexes count up from 0. A forced
 `tool_choice` (`any`, or `tool` with its name) needs no flag: decoding is constrained to the calls' JSON
-(forced_tools.py) and the reply is only tool_use blocks.
+(forced_tools.py) and the reply is only tool_use blocks, also when max_tokens cuts it (stop_reason max_tokens, as
+Anthropic's API): `tool` gives its tool_use block whatever was written, its input parsed as far as it goes ({} if
+nothing); `any` gives a block for each call whose name was written whole, and no content at all when the cut came
+inside the first name (never the JSON as text).
 """
 
 from __future__ import annotations
