@@ -6,23 +6,22 @@
     out[0].outputs[0].text
 
 `generate` adds every prompt, then steps the engine until all are done and returns RequestOutputs in prompt
-order (FINAL_ONLY outputs, so no per-step text is built for nobody). `chat` renders conversations with the
-chat template first. `params=None` takes the model's generation_config.json defaults; a list of params gives
-one per prompt, and so does a list of `lora_request`s (LoRA adapters, with `enable_lora=True`). A progress bar
-(tqdm) shows when `use_tqdm` and there is more than one prompt.
+order (FINAL_ONLY outputs, so no per-step text is built for nobody; that loop is batch_runner.py's). `chat`
+renders conversations with the chat template first. `params=None` takes the model's generation_config.json
+defaults; a list of params gives one per prompt, and so does a list of `lora_request`s (LoRA adapters, with
+`enable_lora=True`). A progress bar (tqdm) shows when `use_tqdm` and there is more than one prompt.
 `beam_search` is vLLM's beam search, a loop of one-token requests over the same engine (beam_search.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from treadle_engine_core.heap import freeze_startup_heap
+from treadle_frontend.batch_runner import BatchRunner, LoRARequests, loras_per_prompt, params_per_prompt
 from treadle_frontend.beam_search import BeamSearchOutput, BeamSearchParams, beam_search_offline
 from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
 from treadle_frontend.input_processor import InputProcessor, PromptType, embedding_params
@@ -37,12 +36,11 @@ from treadle_frontend.outputs import (
     similarity,
 )
 from treadle_model_runner.lora.request import LoRARequest
-from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
+from treadle_model_runner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 Conversation = list[dict[str, Any]]
-LoRARequests = LoRARequest | Sequence[LoRARequest | None] | None  # one for every prompt, or one per prompt
 
 
 class LLM:
@@ -86,7 +84,7 @@ class LLM:
         self.request_factory = request_factory
         self.input_processor = input_processor
         self.output_processor = OutputProcessor()
-        self._ids = itertools.count()
+        self._runner = BatchRunner(client, input_processor, self.output_processor, request_factory)
 
     @property
     def vocab_size(self) -> int:
@@ -219,23 +217,6 @@ class LLM:
         return self._run(encoded, sampling_params, use_tqdm, lora_request=lora_request)
 
     # ---- the loop ---------------------------------------------------------------------------------
-    def _params_list(self, sampling_params: Any, n: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [self.get_default_sampling_params() for _ in range(n)]
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params.clone() for _ in range(n)]
-        if not isinstance(sampling_params, (list, tuple)) or not all(
-            isinstance(p, SamplingParams) for p in sampling_params
-        ):
-            raise TypeError(
-                "sampling_params must be a SamplingParams or a list of them (one per prompt); got "
-                f"{type(sampling_params).__name__}"
-            )
-        plist = list(sampling_params)
-        if len(plist) != n:
-            raise ValueError(f"got {len(plist)} sampling params for {n} prompts; pass one, or one per prompt")
-        return [p.clone() for p in plist]
-
     def _run(
         self,
         encoded: list[tuple[str | None, list[int]]],
@@ -244,71 +225,10 @@ class LLM:
         priority: Sequence[int] | None = None,
         lora_request: LoRARequests = None,
     ) -> list[RequestOutput]:
-        params_list = self._params_list(sampling_params, len(encoded))
-        loras = _per_prompt(lora_request, len(encoded))
-        if priority is not None and len(priority) != len(encoded):
-            raise ValueError(
-                f"got {len(priority)} priorities for {len(encoded)} prompts; pass one per prompt"
-            )
-        priorities = list(priority) if priority is not None else [0] * len(encoded)
-        for p in set(priorities):
-            self.input_processor.check_priority(p)
-        order: dict[str, int] = {}
-        added: list[str] = []
-        try:
-            for i, ((text, ids), params) in enumerate(zip(encoded, params_list, strict=True)):
-                params.output_kind = RequestOutputKind.FINAL_ONLY
-                rid = str(next(self._ids))
-                try:
-                    parent, states, engine_reqs = self.input_processor.make_requests(rid, text, ids, params)
-                except ValueError as e:
-                    raise ValueError(f"prompt {i}: {e}" if len(encoded) > 1 else str(e)) from None
-                self.output_processor.add_request(parent, states)
-                added.append(rid)
-                order[rid] = i
-                now = time.time()
-                lora = {"lora_request": loras[i]} if loras[i] is not None else {}
-                for child_id, child_params in engine_reqs:
-                    self.client.add_request(
-                        self.request_factory(
-                            child_id, parent.prompt_token_ids, child_params, now, priorities[i], **lora
-                        )
-                    )
-            return self._drain(order, use_tqdm and len(encoded) > 1)
-        except BaseException:
-            engine_ids = self.output_processor.abort_requests(added)
-            if engine_ids:
-                self.client.abort_requests(engine_ids)
-            raise
-
-    def _drain(self, order: dict[str, int], show_progress: bool) -> list[RequestOutput]:
-        results: list[RequestOutput | None] = [None] * len(order)
-        bar = None
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True)
-        try:
-            while self.output_processor.has_unfinished():
-                outputs = self.client.get_output()
-                processed = self.output_processor.process_outputs(
-                    list(getattr(outputs, "outputs", None) or [])
-                )
-                if processed.reqs_to_abort:
-                    self.client.abort_requests(processed.reqs_to_abort)
-                if self.output_processor.failed:
-                    raise self.output_processor.failed.pop()
-                for out in processed.request_outputs:
-                    if out.finished and out.request_id in order:
-                        results[order[out.request_id]] = out
-                        if bar is not None:
-                            bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        missing = [rid for rid, i in order.items() if results[i] is None]
-        assert not missing, f"requests {missing} ended without a final output"
-        return [r for r in results if r is not None]
+        """Every encoded prompt through the engine (batch_runner.py), in prompt order."""
+        params_list = params_per_prompt(sampling_params, len(encoded), self.get_default_sampling_params)
+        loras = loras_per_prompt(lora_request, len(encoded))
+        return self._runner.run(encoded, params_list, use_tqdm, priority, loras)
 
     def shutdown(self) -> None:
         self.client.shutdown()
@@ -318,20 +238,3 @@ class LLM:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.shutdown()
-
-
-def _per_prompt(lora_request: LoRARequests, n: int) -> list[LoRARequest | None]:
-    """One LoRARequest (or None) per prompt."""
-    if lora_request is None or isinstance(lora_request, LoRARequest):
-        return [lora_request] * n
-    if not isinstance(lora_request, (list, tuple)) or not all(
-        r is None or isinstance(r, LoRARequest) for r in lora_request
-    ):
-        raise TypeError(
-            f"lora_request must be a LoRARequest or a list of them (one per prompt); got {type(lora_request).__name__}"
-        )
-    if len(lora_request) != n:
-        raise ValueError(
-            f"got {len(lora_request)} lora requests for {n} prompts; pass one, or one per prompt"
-        )
-    return list(lora_request)
