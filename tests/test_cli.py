@@ -121,6 +121,25 @@ def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
         )
 
 
+def test_pooler_config_flag() -> None:
+    """--pooler-config takes vLLM's JSON; a key or pooling type it cannot honour is an error naming it."""
+    from treadle_model_runner.config import PoolerConfig
+
+    def parsed(*flags: str) -> PoolerConfig:
+        options = cli_serve.engine_options(cli.build_parser().parse_args(["serve", *flags]))
+        return EngineArgs.from_kwargs(None, **options).model_config.pooler_config
+
+    assert parsed() == PoolerConfig("LAST", True)
+    assert parsed("--pooler-config", '{"pooling_type": "MEAN", "normalize": false}') == PoolerConfig(
+        "MEAN", False
+    )
+    assert parsed("--pooler-config", '{"pooling_type": "CLS"}') == PoolerConfig("CLS", True)
+    with pytest.raises(ValueError, match="softmax not supported; its keys are pooling_type, normalize"):
+        parsed("--pooler-config", '{"softmax": true}')
+    with pytest.raises(ValueError, match="'STEP' pools token by token"):
+        parsed("--pooler-config", '{"pooling_type": "STEP"}')
+
+
 def test_bad_option_and_version(capsys: object) -> None:
     with pytest.raises(ValueError, match="unknown engine option 'max_num_seq'"):
         EngineArgs.from_kwargs(None, max_num_seq=3)

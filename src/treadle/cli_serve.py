@@ -144,6 +144,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help=f"most logprobs / top_logprobs / prompt_logprobs a request may ask for (default {d['max_logprobs']}; "
         "-1: no limit, the whole vocabulary)",
     )
+    p.add_argument(
+        "--pooler-config", default=None, metavar="JSON",
+        help='how /v1/embeddings pools the prompt (vLLM\'s): {"pooling_type": "LAST" | "MEAN" | "CLS", '
+        '"normalize": true | false} (default: LAST, normalized)',
+    )  # fmt: skip
     p.add_argument("--root-path", default="", help="path prefix when served behind a path-based proxy")
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--ssl-certfile", default=None)
@@ -192,6 +197,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "max_logprobs": args.max_logprobs,
         "quantization": None if args.quantization in (None, "none") else args.quantization,
+        "pooler_config": args.pooler_config,
         "load_format": args.load_format,
         "seed": args.seed,
         "served_model_name": args.served_model_name[0] if args.served_model_name else None,

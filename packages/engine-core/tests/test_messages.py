@@ -16,7 +16,8 @@ def test_request_with_every_sampling_field_round_trips() -> None:
         frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={7: -2.5, 9: 1.0}, allowed_token_ids=[1, 7, 9],
         bad_words=["x"], bad_words_token_ids=[[3, 4]], min_tokens=2, max_tokens=None, stop=["\n\n"],
         stop_token_ids=[11], include_stop_str_in_output=True, ignore_eos=True, logprobs=3, prompt_logprobs=0,
-        skip_special_tokens=False, output_kind=RequestOutputKind.DELTA, all_stop_token_ids={2},
+        skip_special_tokens=False, output_kind=RequestOutputKind.DELTA, all_stop_token_ids={2}, pooling="cls",
+        normalize=False,
     )  # fmt: skip
     req = msg.EngineCoreRequest("id-1", [1, 2, 3], params, 12.5, priority=-1, cache_salt="tenant")
     back = msg.decode(msg.encode(req), msg.EngineCoreRequest)

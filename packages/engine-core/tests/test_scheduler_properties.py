@@ -62,6 +62,7 @@ def workloads(draw: st.DrawFn) -> dict:
                     stop_token_ids=draw(st.lists(st.integers(2, VOCAB - 1), max_size=2)),
                     logprobs=draw(st.sampled_from([None, None, 2])),
                     prompt_logprobs=draw(st.sampled_from([None, None, None, 1])),
+                    pooling=draw(st.sampled_from([None, None, None, None, "last", "mean", "cls"])),
                 ),
                 arrival=draw(st.integers(0, 6)),
                 abort_at=draw(st.one_of(st.none(), st.none(), st.integers(0, 30))),
@@ -140,7 +141,8 @@ def test_scheduler_invariants(w: dict) -> None:
     sched = engine.scheduler
     oracle = PrefixOracle(w["block_size"])
     salts = {r["rid"]: r["salt"] for r in w["requests"]}
-    plp = {r["rid"] for r in w["requests"] if r["params"].prompt_logprobs is not None}
+    # requests that read every prompt position (prompt logprobs, mean or first-token pooling): no prefix hit
+    plp = {r["rid"] for r in w["requests"] if r["params"].needs_whole_prompt}
     pending = sorted(w["requests"], key=lambda r: r["arrival"])
     added: dict[str, dict] = {}
     aborted: set[str] = set()

@@ -47,9 +47,52 @@ def test_last_token_embedding_matches_hf(qwen3: tuple[tf.PreTrainedModel, Path])
         assert torch.tensor(got[req_id]).sub(want).abs().max().item() < 1e-5, req_id
 
 
+def _pooled_by_hand(hf: tf.PreTrainedModel, prompt: list[int], pooling: str, normalize: bool) -> torch.Tensor:
+    with torch.no_grad():
+        states = hf.model(torch.tensor([prompt])).last_hidden_state[0].float()  # [len(prompt), hidden]
+    vector = {"last": states[-1], "mean": states.mean(dim=0), "cls": states[0]}[pooling]
+    return torch.nn.functional.normalize(vector, dim=-1) if normalize else vector
+
+
+@pytest.mark.parametrize(("pooling", "normalize"), [("mean", True), ("mean", False), ("cls", False)])
+def test_mean_and_first_token_pooling_over_chunks(
+    qwen3: tuple[tf.PreTrainedModel, Path], pooling: str, normalize: bool
+) -> None:
+    """MEAN adds up every chunk's prompt positions, CLS keeps the first chunk's first one; both divide or return
+    only in the step that finishes the prompt, batched with a generation request and a last-token one."""
+    hf, path = qwen3
+    gen = torch.Generator().manual_seed(6)
+    prompts = {f"p{i}": torch.randint(1, 128, (5 + 23 * i,), generator=gen).tolist() for i in range(3)}
+    sched = FakeScheduler(make_runner(path), seed=2)
+    for req_id, prompt in prompts.items():
+        params = SamplingParams(temperature=0.0, max_tokens=1, pooling=pooling, normalize=normalize)
+        sched.add(req_id, prompt, params, max_tokens=1)
+    sched.add(
+        "last", prompts["p2"], SamplingParams(temperature=0.0, max_tokens=1, pooling="last"), max_tokens=1
+    )
+    sched.add("gen", prompts["p1"], SamplingParams(temperature=0.0), max_tokens=5)
+    sched.run(budget=16)  # p1 and p2 take several steps
+    got = {req_id: vec for out in sched.outputs for req_id, vec in out.pooled.items()}
+    assert sorted(got) == sorted([*prompts, "last"])
+    for req_id, prompt in prompts.items():
+        want = _pooled_by_hand(hf, prompt, pooling, normalize)
+        assert torch.tensor(got[req_id]).sub(want).abs().max().item() < 1e-5, req_id
+    last = _pooled_by_hand(hf, prompts["p2"], "last", True)
+    assert torch.tensor(got["last"]).sub(last).abs().max().item() < 1e-5
+
+
 def test_unknown_pooling_is_rejected() -> None:
-    with pytest.raises(ValueError, match="pooling 'mean' is not one of None, 'last'"):
-        SamplingParams(pooling="mean")
+    with pytest.raises(ValueError, match="pooling 'max' is not one of None, 'last', 'mean', 'cls'"):
+        SamplingParams(pooling="max")
+    with pytest.raises(ValueError, match="normalize must be true or false"):
+        SamplingParams(pooling="mean", normalize=1)  # type: ignore[arg-type]
+    assert (
+        SamplingParams(pooling="mean").needs_whole_prompt and SamplingParams(pooling="cls").needs_whole_prompt
+    )
+    assert (
+        not SamplingParams(pooling="last").needs_whole_prompt
+        and SamplingParams(prompt_logprobs=0).needs_whole_prompt
+    )
 
 
 @pytest.mark.gpu
@@ -71,5 +114,30 @@ def test_last_token_embedding_on_gpu(qwen3: tuple[tf.PreTrainedModel, Path]) -> 
     for req_id, prompt in prompts.items():
         with torch.no_grad():
             want = hf.model(torch.tensor([prompt])).last_hidden_state[0, -1].float()
+        cos = torch.nn.functional.cosine_similarity(torch.tensor(got[req_id]), want, dim=0).item()
+        assert cos > 0.999, (req_id, cos)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_mean_and_first_token_pooling_on_gpu(qwen3: tuple[tf.PreTrainedModel, Path], pooling: str) -> None:
+    """bf16 on the GPU (Triton attention, CUDA graphs, prompts chunked): within bf16 rounding of HF's float32."""
+    hf, path = qwen3
+    gen = torch.Generator().manual_seed(7)
+    prompts = {f"e{i}": torch.randint(1, 128, (3 + 41 * i,), generator=gen).tolist() for i in range(4)}
+    runner = make_runner(
+        path, block_size=16, num_blocks=64, device="cuda", dtype="bfloat16", attention_backend="triton"
+    )
+    sched = FakeScheduler(runner, seed=3)
+    for req_id, prompt in prompts.items():
+        sched.add(
+            req_id, prompt, SamplingParams(temperature=0.0, max_tokens=1, pooling=pooling), max_tokens=1
+        )
+    sched.run(budget=32)
+    got = {req_id: vec for out in sched.outputs for req_id, vec in out.pooled.items()}
+    assert sorted(got) == sorted(prompts)
+    for req_id, prompt in prompts.items():
+        want = _pooled_by_hand(hf, prompt, pooling, True)
         cos = torch.nn.functional.cosine_similarity(torch.tensor(got[req_id]), want, dim=0).item()
         assert cos > 0.999, (req_id, cos)

@@ -4,7 +4,9 @@ Theory. Every KV-cache group (full attention, or one sliding-window size) keeps 
 request, all drawing from one `BlockPool`. Block j of a table holds the KV of tokens [j*B, (j+1)*B).
 - `get_computed_blocks` looks a waiting request's full-block hashes up in each group's prefix cache and
   returns the longest prefix every group has, capped so at least one prompt token is still computed (the
-  model must run at least one position to produce logits).
+  model must run at least one position to produce logits). A request that reads every prompt position (prompt
+  logprobs, mean or first-token pooling: SamplingParams.needs_whole_prompt) gets no hit; its blocks are still
+  published for later requests.
 - `allocate_slots` grows the tables so `num_computed + num_new (+ lookahead)` tokens have slots, taking
   prefix-hit blocks first, or returns None if the pool is short (the scheduler then preempts). Blocks that
   become full with known token ids are published in the prefix cache right away: the KV they will hold is
@@ -67,7 +69,7 @@ class KVCacheManager:
     # ---- prefix cache lookup ----------------------------------------------------------------------
     def get_computed_blocks(self, request: Request) -> tuple[list[list[KVCacheBlock]], int]:
         """Longest cached prefix of `request` (full blocks, all groups), never its whole token list."""
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_caching or request.sampling_params.needs_whole_prompt:
             return [[] for _ in range(self.num_groups)], 0
         hashes = update_block_hashes(request, self.block_size)
         max_blocks = min(len(hashes), (request.num_tokens - 1) // self.block_size)

@@ -180,6 +180,7 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
         runtime=dict(getattr(ready, "runtime", None) or {}),
         scheduling_policy=str(getattr(ready, "scheduling_policy", "fcfs")),
         max_logprobs=int(getattr(ready, "max_logprobs", args.model_config.max_logprobs)),
+        pooler=args.model_config.pooler_config,
     )
     defaults = load_generation_defaults(prep.model_path, args.generation_config)
     template = resolve_chat_template(prep.tokenizer, args.chat_template)

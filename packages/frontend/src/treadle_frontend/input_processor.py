@@ -23,6 +23,7 @@ from treadle_frontend.logprobs import TokenTexts
 from treadle_frontend.output_processor import ParentRequest
 from treadle_frontend.request_state import RequestState
 from treadle_frontend.tokenizer import ChatTemplateError, GenerationDefaults
+from treadle_model_runner.config import PoolerConfig
 from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams
 
 # A prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids} like vLLM.
@@ -52,6 +53,9 @@ class ModelInfo:
     scheduling_policy: str = "fcfs"  # the engine's; priorities other than 0 need "priority"
     # the engine's max_logprobs: most logprobs / prompt_logprobs a request may ask for; -1 = the whole vocabulary
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
+    pooler: PoolerConfig = field(
+        default_factory=PoolerConfig
+    )  # how embeddings pool the prompt (--pooler-config)
 
 
 def keep_last(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
@@ -59,10 +63,15 @@ def keep_last(ids: list[int], keep: int | None, max_model_len: int) -> list[int]
     return ids if keep is None else ids[-(max_model_len if keep == -1 else keep) :]
 
 
-def embedding_params() -> SamplingParams:
-    """A request for its prompt's embedding (last-token pooling): prompt only (max_tokens 0), so an input may fill
-    the whole context; the token the prefill step samples is dropped by the engine."""
-    return SamplingParams(temperature=0.0, max_tokens=0, ignore_eos=True, pooling="last")
+def embedding_params(pooler: PoolerConfig | None = None, normalize: bool | None = None) -> SamplingParams:
+    """A request for its prompt's embedding, pooled as `pooler` says (None: last token, L2-normalised); `normalize`
+    (a request's own) overrides the pooler's. Prompt only (max_tokens 0), so an input may fill the whole context;
+    the token the prefill step samples is dropped by the engine."""
+    pooler = pooler or PoolerConfig()
+    return SamplingParams(
+        temperature=0.0, max_tokens=0, ignore_eos=True, pooling=pooler.pooling_type.lower(),
+        normalize=pooler.normalize if normalize is None else normalize,
+    )  # fmt: skip
 
 
 def context_length_error(max_model_len: int, num_prompt: int, num_completion: int) -> ValueError:

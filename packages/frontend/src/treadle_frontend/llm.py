@@ -139,10 +139,12 @@ class LLM:
         use_tqdm: bool = True,
         lora_request: LoRARequests = None,
     ) -> list[EmbeddingRequestOutput]:
-        """vLLM's LLM.embed on a decoder model: each prompt's embedding, the L2-normalised final hidden state of its
-        last token (last-token pooling); `out.outputs.embedding` is a list of hidden_size floats. `lora_request`:
-        as in `generate`."""
-        outs = self.generate(prompts, embedding_params(), use_tqdm, lora_request=lora_request)
+        """vLLM's LLM.embed on a decoder model: each prompt's embedding, its final hidden states pooled as the
+        engine's pooler_config says (default: the last token's, L2-normalised; `LLM(pooler_config={"pooling_type":
+        "MEAN", "normalize": False})`: their mean, as is); `out.outputs.embedding` is a list of hidden_size floats.
+        `lora_request`: as in `generate`."""
+        params = embedding_params(self.input_processor.model.pooler)
+        outs = self.generate(prompts, params, use_tqdm, lora_request=lora_request)
         return [
             EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding or []))
             for o in outs

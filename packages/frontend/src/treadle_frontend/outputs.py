@@ -12,6 +12,7 @@ sequences of those dicts, stored flat and built as they are read (position_logpr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -106,8 +107,10 @@ class ScoringRequestOutput:
 
 
 def similarity(a: list[float], b: list[float]) -> float:
-    """The score of two embeddings: their cosine similarity (both are unit vectors, so their dot product)."""
-    return float(sum(x * y for x, y in zip(a, b, strict=True)))
+    """The score of two embeddings: their cosine similarity (vLLM's; for unit vectors, their dot product)."""
+    dot = math.fsum(x * y for x, y in zip(a, b, strict=True))
+    norms = math.sqrt(math.fsum(x * x for x in a)) * math.sqrt(math.fsum(y * y for y in b))
+    return dot / norms if norms else 0.0
 
 
 def score_pairs(text_1: str | Sequence[str], text_2: str | Sequence[str]) -> list[tuple[str, str]]:

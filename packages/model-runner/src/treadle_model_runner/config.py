@@ -6,7 +6,9 @@ properties; validation in __post_init__ with errors that name the value and the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS
 
@@ -15,6 +17,55 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto = the model dtype; fp8 = fp8_e4m3
 QUANTIZATIONS = ("fp8",)  # online weight quantization methods (None: weights in the model dtype)
+
+
+# vLLM's sequence pooling types: the last prompt token's final hidden state, the mean over the prompt's, the first's
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How an embedding pools the prompt's final hidden states: vLLM's PoolerConfig, set per engine
+    (`LLM(pooler_config=...)`, `treadle serve --pooler-config '{"pooling_type": "MEAN", "normalize": false}'`)."""
+
+    pooling_type: str = "LAST"  # LAST | MEAN | CLS (any case)
+    normalize: bool = True  # L2-normalise the pooled vector (a request's own `normalize` overrides it)
+
+    def __post_init__(self) -> None:
+        kind = self.pooling_type.upper() if isinstance(self.pooling_type, str) else self.pooling_type
+        if kind in ("ALL", "STEP"):
+            raise ValueError(
+                f"pooler_config pooling_type {self.pooling_type!r} pools token by token, which this server does "
+                f"not serve; use one of {', '.join(POOLING_TYPES)}"
+            )
+        if kind not in POOLING_TYPES:
+            raise ValueError(
+                f"pooler_config pooling_type {self.pooling_type!r} is not one of {', '.join(POOLING_TYPES)}"
+            )
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"pooler_config normalize must be true or false, got {self.normalize!r}")
+        object.__setattr__(self, "pooling_type", kind)
+
+    @classmethod
+    def parse(cls, value: PoolerConfig | dict[str, Any] | str | None) -> PoolerConfig:
+        """A PoolerConfig from itself, a dict or its JSON text (--pooler-config); None: the defaults. A key other
+        than pooling_type and normalize is a ValueError naming it."""
+        if value is None or isinstance(value, PoolerConfig):
+            return value or cls()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"pooler_config {value!r} is not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"pooler_config must be a JSON object, got {value!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(
+                f"pooler_config: {', '.join(unknown)} not supported; its keys are {', '.join(known)}"
+            )
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -35,8 +86,11 @@ class ModelConfig:
     # with one fp32 scale per output channel, activations quantized per token for the fp8 matmul (vLLM's online
     # fp8; the embedding and lm_head stay in the model dtype)
     quantization: str | None = None
+    # how embeddings pool the prompt (a dict or its JSON text is parsed into a PoolerConfig)
+    pooler_config: PoolerConfig = field(default_factory=PoolerConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pooler_config", PoolerConfig.parse(self.pooler_config))
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization {self.quantization!r} is not supported; supported: {', '.join(QUANTIZATIONS)} "

@@ -24,7 +24,7 @@ class RequestOutputKind(IntEnum):
     FINAL_ONLY = 2  # once, when the request finishes
 
 
-POOLING_TYPES = (None, "last")
+POOLING_TYPES = (None, "last", "mean", "cls")
 
 
 @dataclass(slots=True)
@@ -60,9 +60,11 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
     # Filled by the engine from the model's generation config: token ids that end generation (EOS).
     all_stop_token_ids: set[int] = field(default_factory=set)
-    # "last": also return the L2-normalised final hidden state of the last prompt token (an embedding request of
-    # the frontend's, with max_tokens 0: the engine drops the token its prefill samples); None: a generation request
+    # an embedding request of the frontend's (max_tokens 0: the engine drops the token its prefill samples) also
+    # returns the prompt's final hidden states pooled: "last" the last token's, "mean" their mean, "cls" the first
+    # token's (runner/pooling.py); None: a generation request
     pooling: str | None = None
+    normalize: bool = True  # pooling: L2-normalise the pooled vector (vLLM's PoolingParams.normalize)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -134,6 +136,8 @@ class SamplingParams:
             raise ValueError(
                 f"pooling {self.pooling!r} is not one of None, {', '.join(map(repr, POOLING_TYPES[1:]))}"
             )
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
         if self.n > 1 and self.is_greedy and self.seed is None:
             pass  # allowed, as in vLLM: n identical greedy completions
 
@@ -159,6 +163,12 @@ class SamplingParams:
             or self.pooling is not None  # the embedding is returned with the step
             or self.max_tokens == 0  # prompt only: its row may be full (sampling.py keeps its token out)
         )
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """Every prompt position must be computed for this request (prompt logprobs, and mean or first-token
+        pooling read them all), so the engine reads none of its prompt from the prefix cache."""
+        return self.prompt_logprobs is not None or self.pooling in ("mean", "cls")
 
     def check_logprobs_limit(self, max_logprobs: int, vocab_size: int) -> None:
         """vLLM's limit on logprobs and prompt_logprobs: ValueError when either asks for more than the engine's

@@ -1,9 +1,11 @@
 """POST /v1/embeddings (OpenAI's shape): each input's embedding from the served decoder model.
 
-An embedding is the L2-normalised final hidden state of the input's last token (last-token pooling, what decoder
-embedding models such as Qwen3-Embedding and e5-mistral use; vLLM's default for them). Each input runs through the
-engine as a prompt-only request (`max_tokens` 0, `SamplingParams.pooling = "last"`), so it may fill max_model_len;
-the token its prefill samples is dropped. Inputs: a string, a list of strings, a token-id list, or a list of
+An embedding pools the input's final hidden states as the server's `--pooler-config` says (vLLM's): by default the
+last token's, L2-normalised (what decoder embedding models such as Qwen3-Embedding and e5-mistral use; vLLM's
+default for them); MEAN their mean; CLS the first token's; `normalize: false` leaves the vector as pooled, and a
+request's own `normalize` (vLLM's extra) overrides the server's. Each input runs through the engine as a
+prompt-only request (`max_tokens` 0, `SamplingParams.pooling`), so it may fill max_model_len; the token its
+prefill samples is dropped. Inputs: a string, a list of strings, a token-id list, or a list of
 token-id lists. `encoding_format` "base64" sends the float32 bytes (little-endian), as the openai SDK asks for by
 default. `dimensions` is refused: the models served have no Matryoshka training, so a cut vector would not be an
 embedding.
@@ -45,11 +47,13 @@ async def embed_inputs(
     prefix: str = "embd-",
     truncate: int | None = None,
     model: str | None = None,
+    normalize: bool | None = None,
 ) -> tuple[str, list[list[float]], int]:
     """(request id, each item's embedding, prompt tokens in all): the engine runs one pooling request per item
-    (under the LoRA adapter `model` names, if it names one)."""
-    params = embedding_params().clone(output_kind=RequestOutputKind.FINAL_ONLY)
+    (under the LoRA adapter `model` names, if it names one), pooled as --pooler-config says; `normalize`: the
+    request's own choice (None: the pooler's)."""
     ip = st.llm.input_processor
+    params = embedding_params(ip.model.pooler, normalize).clone(output_kind=RequestOutputKind.FINAL_ONLY)
     encoded = []
     for item in items:
         if isinstance(item, str) and not item:
@@ -96,6 +100,7 @@ class EmbeddingsHandler:
             priority=body.priority,
             truncate=body.truncate_prompt_tokens,
             model=body.model,
+            normalize=body.normalize,
         )
         data = []
         for i, vector in enumerate(vectors):

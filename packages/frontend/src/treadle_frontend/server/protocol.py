@@ -177,6 +177,9 @@ class EmbeddingRequest(_Body):
     truncate_prompt_tokens: int | None = (
         None  # vLLM's extra: keep each input's last k tokens (-1: max_model_len)
     )
+    normalize: bool | None = (
+        None  # vLLM's extra: L2-normalise the vectors (None: the server's --pooler-config)
+    )
 
 
 class ScoreRequest(_Body):

@@ -1,5 +1,5 @@
 """vLLM's score and rerank routes for an embedding (bi-encoder) model: relevance = cosine similarity of the two
-texts' embeddings (embeddings.py; unit vectors, so their dot product).
+texts' embeddings (embeddings.py; for normalized ones, their dot product).
 
     POST /score, /v1/score            {text_1, text_2}: str and str (one pair), str and list (1 to N), or two lists
                                       of one length (pairwise) -> data[i] = {index, object: "score", score}

@@ -21,6 +21,9 @@ class RequestState:
     grammar_accepted: int = 0  # output tokens the matcher has accepted
     grammar_ended: bool = False  # the matcher accepted a stop token: the grammar allows nothing more
     lora_request: LoRARequest | None = None  # its adapter (None: the base model)
+    # "mean" pooling: the float32 sum of the prompt positions' final hidden states computed so far; "cls": the
+    # first position's ([hidden_size], on the device; runner/pooling.py)
+    pooling_acc: Any = None
 
     @property
     def lora_id(self) -> int:

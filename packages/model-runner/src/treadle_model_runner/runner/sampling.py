@@ -3,8 +3,9 @@
 Logits are computed for the `S` rows that sample (their last scheduled token) and, for requests that asked for
 prompt logprobs, at the prompt positions computed this step whose next token is a prompt token (position p
 scores prompt token p + 1). Sampled tokens are appended to the persistent batch and to each request's outputs.
-A request asking for pooling gets its embedding with its first sampled token: the final hidden state of its last
-prompt token, L2-normalised (last-token pooling, as decoder embedding models such as Qwen3-Embedding use).
+A request asking for pooling gets its embedding with its first sampled token, pooled from its prompt's final
+hidden states (runner/pooling.py: last token, mean, or first token; mean and first token accumulate over the
+steps of a chunked prefill).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import numpy as np
 import torch
 
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, Logprobs, ModelRunnerOutput
+from treadle_model_runner.runner import pooling
 from treadle_model_runner.runner.inputs import StepInputs
 from treadle_model_runner.runner.pending import PLACEHOLDER
 from treadle_model_runner.sample import LogprobsTensors, SamplingMetadata, compute_prompt_logprobs
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.model_runner import ModelRunner
-    from treadle_model_runner.runner.request_state import RequestState
 
 
 def sample_step(
@@ -36,6 +37,7 @@ def sample_step(
     sampled_lists: list[list[int]] = [[] for _ in req_ids]
     logprobs_lists: list[list[Logprobs] | None] = [None] * len(req_ids)
     pooled: dict[str, list[float]] = {}
+    pooling.accumulate(batch, inputs, hidden)
     if rows.size:
         states = [batch.states[r] for r in rows]
         assert all(s is not None for s in states), "a sampling row has no request state"
@@ -74,7 +76,7 @@ def sample_step(
             if lp is not None:  # built from the host copies when the engine asks for the step's output
                 logprobs = functools.partial(_host_logprobs, pending.extra, metadata.num_logprobs)
             return AsyncModelRunnerOutput(req_ids, rows.tolist(), pending.host, pending.wait, logprobs)
-        pooled = _pooled(states, rows, req_ids, last_hidden)
+        pooled = pooling.pooled(states, rows, req_ids, last_hidden)
         tokens = out.sampled_token_ids.cpu().numpy()
         kept_rows, kept = rows, tokens
         if (batch.num_tokens[rows] >= batch.max_model_len).any():
@@ -100,22 +102,6 @@ def sample_step(
         prompt_logprobs=_prompt_logprobs(runner, req_ids, inputs, hidden),
         pooled=pooled,
     )
-
-
-def _pooled(
-    states: list[RequestState | None], rows: np.ndarray, req_ids: list[str], last_hidden: torch.Tensor
-) -> dict[str, list[float]]:
-    """Embeddings of the sampling rows whose request asked for one and samples its first token now (its last prompt
-    token's final hidden state, L2-normalised in float32); {} at once when none did."""
-    wanted = [
-        j
-        for j, s in enumerate(states)
-        if s is not None and s.sampling_params.pooling and not s.output_token_ids
-    ]
-    if not wanted:
-        return {}
-    vectors = torch.nn.functional.normalize(last_hidden[wanted].float(), dim=-1).tolist()
-    return {req_ids[int(rows[j])]: v for j, v in zip(wanted, vectors, strict=True)}
 
 
 def _host_logprobs(host: list[torch.Tensor], counts: list[int]) -> list[Logprobs | None]:
