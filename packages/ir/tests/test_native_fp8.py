@@ -71,6 +71,18 @@ def test_quantize_zero_row_has_unit_scale() -> None:
     assert q[1, 3].float().item() == -FP8_MAX
 
 
+def test_quantize_with_a_given_scale_saturates() -> None:
+    """Static activations: every row is quantized with the given per-tensor scale, values beyond 448 * scale clamp
+    to +-448, and the returned per-row scale is the given one (a fresh tensor, not a view of it)."""
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(2)) * 3
+    given = torch.tensor([0.004])
+    q, scale = ops.quantize_fp8_rows(x, given)
+    assert scale.shape == (5, 1) and bool((scale == given).all()) and scale.data_ptr() != given.data_ptr()
+    expected = _nearest_e4m3((x.double() / 0.004).clamp(-FP8_MAX, FP8_MAX))
+    assert torch.equal(q.double(), expected)
+    assert bool((x.abs() > 448 * 0.004).any()) and float(q.double().abs().amax()) == FP8_MAX
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 17])
@@ -90,6 +102,12 @@ def test_fp8_linear_is_the_dequantized_matmul(dtype: torch.dtype, bias: bool, ro
     w_deq = w_fp8.double() * w_scale.double()[:, None]
     ref = F.linear(x_deq, w_deq, None if b is None else b.double())
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got.double(), ref, **tol)
+    # static: x quantized with one given scale (saturating what exceeds 448 * scale)
+    given = x.float().abs().amax().reshape(1) / FP8_MAX / 2
+    got = ops.fp8_linear(x, w_fp8, w_scale, b, given)
+    x_deq = _nearest_e4m3((x.double() / given.double()).clamp(-FP8_MAX, FP8_MAX)) * given.double()
+    ref = F.linear(x_deq, w_deq, None if b is None else b.double())
     torch.testing.assert_close(got.double(), ref, **tol)
 
 

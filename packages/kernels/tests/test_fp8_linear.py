@@ -7,7 +7,8 @@ torch has a CPU row-wise ``_scaled_mm``. GPU (``-m gpu``): Llama-3.1-8B's projec
 the Triton kernel and ``torch._scaled_mm``.
 The quantization must equal the spec bit for bit (same IEEE division, same rounding); the linear may differ only
 by its fp32 summation order, i.e. by one rounding of the output (under the interpreter, which truncates to bf16,
-one bf16 step).
+one bf16 step). Static activation quantization (a given per-tensor ``input_scale``, chosen small enough that the
+outlier row saturates at 448) goes through the same checks: the quantization kernel, both linear paths.
 """
 
 from __future__ import annotations
@@ -25,14 +26,24 @@ from treadle_kernels.ops import fp8_linear as provider
 pytest.importorskip("triton")
 
 
-def _inputs(rows: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int) -> tuple:
+def _inputs(
+    rows: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int, static: bool = False
+) -> tuple:
+    """(x, weight, weight_scale, bias) and, when `static`, a given input scale [1] under which row 0 saturates."""
     gen = _gen(seed)
     x = _randn(gen, rows, k, dtype=dtype)
     x[0, : min(k, 3)] *= 40.0  # an outlier column block: per-row scales must follow it
     weight = _randn(gen, n, k, dtype=torch.float32) * k**-0.5
     w_fp8, w_scale = ops.quantize_fp8_rows.native(weight)
     b = _randn(gen, n, dtype=dtype) if bias else None
-    return x, w_fp8, w_scale.view(n), b
+    args = (x, w_fp8, w_scale.view(n), b)
+    return (*args, _static_scale(x)) if static else args
+
+
+def _static_scale(x: torch.Tensor) -> torch.Tensor:
+    """A per-tensor input scale a calibration might give: a quarter of the largest row's amax / 448 (so the
+    outlier row saturates while the others use the range)."""
+    return (x.float().abs().amax() / 448 / 4).reshape(1)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -55,13 +66,17 @@ def test_quantize_rows_equals_spec(shape: tuple[int, ...], dtype: torch.dtype) -
     gen = _gen(sum(shape))
     x = _randn(gen, *shape, dtype=torch.float32) * torch.logspace(-4, 3, shape[-1], device=DEVICE)
     x = x.to(dtype)
-    x.view(-1, shape[-1])[-1] = 0.0  # a zero row: scale 1
-    expected = ops.quantize_fp8_rows.native(x)
-    with _triton(ops.quantize_fp8_rows, x):
-        q, scale = ops.quantize_fp8_rows(x)
-    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == (*shape[:-1], 1)
-    assert torch.equal(scale, expected[1])
-    assert torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8))
+    static = _static_scale(x)
+    x.view(-1, shape[-1])[-1] = 0.0  # a zero row: scale 1 (dynamic)
+    for given in (None, static):
+        expected = ops.quantize_fp8_rows.native(x, given)
+        with _triton(ops.quantize_fp8_rows, x, given):
+            q, scale = ops.quantize_fp8_rows(x, given)
+        assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == (*shape[:-1], 1)
+        assert torch.equal(scale, expected[1])
+        assert torch.equal(q.view(torch.uint8), expected[0].view(torch.uint8))
+    if x.any():
+        assert float(q.float().abs().amax()) == 448.0  # the static scale saturates the largest values
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -87,6 +102,22 @@ def kernel_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     monkeypatch.delenv("TREADLE_FP8_LINEAR_MAX_ROWS")
     provider._max_rows.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("shape", [(45, 70), (8, 2048)])
+def test_small_m_kernel_static_input_scale(
+    shape: tuple[int, int], rows: int, dtype: torch.dtype, kernel_rows: None
+) -> None:
+    n, k = shape
+    args = _inputs(rows, n, k, dtype, bias=True, seed=n + rows, static=True)
+    expected = ops.fp8_linear.native(*args)
+    with _triton(ops.fp8_linear, *args):
+        got = ops.fp8_linear(*args)
+    _close(got, expected)
+    dynamic = ops.fp8_linear.native(*args[:4])
+    assert not torch.allclose(expected[0].float(), dynamic[0].float(), rtol=1e-2), "given scale unused"
 
 
 def test_leading_dims_and_strided_rows(kernel_rows: None) -> None:
@@ -116,27 +147,30 @@ def _cpu_scaled_mm() -> bool:
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU check of the wrapper; GPU sizes below")
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [17, 128])
-def test_scaled_mm_wrapper_matches_spec(rows: int, bias: bool) -> None:
+def test_scaled_mm_wrapper_matches_spec(rows: int, bias: bool, static: bool) -> None:
     """The large-M path's pieces on CPU: the quantization kernel (interpreter), then `scaled_mm_linear`."""
     if not _cpu_scaled_mm():
         pytest.skip("this torch has no CPU row-wise torch._scaled_mm")
     n, k = 48, 80
-    x, w, s, b = _inputs(rows, n, k, torch.bfloat16, bias, seed=rows)
-    with _triton(ops.quantize_fp8_rows, x):
-        q, scale = ops.quantize_fp8_rows(x)
+    x, w, s, b, *given = _inputs(rows, n, k, torch.bfloat16, bias, seed=rows, static=static)
+    input_scale = given[0] if given else None
+    with _triton(ops.quantize_fp8_rows, x, input_scale):
+        q, scale = ops.quantize_fp8_rows(x, input_scale)
     got = provider.scaled_mm_linear(q, scale, w, s, b)
-    _close(got, ops.fp8_linear.native(x, w, s, b))
+    _close(got, ops.fp8_linear.native(x, w, s, b, input_scale))
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("rows", [17, 128])
-def test_past_the_kernel_rows_still_matches(rows: int) -> None:
+def test_past_the_kernel_rows_still_matches(rows: int, static: bool) -> None:
     """Beyond 16 rows on CPU (no _scaled_mm provider path here) the provider runs the spec: same result."""
-    x, w, s, b = _inputs(rows, 33, 70, torch.bfloat16, True, seed=rows + 1)
-    with _triton(ops.fp8_linear, x, w, s, b):
-        got = ops.fp8_linear(x, w, s, b)
-    _close(got, ops.fp8_linear.native(x, w, s, b))
+    args = _inputs(rows, 33, 70, torch.bfloat16, True, seed=rows + 1, static=static)
+    with _triton(ops.fp8_linear, *args):
+        got = ops.fp8_linear(*args)
+    _close(got, ops.fp8_linear.native(*args))
 
 
 def test_declines_what_it_cannot_read() -> None:
@@ -148,6 +182,8 @@ def test_declines_what_it_cannot_read() -> None:
         ((x, w, s.double(), None), "weight_scale dtype"),
         ((x, w, torch.ones(24, 1, device=DEVICE), None), "one per output channel"),
         ((x, w.t().contiguous().t(), s, None), "strided"),
+        ((x, w, s, None, torch.ones(2, device=DEVICE)), "one per tensor"),
+        ((x, w, s, None, torch.ones(1, device=DEVICE, dtype=torch.float64)), "input_scale dtype"),
     ):
         with ops.fp8_linear.priority(["triton"]):
             chosen, skipped = ops.fp8_linear.explain(*args)
@@ -175,23 +211,28 @@ LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (n, k):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("rows", [1, 8, 64, 512, 4096])
 @pytest.mark.parametrize("shape", LLAMA_8B)
-def test_fp8_linear_gpu(shape: tuple[int, int], rows: int) -> None:
+def test_fp8_linear_gpu(shape: tuple[int, int], rows: int, static: bool) -> None:
     """bf16, Llama-3.1-8B's projections: the Triton kernel up to 16 rows, quantization + torch._scaled_mm beyond
-    (the provider must take that path on an H100/H200: asserted), against the spec computed in fp32."""
+    (the provider must take that path on an H100/H200: asserted), against the spec computed in fp32; dynamic and
+    static (given per-tensor input scale) activation quantization."""
     n, k = shape
-    x, w, s, b = _inputs(rows, n, k, torch.bfloat16, bias=n == 6144, seed=n + k + rows)
+    x, w, s, b, *given = _inputs(rows, n, k, torch.bfloat16, bias=n == 6144, seed=n + k + rows, static=static)
+    input_scale = given[0] if given else None
     if rows > provider._max_rows():
         assert provider._scaled_mm_reason(x, w) is None, provider._scaled_mm_reason(x, w)
-    expected = ops.fp8_linear.native(x, w, s, b)
-    with _triton(ops.fp8_linear, x, w, s, b):
-        got = ops.fp8_linear(x, w, s, b)
+    expected = ops.fp8_linear.native(x, w, s, b, input_scale)
+    with _triton(ops.fp8_linear, x, w, s, b, input_scale):
+        got = ops.fp8_linear(x, w, s, b, input_scale)
     _close(got, expected)
-    with _triton(ops.quantize_fp8_rows, x):
-        q, scale = ops.quantize_fp8_rows(x)
+    with _triton(ops.quantize_fp8_rows, x, input_scale):
+        q, scale = ops.quantize_fp8_rows(x, input_scale)
     # the spec on the CPU: IEEE division and a round-to-nearest-even cast, whatever torch's CUDA kernels do
-    q_ref, scale_ref = ops.quantize_fp8_rows.native(x.cpu())
+    q_ref, scale_ref = ops.quantize_fp8_rows.native(
+        x.cpu(), None if input_scale is None else input_scale.cpu()
+    )
     assert torch.equal(scale.cpu(), scale_ref) and torch.equal(
         q.cpu().view(torch.uint8), q_ref.view(torch.uint8)
     )

@@ -1,10 +1,13 @@
 """fp8 (e4m3) quantization with one scale per row, and the linear layer that runs on it: ``fp8_linear``.
 
-Online fp8 quantization (``quantization="fp8"``) stores each projection's weight [n, k] as float8_e4m3fn with one
-fp32 scale per output channel (row) and quantizes the activations dynamically, one scale per token (row), so the
-matmul can run on fp8 tensor cores. Both are :func:`quantize_fp8_rows`: a row's scale is ``amax / 448`` (448 is
-e4m3's largest finite value; an all-zero row gets scale 1), and its values are ``x / scale`` (IEEE division,
-rounded to nearest), clamped to [-448, 448] and rounded to nearest-even e4m3.
+fp8 projections (``quantization="fp8"``, or an fp8 checkpoint) store each weight [n, k] as float8_e4m3fn with one
+fp32 scale per output channel (row) and quantize the activations one scale per token (row), so the matmul can run
+on fp8 tensor cores. Both are :func:`quantize_fp8_rows`: a row's scale is ``amax / 448`` (448 is e4m3's largest
+finite value; an all-zero row gets scale 1), and its values are ``x / scale`` (IEEE division, rounded to nearest),
+clamped to [-448, 448] and rounded to nearest-even e4m3.
+Static activation quantization (checkpoints calibrated with one activation scale per projection): ``input_scale``
+[1] fp32 is given, and every row is quantized with it the same way (values beyond 448 * input_scale saturate);
+``input_scale`` None is the dynamic per-row scale above.
 
 Numerics of ``fp8_linear`` (what every provider matches, up to the fp32 summation order):
 ``acc = q_x @ q_w^T`` with the e4m3 values widened to fp32 (each product is exact), then
@@ -47,20 +50,31 @@ def _example_linear(device: torch.device, dtype: torch.dtype) -> tuple[object, .
 
 
 @op(example=_example_quant)
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., k] -> (q [..., k] float8_e4m3fn, scale [..., 1] fp32) with x ~= q * scale, one scale per row."""
-    scale = row_scale(x.float().abs().amax(dim=-1, keepdim=True))
+def quantize_fp8_rows(
+    x: torch.Tensor, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., k] -> (q [..., k] float8_e4m3fn, scale [..., 1] fp32) with x ~= q * scale, one scale per row:
+    each row's own (input_scale None) or the given input_scale [1] fp32 for every row (static)."""
+    if input_scale is None:
+        scale = row_scale(x.float().abs().amax(dim=-1, keepdim=True))
+    else:
+        scale = input_scale.float().reshape(1).expand(*x.shape[:-1], 1).clone()
     return quantize_with_scale(x, scale), scale
 
 
 @op(example=_example_linear)
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ (weight * weight_scale)^T + bias`` with x quantized to e4m3 per row first: x [..., k] (float);
-    weight [n, k] float8_e4m3fn; weight_scale [n] fp32 (one per output channel); bias [n] or None.
+    weight [n, k] float8_e4m3fn; weight_scale [n] fp32 (one per output channel); bias [n] or None;
+    input_scale [1] fp32 (static: x quantized with it) or None (dynamic: each row's own scale).
     Result [..., n] in x's dtype."""
-    q, scale = quantize_fp8_rows.native(x)
+    q, scale = quantize_fp8_rows.native(x, input_scale)
     acc = torch.matmul(q.float(), weight.float().t())
     y = acc * scale * weight_scale
     if bias is not None:

@@ -11,7 +11,9 @@
   scale_b [1, N] fp32; the weight passed transposed, i.e. column-major; bf16 out: row-wise scaling takes bf16 only),
   the bias added after. It needs a bf16 input, k and n multiples of 16 and a Hopper GPU (compute capability >= 9.0);
   otherwise the spec runs (``fp8_linear.native``: dequantizing matmul in fp32, correct and slow).
-Both compute the spec's numerics (see treadle_ir.ops.fp8): they differ from it only in the summation order.
+Both compute the spec's numerics (see treadle_ir.ops.fp8): they differ from it only in the summation order. A given
+``input_scale`` (static activation quantization) is read by both kernels in place of the rows' amax; the
+quantization kernel then writes it as every row's scale, which is what ``torch._scaled_mm``'s row-wise scaling takes.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_rows(
+    x: torch.Tensor, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     from . import fp8_linear_kernels
 
     x2 = _as_rows(x)
@@ -57,8 +61,10 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows and k:
         block_k = min(BLOCK_K_QUANT, max(16, 1 << (k - 1).bit_length()))
-        fp8_linear_kernels.quantize_fp8_rows_kernel[(rows,)](x2, x2.stride(0), q, scale, k, BLOCK_K=block_k,
-                                                            num_warps=4)  # fmt: skip
+        given = input_scale if input_scale is not None else scale
+        fp8_linear_kernels.quantize_fp8_rows_kernel[(rows,)](
+            x2, x2.stride(0), q, scale, given, k, STATIC=input_scale is not None, BLOCK_K=block_k, num_warps=4
+        )  # fmt: skip
     lead = x.shape[:-1]
     return q.view(*lead, k), scale.view(*lead, 1)
 
@@ -72,7 +78,11 @@ def _kernel_config(num_rows: int, n: int) -> tuple[int, int, int, int]:
 
 
 def _small_m(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     from . import fp8_linear_kernels
 
@@ -85,9 +95,10 @@ def _small_m(
         if not x.is_cuda:  # the interpreter: small tiles keep it fast and exercise partial tiles
             block_n, block_k = min(block_n, 16), min(block_k, 64)
         fp8_linear_kernels.fp8_small_m_linear_kernel[(-(-n // block_n),)](
-            x2, x2.stride(0), weight, weight_scale, bias if bias is not None else weight_scale, out, out.stride(0),
-            num_rows, n, k, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-            UPCAST=not x.is_cuda, num_warps=warps,
+            x2, x2.stride(0), weight, weight_scale, bias if bias is not None else weight_scale,
+            input_scale if input_scale is not None else weight_scale, out, out.stride(0), num_rows, n, k,
+            HAS_BIAS=bias is not None, STATIC=input_scale is not None, ROWS=rows, BLOCK_N=block_n,
+            BLOCK_K=block_k, UPCAST=not x.is_cuda, num_warps=warps,
         )  # fmt: skip
     return out.view(*x.shape[:-1], n)
 
@@ -126,31 +137,44 @@ def _scaled_mm_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_rows = _rows(x)
     if num_rows <= _max_rows():
-        return _small_m(x, weight, weight_scale, bias)
+        return _small_m(x, weight, weight_scale, bias, input_scale)
     if _scaled_mm_reason(x, weight) is not None:
-        return ops.fp8_linear.native(x, weight, weight_scale, bias)
+        return ops.fp8_linear.native(x, weight, weight_scale, bias, input_scale)
     x2 = _as_rows(x)
-    q, scale = ops.quantize_fp8_rows(x2)
+    q, scale = ops.quantize_fp8_rows(x2, input_scale)
     out = scaled_mm_linear(q, scale, weight, weight_scale, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _check_quantize(x: torch.Tensor) -> bool | str:
+def _check_quantize(x: torch.Tensor, input_scale: torch.Tensor | None = None) -> bool | str:
     if (reason := check_tensor(x, "x")) is not None:
         return reason
     if x.dim() == 0 or rows_view(x) is None:
         return "x must be viewable as [rows, features] without a copy"
+    if input_scale is not None:
+        if (reason := check_tensor(input_scale, "input_scale", frozenset({torch.float32}))) is not None:
+            return reason
+        if input_scale.shape != (1,) or input_scale.device != x.device:
+            return f"input_scale {tuple(input_scale.shape)} must be [1] (one per tensor) on x's device"
     return True
 
 
 def _check_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None = None,
 ) -> bool | str:
-    if (verdict := _check_quantize(x)) is not True:
+    if (verdict := _check_quantize(x, input_scale)) is not True:
         return verdict
     n = weight.shape[0] if weight.dim() else 0
     for name, t, dtypes in (

@@ -1,12 +1,14 @@
 """Triton kernels of the fp8 ops (imported lazily: this module imports triton).
 
 ``quantize_fp8_rows_kernel``: one program per row: the row's amax, its scale ``amax / 448`` (1 for a zero row), and
-its values ``round_e4m3(clamp(x / scale))`` stored as float8_e4m3fn; what ``torch._scaled_mm`` then reads.
+its values ``round_e4m3(clamp(x / scale))`` stored as float8_e4m3fn; what ``torch._scaled_mm`` then reads. STATIC:
+the scale is the given one (a checkpoint's per-tensor input scale), stored for every row, and no amax pass runs.
 
 ``fp8_small_m_linear_kernel``: ``out[r, n] = (sum_k q[r, k] * w[n, k]) * s_x[r] * s_w[n] (+ bias[n])`` for a few rows,
 where ``q, s_x`` is the row's quantization made on the fly. Grid: one program per BLOCK_N outputs, each streaming its
 [BLOCK_N, k] slice of the fp8 weight once (half the bytes of the bf16 kernel in linear_kernels.py, whose layout it
-follows); each program first makes one pass over the (few, small, L2-resident) input rows for their amax.
+follows); each program first makes one pass over the (few, small, L2-resident) input rows for their amax (STATIC:
+the given per-tensor scale instead, no pass).
 ROWS 1 reduces with a multiply and a row sum; 16 with ``tl.dot`` on bf16 operands (e4m3 values are exact in bf16, so
 the products are exact and the accumulation fp32, as the spec's; UPCAST: fp32 for the CPU interpreter).
 
@@ -49,16 +51,21 @@ def scale_of(amax):
 
 
 @triton.jit
-def quantize_fp8_rows_kernel(x_ptr, x_row_stride, q_ptr, scale_ptr, k, BLOCK_K: tl.constexpr):
+def quantize_fp8_rows_kernel(
+    x_ptr, x_row_stride, q_ptr, scale_ptr, given_scale_ptr, k, STATIC: tl.constexpr, BLOCK_K: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     tile = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([1], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        cols = k0 + tile
-        a = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
-    scale = scale_of(amax)
+    if STATIC:
+        scale = tl.load(given_scale_ptr + tl.arange(0, 1))
+    else:
+        amax = tl.zeros([1], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + tile
+            a = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
+        scale = scale_of(amax)
     tl.store(scale_ptr + row + tl.arange(0, 1), scale)
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + tile
@@ -74,12 +81,14 @@ def fp8_small_m_linear_kernel(
     weight_ptr,
     weight_scale_ptr,
     bias_ptr,
+    input_scale_ptr,
     out_ptr,
     out_row_stride,
     num_rows,
     n,
     k,
     HAS_BIAS: tl.constexpr,
+    STATIC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -94,12 +103,15 @@ def fp8_small_m_linear_kernel(
     w_rows = weight_ptr + offs_n.to(tl.int64)[:, None] * k
     tile = tl.arange(0, BLOCK_K)
 
-    amax = tl.zeros([ROWS], dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        cols = k0 + tile
-        a = tl.load(x_rows + cols[None, :], mask=row_mask[:, None] & (cols < k)[None, :], other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
-    x_scale = scale_of(amax)
+    if STATIC:
+        x_scale = tl.load(input_scale_ptr + tl.zeros([ROWS], dtype=tl.int32))
+    else:
+        amax = tl.zeros([ROWS], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + tile
+            a = tl.load(x_rows + cols[None, :], mask=row_mask[:, None] & (cols < k)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        x_scale = scale_of(amax)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
