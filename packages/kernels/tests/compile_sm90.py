@@ -78,18 +78,23 @@ def main() -> int:
                 "BLOCK_K": block_k, "DOT_PRECISION": "tf32", "UPCAST": False, "USE_PDL": prologue % 2 == 1,
             }  # fmt: skip
             compile_one(linear_kernels.small_m_linear_kernel, linear, {}, ("epsilon",))
-    fp8 = {"weight_ptr": "*fp8e4nv", "weight_scale_ptr": "*fp32"}  # --quantization fp8
-    for rows, block_n, block_k in ((1, 8, 2048), (16, 32, 256)):
-        constexprs = {
-            "HAS_BIAS": rows == 1,
-            "ROWS": rows,
-            "BLOCK_N": block_n,
-            "BLOCK_K": block_k,
-            "UPCAST": False,
-        }
-        compile_one(fp8_linear_kernels.fp8_small_m_linear_kernel, constexprs, fp8, options={"num_warps": 4})
-    quant = {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
-    compile_one(fp8_linear_kernels.quantize_fp8_rows_kernel, {"BLOCK_K": 1024}, quant)
+    # --quantization fp8, or an fp8 checkpoint (STATIC: its per-tensor input scales)
+    fp8 = {"weight_ptr": "*fp8e4nv", "weight_scale_ptr": "*fp32", "input_scale_ptr": "*fp32"}
+    for static in (False, True):
+        for rows, block_n, block_k in ((1, 8, 2048), (16, 32, 256)):
+            constexprs = {
+                "HAS_BIAS": rows == 1,
+                "STATIC": static,
+                "ROWS": rows,
+                "BLOCK_N": block_n,
+                "BLOCK_K": block_k,
+                "UPCAST": False,
+            }
+            compile_one(
+                fp8_linear_kernels.fp8_small_m_linear_kernel, constexprs, fp8, options={"num_warps": 4}
+            )
+        quant = {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "given_scale_ptr": "*fp32"}
+        compile_one(fp8_linear_kernels.quantize_fp8_rows_kernel, {"STATIC": static, "BLOCK_K": 1024}, quant)
     partials = {"part_key_ptr": "*i32", "part_index_ptr": "*i32"}
     for logits in ("*fp32", "*bf16", "*fp16"):
         for chunk in (16, 1024):
