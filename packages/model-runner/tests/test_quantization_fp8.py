@@ -6,13 +6,12 @@ output channel and activations per token with torch's own e4m3 cast. For Llama (
 prefill, a chunked prefill and decodes gives logits within 1e-4 of the reference's, while the unquantized model is
 far from both; greedy continuations equal the reference's `generate`. The projections hold float8_e4m3fn weights
 with fp32 per-channel scales, the embedding and lm_head do not; dummy weights are quantized after the fill; LoRA
-adapters run on an fp8 base (against PEFT on the fp8 reference). Refused: unknown methods, MoE models,
-pre-quantized checkpoints.
+adapters run on an fp8 base (against PEFT on the fp8 reference). Refused: unknown methods, MoE models.
+Pre-quantized fp8 checkpoints: test_quantization_fp8_checkpoint.py (which reuses the checks here).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from treadle_model_runner.config import LoRAConfig, ModelConfig
 from treadle_model_runner.layers.linear import Linear
 from treadle_model_runner.loader import make_dummy_model_dir
 from treadle_model_runner.quantization import weight_bytes
+from treadle_model_runner.runner import ModelRunner
 
 ARCHS = ["llama", "qwen3", "gemma3"]
 
@@ -49,7 +49,12 @@ def _logits(model: Any, tokens: list[int]) -> torch.Tensor:
 
 def test_mixed_batch_logits_match_the_fp8_reference(tiny: tuple[Any, Any, Path]) -> None:
     hf, ref, path = tiny
-    runner = make_runner(path, quantization="fp8")
+    check_mixed_batch_logits(make_runner(path, quantization="fp8"), ref, hf)
+
+
+def check_mixed_batch_logits(runner: ModelRunner, ref: Any, hf: Any) -> None:
+    """A step mixing a chunked prefill, a fresh prefill and decodes: the runner's logits are within 1e-4 of the
+    reference model's `ref`, and far from the unquantized model `hf`'s."""
     gen = torch.Generator().manual_seed(7)
     prompts = {name: torch.randint(1, 160, (n,), generator=gen).tolist()
                for name, n in {"chunked": 23, "b": 5, "c": 7, "fresh": 11}.items()}  # fmt: skip
@@ -79,7 +84,11 @@ def test_mixed_batch_logits_match_the_fp8_reference(tiny: tuple[Any, Any, Path])
 
 def test_greedy_continuations_match_the_fp8_reference(tiny: tuple[Any, Any, Path]) -> None:
     _, ref, path = tiny
-    runner = make_runner(path, max_num_batched_tokens=16, quantization="fp8")
+    check_greedy_continuations(make_runner(path, max_num_batched_tokens=16, quantization="fp8"), ref)
+
+
+def check_greedy_continuations(runner: ModelRunner, ref: Any) -> None:
+    """Three prompts decoded greedily for 24 tokens in 16-token steps equal the reference model's `generate`."""
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, 160, (n,), generator=gen).tolist() for n in (3, 12, 30)]
     sched = FakeScheduler(runner, seed=5)
@@ -156,14 +165,4 @@ def test_moe_models_are_refused_by_name(tmp_path: Path) -> None:
     config = tf.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     path = make_dummy_model_dir(config, tmp_path / "moe")
     with pytest.raises(ValueError, match=r"not supported for Qwen3MoeForCausalLM.*mixture-of-experts"):
-        make_runner(path, load_format="dummy", quantization="fp8")
-
-
-def test_pre_quantized_checkpoints_are_refused(tmp_path: Path) -> None:
-    data = tf.LlamaConfig(**COMMON).to_dict()
-    data["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
-    path = tmp_path / "prequantized"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"already quantized.*quant_method 'fp8'.*not supported yet"):
         make_runner(path, load_format="dummy", quantization="fp8")

@@ -8,6 +8,9 @@ Loading: HF tensors arrive by name. Names listed in `stacked_params` (e.g. `q_pr
 `qkv_proj`) are written into their slice of a stacked parameter; every other name must match a parameter of
 the module tree, which mirrors HF's (`model.layers.N.self_attn...`). Afterwards every parameter must have been
 written once, else ValueError names what is missing, so a truncated checkpoint never runs with garbage.
+fp8 checkpoints: a projection's `weight_scale` / `input_scale` go to its `Linear.load_scale`; an fp8 tensor loads
+only into an fp8 parameter and an fp8 parameter only from one (bytes copied, never cast), so a checkpoint whose
+files disagree with its config.json's quantization_config is refused by tensor name.
 """
 
 from __future__ import annotations
@@ -19,11 +22,28 @@ import torch
 from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
-from treadle_model_runner.layers.linear import StackedLinear, checkpoint_shape, rank_part
+from treadle_model_runner.layers.linear import Linear, StackedLinear, checkpoint_shape, rank_part
 from treadle_model_runner.layers.vocab import ParallelLMHead
 
 # HF tensor names that carry no weights treadle needs (buffers some exporters write)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+FP8_SCALES = ("weight_scale", "input_scale")  # an fp8 projection's scales (layers/linear.py)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+
+
+def _check_fp8_dtype(hf_name: str, tensor: torch.Tensor, name: str, param: torch.Tensor) -> None:
+    """ValueError unless fp8 meets fp8 of the same kind: a cast would drop (or invent) the scales."""
+    if (tensor.dtype in _FP8_DTYPES or param.dtype in _FP8_DTYPES) and tensor.dtype != param.dtype:
+        if param.dtype in _FP8_DTYPES:
+            why = "config.json's quantization_config makes this projection float8_e4m3fn; the file does not hold it so"
+        else:
+            why = (
+                "config.json's quantization_config leaves it unquantized (ignored, not targeted, or not a projection "
+                "treadle quantizes, such as the lm_head); treadle cannot load it"
+            )
+        raise ValueError(
+            f"checkpoint tensor {hf_name!r} is {tensor.dtype} and {name} is {param.dtype}: {why}"
+        )
 
 
 class CausalLM(nn.Module):
@@ -68,19 +88,30 @@ class CausalLM(nn.Module):
                 if f".{hf_part}." in hf_name:
                     name, shard = hf_name.replace(f".{hf_part}.", f".{stacked}."), shard_id
                     break
+            owner_name, _, attr = name.rpartition(".")
+            if name not in params and attr in FP8_SCALES:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} is an fp8 scale, but config.json's quantization_config does not "
+                    "make its projection fp8 (it is ignored or not targeted, or there is no quantization_config)"
+                )
             if name not in params:
                 raise ValueError(
                     f"checkpoint tensor {hf_name!r} has no parameter in {type(self).__name__}: "
                     "the checkpoint does not match this architecture"
                 )
             param = params[name]
-            if shard is not None:
+            _check_fp8_dtype(hf_name, tensor, name, param)
+            if attr in FP8_SCALES:
+                owner = modules[owner_name]
+                assert isinstance(owner, Linear), f"{name}: fp8 scales belong to projections"
+                owner.load_scale(attr, shard, tensor, hf_name)
+                name = name if shard is None else f"{name}:{shard}"
+            elif shard is not None:
                 module = modules[name.rsplit(".", 1)[0]]
                 assert isinstance(module, StackedLinear), f"{name} is not a stacked parameter"
                 module.load_shard(param, shard, tensor.to(param.dtype))
                 name = f"{name}:{shard}"
             else:
-                owner_name, _, attr = name.rpartition(".")
                 owner = modules[owner_name]
                 expected = checkpoint_shape(owner, attr, param)
                 if tuple(tensor.shape) != expected:

@@ -51,5 +51,5 @@ def runtime_summary(runner: Any) -> dict[str, str]:
         "attention_backend": str(runner.attn_backend.name),
         "cuda_graphs": graph_mode(runner),
         "weights": "dummy (random)" if runner.model_config.load_format == "dummy" else "loaded",
-        "quantization": runner.model_config.quantization or "none",
+        "quantization": runner.quantization.describe() if runner.quantization is not None else "none",
     }

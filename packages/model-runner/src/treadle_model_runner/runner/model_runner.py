@@ -38,13 +38,21 @@ from treadle_model_runner.kv_cache import (
     resolve_kv_cache_dtype,
 )
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
+from treadle_model_runner.layers.linear import projections_on_meta
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
+from treadle_model_runner.loader.weights import CONFIG_FILE
 from treadle_model_runner.lora.manager import LoRAManager
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import get_tp, min_over_ranks, prepare_small_all_reduce
-from treadle_model_runner.quantization import check_quantization, quantize_model
+from treadle_model_runner.quantization import (
+    allocate_projections,
+    checkpoint_weights,
+    log_loaded,
+    quantize_model,
+    resolve_quantization,
+)
 from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
@@ -120,7 +128,11 @@ class ModelRunner:
                         self.device, time.perf_counter() - start)  # fmt: skip
         self._max_model_len = resolve_max_model_len(model_config.max_model_len, self.resolved.hf_config)
         self._eos_token_ids = eos_token_ids(self.resolved.hf_config, self.resolved.path)
-        check_quantization(model_config.quantization, self.hf_config, get_model_class(self.hf_config))
+        # None, online quantization, or an fp8 checkpoint's own layout (quantization/plan.py)
+        self.quantization = resolve_quantization(
+            model_config.quantization, self.hf_config, get_model_class(self.hf_config),
+            self.resolved.path / CONFIG_FILE, self.resolved.format,
+        )  # fmt: skip
         backend_name = None if model_config.attention_backend == "auto" else model_config.attention_backend
         self.attn_backend: Any = get_attn_backend(backend_name, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(
@@ -200,16 +212,29 @@ class ModelRunner:
     # ---- startup ------------------------------------------------------------------------------------
     def load_model(self) -> None:
         cls = get_model_class(self.hf_config)
-        with default_dtype(self.dtype), self.device, skip_param_init():  # every parameter is loaded below
+        plan = self.quantization
+        checkpoint = plan.checkpoint if plan is not None else None
+        # every parameter is loaded below; an fp8 checkpoint's projections get storage in its dtypes first
+        with (
+            default_dtype(self.dtype),
+            self.device,
+            skip_param_init(),
+            projections_on_meta(checkpoint is not None),
+        ):
             model = cls(self.hf_config, self._max_model_len)
+        if checkpoint is not None:
+            allocate_projections(model, checkpoint, self.device)
         if self.resolved.format == "dummy":
             load_dummy_weights(model, self.model_config.seed)
         else:
+            weights = iterate_weights(self.resolved.path, self.resolved.format)
             with torch.no_grad():
-                model.load_weights(iterate_weights(self.resolved.path, self.resolved.format))
+                model.load_weights(weights if checkpoint is None else checkpoint_weights(weights, checkpoint))
         model.eval().requires_grad_(False)
-        if self.model_config.quantization is not None:  # after the weights (dummy ones too) are in
-            quantize_model(model, self.model_config.quantization)
+        if checkpoint is not None:
+            log_loaded(model, checkpoint)
+        elif plan is not None:  # online: after the weights (dummy ones too) are in
+            quantize_model(model, plan.method)
         if self.lora_config is not None:
             num_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
             self.lora = LoRAManager(model, self.lora_config, num_tokens, self.dtype, self.device)

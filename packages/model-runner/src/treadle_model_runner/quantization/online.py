@@ -1,4 +1,4 @@
-"""Online weight quantization (`ModelConfig.quantization`): which models take it, and quantizing a loaded model.
+"""Online weight quantization (`ModelConfig.quantization` on an unquantized checkpoint): quantizing a loaded model.
 
 fp8 (vLLM's `quantization="fp8"` on an unquantized checkpoint): the weights load in the model dtype as always (from
 a checkpoint, GGUF or dummy), then every dense projection (`layers.linear.Linear`: qkv, o, gate_up, down) is
@@ -8,14 +8,12 @@ handed back by the caching allocator), so the KV cache, sized after loading, get
 quantizes activations per token (`ops.fp8_linear`), which makes the fused norm/activation + projection paths
 step aside for the quantized projections.
 
-Refused with a ValueError before anything loads: mixture-of-experts models (their experts have no fp8 path), and
-checkpoints whose config.json already has a `quantization_config` (pre-quantized weights are not read yet).
+Which models take it, and what happens with a checkpoint that is already quantized, is plan.py's.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,31 +22,7 @@ from treadle_model_runner.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_quantization", "quantize_model", "weight_bytes"]
-
-
-def check_quantization(quantization: str | None, hf_config: Any, model_cls: type) -> None:
-    """ValueError when `model_cls` (for `hf_config`) cannot run with `quantization`; nothing for None."""
-    if quantization is None:
-        return
-    existing = getattr(hf_config, "quantization_config", None)
-    if existing is not None:
-        method = (
-            existing.get("quant_method")
-            if isinstance(existing, dict)
-            else getattr(existing, "quant_method", None)
-        )
-        raise ValueError(
-            f"quantization {quantization!r}: this checkpoint is already quantized (its config.json has a "
-            f"quantization_config, quant_method {method!r}) and pre-quantized checkpoints are not supported yet; "
-            f"load the unquantized checkpoint with quantization {quantization!r}, which quantizes it at load"
-        )
-    if not getattr(model_cls, "supports_fp8", False):
-        raise ValueError(
-            f"quantization {quantization!r} is not supported for {model_cls.__name__}: its mixture-of-experts "
-            "layers have no fp8 path yet; serve it without --quantization (dense models: Llama, Mistral, Qwen2, "
-            "Qwen3, Gemma 3)"
-        )
+__all__ = ["quantize_model", "weight_bytes"]
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -1,0 +1,27 @@
+"""Quantized projections: fp8 weights (float8_e4m3fn, one fp32 scale per output channel) run by `ops.fp8_linear`.
+
+- plan.py: what to do, decided before anything loads (`resolve_quantization`): nothing, quantize online, or load
+  an fp8 checkpoint as it is; refusals name the field and the fix.
+- online.py: `quantization="fp8"` on an unquantized checkpoint: quantize every projection after loading.
+- scheme.py: the fp8 checkpoint formats (compressed-tensors, quant_method fp8) read from config.json.
+- checkpoint.py: loading such a checkpoint's bytes and scales without a model-dtype copy.
+"""
+
+from __future__ import annotations
+
+from treadle_model_runner.quantization.checkpoint import allocate_projections, checkpoint_weights, log_loaded
+from treadle_model_runner.quantization.online import quantize_model, weight_bytes
+from treadle_model_runner.quantization.plan import QuantizationPlan, resolve_quantization
+from treadle_model_runner.quantization.scheme import Fp8CheckpointScheme, parse_quantization_config
+
+__all__ = [
+    "Fp8CheckpointScheme",
+    "QuantizationPlan",
+    "allocate_projections",
+    "checkpoint_weights",
+    "log_loaded",
+    "parse_quantization_config",
+    "quantize_model",
+    "resolve_quantization",
+    "weight_bytes",
+]

@@ -1,0 +1,88 @@
+"""Loading an fp8 checkpoint as it is: its float8_e4m3fn bytes and fp32 scales go straight into the projections.
+
+Steps (ModelRunner.load_model), for a plan whose `checkpoint` is an `Fp8CheckpointScheme`:
+1. the model is built with its projections on the meta device (`layers.linear.projections_on_meta`), so it never
+   holds its model-dtype size (an fp8 checkpoint of a model whose bf16 weights would not fit still loads);
+2. `allocate_projections` gives each `Linear` its storage: fp8 weight + scales when the checkpoint holds every HF
+   projection it stacks in fp8 (`Fp8CheckpointScheme.quantizes`), the model dtype when it holds none of them (an
+   ignored projection); a stacked layer whose shards disagree (an ignore list naming q_proj but not k_proj) is a
+   ValueError, as the fused matmul has one weight dtype;
+3. `checkpoint_weights` drops the K/V cache scales some checkpoints carry (`k_scale`, `v_scale`, ...; treadle's fp8
+   KV cache runs at unit scale), logged once;
+4. `CausalLM.load_weights` copies the bytes and scales (models/base.py, `Linear.load_scale`), refusing any fp8 tensor
+   for a model-dtype parameter and the reverse, so files that disagree with config.json fail by tensor name.
+The embedding, the lm_head and the norms are never projections here: they load in the model dtype as always.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.quantization.online import weight_bytes
+from treadle_model_runner.quantization.scheme import Fp8CheckpointScheme
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["allocate_projections", "checkpoint_weights", "log_loaded"]
+
+# tensors of a K/V-cache (or attention-output) quantization that treadle does not apply
+KV_CACHE_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".prob_scale", ".kv_scale", ".output_scale")
+
+
+def hf_projections(model: torch.nn.Module, name: str, layer: Linear) -> list[str]:
+    """The HF module names whose weights `layer` (at `name`) holds: each stacked shard's, or its own."""
+    if not isinstance(layer, StackedLinear):
+        return [name]
+    prefix, _, stacked = name.rpartition(".")
+    stacked_params = getattr(model, "stacked_params", ())
+    return [f"{prefix}.{hf_part}" for target, hf_part, _ in stacked_params if target == stacked]
+
+
+def allocate_projections(model: torch.nn.Module, scheme: Fp8CheckpointScheme, device: torch.device) -> None:
+    """Storage for every projection of a model built under `projections_on_meta`, in the dtypes the checkpoint
+    holds (step 2 above)."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Linear):
+            continue
+        parts = hf_projections(model, name, layer)
+        quantized = [scheme.quantizes(part) for part in parts]
+        if any(quantized) and not all(quantized):
+            fp8 = [p for p, q in zip(parts, quantized, strict=True) if q]
+            plain = [p for p, q in zip(parts, quantized, strict=True) if not q]
+            raise ValueError(
+                f"the checkpoint's quantization_config makes {', '.join(fp8)} fp8 but leaves {', '.join(plain)} "
+                f"unquantized (its ignore list); treadle runs them as one fused projection ({name}), which needs "
+                "one weight dtype: ignore all of them or none"
+            )
+        layer.allocate(device, fp8=all(quantized), static_input=scheme.static_activations)
+
+
+def checkpoint_weights(
+    weights: Iterable[tuple[str, torch.Tensor]], scheme: Fp8CheckpointScheme
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors less its K/V cache scales (step 3 above)."""
+    dropped = 0
+    for name, tensor in weights:
+        if name.endswith(KV_CACHE_SCALE_SUFFIXES):
+            dropped += 1
+            continue
+        yield name, tensor
+    if dropped or scheme.has_kv_cache_scales:
+        logger.info(
+            "fp8 checkpoint: %d K/V cache scale tensors ignored (kv_cache_scheme); the KV cache keeps its dtype "
+            "(--kv-cache-dtype fp8 stores K/V at unit scale)", dropped,
+        )  # fmt: skip
+
+
+def log_loaded(model: torch.nn.Module, scheme: Fp8CheckpointScheme) -> None:
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    fp8 = sum(m.weight_scale is not None for m in layers)
+    logger.info(
+        "%s: %d projections loaded as float8_e4m3fn, %d kept in the model dtype (ignored), embedding, lm_head "
+        "and norms in the model dtype; weights %.1f MiB", scheme.describe(), fp8, len(layers) - fp8,
+        weight_bytes(model) / (1 << 20),
+    )  # fmt: skip

@@ -1,0 +1,81 @@
+"""How a model's projections get quantized, decided once before anything loads: `resolve_quantization`.
+
+Three cases, from `ModelConfig.quantization` (the user's) and config.json's `quantization_config` (the checkpoint's):
+- neither: no quantization (None);
+- the user's only: online quantization at load (online.py);
+- the checkpoint's (whatever the user passed, as long as it is None or the same method): the fp8 bytes and scales
+  of the files load as they are (checkpoint.py), with the layout `parse_quantization_config` read from config.json.
+  Dummy weights with such a config.json are filled in the model dtype and quantized online (logged): random
+  weights have no file scales to reproduce.
+Refused with a ValueError: a user method other than the checkpoint's (naming both), a checkpoint layout treadle
+cannot load (scheme.py), and any quantization of a mixture-of-experts model (its experts have no fp8 path).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from treadle_model_runner.quantization.scheme import (
+    Fp8CheckpointScheme,
+    parse_quantization_config,
+    quantization_config_of,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QuantizationPlan", "resolve_quantization"]
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    method: str  # "fp8": projections run ops.fp8_linear on float8_e4m3fn weights
+    checkpoint: (
+        Fp8CheckpointScheme | None
+    )  # the checkpoint's fp8 layout, loaded as is; None = quantize at load
+
+    @property
+    def is_online(self) -> bool:
+        return self.checkpoint is None
+
+    def describe(self) -> str:
+        return self.method if self.checkpoint is None else self.checkpoint.describe()
+
+
+def resolve_quantization(
+    requested: str | None, hf_config: Any, model_cls: type, config_file: Path, load_format: str
+) -> QuantizationPlan | None:
+    """The plan for `requested` (ModelConfig.quantization) and the checkpoint at `config_file` (read into
+    `hf_config`), for `model_cls`; None when nothing is quantized."""
+    raw = quantization_config_of(hf_config)
+    if raw is None:
+        if requested is None:
+            return None
+        _check_model(model_cls, f"quantization {requested!r} is")
+        return QuantizationPlan(requested, None)
+    scheme = parse_quantization_config(raw, config_file)
+    if requested is not None and requested != "fp8":
+        raise ValueError(
+            f"quantization {requested!r} was requested, but {config_file} describes an fp8 checkpoint "
+            f"(quant_method {scheme.quant_method!r}); leave --quantization unset (or pass fp8) to load it as it is"
+        )
+    _check_model(model_cls, f"this fp8 checkpoint ({config_file}) is")
+    if load_format == "dummy":
+        logger.info(
+            "load_format dummy with %s's %s: random weights are quantized online (per-channel weight scales, "
+            "dynamic per-token activations); the checkpoint's scales are not reproduced", config_file,
+            scheme.describe(),
+        )  # fmt: skip
+        return QuantizationPlan("fp8", None)
+    return QuantizationPlan("fp8", scheme)
+
+
+def _check_model(model_cls: type, subject: str) -> None:
+    if not getattr(model_cls, "supports_fp8", False):
+        raise ValueError(
+            f"{subject} not supported for {model_cls.__name__}: its mixture-of-experts layers have no fp8 path "
+            "yet; serve an unquantized checkpoint without --quantization (fp8 runs on dense models: Llama, "
+            "Mistral, Qwen2, Qwen3, Gemma 3)"
+        )
