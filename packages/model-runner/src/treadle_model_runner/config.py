@@ -84,7 +84,8 @@ class ModelConfig:
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
     # None: weights in the model dtype; "fp8": each dense projection's weight quantized at load to float8_e4m3fn
     # with one fp32 scale per output channel, activations quantized per token for the fp8 matmul (vLLM's online
-    # fp8; the embedding and lm_head stay in the model dtype)
+    # fp8; the embedding and lm_head stay in the model dtype). A checkpoint whose config.json holds an fp8
+    # quantization_config loads as it is with None or "fp8" (model-runner quantization/plan.py)
     quantization: str | None = None
     # how embeddings pool the prompt (a dict or its JSON text is parsed into a PoolerConfig)
     pooler_config: PoolerConfig = field(default_factory=PoolerConfig)
