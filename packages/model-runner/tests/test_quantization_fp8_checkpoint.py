@@ -1,6 +1,7 @@
 """Pre-quantized fp8 checkpoints (compressed-tensors and quant_method fp8) against an independent reference (CPU, fp32).
 
-Each tiny random Llama (attention and MLP biases) and Qwen3 (q/k norms) is quantized in the test with torch's e4m3
+Each tiny random Llama (attention and MLP biases), Qwen3 (q/k norms) and Gemma 3 (GELU, sliding window, tied
+embeddings) is quantized in the test with torch's e4m3
 cast and written in each format (fp8_checkpoints.py: per-channel and per-tensor weight scales, dynamic and
 calibrated static activations, one checkpoint sharded, one with an ignored projection and K/V cache scales). The
 runner loads it with no --quantization (detected from config.json), and:
@@ -33,7 +34,7 @@ from treadle_model_runner.layers.linear import Linear
 from treadle_model_runner.loader import make_dummy_model_dir
 from treadle_model_runner.quantization import resolve_quantization
 
-ARCHS = ["llama", "qwen3"]
+ARCHS = ["llama", "qwen3", "gemma3"]
 CASES = [(arch, fmt) for arch in ARCHS for fmt in FORMATS]
 STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
