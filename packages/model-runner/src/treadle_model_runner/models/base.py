@@ -35,7 +35,10 @@ def _check_fp8_dtype(hf_name: str, tensor: torch.Tensor, name: str, param: torch
     """ValueError unless fp8 meets fp8 of the same kind: a cast would drop (or invent) the scales."""
     if (tensor.dtype in _FP8_DTYPES or param.dtype in _FP8_DTYPES) and tensor.dtype != param.dtype:
         if param.dtype in _FP8_DTYPES:
-            why = "config.json's quantization_config makes this projection float8_e4m3fn; the file does not hold it so"
+            why = (
+                "config.json's quantization_config makes this projection float8_e4m3fn, but the file holds it in "
+                "another dtype (the files and config.json disagree)"
+            )
         else:
             why = (
                 "config.json's quantization_config leaves it unquantized (ignored, not targeted, or not a projection "
