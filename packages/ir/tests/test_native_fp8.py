@@ -53,8 +53,8 @@ def test_quantize_rows_is_the_nearest_e4m3_at_amax_over_448(
     assert scale.dtype == torch.float32 and scale.shape == (*shape[:-1], 1)
     amax = x.double().abs().amax(dim=-1, keepdim=True)
     torch.testing.assert_close(scale.double(), amax / FP8_MAX, rtol=2e-7, atol=0)
-    # each value is the e4m3 value nearest to x / scale (the division rounded to fp32 first)
-    y = (x.float() / scale).double()
+    # each value is the e4m3 value nearest to x * (1 / scale) (the reciprocal and the product rounded to fp32 first)
+    y = (x.float() * torch.reciprocal(scale)).double()
     assert torch.equal(q.double(), _nearest_e4m3(y))
     # round trip: within half an e4m3 step of x / scale, per row's scale
     err = (q.double() * scale.double() - x.double()).abs()
@@ -98,7 +98,7 @@ def test_fp8_linear_is_the_dequantized_matmul(dtype: torch.dtype, bias: bool, ro
     # reference: dequantize both operands in float64 (x by its own per-row quantization), F.linear
     amax = x.double().abs().amax(dim=-1, keepdim=True)
     x_scale = amax / FP8_MAX
-    x_deq = _nearest_e4m3((x.float() / x_scale.float()).double()) * x_scale.float().double()
+    x_deq = _nearest_e4m3((x.float() * torch.reciprocal(x_scale.float())).double()) * x_scale.float().double()
     w_deq = w_fp8.double() * w_scale.double()[:, None]
     ref = F.linear(x_deq, w_deq, None if b is None else b.double())
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}

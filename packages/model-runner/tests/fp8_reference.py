@@ -28,13 +28,15 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values as fp32, fp32 scales [..., 1]) of t's rows."""
     amax = t.float().abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    q = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    q = (t.float() * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
     return q, scale
 
 
 def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values as fp32, the scale) of t quantized with one given scale, saturating at +-448."""
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float(), scale
+    return (t.float() * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(
+        torch.float8_e4m3fn
+    ).float(), scale
 
 
 def _fp8_forward(module: nn.Linear, k_chunks: int, x: torch.Tensor) -> torch.Tensor:

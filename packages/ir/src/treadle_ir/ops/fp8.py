@@ -3,7 +3,8 @@
 fp8 projections (``quantization="fp8"``, or an fp8 checkpoint) store each weight [n, k] as float8_e4m3fn with one
 fp32 scale per output channel (row) and quantize the activations one scale per token (row), so the matmul can run
 on fp8 tensor cores. Both are :func:`quantize_fp8_rows`: a row's scale is ``amax / 448`` (448 is e4m3's largest
-finite value; an all-zero row gets scale 1), and its values are ``x / scale`` (IEEE division, rounded to nearest),
+finite value; an all-zero row gets scale 1), and its values are ``x * (1 / scale)`` (the reciprocal rounded to fp32
+first, then the product, each to nearest: as cheap as a multiply in a kernel, where a division per value is not),
 clamped to [-448, 448] and rounded to nearest-even e4m3.
 Static activation quantization (checkpoints calibrated with one activation scale per projection): ``input_scale``
 [1] fp32 is given, and every row is quantized with it the same way (values beyond 448 * input_scale saturate);
@@ -35,8 +36,8 @@ def row_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x / scale`` clamped to e4m3's range and rounded to float8_e4m3fn (scale broadcast over x's rows)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """``x * (1 / scale)`` clamped to e4m3's range and rounded to float8_e4m3fn (scale broadcast over x's rows)."""
+    return (x.float() * torch.reciprocal(scale.float())).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _example_quant(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:

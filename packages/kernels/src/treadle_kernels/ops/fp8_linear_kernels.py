@@ -1,7 +1,7 @@
 """Triton kernels of the fp8 ops (imported lazily: this module imports triton).
 
 ``quantize_fp8_rows_kernel``: one program per row: the row's amax, its scale ``amax / 448`` (1 for a zero row), and
-its values ``round_e4m3(clamp(x / scale))`` stored as float8_e4m3fn; what ``torch._scaled_mm`` then reads. STATIC:
+its values ``round_e4m3(clamp(x * (1 / scale)))`` stored as float8_e4m3fn; what ``torch._scaled_mm`` then reads. STATIC:
 the scale is the given one (a checkpoint's per-tensor input scale), stored for every row, and no amax pass runs.
 
 ``fp8_small_m_linear_kernel``: ``out[r, n] = (sum_k q[r, k] * w[n, k]) * s_x[r] * s_w[n] (+ bias[n])`` for a few rows,
@@ -12,7 +12,9 @@ the given per-tensor scale instead, no pass).
 ROWS 1 reduces with a multiply and a row sum; 16 with ``tl.dot`` on bf16 operands (e4m3 values are exact in bf16, so
 the products are exact and the accumulation fp32, as the spec's; UPCAST: fp32 for the CPU interpreter).
 
-Rounding (both kernels): the division is IEEE round-to-nearest (``div_rn``, as torch's), and ``round_e4m3`` rounds
+Rounding (both kernels): the row's reciprocal ``1 / scale`` is one IEEE round-to-nearest division (``div_rn``, as
+torch.reciprocal's) per row, each value a multiply by it (a division per value cost the one-row kernel a third of
+its bandwidth, H200 call 2), and ``round_e4m3`` rounds
 to e4m3's grid with fp32 arithmetic (adding and subtracting 2^(e + 20) leaves the value rounded to nearest-even at
 the e4m3 step 2^(e - 3) of its binade e, at least 2^-9 for the subnormals), so the result is exact before any
 conversion: Triton's CPU interpreter converts fp32 to fp8 wrongly next to powers of two, the hardware does not.
@@ -38,10 +40,16 @@ def round_e4m3(y):
 
 
 @triton.jit
-def quantize_tile(a, scale):
-    """a [R, C] fp32 quantized with its rows' scales [R]: e4m3 values, as fp32."""
-    y = tl.math.div_rn(a, scale[:, None])
+def quantize_tile(a, inv_scale):
+    """a [R, C] fp32 quantized with its rows' reciprocal scales [R]: e4m3 values, as fp32."""
+    y = a * inv_scale[:, None]
     return round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+
+
+@triton.jit
+def reciprocal(scale):
+    """1 / scale, rounded to nearest (what the spec multiplies the values by)."""
+    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
 @triton.jit
@@ -67,10 +75,11 @@ def quantize_fp8_rows_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
         scale = scale_of(amax)
     tl.store(scale_ptr + row + tl.arange(0, 1), scale)
+    inv_scale = reciprocal(scale)
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + tile
         a = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
-        q = quantize_tile(a[None, :], scale)
+        q = quantize_tile(a[None, :], inv_scale)
         tl.store(q_ptr + row * k + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=(cols < k)[None, :])
 
 
@@ -112,6 +121,7 @@ def fp8_small_m_linear_kernel(
             a = tl.load(x_rows + cols[None, :], mask=row_mask[:, None] & (cols < k)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
         x_scale = scale_of(amax)
+    inv_scale = reciprocal(x_scale)
 
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
@@ -119,7 +129,7 @@ def fp8_small_m_linear_kernel(
         k_mask = cols < k
         w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         a = tl.load(x_rows + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        q = quantize_tile(a.to(tl.float32), x_scale)
+        q = quantize_tile(a.to(tl.float32), inv_scale)
         if ROWS == 1:
             acc += tl.sum(q * w.to(tl.float32), axis=1)[None, :]
         elif UPCAST:  # the CPU interpreter mis-computes 16-bit float dots; fp32 there
