@@ -39,7 +39,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, out: torch.Tensor
     rows, block_n, block_k, warps, stages = cfg
     n, k = w.shape
     fp8_linear_kernels.fp8_small_m_linear_kernel[(-(-n // block_n),)](
-        x, x.stride(0), w, s, s, out, out.stride(0), x.shape[0], n, k, HAS_BIAS=False, ROWS=rows,
+        x, x.stride(0), w, s, s, s, out, out.stride(0), x.shape[0], n, k, HAS_BIAS=False, STATIC=False, ROWS=rows,
         BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=False, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 

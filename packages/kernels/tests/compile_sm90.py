@@ -94,7 +94,8 @@ def main() -> int:
                 fp8_linear_kernels.fp8_small_m_linear_kernel, constexprs, fp8, options={"num_warps": 4}
             )
         quant = {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "given_scale_ptr": "*fp32"}
-        compile_one(fp8_linear_kernels.quantize_fp8_rows_kernel, {"STATIC": static, "BLOCK_K": 1024}, quant)
+        constexprs = {"STATIC": static, "BLOCK_K": 1024, "HW_CVT": True}
+        compile_one(fp8_linear_kernels.quantize_fp8_rows_kernel, constexprs, quant)
     partials = {"part_key_ptr": "*i32", "part_index_ptr": "*i32"}
     for logits in ("*fp32", "*bf16", "*fp16"):
         for chunk in (16, 1024):

@@ -99,10 +99,9 @@ def test_fp8_engine_gets_a_larger_kv_cache(tmp_path: Path) -> None:
            "num_key_value_heads": 8, "num_hidden_layers": 4}  # fmt: skip
     path = make_dummy_model_dir(tf.LlamaConfig(**big), tmp_path / "big")
     blocks = {}
-    # memory other tests of this process still hold counts as in use: both engines get 16 GiB above it (loading
-    # the 3.7 GiB model took 6.7 GiB, H200 call 2)
-    free, total = torch.cuda.mem_get_info()
-    utilization = min(0.95, (total - free + 16 * 2**30) / total)
+    # most of the card: what other tests of this process still hold counts as in use for both engines alike (a
+    # budget just above it failed twice on the H200, the profiled load growing by more than the margins given)
+    utilization = 0.9
     for quantization in (None, "fp8"):
         runner = _runner(
             path, quantization, eager=True, num_gpu_blocks_override=None, gpu_memory_utilization=utilization

@@ -63,7 +63,8 @@ def quantize_fp8_rows(
         block_k = min(BLOCK_K_QUANT, max(16, 1 << (k - 1).bit_length()))
         given = input_scale if input_scale is not None else scale
         fp8_linear_kernels.quantize_fp8_rows_kernel[(rows,)](
-            x2, x2.stride(0), q, scale, given, k, STATIC=input_scale is not None, BLOCK_K=block_k, num_warps=4
+            x2, x2.stride(0), q, scale, given, k, STATIC=input_scale is not None, BLOCK_K=block_k,
+            HW_CVT=x.is_cuda, num_warps=4,
         )  # fmt: skip
     lead = x.shape[:-1]
     return q.view(*lead, k), scale.view(*lead, 1)

@@ -14,10 +14,12 @@ the products are exact and the accumulation fp32, as the spec's; UPCAST: fp32 fo
 
 Rounding (both kernels): the row's reciprocal ``1 / scale`` is one IEEE round-to-nearest division (``div_rn``, as
 torch.reciprocal's) per row, each value a multiply by it (a division per value cost the one-row kernel a third of
-its bandwidth, H200 call 2), and ``round_e4m3`` rounds
+its bandwidth, H200 call 2). On the GPU (HW_CVT) the value is then converted by the hardware's round-to-nearest-even
+conversion (``cvt.rn.satfinite``); round_e4m3 in fp32 arithmetic did not equal the spec on 28 of 40 H200 cases
+(call 3). Under the interpreter, whose fp32 -> fp8 conversion is wrong next to powers of two, ``round_e4m3`` rounds
 to e4m3's grid with fp32 arithmetic (adding and subtracting 2^(e + 20) leaves the value rounded to nearest-even at
-the e4m3 step 2^(e - 3) of its binade e, at least 2^-9 for the subnormals), so the result is exact before any
-conversion: Triton's CPU interpreter converts fp32 to fp8 wrongly next to powers of two, the hardware does not.
+the e4m3 step 2^(e - 3) of its binade e, at least 2^-9 for the subnormals), so the value is exact before the
+conversion.
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ def round_e4m3(y):
 
 
 @triton.jit
-def quantize_tile(a, inv_scale):
-    """a [R, C] fp32 quantized with its rows' reciprocal scales [R]: e4m3 values, as fp32."""
-    y = a * inv_scale[:, None]
-    return round_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+def quantize_tile(a, inv_scale, HW_CVT: tl.constexpr):
+    """a [R, C] fp32 quantized with its rows' reciprocal scales [R]: e4m3 values, as fp32 (HW_CVT: by the GPU's
+    round-to-nearest-even conversion and back; else round_e4m3, as the interpreter's conversion is not exact)."""
+    y = tl.minimum(tl.maximum(a * inv_scale[:, None], -FP8_MAX), FP8_MAX)
+    if HW_CVT:
+        y = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+    else:
+        y = round_e4m3(y)
+    return y
 
 
 @triton.jit
@@ -60,7 +67,15 @@ def scale_of(amax):
 
 @triton.jit
 def quantize_fp8_rows_kernel(
-    x_ptr, x_row_stride, q_ptr, scale_ptr, given_scale_ptr, k, STATIC: tl.constexpr, BLOCK_K: tl.constexpr
+    x_ptr,
+    x_row_stride,
+    q_ptr,
+    scale_ptr,
+    given_scale_ptr,
+    k,
+    STATIC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HW_CVT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
@@ -79,7 +94,7 @@ def quantize_fp8_rows_kernel(
     for k0 in range(0, k, BLOCK_K):
         cols = k0 + tile
         a = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
-        q = quantize_tile(a[None, :], inv_scale)
+        q = quantize_tile(a[None, :], inv_scale, HW_CVT)
         tl.store(q_ptr + row * k + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=(cols < k)[None, :])
 
 
@@ -129,7 +144,7 @@ def fp8_small_m_linear_kernel(
         k_mask = cols < k
         w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         a = tl.load(x_rows + cols[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        q = quantize_tile(a.to(tl.float32), inv_scale)
+        q = quantize_tile(a.to(tl.float32), inv_scale, not UPCAST)
         if ROWS == 1:
             acc += tl.sum(q * w.to(tl.float32), axis=1)[None, :]
         elif UPCAST:  # the CPU interpreter mis-computes 16-bit float dots; fp32 there
