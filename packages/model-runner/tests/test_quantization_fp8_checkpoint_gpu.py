@@ -12,7 +12,6 @@ static one (per-tensor weights and calibrated input scales), loaded as they are.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import transformers as tf
 from fp8_checkpoints import FORMATS, read_checkpoint, write_fp8_checkpoint
 from fp8_reference import fp8_checkpoint_reference
 from test_quantization_fp8_gpu import SMALL
-from test_runner_fakes import FakeScheduler, record_hidden
+from test_runner_fakes import FakeScheduler, record_hidden, release_gpu_runner
 
 from treadle_model_runner import CacheConfig, ModelConfig
 from treadle_model_runner.runner import ModelRunner
@@ -38,13 +37,6 @@ def _runner(path: Path, eager: bool = False) -> ModelRunner:
     runner.load_model()
     runner.initialize_kv_cache()
     return runner
-
-
-def _free(runner: ModelRunner) -> None:
-    runner.release_graphs()
-    del runner
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +67,7 @@ def test_top1_agrees_with_the_torch_reference(hf: Any, checkpoint: Path) -> None
     out = sched.step({f"s{i}": len(seq) for i, seq in enumerate(sequences)})
     with torch.no_grad():
         got = runner._require_model().compute_logits(hidden[0]).float().argmax(dim=-1).cpu()
-    _free(runner)
+    release_gpu_runner(runner)
     ref = fp8_checkpoint_reference(hf, read_checkpoint(checkpoint))
     by_id = {f"s{i}": seq for i, seq in enumerate(sequences)}
     with torch.no_grad():  # in the batch's request order
@@ -99,7 +91,7 @@ def test_cuda_graph_decode_equals_eager(checkpoint: Path) -> None:
         for i, p in enumerate(prompts):
             sched.add(f"r{i}", p, max_tokens=16 + i)
         results.append((sched.run(budget=64), [h.float().cpu() for h in hidden]))
-        _free(runner)
+        release_gpu_runner(runner)
     (eager_tokens, eager_hidden), (graph_tokens, graph_hidden) = results
     assert graph_tokens == eager_tokens
     for h_eager, h_graph in zip(eager_hidden, graph_hidden, strict=True):

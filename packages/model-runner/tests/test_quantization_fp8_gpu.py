@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, record_hidden
+from test_runner_fakes import FakeScheduler, record_hidden, release_gpu_runner
 
 from treadle_model_runner import CacheConfig, ModelConfig
 from treadle_model_runner.loader import make_dummy_model_dir
@@ -38,13 +38,6 @@ def _runner(path: Path, quantization: str | None, eager: bool = False, **cache: 
     return runner
 
 
-def _free(runner: ModelRunner) -> None:
-    runner.release_graphs()
-    del runner
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dummy_model_dir(tf.LlamaConfig(**SMALL), tmp_path_factory.mktemp("fp8_small"))
@@ -62,7 +55,7 @@ def test_fp8_cuda_graph_decode_equals_eager(small: Path) -> None:
         for i, p in enumerate(prompts):
             sched.add(f"r{i}", p, max_tokens=16 + i)
         results.append((sched.run(budget=64), [h.float().cpu() for h in hidden]))
-        _free(runner)
+        release_gpu_runner(runner)
     (eager_tokens, eager_hidden), (graph_tokens, graph_hidden) = results
     assert graph_tokens == eager_tokens
     for h_eager, h_graph in zip(eager_hidden, graph_hidden, strict=True):
@@ -78,7 +71,7 @@ def _teacher_forced_top1(path: Path, quantization: str | None, sequences: list[l
     sched.step({f"s{i}": len(seq) for i, seq in enumerate(sequences)})
     with torch.no_grad():
         top1 = runner._require_model().compute_logits(hidden[0]).float().argmax(dim=-1).cpu()
-    _free(runner)
+    release_gpu_runner(runner)
     return top1
 
 
@@ -107,7 +100,7 @@ def test_fp8_engine_gets_a_larger_kv_cache(tmp_path: Path) -> None:
         )
         assert runner.kv_cache_config is not None
         blocks[quantization] = runner.kv_cache_config.num_blocks * runner.kv_cache_config.bytes_per_block
-        _free(runner)
+        release_gpu_runner(runner)
         # the loop's own reference: the bf16 engine and its KV cache must be gone before the fp8 one is profiled
         # (they were not, and the fp8 engine found the card full: H200 calls 3 and 4)
         del runner

@@ -7,6 +7,7 @@ schedules like the real engine (running requests first: decode 1 token, prefill 
 
 from __future__ import annotations
 
+import gc
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,3 +241,11 @@ def run_interpreted(script: str, *args: str) -> str:
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
+
+
+def release_gpu_runner(runner: ModelRunner) -> None:
+    """Drop a CUDA runner's graphs and hand the allocator's cached memory back to the card. The runner's own memory
+    goes only once no name holds it: a caller that needs it gone drops its reference (`del runner`) and collects."""
+    runner.release_graphs()
+    gc.collect()
+    torch.cuda.empty_cache()
