@@ -52,6 +52,10 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
         # beam search runs every step under the adapter: one beam is the adapter's greedy continuation
         beam = llm.beam_search([{"prompt_token_ids": PROMPTS[1]}], BeamSearchParams(1, max_tokens=8, ignore_eos=True),
                                lora_request=tiny.request("sql"))  # fmt: skip
+        # or one adapter per prompt (vLLM's list form), the base model among them
+        beams = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS[:3]],
+                                BeamSearchParams(1, max_tokens=8, ignore_eos=True),
+                                lora_request=[tiny.request(a) for a in ADAPTER_OF[:3]])  # fmt: skip
         with pytest.raises(ValueError, match="is not a directory"):
             llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY,
                          lora_request=LoRARequest("missing", 9, str(tiny.model / "no-such-adapter")))  # fmt: skip
@@ -61,6 +65,7 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
     assert got == want
     assert got[0] != got[1] != got[2]  # the adapters change the continuations
     assert beam[0].sequences[0].tokens == PROMPTS[1] + want[1]
+    assert [b.sequences[0].tokens for b in beams] == [p + w for p, w in zip(PROMPTS[:3], want[:3], strict=True)]
     poet = tiny.peft.embedding("poet", PROMPTS[3]).tolist()
     assert embedded[0].outputs.embedding == pytest.approx(poet, abs=1e-4)
 

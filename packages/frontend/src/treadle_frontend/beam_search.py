@@ -178,7 +178,8 @@ def _cum_logprob(seq: BeamSearchSequence) -> float:
     return seq.cum_logprob
 
 
-StepFn = Callable[[list[list[int]]], list[Candidates | None]]  # beams' tokens -> each beam's candidates
+# (beams' tokens, the search each beam belongs to) -> each beam's candidates
+StepFn = Callable[[list[list[int]], list["BeamSearch"]], list[Candidates | None]]
 
 
 def run_searches(
@@ -196,8 +197,9 @@ def run_searches(
     while waiting or running:
         while waiting and len(running) < limit:
             running.append(waiting.popleft())
-        batch = [beam.tokens for search in running for beam in search.beams if not search.is_done]
-        results = step(batch) if batch else []
+        live = [search for search in running if not search.is_done]
+        batch = [beam.tokens for search in live for beam in search.beams]
+        results = step(batch, [search for search in live for _ in search.beams]) if batch else []
         start = 0
         for search in running:
             if not search.is_done:
@@ -212,15 +214,17 @@ def run_searches(
 
 def beam_search_offline(
     processor: InputProcessor,
-    run: Callable[[list[tuple[str | None, list[int]]], SamplingParams], list[RequestOutput]],
+    run: Callable[[list[tuple[str | None, list[int]]], SamplingParams, list[Any]], list[RequestOutput]],
     prompts: Sequence[PromptType] | str | dict[str, Any],
     params: BeamSearchParams,
     use_tqdm: bool = False,
     concurrency_limit: int | None = None,
+    loras: Sequence[Any] | None = None,
 ) -> list[BeamSearchOutput]:
-    """LLM.beam_search: `run` is the LLM's batch of engine requests (encoded prompts, params -> final outputs,
-    in order). A prompt the context cannot hold raises ValueError naming it; a prompt that leaves less room than
-    max_tokens stops its beams where the context ends ("length"), as `LLM.generate` does."""
+    """LLM.beam_search: `run` is the LLM's batch of engine requests (encoded prompts, params, each one's LoRA
+    request -> final outputs, in order); `loras`: each prompt's LoRA request (None: the base model for all). A prompt
+    the context cannot hold raises ValueError naming it; a prompt that leaves less room than max_tokens stops its
+    beams where the context ends ("length"), as `LLM.generate` does."""
     if not isinstance(params, BeamSearchParams):
         raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
     params.check_width(processor.model.max_logprobs, processor.model.vocab_size)
@@ -235,9 +239,12 @@ def beam_search_offline(
             raise ValueError(f"prompt {i}: {e}" if len(items) > 1 else str(e)) from None
         searches.append(BeamSearch(ids, params, eos_token_id, room or 0))
     step_params = params.step_params()
+    lora_of = {id(search): lora for search, lora in zip(searches, loras or [None] * len(searches), strict=True)}
 
-    def step(batch: list[list[int]]) -> list[Candidates | None]:
-        return [first_candidates(out) for out in run([(None, ids) for ids in batch], step_params)]
+    def step(batch: list[list[int]], owners: list[BeamSearch]) -> list[Candidates | None]:
+        encoded: list[tuple[str | None, list[int]]] = [(None, ids) for ids in batch]
+        outs = run(encoded, step_params, [lora_of[id(search)] for search in owners])
+        return [first_candidates(out) for out in outs]
 
     if use_tqdm:  # one tick a prompt (vLLM's counts token steps, and turns off with a concurrency_limit)
         from tqdm.auto import tqdm

@@ -35,7 +35,6 @@ from treadle_frontend.outputs import (
     score_pairs,
     similarity,
 )
-from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -169,21 +168,19 @@ class LLM:
         self,
         prompts: Sequence[PromptType] | str | dict[str, Any],
         params: BeamSearchParams,
-        lora_request: LoRARequest | None = None,
+        lora_request: LoRARequests = None,
         use_tqdm: bool = False,
         concurrency_limit: int | None = None,
     ) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search (beam_search.py): per prompt, up to `params.beam_width` sequences, best first,
         whose `tokens` and `text` hold the prompt too. Each step sends every live beam of every running prompt to the
         engine as one batch; `concurrency_limit` caps how many prompts run at once (None: all of them);
-        `lora_request`: the adapter every prompt runs with (None: the base model)."""
-        if lora_request is not None and not isinstance(lora_request, LoRARequest):
-            raise TypeError(
-                f"lora_request must be one LoRARequest for every prompt, got {type(lora_request).__name__}"
-            )
+        `lora_request`: as in `generate`, one adapter for every prompt or one per prompt (None: the base model)."""
+        count = 1 if isinstance(prompts, (str, dict)) else len(prompts)
+        loras = loras_per_prompt(lora_request, count)
         return beam_search_offline(
-            self.input_processor, lambda enc, sp: self._run(enc, sp, False, lora_request=lora_request), prompts,
-            params, use_tqdm, concurrency_limit,
+            self.input_processor, lambda enc, sp, lr: self._run(enc, sp, False, lora_request=lr), prompts, params,
+            use_tqdm, concurrency_limit, loras,
         )  # fmt: skip
 
     def chat(
