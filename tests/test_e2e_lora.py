@@ -65,7 +65,9 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
     assert got == want
     assert got[0] != got[1] != got[2]  # the adapters change the continuations
     assert beam[0].sequences[0].tokens == PROMPTS[1] + want[1]
-    assert [b.sequences[0].tokens for b in beams] == [p + w for p, w in zip(PROMPTS[:3], want[:3], strict=True)]
+    assert [b.sequences[0].tokens for b in beams] == [
+        p + w for p, w in zip(PROMPTS[:3], want[:3], strict=True)
+    ]
     poet = tiny.peft.embedding("poet", PROMPTS[3]).tolist()
     assert embedded[0].outputs.embedding == pytest.approx(poet, abs=1e-4)
 

@@ -239,7 +239,9 @@ def beam_search_offline(
             raise ValueError(f"prompt {i}: {e}" if len(items) > 1 else str(e)) from None
         searches.append(BeamSearch(ids, params, eos_token_id, room or 0))
     step_params = params.step_params()
-    lora_of = {id(search): lora for search, lora in zip(searches, loras or [None] * len(searches), strict=True)}
+    lora_of = {
+        id(search): lora for search, lora in zip(searches, loras or [None] * len(searches), strict=True)
+    }
 
     def step(batch: list[list[int]], owners: list[BeamSearch]) -> list[Candidates | None]:
         encoded: list[tuple[str | None, list[int]]] = [(None, ids) for ids in batch]
