@@ -131,9 +131,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="engine processes, each a whole model on its own GPU(s) (x tensor_parallel_size)")  # fmt: skip
     p.add_argument(
         "--quantization", "-q", default=d["quantization"],
-        help=f"online weight quantization: {', '.join(QUANTIZATIONS)} (each dense projection to float8_e4m3fn at "
-        "load, one scale per output channel; activations per token; embedding and lm_head kept) | none (default). "
-        "fp8 checkpoints (compressed-tensors, quant_method fp8) are detected from config.json and load as they are",
+        help=f"{' | '.join(QUANTIZATIONS)} | none (default). fp8 on an unquantized model: each dense projection to "
+        "float8_e4m3fn at load, one scale per output channel; activations per token; embedding and lm_head kept. "
+        "fp8 checkpoints (compressed-tensors, quant_method fp8) are detected from config.json and load as they are "
+        "(with none, fp8 or their own method name)",
     )  # fmt: skip
     p.add_argument(
         "--trust-remote-code", action="store_true", help="accepted; treadle never runs a model's code"

@@ -123,6 +123,36 @@ def test_explicit_fp8_loads_the_same_and_another_method_is_refused(tmp_path: Pat
         resolve_quantization("awq", auto.config, type(auto), tmp_path / "config.json", "safetensors")
 
 
+def test_vllm_method_spellings(tmp_path: Path) -> None:
+    """vLLM's names: `quantization="compressed-tensors"` with such a checkpoint, and config.json's quant_method in any
+    case or with an underscore; a method named for another checkpoint, or for a model with none, is refused."""
+    hf = _hf("llama")
+    write_fp8_checkpoint(hf, tmp_path, FORMATS["ct-channel-dynamic"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "Compressed_Tensors"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    auto = make_runner(tmp_path)._require_model()
+    named = make_runner(tmp_path, quantization="compressed-tensors")._require_model()
+    for a, b in zip(auto.parameters(), named.parameters(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert any(p.dtype == torch.float8_e4m3fn for p in auto.parameters())
+    static = tmp_path / "static"
+    write_fp8_checkpoint(hf, static, FORMATS["fp8-static"])
+    with pytest.raises(
+        ValueError, match=r"quantization 'compressed-tensors' was requested.*quant_method 'fp8'"
+    ):
+        make_runner(static, quantization="compressed-tensors")
+    plain = make_dummy_model_dir(tf.LlamaConfig(**COMMON), tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"names a checkpoint format.*no quantization_config; pass fp8"):
+        make_runner(plain, quantization="compressed-tensors", load_format="dummy")
+    config["quantization_config"] = "fp8"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    # named by treadle's own reader or by transformers', whichever reads the file
+    bad = r"config\.json.*(must be a JSON object|cannot be read as a transformers config)"
+    with pytest.raises(ValueError, match=bad):
+        make_runner(tmp_path)
+
+
 def _config_with(tmp_path: Path, quant: dict[str, Any]) -> Path:
     data = tf.LlamaConfig(**COMMON).to_dict()
     data["architectures"] = ["LlamaForCausalLM"]

@@ -16,7 +16,9 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto = the model dtype; fp8 = fp8_e4m3
-QUANTIZATIONS = ("fp8",)  # online weight quantization methods (None: weights in the model dtype)
+# fp8: online weight quantization, or an fp8 checkpoint as it is; compressed-tensors: only that checkpoint format's
+# name (vLLM's), for a checkpoint that is one (None: weights in the model dtype, or the checkpoint's own scheme)
+QUANTIZATIONS = ("fp8", "compressed-tensors")
 
 
 # vLLM's sequence pooling types: the last prompt token's final hidden state, the mean over the prompt's, the first's

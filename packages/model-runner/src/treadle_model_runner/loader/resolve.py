@@ -86,7 +86,13 @@ def load_hf_config(path: Path) -> PretrainedConfig:
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:  # e.g. a field of the wrong type
         raise ValueError(f"{config_file} cannot be read as a transformers config ({exc})") from exc
     _write_cached_config(cache_file, config)
     return config

@@ -49,14 +49,22 @@ def resolve_quantization(
 ) -> QuantizationPlan | None:
     """The plan for `requested` (ModelConfig.quantization) and the checkpoint at `config_file` (read into
     `hf_config`), for `model_cls`; None when nothing is quantized."""
-    raw = quantization_config_of(hf_config)
+    try:
+        raw = quantization_config_of(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
     if raw is None:
         if requested is None:
             return None
+        if requested != "fp8":
+            raise ValueError(
+                f"quantization {requested!r} names a checkpoint format, but {config_file} has no "
+                "quantization_config; pass fp8 to quantize this model's weights at load"
+            )
         _check_model(model_cls, f"quantization {requested!r} is")
         return QuantizationPlan(requested, None)
     scheme = parse_quantization_config(raw, config_file)
-    if requested is not None and requested != "fp8":
+    if requested not in (None, "fp8", scheme.quant_method):
         raise ValueError(
             f"quantization {requested!r} was requested, but {config_file} describes an fp8 checkpoint "
             f"(quant_method {scheme.quant_method!r}); leave --quantization unset (or pass fp8) to load it as it is"

@@ -73,6 +73,8 @@ def quantization_config_of(hf_config: Any) -> dict[str, Any] | None:
     if raw is None or isinstance(raw, dict):
         return raw
     to_dict = getattr(raw, "to_dict", None)
+    if to_dict is None and not hasattr(raw, "__dict__"):
+        raise ValueError(f"quantization_config must be a JSON object, got {raw!r}")
     return dict(to_dict()) if to_dict is not None else dict(vars(raw))
 
 
@@ -80,6 +82,8 @@ def parse_quantization_config(raw: dict[str, Any], config_file: Path) -> Fp8Chec
     """The fp8 layout config.json's `quantization_config` describes; ValueError (naming `config_file`, the field
     and its value) for anything treadle cannot load as it is."""
     method = raw.get("quant_method")
+    if isinstance(method, str):  # as vLLM reads it: any case, compressed_tensors for compressed-tensors
+        method = method.lower().replace("_", "-")
     if method == "compressed-tensors":
         return _compressed_tensors(raw, _Fields(config_file))
     if method == "fp8":
