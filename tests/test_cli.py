@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -242,3 +244,15 @@ def test_tool_call_flags() -> None:
     alone = cli.build_parser().parse_args(["serve", "--enable-auto-tool-choice"])
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         cli_serve.make_server_config(alone, None)
+
+
+def test_start_up_report_names_a_checkpoints_quantization(tmp_path: Path) -> None:
+    """The platform line says what the engine will load: the option asked for, else the checkpoint's own."""
+    (tmp_path / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}})
+    )
+    assert cli_serve.quantization_label(ModelConfig(str(tmp_path))) == "compressed-tensors checkpoint"
+    assert cli_serve.quantization_label(ModelConfig(str(tmp_path), quantization="fp8")) == "fp8"
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert cli_serve.quantization_label(ModelConfig(str(tmp_path))) == "none"
+    assert cli_serve.quantization_label(ModelConfig(str(tmp_path / "missing"))) == "none"

@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("treadle.serve")
@@ -257,10 +258,22 @@ def _platform_report(model_config: Any) -> None:
     backend = model_config.attention_backend
     if backend == "auto":
         backend = "triton" if device == "cuda" else "torch"
-    quantization = model_config.quantization or "none"
     logger.info("Platform: device %s | dtype %s | quantization %s | attention backend %s", device, dtype,
-                quantization, backend)  # fmt: skip
+                quantization_label(model_config), backend)  # fmt: skip
     logger.info("IR dispatch: %s", _ir_summary())
+
+
+def quantization_label(model_config: Any) -> str:
+    """What the start-up report says of quantization: the option asked for, else the checkpoint's own (config.json's
+    quantization_config, which the engine loads as it is), else none."""
+    if model_config.quantization:
+        return str(model_config.quantization)
+    try:
+        quant = json.loads((Path(model_config.model) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return "none"
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return f"{method} checkpoint" if method else "none"
 
 
 def _ir_summary() -> str:
