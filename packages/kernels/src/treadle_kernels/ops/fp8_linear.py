@@ -72,7 +72,7 @@ def quantize_fp8_rows(
 
 def _kernel_config(num_rows: int, n: int) -> tuple[int, int, int, int]:
     """(ROWS, BLOCK_N, BLOCK_K, num_warps). One row streams 8 x 2048 fp8 tiles (16 KB, the bf16 kernel's tile
-    bytes): within 1 % of the best of 18 tiles (BLOCK_N 4-16, BLOCK_K 1024-4096, 4 or 8 warps) on each Llama-8B
+    bytes): within 1.2 % of the best of 18 tiles (BLOCK_N 4-16, BLOCK_K 1024-4096, 4 or 8 warps) on each Llama-8B
     projection (H200, benchmarks/fp8_gemv_sweep.py, results/gpu-fp8-lora-h200-bd50d08/call4). The 16-row tiles
     run only with TREADLE_FP8_LINEAR_MAX_ROWS > 1 and are slower than torch._scaled_mm there."""
     if num_rows == 1:
