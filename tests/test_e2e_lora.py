@@ -10,6 +10,7 @@ E2E_LORA_PORT pins the servers' port (default: a free one).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,10 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
     try:
         got = _generate(llm, tiny)
         embedded = llm.embed([{"prompt_token_ids": PROMPTS[3]}], lora_request=tiny.request("poet"))
+        # LLM.score embeds both texts under the adapter it is given
+        pair = ("a b c", "a b d")
+        scored = [llm.score(*pair, lora_request=r)[0].outputs.score for r in (None, tiny.request("poet"))]
+        under = [o.outputs.embedding for o in llm.embed(list(pair), lora_request=tiny.request("poet"))]
         # beam search runs every step under the adapter: one beam is the adapter's greedy continuation
         beam = llm.beam_search([{"prompt_token_ids": PROMPTS[1]}], BeamSearchParams(1, max_tokens=8, ignore_eos=True),
                                lora_request=tiny.request("sql"))  # fmt: skip
@@ -69,6 +74,8 @@ def test_llm_runs_base_and_adapters_through_one_slot(tiny: Tiny, engine_process:
         p + w for p, w in zip(PROMPTS[:3], want[:3], strict=True)
     ]
     poet = tiny.peft.embedding("poet", PROMPTS[3]).tolist()
+    cosine = sum(a * b for a, b in zip(*under, strict=True)) / math.prod(math.hypot(*v) for v in under)
+    assert scored[1] == pytest.approx(cosine, abs=1e-6) and scored[1] != pytest.approx(scored[0], abs=1e-6)
     assert embedded[0].outputs.embedding == pytest.approx(poet, abs=1e-4)
 
 

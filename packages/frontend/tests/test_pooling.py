@@ -76,6 +76,35 @@ def test_offline_pooling_matches_hf(model: tuple[Path, Any], pooling_type: str, 
         assert outs[0].outputs.embedding != pytest.approx(outs[2].outputs.embedding, abs=1e-3)
 
 
+def test_per_call_pooling_params(model: tuple[Path, Any]) -> None:
+    """vLLM's LLM.embed / LLM.score options: `pooling_params.normalize` overrides the engine's, and
+    `truncate_prompt_tokens` (or the params' own) embeds each prompt's last N tokens."""
+    from treadle_frontend import LLM, PoolingParams
+
+    path, hf = model
+    llm = LLM(str(path), pooler_config={"pooling_type": "MEAN"}, **OPTIONS)
+    try:
+        raw = llm.embed(
+            [{"prompt_token_ids": LONG}], use_tqdm=False, pooling_params=PoolingParams(normalize=False)
+        )
+        cut = llm.embed({"prompt_token_ids": LONG}, use_tqdm=False, truncate_prompt_tokens=7)
+        cut_params = llm.embed(LONG, use_tqdm=False, pooling_params=PoolingParams(truncate_prompt_tokens=7))
+        scores = llm.score(
+            "a b c", ["a b c", "x y"], use_tqdm=False, pooling_params=PoolingParams(normalize=False)
+        )
+        with pytest.raises(ValueError, match="truncate_prompt_tokens must be -1 or >= 1"):
+            llm.embed(LONG, use_tqdm=False, truncate_prompt_tokens=0)
+    finally:
+        llm.shutdown()
+    assert raw[0].outputs.embedding == pytest.approx(_expected(hf, LONG, "MEAN", False), abs=2e-5)
+    assert cut[0].prompt_token_ids == LONG[-7:]
+    assert cut[0].outputs.embedding == pytest.approx(_expected(hf, LONG[-7:], "MEAN", True), abs=2e-5)
+    assert cut_params[0].outputs.embedding == cut[0].outputs.embedding
+    assert scores[0].outputs.score == pytest.approx(1.0, abs=1e-6) and scores[1].outputs.score < 0.999
+    with pytest.raises(ValueError, match="dimensions 8 is not supported"):
+        PoolingParams(dimensions=8)
+
+
 @pytest.fixture(scope="module")
 def mean_server(model: tuple[Path, Any]) -> Iterator[openai.OpenAI]:
     """A server whose embeddings are MEAN-pooled and not normalized (its --pooler-config, as JSON text)."""

@@ -21,6 +21,7 @@ from treadle_frontend.outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from treadle_frontend.pooling_params import PoolingParams
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
@@ -35,6 +36,7 @@ __all__ = [
     "EngineDeadError",
     "LoRARequest",
     "Logprob",
+    "PoolingParams",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",

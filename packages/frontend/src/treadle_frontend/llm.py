@@ -24,7 +24,7 @@ from treadle_engine_core.heap import freeze_startup_heap
 from treadle_frontend.batch_runner import BatchRunner, LoRARequests, loras_per_prompt, params_per_prompt
 from treadle_frontend.beam_search import BeamSearchOutput, BeamSearchParams, beam_search_offline
 from treadle_frontend.engine_client import SyncEngineClient, make_engine_request
-from treadle_frontend.input_processor import InputProcessor, PromptType, embedding_params
+from treadle_frontend.input_processor import InputProcessor, PromptType, embedding_params, keep_last
 from treadle_frontend.output_processor import OutputProcessor
 from treadle_frontend.outputs import (
     EmbeddingOutput,
@@ -35,6 +35,8 @@ from treadle_frontend.outputs import (
     score_pairs,
     similarity,
 )
+from treadle_frontend.pooling_params import PoolingParams, check_truncate
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -118,18 +120,7 @@ class LLM:
         """vLLM's LLM.generate; `priority`: one per prompt (lower runs first; needs the priority policy);
         `lora_request`: the LoRA adapter every prompt runs with, or a list with one per prompt (None: the base
         model)."""
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompt_list: list[PromptType] = [prompts]  # type: ignore[list-item]
-        elif isinstance(prompts, (list, tuple)):
-            prompt_list = list(prompts)  # type: ignore[arg-type]
-        else:
-            raise TypeError(
-                "prompts must be a string, a list of token ids, a prompt dict ({'prompt': ...} or "
-                f"{{'prompt_token_ids': ...}}) or a list of those; got {type(prompts).__name__}"
-            )
-        encoded = [self.input_processor.encode_prompt(p) for p in prompt_list]
+        encoded = [self.input_processor.encode_prompt(p) for p in prompt_list(prompts)]
         return self._run(encoded, sampling_params, use_tqdm, priority, lora_request)
 
     def embed(
@@ -137,12 +128,25 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         use_tqdm: bool = True,
         lora_request: LoRARequests = None,
+        *,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
     ) -> list[EmbeddingRequestOutput]:
         """vLLM's LLM.embed on a decoder model: each prompt's embedding, its final hidden states pooled as the
         engine's pooler_config says (default: the last token's, L2-normalised; `LLM(pooler_config={"pooling_type":
         "MEAN", "normalize": False})`: their mean, as is); `out.outputs.embedding` is a list of hidden_size floats.
-        `lora_request`: as in `generate`."""
-        params = embedding_params(self.input_processor.model.pooler)
+        `lora_request`: as in `generate`; `pooling_params`: vLLM's per-call options (normalize,
+        truncate_prompt_tokens); `truncate_prompt_tokens`: each prompt's last N tokens (-1: max_model_len)."""
+        pooling = pooling_params or PoolingParams()
+        keep = (
+            truncate_prompt_tokens if truncate_prompt_tokens is not None else pooling.truncate_prompt_tokens
+        )
+        check_truncate(keep)
+        params = embedding_params(self.input_processor.model.pooler, pooling.normalize)
+        if keep is not None:  # the last tokens of each prompt, as token ids
+            limit = self.input_processor.model.max_model_len
+            encoded = [self.input_processor.encode_prompt(p)[1] for p in prompt_list(prompts)]
+            prompts = [{"prompt_token_ids": keep_last(ids, keep, limit)} for ids in encoded]
         outs = self.generate(prompts, params, use_tqdm, lora_request=lora_request)
         return [
             EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding or []))
@@ -150,15 +154,23 @@ class LLM:
         ]
 
     def score(
-        self, text_1: str | Sequence[str], text_2: str | Sequence[str], use_tqdm: bool = True
+        self,
+        text_1: str | Sequence[str],
+        text_2: str | Sequence[str],
+        use_tqdm: bool = True,
+        *,
+        lora_request: LoRARequest | None = None,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
     ) -> list[ScoringRequestOutput]:
-        """vLLM's LLM.score for an embedding model: the cosine similarity of each pair's embeddings (`embed`). One
-        text_1 against each text_2, or two lists of one length, pairwise."""
+        """vLLM's LLM.score for an embedding model: the cosine similarity of each pair's embeddings (`embed`, with
+        its `lora_request`, `pooling_params` and `truncate_prompt_tokens`). One text_1 against each text_2, or two
+        lists of one length, pairwise."""
         pairs = score_pairs(text_1, text_2)
         distinct = list(dict.fromkeys(t for pair in pairs for t in pair))
-        vectors = {
-            t: o.outputs.embedding for t, o in zip(distinct, self.embed(distinct, use_tqdm), strict=True)
-        }
+        embedded = self.embed(distinct, use_tqdm, lora_request, pooling_params=pooling_params,
+                              truncate_prompt_tokens=truncate_prompt_tokens)  # fmt: skip
+        vectors = {t: o.outputs.embedding for t, o in zip(distinct, embedded, strict=True)}
         return [
             ScoringRequestOutput(str(i), ScoringOutput(similarity(vectors[a], vectors[b])))
             for i, (a, b) in enumerate(pairs)
@@ -237,3 +249,17 @@ class LLM:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.shutdown()
+
+
+def prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """`prompts` as a list of prompts: one prompt (a string, a dict or a list of token ids) or a list of them."""
+    if isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+    ):
+        return [prompts]  # type: ignore[list-item]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)  # type: ignore[arg-type]
+    raise TypeError(
+        "prompts must be a string, a list of token ids, a prompt dict ({'prompt': ...} or "
+        f"{{'prompt_token_ids': ...}}) or a list of those; got {type(prompts).__name__}"
+    )
