@@ -118,10 +118,14 @@ def test_projections_hold_fp8_and_the_rest_does_not(tiny: tuple[Any, Any, Path])
     assert weight_bytes(plain) - weight_bytes(model) == saved
 
 
-def test_dummy_weights_are_quantized_after_the_fill(tmp_path: Path) -> None:
+def test_dummy_weights_are_quantized_after_the_fill(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = tf.LlamaConfig(**COMMON)
     path = make_dummy_model_dir(config, tmp_path / "dummy")
-    model = make_runner(path, load_format="dummy", quantization="fp8")._require_model()
+    with caplog.at_level("WARNING", logger="treadle_model_runner"):
+        model = make_runner(path, load_format="dummy", quantization="fp8")._require_model()
+    assert (
+        "fp8 projections on the CPU run the reference path" in caplog.text
+    )  # slow there: said once, at load
     plain = make_runner(path, load_format="dummy")._require_model()
     for (name, m), (_, p) in zip(model.named_modules(), plain.named_modules(), strict=True):
         if isinstance(m, Linear):

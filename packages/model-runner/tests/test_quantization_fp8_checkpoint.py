@@ -230,6 +230,10 @@ def _bad_scale(tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
     tensors["model.layers.0.mlp.down_proj.weight_scale"] = torch.ones(3, 1)
 
 
+def _static_scale_with_dynamic_activations(tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> None:
+    tensors["model.layers.0.mlp.down_proj.input_scale"] = torch.ones(1)
+
+
 MISMATCHED = {
     "unquantized projection": (_unquantize_q, r"'model\.layers\.0\.self_attn\.q_proj\.weight' is torch\.float32.*"
                                r"makes this projection float8_e4m3fn"),
@@ -238,6 +242,9 @@ MISMATCHED = {
     "split stacked layer": (_ignore_k, r"makes .*q_proj.*v_proj fp8 but leaves model\.layers\.1\.self_attn\.k_proj "
                             r"unquantized.*ignore all of them or none"),
     "scale shape": (_bad_scale, r"'model\.layers\.0\.mlp\.down_proj\.weight_scale' has shape \(3, 1\)"),
+    "input scale, dynamic activations": (_static_scale_with_dynamic_activations,
+                                         r"'model\.layers\.0\.mlp\.down_proj\.input_scale' is a static activation "
+                                         r"scale.*activations dynamically"),
 }  # fmt: skip
 
 

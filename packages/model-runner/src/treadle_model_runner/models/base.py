@@ -92,6 +92,12 @@ class CausalLM(nn.Module):
                     name, shard = hf_name.replace(f".{hf_part}.", f".{stacked}."), shard_id
                     break
             owner_name, _, attr = name.rpartition(".")
+            if name not in params and attr == "input_scale" and f"{owner_name}.weight_scale" in params:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} is a static activation scale, but config.json's "
+                    "quantization_config quantizes this projection's activations dynamically (per token): make "
+                    "the activations static there, or remove the checkpoint's input_scale tensors"
+                )
             if name not in params and attr in FP8_SCALES:
                 raise ValueError(
                     f"checkpoint tensor {hf_name!r} is an fp8 scale, but config.json's quantization_config does not "
