@@ -21,7 +21,12 @@ import transformers as tf
 from fp8_checkpoints import FORMATS, read_checkpoint, write_fp8_checkpoint
 from fp8_reference import fp8_checkpoint_reference
 from test_quantization_fp8_gpu import SMALL
-from test_runner_fakes import FakeScheduler, record_hidden, release_gpu_runner
+from test_runner_fakes import (
+    FakeScheduler,
+    check_graph_decode_equals_eager,
+    record_hidden,
+    release_gpu_runner,
+)
 
 from treadle_model_runner import CacheConfig, ModelConfig
 from treadle_model_runner.runner import ModelRunner
@@ -80,19 +85,4 @@ def test_top1_agrees_with_the_torch_reference(hf: Any, checkpoint: Path) -> None
 
 
 def test_cuda_graph_decode_equals_eager(checkpoint: Path) -> None:
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(1, SMALL["vocab_size"], (n,), generator=gen).tolist() for n in (5, 9, 17, 3, 40)]
-    results = []
-    for eager in (True, False):
-        runner = _runner(checkpoint, eager=eager)
-        assert (runner.graphs is None) == eager
-        sched = FakeScheduler(runner)
-        hidden = record_hidden(runner)
-        for i, p in enumerate(prompts):
-            sched.add(f"r{i}", p, max_tokens=16 + i)
-        results.append((sched.run(budget=64), [h.float().cpu() for h in hidden]))
-        release_gpu_runner(runner)
-    (eager_tokens, eager_hidden), (graph_tokens, graph_hidden) = results
-    assert graph_tokens == eager_tokens
-    for h_eager, h_graph in zip(eager_hidden, graph_hidden, strict=True):
-        torch.testing.assert_close(h_graph, h_eager, atol=2e-2, rtol=2e-2)
+    check_graph_decode_equals_eager(lambda eager: _runner(checkpoint, eager=eager), SMALL["vocab_size"])

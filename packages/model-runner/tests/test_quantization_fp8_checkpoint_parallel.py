@@ -20,11 +20,10 @@ import torch
 import transformers as tf
 from fp8_checkpoints import FORMATS, read_checkpoint, write_fp8_checkpoint
 from fp8_reference import fp8_checkpoint_reference
-from test_quantization_fp8_parallel import CONFIG, MAX_TOKENS, PROMPTS
-from test_runner_fakes import FakeScheduler, make_runner, perturb_
+from test_quantization_fp8_parallel import CONFIG, MAX_TOKENS, PROMPTS, greedy_with_logprobs
+from test_runner_fakes import make_runner, perturb_
 from test_runner_parallel import _free_port
 
-from treadle_model_runner import SamplingParams
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
 
 CHECKPOINTS = ("ct-channel-dynamic", "fp8-static")
@@ -33,14 +32,7 @@ LAYERS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.dow
 
 def _run(path: Path) -> dict[str, Any]:
     runner = make_runner(path, tensor_parallel_size=2)
-    sched = FakeScheduler(runner, seed=5)
-    for i, prompt in enumerate(PROMPTS):
-        sched.add(f"r{i}", prompt, SamplingParams(temperature=0.0, logprobs=3), max_tokens=MAX_TOKENS)
-    tokens = sched.run(budget=8)
-    logprobs: dict[str, list[tuple[list[int], list[float]]]] = {f"r{i}": [] for i in range(len(PROMPTS))}
-    for out in sched.outputs:
-        for req_id, per_token in zip(out.req_ids, out.logprobs, strict=False):
-            logprobs[req_id] += [(list(lp.token_ids), list(lp.logprobs)) for lp in per_token or []]
+    decoded = greedy_with_logprobs(runner)
     model = runner._require_model()
     layers = {}  # plain lists: tensors would cross the queue as shared memory the exiting rank takes along
     for i in range(CONFIG["num_hidden_layers"]):
@@ -49,7 +41,7 @@ def _run(path: Path) -> dict[str, Any]:
             input_scale = None if m.input_scale is None else m.input_scale.tolist()
             layers[f"model.layers.{i}.{name}"] = (m.weight.view(torch.uint8).tolist(), m.weight_scale.tolist(),
                                                   input_scale)  # fmt: skip
-    return {"tokens": tokens, "logprobs": logprobs, "layers": layers}
+    return {**decoded, "layers": layers}
 
 
 def _rank_main(rank: int, init_method: str, paths: list[Path], results: Any) -> None:

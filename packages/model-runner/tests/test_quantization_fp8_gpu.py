@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, record_hidden, release_gpu_runner
+from test_runner_fakes import (
+    FakeScheduler,
+    check_graph_decode_equals_eager,
+    record_hidden,
+    release_gpu_runner,
+)
 
 from treadle_model_runner import CacheConfig, ModelConfig
 from treadle_model_runner.loader import make_dummy_model_dir
@@ -44,22 +49,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fp8_cuda_graph_decode_equals_eager(small: Path) -> None:
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(1, 2048, (n,), generator=gen).tolist() for n in (5, 9, 17, 3, 40)]
-    results = []
-    for eager in (True, False):
-        runner = _runner(small, "fp8", eager=eager)
-        assert (runner.graphs is None) == eager
-        sched = FakeScheduler(runner)
-        hidden = record_hidden(runner)
-        for i, p in enumerate(prompts):
-            sched.add(f"r{i}", p, max_tokens=16 + i)
-        results.append((sched.run(budget=64), [h.float().cpu() for h in hidden]))
-        release_gpu_runner(runner)
-    (eager_tokens, eager_hidden), (graph_tokens, graph_hidden) = results
-    assert graph_tokens == eager_tokens
-    for h_eager, h_graph in zip(eager_hidden, graph_hidden, strict=True):
-        torch.testing.assert_close(h_graph, h_eager, atol=2e-2, rtol=2e-2)
+    check_graph_decode_equals_eager(lambda eager: _runner(small, "fp8", eager=eager), 2048)
 
 
 def _teacher_forced_top1(path: Path, quantization: str | None, sequences: list[list[int]]) -> torch.Tensor:

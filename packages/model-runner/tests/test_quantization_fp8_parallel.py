@@ -22,6 +22,7 @@ from test_runner_parallel import _free_port
 
 from treadle_model_runner import SamplingParams
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
+from treadle_model_runner.runner import ModelRunner
 
 CONFIG = {"vocab_size": 129, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -31,8 +32,8 @@ PROMPTS = [[5, 17, 33, 2, 90, 61, 7], [100, 4, 4, 28, 77, 3, 12, 45, 9, 11, 64, 
 MAX_TOKENS = 10
 
 
-def _run(path: Path, tp: int) -> dict[str, Any]:
-    runner = make_runner(path, quantization="fp8", tensor_parallel_size=tp)
+def greedy_with_logprobs(runner: ModelRunner) -> dict[str, Any]:
+    """PROMPTS decoded greedily for MAX_TOKENS with 3 logprobs a token, 8 tokens a step: tokens and logprobs."""
     sched = FakeScheduler(runner, seed=5)
     for i, prompt in enumerate(PROMPTS):
         sched.add(f"r{i}", prompt, SamplingParams(temperature=0.0, logprobs=3), max_tokens=MAX_TOKENS)
@@ -41,12 +42,18 @@ def _run(path: Path, tp: int) -> dict[str, Any]:
     for out in sched.outputs:
         for req_id, per_token in zip(out.req_ids, out.logprobs, strict=False):
             logprobs[req_id] += [(list(lp.token_ids), list(lp.logprobs)) for lp in per_token or []]
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+def _run(path: Path, tp: int) -> dict[str, Any]:
+    runner = make_runner(path, quantization="fp8", tensor_parallel_size=tp)
+    decoded = greedy_with_logprobs(runner)
     layer = runner._require_model().model.layers[0]
     weights = {  # plain lists: tensors would cross the queue as shared memory the exiting rank takes along
         name: (m.weight.view(torch.uint8).tolist(), m.weight_scale.tolist())
         for name, m in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj))
     }
-    return {"tokens": tokens, "logprobs": logprobs, "weights": weights}
+    return {**decoded, "weights": weights}
 
 
 def _rank_main(rank: int, init_method: str, path: Path, results: Any) -> None:

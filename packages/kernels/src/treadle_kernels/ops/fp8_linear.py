@@ -26,7 +26,7 @@ from treadle_ir import ops
 from treadle_ir.ops.fp8 import FP8_DTYPE
 
 from .. import envs
-from .support import check_tensor, rows_view, triton_supported
+from .support import check_tensor, row_count, rows_view, triton_supported
 
 __all__ = ["MAX_ROWS", "register", "scaled_mm_linear"]
 
@@ -38,10 +38,6 @@ BLOCK_K_QUANT = 1024
 @functools.cache
 def _max_rows() -> int:
     return envs.FP8_LINEAR_MAX_ROWS(MAX_ROWS, DEFAULT_ROWS)
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +142,7 @@ def fp8_linear(
     bias: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    num_rows = _rows(x)
+    num_rows = row_count(x)
     if num_rows <= _max_rows():
         return _small_m(x, weight, weight_scale, bias, input_scale)
     if _scaled_mm_reason(x, weight) is not None:

@@ -21,7 +21,7 @@ from treadle_ir import ops
 
 from .. import envs
 from .linear_checks import LinearChecks, register_linear_ops
-from .support import check_tensor, num_sms, pdl_enabled, rows_view, triton_supported
+from .support import check_tensor, num_sms, pdl_enabled, row_count, rows_view, triton_supported
 
 __all__ = ["MAX_ROWS", "register"]
 
@@ -87,10 +87,6 @@ def _config(prologue: int, num_rows: int, n: int, k: int) -> Config | None:
     if prologue == _PLAIN:
         return Config(16, 32, 256, 4, 4) if n <= 8192 else Config(16, 64, 128, 4, 4)
     return None
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def _launch(
@@ -176,7 +172,7 @@ def shaped(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     k = x.shape[-1]
-    if (cfg := _config(_PLAIN, _rows(x), weight.shape[0], k)) is None:
+    if (cfg := _config(_PLAIN, row_count(x), weight.shape[0], k)) is None:
         return F.linear(x, weight, bias)
     return _launch(_PLAIN, x, k, weight, bias, cfg)[0]
 
@@ -190,7 +186,7 @@ def add_rms_norm_linear(
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
-    if (cfg := _config(_NORM, _rows(x), weight.shape[0], k)) is None:
+    if (cfg := _config(_NORM, row_count(x), weight.shape[0], k)) is None:
         normed, residual_out = ops.fused_add_rms_norm(x, residual, norm_weight, epsilon)
         return F.linear(normed, weight, bias), residual_out
     out, residual_out = _launch(_NORM, x, k, weight, bias, cfg, residual, norm_weight, epsilon)
@@ -202,7 +198,7 @@ def _gated_linear(
     prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     k = x.shape[-1] // 2
-    if (cfg := _config(prologue, _rows(x), weight.shape[0], k)) is None:
+    if (cfg := _config(prologue, row_count(x), weight.shape[0], k)) is None:
         act = ops.silu_and_mul if prologue == _SILU else ops.gelu_tanh_and_mul
         return F.linear(act(x), weight, bias)
     return _launch(prologue, x, k, weight, bias, cfg)[0]

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _rows, prepare_launch, shaped
+from .linear import prepare_launch, shaped
 from .linear_kernels import _input_tile, norm_prepass
-from .support import pdl_enabled
+from .support import pdl_enabled, row_count
 
 __all__ = ["launch_stream", "stream_linear_kernel"]
 
@@ -141,7 +141,7 @@ def launch_stream(
     Arguments as ``linear._launch``, with the tiles spelled out and ``num_programs`` the persistent grid. One row
     reduces with a multiply and a row sum (no ``tl.dot``), so there is nothing to upcast for the interpreter.
     ``peel`` (default: with PDL) loads the first weight tile before the loop; tests set it without PDL."""
-    if (rows := _rows(x)) > 1:
+    if (rows := row_count(x)) > 1:
         raise ValueError(
             f"launch_stream takes one row, x has {rows}: the kernel would compute only the first; "
             "use linear._launch for several rows"

@@ -70,6 +70,11 @@ def check_tensor(t: torch.Tensor, name: str, dtypes: frozenset[torch.dtype] = FL
     return None
 
 
+def row_count(x: torch.Tensor) -> int:
+    """How many rows of its last dimension ``x`` holds (0 for an empty last dimension)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def rows_view(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` as a 2-D [rows, last] view without copying, or ``None`` when its layout does not allow it."""
     if t.dim() == 2:
