@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from treadle import cli, cli_serve
+from treadle import cli, cli_serve, serve_report
 from treadle_engine_core.config import SchedulerConfig
 from treadle_frontend import engine_factory
 from treadle_frontend.engine_factory import EngineArgs
@@ -251,8 +251,8 @@ def test_start_up_report_names_a_checkpoints_quantization(tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text(
         json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}})
     )
-    assert cli_serve.quantization_label(ModelConfig(str(tmp_path))) == "compressed-tensors checkpoint"
-    assert cli_serve.quantization_label(ModelConfig(str(tmp_path), quantization="fp8")) == "fp8"
+    assert serve_report.quantization_label(ModelConfig(str(tmp_path))) == "compressed-tensors checkpoint"
+    assert serve_report.quantization_label(ModelConfig(str(tmp_path), quantization="fp8")) == "fp8"
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    assert cli_serve.quantization_label(ModelConfig(str(tmp_path))) == "none"
-    assert cli_serve.quantization_label(ModelConfig(str(tmp_path / "missing"))) == "none"
+    assert serve_report.quantization_label(ModelConfig(str(tmp_path))) == "none"
+    assert serve_report.quantization_label(ModelConfig(str(tmp_path / "missing"))) == "none"

@@ -18,8 +18,9 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
+
+from treadle.serve_report import platform_report, startup_report
 
 logger = logging.getLogger("treadle.serve")
 
@@ -234,65 +235,6 @@ def _apply_ir_priority(spec: str | None) -> None:
         os.environ["TREADLE_IR_OP_PRIORITY"] = spec
 
 
-def _startup_report(llm: Any, server_url: str, seconds: float) -> None:
-    info = llm.model
-    logger.info("Model: %s (%s) | max_model_len %d", info.name, info.path, info.max_model_len)
-    logger.info("KV cache capacity: %s tokens", info.kv_capacity_tokens)
-    logger.info(
-        "treadle is ready in %.1f s: serving %s at %s/v1 (OpenAI, Anthropic /v1/messages)",
-        seconds,
-        info.name,
-        server_url,
-    )
-
-
-def _platform_report(model_config: Any) -> None:
-    """Device, dtype, attention backend and IR dispatch. Runs in a thread once the server is up: it imports
-    torch, which the API process does not otherwise need, so it stays off the start-up path."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = model_config.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    backend = model_config.attention_backend
-    if backend == "auto":
-        backend = "triton" if device == "cuda" else "torch"
-    logger.info("Platform: device %s | dtype %s | quantization %s | attention backend %s", device, dtype,
-                quantization_label(model_config), backend)  # fmt: skip
-    logger.info("IR dispatch: %s", _ir_summary())
-
-
-def quantization_label(model_config: Any) -> str:
-    """What the start-up report says of quantization: the option asked for, else the checkpoint's own (config.json's
-    quantization_config, which the engine loads as it is), else none."""
-    if model_config.quantization:
-        return str(model_config.quantization)
-    try:
-        quant = json.loads((Path(model_config.model) / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return "none"
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    return f"{method} checkpoint" if method else "none"
-
-
-def _ir_summary() -> str:
-    """One line: which provider each IR op dispatches to on this machine (from treadle_ir.report())."""
-    try:
-        import treadle_ir
-        import treadle_kernels  # noqa: F401  (registers the kernel providers the report lists)
-
-        report = str(treadle_ir.report())
-    except Exception as e:  # the summary is informative only
-        return f"unavailable ({e})"
-    picks = []
-    for line in report.splitlines():
-        if ": selected " in line and not line.startswith(" "):
-            op, rest = line.split(": selected ", 1)
-            picks.append(f"{op.strip()}={rest.split()[0]}")
-    return ", ".join(picks) or report.splitlines()[0]
-
-
 def _import_web_stack() -> None:
     import uvicorn  # noqa: F401
 
@@ -370,12 +312,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def on_ready() -> None:
         """Start-up done (the --lora-modules adapters loaded): say so, just before connections are accepted."""
-        _startup_report(llm, server_config.url, time.monotonic() - t0)
+        startup_report(llm, server_config.url, time.monotonic() - t0)
         if args.data_parallel_size > 1:
             logger.info("Data parallel: %d engine processes, each holding the whole model and its own KV cache "
                         "(the capacity above is one engine's)", args.data_parallel_size)  # fmt: skip
         threading.Thread(
-            target=_platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True
+            target=platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True
         ).start()
 
     try:
