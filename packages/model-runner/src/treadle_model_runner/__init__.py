@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
 from treadle_model_runner.kv_cache_spec import KVCacheConfig, KVCacheGroupSpec
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import Logprobs, ModelRunnerOutput
@@ -30,6 +30,7 @@ __all__ = [
     "RequestOutputKind",
     "SamplingParams",
     "SchedulerOutput",
+    "SpeculativeConfig",
     "StructuredOutputsParams",
 ]
 

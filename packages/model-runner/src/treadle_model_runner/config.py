@@ -169,3 +169,49 @@ class LoRAConfig:
     def num_cpu_loras(self) -> int:
         """Adapters the host-memory cache holds."""
         return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's speculative_config): a proposer drafts tokens, one step verifies them all.
+
+    ngram (prompt lookup): the longest suffix of the request's tokens (between prompt_lookup_min and
+    prompt_lookup_max tokens long) that also occurs earlier in its prompt + output proposes the tokens that
+    followed that earlier occurrence, at most num_speculative_tokens of them. The target model scores the last
+    token plus the drafts in one step; drafts are kept while they equal what the model samples at their
+    position, so the output is the same as without speculation.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 5  # most draft tokens per request per step
+    # the longest n-gram matched (None: prompt_lookup_min, or 5 when both are None, as vLLM)
+    prompt_lookup_max: int | None = None
+    # the shortest n-gram matched (None: prompt_lookup_max, or 5 when both are None)
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_config method {self.method!r} is not supported; "
+                f"supported: {', '.join(SPECULATIVE_METHODS)}"
+            )
+        if self.num_speculative_tokens < 1:
+            raise ValueError(
+                f"speculative_config num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
+            )
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo = hi if lo is None else lo
+        hi = lo if hi is None else hi
+        assert lo is not None and hi is not None
+        if lo < 1 or hi < lo:
+            raise ValueError(
+                "speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"prompt_lookup_min={self.prompt_lookup_min}, prompt_lookup_max={self.prompt_lookup_max}"
+            )
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)

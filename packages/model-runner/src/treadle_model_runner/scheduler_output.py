@@ -10,7 +10,10 @@ Invariants the runner relies on:
 - `num_computed_tokens + num_scheduled_tokens[req_id] <= len(all tokens known to the runner) + 1`
   (a decode step schedules exactly the one token sampled last step);
 - the blocks in `block_ids` (per KV-cache group) cover `num_computed_tokens + num_scheduled_tokens` slots;
-- `finished_req_ids` and `preempted_req_ids` are dropped from the runner's state before this step runs.
+- `finished_req_ids` and `preempted_req_ids` are dropped from the runner's state before this step runs;
+- a request in `scheduled_spec_decode_tokens` is decoding: num_computed_tokens == its known tokens - 1 and
+  num_scheduled_tokens == 1 + len(drafts); the blocks cover the draft slots too. The runner's output for it
+  is 1 to 1 + len(drafts) tokens; the scheduler then sets num_computed_tokens to what was accepted.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int  # sum of num_scheduled_tokens
     finished_req_ids: set[str] = field(default_factory=set)  # finished or aborted since last step: drop them
     preempted_req_ids: set[str] = field(default_factory=set)  # preempted this step: drop their rows
+    # request id -> draft tokens to verify this step (speculative decoding; decoding requests only). Such a
+    # request's num_scheduled_tokens is 1 + len(drafts): its last sampled token, then the drafts. The runner
+    # samples at all 1 + len(drafts) positions and returns the longest prefix of samples that follows the
+    # drafts: each draft kept while it equals the sample at its position, then one sample more.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> SchedulerOutput:
