@@ -15,7 +15,7 @@ from treadle_engine_core.kv_cache_manager import KVCacheManager
 from treadle_engine_core.messages import EngineCoreOutputs
 from treadle_engine_core.request import FinishReason
 from treadle_model_runner import CacheConfig, ModelConfig, ModelRunnerOutput, SamplingParams, SchedulerOutput
-from treadle_model_runner.config import LoRAConfig
+from treadle_model_runner.config import LoRAConfig, SpeculativeConfig
 
 
 class SyncFakeExecutor(FakeExecutor):
@@ -35,6 +35,7 @@ def make_engine(
     fake: FakeRunnerConfig | None = None,
     enable_prefix_caching: bool = True,
     lora: LoRAConfig | None = None,
+    speculative_config: SpeculativeConfig | None = None,
     **scheduler_kwargs: object,
 ) -> EngineCore:
     fake = fake or FakeRunnerConfig()
@@ -49,6 +50,7 @@ def make_engine(
         executor="fake",
         fake_runner=fake,
         lora_config=lora or LoRAConfig(),
+        speculative_config=speculative_config,
     )
     return EngineCore(cfg, executor=SyncFakeExecutor(cfg))
 

@@ -3,7 +3,10 @@
 Random arrivals, prompt and output lengths, shared prefixes, salts, aborts, priorities, chunking, async
 scheduling, sliding-window groups and tight memory (forcing preemption). Invariants:
 - at every step: ref counts equal owners, shared blocks are cached prefixes, free queue = unreferenced blocks
-  (and the fake runner's shadow KV check: every position read holds the request's own token);
+  (and the fake runner's shadow KV check: every position read holds the request's own token); the step keeps
+  to max_num_batched_tokens and max_num_seqs; only blocks full of known tokens are published; drafts
+  (test_spec_scheduler.py runs these workloads with speculative decoding) go to decoding requests only, at most
+  num_speculative_tokens of them, never more than the request may still produce;
 - every request that is not aborted ends by its own stop condition with exactly the fake model's tokens;
   an aborted one produced a prefix of them;
 - every prefix hit equals the longest full-block prefix already computed (with the same salt), as long as no
@@ -20,8 +23,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from treadle_engine_core.config import FakeRunnerConfig
+from treadle_engine_core.core import EngineCore
 from treadle_engine_core.messages import EngineCoreRequest
 from treadle_model_runner import SamplingParams, SchedulerOutput
+from treadle_model_runner.config import SpeculativeConfig
 
 VOCAB = 40
 
@@ -128,14 +133,43 @@ def _check_prefix_hits(engine, so: SchedulerOutput, oracle: PrefixOracle, salts:
         oracle.record(salts[new.req_id], req.all_token_ids, min(req.num_computed_tokens, req.num_tokens))
 
 
+def _check_step(engine: EngineCore, so: SchedulerOutput, spec: SpeculativeConfig | None) -> None:
+    sched = engine.scheduler
+    cfg = sched.config
+    assert so.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
+    assert len(so.num_scheduled_tokens) <= cfg.max_num_seqs
+    bs = sched.kv.block_size
+    for rid, num_published in sched.kv.num_cached_blocks.items():
+        num_known = len(sched.requests[rid].all_token_ids)
+        assert num_published * bs <= num_known, f"{rid}: block with unknown (draft) tokens published"
+    if spec is None:
+        assert not so.scheduled_spec_decode_tokens
+        return
+    for rid, drafts in so.scheduled_spec_decode_tokens.items():
+        req = sched.requests[rid]
+        num_known = len(req.all_token_ids)
+        assert 1 <= len(drafts) <= spec.num_speculative_tokens
+        assert so.num_scheduled_tokens[rid] == 1 + len(drafts)
+        assert req.num_computed_tokens == num_known + len(drafts), f"{rid} was not decoding"
+        assert len(req.output_token_ids) + len(drafts) + 1 <= req.max_tokens, f"{rid}: drafts past max_tokens"
+        assert num_known + len(drafts) + 1 <= sched.max_model_len, f"{rid}: drafts past max_model_len"
+        assert req.sampling_params.structured_outputs is None
+
+
 @settings(max_examples=450, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_scheduler_invariants(w: dict) -> None:
+    run_workload(w)
+
+
+def run_workload(w: dict, spec: SpeculativeConfig | None = None) -> EngineCore:
+    """Drive the workload to its end checking every invariant above; returns the engine (for more checks)."""
     engine = make_engine(
         max_model_len=w["max_model_len"],
         block_size=w["block_size"],
         num_blocks=w["num_blocks"],
         fake=w["fake"],
+        speculative_config=spec,
         **w["scheduler"],
     )
     sched = engine.scheduler
@@ -152,6 +186,7 @@ def test_scheduler_invariants(w: dict) -> None:
     def schedule_and_check() -> SchedulerOutput:
         so = real_schedule()
         _check_prefix_hits(engine, so, oracle, salts, plp)
+        _check_step(engine, so, spec)
         return so
 
     sched.schedule = schedule_and_check  # type: ignore[method-assign]
@@ -206,3 +241,4 @@ def test_scheduler_invariants(w: dict) -> None:
     event(f"prefix hit: {stats.prefix_cache_hits > 0}")
     event(f"aborted: {bool(aborted)}")
     event(f"async: {w['scheduler']['async_scheduling']}")
+    return engine

@@ -2,15 +2,23 @@
 
 `SchedulerConfig` is frozen and validated in __post_init__; values that depend on the model (max_model_len,
 async scheduling on GPU) are settled by `resolve()` once the executor reports them. `EngineConfig` composes
-the model runner's `ModelConfig`, `CacheConfig` and `LoRAConfig` with it, plus the executor choice.
+the model runner's `ModelConfig`, `CacheConfig`, `LoRAConfig` and `SpeculativeConfig` with it, plus the executor
+choice.
+
+Speculative decoding and async scheduling exclude each other: a step's drafts come from the tokens the last
+step returned and its accepted count moves num_computed_tokens back, so the next step cannot be scheduled before
+this one's tokens are known. With a speculative_config async scheduling defaults to off, and asking for both is
+an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
-from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
 
 POLICIES = ("fcfs", "priority")
 EXECUTORS = ("inproc", "fake")
@@ -51,8 +59,9 @@ class SchedulerConfig:
                     "--max-num-batched-tokens, lower --max-model-len, or enable chunked prefill"
                 )
 
-    def resolve(self, model_max_model_len: int, has_cuda: bool) -> SchedulerConfig:
-        """Settle model-dependent defaults: max_model_len (capped by the model's) and async scheduling."""
+    def resolve(self, model_max_model_len: int, has_cuda: bool, speculative: bool = False) -> SchedulerConfig:
+        """Settle model-dependent defaults: max_model_len (capped by the model's) and async scheduling (off with
+        speculative decoding)."""
         max_len = self.max_model_len
         if max_len is None:
             max_len = model_max_model_len
@@ -61,8 +70,42 @@ class SchedulerConfig:
                 f"max_model_len ({max_len}) is larger than the model's maximum context length "
                 f"({model_max_model_len}); lower --max-model-len"
             )
-        async_sched = has_cuda if self.async_scheduling is None else self.async_scheduling
+        check_async_with_speculation(self.async_scheduling, speculative)
+        async_sched = (
+            (has_cuda and not speculative) if self.async_scheduling is None else self.async_scheduling
+        )
         return dataclasses.replace(self, max_model_len=max_len, async_scheduling=async_sched)
+
+
+def check_async_with_speculation(async_scheduling: bool | None, speculative: bool) -> None:
+    if async_scheduling and speculative:
+        raise ValueError(
+            "async scheduling does not run with speculative decoding (a step's drafts and accepted tokens must be "
+            "known before the next step is scheduled); drop --async-scheduling or --speculative-config"
+        )
+
+
+def parse_speculative_config(
+    value: SpeculativeConfig | dict[str, Any] | str | None,
+) -> SpeculativeConfig | None:
+    """A SpeculativeConfig from itself, a dict or its JSON text (--speculative-config); None: speculation off. A key
+    that is not a field is a ValueError naming it and the valid ones."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"speculative_config {value!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"speculative_config must be a JSON object (or a SpeculativeConfig), got {value!r}")
+    known = [f.name for f in dataclasses.fields(SpeculativeConfig)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(
+            f"speculative_config: {', '.join(map(repr, unknown))} not supported; its keys are {', '.join(known)}"
+        )
+    return SpeculativeConfig(**value)
 
 
 @dataclass(frozen=True)
@@ -79,10 +122,15 @@ class FakeRunnerConfig:
     check_kv: bool = True  # keep a shadow KV cache and assert every read returns the request's own tokens
     fail_on_step: int = -1  # raise in this step (>= 0), to test error propagation
     startup_delay_s: float = 0.0  # sleep while "loading", to test signals during start-up
+    # > 0: the token at position p is the one at p % repeat_period (EOS stays aperiodic), so output repeats and
+    # the n-gram proposer's drafts are accepted (speculative decoding tests)
+    repeat_period: int = 0
 
     def __post_init__(self) -> None:
         if self.vocab_size < 3:
             raise ValueError(f"vocab_size must be >= 3, got {self.vocab_size}")
+        if self.repeat_period < 0:
+            raise ValueError(f"repeat_period must be >= 0 (0 = off), got {self.repeat_period}")
 
 
 @dataclass(frozen=True)
@@ -96,8 +144,14 @@ class EngineConfig:
     data_parallel_size: int = 1  # engine processes, each on its own device(s) (dp_client.py; API server only)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES the engine process sets first (data parallel)
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters (off unless enable_lora)
+    # speculative decoding (None: off); a dict or its JSON text is parsed into a SpeculativeConfig
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config", parse_speculative_config(self.speculative_config))
+        check_async_with_speculation(
+            self.scheduler_config.async_scheduling, self.speculative_config is not None
+        )
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
         if self.data_parallel_size < 1:

@@ -20,6 +20,7 @@ from treadle_engine_core.executor import Executor
 from treadle_engine_core.messages import EngineCoreOutputs, EngineCoreRequest, EngineReady, SchedulerStats
 from treadle_engine_core.request import Request, RequestStatus, check_vocabulary
 from treadle_engine_core.scheduler import Scheduler
+from treadle_model_runner.config import SpeculativeConfig
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.scheduler_output import SchedulerOutput
@@ -35,6 +36,16 @@ _NO_OUTPUT = ModelRunnerOutput.empty()
 def _has_work(so: SchedulerOutput) -> bool:
     """Whether the runner must see this step (tokens to run, or rows to drop)."""
     return bool(so.total_num_scheduled_tokens or so.finished_req_ids or so.preempted_req_ids)
+
+
+def describe_speculation(spec: SpeculativeConfig | None) -> str:
+    """The speculative config in words, for start-up logs ("off" without one)."""
+    if spec is None:
+        return "off"
+    return (
+        f"{spec.method} (num_speculative_tokens={spec.num_speculative_tokens}, "
+        f"prompt_lookup_min={spec.prompt_lookup_min}, prompt_lookup_max={spec.prompt_lookup_max})"
+    )
 
 
 def _has_cuda() -> bool:
@@ -57,7 +68,10 @@ class EngineCore:
         self.executor = executor if executor is not None else Executor.create(config)
         self.kv_cache_config = self.executor.initialize()
         has_cuda = config.executor != "fake" and _has_cuda()
-        self.scheduler_config = config.scheduler_config.resolve(self.executor.max_model_len, has_cuda)
+        spec = config.speculative_config
+        self.scheduler_config = config.scheduler_config.resolve(
+            self.executor.max_model_len, has_cuda, speculative=spec is not None
+        )
         # the runner may then return before a step's tokens reach the host (the queue below waits for them)
         self.executor.set_async_output(bool(self.scheduler_config.async_scheduling))
         self.scheduler = Scheduler(
@@ -68,6 +82,7 @@ class EngineCore:
             log_stats=config.log_stats,
             max_loras=config.max_loras,
             hold_lora=self.executor.hold_lora if config.max_loras else None,
+            speculative_config=spec,
         )
         self.max_model_len: int = self.scheduler.max_model_len
         self.max_logprobs: int = config.model_config.max_logprobs  # per request; -1 = the whole vocabulary
@@ -77,13 +92,14 @@ class EngineCore:
         ] = deque()
         logger.info(
             "engine core: max_model_len=%d, max_num_seqs=%d, max_num_batched_tokens=%d, policy=%s, "
-            "prefix caching=%s, async scheduling=%s, KV capacity %d tokens",
+            "prefix caching=%s, async scheduling=%s, speculative decoding=%s, KV capacity %d tokens",
             self.max_model_len,
             self.scheduler_config.max_num_seqs,
             self.scheduler_config.max_num_batched_tokens,
             self.scheduler_config.policy,
             config.cache_config.enable_prefix_caching,
             self.scheduler_config.async_scheduling,
+            describe_speculation(spec),
             self.kv_cache_config.num_tokens,
         )
 

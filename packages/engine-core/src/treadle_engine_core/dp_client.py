@@ -53,7 +53,14 @@ def _sum_stats(stats: list[msg.SchedulerStats]) -> msg.SchedulerStats:
     total = msg.SchedulerStats()
     for s in stats:
         for f in msg.SchedulerStats.__struct_fields__:
-            if f != "kv_cache_usage":
+            if f == "spec_num_accepted_tokens_per_pos":  # per position: element-wise
+                mine, theirs = total.spec_num_accepted_tokens_per_pos, s.spec_num_accepted_tokens_per_pos
+                longest = max(len(mine), len(theirs))
+                total.spec_num_accepted_tokens_per_pos = [
+                    (mine[i] if i < len(mine) else 0) + (theirs[i] if i < len(theirs) else 0)
+                    for i in range(longest)
+                ]
+            elif f != "kv_cache_usage":
                 setattr(total, f, getattr(total, f) + getattr(s, f))
     total.kv_cache_usage = sum(s.kv_cache_usage for s in stats) / max(1, len(stats))
     return total

@@ -7,6 +7,12 @@ known in advance however it was batched, chunked or preempted. With `check_kv` i
 cache (slot -> token id and LoRA adapter id), writes every scheduled token through the block tables and checks
 every position a query could attend to holds that request's own token, computed under its own adapter: a leaked,
 double-owned or wrongly shared block fails. LoRA adapters are only counted (`loras`, `most_loras_in_a_step`).
+
+Speculative decoding: a request with drafts in `scheduled_spec_decode_tokens` is verified as the contract says.
+Its drafts are written into their KV slots like any token; the output is each draft while it equals
+`fake_token` at its position, then one `fake_token` more. Rejected drafts leave their slots stale: the shadow-KV
+check then proves the scheduler schedules those positions again before anything reads them, and never shares a
+block holding them.
 """
 
 from __future__ import annotations
@@ -29,13 +35,20 @@ def fake_token(request_id: str, position: int, config: FakeRunnerConfig, seed: i
     """The token the fake model samples at `position` (0-based index in prompt + output) of a request."""
     if seed is None:
         seed = zlib.crc32(request_id.encode())
+    x = _mix(seed, position)
+    if config.eos_every and x % config.eos_every == 0:
+        return config.eos_token_id
+    if config.repeat_period:
+        x = _mix(seed, position % config.repeat_period)
+    return 2 + (x >> 5) % (config.vocab_size - 2)
+
+
+def _mix(seed: int, position: int) -> int:
     x = (seed * 0x9E3779B1 + (position + 1) * 0x85EBCA77) & _MASK
     x ^= x >> 15
     x = (x * 0x2C1B3C6D) & _MASK
     x ^= x >> 12
-    if config.eos_every and x % config.eos_every == 0:
-        return config.eos_token_id
-    return 2 + (x >> 5) % (config.vocab_size - 2)
+    return x
 
 
 @dataclass(slots=True)
@@ -68,6 +81,8 @@ class FakeModelRunner:
         self.most_loras_in_a_step = 0  # distinct adapters of the busiest step
         self.unloadable_loras: set[int] = set()  # adapters whose (re)load at admission fails (tests set it)
         self.held_loras: dict[str, int] = {}  # request id -> adapter held at its last admission
+        self.num_draft_tokens = 0  # drafts verified (speculative decoding)
+        self.num_rejected_draft_tokens = 0  # drafts whose slots were left stale
 
     def add_lora(self, request: Any, load_inplace: bool = False) -> bool:
         self.loras.add(request.lora_int_id)
@@ -130,6 +145,16 @@ class FakeModelRunner:
                 for g, ids in enumerate(new_ids):
                     st.block_ids[g].extend(ids)
         assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
+        for rid, drafts in so.scheduled_spec_decode_tokens.items():
+            st = self.reqs[rid]
+            assert drafts and st.num_computed_tokens == len(st.tokens) - 1, (
+                f"{rid}: drafts {drafts} for a request that is not decoding ({st.num_computed_tokens} computed of "
+                f"{len(st.tokens)} tokens)"
+            )
+            assert so.num_scheduled_tokens[rid] == 1 + len(drafts), (
+                f"{rid}: {so.num_scheduled_tokens[rid]} tokens scheduled for {len(drafts)} drafts"
+            )
+            st.tokens.extend(drafts)  # the positions this step computes (verify() takes back the rejected)
         step_loras = {self.reqs[rid].lora_id for rid in so.num_scheduled_tokens} - {0}
         self.most_loras_in_a_step = max(self.most_loras_in_a_step, len(step_loras))
         if self.config.check_kv:
@@ -156,15 +181,19 @@ class FakeModelRunner:
                     Logprobs([st.tokens[p + 1]], [-1.0], 1)
                     for p in range(start, min(end, st.num_prompt_tokens - 1))
                 ]
-            if end == len(st.tokens):
-                tok = fake_token(rid, end, self.config, st.seed)
-                st.tokens.append(tok)
-                sampled.append([tok])
+            drafts = so.scheduled_spec_decode_tokens.get(rid)
+            if drafts or end == len(st.tokens):
+                new = (
+                    self._verify(rid, st, drafts) if drafts else [fake_token(rid, end, self.config, st.seed)]
+                )
+                if not drafts:
+                    st.tokens.extend(new)
+                sampled.append(new)
                 if st.params.logprobs is not None:
                     any_logprobs = True
                     k = num_top_logprobs(st.params.logprobs, self.vocab_size)  # -1: the whole vocabulary
                     top = [(2 + j) % self.vocab_size for j in range(k)]
-                    logprobs.append([Logprobs([tok, *top], [-0.5] * (k + 1), 1)])
+                    logprobs.append([Logprobs([tok, *top], [-0.5] * (k + 1), 1) for tok in new])
                 else:
                     logprobs.append(None)
             else:
@@ -177,6 +206,24 @@ class FakeModelRunner:
             logprobs=logprobs if any_logprobs else [],
             prompt_logprobs=prompt_logprobs,
         )
+
+    def _verify(self, rid: str, st: _ReqState, drafts: list[int]) -> list[int]:
+        """The contract's verification: drafts kept while each equals the model's token at its position, then one
+        token more. The request's tokens drop the rejected drafts; num_computed_tokens counts what was kept."""
+        first = len(st.tokens) - len(drafts)  # position of the first draft
+        out: list[int] = []
+        for i in range(len(drafts) + 1):
+            tok = fake_token(rid, first + i, self.config, st.seed)
+            out.append(tok)
+            if i == len(drafts) or drafts[i] != tok:
+                break
+        num_rejected = len(drafts) - (len(out) - 1)
+        del st.tokens[first:]
+        st.tokens.extend(out)
+        st.num_computed_tokens -= num_rejected
+        self.num_draft_tokens += len(drafts)
+        self.num_rejected_draft_tokens += num_rejected
+        return out
 
     def _write_and_check_kv(self, so: SchedulerOutput) -> None:
         """Write every scheduled token's KV, then check each request can read exactly its own tokens."""

@@ -68,6 +68,12 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_prompt_tokens: int = 0  # prompt tokens of requests that produced their first token (cumulative)
     num_generation_tokens: int = 0  # output tokens produced (cumulative)
     num_finished_reqs: int = 0  # cumulative
+    # speculative decoding (cumulative; all 0 without it): verifications of a request's drafts, draft tokens
+    # verified, drafts accepted, and per draft position i the verifications that accepted position i
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
 
 
 class UtilityRequest(msgspec.Struct, array_like=True):

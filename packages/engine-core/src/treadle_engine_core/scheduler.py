@@ -17,6 +17,9 @@ request carrying them). No waiting request is admitted in a step that preempted.
 returns (async scheduling): a request whose scheduled tokens reach its end will sample one token, counted in
 `num_output_placeholders` until `update_from_output` delivers it.
 
+Speculative decoding (spec_decode.py): a decoding request may run its last sample plus drafts; the step's
+output then moves num_computed_tokens back over the drafts the runner rejected.
+
 Invariants: every running request holds blocks for its num_computed_tokens; waiting requests hold none;
 a request is in exactly one of running / waiting / (gone); the runner hears of a finished or preempted
 request in the next SchedulerOutput.
@@ -34,7 +37,9 @@ from treadle_engine_core.lora_admission import LoRAAdmission, Verdict
 from treadle_engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from treadle_engine_core.request import Request, RequestStatus, validate_request_length
 from treadle_engine_core.request_queue import make_queue
+from treadle_engine_core.spec_decode import SpecDecoding
 from treadle_engine_core.stop import append_and_check_stop, check_stop
+from treadle_model_runner.config import SpeculativeConfig
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import ModelRunnerOutput
@@ -56,10 +61,12 @@ class Scheduler:
         log_stats: bool = True,
         max_loras: int = 0,
         hold_lora: Callable[[str, LoRARequest], None] | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         """`max_loras`: most distinct LoRA adapters among running requests (0: LoRA off, such requests refused);
         `hold_lora(request_id, lora)`: called as a request naming an adapter is admitted (the runner keeps the
-        adapter in host memory for it); its ValueError fails that request."""
+        adapter in host memory for it); its ValueError fails that request. `speculative_config`: draft tokens
+        for decoding requests (None: off; needs async scheduling off)."""
         if config.max_model_len is None:
             raise ValueError("SchedulerConfig.max_model_len is unset; call config.resolve(...) first")
         self.config = config
@@ -88,6 +95,11 @@ class Scheduler:
         self.hold_lora = hold_lora
         # requests failed while scheduling (their adapter could not be loaded), reported by the next update
         self.failed: list[EngineCoreOutput] = []
+        if speculative_config is not None and self.async_scheduling:
+            raise ValueError(
+                "speculative decoding needs async scheduling off (config.check_async_with_speculation)"
+            )
+        self.spec = SpecDecoding(speculative_config, self.max_model_len) if speculative_config else None
 
     # ---- requests in / out ------------------------------------------------------------------------
     def validate_request(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -125,6 +137,8 @@ class Scheduler:
 
     def _free(self, req: Request) -> None:
         self.kv.free(req)
+        if self.spec is not None:
+            self.spec.remove(req.request_id)
         del self.requests[req.request_id]
         if self.lora is not None:
             self.lora.on_freed(req.request_id)
@@ -146,6 +160,8 @@ class Scheduler:
         cached = CachedRequestData()
         new_reqs: list[NewRequestData] = []
         preempted: set[str] = set()
+        drafts = self.spec.propose(self.running) if self.spec is not None else {}
+        spec_tokens: dict[str, list[int]] = {}
 
         running = self.running
         async_sched = self.async_scheduling
@@ -156,6 +172,9 @@ class Scheduler:
             num_placeholders = req.num_output_placeholders
             num_tokens = len(req.all_token_ids) + num_placeholders
             num_new = num_tokens - num_computed
+            req_drafts = drafts.get(req.request_id) if drafts else None
+            if req_drafts:
+                num_new += len(req_drafts)  # 1 + drafts (only decoding requests have drafts)
             if num_placeholders and (
                 len(req.output_token_ids) + num_placeholders >= req.max_tokens or num_tokens >= max_len
             ):
@@ -170,6 +189,11 @@ class Scheduler:
                 i += 1
                 continue
             new_blocks = kv.allocate_slots(req, num_new)
+            if (
+                new_blocks is None and num_new > 1 and req_drafts
+            ):  # drafts are optional: no preemption for them
+                num_new = 1
+                new_blocks = kv.allocate_slots(req, num_new)
             while new_blocks is None:
                 victim = self._pick_victim(i)
                 self._preempt(victim)
@@ -182,6 +206,8 @@ class Scheduler:
             rid = req.request_id
             num_scheduled[rid] = num_new
             budget -= num_new
+            if req_drafts and num_new > 1:  # the caps above may have trimmed the drafts
+                spec_tokens[rid] = req_drafts[: num_new - 1]
             cached.req_ids.append(rid)
             cached.new_block_ids.append(new_blocks or None)
             cached.num_computed_tokens.append(num_computed)
@@ -200,6 +226,7 @@ class Scheduler:
             total_num_scheduled_tokens=cfg.max_num_batched_tokens - budget,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids=preempted,
+            scheduled_spec_decode_tokens=spec_tokens,
         )
         self.finished_req_ids = set()
         return out
@@ -309,12 +336,16 @@ class Scheduler:
         eos, max_len = self.eos_token_ids, self.max_model_len
         any_running_finished = False
         running_status = RequestStatus.RUNNING
+        spec_tokens = so.scheduled_spec_decode_tokens
         for rid in so.num_scheduled_tokens:
             req = requests.get(rid)
             if req is None:
                 continue  # aborted or finished while this step ran
             j = index.get(rid)
             new = sampled[j] if j is not None else _NO_TOKENS
+            if spec_tokens and rid in spec_tokens:
+                assert self.spec is not None
+                self.spec.on_verified(req, len(spec_tokens[rid]), len(new))
             plp = prompt_logprobs.get(rid) if prompt_logprobs else None
             if not new and not plp:
                 continue
@@ -372,7 +403,7 @@ class Scheduler:
 
     # ---- stats ------------------------------------------------------------------------------------
     def make_stats(self) -> SchedulerStats:
-        return SchedulerStats(
+        stats = SchedulerStats(
             num_running_reqs=len(self.running),
             num_waiting_reqs=len(self.waiting),
             kv_cache_usage=self.kv.usage,
@@ -383,3 +414,6 @@ class Scheduler:
             num_generation_tokens=self.num_generation_tokens,
             num_finished_reqs=self.num_finished,
         )
+        if self.spec is not None:
+            self.spec.add_stats(stats)
+        return stats

@@ -1,0 +1,87 @@
+"""Speculative decoding on the scheduler's side: who drafts, how many drafts fit, and what a verification did.
+
+Theory. A decoding request (num_computed_tokens == num_tokens - 1) normally runs one token, its last sample.
+With speculation the proposer (spec_ngram.py) drafts up to k tokens that may follow; the step runs the last
+sample plus the drafts (1 + d tokens, KV slots for all of them) and the runner returns 1..d+1 tokens: the drafts
+it kept, each equal to its own sample there, then one sample more. So the output equals non-speculative decoding
+token for token, and m returned tokens mean m positions of correct KV: num_computed_tokens, advanced by 1 + d
+when the step was scheduled, goes back by the d - (m - 1) rejected drafts. Their slots hold stale KV until those
+positions are scheduled again; they are never published in the prefix cache, because only blocks full of known
+tokens (prompt + output, never drafts) are (kv_cache_manager.py).
+
+Limits on d (no draft that could not be used): the tokens a request may still produce, max_tokens - outputs
+and max_model_len - num_tokens, each minus the one sample every step returns anyway; the step's token budget
+and long_prefill_token_threshold (applied to 1 + d like any tokens).
+
+Who drafts: decoding generation requests, except those under structured outputs. The runner's grammar mask is
+built for one position per request per step; a draft position would need the grammar advanced over the drafts
+before it, so such requests decode one token at a time (vLLM drafts for them; this engine does not yet).
+Pooling requests (max_tokens 0) and beam search's one-token requests never have room for a draft.
+
+Counters follow vLLM's SpecDecodingStats: drafts (verifications with d > 0), draft tokens, accepted tokens and
+accepted tokens per draft position, cumulative, reported in SchedulerStats.
+"""
+
+from __future__ import annotations
+
+from treadle_engine_core.messages import SchedulerStats
+from treadle_engine_core.request import Request
+from treadle_engine_core.spec_ngram import NgramProposer
+from treadle_model_runner.config import SpeculativeConfig
+
+
+class SpecDecoding:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = NgramProposer(config, max_model_len)
+        self.num_drafts = 0  # verifications of a request's drafts (cumulative)
+        self.num_draft_tokens = 0  # draft tokens verified (cumulative)
+        self.num_accepted_tokens = 0  # draft tokens kept (cumulative)
+        self.num_accepted_tokens_per_pos = [0] * config.num_speculative_tokens  # kept, per draft position
+
+    def propose(self, running: list[Request]) -> dict[str, list[int]]:
+        """Drafts for the running requests that are decoding and may use them (request id -> drafts, non-empty)."""
+        ids: list[str] = []
+        tokens: list[list[int]] = []
+        caps: list[int] = []
+        max_len = self.max_model_len
+        for req in running:
+            num_tokens = len(req.all_token_ids)
+            if req.num_computed_tokens != num_tokens - 1 or req.num_output_placeholders:
+                continue  # prefilling (or resuming after a preemption)
+            cap = min(req.max_tokens - len(req.output_token_ids), max_len - num_tokens) - 1
+            if cap <= 0 or req.sampling_params.structured_outputs is not None:
+                continue
+            ids.append(req.request_id)
+            tokens.append(req.all_token_ids)
+            caps.append(cap)
+        if not ids:
+            return {}
+        drafts = self.proposer.propose(ids, tokens, caps)
+        return {rid: d for rid, d in zip(ids, drafts, strict=True) if d}
+
+    def on_verified(self, req: Request, num_drafts: int, num_sampled: int) -> None:
+        """The runner verified `num_drafts` drafts of `req` and returned `num_sampled` tokens: take back the slots
+        of the rejected drafts and count."""
+        assert 1 <= num_sampled <= num_drafts + 1, (
+            f"{req.request_id}: the runner returned {num_sampled} tokens for {num_drafts} drafts (1..{num_drafts + 1})"
+        )
+        num_accepted = num_sampled - 1
+        req.num_computed_tokens -= num_drafts - num_accepted
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        per_pos = self.num_accepted_tokens_per_pos
+        for i in range(num_accepted):
+            per_pos[i] += 1
+
+    def add_stats(self, stats: SchedulerStats) -> None:
+        stats.spec_num_drafts = self.num_drafts
+        stats.spec_num_draft_tokens = self.num_draft_tokens
+        stats.spec_num_accepted_tokens = self.num_accepted_tokens
+        stats.spec_num_accepted_tokens_per_pos = list(self.num_accepted_tokens_per_pos)
+
+    def remove(self, request_id: str) -> None:
+        """The request left the engine: drop its token mirror."""
+        self.proposer.remove(request_id)
