@@ -256,3 +256,61 @@ def test_start_up_report_names_a_checkpoints_quantization(tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     assert serve_report.quantization_label(ModelConfig(str(tmp_path))) == "none"
     assert serve_report.quantization_label(ModelConfig(str(tmp_path / "missing"))) == "none"
+
+
+def test_speculative_config_flag(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """--speculative-config takes vLLM's JSON (serve and the offline benchmarks); bad JSON, an unknown key or
+    --async-scheduling with it fail in one line before the engine starts; `LLM(speculative_config=...)` takes a
+    dict or a SpeculativeConfig."""
+    from treadle.bench import offline
+    from treadle_model_runner.config import SpeculativeConfig
+
+    def parsed(*flags: str) -> EngineArgs:
+        options = cli_serve.engine_options(cli.build_parser().parse_args(["serve", *flags]))
+        return EngineArgs.from_kwargs(None, **options)
+
+    assert parsed().speculative_config is None
+    want = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=2, prompt_lookup_max=4)
+    flag = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+    args = parsed("--speculative-config", flag)
+    assert args.speculative_config == want
+    assert args.engine_config(args.model_config).speculative_config == want
+    assert EngineArgs.from_kwargs(None, speculative_config=want).speculative_config == want
+    assert EngineArgs.from_kwargs(None, speculative_config={"prompt_lookup_max": 3}).speculative_config == (
+        SpeculativeConfig(prompt_lookup_min=3, prompt_lookup_max=3)
+    )
+    with pytest.raises(ValueError, match=r"speculative_config '\{ngram\}' is not JSON"):
+        parsed("--speculative-config", "{ngram}")
+    with pytest.raises(
+        ValueError, match=r"'draft_model' not supported; its keys are method, num_speculative_tokens"
+    ):
+        parsed("--speculative-config", '{"method": "ngram", "draft_model": "x"}')
+    with pytest.raises(ValueError, match="async scheduling does not run with speculative decoding"):
+        parsed("--speculative-config", "{}", "--async-scheduling")
+    assert (
+        parsed("--speculative-config", "{}", "--no-async-scheduling").speculative_config
+        == SpeculativeConfig()
+    )
+    monkeypatch.setattr(engine_factory, "start_async_mp", lambda *a: pytest.fail("the engine started"))
+    argv = ["serve", "--port", "0", "--load-format", "dummy", "--speculative-config", '{"method": "medusa"}']
+    assert cli.main(argv) == 2
+    assert "speculative_config method 'medusa' is not supported; supported: ngram" in caplog.text
+    bench = cli.build_parser().parse_args(["bench", "throughput", "--speculative-config", flag])
+    captured: dict[str, object] = {}
+    monkeypatch.setattr("treadle_frontend.LLM", lambda **kw: captured.update(kw))
+    offline.make_llm(bench)
+    assert captured["speculative_config"] == flag
+
+
+def test_start_up_report_names_speculative_decoding(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    caplog.set_level("INFO")
+    info = SimpleNamespace(name="m", path="/m", max_model_len=64, kv_capacity_tokens=128, runtime={})
+    serve_report.startup_report(SimpleNamespace(model=info), "http://h", 1.0)
+    assert "Speculative decoding" not in caplog.text
+    info.runtime["speculative_decoding"] = (
+        "ngram (num_speculative_tokens=5, prompt_lookup_min=4, prompt_lookup_max=4)"
+    )
+    serve_report.startup_report(SimpleNamespace(model=info), "http://h", 1.0)
+    assert "Speculative decoding: ngram (num_speculative_tokens=5, prompt_lookup_min=4" in caplog.text

@@ -153,6 +153,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help='how /v1/embeddings pools the prompt (vLLM\'s): {"pooling_type": "LAST" | "MEAN" | "CLS", '
         '"normalize": true | false} (default: LAST, normalized)',
     )  # fmt: skip
+    p.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, '
+        '"prompt_lookup_min": 2}; turns async scheduling off (default: no speculation)',
+    )  # fmt: skip
     p.add_argument("--root-path", default="", help="path prefix when served behind a path-based proxy")
     p.add_argument("--ssl-keyfile", default=None)
     p.add_argument("--ssl-certfile", default=None)
@@ -202,6 +207,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_logprobs": args.max_logprobs,
         "quantization": None if args.quantization in (None, "none") else args.quantization,
         "pooler_config": args.pooler_config,
+        "speculative_config": args.speculative_config,
         "load_format": args.load_format,
         "seed": args.seed,
         "served_model_name": args.served_model_name[0] if args.served_model_name else None,

@@ -1,4 +1,5 @@
-"""What `treadle serve` logs once it is up: the model, the KV capacity and readiness (`startup_report`), then,
+"""What `treadle serve` logs once it is up: the model, the KV capacity, speculative decoding when on (as the engine
+reported it) and readiness (`startup_report`), then,
 from a thread, the platform (device, dtype, quantization, attention backend) and each IR op's provider
 (`platform_report`)."""
 
@@ -16,6 +17,9 @@ def startup_report(llm: Any, server_url: str, seconds: float) -> None:
     info = llm.model
     logger.info("Model: %s (%s) | max_model_len %d", info.name, info.path, info.max_model_len)
     logger.info("KV cache capacity: %s tokens", info.kv_capacity_tokens)
+    speculation = info.runtime.get("speculative_decoding")
+    if speculation:
+        logger.info("Speculative decoding: %s; async scheduling off", speculation)
     logger.info(
         "treadle is ready in %.1f s: serving %s at %s/v1 (OpenAI, Anthropic /v1/messages)",
         seconds,

@@ -292,3 +292,49 @@ def test_speculative_config_parsing_and_async_scheduling() -> None:
     assert SchedulerConfig().resolve(64, has_cuda=True, speculative=True).async_scheduling is False
     with pytest.raises(ValueError, match="async scheduling does not run"):
         SchedulerConfig(async_scheduling=True).resolve(64, has_cuda=True, speculative=True)
+
+
+def test_speculation_in_an_engine_process() -> None:
+    """The speculative config travels with the EngineConfig to the engine process; its outputs and stats come back
+    over ZMQ (several tokens per output, the spec counters in SchedulerStats)."""
+    from treadle_engine_core.mp_client import SyncMPClient
+
+    fake = FakeRunnerConfig(vocab_size=50, repeat_period=4, max_model_len=128)
+    config = EngineConfig(
+        ModelConfig(model="fake", max_model_len=128),
+        executor="fake",
+        fake_runner=fake,
+        speculative_config='{"num_speculative_tokens": 3, "prompt_lookup_max": 2}',
+    )
+    client = SyncMPClient(config)
+    try:
+        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        for i in range(3):
+            client.add_request(EngineCoreRequest(f"p{i}", [3 + i, 9, 4], params, 0.0))
+        got: dict[str, Collected] = {}
+        most = 0
+        while len([c for c in got.values() if c.finish_reason is not None]) < 3:
+            out = client.get_output(timeout_s=30)
+            most = max([most, *(len(o.new_token_ids) for o in out.outputs)])
+            collect(out, got)
+        stats = client.get_stats()
+    finally:
+        client.shutdown()
+    for i in range(3):
+        assert got[f"p{i}"].tokens == expected_output(f"p{i}", 3, params, 128, fake)[0]
+    assert most > 1 and stats.spec_num_accepted_tokens > 0
+    assert stats.spec_num_accepted_tokens == sum(stats.spec_num_accepted_tokens_per_pos)
+
+
+def test_data_parallel_stats_sum_per_position() -> None:
+    from treadle_engine_core.dp_client import _sum_stats
+
+    a = SchedulerStats(
+        spec_num_drafts=2, spec_num_accepted_tokens=3, spec_num_accepted_tokens_per_pos=[2, 1, 0]
+    )
+    b = SchedulerStats(
+        spec_num_drafts=1, spec_num_accepted_tokens=1, spec_num_accepted_tokens_per_pos=[1, 0, 0]
+    )
+    total = _sum_stats([a, b, SchedulerStats()])
+    assert (total.spec_num_drafts, total.spec_num_accepted_tokens) == (3, 4)
+    assert total.spec_num_accepted_tokens_per_pos == [3, 1, 0]

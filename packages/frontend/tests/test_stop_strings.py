@@ -98,3 +98,22 @@ def test_cumulative_equals_delta_concat(tokenizer: Any, data: st.DataObject) -> 
     assert "".join(d_deltas) == c_last.outputs[0].text == text
     for prev, nxt in itertools.pairwise(c_outs):
         assert nxt.startswith(prev)
+
+
+def test_min_tokens_with_several_tokens_per_step(tokenizer: Any) -> None:
+    """Speculative decoding hands the frontend several tokens per step: a stop string in the text of tokens
+    within min_tokens still does not count when the same step also brings tokens past min_tokens; one written
+    after min_tokens in that step does."""
+    ids = tokenizer.encode("a, b c, d e f g h", add_special_tokens=False)
+    texts = [tokenizer.decode(ids[: n + 1]) for n in range(len(ids))]
+    first_comma = next(n for n in range(len(ids)) if "," in texts[n])  # the token that writes the first ","
+    second_comma = next(n for n in range(first_comma + 1, len(ids)) if texts[n].count(",") == 2)
+    min_tokens = first_comma + 1
+    params = SamplingParams(
+        max_tokens=50, min_tokens=min_tokens, stop=[","], output_kind=RequestOutputKind.DELTA
+    )
+    for chunks in ([len(ids)], [1, len(ids)], [first_comma, 3, 3, 3]):
+        deltas, last = _run_stream(tokenizer, ids, chunks, params)
+        assert last is not None and last.outputs[0].finish_reason == "stop"
+        text = "".join(deltas)
+        assert text == texts[second_comma][: texts[second_comma].rindex(",")], (chunks, text)

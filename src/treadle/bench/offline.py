@@ -39,6 +39,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding, as `treadle serve` takes it: {"method": "ngram", "num_speculative_tokens": 5, ...}',
+    )  # fmt: skip
     parser.add_argument("--no-enable-prefix-caching", action="store_true")
     parser.add_argument(
         "--engine-process",
@@ -122,6 +126,7 @@ def make_llm(args: argparse.Namespace) -> Any:
         "attention_backend",
         "async_scheduling",
         "tensor_parallel_size",
+        "speculative_config",
     ):
         value = getattr(args, name)
         if value is not None:

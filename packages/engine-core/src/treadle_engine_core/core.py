@@ -202,6 +202,9 @@ class EngineCore:
 
     def ready_message(self, pid: int) -> EngineReady:
         kv = self.kv_cache_config
+        runtime = self.executor.describe()
+        if self.config.speculative_config is not None:
+            runtime["speculative_decoding"] = describe_speculation(self.config.speculative_config)
         return EngineReady(
             pid=pid,
             num_kv_blocks=kv.num_blocks - 1,
@@ -210,7 +213,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             vocab_size=self.executor.vocab_size,
             eos_token_ids=sorted(self.executor.eos_token_ids),
-            runtime=self.executor.describe(),
+            runtime=runtime,
             scheduling_policy=self.scheduler_config.policy,
             max_logprobs=self.max_logprobs,
         )

@@ -3,6 +3,8 @@
 `EngineArgs.from_kwargs(model, **options)` splits vLLM-style keyword options over the four config
 dataclasses (ModelConfig, CacheConfig and LoRAConfig of the model runner, SchedulerConfig of the engine core) and the
 frontend's own (chat_template, generation_config); an unknown option is an error that lists the valid ones.
+`speculative_config` (vLLM's: a dict, its JSON text or a SpeculativeConfig) is parsed there too, so a bad key fails
+before anything starts.
 `start_inproc` (offline LLM), `start_sync_mp` (offline LLM, the engine in its own process) and
 `start_async_mp` (API server: the engine in its own process) resolve the model
 (the embedded default when none is named), load the tokenizer, start the engine, and read the model facts the
@@ -20,7 +22,7 @@ from typing import Any
 
 from treadle_frontend.input_processor import InputProcessor, ModelInfo
 from treadle_frontend.tokenizer import load_generation_defaults, load_tokenizer, resolve_chat_template
-from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ _FRONTEND_FIELDS = (
     "fake_runner",
     "log_stats",
     "data_parallel_size",
+    "speculative_config",
 )
 
 
@@ -53,10 +56,15 @@ class EngineArgs:
     log_stats: bool = True
     data_parallel_size: int = 1  # engine processes behind the API server (treadle serve -dp N)
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)  # enable_lora, max_loras, max_lora_rank, ...
+    speculative_config: SpeculativeConfig | None = None  # speculative decoding (None: off)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
-        from treadle_engine_core.config import SchedulerConfig
+        from treadle_engine_core.config import (
+            SchedulerConfig,
+            check_async_with_speculation,
+            parse_speculative_config,
+        )
 
         groups: dict[type, dict[str, Any]] = {
             ModelConfig: {},
@@ -83,6 +91,11 @@ class EngineArgs:
                     {f.name for cfg in groups for f in dataclasses.fields(cfg)} | set(_FRONTEND_FIELDS)
                 )
                 raise ValueError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
+        if "speculative_config" in own:
+            own["speculative_config"] = parse_speculative_config(own["speculative_config"])
+            check_async_with_speculation(
+                groups[SchedulerConfig].get("async_scheduling"), own["speculative_config"] is not None
+            )
         model_config = ModelConfig(model=model or "", **groups[ModelConfig])
         max_len = model_config.max_model_len
         sched = groups[SchedulerConfig]
@@ -114,6 +127,7 @@ class EngineArgs:
             log_stats=self.log_stats,
             data_parallel_size=self.data_parallel_size,
             lora_config=self.lora_config,
+            speculative_config=self.speculative_config,
             **extra,
         )
 
@@ -181,6 +195,9 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
         scheduling_policy=str(getattr(ready, "scheduling_policy", "fcfs")),
         max_logprobs=int(getattr(ready, "max_logprobs", args.model_config.max_logprobs)),
         pooler=args.model_config.pooler_config,
+        num_speculative_tokens=args.speculative_config.num_speculative_tokens
+        if args.speculative_config
+        else 0,
     )
     defaults = load_generation_defaults(prep.model_path, args.generation_config)
     template = resolve_chat_template(prep.tokenizer, args.chat_template)

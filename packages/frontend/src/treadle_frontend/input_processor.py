@@ -56,6 +56,7 @@ class ModelInfo:
     pooler: PoolerConfig = field(
         default_factory=PoolerConfig
     )  # how embeddings pool the prompt (--pooler-config)
+    num_speculative_tokens: int = 0  # most draft tokens per request per step (0: no speculative decoding)
 
 
 def keep_last(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:

@@ -167,12 +167,19 @@ class RequestState:
             delta = self.detokenizer.update_at_once(self.unread_ids)
             self.unread_ids = []
         else:
-            delta = self.detokenizer.update(detok_ids)
+            # No stop string ends within the first min_tokens tokens (as vLLM: their text is never searched). A
+            # step may bring several tokens (speculative decoding) on both sides of that line: the text of those
+            # within min_tokens is added unsearched.
+            num_unsearched = min(
+                len(detok_ids), max(0, self.params.min_tokens - (len(self.token_ids) - len(new_ids)))
+            )
+            if num_unsearched:
+                self.text += self.detokenizer.update(detok_ids[:num_unsearched])
+            delta = self.detokenizer.update(detok_ids[num_unsearched:])
         if step.finish_reason is not None:
             delta += self.detokenizer.flush()
         self.text += delta
         stopped_here = False
-        # no stop string ends within the first min_tokens tokens (as vLLM: their text is never searched)
         searched = len(delta) if len(self.token_ids) > self.params.min_tokens else 0
         match = self.stop_checker.find(self.text, searched)
         if match is not None:

@@ -65,8 +65,7 @@ async def _stats_loop(state: ServerState) -> None:
         await asyncio.sleep(state.config.stats_log_interval_s)
         if state.llm.num_unfinished == 0:
             await _refresh_gauges(state)  # idle: the engine sends no more outputs, so ask it once
-        line = state.metrics.log_line()
-        if line is not None:
+        for line in state.metrics.log_lines():
             logger.info("%s", line)
 
 
@@ -79,7 +78,7 @@ def build_app(
     """`on_ready`: called once start-up is done (the --lora-modules adapters loaded), just before the server
     accepts connections: the CLI logs that it is ready there."""
     name = model_name or config.served_model_name or llm.model.name
-    metrics = ServerMetrics(name, llm.model.max_model_len)
+    metrics = ServerMetrics(name, llm.model.max_model_len, llm.model.num_speculative_tokens)
     llm.stats_listeners.append(metrics.record)
     state = ServerState(llm=llm, config=config, model_name=name, metrics=metrics)
 

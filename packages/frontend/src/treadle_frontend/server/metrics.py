@@ -6,7 +6,8 @@ between successive reports. The frontend's IterationStats supply the latency his
 counts. Each server owns its registry, so several servers can live in one process (tests).
 
 The periodic log line (every `interval` seconds while anything ran) gives prompt and generation throughput,
-running / waiting requests, KV usage and the prefix-cache hit rate over the interval.
+running / waiting requests, KV usage and the prefix-cache hit rate over the interval; with speculative decoding
+a second line gives its acceptance (spec_metrics.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from treadle_engine_core.request import FinishReason
 from treadle_frontend.output_processor import IterationStats
+from treadle_frontend.server.spec_metrics import SpecDecodeMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ def _stat(stats: Any, name: str, default: float | None = 0) -> Any:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, max_model_len: int = 8192) -> None:
+    def __init__(self, model_name: str, max_model_len: int = 8192, num_speculative_tokens: int = 0) -> None:
+        """`num_speculative_tokens`: the engine's (0: no speculative decoding; its series then stay empty)."""
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         r, lab = self.registry, ["model_name"]
@@ -145,6 +148,7 @@ class ServerMetrics:
             metric.labels(model_name)
         for reason in (str(r) for r in FinishReason):  # stop, length, abort, error
             self.request_success.labels(model_name, reason)
+        self.spec = SpecDecodeMetrics(r, model_name, num_speculative_tokens)
         self._last: dict[str, float] = {}  # last cumulative engine counters
         self._engine_counts_tokens = False  # the engine reports token counters (else the frontend counts)
         self.window = _Window()
@@ -153,6 +157,7 @@ class ServerMetrics:
         m = self.model_name
         if sched is not None:
             self.set_gauges(sched)
+            self.spec.record(sched)
             for field_name, attr in _COUNTERS.items():
                 value = _stat(sched, field_name, None)
                 if value is None:
@@ -198,7 +203,14 @@ class ServerMetrics:
 
     def log_line(self) -> str | None:
         """The stats line for the interval just ended, or None if the engine was idle throughout."""
-        return self.window.flush()
+        lines = self.log_lines()
+        return lines[0] if lines else None
+
+    def log_lines(self) -> list[str]:
+        """The stats lines for the interval just ended: throughput and state (none if the engine was idle), then
+        speculative decoding's acceptance (if anything was drafted)."""
+        lines = [self.window.flush(), self.spec.log_line()]
+        return [line for line in lines if line is not None]
 
 
 class _Window:
