@@ -338,3 +338,18 @@ def test_data_parallel_stats_sum_per_position() -> None:
     total = _sum_stats([a, b, SchedulerStats()])
     assert (total.spec_num_drafts, total.spec_num_accepted_tokens) == (3, 4)
     assert total.spec_num_accepted_tokens_per_pos == [3, 1, 0]
+
+
+def test_drafts_travel_to_tensor_parallel_workers() -> None:
+    """The tensor-parallel executor sends each SchedulerOutput to the other ranks msgpack-encoded: drafts included."""
+    from treadle_engine_core import messages
+
+    engine = make_engine(speculative_config=NGRAM, fake=FakeRunnerConfig(repeat_period=3))
+    _add(engine, "a", [5, 6, 7], max_tokens=20)
+    while not engine.scheduler.requests["a"].output_token_ids[4:]:
+        engine.step()
+    so = engine.scheduler.schedule()
+    assert so.scheduled_spec_decode_tokens
+    decoded = messages.decode(messages.encode(so), SchedulerOutput)
+    assert decoded.scheduled_spec_decode_tokens == so.scheduled_spec_decode_tokens
+    assert decoded.num_scheduled_tokens == so.num_scheduled_tokens
