@@ -13,7 +13,15 @@ import torch
 from spec_decode_driver import reference, speculate
 from test_runner_fakes import FakeScheduler, make_runner, save_llama
 
-from treadle_model_runner import ModelRunnerOutput, SamplingParams
+from treadle_model_runner import (
+    CacheConfig,
+    ModelConfig,
+    ModelRunnerOutput,
+    SamplingParams,
+    SpeculativeConfig,
+)
+from treadle_model_runner.runner import ModelRunner
+from treadle_model_runner.runner.profile import max_logits_rows
 
 VOCAB = 128
 EOS = 3
@@ -145,3 +153,14 @@ def test_step_with_drafts_returns_one_to_k_plus_one_tokens(llama: Path) -> None:
     assert isinstance(out, ModelRunnerOutput) and out.sampled_token_ids == [ref.tokens[1:2]]
     out = sched.step({"r": 5}, {"r": ref.tokens[2:6]})
     assert out.sampled_token_ids == [ref.tokens[2:7]]
+
+
+def test_memory_profile_samples_the_draft_rows(llama: Path) -> None:
+    """The GPU memory profile samples as many logits rows as a step with drafts can: (1 + k) a request, within the
+    token budget."""
+    model_config = ModelConfig(str(llama), dtype="float32", attention_backend="torch")
+    cache_config = CacheConfig(block_size=4, num_gpu_blocks_override=64)
+    for k, rows in ((None, 8), (3, 32), (20, 64)):
+        spec = SpeculativeConfig(num_speculative_tokens=k) if k else None
+        runner = ModelRunner(model_config, cache_config, 8, 64, "cpu", speculative_config=spec)
+        assert max_logits_rows(runner) == rows

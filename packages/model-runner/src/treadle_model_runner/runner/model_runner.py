@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from treadle_kernels.attention import get_attn_backend
-from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.kv_cache import (
     allocate_kv_caches,
@@ -94,8 +94,11 @@ class ModelRunner:
         max_num_batched_tokens: int,
         device: torch.device | str | None = None,
         lora_config: LoRAConfig | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
-        """`lora_config`: serve LoRA adapters when its enable_lora is set (lora/manager.py)."""
+        """`lora_config`: serve LoRA adapters when its enable_lora is set (lora/manager.py). `speculative_config`:
+        steps may verify up to its num_speculative_tokens drafts a request (spec_decode.py), so the memory profile
+        samples that many more logits rows."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
@@ -118,6 +121,7 @@ class ModelRunner:
         self.lora: LoRAManager | None = None  # the adapters, once the model is loaded
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         start = time.perf_counter()
