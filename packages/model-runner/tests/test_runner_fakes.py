@@ -80,12 +80,17 @@ class FakeScheduler:
             lora_request=lora_request,
         )  # fmt: skip
 
-    def step(self, plan: dict[str, int]) -> ModelRunnerOutput:
-        """Run one step computing plan[req_id] tokens of each named request."""
+    def step(self, plan: dict[str, int], drafts: dict[str, list[int]] | None = None) -> ModelRunnerOutput:
+        """Run one step computing plan[req_id] tokens of each named request. `drafts`: draft tokens a decoding
+        request verifies (plan[req_id] = 1 + their number); it keeps what the runner returns."""
+        drafts = drafts or {}
         new, cached = [], CachedRequestData()
         for req_id, n in plan.items():
             req = self.requests[req_id]
-            assert req.num_computed + n <= req.num_tokens, f"{req_id}: scheduling past known tokens"
+            num_drafts = len(drafts.get(req_id, ()))
+            assert req.num_computed + n <= req.num_tokens + num_drafts, (
+                f"{req_id}: scheduling past known tokens"
+            )
             need = -(-(req.num_computed + n) // self.block_size)
             added = []
             for g in range(self.num_groups):
@@ -102,9 +107,8 @@ class FakeScheduler:
                 cached.req_ids.append(req_id)
                 cached.new_block_ids.append(tuple(added))
                 cached.num_computed_tokens.append(req.num_computed)
-        so = SchedulerOutput(
-            new, cached, dict(plan), sum(plan.values()), set(self.finished), set(self.preempted)
-        )
+        so = SchedulerOutput(new, cached, dict(plan), sum(plan.values()), set(self.finished), set(self.preempted),
+                             {r: list(d) for r, d in drafts.items()})  # fmt: skip
         self.finished.clear()
         self.preempted.clear()
         out = self.runner.execute(so)
@@ -115,7 +119,14 @@ class FakeScheduler:
             req = self.requests[req_id]
             req.num_computed += n
             tokens = out.sampled_token_ids[out.req_id_to_index[req_id]]
-            if req.num_computed >= req.num_tokens:
+            if drafts.get(req_id):
+                # the last token and the kept drafts are computed now, the token after them is new
+                assert 1 <= len(tokens) <= 1 + len(drafts[req_id]), (
+                    f"{req_id} verified its drafts into {tokens}"
+                )
+                req.num_computed += len(tokens) - n
+                req.output.extend(tokens)
+            elif req.num_computed >= req.num_tokens:
                 assert len(tokens) == 1, f"{req_id} reached its last token but sampled {tokens}"
                 req.output.extend(tokens)
             else:

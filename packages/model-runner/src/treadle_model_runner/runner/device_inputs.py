@@ -48,7 +48,7 @@ class StepBuffers:
         self.seq_lens = on_device(max_num_reqs, torch.int32)  # [reqs]
         self.slot_mappings = [on_device(max_num_tokens, torch.int64) for _ in range(num_groups)]  # [padded]
         self.arange = torch.arange(max(max_num_tokens, max_num_reqs) + 1, dtype=torch.int64, device=device)
-        self.logits_indices = pair(max_num_reqs, torch.int64)
+        self.logits_indices = pair(max_num_tokens, torch.int64)  # a row verifying drafts computes several
         # input tokens sampled by the step in flight (async output): their token index and source index
         self.hole_positions = pair(max_num_reqs, torch.int64)
         self.hole_sources = pair(max_num_reqs, torch.int64)

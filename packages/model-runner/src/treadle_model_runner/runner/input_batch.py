@@ -7,7 +7,8 @@ runner removes rows of finished, preempted and unscheduled requests, adds rows f
 Per row: the request's token ids (prompt then outputs) in `token_ids` [max_num_reqs, max_model_len] (int32,
 host numpy), `num_tokens` (tokens known), `num_prompt_tokens`, `num_computed_tokens` (tokens with KV in
 the cache before this step), and one block-table row per KV-cache group. Sampled tokens are appended here by
-`append_tokens`, so the next decode step finds its input token without the scheduler sending it.
+`append_tokens` (`append_runs` after a step that verified drafts), so the next decode step finds its input token
+without the scheduler sending it. Columns past `num_tokens` are scratch: a step's draft tokens wait there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from treadle_model_runner.runner.block_table import BlockTable
 from treadle_model_runner.runner.request_state import RequestState
+from treadle_model_runner.sample.drafts import concat_ranges
 
 
 class InputBatch:
@@ -115,3 +117,12 @@ class InputBatch:
             raise ValueError(f"a request reached max_model_len ({self.max_model_len}); it must finish first")
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
+
+    def append_runs(self, rows: np.ndarray, counts: np.ndarray, token_ids: np.ndarray) -> None:
+        """Append counts[i] tokens to rows[i] (several after a step that verified drafts); `token_ids` holds the
+        runs one after the other (vectorized over rows and tokens)."""
+        ends = self.num_tokens[rows] + counts
+        if rows.size and int(ends.max()) > self.max_model_len:
+            raise ValueError(f"a request reached max_model_len ({self.max_model_len}); it must finish first")
+        self.token_ids[np.repeat(rows, counts), concat_ranges(self.num_tokens[rows], counts)] = token_ids
+        self.num_tokens[rows] = ends

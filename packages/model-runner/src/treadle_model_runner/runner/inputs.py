@@ -10,7 +10,8 @@ only their dirty rows (block_table.py); the device builds positions, query_start
 mappings (device_inputs.py). Nothing here waits for the device.
 
 Logits are computed only for rows whose computation reaches the end of their known tokens (c + q >= num_tokens):
-the last scheduled token of a decode or a final prefill chunk; a partial prefill chunk samples nothing.
+the last scheduled token of a decode or a final prefill chunk; a partial prefill chunk samples nothing. A row that
+verifies k draft tokens (speculative decoding, spec_decode.py) gets logits at each of its 1 + k tokens.
 Input tokens still in flight (async output, placeholders < 0) are staged as 0 and overwritten on the device from
 the tensor of the step that samples them. Tokens in [T, padded T) are padding: id 0, position 0, slot -1, and
 (decode graphs) one-token requests of context 1 that nobody reads.
@@ -27,6 +28,7 @@ import torch
 from treadle_kernels.attention import AttentionMetadata
 from treadle_model_runner.runner.device_inputs import StepBuffers, commit, compute_on_device, stage_and_commit
 from treadle_model_runner.runner.input_batch import InputBatch
+from treadle_model_runner.runner.spec_decode import draft_logits_indices
 
 
 @dataclass(slots=True)
@@ -40,8 +42,12 @@ class StepInputs:
     positions: torch.Tensor  # [num_padded_tokens] int64 on the device
     attn_metadata: list[AttentionMetadata]  # per KV-cache group
     sample_rows: np.ndarray  # [S] batch rows that sample a token this step
-    logits_indices: torch.Tensor  # [S] int64 token index of each sampled row's last scheduled token
+    # [S] int64 token index of each sampled row's last scheduled token; with drafts [S + drafts]: each sampled
+    # row's 1 + len(drafts) last tokens, in order
+    logits_indices: torch.Tensor
     is_decode_only: bool  # every request has exactly one token this step
+    # per sampling row: the draft tokens it verifies ([] for most); None when no request of the step has any
+    sample_drafts: list[list[int]] | None = None
 
 
 # batch rows -> (device tensor of tokens in flight, index of each row's token in it); see pending.py
@@ -54,10 +60,12 @@ def prepare_inputs(
     buffers: StepBuffers,
     num_padded_tokens: int | None = None,
     placeholders: PlaceholderSource | None = None,
+    drafts: list[list[int]] | None = None,
 ) -> StepInputs:
     """Build the step's device inputs for rows [0, len(num_scheduled)); pad tokens up to num_padded_tokens.
 
-    Input tokens still in flight (placeholders, < 0) are gathered on the device from `placeholders`.
+    Input tokens still in flight (placeholders, < 0) are gathered on the device from `placeholders`. `drafts`:
+    per row, the draft tokens it verifies (already staged in the token table by spec_decode.stage_drafts).
     """
     num_reqs = len(num_scheduled)
     num_tokens = int(num_scheduled.sum())
@@ -120,7 +128,12 @@ def prepare_inputs(
     ]
 
     sample_rows = np.nonzero(seq_lens >= batch.num_tokens[:num_reqs])[0]
-    logits_indices = stage_and_commit(buffers.logits_indices, cu[sample_rows] - 1)
+    last = cu[sample_rows] - 1
+    sample_drafts = None
+    if drafts is not None:
+        sample_drafts = [drafts[r] for r in sample_rows.tolist()]
+        last = draft_logits_indices(last, sample_drafts)
+    logits_indices = stage_and_commit(buffers.logits_indices, last)
     if buffers.copies_done is not None:
         buffers.copies_done.record()
     return StepInputs(
@@ -135,6 +148,7 @@ def prepare_inputs(
         sample_rows=sample_rows,
         logits_indices=logits_indices,
         is_decode_only=is_decode_only,
+        sample_drafts=sample_drafts,
     )
 
 

@@ -9,7 +9,8 @@ code (`inputs.py`; the T-sized ones on the device, `device_inputs.py`), run the 
 a CUDA graph for a decode-only batch; other steps of up to 512 tokens replay piecewise graphs around eager
 attention; `graphs.py` captures them), compute logits only where a token is sampled (and at prompt positions
 asked for prompt logprobs), sample, and append the sampled tokens to the persistent batch so the next decode step
-needs nothing from the scheduler but counts.
+needs nothing from the scheduler but counts. A step may verify draft tokens (speculative decoding, spec_decode.py):
+such requests schedule several tokens, so the step takes the mixed-batch path and is never deferred.
 Under async scheduling (`async_output`) a step that needs no host tokens returns before its sampled tokens
 reach the host: placeholders hold their places and the next step reads them on the device (`pending.py`).
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from treadle_kernels.attention import get_attn_backend
-from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig
+from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.kv_cache import (
     allocate_kv_caches,
@@ -73,6 +74,7 @@ from treadle_model_runner.runner.setup import (
     skip_param_init,
     start_device_init,
 )
+from treadle_model_runner.runner.spec_decode import stage_drafts, warn_async_fallback
 from treadle_model_runner.runner.state import apply_scheduler_output
 from treadle_model_runner.runner.structured import StructuredOutputs
 from treadle_model_runner.runner.warmup import warm_up_kernels
@@ -92,8 +94,11 @@ class ModelRunner:
         max_num_batched_tokens: int,
         device: torch.device | str | None = None,
         lora_config: LoRAConfig | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
-        """`lora_config`: serve LoRA adapters when its enable_lora is set (lora/manager.py)."""
+        """`lora_config`: serve LoRA adapters when its enable_lora is set (lora/manager.py). `speculative_config`:
+        steps may verify up to its num_speculative_tokens drafts a request (spec_decode.py), so the memory profile
+        samples that many more logits rows."""
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
@@ -116,6 +121,7 @@ class ModelRunner:
         self.lora: LoRAManager | None = None  # the adapters, once the model is loaded
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         start = time.perf_counter()
@@ -328,12 +334,20 @@ class ModelRunner:
             return ModelRunnerOutput.empty()
         num_reqs = self.batch.num_reqs
         req_ids: list[str] = [r for r in self.batch.req_ids[:num_reqs] if r is not None]
-        defer = self.async_output and not any(
-            s is not None and s.sampling_params.needs_host_tokens for s in self.batch.states[:num_reqs]
+        num_scheduled = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
+        # speculative decoding: drafts to verify, staged in the token table (spec_decode.py)
+        drafts = stage_drafts(self.batch, scheduler_output, num_scheduled, self.vocab_size)
+        if drafts is not None and self.async_output:
+            warn_async_fallback()  # the scheduler needs the accepted tokens now: this step is synchronous
+        defer = (
+            self.async_output
+            and drafts is None
+            and not any(
+                s is not None and s.sampling_params.needs_host_tokens for s in self.batch.states[:num_reqs]
+            )
         )
         if not defer:
             self._resolve_pending(keep_newest=False)
-        num_scheduled = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         padded, decode_only = None, bool((num_scheduled == 1).all())
         if self.graphs is not None and decode_only:
             padded = self.graphs.padded_size(num_reqs)
@@ -344,7 +358,7 @@ class ModelRunner:
                                    padded or scheduler_output.total_num_scheduled_tokens)  # fmt: skip
         newest = self.pending[-1] if self.pending else None
         source = device_source(newest, self.batch.req_ids)
-        inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source)
+        inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source, drafts)
         hidden = self._forward(inputs)
         return sample_step(self, req_ids, inputs, hidden, defer)
 

@@ -2,7 +2,8 @@
 
 The pass runs max_num_batched_tokens prompt tokens (split into requests of at most max_model_len, at most
 max_num_seqs of them) through the model over a temporary KV cache just large enough to hold them, then computes
-logits for max_num_seqs rows and samples them with top-p/top-k on. The peak of `torch.cuda.max_memory_allocated`
+logits for max_num_seqs rows (more under speculative decoding: `max_logits_rows`) and samples them with
+top-p/top-k on. The peak of `torch.cuda.max_memory_allocated`
 above the memory allocated before the pass, minus the temporary cache, is what the KV cache must leave free.
 """
 
@@ -31,6 +32,15 @@ def profile_lengths(runner: ModelRunner) -> list[int]:
     them at most."""
     max_len, budget = runner.max_model_len, runner.max_num_batched_tokens
     return [min(max_len, budget - start) for start in range(0, budget, max_len)][: runner.max_num_seqs]
+
+
+def max_logits_rows(runner: ModelRunner) -> int:
+    """Most logits rows a step samples: one a request, or 1 + num_speculative_tokens for a request verifying
+    drafts, within the step's token budget."""
+    with_drafts = min(
+        runner.max_num_batched_tokens, runner.max_num_seqs * (1 + runner.num_speculative_tokens)
+    )
+    return max(runner.max_num_seqs, with_drafts)
 
 
 @torch.inference_mode()
@@ -63,9 +73,10 @@ def profile_peak_activation_bytes(runner: ModelRunner, block_bytes: int) -> int:
             runner.batch.add(state)
         inputs = prepare_inputs(runner.batch, np.array(lengths, dtype=np.int64), runner.buffers)
         hidden = runner._forward(inputs)
-        rows = torch.arange(runner.max_num_seqs, device=runner.device) % hidden.shape[0]
+        num_rows = max_logits_rows(runner)
+        rows = torch.arange(num_rows, device=runner.device) % hidden.shape[0]
         logits = model.compute_logits(hidden[rows]).float()
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * runner.max_num_seqs
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * num_rows
         empty: list[list[int]] = [[] for _ in params]
         metadata = SamplingMetadata.build(
             params, empty, empty, [0] * len(params), runner.vocab_size, runner.device

@@ -13,10 +13,15 @@ waits for the forward it masks. A matcher ends by accepting a stop token, so ter
 only then (one call a token instead of three: at 256 rows a step spent most of its mask time in those calls).
 xgrammar's `batch_accept_token` measured slower than the loop (0.78 against 0.64 ms a step of 256 rows on the
 2-core CPU; slower end to end on an H200, session 17 call 4).
+Speculative decoding: a request verifying drafts owns one logits row per position; row j is masked as if its first
+j drafts were outputs, by a fork of its matcher that follows the drafts (`_mask_drafts`). A draft the grammar
+refuses ends verification there: the sample at its position is still taken (and obeys the grammar), later drafts
+are dropped. So a speculative reply obeys the grammar exactly as a plain one does.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Sequence
@@ -69,24 +74,31 @@ class StructuredOutputs:
             self._compiler = xgr.GrammarCompiler(info)
         return self._compiler
 
-    def mask(self, states: Sequence[RequestState], logits: torch.Tensor) -> None:
-        """Mask `logits` [S, V] in place: row j to what request `states[j]`'s grammar allows next (other rows
-        untouched)."""
-        rows = [j for j, s in enumerate(states) if s.sampling_params.structured_outputs is not None]
-        if not rows:
+    def mask(
+        self,
+        states: Sequence[RequestState],
+        logits: torch.Tensor,
+        drafts: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Mask `logits` in place: row j to what request `states[j]`'s grammar allows next (other rows untouched).
+        With `drafts` (speculative decoding) request i owns 1 + len(drafts[i]) consecutive rows, its row j masked to
+        what its grammar allows once drafts[i][:j] follow its outputs (`_mask_drafts`)."""
+        constrained = [i for i, s in enumerate(states) if s.sampling_params.structured_outputs is not None]
+        if not constrained:
             return
         xgr = import_xgrammar()
+        counts = [1] * len(states) if drafts is None else [1 + len(d) for d in drafts]
+        first = list(itertools.accumulate(counts, initial=0))  # request -> its first row
         pinned = logits.is_cuda
         # xgrammar's layout (allocate_token_bitmask): int32 words of 32 tokens, -1 = every token allowed
-        bitmask = torch.full(
-            (len(states), -(-self.vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pinned
-        )
+        bitmask = torch.full((first[-1], -(-self.vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pinned)
+        plain = {first[i]: states[i] for i in constrained if counts[i] == 1}
         fill: dict[int, Any] = {}  # row -> its matcher, filled together below (xgrammar's threads)
-        for j in self._advance_all([(j, states[j]) for j in rows]):
-            if states[j].grammar_ended:  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
+        for j in self._advance_all(list(plain.items())):
+            if plain[j].grammar_ended:  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
                 self._set_only(bitmask[j], self.eos_token_ids)
             else:
-                fill[j] = states[j].grammar
+                fill[j] = plain[j].grammar
         if len(fill) == 1:
             j, matcher = next(iter(fill.items()))
             matcher.fill_next_token_bitmask(bitmask, j)
@@ -95,10 +107,12 @@ class StructuredOutputs:
                 self._batch_matcher = xgr.BatchGrammarMatcher()
             self._batch_matcher.batch_fill_next_token_bitmask(list(fill.values()), bitmask, list(fill))
         for j in fill:
-            params = states[j].sampling_params.structured_outputs
-            if params is not None and params.reasoning == "qwen3" and not states[j].output_token_ids:
-                opening = [params.think_start_id]  # the first token may open a reasoning block instead
-                self._set_only(bitmask[j], opening, keep=True)
+            self._allow_opening(plain[j], bitmask[j])
+        for i in constrained:
+            if counts[i] > 1:
+                assert drafts is not None
+                self._mask_drafts(states[i], drafts[i], bitmask, first[i])
+        rows = [first[i] + j for i in constrained for j in range(counts[i])]
         indices: Any = rows  # on a GPU: a pinned copy, so the upload does not wait on the host either
         if pinned:
             indices = torch.tensor(rows, dtype=torch.int32, pin_memory=True).to(
@@ -107,6 +121,48 @@ class StructuredOutputs:
         xgr.apply_token_bitmask_inplace(
             logits, bitmask.to(logits.device, non_blocking=True), vocab_size=self.vocab_size, indices=indices
         )
+
+    def _mask_drafts(
+        self, state: RequestState, drafts: Sequence[int], bitmask: torch.Tensor, first: int
+    ) -> None:
+        """Rows first .. first + k of `bitmask`: what the grammar allows after the outputs and drafts[:j].
+
+        The matcher catches up with the outputs as in a step without drafts; then a fork of it follows the drafts
+        while each is allowed at its row. The first draft its row refuses is where verification stops (the sample
+        there cannot equal it), so the rows after it stay unconstrained: their samples are never kept. Afterwards
+        the request's matcher and outputs are as before the walk."""
+        self._mask_one(state, bitmask, first)
+        saved = (state.grammar, state.grammar_accepted, state.grammar_ended)
+        if saved[0] is not None and saved[0] is not False:
+            state.grammar = saved[0].fork()
+        out = state.output_token_ids
+        num_outputs = len(out)
+        try:
+            for j, token in enumerate(drafts):
+                word = int(bitmask[first + j, token // 32])
+                if not (word >> (token % 32)) & 1:
+                    break
+                out.append(token)
+                self._mask_one(state, bitmask, first + j + 1)
+        finally:
+            del out[num_outputs:]
+            state.grammar, state.grammar_accepted, state.grammar_ended = saved
+
+    def _mask_one(self, state: RequestState, bitmask: torch.Tensor, row: int) -> None:
+        """Bitmask `row`: what the request's grammar allows after its outputs (one row of `mask`)."""
+        if not self._advance_all([(row, state)]):
+            return
+        if state.grammar_ended:
+            self._set_only(bitmask[row], self.eos_token_ids)
+        else:
+            state.grammar.fill_next_token_bitmask(bitmask, row)
+            self._allow_opening(state, bitmask[row])
+
+    def _allow_opening(self, state: RequestState, row: torch.Tensor) -> None:
+        """A qwen3 reply's first token may open a reasoning block instead of following the grammar."""
+        params = state.sampling_params.structured_outputs
+        if params is not None and params.reasoning == "qwen3" and not state.output_token_ids:
+            self._set_only(row, [params.think_start_id], keep=True)
 
     def _set_only(self, row: torch.Tensor, tokens: Sequence[int | None], keep: bool = False) -> None:
         """Allow `tokens` in a bitmask row (int32 words, bit t % 32 of word t // 32): only them, or, with `keep`,

@@ -130,7 +130,7 @@ class SamplingMetadata:
         if any(p.min_p > 0.0 for p in random_params):
             min_p = f32([0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)])
 
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
+        seeded = seeded_indices(params)
         seeded_rows = seed_lo = seed_hi = seeded_pos = None
         if seeded:
             seed_bits = [int(params[i].seed) & _MASK64 for i in seeded]  # type: ignore[arg-type]
@@ -157,9 +157,9 @@ class SamplingMetadata:
             )
 
         allowed_mask = _build_allowed_mask(params, vocab_size, dev)
-        banned = _banned_pairs(params, output_ids, vocab_size)
+        banned = banned_pairs(params, output_ids, vocab_size)
         banned_indices = i64([r * vocab_size + c for r, c in banned]) if banned else None
-        bias = _bias_triples(params, vocab_size)
+        bias = bias_triples(params, vocab_size)
         bias_indices = i64([r * vocab_size + c for r, c, _ in bias]) if bias else None
         bias_values = f32([v for _, _, v in bias]) if bias else None
 
@@ -195,6 +195,11 @@ class SamplingMetadata:
         )
 
 
+def seeded_indices(params: Sequence[SamplingParams]) -> list[int]:
+    """Rows whose noise is keyed by (seed, position): seeded requests that sample (greedy ones take the argmax)."""
+    return [i for i, p in enumerate(params) if p.seed is not None and not p.is_greedy]
+
+
 def _check_token(field: str, token: int, row: int, vocab_size: int) -> None:
     if not 0 <= token < vocab_size:
         raise ValueError(
@@ -222,7 +227,7 @@ def _build_allowed_mask(
     return mask
 
 
-def _banned_pairs(
+def banned_pairs(
     params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int] | np.ndarray], vocab_size: int
 ) -> list[tuple[int, int]]:
     """(row, token) pairs that must not be sampled this step: bad words, and stop tokens before min_tokens."""
@@ -241,7 +246,7 @@ def _banned_pairs(
     return banned
 
 
-def _bias_triples(params: Sequence[SamplingParams], vocab_size: int) -> list[tuple[int, int, float]]:
+def bias_triples(params: Sequence[SamplingParams], vocab_size: int) -> list[tuple[int, int, float]]:
     triples: list[tuple[int, int, float]] = []
     for i, p in enumerate(params):
         for t, v in (p.logit_bias or {}).items():
