@@ -181,6 +181,7 @@ def build_runner(config: EngineConfig, device: Any = None) -> Any:
         max_num_batched_tokens=sc.max_num_batched_tokens,
         device=device,
         lora_config=config.lora_config,
+        speculative_config=config.speculative_config,
     )
     runner.load_model()
     return runner

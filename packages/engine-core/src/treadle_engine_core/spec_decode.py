@@ -13,9 +13,9 @@ Limits on d (no draft that could not be used): the tokens a request may still pr
 and max_model_len - num_tokens, each minus the one sample every step returns anyway; the step's token budget
 and long_prefill_token_threshold (applied to 1 + d like any tokens).
 
-Who drafts: decoding generation requests, except those under structured outputs. The runner's grammar mask is
-built for one position per request per step; a draft position would need the grammar advanced over the drafts
-before it, so such requests decode one token at a time (vLLM drafts for them; this engine does not yet).
+Who drafts: every decoding generation request, those under structured outputs too (as vLLM): the runner masks
+draft position j with the grammar advanced over the j drafts before it, and a draft the grammar refuses ends the
+verification there (model_runner/runner/structured.py). The drafts themselves are not filtered by the grammar.
 Pooling requests (max_tokens 0) and beam search's one-token requests never have room for a draft.
 
 Counters follow vLLM's SpecDecodingStats: drafts (verifications with d > 0), draft tokens, accepted tokens and
@@ -51,7 +51,7 @@ class SpecDecoding:
             if req.num_computed_tokens != num_tokens - 1 or req.num_output_placeholders:
                 continue  # prefilling (or resuming after a preemption)
             cap = min(req.max_tokens - len(req.output_token_ids), max_len - num_tokens) - 1
-            if cap <= 0 or req.sampling_params.structured_outputs is not None:
+            if cap <= 0:
                 continue
             ids.append(req.request_id)
             tokens.append(req.all_token_ids)
