@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from test_runner_fakes import FakeScheduler
@@ -41,10 +42,15 @@ def _take(out: ModelRunnerOutput, req_id: str) -> tuple[list[int], list[Logprobs
 
 
 def reference(
-    sched: FakeScheduler, req_id: str, prompt: list[int], params: SamplingParams, n: int
+    sched: FakeScheduler,
+    req_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    n: int,
+    lora_request: Any = None,
 ) -> Reference:
     """`n` tokens of `req_id`, one decode step each (after one prefill step)."""
-    sched.add(req_id, prompt, params, max_tokens=n)
+    sched.add(req_id, prompt, params, max_tokens=n, lora_request=lora_request)
     ref = Reference(list(prompt), [], [])
     out = sched.step({req_id: len(prompt)})
     while True:
@@ -81,11 +87,12 @@ def speculate(
     vocab_size: int,
     others: Callable[[], dict[str, int]] | None = None,
     tol: float = 1e-5,
+    lora_request: Any = None,
 ) -> SpecRun:
     """Run `req_id` (the reference's prompt and params) with drafts from PATTERN, asserting each step's tokens and
     logprobs (within `tol`) against the reference. `others()`: the other requests to schedule alongside, each step."""
     n = len(ref.tokens)
-    sched.add(req_id, ref.prompt, params, max_tokens=n)
+    sched.add(req_id, ref.prompt, params, max_tokens=n, lora_request=lora_request)
     run = SpecRun()
     alongside = others or dict
     tokens, lps = _take(sched.step({req_id: len(ref.prompt), **alongside()}), req_id)

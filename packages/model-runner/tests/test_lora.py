@@ -19,9 +19,11 @@ import torch
 import transformers as tf
 from lora_fixtures import PeftReference, save_adapter
 from safetensors.torch import load_file, save_file
+from spec_decode_driver import reference, speculate
 from test_models import COMMON  # the tiny HF configs the model tests build
 from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
+from treadle_model_runner import SamplingParams
 from treadle_model_runner.config import LoRAConfig
 from treadle_model_runner.lora import LoRARequest
 
@@ -165,6 +167,37 @@ BAD_ADAPTERS = {
                     r"adapter_model\.safetensors: module '.*q_proj' has lora_A \(8, 32\) .* expected \(8, 64\)"),
     "dora": (lambda p: _edit_config(p, use_dora=True), r"adapter_config\.json: use_dora = True is not supported"),
 }  # fmt: skip
+
+
+def test_drafts_under_adapters_keep_the_plain_run_tokens(tiny: Tiny) -> None:
+    """A request verifying drafts under an adapter, while requests under the other adapter or the base model decode
+    in the same steps: each keeps the tokens of its run without drafts (the adapters' token mask covers the draft
+    positions)."""
+    sched = FakeScheduler(_lora_runner(tiny, max_loras=2), seed=5)
+    gen = torch.Generator().manual_seed(8)
+    pairs = [("a", "b"), ("b", None), (None, "a")]  # (adapter with drafts, adapter decoding alongside)
+    for i, (spec, plain) in enumerate(pairs):
+        prompt, other = (torch.randint(1, 160, (n,), generator=gen).tolist() for n in (9, 6))
+        ref = reference(sched, f"ref{i}", prompt, SamplingParams(temperature=0.0), 24, tiny.lora(spec))
+        want = reference(sched, f"ref-plain{i}", other, SamplingParams(temperature=0.0), 12, tiny.lora(plain))
+        sched.add(f"plain{i}", other, max_tokens=12, lora_request=tiny.lora(plain))
+
+        def alongside(rid: str = f"plain{i}", n: int = len(other)) -> dict[str, int]:
+            req = sched.requests.get(rid)
+            return {} if req is None else {rid: n if req.num_computed == 0 else 1}
+
+        speculate(
+            sched,
+            f"spec{i}",
+            ref,
+            SamplingParams(temperature=0.0),
+            160,
+            alongside,
+            lora_request=tiny.lora(spec),
+        )
+        while f"plain{i}" in sched.requests:
+            sched.step(alongside())
+        assert sched.done_outputs[f"plain{i}"] == want.tokens
 
 
 @pytest.mark.parametrize("case", list(BAD_ADAPTERS))

@@ -4,7 +4,8 @@ driven by the same fake scheduler, give the one-rank runner's tokens and logprob
 Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two; and with one key/value head,
 which both ranks then hold), Qwen2 (q/k/v bias), Qwen3 (q/k norms, tied embeddings), Gemma 3 (sliding-window layers,
 GELU, tied with an odd vocabulary), Qwen3-MoE and Mixtral (each rank holds a slice of every expert), and dummy weights (each rank draws the
-one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes.
+one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes; a request verifies
+draft tokens (speculative decoding) on every rank alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
+from spec_decode_driver import reference, speculate
 from test_runner_fakes import FakeScheduler, make_runner, perturb_
 
 from treadle_model_runner import SamplingParams
@@ -80,6 +82,10 @@ def _run(model_dir: Path, load_format: str, tp: int) -> dict[str, Any]:
     for i, p in enumerate(params):
         sched.add(f"r{i}", torch.randint(1, 128, (5 + 9 * i,), generator=gen).tolist(), p, max_tokens=12)
     tokens = sched.run(budget=24)
+    # speculative decoding: every rank verifies the same drafts and keeps the same tokens (spec_decode_driver)
+    spec_params = SamplingParams(temperature=0.8, top_k=30, seed=4, logprobs=2)
+    ref = reference(sched, "ref-spec", torch.randint(1, 128, (7,), generator=gen).tolist(), spec_params, 16)
+    tokens["spec"] = speculate(sched, "spec", ref, spec_params, runner.vocab_size, tol=1e-4).tokens
     logprobs = []
     for out in sched.outputs:
         sampled = [(r, lps) for r, lps in zip(out.req_ids, out.logprobs, strict=False) if lps]
