@@ -1,6 +1,7 @@
 """`tensor_parallel_size=2` on CPU (gloo): the offline LLM, in-process and in an engine process, gives the one-device
 engine's tokens and logprobs (dummy weights: each rank keeps its slice of the one-device values); its worker process
-ends with `shutdown`, rank 0 freeing its CUDA graphs before it leaves the group; a worker that dies takes the engine process down, and the client says the engine is dead; a
+ends with `shutdown`, rank 0 freeing its CUDA graphs before it leaves the group; a worker that dies takes the engine process down, and the client says the engine is dead; with speculative
+decoding both ranks keep the one-device tokens; a
 group size that does not divide the heads fails with that message and leaves no worker behind."""
 
 from __future__ import annotations
@@ -92,6 +93,19 @@ def test_two_ranks_in_process_equal_one_device(
         llm.shutdown()
     assert not Path(f"/proc/{workers[0]}").exists(), "shutdown should end the worker process"
     assert order[:2] == ["release", "destroy"], order
+
+
+def test_two_ranks_with_speculation_equal_one_device(tiny: Path, one_device: list[Any]) -> None:
+    """n-gram drafts travel to the other rank inside the SchedulerOutput; both ranks verify them alike, so the
+    tokens and logprobs are the one-device run's without drafts."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    llm = LLM(str(tiny), tensor_parallel_size=2, speculative_config=spec, **ENGINE)
+    try:
+        _assert_same(_run(llm), one_device)
+        stats = llm.client.get_stats()  # type: ignore[attr-defined]
+    finally:
+        llm.shutdown()
+    assert stats.spec_num_accepted_tokens > 0, stats
 
 
 def _is_worker(pid: int) -> bool:

@@ -116,3 +116,23 @@ def test_same_output_with_and_without_speculation(model: tuple[Path, list[int]])
             assert [e.logprob for e in pos_b.values()] == pytest.approx(
                 [e.logprob for e in pos_a.values()], abs=1e-4
             )
+
+
+def test_preemption_with_drafts_on_the_real_runner(model: tuple[Path, list[int]]) -> None:
+    """A KV cache of 16 blocks of 16 tokens for seven requests of 5 to 8 blocks each: requests verifying
+    drafts are preempted (their KV recomputed) and still reply as without drafts."""
+    params = [SamplingParams(temperature=0.0, max_tokens=45, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=45, ignore_eos=True)]  # fmt: skip
+    options: dict[str, Any] = {"num_gpu_blocks_override": 17, "block_size": 16, "max_model_len": 256}
+    prompts = _prompts(model[1])[:5] + _prompts(model[1])[:2]
+    runs = []
+    for spec in (None, SPEC):
+        llm = LLM(str(model[0]), **{**ENGINE, **options}, **({"speculative_config": spec} if spec else {}))
+        try:
+            outs = llm.generate(prompts, [params[i % 2] for i in range(7)], use_tqdm=False)
+            runs.append(([o.outputs[0].token_ids for o in outs], llm.client.get_stats()))  # type: ignore[attr-defined]
+        finally:
+            llm.shutdown()
+    (plain, _), (spec_tokens, stats) = runs
+    assert spec_tokens == plain
+    assert stats.num_preemptions > 0 and stats.spec_num_accepted_tokens > 0, stats
