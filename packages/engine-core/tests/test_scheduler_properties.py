@@ -153,6 +153,7 @@ def _check_step(engine: EngineCore, so: SchedulerOutput, spec: SpeculativeConfig
         assert req.num_computed_tokens == num_known + len(drafts), f"{rid} was not decoding"
         assert len(req.output_token_ids) + len(drafts) + 1 <= req.max_tokens, f"{rid}: drafts past max_tokens"
         assert num_known + len(drafts) + 1 <= sched.max_model_len, f"{rid}: drafts past max_model_len"
+        assert req.sampling_params.pooling is None, f"{rid}: drafts for a pooling request"
 
 
 @settings(max_examples=450, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,7 +16,8 @@ and long_prefill_token_threshold (applied to 1 + d like any tokens).
 Who drafts: every decoding generation request, those under structured outputs too (as vLLM): the runner masks
 draft position j with the grammar advanced over the j drafts before it, and a draft the grammar refuses ends the
 verification there (model_runner/runner/structured.py). The drafts themselves are not filtered by the grammar.
-Pooling requests (max_tokens 0) and beam search's one-token requests never have room for a draft.
+Pooling requests never draft (the runner refuses drafts for them; the frontend's have max_tokens 0 anyway), and
+beam search's one-token requests never have room for one.
 
 Counters follow vLLM's SpecDecodingStats: drafts (verifications with d > 0), draft tokens, accepted tokens and
 accepted tokens per draft position, cumulative, reported in SchedulerStats.
@@ -51,7 +52,7 @@ class SpecDecoding:
             if req.num_computed_tokens != num_tokens - 1 or req.num_output_placeholders:
                 continue  # prefilling (or resuming after a preemption)
             cap = min(req.max_tokens - len(req.output_token_ids), max_len - num_tokens) - 1
-            if cap <= 0:
+            if cap <= 0 or req.sampling_params.pooling is not None:
                 continue
             ids.append(req.request_id)
             tokens.append(req.all_token_ids)
