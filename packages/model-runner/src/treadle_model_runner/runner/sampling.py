@@ -91,9 +91,7 @@ def sample_step(
             first, count = np.arange(rows.size), np.ones(rows.size, dtype=np.int64)
         else:
             first, count = accepted_runs(tokens, drafts)
-        if (
-            drafts is not None
-        ):  # a request's own hidden state is at its first sample (pooling takes no drafts)
+            # pooling takes no drafts: each request's own last hidden state is at its first sample
             last_hidden = last_hidden[torch.from_numpy(first).to(last_hidden.device)]
         pooled = pooling.pooled(states, rows, req_ids, last_hidden)
         appended = count
