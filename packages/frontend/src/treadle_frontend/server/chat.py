@@ -30,6 +30,7 @@ from treadle_frontend.server.common import (
     ServerState,
     check_priority,
     collect_all,
+    first_output,
     new_id,
     sampling_params,
     sse,
@@ -128,7 +129,8 @@ class ChatHandler:
             st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority, lora_request=lora)
         )  # fmt: skip
         created = int(time.time())
-        if body.stream:
+        if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
+            gen = await first_output(request, gen)
             stream = self._stream(rid, created, body, ids, gen, tools, forced, echoed(body, messages))
             return StreamingResponse(stream, media_type="text/event-stream")
         final = (await until_disconnect(request, collect_all([gen])))[0]

@@ -24,6 +24,7 @@ from treadle_frontend.server.common import (
     ServerState,
     check_priority,
     collect_all,
+    first_output,
     merge_streams,
     new_id,
     prompt_list,
@@ -88,8 +89,9 @@ class CompletionsHandler:
         ]  # fmt: skip
         model, vocab = st.response_model(body.model), ip.model.vocab_size
         ctx = _Ctx(rid, int(time.time()), model, body, encoded, drop_output, vocab)
-        if body.stream and not beam:
-            return StreamingResponse(self._stream(ctx, gens), media_type="text/event-stream")
+        if body.stream and not beam:  # the engine's refusal before the first output is an HTTP error
+            outputs = await first_output(request, merge_streams(gens))
+            return StreamingResponse(self._stream(ctx, outputs), media_type="text/event-stream")
         finals = await until_disconnect(request, collect_all(gens))
         if body.stream:
             return one_event(self._response(ctx, finals))
@@ -160,7 +162,10 @@ class CompletionsHandler:
         }
 
     # ---- streaming --------------------------------------------------------------------------------
-    async def _stream(self, ctx: _Ctx, gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+    async def _stream(
+        self, ctx: _Ctx, outputs: AsyncIterator[tuple[int, RequestOutput]]
+    ) -> AsyncIterator[str]:
+        """`outputs`: merge_streams' (prompt index, output) pairs."""
         body = ctx.body
         sent = _Sent(include_usage=bool(body.stream_options and body.stream_options.include_usage))
         sent.continuous = sent.include_usage and bool(
@@ -168,7 +173,7 @@ class CompletionsHandler:
         )
         prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
         try:
-            async for i, out in merge_streams(gens):
+            async for i, out in outputs:
                 sent.cached[i] = max(sent.cached.get(i, 0), out.num_cached_tokens or 0)
                 for c in out.outputs:
                     index = i * body.n + c.index
