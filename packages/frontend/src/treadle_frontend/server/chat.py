@@ -8,8 +8,10 @@ every chunk carries `usage: null` and one extra chunk with `choices: []` and the
 With `--enable-auto-tool-choice --tool-call-parser hermes` and `tools` in the request (tool_choice auto), calls
 the model writes come back as `message.tool_calls` with finish_reason "tool_calls" (tool_calls.py); streamed, a
 call's first `delta.tool_calls` entry carries its index, id and name, and later ones add to its `arguments` as the
-model writes them. With `--reasoning-parser qwen3|deepseek_r1` the
-`<think>` block is `message.reasoning_content` (streamed as `delta.reasoning_content`), vLLM's field (reply.py).
+model writes them. A forced call (`tool_choice` "required" or a named function; forced_tools.py) is tool_calls
+also when max_tokens cuts it: finish_reason "length", content null, the arguments written so far. With
+`--reasoning-parser qwen3|deepseek_r1` the `<think>` block is `message.reasoning_content` (streamed as
+`delta.reasoning_content`), vLLM's field (reply.py).
 `use_beam_search` (server/beam.py): the n best of n beams; streamed, each choice's whole text is one chunk.
 """
 
@@ -165,7 +167,11 @@ class ChatHandler:
                     ),
                     "refusal": None,
                 }
-            reasoning, content, calls = ReplyReader(rp, tools, forced, body.tools).whole(c.text)
+            # a forced reply is only calls, also when max_tokens cut it (forced_tools.py): never its JSON as text
+            reader = ReplyReader(rp, tools, forced, body.tools, calls_only=True)
+            reasoning, content, calls = reader.whole(c.text)
+            if forced is not None and not content:
+                content = None
             content = echo + (content or "") if echo else content
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
@@ -228,7 +234,7 @@ class ChatHandler:
             return sse_text(data) if heavy else sse(data)
 
         rp = self.state.config.reasoning_parser
-        reader = ReplyReader(rp, tools, forced, body.tools)
+        reader = ReplyReader(rp, tools, forced, body.tools, calls_only=True)  # calls_only: for a forced reply
         parsers = {i: p for i in range(body.n) if (p := reader.stream()) is not None}
         completion_tokens, cached = 0, 0
         try:
