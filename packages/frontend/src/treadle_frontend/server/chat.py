@@ -157,14 +157,13 @@ class ChatHandler:
         echo: str,
     ) -> dict[str, Any]:
         rp = self.state.config.reasoning_parser
+        names = self.state.token_names(body.return_tokens_as_token_ids)
         choices = []
         for c in out.outputs:
             lps = None
             if body.logprobs:
                 lps = {
-                    "content": chat_logprobs(
-                        self.texts, c.token_ids, c.logprobs or [], body.top_logprobs or 0
-                    ),
+                    "content": chat_logprobs(names, c.token_ids, c.logprobs or [], body.top_logprobs or 0),
                     "refusal": None,
                 }
             # a forced reply is only calls, also when max_tokens cut it (forced_tools.py): never its JSON as text
@@ -234,6 +233,7 @@ class ChatHandler:
             return sse_text(data) if heavy else sse(data)
 
         rp = self.state.config.reasoning_parser
+        names = self.state.token_names(body.return_tokens_as_token_ids)
         reader = ReplyReader(rp, tools, forced, body.tools, calls_only=True)  # calls_only: for a forced reply
         parsers = {i: p for i in range(body.n) if (p := reader.stream()) is not None}
         completion_tokens, cached = 0, 0
@@ -254,7 +254,7 @@ class ChatHandler:
                     heavy = is_heavy(self._entries(body, len(c.token_ids)))  # whole-vocabulary logprobs
                     lps = None
                     if body.logprobs and c.token_ids:
-                        content = await off_loop(heavy, chat_logprobs, self.texts, c.token_ids, c.logprobs or [],
+                        content = await off_loop(heavy, chat_logprobs, names, c.token_ids, c.logprobs or [],
                                                  body.top_logprobs or 0)  # fmt: skip
                         lps = {"content": content, "refusal": None}
                     delta = chat_delta(parsers.get(c.index), c.text, finish)

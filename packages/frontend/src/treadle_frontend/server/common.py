@@ -22,6 +22,7 @@ from fastapi import Request
 
 from treadle_frontend.async_llm import AsyncLLM
 from treadle_frontend.input_processor import keep_last
+from treadle_frontend.logprobs import TOKEN_IDS, TokenNames
 from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
@@ -85,6 +86,12 @@ class ServerState:
     def lora_request(self, model: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names (None: the base model)."""
         return self.loras.get(model)
+
+    def token_names(self, asked: bool | None) -> TokenNames:
+        """How logprobs name tokens: "token_id:{id}" when the request's return_tokens_as_token_ids (`asked`), else
+        the server's flag, says so (vLLM's rule), else their text."""
+        as_ids = self.config.return_tokens_as_token_ids if asked is None else asked
+        return TOKEN_IDS if as_ids else self.llm.input_processor.token_texts
 
     def response_model(self, model: str | None) -> str:
         """The `model` a response carries: the adapter's name when one was asked for, else the served name."""

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from treadle_frontend.logprobs import TextOffsets, legacy_logprobs, prompt_logprobs_json
+from treadle_frontend.logprobs import TextOffsets, TokenNames, legacy_logprobs, prompt_logprobs_json
 from treadle_frontend.outputs import CompletionOutput, RequestOutput, SampleLogprobs
 from treadle_frontend.server.beam import beam_searches, length_params, one_event
 from treadle_frontend.server.common import (
@@ -88,7 +88,8 @@ class CompletionsHandler:
             for i, (text, ids) in enumerate(encoded)
         ]  # fmt: skip
         model, vocab = st.response_model(body.model), ip.model.vocab_size
-        ctx = _Ctx(rid, int(time.time()), model, body, encoded, drop_output, vocab)
+        names = st.token_names(body.return_tokens_as_token_ids)
+        ctx = _Ctx(rid, int(time.time()), model, body, encoded, drop_output, vocab, names)
         if body.stream and not beam:  # the engine's refusal before the first output is an HTTP error
             outputs = await first_output(request, merge_streams(gens))
             return StreamingResponse(self._stream(ctx, outputs), media_type="text/event-stream")
@@ -115,13 +116,13 @@ class CompletionsHandler:
         if body.logprobs is not None:
             num_top = body.logprobs
             gen = legacy_logprobs(
-                self.texts, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
+                ctx.names, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
             )
             logprobs = gen
             if body.echo:  # the prompt's block first
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
                 block = legacy_logprobs(
-                    self.texts, out.prompt_token_ids, plps, num_top, TextOffsets(self.texts, 0)
+                    ctx.names, out.prompt_token_ids, plps, num_top, TextOffsets(self.texts, 0)
                 )
                 logprobs = {k: block[k] + gen[k] for k in block}
         choice = {
@@ -222,11 +223,11 @@ class CompletionsHandler:
             prefix = self._prompt_text(out)
             if body.logprobs is not None:
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs,
+                block = legacy_logprobs(ctx.names, out.prompt_token_ids, plps, body.logprobs,
                                         TextOffsets(self.texts, 0))  # fmt: skip
         if body.logprobs is not None:
             tracker = sent.trackers.setdefault(index, TextOffsets(self.texts, len(prefix)))
-            gen = legacy_logprobs(self.texts, ids, lps or [], body.logprobs, tracker)
+            gen = legacy_logprobs(ctx.names, ids, lps or [], body.logprobs, tracker)
             block = {k: (block[k] if block else []) + gen[k] for k in gen}
         finish = c.finish_reason if c.finish_reason in ("stop", "length", None) else "stop"
         if not (prefix or text or finish or (block and block["tokens"]) or (body.return_token_ids and ids)):
@@ -292,6 +293,7 @@ class _Ctx:
     encoded: list[tuple[str | None, list[int]]]  # per prompt: (its text or None, its token ids)
     drop_output: bool  # max_tokens 0: the prompt only (echo), the sampled token dropped
     vocab_size: int
+    names: TokenNames  # how logprobs name tokens (their text, or "token_id:{id}")
 
     def entries(self, num_tokens: int, num_prompt: int) -> int:
         """The logprob entries a choice's chunk (or a reply) builds for `num_tokens` generated tokens and
