@@ -105,11 +105,6 @@ class ModelRunner:
                 f"size (engine_core's TensorParallelExecutor starts one process per device); this process's group "
                 f"has size {tp.size}"
             )
-        if lora_config is not None and lora_config.enable_lora and tp.size > 1:
-            raise ValueError(
-                f"LoRA adapters do not run under tensor parallelism yet (tensor_parallel_size {tp.size}); serve "
-                "with tensor_parallel_size 1 or without enable_lora"
-            )
         self.model_config = model_config
         self.cache_config = cache_config
         self.lora_config = lora_config if lora_config is not None and lora_config.enable_lora else None
