@@ -210,8 +210,10 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
 
 
 def _run_lora_call(runner: Any, call: msg.LoRACall, rank: int) -> None:
-    """A LoRA call rank 0 ran without error. Failing here too means the adapter's directory changed between the two
-    reads: logged, not fatal (the adapter may never run; a step that needs it where this rank has none then fails)."""
+    """A LoRA call rank 0 ran without error. It fails here only when this rank read the adapter's directory after it
+    changed or went: rank 0 read it earlier, or not at all because its host cache still held the adapter (under
+    async scheduling a step's releases may run on rank 0 after the next admissions, so the two caches may evict in
+    another order). Logged, not fatal: the adapter may never run here; a step that needs it then fails this rank."""
     try:
         if isinstance(call, msg.AddLoRA):
             runner.add_lora(call.lora_request, call.load_inplace)
