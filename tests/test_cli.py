@@ -246,6 +246,13 @@ def test_tool_call_flags() -> None:
         cli_serve.make_server_config(alone, None)
 
 
+def test_return_tokens_as_token_ids_flag() -> None:
+    default = cli.build_parser().parse_args(["serve"])
+    assert cli_serve.make_server_config(default, None).return_tokens_as_token_ids is False
+    flagged = cli.build_parser().parse_args(["serve", "--return-tokens-as-token-ids"])
+    assert cli_serve.make_server_config(flagged, None).return_tokens_as_token_ids is True
+
+
 def test_start_up_report_names_a_checkpoints_quantization(tmp_path: Path) -> None:
     """The platform line says what the engine will load: the option asked for, else the checkpoint's own."""
     (tmp_path / "config.json").write_text(

@@ -4,7 +4,8 @@ With one adapter slot and one adapter kept in host memory, a waiting request's a
 arrivals; if its directory is then deleted, that request alone fails when it is admitted, with the adapter and the
 file problem named, while the engine goes on: the requests around it still give PEFT's greedy continuations, and
 later requests still run. Checked on the EngineCore (sync and async scheduling) and through `treadle serve` with
-the openai SDK.
+the openai SDK, where a streamed request whose adapter is gone gets the unstreamed request's HTTP 400, not a 200
+whose stream carries the error.
 """
 
 from __future__ import annotations
@@ -162,6 +163,55 @@ def test_a_deleted_adapter_fails_its_request_and_the_server_goes_on(
     assert results["poet"].choices[0].model_extra["token_ids"] == tiny.peft.greedy("poet", PROMPTS["r3"], 6)
     base = client.completions.create(model=MODEL_NAME, prompt=PROMPTS["r4"], max_tokens=6, **greedy)
     assert base.choices[0].model_extra["token_ids"] == tiny.peft.greedy(None, PROMPTS["r4"], 6)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def gone_server(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RealServer, Path]]:
+    """Adapters sql and gone, one of them in host memory at a time."""
+    root = tmp_path_factory.mktemp("gone")
+    gone = Path(shutil.copytree(tiny.adapters["sql"], root / "gone"))
+    extra = ["--load-format", "auto", "--dtype", "float32", "--enable-lora", "--max-loras", "1", "--max-cpu-loras",
+             "1", "--max-lora-rank", "8", "--lora-modules", f"sql={tiny.adapters['sql']}", f"gone={gone}"]  # fmt: skip
+    server = start_server(tiny.model, root / "server.log", extra, port=PORT + 1 if PORT else None)
+    try:
+        yield server, gone
+    finally:
+        server.stop()
+
+
+def test_a_streamed_request_whose_adapter_is_gone_is_a_400(
+    tiny: Tiny, gone_server: tuple[RealServer, Path]
+) -> None:
+    """gone's directory is deleted after sql's request evicted it from host memory: a streamed chat or completion
+    naming it is answered as the unstreamed request is, HTTP 400 with the adapter and the problem named (not a 200
+    whose stream carries the error), and the server goes on."""
+    server, gone = gone_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    greedy: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+    # sql's request loads sql, which evicts gone from host memory
+    client.completions.create(model="sql", prompt=PROMPTS["r1"], max_tokens=2, **greedy)
+    shutil.rmtree(gone)
+    hi: Any = [{"role": "user", "content": "hi"}]
+    requests = {
+        "chat": lambda stream: client.chat.completions.create(model="gone", messages=hi, max_tokens=4,
+                                                              stream=stream),
+        "completion": lambda stream: client.completions.create(model="gone", prompt=PROMPTS["r2"], max_tokens=4,
+                                                               stream=stream),
+    }  # fmt: skip
+    for route, request in requests.items():
+        errors = []
+        for stream in (True, False):
+            with pytest.raises(openai.BadRequestError) as info:
+                list(request(True)) if stream else request(False)
+            errors.append(info.value)
+        streamed, whole = errors
+        message = streamed.message
+        assert "LoRA adapter 'gone'" in message and f"{gone} is not a directory" in message, (route, message)
+        assert streamed.body == whole.body, route
+    chunks = client.completions.create(model="sql", prompt=PROMPTS["r3"], max_tokens=6, stream=True, **greedy)
+    ids = [t for chunk in chunks for c in chunk.choices for t in (c.model_extra or {}).get("token_ids") or []]
+    assert ids == tiny.peft.greedy("sql", PROMPTS["r3"], 6)
     assert httpx.get(server.url + "/health").status_code == 200
 
 

@@ -88,6 +88,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="return a thinking model's <think> block as reasoning_content",
     )
     p.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        default=d["return_tokens_as_token_ids"],
+        help='name logprob tokens "token_id:{id}" (a request\'s return_tokens_as_token_ids overrides it)',
+    )
+    p.add_argument(
         "--generation-config",
         default=d["generation_config"],
         help="auto: the model's generation_config.json defaults | none | a directory",
@@ -267,6 +273,7 @@ def make_server_config(args: argparse.Namespace, model: str | None) -> Any:
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_log_stats=args.disable_log_stats,
         allowed_origins=tuple(args.allowed_origins),

@@ -10,7 +10,15 @@ from engine_core_harness import Collected, check_block_ownership, collect, expec
 from treadle_engine_core.block_hash import update_block_hashes
 from treadle_engine_core.config import EngineConfig, FakeRunnerConfig
 from treadle_engine_core.core import EngineCore
-from treadle_engine_core.messages import EngineCoreRequest, decode, encode
+from treadle_engine_core.messages import (
+    AddLoRA,
+    EngineCoreRequest,
+    HoldLoRA,
+    LoRACall,
+    RemoveLoRA,
+    decode,
+    encode,
+)
 from treadle_engine_core.request import FinishReason, Request
 from treadle_model_runner import ModelConfig, SamplingParams
 from treadle_model_runner.config import LoRAConfig
@@ -165,10 +173,14 @@ def test_lora_requests_need_enable_lora_and_travel_the_wire() -> None:
         _add(engine, "a", "A")
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         engine.call_utility("add_lora", [msgspec.to_builtins(ADAPTERS["A"])])
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        EngineConfig(ModelConfig("m", tensor_parallel_size=2), lora_config=LoRAConfig(enable_lora=True))
+    # adapters run under tensor parallelism (model-runner's lora/layer.py): rank 0 sends each LoRA call it ran to
+    # the other ranks (tp_executor.py)
+    lora_tp = EngineConfig(ModelConfig("m", tensor_parallel_size=2), lora_config=LoRAConfig(enable_lora=True))
+    assert lora_tp.max_loras == LoRAConfig().max_loras
     req = EngineCoreRequest("x", [1, 2], SamplingParams(), 1.0, lora_request=ADAPTERS["B"])
     assert decode(encode(req), EngineCoreRequest).lora_request == ADAPTERS["B"]
+    for call in (AddLoRA(ADAPTERS["A"], load_inplace=True), HoldLoRA("x", ADAPTERS["B"]), RemoveLoRA(3)):
+        assert decode(encode(call), LoRACall) == call
 
     engine = _engine(1)
     assert engine.call_utility("add_lora", [msgspec.to_builtins(ADAPTERS["C"])]) is True

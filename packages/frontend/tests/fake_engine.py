@@ -102,6 +102,7 @@ class FakeEngine:
         self.num_aborted = 0
         self.reject: str | None = None  # when set, every request added is rejected with this reason (tests)
         self.rejected: list[str] = []
+        self.hold = False  # when set, running requests wait (no output), as behind a long queue (tests)
 
     def add(self, req: FakeRequest) -> None:
         if self.reject is not None:  # as the engine process answers a ValueError from add_request
@@ -134,6 +135,8 @@ class FakeEngine:
             raise RuntimeError("engine core process died (fake)")
         outs = [FakeOutput(rid, [], finish_reason="error", error=self.reject) for rid in self.rejected]
         self.rejected = []
+        if self.hold:
+            return FakeOutputs(outs, FakeStats(num_waiting_reqs=len(self.running)))
         for rid, r in list(self.running.items()):
             p = r.req.sampling_params
             rng = r.rng or self.shared_rng

@@ -1,5 +1,6 @@
 """A forced tool call's reply (constrained JSON: a named function's arguments, or "required"'s array of calls)
-read by ForcedToolCalls: fed whole or in any pieces it gives the same calls, and each call streams as written."""
+read by ForcedToolCalls: fed whole or in any pieces it gives the same calls, and each call streams as written; on
+/v1/chat/completions (openai SDK, fake engine) a reply cut by max_tokens is tool_calls, never its JSON as content."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 from typing import Any
 
 import pytest
+from frontend_helpers import WEATHER, openai_client, start_fake_server, streamed_tool_calls
 
 from treadle_frontend.server.forced_tools import ForcedToolCalls
 from treadle_frontend.server.tool_calls import Piece
@@ -82,14 +84,51 @@ def test_a_reply_cut_short() -> None:
 
 
 def test_calls_only_never_gives_text() -> None:
-    """Anthropic's forced replies (`calls_only`): cut anywhere, a reply is calls or nothing, never its JSON as
+    """The routes' forced replies (`calls_only`): cut anywhere, a reply is calls or nothing, never its JSON as
     text; a named call is made even when nothing was written (max_tokens spent on reasoning)."""
     forced = ForcedToolCalls("f", calls_only=True)
     pieces = forced.feed("", final=True)
-    assert [(c.name, c.arguments, c.complete) for p in pieces for c in p.calls] == [("f", "{}", False)]
+    assert [(c.name, c.arguments, c.complete) for p in pieces for c in p.calls] == [("f", "", False)]
     for cut in range(len(REQUIRED)):
         forced = ForcedToolCalls(None, calls_only=True)
         pieces = forced.feed(REQUIRED[:cut], final=True)
         assert not "".join(p.content for p in pieces), cut
         whole_names = [n for n in ("get_weather", "get_time") if f'"name":"{n}"' in REQUIRED[:cut]]
         assert [c.name for p in pieces for c in p.calls] == whole_names, cut
+
+
+CUT_REPLIES = {  # tool_choice, the reply the engine writes
+    "named": ({"type": "function", "function": {"name": "get_weather"}}, '{"city":"Paris"}'),
+    "required": ("required", '[{"name":"get_weather","parameters":{"city":"Paris"}}]'),
+}
+
+
+@pytest.mark.parametrize("case", list(CUT_REPLIES))
+def test_a_forced_chat_call_cut_by_max_tokens(tokenizer: Any, case: str) -> None:
+    """Cut at every token, whole and streamed: finish_reason length, no content, and tool_calls holding the
+    arguments written so far (vLLM returns a cut named call's partial arguments): the named call always;
+    "required"'s once its name is written whole, its arguments the text after `"parameters":` ("" before it)."""
+    tool_choice, reply = CUT_REPLIES[case]
+    srv, handle = start_fake_server(tokenizer)  # a forced call needs no tool-call flags
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    handle.engine.script = ids
+    arguments = '{"city":"Paris"}'
+    with srv:
+        client = openai_client(handle.url)
+        for cut in range(1, len(ids) + 1):
+            written = tokenizer.decode(ids[:cut])
+            if case == "named":
+                want = [("get_weather", written)]
+            else:
+                after = written.partition('"parameters":')[2]
+                want = [("get_weather", arguments[: len(after)])] if '"name":"get_weather"' in written else []
+            kw: dict[str, Any] = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                      tools=[WEATHER], tool_choice=tool_choice, max_tokens=cut)  # fmt: skip
+            whole = client.chat.completions.create(**kw).choices[0]
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            calls, _ = streamed_tool_calls(chunks)
+            got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+            assert (whole.finish_reason, whole.message.content, got) == ("length", None, want), written
+            finish = [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason]
+            content = "".join(ch.delta.content or "" for chunk in chunks for ch in chunk.choices)
+            assert (finish, content, list(calls.values())) == (["length"], "", want), written

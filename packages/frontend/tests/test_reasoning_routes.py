@@ -135,3 +135,30 @@ def test_forced_call_after_reasoning(client: openai.OpenAI, server: Any, tokeniz
     for r in (response, resp_events[-1].response):  # type: ignore[union-attr]
         assert [item.type for item in r.output] == ["reasoning", "function_call"]
         assert json.loads(r.output[1].arguments) == ARGS  # type: ignore[union-attr]
+
+
+def test_forced_chat_call_cut_inside_the_reasoning(
+    client: openai.OpenAI, server: Any, tokenizer: Any
+) -> None:
+    """max_tokens spent inside the reasoning block: the reasoning written so far, no content, and still the named
+    call (vLLM returns a forced named call whatever was written), with no arguments; finish_reason length."""
+    ids = _script(server, tokenizer, FORCED)
+    cut = _tokens_through_end_tag(tokenizer, ids) // 2
+    kw: dict[str, Any] = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}], max_tokens=cut,
+                              tools=[{"type": "function", "function": TOOL}],
+                              tool_choice={"type": "function", "function": {"name": "weather"}})  # fmt: skip
+    try:
+        whole = client.chat.completions.create(**kw).choices[0]
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+    finally:
+        server.engine.script = None
+    thought = tokenizer.decode(ids[:cut]).removeprefix("<think>\n")
+    reply = whole.message
+    got = [(c.function.name, c.function.arguments) for c in reply.tool_calls or []]
+    assert (whole.finish_reason, reply.content, got) == ("length", None, [("weather", "")])
+    assert getattr(reply, "reasoning_content", None) == thought
+    deltas = [ch.delta for chunk in chunks for ch in chunk.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == thought
+    assert not "".join(d.content or "" for d in deltas)
+    assert list(streamed_tool_calls(chunks)[0].values()) == [("weather", "")]
+    assert [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason] == ["length"]

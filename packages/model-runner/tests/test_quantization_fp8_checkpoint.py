@@ -256,6 +256,22 @@ def test_files_that_disagree_with_config_json_are_refused(tmp_path: Path, case: 
         make_runner(path)
 
 
+@pytest.mark.parametrize(("fmt", "dropped"), [("ct-channel-dynamic", "self_attn.q_proj.weight_scale"),
+                                              ("fp8-static", "mlp.up_proj.input_scale")])  # fmt: skip
+def test_a_missing_scale_is_named_as_the_checkpoint_spells_it(tmp_path: Path, fmt: str, dropped: str) -> None:
+    """A scale the checkpoint lacks is named by its tensor name in the files (q_proj's, not the fused qkv_proj's),
+    with the directory and the files it looked in."""
+    name = f"model.layers.0.{dropped}"
+    path = _llama_checkpoint(tmp_path, lambda tensors, quant: tensors.pop(name), fmt)
+    assert [p.name for p in path.glob("*.safetensors*")] == ["model.safetensors"]
+    with pytest.raises(ValueError) as info:
+        make_runner(path)
+    message = str(info.value)
+    where = f"checkpoint {path} (model.safetensors)"
+    assert f"{where} is missing 1 tensors LlamaForCausalLM needs: {name} (" in message, message
+    assert "qkv_proj" not in message and "gate_up_proj" not in message, message
+
+
 def test_kv_cache_scales_are_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = _llama_checkpoint(tmp_path, lambda t, q: None, fmt="ct-tensor-static")
     with caplog.at_level("INFO", logger="treadle_model_runner.quantization"):

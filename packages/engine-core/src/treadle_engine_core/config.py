@@ -156,12 +156,6 @@ class EngineConfig:
             raise ValueError(f"executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
-        tp = self.model_config.tensor_parallel_size
-        if self.lora_config.enable_lora and tp > 1:
-            raise ValueError(
-                f"LoRA adapters do not run under tensor parallelism yet (tensor_parallel_size {tp}); serve with "
-                "--tensor-parallel-size 1 or without --enable-lora"
-            )
 
     @property
     def max_loras(self) -> int:

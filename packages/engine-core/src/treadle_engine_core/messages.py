@@ -117,15 +117,33 @@ class EngineFailure(msgspec.Struct):
     traceback: str = ""
 
 
+# ---- rank 0 -> tensor-parallel workers (tp_executor.py): a LoRA call rank 0 has just run without error ----------
+class AddLoRA(msgspec.Struct, tag=True):
+    lora_request: LoRARequest
+    load_inplace: bool = False  # replace the weights of the adapter with its id
+
+
+class HoldLoRA(msgspec.Struct, tag=True):
+    request_id: str  # the request just admitted; it holds its adapter until the runner drops it
+    lora_request: LoRARequest
+
+
+class RemoveLoRA(msgspec.Struct, tag=True):
+    lora_id: int
+
+
+LoRACall = AddLoRA | HoldLoRA | RemoveLoRA
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}  # by type, or union of struct types (LoRACall)
 
 
 def encode(obj: object) -> bytes:
     return _encoder.encode(obj)
 
 
-def decode(data: bytes | memoryview, type_: type[Any]) -> Any:
+def decode(data: bytes | memoryview, type_: Any) -> Any:
     dec = _decoders.get(type_)
     if dec is None:
         dec = _decoders[type_] = msgspec.msgpack.Decoder(type_)

@@ -8,6 +8,10 @@ each worker over its pipe (msgspec msgpack, as everything crossing a process bou
 here. The ranks meet in the model's collectives (treadle_model_runner.parallel), so they run the same calls in the
 same order. Workers send nothing back per step: every rank samples the same tokens from the same gathered logits
 with the same seeds, so each keeps the same persistent batch.
+LoRA calls (add_lora, hold_lora at admission, remove_lora) run on rank 0 first, and go to the workers only when
+they succeeded there: an adapter that cannot run fails its call or request once, on rank 0, and every worker reads
+and keeps its own part of each adapter rank 0 took (model_runner's lora/manager.py). They are sent from the engine's
+one thread, as the steps are, so a worker holds a request's adapter before the step that runs it.
 A worker that dies takes the engine process down with it (rank 0 would wait in a collective for ever): a monitor
 thread logs which rank exited and ends the process; the API server then reports the engine dead.
 """
@@ -39,7 +43,7 @@ from treadle_model_runner.scheduler_output import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 # frame 0 of every message to a worker
-_INIT, _ASYNC, _STEP, _STOP = b"i", b"a", b"s", b"q"
+_INIT, _ASYNC, _STEP, _LORA, _STOP = b"i", b"a", b"s", b"l", b"q"
 _GRACE_S = 2.0  # once a worker exited, how long rank 0 may take to fail on its own before the process ends
 
 
@@ -129,6 +133,20 @@ class TensorParallelExecutor(InprocExecutor):
         self._send(_STEP, msg.encode(so))
         return super().execute_async(so)
 
+    def add_lora(self, request: Any, load_inplace: bool = False) -> bool:
+        added = super().add_lora(request, load_inplace)
+        self._send(_LORA, msg.encode(msg.AddLoRA(request, load_inplace)))
+        return added
+
+    def hold_lora(self, request_id: str, request: Any) -> None:
+        super().hold_lora(request_id, request)
+        self._send(_LORA, msg.encode(msg.HoldLoRA(request_id, request)))
+
+    def remove_lora(self, lora_id: int) -> bool:
+        removed = super().remove_lora(lora_id)
+        self._send(_LORA, msg.encode(msg.RemoveLoRA(lora_id)))
+        return removed
+
     def shutdown(self) -> None:
         self._closing = True  # workers exiting from here on are expected
         super().shutdown()
@@ -172,6 +190,8 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
                 runner.initialize_kv_cache()
             elif kind == _ASYNC:
                 runner.async_output = payload == b"1"
+            elif kind == _LORA:
+                _run_lora_call(runner, msg.decode(payload, msg.LoRACall), rank)
             else:
                 break
     except EOFError:  # rank 0's process is gone
@@ -187,3 +207,20 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
     logging.shutdown()
     # nothing left to do: skip interpreter teardown, where CUDA and NCCL objects could still block
     os._exit(0)
+
+
+def _run_lora_call(runner: Any, call: msg.LoRACall, rank: int) -> None:
+    """A LoRA call rank 0 ran without error. It fails here only when this rank read the adapter's directory after it
+    changed or went: rank 0 read it earlier, or not at all because its host cache still held the adapter (under
+    async scheduling a step's releases may run on rank 0 after the next admissions, so the two caches may evict in
+    another order). Logged, not fatal: the adapter may never run here; a step that needs it then fails this rank."""
+    try:
+        if isinstance(call, msg.AddLoRA):
+            runner.add_lora(call.lora_request, call.load_inplace)
+        elif isinstance(call, msg.HoldLoRA):
+            runner.hold_lora(call.request_id, call.lora_request)
+        else:
+            runner.remove_lora(call.lora_id)
+    except ValueError as exc:
+        name = type(call).__name__
+        logger.error("tensor-parallel rank %d: %s failed here though rank 0 ran it: %s", rank, name, exc)

@@ -7,7 +7,9 @@ U+FFFD, as in vLLM); `token_bytes` recovers the token's exact bytes for byte-lev
 (GPT-2 byte alphabet) and SentencePiece byte tokens (`<0xAB>`), which is what OpenAI's `bytes` field wants.
 
 OpenAI's two reply shapes are built here too: chat's `logprobs.content` list (`chat_logprobs`) and the
-completions route's legacy block with its text offsets (`legacy_logprobs`, `TextOffsets`).
+completions route's legacy block with its text offsets (`legacy_logprobs`, `TextOffsets`). They name each token by
+its text, or, with vLLM's `return_tokens_as_token_ids`, as "token_id:{id}" (`TOKEN_IDS`; `bytes` are then that
+string's bytes, as vLLM sends them; text offsets still count the text).
 
 JSON cannot carry -inf or NaN, so `clamp_logprob` maps them (and anything below) to -9999.0.
 """
@@ -20,7 +22,7 @@ import math
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any
+from typing import Any, Protocol
 
 from treadle_frontend.detokenizer import TokenDecoder
 from treadle_frontend.outputs import Logprob, PromptLogprobs, SampleLogprobs
@@ -101,6 +103,28 @@ class TokenTexts:
         return result
 
 
+class TokenNames(Protocol):
+    """How a reply's logprob entries name a token: `text` (the entry's `token`, a top_logprobs key) and `bytes`."""
+
+    def text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> tuple[int, ...]: ...
+
+
+class TokenIdNames:
+    """vLLM's return_tokens_as_token_ids: every token named "token_id:{id}", which any id has, even one whose text is
+    not valid UTF-8 on its own or equals another token's; its bytes are the name's."""
+
+    def text(self, token_id: int) -> str:
+        return f"token_id:{token_id}"
+
+    def token_bytes(self, token_id: int) -> tuple[int, ...]:
+        return tuple(self.text(token_id).encode())
+
+
+TOKEN_IDS = TokenIdNames()
+
+
 def position_dict(
     texts: TokenTexts | None, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
 ) -> dict[int, Logprob]:
@@ -136,7 +160,7 @@ def prompt_logprobs_json(
 
 
 def chat_logprobs(
-    texts: TokenTexts, token_ids: list[int], positions: SampleLogprobs, num_top: int
+    texts: TokenNames, token_ids: list[int], positions: SampleLogprobs, num_top: int
 ) -> list[dict[str, Any]]:
     """Chat completions' `logprobs.content`: per sampled token its text, logprob, bytes and `num_top` top
     alternatives (OpenAI's shape; -1: every token the position holds, the whole vocabulary)."""
@@ -185,13 +209,13 @@ class TextOffsets:
 
 
 def legacy_logprobs(
-    texts: TokenTexts,
+    texts: TokenNames,
     token_ids: list[int],
     positions: SampleLogprobs | PromptLogprobs,
     num_top: int,
     offsets: TextOffsets,
 ) -> dict[str, list[Any]]:
-    """OpenAI's completions logprobs block for `token_ids`, with text offsets from `offsets`."""
+    """OpenAI's completions logprobs block for `token_ids` (named by `texts`), with text offsets from `offsets`."""
     tokens: list[str] = []
     token_lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []

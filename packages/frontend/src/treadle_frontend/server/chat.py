@@ -8,8 +8,10 @@ every chunk carries `usage: null` and one extra chunk with `choices: []` and the
 With `--enable-auto-tool-choice --tool-call-parser hermes` and `tools` in the request (tool_choice auto), calls
 the model writes come back as `message.tool_calls` with finish_reason "tool_calls" (tool_calls.py); streamed, a
 call's first `delta.tool_calls` entry carries its index, id and name, and later ones add to its `arguments` as the
-model writes them. With `--reasoning-parser qwen3|deepseek_r1` the
-`<think>` block is `message.reasoning_content` (streamed as `delta.reasoning_content`), vLLM's field (reply.py).
+model writes them. A forced call (`tool_choice` "required" or a named function; forced_tools.py) is tool_calls
+also when max_tokens cuts it: finish_reason "length", content null, the arguments written so far. With
+`--reasoning-parser qwen3|deepseek_r1` the `<think>` block is `message.reasoning_content` (streamed as
+`delta.reasoning_content`), vLLM's field (reply.py).
 `use_beam_search` (server/beam.py): the n best of n beams; streamed, each choice's whole text is one chunk.
 """
 
@@ -30,6 +32,7 @@ from treadle_frontend.server.common import (
     ServerState,
     check_priority,
     collect_all,
+    first_output,
     new_id,
     sampling_params,
     sse,
@@ -128,7 +131,8 @@ class ChatHandler:
             st.llm.generate(text, params, rid, prompt_token_ids=ids, priority=body.priority, lora_request=lora)
         )  # fmt: skip
         created = int(time.time())
-        if body.stream:
+        if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
+            gen = await first_output(request, gen)
             stream = self._stream(rid, created, body, ids, gen, tools, forced, echoed(body, messages))
             return StreamingResponse(stream, media_type="text/event-stream")
         final = (await until_disconnect(request, collect_all([gen])))[0]
@@ -153,17 +157,20 @@ class ChatHandler:
         echo: str,
     ) -> dict[str, Any]:
         rp = self.state.config.reasoning_parser
+        names = self.state.token_names(body.return_tokens_as_token_ids)
         choices = []
         for c in out.outputs:
             lps = None
             if body.logprobs:
                 lps = {
-                    "content": chat_logprobs(
-                        self.texts, c.token_ids, c.logprobs or [], body.top_logprobs or 0
-                    ),
+                    "content": chat_logprobs(names, c.token_ids, c.logprobs or [], body.top_logprobs or 0),
                     "refusal": None,
                 }
-            reasoning, content, calls = ReplyReader(rp, tools, forced, body.tools).whole(c.text)
+            # a forced reply is only calls, also when max_tokens cut it (forced_tools.py): never its JSON as text
+            reader = ReplyReader(rp, tools, forced, body.tools, calls_only=True)
+            reasoning, content, calls = reader.whole(c.text)
+            if forced is not None and not content:
+                content = None
             content = echo + (content or "") if echo else content
             message = {"role": "assistant", "content": content, "refusal": None,
                        "tool_calls": [call.json() for call in calls]}  # fmt: skip
@@ -226,7 +233,8 @@ class ChatHandler:
             return sse_text(data) if heavy else sse(data)
 
         rp = self.state.config.reasoning_parser
-        reader = ReplyReader(rp, tools, forced, body.tools)
+        names = self.state.token_names(body.return_tokens_as_token_ids)
+        reader = ReplyReader(rp, tools, forced, body.tools, calls_only=True)  # calls_only: for a forced reply
         parsers = {i: p for i in range(body.n) if (p := reader.stream()) is not None}
         completion_tokens, cached = 0, 0
         try:
@@ -246,7 +254,7 @@ class ChatHandler:
                     heavy = is_heavy(self._entries(body, len(c.token_ids)))  # whole-vocabulary logprobs
                     lps = None
                     if body.logprobs and c.token_ids:
-                        content = await off_loop(heavy, chat_logprobs, self.texts, c.token_ids, c.logprobs or [],
+                        content = await off_loop(heavy, chat_logprobs, names, c.token_ids, c.logprobs or [],
                                                  body.top_logprobs or 0)  # fmt: skip
                         lps = {"content": content, "refusal": None}
                     delta = chat_delta(parsers.get(c.index), c.text, finish)

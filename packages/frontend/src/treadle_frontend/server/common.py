@@ -1,5 +1,10 @@
 """What every route shares: the server state, model-name and sampling-field checks, SSE framing,
-merging the streams of several prompts, and aborting work when the HTTP client goes away."""
+merging the streams of several prompts, and aborting work when the HTTP client goes away.
+
+A streamed reply starts (HTTP 200, its first bytes) only once the engine's first output has come
+(`first_output`): a request the engine refuses before that (a LoRA adapter that fails to load when the request is
+admitted, a grammar it rejects) is answered as the same request unstreamed is, an HTTP 400 with the error body.
+Failures after the first output stay in the stream, as events."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from fastapi import Request
 
 from treadle_frontend.async_llm import AsyncLLM
 from treadle_frontend.input_processor import keep_last
+from treadle_frontend.logprobs import TOKEN_IDS, TokenNames
 from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
@@ -80,6 +86,12 @@ class ServerState:
     def lora_request(self, model: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names (None: the base model)."""
         return self.loras.get(model)
+
+    def token_names(self, asked: bool | None) -> TokenNames:
+        """How logprobs name tokens: "token_id:{id}" when the request's return_tokens_as_token_ids (`asked`), else
+        the server's flag, says so (vLLM's rule), else their text."""
+        as_ids = self.config.return_tokens_as_token_ids if asked is None else asked
+        return TOKEN_IDS if as_ids else self.llm.input_processor.token_texts
 
     def response_model(self, model: str | None) -> str:
         """The `model` a response carries: the adapter's name when one was asked for, else the served name."""
@@ -261,6 +273,29 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         raise APIError(499, "client disconnected")
     finally:
         watcher.cancel()
+
+
+async def first_output(request: Request, outputs: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`outputs` once its first item has come (that item first): the engine's refusal before it raises here,
+    before a StreamingResponse exists. This adds no wait to the first token beyond the token itself (it is that
+    output); a client that disconnects meanwhile aborts the request (until_disconnect)."""
+
+    async def head() -> tuple[T, ...]:
+        async for out in outputs:  # leaving the loop does not close `outputs`
+            return (out,)
+        return ()
+
+    return _prepend(await until_disconnect(request, head()), outputs)
+
+
+async def _prepend(head: tuple[T, ...], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        for out in head:
+            yield out
+        async for out in rest:
+            yield out
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -17,13 +17,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from treadle_frontend.logprobs import TextOffsets, legacy_logprobs, prompt_logprobs_json
+from treadle_frontend.logprobs import TextOffsets, TokenNames, legacy_logprobs, prompt_logprobs_json
 from treadle_frontend.outputs import CompletionOutput, RequestOutput, SampleLogprobs
 from treadle_frontend.server.beam import beam_searches, length_params, one_event
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
     collect_all,
+    first_output,
     merge_streams,
     new_id,
     prompt_list,
@@ -87,9 +88,11 @@ class CompletionsHandler:
             for i, (text, ids) in enumerate(encoded)
         ]  # fmt: skip
         model, vocab = st.response_model(body.model), ip.model.vocab_size
-        ctx = _Ctx(rid, int(time.time()), model, body, encoded, drop_output, vocab)
-        if body.stream and not beam:
-            return StreamingResponse(self._stream(ctx, gens), media_type="text/event-stream")
+        names = st.token_names(body.return_tokens_as_token_ids)
+        ctx = _Ctx(rid, int(time.time()), model, body, encoded, drop_output, vocab, names)
+        if body.stream and not beam:  # the engine's refusal before the first output is an HTTP error
+            outputs = await first_output(request, merge_streams(gens))
+            return StreamingResponse(self._stream(ctx, outputs), media_type="text/event-stream")
         finals = await until_disconnect(request, collect_all(gens))
         if body.stream:
             return one_event(self._response(ctx, finals))
@@ -113,13 +116,13 @@ class CompletionsHandler:
         if body.logprobs is not None:
             num_top = body.logprobs
             gen = legacy_logprobs(
-                self.texts, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
+                ctx.names, ids, lps or [], num_top, TextOffsets(self.texts, len(prefix_text))
             )
             logprobs = gen
             if body.echo:  # the prompt's block first
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
                 block = legacy_logprobs(
-                    self.texts, out.prompt_token_ids, plps, num_top, TextOffsets(self.texts, 0)
+                    ctx.names, out.prompt_token_ids, plps, num_top, TextOffsets(self.texts, 0)
                 )
                 logprobs = {k: block[k] + gen[k] for k in block}
         choice = {
@@ -160,7 +163,10 @@ class CompletionsHandler:
         }
 
     # ---- streaming --------------------------------------------------------------------------------
-    async def _stream(self, ctx: _Ctx, gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+    async def _stream(
+        self, ctx: _Ctx, outputs: AsyncIterator[tuple[int, RequestOutput]]
+    ) -> AsyncIterator[str]:
+        """`outputs`: merge_streams' (prompt index, output) pairs."""
         body = ctx.body
         sent = _Sent(include_usage=bool(body.stream_options and body.stream_options.include_usage))
         sent.continuous = sent.include_usage and bool(
@@ -168,7 +174,7 @@ class CompletionsHandler:
         )
         prompt_tokens = sum(len(ids) for _, ids in ctx.encoded)
         try:
-            async for i, out in merge_streams(gens):
+            async for i, out in outputs:
                 sent.cached[i] = max(sent.cached.get(i, 0), out.num_cached_tokens or 0)
                 for c in out.outputs:
                     index = i * body.n + c.index
@@ -217,11 +223,11 @@ class CompletionsHandler:
             prefix = self._prompt_text(out)
             if body.logprobs is not None:
                 plps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                block = legacy_logprobs(self.texts, out.prompt_token_ids, plps, body.logprobs,
+                block = legacy_logprobs(ctx.names, out.prompt_token_ids, plps, body.logprobs,
                                         TextOffsets(self.texts, 0))  # fmt: skip
         if body.logprobs is not None:
             tracker = sent.trackers.setdefault(index, TextOffsets(self.texts, len(prefix)))
-            gen = legacy_logprobs(self.texts, ids, lps or [], body.logprobs, tracker)
+            gen = legacy_logprobs(ctx.names, ids, lps or [], body.logprobs, tracker)
             block = {k: (block[k] if block else []) + gen[k] for k in gen}
         finish = c.finish_reason if c.finish_reason in ("stop", "length", None) else "stop"
         if not (prefix or text or finish or (block and block["tokens"]) or (body.return_token_ids and ids)):
@@ -287,6 +293,7 @@ class _Ctx:
     encoded: list[tuple[str | None, list[int]]]  # per prompt: (its text or None, its token ids)
     drop_output: bool  # max_tokens 0: the prompt only (echo), the sampled token dropped
     vocab_size: int
+    names: TokenNames  # how logprobs name tokens (their text, or "token_id:{id}")
 
     def entries(self, num_tokens: int, num_prompt: int) -> int:
         """The logprob entries a choice's chunk (or a reply) builds for `num_tokens` generated tokens and

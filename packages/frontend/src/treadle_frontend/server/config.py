@@ -28,6 +28,8 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False  # parse the tool calls replies write (needs tool_call_parser)
     tool_call_parser: str | None = None  # the format they are written in: "hermes"
     reasoning_parser: str | None = None  # split the <think> block into reasoning_content: qwen3 | deepseek_r1
+    # logprob tokens named "token_id:{id}" unless a request's return_tokens_as_token_ids says otherwise (vLLM's flag)
+    return_tokens_as_token_ids: bool = False
     # CORS, as vLLM's --allowed-origins / --allowed-methods / --allowed-headers / --allow-credentials (its defaults)
     allowed_origins: tuple[str, ...] = ("*",)
     allowed_methods: tuple[str, ...] = ("*",)

@@ -7,7 +7,9 @@ JSON becomes the calls.
   `parameters` schema; one call, finish_reason "stop" (OpenAI's for a forced function);
 - "required": the reply is a JSON array of one or more `{"name", "parameters"}` objects, each naming a tool and
   matching its schema; one call per item, finish_reason "tool_calls".
-`ForcedToolCalls` streams each call as its JSON is written (the JSON is never content).
+`ForcedToolCalls` streams each call as its JSON is written (the JSON is never content). A reply cut by max_tokens
+is still calls (finish_reason "length", content null; Anthropic's stop_reason max_tokens): the named call with the
+arguments written so far ("" if none), and each array item whose name was written whole.
 With a reasoning parser the constraint holds off until the reasoning block ends (structured.after_reasoning), so
 the block is split off first and streamed as reasoning; the JSON after it is the calls.
 `ReplyReader` picks the parser for a reply (forced calls, the tool-call and reasoning parsers, or none), and
@@ -72,11 +74,12 @@ def _array_items(text: str, partial: bool = False) -> list[Any]:
 
 
 def _cut_call(item: Any) -> ToolCall | None:
-    """An array item cut short: a call when its name was written whole (its arguments as far as they got)."""
+    """An array item cut short: a call when its name was written whole (its arguments as far as they got: ""
+    when cut before them)."""
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         return None
     arguments = item.get("parameters")
-    text = json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)
+    text = json.dumps(arguments, ensure_ascii=False) if isinstance(arguments, dict) else ""
     return ToolCall(item["name"], text, complete=False)
 
 
@@ -86,10 +89,11 @@ class ForcedToolCalls:
     item streams as call_scanner.py reads it). A reply with no call in it (empty, or an array whose items the
     scanner cannot stream and whose JSON does not parse at the end) is released as its text when it ends.
 
-    `calls_only` (Anthropic's forced tool_choice, whose reply is only tool_use blocks): a reply cut short (by
-    max_tokens or a stop sequence) is never text. A named call is made even if none of its arguments were written
-    (input {}); of an array, every item whose name was written whole is a call, with the arguments written so far
-    (complete values only); an item cut inside its name is dropped, as is the JSON around it."""
+    `calls_only` (the routes' forced tool_choice, whose reply is only calls: chat's tool_calls, Anthropic's
+    tool_use blocks): a reply cut short (by max_tokens or a stop sequence) is never text. A named call is made even
+    if none of its arguments were written (arguments "", Anthropic's input {}); of an array, every item whose name
+    was written whole is a call, with the arguments written so far (those the scanner streamed as written, else
+    complete values only); an item cut inside its name is dropped, as is the JSON around it."""
 
     def __init__(
         self, name: str | None, reasoning_parser: str | None = None, calls_only: bool = False
@@ -139,8 +143,8 @@ class ForcedToolCalls:
     def _finish_named(self) -> list[CallDelta]:
         if self._named is None:
             assert self.name is not None
-            # cut before its first character: still the call the tool_choice named, with no input
-            return [CallDelta.whole(0, ToolCall(self.name, "{}", complete=False))] if self.calls_only else []
+            # cut before its first character: still the call the tool_choice named, with no arguments written
+            return [CallDelta.whole(0, ToolCall(self.name, "", complete=False))] if self.calls_only else []
         # constrained JSON: whole unless max_tokens cut it
         return [self._named.last(complete=_parses(self._named.call.arguments))]
 

@@ -23,7 +23,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from treadle_frontend.server.common import ServerState, collect_all, new_id, sse_event, until_disconnect
+from treadle_frontend.server.common import (
+    ServerState,
+    collect_all,
+    first_output,
+    new_id,
+    sse_event,
+    until_disconnect,
+)
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader
 from treadle_frontend.server.messages_tools import (
@@ -163,7 +170,8 @@ class MessagesHandler:
         gen = st.llm.generate(
             text, params, mid, prompt_token_ids=ids, lora_request=st.lora_request(body.model)
         )
-        if body.stream:
+        if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
+            gen = await first_output(request, gen)
             stream = self._stream(
                 mid, len(ids), gen, tools, forced, body.tools, st.response_model(body.model)
             )

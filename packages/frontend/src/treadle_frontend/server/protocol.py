@@ -57,6 +57,8 @@ class _SamplingFields(_Body):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids in the response
+    # vLLM's: logprob tokens named "token_id:{id}" (None: the server's --return-tokens-as-token-ids)
+    return_tokens_as_token_ids: bool | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens (-1: max_model_len)
     use_beam_search: bool = False  # vLLM's: beam search with n beams, the n best returned (server/beam.py)
     length_penalty: float = 1.0  # vLLM's, beam search only: score = cum_logprob / len ** length_penalty

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from treadle_frontend.server.common import (
     ServerState,
     collect_all,
+    first_output,
     new_id,
     sampling_params,
     sse_event,
@@ -136,7 +137,8 @@ class ResponsesHandler:
         )
         created = int(time.time())
         reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools)
-        if body.stream:
+        if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
+            gen = await first_output(request, gen)
             stream = self._stream(rid, created, body, len(ids), gen, reply)
             return StreamingResponse(stream, media_type="text/event-stream")
         out = (await until_disconnect(request, collect_all([gen])))[0]

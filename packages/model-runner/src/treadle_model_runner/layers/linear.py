@@ -12,8 +12,9 @@ shard "k" writes rows [nq, nq + nk). The forward is a single `ops.linear`; calle
 Tensor parallelism (see treadle_model_runner.parallel): a `parallel` StackedLinear keeps this rank's rows of each
 shard (column-parallel), `RowParallelLinear` this rank's input columns and sums the partial outputs (vocab.py holds
 the vocabulary-parallel embedding and lm_head). Each holds its local slice; the loaders hand it the checkpoint's full
-tensor (`full_shape`) and it keeps its part (`take_shard`), so with one rank nothing changes and with several every
-rank's slices join to the one-rank model exactly (dummy weights included).
+tensor (`full_shape`) and it keeps its part (`take_shard`: the rows `rank_rows` and columns `rank_columns` name, which
+also cut a LoRA adapter's B and A for it), so with one rank nothing changes and with several every rank's slices join
+to the one-rank model exactly (dummy weights included).
 
 fp8 (`quantize_fp8`, once after loading; `quantization="fp8"`): the weight becomes float8_e4m3fn with one fp32
 scale per output channel (`weight_scale`, amax / 448 of the row), the model-dtype copy is freed, and the forward is
@@ -153,6 +154,20 @@ class Linear(nn.Linear):
         assert self.weight_scale is not None, "allocate(fp8=True) makes weight_scale"
         self.weight_scale.copy_(scale)
 
+    def checkpoint_columns(self) -> int:
+        """Columns (input features) of the checkpoint's projection."""
+        return self.in_features
+
+    def rank_rows(self, shard: str | None) -> slice:
+        """The rows of the checkpoint's projection (`shard` of a stacked layer) this rank holds: all of them,
+        unless column-parallel. A LoRA adapter's B for it is cut the same way (lora/layer.py)."""
+        return slice(0, self.out_features)
+
+    def rank_columns(self) -> slice:
+        """The columns of the checkpoint's projection this rank holds: all of them, unless row-parallel. A LoRA
+        adapter's A for it is cut the same way."""
+        return slice(0, self.in_features)
+
 
 def runs_lora(linear: nn.Module) -> bool:
     """Whether this step adds adapter deltas to `linear`'s output: LoRA is enabled and some row of the step runs an
@@ -210,9 +225,9 @@ class StackedLinear(Linear):
                 f"shard {shard!r} has shape {tuple(loaded.shape)}, expected ({full}, ...{tuple(param.shape[1:])}): "
                 "the checkpoint does not match the model config"
             )
-        start, first = self.shard_offsets[shard], self._first_row(shard)
+        start = self.shard_offsets[shard]
         with torch.no_grad():
-            param.data[start : start + size].copy_(loaded[first : first + size])
+            param.data[start : start + size].copy_(loaded[self.rank_rows(shard)])
 
     def _first_row(self, shard: str) -> int:
         """Where this rank's rows of `shard` start in the checkpoint's tensor."""
@@ -225,6 +240,11 @@ class StackedLinear(Linear):
         assert shard is not None, "a stacked layer loads its scales shard by shard"
         return self.full_sizes[shard]
 
+    def rank_rows(self, shard: str | None) -> slice:
+        assert shard is not None, "a stacked layer's rows are cut shard by shard"
+        first = self._first_row(shard)
+        return slice(first, first + self.shard_sizes[shard])
+
     def store_rows_scale(self, shard: str | None, scale: torch.Tensor) -> None:
         assert shard is not None and self.weight_scale is not None, (
             "an fp8 stacked layer loads shard by shard"
@@ -233,9 +253,7 @@ class StackedLinear(Linear):
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of every shard of the stacked checkpoint-sized tensor `full`."""
-        parts = [
-            full[self.full_offsets[n] + self._first_row(n) :][:size] for n, size in self.shard_sizes.items()
-        ]
+        parts = [full[self.full_offsets[n] :][self.rank_rows(n)] for n in self.shard_sizes]
         return torch.cat(parts)
 
 
@@ -256,10 +274,16 @@ class RowParallelLinear(Linear):
     def row_amax(self, local: torch.Tensor) -> torch.Tensor:
         return max_over_ranks_(local)  # each rank holds a slice of every row's columns
 
+    def checkpoint_columns(self) -> int:
+        return self.full_in
+
+    def rank_columns(self) -> slice:
+        return slice(self.rank * self.in_features, (self.rank + 1) * self.in_features)
+
     def full_shape(self, name: str) -> tuple[int, ...]:
         return (self.out_features, self.full_in) if name == "weight" else (self.out_features,)
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         if name == "weight":
-            return full[:, self.rank * self.in_features :][:, : self.in_features]
+            return full[:, self.rank_columns()]
         return full if self.rank == 0 else torch.zeros_like(full)

@@ -137,6 +137,19 @@ def plan_safetensors(path: Path) -> SafetensorsPlan:
     return SafetensorsPlan(files=files, names=names)
 
 
+def describe_checkpoint(path: Path) -> str:
+    """Where `iterate_weights` reads a checkpoint's tensors, for errors about tensors it lacks: the .gguf file, or
+    the directory and its safetensors files (the index when there is one)."""
+    path = Path(path)
+    if path.suffix == ".gguf" or not path.is_dir():
+        return f"checkpoint {path}"
+    if (path / INDEX_FILE).is_file():
+        return f"checkpoint {path} ({INDEX_FILE} and the shards it names)"
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    return f"checkpoint {path} ({shown})"
+
+
 def iterate_safetensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every weight of an HF directory, shard by shard."""
     plan = plan_safetensors(path)

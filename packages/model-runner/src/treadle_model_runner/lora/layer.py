@@ -17,6 +17,18 @@ norm + projection and activation + down_proj fusions, which step aside for LoRA,
 steps read the flag in Python; CUDA graphs are captured once per value and the replay picks the variant
 (runner/lora_graphs.py).
 
+Tensor parallelism changes no arithmetic above: each rank's slots hold its part of every adapter, cut as the
+projection's weight is (`LoRATarget.rank_part`, by `Linear.rank_rows` / `rank_columns`), and with one rank that part
+is all of it.
+- Column-parallel (qkv_proj, gate_up_proj: the rank's rows of each shard; key/value heads shared by several ranks
+  when fewer than them): A whole, B the rank's rows of each shard, so the rank's delta is its rows of the one-rank
+  delta, as its base output is.
+- Row-parallel (o_proj, down_proj: the rank's input columns x_r): A the rank's columns A_r, B whole. x A^T is the sum
+  over ranks of x_r A_r^T, and the mask and B are linear, so the ranks' partial deltas ((x_r A_r^T) * M) B^T sum to
+  the one-rank delta: the projection's own all-reduce, which sums the ranks' partial outputs, sums them along (its
+  bias is rank 0's alone, as before). No collective of its own, so CUDA graphs capture nothing new; exact up to
+  summation order. The ranks need not even agree on slots: each rank's mask and slots go together.
+
 `attach_lora` gives each LoRA-capable projection of a model its slots (`Linear.lora`, read by layers/linear.py and
 the fused norm / MLP paths) and returns the HF module names they answer to, e.g. "model.layers.0.self_attn.q_proj"
 is shard 0 of that layer's qkv_proj.
@@ -102,12 +114,19 @@ class LoRASlots(nn.Module):
 
 @dataclass(frozen=True)
 class LoRATarget:
-    """Where one HF module's adapter goes: a shard of a projection's slots."""
+    """Where one HF module's adapter goes: a shard of a projection's slots, and the part of it this rank keeps."""
 
     slots: LoRASlots
     shard: int  # index of the shard in the projection's output (q, k, v = 0, 1, 2)
-    in_features: int
-    out_features: int
+    in_features: int  # of the checkpoint's module: an adapter's A is [rank, in_features]
+    out_features: int  # of the checkpoint's module: an adapter's B is [out_features, rank]
+    rows: slice  # this rank's rows of B (the module's output rows it computes)
+    columns: slice  # this rank's columns of A (the module's input columns it is given)
+
+    def rank_part(self, weights: LoRAWeights) -> LoRAWeights:
+        """This rank's part of one module's adapter (the whole adapter with one rank), in contiguous tensors."""
+        a, b = weights.lora_a[:, self.columns], weights.lora_b[self.rows]
+        return LoRAWeights(a.contiguous(), b.contiguous())
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, mask: TokenMask) -> dict[str, LoRATarget]:
@@ -128,11 +147,15 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int, mask: TokenMask
                 continue
             sizes = list(module.shard_sizes.values())
             slots = LoRASlots(module.in_features, sizes, max_loras, max_rank, mask)
-            for i, (shard, size) in enumerate(module.shard_sizes.items()):
-                targets[f"{prefix}.{parts[shard]}"] = LoRATarget(slots, i, module.in_features, size)
+            for i, shard in enumerate(module.shard_sizes):
+                targets[f"{prefix}.{parts[shard]}"] = LoRATarget(
+                    slots, i, module.checkpoint_columns(), module.checkpoint_rows(shard),
+                    module.rank_rows(shard), module.rank_columns(),
+                )  # fmt: skip
         elif leaf in SUPPORTED_TARGETS:
             slots = LoRASlots(module.in_features, [module.out_features], max_loras, max_rank, mask)
-            targets[name] = LoRATarget(slots, 0, module.in_features, module.out_features)
+            targets[name] = LoRATarget(slots, 0, module.checkpoint_columns(), module.checkpoint_rows(None),
+                                       module.rank_rows(None), module.rank_columns())  # fmt: skip
         else:
             continue
         module.lora = slots

@@ -11,6 +11,10 @@ Per step (`prepare_step`, before the step's other inputs are staged): row r of t
 `batch.lora_ids[r]` (0 = base model); its slot, repeated over the row's scheduled tokens (numpy, per request not per
 token), is uploaded as token -> slot, and the device turns it into the one-hot token mask every LoRA layer reads:
 mask[t, s] = (slot[t] == s), padding rows zero.
+
+Under tensor parallelism each rank's runner has a manager of its own, given the same calls (the engine runs every
+add / hold / remove on each rank after rank 0: engine_core's tp_executor.py): each reads the adapter, checks it
+against the checkpoint's shapes, and keeps only its part in host memory and slots (layer.py says which part).
 """
 
 from __future__ import annotations
@@ -94,14 +98,18 @@ class LoRAManager:
             self.slot_ids = [0 if i == lora_id else i for i in self.slot_ids]
 
     def _load(self, request: LoRARequest) -> LoRAAdapter:
-        """Read and check an adapter; its tensors in the model's dtype, page-locked on CUDA."""
+        """Read and check an adapter (against the checkpoint's shapes); keep this rank's part of its tensors, in the
+        model's dtype, page-locked on CUDA."""
         adapter = load_adapter(request, self.shapes, self.config.max_lora_rank, self.model_name)
 
         def host(t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.dtype).contiguous()
             return t.pin_memory() if self.pin else t
 
-        modules = {name: LoRAWeights(host(w.lora_a), host(w.lora_b)) for name, w in adapter.modules.items()}
+        modules = {}
+        for name, weights in adapter.modules.items():
+            part = self.targets[name].rank_part(weights)  # under tensor parallelism: this rank's (layer.py)
+            modules[name] = LoRAWeights(host(part.lora_a), host(part.lora_b))
         return dataclasses.replace(adapter, modules=modules)
 
     # ---- one step ---------------------------------------------------------------------------------

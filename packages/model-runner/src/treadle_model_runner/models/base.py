@@ -7,7 +7,8 @@ A model is `forward(input_ids [T], positions [T]) -> hidden [T, hidden]` over a 
 Loading: HF tensors arrive by name. Names listed in `stacked_params` (e.g. `q_proj` -> shard "q" of
 `qkv_proj`) are written into their slice of a stacked parameter; every other name must match a parameter of
 the module tree, which mirrors HF's (`model.layers.N.self_attn...`). Afterwards every parameter must have been
-written once, else ValueError names what is missing, so a truncated checkpoint never runs with garbage.
+written once, else ValueError names what is missing (as the checkpoint spells it: `q_proj.weight_scale`, not
+the stacked `qkv_proj`'s shard) and where it looked, so a truncated checkpoint never runs with garbage.
 fp8 checkpoints: a projection's `weight_scale` / `input_scale` go to its `Linear.load_scale`; an fp8 tensor loads
 only into an fp8 parameter and an fp8 parameter only from one (bytes copied, never cast), so a checkpoint whose
 files disagree with its config.json's quantization_config is refused by tensor name.
@@ -76,8 +77,11 @@ class CausalLM(nn.Module):
     def tie_word_embeddings(self) -> bool:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into this model; returns the parameter names written."""
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "the checkpoint"
+    ) -> set[str]:
+        """Copy HF-named tensors into this model; returns the parameter names written. `source` names where the
+        tensors were read (a directory and its files) in the error for tensors the checkpoint lacks."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
@@ -131,10 +135,18 @@ class CausalLM(nn.Module):
                 with torch.no_grad():  # a tensor-parallel layer keeps this rank's slice (layers/linear.py)
                     param.data.copy_(rank_part(owner, attr, tensor))
             loaded.add(name)
-        self._check_complete(loaded)
+        self._check_complete(loaded, source)
         return loaded
 
-    def _check_complete(self, loaded: set[str]) -> None:
+    def checkpoint_name(self, name: str) -> str:
+        """The checkpoint tensor a parameter, or a stacked parameter's shard (`name:shard`), is loaded from."""
+        name, _, shard = name.partition(":")
+        for stacked, hf_part, shard_id in self.stacked_params if shard else ():
+            if shard_id == shard and f".{stacked}." in name:
+                return name.replace(f".{stacked}.", f".{hf_part}.")
+        return name
+
+    def _check_complete(self, loaded: set[str], source: str = "the checkpoint") -> None:
         expected: set[str] = set()
         modules = dict(self.named_modules())
         for name, _ in self.named_parameters():
@@ -143,9 +155,16 @@ class CausalLM(nn.Module):
                 expected.update(f"{name}:{shard}" for shard in owner.shard_sizes)
             else:
                 expected.add(name)
-        missing = sorted(expected - loaded)
+        missing = sorted({self.checkpoint_name(name) for name in expected - loaded})
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            scales = [n for n in missing if n.rpartition(".")[2] in FP8_SCALES]
+            hint = (
+                " (config.json's quantization_config makes these projections fp8, so the checkpoint must hold "
+                "their scales: re-export it, or fix quantization_config)"
+                if scales
+                else ""
+            )
             raise ValueError(
-                f"checkpoint is missing {len(missing)} tensors for {type(self).__name__}: {shown}"
+                f"{source} is missing {len(missing)} tensors {type(self).__name__} needs: {shown}{hint}"
             )

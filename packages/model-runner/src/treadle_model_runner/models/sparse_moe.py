@@ -118,10 +118,12 @@ class MoeCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "the checkpoint"
+    ) -> set[str]:
         """Expert tensors go to their FusedMoE; everything else through CausalLM.load_weights."""
         self._experts_loaded: set[tuple[str, int, str]] = set()  # (FusedMoE module name, expert, shard)
-        loaded = super().load_weights(self._load_experts(weights))
+        loaded = super().load_weights(self._load_experts(weights), source)
         return loaded | {f"{name}[{expert}:{shard}]" for name, expert, shard in self._experts_loaded}
 
     def _load_experts(
@@ -172,7 +174,13 @@ class MoeCausalLM(CausalLM):
                     (match["moe"], e, s) for e in range(moe.num_experts) for s in shards
                 )
 
-    def _check_complete(self, loaded: set[str]) -> None:
+    def checkpoint_name(self, name: str) -> str:
+        name = super().checkpoint_name(name)
+        for old, new in self.checkpoint_renames:  # back to the checkpoint's spelling
+            name = name.replace(new, old)
+        return name
+
+    def _check_complete(self, loaded: set[str], source: str = "the checkpoint") -> None:
         """Every expert matrix of every FusedMoE must be loaded; then the dense parameters (CausalLM's check)."""
         missing: list[str] = []
         for module_name, module in self.named_modules():
@@ -190,9 +198,9 @@ class MoeCausalLM(CausalLM):
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise ValueError(
-                f"checkpoint is missing {len(missing)} expert matrices for {type(self).__name__}: {shown}"
+                f"{source} is missing {len(missing)} expert matrices for {type(self).__name__}: {shown}"
             )
-        super()._check_complete(loaded)
+        super()._check_complete(loaded, source)
 
 
 def _param_of(moe: FusedMoE, shard: str) -> nn.Parameter:

@@ -41,7 +41,7 @@ from treadle_model_runner.kv_cache import (
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.layers.linear import projections_on_meta
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
-from treadle_model_runner.loader.weights import CONFIG_FILE
+from treadle_model_runner.loader.weights import CONFIG_FILE, describe_checkpoint
 from treadle_model_runner.lora.manager import LoRAManager
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
@@ -109,11 +109,6 @@ class ModelRunner:
                 f"tensor_parallel_size {model_config.tensor_parallel_size} needs a tensor-parallel group of that "
                 f"size (engine_core's TensorParallelExecutor starts one process per device); this process's group "
                 f"has size {tp.size}"
-            )
-        if lora_config is not None and lora_config.enable_lora and tp.size > 1:
-            raise ValueError(
-                f"LoRA adapters do not run under tensor parallelism yet (tensor_parallel_size {tp.size}); serve "
-                "with tensor_parallel_size 1 or without enable_lora"
             )
         self.model_config = model_config
         self.cache_config = cache_config
@@ -239,8 +234,10 @@ class ModelRunner:
             load_dummy_weights(model, self.model_config.seed)
         else:
             weights = iterate_weights(self.resolved.path, self.resolved.format)
+            if checkpoint is not None:
+                weights = checkpoint_weights(weights, checkpoint)
             with torch.no_grad():
-                model.load_weights(weights if checkpoint is None else checkpoint_weights(weights, checkpoint))
+                model.load_weights(weights, describe_checkpoint(self.resolved.path))
         model.eval().requires_grad_(False)
         if checkpoint is not None:
             log_loaded(model, checkpoint)
