@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--speculative-config", default=SPEC)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per engine (two live)")
+    # both engines live in one process, and the second's budget counts the first's memory as in use
+    parser.add_argument("--gpu-memory-utilization", type=float, nargs=2, default=[0.4, 0.85])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -50,13 +51,13 @@ def main() -> None:
         for _ in range(args.batch_size)
     ]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    common: dict[str, Any] = dict(
-        load_format="dummy", dtype="bfloat16", max_model_len=4096,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-    )  # fmt: skip
+    common: dict[str, Any] = dict(load_format="dummy", dtype="bfloat16", max_model_len=4096)
+    first, second = args.gpu_memory_utilization
     llms = {
-        "baseline": LLM(args.model, **common),
-        "speculative": LLM(args.model, speculative_config=args.speculative_config, **common),
+        "baseline": LLM(args.model, gpu_memory_utilization=first, **common),
+        "speculative": LLM(
+            args.model, speculative_config=args.speculative_config, gpu_memory_utilization=second, **common
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in llms}
     tokens: dict[str, list[list[int]]] = {}
