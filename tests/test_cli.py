@@ -266,9 +266,9 @@ def test_start_up_report_names_a_checkpoints_quantization(tmp_path: Path) -> Non
 
 
 def test_speculative_config_flag(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """--speculative-config takes vLLM's JSON (serve and the offline benchmarks); bad JSON, an unknown key or
-    --async-scheduling with it fail in one line before the engine starts; `LLM(speculative_config=...)` takes a
-    dict or a SpeculativeConfig."""
+    """--speculative-config takes vLLM's JSON (serve and the offline benchmarks); bad JSON or an unknown key fail
+    in one line before the engine starts, --async-scheduling with it is accepted; `LLM(speculative_config=...)`
+    takes a dict or a SpeculativeConfig."""
     from treadle.bench import offline
     from treadle_model_runner.config import SpeculativeConfig
 
@@ -292,8 +292,8 @@ def test_speculative_config_flag(monkeypatch: pytest.MonkeyPatch, caplog: pytest
         ValueError, match=r"'draft_model' not supported; its keys are method, num_speculative_tokens"
     ):
         parsed("--speculative-config", '{"method": "ngram", "draft_model": "x"}')
-    with pytest.raises(ValueError, match="async scheduling does not run with speculative decoding"):
-        parsed("--speculative-config", "{}", "--async-scheduling")
+    both = parsed("--speculative-config", "{}", "--async-scheduling")
+    assert both.speculative_config == SpeculativeConfig() and both.scheduler_config.async_scheduling is True
     assert (
         parsed("--speculative-config", "{}", "--no-async-scheduling").speculative_config
         == SpeculativeConfig()

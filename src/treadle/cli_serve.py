@@ -162,7 +162,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speculative-config", default=None, metavar="JSON",
         help='speculative decoding (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, '
-        '"prompt_lookup_min": 2}; turns async scheduling off (default: no speculation)',
+        '"prompt_lookup_min": 2} (default: no speculation)',
     )  # fmt: skip
     p.add_argument("--root-path", default="", help="path prefix when served behind a path-based proxy")
     p.add_argument("--ssl-keyfile", default=None)

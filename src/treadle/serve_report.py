@@ -19,7 +19,7 @@ def startup_report(llm: Any, server_url: str, seconds: float) -> None:
     logger.info("KV cache capacity: %s tokens", info.kv_capacity_tokens)
     speculation = info.runtime.get("speculative_decoding")
     if speculation:
-        logger.info("Speculative decoding: %s; async scheduling off", speculation)
+        logger.info("Speculative decoding: %s", speculation)
     logger.info(
         "treadle is ready in %.1f s: serving %s at %s/v1 (OpenAI, Anthropic /v1/messages)",
         seconds,

@@ -96,7 +96,11 @@ def _run(
     return [o.outputs[0] for o in outs], stats
 
 
-def test_same_output_with_and_without_speculation(model: tuple[Path, list[int]]) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_same_output_with_and_without_speculation(
+    model: tuple[Path, list[int]], async_scheduling: bool
+) -> None:
+    """async_scheduling: the speculative engine schedules ahead only while nothing is to be drafted (core.py)."""
     _, successor = model
     cycle_end = _prompts(successor)[4]["prompt_token_ids"][-1]
     # the greedy reply to the last prompt continues its cycle: stop at the reply's third token, which one
@@ -104,7 +108,7 @@ def test_same_output_with_and_without_speculation(model: tuple[Path, list[int]])
     stop_token = successor[successor[successor[cycle_end]]]
     params = _params(stop_token)
     plain, plain_stats = _run(model, params)
-    spec, stats = _run(model, params, speculative_config=SPEC)
+    spec, stats = _run(model, params, speculative_config=SPEC, async_scheduling=async_scheduling)
     assert plain_stats.spec_num_drafts == 0
     assert stats.spec_num_accepted_tokens > 20, stats
     assert stats.spec_num_accepted_tokens == sum(stats.spec_num_accepted_tokens_per_pos)

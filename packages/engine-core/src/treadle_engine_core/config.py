@@ -5,10 +5,9 @@ async scheduling on GPU) are settled by `resolve()` once the executor reports th
 the model runner's `ModelConfig`, `CacheConfig`, `LoRAConfig` and `SpeculativeConfig` with it, plus the executor
 choice.
 
-Speculative decoding and async scheduling exclude each other: a step's drafts come from the tokens the last
-step returned and its accepted count moves num_computed_tokens back, so the next step cannot be scheduled before
-this one's tokens are known. With a speculative_config async scheduling defaults to off, and asking for both is
-an error.
+Speculative decoding runs under async scheduling too: the engine schedules ahead only while no step with drafts
+is in flight and the proposer finds none to make (core.py), so a workload the n-gram proposer cannot draft for
+keeps the overlap, and one it can runs its verification steps synchronously.
 """
 
 from __future__ import annotations
@@ -59,9 +58,8 @@ class SchedulerConfig:
                     "--max-num-batched-tokens, lower --max-model-len, or enable chunked prefill"
                 )
 
-    def resolve(self, model_max_model_len: int, has_cuda: bool, speculative: bool = False) -> SchedulerConfig:
-        """Settle model-dependent defaults: max_model_len (capped by the model's) and async scheduling (off with
-        speculative decoding)."""
+    def resolve(self, model_max_model_len: int, has_cuda: bool) -> SchedulerConfig:
+        """Settle model-dependent defaults: max_model_len (capped by the model's) and async scheduling."""
         max_len = self.max_model_len
         if max_len is None:
             max_len = model_max_model_len
@@ -70,19 +68,8 @@ class SchedulerConfig:
                 f"max_model_len ({max_len}) is larger than the model's maximum context length "
                 f"({model_max_model_len}); lower --max-model-len"
             )
-        check_async_with_speculation(self.async_scheduling, speculative)
-        async_sched = (
-            (has_cuda and not speculative) if self.async_scheduling is None else self.async_scheduling
-        )
+        async_sched = has_cuda if self.async_scheduling is None else self.async_scheduling
         return dataclasses.replace(self, max_model_len=max_len, async_scheduling=async_sched)
-
-
-def check_async_with_speculation(async_scheduling: bool | None, speculative: bool) -> None:
-    if async_scheduling and speculative:
-        raise ValueError(
-            "async scheduling does not run with speculative decoding (a step's drafts and accepted tokens must be "
-            "known before the next step is scheduled); drop --async-scheduling or --speculative-config"
-        )
 
 
 def parse_speculative_config(
@@ -149,9 +136,6 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config", parse_speculative_config(self.speculative_config))
-        check_async_with_speculation(
-            self.scheduler_config.async_scheduling, self.speculative_config is not None
-        )
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
         if self.data_parallel_size < 1:

@@ -6,6 +6,8 @@ The same object runs in-process (offline `LLM`, InprocClient) and inside the eng
 With async scheduling the step keeps a queue of at most two steps in flight: it schedules step N+1 and
 hands it to the executor before waiting for step N's output, so the host work of scheduling overlaps the
 device work of the previous step. Tokens not yet sampled are placeholders in the scheduler (see scheduler.py).
+With speculative decoding it schedules ahead only while no step with drafts is in flight and the proposer finds
+nothing to draft from the tokens known (`_may_schedule_ahead`): a step with drafts is scheduled on an empty queue.
 """
 
 from __future__ import annotations
@@ -69,9 +71,7 @@ class EngineCore:
         self.kv_cache_config = self.executor.initialize()
         has_cuda = config.executor != "fake" and _has_cuda()
         spec = config.speculative_config
-        self.scheduler_config = config.scheduler_config.resolve(
-            self.executor.max_model_len, has_cuda, speculative=spec is not None
-        )
+        self.scheduler_config = config.scheduler_config.resolve(self.executor.max_model_len, has_cuda)
         # the runner may then return before a step's tokens reach the host (the queue below waits for them)
         self.executor.set_async_output(bool(self.scheduler_config.async_scheduling))
         self.scheduler = Scheduler(
@@ -151,7 +151,7 @@ class EngineCore:
     def _step_async(self) -> EngineCoreOutputs:
         queue = self._batch_queue
         scheduled = False
-        if len(queue) < _BATCH_QUEUE_DEPTH and self.scheduler.has_requests:
+        if len(queue) < _BATCH_QUEUE_DEPTH and self.scheduler.has_requests and self._may_schedule_ahead():
             so = self.scheduler.schedule()
             if _has_work(so):
                 queue.append((so, self.executor.execute_async(so)))
@@ -161,6 +161,18 @@ class EngineCore:
         so, future = queue.popleft()
         # an AsyncModelRunnerOutput waits here only for this step's sampled-token copy
         return self.scheduler.update_from_output(so, future.result().get_output())
+
+    def _may_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled now, with the queue's steps still in flight. Speculative decoding
+        needs a step's tokens before the next: drafts follow the last sampled token, and a verification's accepted
+        count moves num_computed_tokens. So not while a step with drafts is in flight, nor when the proposer would
+        draft for the tokens known so far (then the queue drains and the next step carries the drafts)."""
+        queue = self._batch_queue
+        if not queue or self.scheduler.spec is None:
+            return True
+        if any(so.scheduled_spec_decode_tokens for so, _ in queue):
+            return False
+        return not self.scheduler.spec.would_draft(self.scheduler.running)
 
     # ---- utility RPC ------------------------------------------------------------------------------
     def call_utility(self, method: str, args: list[Any]) -> Any:

@@ -66,7 +66,7 @@ class Scheduler:
         """`max_loras`: most distinct LoRA adapters among running requests (0: LoRA off, such requests refused);
         `hold_lora(request_id, lora)`: called as a request naming an adapter is admitted (the runner keeps the
         adapter in host memory for it); its ValueError fails that request. `speculative_config`: draft tokens
-        for decoding requests (None: off; needs async scheduling off)."""
+        for decoding requests (None: off); under async scheduling only requests with no token in flight draft."""
         if config.max_model_len is None:
             raise ValueError("SchedulerConfig.max_model_len is unset; call config.resolve(...) first")
         self.config = config
@@ -95,10 +95,6 @@ class Scheduler:
         self.hold_lora = hold_lora
         # requests failed while scheduling (their adapter could not be loaded), reported by the next update
         self.failed: list[EngineCoreOutput] = []
-        if speculative_config is not None and self.async_scheduling:
-            raise ValueError(
-                "speculative decoding needs async scheduling off (config.check_async_with_speculation)"
-            )
         self.spec = SpecDecoding(speculative_config, self.max_model_len) if speculative_config else None
 
     # ---- requests in / out ------------------------------------------------------------------------

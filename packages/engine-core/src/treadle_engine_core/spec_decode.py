@@ -62,6 +62,31 @@ class SpecDecoding:
         drafts = self.proposer.propose(ids, tokens, caps)
         return {rid: d for rid, d in zip(ids, drafts, strict=True) if d}
 
+    def would_draft(self, running: list[Request]) -> bool:
+        """Whether some decoding request would get drafts from the tokens known now, its tokens in flight (async
+        scheduling) aside: the engine then waits for them instead of scheduling a step without drafts."""
+        ids: list[str] = []
+        tokens: list[list[int]] = []
+        caps: list[int] = []
+        for req in running:
+            num_tokens = len(req.all_token_ids)
+            in_flight = req.num_output_placeholders
+            if (
+                req.num_computed_tokens != num_tokens + in_flight - 1
+                or req.sampling_params.pooling is not None
+            ):
+                continue  # prefilling
+            cap = (
+                min(req.max_tokens - len(req.output_token_ids), self.max_model_len - num_tokens)
+                - 1
+                - in_flight
+            )
+            if cap > 0:
+                ids.append(req.request_id)
+                tokens.append(req.all_token_ids)
+                caps.append(cap)
+        return bool(ids) and any(self.proposer.propose(ids, tokens, caps))
+
     def on_verified(self, req: Request, num_drafts: int, num_sampled: int) -> None:
         """The runner verified `num_drafts` drafts of `req` and returned `num_sampled` tokens: take back the slots
         of the rejected drafts and count."""

@@ -62,7 +62,6 @@ class EngineArgs:
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
         from treadle_engine_core.config import (
             SchedulerConfig,
-            check_async_with_speculation,
             parse_speculative_config,
         )
 
@@ -93,9 +92,6 @@ class EngineArgs:
                 raise ValueError(f"unknown engine option {key!r}; valid options: {', '.join(valid)}")
         if "speculative_config" in own:
             own["speculative_config"] = parse_speculative_config(own["speculative_config"])
-            check_async_with_speculation(
-                groups[SchedulerConfig].get("async_scheduling"), own["speculative_config"] is not None
-            )
         model_config = ModelConfig(model=model or "", **groups[ModelConfig])
         max_len = model_config.max_model_len
         sched = groups[SchedulerConfig]

@@ -74,7 +74,7 @@ from treadle_model_runner.runner.setup import (
     skip_param_init,
     start_device_init,
 )
-from treadle_model_runner.runner.spec_decode import stage_drafts, warn_async_fallback
+from treadle_model_runner.runner.spec_decode import stage_drafts
 from treadle_model_runner.runner.state import apply_scheduler_output
 from treadle_model_runner.runner.structured import StructuredOutputs
 from treadle_model_runner.runner.warmup import warm_up_kernels
@@ -334,8 +334,6 @@ class ModelRunner:
         num_scheduled = np.array([scheduler_output.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         # speculative decoding: drafts to verify, staged in the token table (spec_decode.py)
         drafts = stage_drafts(self.batch, scheduler_output, num_scheduled, self.vocab_size)
-        if drafts is not None and self.async_output:
-            warn_async_fallback()  # the scheduler needs the accepted tokens now: this step is synchronous
         defer = (
             self.async_output
             and drafts is None

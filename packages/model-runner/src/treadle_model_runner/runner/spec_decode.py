@@ -16,22 +16,17 @@ give the very tokens of a run without drafts; unseeded rows draw independent noi
 
 A step with drafts is never decode-only (a request has 1 + k tokens), so it runs through the mixed-batch path
 (piecewise graphs, the one-request prefill graphs, or eagerly), never a one-token-per-request decode graph. Its
-sampled tokens are needed on the host at once, so it is never deferred (async output falls back to a synchronous
-output for that step). Stopping at EOS or a stop token inside the kept tokens is the scheduler's job.
+sampled tokens are needed on the host at once, so it is never deferred (under async output that step's output is
+synchronous; the engine schedules it with no other step in flight). Stopping at EOS or a stop token inside the kept tokens is the scheduler's job.
 """
 
 from __future__ import annotations
-
-import functools
-import logging
 
 import numpy as np
 
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.sample.drafts import concat_ranges
 from treadle_model_runner.scheduler_output import SchedulerOutput
-
-logger = logging.getLogger(__name__)
 
 
 def stage_drafts(
@@ -95,11 +90,3 @@ def accepted_runs(tokens: np.ndarray, drafts: list[list[int]]) -> tuple[np.ndarr
     )
     mismatch = np.where(tokens != follows, offset, reps[row])  # [E] offset where it stops, else past the end
     return first, np.minimum.reduceat(mismatch, first) + 1
-
-
-@functools.cache
-def warn_async_fallback() -> None:
-    logger.warning(
-        "a step with draft tokens under async output: its tokens are returned synchronously (turn async "
-        "scheduling off with speculative decoding; the scheduler needs the accepted count before the next step)"
-    )
