@@ -11,7 +11,7 @@ Reported: output tokens/s of both, the speed-up, the mean acceptance length (tok
 step, 1 + accepted / drafts, as vLLM's SpecDecoding log line), the draft acceptance rate, and whether the two
 configurations wrote the same tokens (they must: greedy).
 
-Usage: python benchmarks/spec_decode_cpu.py [--batch-size 1] [--max-tokens 128]
+Usage: python benchmarks/spec_decode_cpu.py [--batch-size 1] [--max-tokens 128] [--task copy|answer]
        [--speculative-config '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
        "prompt_lookup_min": 2}']   -> benchmarks/results/spec-decode-cpu-<commit>.json
 """
@@ -42,6 +42,13 @@ PASSAGES = [
     "releasing oxygen, and drives the production of ATP and NADPH. In the Calvin cycle, these carriers power the "
     "fixation of carbon dioxide into sugars, which the plant uses to grow, to store energy as starch, and to build "
     "cellulose for its cell walls. Nearly all life on Earth depends on this process, directly or indirectly.",
+]
+
+QUESTIONS = [
+    "Why do leaves change colour in autumn? Answer in a few sentences.",
+    "Give three tips for writing clear emails.",
+    "What is the difference between weather and climate?",
+    "Describe how a bicycle gear works.",
 ]
 
 
@@ -84,6 +91,10 @@ def main() -> None:
     parser.add_argument("--speculative-config", default=SPEC)
     parser.add_argument("--device-name", default="cpu 2-core (shared)")
     parser.add_argument(
+        "--task", choices=["copy", "answer"], default="copy",
+        help="copy: repeat a passage (drafts mostly right); answer: open questions (drafts rare)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", default=None, help="default: benchmarks/results/spec-decode-cpu-<commit>.json"
     )
     args = parser.parse_args()
@@ -99,7 +110,9 @@ def main() -> None:
         [
             {
                 "role": "user",
-                "content": f"Repeat the following text exactly, word for word:\n\n{PASSAGES[i % 2]}",
+                "content": f"Repeat the following text exactly, word for word:\n\n{PASSAGES[i % 2]}"
+                if args.task == "copy"
+                else QUESTIONS[i % len(QUESTIONS)],
             }
         ]
         for i in range(args.batch_size)
@@ -144,7 +157,9 @@ def main() -> None:
         "args": vars(args),
         "model": f"SmolLM2-135M-Instruct (embedded default, {model_dir})",
         "dtype": "float32",
-        "workload": f"{args.batch_size} chat prompt(s) asking to repeat a ~110-word passage, greedy, max_tokens "
+        "workload": f"{args.batch_size} chat prompt(s) "
+        + ("asking to repeat a ~110-word passage" if args.task == "copy" else "with open questions")
+        + ", greedy, max_tokens "
         f"{args.max_tokens}, warm-up then best of {args.iters} (alternating)",
         "speculative_config": json.loads(args.speculative_config),
         "baseline": base,
