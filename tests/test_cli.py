@@ -136,7 +136,7 @@ def test_pooler_config_flag() -> None:
         "MEAN", False
     )
     assert parsed("--pooler-config", '{"pooling_type": "CLS"}') == PoolerConfig("CLS", True)
-    with pytest.raises(ValueError, match="softmax not supported; its keys are pooling_type, normalize"):
+    with pytest.raises(ValueError, match="'softmax' not supported; its keys are pooling_type, normalize"):
         parsed("--pooler-config", '{"softmax": true}')
     with pytest.raises(ValueError, match="'STEP' pools token by token"):
         parsed("--pooler-config", '{"pooling_type": "STEP"}')

@@ -144,7 +144,7 @@ def test_pooler_config_is_checked() -> None:
     for value, message in (
         ({"pooling_type": "ALL"}, "pools token by token"),
         ({"pooling_type": "MAX"}, r"'MAX' is not one of LAST, MEAN, CLS"),
-        ({"dimensions": 8}, "dimensions not supported; its keys are pooling_type, normalize"),
+        ({"dimensions": 8}, "'dimensions' not supported; its keys are pooling_type, normalize"),
         ({"normalize": "yes"}, "normalize must be true or false"),
         ("{pooling", "is not JSON"),
     ):

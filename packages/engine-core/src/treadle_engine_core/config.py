@@ -13,11 +13,16 @@ keeps the overlap, and one it can runs its verification steps synchronously.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
+from treadle_model_runner.config import (
+    CacheConfig,
+    LoRAConfig,
+    ModelConfig,
+    SpeculativeConfig,
+    config_from_json,
+)
 
 POLICIES = ("fcfs", "priority")
 EXECUTORS = ("inproc", "fake")
@@ -75,24 +80,8 @@ class SchedulerConfig:
 def parse_speculative_config(
     value: SpeculativeConfig | dict[str, Any] | str | None,
 ) -> SpeculativeConfig | None:
-    """A SpeculativeConfig from itself, a dict or its JSON text (--speculative-config); None: speculation off. A key
-    that is not a field is a ValueError naming it and the valid ones."""
-    if value is None or isinstance(value, SpeculativeConfig):
-        return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise ValueError(f"speculative_config {value!r} is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"speculative_config must be a JSON object (or a SpeculativeConfig), got {value!r}")
-    known = [f.name for f in dataclasses.fields(SpeculativeConfig)]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ValueError(
-            f"speculative_config: {', '.join(map(repr, unknown))} not supported; its keys are {', '.join(known)}"
-        )
-    return SpeculativeConfig(**value)
+    """A SpeculativeConfig from itself, a dict or its JSON text (--speculative-config); None: speculation off."""
+    return None if value is None else config_from_json(SpeculativeConfig, value, "speculative_config")
 
 
 @dataclass(frozen=True)

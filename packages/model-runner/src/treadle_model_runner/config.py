@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS
 
@@ -19,10 +19,32 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto = the model dt
 # fp8: online weight quantization, or an fp8 checkpoint as it is; compressed-tensors: only that checkpoint format's
 # name (vLLM's), for a checkpoint that is one (None: weights in the model dtype, or the checkpoint's own scheme)
 QUANTIZATIONS = ("fp8", "compressed-tensors")
+C = TypeVar("C")
 
 
 # vLLM's sequence pooling types: the last prompt token's final hidden state, the mean over the prompt's, the first's
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
+
+
+def config_from_json(cls: type[C], value: C | dict[str, Any] | str, name: str) -> C:
+    """`cls` from itself, a dict or its JSON text (a CLI flag's value, e.g. --pooler-config): a key that is not one of
+    its fields is a ValueError naming it and the valid ones; `name` is the option's, for the messages."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"{name} {value!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object (or a {cls.__name__}), got {value!r}")
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{name}: {', '.join(map(repr, unknown))} not supported; its keys are {', '.join(known)}"
+        )
+    return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -50,24 +72,8 @@ class PoolerConfig:
 
     @classmethod
     def parse(cls, value: PoolerConfig | dict[str, Any] | str | None) -> PoolerConfig:
-        """A PoolerConfig from itself, a dict or its JSON text (--pooler-config); None: the defaults. A key other
-        than pooling_type and normalize is a ValueError naming it."""
-        if value is None or isinstance(value, PoolerConfig):
-            return value or cls()
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise ValueError(f"pooler_config {value!r} is not JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"pooler_config must be a JSON object, got {value!r}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(
-                f"pooler_config: {', '.join(unknown)} not supported; its keys are {', '.join(known)}"
-            )
-        return cls(**value)
+        """A PoolerConfig from itself, a dict or its JSON text (--pooler-config); None: the defaults."""
+        return cls() if value is None else config_from_json(cls, value, "pooler_config")
 
 
 @dataclass(frozen=True)
