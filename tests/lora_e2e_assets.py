@@ -6,17 +6,24 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as tf
 from tiny_assets import build_tokenizer_dir
 
-from treadle import LoRARequest
+from treadle import LoRARequest, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packages" / "model-runner" / "tests"))
 from lora_fixtures import PeftReference, save_adapter
 
-__all__ = ["PeftReference", "Tiny", "build_tiny"]
+__all__ = ["ADAPTER_OF", "ENGINE", "GREEDY", "PROMPTS", "PeftReference", "Tiny", "build_tiny"]
+
+# the offline engines and the mixed batch the LoRA end-to-end tests run: six prompts over base, sql and poet rows
+ENGINE: dict[str, Any] = {"max_model_len": 128, "kv_cache_space": 0.02, "dtype": "float32"}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[5 + i, 40 + 3 * i, 17, 200 - i, 9] for i in range(6)]
+ADAPTER_OF = [None, "sql", "poet", "sql", "poet", None]
 
 
 @dataclass

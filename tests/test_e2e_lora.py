@@ -21,15 +21,11 @@ import httpx
 import openai
 import pytest
 from e2e_helpers import API_KEY, MODEL_NAME, RealServer, start_server
-from lora_e2e_assets import Tiny, build_tiny
+from lora_e2e_assets import ADAPTER_OF, ENGINE, GREEDY, PROMPTS, Tiny, build_tiny
 
-from treadle import LLM, BeamSearchParams, LoRARequest, SamplingParams
+from treadle import LLM, BeamSearchParams, LoRARequest
 
 PORT = int(os.environ.get("E2E_LORA_PORT", "0")) or None
-ENGINE: dict[str, Any] = {"max_model_len": 128, "kv_cache_space": 0.02, "dtype": "float32"}
-GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-PROMPTS = [[5 + i, 40 + 3 * i, 17, 200 - i, 9] for i in range(6)]
-ADAPTER_OF = [None, "sql", "poet", "sql", "poet", None]
 
 
 @pytest.fixture(scope="module")
