@@ -132,3 +132,36 @@ def test_a_forced_chat_call_cut_by_max_tokens(tokenizer: Any, case: str) -> None
             finish = [ch.finish_reason for chunk in chunks for ch in chunk.choices if ch.finish_reason]
             content = "".join(ch.delta.content or "" for chunk in chunks for ch in chunk.choices)
             assert (finish, content, list(calls.values())) == (["length"], "", want), written
+
+
+@pytest.mark.parametrize("case", list(CUT_REPLIES))
+def test_a_forced_responses_call_cut_by_max_output_tokens(tokenizer: Any, case: str) -> None:
+    """/v1/responses, as chat above: cut at every token, whole and streamed, the response is incomplete
+    (max_output_tokens) and its output the function_call items with the arguments written so far, never the JSON
+    as message text."""
+    tool_choice, reply = CUT_REPLIES[case]
+    if case == "named":
+        tool_choice = {"type": "function", "name": "get_weather"}
+    tool = {"type": "function", **WEATHER["function"]}
+    srv, handle = start_fake_server(tokenizer)
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    handle.engine.script = ids
+    arguments = '{"city":"Paris"}'
+    with srv:
+        client = openai_client(handle.url)
+        for cut in range(1, len(ids) + 1):
+            written = tokenizer.decode(ids[:cut])
+            if case == "named":
+                want = [("get_weather", written)]
+            else:
+                after = written.partition('"parameters":')[2]
+                want = [("get_weather", arguments[: len(after)])] if '"name":"get_weather"' in written else []
+            kw: dict[str, Any] = dict(model="tiny", input="Weather?", tools=[tool], tool_choice=tool_choice,
+                                      max_output_tokens=cut)  # fmt: skip
+            whole = client.responses.create(**kw)
+            events = list(client.responses.create(stream=True, **kw))
+            final = events[-1].response
+            for response in (whole, final):
+                text = "".join(p.text for i in response.output if i.type == "message" for p in i.content)
+                got = [(i.name, i.arguments) for i in response.output if i.type == "function_call"]
+                assert (response.status, text, got) == ("incomplete", "", want), written

@@ -136,7 +136,8 @@ class ResponsesHandler:
             text, params, rid, prompt_token_ids=ids, lora_request=st.lora_request(body.model)
         )
         created = int(time.time())
-        reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools)
+        # calls_only: a forced reply is function_call items also when max_output_tokens cuts it (forced_tools.py)
+        reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools, calls_only=True)
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
             gen = await first_output(request, gen)
             stream = self._stream(rid, created, body, len(ids), gen, reply)
