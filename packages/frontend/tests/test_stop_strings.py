@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from fake_engine import FakeOutput
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,3 +118,53 @@ def test_min_tokens_with_several_tokens_per_step(tokenizer: Any) -> None:
         assert last is not None and last.outputs[0].finish_reason == "stop"
         text = "".join(deltas)
         assert text == texts[second_comma][: texts[second_comma].rindex(",")], (chunks, text)
+
+
+def _final(tokenizer: Any, ids: list[int], chunks: list[int], params: SamplingParams) -> Any:
+    """The finished output of `ids` fed in steps of the given sizes, each token with a logprob of its own."""
+    from treadle_frontend.detokenizer import TokenDecoder
+    from treadle_frontend.logprobs import TokenTexts
+    from treadle_model_runner.outputs import Logprobs
+
+    op = OutputProcessor()
+    dec = TokenDecoder(tokenizer)
+    state = RequestState.create("r", "r", 0, None, [5, 6], params, dec, TokenTexts(tokenizer, dec))
+    op.add_request(ParentRequest("r", None, [5, 6], 1, params.output_kind), [state])
+    i = 0
+    for size in chunks:
+        piece = ids[i : i + size]
+        lps = [Logprobs([t, 7], [-0.25 - 0.01 * (i + j), -3.0], 1) for j, t in enumerate(piece)]
+        i += size
+        done = i >= len(ids)
+        res = op.process_outputs([FakeOutput("r", piece, lps, finish_reason="length" if done else None)])
+        if res.request_outputs and res.request_outputs[-1].finished:
+            return res.request_outputs[-1].outputs[0]
+    raise AssertionError("the request never finished")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_several_tokens_a_step_end_where_one_a_step_would(tokenizer: Any, data: st.DataObject) -> None:
+    """Speculative decoding hands the frontend several tokens per step. When a stop string ends inside a step,
+    the output is the one-token-a-step output: the same text, and token ids, logprobs and cumulative logprob that
+    end with the token whose text completes the stop string (the step's later tokens are dropped)."""
+    text = data.draw(
+        st.sampled_from(["The lamp lit the bay. 😀 東京 ships pass by the lamp", "a, b c, d 🚀 e f"])
+    )
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    start = data.draw(st.integers(0, len(text) - 2))
+    stop = text[start : start + data.draw(st.integers(1, 4))]
+    params = SamplingParams(
+        max_tokens=100, stop=[stop], logprobs=1, include_stop_str_in_output=data.draw(st.booleans()),
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )  # fmt: skip
+    chunks, left = [], len(ids)
+    while left > 0:
+        chunks.append(min(left, data.draw(st.integers(1, 6))))
+        left -= chunks[-1]
+    one = _final(tokenizer, ids, [1] * len(ids), params)
+    many = _final(tokenizer, ids, chunks, params)
+    assert (many.text, many.finish_reason, many.stop_reason) == (one.text, one.finish_reason, one.stop_reason)
+    assert many.token_ids == one.token_ids, (chunks, stop)
+    assert list(many.logprobs) == list(one.logprobs)
+    assert many.cumulative_logprob == pytest.approx(one.cumulative_logprob, abs=1e-9)

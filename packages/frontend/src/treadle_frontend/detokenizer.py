@@ -56,15 +56,16 @@ class IncrementalDetokenizer:
 
     def update(self, new_token_ids: list[int]) -> str:
         """Appends tokens; returns the newly final text (may be empty while a character is incomplete)."""
-        delta_parts: list[str] = []
+        return "".join(self.update_each(new_token_ids))
+
+    def update_each(self, new_token_ids: list[int]) -> list[str]:
+        """`update`, as the text each token made final (one entry per token, "" while a character is incomplete)."""
+        deltas = []
         for tok in new_token_ids:
             self.ids.append(tok)
-            delta = self._step(final=False)
-            if delta:
-                delta_parts.append(delta)
-        delta = "".join(delta_parts)
-        self.output_text += delta
-        return delta
+            deltas.append(self._step(final=False))
+        self.output_text += "".join(deltas)
+        return deltas
 
     def update_at_once(self, new_token_ids: list[int]) -> str:
         """Like `update`, in one decode of the window instead of two per token, for a caller that reads the text

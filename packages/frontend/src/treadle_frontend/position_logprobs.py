@@ -82,6 +82,14 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
     def __len__(self) -> int:
         return len(self._ends)
 
+    def truncate(self, n: int) -> list[float]:
+        """Keeps the first `n` positions; returns the sampled tokens' logprobs of those dropped."""
+        dropped = [self._position(i)[1][0] for i in range(n, len(self._ends))]
+        if dropped:
+            top = self._ends[n - 1] if n else 0
+            del self._ids[top:], self._values[top:], self._ranks[n:], self._ends[n:]
+        return dropped
+
     @overload
     def __getitem__(self, index: int) -> dict[int, Logprob]: ...
 

@@ -158,6 +158,7 @@ class RequestState:
             return False
         engine_stop = step.finish_reason == "stop"
         detok_ids = new_ids
+        token_deltas: list[str] = []  # the text each searched token made final (incremental path)
         if engine_stop and new_ids and not self.params.include_stop_str_in_output:
             detok_ids = new_ids[:-1]  # EOS / stop token: not part of the text
         if self.params.output_kind == RequestOutputKind.FINAL_ONLY and not self.params.stop:
@@ -175,14 +176,20 @@ class RequestState:
             )
             if num_unsearched:
                 self.text += self.detokenizer.update(detok_ids[:num_unsearched])
-            delta = self.detokenizer.update(detok_ids[num_unsearched:])
+            token_deltas = self.detokenizer.update_each(detok_ids[num_unsearched:])
+            delta = "".join(token_deltas)
         if step.finish_reason is not None:
             delta += self.detokenizer.flush()
+        searched_from = len(self.text)
         self.text += delta
         stopped_here = False
         searched = len(delta) if len(self.token_ids) > self.params.min_tokens else 0
         match = self.stop_checker.find(self.text, searched)
         if match is not None:
+            if (
+                len(new_ids) > 1
+            ):  # several tokens this step (speculative decoding): none after the stop string's
+                self._drop_after(match.end - searched_from, token_deltas, len(new_ids) - num_unsearched)
             self.text = self.text[: match.truncate_to]
             self.finish_reason, self.stop_reason = "stop", match.stop
             stopped_here = step.finish_reason is None
@@ -191,6 +198,27 @@ class RequestState:
         if self.finish_reason is not None:
             m.finished_time = now
         return stopped_here
+
+    def _drop_after(self, reach: int, token_deltas: list[str], num_searched: int) -> None:
+        """A stop string ends `reach` characters into this step's searched text: the request ends with the token
+        whose text reaches it (as one token a step would), so the step's tokens after that one are dropped from
+        the ids and logprobs. `token_deltas`: each searched token's text; `num_searched`: this step's tokens from
+        the first searched one (an EOS after the texts included)."""
+        used, keep = 0, None
+        for j, piece in enumerate(token_deltas, 1):
+            used += len(piece)
+            if used >= reach:
+                keep = j
+                break
+        if keep is None:
+            return  # reached only by text the end of the request flushed: every token counts
+        drop = num_searched - keep
+        if drop > 0:
+            del self.token_ids[-drop:]
+            if self.logprobs is not None:
+                dropped = self.logprobs.truncate(len(self.logprobs) - drop)
+                if self.cumulative_logprob is not None:
+                    self.cumulative_logprob -= sum(dropped)
 
     def _add_logprobs(self, step: EngineStep) -> None:
         if self.logprobs is not None:

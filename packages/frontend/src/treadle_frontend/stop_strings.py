@@ -19,6 +19,7 @@ from dataclasses import dataclass
 class StopMatch:
     stop: str  # the stop string found
     truncate_to: int  # the text length to keep
+    end: int  # where the stop string ends in the text (the token reaching it ends the request)
 
 
 class StopStringChecker:
@@ -39,7 +40,7 @@ class StopStringChecker:
             if i != -1 and i < best_index:
                 best_index = i
                 cut = i + len(stop) if self.include_in_output else i
-                best = StopMatch(stop, cut)
+                best = StopMatch(stop, cut, i + len(stop))
         return best
 
     def holdback(self, text: str) -> int:
