@@ -285,6 +285,10 @@ def test_speculative_config_parsing_and_async_scheduling() -> None:
         EngineConfig(model, speculative_config="{method: ngram}")
     with pytest.raises(ValueError, match="method 'eagle' is not supported"):
         EngineConfig(model, speculative_config={"method": "eagle"})
+    for key, value in [("num_speculative_tokens", "5"), ("num_speculative_tokens", 2.5), ("num_speculative_tokens", None),
+                       ("prompt_lookup_max", 2.0), ("prompt_lookup_min", True)]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"{key} must be an integer, got {value!r}"):
+            EngineConfig(model, speculative_config={key: value})
     # async scheduling and speculation together (core.py schedules ahead only while nothing is to be drafted)
     both = EngineConfig(model, scheduler_config=SchedulerConfig(async_scheduling=True), speculative_config={})
     assert both.scheduler_config.async_scheduling and both.speculative_config == SpeculativeConfig()

@@ -199,6 +199,12 @@ class SpeculativeConfig:
     prompt_lookup_min: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and (
+                value is not None or name == "num_speculative_tokens"
+            ):
+                raise ValueError(f"speculative_config {name} must be an integer, got {value!r}")
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(
                 f"speculative_config method {self.method!r} is not supported; "
