@@ -103,6 +103,25 @@ CUT_REPLIES = {  # tool_choice, the reply the engine writes
 }
 
 
+def _cuts(tokenizer: Any, handle: Any, case: str, reply: str) -> list[tuple[int, str, list[tuple[str, str]]]]:
+    """Scripts the fake engine to write `reply`; per cut (1 token .. all): the text written and the calls a cut
+    reply must give: the named call with the text as its arguments; "required"'s call once its name is written
+    whole, its arguments the text after `"parameters":` ("" before it)."""
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    handle.engine.script = ids
+    arguments = '{"city":"Paris"}'
+    cuts = []
+    for cut in range(1, len(ids) + 1):
+        written = tokenizer.decode(ids[:cut])
+        if case == "named":
+            want = [("get_weather", written)]
+        else:
+            after = written.partition('"parameters":')[2]
+            want = [("get_weather", arguments[: len(after)])] if '"name":"get_weather"' in written else []
+        cuts.append((cut, written, want))
+    return cuts
+
+
 @pytest.mark.parametrize("case", list(CUT_REPLIES))
 def test_a_forced_chat_call_cut_by_max_tokens(tokenizer: Any, case: str) -> None:
     """Cut at every token, whole and streamed: finish_reason length, no content, and tool_calls holding the
@@ -110,18 +129,9 @@ def test_a_forced_chat_call_cut_by_max_tokens(tokenizer: Any, case: str) -> None
     "required"'s once its name is written whole, its arguments the text after `"parameters":` ("" before it)."""
     tool_choice, reply = CUT_REPLIES[case]
     srv, handle = start_fake_server(tokenizer)  # a forced call needs no tool-call flags
-    ids = tokenizer.encode(reply, add_special_tokens=False)
-    handle.engine.script = ids
-    arguments = '{"city":"Paris"}'
     with srv:
         client = openai_client(handle.url)
-        for cut in range(1, len(ids) + 1):
-            written = tokenizer.decode(ids[:cut])
-            if case == "named":
-                want = [("get_weather", written)]
-            else:
-                after = written.partition('"parameters":')[2]
-                want = [("get_weather", arguments[: len(after)])] if '"name":"get_weather"' in written else []
+        for cut, written, want in _cuts(tokenizer, handle, case, reply):
             kw: dict[str, Any] = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
                                       tools=[WEATHER], tool_choice=tool_choice, max_tokens=cut)  # fmt: skip
             whole = client.chat.completions.create(**kw).choices[0]
@@ -144,18 +154,9 @@ def test_a_forced_responses_call_cut_by_max_output_tokens(tokenizer: Any, case: 
         tool_choice = {"type": "function", "name": "get_weather"}
     tool = {"type": "function", **WEATHER["function"]}
     srv, handle = start_fake_server(tokenizer)
-    ids = tokenizer.encode(reply, add_special_tokens=False)
-    handle.engine.script = ids
-    arguments = '{"city":"Paris"}'
     with srv:
         client = openai_client(handle.url)
-        for cut in range(1, len(ids) + 1):
-            written = tokenizer.decode(ids[:cut])
-            if case == "named":
-                want = [("get_weather", written)]
-            else:
-                after = written.partition('"parameters":')[2]
-                want = [("get_weather", arguments[: len(after)])] if '"name":"get_weather"' in written else []
+        for cut, written, want in _cuts(tokenizer, handle, case, reply):
             kw: dict[str, Any] = dict(model="tiny", input="Weather?", tools=[tool], tool_choice=tool_choice,
                                       max_output_tokens=cut)  # fmt: skip
             whole = client.responses.create(**kw)
