@@ -42,21 +42,9 @@ class SpecDecoding:
         self.num_accepted_tokens_per_pos = [0] * config.num_speculative_tokens  # kept, per draft position
 
     def propose(self, running: list[Request]) -> dict[str, list[int]]:
-        """Drafts for the running requests that are decoding and may use them (request id -> drafts, non-empty)."""
-        ids: list[str] = []
-        tokens: list[list[int]] = []
-        caps: list[int] = []
-        max_len = self.max_model_len
-        for req in running:
-            num_tokens = len(req.all_token_ids)
-            if req.num_computed_tokens != num_tokens - 1 or req.num_output_placeholders:
-                continue  # prefilling (or resuming after a preemption)
-            cap = min(req.max_tokens - len(req.output_token_ids), max_len - num_tokens) - 1
-            if cap <= 0 or req.sampling_params.pooling is not None:
-                continue
-            ids.append(req.request_id)
-            tokens.append(req.all_token_ids)
-            caps.append(cap)
+        """Drafts for the running requests that are decoding and may use them (request id -> drafts, non-empty);
+        a request with a token in flight (async scheduling) has none: its drafts would follow that token."""
+        ids, tokens, caps = self._candidates(running, with_in_flight=False)
         if not ids:
             return {}
         drafts = self.proposer.propose(ids, tokens, caps)
@@ -65,17 +53,28 @@ class SpecDecoding:
     def would_draft(self, running: list[Request]) -> bool:
         """Whether some decoding request would get drafts from the tokens known now, its tokens in flight (async
         scheduling) aside: the engine then waits for them instead of scheduling a step without drafts."""
+        ids, tokens, caps = self._candidates(running, with_in_flight=True)
+        return bool(ids) and any(self.proposer.propose(ids, tokens, caps))
+
+    def _candidates(
+        self, running: list[Request], with_in_flight: bool
+    ) -> tuple[list[str], list[list[int]], list[int]]:
+        """The decoding generation requests that may still use a draft: (ids, their known tokens, most drafts
+        each). A request's tokens in flight count as computed and as produced (`with_in_flight`); without it, a
+        request with any is left out."""
         ids: list[str] = []
         tokens: list[list[int]] = []
         caps: list[int] = []
         for req in running:
             num_tokens = len(req.all_token_ids)
             in_flight = req.num_output_placeholders
+            if in_flight and not with_in_flight:
+                continue
             if (
                 req.num_computed_tokens != num_tokens + in_flight - 1
                 or req.sampling_params.pooling is not None
             ):
-                continue  # prefilling
+                continue  # prefilling (or resuming after a preemption), or pooling
             cap = (
                 min(req.max_tokens - len(req.output_token_ids), self.max_model_len - num_tokens)
                 - 1
@@ -85,7 +84,7 @@ class SpecDecoding:
                 ids.append(req.request_id)
                 tokens.append(req.all_token_ids)
                 caps.append(cap)
-        return bool(ids) and any(self.proposer.propose(ids, tokens, caps))
+        return ids, tokens, caps
 
     def on_verified(self, req: Request, num_drafts: int, num_sampled: int) -> None:
         """The runner verified `num_drafts` drafts of `req` and returned `num_sampled` tokens: take back the slots
