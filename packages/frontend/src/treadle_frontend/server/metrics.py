@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from treadle_engine_core.request import FinishReason
 from treadle_frontend.output_processor import IterationStats
-from treadle_frontend.server.spec_metrics import SpecDecodeMetrics
+from treadle_frontend.server.spec_metrics import SpecDecodeMetrics, engine_stat
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +67,6 @@ def length_buckets(max_model_len: int) -> tuple[int, ...]:
                 return tuple(buckets)
             buckets.append(mantissa * scale)
         scale *= 10
-
-
-def _stat(stats: Any, name: str, default: float | None = 0) -> Any:
-    if stats is None:
-        return default
-    if isinstance(stats, dict):
-        return stats.get(name, default)
-    return getattr(stats, name, default)
 
 
 class ServerMetrics:
@@ -159,7 +151,7 @@ class ServerMetrics:
             self.set_gauges(sched)
             self.spec.record(sched)
             for field_name, attr in _COUNTERS.items():
-                value = _stat(sched, field_name, None)
+                value = engine_stat(sched, field_name, None)
                 if value is None:
                     continue
                 if field_name in ("num_prompt_tokens", "num_generation_tokens"):
@@ -189,8 +181,8 @@ class ServerMetrics:
 
     def set_gauges(self, sched: Any) -> None:
         m = self.model_name
-        running, waiting = _stat(sched, "num_running_reqs"), _stat(sched, "num_waiting_reqs")
-        usage = float(_stat(sched, "kv_cache_usage", 0.0))
+        running, waiting = engine_stat(sched, "num_running_reqs"), engine_stat(sched, "num_waiting_reqs")
+        usage = float(engine_stat(sched, "kv_cache_usage", 0.0))
         self.num_requests_running.labels(m).set(running)
         self.num_requests_waiting.labels(m).set(waiting)
         self.kv_cache_usage_perc.labels(m).set(usage)

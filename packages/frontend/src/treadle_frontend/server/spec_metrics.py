@@ -16,7 +16,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 
-def _get(stats: Any, name: str, default: Any) -> Any:
+def engine_stat(stats: Any, name: str, default: Any = 0) -> Any:
+    """A field of the engine's SchedulerStats, as the object or its dict (an engine process's), else `default`."""
+    if stats is None:
+        return default
     if isinstance(stats, dict):
         return stats.get(name, default)
     return getattr(stats, name, default)
@@ -59,13 +62,13 @@ class SpecDecodeMetrics:
     def record(self, stats: Any) -> None:
         m = self.model_name
         for name, counter in self._counters.items():
-            value = int(_get(stats, name, 0) or 0)
+            value = int(engine_stat(stats, name, 0) or 0)
             delta = value - self._last.get(name, 0)
             self._last[name] = value
             if delta > 0:
                 counter.labels(m).inc(delta)
                 self._window[name] = self._window.get(name, 0) + delta
-        per_pos = list(_get(stats, "spec_num_accepted_tokens_per_pos", None) or [])
+        per_pos = list(engine_stat(stats, "spec_num_accepted_tokens_per_pos", None) or [])
         last, window = self._last_per_pos, self._window_per_pos
         for pos, value in enumerate(per_pos):
             if pos >= len(last):
