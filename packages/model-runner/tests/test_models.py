@@ -1,7 +1,8 @@
 """Parity with HF transformers (CPU, fp32) on tiny random configs, driven through the ModelRunner.
 
-For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm) and Gemma3 (sliding +
-global layers with a window small enough to matter, linear-scaled global rope, softcapping): one step mixing a
+For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm), Gemma3 (sliding +
+global layers with a window small enough to matter, linear-scaled global rope, softcapping) and Gemma2 (the same with
+attention scores soft-capped): one step mixing a
 fresh prefill, a chunked prefill continuing on cached blocks and several decodes gives per-position logits
 within 1e-4 of HF, and greedy 32-token continuations equal HF `generate`.
 """
@@ -51,10 +52,16 @@ def _config(arch: str) -> Any:
             query_pre_attn_scalar=24, final_logit_softcapping=20.0, rope_parameters=rope,
         )  # fmt: skip
         return config, tf.Gemma3ForCausalLM
+    if arch == "gemma2":  # attention scores soft-capped low enough to bite, one rope, no q/k norms
+        config = tf.Gemma2Config(
+            **COMMON, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=20.0,
+        )  # fmt: skip
+        return config, tf.Gemma2ForCausalLM
     raise AssertionError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma2"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
