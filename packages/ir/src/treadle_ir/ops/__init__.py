@@ -9,6 +9,7 @@ from __future__ import annotations
 from .activation import gelu_tanh_and_mul, silu_and_mul
 from .cache import reshape_and_cache
 from .fp8 import fp8_linear, quantize_fp8_rows
+from .int4 import w4a16_linear
 from .linear import add_rms_norm_linear, gelu_tanh_and_mul_linear, linear, silu_and_mul_linear
 from .norm import fused_add_rms_norm, fused_add_rms_norm_, gemma_rms_norm, rms_norm
 from .rotary import rotary_embedding, rotary_embedding_
@@ -32,4 +33,5 @@ __all__ = [
     "silu_and_mul",
     "silu_and_mul_linear",
     "token_logprobs",
+    "w4a16_linear",
 ]

@@ -7,6 +7,8 @@ Each ``<noun>.py`` holds provider functions with the native signatures and their
 from __future__ import annotations
 
 from . import activation, cache, fp8_linear, host, linear, linear_onednn, logprobs, norm, rotary, sampling
+from .w4a16_host import register as register_w4a16_host
+from .w4a16_linear import register as register_w4a16_triton
 
 __all__ = ["register_cpu_providers", "register_triton_providers"]
 
@@ -20,11 +22,13 @@ def register_triton_providers() -> None:
         return
     for module in (norm, activation, rotary, cache, linear, fp8_linear, sampling, logprobs):
         module.register()
+    register_w4a16_triton()
     _registered = True
 
 
 def register_cpu_providers() -> None:
     """Register the CPU providers (re-registering replaces them): ``onednn`` for the linear ops, ``cpu`` for the
-    KV-cache write and the in-place rotary embedding."""
+    KV-cache write, the in-place rotary embedding and the 4-bit linear."""
     linear_onednn.register()
     host.register()
+    register_w4a16_host()
