@@ -110,9 +110,9 @@ def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
     for flags, method in ((["--quantization", "fp8"], "fp8"), (["-q", "fp8"], "fp8"), (["-q", "none"], None)):
         options = cli_serve.engine_options(cli.build_parser().parse_args(["serve", *flags]))
         assert EngineArgs.from_kwargs(None, **options).model_config.quantization == method
-    with pytest.raises(ValueError, match=r"quantization 'awq' is not supported; supported: fp8"):
+    with pytest.raises(ValueError, match=r"quantization 'bitsandbytes' is not supported; supported: fp8"):
         EngineArgs.from_kwargs(
-            None, **cli_serve.engine_options(cli.build_parser().parse_args(["serve", "-q", "awq"]))
+            None, **cli_serve.engine_options(cli.build_parser().parse_args(["serve", "-q", "bitsandbytes"]))
         )
     for value, limit in (("21", 21), ("-1", -1)):  # above vLLM's default of 20, and no limit at all
         options = cli_serve.engine_options(cli.build_parser().parse_args(["serve", "--max-logprobs", value]))

@@ -160,9 +160,10 @@ def test_lora_runs_on_an_fp8_base(tmp_path: Path) -> None:
 
 
 def test_unknown_method_lists_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match=r"quantization 'awq' is not supported; supported: fp8"):
-        ModelConfig(model="x", quantization="awq")
+    with pytest.raises(ValueError, match=r"quantization 'bitsandbytes' is not supported; supported: fp8"):
+        ModelConfig(model="x", quantization="bitsandbytes")
     assert ModelConfig(model="x", quantization="fp8").quantization == "fp8"
+    assert ModelConfig(model="x", quantization="awq").quantization == "awq"  # a 4-bit checkpoint's method
 
 
 def test_moe_models_are_refused_by_name(tmp_path: Path) -> None:

@@ -177,8 +177,10 @@ def _ct(
 REFUSED = {
     "block fp8": ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
                   r"quantization_config\.weight_block_size is \[128, 128\].*block-scaled"),
-    "awq": ({"quant_method": "awq", "bits": 4}, r"quant_method is 'awq'"),
-    "gptq": ({"quant_method": "gptq", "bits": 4}, r"quant_method is 'gptq'"),
+    # 4-bit methods load (test_quantization_int4_*.py), but not without their group size
+    "awq": ({"quant_method": "awq", "bits": 4}, r"quantization_config\.group_size is None"),
+    "gptq": ({"quant_method": "gptq", "bits": 4}, r"quantization_config\.group_size is None"),
+    "bitsandbytes": ({"quant_method": "bitsandbytes"}, r"quant_method is 'bitsandbytes'"),
     "fp8 scheme": ({"quant_method": "fp8", "activation_scheme": "per_block"}, r"activation_scheme is 'per_block'"),
     "int8": (_ct({"type": "int"}, {"type": "int"}), r"config_groups\.group_0\.weights\.type is 'int'"),
     "4-bit": (_ct({"num_bits": 4}), r"group_0\.weights\.num_bits is 4"),

@@ -16,9 +16,10 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto = the model dtype; fp8 = fp8_e4m3
-# fp8: online weight quantization, or an fp8 checkpoint as it is; compressed-tensors: only that checkpoint format's
-# name (vLLM's), for a checkpoint that is one (None: weights in the model dtype, or the checkpoint's own scheme)
-QUANTIZATIONS = ("fp8", "compressed-tensors")
+# fp8: online weight quantization, or an fp8 checkpoint as it is; the others only name a checkpoint's own format
+# (vLLM's names, Marlin's kernel variants included), for a checkpoint that is one (None: weights in the model dtype,
+# or the checkpoint's own scheme): compressed-tensors (fp8 or 4-bit), awq, gptq (4-bit)
+QUANTIZATIONS = ("fp8", "compressed-tensors", "awq", "gptq", "awq_marlin", "gptq_marlin")
 C = TypeVar("C")
 
 
@@ -93,7 +94,8 @@ class ModelConfig:
     # None: weights in the model dtype; "fp8": each dense projection's weight quantized at load to float8_e4m3fn
     # with one fp32 scale per output channel, activations quantized per token for the fp8 matmul (vLLM's online
     # fp8; the embedding and lm_head stay in the model dtype). A checkpoint whose config.json holds an fp8
-    # quantization_config loads as it is with None or "fp8" (model-runner quantization/plan.py)
+    # quantization_config loads as it is with None or "fp8", a 4-bit one (AWQ, GPTQ, compressed-tensors W4A16) with
+    # None or its method's name (model-runner quantization/plan.py)
     quantization: str | None = None
     # how embeddings pool the prompt (a dict or its JSON text is parsed into a PoolerConfig)
     pooler_config: PoolerConfig = field(default_factory=PoolerConfig)

@@ -29,6 +29,10 @@ a per-tensor weight scale is broadcast to its projection's rows (exact: a stacke
 per-channel one [n, 1] taken row by row; a stacked layer's input scale is the largest of its shards' (they
 quantize one input). Under tensor parallelism a scale shards with its rows (column-parallel) or is whole on every
 rank (row-parallel: each output row is global; the static input scale is per tensor).
+
+4-bit checkpoints (AWQ, GPTQ, compressed-tensors W4A16; quantization/int4_checkpoint.py): `allocate_int4`
+(layers/linear_int4.py) replaces the weight by `packed_weight`, `group_scale`, `group_zero` and `group_index` in the
+layout of treadle_ir.ops.int4, and the forward is `ops.w4a16_linear`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torch import nn
 
 from treadle_ir import ops
 from treadle_ir.ops.fp8 import FP8_DTYPE, quantize_with_scale, row_scale
+from treadle_model_runner.layers.linear_int4 import INT4_TENSORS, Int4Layout
 from treadle_model_runner.parallel import TensorParallel, all_reduce, get_tp, max_over_ranks_
 
 if TYPE_CHECKING:
@@ -67,6 +72,16 @@ class Linear(nn.Linear):
     weight_scale: torch.Tensor | None  # [out] fp32 once quantized to fp8 (`weight` is then float8_e4m3fn)
     # [1] fp32: the static activation scale of an fp8 checkpoint; None = activations quantized per token
     input_scale: torch.Tensor | None
+    # a 4-bit checkpoint's projection (layers/linear_int4.py): `weight` is None, these hold the packed weight
+    packed_weight: torch.Tensor | None  # int32 [in / 8, out]
+    group_scale: torch.Tensor | None  # [groups, out] model dtype
+    group_zero: torch.Tensor | None  # uint8 [groups, out]; None: every zero point is 8
+    group_index: (
+        torch.Tensor | None
+    )  # int32 [in]: each input row's group (act order); None: row // group_size
+    group_size: int = 0  # input rows per group on this rank
+    int4_layout: Int4Layout | None = None
+    group_index_shard: str | None = None  # the stacked shard whose g_idx group_index holds
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if _on_meta:
@@ -77,15 +92,20 @@ class Linear(nn.Linear):
         self.lora: LoRASlots | None = None
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_scale", None)
+        for name in INT4_TENSORS:
+            self.register_parameter(name, None)
 
     @property
     def fusable(self) -> bool:
         """Whether fused ops (norm + projection, activation + projection) may read the plain weight: not in a step
-        that runs a LoRA adapter (it needs the projection's input rows; `runs_lora`) nor once quantized to fp8."""
-        return not runs_lora(self) and self.weight_scale is None
+        that runs a LoRA adapter (it needs the projection's input rows; `runs_lora`) nor once quantized."""
+        return not runs_lora(self) and self.weight_scale is None and self.packed_weight is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale is not None:
+        if self.packed_weight is not None:
+            y = ops.w4a16_linear(x, self.packed_weight, self.group_scale, self.group_zero, self.group_index,
+                                 self.bias, self.group_size)  # fmt: skip
+        elif self.weight_scale is not None:
             y = ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
         else:
             y = ops.linear(x, self.weight, self.bias)

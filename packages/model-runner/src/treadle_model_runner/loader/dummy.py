@@ -4,6 +4,8 @@ Theory: a benchmark needs the shapes and the arithmetic of a real model, not its
 drawn from N(0, std²) (std 0.02 keeps activations and logits in a realistic range through dozens of
 layers), norm weights are 1 and biases 0, so the network neither explodes nor collapses.
 
+A 4-bit checkpoint's projections (layers/linear_int4.py) draw their own codes, scales and zero points.
+
 Invariants: each parameter's values depend only on (seed, parameter name, shape, device type), never on
 the order parameters are visited, so a model whose layers are built or stacked differently still gets the
 same values for the same names; generation happens on the parameter's own device (fast on GPU, no host
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
+from treadle_model_runner.layers.linear_int4 import INT4_TENSORS, fill_dummy_int4
 from treadle_model_runner.loader.weights import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,11 @@ def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY
             raise ValueError(
                 f"parameter {name} is on the meta device; materialise the model before load_dummy_weights"
             )
+        owner_name, _, attr = name.rpartition(".")
+        if attr in INT4_TENSORS:  # a 4-bit projection fills all of its tensors at once
+            if attr == "packed_weight":
+                fill_dummy_int4(modules[owner_name], owner_name, seed, std)  # type: ignore[arg-type]
+            continue
         if name.endswith("bias"):
             param.zero_()
         elif _is_norm(name) and param.dim() == 1:
@@ -53,7 +61,6 @@ def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY
             if gen is None:
                 gen = generators[param.device] = torch.Generator(device=param.device)
             gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
-            owner_name, _, attr = name.rpartition(".")
             owner = modules[owner_name]
             full_shape = checkpoint_shape(owner, attr, param)
             if param.dtype.is_floating_point and full_shape != tuple(param.shape):  # a tensor-parallel slice

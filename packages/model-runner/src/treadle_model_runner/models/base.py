@@ -12,6 +12,8 @@ the stacked `qkv_proj`'s shard) and where it looked, so a truncated checkpoint n
 fp8 checkpoints: a projection's `weight_scale` / `input_scale` go to its `Linear.load_scale`; an fp8 tensor loads
 only into an fp8 parameter and an fp8 parameter only from one (bytes copied, never cast), so a checkpoint whose
 files disagree with its config.json's quantization_config is refused by tensor name.
+4-bit checkpoints: the loader hands over each projection's tensors in treadle's layout (`packed_weight`, `group_scale`,
+`group_zero`, `group_index`: quantization/int4_checkpoint.py), which go to `load_int4` (layers/linear_int4.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from treadle_model_runner.layers.attention import Attention
 from treadle_model_runner.layers.linear import Linear, StackedLinear, checkpoint_shape, rank_part
+from treadle_model_runner.layers.linear_int4 import INT4_TENSORS, load_int4
 from treadle_model_runner.layers.vocab import ParallelLMHead
 
 # HF tensor names that carry no weights treadle needs (buffers some exporters write)
@@ -114,10 +117,15 @@ class CausalLM(nn.Module):
                 )
             param = params[name]
             _check_fp8_dtype(hf_name, tensor, name, param)
-            if attr in FP8_SCALES:
+            if attr in FP8_SCALES or attr in INT4_TENSORS:
                 owner = modules[owner_name]
-                assert isinstance(owner, Linear), f"{name}: fp8 scales belong to projections"
-                owner.load_scale(attr, shard, tensor, hf_name)
+                assert isinstance(owner, Linear), (
+                    f"{name}: fp8 scales and 4-bit tensors belong to projections"
+                )
+                if attr in INT4_TENSORS:
+                    load_int4(owner, attr, shard, tensor, hf_name)
+                else:
+                    owner.load_scale(attr, shard, tensor, hf_name)
                 name = name if shard is None else f"{name}:{shard}"
             elif shard is not None:
                 module = modules[name.rsplit(".", 1)[0]]
@@ -165,6 +173,12 @@ class CausalLM(nn.Module):
                 if scales
                 else ""
             )
+            if any(n.rpartition(".")[2] in INT4_TENSORS for n in missing):
+                hint = (
+                    " (treadle's names for a 4-bit projection's tensors: config.json's quantization_config makes "
+                    "these projections 4-bit, so the checkpoint must hold their qweight / weight_packed, scales and "
+                    "zero points: re-export it, or fix quantization_config)"
+                )
             raise ValueError(
                 f"{source} is missing {len(missing)} tensors {type(self).__name__} needs: {shown}{hint}"
             )

@@ -12,6 +12,7 @@ Steps (ModelRunner.load_model), for a plan whose `checkpoint` is an `Fp8Checkpoi
 4. `CausalLM.load_weights` copies the bytes and scales (models/base.py, `Linear.load_scale`), refusing any fp8 tensor
    for a model-dtype parameter and the reverse, so files that disagree with config.json fail by tensor name.
 The embedding, the lm_head and the norms are never projections here: they load in the model dtype as always.
+A 4-bit checkpoint (an `Int4CheckpointScheme`) takes the same steps through int4_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.quantization import int4_checkpoint
+from treadle_model_runner.quantization.int4_scheme import Int4CheckpointScheme
 from treadle_model_runner.quantization.online import weight_bytes
-from treadle_model_runner.quantization.scheme import Fp8CheckpointScheme
+from treadle_model_runner.quantization.scheme import CheckpointScheme
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +45,11 @@ def hf_projections(model: torch.nn.Module, name: str, layer: Linear) -> list[str
     return [f"{prefix}.{hf_part}" for target, hf_part, _ in stacked_params if target == stacked]
 
 
-def allocate_projections(model: torch.nn.Module, scheme: Fp8CheckpointScheme, device: torch.device) -> None:
+def allocate_projections(model: torch.nn.Module, scheme: CheckpointScheme, device: torch.device) -> None:
     """Storage for every projection of a model built under `projections_on_meta`, in the dtypes the checkpoint
     holds (step 2 above)."""
+    if isinstance(scheme, Int4CheckpointScheme):
+        return int4_checkpoint.allocate_projections(model, scheme, device)
     for name, layer in model.named_modules():
         if not isinstance(layer, Linear):
             continue
@@ -62,10 +67,12 @@ def allocate_projections(model: torch.nn.Module, scheme: Fp8CheckpointScheme, de
 
 
 def checkpoint_weights(
-    weights: Iterable[tuple[str, torch.Tensor]], scheme: Fp8CheckpointScheme
+    weights: Iterable[tuple[str, torch.Tensor]], scheme: CheckpointScheme
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors less its K/V cache scales (step 3 above)."""
+    """The checkpoint's tensors less its K/V cache scales (step 3 above); a 4-bit one's in treadle's layout."""
     dropped = 0
+    if isinstance(scheme, Int4CheckpointScheme):
+        weights = int4_checkpoint.layout_weights(weights, scheme)
     for name, tensor in weights:
         if name.endswith(KV_CACHE_SCALE_SUFFIXES):
             dropped += 1
@@ -78,7 +85,9 @@ def checkpoint_weights(
         )  # fmt: skip
 
 
-def log_loaded(model: torch.nn.Module, scheme: Fp8CheckpointScheme) -> None:
+def log_loaded(model: torch.nn.Module, scheme: CheckpointScheme) -> None:
+    if isinstance(scheme, Int4CheckpointScheme):
+        return int4_checkpoint.log_loaded(model, scheme)
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     fp8 = sum(m.weight_scale is not None for m in layers)
     logger.info(

@@ -6,9 +6,11 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
 - the checkpoint's (whatever the user passed, as long as it is None or the same method): the fp8 bytes and scales
   of the files load as they are (checkpoint.py), with the layout `parse_quantization_config` read from config.json.
   Dummy weights with such a config.json are filled in the model dtype and quantized online (logged): random
-  weights have no file scales to reproduce.
+  weights have no file scales to reproduce. A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in
+  treadle's 4-bit layout (int4_checkpoint.py), with dummy weights too (random codes and scales).
 Refused with a ValueError: a user method other than the checkpoint's (naming both), a checkpoint layout treadle
-cannot load (scheme.py), and any quantization of a mixture-of-experts model (its experts have no fp8 path).
+cannot load (scheme.py, int4_scheme.py), and any quantization of a mixture-of-experts model (its experts have no
+fp8 or 4-bit path).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from treadle_model_runner.quantization.int4_scheme import Int4CheckpointScheme, check_int4_request
 from treadle_model_runner.quantization.scheme import (
-    Fp8CheckpointScheme,
+    CheckpointScheme,
     parse_quantization_config,
     quantization_config_of,
 )
@@ -31,10 +34,9 @@ __all__ = ["QuantizationPlan", "resolve_quantization"]
 
 @dataclass(frozen=True)
 class QuantizationPlan:
-    method: str  # "fp8": projections run ops.fp8_linear on float8_e4m3fn weights
-    checkpoint: (
-        Fp8CheckpointScheme | None
-    )  # the checkpoint's fp8 layout, loaded as is; None = quantize at load
+    # "fp8": projections run ops.fp8_linear on float8_e4m3fn weights; "w4a16": ops.w4a16_linear on 4-bit weights
+    method: str
+    checkpoint: CheckpointScheme | None  # the checkpoint's layout, loaded as is; None = quantize at load
 
     @property
     def is_online(self) -> bool:
@@ -42,6 +44,14 @@ class QuantizationPlan:
 
     def describe(self) -> str:
         return self.method if self.checkpoint is None else self.checkpoint.describe()
+
+    def cpu_warning(self) -> str:
+        """What running these projections on the CPU costs (logged once at load)."""
+        if self.method == "w4a16":
+            return ("4-bit projections on the CPU dequantize their weights at every call (a slice at a time): "
+                    "correct, but slower than the unquantized model; 4-bit checkpoints are for GPUs")  # fmt: skip
+        return ("fp8 projections on the CPU run the reference path (the fp8 values widened for every matmul): "
+                "correct, but many times slower than the unquantized model; fp8 is for GPUs")  # fmt: skip
 
 
 def resolve_quantization(
@@ -64,6 +74,9 @@ def resolve_quantization(
         _check_model(model_cls, f"quantization {requested!r} is")
         return QuantizationPlan(requested, None)
     scheme = parse_quantization_config(raw, config_file)
+    if isinstance(scheme, Int4CheckpointScheme):  # dummy weights too: random 4-bit codes (int4_checkpoint.py)
+        check_int4_request(requested, scheme, model_cls, config_file)
+        return QuantizationPlan("w4a16", scheme)
     if requested not in (None, "fp8", scheme.quant_method):
         raise ValueError(
             f"quantization {requested!r} was requested, but {config_file} describes an fp8 checkpoint "

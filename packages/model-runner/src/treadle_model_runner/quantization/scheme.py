@@ -14,9 +14,11 @@ fp8 (AutoFP8 / vLLM's serialized fp8): `quant_method: "fp8"`, `activation_scheme
 `ignored_layers`; a per-tensor `weight_scale` per projection, and `input_scale` when static. Dynamic activations
 run per token (vLLM quantizes this format's dynamic activations per tensor; per token is at least as fine).
 
+4-bit weight-only checkpoints (awq, gptq, compressed-tensors with 4-bit integer weights) are int4_scheme.py's
+(`Int4CheckpointScheme`); `parse_quantization_config` hands them over.
 Block-wise scales (`weight_block_size`, compressed-tensors strategy "block" / "group") need a block-scaled GEMM
-treadle lacks; they, and every other method or field value (awq, gptq, int8, 4-bit, asymmetric, output
-activations, sparsity or transforms), are a ValueError naming config.json, the field and its value.
+treadle lacks; they, and every other method or field value (int8, asymmetric fp8, output activations, sparsity or
+transforms), are a ValueError naming config.json, the field and its value.
 K/V cache scales (`kv_cache_scheme`) are noted: the loader drops them (quantization/checkpoint.py).
 """
 
@@ -28,9 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from treadle_model_runner.quantization.int4_scheme import (
+    Int4CheckpointScheme,
+    is_int4_config,
+    parse_int4_config,
+)
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["Fp8CheckpointScheme", "parse_quantization_config", "quantization_config_of"]
+__all__ = ["CheckpointScheme", "Fp8CheckpointScheme", "parse_quantization_config", "quantization_config_of"]
 
 LOADABLE_METHODS = ("compressed-tensors", "fp8")
 CT_FORMATS = (
@@ -61,6 +69,9 @@ class Fp8CheckpointScheme:
         )
 
 
+CheckpointScheme = Fp8CheckpointScheme | Int4CheckpointScheme  # a pre-quantized checkpoint's layout
+
+
 def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
@@ -78,12 +89,14 @@ def quantization_config_of(hf_config: Any) -> dict[str, Any] | None:
     return dict(to_dict()) if to_dict is not None else dict(vars(raw))
 
 
-def parse_quantization_config(raw: dict[str, Any], config_file: Path) -> Fp8CheckpointScheme:
-    """The fp8 layout config.json's `quantization_config` describes; ValueError (naming `config_file`, the field
-    and its value) for anything treadle cannot load as it is."""
+def parse_quantization_config(raw: dict[str, Any], config_file: Path) -> CheckpointScheme:
+    """The fp8 or 4-bit layout config.json's `quantization_config` describes; ValueError (naming `config_file`, the
+    field and its value) for anything treadle cannot load as it is."""
     method = raw.get("quant_method")
     if isinstance(method, str):  # as vLLM reads it: any case, compressed_tensors for compressed-tensors
         method = method.lower().replace("_", "-")
+    if isinstance(method, str) and is_int4_config(raw, method):
+        return parse_int4_config(raw, method, config_file)
     if method == "compressed-tensors":
         return _compressed_tensors(raw, _Fields(config_file))
     if method == "fp8":
@@ -91,8 +104,8 @@ def parse_quantization_config(raw: dict[str, Any], config_file: Path) -> Fp8Chec
     raise ValueError(
         f"{config_file}: quantization_config.quant_method is {method!r}, which treadle cannot load; it loads "
         f"fp8 checkpoints with quant_method {' or '.join(repr(m) for m in LOADABLE_METHODS)} (float8_e4m3fn "
-        "weights with per-channel or per-tensor scales); serve the model's unquantized checkpoint instead, "
-        "optionally with --quantization fp8"
+        "weights with per-channel or per-tensor scales) and 4-bit weight-only ones with 'awq', 'gptq' or "
+        "'compressed-tensors'; serve the model's unquantized checkpoint instead, optionally with --quantization fp8"
     )
 
 

@@ -209,10 +209,7 @@ class ModelRunner:
         plan = self.quantization
         checkpoint = plan.checkpoint if plan is not None else None
         if plan is not None and self.device.type == "cpu":
-            logger.warning(
-                "fp8 projections on the CPU run the reference path (the fp8 values widened for every matmul): "
-                "correct, but many times slower than the unquantized model; fp8 is for GPUs"
-            )
+            logger.warning("%s", plan.cpu_warning())
         # every parameter is loaded below; an fp8 checkpoint's projections get storage in its dtypes first
         with (
             default_dtype(self.dtype),
