@@ -141,8 +141,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--quantization", "-q", default=d["quantization"],
         help=f"{' | '.join(QUANTIZATIONS)} | none (default). fp8 on an unquantized model: each dense projection to "
         "float8_e4m3fn at load, one scale per output channel; activations per token; embedding and lm_head kept. "
-        "fp8 checkpoints (compressed-tensors, quant_method fp8) are detected from config.json and load as they are "
-        "(with none, fp8 or their own method name)",
+        "fp8 checkpoints (compressed-tensors, quant_method fp8) and 4-bit ones (awq, gptq, compressed-tensors W4A16) "
+        "are detected from config.json and load as they are (with none, their own method name, or fp8 for fp8 ones)",
     )  # fmt: skip
     p.add_argument(
         "--trust-remote-code", action="store_true", help="accepted; treadle never runs a model's code"

@@ -20,7 +20,7 @@ def main() -> int:
                     constexprs = {
                         "HAS_ZEROS": zeros, "PER_ROW": per_row, "G_IDX": g_idx, "HAS_BIAS": True,
                         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                        "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "EXPAND": expand, "UPCAST": False,
+                        "PARTIALS": cfg.split_k > 1, "GROUP_M": cfg.group_m, "EXPAND": expand, "UPCAST": False,
                     }  # fmt: skip
                     out = "*fp32" if cfg.split_k > 1 else dtype
                     pointers = {
@@ -34,9 +34,8 @@ def main() -> int:
                     compile_ahead(
                         w4a16_linear_kernels.w4a16_gemm_kernel, constexprs, pointers, options=options
                     )
-    for split in (2, 8):
-        constexprs = {"SPLIT_K": split, "HAS_BIAS": True, "BLOCK_N": 256}
-        compile_ahead(w4a16_linear_kernels.w4a16_reduce_kernel, constexprs, {"part_ptr": "*fp32"})
+    constexprs = {"HAS_BIAS": True, "BLOCK_N": 256}
+    compile_ahead(w4a16_linear_kernels.w4a16_reduce_kernel, constexprs, {"part_ptr": "*fp32"})
     print("compiled for sm_90")
     return 0
 

@@ -115,7 +115,9 @@ BENCH_CONFIGS = Path(__file__).resolve().parents[3] / "benchmarks" / "configs"
 
 
 @pytest.mark.skipif(not BENCH_CONFIGS.is_dir(), reason="the repository's benchmark configs are not here")
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen3-8b", "qwen3-0.6b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize(
+    "name", ["llama-3.1-8b", "llama-3.1-8b-awq", "qwen3-8b", "qwen3-0.6b", "qwen3-30b-a3b"]
+)
 def test_light_config_on_the_benchmark_configs(name: str, tmp_path: Path) -> None:
     raw = json.loads((BENCH_CONFIGS / name / "config.json").read_text())
     CASES[f"bench:{name}"] = raw

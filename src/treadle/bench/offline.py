@@ -33,7 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES)
     parser.add_argument(
         "--quantization", "-q", default=None, choices=QUANTIZATIONS,
-        help="online weight quantization (fp8: dense projections to float8_e4m3fn at load)",
+        help="online weight quantization (fp8: dense projections to float8_e4m3fn at load); a pre-quantized "
+        "checkpoint's method (compressed-tensors, awq, gptq) loads it as it is, as leaving it unset does",
     )  # fmt: skip
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")

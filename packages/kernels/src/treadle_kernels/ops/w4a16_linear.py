@@ -108,13 +108,13 @@ def launch(
         g_idx if g_idx is not None else packed_weight, bias if bias is not None else scales, parts, m, n, k,
         group_size, per_split, HAS_ZEROS=zeros is not None, PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
         G_IDX=g_idx is not None, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, SPLIT_K=split, GROUP_M=cfg.group_m, EXPAND=cfg.expand, UPCAST=upcast,
+        BLOCK_K=cfg.block_k, PARTIALS=split > 1, GROUP_M=cfg.group_m, EXPAND=cfg.expand, UPCAST=upcast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split > 1:
         block_n = 256 if x.is_cuda else 32
         kernels.w4a16_reduce_kernel[(m, -(-n // block_n))](
-            parts, bias if bias is not None else parts, out, m, n, SPLIT_K=split, HAS_BIAS=bias is not None,
+            parts, bias if bias is not None else parts, out, m, n, split, HAS_BIAS=bias is not None,
             BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
     return out.view(*x.shape[:-1], n)

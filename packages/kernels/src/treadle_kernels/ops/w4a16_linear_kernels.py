@@ -13,9 +13,10 @@ Scales and zeros, two ways (host-chosen):
   output column; the products are the spec's exact ones, only summed in another order;
 - PER_ROW 1: each row's group (row // group_size, or g_idx[row] with G_IDX: act order) gathers its scale and zero
   point; the dequantized tile is rounded to x's dtype for the dot.
-SPLIT_K > 1 (few rows: not enough output tiles to keep every SM streaming the weight): each program sums its share of
-the K steps and stores fp32 partials [SPLIT_K, m, n]; ``w4a16_reduce_kernel`` adds them in split order (the result
-does not depend on scheduling), adds the bias and rounds once. SPLIT_K 1 stores the rounded result itself.
+K split (few rows: not enough output tiles to keep every SM streaming the weight; grid axis 1): with PARTIALS each
+program sums its share of the K steps and stores fp32 partials [splits, m, n]; ``w4a16_reduce_kernel`` adds them in
+split order (the result does not depend on scheduling), adds the bias and rounds once. Without, the one program per
+tile stores the rounded result itself. The split count is a runtime value: one compile serves every projection.
 UPCAST (the CPU interpreter, which mis-computes 16-bit dots; and fp32 x): fp32 operands, IEEE dot.
 """
 
@@ -70,7 +71,7 @@ def w4a16_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    PARTIALS: tl.constexpr,
     GROUP_M: tl.constexpr,
     EXPAND: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -131,7 +132,7 @@ def w4a16_gemm_kernel(
             acc += part * s[None, :]
 
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
+    if not PARTIALS:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
@@ -148,7 +149,7 @@ def w4a16_reduce_kernel(
     out_ptr,
     m,
     n,
-    SPLIT_K: tl.constexpr,
+    splits,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -157,7 +158,7 @@ def w4a16_reduce_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for split in range(SPLIT_K):
+    for split in range(splits):
         acc += tl.load(part_ptr + (split * m + row) * n + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
