@@ -54,8 +54,10 @@ MID_TILES = [
     provider.Config(bm, bn, 128, split, 4, 4) for bm in (32, 64) for bn in (64, 128) for split in (1, 4)
 ]
 LARGE_TILES = [
-    provider.Config(bm, bn, bk, 1, warps, 3)
-    for bm, bn in ((64, 128), (128, 128), (128, 256)) for bk in (64, 128) for warps in (4, 8)
+    *(provider.Config(bm, bn, bk, 1, warps, 3)
+      for bm, bn in ((64, 128), (128, 128), (128, 256)) for bk in (64, 128) for warps in (4, 8)),
+    provider.Config(64, 128, 64, 2, 4, 3),
+    provider.Config(128, 128, 64, 2, 8, 3),
 ]  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from treadle_kernels.ops.support import compile_ahead
 
 def main() -> int:
     ints = {"weight_ptr": "*i32", "zeros_ptr": "*u8", "g_idx_ptr": "*i32"}
-    configs = {w4a16_linear.choose_config(rows, 4096, 4096, 128, sms=132) for rows in (1, 64, 1024)}
+    configs = {w4a16_linear.choose_config(rows, 4096, 4096, 128, sms=132) for rows in (1, 64, 256, 1024)}
     for i, cfg in enumerate(sorted(configs)):
         for expand in (0, 1):
             for per_row, g_idx, zeros in ((False, False, True), (True, True, True), (True, False, False)):

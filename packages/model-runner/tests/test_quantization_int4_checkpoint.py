@@ -1,6 +1,7 @@
 """4-bit weight-only checkpoints (AWQ, GPTQ, compressed-tensors W4A16) against an independent reference (CPU, fp32).
 
-A tiny random Llama (attention and MLP biases) and Qwen2 (q/k/v biases, tied embeddings) are quantized in the test
+A tiny random Llama (attention and MLP biases) and Qwen2 (q/k/v biases, tied embeddings), and in one format each a
+Qwen3, a Mistral and a Gemma 3, are quantized in the test
 (int4_checkpoints.py: packing written from the formats' layouts) and written in each format: AWQ grouped (sharded,
 one ignored projection) and per channel; GPTQ symmetric, with act order (desc_act) symmetric and asymmetric (v1 zero
 points), and gptq_v2; compressed-tensors symmetric (sharded), asymmetric (one ignored projection) and with actorder
@@ -26,8 +27,10 @@ from test_runner_fakes import make_runner, perturb_
 from treadle_ir.ops.int4 import dequantize_int4
 from treadle_model_runner.layers.linear import Linear
 
-ARCHS = ["llama", "qwen2"]
-CASES = [(arch, fmt) for arch in ARCHS for fmt in FORMATS]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
+# every format on Llama and Qwen2; one each on Qwen3 (q/k norms), Mistral (sliding window), Gemma 3 (GELU MLP)
+CASES = [(arch, fmt) for arch in ARCHS[:2] for fmt in FORMATS]
+CASES += [("qwen3", "ct-asym"), ("mistral", "awq"), ("gemma3", "gptq-asym-act-order")]
 STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 

@@ -5,7 +5,8 @@ One kernel (:mod:`.w4a16_linear_kernels`) for every row count; ``choose_config``
   about ``PROGRAMS_PER_SM`` programs per SM stream the weight (a 4096-column projection has only 64 column tiles);
   the fp32 partials are summed in order by a second small kernel (deterministic, unlike atomics);
 - up to 64 rows: 64-row tiles, split likewise while the output tiles are too few;
-- more rows (prefill): 128 x 128 tiles, 64 input rows per step, no split.
+- more rows (prefill): 64 x 128 tiles up to 256 rows, then 128 x 128, 64 input rows per step, K split only while
+  the output tiles do not fill the SMs once (a 4096-column projection at 128 rows has 32 tiles).
 A step's input rows stay inside one group (BLOCK_K is capped at group_size, a power of two), so the integer weights go
 to the dot exact and the scale multiplies each group's partial sum; act-order checkpoints (``g_idx``), and group sizes
 a step cannot divide, gather each row's scale and zero point instead (the slower PER_ROW path). vLLM reorders an
@@ -45,19 +46,14 @@ class Config(NamedTuple):
     group_m: int = 8  # row tiles walked together (weight tiles shared through L2)
 
 
-def _pow2_at_most(value: int, cap: int) -> int:
-    p = 16
-    while p * 2 <= min(value, cap):
-        p *= 2
-    return p
-
-
 def choose_config(num_rows: int, n: int, k: int, group_size: int, sms: int, on_gpu: bool = True) -> Config:
     """The production tiles for num_rows x [k -> n] (see the module docstring); `sms`: the device's SMs."""
     if num_rows <= 16:
         cfg = Config(16, 64, 128, 1, 4, 4)
     elif num_rows <= 64:
         cfg = Config(64, 64, 128, 1, 4, 4)
+    elif num_rows <= 256:
+        cfg = Config(64, 128, 64, 1, 4, 3)
     else:
         cfg = Config(128, 128, 64, 1, 8, 3)
     if not on_gpu:  # the interpreter: small tiles run fast and leave partial tiles to check
@@ -66,8 +62,9 @@ def choose_config(num_rows: int, n: int, k: int, group_size: int, sms: int, on_g
         cfg = cfg._replace(block_k=min(cfg.block_k, group_size))  # one group per step
     steps = -(-k // cfg.block_k)
     tiles = -(-num_rows // cfg.block_m) * -(-n // cfg.block_n)
-    if num_rows <= 64 and tiles < PROGRAMS_PER_SM * sms:
-        cfg = cfg._replace(split_k=max(1, min(steps, PROGRAMS_PER_SM * sms // tiles)))
+    target = PROGRAMS_PER_SM * sms if num_rows <= 64 else sms  # few rows stream; more rows fill one wave
+    if tiles < target:
+        cfg = cfg._replace(split_k=max(1, min(steps, target // tiles)))
     return cfg
 
 

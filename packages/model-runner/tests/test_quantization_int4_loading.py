@@ -1,7 +1,8 @@
 """4-bit checkpoints treadle cannot load are refused with the reason: config.json fields (naming config.json, the field
 and its value), files that disagree with their config.json (naming the tensor as the files spell it), a
---quantization naming another method, a mixture-of-experts model. And what does load: vLLM's method names, and
-dummy weights with a 4-bit config.json (random codes and scales, the 4-bit kernels running)."""
+--quantization naming another method, a mixture-of-experts model. And what does load: vLLM's method names, dummy
+weights with a 4-bit config.json (random codes and scales, the 4-bit kernels running), LoRA adapters on a 4-bit
+base."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 import torch
 import transformers as tf
 from fp8_checkpoints import read_checkpoint, write_checkpoint
-from int4_checkpoints import FORMATS, quantization_config, write_int4_checkpoint
+from int4_checkpoints import FORMATS, dequantized_reference, quantization_config, write_int4_checkpoint
 from test_models import COMMON
-from test_runner_fakes import FakeScheduler, make_runner, record_hidden
+from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
 from treadle_model_runner.layers.linear import Linear
 from treadle_model_runner.loader import make_dummy_model_dir
@@ -213,3 +214,29 @@ def test_dummy_weights_with_a_4bit_config_run_the_4bit_projections(tmp_path: Pat
     assert len(sched.run(budget=8)["r0"]) == 4
     # weights of the dummy loader's size: the hidden states stay finite and of order one
     assert all(bool(torch.isfinite(h).all()) and 0.05 < float(h.std()) < 20 for h in hidden)
+
+
+def test_lora_runs_on_a_4bit_base(tmp_path: Path) -> None:
+    """An adapter on every projection of a GPTQ act-order Llama: greedy tokens equal PEFT's on the dequantized
+    reference, with the adapter and without."""
+    from lora_fixtures import PeftReference, save_adapter
+
+    from treadle_model_runner import LoRAConfig
+    from treadle_model_runner.lora import LoRARequest
+
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON)).eval()
+    perturb_(hf, seed=4, std=0.15)
+    dequantized = write_int4_checkpoint(hf, tmp_path / "base", FORMATS["gptq-asym-act-order"])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = save_adapter(hf, tmp_path / "a", seed=2, r=8, alpha=16, targets=targets)
+    peft = PeftReference(dequantized_reference(hf, dequantized), {"a": adapter})
+    runner = make_runner(
+        tmp_path / "base", lora_config=LoRAConfig(enable_lora=True, max_loras=1, max_lora_rank=8)
+    )
+    prompt = torch.randint(1, 160, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    sched = FakeScheduler(runner, seed=1)
+    sched.add("a", prompt, max_tokens=6, lora_request=LoRARequest("a", 1, str(adapter)))
+    sched.add("base", prompt, max_tokens=6)
+    got = sched.run(budget=32)
+    assert got["a"] == peft.greedy("a", prompt, 6)
+    assert got["base"] == peft.greedy(None, prompt, 6)
