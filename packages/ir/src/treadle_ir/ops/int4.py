@@ -43,13 +43,17 @@ SYMMETRIC_ZERO = 8  # the zero point of symmetric 4-bit quantization (unsigned v
 
 
 def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
-    """q [k, n] (integers 0..15, k a multiple of 8) -> int32 [k / 8, n]: word [i, c] = sum_j q[8i + j, c] << 4j."""
+    """q [k, n] (integers 0..15, k a multiple of 8) -> int32 [k / 8, n]: word [i, c] = sum_j q[8i + j, c] << 4j.
+    In int32 throughout (no wider copy of a large weight): the seven low nibbles add up below 2^28, and the top one,
+    read as a signed nibble, times 2^28 supplies the sign bit."""
     k, n = q.shape
     assert k % INT4_PACK == 0, f"k ({k}) must be a multiple of {INT4_PACK}"
-    nibbles = q.to(torch.int64).reshape(k // INT4_PACK, INT4_PACK, n)
-    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64).view(1, INT4_PACK, 1)
-    words = (nibbles << shifts).sum(dim=1)  # distinct bits: the sum is the bitwise or
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    nibbles = q.to(torch.int32).reshape(k // INT4_PACK, INT4_PACK, n)
+    words = torch.zeros(k // INT4_PACK, n, dtype=torch.int32, device=q.device)
+    for j in range(INT4_PACK - 1):
+        words += nibbles[:, j] << (4 * j)
+    top = nibbles[:, INT4_PACK - 1]
+    return words + torch.where(top >= 8, top - 16, top) * (1 << 28)
 
 
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:

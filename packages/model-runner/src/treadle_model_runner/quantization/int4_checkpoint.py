@@ -8,8 +8,8 @@ Steps (ModelRunner.load_model, through checkpoint.py's functions), for a plan wh
    whose shards disagree;
 3. `layout_weights` passes the checkpoint's other tensors on as they come, gathers each quantized projection's
    tensors (they may lie in different files) and, after the last file, converts them projection by projection
-   (int4_formats.py) and hands them on under treadle's names (`q_proj.packed_weight`, ...). The gathered tensors
-   are views of the memory-mapped files, so waiting costs no host memory. A 4-bit tensor of a projection that
+   (int4_formats.py, on the model's device) and hands them on under treadle's names (`q_proj.packed_weight`, ...).
+   The gathered tensors are views of the memory-mapped files, so waiting costs no host memory. A 4-bit tensor of a projection that
    config.json leaves unquantized, and a projection missing some of its tensors, are ValueErrors naming the files'
    tensor names;
 4. `CausalLM.load_weights` hands each to `load_int4`, which checks its shape against the model and keeps this
@@ -62,9 +62,12 @@ def allocate_projections(model: torch.nn.Module, scheme: Int4CheckpointScheme, d
 
 
 def layout_weights(
-    weights: Iterable[tuple[str, torch.Tensor]], scheme: Int4CheckpointScheme
+    weights: Iterable[tuple[str, torch.Tensor]],
+    scheme: Int4CheckpointScheme,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors with each 4-bit projection's in treadle's layout (step 3 above)."""
+    """The checkpoint's tensors with each 4-bit projection's in treadle's layout (step 3 above), repacked on `device`
+    (None: where the files' tensors are, the host)."""
     required, optional = file_tensors(scheme)
     gathered: dict[str, dict[str, torch.Tensor]] = {}  # projection -> its file tensors by short name
     for name, tensor in weights:
@@ -86,6 +89,8 @@ def layout_weights(
                 f"the checkpoint is missing {', '.join(missing)}: config.json's quantization_config "
                 f"({scheme.describe()}) stores each quantized projection as {', '.join(required)}"
             )
+        if device is not None:  # the packed tensors are small; unpacking and repacking them is not
+            tensors = {short: t.to(device) for short, t in tensors.items()}
         for attr, converted in to_layout(scheme, module, tensors).items():
             yield f"{module}.{attr}", converted
 

@@ -45,7 +45,7 @@ def file_tensors(scheme: Int4CheckpointScheme) -> tuple[tuple[str, ...], tuple[s
 
 def _unpack_columns(packed: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     """int32 [r, c / 8] whose word nibble i holds column 8 * word + order[i] -> [r, c] int32 in 0..15."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     nibbles = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # [r, c / 8, 8]
     inverse = sorted(range(INT4_PACK), key=lambda i: order[i])  # column j of a word is nibble inverse[j]
     return nibbles[..., inverse].reshape(packed.shape[0], -1)

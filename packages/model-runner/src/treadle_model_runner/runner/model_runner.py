@@ -225,7 +225,7 @@ class ModelRunner:
         else:
             weights = iterate_weights(self.resolved.path, self.resolved.format)
             if checkpoint is not None:
-                weights = checkpoint_weights(weights, checkpoint)
+                weights = checkpoint_weights(weights, checkpoint, self.device)
             with torch.no_grad():
                 model.load_weights(weights, describe_checkpoint(self.resolved.path))
         model.eval().requires_grad_(False)
