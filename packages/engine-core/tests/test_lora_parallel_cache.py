@@ -54,7 +54,8 @@ def _kept_adapter_runs(d: Driver, lora: dict[str, LoRARequest]) -> dict[str, Any
     d.run()
     d.engine.add_lora(lora["C"])  # evicts the one of A and B used least recently
     kept = d.engine.list_loras()
-    d.add("C_mid", PROMPT, lora["C"], max_tokens=2)  # C takes the slot: what runs next is read from host memory
+    # C takes the one slot: the adapter that runs next is read from host memory
+    d.add("C_mid", PROMPT, lora["C"], max_tokens=2)
     d.run()
     for name in ("A", "B"):
         shutil.rmtree(lora[name].lora_path)
