@@ -16,7 +16,9 @@ the change it made (ApplyLoRA: install what was read, drop what it dropped). A w
 fails alone (the scheduler's error output) and no step ever misses an adapter on any rank. These messages go from
 the engine's one thread, as the steps do, so a worker makes each change between the same two steps as rank 0's
 engine thread did; none runs inside a step, and none is a collective. Waiting for the answers to ReadLoRA waits for
-the steps in flight on the workers, which is paid only when an adapter is read from disk.
+the steps in flight on the workers, which is paid only when an adapter is read from disk; it also means rank 0
+installs an adapter only once every step sent before has prepared its adapters on every rank, so all ranks run the
+new weights (of an in-place reload too) from the same step on.
 A worker that dies takes the engine process down with it (rank 0 would wait in a collective for ever): a monitor
 thread logs which rank exited and ends the process; the API server then reports the engine dead.
 """
