@@ -140,7 +140,7 @@ LoRACall = ReadLoRA | ApplyLoRA | ListLoRAs
 
 class LoRAReply(msgspec.Struct):
     error: str = ""  # ReadLoRA: why this rank could not read the adapter ("" = it could)
-    lora_ids: list[int] = []  # ListLoRAs: the adapters in host memory, least recently used first
+    lora_ids: list[int] = []  # ListLoRAs: the adapters in this rank's host memory
 
 
 _encoder = msgspec.msgpack.Encoder()
