@@ -175,15 +175,16 @@ def _ct(
 
 
 REFUSED = {
-    "block fp8": ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
-                  r"quantization_config\.weight_block_size is \[128, 128\].*block-scaled"),
+    "block fp8, static": ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [16, 16]},
+                          r"quantization_config\.activation_scheme is 'static'.*per token group"),
     "awq": ({"quant_method": "awq", "bits": 4}, r"quant_method is 'awq'"),
     "gptq": ({"quant_method": "gptq", "bits": 4}, r"quant_method is 'gptq'"),
     "fp8 scheme": ({"quant_method": "fp8", "activation_scheme": "per_block"}, r"activation_scheme is 'per_block'"),
     "int8": (_ct({"type": "int"}, {"type": "int"}), r"config_groups\.group_0\.weights\.type is 'int'"),
     "4-bit": (_ct({"num_bits": 4}), r"group_0\.weights\.num_bits is 4"),
     "group-wise": (_ct({"strategy": "group", "group_size": 128}), r"group_0\.weights\.group_size is 128"),
-    "block-wise": (_ct({"strategy": "block"}), r"group_0\.weights\.strategy is 'block'.*block-scaled"),
+    "block-wise, no block": (_ct({"strategy": "block"}),
+                             r"group_0\.weights\.block_structure is None.*\[block_n, block_k\]"),
     "asymmetric": (_ct({"symmetric": False}), r"group_0\.weights\.symmetric is False"),
     "packed": (_ct(format="pack-quantized"), r"quantization_config\.format is 'pack-quantized'"),
     "group acts": (_ct(acts={"strategy": "group", "dynamic": "local"}),
