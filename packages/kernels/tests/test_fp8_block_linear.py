@@ -116,15 +116,23 @@ def test_declines_what_it_cannot_read() -> None:
 
 
 def test_gemm_tiles_follow_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """BLOCK_M follows M; a small M takes the widest BLOCK_N that still gives each of 132 SMs a program."""
+    """One row: the streaming kernel; BLOCK_M follows M; a small M takes the widest BLOCK_N that still gives each
+    of 132 SMs a program; beyond 64 rows the activations are quantized by their own kernel first."""
     monkeypatch.setattr(provider, "num_sms", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert [provider.gemm_config(m, 4096, cuda).block_m for m in (2, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
-    assert provider.gemm_config(16, 4096, cuda).block_n == 32  # 64 programs at 64 wide: fewer than the SMs
-    assert provider.gemm_config(16, 28672, cuda).block_n == 128  # 224 programs at 128 wide
-    assert provider.gemm_config(64, 28672, cuda).block_n == 128
-    assert provider.gemm_config(16, 14336, cuda).block_n == 64  # 112 programs at 128 wide, 224 at 64
-    big = provider.gemm_config(4096, 4096, cuda)
+
+    def gemm(m: int, n: int) -> provider.GemmConfig:
+        config = provider.kernel_config(m, n, cuda)
+        assert isinstance(config, provider.GemmConfig)
+        return config
+
+    assert isinstance(provider.kernel_config(1, 4096, cuda), provider.GemvConfig)
+    assert [gemm(m, 4096).block_m for m in (2, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+    assert [gemm(m, 4096).quant_a for m in (2, 64, 65)] == [True, True, False]
+    assert gemm(16, 4096).block_n == 32  # 64 programs at 64 wide: fewer than the SMs
+    assert gemm(16, 14336).block_n == 64  # 112 programs at 128 wide, 224 at 64
+    assert gemm(16, 28672).block_n == 128  # 224 programs at 128 wide
+    big = gemm(4096, 4096)
     assert (big.block_m, big.block_n, big.num_warps) == (128, 128, 8)
 
 

@@ -5,7 +5,7 @@
 - M <= ``FUSED_MAX_ROWS``: the block-scaled GEMM quantizing the activations itself (QUANT_A), one launch; each
   program re-quantizes its rows' groups, which costs little next to its weight tiles while M is small;
 - larger M (prefill): the group quantization kernel, then the GEMM on its fp8 output.
-Tiles (``gemm_config``): BLOCK_K is block_k (one K block a step, the scales applied per step); BLOCK_M follows M
+Tiles (``kernel_config``): BLOCK_K is block_k (one K block a step, the scales applied per step); BLOCK_M follows M
 (16 up to 16 rows ... 128 beyond 64); BLOCK_N is 128 for large M and, for small M, the largest of 128 / 64 / 32 that
 still gives every SM a program (a decode-sized GEMM is weight-read bound and needs the parallelism). These are first
 choices, not measured ones: benchmarks/fp8_block_gemm.py times them against the bf16 and per-channel fp8 paths and
@@ -27,24 +27,48 @@ from treadle_ir.ops.fp8_block import num_blocks
 
 from .support import check_tensor, next_pow2, num_sms, rows_view, triton_supported
 
-__all__ = ["FUSED_MAX_ROWS", "MAX_BLOCK_K", "GemmConfig", "gemm_config", "register"]
+__all__ = [
+    "FUSED_MAX_ROWS",
+    "MAX_BLOCK_K",
+    "GemmConfig",
+    "GemvConfig",
+    "kernel_config",
+    "register",
+    "run_block_linear",
+]
 
 FUSED_MAX_ROWS = 64
 MAX_BLOCK_K = 256  # one K block a step: BLOCK_K = block_k (padded to a power of two)
 
 
+class GemvConfig(NamedTuple):
+    """The one-row kernel's tiles."""
+
+    block_n: int  # outputs per program
+    groups: int  # K blocks per step
+    num_warps: int
+
+
 class GemmConfig(NamedTuple):
+    """The block-scaled GEMM's tiles (BLOCK_K is block_k) and where its activations are quantized."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     group_m: int  # row tiles per program group (L2 reuse of weight tiles)
+    quant_a: bool  # quantize the activations in the GEMM; else the group quantization kernel runs first
 
 
-def gemm_config(m: int, n: int, device: torch.device) -> GemmConfig:
-    """The GEMM's tiles for M rows and n outputs (see the module docstring); small tiles under the interpreter."""
-    if device.type != "cuda":
-        return GemmConfig(16, 16, 4, 1, 2)
+def kernel_config(m: int, n: int, device: torch.device) -> GemvConfig | GemmConfig:
+    """The kernel and tiles for M rows and n outputs (see the module docstring); small tiles under the interpreter.
+    One row streams 8 x 16 K blocks of 128 a step (16 KB of fp8, the per-channel one-row kernel's tile bytes)."""
+    cuda = device.type == "cuda"
+    if m == 1:
+        return GemvConfig(8, 16, 4) if cuda else GemvConfig(8, 2, 4)
+    quant_a = m <= FUSED_MAX_ROWS
+    if not cuda:
+        return GemmConfig(16, 16, 4, 1, 2, quant_a)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = 128
     if m <= FUSED_MAX_ROWS:
@@ -52,12 +76,7 @@ def gemm_config(m: int, n: int, device: torch.device) -> GemmConfig:
         sms = num_sms(device.index or 0)
         block_n = next((b for b in (128, 64) if tiles_m * num_blocks(n, b) >= sms), 32)
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return GemmConfig(block_m, block_n, warps, 3 if block_m == 128 else 4, 8)
-
-
-def _gemv_config(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, GROUPS, num_warps) of the one-row kernel: 8 x 16 K blocks of 128 (16 KB of fp8 a step)."""
-    return (8, 16, 4) if device.type == "cuda" else (8, 2, 4)
+    return GemmConfig(block_m, block_n, warps, 3 if block_m == 128 else 4, 8, quant_a)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -94,39 +113,54 @@ def fp8_block_linear(
     block_n: int,
     block_k: int,
 ) -> torch.Tensor:
+    x2 = _as_rows(x)
+    config = kernel_config(x2.shape[0], weight.shape[0], x.device)
+    out = run_block_linear(x2, weight, weight_scale, bias, block_n, block_k, config)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def run_block_linear(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_n: int,
+    block_k: int,
+    config: GemvConfig | GemmConfig,
+) -> torch.Tensor:
+    """``fp8_block_linear`` of rows x2 [m, k] with the kernel and tiles `config` (benchmarks try others): [m, n]."""
     from . import fp8_block_kernels
 
-    x2 = _as_rows(x)
     m, k = x2.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
-        return out.view(*x.shape[:-1], n)
+        return out
     num_kb = num_blocks(k, block_k)
     bias_arg = bias if bias is not None else weight_scale
-    block_kp = max(16 if not x.is_cuda else 32, next_pow2(block_k))
-    if m == 1:
-        block_n_tile, groups, warps = _gemv_config(x.device)
-        fp8_block_kernels.fp8_block_gemv_kernel[(num_blocks(n, block_n_tile),)](
+    cuda = x2.is_cuda
+    if isinstance(config, GemvConfig):
+        assert m == 1, "the one-row kernel takes one row"
+        fp8_block_kernels.fp8_block_gemv_kernel[(num_blocks(n, config.block_n),)](
             x2, weight, weight_scale, bias_arg, out, n, k, block_n, block_k, num_kb, HAS_BIAS=bias is not None,
-            BLOCK_N=block_n_tile, GROUPS=groups, GROUP_PAD=next_pow2(block_k), HW_CVT=x.is_cuda, num_warps=warps,
+            BLOCK_N=config.block_n, GROUPS=config.groups, GROUP_PAD=next_pow2(block_k), HW_CVT=cuda,
+            num_warps=config.num_warps,
         )  # fmt: skip
-        return out.view(*x.shape[:-1], n)
-    cfg = gemm_config(m, n, x.device)
-    quant_a = m <= FUSED_MAX_ROWS
-    if quant_a:
+        return out
+    if config.quant_a:
         a, a_row_stride, a_scale = x2, x2.stride(0), weight_scale
     else:
         a, a_scale = quantize_fp8_groups(x2, block_k)
         a_row_stride = k
-    grid = (num_blocks(m, cfg.block_m) * num_blocks(n, cfg.block_n),)
+    block_kp = max(32 if cuda else 16, next_pow2(block_k))  # the fp8 MMA's K is at least 32
+    grid = (num_blocks(m, config.block_m) * num_blocks(n, config.block_n),)
     fp8_block_kernels.fp8_block_gemm_kernel[grid](
         a, a_row_stride, a_scale, weight, weight_scale, bias_arg, out, out.stride(0), m, n, k, block_n, block_k,
-        num_kb, QUANT_A=quant_a, HAS_BIAS=bias is not None, EXACT_K=block_kp == block_k and k % block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_kp, GROUP_M=cfg.group_m, HW_CVT=x.is_cuda,
-        UPCAST=not x.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_kb, QUANT_A=config.quant_a, HAS_BIAS=bias is not None, EXACT_K=block_kp == block_k and k % block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_kp, GROUP_M=config.group_m, HW_CVT=cuda,
+        UPCAST=not cuda, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out.view(*x.shape[:-1], n)
+    return out
 
 
 @functools.cache
