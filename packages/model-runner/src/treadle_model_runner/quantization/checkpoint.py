@@ -11,8 +11,8 @@ Steps (ModelRunner.load_model), for a plan whose `checkpoint` is an `Fp8Checkpoi
    the model learns the files' spelling of the weight scales (`weight_scale_inv` for quant_method fp8 with blocks);
 3. `checkpoint_weights` drops the K/V cache scales some checkpoints carry (`k_scale`, `v_scale`, ...; treadle's fp8
    KV cache runs at unit scale), logged once;
-4. `CausalLM.load_weights` copies the bytes and scales (models/base.py, `Linear.load_scale`), refusing any fp8 tensor
-   for a model-dtype parameter and the reverse, so files that disagree with config.json fail by tensor name.
+4. `CausalLM.load_weights` copies the bytes and scales (models/base.py, `fp8_weights.load_scale`), refusing any fp8
+   tensor for a model-dtype parameter and the reverse, so files that disagree with config.json fail by tensor name.
 The embedding, the lm_head and the norms are never projections here: they load in the model dtype as always.
 """
 
