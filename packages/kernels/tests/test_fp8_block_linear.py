@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_fp8_linear import _close
-from test_ir_providers import CUDA, DEVICE, _gen, _randn, _triton, gpu, needs_cuda
+from test_ir_providers import DEVICE, _gen, _randn, _triton, gpu, needs_cuda
 
 import treadle_kernels  # noqa: F401  (registers the triton providers)
 from treadle_ir import ops
@@ -73,15 +73,6 @@ def test_block_linear_matches_spec(
     with _triton(ops.fp8_block_linear, *args):
         got = ops.fp8_block_linear(*args)
     _close(got, expected)
-
-
-def test_the_spec_is_not_the_per_tensor_quantization() -> None:
-    """The reference itself depends on the group structure: quantizing x per row (one scale) moves the result
-    more than the tolerance the kernels are held to."""
-    x, w, s, b, bn, bk = _inputs(4, 24, 64, (16, 16), torch.float32, False, seed=1)
-    per_group = ops.fp8_block_linear.native(x, w, s, b, bn, bk)
-    per_row = ops.fp8_block_linear.native(x, w, s, b, bn, 64)  # one group per row, same tiles' scales wrongly
-    assert not torch.allclose(per_group, per_row, rtol=1e-3, atol=1e-3)
 
 
 def test_leading_dims_and_strided_rows() -> None:
@@ -156,7 +147,5 @@ def test_fp8_block_linear_gpu(shape: tuple[int, int], rows: int) -> None:
     with _triton(ops.quantize_fp8_groups, x, 128):
         q, scale = ops.quantize_fp8_groups(x, 128)
     q_ref, scale_ref = ops.quantize_fp8_groups.native(x.cpu(), 128)
-    assert torch.equal(scale.cpu(), scale_ref) and torch.equal(
-        q.cpu().view(torch.uint8), q_ref.view(torch.uint8)
-    )
-    assert CUDA
+    assert torch.equal(scale.cpu(), scale_ref)
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
