@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
+from model_parity import check_greedy, check_mixed_batch
+from test_runner_fakes import perturb_
 
 COMMON = dict(
     vocab_size=160,
@@ -68,51 +69,9 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return hf, path
 
 
-def _hf_logits(hf: Any, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([tokens])).logits[0].float()
-
-
 def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path]) -> None:
-    hf, path = tiny
-    runner = make_runner(path)
-    gen = torch.Generator().manual_seed(7)
-    prompts = {name: torch.randint(1, 160, (n,), generator=gen).tolist()
-               for name, n in {"chunked": 23, "b": 5, "c": 7, "d": 9, "fresh": 11}.items()}  # fmt: skip
-    sched = FakeScheduler(runner, seed=3)
-    for name, prompt in prompts.items():
-        sched.add(name, prompt, max_tokens=4)
-    sched.step({"chunked": 10, "b": 5, "c": 7, "d": 9})
-
-    hidden = record_hidden(runner)
-    before = {name: (list(r.prompt + r.output), r.num_computed) for name, r in sched.requests.items()}
-    plan = {"chunked": 13, "fresh": 11, "b": 1, "c": 1, "d": 1}
-    out = sched.step(plan)
-    with torch.no_grad():
-        logits = runner._require_model().compute_logits(hidden[0]).float()
-
-    start = 0
-    for req_id in out.req_ids:
-        tokens, computed = before[req_id]
-        n = plan[req_id]
-        ref = _hf_logits(hf, tokens[: computed + n])[computed : computed + n]
-        got = logits[start : start + n]
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0, msg=lambda m, r=req_id: f"{r}: {m}")
-        assert out.sampled_token_ids[out.req_id_to_index[req_id]] == [int(ref[-1].argmax())]
-        start += n
+    check_mixed_batch(*tiny, vocab_size=160)
 
 
 def test_greedy_continuations_match_hf_generate(tiny: tuple[Any, Path]) -> None:
-    hf, path = tiny
-    runner = make_runner(path, max_num_batched_tokens=16)
-    gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(1, 160, (n,), generator=gen).tolist() for n in (3, 12, 30)]
-    sched = FakeScheduler(runner, seed=5)
-    for i, prompt in enumerate(prompts):
-        sched.add(f"r{i}", prompt, max_tokens=32)
-    got = sched.run(budget=16)
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-        assert got[f"r{i}"] == ref, f"prompt {i}: treadle {got[f'r{i}']} != HF {ref}"
+    check_greedy(*tiny, vocab_size=160)

@@ -10,14 +10,14 @@ several decodes gives per-position logits within 1e-4 of HF, and greedy 32-token
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
+from model_parity import check_greedy, check_mixed_batch, prefixed
+from test_runner_fakes import FakeScheduler, make_runner, perturb_
 
 from treadle_model_runner.loader import iterate_weights
 from treadle_model_runner.loader.dummy import make_dummy_model_dir
@@ -63,11 +63,6 @@ def _config(arch: str) -> tuple[Any, Any]:
 ARCHS = ["qwen3_moe", "qwen3_moe_step2", "mixtral"]
 
 
-def _prefixed(prefix: str) -> Callable[[str], str]:
-    """An assert_close msg callback naming what was compared."""
-    return lambda message: f"{prefix}: {message}"
-
-
 def _tiny_hf(arch: str) -> Any:
     config, cls = _config(arch)
     torch.manual_seed(ARCHS.index(arch))
@@ -84,11 +79,6 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return hf, path
 
 
-def _hf_logits(hf: Any, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([tokens])).logits[0].float()
-
-
 def test_checkpoint_stores_experts_one_matrix_each(tiny: tuple[Any, Path]) -> None:
     """The parity tests below load what save_pretrained writes: per-expert matrices (guards the premise)."""
     _, path = tiny
@@ -98,48 +88,11 @@ def test_checkpoint_stores_experts_one_matrix_each(tiny: tuple[Any, Path]) -> No
 
 
 def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path]) -> None:
-    hf, path = tiny
-    runner = make_runner(path)
-    gen = torch.Generator().manual_seed(7)
-    prompts = {name: torch.randint(1, VOCAB, (n,), generator=gen).tolist()
-               for name, n in {"chunked": 23, "b": 5, "c": 7, "d": 9, "fresh": 11}.items()}  # fmt: skip
-    sched = FakeScheduler(runner, seed=3)
-    for name, prompt in prompts.items():
-        sched.add(name, prompt, max_tokens=4)
-    sched.step({"chunked": 10, "b": 5, "c": 7, "d": 9})
-
-    hidden = record_hidden(runner)
-    before = {name: (list(r.prompt + r.output), r.num_computed) for name, r in sched.requests.items()}
-    plan = {"chunked": 13, "fresh": 11, "b": 1, "c": 1, "d": 1}
-    out = sched.step(plan)
-    with torch.no_grad():
-        logits = runner._require_model().compute_logits(hidden[0]).float()
-
-    start = 0
-    for req_id in out.req_ids:
-        tokens, computed = before[req_id]
-        n = plan[req_id]
-        ref = _hf_logits(hf, tokens[: computed + n])[computed : computed + n]
-        got = logits[start : start + n]
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0, msg=_prefixed(req_id))
-        assert out.sampled_token_ids[out.req_id_to_index[req_id]] == [int(ref[-1].argmax())]
-        start += n
+    check_mixed_batch(*tiny, vocab_size=VOCAB)
 
 
 def test_greedy_continuations_match_hf_generate(tiny: tuple[Any, Path]) -> None:
-    hf, path = tiny
-    runner = make_runner(path, max_num_batched_tokens=16)
-    gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (3, 12, 30)]
-    sched = FakeScheduler(runner, seed=5)
-    for i, prompt in enumerate(prompts):
-        sched.add(f"r{i}", prompt, max_tokens=32)
-    got = sched.run(budget=16)
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-        assert got[f"r{i}"] == ref, f"prompt {i}: treadle {got[f'r{i}']} != HF {ref}"
+    check_greedy(*tiny, vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
@@ -158,7 +111,7 @@ def test_fused_layout_loads_like_per_expert(arch: str, tmp_path: Path) -> None:
         from_fused.load_weights(fused_state.items())
     fused_params = dict(from_fused.named_parameters())
     for name, param in from_disk.named_parameters():
-        torch.testing.assert_close(fused_params[name], param, atol=0, rtol=0, msg=_prefixed(name))
+        torch.testing.assert_close(fused_params[name], param, atol=0, rtol=0, msg=prefixed(name))
     experts = hf.model.layers[1].mlp.experts
     ours = from_fused.model.layers[1].mlp.experts
     torch.testing.assert_close(ours.w13_weight, experts.gate_up_proj.detach(), atol=0, rtol=0)
