@@ -5,8 +5,8 @@
   HF's argmax.
 - `check_greedy`: greedy 32-token continuations of three prompts (3, 12 and 30 tokens, prefilled in 16-token
   chunks) equal HF `generate`.
-`hf` is the HF model (fp32, eval) whose `save_pretrained` directory is `path`; `runner_kwargs` go to `make_runner`
-(e.g. `max_model_len`).
+`hf` is the HF model (fp32, eval, on the CPU) whose `save_pretrained` directory is `path`; `runner_kwargs` go to
+`make_runner` (e.g. `max_model_len`, `device`); `atol` loosens the logits check for a GPU's fp32 (tests marked gpu).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from test_runner_fakes import FakeScheduler, make_runner, record_hidden
+
+from treadle_model_runner.runner import ModelRunner
 
 
 def hf_logits(hf: Any, tokens: list[int]) -> torch.Tensor:
@@ -30,7 +32,7 @@ def prefixed(prefix: str) -> Callable[[str], str]:
     return lambda message: f"{prefix}: {message}"
 
 
-def check_mixed_batch(hf: Any, path: Path, vocab_size: int, **runner_kwargs: Any) -> None:
+def check_mixed_batch(hf: Any, path: Path, vocab_size: int, atol: float = 1e-4, **runner_kwargs: Any) -> None:
     runner = make_runner(path, **runner_kwargs)
     gen = torch.Generator().manual_seed(7)
     prompts = {name: torch.randint(1, vocab_size, (n,), generator=gen).tolist()
@@ -45,7 +47,7 @@ def check_mixed_batch(hf: Any, path: Path, vocab_size: int, **runner_kwargs: Any
     plan = {"chunked": 13, "fresh": 11, "b": 1, "c": 1, "d": 1}
     out = sched.step(plan)
     with torch.no_grad():
-        logits = runner._require_model().compute_logits(hidden[0]).float()
+        logits = runner._require_model().compute_logits(hidden[0]).float().cpu()
 
     start = 0
     for req_id in out.req_ids:
@@ -53,21 +55,25 @@ def check_mixed_batch(hf: Any, path: Path, vocab_size: int, **runner_kwargs: Any
         n = plan[req_id]
         ref = hf_logits(hf, tokens[: computed + n])[computed : computed + n]
         got = logits[start : start + n]
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0, msg=prefixed(req_id))
+        torch.testing.assert_close(got, ref, atol=atol, rtol=0, msg=prefixed(req_id))
         assert out.sampled_token_ids[out.req_id_to_index[req_id]] == [int(ref[-1].argmax())]
         start += n
 
 
 def check_greedy(hf: Any, path: Path, vocab_size: int, **runner_kwargs: Any) -> None:
-    runner = make_runner(path, max_num_batched_tokens=16, **runner_kwargs)
+    check_greedy_runner(make_runner(path, max_num_batched_tokens=16, **runner_kwargs), hf, vocab_size)
+
+
+def check_greedy_runner(runner: ModelRunner, ref: Any, vocab_size: int, max_tokens: int = 32) -> None:
+    """`check_greedy` on a runner made by the caller (16-token budget), against the reference model `ref`."""
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in (3, 12, 30)]
     sched = FakeScheduler(runner, seed=5)
     for i, prompt in enumerate(prompts):
-        sched.add(f"r{i}", prompt, max_tokens=32)
+        sched.add(f"r{i}", prompt, max_tokens=max_tokens)
     got = sched.run(budget=16)
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-        assert got[f"r{i}"] == ref, f"prompt {i}: treadle {got[f'r{i}']} != HF {ref}"
+            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+        assert got[f"r{i}"] == expected, f"prompt {i}: treadle {got[f'r{i}']} != reference {expected}"

@@ -1,7 +1,8 @@
 """Parity with HF transformers (CPU, fp32) on tiny random configs, driven through the ModelRunner.
 
-For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm) and Gemma3 (sliding +
-global layers with a window small enough to matter, linear-scaled global rope, softcapping): one step mixing a
+For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm), Gemma3 (sliding +
+global layers with a window small enough to matter, linear-scaled global rope, softcapping) and Phi-3 (stacked
+checkpoint projections; longrope on its short and on its long factors, partial rotary): one step mixing a
 fresh prefill, a chunked prefill continuing on cached blocks and several decodes gives per-position logits
 within 1e-4 of HF, and greedy 32-token continuations equal HF `generate`.
 """
@@ -52,26 +53,52 @@ def _config(arch: str) -> Any:
             query_pre_attn_scalar=24, final_logit_softcapping=20.0, rope_parameters=rope,
         )  # fmt: skip
         return config, tf.Gemma3ForCausalLM
+    if arch in ("phi3", "phi4_mini"):
+        return _phi3_config(arch), tf.Phi3ForCausalLM
     raise AssertionError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
+def _phi3_config(arch: str) -> Any:
+    """phi3: longrope on its short factors (max_model_len 64 = original_max_position_embeddings: see
+    RUNNER_KWARGS; every sequence is shorter, so HF picks them too), the default attention factor (max_position
+    128 / 64), a sliding window over every layer. phi4_mini: partial rotary (0.75: 12 of 16 head dims), longrope
+    on its long factors (original_max_position_embeddings 2: every call HF makes is longer) with an explicit
+    attention factor, tied embeddings."""
+    partial = 0.75 if arch == "phi4_mini" else 1.0
+    pairs = int(16 * partial) // 2
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.3 * i for i in range(pairs)], "long_factor": [1.5 + 2.0 * i for i in range(pairs)]}  # fmt: skip
+    if arch == "phi3":
+        return tf.Phi3Config(
+            **COMMON, original_max_position_embeddings=64, sliding_window=7, rope_parameters=rope
+        )
+    rope["attention_factor"] = 1.2
+    return tf.Phi3Config(**COMMON, original_max_position_embeddings=2, partial_rotary_factor=partial,
+                         tie_word_embeddings=True, rope_parameters=rope)  # fmt: skip
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi4_mini"]
+RUNNER_KWARGS: dict[str, dict[str, Any]] = {"phi3": {"max_model_len": 64}}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+def tiny(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, Path, dict[str, Any]]:
     config, cls = _config(request.param)
     torch.manual_seed(ARCHS.index(request.param))
     hf = cls(config).eval()
     perturb_(hf, seed=1, std=0.15)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path, safe_serialization=True)
-    return hf, path
+    return hf, path, RUNNER_KWARGS.get(request.param, {})
 
 
-def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path]) -> None:
-    check_mixed_batch(*tiny, vocab_size=160)
+def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path, dict[str, Any]]) -> None:
+    hf, path, runner_kwargs = tiny
+    check_mixed_batch(hf, path, 160, **runner_kwargs)
 
 
-def test_greedy_continuations_match_hf_generate(tiny: tuple[Any, Path]) -> None:
-    check_greedy(*tiny, vocab_size=160)
+def test_greedy_continuations_match_hf_generate(tiny: tuple[Any, Path, dict[str, Any]]) -> None:
+    hf, path, runner_kwargs = tiny
+    check_greedy(hf, path, 160, **runner_kwargs)

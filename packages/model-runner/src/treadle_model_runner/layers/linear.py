@@ -237,8 +237,8 @@ class StackedLinear(Linear):
         return (sum(self.full_sizes.values()), *getattr(self, name).shape[1:])
 
     def checkpoint_rows(self, shard: str | None) -> int:
-        assert shard is not None, "a stacked layer loads its scales shard by shard"
-        return self.full_sizes[shard]
+        """Rows of one shard, or (None) of the whole stacked tensor a checkpoint may hold (Phi-3's qkv_proj)."""
+        return self.full_sizes[shard] if shard is not None else sum(self.full_sizes.values())
 
     def rank_rows(self, shard: str | None) -> slice:
         assert shard is not None, "a stacked layer's rows are cut shard by shard"
@@ -246,10 +246,11 @@ class StackedLinear(Linear):
         return slice(first, first + self.shard_sizes[shard])
 
     def store_rows_scale(self, shard: str | None, scale: torch.Tensor) -> None:
-        assert shard is not None and self.weight_scale is not None, (
-            "an fp8 stacked layer loads shard by shard"
-        )
-        self.load_shard(self.weight_scale, shard, scale)
+        assert self.weight_scale is not None, "allocate(fp8=True) makes weight_scale"
+        if shard is None:  # the whole stacked projection's rows
+            self.weight_scale.copy_(self.take_shard("weight_scale", scale))
+        else:
+            self.load_shard(self.weight_scale, shard, scale)
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of every shard of the stacked checkpoint-sized tensor `full`."""

@@ -8,6 +8,7 @@ from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.gemma3 import Gemma3ForCausalLM
 from treadle_model_runner.models.llama import LlamaForCausalLM
 from treadle_model_runner.models.mixtral import MixtralForCausalLM
+from treadle_model_runner.models.phi3 import Phi3ForCausalLM
 from treadle_model_runner.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from treadle_model_runner.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -19,6 +20,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -28,6 +30,7 @@ _MODEL_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
