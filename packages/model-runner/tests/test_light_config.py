@@ -69,6 +69,7 @@ FALLBACK: dict[str, dict[str, Any]] = {
     "qwen3_no_head_dim": {k: v for k, v in CASES["qwen3"].items() if k != "head_dim"},
     # families the light path does not read (stacked checkpoints, longrope, other norms): transformers does
     "phi3": {**CASES["llama"], "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]},
+    "olmo2": {**CASES["llama"], "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]},
 }
 FIELDS = (
     "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

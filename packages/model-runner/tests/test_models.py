@@ -2,7 +2,8 @@
 
 For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm), Gemma3 (sliding +
 global layers with a window small enough to matter, linear-scaled global rope, softcapping) and Phi-3 (stacked
-checkpoint projections; longrope on its short and on its long factors, partial rotary): one step mixing a
+checkpoint projections; longrope on its short and on its long factors, partial rotary) and OLMo 2 (q/k norms over
+every head, norms after each block): one step mixing a
 fresh prefill, a chunked prefill continuing on cached blocks and several decodes gives per-position logits
 within 1e-4 of HF, and greedy 32-token continuations equal HF `generate`.
 """
@@ -16,7 +17,9 @@ import pytest
 import torch
 import transformers as tf
 from model_parity import check_greedy, check_mixed_batch
-from test_runner_fakes import perturb_
+from test_runner_fakes import FakeScheduler, make_runner, perturb_
+
+from treadle_model_runner.loader import make_dummy_model_dir
 
 COMMON = dict(
     vocab_size=160,
@@ -55,6 +58,8 @@ def _config(arch: str) -> Any:
         return config, tf.Gemma3ForCausalLM
     if arch in ("phi3", "phi4_mini"):
         return _phi3_config(arch), tf.Phi3ForCausalLM
+    if arch == "olmo2":  # q/k norms over all heads, norms after each block; biases on q, k, v and o
+        return tf.Olmo2Config(**COMMON, attention_bias=True), tf.Olmo2ForCausalLM
     raise AssertionError(arch)
 
 
@@ -77,7 +82,7 @@ def _phi3_config(arch: str) -> Any:
                          tie_word_embeddings=True, rope_parameters=rope)  # fmt: skip
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi4_mini"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi4_mini", "olmo2"]
 RUNNER_KWARGS: dict[str, dict[str, Any]] = {"phi3": {"max_model_len": 64}}
 
 
@@ -102,3 +107,12 @@ def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path, dict[str, Any]]) -> 
 def test_greedy_continuations_match_hf_generate(tiny: tuple[Any, Path, dict[str, Any]]) -> None:
     hf, path, runner_kwargs = tiny
     check_greedy(hf, path, 160, **runner_kwargs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dummy_weights_generate(arch: str, tmp_path: Path) -> None:
+    """load_format='dummy' (benchmarks: weights drawn from the config alone) builds and runs every family."""
+    runner = make_runner(make_dummy_model_dir(_config(arch)[0], tmp_path), load_format="dummy")
+    sched = FakeScheduler(runner, seed=1)
+    sched.add("a", [1, 2, 3, 4, 5], max_tokens=8)
+    assert len(sched.run(budget=16)["a"]) == 8

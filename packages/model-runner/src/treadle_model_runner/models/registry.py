@@ -8,6 +8,7 @@ from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.gemma3 import Gemma3ForCausalLM
 from treadle_model_runner.models.llama import LlamaForCausalLM
 from treadle_model_runner.models.mixtral import MixtralForCausalLM
+from treadle_model_runner.models.olmo2 import Olmo2ForCausalLM
 from treadle_model_runner.models.phi3 import Phi3ForCausalLM
 from treadle_model_runner.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from treadle_model_runner.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -21,6 +22,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -31,6 +33,7 @@ _MODEL_TYPES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
 
 
