@@ -70,6 +70,7 @@ FALLBACK: dict[str, dict[str, Any]] = {
     # families the light path does not read (stacked checkpoints, longrope, other norms): transformers does
     "phi3": {**CASES["llama"], "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]},
     "olmo2": {**CASES["llama"], "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]},
+    "granite": {**CASES["llama"], "model_type": "granite", "architectures": ["GraniteForCausalLM"]},
 }
 FIELDS = (
     "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

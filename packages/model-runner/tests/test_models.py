@@ -3,7 +3,8 @@
 For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm), Gemma3 (sliding +
 global layers with a window small enough to matter, linear-scaled global rope, softcapping) and Phi-3 (stacked
 checkpoint projections; longrope on its short and on its long factors, partial rotary) and OLMo 2 (q/k norms over
-every head, norms after each block): one step mixing a
+every head, norms after each block) and Granite (embedding, residual and attention multipliers, logits scaling):
+one step mixing a
 fresh prefill, a chunked prefill continuing on cached blocks and several decodes gives per-position logits
 within 1e-4 of HF, and greedy 32-token continuations equal HF `generate`.
 """
@@ -60,6 +61,10 @@ def _config(arch: str) -> Any:
         return _phi3_config(arch), tf.Phi3ForCausalLM
     if arch == "olmo2":  # q/k norms over all heads, norms after each block; biases on q, k, v and o
         return tf.Olmo2Config(**COMMON, attention_bias=True), tf.Olmo2ForCausalLM
+    if arch == "granite":  # every multiplier away from 1 (and the softmax scale from head_dim^-0.5), tied
+        config = tf.GraniteConfig(**COMMON, embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.11,
+                                  logits_scaling=2.5, tie_word_embeddings=True)  # fmt: skip
+        return config, tf.GraniteForCausalLM
     raise AssertionError(arch)
 
 
@@ -82,7 +87,7 @@ def _phi3_config(arch: str) -> Any:
                          tie_word_embeddings=True, rope_parameters=rope)  # fmt: skip
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi4_mini", "olmo2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi4_mini", "olmo2", "granite"]
 RUNNER_KWARGS: dict[str, dict[str, Any]] = {"phi3": {"max_model_len": 64}}
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.gemma3 import Gemma3ForCausalLM
+from treadle_model_runner.models.granite import GraniteForCausalLM
 from treadle_model_runner.models.llama import LlamaForCausalLM
 from treadle_model_runner.models.mixtral import MixtralForCausalLM
 from treadle_model_runner.models.olmo2 import Olmo2ForCausalLM
@@ -23,6 +24,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -34,6 +36,7 @@ _MODEL_TYPES = {
     "mixtral": "MixtralForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
 
 
