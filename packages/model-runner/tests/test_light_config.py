@@ -71,6 +71,7 @@ FALLBACK: dict[str, dict[str, Any]] = {
     "phi3": {**CASES["llama"], "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]},
     "olmo2": {**CASES["llama"], "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]},
     "granite": {**CASES["llama"], "model_type": "granite", "architectures": ["GraniteForCausalLM"]},
+    "qwen2_moe": {**CASES["qwen3_moe"], "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]},
 }
 FIELDS = (
     "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

@@ -1,7 +1,8 @@
 """Parity with HF transformers (CPU, fp32) for the sparse-MoE models, driven through the ModelRunner.
 
-Qwen3-MoE (q/k norm, a dense layer from `mlp_only_layers`, renormalized top-k) and Mixtral (sliding window short
-enough to matter, w1/w3/w2 experts), tiny random configs with 8 experts and top-2, saved by `save_pretrained`
+Qwen3-MoE (q/k norm, a dense layer from `mlp_only_layers`, renormalized top-k), Mixtral (sliding window short
+enough to matter, w1/w3/w2 experts) and Qwen2-MoE (a shared expert scaled by its sigmoid gate beside the routed ones,
+qkv bias, sliding-window layers), tiny random configs with 8 experts and top-2, saved by `save_pretrained`
 (per-expert tensors on disk): one step mixing a fresh prefill, a chunked prefill continuing on cached blocks and
 several decodes gives per-position logits within 1e-4 of HF, and greedy 32-token continuations equal HF
 `generate`. Loading also accepts transformers' fused in-memory layout (`experts.gate_up_proj` /
@@ -57,10 +58,19 @@ def _config(arch: str) -> tuple[Any, Any]:
             **COMMON, num_hidden_layers=2, num_local_experts=8, intermediate_size=48, sliding_window=7
         )
         return config, tf.MixtralForCausalLM
+    if (
+        arch == "qwen2_moe"
+    ):  # shared expert with its sigmoid gate, qkv bias, a dense layer, sliding layers 0 and 2
+        config = tf.Qwen2MoeConfig(
+            **COMMON, num_hidden_layers=3, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+            shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
+            use_sliding_window=True, sliding_window=7, max_window_layers=3,
+        )  # fmt: skip
+        return config, tf.Qwen2MoeForCausalLM
     raise AssertionError(arch)
 
 
-ARCHS = ["qwen3_moe", "qwen3_moe_step2", "mixtral"]
+ARCHS = ["qwen3_moe", "qwen3_moe_step2", "mixtral", "qwen2_moe"]
 
 
 def _tiny_hf(arch: str) -> Any:
@@ -142,12 +152,13 @@ def test_fused_tensor_with_wrong_shape_is_rejected() -> None:
         model.load_weights(state.items())
 
 
-def test_dummy_weights_fill_experts_and_generate(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("arch", "sparse_layer"), [("qwen3_moe", 1), ("qwen2_moe", 0)])
+def test_dummy_weights_fill_experts_and_generate(arch: str, sparse_layer: int, tmp_path: Path) -> None:
     """load_format='dummy' (the benchmark path) fills the expert stacks and the model generates."""
-    config, _ = _config("qwen3_moe")
+    config, _ = _config(arch)
     runner = make_runner(make_dummy_model_dir(config, tmp_path), load_format="dummy")
     model: Any = runner._require_model()
-    experts = model.model.layers[1].mlp.experts
+    experts = model.model.layers[sparse_layer].mlp.experts
     assert 0.01 < float(experts.w13_weight.std()) < 0.04 and 0.01 < float(experts.w2_weight.std()) < 0.04
     sched = FakeScheduler(runner, seed=1)
     sched.add("a", [1, 2, 3, 4, 5], max_tokens=8)

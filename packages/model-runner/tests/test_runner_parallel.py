@@ -5,7 +5,8 @@ Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two
 which both ranks then hold), Qwen2 (q/k/v bias), Qwen3 (q/k norms, tied embeddings), Gemma 3 (sliding-window layers,
 GELU, tied with an odd vocabulary), Qwen3-MoE and Mixtral (each rank holds a slice of every expert), Phi-3 (qkv_proj and
 gate_up_proj stacked in the checkpoint, each rank cutting its rows of every shard; partial rotary), OLMo 2 (q/k norms over
-every head: the ranks sum their squares; one key/value head, so both ranks hold it and its norm), Granite (multipliers),
+every head: the ranks sum their squares; one key/value head, so both ranks hold it and its norm), Qwen2-MoE (the shared
+expert split like a dense MLP, beside the routed ones), Granite (multipliers),
 and dummy weights (each rank draws the
 one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes; a request verifies
 draft tokens (speculative decoding) on every rank alike.
@@ -62,6 +63,14 @@ def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
         "phi3": tf.Phi3Config(vocab_size=128, partial_rotary_factor=0.5, pad_token_id=0, **SMALL),
         # q/k norms over all heads, each rank holding half the query heads and both the one key/value head
         "olmo2": tf.Olmo2Config(vocab_size=128, pad_token_id=0, **(SMALL | {"num_key_value_heads": 1})),
+        "qwen2_moe": tf.Qwen2MoeConfig(
+            vocab_size=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            **SMALL,
+        ),
         "granite": tf.GraniteConfig(
             vocab_size=128,
             embedding_multiplier=3.0,

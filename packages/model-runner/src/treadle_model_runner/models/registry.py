@@ -12,6 +12,7 @@ from treadle_model_runner.models.mixtral import MixtralForCausalLM
 from treadle_model_runner.models.olmo2 import Olmo2ForCausalLM
 from treadle_model_runner.models.phi3 import Phi3ForCausalLM
 from treadle_model_runner.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+from treadle_model_runner.models.qwen2_moe import Qwen2MoeForCausalLM
 from treadle_model_runner.models.qwen3_moe import Qwen3MoeForCausalLM
 
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
@@ -25,6 +26,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -37,6 +39,7 @@ _MODEL_TYPES = {
     "phi3": "Phi3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 
 
