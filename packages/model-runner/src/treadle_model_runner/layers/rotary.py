@@ -22,6 +22,7 @@ every query on the same frequencies, and is all a paged cache shared across chun
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -30,6 +31,8 @@ from torch import nn
 
 from treadle_ir import ops
 from treadle_kernels.attention import Rope
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
@@ -63,6 +66,9 @@ def _longrope(rot_dim: int, params: dict[str, Any], max_position: int) -> tuple[
     """(inv_freq, attention factor) of a longrope table serving positions below `max_position`."""
     original = int(params["original_max_position_embeddings"])
     which = "long_factor" if max_position > original else "short_factor"
+    logger.info(
+        "longrope: %s (max_model_len %d, original_max_position_embeddings %d)", which, max_position, original
+    )
     ext = torch.tensor(params[which], dtype=torch.float32)
     if ext.shape != (rot_dim // 2,):
         raise ValueError(
