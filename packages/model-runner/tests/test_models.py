@@ -1,12 +1,12 @@
 """Parity with HF transformers (CPU, fp32) on tiny random configs, driven through the ModelRunner.
 
-For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm), Gemma3 (sliding +
-global layers with a window small enough to matter, linear-scaled global rope, softcapping) and Phi-3 (stacked
-checkpoint projections; longrope on its short and on its long factors, partial rotary) and OLMo 2 (q/k norms over
-every head, norms after each block) and Granite (embedding, residual and attention multipliers, logits scaling):
-one step mixing a
-fresh prefill, a chunked prefill continuing on cached blocks and several decodes gives per-position logits
-within 1e-4 of HF, and greedy 32-token continuations equal HF `generate`.
+For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm),
+Gemma3 (sliding + global layers with a window small enough to matter, linear-scaled global rope, softcapping), Gemma2
+(the same with attention scores soft-capped), Phi-3 (stacked checkpoint projections; longrope on its short and on
+its long factors, partial rotary), OLMo 2 (q/k norms over every head, norms after each block) and Granite
+(embedding, residual and attention multipliers, logits scaling): one step mixing a fresh prefill, a chunked prefill
+continuing on cached blocks and several decodes gives per-position logits within 1e-4 of HF, and greedy 32-token
+continuations equal HF `generate`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def _config(arch: str) -> Any:
         config = tf.GraniteConfig(**COMMON, embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.11,
                                   logits_scaling=2.5, tie_word_embeddings=True)  # fmt: skip
         return config, tf.GraniteForCausalLM
+    if arch == "gemma2":  # attention scores soft-capped low enough to bite, one rope, no q/k norms
+        config = tf.Gemma2Config(
+            **COMMON, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=20.0,
+        )  # fmt: skip
+        return config, tf.Gemma2ForCausalLM
     raise AssertionError(arch)
 
 
@@ -87,7 +93,7 @@ def _phi3_config(arch: str) -> Any:
                          tie_word_embeddings=True, rope_parameters=rope)  # fmt: skip
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi4_mini", "olmo2", "granite"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "phi4_mini", "olmo2", "granite"]
 RUNNER_KWARGS: dict[str, dict[str, Any]] = {"phi3": {"max_model_len": 64}}
 
 

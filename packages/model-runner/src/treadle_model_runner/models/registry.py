@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from treadle_model_runner.models.base import CausalLM
-from treadle_model_runner.models.gemma3 import Gemma3ForCausalLM
+from treadle_model_runner.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
 from treadle_model_runner.models.granite import GraniteForCausalLM
 from treadle_model_runner.models.llama import LlamaForCausalLM
 from treadle_model_runner.models.mixtral import MixtralForCausalLM
@@ -20,6 +20,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
@@ -33,6 +34,7 @@ _MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
