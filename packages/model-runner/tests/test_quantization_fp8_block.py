@@ -32,6 +32,7 @@ import transformers as tf
 from fp8_block_checkpoints import BlockFormat, block_reference, quantization_config, write_block_checkpoint
 from fp8_checkpoints import write_checkpoint
 from test_models import COMMON
+from test_models import _phi3_config as phi3_config
 from test_quantization_fp8 import check_greedy_continuations, check_mixed_batch_logits
 from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
@@ -46,6 +47,8 @@ CASES = {
     "qwen3-fp8-sharded": ("qwen3", BlockFormat("fp8", (32, 16), ignore=("layers.1.mlp.down_proj",), num_shards=2)),
     "llama-ct": ("llama", BlockFormat("compressed-tensors", (16, 32), ignore=(r"re:.*layers\.0\.self_attn\.o_proj$",))),
     "qwen3-ct": ("qwen3", BlockFormat("compressed-tensors", (16, 16))),
+    # Phi-4-mini's checkpoint stacks qkv_proj and gate_up_proj: one block grid each, cut into the shards' block rows
+    "phi3-stacked-fp8": ("phi4_mini", BlockFormat("fp8", (16, 32))),
 }  # fmt: skip
 
 
@@ -53,6 +56,9 @@ def _hf(arch: str) -> Any:
     torch.manual_seed(0)
     if arch == "llama":
         hf = tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)).eval()
+    elif arch == "phi4_mini":
+        config, cls = phi3_config(arch), tf.Phi3ForCausalLM
+        hf = cls(config).eval()
     else:
         hf = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=16)).eval()
     perturb_(hf, seed=1, std=0.15)
@@ -113,7 +119,8 @@ def test_projections_hold_the_files_bytes_and_block_scales(checkpoint: tuple[Any
         if not isinstance(layer, Linear):
             continue
         prefix, _, leaf = name.rpartition(".")
-        parts = [f"{prefix}.{p}" for p in STACKED.get(leaf, (leaf,))]
+        # a stacked projection's shards, unless the checkpoint holds it stacked (Phi-3)
+        parts = [name] if f"{name}.weight" in files else [f"{prefix}.{p}" for p in STACKED.get(leaf, (leaf,))]
         if f"{parts[0]}.{fmt.scale_name}" not in files:  # ignored: the file's fp32 weight, no scales
             assert layer.weight.dtype == torch.float32 and layer.weight_scale is None, name
             assert layer.weight_block is None, name

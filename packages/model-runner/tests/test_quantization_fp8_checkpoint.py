@@ -77,9 +77,12 @@ def _file_rows(files: dict[str, torch.Tensor], hf_name: str) -> tuple[torch.Tens
 
 
 def test_projections_hold_the_files_bytes_and_scales(checkpoint: tuple[Any, Any, Path]) -> None:
-    _, _, path = checkpoint
-    files = read_checkpoint(path)
-    runner = make_runner(path)
+    check_projections_hold_the_files(make_runner(checkpoint[2]), read_checkpoint(checkpoint[2]))
+
+
+def check_projections_hold_the_files(runner: Any, files: dict[str, torch.Tensor]) -> None:
+    """Every projection holds its checkpoint tensors' fp8 bytes and scales (a stacked one, its shards' in order,
+    or the file's own stacked tensor), ignored ones the file's fp32 weight; the vocabulary ends stay fp32."""
     model = runner._require_model()
     assert runner.describe()["quantization"].startswith("fp8 checkpoint")
     checked = 0
@@ -88,6 +91,8 @@ def test_projections_hold_the_files_bytes_and_scales(checkpoint: tuple[Any, Any,
             continue
         prefix, _, leaf = name.rpartition(".")
         parts = [f"{prefix}.{p}" for p in STACKED.get(leaf, (leaf,))]
+        if f"{name}.weight" in files:  # stacked in the checkpoint too (Phi-3)
+            parts = [name]
         if f"{parts[0]}.weight_scale" not in files:  # ignored: the file's fp32 weight, no scales
             assert layer.weight.dtype == torch.float32 and layer.weight_scale is None, name
             assert torch.equal(layer.weight, torch.cat([files[f"{p}.weight"] for p in parts])), name

@@ -28,7 +28,6 @@ request in the next SchedulerOutput.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from treadle_engine_core.config import SchedulerConfig
@@ -37,8 +36,8 @@ from treadle_engine_core.lora_admission import LoRAAdmission, Verdict
 from treadle_engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from treadle_engine_core.request import Request, RequestStatus, validate_request_length
 from treadle_engine_core.request_queue import make_queue
+from treadle_engine_core.scheduler_update import apply_runner_output
 from treadle_engine_core.spec_decode import SpecDecoding
-from treadle_engine_core.stop import append_and_check_stop, check_stop
 from treadle_model_runner.config import SpeculativeConfig
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.lora.request import LoRARequest
@@ -46,8 +45,6 @@ from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-_NO_TOKENS: list[int] = []
 
 
 class Scheduler:
@@ -320,82 +317,9 @@ class Scheduler:
 
     # ---- update -----------------------------------------------------------------------------------
     def update_from_output(self, so: SchedulerOutput, mro: ModelRunnerOutput) -> EngineCoreOutputs:
-        """Append sampled tokens, run stop checks, free finished requests; return per-request diffs."""
-        outputs, self.failed = self.failed, []
-        finished = [out.request_id for out in outputs]
-        requests = self.requests
-        index = mro.req_id_to_index
-        sampled = mro.sampled_token_ids
-        all_logprobs = mro.logprobs
-        prompt_logprobs = mro.prompt_logprobs
-        pooled = mro.pooled
-        eos, max_len = self.eos_token_ids, self.max_model_len
-        any_running_finished = False
-        running_status = RequestStatus.RUNNING
-        spec_tokens = so.scheduled_spec_decode_tokens
-        for rid in so.num_scheduled_tokens:
-            req = requests.get(rid)
-            if req is None:
-                continue  # aborted or finished while this step ran
-            j = index.get(rid)
-            new = sampled[j] if j is not None else _NO_TOKENS
-            if spec_tokens and rid in spec_tokens:
-                assert self.spec is not None
-                self.spec.on_verified(req, len(spec_tokens[rid]), len(new))
-            plp = prompt_logprobs.get(rid) if prompt_logprobs else None
-            if not new and not plp:
-                continue
-            if req.num_output_placeholders:
-                req.num_output_placeholders = max(0, req.num_output_placeholders - len(new))
-            output_ids = req.output_token_ids
-            first_output = not output_ids
-            was_running = req.status is running_status
-            appended = new
-            stopped = False
-            if len(new) == 1 and len(output_ids) < req.max_tokens:
-                tok = new[0]
-                output_ids.append(tok)
-                req.all_token_ids.append(tok)
-                if (
-                    tok in eos
-                    or tok in req.sampling_params.all_stop_token_ids
-                    or len(output_ids) >= req.max_tokens
-                    or len(req.all_token_ids) >= max_len
-                ):
-                    stopped = check_stop(req, tok, eos, max_len)
-            elif new:
-                appended, stopped = append_and_check_stop(req, new, eos, max_len)
-            if appended:
-                self.num_generation_tokens += len(appended)
-                if first_output:
-                    self.num_prompt_tokens += req.num_prompt_tokens
-            lps = all_logprobs[j] if (all_logprobs and j is not None) else None
-            if lps is not None and len(lps) != len(appended):
-                lps = lps[: len(appended)]
-            num_cached = req.num_cached_tokens if req.num_cached_tokens > 0 else 0
-            if stopped:
-                finished.append(rid)
-                if was_running:
-                    any_running_finished = True
-                else:
-                    self.waiting.remove(req)  # preempted with a token in flight
-                self._free(req)
-                out = EngineCoreOutput(
-                    rid, appended, lps, plp, req.finish_reason, req.stop_reason, num_cached
-                )
-            else:
-                out = EngineCoreOutput(rid, appended, lps, plp, None, None, num_cached)
-            if pooled and rid in pooled:
-                out.pooled = pooled[rid]
-            outputs.append(out)
-        if any_running_finished:
-            self.running = [r for r in self.running if not r.is_finished]
-        return EngineCoreOutputs(
-            outputs=outputs,
-            scheduler_stats=self.make_stats() if self.log_stats else None,
-            timestamp=time.monotonic(),
-            finished_requests=finished,
-        )
+        """Append sampled tokens, run stop checks, free finished requests; return per-request diffs
+        (scheduler_update.py)."""
+        return apply_runner_output(self, so, mro)
 
     # ---- stats ------------------------------------------------------------------------------------
     def make_stats(self) -> SchedulerStats:

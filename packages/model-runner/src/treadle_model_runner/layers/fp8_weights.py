@@ -135,8 +135,14 @@ def load_scale(layer: Linear, attr: str, shard: str | None, loaded: torch.Tensor
         layer.input_scale.copy_(torch.maximum(layer.input_scale, given))
         return
     assert layer.weight_scale is not None, "allocate(fp8=True) makes weight_scale"
-    if layer.weight_block is not None:
-        _load_block_scale(layer, shard, loaded, hf_name, layer.weight_block)
+    blocks = layer.weight_block
+    if shard is None and len(_shards(layer)) > 1:
+        # one checkpoint tensor for every shard of a stacked projection (Phi-3's qkv_proj): each shard takes its rows
+        for name, part in _split_stacked_scale(layer, loaded, hf_name, blocks):
+            load_scale(layer, attr, name, part, hf_name)
+        return
+    if blocks is not None:
+        _load_block_scale(layer, shard, loaded, hf_name, blocks)
         return
     rows = layer.checkpoint_rows(shard)
     if loaded.numel() == 1:  # per tensor: every row of the projection takes it
@@ -151,6 +157,31 @@ def load_scale(layer: Linear, attr: str, shard: str | None, loaded: torch.Tensor
     part = scale[layer.rank_rows(shard)]  # this rank's rows of the projection
     start = layer.rank_row_offset(shard)
     layer.weight_scale[start : start + part.shape[0]].copy_(part)
+
+
+def _split_stacked_scale(
+    layer: Linear, loaded: torch.Tensor, hf_name: str, blocks: WeightBlocks | None
+) -> list[tuple[str, torch.Tensor]]:
+    """A stacked projection's weight scale as the checkpoint holds it whole, cut into its shards' scales: per
+    tensor, every shard takes the one value; per channel, each shard its rows; block-wise, each shard its block rows
+    (a shard must start on a block boundary)."""
+    from treadle_model_runner.layers.linear import StackedLinear  # linear.py imports this module
+
+    assert isinstance(layer, StackedLinear), "only a stacked projection has shards"
+    full_sizes = layer.full_sizes
+    if loaded.numel() == 1:
+        return [(name, loaded) for name in full_sizes]
+    per_row = 1 if blocks is None else blocks.block_n
+    parts, start = [], 0
+    for name, rows in full_sizes.items():
+        if start % per_row:
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r}: shard {name!r} of the stacked projection starts at row {start}, "
+                f"inside a {per_row}-row block of {blocks.source if blocks else 'scales'}; its scales cannot be cut"
+            )
+        parts.append((name, loaded[start // per_row : num_blocks(start + rows, per_row)]))
+        start += rows
+    return parts
 
 
 def _load_block_scale(

@@ -183,8 +183,8 @@ class StackedLinear(Linear):
         return (sum(self.full_sizes.values()), *getattr(self, name).shape[1:])
 
     def checkpoint_rows(self, shard: str | None) -> int:
-        assert shard is not None, "a stacked layer loads its scales shard by shard"
-        return self.full_sizes[shard]
+        """Rows of one shard, or (None) of the whole stacked tensor a checkpoint may hold (Phi-3's qkv_proj)."""
+        return self.full_sizes[shard] if shard is not None else sum(self.full_sizes.values())
 
     def rank_rows(self, shard: str | None) -> slice:
         assert shard is not None, "a stacked layer's rows are cut shard by shard"

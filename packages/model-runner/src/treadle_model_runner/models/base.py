@@ -6,7 +6,8 @@ A model is `forward(input_ids [T], positions [T]) -> hidden [T, hidden]` over a 
 
 Loading: HF tensors arrive by name. Names listed in `stacked_params` (e.g. `q_proj` -> shard "q" of
 `qkv_proj`) are written into their slice of a stacked parameter; every other name must match a parameter of
-the module tree, which mirrors HF's (`model.layers.N.self_attn...`). Afterwards every parameter must have been
+the module tree, which mirrors HF's (`model.layers.N.self_attn...`). A checkpoint may hold a stacked parameter
+whole (Phi-3's `qkv_proj` and `gate_up_proj`, shards in our order): that one tensor writes every shard. Afterwards every parameter must have been
 written once, else ValueError names what is missing (as the checkpoint spells it: `q_proj.weight_scale`, not
 the stacked `qkv_proj`'s shard) and where it looked, so a truncated checkpoint never runs with garbage.
 fp8 checkpoints: a projection's `weight_scale` / `input_scale` go to `layers.fp8_weights.load_scale`; an fp8 tensor
@@ -128,18 +129,14 @@ class CausalLM(nn.Module):
                 )
             param = params[name]
             _check_fp8_dtype(hf_name, tensor, name, param)
+            owner = modules[owner_name]
             if attr in FP8_SCALES:
-                owner = modules[owner_name]
                 assert isinstance(owner, Linear), f"{name}: fp8 scales belong to projections"
                 fp8_weights.load_scale(owner, attr, shard, tensor, hf_name)
-                name = name if shard is None else f"{name}:{shard}"
             elif shard is not None:
-                module = modules[name.rsplit(".", 1)[0]]
-                assert isinstance(module, StackedLinear), f"{name} is not a stacked parameter"
-                module.load_shard(param, shard, tensor.to(param.dtype))
-                name = f"{name}:{shard}"
+                assert isinstance(owner, StackedLinear), f"{name} is not a stacked parameter"
+                owner.load_shard(param, shard, tensor.to(param.dtype))
             else:
-                owner = modules[owner_name]
                 expected = checkpoint_shape(owner, attr, param)
                 if tuple(tensor.shape) != expected:
                     raise ValueError(
@@ -148,7 +145,13 @@ class CausalLM(nn.Module):
                     )
                 with torch.no_grad():  # a tensor-parallel layer keeps this rank's slice (layers/linear.py)
                     param.data.copy_(rank_part(owner, attr, tensor))
-            loaded.add(name)
+            if shard is not None:
+                loaded.add(f"{name}:{shard}")
+            elif isinstance(owner, StackedLinear):
+                # the checkpoint holds it stacked already (Phi-3's qkv_proj): every shard is written
+                loaded.update(f"{name}:{s}" for s in owner.shard_sizes)
+            else:
+                loaded.add(name)
         self._check_complete(loaded, source)
         return loaded
 

@@ -39,12 +39,13 @@ KV_CACHE_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".prob_scale", ".
 
 
 def hf_projections(model: torch.nn.Module, name: str, layer: Linear) -> list[str]:
-    """The HF module names whose weights `layer` (at `name`) holds: each stacked shard's, or its own."""
+    """The HF module names whose weights `layer` (at `name`) holds: each stacked shard's, or its own (also a
+    stacked layer the checkpoint holds whole, as Phi-3's qkv_proj)."""
     if not isinstance(layer, StackedLinear):
         return [name]
     prefix, _, stacked = name.rpartition(".")
     stacked_params = getattr(model, "stacked_params", ())
-    return [f"{prefix}.{hf_part}" for target, hf_part, _ in stacked_params if target == stacked]
+    return [f"{prefix}.{hf_part}" for target, hf_part, _ in stacked_params if target == stacked] or [name]
 
 
 def allocate_projections(model: CausalLM, scheme: Fp8CheckpointScheme, device: torch.device) -> None:

@@ -3,11 +3,14 @@ attention backend, CUDA-graph mode and whether the weights are real."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -53,3 +56,14 @@ def runtime_summary(runner: Any) -> dict[str, str]:
         "weights": "dummy (random)" if runner.model_config.load_format == "dummy" else "loaded",
         "quantization": runner.quantization.describe() if runner.quantization is not None else "none",
     }
+
+
+def log_dispatch_report(model: torch.nn.Module) -> None:
+    """Log, once at start-up, which provider each IR op dispatches to here (and the MoE kernel choice)."""
+    import treadle_ir
+    import treadle_moe
+    import treadle_moe.oracle
+
+    logger.info("IR dispatch report:\n%s", treadle_ir.report())
+    if any(isinstance(m, treadle_moe.FusedMoE) for m in model.modules()):
+        logger.info("MoE kernel report:\n%s", treadle_moe.oracle.report())

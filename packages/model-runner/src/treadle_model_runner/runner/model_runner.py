@@ -28,16 +28,7 @@ import torch
 from treadle_kernels.attention import get_attn_backend
 from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
-from treadle_model_runner.kv_cache import (
-    allocate_kv_caches,
-    bytes_per_block,
-    cpu_num_blocks,
-    gpu_num_blocks,
-    kv_cache_groups,
-    make_kv_cache_config,
-    max_useful_blocks,
-    resolve_kv_cache_dtype,
-)
+from treadle_model_runner.kv_cache import resolve_kv_cache_dtype
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.layers.linear import projections_on_meta
 from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
@@ -46,7 +37,7 @@ from treadle_model_runner.lora.manager import LoRAManager
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
-from treadle_model_runner.parallel import get_tp, min_over_ranks, prepare_small_all_reduce
+from treadle_model_runner.parallel import get_tp, prepare_small_all_reduce
 from treadle_model_runner.quantization import (
     allocate_projections,
     checkpoint_weights,
@@ -55,15 +46,12 @@ from treadle_model_runner.quantization import (
     resolve_quantization,
 )
 from treadle_model_runner.runner.cuda_graph import GraphSet
-from treadle_model_runner.runner.describe import runtime_summary
+from treadle_model_runner.runner.describe import log_dispatch_report, runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
-from treadle_model_runner.runner.graph_memory import probe_graph_bytes
-from treadle_model_runner.runner.graphs import capture_graphs, graphs_wanted
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
+from treadle_model_runner.runner.kv_setup import initialize_kv_cache
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
-from treadle_model_runner.runner.precompile import start_compile_ahead
-from treadle_model_runner.runner.profile import profile_peak_activation_bytes
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
     default_dtype,
@@ -77,7 +65,6 @@ from treadle_model_runner.runner.setup import (
 from treadle_model_runner.runner.spec_decode import stage_drafts
 from treadle_model_runner.runner.state import apply_scheduler_output
 from treadle_model_runner.runner.structured import StructuredOutputs
-from treadle_model_runner.runner.warmup import warm_up_kernels
 from treadle_model_runner.sample import Sampler
 from treadle_model_runner.scheduler_output import SchedulerOutput
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
@@ -86,6 +73,12 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    # the step state, set by initialize_kv_cache (kv_setup.py)
+    batch: InputBatch
+    buffers: StepBuffers
+    builders: list[Any]
+    layer_to_group: list[int]
+
     def __init__(
         self,
         model_config: ModelConfig,
@@ -251,51 +244,11 @@ class ModelRunner:
         self.model = model
         prepare_small_all_reduce(self.dtype, self.device)  # tensor parallel on CUDA: every rank, here
         logger.info("loaded %s (%s)", cls.__name__, self.resolved.format)
-        _log_dispatch_report(model)
+        log_dispatch_report(model)
 
     def initialize_kv_cache(self) -> KVCacheConfig:
-        """Size the paged KV cache from memory, allocate it, and capture CUDA graphs."""
-        model = self._require_model()
-        layers = model.attention_layers()
-        groups = kv_cache_groups(layers)
-        block_size = self.cache_config.block_size
-        self.layer_to_group = [0] * len(layers)
-        for g, group in enumerate(groups):
-            for i in group.layer_indices:
-                self.layer_to_group[i] = g
-        self.batch = InputBatch(self.max_num_seqs, self._max_model_len, block_size, len(groups), self.device)
-        self.buffers = StepBuffers(
-            max(self.max_num_batched_tokens, self.max_num_seqs), self.max_num_seqs, len(groups), self.device
-        )
-        self.builders = [self.attn_backend.get_builder_cls()(block_size, self.device) for _ in groups]
-        block_bytes = bytes_per_block(layers, block_size, self.kv_cache_dtype, self.attn_backend)
-        compiling = start_compile_ahead(self)  # GPU: the passes below then find their kernels compiled
-        override = self.cache_config.num_gpu_blocks_override
-        if override is not None:
-            num_blocks = override
-        elif self.device.type == "cuda":
-            peak = profile_peak_activation_bytes(self, block_bytes)
-            if compiling is not None:
-                compiling.wait()  # the probe captures graphs: no compile thread may touch the device then
-            self.graph_bytes_reserved = probe_graph_bytes(self) if graphs_wanted(self) else 0
-            free, total = torch.cuda.mem_get_info(self.device)
-            num_blocks = gpu_num_blocks(self.cache_config.gpu_memory_utilization, total, total - free,
-                                        peak + self.graph_bytes_reserved, block_bytes)  # fmt: skip
-        else:
-            useful = max_useful_blocks(len(groups), self.max_num_seqs, self._max_model_len, block_size)
-            num_blocks = cpu_num_blocks(self.cache_config.kv_cache_space, block_bytes, useful)
-        num_blocks = min_over_ranks(num_blocks)  # tensor parallel: every rank holds the same blocks
-        self.kv_caches = allocate_kv_caches(layers, num_blocks, block_size, self.kv_cache_dtype, self.device,
-                                            self.attn_backend)  # fmt: skip
-        self.kv_cache_config = make_kv_cache_config(layers, num_blocks, block_size, block_bytes)
-        if compiling is not None:
-            compiling.wait()
-        if self.device.type == "cuda":
-            warm_up_kernels(self)  # compile the prefill kernel variants now, not on a user's request
-        capture_graphs(self)
-        if compiling is not None:
-            compiling.report()
-        return self.kv_cache_config
+        """Size the paged KV cache from memory, allocate it, and capture CUDA graphs (kv_setup.py)."""
+        return initialize_kv_cache(self)
 
     def describe(self) -> dict[str, str]:
         """Device, dtypes, attention backend, CUDA-graph mode, dummy or real weights (runner/describe.py)."""
@@ -390,14 +343,3 @@ class ModelRunner:
             built = [b.build_for_cuda_graph(m, graph_size) for b, m in pairs]
         per_layer = [built[g] for g in self.layer_to_group]
         return ForwardContext(self.kv_caches, per_layer, inputs.num_tokens)
-
-
-def _log_dispatch_report(model: torch.nn.Module) -> None:
-    """Log, once at start-up, which provider each IR op dispatches to here (and the MoE kernel choice)."""
-    import treadle_ir
-    import treadle_moe
-    import treadle_moe.oracle
-
-    logger.info("IR dispatch report:\n%s", treadle_ir.report())
-    if any(isinstance(m, treadle_moe.FusedMoE) for m in model.modules()):
-        logger.info("MoE kernel report:\n%s", treadle_moe.oracle.report())
