@@ -1,9 +1,13 @@
-"""Gemma 3 (text): interleaved sliding-window and global attention layers, Gemma norms around both blocks.
+"""Gemma 2 and Gemma 3 (text): interleaved sliding-window and global attention layers, Gemma norms around both
+blocks.
 
     x0  = embed(ids) * sqrt(hidden)                       (scale rounded to the model dtype, as HF does)
     h   = x + post_attn_norm(attn(input_norm(x)))         attention scale = query_pre_attn_scalar^-0.5,
-    out = h + post_ff_norm(mlp(pre_ff_norm(h)))           q/k Gemma-norms per head before rotary
+    out = h + post_ff_norm(mlp(pre_ff_norm(h)))           Gemma 3: q/k Gemma-norms per head before rotary
     logits = cap * tanh(lm_head(final_norm(out)) / cap)   when final_logit_softcapping is set
+
+Attention scores are soft-capped (cap * tanh(s / cap)) when `attn_logit_softcapping` is set (Gemma 2: 50), by
+every attention backend. Gemma 2 has one rope for all layers and no q/k norms; otherwise the two are one model.
 
 Layer i is sliding when `layer_types[i] == "sliding_attention"` (derived by the HF config from the legacy
 `sliding_window_pattern`): window `sliding_window`, rope base `rope_local_base_freq` (the config's
@@ -35,7 +39,7 @@ def _layer_type(config: Any, layer_idx: int) -> str:
 
 
 class Gemma3SelfAttention(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = local_heads(config)
         self.head_dim = head_dim_of(config)
@@ -43,8 +47,10 @@ class Gemma3SelfAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj, self.o_proj = attention_projections(config, bias, bias)
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         is_sliding = _layer_type(config, layer_idx) == "sliding_attention"
         self.rotary_emb = rotary_emb  # shared by every layer of this type (local or global base)
         self.attn = Attention(
@@ -59,9 +65,10 @@ class Gemma3SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
-        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
-        self.rotary_emb.rotate_(positions, q, k)  # q, k: fresh from the norms; v: a strided view of qkv
+        if self.qk_norm:
+            q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
+        self.rotary_emb.rotate_(positions, q, k)  # in place; q, k, v may be strided views of qkv
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -75,10 +82,10 @@ def _gemma_rope(config: Any, layer_type: str) -> dict[str, Any]:
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qk_norm: bool) -> None:
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = Gemma3SelfAttention(config, layer_idx, rotary_emb)
+        self.self_attn = Gemma3SelfAttention(config, layer_idx, rotary_emb, qk_norm)
         self.mlp = GatedMLP(
             hidden, config.intermediate_size, getattr(config, "hidden_activation", "gelu_pytorch_tanh")
         )
@@ -93,7 +100,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, qk_norm: bool = True) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         scale = torch.tensor(float(config.hidden_size) ** 0.5).to(torch.get_default_dtype())
@@ -103,7 +110,7 @@ class Gemma3Model(nn.Module):
             for kind in ("sliding_attention", "full_attention")
         }
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, i, ropes[_layer_type(config, i)])
+            Gemma3DecoderLayer(config, i, ropes[_layer_type(config, i)], qk_norm)
             for i in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -116,10 +123,12 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
+    qk_norm = True
+
     def __init__(self, config: Any, max_position: int | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Gemma3Model(config, max_position or config.max_position_embeddings)
+        self.model = Gemma3Model(config, max_position or config.max_position_embeddings, self.qk_norm)
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
@@ -138,3 +147,9 @@ class Gemma3ForCausalLM(CausalLM):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+class Gemma2ForCausalLM(Gemma3ForCausalLM):
+    """Gemma 2: Gemma 3 without the q/k norms, with one rope for every layer (module docstring)."""
+
+    qk_norm = False

@@ -2,8 +2,8 @@
 
 The pass runs max_num_batched_tokens prompt tokens (split into requests of at most max_model_len, at most
 max_num_seqs of them) through the model over a temporary KV cache just large enough to hold them, then computes
-logits for max_num_seqs rows (more under speculative decoding: `max_logits_rows`) and samples them with
-top-p/top-k on. The peak of `torch.cuda.max_memory_allocated`
+logits for max_num_seqs rows (more under speculative decoding: `max_logits_rows`) and samples them with every
+option that allocates on (`profile_sampling_params`: penalties, allowed tokens, truncation, max_logprobs). The peak of `torch.cuda.max_memory_allocated`
 above the memory allocated before the pass, minus the temporary cache, is what the KV cache must leave free.
 """
 
@@ -43,6 +43,17 @@ def max_logits_rows(runner: ModelRunner) -> int:
     return max(runner.max_num_seqs, with_drafts)
 
 
+def profile_sampling_params(runner: ModelRunner) -> SamplingParams:
+    """The costliest sampling a step may ask for: every [rows, vocab] tensor the sampler can build (penalty counts
+    and seen tokens, the allowed-token mask, truncation's sorted copy) and as many logprobs as a request may ask
+    (the engine's max_logprobs; -1: the whole vocabulary)."""
+    return SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, min_p=0.01,
+        presence_penalty=0.1, frequency_penalty=0.1, repetition_penalty=1.1,
+        allowed_token_ids=[0], logprobs=runner.model_config.max_logprobs,
+    )  # fmt: skip
+
+
 @torch.inference_mode()
 def profile_peak_activation_bytes(runner: ModelRunner, block_bytes: int) -> int:
     model = runner._require_model()
@@ -76,10 +87,10 @@ def profile_peak_activation_bytes(runner: ModelRunner, block_bytes: int) -> int:
         num_rows = max_logits_rows(runner)
         rows = torch.arange(num_rows, device=runner.device) % hidden.shape[0]
         logits = model.compute_logits(hidden[rows]).float()
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * num_rows
-        empty: list[list[int]] = [[] for _ in params]
+        params = [profile_sampling_params(runner)] * num_rows
+        one_token = [[0] for _ in params]
         metadata = SamplingMetadata.build(
-            params, empty, empty, [0] * len(params), runner.vocab_size, runner.device
+            params, one_token, one_token, [1] * len(params), runner.vocab_size, runner.device
         )
         runner.sampler(logits, metadata)
         torch.cuda.synchronize(runner.device)
