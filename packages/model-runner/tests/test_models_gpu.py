@@ -10,6 +10,8 @@ key/value head, partial_rotary_factor 0.75, longrope on its short factors with a
 - bf16, FlashInfer (its own paged kernels, after the rotary op) and XQA (fp8 cache, Hopper): the prefill step and
   the first decode step (identical inputs in both runs) give hidden states within rounding of the `torch` backend
   on the same dtype and cache.
+Gemma 2's soft-capped attention scores (cap * tanh(s / cap), a cap low enough to bite) take the same checks: the
+fused decode kernel and XQA must step aside for them, the unified Triton kernel and FlashInfer apply the cap.
 Run: `uv run pytest -m gpu packages/model-runner/tests/test_models_gpu.py`.
 """
 
@@ -49,13 +51,33 @@ def phi4_mini_heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path
     return hf, path
 
 
-@pytest.mark.parametrize(
+@pytest.fixture(scope="module")
+def gemma2_capped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    config = tf.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=128, max_position_embeddings=2 * ORIGINAL, sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=64, attn_logit_softcapping=2.0,
+        final_logit_softcapping=20.0, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = tf.Gemma2ForCausalLM(config).eval()
+    perturb_(hf, seed=3, std=0.15)
+    path = tmp_path_factory.mktemp("gemma2_capped")
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, path
+
+
+BACKENDS = pytest.mark.parametrize(
     ("backend", "eager"),
     [("torch", True), ("triton", True), ("triton", False)],
     ids=["torch", "triton", "graphs"],
 )
-def test_fp32_partial_rotary_matches_hf(phi4_mini_heads: tuple[Any, Path], backend: str, eager: bool) -> None:
-    hf, path = phi4_mini_heads
+
+
+@BACKENDS
+@pytest.mark.parametrize("model", ["phi4_mini_heads", "gemma2_capped"])
+def test_fp32_matches_hf(model: str, backend: str, eager: bool, request: pytest.FixtureRequest) -> None:
+    hf, path = request.getfixturevalue(model)
     runner = dict(device="cuda", attention_backend=backend, enforce_eager=eager, block_size=16,
                   num_blocks=64, max_model_len=ORIGINAL)  # fmt: skip
     check_mixed_batch(hf, path, VOCAB, atol=2e-3, **runner)
@@ -83,11 +105,12 @@ def _error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("path_name", ["flashinfer", "xqa"])
-def test_bf16_partial_rotary_matches_torch_backend(
-    phi4_mini_heads: tuple[Any, Path], path_name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("model", ["phi4_mini_heads", "gemma2_capped"])
+def test_bf16_matches_torch_backend(
+    model: str, path_name: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     pytest.importorskip("flashinfer")
-    _, path = phi4_mini_heads
+    _, path = request.getfixturevalue(model)
     kv_cache_dtype, backend, bound = "auto", "flashinfer", 0.02
     served: list[int] = []
     if path_name == "xqa":
@@ -100,5 +123,6 @@ def test_bf16_partial_rotary_matches_torch_backend(
         monkeypatch.setattr(xqa, "decode", lambda *a: served.append(1) or real(*a))
     ref = _first_steps(path, attention_backend="torch", enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
     got = _first_steps(path, attention_backend=backend, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
-    assert path_name != "xqa" or served, "XQA served no decode step"
+    # XQA has no soft-cap: a capped model must not reach it
+    assert path_name != "xqa" or bool(served) == (model != "gemma2_capped"), f"XQA served {len(served)} steps"
     assert _error(ref, got) < bound
