@@ -33,6 +33,7 @@ def test_profile_sampling_builds_every_vocab_sized_tensor(max_logprobs: int) -> 
     md = _metadata([params] * 4, 1, "cpu")
     assert md.output_token_counts is not None and md.seen_token_mask is not None
     assert md.allowed_mask is not None
+    assert md.seeded_rows is not None and md.bias_indices is not None and md.banned_indices is not None
     assert not md.all_greedy and md.top_p is not None and md.top_k is not None and md.min_p is not None
     assert md.max_num_logprobs == (VOCAB if max_logprobs == -1 else max_logprobs)
 

@@ -45,12 +45,14 @@ def max_logits_rows(runner: ModelRunner) -> int:
 
 def profile_sampling_params(runner: ModelRunner) -> SamplingParams:
     """The costliest sampling a step may ask for: every [rows, vocab] tensor the sampler can build (penalty counts
-    and seen tokens, the allowed-token mask, truncation's sorted copy) and as many logprobs as a request may ask
-    (the engine's max_logprobs; -1: the whole vocabulary)."""
+    and seen tokens, the allowed-token mask, truncation's sorted copy), the per-row ones (seeds, logit bias, bad
+    words, min_tokens' banned stops) and as many logprobs as a request may ask (the engine's max_logprobs; -1: the
+    whole vocabulary)."""
     return SamplingParams(
-        temperature=1.0, top_p=0.9, top_k=50, min_p=0.01,
+        temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=0,
         presence_penalty=0.1, frequency_penalty=0.1, repetition_penalty=1.1,
-        allowed_token_ids=[0], logprobs=runner.model_config.max_logprobs,
+        allowed_token_ids=[0, 1], logit_bias={1: -1.0}, bad_words_token_ids=[[1]], min_tokens=2,
+        stop_token_ids=[1], logprobs=runner.model_config.max_logprobs,
     )  # fmt: skip
 
 
