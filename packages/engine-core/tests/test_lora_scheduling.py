@@ -11,11 +11,12 @@ from treadle_engine_core.block_hash import update_block_hashes
 from treadle_engine_core.config import EngineConfig, FakeRunnerConfig
 from treadle_engine_core.core import EngineCore
 from treadle_engine_core.messages import (
-    AddLoRA,
+    ApplyLoRA,
     EngineCoreRequest,
-    HoldLoRA,
+    ListLoRAs,
     LoRACall,
-    RemoveLoRA,
+    LoRAReply,
+    ReadLoRA,
     decode,
     encode,
 )
@@ -23,6 +24,7 @@ from treadle_engine_core.request import FinishReason, Request
 from treadle_model_runner import ModelConfig, SamplingParams
 from treadle_model_runner.config import LoRAConfig
 from treadle_model_runner.lora import LoRARequest
+from treadle_model_runner.lora.change import HostChange
 
 ADAPTERS = {name: LoRARequest(name, i + 1, f"/adapters/{name}") for i, name in enumerate("ABC")}
 
@@ -173,14 +175,18 @@ def test_lora_requests_need_enable_lora_and_travel_the_wire() -> None:
         _add(engine, "a", "A")
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         engine.call_utility("add_lora", [msgspec.to_builtins(ADAPTERS["A"])])
-    # adapters run under tensor parallelism (model-runner's lora/layer.py): rank 0 sends each LoRA call it ran to
-    # the other ranks (tp_executor.py)
+    # adapters run under tensor parallelism (model-runner's lora/layer.py): rank 0's host cache decides, and the
+    # other ranks read what it loads and make each change it made (tp_executor.py)
     lora_tp = EngineConfig(ModelConfig("m", tensor_parallel_size=2), lora_config=LoRAConfig(enable_lora=True))
     assert lora_tp.max_loras == LoRAConfig().max_loras
     req = EngineCoreRequest("x", [1, 2], SamplingParams(), 1.0, lora_request=ADAPTERS["B"])
     assert decode(encode(req), EngineCoreRequest).lora_request == ADAPTERS["B"]
-    for call in (AddLoRA(ADAPTERS["A"], load_inplace=True), HoldLoRA("x", ADAPTERS["B"]), RemoveLoRA(3)):
+    calls = (ReadLoRA(ADAPTERS["A"]), ApplyLoRA(HostChange(ADAPTERS["B"], (1, 3))), ApplyLoRA(HostChange()),
+             ListLoRAs())  # fmt: skip
+    for call in calls:
         assert decode(encode(call), LoRACall) == call
+    for reply in (LoRAReply(error="gone"), LoRAReply(lora_ids=[2, 1])):
+        assert decode(encode(reply), LoRAReply) == reply
 
     engine = _engine(1)
     assert engine.call_utility("add_lora", [msgspec.to_builtins(ADAPTERS["C"])]) is True

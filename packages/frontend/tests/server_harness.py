@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -12,9 +13,18 @@ import uvicorn
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free localhost port: the system's pick, or the first free one of TREADLE_TEST_PORTS ("18600-18699") when
+    that is set, for machines where test servers keep to a range."""
+    span = os.environ.get("TREADLE_TEST_PORTS")
+    low, _, high = (span or "0-0").partition("-")
+    for port in range(int(low), int(high or low) + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free port in TREADLE_TEST_PORTS={span}")
 
 
 class ThreadedServer:

@@ -16,6 +16,7 @@ from treadle_kernels.attention import triton_kernel as attn
 from treadle_kernels.ops import (
     activation_kernels,
     cache_kernels,
+    fp8_block_kernels,
     fp8_linear_kernels,
     gumbel_kernels,
     linear_kernels,
@@ -96,6 +97,26 @@ def main() -> int:
         quant = {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "given_scale_ptr": "*fp32"}
         constexprs = {"STATIC": static, "BLOCK_K": 1024, "HW_CVT": True}
         compile_one(fp8_linear_kernels.quantize_fp8_rows_kernel, constexprs, quant)
+    # block-wise fp8 checkpoints (128 x 128 tiles): the one-row kernel, the GEMM with and without its own
+    # activation quantization, and the group quantization kernel
+    block = {"weight_ptr": "*fp8e4nv", "weight_scale_ptr": "*fp32", "bias_ptr": "*bf16"}
+    gemv = {"HAS_BIAS": True, "BLOCK_N": 8, "GROUPS": 16, "GROUP_PAD": 128, "HW_CVT": True}
+    compile_one(fp8_block_kernels.fp8_block_gemv_kernel, gemv, block, options={"num_warps": 4})
+    for quant_a, block_m, block_n, warps, stages in ((True, 16, 32, 4, 4), (True, 64, 128, 4, 4),
+                                                     (False, 128, 128, 8, 3)):  # fmt: skip
+        ptrs = {**block, "a_ptr": "*bf16" if quant_a else "*fp8e4nv", "a_scale_ptr": "*fp32"}
+        constexprs = {
+            "QUANT_A": quant_a, "HAS_BIAS": not quant_a, "EXACT_K": not quant_a, "BLOCK_M": block_m,
+            "BLOCK_N": block_n, "BLOCK_K": 128, "GROUP_M": 8, "HW_CVT": True, "UPCAST": False,
+        }  # fmt: skip
+        options = {"num_warps": warps, "num_stages": stages}
+        # aligned as torch's allocations are on the device: the K loop's loads are then pipelined (cp.async)
+        aligned = ("a_ptr", "weight_ptr", "out_ptr", "a_row_stride", "out_row_stride", "k")
+        compile_one(fp8_block_kernels.fp8_block_gemm_kernel, constexprs, ptrs, divisible_by_16=aligned,
+                    options=options)  # fmt: skip
+    groups = {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+    constexprs = {"GROUPS": 8, "GROUP_PAD": 128, "HW_CVT": True}
+    compile_one(fp8_block_kernels.quantize_fp8_groups_kernel, constexprs, groups)
     partials = {"part_key_ptr": "*i32", "part_index_ptr": "*i32"}
     for logits in ("*fp32", "*bf16", "*fp16"):
         for chunk in (16, 1024):

@@ -27,7 +27,18 @@ from torch import nn
 
 E4M3_MAX = 448.0
 CALIBRATION = [[3, 17, 40, 99, 12, 7, 120, 61, 5, 33, 28, 110], [90, 4, 4, 72, 13, 101, 8]]  # ids < 129
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# qkv_proj, gate_up_proj: Phi-3's projections, stacked in its checkpoints
+PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+)
 
 
 @dataclass(frozen=True)

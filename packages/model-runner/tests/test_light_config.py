@@ -67,6 +67,11 @@ FALLBACK: dict[str, dict[str, Any]] = {
     "qwen2_window_on": {**CASES["qwen2"], "use_sliding_window": True},
     "mistral_window_unsaid": {k: v for k, v in CASES["mistral"].items() if k != "sliding_window"},
     "qwen3_no_head_dim": {k: v for k, v in CASES["qwen3"].items() if k != "head_dim"},
+    # families the light path does not read (stacked checkpoints, longrope, other norms): transformers does
+    "phi3": {**CASES["llama"], "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]},
+    "olmo2": {**CASES["llama"], "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]},
+    "granite": {**CASES["llama"], "model_type": "granite", "architectures": ["GraniteForCausalLM"]},
+    "qwen2_moe": {**CASES["qwen3_moe"], "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]},
 }
 FIELDS = (
     "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

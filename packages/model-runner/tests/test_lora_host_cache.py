@@ -35,10 +35,12 @@ def test_held_adapters_stay_and_the_rest_is_least_recently_used() -> None:
     assert cache.ids() == [1, 4] and loader.loads.count("/adapters/a1") == 1
     cache.hold("r2", REQ[2])  # evicted: read again at admission
     assert loader.loads.count("/adapters/a2") == 2 and cache.ids() == [1, 2]  # 4 made room
-    cache.add(REQ[5])  # both held: the cache holds one more until a release
+    cache.add(REQ[5])  # both held: the cache holds one more for now
     assert cache.ids() == [1, 2, 5]
     cache.release(["r1", "unknown"])
-    assert cache.ids() == [2, 5]
+    assert cache.ids() == [1, 2, 5]  # a release changes nothing: only a load evicts (host_cache.py)
+    cache.add(REQ[3])  # 1 is no longer held: it leaves, then the least recently used of the rest
+    assert cache.ids() == [2, 3]
     assert cache.get(2).lora_id == 2
     with pytest.raises(AssertionError, match="scheduled but not in host memory"):
         cache.get(1)

@@ -29,11 +29,12 @@ def _metadata(params: list[SamplingParams], output_len: int, device: str) -> Sam
 
 @pytest.mark.parametrize("max_logprobs", [20, 5, -1])
 def test_profile_sampling_builds_every_vocab_sized_tensor(max_logprobs: int) -> None:
-    params = profile_sampling_params(_runner(max_logprobs))
-    md = _metadata([params] * 4, 1, "cpu")
+    md = _metadata(profile_sampling_params(_runner(max_logprobs), 4), 1, "cpu")
     assert md.output_token_counts is not None and md.seen_token_mask is not None
     assert md.allowed_mask is not None
-    assert not md.all_greedy and md.top_p is not None and md.top_k is not None and md.min_p is not None
+    assert md.seeded_rows is not None and md.bias_indices is not None and md.banned_indices is not None
+    assert not md.all_greedy and not md.all_random  # a mixed batch also takes the greedy argmax
+    assert md.top_p is not None and md.top_k is not None and md.min_p is not None
     assert md.max_num_logprobs == (VOCAB if max_logprobs == -1 else max_logprobs)
 
 
@@ -63,7 +64,7 @@ def _peak_bytes(params: list[SamplingParams], output_len: int) -> int:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_profile_sampling_peak_covers_a_heavy_mix() -> None:
     rows = 512
-    profiled = _peak_bytes([profile_sampling_params(_runner(20))] * rows, 1)
+    profiled = _peak_bytes(profile_sampling_params(_runner(20), rows), 1)
     heavy = _peak_bytes(_heavy_mix(rows), 300)
     plain = _peak_bytes([SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows, 1)
     assert profiled >= heavy, (profiled, heavy)

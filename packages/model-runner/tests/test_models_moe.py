@@ -1,7 +1,8 @@
 """Parity with HF transformers (CPU, fp32) for the sparse-MoE models, driven through the ModelRunner.
 
-Qwen3-MoE (q/k norm, a dense layer from `mlp_only_layers`, renormalized top-k) and Mixtral (sliding window short
-enough to matter, w1/w3/w2 experts), tiny random configs with 8 experts and top-2, saved by `save_pretrained`
+Qwen3-MoE (q/k norm, a dense layer from `mlp_only_layers`, renormalized top-k), Mixtral (sliding window short
+enough to matter, w1/w3/w2 experts) and Qwen2-MoE (a shared expert scaled by its sigmoid gate beside the routed ones,
+qkv bias, sliding-window layers), tiny random configs with 8 experts and top-2, saved by `save_pretrained`
 (per-expert tensors on disk): one step mixing a fresh prefill, a chunked prefill continuing on cached blocks and
 several decodes gives per-position logits within 1e-4 of HF, and greedy 32-token continuations equal HF
 `generate`. Loading also accepts transformers' fused in-memory layout (`experts.gate_up_proj` /
@@ -10,14 +11,14 @@ several decodes gives per-position logits within 1e-4 of HF, and greedy 32-token
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers as tf
-from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
+from model_parity import check_greedy, check_mixed_batch, prefixed
+from test_runner_fakes import FakeScheduler, make_runner, perturb_
 
 from treadle_model_runner.loader import iterate_weights
 from treadle_model_runner.loader.dummy import make_dummy_model_dir
@@ -57,15 +58,19 @@ def _config(arch: str) -> tuple[Any, Any]:
             **COMMON, num_hidden_layers=2, num_local_experts=8, intermediate_size=48, sliding_window=7
         )
         return config, tf.MixtralForCausalLM
+    if (
+        arch == "qwen2_moe"
+    ):  # shared expert with its sigmoid gate, qkv bias, a dense layer, sliding layers 0 and 2
+        config = tf.Qwen2MoeConfig(
+            **COMMON, num_hidden_layers=3, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+            shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
+            use_sliding_window=True, sliding_window=7, max_window_layers=3,
+        )  # fmt: skip
+        return config, tf.Qwen2MoeForCausalLM
     raise AssertionError(arch)
 
 
-ARCHS = ["qwen3_moe", "qwen3_moe_step2", "mixtral"]
-
-
-def _prefixed(prefix: str) -> Callable[[str], str]:
-    """An assert_close msg callback naming what was compared."""
-    return lambda message: f"{prefix}: {message}"
+ARCHS = ["qwen3_moe", "qwen3_moe_step2", "mixtral", "qwen2_moe"]
 
 
 def _tiny_hf(arch: str) -> Any:
@@ -84,11 +89,6 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return hf, path
 
 
-def _hf_logits(hf: Any, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([tokens])).logits[0].float()
-
-
 def test_checkpoint_stores_experts_one_matrix_each(tiny: tuple[Any, Path]) -> None:
     """The parity tests below load what save_pretrained writes: per-expert matrices (guards the premise)."""
     _, path = tiny
@@ -98,48 +98,11 @@ def test_checkpoint_stores_experts_one_matrix_each(tiny: tuple[Any, Path]) -> No
 
 
 def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path]) -> None:
-    hf, path = tiny
-    runner = make_runner(path)
-    gen = torch.Generator().manual_seed(7)
-    prompts = {name: torch.randint(1, VOCAB, (n,), generator=gen).tolist()
-               for name, n in {"chunked": 23, "b": 5, "c": 7, "d": 9, "fresh": 11}.items()}  # fmt: skip
-    sched = FakeScheduler(runner, seed=3)
-    for name, prompt in prompts.items():
-        sched.add(name, prompt, max_tokens=4)
-    sched.step({"chunked": 10, "b": 5, "c": 7, "d": 9})
-
-    hidden = record_hidden(runner)
-    before = {name: (list(r.prompt + r.output), r.num_computed) for name, r in sched.requests.items()}
-    plan = {"chunked": 13, "fresh": 11, "b": 1, "c": 1, "d": 1}
-    out = sched.step(plan)
-    with torch.no_grad():
-        logits = runner._require_model().compute_logits(hidden[0]).float()
-
-    start = 0
-    for req_id in out.req_ids:
-        tokens, computed = before[req_id]
-        n = plan[req_id]
-        ref = _hf_logits(hf, tokens[: computed + n])[computed : computed + n]
-        got = logits[start : start + n]
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0, msg=_prefixed(req_id))
-        assert out.sampled_token_ids[out.req_id_to_index[req_id]] == [int(ref[-1].argmax())]
-        start += n
+    check_mixed_batch(*tiny, vocab_size=VOCAB)
 
 
 def test_greedy_continuations_match_hf_generate(tiny: tuple[Any, Path]) -> None:
-    hf, path = tiny
-    runner = make_runner(path, max_num_batched_tokens=16)
-    gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (3, 12, 30)]
-    sched = FakeScheduler(runner, seed=5)
-    for i, prompt in enumerate(prompts):
-        sched.add(f"r{i}", prompt, max_tokens=32)
-    got = sched.run(budget=16)
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-        assert got[f"r{i}"] == ref, f"prompt {i}: treadle {got[f'r{i}']} != HF {ref}"
+    check_greedy(*tiny, vocab_size=VOCAB)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
@@ -158,7 +121,7 @@ def test_fused_layout_loads_like_per_expert(arch: str, tmp_path: Path) -> None:
         from_fused.load_weights(fused_state.items())
     fused_params = dict(from_fused.named_parameters())
     for name, param in from_disk.named_parameters():
-        torch.testing.assert_close(fused_params[name], param, atol=0, rtol=0, msg=_prefixed(name))
+        torch.testing.assert_close(fused_params[name], param, atol=0, rtol=0, msg=prefixed(name))
     experts = hf.model.layers[1].mlp.experts
     ours = from_fused.model.layers[1].mlp.experts
     torch.testing.assert_close(ours.w13_weight, experts.gate_up_proj.detach(), atol=0, rtol=0)
@@ -189,12 +152,13 @@ def test_fused_tensor_with_wrong_shape_is_rejected() -> None:
         model.load_weights(state.items())
 
 
-def test_dummy_weights_fill_experts_and_generate(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("arch", "sparse_layer"), [("qwen3_moe", 1), ("qwen2_moe", 0)])
+def test_dummy_weights_fill_experts_and_generate(arch: str, sparse_layer: int, tmp_path: Path) -> None:
     """load_format='dummy' (the benchmark path) fills the expert stacks and the model generates."""
-    config, _ = _config("qwen3_moe")
+    config, _ = _config(arch)
     runner = make_runner(make_dummy_model_dir(config, tmp_path), load_format="dummy")
     model: Any = runner._require_model()
-    experts = model.model.layers[1].mlp.experts
+    experts = model.model.layers[sparse_layer].mlp.experts
     assert 0.01 < float(experts.w13_weight.std()) < 0.04 and 0.01 < float(experts.w2_weight.std()) < 0.04
     sched = FakeScheduler(runner, seed=1)
     sched.add("a", [1, 2, 3, 4, 5], max_tokens=8)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers as tf
 from fp8_reference import fp8_reference
+from model_parity import check_greedy_runner
 from test_models import COMMON, _config
 from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
@@ -89,17 +90,7 @@ def test_greedy_continuations_match_the_fp8_reference(tiny: tuple[Any, Any, Path
 
 def check_greedy_continuations(runner: ModelRunner, ref: Any) -> None:
     """Three prompts decoded greedily for 24 tokens in 16-token steps equal the reference model's `generate`."""
-    gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(1, 160, (n,), generator=gen).tolist() for n in (3, 12, 30)]
-    sched = FakeScheduler(runner, seed=5)
-    for i, prompt in enumerate(prompts):
-        sched.add(f"r{i}", prompt, max_tokens=24)
-    got = sched.run(budget=16)
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-        assert got[f"r{i}"] == expected, f"prompt {i}: treadle {got[f'r{i}']} != reference {expected}"
+    check_greedy_runner(runner, ref, 160, max_tokens=24)
 
 
 def test_projections_hold_fp8_and_the_rest_does_not(tiny: tuple[Any, Any, Path]) -> None:

@@ -77,9 +77,12 @@ def _file_rows(files: dict[str, torch.Tensor], hf_name: str) -> tuple[torch.Tens
 
 
 def test_projections_hold_the_files_bytes_and_scales(checkpoint: tuple[Any, Any, Path]) -> None:
-    _, _, path = checkpoint
-    files = read_checkpoint(path)
-    runner = make_runner(path)
+    check_projections_hold_the_files(make_runner(checkpoint[2]), read_checkpoint(checkpoint[2]))
+
+
+def check_projections_hold_the_files(runner: Any, files: dict[str, torch.Tensor]) -> None:
+    """Every projection holds its checkpoint tensors' fp8 bytes and scales (a stacked one, its shards' in order,
+    or the file's own stacked tensor), ignored ones the file's fp32 weight; the vocabulary ends stay fp32."""
     model = runner._require_model()
     assert runner.describe()["quantization"].startswith("fp8 checkpoint")
     checked = 0
@@ -88,6 +91,8 @@ def test_projections_hold_the_files_bytes_and_scales(checkpoint: tuple[Any, Any,
             continue
         prefix, _, leaf = name.rpartition(".")
         parts = [f"{prefix}.{p}" for p in STACKED.get(leaf, (leaf,))]
+        if f"{name}.weight" in files:  # stacked in the checkpoint too (Phi-3)
+            parts = [name]
         if f"{parts[0]}.weight_scale" not in files:  # ignored: the file's fp32 weight, no scales
             assert layer.weight.dtype == torch.float32 and layer.weight_scale is None, name
             assert torch.equal(layer.weight, torch.cat([files[f"{p}.weight"] for p in parts])), name
@@ -175,8 +180,8 @@ def _ct(
 
 
 REFUSED = {
-    "block fp8": ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
-                  r"quantization_config\.weight_block_size is \[128, 128\].*block-scaled"),
+    "block fp8, static": ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [16, 16]},
+                          r"quantization_config\.activation_scheme is 'static'.*per token group"),
     # 4-bit methods load (test_quantization_int4_*.py), but not without their group size
     "awq": ({"quant_method": "awq", "bits": 4}, r"quantization_config\.group_size is None"),
     "gptq": ({"quant_method": "gptq", "bits": 4}, r"quantization_config\.group_size is None"),
@@ -185,7 +190,8 @@ REFUSED = {
     "int8": (_ct({"type": "int"}, {"type": "int"}), r"config_groups\.group_0\.weights\.type is 'int'"),
     "4-bit": (_ct({"num_bits": 4}), r"group_0\.weights\.num_bits is 4"),
     "group-wise": (_ct({"strategy": "group", "group_size": 128}), r"group_0\.weights\.group_size is 128"),
-    "block-wise": (_ct({"strategy": "block"}), r"group_0\.weights\.strategy is 'block'.*block-scaled"),
+    "block-wise, no block": (_ct({"strategy": "block"}),
+                             r"group_0\.weights\.block_structure is None.*\[block_n, block_k\]"),
     "asymmetric": (_ct({"symmetric": False}), r"group_0\.weights\.symmetric is False"),
     "packed": (_ct(format="pack-quantized"), r"quantization_config\.format is 'pack-quantized'"),
     "group acts": (_ct(acts={"strategy": "group", "dynamic": "local"}),

@@ -3,7 +3,11 @@ driven by the same fake scheduler, give the one-rank runner's tokens and logprob
 
 Models: Llama (GQA, untied lm_head with a vocabulary that does not divide by two; and with one key/value head,
 which both ranks then hold), Qwen2 (q/k/v bias), Qwen3 (q/k norms, tied embeddings), Gemma 3 (sliding-window layers,
-GELU, tied with an odd vocabulary), Qwen3-MoE and Mixtral (each rank holds a slice of every expert), and dummy weights (each rank draws the
+GELU, tied with an odd vocabulary), Qwen3-MoE and Mixtral (each rank holds a slice of every expert), Phi-3 (qkv_proj and
+gate_up_proj stacked in the checkpoint, each rank cutting its rows of every shard; partial rotary), OLMo 2 (q/k norms over
+every head: the ranks sum their squares; one key/value head, so both ranks hold it and its norm), Qwen2-MoE (the shared
+expert split like a dense MLP, beside the routed ones), Granite (multipliers),
+and dummy weights (each rank draws the
 one-rank values and keeps its slice). Prompts are chunked, so steps mix prefills and decodes; a request verifies
 draft tokens (speculative decoding) on every rank alike.
 """
@@ -56,6 +60,25 @@ def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
             **SMALL,
         ),
         "mixtral": tf.MixtralConfig(vocab_size=128, num_local_experts=4, num_experts_per_tok=2, **SMALL),
+        "phi3": tf.Phi3Config(vocab_size=128, partial_rotary_factor=0.5, pad_token_id=0, **SMALL),
+        # q/k norms over all heads, each rank holding half the query heads and both the one key/value head
+        "olmo2": tf.Olmo2Config(vocab_size=128, pad_token_id=0, **(SMALL | {"num_key_value_heads": 1})),
+        "qwen2_moe": tf.Qwen2MoeConfig(
+            vocab_size=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            **SMALL,
+        ),
+        "granite": tf.GraniteConfig(
+            vocab_size=128,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.4,
+            attention_multiplier=0.11,
+            logits_scaling=2.5,
+            **SMALL,
+        ),
     }
     dirs: dict[str, tuple[Path, str]] = {}
     for i, (name, config) in enumerate(configs.items()):

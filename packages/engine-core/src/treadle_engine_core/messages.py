@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from treadle_engine_core.request import FinishReason
+from treadle_model_runner.lora.change import HostChange
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import Logprobs
 from treadle_model_runner.sampling_params import DEFAULT_MAX_LOGPROBS, SamplingParams
@@ -117,22 +118,29 @@ class EngineFailure(msgspec.Struct):
     traceback: str = ""
 
 
-# ---- rank 0 -> tensor-parallel workers (tp_executor.py): a LoRA call rank 0 has just run without error ----------
-class AddLoRA(msgspec.Struct, tag=True):
-    lora_request: LoRARequest
-    load_inplace: bool = False  # replace the weights of the adapter with its id
+# ---- rank 0 <-> tensor-parallel workers (tp_executor.py): the adapter host cache rank 0 decides for every rank -----
+class ReadLoRA(msgspec.Struct, tag=True):
+    """Read and check this adapter and keep it aside (rank 0 is loading it); the worker answers a LoRAReply."""
 
-
-class HoldLoRA(msgspec.Struct, tag=True):
-    request_id: str  # the request just admitted; it holds its adapter until the runner drops it
     lora_request: LoRARequest
 
 
-class RemoveLoRA(msgspec.Struct, tag=True):
-    lora_id: int
+class ApplyLoRA(msgspec.Struct, tag=True):
+    """Make the change rank 0 made to its host cache: install what was read, drop what it dropped."""
+
+    change: HostChange
 
 
-LoRACall = AddLoRA | HoldLoRA | RemoveLoRA
+class ListLoRAs(msgspec.Struct, tag=True):
+    """Answer the adapter ids in this rank's host memory (a LoRAReply)."""
+
+
+LoRACall = ReadLoRA | ApplyLoRA | ListLoRAs
+
+
+class LoRAReply(msgspec.Struct):
+    error: str = ""  # ReadLoRA: why this rank could not read the adapter ("" = it could)
+    lora_ids: list[int] = []  # ListLoRAs: the adapters in this rank's host memory
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -8,10 +8,17 @@ each worker over its pipe (msgspec msgpack, as everything crossing a process bou
 here. The ranks meet in the model's collectives (treadle_model_runner.parallel), so they run the same calls in the
 same order. Workers send nothing back per step: every rank samples the same tokens from the same gathered logits
 with the same seeds, so each keeps the same persistent batch.
-LoRA calls (add_lora, hold_lora at admission, remove_lora) run on rank 0 first, and go to the workers only when
-they succeeded there: an adapter that cannot run fails its call or request once, on rank 0, and every worker reads
-and keeps its own part of each adapter rank 0 took (model_runner's lora/manager.py). They are sent from the engine's
-one thread, as the steps are, so a worker holds a request's adapter before the step that runs it.
+LoRA adapters: rank 0's host cache decides what every rank keeps (model_runner's lora/host_cache.py says why).
+add_lora, hold_lora and remove_lora run on rank 0 alone; when its cache loads an adapter it first asks each worker
+to read it (ReadLoRA, answered by a LoRAReply: the one message workers send back), and then has every worker make
+the change it made (ApplyLoRA: install what was read, drop what it dropped). A worker that cannot read an adapter
+(its directory went away after rank 0 read it) makes the load fail on every rank, so the request that needed it
+fails alone (the scheduler's error output) and no step ever misses an adapter on any rank. These messages go from
+the engine's one thread, as the steps do, so a worker makes each change between the same two steps as rank 0's
+engine thread did; none runs inside a step, and none is a collective. Waiting for the answers to ReadLoRA waits for
+the steps in flight on the workers, which is paid only when an adapter is read from disk; it also means rank 0
+installs an adapter only once every step sent before has prepared its adapters on every rank, so all ranks run the
+new weights (of an in-place reload too) from the same step on.
 A worker that dies takes the engine process down with it (rank 0 would wait in a collective for ever): a monitor
 thread logs which rank exited and ends the process; the API server then reports the engine dead.
 """
@@ -36,6 +43,8 @@ from treadle_engine_core import messages as msg
 from treadle_engine_core.config import EngineConfig
 from treadle_engine_core.executor import InprocExecutor, build_runner
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
+from treadle_model_runner.lora.change import HostChange
+from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
 from treadle_model_runner.scheduler_output import SchedulerOutput
@@ -93,6 +102,9 @@ class TensorParallelExecutor(InprocExecutor):
         try:
             init_tensor_parallel(0, size, init_method, device)
             super().__init__(config)
+            lora = getattr(self.runner, "lora", None)
+            if lora is not None:  # rank 0's adapter cache decides, the workers' follow
+                lora.lead(_WorkerCaches(self))
         except BaseException:  # e.g. heads the group size does not divide: all ranks fail; rank 0 says why
             self._stop_workers()
             raise
@@ -133,19 +145,20 @@ class TensorParallelExecutor(InprocExecutor):
         self._send(_STEP, msg.encode(so))
         return super().execute_async(so)
 
-    def add_lora(self, request: Any, load_inplace: bool = False) -> bool:
-        added = super().add_lora(request, load_inplace)
-        self._send(_LORA, msg.encode(msg.AddLoRA(request, load_inplace)))
-        return added
+    def _ask(self, call: msg.LoRACall) -> list[msg.LoRAReply]:
+        """Send `call` to every worker and wait for each one's answer (after the steps it has yet to run)."""
+        self._send(_LORA, msg.encode(call))
+        replies = []
+        for rank, (_, conn) in enumerate(self._workers, start=1):
+            try:
+                replies.append(msg.decode(conn.recv_bytes(), msg.LoRAReply))
+            except (OSError, EOFError) as exc:
+                raise RuntimeError(f"tensor-parallel rank {rank} is gone ({exc})") from exc
+        return replies
 
-    def hold_lora(self, request_id: str, request: Any) -> None:
-        super().hold_lora(request_id, request)
-        self._send(_LORA, msg.encode(msg.HoldLoRA(request_id, request)))
-
-    def remove_lora(self, lora_id: int) -> bool:
-        removed = super().remove_lora(lora_id)
-        self._send(_LORA, msg.encode(msg.RemoveLoRA(lora_id)))
-        return removed
+    def loras_by_rank(self) -> list[list[int]]:
+        """The adapter ids in each rank's host memory, rank 0 first (the ranks hold the same ones)."""
+        return [self.list_loras()] + [reply.lora_ids for reply in self._ask(msg.ListLoRAs())]
 
     def shutdown(self) -> None:
         self._closing = True  # workers exiting from here on are expected
@@ -191,7 +204,7 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
             elif kind == _ASYNC:
                 runner.async_output = payload == b"1"
             elif kind == _LORA:
-                _run_lora_call(runner, msg.decode(payload, msg.LoRACall), rank)
+                _run_lora_call(runner, msg.decode(payload, msg.LoRACall), conn)
             else:
                 break
     except EOFError:  # rank 0's process is gone
@@ -209,18 +222,39 @@ def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, con
     os._exit(0)
 
 
-def _run_lora_call(runner: Any, call: msg.LoRACall, rank: int) -> None:
-    """A LoRA call rank 0 ran without error. It fails here only when this rank read the adapter's directory after it
-    changed or went: rank 0 read it earlier, or not at all because its host cache still held the adapter (under
-    async scheduling a step's releases may run on rank 0 after the next admissions, so the two caches may evict in
-    another order). Logged, not fatal: the adapter may never run here; a step that needs it then fails this rank."""
-    try:
-        if isinstance(call, msg.AddLoRA):
-            runner.add_lora(call.lora_request, call.load_inplace)
-        elif isinstance(call, msg.HoldLoRA):
-            runner.hold_lora(call.request_id, call.lora_request)
+class _WorkerCaches:
+    """The workers' adapter host caches, as rank 0's cache sees them (lora/host_cache.py's Followers)."""
+
+    def __init__(self, executor: TensorParallelExecutor) -> None:
+        self.executor = executor
+
+    def read(self, request: LoRARequest) -> None:
+        replies = self.executor._ask(msg.ReadLoRA(request))
+        failed = [(rank, reply.error) for rank, reply in enumerate(replies, start=1) if reply.error]
+        if failed:
+            self.apply(HostChange())  # the workers that read it drop it
+            rank, error = failed[0]
+            raise ValueError(
+                f"tensor-parallel rank {rank} could not read LoRA adapter {request.lora_name!r}, which rank 0 had "
+                f"just read: {error}"
+            )
+
+    def apply(self, change: HostChange) -> None:
+        self.executor._send(_LORA, msg.encode(msg.ApplyLoRA(change)))
+
+
+def _run_lora_call(runner: Any, call: msg.LoRACall, conn: Connection) -> None:
+    """Rank 0's adapter cache speaking (lora/host_cache.py): ReadLoRA and ListLoRAs are answered, ApplyLoRA is not.
+    A read that fails is answered with its error (rank 0 then loads the adapter nowhere); nothing here ends the
+    worker."""
+    if isinstance(call, msg.ApplyLoRA):
+        runner.lora.apply(call.change)
+    elif isinstance(call, msg.ReadLoRA):
+        try:
+            runner.lora.read(call.lora_request)
+        except ValueError as exc:
+            conn.send_bytes(msg.encode(msg.LoRAReply(error=str(exc))))
         else:
-            runner.remove_lora(call.lora_id)
-    except ValueError as exc:
-        name = type(call).__name__
-        logger.error("tensor-parallel rank %d: %s failed here though rank 0 ran it: %s", rank, name, exc)
+            conn.send_bytes(msg.encode(msg.LoRAReply()))
+    else:
+        conn.send_bytes(msg.encode(msg.LoRAReply(lora_ids=runner.list_loras())))

@@ -30,8 +30,9 @@ from treadle_frontend.beam_search import BeamSearch, BeamSearchParams, BeamSearc
 from treadle_frontend.logprobs import TokenTexts
 from treadle_frontend.outputs import CompletionOutput, RequestOutput
 from treadle_frontend.position_logprobs import PositionLogprobs
-from treadle_frontend.server.common import ServerState, sse
+from treadle_frontend.server.common import ServerState
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.streams import sse
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import SamplingParams, check_num_logprobs, logprobs_limit
 

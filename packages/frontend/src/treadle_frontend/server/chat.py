@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from treadle_frontend.input_processor import flatten_content
 from treadle_frontend.logprobs import chat_logprobs, prompt_logprobs_json
@@ -31,19 +30,16 @@ from treadle_frontend.server.beam import beam_searches, length_params
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
-    collect_all,
-    first_output,
     new_id,
     sampling_params,
-    sse,
     truncate_prompt,
-    until_disconnect,
     usage,
 )
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, chat_delta, forced_schema
 from treadle_frontend.server.offload import is_heavy, json_reply, logprob_entries, off_loop, sse_text
 from treadle_frontend.server.protocol import ChatCompletionRequest
+from treadle_frontend.server.streams import collect_all, event_stream, first_output, sse, until_disconnect
 from treadle_frontend.server.structured import forced_constraint
 from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
@@ -134,7 +130,7 @@ class ChatHandler:
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
             gen = await first_output(request, gen)
             stream = self._stream(rid, created, body, ids, gen, tools, forced, echoed(body, messages))
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return event_stream(request, rid, stream, gen)
         final = (await until_disconnect(request, collect_all([gen])))[0]
         heavy = is_heavy(self._entries(body, sum(len(c.token_ids) for c in final.outputs), len(ids)))
         return await off_loop(heavy, lambda: json_reply(heavy, self._response(

@@ -1,29 +1,17 @@
-"""What every route shares: the server state, model-name and sampling-field checks, SSE framing,
-merging the streams of several prompts, and aborting work when the HTTP client goes away.
-
-A streamed reply starts (HTTP 200, its first bytes) only once the engine's first output has come
-(`first_output`): a request the engine refuses before that (a LoRA adapter that fails to load when the request is
-admitted, a grammar it rejects) is answered as the same request unstreamed is, an HTTP 400 with the error body.
-Failures after the first output stay in the stream, as events."""
+"""What every route shares: the server state, model-name and sampling-field checks, prompts, usage.
+Streams, SSE framing and clients that go away are streams.py's."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from fastapi import Request
+from typing import Any
 
 from treadle_frontend.async_llm import AsyncLLM
 from treadle_frontend.input_processor import keep_last
 from treadle_frontend.logprobs import TOKEN_IDS, TokenNames
-from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.lora import ServedLoRAs
@@ -31,9 +19,6 @@ from treadle_frontend.server.metrics import ServerMetrics
 from treadle_frontend.server.structured import structured_outputs
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams, check_num_logprobs
-
-logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _SAMPLING_FIELDS = (
     "temperature",
@@ -194,108 +179,6 @@ def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> lis
             400, f"truncate_prompt_tokens must be -1 or >= 1, got {keep}", param="truncate_prompt_tokens"
         )
     return keep_last(ids, keep, max_model_len)
-
-
-def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
-
-
-def sse_event(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
-
-
-async def merge_streams(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleaves several prompts' output streams as (prompt index, output); closing aborts them all."""
-    if len(gens) == 1:
-        try:
-            async for out in gens[0]:
-                yield 0, out
-        finally:
-            await gens[0].aclose()  # type: ignore[attr-defined]
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in gen:
-                await queue.put((i, out))
-            await queue.put((i, None))
-        except asyncio.CancelledError:
-            await gen.aclose()  # type: ignore[attr-defined]
-            raise
-        except BaseException as e:
-            await queue.put((i, e))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def collect_all(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-    """The final output of each stream (FINAL_ONLY streams yield one)."""
-    finals: list[RequestOutput | None] = [None] * len(gens)
-    async for i, out in merge_streams(gens):
-        finals[i] = out
-    assert all(f is not None for f in finals), "every stream ends with a final output"
-    return [f for f in finals if f is not None]
-
-
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Runs `work`, cancelling it (which aborts its requests in the engine) if the client disconnects."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message.get("type") == "http.disconnect":
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        logger.info("Client disconnected from %s; request aborted", request.url.path)
-        raise APIError(499, "client disconnected")
-    finally:
-        watcher.cancel()
-
-
-async def first_output(request: Request, outputs: AsyncIterator[T]) -> AsyncIterator[T]:
-    """`outputs` once its first item has come (that item first): the engine's refusal before it raises here,
-    before a StreamingResponse exists. This adds no wait to the first token beyond the token itself (it is that
-    output); a client that disconnects meanwhile aborts the request (until_disconnect)."""
-
-    async def head() -> tuple[T, ...]:
-        async for out in outputs:  # leaving the loop does not close `outputs`
-            return (out,)
-        return ()
-
-    return _prepend(await until_disconnect(request, head()), outputs)
-
-
-async def _prepend(head: tuple[T, ...], rest: AsyncIterator[T]) -> AsyncIterator[T]:
-    try:
-        for out in head:
-            yield out
-        async for out in rest:
-            yield out
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from treadle_frontend.logprobs import TextOffsets, TokenNames, legacy_logprobs, prompt_logprobs_json
 from treadle_frontend.outputs import CompletionOutput, RequestOutput, SampleLogprobs
@@ -23,20 +22,23 @@ from treadle_frontend.server.beam import beam_searches, length_params, one_event
 from treadle_frontend.server.common import (
     ServerState,
     check_priority,
-    collect_all,
-    first_output,
-    merge_streams,
     new_id,
     prompt_list,
     sampling_params,
-    sse,
     truncate_prompt,
-    until_disconnect,
     usage,
 )
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.offload import is_heavy, json_reply, logprob_entries, off_loop, sse_text
 from treadle_frontend.server.protocol import CompletionRequest
+from treadle_frontend.server.streams import (
+    collect_all,
+    event_stream,
+    first_output,
+    merge_streams,
+    sse,
+    until_disconnect,
+)
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -92,7 +94,7 @@ class CompletionsHandler:
         ctx = _Ctx(rid, int(time.time()), model, body, encoded, drop_output, vocab, names)
         if body.stream and not beam:  # the engine's refusal before the first output is an HTTP error
             outputs = await first_output(request, merge_streams(gens))
-            return StreamingResponse(self._stream(ctx, outputs), media_type="text/event-stream")
+            return event_stream(request, rid, self._stream(ctx, outputs), outputs)
         finals = await until_disconnect(request, collect_all(gens))
         if body.stream:
             return one_event(self._response(ctx, finals))

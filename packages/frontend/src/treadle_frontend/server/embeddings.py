@@ -22,17 +22,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from treadle_frontend.input_processor import embedding_params
-from treadle_frontend.server.common import (
-    ServerState,
-    check_priority,
-    collect_all,
-    new_id,
-    prompt_list,
-    truncate_prompt,
-    until_disconnect,
-)
+from treadle_frontend.server.common import ServerState, check_priority, new_id, prompt_list, truncate_prompt
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.protocol import EmbeddingRequest
+from treadle_frontend.server.streams import collect_all, until_disconnect
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 

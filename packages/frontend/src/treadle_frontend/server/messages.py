@@ -21,16 +21,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from treadle_frontend.server.common import (
-    ServerState,
-    collect_all,
-    first_output,
-    new_id,
-    sse_event,
-    until_disconnect,
-)
+from treadle_frontend.server.common import ServerState, new_id
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader
 from treadle_frontend.server.messages_tools import (
@@ -41,6 +34,13 @@ from treadle_frontend.server.messages_tools import (
     tool_use_block,
 )
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from treadle_frontend.server.streams import (
+    collect_all,
+    event_stream,
+    first_output,
+    sse_event,
+    until_disconnect,
+)
 from treadle_frontend.server.structured import forced_constraint
 from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, Piece
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
@@ -175,7 +175,7 @@ class MessagesHandler:
             stream = self._stream(
                 mid, len(ids), gen, tools, forced, body.tools, st.response_model(body.model)
             )
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return event_stream(request, mid, stream, gen)
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         reason, seq = stop_info(c.finish_reason, c.stop_reason)

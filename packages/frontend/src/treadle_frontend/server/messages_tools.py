@@ -22,9 +22,9 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from treadle_frontend.server.common import sse_event
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import forced_schema
+from treadle_frontend.server.streams import sse_event
 from treadle_frontend.server.tool_calls import CallDelta, ToolCall
 
 

@@ -109,7 +109,7 @@ def json_text(value: Any) -> str:
 
 
 def sse_text(data: dict[str, Any]) -> str:
-    """common.sse's event, serialised by `json_text`."""
+    """streams.sse's event, serialised by `json_text`."""
     return f"data: {json_text(data)}\n\n"
 
 

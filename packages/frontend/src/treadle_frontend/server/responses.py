@@ -21,17 +21,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from treadle_frontend.server.common import (
-    ServerState,
-    collect_all,
-    first_output,
-    new_id,
-    sampling_params,
-    sse_event,
-    until_disconnect,
-)
+from treadle_frontend.server.common import ServerState, new_id, sampling_params
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, forced_schema
 from treadle_frontend.server.protocol import ResponsesRequest
@@ -44,6 +36,13 @@ from treadle_frontend.server.responses_tools import (
     message,
     reasoning_item,
     reasoning_tokens,
+)
+from treadle_frontend.server.streams import (
+    collect_all,
+    event_stream,
+    first_output,
+    sse_event,
+    until_disconnect,
 )
 from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
 from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, Piece, template_messages
@@ -141,7 +140,7 @@ class ResponsesHandler:
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
             gen = await first_output(request, gen)
             stream = self._stream(rid, created, body, len(ids), gen, reply)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return event_stream(request, rid, stream, gen)
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
         status = "incomplete" if c.finish_reason == "length" else "completed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .activation import gelu_tanh_and_mul, silu_and_mul
 from .cache import reshape_and_cache
 from .fp8 import fp8_linear, quantize_fp8_rows
+from .fp8_block import fp8_block_linear, quantize_fp8_groups
 from .int4 import w4a16_linear
 from .linear import add_rms_norm_linear, gelu_tanh_and_mul_linear, linear, silu_and_mul_linear
 from .norm import fused_add_rms_norm, fused_add_rms_norm_, gemma_rms_norm, rms_norm
@@ -18,6 +19,7 @@ from .sampling import argmax_rows, token_logprobs
 __all__ = [
     "add_rms_norm_linear",
     "argmax_rows",
+    "fp8_block_linear",
     "fp8_linear",
     "fused_add_rms_norm",
     "fused_add_rms_norm_",
@@ -25,6 +27,7 @@ __all__ = [
     "gelu_tanh_and_mul_linear",
     "gemma_rms_norm",
     "linear",
+    "quantize_fp8_groups",
     "quantize_fp8_rows",
     "reshape_and_cache",
     "rms_norm",

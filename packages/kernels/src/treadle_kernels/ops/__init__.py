@@ -6,7 +6,19 @@ Each ``<noun>.py`` holds provider functions with the native signatures and their
 
 from __future__ import annotations
 
-from . import activation, cache, fp8_linear, host, linear, linear_onednn, logprobs, norm, rotary, sampling
+from . import (
+    activation,
+    cache,
+    fp8_block_linear,
+    fp8_linear,
+    host,
+    linear,
+    linear_onednn,
+    logprobs,
+    norm,
+    rotary,
+    sampling,
+)
 from .w4a16_host import register as register_w4a16_host
 from .w4a16_linear import register as register_w4a16_triton
 
@@ -20,7 +32,7 @@ def register_triton_providers() -> None:
     global _registered
     if _registered:
         return
-    for module in (norm, activation, rotary, cache, linear, fp8_linear, sampling, logprobs):
+    for module in (norm, activation, rotary, cache, linear, fp8_linear, fp8_block_linear, sampling, logprobs):
         module.register()
     register_w4a16_triton()
     _registered = True

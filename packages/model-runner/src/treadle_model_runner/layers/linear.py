@@ -16,19 +16,9 @@ tensor (`full_shape`) and it keeps its part (`take_shard`: the rows `rank_rows` 
 also cut a LoRA adapter's B and A for it), so with one rank nothing changes and with several every rank's slices join
 to the one-rank model exactly (dummy weights included).
 
-fp8 (`quantize_fp8`, once after loading; `quantization="fp8"`): the weight becomes float8_e4m3fn with one fp32
-scale per output channel (`weight_scale`, amax / 448 of the row), the model-dtype copy is freed, and the forward is
-`ops.fp8_linear` (activations quantized per token). A row-parallel layer takes each row's amax over every rank's
-columns, so every rank's fp8 slice is exactly its slice of the one-rank quantization (column-parallel layers hold
-whole rows already). Its activations are quantized per token over the rank's own columns, as vLLM does.
-
-fp8 checkpoints (quantization/checkpoint.py): the projections are built without storage (`projections_on_meta`)
-and then given it (`allocate`): float8_e4m3fn weight, fp32 `weight_scale` [out] and, for static activations, fp32
-`input_scale` [1], all parameters the checkpoint fills (`load_scale`): the file's fp8 bytes are copied as they are;
-a per-tensor weight scale is broadcast to its projection's rows (exact: a stacked shard keeps its own), a
-per-channel one [n, 1] taken row by row; a stacked layer's input scale is the largest of its shards' (they
-quantize one input). Under tensor parallelism a scale shards with its rows (column-parallel) or is whole on every
-rank (row-parallel: each output row is global; the static input scale is per tensor).
+fp8 weights (per channel, per tensor from a checkpoint, or block-wise) and how they are quantized, allocated and
+loaded: layers/fp8_weights.py. A quantized projection's forward is `ops.fp8_linear` (`weight_scale` [out]) or
+`ops.fp8_block_linear` (`weight_block` set, `weight_scale` its tile grid).
 
 4-bit checkpoints (AWQ, GPTQ, compressed-tensors W4A16; quantization/int4_checkpoint.py): `allocate_int4`
 (layers/linear_int4.py) replaces the weight by `packed_weight`, `group_scale`, `group_zero` and `group_index` in the
@@ -45,7 +35,7 @@ import torch
 from torch import nn
 
 from treadle_ir import ops
-from treadle_ir.ops.fp8 import FP8_DTYPE, quantize_with_scale, row_scale
+from treadle_model_runner.layers.fp8_weights import WeightBlocks
 from treadle_model_runner.layers.linear_int4 import INT4_TENSORS, Int4Layout
 from treadle_model_runner.parallel import TensorParallel, all_reduce, get_tp, max_over_ranks_
 
@@ -72,6 +62,8 @@ class Linear(nn.Linear):
     weight_scale: torch.Tensor | None  # [out] fp32 once quantized to fp8 (`weight` is then float8_e4m3fn)
     # [1] fp32: the static activation scale of an fp8 checkpoint; None = activations quantized per token
     input_scale: torch.Tensor | None
+    # block-wise fp8 (`weight_scale` is then [ceil(out / block_n), ceil(in / block_k)]); None: per channel or plain
+    weight_block: WeightBlocks | None
     # a 4-bit checkpoint's projection (layers/linear_int4.py): `weight` is None, these hold the packed weight
     packed_weight: torch.Tensor | None  # int32 [in / 8, out]
     group_scale: torch.Tensor | None  # [groups, out] model dtype
@@ -94,6 +86,7 @@ class Linear(nn.Linear):
         self.register_buffer("input_scale", None)
         for name in INT4_TENSORS:
             self.register_parameter(name, None)
+        self.weight_block = None
 
     @property
     def fusable(self) -> bool:
@@ -105,74 +98,23 @@ class Linear(nn.Linear):
         if self.packed_weight is not None:
             y = ops.w4a16_linear(x, self.packed_weight, self.group_scale, self.group_zero, self.group_index,
                                  self.bias, self.group_size)  # fmt: skip
+        elif self.weight_block is not None:
+            assert self.weight_scale is not None, "a block-wise projection has its scale grid"
+            block_n, block_k = self.weight_block.block_n, self.weight_block.block_k
+            y = ops.fp8_block_linear(x, self.weight, self.weight_scale, self.bias, block_n, block_k)
         elif self.weight_scale is not None:
             y = ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
         else:
             y = ops.linear(x, self.weight, self.bias)
         return y if self.lora is None else self.lora(x, y)
 
-    @torch.no_grad()
-    def quantize_fp8(self) -> None:
-        """Replace the weight by float8_e4m3fn with one fp32 scale per output channel; the original is freed."""
-        amax = self.row_amax(self.weight.abs().amax(dim=1).float())
-        scale = row_scale(amax)  # [out]
-        self.weight = nn.Parameter(quantize_with_scale(self.weight, scale[:, None]), requires_grad=False)
-        self.weight_scale = scale
-
     def row_amax(self, local: torch.Tensor) -> torch.Tensor:
         """The largest magnitude of each whole weight row, from this rank's part of it."""
         return local
 
-    @torch.no_grad()
-    def allocate(self, device: torch.device, fp8: bool, static_input: bool) -> None:
-        """Storage for a layer built under `projections_on_meta`: the weight in the model dtype, or (`fp8`)
-        float8_e4m3fn with its fp32 `weight_scale` parameter and, when `static_input`, `input_scale` (zero: a
-        stacked layer's shards raise it to their largest). Every tensor is then filled by the checkpoint."""
-        dtype = FP8_DTYPE if fp8 else self.weight.dtype
-        self.weight = nn.Parameter(
-            torch.empty(self.weight.shape, dtype=dtype, device=device), requires_grad=False
-        )
-        if self.bias is not None:
-            self.bias = nn.Parameter(torch.empty_like(self.bias, device=device), requires_grad=False)
-        if fp8:
-            scale = torch.empty(self.out_features, dtype=torch.float32, device=device)
-            self.weight_scale = nn.Parameter(scale, requires_grad=False)
-        if fp8 and static_input:
-            self.input_scale = nn.Parameter(torch.zeros(1, device=device), requires_grad=False)
-
-    @torch.no_grad()
-    def load_scale(self, attr: str, shard: str | None, loaded: torch.Tensor, hf_name: str) -> None:
-        """Fill `weight_scale` or `input_scale` from the checkpoint tensor `hf_name` (of stacked shard `shard`)."""
-        if attr == "input_scale":
-            if loaded.numel() != 1:
-                raise ValueError(
-                    f"checkpoint tensor {hf_name!r} has shape {tuple(loaded.shape)}; a static input scale is one "
-                    "value per projection (per-tensor activation quantization)"
-                )
-            assert self.input_scale is not None, "allocate(static_input=True) makes input_scale"
-            given = loaded.float().reshape(1).to(self.input_scale.device)
-            self.input_scale.copy_(torch.maximum(self.input_scale, given))
-            return
-        rows = self.checkpoint_rows(shard)
-        if loaded.numel() == 1:  # per tensor: every row of the projection takes it
-            scale = loaded.float().reshape(1).expand(rows)
-        elif tuple(loaded.shape) in ((rows,), (rows, 1)):  # per channel
-            scale = loaded.float().reshape(rows)
-        else:
-            raise ValueError(
-                f"checkpoint tensor {hf_name!r} has shape {tuple(loaded.shape)}; a weight scale is one value (per "
-                f"tensor) or ({rows}, 1) (per output channel of its {rows} rows)"
-            )
-        self.store_rows_scale(shard, scale)
-
     def checkpoint_rows(self, shard: str | None) -> int:
         """Rows of the checkpoint's projection (`shard` of a stacked layer)."""
         return self.out_features
-
-    def store_rows_scale(self, shard: str | None, scale: torch.Tensor) -> None:
-        """Keep this rank's rows of a checkpoint projection's per-row weight scale (every row, unless stacked)."""
-        assert self.weight_scale is not None, "allocate(fp8=True) makes weight_scale"
-        self.weight_scale.copy_(scale)
 
     def checkpoint_columns(self) -> int:
         """Columns (input features) of the checkpoint's projection."""
@@ -187,6 +129,10 @@ class Linear(nn.Linear):
         """The columns of the checkpoint's projection this rank holds: all of them, unless row-parallel. A LoRA
         adapter's A for it is cut the same way."""
         return slice(0, self.in_features)
+
+    def rank_row_offset(self, shard: str | None) -> int:
+        """Where this rank's rows of the checkpoint's projection (`shard`) start in the layer's own weight."""
+        return 0
 
 
 def runs_lora(linear: nn.Module) -> bool:
@@ -257,19 +203,17 @@ class StackedLinear(Linear):
         return (sum(self.full_sizes.values()), *getattr(self, name).shape[1:])
 
     def checkpoint_rows(self, shard: str | None) -> int:
-        assert shard is not None, "a stacked layer loads its scales shard by shard"
-        return self.full_sizes[shard]
+        """Rows of one shard, or (None) of the whole stacked tensor a checkpoint may hold (Phi-3's qkv_proj)."""
+        return self.full_sizes[shard] if shard is not None else sum(self.full_sizes.values())
 
     def rank_rows(self, shard: str | None) -> slice:
         assert shard is not None, "a stacked layer's rows are cut shard by shard"
         first = self._first_row(shard)
         return slice(first, first + self.shard_sizes[shard])
 
-    def store_rows_scale(self, shard: str | None, scale: torch.Tensor) -> None:
-        assert shard is not None and self.weight_scale is not None, (
-            "an fp8 stacked layer loads shard by shard"
-        )
-        self.load_shard(self.weight_scale, shard, scale)
+    def rank_row_offset(self, shard: str | None) -> int:
+        assert shard is not None, "a stacked layer's rows are placed shard by shard"
+        return self.shard_offsets[shard]
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of every shard of the stacked checkpoint-sized tensor `full`."""

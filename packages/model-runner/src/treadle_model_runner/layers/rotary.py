@@ -7,11 +7,22 @@ dtype. Partial rotary (rot_dim < head_size) rotates only the first rot_dim dims 
 
 Scaling: "default"; "linear" (inv_freq / factor); "llama3" (low frequencies divided by `factor`, high ones kept,
 a smooth blend between `original_max_position_embeddings / low_freq_factor` and `/ high_freq_factor`
-wavelengths). Other rope types raise ValueError naming the supported ones.
+wavelengths); "longrope" (Phi-3/3.5/4-mini: inv_freq[i] / ext[i] with ext one factor per frequency, and cos/sin
+multiplied by an attention factor, sqrt(1 + ln(s) / ln(original_max_position_embeddings)) for
+s = max_position_embeddings / original_max_position_embeddings > 1 unless the config gives `attention_factor`).
+Other rope types raise ValueError naming the supported ones.
+
+longrope chooses between `short_factor` and `long_factor` once, for the whole table: `long_factor` when the
+engine's max_model_len (`max_position`) exceeds original_max_position_embeddings, else `short_factor` (vLLM's rule).
+transformers instead chooses per forward call, by the longest position in it: it matches ours wherever every call
+stays on one side of that length (all our parity tests), and differs for a sequence that crosses it, whose early
+keys stay cached at the short factors while later queries use the long ones. One table keeps every cached key and
+every query on the same frequencies, and is all a paged cache shared across chunked prefills can hold.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -21,7 +32,9 @@ from torch import nn
 from treadle_ir import ops
 from treadle_kernels.attention import Rope
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
@@ -36,7 +49,38 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     params.setdefault("rope_type", params.pop("type", "default"))
     if "partial_rotary_factor" not in params and getattr(config, "partial_rotary_factor", None) is not None:
         params["partial_rotary_factor"] = config.partial_rotary_factor
+    if params["rope_type"] == "longrope":  # Phi-3 configs keep the lengths beside the rope dict
+        original = params.get("original_max_position_embeddings")
+        original = original or getattr(config, "original_max_position_embeddings", None)
+        if not original:
+            raise ValueError(
+                "rope_type 'longrope' needs original_max_position_embeddings (the pretraining context length) in "
+                "config.json, at the top level or in rope_scaling"
+            )
+        params["original_max_position_embeddings"] = original
+        params.setdefault("factor", config.max_position_embeddings / original)
     return params
+
+
+def _longrope(rot_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention factor) of a longrope table serving positions below `max_position`."""
+    original = int(params["original_max_position_embeddings"])
+    which = "long_factor" if max_position > original else "short_factor"
+    logger.info(
+        "longrope: %s (max_model_len %d, original_max_position_embeddings %d)", which, max_position, original
+    )
+    ext = torch.tensor(params[which], dtype=torch.float32)
+    if ext.shape != (rot_dim // 2,):
+        raise ValueError(
+            f"rope {which} has {ext.numel()} values; the rotary dim {rot_dim} needs {rot_dim // 2} (one per "
+            "frequency): config.json's rope_scaling does not match its head_dim and partial_rotary_factor"
+        )
+    exponents = torch.arange(0, rot_dim, 2, dtype=torch.int64).to(torch.float32) / rot_dim
+    inv_freq = 1.0 / (ext * float(params["rope_theta"]) ** exponents)
+    factor, attention_factor = float(params["factor"]), params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq, float(attention_factor)
 
 
 def _inv_freq(rot_dim: int, params: dict[str, Any]) -> torch.Tensor:
@@ -73,9 +117,12 @@ class RotaryEmbedding(nn.Module):
         self.head_size = head_size
         self.rotary_dim = int(head_size * float(params.get("partial_rotary_factor", 1.0)))
         self.is_neox = is_neox
-        inv_freq = _inv_freq(self.rotary_dim, params)
+        if params["rope_type"] == "longrope":
+            inv_freq, attention_factor = _longrope(self.rotary_dim, params, max_position)
+        else:
+            inv_freq, attention_factor = _inv_freq(self.rotary_dim, params), 1.0
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, rotary_dim]
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor  # [max_position, rotary_dim]
         self.register_buffer("cos_sin_cache", cache.to(torch.get_default_dtype()), persistent=False)
 
     def forward(

@@ -12,9 +12,12 @@ Per step (`prepare_step`, before the step's other inputs are staged): row r of t
 token), is uploaded as token -> slot, and the device turns it into the one-hot token mask every LoRA layer reads:
 mask[t, s] = (slot[t] == s), padding rows zero.
 
-Under tensor parallelism each rank's runner has a manager of its own, given the same calls (the engine runs every
-add / hold / remove on each rank after rank 0: engine_core's tp_executor.py): each reads the adapter, checks it
-against the checkpoint's shapes, and keeps only its part in host memory and slots (layer.py says which part).
+Under tensor parallelism each rank's runner has a manager of its own. Rank 0's is given the add / hold / remove
+calls and decides what its host cache loads and evicts; the other ranks' make the same changes (`read`, `apply`:
+host_cache.py says why rank 0 decides for all, engine_core's tp_executor.py carries them). Each rank reads the
+adapter, checks it against the checkpoint's shapes, and keeps only its part in host memory and slots (layer.py says
+which part). A slot is forgotten when its adapter is installed again (an in-place reload, or a reload after
+eviction) or leaves host memory, so every adapter in a slot has the weights host memory has.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch import nn
 
 from treadle_model_runner.config import LoRAConfig
 from treadle_model_runner.lora.adapter import LoRAAdapter, LoRAWeights, load_adapter
-from treadle_model_runner.lora.host_cache import HostCache
+from treadle_model_runner.lora.change import HostChange
+from treadle_model_runner.lora.host_cache import Followers, HostCache
 from treadle_model_runner.lora.layer import LoRATarget, TokenMask, attach_lora
 from treadle_model_runner.lora.request import LoRARequest
 
@@ -58,7 +62,7 @@ class LoRAManager:
         self.shapes = {name: (t.in_features, t.out_features) for name, t in self.targets.items()}
         self.dtype = dtype
         self.pin = device.type == "cuda"  # host tensors page-locked: slot copies run asynchronously
-        self.cache = HostCache(config.num_cpu_loras, self._load)
+        self.cache = HostCache(config.num_cpu_loras, self._load, self._forget_slots)
         self.slot_ids = [0] * config.max_loras  # slot -> adapter id in it (0: empty)
         self.staged_slots = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=self.pin)
         self.token_slots = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
@@ -69,14 +73,11 @@ class LoRAManager:
                     len(layers), config.max_loras, config.max_lora_rank, config.num_cpu_loras)  # fmt: skip
 
     # ---- adapters ---------------------------------------------------------------------------------
-    def add(self, request: LoRARequest, replace: bool = False) -> LoRAAdapter:
+    def add(self, request: LoRARequest, replace: bool = False) -> None:
         """Load and check `request`'s adapter into host memory (a cache hit only refreshes it); ValueError for an
         adapter this model cannot run (adapter.py). `replace`: read it again and let the next step put the new
         weights in its slot (vLLM's load_inplace)."""
-        adapter = self.cache.add(request, replace)
-        if replace:
-            self._forget_slot(request.lora_int_id)
-        return adapter
+        self.cache.add(request, replace)
 
     def hold(self, request_id: str, request: LoRARequest) -> None:
         """Keep an admitted request's adapter in host memory until it finishes (host_cache.py)."""
@@ -86,16 +87,30 @@ class LoRAManager:
         self.cache.release(request_ids)
 
     def remove(self, lora_id: int) -> bool:
-        """Forget an adapter (host memory and slot); False if it was not loaded. Requests holding it keep it."""
-        self._forget_slot(lora_id)
+        """Forget an adapter; False if it was not loaded. Requests holding it keep it."""
         return self.cache.remove(lora_id)
 
     def list_loras(self) -> list[int]:
         return self.cache.ids()
 
-    def _forget_slot(self, lora_id: int) -> None:
+    # ---- tensor parallelism: rank 0 leads, the other ranks follow (host_cache.py) ---------------------
+    def lead(self, followers: Followers) -> None:
+        """Rank 0: every load this manager's cache decides is read by `followers` too, and every change made there."""
+        self.cache.followers = followers
+
+    def read(self, request: LoRARequest) -> None:
+        """Another rank: read and check an adapter rank 0 is loading, kept aside until `apply` (ValueError when this
+        rank cannot read it)."""
+        self.cache.stage(request)
+
+    def apply(self, change: HostChange) -> None:
+        """Another rank: make a change rank 0 made to its host memory."""
+        self.cache.apply(change)
+
+    def _forget_slots(self, lora_ids: set[int]) -> None:
+        """The slots of these adapters no longer match host memory: the next step that runs one fills a slot again."""
         with self.cache.lock:
-            self.slot_ids = [0 if i == lora_id else i for i in self.slot_ids]
+            self.slot_ids = [0 if i in lora_ids else i for i in self.slot_ids]
 
     def _load(self, request: LoRARequest) -> LoRAAdapter:
         """Read and check an adapter (against the checkpoint's shapes); keep this rank's part of its tensors, in the

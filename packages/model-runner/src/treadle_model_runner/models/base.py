@@ -6,12 +6,15 @@ A model is `forward(input_ids [T], positions [T]) -> hidden [T, hidden]` over a 
 
 Loading: HF tensors arrive by name. Names listed in `stacked_params` (e.g. `q_proj` -> shard "q" of
 `qkv_proj`) are written into their slice of a stacked parameter; every other name must match a parameter of
-the module tree, which mirrors HF's (`model.layers.N.self_attn...`). Afterwards every parameter must have been
+the module tree, which mirrors HF's (`model.layers.N.self_attn...`). A checkpoint may hold a stacked parameter
+whole (Phi-3's `qkv_proj` and `gate_up_proj`, shards in our order): that one tensor writes every shard. Afterwards every parameter must have been
 written once, else ValueError names what is missing (as the checkpoint spells it: `q_proj.weight_scale`, not
 the stacked `qkv_proj`'s shard) and where it looked, so a truncated checkpoint never runs with garbage.
-fp8 checkpoints: a projection's `weight_scale` / `input_scale` go to its `Linear.load_scale`; an fp8 tensor loads
-only into an fp8 parameter and an fp8 parameter only from one (bytes copied, never cast), so a checkpoint whose
-files disagree with its config.json's quantization_config is refused by tensor name.
+fp8 checkpoints: a projection's `weight_scale` / `input_scale` go to `layers.fp8_weights.load_scale`; an fp8 tensor
+loads only into an fp8 parameter and an fp8 parameter only from one (bytes copied, never cast), so a checkpoint whose
+files disagree with its config.json's quantization_config is refused by tensor name. The files' spelling of the
+weight scales is `weight_scale_name` (`weight_scale_inv` in block-wise quant_method fp8 checkpoints, set at
+allocation by quantization/checkpoint.py): read as `weight_scale`, named so when missing, the other spelling refused.
 4-bit checkpoints: the loader hands over each projection's tensors in treadle's layout (`packed_weight`, `group_scale`,
 `group_zero`, `group_index`: quantization/int4_checkpoint.py), which go to `load_int4` (layers/linear_int4.py).
 """
@@ -24,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from treadle_model_runner.layers import fp8_weights
 from treadle_model_runner.layers.attention import Attention
 from treadle_model_runner.layers.linear import Linear, StackedLinear, checkpoint_shape, rank_part
 from treadle_model_runner.layers.linear_int4 import INT4_TENSORS, load_int4
@@ -31,7 +35,9 @@ from treadle_model_runner.layers.vocab import ParallelLMHead
 
 # HF tensor names that carry no weights treadle needs (buffers some exporters write)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-FP8_SCALES = ("weight_scale", "input_scale")  # an fp8 projection's scales (layers/linear.py)
+# an fp8 projection's scales (layers/fp8_weights.py), as the files spell them
+FP8_SCALES = ("weight_scale", "weight_scale_inv", "input_scale")
+WEIGHT_SCALE_NAMES = ("weight_scale", "weight_scale_inv")
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 
@@ -65,6 +71,7 @@ class CausalLM(nn.Module):
     config: Any
     lm_head: ParallelLMHead
     supports_fp8: ClassVar[bool] = True  # its projections may be quantized online (quantization.py)
+    weight_scale_name: str = "weight_scale"  # the files' name of fp8 weight scales (module docstring)
 
     def attention_layers(self) -> list[Attention]:
         """The paged-attention layers, in decoder-layer order (index i is decoder layer i)."""
@@ -99,6 +106,14 @@ class CausalLM(nn.Module):
                     name, shard = hf_name.replace(f".{hf_part}.", f".{stacked}."), shard_id
                     break
             owner_name, _, attr = name.rpartition(".")
+            if attr in WEIGHT_SCALE_NAMES and f"{owner_name}.weight_scale" in params:
+                if attr != self.weight_scale_name:
+                    raise ValueError(
+                        f"checkpoint tensor {hf_name!r}: config.json's quantization_config names this checkpoint's "
+                        f"weight scales {self.weight_scale_name!r} (weight_scale_inv: quant_method fp8 with "
+                        "weight_block_size; weight_scale otherwise): the files and config.json disagree"
+                    )
+                name, attr = f"{owner_name}.weight_scale", "weight_scale"
             if name not in params and attr == "input_scale" and f"{owner_name}.weight_scale" in params:
                 raise ValueError(
                     f"checkpoint tensor {hf_name!r} is a static activation scale, but config.json's "
@@ -117,23 +132,19 @@ class CausalLM(nn.Module):
                 )
             param = params[name]
             _check_fp8_dtype(hf_name, tensor, name, param)
+            owner = modules[owner_name]
             if attr in FP8_SCALES or attr in INT4_TENSORS:
-                owner = modules[owner_name]
                 assert isinstance(owner, Linear), (
                     f"{name}: fp8 scales and 4-bit tensors belong to projections"
                 )
                 if attr in INT4_TENSORS:
                     load_int4(owner, attr, shard, tensor, hf_name)
                 else:
-                    owner.load_scale(attr, shard, tensor, hf_name)
-                name = name if shard is None else f"{name}:{shard}"
+                    fp8_weights.load_scale(owner, attr, shard, tensor, hf_name)
             elif shard is not None:
-                module = modules[name.rsplit(".", 1)[0]]
-                assert isinstance(module, StackedLinear), f"{name} is not a stacked parameter"
-                module.load_shard(param, shard, tensor.to(param.dtype))
-                name = f"{name}:{shard}"
+                assert isinstance(owner, StackedLinear), f"{name} is not a stacked parameter"
+                owner.load_shard(param, shard, tensor.to(param.dtype))
             else:
-                owner = modules[owner_name]
                 expected = checkpoint_shape(owner, attr, param)
                 if tuple(tensor.shape) != expected:
                     raise ValueError(
@@ -142,13 +153,21 @@ class CausalLM(nn.Module):
                     )
                 with torch.no_grad():  # a tensor-parallel layer keeps this rank's slice (layers/linear.py)
                     param.data.copy_(rank_part(owner, attr, tensor))
-            loaded.add(name)
+            if shard is not None:
+                loaded.add(f"{name}:{shard}")
+            elif isinstance(owner, StackedLinear):
+                # the checkpoint holds it stacked already (Phi-3's qkv_proj): every shard is written
+                loaded.update(f"{name}:{s}" for s in owner.shard_sizes)
+            else:
+                loaded.add(name)
         self._check_complete(loaded, source)
         return loaded
 
     def checkpoint_name(self, name: str) -> str:
         """The checkpoint tensor a parameter, or a stacked parameter's shard (`name:shard`), is loaded from."""
         name, _, shard = name.partition(":")
+        if name.endswith(".weight_scale"):
+            name = name.removesuffix("weight_scale") + self.weight_scale_name
         for stacked, hf_part, shard_id in self.stacked_params if shard else ():
             if shard_id == shard and f".{stacked}." in name:
                 return name.replace(f".{stacked}.", f".{hf_part}.")

@@ -4,7 +4,9 @@ Qwen3 reuse these blocks with qkv bias and q/k norms switched on (see qwen.py).
 One decoder layer, pre-norm:
     h   = x + o_proj(attn(rope(q), rope(k), v))      q, k, v = split(qkv_proj(norm_in(x)))
     out = h + down(silu(gate(norm_post(h))) * up(norm_post(h)))
-q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary.
+q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary. Granite puts scalars on this shape
+(`Multipliers`): the embeddings times `embedding`, each block's output times `residual` before it joins the stream,
+`attention` as the softmax scale.
 Under tensor parallelism each rank runs its share of the query and key/value heads (treadle_model_runner.parallel).
 Each residual add runs fused into the norm after it, and each norm into the projection after it
 (`add_norm_linear`): for a one-row decode step one GPU kernel streams the projection's weight with the norm
@@ -14,6 +16,7 @@ applied to its input on the fly (more rows: the norm kernel, then cuBLAS; see tr
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +30,15 @@ from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.parallel import get_tp
+
+
+@dataclass(frozen=True)
+class Multipliers:
+    """Scalars a family puts on the Llama residual stream (Granite's); the defaults change nothing."""
+
+    embedding: float = 1.0  # x0 = embed(ids) * embedding
+    residual: float = 1.0  # each block adds residual * its output to the stream
+    attention: float | None = None  # the softmax scale; None = head_dim ** -0.5
 
 
 def head_dim_of(config: Any) -> int:
@@ -72,8 +84,15 @@ def sliding_window_of(config: Any, layer_idx: int) -> int | None:
 
 class LlamaSelfAttention(nn.Module):
     def __init__(
-        self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool
+        self,
+        config: Any,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool,
+        qk_norm: bool,
+        scale: float | None = None,
     ) -> None:
+        """`scale`: the softmax scale (None: head_dim ** -0.5)."""
         super().__init__()
         self.num_heads, self.num_kv_heads = local_heads(config)
         self.head_dim = head_dim_of(config)
@@ -89,7 +108,7 @@ class LlamaSelfAttention(nn.Module):
             layer_idx,
             self.num_heads,
             self.head_dim,
-            self.head_dim**-0.5,
+            self.head_dim**-0.5 if scale is None else scale,
             self.num_kv_heads,
             sliding_window=sliding_window_of(config, layer_idx),
         )
@@ -120,11 +139,15 @@ class LlamaDecoderLayer(nn.Module):
         qkv_bias: bool,
         qk_norm: bool,
         mlp: nn.Module | None = None,
+        multipliers: Multipliers = Multipliers(),
     ) -> None:
         """`mlp`: the layer's MLP (a routed MoE block in sparse models); None = the dense gated MLP."""
         super().__init__()
-        self.self_attn = LlamaSelfAttention(config, layer_idx, rotary_emb, qkv_bias, qk_norm)
+        self.self_attn = LlamaSelfAttention(
+            config, layer_idx, rotary_emb, qkv_bias, qk_norm, multipliers.attention
+        )
         self.mlp = mlp if mlp is not None else dense_mlp(config)
+        self.residual_multiplier = multipliers.residual
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -138,11 +161,17 @@ class LlamaDecoderLayer(nn.Module):
             residual, qkv = x, qkv_proj(self.input_layernorm(x))
         else:
             qkv, residual = self.input_layernorm.add_norm_linear(x, residual, qkv_proj)
-        attn_out = self.self_attn(qkv, positions)
+        attn_out = self.scaled(self.self_attn(qkv, positions))
         if isinstance(self.mlp, GatedMLP):
-            return self.mlp.forward_add_norm(attn_out, residual, self.post_attention_layernorm)
-        h, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
-        return self.mlp(h), residual
+            out, residual = self.mlp.forward_add_norm(attn_out, residual, self.post_attention_layernorm)
+        else:
+            h, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+            out = self.mlp(h)
+        return self.scaled(out), residual
+
+    def scaled(self, block_out: torch.Tensor) -> torch.Tensor:
+        """A block's output as it joins the residual stream (times Granite's residual multiplier)."""
+        return block_out if self.residual_multiplier == 1.0 else block_out * self.residual_multiplier
 
 
 class LlamaModel(nn.Module):
@@ -155,18 +184,24 @@ class LlamaModel(nn.Module):
         qkv_bias: bool,
         qk_norm: bool,
         make_mlp: Callable[[int], nn.Module] | None = None,
+        multipliers: Multipliers = Multipliers(),
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embedding_multiplier = multipliers.embedding
         rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm, make_mlp(i) if make_mlp else None)
+            LlamaDecoderLayer(
+                config, i, rotary_emb, qkv_bias, qk_norm, make_mlp(i) if make_mlp else None, multipliers
+            )
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier != 1.0:
+            h = h * self.embedding_multiplier
         for layer in self.layers:
             h, residual = layer(h, positions, residual)
         if residual is None:  # no layers
@@ -183,10 +218,17 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         max_position = max_position or config.max_position_embeddings
         qkv_bias = bool(getattr(config, "attention_bias", False)) or self.qkv_bias_default
-        self.model = LlamaModel(config, max_position, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(
+            config, max_position, qkv_bias, self.qk_norm, multipliers=self.multipliers(config)
+        )
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
+
+    @classmethod
+    def multipliers(cls, config: Any) -> Multipliers:
+        """The scalars this family puts on the residual stream (none for Llama)."""
+        return Multipliers()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

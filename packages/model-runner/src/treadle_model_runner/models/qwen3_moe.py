@@ -10,7 +10,7 @@ experts, or (i + 1) is not a multiple of `decoder_sparse_step`; the others use a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -27,6 +27,8 @@ def is_sparse_layer(config: Any, layer_idx: int) -> bool:
 
 
 class Qwen3MoeForCausalLM(MoeCausalLM):
+    qk_norm: ClassVar[bool] = True
+
     def __init__(self, config: Any, max_position: int | None = None) -> None:
         super().__init__()
         self.config = config
@@ -34,18 +36,22 @@ class Qwen3MoeForCausalLM(MoeCausalLM):
 
         def make_mlp(layer_idx: int) -> nn.Module:
             if is_sparse_layer(config, layer_idx):
-                return SparseMoeBlock(
-                    config.hidden_size,
-                    config.num_experts,
-                    config.num_experts_per_tok,
-                    config.moe_intermediate_size,
-                    renormalize=bool(config.norm_topk_prob),
-                )
+                return self.sparse_block(config)
             return GatedMLP(
                 config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu")
             )
 
-        self.model = MoeModel(config, max_position, qk_norm=True, make_mlp=make_mlp)
+        self.model = MoeModel(config, max_position, self.qk_norm, make_mlp, self.qkv_bias(config))
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
+
+    @classmethod
+    def sparse_block(cls, config: Any) -> nn.Module:
+        """The MLP of a sparse layer."""
+        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                              config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob))  # fmt: skip
+
+    @classmethod
+    def qkv_bias(cls, config: Any) -> bool:
+        return bool(getattr(config, "attention_bias", False))

@@ -6,9 +6,13 @@ from typing import Any
 
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
+from treadle_model_runner.models.granite import GraniteForCausalLM
 from treadle_model_runner.models.llama import LlamaForCausalLM
 from treadle_model_runner.models.mixtral import MixtralForCausalLM
+from treadle_model_runner.models.olmo2 import Olmo2ForCausalLM
+from treadle_model_runner.models.phi3 import Phi3ForCausalLM
 from treadle_model_runner.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+from treadle_model_runner.models.qwen2_moe import Qwen2MoeForCausalLM
 from treadle_model_runner.models.qwen3_moe import Qwen3MoeForCausalLM
 
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
@@ -20,6 +24,10 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -30,6 +38,10 @@ _MODEL_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 
 

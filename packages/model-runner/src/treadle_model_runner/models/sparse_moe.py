@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts decoders (Qwen3-MoE, Mixtral): Llama attention, and a routed MLP on MoE layers.
+"""Sparse mixture-of-experts decoders (Qwen3-MoE, Mixtral, Qwen2-MoE): Llama attention, and a routed MLP on MoE layers.
 
 One decoder layer, pre-norm, like Llama except for the MLP:
     h   = x + o_proj(attn(rope(q), rope(k), v))
@@ -95,12 +95,19 @@ class ParallelFusedMoE(FusedMoE):
 
 
 class MoeModel(LlamaModel):
-    """The Llama decoder stack with `make_mlp(layer_idx)` giving each layer's MLP (routed or dense)."""
+    """The Llama decoder stack with `make_mlp(layer_idx)` giving each layer's MLP (routed or dense); `qkv_bias`
+    None: config.attention_bias decides."""
 
     def __init__(
-        self, config: Any, max_position: int, qk_norm: bool, make_mlp: Callable[[int], nn.Module]
+        self,
+        config: Any,
+        max_position: int,
+        qk_norm: bool,
+        make_mlp: Callable[[int], nn.Module],
+        qkv_bias: bool | None = None,
     ) -> None:
-        qkv_bias = bool(getattr(config, "attention_bias", False))
+        if qkv_bias is None:
+            qkv_bias = bool(getattr(config, "attention_bias", False))
         super().__init__(config, max_position, qkv_bias, qk_norm, make_mlp)
 
 

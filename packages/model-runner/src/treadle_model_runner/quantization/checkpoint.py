@@ -6,11 +6,13 @@ Steps (ModelRunner.load_model), for a plan whose `checkpoint` is an `Fp8Checkpoi
 2. `allocate_projections` gives each `Linear` its storage: fp8 weight + scales when the checkpoint holds every HF
    projection it stacks in fp8 (`Fp8CheckpointScheme.quantizes`), the model dtype when it holds none of them (an
    ignored projection); a stacked layer whose shards disagree (an ignore list naming q_proj but not k_proj) is a
-   ValueError, as the fused matmul has one weight dtype;
+   ValueError, as the fused matmul has one weight dtype. Block-wise scales: a layer whose stacking or tensor-parallel
+   cuts do not fall on block boundaries (layers/fp8_weights.py) is a ValueError naming config.json's block field;
+   the model learns the files' spelling of the weight scales (`weight_scale_inv` for quant_method fp8 with blocks);
 3. `checkpoint_weights` drops the K/V cache scales some checkpoints carry (`k_scale`, `v_scale`, ...; treadle's fp8
    KV cache runs at unit scale), logged once;
-4. `CausalLM.load_weights` copies the bytes and scales (models/base.py, `Linear.load_scale`), refusing any fp8 tensor
-   for a model-dtype parameter and the reverse, so files that disagree with config.json fail by tensor name.
+4. `CausalLM.load_weights` copies the bytes and scales (models/base.py, `fp8_weights.load_scale`), refusing any fp8
+   tensor for a model-dtype parameter and the reverse, so files that disagree with config.json fail by tensor name.
 The embedding, the lm_head and the norms are never projections here: they load in the model dtype as always.
 A 4-bit checkpoint (an `Int4CheckpointScheme`) takes the same steps through int4_checkpoint.py.
 """
@@ -22,8 +24,11 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from treadle_model_runner.layers import fp8_weights
 from treadle_model_runner.layers.linear import Linear, StackedLinear
+from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.quantization import int4_checkpoint
+from treadle_model_runner.quantization.blocks import checked_blocks
 from treadle_model_runner.quantization.int4_scheme import Int4CheckpointScheme
 from treadle_model_runner.quantization.online import weight_bytes
 from treadle_model_runner.quantization.scheme import CheckpointScheme
@@ -37,15 +42,16 @@ KV_CACHE_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".prob_scale", ".
 
 
 def hf_projections(model: torch.nn.Module, name: str, layer: Linear) -> list[str]:
-    """The HF module names whose weights `layer` (at `name`) holds: each stacked shard's, or its own."""
+    """The HF module names whose weights `layer` (at `name`) holds: each stacked shard's, or its own (also a
+    stacked layer the checkpoint holds whole, as Phi-3's qkv_proj)."""
     if not isinstance(layer, StackedLinear):
         return [name]
     prefix, _, stacked = name.rpartition(".")
     stacked_params = getattr(model, "stacked_params", ())
-    return [f"{prefix}.{hf_part}" for target, hf_part, _ in stacked_params if target == stacked]
+    return [f"{prefix}.{hf_part}" for target, hf_part, _ in stacked_params if target == stacked] or [name]
 
 
-def allocate_projections(model: torch.nn.Module, scheme: CheckpointScheme, device: torch.device) -> None:
+def allocate_projections(model: CausalLM, scheme: CheckpointScheme, device: torch.device) -> None:
     """Storage for every projection of a model built under `projections_on_meta`, in the dtypes the checkpoint
     holds (step 2 above)."""
     if isinstance(scheme, Int4CheckpointScheme):
@@ -63,7 +69,9 @@ def allocate_projections(model: torch.nn.Module, scheme: CheckpointScheme, devic
                 f"unquantized (its ignore list); treadle runs them as one fused projection ({name}), which needs "
                 "one weight dtype: ignore all of them or none"
             )
-        layer.allocate(device, fp8=all(quantized), static_input=scheme.static_activations)
+        blocks = checked_blocks(layer, name, scheme) if all(quantized) else None
+        fp8_weights.allocate(layer, device, all(quantized), scheme.static_activations, blocks)
+    model.weight_scale_name = scheme.scale_name
 
 
 def checkpoint_weights(

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from treadle_model_runner.layers import fp8_weights
 from treadle_model_runner.layers.linear import Linear
 from treadle_model_runner.layers.linear_int4 import Int4Layout, allocate_int4
 from treadle_model_runner.quantization.int4_formats import file_tensors, to_layout
@@ -58,7 +59,7 @@ def allocate_projections(model: torch.nn.Module, scheme: Int4CheckpointScheme, d
         if all(quantized):
             allocate_int4(layer, layout, device, name)
         else:
-            layer.allocate(device, fp8=False, static_input=False)
+            fp8_weights.allocate(layer, device, fp8=False, static_input=False)
 
 
 def layout_weights(

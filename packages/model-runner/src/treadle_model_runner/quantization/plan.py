@@ -6,11 +6,13 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
 - the checkpoint's (whatever the user passed, as long as it is None or the same method): the fp8 bytes and scales
   of the files load as they are (checkpoint.py), with the layout `parse_quantization_config` read from config.json.
   Dummy weights with such a config.json are filled in the model dtype and quantized online (logged): random
-  weights have no file scales to reproduce. A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in
-  treadle's 4-bit layout (int4_checkpoint.py), with dummy weights too (random codes and scales).
+  weights have no file scales to reproduce. Per channel, except for a block-wise checkpoint (weight_block_size,
+  block_structure): block-wise with its block size (`dummy_blocks`), so the model runs the checkpoint's GEMM.
+  A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in treadle's 4-bit layout (int4_checkpoint.py),
+  with dummy weights too (random codes and scales).
 Refused with a ValueError: a user method other than the checkpoint's (naming both), a checkpoint layout treadle
-cannot load (scheme.py, int4_scheme.py), and any quantization of a mixture-of-experts model (its experts have no
-fp8 or 4-bit path).
+cannot load (scheme.py, int4_scheme.py), and any quantization of a mixture-of-experts model (its experts have no fp8
+or 4-bit path, block-wise included: a Qwen3-MoE or DeepSeek-style FP8 checkpoint is refused naming the model class).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from treadle_model_runner.quantization.int4_scheme import Int4CheckpointScheme, check_int4_request
 from treadle_model_runner.quantization.scheme import (
     CheckpointScheme,
+    Fp8CheckpointScheme,
     parse_quantization_config,
     quantization_config_of,
 )
@@ -34,16 +37,24 @@ __all__ = ["QuantizationPlan", "resolve_quantization"]
 
 @dataclass(frozen=True)
 class QuantizationPlan:
-    # "fp8": projections run ops.fp8_linear on float8_e4m3fn weights; "w4a16": ops.w4a16_linear on 4-bit weights
+    # "fp8": projections run ops.fp8_linear (ops.fp8_block_linear) on float8_e4m3fn weights; "w4a16":
+    # ops.w4a16_linear on 4-bit weights
     method: str
     checkpoint: CheckpointScheme | None  # the checkpoint's layout, loaded as is; None = quantize at load
+    # online only: dummy weights for this block-wise checkpoint's config.json, quantized with its block size
+    dummy_blocks: Fp8CheckpointScheme | None = None
 
     @property
     def is_online(self) -> bool:
         return self.checkpoint is None
 
     def describe(self) -> str:
-        return self.method if self.checkpoint is None else self.checkpoint.describe()
+        if self.checkpoint is not None:
+            return self.checkpoint.describe()
+        if self.dummy_blocks is not None and self.dummy_blocks.weight_block is not None:
+            block_n, block_k = self.dummy_blocks.weight_block
+            return f"{self.method} (dummy weights, {block_n}x{block_k} block scales)"
+        return self.method
 
     def cpu_warning(self) -> str:
         """What running these projections on the CPU costs (logged once at load)."""
@@ -84,12 +95,13 @@ def resolve_quantization(
         )
     _check_model(model_cls, f"this fp8 checkpoint ({config_file}) is")
     if load_format == "dummy":
+        blocks = scheme if scheme.weight_block is not None else None
         logger.info(
-            "load_format dummy with %s's %s: random weights are quantized online (per-channel weight scales, "
-            "dynamic per-token activations); the checkpoint's scales are not reproduced", config_file,
-            scheme.describe(),
+            "load_format dummy with %s's %s: random weights are quantized online (%s); the checkpoint's scales "
+            "are not reproduced, its ignore list is not applied", config_file, scheme.describe(),
+            "the same block layout" if blocks else "per-channel weight scales, dynamic per-token activations",
         )  # fmt: skip
-        return QuantizationPlan("fp8", None)
+        return QuantizationPlan("fp8", None, blocks)
     return QuantizationPlan("fp8", scheme)
 
 
@@ -97,6 +109,6 @@ def _check_model(model_cls: type, subject: str) -> None:
     if not getattr(model_cls, "supports_fp8", False):
         raise ValueError(
             f"{subject} not supported for {model_cls.__name__}: its mixture-of-experts layers have no fp8 path "
-            "yet; serve an unquantized checkpoint without --quantization (fp8 runs on dense models: Llama, "
-            "Mistral, Qwen2, Qwen3, Gemma 3)"
+            "yet (per-channel, per-tensor or block-wise); serve an unquantized checkpoint without --quantization "
+            "(fp8 runs on dense models: Llama, Mistral, Qwen2, Qwen3, Gemma 3)"
         )

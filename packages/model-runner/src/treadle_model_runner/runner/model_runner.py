@@ -232,7 +232,7 @@ class ModelRunner:
         if checkpoint is not None:
             log_loaded(model, checkpoint)
         elif plan is not None:  # online: after the weights (dummy ones too) are in
-            quantize_model(model, plan.method)
+            quantize_model(model, plan.method, plan.dummy_blocks)
         if self.lora_config is not None:
             num_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
             self.lora = LoRAManager(model, self.lora_config, num_tokens, self.dtype, self.device)

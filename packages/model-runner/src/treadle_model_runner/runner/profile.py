@@ -9,6 +9,7 @@ above the memory allocated before the pass, minus the temporary cache, is what t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -43,15 +44,19 @@ def max_logits_rows(runner: ModelRunner) -> int:
     return max(runner.max_num_seqs, with_drafts)
 
 
-def profile_sampling_params(runner: ModelRunner) -> SamplingParams:
-    """The costliest sampling a step may ask for: every [rows, vocab] tensor the sampler can build (penalty counts
-    and seen tokens, the allowed-token mask, truncation's sorted copy) and as many logprobs as a request may ask
-    (the engine's max_logprobs; -1: the whole vocabulary)."""
-    return SamplingParams(
-        temperature=1.0, top_p=0.9, top_k=50, min_p=0.01,
+def profile_sampling_params(runner: ModelRunner, num_rows: int) -> list[SamplingParams]:
+    """The costliest sampling a step of `num_rows` rows may ask for: every [rows, vocab] tensor the sampler can
+    build (penalty counts and seen tokens, the allowed-token mask, truncation's sorted copy), the per-row ones
+    (seeds, logit bias, bad words, min_tokens' banned stops, a mixed batch's greedy argmax: row 0 is greedy) and as
+    many logprobs as a request may ask (the engine's max_logprobs; -1: the whole vocabulary)."""
+    sampled = SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, seed=0,
         presence_penalty=0.1, frequency_penalty=0.1, repetition_penalty=1.1,
-        allowed_token_ids=[0], logprobs=runner.model_config.max_logprobs,
+        allowed_token_ids=[0, 1], logit_bias={1: -1.0}, bad_words_token_ids=[[1]], min_tokens=2,
+        stop_token_ids=[1], logprobs=runner.model_config.max_logprobs,
     )  # fmt: skip
+    greedy = dataclasses.replace(sampled, temperature=0.0, seed=None)
+    return [greedy] + [sampled] * (num_rows - 1)
 
 
 @torch.inference_mode()
@@ -87,7 +92,7 @@ def profile_peak_activation_bytes(runner: ModelRunner, block_bytes: int) -> int:
         num_rows = max_logits_rows(runner)
         rows = torch.arange(num_rows, device=runner.device) % hidden.shape[0]
         logits = model.compute_logits(hidden[rows]).float()
-        params = [profile_sampling_params(runner)] * num_rows
+        params = profile_sampling_params(runner, num_rows)
         one_token = [[0] for _ in params]
         metadata = SamplingMetadata.build(
             params, one_token, one_token, [1] * len(params), runner.vocab_size, runner.device

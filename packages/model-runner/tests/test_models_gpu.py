@@ -1,0 +1,128 @@
+"""GPU: partial rotary (Phi-4-mini: 96 of 128 head dims rotate) on every attention path, through the whole runner.
+
+The model is a tiny random Phi-3 with Phi-4-mini's attention shape: 128-wide heads (a power of two, so the Triton
+backend's fused decode kernel would take its one-token batches if it did not check the rotary width), one
+key/value head, partial_rotary_factor 0.75, longrope on its short factors with an attention factor above 1.
+- fp32, `torch` and `triton` backends (eager and with decode CUDA graphs): a mixed prefill/decode step within 2e-3
+  of HF's logits (HF on the CPU) and 32-token greedy continuations equal to HF `generate`. Decode-only steps of
+  three requests are where the fused kernel would run; a kernel rotating all 128 dims, or reading a 96-wide cos/sin
+  row as a 128-wide one, moves logits by whole units.
+- bf16, FlashInfer (its own paged kernels, after the rotary op) and XQA (fp8 cache, Hopper): the prefill step and
+  the first decode step (identical inputs in both runs) give hidden states within rounding of the `torch` backend
+  on the same dtype and cache.
+Gemma 2's soft-capped attention scores (cap * tanh(s / cap), a cap low enough to bite) take the same checks: the
+fused decode kernel and XQA must step aside for them, the unified Triton kernel and FlashInfer apply the cap.
+Run: `uv run pytest -m gpu packages/model-runner/tests/test_models_gpu.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from model_parity import check_greedy, check_mixed_batch
+from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden, release_gpu_runner
+
+from treadle_kernels.attention import xqa
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+VOCAB = 128
+ORIGINAL = 256  # original_max_position_embeddings = max_model_len: the short factors, as in HF
+
+
+@pytest.fixture(scope="module")
+def phi4_mini_heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    pairs = 48  # 128 * 0.75 / 2
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.05 * i for i in range(pairs)], "long_factor": [1.0 + 0.5 * i for i in range(pairs)]}  # fmt: skip
+    config = tf.Phi3Config(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=2 * ORIGINAL, original_max_position_embeddings=ORIGINAL,
+        partial_rotary_factor=0.75, rope_parameters=rope, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = tf.Phi3ForCausalLM(config).eval()
+    perturb_(hf, seed=3, std=0.15)
+    path = tmp_path_factory.mktemp("phi4_mini_heads")
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, path
+
+
+@pytest.fixture(scope="module")
+def gemma2_capped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    config = tf.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=128, max_position_embeddings=2 * ORIGINAL, sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=64, attn_logit_softcapping=2.0,
+        final_logit_softcapping=20.0, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = tf.Gemma2ForCausalLM(config).eval()
+    perturb_(hf, seed=3, std=0.15)
+    path = tmp_path_factory.mktemp("gemma2_capped")
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, path
+
+
+BACKENDS = pytest.mark.parametrize(
+    ("backend", "eager"),
+    [("torch", True), ("triton", True), ("triton", False)],
+    ids=["torch", "triton", "graphs"],
+)
+
+
+@BACKENDS
+@pytest.mark.parametrize("model", ["phi4_mini_heads", "gemma2_capped"])
+def test_fp32_matches_hf(model: str, backend: str, eager: bool, request: pytest.FixtureRequest) -> None:
+    hf, path = request.getfixturevalue(model)
+    runner = dict(device="cuda", attention_backend=backend, enforce_eager=eager, block_size=16,
+                  num_blocks=64, max_model_len=ORIGINAL)  # fmt: skip
+    check_mixed_batch(hf, path, VOCAB, atol=2e-3, **runner)
+    check_greedy(hf, path, VOCAB, **runner)
+    torch.cuda.empty_cache()
+
+
+def _first_steps(path: Path, **model: Any) -> list[torch.Tensor]:
+    """Hidden states of the prefill step (four prompts) and of the first decode step, bf16 on the GPU."""
+    runner = make_runner(path, 8, 64, block_size=16, num_blocks=64, device="cuda", dtype="bfloat16",
+                         max_model_len=ORIGINAL, **model)  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    sched = FakeScheduler(runner, seed=2)
+    hidden = record_hidden(runner)
+    for i, n in enumerate((19, 7, 30, 3)):
+        sched.add(f"r{i}", torch.randint(1, VOCAB, (n,), generator=gen).tolist(), max_tokens=2)
+    sched.run(budget=64)
+    steps = [h.float().cpu() for h in hidden[:2]]
+    release_gpu_runner(runner)
+    return steps
+
+
+def _error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().mean() / x.abs().mean()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("path_name", ["flashinfer", "xqa"])
+@pytest.mark.parametrize("model", ["phi4_mini_heads", "gemma2_capped"])
+def test_bf16_matches_torch_backend(
+    model: str, path_name: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    pytest.importorskip("flashinfer")
+    _, path = request.getfixturevalue(model)
+    kv_cache_dtype, backend, bound = "auto", "flashinfer", 0.02
+    served: list[int] = []
+    if path_name == "xqa":
+        if torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("XQA's fp8 kernel is Hopper's")
+        # XQA rounds the query and the softmax weights to e4m3 (~3.5 % per attention; test_runner_xqa.py)
+        kv_cache_dtype, backend, bound = "fp8", "triton", 0.08
+        monkeypatch.setenv("TREADLE_ATTN_XQA", "1")
+        real = xqa.decode
+        monkeypatch.setattr(xqa, "decode", lambda *a: served.append(1) or real(*a))
+    ref = _first_steps(path, attention_backend="torch", enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
+    got = _first_steps(path, attention_backend=backend, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
+    # XQA has no soft-cap: a capped model must not reach it
+    assert path_name != "xqa" or bool(served) == (model != "gemma2_capped"), f"XQA served {len(served)} steps"
+    assert _error(ref, got) < bound
