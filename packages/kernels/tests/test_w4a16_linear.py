@@ -98,6 +98,34 @@ def test_every_tile_path_matches_spec(case: str, cfg: provider.Config, bias: boo
     _close(provider.launch(*args, cfg=cfg), ops.w4a16_linear.native(*args))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_dequantize_then_matmul_matches_spec(case: str, dtype: torch.dtype) -> None:
+    """The many-rows path: the weight dequantized by the Triton kernel, then one GEMM (ragged n and k, zeros or
+    not, act order); the dequantized weight itself equals the spec's exactly in fp32."""
+    n, k, group, zeros, act_order = CASES[case]
+    args = _inputs(9, n, k, group, dtype, seed=3 * n + k, zeros=zeros, act_order=act_order)
+    expected = ops.w4a16_linear.native(*args)
+    with _triton(ops.w4a16_linear, *args):
+        got = provider.dequant_matmul(*args)
+        weight = provider.dequantize(args[1], args[2], args[3], args[4], group, torch.float32)
+    eye = torch.eye(k, dtype=torch.float32, device=DEVICE)
+    spec_weight = ops.w4a16_linear.native(eye, *args[1:5], None, group)  # row i: x = e_i picks weight row i
+    torch.testing.assert_close(weight, spec_weight, rtol=0, atol=0)
+    _close(got, expected, weight_rounded=True)
+
+
+def test_many_rows_take_the_dequantize_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = _inputs(provider.dequant_min_rows(), 40, 64, 16, torch.float32, seed=5)
+    called: list[int] = []
+    real = provider.dequant_matmul
+    monkeypatch.setattr(provider, "dequant_matmul", lambda *a: called.append(1) or real(*a))
+    with _triton(ops.w4a16_linear, *args):
+        ops.w4a16_linear(*args)
+        ops.w4a16_linear(args[0][:-1], *args[1:])
+    assert called == [1]  # rows at the threshold take it, one row fewer runs the GEMM kernel
+
+
 def test_production_tiles_split_k_for_few_rows_only() -> None:
     """A decode step's 16-row tile leaves a 4096-column projection 64 tiles: K is split to fill 132 SMs; a prefill
     tile grid is large enough alone; a step never straddles groups of 32 or 128 rows."""

@@ -17,6 +17,7 @@ __all__ = [
     "SMALL_BATCH_LINEAR_MAX_ROWS",
     "STREAM_LINEAR",
     "TRITON_INTERPRET",
+    "W4A16_DEQUANT_MIN_ROWS",
 ]
 
 
@@ -55,6 +56,19 @@ def FP8_LINEAR_MAX_ROWS(limit: int, default: int) -> int:
         value = -1
     if not 0 <= value <= limit:
         raise ValueError(f"TREADLE_FP8_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}")
+    return value
+
+
+def W4A16_DEQUANT_MIN_ROWS() -> int:
+    """Rows from which ``w4a16_linear`` dequantizes the 4-bit weight and multiplies by cuBLAS instead of unpacking in
+    its GEMM (``TREADLE_W4A16_DEQUANT_MIN_ROWS``, a positive integer; default 128)."""
+    raw = os.environ.get("TREADLE_W4A16_DEQUANT_MIN_ROWS", "128")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"TREADLE_W4A16_DEQUANT_MIN_ROWS={raw!r}: expected a positive integer")
     return value
 
 

@@ -12,6 +12,12 @@ to the dot exact and the scale multiplies each group's partial sum; act-order ch
 a step cannot divide, gather each row's scale and zero point instead (the slower PER_ROW path). vLLM reorders an
 act-order weight's rows by g_idx at load and permutes each call's activations to match (Marlin); keeping g_idx here
 needs no activation permutation and works on a row-parallel rank, whose slice of the rows references any group.
+From ``dequant_min_rows()`` rows on (default 128, ``TREADLE_W4A16_DEQUANT_MIN_ROWS``) the weight is instead
+dequantized once per call into a [k, n] scratch of x's dtype (``w4a16_dequant_kernel``: one read of the 4-bit words,
+one 16-bit write) and multiplied by cuBLAS (``torch.addmm``), as vLLM's AWQ does from 256 tokens: a compute-bound
+GEMM then runs at the 16-bit rate, and the dequantization (~2.5 bytes a weight) costs less than unpacking inside
+every output tile's K loop. The scratch is transient (the largest projection's [k, n], e.g. 235 MB for Llama-8B's
+gate_up in bf16); the weight is rounded to x's dtype once, as the PER_ROW path rounds its tiles.
 The tiles are starting points, not measurements: ``benchmarks/w4a16_gemm.py`` times them and alternatives on an H200.
 Under the CPU interpreter (tests) the same kernel runs on small tiles with fp32 dots.
 """
@@ -27,9 +33,10 @@ import torch
 from treadle_ir import ops
 from treadle_ir.ops.int4 import INT4_PACK
 
+from .. import envs
 from .support import FLOAT_DTYPES, check_tensor, num_sms, row_count, rows_view, triton_supported
 
-__all__ = ["Config", "choose_config", "launch", "layout_reason", "register"]
+__all__ = ["Config", "choose_config", "dequant_matmul", "dequantize", "launch", "layout_reason", "register"]
 
 PROGRAMS_PER_SM = 4  # split-K target for few rows: enough programs in flight to keep HBM busy
 _INTERPRETER_SMS = 2
@@ -122,6 +129,52 @@ def _sms(device_index: int) -> int:
     return num_sms(device_index)
 
 
+@functools.cache
+def dequant_min_rows() -> int:
+    """Rows from which the weight is dequantized and multiplied by cuBLAS (module docstring; read once)."""
+    return envs.W4A16_DEQUANT_MIN_ROWS()
+
+
+def dequantize(
+    packed_weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The dequantized weight [k, n] in `dtype` (``w4a16_dequant_kernel``)."""
+    from . import w4a16_linear_kernels as kernels
+
+    k8, n = packed_weight.shape
+    out = torch.empty((k8 * INT4_PACK, n), dtype=dtype, device=packed_weight.device)
+    block_w, block_n = (16, 128) if packed_weight.is_cuda else (4, 32)
+    grid = (-(-k8 // block_w), -(-n // block_n))
+    kernels.w4a16_dequant_kernel[grid](
+        packed_weight, scales, zeros if zeros is not None else packed_weight,
+        g_idx if g_idx is not None else packed_weight, out, n, k8 * INT4_PACK, group_size,
+        HAS_ZEROS=zeros is not None, G_IDX=g_idx is not None, BLOCK_W=block_w, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def dequant_matmul(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """x @ dequant(W) (+ bias) with the weight dequantized once into x's dtype, then one cuBLAS GEMM."""
+    x2 = rows_view(x)
+    assert x2 is not None, "x must be viewable as [rows, k] without a copy"
+    weight = dequantize(packed_weight, scales, zeros, g_idx, group_size, x.dtype)
+    out = torch.mm(x2, weight) if bias is None else torch.addmm(bias, x2, weight)
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
 def w4a16_linear(
     x: torch.Tensor,
     packed_weight: torch.Tensor,
@@ -131,6 +184,8 @@ def w4a16_linear(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
+    if row_count(x) >= dequant_min_rows():
+        return dequant_matmul(x, packed_weight, scales, zeros, g_idx, bias, group_size)
     k8, n = packed_weight.shape
     sms = _sms(x.device.index or 0) if x.is_cuda else _INTERPRETER_SMS
     cfg = choose_config(row_count(x), n, k8 * INT4_PACK, group_size, sms, x.is_cuda)

@@ -163,3 +163,32 @@ def w4a16_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def w4a16_dequant_kernel(weight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, n, k, group_size,
+                         HAS_ZEROS: tl.constexpr, G_IDX: tl.constexpr, BLOCK_W: tl.constexpr,
+                         BLOCK_N: tl.constexpr):  # fmt: skip
+    """out [k, n] in out's dtype = (q - z) * s of every row (the spec's dequantized weight, transposed): one program
+    per [BLOCK_W words = 8 * BLOCK_W rows, BLOCK_N columns] tile; each word row's eight nibbles are eight output
+    rows, each stored whole along n."""
+    word_rows = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = word_rows < k // 8
+    mask = row_ok[:, None] & (offs_n < n)[None, :]
+    words = tl.load(weight_ptr + word_rows.to(tl.int64)[:, None] * n + offs_n[None, :], mask=mask, other=0)
+    for j in tl.static_range(8):
+        rows = word_rows * 8 + j
+        if G_IDX:
+            group = tl.load(g_idx_ptr + rows, mask=row_ok, other=0)
+        else:
+            group = rows // group_size
+        at_group = group.to(tl.int64)[:, None] * n + offs_n[None, :]
+        scale = tl.load(scales_ptr + at_group, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + at_group, mask=mask, other=0).to(tl.float32)
+        else:
+            zero = 8.0
+        value = (((words >> (4 * j)) & 0xF).to(tl.float32) - zero) * scale
+        out = out_ptr + rows.to(tl.int64)[:, None] * n + offs_n[None, :]
+        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
