@@ -59,6 +59,9 @@ def gemma2_capped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
         layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=64, attn_logit_softcapping=2.0,
         final_logit_softcapping=20.0, eos_token_id=None, bos_token_id=None, pad_token_id=0,
     )  # fmt: skip
+    # eager: some transformers versions default Gemma 2 to SDPA, which drops the soft-cap (HF's own reference
+    # then differs from its eager one; the GPU image's transformers 5.17 did, session 27)
+    config._attn_implementation = "eager"
     torch.manual_seed(0)
     hf = tf.Gemma2ForCausalLM(config).eval()
     perturb_(hf, seed=3, std=0.15)
