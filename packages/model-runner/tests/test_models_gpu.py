@@ -88,8 +88,9 @@ def test_fp32_matches_hf(model: str, backend: str, eager: bool, request: pytest.
     torch.cuda.empty_cache()
 
 
-def _first_steps(path: Path, **model: Any) -> list[torch.Tensor]:
-    """Hidden states of the prefill step (four prompts) and of the first decode step, bf16 on the GPU."""
+def _first_steps(path: Path, **model: Any) -> tuple[list[torch.Tensor], list[int]]:
+    """Hidden states of the prefill step (four prompts) and of the first decode step, bf16 on the GPU, and each
+    request's first sampled token (the decode step's input, row by row)."""
     runner = make_runner(path, 8, 64, block_size=16, num_blocks=64, device="cuda", dtype="bfloat16",
                          max_model_len=ORIGINAL, **model)  # fmt: skip
     gen = torch.Generator().manual_seed(4)
@@ -97,14 +98,21 @@ def _first_steps(path: Path, **model: Any) -> list[torch.Tensor]:
     hidden = record_hidden(runner)
     for i, n in enumerate((19, 7, 30, 3)):
         sched.add(f"r{i}", torch.randint(1, VOCAB, (n,), generator=gen).tolist(), max_tokens=2)
-    sched.run(budget=64)
+    tokens = sched.run(budget=64)
     steps = [h.float().cpu() for h in hidden[:2]]
     release_gpu_runner(runner)
-    return steps
+    return steps, [tokens[f"r{i}"][0] for i in range(4)]
 
 
-def _error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().mean() / x.abs().mean()) for x, y in zip(a, b, strict=True))
+def _error(ref: tuple[list[torch.Tensor], list[int]], got: tuple[list[torch.Tensor], list[int]]) -> float:
+    """Relative error of the prefill step, and of the decode step's rows whose input token is the same in both runs
+    (a near-tie of the prefill's logits may sample another token, after which that row differs by whole units:
+    a Phi-4-mini-like model measured 0.34-0.42 on the whole step from one such row, for XQA and Triton alike)."""
+    (ref_steps, ref_tokens), (got_steps, got_tokens) = ref, got
+    same = torch.tensor([a == b for a, b in zip(ref_tokens, got_tokens, strict=True)])
+    assert int(same.sum()) >= 3, f"first tokens {got_tokens} against {ref_tokens}: too few rows to compare"
+    pairs = [(ref_steps[0], got_steps[0]), (ref_steps[1][same], got_steps[1][same])]
+    return max(float((x - y).abs().mean() / x.abs().mean()) for x, y in pairs)
 
 
 @pytest.mark.parametrize("path_name", ["flashinfer", "xqa"])
