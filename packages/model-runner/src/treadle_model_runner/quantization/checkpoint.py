@@ -20,7 +20,7 @@ A 4-bit checkpoint (an `Int4CheckpointScheme`) takes the same steps through int4
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -56,22 +56,32 @@ def allocate_projections(model: CausalLM, scheme: CheckpointScheme, device: torc
     holds (step 2 above)."""
     if isinstance(scheme, Int4CheckpointScheme):
         return int4_checkpoint.allocate_projections(model, scheme, device)
+    for name, layer, quantized in projections(model, scheme.quantizes, "fp8", "ignore all of them or none"):
+        blocks = checked_blocks(layer, name, scheme) if quantized else None
+        fp8_weights.allocate(layer, device, quantized, scheme.static_activations, blocks)
+    model.weight_scale_name = scheme.scale_name
+
+
+def projections(
+    model: torch.nn.Module, quantizes: Callable[[str], bool], kind: str, remedy: str
+) -> Iterator[tuple[str, Linear, bool]]:
+    """Every projection of `model` with whether the checkpoint holds it quantized (`quantizes` of each HF module
+    it stacks); a stacked layer whose modules disagree is a ValueError naming them (`kind`: the format, "fp8" or
+    "4-bit"; `remedy`: what config.json should say instead), as the fused matmul has one weight format."""
     for name, layer in model.named_modules():
         if not isinstance(layer, Linear):
             continue
         parts = hf_projections(model, name, layer)
-        quantized = [scheme.quantizes(part) for part in parts]
+        quantized = [quantizes(part) for part in parts]
         if any(quantized) and not all(quantized):
-            fp8 = [p for p, q in zip(parts, quantized, strict=True) if q]
+            held = [p for p, q in zip(parts, quantized, strict=True) if q]
             plain = [p for p, q in zip(parts, quantized, strict=True) if not q]
             raise ValueError(
-                f"the checkpoint's quantization_config makes {', '.join(fp8)} fp8 but leaves {', '.join(plain)} "
-                f"unquantized (its ignore list); treadle runs them as one fused projection ({name}), which needs "
-                "one weight dtype: ignore all of them or none"
+                f"the checkpoint's quantization_config makes {', '.join(held)} {kind} but leaves "
+                f"{', '.join(plain)} unquantized; treadle runs them as one fused projection ({name}), which needs "
+                f"one weight format: {remedy}"
             )
-        blocks = checked_blocks(layer, name, scheme) if all(quantized) else None
-        fp8_weights.allocate(layer, device, all(quantized), scheme.static_activations, blocks)
-    model.weight_scale_name = scheme.scale_name
+        yield name, layer, all(quantized)
 
 
 def checkpoint_weights(

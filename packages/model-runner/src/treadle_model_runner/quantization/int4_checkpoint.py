@@ -40,23 +40,13 @@ __all__ = ["allocate_projections", "layout_weights", "log_loaded"]
 
 def allocate_projections(model: torch.nn.Module, scheme: Int4CheckpointScheme, device: torch.device) -> None:
     """Storage for every projection of a model built under `projections_on_meta` (step 2 above)."""
-    from treadle_model_runner.quantization.checkpoint import hf_projections  # checkpoint.py dispatches here
+    from treadle_model_runner.quantization.checkpoint import projections  # checkpoint.py dispatches here
 
     layout = Int4Layout(scheme.group_size, has_zeros=not scheme.symmetric, act_order=scheme.act_order)
-    for name, layer in model.named_modules():
-        if not isinstance(layer, Linear):
-            continue
-        parts = hf_projections(model, name, layer)
-        quantized = [scheme.quantizes(part) for part in parts]
-        if any(quantized) and not all(quantized):
-            int4 = [p for p, q in zip(parts, quantized, strict=True) if q]
-            plain = [p for p, q in zip(parts, quantized, strict=True) if not q]
-            raise ValueError(
-                f"the checkpoint's quantization_config makes {', '.join(int4)} 4-bit but leaves {', '.join(plain)} "
-                f"unquantized; treadle runs them as one fused projection ({name}), which needs one weight format: "
-                "quantize all of them or none"
-            )
-        if all(quantized):
+    for name, layer, quantized in projections(
+        model, scheme.quantizes, "4-bit", "quantize all of them or none"
+    ):
+        if quantized:
             allocate_int4(layer, layout, device, name)
         else:
             fp8_weights.allocate(layer, device, fp8=False, static_input=False)
