@@ -18,20 +18,17 @@ from typing import Any
 
 import pytest
 import torch
-import transformers as tf
 from int4_checkpoints import Int4Format, dequantized_reference, write_int4_checkpoint
+from quant_gpu import gpu_runner, peaked_llama, top1_agreement
 from test_quantization_fp8_gpu import SMALL
 from test_runner_fakes import (
     FakeScheduler,
     check_graph_decode_equals_eager,
-    record_hidden,
     release_gpu_runner,
 )
 
-from treadle_model_runner import CacheConfig, ModelConfig
 from treadle_model_runner.layers.linear import Linear
 from treadle_model_runner.quantization import weight_bytes
-from treadle_model_runner.runner import ModelRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -43,22 +40,9 @@ CHECKPOINTS = {
 LLAMA_8B = Path(__file__).resolve().parents[3] / "benchmarks" / "configs" / "llama-3.1-8b" / "config.json"
 
 
-def _runner(path: Path, eager: bool = False, load_format: str = "auto") -> ModelRunner:
-    config = ModelConfig(str(path), dtype="bfloat16", attention_backend="triton", enforce_eager=eager,
-                         load_format=load_format)  # fmt: skip
-    runner = ModelRunner(config, CacheConfig(block_size=16, num_gpu_blocks_override=256), 16, 512, "cuda")
-    runner.load_model()
-    runner.initialize_kv_cache()
-    return runner
-
-
 @pytest.fixture(scope="module")
 def hf() -> Any:
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, eos_token_id=None, bos_token_id=None)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)  # peaked logits: top-1 is not decided by noise
-    return model
+    return peaked_llama()
 
 
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
@@ -69,31 +53,15 @@ def checkpoint(request: pytest.FixtureRequest, hf: Any, tmp_path_factory: pytest
 
 def test_top1_agrees_with_the_dequantized_reference(checkpoint: tuple[Path, Any]) -> None:
     path, ref = checkpoint
-    gen = torch.Generator().manual_seed(7)
-    sequences = [torch.randint(1, SMALL["vocab_size"], (n,), generator=gen).tolist() for n in (100, 150, 120)]
-    runner = _runner(path)
+    runner = gpu_runner(path)
     assert runner.describe()["quantization"].startswith("4-bit checkpoint")
-    sched = FakeScheduler(runner)
-    hidden = record_hidden(runner)
-    for i, seq in enumerate(sequences):
-        sched.add(f"s{i}", seq, max_tokens=1)
-    out = sched.step({f"s{i}": len(seq) for i, seq in enumerate(sequences)})
-    with torch.no_grad():
-        got = runner._require_model().compute_logits(hidden[0]).float().argmax(dim=-1).cpu()
-    release_gpu_runner(runner)
-    by_id = {f"s{i}": seq for i, seq in enumerate(sequences)}
-    with torch.no_grad():  # in the batch's request order
-        expected = torch.cat([ref(torch.tensor([by_id[r]])).logits[0].argmax(dim=-1) for r in out.req_ids])
-    agreement = float((got == expected).float().mean())
-    print(
-        f"{path.name}: CUDA bf16 vs fp32 reference top-1 agreement {agreement:.3f} over {len(got)} positions"
-    )
-    assert len(got) == 370 and agreement >= 0.85, agreement
+    positions, agreement = top1_agreement(runner, ref, path.name)
+    assert positions == 370 and agreement >= 0.85, agreement
 
 
 def test_cuda_graph_decode_equals_eager(checkpoint: tuple[Path, Any]) -> None:
     path, _ = checkpoint
-    check_graph_decode_equals_eager(lambda eager: _runner(path, eager=eager), SMALL["vocab_size"])
+    check_graph_decode_equals_eager(lambda eager: gpu_runner(path, eager=eager), SMALL["vocab_size"])
 
 
 def test_llama_8b_shapes_with_dummy_4bit_weights(tmp_path: Path) -> None:
@@ -101,7 +69,7 @@ def test_llama_8b_shapes_with_dummy_4bit_weights(tmp_path: Path) -> None:
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
                                      "version": "gemm"}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
-    runner = _runner(tmp_path, load_format="dummy")
+    runner = gpu_runner(tmp_path, load_format="dummy")
     model = runner._require_model()
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(layers) == 4 * 32 and all(m.packed_weight is not None for m in layers)
