@@ -107,10 +107,11 @@ def _stack_experts(state: dict[str, torch.Tensor], c: Any) -> dict[str, torch.Te
 
 
 def write_llama_cpp_gguf(
-    path: Path, arch: str, hf: Any, quantize: frozenset[str] = frozenset()
+    path: Path, arch: str, hf: Any, quantize: frozenset[str] = frozenset(), split_qkv: bool = False
 ) -> dict[str, torch.Tensor]:
     """Write `hf` (a tiny HF model of llama.cpp architecture `arch`) to `path` as llama.cpp's converter would;
-    return {HF name: values a reader must get back} for the tensors stored quantized."""
+    return {HF name: values a reader must get back} for the tensors stored quantized. `split_qkv`: Phi-3's
+    qkv_proj as three tensors attn_q, attn_k, attn_v instead (which llama.cpp's loader also takes)."""
     c = hf.config
     state = _checkpoint(hf)
     if arch == "qwen2moe":
@@ -130,6 +131,13 @@ def write_llama_cpp_gguf(
         stored = llama_cpp_permute(w, n_head) if n_head else w
         if arch in GEMMA and hf_name.endswith("norm.weight"):
             stored = stored + 1
+        if split_qkv and hf_name.endswith("qkv_proj.weight"):
+            head_dim = c.hidden_size // c.num_attention_heads
+            sizes = [c.num_attention_heads * head_dim] + [c.num_key_value_heads * head_dim] * 2
+            for part, rows in zip(("attn_q", "attn_k", "attn_v"), stored.split(sizes), strict=True):
+                layer = hf_name.split(".")[2]
+                writer.add_tensor(f"blk.{layer}.{part}.weight", rows.contiguous().numpy())
+            continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"gguf-py maps no name for {hf_name}"
         if hf_name not in quantize:

@@ -25,9 +25,9 @@ from model_parity import check_greedy_runner, check_mixed_batch, hf_logits
 from test_loader_gguf import vocab_tokens
 from test_runner_fakes import make_runner, perturb_
 
-from treadle_model_runner.loader import convert_gguf
+from treadle_model_runner.loader import convert_gguf, iterate_weights
 from treadle_model_runner.loader.gguf_config import hf_config_dict
-from treadle_model_runner.loader.gguf_weights import open_gguf
+from treadle_model_runner.loader.gguf_weights import count_gguf_tensors, open_gguf
 
 VOCAB = len(vocab_tokens())
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -128,6 +128,18 @@ def test_quantized_gguf_runs_as_its_dequantized_weights(tmp_path: Path) -> None:
     tokens = list(range(3, 23))
     assert (hf_logits(reference, tokens) - hf_logits(hf, tokens)).abs().max() > 1e-3  # quantization shows
     check_mixed_batch(reference, path, VOCAB)
+
+
+def test_phi3_q_k_v_as_three_tensors_stack_back_into_qkv_proj(tmp_path: Path) -> None:
+    """llama.cpp's loader also takes a Phi-3 file whose q, k, v are separate tensors: same HF tensors."""
+    arch, hf = _hf_model("phi3")
+    fused, split = tmp_path / "fused.gguf", tmp_path / "split.gguf"
+    write_llama_cpp_gguf(fused, arch, hf)
+    write_llama_cpp_gguf(split, arch, hf, split_qkv=True)
+    assert "blk.0.attn_q.weight" in {t.name for t in open_gguf(split).tensors}
+    want, got = dict(iterate_weights(fused, "gguf")), dict(iterate_weights(split, "gguf"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert count_gguf_tensors(open_gguf(split)) == len(got)
 
 
 def _metadata_only(
