@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -145,6 +146,12 @@ def test_phi3_q_k_v_as_three_tensors_stack_back_into_qkv_proj(tmp_path: Path) ->
 def _metadata_only(
     path: Path, arch: str, layers: int, hidden: int, heads: int, head_dim: int
 ) -> dict[str, Any]:
+    """hf_config_dict of a file holding only these hyperparameters (and a sliding window)."""
+    _write_metadata(path, arch, layers, hidden, heads, head_dim)
+    return hf_config_dict(open_gguf(path), torch.bfloat16)
+
+
+def _write_metadata(path: Path, arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(layers)
     writer.add_embedding_length(hidden)
@@ -152,11 +159,13 @@ def _metadata_only(
     writer.add_head_count(heads)
     writer.add_key_length(head_dim)
     writer.add_sliding_window(512)
+    writer.add_tokenizer_model("llama")  # SentencePiece, as Gemma's files have it
+    writer.add_token_list(["<unk>", "<s>", "</s>"])
+    writer.add_tensor("token_embd.weight", np.zeros((3, hidden), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return hf_config_dict(open_gguf(path), torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -177,3 +186,14 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
     path = tmp_path / "other.gguf"
     with pytest.raises(ValueError, match=r"architecture 'falcon'.*gemma2, gemma3, phi3, olmo2, granite"):
         _metadata_only(path, "falcon", 2, 64, 4, 16)
+
+
+def test_sentencepiece_file_is_refused_before_its_weights_are_read(tmp_path: Path) -> None:
+    path, out = tmp_path / "spm.gguf", tmp_path / "hf"
+    _write_metadata(path, "gemma3", 2, 64, 4, 16)
+    out.mkdir()
+    with pytest.raises(
+        ValueError, match=r"spm\.gguf has tokenizer model 'llama'; treadle rebuilds only byte-level"
+    ):
+        convert_gguf(path, out)
+    assert list(out.iterdir()) == []
