@@ -1,7 +1,7 @@
 """LoRA on a projection: every adapter of the step applied to its own rows, in two matmuls of static shape.
 
-A projection with n output shards (qkv: q, k, v; gate_up: gate, up; o and down: one) holds, for S = max_loras
-slots of rank up to R:
+A projection with n output shards (qkv: q, k, v; gate_up: gate, up; o and down, and a stacked projection adapted
+whole: one, see the end) holds, for S = max_loras slots of rank up to R:
     lora_a  [n * S * R, in]         rows (shard i, slot s) = that adapter's A for shard i, zero-padded to R rows
     lora_b  [out, n * S * R]        block-diagonal: shard i's output rows read only shard i's columns (B * scaling)
 With the step's token mask M [T, S] (M[t, s] = 1 when token t's request uses the adapter in slot s, all zero for
