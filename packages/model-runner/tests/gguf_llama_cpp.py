@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,17 @@ def _stack_experts(state: dict[str, torch.Tensor], c: Any) -> dict[str, torch.Te
 
 
 def write_llama_cpp_gguf(
-    path: Path, arch: str, hf: Any, quantize: frozenset[str] = frozenset(), split_qkv: bool = False
+    path: Path,
+    arch: str,
+    hf: Any,
+    quantize: frozenset[str] = frozenset(),
+    split_qkv: bool = False,
+    tokenizer: Callable[[Any], None] = add_tokenizer,
 ) -> dict[str, torch.Tensor]:
     """Write `hf` (a tiny HF model of llama.cpp architecture `arch`) to `path` as llama.cpp's converter would;
     return {HF name: values a reader must get back} for the tensors stored quantized. `split_qkv`: Phi-3's
-    qkv_proj as three tensors attn_q, attn_k, attn_v instead (which llama.cpp's loader also takes)."""
+    qkv_proj as three tensors attn_q, attn_k, attn_v instead (which llama.cpp's loader also takes). `tokenizer`
+    writes the tokenizer metadata (default: test_loader_gguf's byte-level BPE one)."""
     c = hf.config
     state = _checkpoint(hf)
     if arch == "qwen2moe":
@@ -119,7 +126,7 @@ def write_llama_cpp_gguf(
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     writer = gguf.GGUFWriter(path, arch)
     _metadata(writer, arch, c)
-    add_tokenizer(writer)
+    tokenizer(writer)
     recovered: dict[str, torch.Tensor] = {}
     for hf_name, w in state.items():
         w = w.float()

@@ -64,8 +64,9 @@ def ref_dequant_q4_1(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy((scale * quants + minimum).reshape(shape))
 
 
-def add_tokenizer(writer: Any, pre: str = "smollm") -> None:
-    """The tiny byte-level BPE tokenizer (vocab_tokens(), MERGES, chat TEMPLATE) as GGUF metadata."""
+def add_tokenizer(writer: Any, pre: str = "smollm", add_bos: bool | None = False) -> None:
+    """The tiny byte-level BPE tokenizer (vocab_tokens(), MERGES, chat TEMPLATE) as GGUF metadata
+    (`add_bos` None: no tokenizer.ggml.add_bos_token key, as in files from before the converter wrote one)."""
     tokens = vocab_tokens()
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
@@ -77,7 +78,8 @@ def add_tokenizer(writer: Any, pre: str = "smollm") -> None:
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)
     writer.add_unk_token_id(0)
-    writer.add_add_bos_token(False)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     writer.add_chat_template(TEMPLATE)
 
 

@@ -151,7 +151,9 @@ def _metadata_only(
     return hf_config_dict(open_gguf(path), torch.bfloat16)
 
 
-def _write_metadata(path: Path, arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> None:
+def _write_metadata(
+    path: Path, arch: str, layers: int, hidden: int, heads: int, head_dim: int, tokenizer_model: str = "llama"
+) -> None:
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(layers)
     writer.add_embedding_length(hidden)
@@ -159,7 +161,7 @@ def _write_metadata(path: Path, arch: str, layers: int, hidden: int, heads: int,
     writer.add_head_count(heads)
     writer.add_key_length(head_dim)
     writer.add_sliding_window(512)
-    writer.add_tokenizer_model("llama")  # SentencePiece, as Gemma's files have it
+    writer.add_tokenizer_model(tokenizer_model)  # "llama": SentencePiece, as Gemma's files have it
     writer.add_token_list(["<unk>", "<s>", "</s>"])
     writer.add_tensor("token_embd.weight", np.zeros((3, hidden), dtype=np.float32))
     writer.write_header_to_file()
@@ -188,12 +190,15 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
         _metadata_only(path, "falcon", 2, 64, 4, 16)
 
 
-def test_sentencepiece_file_is_refused_before_its_weights_are_read(tmp_path: Path) -> None:
+def test_unrebuildable_tokenizer_is_refused_before_its_weights_are_read(tmp_path: Path) -> None:
+    """SentencePiece BPE ('llama') files convert now (test_loader_gguf_sentencepiece.py); unigram ('t5') ones
+    are still refused, and before any weight is written."""
     path, out = tmp_path / "spm.gguf", tmp_path / "hf"
-    _write_metadata(path, "gemma3", 2, 64, 4, 16)
+    _write_metadata(path, "gemma3", 2, 64, 4, 16, tokenizer_model="t5")
     out.mkdir()
     with pytest.raises(
-        ValueError, match=r"spm\.gguf has tokenizer model 'llama'; treadle rebuilds only byte-level"
+        ValueError,
+        match=r"spm\.gguf has tokenizer model 't5' \(SentencePiece unigram.*treadle rebuilds only byte-level",
     ):
         convert_gguf(path, out)
     assert list(out.iterdir()) == []

@@ -1,15 +1,22 @@
 """A GGUF file's tokenizer metadata as HF ``tokenizer.json`` + ``tokenizer_config.json``.
 
-Theory: llama.cpp's ``gpt2`` tokenizer model is byte-level BPE. The GGUF keeps the vocabulary
-(``tokenizer.ggml.tokens``, already in byte-level alphabet, id = position), the merges (``"a b"`` strings,
-rank = position), a type per token (1 normal, 3 control, 4 user-defined) and the name of the
-pre-tokenizer regex (``tokenizer.ggml.pre``). Rebuilding the ``tokenizers`` pipeline from those pieces gives
-the same ids as the original HF tokenizer: pre-tokenize (regex split, then byte-to-unicode), BPE by merge
-rank, control tokens matched whole before anything else.
+Theory: llama.cpp's converter writes one of two tokenizer models treadle rebuilds (``tokenizer.ggml.model``):
 
-Invariants: token ids equal GGUF positions; control tokens are special (skipped on decode with
-``skip_special_tokens``); an unknown tokenizer model or pre-tokenizer raises ValueError naming the file,
-the value and the supported ones, rather than tokenizing subtly wrong.
+- ``gpt2``, byte-level BPE: the vocabulary already in the byte-level alphabet (``tokenizer.ggml.tokens``,
+  id = position), the merges (``"a b"`` strings, rank = position) and the name of the split regex
+  (``tokenizer.ggml.pre``, gguf_pretokenizers.py). Pre-tokenize (regex split, then byte-to-unicode), then BPE
+  by merge rank.
+- ``llama``, SentencePiece BPE: pieces and scores, no merges (gguf_sentencepiece.py).
+
+Both carry a type per token (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte): control and
+unknown tokens become special tokens (matched whole before anything else, skipped on decode with
+``skip_special_tokens``), user-defined ones plain added tokens, also matched whole. BOS/EOS are added as
+``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say, with llama.cpp's defaults where the file is silent
+(SentencePiece: BOS, no EOS; byte-level: neither, but BOS for Llama 3's pre-tokenizer).
+
+Invariants: token ids equal GGUF positions; a tokenizer model treadle does not rebuild (SentencePiece unigram
+``t5``, WordPiece ``bert``, ...) or an unknown pre-tokenizer raises ValueError naming the file, the value and
+the supported ones, rather than tokenizing subtly wrong.
 """
 
 from __future__ import annotations
@@ -19,98 +26,124 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
+from treadle_model_runner.loader.gguf_pretokenizers import (
+    ADDS_BOS_BY_DEFAULT,
+    byte_level_normalizer,
+    byte_level_pre_tokenizer,
+)
+from treadle_model_runner.loader.gguf_sentencepiece import (
+    TOKEN_CONTROL,
+    TOKEN_UNKNOWN,
+    TOKEN_USER_DEFINED,
+    build_sentencepiece_tokenizer,
+)
 from treadle_model_runner.loader.gguf_weights import gguf_value
 
 logger = logging.getLogger(__name__)
 
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-    r"\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-# llama.cpp pre-tokenizer name -> how to split before byte-level BPE
-_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "codeshell")
-_GPT2_PRE = ("gpt2", "default")
-_LLAMA3_PRE = ("llama-bpe", "llama3")
-_QWEN2_PRE = ("qwen2",)
-SUPPORTED_PRE_TOKENIZERS = _DIGIT_SPLIT_PRE + _GPT2_PRE + _LLAMA3_PRE + _QWEN2_PRE
+SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
 _ROLE_KEYS = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}  # HF role -> GGUF key infix
+# llama.cpp's special ids for a SentencePiece file that names none
+_SENTENCEPIECE_DEFAULT_IDS = {"bos": 1, "eos": 2, "unknown": 0}
 
 
-def _pre_tokenizer(pre: str, path: str) -> Any:
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _GPT2_PRE:
-        return byte_level
-    if pre in _DIGIT_SPLIT_PRE:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _LLAMA3_PRE + _QWEN2_PRE:
-        regex = _LLAMA3_REGEX if pre in _LLAMA3_PRE else _QWEN2_REGEX
-        split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
-        return pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
+def _tokenizer_model(reader: Any) -> str:
+    kind = str(gguf_value(reader, "tokenizer.ggml.model"))
+    if kind in SUPPORTED_TOKENIZER_MODELS:
+        return kind
+    what = " (SentencePiece unigram, as T5's)" if kind == "t5" else ""
     raise ValueError(
-        f"GGUF file {path} uses the pre-tokenizer {pre!r}, which treadle cannot rebuild; supported: "
-        f"{', '.join(SUPPORTED_PRE_TOKENIZERS)}. Use the model's HF release (tokenizer.json) instead"
+        f"GGUF file {reader.data.filename} has tokenizer model {kind!r}{what}; treadle rebuilds only byte-level "
+        "BPE ('gpt2') and SentencePiece BPE ('llama') tokenizers. Use the model's HF release (tokenizer.json) "
+        "instead"
     )
 
 
-def _token(reader: Any, key: str, tokens: list[str]) -> str | None:
-    token_id = gguf_value(reader, key, None)
+def _token(reader: Any, role_key: str, tokens: list[str]) -> str | None:
+    """The token of special role ``role_key`` (``bos``, ``eos``, ``unknown``, ``padding``), if the file has one."""
+    default = _SENTENCEPIECE_DEFAULT_IDS.get(role_key) if _tokenizer_model(reader) == "llama" else None
+    token_id = gguf_value(reader, f"tokenizer.ggml.{role_key}_token_id", default)
     return None if token_id is None or not 0 <= int(token_id) < len(tokens) else tokens[int(token_id)]
+
+
+def _adds(reader: Any, which: str) -> bool:
+    """Whether encoding adds BOS (``which`` = "bos") or EOS, with llama.cpp's default where the file is silent."""
+    value = gguf_value(reader, f"tokenizer.ggml.add_{which}_token", None)
+    if value is not None:
+        return bool(value)
+    if which == "eos":
+        return False
+    pre = str(gguf_value(reader, "tokenizer.ggml.pre", "default"))
+    return _tokenizer_model(reader) == "llama" or pre in ADDS_BOS_BY_DEFAULT
+
+
+def _byte_level_tokenizer(reader: Any, tokens: list[str], path: str) -> Tokenizer:
+    merges = [tuple(m.split(" ", 1)) for m in gguf_value(reader, "tokenizer.ggml.merges")]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    pre = str(gguf_value(reader, "tokenizer.ggml.pre", "default"))
+    tokenizer.pre_tokenizer = byte_level_pre_tokenizer(pre, path)
+    normalizer = byte_level_normalizer(pre)
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _post_processor(reader: Any, tokens: list[str]) -> Any | None:
+    """BOS/EOS around the ids, as the file asks."""
+    bos = _token(reader, "bos", tokens) if _adds(reader, "bos") else None
+    eos = _token(reader, "eos", tokens) if _adds(reader, "eos") else None
+    if bos is None and eos is None:
+        return None
+    first = [t for t in (bos,) if t] + ["$A"] + [t for t in (eos,) if t]
+    second = [f"{t}:1" for t in (bos,) if t] + ["$B:1"] + [f"{t}:1" for t in (eos,) if t]
+    special = {t: tokens.index(t) for t in (bos, eos) if t}
+    return processors.TemplateProcessing(
+        single=" ".join(first), pair=" ".join(first + second), special_tokens=list(special.items())
+    )
 
 
 def build_tokenizer(reader: Any) -> Tokenizer:
     """The HF fast tokenizer described by a GGUF file's ``tokenizer.ggml.*`` metadata."""
     path = str(reader.data.filename)
-    kind = gguf_value(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"GGUF file {path} has tokenizer model {kind!r}; treadle rebuilds only byte-level BPE ('gpt2') "
-            "tokenizers. Use the model's HF release (tokenizer.json) instead"
-        )
+    kind = _tokenizer_model(reader)
     tokens: list[str] = list(gguf_value(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in gguf_value(reader, "tokenizer.ggml.merges")]
     token_types: list[int] = list(gguf_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    vocab = {token: index for index, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
+    if len(set(tokens)) != len(tokens):
         raise ValueError(f"GGUF file {path}: tokenizer.ggml.tokens holds duplicate tokens")
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    pre = str(gguf_value(reader, "tokenizer.ggml.pre", "default"))
-    tokenizer.pre_tokenizer = _pre_tokenizer(pre, path)
-    if pre in _QWEN2_PRE:
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.decoder = decoders.ByteLevel()
-    special = [tokens[i] for i, t in enumerate(token_types) if t == _TOKEN_CONTROL]
-    user = [tokens[i] for i, t in enumerate(token_types) if t == _TOKEN_USER_DEFINED]
+    if kind == "llama":
+        tokenizer = build_sentencepiece_tokenizer(reader, tokens, token_types)
+    else:
+        tokenizer = _byte_level_tokenizer(reader, tokens, path)
+    special = [
+        tokens[i] for i, t in enumerate(token_types) if t in (TOKEN_CONTROL, TOKEN_UNKNOWN) and tokens[i]
+    ]
+    user = [tokens[i] for i, t in enumerate(token_types) if t == TOKEN_USER_DEFINED and tokens[i]]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-    bos = _token(reader, "tokenizer.ggml.bos_token_id", tokens)
-    if bos is not None and gguf_value(reader, "tokenizer.ggml.add_bos_token", False):
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
-        )
-    else:
+    post_processor = _post_processor(reader, tokens)
+    if post_processor is not None:
+        tokenizer.post_processor = post_processor
+    elif kind == "gpt2":
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer
 
 
 def tokenizer_config(reader: Any, model_max_length: int) -> dict[str, Any]:
-    """``tokenizer_config.json`` contents: special tokens, BOS policy and the chat template."""
+    """``tokenizer_config.json`` contents: special tokens, BOS/EOS policy and the chat template."""
     tokens: list[str] = list(gguf_value(reader, "tokenizer.ggml.tokens"))
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(gguf_value(reader, "tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": _adds(reader, "bos"),
+        "add_eos_token": _adds(reader, "eos"),
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
     }
-    for role in _ROLE_KEYS:
-        token = _token(reader, f"tokenizer.ggml.{_ROLE_KEYS[role]}_token_id", tokens)
+    for role, key in _ROLE_KEYS.items():
+        token = _token(reader, key, tokens)
         if token is not None:
             config[f"{role}_token"] = token
     template = gguf_value(reader, "tokenizer.chat_template", None)
