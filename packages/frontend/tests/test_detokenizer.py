@@ -125,3 +125,22 @@ def _metaspace() -> Any:
 
         _METASPACE.append(build_metaspace_tokenizer())
     return _METASPACE[0]
+
+
+def test_skipped_special_tokens_keep_the_next_space() -> None:
+    """A SentencePiece-style decoder drops the leading space of whatever it decodes; a skipped special token
+    (EOS, a tool-call marker) at the start of the decode window must not make the next token lose its space."""
+    tok = _metaspace()
+    a, b = tok.encode("hello", add_special_tokens=False), tok.encode("world", add_special_tokens=False)
+    ids = [*a, tok.eos_token_id, *b]
+    assert tok.decode(ids, skip_special_tokens=True) == "hello world"
+    assert "".join(_stream(tok, [], ids, [1] * len(ids))) == "hello world"
+    rng = random.Random(0)
+    specials = [tok.bos_token_id, tok.eos_token_id]
+    pieces = [i for i in range(3, len(tok)) if not tok.convert_ids_to_tokens(i).startswith("<0x")]
+    for _ in range(100):
+        ids = [rng.choice(specials) if rng.random() < 0.3 else rng.choice(pieces) for _ in range(20)]
+        prompt = tok.encode(rng.choice(["", "Q: hi"]), add_special_tokens=False)
+        chunks = [rng.randint(1, 3) for _ in range(10)]
+        full, before = tok.decode(prompt + ids, skip_special_tokens=True), tok.decode(prompt)
+        assert "".join(_stream(tok, prompt, ids, chunks)) == full[len(before) :], ids

@@ -9,7 +9,9 @@ a leading space at the start of a sequence). So each step decodes a short window
 
 and emits `full_text[len(prefix_text):]` only when it does not end in U+FFFD (the replacement character a
 decoder produces for an incomplete UTF-8 sequence). Then the window slides: prefix_offset = read_offset,
-read_offset = len(ids). While the tail is incomplete nothing moves, so the next token completes it.
+read_offset = len(ids). While the tail is incomplete nothing moves, so the next token completes it; while new
+tokens make no text (skipped special tokens) only read_offset moves, so the window never starts at a token that
+decodes to nothing (after which a SentencePiece decoder would drop the next token's leading space).
 
 Invariants: the emitted deltas concatenate to `decode(output_ids)` of the whole output (for tokenizers whose
 decode is context-free beyond the window), `flush()` at the end emits whatever is still held back (a genuine
@@ -22,6 +24,7 @@ from typing import Any
 
 _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT_TOKENS = 6  # prompt tokens kept as left context for the first output tokens
+_MAX_SILENT_WINDOW = 32  # tokens the window may grow to while new tokens make no text
 
 
 class TokenDecoder:
@@ -102,6 +105,9 @@ class IncrementalDetokenizer:
         # Text already emitted is final even if the new token changed how the context decodes (rare):
         # emit only what lies beyond it.
         delta = full_text[len(prefix_text) :]
-        self.prefix_offset = self.read_offset
+        # Tokens that made no text (a skipped special token) stay in the window: a decoder that drops the leading
+        # space of what it decodes (SentencePiece's) would drop the next token's space in a window starting there.
+        if delta or len(self.ids) - self.prefix_offset > _MAX_SILENT_WINDOW:
+            self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         return delta
