@@ -160,6 +160,45 @@ def test_merges_follow_scores_not_ids(tmp_path: Path) -> None:
     assert changed >= 10, "the shuffled scores must change how texts encode"
 
 
+def test_merges_stored_in_the_file_are_used(tmp_path: Path) -> None:
+    """Older converters wrote an HF tokenizer.json's merges with placeholder scores (all equal): the merges rule.
+    Here they are those of shuffled scores (as in test_merges_follow_scores_not_ids), the stored scores all 0."""
+    sp = train_sentencepiece(LLAMA)
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    normal = [
+        i for i, p in enumerate(pieces) if len(p) > 1 and not sp.is_byte(i) and p not in LLAMA.user_symbols
+    ]
+    normal = [i for i in normal if not sp.is_control(i)]
+    scores = [sp.get_score(i) for i in range(sp.vocab_size())]
+    shuffled = [scores[i] for i in normal]
+    random.Random(0).shuffle(shuffled)
+    scores = [0.0] * len(scores)
+    for i, score in zip(normal, shuffled, strict=True):
+        scores[i] = score
+    merges = [
+        f"{pieces[i][:cut]} {pieces[i][cut:]}"
+        for i in sorted(normal, key=lambda i: -scores[i])
+        for cut in range(1, len(pieces[i]))
+        if pieces[i][:cut] in vocab and pieces[i][cut:] in vocab
+    ]
+    writer = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    add_sentencepiece_tokenizer(writer, sp, LLAMA, scores=[0.0] * len(scores))
+    writer.add_token_merges(merges)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer = build_tokenizer(open_gguf(tmp_path / "t.gguf"))
+    names = {pieces[i] for i in normal}
+    changed = 0
+    for text in random_texts(SQUEEZED, 400):
+        expected = _sentencepiece_bpe(vocab, scores, names, text)
+        assert tokenizer.encode(text, add_special_tokens=False).ids == expected, text
+        changed += expected != sp.encode(text)
+    assert changed >= 10, "the shuffled merges must change how texts encode"
+
+
 def test_gemma3_gguf_converts_with_its_sentencepiece_tokenizer(tmp_path: Path) -> None:
     """A tiny random Gemma 3 written as llama.cpp writes one (tokenizer model "llama", no dummy prefix): the
     converted directory's tokenizer, loaded as treadle loads it (PreTrainedTokenizerFast, what its

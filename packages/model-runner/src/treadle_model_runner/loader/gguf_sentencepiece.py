@@ -10,9 +10,11 @@ SentencePiece BPE encodes a text so: spaces become "▁", with one more in front
 characters; then, again and again, the adjacent pair whose concatenation is a piece with the highest score is
 merged (the leftmost on ties); a character that is no piece is written as its UTF-8 bytes (``<0xNN>``, byte
 fallback). That is BPE whose merges are every cut of a normal piece into two pieces, ranked by the piece's score:
-what ``sentencepiece_merges`` lists (equal scores ranked by id, the file's order). Where the file says
-``tokenizer.ggml.remove_extra_whitespaces``, runs of spaces collapse to one and leading/trailing ones go first.
-The decoder reverses it: "▁" back to spaces, byte pieces joined into UTF-8, the dummy prefix's space dropped.
+what ``sentencepiece_merges`` lists (equal scores ranked by id, the file's order). Files that older converters
+made from an HF tokenizer.json carry its merges (``tokenizer.ggml.merges``) and placeholder scores: their merges
+are used as they are. Where the file says ``tokenizer.ggml.remove_extra_whitespaces``, runs of spaces collapse to
+one and leading/trailing ones go first. The decoder reverses it all: "▁" back to spaces, byte pieces joined into
+UTF-8, the dummy prefix's space dropped.
 
 Control, unknown and user-defined tokens are matched whole in the raw text before any of this (gguf_tokenizer.py),
 as llama.cpp does; the dummy prefix then goes in front of each piece of text between them (llama.cpp's rule, and
@@ -68,10 +70,15 @@ def build_sentencepiece_tokenizer(reader: Any, tokens: list[str], types: list[in
     """The BPE model, normalizer and decoder of the file's SentencePiece vocabulary (``tokens`` and ``types``
     read from it); special and added tokens are the caller's."""
     scores: list[float] = list(gguf_value(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
+    stored = gguf_value(reader, "tokenizer.ggml.merges", None)
+    if stored:
+        merges = [(m[: m.index(" ", 1)], m[m.index(" ", 1) + 1 :]) for m in stored]
+    else:
+        merges = sentencepiece_merges(tokens, scores, types)
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
     model = models.BPE(
         vocab=vocab,
-        merges=sentencepiece_merges(tokens, scores, types),
+        merges=merges,
         unk_token=_unknown_token(reader, tokens, types),
         fuse_unk=True,
         byte_fallback=True,
