@@ -31,16 +31,15 @@ def _cast(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_tiles(w: torch.Tensor, block_n: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [n, k] -> (float8_e4m3fn [n, k], fp32 scales [ceil(n / block_n), ceil(k / block_k)]), tile by tile."""
+    """w [n, k] -> (float8_e4m3fn [n, k], fp32 scales [ceil(n / block_n), ceil(k / block_k)]), tile by tile (the
+    ragged last tiles padded with zeros, which change no amax)."""
     n, k = w.shape
-    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
-    scales = torch.empty(-(-n // block_n), -(-k // block_k))
-    for i, r in enumerate(range(0, n, block_n)):
-        for j, c in enumerate(range(0, k, block_k)):
-            tile = w[r : r + block_n, c : c + block_k].float()
-            scales[i, j] = _scale(tile.abs().max())
-            q[r : r + block_n, c : c + block_k] = _cast(tile, scales[i, j])
-    return q, scales
+    rows, cols = -(-n // block_n), -(-k // block_k)
+    padded = F.pad(w.float(), (0, cols * block_k - k, 0, rows * block_n - n))
+    tiles = padded.view(rows, block_n, cols, block_k)
+    scales = _scale(tiles.abs().amax(dim=(1, 3)))  # [rows, cols]
+    q = _cast(tiles, scales[:, None, :, None]).view(rows * block_n, cols * block_k)
+    return q[:n, :k].contiguous(), scales
 
 
 def dequantize_tiles(q: torch.Tensor, scales: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
