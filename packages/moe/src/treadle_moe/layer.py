@@ -206,6 +206,8 @@ class FusedMoE(nn.Module):
 
     def load_stacked_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """transformers' fused layout: gate_up_proj [E, 2N, K] (gate first), down_proj [E, K, N]."""
+        if self.fp8_layout is not None:
+            raise ValueError("fp8 experts load one expert matrix and its scales at a time (weight_loader)")
         for name, param, weight in (
             ("gate_up_proj", self.w13_weight, gate_up),
             ("down_proj", self.w2_weight, down),
@@ -276,4 +278,5 @@ class FusedMoE(nn.Module):
             f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, renormalize={self.router.renormalize}, "
             f"scoring={self.router.scoring}, activation={self.activation}"
+            + (f", fp8={self.fp8_layout.describe()}" if self.fp8_layout is not None else "")
         )

@@ -14,8 +14,10 @@ online per channel; a block-wise fp8 checkpoint's load as they are (each expert'
 Tensor parallelism: each rank holds its slice of every expert's intermediate columns (`ParallelFusedMoE`: gate
 and up rows, down columns; the router is replicated) and the ranks' outputs are summed, as in the dense MLP. fp8
 scales follow their rows: per channel, gate and up rows' scales are cut with them and the down rows' are whole
-(the row maxima of online quantization taken over the ranks); block-wise, a rank keeps the block rows (gate, up) or
-block columns (down) of its slice, so the slice must be a whole number of blocks (quantization/experts.py).
+(the row maxima of online quantization taken over the ranks), and each rank quantizes the down projection's input
+per token over its own columns, as the dense row-parallel projections do; block-wise, a rank keeps the block rows
+(gate, up) or block columns (down) of its slice, so the slice must be a whole number of blocks
+(quantization/experts.py) and the activation groups never straddle two ranks.
 """
 
 from __future__ import annotations
