@@ -1,4 +1,5 @@
-"""Test helpers (no tests here): tiny HF decoders with random PEFT LoRA adapters, and PEFT's own logits for them.
+"""Test helpers (no tests here): tiny HF decoders with random PEFT LoRA adapters, and references for them: PEFT's own
+logits (`PeftReference`), or the HF model with the adapter merged into its weights (`MergedReference`).
 
 Adapters are made with `peft.get_peft_model(..., init_lora_weights=False)`, so B is random (non-zero) and every
 adapter changes the model's output; they are saved in PEFT's format, exactly what users bring.
@@ -79,11 +80,35 @@ class PeftReference:
         return list(self._run(adapter, generate))
 
 
+class MergedReference:
+    """`hf_model` with each adapter of `adapters` (name -> directory) merged into a copy of its weights (PEFT's
+    merge_and_unload: W + scaling * B A, a plain HF model again); logits and greedy continuations as PeftReference's."""
+
+    def __init__(self, hf_model: Any, adapters: dict[str, Path]) -> None:
+        import peft
+
+        self.models: dict[str | None, Any] = {None: hf_model.eval()}
+        for name, path in adapters.items():
+            merged = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), path).merge_and_unload()
+            self.models[name] = merged.eval()
+
+    def logits(self, adapter: str | None, tokens: list[int]) -> torch.Tensor:
+        """[len(tokens), vocab] fp32 logits of every position."""
+        with torch.no_grad():
+            return self.models[adapter](input_ids=torch.tensor([tokens])).logits[0].float()
+
+    def greedy(self, adapter: str | None, prompt: list[int], max_new_tokens: int) -> list[int]:
+        with torch.no_grad():
+            out = self.models[adapter].generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                                                do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        return [int(t) for t in out[0, len(prompt) :]]
+
+
 def write_adapter(
     directory: Path, hf_config: Any, seed: int, r: int, alpha: float, targets: list[str]
 ) -> Path:
     """A random LoRA adapter in PEFT's format written without PEFT (the GPU machine has no PEFT): every layer's
-    `targets` get A [r, in] and B [out, r] of std 0.1."""
+    `targets` get A [r, in] and B [out, r] of std 0.1 (qkv_proj, gate_up_proj: the stacked projections of Phi-3)."""
     import json
 
     from safetensors.torch import save_file
@@ -92,10 +117,10 @@ def write_adapter(
     head_dim = getattr(hf_config, "head_dim", None) or hidden // hf_config.num_attention_heads
     q, kv = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
     shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}  # fmt: skip
-    parent = {
-        name: "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn" for name in shapes
-    }
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+              "qkv_proj": (hidden, q + 2 * kv), "gate_up_proj": (hidden, 2 * inter)}  # fmt: skip
+    mlp = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+    parent = {name: "mlp" if name in mlp else "self_attn" for name in shapes}
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(hf_config.num_hidden_layers):

@@ -21,6 +21,7 @@ from lora_fixtures import PeftReference, save_adapter
 from safetensors.torch import load_file, save_file
 from spec_decode_driver import reference, speculate
 from test_models import COMMON  # the tiny HF configs the model tests build
+from test_models import _phi3_config as phi3_config
 from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden
 
 from treadle_model_runner import SamplingParams
@@ -221,9 +222,19 @@ def test_lora_requests_need_enable_lora(tiny: Tiny) -> None:
         LoRAConfig(enable_lora=True, max_loras=2, max_cpu_loras=1)
 
 
+# arch -> (model class, its config, adapter a's targets, adapter b's): Phi-4-mini-like adapters on the stacked
+# qkv_proj / gate_up_proj its checkpoint holds whole
+GRAPH_MODELS = {
+    "llama": (tf.LlamaForCausalLM, lambda: tf.LlamaConfig(**COMMON), ALL_TARGETS, ["q_proj", "down_proj"]),
+    "phi4_mini": (tf.Phi3ForCausalLM, lambda: phi3_config("phi4_mini"),
+                  ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], ["qkv_proj", "down_proj"]),
+}  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", list(GRAPH_MODELS))
+def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Path, arch: str) -> None:
     """fp32, Triton attention: decode steps replay the decode graphs and prefills the piecewise ones, with the
     adapters' slots and the token mask read from their persistent buffers; tokens and hidden states equal eager's.
     Both LoRA variants replay: the one with the adapters' path in steps where a row runs an adapter, the one without
@@ -234,12 +245,13 @@ def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Pat
     from treadle_model_runner.runner import ModelRunner
     from treadle_model_runner.runner.lora_graphs import LoRAVariants
 
-    config = tf.LlamaConfig(**COMMON)
-    hf = tf.LlamaForCausalLM(config)
+    cls, make_config, targets_a, targets_b = GRAPH_MODELS[arch]
+    config = make_config()
+    hf = cls(config)
     perturb_(hf.eval(), seed=4, std=0.15)
     hf.save_pretrained(tmp_path / "base", safe_serialization=True)
-    lora = {"a": LoRARequest("a", 1, str(write_adapter(tmp_path / "a", config, 1, 8, 16, ALL_TARGETS))),
-            "b": LoRARequest("b", 2, str(write_adapter(tmp_path / "b", config, 2, 4, 8, ["q_proj", "down_proj"])))}  # fmt: skip
+    lora = {"a": LoRARequest("a", 1, str(write_adapter(tmp_path / "a", config, 1, 8, 16, targets_a))),
+            "b": LoRARequest("b", 2, str(write_adapter(tmp_path / "b", config, 2, 4, 8, targets_b)))}  # fmt: skip
     gen = torch.Generator().manual_seed(9)
     # phase 1 mixes base rows and both adapters, two base requests outliving the others (decode steps of base
     # rows only, with adapters still in their slots); phase 2 is base rows only (prefill and decode); phase 3 an

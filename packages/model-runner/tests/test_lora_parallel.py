@@ -74,10 +74,10 @@ def _cases(root: Path) -> dict[str, Case]:
     return cases
 
 
-def _run(model: Path, loras: dict[str, LoRARequest], tp: int) -> Run:
+def _run(model: Path, loras: dict[str, LoRARequest], tp: int, **runner_kwargs: Any) -> Run:
     """The mixed batch, scheduled like the one-rank LoRA test (test_lora.py); every scheduled position's logits."""
     lora_config = LoRAConfig(enable_lora=True, max_loras=2, max_lora_rank=8)
-    runner = make_runner(model, tensor_parallel_size=tp, lora_config=lora_config)
+    runner = make_runner(model, tensor_parallel_size=tp, lora_config=lora_config, **runner_kwargs)
     gen = torch.Generator().manual_seed(7)
     sched = FakeScheduler(runner, seed=3)
     for rid, adapter in ADAPTER_OF.items():
@@ -123,8 +123,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_ranks_match_peft_and_one_rank(tmp_path: Path) -> None:
-    cases = _cases(tmp_path)
+def run_one_and_two_ranks(cases: dict[str, Case]) -> tuple[dict[str, Run], dict[int, dict[str, Run]]]:
+    """Every case's run on one rank (here), and on each of two ranks (processes of their own, over gloo)."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     init = f"tcp://127.0.0.1:{_free_port()}"
@@ -139,21 +139,36 @@ def test_two_ranks_match_peft_and_one_rank(tmp_path: Path) -> None:
     for got in by_rank.values():
         assert not isinstance(got, str), got
     assert [p.exitcode for p in procs] == [0, 0]
+    return one_rank, by_rank
+
+
+def test_two_ranks_match_peft_and_one_rank(tmp_path: Path) -> None:
+    cases = _cases(tmp_path)
+    one_rank, by_rank = run_one_and_two_ranks(cases)
     for name, case in cases.items():
         peft = PeftReference(case.hf, case.adapters)
         for rank, runs in sorted(by_rank.items()):
-            run = runs[name]
-            assert run.prompts == one_rank[name].prompts
-            num_checked = 0
-            for rid, tokens, computed, logits in run.positions:
-                ref = peft.logits(ADAPTER_OF[rid], tokens)[computed:]
-                torch.testing.assert_close(torch.from_numpy(logits), ref, atol=1e-4, rtol=0,
-                                           msg=lambda m, c=name, r=rid, k=rank: f"{c} rank {k} {r}: {m}")  # fmt: skip
-                num_checked += len(ref)
-            assert num_checked == sum(LENGTHS.values()) + len(LENGTHS) * (MAX_TOKENS - 1), (name, rank)
-            assert run.tokens == one_rank[name].tokens, (name, rank)
-        for rid, adapter in ADAPTER_OF.items():
-            assert one_rank[name].tokens[rid] == peft.greedy(adapter, one_rank[name].prompts[rid], MAX_TOKENS)
-        # the adapters change the model: base, a and b disagree on a prompt
-        outs = [peft.logits(adapter, one_rank[name].prompts["base"]) for adapter in (None, "a", "b")]
-        assert all((x - y).abs().max() > 1e-2 for i, x in enumerate(outs) for y in outs[i + 1 :]), name
+            check_run(runs[name], one_rank[name], peft, f"{name} rank {rank}")
+        check_run(one_rank[name], one_rank[name], peft, name)
+
+
+def check_run(run: Run, one_rank: Run, reference: Any, label: str) -> None:
+    """`run`'s logits at every scheduled position are within 1e-4 of `reference`'s (PeftReference or
+    MergedReference) under the request's adapter, and its tokens are the one-rank run's, which are the reference's
+    greedy continuations; the adapters change the model (base, a and b disagree on a prompt)."""
+    assert run.prompts == one_rank.prompts, label
+    num_checked = 0
+    for rid, tokens, computed, logits in run.positions:
+        ref = reference.logits(ADAPTER_OF[rid], tokens)[computed:]
+        torch.testing.assert_close(torch.from_numpy(logits), ref, atol=1e-4, rtol=0,
+                                   msg=lambda m, r=rid: f"{label} {r}: {m}")  # fmt: skip
+        num_checked += len(ref)
+    assert num_checked == sum(LENGTHS.values()) + len(LENGTHS) * (MAX_TOKENS - 1), label
+    assert run.tokens == one_rank.tokens, label
+    for rid, adapter in ADAPTER_OF.items():
+        assert one_rank.tokens[rid] == reference.greedy(adapter, one_rank.prompts[rid], MAX_TOKENS), (
+            label,
+            rid,
+        )
+    outs = [reference.logits(adapter, one_rank.prompts["base"]) for adapter in (None, "a", "b")]
+    assert all((x - y).abs().max() > 1e-2 for i, x in enumerate(outs) for y in outs[i + 1 :]), label

@@ -17,12 +17,14 @@ Run: `uv run pytest -m gpu packages/model-runner/tests/test_models_gpu.py`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers as tf
+from e4m3_attention import rounded_like_xqa
 from model_parity import check_greedy, check_mixed_batch
 from test_runner_fakes import FakeScheduler, make_runner, perturb_, record_hidden, release_gpu_runner
 
@@ -88,9 +90,10 @@ def test_fp32_matches_hf(model: str, backend: str, eager: bool, request: pytest.
     torch.cuda.empty_cache()
 
 
-def _first_steps(path: Path, **model: Any) -> tuple[list[torch.Tensor], list[int]]:
+def _first_steps(path: Path, rounded: bool = False, **model: Any) -> tuple[list[torch.Tensor], list[int]]:
     """Hidden states of the prefill step (four prompts) and of the first decode step, bf16 on the GPU, and each
-    request's first sampled token (the decode step's input, row by row)."""
+    request's first sampled token (the decode step's input, row by row). `rounded`: the torch backend's decode
+    step attends with XQA's e4m3 roundings (e4m3_attention.py)."""
     runner = make_runner(path, 8, 64, block_size=16, num_blocks=64, device="cuda", dtype="bfloat16",
                          max_model_len=ORIGINAL, **model)  # fmt: skip
     gen = torch.Generator().manual_seed(4)
@@ -98,7 +101,8 @@ def _first_steps(path: Path, **model: Any) -> tuple[list[torch.Tensor], list[int
     hidden = record_hidden(runner)
     for i, n in enumerate((19, 7, 30, 3)):
         sched.add(f"r{i}", torch.randint(1, VOCAB, (n,), generator=gen).tolist(), max_tokens=2)
-    tokens = sched.run(budget=64)
+    with rounded_like_xqa(runner, {1}) if rounded else contextlib.nullcontext():
+        tokens = sched.run(budget=64)
     steps = [h.float().cpu() for h in hidden[:2]]
     release_gpu_runner(runner)
     return steps, [tokens[f"r{i}"][0] for i in range(4)]
@@ -127,12 +131,19 @@ def test_bf16_matches_torch_backend(
     if path_name == "xqa":
         if torch.cuda.get_device_capability()[0] != 9:
             pytest.skip("XQA's fp8 kernel is Hopper's")
-        # XQA rounds the query and the softmax weights to e4m3 (~3.5 % per attention; test_runner_xqa.py)
-        kv_cache_dtype, backend, bound = "fp8", "triton", 0.08
+        # XQA rounds the query and the softmax weights to e4m3: bounded by 1.5x what those roundings alone do to
+        # the torch backend's decode step on this model (a peaked model moves more: the Phi-4-mini-like one 0.11-0.12
+        # on CPU and H200, where 0.08 sufficed for test_runner_xqa.py's Llama), and by at least 0.08
+        kv_cache_dtype, backend = "fp8", "triton"
         monkeypatch.setenv("TREADLE_ATTN_XQA", "1")
         real = xqa.decode
         monkeypatch.setattr(xqa, "decode", lambda *a: served.append(1) or real(*a))
     ref = _first_steps(path, attention_backend="torch", enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
+    if path_name == "xqa":
+        emulated = _first_steps(
+            path, True, attention_backend="torch", enforce_eager=True, kv_cache_dtype="fp8"
+        )
+        bound = max(0.08, 1.5 * _error(ref, emulated))
     got = _first_steps(path, attention_backend=backend, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
     # XQA has no soft-cap: a capped model must not reach it
     assert path_name != "xqa" or bool(served) == (model != "gemma2_capped"), f"XQA served {len(served)} steps"

@@ -8,6 +8,10 @@ projection of layer 0 dequantizes exactly to its part of the reference's weight 
 shard; row-parallel: its columns); greedy tokens equal the reference's (the HF model on the dequantized weights) and
 the returned logprobs are within 1e-4 of its log-softmax. The same compressed-tensors checkpoint without act order at
 intermediate size 96 is refused on both ranks, naming the cut groups.
+
+Phi-3 (no biases) as AWQ at intermediate size 128 and as GPTQ with act order and zero points at 96: its checkpoint
+quantizes qkv_proj and gate_up_proj whole (one qweight, scale set, zero points and g_idx over every part's columns),
+and each rank must keep its columns of each part (its q, its k, its v), not a block of the whole.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_p
 
 LAYERS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-CHECKPOINTS = {"awq": 128, "gptq-asym-act-order": 96, "ct-sym": 96}  # format: intermediate size
+# checkpoint -> (architecture, format, intermediate size)
+CHECKPOINTS = {"awq": ("llama", "awq", 128), "gptq-asym-act-order": ("llama", "gptq-asym-act-order", 96),
+               "ct-sym": ("llama", "ct-sym", 96), "phi3-awq": ("phi3", "awq", 128),
+               "phi3-gptq-asym-act-order": ("phi3", "gptq-asym-act-order", 96)}  # fmt: skip
 REFUSED = "ct-sym"
 
 
@@ -71,9 +78,18 @@ def _expected(ref: Any, name: str, rank: int) -> torch.Tensor:
         weight = ref.get_submodule(f"model.layers.0.{name}").weight
         cols = weight.shape[1] // 2
         return weight[:, rank * cols : (rank + 1) * cols]
+    modules = dict(ref.named_modules())
+    if f"model.layers.0.{name}" in modules:  # Phi-3: the stacked projection itself, its parts' rows in order
+        config = ref.config
+        head_dim = config.hidden_size // config.num_attention_heads
+        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        sizes = [q, kv, kv] if leaf == "qkv_proj" else [config.intermediate_size] * 2
+        weights = list(modules[f"model.layers.0.{name}"].weight.split(sizes))
+    else:
+        weights = [modules[f"model.layers.0.{prefix}.{part}"].weight for part in parts]
     slices = []
-    for part in parts:  # column-parallel: this rank's half of each shard's rows (2 key/value heads: one each)
-        weight = ref.get_submodule(f"model.layers.0.{prefix}.{part}").weight
+    # column-parallel: this rank's half of each shard's rows (2 key/value heads: one each)
+    for weight in weights:
         rows = weight.shape[0] // 2
         slices.append(weight[rank * rows : (rank + 1) * rows])
     return torch.cat(slices)
@@ -96,11 +112,18 @@ def _check_tokens(ref: Any, got: dict[str, Any]) -> None:
 
 def test_two_ranks_load_their_slices_of_int4_checkpoints(tmp_path: Path) -> None:
     refs, paths = {}, []
-    for fmt, intermediate in CHECKPOINTS.items():
+    for name, (arch, fmt, intermediate) in CHECKPOINTS.items():
         torch.manual_seed(0)
-        hf = tf.LlamaForCausalLM(tf.LlamaConfig(**{**CONFIG, "intermediate_size": intermediate})).eval()
+        if arch == "llama":
+            hf = tf.LlamaForCausalLM(tf.LlamaConfig(**{**CONFIG, "intermediate_size": intermediate}))
+        else:
+            config = {k: v for k, v in CONFIG.items() if not k.endswith("_bias")}
+            hf = tf.Phi3ForCausalLM(
+                tf.Phi3Config(**{**config, "intermediate_size": intermediate, "pad_token_id": 0})
+            )
+        hf = hf.eval()
         perturb_(hf, seed=3, std=0.15)
-        path = tmp_path / fmt
+        path = tmp_path / name
         refs[str(path)] = dequantized_reference(hf, write_int4_checkpoint(hf, path, FORMATS[fmt]))
         paths.append(path)
     ctx = multiprocessing.get_context("spawn")

@@ -32,7 +32,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from concurrent.futures import Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -89,7 +88,8 @@ class TensorParallelExecutor(InprocExecutor):
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         ctx = multiprocessing.get_context("spawn")
         self._workers: list[tuple[Any, Connection]] = []
-        self._closing = False
+        # set by shutdown: workers exiting from then on are expected
+        self._closing = threading.Event()
         for rank in range(1, size):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=run_worker, args=(config, rank, size, init_method, theirs),
@@ -97,7 +97,12 @@ class TensorParallelExecutor(InprocExecutor):
             proc.start()
             theirs.close()
             self._workers.append((proc, ours))
-        threading.Thread(target=self._watch, name="treadle-tp-monitor", daemon=True).start()
+        # the monitor holds the processes and the flag, not this executor: a shut-down engine's runner (and its
+        # KV cache) must be freed at once, not when the monitor wakes up
+        procs = [proc for proc, _ in self._workers]
+        monitor = threading.Thread(target=_watch, args=(procs, self._closing), name="treadle-tp-monitor")
+        monitor.daemon = True
+        monitor.start()
         _share_cpu_threads(device, size)
         try:
             init_tensor_parallel(0, size, init_method, device)
@@ -108,18 +113,6 @@ class TensorParallelExecutor(InprocExecutor):
         except BaseException:  # e.g. heads the group size does not divide: all ranks fail; rank 0 says why
             self._stop_workers()
             raise
-
-    def _watch(self) -> None:
-        procs = {p.sentinel: (rank, p) for rank, (p, _) in enumerate(self._workers, start=1)}
-        ready = wait(list(procs))
-        time.sleep(_GRACE_S)  # rank 0 may be failing for the same reason: let its own error through first
-        if self._closing:
-            return
-        rank, proc = procs[ready[0]]  # type: ignore[index]
-        logger.critical("tensor-parallel rank %d (pid %s) exited with code %s; the engine cannot go on without it",
-                        rank, proc.pid, proc.exitcode)  # fmt: skip
-        logging.shutdown()
-        os._exit(1)
 
     def _send(self, kind: bytes, payload: bytes = b"") -> None:
         message = kind + payload
@@ -161,13 +154,13 @@ class TensorParallelExecutor(InprocExecutor):
         return [self.list_loras()] + [reply.lora_ids for reply in self._ask(msg.ListLoRAs())]
 
     def shutdown(self) -> None:
-        self._closing = True  # workers exiting from here on are expected
+        self._closing.set()
         super().shutdown()
         self.runner.release_graphs()  # graphs holding all-reduces would block the group's teardown
         self._stop_workers()
 
     def _stop_workers(self) -> None:
-        self._closing = True
+        self._closing.set()
         for _, conn in self._workers:
             with contextlib.suppress(OSError):  # already gone
                 conn.send_bytes(_STOP)
@@ -178,6 +171,20 @@ class TensorParallelExecutor(InprocExecutor):
                 proc.terminate()
                 proc.join(timeout=5)
             conn.close()
+
+
+def _watch(procs: list[Any], closing: threading.Event) -> None:
+    """End this process when a worker exits unasked (after `_GRACE_S`, unless shutdown began meanwhile)."""
+    ranks = {p.sentinel: (rank, p) for rank, p in enumerate(procs, start=1)}
+    ready = wait(list(ranks))
+    # rank 0 may be failing for the same reason: let its own error through first
+    if closing.wait(_GRACE_S):
+        return
+    rank, proc = ranks[ready[0]]  # type: ignore[index]
+    logger.critical("tensor-parallel rank %d (pid %s) exited with code %s; the engine cannot go on without it",
+                    rank, proc.pid, proc.exitcode)  # fmt: skip
+    logging.shutdown()
+    os._exit(1)
 
 
 def run_worker(config: EngineConfig, rank: int, size: int, init_method: str, conn: Connection) -> None:

@@ -14,7 +14,10 @@ on every rank. A stacked layer's shards read the same input, so their g_idx (whi
 order) must agree: the first shard's is kept and the others are checked against it.
 
 `load_int4(layer, attr, shard, full, hf_name)` takes one tensor of a checkpoint projection in the layout at its full
-(one-rank) shape, checks that shape, and keeps this rank's part in the shard's columns. `fill_dummy_int4` draws such
+(one-rank) shape, checks that shape, and keeps this rank's part in the shard's columns. A checkpoint that holds a
+stacked projection whole (Phi-3's qkv_proj and gate_up_proj: AutoAWQ and GPTQ quantize the HF module, one set of
+tensors with every shard's columns and one g_idx) comes as shard None: its columns are cut into the shards', each
+then cut for this rank as a shard of its own (under tensor parallelism: the rank's q columns, k columns, v columns). `fill_dummy_int4` draws such
 tensors at random, per shard from a seed and the layer's name, and loads them the same way, so N ranks still join to
 the one-rank model: codes uniform in 0..15, zero points 8 +- 1 (or none), scales around DUMMY_STD / 4.6 (4.6 is the
 spread of uniform codes around 8), i.e. weights of about the dummy loader's size.
@@ -111,7 +114,7 @@ def load_int4(layer: Linear, attr: str, shard: str | None, full: torch.Tensor, h
     layout = _layout(layer)
     k_full, n_full = layer.checkpoint_columns(), layer.checkpoint_rows(shard)
     _, total, kept = _groups(layer, layout)
-    cols, rows = layer.rank_columns(), layer.rank_rows(shard)
+    cols = layer.rank_columns()
     expected = {"packed_weight": (k_full // INT4_PACK, n_full), "group_scale": (total, n_full),
                 "group_zero": (total, n_full), "group_index": (k_full,)}[attr]  # fmt: skip
     if tuple(full.shape) != expected:
@@ -120,6 +123,13 @@ def load_int4(layer: Linear, attr: str, shard: str | None, full: torch.Tensor, h
             f"expects {expected} ({n_full} outputs, {k_full} inputs, {total} groups): the checkpoint does not match "
             "config.json"
         )
+    full_sizes: dict[str, int] | None = getattr(layer, "full_sizes", None)
+    if shard is None and full_sizes is not None and attr != "group_index":
+        # one checkpoint projection for every shard (Phi-3's qkv_proj, quantized whole as AutoAWQ and GPTQ store it):
+        # its output columns are the shards' one after the other, and each shard keeps this rank's part of its own
+        for name, part in zip(full_sizes, full.split(list(full_sizes.values()), dim=-1), strict=True):
+            load_int4(layer, attr, name, part, hf_name)
+        return
     param = getattr(layer, attr)
     if attr == "group_index":
         part = full[cols].to(torch.int32)
@@ -131,6 +141,7 @@ def load_int4(layer: Linear, attr: str, shard: str | None, full: torch.Tensor, h
         param.copy_(part)
         layer.group_index_shard = shard or "first"
         return
+    rows = layer.rank_rows(shard)
     if attr == "packed_weight":
         part = full[cols.start // INT4_PACK : cols.stop // INT4_PACK, rows]
     else:

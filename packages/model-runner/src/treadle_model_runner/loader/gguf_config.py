@@ -1,9 +1,11 @@
 """A GGUF file's model metadata as HF ``config.json`` and ``generation_config.json``.
 
 Theory: llama.cpp writes the hyperparameters as ``<arch>.<key>`` metadata (``llama.embedding_length``,
-``llama.attention.head_count_kv``, ...) and the special token ids as ``tokenizer.ggml.*_token_id``. Each maps
-onto one LlamaConfig (Qwen2Config, Qwen3Config) field. Embeddings are tied exactly when the file has no ``output.weight`` (llama.cpp
-then reuses ``token_embd`` for the logits).
+``llama.attention.head_count_kv``, ...) and the special token ids as ``tokenizer.ggml.*_token_id``. The keys
+every family shares map onto the Llama-shaped fields of its HF config (LlamaConfig, Qwen2Config, ...), written
+here; what one family adds (Gemma's sliding layers and softcaps, Phi-3's longrope, Granite's multipliers,
+experts) is gguf_family_config.py's. Embeddings are tied exactly when the file has no ``output.weight``
+(llama.cpp then reuses ``token_embd`` for the logits).
 
 Invariants: the written config loads with ``transformers.AutoConfig.from_pretrained`` offline and gives the
 HF model the same shapes as the GGUF tensors; a value the file lacks falls back to the llama.cpp default.
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from treadle_model_runner.loader.gguf_family_config import apply_family_config
 from treadle_model_runner.loader.gguf_weights import gguf_architecture, gguf_model_kind, gguf_value
 
 logger = logging.getLogger(__name__)
@@ -92,7 +95,8 @@ def hf_config_dict(reader: Any, dtype: torch.dtype) -> dict[str, Any]:
         "max_position_embeddings": int(meta("context_length", 2048)),
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(reader, arch),
+        # Phi-3's longrope comes from its factor tensors (gguf_family_config.py)
+        "rope_scaling": None if arch == "phi3" else _rope_scaling(reader, arch),
         "vocab_size": int(meta("vocab_size", num_tokens)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
@@ -102,35 +106,12 @@ def hf_config_dict(reader: Any, dtype: torch.dtype) -> dict[str, Any]:
         "pad_token_id": gguf_value(reader, "tokenizer.ggml.padding_token_id", None),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if arch in ("qwen2", "qwen3", "qwen3moe"):
-        num_layers = config["num_hidden_layers"]
-        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=num_layers)
-    config.update(_moe_config(kind.model_type, meta))
+    apply_family_config(reader, arch, kind.model_type, config)
     if config["bos_token_id"] is not None:
         config["bos_token_id"] = int(config["bos_token_id"])
     if config["pad_token_id"] is not None:
         config["pad_token_id"] = int(config["pad_token_id"])
     return config
-
-
-def _moe_config(model_type: str, meta: Any) -> dict[str, Any]:
-    """The experts' part of config.json (llama.cpp's `expert_count`, `expert_used_count`, ...)."""
-    if model_type == "mixtral":
-        return {
-            "num_local_experts": int(meta("expert_count")),
-            "num_experts_per_tok": int(meta("expert_used_count")),
-            "sliding_window": None,
-        }
-    if model_type == "qwen3_moe":
-        return {
-            "num_experts": int(meta("expert_count")),
-            "num_experts_per_tok": int(meta("expert_used_count")),
-            "moe_intermediate_size": int(meta("expert_feed_forward_length")),
-            "norm_topk_prob": bool(meta("expert_weights_norm", True)),
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-        }
-    return {}
 
 
 def generation_config_dict(reader: Any) -> dict[str, Any]:

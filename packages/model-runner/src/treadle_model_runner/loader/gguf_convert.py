@@ -106,7 +106,8 @@ def convert_gguf(
     config = hf_config_dict(reader, dtype)
     total = count_gguf_tensors(reader)
     logger.info("converting %s (%d tensors) to %s as %s", gguf_path, total, out_dir, dtype)
+    # the tokenizer first: a file whose tokenizer cannot be rebuilt fails before its weights are dequantized
+    write_tokenizer_files(reader, out_dir, model_max_length=int(config["max_position_embeddings"]))
     _write_shards(iterate_gguf_tensors(reader, dtype), out_dir, max_shard_bytes, total, progress)
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", generation_config_dict(reader))
-    write_tokenizer_files(reader, out_dir, model_max_length=int(config["max_position_embeddings"]))

@@ -4,19 +4,24 @@ Theory: a GGUF file stores each tensor with its dims reversed (ne0 = the contigu
 in blocks (Q4_1, Q8_0, ...) or plain (F32, F16, BF16). ``gguf.quants.dequantize`` turns the raw blocks into
 float32 with numpy shape = reversed GGUF shape, which is already the PyTorch ``[out, in]`` layout.
 
-Names follow llama.cpp (``blk.N.attn_q.weight``); they map one-to-one onto HF Llama / Qwen2 / Qwen3 names
-(``model.layers.N.self_attn.q_proj.weight``). llama.cpp's converter permutes the rows of Llama's q and k
-projections from HF's rotate-half layout (per head: first half of the dims, then second half) to the
-interleaved pairs its rope kernel expects; :func:`unpermute_qk` inverts it per head, using
-``head_count`` for q and ``head_count_kv`` for k. Qwen2/Qwen3 GGUFs are written unpermuted.
+Names follow llama.cpp (``blk.N.attn_q.weight``); each family's table (gguf_families.py, which also lists the
+converter's conventions this module inverts) maps them onto the HF names its checkpoints use
+(``model.layers.N.self_attn.q_proj.weight``). Then, per family:
 
-Sparse MoE files (Qwen3-MoE ``qwen3moe``; Mixtral, a ``llama`` file with ``llama.expert_count``) hold per
-layer the router ``ffn_gate_inp`` and the experts stacked as ``ffn_{gate,up,down}_exps`` [experts, out, in];
-they become the per-expert HF names checkpoints use (``mlp.experts.{e}.gate_proj.weight``, Mixtral
-``block_sparse_moe.experts.{e}.w1.weight``), one tensor per expert.
+- llama.cpp's converter permutes the rows of the Llama family's q and k projections from HF's rotate-half
+  layout (per head: first half of the dims, then second half) to the interleaved pairs its rope kernel expects;
+  :func:`unpermute_qk` inverts it per head, using ``head_count`` for q and ``head_count_kv`` for k.
+- Gemma's norm weights were stored plus 1 (``norm_offset``): subtracted back.
+- Parts of a tensor HF keeps fused (Phi-3 files with separate q, k, v) are held until the layer's last part
+  arrives, then stacked on rows.
+- Sparse MoE files (Qwen3-MoE, Qwen2-MoE; Mixtral, a ``llama`` file with ``llama.expert_count``) hold per
+  layer the router ``ffn_gate_inp`` and the experts stacked as ``ffn_{gate,up,down}_exps`` [experts, out, in];
+  they become the per-expert HF names checkpoints use (``mlp.experts.{e}.gate_proj.weight``, Mixtral
+  ``block_sparse_moe.experts.{e}.w1.weight``), one tensor per expert.
 
-Invariants: every yielded tensor is contiguous, has the target dtype and its HF name; tensors only llama.cpp
-needs (``rope_freqs``) are skipped; an unknown tensor name raises ValueError naming it and the file.
+Invariants: every yielded tensor is contiguous, has the target dtype and its HF name and shape; tensors only
+llama.cpp's rope reads (``rope_freqs``, ``rope_factors_*``) are skipped; an unknown tensor name raises
+ValueError naming it and the file.
 """
 
 from __future__ import annotations
@@ -24,58 +29,28 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from treadle_model_runner.loader.gguf_families import (
+    GGUF_ARCHITECTURES,
+    GLOBAL_NAMES,
+    MIXTRAL,
+    ROPE_TENSORS,
+    SUPPORTED_GGUF_ARCHITECTURES,
+    GGUFArchitecture,
+)
+
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class GGUFArchitecture:
-    hf_architecture: str  # the HF class written to config.json "architectures"
-    model_type: str  # config.json "model_type"
-    permute_qk: bool  # llama.cpp interleaved the q/k rows for its rope (Llama family only)
-    moe_block: str = "mlp"  # HF module name of a layer's MoE block (router `gate`, `experts.{e}`)
-    expert_projs: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # HF names of gate, up, down
-
-
-GGUF_ARCHITECTURES = {
-    "llama": GGUFArchitecture("LlamaForCausalLM", "llama", permute_qk=True),  # also Mistral GGUFs
-    "qwen2": GGUFArchitecture("Qwen2ForCausalLM", "qwen2", permute_qk=False),
-    "qwen3": GGUFArchitecture("Qwen3ForCausalLM", "qwen3", permute_qk=False),
-    "qwen3moe": GGUFArchitecture("Qwen3MoeForCausalLM", "qwen3_moe", permute_qk=False),
-}
-SUPPORTED_GGUF_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
-# llama.cpp writes Mixtral as "llama" with `llama.expert_count` experts per layer
-MIXTRAL = GGUFArchitecture("MixtralForCausalLM", "mixtral", True, "block_sparse_moe", ("w1", "w3", "w2"))
 # stacked expert tensors [experts, out, in] -> index into GGUFArchitecture.expert_projs
 _EXPERT_TENSORS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
 _EXPERTS_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate_exps|ffn_up_exps|ffn_down_exps)\.weight$")
 _ROUTER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
-
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_q_norm": "self_attn.q_norm",  # qwen3
-    "attn_k_norm": "self_attn.k_norm",
-}
-_SKIPPED = frozenset({"rope_freqs.weight"})  # llama3 rope factors: recomputed from config.json by the model
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 _MISSING = object()
@@ -121,17 +96,28 @@ def gguf_model_kind(reader: Any) -> GGUFArchitecture:
     return GGUF_ARCHITECTURES[arch]
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """HF name of a llama.cpp tensor name; None for tensors the HF model does not hold."""
-    if gguf_name in _SKIPPED:
+def hf_tensor_name(gguf_name: str, kind: GGUFArchitecture = GGUF_ARCHITECTURES["llama"]) -> str | None:
+    """HF name of a llama.cpp tensor name in a file of family ``kind``; None for tensors only llama.cpp reads."""
+    if gguf_name in ROPE_TENSORS:
         return None
     if match := _LAYER_RE.match(gguf_name):
-        layer, part, kind = match.groups()
-        if part in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
-    elif (match := _GLOBAL_RE.match(gguf_name)) and match.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
+        layer, part, suffix = match.groups()
+        if part in kind.layer_names:
+            return f"model.layers.{layer}.{kind.layer_names[part]}.{suffix}"
+    elif (match := _GLOBAL_RE.match(gguf_name)) and match.group(1) in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[match.group(1)]}.{match.group(2)}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no HF counterpart")
+
+
+def _fused_target(gguf_name: str, kind: GGUFArchitecture) -> tuple[str, str, tuple[str, ...]] | None:
+    """(HF name, this part, all parts in row order) when the tensor is one part of a tensor HF keeps fused."""
+    if not kind.fused or not (match := _LAYER_RE.match(gguf_name)):
+        return None
+    layer, part, suffix = match.groups()
+    for hf_suffix, parts in kind.fused.items():
+        if part in parts:
+            return f"model.layers.{layer}.{hf_suffix}.{suffix}", part, parts
+    return None
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -156,11 +142,28 @@ def dequantize_tensor(tensor: Any) -> np.ndarray:
     return array if array.flags.writeable else array.copy()  # plain F32 tensors are read-only mmap views
 
 
+def _dequantize(tensor: Any, path: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(dequantize_tensor(tensor))
+    except (NotImplementedError, ValueError) as exc:
+        raise ValueError(
+            f"GGUF file {path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be "
+            f"dequantized ({exc})"
+        ) from exc
+
+
 def count_gguf_tensors(reader: Any) -> int:
-    """HF tensors the file yields: one per tensor, one per expert of a stacked expert tensor."""
-    return sum(
-        int(t.shape[-1]) if _EXPERTS_RE.match(t.name) else 1 for t in reader.tensors if t.name not in _SKIPPED
-    )
+    """HF tensors the file yields: one per tensor, one per expert of a stacked expert tensor, one per fused
+    group of parts."""
+    kind = gguf_model_kind(reader)
+
+    def count(tensor: Any) -> int:
+        if _EXPERTS_RE.match(tensor.name):
+            return int(tensor.shape[-1])
+        fused = _fused_target(tensor.name, kind)
+        return int(tensor.name not in ROPE_TENSORS and (fused is None or fused[1] == fused[2][0]))
+
+    return sum(count(t) for t in reader.tensors)
 
 
 def iterate_gguf_tensors(
@@ -173,30 +176,41 @@ def iterate_gguf_tensors(
     num_kv_heads = int(gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads))
     kind = gguf_model_kind(reader)
     permute = kind.permute_qk
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused HF name -> the parts read so far
     for tensor in reader.tensors:
         if moe := _moe_tensors(tensor, kind, dtype):
             yield from moe
             continue
+        if fused := _fused_target(tensor.name, kind):
+            target, part, parts = fused
+            got = pending.setdefault(target, {})
+            got[part] = _dequantize(tensor, path)
+            if len(got) == len(parts):
+                yield target, torch.cat([got[p] for p in parts]).to(dtype).contiguous()
+                del pending[target]
+            continue
         try:
-            name = hf_tensor_name(tensor.name)
+            name = hf_tensor_name(tensor.name, kind)
         except ValueError as exc:
             raise ValueError(
                 f"GGUF file {path}: {exc}; it may be a different architecture than {arch!r}"
             ) from exc
         if name is None:
             continue
-        try:
-            values = torch.from_numpy(dequantize_tensor(tensor))
-        except (NotImplementedError, ValueError) as exc:
-            raise ValueError(
-                f"GGUF file {path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be "
-                f"dequantized ({exc})"
-            ) from exc
+        values = _dequantize(tensor, path)
+        if kind.norm_offset and tensor.name.endswith("norm.weight"):
+            values = values - kind.norm_offset
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
             values = unpermute_qk(values, num_heads)
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             values = unpermute_qk(values, num_kv_heads)
+        elif name.endswith("shared_expert_gate.weight"):
+            values = values.reshape(1, -1)  # HF's [1, hidden], whether the file has it 1-D or 2-D
         yield name, values.to(dtype).contiguous()
+    if pending:
+        raise ValueError(
+            f"GGUF file {path}: {', '.join(sorted(pending))} lack some of their parts in the file"
+        )
 
 
 def _moe_tensors(tensor: Any, kind: GGUFArchitecture, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:

@@ -5,11 +5,16 @@ and `adapter_model.safetensors`, whose tensors are named after the HF module the
     base_model.model.<module>.lora_A.weight   [r, in_features]
     base_model.model.<module>.lora_B.weight   [out_features, r]
 and change that module's output to  y = x W^T + scaling * (x A^T) B^T,  scaling = lora_alpha / r
-(lora_alpha / sqrt(r) with rsLoRA). The scaling is folded into B here, once.
+(lora_alpha / sqrt(r) with rsLoRA). The scaling is folded into B here, once. The modules are the checkpoint's: an
+adapter trained on Phi-3 targets its stacked `qkv_proj` and `gate_up_proj` whole (B has every part's rows), one
+trained on Llama each of q_proj, k_proj, v_proj, gate_proj, up_proj (lora/layer.py says which a model answers to).
 
 Everything a step could trip over is checked at load, and a ValueError names the file and the problem: a missing
 file, a rank above max_lora_rank, a module the model has no LoRA-capable projection for, a shape that does not
-match, or a PEFT feature treadle does not run (DoRA, trained biases, modules_to_save, per-module ranks).
+match, or a PEFT feature treadle does not run (DoRA, trained biases, modules_to_save, per-module ranks, embedding
+or lm_head targets). The safetensors' tensor names decide which modules an adapter adapts, as in vLLM (PEFT keeps a
+target_modules name that matched nothing), and are checked against the model's own LoRA-capable modules: an adapter
+for q_proj on a model that holds qkv_proj stacked (Phi-3) is refused, naming the module to target instead.
 Only safetensors are read (a pickled adapter_model.bin is refused: loading pickle runs code).
 """
 
@@ -29,6 +34,9 @@ from treadle_model_runner.lora.request import LoRARequest
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# stacked projections a checkpoint may hold whole (Phi-3), adapted whole; the part names each one stacks
+STACKED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+KNOWN_TARGETS = (*SUPPORTED_TARGETS, *STACKED_TARGETS)
 _PREFIX = "base_model.model."
 
 
@@ -111,10 +119,10 @@ def _read_config(config_file: Path, max_rank: int) -> tuple[int, float]:
     target_modules = config.get("target_modules")
     if isinstance(target_modules, list):
         for name in target_modules:
-            if str(name).rsplit(".", 1)[-1] not in SUPPORTED_TARGETS:
+            if str(name).rsplit(".", 1)[-1] not in KNOWN_TARGETS:
                 raise refuse(
                     f"target module {name!r} is not supported; supported target modules: "
-                    f"{', '.join(SUPPORTED_TARGETS)}"
+                    f"{', '.join(KNOWN_TARGETS)}"
                 )
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return rank, float(scaling)
@@ -142,7 +150,7 @@ def _read_weights(
         if module not in targets:
             raise ValueError(
                 f"{weights_file}: tensor {key!r} adapts module {module!r}, which {model_name} does not have "
-                f"as a LoRA-capable projection; supported target modules: {', '.join(SUPPORTED_TARGETS)}"
+                f"as a LoRA-capable projection; {_model_targets(module, targets, model_name)}"
             )
         pairs.setdefault(module, {})[kind[0]] = tensor
     if not pairs:
@@ -162,3 +170,19 @@ def _read_weights(
             )
         modules[module] = LoRAWeights(a.float(), b.float() * scaling)
     return modules
+
+
+def _model_targets(module: str, targets: Mapping[str, tuple[int, int]], model_name: str) -> str:
+    """The target modules `model_name` has, and which one to adapt when `module` is a part of a stacked projection
+    its checkpoint holds whole."""
+    leaves = dict.fromkeys(name.rpartition(".")[2] for name in targets)
+    prefix, _, leaf = module.rpartition(".")
+    stacked = next((s for s, parts in STACKED_TARGETS.items() if leaf in parts), None)
+    listed = f"its target modules: {', '.join(leaves)}"
+    if stacked is None or f"{prefix}.{stacked}" not in targets:
+        return listed
+    return (
+        f"{listed} ({model_name}'s checkpoint holds {stacked} stacked, so an adapter trained on it targets {stacked} "
+        f"whole, one lora_B over all its parts; as in vLLM, adapters for {', '.join(STACKED_TARGETS[stacked])} "
+        "apart do not run on it)"
+    )

@@ -1,7 +1,7 @@
 """LoRA on a projection: every adapter of the step applied to its own rows, in two matmuls of static shape.
 
-A projection with n output shards (qkv: q, k, v; gate_up: gate, up; o and down: one) holds, for S = max_loras
-slots of rank up to R:
+A projection with n output shards (qkv: q, k, v; gate_up: gate, up; o and down, and a stacked projection adapted
+whole: one, see the end) holds, for S = max_loras slots of rank up to R:
     lora_a  [n * S * R, in]         rows (shard i, slot s) = that adapter's A for shard i, zero-padded to R rows
     lora_b  [out, n * S * R]        block-diagonal: shard i's output rows read only shard i's columns (B * scaling)
 With the step's token mask M [T, S] (M[t, s] = 1 when token t's request uses the adapter in slot s, all zero for
@@ -30,8 +30,16 @@ is all of it.
   summation order. The ranks need not even agree on slots: each rank's mask and slots go together.
 
 `attach_lora` gives each LoRA-capable projection of a model its slots (`Linear.lora`, read by layers/linear.py and
-the fused norm / MLP paths) and returns the HF module names they answer to, e.g. "model.layers.0.self_attn.q_proj"
-is shard 0 of that layer's qkv_proj.
+the fused norm / MLP paths) and returns the HF module names they answer to, which are the checkpoint's:
+- a stacked projection whose checkpoint splits it (the model's `stacked_params`: Llama's q_proj, k_proj, v_proj)
+  answers to each part, e.g. "model.layers.0.self_attn.q_proj" is shard 0 of that layer's qkv_proj (n shards);
+- one whose checkpoint holds it whole (Phi-3's qkv_proj and gate_up_proj, no `stacked_params` entry) answers to
+  its own name only, as the HF model has no other module there and PEFT trains an adapter on it whole: one A
+  [r, in] and one B [q + k + v rows, r], a single delta over all the output rows. Its slots have one shard (n = 1:
+  one A product per slot, not one per part). Under tensor parallelism the rank's rows of that B are cut part by part,
+  as the stacked weight's are (its rows of q, then of k, then of v: `LoRATarget.rows`), never as one block, and A is
+  whole (column-parallel). Parts of it ("q_proj" of a Phi-3 model) answer to nothing, as in vLLM, whose Phi-3
+  packs qkv_proj from qkv_proj alone: adapter.py refuses such an adapter by name.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from torch import nn
 
 from treadle_ir import ops
 from treadle_model_runner.layers.linear import Linear, StackedLinear
-from treadle_model_runner.lora.adapter import SUPPORTED_TARGETS, LoRAWeights
+from treadle_model_runner.lora.adapter import STACKED_TARGETS, SUPPORTED_TARGETS, LoRAWeights
 
 
 class TokenMask:
@@ -120,20 +128,21 @@ class LoRATarget:
     shard: int  # index of the shard in the projection's output (q, k, v = 0, 1, 2)
     in_features: int  # of the checkpoint's module: an adapter's A is [rank, in_features]
     out_features: int  # of the checkpoint's module: an adapter's B is [out_features, rank]
-    rows: slice  # this rank's rows of B (the module's output rows it computes)
+    # this rank's rows of B (the module's output rows it computes), in the order the layer holds them: one slice,
+    # or one per part of a stacked module the checkpoint holds whole
+    rows: tuple[slice, ...]
     columns: slice  # this rank's columns of A (the module's input columns it is given)
 
     def rank_part(self, weights: LoRAWeights) -> LoRAWeights:
         """This rank's part of one module's adapter (the whole adapter with one rank), in contiguous tensors."""
-        a, b = weights.lora_a[:, self.columns], weights.lora_b[self.rows]
+        a, b = weights.lora_a[:, self.columns], torch.cat([weights.lora_b[rows] for rows in self.rows])
         return LoRAWeights(a.contiguous(), b.contiguous())
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, mask: TokenMask) -> dict[str, LoRATarget]:
     """Give every LoRA-capable projection of `model` its adapter slots; returns HF module name -> target."""
-    stacked_parts: dict[
-        str, dict[str, str]
-    ] = {}  # stacked name -> shard -> HF name ("qkv_proj" -> "q" -> "q_proj")
+    # stacked name -> shard -> HF name ("qkv_proj" -> "q" -> "q_proj"); absent: the checkpoint holds it whole
+    stacked_parts: dict[str, dict[str, str]] = {}
     for stacked, hf_part, shard in getattr(model, "stacked_params", ()):
         stacked_parts.setdefault(stacked, {})[shard] = hf_part
     targets: dict[str, LoRATarget] = {}
@@ -141,8 +150,14 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int, mask: TokenMask
         if not isinstance(module, Linear):
             continue
         prefix, _, leaf = name.rpartition(".")
-        if isinstance(module, StackedLinear):
-            parts = stacked_parts.get(leaf, {})
+        if isinstance(module, StackedLinear) and leaf not in stacked_parts:
+            if leaf not in STACKED_TARGETS:
+                continue
+            slots = LoRASlots(module.in_features, [module.out_features], max_loras, max_rank, mask)
+            targets[name] = LoRATarget(slots, 0, module.checkpoint_columns(), module.checkpoint_rows(None),
+                                       _whole_rows(module), module.rank_columns())  # fmt: skip
+        elif isinstance(module, StackedLinear):
+            parts = stacked_parts[leaf]
             if set(parts) != set(module.shard_sizes) or not set(parts.values()) <= set(SUPPORTED_TARGETS):
                 continue
             sizes = list(module.shard_sizes.values())
@@ -150,13 +165,23 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int, mask: TokenMask
             for i, shard in enumerate(module.shard_sizes):
                 targets[f"{prefix}.{parts[shard]}"] = LoRATarget(
                     slots, i, module.checkpoint_columns(), module.checkpoint_rows(shard),
-                    module.rank_rows(shard), module.rank_columns(),
+                    (module.rank_rows(shard),), module.rank_columns(),
                 )  # fmt: skip
         elif leaf in SUPPORTED_TARGETS:
             slots = LoRASlots(module.in_features, [module.out_features], max_loras, max_rank, mask)
             targets[name] = LoRATarget(slots, 0, module.checkpoint_columns(), module.checkpoint_rows(None),
-                                       module.rank_rows(None), module.rank_columns())  # fmt: skip
+                                       (module.rank_rows(None),), module.rank_columns())  # fmt: skip
         else:
             continue
         module.lora = slots
     return targets
+
+
+def _whole_rows(module: StackedLinear) -> tuple[slice, ...]:
+    """This rank's rows of the whole stacked tensor (q, k, v rows one after the other), part by part: each part's
+    rows the layer keeps of it (`rank_rows`), moved to where that part starts in the whole."""
+    return tuple(
+        slice(module.full_offsets[shard] + rows.start, module.full_offsets[shard] + rows.stop)
+        for shard in module.shard_sizes
+        for rows in (module.rank_rows(shard),)
+    )
