@@ -15,12 +15,14 @@ Items (`--only` picks some):
   qwen        Qwen3-0.6B, 256 prompts, input and output lengths uniform in 100-1024 (nano-vllm's workload)
   moe_latency, moe_throughput   Qwen3-30B-A3B dummy: batch-1 128/128 latency, 1000 x 1024/1024 throughput,
               each against its roofline (benchmarks/roofline.py, gpu_e2e_moe.py)
+  moe_latency_fp8  the batch-1 latency of the Qwen3-30B-A3B-FP8-shaped dummy (block-wise fp8, experts too), beside
+              the same run's bf16 moe_latency and against its roofline at one byte a weight (gpu_e2e_moe.py)
   throughput_fp8  the throughput workload with an fp8 KV cache at 512 sequences (gpu_e2e_fp8.py)
   latency_wfp8, throughput_wfp8   the latency and throughput workloads with fp8 weights (`--quantization fp8`),
               each beside the same run's bf16 number (gpu_e2e_wfp8.py)
 
 Steps, in run order, each a fresh process (a clean GPU each): ceilings; HF baseline; the server (cold_start,
-serve); qwen; the MoE engine (moe_latency, moe_throughput); last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
+serve); qwen; the MoE engine (moe_latency, moe_throughput); the fp8 MoE engine (moe_latency_fp8); last one Llama engine for latency, an unrecorded warm-up, treadle's side of the baseline and
 throughput (`--worker`: one start-up instead of three; each phase has its own prompt seed, so no prefix-cache
 hits across phases); then the fp8-weight engine (latency_wfp8, throughput_wfp8); then the fp8-cache engine
 (throughput_fp8). The long throughput runs come last, so a cut at
@@ -49,7 +51,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from gpu_e2e_fp8 import step_fp8
-from gpu_e2e_moe import step_moe
+from gpu_e2e_moe import step_moe, step_moe_fp8
 from gpu_e2e_offline import offline_worker, step_ceilings, step_hf, step_llama, step_qwen
 from gpu_e2e_report import plot_serve, render_table, table_rows
 from gpu_e2e_serve import step_serve
@@ -67,6 +69,7 @@ ITEMS = (
     "qwen",
     "moe_latency",
     "moe_throughput",
+    "moe_latency_fp8",
     "throughput_fp8",
     "latency_wfp8",
     "throughput_wfp8",
@@ -79,6 +82,7 @@ STEPS = (
     ("serve", ("cold_start", "serve"), 60, step_serve),
     ("qwen", ("qwen",), 40, step_qwen),
     ("moe", ("moe_latency", "moe_throughput"), 60, step_moe),
+    ("moe_fp8", ("moe_latency_fp8",), 60, step_moe_fp8),
     ("llama", ("latency", "baseline", "throughput"), 60, step_llama),
     ("wfp8", ("latency_wfp8", "throughput_wfp8"), 60, step_wfp8),
     ("fp8", ("throughput_fp8",), 60, step_fp8),

@@ -155,12 +155,16 @@ def table_rows(s: Session, status: dict[str, str]) -> list[list[str]]:
         ("throughput", "Llama-8B offline"),
         ("moe_latency", "Qwen3-30B-A3B b1 ms/token"),
         ("moe_throughput", "Qwen3-30B-A3B offline out tok/s"),
+        ("moe_latency_fp8", "Qwen3-30B-A3B-FP8 (block fp8) b1 ms/token"),
     ):
         r = num.get(item, {})
         if r and item.startswith("moe"):
             ours = r.get("ms_per_output_token") or r.get("output_tokens_per_second")
             roof = r.get("roofline_ms_per_token") or r.get("roofline_output_tok_s")
             rows.append(_row(label, ours, "roofline", roof, 2 if "latency" in item else 0, "latency" in item))
+            if "bf16_ms_per_output_token" in r:
+                rows.append(_row(f"  {label}: vs bf16", ours, "bf16, same run", r["bf16_ms_per_output_token"], 2,
+                                 True))  # fmt: skip
         if "roofline_fraction" in r:
             rows.append(
                 [f"  {label}: share of roofline", f"{100 * r['roofline_fraction']:.0f} %", "—", "—", "—"]

@@ -36,6 +36,7 @@ class Plan:
     llama: Path = CONFIGS / "llama-3.1-8b"
     qwen: Path = CONFIGS / "qwen3-0.6b"
     moe: Path = CONFIGS / "qwen3-30b-a3b"
+    moe_fp8: Path = CONFIGS / "qwen3-30b-a3b-fp8"  # its quantization_config: block-wise fp8 (moe_latency_fp8)
     moe_prompts: int = 1000
     engine: tuple[str, ...] = ("--max-model-len", "4096", "--gpu-memory-utilization", "0.9")
     max_model_len: int = 4096
@@ -72,7 +73,8 @@ class Plan:
 
 
 def smoke_plan(tmp: Path) -> Plan:
-    """Tiny Llama (2 layers, hidden 64, vocab 512) and Qwen3 configs, tiny lengths and counts, CPU KV cache."""
+    """Tiny Llama (2 layers, hidden 64, vocab 512), Qwen3 and Qwen3-MoE (bf16 and block-fp8, 16 x 16 blocks)
+    configs, tiny lengths and counts, CPU KV cache."""
     tiny = {
         "num_hidden_layers": 2,
         "hidden_size": 64,
@@ -89,8 +91,10 @@ def smoke_plan(tmp: Path) -> Plan:
         "eos_token_id": 2,
     }
     dirs = []
-    for name in ("llama-3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b"):
+    for name in ("llama-3.1-8b", "qwen3-0.6b", "qwen3-30b-a3b", "qwen3-30b-a3b-fp8"):
         config = {**json.loads((CONFIGS / name / "config.json").read_text()), **tiny}
+        if "quantization_config" in config:  # blocks that divide the tiny shapes
+            config["quantization_config"] = {**config["quantization_config"], "weight_block_size": [16, 16]}
         (tmp / name).mkdir(parents=True, exist_ok=True)
         (tmp / name / "config.json").write_text(json.dumps(config))
         dirs.append(tmp / name)
@@ -98,6 +102,7 @@ def smoke_plan(tmp: Path) -> Plan:
         llama=dirs[0],
         qwen=dirs[1],
         moe=dirs[2],
+        moe_fp8=dirs[3],
         moe_prompts=4,
         engine=("--max-model-len", "256", "--kv-cache-space", "0.05"),
         max_model_len=256,

@@ -12,7 +12,9 @@ E2E_LORA_TP_PORT pins the server's port (default: a free one).
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +93,21 @@ def test_server_with_two_ranks_runs_served_and_runtime_adapters(tiny: Tiny, tmp_
         assert greedy("sql") == tiny.peft.greedy("sql", PROMPTS[1], 8)
     finally:
         server.stop()
+
+
+def test_shutdown_frees_the_in_process_engine(tiny: Tiny) -> None:
+    """After `shutdown` and a collection, rank 0's runner and KV cache are gone, though LLM froze the start-up heap
+    and rank 0's adapter cache refers back to its executor (a cycle): on a GPU a second engine in this process sizes
+    its KV cache from what the first left (test_e2e_lora_parallel_gpu.py)."""
+    llm = LLM(str(tiny.model), tensor_parallel_size=2, enable_lora=True, max_loras=1, max_cpu_loras=1,
+              max_lora_rank=8, **ENGINE)  # fmt: skip
+    try:
+        assert _generate(llm, tiny, ADAPTER_OF)[0]
+        executor = llm.client.engine.executor  # type: ignore[attr-defined]
+        watched = [weakref.ref(executor)] + [weakref.ref(cache) for cache in executor.runner.kv_caches]
+        del executor
+    finally:
+        llm.shutdown()
+    del llm
+    gc.collect()
+    assert [ref() is None for ref in watched] == [True] * len(watched)

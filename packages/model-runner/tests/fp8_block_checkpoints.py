@@ -10,6 +10,11 @@ tile amax / 448 and values cast(tile / scale). Spellings (fp8_checkpoints.write_
   with block_structure, input_activations dynamic strategy "group" with group_size block_k, ignore; scales
   `<proj>.weight_scale`.
 
+Mixture-of-experts models (transformers holds their experts fused, `experts.gate_up_proj` [E, 2N, K] and
+`experts.down_proj` [E, K, N]) are written as their FP8 checkpoints are, one matrix per expert: each expert's gate,
+up and down matrix quantized block-wise on its own (`mlp.experts.{e}.gate_proj.weight` + scale, Mixtral
+`block_sparse_moe.experts.{e}.w1.weight`); the router (`mlp.gate`, not a projection) stays unquantized.
+
 `block_reference(hf, tensors, block_k, quantize_activations)`: a copy of `hf` whose projections that have scales in
 the checkpoint `tensors` compute with the dequantized weights (value * its tile's scale, in fp32); with
 `quantize_activations` each input row is also quantized in groups of block_k (scale group amax / 448, as the
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +96,35 @@ def quantization_config(fmt: BlockFormat) -> dict[str, Any]:
             "sparsity_config": {}}  # fmt: skip
 
 
+# architecture -> (expert projection names gate, up, down; the MoE block's name in its checkpoints)
+EXPERT_NAMES = {"MixtralForCausalLM": (("w1", "w3", "w2"), "block_sparse_moe")}
+
+
+def expert_tensors(
+    hf: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    scale_name: str,
+) -> None:
+    """Replace every fused expert stack in `tensors` by per-expert matrices quantized by `quantize` (weight ->
+    (fp8, scale)), the scales named `scale_name` (module docstring)."""
+    names, block_name = EXPERT_NAMES.get(type(hf).__name__, (("gate_proj", "up_proj", "down_proj"), "mlp"))
+    for fused in [n for n in tensors if n.endswith(".experts.gate_up_proj")]:
+        prefix = fused.removesuffix(".gate_up_proj")
+        gate_up, down = tensors.pop(fused).float(), tensors.pop(f"{prefix}.down_proj").float()
+        n = down.shape[2]
+        out = prefix.replace(".mlp.", f".{block_name}.")
+        for e in range(gate_up.shape[0]):
+            for proj, w in zip(names, (gate_up[e, :n], gate_up[e, n:], down[e]), strict=True):
+                q, scales = quantize(w)
+                tensors[f"{out}.{e}.{proj}.weight"] = q
+                tensors[f"{out}.{e}.{proj}.{scale_name}"] = scales
+    for name in [
+        n for n in tensors if n.endswith(".mlp.gate.weight")
+    ]:  # the router, in the checkpoint's block
+        tensors[name.replace(".mlp.", f".{block_name}.")] = tensors.pop(name)
+
+
 def block_tensors(hf: nn.Module, fmt: BlockFormat) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, by HF name."""
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))
@@ -100,6 +135,7 @@ def block_tensors(hf: nn.Module, fmt: BlockFormat) -> dict[str, torch.Tensor]:
             q, scales = quantize_blocks(module.weight, *fmt.block)
             tensors[f"{name}.weight"] = q
             tensors[f"{name}.{fmt.scale_name}"] = scales
+    expert_tensors(hf, tensors, lambda w: quantize_blocks(w, *fmt.block), fmt.scale_name)
     return tensors
 
 

@@ -123,8 +123,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_ranks_match_peft_and_one_rank(tmp_path: Path) -> None:
-    cases = _cases(tmp_path)
+def run_one_and_two_ranks(cases: dict[str, Case]) -> tuple[dict[str, Run], dict[int, dict[str, Run]]]:
+    """Every case's run on one rank (here), and on each of two ranks (processes of their own, over gloo)."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     init = f"tcp://127.0.0.1:{_free_port()}"
@@ -139,6 +139,12 @@ def test_two_ranks_match_peft_and_one_rank(tmp_path: Path) -> None:
     for got in by_rank.values():
         assert not isinstance(got, str), got
     assert [p.exitcode for p in procs] == [0, 0]
+    return one_rank, by_rank
+
+
+def test_two_ranks_match_peft_and_one_rank(tmp_path: Path) -> None:
+    cases = _cases(tmp_path)
+    one_rank, by_rank = run_one_and_two_ranks(cases)
     for name, case in cases.items():
         peft = PeftReference(case.hf, case.adapters)
         for rank, runs in sorted(by_rank.items()):

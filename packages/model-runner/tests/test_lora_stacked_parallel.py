@@ -12,12 +12,11 @@ one on each rank; "mqa" has one, which both ranks hold (each rank's k and v rows
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import torch
 from lora_fixtures import MergedReference, save_adapter
-from test_lora_parallel import Case, _free_port, _rank_main, _run, check_run
+from test_lora_parallel import Case, check_run, run_one_and_two_ranks
 from test_models import _config
 from test_runner_fakes import perturb_
 
@@ -48,20 +47,7 @@ def _cases(root: Path) -> dict[str, Case]:
 def test_two_ranks_cut_stacked_adapters_part_by_part(tmp_path: Path) -> None:
     cases = _cases(tmp_path)
     assert cases["mqa"].hf.config.num_key_value_heads == 1 and cases["gqa"].hf.config.num_key_value_heads == 2
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    args = {name: (case.model, case.loras) for name, case in cases.items()}
-    procs = [ctx.Process(target=_rank_main, args=(r, init, args, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    one_rank = {name: _run(case.model, case.loras, tp=1) for name, case in cases.items()}
-    by_rank = dict(results.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    for got in by_rank.values():
-        assert not isinstance(got, str), got
-    assert [p.exitcode for p in procs] == [0, 0]
+    one_rank, by_rank = run_one_and_two_ranks(cases)
     for name, case in cases.items():
         merged = MergedReference(case.hf, case.adapters)
         check_run(one_rank[name], one_rank[name], merged, name)

@@ -6,7 +6,8 @@ output channel and activations per token with torch's own e4m3 cast. For Llama (
 prefill, a chunked prefill and decodes gives logits within 1e-4 of the reference's, while the unquantized model is
 far from both; greedy continuations equal the reference's `generate`. The projections hold float8_e4m3fn weights
 with fp32 per-channel scales, the embedding and lm_head do not; dummy weights are quantized after the fill; LoRA
-adapters run on an fp8 base (against PEFT on the fp8 reference). Refused: unknown methods, MoE models.
+adapters run on an fp8 base (against PEFT on the fp8 reference). Refused: unknown methods. MoE models (their experts
+quantized too): test_quantization_fp8_moe.py.
 Pre-quantized fp8 checkpoints: test_quantization_fp8_checkpoint.py (which reuses the checks here).
 """
 
@@ -53,9 +54,14 @@ def test_mixed_batch_logits_match_the_fp8_reference(tiny: tuple[Any, Any, Path])
     check_mixed_batch_logits(make_runner(path, quantization="fp8"), ref, hf)
 
 
-def check_mixed_batch_logits(runner: ModelRunner, ref: Any, hf: Any) -> None:
+def check_mixed_batch_logits(runner: ModelRunner, ref: Any, hf: Any, max_flipped: int = 0) -> None:
     """A step mixing a chunked prefill, a fresh prefill and decodes: the runner's logits are within 1e-4 of the
-    reference model's `ref`, and far from the unquantized model `hf`'s."""
+    reference model's `ref`, and far from the unquantized model `hf`'s.
+
+    `max_flipped` positions (of 26) may instead be within 5e-3: where the runner and the reference sum a matmul in
+    another order (another batch shape), a quantized activation may round to the neighbouring e4m3 step in one of
+    them, an eighth of that value; a MoE model quantizes more activations (each expert's two inputs) than a dense one.
+    """
     gen = torch.Generator().manual_seed(7)
     prompts = {name: torch.randint(1, 160, (n,), generator=gen).tolist()
                for name, n in {"chunked": 23, "b": 5, "c": 7, "fresh": 11}.items()}  # fmt: skip
@@ -69,17 +75,23 @@ def check_mixed_batch_logits(runner: ModelRunner, ref: Any, hf: Any) -> None:
     out = sched.step(plan)
     with torch.no_grad():
         logits = runner._require_model().compute_logits(hidden[0]).float()
-    start, far = 0, 0.0
+    start, far, flipped = 0, 0.0, []
     for req_id in out.req_ids:
         tokens, computed = before[req_id]
         n = plan[req_id]
         expected = _logits(ref, tokens[: computed + n])[computed : computed + n]
         got = logits[start : start + n]
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=lambda m, r=req_id: f"{r}: {m}")
+        if max_flipped:
+            diff = (got - expected).abs().amax(dim=-1)  # [n] per position
+            flipped += [(req_id, i, float(d)) for i, d in enumerate(diff) if d > 1e-4]
+            torch.testing.assert_close(got, expected, atol=5e-3, rtol=0, msg=lambda m, r=req_id: f"{r}: {m}")
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=lambda m, r=req_id: f"{r}: {m}")
         far = max(
             far, float((got - _logits(hf, tokens[: computed + n])[computed : computed + n]).abs().max())
         )
         start += n
+    assert len(flipped) <= max_flipped, f"positions beyond 1e-4 of the reference: {flipped}"
     assert far > 1e-2, f"fp8 logits within {far} of the unquantized model's: nothing was quantized"
 
 
@@ -155,10 +167,3 @@ def test_unknown_method_lists_the_supported_ones() -> None:
         ModelConfig(model="x", quantization="bitsandbytes")
     assert ModelConfig(model="x", quantization="fp8").quantization == "fp8"
     assert ModelConfig(model="x", quantization="awq").quantization == "awq"  # a 4-bit checkpoint's method
-
-
-def test_moe_models_are_refused_by_name(tmp_path: Path) -> None:
-    config = tf.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-    path = make_dummy_model_dir(config, tmp_path / "moe")
-    with pytest.raises(ValueError, match=r"not supported for Qwen3MoeForCausalLM.*mixture-of-experts"):
-        make_runner(path, load_format="dummy", quantization="fp8")

@@ -16,8 +16,8 @@ with an ignored projection). The runner loads each with no --quantization, and:
 - the projections hold the files' bytes and block scales exactly, stacked along N in block units; ignored ones stay
   fp32;
 - dummy weights for such a config.json are fp8 with block scales (each tile's amax / 448 of the dummy fp32 weight);
-- bad block sizes, missing or misnamed `weight_scale_inv`, scale grids of the wrong shape and block-wise MoE
-  checkpoints are refused naming config.json and its field, or the tensor.
+- bad block sizes, missing or misnamed `weight_scale_inv` and scale grids of the wrong shape are refused naming
+  config.json and its field, or the tensor. Block-wise MoE checkpoints load: test_quantization_fp8_moe.py.
 """
 
 from __future__ import annotations
@@ -229,12 +229,3 @@ def test_broken_block_checkpoints_are_refused_by_name(tmp_path: Path, case: str)
     fmt, edit, match = BROKEN[case]
     with pytest.raises(ValueError, match=match):
         make_runner(_edited_checkpoint(tmp_path, fmt, edit))
-
-
-def test_block_fp8_moe_is_refused_naming_the_model(tmp_path: Path) -> None:
-    config = tf.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-    path = _config_dir(tmp_path, config, QWEN3_FP8)
-    with pytest.raises(
-        ValueError, match=r"not supported for Qwen3MoeForCausalLM.*no fp8 path yet.*block-wise"
-    ):
-        make_runner(path, load_format="dummy")

@@ -296,13 +296,15 @@ def test_dummy_weights_with_an_fp8_checkpoint_config_are_quantized_online(tmp_pa
     assert runner.describe()["quantization"] == "fp8"
 
 
-def test_moe_fp8_checkpoints_are_refused_by_name(tmp_path: Path) -> None:
+def test_static_fp8_moe_checkpoints_are_refused_by_name(tmp_path: Path) -> None:
+    """MoE experts quantize activations dynamically: a static (per-tensor input_scale) checkpoint is refused, naming
+    the model and what loads (per-channel dynamic ones load: test_quantization_fp8_moe.py)."""
     config = tf.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     path = make_dummy_model_dir(config, tmp_path / "moe")
     data = json.loads((path / "config.json").read_text())
-    data["quantization_config"] = _ct()
+    data["quantization_config"] = _ct(acts={"strategy": "tensor", "dynamic": False})
     (path / "config.json").write_text(json.dumps(data))
     with pytest.raises(
-        ValueError, match=r"fp8 checkpoint .* not supported for Qwen3MoeForCausalLM.*mixture-of"
+        ValueError, match=r"fp8 checkpoint .* not supported for Qwen3MoeForCausalLM.*mixture-of.*static"
     ):
         make_runner(path, load_format="dummy")

@@ -16,6 +16,7 @@ defaults; a list of params gives one per prompt, and so does a list of `lora_req
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,7 +56,7 @@ class LLM:
 
         Once started, the LLM freezes the process's heap out of the garbage collector's scans (gc.freeze, as
         vLLM's engine does; treadle_engine_core.heap): every object alive then, the caller's too, is freed by
-        reference counting only; a reference cycle among them stays until `gc.unfreeze()`."""
+        reference counting only until `shutdown`, which unfreezes it."""
         from treadle_frontend.engine_factory import EngineArgs, start_inproc, start_sync_mp
 
         args = EngineArgs.from_kwargs(model, **kwargs)
@@ -242,7 +243,12 @@ class LLM:
         return self._runner.run(encoded, params_list, use_tqdm, priority, loras)
 
     def shutdown(self) -> None:
+        """Stop the engine. The heap frozen at start-up goes back to the garbage collector: an in-process engine's
+        objects may form reference cycles (under tensor parallelism rank 0's adapter cache refers back to its
+        executor), which only the collector frees, and the next `gc.collect()` must free the engine's runner,
+        weights and KV cache for a next LLM in this process to size its own."""
         self.client.shutdown()
+        gc.unfreeze()
 
     def __del__(self) -> None:
         client = getattr(self, "client", None)

@@ -10,6 +10,12 @@ Weight layout (what checkpoints are loaded into):
   K = hidden_size, N = moe intermediate size, E = num_experts.
 The router's gate (a [E, K] linear layer) stays in the model; forward takes its logits.
 
+fp8 experts (experts/fp8.py): `quantize_fp8(layout)` turns loaded model-dtype weights into float8_e4m3fn with scales
+(per channel: online `quantization="fp8"`; block-wise: dummy weights for a block-wise checkpoint's config), and
+`allocate_fp8(layout)` gives an fp8 checkpoint's experts their storage, which the loader then fills: weights through
+`weight_loader` as always, scales through it too (`w13_weight_scale`: gate rows or block rows, then up ones;
+`w2_weight_scale`). Either way `fp8_layout` is set and the forward hands the scales to the kernel.
+
 The kernel is chosen by the oracle at the first forward on each (device, dtype), since a model is often built
 on one device and moved; the decision is logged once and readable through `describe()`.
 """
@@ -22,6 +28,7 @@ import torch
 from torch import nn
 
 from treadle_moe.activation import check_activation
+from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, quantize_experts
 from treadle_moe.modular_kernel import ModularKernel
 from treadle_moe.oracle import MoEKernelChoice, MoEProblem, select_moe_kernel
 from treadle_moe.router import RouterConfig, Scoring
@@ -29,6 +36,8 @@ from treadle_moe.router import RouterConfig, Scoring
 logger = logging.getLogger(__name__)
 
 SHARD_IDS = ("w1", "w3", "w2")  # gate, up, down
+# where a forward runs, and the weights' fp8 layout
+_KernelKey = tuple[torch.device, torch.dtype, Fp8Layout | None]
 
 
 class FusedMoE(nn.Module):
@@ -89,8 +98,12 @@ class FusedMoE(nn.Module):
             bias = torch.zeros(num_experts, dtype=torch.float32, device=device)
             self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
         self.shared_experts = shared_experts
-        self._kernels: dict[tuple[torch.device, torch.dtype], tuple[MoEKernelChoice, ModularKernel]] = {}
-        self._last_key: tuple[torch.device, torch.dtype] | None = None
+        # fp8 experts (module docstring): the scales' layout and the fp32 scales; None: model-dtype weights
+        self.fp8_layout: Fp8Layout | None = None
+        self.w13_weight_scale: nn.Parameter | None = None
+        self.w2_weight_scale: nn.Parameter | None = None
+        self._kernels: dict[_KernelKey, tuple[MoEKernelChoice, ModularKernel]] = {}
+        self._last_key: _KernelKey | None = None
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden [T, K] (or [..., K]), router_logits [T, E] -> [T, K] (same leading shape as hidden)."""
@@ -104,11 +117,21 @@ class FusedMoE(nn.Module):
             )
         topk_weights, topk_ids = self.router.select(router_logits, self.e_score_correction_bias)
         kernel = self._kernel_for(hidden)
-        out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation)
+        out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation,
+                     self.fp8_scales())  # fmt: skip
         return out.view(shape)
 
+    def fp8_scales(self) -> Fp8ExpertScales | None:
+        """The fp8 experts' scales for the kernel; None for model-dtype weights."""
+        if self.fp8_layout is None:
+            return None
+        assert self.w13_weight_scale is not None and self.w2_weight_scale is not None, (
+            "fp8 experts have scales"
+        )
+        return Fp8ExpertScales(self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout)
+
     def _kernel_for(self, hidden: torch.Tensor) -> ModularKernel:
-        key = (hidden.device, hidden.dtype)
+        key = (hidden.device, hidden.dtype, self.fp8_layout)
         entry = self._kernels.get(key)
         if entry is None:
             problem = MoEProblem(
@@ -120,6 +143,7 @@ class FusedMoE(nn.Module):
                 device=hidden.device,
                 max_num_tokens=self.max_num_tokens,
                 activation=self.activation,
+                fp8=self.fp8_layout,
             )
             choice = select_moe_kernel(problem, self.backend)
             entry = (choice, choice.build(self.shared_experts))
@@ -152,18 +176,28 @@ class FusedMoE(nn.Module):
             raise ValueError(
                 f"expert_id {expert_id} of {weight_name} is out of range [0, {self.num_experts})"
             )
-        inter = self.intermediate_size
-        if shard_id == "w2":
-            target = param.data[expert_id]  # [K, N]
-        else:
-            rows = slice(0, inter) if shard_id == "w1" else slice(inter, 2 * inter)
-            target = param.data[expert_id, rows]  # [N, K]
+        target = self._expert_part(param, shard_id, expert_id)
+        if param is self.w13_weight_scale or param is self.w2_weight_scale:
+            if tuple(loaded_weight.shape) == (*target.shape, 1):  # a per-channel scale stored [rows, 1]
+                loaded_weight = loaded_weight[..., 0]
+            loaded_weight = loaded_weight.float()
         if tuple(loaded_weight.shape) != tuple(target.shape):
             raise ValueError(
                 f"{weight_name} (expert {expert_id}, {shard_id}) has shape {tuple(loaded_weight.shape)}, expected "
-                f"{tuple(target.shape)}; check hidden_size / intermediate_size against the checkpoint"
+                f"{tuple(target.shape)}; check hidden_size / intermediate_size (and the fp8 block size) against the "
+                "checkpoint"
             )
         target.copy_(loaded_weight)
+
+    def _expert_part(self, param: nn.Parameter, shard_id: str, expert_id: int) -> torch.Tensor:
+        """The slice of `param` (a weight or an fp8 scale) holding expert `expert_id`'s gate, up or down matrix."""
+        if shard_id == "w2":
+            return param.data[expert_id]  # weight [K, N]; scale [K] or its block grid
+        rows = self.intermediate_size  # gate rows, then up rows
+        layout = self.fp8_layout
+        if param is self.w13_weight_scale and layout is not None and layout.block is not None:
+            rows = param.shape[1] // 2  # block rows of the gate grid
+        return param.data[expert_id, :rows] if shard_id == "w1" else param.data[expert_id, rows:]
 
     def load_expert_weight(self, expert_id: int, shard_id: str, weight: torch.Tensor) -> None:
         """Per-expert checkpoint tensor: "w1" gate [N, K], "w3" up [N, K], "w2" down [K, N]."""
@@ -172,6 +206,8 @@ class FusedMoE(nn.Module):
 
     def load_stacked_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """transformers' fused layout: gate_up_proj [E, 2N, K] (gate first), down_proj [E, K, N]."""
+        if self.fp8_layout is not None:
+            raise ValueError("fp8 experts load one expert matrix and its scales at a time (weight_loader)")
         for name, param, weight in (
             ("gate_up_proj", self.w13_weight, gate_up),
             ("down_proj", self.w2_weight, down),
@@ -179,6 +215,45 @@ class FusedMoE(nn.Module):
             if tuple(weight.shape) != tuple(param.shape):
                 raise ValueError(f"{name} has shape {tuple(weight.shape)}, expected {tuple(param.shape)}")
             param.data.copy_(weight)
+
+    # ---- fp8 experts ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def quantize_fp8(self, layout: Fp8Layout) -> None:
+        """Replace the loaded model-dtype experts by float8_e4m3fn in `layout` (experts/fp8.py); the originals are
+        freed."""
+        q13, q2, scales = quantize_experts(self.w13_weight, self.w2_weight, layout, self.w2_row_amax)
+        self.w13_weight = self._parameter(q13)
+        self.w2_weight = self._parameter(q2)
+        self.w13_weight_scale = self._parameter(scales.w13)
+        self.w2_weight_scale = self._parameter(scales.w2)
+        self.fp8_layout = layout
+
+    def allocate_fp8(self, layout: Fp8Layout, device: torch.device | str | None = None) -> None:
+        """Storage for an fp8 checkpoint's experts (the layer may have been built on the meta device): fp8 weights
+        and fp32 scales in `layout`, all to be filled by `weight_loader`."""
+        e, k, n = self.num_experts, self.hidden_size, self.intermediate_size
+        fp8 = torch.float8_e4m3fn
+        self.w13_weight = self._parameter(torch.empty(e, 2 * n, k, dtype=fp8, device=device))
+        self.w2_weight = self._parameter(torch.empty(e, k, n, dtype=fp8, device=device))
+        self.w13_weight_scale = self._parameter(torch.empty(layout.w13_scale_shape(e, n, k), device=device))
+        self.w2_weight_scale = self._parameter(torch.empty(layout.w2_scale_shape(e, n, k), device=device))
+        self.fp8_layout = layout
+
+    def allocate(self, device: torch.device | str | None = None) -> None:
+        """Model-dtype storage for experts built on the meta device, to be filled by `weight_loader`."""
+        self.w13_weight = self._parameter(torch.empty_like(self.w13_weight, device=device))
+        self.w2_weight = self._parameter(torch.empty_like(self.w2_weight, device=device))
+
+    def w2_row_amax(self, local: torch.Tensor) -> torch.Tensor:
+        """[E, K] largest magnitudes of the w2 rows this layer holds -> of the whole rows (a tensor-parallel layer
+        holds a slice of each row's columns and takes the maximum over its ranks)."""
+        return local
+
+    def _parameter(self, t: torch.Tensor) -> nn.Parameter:
+        param = nn.Parameter(t, requires_grad=False)
+        param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        return param
 
     @staticmethod
     def make_expert_params_mapping(
@@ -203,4 +278,5 @@ class FusedMoE(nn.Module):
             f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, renormalize={self.router.renormalize}, "
             f"scoring={self.router.scoring}, activation={self.activation}"
+            + (f", fp8={self.fp8_layout.describe()}" if self.fp8_layout is not None else "")
         )

@@ -1,13 +1,15 @@
 """The modular MoE kernel: prepare/finalize + experts (+ shared experts), glued by the workspace manager.
 
     prepared = prepare_finalize.prepare(hidden, topk_weights, topk_ids)     # dispatch
-    experts.apply(expert_out, prepared.hidden, w13, w2, ...)                 # the expert MLPs
+    experts.apply(expert_out, prepared.hidden, w13, w2, ..., fp8=scales)    # the expert MLPs
     prepare_finalize.finalize(output, expert_out, prepared, experts.weight_and_reduce())   # combine
     output += shared_experts(hidden)                                          # optional
 
 Any experts implementation composes with any prepare/finalize of the same activation format; the constructor
 checks that. Scratch comes from the workspace manager; the returned output is always a fresh tensor. When the
 experts reduce themselves (WeightAndReduceNoOp) in the standard format they write straight into the output.
+fp8 expert weights (float8_e4m3fn w13 / w2) travel with their scales (`fp8`, experts/fp8.py); the activations and
+the output stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from treadle_moe.experts.base import Experts, check_weights
+from treadle_moe.experts.fp8 import Fp8ExpertScales
 from treadle_moe.prepare_finalize import ActivationFormat, PrepareFinalize
 from treadle_moe.topk_weight_and_reduce import WeightAndReduceNoOp
 from treadle_moe.workspace import WorkspaceManager, default_workspace_manager
@@ -50,8 +53,10 @@ class ModularKernel:
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
         activation: str = "silu",
+        fp8: Fp8ExpertScales | None = None,
     ) -> torch.Tensor:
-        """hidden [M, K], w13 [E, 2N, K], w2 [E, K, N], topk [M, top_k] -> [M, K]."""
+        """hidden [M, K], w13 [E, 2N, K], w2 [E, K, N], topk [M, top_k] -> [M, K]; `fp8`: the scales of
+        float8_e4m3fn w13 / w2."""
         num_experts, n = check_weights(hidden.shape[-1], w13, w2)
         num_tokens, top_k = topk_ids.shape
         k = hidden.shape[1]
@@ -84,6 +89,7 @@ class ModularKernel:
             expert_num_tokens=prepared.expert_num_tokens,
             workspace13=ws13,
             workspace2=ws2,
+            fp8=fp8,
         )
         self.prepare_finalize.finalize(output, expert_out, prepared, reduce)
         if self.shared_experts is not None:

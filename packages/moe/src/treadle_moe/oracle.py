@@ -10,6 +10,10 @@ Rules, in order (each decision is recorded as a reason and shows in `describe()`
    MoE; the batch size picks its block config (tuned JSON for the device when present, else the heuristic),
    reported for the layer's max batch. Everything else (CPU, where the interpreter is far too slow; float64;
    no triton) runs the torch reference.
+4. fp8 expert weights (`MoEProblem.fp8`, per channel or block-wise, experts/fp8.py) follow rule 3 with the fp8
+   GEMMs: on CUDA (compute capability >= 8.9, a block_k the kernel tiles) Triton fused MoE multiplies fp8 on the
+   tensor cores, scales in the epilogue (per channel) or per K block (block-wise); elsewhere the torch reference
+   runs the spec, the dense IR ops per expert. The reason names the layout.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from treadle_moe import envs
 from treadle_moe.configs import get_block_config
 from treadle_moe.experts.base import Experts
+from treadle_moe.experts.fp8 import Fp8Layout
 from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
 from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
 from treadle_moe.modular_kernel import ModularKernel
@@ -54,6 +59,7 @@ class MoEProblem:
     device: torch.device  # where the layer runs
     max_num_tokens: int = 8192  # largest batch the layer will see (for the block-config report)
     activation: str = "silu"
+    fp8: Fp8Layout | None = None  # float8_e4m3fn expert weights in this scale layout; None: `dtype` weights
 
 
 @dataclass(slots=True)
@@ -81,7 +87,7 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
         if forced not in BACKENDS:
             raise ValueError(f"MoE backend {forced!r} is unknown; valid: {', '.join(BACKENDS)}")
         experts_cls = BACKENDS[forced]
-        why_not = experts_cls.support_reason(device_type, problem.dtype, problem.activation)
+        why_not = experts_cls.support_reason(device_type, problem.dtype, problem.activation, problem.fp8)
         if why_not is not None:
             raise ValueError(
                 f"MoE backend {forced!r} was requested but {why_not}; choose another of {', '.join(BACKENDS)}"
@@ -90,16 +96,19 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
             f"experts {experts_cls.name}: requested ({'argument' if backend else 'TREADLE_MOE_BACKEND'})"
         )
     else:
-        why_not = TritonExperts.support_reason(device_type, problem.dtype, problem.activation)
+        why_not = TritonExperts.support_reason(device_type, problem.dtype, problem.activation, problem.fp8)
         if device_type == "cuda" and why_not is None:
             experts_cls = TritonExperts
+            fp8 = f", {problem.fp8.describe()} on fp8 tensor cores" if problem.fp8 is not None else ""
             reasons.append(
-                f"experts {experts_cls.name}: cuda, {_dtype_name(problem.dtype)}, {problem.activation}"
+                f"experts {experts_cls.name}: cuda, {_dtype_name(problem.dtype)}, {problem.activation}{fp8}"
             )
         else:
             experts_cls = TorchExperts
-            if device_type != "cuda":
+            if device_type != "cuda" or why_not is None:
                 why_not = f"Triton fused MoE is for cuda (on {device_type} the interpreter is far too slow)"
+            if problem.fp8 is not None:
+                why_not += f"; {problem.fp8.describe()} runs the spec (the dense IR fp8 ops per expert)"
             reasons.append(f"experts {experts_cls.name}: {why_not}")
     if experts_cls.activation_format == ActivationFormat.BATCHED:
         prepare_finalize: PrepareFinalize = NoEPBatchedPrepareFinalize()
@@ -116,7 +125,7 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 problem.intermediate_size,
                 problem.hidden_size,
                 problem.top_k,
-                problem.dtype,
+                problem.dtype if problem.fp8 is None else torch.float8_e4m3fn,
                 device_name,
             )
             reasons.append(
@@ -135,7 +144,7 @@ def _record(problem: MoEProblem, choice: MoEKernelChoice) -> None:
     summary = (
         f"E={problem.num_experts} top_k={problem.top_k} K={problem.hidden_size} N={problem.intermediate_size} "
         f"{_dtype_name(problem.dtype)} on {problem.device}"
-    )
+    ) + (f" {problem.fp8.describe()}" if problem.fp8 is not None else "")
     described = choice.describe()
     if _decisions.get(summary) != described:
         _decisions[summary] = described

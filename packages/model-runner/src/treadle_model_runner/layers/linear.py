@@ -48,14 +48,20 @@ _on_meta = False  # inside `projections_on_meta`: projections are built without 
 
 @contextmanager
 def projections_on_meta(enabled: bool = True) -> Iterator[None]:
-    """Within the block (when `enabled`), `Linear` layers are built on the meta device: no memory until `allocate`
-    gives them storage in the dtypes a checkpoint holds (an fp8 model never holds its model-dtype size)."""
+    """Within the block (when `enabled`), `Linear` layers (and the routed experts, models/sparse_moe.py) are built on
+    the meta device: no memory until `allocate` gives them storage in the dtypes a checkpoint holds (an fp8 model
+    never holds its model-dtype size)."""
     global _on_meta
     previous, _on_meta = _on_meta, enabled
     try:
         yield
     finally:
         _on_meta = previous
+
+
+def building_on_meta() -> bool:
+    """Whether layers built now go on the meta device (inside `projections_on_meta`)."""
+    return _on_meta
 
 
 class Linear(nn.Linear):

@@ -41,7 +41,7 @@ WEIGHT_SCALE_NAMES = ("weight_scale", "weight_scale_inv")
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 
-def _check_fp8_dtype(hf_name: str, tensor: torch.Tensor, name: str, param: torch.Tensor) -> None:
+def check_fp8_dtype(hf_name: str, tensor: torch.Tensor, name: str, param: torch.Tensor) -> None:
     """ValueError unless fp8 meets fp8 of the same kind: a cast would drop (or invent) the scales."""
     if (tensor.dtype in _FP8_DTYPES or param.dtype in _FP8_DTYPES) and tensor.dtype != param.dtype:
         if param.dtype in _FP8_DTYPES:
@@ -70,7 +70,9 @@ class CausalLM(nn.Module):
     )
     config: Any
     lm_head: ParallelLMHead
-    supports_fp8: ClassVar[bool] = True  # its projections may be quantized online (quantization.py)
+    # routed experts (models/sparse_moe.py: FusedMoE layers besides the projections); quantization/plan.py says which
+    # fp8 layouts they take
+    has_experts: ClassVar[bool] = False
     weight_scale_name: str = "weight_scale"  # the files' name of fp8 weight scales (module docstring)
 
     def attention_layers(self) -> list[Attention]:
@@ -131,7 +133,7 @@ class CausalLM(nn.Module):
                     "the checkpoint does not match this architecture"
                 )
             param = params[name]
-            _check_fp8_dtype(hf_name, tensor, name, param)
+            check_fp8_dtype(hf_name, tensor, name, param)
             owner = modules[owner_name]
             if attr in FP8_SCALES or attr in INT4_TENSORS:
                 assert isinstance(owner, Linear), (

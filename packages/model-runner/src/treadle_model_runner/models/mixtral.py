@@ -16,6 +16,7 @@ from treadle_model_runner.models.sparse_moe import MoeCausalLM, MoeModel, Sparse
 
 
 class MixtralForCausalLM(MoeCausalLM):
+    expert_width_field: ClassVar[str] = "intermediate_size"
     expert_proj_names: ClassVar[dict[str, str]] = {"w1": "w1", "w3": "w3", "w2": "w2"}
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ((".block_sparse_moe.", ".mlp."),)
 

@@ -7,38 +7,34 @@ The routed part is `treadle_moe.FusedMoE` (router, expert kernel chosen by its o
 `nn.Linear(hidden, num_experts)` stays here. Layers the config keeps dense (Qwen3-MoE `mlp_only_layers`,
 `decoder_sparse_step`) use the plain `GatedMLP`.
 
-Loading expert weights. Two HF layouts reach `load_weights`:
-- per expert (what `save_pretrained` writes): `...experts.{e}.{gate|up|down}.weight`, with the projection
-  names of the architecture (`gate_proj/up_proj/down_proj`, Mixtral `w1/w3/w2`), each copied into its
-  expert's slice of `w13_weight` [E, 2N, K] (gate rows, then up rows) or `w2_weight` [E, K, N];
-- fused (transformers' in-memory layout): `...experts.gate_up_proj` [E, 2N, K] and `...experts.down_proj`
-  [E, K, N], copied whole.
-Checkpoint module prefixes the architecture renames (Mixtral's `block_sparse_moe.` -> `mlp.`) are rewritten
-first. Invariant: every expert's gate, up and down matrix is written before the model runs; otherwise
-ValueError names the missing ones (e.g. `model.layers.3.mlp.experts.w13_weight[expert 5, up]`).
+Loading: expert tensors (per expert or fused, fp8 with their scales) go through models/expert_loader.py, everything
+else through CausalLM.load_weights. fp8 experts (quantization/experts.py): `quantization="fp8"` quantizes them
+online per channel; a block-wise fp8 checkpoint's load as they are (each expert's fp8 matrices and block grids).
 
 Tensor parallelism: each rank holds its slice of every expert's intermediate columns (`ParallelFusedMoE`: gate
-and up rows, down columns; the router is replicated) and the ranks' outputs are summed, as in the dense MLP.
+and up rows, down columns; the router is replicated) and the ranks' outputs are summed, as in the dense MLP. fp8
+scales follow their rows: per channel, gate and up rows' scales are cut with them and the down rows' are whole
+(the row maxima of online quantization taken over the ranks), and each rank quantizes the down projection's input
+per token over its own columns, as the dense row-parallel projections do; block-wise, a rank keeps the block rows
+(gate, up) or block columns (down) of its slice, so the slice must be a whole number of blocks
+(quantization/experts.py) and the activation groups never straddle two ranks.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
+from treadle_ir.ops.fp8_block import num_blocks
+from treadle_model_runner.layers.linear import building_on_meta
 from treadle_model_runner.models.base import CausalLM
+from treadle_model_runner.models.expert_loader import ExpertLoader
 from treadle_model_runner.models.llama import LlamaModel
-from treadle_model_runner.parallel import all_reduce, get_tp
+from treadle_model_runner.parallel import all_reduce, get_tp, max_over_ranks_
 from treadle_moe import FusedMoE
-
-_SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
-_PER_EXPERT = re.compile(r"^(?P<moe>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
-_FUSED = re.compile(r"^(?P<moe>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
 
 
 class SparseMoeBlock(nn.Module):
@@ -65,8 +61,16 @@ class ParallelFusedMoE(FusedMoE):
     ) -> None:
         tp = get_tp()
         local = tp.shard(intermediate, "the experts' intermediate size")
-        super().__init__(num_experts, top_k, hidden, local, renormalize=renormalize)
+        device = "meta" if building_on_meta() else None  # an fp8 checkpoint's experts get storage later
+        super().__init__(num_experts, top_k, hidden, local, renormalize=renormalize, device=device)
         self.rank, self.tp_size, self.full_intermediate = tp.rank, tp.size, intermediate
+
+    def rank_columns(self) -> slice:
+        """This rank's slice of each expert's intermediate width N."""
+        return slice(self.rank * self.intermediate_size, (self.rank + 1) * self.intermediate_size)
+
+    def w2_row_amax(self, local: torch.Tensor) -> torch.Tensor:
+        return max_over_ranks_(local)  # each rank holds a slice of every down row's columns
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         e, k, n = self.num_experts, self.hidden_size, self.full_intermediate
@@ -93,6 +97,40 @@ class ParallelFusedMoE(FusedMoE):
         dim = 1 if shard == "w2" else 0
         return tensor.narrow(dim, self.rank * self.intermediate_size, self.intermediate_size)
 
+    def take_expert_scale(self, shard: str, scale: torch.Tensor, hf_name: str) -> torch.Tensor:
+        """This rank's part of one expert's checkpoint weight scale: block-wise, the block rows (gate / up) or block
+        columns (down) of its slice of the [ceil(rows / block_n), ceil(columns / block_k)] grid; per channel,
+        its gate / up rows' scales or every down row's; a per-tensor scale becomes its rows'."""
+        assert self.fp8_layout is not None, "scales load into fp8 experts"
+        k, n, cols = self.hidden_size, self.full_intermediate, self.rank_columns()
+        if self.fp8_layout.block is not None:
+            bn, bk = self.fp8_layout.block
+            grid = (
+                (num_blocks(k, bn), num_blocks(n, bk))
+                if shard == "w2"
+                else (num_blocks(n, bn), num_blocks(k, bk))
+            )
+            if tuple(scale.shape) != grid:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(scale.shape)}; with {bn} x {bk} blocks its "
+                    f"expert matrix has {grid} block scales (the last ones ragged): the files and config.json "
+                    "disagree"
+                )
+            if shard == "w2":
+                return scale[:, cols.start // bk : num_blocks(cols.stop, bk)]
+            return scale[cols.start // bn : num_blocks(cols.stop, bn)]
+        rows = k if shard == "w2" else n
+        if scale.numel() == 1:
+            scale = scale.reshape(1).expand(rows)
+        elif tuple(scale.shape) in ((rows,), (rows, 1)):
+            scale = scale.reshape(rows)
+        else:
+            raise ValueError(
+                f"checkpoint tensor {hf_name!r} has shape {tuple(scale.shape)}; an expert matrix's weight scale is "
+                f"one value (per tensor) or ({rows}, 1) (per output row)"
+            )
+        return scale if shard == "w2" else scale[cols]
+
 
 class MoeModel(LlamaModel):
     """The Llama decoder stack with `make_mlp(layer_idx)` giving each layer's MLP (routed or dense); `qkv_bias`
@@ -112,10 +150,11 @@ class MoeModel(LlamaModel):
 
 
 class MoeCausalLM(CausalLM):
-    """A CausalLM whose loader also understands expert tensors (both layouts, see the module docstring)."""
+    """A CausalLM whose loader also understands expert tensors (models/expert_loader.py)."""
 
-    supports_fp8: ClassVar[bool] = False  # the fused experts have no fp8 path
-
+    has_experts: ClassVar[bool] = True
+    # the config.json field giving each expert's intermediate width (named in block-alignment errors)
+    expert_width_field: ClassVar[str] = "moe_intermediate_size"
     # checkpoint projection name -> FusedMoE shard ("w1" gate, "w3" up, "w2" down)
     expert_proj_names: ClassVar[dict[str, str]] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
     # (checkpoint fragment, model fragment) rewritten in every tensor name before matching
@@ -129,57 +168,9 @@ class MoeCausalLM(CausalLM):
         self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "the checkpoint"
     ) -> set[str]:
         """Expert tensors go to their FusedMoE; everything else through CausalLM.load_weights."""
-        self._experts_loaded: set[tuple[str, int, str]] = set()  # (FusedMoE module name, expert, shard)
-        loaded = super().load_weights(self._load_experts(weights), source)
-        return loaded | {f"{name}[{expert}:{shard}]" for name, expert, shard in self._experts_loaded}
-
-    def _load_experts(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Consume expert tensors (copying them into the FusedMoE layers), yield every other tensor."""
-        modules = dict(self.named_modules())
-        for hf_name, tensor in weights:
-            name = hf_name
-            for old, new in self.checkpoint_renames:
-                name = name.replace(old, new)
-            per_expert, fused = _PER_EXPERT.match(name), _FUSED.match(name)
-            match = per_expert or fused
-            moe = modules.get(match["moe"]) if match else None
-            if not isinstance(moe, FusedMoE):
-                yield name, tensor
-                continue
-            assert match is not None
-            if per_expert is not None:
-                shard = self.expert_proj_names.get(per_expert["proj"])
-                if shard is None:
-                    raise ValueError(
-                        f"checkpoint tensor {hf_name!r}: expert projection {per_expert['proj']!r} is unknown to "
-                        f"{type(self).__name__}; expected one of {', '.join(self.expert_proj_names)}"
-                    )
-                expert = int(per_expert["expert"])
-                if isinstance(moe, ParallelFusedMoE):
-                    tensor = moe.take_expert_shard(shard, tensor, hf_name)
-                moe.weight_loader(
-                    _param_of(moe, shard), tensor.to(moe.w13_weight.dtype), hf_name, shard, expert
-                )
-                self._experts_loaded.add((match["moe"], expert, shard))
-            else:
-                weight = tensor.to(moe.w13_weight.dtype)
-                name = "w13_weight" if match["proj"] == "gate_up_proj" else "w2_weight"
-                param = getattr(moe, name)
-                full = checkpoint_shape(moe, name, param)
-                if tuple(weight.shape) != full:
-                    raise ValueError(
-                        f"checkpoint tensor {hf_name!r} has shape {tuple(weight.shape)}, the model expects "
-                        f"{full} ([experts, 2 * moe_intermediate, hidden] for gate_up_proj, "
-                        "[experts, hidden, moe_intermediate] for down_proj): the checkpoint does not match "
-                        "config.json"
-                    )
-                param.data.copy_(rank_part(moe, name, weight))
-                shards = ("w1", "w3") if match["proj"] == "gate_up_proj" else ("w2",)
-                self._experts_loaded.update(
-                    (match["moe"], e, s) for e in range(moe.num_experts) for s in shards
-                )
+        self._experts = ExpertLoader(self)
+        loaded = super().load_weights(self._experts.filter(weights), source)
+        return loaded | self._experts.loaded_names()
 
     def checkpoint_name(self, name: str) -> str:
         name = super().checkpoint_name(name)
@@ -188,27 +179,5 @@ class MoeCausalLM(CausalLM):
         return name
 
     def _check_complete(self, loaded: set[str], source: str = "the checkpoint") -> None:
-        """Every expert matrix of every FusedMoE must be loaded; then the dense parameters (CausalLM's check)."""
-        missing: list[str] = []
-        for module_name, module in self.named_modules():
-            if not isinstance(module, FusedMoE):
-                continue
-            for shard in ("w1", "w3", "w2"):
-                absent = [
-                    e
-                    for e in range(module.num_experts)
-                    if (module_name, e, shard) not in self._experts_loaded
-                ]
-                param = "w2_weight" if shard == "w2" else "w13_weight"
-                missing += [f"{module_name}.{param}[expert {e}, {_SHARD_NAMES[shard]}]" for e in absent]
-            loaded = loaded | {f"{module_name}.w13_weight", f"{module_name}.w2_weight"}
-        if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ValueError(
-                f"{source} is missing {len(missing)} expert matrices for {type(self).__name__}: {shown}"
-            )
-        super()._check_complete(loaded, source)
-
-
-def _param_of(moe: FusedMoE, shard: str) -> nn.Parameter:
-    return moe.w2_weight if shard == "w2" else moe.w13_weight
+        """Every expert tensor of every FusedMoE must be loaded; then the dense parameters (CausalLM's check)."""
+        super()._check_complete(loaded | self._experts.check_complete(source), source)

@@ -9,6 +9,8 @@ Steps (ModelRunner.load_model), for a plan whose `checkpoint` is an `Fp8Checkpoi
    ValueError, as the fused matmul has one weight dtype. Block-wise scales: a layer whose stacking or tensor-parallel
    cuts do not fall on block boundaries (layers/fp8_weights.py) is a ValueError naming config.json's block field;
    the model learns the files' spelling of the weight scales (`weight_scale_inv` for quant_method fp8 with blocks);
+   a MoE model's routed experts (FusedMoE layers, also built on the meta device) get fp8 storage in the checkpoint's
+   layout, or the model dtype where it leaves them unquantized (quantization/experts.py);
 3. `checkpoint_weights` drops the K/V cache scales some checkpoints carry (`k_scale`, `v_scale`, ...; treadle's fp8
    KV cache runs at unit scale), logged once;
 4. `CausalLM.load_weights` copies the bytes and scales (models/base.py, `fp8_weights.load_scale`), refusing any fp8
@@ -29,9 +31,11 @@ from treadle_model_runner.layers.linear import Linear, StackedLinear
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.quantization import int4_checkpoint
 from treadle_model_runner.quantization.blocks import checked_blocks
+from treadle_model_runner.quantization.experts import allocate_experts
 from treadle_model_runner.quantization.int4_scheme import Int4CheckpointScheme
 from treadle_model_runner.quantization.online import weight_bytes
 from treadle_model_runner.quantization.scheme import CheckpointScheme
+from treadle_moe import FusedMoE
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ def allocate_projections(model: CausalLM, scheme: CheckpointScheme, device: torc
     for name, layer, quantized in projections(model, scheme.quantizes, "fp8", "ignore all of them or none"):
         blocks = checked_blocks(layer, name, scheme) if quantized else None
         fp8_weights.allocate(layer, device, quantized, scheme.static_activations, blocks)
+    allocate_experts(model, scheme, device)
     model.weight_scale_name = scheme.scale_name
 
 
@@ -109,8 +114,10 @@ def log_loaded(model: torch.nn.Module, scheme: CheckpointScheme) -> None:
         return int4_checkpoint.log_loaded(model, scheme)
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     fp8 = sum(m.weight_scale is not None for m in layers)
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    fp8_experts = sum(m.fp8_layout is not None for m in experts)
     logger.info(
-        "%s: %d projections loaded as float8_e4m3fn, %d kept in the model dtype (ignored), embedding, lm_head "
-        "and norms in the model dtype; weights %.1f MiB", scheme.describe(), fp8, len(layers) - fp8,
-        weight_bytes(model) / (1 << 20),
+        "%s: %d projections loaded as float8_e4m3fn, %d kept in the model dtype (ignored); %d of %d expert layers "
+        "fp8; embedding, lm_head, router and norms in the model dtype; weights %.1f MiB", scheme.describe(), fp8,
+        len(layers) - fp8, fp8_experts, len(experts), weight_bytes(model) / (1 << 20),
     )  # fmt: skip

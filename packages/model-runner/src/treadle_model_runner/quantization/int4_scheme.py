@@ -113,11 +113,12 @@ def check_int4_request(
             f"quantization {requested!r} was requested, but {config_file} describes a {scheme.describe()}; "
             f"leave --quantization unset (or pass {names[0]}) to load it as it is"
         )
-    if not getattr(model_cls, "supports_fp8", False):  # the dense-projection-only models
+    if getattr(model_cls, "has_experts", False):
         raise ValueError(
             f"this 4-bit checkpoint ({config_file}) is not supported for {model_cls.__name__}: its mixture-of-experts "
-            "layers have no 4-bit expert path; serve an unquantized (or fp8) checkpoint of it (4-bit checkpoints "
-            "load for dense models: Llama, Mistral, Qwen2, Qwen3, Gemma)"
+            "layers have no 4-bit expert path; serve an unquantized checkpoint of it (optionally with --quantization "
+            "fp8) or an fp8 one (block-wise, or per-channel / per-tensor weight scales with dynamic activations); "
+            "4-bit checkpoints load for dense models: Llama, Mistral, Qwen2, Qwen3, Gemma"
         )
 
 

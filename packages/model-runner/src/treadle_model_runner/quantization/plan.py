@@ -10,9 +10,13 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
   block_structure): block-wise with its block size (`dummy_blocks`), so the model runs the checkpoint's GEMM.
   A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in treadle's 4-bit layout (int4_checkpoint.py),
   with dummy weights too (random codes and scales).
+Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE) quantize their routed experts too (experts.py): online
+per channel; a block-wise fp8 checkpoint (Qwen3-30B-A3B-FP8 style: quant_method fp8, weight_block_size) or one with
+per-channel / per-tensor weight scales and dynamic activations loads as it is (the router stays in the model dtype).
 Refused with a ValueError: a user method other than the checkpoint's (naming both), a checkpoint layout treadle
-cannot load (scheme.py, int4_scheme.py), and any quantization of a mixture-of-experts model (its experts have no fp8
-or 4-bit path, block-wise included: a Qwen3-MoE or DeepSeek-style FP8 checkpoint is refused naming the model class).
+cannot load (scheme.py, int4_scheme.py), and for a mixture-of-experts model an fp8 checkpoint with static activation
+scales (per-tensor input_scale: the fused experts quantize activations dynamically) or a 4-bit checkpoint (no 4-bit
+expert path), each naming the model class and what does load.
 """
 
 from __future__ import annotations
@@ -82,7 +86,6 @@ def resolve_quantization(
                 f"quantization {requested!r} names a checkpoint format, but {config_file} has no "
                 "quantization_config; pass fp8 to quantize this model's weights at load"
             )
-        _check_model(model_cls, f"quantization {requested!r} is")
         return QuantizationPlan(requested, None)
     scheme = parse_quantization_config(raw, config_file)
     if isinstance(scheme, Int4CheckpointScheme):  # dummy weights too: random 4-bit codes (int4_checkpoint.py)
@@ -93,7 +96,7 @@ def resolve_quantization(
             f"quantization {requested!r} was requested, but {config_file} describes an fp8 checkpoint "
             f"(quant_method {scheme.quant_method!r}); leave --quantization unset (or pass fp8) to load it as it is"
         )
-    _check_model(model_cls, f"this fp8 checkpoint ({config_file}) is")
+    _check_experts(model_cls, scheme, config_file)
     if load_format == "dummy":
         blocks = scheme if scheme.weight_block is not None else None
         logger.info(
@@ -105,10 +108,15 @@ def resolve_quantization(
     return QuantizationPlan("fp8", scheme)
 
 
-def _check_model(model_cls: type, subject: str) -> None:
-    if not getattr(model_cls, "supports_fp8", False):
-        raise ValueError(
-            f"{subject} not supported for {model_cls.__name__}: its mixture-of-experts layers have no fp8 path "
-            "yet (per-channel, per-tensor or block-wise); serve an unquantized checkpoint without --quantization "
-            "(fp8 runs on dense models: Llama, Mistral, Qwen2, Qwen3, Gemma 3)"
-        )
+def _check_experts(model_cls: type, scheme: Fp8CheckpointScheme, config_file: Path) -> None:
+    """ValueError when `model_cls` has routed experts and the fp8 checkpoint's layout has no expert path."""
+    if not getattr(model_cls, "has_experts", False) or not scheme.static_activations:
+        return
+    raise ValueError(
+        f"this fp8 checkpoint ({config_file}: {scheme.describe()}) is not supported for {model_cls.__name__}: its "
+        "mixture-of-experts layers quantize activations dynamically and have no path for static (per-tensor "
+        "input_scale) activation scales; for mixture-of-experts models treadle loads block-wise fp8 checkpoints "
+        "(weight_block_size or block_structure, dynamic activations) and fp8 checkpoints with per-channel or "
+        "per-tensor weight scales and dynamic activations, or quantizes the unquantized checkpoint with "
+        "--quantization fp8"
+    )

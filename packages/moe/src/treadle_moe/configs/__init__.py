@@ -6,6 +6,10 @@ a table from a token count M to a config. A lookup takes the entry whose M is ne
 space: 96 tokens picks 128 over 64). Missing device, missing shape, or an interpreter run fall back to
 `fallback_config`, a Hopper heuristic distilled from the H200 sweep: BLOCK_M grows with the expected tokens per
 expert (16 for decode, 128 for big prefills), BLOCK_N 64-128, BLOCK_K 64-128, 4-8 warps, 3 stages. `benchmarks/moe.py --tune` writes new files.
+fp8 weights (dtype float8_e4m3fn in the shape key; `benchmarks/moe_fp8.py --tune`) fall back to `fallback_config_fp8`:
+BLOCK_K 128 (one activation group of a 128-wide block layout per step, and half the bytes of a bf16 tile), BLOCK_M
+at most 64 with 8 warps for big batches, as the fp8 GEMM keeps a partial sum beside each accumulator (untuned first
+choices, not a measured sweep).
 """
 
 from __future__ import annotations
@@ -72,6 +76,20 @@ def fallback_config(num_tokens: int, top_k: int, num_experts: int) -> BlockConfi
     return BlockConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3)
 
 
+def fallback_config_fp8(num_tokens: int, top_k: int, num_experts: int) -> BlockConfig:
+    """The fp8 GEMM's heuristic by expected tokens per expert (module docstring)."""
+    per_expert = num_tokens * top_k / max(num_experts, 1)
+    if per_expert <= 2:
+        return BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4)
+    if per_expert <= 8:
+        return BlockConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=3)
+    if per_expert <= 24:
+        return BlockConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=3)
+    if per_expert <= 96:
+        return BlockConfig(64, 64, 128, group_m=8, num_warps=4, num_stages=3)
+    return BlockConfig(64, 128, 128, group_m=8, num_warps=8, num_stages=3)
+
+
 @functools.cache
 def load_device_configs(device_name: str) -> dict[str, dict[int, BlockConfig]]:
     """shape key -> {M: config} from the device's JSON file (empty when there is none)."""
@@ -100,6 +118,8 @@ def get_block_config(
         if table:
             m = min(table, key=lambda entry: abs(math.log2(entry) - math.log2(max(num_tokens, 1))))
             return table[m], f"tuned {device_file(device_name).name} (M={m})"
+    if dtype == torch.float8_e4m3fn:
+        return fallback_config_fp8(num_tokens, top_k, num_experts), "fp8 fallback heuristic"
     return fallback_config(num_tokens, top_k, num_experts), "fallback heuristic"
 
 

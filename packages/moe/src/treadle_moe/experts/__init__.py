@@ -1,8 +1,9 @@
-"""Experts implementations: the contract, the torch reference (the spec) and Triton fused MoE."""
+"""Experts implementations: the contract, the torch reference (the spec) and Triton fused MoE; fp8 weights."""
 
 from __future__ import annotations
 
 from treadle_moe.experts.base import Experts, WorkspaceShapes
+from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
 from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
 from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
 
@@ -10,6 +11,8 @@ __all__ = [
     "BatchedTorchExperts",
     "BatchedTritonExperts",
     "Experts",
+    "Fp8ExpertScales",
+    "Fp8Layout",
     "TorchExperts",
     "TritonExperts",
     "WorkspaceShapes",

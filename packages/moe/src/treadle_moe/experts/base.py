@@ -6,7 +6,9 @@ allocates the scratch from the workspace manager and calls `apply`.
 
 Sizes: M tokens (BATCHED: rows per expert slab), K hidden size, N expert intermediate size, E experts.
 Weights: w13 [E, 2N, K] (rows 0..N-1 the gate projection, rows N..2N-1 the up projection), w2 [E, K, N]; an
-expert computes `y = w2[e] @ act(w13[e][:N] @ x) * (w13[e][N:] @ x)`.
+expert computes `y = w2[e] @ act(w13[e][:N] @ x) * (w13[e][N:] @ x)`. fp8 weights (float8_e4m3fn) come with their
+scales (`fp8`, an `Fp8ExpertScales`: per channel or block-wise, experts/fp8.py) and compute `expert_mlp_fp8`; an
+implementation says which layouts it runs through `support_reason`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce
 
@@ -39,8 +42,11 @@ class Experts(ABC):
     supported_device_types: frozenset[str] = frozenset()
 
     @classmethod
-    def support_reason(cls, device_type: str, dtype: torch.dtype, activation: str) -> str | None:
-        """None when this implementation runs the case; otherwise why not (for the oracle's report)."""
+    def support_reason(
+        cls, device_type: str, dtype: torch.dtype, activation: str, fp8: Fp8Layout | None = None
+    ) -> str | None:
+        """None when this implementation runs the case (`fp8`: the weights' fp8 layout, None for model-dtype
+        weights); otherwise why not (for the oracle's report)."""
         if device_type not in cls.supported_device_types:
             return f"{cls.name} does not run on {device_type} (runs on {', '.join(sorted(cls.supported_device_types))})"
         if dtype not in cls.supported_dtypes:
@@ -72,8 +78,10 @@ class Experts(ABC):
         expert_num_tokens: torch.Tensor | None,
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
+        fp8: Fp8ExpertScales | None = None,
     ) -> None:
-        """Write the experts' output (shape `workspace_shapes(...).output`) into `output`."""
+        """Write the experts' output (shape `workspace_shapes(...).output`) into `output`; `fp8`: the scales of
+        float8_e4m3fn w13 / w2."""
 
     def describe(self) -> str:
         return f"{self.name} ({self.activation_format.value} format)"

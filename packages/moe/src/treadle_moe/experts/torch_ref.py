@@ -5,6 +5,8 @@ tokens gather them, run `w2 @ act_and_mul(w13 @ x)` and write the unweighted res
 is [M, top_k, K] and finalize weights and sums (WeightAndReduceDelegate). Batched format: the same MLP on the
 first expert_num_tokens[e] rows of every slab. Experts with no token are skipped. One host synchronization
 per call (the per-expert counts), which is why this is the reference and not the fast path.
+fp8 weights (either layout of experts/fp8.py) run `expert_mlp_fp8`: the dense IR ops' reference implementations
+applied to each expert's tokens, the spec of the fp8 kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from treadle_moe.activation import ACTIVATIONS, act_and_mul
 from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
+from treadle_moe.experts.fp8 import Fp8ExpertScales, check_fp8_scales, expert_mlp_fp8
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce, WeightAndReduceDelegate
 
@@ -22,6 +25,20 @@ _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64
 def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> torch.Tensor:
     """One expert: x [T, K], w13 [2N, K], w2 [K, N] -> [T, K] = w2 @ act_and_mul(w13 @ x)."""
     return act_and_mul(x @ w13.t(), activation) @ w2.t()
+
+
+def run_expert(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    expert: int,
+    activation: str,
+    fp8: Fp8ExpertScales | None,
+) -> torch.Tensor:
+    """Expert `expert` of the stacks w13 / w2 on its tokens x [T, K]: model-dtype or fp8 weights."""
+    if fp8 is None:
+        return expert_mlp(x, w13[expert], w2[expert], activation)
+    return expert_mlp_fp8(x, w13[expert], w2[expert], fp8.w13[expert], fp8.w2[expert], fp8.layout, activation)
 
 
 class TorchExperts(Experts):
@@ -52,8 +69,10 @@ class TorchExperts(Experts):
         expert_num_tokens: torch.Tensor | None,
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
+        fp8: Fp8ExpertScales | None = None,
     ) -> None:
         num_experts, _ = check_weights(hidden.shape[1], w13, w2)
+        check_fp8_scales(w13, w2, fp8)
         top_k = topk_ids.shape[1]
         slots_out = output.view(-1, hidden.shape[1])  # [M * top_k, K], slot s = token s // top_k
         flat_ids = topk_ids.reshape(-1).long()
@@ -65,7 +84,7 @@ class TorchExperts(Experts):
                 continue
             slots = order[start : start + count]
             start += count
-            slots_out[slots] = expert_mlp(hidden[slots // top_k], w13[expert], w2[expert], activation)
+            slots_out[slots] = run_expert(hidden[slots // top_k], w13, w2, expert, activation, fp8)
 
 
 class BatchedTorchExperts(Experts):
@@ -96,11 +115,11 @@ class BatchedTorchExperts(Experts):
         expert_num_tokens: torch.Tensor | None,
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
+        fp8: Fp8ExpertScales | None = None,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_weights(hidden.shape[2], w13, w2)
+        check_fp8_scales(w13, w2, fp8)
         for expert, count in enumerate(expert_num_tokens.tolist()):
             if count:
-                output[expert, :count] = expert_mlp(
-                    hidden[expert, :count], w13[expert], w2[expert], activation
-                )
+                output[expert, :count] = run_expert(hidden[expert, :count], w13, w2, expert, activation, fp8)

@@ -13,6 +13,8 @@ Block sizes come from configs/ (tuned per device) unless a BlockConfig is passed
 (float32 inputs with tiles tuned for 16-bit ones) is shrunk at its first launch: fewer stages, then smaller
 BLOCK_K, then smaller BLOCK_N; the fitted config is remembered. Accumulation is float32; float32 inputs use IEEE dot
 products (no TF32), so fp32 results match the torch reference closely.
+fp8 weights (float8_e4m3fn w13 / w2 with `Fp8ExpertScales`) take the fp8 GEMMs of triton_fp8.py in both formats:
+the activations quantized per token (group), fp8 tensor-core products, scales in the epilogue or per K block.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -28,6 +31,8 @@ from treadle_moe.activation import check_activation
 from treadle_moe.configs import INTERPRETER_CONFIG, BlockConfig, get_block_config
 from treadle_moe.experts.align import BlockAlignment, align_batched, align_block_size
 from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
+from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, check_fp8_scales
+from treadle_moe.experts.triton_fp8 import fp8_support_reason, run_fp8_gemms
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import (
     TopKWeightAndReduce,
@@ -62,21 +67,32 @@ def invoke_moe_gemm(
     activation: str = "silu",
 ) -> None:
     """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ b[expert].T) (* topk_weights[slot])."""
-    from triton.runtime.errors import OutOfResources
-
     assert config.block_m == alignment.block_m, "block alignment built for another BLOCK_M"
     assert a.stride(1) == 1 and c.stride(1) == 1, "rows of a and c must be contiguous"
-    key = (config, a.dtype, gated)
+    launch_fitted(
+        (config, a.dtype, gated),
+        config,
+        lambda fitted: _launch(a, b, c, topk_weights, alignment, fitted, a_rows_per_token, gated, activation),
+    )
+
+
+def launch_fitted(
+    key: tuple[BlockConfig, torch.dtype, bool], config: BlockConfig, launch: Callable[[BlockConfig], None]
+) -> None:
+    """`launch(config)`, or with the config remembered for `key` (the same config, operand dtype and GEMM) after a
+    launch ran out of shared memory: each such failure shrinks the config (`_smaller`) and retries."""
+    from triton.runtime.errors import OutOfResources
+
     config = _FITTED.get(key, config)
     while True:
         try:
-            return _launch(a, b, c, topk_weights, alignment, config, a_rows_per_token, gated, activation)
+            return launch(config)
         except OutOfResources as exc:  # e.g. float32 tiles of a config tuned for 16-bit inputs
             smaller = _smaller(config)
             if smaller is None:
                 raise
             logger.warning("fused MoE blocks %s do not fit this GPU for %s inputs (%s); trying %s", config,
-                           a.dtype, exc, smaller)  # fmt: skip
+                           key[1], exc, smaller)  # fmt: skip
             config = _FITTED[key] = smaller
 
 
@@ -154,12 +170,18 @@ class _TritonBase(Experts):
         self.block_config = block_config  # None: tuned JSON / fallback per batch
 
     @classmethod
-    def support_reason(cls, device_type: str, dtype: torch.dtype, activation: str) -> str | None:
+    def support_reason(
+        cls, device_type: str, dtype: torch.dtype, activation: str, fp8: Fp8Layout | None = None
+    ) -> str | None:
         if not is_triton_available():
             return f"{cls.name} needs triton, which is not installed"
+        runs_on = device_type
         if device_type == "cpu" and envs.triton_interpret():
             device_type = "cuda"  # the interpreter runs the kernels on CPU tensors
-        return super().support_reason(device_type, dtype, activation)
+        why = fp8_support_reason(runs_on, fp8) if fp8 is not None and device_type == "cuda" else None
+        if why is not None:
+            return f"{cls.name}: {why}"
+        return super().support_reason(device_type, dtype, activation, fp8)
 
     def config_for(self, num_tokens: int, w13: torch.Tensor, top_k: int) -> tuple[BlockConfig, str]:
         if self.block_config is not None:
@@ -196,28 +218,19 @@ class TritonExperts(_TritonBase):
         expert_num_tokens: torch.Tensor | None,
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
+        fp8: Fp8ExpertScales | None = None,
     ) -> None:
         check_activation(activation)
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
+        check_fp8_scales(w13, w2, fp8)
         num_tokens, top_k = topk_ids.shape
         config, _ = self.config_for(num_tokens, w13, top_k)
         alignment = align_block_size(topk_ids, config.block_m, num_experts)
-        hidden = hidden.contiguous()
         intermediate = workspace13.view(num_tokens * top_k, n)
         down = workspace2.view(num_tokens * top_k, hidden.shape[1])
         weights = topk_weights.reshape(-1).float().contiguous()  # [M * top_k] indexed by slot
-        invoke_moe_gemm(
-            hidden,
-            w13,
-            intermediate,
-            None,
-            alignment,
-            config,
-            a_rows_per_token=top_k,
-            gated=True,
-            activation=activation,
-        )
-        invoke_moe_gemm(intermediate, w2, down, weights, alignment, config, a_rows_per_token=1, gated=False)
+        run_gemms(hidden.contiguous(), w13, w2, intermediate, down, weights, alignment, config, top_k, activation,
+                  fp8)  # fmt: skip
         torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=output)
 
 
@@ -246,26 +259,41 @@ class BatchedTritonExperts(_TritonBase):
         expert_num_tokens: torch.Tensor | None,
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
+        fp8: Fp8ExpertScales | None = None,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_activation(activation)
         num_experts, max_tokens, hidden_size = hidden.shape
         _, n = check_weights(hidden_size, w13, w2)
+        check_fp8_scales(w13, w2, fp8)
         # Config by the expected load of one slab: max_tokens rows spread over the experts like top-1 routing.
         config, _ = self.config_for(max_tokens, w13, 1)
         alignment = align_batched(expert_num_tokens, max_tokens, config.block_m)
         rows = hidden.contiguous().view(num_experts * max_tokens, hidden_size)
         intermediate = workspace13.view(num_experts * max_tokens, n)
         out_rows = output.view(num_experts * max_tokens, hidden_size)
-        invoke_moe_gemm(
-            rows,
-            w13,
-            intermediate,
-            None,
-            alignment,
-            config,
-            a_rows_per_token=1,
-            gated=True,
-            activation=activation,
-        )
-        invoke_moe_gemm(intermediate, w2, out_rows, None, alignment, config, a_rows_per_token=1, gated=False)
+        run_gemms(rows, w13, w2, intermediate, out_rows, None, alignment, config, 1, activation, fp8)
+
+
+def run_gemms(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    intermediate: torch.Tensor,
+    out: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    alignment: BlockAlignment,
+    config: BlockConfig,
+    rows_per_token: int,
+    activation: str,
+    fp8: Fp8ExpertScales | None,
+) -> None:
+    """The two grouped GEMMs: hidden [rows, K] -> intermediate [slots, N] (act(gate) * up) -> out [slots, K]
+    (* topk_weights[slot] when given); fp8 weights take triton_fp8.py's path."""
+    if fp8 is not None:
+        run_fp8_gemms(hidden, w13, w2, fp8, intermediate, out, topk_weights, alignment, config, rows_per_token,
+                      activation)  # fmt: skip
+        return
+    invoke_moe_gemm(hidden, w13, intermediate, None, alignment, config, a_rows_per_token=rows_per_token,
+                    gated=True, activation=activation)  # fmt: skip
+    invoke_moe_gemm(intermediate, w2, out, topk_weights, alignment, config, a_rows_per_token=1, gated=False)

@@ -1,0 +1,197 @@
+"""fp8 fused-MoE micro-benchmark at Qwen3-30B-A3B shapes: Triton fused MoE with bf16 weights against fp8 weights,
+per channel and block-wise (128 x 128, Qwen3-30B-A3B-FP8's layout), in the same process on the same inputs.
+
+Shapes: hidden K=2048, moe_intermediate N=768, E=128 experts, top-8, bf16 activations, softmax routing with
+renormalization on random logits, tokens 1, 16, 64, 256, 1024, 4096 (`--tokens`). The three run the same modular
+kernel (no-EP standard prepare/finalize, `TritonExperts`) and differ only in the weights: bf16 (the baseline), fp8
+per channel (what `--quantization fp8` gives; activations quantized per token) and fp8 block-wise (activations per
+(token, 128) group). Each is timed replayed from a CUDA graph (as the model runner runs decode steps) and eagerly;
+reported per token count: microseconds, TFLOP/s (6·M·top_k·K·N flops; fp8 also as a share of twice the bf16
+datasheet rate), GB/s over the minimum bytes (the weights of
+the experts hit, at 1 or 2 bytes a value, plus activations in and out), the fp8 speed ratio to bf16 (bf16 time /
+fp8 time, > 1 is faster), and the fp8 output's relative error against the torch reference on the same fp8 weights
+(the dense IR ops per expert: `fp8_rel_err_vs_reference`) and against the bf16 output (what fp8 costs).
+
+    python benchmarks/moe_fp8.py results.json                  # benchmark (about a minute on one H200)
+    python benchmarks/moe_fp8.py tuned.json --tune             # sweep fp8 block configs (block-wise weights)
+The --tune file holds the `dtype=float8_e4m3fn` shape key (both fp8 layouts use it; block-wise runs BLOCK_K <= 128):
+merge its entry into packages/moe/src/treadle_moe/configs/<device>.json. Needs a CUDA GPU with fp8 (sm_89+) and
+PYTHONPATH holding packages/moe/src, packages/ir/src and packages/kernels/src.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from moe import (
+    CEILINGS,
+    TOP_K,
+    E,
+    K,
+    N,
+    candidate_configs,
+    format_config_file,
+    make_problem,
+    make_weights,
+    time_eager,
+    time_graph,
+)
+
+from treadle_moe import (
+    Fp8ExpertScales,
+    Fp8Layout,
+    ModularKernel,
+    NoEPStandardPrepareFinalize,
+    TorchExperts,
+    TritonExperts,
+)
+from treadle_moe.configs import BlockConfig, get_block_config, shape_key
+from treadle_moe.experts.fp8 import quantize_experts
+
+TOKENS = [1, 16, 64, 256, 1024, 4096]
+LAYOUTS = {"fp8_channel": Fp8Layout(), "fp8_block128": Fp8Layout((128, 128))}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def _bytes(topk_ids: torch.Tensor, weight_bytes: int) -> int:
+    experts_hit = int(torch.unique(topk_ids).numel())
+    return weight_bytes * experts_hit * 3 * N * K + 2 * 2 * topk_ids.shape[0] * K
+
+
+def _call(
+    kernel: ModularKernel,
+    p: dict[str, torch.Tensor],
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    fp8: Fp8ExpertScales | None,
+) -> Callable[[], torch.Tensor]:
+    """The MoE forward of problem `p` on these weights, as a no-argument call for the timers."""
+    return lambda: kernel(p["hidden"], w13, w2, p["topk_weights"], p["topk_ids"], fp8=fp8)
+
+
+def benchmark(tokens: list[int]) -> list[dict[str, object]]:
+    w13, w2 = make_weights(torch.bfloat16)
+    quantized = {name: quantize_experts(w13, w2, layout) for name, layout in LAYOUTS.items()}
+    fused = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts())
+    reference = ModularKernel(NoEPStandardPrepareFinalize(), TorchExperts())
+    device_name = torch.cuda.get_device_name()
+    peak_tflops, peak_gbs = next(
+        (v for key, v in CEILINGS.items() if key in device_name), (float("nan"),) * 2
+    )
+    rows: list[dict[str, object]] = []
+    for m in tokens:
+        p = make_problem(m, torch.bfloat16)
+        run_bf16 = _call(fused, p, w13, w2, None)
+        bf16_out = run_bf16()
+        flops = 6 * m * TOP_K * K * N
+        bf16_us = 1000 * time_graph(run_bf16)
+        row: dict[str, object] = {
+            "tokens": m,
+            "bf16_us": round(bf16_us, 2),
+            "bf16_eager_us": round(1000 * time_eager(run_bf16), 2),
+            "bf16_tflops": round(flops / bf16_us / 1e6, 2),
+            "bf16_gbs": round(_bytes(p["topk_ids"], 2) / bf16_us / 1e3, 1),
+        }
+        for name, (q13, q2, scales) in quantized.items():
+            run_fp8 = _call(fused, p, q13, q2, scales)
+            out, ref = run_fp8(), _call(reference, p, q13, q2, scales)()
+            us = 1000 * time_graph(run_fp8)
+            config, source = get_block_config(m, E, N, K, TOP_K, torch.float8_e4m3fn, device_name)
+            fp8_bytes = _bytes(p["topk_ids"], 1)
+            row |= {
+                f"{name}_us": round(us, 2),
+                f"{name}_eager_us": round(1000 * time_eager(run_fp8), 2),
+                f"{name}_tflops": round(flops / us / 1e6, 2),
+                f"{name}_pct_peak_fp8_tflops": round(100 * flops / us / 1e6 / (2 * peak_tflops), 1),
+                f"{name}_gbs": round(fp8_bytes / us / 1e3, 1),
+                f"{name}_pct_peak_gbs": round(100 * fp8_bytes / us / 1e3 / peak_gbs, 1),
+                f"{name}_speed_ratio_vs_bf16": round(bf16_us / us, 3),
+                f"{name}_rel_err_vs_reference": _rel(out, ref),
+                f"{name}_rel_err_vs_bf16": _rel(out, bf16_out),
+                f"{name}_block_config": f"{config.to_json()} ({source})",
+            }
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("block_config")}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def tune(tokens: list[int]) -> dict[str, object]:
+    """Best block config per token count for the block-wise fp8 GEMMs (graph-replayed time)."""
+    w13, w2 = make_weights(torch.bfloat16)
+    q13, q2, scales = quantize_experts(w13, w2, LAYOUTS["fp8_block128"])
+    table: dict[str, dict[str, int]] = {}
+    for m in tokens:
+        p = make_problem(m, torch.bfloat16)
+        results = []
+        # the fp8 fallback's largest tile beside moe.py's sweep
+        for config in [*candidate_configs(m), BlockConfig(64, 128, 128, group_m=8, num_warps=8)]:
+            kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts(block_config=config))
+            run = _call(kernel, p, q13, q2, scales)
+            try:
+                ms = time_graph(run, 5)
+            except Exception as exc:  # out of shared memory and the like: skip the config
+                print(f"skip {config}: {type(exc).__name__}", flush=True)
+                continue
+            results.append((ms, config))
+        ms, best = min(results, key=lambda r: r[0])
+        print(f"M={m}: {ms * 1000:.1f} us with {best}", flush=True)
+        table[str(m)] = best.to_json()
+    return {
+        "device_name": torch.cuda.get_device_name(),
+        "shapes": {shape_key(E, N, K, torch.float8_e4m3fn): table},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "output", type=Path, help="where to write the JSON results (or, with --tune, the config)"
+    )
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    parser.add_argument(
+        "--tune", action="store_true", help="sweep fp8 block configs and write a configs/ JSON file"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/moe_fp8.py needs a CUDA GPU")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    started = time.perf_counter()
+    if args.tune:
+        result: dict[str, object] = tune(tokens)
+    else:
+        result = {
+            "benchmark": "fused_moe_fp8",
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "python": platform.python_version(),
+            "shape": {
+                "hidden": K,
+                "moe_intermediate": N,
+                "num_experts": E,
+                "top_k": TOP_K,
+                "activations": "bf16",
+            },
+            "baseline": "Triton fused MoE on the same bf16 weights (before quantization), same process, same inputs",
+            "timing": "*_us: one CUDA graph of 20 calls replayed 3 times, per call; *_eager_us: median eager call",
+            "fp8_peak": "pct_peak_fp8_tflops is against twice the dense bf16 datasheet rate (fp8 tensor cores)",
+            "results": benchmark(tokens),
+        }
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(format_config_file(result) if args.tune else json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
