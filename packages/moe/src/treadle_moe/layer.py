@@ -15,6 +15,9 @@ fp8 experts (experts/fp8.py): `quantize_fp8(layout)` turns loaded model-dtype we
 `allocate_fp8(layout)` gives an fp8 checkpoint's experts their storage, which the loader then fills: weights through
 `weight_loader` as always, scales through it too (`w13_weight_scale`: gate rows or block rows, then up ones;
 `w2_weight_scale`). Either way `fp8_layout` is set and the forward hands the scales to the kernel.
+4-bit experts (W4A16 checkpoints, experts/int4.py; storage and loading in int4_layer.py): `w13_weight` / `w2_weight`
+become packed int32 [E, K / 8, 2N] / [E, N / 8, K] beside `w{13,2}_group_scale`, `_group_zero` and `_group_index`;
+`int4_layout` is set and the forward hands them to the kernel (`int4_scales`).
 
 The kernel is chosen by the oracle at the first forward on each (device, dtype), since a model is often built
 on one device and moved; the decision is logged once and readable through `describe()`.
@@ -29,6 +32,7 @@ from torch import nn
 
 from treadle_moe.activation import check_activation
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, quantize_experts
+from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
 from treadle_moe.modular_kernel import ModularKernel
 from treadle_moe.oracle import MoEKernelChoice, MoEProblem, select_moe_kernel
 from treadle_moe.router import RouterConfig, Scoring
@@ -36,8 +40,10 @@ from treadle_moe.router import RouterConfig, Scoring
 logger = logging.getLogger(__name__)
 
 SHARD_IDS = ("w1", "w3", "w2")  # gate, up, down
-# where a forward runs, and the weights' fp8 layout
-_KernelKey = tuple[torch.device, torch.dtype, Fp8Layout | None]
+# the tensors beside 4-bit experts' packed weights (int4_layer.py)
+INT4_PARAMS = tuple(f"{w}_group_{t}" for w in ("w13", "w2") for t in ("scale", "zero", "index"))
+# where a forward runs, and the weights' fp8 or 4-bit layout
+_KernelKey = tuple[torch.device, torch.dtype, Fp8Layout | None, Int4Layout | None]
 
 
 class FusedMoE(nn.Module):
@@ -102,6 +108,9 @@ class FusedMoE(nn.Module):
         self.fp8_layout: Fp8Layout | None = None
         self.w13_weight_scale: nn.Parameter | None = None
         self.w2_weight_scale: nn.Parameter | None = None
+        # 4-bit experts (module docstring): the layout; the tensors are registered by int4_layer.allocate_int4
+        self.int4_layout: Int4Layout | None = None
+        self.int4_index_from: dict[int, str] = {}  # expert -> the shard (w1 / w3) whose w13 g_idx it holds
         self._kernels: dict[_KernelKey, tuple[MoEKernelChoice, ModularKernel]] = {}
         self._last_key: _KernelKey | None = None
 
@@ -118,7 +127,7 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = self.router.select(router_logits, self.e_score_correction_bias)
         kernel = self._kernel_for(hidden)
         out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation,
-                     self.fp8_scales())  # fmt: skip
+                     self.fp8_scales(), self.int4_scales())  # fmt: skip
         return out.view(shape)
 
     def fp8_scales(self) -> Fp8ExpertScales | None:
@@ -130,8 +139,18 @@ class FusedMoE(nn.Module):
         )
         return Fp8ExpertScales(self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout)
 
+    def int4_scales(self) -> Int4ExpertScales | None:
+        """The 4-bit experts' scales, zero points and g_idx for the kernel; None unless 4-bit."""
+        if self.int4_layout is None:
+            return None
+        t: dict[str, torch.Tensor | None] = {name: getattr(self, name, None) for name in INT4_PARAMS}
+        s13, s2 = t["w13_group_scale"], t["w2_group_scale"]
+        assert s13 is not None and s2 is not None, "4-bit experts have scales"
+        return Int4ExpertScales(s13, s2, t["w13_group_zero"], t["w2_group_zero"], t["w13_group_index"],
+                                t["w2_group_index"], self.int4_layout)  # fmt: skip
+
     def _kernel_for(self, hidden: torch.Tensor) -> ModularKernel:
-        key = (hidden.device, hidden.dtype, self.fp8_layout)
+        key = (hidden.device, hidden.dtype, self.fp8_layout, self.int4_layout)
         entry = self._kernels.get(key)
         if entry is None:
             problem = MoEProblem(
@@ -144,6 +163,7 @@ class FusedMoE(nn.Module):
                 max_num_tokens=self.max_num_tokens,
                 activation=self.activation,
                 fp8=self.fp8_layout,
+                int4=self.int4_layout,
             )
             choice = select_moe_kernel(problem, self.backend)
             entry = (choice, choice.build(self.shared_experts))
@@ -206,8 +226,8 @@ class FusedMoE(nn.Module):
 
     def load_stacked_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """transformers' fused layout: gate_up_proj [E, 2N, K] (gate first), down_proj [E, K, N]."""
-        if self.fp8_layout is not None:
-            raise ValueError("fp8 experts load one expert matrix and its scales at a time (weight_loader)")
+        if self.fp8_layout is not None or self.int4_layout is not None:
+            raise ValueError("fp8 and 4-bit experts load one expert matrix and its scales at a time")
         for name, param, weight in (
             ("gate_up_proj", self.w13_weight, gate_up),
             ("down_proj", self.w2_weight, down),
@@ -279,4 +299,5 @@ class FusedMoE(nn.Module):
             f"intermediate_size={self.intermediate_size}, renormalize={self.router.renormalize}, "
             f"scoring={self.router.scoring}, activation={self.activation}"
             + (f", fp8={self.fp8_layout.describe()}" if self.fp8_layout is not None else "")
+            + (f", int4={self.int4_layout.describe()}" if self.int4_layout is not None else "")
         )

@@ -14,6 +14,10 @@ Rules, in order (each decision is recorded as a reason and shows in `describe()`
    GEMMs: on CUDA (compute capability >= 8.9, a block_k the kernel tiles) Triton fused MoE multiplies fp8 on the
    tensor cores, scales in the epilogue (per channel) or per K block (block-wise); elsewhere the torch reference
    runs the spec, the dense IR ops per expert. The reason names the layout.
+5. 4-bit expert weights (`MoEProblem.int4`, W4A16: GPTQ / AWQ / compressed-tensors checkpoints, experts/int4.py)
+   follow rule 3 too: on CUDA Triton fused MoE unpacks the nibbles in registers inside its grouped GEMM (16-bit
+   activations, the model-dtype block config with BLOCK_K inside one group); elsewhere the torch reference runs the
+   spec, the dense `w4a16_linear` reference per expert. The reason names the layout.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from treadle_moe import envs
 from treadle_moe.configs import get_block_config
 from treadle_moe.experts.base import Experts
 from treadle_moe.experts.fp8 import Fp8Layout
+from treadle_moe.experts.int4 import Int4Layout
 from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
 from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
+from treadle_moe.experts.triton_int4 import int4_config
 from treadle_moe.modular_kernel import ModularKernel
 from treadle_moe.prepare_finalize import (
     ActivationFormat,
@@ -60,6 +66,13 @@ class MoEProblem:
     max_num_tokens: int = 8192  # largest batch the layer will see (for the block-config report)
     activation: str = "silu"
     fp8: Fp8Layout | None = None  # float8_e4m3fn expert weights in this scale layout; None: `dtype` weights
+    int4: Int4Layout | None = None  # packed 4-bit expert weights in this layout (activations in `dtype`)
+
+    def weights_describe(self) -> str:
+        """The expert weights' format, for reasons and the decision log ("" for model-dtype weights)."""
+        if self.fp8 is not None:
+            return self.fp8.describe()
+        return self.int4.describe() if self.int4 is not None else ""
 
 
 @dataclass(slots=True)
@@ -87,7 +100,9 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
         if forced not in BACKENDS:
             raise ValueError(f"MoE backend {forced!r} is unknown; valid: {', '.join(BACKENDS)}")
         experts_cls = BACKENDS[forced]
-        why_not = experts_cls.support_reason(device_type, problem.dtype, problem.activation, problem.fp8)
+        why_not = experts_cls.support_reason(
+            device_type, problem.dtype, problem.activation, problem.fp8, problem.int4
+        )
         if why_not is not None:
             raise ValueError(
                 f"MoE backend {forced!r} was requested but {why_not}; choose another of {', '.join(BACKENDS)}"
@@ -96,10 +111,14 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
             f"experts {experts_cls.name}: requested ({'argument' if backend else 'TREADLE_MOE_BACKEND'})"
         )
     else:
-        why_not = TritonExperts.support_reason(device_type, problem.dtype, problem.activation, problem.fp8)
+        why_not = TritonExperts.support_reason(
+            device_type, problem.dtype, problem.activation, problem.fp8, problem.int4
+        )
         if device_type == "cuda" and why_not is None:
             experts_cls = TritonExperts
             fp8 = f", {problem.fp8.describe()} on fp8 tensor cores" if problem.fp8 is not None else ""
+            if problem.int4 is not None:
+                fp8 = f", {problem.int4.describe()}: 4-bit weights unpacked in registers in the grouped GEMM"
             reasons.append(
                 f"experts {experts_cls.name}: cuda, {_dtype_name(problem.dtype)}, {problem.activation}{fp8}"
             )
@@ -109,6 +128,10 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 why_not = f"Triton fused MoE is for cuda (on {device_type} the interpreter is far too slow)"
             if problem.fp8 is not None:
                 why_not += f"; {problem.fp8.describe()} runs the spec (the dense IR fp8 ops per expert)"
+            if problem.int4 is not None:
+                why_not += (
+                    f"; {problem.int4.describe()} runs the spec (the dense w4a16_linear reference per expert)"
+                )
             reasons.append(f"experts {experts_cls.name}: {why_not}")
     if experts_cls.activation_format == ActivationFormat.BATCHED:
         prepare_finalize: PrepareFinalize = NoEPBatchedPrepareFinalize()
@@ -128,6 +151,8 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 problem.dtype if problem.fp8 is None else torch.float8_e4m3fn,
                 device_name,
             )
+            if problem.int4 is not None:
+                config = int4_config(config, problem.int4, problem.hidden_size, problem.intermediate_size)
             reasons.append(
                 f"block config at {tokens} tokens: BLOCK_M={config.block_m} BLOCK_N={config.block_n} "
                 f"BLOCK_K={config.block_k} warps={config.num_warps} stages={config.num_stages} ({source})"
@@ -144,7 +169,7 @@ def _record(problem: MoEProblem, choice: MoEKernelChoice) -> None:
     summary = (
         f"E={problem.num_experts} top_k={problem.top_k} K={problem.hidden_size} N={problem.intermediate_size} "
         f"{_dtype_name(problem.dtype)} on {problem.device}"
-    ) + (f" {problem.fp8.describe()}" if problem.fp8 is not None else "")
+    ) + (f" {problem.weights_describe()}" if problem.weights_describe() else "")
     described = choice.describe()
     if _decisions.get(summary) != described:
         _decisions[summary] = described

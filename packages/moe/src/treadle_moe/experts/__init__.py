@@ -1,9 +1,10 @@
-"""Experts implementations: the contract, the torch reference (the spec) and Triton fused MoE; fp8 weights."""
+"""Experts implementations: the contract, the torch reference (the spec) and Triton fused MoE; fp8 and 4-bit weights."""
 
 from __future__ import annotations
 
 from treadle_moe.experts.base import Experts, WorkspaceShapes
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
+from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
 from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
 from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
 
@@ -13,6 +14,8 @@ __all__ = [
     "Experts",
     "Fp8ExpertScales",
     "Fp8Layout",
+    "Int4ExpertScales",
+    "Int4Layout",
     "TorchExperts",
     "TritonExperts",
     "WorkspaceShapes",

@@ -8,7 +8,8 @@ Sizes: M tokens (BATCHED: rows per expert slab), K hidden size, N expert interme
 Weights: w13 [E, 2N, K] (rows 0..N-1 the gate projection, rows N..2N-1 the up projection), w2 [E, K, N]; an
 expert computes `y = w2[e] @ act(w13[e][:N] @ x) * (w13[e][N:] @ x)`. fp8 weights (float8_e4m3fn) come with their
 scales (`fp8`, an `Fp8ExpertScales`: per channel or block-wise, experts/fp8.py) and compute `expert_mlp_fp8`; an
-implementation says which layouts it runs through `support_reason`.
+implementation says which layouts it runs through `support_reason`. 4-bit weights (`int4`, W4A16) are packed int32
+w13 [E, K / 8, 2N] / w2 [E, N / 8, K] with an `Int4ExpertScales` and compute `expert_mlp_int4` (experts/int4.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
+from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, int4_expert_sizes
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce
 
@@ -43,10 +45,15 @@ class Experts(ABC):
 
     @classmethod
     def support_reason(
-        cls, device_type: str, dtype: torch.dtype, activation: str, fp8: Fp8Layout | None = None
+        cls,
+        device_type: str,
+        dtype: torch.dtype,
+        activation: str,
+        fp8: Fp8Layout | None = None,
+        int4: Int4Layout | None = None,
     ) -> str | None:
-        """None when this implementation runs the case (`fp8`: the weights' fp8 layout, None for model-dtype
-        weights); otherwise why not (for the oracle's report)."""
+        """None when this implementation runs the case (`fp8` / `int4`: the weights' fp8 or 4-bit layout, None for
+        model-dtype weights); otherwise why not (for the oracle's report)."""
         if device_type not in cls.supported_device_types:
             return f"{cls.name} does not run on {device_type} (runs on {', '.join(sorted(cls.supported_device_types))})"
         if dtype not in cls.supported_dtypes:
@@ -79,9 +86,10 @@ class Experts(ABC):
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
+        int4: Int4ExpertScales | None = None,
     ) -> None:
         """Write the experts' output (shape `workspace_shapes(...).output`) into `output`; `fp8`: the scales of
-        float8_e4m3fn w13 / w2."""
+        float8_e4m3fn w13 / w2; `int4`: the scales (zeros, g_idx) of packed 4-bit w13 / w2."""
 
     def describe(self) -> str:
         return f"{self.name} ({self.activation_format.value} format)"
@@ -91,7 +99,13 @@ class Experts(ABC):
 
 
 def check_weights(hidden_size: int, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
-    """Validate w13 [E, 2N, K] / w2 [E, K, N] against the hidden size; return (E, N)."""
+    """Validate w13 [E, 2N, K] / w2 [E, K, N] (packed 4-bit: int32 [E, K / 8, 2N] / [E, N / 8, K]) against the
+    hidden size; return (E, N)."""
+    if w13.dtype == torch.int32:
+        num_experts, n, k = int4_expert_sizes(w13, w2)
+        if k != hidden_size:
+            raise ValueError(f"4-bit expert weights hold {k} inputs, the hidden size is {hidden_size}")
+        return num_experts, n
     if w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(
             f"w13 and w2 must be 3-D [E, 2N, K] / [E, K, N], got {tuple(w13.shape)} / {tuple(w2.shape)}"

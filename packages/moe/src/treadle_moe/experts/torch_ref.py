@@ -6,7 +6,8 @@ is [M, top_k, K] and finalize weights and sums (WeightAndReduceDelegate). Batche
 first expert_num_tokens[e] rows of every slab. Experts with no token are skipped. One host synchronization
 per call (the per-expert counts), which is why this is the reference and not the fast path.
 fp8 weights (either layout of experts/fp8.py) run `expert_mlp_fp8`: the dense IR ops' reference implementations
-applied to each expert's tokens, the spec of the fp8 kernels.
+applied to each expert's tokens, the spec of the fp8 kernels; 4-bit weights (experts/int4.py) run `expert_mlp_int4`,
+the dense `w4a16_linear` reference on each expert's two projections.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from treadle_moe.activation import ACTIVATIONS, act_and_mul
 from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
 from treadle_moe.experts.fp8 import Fp8ExpertScales, check_fp8_scales, expert_mlp_fp8
+from treadle_moe.experts.int4 import Int4ExpertScales, check_int4_experts, expert_mlp_int4
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce, WeightAndReduceDelegate
 
@@ -34,8 +36,11 @@ def run_expert(
     expert: int,
     activation: str,
     fp8: Fp8ExpertScales | None,
+    int4: Int4ExpertScales | None = None,
 ) -> torch.Tensor:
-    """Expert `expert` of the stacks w13 / w2 on its tokens x [T, K]: model-dtype or fp8 weights."""
+    """Expert `expert` of the stacks w13 / w2 on its tokens x [T, K]: model-dtype, fp8 or 4-bit weights."""
+    if int4 is not None:
+        return expert_mlp_int4(x, w13, w2, int4, expert, activation)
     if fp8 is None:
         return expert_mlp(x, w13[expert], w2[expert], activation)
     return expert_mlp_fp8(x, w13[expert], w2[expert], fp8.w13[expert], fp8.w2[expert], fp8.layout, activation)
@@ -70,9 +75,12 @@ class TorchExperts(Experts):
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
+        int4: Int4ExpertScales | None = None,
     ) -> None:
         num_experts, _ = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
+        if int4 is not None:
+            check_int4_experts(w13, w2, int4)
         top_k = topk_ids.shape[1]
         slots_out = output.view(-1, hidden.shape[1])  # [M * top_k, K], slot s = token s // top_k
         flat_ids = topk_ids.reshape(-1).long()
@@ -84,7 +92,7 @@ class TorchExperts(Experts):
                 continue
             slots = order[start : start + count]
             start += count
-            slots_out[slots] = run_expert(hidden[slots // top_k], w13, w2, expert, activation, fp8)
+            slots_out[slots] = run_expert(hidden[slots // top_k], w13, w2, expert, activation, fp8, int4)
 
 
 class BatchedTorchExperts(Experts):
@@ -116,10 +124,15 @@ class BatchedTorchExperts(Experts):
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
+        int4: Int4ExpertScales | None = None,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_weights(hidden.shape[2], w13, w2)
         check_fp8_scales(w13, w2, fp8)
+        if int4 is not None:
+            check_int4_experts(w13, w2, int4)
         for expert, count in enumerate(expert_num_tokens.tolist()):
             if count:
-                output[expert, :count] = run_expert(hidden[expert, :count], w13, w2, expert, activation, fp8)
+                output[expert, :count] = run_expert(
+                    hidden[expert, :count], w13, w2, expert, activation, fp8, int4
+                )

@@ -15,6 +15,8 @@ BLOCK_K, then smaller BLOCK_N; the fitted config is remembered. Accumulation is 
 products (no TF32), so fp32 results match the torch reference closely.
 fp8 weights (float8_e4m3fn w13 / w2 with `Fp8ExpertScales`) take the fp8 GEMMs of triton_fp8.py in both formats:
 the activations quantized per token (group), fp8 tensor-core products, scales in the epilogue or per K block.
+4-bit weights (packed int32 w13 / w2 with `Int4ExpertScales`) take triton_int4.py's W4A16 GEMMs: the nibbles
+unpacked in registers inside the grouped GEMM, 16-bit activations.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from treadle_moe.configs import INTERPRETER_CONFIG, BlockConfig, get_block_confi
 from treadle_moe.experts.align import BlockAlignment, align_batched, align_block_size
 from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, check_fp8_scales
+from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, check_int4_experts
 from treadle_moe.experts.triton_fp8 import fp8_support_reason, run_fp8_gemms
+from treadle_moe.experts.triton_int4 import int4_config, run_int4_gemms
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import (
     TopKWeightAndReduce,
@@ -171,7 +175,12 @@ class _TritonBase(Experts):
 
     @classmethod
     def support_reason(
-        cls, device_type: str, dtype: torch.dtype, activation: str, fp8: Fp8Layout | None = None
+        cls,
+        device_type: str,
+        dtype: torch.dtype,
+        activation: str,
+        fp8: Fp8Layout | None = None,
+        int4: Int4Layout | None = None,
     ) -> str | None:
         if not is_triton_available():
             return f"{cls.name} needs triton, which is not installed"
@@ -181,16 +190,28 @@ class _TritonBase(Experts):
         why = fp8_support_reason(runs_on, fp8) if fp8 is not None and device_type == "cuda" else None
         if why is not None:
             return f"{cls.name}: {why}"
-        return super().support_reason(device_type, dtype, activation, fp8)
+        return super().support_reason(device_type, dtype, activation, fp8, int4)
 
-    def config_for(self, num_tokens: int, w13: torch.Tensor, top_k: int) -> tuple[BlockConfig, str]:
-        if self.block_config is not None:
-            return self.block_config, "given"
-        if w13.device.type != "cuda":
-            return INTERPRETER_CONFIG, "interpreter"
+    def config_for(
+        self, num_tokens: int, w13: torch.Tensor, top_k: int, int4: Int4ExpertScales | None = None
+    ) -> tuple[BlockConfig, str]:
+        """The block config for this batch; 4-bit weights (packed [E, K / 8, 2N]) start from the model dtype's."""
         num_experts, two_n, hidden = w13.shape
-        device_name = torch.cuda.get_device_name(w13.device)
-        return get_block_config(num_tokens, num_experts, two_n // 2, hidden, top_k, w13.dtype, device_name)
+        dtype = w13.dtype
+        if int4 is not None:
+            two_n, hidden, dtype = w13.shape[2], w13.shape[1] * 8, int4.w13_scale.dtype
+        if self.block_config is not None:
+            config, source = self.block_config, "given"
+        elif w13.device.type != "cuda":
+            config, source = INTERPRETER_CONFIG, "interpreter"
+        else:
+            device_name = torch.cuda.get_device_name(w13.device)
+            config, source = get_block_config(
+                num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name
+            )
+        if int4 is None or source == "given":  # a given config runs as it is (steps may straddle groups)
+            return config, source
+        return int4_config(config, int4.layout, hidden, two_n // 2), source
 
 
 class TritonExperts(_TritonBase):
@@ -219,18 +240,21 @@ class TritonExperts(_TritonBase):
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
+        int4: Int4ExpertScales | None = None,
     ) -> None:
         check_activation(activation)
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
+        if int4 is not None:
+            check_int4_experts(w13, w2, int4)
         num_tokens, top_k = topk_ids.shape
-        config, _ = self.config_for(num_tokens, w13, top_k)
+        config, _ = self.config_for(num_tokens, w13, top_k, int4)
         alignment = align_block_size(topk_ids, config.block_m, num_experts)
         intermediate = workspace13.view(num_tokens * top_k, n)
         down = workspace2.view(num_tokens * top_k, hidden.shape[1])
         weights = topk_weights.reshape(-1).float().contiguous()  # [M * top_k] indexed by slot
         run_gemms(hidden.contiguous(), w13, w2, intermediate, down, weights, alignment, config, top_k, activation,
-                  fp8)  # fmt: skip
+                  fp8, int4)  # fmt: skip
         torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=output)
 
 
@@ -260,19 +284,22 @@ class BatchedTritonExperts(_TritonBase):
         workspace13: torch.Tensor,
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
+        int4: Int4ExpertScales | None = None,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_activation(activation)
         num_experts, max_tokens, hidden_size = hidden.shape
         _, n = check_weights(hidden_size, w13, w2)
         check_fp8_scales(w13, w2, fp8)
+        if int4 is not None:
+            check_int4_experts(w13, w2, int4)
         # Config by the expected load of one slab: max_tokens rows spread over the experts like top-1 routing.
-        config, _ = self.config_for(max_tokens, w13, 1)
+        config, _ = self.config_for(max_tokens, w13, 1, int4)
         alignment = align_batched(expert_num_tokens, max_tokens, config.block_m)
         rows = hidden.contiguous().view(num_experts * max_tokens, hidden_size)
         intermediate = workspace13.view(num_experts * max_tokens, n)
         out_rows = output.view(num_experts * max_tokens, hidden_size)
-        run_gemms(rows, w13, w2, intermediate, out_rows, None, alignment, config, 1, activation, fp8)
+        run_gemms(rows, w13, w2, intermediate, out_rows, None, alignment, config, 1, activation, fp8, int4)
 
 
 def run_gemms(
@@ -287,9 +314,14 @@ def run_gemms(
     rows_per_token: int,
     activation: str,
     fp8: Fp8ExpertScales | None,
+    int4: Int4ExpertScales | None = None,
 ) -> None:
     """The two grouped GEMMs: hidden [rows, K] -> intermediate [slots, N] (act(gate) * up) -> out [slots, K]
-    (* topk_weights[slot] when given); fp8 weights take triton_fp8.py's path."""
+    (* topk_weights[slot] when given); fp8 weights take triton_fp8.py's path, 4-bit ones triton_int4.py's."""
+    if int4 is not None:
+        run_int4_gemms(hidden, w13, w2, int4, intermediate, out, topk_weights, alignment, config, rows_per_token,
+                       activation)  # fmt: skip
+        return
     if fp8 is not None:
         run_fp8_gemms(hidden, w13, w2, fp8, intermediate, out, topk_weights, alignment, config, rows_per_token,
                       activation)  # fmt: skip
