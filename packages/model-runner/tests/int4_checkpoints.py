@@ -19,6 +19,11 @@ the input's activations): g_idx[perm[i]] = i // group_size. Spellings:
   [n, groups], weight_zero_point int32 [n / 8, groups] packed along n (asymmetric), weight_shape, weight_g_idx (act
   order); codes and zero points stored as the signed value plus 8, i.e. the unsigned code; one config group targeting
   "Linear", ignore ["lm_head", *ignored].
+Mixture-of-experts models (transformers holds their experts fused, `experts.gate_up_proj` [E, 2N, K] and
+`experts.down_proj` [E, K, N]) are written as GPTQ / AWQ MoE checkpoints are (Qwen3-30B-A3B-GPTQ-Int4): each
+expert's gate, up and down matrix a projection of its own (`mlp.experts.{e}.gate_proj.qweight` ..., Mixtral
+`block_sparse_moe.experts.{e}.w1.qweight`), gate and up sharing one act order; the router (`mlp.gate`) and
+Qwen2-MoE's `shared_expert_gate` stay unquantized (no projections), the shared expert's projections are quantized.
 `dequantized_reference(hf, weights)` copies the model with each quantized projection's weight replaced by the fp32
 dequantization (q - z[g]) * s[g] of what the files hold (as their readers read it).
 """
@@ -43,7 +48,10 @@ _SHARED_INPUT = {
     "v_proj": "qkv",
     "gate_proj": "gate_up",
     "up_proj": "gate_up",
+    "w1": "gate_up",
+    "w3": "gate_up",
 }
+EXPERT_NAMES = {"MixtralForCausalLM": (("w1", "w3", "w2"), "block_sparse_moe")}
 
 
 @dataclass(frozen=True)
@@ -189,19 +197,51 @@ def write_int4_checkpoint(hf: nn.Module, path: Path, fmt: Int4Format) -> dict[st
     tensors = {n: t.detach().clone().contiguous() for n, t in hf.state_dict().items()
                if not (tied and n == "lm_head.weight") and n.removesuffix(".weight") not in names}  # fmt: skip
     dequantized = {}
-    for name in names:
-        quantized = quantize(name, modules[name].weight, fmt)
+    for name, weight in [(n, modules[n].weight) for n in names] + _expert_matrices(hf, tensors):
+        quantized = quantize(name, weight, fmt)
         tensors.update(format_tensors(name, quantized, fmt))
         dequantized[name] = quantized.dequantized()
     write_checkpoint(hf, path, tensors, quantization_config(fmt), fmt.num_shards)
     return dequantized
 
 
+def _expert_matrices(hf: nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Pop every fused expert stack from `tensors`; (checkpoint module name, [n, k] matrix) of each expert's gate,
+    up and down projection; the router renamed into the checkpoint's block (module docstring)."""
+    names, block = EXPERT_NAMES.get(type(hf).__name__, (("gate_proj", "up_proj", "down_proj"), "mlp"))
+    matrices = []
+    for fused in [n for n in tensors if n.endswith(".experts.gate_up_proj")]:
+        prefix = fused.removesuffix(".gate_up_proj")
+        gate_up, down = tensors.pop(fused), tensors.pop(f"{prefix}.down_proj")
+        n = down.shape[2]
+        out = prefix.replace(".mlp.", f".{block}.")
+        for e in range(gate_up.shape[0]):
+            for proj, w in zip(names, (gate_up[e, :n], gate_up[e, n:], down[e]), strict=True):
+                matrices.append((f"{out}.{e}.{proj}", w))
+    for name in [n for n in tensors if n.endswith(".mlp.gate.weight")]:
+        tensors[name.replace(".mlp.", f".{block}.")] = tensors.pop(name)
+    return matrices
+
+
+_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)$")
+
+
 def dequantized_reference(hf: nn.Module, dequantized: dict[str, torch.Tensor]) -> Any:
-    """A copy of `hf` whose quantized projections hold the weights their files dequantize to."""
+    """A copy of `hf` whose quantized projections (and experts) hold the weights their files dequantize to."""
     model = copy.deepcopy(hf).eval()
     modules = dict(model.named_modules())
+    names, block = EXPERT_NAMES.get(type(hf).__name__, (("gate_proj", "up_proj", "down_proj"), "mlp"))
     with torch.no_grad():
         for name, weight in dequantized.items():
-            modules[name].weight.copy_(weight)
+            match = _EXPERT.match(name)
+            if match is None:
+                modules[name].weight.copy_(weight)
+                continue
+            experts = modules[match["prefix"].replace(f".{block}.", ".mlp.")]
+            e, which = int(match["expert"]), names.index(match["proj"])
+            n = experts.down_proj.shape[2]
+            target = (
+                experts.down_proj[e] if which == 2 else experts.gate_up_proj[e, which * n : (which + 1) * n]
+            )
+            target.copy_(weight)
     return model

@@ -1,8 +1,8 @@
 """4-bit checkpoints treadle cannot load are refused with the reason: config.json fields (naming config.json, the field
 and its value), files that disagree with their config.json (naming the tensor as the files spell it), a
---quantization naming another method, a mixture-of-experts model. And what does load: vLLM's method names, dummy
-weights with a 4-bit config.json (random codes and scales, the 4-bit kernels running), LoRA adapters on a 4-bit
-base."""
+--quantization naming another method. And what does load: vLLM's method names, dummy weights with a 4-bit
+config.json (random codes and scales, the 4-bit kernels running; a mixture-of-experts model's experts 4-bit too:
+test_quantization_int4_moe.py), LoRA adapters on a 4-bit base."""
 
 from __future__ import annotations
 
@@ -169,14 +169,14 @@ def test_vllm_method_names_load_the_same_and_others_are_refused(tmp_path: Path) 
         make_runner(plain, quantization="gptq", load_format="dummy")
 
 
-def test_moe_int4_checkpoints_are_refused_by_name(tmp_path: Path) -> None:
+def test_moe_int4_checkpoints_load_with_4bit_experts(tmp_path: Path) -> None:
+    """Once refused (no 4-bit expert path): the experts now hold 4-bit codes in the stacked expert layout."""
     config = tf.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     config.architectures = ["Qwen3MoeForCausalLM"]
     path = _config_with(tmp_path, AWQ, config)
-    with pytest.raises(
-        ValueError, match=r"4-bit checkpoint .* not supported for Qwen3MoeForCausalLM.*4-bit expert"
-    ):
-        make_runner(path, load_format="dummy")
+    model = make_runner(path, load_format="dummy")._require_model()
+    moe = model.model.layers[0].mlp.experts
+    assert moe.int4_layout is not None and moe.w13_weight.dtype == torch.int32
 
 
 DUMMY = {

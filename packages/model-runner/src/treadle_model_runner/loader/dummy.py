@@ -26,6 +26,8 @@ import torch
 from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
 from treadle_model_runner.layers.linear_int4 import INT4_TENSORS, fill_dummy_int4
 from treadle_model_runner.loader.weights import CONFIG_FILE
+from treadle_model_runner.quantization.int4_experts import fill_dummy_experts
+from treadle_moe import FusedMoE
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,13 @@ def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY
                 f"parameter {name} is on the meta device; materialise the model before load_dummy_weights"
             )
         owner_name, _, attr = name.rpartition(".")
+        owner = modules[owner_name]
+        if (
+            isinstance(owner, FusedMoE) and owner.int4_layout is not None
+        ):  # 4-bit experts: all tensors at once
+            if attr == "w13_weight":
+                fill_dummy_experts(owner, owner_name, seed, std)
+            continue
         if attr in INT4_TENSORS:  # a 4-bit projection fills all of its tensors at once
             if attr == "packed_weight":
                 fill_dummy_int4(modules[owner_name], owner_name, seed, std)  # type: ignore[arg-type]

@@ -6,7 +6,9 @@ Two HF layouts reach a MoE model's `load_weights` (models/sparse_moe.py):
   expert's slice of `w13_weight` [E, 2N, K] (gate rows, then up rows) or `w2_weight` [E, K, N]; an fp8 checkpoint
   adds `...experts.{e}.{proj}.weight_scale_inv` (block-wise, quant_method fp8) or `.weight_scale`, which go to the
   expert's slice of `w13_weight_scale` / `w2_weight_scale` (this rank's blocks or rows of it:
-  `ParallelFusedMoE.take_expert_scale`);
+  `ParallelFusedMoE.take_expert_scale`); a 4-bit checkpoint's expert projections arrive in treadle's 4-bit layout
+  (`...experts.{e}.{proj}.packed_weight`, `group_scale`, `group_zero`, `group_index`: int4_checkpoint.py repacks
+  them) and go to quantization/int4_experts.py's `load_expert` (this rank's part, into the stacked layout);
 - fused (transformers' in-memory layout): `...experts.gate_up_proj` [E, 2N, K] and `...experts.down_proj`
   [E, K, N], copied whole (model-dtype experts only).
 Checkpoint module prefixes the architecture renames (Mixtral's `block_sparse_moe.` -> `mlp.`) are rewritten first.
@@ -27,6 +29,7 @@ import torch
 
 from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
 from treadle_model_runner.models.base import check_fp8_dtype
+from treadle_model_runner.quantization.int4_experts import load_expert
 from treadle_moe import FusedMoE
 
 if TYPE_CHECKING:
@@ -37,8 +40,9 @@ __all__ = ["ExpertLoader"]
 SHARD_NAMES = {"w1": "gate", "w3": "up", "w2": "down"}
 _PER_EXPERT = re.compile(
     r"^(?P<moe>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\."
-    r"(?P<attr>weight|weight_scale|weight_scale_inv|input_scale)$"
+    r"(?P<attr>weight|weight_scale|weight_scale_inv|input_scale|packed_weight|group_scale|group_zero|group_index)$"
 )
+_INT4_ATTRS = ("packed_weight", "group_scale", "group_zero", "group_index")
 _FUSED = re.compile(r"^(?P<moe>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
 
 
@@ -79,6 +83,16 @@ class ExpertLoader:
                 f"{type(self.model).__name__}; expected one of {', '.join(self.model.expert_proj_names)}"
             )
         expert, attr = int(match["expert"]), match["attr"]
+        if attr in _INT4_ATTRS:
+            if moe.int4_layout is None:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} is part of a 4-bit expert, but treadle's "
+                    f"{type(self.model).__name__} experts of {match['moe']} are not 4-bit (config.json's "
+                    "quantization_config decides): the files and config.json disagree"
+                )
+            load_expert(moe, shard, attr, expert, tensor, hf_name)
+            self.loaded.add((match["moe"], expert, shard, "weight" if attr == "packed_weight" else attr))
+            return
         if attr == "weight":
             param = moe.w2_weight if shard == "w2" else moe.w13_weight
             check_fp8_dtype(hf_name, tensor, f"{match['moe']}.{_param_name(shard)}", param)
@@ -147,6 +161,11 @@ class ExpertLoader:
                         )
                     if module.fp8_layout is not None and (module_name, e, shard, "scale") not in self.loaded:
                         missing.append(self._scale_name(module_name, e, shard))
+                    for attr in _int4_parts(module):
+                        if (module_name, e, shard, attr) not in self.loaded:
+                            missing.append(
+                                self._scale_name(module_name, e, shard).rpartition(".")[0] + f".{attr}"
+                            )
             covered |= {f"{module_name}.{name}" for name, _ in module.named_parameters(recurse=False)}
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -159,6 +178,18 @@ class ExpertLoader:
         proj = next(p for p, s in self.model.expert_proj_names.items() if s == shard)
         prefix = self.model.checkpoint_name(module_name)
         return f"{prefix}.{expert}.{proj}.{self.model.weight_scale_name}"
+
+
+def _int4_parts(moe: FusedMoE) -> tuple[str, ...]:
+    """The tensors besides packed_weight that each projection of 4-bit experts loads."""
+    layout = moe.int4_layout
+    if layout is None:
+        return ()
+    return (
+        ("group_scale",)
+        + (("group_zero",) if layout.has_zeros else ())
+        + (("group_index",) if layout.act_order else ())
+    )
 
 
 def _param_name(shard: str) -> str:

@@ -5,7 +5,8 @@ Steps (ModelRunner.load_model, through checkpoint.py's functions), for a plan wh
 1. the model is built with its projections on the meta device, as for fp8 checkpoints;
 2. `allocate_projections` gives each `Linear` 4-bit storage (layers/linear_int4.py) when the scheme quantizes every
    HF projection it stacks, the model dtype when it quantizes none (ignored modules), and refuses a stacked layer
-   whose shards disagree;
+   whose shards disagree; a MoE model's routed experts (FusedMoE layers) get 4-bit storage in the stacked expert
+   layout, or the model dtype where the scheme leaves them unquantized (int4_experts.py);
 3. `layout_weights` passes the checkpoint's other tensors on as they come, gathers each quantized projection's
    tensors (they may lie in different files) and, after the last file, converts them projection by projection
    (int4_formats.py, on the model's device) and hands them on under treadle's names (`q_proj.packed_weight`, ...).
@@ -15,7 +16,7 @@ Steps (ModelRunner.load_model, through checkpoint.py's functions), for a plan wh
 4. `CausalLM.load_weights` hands each to `load_int4`, which checks its shape against the model and keeps this
    rank's part; a projection missing altogether is named by the model's completeness check.
 Dummy weights (`--load-format dummy` with such a config.json) skip steps 3-4: `load_dummy_weights` draws random
-codes, scales and zero points for the 4-bit projections (layers/linear_int4.py), so a benchmark runs the 4-bit
+codes, scales and zero points for the 4-bit projections (layers/linear_int4.py) and experts (int4_experts.py), so a benchmark runs the 4-bit
 kernels on a model of the real shapes without its files.
 """
 
@@ -29,9 +30,11 @@ import torch
 from treadle_model_runner.layers import fp8_weights
 from treadle_model_runner.layers.linear import Linear
 from treadle_model_runner.layers.linear_int4 import Int4Layout, allocate_int4
+from treadle_model_runner.quantization.int4_experts import allocate_experts
 from treadle_model_runner.quantization.int4_formats import file_tensors, to_layout
 from treadle_model_runner.quantization.int4_scheme import Int4CheckpointScheme
 from treadle_model_runner.quantization.online import weight_bytes
+from treadle_moe import FusedMoE
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ def allocate_projections(model: torch.nn.Module, scheme: Int4CheckpointScheme, d
             allocate_int4(layer, layout, device, name)
         else:
             fp8_weights.allocate(layer, device, fp8=False, static_input=False)
+    allocate_experts(model, scheme, device)
 
 
 def layout_weights(
@@ -89,8 +93,10 @@ def layout_weights(
 def log_loaded(model: torch.nn.Module, scheme: Int4CheckpointScheme) -> None:
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     int4 = sum(m.packed_weight is not None for m in layers)
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    int4_experts = sum(m.int4_layout is not None for m in experts)
     logger.info(
-        "%s: %d projections loaded as 4-bit (ops.w4a16_linear), %d kept in the model dtype (ignored), embedding, "
-        "lm_head and norms in the model dtype; weights %.1f MiB", scheme.describe(), int4, len(layers) - int4,
-        weight_bytes(model) / (1 << 20),
+        "%s: %d projections loaded as 4-bit (ops.w4a16_linear), %d kept in the model dtype (ignored), %d of %d "
+        "expert layers 4-bit; embedding, lm_head, router and norms in the model dtype; weights %.1f MiB",
+        scheme.describe(), int4, len(layers) - int4, int4_experts, len(experts), weight_bytes(model) / (1 << 20),
     )  # fmt: skip

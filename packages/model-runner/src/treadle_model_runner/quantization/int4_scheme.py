@@ -106,19 +106,12 @@ def check_int4_request(
     requested: str | None, scheme: Int4CheckpointScheme, model_cls: type, config_file: Path
 ) -> None:
     """ValueError unless `requested` (ModelConfig.quantization) may load this checkpoint as it is (None or a name of
-    its method) and `model_cls` has 4-bit projections only (no mixture of experts)."""
+    its method). Mixture-of-experts models load their 4-bit experts too (quantization/int4_experts.py)."""
     names = METHOD_ALIASES[scheme.quant_method]
     if requested is not None and requested not in names:
         raise ValueError(
             f"quantization {requested!r} was requested, but {config_file} describes a {scheme.describe()}; "
             f"leave --quantization unset (or pass {names[0]}) to load it as it is"
-        )
-    if getattr(model_cls, "has_experts", False):
-        raise ValueError(
-            f"this 4-bit checkpoint ({config_file}) is not supported for {model_cls.__name__}: its mixture-of-experts "
-            "layers have no 4-bit expert path; serve an unquantized checkpoint of it (optionally with --quantization "
-            "fp8) or an fp8 one (block-wise, or per-channel / per-tensor weight scales with dynamic activations); "
-            "4-bit checkpoints load for dense models: Llama, Mistral, Qwen2, Qwen3, Gemma"
         )
 
 

@@ -9,14 +9,15 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
   weights have no file scales to reproduce. Per channel, except for a block-wise checkpoint (weight_block_size,
   block_structure): block-wise with its block size (`dummy_blocks`), so the model runs the checkpoint's GEMM.
   A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in treadle's 4-bit layout (int4_checkpoint.py),
-  with dummy weights too (random codes and scales).
+  with dummy weights too (random codes and scales); a MoE model's routed experts in the stacked 4-bit expert layout
+  (int4_experts.py; the router stays in the model dtype).
 Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE) quantize their routed experts too (experts.py): online
 per channel; a block-wise fp8 checkpoint (Qwen3-30B-A3B-FP8 style: quant_method fp8, weight_block_size) or one with
 per-channel / per-tensor weight scales and dynamic activations loads as it is (the router stays in the model dtype).
 Refused with a ValueError: a user method other than the checkpoint's (naming both), a checkpoint layout treadle
 cannot load (scheme.py, int4_scheme.py), and for a mixture-of-experts model an fp8 checkpoint with static activation
-scales (per-tensor input_scale: the fused experts quantize activations dynamically) or a 4-bit checkpoint (no 4-bit
-expert path), each naming the model class and what does load.
+scales (per-tensor input_scale: the fused experts quantize activations dynamically), naming the model class and what
+does load.
 """
 
 from __future__ import annotations
