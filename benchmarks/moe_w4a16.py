@@ -1,0 +1,158 @@
+"""W4A16 fused-MoE micro-benchmark at Qwen3-30B-A3B shapes: Triton fused MoE with bf16 weights against 4-bit weights
+(treadle's packed layout, groups of 128 as Qwen3-30B-A3B-GPTQ-Int4), in the same process on the same inputs.
+
+Shapes: hidden K=2048, moe_intermediate N=768, E=128 experts, top-8, bf16 activations, softmax routing with
+renormalization on random logits, tokens 1, 16, 64, 256, 1024, 4096 (`--tokens`). All run the same modular kernel
+(no-EP standard prepare/finalize, `TritonExperts`) and differ only in the weights: bf16 (the baseline) and 4-bit in
+three layouts, round-to-nearest from the bf16 weights (treadle_moe.experts.int4.quantize_experts_int4): symmetric
+(GPTQ sym=true), asymmetric (zero points: AWQ, GPTQ sym=false) and symmetric with act order (GPTQ desc_act: each
+row's scale gathered through g_idx). Each is timed replayed from a CUDA graph (as the model runner runs decode steps)
+and eagerly; reported per token count: microseconds, TFLOP/s (6·M·top_k·K·N flops), GB/s over the minimum bytes
+(the weights of the experts hit, at 2 bytes or half a byte plus scales a value, plus activations in and out), the
+speed ratio to bf16 (bf16 time / 4-bit time, > 1 is faster), the block config used, and the 4-bit output's relative
+error against the torch reference on the same 4-bit weights (the dense w4a16_linear reference per expert) and
+against the bf16 output (what 4 bits cost).
+
+    python benchmarks/moe_w4a16.py results.json                 # about a minute on one H200
+    python benchmarks/moe_w4a16.py results.json --tokens 1,64    # a subset
+
+The 4-bit GEMMs start from the bf16 block config tuned for the shape (configs/), BLOCK_K capped at the group size
+(experts/triton_int4.py): these numbers say whether 4-bit tiles of their own are worth tuning. Needs a CUDA GPU and
+PYTHONPATH holding packages/moe/src, packages/ir/src and packages/kernels/src (and benchmarks/ for moe.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from moe import CEILINGS, TOP_K, E, K, N, make_problem, make_weights, time_eager, time_graph
+
+from treadle_moe import (
+    Int4ExpertScales,
+    Int4Layout,
+    ModularKernel,
+    NoEPStandardPrepareFinalize,
+    TorchExperts,
+    TritonExperts,
+)
+from treadle_moe.experts.int4 import quantize_experts_int4
+
+TOKENS = [1, 16, 64, 256, 1024, 4096]
+LAYOUTS = {
+    "w4_g128_sym": Int4Layout(128, has_zeros=False, act_order=False),
+    "w4_g128_asym": Int4Layout(128, has_zeros=True, act_order=False),
+    "w4_g128_sym_act_order": Int4Layout(128, has_zeros=False, act_order=True),
+}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def _bytes(topk_ids: torch.Tensor, bytes_per_value: float) -> int:
+    experts_hit = int(torch.unique(topk_ids).numel())
+    return int(bytes_per_value * experts_hit * 3 * N * K) + 2 * 2 * topk_ids.shape[0] * K
+
+
+def _call(
+    kernel: ModularKernel,
+    p: dict[str, torch.Tensor],
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    int4: Int4ExpertScales | None,
+) -> Callable[[], torch.Tensor]:
+    """The MoE forward of problem `p` on these weights, as a no-argument call for the timers."""
+    return lambda: kernel(p["hidden"], w13, w2, p["topk_weights"], p["topk_ids"], int4=int4)
+
+
+def benchmark(tokens: list[int]) -> list[dict[str, object]]:
+    w13, w2 = make_weights(torch.bfloat16)
+    quantized = {name: quantize_experts_int4(w13, w2, layout) for name, layout in LAYOUTS.items()}
+    fused = TritonExperts()
+    kernel = ModularKernel(NoEPStandardPrepareFinalize(), fused)
+    reference = ModularKernel(NoEPStandardPrepareFinalize(), TorchExperts())
+    device_name = torch.cuda.get_device_name()
+    peak_tflops, peak_gbs = next(
+        (v for key, v in CEILINGS.items() if key in device_name), (float("nan"),) * 2
+    )
+    # half a byte a value, plus a 2-byte scale (and 1-byte zero point) per 128 values
+    int4_bytes = {name: 0.5 + (3 if layout.has_zeros else 2) / 128 for name, layout in LAYOUTS.items()}
+    rows: list[dict[str, object]] = []
+    for m in tokens:
+        p = make_problem(m, torch.bfloat16)
+        run_bf16 = _call(kernel, p, w13, w2, None)
+        bf16_out = run_bf16()
+        flops = 6 * m * TOP_K * K * N
+        bf16_us = 1000 * time_graph(run_bf16)
+        row: dict[str, object] = {
+            "tokens": m,
+            "bf16_us": round(bf16_us, 2),
+            "bf16_eager_us": round(1000 * time_eager(run_bf16), 2),
+            "bf16_tflops": round(flops / bf16_us / 1e6, 2),
+            "bf16_gbs": round(_bytes(p["topk_ids"], 2) / bf16_us / 1e3, 1),
+        }
+        for name, (q13, q2, scales) in quantized.items():
+            run = _call(kernel, p, q13, q2, scales)
+            out, ref = run(), _call(reference, p, q13, q2, scales)()
+            us = 1000 * time_graph(run)
+            config, source = fused.config_for(m, q13, TOP_K, scales)
+            moved = _bytes(p["topk_ids"], int4_bytes[name])
+            row |= {
+                f"{name}_us": round(us, 2),
+                f"{name}_eager_us": round(1000 * time_eager(run), 2),
+                f"{name}_tflops": round(flops / us / 1e6, 2),
+                f"{name}_pct_peak_bf16_tflops": round(100 * flops / us / 1e6 / peak_tflops, 1),
+                f"{name}_gbs": round(moved / us / 1e3, 1),
+                f"{name}_pct_peak_gbs": round(100 * moved / us / 1e3 / peak_gbs, 1),
+                f"{name}_speed_ratio_vs_bf16": round(bf16_us / us, 3),
+                f"{name}_rel_err_vs_reference": _rel(out, ref),
+                f"{name}_rel_err_vs_bf16": _rel(out, bf16_out),
+                f"{name}_block_config": f"{config.to_json()} ({source})",
+            }
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("block_config")}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output", type=Path, help="where to write the JSON results")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/moe_w4a16.py needs a CUDA GPU")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    started = time.perf_counter()
+    result: dict[str, object] = {
+        "benchmark": "fused_moe_w4a16",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "shape": {
+            "hidden": K,
+            "moe_intermediate": N,
+            "num_experts": E,
+            "top_k": TOP_K,
+            "activations": "bf16",
+            "group_size": 128,
+        },
+        "baseline": "Triton fused MoE on the same bf16 weights (before quantization), same process, same inputs",
+        "timing": "*_us: one CUDA graph of 20 calls replayed 3 times, per call; *_eager_us: median eager call",
+        "results": benchmark(tokens),
+    }
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
