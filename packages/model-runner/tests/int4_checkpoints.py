@@ -23,7 +23,8 @@ Mixture-of-experts models (transformers holds their experts fused, `experts.gate
 `experts.down_proj` [E, K, N]) are written as GPTQ / AWQ MoE checkpoints are (Qwen3-30B-A3B-GPTQ-Int4): each
 expert's gate, up and down matrix a projection of its own (`mlp.experts.{e}.gate_proj.qweight` ..., Mixtral
 `block_sparse_moe.experts.{e}.w1.qweight`), gate and up sharing one act order; the router (`mlp.gate`) and
-Qwen2-MoE's `shared_expert_gate` stay unquantized (no projections), the shared expert's projections are quantized.
+Qwen2-MoE's `shared_expert_gate` stay unquantized (no projections), the shared expert's projections are quantized;
+an `ignore`d prefix (`model.layers.1.mlp.experts`) leaves those experts fp32, one `.weight` per expert.
 `dequantized_reference(hf, weights)` copies the model with each quantized projection's weight replaced by the fp32
 dequantization (q - z[g]) * s[g] of what the files hold (as their readers read it).
 """
@@ -198,6 +199,9 @@ def write_int4_checkpoint(hf: nn.Module, path: Path, fmt: Int4Format) -> dict[st
                if not (tied and n == "lm_head.weight") and n.removesuffix(".weight") not in names}  # fmt: skip
     dequantized = {}
     for name, weight in [(n, modules[n].weight) for n in names] + _expert_matrices(hf, tensors):
+        if name.startswith(fmt.ignore):  # an ignored expert layer: its matrices stay fp32, one per expert
+            tensors[f"{name}.weight"] = weight.detach().clone().contiguous()
+            continue
         quantized = quantize(name, weight, fmt)
         tensors.update(format_tensors(name, quantized, fmt))
         dequantized[name] = quantized.dequantized()

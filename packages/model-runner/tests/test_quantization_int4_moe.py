@@ -9,7 +9,8 @@ compressed-tensors asymmetric. The runner loads each with no --quantization, and
   unquantized model's; greedy continuations equal that reference's `generate`;
 - the experts hold 4-bit codes (int32 words) whose dequantization is exactly the reference's expert weights; the
   router stays fp32;
-- dummy weights for such a config.json give 4-bit experts and the model decodes.
+- dummy weights for such a config.json give 4-bit experts and the model decodes;
+- an AWQ checkpoint leaving one layer's experts unquantized (modules_to_not_convert) loads them fp32.
 Refused by name: a checkpoint quantizing some experts of a layer but not others, a tensor-parallel cut of the
 experts' down projection inside a group (naming group_size and moe_intermediate_size), and files whose expert gate
 and up projections disagree on their act order.
@@ -122,6 +123,17 @@ def test_dummy_weights_for_a_4bit_moe_config(tmp_path: Path, fmt: str) -> None:
     sched = FakeScheduler(runner, seed=1)
     sched.add("r0", [5, 9, 13], max_tokens=4)
     assert len(sched.run(budget=8)["r0"]) == 4
+
+
+def test_experts_left_unquantized_load_in_the_model_dtype(tmp_path: Path) -> None:
+    """AWQ's modules_to_not_convert naming one MoE layer's experts: they load fp32 beside 4-bit projections."""
+    hf = _hf("qwen3_moe", 64)
+    fmt = Int4Format("awq", ignore=("model.layers.1.mlp.experts",))
+    dequantized = write_int4_checkpoint(hf, tmp_path, fmt)
+    runner = make_runner(tmp_path)
+    moe = runner._require_model().model.layers[1].mlp.experts
+    assert moe.int4_layout is None and moe.w13_weight.dtype == torch.float32
+    check_mixed_batch_logits(runner, dequantized_reference(hf, dequantized), hf)
 
 
 def test_some_experts_quantized_and_others_not_is_refused(tmp_path: Path) -> None:
