@@ -29,11 +29,17 @@ LAYOUTS = {
     "g16-asym-act-order": (16, True, True),
     "g16-sym-act-order": (16, False, True),
 }
+# Qwen3-30B-A3B-GPTQ-Int4's groups, for the GPU tests
+GPU_LAYOUTS = {
+    "g128-sym": (128, False, False),
+    "g128-asym": (128, True, False),
+    "g128-sym-act-order": (128, False, True),
+}
 
 
 def _pack_rows(q: torch.Tensor) -> torch.Tensor:
     """[k, n] codes -> int32 [k / 8, n] with nibble j of word [i, c] = q[8i + j, c]."""
-    words = torch.zeros(q.shape[0] // 8, q.shape[1], dtype=torch.int64)
+    words = torch.zeros(q.shape[0] // 8, q.shape[1], dtype=torch.int64, device=q.device)
     for j in range(8):
         words |= q[j::8].to(torch.int64) << (4 * j)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
@@ -46,11 +52,12 @@ def quantize(
     n, k = w.shape
     size = k if group == -1 else group
     g_idx = torch.argsort(torch.randperm(k, generator=gen)) // size if act_order else torch.arange(k) // size
+    g_idx = g_idx.to(w.device)
     groups = -(-k // size)
     wt = w.float().t()
-    q = torch.empty(k, n, dtype=torch.int64)
-    scales = torch.empty(groups, n, dtype=dtype)
-    zeros = torch.full((groups, n), 8, dtype=torch.int64)
+    q = torch.empty(k, n, dtype=torch.int64, device=w.device)
+    scales = torch.empty(groups, n, dtype=dtype, device=w.device)
+    zeros = torch.full((groups, n), 8, dtype=torch.int64, device=w.device)
     for g in range(groups):
         rows = wt[g_idx == g]
         if has_zeros:
@@ -79,16 +86,16 @@ def make_int4_inputs(
 ) -> tuple[dict[str, torch.Tensor], Int4ExpertScales]:
     """`make_moe_inputs`' problem with w13 / w2 quantized to 4 bits here; inputs["w13_deq"] / ["w2_deq"] hold the
     dequantized fp32 weights [E, 2N, K] / [E, K, N] for the spec."""
-    group, has_zeros, act_order = LAYOUTS[layout]
-    inputs = make_moe_inputs(num_tokens, hidden, inter, num_experts, top_k, dtype, "cpu", seed, skip_experts)
+    group, has_zeros, act_order = {**LAYOUTS, **GPU_LAYOUTS}[layout]
+    inputs = make_moe_inputs(num_tokens, hidden, inter, num_experts, top_k, dtype, device, seed, skip_experts)
     gen = torch.Generator().manual_seed(seed + 1)
     parts: dict[str, list[torch.Tensor]] = {}
     for e in range(num_experts):
         for tag, w in (("13", inputs["w13"][e]), ("2", inputs["w2"][e])):
             for name, t in zip("pszgd", quantize(w, group, has_zeros, act_order, gen, dtype), strict=True):
                 parts.setdefault(name + tag, []).append(t)
-    t = {name: torch.stack(ts).to(device) for name, ts in parts.items()}
-    out = {name: v.to(device) for name, v in inputs.items()}
+    t = {name: torch.stack(ts) for name, ts in parts.items()}
+    out = dict(inputs)
     out["w13"], out["w2"], out["w13_deq"], out["w2_deq"] = t["p13"], t["p2"], t["d13"], t["d2"]
     scales = Int4ExpertScales(
         t["s13"], t["s2"], t["z13"] if has_zeros else None, t["z2"] if has_zeros else None,
@@ -98,18 +105,20 @@ def make_int4_inputs(
 
 
 def moe_int4_spec(inputs: dict[str, torch.Tensor], activation: str = "silu") -> torch.Tensor:
-    """[M, K] in the activation dtype, token by token (module docstring)."""
-    x, dtype = inputs["hidden"].cpu(), inputs["hidden"].dtype
-    w13, w2 = inputs["w13_deq"].cpu(), inputs["w2_deq"].cpu()
-    ids, weights = inputs["topk_ids"].cpu(), inputs["topk_weights"].cpu()
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    """[M, K] in the activation dtype (module docstring): each (token, slot) on its expert's dequantized weights,
+    gathered expert by expert (on the inputs' device), weighted and summed in fp32."""
+    x, dtype = inputs["hidden"], inputs["hidden"].dtype
+    w13, w2 = inputs["w13_deq"], inputs["w2_deq"]
+    ids, weights = inputs["topk_ids"].long(), inputs["topk_weights"].float()
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     n = w2.shape[2]
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            h = (x[t].float() @ w13[e].t()).to(dtype).float()
-            gate, up = h[:n], h[n:]
-            act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
-            y = ((act * up).to(dtype).float() @ w2[e].t()).to(dtype).float()
-            out[t] += weights[t, j].float() * y
+    for e in range(w13.shape[0]):
+        tokens, slots = (ids == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        h = (x[tokens].float() @ w13[e].t()).to(dtype).float()
+        gate, up = h[:, :n], h[:, n:]
+        act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+        y = ((act * up).to(dtype).float() @ w2[e].t()).to(dtype).float()
+        out.index_add_(0, tokens, weights[tokens, slots, None] * y)
     return out.to(dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from int4_cases import make_int4_inputs, moe_int4_spec
+from int4_cases import GPU_LAYOUTS, make_int4_inputs, moe_int4_spec
 
 from treadle_moe import FusedMoE, Int4Layout, ModularKernel, NoEPStandardPrepareFinalize, TritonExperts
 from treadle_moe.int4_layer import quantize_int4
@@ -14,24 +14,15 @@ from treadle_moe.int4_layer import quantize_int4
 pytestmark = pytest.mark.gpu
 
 K, N, E, TOP_K = 2048, 768, 128, 8
-LAYOUTS = ["g128-sym", "g128-asym", "g128-sym-act-order"]
-
-
-def _inputs(layout: str, tokens: int):
-    import int4_cases
-
-    group, zeros, act = 128, layout.endswith("asym"), layout.endswith("act-order")
-    int4_cases.LAYOUTS.setdefault(layout, (group, zeros, act))
-    return make_int4_inputs(layout, tokens, K, N, E, TOP_K, torch.bfloat16, "cuda", seed=tokens)
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 256, 1024, 4096])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", list(GPU_LAYOUTS))
 def test_real_size_int4_matches_the_spec(layout: str, tokens: int) -> None:
-    inputs, scales = _inputs(layout, tokens)
+    inputs, scales = make_int4_inputs(layout, tokens, K, N, E, TOP_K, torch.bfloat16, "cuda", seed=tokens)
     kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts())
     args = (inputs["hidden"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"])
-    out = kernel(*args, int4=scales).cpu()
+    out = kernel(*args, int4=scales)
     spec = moe_int4_spec(inputs)
     # bf16 outputs of the two projections, summed in another order: within bf16 rounding of the norm
     assert float((out.float() - spec.float()).norm() / spec.float().norm()) < 1e-2

@@ -110,9 +110,10 @@ def check_int4_experts(w13: torch.Tensor, w2: torch.Tensor, int4: Int4ExpertScal
         ("w13", 2 * n, k, int4.w13_scale, int4.w13_zero, int4.w13_g_idx),
         ("w2", k, n, int4.w2_scale, int4.w2_zero, int4.w2_g_idx),
     ):
-        groups = scale.shape[1] if scale.dim() == 3 else -1
-        if not layout.act_order:
-            groups = -(-rows // layout.group_size_of(rows))
+        # act order: a tensor-parallel rank keeps every group, however many its rows name (module docstring)
+        groups = -(-rows // layout.group_size_of(rows))
+        if layout.act_order and scale.dim() == 3:
+            groups = scale.shape[1]
         if tuple(scale.shape) != (e, groups, cols) or not scale.dtype.is_floating_point:
             raise ValueError(f"{name} scales {scale.dtype} {tuple(scale.shape)}: {layout.describe()} needs float "
                              f"{(e, groups, cols)}")  # fmt: skip
