@@ -3,8 +3,8 @@
 act order), loaded as they are; dummy weights for benchmarks/configs/qwen3-30b-a3b-gptq-int4.
 
 - teacher-forced top-1 of the CUDA bf16 engine (Triton W4A16 fused MoE and dense W4A16 projections) against the
-  fp32 HF model on CPU running the dequantized weights over 370 positions: printed, >= 0.85 (as the dense 4-bit test; bf16 activations are the
-  only difference: the weights are the same exact values);
+  fp32 HF model on CPU running the dequantized weights over 370 positions: printed, >= 0.85 as in the dense 4-bit
+  test (bf16 activations are the only difference: the weights are the same exact values);
 - CUDA-graph decode equals eager (tokens; hidden states within bf16 noise);
 - the Qwen3-30B-A3B-GPTQ-Int4-shaped dummy model builds 4-bit experts (packed [128, 256, 1536] words, 16 groups),
   its MoE layers pick Triton fused MoE, and it decodes batches of 1 to 3 sequences.
