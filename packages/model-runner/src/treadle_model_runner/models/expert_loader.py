@@ -6,14 +6,15 @@ Two HF layouts reach a MoE model's `load_weights` (models/sparse_moe.py):
   expert's slice of `w13_weight` [E, 2N, K] (gate rows, then up rows) or `w2_weight` [E, K, N]; an fp8 checkpoint
   adds `...experts.{e}.{proj}.weight_scale_inv` (block-wise, quant_method fp8) or `.weight_scale`, which go to the
   expert's slice of `w13_weight_scale` / `w2_weight_scale` (this rank's blocks or rows of it:
-  `ParallelFusedMoE.take_expert_scale`);
+  `ParallelFusedMoE.take_expert_scale`); a static one (per-tensor activations) adds `...experts.{e}.{proj}.input_scale`
+  (one value, the same on every rank), to the expert's entry of `w13_input_scale` (gate's, up's) / `w2_input_scale`;
 - fused (transformers' in-memory layout): `...experts.gate_up_proj` [E, 2N, K] and `...experts.down_proj`
   [E, K, N], copied whole (model-dtype experts only).
 Checkpoint module prefixes the architecture renames (Mixtral's `block_sparse_moe.` -> `mlp.`) are rewritten first.
 An fp8 tensor loads only into fp8 experts and the reverse (bytes copied, never cast), so files that disagree with
 config.json's quantization_config fail by tensor name, as the projections do (models/base.py).
 Invariant (`check_complete`): every expert's gate, up and down matrix, and with fp8 experts each one's scales, is
-written before the model runs; otherwise ValueError names the missing ones (the weights as
+written before the model runs (with static activations its input scales too); otherwise ValueError names the missing ones (the weights as
 `model.layers.3.mlp.experts.w13_weight[expert 5, up]`, the scales as the checkpoint spells them).
 """
 
@@ -79,6 +80,13 @@ class ExpertLoader:
                 f"{type(self.model).__name__}; expected one of {', '.join(self.model.expert_proj_names)}"
             )
         expert, attr = int(match["expert"]), match["attr"]
+        layout = moe.fp8_layout
+        if attr == "input_scale" and layout is not None and layout.static_activations:
+            param = moe.w2_input_scale if shard == "w2" else moe.w13_input_scale
+            assert param is not None, "static fp8 experts have input scales"
+            moe.weight_loader(param, tensor, hf_name, shard, expert)
+            self.loaded.add((match["moe"], expert, shard, "input_scale"))
+            return
         if attr == "weight":
             param = moe.w2_weight if shard == "w2" else moe.w13_weight
             check_fp8_dtype(hf_name, tensor, f"{match['moe']}.{_param_name(shard)}", param)
@@ -145,8 +153,15 @@ class ExpertLoader:
                         missing.append(
                             f"{module_name}.{_param_name(shard)}[expert {e}, {SHARD_NAMES[shard]}]"
                         )
-                    if module.fp8_layout is not None and (module_name, e, shard, "scale") not in self.loaded:
+                    layout = module.fp8_layout
+                    if layout is not None and (module_name, e, shard, "scale") not in self.loaded:
                         missing.append(self._scale_name(module_name, e, shard))
+                    if (
+                        layout is not None
+                        and layout.static_activations
+                        and ((module_name, e, shard, "input_scale") not in self.loaded)
+                    ):
+                        missing.append(self._scale_name(module_name, e, shard, "input_scale"))
             covered |= {f"{module_name}.{name}" for name, _ in module.named_parameters(recurse=False)}
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -155,10 +170,10 @@ class ExpertLoader:
             )
         return covered
 
-    def _scale_name(self, module_name: str, expert: int, shard: str) -> str:
+    def _scale_name(self, module_name: str, expert: int, shard: str, attr: str | None = None) -> str:
         proj = next(p for p, s in self.model.expert_proj_names.items() if s == shard)
         prefix = self.model.checkpoint_name(module_name)
-        return f"{prefix}.{expert}.{proj}.{self.model.weight_scale_name}"
+        return f"{prefix}.{expert}.{proj}.{attr or self.model.weight_scale_name}"
 
 
 def _param_name(shard: str) -> str:
