@@ -16,8 +16,8 @@ fp8 experts (experts/fp8.py): `quantize_fp8(layout)` turns loaded model-dtype we
 `weight_loader` as always, scales through it too (`w13_weight_scale`: gate rows or block rows, then up ones;
 `w2_weight_scale`). Either way `fp8_layout` is set and the forward hands the scales to the kernel. A layout with
 static activations also gets the checkpoint's per-expert input scales (`w13_input_scale` [E, 2]: gate's, up's;
-`w2_input_scale` [E]), folded to one per GEMM at the next forward (`fold_input_scales`: the maximum, with a warning
-when they differ); loading an input scale again unfolds them.
+`w2_input_scale` [E]), folded to one per GEMM by `fp8_scales` (the loader calls it at load; else the next forward does:
+`fold_input_scales`, the maximum, with a warning when they differ); loading an input scale again unfolds them.
 
 The kernel is chosen by the oracle at the first forward on each (device, dtype), since a model is often built
 on one device and moved; the decision is logged once and readable through `describe()`.
@@ -137,8 +137,11 @@ class FusedMoE(nn.Module):
         )
         if not self.fp8_layout.static_activations:
             return Fp8ExpertScales(self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout)
-        if self._folded_input_scales is None:
-            assert self.w13_input_scale is not None and self.w2_input_scale is not None
+        assert self.w13_input_scale is not None and self.w2_input_scale is not None
+        folded = self._folded_input_scales
+        if (
+            folded is None or folded[0].device != self.w13_input_scale.device
+        ):  # not folded yet, or moved since
             w13_input, w13_differ = fold_input_scales(self.w13_input_scale)
             w2_input, w2_differ = fold_input_scales(self.w2_input_scale)
             if w13_differ or w2_differ:

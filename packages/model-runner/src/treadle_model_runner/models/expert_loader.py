@@ -14,7 +14,8 @@ Checkpoint module prefixes the architecture renames (Mixtral's `block_sparse_moe
 An fp8 tensor loads only into fp8 experts and the reverse (bytes copied, never cast), so files that disagree with
 config.json's quantization_config fail by tensor name, as the projections do (models/base.py).
 Invariant (`check_complete`): every expert's gate, up and down matrix, and with fp8 experts each one's scales, is
-written before the model runs (with static activations its input scales too); otherwise ValueError names the missing ones (the weights as
+written before the model runs (with static activations its input scales too, then folded at load:
+`FusedMoE.fp8_scales`); otherwise ValueError names the missing ones (the weights as
 `model.layers.3.mlp.experts.w13_weight[expert 5, up]`, the scales as the checkpoint spells them).
 """
 
@@ -168,6 +169,9 @@ class ExpertLoader:
             raise ValueError(
                 f"{source} is missing {len(missing)} expert tensors for {type(self.model).__name__}: {shown}"
             )
+        for module in self.modules.values():
+            if isinstance(module, FusedMoE) and module.fp8_layout is not None:
+                module.fp8_scales()  # folds static input scales now: at load, never inside a CUDA-graph capture
         return covered
 
     def _scale_name(self, module_name: str, expert: int, shard: str, attr: str | None = None) -> str:
