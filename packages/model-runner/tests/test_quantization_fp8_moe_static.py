@@ -15,7 +15,8 @@ expert's input scales calibrated apart, so they differ across experts. The runne
 - input scales a quarter of the calibrated ones saturate some expert activations in the runner's forward, and the
   logits still match the reference; per-tensor dynamic Mixtral loads likewise; dummy weights for a static config
   load (quantized online, per channel, dynamic).
-Refused by tensor name: a missing expert input scale, an input scale of more than one value.
+Refused by tensor name: a missing expert input scale, an input scale of more than one value, expert input scales in
+a checkpoint whose config.json says dynamic.
 """
 
 from __future__ import annotations
@@ -160,3 +161,14 @@ def test_a_missing_or_malformed_expert_input_scale_is_named(tmp_path: Path) -> N
     write_checkpoint(hf, tmp_path / "two", tensors, quantization_config(fmt))
     with pytest.raises(ValueError, match=rf"{dropped} \(expert 2, w3\) has shape \(2,\), expected \(\)"):
         make_runner(tmp_path / "two")
+
+
+def test_expert_input_scales_with_a_dynamic_config_are_named(tmp_path: Path) -> None:
+    hf = _hf("mixtral")
+    tensors = {n: t for n, t in moe_fp8_tensors(hf, Fp8Format("fp8", "tensor", static=True)).items()
+               if ".experts." in n or not n.endswith(".input_scale")}  # fmt: skip
+    write_checkpoint(hf, tmp_path, tensors, quantization_config(Fp8Format("fp8", "tensor", static=False)))
+    with pytest.raises(ValueError, match=(
+        r"block_sparse_moe\.experts\.\d+\.w[123]\.input_scale' is a static activation scale, but treadle's "
+        r"MixtralForCausalLM experts quantize their activations dynamically")):  # fmt: skip
+        make_runner(tmp_path)
