@@ -93,7 +93,7 @@ def test_layer_loads_per_expert_input_scales_and_folds_them_to_the_max(
         layer.weight_loader(layer.w2_input_scale, torch.tensor([s2 * (1.0 if e == 0 else 0.7)]), "i", "w2", e)  # type: ignore[arg-type]
     x = inputs["hidden"]
     logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
-    with caplog.at_level(logging.WARNING, logger="treadle_moe.layer"):
+    with caplog.at_level(logging.WARNING, logger="treadle_moe"):
         out = layer(x, logits)
     assert "static input scales of the experts differ" in caplog.text
     folded = layer.fp8_scales()

@@ -141,15 +141,7 @@ class FusedMoE(nn.Module):
         folded = self._folded_input_scales
         # not folded yet, or the module moved since
         if folded is None or folded[0].device != self.w13_input_scale.device:
-            w13_input, w13_differ = fold_input_scales(self.w13_input_scale)
-            w2_input, w2_differ = fold_input_scales(self.w2_input_scale)
-            if w13_differ or w2_differ:
-                logger.warning(
-                    "fp8 experts: the static input scales of the experts differ (a scale per expert); every expert "
-                    "quantizes its input with their maximum (w13 %.4g, w2 %.4g)",
-                    w13_input.item(), w2_input.item(),
-                )  # fmt: skip
-            folded = self._folded_input_scales = (w13_input, w2_input)
+            folded = self._folded_input_scales = fold_input_scales(self.w13_input_scale, self.w2_input_scale)
         w13_input, w2_input = folded
         return Fp8ExpertScales(
             self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout, w13_input, w2_input

@@ -32,6 +32,7 @@ no kernel.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ from treadle_ir import ops
 from treadle_ir.ops.fp8 import FP8_DTYPE, quantize_with_scale, row_scale
 from treadle_ir.ops.fp8_block import num_blocks, quantize_fp8_blocks
 from treadle_moe.activation import act_and_mul_native
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Fp8ExpertScales",
@@ -133,13 +136,17 @@ def check_fp8_scales(w13: torch.Tensor, w2: torch.Tensor, scales: Fp8ExpertScale
             raise ValueError(f"{scales.layout.describe()} needs a float32 [1] {name} scale, got {given!r}")
 
 
-def fold_input_scales(per_expert: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A checkpoint's static input scales of one GEMM, one or more per expert (w13: gate's and up's) -> the one
-    scale [1] fp32 every expert's input is quantized with (their maximum: no input that any expert's calibration
-    covered saturates), and whether they differed (a checkpoint calibrated per expert)."""
-    scales = per_expert.float().reshape(-1)
-    folded = scales.amax().reshape(1)
-    return folded, bool((scales != folded).any())
+def fold_input_scales(w13_inputs: torch.Tensor, w2_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint's static input scales, one per expert matrix (w13 [E, 2]: gate's and up's; w2 [E]) -> the one
+    scale [1] fp32 of each GEMM every expert's input is quantized with: their maximum (no input that any expert's
+    calibration covered saturates), logged as a warning when they differ (a checkpoint calibrated per expert)."""
+    w13, w2 = w13_inputs.float().amax().reshape(1), w2_inputs.float().amax().reshape(1)
+    if bool((w13_inputs != w13).any() | (w2_inputs != w2).any()):
+        logger.warning(
+            "fp8 experts: the static input scales of the experts differ (a scale per expert); every expert "
+            "quantizes its input with their maximum (w13 %.4g, w2 %.4g)", w13.item(), w2.item(),
+        )  # fmt: skip
+    return w13, w2
 
 
 def expert_mlp_fp8(
