@@ -12,7 +12,9 @@ act(gate) * up in the activation dtype, then the down projection, weighted by th
 - `moe_channel_reference(hf)`: online fp8: each matrix quantized per output row here, its input per token; the dense
   projections as `fp8_reference`. With `tensors` (a per-channel or per-tensor fp8 checkpoint with dynamic
   activations, fp8_checkpoints.fp8_tensors): each matrix is the files' fp8 values and scales (one per tensor: the
-  same for every row), the dense projections as `fp8_checkpoint_reference`.
+  same for every row), the dense projections as `fp8_checkpoint_reference`. With the experts' `input_scale`s there
+  (static activations): every expert's gate and up input quantized with the largest of the layer's gate and up
+  input scales, every down input with the largest of its down ones (one scale per layer and GEMM), saturating.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fp8_block_checkpoints import EXPERT_NAMES, block_reference, dequantize_blocks, quantize_groups
-from fp8_reference import fp8_checkpoint_reference, fp8_reference, quantize_rows
+from fp8_reference import fp8_checkpoint_reference, fp8_reference, quantize_rows, quantize_static
 from torch import nn
 
 Project = Callable[[int, int, torch.Tensor], torch.Tensor]  # (expert, 0 gate / 1 up / 2 down, x) -> x's dtype
@@ -74,6 +76,12 @@ def moe_channel_reference(hf: Any, tensors: dict[str, torch.Tensor] | None = Non
 
     def make_project(name: str, module: nn.Module) -> Project:
         n = module.down_proj.shape[2]  # type: ignore[union-attr]
+        files = f"{name.replace('.mlp.', f'.{block_name}.')}."
+        static = {  # gate and up (0, 1) share one input scale, down (2) has its own
+            i: max(float(t) for f, t in (tensors or {}).items()
+                   if f.startswith(files) and f.endswith(tuple(f".{p}.input_scale" for p in projs)))
+            for i, projs in ((0, names[:2]), (1, names[:2]), (2, names[2:]))
+        } if tensors is not None and f"{files}0.{names[0]}.input_scale" in tensors else {}  # fmt: skip
         quantized = {}
         for e in range(module.gate_up_proj.shape[0]):  # type: ignore[union-attr]
             gate_up, down = module.gate_up_proj[e].detach(), module.down_proj[e].detach()  # type: ignore[index]
@@ -86,7 +94,9 @@ def moe_channel_reference(hf: Any, tensors: dict[str, torch.Tensor] | None = Non
                 quantized[e, i] = (tensors[f"{file}.weight"].float(), scale.expand(w.shape[0]).reshape(-1, 1))
 
         def project(e: int, i: int, x: torch.Tensor) -> torch.Tensor:
-            (wq, w_scale), (xq, x_scale) = quantized[e, i], quantize_rows(x)
+            wq, w_scale = quantized[e, i]
+            given = static.get(i)
+            xq, x_scale = quantize_rows(x) if given is None else quantize_static(x, torch.tensor([given]))
             return ((xq @ wq.t()) * x_scale * w_scale.view(-1)).to(x.dtype)
 
         return project

@@ -296,15 +296,15 @@ def test_dummy_weights_with_an_fp8_checkpoint_config_are_quantized_online(tmp_pa
     assert runner.describe()["quantization"] == "fp8"
 
 
-def test_static_fp8_moe_checkpoints_are_refused_by_name(tmp_path: Path) -> None:
-    """MoE experts quantize activations dynamically: a static (per-tensor input_scale) checkpoint is refused, naming
-    the model and what loads (per-channel dynamic ones load: test_quantization_fp8_moe.py)."""
+def test_static_fp8_moe_configs_load_with_dummy_weights(tmp_path: Path) -> None:
+    """A compressed-tensors static (per-tensor input_scale) MoE config.json loads (it was refused before MoE experts
+    had static activations): dummy weights have no calibrated scales, so the experts are quantized online per
+    channel, dynamically (checkpoints with their scales: test_quantization_fp8_moe_static.py)."""
     config = tf.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     path = make_dummy_model_dir(config, tmp_path / "moe")
     data = json.loads((path / "config.json").read_text())
     data["quantization_config"] = _ct(acts={"strategy": "tensor", "dynamic": False})
     (path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(
-        ValueError, match=r"fp8 checkpoint .* not supported for Qwen3MoeForCausalLM.*mixture-of.*static"
-    ):
-        make_runner(path, load_format="dummy")
+    moe = make_runner(path, load_format="dummy")._require_model().model.layers[0].mlp.experts
+    assert moe.w13_weight.dtype == torch.float8_e4m3fn
+    assert moe.fp8_layout is not None and not moe.fp8_layout.static_activations

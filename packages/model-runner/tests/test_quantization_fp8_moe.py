@@ -16,8 +16,9 @@ block_n 32, so each expert's gate and up grids end in a ragged block row). The r
 `quantization="fp8"` on a Qwen3-MoE checkpoint quantizes the experts per channel: logits within 1e-4 of the
 reference quantizing every expert matrix per output row and its input per token, greedy equal; FP8-dynamic
 checkpoints (per-channel compressed-tensors, per-tensor quant_method fp8) load in that layout likewise.
-Refused, naming the model class and what loads: static per-tensor fp8 MoE checkpoints; an expert slice that tensor
-parallelism would cut inside a block (naming weight_block_size and moe_intermediate_size); a missing expert scale.
+Static activation scales: test_quantization_fp8_moe_static.py.
+Refused, naming what loads: an expert slice that tensor parallelism would cut inside a block (naming
+weight_block_size and moe_intermediate_size); a missing expert scale.
 """
 
 from __future__ import annotations
@@ -185,17 +186,6 @@ def test_per_channel_and_per_tensor_dynamic_checkpoints_load(fmt: Fp8Format, tmp
     assert runner._require_model().model.layers[1].mlp.experts.fp8_layout.block is None
     check_mixed_batch_logits(runner, ref, hf, max_flipped=2)
     check_greedy_continuations(make_runner(tmp_path, max_num_batched_tokens=16), ref)
-
-
-def test_static_per_tensor_moe_checkpoints_are_refused(tmp_path: Path) -> None:
-    path = make_dummy_model_dir(_hf("qwen3_moe").config, tmp_path / "static")
-    data = json.loads((path / "config.json").read_text())
-    data["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
-    (path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(
-        ValueError, match=r"not supported for Qwen3MoeForCausalLM: .*static .*loads block-wise fp8"
-    ):
-        make_runner(path, load_format="dummy")
 
 
 def test_a_tensor_parallel_cut_inside_a_block_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

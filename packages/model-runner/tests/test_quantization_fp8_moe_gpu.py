@@ -1,6 +1,8 @@
 """fp8 mixture-of-experts on a GPU (``-m gpu``), bf16: a random Qwen3-MoE (hidden 512, 32 experts of width 256, top-4,
 4 layers) written as a 128 x 128 block-wise fp8 checkpoint in the test (fp8_block_checkpoints.py), loaded as it is,
-and online fp8 of the same model; dummy weights for benchmarks/configs/qwen3-30b-a3b-fp8.
+as a static per-tensor one (Mixtral-8x7B-Instruct-FP8 style: fp8_moe_checkpoints.py, the experts' inputs quantized
+with one calibrated scale per layer and GEMM), and online fp8 of the same model; dummy weights for
+benchmarks/configs/qwen3-30b-a3b-fp8.
 
 - teacher-forced top-1 of the CUDA bf16 engine (Triton fused MoE on fp8 tensor cores, block-scaled dense
   projections) against the fp32 torch reference on CPU (fp8_moe_reference.py) over 370 positions: printed, >= 0.75
@@ -19,8 +21,9 @@ import pytest
 import torch
 import transformers as tf
 from fp8_block_checkpoints import BlockFormat, write_block_checkpoint
-from fp8_checkpoints import read_checkpoint
-from fp8_moe_reference import moe_block_reference
+from fp8_checkpoints import Fp8Format, quantization_config, read_checkpoint, write_checkpoint
+from fp8_moe_checkpoints import moe_fp8_tensors
+from fp8_moe_reference import moe_block_reference, moe_channel_reference
 from quant_gpu import gpu_runner, top1_agreement
 from test_quantization_fp8_gpu import SMALL
 from test_runner_fakes import FakeScheduler, check_graph_decode_equals_eager, release_gpu_runner
@@ -31,6 +34,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 QWEN3_30B_FP8 = Path(__file__).resolve().parents[3] / "benchmarks" / "configs" / "qwen3-30b-a3b-fp8"
 FMT = BlockFormat("fp8", (128, 128))
+STATIC = Fp8Format("fp8", "tensor", static=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +66,34 @@ def test_top1_agrees_with_the_torch_reference(hf: Any, checkpoint: Path) -> None
     assert positions == 370 and agreement >= 0.75, agreement
 
 
-@pytest.mark.parametrize("online", [False, True], ids=["checkpoint", "online"])
-def test_cuda_graph_decode_equals_eager(hf: Any, checkpoint: Path, online: bool, tmp_path: Path) -> None:
-    path = checkpoint
+@pytest.fixture(scope="module")
+def static_checkpoint(
+    hf: Any, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    path = tmp_path_factory.mktemp("moe_fp8_static")
+    tensors = moe_fp8_tensors(hf, STATIC)
+    write_checkpoint(hf, path, tensors, quantization_config(STATIC))
+    return path, tensors
+
+
+def test_static_checkpoint_top1_agrees_with_the_torch_reference(
+    hf: Any, static_checkpoint: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    path, tensors = static_checkpoint
+    runner = gpu_runner(path)
+    experts = runner._require_model().model.layers[0].mlp.experts
+    assert experts.fp8_layout is not None and experts.fp8_layout.static_activations
+    positions, agreement = top1_agreement(runner, moe_channel_reference(hf, tensors), "qwen3-moe static fp8")
+    assert "triton_fused" in experts.describe() and "static per-tensor activations" in experts.describe()
+    assert positions == 370 and agreement >= 0.75, agreement
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "static", "online"])
+def test_cuda_graph_decode_equals_eager(
+    hf: Any, checkpoint: Path, static_checkpoint: tuple[Path, Any], kind: str, tmp_path: Path
+) -> None:
+    path = static_checkpoint[0] if kind == "static" else checkpoint
+    online = kind == "online"
     if online:
         path = tmp_path / "bf16"
         hf.save_pretrained(path, safe_serialization=True)

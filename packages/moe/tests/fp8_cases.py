@@ -4,8 +4,10 @@
 `make_fp8_inputs` takes `make_moe_inputs`' random problem and quantizes its expert weights in the test: per
 channel (scale = row amax / 448) or block-wise (each [block_n, block_k] tile of each expert's gate, up and down
 matrix, the gate and up grids stacked), values cast(w * (1 / scale)).
+`with_static_inputs` adds static (per-tensor) input scales to a per-channel problem, `calibrate` measures them.
 `moe_fp8_spec` is what an fp8 MoE computes, token by token: each expert as the dense fp8 projections would
-(activations quantized per token, or per (token, block_k group), dequantized products in fp32, the projection's
+(activations quantized per token, per (token, block_k group), or with the static input scale of the GEMM, values
+beyond 448 * scale saturating; dequantized products in fp32, the projection's
 output rounded to the activation dtype, act(gate) * up rounded too, then the down projection likewise), weighted
 and summed in fp32.
 """
@@ -78,16 +80,40 @@ def make_fp8_inputs(
     return inputs, Fp8ExpertScales(s13.to(device), s2.to(device), Fp8Layout(block))
 
 
-def _quantized_input(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x [T, k] (fp32) with each group of `group` consecutive values replaced by its e4m3 round trip."""
+def with_static_inputs(scales: Fp8ExpertScales, w13_input: float, w2_input: float) -> Fp8ExpertScales:
+    """Per-channel `scales` whose activations are quantized with the given input scales (one per GEMM)."""
+    assert scales.layout.block is None
+    device = scales.w13.device
+    return Fp8ExpertScales(scales.w13, scales.w2, Fp8Layout(static_activations=True),
+                           torch.tensor([w13_input], device=device), torch.tensor([w2_input], device=device))  # fmt: skip
+
+
+def calibrate(inputs: dict[str, torch.Tensor], scales: Fp8ExpertScales) -> tuple[float, float]:
+    """amax / 448 of the w13 input and of every expert's intermediate act(gate) * up on these tokens."""
+    x = inputs["hidden"].float()
+    n = inputs["w2"].shape[2]
+    w13 = inputs["w13"].float() * scales.w13[..., None]
+    h = torch.einsum("tk,enk->etn", x, w13)
+    inter = F.silu(h[..., :n]) * h[..., n:]
+    return float(x.abs().amax()) / 448, float(inter.abs().amax()) / 448
+
+
+def _quantized_input(x: torch.Tensor, group: int, static: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, k] (fp32) with each group of `group` consecutive values replaced by its e4m3 round trip (each with its
+    own scale, or the `static` one [1], saturating)."""
+    if static is not None:
+        scale = static.cpu().float()
+        return _cast(x, scale).float() * scale
     k = x.shape[1]
     padded = F.pad(x, (0, -(-k // group) * group - k)).view(x.shape[0], -1, group)
     scale = _scale(padded.abs().amax(dim=-1, keepdim=True))
     return (_cast(padded, scale).float() * scale).flatten(1)[:, :k]
 
 
-def _projection(x: torch.Tensor, w: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
-    return (_quantized_input(x.float(), group) @ w.t()).to(dtype)
+def _projection(
+    x: torch.Tensor, w: torch.Tensor, group: int, dtype: torch.dtype, static: torch.Tensor | None = None
+) -> torch.Tensor:
+    return (_quantized_input(x.float(), group, static) @ w.t()).to(dtype)
 
 
 def moe_fp8_spec(inputs: dict[str, torch.Tensor], scales: Fp8ExpertScales) -> torch.Tensor:
@@ -115,10 +141,10 @@ def moe_fp8_spec(inputs: dict[str, torch.Tensor], scales: Fp8ExpertScales) -> to
     for m in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[m, j])
-            gate = _projection(x[m : m + 1], d13[e, :n], group13, dtype).float()
-            up = _projection(x[m : m + 1], d13[e, n:], group13, dtype).float()
+            gate = _projection(x[m : m + 1], d13[e, :n], group13, dtype, scales.w13_input).float()
+            up = _projection(x[m : m + 1], d13[e, n:], group13, dtype, scales.w13_input).float()
             h = (F.silu(gate) * up).to(dtype)
-            out[m] += float(weights[m, j]) * _projection(h, d2[e], group2, dtype)[0].float()
+            out[m] += float(weights[m, j]) * _projection(h, d2[e], group2, dtype, scales.w2_input)[0].float()
     return out.to(dtype)
 
 

@@ -14,7 +14,10 @@ fp8 experts (experts/fp8.py): `quantize_fp8(layout)` turns loaded model-dtype we
 (per channel: online `quantization="fp8"`; block-wise: dummy weights for a block-wise checkpoint's config), and
 `allocate_fp8(layout)` gives an fp8 checkpoint's experts their storage, which the loader then fills: weights through
 `weight_loader` as always, scales through it too (`w13_weight_scale`: gate rows or block rows, then up ones;
-`w2_weight_scale`). Either way `fp8_layout` is set and the forward hands the scales to the kernel.
+`w2_weight_scale`). Either way `fp8_layout` is set and the forward hands the scales to the kernel. A layout with
+static activations also gets the checkpoint's per-expert input scales (`w13_input_scale` [E, 2]: gate's, up's;
+`w2_input_scale` [E]), folded to one per GEMM by `fp8_scales` (the loader calls it at load; else the next forward does:
+`fold_input_scales`, the maximum, with a warning when they differ); loading an input scale again unfolds them.
 4-bit experts (W4A16 checkpoints, experts/int4.py; storage and loading in int4_layer.py): `w13_weight` / `w2_weight`
 become packed int32 [E, K / 8, 2N] / [E, N / 8, K] beside `w{13,2}_group_scale`, `_group_zero` and `_group_index`;
 `int4_layout` is set and the forward hands them to the kernel (`int4_scales`).
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from treadle_moe.activation import check_activation
-from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, quantize_experts
+from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, fold_input_scales, quantize_experts
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
 from treadle_moe.modular_kernel import ModularKernel
 from treadle_moe.oracle import MoEKernelChoice, MoEProblem, select_moe_kernel
@@ -108,6 +111,10 @@ class FusedMoE(nn.Module):
         self.fp8_layout: Fp8Layout | None = None
         self.w13_weight_scale: nn.Parameter | None = None
         self.w2_weight_scale: nn.Parameter | None = None
+        # static activations: the checkpoint's input scales per expert, and their fold (None until the next forward)
+        self.w13_input_scale: nn.Parameter | None = None
+        self.w2_input_scale: nn.Parameter | None = None
+        self._folded_input_scales: tuple[torch.Tensor, torch.Tensor] | None = None
         # 4-bit experts (module docstring): the layout; the tensors are registered by int4_layer.allocate_int4
         self.int4_layout: Int4Layout | None = None
         self.int4_index_from: dict[int, str] = {}  # expert -> the shard (w1 / w3) whose w13 g_idx it holds
@@ -137,7 +144,17 @@ class FusedMoE(nn.Module):
         assert self.w13_weight_scale is not None and self.w2_weight_scale is not None, (
             "fp8 experts have scales"
         )
-        return Fp8ExpertScales(self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout)
+        if not self.fp8_layout.static_activations:
+            return Fp8ExpertScales(self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout)
+        assert self.w13_input_scale is not None and self.w2_input_scale is not None
+        folded = self._folded_input_scales
+        # not folded yet, or the module moved since
+        if folded is None or folded[0].device != self.w13_input_scale.device:
+            folded = self._folded_input_scales = fold_input_scales(self.w13_input_scale, self.w2_input_scale)
+        w13_input, w2_input = folded
+        return Fp8ExpertScales(
+            self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout, w13_input, w2_input
+        )
 
     def int4_scales(self) -> Int4ExpertScales | None:
         """The 4-bit experts' scales, zero points and g_idx for the kernel; None unless 4-bit."""
@@ -197,6 +214,11 @@ class FusedMoE(nn.Module):
                 f"expert_id {expert_id} of {weight_name} is out of range [0, {self.num_experts})"
             )
         target = self._expert_part(param, shard_id, expert_id)
+        if param is self.w13_input_scale or param is self.w2_input_scale:
+            self._folded_input_scales = None
+            loaded_weight = (
+                loaded_weight.float().reshape(target.shape) if loaded_weight.numel() == 1 else loaded_weight
+            )
         if param is self.w13_weight_scale or param is self.w2_weight_scale:
             if tuple(loaded_weight.shape) == (*target.shape, 1):  # a per-channel scale stored [rows, 1]
                 loaded_weight = loaded_weight[..., 0]
@@ -211,8 +233,10 @@ class FusedMoE(nn.Module):
 
     def _expert_part(self, param: nn.Parameter, shard_id: str, expert_id: int) -> torch.Tensor:
         """The slice of `param` (a weight or an fp8 scale) holding expert `expert_id`'s gate, up or down matrix."""
+        if param is self.w13_input_scale:
+            return param.data[expert_id, SHARD_IDS.index(shard_id)]  # one value: the gate's or the up's
         if shard_id == "w2":
-            return param.data[expert_id]  # weight [K, N]; scale [K] or its block grid
+            return param.data[expert_id]  # weight [K, N]; scale [K] or its block grid; input scale one value
         rows = self.intermediate_size  # gate rows, then up rows
         layout = self.fp8_layout
         if param is self.w13_weight_scale and layout is not None and layout.block is not None:
@@ -258,6 +282,10 @@ class FusedMoE(nn.Module):
         self.w2_weight = self._parameter(torch.empty(e, k, n, dtype=fp8, device=device))
         self.w13_weight_scale = self._parameter(torch.empty(layout.w13_scale_shape(e, n, k), device=device))
         self.w2_weight_scale = self._parameter(torch.empty(layout.w2_scale_shape(e, n, k), device=device))
+        if layout.static_activations:
+            self.w13_input_scale = self._parameter(torch.ones(e, 2, device=device))
+            self.w2_input_scale = self._parameter(torch.ones(e, device=device))
+            self._folded_input_scales = None
         self.fp8_layout = layout
 
     def allocate(self, device: torch.device | str | None = None) -> None:

@@ -10,10 +10,11 @@ Rules, in order (each decision is recorded as a reason and shows in `describe()`
    MoE; the batch size picks its block config (tuned JSON for the device when present, else the heuristic),
    reported for the layer's max batch. Everything else (CPU, where the interpreter is far too slow; float64;
    no triton) runs the torch reference.
-4. fp8 expert weights (`MoEProblem.fp8`, per channel or block-wise, experts/fp8.py) follow rule 3 with the fp8
+4. fp8 expert weights (`MoEProblem.fp8`, per channel with dynamic or static activations, or block-wise,
+   experts/fp8.py) follow rule 3 with the fp8
    GEMMs: on CUDA (compute capability >= 8.9, a block_k the kernel tiles) Triton fused MoE multiplies fp8 on the
    tensor cores, scales in the epilogue (per channel) or per K block (block-wise); elsewhere the torch reference
-   runs the spec, the dense IR ops per expert. The reason names the layout.
+   runs the spec, the dense IR ops per expert. The reason names the layout (and "static per-tensor activations").
 5. 4-bit expert weights (`MoEProblem.int4`, W4A16: GPTQ / AWQ / compressed-tensors checkpoints, experts/int4.py)
    follow rule 3 too: on CUDA Triton fused MoE unpacks the nibbles in registers inside its grouped GEMM (16-bit
    activations, the model-dtype block config with BLOCK_K inside one group); elsewhere the torch reference runs the

@@ -6,7 +6,9 @@ Two HF layouts reach a MoE model's `load_weights` (models/sparse_moe.py):
   expert's slice of `w13_weight` [E, 2N, K] (gate rows, then up rows) or `w2_weight` [E, K, N]; an fp8 checkpoint
   adds `...experts.{e}.{proj}.weight_scale_inv` (block-wise, quant_method fp8) or `.weight_scale`, which go to the
   expert's slice of `w13_weight_scale` / `w2_weight_scale` (this rank's blocks or rows of it:
-  `ParallelFusedMoE.take_expert_scale`); a 4-bit checkpoint's expert projections arrive in treadle's 4-bit layout
+  `ParallelFusedMoE.take_expert_scale`); a static one (per-tensor activations) adds `...experts.{e}.{proj}.input_scale`
+  (one value, the same on every rank), to the expert's entry of `w13_input_scale` (gate's, up's) / `w2_input_scale`;
+  a 4-bit checkpoint's expert projections arrive in treadle's 4-bit layout
   (`...experts.{e}.{proj}.packed_weight`, `group_scale`, `group_zero`, `group_index`: int4_checkpoint.py repacks
   them) and go to quantization/int4_experts.py's `load_expert` (this rank's part, into the stacked layout);
 - fused (transformers' in-memory layout): `...experts.gate_up_proj` [E, 2N, K] and `...experts.down_proj`
@@ -15,7 +17,8 @@ Checkpoint module prefixes the architecture renames (Mixtral's `block_sparse_moe
 An fp8 tensor loads only into fp8 experts and the reverse (bytes copied, never cast), so files that disagree with
 config.json's quantization_config fail by tensor name, as the projections do (models/base.py).
 Invariant (`check_complete`): every expert's gate, up and down matrix, and with fp8 experts each one's scales, is
-written before the model runs; otherwise ValueError names the missing ones (the weights as
+written before the model runs (with static activations its input scales too, then folded at load:
+`FusedMoE.fp8_scales`); otherwise ValueError names the missing ones (the weights as
 `model.layers.3.mlp.experts.w13_weight[expert 5, up]`, the scales as the checkpoint spells them).
 """
 
@@ -52,9 +55,8 @@ class ExpertLoader:
     def __init__(self, model: MoeCausalLM) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
-        self.loaded: set[tuple[str, int, str, str]] = (
-            set()
-        )  # (FusedMoE name, expert, shard, "weight" | "scale")
+        # (FusedMoE name, expert, shard, "weight" | "scale" | "input_scale" | a 4-bit part)
+        self.loaded: set[tuple[str, int, str, str]] = set()
 
     def filter(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Copy expert tensors into the FusedMoE layers; yield every other tensor (renamed)."""
@@ -92,6 +94,13 @@ class ExpertLoader:
                 )
             load_expert(moe, shard, attr, expert, tensor, hf_name)
             self.loaded.add((match["moe"], expert, shard, "weight" if attr == "packed_weight" else attr))
+            return
+        layout = moe.fp8_layout
+        if attr == "input_scale" and layout is not None and layout.static_activations:
+            param = moe.w2_input_scale if shard == "w2" else moe.w13_input_scale
+            assert param is not None, "static fp8 experts have input scales"
+            moe.weight_loader(param, tensor, hf_name, shard, expert)
+            self.loaded.add((match["moe"], expert, shard, "input_scale"))
             return
         if attr == "weight":
             param = moe.w2_weight if shard == "w2" else moe.w13_weight
@@ -159,25 +168,35 @@ class ExpertLoader:
                         missing.append(
                             f"{module_name}.{_param_name(shard)}[expert {e}, {SHARD_NAMES[shard]}]"
                         )
-                    if module.fp8_layout is not None and (module_name, e, shard, "scale") not in self.loaded:
+                    layout = module.fp8_layout
+                    if layout is not None and (module_name, e, shard, "scale") not in self.loaded:
                         missing.append(self._scale_name(module_name, e, shard))
                     for attr in _int4_parts(module):
                         if (module_name, e, shard, attr) not in self.loaded:
                             missing.append(
                                 self._scale_name(module_name, e, shard).rpartition(".")[0] + f".{attr}"
                             )
+                    if (
+                        layout is not None
+                        and layout.static_activations
+                        and ((module_name, e, shard, "input_scale") not in self.loaded)
+                    ):
+                        missing.append(self._scale_name(module_name, e, shard, "input_scale"))
             covered |= {f"{module_name}.{name}" for name, _ in module.named_parameters(recurse=False)}
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise ValueError(
                 f"{source} is missing {len(missing)} expert tensors for {type(self.model).__name__}: {shown}"
             )
+        for module in self.modules.values():
+            if isinstance(module, FusedMoE) and module.fp8_layout is not None:
+                module.fp8_scales()  # folds static input scales now: at load, never inside a CUDA-graph capture
         return covered
 
-    def _scale_name(self, module_name: str, expert: int, shard: str) -> str:
+    def _scale_name(self, module_name: str, expert: int, shard: str, attr: str | None = None) -> str:
         proj = next(p for p, s in self.model.expert_proj_names.items() if s == shard)
         prefix = self.model.checkpoint_name(module_name)
-        return f"{prefix}.{expert}.{proj}.{self.model.weight_scale_name}"
+        return f"{prefix}.{expert}.{proj}.{attr or self.model.weight_scale_name}"
 
 
 def _int4_parts(moe: FusedMoE) -> tuple[str, ...]:

@@ -8,8 +8,10 @@ per (token, block_k group)). Here:
 - `allocate_experts` (an fp8 checkpoint, before its tensors load): fp8 storage in the checkpoint's layout for the
   experts it holds in fp8 (`Fp8CheckpointScheme.quantizes` of every expert's gate, up and down projection, as the
   files name them), the model dtype for those it leaves unquantized; a layer whose experts disagree is a ValueError.
-  Block-wise checkpoints take the block layout; per-channel and per-tensor weight scales (dynamic activations) the
-  per-channel one, a per-tensor scale broadcast to its rows (exact).
+  Block-wise checkpoints take the block layout; per-channel and per-tensor weight scales the per-channel one, a
+  per-tensor scale broadcast to its rows (exact: the gate and up matrices of an expert keep their own scales, where
+  vLLM requantizes both to the larger one), with static activations when the checkpoint has input scales (one per
+  expert projection in the files, folded by the layer to one per GEMM: their maximum, as vLLM does).
 Under tensor parallelism each rank holds N / tp of every expert's intermediate width N: block-wise, that slice must
 be a whole number of blocks (block_n for the gate and up rows, block_k for the down columns), else a ValueError names
 config.json's block field and its expert width field (`moe_intermediate_size`, Mixtral `intermediate_size`) and the
@@ -56,9 +58,11 @@ def check_expert_blocks(model: nn.Module, name: str, moe: FusedMoE, blocks: Weig
     )
 
 
-def _layout(model: nn.Module, name: str, moe: FusedMoE, blocks: WeightBlocks | None) -> Fp8Layout:
+def _layout(
+    model: nn.Module, name: str, moe: FusedMoE, blocks: WeightBlocks | None, static: bool = False
+) -> Fp8Layout:
     if blocks is None:
-        return Fp8Layout()
+        return Fp8Layout(static_activations=static)
     check_expert_blocks(model, name, moe, blocks)
     return Fp8Layout((blocks.block_n, blocks.block_k))
 
@@ -81,7 +85,7 @@ def allocate_experts(model: nn.Module, scheme: Fp8CheckpointScheme, device: torc
         held = {(e, p): scheme.quantizes(_checkpoint_name(model, name, e, p))
                 for e in range(moe.num_experts) for p in _projections(model)}  # fmt: skip
         if all(held.values()):
-            moe.allocate_fp8(_layout(model, name, moe, blocks), device)
+            moe.allocate_fp8(_layout(model, name, moe, blocks, scheme.static_activations), device)
             num_fp8 += 1
         elif any(held.values()):
             fp8 = [_checkpoint_name(model, name, e, p) for (e, p), q in held.items() if q][:2]

@@ -13,11 +13,11 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
   (int4_experts.py; the router stays in the model dtype).
 Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE) quantize their routed experts too (experts.py): online
 per channel; a block-wise fp8 checkpoint (Qwen3-30B-A3B-FP8 style: quant_method fp8, weight_block_size) or one with
-per-channel / per-tensor weight scales and dynamic activations loads as it is (the router stays in the model dtype).
+per-channel / per-tensor weight scales, with dynamic or static (per-tensor input_scale, Mixtral-8x7B-Instruct-FP8
+style) activations, loads as it is (the router stays in the model dtype).
 Refused with a ValueError: a user method other than the checkpoint's (naming both), a checkpoint layout treadle
-cannot load (scheme.py, int4_scheme.py), and for a mixture-of-experts model an fp8 checkpoint with static activation
-scales (per-tensor input_scale: the fused experts quantize activations dynamically), naming the model class and what
-does load.
+cannot load (scheme.py, int4_scheme.py), and expert layouts the fused-MoE kernels cannot run (experts.py,
+int4_experts.py: each names the field).
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ def resolve_quantization(
             f"quantization {requested!r} was requested, but {config_file} describes an fp8 checkpoint "
             f"(quant_method {scheme.quant_method!r}); leave --quantization unset (or pass fp8) to load it as it is"
         )
-    _check_experts(model_cls, scheme, config_file)
     if load_format == "dummy":
         blocks = scheme if scheme.weight_block is not None else None
         logger.info(
@@ -107,17 +106,3 @@ def resolve_quantization(
         )  # fmt: skip
         return QuantizationPlan("fp8", None, blocks)
     return QuantizationPlan("fp8", scheme)
-
-
-def _check_experts(model_cls: type, scheme: Fp8CheckpointScheme, config_file: Path) -> None:
-    """ValueError when `model_cls` has routed experts and the fp8 checkpoint's layout has no expert path."""
-    if not getattr(model_cls, "has_experts", False) or not scheme.static_activations:
-        return
-    raise ValueError(
-        f"this fp8 checkpoint ({config_file}: {scheme.describe()}) is not supported for {model_cls.__name__}: its "
-        "mixture-of-experts layers quantize activations dynamically and have no path for static (per-tensor "
-        "input_scale) activation scales; for mixture-of-experts models treadle loads block-wise fp8 checkpoints "
-        "(weight_block_size or block_structure, dynamic activations) and fp8 checkpoints with per-channel or "
-        "per-tensor weight scales and dynamic activations, or quantizes the unquantized checkpoint with "
-        "--quantization fp8"
-    )

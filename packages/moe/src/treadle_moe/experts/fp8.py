@@ -3,8 +3,14 @@
 The expert weights w13 [E, 2N, K] (gate rows, then up rows) and w2 [E, K, N] are float8_e4m3fn with fp32 scales
 (`Fp8ExpertScales`), in one of two layouts (`Fp8Layout`):
 - per channel (`block` None; what `quantization="fp8"` gives online): one scale per output row of each expert,
-  w13 scale [E, 2N], w2 scale [E, K]; each GEMM's activations are quantized per row (token), dynamically: the
-  numerics of `treadle_ir.ops.fp8_linear` (input_scale None);
+  w13 scale [E, 2N], w2 scale [E, K] (a checkpoint's per-tensor scales are broadcast to their rows: exact, and the
+  gate and up matrices keep their own scales); each GEMM's activations are quantized per row (token), dynamically:
+  the numerics of `treadle_ir.ops.fp8_linear` (input_scale None). With `static_activations` (checkpoints calibrated
+  with per-tensor input scales, Mixtral-8x7B-Instruct-FP8 style) every row of the w13 input is quantized with one
+  scale `Fp8ExpertScales.w13_input` [1] and every row of the w2 input with `w2_input` [1] (values beyond
+  448 * scale saturate): fp8_linear with that input_scale. One scale per GEMM, not per expert, as the w13 input is
+  quantized once for all the experts a token goes to (a checkpoint's per-expert scales are folded to their
+  maximum by the layer);
 - block-wise (`block` = (block_n, block_k); Qwen3-FP8 / DeepSeek-V3 checkpoints): one scale per [block_n, block_k]
   tile of each expert's gate, up and down matrix. The gate and up grids are stacked along N, gate block rows first:
   w13 scale [E, 2 * ceil(N / block_n), ceil(K / block_k)] (so N need not be a multiple of block_n); w2 scale
@@ -26,6 +32,7 @@ no kernel.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +43,16 @@ from treadle_ir.ops.fp8 import FP8_DTYPE, quantize_with_scale, row_scale
 from treadle_ir.ops.fp8_block import num_blocks, quantize_fp8_blocks
 from treadle_moe.activation import act_and_mul_native
 
-__all__ = ["Fp8ExpertScales", "Fp8Layout", "check_fp8_scales", "expert_mlp_fp8", "quantize_experts"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Fp8ExpertScales",
+    "Fp8Layout",
+    "check_fp8_scales",
+    "expert_mlp_fp8",
+    "fold_input_scales",
+    "quantize_experts",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +61,23 @@ class Fp8Layout:
 
     # (block_n, block_k): one scale per weight tile; None: one per output row
     block: tuple[int, int] | None = None
+    # per channel only: activations quantized with the given per-tensor scales (Fp8ExpertScales.w13_input / w2_input)
+    static_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
             raise ValueError(
                 f"fp8 weight block {self.block} must be (block_n, block_k), two positive integers"
             )
+        if self.block is not None and self.static_activations:
+            raise ValueError(
+                "block-wise fp8 experts quantize activations dynamically per token group, not static"
+            )
 
     def describe(self) -> str:
         if self.block is None:
-            return "fp8 w8a8 per-channel (weight scale per output row, dynamic per-token activations)"
+            activations = "static per-tensor" if self.static_activations else "dynamic per-token"
+            return f"fp8 w8a8 per-channel (weight scale per output row, {activations} activations)"
         block_n, block_k = self.block
         return f"fp8 w8a8 block-wise ({block_n}x{block_k} weight scales, dynamic per-(token, {block_k}) activations)"
 
@@ -78,6 +101,9 @@ class Fp8ExpertScales:
     w13: torch.Tensor  # per channel [E, 2N]; block [E, 2 * ceil(N / block_n), ceil(K / block_k)]
     w2: torch.Tensor  # per channel [E, K]; block [E, ceil(K / block_n), ceil(N / block_k)]
     layout: Fp8Layout
+    # static activations only: the input scales [1] of the w13 and of the w2 GEMM (every expert's)
+    w13_input: torch.Tensor | None = None
+    w2_input: torch.Tensor | None = None
 
 
 def check_fp8_scales(w13: torch.Tensor, w2: torch.Tensor, scales: Fp8ExpertScales | None) -> None:
@@ -102,6 +128,25 @@ def check_fp8_scales(w13: torch.Tensor, w2: torch.Tensor, scales: Fp8ExpertScale
             raise ValueError(
                 f"{name} scale is {t.dtype} {tuple(t.shape)}; {scales.layout.describe()} needs float32 {shape}"
             )
+    for name, given in (("w13_input", scales.w13_input), ("w2_input", scales.w2_input)):
+        if not scales.layout.static_activations:
+            if given is not None:
+                raise ValueError(f"{name} scale given, but {scales.layout.describe()} quantizes dynamically")
+        elif given is None or tuple(given.shape) != (1,) or given.dtype != torch.float32:
+            raise ValueError(f"{scales.layout.describe()} needs a float32 [1] {name} scale, got {given!r}")
+
+
+def fold_input_scales(w13_inputs: torch.Tensor, w2_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint's static input scales, one per expert matrix (w13 [E, 2]: gate's and up's; w2 [E]) -> the one
+    scale [1] fp32 of each GEMM every expert's input is quantized with: their maximum (no input that any expert's
+    calibration covered saturates), logged as a warning when they differ (a checkpoint calibrated per expert)."""
+    w13, w2 = w13_inputs.float().amax().reshape(1), w2_inputs.float().amax().reshape(1)
+    if bool((w13_inputs != w13).any() | (w2_inputs != w2).any()):
+        logger.warning(
+            "fp8 experts: the static input scales of the experts differ (a scale per expert); every expert "
+            "quantizes its input with their maximum (w13 %.4g, w2 %.4g)", w13.item(), w2.item(),
+        )  # fmt: skip
+    return w13, w2
 
 
 def expert_mlp_fp8(
@@ -112,12 +157,14 @@ def expert_mlp_fp8(
     w2_scale: torch.Tensor,
     layout: Fp8Layout,
     activation: str,
+    w13_input: torch.Tensor | None = None,
+    w2_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fp8 expert, the spec (module docstring): x [T, K], w13 [2N, K] / w2 [K, N] fp8 with this expert's scales
-    -> [T, K] in x's dtype."""
+    (and the static input scales [1]) -> [T, K] in x's dtype."""
     if layout.block is None:
-        h = ops.fp8_linear.native(x, w13, w13_scale, None)  # [T, 2N]
-        return ops.fp8_linear.native(act_and_mul_native(h, activation), w2, w2_scale, None)
+        h = ops.fp8_linear.native(x, w13, w13_scale, None, w13_input)  # [T, 2N]
+        return ops.fp8_linear.native(act_and_mul_native(h, activation), w2, w2_scale, None, w2_input)
     block_n, block_k = layout.block
     n = w2.shape[1]
     gate_rows = num_blocks(n, block_n)
@@ -137,6 +184,10 @@ def quantize_experts(
     """Model-dtype w13 [E, 2N, K] / w2 [E, K, N] -> (fp8 w13, fp8 w2, their scales) in `layout`: per channel each
     row's amax / 448; block-wise each tile's (gate, up and down matrix apart). `w2_row_amax` turns this rank's
     [E, K] row maxima into the whole rows' (tensor parallelism cuts w2's rows)."""
+    if layout.static_activations:
+        raise ValueError(
+            "static activation scales come from a calibrated checkpoint; quantize dynamically here"
+        )
     if layout.block is None:
         s13 = row_scale(w13.abs().amax(dim=2).float())  # [E, 2N]
         s2 = row_scale(w2_row_amax(w2.abs().amax(dim=2).float()))  # [E, K]

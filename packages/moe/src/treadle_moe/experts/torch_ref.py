@@ -43,7 +43,8 @@ def run_expert(
         return expert_mlp_int4(x, w13, w2, int4, expert, activation)
     if fp8 is None:
         return expert_mlp(x, w13[expert], w2[expert], activation)
-    return expert_mlp_fp8(x, w13[expert], w2[expert], fp8.w13[expert], fp8.w2[expert], fp8.layout, activation)
+    return expert_mlp_fp8(x, w13[expert], w2[expert], fp8.w13[expert], fp8.w2[expert], fp8.layout, activation,
+                          fp8.w13_input, fp8.w2_input)  # fmt: skip
 
 
 class TorchExperts(Experts):

@@ -2,11 +2,13 @@
 
 For fp8 expert weights (experts/fp8.py) the two GEMMs of triton_fused.py become:
   1. the layer input quantized once per token (`ops.quantize_fp8_rows`; block-wise `ops.quantize_fp8_groups` in
-     groups of block_k), whatever expert each of its top_k slots goes to;
+     groups of block_k; static activations: every row with the layer's w13 input scale), whatever expert each of
+     its top_k slots goes to;
   2. the w13 GEMM on fp8 tensor cores (triton_fp8_kernels.py), scales in the epilogue (per channel) or per K block
      (block-wise), act(gate) * up fused, written in the activation dtype -> [M * top_k, N];
-  3. that intermediate quantized per slot (per (slot, group) block-wise): the spec quantizes the activation output
-     per row, and a row is only complete once every N block of the w13 GEMM is done, hence a separate launch;
+  3. that intermediate quantized per slot (per (slot, group) block-wise; static: with the w2 input scale): the
+     spec quantizes the activation output per row, and a row is only complete once every N block of the w13 GEMM
+     is done, hence a separate launch (static scales would allow fusing it into the w13 epilogue; not done);
   4. the w2 GEMM likewise, scaled by the routing weight.
 The quantization launches are the IR ops, so each runs its platform provider (Triton on CUDA, the spec on CPU);
 their outputs are fresh tensors (CUDA-graph safe: the caching allocator serves them from the graph's pool).
@@ -47,10 +49,13 @@ def fp8_support_reason(device_type: str, layout: Fp8Layout) -> str | None:
     return None
 
 
-def quantize_activations(x: torch.Tensor, layout: Fp8Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, k] -> (float8_e4m3fn [rows, k], fp32 scales [rows, 1] per row or [rows, ceil(k / block_k)])."""
+def quantize_activations(
+    x: torch.Tensor, layout: Fp8Layout, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, k] -> (float8_e4m3fn [rows, k], fp32 scales [rows, 1] per row or [rows, ceil(k / block_k)]); with
+    the static `input_scale` [1] every row takes it."""
     if layout.block is None:
-        return ops.quantize_fp8_rows(x)
+        return ops.quantize_fp8_rows(x, input_scale)
     return ops.quantize_fp8_groups(x, layout.block[1])
 
 
@@ -117,9 +122,9 @@ def run_fp8_gemms(
 ) -> None:
     """Steps 1-4 of the module docstring: hidden [rows, K] -> intermediate [slots, N] -> out [slots, K]."""
     layout = scales.layout
-    q, q_scale = quantize_activations(hidden, layout)
+    q, q_scale = quantize_activations(hidden, layout, scales.w13_input)
     invoke_moe_fp8_gemm(q, q_scale, w13, scales.w13, intermediate, None, alignment, config, layout,
                         a_rows_per_token=rows_per_token, gated=True, activation=activation)  # fmt: skip
-    q, q_scale = quantize_activations(intermediate, layout)
+    q, q_scale = quantize_activations(intermediate, layout, scales.w2_input)
     invoke_moe_fp8_gemm(q, q_scale, w2, scales.w2, out, topk_weights, alignment, config, layout,
                         a_rows_per_token=1, gated=False)  # fmt: skip
