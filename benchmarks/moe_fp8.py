@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,12 +37,11 @@ from moe import (
     format_config_file,
     make_problem,
     make_weights,
-    time_eager,
     time_graph,
 )
+from moe_quant import bf16_row, environment, forward_call, layout_row, moved_bytes, relative_error
 
 from treadle_moe import (
-    Fp8ExpertScales,
     Fp8Layout,
     ModularKernel,
     NoEPStandardPrepareFinalize,
@@ -56,26 +53,6 @@ from treadle_moe.experts.fp8 import quantize_experts
 
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 LAYOUTS = {"fp8_channel": Fp8Layout(), "fp8_block128": Fp8Layout((128, 128))}
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def _bytes(topk_ids: torch.Tensor, weight_bytes: int) -> int:
-    experts_hit = int(torch.unique(topk_ids).numel())
-    return weight_bytes * experts_hit * 3 * N * K + 2 * 2 * topk_ids.shape[0] * K
-
-
-def _call(
-    kernel: ModularKernel,
-    p: dict[str, torch.Tensor],
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    fp8: Fp8ExpertScales | None,
-) -> Callable[[], torch.Tensor]:
-    """The MoE forward of problem `p` on these weights, as a no-argument call for the timers."""
-    return lambda: kernel(p["hidden"], w13, w2, p["topk_weights"], p["topk_ids"], fp8=fp8)
 
 
 def benchmark(tokens: list[int]) -> list[dict[str, object]]:
@@ -90,33 +67,18 @@ def benchmark(tokens: list[int]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for m in tokens:
         p = make_problem(m, torch.bfloat16)
-        run_bf16 = _call(fused, p, w13, w2, None)
+        run_bf16 = forward_call(fused, p, w13, w2)
         bf16_out = run_bf16()
-        flops = 6 * m * TOP_K * K * N
-        bf16_us = 1000 * time_graph(run_bf16)
-        row: dict[str, object] = {
-            "tokens": m,
-            "bf16_us": round(bf16_us, 2),
-            "bf16_eager_us": round(1000 * time_eager(run_bf16), 2),
-            "bf16_tflops": round(flops / bf16_us / 1e6, 2),
-            "bf16_gbs": round(_bytes(p["topk_ids"], 2) / bf16_us / 1e3, 1),
-        }
+        row, bf16_us = bf16_row(m, run_bf16, p["topk_ids"])
         for name, (q13, q2, scales) in quantized.items():
-            run_fp8 = _call(fused, p, q13, q2, scales)
-            out, ref = run_fp8(), _call(reference, p, q13, q2, scales)()
-            us = 1000 * time_graph(run_fp8)
+            run_fp8 = forward_call(fused, p, q13, q2, fp8=scales)
+            out, ref = run_fp8(), forward_call(reference, p, q13, q2, fp8=scales)()
+            moved = moved_bytes(p["topk_ids"], 1)
+            row |= layout_row(name, m, run_fp8, moved, ("fp8", 2 * peak_tflops), peak_gbs, bf16_us)
             config, source = get_block_config(m, E, N, K, TOP_K, torch.float8_e4m3fn, device_name)
-            fp8_bytes = _bytes(p["topk_ids"], 1)
             row |= {
-                f"{name}_us": round(us, 2),
-                f"{name}_eager_us": round(1000 * time_eager(run_fp8), 2),
-                f"{name}_tflops": round(flops / us / 1e6, 2),
-                f"{name}_pct_peak_fp8_tflops": round(100 * flops / us / 1e6 / (2 * peak_tflops), 1),
-                f"{name}_gbs": round(fp8_bytes / us / 1e3, 1),
-                f"{name}_pct_peak_gbs": round(100 * fp8_bytes / us / 1e3 / peak_gbs, 1),
-                f"{name}_speed_ratio_vs_bf16": round(bf16_us / us, 3),
-                f"{name}_rel_err_vs_reference": _rel(out, ref),
-                f"{name}_rel_err_vs_bf16": _rel(out, bf16_out),
+                f"{name}_rel_err_vs_reference": relative_error(out, ref),
+                f"{name}_rel_err_vs_bf16": relative_error(out, bf16_out),
                 f"{name}_block_config": f"{config.to_json()} ({source})",
             }
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("block_config")}), flush=True)
@@ -135,7 +97,7 @@ def tune(tokens: list[int]) -> dict[str, object]:
         # the fp8 fallback's largest tile beside moe.py's sweep
         for config in [*candidate_configs(m), BlockConfig(64, 128, 128, group_m=8, num_warps=8)]:
             kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts(block_config=config))
-            run = _call(kernel, p, q13, q2, scales)
+            run = forward_call(kernel, p, q13, q2, fp8=scales)
             try:
                 ms = time_graph(run, 5)
             except Exception as exc:  # out of shared memory and the like: skip the config
@@ -170,21 +132,7 @@ def main() -> None:
     if args.tune:
         result: dict[str, object] = tune(tokens)
     else:
-        result = {
-            "benchmark": "fused_moe_fp8",
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": __import__("triton").__version__,
-            "python": platform.python_version(),
-            "shape": {
-                "hidden": K,
-                "moe_intermediate": N,
-                "num_experts": E,
-                "top_k": TOP_K,
-                "activations": "bf16",
-            },
-            "baseline": "Triton fused MoE on the same bf16 weights (before quantization), same process, same inputs",
-            "timing": "*_us: one CUDA graph of 20 calls replayed 3 times, per call; *_eager_us: median eager call",
+        result = environment("fused_moe_fp8") | {
             "fp8_peak": "pct_peak_fp8_tflops is against twice the dense bf16 datasheet rate (fp8 tensor cores)",
             "results": benchmark(tokens),
         }

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from moe import CEILINGS, TOP_K, E, K, N, make_problem, make_weights, time_eager, time_graph
+from moe import CEILINGS, TOP_K, make_problem, make_weights
+from moe_quant import bf16_row, environment, forward_call, layout_row, moved_bytes, relative_error
 
 from treadle_moe import (
-    Int4ExpertScales,
     Int4Layout,
     ModularKernel,
     NoEPStandardPrepareFinalize,
@@ -49,26 +47,6 @@ LAYOUTS = {
     "w4_g128_asym": Int4Layout(128, has_zeros=True, act_order=False),
     "w4_g128_sym_act_order": Int4Layout(128, has_zeros=False, act_order=True),
 }
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def _bytes(topk_ids: torch.Tensor, bytes_per_value: float) -> int:
-    experts_hit = int(torch.unique(topk_ids).numel())
-    return int(bytes_per_value * experts_hit * 3 * N * K) + 2 * 2 * topk_ids.shape[0] * K
-
-
-def _call(
-    kernel: ModularKernel,
-    p: dict[str, torch.Tensor],
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    int4: Int4ExpertScales | None,
-) -> Callable[[], torch.Tensor]:
-    """The MoE forward of problem `p` on these weights, as a no-argument call for the timers."""
-    return lambda: kernel(p["hidden"], w13, w2, p["topk_weights"], p["topk_ids"], int4=int4)
 
 
 def benchmark(tokens: list[int]) -> list[dict[str, object]]:
@@ -86,33 +64,18 @@ def benchmark(tokens: list[int]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for m in tokens:
         p = make_problem(m, torch.bfloat16)
-        run_bf16 = _call(kernel, p, w13, w2, None)
+        run_bf16 = forward_call(kernel, p, w13, w2)
         bf16_out = run_bf16()
-        flops = 6 * m * TOP_K * K * N
-        bf16_us = 1000 * time_graph(run_bf16)
-        row: dict[str, object] = {
-            "tokens": m,
-            "bf16_us": round(bf16_us, 2),
-            "bf16_eager_us": round(1000 * time_eager(run_bf16), 2),
-            "bf16_tflops": round(flops / bf16_us / 1e6, 2),
-            "bf16_gbs": round(_bytes(p["topk_ids"], 2) / bf16_us / 1e3, 1),
-        }
+        row, bf16_us = bf16_row(m, run_bf16, p["topk_ids"])
         for name, (q13, q2, scales) in quantized.items():
-            run = _call(kernel, p, q13, q2, scales)
-            out, ref = run(), _call(reference, p, q13, q2, scales)()
-            us = 1000 * time_graph(run)
+            run = forward_call(kernel, p, q13, q2, int4=scales)
+            out, ref = run(), forward_call(reference, p, q13, q2, int4=scales)()
+            moved = moved_bytes(p["topk_ids"], int4_bytes[name])
+            row |= layout_row(name, m, run, moved, ("bf16", peak_tflops), peak_gbs, bf16_us)
             config, source = fused.config_for(m, q13, TOP_K, scales)
-            moved = _bytes(p["topk_ids"], int4_bytes[name])
             row |= {
-                f"{name}_us": round(us, 2),
-                f"{name}_eager_us": round(1000 * time_eager(run), 2),
-                f"{name}_tflops": round(flops / us / 1e6, 2),
-                f"{name}_pct_peak_bf16_tflops": round(100 * flops / us / 1e6 / peak_tflops, 1),
-                f"{name}_gbs": round(moved / us / 1e3, 1),
-                f"{name}_pct_peak_gbs": round(100 * moved / us / 1e3 / peak_gbs, 1),
-                f"{name}_speed_ratio_vs_bf16": round(bf16_us / us, 3),
-                f"{name}_rel_err_vs_reference": _rel(out, ref),
-                f"{name}_rel_err_vs_bf16": _rel(out, bf16_out),
+                f"{name}_rel_err_vs_reference": relative_error(out, ref),
+                f"{name}_rel_err_vs_bf16": relative_error(out, bf16_out),
                 f"{name}_block_config": f"{config.to_json()} ({source})",
             }
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("block_config")}), flush=True)
@@ -131,22 +94,7 @@ def main() -> None:
         raise SystemExit("benchmarks/moe_w4a16.py needs a CUDA GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
     started = time.perf_counter()
-    result: dict[str, object] = {
-        "benchmark": "fused_moe_w4a16",
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "python": platform.python_version(),
-        "shape": {
-            "hidden": K,
-            "moe_intermediate": N,
-            "num_experts": E,
-            "top_k": TOP_K,
-            "activations": "bf16",
-            "group_size": 128,
-        },
-        "baseline": "Triton fused MoE on the same bf16 weights (before quantization), same process, same inputs",
-        "timing": "*_us: one CUDA graph of 20 calls replayed 3 times, per call; *_eager_us: median eager call",
+    result: dict[str, object] = environment("fused_moe_w4a16", group_size=128) | {
         "results": benchmark(tokens),
     }
     result["wall_s"] = round(time.perf_counter() - started, 1)
