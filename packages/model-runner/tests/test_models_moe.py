@@ -58,9 +58,8 @@ def _config(arch: str) -> tuple[Any, Any]:
             **COMMON, num_hidden_layers=2, num_local_experts=8, intermediate_size=48, sliding_window=7
         )
         return config, tf.MixtralForCausalLM
-    if (
-        arch == "qwen2_moe"
-    ):  # shared expert with its sigmoid gate, qkv bias, a dense layer, sliding layers 0 and 2
+    # qwen2_moe: shared expert with its sigmoid gate, qkv bias, a dense layer, sliding layers 0 and 2
+    if arch == "qwen2_moe":
         config = tf.Qwen2MoeConfig(
             **COMMON, num_hidden_layers=3, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
             shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
@@ -164,3 +163,29 @@ def test_dummy_weights_fill_experts_and_generate(arch: str, sparse_layer: int, t
     sched.add("a", [1, 2, 3, 4, 5], max_tokens=8)
     assert len(sched.run(budget=16)["a"]) == 8
     assert "torch" in experts.describe().lower(), experts.describe()
+
+
+def test_shared_expert_block_all_reduces_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen2-MoE's block sums the ranks' routed and shared-expert partial outputs with one all-reduce (the sigmoid
+    gate is the same on every rank), not one each; counted on one rank, where all_reduce is the identity, and the
+    output is the two terms' sum as the model defines it."""
+    import treadle_model_runner.layers.linear as linear
+    import treadle_model_runner.layers.mlp as mlp
+    import treadle_model_runner.models.qwen2_moe as qwen2_moe
+    import treadle_model_runner.models.sparse_moe as sparse_moe
+
+    hf = _tiny_hf("qwen2_moe")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    block = make_runner(tmp_path, 4, 32).model.model.layers[0].mlp  # type: ignore[union-attr]
+    assert isinstance(block, qwen2_moe.SharedExpertMoeBlock)
+    x = torch.randn(5, COMMON["hidden_size"], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        routed = block.experts(x, block.gate(x))
+        want = routed + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    calls: list[int] = []
+    for module in (linear, mlp, qwen2_moe, sparse_moe):
+        monkeypatch.setattr(module, "all_reduce", lambda t: calls.append(1) or t, raising=False)
+    with torch.no_grad():
+        got = block(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -239,7 +239,11 @@ class RowParallelLinear(Linear):
         self.rank, self.full_in = tp.rank, in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(super().forward(x))
+        return all_reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product (its columns; the bias on rank 0), before the sum over the ranks."""
+        return super().forward(x)
 
     def row_amax(self, local: torch.Tensor) -> torch.Tensor:
         return max_over_ranks_(local)  # each rank holds a slice of every row's columns

@@ -51,7 +51,15 @@ class GatedMLP(nn.Module):
         return self.down(gate_up), residual
 
     def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.down_partial(gate_up))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ``mlp(x)`` before the sum over the ranks (a caller adding it to another partial sum
+        all-reduces once)."""
+        return self.down_partial(self.gate_up_proj(x))
+
+    def down_partial(self, gate_up: torch.Tensor) -> torch.Tensor:
         # an adapter in the step needs down_proj's input rows, and fp8 quantizes them: unfused then
         if not self.down_proj.fusable:
-            return self.down_proj(self.act_and_mul(gate_up))
-        return all_reduce(self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias))
+            return self.down_proj.partial(self.act_and_mul(gate_up))
+        return self.act_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)

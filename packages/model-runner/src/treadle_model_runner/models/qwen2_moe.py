@@ -8,8 +8,9 @@ width `moe_intermediate_size`); the shared expert is a dense gated MLP of width 
 Which layers are sparse follows the same rule as Qwen3-MoE (`mlp_only_layers`, `decoder_sparse_step`); the others
 use a dense MLP of width `intermediate_size`. Sliding windows only on the layers transformers marks sliding
 (`use_sliding_window`).
-Tensor parallelism: the shared expert is column/row-parallel like any dense MLP (its own all-reduce), the routed
-experts sliced as in sparse_moe.py, the two gates replicated.
+Tensor parallelism: the shared expert is column/row-parallel like any dense MLP, the routed experts sliced as in
+sparse_moe.py, the two gates replicated. The sigmoid gate is the same on every rank, so it scales the shared expert's
+partial sum before the sum over the ranks: the block adds it to the routed experts' partial sum and all-reduces once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.models.qwen3_moe import Qwen3MoeForCausalLM
 from treadle_model_runner.models.sparse_moe import SparseMoeBlock
+from treadle_model_runner.parallel import all_reduce
 
 
 class SharedExpertMoeBlock(SparseMoeBlock):
@@ -33,8 +35,8 @@ class SharedExpertMoeBlock(SparseMoeBlock):
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return super().forward(x) + shared
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert.partial(x)
+        return all_reduce(self.experts(x, self.gate(x)) + shared)
 
 
 class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
