@@ -101,3 +101,22 @@ def moe_reference_fp64(inputs: dict[str, torch.Tensor], activation: str = "silu"
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     """(atol, rtol) for outputs of O(1) magnitude."""
     return {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 5e-2)}[dtype]
+
+
+def check_graph_replays_layer(
+    layer: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, eager: torch.Tensor
+) -> None:
+    """`layer(x, logits)` captured in a CUDA graph (after a warm-up on a side stream) and replayed on new x gives the
+    eager result on that x (bf16 rounding apart), and not `eager`, the output before x changed."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(x, logits)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = layer(x, logits)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(captured.float(), layer(x, logits).float(), atol=1e-2, rtol=1e-2)
+    assert not torch.equal(captured, eager)

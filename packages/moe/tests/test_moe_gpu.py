@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 import torch
-from moe_cases import make_moe_inputs, run_combo, tolerance
+from moe_cases import check_graph_replays_layer, make_moe_inputs, run_combo, tolerance
 
 from treadle_moe import FusedMoE, ModularKernel, NoEPStandardPrepareFinalize, TorchExperts, TritonExperts
 
@@ -46,18 +46,7 @@ def test_layer_picks_triton_and_captures_in_cuda_graph() -> None:
     logits = torch.randn(64, s["experts"], device="cuda")
     eager = layer(x, logits)
     assert "triton_fused" in layer.describe()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(x, logits)
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        captured = layer(x, logits)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(captured.float(), layer(x, logits).float(), atol=1e-2, rtol=1e-2)
-    assert not torch.equal(captured, eager)
+    check_graph_replays_layer(layer, x, logits, eager)
 
 
 def _median_ms(fn: object, runs: int = 15) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fp8_cases import assert_rows_close, calibrate, make_fp8_inputs, relative_error, with_static_inputs
-from moe_cases import make_moe_inputs, run_combo
+from moe_cases import check_graph_replays_layer, make_moe_inputs, run_combo
 
 from treadle_moe import (
     Fp8Layout,
@@ -78,15 +78,4 @@ def test_fp8_layer_picks_triton_and_captures_in_cuda_graph(layout: str) -> None:
     logits = torch.randn(64, E, device="cuda")
     eager = layer(x, logits)
     assert "triton_fused" in layer.describe() and "fp8 tensor cores" in layer.describe()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(x, logits)
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        captured = layer(x, logits)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(captured.float(), layer(x, logits).float(), atol=1e-2, rtol=1e-2)
-    assert not torch.equal(captured, eager)
+    check_graph_replays_layer(layer, x, logits, eager)

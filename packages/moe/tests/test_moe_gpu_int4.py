@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from int4_cases import GPU_LAYOUTS, make_int4_inputs, moe_int4_spec
+from moe_cases import check_graph_replays_layer
 
 from treadle_moe import FusedMoE, Int4Layout, ModularKernel, NoEPStandardPrepareFinalize, TritonExperts
 from treadle_moe.int4_layer import quantize_int4
@@ -37,15 +38,4 @@ def test_int4_layer_picks_triton_and_captures_in_cuda_graph() -> None:
     logits = torch.randn(64, E, device="cuda")
     eager = layer(x, logits)
     assert "triton_fused" in layer.describe() and "unpacked in registers" in layer.describe()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(x, logits)
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        captured = layer(x, logits)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.testing.assert_close(captured.float(), layer(x, logits).float(), atol=1e-2, rtol=1e-2)
-    assert not torch.equal(captured, eager)
+    check_graph_replays_layer(layer, x, logits, eager)
