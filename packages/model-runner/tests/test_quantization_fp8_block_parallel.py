@@ -15,7 +15,6 @@ the one-rank dummy model's (each rank quantizes only whole tiles of its slice).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import traceback
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from fp8_block_checkpoints import BlockFormat, block_reference, write_block_chec
 from fp8_checkpoints import read_checkpoint
 from test_quantization_fp8_parallel import CONFIG, MAX_TOKENS, PROMPTS, greedy_with_logprobs
 from test_runner_fakes import make_runner, perturb_
-from test_runner_parallel import _free_port
+from test_runner_parallel import two_rank_results
 
 from treadle_model_runner.layers import fp8_weights, linear
 from treadle_model_runner.layers.fp8_weights import WeightBlocks
@@ -175,17 +174,7 @@ def test_two_ranks_load_their_blocks_of_block_fp8_checkpoints(tmp_path: Path) ->
     dummy = tmp_path / "dummy"
     dummy.mkdir()
     (dummy / "config.json").write_text((paths[0] / "config.json").read_text())
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, init, paths, dummy, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    by_rank = dict(results.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
-    assert [p.exitcode for p in procs] == [0, 0]
+    by_rank = two_rank_results(_rank_main, paths, dummy)
     for path, fmt in zip(paths, FORMATS.values(), strict=True):
         files = read_checkpoint(path)
         weights = {name.removesuffix(".weight"): (t.view(torch.uint8), files[f"{name.removesuffix('.weight')}.{fmt.scale_name}"])

@@ -11,7 +11,6 @@ within 1e-4 of its log-softmax.
 
 from __future__ import annotations
 
-import multiprocessing
 import traceback
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from fp8_checkpoints import FORMATS, read_checkpoint, write_fp8_checkpoint
 from fp8_reference import fp8_checkpoint_reference
 from test_quantization_fp8_parallel import CONFIG, MAX_TOKENS, PROMPTS, greedy_with_logprobs
 from test_runner_fakes import make_runner, perturb_
-from test_runner_parallel import _free_port
+from test_runner_parallel import two_rank_results
 
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
 
@@ -113,17 +112,7 @@ def test_two_ranks_load_their_slices_of_fp8_checkpoints(tmp_path: Path) -> None:
     paths = [tmp_path / fmt for fmt in CHECKPOINTS]
     for path, fmt in zip(paths, CHECKPOINTS, strict=True):
         write_fp8_checkpoint(hf, path, FORMATS[fmt])
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, init, paths, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    by_rank = dict(results.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
-    assert [p.exitcode for p in procs] == [0, 0]
+    by_rank = two_rank_results(_rank_main, paths)
     for path in paths:
         files = read_checkpoint(path)
         for rank, got in by_rank.items():

@@ -11,7 +11,6 @@ its log-softmax. Online fp8 on the unquantized checkpoint: every rank's down-pro
 
 from __future__ import annotations
 
-import multiprocessing
 import traceback
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from test_quantization_fp8_block_parallel import _check_tokens
 from test_quantization_fp8_moe import _hf
 from test_quantization_fp8_parallel import greedy_with_logprobs
 from test_runner_fakes import make_runner
-from test_runner_parallel import _free_port
+from test_runner_parallel import two_rank_results
 
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
 
@@ -63,17 +62,7 @@ def test_two_ranks_load_their_blocks_of_a_block_fp8_moe_checkpoint(tmp_path: Pat
     path, plain = tmp_path / "fp8", tmp_path / "plain"
     write_block_checkpoint(hf, path, FMT)
     hf.save_pretrained(plain, safe_serialization=True)
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, init, path, plain, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    by_rank = dict(results.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
-    assert [p.exitcode for p in procs] == [0, 0]
+    by_rank = two_rank_results(_rank_main, path, plain)
     files = read_checkpoint(path)
     one_rank_s2 = make_runner(plain, quantization="fp8")._require_model().get_submodule(LAYER).w2_weight_scale
     for rank, got in by_rank.items():

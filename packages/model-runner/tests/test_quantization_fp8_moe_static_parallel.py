@@ -10,7 +10,6 @@ bytes (per-tensor scales broadcast to them) and fold the same input scales (the 
 
 from __future__ import annotations
 
-import multiprocessing
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from test_quantization_fp8_block_parallel import _check_tokens
 from test_quantization_fp8_moe import _hf
 from test_quantization_fp8_parallel import greedy_with_logprobs
 from test_runner_fakes import make_runner
-from test_runner_parallel import _free_port
+from test_runner_parallel import two_rank_results
 
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
 
@@ -54,17 +53,7 @@ def test_two_ranks_run_a_static_fp8_moe_checkpoint(tmp_path: Path) -> None:
     hf = _hf("mixtral")
     files = moe_fp8_tensors(hf, FMT)
     write_checkpoint(hf, tmp_path, files, quantization_config(FMT))
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, init, tmp_path, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    by_rank = dict(results.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
-    assert [p.exitcode for p in procs] == [0, 0]
+    by_rank = two_rank_results(_rank_main, tmp_path)
     w13_max = max(float(files[f"{FILES}.{e}.{p}.input_scale"]) for e in range(4) for p in ("w1", "w3"))
     w2_max = max(float(files[f"{FILES}.{e}.w2.input_scale"]) for e in range(4))
     for rank, got in by_rank.items():

@@ -10,7 +10,6 @@ its log-softmax.
 
 from __future__ import annotations
 
-import multiprocessing
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from test_quantization_fp8_block_parallel import _check_tokens
 from test_quantization_fp8_moe import _hf
 from test_quantization_fp8_parallel import greedy_with_logprobs
 from test_runner_fakes import make_runner
-from test_runner_parallel import _free_port
+from test_runner_parallel import two_rank_results
 
 from treadle_ir.ops.int4 import dequantize_int4
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
@@ -68,17 +67,7 @@ def test_two_ranks_load_their_slices_of_int4_moe_checkpoints(tmp_path: Path) -> 
     for name, fmt in FORMATS.items():
         paths[name] = tmp_path / name
         dequantized[name] = write_int4_checkpoint(hf, paths[name], fmt)
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, init, paths, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    by_rank = dict(results.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
-    assert [p.exitcode for p in procs] == [0, 0]
+    by_rank = two_rank_results(_rank_main, paths, timeout_s=900)
     for name in FORMATS:
         weights = dequantized[name]
         for rank, got in by_rank.items():

@@ -16,7 +16,6 @@ and each rank must keep its columns of each part (its q, its k, its v), not a bl
 
 from __future__ import annotations
 
-import multiprocessing
 import traceback
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import transformers as tf
 from int4_checkpoints import FORMATS, dequantized_reference, write_int4_checkpoint
 from test_quantization_fp8_parallel import CONFIG, MAX_TOKENS, PROMPTS, greedy_with_logprobs
 from test_runner_fakes import make_runner, perturb_
-from test_runner_parallel import _free_port
+from test_runner_parallel import two_rank_results
 
 from treadle_ir.ops.int4 import dequantize_int4
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
@@ -126,17 +125,7 @@ def test_two_ranks_load_their_slices_of_int4_checkpoints(tmp_path: Path) -> None
         path = tmp_path / name
         refs[str(path)] = dequantized_reference(hf, write_int4_checkpoint(hf, path, FORMATS[fmt]))
         paths.append(path)
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, init, paths, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    by_rank = dict(results.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
-    assert [p.exitcode for p in procs] == [0, 0]
+    by_rank = two_rank_results(_rank_main, paths, timeout_s=900)
     for path in paths:
         key = str(path)
         if path.name == REFUSED:

@@ -136,6 +136,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def two_rank_results(rank_main: Any, *args: Any, timeout_s: float = 600) -> dict[int, Any]:
+    """`rank_main(rank, init_method, *args, results)` in two spawned processes (a gloo group); what each rank put
+    on `results` as (rank, value), after checking that neither sent a traceback and both exited cleanly."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [ctx.Process(target=rank_main, args=(r, init, *args, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    by_rank = dict(results.get(timeout=timeout_s) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
+    assert [p.exitcode for p in procs] == [0, 0]
+    return by_rank
+
+
 def test_two_ranks_match_one(tmp_path: Path) -> None:
     dirs = _checkpoints(tmp_path)
     ctx = multiprocessing.get_context("spawn")
