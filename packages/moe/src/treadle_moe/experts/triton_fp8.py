@@ -12,6 +12,9 @@ For fp8 expert weights (experts/fp8.py) the two GEMMs of triton_fused.py become:
   4. the w2 GEMM likewise, scaled by the routing weight.
 The quantization launches are the IR ops, so each runs its platform provider (Triton on CUDA, the spec on CPU);
 their outputs are fresh tensors (CUDA-graph safe: the caching allocator serves them from the graph's pool).
+Importing treadle_kernels registers those providers here, as the engine's import does: without it a process that
+runs treadle_moe from source paths (no installed entry point) quantized with the torch spec, 5-7 launches per
+quantization, which cost an H200 more than the fp8 GEMMs save (35 of 69 us at 1 token; session 29's probe).
 
 Requirements (`fp8_support_reason`): fp8 conversions on the device (compute capability >= 8.9) or the interpreter;
 block-wise, a block_k that is a power of two from 16 (32 on a GPU: the fp8 MMA's K) to 256, so a K step of the
@@ -24,6 +27,7 @@ import functools
 
 import torch
 
+import treadle_kernels  # noqa: F401
 from treadle_ir import ops
 from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.align import BlockAlignment
