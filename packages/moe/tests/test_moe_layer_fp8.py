@@ -102,7 +102,9 @@ def test_oracle_picks_fp8_triton_on_cuda_and_says_why(monkeypatch: pytest.Monkey
     assert choice.experts_cls is TritonExperts
     text = choice.describe()
     assert "fp8 w8a8 block-wise (128x128 weight scales" in text and "fp8 tensor cores" in text
-    assert "fp8 fallback heuristic" in text and "BLOCK_K=128" in text
+    assert "tuned NVIDIA_H200.json (M=4096)" in text and "BLOCK_K=128" in text
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert "fp8 fallback heuristic" in select_moe_kernel(problem).describe()  # no fp8 table for that card
     odd = MoEProblem(128, 8, 2048, 768, torch.bfloat16, torch.device("cuda"), fp8=Fp8Layout((128, 96)))
     refused = select_moe_kernel(odd)
     assert refused.experts_cls is TorchExperts and "block_k 96 must be a power of two" in refused.describe()
