@@ -161,27 +161,39 @@ def candidate_configs(num_tokens: int) -> list[BlockConfig]:
     return out
 
 
-def tune(dtype: torch.dtype, tokens: list[int]) -> dict[str, object]:
-    w13, w2 = make_weights(dtype)
+def sweep(
+    tokens: list[int],
+    call: Callable[[ModularKernel, dict[str, torch.Tensor]], Callable[[], object]],
+    extra: tuple[BlockConfig, ...] = (),
+) -> dict[str, dict[str, int]]:
+    """{M: the fastest config} over candidate_configs(M) (+ `extra`), each timed replayed from a CUDA graph;
+    `call(kernel, problem)` is the MoE forward to time (bf16 activations: make_problem's)."""
     table: dict[str, dict[str, int]] = {}
     for m in tokens:
-        p = make_problem(m, dtype)
+        p = make_problem(m, torch.bfloat16)
         results = []
-        for config in candidate_configs(m):
+        for config in [*candidate_configs(m), *extra]:
             kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts(block_config=config))
-
-            def run(k: ModularKernel = kernel, p: dict[str, torch.Tensor] = p) -> torch.Tensor:
-                return k(p["hidden"], w13, w2, p["topk_weights"], p["topk_ids"])
-
             try:
-                ms = time_graph(run, 5)
+                ms = time_graph(call(kernel, p), 5)
             except Exception as exc:  # out of shared memory and the like: skip the config
                 print(f"skip {config}: {type(exc).__name__}", flush=True)
                 continue
             results.append((ms, config))
         ms, best = min(results, key=lambda r: r[0])
-        print(f"M={m}: {ms:.4f} ms with {best}", flush=True)
+        print(f"M={m}: {ms * 1000:.1f} us with {best}", flush=True)
         table[str(m)] = best.to_json()
+    return table
+
+
+def tune(dtype: torch.dtype, tokens: list[int]) -> dict[str, object]:
+    w13, w2 = make_weights(dtype)
+
+    def call(k: ModularKernel, p: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+        hidden = p["hidden"].to(dtype)
+        return lambda: k(hidden, w13, w2, p["topk_weights"], p["topk_ids"])
+
+    table = sweep(tokens, call)
     return {"device_name": torch.cuda.get_device_name(), "shapes": {shape_key(E, N, K, dtype): table}}
 
 
@@ -190,7 +202,8 @@ def format_config_file(data: dict[str, object]) -> str:
     shapes = data["shapes"]
     assert isinstance(shapes, dict)
     lines = ["{", f'  "device_name": {json.dumps(data["device_name"])},']
-    lines.append(f'  "tuned_with": "benchmarks/moe.py --tune (torch {torch.__version__})",')
+    tool = data.get("tuned_with", "benchmarks/moe.py --tune")
+    lines.append(f'  "tuned_with": "{tool} (torch {torch.__version__})",')
     lines.append('  "shapes": {')
     for i, (key, table) in enumerate(shapes.items()):
         lines.append(f"    {json.dumps(key)}: {{")

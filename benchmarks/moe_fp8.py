@@ -33,11 +33,10 @@ from moe import (
     E,
     K,
     N,
-    candidate_configs,
     format_config_file,
     make_problem,
     make_weights,
-    time_graph,
+    sweep,
 )
 from moe_quant import bf16_row, environment, forward_call, layout_row, moved_bytes, relative_error
 
@@ -90,25 +89,12 @@ def tune(tokens: list[int]) -> dict[str, object]:
     """Best block config per token count for the block-wise fp8 GEMMs (graph-replayed time)."""
     w13, w2 = make_weights(torch.bfloat16)
     q13, q2, scales = quantize_experts(w13, w2, LAYOUTS["fp8_block128"])
-    table: dict[str, dict[str, int]] = {}
-    for m in tokens:
-        p = make_problem(m, torch.bfloat16)
-        results = []
-        # the fp8 fallback's largest tile beside moe.py's sweep
-        for config in [*candidate_configs(m), BlockConfig(64, 128, 128, group_m=8, num_warps=8)]:
-            kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts(block_config=config))
-            run = forward_call(kernel, p, q13, q2, fp8=scales)
-            try:
-                ms = time_graph(run, 5)
-            except Exception as exc:  # out of shared memory and the like: skip the config
-                print(f"skip {config}: {type(exc).__name__}", flush=True)
-                continue
-            results.append((ms, config))
-        ms, best = min(results, key=lambda r: r[0])
-        print(f"M={m}: {ms * 1000:.1f} us with {best}", flush=True)
-        table[str(m)] = best.to_json()
+    # the fp8 fallback's largest tile beside moe.py's sweep
+    largest = BlockConfig(64, 128, 128, group_m=8, num_warps=8)
+    table = sweep(tokens, lambda kernel, p: forward_call(kernel, p, q13, q2, fp8=scales), (largest,))
     return {
         "device_name": torch.cuda.get_device_name(),
+        "tuned_with": "benchmarks/moe_fp8.py --tune",
         "shapes": {shape_key(E, N, K, torch.float8_e4m3fn): table},
     }
 

@@ -15,9 +15,12 @@ against the bf16 output (what 4 bits cost).
 
     python benchmarks/moe_w4a16.py results.json                 # about a minute on one H200
     python benchmarks/moe_w4a16.py results.json --tokens 1,64    # a subset
+    python benchmarks/moe_w4a16.py tuned.json --tune             # sweep 4-bit block configs (symmetric g128)
+The --tune file holds the `dtype=bfloat16,weights=int4` shape key (every 4-bit layout uses it; BLOCK_K is capped at
+the group size): merge its entry into packages/moe/src/treadle_moe/configs/<device>.json.
 
-The 4-bit GEMMs start from the bf16 block config tuned for the shape (configs/), BLOCK_K capped at the group size
-(experts/triton_int4.py): these numbers say whether 4-bit tiles of their own are worth tuning. Needs a CUDA GPU and
+The 4-bit GEMMs take the device's 4-bit table for the shape, else the bf16 one (configs/), BLOCK_K capped at the
+group size (experts/triton_int4.py); each row names the config and its source. Needs a CUDA GPU and
 PYTHONPATH holding packages/moe/src, packages/ir/src and packages/kernels/src (and benchmarks/ for moe.py).
 """
 
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from moe import CEILINGS, TOP_K, make_problem, make_weights
+from moe import CEILINGS, TOP_K, E, K, N, format_config_file, make_problem, make_weights, sweep
 from moe_quant import bf16_row, environment, forward_call, layout_row, moved_bytes, relative_error
 
 from treadle_moe import (
@@ -39,6 +42,7 @@ from treadle_moe import (
     TorchExperts,
     TritonExperts,
 )
+from treadle_moe.configs import shape_key
 from treadle_moe.experts.int4 import quantize_experts_int4
 
 TOKENS = [1, 16, 64, 256, 1024, 4096]
@@ -83,23 +87,41 @@ def benchmark(tokens: list[int]) -> list[dict[str, object]]:
     return rows
 
 
+def tune(tokens: list[int]) -> dict[str, object]:
+    """Best block config per token count for the 4-bit GEMMs (symmetric, groups of 128; graph-replayed time)."""
+    w13, w2 = make_weights(torch.bfloat16)
+    q13, q2, scales = quantize_experts_int4(w13, w2, LAYOUTS["w4_g128_sym"])
+    table = sweep(tokens, lambda kernel, p: forward_call(kernel, p, q13, q2, int4=scales))
+    return {
+        "device_name": torch.cuda.get_device_name(),
+        "tuned_with": "benchmarks/moe_w4a16.py --tune",
+        "shapes": {shape_key(E, N, K, torch.bfloat16, int4=True): table},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("output", type=Path, help="where to write the JSON results")
+    parser.add_argument(
+        "output", type=Path, help="where to write the JSON results (or, with --tune, the config)"
+    )
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    parser.add_argument(
+        "--tune", action="store_true", help="sweep 4-bit block configs and write a configs/ JSON file"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe_w4a16.py needs a CUDA GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
     started = time.perf_counter()
-    result: dict[str, object] = environment("fused_moe_w4a16", group_size=128) | {
-        "results": benchmark(tokens),
-    }
+    if args.tune:
+        result: dict[str, object] = tune(tokens)
+    else:
+        result = environment("fused_moe_w4a16", group_size=128) | {"results": benchmark(tokens)}
     result["wall_s"] = round(time.perf_counter() - started, 1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.write_text(format_config_file(result) if args.tune else json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

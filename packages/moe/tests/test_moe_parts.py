@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from treadle_moe.configs import (
     fallback_config,
     get_block_config,
     load_device_configs,
+    shape_key,
 )
 
 
@@ -58,6 +60,41 @@ def test_config_lookup_nearest_and_fallback() -> None:
     assert fallback_config(1, 8, 128).block_m == 16 and fallback_config(8192, 8, 128).block_m >= 64
     with pytest.raises(ValueError, match="power of two"):
         BlockConfig(24, 64, 64)
+
+
+def test_int4_experts_take_their_own_table_else_the_activation_dtype_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from treadle_moe import Int4Layout, MoEProblem, select_moe_kernel
+    from treadle_moe import configs
+
+    def entry(block_m: int, block_n: int, block_k: int) -> dict[str, int]:
+        return BlockConfig(block_m, block_n, block_k).to_json()
+
+    shapes = {  # 4-bit and bf16 tables for E=8 experts, bf16 alone for E=16
+        shape_key(8, 64, 128, torch.bfloat16): {"1": entry(16, 32, 64), "64": entry(32, 32, 64)},
+        shape_key(8, 64, 128, torch.bfloat16, int4=True): {"1": entry(16, 64, 32), "64": entry(64, 64, 32)},
+        shape_key(16, 64, 128, torch.bfloat16): {"1": entry(16, 128, 64)},
+    }
+    (tmp_path / "Test_GPU.json").write_text(json.dumps({"device_name": "Test GPU", "shapes": shapes}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    load_device_configs.cache_clear()
+    try:
+        config, source = get_block_config(50, 8, 64, 128, 2, torch.bfloat16, "Test GPU", int4=True)
+        assert config == BlockConfig(64, 64, 32) and source == "tuned Test_GPU.json (4-bit, M=64)"
+        config, source = get_block_config(50, 8, 64, 128, 2, torch.bfloat16, "Test GPU")
+        assert config == BlockConfig(32, 32, 64) and source == "tuned Test_GPU.json (M=64)"
+        config, source = get_block_config(1, 16, 64, 128, 2, torch.bfloat16, "Test GPU", int4=True)
+        assert config == BlockConfig(16, 128, 64) and source == "tuned Test_GPU.json (M=1)"
+        # the oracle reports the 4-bit table's configs (BLOCK_K within the group size of 32)
+        pytest.importorskip("triton")
+        monkeypatch.delenv("TREADLE_MOE_BACKEND", raising=False)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+        problem = MoEProblem(8, 2, 128, 64, torch.bfloat16, torch.device("cuda"), 64, int4=Int4Layout(32, False, False))
+        text = select_moe_kernel(problem).describe()
+        assert "BLOCK_M=64 BLOCK_N=64 BLOCK_K=32" in text and "(tuned Test_GPU.json (4-bit, M=64))" in text
+    finally:
+        load_device_configs.cache_clear()
 
 
 def test_weight_and_reduce_strategies() -> None:

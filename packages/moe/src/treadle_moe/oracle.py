@@ -151,6 +151,7 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 problem.top_k,
                 problem.dtype if problem.fp8 is None else torch.float8_e4m3fn,
                 device_name,
+                int4=problem.int4 is not None,
             )
             if problem.int4 is not None:
                 config = int4_config(config, problem.int4, problem.hidden_size, problem.intermediate_size)

@@ -10,6 +10,9 @@ fp8 weights (dtype float8_e4m3fn in the shape key; `benchmarks/moe_fp8.py --tune
 BLOCK_K 128 (one activation group of a 128-wide block layout per step, and half the bytes of a bf16 tile), BLOCK_M
 at most 64 with 8 warps for big batches, as the fp8 GEMM keeps a partial sum beside each accumulator (first
 choices; the H200 sweep of session 29 kept BLOCK_K 128 and BLOCK_M <= 64 at every size, and was within 4 % of them).
+4-bit W4A16 experts (key suffix `,weights=int4`; `benchmarks/moe_w4a16.py --tune`) take that table where the device
+has one, else their activation dtype's table or fallback; either way BLOCK_K is then capped at the group size
+(experts/triton_int4.py `int4_config`).
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ class BlockConfig:
 INTERPRETER_CONFIG = BlockConfig(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1)
 
 
-def shape_key(num_experts: int, intermediate: int, hidden: int, dtype: torch.dtype) -> str:
-    return f"E={num_experts},N={intermediate},K={hidden},dtype={str(dtype).removeprefix('torch.')}"
+def shape_key(num_experts: int, intermediate: int, hidden: int, dtype: torch.dtype, int4: bool = False) -> str:
+    """The table's key; 4-bit experts (`int4`: W4A16 with `dtype` activations) have tables of their own."""
+    key = f"E={num_experts},N={intermediate},K={hidden},dtype={str(dtype).removeprefix('torch.')}"
+    return f"{key},weights=int4" if int4 else key
 
 
 def device_file(device_name: str) -> Path:
@@ -111,13 +116,17 @@ def get_block_config(
     top_k: int,
     dtype: torch.dtype,
     device_name: str | None,
+    int4: bool = False,
 ) -> tuple[BlockConfig, str]:
-    """The config for this batch and where it came from ("tuned <file>" or "fallback ...")."""
+    """The config for this batch and where it came from ("tuned <file>" or "fallback ..."). 4-bit experts (`int4`)
+    take their own table where the device has one, else the table (or fallback) of their activation dtype."""
     if device_name is not None:
-        table = load_device_configs(device_name).get(shape_key(num_experts, intermediate, hidden, dtype))
-        if table:
-            m = min(table, key=lambda entry: abs(math.log2(entry) - math.log2(max(num_tokens, 1))))
-            return table[m], f"tuned {device_file(device_name).name} (M={m})"
+        tables = load_device_configs(device_name)
+        for w4 in (True, False) if int4 else (False,):
+            table = tables.get(shape_key(num_experts, intermediate, hidden, dtype, int4=w4))
+            if table:
+                m = min(table, key=lambda entry: abs(math.log2(entry) - math.log2(max(num_tokens, 1))))
+                return table[m], f"tuned {device_file(device_name).name} ({'4-bit, ' if w4 else ''}M={m})"
     if dtype == torch.float8_e4m3fn:
         return fallback_config_fp8(num_tokens, top_k, num_experts), "fp8 fallback heuristic"
     return fallback_config(num_tokens, top_k, num_experts), "fallback heuristic"

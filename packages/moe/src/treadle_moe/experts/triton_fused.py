@@ -207,7 +207,7 @@ class _TritonBase(Experts):
         else:
             device_name = torch.cuda.get_device_name(w13.device)
             config, source = get_block_config(
-                num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name
+                num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name, int4=int4 is not None
             )
         if int4 is None or source == "given":  # a given config runs as it is (steps may straddle groups)
             return config, source
