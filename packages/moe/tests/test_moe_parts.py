@@ -65,8 +65,7 @@ def test_config_lookup_nearest_and_fallback() -> None:
 def test_int4_experts_take_their_own_table_else_the_activation_dtype_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from treadle_moe import Int4Layout, MoEProblem, select_moe_kernel
-    from treadle_moe import configs
+    from treadle_moe import Int4Layout, MoEProblem, configs, select_moe_kernel
 
     def entry(block_m: int, block_n: int, block_k: int) -> dict[str, int]:
         return BlockConfig(block_m, block_n, block_k).to_json()
@@ -90,7 +89,9 @@ def test_int4_experts_take_their_own_table_else_the_activation_dtype_one(
         pytest.importorskip("triton")
         monkeypatch.delenv("TREADLE_MOE_BACKEND", raising=False)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
-        problem = MoEProblem(8, 2, 128, 64, torch.bfloat16, torch.device("cuda"), 64, int4=Int4Layout(32, False, False))
+        problem = MoEProblem(
+            8, 2, 128, 64, torch.bfloat16, torch.device("cuda"), 64, int4=Int4Layout(32, False, False)
+        )
         text = select_moe_kernel(problem).describe()
         assert "BLOCK_M=64 BLOCK_N=64 BLOCK_K=32" in text and "(tuned Test_GPU.json (4-bit, M=64))" in text
     finally:

@@ -57,7 +57,9 @@ class BlockConfig:
 INTERPRETER_CONFIG = BlockConfig(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1)
 
 
-def shape_key(num_experts: int, intermediate: int, hidden: int, dtype: torch.dtype, int4: bool = False) -> str:
+def shape_key(
+    num_experts: int, intermediate: int, hidden: int, dtype: torch.dtype, int4: bool = False
+) -> str:
     """The table's key; 4-bit experts (`int4`: W4A16 with `dtype` activations) have tables of their own."""
     key = f"E={num_experts},N={intermediate},K={hidden},dtype={str(dtype).removeprefix('torch.')}"
     return f"{key},weights=int4" if int4 else key
