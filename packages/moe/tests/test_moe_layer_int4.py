@@ -53,17 +53,22 @@ def test_checkpoint_experts_load_per_projection(layout: str, backend: str | None
     assert "int4=w4a16" in repr(layer)
 
 
-@pytest.mark.parametrize("layout", [Int4Layout(16, True, False), Int4Layout(-1, False, False)])
-def test_quantize_int4_is_close_to_the_model_dtype_layer(layout: Int4Layout) -> None:
+# Upper bounds of the 4-bit error: over 150 input draws on these weights the error spanned 0.092-0.164 (groups of
+# 16 with zero points) and 0.129-0.226 (per channel, symmetric: one scale for 48 values); a wrong dequantization
+# is off by ~1.
+@pytest.mark.parametrize(
+    ("layout", "bound"), [(Int4Layout(16, True, False), 0.2), (Int4Layout(-1, False, False), 0.3)]
+)
+def test_quantize_int4_is_close_to_the_model_dtype_layer(layout: Int4Layout, bound: float) -> None:
     layer = FusedMoE(8, 2, 48, 32, dtype=torch.float32)
     gen = torch.Generator().manual_seed(4)
     layer.w13_weight.data = torch.randn(8, 64, 48, generator=gen) / 48**0.5
     layer.w2_weight.data = torch.randn(8, 48, 32, generator=gen) / 32**0.5
-    x, logits = torch.randn(9, 48), torch.randn(9, 8)
+    x, logits = torch.randn(9, 48, generator=gen), torch.randn(9, 8, generator=gen)
     plain = layer(x, logits)
     quantize_int4(layer, layout)
     assert layer.w13_weight.dtype == torch.int32 and tuple(layer.w13_weight.shape) == (8, 6, 64)
-    assert 0.01 < _relative_error(layer(x, logits), plain) < 0.2
+    assert 0.01 < _relative_error(layer(x, logits), plain) < bound
 
 
 def test_oracle_picks_int4_triton_on_cuda_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
