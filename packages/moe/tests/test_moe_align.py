@@ -64,3 +64,50 @@ def test_triton_align_equals_torch_align(tokens: int, experts: int, top_k: int, 
     assert torch.equal(got.num_tokens_post_padded, ref.num_tokens_post_padded)
     assert torch.equal(got.sorted_token_ids, ref.sorted_token_ids)
     assert torch.equal(got.expert_ids, ref.expert_ids)
+
+
+def _ids_with_skipped(tokens: int, experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """Routed ids [tokens, top_k] where about half the slots are -1 (another rank's expert)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.rand(tokens, experts, generator=gen).topk(top_k, -1).indices.to(torch.int32)
+    skipped = torch.rand(tokens, top_k, generator=gen) < 0.5
+    return torch.where(skipped, torch.full_like(ids, -1), ids)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m"), [(1, 8, 2, 16), (9, 8, 4, 16), (100, 64, 8, 32)]
+)
+def test_align_places_skipped_slots_nowhere(tokens: int, experts: int, top_k: int, block_m: int) -> None:
+    ids = _ids_with_skipped(tokens, experts, top_k, tokens)
+    ids[0, 0] = -1  # at least one skipped slot
+    al = align_block_size(ids, block_m, experts, use_triton=False)
+    num_slots = tokens * top_k
+    flat = ids.reshape(-1).long()
+    kept = (flat >= 0).nonzero().flatten().tolist()
+    counts = torch.bincount(flat[flat >= 0], minlength=experts)
+    total = int(al.num_tokens_post_padded.item())
+    assert total == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert al.sorted_token_ids.numel() == al.num_blocks * block_m
+    sorted_ids = al.sorted_token_ids[:total]
+    assert sorted(sorted_ids[sorted_ids < num_slots].tolist()) == kept, "every kept slot once, no skipped one"
+    assert (al.sorted_token_ids[total:] == num_slots).all(), "only padding past the end"
+    for block in range(total // block_m):
+        rows = sorted_ids[block * block_m : (block + 1) * block_m]
+        rows = rows[rows < num_slots].long()
+        assert (flat[rows] == al.expert_ids[block]).all(), "a block holds one expert's slots"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m"), [(1, 8, 2, 16), (5, 16, 4, 16), (70, 128, 8, 16)]
+)
+def test_triton_align_skips_like_torch_align(tokens: int, experts: int, top_k: int, block_m: int) -> None:
+    pytest.importorskip("triton")
+    ids = _ids_with_skipped(tokens, experts, top_k, tokens + 1)
+    ids[0, 0] = -1
+    if torch.cuda.is_available():
+        ids = ids.cuda()
+    ref = align_block_size(ids, block_m, experts, use_triton=False)
+    got = align_block_size(ids, block_m, experts, use_triton=True)
+    assert torch.equal(got.num_tokens_post_padded, ref.num_tokens_post_padded)
+    assert torch.equal(got.sorted_token_ids, ref.sorted_token_ids)
+    assert torch.equal(got.expert_ids, ref.expert_ids)

@@ -5,7 +5,8 @@ The fused MoE GEMM walks `sorted_token_ids` in blocks of BLOCK_M rows; every blo
 
 For the standard format a slot is `token * top_k + k`; slots of expert e occupy
 `[padded_start[e], padded_start[e] + count[e])`, in token order, and the rest of its padded range holds the
-sentinel `num_slots` (masked off by the kernel). Experts with no token occupy no block. Only the first
+sentinel `num_slots` (masked off by the kernel). Experts with no token occupy no block. A slot whose expert id is -1
+(expert parallelism: another rank holds it, treadle_moe/placement.py) is in no block: the GEMMs never touch it. Only the first
 `num_tokens_post_padded` entries are meaningful; buffers are sized for the worst case
 `num_slots + min(E, num_slots) * (BLOCK_M - 1)` so building them needs no host synchronization (CUDA-graph
 safe). Everything here is vectorized torch (a scatter-add count, an argsort, cumsums and a searchsorted).
@@ -63,15 +64,22 @@ def align_block_size(
         sorted_ids, expert_ids, num_post = align_block_size_triton(flat32, block_m, num_experts, num_blocks)
         return BlockAlignment(sorted_ids, expert_ids, num_post, num_slots, block_m)
     flat = topk_ids.reshape(-1).long()  # [num_slots] expert of each slot
-    counts = count_per_expert(flat, num_experts)  # [E]
+    # a skipped slot (-1: another rank's expert) counts in an extra bin E, whose slots land past the blocks
+    flat = torch.where(flat < 0, num_experts, flat)
+    counts_all = count_per_expert(flat, num_experts + 1)  # [E + 1]
+    counts = counts_all[:num_experts]  # [E]
     padded = (counts + block_m - 1) // block_m * block_m  # [E] rows reserved per expert
     padded_end = torch.cumsum(padded, 0)  # [E] inclusive
-    padded_start = padded_end - padded
+    padded_start = torch.cat([padded_end - padded, padded.new_full((1,), num_blocks * block_m)])  # [E + 1]
     order = torch.argsort(flat, stable=True)  # slots by expert, token order kept
     sorted_expert = flat[order]
-    rank = torch.arange(num_slots, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
-    sorted_token_ids = torch.full((num_blocks * block_m,), num_slots, dtype=torch.int32, device=device)
+    rank = torch.arange(num_slots, device=device) - (torch.cumsum(counts_all, 0) - counts_all)[sorted_expert]
+    # [num_blocks * block_m + num_slots]: the tail holds the skipped slots and is cut off
+    sorted_token_ids = torch.full(
+        (num_blocks * block_m + num_slots,), num_slots, dtype=torch.int32, device=device
+    )
     sorted_token_ids[padded_start[sorted_expert] + rank] = order.to(torch.int32)
+    sorted_token_ids = sorted_token_ids[: num_blocks * block_m]
     block_starts = torch.arange(num_blocks, device=device) * block_m
     expert_ids = torch.searchsorted(padded_end, block_starts, right=True).clamp_(max=num_experts - 1)
     return BlockAlignment(

@@ -10,7 +10,8 @@ torch ops, whose launch cost dominated small batches. The slots are cut into chu
             num_tokens_post_padded) and writes the expert of every block.
 3. scatter: program c places slot s of expert e at padded_start[e] + chunk_offsets[c, e] + (slots of e before
             s inside the chunk).
-Experts are padded to E_P2 (a power of two > E) columns; the extra columns count nothing.
+Experts are padded to E_P2 (a power of two > E) columns; the extra columns count nothing. A slot of expert -1
+(expert parallelism: another rank's expert) matches no column and is placed nowhere.
 
 Up to CHUNK slots (decode: top-8 of at most 8 tokens) all three steps run in one program, `_single_kernel`: one
 launch instead of three where launches are most of the cost.
@@ -104,6 +105,7 @@ def _scatter_kernel(
     offs = pid * CHUNK + local
     mask = offs < num_slots
     ids = tl.load(ids_ptr + offs, mask=mask, other=-1)
+    mask &= ids >= 0  # -1: a skipped slot (another rank's expert), placed nowhere
     rank = _rank_among_earlier(ids, local)
     safe = tl.where(mask, ids, 0)
     base = tl.load(padded_start_ptr + safe, mask=mask, other=0)
@@ -120,6 +122,7 @@ def _single_kernel(
     local = tl.arange(0, CHUNK)
     mask = local < num_slots
     ids = tl.load(ids_ptr + local, mask=mask, other=-1)
+    mask &= ids >= 0  # -1: a skipped slot (another rank's expert), placed nowhere
     bins = tl.arange(0, E_P2)
     hit = ids[:, None] == bins[None, :]  # [CHUNK, E_P2]
     padded, padded_end = _pad_to_blocks(tl.sum(hit.to(tl.int32), axis=0), num_post_ptr, BLOCK_M)
