@@ -20,6 +20,7 @@ from treadle_moe.experts import (
 from treadle_moe.layer import FusedMoE
 from treadle_moe.modular_kernel import ModularKernel
 from treadle_moe.oracle import MoEKernelChoice, MoEProblem, report, select_moe_kernel
+from treadle_moe.placement import ExpertPlacement
 from treadle_moe.prepare_finalize import (
     ActivationFormat,
     NoEPBatchedPrepareFinalize,
@@ -41,6 +42,7 @@ __all__ = [
     "ActivationFormat",
     "BatchedTorchExperts",
     "BatchedTritonExperts",
+    "ExpertPlacement",
     "Experts",
     "Fp8ExpertScales",
     "Fp8Layout",

@@ -3,7 +3,8 @@
 A FusedMoE holds 4-bit experts (experts/int4.py) as parameters beside its packed `w13_weight` int32 [E, K / 8, 2N]
 and `w2_weight` int32 [E, N / 8, K]: `w13_group_scale` [E, groups13, 2N] and `w2_group_scale` [E, groups2, K] in the
 model dtype, `w13_group_zero` / `w2_group_zero` uint8 of the same shapes (asymmetric layouts), `w13_group_index`
-int32 [E, K] / `w2_group_index` int32 [E, N] (act order). N is the layer's own (a tensor-parallel rank's) width.
+int32 [E, K] / `w2_group_index` int32 [E, N] (act order). N is the layer's own (a tensor-parallel rank's) width,
+E its own experts (expert parallelism: this rank's range; expert ids stay global, treadle_moe/placement.py).
 - `allocate_int4`: empty storage for a checkpoint's experts (the layer may have been built on the meta device);
 - `load_int4_expert`: one expert projection's tensor, already in the layout and cut to this rank (gate / up:
   packed [K / 8, N], scales and zeros [groups, N], g_idx [K]; down: packed [N / 8, K], [groups, K], g_idx [N]),
@@ -47,7 +48,7 @@ def allocate_int4(
     device: torch.device | str | None = None,
 ) -> None:
     """Storage for 4-bit experts in `layout` with `groups13` / `groups2` scale rows (module docstring)."""
-    e, k, n = moe.num_experts, moe.hidden_size, moe.intermediate_size
+    e, k, n = moe.placement.num_local, moe.hidden_size, moe.intermediate_size
     if k % INT4_PACK or n % INT4_PACK:
         raise ValueError(
             f"4-bit experts pack eight input rows to a word: hidden size {k} and this rank's expert width {n} must "
@@ -69,11 +70,15 @@ def allocate_int4(
 def load_int4_expert(
     moe: FusedMoE, attr: str, shard: str, expert: int, tensor: torch.Tensor, hf_name: str
 ) -> None:
-    """Copy one expert projection's `attr` (a key of INT4_ATTRS), this rank's part, into its place."""
+    """Copy one expert projection's `attr` (a key of INT4_ATTRS), this rank's part, into its place; `expert` is
+    global, and another rank's expert (expert parallelism) is ignored."""
     assert moe.int4_layout is not None, "allocate_int4 first"
+    local = moe.placement.local_id(expert)
+    if local is None:
+        return
     w = "w2" if shard == "w2" else "w13"
     param: torch.Tensor = getattr(moe, f"{w}_{INT4_ATTRS[attr]}")
-    target = param.data[expert]
+    target = param.data[local]
     n = moe.intermediate_size
     if attr == "group_index":
         if shard != "w2":

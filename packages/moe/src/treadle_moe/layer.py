@@ -9,6 +9,11 @@ Weight layout (what checkpoints are loaded into):
 - `w2_weight` [E, K, N]: the down projection (HF `down_proj`, Mixtral `w2`). Same as transformers' `down_proj`.
   K = hidden_size, N = moe intermediate size, E = num_experts.
 The router's gate (a [E, K] linear layer) stays in the model; forward takes its logits.
+Expert parallelism (`placement`, treadle_moe/placement.py): the layer holds only its rank's experts, w13 / w2 (and
+the weight scales) [E_local, ...]; the router still routes over all E, forward maps the ids to local ones (-1 for
+another rank's expert, whose slots the kernel skips) and returns this rank's share of the sum. Loaders keep taking
+global expert ids and ignore other ranks' experts; static fp8 input scales are kept for every expert, so their
+fold is the same on every rank.
 
 fp8 experts (experts/fp8.py): `quantize_fp8(layout)` turns loaded model-dtype weights into float8_e4m3fn with scales
 (per channel: online `quantization="fp8"`; block-wise: dummy weights for a block-wise checkpoint's config), and
@@ -34,15 +39,16 @@ import torch
 from torch import nn
 
 from treadle_moe.activation import check_activation
+from treadle_moe.expert_weights import copy_expert_weight
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, fold_input_scales, quantize_experts
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
 from treadle_moe.modular_kernel import ModularKernel
 from treadle_moe.oracle import MoEKernelChoice, MoEProblem, select_moe_kernel
+from treadle_moe.placement import ExpertPlacement
 from treadle_moe.router import RouterConfig, Scoring
 
 logger = logging.getLogger(__name__)
 
-SHARD_IDS = ("w1", "w3", "w2")  # gate, up, down
 # the tensors beside 4-bit experts' packed weights (int4_layer.py)
 INT4_PARAMS = tuple(f"{w}_group_{t}" for w in ("w13", "w2") for t in ("scale", "zero", "index"))
 # where a forward runs, and the weights' fp8 or 4-bit layout
@@ -71,8 +77,16 @@ class FusedMoE(nn.Module):
         shared_experts: nn.Module | None = None,
         backend: str | None = None,
         max_num_tokens: int = 8192,
+        placement: ExpertPlacement | None = None,
     ) -> None:
         super().__init__()
+        if placement is not None and placement.num_experts != num_experts:
+            raise ValueError(
+                f"the placement covers {placement.num_experts} experts, the layer has {num_experts}"
+            )
+        # the experts this layer holds (expert parallelism: a range of them; else all)
+        self.placement = placement or ExpertPlacement.linear(num_experts)
+        num_local = self.placement.num_local
         check_activation(activation)
         self.router = RouterConfig(
             num_experts=num_experts,
@@ -90,14 +104,14 @@ class FusedMoE(nn.Module):
         self.activation = activation
         self.backend = backend
         self.max_num_tokens = max_num_tokens
-        # [E, 2N, K]: gate rows then up rows per expert
+        # [E_local, 2N, K]: gate rows then up rows per expert
         self.w13_weight = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
+            torch.empty(num_local, 2 * intermediate_size, hidden_size, dtype=dtype, device=device),
             requires_grad=False,
         )
-        # [E, K, N]
+        # [E_local, K, N]
         self.w2_weight = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device),
+            torch.empty(num_local, hidden_size, intermediate_size, dtype=dtype, device=device),
             requires_grad=False,
         )
         self.w13_weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
@@ -132,9 +146,10 @@ class FusedMoE(nn.Module):
                 "pass the gate's logits for the same tokens"
             )
         topk_weights, topk_ids = self.router.select(router_logits, self.e_score_correction_bias)
+        local_ids = self.placement.to_local_ids(topk_ids)  # -1: another rank's expert
         kernel = self._kernel_for(hidden)
-        out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation,
-                     self.fp8_scales(), self.int4_scales())  # fmt: skip
+        out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, local_ids, self.activation,
+                     self.fp8_scales(), self.int4_scales(), self.placement.is_partial)  # fmt: skip
         return out.view(shape)
 
     def fp8_scales(self) -> Fp8ExpertScales | None:
@@ -171,7 +186,7 @@ class FusedMoE(nn.Module):
         entry = self._kernels.get(key)
         if entry is None:
             problem = MoEProblem(
-                num_experts=self.num_experts,
+                num_experts=self.placement.num_local,
                 top_k=self.top_k,
                 hidden_size=self.hidden_size,
                 intermediate_size=self.intermediate_size,
@@ -204,44 +219,11 @@ class FusedMoE(nn.Module):
         shard_id: str,
         expert_id: int,
     ) -> None:
-        """vLLM-style loader: copy one expert's gate ("w1"), up ("w3") or down ("w2") matrix into `param`."""
-        if shard_id not in SHARD_IDS:
-            raise ValueError(
-                f"shard_id {shard_id!r} of {weight_name} is unknown; valid: {', '.join(SHARD_IDS)}"
-            )
-        if not 0 <= expert_id < self.num_experts:
-            raise ValueError(
-                f"expert_id {expert_id} of {weight_name} is out of range [0, {self.num_experts})"
-            )
-        target = self._expert_part(param, shard_id, expert_id)
+        """vLLM-style loader: copy one expert's gate ("w1"), up ("w3") or down ("w2") matrix into `param`
+        (expert_weights.py). `expert_id` is global: an expert another rank holds (expert parallelism) is ignored."""
         if param is self.w13_input_scale or param is self.w2_input_scale:
-            self._folded_input_scales = None
-            loaded_weight = (
-                loaded_weight.float().reshape(target.shape) if loaded_weight.numel() == 1 else loaded_weight
-            )
-        if param is self.w13_weight_scale or param is self.w2_weight_scale:
-            if tuple(loaded_weight.shape) == (*target.shape, 1):  # a per-channel scale stored [rows, 1]
-                loaded_weight = loaded_weight[..., 0]
-            loaded_weight = loaded_weight.float()
-        if tuple(loaded_weight.shape) != tuple(target.shape):
-            raise ValueError(
-                f"{weight_name} (expert {expert_id}, {shard_id}) has shape {tuple(loaded_weight.shape)}, expected "
-                f"{tuple(target.shape)}; check hidden_size / intermediate_size (and the fp8 block size) against the "
-                "checkpoint"
-            )
-        target.copy_(loaded_weight)
-
-    def _expert_part(self, param: nn.Parameter, shard_id: str, expert_id: int) -> torch.Tensor:
-        """The slice of `param` (a weight or an fp8 scale) holding expert `expert_id`'s gate, up or down matrix."""
-        if param is self.w13_input_scale:
-            return param.data[expert_id, SHARD_IDS.index(shard_id)]  # one value: the gate's or the up's
-        if shard_id == "w2":
-            return param.data[expert_id]  # weight [K, N]; scale [K] or its block grid; input scale one value
-        rows = self.intermediate_size  # gate rows, then up rows
-        layout = self.fp8_layout
-        if param is self.w13_weight_scale and layout is not None and layout.block is not None:
-            rows = param.shape[1] // 2  # block rows of the gate grid
-        return param.data[expert_id, :rows] if shard_id == "w1" else param.data[expert_id, rows:]
+            self._folded_input_scales = None  # folded again by the next fp8_scales()
+        copy_expert_weight(self, param, loaded_weight, weight_name, shard_id, expert_id)
 
     def load_expert_weight(self, expert_id: int, shard_id: str, weight: torch.Tensor) -> None:
         """Per-expert checkpoint tensor: "w1" gate [N, K], "w3" up [N, K], "w2" down [K, N]."""
@@ -249,16 +231,18 @@ class FusedMoE(nn.Module):
         self.weight_loader(param, weight, f"expert {expert_id} {shard_id}", shard_id, expert_id)
 
     def load_stacked_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """transformers' fused layout: gate_up_proj [E, 2N, K] (gate first), down_proj [E, K, N]."""
+        """transformers' fused layout: gate_up_proj [E, 2N, K] (gate first), down_proj [E, K, N] (every expert;
+        this layer keeps its own)."""
         if self.fp8_layout is not None or self.int4_layout is not None:
             raise ValueError("fp8 and 4-bit experts load one expert matrix and its scales at a time")
         for name, param, weight in (
             ("gate_up_proj", self.w13_weight, gate_up),
             ("down_proj", self.w2_weight, down),
         ):
-            if tuple(weight.shape) != tuple(param.shape):
-                raise ValueError(f"{name} has shape {tuple(weight.shape)}, expected {tuple(param.shape)}")
-            param.data.copy_(weight)
+            full = (self.num_experts, *param.shape[1:])
+            if tuple(weight.shape) != full:
+                raise ValueError(f"{name} has shape {tuple(weight.shape)}, expected {full}")
+            param.data.copy_(weight.narrow(0, self.placement.first, self.placement.num_local))
 
     # ---- fp8 experts ----------------------------------------------------------------------------------------
 
@@ -276,15 +260,15 @@ class FusedMoE(nn.Module):
     def allocate_fp8(self, layout: Fp8Layout, device: torch.device | str | None = None) -> None:
         """Storage for an fp8 checkpoint's experts (the layer may have been built on the meta device): fp8 weights
         and fp32 scales in `layout`, all to be filled by `weight_loader`."""
-        e, k, n = self.num_experts, self.hidden_size, self.intermediate_size
+        e, k, n = self.placement.num_local, self.hidden_size, self.intermediate_size
         fp8 = torch.float8_e4m3fn
         self.w13_weight = self._parameter(torch.empty(e, 2 * n, k, dtype=fp8, device=device))
         self.w2_weight = self._parameter(torch.empty(e, k, n, dtype=fp8, device=device))
         self.w13_weight_scale = self._parameter(torch.empty(layout.w13_scale_shape(e, n, k), device=device))
         self.w2_weight_scale = self._parameter(torch.empty(layout.w2_scale_shape(e, n, k), device=device))
-        if layout.static_activations:
-            self.w13_input_scale = self._parameter(torch.ones(e, 2, device=device))
-            self.w2_input_scale = self._parameter(torch.ones(e, device=device))
+        if layout.static_activations:  # every expert's (the fold is their maximum, the same on every rank)
+            self.w13_input_scale = self._parameter(torch.ones(self.num_experts, 2, device=device))
+            self.w2_input_scale = self._parameter(torch.ones(self.num_experts, device=device))
             self._folded_input_scales = None
         self.fp8_layout = layout
 
@@ -326,6 +310,7 @@ class FusedMoE(nn.Module):
             f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, renormalize={self.router.renormalize}, "
             f"scoring={self.router.scoring}, activation={self.activation}"
+            + (f", local_experts={self.placement.local_experts}" if self.placement.is_partial else "")
             + (f", fp8={self.fp8_layout.describe()}" if self.fp8_layout is not None else "")
             + (f", int4={self.int4_layout.describe()}" if self.int4_layout is not None else "")
         )

@@ -12,8 +12,11 @@ Activation formats:
 - BATCHED: hidden [E, max_tokens, K] with expert_num_tokens [E]: row r < expert_num_tokens[e] of slab e is
   a token routed to expert e; rows past it are undefined and must be ignored.
 
-The single-device implementations here (no expert parallelism) are the identity dispatch (standard) and a
-scatter into per-expert slabs (batched); both combine with the weight-and-reduce strategy of the experts.
+The single-device implementations here (no all-to-all) are the identity dispatch (standard) and a scatter into
+per-expert slabs (batched); both combine with the weight-and-reduce strategy of the experts. Under expert
+parallelism without an all-to-all (treadle_moe/placement.py: every rank sees every token and holds some experts),
+topk_ids hold -1 for slots of other ranks' experts: the standard format hands them to the experts, which skip them;
+the batched one puts them in no slab and combines zeros for them.
 """
 
 from __future__ import annotations
@@ -112,6 +115,9 @@ class NoEPStandardPrepareFinalize(PrepareFinalize):
 class _BatchedSlots:
     expert: torch.Tensor  # [M * top_k] int64, slab of each (token, k) slot
     rank: torch.Tensor  # [M * top_k] int64, row of each (token, k) slot inside its slab
+    held: (
+        torch.Tensor
+    )  # [M * top_k] bool, False for a slot of expert -1 (its expert and rank are 0; output zero)
 
 
 class NoEPBatchedPrepareFinalize(PrepareFinalize):
@@ -138,8 +144,13 @@ class NoEPBatchedPrepareFinalize(PrepareFinalize):
         _check_routing(hidden, topk_weights, topk_ids)
         num_tokens, top_k = topk_ids.shape
         flat_ids = topk_ids.reshape(-1).long()  # [M * top_k]
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_ids.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # [E], no host sync (unlike bincount)
+        held = flat_ids >= 0  # -1: another rank's expert; such slots go to an extra slab E, dropped
+        flat_ids = torch.where(held, flat_ids, num_experts)
+        counts_all = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat_ids.device)
+        counts_all.scatter_add_(
+            0, flat_ids, torch.ones_like(flat_ids)
+        )  # [E + 1], no host sync (unlike bincount)
+        counts = counts_all[:num_experts]
         max_tokens = self.max_tokens_per_expert(num_tokens)
         if self.cap is not None and num_tokens > self.cap:
             busiest = int(counts.max().item())
@@ -149,19 +160,20 @@ class NoEPBatchedPrepareFinalize(PrepareFinalize):
                     "slabs would overflow; raise max_tokens_per_expert or use the standard format"
                 )
         order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert, token order kept
-        starts = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
+        starts = torch.cumsum(counts_all, 0) - counts_all  # [E + 1] first sorted position of each expert
         sorted_rank = torch.arange(flat_ids.numel(), device=flat_ids.device) - starts[flat_ids[order]]
         rank = torch.empty_like(flat_ids)
         rank[order] = sorted_rank
-        slabs = hidden.new_empty(num_experts, max_tokens, hidden.shape[1])  # [E, max_tokens, K]
+        rank = torch.where(held, rank, 0)  # the skipped slots all overwrite row 0 of slab E
+        slabs = hidden.new_empty(num_experts + 1, max_tokens, hidden.shape[1])  # [E + 1, max_tokens, K]
         token_of_slot = torch.arange(num_tokens, device=hidden.device).repeat_interleave(top_k)
         slabs[flat_ids, rank] = hidden[token_of_slot]
         return PrepareResult(
-            slabs,
+            slabs[:num_experts],
             topk_weights,
             topk_ids,
             expert_num_tokens=counts.to(torch.int32),
-            handle=_BatchedSlots(flat_ids, rank),
+            handle=_BatchedSlots(torch.where(held, flat_ids, 0), rank, held),
         )
 
     def finalize(
@@ -174,7 +186,8 @@ class NoEPBatchedPrepareFinalize(PrepareFinalize):
         slots = prepared.handle
         assert isinstance(slots, _BatchedSlots), "finalize needs the PrepareResult that prepare returned"
         num_tokens, top_k = prepared.topk_ids.shape
-        gathered = fused_expert_output[slots.expert, slots.rank].view(num_tokens, top_k, -1)  # [M, top_k, K]
+        gathered = fused_expert_output[slots.expert, slots.rank]  # [M * top_k, K]
+        gathered = torch.where(slots.held[:, None], gathered, 0).view(num_tokens, top_k, -1)  # [M, top_k, K]
         if isinstance(weight_and_reduce, WeightAndReduceDelegate):
             weight_and_reduce = WeightAndReduceContiguous()
         weight_and_reduce.apply(output, gathered, prepared.topk_weights, prepared.topk_ids)

@@ -3,7 +3,8 @@
 Standard format: group the (token, k) slots by expert with one argsort, then for each expert that received
 tokens gather them, run `w2 @ act_and_mul(w13 @ x)` and write the unweighted result to its slots; the output
 is [M, top_k, K] and finalize weights and sums (WeightAndReduceDelegate). Batched format: the same MLP on the
-first expert_num_tokens[e] rows of every slab. Experts with no token are skipped. One host synchronization
+first expert_num_tokens[e] rows of every slab. Experts with no token are skipped, and so are slots of expert -1
+(expert parallelism: another rank's expert), whose output rows are zero. One host synchronization
 per call (the per-expert counts), which is why this is the reference and not the fast path.
 fp8 weights (either layout of experts/fp8.py) run `expert_mlp_fp8`: the dense IR ops' reference implementations
 applied to each expert's tokens, the spec of the fp8 kernels; 4-bit weights (experts/int4.py) run `expert_mlp_int4`,
@@ -77,6 +78,7 @@ class TorchExperts(Experts):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        has_skipped_slots: bool = False,
     ) -> None:
         num_experts, _ = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
@@ -85,8 +87,13 @@ class TorchExperts(Experts):
         top_k = topk_ids.shape[1]
         slots_out = output.view(-1, hidden.shape[1])  # [M * top_k, K], slot s = token s // top_k
         flat_ids = topk_ids.reshape(-1).long()
+        skipped = flat_ids < 0  # another rank's expert: the slot contributes zero
+        flat_ids = torch.where(skipped, num_experts, flat_ids)  # sorted after every expert's slots
         order = torch.argsort(flat_ids, stable=True)  # slot indices grouped by expert
-        counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # the one host sync
+        counts = torch.bincount(flat_ids, minlength=num_experts + 1)[
+            :num_experts
+        ].tolist()  # the one host sync
+        slots_out[skipped] = 0
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
@@ -126,6 +133,7 @@ class BatchedTorchExperts(Experts):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        has_skipped_slots: bool = False,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_weights(hidden.shape[2], w13, w2)

@@ -5,6 +5,8 @@ Standard format (`TritonExperts`), for M tokens routed to top_k experts each:
   2. w13 grouped GEMM with the gated activation fused in its epilogue -> workspace13 [M * top_k, N];
   3. w2 grouped GEMM scaling each row by its routing weight -> workspace2 [M * top_k, K];
   4. sum over top_k -> output [M, K]. The experts weight and reduce themselves (WeightAndReduceNoOp).
+Slots of expert -1 (expert parallelism: another rank's expert) are in no block; when there may be any
+(`has_skipped_slots`) workspace2 is zeroed first so that their rows add nothing to the sum.
 Batched format (`BatchedTritonExperts`): the same two GEMMs over slabs [E, max_tokens, K] with one fixed set of
 blocks per slab; the output stays per slab and finalize weights and sums (WeightAndReduceDelegate).
 
@@ -241,6 +243,7 @@ class TritonExperts(_TritonBase):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        has_skipped_slots: bool = False,
     ) -> None:
         check_activation(activation)
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
@@ -253,6 +256,8 @@ class TritonExperts(_TritonBase):
         intermediate = workspace13.view(num_tokens * top_k, n)
         down = workspace2.view(num_tokens * top_k, hidden.shape[1])
         weights = topk_weights.reshape(-1).float().contiguous()  # [M * top_k] indexed by slot
+        if has_skipped_slots:  # no GEMM writes the rows of slots of expert -1, which the sum below reads
+            down.zero_()
         run_gemms(hidden.contiguous(), w13, w2, intermediate, down, weights, alignment, config, top_k, activation,
                   fp8, int4)  # fmt: skip
         torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=output)
@@ -285,6 +290,7 @@ class BatchedTritonExperts(_TritonBase):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        has_skipped_slots: bool = False,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_activation(activation)
