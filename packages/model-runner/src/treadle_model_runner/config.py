@@ -89,6 +89,9 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | torch | triton | flashinfer
     enforce_eager: bool = False  # no CUDA graphs
     tensor_parallel_size: int = 1  # devices (one process each) the model's heads and columns are split across
+    # MoE models with tensor_parallel_size > 1: each rank holds whole routed experts (E / tensor_parallel_size of
+    # them) instead of a slice of every expert's columns (vLLM's enable_expert_parallel); no effect on one device
+    enable_expert_parallel: bool = False
     # most logprobs / prompt_logprobs a request may ask for (vLLM's max_logprobs); -1 = the whole vocabulary
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
     # None: weights in the model dtype; "fp8": each dense projection's weight quantized at load to float8_e4m3fn
@@ -117,6 +120,10 @@ class ModelConfig:
             )
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(
+                f"enable_expert_parallel must be true or false, got {self.enable_expert_parallel!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:

@@ -10,6 +10,9 @@ and rows [r * V / size, ...) of the embedding and of the lm_head (layers/vocab.p
     lm_head         vocabulary-parallel: `all_gather` joins the logits, so every rank samples the same tokens
                     (all ranks run the same sampler with the same seeds on identical logits);
 norms and the residual stream are replicated. With size 1 (no group) both collectives are no-ops.
+Expert parallelism (`building_expert_parallel`, ModelConfig.enable_expert_parallel) changes only the routed experts:
+rank r holds whole experts [r * E / size, (r + 1) * E / size) instead of a slice of every one; the MoE block's
+all-reduce sums the ranks' experts as it summed their columns.
 On CUDA, small all-reduces (decode steps) run as one symmetric-memory kernel once the runner has called
 `prepare_small_all_reduce` (symm_all_reduce.py); larger ones, and every one on CPU (gloo), go through the group.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -54,6 +58,26 @@ class TensorParallel:
 _tp = TensorParallel()
 _small: SmallAllReduce | None = None  # small all-reduces on CUDA (symm_all_reduce.py)
 _groups_started = 0  # tensor-parallel groups this process has joined
+_expert_parallel = False  # inside `building_expert_parallel`: MoE layers built now hold whole experts
+
+
+@contextlib.contextmanager
+def building_expert_parallel(enabled: bool = True) -> Iterator[None]:
+    """Within the block (when `enabled`), MoE layers built under a group of more than one rank hold whole experts, a
+    contiguous range of E / size of them per rank (expert parallelism, models/sparse_moe.py), instead of a slice of
+    every expert's intermediate columns. The ModelRunner builds its model inside it with
+    ModelConfig.enable_expert_parallel."""
+    global _expert_parallel
+    previous, _expert_parallel = _expert_parallel, enabled
+    try:
+        yield
+    finally:
+        _expert_parallel = previous
+
+
+def is_expert_parallel() -> bool:
+    """Whether MoE layers built now hold whole experts (inside `building_expert_parallel`, more than one rank)."""
+    return _expert_parallel and _tp.size > 1
 
 
 def get_tp() -> TensorParallel:

@@ -18,6 +18,12 @@ scales follow their rows: per channel, gate and up rows' scales are cut with the
 per token over its own columns, as the dense row-parallel projections do; block-wise, a rank keeps the block rows
 (gate, up) or block columns (down) of its slice, so the slice must be a whole number of blocks
 (quantization/experts.py) and the activation groups never straddle two ranks.
+Expert parallelism (ModelConfig.enable_expert_parallel, vLLM's --enable-expert-parallel) instead gives each rank of
+the group whole experts: rank r holds experts [r * E / tp, (r + 1) * E / tp) (E must divide by tp), computes their
+contributions for every token (slots routed to other ranks' experts add nothing) and the same all-reduce sums the
+ranks. The router stays replicated and routes over all E; shared experts (Qwen2-MoE) stay tensor-parallel. Whole
+experts keep the GEMMs as wide as on one device, and block-wise fp8 experts whose width does not cut into whole blocks
+per rank load. The loaders still see every expert's tensors and keep their rank's (treadle_moe's placement.py).
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from treadle_model_runner.layers.linear import building_on_meta
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.expert_loader import ExpertLoader
 from treadle_model_runner.models.llama import LlamaModel
-from treadle_model_runner.parallel import all_reduce, get_tp, max_over_ranks_
-from treadle_moe import FusedMoE
+from treadle_model_runner.parallel import all_reduce, get_tp, is_expert_parallel, max_over_ranks_
+from treadle_moe import ExpertPlacement, FusedMoE
 
 
 class SparseMoeBlock(nn.Module):
@@ -53,23 +59,34 @@ class SparseMoeBlock(nn.Module):
 
 class ParallelFusedMoE(FusedMoE):
     """FusedMoE with this tensor-parallel rank's columns [rank * N / size, ...) of every expert's intermediate
-    width N: rows of gate and of up in w13 [E, 2N/size, K], columns of w2 [E, K, N/size]. `full_shape` and
+    width N: rows of gate and of up in w13 [E, 2N/size, K], columns of w2 [E, K, N/size]; or, under expert
+    parallelism (parallel.building_expert_parallel), whole experts [rank * E / size, ...): w13 [E/size, 2N, K].
+    `rank` / `tp_size` describe the cut of the intermediate width (0 / 1 for whole experts). `full_shape` and
     `take_shard` let the loaders hand it one-rank tensors (as layers/linear.py's parallel layers)."""
 
     def __init__(
         self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool
     ) -> None:
         tp = get_tp()
-        local = tp.shard(intermediate, "the experts' intermediate size")
         device = "meta" if building_on_meta() else None  # an fp8 checkpoint's experts get storage later
-        super().__init__(num_experts, top_k, hidden, local, renormalize=renormalize, device=device)
-        self.rank, self.tp_size, self.full_intermediate = tp.rank, tp.size, intermediate
+        if is_expert_parallel():
+            placement = ExpertPlacement.linear(num_experts, tp.rank, tp.size)
+            super().__init__(num_experts, top_k, hidden, intermediate, renormalize=renormalize, device=device,
+                             placement=placement)  # fmt: skip
+            self.rank, self.tp_size = 0, 1
+        else:
+            local = tp.shard(intermediate, "the experts' intermediate size")
+            super().__init__(num_experts, top_k, hidden, local, renormalize=renormalize, device=device)
+            self.rank, self.tp_size = tp.rank, tp.size
+        self.full_intermediate = intermediate
 
     def rank_columns(self) -> slice:
         """This rank's slice of each expert's intermediate width N."""
         return slice(self.rank * self.intermediate_size, (self.rank + 1) * self.intermediate_size)
 
     def w2_row_amax(self, local: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:  # whole rows (one rank, or whole experts)
+            return local
         return max_over_ranks_(local)  # each rank holds a slice of every down row's columns
 
     def full_shape(self, name: str) -> tuple[int, ...]:
@@ -77,6 +94,7 @@ class ParallelFusedMoE(FusedMoE):
         return (e, 2 * n, k) if name == "w13_weight" else (e, k, n)
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        full = full.narrow(0, self.placement.first, self.placement.num_local)  # this rank's experts
         n, start = self.intermediate_size, self.rank * self.intermediate_size
         if name == "w13_weight":
             gate, up = full.narrow(1, start, n), full.narrow(1, self.full_intermediate + start, n)

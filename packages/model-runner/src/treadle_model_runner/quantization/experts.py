@@ -15,7 +15,8 @@ per (token, block_k group)). Here:
 Under tensor parallelism each rank holds N / tp of every expert's intermediate width N: block-wise, that slice must
 be a whole number of blocks (block_n for the gate and up rows, block_k for the down columns), else a ValueError names
 config.json's block field and its expert width field (`moe_intermediate_size`, Mixtral `intermediate_size`) and the
-smaller tensor-parallel sizes that work. One rank holds whole experts, whose ragged last blocks the kernels handle.
+smaller tensor-parallel sizes that work, and expert parallelism. One rank holds whole experts, whose ragged last
+blocks the kernels handle; so does each rank under expert parallelism (enable_expert_parallel), whatever the width.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def check_expert_blocks(model: nn.Module, name: str, moe: FusedMoE, blocks: Weig
     raise ValueError(
         f"{blocks.source}: the experts of {name} cannot be cut for tensor parallelism in whole blocks: config.json's "
         f"{field} ({full}) / tensor_parallel_size ({tp}) = {n} columns per rank is not a multiple of the block "
-        f"({bn} rows x {bk} columns); use tensor_parallel_size {' or '.join(map(str, sizes)) or '1'}, or the "
-        "model's unquantized checkpoint (--quantization fp8 quantizes its experts per channel)"
+        f"({bn} rows x {bk} columns); use tensor_parallel_size {' or '.join(map(str, sizes)) or '1'}, or expert "
+        "parallelism (--enable-expert-parallel: each rank holds whole experts), or the model's unquantized "
+        "checkpoint (--quantization fp8 quantizes its experts per channel)"
     )
 
 

@@ -150,7 +150,7 @@ def fill_dummy_experts(moe: FusedMoE, name: str, seed: int, std: float) -> None:
     _, _, n_full = _ranks(moe)
     k = moe.hidden_size
     device = moe.w13_weight.device
-    for e in range(moe.num_experts):
+    for e in moe.placement.local_experts:  # under expert parallelism, this rank's
         gen = torch.Generator(device=device)
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}:{e}".encode())) % (1 << 63))
         order = torch.randperm(k, generator=gen, device=device)  # gate and up read one input: one act order

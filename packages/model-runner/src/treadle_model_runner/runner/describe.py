@@ -46,8 +46,9 @@ def runtime_summary(runner: Any) -> dict[str, str]:
     else:
         name = f"{device.type} ({platform.machine()}, {os.cpu_count()} cores)"
     tp = runner.model_config.tensor_parallel_size
+    ep = " + expert parallel" if runner.model_config.enable_expert_parallel else ""
     return {
-        "device": name if tp == 1 else f"{name} x {tp} (tensor parallel)",
+        "device": name if tp == 1 else f"{name} x {tp} (tensor parallel{ep})",
         "torch": str(torch.__version__),  # a str subclass msgspec does not encode
         "dtype": _dtype(runner.dtype),
         "kv_cache_dtype": _dtype(runner.kv_cache_dtype),

@@ -37,7 +37,7 @@ from treadle_model_runner.lora.manager import LoRAManager
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
-from treadle_model_runner.parallel import get_tp, prepare_small_all_reduce
+from treadle_model_runner.parallel import building_expert_parallel, get_tp, prepare_small_all_reduce
 from treadle_model_runner.quantization import (
     allocate_projections,
     checkpoint_weights,
@@ -216,6 +216,7 @@ class ModelRunner:
             self.device,
             skip_param_init(),
             projections_on_meta(checkpoint is not None),
+            building_expert_parallel(self.model_config.enable_expert_parallel),
         ):
             model = cls(self.hf_config, self._max_model_len)
         if checkpoint is not None:
