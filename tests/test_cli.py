@@ -88,6 +88,19 @@ def test_serve_flags_reach_the_configs() -> None:
     assert ea.scheduler_config.max_model_len == 512
 
 
+def test_enable_expert_parallel_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--help"])
+    assert "--enable-expert-parallel" in capsys.readouterr().out
+    for flags, expected in (([], False), (["-tp", "2", "--enable-expert-parallel"], True)):
+        args = cli.build_parser().parse_args(["serve", "d", *flags])
+        ea = EngineArgs.from_kwargs(args.model, **cli_serve.engine_options(args))
+        assert ea.model_config.enable_expert_parallel is expected
+    # the offline API: LLM(..., enable_expert_parallel=True) passes its keywords through EngineArgs.from_kwargs
+    ea = EngineArgs.from_kwargs("d", tensor_parallel_size=2, enable_expert_parallel=True)
+    assert ea.model_config.enable_expert_parallel and ea.model_config.tensor_parallel_size == 2
+
+
 def test_vllm_flags_reach_the_configs_or_are_refused() -> None:
     argv = ["serve", "d", "--block-size", "32", "--num-gpu-blocks-override", "100", "--no-enable-chunked-prefill",
             "--max-num-batched-tokens", "4096", "--max-model-len", "512", "--long-prefill-token-threshold", "64",

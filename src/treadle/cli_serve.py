@@ -119,6 +119,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--long-prefill-token-threshold", type=int, default=d["long_prefill_token_threshold"])
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument(
+        "--enable-expert-parallel", action="store_true", default=d["enable_expert_parallel"],
+        help="MoE models with --tensor-parallel-size > 1: each GPU holds whole experts (E / tp of them) instead of a "
+        "slice of every expert",
+    )  # fmt: skip
     p.add_argument("--enable-lora", action="store_true", default=d["enable_lora"], help="serve LoRA adapters")
     p.add_argument(
         "--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
@@ -228,6 +233,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "scheduling_policy": args.scheduling_policy,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "enable_expert_parallel": args.enable_expert_parallel,
         "data_parallel_size": args.data_parallel_size,
         "enable_lora": args.enable_lora,
         "max_loras": args.max_loras,
