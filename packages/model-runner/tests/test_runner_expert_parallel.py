@@ -8,6 +8,7 @@ the HF model on its dequantized weights.
 
 from __future__ import annotations
 
+import logging
 import traceback
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from treadle_model_runner.layers.fp8_weights import WeightBlocks
 from treadle_model_runner.models import sparse_moe
 from treadle_model_runner.parallel import TensorParallel, destroy_tensor_parallel, init_tensor_parallel
 from treadle_model_runner.quantization.experts import check_expert_blocks
+from treadle_model_runner.runner.describe import log_expert_parallel
 from treadle_moe import FusedMoE
 
 FP8 = BlockFormat("fp8", (16, 32))  # two ranks would hold 16 of each expert's 32 down columns: half a block
@@ -144,3 +146,20 @@ def test_enable_expert_parallel_is_validated() -> None:
     assert ModelConfig(model="m").enable_expert_parallel is False
     with pytest.raises(ValueError, match="enable_expert_parallel must be true or false, got 'yes'"):
         ModelConfig(model="m", enable_expert_parallel="yes")  # type: ignore[arg-type]
+
+
+def test_the_expert_parallel_decision_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _expert_parallel_rank(monkeypatch, 1, 2)
+    model = torch.nn.Sequential(sparse_moe.ParallelFusedMoE(4, 2, 64, 96, renormalize=True))
+    with caplog.at_level(logging.INFO, logger="treadle_model_runner.runner.describe"):
+        log_expert_parallel(model, True, 2)
+        log_expert_parallel(model, True, 1)
+        log_expert_parallel(torch.nn.Sequential(), True, 2)
+        log_expert_parallel(model, False, 2)
+    assert caplog.messages == [
+        "expert parallelism: this rank holds whole experts 2-3 of 4 in each of 1 MoE layers",
+        "expert parallelism: no effect (one device)",
+        "expert parallelism: no effect (the model has no routed experts)",
+    ]

@@ -68,3 +68,19 @@ def log_dispatch_report(model: torch.nn.Module) -> None:
     logger.info("IR dispatch report:\n%s", treadle_ir.report())
     if any(isinstance(m, treadle_moe.FusedMoE) for m in model.modules()):
         logger.info("MoE kernel report:\n%s", treadle_moe.oracle.report())
+
+
+def log_expert_parallel(model: torch.nn.Module, enabled: bool, tp_size: int) -> None:
+    """Log, once at start-up, what enable_expert_parallel did: which experts this rank holds, or why nothing."""
+    import treadle_moe
+
+    if not enabled:
+        return
+    layers = [m for m in model.modules() if isinstance(m, treadle_moe.FusedMoE)]
+    if tp_size == 1 or not layers:
+        why = "one device" if tp_size == 1 else "the model has no routed experts"
+        logger.info("expert parallelism: no effect (%s)", why)
+        return
+    placement = layers[0].placement
+    logger.info("expert parallelism: this rank holds whole experts %d-%d of %d in each of %d MoE layers",
+                placement.first, placement.first + placement.num_local - 1, placement.num_experts, len(layers))  # fmt: skip

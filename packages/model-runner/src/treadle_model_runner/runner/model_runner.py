@@ -46,7 +46,7 @@ from treadle_model_runner.quantization import (
     resolve_quantization,
 )
 from treadle_model_runner.runner.cuda_graph import GraphSet
-from treadle_model_runner.runner.describe import log_dispatch_report, runtime_summary
+from treadle_model_runner.runner.describe import log_dispatch_report, log_expert_parallel, runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
@@ -243,6 +243,7 @@ class ModelRunner:
         prepare_small_all_reduce(self.dtype, self.device)  # tensor parallel on CUDA: every rank, here
         logger.info("loaded %s (%s)", cls.__name__, self.resolved.format)
         log_dispatch_report(model)
+        log_expert_parallel(model, self.model_config.enable_expert_parallel, get_tp().size)
 
     def initialize_kv_cache(self) -> KVCacheConfig:
         """Size the paged KV cache from memory, allocate it, and capture CUDA graphs (kv_setup.py)."""
