@@ -17,8 +17,10 @@ import pytest
 import torch
 import transformers as tf
 from fp8_block_checkpoints import BlockFormat, write_block_checkpoint
-from fp8_checkpoints import read_checkpoint
-from fp8_moe_reference import moe_block_reference
+from fp8_checkpoints import Fp8Format, read_checkpoint, write_checkpoint
+from fp8_checkpoints import quantization_config as fp8_quantization_config
+from fp8_moe_checkpoints import moe_fp8_tensors
+from fp8_moe_reference import moe_block_reference, moe_channel_reference
 from int4_checkpoints import Int4Format, dequantized_reference, write_int4_checkpoint
 from test_quantization_fp8_block_parallel import _check_tokens
 from test_quantization_fp8_moe import MOE, _hf
@@ -163,3 +165,46 @@ def test_the_expert_parallel_decision_is_logged(
         "expert parallelism: no effect (one device)",
         "expert parallelism: no effect (the model has no routed experts)",
     ]
+
+
+STATIC = Fp8Format("fp8", "tensor", static=True)
+MIXTRAL_FILES = "model.layers.1.block_sparse_moe.experts"
+
+
+def _static_rank_main(rank: int, init_method: str, path: Path, results: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        init_tensor_parallel(rank, 2, init_method, torch.device("cpu"))
+        runner = make_runner(path, tensor_parallel_size=2, enable_expert_parallel=True)
+        got = greedy_with_logprobs(runner)
+        moe = runner._require_model().get_submodule("model.layers.1.mlp.experts")
+        scales = moe.fp8_scales()
+        got["w13"] = moe.w13_weight.view(torch.uint8).tolist()
+        got["inputs"] = [scales.w13_input.item(), scales.w2_input.item()]
+        destroy_tensor_parallel()
+        results.put((rank, got))
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+        raise
+
+
+def test_static_fp8_expert_parallel_ranks_fold_every_experts_input_scales(tmp_path: Path) -> None:
+    """A Mixtral-8x7B-Instruct-FP8-style checkpoint (per-expert static input scales, growing with the expert id):
+    each rank holds its two whole experts but folds all four experts' input scales, as one device does, so the
+    tokens are the static reference's."""
+    hf = _hf("mixtral")
+    files = moe_fp8_tensors(hf, STATIC)
+    write_checkpoint(hf, tmp_path, files, fp8_quantization_config(STATIC))
+    by_rank = two_rank_results(_static_rank_main, tmp_path)
+    w13_max = max(
+        float(files[f"{MIXTRAL_FILES}.{e}.{p}.input_scale"]) for e in range(4) for p in ("w1", "w3")
+    )
+    w2_max = max(float(files[f"{MIXTRAL_FILES}.{e}.w2.input_scale"]) for e in range(4))
+    for rank, got in by_rank.items():
+        for i, e in enumerate((2 * rank, 2 * rank + 1)):
+            w13 = torch.cat([files[f"{MIXTRAL_FILES}.{e}.{p}.weight"] for p in ("w1", "w3")]).view(
+                torch.uint8
+            )
+            assert torch.equal(torch.tensor(got["w13"][i], dtype=torch.uint8), w13), (rank, e)
+        assert got["inputs"] == [w13_max, w2_max], rank
+    _check_tokens(moe_channel_reference(hf, files), by_rank[0])
