@@ -115,9 +115,8 @@ class NoEPStandardPrepareFinalize(PrepareFinalize):
 class _BatchedSlots:
     expert: torch.Tensor  # [M * top_k] int64, slab of each (token, k) slot
     rank: torch.Tensor  # [M * top_k] int64, row of each (token, k) slot inside its slab
-    held: (
-        torch.Tensor
-    )  # [M * top_k] bool, False for a slot of expert -1 (its expert and rank are 0; output zero)
+    # [M * top_k] bool, False for a slot of expert -1 (its expert and rank are 0; output zero)
+    held: torch.Tensor
 
 
 class NoEPBatchedPrepareFinalize(PrepareFinalize):
@@ -147,9 +146,8 @@ class NoEPBatchedPrepareFinalize(PrepareFinalize):
         held = flat_ids >= 0  # -1: another rank's expert; such slots go to an extra slab E, dropped
         flat_ids = torch.where(held, flat_ids, num_experts)
         counts_all = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat_ids.device)
-        counts_all.scatter_add_(
-            0, flat_ids, torch.ones_like(flat_ids)
-        )  # [E + 1], no host sync (unlike bincount)
+        # [E + 1], no host sync (unlike bincount)
+        counts_all.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         counts = counts_all[:num_experts]
         max_tokens = self.max_tokens_per_expert(num_tokens)
         if self.cap is not None and num_tokens > self.cap:

@@ -90,9 +90,8 @@ class TorchExperts(Experts):
         skipped = flat_ids < 0  # another rank's expert: the slot contributes zero
         flat_ids = torch.where(skipped, num_experts, flat_ids)  # sorted after every expert's slots
         order = torch.argsort(flat_ids, stable=True)  # slot indices grouped by expert
-        counts = torch.bincount(flat_ids, minlength=num_experts + 1)[
-            :num_experts
-        ].tolist()  # the one host sync
+        # the one host sync
+        counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()
         slots_out[skipped] = 0
         start = 0
         for expert, count in enumerate(counts):
