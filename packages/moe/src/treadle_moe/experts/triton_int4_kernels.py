@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from treadle_kernels.ops.w4a16_linear_kernels import unpack_tile
+from treadle_moe.experts.triton_tiles import block_rows, finish_rows, program_tile
 
 
 @triton.jit
@@ -73,26 +74,13 @@ def fused_moe_w4a16_gemm_kernel(
     UPCAST: tl.constexpr, EXPAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_post_padded = tl.load(num_tokens_post_padded_ptr)
-    num_pid_m = tl.cdiv(num_post_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    if pid >= num_pid_m * num_pid_n:
+    pid_m, pid_n, live = program_tile(num_tokens_post_padded_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
         return
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    first_slot = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M)
-    if first_slot >= num_valid_slots:
+    slots, slot_mask, expert, a_rows, live = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_slots,
+                                                        A_ROWS_PER_TOKEN, BLOCK_M)  # fmt: skip
+    if not live:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_token_ids_ptr + offs_m)  # [BLOCK_M] int32
-    slot_mask = slots < num_valid_slots
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    a_rows = (slots // A_ROWS_PER_TOKEN).to(tl.int64)
 
     cols = 2 * N if GATED else N  # the weight's columns: its row stride
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,17 +105,6 @@ def fused_moe_w4a16_gemm_kernel(
                                        k_mask, group_size, HAS_ZEROS, PER_ROW, G_IDX, UPCAST, BLOCK_K, BLOCK_N,
                                        EXPAND)  # fmt: skip
 
-    out_ty = c_ptr.dtype.element_ty
-    acc = acc.to(out_ty).to(tl.float32)  # the projection's output, rounded as the spec's
-    if GATED:
-        acc_up = acc_up.to(out_ty).to(tl.float32)
-        if ACTIVATION == 0:
-            acc = acc * tl.sigmoid(acc) * acc_up
-        else:
-            inner = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-            acc = acc * tl.sigmoid(inner) * acc_up
-    if MUL_ROUTED_WEIGHT:
-        weights = tl.load(topk_weights_ptr + slots, mask=slot_mask, other=0.0)
-        acc = acc * weights[:, None].to(tl.float32)
-    c_ptrs = c_ptr + slots[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(out_ty), mask=slot_mask[:, None] & n_mask[None, :])
+    # the projection's output rounded as the spec's (ROUND), then act(gate) * up, the routing weight, the store
+    finish_rows(acc, acc_up, c_ptr, stride_cm, 1, slots, slot_mask, offs_n, n_mask, topk_weights_ptr, GATED,
+                ACTIVATION, MUL_ROUTED_WEIGHT, ROUND=True)  # fmt: skip

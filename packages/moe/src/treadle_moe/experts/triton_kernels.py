@@ -12,12 +12,16 @@ BLOCK_M slots of one expert) and output columns [pid_n * BLOCK_N, +BLOCK_N):
 - Slots >= num_valid_slots are padding: never loaded, never stored. A block whose first slot is padding does
   nothing (batched slabs past their count), and programs past the padded length exit at once, so the grid can
   be sized for the worst case without a host synchronization.
+The walk (program_tile, block_rows) and the epilogue (finish_rows) are triton_tiles.py's, shared with the fp8 and
+4-bit twins of this kernel.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from treadle_moe.experts.triton_tiles import block_rows, finish_rows, program_tile
 
 ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}
 
@@ -61,27 +65,13 @@ def fused_moe_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_post_padded = tl.load(num_tokens_post_padded_ptr)
-    num_pid_m = tl.cdiv(num_post_padded, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    if pid >= num_pid_m * num_pid_n:
+    pid_m, pid_n, live = program_tile(num_tokens_post_padded_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
         return
-    # Grouped ordering: GROUP_M consecutive row blocks share the sweep over column blocks.
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    first_slot = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_M)
-    if first_slot >= num_valid_slots:
+    slots, slot_mask, expert, a_rows, live = block_rows(sorted_token_ids_ptr, expert_ids_ptr, pid_m, num_valid_slots,
+                                                        A_ROWS_PER_TOKEN, BLOCK_M)  # fmt: skip
+    if not live:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_token_ids_ptr + offs_m)  # [BLOCK_M] int32
-    slot_mask = slots < num_valid_slots
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    a_rows = (slots // A_ROWS_PER_TOKEN).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -112,14 +102,5 @@ def fused_moe_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if GATED:
-        if ACTIVATION == 0:
-            acc = acc * tl.sigmoid(acc) * acc_up
-        else:
-            inner = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-            acc = acc * tl.sigmoid(inner) * acc_up
-    if MUL_ROUTED_WEIGHT:
-        weights = tl.load(topk_weights_ptr + slots, mask=slot_mask, other=0.0)
-        acc = acc * weights[:, None].to(tl.float32)
-    c_ptrs = c_ptr + slots[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=slot_mask[:, None] & n_mask[None, :])
+    finish_rows(acc, acc_up, c_ptr, stride_cm, stride_cn, slots, slot_mask, offs_n, n_mask, topk_weights_ptr, GATED,
+                ACTIVATION, MUL_ROUTED_WEIGHT, ROUND=False)  # fmt: skip
