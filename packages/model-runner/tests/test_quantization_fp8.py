@@ -145,6 +145,8 @@ def test_lora_runs_on_an_fp8_base(tmp_path: Path) -> None:
 
     from treadle_model_runner.lora import LoRARequest
 
+    # base weights from a fixed seed, not the global RNG's state: greedy parity needs no near-tie in the top logits
+    torch.manual_seed(0)
     hf = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON)).eval()
     perturb_(hf, seed=4, std=0.15)
     hf.save_pretrained(tmp_path / "base", safe_serialization=True)

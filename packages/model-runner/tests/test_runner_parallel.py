@@ -136,20 +136,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def two_rank_results(rank_main: Any, *args: Any, timeout_s: float = 600) -> dict[int, Any]:
-    """`rank_main(rank, init_method, *args, results)` in two spawned processes (a gloo group); what each rank put
-    on `results` as (rank, value), after checking that neither sent a traceback and both exited cleanly."""
+def two_rank_results(rank_main: Any, *args: Any, timeout_s: float = 600, ranks: int = 2) -> dict[int, Any]:
+    """`rank_main(rank, init_method, *args, results)` in `ranks` (two) spawned processes (a gloo group); what each
+    rank put on `results` as (rank, value), after checking that none sent a traceback and all exited cleanly."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=rank_main, args=(r, init, *args, results)) for r in range(2)]
+    procs = [ctx.Process(target=rank_main, args=(r, init, *args, results)) for r in range(ranks)]
     for p in procs:
         p.start()
     by_rank = dict(results.get(timeout=timeout_s) for _ in procs)
     for p in procs:
         p.join(timeout=60)
     assert not any(isinstance(v, str) for v in by_rank.values()), by_rank
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert [p.exitcode for p in procs] == [0] * ranks
     return by_rank
 
 

@@ -1,0 +1,87 @@
+"""Tensor parallelism over four ranks on CPU (gloo): what two ranks cannot show. With 4 query heads and 2 key/value
+heads each rank holds one query head and a key/value head shared with its neighbour (OLMo 2 with one key/value head:
+all four hold it, and its q/k norms sum squares over four ranks); vocabularies of 129 and 131 rows do not divide by
+four; MLP and expert columns (96, 32, the shared expert's 48) are cut in four. Each model's tokens
+and logprobs, for test_runner_parallel.py's request mix (chunked prefills, sampling, prompt logprobs, a request
+verifying drafts), equal the one-rank runner's.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from test_runner_fakes import perturb_
+from test_runner_parallel import SMALL, _run, two_rank_results
+
+from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
+
+RANKS = 4
+
+
+def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
+    configs = {
+        "llama": tf.LlamaConfig(vocab_size=129, tie_word_embeddings=False, **SMALL),
+        "gemma3": tf.Gemma3TextConfig(
+            vocab_size=131,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            **SMALL,
+        ),
+        "olmo2": tf.Olmo2Config(vocab_size=128, pad_token_id=0, **(SMALL | {"num_key_value_heads": 1})),
+        "qwen3_moe": tf.Qwen3MoeConfig(
+            vocab_size=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            head_dim=16,
+            **SMALL,
+        ),
+        "qwen2_moe": tf.Qwen2MoeConfig(
+            vocab_size=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            **SMALL,
+        ),
+    }
+    dirs: dict[str, tuple[Path, str]] = {}
+    for i, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(20 + i)
+        hf = tf.AutoModelForCausalLM.from_config(config).eval()
+        perturb_(hf, seed=20 + i, std=0.15)
+        hf.save_pretrained(root / name, safe_serialization=True)
+        dirs[name] = (root / name, "auto")
+    return dirs
+
+
+def _rank_main(rank: int, init_method: str, dirs: dict[str, tuple[Path, str]], results: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        init_tensor_parallel(rank, RANKS, init_method, torch.device("cpu"))
+        got = {name: _run(path, fmt, tp=RANKS) for name, (path, fmt) in dirs.items()}
+        destroy_tensor_parallel()
+        results.put((rank, got if rank == 0 else None))
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+        raise
+
+
+def test_four_ranks_match_one(tmp_path: Path) -> None:
+    dirs = _checkpoints(tmp_path)
+    expected = {name: _run(path, fmt, tp=1) for name, (path, fmt) in dirs.items()}
+    got = two_rank_results(_rank_main, dirs, ranks=RANKS, timeout_s=900)[0]
+    for name in dirs:
+        assert got[name]["tokens"] == expected[name]["tokens"], name
+        pairs = list(zip(got[name]["logprobs"], expected[name]["logprobs"], strict=True))
+        assert pairs, name
+        for (req_a, ids_a, lp_a), (req_b, ids_b, lp_b) in pairs:
+            assert (req_a, ids_a) == (req_b, ids_b), name
+            assert max(abs(a - b) for a, b in zip(lp_a, lp_b, strict=True)) < 1e-4, name
