@@ -9,8 +9,9 @@ Which layers are sparse follows the same rule as Qwen3-MoE (`mlp_only_layers`, `
 use a dense MLP of width `intermediate_size`. Sliding windows only on the layers transformers marks sliding
 (`use_sliding_window`).
 Tensor parallelism: the shared expert is column/row-parallel like any dense MLP, the routed experts sliced as in
-sparse_moe.py (or, with enable_expert_parallel, whole experts per rank), the two gates replicated. The sigmoid gate is the same on every rank, so it scales the shared expert's
-partial sum before the sum over the ranks: the block adds it to the routed experts' partial sum and all-reduces once.
+sparse_moe.py (or, with enable_expert_parallel, whole experts per rank), the two gates replicated. The sigmoid gate
+is the same on every rank, so it scales the shared expert's partial sum before the sum over the ranks: the block adds
+it to the routed experts' partial sum and all-reduces once.
 """
 
 from __future__ import annotations

@@ -6,10 +6,9 @@ The fused MoE GEMM walks `sorted_token_ids` in blocks of BLOCK_M rows; every blo
 For the standard format a slot is `token * top_k + k`; slots of expert e occupy
 `[padded_start[e], padded_start[e] + count[e])`, in token order, and the rest of its padded range holds the
 sentinel `num_slots` (masked off by the kernel). Experts with no token occupy no block. A slot whose expert id is -1
-(expert parallelism: another rank holds it, treadle_moe/placement.py) is in no block: the GEMMs never touch it. Only the first
-`num_tokens_post_padded` entries are meaningful; buffers are sized for the worst case
-`num_slots + min(E, num_slots) * (BLOCK_M - 1)` so building them needs no host synchronization (CUDA-graph
-safe). Everything here is vectorized torch (a scatter-add count, an argsort, cumsums and a searchsorted).
+(expert parallelism: another rank holds it, treadle_moe/placement.py) is in no block: the GEMMs never touch it.
+Only the first `num_tokens_post_padded` entries are meaningful; buffers are sized for the worst case
+`num_slots + min(E, num_slots) * (BLOCK_M - 1)` so building them needs no host synchronization (CUDA-graph safe). Everything here is vectorized torch (a scatter-add count, an argsort, cumsums and a searchsorted).
 
 For the batched format, slab e row r is slot `e * max_tokens + r`; every slab gets `cdiv(max_tokens, BLOCK_M)`
 blocks, and blocks past `expert_num_tokens[e]` start with the sentinel, so the kernel skips them.

@@ -7,10 +7,11 @@ allocates the scratch from the workspace manager and calls `apply`.
 Sizes: M tokens (BATCHED: rows per expert slab), K hidden size, N expert intermediate size, E experts.
 Weights: w13 [E, 2N, K] (rows 0..N-1 the gate projection, rows N..2N-1 the up projection), w2 [E, K, N]; an
 expert computes `y = w2[e] @ act(w13[e][:N] @ x) * (w13[e][N:] @ x)`. A slot whose expert id is -1 (expert
-parallelism: another rank holds that expert, treadle_moe/placement.py) contributes zero. fp8 weights (float8_e4m3fn) come with their
-scales (`fp8`, an `Fp8ExpertScales`: per channel or block-wise, experts/fp8.py) and compute `expert_mlp_fp8`; an
-implementation says which layouts it runs through `support_reason`. 4-bit weights (`int4`, W4A16) are packed int32
-w13 [E, K / 8, 2N] / w2 [E, N / 8, K] with an `Int4ExpertScales` and compute `expert_mlp_int4` (experts/int4.py).
+parallelism: another rank holds that expert, treadle_moe/placement.py) contributes zero. fp8 weights (float8_e4m3fn)
+come with their scales (`fp8`, an `Fp8ExpertScales`: per channel or block-wise, experts/fp8.py) and compute
+`expert_mlp_fp8`; an implementation says which layouts it runs through `support_reason`. 4-bit weights (`int4`,
+W4A16) are packed int32 w13 [E, K / 8, 2N] / w2 [E, N / 8, K] with an `Int4ExpertScales` and compute
+`expert_mlp_int4` (experts/int4.py).
 """
 
 from __future__ import annotations
