@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -96,6 +97,41 @@ def test_int4_experts_take_their_own_table_else_the_activation_dtype_one(
         assert "BLOCK_M=64 BLOCK_N=64 BLOCK_K=32" in text and "(tuned Test_GPU.json (4-bit, M=64))" in text
     finally:
         load_device_configs.cache_clear()
+
+
+def test_expert_parallel_layers_take_the_routed_expert_count_configs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A rank holding 4 of 8 experts picks block configs as the 8-expert layer does (its experts see the load they
+    would on one device): the 8-expert table, in the oracle's report and in the Triton experts it builds."""
+    pytest.importorskip("triton")
+    from treadle_moe import ExpertPlacement, FusedMoE, MoEProblem, TritonExperts, configs, select_moe_kernel
+
+    table = {"1": BlockConfig(16, 32, 64).to_json(), "64": BlockConfig(32, 64, 64).to_json()}
+    shapes = {shape_key(8, 64, 128, torch.bfloat16): table}
+    (tmp_path / "Test_GPU.json").write_text(json.dumps({"device_name": "Test GPU", "shapes": shapes}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    monkeypatch.delenv("TREADLE_MOE_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    load_device_configs.cache_clear()
+    try:
+        local = MoEProblem(4, 2, 128, 64, torch.bfloat16, torch.device("cuda"), 64)
+        assert "(fallback heuristic)" in select_moe_kernel(local).describe()  # no table for 4 experts
+        choice = select_moe_kernel(dataclasses.replace(local, routed_experts=8))
+        assert "BLOCK_M=32 BLOCK_N=64 BLOCK_K=64" in choice.describe()
+        assert "(tuned Test_GPU.json (M=64))" in choice.describe()
+        experts = choice.build().experts
+        assert isinstance(experts, TritonExperts) and experts.config_experts == 8
+    finally:
+        load_device_configs.cache_clear()
+    # the layer asks for it when it holds some of the experts (triton under the interpreter on CPU)
+    layer = FusedMoE(8, 2, 128, 64, dtype=torch.float32, backend="triton",
+                     placement=ExpertPlacement.linear(8, 1, 2))  # fmt: skip
+    torch.nn.init.normal_(layer.w13_weight, std=0.1)
+    torch.nn.init.normal_(layer.w2_weight, std=0.1)
+    layer(torch.randn(3, 128), torch.randn(3, 8))
+    built = layer._kernels[layer._last_key][1].experts  # type: ignore[index]
+    assert isinstance(built, TritonExperts) and built.config_experts == 8
 
 
 def test_weight_and_reduce_strategies() -> None:

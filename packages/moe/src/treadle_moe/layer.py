@@ -196,6 +196,7 @@ class FusedMoE(nn.Module):
                 activation=self.activation,
                 fp8=self.fp8_layout,
                 int4=self.int4_layout,
+                routed_experts=self.num_experts if self.placement.is_partial else None,
             )
             choice = select_moe_kernel(problem, self.backend)
             entry = (choice, choice.build(self.shared_experts))

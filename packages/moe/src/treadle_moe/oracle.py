@@ -68,6 +68,9 @@ class MoEProblem:
     activation: str = "silu"
     fp8: Fp8Layout | None = None  # float8_e4m3fn expert weights in this scale layout; None: `dtype` weights
     int4: Int4Layout | None = None  # packed 4-bit expert weights in this layout (activations in `dtype`)
+    # expert parallelism: the experts the router routes over when the layer holds num_experts of them; block configs
+    # are those of that many experts (each held expert sees the load it would on one device)
+    routed_experts: int | None = None
 
     def weights_describe(self) -> str:
         """The expert weights' format, for reasons and the decision log ("" for model-dtype weights)."""
@@ -83,9 +86,16 @@ class MoEKernelChoice:
     experts_cls: type[Experts]
     prepare_finalize: PrepareFinalize
     reasons: list[str] = field(default_factory=list)
+    routed_experts: int | None = (
+        None  # MoEProblem.routed_experts: the Triton experts' block configs follow it
+    )
 
     def build(self, shared_experts: torch.nn.Module | None = None) -> ModularKernel:
-        return ModularKernel(self.prepare_finalize, self.experts_cls(), shared_experts=shared_experts)
+        if issubclass(self.experts_cls, (TritonExperts, BatchedTritonExperts)):
+            experts: Experts = self.experts_cls(config_experts=self.routed_experts)
+        else:
+            experts = self.experts_cls()
+        return ModularKernel(self.prepare_finalize, experts, shared_experts=shared_experts)
 
     def describe(self) -> str:
         head = f"moe: experts={self.experts_cls.name}, prepare_finalize={self.prepare_finalize.name}"
@@ -145,7 +155,7 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
         for tokens in sorted({1, min(256, problem.max_num_tokens), problem.max_num_tokens}):
             config, source = get_block_config(
                 tokens,
-                problem.num_experts,
+                problem.routed_experts or problem.num_experts,
                 problem.intermediate_size,
                 problem.hidden_size,
                 problem.top_k,
@@ -159,7 +169,7 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 f"block config at {tokens} tokens: BLOCK_M={config.block_m} BLOCK_N={config.block_n} "
                 f"BLOCK_K={config.block_k} warps={config.num_warps} stages={config.num_stages} ({source})"
             )
-    choice = MoEKernelChoice(experts_cls, prepare_finalize, reasons)
+    choice = MoEKernelChoice(experts_cls, prepare_finalize, reasons, problem.routed_experts)
     _record(problem, choice)
     return choice
 

@@ -6,6 +6,8 @@ must be a multiple of ep_size. The router still scores all E experts on every ra
 are the activations); `to_local_ids` turns its global expert ids into this rank's local ones, with -1 for a slot
 routed to another rank's expert. The experts skip such slots (they contribute zero), so each rank's output is the
 sum over its own experts, and the sum over the ranks (one all-reduce, as under tensor parallelism) is the layer.
+A rank's expert sees the load it would on one device (M * top_k / E slots), so the Triton experts pick block configs
+for all E experts (the tuned table and heuristic of the one-device layer: MoEProblem.routed_experts).
 """
 
 from __future__ import annotations

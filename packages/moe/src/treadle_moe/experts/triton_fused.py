@@ -172,8 +172,11 @@ class _TritonBase(Experts):
     supported_activations = frozenset({"silu", "gelu_tanh"})
     supported_device_types = frozenset({"cuda"})
 
-    def __init__(self, block_config: BlockConfig | None = None) -> None:
+    def __init__(self, block_config: BlockConfig | None = None, config_experts: int | None = None) -> None:
         self.block_config = block_config  # None: tuned JSON / fallback per batch
+        # the expert count block configs are looked up for (tuned table and heuristic); None: the weights' own.
+        # Expert parallelism passes the router's: a rank's expert sees the load it would on one device.
+        self.config_experts = config_experts
 
     @classmethod
     def support_reason(
@@ -199,6 +202,7 @@ class _TritonBase(Experts):
     ) -> tuple[BlockConfig, str]:
         """The block config for this batch; 4-bit weights (packed [E, K / 8, 2N]) start from the model dtype's."""
         num_experts, two_n, hidden = w13.shape
+        num_experts = self.config_experts or num_experts
         dtype = w13.dtype
         if int4 is not None:
             two_n, hidden, dtype = w13.shape[2], w13.shape[1] * 8, int4.w13_scale.dtype
