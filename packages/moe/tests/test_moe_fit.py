@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from treadle_moe.configs import BlockConfig
-from treadle_moe.experts import triton_fused
+from treadle_moe.experts import triton_launch
 from treadle_moe.experts.align import align_block_size
 
 pytest.importorskip("triton")
@@ -26,7 +26,7 @@ def _smem(config: BlockConfig, dtype: torch.dtype) -> int:
 def test_config_too_big_for_shared_memory_is_shrunk_and_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
     budget = 16 * 1024
     tried: list[BlockConfig] = []
-    launch = triton_fused._launch
+    launch = triton_launch._launch
 
     def limited(*args, **kwargs):
         config, a = args[5], args[0]
@@ -35,8 +35,8 @@ def test_config_too_big_for_shared_memory_is_shrunk_and_remembered(monkeypatch: 
             raise OutOfResources(_smem(config, a.dtype), budget, "shared memory")
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(triton_fused, "_launch", limited)
-    monkeypatch.setattr(triton_fused, "_FITTED", {})
+    monkeypatch.setattr(triton_launch, "_launch", limited)
+    monkeypatch.setattr(triton_launch, "_FITTED", {})
     gen = torch.Generator().manual_seed(0)
     num_tokens, hidden, inter, experts, top_k = 12, 64, 48, 4, 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,7 +52,7 @@ def test_config_too_big_for_shared_memory_is_shrunk_and_remembered(monkeypatch: 
     )
     for attempt in range(2):
         out = torch.zeros(num_tokens * top_k, inter, device=device)
-        triton_fused.invoke_moe_gemm(a, w, out, None, alignment, config, a_rows_per_token=top_k, gated=False)
+        triton_launch.invoke_moe_gemm(a, w, out, None, alignment, config, a_rows_per_token=top_k, gated=False)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
         fitted = tried[-1]
         assert _smem(fitted, a.dtype) <= budget and fitted.block_m == config.block_m
@@ -61,4 +61,4 @@ def test_config_too_big_for_shared_memory_is_shrunk_and_remembered(monkeypatch: 
             tried.clear()
         else:
             assert tried == [fitted]  # the second launch goes straight to the fitted config
-    assert {(config, torch.float32, False): fitted} == triton_fused._FITTED
+    assert {(config, torch.float32, False): fitted} == triton_launch._FITTED

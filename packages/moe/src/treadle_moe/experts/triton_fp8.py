@@ -81,8 +81,8 @@ def invoke_moe_fp8_gemm(
     """c[slot] = (gated: act_and_mul)(dequant(a[slot // a_rows_per_token]) @ dequant(b[expert]).T)
     (* topk_weights[slot]), with a / b float8_e4m3fn and their scales in `layout`."""
     from treadle_moe.experts import triton_fp8_kernels as tk
-    from treadle_moe.experts.triton_fused import launch_fitted
     from treadle_moe.experts.triton_kernels import ACTIVATION_CODES
+    from treadle_moe.experts.triton_launch import launch_fitted
 
     assert config.block_m == alignment.block_m, "block alignment built for another BLOCK_M"
     assert a.stride(1) == 1 and b.stride(2) == 1 and c.stride(1) == 1, "rows of a, b and c must be contiguous"

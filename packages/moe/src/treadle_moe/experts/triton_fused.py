@@ -11,10 +11,9 @@ Batched format (`BatchedTritonExperts`): the same two GEMMs over slabs [E, max_t
 blocks per slab; the output stays per slab and finalize weights and sums (WeightAndReduceDelegate).
 
 Block sizes come from configs/ (tuned per device) unless a BlockConfig is passed in; under TRITON_INTERPRET=1
-(CPU tests) a small config keeps the interpreter fast. A config whose tiles do not fit the GPU's shared memory
-(float32 inputs with tiles tuned for 16-bit ones) is shrunk at its first launch: fewer stages, then smaller
-BLOCK_K, then smaller BLOCK_N; the fitted config is remembered. Accumulation is float32; float32 inputs use IEEE dot
-products (no TF32), so fp32 results match the torch reference closely.
+(CPU tests) a small config keeps the interpreter fast. The launches are triton_launch.py's (a config too big for the
+GPU's shared memory is shrunk at its first launch and remembered). Accumulation is float32; float32 inputs use IEEE
+dot products (no TF32), so fp32 results match the torch reference closely.
 fp8 weights (float8_e4m3fn w13 / w2 with `Fp8ExpertScales`) take the fp8 GEMMs of triton_fp8.py in both formats:
 the activations quantized per token (group), fp8 tensor-core products, scales in the epilogue or per K block.
 4-bit weights (packed int32 w13 / w2 with `Int4ExpertScales`) take triton_int4.py's W4A16 GEMMs: the nibbles
@@ -23,10 +22,7 @@ unpacked in registers inside the grouped GEMM, 16-bit activations.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
-from collections.abc import Callable
 
 import torch
 
@@ -39,14 +35,13 @@ from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, check_fp8_scales
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, check_int4_experts
 from treadle_moe.experts.triton_fp8 import fp8_support_reason, run_fp8_gemms
 from treadle_moe.experts.triton_int4 import int4_config, run_int4_gemms
+from treadle_moe.experts.triton_launch import invoke_moe_gemm
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import (
     TopKWeightAndReduce,
     WeightAndReduceDelegate,
     WeightAndReduceNoOp,
 )
-
-logger = logging.getLogger(__name__)
 
 _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
@@ -58,113 +53,6 @@ def is_triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def invoke_moe_gemm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    topk_weights: torch.Tensor | None,
-    alignment: BlockAlignment,
-    config: BlockConfig,
-    *,
-    a_rows_per_token: int,
-    gated: bool,
-    activation: str = "silu",
-) -> None:
-    """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ b[expert].T) (* topk_weights[slot])."""
-    assert config.block_m == alignment.block_m, "block alignment built for another BLOCK_M"
-    assert a.stride(1) == 1 and c.stride(1) == 1, "rows of a and c must be contiguous"
-    launch_fitted(
-        (config, a.dtype, gated),
-        config,
-        lambda fitted: _launch(a, b, c, topk_weights, alignment, fitted, a_rows_per_token, gated, activation),
-    )
-
-
-def launch_fitted(
-    key: tuple[BlockConfig, torch.dtype, bool], config: BlockConfig, launch: Callable[[BlockConfig], None]
-) -> None:
-    """`launch(config)`, or with the config remembered for `key` (the same config, operand dtype and GEMM) after a
-    launch ran out of shared memory: each such failure shrinks the config (`_smaller`) and retries."""
-    from triton.runtime.errors import OutOfResources
-
-    config = _FITTED.get(key, config)
-    while True:
-        try:
-            return launch(config)
-        except OutOfResources as exc:  # e.g. float32 tiles of a config tuned for 16-bit inputs
-            smaller = _smaller(config)
-            if smaller is None:
-                raise
-            logger.warning("fused MoE blocks %s do not fit this GPU for %s inputs (%s); trying %s", config,
-                           key[1], exc, smaller)  # fmt: skip
-            config = _FITTED[key] = smaller
-
-
-_FITTED: dict[tuple[BlockConfig, torch.dtype, bool], BlockConfig] = {}  # a config -> the one that fit the GPU
-
-
-def _smaller(config: BlockConfig) -> BlockConfig | None:
-    """The next config to try when `config` needs more shared memory than the GPU has: fewer pipeline stages,
-    then a shorter reduction step, then narrower output blocks (BLOCK_M is fixed by the slot alignment)."""
-    if config.num_stages > 1:
-        return dataclasses.replace(config, num_stages=config.num_stages - 1)
-    if config.block_k > 16:
-        return dataclasses.replace(config, block_k=config.block_k // 2)
-    if config.block_n > 16:
-        return dataclasses.replace(config, block_n=config.block_n // 2)
-    return None
-
-
-def _launch(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    topk_weights: torch.Tensor | None,
-    alignment: BlockAlignment,
-    config: BlockConfig,
-    a_rows_per_token: int,
-    gated: bool,
-    activation: str,
-) -> None:
-    from treadle_moe.experts import triton_kernels as tk
-
-    n_out = b.shape[1] // 2 if gated else b.shape[1]
-    k = b.shape[2]
-    grid = (alignment.num_blocks * -(-n_out // config.block_n),)
-    weights = topk_weights if topk_weights is not None else c  # unused pointer when not multiplying
-    tk.fused_moe_gemm_kernel[grid](
-        a,
-        b,
-        c,
-        weights,
-        alignment.sorted_token_ids,
-        alignment.expert_ids,
-        alignment.num_tokens_post_padded,
-        n_out,
-        k,
-        alignment.num_slots,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        b.stride(2),
-        c.stride(0),
-        c.stride(1),
-        A_ROWS_PER_TOKEN=a_rows_per_token,
-        GATED=gated,
-        ACTIVATION=tk.ACTIVATION_CODES[activation],
-        MUL_ROUTED_WEIGHT=topk_weights is not None,
-        IEEE=a.dtype == torch.float32 or a.device.type == "cpu",
-        EVEN_K=k % config.block_k == 0,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        GROUP_M=config.group_m,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
 
 
 class _TritonBase(Experts):

@@ -59,8 +59,8 @@ def invoke_moe_w4a16_gemm(
     """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ dequant(b[expert])) (* topk_weights[slot]),
     b packed int32 [E, K / 8, COLS] with its scales [E, groups, COLS] (zeros likewise, g_idx [E, K])."""
     from treadle_moe.experts import triton_int4_kernels as tk
-    from treadle_moe.experts.triton_fused import launch_fitted
     from treadle_moe.experts.triton_kernels import ACTIVATION_CODES
+    from treadle_moe.experts.triton_launch import launch_fitted
 
     assert config.block_m == alignment.block_m, "block alignment built for another BLOCK_M"
     assert a.stride(1) == 1 and c.stride(1) == 1, "rows of a and c must be contiguous"
