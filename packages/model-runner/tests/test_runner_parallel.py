@@ -34,8 +34,9 @@ SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "nu
          "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
 
 
-def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
-    configs = {
+def model_configs() -> dict[str, Any]:
+    """The tiny configs of the module docstring's models (also test_runner_parallel4.py's)."""
+    return {
         "llama": tf.LlamaConfig(vocab_size=129, tie_word_embeddings=False, **SMALL),
         "qwen2": tf.Qwen2Config(vocab_size=128, tie_word_embeddings=False, **SMALL),
         "mqa": tf.LlamaConfig(
@@ -80,13 +81,22 @@ def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
             **SMALL,
         ),
     }
+
+
+def save_checkpoints(root: Path, configs: dict[str, Any], seed: int = 0) -> dict[str, tuple[Path, str]]:
+    """Each config as a random HF checkpoint (the i-th seeded with seed + i, weights perturbed) under root/name."""
     dirs: dict[str, tuple[Path, str]] = {}
     for i, (name, config) in enumerate(configs.items()):
-        torch.manual_seed(i)
+        torch.manual_seed(seed + i)
         hf = tf.AutoModelForCausalLM.from_config(config).eval()
-        perturb_(hf, seed=i, std=0.15)
+        perturb_(hf, seed=seed + i, std=0.15)
         hf.save_pretrained(root / name, safe_serialization=True)
         dirs[name] = (root / name, "auto")
+    return dirs
+
+
+def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
+    dirs = save_checkpoints(root, model_configs())
     dirs["dummy"] = (make_dummy_model_dir(tf.LlamaConfig(vocab_size=128, **SMALL), root / "dummy"), "dummy")
     return dirs
 

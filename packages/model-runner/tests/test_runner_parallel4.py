@@ -13,53 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers as tf
-from test_runner_fakes import perturb_
-from test_runner_parallel import SMALL, _run, two_rank_results
+from test_runner_parallel import _run, model_configs, save_checkpoints, two_rank_results
 
 from treadle_model_runner.parallel import destroy_tensor_parallel, init_tensor_parallel
 
 RANKS = 4
+MODELS = ("llama", "gemma3", "olmo2", "qwen3_moe", "qwen2_moe")  # test_runner_parallel.model_configs()
 
 
 def _checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
-    configs = {
-        "llama": tf.LlamaConfig(vocab_size=129, tie_word_embeddings=False, **SMALL),
-        "gemma3": tf.Gemma3TextConfig(
-            vocab_size=131,
-            head_dim=16,
-            sliding_window=8,
-            query_pre_attn_scalar=16,
-            layer_types=["sliding_attention", "full_attention"],
-            **SMALL,
-        ),
-        "olmo2": tf.Olmo2Config(vocab_size=128, pad_token_id=0, **(SMALL | {"num_key_value_heads": 1})),
-        "qwen3_moe": tf.Qwen3MoeConfig(
-            vocab_size=128,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            norm_topk_prob=True,
-            head_dim=16,
-            **SMALL,
-        ),
-        "qwen2_moe": tf.Qwen2MoeConfig(
-            vocab_size=128,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-            **SMALL,
-        ),
-    }
-    dirs: dict[str, tuple[Path, str]] = {}
-    for i, (name, config) in enumerate(configs.items()):
-        torch.manual_seed(20 + i)
-        hf = tf.AutoModelForCausalLM.from_config(config).eval()
-        perturb_(hf, seed=20 + i, std=0.15)
-        hf.save_pretrained(root / name, safe_serialization=True)
-        dirs[name] = (root / name, "auto")
-    return dirs
+    return save_checkpoints(root, {name: model_configs()[name] for name in MODELS}, seed=20)
 
 
 def _rank_main(rank: int, init_method: str, dirs: dict[str, tuple[Path, str]], results: Any) -> None:

@@ -57,13 +57,7 @@ def test_triton_align_equals_torch_align(tokens: int, experts: int, top_k: int, 
     pytest.importorskip("triton")
     gen = torch.Generator().manual_seed(tokens + experts)
     ids = torch.rand(tokens, experts, generator=gen).topk(top_k, -1).indices.to(torch.int32)
-    if torch.cuda.is_available():
-        ids = ids.cuda()
-    ref = align_block_size(ids, block_m, experts, use_triton=False)
-    got = align_block_size(ids, block_m, experts, use_triton=True)
-    assert torch.equal(got.num_tokens_post_padded, ref.num_tokens_post_padded)
-    assert torch.equal(got.sorted_token_ids, ref.sorted_token_ids)
-    assert torch.equal(got.expert_ids, ref.expert_ids)
+    _check_triton_equals_torch(ids, block_m, experts)
 
 
 def _ids_with_skipped(tokens: int, experts: int, top_k: int, seed: int) -> torch.Tensor:
@@ -97,13 +91,8 @@ def test_align_places_skipped_slots_nowhere(tokens: int, experts: int, top_k: in
         assert (flat[rows] == al.expert_ids[block]).all(), "a block holds one expert's slots"
 
 
-@pytest.mark.parametrize(
-    ("tokens", "experts", "top_k", "block_m"), [(1, 8, 2, 16), (5, 16, 4, 16), (70, 128, 8, 16)]
-)
-def test_triton_align_skips_like_torch_align(tokens: int, experts: int, top_k: int, block_m: int) -> None:
-    pytest.importorskip("triton")
-    ids = _ids_with_skipped(tokens, experts, top_k, tokens + 1)
-    ids[0, 0] = -1
+def _check_triton_equals_torch(ids: torch.Tensor, block_m: int, experts: int) -> None:
+    """The Triton alignment of `ids` (on CUDA when there is one, else the interpreter) equals the torch one."""
     if torch.cuda.is_available():
         ids = ids.cuda()
     ref = align_block_size(ids, block_m, experts, use_triton=False)
@@ -111,3 +100,13 @@ def test_triton_align_skips_like_torch_align(tokens: int, experts: int, top_k: i
     assert torch.equal(got.num_tokens_post_padded, ref.num_tokens_post_padded)
     assert torch.equal(got.sorted_token_ids, ref.sorted_token_ids)
     assert torch.equal(got.expert_ids, ref.expert_ids)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m"), [(1, 8, 2, 16), (5, 16, 4, 16), (70, 128, 8, 16)]
+)
+def test_triton_align_skips_like_torch_align(tokens: int, experts: int, top_k: int, block_m: int) -> None:
+    pytest.importorskip("triton")
+    ids = _ids_with_skipped(tokens, experts, top_k, tokens + 1)
+    ids[0, 0] = -1
+    _check_triton_equals_torch(ids, block_m, experts)
