@@ -163,6 +163,18 @@ def two_rank_results(rank_main: Any, *args: Any, timeout_s: float = 600, ranks: 
     return by_rank
 
 
+def check_same_outputs(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Per model (`_run`'s results): the same tokens, and every logprob entry's request and token ids equal with
+    logprobs within 1e-4."""
+    for name in expected:
+        assert got[name]["tokens"] == expected[name]["tokens"], name
+        pairs = list(zip(got[name]["logprobs"], expected[name]["logprobs"], strict=True))
+        assert pairs, name
+        for (req_a, ids_a, lp_a), (req_b, ids_b, lp_b) in pairs:
+            assert (req_a, ids_a) == (req_b, ids_b), name
+            assert max(abs(a - b) for a, b in zip(lp_a, lp_b, strict=True)) < 1e-4, name
+
+
 def test_two_ranks_match_one(tmp_path: Path) -> None:
     dirs = _checkpoints(tmp_path)
     ctx = multiprocessing.get_context("spawn")
@@ -177,13 +189,7 @@ def test_two_ranks_match_one(tmp_path: Path) -> None:
         p.join(timeout=60)
     assert not isinstance(got, str), got
     assert [p.exitcode for p in procs] == [0, 0]
-    for name in dirs:
-        assert got[name]["tokens"] == expected[name]["tokens"], name
-        pairs = list(zip(got[name]["logprobs"], expected[name]["logprobs"], strict=True))
-        assert pairs, name
-        for (req_a, ids_a, lp_a), (req_b, ids_b, lp_b) in pairs:
-            assert (req_a, ids_a) == (req_b, ids_b), name
-            assert max(abs(a - b) for a, b in zip(lp_a, lp_b, strict=True)) < 1e-4, name
+    check_same_outputs(got, expected)
 
 
 def test_group_size_must_divide_heads() -> None:
