@@ -149,7 +149,7 @@ class FusedMoE(nn.Module):
         local_ids = self.placement.to_local_ids(topk_ids)  # -1: another rank's expert
         kernel = self._kernel_for(hidden)
         out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, local_ids, self.activation,
-                     self.fp8_scales(), self.int4_scales(), self.placement.is_partial)  # fmt: skip
+                     self.fp8_scales(), self.int4_scales())  # fmt: skip
         return out.view(shape)
 
     def fp8_scales(self) -> Fp8ExpertScales | None:

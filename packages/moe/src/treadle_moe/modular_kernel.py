@@ -56,11 +56,10 @@ class ModularKernel:
         activation: str = "silu",
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
-        has_skipped_slots: bool = False,
     ) -> torch.Tensor:
         """hidden [M, K], w13 [E, 2N, K], w2 [E, K, N], topk [M, top_k] -> [M, K]; `fp8`: the scales of
         float8_e4m3fn w13 / w2; `int4`: the scales of packed 4-bit w13 [E, K / 8, 2N] / w2 [E, N / 8, K].
-        `has_skipped_slots`: topk_ids may hold -1 (another rank's expert), slots that contribute zero."""
+        topk_ids of -1 (expert parallelism: another rank's expert) contribute zero (experts/base.py)."""
         num_experts, n = check_weights(hidden.shape[-1], w13, w2)
         num_tokens, top_k = topk_ids.shape
         k = hidden.shape[1]
@@ -95,7 +94,6 @@ class ModularKernel:
             workspace2=ws2,
             fp8=fp8,
             int4=int4,
-            has_skipped_slots=has_skipped_slots,
         )
         self.prepare_finalize.finalize(output, expert_out, prepared, reduce)
         if self.shared_experts is not None:

@@ -89,11 +89,9 @@ class Experts(ABC):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
-        has_skipped_slots: bool = False,
     ) -> None:
         """Write the experts' output (shape `workspace_shapes(...).output`) into `output`; `fp8`: the scales of
-        float8_e4m3fn w13 / w2; `int4`: the scales (zeros, g_idx) of packed 4-bit w13 / w2. `has_skipped_slots`:
-        topk_ids may hold -1 (expert parallelism: another rank's expert), a slot that must contribute zero."""
+        float8_e4m3fn w13 / w2; `int4`: the scales (zeros, g_idx) of packed 4-bit w13 / w2."""
 
     def describe(self) -> str:
         return f"{self.name} ({self.activation_format.value} format)"

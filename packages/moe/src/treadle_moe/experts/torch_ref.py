@@ -78,7 +78,6 @@ class TorchExperts(Experts):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
-        has_skipped_slots: bool = False,
     ) -> None:
         num_experts, _ = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
@@ -132,7 +131,6 @@ class BatchedTorchExperts(Experts):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
-        has_skipped_slots: bool = False,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_weights(hidden.shape[2], w13, w2)

@@ -5,8 +5,9 @@ Standard format (`TritonExperts`), for M tokens routed to top_k experts each:
   2. w13 grouped GEMM with the gated activation fused in its epilogue -> workspace13 [M * top_k, N];
   3. w2 grouped GEMM scaling each row by its routing weight -> workspace2 [M * top_k, K];
   4. sum over top_k -> output [M, K]. The experts weight and reduce themselves (WeightAndReduceNoOp).
-Slots of expert -1 (expert parallelism: another rank's expert) are in no block; when there may be any
-(`has_skipped_slots`) workspace2 is zeroed first so that their rows add nothing to the sum.
+Slots of expert -1 (expert parallelism: another rank's expert) are in no block; when the layer holds only some of
+the router's experts (`config_experts` more than the weights') workspace2 is zeroed first so that their rows add
+nothing to the sum.
 Batched format (`BatchedTritonExperts`): the same two GEMMs over slabs [E, max_tokens, K] with one fixed set of
 blocks per slab; the output stays per slab and finalize weights and sums (WeightAndReduceDelegate).
 
@@ -62,8 +63,9 @@ class _TritonBase(Experts):
 
     def __init__(self, block_config: BlockConfig | None = None, config_experts: int | None = None) -> None:
         self.block_config = block_config  # None: tuned JSON / fallback per batch
-        # the expert count block configs are looked up for (tuned table and heuristic); None: the weights' own.
-        # Expert parallelism passes the router's: a rank's expert sees the load it would on one device.
+        # expert parallelism: the router's expert count (None: the weights' own). Block configs are looked up for it
+        # (tuned table and heuristic: a rank's expert sees the load it would on one device), and when it exceeds the
+        # weights' count, slots of other ranks' experts (-1) may come, whose rows the standard format zeroes
         self.config_experts = config_experts
 
     @classmethod
@@ -135,7 +137,6 @@ class TritonExperts(_TritonBase):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
-        has_skipped_slots: bool = False,
     ) -> None:
         check_activation(activation)
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
@@ -148,8 +149,8 @@ class TritonExperts(_TritonBase):
         intermediate = workspace13.view(num_tokens * top_k, n)
         down = workspace2.view(num_tokens * top_k, hidden.shape[1])
         weights = topk_weights.reshape(-1).float().contiguous()  # [M * top_k] indexed by slot
-        if has_skipped_slots:  # no GEMM writes the rows of slots of expert -1, which the sum below reads
-            down.zero_()
+        if (self.config_experts or num_experts) != num_experts:  # some of the router's experts are elsewhere:
+            down.zero_()  # no GEMM writes the rows of slots of expert -1, which the sum below reads
         run_gemms(hidden.contiguous(), w13, w2, intermediate, down, weights, alignment, config, top_k, activation,
                   fp8, int4)  # fmt: skip
         torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=output)
@@ -182,7 +183,6 @@ class BatchedTritonExperts(_TritonBase):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
-        has_skipped_slots: bool = False,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_activation(activation)
