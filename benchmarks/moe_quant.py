@@ -7,12 +7,16 @@ included by the caller's figure) plus the bf16 activations in and out. Not a ben
 
 from __future__ import annotations
 
+import argparse
+import json
 import platform
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from moe import TOP_K, E, K, N, time_eager, time_graph
+from moe import TOP_K, E, K, N, format_config_file, time_eager, time_graph
 
 from treadle_moe import ModularKernel
 
@@ -82,3 +86,31 @@ def environment(benchmark: str, **shape: object) -> dict[str, object]:
         "baseline": BASELINE,
         "timing": TIMING,
     }
+
+
+def main(
+    doc: str,
+    weights: str,
+    tokens: list[int],
+    benchmark: Callable[[list[int]], dict[str, object]],
+    tune: Callable[[list[int]], dict[str, object]],
+) -> None:
+    """The command line of moe_fp8.py / moe_w4a16.py (`doc`, their docstring): OUT.json [--tokens] [--tune]; the
+    benchmark's JSON, or with --tune the tuned table in the configs/ layout; `weights` names them in the help."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "output", type=Path, help="where to write the JSON results (or, with --tune, the config)"
+    )
+    parser.add_argument("--tokens", default=",".join(map(str, tokens)), help="comma-separated token counts")
+    parser.add_argument(
+        "--tune", action="store_true", help=f"sweep {weights} block configs and write a configs/ JSON file"
+    )
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"the {weights} MoE benchmark needs a CUDA GPU")
+    counts = [int(t) for t in args.tokens.split(",")]
+    started = time.perf_counter()
+    result = tune(counts) if args.tune else benchmark(counts)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(format_config_file(result) if args.tune else json.dumps(result, indent=2) + "\n")

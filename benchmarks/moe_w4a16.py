@@ -26,14 +26,11 @@ PYTHONPATH holding packages/moe/src, packages/ir/src and packages/kernels/src (a
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
-from pathlib import Path
 
 import torch
-from moe import CEILINGS, TOP_K, E, K, N, format_config_file, make_problem, make_weights, sweep
-from moe_quant import bf16_row, environment, forward_call, layout_row, moved_bytes, relative_error
+from moe import CEILINGS, TOP_K, E, K, N, make_problem, make_weights, sweep
+from moe_quant import bf16_row, environment, forward_call, layout_row, main, moved_bytes, relative_error
 
 from treadle_moe import (
     Int4Layout,
@@ -99,30 +96,9 @@ def tune(tokens: list[int]) -> dict[str, object]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "output", type=Path, help="where to write the JSON results (or, with --tune, the config)"
-    )
-    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
-    parser.add_argument(
-        "--tune", action="store_true", help="sweep 4-bit block configs and write a configs/ JSON file"
-    )
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/moe_w4a16.py needs a CUDA GPU")
-    tokens = [int(t) for t in args.tokens.split(",")]
-    started = time.perf_counter()
-    if args.tune:
-        result: dict[str, object] = tune(tokens)
-    else:
-        result = environment("fused_moe_w4a16", group_size=128) | {"results": benchmark(tokens)}
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(format_config_file(result) if args.tune else json.dumps(result, indent=2) + "\n")
+def results(tokens: list[int]) -> dict[str, object]:
+    return environment("fused_moe_w4a16", group_size=128) | {"results": benchmark(tokens)}
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, "4-bit", TOKENS, results, tune)
