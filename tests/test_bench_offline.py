@@ -4,13 +4,16 @@ commit, model, dtype, dummy or real weights, max_model_len, KV capacity, CUDA gr
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 from e2e_helpers import LLAMA
 
+import treadle_frontend
 from treadle import cli
+from treadle.bench import offline
 
 ENGINE = ["--load-format", "dummy", "--max-model-len", "256", "--kv-cache-space", "0.05"]
 
@@ -99,3 +102,17 @@ def test_vllm_flag_names_and_bad_values(tiny: Path, capsys: pytest.CaptureFixtur
             cli.main(["bench", kind, "--model", str(tiny), *ENGINE, *bad])
         assert exit_info.value.code == 2, (kind, bad)
         assert "must be" in capsys.readouterr().err
+
+
+def test_engine_flags_reach_the_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(treadle_frontend, "LLM", lambda **kw: seen.update(kw))
+    parser = argparse.ArgumentParser()
+    offline.add_throughput_args(parser)
+    args = parser.parse_args(["--model", "m", "-tp", "2", "--enable-expert-parallel", "--enforce-eager"])
+    offline.make_llm(args)
+    assert seen["tensor_parallel_size"] == 2 and seen["enable_expert_parallel"] is True
+    assert seen["enforce_eager"] is True
+    seen.clear()
+    offline.make_llm(parser.parse_args(["--model", "m"]))
+    assert "enable_expert_parallel" not in seen and "tensor_parallel_size" not in seen

@@ -39,6 +39,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=None)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
+    parser.add_argument(
+        "--enable-expert-parallel", action="store_true",
+        help="MoE models with --tensor-parallel-size > 1: each GPU holds whole experts, as `treadle serve` takes it",
+    )  # fmt: skip
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--speculative-config", default=None, metavar="JSON",
@@ -134,6 +138,8 @@ def make_llm(args: argparse.Namespace) -> Any:
             options[name] = value
     if args.enforce_eager:
         options["enforce_eager"] = True
+    if args.enable_expert_parallel:
+        options["enable_expert_parallel"] = True
     if args.no_enable_prefix_caching:
         options["enable_prefix_caching"] = False
     return LLM(model=args.model, engine_process=args.engine_process, **options)
