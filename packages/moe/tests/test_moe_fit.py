@@ -8,6 +8,10 @@ torch reference.
 
 from __future__ import annotations
 
+import gc
+import logging
+import weakref
+
 import pytest
 import torch
 
@@ -62,3 +66,29 @@ def test_config_too_big_for_shared_memory_is_shrunk_and_remembered(monkeypatch: 
         else:
             assert tried == [fitted]  # the second launch goes straight to the fitted config
     assert {(config, torch.float32, False): fitted} == triton_launch._FITTED
+
+
+def test_shrinking_logs_no_reference_to_the_launch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning must not carry the exception: its traceback holds the launching frames (on a GPU, the model
+    runner and its KV cache), and a handler that keeps records (pytest's capture) kept a whole engine alive."""
+    monkeypatch.setattr(triton_launch, "_FITTED", {})
+
+    class Inputs:  # stands for the launch's tensors and the frames above it
+        pass
+
+    inputs = Inputs()
+    alive = weakref.ref(inputs)
+
+    def launch(config: BlockConfig, held: Inputs = inputs) -> None:
+        if config.num_stages > 1:
+            raise OutOfResources(2 * 1024, 1024, "shared memory")
+
+    config = BlockConfig(16, 32, 64, num_warps=4, num_stages=3)
+    with caplog.at_level(logging.WARNING, logger=triton_launch.__name__):
+        triton_launch.launch_fitted((config, torch.float32, False), config, launch)
+        assert "do not fit this GPU" in caplog.text
+        del inputs, launch
+        gc.collect()
+        assert alive() is None, "a logged record still refers to the failed launch's frames"

@@ -104,7 +104,7 @@ def packed_weight(weight: torch.Tensor) -> Any:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
             except RuntimeError as exc:  # a shape or build oneDNN refuses: this weight runs unpacked
                 logger.warning(
-                    "onednn: cannot pack a %s weight (%s); it runs unpacked", tuple(weight.shape), exc
+                    "onednn: cannot pack a %s weight (%s); it runs unpacked", tuple(weight.shape), str(exc)
                 )
         cached = (key, packed)
         setattr(weight, _ATTR, cached)

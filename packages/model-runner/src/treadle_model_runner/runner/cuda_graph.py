@@ -117,7 +117,7 @@ class CudaGraphRunner(GraphSizes):
                     torch.cuda.synchronize()
                     self.memory_by_size[size] = max(0, free - torch.cuda.mem_get_info()[0])
         except RuntimeError as exc:
-            logger.warning("CUDA graph capture failed (%s); running eagerly", exc)
+            logger.warning("CUDA graph capture failed (%s); running eagerly", str(exc))
             self.graphs.clear()
             self.outputs.clear()
             self.memory_by_size.clear()

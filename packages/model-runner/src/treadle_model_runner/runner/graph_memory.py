@@ -100,7 +100,7 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
                 lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
             )  # fmt: skip
     except Exception as exc:  # an estimate only: the real capture reports its own failure
-        logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", exc)
+        logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", str(exc))
         decode = []
     finally:
         measured = [dict(g.memory_by_size) for g in decode]

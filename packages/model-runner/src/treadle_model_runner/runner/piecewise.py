@@ -154,7 +154,7 @@ class PiecewiseGraphs(GraphSizes):
                     self.memory_by_size[size] = max(0, free - torch.cuda.mem_get_info()[0])
                     self.held_bytes_by_size[size] = _held_bytes(recorder.splits)
         except RuntimeError as exc:
-            logger.warning("piecewise CUDA graph capture failed (%s); prefills run eagerly", exc)
+            logger.warning("piecewise CUDA graph capture failed (%s); prefills run eagerly", str(exc))
             self.buckets.clear()
             self.memory_by_size.clear()
             self.held_bytes_by_size.clear()

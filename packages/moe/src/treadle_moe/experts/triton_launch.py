@@ -58,8 +58,10 @@ def launch_fitted(
             smaller = _smaller(config)
             if smaller is None:
                 raise
+            # the message, not the exception: its traceback holds the launching frames (the runner, its KV
+            # cache), which a handler that keeps records would keep alive
             logger.warning("fused MoE blocks %s do not fit this GPU for %s inputs (%s); trying %s", config,
-                           key[1], exc, smaller)  # fmt: skip
+                           key[1], str(exc), smaller)  # fmt: skip
             config = _FITTED[key] = smaller
 
 
