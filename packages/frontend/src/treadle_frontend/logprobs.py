@@ -19,15 +19,16 @@ from __future__ import annotations
 import codecs
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import lru_cache, partial
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from treadle_frontend.detokenizer import TokenDecoder
 from treadle_frontend.outputs import Logprob, PromptLogprobs, SampleLogprobs
 
 LOGPROB_FLOOR = -9999.0  # what -inf / NaN / very negative logprobs become in JSON
+_V = TypeVar("_V")
 
 
 def clamp_logprob(value: float) -> float:
@@ -51,17 +52,64 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
+class _Memo(dict[int, _V]):
+    """Values per token id, each computed by `compute` on its first read and kept: a read of a known id is a plain
+    dict lookup (``memo[t]``, ``map(memo.__getitem__, ids)``), with no Python call."""
+
+    __slots__ = ("compute",)
+
+    def __init__(self, compute: Callable[[int], _V]) -> None:
+        super().__init__()
+        self.compute = compute
+
+    def __missing__(self, token_id: int) -> _V:
+        value = self[token_id] = self.compute(token_id)
+        return value
+
+
+def _decode_alone(decoder: TokenDecoder, token_id: int) -> str:
+    """The token's text decoded on its own (a lone byte of a multi-byte character is U+FFFD)."""
+    return decoder.decode([token_id], skip_special_tokens=False)
+
+
+def _token_bytes(
+    tokenizer: Any, byte_level: bool, text: Callable[[int], str], token_id: int
+) -> tuple[int, ...]:
+    """The token's bytes: its piece's for a byte-level vocabulary or a <0xNN> byte token, else its text's."""
+    piece = None
+    try:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+    except Exception:  # an id outside the vocabulary: fall back to the decoded text
+        piece = None
+    if isinstance(piece, str):
+        if byte_level and all(c in _byte_decoder() for c in piece):
+            return tuple(_byte_decoder()[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return (int(piece[3:5], 16),)
+            except ValueError:
+                pass
+    return tuple(text(token_id).encode("utf-8"))
+
+
 class TokenTexts:
-    """Decodes single tokens (text and bytes), memoized per token id."""
+    """Decodes single tokens (text and bytes), memoized per token id. One per tokenizer (the InputProcessor's): the
+    memos belong to this object, so two tokenizers in a process never share a text. The memos hold no reference
+    back to it (no cycle: it goes with its InputProcessor)."""
 
     def __init__(self, tokenizer: Any, decoder: TokenDecoder | None = None) -> None:
         self.tokenizer = tokenizer
         self.decoder = decoder or TokenDecoder(tokenizer)
-        self._text: dict[int, str] = {}
+        text_memo: _Memo[str] = _Memo(partial(_decode_alone, self.decoder))
         # tuples, not lists: a reply's entries that hold them are then dicts the garbage collector does not track
         # (a whole-vocabulary position builds 49k of them; tracked, every full collection walked them all)
-        self._bytes: dict[int, tuple[int, ...]] = {}
-        self._byte_level = self._is_byte_level(tokenizer)
+        bytes_memo: _Memo[tuple[int, ...]] = _Memo(
+            partial(_token_bytes, tokenizer, self._is_byte_level(tokenizer), text_memo.__getitem__)
+        )
+        # A token's text and its bytes (JSON writes the tuple as OpenAI's list of ints): the memos' own lookups, so
+        # reading a known token (every logprob entry read) runs no Python code
+        self.text: Callable[[int], str] = text_memo.__getitem__
+        self.token_bytes: Callable[[int], tuple[int, ...]] = bytes_memo.__getitem__
 
     @staticmethod
     def _is_byte_level(tokenizer: Any) -> bool:
@@ -71,36 +119,9 @@ class TokenTexts:
         decoder = getattr(backend, "decoder", None)
         return decoder is not None and "ByteLevel" in type(decoder).__name__ + repr(decoder)[:200]
 
-    def text(self, token_id: int) -> str:
-        cached = self._text.get(token_id)
-        if cached is None:
-            cached = self.decoder.decode([token_id], skip_special_tokens=False)
-            self._text[token_id] = cached
-        return cached
-
-    def token_bytes(self, token_id: int) -> tuple[int, ...]:
-        """The token's bytes (JSON writes the tuple as OpenAI's list of ints)."""
-        cached = self._bytes.get(token_id)
-        if cached is not None:
-            return cached
-        piece = None
-        try:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        except Exception:  # an id outside the vocabulary: fall back to the decoded text
-            piece = None
-        result: tuple[int, ...] | None = None
-        if isinstance(piece, str):
-            if self._byte_level and all(c in _byte_decoder() for c in piece):
-                result = tuple(_byte_decoder()[c] for c in piece)
-            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                try:
-                    result = (int(piece[3:5], 16),)
-                except ValueError:
-                    result = None
-        if result is None:
-            result = tuple(self.text(token_id).encode("utf-8"))
-        self._bytes[token_id] = result
-        return result
+    def texts(self, token_ids: Iterable[int]) -> Iterator[str]:
+        """`text` of each id, lazily."""
+        return map(self.text, token_ids)
 
 
 class TokenNames(Protocol):
@@ -125,6 +146,10 @@ class TokenIdNames:
 TOKEN_IDS = TokenIdNames()
 
 
+# Logprob(*entry) without its Python-level __new__, callable from C (map)
+_new_logprob = partial(tuple.__new__, Logprob)
+
+
 def position_dict(
     texts: TokenTexts | None, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
 ) -> dict[int, Logprob]:
@@ -134,10 +159,11 @@ def position_dict(
     if not token_ids:
         return {}
     ranks = itertools.chain((chosen_rank,), range(1, len(token_ids)))
-    decoded = itertools.repeat(None) if texts is None else map(texts.text, token_ids)
-    new = tuple.__new__  # Logprob(...) without its Python-level __new__
-    entries = [new(Logprob, entry) for entry in zip(logprobs, ranks, decoded, strict=False)]
-    out = dict(zip(token_ids, entries, strict=False))
+    decoded: Iterable[str | None] = itertools.repeat(None) if texts is None else texts.texts(token_ids)
+    # zip without its strict keyword (the lists are aligned, append_position checks it): parsing the keyword cost
+    # a fifth of a 6-entry position
+    entries = list(map(_new_logprob, zip(logprobs, ranks, decoded)))  # noqa: B905
+    out = dict(zip(token_ids, entries))  # noqa: B905
     # the chosen token, also in the top-k, keeps its own entry (first, its rank)
     out[token_ids[0]] = entries[0]
     return out
@@ -172,18 +198,20 @@ def chat_logprobs(
         else ({t: e.logprob for t, e in pos.items()} for pos in positions)
     )
     content = []
+    text, token_bytes, floor = texts.text, texts.token_bytes, LOGPROB_FLOOR
     for tok, values in zip(token_ids, per_position, strict=False):
         lp = values.get(tok)
         ranked = sorted(values.items(), key=itemgetter(1), reverse=True)
         tops = [
-            {"token": texts.text(t), "logprob": clamp_logprob(v), "bytes": texts.token_bytes(t)}
+            # clamp_logprob inlined: NaN compares False, so it too becomes the floor
+            {"token": text(t), "logprob": float(v) if v >= floor else floor, "bytes": token_bytes(t)}
             for t, v in (ranked if num_top < 0 else ranked[:num_top])
         ]
         content.append(
             {
-                "token": texts.text(tok),
+                "token": text(tok),
                 "logprob": clamp_logprob(lp) if lp is not None else -9999.0,
-                "bytes": texts.token_bytes(tok),
+                "bytes": token_bytes(tok),
                 "top_logprobs": tops,
             }
         )

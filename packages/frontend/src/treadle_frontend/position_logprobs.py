@@ -16,8 +16,8 @@ carries the tokenizer along. `PromptPositionLogprobs` does the same for ``prompt
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeGuard, TypeVar, overload
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NoReturn, TypeGuard, TypeVar, overload
 
 from treadle_frontend.logprobs import TokenTexts, position_dict
 from treadle_frontend.outputs import Logprob
@@ -25,6 +25,13 @@ from treadle_frontend.outputs import Logprob
 __all__ = ["PositionLogprobs", "PromptPositionLogprobs"]
 
 _Item = TypeVar("_Item")
+
+
+def _unaligned(token_ids: Sequence[int], logprobs: Sequence[float]) -> NoReturn:
+    raise ValueError(
+        f"a position's logprobs need one value per token: got {len(token_ids)} token ids and "
+        f"{len(logprobs)} logprobs"
+    )
 
 
 def _is_items(other: object) -> TypeGuard[Sequence[Any]]:
@@ -70,14 +77,34 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
     ) -> None:
         """Adds one position: token_ids[0] the sampled token, then the top-k; logprobs aligned with them."""
         if len(token_ids) != len(logprobs):
-            raise ValueError(
-                f"a position's logprobs need one value per token: got {len(token_ids)} token ids and "
-                f"{len(logprobs)} logprobs"
-            )
+            _unaligned(token_ids, logprobs)
         self._ids.extend(token_ids)
         self._values.extend(logprobs)
         self._ranks.append(chosen_rank)
         self._ends.append(len(self._ids))
+
+    def append_engine(self, items: Iterable[Any], cumulative: float | None) -> float | None:
+        """Adds the engine's positions, each a `Logprobs` (token_ids, logprobs, chosen_rank) or an (ids, values[,
+        rank]) tuple (None: skipped), as `append_position` would one by one; returns `cumulative` plus each added
+        position's sampled-token logprob, added in order (None stays None). The per-step path: no list of the
+        positions and no call per position."""
+        ids, values, ranks, ends = self._ids, self._values, self._ranks, self._ends
+        for item in items:
+            if item is None:
+                continue
+            if isinstance(item, tuple):
+                token_ids, logprobs, rank = item[0], item[1], item[2] if len(item) > 2 else None
+            else:
+                token_ids, logprobs, rank = item.token_ids, item.logprobs, item.chosen_rank
+            if len(token_ids) != len(logprobs):
+                _unaligned(token_ids, logprobs)
+            ids += token_ids
+            values += logprobs
+            ranks.append(rank)
+            ends.append(len(ids))
+            if logprobs and cumulative is not None:
+                cumulative += float(logprobs[0])
+        return cumulative
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -111,15 +138,20 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
         return self._ids[start:end], self._values[start:end], self._ranks[i]
 
     def __iter__(self) -> Iterator[dict[int, Logprob]]:
-        for i in range(len(self._ends)):
-            yield self[i]
+        # the positions in one walk along the flat lists (not self[i] each: its checks were a fifth of a position)
+        ids, values, texts, start = self._ids, self._values, self._texts, 0
+        for end, rank in zip(self._ends, self._ranks, strict=True):
+            yield position_dict(texts, ids[start:end], values[start:end], rank)
+            start = end
 
     def value_dicts(self) -> Iterator[dict[int, float]]:
         """Per position, ``{token id: its Logprob's logprob}`` in the position dict's order, without building the
         Logprobs: a whole-vocabulary position is 49k of them, each an object the garbage collector tracks."""
-        for i in range(len(self._ends)):
-            ids, values, _ = self._position(i)
-            out = dict(zip(ids, values, strict=True))
+        all_ids, all_values, start = self._ids, self._values, 0
+        for end in self._ends:
+            ids, values = all_ids[start:end], all_values[start:end]
+            start = end
+            out = dict(zip(ids, values))  # noqa: B905  (aligned: append_position checks it)
             if ids:  # as position_dict: the chosen token keeps its own entry
                 out[ids[0]] = values[0]
             yield out

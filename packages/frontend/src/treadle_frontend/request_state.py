@@ -16,7 +16,6 @@ emits exactly one output with `finish_reason` set.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,22 +42,6 @@ def finish_reason_str(value: Any) -> str | None:
     if name in ("finished_error", "failed"):
         return "error"
     return name
-
-
-def iter_logprobs(value: Any) -> list[tuple[Sequence[int], Sequence[float], int | None]]:
-    """Engine logprobs (a list of `Logprobs`, or of (ids, values[, rank]) tuples) as (ids, values, rank), the
-    lists themselves (not copied)."""
-    if not value:
-        return []
-    out: list[tuple[Sequence[int], Sequence[float], int | None]] = []
-    for item in value:
-        if item is None:
-            continue
-        if isinstance(item, tuple):
-            out.append((item[0], item[1], item[2] if len(item) > 2 else None))
-        else:
-            out.append((item.token_ids, item.logprobs, item.chosen_rank))
-    return out
 
 
 @dataclass(slots=True)
@@ -221,14 +204,11 @@ class RequestState:
                     self.cumulative_logprob -= sum(dropped)
 
     def _add_logprobs(self, step: EngineStep) -> None:
-        if self.logprobs is not None:
-            for ids, lps, rank in iter_logprobs(step.new_logprobs):
-                self.logprobs.append_position(ids, lps, rank)  # its dict is built when read
-                if lps and self.cumulative_logprob is not None:
-                    self.cumulative_logprob += float(lps[0])
-        if self.prompt_logprobs is not None:
-            for ids, lps, rank in iter_logprobs(step.new_prompt_logprobs):
-                self.prompt_logprobs.positions.append_position(ids, lps, rank)
+        # stored flat; each position's dict is built when read
+        if self.logprobs is not None and step.new_logprobs:
+            self.cumulative_logprob = self.logprobs.append_engine(step.new_logprobs, self.cumulative_logprob)
+        if self.prompt_logprobs is not None and step.new_prompt_logprobs:
+            self.prompt_logprobs.positions.append_engine(step.new_prompt_logprobs, None)
 
     def make_output(self) -> CompletionOutput | None:
         """The CompletionOutput this step owes the caller, or None when there is nothing to send."""

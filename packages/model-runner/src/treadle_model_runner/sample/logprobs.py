@@ -56,6 +56,8 @@ class LogprobsTensors:
         assert max(counts, default=-1) <= num_top, (
             f"rows ask for up to {max(counts)} top logprobs, {num_top} computed"
         )
+        if counts.count(num_top) == n:  # every row whole (the usual step: one logprobs value in the batch)
+            return list(map(Logprobs, token_ids, logprobs, ranks))
         out: list[Logprobs | None] = []
         for i, k in enumerate(counts):
             if k < 0:
