@@ -8,8 +8,9 @@ Per step, for 64 and 256 running requests:
 - sched: the engine core's `Scheduler.schedule` and `update_from_output` (stop checks, EngineCoreOutputs);
 - front: the frontend's `OutputProcessor.process_outputs` with the embedded SmolLM2 tokenizer (offline
   FINAL_ONLY by default, `--output-kind delta` as a streaming server);
-- dicts, chat: what users then read, amortized per step: every finished request's `outputs[0].logprobs` as vLLM's
-  list of {id: Logprob} with decoded tokens; OpenAI's chat `logprobs.content` built from it (as the server does).
+- dicts, chat: what users then read, amortized per step: `outputs[0].logprobs` of every request's last output
+  (of every chunk with `--output-kind delta`) as vLLM's list of {id: Logprob} with decoded tokens; OpenAI's chat
+  `logprobs.content` built from it (as the server does).
 Token ids are drawn Zipf-like from the 49,152-token vocabulary (text repeats tokens), with a fixed seed.
 
 `--e2e`: the older end-to-end run (a tiny dummy Llama, 256 x 64 greedy tokens through `LLM.generate`, with
@@ -102,7 +103,7 @@ def run_host(
             engine.add_request(make_engine_request(rid, prompt, child, time.time()))
     device = HostDevice(vocab, seed)
     spent = dict.fromkeys(STAGES, 0.0)
-    finished: list[Any] = []
+    num_positions = 0
     for step in range(steps + 1):
         t0 = time.perf_counter()
         so = engine.scheduler.schedule()
@@ -115,21 +116,26 @@ def run_host(
         t4 = time.perf_counter()
         processed = frontend.process_outputs(outs.outputs)
         t5 = time.perf_counter()
-        finished += [out for out in processed.request_outputs if out.finished]
+        # what a reader gets, as it comes: every chunk (delta), the last output (cumulative, final_only)
+        read = [
+            out.outputs[0]
+            for out in processed.request_outputs
+            if (kind == RequestOutputKind.DELTA or out.finished) and out.outputs[0].logprobs is not None
+        ]
+        t6 = time.perf_counter()
+        num_positions += sum(len(list(completion.logprobs)) for completion in read)
+        t7 = time.perf_counter()
+        for completion in read:
+            chat_logprobs(inputs.token_texts, completion.token_ids, completion.logprobs, NUM_TOP)
+        t8 = time.perf_counter()
+        spent["dicts"] += t7 - t6
+        spent["chat"] += t8 - t7
         if step:  # decode steps only
             spent["runner"] += t3 - t2
             spent["sched"] += (t1 - t0) + (t4 - t3)
             spent["front"] += t5 - t4
-    assert len(finished) == batch and not frontend.has_unfinished(), "every request ends in the last step"
-    completions = [out.outputs[0] for out in finished if out.outputs[0].logprobs is not None]
-    t0 = time.perf_counter()
-    for completion in completions:
-        positions = list(completion.logprobs)
-        assert len(positions) == steps + 1 and all(len(p) >= 1 for p in positions)
-    t1 = time.perf_counter()
-    for completion in completions:
-        chat_logprobs(inputs.token_texts, completion.token_ids, completion.logprobs, NUM_TOP)
-    spent["dicts"], spent["chat"] = t1 - t0, time.perf_counter() - t1
+    assert not frontend.has_unfinished(), "every request ends in the last step"
+    assert num_positions == (batch * (steps + 1) if logprobs else 0), num_positions
     return {stage: round(seconds * 1e6 / steps, 1) for stage, seconds in spent.items()}
 
 

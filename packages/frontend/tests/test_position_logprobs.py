@@ -124,3 +124,55 @@ def test_rejects_unaligned_positions(texts: TokenTexts) -> None:
     with pytest.raises(ValueError, match="2 token ids and 1 logprobs"):
         flat.append_position([5, 6], [-0.5], 1)
     assert len(flat) == 0 and list(flat) == [] and flat == []
+
+
+def test_copies_share_the_lists_and_keep_their_own_positions(texts: TokenTexts) -> None:
+    """A copy (or a slice from the start) costs O(1): it shares the flat lists (the request's CUMULATIVE output
+    copied every position every step). Against plain lists of dicts, through random interleavings of appends (to
+    the original and to copies), copies, slices, truncation and concatenation, every object still reads its own."""
+    rng = random.Random(random.randrange(1 << 30))
+    vocab = len(texts.tokenizer)
+    flat = PositionLogprobs(texts)
+    for ids, values, rank in _positions(rng, vocab, 3):
+        flat.append_position(ids, values, rank)
+    snapshot = flat.copy()
+    assert snapshot._ids is flat._ids and flat[:2]._ids is flat._ids  # shared, not copied
+    live: list[tuple[PositionLogprobs, list[dict[int, Logprob]]]] = [
+        (flat, list(flat)),
+        (snapshot, list(flat)),
+    ]
+    for _ in range(300):
+        obj, ref = live[rng.randrange(len(live))]
+        op = rng.random()
+        if op < 0.45:
+            ids, values, rank = _positions(rng, vocab, 1)[0]
+            if rng.random() < 0.5:
+                obj.append_position(ids, values, rank)
+            else:
+                obj.append_engine([(ids, values, rank)], None)
+            ref.append(_eager(texts, ids, values, rank))
+        elif op < 0.65:
+            live.append((obj.copy(), list(ref)))
+        elif op < 0.75:
+            stop = rng.randrange(len(ref) + 1)
+            live.append((obj[:stop], ref[:stop]))
+        elif op < 0.8 and ref:
+            first = rng.randrange(len(ref))
+            live.append((obj[first:], ref[first:]))
+        elif op < 0.9:
+            keep = rng.randrange(len(ref) + 1)
+            dropped = obj.truncate(keep)
+            assert dropped == [next(iter(pos.values())).logprob for pos in ref[keep:]]
+            del ref[keep:]
+        elif len(live) > 1:
+            other, other_ref = live[rng.randrange(len(live))]
+            live.append((obj + other, ref + other_ref))
+        if len(live) > 12:
+            live.pop(rng.randrange(1, len(live)))
+        for held, expected in live:
+            assert len(held) == len(expected) and list(held) == expected, "a copy saw another object's writes"
+            assert [dict(zip(p, (e.logprob for e in p.values()), strict=True)) for p in expected] == list(
+                held.value_dicts()
+            )
+    for held, expected in live:
+        assert held == expected and pickle.loads(pickle.dumps(held)) == expected

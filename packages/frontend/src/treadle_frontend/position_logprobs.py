@@ -9,8 +9,8 @@ gets exactly what eager building gave). vLLM's `FlatLogprobs` flattens the same 
 the tokens arrive.
 
 It is a read-only `Sequence` of those dicts (index, slice, iterate, ``len``, ``==`` and ``+`` with any sequence
-of dicts); only the frontend appends to it. A slice or a `copy` is a new flat object: later appends to the
-original do not show in it. Pickled (or deep-copied) it becomes the plain list of dicts it stands for, so it never
+of dicts); only the frontend appends to it. A slice or a `copy` is a new object: later appends to the original do
+not show in it (a copy shares the flat lists, seeing only its own positions). Pickled (or deep-copied) it becomes the plain list of dicts it stands for, so it never
 carries the tokenizer along. `PromptPositionLogprobs` does the same for ``prompt_logprobs`` (None first).
 """
 
@@ -61,9 +61,14 @@ class _ReadsAsList(Sequence[_Item]):
 
 class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
     """Per position: the token ids (the sampled token first, then the top-k), their logprobs and the sampled
-    token's rank, in flat lists; ``self[i]`` builds position i's ``{token id: Logprob}``."""
+    token's rank, in flat lists; ``self[i]`` builds position i's ``{token id: Logprob}``.
 
-    __slots__ = ("_ends", "_ids", "_ranks", "_texts", "_values")
+    A `copy` (or a slice from the start) shares the flat lists and sees only its first `_n` positions, so the
+    request's CUMULATIVE output costs O(1) a step, not a copy of every position so far. Sharing is safe because the
+    lists only grow past what a sharer sees: an object appends in place only while it sees the lists' whole length
+    (its own copy of what it sees first otherwise), and `truncate` of shared lists copies first."""
+
+    __slots__ = ("_ends", "_ids", "_n", "_ranks", "_shared", "_texts", "_values")
 
     def __init__(self, texts: TokenTexts | None) -> None:
         self._texts = texts  # None: decoded_token None (a request with detokenize=False)
@@ -71,6 +76,17 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
         self._values: list[float] = []  # their logprobs, aligned with _ids
         self._ranks: list[int | None] = []  # per position: the sampled token's rank
         self._ends: list[int] = []  # per position: where its entries end in _ids
+        self._n = 0  # positions this object holds: the first _n of the lists (others may see more)
+        self._shared = False  # whether another object may hold these lists
+
+    def _own(self) -> None:
+        """Before writing: lists of this object's own when others may see past its positions."""
+        n = self._n
+        if n != len(self._ends):
+            top = self._ends[n - 1] if n else 0
+            self._ids, self._values = self._ids[:top], self._values[:top]
+            self._ranks, self._ends = self._ranks[:n], self._ends[:n]
+            self._shared = False
 
     def append_position(
         self, token_ids: Sequence[int], logprobs: Sequence[float], chosen_rank: int | None
@@ -78,16 +94,19 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
         """Adds one position: token_ids[0] the sampled token, then the top-k; logprobs aligned with them."""
         if len(token_ids) != len(logprobs):
             _unaligned(token_ids, logprobs)
+        self._own()
         self._ids.extend(token_ids)
         self._values.extend(logprobs)
         self._ranks.append(chosen_rank)
         self._ends.append(len(self._ids))
+        self._n += 1
 
     def append_engine(self, items: Iterable[Any], cumulative: float | None) -> float | None:
         """Adds the engine's positions, each a `Logprobs` (token_ids, logprobs, chosen_rank) or an (ids, values[,
         rank]) tuple (None: skipped), as `append_position` would one by one; returns `cumulative` plus each added
         position's sampled-token logprob, added in order (None stays None). The per-step path: no list of the
         positions and no call per position."""
+        self._own()
         ids, values, ranks, ends = self._ids, self._values, self._ranks, self._ends
         for item in items:
             if item is None:
@@ -102,19 +121,29 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
             values += logprobs
             ranks.append(rank)
             ends.append(len(ids))
+            self._n += 1
             if logprobs and cumulative is not None:
                 cumulative += float(logprobs[0])
         return cumulative
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return self._n
 
     def truncate(self, n: int) -> list[float]:
         """Keeps the first `n` positions; returns the sampled tokens' logprobs of those dropped."""
-        dropped = [self._position(i)[1][0] for i in range(n, len(self._ends))]
+        dropped = [self._position(i)[1][0] for i in range(n, self._n)]
         if dropped:
+            if self._shared:  # others may see the positions dropped here: drop them from lists of our own
+                self._ids, self._values, self._ranks, self._ends = (
+                    self._ids[:],
+                    self._values[:],
+                    self._ranks[:],
+                    self._ends[:],
+                )
+                self._shared = False
             top = self._ends[n - 1] if n else 0
             del self._ids[top:], self._values[top:], self._ranks[n:], self._ends[n:]
+            self._n = n
         return dropped
 
     @overload
@@ -126,7 +155,7 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
     def __getitem__(self, index: int | slice) -> dict[int, Logprob] | PositionLogprobs:
         if isinstance(index, slice):
             return self._slice(index)
-        n = len(self._ends)
+        n = self._n
         i = index + n if index < 0 else index
         if not 0 <= i < n:
             raise IndexError(f"position {index} out of range for {n} positions")
@@ -139,16 +168,25 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
 
     def __iter__(self) -> Iterator[dict[int, Logprob]]:
         # the positions in one walk along the flat lists (not self[i] each: its checks were a fifth of a position)
-        ids, values, texts, start = self._ids, self._values, self._texts, 0
-        for end, rank in zip(self._ends, self._ranks, strict=True):
-            yield position_dict(texts, ids[start:end], values[start:end], rank)
+        ids, values, texts, ends, ranks, start = (
+            self._ids,
+            self._values,
+            self._texts,
+            self._ends,
+            self._ranks,
+            0,
+        )
+        for i in range(self._n):
+            end = ends[i]
+            yield position_dict(texts, ids[start:end], values[start:end], ranks[i])
             start = end
 
     def value_dicts(self) -> Iterator[dict[int, float]]:
         """Per position, ``{token id: its Logprob's logprob}`` in the position dict's order, without building the
         Logprobs: a whole-vocabulary position is 49k of them, each an object the garbage collector tracks."""
-        all_ids, all_values, start = self._ids, self._values, 0
-        for end in self._ends:
+        all_ids, all_values, ends, start = self._ids, self._values, self._ends, 0
+        for i in range(self._n):
+            end = ends[i]
             ids, values = all_ids[start:end], all_values[start:end]
             start = end
             out = dict(zip(ids, values))  # noqa: B905  (aligned: append_position checks it)
@@ -157,7 +195,7 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
             yield out
 
     def _slice(self, index: slice) -> PositionLogprobs:
-        first, stop, step = index.indices(len(self._ends))
+        first, stop, step = index.indices(self._n)
         out = PositionLogprobs(self._texts)
         if step != 1:
             for i in range(first, stop, step):
@@ -165,25 +203,39 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
             return out
         if stop <= first:
             return out
-        base, top = self._ends[first - 1] if first else 0, self._ends[stop - 1]
+        if first == 0:  # the first `stop` positions: the same lists, seen up to there
+            out._ids, out._values, out._ranks, out._ends = self._ids, self._values, self._ranks, self._ends
+            out._n, out._shared, self._shared = stop, True, True
+            return out
+        base, top = self._ends[first - 1], self._ends[stop - 1]
         out._ids = self._ids[base:top]
         out._values = self._values[base:top]
         out._ranks = self._ranks[first:stop]
         out._ends = [end - base for end in self._ends[first:stop]]
+        out._n = stop - first
         return out
 
     def copy(self) -> PositionLogprobs:
         """A snapshot: positions appended to self later do not show in it."""
         return self._slice(slice(None))
 
+    def _stored(self) -> tuple[list[int], list[float], list[int | None], list[int]]:
+        """This object's positions as stored (copies of the lists' first _n positions)."""
+        n = self._n
+        top = self._ends[n - 1] if n else 0
+        return self._ids[:top], self._values[:top], self._ranks[:n], self._ends[:n]
+
     def __add__(self, other: Sequence[dict[int, Logprob]]) -> Any:
         if isinstance(other, PositionLogprobs):
-            out = self.copy()
+            out = PositionLogprobs(self._texts)
+            out._ids, out._values, out._ranks, out._ends = self._stored()
+            ids, values, ranks, ends = other._stored()
             offset = len(out._ids)
-            out._ids.extend(other._ids)
-            out._values.extend(other._values)
-            out._ranks.extend(other._ranks)
-            out._ends.extend(end + offset for end in other._ends)
+            out._ids += ids
+            out._values += values
+            out._ranks += ranks
+            out._ends += [end + offset for end in ends]
+            out._n = len(out._ends)
             return out
         return list(self) + list(other) if _is_items(other) else NotImplemented
 
@@ -191,9 +243,7 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
         return list(other) + list(self) if _is_items(other) else NotImplemented
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, PositionLogprobs) and (self._ids, self._values, self._ranks, self._ends) == (
-            other._ids, other._values, other._ranks, other._ends
-        ):  # fmt: skip
+        if isinstance(other, PositionLogprobs) and self._stored() == other._stored():
             return True  # the same stored positions (different ones may still read the same: compared below)
         return super().__eq__(other)
 
