@@ -90,6 +90,9 @@ def run_host(
         log_stats=True,
     )
     engine = EngineCore(cfg, executor=FakeExecutor(cfg))
+    # as LLM and the engine process do after their start-up (the KV block pool included); the run's requests and
+    # everything they keep alive stay in the collector's scans
+    freeze_startup_heap("logprobs_host")
     vocab = len(tokenizer)
     frontend = OutputProcessor()
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True, output_kind=kind)
@@ -143,7 +146,6 @@ def host_main(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(default_model_path())
     info = ModelInfo(name="bench", path=None, max_model_len=64 + args.steps, vocab_size=len(tokenizer))
     inputs = InputProcessor(tokenizer, info)
-    freeze_startup_heap("logprobs_host")  # as LLM and the engine process do after their start-up
     kind = RequestOutputKind[args.output_kind.upper()]
     profiler = cProfile.Profile() if args.profile else None
     runs: dict[str, list[dict[str, float]]] = {}

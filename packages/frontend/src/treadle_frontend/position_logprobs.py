@@ -79,6 +79,20 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
         self._n = 0  # positions this object holds: the first _n of the lists (others may see more)
         self._shared = False  # whether another object may hold these lists
 
+    @classmethod
+    def _of(
+        cls,
+        texts: TokenTexts | None,
+        stored: tuple[list[int], list[float], list[int | None], list[int]],
+        n: int,
+        shared: bool,
+    ) -> PositionLogprobs:
+        """An object over lists given (no empty lists made first: a DELTA output makes one per request a step)."""
+        out = cls.__new__(cls)
+        out._texts, (out._ids, out._values, out._ranks, out._ends) = texts, stored
+        out._n, out._shared = n, shared
+        return out
+
     def _own(self) -> None:
         """Before writing: lists of this object's own when others may see past its positions."""
         n = self._n
@@ -196,24 +210,20 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
 
     def _slice(self, index: slice) -> PositionLogprobs:
         first, stop, step = index.indices(self._n)
-        out = PositionLogprobs(self._texts)
         if step != 1:
+            out = PositionLogprobs(self._texts)
             for i in range(first, stop, step):
                 out.append_position(*self._position(i))
             return out
         if stop <= first:
-            return out
+            return PositionLogprobs(self._texts)
         if first == 0:  # the first `stop` positions: the same lists, seen up to there
-            out._ids, out._values, out._ranks, out._ends = self._ids, self._values, self._ranks, self._ends
-            out._n, out._shared, self._shared = stop, True, True
-            return out
+            self._shared = True
+            return self._of(self._texts, (self._ids, self._values, self._ranks, self._ends), stop, True)
         base, top = self._ends[first - 1], self._ends[stop - 1]
-        out._ids = self._ids[base:top]
-        out._values = self._values[base:top]
-        out._ranks = self._ranks[first:stop]
-        out._ends = [end - base for end in self._ends[first:stop]]
-        out._n = stop - first
-        return out
+        ends = [end - base for end in self._ends[first:stop]]
+        stored = (self._ids[base:top], self._values[base:top], self._ranks[first:stop], ends)
+        return self._of(self._texts, stored, stop - first, False)
 
     def copy(self) -> PositionLogprobs:
         """A snapshot: positions appended to self later do not show in it."""
@@ -227,15 +237,13 @@ class PositionLogprobs(_ReadsAsList[dict[int, Logprob]]):
 
     def __add__(self, other: Sequence[dict[int, Logprob]]) -> Any:
         if isinstance(other, PositionLogprobs):
-            out = PositionLogprobs(self._texts)
-            out._ids, out._values, out._ranks, out._ends = self._stored()
+            out = self._of(self._texts, self._stored(), self._n + other._n, False)
             ids, values, ranks, ends = other._stored()
             offset = len(out._ids)
             out._ids += ids
             out._values += values
             out._ranks += ranks
             out._ends += [end + offset for end in ends]
-            out._n = len(out._ends)
             return out
         return list(self) + list(other) if _is_items(other) else NotImplemented
 
