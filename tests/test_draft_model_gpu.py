@@ -24,6 +24,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprob
 SEEDED = SamplingParams(temperature=0.8, seed=5, top_k=50, max_tokens=40, ignore_eos=True)
 
 
+# heads of 64 elements (FlashInfer's prefill refuses 32 on H200: "Invalid configuration : NUM_MMA_D_QK=2")
 def _save(path: Path, seed: int, **shape: Any) -> Path:
     config = tf.LlamaConfig(vocab_size=1001, max_position_embeddings=1024, initializer_range=0.1,
                             tie_word_embeddings=False, **shape)  # fmt: skip
@@ -35,7 +36,7 @@ def _save(path: Path, seed: int, **shape: Any) -> Path:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save(tmp_path_factory.mktemp("target"), 0, hidden_size=256, intermediate_size=512,
-                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
