@@ -55,6 +55,8 @@ def _run(
         replays = [0]
         if runner.drafter is not None:
             assert runner.drafter.graphs is not None and runner.drafter.piecewise is not None
+            if backend == "triton":  # one-request prefill graphs: Triton's metadata lives on the device
+                assert runner.drafter.prefill_graphs is not None
             replay = runner.drafter.graphs.replay
 
             def counting(size: int) -> torch.Tensor:

@@ -21,8 +21,8 @@ batch row and the batch's block tables serve it unchanged.
 
 On a GPU the draft model has CUDA graphs of its own, captured after the target's over the same step buffers
 (`capture`): passes 1..k are decode batches (one token a row) and replay its decode graphs; pass 0 takes the shape
-of the target's step, so it replays a decode graph when the target did, else a piecewise graph at the step's
-token bucket, else runs eagerly. Drafts go back in ModelRunnerOutput's `draft_token_ids`; the scheduler offers
+of the target's step and its path: a decode graph, a one-request prefill graph (batch 1: no launch from Python),
+a piecewise graph at the step's token bucket, or eagerly. Drafts go back in ModelRunnerOutput's `draft_token_ids`; the scheduler offers
 them only while the request's token count is the one they follow.
 """
 
@@ -82,6 +82,7 @@ class DraftModel:
         self.num_speculative_tokens = config.num_speculative_tokens
         self.graphs: CudaGraphRunner | None = None  # decode graphs (passes 1..k; pass 0 after a decode step)
         self.piecewise: PiecewiseGraphs | None = None  # pass 0 after other steps
+        self.prefill_graphs: CudaGraphRunner | None = None  # pass 0 after one request's multi-token step
         # drafts are target token ids: a larger draft vocabulary's extra ids are never proposed
         self.vocab_size = min(int(resolved.hf_config.vocab_size), runner.vocab_size)
         offset = len(target.attention_layers())
@@ -144,15 +145,19 @@ class DraftModel:
             for builder, common in zip(runner.builders, inputs.attn_metadata, strict=True):
                 builder.prepare_cuda_graph_replay(common, size)
             return self.graphs.replay(size)
+        prefill = self.prefill_graphs
+        if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
+            return prefill.replay(size)
         with set_forward_context(runner.forward_context(inputs)):
             if self.piecewise is not None and not inputs.is_decode_only and self.piecewise.has(size):
                 return self.piecewise.replay(size)
             return self.model(inputs.input_ids, inputs.positions)
 
-    def capture(self, runner: ModelRunner, piecewise_sizes: list[int]) -> None:
-        """Capture the draft's decode graphs (the runner's capture sizes) and its piecewise graphs (`piecewise_sizes`
-        tokens) over the runner's step buffers; a capture that fails leaves those passes eager."""
-        from treadle_model_runner.runner.graphs import prepare_decode_capture
+    def capture(self, runner: ModelRunner, piecewise_sizes: list[int], prefill_graphs: bool) -> None:
+        """Capture the draft's decode graphs (the runner's capture sizes), its piecewise graphs (`piecewise_sizes`
+        tokens) and, with `prefill_graphs`, its one-request prefill graphs (the same buckets), over the runner's
+        step buffers, as the target's; a capture that fails leaves those passes eager."""
+        from treadle_model_runner.runner.graphs import prepare_decode_capture, prepare_prefill_capture
 
         decode = CudaGraphRunner(capture_sizes(runner.max_num_seqs), "draft model decode batch")
         decode.capture(lambda size: prepare_decode_capture(runner, size, self.model))
@@ -163,12 +168,16 @@ class DraftModel:
             pieces.capture(lambda size, split: piecewise_forward(self.model, runner.kv_caches,
                            buffers.input_ids[:size], buffers.positions[:size], split))  # fmt: skip
         self.piecewise = pieces if pieces.is_captured else None
+        prefill = CudaGraphRunner(piecewise_sizes, "draft model one-request prefill")
+        if piecewise_sizes and prefill_graphs:
+            prefill.capture(lambda size: prepare_prefill_capture(runner, size, self.model))
+        self.prefill_graphs = prefill if prefill.is_captured else None
 
     def release_graphs(self) -> None:
-        for graphs in (self.graphs, self.piecewise):
+        for graphs in (self.graphs, self.piecewise, self.prefill_graphs):
             if graphs is not None:
                 graphs.release()
-        self.graphs = self.piecewise = None
+        self.graphs = self.piecewise = self.prefill_graphs = None
 
     def _drafting_rows(
         self, runner: ModelRunner, inputs: StepInputs, output: ModelRunnerOutput

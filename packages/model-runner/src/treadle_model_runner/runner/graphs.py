@@ -79,7 +79,7 @@ def capture_graphs(runner: ModelRunner) -> None:
     ) if buckets and prefill_graphs_wanted(runner) else []  # fmt: skip
     runner.prefill_graphs = as_one_set(prefill, mask)
     if runner.drafter is not None:  # its graphs over the same buffers (no LoRA with a draft model)
-        runner.drafter.capture(runner, buckets)
+        runner.drafter.capture(runner, buckets, prefill_graphs_wanted(runner))
     reserved = runner.graph_bytes_reserved
     taken = sum(g.memory_bytes for g in (*decode, *pieces, *prefill))
     if decode and reserved and taken > 1.2 * reserved + (64 << 20):
@@ -104,12 +104,15 @@ def prepare_decode_capture(
     return forward
 
 
-def prepare_prefill_capture(runner: ModelRunner, size: int) -> Callable[[], torch.Tensor]:
-    """One request of `size` tokens over the step buffers (holding a harmless batch), and its forward."""
+def prepare_prefill_capture(
+    runner: ModelRunner, size: int, model: torch.nn.Module | None = None
+) -> Callable[[], torch.Tensor]:
+    """One request of `size` tokens over the step buffers (holding a harmless batch), and the forward of `model`
+    (default: the runner's; a draft model's)."""
     metadata = capture_metadata(runner.batch, runner.buffers, size)
     built = [b.build(m) for b, m in zip(runner.builders, metadata, strict=True)]
     context = ForwardContext(runner.kv_caches, [built[g] for g in runner.layer_to_group], size)
-    model = runner._require_model()
+    model = model if model is not None else runner._require_model()
     input_ids, positions = runner.buffers.input_ids[:size], runner.buffers.positions[:size]
 
     def forward() -> torch.Tensor:
