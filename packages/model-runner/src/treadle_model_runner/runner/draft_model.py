@@ -45,6 +45,7 @@ from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.quantization import resolve_quantization
 from treadle_model_runner.runner.build import build_causal_lm
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.device_inputs import move_decode_positions
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, piecewise_forward
 from treadle_model_runner.runner.setup import resolve_max_model_len
@@ -99,41 +100,50 @@ class DraftModel:
     @torch.inference_mode()
     def propose(self, runner: ModelRunner, inputs: StepInputs, output: ModelRunnerOutput) -> None:
         """Run the draft over the step's tokens (pass 0), then draft for the rows that sampled (passes 1..k);
-        fills output.draft_token_ids."""
-        self._forward(runner, inputs)
+        fills output.draft_token_ids. The host prepares every pass before the first is queued (the device is
+        idle then: the step's tokens just reached the host); the passes then run back to back on the device,
+        each moving the positions and feeding the draft before without the host."""
         rows, caps = self._drafting_rows(runner, inputs, output)
         if not rows.size:
+            self._forward(runner, inputs)
             return
-        batch = runner.batch
-        num_reqs = inputs.num_reqs
+        batch, device = runner.batch, runner.device
+        num_reqs, num_passes = inputs.num_reqs, int(caps.max())
         last = (
             batch.num_computed_tokens[:num_reqs] + inputs.num_scheduled - 1
         )  # each row's last position this step
         first = (
             batch.num_tokens[rows].astype(np.int64) - 1
         )  # drafting rows: the last sampled token's position
-        for row, start, cap in zip(rows.tolist(), (first + 1).tolist(), caps.tolist(), strict=True):
-            batch.token_ids[row, start : start + cap - 1] = 0  # scratch columns: a valid id, not a stale one
-        ones = np.ones(num_reqs, dtype=np.int64)
+        # [passes, R] each row's position in each pass: a drafting row moves on from `first` and repeats its last
+        # pass once past its cap; any other row runs its last position of the step again (the same KV written)
+        positions = np.repeat(last[None, :], num_passes, axis=0)
+        positions[:, rows] = first[None, :] + np.minimum(np.arange(num_passes)[:, None], caps[None, :] - 1)
+        device_positions = torch.from_numpy(positions).to(device)
+        device_rows = torch.from_numpy(rows).to(device)
+        device_caps = torch.from_numpy(caps).to(device)
+        self._forward(runner, inputs)  # pass 0, on the step's own buffers: queued before they are rewritten
         padded = self.graphs.padded_size(num_reqs) if self.graphs is not None else None
-        device_rows = torch.from_numpy(rows).to(runner.device)
-        device_caps = torch.from_numpy(caps).to(runner.device)
-        current: torch.Tensor | None = None  # [rows] each drafting row's input token from pass 1 on
+        step = prepare_inputs(batch, np.ones(num_reqs, dtype=np.int64), runner.buffers, padded,
+                              computed=positions[0])  # fmt: skip
         drafts: list[torch.Tensor] = []
-        for j in range(int(caps.max())):
-            positions = last.copy()
-            positions[rows] = first + np.minimum(j, caps - 1)  # a row past its cap repeats its last pass
-            runner.buffers.wait_for_copies()  # the staging buffers the last pass copied from are rewritten
-            step = prepare_inputs(batch, ones, runner.buffers, padded, computed=positions)
-            if current is not None:  # the draft before (the token table holds only known tokens)
-                step.input_ids.index_copy_(0, device_rows, current)
-            fed = step.input_ids.index_select(0, device_rows)
+        fed = step.input_ids.index_select(
+            0, device_rows
+        )  # the drafting rows' inputs: their last samples first
+        for j in range(num_passes):
+            if j:
+                move_decode_positions(
+                    runner.buffers, batch.block_tables, device_positions[j], positions[j] + 1
+                )
+                for metadata in step.attn_metadata:
+                    metadata.max_seq_len = int(positions[j].max()) + 1
+                step.input_ids.index_copy_(0, device_rows, fed)
             hidden = self._forward(runner, step)
             logits = self.model.compute_logits(hidden[device_rows])
             drafts.append(logits[:, : self.vocab_size].argmax(dim=-1))
             # the next pass feeds this draft, or (a row at its cap) this pass's token again
-            current = torch.where(j + 1 < device_caps, drafts[-1], fed)
-        proposed = torch.stack(drafts, dim=1).cpu().numpy()  # [rows, max cap]
+            fed = torch.where(j + 1 < device_caps, drafts[-1], fed)
+        proposed = torch.stack(drafts, dim=1).cpu().numpy()  # [rows, passes]
         req_ids = output.req_ids
         for i, row in enumerate(rows.tolist()):
             output.draft_token_ids[req_ids[row]] = proposed[i, : caps[i]].tolist()
