@@ -322,6 +322,31 @@ def test_speculative_config_flag(monkeypatch: pytest.MonkeyPatch, caplog: pytest
     assert captured["speculative_config"] == flag
 
 
+def test_speculative_config_draft_model_fields() -> None:
+    """vLLM's draft-model form: a `model` alone means method draft_model; each half without the other fails by
+    name before anything starts."""
+    from treadle_engine_core.core import describe_speculation
+    from treadle_model_runner.config import SpeculativeConfig
+
+    def parsed(value: str) -> SpeculativeConfig | None:
+        options = cli_serve.engine_options(
+            cli.build_parser().parse_args(["serve", "--speculative-config", value])
+        )
+        return EngineArgs.from_kwargs(None, **options).speculative_config
+
+    assert parsed('{"model": "/d", "num_speculative_tokens": 3}') == SpeculativeConfig(
+        method="draft_model", model="/d", num_speculative_tokens=3
+    )
+    assert parsed("{}") == SpeculativeConfig(method="ngram")
+    assert describe_speculation(parsed('{"model": "/d"}')) == "draft_model (/d, num_speculative_tokens=5)"
+    with pytest.raises(ValueError, match="method 'draft_model' needs a model"):
+        parsed('{"method": "draft_model"}')
+    with pytest.raises(ValueError, match="model '/d' is for method 'draft_model', not 'ngram'"):
+        parsed('{"method": "ngram", "model": "/d"}')
+    with pytest.raises(ValueError, match="model must be a path, got 3"):
+        parsed('{"model": 3}')
+
+
 def test_start_up_report_names_speculative_decoding(caplog: pytest.LogCaptureFixture) -> None:
     from types import SimpleNamespace
 

@@ -29,11 +29,15 @@ ENGINE: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    return build_cycle_model(tmp_path_factory.mktemp("tiny_llama_spec"))
+
+
+def build_cycle_model(directory: Path) -> tuple[Path, list[int]]:
     """Random layers; the unembedding favours, after token t, its successor in short random cycles (6 tokens), by
     about 0.75 of the probability: replies repeat, so n-gram drafts get accepted, and sampling still strays."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = build_tokenizer_dir(tmp_path_factory.mktemp("tiny_llama_spec"))
+    path = build_tokenizer_dir(directory)
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

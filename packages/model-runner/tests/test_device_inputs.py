@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from treadle_model_runner.runner.block_table import BlockTable
-from treadle_model_runner.runner.device_inputs import StepBuffers
+from treadle_model_runner.runner.device_inputs import StepBuffers, move_decode_positions
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.request_state import RequestState
@@ -289,3 +289,35 @@ def test_vacated_rows_point_padding_at_the_null_block() -> None:
     for table in batch.block_tables:
         assert table.device_table[:, 0].tolist() == [6] + [0] * (MAX_REQS - 1)
     assert inputs.num_padded_tokens == 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_moving_a_decode_batch_equals_building_it_there(seed: int) -> None:
+    """A draft model's passes move a one-token-per-row batch to new positions on the device
+    (`move_decode_positions`): positions, seq_lens (both copies) and every group's slot mapping equal a fresh
+    prepare_inputs at those positions, decode-graph padding rows included."""
+    rng = np.random.default_rng(seed)
+    batch, buffers = make_batch(), StepBuffers(MAX_TOKENS, MAX_REQS, len(BLOCK_SIZES), CPU)
+    num_reqs = int(rng.integers(1, MAX_REQS - 1))
+    for i in range(num_reqs):
+        blocks = tuple(
+            rng.choice(np.arange(1, 200), MAX_LEN // bs, replace=False).tolist() for bs in BLOCK_SIZES
+        )
+        batch.add(RequestState(f"r{i}", [1] * MAX_LEN, SamplingParams(), blocks, num_computed_tokens=0))
+    ones = np.ones(num_reqs, dtype=np.int64)
+    padded = num_reqs + 2
+    start = rng.integers(0, MAX_LEN - 8, num_reqs)
+    prepare_inputs(batch, ones, buffers, padded, computed=start)
+    for step in range(1, 4):
+        moved = start + step * rng.integers(0, 2, num_reqs)  # some rows move, some stay
+        move_decode_positions(buffers, batch.block_tables, torch.from_numpy(moved), moved + 1)
+        got = (buffers.positions[:padded].clone(), buffers.seq_lens[: padded].clone(),
+               buffers.seq_lens_cpu[: padded].clone(), [s[:padded].clone() for s in buffers.slot_mappings])  # fmt: skip
+        fresh = StepBuffers(MAX_TOKENS, MAX_REQS, len(BLOCK_SIZES), CPU)
+        prepare_inputs(batch, ones, fresh, padded, computed=moved)
+        assert torch.equal(got[0], fresh.positions[:padded])
+        assert torch.equal(got[1], fresh.seq_lens[:padded]) and torch.equal(
+            got[2], fresh.seq_lens_cpu[:padded]
+        )
+        for slots, want in zip(got[3], fresh.slot_mappings, strict=True):
+            assert torch.equal(slots, want[:padded])

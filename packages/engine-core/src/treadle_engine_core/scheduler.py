@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from treadle_engine_core.block_pool import KVCacheBlock
 from treadle_engine_core.config import SchedulerConfig
 from treadle_engine_core.kv_cache_manager import KVCacheManager
 from treadle_engine_core.lora_admission import LoRAAdmission, Verdict
@@ -93,6 +94,13 @@ class Scheduler:
         # requests failed while scheduling (their adapter could not be loaded), reported by the next update
         self.failed: list[EngineCoreOutput] = []
         self.spec = SpecDecoding(speculative_config, self.max_model_len) if speculative_config else None
+        # draft_model: after a step that samples, the runner's draft model writes KV for its drafts' positions,
+        # up to this many slots past the step's tokens (allocated when the pool has room; see _allocate)
+        self.draft_lookahead = (
+            speculative_config.num_speculative_tokens
+            if speculative_config is not None and speculative_config.method == "draft_model"
+            else 0
+        )
 
     # ---- requests in / out ------------------------------------------------------------------------
     def validate_request(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -181,12 +189,12 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            new_blocks = kv.allocate_slots(req, num_new)
+            new_blocks = self._allocate(req, num_new, num_tokens)
             if (
                 new_blocks is None and num_new > 1 and req_drafts
             ):  # drafts are optional: no preemption for them
                 num_new = 1
-                new_blocks = kv.allocate_slots(req, num_new)
+                new_blocks = self._allocate(req, num_new, num_tokens)
             while new_blocks is None:
                 victim = self._pick_victim(i)
                 self._preempt(victim)
@@ -251,7 +259,7 @@ class Scheduler:
                 if not cfg.enable_chunked_prefill:
                     break
                 num_new = budget
-            new_blocks = kv.allocate_slots(req, num_new, num_hit, hit_blocks)
+            new_blocks = self._allocate(req, num_new, req.num_tokens, num_hit, hit_blocks)
             if new_blocks is None:
                 break
             self.waiting.pop()
@@ -288,6 +296,28 @@ class Scheduler:
         for req in reversed(skipped):  # back to the head of the queue, in their order
             self.waiting.add_preempted(req)
         return budget
+
+    def _allocate(
+        self,
+        req: Request,
+        num_new: int,
+        num_tokens: int,
+        num_hit: int = 0,
+        hit_blocks: list[list[KVCacheBlock]] | None = None,
+    ) -> tuple[list[int], ...] | None:
+        """kv.allocate_slots for num_new tokens after num_computed (+ num_hit prefix hits), and, when the step
+        reaches the end of the request's `num_tokens` tokens (it samples) under a draft model, the lookahead
+        slots its drafts' KV goes to. Those are optional: when the pool cannot give them, the step runs without
+        (that request's drafts then read the null block: fewer accepted, the output unchanged)."""
+        num_after = req.num_computed_tokens + num_hit + num_new
+        lookahead = 0
+        if self.draft_lookahead and num_after >= num_tokens:
+            lookahead = min(self.draft_lookahead, self.max_model_len - num_after)
+        if lookahead > 0:
+            blocks = self.kv.allocate_slots(req, num_new, num_hit, hit_blocks, num_lookahead_tokens=lookahead)
+            if blocks is not None:
+                return blocks
+        return self.kv.allocate_slots(req, num_new, num_hit, hit_blocks)
 
     def _fail(self, req: Request, message: str) -> None:
         """End a request taken off the waiting queue with an error its client sees (blocks freed)."""

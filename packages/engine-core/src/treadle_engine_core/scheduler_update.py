@@ -95,6 +95,9 @@ def apply_runner_output(sched: Scheduler, so: SchedulerOutput, mro: ModelRunnerO
         outputs.append(out)
     if any_running_finished:
         sched.running = [r for r in sched.running if not r.is_finished]
+    if mro.draft_token_ids:
+        assert sched.spec is not None, "the runner drafted but speculative decoding is off"
+        sched.spec.store_drafts(requests, mro.draft_token_ids)
     return EngineCoreOutputs(
         outputs=outputs,
         scheduler_stats=sched.make_stats() if sched.log_stats else None,

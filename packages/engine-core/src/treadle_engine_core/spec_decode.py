@@ -28,6 +28,7 @@ from __future__ import annotations
 from treadle_engine_core.messages import SchedulerStats
 from treadle_engine_core.request import Request
 from treadle_engine_core.spec_ngram import NgramProposer
+from treadle_engine_core.spec_runner_drafts import RunnerDrafts
 from treadle_model_runner.config import SpeculativeConfig
 
 
@@ -35,7 +36,13 @@ class SpecDecoding:
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer = NgramProposer(config, max_model_len)
+        # the scheduler's own n-gram proposer, or the drafts the runner's draft model returns with each step
+        self.runner_drafts = (
+            RunnerDrafts(config.num_speculative_tokens) if config.method == "draft_model" else None
+        )
+        self.proposer: NgramProposer | RunnerDrafts = self.runner_drafts or NgramProposer(
+            config, max_model_len
+        )
         self.num_drafts = 0  # verifications of a request's drafts (cumulative)
         self.num_draft_tokens = 0  # draft tokens verified (cumulative)
         self.num_accepted_tokens = 0  # draft tokens kept (cumulative)
@@ -54,7 +61,18 @@ class SpecDecoding:
         """Whether some decoding request would get drafts from the tokens known now, its tokens in flight (async
         scheduling) aside: the engine then waits for them instead of scheduling a step without drafts."""
         ids, tokens, caps = self._candidates(running, with_in_flight=True)
+        if self.runner_drafts is not None:  # the runner drafts for each of them after the step in flight
+            return bool(ids)
         return bool(ids) and any(self.proposer.propose(ids, tokens, caps))
+
+    def store_drafts(self, requests: dict[str, Request], drafts: dict[str, list[int]]) -> None:
+        """Keep the drafts a step's output carries (draft_model) for the next schedule, each tagged with the
+        request's token count now (after that step's tokens were appended)."""
+        assert self.runner_drafts is not None, "drafts from the runner without a draft model"
+        for rid, tokens in drafts.items():
+            req = requests.get(rid)
+            if req is not None and not req.is_finished:
+                self.runner_drafts.store(rid, len(req.all_token_ids), tokens)
 
     def _candidates(
         self, running: list[Request], with_in_flight: bool

@@ -186,7 +186,7 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
@@ -195,13 +195,18 @@ class SpeculativeConfig:
 
     ngram (prompt lookup): the longest suffix of the request's tokens (between prompt_lookup_min and
     prompt_lookup_max tokens long) that also occurs earlier in its prompt + output proposes the tokens that
-    followed that earlier occurrence, at most num_speculative_tokens of them. The target model scores the last
-    token plus the drafts in one step; drafts are kept while they equal what the model samples at their
-    position, so the output is the same as without speculation.
+    followed that earlier occurrence, at most num_speculative_tokens of them.
+    draft_model: a smaller model sharing the target's tokenizer (`model`, loaded like the target, in its dtype)
+    runs beside it with its own layers in the same paged KV cache and proposes its greedy continuation
+    (runner/draft_model.py).
+    Either way the target model scores the last token plus the drafts in one step; drafts are kept while they
+    equal what the model samples at their position, so the output is the same as without speculation.
     """
 
-    method: str = "ngram"
+    # None: draft_model when a model is given, else ngram (as vLLM infers it)
+    method: str | None = None
     num_speculative_tokens: int = 5  # most draft tokens per request per step
+    model: str | None = None  # draft_model: the draft's HF-format directory (or a .gguf file)
     # the longest n-gram matched (None: prompt_lookup_min, or 5 when both are None, as vLLM)
     prompt_lookup_max: int | None = None
     # the shortest n-gram matched (None: prompt_lookup_max, or 5 when both are None)
@@ -214,10 +219,20 @@ class SpeculativeConfig:
                 value is not None or name == "num_speculative_tokens"
             ):
                 raise ValueError(f"speculative_config {name} must be an integer, got {value!r}")
+        if self.model is not None and not (isinstance(self.model, str) and self.model):
+            raise ValueError(f"speculative_config model must be a path, got {self.model!r}")
+        if self.method is None:
+            object.__setattr__(self, "method", "draft_model" if self.model else "ngram")
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(
                 f"speculative_config method {self.method!r} is not supported; "
                 f"supported: {', '.join(SPECULATIVE_METHODS)}"
+            )
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config method 'draft_model' needs a model (the draft's directory)")
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError(
+                f"speculative_config model {self.model!r} is for method 'draft_model', not {self.method!r}"
             )
         if self.num_speculative_tokens < 1:
             raise ValueError(

@@ -25,6 +25,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
     # request id -> its embedding (SamplingParams.pooling), in the step that computed its last prompt token
     pooled: dict[str, list[float]] = field(default_factory=dict)
+    # request id -> the draft model's proposals after this step's tokens (speculative_config draft_model)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> ModelRunnerOutput:

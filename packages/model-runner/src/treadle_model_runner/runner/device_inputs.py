@@ -109,3 +109,22 @@ def compute_on_device(
         block_ids = table.device_table.view(-1).index_select(0, flat).to(torch.int64)  # [T]
         torch.add(block_ids * bs, torch.remainder(positions, bs), out=slots[:t])
         slots[t:num_padded_tokens].fill_(-1)
+
+
+def move_decode_positions(
+    buffers: StepBuffers, tables: list[BlockTable], positions: torch.Tensor, seq_lens_cpu: np.ndarray
+) -> None:
+    """Move a decode batch already in the buffers (one token per row, rows [0, R)) to new `positions` [R] int64
+    on the device: positions, seq_lens and every group's slot mapping, on the device with no host copy (a draft
+    model's passes, runner/draft_model.py); `seq_lens_cpu` [R] is the host copy of the new seq_lens. Padding
+    rows past R keep theirs."""
+    r = positions.shape[0]
+    buffers.positions[:r].copy_(positions)
+    torch.add(positions, 1, out=buffers.seq_lens[:r])
+    buffers.seq_lens_cpu.numpy()[:r] = seq_lens_cpu
+    rows = buffers.arange[:r]
+    for table, slots in zip(tables, buffers.slot_mappings, strict=True):
+        bs = table.block_size
+        flat = rows * table.max_blocks_per_req + torch.div(positions, bs, rounding_mode="floor")
+        block_ids = table.device_table.view(-1).index_select(0, flat).to(torch.int64)
+        torch.add(block_ids * bs, torch.remainder(positions, bs), out=slots[:r])

@@ -78,6 +78,8 @@ def capture_graphs(runner: ModelRunner) -> None:
         lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
     ) if buckets and prefill_graphs_wanted(runner) else []  # fmt: skip
     runner.prefill_graphs = as_one_set(prefill, mask)
+    if runner.drafter is not None:  # its graphs over the same buffers (no LoRA with a draft model)
+        runner.drafter.capture(runner, buckets, prefill_graphs_wanted(runner))
     reserved = runner.graph_bytes_reserved
     taken = sum(g.memory_bytes for g in (*decode, *pieces, *prefill))
     if decode and reserved and taken > 1.2 * reserved + (64 << 20):
@@ -86,11 +88,14 @@ def capture_graphs(runner: ModelRunner) -> None:
                        taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
 
 
-def prepare_decode_capture(runner: ModelRunner, size: int) -> Callable[[], torch.Tensor]:
-    """A dummy decode batch of `size` one-token requests over the null block, and its forward."""
+def prepare_decode_capture(
+    runner: ModelRunner, size: int, model: torch.nn.Module | None = None
+) -> Callable[[], torch.Tensor]:
+    """A dummy decode batch of `size` one-token requests over the null block, and the forward of `model` (default:
+    the runner's; a draft model's, runner/draft_model.py)."""
     inputs = prepare_inputs(runner.batch, np.zeros(0, dtype=np.int64), runner.buffers, size)
     context = runner.forward_context(inputs, graph_size=size)
-    model = runner._require_model()
+    model = model if model is not None else runner._require_model()
 
     def forward() -> torch.Tensor:
         with set_forward_context(context):
@@ -99,12 +104,15 @@ def prepare_decode_capture(runner: ModelRunner, size: int) -> Callable[[], torch
     return forward
 
 
-def prepare_prefill_capture(runner: ModelRunner, size: int) -> Callable[[], torch.Tensor]:
-    """One request of `size` tokens over the step buffers (holding a harmless batch), and its forward."""
+def prepare_prefill_capture(
+    runner: ModelRunner, size: int, model: torch.nn.Module | None = None
+) -> Callable[[], torch.Tensor]:
+    """One request of `size` tokens over the step buffers (holding a harmless batch), and the forward of `model`
+    (default: the runner's; a draft model's)."""
     metadata = capture_metadata(runner.batch, runner.buffers, size)
     built = [b.build(m) for b, m in zip(runner.builders, metadata, strict=True)]
     context = ForwardContext(runner.kv_caches, [built[g] for g in runner.layer_to_group], size)
-    model = runner._require_model()
+    model = model if model is not None else runner._require_model()
     input_ids, positions = runner.buffers.input_ids[:size], runner.buffers.positions[:size]
 
     def forward() -> torch.Tensor:

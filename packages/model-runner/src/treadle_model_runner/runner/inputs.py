@@ -61,11 +61,14 @@ def prepare_inputs(
     num_padded_tokens: int | None = None,
     placeholders: PlaceholderSource | None = None,
     drafts: list[list[int]] | None = None,
+    computed: np.ndarray | None = None,
 ) -> StepInputs:
     """Build the step's device inputs for rows [0, len(num_scheduled)); pad tokens up to num_padded_tokens.
 
     Input tokens still in flight (placeholders, < 0) are gathered on the device from `placeholders`. `drafts`:
     per row, the draft tokens it verifies (already staged in the token table by spec_decode.stage_drafts).
+    `computed`: per row, the position its first token goes to (default: its num_computed_tokens; a draft model's
+    passes run at other positions, runner/draft_model.py).
     """
     num_reqs = len(num_scheduled)
     num_tokens = int(num_scheduled.sum())
@@ -77,7 +80,8 @@ def prepare_inputs(
 
     cu = np.cumsum(num_scheduled, dtype=np.int64)
     query_start = np.concatenate([[0], cu]).astype(np.int64)
-    computed = batch.num_computed_tokens[:num_reqs]
+    if computed is None:
+        computed = batch.num_computed_tokens[:num_reqs]
     seq_lens = computed + num_scheduled
 
     # stage [q | c | input ids] and send them in one copy

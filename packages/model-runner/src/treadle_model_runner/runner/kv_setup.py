@@ -40,8 +40,7 @@ if TYPE_CHECKING:
 
 def initialize_kv_cache(runner: ModelRunner) -> KVCacheConfig:
     """Size the paged KV cache from memory, allocate it, and capture CUDA graphs."""
-    model = runner._require_model()
-    layers = model.attention_layers()
+    layers = runner.kv_layers()  # the target's, then a draft model's (runner/draft_model.py)
     groups = kv_cache_groups(layers)
     block_size = runner.cache_config.block_size
     runner.layer_to_group = [0] * len(layers)

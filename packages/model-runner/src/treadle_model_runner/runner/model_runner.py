@@ -30,36 +30,32 @@ from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, Sp
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.kv_cache import resolve_kv_cache_dtype
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
-from treadle_model_runner.layers.linear import projections_on_meta
-from treadle_model_runner.loader import iterate_weights, load_dummy_weights, resolve_model
-from treadle_model_runner.loader.weights import CONFIG_FILE, describe_checkpoint
+from treadle_model_runner.layers.attention import Attention
+from treadle_model_runner.loader import resolve_model
+from treadle_model_runner.loader.weights import CONFIG_FILE
 from treadle_model_runner.lora.manager import LoRAManager
 from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
-from treadle_model_runner.parallel import building_expert_parallel, get_tp, prepare_small_all_reduce
+from treadle_model_runner.parallel import get_tp, prepare_small_all_reduce
 from treadle_model_runner.quantization import (
-    allocate_projections,
-    checkpoint_weights,
-    log_loaded,
-    quantize_model,
     resolve_quantization,
 )
+from treadle_model_runner.runner.build import build_causal_lm
 from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import log_dispatch_report, log_expert_parallel, runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
+from treadle_model_runner.runner.draft_model import DraftModel
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.kv_setup import initialize_kv_cache
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
-    default_dtype,
     eos_token_ids,
     resolve_device,
     resolve_dtype,
     resolve_max_model_len,
-    skip_param_init,
     start_device_init,
 )
 from treadle_model_runner.runner.spec_decode import stage_drafts
@@ -110,6 +106,12 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
+        self.speculative_config = speculative_config
+        if self.lora_config is not None and speculative_config and speculative_config.method == "draft_model":
+            raise ValueError(
+                "speculative_config method 'draft_model' does not run with LoRA adapters (--enable-lora)"
+            )
+        self.drafter: DraftModel | None = None  # speculative_config method draft_model, once loaded
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         start = time.perf_counter()
@@ -205,45 +207,28 @@ class ModelRunner:
 
     # ---- startup ------------------------------------------------------------------------------------
     def load_model(self) -> None:
-        cls = get_model_class(self.hf_config)
-        plan = self.quantization
-        checkpoint = plan.checkpoint if plan is not None else None
-        if plan is not None and self.device.type == "cpu":
-            logger.warning("%s", plan.cpu_warning())
-        # every parameter is loaded below; an fp8 checkpoint's projections get storage in its dtypes first
-        with (
-            default_dtype(self.dtype),
-            self.device,
-            skip_param_init(),
-            projections_on_meta(checkpoint is not None),
-            building_expert_parallel(self.model_config.enable_expert_parallel),
-        ):
-            model = cls(self.hf_config, self._max_model_len)
-        if checkpoint is not None:
-            allocate_projections(model, checkpoint, self.device)
-        if self.resolved.format == "dummy":
-            load_dummy_weights(model, self.model_config.seed)
-        else:
-            weights = iterate_weights(self.resolved.path, self.resolved.format)
-            if checkpoint is not None:
-                weights = checkpoint_weights(weights, checkpoint, self.device)
-            with torch.no_grad():
-                model.load_weights(weights, describe_checkpoint(self.resolved.path))
-        model.eval().requires_grad_(False)
-        if checkpoint is not None:
-            log_loaded(model, checkpoint)
-        elif plan is not None:  # online: after the weights (dummy ones too) are in
-            quantize_model(model, plan.method, plan.dummy_blocks)
+        model = build_causal_lm(
+            self.resolved, self.quantization, self.dtype, self.device, self._max_model_len,
+            self.model_config.seed, self.model_config.enable_expert_parallel,
+        )  # fmt: skip
         if self.lora_config is not None:
             num_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
             self.lora = LoRAManager(model, self.lora_config, num_tokens, self.dtype, self.device)
         for layer in model.attention_layers():
             layer.bind_backend(self.attn_backend)
         self.model = model
+        spec = self.speculative_config
+        if spec is not None and spec.method == "draft_model":
+            self.drafter = DraftModel(self, spec)
         prepare_small_all_reduce(self.dtype, self.device)  # tensor parallel on CUDA: every rank, here
-        logger.info("loaded %s (%s)", cls.__name__, self.resolved.format)
+        logger.info("loaded %s (%s)", type(model).__name__, self.resolved.format)
         log_dispatch_report(model)
         log_expert_parallel(model, self.model_config.enable_expert_parallel, get_tp().size)
+
+    def kv_layers(self) -> list[Attention]:
+        """Every attention layer with a KV cache, by layer_idx: the target's, then the draft model's."""
+        layers = self._require_model().attention_layers()
+        return layers + self.drafter.layers if self.drafter is not None else layers
 
     def initialize_kv_cache(self) -> KVCacheConfig:
         """Size the paged KV cache from memory, allocate it, and capture CUDA graphs (kv_setup.py)."""
@@ -260,6 +245,8 @@ class ModelRunner:
             if graphs is not None:
                 graphs.release()
         self.graphs = self.piecewise = self.prefill_graphs = None
+        if self.drafter is not None:
+            self.drafter.release_graphs()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -289,6 +276,7 @@ class ModelRunner:
         defer = (
             self.async_output
             and drafts is None
+            and self.drafter is None
             and not any(
                 s is not None and s.sampling_params.needs_host_tokens for s in self.batch.states[:num_reqs]
             )
@@ -307,7 +295,11 @@ class ModelRunner:
         source = device_source(newest, self.batch.req_ids)
         inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source, drafts)
         hidden = self._forward(inputs)
-        return sample_step(self, req_ids, inputs, hidden, defer)
+        output = sample_step(self, req_ids, inputs, hidden, defer)
+        if self.drafter is not None:  # never deferred: its output is on the host
+            assert isinstance(output, ModelRunnerOutput)
+            self.drafter.propose(self, inputs, output)
+        return output
 
     def _resolve_pending(self, keep_newest: bool) -> None:
         """Write landed sampled tokens into the host state: all steps in flight, or all but the newest."""

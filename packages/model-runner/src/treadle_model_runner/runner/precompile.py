@@ -89,7 +89,7 @@ def start_compile_ahead(runner: ModelRunner) -> CompileAhead | None:
     try:
         with torch.inference_mode(), compile_only(pool) as futures:
             shapes = _shapes(runner)
-            for layer in _layer_kinds(runner._require_model().attention_layers()):
+            for layer in _layer_kinds(runner.kv_layers()):
                 inputs = attention_inputs(runner, layer)
                 for shape in shapes:
                     _attend(runner, layer, shape, *inputs)

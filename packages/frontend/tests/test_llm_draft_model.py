@@ -1,0 +1,125 @@
+"""Draft-model speculative decoding end to end (speculative_config {"model": ...}): the offline `LLM` on the tiny
+random Llama of test_llm_spec_decode.py, with a draft model built here (another architecture's shapes: one layer,
+wider heads, one key/value head), gives the same tokens, finish reasons, text and logprobs as without speculation
+for every kind of request there (greedy, seeded, penalized, stop tokens, grammars), with async scheduling on and
+off and under preemption; a draft model equal to the target has every greedy draft accepted, so the draft's own
+KV cache (its layers in the shared paged pool) and its positions are right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_llm_spec_decode import ENGINE, _params, _prompts, _run, build_cycle_model
+
+from treadle_frontend import LLM
+from treadle_model_runner import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    return build_cycle_model(tmp_path_factory.mktemp("tiny_llama_target"))
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory: pytest.TempPathFactory, model: tuple[Path, list[int]]) -> Path:
+    """One layer, head size 32 (the target's is 16), one key/value head; its unembedding favours the target's
+    successor of the input token, so many drafts are right and some are not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, successor = model
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=400, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    draft_model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        head = draft_model.lm_head.weight
+        head.copy_(torch.randn_like(head) * 0.2)
+        head[successor] += draft_model.model.embed_tokens.weight * 4.0
+    path = tmp_path_factory.mktemp("tiny_llama_draft")
+    draft_model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _spec(path: Path, k: int = 4) -> dict[str, Any]:
+    return {"model": str(path), "num_speculative_tokens": k}
+
+
+def _assert_same(plain: list[Any], spec: list[Any]) -> None:
+    for i, (a, b) in enumerate(zip(plain, spec, strict=True)):
+        assert b.token_ids == a.token_ids, f"request {i}"
+        assert (b.text, b.finish_reason, b.stop_reason) == (a.text, a.finish_reason, a.stop_reason), i
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for pos_a, pos_b in zip(a.logprobs or [], b.logprobs or [], strict=True):
+            assert list(pos_a) == list(pos_b), f"request {i}: top tokens differ"
+            assert [e.logprob for e in pos_b.values()] == pytest.approx(
+                [e.logprob for e in pos_a.values()], abs=1e-4
+            )
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_same_output_with_a_draft_model(
+    model: tuple[Path, list[int]], draft: Path, async_scheduling: bool
+) -> None:
+    _, successor = model
+    stop_token = successor[successor[successor[_prompts(successor)[4]["prompt_token_ids"][-1]]]]
+    params = _params(stop_token)
+    plain, _ = _run(model, params)
+    spec, stats = _run(model, params, speculative_config=_spec(draft), async_scheduling=async_scheduling)
+    assert stats.spec_num_accepted_tokens > 40, stats
+    assert stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens  # some drafts were also rejected
+    assert stats.spec_num_accepted_tokens == sum(stats.spec_num_accepted_tokens_per_pos)
+    _assert_same(plain, spec)
+
+
+def test_the_target_as_its_own_draft_has_every_greedy_draft_accepted(model: tuple[Path, list[int]]) -> None:
+    """The draft computes the target's own greedy continuation only if its KV (pass 0 over each step's tokens,
+    passes 1..k at the drafts' positions, lookahead slots) is exact: one wrong entry and drafts get rejected."""
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)] * 7
+    plain, _ = _run(model, params)
+    spec, stats = _run(model, params, speculative_config=_spec(model[0], k=5))
+    # each request: its prefill samples token 1, then 6 steps of 5 drafts + 1 (36 tokens) and one of 2 + 1; a
+    # step short of drafts (a draft with no slot: no lookahead allocated past a block's end) would add steps
+    assert (stats.spec_num_drafts, stats.spec_num_draft_tokens) == (7 * 7, 7 * (6 * 5 + 2)), stats
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens, stats
+    _assert_same(plain, spec)
+
+
+def test_preemption_with_a_draft_model(model: tuple[Path, list[int]], draft: Path) -> None:
+    """17 blocks of 16 tokens for seven requests of 5 to 8 blocks each, and lookahead slots besides: requests
+    are preempted (target and draft KV recomputed) and reply as without speculation."""
+    params = [SamplingParams(temperature=0.0, max_tokens=45, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=45, ignore_eos=True)]  # fmt: skip
+    options: dict[str, Any] = {"num_gpu_blocks_override": 17, "block_size": 16, "max_model_len": 256}
+    prompts = _prompts(model[1])[:5] + _prompts(model[1])[:2]
+    runs = []
+    for spec in (None, _spec(draft)):
+        llm = LLM(str(model[0]), **{**ENGINE, **options}, **({"speculative_config": spec} if spec else {}))
+        try:
+            outs = llm.generate(prompts, [params[i % 2] for i in range(7)], use_tqdm=False)
+            runs.append(([o.outputs[0].token_ids for o in outs], llm.client.get_stats()))  # type: ignore[attr-defined]
+        finally:
+            llm.shutdown()
+    (plain, _), (spec_tokens, stats) = runs
+    assert spec_tokens == plain
+    assert stats.num_preemptions > 0 and stats.spec_num_accepted_tokens > 0, stats
+
+
+def test_a_draft_model_too_short_for_max_model_len_is_refused(
+    model: tuple[Path, list[int]], draft: Path, tmp_path: Path
+) -> None:
+    short = tmp_path / "short_draft"
+    short.mkdir()
+    for f in draft.iterdir():
+        (short / f.name).symlink_to(f)
+    (short / "config.json").unlink()
+    config = json.loads((draft / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    with pytest.raises(ValueError, match=r"speculative_config model .*max_position_embeddings \(128\)"):
+        LLM(str(model[0]), **ENGINE, speculative_config=_spec(short))

@@ -1,0 +1,223 @@
+"""Draft-model speculative decoding in the runner (speculative_config method draft_model, as vLLM's).
+
+A smaller model sharing the target's tokenizer proposes each request's next k tokens greedily; the scheduler sends
+them back with the next step, which verifies them (spec_decode.py). Drafts only decide how many tokens a step
+may keep, never which: the output equals decoding without speculation whatever the draft model says.
+
+Its KV cache. The draft model's attention layers are numbered after the target's (layer_idx + the target's layer
+count) and join the same paged pool: same blocks, same block tables, same slot mapping, each layer with its own
+tensor. So every position the target has computed, the draft has too, with no bookkeeping of its own:
+  - pass 0 runs the draft over exactly the step's tokens (the same inputs and attention metadata), so its KV
+    covers every scheduled position; rejected drafts' positions hold stale KV, rewritten when those positions
+    are scheduled again, as the target's;
+  - pass j = 1..k (only after a step that sampled): one token per drafting request, at position N - 2 + j where
+    N is its token count after this step's tokens were appended: the last sampled token (j = 1), then draft
+    j - 1; its greedy next token is draft j. These write up to k slots past the step's tokens: the scheduler
+    allocates that lookahead when the pool has room (scheduler._allocate). Draft j needs its slot allocated:
+    a request gets at most (its slots - N + 1) drafts.
+A request that does not draft this step (a prefill chunk, one near max_tokens) runs its last position of the
+step again in passes 1..k (the same token and position: the same KV written), so every pass is one token per
+batch row and the batch's block tables serve it unchanged.
+
+On a GPU the draft model has CUDA graphs of its own, captured after the target's over the same step buffers
+(`capture`): passes 1..k are decode batches (one token a row) and replay its decode graphs; pass 0 takes the shape
+of the target's step and its path: a decode graph, a one-request prefill graph (batch 1: no launch from Python),
+a piecewise graph at the step's token bucket, or eagerly. Drafts go back in ModelRunnerOutput's `draft_token_ids`; the scheduler offers
+them only while the request's token count is the one they follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from treadle_model_runner.config import SpeculativeConfig
+from treadle_model_runner.forward_context import set_forward_context
+from treadle_model_runner.layers.attention import Attention
+from treadle_model_runner.loader import resolve_model
+from treadle_model_runner.loader.weights import CONFIG_FILE
+from treadle_model_runner.models import get_model_class
+from treadle_model_runner.outputs import ModelRunnerOutput
+from treadle_model_runner.quantization import resolve_quantization
+from treadle_model_runner.runner.build import build_causal_lm
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.device_inputs import move_decode_positions
+from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
+from treadle_model_runner.runner.piecewise import PiecewiseGraphs, piecewise_forward
+from treadle_model_runner.runner.setup import resolve_max_model_len
+
+if TYPE_CHECKING:
+    from treadle_model_runner.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class DraftModel:
+    def __init__(self, runner: ModelRunner, config: SpeculativeConfig) -> None:
+        """Load the draft model of `config` on the runner's device, in its dtype, its attention layers numbered
+        after the target's (call after the target is loaded)."""
+        assert config.model is not None
+        target = runner._require_model()
+        draft_config = dataclasses.replace(
+            runner.model_config, model=config.model, tokenizer=None, quantization=None,
+            load_format="dummy" if runner.model_config.load_format == "dummy" else "auto",
+            max_model_len=runner.max_model_len, served_model_name=None,
+        )  # fmt: skip
+        resolved = resolve_model(draft_config)
+        try:
+            resolve_max_model_len(runner.max_model_len, resolved.hf_config)
+        except ValueError as exc:
+            raise ValueError(f"speculative_config model {config.model!r}: {exc}") from None
+        plan = resolve_quantization(
+            None, resolved.hf_config, get_model_class(resolved.hf_config), resolved.path / CONFIG_FILE,
+            resolved.format,
+        )  # fmt: skip
+        self.model = build_causal_lm(
+            resolved, plan, runner.dtype, runner.device, runner.max_model_len, runner.model_config.seed,
+            runner.model_config.enable_expert_parallel,
+        )  # fmt: skip
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.graphs: CudaGraphRunner | None = None  # decode graphs (passes 1..k; pass 0 after a decode step)
+        self.piecewise: PiecewiseGraphs | None = None  # pass 0 after other steps
+        self.prefill_graphs: CudaGraphRunner | None = None  # pass 0 after one request's multi-token step
+        # drafts are target token ids: a larger draft vocabulary's extra ids are never proposed
+        self.vocab_size = min(int(resolved.hf_config.vocab_size), runner.vocab_size)
+        offset = len(target.attention_layers())
+        self.layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.layers:
+            layer.layer_idx += offset
+            layer.bind_backend(runner.attn_backend)
+        logger.info(
+            "speculative decoding: draft model %s (%s, %d layers, %s) proposes up to %d tokens a step",
+            resolved.path, type(self.model).__name__, len(self.layers), resolved.format,
+            self.num_speculative_tokens,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def propose(self, runner: ModelRunner, inputs: StepInputs, output: ModelRunnerOutput) -> None:
+        """Run the draft over the step's tokens (pass 0), then draft for the rows that sampled (passes 1..k);
+        fills output.draft_token_ids. The host prepares every pass before the first is queued (the device is
+        idle then: the step's tokens just reached the host); the passes then run back to back on the device,
+        each moving the positions and feeding the draft before without the host."""
+        rows, caps = self._drafting_rows(runner, inputs, output)
+        if not rows.size:
+            self._forward(runner, inputs)
+            return
+        batch, device = runner.batch, runner.device
+        num_reqs, num_passes = inputs.num_reqs, int(caps.max())
+        last = (
+            batch.num_computed_tokens[:num_reqs] + inputs.num_scheduled - 1
+        )  # each row's last position this step
+        first = (
+            batch.num_tokens[rows].astype(np.int64) - 1
+        )  # drafting rows: the last sampled token's position
+        # [passes, R] each row's position in each pass: a drafting row moves on from `first` and repeats its last
+        # pass once past its cap; any other row runs its last position of the step again (the same KV written)
+        positions = np.repeat(last[None, :], num_passes, axis=0)
+        positions[:, rows] = first[None, :] + np.minimum(np.arange(num_passes)[:, None], caps[None, :] - 1)
+        device_positions = torch.from_numpy(positions).to(device)
+        device_rows = torch.from_numpy(rows).to(device)
+        device_caps = torch.from_numpy(caps).to(device)
+        self._forward(runner, inputs)  # pass 0, on the step's own buffers: queued before they are rewritten
+        padded = self.graphs.padded_size(num_reqs) if self.graphs is not None else None
+        step = prepare_inputs(batch, np.ones(num_reqs, dtype=np.int64), runner.buffers, padded,
+                              computed=positions[0])  # fmt: skip
+        drafts: list[torch.Tensor] = []
+        fed = step.input_ids.index_select(
+            0, device_rows
+        )  # the drafting rows' inputs: their last samples first
+        for j in range(num_passes):
+            if j:
+                move_decode_positions(
+                    runner.buffers, batch.block_tables, device_positions[j], positions[j] + 1
+                )
+                for metadata in step.attn_metadata:
+                    metadata.max_seq_len = int(positions[j].max()) + 1
+                step.input_ids.index_copy_(0, device_rows, fed)
+            hidden = self._forward(runner, step)
+            logits = self.model.compute_logits(hidden[device_rows])
+            drafts.append(logits[:, : self.vocab_size].argmax(dim=-1))
+            # the next pass feeds this draft, or (a row at its cap) this pass's token again
+            fed = torch.where(j + 1 < device_caps, drafts[-1], fed)
+        proposed = torch.stack(drafts, dim=1).cpu().numpy()  # [rows, passes]
+        req_ids = output.req_ids
+        for i, row in enumerate(rows.tolist()):
+            output.draft_token_ids[req_ids[row]] = proposed[i, : caps[i]].tolist()
+
+    def _forward(self, runner: ModelRunner, inputs: StepInputs) -> torch.Tensor:
+        """The draft model over a step's inputs: a decode graph, a piecewise graph, or eagerly (as the target)."""
+        size = inputs.num_padded_tokens
+        if self.graphs is not None and inputs.is_decode_only and self.graphs.has(size):
+            for builder, common in zip(runner.builders, inputs.attn_metadata, strict=True):
+                builder.prepare_cuda_graph_replay(common, size)
+            return self.graphs.replay(size)
+        prefill = self.prefill_graphs
+        if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
+            return prefill.replay(size)
+        with set_forward_context(runner.forward_context(inputs)):
+            if self.piecewise is not None and not inputs.is_decode_only and self.piecewise.has(size):
+                return self.piecewise.replay(size)
+            return self.model(inputs.input_ids, inputs.positions)
+
+    def capture(self, runner: ModelRunner, piecewise_sizes: list[int], prefill_graphs: bool) -> None:
+        """Capture the draft's decode graphs (the runner's capture sizes), its piecewise graphs (`piecewise_sizes`
+        tokens) and, with `prefill_graphs`, its one-request prefill graphs (the same buckets), over the runner's
+        step buffers, as the target's; a capture that fails leaves those passes eager."""
+        from treadle_model_runner.runner.graphs import prepare_decode_capture, prepare_prefill_capture
+
+        decode = CudaGraphRunner(capture_sizes(runner.max_num_seqs), "draft model decode batch")
+        decode.capture(lambda size: prepare_decode_capture(runner, size, self.model))
+        self.graphs = decode if decode.is_captured else None
+        buffers = runner.buffers
+        pieces = PiecewiseGraphs(piecewise_sizes, " (draft model)")
+        if piecewise_sizes:
+            pieces.capture(lambda size, split: piecewise_forward(self.model, runner.kv_caches,
+                           buffers.input_ids[:size], buffers.positions[:size], split))  # fmt: skip
+        self.piecewise = pieces if pieces.is_captured else None
+        prefill = CudaGraphRunner(piecewise_sizes, "draft model one-request prefill")
+        if piecewise_sizes and prefill_graphs:
+            prefill.capture(lambda size: prepare_prefill_capture(runner, size, self.model))
+        self.prefill_graphs = prefill if prefill.is_captured else None
+
+    def release_graphs(self) -> None:
+        for graphs in (self.graphs, self.piecewise, self.prefill_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.piecewise = self.prefill_graphs = None
+
+    def _drafting_rows(
+        self, runner: ModelRunner, inputs: StepInputs, output: ModelRunnerOutput
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(batch rows that draft after this step, drafts each may get): rows that sampled a token and may still
+        produce more than one, capped by k, max_model_len, max_tokens and their allocated slots."""
+        batch = runner.batch
+        rows = inputs.sample_rows
+        if not rows.size:
+            return rows, rows
+        num_tokens = batch.num_tokens[rows].astype(np.int64)
+        block_size = batch.block_tables[0].block_size
+        slots = np.min([table.num_blocks[rows] for table in batch.block_tables], axis=0) * block_size
+        left = np.array(
+            [
+                s.sampling_params.max_tokens - len(s.output_token_ids)
+                if s is not None and s.sampling_params.pooling is None
+                else 0
+                for s in (batch.states[r] for r in rows.tolist())
+            ],
+            dtype=np.int64,
+        )
+        caps = np.minimum.reduce(
+            [
+                np.full(rows.size, self.num_speculative_tokens, dtype=np.int64),
+                left - 1,  # the token after the drafts is the step's own sample
+                batch.max_model_len - num_tokens - 1,
+                slots.astype(np.int64) - num_tokens + 1,
+            ]
+        )
+        has = np.array([bool(output.sampled_token_ids[r]) for r in rows.tolist()], dtype=bool)
+        keep = (caps > 0) & has
+        return rows[keep], caps[keep]
