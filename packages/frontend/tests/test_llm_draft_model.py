@@ -123,3 +123,30 @@ def test_a_draft_model_too_short_for_max_model_len_is_refused(
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
     with pytest.raises(ValueError, match=r"speculative_config model .*max_position_embeddings \(128\)"):
         LLM(str(model[0]), **ENGINE, speculative_config=_spec(short))
+
+
+def test_own_draft_on_a_context_sensitive_model(tmp_path: Path) -> None:
+    """A plain random Llama (no favoured successors: each token depends on the whole context), as its own draft:
+    every greedy draft is accepted only if every draft KV entry a pass reads is the target's, position for
+    position (a stale entry at one position flips some of these argmaxes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.2, tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    prompts: list[Any] = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(3 + 9 * i)]}
+                          for i in range(6)]  # fmt: skip
+    greedy = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    runs = []
+    for spec in (None, _spec(tmp_path, k=4)):
+        llm = LLM(str(tmp_path), **ENGINE, **({"speculative_config": spec} if spec else {}))
+        try:
+            outs = llm.generate(prompts, greedy, use_tqdm=False)
+            runs.append(([o.outputs[0].token_ids for o in outs], llm.client.get_stats()))  # type: ignore[attr-defined]
+        finally:
+            llm.shutdown()
+    (plain, _), (spec_tokens, stats) = runs
+    assert spec_tokens == plain
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 150, stats

@@ -99,22 +99,58 @@ class DraftModel:
 
     @torch.inference_mode()
     def propose(self, runner: ModelRunner, inputs: StepInputs, output: ModelRunnerOutput) -> None:
-        """Run the draft over the step's tokens (pass 0), then draft for the rows that sampled (passes 1..k);
-        fills output.draft_token_ids. The host prepares every pass before the first is queued (the device is
-        idle then: the step's tokens just reached the host); the passes then run back to back on the device,
-        each moving the positions and feeding the draft before without the host."""
+        """Pass 0 over the step's positions the draft has no KV for yet, then passes 1..k for the rows that
+        sampled; fills output.draft_token_ids. The host prepares the passes before they are queued (the device
+        is idle then: the step's tokens just reached the host); passes 2..k then run back to back on the
+        device, each moving the positions and feeding the draft before without the host."""
+        batch = runner.batch
+        num_reqs = inputs.num_reqs
+        # each row's positions after this step's tokens (the draft's KV is valid below it once pass 0 ran)
+        step_end = batch.num_computed_tokens[:num_reqs] + inputs.num_scheduled
         rows, caps = self._drafting_rows(runner, inputs, output)
-        if not rows.size:
+        self._pass_zero(runner, inputs, step_end)
+        if rows.size:
+            self._draft(runner, output, rows, caps, step_end - 1)
+        # what the next step's pass 0 may skip: positions below the new tokens, and the drafts' positions
+        ends = np.minimum(step_end, batch.num_tokens[:num_reqs] - 1)
+        ends[rows] = batch.num_tokens[rows] - 1 + caps
+        for row, end in enumerate(ends.tolist()):
+            state = batch.states[row]
+            assert state is not None
+            state.draft_kv_end = end
+
+    def _pass_zero(self, runner: ModelRunner, inputs: StepInputs, step_end: np.ndarray) -> None:
+        """The draft over the step's positions it has no KV for. A decode or verification step's have mostly
+        been written by the last step's passes 1..k (the same tokens: its last sample and the drafts the
+        scheduler kept), leaving none or the last draft's position: then pass 0 is one token a row (a row with
+        none runs its last position again) and replays a decode graph. Otherwise (prefill chunks) it runs over
+        the step's own inputs."""
+        batch = runner.batch
+        num_reqs = inputs.num_reqs
+        computed = batch.num_computed_tokens[:num_reqs]
+        known = np.array([s.draft_kv_end for s in batch.states[:num_reqs] if s is not None], dtype=np.int64)
+        needed = np.maximum(step_end - np.clip(known, computed, step_end), 1)
+        if (needed == inputs.num_scheduled).all():
             self._forward(runner, inputs)
             return
+        runner.buffers.wait_for_copies()
+        step = prepare_inputs(batch, needed, runner.buffers, self._padded(needed), computed=step_end - needed)
+        self._forward(runner, step)
+
+    def _draft(
+        self,
+        runner: ModelRunner,
+        output: ModelRunnerOutput,
+        rows: np.ndarray,
+        caps: np.ndarray,
+        last: np.ndarray,
+    ) -> None:
+        """Passes 1..k: greedy drafts for `rows` (at most `caps` each) into output.draft_token_ids; `last`: each
+        row's last position this step, which a row that does not draft runs again."""
         batch, device = runner.batch, runner.device
-        num_reqs, num_passes = inputs.num_reqs, int(caps.max())
-        last = (
-            batch.num_computed_tokens[:num_reqs] + inputs.num_scheduled - 1
-        )  # each row's last position this step
-        first = (
-            batch.num_tokens[rows].astype(np.int64) - 1
-        )  # drafting rows: the last sampled token's position
+        num_reqs, num_passes = len(last), int(caps.max())
+        # drafting rows: their last sampled token's position
+        first = batch.num_tokens[rows].astype(np.int64) - 1
         # [passes, R] each row's position in each pass: a drafting row moves on from `first` and repeats its last
         # pass once past its cap; any other row runs its last position of the step again (the same KV written)
         positions = np.repeat(last[None, :], num_passes, axis=0)
@@ -122,14 +158,12 @@ class DraftModel:
         device_positions = torch.from_numpy(positions).to(device)
         device_rows = torch.from_numpy(rows).to(device)
         device_caps = torch.from_numpy(caps).to(device)
-        self._forward(runner, inputs)  # pass 0, on the step's own buffers: queued before they are rewritten
-        padded = self.graphs.padded_size(num_reqs) if self.graphs is not None else None
-        step = prepare_inputs(batch, np.ones(num_reqs, dtype=np.int64), runner.buffers, padded,
-                              computed=positions[0])  # fmt: skip
+        ones = np.ones(num_reqs, dtype=np.int64)
+        runner.buffers.wait_for_copies()
+        step = prepare_inputs(batch, ones, runner.buffers, self._padded(ones), computed=positions[0])
         drafts: list[torch.Tensor] = []
-        fed = step.input_ids.index_select(
-            0, device_rows
-        )  # the drafting rows' inputs: their last samples first
+        # the drafting rows' inputs: their last samples first
+        fed = step.input_ids.index_select(0, device_rows)
         for j in range(num_passes):
             if j:
                 move_decode_positions(
@@ -147,6 +181,17 @@ class DraftModel:
         req_ids = output.req_ids
         for i, row in enumerate(rows.tolist()):
             output.draft_token_ids[req_ids[row]] = proposed[i, : caps[i]].tolist()
+
+    def _padded(self, num_scheduled: np.ndarray) -> int | None:
+        """The token count a pass pads to for the draft's graphs (None: no graph takes it)."""
+        if (num_scheduled == 1).all():
+            return self.graphs.padded_size(len(num_scheduled)) if self.graphs is not None else None
+        graphs = (
+            self.prefill_graphs
+            if len(num_scheduled) == 1 and self.prefill_graphs is not None
+            else self.piecewise
+        )
+        return graphs.padded_size(int(num_scheduled.sum())) if graphs is not None else None
 
     def _forward(self, runner: ModelRunner, inputs: StepInputs) -> torch.Tensor:
         """The draft model over a step's inputs: a decode graph, a piecewise graph, or eagerly (as the target)."""

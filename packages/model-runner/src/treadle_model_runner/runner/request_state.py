@@ -24,6 +24,9 @@ class RequestState:
     # "mean" pooling: the float32 sum of the prompt positions' final hidden states computed so far; "cls": the
     # first position's ([hidden_size], on the device; runner/pooling.py)
     pooling_acc: Any = None
+    # speculative draft model: positions [0, draft_kv_end) hold the draft's KV for the tokens the next step
+    # schedules there (runner/draft_model.py)
+    draft_kv_end: int = 0
 
     @property
     def lora_id(self) -> int:
