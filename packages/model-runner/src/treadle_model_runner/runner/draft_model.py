@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from treadle_model_runner.config import SpeculativeConfig
-from treadle_model_runner.forward_context import set_forward_context
 from treadle_model_runner.layers.attention import Attention
 from treadle_model_runner.loader import resolve_model
 from treadle_model_runner.loader.weights import CONFIG_FILE
@@ -46,6 +45,7 @@ from treadle_model_runner.quantization import resolve_quantization
 from treadle_model_runner.runner.build import build_causal_lm
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
 from treadle_model_runner.runner.device_inputs import move_decode_positions
+from treadle_model_runner.runner.graphs import forward_step, prepare_decode_capture, prepare_prefill_capture
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, piecewise_forward
 from treadle_model_runner.runner.setup import resolve_max_model_len
@@ -194,26 +194,13 @@ class DraftModel:
         return graphs.padded_size(int(num_scheduled.sum())) if graphs is not None else None
 
     def _forward(self, runner: ModelRunner, inputs: StepInputs) -> torch.Tensor:
-        """The draft model over a step's inputs: a decode graph, a piecewise graph, or eagerly (as the target)."""
-        size = inputs.num_padded_tokens
-        if self.graphs is not None and inputs.is_decode_only and self.graphs.has(size):
-            for builder, common in zip(runner.builders, inputs.attn_metadata, strict=True):
-                builder.prepare_cuda_graph_replay(common, size)
-            return self.graphs.replay(size)
-        prefill = self.prefill_graphs
-        if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
-            return prefill.replay(size)
-        with set_forward_context(runner.forward_context(inputs)):
-            if self.piecewise is not None and not inputs.is_decode_only and self.piecewise.has(size):
-                return self.piecewise.replay(size)
-            return self.model(inputs.input_ids, inputs.positions)
+        """The draft model over a step's inputs, on its own graphs as the target on its (graphs.forward_step)."""
+        return forward_step(runner, inputs, self.model, self.graphs, self.prefill_graphs, self.piecewise)
 
     def capture(self, runner: ModelRunner, piecewise_sizes: list[int], prefill_graphs: bool) -> None:
         """Capture the draft's decode graphs (the runner's capture sizes), its piecewise graphs (`piecewise_sizes`
         tokens) and, with `prefill_graphs`, its one-request prefill graphs (the same buckets), over the runner's
         step buffers, as the target's; a capture that fails leaves those passes eager."""
-        from treadle_model_runner.runner.graphs import prepare_decode_capture, prepare_prefill_capture
-
         decode = CudaGraphRunner(capture_sizes(runner.max_num_seqs), "draft model decode batch")
         decode.capture(lambda size: prepare_decode_capture(runner, size, self.model))
         self.graphs = decode if decode.is_captured else None

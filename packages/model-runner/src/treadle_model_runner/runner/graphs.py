@@ -24,8 +24,8 @@ import torch
 
 from treadle_model_runner import envs
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
-from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
-from treadle_model_runner.runner.inputs import prepare_inputs
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, GraphSet, capture_sizes
+from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.lora_graphs import as_one_set, capture_set
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
 from treadle_model_runner.runner.prefill_graphs import capture_metadata
@@ -86,6 +86,30 @@ def capture_graphs(runner: ModelRunner) -> None:
         logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
                        "was sized; lower --gpu-memory-utilization if memory runs out",
                        taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
+
+
+def forward_step(
+    runner: ModelRunner,
+    inputs: StepInputs,
+    model: torch.nn.Module,
+    decode: GraphSet | None,
+    prefill: GraphSet | None,
+    piecewise: GraphSet | None,
+) -> torch.Tensor:
+    """`model` over a step's inputs (the runner's model or a draft model, with that model's graph sets), the way
+    the step's shape allows: a decode graph (decode-only), a one-request prefill graph, piecewise graphs around
+    eager attention, or eagerly. Returns the hidden states [padded tokens, hidden]."""
+    size = inputs.num_padded_tokens
+    if decode is not None and inputs.is_decode_only and decode.has(size):
+        for builder, common in zip(runner.builders, inputs.attn_metadata, strict=True):
+            builder.prepare_cuda_graph_replay(common, size)
+        return decode.replay(size)
+    if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
+        return prefill.replay(size)
+    with set_forward_context(runner.forward_context(inputs)):
+        if piecewise is not None and not inputs.is_decode_only and piecewise.has(size):
+            return piecewise.replay(size)
+        return model(inputs.input_ids, inputs.positions)
 
 
 def prepare_decode_capture(

@@ -27,7 +27,7 @@ import torch
 
 from treadle_kernels.attention import get_attn_backend
 from treadle_model_runner.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
-from treadle_model_runner.forward_context import ForwardContext, set_forward_context
+from treadle_model_runner.forward_context import ForwardContext
 from treadle_model_runner.kv_cache import resolve_kv_cache_dtype
 from treadle_model_runner.kv_cache_spec import KVCacheConfig
 from treadle_model_runner.layers.attention import Attention
@@ -46,6 +46,7 @@ from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import log_dispatch_report, log_expert_parallel, runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.draft_model import DraftModel
+from treadle_model_runner.runner.graphs import forward_step
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.kv_setup import initialize_kv_cache
@@ -308,18 +309,8 @@ class ModelRunner:
             resolve(self.pending.pop(0), self.requests, self.batch)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        size = inputs.num_padded_tokens
-        if self.graphs is not None and inputs.is_decode_only and self.graphs.has(size):
-            for builder, common in zip(self.builders, inputs.attn_metadata, strict=True):
-                builder.prepare_cuda_graph_replay(common, size)
-            return self.graphs.replay(size)
-        prefill = self.prefill_graphs
-        if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
-            return prefill.replay(size)
-        with set_forward_context(self.forward_context(inputs)):
-            if self.piecewise is not None and not inputs.is_decode_only and self.piecewise.has(size):
-                return self.piecewise.replay(size)
-            return self._require_model()(inputs.input_ids, inputs.positions)
+        model = self._require_model()
+        return forward_step(self, inputs, model, self.graphs, self.prefill_graphs, self.piecewise)
 
     def _buckets(self, num_reqs: int) -> GraphSet | None:
         """The graphs whose token buckets a step that is not decode-only pads up to (None: no padding)."""
