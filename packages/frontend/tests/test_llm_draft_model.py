@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 import torch
-from test_llm_spec_decode import ENGINE, _params, _prompts, _run, build_cycle_model
+from test_llm_spec_decode import (
+    ENGINE,
+    _params,
+    _prompts,
+    _run,
+    assert_same_outputs,
+    build_cycle_model,
+    check_preemption,
+    tokens_and_stats,
+)
 
 from treadle_frontend import LLM
 from treadle_model_runner import SamplingParams
@@ -51,18 +60,6 @@ def _spec(path: Path, k: int = 4) -> dict[str, Any]:
     return {"model": str(path), "num_speculative_tokens": k}
 
 
-def _assert_same(plain: list[Any], spec: list[Any]) -> None:
-    for i, (a, b) in enumerate(zip(plain, spec, strict=True)):
-        assert b.token_ids == a.token_ids, f"request {i}"
-        assert (b.text, b.finish_reason, b.stop_reason) == (a.text, a.finish_reason, a.stop_reason), i
-        assert (a.logprobs is None) == (b.logprobs is None)
-        for pos_a, pos_b in zip(a.logprobs or [], b.logprobs or [], strict=True):
-            assert list(pos_a) == list(pos_b), f"request {i}: top tokens differ"
-            assert [e.logprob for e in pos_b.values()] == pytest.approx(
-                [e.logprob for e in pos_a.values()], abs=1e-4
-            )
-
-
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_same_output_with_a_draft_model(
     model: tuple[Path, list[int]], draft: Path, async_scheduling: bool
@@ -75,7 +72,7 @@ def test_same_output_with_a_draft_model(
     assert stats.spec_num_accepted_tokens > 40, stats
     assert stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens  # some drafts were also rejected
     assert stats.spec_num_accepted_tokens == sum(stats.spec_num_accepted_tokens_per_pos)
-    _assert_same(plain, spec)
+    assert_same_outputs(plain, spec)
 
 
 def test_the_target_as_its_own_draft_has_every_greedy_draft_accepted(model: tuple[Path, list[int]]) -> None:
@@ -88,27 +85,14 @@ def test_the_target_as_its_own_draft_has_every_greedy_draft_accepted(model: tupl
     # step short of drafts (a draft with no slot: no lookahead allocated past a block's end) would add steps
     assert (stats.spec_num_drafts, stats.spec_num_draft_tokens) == (7 * 7, 7 * (6 * 5 + 2)), stats
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens, stats
-    _assert_same(plain, spec)
+    assert_same_outputs(plain, spec)
 
 
 def test_preemption_with_a_draft_model(model: tuple[Path, list[int]], draft: Path) -> None:
     """17 blocks of 16 tokens for seven requests of 5 to 8 blocks each, and lookahead slots besides: requests
     are preempted (target and draft KV recomputed) and reply as without speculation."""
-    params = [SamplingParams(temperature=0.0, max_tokens=45, ignore_eos=True),
-              SamplingParams(temperature=0.8, seed=7, max_tokens=45, ignore_eos=True)]  # fmt: skip
-    options: dict[str, Any] = {"num_gpu_blocks_override": 17, "block_size": 16, "max_model_len": 256}
-    prompts = _prompts(model[1])[:5] + _prompts(model[1])[:2]
-    runs = []
-    for spec in (None, _spec(draft)):
-        llm = LLM(str(model[0]), **{**ENGINE, **options}, **({"speculative_config": spec} if spec else {}))
-        try:
-            outs = llm.generate(prompts, [params[i % 2] for i in range(7)], use_tqdm=False)
-            runs.append(([o.outputs[0].token_ids for o in outs], llm.client.get_stats()))  # type: ignore[attr-defined]
-        finally:
-            llm.shutdown()
-    (plain, _), (spec_tokens, stats) = runs
-    assert spec_tokens == plain
-    assert stats.num_preemptions > 0 and stats.spec_num_accepted_tokens > 0, stats
+    stats = check_preemption(model, _spec(draft))
+    assert stats.spec_num_accepted_tokens > 0, stats
 
 
 def test_a_draft_model_too_short_for_max_model_len_is_refused(
@@ -139,14 +123,7 @@ def test_own_draft_on_a_context_sensitive_model(tmp_path: Path) -> None:
     prompts: list[Any] = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(3 + 9 * i)]}
                           for i in range(6)]  # fmt: skip
     greedy = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    runs = []
-    for spec in (None, _spec(tmp_path, k=4)):
-        llm = LLM(str(tmp_path), **ENGINE, **({"speculative_config": spec} if spec else {}))
-        try:
-            outs = llm.generate(prompts, greedy, use_tqdm=False)
-            runs.append(([o.outputs[0].token_ids for o in outs], llm.client.get_stats()))  # type: ignore[attr-defined]
-        finally:
-            llm.shutdown()
-    (plain, _), (spec_tokens, stats) = runs
+    plain, _ = tokens_and_stats(tmp_path, prompts, greedy)
+    spec_tokens, stats = tokens_and_stats(tmp_path, prompts, greedy, _spec(tmp_path, k=4))
     assert spec_tokens == plain
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 150, stats

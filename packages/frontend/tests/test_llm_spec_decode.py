@@ -121,6 +121,12 @@ def test_same_output_with_and_without_speculation(
     for reply in plain[5:]:  # cut by max_tokens: whole words, then the start of one
         tail = re.fullmatch(f"({FOX})*(.*)", reply.text, re.S)
         assert tail is not None and any(w.startswith(tail[3]) for w in FOX[1:-2].split("|")), reply.text
+    assert_same_outputs(plain, spec)
+
+
+def assert_same_outputs(plain: list[Any], spec: list[Any]) -> None:
+    """Per request: the same tokens, text, finish and stop reasons; logprobs with the same top tokens, values
+    within 1e-4."""
     for i, (a, b) in enumerate(zip(plain, spec, strict=True)):
         assert b.token_ids == a.token_ids, f"request {i}"
         assert (b.text, b.finish_reason, b.stop_reason) == (a.text, a.finish_reason, a.stop_reason), i
@@ -135,18 +141,32 @@ def test_same_output_with_and_without_speculation(
 def test_preemption_with_drafts_on_the_real_runner(model: tuple[Path, list[int]]) -> None:
     """A KV cache of 16 blocks of 16 tokens for seven requests of 5 to 8 blocks each: requests verifying
     drafts are preempted (their KV recomputed) and still reply as without drafts."""
+    stats = check_preemption(model, SPEC)
+    assert stats.spec_num_accepted_tokens > 0, stats
+
+
+def tokens_and_stats(
+    path: Path, prompts: list[Any], params: Any, spec: Any = None, **options: Any
+) -> tuple[list[list[int]], Any]:
+    """Each request's tokens and the engine's stats, from an `LLM` with ENGINE overridden by `options`."""
+    llm = LLM(str(path), **{**ENGINE, **options}, **({"speculative_config": spec} if spec else {}))
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], llm.client.get_stats()  # type: ignore[attr-defined]
+    finally:
+        llm.shutdown()
+
+
+def check_preemption(model: tuple[Path, list[int]], spec: Any) -> Any:
+    """17 blocks of 16 tokens for seven requests of 5 to 8 blocks each, greedy and seeded: with `spec` the
+    requests are preempted and reply as without it; returns the speculative engine's stats."""
     params = [SamplingParams(temperature=0.0, max_tokens=45, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=7, max_tokens=45, ignore_eos=True)]  # fmt: skip
     options: dict[str, Any] = {"num_gpu_blocks_override": 17, "block_size": 16, "max_model_len": 256}
     prompts = _prompts(model[1])[:5] + _prompts(model[1])[:2]
-    runs = []
-    for spec in (None, SPEC):
-        llm = LLM(str(model[0]), **{**ENGINE, **options}, **({"speculative_config": spec} if spec else {}))
-        try:
-            outs = llm.generate(prompts, [params[i % 2] for i in range(7)], use_tqdm=False)
-            runs.append(([o.outputs[0].token_ids for o in outs], llm.client.get_stats()))  # type: ignore[attr-defined]
-        finally:
-            llm.shutdown()
-    (plain, _), (spec_tokens, stats) = runs
+    per_request = [params[i % 2] for i in range(7)]
+    plain, _ = tokens_and_stats(model[0], prompts, per_request, **options)
+    spec_tokens, stats = tokens_and_stats(model[0], prompts, per_request, spec, **options)
     assert spec_tokens == plain
-    assert stats.num_preemptions > 0 and stats.spec_num_accepted_tokens > 0, stats
+    assert stats.num_preemptions > 0, stats
+    return stats
