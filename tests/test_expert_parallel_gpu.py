@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from test_tensor_parallel_gpu import _run
+from test_tensor_parallel_gpu import _run, assert_two_equal_one
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,11 +36,4 @@ def test_expert_parallel_two_gpus_equal_one(moe_checkpoint: Path) -> None:
     one = _run(moe_checkpoint)
     two = _run(moe_checkpoint, tensor_parallel_size=2, enable_expert_parallel=True)
     two_eager = _run(moe_checkpoint, tensor_parallel_size=2, enable_expert_parallel=True, enforce_eager=True)
-    assert [ids for ids, _ in two] == [ids for ids, _ in one]
-    assert [ids for ids, _ in two_eager] == [ids for ids, _ in two]
-    worst = 0.0
-    for (_, lps), (_, ref) in zip(two, one, strict=True):
-        for pos, ref_pos in zip(lps, ref, strict=True):
-            assert list(pos) == list(ref_pos)
-            worst = max(worst, *(abs(pos[t].logprob - ref_pos[t].logprob) for t in pos))
-    assert worst < 1e-3, worst
+    assert_two_equal_one(one, two, two_eager)
