@@ -4,8 +4,8 @@ Theory. There are no prefill or decode phases. Each request has `num_computed_to
 `num_tokens` (prompt + output, plus placeholders under async scheduling); a step gives it
 `num_tokens - num_computed_tokens` more, capped by the budget `max_num_batched_tokens` and by
 `long_prefill_token_threshold`. A decode is thus one token and a long prompt is chunked over steps.
-Running requests are served first, in admission order; then waiting requests are admitted (FCFS or by
-priority) while budget, `max_num_seqs`, KV blocks and the LoRA adapter cap (lora_admission.py) last, reusing
+Running requests are served first, in admission order; then waiting requests are admitted (scheduler_admit.py:
+FCFS or by priority) while budget, `max_num_seqs`, KV blocks and the LoRA adapter cap (lora_admission.py) last, reusing
 prefix-cache hits. Admitting a request that names an adapter holds that adapter in the runner's host memory
 (`hold_lora`, loading it again if it was evicted): a load that fails there fails that request alone, with an error
 output, and admission goes on. When a running request
@@ -33,10 +33,11 @@ from collections.abc import Callable
 from treadle_engine_core.block_pool import KVCacheBlock
 from treadle_engine_core.config import SchedulerConfig
 from treadle_engine_core.kv_cache_manager import KVCacheManager
-from treadle_engine_core.lora_admission import LoRAAdmission, Verdict
+from treadle_engine_core.lora_admission import LoRAAdmission
 from treadle_engine_core.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from treadle_engine_core.request import Request, RequestStatus, validate_request_length
 from treadle_engine_core.request_queue import make_queue
+from treadle_engine_core.scheduler_admit import admit_waiting
 from treadle_engine_core.scheduler_update import apply_runner_output
 from treadle_engine_core.spec_decode import SpecDecoding
 from treadle_model_runner.config import SpeculativeConfig
@@ -218,7 +219,7 @@ class Scheduler:
             i += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, num_scheduled, new_reqs)
+            budget = admit_waiting(self, budget, num_scheduled, new_reqs)
 
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -231,71 +232,6 @@ class Scheduler:
         )
         self.finished_req_ids = set()
         return out
-
-    def _admit_waiting(
-        self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
-    ) -> int:
-        """Admit waiting requests while budget, max_num_seqs, blocks and the adapter cap last; returns the budget
-        left. Requests whose adapter does not fit are skipped and keep their place at the head of the queue."""
-        cfg = self.config
-        kv = self.kv
-        lora = self.lora if self.lora is not None and len(self.waiting) else None
-        if lora is not None:
-            lora.start_step(self.running)
-        skipped: list[Request] = []
-        while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting.peek()
-            verdict = lora.verdict(req) if lora is not None else Verdict.ADMIT
-            if verdict is Verdict.SKIP:
-                skipped.append(self.waiting.pop())
-                continue
-            if verdict is Verdict.STOP:
-                break
-            hit_blocks, num_hit = kv.get_computed_blocks(req)
-            num_new = req.num_tokens - num_hit
-            if cfg.long_prefill_token_threshold and num_new > cfg.long_prefill_token_threshold:
-                num_new = cfg.long_prefill_token_threshold
-            if num_new > budget:
-                if not cfg.enable_chunked_prefill:
-                    break
-                num_new = budget
-            new_blocks = self._allocate(req, num_new, req.num_tokens, num_hit, hit_blocks)
-            if new_blocks is None:
-                break
-            self.waiting.pop()
-            if req.lora_request is not None and self.hold_lora is not None:
-                try:
-                    self.hold_lora(req.request_id, req.lora_request)
-                except ValueError as exc:
-                    # its adapter cannot be loaded: this request fails, the others go on
-                    self._fail(req, str(exc))
-                    continue
-            if lora is not None:
-                lora.admitted(req)
-            kv.record_prefix_lookup(req.num_tokens, num_hit)
-            self.running.append(req)
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_hit + num_new
-            if self.async_scheduling and req.num_computed_tokens >= req.num_tokens:
-                req.num_output_placeholders = 1
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit
-            new_reqs.append(
-                NewRequestData(
-                    req_id=req.request_id,
-                    prompt_token_ids=req.prompt_token_ids,
-                    sampling_params=req.sampling_params,
-                    block_ids=kv.get_block_ids(req.request_id),
-                    num_computed_tokens=num_hit,
-                    output_token_ids=list(req.output_token_ids),
-                    lora_request=req.lora_request,
-                )
-            )
-            num_scheduled[req.request_id] = num_new
-            budget -= num_new
-        for req in reversed(skipped):  # back to the head of the queue, in their order
-            self.waiting.add_preempted(req)
-        return budget
 
     def _allocate(
         self,
@@ -318,15 +254,6 @@ class Scheduler:
             if blocks is not None:
                 return blocks
         return self.kv.allocate_slots(req, num_new, num_hit, hit_blocks)
-
-    def _fail(self, req: Request, message: str) -> None:
-        """End a request taken off the waiting queue with an error its client sees (blocks freed)."""
-        logger.warning("request %s failed: %s", req.request_id, message)
-        req.status = RequestStatus.FINISHED_ERROR
-        self._free(req)
-        self.failed.append(
-            EngineCoreOutput(req.request_id, [], finish_reason=req.finish_reason, error=message)
-        )
 
     def _pick_victim(self, first: int) -> Request:
         """The running request to preempt, among those not yet scheduled this step (index >= first)."""
