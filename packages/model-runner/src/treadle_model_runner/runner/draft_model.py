@@ -6,24 +6,27 @@ may keep, never which: the output equals decoding without speculation whatever t
 
 Its KV cache. The draft model's attention layers are numbered after the target's (layer_idx + the target's layer
 count) and join the same paged pool: same blocks, same block tables, same slot mapping, each layer with its own
-tensor. So every position the target has computed, the draft has too, with no bookkeeping of its own:
-  - pass 0 runs the draft over exactly the step's tokens (the same inputs and attention metadata), so its KV
-    covers every scheduled position; rejected drafts' positions hold stale KV, rewritten when those positions
-    are scheduled again, as the target's;
-  - pass j = 1..k (only after a step that sampled): one token per drafting request, at position N - 2 + j where
-    N is its token count after this step's tokens were appended: the last sampled token (j = 1), then draft
-    j - 1; its greedy next token is draft j. These write up to k slots past the step's tokens: the scheduler
-    allocates that lookahead when the pool has room (scheduler._allocate). Draft j needs its slot allocated:
-    a request gets at most (its slots - N + 1) drafts.
+tensor. After each step the draft's KV must hold every position the target's does, for the same tokens:
+  - pass j = 1..k (only for rows that sampled): one token per drafting request, at position N - 2 + j where N is
+    its token count after this step's tokens were appended: the last sampled token (j = 1), then draft j - 1;
+    its greedy next token is draft j. These write up to k slots past the step's tokens: the scheduler allocates
+    that lookahead when the pool has room (scheduler._allocate). Draft j needs its slot allocated: a request
+    gets at most (its slots - N + 1) drafts.
+  - pass 0 (every step, before them): the step's positions the draft has no KV for. RequestState.draft_kv_end
+    records how far its KV is right: the next step schedules the last sample and the drafts the scheduler kept,
+    whose positions passes 1..k already wrote with those very tokens, all but the last draft's. So on decode
+    and verification steps pass 0 is one token a row (its last scheduled position; a row with nothing missing
+    writes that position again, the same KV), and a prefill chunk runs whole. Rejected drafts' positions hold
+    stale KV past draft_kv_end, rewritten before anything reads them, as the target's.
 A request that does not draft this step (a prefill chunk, one near max_tokens) runs its last position of the
 step again in passes 1..k (the same token and position: the same KV written), so every pass is one token per
 batch row and the batch's block tables serve it unchanged.
 
 On a GPU the draft model has CUDA graphs of its own, captured after the target's over the same step buffers
-(`capture`): passes 1..k are decode batches (one token a row) and replay its decode graphs; pass 0 takes the shape
-of the target's step and its path: a decode graph, a one-request prefill graph (batch 1: no launch from Python),
-a piecewise graph at the step's token bucket, or eagerly. Drafts go back in ModelRunnerOutput's `draft_token_ids`; the scheduler offers
-them only while the request's token count is the one they follow.
+(`capture`); passes 0..k take them as the target's steps take its graphs (graphs.forward_step): one token a row
+replays a decode graph, a one-request prefill a prefill graph, other steps piecewise graphs. Drafts go back in
+ModelRunnerOutput's `draft_token_ids`; the scheduler offers them only while the request's token count is the one
+they follow.
 """
 
 from __future__ import annotations
