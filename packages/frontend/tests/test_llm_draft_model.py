@@ -127,3 +127,17 @@ def test_own_draft_on_a_context_sensitive_model(tmp_path: Path) -> None:
     spec_tokens, stats = tokens_and_stats(tmp_path, prompts, greedy, _spec(tmp_path, k=4))
     assert spec_tokens == plain
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 150, stats
+
+
+def test_draft_model_under_tensor_parallelism(model: tuple[Path, list[int]]) -> None:
+    """Two tensor-parallel ranks (gloo): each holds its shard of the target and of the draft (here the target
+    itself), both in the shared paged pool; the replies equal one device's without speculation and every greedy
+    draft is accepted."""
+    prompts = _prompts(model[1])
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    plain, _ = tokens_and_stats(model[0], prompts, greedy)
+    spec_tokens, stats = tokens_and_stats(
+        model[0], prompts, greedy, _spec(model[0], k=3), tensor_parallel_size=2
+    )
+    assert spec_tokens == plain
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 100, stats
