@@ -127,6 +127,20 @@ def test_own_draft_on_a_context_sensitive_model(tmp_path: Path) -> None:
     spec_tokens, stats = tokens_and_stats(tmp_path, prompts, greedy, _spec(tmp_path, k=4))
     assert spec_tokens == plain
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 150, stats
+    # prefix-cache hits: blocks computed for the first batch serve the second, the draft's KV in them too
+    llm = LLM(str(tmp_path), **ENGINE, speculative_config=_spec(tmp_path, k=4))
+    try:
+        continued = [
+            {"prompt_token_ids": p["prompt_token_ids"] + out[:40]}
+            for p, out in zip(prompts, plain, strict=True)
+        ]
+        first = [o.outputs[0].token_ids for o in llm.generate(continued, greedy, use_tqdm=False)]
+        again = [o.outputs[0].token_ids for o in llm.generate(continued, greedy, use_tqdm=False)]
+        stats = llm.client.get_stats()  # type: ignore[attr-defined]
+    finally:
+        llm.shutdown()
+    assert again == first and stats.prefix_cache_hits > 200, stats
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens, stats
 
 
 def test_draft_model_under_tensor_parallelism(model: tuple[Path, list[int]]) -> None:
