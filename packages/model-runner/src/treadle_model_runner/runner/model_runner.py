@@ -38,9 +38,7 @@ from treadle_model_runner.lora.request import LoRARequest
 from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import get_tp, prepare_small_all_reduce
-from treadle_model_runner.quantization import (
-    resolve_quantization,
-)
+from treadle_model_runner.quantization import resolve_quantization
 from treadle_model_runner.runner.build import build_causal_lm
 from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import log_dispatch_report, log_expert_parallel, runtime_summary
