@@ -109,6 +109,25 @@ def test_a_draft_model_too_short_for_max_model_len_is_refused(
         LLM(str(model[0]), **ENGINE, speculative_config=_spec(short))
 
 
+def test_a_draft_model_with_another_vocabulary_is_refused(
+    model: tuple[Path, list[int]], draft: Path, tmp_path: Path
+) -> None:
+    """Sizes within the padding of one family (here 400 against 400 + 128) run; beyond it, another tokenizer."""
+    config = json.loads((draft / "config.json").read_text())
+    for extra in (128, 129):
+        other = tmp_path / f"vocab_{extra}"
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps({**config, "vocab_size": 400 + extra}))
+        options: dict[str, Any] = {**ENGINE, "load_format": "dummy", "speculative_config": _spec(other)}
+        if extra == 128:
+            LLM(str(model[0]), **options).shutdown()
+            continue
+        with pytest.raises(
+            ValueError, match=r"vocabulary of 529 tokens and the target 400: a draft model must share"
+        ):
+            LLM(str(model[0]), **options)
+
+
 def test_own_draft_on_a_context_sensitive_model(tmp_path: Path) -> None:
     """A plain random Llama (no favoured successors: each token depends on the whole context), as its own draft:
     every greedy draft is accepted only if every draft KV entry a pass reads is the target's, position for

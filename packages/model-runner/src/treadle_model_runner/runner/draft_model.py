@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# a draft's and its target's vocabulary sizes may differ by this much: the same tokenizer, embeddings padded to
+# other multiples (Qwen2's 1.5B has 151,936 rows, its 72B 152,064); more means another tokenizer
+MAX_VOCAB_PADDING = 128
+
 
 class DraftModel:
     def __init__(self, runner: ModelRunner, config: SpeculativeConfig) -> None:
@@ -75,6 +79,13 @@ class DraftModel:
             resolve_max_model_len(runner.max_model_len, resolved.hf_config)
         except ValueError as exc:
             raise ValueError(f"speculative_config model {config.model!r}: {exc}") from None
+        draft_vocab = int(resolved.hf_config.vocab_size)
+        if abs(draft_vocab - runner.vocab_size) > MAX_VOCAB_PADDING:
+            raise ValueError(
+                f"speculative_config model {config.model!r} has a vocabulary of {draft_vocab} tokens and the target "
+                f"{runner.vocab_size}: a draft model must share the target's tokenizer (sizes may differ by at "
+                f"most {MAX_VOCAB_PADDING}, the embedding padding of one model family's sizes)"
+            )
         plan = resolve_quantization(
             None, resolved.hf_config, get_model_class(resolved.hf_config), resolved.path / CONFIG_FILE,
             resolved.format,
@@ -88,7 +99,7 @@ class DraftModel:
         self.piecewise: PiecewiseGraphs | None = None  # pass 0 after other steps
         self.prefill_graphs: CudaGraphRunner | None = None  # pass 0 after one request's multi-token step
         # drafts are target token ids: a larger draft vocabulary's extra ids are never proposed
-        self.vocab_size = min(int(resolved.hf_config.vocab_size), runner.vocab_size)
+        self.vocab_size = min(draft_vocab, runner.vocab_size)
         offset = len(target.attention_layers())
         self.layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.layers:
