@@ -128,6 +128,17 @@ def test_a_draft_model_with_another_vocabulary_is_refused(
             LLM(str(model[0]), **options)
 
 
+def test_a_draft_tensor_parallel_size_other_than_the_targets_is_refused(
+    model: tuple[Path, list[int]],
+) -> None:
+    spec = {**_spec(model[0]), "draft_tensor_parallel_size": 2}
+    with pytest.raises(
+        ValueError, match=r"draft_tensor_parallel_size 2: .* must equal tensor_parallel_size \(1\)"
+    ):
+        LLM(str(model[0]), **ENGINE, speculative_config=spec)
+    LLM(str(model[0]), **ENGINE, speculative_config={**spec, "draft_tensor_parallel_size": 1}).shutdown()
+
+
 def test_own_draft_on_a_context_sensitive_model(tmp_path: Path) -> None:
     """A plain random Llama (no favoured successors: each token depends on the whole context), as its own draft:
     every greedy draft is accepted only if every draft KV entry a pass reads is the target's, position for

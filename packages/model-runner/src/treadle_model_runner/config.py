@@ -207,13 +207,20 @@ class SpeculativeConfig:
     method: str | None = None
     num_speculative_tokens: int = 5  # most draft tokens per request per step
     model: str | None = None  # draft_model: the draft's HF-format directory (or a .gguf file)
+    # draft_model: the draft runs sharded like the target, so None or the target's tensor_parallel_size
+    draft_tensor_parallel_size: int | None = None
     # the longest n-gram matched (None: prompt_lookup_min, or 5 when both are None, as vLLM)
     prompt_lookup_max: int | None = None
     # the shortest n-gram matched (None: prompt_lookup_max, or 5 when both are None)
     prompt_lookup_min: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        for name in (
+            "num_speculative_tokens",
+            "prompt_lookup_max",
+            "prompt_lookup_min",
+            "draft_tensor_parallel_size",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool)) and (
                 value is not None or name == "num_speculative_tokens"

@@ -110,6 +110,12 @@ class ModelRunner:
             raise ValueError(
                 "speculative_config method 'draft_model' does not run with LoRA adapters (--enable-lora)"
             )
+        draft_tp = speculative_config.draft_tensor_parallel_size if speculative_config else None
+        if draft_tp is not None and draft_tp != model_config.tensor_parallel_size:
+            raise ValueError(
+                f"speculative_config draft_tensor_parallel_size {draft_tp}: the draft model runs sharded like the "
+                f"target, so it must equal tensor_parallel_size ({model_config.tensor_parallel_size}) or be unset"
+            )
         self.drafter: DraftModel | None = None  # speculative_config method draft_model, once loaded
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
