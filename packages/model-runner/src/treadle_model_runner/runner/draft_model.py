@@ -48,7 +48,12 @@ from treadle_model_runner.quantization import resolve_quantization
 from treadle_model_runner.runner.build import build_causal_lm
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
 from treadle_model_runner.runner.device_inputs import move_decode_positions
-from treadle_model_runner.runner.graphs import forward_step, prepare_decode_capture, prepare_prefill_capture
+from treadle_model_runner.runner.graphs import (
+    forward_step,
+    padded_size,
+    prepare_decode_capture,
+    prepare_prefill_capture,
+)
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, piecewise_forward
 from treadle_model_runner.runner.setup import resolve_max_model_len
@@ -198,14 +203,7 @@ class DraftModel:
 
     def _padded(self, num_scheduled: np.ndarray) -> int | None:
         """The token count a pass pads to for the draft's graphs (None: no graph takes it)."""
-        if (num_scheduled == 1).all():
-            return self.graphs.padded_size(len(num_scheduled)) if self.graphs is not None else None
-        graphs = (
-            self.prefill_graphs
-            if len(num_scheduled) == 1 and self.prefill_graphs is not None
-            else self.piecewise
-        )
-        return graphs.padded_size(int(num_scheduled.sum())) if graphs is not None else None
+        return padded_size(num_scheduled, self.graphs, self.prefill_graphs, self.piecewise)
 
     def _forward(self, runner: ModelRunner, inputs: StepInputs) -> torch.Tensor:
         """The draft model over a step's inputs, on its own graphs as the target on its (graphs.forward_step)."""

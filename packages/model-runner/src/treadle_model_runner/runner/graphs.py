@@ -88,6 +88,18 @@ def capture_graphs(runner: ModelRunner) -> None:
                        taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
 
 
+def padded_size(
+    num_scheduled: np.ndarray, decode: GraphSet | None, prefill: GraphSet | None, piecewise: GraphSet | None
+) -> int | None:
+    """The token count a step of `num_scheduled` tokens per request pads to for the graph `forward_step` will
+    replay (a decode-only step: the decode graphs' request count; one request: the prefill graphs' bucket; else
+    the piecewise bucket), or None when no graph takes it."""
+    if (num_scheduled == 1).all():
+        return decode.padded_size(len(num_scheduled)) if decode is not None else None
+    buckets = prefill if len(num_scheduled) == 1 and prefill is not None else piecewise
+    return buckets.padded_size(int(num_scheduled.sum())) if buckets is not None else None
+
+
 def forward_step(
     runner: ModelRunner,
     inputs: StepInputs,

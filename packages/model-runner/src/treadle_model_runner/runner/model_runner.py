@@ -44,7 +44,7 @@ from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import log_dispatch_report, log_expert_parallel, runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.draft_model import DraftModel
-from treadle_model_runner.runner.graphs import forward_step
+from treadle_model_runner.runner.graphs import forward_step, padded_size
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.kv_setup import initialize_kv_cache
@@ -288,11 +288,7 @@ class ModelRunner:
         )
         if not defer:
             self._resolve_pending(keep_newest=False)
-        padded, decode_only = None, bool((num_scheduled == 1).all())
-        if self.graphs is not None and decode_only:
-            padded = self.graphs.padded_size(num_reqs)
-        elif not decode_only and (buckets := self._buckets(num_reqs)) is not None:
-            padded = buckets.padded_size(scheduler_output.total_num_scheduled_tokens)
+        padded = padded_size(num_scheduled, self.graphs, self.prefill_graphs, self.piecewise)
         if self.lora is not None:  # before the inputs below: their staging event covers its copy too
             self.lora.prepare_step(self.batch.lora_ids[:num_reqs], num_scheduled,
                                    padded or scheduler_output.total_num_scheduled_tokens)  # fmt: skip
@@ -315,10 +311,6 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         model = self._require_model()
         return forward_step(self, inputs, model, self.graphs, self.prefill_graphs, self.piecewise)
-
-    def _buckets(self, num_reqs: int) -> GraphSet | None:
-        """The graphs whose token buckets a step that is not decode-only pads up to (None: no padding)."""
-        return self.prefill_graphs if num_reqs == 1 and self.prefill_graphs is not None else self.piecewise
 
     def forward_context(self, inputs: StepInputs, graph_size: int | None = None) -> ForwardContext:
         """The forward context of a step (eager), or of the dummy batch a decode graph of `graph_size` captures."""
