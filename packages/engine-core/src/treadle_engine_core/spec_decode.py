@@ -61,9 +61,7 @@ class SpecDecoding:
         """Whether some decoding request would get drafts from the tokens known now, its tokens in flight (async
         scheduling) aside: the engine then waits for them instead of scheduling a step without drafts."""
         ids, tokens, caps = self._candidates(running, with_in_flight=True)
-        if self.runner_drafts is not None:  # the runner drafts for each of them after the step in flight
-            return bool(ids)
-        return bool(ids) and any(self.proposer.propose(ids, tokens, caps))
+        return bool(ids) and self.proposer.would_draft(ids, tokens, caps)
 
     def store_drafts(self, requests: dict[str, Request], drafts: dict[str, list[int]]) -> None:
         """Keep the drafts a step's output carries (draft_model) for the next schedule, each tagged with the

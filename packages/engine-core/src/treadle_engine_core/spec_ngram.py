@@ -95,6 +95,12 @@ class NgramProposer:
             out.append(buf[row, start : min(start + limit, length)].tolist())
         return out
 
+    def would_draft(
+        self, request_ids: Sequence[str], token_ids: Sequence[Sequence[int]], max_drafts: Sequence[int]
+    ) -> bool:
+        """Whether `propose` would draft for any of them now."""
+        return any(self.propose(request_ids, token_ids, max_drafts))
+
     def _match(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per request: (longest matched n in [min_n, max_n], or 0; the end index of its earliest occurrence)."""
         num = len(rows)

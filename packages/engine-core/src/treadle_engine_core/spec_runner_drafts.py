@@ -44,3 +44,9 @@ class RunnerDrafts:
                 continue
             out.append(stored[1][: min(k, cap)])
         return out
+
+    def would_draft(
+        self, request_ids: Sequence[str], token_ids: Sequence[Sequence[int]], max_drafts: Sequence[int]
+    ) -> bool:
+        """Whether any of them will have drafts: yes, the runner drafts for each after the step in flight."""
+        return bool(request_ids)
