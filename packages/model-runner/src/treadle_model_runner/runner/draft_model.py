@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +66,18 @@ logger = logging.getLogger(__name__)
 # a draft's and its target's vocabulary sizes may differ by this much: the same tokenizer, embeddings padded to
 # other multiples (Qwen2's 1.5B has 151,936 rows, its 72B 152,064); more means another tokenizer
 MAX_VOCAB_PADDING = 128
+
+
+class _Passes(NamedTuple):
+    """The draft passes of one step, planned on the host and uploaded: rows that draft, drafts each may get, and
+    every row's position in each pass ([passes, R])."""
+
+    rows: np.ndarray
+    caps: np.ndarray
+    positions: np.ndarray
+    device_positions: torch.Tensor
+    device_rows: torch.Tensor
+    device_caps: torch.Tensor
 
 
 class DraftModel:
@@ -127,9 +139,11 @@ class DraftModel:
         # each row's positions after this step's tokens (the draft's KV is valid below it once pass 0 ran)
         step_end = batch.num_computed_tokens[:num_reqs] + inputs.num_scheduled
         rows, caps = self._drafting_rows(runner, inputs, output)
+        # the passes' positions go to the device first, while it is idle (a copy from pageable memory waits)
+        passes = self._plan(runner, rows, caps, step_end - 1) if rows.size else None
         self._pass_zero(runner, inputs, step_end)
-        if rows.size:
-            self._draft(runner, output, rows, caps, step_end - 1)
+        if passes is not None:
+            self._draft(runner, output, passes)
         # what the next step's pass 0 may skip: positions below the new tokens, and the drafts' positions
         ends = np.minimum(step_end, batch.num_tokens[:num_reqs] - 1)
         ends[rows] = batch.num_tokens[rows] - 1 + caps
@@ -156,27 +170,28 @@ class DraftModel:
         step = prepare_inputs(batch, needed, runner.buffers, self._padded(needed), computed=step_end - needed)
         self._forward(runner, step)
 
-    def _draft(
-        self,
-        runner: ModelRunner,
-        output: ModelRunnerOutput,
-        rows: np.ndarray,
-        caps: np.ndarray,
-        last: np.ndarray,
-    ) -> None:
-        """Passes 1..k: greedy drafts for `rows` (at most `caps` each) into output.draft_token_ids; `last`: each
-        row's last position this step, which a row that does not draft runs again."""
-        batch, device = runner.batch, runner.device
-        num_reqs, num_passes = len(last), int(caps.max())
+    def _plan(self, runner: ModelRunner, rows: np.ndarray, caps: np.ndarray, last: np.ndarray) -> _Passes:
+        """Passes 1..k for `rows` (at most `caps` drafts each); `last`: each row's last position this step, which a
+        row that does not draft runs again."""
+        num_passes = int(caps.max())
         # drafting rows: their last sampled token's position
-        first = batch.num_tokens[rows].astype(np.int64) - 1
+        first = runner.batch.num_tokens[rows].astype(np.int64) - 1
         # [passes, R] each row's position in each pass: a drafting row moves on from `first` and repeats its last
         # pass once past its cap; any other row runs its last position of the step again (the same KV written)
         positions = np.repeat(last[None, :], num_passes, axis=0)
         positions[:, rows] = first[None, :] + np.minimum(np.arange(num_passes)[:, None], caps[None, :] - 1)
-        device_positions = torch.from_numpy(positions).to(device)
-        device_rows = torch.from_numpy(rows).to(device)
-        device_caps = torch.from_numpy(caps).to(device)
+        device = runner.device
+        return _Passes(
+            rows, caps, positions, torch.from_numpy(positions).to(device), torch.from_numpy(rows).to(device),
+            torch.from_numpy(caps).to(device),
+        )  # fmt: skip
+
+    def _draft(self, runner: ModelRunner, output: ModelRunnerOutput, passes: _Passes) -> None:
+        """Passes 1..k: greedy drafts into output.draft_token_ids."""
+        batch = runner.batch
+        rows, caps, positions = passes.rows, passes.caps, passes.positions
+        device_rows = passes.device_rows
+        num_reqs, num_passes = positions.shape[1], positions.shape[0]
         ones = np.ones(num_reqs, dtype=np.int64)
         runner.buffers.wait_for_copies()
         step = prepare_inputs(batch, ones, runner.buffers, self._padded(ones), computed=positions[0])
@@ -186,7 +201,7 @@ class DraftModel:
         for j in range(num_passes):
             if j:
                 move_decode_positions(
-                    runner.buffers, batch.block_tables, device_positions[j], positions[j] + 1
+                    runner.buffers, batch.block_tables, passes.device_positions[j], positions[j] + 1
                 )
                 for metadata in step.attn_metadata:
                     metadata.max_seq_len = int(positions[j].max()) + 1
@@ -195,7 +210,7 @@ class DraftModel:
             logits = self.model.compute_logits(hidden[device_rows])
             drafts.append(logits[:, : self.vocab_size].argmax(dim=-1))
             # the next pass feeds this draft, or (a row at its cap) this pass's token again
-            fed = torch.where(j + 1 < device_caps, drafts[-1], fed)
+            fed = torch.where(j + 1 < passes.device_caps, drafts[-1], fed)
         proposed = torch.stack(drafts, dim=1).cpu().numpy()  # [rows, passes]
         req_ids = output.req_ids
         for i, row in enumerate(rows.tolist()):
