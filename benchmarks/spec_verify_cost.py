@@ -7,7 +7,8 @@ graphs), then the same prompts again, each step feeding every request the refere
 runner keeps those its own samples equal: all, unless a bf16 near tie differs between the two paths). Per k: mean
 wall time of a step (host preparation to tokens on the host), tokens a request got per step, and so the time per
 output token against the plain step's. The break-even: drafts pay when the tokens a real model's step yields exceed
-step(k) / step(0).
+step(k) / step(0). With `--compare-verify-graphs` each k runs twice in the same process: on the runner's verify
+graphs (runner/verify_graphs.py), then with them set aside (the piecewise path: key "<k>-piecewise").
 
 Usage (GPU): python3 benchmarks/spec_verify_cost.py --out OUT/spec_verify_cost.json [--batch-sizes 1,8,32]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +42,9 @@ def _timed_steps(sched, plan_of, drafts_of, steps: int) -> tuple[list[float], in
     return times, produced
 
 
-def measure(runner, batch: int, ks: list[int], new_tokens: int, input_len: int, seed: int) -> dict:
+def measure(
+    runner, batch: int, ks: list[int], new_tokens: int, input_len: int, seed: int, compare: bool = False
+) -> dict:
     import torch
     from test_runner_fakes import FakeScheduler
 
@@ -57,8 +61,11 @@ def measure(runner, batch: int, ks: list[int], new_tokens: int, input_len: int, 
     plain, _ = _timed_steps(sched, lambda: {r: 1 for r in ref_ids}, lambda: None, new_tokens)
     refs = [sched.done_outputs[r] for r in ref_ids]
     result = {"batch": batch, "plain_ms_per_step": 1000 * sum(plain[4:]) / len(plain[4:]), "k": {}}
-    for k in ks:
-        ids = [f"k{k}-{seed}-{i}" for i in range(batch)]
+    verify = runner.verify_graphs
+    for k, piecewise in [(k, p) for k in ks for p in ((False, True) if compare else (False,))]:
+        runner.verify_graphs = None if piecewise else verify
+        key = f"{k}-piecewise" if piecewise else str(k)
+        ids = [f"k{key}-{seed}-{i}" for i in range(batch)]
         for rid, p in zip(ids, prompts, strict=True):
             sched.add(rid, p, greedy, max_tokens=new_tokens + 1)
         sched.step({rid: input_len for rid in ids})
@@ -81,14 +88,15 @@ def measure(runner, batch: int, ks: list[int], new_tokens: int, input_len: int, 
                 sched.finish(r)
         step_ms = 1000 * sum(times[2:]) / max(1, len(times[2:]))
         per_req = produced / steps / batch
-        result["k"][k] = {
+        result["k"][key] = {
             "steps": steps,
             "ms_per_step": round(step_ms, 3),
             "tokens_per_request_per_step": round(per_req, 3),
             "ms_per_output_token": round(step_ms / per_req, 3),
             "step_cost_vs_plain": round(step_ms / result["plain_ms_per_step"], 3),
         }
-        print(batch, k, result["k"][k], flush=True)
+        print(batch, key, result["k"][key], flush=True)
+    runner.verify_graphs = verify
     result["plain_ms_per_step"] = round(result["plain_ms_per_step"], 3)
     return result
 
@@ -101,6 +109,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--num-blocks", type=int, default=8192)
+    parser.add_argument("--compare-verify-graphs", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -118,10 +127,15 @@ def main() -> None:
                          speculative_config=SpeculativeConfig(num_speculative_tokens=max(ks)))  # fmt: skip
     runner.load_model()
     runner.initialize_kv_cache()
-    results = [measure(runner, b, ks, args.new_tokens, args.input_len, seed=i) for i, b in enumerate(batches)]
+    compare = args.compare_verify_graphs
+    results = [
+        measure(runner, b, ks, args.new_tokens, args.input_len, i, compare) for i, b in enumerate(batches)
+    ]
     record = {
         "benchmark": "spec_verify_cost",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "commit": os.environ.get("COMMIT", ""),
+        "runner": runner.describe(),
         "command": " ".join(["python3", "benchmarks/spec_verify_cost.py", *sys.argv[1:]]),
         "workload": f"dummy weights from {args.model}, bf16, random {args.input_len}-token prompts, greedy, "
         f"{args.new_tokens} tokens a phase; the first 4 plain steps and the first 2 steps of each k untimed",

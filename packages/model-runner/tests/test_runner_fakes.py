@@ -179,13 +179,14 @@ def make_runner(model_dir: Path, max_num_seqs: int = 16, max_num_batched_tokens:
                 block_size: int = 4, num_blocks: int = 256, kv_cache_dtype: str = "auto", device: str = "cpu",
                 **model_kwargs: Any) -> ModelRunner:  # fmt: skip
     lora_config = model_kwargs.pop("lora_config", None)  # a LoRAConfig: serve adapters
+    speculative_config = model_kwargs.pop("speculative_config", None)  # a SpeculativeConfig: verify drafts
     model_kwargs = {"dtype": "float32", "attention_backend": "torch", **model_kwargs}
     model_config = ModelConfig(model=str(model_dir), **model_kwargs)
     cache_config = CacheConfig(
         block_size=block_size, num_gpu_blocks_override=num_blocks, kv_cache_dtype=kv_cache_dtype
     )
     runner = ModelRunner(model_config, cache_config, max_num_seqs, max_num_batched_tokens, device=device,
-                         lora_config=lora_config)  # fmt: skip
+                         lora_config=lora_config, speculative_config=speculative_config)  # fmt: skip
     runner.load_model()
     runner.initialize_kv_cache()
     return runner

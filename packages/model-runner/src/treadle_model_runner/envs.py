@@ -79,6 +79,13 @@ def TREADLE_PREFILL_GRAPHS() -> bool:
     return parse_bool("TREADLE_PREFILL_GRAPHS", os.environ.get("TREADLE_PREFILL_GRAPHS", "1"))
 
 
+def TREADLE_VERIFY_GRAPHS() -> bool:
+    """``1`` (default) captures full CUDA graphs for steps whose requests each schedule at most 1 + k tokens under
+    speculative decoding (runner/verify_graphs.py) where the attention backend allows it; ``0`` runs those steps
+    as piecewise graphs around eager attention."""
+    return parse_bool("TREADLE_VERIFY_GRAPHS", os.environ.get("TREADLE_VERIFY_GRAPHS", "1"))
+
+
 def TREADLE_FUSED_GUMBEL() -> bool:
     """``1`` (default) samples a batch that only samples (every row random; no mask, bias, penalty, truncation or
     logprobs) on CUDA with one Triton pass over the logits (``treadle_kernels.ops.gumbel``) instead of seven torch

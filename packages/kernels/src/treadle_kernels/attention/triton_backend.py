@@ -223,6 +223,9 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True  # launches read metadata from persistent device tensors only
     # one request: one unified-kernel launch whose programs find their query tiles through query_start_loc
     supports_prefill_graphs = True
+    # several requests of 1..Q tokens: the programs number their tiles from query_start_loc on the device, surplus
+    # tiles (padding rows past the last request) exit at once, and the short / long launch split is by query length
+    supports_verify_graphs = True
     compiles_ahead = True  # every launch is ops.launch.launch (XQA, FlashInfer's, is switched off for it)
     builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

@@ -34,6 +34,10 @@ def graph_mode(runner: Any) -> str:
     if runner.prefill_graphs is not None:
         sizes = runner.prefill_graphs.sizes
         mode += f"; one-request prefill buckets {sizes[0]}-{sizes[-1]} ({len(sizes)})"
+    verify = runner.verify_graphs
+    if verify is not None:
+        sizes = verify.graphs.sizes
+        mode += f"; verify batches of <= {verify.query_len} tokens a request {sizes[0]}-{sizes[-1]} ({len(sizes)})"
     if runner.lora is not None:
         mode += "; each with and without the LoRA path"
     return mode

@@ -14,7 +14,8 @@ with its token count: the estimate adds, per other bucket, the smallest bucket's
 kept bytes per token times its tokens.
 
 One-request prefill graphs (prefill_graphs.py) are whole forwards like the decode graphs, by token bucket: the
-same largest + (n - 1) x smallest estimate over their largest and smallest bucket.
+same largest + (n - 1) x smallest estimate over their largest and smallest bucket; verify graphs
+(verify_graphs.py, speculative decoding) the same over their largest and smallest request count.
 
 With LoRA enabled every set is probed in both its variants (lora_graphs.py), each estimated as above.
 
@@ -40,6 +41,11 @@ from treadle_model_runner.runner.graphs import (
 )
 from treadle_model_runner.runner.lora_graphs import capture_set
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs
+from treadle_model_runner.runner.verify_graphs import (
+    prepare_verify_capture,
+    verify_graphs_wanted,
+    verify_sizes,
+)
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.model_runner import ModelRunner
@@ -84,6 +90,8 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     decode: list[CudaGraphRunner] = []
     pieces: list[PiecewiseGraphs] = []
     prefill: list[CudaGraphRunner] = []
+    verify: list[CudaGraphRunner] = []
+    verify_counts = verify_sizes(runner) if verify_graphs_wanted(runner) else []
     try:
         decode = capture_set(
             mask, lambda kind: CudaGraphRunner(sorted({sizes[0], sizes[-1]}), "decode batch (memory probe)" + kind),
@@ -99,6 +107,12 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
                 mask, lambda kind: CudaGraphRunner(sorted({buckets[0], buckets[-1]}), "one-request prefill" + kind),
                 lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
             )  # fmt: skip
+        if verify_counts:
+            ends = sorted({verify_counts[0], verify_counts[-1]})
+            verify = capture_set(
+                mask, lambda kind: CudaGraphRunner(ends, "verify batch (memory probe)" + kind),
+                lambda g, pool: g.capture(lambda size: prepare_verify_capture(runner, size), pool),
+            )  # fmt: skip
     except Exception as exc:  # an estimate only: the real capture reports its own failure
         logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", str(exc))
         decode = []
@@ -108,10 +122,11 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
             estimate_piecewise_bytes(g.memory_by_size, g.held_bytes_by_size, buckets) for g in pieces
         )
         prefill_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(prefill_buckets)) for g in prefill)
-        probes: list[GraphSet] = [*decode, *pieces, *prefill]
+        verify_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(verify_counts)) for g in verify)
+        probes: list[GraphSet] = [*decode, *pieces, *prefill, *verify]
         for graphs in probes:
             graphs.release()
-        del decode, pieces, prefill
+        del decode, pieces, prefill, verify
         runner.kv_caches = []
         torch.cuda.synchronize(runner.device)
         torch.cuda.empty_cache()
@@ -120,7 +135,8 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
         ", ".join(f"size {s} {b / _MiB:.0f} MiB" for s, b in sorted(m.items())) for m in measured
     )
     logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes%s (probe: %s), %.0f MiB for %d "
-                "piecewise token buckets and %.0f MiB for %d one-request prefill buckets", estimate / _MiB,
-                len(sizes), " in two LoRA variants" if len(measured) == 2 else "", probed,
-                piece_bytes / _MiB, len(buckets), prefill_bytes / _MiB, len(prefill_buckets))  # fmt: skip
-    return estimate + piece_bytes + prefill_bytes
+                "piecewise token buckets, %.0f MiB for %d one-request prefill buckets and %.0f MiB for %d verify "
+                "batch sizes", estimate / _MiB, len(sizes), " in two LoRA variants" if len(measured) == 2 else "",
+                probed, piece_bytes / _MiB, len(buckets), prefill_bytes / _MiB, len(prefill_buckets),
+                verify_bytes / _MiB, len(verify_counts))  # fmt: skip
+    return estimate + piece_bytes + prefill_bytes + verify_bytes

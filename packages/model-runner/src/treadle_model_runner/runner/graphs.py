@@ -7,6 +7,8 @@ the capture read the dummy ones):
               the attention calls captured and attention run eagerly (piecewise.py)
   prefill     `runner.prefill_graphs`: one request's prefill at the piecewise token buckets, whole, where the
               attention backend can build its metadata on the device (prefill_graphs.py)
+  verify      `runner.verify_graphs`: under speculative decoding, whole forwards of N requests of at most 1 + k
+              tokens each (verifying drafts), where the backend allows it (verify_graphs.py)
 Graphs are wanted on CUDA unless `enforce_eager`, and only with a backend that supports them. A capture that fails
 leaves that set empty (None on the runner): those steps run eagerly. The memory probe (graph_memory.py) captures a
 few of the same forwards before the KV cache is sized. With LoRA enabled each set is captured in two variants, with
@@ -29,6 +31,12 @@ from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.lora_graphs import as_one_set, capture_set
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
 from treadle_model_runner.runner.prefill_graphs import capture_metadata
+from treadle_model_runner.runner.verify_graphs import (
+    VerifyGraphs,
+    prepare_verify_capture,
+    verify_graphs_wanted,
+    verify_sizes,
+)
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.model_runner import ModelRunner
@@ -54,7 +62,8 @@ def piecewise_sizes(runner: ModelRunner) -> list[int]:
 
 
 def capture_graphs(runner: ModelRunner) -> None:
-    """Capture the decode, piecewise and one-request prefill graphs (when wanted) and set them on the runner."""
+    """Capture the decode, piecewise, one-request prefill and verify graphs (when wanted) and set them on the
+    runner."""
     if not graphs_wanted(runner):
         if runner.device.type == "cuda" and not runner.model_config.enforce_eager:
             logger.info(
@@ -78,10 +87,18 @@ def capture_graphs(runner: ModelRunner) -> None:
         lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
     ) if buckets and prefill_graphs_wanted(runner) else []  # fmt: skip
     runner.prefill_graphs = as_one_set(prefill, mask)
+    sizes = verify_sizes(runner) if verify_graphs_wanted(runner) else []
+    verify = capture_set(
+        mask, lambda kind: CudaGraphRunner(sizes, f"verify batch of <= {1 + runner.num_speculative_tokens} "
+                                                  f"tokens a request{kind}"),
+        lambda g, pool: g.capture(lambda size: prepare_verify_capture(runner, size), pool),
+    ) if sizes else []  # fmt: skip
+    verify_set = as_one_set(verify, mask)
+    runner.verify_graphs = VerifyGraphs(verify_set, 1 + runner.num_speculative_tokens) if verify_set else None
     if runner.drafter is not None:  # its graphs over the same buffers (no LoRA with a draft model)
         runner.drafter.capture(runner, buckets, prefill_graphs_wanted(runner))
     reserved = runner.graph_bytes_reserved
-    taken = sum(g.memory_bytes for g in (*decode, *pieces, *prefill))
+    taken = sum(g.memory_bytes for g in (*decode, *pieces, *prefill, *verify))
     if decode and reserved and taken > 1.2 * reserved + (64 << 20):
         logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
                        "was sized; lower --gpu-memory-utilization if memory runs out",
@@ -89,13 +106,20 @@ def capture_graphs(runner: ModelRunner) -> None:
 
 
 def padded_size(
-    num_scheduled: np.ndarray, decode: GraphSet | None, prefill: GraphSet | None, piecewise: GraphSet | None
+    num_scheduled: np.ndarray,
+    decode: GraphSet | None,
+    prefill: GraphSet | None,
+    piecewise: GraphSet | None,
+    verify: VerifyGraphs | None = None,
 ) -> int | None:
     """The token count a step of `num_scheduled` tokens per request pads to for the graph `forward_step` will
-    replay (a decode-only step: the decode graphs' request count; one request: the prefill graphs' bucket; else
-    the piecewise bucket), or None when no graph takes it."""
+    replay (a decode-only step: the decode graphs' request count; at most 1 + k tokens a request: the verify
+    graphs' request count times 1 + k; one request: the prefill graphs' bucket; else the piecewise bucket), or
+    None when no graph takes it."""
     if (num_scheduled == 1).all():
         return decode.padded_size(len(num_scheduled)) if decode is not None else None
+    if verify is not None and (num_reqs := verify.requests_for(num_scheduled)) is not None:
+        return num_reqs * verify.query_len
     buckets = prefill if len(num_scheduled) == 1 and prefill is not None else piecewise
     return buckets.padded_size(int(num_scheduled.sum())) if buckets is not None else None
 
@@ -107,15 +131,19 @@ def forward_step(
     decode: GraphSet | None,
     prefill: GraphSet | None,
     piecewise: GraphSet | None,
+    verify: VerifyGraphs | None = None,
 ) -> torch.Tensor:
     """`model` over a step's inputs (the runner's model or a draft model, with that model's graph sets), the way
-    the step's shape allows: a decode graph (decode-only), a one-request prefill graph, piecewise graphs around
-    eager attention, or eagerly. Returns the hidden states [padded tokens, hidden]."""
+    the step's shape allows: a decode graph (decode-only), a verify graph (at most 1 + k tokens a request), a
+    one-request prefill graph, piecewise graphs around eager attention, or eagerly; as `padded_size` chose.
+    Returns the hidden states [padded tokens, hidden]."""
     size = inputs.num_padded_tokens
     if decode is not None and inputs.is_decode_only and decode.has(size):
         for builder, common in zip(runner.builders, inputs.attn_metadata, strict=True):
             builder.prepare_cuda_graph_replay(common, size)
         return decode.replay(size)
+    if verify is not None and (num_reqs := verify.requests_for(inputs.num_scheduled)) is not None:
+        return verify.graphs.replay(num_reqs)
     if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
         return prefill.replay(size)
     with set_forward_context(runner.forward_context(inputs)):

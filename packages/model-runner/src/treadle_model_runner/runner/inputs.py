@@ -14,7 +14,8 @@ the last scheduled token of a decode or a final prefill chunk; a partial prefill
 verifies k draft tokens (speculative decoding, spec_decode.py) gets logits at each of its 1 + k tokens.
 Input tokens still in flight (async output, placeholders < 0) are staged as 0 and overwritten on the device from
 the tensor of the step that samples them. Tokens in [T, padded T) are padding: id 0, position 0, slot -1, and
-(decode graphs) one-token requests of context 1 that nobody reads.
+(decode graphs) one-token requests of context 1 that nobody reads; a verify graph's step pads its requests
+with such one-token requests and its tokens past them with rows that belong to no request.
 """
 
 from __future__ import annotations
@@ -62,13 +63,16 @@ def prepare_inputs(
     placeholders: PlaceholderSource | None = None,
     drafts: list[list[int]] | None = None,
     computed: np.ndarray | None = None,
+    num_padded_reqs: int | None = None,
 ) -> StepInputs:
     """Build the step's device inputs for rows [0, len(num_scheduled)); pad tokens up to num_padded_tokens.
 
     Input tokens still in flight (placeholders, < 0) are gathered on the device from `placeholders`. `drafts`:
     per row, the draft tokens it verifies (already staged in the token table by spec_decode.stage_drafts).
     `computed`: per row, the position its first token goes to (default: its num_computed_tokens; a draft model's
-    passes run at other positions, runner/draft_model.py).
+    passes run at other positions, runner/draft_model.py). `num_padded_reqs`: the request count the metadata
+    pads to with one-token dummy requests (verify graphs, verify_graphs.py); by default a decode-only step (or
+    one with no request: a capture) pads every padding token as one, any other step none.
     """
     num_reqs = len(num_scheduled)
     num_tokens = int(num_scheduled.sum())
@@ -76,6 +80,8 @@ def prepare_inputs(
     is_decode_only = bool(num_reqs > 0 and (num_scheduled == 1).all())
     # decode graphs (and their capture, with no real request): padding tokens are one-token dummy requests
     num_pad_reqs = padded - num_tokens if is_decode_only or num_reqs == 0 else 0
+    if num_padded_reqs is not None:
+        num_pad_reqs = num_padded_reqs - num_reqs
     n_meta = num_reqs + num_pad_reqs
 
     cu = np.cumsum(num_scheduled, dtype=np.int64)
