@@ -224,23 +224,39 @@ class DraftModel:
         """The draft model over a step's inputs, on its own graphs as the target on its (graphs.forward_step)."""
         return forward_step(runner, inputs, self.model, self.graphs, self.prefill_graphs, self.piecewise)
 
-    def capture(self, runner: ModelRunner, piecewise_sizes: list[int], prefill_graphs: bool) -> None:
-        """Capture the draft's decode graphs (the runner's capture sizes), its piecewise graphs (`piecewise_sizes`
-        tokens) and, with `prefill_graphs`, its one-request prefill graphs (the same buckets), over the runner's
-        step buffers, as the target's; a capture that fails leaves those passes eager."""
-        decode = CudaGraphRunner(capture_sizes(runner.max_num_seqs), "draft model decode batch")
+    def capture(
+        self,
+        runner: ModelRunner,
+        piecewise_sizes: list[int],
+        prefill_graphs: bool,
+        decode_sizes: list[int] | None = None,
+        kind: str = "",
+    ) -> None:
+        """Capture the draft's decode graphs (`decode_sizes`, default the runner's capture sizes), its piecewise
+        graphs (`piecewise_sizes` tokens) and, with `prefill_graphs`, its one-request prefill graphs (the same
+        buckets), over the runner's step buffers, as the target's; a capture that fails leaves those passes
+        eager. `kind` adds to their names in the log (the memory probe's, graph_memory.py)."""
+        sizes = decode_sizes if decode_sizes is not None else capture_sizes(runner.max_num_seqs)
+        decode = CudaGraphRunner(sizes, "draft model decode batch" + kind)
         decode.capture(lambda size: prepare_decode_capture(runner, size, self.model))
         self.graphs = decode if decode.is_captured else None
         buffers = runner.buffers
-        pieces = PiecewiseGraphs(piecewise_sizes, " (draft model)")
+        pieces = PiecewiseGraphs(piecewise_sizes, " (draft model)" + kind)
         if piecewise_sizes:
             pieces.capture(lambda size, split: piecewise_forward(self.model, runner.kv_caches,
                            buffers.input_ids[:size], buffers.positions[:size], split))  # fmt: skip
         self.piecewise = pieces if pieces.is_captured else None
-        prefill = CudaGraphRunner(piecewise_sizes, "draft model one-request prefill")
+        prefill = CudaGraphRunner(piecewise_sizes, "draft model one-request prefill" + kind)
         if piecewise_sizes and prefill_graphs:
             prefill.capture(lambda size: prepare_prefill_capture(runner, size, self.model))
         self.prefill_graphs = prefill if prefill.is_captured else None
+
+    @property
+    def memory_bytes(self) -> int:
+        """Device memory its captured graphs took."""
+        return sum(
+            g.memory_bytes for g in (self.graphs, self.piecewise, self.prefill_graphs) if g is not None
+        )
 
     def release_graphs(self) -> None:
         for graphs in (self.graphs, self.piecewise, self.prefill_graphs):

@@ -17,7 +17,9 @@ One-request prefill graphs (prefill_graphs.py) are whole forwards like the decod
 same largest + (n - 1) x smallest estimate over their largest and smallest bucket; verify graphs
 (verify_graphs.py, speculative decoding) the same over their largest and smallest request count.
 
-With LoRA enabled every set is probed in both its variants (lora_graphs.py), each estimated as above.
+With LoRA enabled every set is probed in both its variants (lora_graphs.py), each estimated as above. A draft
+model's decode, piecewise and one-request prefill graphs (draft_model.py) are probed and estimated like the
+target's.
 
 Invariants: the probe leaves no graph and no cache behind; if it fails it estimates 0 with a warning (the real
 capture then reports its own failure and the runner runs eagerly).
@@ -48,6 +50,7 @@ from treadle_model_runner.runner.verify_graphs import (
 )
 
 if TYPE_CHECKING:
+    from treadle_model_runner.runner.draft_model import DraftModel
     from treadle_model_runner.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -81,7 +84,7 @@ def estimate_piecewise_bytes(
 def probe_graph_bytes(runner: ModelRunner) -> int:
     """Capture the largest and the smallest decode graph over a one-block cache; the estimate for all sizes."""
     sizes = capture_sizes(runner.max_num_seqs)
-    layers = runner._require_model().attention_layers()
+    layers = runner.kv_layers()  # a draft model's too
     runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.kv_cache_dtype,
                                           runner.device, runner.attn_backend)  # fmt: skip
     buckets = piecewise_sizes(runner)
@@ -92,6 +95,7 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     prefill: list[CudaGraphRunner] = []
     verify: list[CudaGraphRunner] = []
     verify_counts = verify_sizes(runner) if verify_graphs_wanted(runner) else []
+    drafter = runner.drafter
     try:
         decode = capture_set(
             mask, lambda kind: CudaGraphRunner(sorted({sizes[0], sizes[-1]}), "decode batch (memory probe)" + kind),
@@ -113,6 +117,8 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
                 mask, lambda kind: CudaGraphRunner(ends, "verify batch (memory probe)" + kind),
                 lambda g, pool: g.capture(lambda size: prepare_verify_capture(runner, size), pool),
             )  # fmt: skip
+        if drafter is not None:
+            drafter.capture(runner, _ends(buckets), bool(prefill_buckets), _ends(sizes), " (memory probe)")
     except Exception as exc:  # an estimate only: the real capture reports its own failure
         logger.warning("CUDA graph memory probe failed (%s); reserving nothing for the graphs", str(exc))
         decode = []
@@ -123,6 +129,10 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
         )
         prefill_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(prefill_buckets)) for g in prefill)
         verify_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(verify_counts)) for g in verify)
+        draft_bytes = 0
+        if drafter is not None:
+            draft_bytes = _draft_bytes(drafter, len(sizes), buckets, len(prefill_buckets))
+            drafter.release_graphs()
         probes: list[GraphSet] = [*decode, *pieces, *prefill, *verify]
         for graphs in probes:
             graphs.release()
@@ -136,7 +146,24 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     )
     logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes%s (probe: %s), %.0f MiB for %d "
                 "piecewise token buckets, %.0f MiB for %d one-request prefill buckets and %.0f MiB for %d verify "
-                "batch sizes", estimate / _MiB, len(sizes), " in two LoRA variants" if len(measured) == 2 else "",
-                probed, piece_bytes / _MiB, len(buckets), prefill_bytes / _MiB, len(prefill_buckets),
-                verify_bytes / _MiB, len(verify_counts))  # fmt: skip
-    return estimate + piece_bytes + prefill_bytes + verify_bytes
+                "batch sizes; %.0f MiB for a draft model's graphs", estimate / _MiB, len(sizes),
+                " in two LoRA variants" if len(measured) == 2 else "", probed, piece_bytes / _MiB, len(buckets),
+                prefill_bytes / _MiB, len(prefill_buckets), verify_bytes / _MiB, len(verify_counts),
+                draft_bytes / _MiB)  # fmt: skip
+    return estimate + piece_bytes + prefill_bytes + verify_bytes + draft_bytes
+
+
+def _ends(sizes: list[int]) -> list[int]:
+    """The largest and the smallest of `sizes` (what a probe captures), or none."""
+    return sorted({sizes[0], sizes[-1]}) if sizes else []
+
+
+def _draft_bytes(drafter: DraftModel, num_decode: int, buckets: list[int], num_prefill: int) -> int:
+    """All of a draft model's graphs from its probe's captures (draft_model.py: decode, piecewise, prefill)."""
+    total = estimate_graph_bytes(drafter.graphs.memory_by_size, num_decode) if drafter.graphs else 0
+    if drafter.piecewise is not None:
+        pieces = drafter.piecewise
+        total += estimate_piecewise_bytes(pieces.memory_by_size, pieces.held_bytes_by_size, buckets)
+    if drafter.prefill_graphs is not None:
+        total += estimate_graph_bytes(drafter.prefill_graphs.memory_by_size, num_prefill)
+    return total

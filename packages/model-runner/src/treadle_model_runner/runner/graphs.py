@@ -99,6 +99,7 @@ def capture_graphs(runner: ModelRunner) -> None:
         runner.drafter.capture(runner, buckets, prefill_graphs_wanted(runner))
     reserved = runner.graph_bytes_reserved
     taken = sum(g.memory_bytes for g in (*decode, *pieces, *prefill, *verify))
+    taken += runner.drafter.memory_bytes if runner.drafter is not None else 0
     if decode and reserved and taken > 1.2 * reserved + (64 << 20):
         logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
                        "was sized; lower --gpu-memory-utilization if memory runs out",
