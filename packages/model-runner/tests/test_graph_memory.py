@@ -24,7 +24,12 @@ def test_estimate_is_the_largest_plus_one_smallest_per_other_size() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_memory_is_reserved_before_the_kv_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mixed", [True, False])
+def test_graph_memory_is_reserved_before_the_kv_cache(
+    tmp_path: Path, mixed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode graphs and the mixed graphs (the default on Triton), or the piecewise graphs without them."""
+    monkeypatch.setenv("TREADLE_MIXED_GRAPHS", "1" if mixed else "0")
     config = tf.LlamaConfig(
         vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256,
@@ -35,9 +40,12 @@ def test_graph_memory_is_reserved_before_the_kv_cache(tmp_path: Path) -> None:
     runner.load_model()
     kv = runner.initialize_kv_cache()
     assert runner.graphs is not None and runner.graphs.has(64)
-    assert runner.piecewise is not None and runner.piecewise.sizes == [16, 32, 64, 128, 256, 512]
+    buckets = [16, 32, 64, 128, 256, 512]
+    whole = runner.mixed_graphs.graphs if runner.mixed_graphs is not None else None
+    steps = whole if mixed else runner.piecewise
+    assert steps is not None and steps.sizes == buckets and (runner.piecewise is None) == mixed
     reserved = runner.graph_bytes_reserved
-    taken = runner.graphs.memory_bytes + runner.piecewise.memory_bytes
+    taken = runner.graphs.memory_bytes + steps.memory_bytes
     assert reserved > 0 and taken > 0
     assert taken <= 1.2 * reserved + (64 << 20), (taken, reserved)  # the estimate covers the real capture
     # the KV cache left the reserve (and the profiled activations) free under the 0.2 budget
@@ -101,6 +109,7 @@ def test_a_draft_models_and_the_verify_graphs_memory_is_reserved(tmp_path: Path)
     ]  # the probe captured the draft's graphs before the KV cache was sized
     drafter, verify = runner.drafter, runner.verify_graphs
     assert drafter is not None and drafter.memory_bytes > 0 and verify is not None
-    sets = [runner.graphs, runner.piecewise, runner.prefill_graphs, verify.graphs]
+    assert runner.mixed_graphs is not None
+    sets = [runner.graphs, runner.piecewise, runner.prefill_graphs, verify.graphs, runner.mixed_graphs.graphs]
     taken = sum(g.memory_bytes for g in sets if g is not None) + drafter.memory_bytes
     assert taken <= 1.2 * runner.graph_bytes_reserved + (64 << 20), (taken, runner.graph_bytes_reserved)

@@ -238,7 +238,7 @@ GRAPH_MODELS = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", list(GRAPH_MODELS))
 def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Path, arch: str) -> None:
-    """fp32, Triton attention: decode steps replay the decode graphs and prefills the piecewise ones, with the
+    """fp32, Triton attention: decode steps replay the decode graphs and prefills the mixed ones, with the
     adapters' slots and the token mask read from their persistent buffers; tokens and hidden states equal eager's.
     Both LoRA variants replay: the one with the adapters' path in steps where a row runs an adapter, the one without
     (fused norm and activation back) in steps of base-model rows only, before and after adapter steps."""
@@ -279,7 +279,8 @@ def test_cuda_graphs_replay_a_mixed_adapter_batch_as_eager_runs_it(tmp_path: Pat
         assert all(t.is_pinned() and t.dtype == runner.dtype for w in weights for t in (w.lora_a, w.lora_b))
         replays: dict[str, list[int]] = {}
         if not eager:
-            for kind, graphs in (("decode", runner.graphs), ("piecewise", runner.piecewise)):
+            assert runner.mixed_graphs is not None
+            for kind, graphs in (("decode", runner.graphs), ("mixed", runner.mixed_graphs.graphs)):
                 assert isinstance(graphs, LoRAVariants), graphs
                 for variant, captured in (("with", graphs.with_adapters), ("without", graphs.without)):
                     log = replays.setdefault(f"{kind} {variant}", [])

@@ -206,10 +206,11 @@ def record_hidden(runner: ModelRunner) -> list[torch.Tensor]:
     return hidden
 
 
-def count_piecewise_replays(runner: ModelRunner) -> list[int]:
-    """The bucket of every piecewise-graph replay from now on (none when the runner has no piecewise graphs)."""
+def count_piecewise_replays(runner: ModelRunner, graphs: Any = None) -> list[int]:
+    """The bucket of every piecewise-graph replay from now on (none when the runner has no piecewise graphs), or
+    of `graphs` (the mixed graphs, runner/batch_graphs.py: the same buckets)."""
     replays: list[int] = []
-    graphs = runner.piecewise
+    graphs = graphs if graphs is not None else runner.piecewise
     if graphs is not None:
         assert graphs.sizes == [16, 32, 64] and all(map(graphs.has, (16, 32, 64)))
         replay = graphs.replay

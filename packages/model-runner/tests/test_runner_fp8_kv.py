@@ -100,7 +100,7 @@ def test_gpu_triton_fp8_cache_matches_torch(llama: Path, name: str) -> None:
     """fp32 model: both backends narrow K/V the same way (round to nearest even), so they agree to fp32 noise."""
     torch_tokens, torch_hidden = _generate(_runner(llama, name, "cuda", enforce_eager=True))
     triton = _runner(llama, name, "cuda", attention_backend="triton")
-    assert triton.graphs is not None and triton.piecewise is not None
+    assert triton.graphs is not None and triton.mixed_graphs is not None
     triton_tokens, triton_hidden = _generate(triton)
     assert triton_tokens == torch_tokens
     for a, b in zip(torch_hidden, triton_hidden, strict=True):

@@ -147,16 +147,24 @@ def _gpu_runner(path: Path, backend: str, eager: bool) -> ModelRunner:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("model", ["qwen3", "qwen3_moe"])
-def test_piecewise_graphs_equal_eager(model: str, request: pytest.FixtureRequest) -> None:
-    """Triton in fp32 (FlashInfer takes bf16 only: test_runner_flashinfer.py checks its pieces by logprobs)."""
+@pytest.mark.parametrize("mixed", [False, True])
+def test_piecewise_graphs_equal_eager(
+    model: str, mixed: bool, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton in fp32 (FlashInfer takes bf16 only: test_runner_flashinfer.py checks its pieces by logprobs); the
+    same steps on the mixed graphs (runner/batch_graphs.py, the default on Triton) instead of the pieces."""
+    monkeypatch.setenv("TREADLE_MIXED_GRAPHS", "1" if mixed else "0")
     path = request.getfixturevalue(model)
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (5, 40, 17, 3, 60, 11)]
     results: list[Any] = []
     for eager in (True, False):
         runner = _gpu_runner(path, "triton", eager)
-        assert (runner.piecewise is None) == eager
+        assert (runner.piecewise is None) == (eager or mixed)
+        assert (runner.mixed_graphs is None) == (eager or not mixed)
         replays = count_piecewise_replays(runner)
+        if runner.mixed_graphs is not None:
+            replays = count_piecewise_replays(runner, runner.mixed_graphs.graphs)
         results.append(_run(runner, prompts))
         assert eager or len(set(replays)) >= 2, replays  # prefills and mixed steps went through the pieces
     (tokens, hidden), (graph_tokens, graph_hidden) = results

@@ -180,7 +180,7 @@ def test_graph_mode_names_the_prefill_buckets() -> None:
     runner = SimpleNamespace(
         device=torch.device("cuda"), model_config=SimpleNamespace(enforce_eager=False),
         attn_backend=SimpleNamespace(name="triton"), graphs=graphs([1, 2, 4]), piecewise=graphs([16, 32]),
-        prefill_graphs=graphs([16, 32, 64]), verify_graphs=None, lora=None,
+        prefill_graphs=graphs([16, 32, 64]), verify_graphs=None, mixed_graphs=None, lora=None,
     )  # fmt: skip
     assert graph_mode(runner) == (
         "decode sizes 1-4 (3 graphs); piecewise buckets 16-32 (2); one-request prefill buckets 16-64 (3)"
@@ -190,6 +190,9 @@ def test_graph_mode_names_the_prefill_buckets() -> None:
     )  # speculative decoding, k = 4
     assert graph_mode(runner).endswith("; verify batches of <= 5 tokens a request 1-4 (3)")
     runner.verify_graphs = None
+    runner.mixed_graphs = SimpleNamespace(graphs=graphs([16, 32]))  # steps of several requests, whole
+    assert graph_mode(runner).endswith("; mixed batches of 16-32 tokens (2)")
+    runner.mixed_graphs = None
     runner.prefill_graphs = None  # a backend without them, or TREADLE_PREFILL_GRAPHS=0
     assert graph_mode(runner) == "decode sizes 1-4 (3 graphs); piecewise buckets 16-32 (2)"
     runner.lora = object()  # LoRA on: every set in two variants (runner/lora_graphs.py)

@@ -81,9 +81,16 @@ def TREADLE_PREFILL_GRAPHS() -> bool:
 
 def TREADLE_VERIFY_GRAPHS() -> bool:
     """``1`` (default) captures full CUDA graphs for steps whose requests each schedule at most 1 + k tokens under
-    speculative decoding (runner/verify_graphs.py) where the attention backend allows it; ``0`` runs those steps
+    speculative decoding (runner/batch_graphs.py) where the attention backend allows it; ``0`` runs those steps
     as piecewise graphs around eager attention."""
     return parse_bool("TREADLE_VERIFY_GRAPHS", os.environ.get("TREADLE_VERIFY_GRAPHS", "1"))
+
+
+def TREADLE_MIXED_GRAPHS() -> bool:
+    """``1`` (default) captures full CUDA graphs for steps of several requests that are not decode-only, up to the
+    piecewise token buckets (runner/batch_graphs.py), where the attention backend allows it, instead of piecewise
+    graphs; ``0`` keeps the piecewise graphs around eager attention for them."""
+    return parse_bool("TREADLE_MIXED_GRAPHS", os.environ.get("TREADLE_MIXED_GRAPHS", "1"))
 
 
 def TREADLE_FUSED_GUMBEL() -> bool:

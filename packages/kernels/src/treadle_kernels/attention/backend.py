@@ -138,11 +138,11 @@ class AttentionBackend:
     # a step prefilling one request may be captured whole: a launch captured for one request of B query tokens
     # reads everything else from the persistent device metadata, so it serves any one request of up to B tokens
     supports_prefill_graphs: ClassVar[bool] = False
-    # a step of up to N requests, each of at most Q query tokens (speculative decoding's verification), may be
-    # captured whole: launches captured for N requests of 1 to Q tokens over N * Q token rows read the step from
-    # the persistent device metadata only, so they serve any such step padded to N requests (the rest of the
-    # rows belong to no request: never read, their outputs unspecified)
-    supports_verify_graphs: ClassVar[bool] = False
+    # a step of up to N requests and T token rows, each request of at most Q query tokens, may be captured whole:
+    # launches captured for N requests of 1 to Q tokens over T rows read the step from the persistent device
+    # metadata only, so they serve any such step padded to N requests (the rest of the rows belong to no
+    # request: never read, their outputs unspecified); speculative decoding's verification, mixed batches
+    supports_batch_graphs: ClassVar[bool] = False
     # reads and writes a float8_e4m3fn / float8_e5m2 cache (unit scale; `--kv-cache-dtype fp8`)
     supports_fp8_kv_cache: ClassVar[bool] = False
     # every kernel launch goes through treadle_kernels.ops.launch.launch, so start-up may compile its variants

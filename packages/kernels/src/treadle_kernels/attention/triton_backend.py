@@ -224,8 +224,8 @@ class TritonAttentionBackend(AttentionBackend):
     # one request: one unified-kernel launch whose programs find their query tiles through query_start_loc
     supports_prefill_graphs = True
     # several requests of 1..Q tokens: the programs number their tiles from query_start_loc on the device, surplus
-    # tiles (padding rows past the last request) exit at once, and the short / long launch split is by query length
-    supports_verify_graphs = True
+    # tiles (rows past the last request) exit at once, and the short / long launch split is by each query's length
+    supports_batch_graphs = True
     compiles_ahead = True  # every launch is ops.launch.launch (XQA, FlashInfer's, is switched off for it)
     builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

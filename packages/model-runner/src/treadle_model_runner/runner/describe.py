@@ -38,6 +38,9 @@ def graph_mode(runner: Any) -> str:
     if verify is not None:
         sizes = verify.graphs.sizes
         mode += f"; verify batches of <= {verify.query_len} tokens a request {sizes[0]}-{sizes[-1]} ({len(sizes)})"
+    if runner.mixed_graphs is not None:
+        sizes = runner.mixed_graphs.graphs.sizes
+        mode += f"; mixed batches of {sizes[0]}-{sizes[-1]} tokens ({len(sizes)})"
     if runner.lora is not None:
         mode += "; each with and without the LoRA path"
     return mode

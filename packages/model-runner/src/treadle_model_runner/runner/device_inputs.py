@@ -7,7 +7,7 @@ with vectorized torch, no Python per token:
     positions[t]    = c[req_idx[t]] + t - query_start_loc[req_idx[t]]      seq_lens = c + q
     slot_mapping[t] = table[req_idx[t], positions[t] // bs] * bs + positions[t] % bs   (per KV-cache group)
 Tokens in [T, padded) are padding: id 0, position 0, slot -1; decode-graph padding requests have query length
-1 and context 1.
+1 and context 1, verify and mixed graphs' none.
 
 Invariants: nothing here waits for the device (no .item(), .tolist(), .cpu(), boolean masks, nonzero, or
 repeat_interleave without output_size), so the host runs ahead of the GPU. The device buffers are allocated once
@@ -82,18 +82,23 @@ def compute_on_device(
     num_tokens: int,
     num_padded_tokens: int,
     num_pad_reqs: int,
+    empty_pads: bool = False,
 ) -> None:
     """From the uploaded q, c and ids (already copied into `buffers.upload[1]`), write the step's device inputs:
     input_ids and positions [padded], query_start_loc [reqs + pads + 1], seq_lens [reqs + pads], and the slot
-    mapping of every group [padded]. The block tables must be committed first."""
+    mapping of every group [padded]. The block tables must be committed first. Padding requests have one token
+    each (decode graphs), or none with `empty_pads` (verify and mixed graphs)."""
     r, t, p = num_reqs, num_tokens, num_pad_reqs
     uploaded = buffers.upload[1]
     q, c, ids = uploaded[:r], uploaded[r : 2 * r], uploaded[2 * r : 2 * r + t]  # int32
     qsl, seq_lens = buffers.query_start_loc, buffers.seq_lens
     torch.cumsum(q, 0, dtype=torch.int32, out=qsl[1 : r + 1])
-    torch.add(buffers.arange[1 : p + 1], t, out=qsl[r + 1 : r + p + 1])  # padding requests: one token each
+    if empty_pads:
+        qsl[r + 1 : r + p + 1].fill_(t)
+    else:
+        torch.add(buffers.arange[1 : p + 1], t, out=qsl[r + 1 : r + p + 1])
     torch.add(c, q, out=seq_lens[:r])
-    seq_lens[r : r + p].fill_(1)
+    seq_lens[r : r + p].fill_(0 if empty_pads else 1)
 
     req_idx = torch.repeat_interleave(q, output_size=t)  # [T] int32 batch row of each token (no sync)
     first_position = c - qsl[:r]  # [R] int32: position of token t is first_position[row] + t

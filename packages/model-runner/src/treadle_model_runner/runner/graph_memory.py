@@ -15,7 +15,9 @@ kept bytes per token times its tokens.
 
 One-request prefill graphs (prefill_graphs.py) are whole forwards like the decode graphs, by token bucket: the
 same largest + (n - 1) x smallest estimate over their largest and smallest bucket; verify graphs
-(verify_graphs.py, speculative decoding) the same over their largest and smallest request count.
+(batch_graphs.py, speculative decoding) the same over their largest and smallest request count, and mixed graphs
+(batch_graphs.py) over their largest and smallest token bucket; where mixed graphs are wanted the piecewise graphs
+are not captured, nor probed.
 
 With LoRA enabled every set is probed in both its variants (lora_graphs.py), each estimated as above. A draft
 model's decode, piecewise and one-request prefill graphs (draft_model.py) are probed and estimated like the
@@ -33,6 +35,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from treadle_model_runner.kv_cache import allocate_kv_caches
+from treadle_model_runner.runner.batch_graphs import (
+    capture_mixed,
+    capture_verify,
+    mixed_sizes,
+    verify_graphs_wanted,
+    verify_sizes,
+)
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, GraphSet, capture_sizes
 from treadle_model_runner.runner.graphs import (
     piecewise_sizes,
@@ -43,11 +52,6 @@ from treadle_model_runner.runner.graphs import (
 )
 from treadle_model_runner.runner.lora_graphs import capture_set
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs
-from treadle_model_runner.runner.verify_graphs import (
-    prepare_verify_capture,
-    verify_graphs_wanted,
-    verify_sizes,
-)
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.draft_model import DraftModel
@@ -95,27 +99,33 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     prefill: list[CudaGraphRunner] = []
     verify: list[CudaGraphRunner] = []
     verify_counts = verify_sizes(runner) if verify_graphs_wanted(runner) else []
+    mixed_buckets = mixed_sizes(runner)
+    mixed: list[CudaGraphRunner] = []
     drafter = runner.drafter
     try:
         decode = capture_set(
-            mask, lambda kind: CudaGraphRunner(sorted({sizes[0], sizes[-1]}), "decode batch (memory probe)" + kind),
+            mask, lambda kind: CudaGraphRunner(_ends(sizes), "decode batch (memory probe)" + kind),
             lambda g, pool: g.capture(lambda size: prepare_decode_capture(runner, size), pool),
         )  # fmt: skip
-        if buckets:
+        if buckets and not mixed_buckets:
             pieces = capture_set(
-                mask, lambda kind: PiecewiseGraphs(sorted({buckets[0], buckets[-1]}), " (memory probe)" + kind),
+                mask, lambda kind: PiecewiseGraphs(_ends(buckets), " (memory probe)" + kind),
                 lambda g, pool: g.capture(lambda size, split: prepare_piecewise_capture(runner, size, split), pool),
             )  # fmt: skip
         if prefill_buckets:
             prefill = capture_set(
-                mask, lambda kind: CudaGraphRunner(sorted({buckets[0], buckets[-1]}), "one-request prefill" + kind),
+                mask, lambda kind: CudaGraphRunner(_ends(buckets), "one-request prefill" + kind),
                 lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
             )  # fmt: skip
         if verify_counts:
-            ends = sorted({verify_counts[0], verify_counts[-1]})
             verify = capture_set(
-                mask, lambda kind: CudaGraphRunner(ends, "verify batch (memory probe)" + kind),
-                lambda g, pool: g.capture(lambda size: prepare_verify_capture(runner, size), pool),
+                mask, lambda kind: CudaGraphRunner(_ends(verify_counts), "verify batch (memory probe)" + kind),
+                lambda g, pool: g.capture(lambda size: capture_verify(runner, size), pool),
+            )  # fmt: skip
+        if mixed_buckets:
+            mixed = capture_set(
+                mask, lambda kind: CudaGraphRunner(_ends(mixed_buckets), "mixed batch (memory probe)" + kind),
+                lambda g, pool: g.capture(lambda size: capture_mixed(runner, size), pool),
             )  # fmt: skip
         if drafter is not None:
             drafter.capture(runner, _ends(buckets), bool(prefill_buckets), _ends(sizes), " (memory probe)")
@@ -129,14 +139,15 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
         )
         prefill_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(prefill_buckets)) for g in prefill)
         verify_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(verify_counts)) for g in verify)
+        verify_bytes += sum(estimate_graph_bytes(g.memory_by_size, len(mixed_buckets)) for g in mixed)
         draft_bytes = 0
         if drafter is not None:
             draft_bytes = _draft_bytes(drafter, len(sizes), buckets, len(prefill_buckets))
             drafter.release_graphs()
-        probes: list[GraphSet] = [*decode, *pieces, *prefill, *verify]
+        probes: list[GraphSet] = [*decode, *pieces, *prefill, *verify, *mixed]
         for graphs in probes:
             graphs.release()
-        del decode, pieces, prefill, verify
+        del decode, pieces, prefill, verify, mixed
         runner.kv_caches = []
         torch.cuda.synchronize(runner.device)
         torch.cuda.empty_cache()
@@ -146,10 +157,10 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     )
     logger.info("CUDA graph memory: %.0f MiB expected for %d decode sizes%s (probe: %s), %.0f MiB for %d "
                 "piecewise token buckets, %.0f MiB for %d one-request prefill buckets and %.0f MiB for %d verify "
-                "batch sizes; %.0f MiB for a draft model's graphs", estimate / _MiB, len(sizes),
+                "and %d mixed batch sizes; %.0f MiB for a draft model's graphs", estimate / _MiB, len(sizes),
                 " in two LoRA variants" if len(measured) == 2 else "", probed, piece_bytes / _MiB, len(buckets),
                 prefill_bytes / _MiB, len(prefill_buckets), verify_bytes / _MiB, len(verify_counts),
-                draft_bytes / _MiB)  # fmt: skip
+                len(mixed_buckets), draft_bytes / _MiB)  # fmt: skip
     return estimate + piece_bytes + prefill_bytes + verify_bytes + draft_bytes
 
 

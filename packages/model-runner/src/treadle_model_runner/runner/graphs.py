@@ -1,14 +1,18 @@
 """The runner's CUDA graphs: which are wanted, the dummy batches they capture, and their capture at start-up.
 
-Three sets, all over the runner's persistent step buffers and KV cache (so a replay reads the step's inputs where
+These sets, all over the runner's persistent step buffers and KV cache (so a replay reads the step's inputs where
 the capture read the dummy ones):
   decode      `runner.graphs`: whole forwards of N one-token requests at the capture sizes (cuda_graph.py)
   piecewise   `runner.piecewise`: any other step of up to TREADLE_PIECEWISE_MAX_TOKENS tokens, the pieces between
-              the attention calls captured and attention run eagerly (piecewise.py)
+              the attention calls captured and attention run eagerly (piecewise.py); not captured when the
+              mixed graphs below take those steps
   prefill     `runner.prefill_graphs`: one request's prefill at the piecewise token buckets, whole, where the
               attention backend can build its metadata on the device (prefill_graphs.py)
   verify      `runner.verify_graphs`: under speculative decoding, whole forwards of N requests of at most 1 + k
-              tokens each (verifying drafts), where the backend allows it (verify_graphs.py)
+              tokens each (verifying drafts), where the backend allows it (batch_graphs.py)
+  mixed       `runner.mixed_graphs`: whole forwards of any other step of several requests at the piecewise token
+              buckets, where the backend allows it (batch_graphs.py)
+A step takes the first that fits: decode; verify; prefill (one request); mixed; piecewise; else it runs eagerly.
 Graphs are wanted on CUDA unless `enforce_eager`, and only with a backend that supports them. A capture that fails
 leaves that set empty (None on the runner): those steps run eagerly. The memory probe (graph_memory.py) captures a
 few of the same forwards before the KV cache is sized. With LoRA enabled each set is captured in two variants, with
@@ -26,17 +30,12 @@ import torch
 
 from treadle_model_runner import envs
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
+from treadle_model_runner.runner.batch_graphs import BatchGraphs, GraphPlan, capture_batch_graphs
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, GraphSet, capture_sizes
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.lora_graphs import as_one_set, capture_set
-from treadle_model_runner.runner.piecewise import PiecewiseGraphs, bucket_sizes, piecewise_forward
+from treadle_model_runner.runner.piecewise import PiecewiseGraphs, piecewise_forward, token_buckets
 from treadle_model_runner.runner.prefill_graphs import capture_metadata
-from treadle_model_runner.runner.verify_graphs import (
-    VerifyGraphs,
-    prepare_verify_capture,
-    verify_graphs_wanted,
-    verify_sizes,
-)
 
 if TYPE_CHECKING:
     from treadle_model_runner.runner.model_runner import ModelRunner
@@ -58,12 +57,12 @@ def prefill_graphs_wanted(runner: ModelRunner) -> bool:
 
 def piecewise_sizes(runner: ModelRunner) -> list[int]:
     """Token buckets of the piecewise CUDA graphs (TREADLE_PIECEWISE_MAX_TOKENS, within the step budget)."""
-    return bucket_sizes(min(envs.TREADLE_PIECEWISE_MAX_TOKENS(), runner.max_num_batched_tokens))
+    return token_buckets(runner.max_num_batched_tokens)
 
 
 def capture_graphs(runner: ModelRunner) -> None:
-    """Capture the decode, piecewise, one-request prefill and verify graphs (when wanted) and set them on the
-    runner."""
+    """Capture the decode, one-request prefill, verify and mixed graphs, and the piecewise graphs where no mixed
+    graphs are (when wanted), and set them on the runner."""
     if not graphs_wanted(runner):
         if runner.device.type == "cuda" and not runner.model_config.enforce_eager:
             logger.info(
@@ -77,28 +76,22 @@ def capture_graphs(runner: ModelRunner) -> None:
     )  # fmt: skip
     runner.graphs = as_one_set(decode, mask)  # capture failed: run eagerly, no padding
     buckets = piecewise_sizes(runner)
+    batch = capture_batch_graphs(runner, mask)  # verify and mixed graphs
     pieces = capture_set(
         mask, lambda kind: PiecewiseGraphs(buckets, kind),
         lambda g, pool: g.capture(lambda size, split: prepare_piecewise_capture(runner, size, split), pool),
-    ) if buckets else []  # fmt: skip
+    ) if buckets and runner.mixed_graphs is None else []  # fmt: skip
     runner.piecewise = as_one_set(pieces, mask)
     prefill = capture_set(
         mask, lambda kind: CudaGraphRunner(buckets, "one-request prefill" + kind),
         lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
     ) if buckets and prefill_graphs_wanted(runner) else []  # fmt: skip
     runner.prefill_graphs = as_one_set(prefill, mask)
-    sizes = verify_sizes(runner) if verify_graphs_wanted(runner) else []
-    verify = capture_set(
-        mask, lambda kind: CudaGraphRunner(sizes, f"verify batch of <= {1 + runner.num_speculative_tokens} "
-                                                  f"tokens a request{kind}"),
-        lambda g, pool: g.capture(lambda size: prepare_verify_capture(runner, size), pool),
-    ) if sizes else []  # fmt: skip
-    verify_set = as_one_set(verify, mask)
-    runner.verify_graphs = VerifyGraphs(verify_set, 1 + runner.num_speculative_tokens) if verify_set else None
     if runner.drafter is not None:  # its graphs over the same buffers (no LoRA with a draft model)
         runner.drafter.capture(runner, buckets, prefill_graphs_wanted(runner))
     reserved = runner.graph_bytes_reserved
-    taken = sum(g.memory_bytes for g in (*decode, *pieces, *prefill, *verify))
+    captured: list[GraphSet] = [*decode, *pieces, *prefill, *batch]
+    taken = sum(g.memory_bytes for g in captured)
     taken += runner.drafter.memory_bytes if runner.drafter is not None else 0
     if decode and reserved and taken > 1.2 * reserved + (64 << 20):
         logger.warning("CUDA graphs took %.0f MiB, more than the %.0f MiB left for them before the KV cache "
@@ -106,21 +99,39 @@ def capture_graphs(runner: ModelRunner) -> None:
                        taken / (1 << 20), reserved / (1 << 20))  # fmt: skip
 
 
+def batch_plan(
+    num_scheduled: np.ndarray,
+    prefill: GraphSet | None,
+    verify: BatchGraphs | None,
+    mixed: BatchGraphs | None,
+) -> tuple[BatchGraphs, GraphPlan] | None:
+    """The verify or mixed graph a step that is not decode-only replays, and how it pads (batch_graphs.py): verify
+    graphs first; a one-request step that the prefill graphs take is theirs, not the mixed graphs'."""
+    if verify is not None and (plan := verify.plan(num_scheduled)) is not None:
+        return verify, plan
+    if mixed is None:
+        return None
+    if len(num_scheduled) == 1 and prefill is not None and prefill.padded_size(int(num_scheduled.sum())):
+        return None
+    plan = mixed.plan(num_scheduled)
+    return (mixed, plan) if plan is not None else None
+
+
 def padded_size(
     num_scheduled: np.ndarray,
     decode: GraphSet | None,
     prefill: GraphSet | None,
     piecewise: GraphSet | None,
-    verify: VerifyGraphs | None = None,
+    verify: BatchGraphs | None = None,
+    mixed: BatchGraphs | None = None,
 ) -> int | None:
     """The token count a step of `num_scheduled` tokens per request pads to for the graph `forward_step` will
-    replay (a decode-only step: the decode graphs' request count; at most 1 + k tokens a request: the verify
-    graphs' request count times 1 + k; one request: the prefill graphs' bucket; else the piecewise bucket), or
-    None when no graph takes it."""
+    replay (a decode-only step: the decode graphs' request count; a verify or mixed graph's rows, `batch_plan`;
+    one request: the prefill graphs' bucket; else the piecewise bucket), or None when no graph takes it."""
     if (num_scheduled == 1).all():
         return decode.padded_size(len(num_scheduled)) if decode is not None else None
-    if verify is not None and (num_reqs := verify.requests_for(num_scheduled)) is not None:
-        return num_reqs * verify.query_len
+    if (chosen := batch_plan(num_scheduled, prefill, verify, mixed)) is not None:
+        return chosen[1].tokens
     buckets = prefill if len(num_scheduled) == 1 and prefill is not None else piecewise
     return buckets.padded_size(int(num_scheduled.sum())) if buckets is not None else None
 
@@ -132,19 +143,20 @@ def forward_step(
     decode: GraphSet | None,
     prefill: GraphSet | None,
     piecewise: GraphSet | None,
-    verify: VerifyGraphs | None = None,
+    verify: BatchGraphs | None = None,
+    mixed: BatchGraphs | None = None,
 ) -> torch.Tensor:
     """`model` over a step's inputs (the runner's model or a draft model, with that model's graph sets), the way
-    the step's shape allows: a decode graph (decode-only), a verify graph (at most 1 + k tokens a request), a
-    one-request prefill graph, piecewise graphs around eager attention, or eagerly; as `padded_size` chose.
-    Returns the hidden states [padded tokens, hidden]."""
+    the step's shape allows: a decode graph (decode-only), a verify or mixed graph, a one-request prefill graph,
+    piecewise graphs around eager attention, or eagerly; as `padded_size` chose. Returns the hidden states
+    [padded tokens, hidden]."""
     size = inputs.num_padded_tokens
     if decode is not None and inputs.is_decode_only and decode.has(size):
         for builder, common in zip(runner.builders, inputs.attn_metadata, strict=True):
             builder.prepare_cuda_graph_replay(common, size)
         return decode.replay(size)
-    if verify is not None and (num_reqs := verify.requests_for(inputs.num_scheduled)) is not None:
-        return verify.graphs.replay(num_reqs)
+    if (chosen := batch_plan(inputs.num_scheduled, prefill, verify, mixed)) is not None:
+        return chosen[0].graphs.replay(chosen[1].size)
     if prefill is not None and inputs.num_reqs == 1 and not inputs.is_decode_only and prefill.has(size):
         return prefill.replay(size)
     with set_forward_context(runner.forward_context(inputs)):

@@ -14,8 +14,8 @@ the last scheduled token of a decode or a final prefill chunk; a partial prefill
 verifies k draft tokens (speculative decoding, spec_decode.py) gets logits at each of its 1 + k tokens.
 Input tokens still in flight (async output, placeholders < 0) are staged as 0 and overwritten on the device from
 the tensor of the step that samples them. Tokens in [T, padded T) are padding: id 0, position 0, slot -1, and
-(decode graphs) one-token requests of context 1 that nobody reads; a verify graph's step pads its requests
-with such one-token requests and its tokens past them with rows that belong to no request.
+(decode graphs) one-token requests of context 1 that nobody reads; a verify or mixed graph's step pads its
+requests with empty ones (no tokens, context 0) and its tokens with rows that belong to no request.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def prepare_inputs(
     per row, the draft tokens it verifies (already staged in the token table by spec_decode.stage_drafts).
     `computed`: per row, the position its first token goes to (default: its num_computed_tokens; a draft model's
     passes run at other positions, runner/draft_model.py). `num_padded_reqs`: the request count the metadata
-    pads to with one-token dummy requests (verify graphs, verify_graphs.py); by default a decode-only step (or
-    one with no request: a capture) pads every padding token as one, any other step none.
+    pads to with empty dummy requests (no tokens: verify and mixed graphs, batch_graphs.py); by default a
+    decode-only step (or one with no request: a capture) pads every padding token as a one-token request, any
+    other step none.
     """
     num_reqs = len(num_scheduled)
     num_tokens = int(num_scheduled.sum())
@@ -106,7 +107,8 @@ def prepare_inputs(
         ids[holes] = 0
     commit(buffers.upload, 2 * r + t)
     block_tables = [table.commit(n_meta) for table in batch.block_tables]
-    compute_on_device(buffers, batch.block_tables, num_reqs, num_tokens, padded, num_pad_reqs)
+    empty_pads = num_padded_reqs is not None
+    compute_on_device(buffers, batch.block_tables, num_reqs, num_tokens, padded, num_pad_reqs, empty_pads)
     input_ids = buffers.input_ids[:padded]
     if holes.size:
         assert placeholders is not None
@@ -118,10 +120,10 @@ def prepare_inputs(
 
     qsl_cpu = buffers.query_start_loc_cpu[: n_meta + 1]
     qsl_cpu.numpy()[: r + 1] = query_start
-    qsl_cpu.numpy()[r + 1 :] = num_tokens + np.arange(1, num_pad_reqs + 1)
+    qsl_cpu.numpy()[r + 1 :] = num_tokens + (0 if empty_pads else np.arange(1, num_pad_reqs + 1))
     seq_cpu = buffers.seq_lens_cpu[:n_meta]
     seq_cpu.numpy()[:r] = seq_lens
-    seq_cpu.numpy()[r:] = 1
+    seq_cpu.numpy()[r:] = 0 if empty_pads else 1
     metadata = [
         AttentionMetadata(
             num_actual_tokens=padded if num_pad_reqs else num_tokens,

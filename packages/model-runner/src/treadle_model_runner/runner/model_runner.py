@@ -6,11 +6,11 @@
 
 A step: apply the scheduler's diff to the persistent state (`state.py`), build the flat inputs with vectorized
 code (`inputs.py`; the T-sized ones on the device, `device_inputs.py`), run the model (eagerly, or by replaying
-a CUDA graph for a decode-only batch; other steps of up to 512 tokens replay piecewise graphs around eager
-attention; `graphs.py` captures them), compute logits only where a token is sampled (and at prompt positions
-asked for prompt logprobs), sample, and append the sampled tokens to the persistent batch so the next decode step
-needs nothing from the scheduler but counts. A step may verify draft tokens (speculative decoding, spec_decode.py):
-such requests schedule several tokens, so the step replays a verify graph (verify_graphs.py) or takes the
+a CUDA graph for a decode-only batch; other steps of up to 512 tokens replay a whole graph where the attention
+backend allows it, else piecewise graphs around eager attention; `graphs.py` captures them), compute logits only
+where a token is sampled (and at prompt positions asked for prompt logprobs), sample, and append the sampled
+tokens to the persistent batch so the next decode step needs nothing from the scheduler but counts. A step may verify draft tokens (speculative decoding, spec_decode.py):
+such requests schedule several tokens, so the step replays a verify graph (batch_graphs.py) or takes the
 mixed-batch path, and is never deferred.
 Under async scheduling (`async_output`) a step that needs no host tokens returns before its sampled tokens
 reach the host: placeholders hold their places and the next step reads them on the device (`pending.py`).
@@ -40,12 +40,13 @@ from treadle_model_runner.models import CausalLM, get_model_class
 from treadle_model_runner.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 from treadle_model_runner.parallel import get_tp, prepare_small_all_reduce
 from treadle_model_runner.quantization import resolve_quantization
+from treadle_model_runner.runner.batch_graphs import MixedGraphs, VerifyGraphs
 from treadle_model_runner.runner.build import build_causal_lm
 from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import log_dispatch_report, log_expert_parallel, runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.draft_model import DraftModel
-from treadle_model_runner.runner.graphs import forward_step, padded_size
+from treadle_model_runner.runner.graphs import batch_plan, forward_step, padded_size
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.kv_setup import initialize_kv_cache
@@ -61,7 +62,6 @@ from treadle_model_runner.runner.setup import (
 from treadle_model_runner.runner.spec_decode import stage_drafts
 from treadle_model_runner.runner.state import apply_scheduler_output
 from treadle_model_runner.runner.structured import StructuredOutputs
-from treadle_model_runner.runner.verify_graphs import VerifyGraphs
 from treadle_model_runner.sample import Sampler
 from treadle_model_runner.scheduler_output import SchedulerOutput
 from treadle_model_runner.structured_outputs import StructuredOutputsParams
@@ -155,9 +155,9 @@ class ModelRunner:
         self.graphs: GraphSet | None = None
         self.piecewise: GraphSet | None = None  # steps that are not decode-only (piecewise.py)
         self.prefill_graphs: GraphSet | None = None  # such steps with one request (prefill_graphs.py)
-        self.verify_graphs: VerifyGraphs | None = (
-            None  # spec decoding: <= 1 + k tokens a request (verify_graphs.py)
-        )
+        # steps of several requests that are not decode-only (batch_graphs.py): verifying drafts, and the rest
+        self.verify_graphs: VerifyGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.graph_bytes_reserved = 0  # device memory left free for the CUDA graphs when sizing the KV cache
         # async output (set by the engine under async scheduling): return before the sampled tokens reach the
         # host; `pending` holds the steps whose tokens the host has not written yet (pending.py)
@@ -249,12 +249,19 @@ class ModelRunner:
         return runtime_summary(self)
 
     def release_graphs(self) -> None:
-        """Free every CUDA graph (decode, piecewise, one-request prefill, verify); later steps run eagerly. Call it
+        """Free every CUDA graph (decode, piecewise, one-request prefill, verify, mixed); later steps run eagerly. Call it
         before leaving a tensor-parallel group: graphs holding its all-reduces block the group's teardown."""
-        for graphs in (self.graphs, self.piecewise, self.prefill_graphs, self.verify_graphs):
+        for graphs in (
+            self.graphs,
+            self.piecewise,
+            self.prefill_graphs,
+            self.verify_graphs,
+            self.mixed_graphs,
+        ):
             if graphs is not None:
                 graphs.release()
-        self.graphs = self.piecewise = self.prefill_graphs = self.verify_graphs = None
+        self.graphs = self.piecewise = self.prefill_graphs = None
+        self.verify_graphs = self.mixed_graphs = None
         if self.drafter is not None:
             self.drafter.release_graphs()
         if self.device.type == "cuda":
@@ -293,19 +300,16 @@ class ModelRunner:
         )
         if not defer:
             self._resolve_pending(keep_newest=False)
-        padded = padded_size(
-            num_scheduled, self.graphs, self.prefill_graphs, self.piecewise, self.verify_graphs
-        )
-        verify_reqs = (
-            self.verify_graphs.requests_for(num_scheduled) if self.verify_graphs is not None else None
-        )
+        sets = (self.graphs, self.prefill_graphs, self.piecewise, self.verify_graphs, self.mixed_graphs)
+        padded = padded_size(num_scheduled, *sets)
+        chosen = batch_plan(num_scheduled, self.prefill_graphs, self.verify_graphs, self.mixed_graphs)
         if self.lora is not None:  # before the inputs below: their staging event covers its copy too
             self.lora.prepare_step(self.batch.lora_ids[:num_reqs], num_scheduled,
                                    padded or scheduler_output.total_num_scheduled_tokens)  # fmt: skip
         newest = self.pending[-1] if self.pending else None
         source = device_source(newest, self.batch.req_ids)
         inputs = prepare_inputs(self.batch, num_scheduled, self.buffers, padded, source, drafts,
-                                num_padded_reqs=verify_reqs)  # fmt: skip
+                                num_padded_reqs=chosen[1].reqs if chosen is not None else None)  # fmt: skip
         hidden = self._forward(inputs)
         output = sample_step(self, req_ids, inputs, hidden, defer)
         if self.drafter is not None:  # never deferred: its output is on the host
@@ -322,7 +326,7 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         model = self._require_model()
         return forward_step(self, inputs, model, self.graphs, self.prefill_graphs, self.piecewise,
-                            self.verify_graphs)  # fmt: skip
+                            self.verify_graphs, self.mixed_graphs)  # fmt: skip
 
     def forward_context(self, inputs: StepInputs, graph_size: int | None = None) -> ForwardContext:
         """The forward context of a step (eager), or of the dummy batch a decode graph of `graph_size` captures."""

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from treadle_model_runner import envs
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
 from treadle_model_runner.runner.cuda_graph import GraphSizes
 
@@ -54,6 +55,12 @@ def bucket_sizes(max_tokens: int) -> list[int]:
         sizes.append(size)
         size *= 2
     return [*sizes, max_tokens]
+
+
+def token_buckets(max_num_batched_tokens: int) -> list[int]:
+    """The graphs' token buckets for steps that are not decode-only (piecewise; mixed, batch_graphs.py): powers of
+    two from 16 up to TREADLE_PIECEWISE_MAX_TOKENS, within the step budget."""
+    return bucket_sizes(min(envs.TREADLE_PIECEWISE_MAX_TOKENS(), max_num_batched_tokens))
 
 
 @dataclass(slots=True)
