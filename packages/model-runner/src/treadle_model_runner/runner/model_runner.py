@@ -53,6 +53,7 @@ from treadle_model_runner.runner.kv_setup import initialize_kv_cache
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
+    check_runner_args,
     eos_token_ids,
     resolve_device,
     resolve_dtype,
@@ -89,35 +90,17 @@ class ModelRunner:
         """`lora_config`: serve LoRA adapters when its enable_lora is set (lora/manager.py). `speculative_config`:
         steps may verify up to its num_speculative_tokens drafts a request (spec_decode.py), so the memory profile
         samples that many more logits rows."""
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
-            )
-        tp = get_tp()
-        if model_config.tensor_parallel_size != tp.size:
-            raise ValueError(
-                f"tensor_parallel_size {model_config.tensor_parallel_size} needs a tensor-parallel group of that "
-                f"size (engine_core's TensorParallelExecutor starts one process per device); this process's group "
-                f"has size {tp.size}"
-            )
+        self.lora_config = lora_config if lora_config is not None and lora_config.enable_lora else None
+        check_runner_args(
+            model_config, max_num_seqs, max_num_batched_tokens, self.lora_config, speculative_config
+        )
         self.model_config = model_config
         self.cache_config = cache_config
-        self.lora_config = lora_config if lora_config is not None and lora_config.enable_lora else None
         self.lora: LoRAManager | None = None  # the adapters, once the model is loaded
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
         self.speculative_config = speculative_config
-        if self.lora_config is not None and speculative_config and speculative_config.method == "draft_model":
-            raise ValueError(
-                "speculative_config method 'draft_model' does not run with LoRA adapters (--enable-lora)"
-            )
-        draft_tp = speculative_config.draft_tensor_parallel_size if speculative_config else None
-        if draft_tp is not None and draft_tp != model_config.tensor_parallel_size:
-            raise ValueError(
-                f"speculative_config draft_tensor_parallel_size {draft_tp}: the draft model runs sharded like the "
-                f"target, so it must equal tensor_parallel_size ({model_config.tensor_parallel_size}) or be unset"
-            )
         self.drafter: DraftModel | None = None  # speculative_config method draft_model, once loaded
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from treadle_model_runner.config import LoRAConfig, ModelConfig, SpeculativeConfig
+from treadle_model_runner.parallel import get_tp
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,3 +122,36 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def check_runner_args(
+    model_config: ModelConfig,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    lora_config: LoRAConfig | None,
+    speculative_config: SpeculativeConfig | None,
+) -> None:
+    """ValueError, naming the setting, for a runner that cannot start: batch limits below 1, a tensor-parallel size
+    other than this process's group's, a draft model with LoRA adapters (`lora_config`: enabled, or None), or a
+    draft model sharded unlike the target."""
+    if max_num_seqs < 1 or max_num_batched_tokens < 1:
+        raise ValueError(
+            f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
+        )
+    tp = get_tp()
+    if model_config.tensor_parallel_size != tp.size:
+        raise ValueError(
+            f"tensor_parallel_size {model_config.tensor_parallel_size} needs a tensor-parallel group of that "
+            f"size (engine_core's TensorParallelExecutor starts one process per device); this process's group "
+            f"has size {tp.size}"
+        )
+    if lora_config is not None and speculative_config and speculative_config.method == "draft_model":
+        raise ValueError(
+            "speculative_config method 'draft_model' does not run with LoRA adapters (--enable-lora)"
+        )
+    draft_tp = speculative_config.draft_tensor_parallel_size if speculative_config else None
+    if draft_tp is not None and draft_tp != model_config.tensor_parallel_size:
+        raise ValueError(
+            f"speculative_config draft_tensor_parallel_size {draft_tp}: the draft model runs sharded like the "
+            f"target, so it must equal tensor_parallel_size ({model_config.tensor_parallel_size}) or be unset"
+        )
