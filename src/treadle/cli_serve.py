@@ -329,6 +329,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from treadle_frontend.server import build_app
 
     llm = AsyncLLM(client, processor)
+    # the platform lines, from a thread once the server is up; joined before this process exits: a daemon thread
+    # still importing torch at interpreter exit can die inside C++ code and abort the process ("terminate called
+    # without an active exception", seen once in four SIGINTs right after start-up on an H200 machine)
+    report = threading.Thread(target=platform_report, args=(engine_args.model_config,), name="treadle-report")
 
     def on_ready() -> None:
         """Start-up done (the --lora-modules adapters loaded): say so, just before connections are accepted."""
@@ -336,9 +340,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.data_parallel_size > 1:
             logger.info("Data parallel: %d engine processes, each holding the whole model and its own KV cache "
                         "(the capacity above is one engine's)", args.data_parallel_size)  # fmt: skip
-        threading.Thread(
-            target=platform_report, args=(engine_args.model_config,), name="treadle-report", daemon=True
-        ).start()
+        report.start()
 
     try:
         app = build_app(llm, server_config, on_ready=on_ready)
@@ -358,6 +360,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise
     finally:
         llm.shutdown()
+        if report.is_alive():
+            report.join()
         sock.close()
     return 0
 
