@@ -30,6 +30,7 @@ capture then reports its own failure and the runner runs eagerly).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -102,31 +103,28 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
     mixed_buckets = mixed_sizes(runner)
     mixed: list[CudaGraphRunner] = []
     drafter = runner.drafter
+
+    def whole(
+        ends: list[int], name: str, make: Callable[[int], Callable[[], torch.Tensor]]
+    ) -> list[CudaGraphRunner]:
+        """A set of whole-forward graphs at the largest and the smallest of `ends` (both LoRA variants)."""
+        if not ends:
+            return []
+        return capture_set(mask, lambda kind: CudaGraphRunner(_ends(ends), f"{name} (memory probe){kind}"),
+                           lambda g, pool: g.capture(make, pool))  # fmt: skip
+
     try:
-        decode = capture_set(
-            mask, lambda kind: CudaGraphRunner(_ends(sizes), "decode batch (memory probe)" + kind),
-            lambda g, pool: g.capture(lambda size: prepare_decode_capture(runner, size), pool),
-        )  # fmt: skip
+        decode = whole(sizes, "decode batch", lambda size: prepare_decode_capture(runner, size))
         if buckets and not mixed_buckets:
             pieces = capture_set(
                 mask, lambda kind: PiecewiseGraphs(_ends(buckets), " (memory probe)" + kind),
                 lambda g, pool: g.capture(lambda size, split: prepare_piecewise_capture(runner, size, split), pool),
             )  # fmt: skip
-        if prefill_buckets:
-            prefill = capture_set(
-                mask, lambda kind: CudaGraphRunner(_ends(buckets), "one-request prefill" + kind),
-                lambda g, pool: g.capture(lambda size: prepare_prefill_capture(runner, size), pool),
-            )  # fmt: skip
-        if verify_counts:
-            verify = capture_set(
-                mask, lambda kind: CudaGraphRunner(_ends(verify_counts), "verify batch (memory probe)" + kind),
-                lambda g, pool: g.capture(lambda size: capture_verify(runner, size), pool),
-            )  # fmt: skip
-        if mixed_buckets:
-            mixed = capture_set(
-                mask, lambda kind: CudaGraphRunner(_ends(mixed_buckets), "mixed batch (memory probe)" + kind),
-                lambda g, pool: g.capture(lambda size: capture_mixed(runner, size), pool),
-            )  # fmt: skip
+        prefill = whole(
+            prefill_buckets, "one-request prefill", lambda size: prepare_prefill_capture(runner, size)
+        )
+        verify = whole(verify_counts, "verify batch", lambda size: capture_verify(runner, size))
+        mixed = whole(mixed_buckets, "mixed batch", lambda size: capture_mixed(runner, size))
         if drafter is not None:
             drafter.capture(runner, _ends(buckets), bool(prefill_buckets), _ends(sizes), " (memory probe)")
     except Exception as exc:  # an estimate only: the real capture reports its own failure
