@@ -52,29 +52,37 @@ def _run(
               attention_backend=backend, **engine)  # fmt: skip
     try:
         runner = llm.client.engine.executor.runner  # type: ignore[attr-defined]
-        replays = [0]
+        replays = [0, 0]  # the draft's decode graphs, its two-token graphs
         if runner.drafter is not None:
-            assert runner.drafter.graphs is not None and runner.drafter.piecewise is not None
-            if backend == "triton":  # one-request prefill graphs: Triton's metadata lives on the device
-                assert runner.drafter.prefill_graphs is not None
-            replay = runner.drafter.graphs.replay
-
-            def counting(size: int) -> torch.Tensor:
-                replays[0] += 1
-                return replay(size)
-
-            runner.drafter.graphs.replay = counting
+            sets = runner.drafter.sets
+            assert sets.graphs is not None and sets.piecewise is not None
+            if (
+                backend == "triton"
+            ):  # one-request prefill and two-token graphs: Triton's metadata lives on the device
+                assert sets.prefill_graphs is not None and sets.pair_graphs is not None
+            for i, graphs in enumerate((sets.graphs, sets.pair_graphs)):
+                if graphs is not None:
+                    graphs.replay = _counting(graphs.replay, replays, i)
         prompts: list[Any] = [{"prompt_token_ids": [(7 * i + 3 * j) % 1000 + 1 for j in range(5 + 23 * i)]}
                               for i in range(12)]  # fmt: skip
         outs = llm.generate(prompts, [params[i % len(params)] for i in range(12)], use_tqdm=False)
         stats = llm.client.get_stats()  # type: ignore[attr-defined]
         assert runner.drafter is None or replays[0] > 0, "the draft's decode graphs never replayed"
+        assert runner.drafter is None or backend != "triton" or replays[1] > 0, "no two-token graph replayed"
     finally:
         llm.shutdown()
     del llm
     gc.collect()
     torch.cuda.empty_cache()
     return [o.outputs[0] for o in outs], stats
+
+
+def _counting(replay: Any, replays: list[int], i: int) -> Any:
+    def counted(size: int) -> torch.Tensor:
+        replays[i] += 1
+        return replay(size)
+
+    return counted
 
 
 def test_draft_model_on_gpu_equals_plain_decoding(target: Path, draft: Path) -> None:

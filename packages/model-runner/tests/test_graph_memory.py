@@ -67,12 +67,15 @@ def test_a_draft_models_graphs_are_estimated_like_the_targets() -> None:
     buckets = [16, 32, 64, 128]
     pieces = probed({16: 40, 128: 200}, {16: 10, 128: 80})
     drafter = SimpleNamespace(
-        graphs=probed({1: 3, 8: 50}), piecewise=pieces, prefill_graphs=probed({16: 5, 128: 60})
-    )
+        graphs=probed({1: 3, 8: 50}), piecewise=pieces, prefill_graphs=probed({16: 5, 128: 60}),
+        pair_graphs=probed({1: 2, 8: 30}),
+    )  # fmt: skip
     want = (50 + 4 * 3) + estimate_piecewise_bytes(pieces.memory_by_size, pieces.held_bytes_by_size, buckets)
-    assert _draft_bytes(drafter, 5, buckets, 4) == want + (60 + 3 * 5)  # type: ignore[arg-type]
-    drafter.piecewise = drafter.prefill_graphs = None  # captures that failed: nothing for them
-    assert _draft_bytes(drafter, 5, buckets, 4) == 50 + 4 * 3  # type: ignore[arg-type]
+    assert _draft_bytes(drafter, 5, buckets, 4, 3) == want + (60 + 3 * 5) + (30 + 2 * 2)  # type: ignore[arg-type]
+    drafter.piecewise = drafter.prefill_graphs = drafter.pair_graphs = (
+        None  # captures that failed: nothing for them
+    )
+    assert _draft_bytes(drafter, 5, buckets, 4, 3) == 50 + 4 * 3  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu
@@ -109,6 +112,7 @@ def test_a_draft_models_and_the_verify_graphs_memory_is_reserved(tmp_path: Path)
     ]  # the probe captured the draft's graphs before the KV cache was sized
     drafter, verify = runner.drafter, runner.verify_graphs
     assert drafter is not None and drafter.memory_bytes > 0 and verify is not None
+    assert drafter.sets.pair_graphs is not None  # the draft's two-token passes (Triton)
     assert runner.mixed_graphs is not None
     sets = [runner.graphs, runner.piecewise, runner.prefill_graphs, verify.graphs, runner.mixed_graphs.graphs]
     taken = sum(g.memory_bytes for g in sets if g is not None) + drafter.memory_bytes

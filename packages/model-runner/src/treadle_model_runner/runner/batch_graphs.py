@@ -143,10 +143,15 @@ def capture_mixed(runner: ModelRunner, num_tokens: int) -> Callable[[], torch.Te
 
 
 def prepare_batch_capture(
-    runner: ModelRunner, num_reqs: int, num_tokens: int, max_query_len: int
+    runner: ModelRunner,
+    num_reqs: int,
+    num_tokens: int,
+    max_query_len: int,
+    model: torch.nn.Module | None = None,
 ) -> Callable[[], torch.Tensor]:
     """The dummy step of `num_reqs` empty requests over `num_tokens` padding rows, with the metadata of that many
-    requests of 1 to `max_query_len` tokens, and the forward of the runner's model over it."""
+    requests of 1 to `max_query_len` tokens, and the forward of `model` (default: the runner's; a draft model's
+    two-token passes, draft_model.py) over it."""
     inputs = prepare_inputs(runner.batch, np.zeros(0, dtype=np.int64), runner.buffers, num_tokens,
                             num_padded_reqs=num_reqs)  # fmt: skip
     # the host copies (query_start_loc_cpu) show empty queries: builders plan for a shortest query of 0, so Triton
@@ -154,7 +159,7 @@ def prepare_batch_capture(
     metadata = [replace(m, max_query_len=max_query_len) for m in inputs.attn_metadata]
     built = [b.build(m) for b, m in zip(runner.builders, metadata, strict=True)]
     context = ForwardContext(runner.kv_caches, [built[g] for g in runner.layer_to_group], num_tokens)
-    model = runner._require_model()
+    model = model if model is not None else runner._require_model()
 
     def forward() -> torch.Tensor:
         with set_forward_context(context):

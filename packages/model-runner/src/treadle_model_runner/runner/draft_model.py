@@ -21,19 +21,23 @@ tensor. After each step the draft's KV must hold every position the target's doe
 A request that does not draft this step (a prefill chunk, one near max_tokens) runs its last position of the
 step again in passes 1..k (the same token and position: the same KV written), so every pass is one token per
 batch row and the batch's block tables serve it unchanged.
+When pass 0 would be one token a row (every decode and verification step), it joins pass 1: one pass of two
+tokens a row, the position before each row's pass-1 position and that position (`_pair_pass`), so a step runs k
+passes of the draft model, not k + 1. The first of the two is pass 0's position, or after a verification that
+rejected drafts the last kept one, whose KV is written again with the same token.
 
 On a GPU the draft model has CUDA graphs of its own, captured after the target's over the same step buffers
-(`capture`); passes 0..k take them as the target's steps take its graphs (graphs.forward_step): one token a row
-replays a decode graph, a one-request prefill a prefill graph, other steps piecewise graphs. Drafts go back in
-ModelRunnerOutput's `draft_token_ids`; the scheduler offers them only while the request's token count is the one
-they follow.
+(draft_graphs.py); the passes take them as the target's steps take its graphs (graphs.forward_step): one token a
+row replays a decode graph, two tokens a row a two-token graph, a one-request prefill a prefill graph, other
+steps piecewise graphs. Drafts go back in ModelRunnerOutput's `draft_token_ids`; the scheduler offers them only
+while the request's token count is the one they follow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,16 +50,13 @@ from treadle_model_runner.models import get_model_class
 from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.quantization import resolve_quantization
 from treadle_model_runner.runner.build import build_causal_lm
-from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, capture_sizes
+from treadle_model_runner.runner.cuda_graph import CudaGraphRunner
 from treadle_model_runner.runner.device_inputs import move_decode_positions
-from treadle_model_runner.runner.graphs import (
-    forward_step,
-    padded_size,
-    prepare_decode_capture,
-    prepare_prefill_capture,
-)
+from treadle_model_runner.runner.draft_graphs import DraftGraphs
+from treadle_model_runner.runner.draft_passes import Passes, drafting_rows, plan_passes
+from treadle_model_runner.runner.graphs import forward_step, padded_size
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
-from treadle_model_runner.runner.piecewise import PiecewiseGraphs, piecewise_forward
+from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 from treadle_model_runner.runner.setup import resolve_max_model_len
 
 if TYPE_CHECKING:
@@ -66,18 +67,6 @@ logger = logging.getLogger(__name__)
 # a draft's and its target's vocabulary sizes may differ by this much: the same tokenizer, embeddings padded to
 # other multiples (Qwen2's 1.5B has 151,936 rows, its 72B 152,064); more means another tokenizer
 MAX_VOCAB_PADDING = 128
-
-
-class _Passes(NamedTuple):
-    """The draft passes of one step, planned on the host and uploaded: rows that draft, drafts each may get, and
-    every row's position in each pass ([passes, R])."""
-
-    rows: np.ndarray
-    caps: np.ndarray
-    positions: np.ndarray
-    device_positions: torch.Tensor
-    device_rows: torch.Tensor
-    device_caps: torch.Tensor
 
 
 class DraftModel:
@@ -112,9 +101,7 @@ class DraftModel:
             runner.model_config.enable_expert_parallel,
         )  # fmt: skip
         self.num_speculative_tokens = config.num_speculative_tokens
-        self.graphs: CudaGraphRunner | None = None  # decode graphs (passes 1..k; pass 0 after a decode step)
-        self.piecewise: PiecewiseGraphs | None = None  # pass 0 after other steps
-        self.prefill_graphs: CudaGraphRunner | None = None  # pass 0 after one request's multi-token step
+        self.sets = DraftGraphs()  # its CUDA graphs (draft_graphs.py), once captured
         # drafts are target token ids: a larger draft vocabulary's extra ids are never proposed
         self.vocab_size = min(draft_vocab, runner.vocab_size)
         offset = len(target.attention_layers())
@@ -138,12 +125,16 @@ class DraftModel:
         num_reqs = inputs.num_reqs
         # each row's positions after this step's tokens (the draft's KV is valid below it once pass 0 ran)
         step_end = batch.num_computed_tokens[:num_reqs] + inputs.num_scheduled
-        rows, caps = self._drafting_rows(runner, inputs, output)
+        rows, caps = drafting_rows(runner, inputs, output, self.num_speculative_tokens)
         # the passes' positions go to the device first, while it is idle (a copy from pageable memory waits)
-        passes = self._plan(runner, rows, caps, step_end - 1) if rows.size else None
-        self._pass_zero(runner, inputs, step_end)
-        if passes is not None:
-            self._draft(runner, output, passes)
+        passes = plan_passes(runner, rows, caps, step_end - 1) if rows.size else None
+        needed = self._needed(runner, inputs, step_end)
+        if passes is not None and self._merges(needed, passes):
+            self._draft(runner, output, passes, pair=True)
+        else:
+            self._pass_zero(runner, inputs, step_end, needed)
+            if passes is not None:
+                self._draft(runner, output, passes)
         # what the next step's pass 0 may skip: positions below the new tokens, and the drafts' positions
         ends = np.minimum(step_end, batch.num_tokens[:num_reqs] - 1)
         ends[rows] = batch.num_tokens[rows] - 1 + caps
@@ -152,17 +143,33 @@ class DraftModel:
             assert state is not None
             state.draft_kv_end = end
 
-    def _pass_zero(self, runner: ModelRunner, inputs: StepInputs, step_end: np.ndarray) -> None:
-        """The draft over the step's positions it has no KV for. A decode or verification step's have mostly
-        been written by the last step's passes 1..k (the same tokens: its last sample and the drafts the
-        scheduler kept), leaving none or the last draft's position: then pass 0 is one token a row (a row with
-        none runs its last position again) and replays a decode graph. Otherwise (prefill chunks) it runs over
-        the step's own inputs."""
+    @staticmethod
+    def _needed(runner: ModelRunner, inputs: StepInputs, step_end: np.ndarray) -> np.ndarray:
+        """Per row, how many of the step's last positions the draft has no KV for (at least 1). A decode or
+        verification step's have mostly been written by the last step's passes 1..k (the same tokens: its last
+        sample and the drafts the scheduler kept), leaving none or the last draft's position: 1."""
         batch = runner.batch
         num_reqs = inputs.num_reqs
         computed = batch.num_computed_tokens[:num_reqs]
         known = np.array([s.draft_kv_end for s in batch.states[:num_reqs] if s is not None], dtype=np.int64)
-        needed = np.maximum(step_end - np.clip(known, computed, step_end), 1)
+        return np.maximum(step_end - np.clip(known, computed, step_end), 1)
+
+    def _merges(self, needed: np.ndarray, passes: Passes) -> bool:
+        """Whether pass 0 joins pass 1 as one pass of two tokens a row (`_draft`): every row needs only its last
+        scheduled position, none starts at position 0, and that pass replays a two-token graph (or no pass
+        replays graphs here)."""
+        if (needed != 1).any() or (passes.positions[0] < 1).any():
+            return False
+        pairs = self.sets.pairs
+        return self.sets.graphs is None or (pairs is not None and pairs.plan(needed + 1) is not None)
+
+    def _pass_zero(
+        self, runner: ModelRunner, inputs: StepInputs, step_end: np.ndarray, needed: np.ndarray
+    ) -> None:
+        """The draft over the step's positions it has no KV for (`needed`): on decode and verification steps one
+        token a row (a row with none runs its last position again), a decode graph. Otherwise (prefill chunks)
+        it runs over the step's own inputs."""
+        batch = runner.batch
         if (needed == inputs.num_scheduled).all():
             self._forward(runner, inputs)
             return
@@ -170,35 +177,28 @@ class DraftModel:
         step = prepare_inputs(batch, needed, runner.buffers, self._padded(needed), computed=step_end - needed)
         self._forward(runner, step)
 
-    def _plan(self, runner: ModelRunner, rows: np.ndarray, caps: np.ndarray, last: np.ndarray) -> _Passes:
-        """Passes 1..k for `rows` (at most `caps` drafts each); `last`: each row's last position this step, which a
-        row that does not draft runs again."""
-        num_passes = int(caps.max())
-        # drafting rows: their last sampled token's position
-        first = runner.batch.num_tokens[rows].astype(np.int64) - 1
-        # [passes, R] each row's position in each pass: a drafting row moves on from `first` and repeats its last
-        # pass once past its cap; any other row runs its last position of the step again (the same KV written)
-        positions = np.repeat(last[None, :], num_passes, axis=0)
-        positions[:, rows] = first[None, :] + np.minimum(np.arange(num_passes)[:, None], caps[None, :] - 1)
-        device = runner.device
-        return _Passes(
-            rows, caps, positions, torch.from_numpy(positions).to(device), torch.from_numpy(rows).to(device),
-            torch.from_numpy(caps).to(device),
-        )  # fmt: skip
-
-    def _draft(self, runner: ModelRunner, output: ModelRunnerOutput, passes: _Passes) -> None:
-        """Passes 1..k: greedy drafts into output.draft_token_ids."""
+    def _draft(
+        self, runner: ModelRunner, output: ModelRunnerOutput, passes: Passes, pair: bool = False
+    ) -> None:
+        """Passes 1..k: greedy drafts into output.draft_token_ids. With `pair` pass 1 also does pass 0's work: two
+        tokens a row, each row's position before its pass-1 position too (the last scheduled one, or after a
+        verification that rejected drafts the last kept, its KV written again with the same token); one pass of
+        the draft model fewer a step."""
         batch = runner.batch
         rows, caps, positions = passes.rows, passes.caps, passes.positions
         device_rows = passes.device_rows
         num_reqs, num_passes = positions.shape[1], positions.shape[0]
+        drafts: list[torch.Tensor] = []
+        if pair:
+            drafts.append(self._pair_pass(runner, positions[0], device_rows))
         ones = np.ones(num_reqs, dtype=np.int64)
         runner.buffers.wait_for_copies()
         step = prepare_inputs(batch, ones, runner.buffers, self._padded(ones), computed=positions[0])
-        drafts: list[torch.Tensor] = []
         # the drafting rows' inputs: their last samples first
         fed = step.input_ids.index_select(0, device_rows)
-        for j in range(num_passes):
+        if pair:
+            fed = torch.where(passes.device_caps > 1, drafts[-1], fed)
+        for j in range(len(drafts), num_passes):
             if j:
                 move_decode_positions(
                     runner.buffers, batch.block_tables, passes.device_positions[j], positions[j] + 1
@@ -216,13 +216,41 @@ class DraftModel:
         for i, row in enumerate(rows.tolist()):
             output.draft_token_ids[req_ids[row]] = proposed[i, : caps[i]].tolist()
 
+    def _pair_pass(self, runner: ModelRunner, last: np.ndarray, device_rows: torch.Tensor) -> torch.Tensor:
+        """The draft over positions `last` - 1 and `last` of every row (their known tokens); the drafting rows'
+        greedy next tokens after `last`."""
+        twos = np.full(len(last), 2, dtype=np.int64)
+        plan = self.sets.pairs.plan(twos) if self.sets.pairs is not None else None
+        runner.buffers.wait_for_copies()
+        step = prepare_inputs(runner.batch, twos, runner.buffers, plan.tokens if plan else None, computed=last - 1,
+                              num_padded_reqs=plan.reqs if plan else None)  # fmt: skip
+        hidden = self._forward(runner, step, pairs=True)
+        logits = self.model.compute_logits(hidden[device_rows * 2 + 1])  # each row's second token
+        return logits[:, : self.vocab_size].argmax(dim=-1)
+
     def _padded(self, num_scheduled: np.ndarray) -> int | None:
         """The token count a pass pads to for the draft's graphs (None: no graph takes it)."""
         return padded_size(num_scheduled, self.graphs, self.prefill_graphs, self.piecewise)
 
-    def _forward(self, runner: ModelRunner, inputs: StepInputs) -> torch.Tensor:
-        """The draft model over a step's inputs, on its own graphs as the target on its (graphs.forward_step)."""
-        return forward_step(runner, inputs, self.model, self.graphs, self.prefill_graphs, self.piecewise)
+    def _forward(self, runner: ModelRunner, inputs: StepInputs, pairs: bool = False) -> torch.Tensor:
+        """The draft model over a step's inputs, on its own graphs as the target on its (graphs.forward_step);
+        `pairs`: a two-token pass, which may take the two-token graphs."""
+        sets = self.sets
+        return forward_step(runner, inputs, self.model, sets.graphs, sets.prefill_graphs, sets.piecewise,
+                            sets.pairs if pairs else None)  # fmt: skip
+
+    @property
+    def graphs(self) -> CudaGraphRunner | None:
+        """Decode graphs: passes of one token a row."""
+        return self.sets.graphs
+
+    @property
+    def piecewise(self) -> PiecewiseGraphs | None:
+        return self.sets.piecewise
+
+    @property
+    def prefill_graphs(self) -> CudaGraphRunner | None:
+        return self.sets.prefill_graphs
 
     def capture(
         self,
@@ -232,67 +260,13 @@ class DraftModel:
         decode_sizes: list[int] | None = None,
         kind: str = "",
     ) -> None:
-        """Capture the draft's decode graphs (`decode_sizes`, default the runner's capture sizes), its piecewise
-        graphs (`piecewise_sizes` tokens) and, with `prefill_graphs`, its one-request prefill graphs (the same
-        buckets), over the runner's step buffers, as the target's; a capture that fails leaves those passes
-        eager. `kind` adds to their names in the log (the memory probe's, graph_memory.py)."""
-        sizes = decode_sizes if decode_sizes is not None else capture_sizes(runner.max_num_seqs)
-        decode = CudaGraphRunner(sizes, "draft model decode batch" + kind)
-        decode.capture(lambda size: prepare_decode_capture(runner, size, self.model))
-        self.graphs = decode if decode.is_captured else None
-        buffers = runner.buffers
-        pieces = PiecewiseGraphs(piecewise_sizes, " (draft model)" + kind)
-        if piecewise_sizes:
-            pieces.capture(lambda size, split: piecewise_forward(self.model, runner.kv_caches,
-                           buffers.input_ids[:size], buffers.positions[:size], split))  # fmt: skip
-        self.piecewise = pieces if pieces.is_captured else None
-        prefill = CudaGraphRunner(piecewise_sizes, "draft model one-request prefill" + kind)
-        if piecewise_sizes and prefill_graphs:
-            prefill.capture(lambda size: prepare_prefill_capture(runner, size, self.model))
-        self.prefill_graphs = prefill if prefill.is_captured else None
+        """Capture the draft's graphs over the runner's step buffers (draft_graphs.DraftGraphs.capture)."""
+        self.sets.capture(runner, self.model, piecewise_sizes, prefill_graphs, decode_sizes, kind)
 
     @property
     def memory_bytes(self) -> int:
         """Device memory its captured graphs took."""
-        return sum(
-            g.memory_bytes for g in (self.graphs, self.piecewise, self.prefill_graphs) if g is not None
-        )
+        return self.sets.memory_bytes
 
     def release_graphs(self) -> None:
-        for graphs in (self.graphs, self.piecewise, self.prefill_graphs):
-            if graphs is not None:
-                graphs.release()
-        self.graphs = self.piecewise = self.prefill_graphs = None
-
-    def _drafting_rows(
-        self, runner: ModelRunner, inputs: StepInputs, output: ModelRunnerOutput
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(batch rows that draft after this step, drafts each may get): rows that sampled a token and may still
-        produce more than one, capped by k, max_model_len, max_tokens and their allocated slots."""
-        batch = runner.batch
-        rows = inputs.sample_rows
-        if not rows.size:
-            return rows, rows
-        num_tokens = batch.num_tokens[rows].astype(np.int64)
-        block_size = batch.block_tables[0].block_size
-        slots = np.min([table.num_blocks[rows] for table in batch.block_tables], axis=0) * block_size
-        left = np.array(
-            [
-                s.sampling_params.max_tokens - len(s.output_token_ids)
-                if s is not None and s.sampling_params.pooling is None
-                else 0
-                for s in (batch.states[r] for r in rows.tolist())
-            ],
-            dtype=np.int64,
-        )
-        caps = np.minimum.reduce(
-            [
-                np.full(rows.size, self.num_speculative_tokens, dtype=np.int64),
-                left - 1,  # the token after the drafts is the step's own sample
-                batch.max_model_len - num_tokens - 1,
-                slots.astype(np.int64) - num_tokens + 1,
-            ]
-        )
-        has = np.array([bool(output.sampled_token_ids[r]) for r in rows.tolist()], dtype=bool)
-        keep = (caps > 0) & has
-        return rows[keep], caps[keep]
+        self.sets.release()

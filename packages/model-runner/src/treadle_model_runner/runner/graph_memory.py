@@ -44,6 +44,7 @@ from treadle_model_runner.runner.batch_graphs import (
     verify_sizes,
 )
 from treadle_model_runner.runner.cuda_graph import CudaGraphRunner, GraphSet, capture_sizes
+from treadle_model_runner.runner.draft_graphs import pair_sizes
 from treadle_model_runner.runner.graphs import (
     piecewise_sizes,
     prefill_graphs_wanted,
@@ -55,7 +56,7 @@ from treadle_model_runner.runner.lora_graphs import capture_set
 from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 
 if TYPE_CHECKING:
-    from treadle_model_runner.runner.draft_model import DraftModel
+    from treadle_model_runner.runner.draft_graphs import DraftGraphs
     from treadle_model_runner.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
         verify_bytes += sum(estimate_graph_bytes(g.memory_by_size, len(mixed_buckets)) for g in mixed)
         draft_bytes = 0
         if drafter is not None:
-            draft_bytes = _draft_bytes(drafter, len(sizes), buckets, len(prefill_buckets))
+            num_pairs = len(pair_sizes(runner, sizes))
+            draft_bytes = _draft_bytes(drafter.sets, len(sizes), buckets, len(prefill_buckets), num_pairs)
             drafter.release_graphs()
         probes: list[GraphSet] = [*decode, *pieces, *prefill, *verify, *mixed]
         for graphs in probes:
@@ -167,9 +169,14 @@ def _ends(sizes: list[int]) -> list[int]:
     return sorted({sizes[0], sizes[-1]}) if sizes else []
 
 
-def _draft_bytes(drafter: DraftModel, num_decode: int, buckets: list[int], num_prefill: int) -> int:
-    """All of a draft model's graphs from its probe's captures (draft_model.py: decode, piecewise, prefill)."""
+def _draft_bytes(
+    drafter: DraftGraphs, num_decode: int, buckets: list[int], num_prefill: int, num_pairs: int
+) -> int:
+    """All of a draft model's graphs from its probe's captures (draft_graphs.py: decode, piecewise, prefill, two-token
+    passes)."""
     total = estimate_graph_bytes(drafter.graphs.memory_by_size, num_decode) if drafter.graphs else 0
+    if drafter.pair_graphs is not None:
+        total += estimate_graph_bytes(drafter.pair_graphs.memory_by_size, num_pairs)
     if drafter.piecewise is not None:
         pieces = drafter.piecewise
         total += estimate_piecewise_bytes(pieces.memory_by_size, pieces.held_bytes_by_size, buckets)
