@@ -167,8 +167,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speculative-config", default=None, metavar="JSON",
         help='speculative decoding (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, '
-        '"prompt_lookup_min": 2}, or a draft model sharing the tokenizer: {"model": "DIR", "num_speculative_tokens": 4} '
-        "(default: no speculation)",
+        '"prompt_lookup_min": 2}, or a draft model sharing the tokenizer: '
+        '{"model": "DIR", "num_speculative_tokens": 4} (default: no speculation)',
     )  # fmt: skip
     p.add_argument("--root-path", default="", help="path prefix when served behind a path-based proxy")
     p.add_argument("--ssl-keyfile", default=None)

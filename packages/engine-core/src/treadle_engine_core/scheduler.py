@@ -5,8 +5,8 @@ Theory. There are no prefill or decode phases. Each request has `num_computed_to
 `num_tokens - num_computed_tokens` more, capped by the budget `max_num_batched_tokens` and by
 `long_prefill_token_threshold`. A decode is thus one token and a long prompt is chunked over steps.
 Running requests are served first, in admission order; then waiting requests are admitted (scheduler_admit.py:
-FCFS or by priority) while budget, `max_num_seqs`, KV blocks and the LoRA adapter cap (lora_admission.py) last, reusing
-prefix-cache hits. Admitting a request that names an adapter holds that adapter in the runner's host memory
+FCFS or by priority) while budget, `max_num_seqs`, KV blocks and the LoRA adapter cap (lora_admission.py) last,
+reusing prefix-cache hits. Admitting a request that names an adapter holds that adapter in the runner's host memory
 (`hold_lora`, loading it again if it was evicted): a load that fails there fails that request alone, with an error
 output, and admission goes on. When a running request
 cannot get blocks, the lowest-priority / latest running request is preempted by recompute: its blocks are

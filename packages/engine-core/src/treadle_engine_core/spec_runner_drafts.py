@@ -15,9 +15,8 @@ from collections.abc import Sequence
 class RunnerDrafts:
     def __init__(self, num_speculative_tokens: int) -> None:
         self.num_speculative_tokens = num_speculative_tokens
-        self.drafts: dict[
-            str, tuple[int, list[int]]
-        ] = {}  # request id -> (its token count, drafts after them)
+        # request id -> (its token count, drafts after them)
+        self.drafts: dict[str, tuple[int, list[int]]] = {}
 
     def store(self, request_id: str, num_tokens: int, drafts: list[int]) -> None:
         """The runner drafted `drafts` after the request's first `num_tokens` tokens."""

@@ -10,8 +10,9 @@ the tokens arrive.
 
 It is a read-only `Sequence` of those dicts (index, slice, iterate, ``len``, ``==`` and ``+`` with any sequence
 of dicts); only the frontend appends to it. A slice or a `copy` is a new object: later appends to the original do
-not show in it (a copy shares the flat lists, seeing only its own positions). Pickled (or deep-copied) it becomes the plain list of dicts it stands for, so it never
-carries the tokenizer along. `PromptPositionLogprobs` does the same for ``prompt_logprobs`` (None first).
+not show in it (a copy shares the flat lists, seeing only its own positions). Pickled (or deep-copied) it
+becomes the plain list of dicts it stands for, so it never carries the tokenizer along. `PromptPositionLogprobs`
+does the same for ``prompt_logprobs`` (None first).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ already goes through oneDNN, so packing gains little there; both dtypes are serv
 The packed copy is made on a weight's first use and kept on the weight tensor; it is remade when the weight
 changes (its storage, shape or in-place version counter). It costs as much memory again as the weights it
 packs: packing stops once the copies reach a quarter of physical memory (the weights after that run
-``F.linear``), and ``--ir-op-priority`` (e.g. ``linear=native``) or ``TREADLE_IR_OP_PRIORITY`` turns it off per op. The prologues of
-the fused ops (norm, gated activation) run as their standalone ops first, so results differ from native only by
-the matmul's summation order.
+``F.linear``), and ``--ir-op-priority`` (e.g. ``linear=native``) or ``TREADLE_IR_OP_PRIORITY`` turns it off
+per op. The prologues of the fused ops (norm, gated activation) run as their standalone ops first, so results
+differ from native only by the matmul's summation order.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ Capture, per size (largest first, one memory pool): the step buffers hold N empt
 context 0: every program exits at once), the token rows padding (slot -1), and the metadata says N requests of 1
 to Q tokens over those rows. Replay: prepare_inputs writes the step's R <= N requests, N - R empty dummy requests
 after them, and padding rows up to the graph's that belong to no request; their hidden states are never read.
-(Empty, not one-token, dummies: a mixed step of T - 1 tokens in two requests leaves one row for N - 2 dummies.) ``TREADLE_VERIFY_GRAPHS=0`` / ``TREADLE_MIXED_GRAPHS=0`` turn either set off (those steps run piecewise).
+(Empty, not one-token, dummies: a mixed step of T - 1 tokens in two requests leaves one row for N - 2 dummies.)
+``TREADLE_VERIFY_GRAPHS=0`` / ``TREADLE_MIXED_GRAPHS=0`` turn either set off (those steps run piecewise).
 """
 
 from __future__ import annotations

@@ -89,5 +89,6 @@ def log_expert_parallel(model: torch.nn.Module, enabled: bool, tp_size: int) -> 
         logger.info("expert parallelism: no effect (%s)", why)
         return
     placement = layers[0].placement
+    last = placement.first + placement.num_local - 1
     logger.info("expert parallelism: this rank holds whole experts %d-%d of %d in each of %d MoE layers",
-                placement.first, placement.first + placement.num_local - 1, placement.num_experts, len(layers))  # fmt: skip
+                placement.first, last, placement.num_experts, len(layers))  # fmt: skip

@@ -108,12 +108,22 @@ def compute_on_device(
     buffers.input_ids[:t].copy_(ids)
     buffers.input_ids[t:num_padded_tokens].zero_()
 
+    write_slot_mappings(buffers, tables, req_idx, positions)
+    for slots in buffers.slot_mappings:
+        slots[t:num_padded_tokens].fill_(-1)
+
+
+def write_slot_mappings(
+    buffers: StepBuffers, tables: list[BlockTable], rows: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """Every group's slot mapping of n tokens (its first n entries): token i at `positions[i]` of batch row
+    `rows[i]` goes to slot table[row, position // block_size] * block_size + position % block_size."""
+    n = positions.shape[0]
     for table, slots in zip(tables, buffers.slot_mappings, strict=True):
         bs = table.block_size
-        flat = req_idx * table.max_blocks_per_req + torch.div(positions, bs, rounding_mode="floor")  # int64
-        block_ids = table.device_table.view(-1).index_select(0, flat).to(torch.int64)  # [T]
-        torch.add(block_ids * bs, torch.remainder(positions, bs), out=slots[:t])
-        slots[t:num_padded_tokens].fill_(-1)
+        flat = rows * table.max_blocks_per_req + torch.div(positions, bs, rounding_mode="floor")  # int64
+        block_ids = table.device_table.view(-1).index_select(0, flat).to(torch.int64)  # [n]
+        torch.add(block_ids * bs, torch.remainder(positions, bs), out=slots[:n])
 
 
 def move_decode_positions(
@@ -127,9 +137,4 @@ def move_decode_positions(
     buffers.positions[:r].copy_(positions)
     torch.add(positions, 1, out=buffers.seq_lens[:r])
     buffers.seq_lens_cpu.numpy()[:r] = seq_lens_cpu
-    rows = buffers.arange[:r]
-    for table, slots in zip(tables, buffers.slot_mappings, strict=True):
-        bs = table.block_size
-        flat = rows * table.max_blocks_per_req + torch.div(positions, bs, rounding_mode="floor")
-        block_ids = table.device_table.view(-1).index_select(0, flat).to(torch.int64)
-        torch.add(block_ids * bs, torch.remainder(positions, bs), out=slots[:r])
+    write_slot_mappings(buffers, tables, buffers.arange[:r], positions)

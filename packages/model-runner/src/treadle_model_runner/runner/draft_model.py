@@ -50,13 +50,11 @@ from treadle_model_runner.models import get_model_class
 from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.quantization import resolve_quantization
 from treadle_model_runner.runner.build import build_causal_lm
-from treadle_model_runner.runner.cuda_graph import CudaGraphRunner
 from treadle_model_runner.runner.device_inputs import move_decode_positions
 from treadle_model_runner.runner.draft_graphs import DraftGraphs
 from treadle_model_runner.runner.draft_passes import Passes, drafting_rows, plan_passes
 from treadle_model_runner.runner.graphs import forward_step, padded_size
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
-from treadle_model_runner.runner.piecewise import PiecewiseGraphs
 from treadle_model_runner.runner.setup import resolve_max_model_len
 
 if TYPE_CHECKING:
@@ -118,7 +116,8 @@ class DraftModel:
     @torch.inference_mode()
     def propose(self, runner: ModelRunner, inputs: StepInputs, output: ModelRunnerOutput) -> None:
         """Pass 0 over the step's positions the draft has no KV for yet, then passes 1..k for the rows that
-        sampled; fills output.draft_token_ids. The host prepares the passes before they are queued (the device
+        sampled (pass 0 and pass 1 as one two-token pass where pass 0 is one token a row); fills
+        output.draft_token_ids. The host prepares the passes before they are queued (the device
         is idle then: the step's tokens just reached the host); passes 2..k then run back to back on the
         device, each moving the positions and feeding the draft before without the host."""
         batch = runner.batch
@@ -206,9 +205,7 @@ class DraftModel:
                 for metadata in step.attn_metadata:
                     metadata.max_seq_len = int(positions[j].max()) + 1
                 step.input_ids.index_copy_(0, device_rows, fed)
-            hidden = self._forward(runner, step)
-            logits = self.model.compute_logits(hidden[device_rows])
-            drafts.append(logits[:, : self.vocab_size].argmax(dim=-1))
+            drafts.append(self._greedy(self._forward(runner, step)[device_rows]))
             # the next pass feeds this draft, or (a row at its cap) this pass's token again
             fed = torch.where(j + 1 < passes.device_caps, drafts[-1], fed)
         proposed = torch.stack(drafts, dim=1).cpu().numpy()  # [rows, passes]
@@ -225,12 +222,15 @@ class DraftModel:
         step = prepare_inputs(runner.batch, twos, runner.buffers, plan.tokens if plan else None, computed=last - 1,
                               num_padded_reqs=plan.reqs if plan else None)  # fmt: skip
         hidden = self._forward(runner, step, pairs=True)
-        logits = self.model.compute_logits(hidden[device_rows * 2 + 1])  # each row's second token
-        return logits[:, : self.vocab_size].argmax(dim=-1)
+        return self._greedy(hidden[device_rows * 2 + 1])  # each row's second token
+
+    def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft model's greedy next token after each of `hidden`'s rows, among the target's token ids."""
+        return self.model.compute_logits(hidden)[:, : self.vocab_size].argmax(dim=-1)
 
     def _padded(self, num_scheduled: np.ndarray) -> int | None:
         """The token count a pass pads to for the draft's graphs (None: no graph takes it)."""
-        return padded_size(num_scheduled, self.graphs, self.prefill_graphs, self.piecewise)
+        return padded_size(num_scheduled, self.sets.graphs, self.sets.prefill_graphs, self.sets.piecewise)
 
     def _forward(self, runner: ModelRunner, inputs: StepInputs, pairs: bool = False) -> torch.Tensor:
         """The draft model over a step's inputs, on its own graphs as the target on its (graphs.forward_step);
@@ -238,19 +238,6 @@ class DraftModel:
         sets = self.sets
         return forward_step(runner, inputs, self.model, sets.graphs, sets.prefill_graphs, sets.piecewise,
                             sets.pairs if pairs else None)  # fmt: skip
-
-    @property
-    def graphs(self) -> CudaGraphRunner | None:
-        """Decode graphs: passes of one token a row."""
-        return self.sets.graphs
-
-    @property
-    def piecewise(self) -> PiecewiseGraphs | None:
-        return self.sets.piecewise
-
-    @property
-    def prefill_graphs(self) -> CudaGraphRunner | None:
-        return self.sets.prefill_graphs
 
     def capture(
         self,

@@ -88,7 +88,8 @@ def estimate_piecewise_bytes(
 
 @torch.inference_mode()
 def probe_graph_bytes(runner: ModelRunner) -> int:
-    """Capture the largest and the smallest decode graph over a one-block cache; the estimate for all sizes."""
+    """Capture the largest and the smallest size of every graph set the runner will capture (module docstring)
+    over a one-block cache; the estimate for all of them."""
     sizes = capture_sizes(runner.max_num_seqs)
     layers = runner.kv_layers()  # a draft model's too
     runner.kv_caches = allocate_kv_caches(layers, 1, runner.cache_config.block_size, runner.kv_cache_dtype,
@@ -137,8 +138,8 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
             estimate_piecewise_bytes(g.memory_by_size, g.held_bytes_by_size, buckets) for g in pieces
         )
         prefill_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(prefill_buckets)) for g in prefill)
-        verify_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(verify_counts)) for g in verify)
-        verify_bytes += sum(estimate_graph_bytes(g.memory_by_size, len(mixed_buckets)) for g in mixed)
+        batch_bytes = sum(estimate_graph_bytes(g.memory_by_size, len(verify_counts)) for g in verify)
+        batch_bytes += sum(estimate_graph_bytes(g.memory_by_size, len(mixed_buckets)) for g in mixed)
         draft_bytes = 0
         if drafter is not None:
             num_pairs = len(pair_sizes(runner, sizes))
@@ -159,9 +160,9 @@ def probe_graph_bytes(runner: ModelRunner) -> int:
                 "piecewise token buckets, %.0f MiB for %d one-request prefill buckets and %.0f MiB for %d verify "
                 "and %d mixed batch sizes; %.0f MiB for a draft model's graphs", estimate / _MiB, len(sizes),
                 " in two LoRA variants" if len(measured) == 2 else "", probed, piece_bytes / _MiB, len(buckets),
-                prefill_bytes / _MiB, len(prefill_buckets), verify_bytes / _MiB, len(verify_counts),
+                prefill_bytes / _MiB, len(prefill_buckets), batch_bytes / _MiB, len(verify_counts),
                 len(mixed_buckets), draft_bytes / _MiB)  # fmt: skip
-    return estimate + piece_bytes + prefill_bytes + verify_bytes + draft_bytes
+    return estimate + piece_bytes + prefill_bytes + batch_bytes + draft_bytes
 
 
 def _ends(sizes: list[int]) -> list[int]:
@@ -172,8 +173,8 @@ def _ends(sizes: list[int]) -> list[int]:
 def _draft_bytes(
     drafter: DraftGraphs, num_decode: int, buckets: list[int], num_prefill: int, num_pairs: int
 ) -> int:
-    """All of a draft model's graphs from its probe's captures (draft_graphs.py: decode, piecewise, prefill, two-token
-    passes)."""
+    """All of a draft model's graphs from its probe's captures (draft_graphs.py: decode, piecewise, prefill,
+    two-token passes)."""
     total = estimate_graph_bytes(drafter.graphs.memory_by_size, num_decode) if drafter.graphs else 0
     if drafter.pair_graphs is not None:
         total += estimate_graph_bytes(drafter.pair_graphs.memory_by_size, num_pairs)

@@ -9,9 +9,9 @@ code (`inputs.py`; the T-sized ones on the device, `device_inputs.py`), run the 
 a CUDA graph for a decode-only batch; other steps of up to 512 tokens replay a whole graph where the attention
 backend allows it, else piecewise graphs around eager attention; `graphs.py` captures them), compute logits only
 where a token is sampled (and at prompt positions asked for prompt logprobs), sample, and append the sampled
-tokens to the persistent batch so the next decode step needs nothing from the scheduler but counts. A step may verify draft tokens (speculative decoding, spec_decode.py):
-such requests schedule several tokens, so the step replays a verify graph (batch_graphs.py) or takes the
-mixed-batch path, and is never deferred.
+tokens to the persistent batch so the next decode step needs nothing from the scheduler but counts. A step may
+verify draft tokens (speculative decoding, spec_decode.py): such requests schedule several tokens, so the step
+replays a verify graph (batch_graphs.py) or takes the mixed-batch path, and is never deferred.
 Under async scheduling (`async_output`) a step that needs no host tokens returns before its sampled tokens
 reach the host: placeholders hold their places and the next step reads them on the device (`pending.py`).
 """
@@ -134,7 +134,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.kv_cache_config: KVCacheConfig | None = None
         self.requests: dict[str, Any] = {}  # request id -> RequestState (live requests, scheduled or not)
-        # decode-only steps (cuda_graph.py); with LoRA each set is two variants, with and without adapters (lora_graphs.py)
+        # decode-only steps (cuda_graph.py); with LoRA each set is two variants, with and without adapters
+        # (lora_graphs.py)
         self.graphs: GraphSet | None = None
         self.piecewise: GraphSet | None = None  # steps that are not decode-only (piecewise.py)
         self.prefill_graphs: GraphSet | None = None  # such steps with one request (prefill_graphs.py)
@@ -232,8 +233,9 @@ class ModelRunner:
         return runtime_summary(self)
 
     def release_graphs(self) -> None:
-        """Free every CUDA graph (decode, piecewise, one-request prefill, verify, mixed); later steps run eagerly. Call it
-        before leaving a tensor-parallel group: graphs holding its all-reduces block the group's teardown."""
+        """Free every CUDA graph (decode, piecewise, one-request prefill, verify, mixed; a draft model's); later
+        steps run eagerly. Call it before leaving a tensor-parallel group: graphs holding its all-reduces block the
+        group's teardown."""
         for graphs in (
             self.graphs,
             self.piecewise,
@@ -283,9 +285,11 @@ class ModelRunner:
         )
         if not defer:
             self._resolve_pending(keep_newest=False)
-        sets = (self.graphs, self.prefill_graphs, self.piecewise, self.verify_graphs, self.mixed_graphs)
-        padded = padded_size(num_scheduled, *sets)
         chosen = batch_plan(num_scheduled, self.prefill_graphs, self.verify_graphs, self.mixed_graphs)
+        if chosen is not None:  # a verify or mixed graph
+            padded: int | None = chosen[1].tokens
+        else:
+            padded = padded_size(num_scheduled, self.graphs, self.prefill_graphs, self.piecewise)
         if self.lora is not None:  # before the inputs below: their staging event covers its copy too
             self.lora.prepare_step(self.batch.lora_ids[:num_reqs], num_scheduled,
                                    padded or scheduler_output.total_num_scheduled_tokens)  # fmt: skip

@@ -18,7 +18,8 @@ A step with drafts is never decode-only (a request has 1 + k tokens), so it neve
 decode graph: it replays a verify graph of N requests of at most 1 + k tokens (batch_graphs.py), or runs
 through the mixed-batch path (piecewise graphs, the one-request prefill graphs, or eagerly). Its
 sampled tokens are needed on the host at once, so it is never deferred (under async output that step's output is
-synchronous; the engine schedules it with no other step in flight). Stopping at EOS or a stop token inside the kept tokens is the scheduler's job.
+synchronous; the engine schedules it with no other step in flight). Stopping at EOS or a stop token inside the
+kept tokens is the scheduler's job.
 """
 
 from __future__ import annotations
