@@ -210,7 +210,7 @@ def chat_logprobs(
         content.append(
             {
                 "token": text(tok),
-                "logprob": clamp_logprob(lp) if lp is not None else -9999.0,
+                "logprob": clamp_logprob(lp) if lp is not None else floor,
                 "bytes": token_bytes(tok),
                 "top_logprobs": tops,
             }
