@@ -1,12 +1,12 @@
 """Parity with HF transformers (CPU, fp32) on tiny random configs, driven through the ModelRunner.
 
-For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm),
-Gemma3 (sliding + global layers with a window small enough to matter, linear-scaled global rope, softcapping), Gemma2
-(the same with attention scores soft-capped), Phi-3 (stacked checkpoint projections; longrope on its short and on
-its long factors, partial rotary), OLMo 2 (q/k norms over every head, norms after each block) and Granite
-(embedding, residual and attention multipliers, logits scaling): one step mixing a fresh prefill, a chunked prefill
-continuing on cached blocks and several decodes gives per-position logits within 1e-4 of HF, and greedy 32-token
-continuations equal HF `generate`.
+For Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias, tied embeddings), Qwen3 (q/k norm; also
+with YaRN rope scaling), Gemma3 (sliding + global layers with a window small enough to matter, linear-scaled global
+rope, softcapping), Gemma2 (the same with attention scores soft-capped), Phi-3 (stacked checkpoint projections;
+longrope on its short and on its long factors, partial rotary), OLMo 2 (q/k norms over every head, norms after each
+block) and Granite (embedding, residual and attention multipliers, logits scaling): one step mixing a fresh prefill, a
+chunked prefill continuing on cached blocks and several decodes gives per-position logits within 1e-4 of HF, and
+greedy 32-token continuations equal HF `generate`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def _config(arch: str) -> Any:
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=True), tf.Qwen2ForCausalLM
     if arch == "qwen3":
         return tf.Qwen3Config(**COMMON, head_dim=16), tf.Qwen3ForCausalLM
+    if arch == "qwen3_yarn":
+        # YaRN as Qwen's long-context recipe sets it; a base that spreads its ramp over the dims
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                "rope_theta": 100.0}  # fmt: skip
+        return tf.Qwen3Config(**COMMON, head_dim=16, rope_parameters=rope), tf.Qwen3ForCausalLM
     if arch == "gemma3":
         rope = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}  # fmt: skip
@@ -93,7 +98,8 @@ def _phi3_config(arch: str) -> Any:
                          tie_word_embeddings=True, rope_parameters=rope)  # fmt: skip
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "phi4_mini", "olmo2", "granite"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_yarn", "gemma3", "gemma2", "phi3", "phi4_mini", "olmo2",
+         "granite"]  # fmt: skip
 RUNNER_KWARGS: dict[str, dict[str, Any]] = {"phi3": {"max_model_len": 64}}
 
 

@@ -5,11 +5,15 @@ is rotated by angle p * inv_freq[i], inv_freq[i] = base^(-2i / rot_dim). `cos_si
 [cos(p * inv_freq), sin(p * inv_freq)] (each rot_dim/2 wide), computed once in fp32 and stored in the model
 dtype. Partial rotary (rot_dim < head_size) rotates only the first rot_dim dims of each head.
 
-Scaling: "default"; "linear" (inv_freq / factor); "llama3" (low frequencies divided by `factor`, high ones kept,
-a smooth blend between `original_max_position_embeddings / low_freq_factor` and `/ high_freq_factor`
-wavelengths); "longrope" (Phi-3/3.5/4-mini: inv_freq[i] / ext[i] with ext one factor per frequency, and cos/sin
-multiplied by an attention factor, sqrt(1 + ln(s) / ln(original_max_position_embeddings)) for
-s = max_position_embeddings / original_max_position_embeddings > 1 unless the config gives `attention_factor`).
+Scaling: "default"; "linear" (inv_freq / factor); "llama3" (low frequencies divided by `factor`, high ones kept, a
+smooth blend between `original_max_position_embeddings / low_freq_factor` and `/ high_freq_factor` wavelengths);
+"yarn" (YaRN, arXiv 2309.00071: dims that turn fewer than `beta_slow` times over the original context
+`original_max_position_embeddings` are interpolated (inv_freq / factor), dims that turn more than `beta_fast` times
+are kept, a linear ramp between; cos/sin multiplied by `attention_factor`, by default 0.1 ln(factor) + 1, or with
+`mscale` and `mscale_all_dim` the ratio of that formula at the two); "longrope" (Phi-3/3.5/4-mini: inv_freq[i] /
+ext[i] with ext one factor per frequency, and cos/sin multiplied by an attention factor, sqrt(1 + ln(s) /
+ln(original_max_position_embeddings)) for s = max_position_embeddings / original_max_position_embeddings > 1 unless
+the config gives `attention_factor`).
 Other rope types raise ValueError naming the supported ones.
 
 longrope chooses between `short_factor` and `long_factor` once, for the whole table: `long_factor` when the
@@ -34,7 +38,7 @@ from treadle_kernels.attention import Rope
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
@@ -59,6 +63,15 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
             )
         params["original_max_position_embeddings"] = original
         params.setdefault("factor", config.max_position_embeddings / original)
+    if params["rope_type"] == "yarn":
+        # as transformers reads it: a top-level original length wins, else the rope dict's, else
+        # max_position_embeddings; no factor means their ratio
+        original = getattr(config, "original_max_position_embeddings", None)
+        original = original or params.get("original_max_position_embeddings")
+        original = original or config.max_position_embeddings
+        params["original_max_position_embeddings"] = int(original)
+        if params.get("factor") is None:
+            params["factor"] = config.max_position_embeddings / original
     return params
 
 
@@ -80,6 +93,43 @@ def _longrope(rot_dim: int, params: dict[str, Any], max_position: int) -> tuple[
     factor, attention_factor = float(params["factor"]), params.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq, float(attention_factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(rot_dim: int, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention factor) of YaRN: each frequency blends interpolation (inv_freq / factor) and the original
+    by a ramp over the dims, from the one turning `beta_fast` times over the original context to `beta_slow`."""
+    base, factor = float(params["rope_theta"]), float(params["factor"])
+    original = float(params["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1)
+
+    # the (fractional) dim whose wavelength fits `turns` times in the original context
+    def dim_turning(turns: float) -> float:
+        return rot_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_turning(beta_fast), dim_turning(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot_dim - 1)
+    if low == high:
+        high += 0.001
+    # 1 keeps a dim's frequency, 0 interpolates it
+    keep = 1 - ((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # base^(2i / rot_dim): 1 / each dim's original frequency
+    denom = base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).to(torch.float32) / rot_dim)
+    inv_freq = 1.0 / (factor * denom) * (1 - keep) + 1.0 / denom * keep
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            numerator = _yarn_mscale(factor, float(mscale))
+            attention_factor = numerator / _yarn_mscale(factor, float(mscale_all_dim))
+        else:
+            attention_factor = _yarn_mscale(factor)
     return inv_freq, float(attention_factor)
 
 
@@ -119,6 +169,8 @@ class RotaryEmbedding(nn.Module):
         self.is_neox = is_neox
         if params["rope_type"] == "longrope":
             inv_freq, attention_factor = _longrope(self.rotary_dim, params, max_position)
+        elif params["rope_type"] == "yarn":
+            inv_freq, attention_factor = _yarn(self.rotary_dim, params)
         else:
             inv_freq, attention_factor = _inv_freq(self.rotary_dim, params), 1.0
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from treadle_model_runner.config import LoRAConfig, ModelConfig, SpeculativeConfig
+from treadle_model_runner.layers.rotary import rope_parameters
 from treadle_model_runner.parallel import get_tp
 
 logger = logging.getLogger(__name__)
@@ -56,15 +57,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
-    """The config's context length, or a smaller override; a larger one raises (positions were never trained)."""
+    """The config's context length, or a smaller override; a larger one raises (positions were never trained).
+    With YaRN rope scaling the context is original_max_position_embeddings x factor, as vLLM derives it (Qwen's
+    long-context recipe adds YaRN to a config whose max_position_embeddings stays the pretraining length)."""
     derived = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+    source = "max_position_embeddings"
+    rope = rope_parameters(hf_config)
+    if rope["rope_type"] == "yarn":
+        derived = int(rope["original_max_position_embeddings"] * float(rope["factor"]))
+        source = "YaRN context (original_max_position_embeddings x factor)"
     if requested is None:
         if derived <= 0:
             raise ValueError("config.json has no max_position_embeddings; pass --max-model-len")
         return derived
     if derived and requested > derived:
         raise ValueError(
-            f"max_model_len ({requested}) is larger than the model's max_position_embeddings ({derived}): "
+            f"max_model_len ({requested}) is larger than the model's {source} ({derived}): "
             f"positions beyond {derived} were never trained; lower --max-model-len to at most {derived}"
         )
     return requested
