@@ -359,3 +359,14 @@ def test_start_up_report_names_speculative_decoding(caplog: pytest.LogCaptureFix
     )
     serve_report.startup_report(SimpleNamespace(model=info), "http://h", 1.0)
     assert "Speculative decoding: ngram (num_speculative_tokens=5, prompt_lookup_min=4" in caplog.text
+
+
+def test_hf_overrides_flag_reaches_the_model_config() -> None:
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
+
+    def overrides(*flags: str) -> object:
+        args = cli.build_parser().parse_args(["serve", "d", *flags])
+        return EngineArgs.from_kwargs(args.model, **cli_serve.engine_options(args)).model_config.hf_overrides
+
+    assert overrides("--hf-overrides", json.dumps({"rope_parameters": yarn})) == {"rope_parameters": yarn}
+    assert overrides() is None

@@ -165,6 +165,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         '"normalize": true | false} (default: LAST, normalized)',
     )  # fmt: skip
     p.add_argument(
+        "--hf-overrides", default=None, metavar="JSON",
+        help="config.json fields to replace (vLLM's), e.g. a longer context by YaRN: "
+        '\'{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, '
+        '"rope_theta": 1000000}}\' --max-model-len 131072',
+    )  # fmt: skip
+    p.add_argument(
         "--speculative-config", default=None, metavar="JSON",
         help='speculative decoding (vLLM\'s): {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, '
         '"prompt_lookup_min": 2}, or a draft model sharing the tokenizer: '
@@ -219,6 +225,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_logprobs": args.max_logprobs,
         "quantization": None if args.quantization in (None, "none") else args.quantization,
         "pooler_config": args.pooler_config,
+        "hf_overrides": args.hf_overrides,
         "speculative_config": args.speculative_config,
         "load_format": args.load_format,
         "seed": args.seed,

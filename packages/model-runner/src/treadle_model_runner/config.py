@@ -77,6 +77,18 @@ class PoolerConfig:
         return cls() if value is None else config_from_json(cls, value, "pooler_config")
 
 
+def parse_hf_overrides(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """hf_overrides from a dict or its JSON text (--hf-overrides); None or {} is None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"hf_overrides {value!r} is not JSON: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"hf_overrides must be a JSON object of config.json fields, got {value!r}")
+    return dict(value) if value else None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # HF-format directory (config.json + safetensors), a .gguf file, or a config dir for dummy
@@ -102,9 +114,13 @@ class ModelConfig:
     quantization: str | None = None
     # how embeddings pool the prompt (a dict or its JSON text is parsed into a PoolerConfig)
     pooler_config: PoolerConfig = field(default_factory=PoolerConfig)
+    # config.json fields replaced before the model config is built (vLLM's hf_overrides; a dict or its JSON
+    # text), e.g. {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, ...}} for a longer context
+    hf_overrides: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooler_config", PoolerConfig.parse(self.pooler_config))
+        object.__setattr__(self, "hf_overrides", parse_hf_overrides(self.hf_overrides))
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization {self.quantization!r} is not supported; supported: {', '.join(QUANTIZATIONS)} "

@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -67,17 +67,21 @@ class ResolvedModel:
     source: Path | None  # what the user named (a .gguf file or a directory); None for the default model
 
 
-def load_hf_config(path: Path) -> PretrainedConfig:
-    """The transformers config of an HF-format directory, from its local config.json only."""
+def load_hf_config(path: Path, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The transformers config of an HF-format directory, from its local config.json only; `overrides` replace
+    config.json's top-level fields first (ModelConfig.hf_overrides)."""
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"{config_file} is missing: {path} is not an HF-format model directory")
     try:
-        light = light_config(json.loads(config_file.read_text()))
+        raw = json.loads(config_file.read_text())
+        light = light_config({**raw, **overrides} if overrides else raw)
     except (ValueError, UnicodeDecodeError):
         light = None  # transformers below names what is wrong with the file
     if light is not None:
         return light  # type: ignore[return-value]  # the fields the models read, as transformers gives them
+    if overrides:
+        return _overridden_config(config_file, overrides)
     cache_file = _config_cache_file(config_file)
     cached = _read_cached_config(cache_file)
     if cached is not None:
@@ -96,6 +100,19 @@ def load_hf_config(path: Path) -> PretrainedConfig:
         raise ValueError(f"{config_file} cannot be read as a transformers config ({exc})") from exc
     _write_cached_config(cache_file, config)
     return config
+
+
+def _overridden_config(config_file: Path, overrides: dict[str, Any]) -> PretrainedConfig:
+    """transformers' config of config.json with `overrides` in place of its fields, built as from the file."""
+    from transformers import AutoConfig
+
+    try:
+        values = {**json.loads(config_file.read_text()), **overrides}
+        return AutoConfig.for_model(**values)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{config_file} with hf_overrides {sorted(overrides)} cannot be read as a transformers config ({exc})"
+        ) from exc
 
 
 def _config_cache_file(config_file: Path) -> Path:
@@ -220,7 +237,9 @@ def resolve_model(model_config: ModelConfig) -> ResolvedModel:
             load_format = "safetensors"
         elif load_format == "safetensors":
             plan_safetensors(source)  # validates the layout now, before the model is built
-    hf_config = load_hf_config(path)
+    hf_config = load_hf_config(path, model_config.hf_overrides)
+    if model_config.hf_overrides:
+        logger.info("config.json fields overridden: %s", ", ".join(sorted(model_config.hf_overrides)))
     tokenizer_path = Path(model_config.tokenizer).expanduser() if model_config.tokenizer else path
     logger.info("model %s resolved to %s (weights: %s)", model_config.model or "<default>", path, load_format)
     return ResolvedModel(

@@ -76,7 +76,7 @@ class DraftModel:
         draft_config = dataclasses.replace(
             runner.model_config, model=config.model, tokenizer=None, quantization=None,
             load_format="dummy" if runner.model_config.load_format == "dummy" else "auto",
-            max_model_len=runner.max_model_len, served_model_name=None,
+            max_model_len=runner.max_model_len, served_model_name=None, hf_overrides=None,
         )  # fmt: skip
         resolved = resolve_model(draft_config)
         try:

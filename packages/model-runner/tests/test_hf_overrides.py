@@ -1,0 +1,70 @@
+"""hf_overrides (vLLM's): config.json fields replaced before the model config is built.
+
+The case users need it for: YaRN on a checkpoint whose config.json has none (Qwen's long-context recipe through
+`--hf-overrides '{"rope_parameters": {...}}'`). A tiny Qwen3 saved with a plain rope config, loaded with YaRN
+overrides, must equal HF's model built with YaRN (and differ from it without them); its context becomes
+original x factor. Also: the transformers path (a family the light config reader leaves to transformers), and the
+errors for overrides that are not a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from model_parity import check_mixed_batch
+from test_models import COMMON
+from test_runner_fakes import make_runner, perturb_
+
+from treadle_model_runner import ModelConfig
+from treadle_model_runner.loader.resolve import load_hf_config
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 100.0}
+
+
+@pytest.fixture(scope="module")
+def plain_dir_and_yarn_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A Qwen3 with YaRN (HF, the reference) whose directory's config.json says plain rope."""
+    torch.manual_seed(5)
+    hf = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=16, rope_parameters=dict(YARN))).eval()
+    perturb_(hf, seed=2, std=0.15)
+    path = tmp_path_factory.mktemp("qwen3_plain")
+    hf.save_pretrained(path, safe_serialization=True)
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 100.0}
+    (path / "config.json").write_text(json.dumps(config))
+    return path, hf
+
+
+def test_yarn_overrides_match_hf_with_yarn(plain_dir_and_yarn_model: tuple[Path, Any]) -> None:
+    path, hf = plain_dir_and_yarn_model
+    check_mixed_batch(hf, path, COMMON["vocab_size"], hf_overrides=json.dumps({"rope_parameters": YARN}))
+    runner = make_runner(path, hf_overrides={"rope_parameters": YARN})
+    assert runner.max_model_len == 4 * 128  # original x factor
+    with pytest.raises(AssertionError):  # the premise: without the overrides the model differs
+        check_mixed_batch(hf, path, COMMON["vocab_size"])
+
+
+def test_overrides_reach_a_transformers_built_config(tmp_path: Path) -> None:
+    """Gemma 3 is read by transformers (not the light reader): an overridden field arrives, the rest stays."""
+    config = tf.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=6, query_pre_attn_scalar=24)
+    config.save_pretrained(tmp_path)
+    plain = load_hf_config(tmp_path)
+    overridden = load_hf_config(tmp_path, {"sliding_window": 3})
+    assert type(overridden) is type(plain) is tf.Gemma3TextConfig
+    assert (plain.sliding_window, overridden.sliding_window) == (6, 3)
+    assert overridden.query_pre_attn_scalar == 24 and overridden.layer_types == plain.layer_types
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("{not json", r"hf_overrides '\{not json' is not JSON"), ("[1, 2]", r"must be a JSON object.*\[1, 2\]")],
+)
+def test_bad_overrides_are_named(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(model="m", hf_overrides=value)
+    assert ModelConfig(model="m", hf_overrides="{}").hf_overrides is None
