@@ -6,7 +6,7 @@ One decoder layer, pre-norm:
     out = h + down(silu(gate(norm_post(h))) * up(norm_post(h)))
 q/k norm (Qwen3) is an RMSNorm over each head's dims, applied before rotary. Granite puts scalars on this shape
 (`Multipliers`): the embeddings times `embedding`, each block's output times `residual` before it joins the stream,
-`attention` as the softmax scale.
+`attention` as the softmax scale. A NoPE layer (SmolLM3's `no_rope_layers`) attends on q and k unrotated.
 Under tensor parallelism each rank runs its share of the query and key/value heads (treadle_model_runner.parallel).
 Each residual add runs fused into the norm after it, and each norm into the projection after it
 (`add_norm_linear`): for a one-row decode step one GPU kernel streams the projection's weight with the norm
@@ -15,7 +15,7 @@ applied to its input on the fly (more rows: the norm kernel, then cuBLAS; see tr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +91,10 @@ class LlamaSelfAttention(nn.Module):
         qkv_bias: bool,
         qk_norm: bool,
         scale: float | None = None,
+        use_rope: bool = True,
     ) -> None:
-        """`scale`: the softmax scale (None: head_dim ** -0.5)."""
+        """`scale`: the softmax scale (None: head_dim ** -0.5); `use_rope` False: a NoPE layer, whose q and k
+        reach attention unrotated (`rotary_emb` is then kept but never applied)."""
         super().__init__()
         self.num_heads, self.num_kv_heads = local_heads(config)
         self.head_dim = head_dim_of(config)
@@ -104,6 +106,7 @@ class LlamaSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb  # shared by every layer (one cos/sin table)
+        self.use_rope = use_rope
         self.attn = Attention(
             layer_idx,
             self.num_heads,
@@ -121,8 +124,10 @@ class LlamaSelfAttention(nn.Module):
             k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
         # q, k, v stay views of the qkv buffer (row stride q + 2 kv): rotary, the KV-cache write and attention
         # all read strided rows, so no copy kernel runs; the backend rotates q and k (in place, or fused into
-        # its decode kernel), which is safe: qkv is this step's own
-        return self.o_proj(self.attn(q, k, v, rope=self.rotary_emb.rope(positions)))
+        # its decode kernel), which is safe: qkv is this step's own. A NoPE layer hands over no rope: the
+        # backend's plain path (no rotary op, no fused rope kernel)
+        rope = self.rotary_emb.rope(positions) if self.use_rope else None
+        return self.o_proj(self.attn(q, k, v, rope=rope))
 
 
 def dense_mlp(config: Any) -> nn.Module:
@@ -140,11 +145,13 @@ class LlamaDecoderLayer(nn.Module):
         qk_norm: bool,
         mlp: nn.Module | None = None,
         multipliers: Multipliers = Multipliers(),
+        use_rope: bool = True,
     ) -> None:
-        """`mlp`: the layer's MLP (a routed MoE block in sparse models); None = the dense gated MLP."""
+        """`mlp`: the layer's MLP (a routed MoE block in sparse models); None = the dense gated MLP. `use_rope`
+        False: a NoPE layer (no rotary embedding)."""
         super().__init__()
         self.self_attn = LlamaSelfAttention(
-            config, layer_idx, rotary_emb, qkv_bias, qk_norm, multipliers.attention
+            config, layer_idx, rotary_emb, qkv_bias, qk_norm, multipliers.attention, use_rope
         )
         self.mlp = mlp if mlp is not None else dense_mlp(config)
         self.residual_multiplier = multipliers.residual
@@ -175,7 +182,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm; `make_mlp(layer_idx)` gives a layer's MLP (None: dense)."""
+    """Embedding, decoder layers, final norm; `make_mlp(layer_idx)` gives a layer's MLP (None: dense);
+    `nope_layers`: the indices of the layers that apply no rotary embedding."""
 
     def __init__(
         self,
@@ -185,17 +193,20 @@ class LlamaModel(nn.Module):
         qk_norm: bool,
         make_mlp: Callable[[int], nn.Module] | None = None,
         multipliers: Multipliers = Multipliers(),
+        nope_layers: Collection[int] = (),
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embedding_multiplier = multipliers.embedding
         rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(
-                config, i, rotary_emb, qkv_bias, qk_norm, make_mlp(i) if make_mlp else None, multipliers
+
+        def layer(i: int) -> LlamaDecoderLayer:
+            mlp = make_mlp(i) if make_mlp else None
+            return LlamaDecoderLayer(
+                config, i, rotary_emb, qkv_bias, qk_norm, mlp, multipliers, i not in nope_layers
             )
-            for i in range(config.num_hidden_layers)
-        )
+
+        self.layers = nn.ModuleList(layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -218,8 +229,9 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         max_position = max_position or config.max_position_embeddings
         qkv_bias = bool(getattr(config, "attention_bias", False)) or self.qkv_bias_default
+        multipliers, nope_layers = self.multipliers(config), self.nope_layers(config)
         self.model = LlamaModel(
-            config, max_position, qkv_bias, self.qk_norm, multipliers=self.multipliers(config)
+            config, max_position, qkv_bias, self.qk_norm, multipliers=multipliers, nope_layers=nope_layers
         )
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
@@ -229,6 +241,11 @@ class LlamaForCausalLM(CausalLM):
     def multipliers(cls, config: Any) -> Multipliers:
         """The scalars this family puts on the residual stream (none for Llama)."""
         return Multipliers()
+
+    @classmethod
+    def nope_layers(cls, config: Any) -> frozenset[int]:
+        """The layers that apply no rotary embedding (none for Llama)."""
+        return frozenset()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
