@@ -14,6 +14,7 @@ from treadle_model_runner.models.phi3 import Phi3ForCausalLM
 from treadle_model_runner.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 from treadle_model_runner.models.qwen2_moe import Qwen2MoeForCausalLM
 from treadle_model_runner.models.qwen3_moe import Qwen3MoeForCausalLM
+from treadle_model_runner.models.smollm3 import SmolLM3ForCausalLM
 
 _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -28,6 +29,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -42,6 +44,7 @@ _MODEL_TYPES = {
     "olmo2": "Olmo2ForCausalLM",
     "granite": "GraniteForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
 
 
