@@ -12,6 +12,9 @@ key/value head, partial_rotary_factor 0.75, longrope on its short factors with a
   on the same dtype and cache.
 Gemma 2's soft-capped attention scores (cap * tanh(s / cap), a cap low enough to bite) take the same checks: the
 fused decode kernel and XQA must step aside for them, the unified Triton kernel and FlashInfer apply the cap.
+Two more take the fp32 checks, both with 128-wide heads the fused decode kernel takes: a Qwen3 with YaRN rope
+scaling (an attention factor above 1 in the cos/sin table) and a SmolLM3 whose second layer is NoPE (no rotary:
+a kernel rotating it anyway moves logits by whole units).
 Run: `uv run pytest -m gpu packages/model-runner/tests/test_models_gpu.py`.
 """
 
@@ -72,6 +75,35 @@ def gemma2_capped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     return hf, path
 
 
+def _tiny_hf(name: str, config: Any, cls: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    perturb_(hf, seed=3, std=0.15)
+    path = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, path
+
+
+SMALL_128 = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=128, max_position_embeddings=2 * ORIGINAL, eos_token_id=None,
+                 bos_token_id=None, pad_token_id=0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen3_yarn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+            "rope_theta": 1000.0}  # fmt: skip
+    return _tiny_hf("qwen3_yarn", tf.Qwen3Config(**SMALL_128, rope_parameters=rope), tf.Qwen3ForCausalLM,
+                    tmp_path_factory)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def smollm3_nope(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    config = tf.SmolLM3Config(**SMALL_128, no_rope_layers=[1, 0], rope_parameters={"rope_type": "default",
+                              "rope_theta": 10000.0})  # fmt: skip
+    return _tiny_hf("smollm3_nope", config, tf.SmolLM3ForCausalLM, tmp_path_factory)
+
+
 BACKENDS = pytest.mark.parametrize(
     ("backend", "eager"),
     [("torch", True), ("triton", True), ("triton", False)],
@@ -80,7 +112,7 @@ BACKENDS = pytest.mark.parametrize(
 
 
 @BACKENDS
-@pytest.mark.parametrize("model", ["phi4_mini_heads", "gemma2_capped"])
+@pytest.mark.parametrize("model", ["phi4_mini_heads", "gemma2_capped", "qwen3_yarn", "smollm3_nope"])
 def test_fp32_matches_hf(model: str, backend: str, eager: bool, request: pytest.FixtureRequest) -> None:
     hf, path = request.getfixturevalue(model)
     runner = dict(device="cuda", attention_backend=backend, enforce_eager=eager, block_size=16,
