@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from test_loader_gguf import add_tokenizer, llama_cpp_permute, ref_dequant_q8_0
 
-PERMUTED = ("llama", "granite")  # LlamaModel and its subclasses permute q/k
+PERMUTED = ("llama", "granite", "smollm3")  # LlamaModel and its subclasses permute q/k
 GEMMA = ("gemma2", "gemma3")
 
 

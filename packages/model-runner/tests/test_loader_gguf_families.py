@@ -1,5 +1,5 @@
 """GGUF files of the families treadle runs from HF directories: Gemma 3, Gemma 2, Phi-3 (and Phi-4-mini's partial
-rotary), Qwen2-MoE, OLMo 2 and Granite, each a tiny random HF model written as llama.cpp's converter writes it
+rotary), Qwen2-MoE, OLMo 2, Granite and SmolLM3, each a tiny random HF model written as llama.cpp's converter writes it
 (gguf_llama_cpp.py, independent of treadle's reader), converted by treadle and compared with the original model:
 
 - the converted directory loads in transformers with every weight and gives the original's logits;
@@ -70,10 +70,12 @@ def _hf_config(family: str) -> tuple[str, Any]:
     if family == "granite":  # q/k permuted like llama; every multiplier away from 1
         return "granite", tf.GraniteConfig(**COMMON, embedding_multiplier=3.0, residual_multiplier=0.4,
                                            attention_multiplier=0.11, logits_scaling=2.5, tie_word_embeddings=True)  # fmt: skip
+    if family == "smollm3":  # q/k permuted like llama; layer 3 NoPE (llama.cpp's fixed step of 4), tied
+        return "smollm3", tf.SmolLM3Config(**{**COMMON, "num_hidden_layers": 4}, tie_word_embeddings=True)
     raise AssertionError(family)
 
 
-FAMILIES = ["gemma3", "gemma2", "phi3", "phi4_mini", "qwen2moe", "olmo2", "granite"]
+FAMILIES = ["gemma3", "gemma2", "phi3", "phi4_mini", "qwen2moe", "olmo2", "granite", "smollm3"]
 RUNNER_KWARGS: dict[str, dict[str, Any]] = {"phi3": {"max_model_len": 64}}
 
 
