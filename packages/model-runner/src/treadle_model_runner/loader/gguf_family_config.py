@@ -134,7 +134,9 @@ def _granite(reader: Any, meta: Meta, config: dict[str, Any]) -> None:
 def _smollm3(reader: Any, meta: Meta, config: dict[str, Any]) -> None:
     # which layers are NoPE is not in the file: llama.cpp fixes every 4th (its n_no_rope_layer_step), as SmolLM3-3B
     # has them and transformers derives them from this interval
-    config.update(no_rope_layer_interval=4, no_rope_layers=None, use_sliding_window=False, sliding_window=None)
+    config.update(
+        no_rope_layer_interval=4, no_rope_layers=None, use_sliding_window=False, sliding_window=None
+    )
 
 
 def _olmo2(reader: Any, meta: Meta, config: dict[str, Any]) -> None:
