@@ -21,6 +21,7 @@ from test_models import COMMON
 from test_runner_fakes import make_runner, perturb_
 
 from treadle_model_runner import ModelConfig
+from treadle_model_runner.layers.rotary import rope_parameters
 from treadle_model_runner.loader.resolve import load_hf_config
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 100.0}
@@ -47,6 +48,29 @@ def test_yarn_overrides_match_hf_with_yarn(plain_dir_and_yarn_model: tuple[Path,
     assert runner.max_model_len == 4 * 128  # original x factor
     with pytest.raises(AssertionError):  # the premise: without the overrides the model differs
         check_mixed_batch(hf, path, COMMON["vocab_size"])
+
+
+def test_rope_scaling_spelling_updates_the_files_rope_parameters(
+    plain_dir_and_yarn_model: tuple[Path, Any],
+) -> None:
+    """The older `rope_scaling` key (with "type"), over a config.json that transformers 5 wrote with a
+    `rope_parameters` dict: the file's dict takes the scaling and keeps its rope_theta (100 here, not 10,000)."""
+    path, hf = plain_dir_and_yarn_model
+    old_spelling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    check_mixed_batch(hf, path, COMMON["vocab_size"], hf_overrides={"rope_scaling": old_spelling})
+
+
+def test_rope_scaling_spelling_on_a_transformers_built_config(tmp_path: Path) -> None:
+    tf.Olmo2Config(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 100.0}).save_pretrained(
+        tmp_path
+    )
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    params = rope_parameters(load_hf_config(tmp_path, {"rope_scaling": scaling}))
+    assert {k: params[k] for k in ("rope_type", "factor", "rope_theta")} == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "rope_theta": 100.0,
+    }
 
 
 def test_overrides_reach_a_transformers_built_config(tmp_path: Path) -> None:

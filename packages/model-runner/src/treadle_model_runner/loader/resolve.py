@@ -75,7 +75,7 @@ def load_hf_config(path: Path, overrides: dict[str, Any] | None = None) -> Pretr
         raise ValueError(f"{config_file} is missing: {path} is not an HF-format model directory")
     try:
         raw = json.loads(config_file.read_text())
-        light = light_config({**raw, **overrides} if overrides else raw)
+        light = light_config(with_overrides(raw, overrides) if overrides else raw)
     except (ValueError, UnicodeDecodeError):
         light = None  # transformers below names what is wrong with the file
     if light is not None:
@@ -102,13 +102,32 @@ def load_hf_config(path: Path, overrides: dict[str, Any] | None = None) -> Pretr
     return config
 
 
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """config.json's fields with `overrides` in place. A `rope_scaling` override (the spelling before transformers 5)
+    over a file that has a flat `rope_parameters` dict (transformers 5's) updates that dict, the file's rope_theta
+    kept: otherwise the file's dict would win on the light path, and transformers would drop the theta."""
+    values = {**raw, **overrides}
+    scaling, rope = overrides.get("rope_scaling"), raw.get("rope_parameters")
+    if (
+        isinstance(scaling, dict)
+        and "rope_parameters" not in overrides
+        and isinstance(rope, dict)
+        and "rope_theta" in rope
+    ):
+        scaling = dict(scaling)
+        if "type" in scaling:
+            scaling.setdefault("rope_type", scaling.pop("type"))
+        values["rope_parameters"] = {**rope, **scaling}
+        del values["rope_scaling"]
+    return values
+
+
 def _overridden_config(config_file: Path, overrides: dict[str, Any]) -> PretrainedConfig:
     """transformers' config of config.json with `overrides` in place of its fields, built as from the file."""
     from transformers import AutoConfig
 
     try:
-        values = {**json.loads(config_file.read_text()), **overrides}
-        return AutoConfig.for_model(**values)
+        return AutoConfig.for_model(**with_overrides(json.loads(config_file.read_text()), overrides))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(
             f"{config_file} with hf_overrides {sorted(overrides)} cannot be read as a transformers config ({exc})"
