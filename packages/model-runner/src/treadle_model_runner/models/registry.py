@@ -6,6 +6,7 @@ from typing import Any
 
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
+from treadle_model_runner.models.glm4_moe import Glm4MoeForCausalLM
 from treadle_model_runner.models.granite import GraniteForCausalLM
 from treadle_model_runner.models.llama import LlamaForCausalLM
 from treadle_model_runner.models.mixtral import MixtralForCausalLM
@@ -30,6 +31,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "GraniteForCausalLM": GraniteForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
+    "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -45,6 +47,7 @@ _MODEL_TYPES = {
     "granite": "GraniteForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 
 

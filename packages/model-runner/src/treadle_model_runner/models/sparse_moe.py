@@ -65,20 +65,28 @@ class ParallelFusedMoE(FusedMoE):
     `take_shard` let the loaders hand it one-rank tensors (as layers/linear.py's parallel layers)."""
 
     def __init__(
-        self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool
+        self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool, **routing: Any
     ) -> None:
+        """`routing`: FusedMoE's other router arguments (scoring, grouped top-k, routed_scaling_factor,
+        use_correction_bias); the router, and its correction bias [E], are the same on every rank."""
         tp = get_tp()
         device = "meta" if building_on_meta() else None  # an fp8 checkpoint's experts get storage later
         if is_expert_parallel():
             placement = ExpertPlacement.linear(num_experts, tp.rank, tp.size)
             super().__init__(num_experts, top_k, hidden, intermediate, renormalize=renormalize, device=device,
-                             placement=placement)  # fmt: skip
+                             placement=placement, **routing)  # fmt: skip
             self.rank, self.tp_size = 0, 1
         else:
             local = tp.shard(intermediate, "the experts' intermediate size")
-            super().__init__(num_experts, top_k, hidden, local, renormalize=renormalize, device=device)
+            super().__init__(
+                num_experts, top_k, hidden, local, renormalize=renormalize, device=device, **routing
+            )
             self.rank, self.tp_size = tp.rank, tp.size
         self.full_intermediate = intermediate
+        if self.e_score_correction_bias is not None and device == "meta":
+            # not a weight: the fp8 / 4-bit allocation gives storage to the experts' matrices only
+            bias = torch.zeros(num_experts, dtype=torch.float32)
+            self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
 
     def rank_columns(self) -> slice:
         """This rank's slice of each expert's intermediate width N."""
@@ -91,9 +99,13 @@ class ParallelFusedMoE(FusedMoE):
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         e, k, n = self.num_experts, self.hidden_size, self.full_intermediate
+        if name == "e_score_correction_bias":
+            return (e,)
         return (e, 2 * n, k) if name == "w13_weight" else (e, k, n)
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        if name == "e_score_correction_bias":
+            return full  # the router routes over every expert on every rank
         full = full.narrow(0, self.placement.first, self.placement.num_local)  # this rank's experts
         n, start = self.intermediate_size, self.rank * self.intermediate_size
         if name == "w13_weight":
