@@ -9,6 +9,9 @@ only (``local_files_only``): nothing is ever downloaded, whatever HF_HUB_OFFLINE
 Invariants: ``ResolvedModel.format`` is ``"safetensors"`` or ``"dummy"`` (GGUF is already converted);
 every problem raises ValueError naming the path and the fix, before any weight is read.
 
+Multimodal checkpoints (Gemma 3 4B-27B, Mistral Small 3.1/3.2) resolve to their text model: ``hf_config`` is the
+text config and ``multimodal`` names how the weights are renamed (``multimodal.py``); images are not served.
+
 Light configs. For Llama, Mistral, Qwen2/3, Qwen3-MoE and Mixtral config.json files that spell out the fields
 whose defaults differ between families, the config is read without transformers (``light_config.py``).
 
@@ -38,6 +41,7 @@ from treadle_model_runner.config import LOAD_FORMATS, ModelConfig
 from treadle_model_runner.loader.cache import convert_gguf_cached, models_cache_dir
 from treadle_model_runner.loader.default_model import default_model_path
 from treadle_model_runner.loader.light_config import light_config
+from treadle_model_runner.loader.multimodal import MultimodalWrapper, multimodal_wrapper, text_config_of
 from treadle_model_runner.loader.weights import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, plan_safetensors
 
 if TYPE_CHECKING:
@@ -65,6 +69,8 @@ class ResolvedModel:
     format: str  # how to get the weights: "safetensors" (iterate_weights(path)) or "dummy" (random)
     tokenizer_path: Path  # directory with tokenizer.json: ModelConfig.tokenizer, else path
     source: Path | None  # what the user named (a .gguf file or a directory); None for the default model
+    # a multimodal checkpoint served as its text model: how its tensors are named (multimodal.py); None otherwise
+    multimodal: MultimodalWrapper | None = None
 
 
 def load_hf_config(path: Path, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
@@ -259,8 +265,16 @@ def resolve_model(model_config: ModelConfig) -> ResolvedModel:
     hf_config = load_hf_config(path, model_config.hf_overrides)
     if model_config.hf_overrides:
         logger.info("config.json fields overridden: %s", ", ".join(sorted(model_config.hf_overrides)))
+    multimodal = multimodal_wrapper(hf_config)
+    if multimodal is not None:
+        hf_config = text_config_of(hf_config, multimodal)
+        logger.info(
+            "%s: serving its language model as %s; the vision tower is not served (never loaded) and requests "
+            "with images are refused", multimodal.architecture, multimodal.text_architecture,
+        )  # fmt: skip
     tokenizer_path = Path(model_config.tokenizer).expanduser() if model_config.tokenizer else path
     logger.info("model %s resolved to %s (weights: %s)", model_config.model or "<default>", path, load_format)
     return ResolvedModel(
-        path=path, hf_config=hf_config, format=load_format, tokenizer_path=tokenizer_path, source=source
-    )
+        path=path, hf_config=hf_config, format=load_format, tokenizer_path=tokenizer_path, source=source,
+        multimodal=multimodal,
+    )  # fmt: skip

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,8 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 WEIGHT_LOAD_FORMATS = ("auto", "safetensors", "gguf")  # the formats iterate_weights reads
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# checkpoint tensor name -> the name the model loads it as, or None: the tensor is not read
+WeightNames = Callable[[str], str | None]
 
 _CONVERT_HINT = (
     "convert it once with transformers: "
@@ -150,31 +152,40 @@ def describe_checkpoint(path: Path) -> str:
     return f"checkpoint {path} ({shown})"
 
 
-def iterate_safetensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` for every weight of an HF directory, shard by shard."""
+def iterate_safetensors(
+    path: Path, dtype: torch.dtype | None = None, names: WeightNames | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for every weight of an HF directory, shard by shard; with `names`, the
+    tensors it names, under those names (the others are never read)."""
     plan = plan_safetensors(path)
     logger.info("reading %d safetensors file(s) from %s", len(plan.files), path)
     for file in plan.files:
+        renamed = ((name, names(name) if names else name) for name in plan.names[file])
+        wanted = [(name, as_named) for name, as_named in renamed if as_named is not None]
+        if not wanted:
+            continue
         try:
             mapped = MappedSafetensors(file)
             with safe_open(str(file), framework="pt") as handle:
-                for name in plan.names[file]:
+                for name, as_named in wanted:
                     tensor = mapped.get(name)
                     if tensor is None:
                         tensor = handle.get_tensor(name)
-                    yield name, tensor if dtype is None else tensor.to(dtype)
+                    yield as_named, tensor if dtype is None else tensor.to(dtype)
         except SafetensorError as exc:
             raise ValueError(f"safetensors file {file} is corrupt or truncated ({exc})") from exc
 
 
 def iterate_weights(
-    path: Path, load_format: str = "auto", dtype: torch.dtype | None = None
+    path: Path, load_format: str = "auto", dtype: torch.dtype | None = None, names: WeightNames | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for every weight at ``path``.
 
     ``path`` is an HF-format directory (safetensors, single or sharded) or, with load_format ``gguf`` or
     ``auto``, a ``.gguf`` file whose tensors are dequantized on the fly and renamed to HF names.
-    ``dtype`` casts each tensor (None keeps the stored dtype). Problems raise ValueError naming the file.
+    ``dtype`` casts each tensor (None keeps the stored dtype). ``names`` renames each tensor, or skips it where
+    it answers None (safetensors: unread; e.g. loader/multimodal.py's vision tower). Problems raise ValueError
+    naming the file.
     """
     path = Path(path)
     if load_format == "dummy":
@@ -190,6 +201,9 @@ def iterate_weights(
     if load_format == "gguf" or (load_format == "auto" and is_gguf_file):
         from treadle_model_runner.loader.gguf_weights import iterate_gguf_weights
 
-        yield from iterate_gguf_weights(path, dtype=dtype or torch.float32)
+        for name, tensor in iterate_gguf_weights(path, dtype=dtype or torch.float32):
+            as_named = names(name) if names else name
+            if as_named is not None:
+                yield as_named, tensor
         return
-    yield from iterate_safetensors(path, dtype=dtype)
+    yield from iterate_safetensors(path, dtype=dtype, names=names)

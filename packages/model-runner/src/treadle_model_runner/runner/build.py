@@ -59,11 +59,16 @@ def build_causal_lm(
     if resolved.format == "dummy":
         load_dummy_weights(model, seed)
     else:
-        weights = iterate_weights(resolved.path, resolved.format)
+        # a multimodal checkpoint's language model: its names unprefixed, the vision tower's tensors unread
+        names = resolved.multimodal.model_name if resolved.multimodal is not None else None
+        weights = iterate_weights(resolved.path, resolved.format, names=names)
         if checkpoint is not None:
             weights = checkpoint_weights(weights, checkpoint, device)
+        source = describe_checkpoint(resolved.path)
+        if resolved.multimodal is not None:
+            source += f" read as {resolved.multimodal.architecture}'s language model (names shown without its prefix)"
         with torch.no_grad():
-            model.load_weights(weights, describe_checkpoint(resolved.path))
+            model.load_weights(weights, source)
     model.eval().requires_grad_(False)
     if checkpoint is not None:
         log_loaded(model, checkpoint)
