@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -65,6 +67,19 @@ def test_chat_template_missing_and_override(tokenizer: Any, tmp_path: Path) -> N
         [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     )
     assert parts == "[user] a\nb\n"  # text parts one per line, as vLLM joins them
+
+
+def test_processor_chat_template_json_is_the_fallback(tokenizer: Any, tmp_path: Path) -> None:
+    """A checkpoint whose template lives only in chat_template.json (a processor's, as Mistral Small 3.1 ships it)."""
+    bare = SimpleNamespace(chat_template=None)
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    assert resolve_chat_template(bare, None, tmp_path) is None  # no file: no template
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert resolve_chat_template(bare, None, tmp_path) == template
+    assert resolve_chat_template(tokenizer, None, tmp_path) == CHATML  # the tokenizer's own comes first
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": ["x"]}))
+    with pytest.raises(ValueError, match=r"chat_template\.json: chat_template must be a string, got list"):
+        resolve_chat_template(bare, None, tmp_path)
 
 
 def test_async_generate_cancel_aborts(tokenizer: Any) -> None:

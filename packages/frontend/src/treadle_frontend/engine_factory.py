@@ -196,7 +196,7 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
         else 0,
     )
     defaults = load_generation_defaults(prep.model_path, args.generation_config)
-    template = resolve_chat_template(prep.tokenizer, args.chat_template)
+    template = resolve_chat_template(prep.tokenizer, args.chat_template, prep.tokenizer_path)
     return InputProcessor(prep.tokenizer, info, defaults, template)
 
 

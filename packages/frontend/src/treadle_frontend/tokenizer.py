@@ -116,8 +116,10 @@ def _tokenizer_class(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def resolve_chat_template(tokenizer: Any, override: str | None) -> str | None:
-    """The chat template to use: `override` (a file path or the template text), else the tokenizer's."""
+def resolve_chat_template(tokenizer: Any, override: str | None, model_dir: Path | None = None) -> str | None:
+    """The chat template to use: `override` (a file path or the template text), else the tokenizer's, else the one
+    a multimodal checkpoint keeps for its processor in `model_dir`/chat_template.json (Mistral Small 3.1 keeps it
+    only there; vLLM falls back to the processor's template the same way)."""
     if override:
         p = Path(override)
         if len(override) < 4096 and p.is_file():
@@ -131,6 +133,21 @@ def resolve_chat_template(tokenizer: Any, override: str | None) -> str | None:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: use "default"
         template = template.get("default") or next(iter(template.values()), None)
+    if template is None and model_dir is not None:
+        template = _processor_chat_template(model_dir / "chat_template.json")
+    return template
+
+
+def _processor_chat_template(path: Path) -> str | None:
+    """`{"chat_template": "..."}` of a processor's chat_template.json, when the file is there."""
+    if not path.is_file():
+        return None
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a JSON object with a chat_template string ({exc})") from None
+    if not isinstance(template, str):
+        raise ValueError(f"{path}: chat_template must be a string, got {type(template).__name__}")
     return template
 
 
