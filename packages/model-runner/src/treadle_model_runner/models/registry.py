@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from treadle_model_runner.loader.multimodal import WRAPPERS
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
 from treadle_model_runner.models.glm4_moe import Glm4MoeForCausalLM
@@ -66,5 +67,6 @@ def get_model_class(hf_config: Any) -> type[CausalLM]:
             return _ARCHITECTURES[name]
     raise ValueError(
         f"model architecture {names or model_type!r} is not supported; supported architectures: "
-        f"{', '.join(supported_architectures())}"
+        f"{', '.join(supported_architectures())}; and as text-only models (their language model): "
+        f"{', '.join(sorted(WRAPPERS))}"
     )
