@@ -92,3 +92,52 @@ def test_bad_overrides_are_named(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(model="m", hf_overrides=value)
     assert ModelConfig(model="m", hf_overrides="{}").hf_overrides is None
+
+
+def _qwen3_config_json(path: Path, rope: dict[str, Any]) -> None:
+    """A Qwen3 config.json with `rope` as its rope fields, no layer_types (as Qwen3's files): the light reader's."""
+    config = tf.Qwen3Config(**COMMON, head_dim=16).to_dict()
+    for derived in ("rope_parameters", "layer_types"):
+        config.pop(derived)
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"], **rope}))
+
+
+@pytest.mark.parametrize(
+    "file_rope",
+    [
+        # transformers 4's spelling (Qwen3's own config.json files), then transformers 5's
+        {"rope_theta": 1e6, "rope_scaling": None},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    ],
+    ids=["flat-theta", "rope-parameters"],
+)
+def test_rope_parameters_override_without_theta_keeps_the_files(
+    tmp_path: Path, file_rope: dict[str, Any]
+) -> None:
+    """`{"rope_parameters": {"rope_type": "yarn", ...}}` with no rope_theta: YaRN is applied over the file's theta.
+    Before, the light reader ignored the dict (no YaRN at all) and transformers reset the theta to 10,000."""
+    _qwen3_config_json(tmp_path, file_rope)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    params = rope_parameters(load_hf_config(tmp_path, {"rope_parameters": yarn}))
+    assert {k: params[k] for k in ("rope_type", "factor", "rope_theta")} == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "rope_theta": 1e6,
+    }
+    assert rope_parameters(load_hf_config(tmp_path, {"rope_theta": 5e5}))["rope_theta"] == 5e5
+
+
+def test_text_config_override_updates_a_multimodal_checkpoints_text_config(tmp_path: Path) -> None:
+    """`{"text_config": {...}}` (how a multimodal checkpoint's language model is overridden) changes the fields it
+    names; before, it replaced the whole text_config, which fell back to Gemma 3's default sizes."""
+    tf.Gemma3Config(
+        text_config=dict(COMMON, head_dim=16, sliding_window=6),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    ).save_pretrained(tmp_path)
+    text = load_hf_config(tmp_path, {"text_config": {"max_position_embeddings": 256}}).text_config
+    assert (text.max_position_embeddings, text.hidden_size, text.num_hidden_layers, text.sliding_window) == (
+        256,
+        64,
+        2,
+        6,
+    )

@@ -111,20 +111,35 @@ def load_hf_config(path: Path, overrides: dict[str, Any] | None = None) -> Pretr
 def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """config.json's fields with `overrides` in place. A `rope_scaling` override (the spelling before transformers 5)
     over a file that has a flat `rope_parameters` dict (transformers 5's) updates that dict, the file's rope_theta
-    kept: otherwise the file's dict would win on the light path, and transformers would drop the theta."""
+    kept: otherwise the file's dict would win on the light path, and transformers would drop the theta. A flat
+    `rope_parameters` override without rope_theta / partial_rotary_factor keeps the file's (top-level or in its
+    dict), and a `rope_theta` override reaches the file's dict. A sub-config (a dict with a model_type, e.g. a
+    multimodal checkpoint's text_config) is updated field by field, not replaced."""
     values = {**raw, **overrides}
+    for key, value in overrides.items():
+        sub = raw.get(key)
+        if isinstance(value, dict) and isinstance(sub, dict) and "model_type" in sub:
+            values[key] = with_overrides(sub, value)
     scaling, rope = overrides.get("rope_scaling"), raw.get("rope_parameters")
-    if (
-        isinstance(scaling, dict)
-        and "rope_parameters" not in overrides
-        and isinstance(rope, dict)
-        and "rope_theta" in rope
-    ):
+    flat_rope: dict[str, Any] = rope if isinstance(rope, dict) and "rope_theta" in rope else {}
+    if isinstance(scaling, dict) and "rope_parameters" not in overrides and flat_rope:
         scaling = dict(scaling)
         if "type" in scaling:
             scaling.setdefault("rope_type", scaling.pop("type"))
-        values["rope_parameters"] = {**rope, **scaling}
+        values["rope_parameters"] = {**flat_rope, **scaling}
         del values["rope_scaling"]
+    new_rope = overrides.get("rope_parameters")
+    if isinstance(new_rope, dict) and "rope_type" in new_rope:
+        kept: dict[str, Any] = {}
+        for field in ("rope_theta", "partial_rotary_factor"):
+            file_value = flat_rope.get(field, raw.get(field))
+            if field not in new_rope and file_value is not None:
+                kept[field] = file_value
+        values["rope_parameters"] = {**new_rope, **kept}
+    current = values.get("rope_parameters")
+    theta_only = "rope_theta" in overrides and "rope_parameters" not in overrides
+    if theta_only and isinstance(current, dict) and "rope_theta" in current:
+        values["rope_parameters"] = {**current, "rope_theta": overrides["rope_theta"]}
     return values
 
 
