@@ -141,3 +141,13 @@ def test_text_config_override_updates_a_multimodal_checkpoints_text_config(tmp_p
         2,
         6,
     )
+
+
+def test_a_field_of_the_wrong_type_is_a_value_error(tmp_path: Path) -> None:
+    """transformers 5 validates config fields with huggingface_hub's strict dataclasses, whose error is no
+    ValueError: it must still reach the user as one line naming the file and the overrides, not a traceback."""
+    tf.Olmo2Config(**COMMON).save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"config\.json with hf_overrides \['num_hidden_layers'\] cannot be read"
+    ):
+        load_hf_config(tmp_path, {"num_hidden_layers": "two"})

@@ -96,13 +96,7 @@ def load_hf_config(path: Path, overrides: dict[str, Any] | None = None) -> Pretr
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-    ) as exc:  # e.g. a field of the wrong type
+    except _config_errors() as exc:  # e.g. a field of the wrong type
         raise ValueError(f"{config_file} cannot be read as a transformers config ({exc})") from exc
     _write_cached_config(cache_file, config)
     return config
@@ -149,10 +143,21 @@ def _overridden_config(config_file: Path, overrides: dict[str, Any]) -> Pretrain
 
     try:
         return AutoConfig.for_model(**with_overrides(json.loads(config_file.read_text()), overrides))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except _config_errors() as exc:
         raise ValueError(
             f"{config_file} with hf_overrides {sorted(overrides)} cannot be read as a transformers config ({exc})"
         ) from exc
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What building a transformers config from bad fields raises: the builtin errors, and huggingface_hub's
+    strict-dataclass validation (transformers 5 configs check field types with it; not a ValueError)."""
+    errors: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, TypeError, AttributeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: no strict dataclasses
+        return errors
+    return (*errors, StrictDataclassError)
 
 
 def _config_cache_file(config_file: Path) -> Path:
