@@ -14,6 +14,7 @@ exactly HF's language-model parameters, and no vision tensor is read. The config
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,24 @@ def test_the_engine_sees_the_text_config(tmp_path: Path) -> None:
     assert resolve_max_model_len(None, config) == 112
     assert eos_token_ids(config, mistral.path) == {2}  # MistralConfig's default: config.json names none
     assert config.quantization_config == MISTRAL3_4X_CONFIG["quantization_config"]
+
+
+def test_top_level_overrides_are_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hf_overrides of a top-level field the text model never reads warn, naming the text_config form."""
+    path = _write_config(tmp_path, GEMMA3_4X_CONFIG)
+    with caplog.at_level(logging.WARNING, logger="treadle_model_runner.loader.resolve"):
+        resolve_model(
+            ModelConfig(model=str(path), load_format="dummy", hf_overrides={"max_position_embeddings": 64})
+        )
+    assert 'override them inside it, e.g. {"text_config": {"max_position_embeddings": ...}}' in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="treadle_model_runner.loader.resolve"):
+        overrides = {"text_config": {"max_position_embeddings": 64}, "eos_token_id": [1]}
+        config = resolve_model(
+            ModelConfig(model=str(path), load_format="dummy", hf_overrides=overrides)
+        ).hf_config
+    assert "override them inside it" not in caplog.text
+    assert resolve_max_model_len(None, config) == 64
 
 
 def test_dummy_weights_generate(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ Gemma3ForConditionalGeneration, Mistral Small 3.1/3.2's Mistral3ForConditionalGe
 treadle already serves (config.json's `text_config`), under a name prefix, beside a vision tower and a projector.
 treadle serves that text model alone:
 - config: the engine sees `text_config` everywhere (vocab, context length, layers, heads, eos ids), named with the
-  text architecture, plus the top-level fields in `_CARRIED_FIELDS` (the top-level one wins where both are set:
+  text architecture, plus the top-level fields in `CARRIED_FIELDS` (the top-level one wins where both are set:
   Gemma 3 puts its eos ids [1, 106] there, its text_config holding only the class default);
 - weights: `MultimodalWrapper.model_name` strips the language model's prefix and skips the vision tower's and the
   projector's tensors before they are read, so they are never loaded nor allocated.
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WRAPPERS", "MultimodalWrapper", "multimodal_wrapper", "text_config_of"]
+__all__ = ["CARRIED_FIELDS", "WRAPPERS", "MultimodalWrapper", "multimodal_wrapper", "text_config_of"]
 
 # (checkpoint prefix, model prefix) of the language model's tensors, in both layouts (module docstring);
 # transformers 5's lm_head.weight is the text model's name already
@@ -40,7 +40,7 @@ _VISION_PREFIXES = (
     "model.multi_modal_projector.",
 )
 # top-level config.json fields the text model takes from the wrapper's config
-_CARRIED_FIELDS = ("quantization_config", "eos_token_id")
+CARRIED_FIELDS = ("quantization_config", "eos_token_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,7 @@ def multimodal_wrapper(hf_config: Any) -> MultimodalWrapper | None:
 
 def text_config_of(hf_config: Any, wrapper: MultimodalWrapper) -> Any:
     """The config of the text model of `hf_config` (a wrapper's config): its `text_config`, named with the text
-    architecture, with the wrapper's `_CARRIED_FIELDS` where the wrapper sets them."""
+    architecture, with the wrapper's `CARRIED_FIELDS` where the wrapper sets them."""
     text = getattr(hf_config, "text_config", None)
     if text is None:
         raise ValueError(
@@ -87,7 +87,7 @@ def text_config_of(hf_config: Any, wrapper: MultimodalWrapper) -> Any:
             "architecture's language model only, which text_config describes; the config.json is incomplete"
         )
     text.architectures = [wrapper.text_architecture]
-    for field in _CARRIED_FIELDS:
+    for field in CARRIED_FIELDS:
         value = getattr(hf_config, field, None)
         if value is not None:
             setattr(text, field, value)

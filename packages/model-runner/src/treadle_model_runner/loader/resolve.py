@@ -41,7 +41,12 @@ from treadle_model_runner.config import LOAD_FORMATS, ModelConfig
 from treadle_model_runner.loader.cache import convert_gguf_cached, models_cache_dir
 from treadle_model_runner.loader.default_model import default_model_path
 from treadle_model_runner.loader.light_config import light_config
-from treadle_model_runner.loader.multimodal import MultimodalWrapper, multimodal_wrapper, text_config_of
+from treadle_model_runner.loader.multimodal import (
+    CARRIED_FIELDS,
+    MultimodalWrapper,
+    multimodal_wrapper,
+    text_config_of,
+)
 from treadle_model_runner.loader.weights import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, plan_safetensors
 
 if TYPE_CHECKING:
@@ -292,6 +297,13 @@ def resolve_model(model_config: ModelConfig) -> ResolvedModel:
             "%s: serving its language model as %s; the vision tower is not served (never loaded) and requests "
             "with images are refused", multimodal.architecture, multimodal.text_architecture,
         )  # fmt: skip
+        unused = sorted(set(model_config.hf_overrides or {}) - {"text_config", *CARRIED_FIELDS})
+        if unused:
+            logger.warning(
+                "hf_overrides %s set fields of %s's top-level config, which the text model does not read: "
+                "override them inside it, e.g. {\"text_config\": {\"%s\": ...}}", ", ".join(unused),
+                multimodal.architecture, unused[0],
+            )  # fmt: skip
     tokenizer_path = Path(model_config.tokenizer).expanduser() if model_config.tokenizer else path
     logger.info("model %s resolved to %s (weights: %s)", model_config.model or "<default>", path, load_format)
     return ResolvedModel(
