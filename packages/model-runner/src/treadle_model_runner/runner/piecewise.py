@@ -38,7 +38,7 @@ import torch
 
 from treadle_model_runner import envs
 from treadle_model_runner.forward_context import ForwardContext, set_forward_context
-from treadle_model_runner.runner.cuda_graph import GraphSizes
+from treadle_model_runner.runner.cuda_graph import GraphSizes, free_after_emptying_cache
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class PiecewiseGraphs(GraphSizes):
         try:
             with torch.inference_mode(), torch.cuda.stream(stream):
                 for size in reversed(self.sizes):
-                    free = torch.cuda.mem_get_info()[0]
+                    free = free_after_emptying_cache()
                     make_forward(size, _Recorder(pool, capturing=False))()  # warm-up: compile, settle
                     torch.cuda.synchronize()
                     recorder = _Recorder(pool, capturing=True)
