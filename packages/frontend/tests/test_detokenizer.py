@@ -92,6 +92,18 @@ def test_at_once_matches_incremental(tokenizer: Any, data: st.DataObject) -> Non
     assert got == "".join(_stream(tok, prompt, ids, [1] * len(ids)))
 
 
+def test_at_once_then_an_incomplete_byte_matches_incremental() -> None:
+    """The case hypothesis found (CI of a2d13c3): SentencePiece byte-fallback tokens for two "ß" and a lone 0xC3, the
+    first 14 tokens in one decode. The decoder renders an invalid byte run as one U+FFFD per byte, so the flushed
+    tail depends on where the window starts: it must start where the step-by-step path leaves it."""
+    tok = _metaspace()
+    ids = tok.encode("naïve señor Zürichßßß", add_special_tokens=False)[:15]
+    assert tok.convert_ids_to_tokens(ids[-5:]) == ["<0xC3>", "<0x9F>", "<0xC3>", "<0x9F>", "<0xC3>"]
+    at_once = IncrementalDetokenizer(TokenDecoder(tok), [], True)
+    got = at_once.update_at_once(ids[:14]) + at_once.update_at_once(ids[14:]) + at_once.flush()
+    assert got == "".join(_stream(tok, [], ids, [1] * len(ids))) == "naïve señor Zürichßß\ufffd\ufffd"
+
+
 def test_random_token_sequences(tokenizer: Any) -> None:
     rng = random.Random(0)
     for _ in range(30):

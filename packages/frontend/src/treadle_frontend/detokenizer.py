@@ -56,6 +56,9 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0  # window start: text before it was emitted long ago
         self.read_offset = len(context)  # tokens before it have been emitted as text
         self.output_text = ""  # everything emitted so far
+        # (ids length, prefix_offset, read_offset) before the first of the `update_at_once` decodes since the window
+        # last matched the incremental one's (None: it matches); see `_sync_window`
+        self._replay_from: tuple[int, int, int] | None = None
 
     def update(self, new_token_ids: list[int]) -> str:
         """Appends tokens; returns the newly final text (may be empty while a character is incomplete)."""
@@ -63,6 +66,7 @@ class IncrementalDetokenizer:
 
     def update_each(self, new_token_ids: list[int]) -> list[str]:
         """`update`, as the text each token made final (one entry per token, "" while a character is incomplete)."""
+        self._sync_window()
         deltas = []
         for tok in new_token_ids:
             self.ids.append(tok)
@@ -82,10 +86,28 @@ class IncrementalDetokenizer:
         delta = self._step(final=False)
         if delta and _REPLACEMENT not in delta:
             self.output_text += delta
+            if self._replay_from is None:
+                self._replay_from = state
             return delta
         length, self.prefix_offset, self.read_offset = state
         del self.ids[length:]
         return self.update(new_token_ids)
+
+    def _sync_window(self) -> None:
+        """Moves the window to where the incremental steps would have left it. One decode for many tokens leaves
+        it starting before all of them, and a byte-fallback decoder renders an incomplete tail differently in a
+        longer window (a lone byte after two 2-byte characters: 3 U+FFFD against the steps' 2), so before any
+        step-by-step work the steps are replayed over those tokens (their text was emitted already and is the
+        same: only the offsets are kept)."""
+        if self._replay_from is None:
+            return
+        length, self.prefix_offset, self.read_offset = self._replay_from
+        self._replay_from = None
+        replayed = self.ids[length:]
+        del self.ids[length:]
+        for tok in replayed:
+            self.ids.append(tok)
+            self._step(final=False)
 
     def flush(self) -> str:
         """Emits the held-back tail as it decodes now (called once, when the request finishes)."""
