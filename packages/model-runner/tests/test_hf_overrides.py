@@ -60,17 +60,18 @@ def test_rope_scaling_spelling_updates_the_files_rope_parameters(
     check_mixed_batch(hf, path, COMMON["vocab_size"], hf_overrides={"rope_scaling": old_spelling})
 
 
+def _yarn_fields(config: Any) -> tuple[Any, ...]:
+    """(rope_type, factor, rope_theta) of a config's rope parameters."""
+    params = rope_parameters(config)
+    return params["rope_type"], params["factor"], params["rope_theta"]
+
+
 def test_rope_scaling_spelling_on_a_transformers_built_config(tmp_path: Path) -> None:
     tf.Olmo2Config(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 100.0}).save_pretrained(
         tmp_path
     )
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
-    params = rope_parameters(load_hf_config(tmp_path, {"rope_scaling": scaling}))
-    assert {k: params[k] for k in ("rope_type", "factor", "rope_theta")} == {
-        "rope_type": "yarn",
-        "factor": 4.0,
-        "rope_theta": 100.0,
-    }
+    assert _yarn_fields(load_hf_config(tmp_path, {"rope_scaling": scaling})) == ("yarn", 4.0, 100.0)
 
 
 def test_overrides_reach_a_transformers_built_config(tmp_path: Path) -> None:
@@ -118,12 +119,7 @@ def test_rope_parameters_override_without_theta_keeps_the_files(
     Before, the light reader ignored the dict (no YaRN at all) and transformers reset the theta to 10,000."""
     _qwen3_config_json(tmp_path, file_rope)
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
-    params = rope_parameters(load_hf_config(tmp_path, {"rope_parameters": yarn}))
-    assert {k: params[k] for k in ("rope_type", "factor", "rope_theta")} == {
-        "rope_type": "yarn",
-        "factor": 4.0,
-        "rope_theta": 1e6,
-    }
+    assert _yarn_fields(load_hf_config(tmp_path, {"rope_parameters": yarn})) == ("yarn", 4.0, 1e6)
     assert rope_parameters(load_hf_config(tmp_path, {"rope_theta": 5e5}))["rope_theta"] == 5e5
 
 
