@@ -8,7 +8,8 @@ differs per family, so each family here carries its own short name -> HF name ta
 does to a tensor (from convert_hf_to_gguf.py's model classes, facts we invert rather than code we copy):
 
 - q/k rows are permuted for llama.cpp's rope only by ``LlamaModel`` and its subclasses (llama, Mistral, Mixtral,
-  Granite, SmolLM3): ``permute_qk``. Qwen2/3, Qwen2-MoE, Qwen3-MoE, Gemma 2/3, Phi-3 and OLMo 2 are written as HF has them.
+  Granite, SmolLM3): ``permute_qk``. Qwen2/3, Qwen2-MoE, Qwen3-MoE, Gemma 2/3, Phi-3 and OLMo 2 are written as HF
+  has them.
 - Gemma 2/3 (``GemmaModel``, ``Gemma2Model``, ``Gemma3Model``): every tensor whose HF name ends in
   ``norm.weight`` (the four block norms, Gemma 3's q/k norms, the final norm) is stored plus 1, since Gemma's
   RMSNorm multiplies by 1 + w and llama.cpp's by w: ``norm_offset``. Embeddings are stored unscaled (both
