@@ -105,10 +105,10 @@ class Glm4MoeForCausalLM(MoeCausalLM):
             )
 
         qkv_bias = bool(getattr(config, "attention_bias", False))
-        self.model = MoeModel(config, max_position, bool(config.use_qk_norm), make_mlp, qkv_bias)
-        for layer in self.model.layers:
-            # Llama's attention_bias also covers o_proj; GLM's covers q, k and v only: the state bias=False builds
-            layer.get_submodule("self_attn.o_proj").register_parameter("bias", None)
+        # GLM's attention_bias covers q, k and v only (Llama's also o_proj)
+        self.model = MoeModel(
+            config, max_position, bool(config.use_qk_norm), make_mlp, qkv_bias, o_bias=False
+        )
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)

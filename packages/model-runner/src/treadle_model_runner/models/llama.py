@@ -92,16 +92,20 @@ class LlamaSelfAttention(nn.Module):
         qk_norm: bool,
         scale: float | None = None,
         use_rope: bool = True,
+        o_bias: bool | None = None,
     ) -> None:
         """`scale`: the softmax scale (None: head_dim ** -0.5); `use_rope` False: a NoPE layer, whose q and k
-        reach attention unrotated (`rotary_emb` is then kept but never applied)."""
+        reach attention unrotated (`rotary_emb` is then kept but never applied); `o_bias`: whether o_proj has a
+        bias (None: config.attention_bias decides)."""
         super().__init__()
         self.num_heads, self.num_kv_heads = local_heads(config)
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        # attention_bias (Llama, Qwen3) covers q, k, v and o; Qwen2's always-on bias covers q, k, v only
-        o_bias = bool(getattr(config, "attention_bias", False))
+        # attention_bias (Llama, Qwen3) covers q, k, v and o; Qwen2's always-on bias and GLM-4.5's attention_bias
+        # cover q, k, v only
+        if o_bias is None:
+            o_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj, self.o_proj = attention_projections(config, qkv_bias, o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -146,12 +150,13 @@ class LlamaDecoderLayer(nn.Module):
         mlp: nn.Module | None = None,
         multipliers: Multipliers = Multipliers(),
         use_rope: bool = True,
+        o_bias: bool | None = None,
     ) -> None:
         """`mlp`: the layer's MLP (a routed MoE block in sparse models); None = the dense gated MLP. `use_rope`
-        False: a NoPE layer (no rotary embedding)."""
+        False: a NoPE layer (no rotary embedding); `o_bias`: LlamaSelfAttention's."""
         super().__init__()
         self.self_attn = LlamaSelfAttention(
-            config, layer_idx, rotary_emb, qkv_bias, qk_norm, multipliers.attention, use_rope
+            config, layer_idx, rotary_emb, qkv_bias, qk_norm, multipliers.attention, use_rope, o_bias
         )
         self.mlp = mlp if mlp is not None else dense_mlp(config)
         self.residual_multiplier = multipliers.residual
@@ -183,7 +188,7 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm; `make_mlp(layer_idx)` gives a layer's MLP (None: dense);
-    `nope_layers`: the indices of the layers that apply no rotary embedding."""
+    `nope_layers`: the indices of the layers that apply no rotary embedding; `o_bias`: LlamaSelfAttention's."""
 
     def __init__(
         self,
@@ -194,6 +199,7 @@ class LlamaModel(nn.Module):
         make_mlp: Callable[[int], nn.Module] | None = None,
         multipliers: Multipliers = Multipliers(),
         nope_layers: Collection[int] = (),
+        o_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
@@ -203,7 +209,7 @@ class LlamaModel(nn.Module):
         def layer(i: int) -> LlamaDecoderLayer:
             mlp = make_mlp(i) if make_mlp else None
             return LlamaDecoderLayer(
-                config, i, rotary_emb, qkv_bias, qk_norm, mlp, multipliers, i not in nope_layers
+                config, i, rotary_emb, qkv_bias, qk_norm, mlp, multipliers, i not in nope_layers, o_bias
             )
 
         self.layers = nn.ModuleList(layer(i) for i in range(config.num_hidden_layers))
