@@ -38,6 +38,16 @@ VOCAB = 128
 ORIGINAL = 256  # original_max_position_embeddings = max_model_len: the short factors, as in HF
 
 
+def _tiny_hf(name: str, config: Any, cls: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """(HF model, its saved directory): `cls(config)` seeded, perturbed so no weight sits at its init value."""
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    perturb_(hf, seed=3, std=0.15)
+    path = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, path
+
+
 @pytest.fixture(scope="module")
 def phi4_mini_heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     pairs = 48  # 128 * 0.75 / 2
@@ -48,12 +58,7 @@ def phi4_mini_heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path
         num_key_value_heads=1, max_position_embeddings=2 * ORIGINAL, original_max_position_embeddings=ORIGINAL,
         partial_rotary_factor=0.75, rope_parameters=rope, eos_token_id=None, bos_token_id=None, pad_token_id=0,
     )  # fmt: skip
-    torch.manual_seed(0)
-    hf = tf.Phi3ForCausalLM(config).eval()
-    perturb_(hf, seed=3, std=0.15)
-    path = tmp_path_factory.mktemp("phi4_mini_heads")
-    hf.save_pretrained(path, safe_serialization=True)
-    return hf, path
+    return _tiny_hf("phi4_mini_heads", config, tf.Phi3ForCausalLM, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +72,7 @@ def gemma2_capped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     # eager: some transformers versions default Gemma 2 to SDPA, which drops the soft-cap (HF's own reference
     # then differs from its eager one; the GPU image's transformers 5.17 did, session 27)
     config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = tf.Gemma2ForCausalLM(config).eval()
-    perturb_(hf, seed=3, std=0.15)
-    path = tmp_path_factory.mktemp("gemma2_capped")
-    hf.save_pretrained(path, safe_serialization=True)
-    return hf, path
-
-
-def _tiny_hf(name: str, config: Any, cls: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    torch.manual_seed(0)
-    hf = cls(config).eval()
-    perturb_(hf, seed=3, std=0.15)
-    path = tmp_path_factory.mktemp(name)
-    hf.save_pretrained(path, safe_serialization=True)
-    return hf, path
+    return _tiny_hf("gemma2_capped", config, tf.Gemma2ForCausalLM, tmp_path_factory)
 
 
 SMALL_128 = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
