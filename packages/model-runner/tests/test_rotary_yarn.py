@@ -92,3 +92,13 @@ def test_yarn_context_is_the_original_length_times_the_factor() -> None:
     with pytest.raises(ValueError, match=r"max_model_len \(131073\) .* YaRN context .* \(131072\)"):
         resolve_max_model_len(131073, config)
     assert resolve_max_model_len(None, tf.Qwen3Config(max_position_embeddings=40960)) == 40960
+
+
+def test_linear_scaling_context_is_the_length_times_the_factor() -> None:
+    """Linear rope scaling divides positions by the factor, so vLLM serves max_position_embeddings x factor; the
+    error past it names that context."""
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config = tf.LlamaConfig(max_position_embeddings=4096, rope_parameters=rope)
+    assert resolve_max_model_len(None, config) == 8192
+    with pytest.raises(ValueError, match=r"max_model_len \(8193\) .* linear rope context .* \(8192\)"):
+        resolve_max_model_len(8193, config)

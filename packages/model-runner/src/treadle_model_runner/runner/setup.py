@@ -59,13 +59,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     """The config's context length, or a smaller override; a larger one raises (positions were never trained).
     With YaRN rope scaling the context is original_max_position_embeddings x factor, as vLLM derives it (Qwen's
-    long-context recipe adds YaRN to a config whose max_position_embeddings stays the pretraining length)."""
+    long-context recipe adds YaRN to a config whose max_position_embeddings stays the pretraining length); with
+    linear scaling (positions divided by the factor) it is max_position_embeddings x factor, as in vLLM too."""
     derived = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
     source = "max_position_embeddings"
     rope = rope_parameters(hf_config)
     if rope["rope_type"] == "yarn":
         derived = int(rope["original_max_position_embeddings"] * float(rope["factor"]))
         source = "YaRN context (original_max_position_embeddings x factor)"
+    elif rope["rope_type"] == "linear" and derived > 0:
+        derived = int(derived * float(rope.get("factor", 1.0)))
+        source = "linear rope context (max_position_embeddings x factor)"
     if requested is None:
         if derived <= 0:
             raise ValueError("config.json has no max_position_embeddings; pass --max-model-len")
