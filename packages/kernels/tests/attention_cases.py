@@ -124,8 +124,11 @@ def dense_reference(
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float64 attention straight from the per-request K/V (no cache), ``[num_actual_tokens, nh, d]``."""
+    """float64 attention straight from the per-request K/V (no cache), ``[num_actual_tokens, nh, d]``.
+
+    ``sinks [nh]``: each head's sink logit joins the softmax as a column with no value (gpt-oss)."""
     md = case.metadata
     outs = []
     starts = md.query_start_loc_cpu.tolist()
@@ -147,5 +150,13 @@ def dense_reference(
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
         logits = logits.masked_fill(~allowed, float("-inf"))
-        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(logits, -1), v))
+        if sinks is None:
+            probs = torch.softmax(logits, -1)
+        else:
+            # p_j = exp(l_j - m) / (sum_i exp(l_i - m) + exp(sink - m)), m the max over the keys and the sink
+            sink = sinks.double().cpu()[:, None, None]  # [nh, 1, 1]
+            m = torch.cat([logits, sink.expand(-1, q_len, 1)], -1).amax(-1, keepdim=True)
+            e = torch.exp(logits - m)
+            probs = e / (e.sum(-1, keepdim=True) + torch.exp(sink - m))
+        outs.append(torch.einsum("hqk,khd->qhd", probs, v))
     return torch.cat(outs)

@@ -8,15 +8,22 @@ A backend is a class with three roles, so the model runner never branches on whi
   ``AttentionMetadata`` into whatever the backend's kernels consume (plans, split counts, extra index tensors).
   Backends with ``supports_cuda_graphs`` also serve decode CUDA graphs: ``build_for_cuda_graph`` before the
   capture of a batch size, ``prepare_cuda_graph_replay`` on the host before every replay of it.
-- ``AttentionImpl`` (one per attention layer): holds the layer's head counts, scale, sliding window and logit
-  soft-cap; ``forward`` first writes the step's new K/V into the paged cache through ``slot_mapping``, then attends
-  every query token over the cached + new keys of its request.
+- ``AttentionImpl`` (one per attention layer): holds the layer's head counts, scale, sliding window, logit
+  soft-cap and attention sinks; ``forward`` first writes the step's new K/V into the paged cache through
+  ``slot_mapping``, then attends every query token over the cached + new keys of its request.
 
 Semantics shared by every backend (the torch backend is the reference): GQA with ``num_heads % num_kv_heads == 0``
 (query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``); logits are ``scale * q.k``, then
 ``cap * tanh(logits / cap)`` when a soft-cap is set; a query at position ``p`` sees key positions ``k <= p``
 (causal) and, with a sliding window ``W``, only ``k > p - W`` (HF transformers' ``sliding_window_overlay``: the
 window holds ``W`` keys, the query's own included).
+
+Attention sinks (gpt-oss): a layer may carry one learned logit per query head, ``sinks [num_heads]``, that joins
+the softmax's denominator without a value: ``p_j = exp(l_j) / (sum_i exp(l_i) + exp(sink_h))`` over the keys the
+query sees (the sliding window and the causal mask apply to keys only; the sink is always there), so a head may
+put weight on "nothing" and its output shrinks towards 0; a query that sees no key outputs 0. The impl keeps a
+reference to the caller's tensor (the model owns it as a parameter and may load weights into it later) and reads
+it as float32 at each call. Only backends with ``supports_sinks`` honour it; the others refuse a layer with sinks.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ class AttentionImpl:
         num_kv_heads: int,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,  # [num_heads] sink logits (any float dtype), kept by reference
     ) -> None:
         if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
             raise ValueError(
@@ -93,6 +101,14 @@ class AttentionImpl:
             )
         if logits_soft_cap is not None and logits_soft_cap <= 0:
             raise ValueError(f"logits_soft_cap ({logits_soft_cap}) must be > 0 or None (no soft-cap).")
+        if sinks is not None and (
+            sinks.dim() != 1 or sinks.shape[0] != num_heads or not sinks.is_floating_point()
+        ):
+            raise ValueError(
+                f"attention sinks must be a 1-D float tensor of num_heads ({num_heads}) logits, got shape "
+                f"{tuple(sinks.shape)} ({sinks.dtype}); pass this rank's slice of the layer's sinks, one per "
+                "query head."
+            )
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -100,6 +116,7 @@ class AttentionImpl:
         self.num_queries_per_kv = num_heads // num_kv_heads
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
+        self.sinks = sinks  # the caller's tensor itself (never a copy): weights loaded into it later are seen
 
     def forward(
         self,
@@ -148,6 +165,8 @@ class AttentionBackend:
     # every kernel launch goes through treadle_kernels.ops.launch.launch, so start-up may compile its variants
     # ahead under compile_only (model-runner runner/precompile.py) without running anything
     compiles_ahead: ClassVar[bool] = False
+    # honours per-head attention sinks (gpt-oss; module docstring); a backend without them refuses such layers
+    supports_sinks: ClassVar[bool] = False
     builder_cls: ClassVar[type[AttentionMetadataBuilder]] = AttentionMetadataBuilder
     impl_cls: ClassVar[type[AttentionImpl]] = AttentionImpl
 
@@ -165,6 +184,16 @@ class AttentionBackend:
     @classmethod
     def get_impl_cls(cls) -> type[AttentionImpl]:
         return cls.impl_cls
+
+
+def refuse_sinks(backend_name: str, sinks: torch.Tensor | None) -> None:
+    """Raise for a layer with attention sinks on a backend that cannot apply them (instead of silently
+    attending without them, which would change every output of the model)."""
+    if sinks is not None:
+        raise ValueError(
+            f"attention backend '{backend_name}' does not support attention sinks (gpt-oss); "
+            "use --attention-backend triton or torch."
+        )
 
 
 def write_kv_cache(

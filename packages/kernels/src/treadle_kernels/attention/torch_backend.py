@@ -9,8 +9,10 @@ into groups (``plan_groups``); each group is one padded attention call:
 * place the queries in ``[n, Qmax, nh, d]`` (query ``j`` of a request sits at position ``seq_len - q_len + j``);
 * fold the GQA group into the query axis (``[n, nkv, G * Qmax, d]``: query head ``h`` reads kv head ``h // G``)
   and run one ``scaled_dot_product_attention`` with the boolean mask ``key < seq_len``, causal
-  (``key <= query position``) and the sliding window (``key > query position - W``); with a soft-cap the
-  logits are materialised instead. Padded query rows always see at least one key, and are dropped.
+  (``key <= query position``) and the sliding window (``key > query position - W``); with a soft-cap or
+  attention sinks the logits are materialised instead (SDPA has neither): the sink logit of each query head is
+  one more softmax column that weighs no value (``_softmax_with_sinks``). Padded query rows always see at least
+  one key, and are dropped.
 
 A group grows while its padded work ``n * Qmax * Lmax`` stays within twice the real work and its gathered
 context within ``_MAX_GROUP_TOKENS``; so a decode batch or a batch of equal prompts is one call per layer, and
@@ -230,35 +232,58 @@ class TorchAttentionImpl(AttentionImpl):
     def _attend_folded(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """q ``[n, nkv, M, d]`` (M query rows per kv head), k/v ``[n, nkv, L, d]``, mask ``[n, 1, M, L]``."""
-        if self.logits_soft_cap is None:
+        """q ``[n, nkv, M, d]`` (M = G * Qmax rows per kv head, row ``g * Qmax + j`` is head ``kv * G + g``),
+        k/v ``[n, nkv, L, d]``, mask ``[n, 1, M, L]``."""
+        if self.logits_soft_cap is None and self.sinks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [n, nkv, M, L]
-        cap = self.logits_soft_cap
-        logits = (torch.tanh(logits / cap) * cap).masked_fill(~mask, float("-inf"))
-        return torch.matmul(torch.softmax(logits, dim=-1), v)
+        logits = self._logits(q, k).masked_fill(~mask, float("-inf"))  # [n, nkv, M, L]
+        sinks = None
+        if self.sinks is not None:  # [nh] -> [nkv, M]: each head's sink on its Qmax rows
+            group = self.num_queries_per_kv
+            sinks = self.sinks.float().view(self.num_kv_heads, group, 1)
+            sinks = sinks.expand(self.num_kv_heads, group, q.shape[2] // group).reshape(self.num_kv_heads, -1)
+        return torch.matmul(_softmax_with_sinks(logits, sinks), v)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """q ``[1, nh, chunk, d]``, k/v ``[1, nkv, seq_len, d]``, mask ``[chunk, seq_len]`` or None."""
-        if self.logits_soft_cap is None:
+        if self.logits_soft_cap is None and self.sinks is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_queries_per_kv > 1
             )
         group = self.num_queries_per_kv
         qg = q.unflatten(1, (self.num_kv_heads, group))  # [1, nkv, G, chunk, d]
-        logits = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * self.scale  # [1, nkv, G, chunk, seq_len]
-        cap = self.logits_soft_cap
-        logits = torch.tanh(logits / cap) * cap
+        logits = self._logits(qg, k[:, :, None])  # [1, nkv, G, chunk, seq_len]
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        sinks = None if self.sinks is None else self.sinks.float().view(self.num_kv_heads, group, 1)
+        probs = _softmax_with_sinks(logits, sinks)
         return torch.matmul(probs, v[:, :, None]).flatten(1, 2)  # [1, nh, chunk, d]
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``scale * q.k`` over the last two axes (``[..., M, d] x [..., L, d] -> [..., M, L]``), soft-capped."""
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if self.logits_soft_cap is not None:
+            cap = self.logits_soft_cap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _softmax_with_sinks(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of ``logits [..., M, L]`` (``-inf`` where masked), with ``sinks`` (float32,
+    broadcastable to ``[..., M]``) as one more logit per row that takes probability but weighs no value:
+    ``p_j = exp(l_j - m) / (sum_i exp(l_i - m) + exp(sink - m))``, ``m`` the row's max over keys and sink. A row
+    whose keys are all masked gives all zeros (the sink takes everything)."""
+    if sinks is None:
+        return torch.softmax(logits, dim=-1)
+    sink_col = sinks.expand(logits.shape[:-1]).unsqueeze(-1)  # [..., M, 1]
+    return torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     supports_fp8_kv_cache = True
+    supports_sinks = True
     builder_cls = AttentionMetadataBuilder
     impl_cls = TorchAttentionImpl
