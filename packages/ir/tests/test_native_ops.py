@@ -47,6 +47,19 @@ def test_gated_activations(dtype: torch.dtype) -> None:
     torch.testing.assert_close(ops.gelu_tanh_and_mul(x).double(), gelu * b, **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("alpha", "limit"), [(1.702, 7.0), (1.0, 0.5)])
+def test_swigluoai_and_mul(dtype: torch.dtype, alpha: float, limit: float) -> None:
+    """gpt-oss's clamped SwiGLU against a float64 formula (logistic written out, clamps as where), with values on
+    both sides of the limits."""
+    x = (torch.randn(3, 5, 2 * 24) * 4 * limit).to(dtype)
+    a, b = x.double().chunk(2, dim=-1)
+    gate = torch.where(a > limit, torch.full_like(a, limit), a)
+    up = torch.where(b.abs() > limit, b.sign() * limit, b)
+    ref = (up + 1) * gate / (1 + torch.exp(-alpha * gate))
+    torch.testing.assert_close(ops.swigluoai_and_mul(x, alpha, limit).double(), ref, **_tol(dtype))
+
+
 def _rope_reference(
     x: torch.Tensor, positions: torch.Tensor, head_size: int, rot_dim: int, base: float, neox: bool
 ) -> torch.Tensor:

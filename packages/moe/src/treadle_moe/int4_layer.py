@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from treadle_ir.ops.int4 import INT4_PACK
+from treadle_moe.expert_bias import check_unquantized
 from treadle_moe.experts.int4 import Int4Layout, quantize_experts_int4
 from treadle_moe.layer import INT4_PARAMS, FusedMoE
 
@@ -48,6 +49,7 @@ def allocate_int4(
     device: torch.device | str | None = None,
 ) -> None:
     """Storage for 4-bit experts in `layout` with `groups13` / `groups2` scale rows (module docstring)."""
+    check_unquantized(moe, "4-bit")
     e, k, n = moe.placement.num_local, moe.hidden_size, moe.intermediate_size
     if k % INT4_PACK or n % INT4_PACK:
         raise ValueError(
@@ -106,6 +108,7 @@ def load_int4_expert(
 @torch.no_grad()
 def quantize_int4(moe: FusedMoE, layout: Int4Layout, seed: int = 0) -> None:
     """Replace loaded model-dtype experts by their 4-bit form in `layout` (round to nearest; experts/int4.py)."""
+    check_unquantized(moe, "4-bit")
     p13, p2, s = quantize_experts_int4(moe.w13_weight, moe.w2_weight, layout, seed)
     _set(moe, "w13_weight", p13)
     _set(moe, "w2_weight", p2)

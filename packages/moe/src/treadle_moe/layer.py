@@ -9,6 +9,12 @@ Weight layout (what checkpoints are loaded into):
 - `w2_weight` [E, K, N]: the down projection (HF `down_proj`, Mixtral `w2`). Same as transformers' `down_proj`.
   K = hidden_size, N = moe intermediate size, E = num_experts.
 The router's gate (a [E, K] linear layer) stays in the model; forward takes its logits.
+Expert biases (gpt-oss, `bias=True`; expert_bias.py): `w13_bias` [E, 2N] (gate's, then up's, like w13's rows) and
+`w2_bias` [E, K], loaded through `weight_loader` like the weights; an expert computes
+`act(x @ w13[e].T + w13_bias[e]) @ w2[e].T + w2_bias[e]`, which the routing weight then scales (the down bias too).
+A tensor-parallel subclass adds w2_bias on one rank only (`adds_w2_bias`). `activation="swigluoai"` is gpt-oss's
+clamped SwiGLU with `swiglu_alpha` / `swiglu_limit` (activation.py). Both need model-dtype experts: fp8 and 4-bit
+ones are refused for such a layer.
 Expert parallelism (`placement`, treadle_moe/placement.py): the layer holds only its rank's experts, w13 / w2 (and
 the weight scales) [E_local, ...]; the router still routes over all E, forward maps the ids to local ones (-1 for
 another rank's expert, whose slots the kernel skips) and returns this rank's share of the sum. Loaders keep taking
@@ -38,7 +44,8 @@ import logging
 import torch
 from torch import nn
 
-from treadle_moe.activation import check_activation
+from treadle_moe.activation import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation
+from treadle_moe.expert_bias import allocate_biases, check_unquantized, describe_epilogue, layer_epilogue
 from treadle_moe.expert_weights import copy_expert_weight
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, fold_input_scales, quantize_experts
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
@@ -78,6 +85,9 @@ class FusedMoE(nn.Module):
         backend: str | None = None,
         max_num_tokens: int = 8192,
         placement: ExpertPlacement | None = None,
+        swiglu_alpha: float = SWIGLU_ALPHA,
+        swiglu_limit: float = SWIGLU_LIMIT,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if placement is not None and placement.num_experts != num_experts:
@@ -102,6 +112,7 @@ class FusedMoE(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.activation = activation
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit  # swigluoai's constants
         self.backend = backend
         self.max_num_tokens = max_num_tokens
         # [E_local, 2N, K]: gate rows then up rows per expert
@@ -116,10 +127,15 @@ class FusedMoE(nn.Module):
         )
         self.w13_weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         self.w2_weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        # gpt-oss: [E_local, 2N] gate's then up's bias, [E_local, K] (expert_bias.py); None: no biases
+        self.w13_bias: nn.Parameter | None = None
+        self.w2_bias: nn.Parameter | None = None
+        if bias:
+            allocate_biases(self, dtype, device)
         self.e_score_correction_bias: nn.Parameter | None = None
         if use_correction_bias:  # DeepSeek-V3: selection bias [E], float32
-            bias = torch.zeros(num_experts, dtype=torch.float32, device=device)
-            self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
+            correction = torch.zeros(num_experts, dtype=torch.float32, device=device)
+            self.e_score_correction_bias = nn.Parameter(correction, requires_grad=False)
         self.shared_experts = shared_experts
         # fp8 experts (module docstring): the scales' layout and the fp32 scales; None: model-dtype weights
         self.fp8_layout: Fp8Layout | None = None
@@ -149,7 +165,7 @@ class FusedMoE(nn.Module):
         local_ids = self.placement.to_local_ids(topk_ids)  # -1: another rank's expert
         kernel = self._kernel_for(hidden)
         out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, local_ids, self.activation,
-                     self.fp8_scales(), self.int4_scales())  # fmt: skip
+                     self.fp8_scales(), self.int4_scales(), layer_epilogue(self))  # fmt: skip
         return out.view(shape)
 
     def fp8_scales(self) -> Fp8ExpertScales | None:
@@ -170,6 +186,11 @@ class FusedMoE(nn.Module):
         return Fp8ExpertScales(
             self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout, w13_input, w2_input
         )
+
+    def adds_w2_bias(self) -> bool:
+        """Whether this layer adds w2_bias to its output: a tensor-parallel subclass, whose ranks' outputs are
+        summed, answers True on one rank only."""
+        return True
 
     def int4_scales(self) -> Int4ExpertScales | None:
         """The 4-bit experts' scales, zero points and g_idx for the kernel; None unless 4-bit."""
@@ -196,6 +217,7 @@ class FusedMoE(nn.Module):
                 activation=self.activation,
                 fp8=self.fp8_layout,
                 int4=self.int4_layout,
+                has_bias=self.w13_bias is not None,
                 routed_experts=self.num_experts if self.placement.is_partial else None,
             )
             choice = select_moe_kernel(problem, self.backend)
@@ -251,6 +273,7 @@ class FusedMoE(nn.Module):
     def quantize_fp8(self, layout: Fp8Layout) -> None:
         """Replace the loaded model-dtype experts by float8_e4m3fn in `layout` (experts/fp8.py); the originals are
         freed."""
+        check_unquantized(self, "fp8")
         q13, q2, scales = quantize_experts(self.w13_weight, self.w2_weight, layout, self.w2_row_amax)
         self.w13_weight = self._parameter(q13)
         self.w2_weight = self._parameter(q2)
@@ -261,6 +284,7 @@ class FusedMoE(nn.Module):
     def allocate_fp8(self, layout: Fp8Layout, device: torch.device | str | None = None) -> None:
         """Storage for an fp8 checkpoint's experts (the layer may have been built on the meta device): fp8 weights
         and fp32 scales in `layout`, all to be filled by `weight_loader`."""
+        check_unquantized(self, "fp8")
         e, k, n = self.placement.num_local, self.hidden_size, self.intermediate_size
         fp8 = torch.float8_e4m3fn
         self.w13_weight = self._parameter(torch.empty(e, 2 * n, k, dtype=fp8, device=device))
@@ -277,6 +301,8 @@ class FusedMoE(nn.Module):
         """Model-dtype storage for experts built on the meta device, to be filled by `weight_loader`."""
         self.w13_weight = self._parameter(torch.empty_like(self.w13_weight, device=device))
         self.w2_weight = self._parameter(torch.empty_like(self.w2_weight, device=device))
+        if self.w13_bias is not None:
+            allocate_biases(self, self.w13_weight.dtype, device)
 
     def w2_row_amax(self, local: torch.Tensor) -> torch.Tensor:
         """[E, K] largest magnitudes of the w2 rows this layer holds -> of the whole rows (a tensor-parallel layer
@@ -311,6 +337,7 @@ class FusedMoE(nn.Module):
             f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, renormalize={self.router.renormalize}, "
             f"scoring={self.router.scoring}, activation={self.activation}"
+            + describe_epilogue(self)
             + (f", local_experts={self.placement.local_experts}" if self.placement.is_partial else "")
             + (f", fp8={self.fp8_layout.describe()}" if self.fp8_layout is not None else "")
             + (f", int4={self.int4_layout.describe()}" if self.int4_layout is not None else "")

@@ -19,6 +19,9 @@ Rules, in order (each decision is recorded as a reason and shows in `describe()`
    follow rule 3 too: on CUDA Triton fused MoE unpacks the nibbles in registers inside its grouped GEMM (16-bit
    activations, the model-dtype block config with BLOCK_K inside one group); elsewhere the torch reference runs the
    spec, the dense `w4a16_linear` reference per expert. The reason names the layout.
+6. Expert biases and the swigluoai activation (gpt-oss, experts/epilogue.py) run in the model dtype only: the torch
+   reference and Triton fused MoE (both formats) add the biases and apply the clamped SwiGLU; an fp8 or 4-bit layer
+   with either is refused (ValueError) whatever the backend, since no quantized expert kernel has that epilogue.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from treadle_moe import envs
 from treadle_moe.configs import get_block_config
 from treadle_moe.experts.base import Experts
+from treadle_moe.experts.epilogue import quantized_support_reason
 from treadle_moe.experts.fp8 import Fp8Layout
 from treadle_moe.experts.int4 import Int4Layout
 from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
@@ -68,6 +72,7 @@ class MoEProblem:
     activation: str = "silu"
     fp8: Fp8Layout | None = None  # float8_e4m3fn expert weights in this scale layout; None: `dtype` weights
     int4: Int4Layout | None = None  # packed 4-bit expert weights in this layout (activations in `dtype`)
+    has_bias: bool = False  # gpt-oss's expert biases (w13 [E, 2N], w2 [E, K])
     # expert parallelism: the experts the router routes over when the layer holds num_experts of them; block configs
     # are those of that many experts (each held expert sees the load it would on one device)
     routed_experts: int | None = None
@@ -106,6 +111,11 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
     """Choose experts + prepare/finalize for `problem`; `backend` (or TREADLE_MOE_BACKEND) forces the experts."""
     reasons: list[str] = []
     device_type = problem.device.type
+    quantized = "fp8" if problem.fp8 is not None else "4-bit" if problem.int4 is not None else None
+    if quantized is not None and (
+        why := quantized_support_reason(quantized, problem.activation, problem.has_bias)
+    ):
+        raise ValueError(why)
     forced = backend if backend is not None else envs.moe_backend()
     if forced is not None:
         if forced not in BACKENDS:
@@ -125,13 +135,14 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
         why_not = TritonExperts.support_reason(
             device_type, problem.dtype, problem.activation, problem.fp8, problem.int4
         )
-        if device_type == "cuda" and why_not is None:
+        if device_type == "cuda" and why_not is None and not problem.has_bias:
             experts_cls = TritonExperts
             fp8 = f", {problem.fp8.describe()} on fp8 tensor cores" if problem.fp8 is not None else ""
             if problem.int4 is not None:
                 fp8 = f", {problem.int4.describe()}: 4-bit weights unpacked in registers in the grouped GEMM"
+            bias = ", expert biases in the GEMM epilogues" if problem.has_bias else ""
             reasons.append(
-                f"experts {experts_cls.name}: cuda, {_dtype_name(problem.dtype)}, {problem.activation}{fp8}"
+                f"experts {experts_cls.name}: cuda, {_dtype_name(problem.dtype)}, {problem.activation}{fp8}{bias}"
             )
         else:
             experts_cls = TorchExperts

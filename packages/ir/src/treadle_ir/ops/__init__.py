@@ -6,7 +6,7 @@ platform and configuration. Model code calls these, never kernels directly.
 
 from __future__ import annotations
 
-from .activation import gelu_tanh_and_mul, silu_and_mul
+from .activation import gelu_tanh_and_mul, silu_and_mul, swigluoai_and_mul
 from .cache import reshape_and_cache
 from .fp8 import fp8_linear, quantize_fp8_rows
 from .fp8_block import fp8_block_linear, quantize_fp8_groups
@@ -35,6 +35,7 @@ __all__ = [
     "rotary_embedding_",
     "silu_and_mul",
     "silu_and_mul_linear",
+    "swigluoai_and_mul",
     "token_logprobs",
     "w4a16_linear",
 ]

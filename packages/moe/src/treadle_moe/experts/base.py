@@ -6,7 +6,9 @@ allocates the scratch from the workspace manager and calls `apply`.
 
 Sizes: M tokens (BATCHED: rows per expert slab), K hidden size, N expert intermediate size, E experts.
 Weights: w13 [E, 2N, K] (rows 0..N-1 the gate projection, rows N..2N-1 the up projection), w2 [E, K, N]; an
-expert computes `y = w2[e] @ act(w13[e][:N] @ x) * (w13[e][N:] @ x)`. A slot whose expert id is -1 (expert
+expert computes `y = w2[e] @ act(w13[e][:N] @ x) * (w13[e][N:] @ x)`; an `ExpertEpilogue` (`epilogue`, gpt-oss,
+experts/epilogue.py) adds biases (w13's before the activation, w2's before the routing weight) and carries the
+swigluoai constants, for model-dtype weights only. A slot whose expert id is -1 (expert
 parallelism: another rank holds that expert, treadle_moe/placement.py) contributes zero. fp8 weights (float8_e4m3fn)
 come with their scales (`fp8`, an `Fp8ExpertScales`: per channel or block-wise, experts/fp8.py) and compute
 `expert_mlp_fp8`; an implementation says which layouts it runs through `support_reason`. 4-bit weights (`int4`,
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, int4_expert_sizes
 from treadle_moe.prepare_finalize import ActivationFormat
@@ -89,9 +92,11 @@ class Experts(ABC):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        epilogue: ExpertEpilogue | None = None,
     ) -> None:
         """Write the experts' output (shape `workspace_shapes(...).output`) into `output`; `fp8`: the scales of
-        float8_e4m3fn w13 / w2; `int4`: the scales (zeros, g_idx) of packed 4-bit w13 / w2."""
+        float8_e4m3fn w13 / w2; `int4`: the scales (zeros, g_idx) of packed 4-bit w13 / w2; `epilogue`: biases and
+        swigluoai constants (model-dtype weights only)."""
 
     def describe(self) -> str:
         return f"{self.name} ({self.activation_format.value} format)"

@@ -8,15 +8,19 @@ first expert_num_tokens[e] rows of every slab. Experts with no token are skipped
 per call (the per-expert counts), which is why this is the reference and not the fast path.
 fp8 weights (either layout of experts/fp8.py) run `expert_mlp_fp8`: the dense IR ops' reference implementations
 applied to each expert's tokens, the spec of the fp8 kernels; 4-bit weights (experts/int4.py) run `expert_mlp_int4`,
-the dense `w4a16_linear` reference on each expert's two projections.
+the dense `w4a16_linear` reference on each expert's two projections. An `ExpertEpilogue` (gpt-oss, model-dtype
+weights only) adds each expert's biases to its two projections (`F.linear`'s bias: the w2 one before finalize
+weights the output) and gives swigluoai its constants.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from treadle_moe.activation import ACTIVATIONS, act_and_mul
+from treadle_moe.activation import ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, act_and_mul
 from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
+from treadle_moe.experts.epilogue import ExpertEpilogue, check_epilogue, quantized_kind
 from treadle_moe.experts.fp8 import Fp8ExpertScales, check_fp8_scales, expert_mlp_fp8
 from treadle_moe.experts.int4 import Int4ExpertScales, check_int4_experts, expert_mlp_int4
 from treadle_moe.prepare_finalize import ActivationFormat
@@ -25,9 +29,19 @@ from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce, WeightAndRed
 _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
 
-def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> torch.Tensor:
-    """One expert: x [T, K], w13 [2N, K], w2 [K, N] -> [T, K] = w2 @ act_and_mul(w13 @ x)."""
-    return act_and_mul(x @ w13.t(), activation) @ w2.t()
+def expert_mlp(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
+) -> torch.Tensor:
+    """One expert: x [T, K], w13 [2N, K], w2 [K, N] (biases b13 [2N], b2 [K]) -> [T, K]
+    = w2 @ act_and_mul(w13 @ x + b13) + b2."""
+    return F.linear(act_and_mul(F.linear(x, w13, b13), activation, alpha, limit), w2, b2)
 
 
 def run_expert(
@@ -38,14 +52,18 @@ def run_expert(
     activation: str,
     fp8: Fp8ExpertScales | None,
     int4: Int4ExpertScales | None = None,
+    epilogue: ExpertEpilogue | None = None,
 ) -> torch.Tensor:
     """Expert `expert` of the stacks w13 / w2 on its tokens x [T, K]: model-dtype, fp8 or 4-bit weights."""
     if int4 is not None:
         return expert_mlp_int4(x, w13, w2, int4, expert, activation)
-    if fp8 is None:
-        return expert_mlp(x, w13[expert], w2[expert], activation)
-    return expert_mlp_fp8(x, w13[expert], w2[expert], fp8.w13[expert], fp8.w2[expert], fp8.layout, activation,
-                          fp8.w13_input, fp8.w2_input)  # fmt: skip
+    if fp8 is not None:
+        return expert_mlp_fp8(x, w13[expert], w2[expert], fp8.w13[expert], fp8.w2[expert], fp8.layout, activation,
+                              fp8.w13_input, fp8.w2_input)  # fmt: skip
+    e = epilogue or ExpertEpilogue()
+    b13 = None if e.w13_bias is None else e.w13_bias[expert]
+    b2 = None if e.w2_bias is None else e.w2_bias[expert]
+    return expert_mlp(x, w13[expert], w2[expert], activation, b13, b2, e.swiglu_alpha, e.swiglu_limit)
 
 
 class TorchExperts(Experts):
@@ -78,11 +96,13 @@ class TorchExperts(Experts):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        epilogue: ExpertEpilogue | None = None,
     ) -> None:
-        num_experts, _ = check_weights(hidden.shape[1], w13, w2)
+        num_experts, n = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden.shape[1])
         top_k = topk_ids.shape[1]
         slots_out = output.view(-1, hidden.shape[1])  # [M * top_k, K], slot s = token s // top_k
         flat_ids = topk_ids.reshape(-1).long()
@@ -98,7 +118,9 @@ class TorchExperts(Experts):
                 continue
             slots = order[start : start + count]
             start += count
-            slots_out[slots] = run_expert(hidden[slots // top_k], w13, w2, expert, activation, fp8, int4)
+            slots_out[slots] = run_expert(
+                hidden[slots // top_k], w13, w2, expert, activation, fp8, int4, epilogue
+            )
 
 
 class BatchedTorchExperts(Experts):
@@ -131,14 +153,16 @@ class BatchedTorchExperts(Experts):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        epilogue: ExpertEpilogue | None = None,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
-        check_weights(hidden.shape[2], w13, w2)
+        num_experts, n = check_weights(hidden.shape[2], w13, w2)
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden.shape[2])
         for expert, count in enumerate(expert_num_tokens.tolist()):
             if count:
                 output[expert, :count] = run_expert(
-                    hidden[expert, :count], w13, w2, expert, activation, fp8, int4
+                    hidden[expert, :count], w13, w2, expert, activation, fp8, int4, epilogue
                 )

@@ -32,6 +32,7 @@ from treadle_moe.activation import check_activation
 from treadle_moe.configs import INTERPRETER_CONFIG, BlockConfig, get_block_config
 from treadle_moe.experts.align import BlockAlignment, align_batched, align_block_size
 from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
+from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, check_fp8_scales
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, check_int4_experts
 from treadle_moe.experts.triton_fp8 import fp8_support_reason, run_fp8_gemms
@@ -137,7 +138,10 @@ class TritonExperts(_TritonBase):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        epilogue: ExpertEpilogue | None = None,
     ) -> None:
+        if epilogue is not None:
+            raise NotImplementedError("expert biases in Triton fused MoE: not yet")
         check_activation(activation)
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
@@ -183,7 +187,10 @@ class BatchedTritonExperts(_TritonBase):
         workspace2: torch.Tensor,
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
+        epilogue: ExpertEpilogue | None = None,
     ) -> None:
+        if epilogue is not None:
+            raise NotImplementedError("expert biases in Triton fused MoE: not yet")
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_activation(activation)
         num_experts, max_tokens, hidden_size = hidden.shape
