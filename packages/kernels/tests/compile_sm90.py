@@ -51,15 +51,32 @@ def main() -> int:
         }  # fmt: skip
         ptrs = {**ints, **fp32, "k_cache_ptr": cache, "v_cache_ptr": cache}
         compile_one(attn.paged_attention_kernel, constexprs, ptrs, ("scale", "soft_cap"))
-    for flt in (False, True):
-        constexprs = {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "NUM_SPLITS": 16, "FILTER": flt}
+    # attention sinks (gpt-oss: bf16 logits, head_dim 64, group 8, window): folded by the program, or the reduction
+    for splits, block_m in ((1, 64), (16, 16)):
+        out = {"out_ptr": "*fp32" if splits > 1 else "*bf16"}
+        constexprs = {
+            "G": 8, "HEAD_DIM": 64, "HEAD_DIM_PAD": 64, "BLOCK_SIZE": 16, "BLOCK_Q": block_m // 8,
+            "BLOCK_M": block_m, "BLOCK_N": 64, "NUM_SPLITS": splits, "CAUSAL": True, "USE_WINDOW": True,
+            "USE_SOFT_CAP": False, "DOT_PRECISION": "tf32", "UPCAST": False, "WIDE_OFFSETS": False,
+            "HAS_SINKS": splits == 1,
+        }  # fmt: skip
+        compile_one(attn.paged_attention_kernel, constexprs, {**ints, **fp32, **out}, ("scale", "soft_cap"))
+    for flt, sinks in ((False, False), (True, False), (True, True)):
+        constexprs = {
+            "HEAD_DIM": 128,
+            "HEAD_DIM_PAD": 128,
+            "NUM_SPLITS": 16,
+            "FILTER": flt,
+            "HAS_SINKS": sinks,
+        }
         compile_one(attn.reduce_splits_kernel, constexprs, {**ints, **fp32})
     decode_ptrs = {**ints, **fp32, "counter_ptr": "*i32", "positions_ptr": "*i64", "slot_mapping_ptr": "*i64"}
-    for splits, window, fp8 in ((1, False, False), (16, True, False), (16, False, True)):
+    for splits, window, fp8, sinks in ((1, False, False, False), (16, True, False, False), (16, False, True, False),
+                                       (1, True, False, True), (16, True, False, True)):  # fmt: skip
         constexprs = {
             "G": 4, "HALF": 64, "BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_N": 64, "NUM_SPLITS": splits,
             "USE_WINDOW": window, "DOT_PRECISION": "tf32", "UPCAST": False, "USE_PDL": splits > 1,
-            "FP8_MAX": 448.0 if fp8 else 0.0,
+            "FP8_MAX": 448.0 if fp8 else 0.0, "HAS_SINKS": sinks,
         }  # fmt: skip
         ptrs = {**decode_ptrs, **(fp8_cache if fp8 else {})}
         compile_one(decode.decode_attention_kernel, constexprs, ptrs, ("scale",))

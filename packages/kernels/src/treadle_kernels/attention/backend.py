@@ -102,12 +102,15 @@ class AttentionImpl:
         if logits_soft_cap is not None and logits_soft_cap <= 0:
             raise ValueError(f"logits_soft_cap ({logits_soft_cap}) must be > 0 or None (no soft-cap).")
         if sinks is not None and (
-            sinks.dim() != 1 or sinks.shape[0] != num_heads or not sinks.is_floating_point()
+            sinks.dim() != 1
+            or sinks.shape[0] != num_heads
+            or not sinks.is_floating_point()
+            or sinks.stride(0) != 1
         ):
             raise ValueError(
-                f"attention sinks must be a 1-D float tensor of num_heads ({num_heads}) logits, got shape "
-                f"{tuple(sinks.shape)} ({sinks.dtype}); pass this rank's slice of the layer's sinks, one per "
-                "query head."
+                f"attention sinks must be a contiguous 1-D float tensor of num_heads ({num_heads}) logits, got "
+                f"shape {tuple(sinks.shape)} ({sinks.dtype}, strides {sinks.stride()}); pass this rank's slice "
+                "of the layer's sinks, one per query head."
             )
         self.num_heads = num_heads
         self.head_size = head_size

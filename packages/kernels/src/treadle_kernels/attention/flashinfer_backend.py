@@ -19,6 +19,9 @@ An fp8 cache (``--kv-cache-dtype fp8``) is planned with ``kv_data_type`` fp8 and
 paths read an fp8 cache beside a 16-bit query (we take the tensor-core one: ``LayerSignature``); prefill takes the
 FA2 kernels on every GPU, because its Hopper (FA3) kernels read an fp8 cache only beside an fp8 query
 (``is_fa3_backend_supported``, flashinfer/utils.py:463).
+
+Attention sinks (gpt-oss) are not planned into these wrappers: an impl built with sinks raises, naming the backends
+that have them (``triton``, ``torch``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from treadle_kernels.attention.backend import (
     AttentionBackend,
     AttentionImpl,
     AttentionMetadataBuilder,
+    refuse_sinks,
     write_kv_cache,
 )
 from treadle_kernels.attention.flashinfer_graphs import GraphDecodeWrappers
@@ -157,6 +161,20 @@ class FlashInferMetadataBuilder(AttentionMetadataBuilder):
 
 
 class FlashInferAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        # FlashInfer's wrappers here take no sink logits: a gpt-oss layer would silently attend without them
+        refuse_sinks(FlashInferAttentionBackend.name, sinks)
+        super().__init__(num_heads, head_size, scale, num_kv_heads, sliding_window, logits_soft_cap, sinks)
+
     def forward(
         self,
         query: torch.Tensor,

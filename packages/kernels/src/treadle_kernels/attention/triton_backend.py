@@ -3,7 +3,8 @@
 Each launch's tiles, split count and kernel variant come from ``triton_launch.py`` (host integers only, no device
 sync); a mixed batch is launched twice, 16-row tiles for its short queries and 64-row tiles for its long ones (the
 builder records the step's shortest query). Decode-only steps over an e4m3 cache on Hopper take FlashInfer's
-XQA kernel instead, where flashinfer-python is installed (``xqa.py``).
+XQA kernel instead, where flashinfer-python is installed (``xqa.py``), unless the layer has attention sinks
+(gpt-oss): every Triton path (unified, split-KV reduction, fused decode) folds those in; XQA is called without.
 
 Triton is imported lazily: importing this module never needs it. Under ``TRITON_INTERPRET=1`` the same kernel runs
 on CPU tensors (tests), with small tiles.
@@ -78,11 +79,12 @@ def _launch(
     cfg: LaunchConfig,
     q_len_range: tuple[int, int],
     serves_all: bool,
+    sinks: torch.Tensor | None,
 ) -> None:
     """One kernel launch over the requests with ``q_len_range[0] <= query_len <= q_len_range[1]`` (+ the reduction).
 
     ``serves_all``: that range holds every request, so every scratch row is written and the reduction need not
-    look up each token's request.
+    look up each token's request. ``sinks`` [nh] (or None): folded in by the kernel, or with splits by the reduction.
     """
     from treadle_kernels.attention.triton_kernel import paged_attention_kernel, reduce_splits_kernel
 
@@ -91,6 +93,8 @@ def _launch(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     head_dim_pad = max(16, next_pow2(head_dim))
+    # without sinks any tensor stands in for them: HAS_SINKS is False and the kernels never read it
+    sinks_arg = output if sinks is None else sinks
     grid = (num_tokens // cfg.block_q + num_reqs, num_kv_heads, cfg.num_splits)
     if cfg.num_splits == 1:
         target, part_m, part_l = output, output, output
@@ -105,7 +109,7 @@ def _launch(
     launch(
         paged_attention_kernel, grid,
         target, part_m, part_l, query, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
-        num_reqs, q_len_range[0], q_len_range[1], scale, logits_soft_cap or 0.0, sliding_window or 0,
+        sinks_arg, num_reqs, q_len_range[0], q_len_range[1], scale, logits_soft_cap or 0.0, sliding_window or 0,
         query.stride(0), query.stride(1), stride_t, stride_h, stride_s,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -117,17 +121,17 @@ def _launch(
         UPCAST=query.device.type == "cpu",  # CPU means the interpreter
         WIDE_OFFSETS=wide_offsets(k_cache, v_cache),
         FP8_WIDEN=cfg.fp8_widen if query.device.type == "cuda" else 0,  # inline assembly: never interpreted
-        SCORE_MASK_ALWAYS=cfg.mask_all_tiles,
+        SCORE_MASK_ALWAYS=cfg.mask_all_tiles, HAS_SINKS=sinks is not None and cfg.num_splits == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers and query.device.type == "cuda" else {}),
     )  # fmt: skip
     if cfg.num_splits > 1:
         launch(
             reduce_splits_kernel, (num_tokens, num_heads),
-            output, target, part_m, part_l, md.query_start_loc, num_reqs, q_len_range[0], q_len_range[1],
-            num_heads, output.stride(0), output.stride(1),
+            output, target, part_m, part_l, md.query_start_loc, sinks_arg, num_reqs, q_len_range[0],
+            q_len_range[1], num_heads, output.stride(0), output.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=cfg.num_splits, FILTER=not serves_all,
-            num_warps=4,
+            HAS_SINKS=sinks is not None, num_warps=4,
         )  # fmt: skip
 
 
@@ -142,6 +146,7 @@ def paged_attention(
     force_num_splits: int | None = None,
     min_query_len: int = 1,
     profile: DeviceProfile | None = None,
+    sinks: torch.Tensor | None = None,  # [nh] sink logits (gpt-oss), read as float32
 ) -> torch.Tensor:
     """Attend ``query`` over the paged cache (new K/V already written) with the unified Triton kernel."""
     if md.num_actual_tokens == 0 or md.num_reqs == 0:
@@ -159,10 +164,10 @@ def paged_attention(
     short = choose_launch_config(profile, md.num_reqs, 1, num_kv_heads, group, 1, fp8)
     if cfg.block_m > short.block_m and min_query_len <= short.block_q:
         # mixed batch: short queries (decodes) in small tiles, long ones (prefills) in large tiles
-        _launch(*args, short, (0, short.block_q), False)
-        _launch(*args, cfg, (short.block_q + 1, md.max_query_len), False)
+        _launch(*args, short, (0, short.block_q), False, sinks)
+        _launch(*args, cfg, (short.block_q + 1, md.max_query_len), False, sinks)
     else:
-        _launch(*args, cfg, (0, md.max_query_len), True)
+        _launch(*args, cfg, (0, md.max_query_len), True, sinks)
     return output
 
 
@@ -184,7 +189,9 @@ class TritonAttentionImpl(AttentionImpl):
         md = attn_metadata.common
         write_kv_cache(key, value, kv_cache, md.slot_mapping)
         workspace = attn_metadata.xqa_workspace
-        if xqa.applies(query, kv_cache, md, self.sliding_window, self.logits_soft_cap, workspace):
+        # XQA is called without sinks: a layer with them stays on the Triton kernels
+        if self.sinks is None and xqa.applies(query, kv_cache, md, self.sliding_window, self.logits_soft_cap,
+                                              workspace):  # fmt: skip
             assert workspace is not None
             try:
                 return xqa.decode(query, kv_cache, md, output, self.scale, workspace)
@@ -192,7 +199,7 @@ class TritonAttentionImpl(AttentionImpl):
                 pass  # logged; XQA is off from now on
         return paged_attention(
             query, kv_cache, md, output, self.scale, self.sliding_window, self.logits_soft_cap,
-            self.force_num_splits, attn_metadata.min_query_len, self.device_profile,
+            self.force_num_splits, attn_metadata.min_query_len, self.device_profile, self.sinks,
         )  # fmt: skip
 
     def forward_rope(
@@ -214,12 +221,13 @@ class TritonAttentionImpl(AttentionImpl):
                                    self.force_num_splits)  # fmt: skip
         return fused_decode_attention(rope, query, key, value, kv_cache, md, output, self.scale,
                                       self.sliding_window, attn_metadata.counters, cfg.num_splits,
-                                      cfg.block_n)  # fmt: skip
+                                      cfg.block_n, self.sinks)  # fmt: skip
 
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_fp8_kv_cache = True
+    supports_sinks = True  # every kernel path folds them in (HAS_SINKS); XQA is skipped for such layers
     supports_cuda_graphs = True  # launches read metadata from persistent device tensors only
     # one request: one unified-kernel launch whose programs find their query tiles through query_start_loc
     supports_prefill_graphs = True

@@ -72,6 +72,7 @@ def fused_decode_attention(
     counters: torch.Tensor,
     num_splits: int,
     block_n: int,
+    sinks: torch.Tensor | None = None,  # [nh] sink logits (gpt-oss), read as float32
 ) -> torch.Tensor:
     """Rotate, write the new K/V and attend, for one-token requests (token i is request i)."""
     from treadle_kernels.attention.triton_decode_kernel import decode_attention_kernel
@@ -97,10 +98,12 @@ def fused_decode_attention(
     group = num_heads // num_kv_heads
     cos_sin = rope.cos_sin_cache
     pdl = pdl_enabled(query.device)
+    # without sinks any tensor stands in for them: HAS_SINKS is False and the kernel never reads it
+    sinks_arg = output if sinks is None else sinks
     launch(
         decode_attention_kernel, (num_tokens, num_kv_heads, num_splits),
         output, part_acc, part_m, part_l, counters, query, key, value, rope.positions, cos_sin,
-        k_cache, v_cache, md.block_table, md.seq_lens, md.slot_mapping, scale, sliding_window or 0,
+        k_cache, v_cache, md.block_table, md.seq_lens, md.slot_mapping, sinks_arg, scale, sliding_window or 0,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         output.stride(0), output.stride(1), cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), md.block_table.stride(0),
@@ -108,7 +111,7 @@ def fused_decode_attention(
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.device.type == "cpu", USE_PDL=pdl,
-        FP8_MAX=fp8_max(k_cache.dtype),
+        FP8_MAX=fp8_max(k_cache.dtype), HAS_SINKS=sinks is not None,
         num_warps=4, num_stages=2 if query.device.type == "cuda" else 1, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return output

@@ -21,6 +21,8 @@ per (token, KV head, split) does all four:
    (``exp2(m_s - max m)`` rescaling; empty splits carry ``m = -inf, l = 0``), writes the output and resets the
    counter to 0, so the same counters serve the next layer and step. Scratch is read with ``.cg`` loads (L2),
    never through a possibly stale L1 line.
+With ``HAS_SINKS`` (gpt-oss) each head's sink logit is folded into its finished softmax once: by the program
+without splits, by the merging split with them (``fold_sinks``).
 With ``USE_PDL`` the kernel reads its step metadata and rotary row, lets the next kernel (the o projection) launch
 and start streaming its weight, and waits for the qkv projection before reading q, k and v.
 """
@@ -30,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from treadle_kernels.attention.triton_tiles import LOG2E, online_softmax_step
+from treadle_kernels.attention.triton_tiles import LOG2E, fold_sinks, online_softmax_step
 from treadle_kernels.ops.cache_kernels import to_cache
 
 
@@ -59,6 +61,7 @@ def decode_attention_kernel(
     block_table_ptr,
     seq_lens_ptr,
     slot_mapping_ptr,
+    sinks_ptr,  # [nh] sink logits (HAS_SINKS only)
     scale,
     window,
     stride_qt,
@@ -85,6 +88,7 @@ def decode_attention_kernel(
     UPCAST: tl.constexpr,  # the CPU interpreter mis-computes 16-bit dots: compute them in fp32 there
     USE_PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait before reading q, k, v
     FP8_MAX: tl.constexpr,  # > 0: an fp8 cache (unit scale), the new K/V clamped to +-FP8_MAX as they are stored
+    HAS_SINKS: tl.constexpr = False,  # fold sinks_ptr's per-head logits into the softmax (gpt-oss)
 ):
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -183,6 +187,8 @@ def decode_attention_kernel(
 
     o_offs = token * stride_ot + head[:, None] * stride_oh + dims[None, :]
     if NUM_SPLITS == 1:
+        if HAS_SINKS:
+            m_i, l_i, acc = fold_sinks(m_i, l_i, acc, sinks_ptr, head, row_ok)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + o_offs, out.to(dtype), mask=row_ok[:, None])
     else:
@@ -210,6 +216,8 @@ def decode_attention_kernel(
                 l_run = l_run * w_run + l_s * w_s
                 a_run = a_run * w_run[:, None] + a_s * w_s[:, None]
                 m_run = m_top
+            if HAS_SINKS:
+                m_run, l_run, a_run = fold_sinks(m_run, l_run, a_run, sinks_ptr, head, row_ok)
             out = a_run / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
             tl.store(out_ptr + o_offs, out.to(dtype), mask=row_ok[:, None])
             tl.atomic_xchg(counter, 0)

@@ -42,6 +42,11 @@ window) leaves ``m = -inf, l = 0, acc = 0`` and gets weight ``exp(-inf) = 0``; a
 reduces to 0, never ``inf - inf``. Invariant: the reduction writes only rows the split launch served; in a mixed
 batch's double launch the split launch serves a subset of the requests (``FILTER``) and the other rows hold the
 short launch's output while their scratch rows were never written.
+
+Attention sinks (``HAS_SINKS``, gpt-oss): one logit per query head that joins the softmax's sum without a value.
+It is folded in once per row, at the end: by the program itself without splits (``fold_sinks``), by the reduction
+with them (never per split, which would count it ``NUM_SPLITS`` times). Without sinks the kernels compile as
+before (``HAS_SINKS`` is a constexpr; ``sinks_ptr`` is then any tensor, never read).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from treadle_kernels.attention.triton_tiles import LOG2E, attend_tiles
+from treadle_kernels.attention.triton_tiles import LOG2E, attend_tiles, fold_sinks
 
 
 @triton.jit
@@ -86,6 +91,7 @@ def paged_attention_kernel(
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    sinks_ptr,  # [nh] sink logits (HAS_SINKS only; the split path's are applied by the reduction)
     num_reqs,
     min_q_len,  # this launch serves only requests with min_q_len <= query_len <= max_q_len
     max_q_len,
@@ -120,6 +126,7 @@ def paged_attention_kernel(
     WIDE_OFFSETS: tl.constexpr = True,  # False: a layer's K (and V) cache has < 2**31 elements, 32-bit offsets do
     FP8_WIDEN: tl.constexpr = 0,  # fp8 cache on sm_89+: 1 widens the V tile after its load, 2 K and V (docstring)
     SCORE_MASK_ALWAYS: tl.constexpr = False,  # every tile takes the masked loop (measurement)
+    HAS_SINKS: tl.constexpr = False,  # fold sinks_ptr's per-head logits into the softmax (gpt-oss)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -193,6 +200,8 @@ def paged_attention_kernel(
     o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     o_mask = row_ok[:, None] & dim_ok[None, :]
     if NUM_SPLITS == 1:
+        if HAS_SINKS:
+            m_i, l_i, acc = fold_sinks(m_i, l_i, acc, sinks_ptr, head, row_ok)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
@@ -210,6 +219,7 @@ def reduce_splits_kernel(
     part_m_ptr,  # [T, nh, NUM_SPLITS] fp32
     part_l_ptr,
     query_start_loc_ptr,
+    sinks_ptr,  # [nh] sink logits (HAS_SINKS only)
     num_reqs,
     min_q_len,  # with FILTER, only tokens of requests with min_q_len <= query_len <= max_q_len are reduced
     max_q_len,
@@ -220,6 +230,7 @@ def reduce_splits_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     FILTER: tl.constexpr,  # the split launch served only some requests (mixed batch); skip the others' rows
+    HAS_SINKS: tl.constexpr = False,  # the head's sink logit joins the merged sum, once (gpt-oss)
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -235,9 +246,14 @@ def reduce_splits_kernel(
     m = tl.load(part_m_ptr + base * NUM_SPLITS + splits)
     l_s = tl.load(part_l_ptr + base * NUM_SPLITS + splits)
     m_max = tl.max(m, axis=0)
+    if HAS_SINKS:  # one more logit, with no value: it joins the max and the sum
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E
+        m_max = tl.maximum(m_max, sink)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)  # empty or fully masked splits: exp2(-inf) = 0
     denom = tl.sum(w * l_s, axis=0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink - m_max)
     acc_offs = (base * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :]
     acc = tl.load(part_acc_ptr + acc_offs, mask=dim_ok[None, :], other=0.0)  # padded dims were never written
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)

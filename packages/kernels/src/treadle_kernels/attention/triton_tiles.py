@@ -1,6 +1,6 @@
 """The key-tile loop of the unified paged-attention kernel (``triton_kernel.py``) and its pieces: the online
-softmax step (shared with the fused decode kernel) and the fp8 widening. Imported lazily: this module imports
-triton."""
+softmax step and the attention-sink fold (both shared with the fused decode kernel) and the fp8 widening.
+Imported lazily: this module imports triton."""
 
 from __future__ import annotations
 
@@ -34,6 +34,20 @@ def online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def fold_sinks(m_i, l_i, acc, sinks_ptr, head, row_ok):
+    """Fold each row's attention sink (gpt-oss; ``sinks_ptr[head]``, natural-log units, any float dtype) into
+    a finished softmax: one more logit that joins the sum ``l_i`` but weighs no value. Returns the rescaled
+    ``(m, l, acc)``; ``acc / l`` is then the output, 0 for a row that saw no key. Called once per row, after
+    every key tile (and, split-KV, after the splits are merged)."""
+    sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E
+    m_new = tl.maximum(m_i, sink)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.exp2(sink - m_safe)
+    return m_new, l_i, acc * alpha[:, None]
 
 
 @triton.jit

@@ -3,7 +3,8 @@
 It serves decode-only steps over an e4m3 cache (``--kv-cache-dtype fp8``) on a Hopper GPU (sm_90), where FlashInfer
 runs XQA's fp8 kernel (``mha_sm90.cu``: TMA page loads, warp-group MMAs in fp8, so the query and the softmax weights
 are rounded to e4m3, as FA3's fp8 path does). Everything else (prefill, chunked prefill, mixed steps, sliding
-windows, soft-caps, the fused small-batch decode kernel's batches, 16-bit caches) stays on the unified Triton kernel.
+windows, soft-caps, attention sinks, the fused small-batch decode kernel's batches, 16-bit caches) stays on the
+unified Triton kernel.
 ``TREADLE_ATTN_XQA``: unset, on where it applies when flashinfer-python is installed; ``0`` off; ``1`` on (an
 error without flashinfer); ``2`` also 16-bit caches (XQA's generic kernel; slower than Triton's, for measurement).
 Unset, a first call that fails (FlashInfer builds XQA with nvcc on first use; a machine may have the package but not
