@@ -1,18 +1,17 @@
 """Expert biases and the swigluoai activation (experts/epilogue.py) in every experts x prepare/finalize combination,
-against a per-token float64 loop written here; and the refusals of quantized experts for such layers.
-
-The loop is the math of HF's GptOssExperts on plain (de-interleaved) halves: for token m and its j-th expert e,
-y = w2[e] @ act(w13[e] @ x[m] + b13[e]) + b2[e], weighted by topk_weights[m, j] (the down bias too) and summed.
-Triton experts run in the CPU interpreter here (tiny sizes), at gpt-oss-20b sizes on GPU (test_moe_gpu_bias.py).
+against bias_cases.py's per-token float64 loop (HF GptOssExperts' math on plain halves); and the refusals of quantized
+experts for such layers. Triton experts run in the CPU interpreter here (tiny sizes), at gpt-oss-20b sizes on GPU
+(test_moe_gpu_bias.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from moe_cases import COMBOS, DEVICE, make_moe_inputs, skip_without_triton, tolerance
+from bias_cases import loop_reference, make_bias_inputs, run
+from moe_cases import COMBOS, tolerance
 
-from treadle_moe import Fp8Layout, FusedMoE, Int4Layout, ModularKernel, MoEProblem, select_moe_kernel
+from treadle_moe import Fp8Layout, FusedMoE, Int4Layout, MoEProblem, select_moe_kernel
 from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.int4_layer import allocate_int4
 
@@ -20,57 +19,10 @@ from treadle_moe.int4_layer import allocate_int4
 CASES = [(1, 64, 32, 8, 1, 0), (7, 48, 40, 8, 4, 2), (20, 32, 32, 16, 2, 0)]
 
 
-def make_bias_inputs(case: tuple[int, ...], dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """make_moe_inputs' problem plus O(1) biases, inputs scaled so some pre-activations pass the limit 7."""
-    m, k, n, e, top_k, skip = case
-    inputs = make_moe_inputs(m, k, n, e, top_k, torch.float32, device="cpu", seed=seed, skip_experts=skip)
-    gen = torch.Generator().manual_seed(seed + 1)
-    inputs["hidden"] = inputs["hidden"] * 8
-    inputs["b13"] = torch.randn(e, 2 * n, generator=gen)
-    inputs["b2"] = 8 * torch.randn(e, k, generator=gen)  # of the outputs' magnitude
-    floats = ("hidden", "w13", "w2", "b13", "b2")
-    return {name: t.to(DEVICE, dtype) if name in floats else t.to(DEVICE) for name, t in inputs.items()}
-
-
-def loop_reference(
-    inputs: dict[str, torch.Tensor], activation: str, alpha: float, limit: float
-) -> torch.Tensor:
-    """Token by token, expert by expert, in float64 (experts of id -1 skipped)."""
-    x, w13, w2 = (inputs[name].double().cpu() for name in ("hidden", "w13", "w2"))
-    b13, b2 = inputs["b13"].double().cpu(), inputs["b2"].double().cpu()
-    ids, weights = inputs["topk_ids"].cpu(), inputs["topk_weights"].double().cpu()
-    n = w2.shape[2]
-    out = torch.zeros_like(x)
-    for m in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[m, j])
-            if e < 0:
-                continue
-            h = w13[e] @ x[m] + b13[e]
-            gate, up = h[:n], h[n:]
-            if activation == "swigluoai":
-                gate, up = torch.clamp(gate, max=limit), torch.clamp(up, -limit, limit)
-                act = (up + 1) * gate / (1 + torch.exp(-alpha * gate))
-            else:
-                act = gate / (1 + torch.exp(-gate)) * up
-            out[m] += weights[m, j] * (w2[e] @ act + b2[e])
-    return out
-
-
-def run(
-    combo: str, inputs: dict[str, torch.Tensor], activation: str, epilogue: ExpertEpilogue
-) -> torch.Tensor:
-    skip_without_triton(combo)
-    pf_cls, experts_cls, _ = COMBOS[combo]
-    kernel = ModularKernel(pf_cls(), experts_cls())
-    return kernel(inputs["hidden"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"],
-                  activation, epilogue=epilogue)  # fmt: skip
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-K{}-N{}-E{}-k{}-skip{}".format(*c))
 @pytest.mark.parametrize("activation", ["swigluoai", "silu"])
-@pytest.mark.parametrize("combo", [c for c in COMBOS if "torch" in c])
+@pytest.mark.parametrize("combo", list(COMBOS))
 def test_biased_experts_match_loop(
     combo: str, activation: str, case: tuple[int, ...], dtype: torch.dtype
 ) -> None:
@@ -84,13 +36,14 @@ def test_biased_experts_match_loop(
     torch.testing.assert_close(out.double().cpu() / scale, ref / scale, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("combo", ["standard-torch"])
+@pytest.mark.parametrize("combo", ["standard-torch", "standard-triton"])
 def test_other_ranks_experts_and_missing_down_bias(combo: str) -> None:
-    """Slots of expert -1 (expert parallelism) add nothing, their biases included; w2_bias None (a TP rank but one)
-    adds no down bias."""
+    """Slots of expert -1 (expert parallelism: a rank holding experts 0..3 of 8) add nothing, their biases included;
+    w2_bias None (a TP rank but one) adds no down bias."""
     inputs = make_bias_inputs((9, 32, 32, 8, 3, 0), torch.float32, seed=2)
     inputs["topk_ids"] = torch.where(inputs["topk_ids"] >= 4, -1, inputs["topk_ids"])
-    out = run(combo, inputs, "swigluoai", ExpertEpilogue(inputs["b13"], None))
+    held = {name: inputs[name][:4] for name in ("w13", "w2", "b13")}
+    out = run(combo, dict(inputs, **held), "swigluoai", ExpertEpilogue(held["b13"], None), routed_experts=8)
     ref = loop_reference(dict(inputs, b2=torch.zeros_like(inputs["b2"])), "swigluoai", 1.702, 7.0)
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-4, rtol=2e-4)
 

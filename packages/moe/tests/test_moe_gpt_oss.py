@@ -55,10 +55,13 @@ def _load_hf_experts(moe: FusedMoE, experts: GptOssExperts, columns: slice | Non
             moe.weight_loader(bias_param, bias.to(param.dtype), f"expert {e} {shard} bias", shard, e)
 
 
-def _gpt_oss_moe(config: GptOssConfig, dtype: torch.dtype, **kwargs: object) -> FusedMoE:
-    return FusedMoE(config.num_local_experts, config.num_experts_per_tok, HIDDEN, kwargs.pop("inter", INTER),  # type: ignore[arg-type]
-                    dtype=dtype, activation="swigluoai", swiglu_alpha=config.swiglu_alpha,
-                    swiglu_limit=config.swiglu_limit, bias=True, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+def _gpt_oss_moe(
+    config: GptOssConfig, dtype: torch.dtype, placement: ExpertPlacement | None = None
+) -> FusedMoE:
+    """FusedMoE configured as gpt-oss's experts (swigluoai with the config's constants, biases)."""
+    return FusedMoE(config.num_local_experts, config.num_experts_per_tok, HIDDEN, INTER, dtype=dtype,
+                    activation="swigluoai", swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit,
+                    bias=True, placement=placement)  # fmt: skip
 
 
 def _hf_forward(

@@ -135,7 +135,7 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
         why_not = TritonExperts.support_reason(
             device_type, problem.dtype, problem.activation, problem.fp8, problem.int4
         )
-        if device_type == "cuda" and why_not is None and not problem.has_bias:
+        if device_type == "cuda" and why_not is None:
             experts_cls = TritonExperts
             fp8 = f", {problem.fp8.describe()} on fp8 tensor cores" if problem.fp8 is not None else ""
             if problem.int4 is not None:

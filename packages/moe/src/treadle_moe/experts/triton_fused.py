@@ -19,6 +19,9 @@ fp8 weights (float8_e4m3fn w13 / w2 with `Fp8ExpertScales`) take the fp8 GEMMs o
 the activations quantized per token (group), fp8 tensor-core products, scales in the epilogue or per K block.
 4-bit weights (packed int32 w13 / w2 with `Int4ExpertScales`) take triton_int4.py's W4A16 GEMMs: the nibbles
 unpacked in registers inside the grouped GEMM, 16-bit activations.
+gpt-oss's `ExpertEpilogue` (model-dtype weights only, experts/epilogue.py): each GEMM adds its expert's bias to the
+float32 accumulator in the epilogue (w13: before the activation; w2: before the routing weight), and swigluoai runs
+there too with the epilogue's alpha and limit; quantized weights with either are refused (ValueError).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from treadle_moe.activation import check_activation
 from treadle_moe.configs import INTERPRETER_CONFIG, BlockConfig, get_block_config
 from treadle_moe.experts.align import BlockAlignment, align_batched, align_block_size
 from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
-from treadle_moe.experts.epilogue import ExpertEpilogue
+from treadle_moe.experts.epilogue import ExpertEpilogue, check_epilogue, quantized_kind
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, check_fp8_scales
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, check_int4_experts
 from treadle_moe.experts.triton_fp8 import fp8_support_reason, run_fp8_gemms
@@ -59,7 +62,7 @@ def is_triton_available() -> bool:
 
 class _TritonBase(Experts):
     supported_dtypes = _DTYPES
-    supported_activations = frozenset({"silu", "gelu_tanh"})
+    supported_activations = frozenset({"silu", "gelu_tanh", "swigluoai"})
     supported_device_types = frozenset({"cuda"})
 
     def __init__(self, block_config: BlockConfig | None = None, config_experts: int | None = None) -> None:
@@ -140,13 +143,12 @@ class TritonExperts(_TritonBase):
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
     ) -> None:
-        if epilogue is not None:
-            raise NotImplementedError("expert biases in Triton fused MoE: not yet")
         check_activation(activation)
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden.shape[1])
         num_tokens, top_k = topk_ids.shape
         config, _ = self.config_for(num_tokens, w13, top_k, int4)
         alignment = align_block_size(topk_ids, config.block_m, num_experts)
@@ -156,7 +158,7 @@ class TritonExperts(_TritonBase):
         if (self.config_experts or num_experts) != num_experts:  # some of the router's experts are elsewhere:
             down.zero_()  # no GEMM writes the rows of slots of expert -1, which the sum below reads
         run_gemms(hidden.contiguous(), w13, w2, intermediate, down, weights, alignment, config, top_k, activation,
-                  fp8, int4)  # fmt: skip
+                  fp8, int4, epilogue)  # fmt: skip
         torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=output)
 
 
@@ -189,8 +191,6 @@ class BatchedTritonExperts(_TritonBase):
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
     ) -> None:
-        if epilogue is not None:
-            raise NotImplementedError("expert biases in Triton fused MoE: not yet")
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_activation(activation)
         num_experts, max_tokens, hidden_size = hidden.shape
@@ -198,13 +198,16 @@ class BatchedTritonExperts(_TritonBase):
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden_size)
         # Config by the expected load of one slab: max_tokens rows spread over the experts like top-1 routing.
         config, _ = self.config_for(max_tokens, w13, 1, int4)
         alignment = align_batched(expert_num_tokens, max_tokens, config.block_m)
         rows = hidden.contiguous().view(num_experts * max_tokens, hidden_size)
         intermediate = workspace13.view(num_experts * max_tokens, n)
         out_rows = output.view(num_experts * max_tokens, hidden_size)
-        run_gemms(rows, w13, w2, intermediate, out_rows, None, alignment, config, 1, activation, fp8, int4)
+        run_gemms(
+            rows, w13, w2, intermediate, out_rows, None, alignment, config, 1, activation, fp8, int4, epilogue
+        )
 
 
 def run_gemms(
@@ -220,9 +223,11 @@ def run_gemms(
     activation: str,
     fp8: Fp8ExpertScales | None,
     int4: Int4ExpertScales | None = None,
+    epilogue: ExpertEpilogue | None = None,
 ) -> None:
-    """The two grouped GEMMs: hidden [rows, K] -> intermediate [slots, N] (act(gate) * up) -> out [slots, K]
-    (* topk_weights[slot] when given); fp8 weights take triton_fp8.py's path, 4-bit ones triton_int4.py's."""
+    """The two grouped GEMMs: hidden [rows, K] -> intermediate [slots, N] (act(gate + b13) * (up + b13')) -> out
+    [slots, K] (+ b2, * topk_weights[slot] when given); fp8 weights take triton_fp8.py's path, 4-bit ones
+    triton_int4.py's (neither has an epilogue: `check_epilogue` refused it)."""
     if int4 is not None:
         run_int4_gemms(hidden, w13, w2, int4, intermediate, out, topk_weights, alignment, config, rows_per_token,
                        activation)  # fmt: skip
@@ -231,6 +236,9 @@ def run_gemms(
         run_fp8_gemms(hidden, w13, w2, fp8, intermediate, out, topk_weights, alignment, config, rows_per_token,
                       activation)  # fmt: skip
         return
+    e = epilogue or ExpertEpilogue()
     invoke_moe_gemm(hidden, w13, intermediate, None, alignment, config, a_rows_per_token=rows_per_token,
-                    gated=True, activation=activation)  # fmt: skip
-    invoke_moe_gemm(intermediate, w2, out, topk_weights, alignment, config, a_rows_per_token=1, gated=False)
+                    gated=True, activation=activation, bias=e.w13_bias,
+                    swiglu=(e.swiglu_alpha, e.swiglu_limit))  # fmt: skip
+    invoke_moe_gemm(intermediate, w2, out, topk_weights, alignment, config, a_rows_per_token=1, gated=False,
+                    bias=e.w2_bias)  # fmt: skip

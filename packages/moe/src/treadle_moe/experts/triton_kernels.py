@@ -9,6 +9,11 @@ BLOCK_M slots of one expert) and output columns [pid_n * BLOCK_N, +BLOCK_N):
   tiles accumulate in float32 and the epilogue stores act(gate) * up, so silu_and_mul never touches memory.
   act: silu(x) = x * sigmoid(x); gelu_tanh(x) = x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)).
 - MUL_ROUTED_WEIGHT (the w2 GEMM): the float32 accumulator is scaled by topk_weights[slot] before the store.
+- HAS_BIAS (gpt-oss, experts/epilogue.py): the expert's bias row is added to the float32 accumulators first (the
+  w13 GEMM: columns n and N + n of its [2N] row to the gate and up tiles; the w2 GEMM: column n of its [K] row), so
+  before the activation and before the routing weight. ACTIVATION 2 is swigluoai (gpt-oss's clamped SwiGLU with the
+  runtime `alpha` and `limit`), applied here; the other activations are finish_rows'. Without these flags the kernel
+  compiles as before.
 - Slots >= num_valid_slots are padding: never loaded, never stored. A block whose first slot is padding does
   nothing (batched slabs past their count), and programs past the padded length exit at once, so the grid can
   be sized for the worst case without a host synchronization.
@@ -23,7 +28,7 @@ import triton.language as tl
 
 from treadle_moe.experts.triton_tiles import block_rows, finish_rows, program_tile
 
-ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1}
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "swigluoai": 2}
 
 
 @triton.jit
@@ -36,11 +41,20 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _swigluoai_and_mul(gate, up, alpha, limit):
+    """(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit), in float32."""
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    return (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+
+
+@triton.jit
 def fused_moe_gemm_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
     topk_weights_ptr,
+    bias_ptr,
     sorted_token_ids_ptr,
     expert_ids_ptr,
     num_tokens_post_padded_ptr,
@@ -54,10 +68,14 @@ def fused_moe_gemm_kernel(
     stride_bk,
     stride_cm,
     stride_cn,
+    stride_bias_e,
+    alpha,
+    limit,
     A_ROWS_PER_TOKEN: tl.constexpr,
     GATED: tl.constexpr,
     ACTIVATION: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -102,5 +120,15 @@ def fused_moe_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    finish_rows(acc, acc_up, c_ptr, stride_cm, stride_cn, slots, slot_mask, offs_n, n_mask, topk_weights_ptr, GATED,
-                ACTIVATION, MUL_ROUTED_WEIGHT, ROUND=False)  # fmt: skip
+    if HAS_BIAS:
+        bias_row = bias_ptr + expert * stride_bias_e + offs_n  # [BN]; contiguous rows of [E, 2N] or [E, K]
+        acc += tl.load(bias_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_row + N, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == 2:
+        acc = _swigluoai_and_mul(acc, acc_up, alpha, limit)
+        finish_rows(acc, acc_up, c_ptr, stride_cm, stride_cn, slots, slot_mask, offs_n, n_mask, topk_weights_ptr,
+                    False, 0, MUL_ROUTED_WEIGHT, ROUND=False)  # fmt: skip
+    else:
+        finish_rows(acc, acc_up, c_ptr, stride_cm, stride_cn, slots, slot_mask, offs_n, n_mask, topk_weights_ptr,
+                    GATED, ACTIVATION, MUL_ROUTED_WEIGHT, ROUND=False)  # fmt: skip

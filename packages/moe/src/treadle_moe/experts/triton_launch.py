@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from treadle_moe.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
 from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.align import BlockAlignment
 
@@ -32,15 +33,20 @@ def invoke_moe_gemm(
     a_rows_per_token: int,
     gated: bool,
     activation: str = "silu",
+    bias: torch.Tensor | None = None,
+    swiglu: tuple[float, float] = (SWIGLU_ALPHA, SWIGLU_LIMIT),
 ) -> None:
-    """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ b[expert].T) (* topk_weights[slot])."""
+    """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ b[expert].T + bias[expert]) (* topk_weights[slot]);
+    `bias` [E, 2N] (gated: gate's then up's) or [E, K]; `swiglu`: swigluoai's (alpha, limit)."""
     assert config.block_m == alignment.block_m, "block alignment built for another BLOCK_M"
     assert a.stride(1) == 1 and c.stride(1) == 1, "rows of a and c must be contiguous"
-    launch_fitted(
-        (config, a.dtype, gated),
-        config,
-        lambda fitted: _launch(a, b, c, topk_weights, alignment, fitted, a_rows_per_token, gated, activation),
-    )
+    assert gated or activation == "silu", "the activation belongs to the gated (w13) GEMM"
+    bias = bias.contiguous() if bias is not None else None
+
+    def launch(fitted: BlockConfig) -> None:
+        _launch(a, b, c, topk_weights, alignment, fitted, a_rows_per_token, gated, activation, bias, swiglu)
+
+    launch_fitted((config, a.dtype, gated), config, launch)
 
 
 def launch_fitted(
@@ -90,6 +96,8 @@ def _launch(
     a_rows_per_token: int,
     gated: bool,
     activation: str,
+    bias: torch.Tensor | None,
+    swiglu: tuple[float, float],
 ) -> None:
     from treadle_moe.experts import triton_kernels as tk
 
@@ -102,6 +110,7 @@ def _launch(
         b,
         c,
         weights,
+        bias if bias is not None else c,  # unused pointer without a bias
         alignment.sorted_token_ids,
         alignment.expert_ids,
         alignment.num_tokens_post_padded,
@@ -115,10 +124,14 @@ def _launch(
         b.stride(2),
         c.stride(0),
         c.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        swiglu[0],
+        swiglu[1],
         A_ROWS_PER_TOKEN=a_rows_per_token,
         GATED=gated,
         ACTIVATION=tk.ACTIVATION_CODES[activation],
         MUL_ROUTED_WEIGHT=topk_weights is not None,
+        HAS_BIAS=bias is not None,
         IEEE=a.dtype == torch.float32 or a.device.type == "cpu",
         EVEN_K=k % config.block_k == 0,
         BLOCK_M=config.block_m,
