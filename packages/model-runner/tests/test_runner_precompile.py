@@ -61,6 +61,10 @@ SCRIPT = textwrap.dedent(
 
     runner = make_runner(sys.argv[1], attention_backend="triton", block_size=4, max_num_seqs=8)
     layer = runner._require_model().attention_layers()[0]
+    if sys.argv[2:] == ["sinks"]:  # every layer with attention sinks (gpt-oss), as a model hands them over
+        for a in runner._require_model().attention_layers():
+            a.__dict__["sinks"] = torch.randn(a.num_heads, generator=torch.Generator().manual_seed(a.layer_idx))
+            a.bind_backend(runner.attn_backend)
     sched = FakeScheduler(runner, seed=1)
     for i in range(4):
         sched.add(f"r{i}", list(range(1 + i, 13 + i)), max_tokens=4)
@@ -87,6 +91,8 @@ SCRIPT = textwrap.dedent(
         checked += len(real)
     names = {v[0] for v in compiled}
     assert "decode_attention_kernel" in names, names
+    has_sinks = any(("HAS_SINKS", "True") in v[2] for v in compiled)
+    assert has_sinks == (sys.argv[2:] == ["sinks"]), "the sink variants should be walked exactly for sink layers"
     compiles_finished()
     print("variants checked", checked)
     """
@@ -94,11 +100,26 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU start-up covers the real compile")
-def test_compile_ahead_walk_compiles_what_a_step_launches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "sinks"])
+def test_compile_ahead_walk_compiles_what_a_step_launches(tmp_path: Path, sinks: bool) -> None:
+    """``sinks``: every layer carries attention sinks (gpt-oss), so steps launch the HAS_SINKS variants."""
     save_llama(tmp_path, seed=2, vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-    out = run_interpreted(SCRIPT, str(tmp_path))
+    out = run_interpreted(SCRIPT, str(tmp_path), *(["sinks"] if sinks else []))
     assert "variants checked" in out
+
+
+def test_layer_kinds_tell_sinks_apart() -> None:
+    """Two layers alike but for their sinks are two kinds (each compiles its own variants); a sliding layer is a
+    third, and a repeat of a kind adds none."""
+    from treadle_model_runner.layers.attention import Attention
+    from treadle_model_runner.runner.precompile import _layer_kinds
+
+    plain = Attention(0, 4, 16, 0.25, 2)
+    sunk = Attention(1, 4, 16, 0.25, 2, sinks=torch.zeros(4))
+    sliding = Attention(2, 4, 16, 0.25, 2, sliding_window=128, sinks=torch.zeros(4))
+    again = Attention(3, 4, 16, 0.25, 2, sinks=torch.zeros(4))
+    assert _layer_kinds([plain, sunk, sliding, again]) == [plain, sunk, sliding]
 
 
 @pytest.mark.parametrize(("device", "index"), [("cuda", 3), ("cuda:1", 1)])

@@ -8,6 +8,16 @@ A layer may hand over q and k unrotated with their rotary embedding (`rope`): th
 Triton backend does it inside its decode kernel together with the cache write (one launch instead of three).
 Under a piecewise CUDA-graph capture (runner/piecewise.py) the forward context's `split_attention` takes the call
 instead; the runner then calls `attend` on the captured tensors between the graphs' replays.
+
+Attention sinks (gpt-oss): `sinks` [num_heads] is one learned logit per query head (this TP rank's heads) that
+joins each softmax's denominator without a value (treadle_kernels.attention.backend). The model owns it as its
+own `nn.Parameter` (of this rank's heads) and hands that parameter itself here, not a view of it; the layer holds
+it unregistered (so the weight names stay the model's) and passes the same object to the impl, which reads it at
+every call. The runner binds after the weights are loaded and the model is placed, and what could come later
+keeps the object current: weights copied into it in place, and `Module.to` / `param.data = ...`, which move a
+parameter by swapping its storage under the same Parameter object (test_attention_layer_sinks.py holds torch to
+that). A view would not follow such a move, and a Parameter object replaced after `bind_backend` would leave the
+impl a stale tensor; no loader does either.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from treadle_model_runner.forward_context import get_forward_context
 
 
 class Attention(nn.Module):
+    sinks: torch.Tensor | None  # the model's sink logits (module docstring), or None
+
     def __init__(
         self,
         layer_idx: int,
@@ -31,6 +43,7 @@ class Attention(nn.Module):
         num_kv_heads: int,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,  # [num_heads] the model's sink logits parameter (module docstring)
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -40,10 +53,17 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
+        # a plain attribute, so an nn.Parameter is not registered as this module's own (nn.Module.__setattr__)
+        self.__dict__["sinks"] = sinks
         self.impl: Any = None
 
     def bind_backend(self, backend: Any) -> None:
-        """Create this layer's implementation from an attention backend class."""
+        """Create this layer's implementation from an attention backend class (after the weights are loaded)."""
+        if self.sinks is not None and not getattr(backend, "supports_sinks", False):
+            raise ValueError(
+                f"attention backend '{backend.name}' does not support attention sinks (gpt-oss); "
+                "use --attention-backend triton or torch."
+            )
         self.impl = backend.get_impl_cls()(
             self.num_heads,
             self.head_size,
@@ -51,6 +71,8 @@ class Attention(nn.Module):
             self.num_kv_heads,
             sliding_window=self.sliding_window,
             logits_soft_cap=self.logits_soft_cap,
+            # only with sinks: an impl of a backend without them need not know the argument
+            **({} if self.sinks is None else {"sinks": self.sinks}),
         )
 
     def forward(

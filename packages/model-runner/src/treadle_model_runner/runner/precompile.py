@@ -109,10 +109,12 @@ def compile_pool(device: torch.device, threads: int) -> ThreadPoolExecutor:
 
 
 def _layer_kinds(layers: list[Attention]) -> list[Attention]:
-    """One layer of each kind whose launches differ (heads, head size, sliding window, soft cap)."""
+    """One layer of each kind whose launches differ (heads, head size, sliding window, soft cap, attention sinks:
+    gpt-oss's layers compile their HAS_SINKS variants, and its sliding and full layers differ)."""
     kinds: dict[tuple[Any, ...], Attention] = {}
     for a in layers:
-        key = (a.num_heads, a.num_kv_heads, a.head_size, a.sliding_window is None, a.logits_soft_cap is None)
+        key = (a.num_heads, a.num_kv_heads, a.head_size, a.sliding_window is None, a.logits_soft_cap is None,
+               a.sinks is None)  # fmt: skip
         kinds.setdefault(key, a)
     return list(kinds.values())
 
