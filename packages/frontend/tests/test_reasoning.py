@@ -67,7 +67,7 @@ def test_any_pieces_give_the_whole_reply(parser: str, tools: bool, text: str, ex
 
 
 def test_config_names_the_parsers() -> None:
-    with pytest.raises(ValueError, match="not one of: deepseek_r1, qwen3"):
+    with pytest.raises(ValueError, match="not one of: deepseek_r1, openai_gptoss, qwen3"):
         ServerConfig(reasoning_parser="granite")
 
 

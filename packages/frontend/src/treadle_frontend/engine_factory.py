@@ -14,6 +14,7 @@ frontend needs (max_model_len, vocab size, KV capacity, max_logprobs) from the e
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -179,6 +180,15 @@ def prepare(args: EngineArgs) -> Prepared:
     return Prepared(model_config, tokenizer, tokenizer_path, name, path)
 
 
+def model_type(model_dir: Path) -> str | None:
+    """config.json's model_type (None without one): the server reads some models' replies by it (gpt_oss)."""
+    try:
+        value = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputProcessor:
     """The InputProcessor for a started engine; `ready` is its EngineReady handshake."""
     info = ModelInfo(
@@ -194,6 +204,7 @@ def make_input_processor(args: EngineArgs, prep: Prepared, ready: Any) -> InputP
         num_speculative_tokens=args.speculative_config.num_speculative_tokens
         if args.speculative_config
         else 0,
+        model_type=model_type(prep.model_path),
     )
     defaults = load_generation_defaults(prep.model_path, args.generation_config)
     template = resolve_chat_template(prep.tokenizer, args.chat_template, prep.tokenizer_path)

@@ -57,6 +57,7 @@ class ModelInfo:
         default_factory=PoolerConfig
     )  # how embeddings pool the prompt (--pooler-config)
     num_speculative_tokens: int = 0  # most draft tokens per request per step (0: no speculative decoding)
+    model_type: str | None = None  # config.json's model_type ("gpt_oss" picks the harmony reply parser)
 
 
 def keep_last(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:

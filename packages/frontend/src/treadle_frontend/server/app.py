@@ -78,6 +78,7 @@ def build_app(
     """`on_ready`: called once start-up is done (the --lora-modules adapters loaded), just before the server
     accepts connections: the CLI logs that it is ready there."""
     name = model_name or config.served_model_name or llm.model.name
+    config = config.for_model(llm.model.model_type)  # gpt-oss: the harmony reply parser
     metrics = ServerMetrics(name, llm.model.max_model_len, llm.model.num_speculative_tokens)
     llm.stats_listeners.append(metrics.record)
     state = ServerState(llm=llm, config=config, model_name=name, metrics=metrics)

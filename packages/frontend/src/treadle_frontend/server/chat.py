@@ -11,7 +11,9 @@ call's first `delta.tool_calls` entry carries its index, id and name, and later 
 model writes them. A forced call (`tool_choice` "required" or a named function; forced_tools.py) is tool_calls
 also when max_tokens cuts it: finish_reason "length", content null, the arguments written so far. With
 `--reasoning-parser qwen3|deepseek_r1` the `<think>` block is `message.reasoning_content` (streamed as
-`delta.reasoning_content`), vLLM's field (reply.py).
+`delta.reasoning_content`), vLLM's field (reply.py); gpt-oss's harmony format (`--reasoning-parser openai_gptoss`,
+chosen by itself for a gpt_oss model; `--tool-call-parser openai`) likewise (harmony.py). `reasoning_effort` (low,
+medium, high) reaches the chat template as its `reasoning_effort` variable (gpt-oss's template reads it).
 `use_beam_search` (server/beam.py): the n best of n beams; streamed, each choice's whole text is one chunk.
 """
 
@@ -31,6 +33,7 @@ from treadle_frontend.server.common import (
     ServerState,
     check_priority,
     new_id,
+    reasoning_effort,
     sampling_params,
     truncate_prompt,
     usage,
@@ -39,9 +42,10 @@ from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, chat_delta, forced_schema
 from treadle_frontend.server.offload import is_heavy, json_reply, logprob_entries, off_loop, sse_text
 from treadle_frontend.server.protocol import ChatCompletionRequest
+from treadle_frontend.server.reply import keeps_special_tokens
 from treadle_frontend.server.streams import collect_all, event_stream, first_output, sse, until_disconnect
 from treadle_frontend.server.structured import forced_constraint
-from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, template_messages
+from treadle_frontend.server.tool_calls import template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -105,9 +109,12 @@ class ChatHandler:
             params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         tools = st.config.reply_tool_parser(bool(body.tools) and choice != "none")
-        if tools in SPECIAL_TOKEN_PARSERS:  # the calls open with a special token: keep it in the reply's text
+        if keeps_special_tokens(st.config.reasoning_parser, tools):  # special tokens mark the reply's parts
             params = params.clone(skip_special_tokens=False)
-        kwargs = dict(body.chat_template_kwargs or {})
+        kwargs = {
+            **(body.chat_template_kwargs or {}),
+            **reasoning_effort(body.reasoning_effort, "reasoning_effort"),
+        }
         if body.tools:
             kwargs["tools"] = body.tools
         ip = st.llm.input_processor

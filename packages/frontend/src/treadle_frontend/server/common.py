@@ -158,6 +158,19 @@ def sampling_params(
         raise APIError(400, str(e), param=field if field in _PARAM_NAMES else None) from None
 
 
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+def reasoning_effort(effort: Any, param: str) -> dict[str, str]:
+    """A request's reasoning effort as the chat template's `reasoning_effort` variable (gpt-oss's template reads
+    it; other templates ignore it); none when unset, a 400 naming `param` for anything but low, medium, high."""
+    if effort is None:
+        return {}
+    if effort not in REASONING_EFFORTS:
+        raise APIError(400, f"{param} {effort!r} is not one of {', '.join(REASONING_EFFORTS)}", param=param)
+    return {"reasoning_effort": effort}
+
+
 def prompt_list(given: str | list[Any], param: str) -> list[str | list[int]]:
     """OpenAI's prompt forms as a list of prompts: a string, a list of strings, one token-id list, or a list of
     token-id lists (`param` names the field in the error for an empty one)."""

@@ -3,11 +3,16 @@ max_logprobs, the most logprobs a request may ask for: ModelConfig)."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
+from treadle_frontend.server.harmony import HARMONY, TOOL_PARSER
 from treadle_frontend.server.lora import LoRAModule
 from treadle_frontend.server.reply import REASONING_PARSERS
 from treadle_frontend.server.tool_calls import PARSERS
+
+logger = logging.getLogger(__name__)
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -26,8 +31,10 @@ class ServerConfig:
     disable_log_stats: bool = False  # no periodic stats line
     stats_log_interval_s: float = 10.0  # seconds between stats lines while busy
     enable_auto_tool_choice: bool = False  # parse the tool calls replies write (needs tool_call_parser)
-    tool_call_parser: str | None = None  # the format they are written in: "hermes"
-    reasoning_parser: str | None = None  # split the <think> block into reasoning_content: qwen3 | deepseek_r1
+    tool_call_parser: str | None = None  # the format they are written in: "hermes" (tool_calls.PARSERS)
+    # split the reasoning off into reasoning_content: qwen3 | deepseek_r1 (a <think> block) | openai_gptoss
+    # (gpt-oss's harmony format; chosen by itself for a gpt_oss model: `for_model`)
+    reasoning_parser: str | None = None
     # logprob tokens named "token_id:{id}" unless a request's return_tokens_as_token_ids says otherwise (vLLM's flag)
     return_tokens_as_token_ids: bool = False
     # CORS, as vLLM's --allowed-origins / --allowed-methods / --allowed-headers / --allow-credentials (its defaults)
@@ -65,6 +72,17 @@ class ServerConfig:
             raise ValueError(
                 f"reasoning_parser {self.reasoning_parser!r} is not one of: {', '.join(REASONING_PARSERS)}"
             )
+        harmony = (self.reasoning_parser == HARMONY, self.tool_call_parser == TOOL_PARSER)
+        if harmony[0] and self.tool_call_parser not in (None, TOOL_PARSER):
+            raise ValueError(
+                f"--reasoning-parser {HARMONY} reads gpt-oss's harmony format, whose tool calls only "
+                f"--tool-call-parser {TOOL_PARSER} reads, not {self.tool_call_parser!r}"
+            )
+        if harmony[1] and self.reasoning_parser not in (None, HARMONY):
+            raise ValueError(
+                f"--tool-call-parser {TOOL_PARSER} reads gpt-oss's harmony format, whose reasoning only "
+                f"--reasoning-parser {HARMONY} reads, not {self.reasoning_parser!r}"
+            )
         clash = {m.name for m in self.lora_modules} & {*names, *self.model_aliases}
         if clash:
             raise ValueError(
@@ -72,6 +90,20 @@ class ServerConfig:
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty; omit --api-key to serve without authentication")
+
+    def for_model(self, model_type: str | None) -> ServerConfig:
+        """This config for a model of `model_type` (its config.json's): a gpt_oss model, which always writes the
+        harmony format, gets the harmony reasoning parser when none was named (vLLM reads its replies so too).
+        Its calls, as vLLM's, need --enable-auto-tool-choice --tool-call-parser openai."""
+        if model_type != "gpt_oss" or self.reasoning_parser is not None:
+            return self
+        if self.tool_call_parser not in (None, TOOL_PARSER):
+            raise ValueError(
+                f"a gpt-oss model writes its tool calls in the harmony format: start the server with "
+                f"--tool-call-parser {TOOL_PARSER}, not {self.tool_call_parser!r}"
+            )
+        logger.info("gpt-oss model: replies are read in the harmony format (--reasoning-parser %s)", HARMONY)
+        return dataclasses.replace(self, reasoning_parser=HARMONY)
 
     def reply_tool_parser(self, auto: bool) -> str | None:
         """The parser that reads the calls a reply writes, when the request lets the model choose (`auto`: it

@@ -26,7 +26,7 @@ from pydantic_core import from_json
 from treadle_frontend.server.call_sequence import CallSequence
 from treadle_frontend.server.call_xml import tool_schemas
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.reply import ReasoningStream, ReplyParser, whole_reply
+from treadle_frontend.server.reply import THINK_PARSERS, ReasoningStream, ReplyParser, whole_reply
 from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, merged, parse_call
 
 
@@ -99,7 +99,8 @@ class ForcedToolCalls:
         self, name: str | None, reasoning_parser: str | None = None, calls_only: bool = False
     ) -> None:
         self.name, self.calls_only = name, calls_only
-        self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
+        # a harmony reply is constrained from its first token (structured.after_reasoning): no reasoning in it
+        self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser in THINK_PARSERS else None
         self.text = ""
         self._named: CallDelta | None = None
         self._array = CallSequence.array() if name is None else None

@@ -34,6 +34,7 @@ from treadle_frontend.server.messages_tools import (
     tool_use_block,
 )
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from treadle_frontend.server.reply import keeps_special_tokens
 from treadle_frontend.server.streams import (
     collect_all,
     event_stream,
@@ -42,7 +43,7 @@ from treadle_frontend.server.streams import (
     until_disconnect,
 )
 from treadle_frontend.server.structured import forced_constraint
-from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, Piece
+from treadle_frontend.server.tool_calls import Piece
 from treadle_model_runner.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -160,7 +161,7 @@ class MessagesHandler:
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         if forced is not None:  # decoding constrained to the calls' JSON
             values["structured_outputs"] = forced_constraint(forced[0], st.llm.input_processor.tokenizer, rp)
-        if tools in SPECIAL_TOKEN_PARSERS:  # the calls open with a special token: keep it in the reply's text
+        if keeps_special_tokens(rp, tools):  # special tokens mark the reply's parts
             values["skip_special_tokens"] = False
         params = SamplingParams(
             max_tokens=body.max_tokens, stop=list(body.stop_sequences or []), output_kind=kind, **values

@@ -93,6 +93,8 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # low | medium | high: the chat template's reasoning_effort variable (gpt-oss's reads it)
+    reasoning_effort: str | None = None
     echo: bool = False
     prompt_logprobs: int | None = None
 
@@ -111,6 +113,8 @@ class ResponsesRequest(_Body):
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     tools: list[dict[str, Any]] | None = None  # function tools (responses_tools.py)
     tool_choice: Any = None
+    # {"effort": low | medium | high}: the chat template's reasoning_effort variable
+    reasoning: dict[str, Any] | None = None
     previous_response_id: str | None = None  # rejected: nothing is stored
     background: bool | None = None  # rejected
     store: bool | None = None  # accepted, nothing is stored

@@ -7,6 +7,10 @@ Reasoning (vLLM's `reasoning_content`) is the text a thinking model writes betwe
                `</think>` (a `<think>` the model writes anyway is dropped); a reply cut before `</think>` is all
                reasoning.
 The newlines around the block are not content. Content then goes through the tool-call parser when it is on.
+  openai_gptoss  gpt-oss's harmony format (harmony.py): the analysis channel is reasoning, the final channel
+               content, and with `--tool-call-parser openai` messages to functions.NAME are the calls; it reads
+               the whole reply, calls included, so it takes no other tool-call parser. Its markers are special
+               tokens: these replies are decoded with special tokens kept (`keeps_special_tokens`).
 `ReplyParser.feed` takes the reply in any pieces and releases what is decided, as `Piece`s in order (reasoning,
 content, call deltas); the same reply text gives the same reasoning, content and calls whether fed whole or in
 pieces (a possible tag held back until the next piece).
@@ -20,16 +24,30 @@ from treadle_frontend.server.call_mistral import MistralStream
 from treadle_frontend.server.call_pythonic import PythonicStream
 from treadle_frontend.server.call_sequence import Llama3JsonStream
 from treadle_frontend.server.call_xml import Qwen3CoderStream
-from treadle_frontend.server.tool_calls import Piece, ToolCall, ToolCallStream, merged, tag_prefix
+from treadle_frontend.server.harmony import HARMONY, TOOL_PARSER, HarmonyStream
+from treadle_frontend.server.tool_calls import (
+    SPECIAL_TOKEN_PARSERS,
+    Piece,
+    ToolCall,
+    ToolCallStream,
+    merged,
+    tag_prefix,
+)
 
-REASONING_PARSERS = ("deepseek_r1", "qwen3")
+THINK_PARSERS = ("deepseek_r1", "qwen3")  # the parsers of a <think> block
+REASONING_PARSERS = ("deepseek_r1", HARMONY, "qwen3")
 START, END = "<think>", "</think>"
+
+
+def keeps_special_tokens(reasoning_parser: str | None, tool_parser: str | None) -> bool:
+    """Whether a reply read by these parsers must be decoded with its special tokens, which mark its parts."""
+    return reasoning_parser == HARMONY or tool_parser in SPECIAL_TOKEN_PARSERS
 
 
 class ReasoningStream:
     def __init__(self, parser: str) -> None:
-        if parser not in REASONING_PARSERS:
-            raise ValueError(f"reasoning parser {parser!r} is not one of: {', '.join(REASONING_PARSERS)}")
+        if parser not in THINK_PARSERS:
+            raise ValueError(f"reasoning parser {parser!r} is not one of: {', '.join(THINK_PARSERS)}")
         self._state = "opening" if parser == "qwen3" else "reasoning"  # opening -> reasoning -> content
         self._buf = ""
         self._started = False  # any reasoning released yet
@@ -97,9 +115,12 @@ class ReasoningStream:
 
 def tool_stream(
     parser: str, schemas: dict[str, dict[str, Any]] | None = None
-) -> ToolCallStream | Llama3JsonStream | MistralStream | PythonicStream | Qwen3CoderStream:
+) -> ToolCallStream | Llama3JsonStream | MistralStream | PythonicStream | Qwen3CoderStream | HarmonyStream:
     """The streaming reader of `--tool-call-parser` `parser` (tool_calls.PARSERS); `schemas`: the request's tools'
     parameter schemas by name (call_xml.tool_schemas), for formats whose values carry no JSON type."""
+    # harmony's calls alone: its analysis channel is dropped (ReplyParser reads it when reasoning is read)
+    if parser == TOOL_PARSER:
+        return HarmonyStream(reasoning=False, calls=True)
     if parser == "mistral":
         return MistralStream()
     if parser == "qwen3_coder":
@@ -110,7 +131,8 @@ def tool_stream(
 
 
 class ReplyParser:
-    """Reasoning first (when a reasoning parser is on), then tool calls in the content (when tools are on)."""
+    """Reasoning first (when a reasoning parser is on), then tool calls in the content (when tools are on); a
+    harmony reply (either parser's harmony name) is read whole by one HarmonyStream."""
 
     def __init__(
         self,
@@ -118,15 +140,25 @@ class ReplyParser:
         tool_parser: str | None,
         schemas: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        self.harmony = None
+        if reasoning_parser == HARMONY or tool_parser == TOOL_PARSER:
+            self.harmony = HarmonyStream(
+                reasoning=reasoning_parser == HARMONY, calls=tool_parser == TOOL_PARSER
+            )
+            reasoning_parser = tool_parser = None
         self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser else None
         self.tools = tool_stream(tool_parser, schemas) if tool_parser else None
 
     @property
     def num_calls(self) -> int:
+        if self.harmony is not None:
+            return self.harmony.num_calls
         return self.tools.num_calls if self.tools else 0
 
     def feed(self, text: str, final: bool = False) -> list[Piece]:
         """The pieces this text (and, when `final`, the reply's end) decides, in order; reasoning comes first."""
+        if self.harmony is not None:
+            return [p for p in self.harmony.feed(text, final) if p.reasoning or p.content or p.deltas]
         reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
         if not self.tools:
             pieces = [Piece(content=content)]

@@ -12,6 +12,7 @@ response.content_part.done → response.output_item.done → response.completed 
 mid-stream is an `error` event. Nothing is stored: `previous_response_id` and `background` are 400s. With a
 reasoning parser the block is a `reasoning` output item before the message (streamed as
 response.reasoning_text.delta events), its tokens counted in `usage.output_tokens_details.reasoning_tokens`.
+`reasoning.effort` (low, medium, high) reaches the chat template as its `reasoning_effort` variable (gpt-oss's).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from treadle_frontend.server.common import ServerState, new_id, sampling_params
+from treadle_frontend.server.common import ServerState, new_id, reasoning_effort, sampling_params
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, forced_schema
 from treadle_frontend.server.protocol import ResponsesRequest
+from treadle_frontend.server.reply import keeps_special_tokens
 from treadle_frontend.server.responses_tools import (
     ItemStream,
     call_item,
@@ -45,7 +47,7 @@ from treadle_frontend.server.streams import (
     until_disconnect,
 )
 from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
-from treadle_frontend.server.tool_calls import SPECIAL_TOKEN_PARSERS, Piece, template_messages
+from treadle_frontend.server.tool_calls import Piece, template_messages
 from treadle_model_runner.sampling_params import RequestOutputKind
 
 
@@ -111,12 +113,14 @@ class ResponsesHandler:
             raise APIError(400, f"max_output_tokens must be >= 1, got {body.max_output_tokens}",
                            param="max_output_tokens")  # fmt: skip
         ip = st.llm.input_processor
-        kwargs = {"tools": tools} if tools else {}
+        effort = (body.reasoning or {}).get("effort") if isinstance(body.reasoning, dict) else None
+        kwargs = {**({"tools": tools} if tools else {}), **reasoning_effort(effort, "reasoning.effort")}
         text, ids = ip.encode_chat(to_chat_messages(body), add_generation_prompt=True, template_kwargs=kwargs)
         ip.check_token_ids(ids, "the rendered input")
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=body.max_output_tokens, logprobs=None, kind=kind)
-        if tool_parser in SPECIAL_TOKEN_PARSERS:  # the calls open with a special token: keep it in the text
+        # special tokens mark the reply's parts (harmony's channels, Mistral's calls)
+        if keeps_special_tokens(st.config.reasoning_parser, tool_parser):
             params = params.clone(skip_special_tokens=False)
         fmt = (body.text or {}).get("format") or {}
         if fmt.get("type") not in (None, "text"):  # the Responses API's structured outputs: text.format
@@ -150,7 +154,9 @@ class ResponsesHandler:
         if content or not (calls or reasoning is not None):
             output.append(message(new_id("msg_"), content or "", status))
         output += [call_item(call, new_id("fc_")) for call in calls]
-        thought = reasoning_tokens(ip.tokenizer, list(c.token_ids), reasoning is not None)
+        thought = reasoning_tokens(
+            ip.tokenizer, list(c.token_ids), reasoning is not None, st.config.reasoning_parser
+        )
         counts = (len(ids), out.num_cached_tokens or 0, len(c.token_ids), thought)
         return JSONResponse(self._response(rid, created, body, output, status, counts))
 
@@ -210,7 +216,8 @@ class ResponsesHandler:
         status = "incomplete" if finish == "length" else "completed"
         for ev in items.finish(status):
             yield ev
-        thought = reasoning_tokens(self.state.llm.input_processor.tokenizer, output_ids, reasoned)
+        tokenizer, rp = self.state.llm.input_processor.tokenizer, self.state.config.reasoning_parser
+        thought = reasoning_tokens(tokenizer, output_ids, reasoned, rp)
         counts = (num_input, num_cached, len(output_ids), thought)
         done = self._response(rid, created, body, items.items, status, counts)
         yield event(f"response.{status}", response=done)

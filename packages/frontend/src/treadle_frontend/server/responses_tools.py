@@ -20,6 +20,7 @@ from typing import Any
 
 from treadle_frontend.server.common import new_id
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.harmony import HARMONY, reasoning_token_count
 from treadle_frontend.server.reply import END
 from treadle_frontend.server.tool_calls import CallDelta, ToolCall
 
@@ -88,11 +89,16 @@ def reasoning_item(rid: str, text: str | None, status: str) -> dict[str, Any]:
     return {"id": rid, "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
-def reasoning_tokens(tokenizer: Any, token_ids: list[int], has_reasoning: bool) -> int:
+def reasoning_tokens(
+    tokenizer: Any, token_ids: list[int], has_reasoning: bool, reasoning_parser: str | None = None
+) -> int:
     """Output tokens up to the end of the reasoning block: the fewest whose text holds `</think>` (all of them
-    when the block never closed; 0 without a block or a tokenizer)."""
+    when the block never closed; 0 without a block or a tokenizer); a harmony reply's: those of its analysis
+    messages."""
     if not has_reasoning or tokenizer is None or not token_ids:
         return 0
+    if reasoning_parser == HARMONY:
+        return reasoning_token_count(tokenizer, token_ids)
 
     def closed(k: int) -> bool:
         return END in tokenizer.decode(token_ids[:k], skip_special_tokens=False)

@@ -81,7 +81,8 @@ def forced_constraint(
 def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | None, tokenizer: Any) -> Any:
     """`params` holding off until a thinking model's reasoning block ends, when the server reads one and the
     tokenizer has the block's tags as tokens (else unchanged: the constraint holds from the first token)."""
-    if reasoning_parser is None or tokenizer is None:
+    if reasoning_parser not in ("qwen3", "deepseek_r1") or tokenizer is None:
+        # none, or gpt-oss's harmony format, whose reasoning no single token ends: held from the first token
         return params
     vocab = tokenizer.get_vocab()
     start, end = vocab.get("<think>"), vocab.get("</think>")

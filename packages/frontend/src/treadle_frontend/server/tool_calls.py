@@ -26,11 +26,11 @@ from typing import Any
 
 from treadle_frontend.server.call_scanner import CallScanner
 
-# hermes: here; llama3_json: call_sequence.py; the others: call_mistral.py, call_pythonic.py, call_xml.py
-PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder")
-SPECIAL_TOKEN_PARSERS = (
-    "mistral",
-)  # formats opened by a special token: replies keep special tokens in their text
+# hermes: here; llama3_json: call_sequence.py; openai (gpt-oss's harmony format): harmony.py; the others:
+# call_mistral.py, call_pythonic.py, call_xml.py
+PARSERS = ("hermes", "llama3_json", "mistral", "openai", "pythonic", "qwen3_coder")
+# formats marked by special tokens: replies keep special tokens in their text
+SPECIAL_TOKEN_PARSERS = ("mistral", "openai")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -264,12 +264,18 @@ class ToolCallStream:
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Assistant turns' tool calls with their JSON `arguments` as objects, as chat templates (and vLLM) expect."""
+    """Assistant turns as chat templates (and vLLM) expect them: tool calls' JSON `arguments` as objects, and the
+    reasoning a client sends back (`reasoning_content`, vLLM's field, or `reasoning`) also as `thinking`, the field
+    gpt-oss's template reads (it renders a tool-call turn's thinking or its content, and refuses both)."""
     out = []
     for m in messages:
         calls = m.get("tool_calls")
         if m.get("role") == "assistant" and isinstance(calls, list):
             m = {**m, "tool_calls": [_arguments_as_object(c) for c in calls]}
+        thought = m.get("reasoning_content") or m.get("reasoning")
+        lone = not (calls and m.get("content"))  # not beside a tool-call turn's content
+        if m.get("role") == "assistant" and isinstance(thought, str) and "thinking" not in m and lone:
+            m = {**m, "thinking": thought}
         out.append(m)
     return out
 

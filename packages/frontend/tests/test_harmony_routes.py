@@ -1,0 +1,124 @@
+"""gpt-oss's harmony format beyond chat completions, through the real SDKs: /v1/responses (a `reasoning` item, its
+tokens counted as the analysis message's, `reasoning.effort` reaching the template, function_call items) and
+/v1/messages (thinking blocks, tool_use), streamed and not, on a gpt_oss model behind a fake engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from frontend_helpers import openai_client
+from harmony_assets import (
+    ANALYSIS,
+    ANSWER,
+    CALL,
+    FINAL,
+    THOUGHT,
+    build_harmony_tokenizer,
+    start_harmony_server,
+)
+
+TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def harmony_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_harmony_tokenizer(tmp_path_factory.mktemp("harmony_tok"))
+
+
+@pytest.fixture(scope="module")
+def server(harmony_tokenizer: Any) -> Iterator[Any]:
+    srv, handle = start_harmony_server(
+        harmony_tokenizer, enable_auto_tool_choice=True, tool_call_parser="openai"
+    )
+    with srv:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> openai.OpenAI:
+    return openai_client(server.url)
+
+
+def test_responses_reasoning_item(client: openai.OpenAI, server: Any, harmony_tokenizer: Any) -> None:
+    server.script(ANALYSIS + FINAL)
+    try:
+        done = client.responses.create(model="tiny", input="Weather?", reasoning={"effort": "high"})
+        prompt = server.last_prompt()
+        events = list(client.responses.create(model="tiny", input="Weather?", stream=True))
+    finally:
+        server.engine.script = None
+    assert "Reasoning: high<|end|>" in prompt
+    # the analysis message's tokens, from its first token to <|end|> (the markers split the text cleanly)
+    analysis_tokens = len(harmony_tokenizer.encode(ANALYSIS, add_special_tokens=False))
+    for response in (done, events[-1].response):  # type: ignore[union-attr]
+        assert [item.type for item in response.output] == ["reasoning", "message"]
+        assert [(c.type, c.text) for c in response.output[0].content or []] == [("reasoning_text", THOUGHT)]
+        assert response.output_text == ANSWER and response.status == "completed"
+        assert response.usage and response.usage.output_tokens_details.reasoning_tokens == analysis_tokens
+    deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]  # type: ignore[union-attr]
+    assert "".join(deltas) == THOUGHT and len(deltas) > 3
+    texts = [e.delta for e in events if e.type == "response.output_text.delta"]  # type: ignore[union-attr]
+    assert "".join(texts) == ANSWER and not any("<|" in t for t in texts + deltas)
+
+
+def test_responses_function_call(client: openai.OpenAI, server: Any) -> None:
+    server.script(ANALYSIS + CALL)
+    kw: dict[str, Any] = dict(
+        model="tiny", input="Weather in Paris?", tools=[TOOL], reasoning={"effort": "low"}
+    )
+    try:
+        done = client.responses.create(**kw)
+        assert "Reasoning: low<|end|>" in server.last_prompt()
+        events = list(client.responses.create(stream=True, **kw))
+    finally:
+        server.engine.script = None
+    for response in (done, events[-1].response):  # type: ignore[union-attr]
+        assert [item.type for item in response.output] == ["reasoning", "function_call"]
+        call = response.output[1]
+        assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+        assert json.loads(call.arguments) == {"city": "Paris"}
+    args = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]  # type: ignore[union-attr]
+    assert json.loads("".join(args)) == {"city": "Paris"} and len(args) > 2
+
+
+def test_responses_bad_effort(client: openai.OpenAI) -> None:
+    bad: Any = {"effort": "maximal"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="tiny", input="Hi", reasoning=bad)
+    body: Any = err.value.body
+    assert (
+        body["param"] == "reasoning.effort" and "'maximal' is not one of low, medium, high" in body["message"]
+    )
+
+
+def test_messages_thinking_and_tool_use(server: Any) -> None:
+    claude = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    tool = {"name": "get_weather", "description": "Weather", "input_schema": TOOL["parameters"]}
+    kw: dict[str, Any] = {
+        "model": "tiny",
+        "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Weather?"}],
+    }
+    try:
+        server.script(ANALYSIS + FINAL)
+        answer = claude.messages.create(thinking={"type": "enabled", "budget_tokens": 1024}, **kw)
+        with claude.messages.stream(**kw) as stream:
+            streamed = stream.get_final_message()
+        server.script(ANALYSIS + CALL)
+        called = claude.messages.create(tools=[tool], **kw)  # type: ignore[list-item]
+        with claude.messages.stream(tools=[tool], **kw) as stream:  # type: ignore[list-item]
+            streamed_call = stream.get_final_message()
+    finally:
+        server.engine.script = None
+    for m in (answer, streamed):
+        assert [b.type for b in m.content] == ["thinking", "text"] and m.stop_reason == "end_turn"
+        assert (m.content[0].thinking, m.content[1].text) == (THOUGHT, ANSWER)  # type: ignore[union-attr]
+    for m in (called, streamed_call):
+        assert [b.type for b in m.content] == ["thinking", "tool_use"] and m.stop_reason == "tool_use"
+        assert (m.content[1].name, m.content[1].input) == ("get_weather", {"city": "Paris"})  # type: ignore[union-attr]
