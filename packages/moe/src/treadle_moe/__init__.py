@@ -8,6 +8,7 @@ from __future__ import annotations
 from treadle_moe.experts import (
     BatchedTorchExperts,
     BatchedTritonExperts,
+    ExpertEpilogue,
     Experts,
     Fp8ExpertScales,
     Fp8Layout,
@@ -42,6 +43,7 @@ __all__ = [
     "ActivationFormat",
     "BatchedTorchExperts",
     "BatchedTritonExperts",
+    "ExpertEpilogue",
     "ExpertPlacement",
     "Experts",
     "Fp8ExpertScales",

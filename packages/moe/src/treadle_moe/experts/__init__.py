@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from treadle_moe.experts.base import Experts, WorkspaceShapes
+from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
 from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
@@ -11,6 +12,7 @@ from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
 __all__ = [
     "BatchedTorchExperts",
     "BatchedTritonExperts",
+    "ExpertEpilogue",
     "Experts",
     "Fp8ExpertScales",
     "Fp8Layout",
