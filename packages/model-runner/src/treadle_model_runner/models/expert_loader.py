@@ -46,6 +46,8 @@ _PER_EXPERT = re.compile(
     r"(?P<attr>weight|weight_scale|weight_scale_inv|input_scale|packed_weight|group_scale|group_zero|group_index)$"
 )
 _INT4_ATTRS = ("packed_weight", "group_scale", "group_zero", "group_index")
+# FusedMoE parameters loaded as dense tensors (CausalLM.load_weights), not expert by expert
+_DENSE_PARAMS = ("e_score_correction_bias", "w13_bias", "w2_bias")
 _FUSED = re.compile(r"^(?P<moe>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
 
 
@@ -182,9 +184,10 @@ class ExpertLoader:
                         and ((module_name, e, shard, "input_scale") not in self.loaded)
                     ):
                         missing.append(self._scale_name(module_name, e, shard, "input_scale"))
-            # the router's correction bias (GLM-4.5) loads as a dense tensor: the dense check names it if missing
+            # the router's correction bias (GLM-4.5) and the experts' biases (gpt-oss) load as dense tensors: the
+            # dense check names them if missing
             names = (name for name, _ in module.named_parameters(recurse=False))
-            covered |= {f"{module_name}.{name}" for name in names if name != "e_score_correction_bias"}
+            covered |= {f"{module_name}.{name}" for name in names if name not in _DENSE_PARAMS}
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise ValueError(

@@ -93,10 +93,12 @@ class LlamaSelfAttention(nn.Module):
         scale: float | None = None,
         use_rope: bool = True,
         o_bias: bool | None = None,
+        sinks: bool = False,
     ) -> None:
         """`scale`: the softmax scale (None: head_dim ** -0.5); `use_rope` False: a NoPE layer, whose q and k
         reach attention unrotated (`rotary_emb` is then kept but never applied); `o_bias`: whether o_proj has a
-        bias (None: config.attention_bias decides)."""
+        bias (None: config.attention_bias decides); `sinks`: one learned sink logit per query head (gpt-oss),
+        `self.sinks` [this rank's heads], which every softmax also weighs (layers/attention.py)."""
         super().__init__()
         self.num_heads, self.num_kv_heads = local_heads(config)
         self.head_dim = head_dim_of(config)
@@ -111,6 +113,7 @@ class LlamaSelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb  # shared by every layer (one cos/sin table)
         self.use_rope = use_rope
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if sinks else None
         self.attn = Attention(
             layer_idx,
             self.num_heads,
@@ -118,7 +121,19 @@ class LlamaSelfAttention(nn.Module):
             self.head_dim**-0.5 if scale is None else scale,
             self.num_kv_heads,
             sliding_window=sliding_window_of(config, layer_idx),
+            sinks=self.sinks,
         )
+        self.tp_rank, self.num_all_heads = get_tp().rank, int(config.num_attention_heads)
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """The checkpoint's shape of `sinks` (every head's), the one parameter this module holds itself."""
+        assert name == "sinks", f"LlamaSelfAttention holds no {name} of its own"
+        return (self.num_all_heads,)
+
+    def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's query heads' sinks (the heads are cut across ranks in order)."""
+        assert name == "sinks", f"LlamaSelfAttention holds no {name} of its own"
+        return full.narrow(0, self.tp_rank * self.num_heads, self.num_heads)
 
     def forward(self, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """qkv: this block's qkv_proj output (the layer runs qkv_proj fused with its input norm)."""

@@ -8,6 +8,7 @@ from treadle_model_runner.loader.multimodal import WRAPPERS
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
 from treadle_model_runner.models.glm4_moe import Glm4MoeForCausalLM
+from treadle_model_runner.models.gpt_oss import GptOssForCausalLM
 from treadle_model_runner.models.granite import GraniteForCausalLM
 from treadle_model_runner.models.llama import LlamaForCausalLM
 from treadle_model_runner.models.mixtral import MixtralForCausalLM
@@ -33,6 +34,7 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -49,6 +51,7 @@ _MODEL_TYPES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 

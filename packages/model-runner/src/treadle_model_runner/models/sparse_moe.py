@@ -99,19 +99,28 @@ class ParallelFusedMoE(FusedMoE):
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         e, k, n = self.num_experts, self.hidden_size, self.full_intermediate
-        if name == "e_score_correction_bias":
-            return (e,)
-        return (e, 2 * n, k) if name == "w13_weight" else (e, k, n)
+        shapes = {"e_score_correction_bias": (e,), "w13_weight": (e, 2 * n, k), "w13_bias": (e, 2 * n),
+                  "w2_bias": (e, k)}  # fmt: skip
+        return shapes.get(name, (e, k, n))
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a one-rank tensor; the experts' biases (gpt-oss): w13_bias [E, 2N] is cut as w13's
+        rows, w2_bias [E, K] is kept whole (`adds_w2_bias`)."""
         if name == "e_score_correction_bias":
             return full  # the router routes over every expert on every rank
         full = full.narrow(0, self.placement.first, self.placement.num_local)  # this rank's experts
         n, start = self.intermediate_size, self.rank * self.intermediate_size
-        if name == "w13_weight":
+        if name in ("w13_weight", "w13_bias"):
             gate, up = full.narrow(1, start, n), full.narrow(1, self.full_intermediate + start, n)
             return torch.cat([gate, up], dim=1)
+        if name == "w2_bias":
+            return full
         return full.narrow(2, start, n)
+
+    def adds_w2_bias(self) -> bool:
+        """The ranks' partial outputs are summed, so one rank adds the down bias: rank 0 of a cut of the
+        intermediate width; every rank for whole experts (each token's expert lives on one rank)."""
+        return self.rank == 0
 
     def take_expert_shard(self, shard: str, tensor: torch.Tensor, hf_name: str) -> torch.Tensor:
         """This rank's part of one expert's checkpoint matrix (gate / up [N, K], down [K, N])."""

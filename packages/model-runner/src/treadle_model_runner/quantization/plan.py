@@ -11,6 +11,8 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
   A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in treadle's 4-bit layout (int4_checkpoint.py),
   with dummy weights too (random codes and scales); a MoE model's routed experts in the stacked 4-bit expert layout
   (int4_experts.py; the router stays in the model dtype).
+  An MXFP4 checkpoint (quant_method mxfp4: gpt-oss's released experts) is the exception: its experts are dequantized
+  to the model dtype as they load (mxfp4.py, models/gpt_oss_weights.py), so the plan is None (logged), dummy too.
 Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE) quantize their routed experts too (experts.py): online
 per channel; a block-wise fp8 checkpoint (Qwen3-30B-A3B-FP8 style: quant_method fp8, weight_block_size) or one with
 per-channel / per-tensor weight scales, with dynamic or static (per-tensor input_scale, Mixtral-8x7B-Instruct-FP8
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from treadle_model_runner.quantization.int4_scheme import Int4CheckpointScheme, check_int4_request
+from treadle_model_runner.quantization.mxfp4 import MXFP4_METHOD, is_mxfp4_config
 from treadle_model_runner.quantization.scheme import (
     CheckpointScheme,
     Fp8CheckpointScheme,
@@ -88,6 +91,8 @@ def resolve_quantization(
                 "quantization_config; pass fp8 to quantize this model's weights at load"
             )
         return QuantizationPlan(requested, None)
+    if is_mxfp4_config(raw):
+        return _mxfp4(requested, model_cls, config_file, load_format)
     scheme = parse_quantization_config(raw, config_file)
     if isinstance(scheme, Int4CheckpointScheme):  # dummy weights too: random 4-bit codes (int4_checkpoint.py)
         check_int4_request(requested, scheme, model_cls, config_file)
@@ -106,3 +111,26 @@ def resolve_quantization(
         )  # fmt: skip
         return QuantizationPlan("fp8", None, blocks)
     return QuantizationPlan("fp8", scheme)
+
+
+def _mxfp4(requested: str | None, model_cls: type, config_file: Path, load_format: str) -> None:
+    """MXFP4 experts (gpt-oss's released checkpoints): dequantized to the model dtype as they load (mxfp4.py), so
+    nothing is left quantized. Refused for a model class that does not read them, or with another requested method."""
+    if not getattr(model_cls, "loads_mxfp4", False):
+        raise ValueError(
+            f"{config_file}: quantization_config.quant_method is 'mxfp4' (gpt-oss's MXFP4 experts), which treadle "
+            f"reads for GptOssForCausalLM only, not {model_cls.__name__}; serve the model's unquantized checkpoint"
+        )
+    if requested not in (None, MXFP4_METHOD):
+        raise ValueError(
+            f"quantization {requested!r} was requested, but {config_file} describes MXFP4 experts (quant_method "
+            "'mxfp4'), which treadle dequantizes to the model dtype at load; leave --quantization unset"
+        )
+    what = (
+        "random weights in the model dtype"
+        if load_format == "dummy"
+        else "dequantized to the model dtype at load"
+    )
+    logger.info(
+        "%s: MXFP4 experts (quant_method mxfp4): %s; treadle has no MXFP4 expert kernel", config_file, what
+    )

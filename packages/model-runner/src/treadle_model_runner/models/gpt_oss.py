@@ -1,0 +1,136 @@
+"""gpt-oss (`GptOssForCausalLM`, model_type gpt_oss: gpt-oss-20b and gpt-oss-120b): a pre-norm decoder whose
+attention layers carry learned sinks and alternate a sliding window with full attention, and whose every MLP is a
+routed MoE with biased experts and a clamped SwiGLU.
+
+One decoder layer, as transformers' GptOssDecoderLayer:
+    h   = x + o_proj(attn(rope(q), rope(k), v; sinks))      q, k, v = split(qkv_proj(norm_in(x)))
+    out = h + moe(norm_post(h))
+Attention: q/k/v/o all have biases (`attention_bias`); `head_dim` from the config (64, narrower than hidden /
+heads); YaRN rope (layers/rotary.py); layer i keeps a `sliding_window` (128) when `layer_types[i]` is
+"sliding_attention", else attends to the whole sequence; `self_attn.sinks` [num_heads] adds one logit per head to
+each softmax's denominator with no value:  p_j = exp(l_j) / (sum_i exp(l_i) + exp(sink_h)).
+MoE:
+    logits = router(y) (a linear layer with bias, [E], E = num_local_experts)
+    E(y) = top num_experts_per_tok of the logits, w = softmax over those logits (= softmax over all, renormalized)
+    moe(y) = sum_{e in E(y)} w_e * (swiglu_oai(y W13_e + b13_e) W2_e + b2_e)
+    swiglu_oai(gate, up) = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g),  g = min(gate, limit)
+so each expert's down bias is weighted by its routing weight too. The experts are treadle_moe's FusedMoE with
+`activation="swigluoai"` and its biases `w13_bias` [E, 2N] (gate's, then up's) and `w2_bias` [E, K].
+Checkpoints (bf16 as transformers writes them, or the released MXFP4 experts) reach the FusedMoE layout through
+gpt_oss_weights.py. Parallelism as the other MoE models (sparse_moe.py): heads and their sinks cut across
+tensor-parallel ranks, the router replicated, the experts cut by intermediate columns (their w13 bias with them;
+the down bias held by rank 0 alone, since the ranks' partial outputs are summed) or, under expert parallelism,
+held whole per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from treadle_model_runner.layers.norm import RMSNorm
+from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from treadle_model_runner.models.gpt_oss_weights import GptOssCheckpoint
+from treadle_model_runner.models.llama import LlamaSelfAttention, head_dim_of
+from treadle_model_runner.models.sparse_moe import MoeCausalLM, ParallelFusedMoE
+from treadle_model_runner.parallel import all_reduce
+
+
+class GptOssMoe(nn.Module):
+    """router: hidden -> logits [T, E] (with bias); experts: the biased, clamped-SwiGLU FusedMoE."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        hidden, num_experts = int(config.hidden_size), int(config.num_local_experts)
+        self.router = nn.Linear(hidden, num_experts, bias=True)
+        self.experts = ParallelFusedMoE(
+            num_experts,
+            int(config.num_experts_per_tok),
+            hidden,
+            int(config.intermediate_size),
+            renormalize=True,
+            activation="swigluoai",
+            swiglu_alpha=float(config.swiglu_alpha),
+            swiglu_limit=float(config.swiglu_limit),
+            bias=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.experts(x, self.router(x)))
+
+
+class GptOssDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "attention_bias", True))
+        self.self_attn = LlamaSelfAttention(
+            config, layer_idx, rotary_emb, qkv_bias=bias, qk_norm=False, o_bias=bias, sinks=True
+        )
+        self.mlp = GptOssMoe(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous block's output (the embeddings when residual is None); residual: the stream before
+        it. Returns (this block's MoE output, the stream before it): each add is fused into the next norm."""
+        qkv_proj = self.self_attn.qkv_proj
+        if residual is None:
+            residual, qkv = x, qkv_proj(self.input_layernorm(x))
+        else:
+            qkv, residual = self.input_layernorm.add_norm_linear(x, residual, qkv_proj)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(qkv, positions), residual)
+        return self.mlp(h), residual
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, config: Any, max_position: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
+        self.layers = nn.ModuleList(
+            GptOssDecoderLayer(config, i, rotary_emb) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            h, residual = layer(h, positions, residual)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm.add_and_norm(h, residual)[0]
+
+
+class GptOssForCausalLM(MoeCausalLM):
+    expert_width_field: ClassVar[str] = "intermediate_size"
+    # the experts' biases in the files -> the FusedMoE parameters holding them (after gpt_oss_weights.py's reorder)
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = (
+        (".mlp.experts.gate_up_proj_bias", ".mlp.experts.w13_bias"),
+        (".mlp.experts.down_proj_bias", ".mlp.experts.w2_bias"),
+    )
+    # config.json's quantization_config may be quant_method "mxfp4" (the released experts): dequantized at load
+    loads_mxfp4: ClassVar[bool] = True
+    model: GptOssModel  # type: ignore[assignment]  # not MoeModel: the layers carry sinks
+
+    def __init__(self, config: Any, max_position: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = GptOssModel(config, max_position or config.max_position_embeddings)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
+        if self.tie_word_embeddings:
+            self.lm_head.tie(self.model.embed_tokens)
+
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "the checkpoint"
+    ) -> set[str]:
+        """MoeCausalLM's loading, the expert tensors first put in FusedMoE's layout (gpt_oss_weights.py)."""
+        checkpoint = GptOssCheckpoint(self)
+        loaded = super().load_weights(checkpoint.convert(weights), source)
+        checkpoint.log_dequantized()
+        return loaded
