@@ -257,6 +257,19 @@ def test_tool_call_flags() -> None:
     alone = cli.build_parser().parse_args(["serve", "--enable-auto-tool-choice"])
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         cli_serve.make_server_config(alone, None)
+    # gpt-oss's harmony format, under vLLM's names: every parser the frontend has is a choice
+    harmony = cli.build_parser().parse_args(
+        [
+            "serve",
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "openai",
+            "--reasoning-parser",
+            "openai_gptoss",
+        ]
+    )
+    config = cli_serve.make_server_config(harmony, None)
+    assert (config.tool_call_parser, config.reasoning_parser) == ("openai", "openai_gptoss")
 
 
 def test_return_tokens_as_token_ids_flag() -> None:

@@ -38,6 +38,8 @@ def _defaults() -> dict[str, Any]:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from treadle_frontend.server.reply import REASONING_PARSERS
+    from treadle_frontend.server.tool_calls import PARSERS as TOOL_CALL_PARSERS
     from treadle_model_runner.config import (
         ATTENTION_BACKENDS,
         DTYPES,
@@ -77,15 +79,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tool-call-parser",
-        choices=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"],
+        choices=TOOL_CALL_PARSERS,
         default=None,
         help="how replies write tool calls",
     )
     p.add_argument(
         "--reasoning-parser",
-        choices=["deepseek_r1", "qwen3"],
+        choices=REASONING_PARSERS,
         default=None,
-        help="return a thinking model's <think> block as reasoning_content",
+        help="return a thinking model's reasoning (<think> block; gpt-oss's analysis channel) as reasoning_content",
     )
     p.add_argument(
         "--return-tokens-as-token-ids",
