@@ -154,6 +154,13 @@ def _check_activations(
             got = ir_op(x)
         assert got.shape == (*shape[:-1], shape[-1] // 2)
         _check(got, expected, dtype)
+    # gpt-oss's clamps (alpha 1.702, limit 7) engage: x * 3 reaches past +-7 in both halves
+    expected = ops.swigluoai_and_mul.native(x, 1.702, 7.0)
+    assert (x.float().abs() > 7.0).any()
+    with _triton(ops.swigluoai_and_mul, x, 1.702, 7.0):
+        got = ops.swigluoai_and_mul(x, 1.702, 7.0)
+    assert got.shape == (*shape[:-1], shape[-1] // 2)
+    _check(got, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
