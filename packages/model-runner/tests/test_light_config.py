@@ -39,6 +39,9 @@ LLAMA31_ROPE = {
     "original_max_position_embeddings": 64,
     "rope_type": "llama3",
 }
+# the released gpt-oss configs' rope_scaling (with rope_theta 150000)
+GPT_OSS_ROPE = {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                "rope_type": "yarn", "truncate": False}  # fmt: skip
 CASES: dict[str, dict[str, Any]] = {
     "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SMALL, "eos_token_id": 2,
               "rope_theta": 500000.0},
@@ -59,6 +62,14 @@ CASES: dict[str, dict[str, Any]] = {
                   "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [1]},
     "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **SMALL, "eos_token_id": 2,
                 "rope_theta": 1e6, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "gpt_oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **SMALL, "head_dim": 16,
+                "rope_theta": 150000, "rope_scaling": GPT_OSS_ROPE, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}},
+    "gpt_oss_layer_types": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", **SMALL, "head_dim": 16,
+                            "rope_theta": 1e4, "rope_scaling": GPT_OSS_ROPE, "num_local_experts": 4,
+                            "num_experts_per_tok": 2, "sliding_window": 8, "attention_bias": False,
+                            "swiglu_limit": 5.0,
+                            "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
 }  # fmt: skip
 FALLBACK: dict[str, dict[str, Any]] = {
     "gemma3_text": {**CASES["llama"], "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
@@ -72,12 +83,16 @@ FALLBACK: dict[str, dict[str, Any]] = {
     "olmo2": {**CASES["llama"], "model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]},
     "granite": {**CASES["llama"], "model_type": "granite", "architectures": ["GraniteForCausalLM"]},
     "qwen2_moe": {**CASES["qwen3_moe"], "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]},
+    # gpt-oss without its rope dict gets transformers' default YaRN; without head_dim, transformers' 64
+    "gpt_oss_no_rope_dict": {k: v for k, v in CASES["gpt_oss"].items() if k != "rope_scaling"},
+    "gpt_oss_no_head_dim": {k: v for k, v in CASES["gpt_oss"].items() if k != "head_dim"},
+    "gpt_oss_layer_types_miscounted": {**CASES["gpt_oss_layer_types"], "num_hidden_layers": 4},
 }
 FIELDS = (
     "architectures", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
     "num_hidden_layers", "rms_norm_eps", "vocab_size", "max_position_embeddings", "hidden_act", "eos_token_id",
     "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-    "num_local_experts", "num_experts",
+    "num_local_experts", "num_experts", "swiglu_alpha", "swiglu_limit",
 )  # fmt: skip
 FLAGS = ("attention_bias", "mlp_bias", "tie_word_embeddings")  # read as bool(getattr(config, name, False))
 
@@ -121,7 +136,7 @@ BENCH_CONFIGS = Path(__file__).resolve().parents[3] / "benchmarks" / "configs"
 
 @pytest.mark.skipif(not BENCH_CONFIGS.is_dir(), reason="the repository's benchmark configs are not here")
 @pytest.mark.parametrize(
-    "name", ["llama-3.1-8b", "llama-3.1-8b-awq", "qwen3-8b", "qwen3-0.6b", "qwen3-30b-a3b"]
+    "name", ["llama-3.1-8b", "llama-3.1-8b-awq", "qwen3-8b", "qwen3-0.6b", "qwen3-30b-a3b", "gpt-oss-20b"]
 )
 def test_light_config_on_the_benchmark_configs(name: str, tmp_path: Path) -> None:
     raw = json.loads((BENCH_CONFIGS / name / "config.json").read_text())

@@ -12,7 +12,7 @@ every problem raises ValueError naming the path and the fix, before any weight i
 Multimodal checkpoints (Gemma 3 4B-27B, Mistral Small 3.1/3.2) resolve to their text model: ``hf_config`` is the
 text config and ``multimodal`` names how the weights are renamed (``multimodal.py``); images are not served.
 
-Light configs. For Llama, Mistral, Qwen2/3, Qwen3-MoE and Mixtral config.json files that spell out the fields
+Light configs. For Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral and gpt-oss config.json files that spell out the fields
 whose defaults differ between families, the config is read without transformers (``light_config.py``).
 
 Config cache. Importing any transformers 5 model config class pulls in torch.distributed and sympy (1.5 s with

@@ -111,9 +111,10 @@ class GptOssCheckpoint:
         e, h, i = self.num_experts, self.hidden, self.intermediate
         rows, cols = (2 * i, h) if proj == "gate_up_proj" else (h, i)
         if cols % MXFP4_BLOCK:
+            field = "hidden_size" if proj == "gate_up_proj" else "intermediate_size"
             raise ValueError(
                 f"checkpoint tensor {blocks_name!r}: MXFP4 blocks cut each row in {MXFP4_BLOCK}-value blocks, but its "
-                f"rows are {cols} wide (config.json's {'hidden_size' if proj == 'gate_up_proj' else 'intermediate_size'})"
+                f"rows are {cols} wide (config.json's {field})"
             )
         self._check(blocks_name, blocks, (e, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2))
         self._check(scales_name, scales, (e, rows, cols // MXFP4_BLOCK))
