@@ -92,7 +92,8 @@ def resolve_quantization(
             )
         return QuantizationPlan(requested, None)
     if is_mxfp4_config(raw):
-        return _mxfp4(requested, model_cls, config_file, load_format)
+        _check_mxfp4(requested, model_cls, config_file, load_format)
+        return None
     scheme = parse_quantization_config(raw, config_file)
     if isinstance(scheme, Int4CheckpointScheme):  # dummy weights too: random 4-bit codes (int4_checkpoint.py)
         check_int4_request(requested, scheme, model_cls, config_file)
@@ -113,7 +114,7 @@ def resolve_quantization(
     return QuantizationPlan("fp8", scheme)
 
 
-def _mxfp4(requested: str | None, model_cls: type, config_file: Path, load_format: str) -> None:
+def _check_mxfp4(requested: str | None, model_cls: type, config_file: Path, load_format: str) -> None:
     """MXFP4 experts (gpt-oss's released checkpoints): dequantized to the model dtype as they load (mxfp4.py), so
     nothing is left quantized. Refused for a model class that does not read them, or with another requested method."""
     if not getattr(model_cls, "loads_mxfp4", False):
