@@ -6,7 +6,8 @@ Exactly one constraint is set. A JSON schema is kept as JSON text, so the params
 plain data. `build()` makes the xgrammar Grammar and raises ValueError naming the constraint when it is
 invalid; `key()` identifies the compiled grammar for caching. The runner masks each step's logits to the tokens
 the grammar allows (runner/structured.py), so a reply always parses, and once the grammar is complete only an
-end-of-sequence token may follow.
+end-of-sequence token may follow (for gpt-oss, `<|return|>` among its generation_config's eos ids). A thinking
+model's reasoning comes before the constrained part (the `reasoning` fields, set by the server).
 """
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ class StructuredOutputsParams:
     # A thinking model's reasoning block comes first, unconstrained (set by the server's reasoning parser):
     # "deepseek_r1" the reply starts inside the block; "qwen3" only a reply whose first token is think_start_id
     # opens one. The constraint holds from the token after think_end_id.
+    # "harmony" (gpt-oss): the constraint holds from the token after the first run of reasoning_end_ids in the
+    # reply (the header that opens the constrained message, `<|channel|>final<|message|>` as the tokenizer
+    # writes it), the messages before it (analysis) unconstrained.
     reasoning: str | None = None
     think_start_id: int | None = None
     think_end_id: int | None = None
+    reasoning_end_ids: tuple[int, ...] | None = None  # harmony: the token ids that open the constrained part
+    # harmony: the reply opens with reasoning_end_ids, each token forced in turn (a forced tool call's header,
+    # `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`), then the grammar
+    is_header_forced: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
@@ -51,17 +59,35 @@ class StructuredOutputsParams:
             raise ValueError(
                 f"structured_outputs: set exactly one of {', '.join(KINDS)}; got {set_ or 'none'}"
             )
+        self._check_reasoning()
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice: a non-empty list of non-empty strings")
+
+    def _check_reasoning(self) -> None:
+        """The reasoning hold-off's fields agree with its mode (ValueError naming them otherwise)."""
+        if self.reasoning_end_ids is not None:
+            self.reasoning_end_ids = tuple(self.reasoning_end_ids)  # a list after a JSON round trip
+        ends = self.reasoning_end_ids
+        if self.reasoning == "harmony":
+            if not ends or not all(isinstance(t, int) and t >= 0 for t in ends):
+                raise ValueError("structured_outputs.reasoning harmony: reasoning_end_ids must be a non-empty "
+                                 f"sequence of token ids (the final message's header), got {ends!r}")  # fmt: skip
+            if self.think_start_id is not None or self.think_end_id is not None:
+                raise ValueError("structured_outputs.reasoning harmony: set reasoning_end_ids, not "
+                                 "think_start_id / think_end_id")  # fmt: skip
+            return
+        if ends is not None or self.is_header_forced:
+            raise ValueError("structured_outputs: reasoning_end_ids and is_header_forced are for reasoning "
+                             f"harmony, not {self.reasoning!r}")  # fmt: skip
         if self.reasoning is not None and (
             self.reasoning not in ("qwen3", "deepseek_r1")
             or self.think_end_id is None
             or (self.reasoning == "qwen3" and self.think_start_id is None)
         ):
-            raise ValueError("structured_outputs.reasoning: qwen3 (with think_start_id and think_end_id) or "
-                             "deepseek_r1 (with think_end_id)")  # fmt: skip
-        if self.choice is not None and (
-            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
-        ):
-            raise ValueError("structured_outputs.choice: a non-empty list of non-empty strings")
+            raise ValueError("structured_outputs.reasoning: qwen3 (with think_start_id and think_end_id), "
+                             "deepseek_r1 (with think_end_id) or harmony (with reasoning_end_ids)")  # fmt: skip
 
     @property
     def kind(self) -> str:

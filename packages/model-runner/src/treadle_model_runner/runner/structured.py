@@ -17,6 +17,9 @@ Speculative decoding: a request verifying drafts owns one logits row per positio
 j drafts were outputs, by a fork of its matcher that follows the drafts (`_mask_drafts`). A draft the grammar
 refuses ends verification there: the sample at its position is still taken (and obeys the grammar), later drafts
 are dropped. So a speculative reply obeys the grammar exactly as a plain one does.
+A thinking model's reasoning is unconstrained (`_grammar_start`): the grammar starts after qwen3's / deepseek_r1's
+end token, or after the first run of a harmony reply's header ids (gpt-oss's `<|channel|>final<|message|>`,
+several tokens); a forced harmony header (a forced tool call's) is written one allowed token a step first.
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ class StructuredOutputs:
         # xgrammar's layout (allocate_token_bitmask): int32 words of 32 tokens, -1 = every token allowed
         bitmask = torch.full((first[-1], -(-self.vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pinned)
         plain = {first[i]: states[i] for i in constrained if counts[i] == 1}
+        for j, state in plain.items():
+            if (token := _forced_token(state)) is not None:  # inside a forced header: its next token only
+                self._set_only(bitmask[j], [token])
         fill: dict[int, Any] = {}  # row -> its matcher, filled together below (xgrammar's threads)
         for j in self._advance_all(list(plain.items())):
             if plain[j].grammar_ended:  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
@@ -150,6 +156,9 @@ class StructuredOutputs:
 
     def _mask_one(self, state: RequestState, bitmask: torch.Tensor, row: int) -> None:
         """Bitmask `row`: what the request's grammar allows after its outputs (one row of `mask`)."""
+        if (token := _forced_token(state)) is not None:
+            self._set_only(bitmask[row], [token])
+            return
         if not self._advance_all([(row, state)]):
             return
         if state.grammar_ended:
@@ -227,8 +236,37 @@ def _grammar_start(state: RequestState) -> int | None:
     if params is None or params.reasoning is None:
         return 0
     out = state.output_token_ids
+    if params.reasoning == "harmony":
+        if state.grammar is not None:  # built once its start was found: the outputs before it are accepted
+            return state.grammar_accepted
+        assert params.reasoning_end_ids is not None, "harmony's params carry their end ids"
+        at = _find(out, params.reasoning_end_ids)
+        return None if at < 0 else at + len(params.reasoning_end_ids)
     if params.reasoning == "qwen3" and (not out or out[0] != params.think_start_id):
         return 0  # no block opened (the first step allows the opening tag besides the grammar)
     if params.think_end_id in out:
         return out.index(params.think_end_id) + 1
     return None
+
+
+def _find(out: list[int], ids: tuple[int, ...]) -> int:
+    """Where the first run of `ids` begins in `out`, or -1 (list.index finds the candidates in C)."""
+    n, at = len(ids), -1
+    try:
+        while True:
+            at = out.index(ids[0], at + 1)
+            if tuple(out[at : at + n]) == ids:
+                return at
+    except ValueError:
+        return -1
+
+
+def _forced_token(state: RequestState) -> int | None:
+    """The token a forced harmony header (is_header_forced) makes the next output, None once it is written."""
+    params = state.sampling_params.structured_outputs
+    if params is None or not params.is_header_forced or params.reasoning_end_ids is None:
+        return None
+    out, header = state.output_token_ids, params.reasoning_end_ids
+    if len(out) >= len(header) or tuple(out) != header[: len(out)]:
+        return None
+    return header[len(out)]
