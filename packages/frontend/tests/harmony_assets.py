@@ -73,6 +73,7 @@ class HarmonyServer:
     def __init__(self, url: str, engine: Any, tokenizer: Any) -> None:
         self.url, self.engine, self.tokenizer = url, engine, tokenizer
         self.prompts: list[list[int]] = []
+        self.requests: list[Any] = []  # the engine requests, sampling params included
 
     def script(self, text: str) -> list[int]:
         """Every reply from now on: `text`'s tokens (markers as special tokens), then EOS."""
@@ -108,6 +109,7 @@ def start_harmony_server(tokenizer: Any, **server_options: Any) -> tuple[Any, Ha
 
     def recording_add(request: Any) -> None:
         handle.prompts.append(list(request.prompt_token_ids))
+        handle.requests.append(request)
         add(request)
 
     engine.add = recording_add  # type: ignore[method-assign]

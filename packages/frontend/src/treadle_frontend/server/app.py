@@ -28,6 +28,7 @@ from treadle_frontend.server.completions import CompletionsHandler
 from treadle_frontend.server.config import ServerConfig
 from treadle_frontend.server.embeddings import EmbeddingsHandler
 from treadle_frontend.server.errors import APIError, error_response, install_error_handlers
+from treadle_frontend.server.harmony_messages import for_template
 from treadle_frontend.server.messages import MessagesHandler
 from treadle_frontend.server.metrics import ServerMetrics
 from treadle_frontend.server.protocol import (
@@ -270,7 +271,10 @@ def build_app(
                                param="continue_final_message")  # fmt: skip
             kwargs = {**(body.chat_template_kwargs or {}), **({"tools": body.tools} if body.tools else {})}
             _, ids = ip.encode_chat(
-                template_messages([m.model_dump(exclude_none=True) for m in body.messages]),
+                for_template(
+                    template_messages([m.model_dump(exclude_none=True) for m in body.messages]),
+                    state.config.reasoning_parser,
+                ),
                 add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message,
                 template_kwargs=kwargs,

@@ -40,6 +40,7 @@ from treadle_frontend.server.common import (
 )
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, chat_delta, forced_schema
+from treadle_frontend.server.harmony_messages import for_template
 from treadle_frontend.server.offload import is_heavy, json_reply, logprob_entries, off_loop, sse_text
 from treadle_frontend.server.protocol import ChatCompletionRequest
 from treadle_frontend.server.reply import keeps_special_tokens
@@ -105,7 +106,7 @@ class ChatHandler:
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced tool call cannot be combined with a structured "
                                     "output", param="tool_choice")  # fmt: skip
-            so = forced_constraint(forced[0], st.llm.input_processor.tokenizer, st.config.reasoning_parser)
+            so = forced_constraint(forced, st.llm.input_processor.tokenizer, st.config.reasoning_parser)
             params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         tools = st.config.reply_tool_parser(bool(body.tools) and choice != "none")
@@ -119,7 +120,7 @@ class ChatHandler:
             kwargs["tools"] = body.tools
         ip = st.llm.input_processor
         text, ids = ip.encode_chat(
-            messages,
+            for_template(messages, st.config.reasoning_parser),
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             template_kwargs=kwargs,

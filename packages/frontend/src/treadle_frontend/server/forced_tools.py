@@ -11,7 +11,8 @@ JSON becomes the calls.
 is still calls (finish_reason "length", content null; Anthropic's stop_reason max_tokens): the named call with the
 arguments written so far ("" if none), and each array item whose name was written whole.
 With a reasoning parser the constraint holds off until the reasoning block ends (structured.after_reasoning), so
-the block is split off first and streamed as reasoning; the JSON after it is the calls.
+the block is split off first and streamed as reasoning; the JSON after it is the calls. A harmony reply (gpt-oss) of
+a named call opens with the call's forced header (structured.harmony_call), dropped here; "required" is a 400 there.
 `ReplyReader` picks the parser for a reply (forced calls, the tool-call and reasoning parsers, or none), and
 `chat_delta` turns what a parser releases into a streamed chunk's delta.
 """
@@ -26,6 +27,7 @@ from pydantic_core import from_json
 from treadle_frontend.server.call_sequence import CallSequence
 from treadle_frontend.server.call_xml import tool_schemas
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.harmony import HARMONY, ForcedCallHeader
 from treadle_frontend.server.reply import THINK_PARSERS, ReasoningStream, ReplyParser, whole_reply
 from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, merged, parse_call
 
@@ -99,8 +101,9 @@ class ForcedToolCalls:
         self, name: str | None, reasoning_parser: str | None = None, calls_only: bool = False
     ) -> None:
         self.name, self.calls_only = name, calls_only
-        # a harmony reply is constrained from its first token (structured.after_reasoning): no reasoning in it
         self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser in THINK_PARSERS else None
+        # a harmony reply is the call's message: its forced header first (structured.harmony_call), no reasoning
+        self.header = ForcedCallHeader() if reasoning_parser == HARMONY else None
         self.text = ""
         self._named: CallDelta | None = None
         self._array = CallSequence.array() if name is None else None
@@ -111,6 +114,8 @@ class ForcedToolCalls:
 
     def feed(self, text: str, final: bool = False) -> list[Piece]:
         reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
+        if self.header is not None:
+            content = self.header.feed(content, final)
         self.text += content
         deltas = self._array.feed(content) if self._array is not None else self._stream_named(content)
         pieces = [Piece(reasoning=reasoning)] if reasoning else []

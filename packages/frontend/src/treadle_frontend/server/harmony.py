@@ -205,6 +205,35 @@ class HarmonyStream:
         self._state, self._buf = "open", ""
 
 
+class ForcedCallHeader:
+    """A forced call's harmony reply opens with its header, forced token by token (structured.harmony_call):
+    `feed` drops it, through its `<|message|>`, and passes the arguments after it. A reply that does not open with
+    `<|channel|>` (a tokenizer without the markers: constrained from its first token) passes whole."""
+
+    def __init__(self) -> None:
+        self._state = "open"  # open (may yet open the header) -> header -> body
+        self._buf = ""
+
+    def feed(self, text: str, final: bool = False) -> str:
+        if self._state == "body":
+            return text
+        self._buf += text
+        if self._state == "open":
+            if self._buf.startswith(CHANNEL):
+                self._state = "header"
+            elif CHANNEL.startswith(self._buf) and not final:
+                return ""
+            else:
+                self._state, text, self._buf = "body", self._buf, ""
+                return text
+        at = self._buf.find(MESSAGE)
+        if at < 0:  # still in the header (dropped when the reply ends inside it)
+            self._buf = "" if final else self._buf
+            return ""
+        self._state, text, self._buf = "body", self._buf[at + len(MESSAGE) :], ""
+        return text
+
+
 def reasoning_token_count(tokenizer: Any, token_ids: list[int]) -> int:
     """The reply's tokens in analysis messages, each from its first token to its terminator (usage's
     reasoning_tokens); 0 when the tokenizer lacks the markers."""

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from treadle_frontend.server.common import ServerState, new_id
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader
+from treadle_frontend.server.harmony_messages import for_template
 from treadle_frontend.server.messages_tools import (
     BlockStream,
     chat_turns,
@@ -131,7 +132,7 @@ class MessagesHandler:
         last_is_assistant = msgs[-1]["role"] == "assistant" and not msgs[-1].get("tool_calls")
         kwargs = {"tools": openai_tools(body.tools)} if body.tools else {}
         return self.state.llm.input_processor.encode_chat(
-            msgs,
+            for_template(msgs, self.state.config.reasoning_parser),
             add_generation_prompt=not last_is_assistant,
             continue_final_message=last_is_assistant,
             template_kwargs=kwargs,
@@ -160,7 +161,7 @@ class MessagesHandler:
                 values[name] = v
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         if forced is not None:  # decoding constrained to the calls' JSON
-            values["structured_outputs"] = forced_constraint(forced[0], st.llm.input_processor.tokenizer, rp)
+            values["structured_outputs"] = forced_constraint(forced, st.llm.input_processor.tokenizer, rp)
         if keeps_special_tokens(rp, tools):  # special tokens mark the reply's parts
             values["skip_special_tokens"] = False
         params = SamplingParams(

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from treadle_frontend.server.common import ServerState, new_id, reasoning_effort, sampling_params
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, forced_schema
+from treadle_frontend.server.harmony_messages import for_template
 from treadle_frontend.server.protocol import ResponsesRequest
 from treadle_frontend.server.reply import keeps_special_tokens
 from treadle_frontend.server.responses_tools import (
@@ -115,7 +116,11 @@ class ResponsesHandler:
         ip = st.llm.input_processor
         effort = (body.reasoning or {}).get("effort") if isinstance(body.reasoning, dict) else None
         kwargs = {**({"tools": tools} if tools else {}), **reasoning_effort(effort, "reasoning.effort")}
-        text, ids = ip.encode_chat(to_chat_messages(body), add_generation_prompt=True, template_kwargs=kwargs)
+        text, ids = ip.encode_chat(
+            for_template(to_chat_messages(body), st.config.reasoning_parser),
+            add_generation_prompt=True,
+            template_kwargs=kwargs,
+        )
         ip.check_token_ids(ids, "the rendered input")
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=body.max_output_tokens, logprobs=None, kind=kind)
@@ -131,7 +136,7 @@ class ResponsesHandler:
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced call cannot be combined with text.format",
                                param="tool_choice")  # fmt: skip
-            so = forced_constraint(forced[0], ip.tokenizer, st.config.reasoning_parser)
+            so = forced_constraint(forced, ip.tokenizer, st.config.reasoning_parser)
             params = params.clone(structured_outputs=so)
         ip.check_length(ids, params.clone())
         rid = new_id("resp_")

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from treadle_frontend.server.errors import APIError
+from treadle_frontend.server.harmony import CHANNEL, CONSTRAIN, FUNCTIONS, HARMONY, MESSAGE
 from treadle_model_runner.structured_outputs import KINDS, StructuredOutputsParams
 
 OPTIONS = (*KINDS, "disable_any_whitespace")
@@ -69,20 +70,59 @@ def compile_constraint(
 
 
 def forced_constraint(
-    schema: dict[str, Any], tokenizer: Any, reasoning_parser: str | None
+    forced: tuple[dict[str, Any], str | None], tokenizer: Any, reasoning_parser: str | None
 ) -> StructuredOutputsParams:
-    """A forced tool call's constraint: its JSON schema, without whitespace between tokens (a call's arguments
-    do not need it, and a model could otherwise repeat it without end). Compiled here: a tool schema that cannot
-    constrain decoding is a 400 naming `tools`."""
+    """A forced tool call's constraint (`forced`: forced_tools.forced_schema's (schema, name)): its JSON schema,
+    without whitespace between tokens (a call's arguments do not need it, and a model could otherwise repeat it
+    without end). Compiled here: a tool schema that cannot constrain decoding is a 400 naming `tools`. A harmony
+    reply (gpt-oss) is a call message: its header is forced, then the arguments (harmony_call)."""
+    schema, name = forced
     fields = {"json": json.dumps(schema), "disable_any_whitespace": True}
-    return compile_constraint("tools", fields, tokenizer, reasoning_parser)
+    params = compile_constraint("tools", fields, tokenizer, reasoning_parser)
+    return harmony_call(params, name, tokenizer) if reasoning_parser == HARMONY else params
+
+
+def harmony_call(
+    params: StructuredOutputsParams, name: str | None, tokenizer: Any
+) -> StructuredOutputsParams:
+    """A forced call in the harmony format: the reply opens with the call's header, `<|channel|>commentary
+    to=functions.NAME <|constrain|>json<|message|>` (forced token by token, so no analysis precedes it), then the
+    arguments' JSON and a stop token (`<|call|>`). "required" would leave the name to the model, which a forced
+    header cannot: a 400 asking for a named function (a tokenizer without the markers: unchanged)."""
+    if _harmony_ids(tokenizer, CHANNEL + "final" + MESSAGE) is None:
+        return params
+    if name is None:
+        raise APIError(400, 'tool_choice "required" is not supported for gpt-oss (harmony) replies: name the '
+                            'function ({"type": "function", "function": {"name": ...}}) or use "auto"',
+                       param="tool_choice")  # fmt: skip
+    header = _harmony_ids(tokenizer, f"{CHANNEL}commentary to={FUNCTIONS}{name} {CONSTRAIN}json{MESSAGE}")
+    assert header is not None, "the markers were found above"
+    return dataclasses.replace(params, reasoning="harmony", reasoning_end_ids=header, is_header_forced=True)
+
+
+def _harmony_ids(tokenizer: Any, header: str) -> tuple[int, ...] | None:
+    """`header`'s token ids when the tokenizer writes its markers as single tokens (first `<|channel|>`, last
+    `<|message|>`), else None (not a harmony tokenizer)."""
+    vocab = tokenizer.get_vocab()
+    channel, message = vocab.get(CHANNEL), vocab.get(MESSAGE)
+    ids = tuple(tokenizer.encode(header, add_special_tokens=False))
+    if channel is None or message is None or len(ids) < 3 or (ids[0], ids[-1]) != (channel, message):
+        return None
+    return ids
 
 
 def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | None, tokenizer: Any) -> Any:
     """`params` holding off until a thinking model's reasoning block ends, when the server reads one and the
-    tokenizer has the block's tags as tokens (else unchanged: the constraint holds from the first token)."""
+    tokenizer has the block's tags as tokens (else unchanged: the constraint holds from the first token). A
+    harmony reply (gpt-oss) is constrained from its final message on: after the first `<|channel|>final<|message|>`
+    (with or without `<|start|>assistant` before it), as the tokenizer writes it, so its analysis comes first; the
+    grammar then ends with a stop token (`<|return|>`), and the reply parser reads the final message as content."""
+    if reasoning_parser == HARMONY and tokenizer is not None:
+        header = _harmony_ids(tokenizer, CHANNEL + "final" + MESSAGE)
+        if header is None:
+            return params
+        return dataclasses.replace(params, reasoning="harmony", reasoning_end_ids=header)
     if reasoning_parser not in ("qwen3", "deepseek_r1") or tokenizer is None:
-        # none, or gpt-oss's harmony format, whose reasoning no single token ends: held from the first token
         return params
     vocab = tokenizer.get_vocab()
     start, end = vocab.get("<think>"), vocab.get("</think>")

@@ -1,0 +1,166 @@
+"""Constrained decoding on gpt-oss's harmony replies, through the openai SDK (harmony_assets' tokenizer and fake
+engine; the fake engine writes scripted replies, so what is checked here is what reaches the engine and how the
+reply is read): a JSON response_format or structured_outputs holds off until the final message's header (the
+analysis stays reasoning, the JSON is content); a forced named call forces its call header, then its arguments,
+and comes back as the call; "required" is a 400; an assistant turn of several calls reaches the template as one
+message per call, each followed by its result."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from frontend_helpers import openai_client, streamed_tool_calls
+from harmony_assets import ANALYSIS, THOUGHT, build_harmony_tokenizer, start_harmony_server
+
+from treadle_frontend.server.harmony_messages import one_call_per_message
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+JSON_REPLY = '{"city": "Paris"}'
+FINAL_JSON = f"<|start|>assistant<|channel|>final<|message|>{JSON_REPLY}<|return|>"
+CALL_HEADER = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+
+
+@pytest.fixture(scope="module")
+def harmony_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_harmony_tokenizer(tmp_path_factory.mktemp("harmony_tok"))
+
+
+@pytest.fixture(scope="module")
+def server(harmony_tokenizer: Any) -> Iterator[Any]:
+    srv, handle = start_harmony_server(
+        harmony_tokenizer, enable_auto_tool_choice=True, tool_call_parser="openai"
+    )
+    with srv:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> openai.OpenAI:
+    return openai_client(server.url)
+
+
+def _ids(tokenizer: Any, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize(
+    "ask",
+    [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}},
+        {"response_format": {"type": "json_object"}},
+        {"extra_body": {"structured_outputs": {"json": SCHEMA}}},
+        {"extra_body": {"guided_json": SCHEMA}},
+    ],
+)
+def test_json_after_the_analysis_is_the_content(
+    client: openai.OpenAI, server: Any, harmony_tokenizer: Any, ask: dict[str, Any]
+) -> None:
+    server.script(ANALYSIS + FINAL_JSON)
+    try:
+        done = client.chat.completions.create(model="tiny", messages=ASK, **ask)
+        chunks = list(client.chat.completions.create(model="tiny", messages=ASK, stream=True, **ask))
+    finally:
+        server.engine.script = None
+    message = done.choices[0].message
+    assert (message.content, getattr(message, "reasoning_content", None)) == (JSON_REPLY, THOUGHT)
+    deltas = [c.delta for chunk in chunks for c in chunk.choices]
+    assert "".join(d.content or "" for d in deltas) == JSON_REPLY
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THOUGHT
+    # held off until the final message's header, as this tokenizer writes it
+    header = _ids(harmony_tokenizer, "<|channel|>final<|message|>")
+    for request in server.requests[-2:]:
+        so = request.sampling_params.structured_outputs
+        assert (so.reasoning, so.reasoning_end_ids, so.is_header_forced) == ("harmony", header, False)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_named_call_is_a_harmony_call(
+    client: openai.OpenAI, server: Any, harmony_tokenizer: Any, stream: bool
+) -> None:
+    call_id = harmony_tokenizer.convert_tokens_to_ids("<|call|>")
+    server.script(CALL_HEADER + JSON_REPLY + "<|call|>")
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    kw: dict[str, Any] = dict(messages=ASK, tools=[WEATHER], tool_choice=choice,
+                              extra_body={"stop_token_ids": [call_id]})  # fmt: skip
+    try:
+        if stream:
+            chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
+            calls, _ = streamed_tool_calls(chunks)
+            got = [(name, json.loads(arguments)) for name, arguments in calls.values()]
+            finish = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+            content = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+        else:
+            reply = client.chat.completions.create(model="tiny", **kw)
+            message = reply.choices[0].message
+            got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+            finish, content = [reply.choices[0].finish_reason], message.content or ""
+    finally:
+        server.engine.script = None
+    assert (got, finish, content) == ([("get_weather", {"city": "Paris"})], ["stop"], "")
+    so = server.requests[-1].sampling_params.structured_outputs
+    header = _ids(harmony_tokenizer, CALL_HEADER)
+    assert (so.reasoning, so.is_header_forced, so.reasoning_end_ids) == ("harmony", True, header)
+    assert json.loads(so.json) == WEATHER["function"]["parameters"]  # type: ignore[index]
+
+
+def test_a_required_call_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required")
+    assert 'tool_choice "required" is not supported for gpt-oss (harmony) replies' in str(err.value)
+
+
+def _call(i: int, name: str, city: str) -> dict[str, Any]:
+    arguments = json.dumps({"city": city})
+    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_several_calls_render_one_message_each(client: openai.OpenAI, server: Any) -> None:
+    """gpt-oss's template (as the test's) renders an assistant message's first call only, and a result as from
+    the last call rendered: each call becomes its own message, its result after it, the first keeping the
+    reasoning."""
+    calls = [_call(1, "get_weather", "Paris"), _call(2, "get_time", "Rome")]
+    history: list[Any] = [
+        *ASK,
+        {"role": "assistant", "content": None, "reasoning_content": THOUGHT, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    server.script("<|channel|>final<|message|>Sunny; noon.<|return|>")
+    try:
+        reply = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER])
+    finally:
+        server.engine.script = None
+    assert reply.choices[0].message.content == "Sunny; noon."
+    expected = (
+        f"<|start|>assistant<|channel|>analysis<|message|>{THOUGHT}<|end|>"
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"sunny"<|end|>'
+        '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"city": "Rome"}<|call|>'
+        '<|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"noon"<|end|>'
+        "<|start|>assistant"
+    )
+    assert server.last_prompt().endswith(expected)
+
+
+def test_one_call_per_message_pairs_results_by_id_else_by_position() -> None:
+    calls = [_call(1, "a", "x"), _call(2, "b", "y")]
+    turn = {"role": "assistant", "content": "hm", "thinking": "t", "tool_calls": calls}
+    by_id = [turn, {"role": "tool", "tool_call_id": "call_2", "content": "B"},
+             {"role": "tool", "tool_call_id": "call_1", "content": "A"}, {"role": "user", "content": "u"}]  # fmt: skip
+    got = one_call_per_message(by_id)
+    assert [(m["role"], m.get("content"), [c["id"] for c in m.get("tool_calls", [])]) for m in got] == [
+        ("assistant", "hm", ["call_1"]), ("tool", "A", []), ("assistant", None, ["call_2"]), ("tool", "B", []),
+        ("user", "u", []),
+    ]  # fmt: skip
+    assert "thinking" not in got[2]
+    unnamed = [turn, {"role": "tool", "content": "first"}, {"role": "tool", "content": "second"}]
+    assert [m.get("content") for m in one_call_per_message(unnamed)] == ["hm", "first", None, "second"]
+    single = [{"role": "assistant", "tool_calls": calls[:1]}, {"role": "tool", "content": "r"}]
+    assert one_call_per_message(single) == single
