@@ -1,7 +1,8 @@
 """Structured outputs under speculative decoding. The grammar masks of a request verifying drafts: its row j is what
 `mask` gives without drafts once d1..dj are outputs, up to the first draft the grammar refuses (later rows are
 left free: verification stops there), and the request's matcher and outputs are as before afterwards; with
-reasoning blocks that open or close inside the drafts, and past the grammar's end. Then the runner end to end: a
+reasoning blocks that open or close inside the drafts, harmony headers (held off for, or forced), and past the
+grammar's end. Then the runner end to end: a
 tiny Llama over a raw one-character vocabulary replies to regex, JSON and choice constraints with drafts (right,
 wrong, and refused by the grammar) exactly as it does without them."""
 
@@ -50,6 +51,14 @@ CASES = [
     (S(regex="[a-c]{2}", reasoning="qwen3", think_start_id=THINK, think_end_id=END_THINK), [],
      [THINK, 40, END_THINK, C, A, EOS]),
     (S(regex="[a-c]{2}", reasoning="qwen3", think_start_id=THINK, think_end_id=END_THINK), [], [B, THINK, A]),
+    # harmony: the hold-off ends inside the drafts at a run of ids (96, 41, 97 stand for a final header), and a
+    # forced header (one token a row) refuses the draft that leaves it
+    (S(regex="[a-c]{2}", reasoning="harmony", reasoning_end_ids=(THINK, 41, END_THINK)), [40, THINK],
+     [41, 40, THINK, 41, END_THINK, A, X, B]),
+    (S(regex="[a-c]{2}", reasoning="harmony", reasoning_end_ids=(THINK, 41, END_THINK), is_header_forced=True),
+     [THINK], [41, END_THINK, B, C, EOS]),
+    (S(regex="[a-c]{2}", reasoning="harmony", reasoning_end_ids=(THINK, 41, END_THINK), is_header_forced=True),
+     [], [THINK, 50, A]),
 ]  # fmt: skip
 
 
