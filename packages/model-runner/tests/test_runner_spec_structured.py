@@ -2,9 +2,8 @@
 `mask` gives without drafts once d1..dj are outputs, up to the first draft the grammar refuses (later rows are
 left free: verification stops there), and the request's matcher and outputs are as before afterwards; with
 reasoning blocks that open or close inside the drafts, harmony headers (held off for, or forced), and past the
-grammar's end. Then the runner end to end: a
-tiny Llama over a raw one-character vocabulary replies to regex, JSON and choice constraints with drafts (right,
-wrong, and refused by the grammar) exactly as it does without them."""
+grammar's end. Then the runner end to end: a tiny Llama over a raw one-character vocabulary replies to regex, JSON
+and choice constraints with drafts (right, wrong, and refused by the grammar) exactly as it does without them."""
 
 from __future__ import annotations
 
