@@ -13,8 +13,8 @@ Expert biases (gpt-oss, `bias=True`; expert_bias.py): `w13_bias` [E, 2N] (gate's
 `w2_bias` [E, K], loaded through `weight_loader` like the weights; an expert computes
 `act(x @ w13[e].T + w13_bias[e]) @ w2[e].T + w2_bias[e]`, which the routing weight then scales (the down bias too).
 A tensor-parallel subclass adds w2_bias on one rank only (`adds_w2_bias`). `activation="swigluoai"` is gpt-oss's
-clamped SwiGLU with `swiglu_alpha` / `swiglu_limit` (activation.py). Both need model-dtype experts: fp8 and 4-bit
-ones are refused for such a layer.
+clamped SwiGLU with `swiglu_alpha` / `swiglu_limit` (activation.py). Both need model-dtype or MXFP4 experts: fp8
+and 4-bit ones are refused for such a layer.
 Expert parallelism (`placement`, treadle_moe/placement.py): the layer holds only its rank's experts, w13 / w2 (and
 the weight scales) [E_local, ...]; the router still routes over all E, forward maps the ids to local ones (-1 for
 another rank's expert, whose slots the kernel skips) and returns this rank's share of the sum. Loaders keep taking
@@ -32,6 +32,9 @@ static activations also gets the checkpoint's per-expert input scales (`w13_inpu
 4-bit experts (W4A16 checkpoints, experts/int4.py; storage and loading in int4_layer.py): `w13_weight` / `w2_weight`
 become packed int32 [E, K / 8, 2N] / [E, N / 8, K] beside `w{13,2}_group_scale`, `_group_zero` and `_group_index`;
 `int4_layout` is set and the forward hands them to the kernel (`int4_scales`).
+MXFP4 experts (gpt-oss's released format, experts/mxfp4.py; storage, loading and quantizing in mxfp4_layer.py):
+`w13_weight` / `w2_weight` become uint8 blocks [E, 2N, K / 32, 16] / [E, K, N / 32, 16] beside e8m0 scales
+`w13_weight_scale` / `w2_weight_scale`; `mxfp4_layout` is set; biases and swigluoai run with them.
 
 The kernel is chosen by the oracle at the first forward on each (device, dtype), since a model is often built
 on one device and moved; the decision is logged once and readable through `describe()`.
@@ -49,7 +52,9 @@ from treadle_moe.expert_bias import allocate_biases, check_unquantized, describe
 from treadle_moe.expert_weights import copy_expert_weight
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, fold_input_scales, quantize_experts
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
+from treadle_moe.experts.mxfp4 import Mxfp4Layout
 from treadle_moe.modular_kernel import ModularKernel
+from treadle_moe.mxfp4_layer import mxfp4_scales
 from treadle_moe.oracle import MoEKernelChoice, MoEProblem, select_moe_kernel
 from treadle_moe.placement import ExpertPlacement
 from treadle_moe.router import RouterConfig, Scoring
@@ -58,8 +63,8 @@ logger = logging.getLogger(__name__)
 
 # the tensors beside 4-bit experts' packed weights (int4_layer.py)
 INT4_PARAMS = tuple(f"{w}_group_{t}" for w in ("w13", "w2") for t in ("scale", "zero", "index"))
-# where a forward runs, and the weights' fp8 or 4-bit layout
-_KernelKey = tuple[torch.device, torch.dtype, Fp8Layout | None, Int4Layout | None]
+# where a forward runs, and the weights' fp8, 4-bit or MXFP4 layout
+_KernelKey = tuple[torch.device, torch.dtype, Fp8Layout | None, Int4Layout | None, Mxfp4Layout | None]
 
 
 class FusedMoE(nn.Module):
@@ -148,6 +153,8 @@ class FusedMoE(nn.Module):
         # 4-bit experts (module docstring): the layout; the tensors are registered by int4_layer.allocate_int4
         self.int4_layout: Int4Layout | None = None
         self.int4_index_from: dict[int, str] = {}  # expert -> the shard (w1 / w3) whose w13 g_idx it holds
+        # MXFP4 experts (module docstring): set by mxfp4_layer.py, the scales in w13_weight_scale / w2_weight_scale
+        self.mxfp4_layout: Mxfp4Layout | None = None
         self._kernels: dict[_KernelKey, tuple[MoEKernelChoice, ModularKernel]] = {}
         self._last_key: _KernelKey | None = None
 
@@ -165,7 +172,7 @@ class FusedMoE(nn.Module):
         local_ids = self.placement.to_local_ids(topk_ids)  # -1: another rank's expert
         kernel = self._kernel_for(hidden)
         out = kernel(hidden, self.w13_weight, self.w2_weight, topk_weights, local_ids, self.activation,
-                     self.fp8_scales(), self.int4_scales(), layer_epilogue(self))  # fmt: skip
+                     self.fp8_scales(), self.int4_scales(), layer_epilogue(self), mxfp4_scales(self))  # fmt: skip
         return out.view(shape)
 
     def fp8_scales(self) -> Fp8ExpertScales | None:
@@ -203,7 +210,7 @@ class FusedMoE(nn.Module):
                                 t["w2_group_index"], self.int4_layout)  # fmt: skip
 
     def _kernel_for(self, hidden: torch.Tensor) -> ModularKernel:
-        key = (hidden.device, hidden.dtype, self.fp8_layout, self.int4_layout)
+        key = (hidden.device, hidden.dtype, self.fp8_layout, self.int4_layout, self.mxfp4_layout)
         entry = self._kernels.get(key)
         if entry is None:
             problem = MoEProblem(
@@ -217,6 +224,7 @@ class FusedMoE(nn.Module):
                 activation=self.activation,
                 fp8=self.fp8_layout,
                 int4=self.int4_layout,
+                mxfp4=self.mxfp4_layout,
                 has_bias=self.w13_bias is not None,
                 routed_experts=self.num_experts if self.placement.is_partial else None,
             )
@@ -256,8 +264,8 @@ class FusedMoE(nn.Module):
     def load_stacked_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """transformers' fused layout: gate_up_proj [E, 2N, K] (gate first), down_proj [E, K, N] (every expert;
         this layer keeps its own)."""
-        if self.fp8_layout is not None or self.int4_layout is not None:
-            raise ValueError("fp8 and 4-bit experts load one expert matrix and its scales at a time")
+        if self.fp8_layout is not None or self.int4_layout is not None or self.mxfp4_layout is not None:
+            raise ValueError("fp8, 4-bit and MXFP4 experts load their matrices with their scales")
         for name, param, weight in (
             ("gate_up_proj", self.w13_weight, gate_up),
             ("down_proj", self.w2_weight, down),
@@ -341,4 +349,5 @@ class FusedMoE(nn.Module):
             + (f", local_experts={self.placement.local_experts}" if self.placement.is_partial else "")
             + (f", fp8={self.fp8_layout.describe()}" if self.fp8_layout is not None else "")
             + (f", int4={self.int4_layout.describe()}" if self.int4_layout is not None else "")
+            + (f", {self.mxfp4_layout.describe()}" if self.mxfp4_layout is not None else "")
         )

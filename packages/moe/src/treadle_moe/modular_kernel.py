@@ -10,7 +10,8 @@ checks that. Scratch comes from the workspace manager; the returned output is al
 experts reduce themselves (WeightAndReduceNoOp) in the standard format they write straight into the output.
 fp8 expert weights (float8_e4m3fn w13 / w2) travel with their scales (`fp8`, experts/fp8.py); the activations and
 the output stay in the model dtype; so do they with 4-bit weights (`int4`, experts/int4.py). gpt-oss's expert biases
-and swigluoai constants travel as an `ExpertEpilogue` (`epilogue`, experts/epilogue.py; model-dtype weights only).
+and swigluoai constants travel as an `ExpertEpilogue` (`epilogue`, experts/epilogue.py; model-dtype and MXFP4 weights
+only); MXFP4 blocks (uint8) with their e8m0 scales (`mxfp4`, experts/mxfp4.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from treadle_moe.experts.base import Experts, check_weights
 from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.fp8 import Fp8ExpertScales
 from treadle_moe.experts.int4 import Int4ExpertScales
+from treadle_moe.experts.mxfp4 import Mxfp4ExpertScales
 from treadle_moe.prepare_finalize import ActivationFormat, PrepareFinalize
 from treadle_moe.topk_weight_and_reduce import WeightAndReduceNoOp
 from treadle_moe.workspace import WorkspaceManager, default_workspace_manager
@@ -59,10 +61,12 @@ class ModularKernel:
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
+        mxfp4: Mxfp4ExpertScales | None = None,
     ) -> torch.Tensor:
         """hidden [M, K], w13 [E, 2N, K], w2 [E, K, N], topk [M, top_k] -> [M, K]; `fp8`: the scales of
         float8_e4m3fn w13 / w2; `int4`: the scales of packed 4-bit w13 [E, K / 8, 2N] / w2 [E, N / 8, K];
-        `epilogue`: biases w13 [E, 2N] / w2 [E, K] and the swigluoai constants.
+        `epilogue`: biases w13 [E, 2N] / w2 [E, K] and the swigluoai constants; `mxfp4`: the scales of uint8
+        MXFP4 blocks w13 [E, 2N, K / 32, 16] / w2 [E, K, N / 32, 16].
         topk_ids of -1 (expert parallelism: another rank's expert) contribute zero (experts/base.py)."""
         num_experts, n = check_weights(hidden.shape[-1], w13, w2)
         num_tokens, top_k = topk_ids.shape
@@ -99,6 +103,7 @@ class ModularKernel:
             fp8=fp8,
             int4=int4,
             epilogue=epilogue,
+            mxfp4=mxfp4,
         )
         self.prepare_finalize.finalize(output, expert_out, prepared, reduce)
         if self.shared_experts is not None:

@@ -21,7 +21,11 @@ Rules, in order (each decision is recorded as a reason and shows in `describe()`
    spec, the dense `w4a16_linear` reference per expert. The reason names the layout.
 6. Expert biases and the swigluoai activation (gpt-oss, experts/epilogue.py) run in the model dtype only: the torch
    reference and Triton fused MoE (both formats) add the biases and apply the clamped SwiGLU; an fp8 or 4-bit layer
-   with either is refused (ValueError) whatever the backend, since no quantized expert kernel has that epilogue.
+   with either is refused (ValueError) whatever the backend, since neither quantized expert kernel has that epilogue.
+7. MXFP4 expert weights (`MoEProblem.mxfp4`, gpt-oss's released experts, experts/mxfp4.py) follow rule 3: on CUDA
+   Triton fused MoE decodes the e2m1 nibbles and e8m0 scales in registers inside its grouped GEMM (16-bit
+   activations, the biases and swigluoai in its epilogues); elsewhere the torch reference runs the spec, each
+   expert dequantized exactly to the activations' dtype.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from treadle_moe.experts.base import Experts
 from treadle_moe.experts.epilogue import quantized_support_reason
 from treadle_moe.experts.fp8 import Fp8Layout
 from treadle_moe.experts.int4 import Int4Layout
+from treadle_moe.experts.mxfp4 import Mxfp4Layout
 from treadle_moe.experts.torch_ref import BatchedTorchExperts, TorchExperts
 from treadle_moe.experts.triton_fused import BatchedTritonExperts, TritonExperts
 from treadle_moe.experts.triton_int4 import int4_config
+from treadle_moe.experts.triton_mxfp4 import mxfp4_config
 from treadle_moe.modular_kernel import ModularKernel
 from treadle_moe.prepare_finalize import (
     ActivationFormat,
@@ -73,6 +79,7 @@ class MoEProblem:
     fp8: Fp8Layout | None = None  # float8_e4m3fn expert weights in this scale layout; None: `dtype` weights
     int4: Int4Layout | None = None  # packed 4-bit expert weights in this layout (activations in `dtype`)
     has_bias: bool = False  # gpt-oss's expert biases (w13 [E, 2N], w2 [E, K])
+    mxfp4: Mxfp4Layout | None = None  # MXFP4 expert weights (e2m1, e8m0 scales; activations in `dtype`)
     # expert parallelism: the experts the router routes over when the layer holds num_experts of them; block configs
     # are those of that many experts (each held expert sees the load it would on one device)
     routed_experts: int | None = None
@@ -81,6 +88,8 @@ class MoEProblem:
         """The expert weights' format, for reasons and the decision log ("" for model-dtype weights)."""
         if self.fp8 is not None:
             return self.fp8.describe()
+        if self.mxfp4 is not None:
+            return self.mxfp4.describe()
         return self.int4.describe() if self.int4 is not None else ""
 
 
@@ -140,6 +149,8 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
             fp8 = f", {problem.fp8.describe()} on fp8 tensor cores" if problem.fp8 is not None else ""
             if problem.int4 is not None:
                 fp8 = f", {problem.int4.describe()}: 4-bit weights unpacked in registers in the grouped GEMM"
+            if problem.mxfp4 is not None:
+                fp8 = f", {problem.mxfp4.describe()}: e2m1 weights decoded in registers in the grouped GEMM"
             bias = ", expert biases in the GEMM epilogues" if problem.has_bias else ""
             reasons.append(
                 f"experts {experts_cls.name}: cuda, {_dtype_name(problem.dtype)}, {problem.activation}{fp8}{bias}"
@@ -154,6 +165,8 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 why_not += (
                     f"; {problem.int4.describe()} runs the spec (the dense w4a16_linear reference per expert)"
                 )
+            if problem.mxfp4 is not None:
+                why_not += f"; {problem.mxfp4.describe()} runs the spec (each expert dequantized, its MLP)"
             reasons.append(f"experts {experts_cls.name}: {why_not}")
     if experts_cls.activation_format == ActivationFormat.BATCHED:
         prepare_finalize: PrepareFinalize = NoEPBatchedPrepareFinalize()
@@ -172,8 +185,10 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 problem.top_k,
                 problem.dtype if problem.fp8 is None else torch.float8_e4m3fn,
                 device_name,
-                int4=problem.int4 is not None,
+                int4=problem.int4 is not None or problem.mxfp4 is not None,
             )
+            if problem.mxfp4 is not None:
+                config = mxfp4_config(config)
             if problem.int4 is not None:
                 config = int4_config(config, problem.int4, problem.hidden_size, problem.intermediate_size)
             reasons.append(

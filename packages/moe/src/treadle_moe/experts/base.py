@@ -13,7 +13,9 @@ parallelism: another rank holds that expert, treadle_moe/placement.py) contribut
 come with their scales (`fp8`, an `Fp8ExpertScales`: per channel or block-wise, experts/fp8.py) and compute
 `expert_mlp_fp8`; an implementation says which layouts it runs through `support_reason`. 4-bit weights (`int4`,
 W4A16) are packed int32 w13 [E, K / 8, 2N] / w2 [E, N / 8, K] with an `Int4ExpertScales` and compute
-`expert_mlp_int4` (experts/int4.py).
+`expert_mlp_int4` (experts/int4.py). MXFP4 weights (`mxfp4`, gpt-oss) are uint8 blocks w13 [E, 2N, K / 32, 16] /
+w2 [E, K, N / 32, 16] with `Mxfp4ExpertScales` (experts/mxfp4.py); they run the model-dtype MLP, epilogue included,
+on their exactly dequantized weights.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, int4_expert_sizes
+from treadle_moe.experts.mxfp4 import Mxfp4ExpertScales, mxfp4_expert_sizes
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce
 
@@ -93,10 +96,11 @@ class Experts(ABC):
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
+        mxfp4: Mxfp4ExpertScales | None = None,
     ) -> None:
         """Write the experts' output (shape `workspace_shapes(...).output`) into `output`; `fp8`: the scales of
         float8_e4m3fn w13 / w2; `int4`: the scales (zeros, g_idx) of packed 4-bit w13 / w2; `epilogue`: biases and
-        swigluoai constants (model-dtype weights only)."""
+        swigluoai constants (model-dtype and MXFP4 weights only); `mxfp4`: the e8m0 scales of MXFP4 blocks."""
 
     def describe(self) -> str:
         return f"{self.name} ({self.activation_format.value} format)"
@@ -106,8 +110,13 @@ class Experts(ABC):
 
 
 def check_weights(hidden_size: int, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
-    """Validate w13 [E, 2N, K] / w2 [E, K, N] (packed 4-bit: int32 [E, K / 8, 2N] / [E, N / 8, K]) against the
-    hidden size; return (E, N)."""
+    """Validate w13 [E, 2N, K] / w2 [E, K, N] (packed 4-bit: int32 [E, K / 8, 2N] / [E, N / 8, K]; MXFP4: uint8
+    [E, 2N, K / 32, 16] / [E, K, N / 32, 16]) against the hidden size; return (E, N)."""
+    if w13.dtype == torch.uint8:
+        num_experts, n, k = mxfp4_expert_sizes(w13, w2)
+        if k != hidden_size:
+            raise ValueError(f"MXFP4 expert weights hold {k} inputs, the hidden size is {hidden_size}")
+        return num_experts, n
     if w13.dtype == torch.int32:
         num_experts, n, k = int4_expert_sizes(w13, w2)
         if k != hidden_size:

@@ -8,8 +8,8 @@ so the w13 bias is added before the activation (gate's half, then up's: the rows
 the routing weight multiplies (the down bias is weighted too). `w2_bias` None adds none: a tensor-parallel rank
 whose partial output another rank's bias already completes (the ranks' outputs are summed). `swiglu_alpha` and
 `swiglu_limit` parametrize the "swigluoai" activation (activation.py); other activations ignore them.
-Only model-dtype expert weights run an epilogue: the fp8 and 4-bit expert kernels have no bias or swigluoai
-(`quantized_support_reason`).
+Model-dtype and MXFP4 expert weights (experts/mxfp4.py, gpt-oss's own format) run an epilogue; the fp8 and 4-bit
+expert kernels have no bias or swigluoai (`quantized_support_reason`).
 """
 
 from __future__ import annotations
@@ -72,6 +72,6 @@ def quantized_support_reason(weights: str, activation: str, has_bias: bool) -> s
         return None
     return (
         f"{weights} experts do not support {' or '.join(missing)} (gpt-oss): their kernels have no bias or clamped "
-        "SwiGLU epilogue; run the experts in the model dtype (quantization=None; gpt-oss's MXFP4 experts load "
-        "dequantized to bf16)"
+        "SwiGLU epilogue; run the experts in the model dtype (quantization=None) or in MXFP4 (gpt-oss's released "
+        "checkpoints, quantization mxfp4)"
     )

@@ -23,6 +23,7 @@ from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
 from treadle_moe.experts.epilogue import ExpertEpilogue, check_epilogue, quantized_kind
 from treadle_moe.experts.fp8 import Fp8ExpertScales, check_fp8_scales, expert_mlp_fp8
 from treadle_moe.experts.int4 import Int4ExpertScales, check_int4_experts, expert_mlp_int4
+from treadle_moe.experts.mxfp4 import Mxfp4ExpertScales, check_mxfp4_experts, dequantize_expert
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import TopKWeightAndReduce, WeightAndReduceDelegate
 
@@ -53,8 +54,9 @@ def run_expert(
     fp8: Fp8ExpertScales | None,
     int4: Int4ExpertScales | None = None,
     epilogue: ExpertEpilogue | None = None,
+    mxfp4: Mxfp4ExpertScales | None = None,
 ) -> torch.Tensor:
-    """Expert `expert` of the stacks w13 / w2 on its tokens x [T, K]: model-dtype, fp8 or 4-bit weights."""
+    """Expert `expert` of the stacks w13 / w2 on its tokens x [T, K]: model-dtype, fp8, 4-bit or MXFP4 weights."""
     if int4 is not None:
         return expert_mlp_int4(x, w13, w2, int4, expert, activation)
     if fp8 is not None:
@@ -63,7 +65,10 @@ def run_expert(
     e = epilogue or ExpertEpilogue()
     b13 = None if e.w13_bias is None else e.w13_bias[expert]
     b2 = None if e.w2_bias is None else e.w2_bias[expert]
-    return expert_mlp(x, w13[expert], w2[expert], activation, b13, b2, e.swiglu_alpha, e.swiglu_limit)
+    w13_e, w2_e = w13[expert], w2[expert]
+    if mxfp4 is not None:
+        w13_e, w2_e = dequantize_expert(w13, w2, mxfp4, expert, x.dtype)
+    return expert_mlp(x, w13_e, w2_e, activation, b13, b2, e.swiglu_alpha, e.swiglu_limit)
 
 
 class TorchExperts(Experts):
@@ -97,11 +102,14 @@ class TorchExperts(Experts):
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
+        mxfp4: Mxfp4ExpertScales | None = None,
     ) -> None:
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        if mxfp4 is not None:
+            check_mxfp4_experts(w13, w2, mxfp4)
         check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden.shape[1])
         top_k = topk_ids.shape[1]
         slots_out = output.view(-1, hidden.shape[1])  # [M * top_k, K], slot s = token s // top_k
@@ -119,7 +127,7 @@ class TorchExperts(Experts):
             slots = order[start : start + count]
             start += count
             slots_out[slots] = run_expert(
-                hidden[slots // top_k], w13, w2, expert, activation, fp8, int4, epilogue
+                hidden[slots // top_k], w13, w2, expert, activation, fp8, int4, epilogue, mxfp4
             )
 
 
@@ -154,15 +162,18 @@ class BatchedTorchExperts(Experts):
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
+        mxfp4: Mxfp4ExpertScales | None = None,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         num_experts, n = check_weights(hidden.shape[2], w13, w2)
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        if mxfp4 is not None:
+            check_mxfp4_experts(w13, w2, mxfp4)
         check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden.shape[2])
         for expert, count in enumerate(expert_num_tokens.tolist()):
             if count:
                 output[expert, :count] = run_expert(
-                    hidden[expert, :count], w13, w2, expert, activation, fp8, int4, epilogue
+                    hidden[expert, :count], w13, w2, expert, activation, fp8, int4, epilogue, mxfp4
                 )

@@ -18,10 +18,12 @@ dot products (no TF32), so fp32 results match the torch reference closely.
 fp8 weights (float8_e4m3fn w13 / w2 with `Fp8ExpertScales`) take the fp8 GEMMs of triton_fp8.py in both formats:
 the activations quantized per token (group), fp8 tensor-core products, scales in the epilogue or per K block.
 4-bit weights (packed int32 w13 / w2 with `Int4ExpertScales`) take triton_int4.py's W4A16 GEMMs: the nibbles
-unpacked in registers inside the grouped GEMM, 16-bit activations.
+unpacked in registers inside the grouped GEMM, 16-bit activations. MXFP4 weights (uint8 blocks with
+`Mxfp4ExpertScales`, gpt-oss) take triton_mxfp4.py's GEMMs: e2m1 nibbles and e8m0 scales decoded in registers, the
+biases and swigluoai in their epilogues as below.
 gpt-oss's `ExpertEpilogue` (model-dtype weights only, experts/epilogue.py): each GEMM adds its expert's bias to the
 float32 accumulator in the epilogue (w13: before the activation; w2: before the routing weight), and swigluoai runs
-there too with the epilogue's alpha and limit; quantized weights with either are refused (ValueError).
+there too with the epilogue's alpha and limit; fp8 and 4-bit weights with either are refused (ValueError).
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from treadle_moe.experts.base import Experts, WorkspaceShapes, check_weights
 from treadle_moe.experts.epilogue import ExpertEpilogue, check_epilogue, quantized_kind
 from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, check_fp8_scales
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout, check_int4_experts
+from treadle_moe.experts.mxfp4 import Mxfp4ExpertScales, check_mxfp4_experts
 from treadle_moe.experts.triton_fp8 import fp8_support_reason, run_fp8_gemms
 from treadle_moe.experts.triton_int4 import int4_config, run_int4_gemms
 from treadle_moe.experts.triton_launch import invoke_moe_gemm
+from treadle_moe.experts.triton_mxfp4 import mxfp4_config, run_mxfp4_gemms
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import (
     TopKWeightAndReduce,
@@ -92,12 +96,22 @@ class _TritonBase(Experts):
         return super().support_reason(device_type, dtype, activation, fp8, int4)
 
     def config_for(
-        self, num_tokens: int, w13: torch.Tensor, top_k: int, int4: Int4ExpertScales | None = None
+        self,
+        num_tokens: int,
+        w13: torch.Tensor,
+        top_k: int,
+        int4: Int4ExpertScales | None = None,
+        dtype: torch.dtype | None = None,
     ) -> tuple[BlockConfig, str]:
-        """The block config for this batch; 4-bit weights (packed [E, K / 8, 2N]) start from the model dtype's."""
-        num_experts, two_n, hidden = w13.shape
+        """The block config for this batch; 4-bit weights (packed [E, K / 8, 2N]) start from the model dtype's, MXFP4
+        ones (uint8 [E, 2N, K / 32, 16]) from the activations' `dtype`'s, weight-only 4-bit tables first."""
+        num_experts, two_n, hidden = w13.shape[:3]
         num_experts = self.config_experts or num_experts
-        dtype = w13.dtype
+        mxfp4 = w13.dtype == torch.uint8
+        if mxfp4:
+            hidden, dtype = hidden * w13.shape[3] * 2, dtype or torch.bfloat16
+        else:
+            dtype = w13.dtype
         if int4 is not None:
             two_n, hidden, dtype = w13.shape[2], w13.shape[1] * 8, int4.w13_scale.dtype
         if self.block_config is not None:
@@ -106,9 +120,12 @@ class _TritonBase(Experts):
             config, source = INTERPRETER_CONFIG, "interpreter"
         else:
             device_name = torch.cuda.get_device_name(w13.device)
+            weight_only = int4 is not None or mxfp4  # weight-only 4-bit tables first
             config, source = get_block_config(
-                num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name, int4=int4 is not None
+                num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name, int4=weight_only
             )
+        if mxfp4 and source != "given":
+            return mxfp4_config(config), source
         if int4 is None or source == "given":  # a given config runs as it is (steps may straddle groups)
             return config, source
         return int4_config(config, int4.layout, hidden, two_n // 2), source
@@ -142,15 +159,18 @@ class TritonExperts(_TritonBase):
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
+        mxfp4: Mxfp4ExpertScales | None = None,
     ) -> None:
         check_activation(activation)
         num_experts, n = check_weights(hidden.shape[1], w13, w2)
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        if mxfp4 is not None:
+            check_mxfp4_experts(w13, w2, mxfp4)
         check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden.shape[1])
         num_tokens, top_k = topk_ids.shape
-        config, _ = self.config_for(num_tokens, w13, top_k, int4)
+        config, _ = self.config_for(num_tokens, w13, top_k, int4, hidden.dtype)
         alignment = align_block_size(topk_ids, config.block_m, num_experts)
         intermediate = workspace13.view(num_tokens * top_k, n)
         down = workspace2.view(num_tokens * top_k, hidden.shape[1])
@@ -158,7 +178,7 @@ class TritonExperts(_TritonBase):
         if (self.config_experts or num_experts) != num_experts:  # some of the router's experts are elsewhere:
             down.zero_()  # no GEMM writes the rows of slots of expert -1, which the sum below reads
         run_gemms(hidden.contiguous(), w13, w2, intermediate, down, weights, alignment, config, top_k, activation,
-                  fp8, int4, epilogue)  # fmt: skip
+                  fp8, int4, epilogue, mxfp4)  # fmt: skip
         torch.sum(down.view(num_tokens, top_k, -1), dim=1, out=output)
 
 
@@ -190,6 +210,7 @@ class BatchedTritonExperts(_TritonBase):
         fp8: Fp8ExpertScales | None = None,
         int4: Int4ExpertScales | None = None,
         epilogue: ExpertEpilogue | None = None,
+        mxfp4: Mxfp4ExpertScales | None = None,
     ) -> None:
         assert expert_num_tokens is not None, "batched experts need expert_num_tokens [E]"
         check_activation(activation)
@@ -198,16 +219,17 @@ class BatchedTritonExperts(_TritonBase):
         check_fp8_scales(w13, w2, fp8)
         if int4 is not None:
             check_int4_experts(w13, w2, int4)
+        if mxfp4 is not None:
+            check_mxfp4_experts(w13, w2, mxfp4)
         check_epilogue(epilogue, activation, quantized_kind(fp8, int4), num_experts, n, hidden_size)
         # Config by the expected load of one slab: max_tokens rows spread over the experts like top-1 routing.
-        config, _ = self.config_for(max_tokens, w13, 1, int4)
+        config, _ = self.config_for(max_tokens, w13, 1, int4, hidden.dtype)
         alignment = align_batched(expert_num_tokens, max_tokens, config.block_m)
         rows = hidden.contiguous().view(num_experts * max_tokens, hidden_size)
         intermediate = workspace13.view(num_experts * max_tokens, n)
         out_rows = output.view(num_experts * max_tokens, hidden_size)
-        run_gemms(
-            rows, w13, w2, intermediate, out_rows, None, alignment, config, 1, activation, fp8, int4, epilogue
-        )
+        run_gemms(rows, w13, w2, intermediate, out_rows, None, alignment, config, 1, activation, fp8, int4, epilogue,
+                  mxfp4)  # fmt: skip
 
 
 def run_gemms(
@@ -224,10 +246,15 @@ def run_gemms(
     fp8: Fp8ExpertScales | None,
     int4: Int4ExpertScales | None = None,
     epilogue: ExpertEpilogue | None = None,
+    mxfp4: Mxfp4ExpertScales | None = None,
 ) -> None:
     """The two grouped GEMMs: hidden [rows, K] -> intermediate [slots, N] (act(gate + b13) * (up + b13')) -> out
     [slots, K] (+ b2, * topk_weights[slot] when given); fp8 weights take triton_fp8.py's path, 4-bit ones
-    triton_int4.py's (neither has an epilogue: `check_epilogue` refused it)."""
+    triton_int4.py's (neither has an epilogue: `check_epilogue` refused it), MXFP4 ones triton_mxfp4.py's."""
+    if mxfp4 is not None:
+        run_mxfp4_gemms(hidden, w13, w2, mxfp4, intermediate, out, topk_weights, alignment, config, rows_per_token,
+                        activation, epilogue)  # fmt: skip
+        return
     if int4 is not None:
         run_int4_gemms(hidden, w13, w2, int4, intermediate, out, topk_weights, alignment, config, rows_per_token,
                        activation)  # fmt: skip
