@@ -58,6 +58,8 @@ CASES = [
      [THINK], [41, END_THINK, B, C, EOS]),
     (S(regex="[a-c]{2}", reasoning="harmony", reasoning_end_ids=(THINK, 41, END_THINK), is_header_forced=True),
      [], [THINK, 50, A]),
+    (S(regex="[a-c]{2}", reasoning="harmony", reasoning_end_ids=(THINK, 41, END_THINK), is_header_forced=True,
+       analysis_open_ids=(40,), analysis_close_ids=(43, 44)), [40, 50], [EOS, 43, 44, THINK, 41, END_THINK, A]),
 ]  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """gpt-oss's harmony replies under structured outputs (reasoning "harmony"): the grammar is held off until the
 reply writes the header that opens its final message, a run of several tokens (`<|channel|>`, `final` split in
 two, `<|message|>`), then constrains, and only a stop token follows the complete value; a forced header
-(is_header_forced, a forced tool call's) is written token by token from the reply's first, then the grammar.
+(is_header_forced, a forced tool call's) is written token by token from the reply's first, or after an analysis
+message, then the grammar.
 Masks on a raw vocabulary whose markers are special tokens, and whole replies from the runner's tiny Llama."""
 
 from __future__ import annotations
@@ -81,6 +82,36 @@ def test_a_forced_header_then_the_grammar() -> None:
         assert _allowed(structured, state) == allowed, outputs
 
 
+def test_a_forced_header_after_an_analysis_message() -> None:
+    """The analysis comes first, free but for the stop token (the reply must reach the call); the header's ids
+    written inside it start nothing; its end forces `<|start|>assistant` (70 stands for `assistant`) and the
+    header, then the grammar."""
+    structured = _structured()
+    header, opening = (CHANNEL, 35, 36, MESSAGE), (CHANNEL, ANALYSIS, MESSAGE)
+    so = S(regex="[a-c]{2}", reasoning="harmony", reasoning_end_ids=header, is_header_forced=True,
+           analysis_open_ids=opening, analysis_close_ids=(END, START, 70))  # fmt: skip
+    body = [*opening, 40, *header, 41]
+    state = _state(so, [])
+    steps = [
+        ([], {CHANNEL}),
+        ([CHANNEL], {35, ANALYSIS}),  # the header's or the analysis' second token
+        ([CHANNEL, ANALYSIS], {MESSAGE}),
+        (list(opening), ANYTHING - {RETURN}),
+        (body, ANYTHING - {RETURN}),
+        ([*body, END], {START}),
+        ([*body, END, START], {70}),
+        ([*body, END, START, 70, CHANNEL, 35], {36}),
+        ([*body, END, START, 70, *header], {A, B, C}),
+        ([*body, END, START, 70, *header, C, A], {RETURN}),
+    ]
+    for outputs, allowed in steps:
+        state.output_token_ids = list(outputs)
+        assert _allowed(structured, state) == allowed, outputs
+    # or no analysis: the header from the first token, as without analysis ids
+    assert _allowed(structured, _state(so, [CHANNEL, 35])) == {36}
+    assert _allowed(structured, _state(so, list(header))) == {A, B, C}
+
+
 def test_the_harmony_fields_are_checked() -> None:
     with pytest.raises(ValueError, match="reasoning_end_ids must be a non-empty"):
         S(regex="a", reasoning="harmony")
@@ -92,6 +123,11 @@ def test_the_harmony_fields_are_checked() -> None:
         S(regex="a", reasoning="qwen3", think_start_id=1, think_end_id=2, reasoning_end_ids=(3,))
     with pytest.raises(ValueError, match="are for reasoning harmony, not None"):
         S(regex="a", is_header_forced=True)
+    harmony = {"regex": "a", "reasoning": "harmony", "reasoning_end_ids": (1,)}
+    with pytest.raises(ValueError, match="analysis_open_ids and analysis_close_ids go together"):
+        S(**harmony, analysis_open_ids=(2,), analysis_close_ids=(3,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="analysis_open_ids and analysis_close_ids go together"):
+        S(**harmony, is_header_forced=True, analysis_open_ids=(2,))  # type: ignore[arg-type]
     # a JSON round trip gives a list: kept as the tuple the runner compares with
     assert S(regex="a", reasoning="harmony", reasoning_end_ids=[1, 2]).reasoning_end_ids == (1, 2)  # type: ignore[arg-type]
 

@@ -41,9 +41,13 @@ class StructuredOutputsParams:
     think_start_id: int | None = None
     think_end_id: int | None = None
     reasoning_end_ids: tuple[int, ...] | None = None  # harmony: the token ids that open the constrained part
-    # harmony: the reply opens with reasoning_end_ids, each token forced in turn (a forced tool call's header,
-    # `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`), then the grammar
+    # harmony: reasoning_end_ids are forced one token a step (a forced tool call's header, `<|channel|>commentary
+    # to=functions.NAME <|constrain|>json<|message|>`), from the reply's first token, or after an analysis
+    # message when analysis_open_ids / analysis_close_ids are set (runner/forced_call.py), then the grammar
     is_header_forced: bool = False
+    analysis_open_ids: tuple[int, ...] | None = None  # `<|channel|>analysis<|message|>`
+    # `<|end|><|start|>assistant`: its first id ends the analysis body, the rest is forced before the header
+    analysis_close_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
@@ -67,9 +71,17 @@ class StructuredOutputsParams:
 
     def _check_reasoning(self) -> None:
         """The reasoning hold-off's fields agree with its mode (ValueError naming them otherwise)."""
-        if self.reasoning_end_ids is not None:
-            self.reasoning_end_ids = tuple(self.reasoning_end_ids)  # a list after a JSON round trip
+        for name in ("reasoning_end_ids", "analysis_open_ids", "analysis_close_ids"):
+            if getattr(self, name) is not None:  # a list after a JSON round trip
+                setattr(self, name, tuple(getattr(self, name)))
         ends = self.reasoning_end_ids
+        analysis = (self.analysis_open_ids, self.analysis_close_ids)
+        if analysis != (None, None) and (
+            not self.is_header_forced
+            or not all(ids and all(isinstance(t, int) for t in ids) for ids in analysis)
+        ):
+            raise ValueError("structured_outputs: analysis_open_ids and analysis_close_ids go together, non-empty, "
+                             "with is_header_forced")  # fmt: skip
         if self.reasoning == "harmony":
             if not ends or not all(isinstance(t, int) and t >= 0 for t in ends):
                 raise ValueError("structured_outputs.reasoning harmony: reasoning_end_ids must be a non-empty "

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from treadle_model_runner.runner.forced_call import stage
 from treadle_model_runner.runner.request_state import RequestState
 from treadle_model_runner.structured_outputs import StructuredOutputsParams, import_xgrammar
 
@@ -97,8 +98,7 @@ class StructuredOutputs:
         bitmask = torch.full((first[-1], -(-self.vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pinned)
         plain = {first[i]: states[i] for i in constrained if counts[i] == 1}
         for j, state in plain.items():
-            if (token := _forced_token(state)) is not None:  # inside a forced header: its next token only
-                self._set_only(bitmask[j], [token])
+            self._force(state, bitmask[j])
         fill: dict[int, Any] = {}  # row -> its matcher, filled together below (xgrammar's threads)
         for j in self._advance_all(list(plain.items())):
             if plain[j].grammar_ended:  # past the end (ignore_eos, min_tokens): only EOS fits the grammar
@@ -156,8 +156,7 @@ class StructuredOutputs:
 
     def _mask_one(self, state: RequestState, bitmask: torch.Tensor, row: int) -> None:
         """Bitmask `row`: what the request's grammar allows after its outputs (one row of `mask`)."""
-        if (token := _forced_token(state)) is not None:
-            self._set_only(bitmask[row], [token])
+        if self._force(state, bitmask[row]):
             return
         if not self._advance_all([(row, state)]):
             return
@@ -167,22 +166,39 @@ class StructuredOutputs:
             state.grammar.fill_next_token_bitmask(bitmask, row)
             self._allow_opening(state, bitmask[row])
 
+    def _force(self, state: RequestState, row: torch.Tensor) -> bool:
+        """A forced harmony call's row before its grammar (forced_call.py): its one next token, or any but a stop
+        token inside its analysis; False when the request has no such stage now."""
+        params = state.sampling_params.structured_outputs
+        if params is None or not params.is_header_forced:
+            return False
+        at = stage(params, state.output_token_ids)
+        if at.allowed:
+            self._set_only(row, at.allowed)
+        elif at.is_free:
+            self._set_only(row, self.eos_token_ids, keep=True, value=0)
+        return bool(at.allowed) or at.is_free
+
     def _allow_opening(self, state: RequestState, row: torch.Tensor) -> None:
         """A qwen3 reply's first token may open a reasoning block instead of following the grammar."""
         params = state.sampling_params.structured_outputs
         if params is not None and params.reasoning == "qwen3" and not state.output_token_ids:
             self._set_only(row, [params.think_start_id], keep=True)
 
-    def _set_only(self, row: torch.Tensor, tokens: Sequence[int | None], keep: bool = False) -> None:
+    def _set_only(
+        self, row: torch.Tensor, tokens: Sequence[int | None], keep: bool = False, value: int = 1
+    ) -> None:
         """Allow `tokens` in a bitmask row (int32 words, bit t % 32 of word t // 32): only them, or, with `keep`,
-        them too."""
+        them too (`value` 0 with `keep`: refuse them, the rest as it was)."""
         if not keep:
             row.zero_()
         for t in tokens:
             if t is None:
                 continue
             if 0 <= t < self.vocab_size:
-                word = int(row[t // 32]) | (1 << (t % 32))
+                bit = 1 << (t % 32)
+                word = int(row[t // 32]) & 0xFFFFFFFF
+                word = word | bit if value else word & ~bit
                 row[t // 32] = word - (1 << 32) if word >= 1 << 31 else word  # as a signed 32-bit value
 
     def _advance_all(self, rows: list[tuple[int, RequestState]]) -> list[int]:
@@ -239,6 +255,8 @@ def _grammar_start(state: RequestState) -> int | None:
     if params.reasoning == "harmony":
         if state.grammar is not None:  # built once its start was found: the outputs before it are accepted
             return state.grammar_accepted
+        if params.is_header_forced:  # where the forced header ends (not a run of its ids inside the analysis)
+            return stage(params, out).start
         assert params.reasoning_end_ids is not None, "harmony's params carry their end ids"
         at = _find(out, params.reasoning_end_ids)
         return None if at < 0 else at + len(params.reasoning_end_ids)
@@ -259,14 +277,3 @@ def _find(out: list[int], ids: tuple[int, ...]) -> int:
                 return at
     except ValueError:
         return -1
-
-
-def _forced_token(state: RequestState) -> int | None:
-    """The token a forced harmony header (is_header_forced) makes the next output, None once it is written."""
-    params = state.sampling_params.structured_outputs
-    if params is None or not params.is_header_forced or params.reasoning_end_ids is None:
-        return None
-    out, header = state.output_token_ids, params.reasoning_end_ids
-    if len(out) >= len(header) or tuple(out) != header[: len(out)]:
-        return None
-    return header[len(out)]
