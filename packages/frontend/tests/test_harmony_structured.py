@@ -1,8 +1,8 @@
 """Constrained decoding on gpt-oss's harmony replies, through the openai SDK (harmony_assets' tokenizer and fake
 engine; the fake engine writes scripted replies, so what is checked here is what reaches the engine and how the
 reply is read): a JSON response_format or structured_outputs holds off until the final message's header (the
-analysis stays reasoning, the JSON is content); a forced named call forces its call header, then its arguments,
-and comes back as the call; "required" is a 400; an assistant turn of several calls reaches the template as one
+analysis stays reasoning, the JSON is content); a forced named call is an analysis message or none, then its forced
+call header and its arguments, and comes back as reasoning and the call; "required" is a 400; an assistant turn of several calls reaches the template as one
 message per call, each followed by its result."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from frontend_helpers import openai_client, streamed_tool_calls
 from harmony_assets import ANALYSIS, THOUGHT, build_harmony_tokenizer, start_harmony_server
 
+from treadle_frontend.server.harmony import ForcedCallHeader
 from treadle_frontend.server.harmony_messages import one_call_per_message
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -81,11 +82,14 @@ def test_json_after_the_analysis_is_the_content(
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("analysis", ["", ANALYSIS + "<|start|>assistant"])
 def test_a_forced_named_call_is_a_harmony_call(
-    client: openai.OpenAI, server: Any, harmony_tokenizer: Any, stream: bool
+    client: openai.OpenAI, server: Any, harmony_tokenizer: Any, stream: bool, analysis: str
 ) -> None:
+    """The runner holds the reply to an analysis message or none, then the forced header (the scripted replies
+    take both paths): the analysis is reasoning, the header is dropped, the arguments are the call."""
     call_id = harmony_tokenizer.convert_tokens_to_ids("<|call|>")
-    server.script(CALL_HEADER + JSON_REPLY + "<|call|>")
+    server.script(analysis + CALL_HEADER + JSON_REPLY + "<|call|>")
     choice = {"type": "function", "function": {"name": "get_weather"}}
     kw: dict[str, Any] = dict(messages=ASK, tools=[WEATHER], tool_choice=choice,
                               extra_body={"stop_token_ids": [call_id]})  # fmt: skip
@@ -95,19 +99,39 @@ def test_a_forced_named_call_is_a_harmony_call(
             calls, _ = streamed_tool_calls(chunks)
             got = [(name, json.loads(arguments)) for name, arguments in calls.values()]
             finish = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
-            content = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+            deltas = [c.delta for chunk in chunks for c in chunk.choices]
+            content = "".join(d.content or "" for d in deltas)
+            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
         else:
             reply = client.chat.completions.create(model="tiny", **kw)
             message = reply.choices[0].message
             got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
             finish, content = [reply.choices[0].finish_reason], message.content or ""
+            reasoning = getattr(message, "reasoning_content", None) or ""
     finally:
         server.engine.script = None
-    assert (got, finish, content) == ([("get_weather", {"city": "Paris"})], ["stop"], "")
+    thought = THOUGHT if analysis else ""
+    assert (got, finish, content, reasoning) == ([("get_weather", {"city": "Paris"})], ["stop"], "", thought)
     so = server.requests[-1].sampling_params.structured_outputs
     header = _ids(harmony_tokenizer, CALL_HEADER)
     assert (so.reasoning, so.is_header_forced, so.reasoning_end_ids) == ("harmony", True, header)
+    opening = _ids(harmony_tokenizer, "<|channel|>analysis<|message|>")
+    closing = _ids(harmony_tokenizer, "<|end|><|start|>assistant")
+    assert (so.analysis_open_ids, so.analysis_close_ids) == (opening, closing)
     assert json.loads(so.json) == WEATHER["function"]["parameters"]  # type: ignore[index]
+
+
+def test_the_forced_call_reader_splits_the_same_in_any_pieces() -> None:
+    reply = ANALYSIS + "<|start|>assistant" + CALL_HEADER + JSON_REPLY
+    for size in (1, 2, 5, len(reply)):
+        reader = ForcedCallHeader()
+        parts = [reader.split(reply[i : i + size]) for i in range(0, len(reply), size)]
+        parts.append(reader.split("", final=True))
+        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (THOUGHT, JSON_REPLY), size
+    assert ForcedCallHeader().split(JSON_REPLY, final=True) == ("", JSON_REPLY)  # no markers: all content
+    assert ForcedCallHeader().split(CALL_HEADER[:-5], final=True) == ("", "")  # cut in the header: nothing
+    # cut in the analysis: what it wrote is reasoning
+    assert ForcedCallHeader().split(ANALYSIS[:-3], final=True) == (THOUGHT + "<|en", "")
 
 
 def test_a_required_call_is_a_400(client: openai.OpenAI) -> None:

@@ -12,7 +12,8 @@ is still calls (finish_reason "length", content null; Anthropic's stop_reason ma
 arguments written so far ("" if none), and each array item whose name was written whole.
 With a reasoning parser the constraint holds off until the reasoning block ends (structured.after_reasoning), so
 the block is split off first and streamed as reasoning; the JSON after it is the calls. A harmony reply (gpt-oss) of
-a named call opens with the call's forced header (structured.harmony_call), dropped here; "required" is a 400 there.
+a named call is an analysis message (reasoning) or none, then the call's forced header (structured.harmony_call),
+dropped here; "required" is a 400 there.
 `ReplyReader` picks the parser for a reply (forced calls, the tool-call and reasoning parsers, or none), and
 `chat_delta` turns what a parser releases into a streamed chunk's delta.
 """
@@ -102,7 +103,7 @@ class ForcedToolCalls:
     ) -> None:
         self.name, self.calls_only = name, calls_only
         self.reasoning = ReasoningStream(reasoning_parser) if reasoning_parser in THINK_PARSERS else None
-        # a harmony reply is the call's message: its forced header first (structured.harmony_call), no reasoning
+        # a harmony reply: an analysis message (reasoning) or none, then the call's forced header
         self.header = ForcedCallHeader() if reasoning_parser == HARMONY else None
         self.text = ""
         self._named: CallDelta | None = None
@@ -115,7 +116,7 @@ class ForcedToolCalls:
     def feed(self, text: str, final: bool = False) -> list[Piece]:
         reasoning, content = self.reasoning.split(text, final) if self.reasoning else ("", text)
         if self.header is not None:
-            content = self.header.feed(content, final)
+            reasoning, content = self.header.split(content, final)
         self.text += content
         deltas = self._array.feed(content) if self._array is not None else self._stream_named(content)
         pieces = [Piece(reasoning=reasoning)] if reasoning else []

@@ -206,32 +206,42 @@ class HarmonyStream:
 
 
 class ForcedCallHeader:
-    """A forced call's harmony reply opens with its header, forced token by token (structured.harmony_call):
-    `feed` drops it, through its `<|message|>`, and passes the arguments after it. A reply that does not open with
-    `<|channel|>` (a tokenizer without the markers: constrained from its first token) passes whole."""
+    """A forced call's harmony reply (structured.harmony_call): an analysis message or none, then the call's header,
+    both held to that shape by the runner. `split` gives the analysis as reasoning and what follows the header (the
+    arguments) as content, the markers and the header dropped. A reply that does not open with `<|channel|>` (a
+    tokenizer without the markers: constrained from its first token) is content whole."""
 
     def __init__(self) -> None:
-        self._state = "open"  # open (may yet open the header) -> header -> body
+        self._state = "open"  # open (may yet open a header) -> header -> analysis -> header -> body
         self._buf = ""
 
-    def feed(self, text: str, final: bool = False) -> str:
-        if self._state == "body":
-            return text
+    def split(self, text: str, final: bool = False) -> tuple[str, str]:
+        """(reasoning, content) this text (and, when `final`, the reply's end) decides."""
         self._buf += text
-        if self._state == "open":
-            if self._buf.startswith(CHANNEL):
-                self._state = "header"
-            elif CHANNEL.startswith(self._buf) and not final:
-                return ""
+        reasoning = ""
+        while self._state != "body":
+            if self._state == "open":
+                if not self._buf.startswith(CHANNEL) and CHANNEL.startswith(self._buf) and not final:
+                    return reasoning, ""  # may still open the header
+                self._state = "header" if self._buf.startswith(CHANNEL) else "body"
+            elif self._state == "header":
+                at = self._buf.find(MESSAGE)
+                if at < 0:  # the header is not text (nor is one the reply's end cuts)
+                    self._buf = "" if final else self._buf
+                    return reasoning, ""
+                header = Header.read(self._buf[:at].replace(START, " "))
+                self._state = "analysis" if header == Header("analysis", None) else "body"
+                self._buf = self._buf[at + len(MESSAGE) :]
             else:
-                self._state, text, self._buf = "body", self._buf, ""
-                return text
-        at = self._buf.find(MESSAGE)
-        if at < 0:  # still in the header (dropped when the reply ends inside it)
-            self._buf = "" if final else self._buf
-            return ""
-        self._state, text, self._buf = "body", self._buf[at + len(MESSAGE) :], ""
-        return text
+                at = self._buf.find(END)
+                cut = at if at >= 0 else len(self._buf) - (0 if final else tag_prefix(self._buf, END))
+                reasoning += self._buf[:cut]
+                self._buf = self._buf[cut + len(END) :] if at >= 0 else self._buf[cut:]
+                if at < 0:
+                    return reasoning, ""
+                self._state = "header"
+        content, self._buf = self._buf, ""
+        return reasoning, content
 
 
 def reasoning_token_count(tokenizer: Any, token_ids: list[int]) -> int:

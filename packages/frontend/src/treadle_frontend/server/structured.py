@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from treadle_frontend.server.errors import APIError
-from treadle_frontend.server.harmony import CHANNEL, CONSTRAIN, FUNCTIONS, HARMONY, MESSAGE
+from treadle_frontend.server.harmony import CHANNEL, CONSTRAIN, END, FUNCTIONS, HARMONY, MESSAGE, START
 from treadle_model_runner.structured_outputs import KINDS, StructuredOutputsParams
 
 OPTIONS = (*KINDS, "disable_any_whitespace")
@@ -85,11 +85,14 @@ def forced_constraint(
 def harmony_call(
     params: StructuredOutputsParams, name: str | None, tokenizer: Any
 ) -> StructuredOutputsParams:
-    """A forced call in the harmony format: the reply opens with the call's header, `<|channel|>commentary
-    to=functions.NAME <|constrain|>json<|message|>` (forced token by token, so no analysis precedes it), then the
+    """A forced call in the harmony format: the reply is an analysis message or none (`<|channel|>analysis
+    <|message|>`, free but for the stop tokens, to `<|end|>`), then `<|start|>assistant` and the call's header
+    `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`, forced token by token, then the
     arguments' JSON and a stop token (`<|call|>`). "required" would leave the name to the model, which a forced
     header cannot: a 400 asking for a named function (a tokenizer without the markers: unchanged)."""
-    if _harmony_ids(tokenizer, CHANNEL + "final" + MESSAGE) is None:
+    opening = _harmony_ids(tokenizer, CHANNEL + "analysis" + MESSAGE)
+    closing = tuple(tokenizer.encode(END + START + "assistant", add_special_tokens=False))
+    if opening is None or closing[:2] != tuple(tokenizer.convert_tokens_to_ids([END, START])):
         return params
     if name is None:
         raise APIError(400, 'tool_choice "required" is not supported for gpt-oss (harmony) replies: name the '
@@ -97,7 +100,8 @@ def harmony_call(
                        param="tool_choice")  # fmt: skip
     header = _harmony_ids(tokenizer, f"{CHANNEL}commentary to={FUNCTIONS}{name} {CONSTRAIN}json{MESSAGE}")
     assert header is not None, "the markers were found above"
-    return dataclasses.replace(params, reasoning="harmony", reasoning_end_ids=header, is_header_forced=True)
+    return dataclasses.replace(params, reasoning="harmony", reasoning_end_ids=header, is_header_forced=True,
+                               analysis_open_ids=opening, analysis_close_ids=closing)  # fmt: skip
 
 
 def _harmony_ids(tokenizer: Any, header: str) -> tuple[int, ...] | None:
