@@ -2,8 +2,8 @@
 engine; the fake engine writes scripted replies, so what is checked here is what reaches the engine and how the
 reply is read): a JSON response_format or structured_outputs holds off until the final message's header (the
 analysis stays reasoning, the JSON is content); a forced named call is an analysis message or none, then its forced
-call header and its arguments, and comes back as reasoning and the call; "required" is a 400; an assistant turn of several calls reaches the template as one
-message per call, each followed by its result."""
+call header and its arguments, and comes back as reasoning and the call; "required" is a 400; an assistant turn of
+several calls reaches the template as one message per call, each followed by its result."""
 
 from __future__ import annotations
 
