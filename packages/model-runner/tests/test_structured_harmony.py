@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -123,13 +124,14 @@ def test_the_harmony_fields_are_checked() -> None:
         S(regex="a", reasoning="qwen3", think_start_id=1, think_end_id=2, reasoning_end_ids=(3,))
     with pytest.raises(ValueError, match="are for reasoning harmony, not None"):
         S(regex="a", is_header_forced=True)
-    harmony = {"regex": "a", "reasoning": "harmony", "reasoning_end_ids": (1,)}
+    harmony: dict[str, Any] = {"regex": "a", "reasoning": "harmony", "reasoning_end_ids": (1,)}
     with pytest.raises(ValueError, match="analysis_open_ids and analysis_close_ids go together"):
-        S(**harmony, analysis_open_ids=(2,), analysis_close_ids=(3,))  # type: ignore[arg-type]
+        S(**harmony, analysis_open_ids=(2,), analysis_close_ids=(3,))
     with pytest.raises(ValueError, match="analysis_open_ids and analysis_close_ids go together"):
-        S(**harmony, is_header_forced=True, analysis_open_ids=(2,))  # type: ignore[arg-type]
+        S(**harmony, is_header_forced=True, analysis_open_ids=(2,))
     # a JSON round trip gives a list: kept as the tuple the runner compares with
-    assert S(regex="a", reasoning="harmony", reasoning_end_ids=[1, 2]).reasoning_end_ids == (1, 2)  # type: ignore[arg-type]
+    ids: Any = [1, 2]
+    assert S(regex="a", reasoning="harmony", reasoning_end_ids=ids).reasoning_end_ids == (1, 2)
 
 
 def test_runner_replies_write_the_forced_header_then_follow_the_grammar(llama: Path) -> None:  # noqa: F811
