@@ -1,6 +1,7 @@
 """gpt-oss's harmony format beyond chat completions, through the real SDKs: /v1/responses (a `reasoning` item, its
 tokens counted as the analysis message's, `reasoning.effort` reaching the template, function_call items) and
-/v1/messages (thinking blocks, tool_use), streamed and not, on a gpt_oss model behind a fake engine."""
+/v1/messages (thinking blocks, tool_use), streamed and not, on a gpt_oss model behind a fake engine; a text.format
+and forced calls on both routes."""
 
 from __future__ import annotations
 
@@ -122,3 +123,38 @@ def test_messages_thinking_and_tool_use(server: Any) -> None:
     for m in (called, streamed_call):
         assert [b.type for b in m.content] == ["thinking", "tool_use"] and m.stop_reason == "tool_use"
         assert (m.content[1].name, m.content[1].input) == ("get_weather", {"city": "Paris"})  # type: ignore[union-attr]
+
+
+def test_constrained_replies_on_responses_and_messages(client: openai.OpenAI, server: Any) -> None:
+    """/v1/responses' text.format holds off until the final message's header (the analysis a reasoning item, the
+    JSON the message); a forced function (/v1/responses) or tool (/v1/messages) reasons first, then is the call."""
+    claude = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    tool = {"name": "get_weather", "description": "Weather", "input_schema": TOOL["parameters"]}
+    header = "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+    fmt: Any = {"format": {"type": "json_schema", "name": "city", "schema": TOOL["parameters"]}}
+    try:
+        server.script(ANALYSIS + '<|start|>assistant<|channel|>final<|message|>{"city": "Paris"}')
+        formatted = client.responses.create(model="tiny", input="Weather?", text=fmt)
+        held = server.requests[-1].sampling_params.structured_outputs
+        server.script(ANALYSIS + header + '{"city": "Paris"}')
+        choice: Any = {"type": "function", "name": "get_weather"}
+        tools: Any = [TOOL]
+        forced = client.responses.create(model="tiny", input="Weather?", tools=tools, tool_choice=choice)
+        forced_so = server.requests[-1].sampling_params.structured_outputs
+        ask: Any = {"messages": [{"role": "user", "content": "Hi"}], "tools": [tool]}
+        used = claude.messages.create(
+            model="tiny", max_tokens=200, tool_choice={"type": "tool", "name": "get_weather"}, **ask
+        )
+    finally:
+        server.engine.script = None
+    assert (held.reasoning, held.is_header_forced) == ("harmony", False)
+    assert [item.type for item in formatted.output] == ["reasoning", "message"]
+    assert formatted.output_text == '{"city": "Paris"}'
+    assert (forced_so.reasoning, forced_so.is_header_forced) == ("harmony", True)
+    assert [item.type for item in forced.output] == ["reasoning", "function_call"]
+    call = forced.output[1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    assert [b.type for b in used.content] == ["thinking", "tool_use"]
+    assert (used.content[0].thinking, used.content[1].name, used.content[1].input) == (  # type: ignore[union-attr]
+        THOUGHT, "get_weather", {"city": "Paris"})  # fmt: skip
