@@ -18,8 +18,8 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto = the model dtype; fp8 = fp8_e4m3
 # fp8: online weight quantization, or an fp8 checkpoint as it is; the others only name a checkpoint's own format
 # (vLLM's names, Marlin's kernel variants included), for a checkpoint that is one (None: weights in the model dtype,
-# or the checkpoint's own scheme): compressed-tensors (fp8 or 4-bit), awq, gptq (4-bit), mxfp4 (gpt-oss's experts,
-# dequantized at load)
+# or the checkpoint's own scheme): compressed-tensors (fp8 or 4-bit), awq, gptq (4-bit), mxfp4 (gpt-oss's experts:
+# 4-bit on CUDA, dequantized at load elsewhere)
 QUANTIZATIONS = ("fp8", "compressed-tensors", "awq", "gptq", "awq_marlin", "gptq_marlin", "mxfp4")
 C = TypeVar("C")
 

@@ -110,6 +110,13 @@ def TREADLE_TP_ONE_SHOT_MAX_BYTES() -> int:
     )
 
 
+def TREADLE_MXFP4_DEQUANTIZE() -> bool:
+    """``1`` dequantizes gpt-oss's MXFP4 experts to the model dtype at load (4x their memory, the bf16 fused-MoE
+    kernel); ``0`` (default) keeps them 4-bit on CUDA, run by the Triton MXFP4 fused-MoE kernel
+    (quantization/mxfp4_experts.py). On the CPU they are always dequantized."""
+    return parse_bool("TREADLE_MXFP4_DEQUANTIZE", os.environ.get("TREADLE_MXFP4_DEQUANTIZE", "0"))
+
+
 def TREADLE_COMPILE_AHEAD() -> bool:
     """``1`` (default) compiles the Triton attention kernels' variants on a thread pool before the GPU start-up
     passes launch them (runner/precompile.py); ``0`` leaves each to compile on its first launch."""

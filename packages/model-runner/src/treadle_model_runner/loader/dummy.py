@@ -4,7 +4,8 @@ Theory: a benchmark needs the shapes and the arithmetic of a real model, not its
 drawn from N(0, std²) (std 0.02 keeps activations and logits in a realistic range through dozens of
 layers), norm weights are 1 and biases 0, so the network neither explodes nor collapses.
 
-A 4-bit checkpoint's projections (layers/linear_int4.py) draw their own codes, scales and zero points.
+A 4-bit checkpoint's projections (layers/linear_int4.py) draw their own codes, scales and zero points; MXFP4 experts
+kept 4-bit (gpt-oss on CUDA) are random model-dtype experts quantized at load (quantization/mxfp4_experts.py).
 
 Invariants: each parameter's values depend only on (seed, parameter name, shape, device type), never on
 the order parameters are visited, so a model whose layers are built or stacked differently still gets the
@@ -27,6 +28,8 @@ from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
 from treadle_model_runner.layers.linear_int4 import INT4_TENSORS, fill_dummy_int4
 from treadle_model_runner.loader.weights import CONFIG_FILE
 from treadle_model_runner.quantization.int4_experts import fill_dummy_experts
+from treadle_model_runner.quantization.mxfp4_experts import fill_dummy_experts as fill_dummy_mxfp4
+from treadle_model_runner.quantization.mxfp4_experts import log_experts
 from treadle_moe import FusedMoE
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,10 @@ def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY
             if attr == "w13_weight":
                 fill_dummy_experts(owner, owner_name, seed, std)
             continue
+        if isinstance(owner, FusedMoE) and owner.mxfp4_layout is not None and not name.endswith("bias"):
+            if attr == "w13_weight":  # MXFP4 experts (gpt-oss): random experts quantized, one at a time
+                fill_dummy_mxfp4(owner, owner_name, seed, std)
+            continue
         if attr in INT4_TENSORS:  # a 4-bit projection fills all of its tensors at once
             if attr == "packed_weight":
                 fill_dummy_int4(modules[owner_name], owner_name, seed, std)  # type: ignore[arg-type]
@@ -83,6 +90,8 @@ def load_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = DUMMY
                     f"parameter {name} has dtype {param.dtype}; dummy weights fill floating point only"
                 )
     logger.info("filled %s with dummy weights (seed %d, std %g)", type(model).__name__, seed, std)
+    if any(isinstance(m, FusedMoE) and m.mxfp4_layout is not None for m in modules.values()):
+        log_experts(model, "dummy weights, random experts quantized at load")
 
 
 def make_dummy_model_dir(config: Any, out_dir: Path) -> Path:

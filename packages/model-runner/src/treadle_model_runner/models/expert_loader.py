@@ -12,7 +12,8 @@ Two HF layouts reach a MoE model's `load_weights` (models/sparse_moe.py):
   (`...experts.{e}.{proj}.packed_weight`, `group_scale`, `group_zero`, `group_index`: int4_checkpoint.py repacks
   them) and go to quantization/int4_experts.py's `load_expert` (this rank's part, into the stacked layout);
 - fused (transformers' in-memory layout): `...experts.gate_up_proj` [E, 2N, K] and `...experts.down_proj`
-  [E, K, N], copied whole (model-dtype experts only).
+  [E, K, N], copied whole (model-dtype experts); for MXFP4 experts kept 4-bit (gpt-oss) the same names carry one
+  uint8 tensor of blocks and scales (quantization/mxfp4_experts.py's `pair`), this rank's part copied in.
 Checkpoint module prefixes the architecture renames (Mixtral's `block_sparse_moe.` -> `mlp.`) are rewritten first.
 An fp8 tensor loads only into fp8 experts and the reverse (bytes copied, never cast), so files that disagree with
 config.json's quantization_config fail by tensor name, as the projections do (models/base.py).
@@ -33,6 +34,7 @@ import torch
 from treadle_model_runner.layers.linear import checkpoint_shape, rank_part
 from treadle_model_runner.models.base import check_fp8_dtype
 from treadle_model_runner.quantization.int4_experts import load_expert
+from treadle_model_runner.quantization.mxfp4_experts import load_pair
 from treadle_moe import FusedMoE
 
 if TYPE_CHECKING:
@@ -134,6 +136,11 @@ class ExpertLoader:
 
     def _load_fused(self, moe: FusedMoE, match: re.Match[str], hf_name: str, tensor: torch.Tensor) -> None:
         name = "w13_weight" if match["proj"] == "gate_up_proj" else "w2_weight"
+        shards = ("w1", "w3") if match["proj"] == "gate_up_proj" else ("w2",)
+        if moe.mxfp4_layout is not None:  # gpt-oss's MXFP4 experts kept 4-bit (quantization/mxfp4_experts.py)
+            load_pair(moe, "w13" if match["proj"] == "gate_up_proj" else "w2", tensor, hf_name)
+            self.loaded.update((match["moe"], e, s, "weight") for e in range(moe.num_experts) for s in shards)
+            return
         param = getattr(moe, name)
         check_fp8_dtype(hf_name, tensor, f"{match['moe']}.{name}", param)
         if moe.fp8_layout is not None:
@@ -150,7 +157,6 @@ class ExpertLoader:
                 "for down_proj): the checkpoint does not match config.json"
             )
         param.data.copy_(rank_part(moe, name, weight))
-        shards = ("w1", "w3") if match["proj"] == "gate_up_proj" else ("w2",)
         self.loaded.update((match["moe"], e, s, "weight") for e in range(moe.num_experts) for s in shards)
 
     def loaded_names(self) -> set[str]:

@@ -17,7 +17,7 @@ MoE:
 so each expert's down bias is weighted by its routing weight too. The experts are treadle_moe's FusedMoE with
 `activation="swigluoai"` and its biases `w13_bias` [E, 2N] (gate's, then up's) and `w2_bias` [E, K].
 Checkpoints (bf16 as transformers writes them, or the released MXFP4 experts) reach the FusedMoE layout through
-gpt_oss_weights.py. Parallelism as the other MoE models (sparse_moe.py): heads and their sinks cut across
+gpt_oss_weights.py; MXFP4 experts stay 4-bit on CUDA (quantization/mxfp4_experts.py), else are dequantized. Parallelism as the other MoE models (sparse_moe.py): heads and their sinks cut across
 tensor-parallel ranks, the router replicated, the experts cut by intermediate columns (their w13 bias with them;
 the down bias held by rank 0 alone, since the ranks' partial outputs are summed) or, under expert parallelism,
 held whole per rank.
@@ -38,6 +38,7 @@ from treadle_model_runner.models.gpt_oss_weights import GptOssCheckpoint
 from treadle_model_runner.models.llama import LlamaSelfAttention, head_dim_of
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, ParallelFusedMoE
 from treadle_model_runner.parallel import all_reduce
+from treadle_model_runner.quantization.mxfp4_experts import build_mxfp4_experts, keeps_mxfp4
 
 
 class GptOssMoe(nn.Module):
@@ -47,17 +48,15 @@ class GptOssMoe(nn.Module):
         super().__init__()
         hidden, num_experts = int(config.hidden_size), int(config.num_local_experts)
         self.router = nn.Linear(hidden, num_experts, bias=True)
-        self.experts = ParallelFusedMoE(
-            num_experts,
-            int(config.num_experts_per_tok),
-            hidden,
-            int(config.intermediate_size),
-            renormalize=True,
-            activation="swigluoai",
-            swiglu_alpha=float(config.swiglu_alpha),
-            swiglu_limit=float(config.swiglu_limit),
-            bias=True,
-        )
+
+        def make() -> ParallelFusedMoE:
+            return ParallelFusedMoE(num_experts, int(config.num_experts_per_tok), hidden, int(config.intermediate_size),
+                                    renormalize=True, activation="swigluoai", swiglu_alpha=float(config.swiglu_alpha),
+                                    swiglu_limit=float(config.swiglu_limit), bias=True)  # fmt: skip
+
+        device = torch.get_default_device()
+        # MXFP4 checkpoints on CUDA: the experts stay 4-bit (quantization/mxfp4_experts.py)
+        self.experts = build_mxfp4_experts(make, device) if keeps_mxfp4(config, device) else make()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.experts(x, self.router(x)))
@@ -114,7 +113,8 @@ class GptOssForCausalLM(MoeCausalLM):
         (".mlp.experts.gate_up_proj_bias", ".mlp.experts.w13_bias"),
         (".mlp.experts.down_proj_bias", ".mlp.experts.w2_bias"),
     )
-    # config.json's quantization_config may be quant_method "mxfp4" (the released experts): dequantized at load
+    # config.json's quantization_config may be quant_method "mxfp4" (the released experts): 4-bit on CUDA, else
+    # dequantized at load
     loads_mxfp4: ClassVar[bool] = True
     model: GptOssModel  # type: ignore[assignment]  # not MoeModel: the layers carry sinks
 
@@ -132,5 +132,5 @@ class GptOssForCausalLM(MoeCausalLM):
         """MoeCausalLM's loading, the expert tensors first put in FusedMoE's layout (gpt_oss_weights.py)."""
         checkpoint = GptOssCheckpoint(self)
         loaded = super().load_weights(checkpoint.convert(weights), source)
-        checkpoint.log_dequantized()
+        checkpoint.log_experts()
         return loaded

@@ -7,8 +7,9 @@ Per layer the files hold `model.layers.{i}.mlp.experts.` plus, in transformers' 
 - `down_proj` [E, I, H] (x @ down_proj[e]);  `down_proj_bias` [E, H].
 The released checkpoints (quant_method "mxfp4") hold the two matrices as `gate_up_proj_blocks` [E, 2I, H / 32, 16]
 with `gate_up_proj_scales` [E, 2I, H / 32], and `down_proj_blocks` [E, H, I / 32, 16] with `down_proj_scales`: one
-row per output feature (the transpose of the above; the gate_up rows interleaved the same way), dequantized by
-quantization/mxfp4.py in the model dtype on the experts' device. The biases, router, attention and embeddings are
+row per output feature (the transpose of the above; the gate_up rows interleaved the same way): kept 4-bit when the
+experts are (quantization/mxfp4_experts.py: on CUDA), passed on as one `pair` tensor that the expert loader copies
+into the MXFP4 storage, else dequantized by quantization/mxfp4.py in the model dtype on the experts' device. The biases, router, attention and embeddings are
 plain bf16 tensors in both.
 FusedMoE wants w13 [E, 2N, K] with the N gate rows first, then the N up rows, and w2 [E, K, N]; so gate_up is split
 into its even and odd columns (rows, for the blocks), stacked gate then up and transposed, the w13 bias split the
@@ -29,7 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from treadle_model_runner.quantization.mxfp4 import MXFP4_BLOCK, dequantize_mxfp4
+from treadle_model_runner.quantization.mxfp4_experts import log_experts, pair
 from treadle_moe import FusedMoE
+from treadle_moe.mxfp4_layer import expert_bytes
 
 if TYPE_CHECKING:
     from treadle_model_runner.models.gpt_oss import GptOssForCausalLM
@@ -60,10 +63,10 @@ class GptOssCheckpoint:
         config = model.config
         self.num_experts, self.hidden = int(config.num_local_experts), int(config.hidden_size)
         self.intermediate = int(config.intermediate_size)
-        self.modules = dict(model.named_modules())
+        self.model, self.modules = model, dict(model.named_modules())
         # "<moe>.<proj>" -> "_blocks" / "_scales" -> (name, tensor): the half of a pair that came first
         self.pending: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-        # the MXFP4 matrices dequantized, and their bytes in the files
+        # the MXFP4 matrices read (kept 4-bit or dequantized), and their bytes in the files
         self.num_mxfp4, self.mxfp4_bytes = 0, 0
 
     def convert(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -82,13 +85,13 @@ class GptOssCheckpoint:
             elif part is None:
                 yield name, self._from_transformers(name, proj, tensor)
             else:
-                pair = self.pending.setdefault(f"{match['moe']}.{proj}", {})
-                pair[part] = (name, tensor)
-                if len(pair) == 2:
+                halves = self.pending.setdefault(f"{match['moe']}.{proj}", {})
+                halves[part] = (name, tensor)
+                if len(halves) == 2:
                     del self.pending[f"{match['moe']}.{proj}"]
-                    yield f"{match['moe']}.{proj}", self._dequantized(proj, pair, moe)
+                    yield f"{match['moe']}.{proj}", self._mxfp4_matrix(proj, halves, moe)
         if self.pending:
-            lone = sorted(name for pair in self.pending.values() for name, _ in pair.values())
+            lone = sorted(name for halves in self.pending.values() for name, _ in halves.values())
             raise ValueError(
                 f"the checkpoint holds {len(lone)} MXFP4 tensors without their other half ({', '.join(lone[:4])}): "
                 "each `<proj>_blocks` loads with its `<proj>_scales`; the download is incomplete"
@@ -103,11 +106,12 @@ class GptOssCheckpoint:
         self._check(name, tensor, (e, i, h))
         return tensor.transpose(1, 2)
 
-    def _dequantized(
-        self, proj: str, pair: dict[str, tuple[str, torch.Tensor]], moe: FusedMoE
+    def _mxfp4_matrix(
+        self, proj: str, halves: dict[str, tuple[str, torch.Tensor]], moe: FusedMoE
     ) -> torch.Tensor:
-        """An MXFP4 matrix's blocks and scales -> w13 [E, 2I, H] (gate rows, then up rows) / w2 [E, H, I]."""
-        (blocks_name, blocks), (scales_name, scales) = pair["_blocks"], pair["_scales"]
+        """An MXFP4 matrix's blocks and scales -> w13 [E, 2I, H] (gate rows, then up rows) / w2 [E, H, I] in the
+        model dtype, or their `pair` (gate rows, then up rows) when the experts are kept 4-bit."""
+        (blocks_name, blocks), (scales_name, scales) = halves["_blocks"], halves["_scales"]
         e, h, i = self.num_experts, self.hidden, self.intermediate
         rows, cols = (2 * i, h) if proj == "gate_up_proj" else (h, i)
         if cols % MXFP4_BLOCK:
@@ -122,6 +126,8 @@ class GptOssCheckpoint:
             blocks, scales = deinterleave(blocks, 1), deinterleave(scales, 1)
         self.num_mxfp4 += 1
         self.mxfp4_bytes += blocks.numel() + scales.numel()
+        if moe.mxfp4_layout is not None:
+            return pair(blocks, scales)
         return dequantize_mxfp4(blocks, scales, moe.w13_weight.dtype, moe.w13_weight.device)
 
     @staticmethod
@@ -133,15 +139,20 @@ class GptOssCheckpoint:
                 "checkpoint does not match config.json"
             )
 
-    def log_dequantized(self) -> None:
-        """One INFO line when MXFP4 experts were dequantized: what they cost in memory against the files."""
+    def log_experts(self) -> None:
+        """One INFO line when the files held MXFP4 experts: kept 4-bit, or dequantized (on the CPU, or with
+        TREADLE_MXFP4_DEQUANTIZE=1) and what that costs in memory against the files."""
         if not self.num_mxfp4:
             return
         experts = [m for m in self.modules.values() if isinstance(m, FusedMoE)]
-        held = sum(p.numel() * p.element_size() for m in experts for p in (m.w13_weight, m.w2_weight))
+        if experts[0].mxfp4_layout is not None:
+            read = f"{self.num_mxfp4} matrices, {self.mxfp4_bytes / 2**30:.2f} GiB in the files"
+            log_experts(self.model, read)
+            return
+        held = sum(expert_bytes(m) for m in experts)
         dtype = str(experts[0].w13_weight.dtype).removeprefix("torch.")
         logger.info(
-            "gpt-oss: dequantized %d MXFP4 expert matrices (%.2f GiB in the files) to %s at load, as treadle has no "
-            "MXFP4 expert kernel: the experts take %.2f GiB of memory on this rank", self.num_mxfp4,
-            self.mxfp4_bytes / 2**30, dtype, held / 2**30,
+            "gpt-oss: dequantized %d MXFP4 expert matrices (%.2f GiB in the files) to %s at load (on the CPU, or "
+            "TREADLE_MXFP4_DEQUANTIZE=1; CUDA keeps them 4-bit): the experts take %.2f GiB of memory on this rank",
+            self.num_mxfp4, self.mxfp4_bytes / 2**30, dtype, held / 2**30,
         )  # fmt: skip

@@ -10,8 +10,9 @@ Each nibble is an FP4 e2m1 number: a sign bit, then codes 0-7 = 0, 0.5, 1, 1.5, 
 Every such value is exact in bfloat16 and float32 (at most two significant bits, an exponent within bf16's range
 for the scales real checkpoints hold), so dequantizing is exact in those dtypes.
 
-treadle has no MXFP4 expert kernel: the experts are dequantized to the model dtype as they load (4.25 bits become
-16 per weight in bf16), which is what `dequantized_bytes` measures for the log line.
+On CUDA the experts stay MXFP4 (quantization/mxfp4_experts.py, treadle_moe's MXFP4 layout and Triton kernel); on the
+CPU, or with TREADLE_MXFP4_DEQUANTIZE=1, they are dequantized here to the model dtype as they load (4.25 bits become
+16 per weight in bf16), which the load's log line reports.
 """
 
 from __future__ import annotations

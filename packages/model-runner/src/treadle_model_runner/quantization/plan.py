@@ -11,8 +11,10 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
   A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in treadle's 4-bit layout (int4_checkpoint.py),
   with dummy weights too (random codes and scales); a MoE model's routed experts in the stacked 4-bit expert layout
   (int4_experts.py; the router stays in the model dtype).
-  An MXFP4 checkpoint (quant_method mxfp4: gpt-oss's released experts) is the exception: its experts are dequantized
-  to the model dtype as they load (mxfp4.py, models/gpt_oss_weights.py), so the plan is None (logged), dummy too.
+  An MXFP4 checkpoint (quant_method mxfp4: gpt-oss's released experts) is the exception: the model keeps its experts
+  4-bit on CUDA (mxfp4_experts.py: dummy weights are random experts quantized at load) and dequantizes them to the
+  model dtype as they load elsewhere or with TREADLE_MXFP4_DEQUANTIZE=1 (mxfp4.py, models/gpt_oss_weights.py), so
+  the plan is None (logged).
 Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE) quantize their routed experts too (experts.py): online
 per channel; a block-wise fp8 checkpoint (Qwen3-30B-A3B-FP8 style: quant_method fp8, weight_block_size) or one with
 per-channel / per-tensor weight scales, with dynamic or static (per-tensor input_scale, Mixtral-8x7B-Instruct-FP8
@@ -115,8 +117,8 @@ def resolve_quantization(
 
 
 def _check_mxfp4(requested: str | None, model_cls: type, config_file: Path, load_format: str) -> None:
-    """MXFP4 experts (gpt-oss's released checkpoints): dequantized to the model dtype as they load (mxfp4.py), so
-    nothing is left quantized. Refused for a model class that does not read them, or with another requested method."""
+    """MXFP4 experts (gpt-oss's released checkpoints): the model itself keeps them 4-bit on CUDA or dequantizes them
+    (mxfp4_experts.py), so there is no plan. Refused for a model class that does not read them, or with another requested method."""
     if not getattr(model_cls, "loads_mxfp4", False):
         raise ValueError(
             f"{config_file}: quantization_config.quant_method is 'mxfp4' (gpt-oss's MXFP4 experts), which treadle "
@@ -125,13 +127,10 @@ def _check_mxfp4(requested: str | None, model_cls: type, config_file: Path, load
     if requested not in (None, MXFP4_METHOD):
         raise ValueError(
             f"quantization {requested!r} was requested, but {config_file} describes MXFP4 experts (quant_method "
-            "'mxfp4'), which treadle dequantizes to the model dtype at load; leave --quantization unset"
+            "'mxfp4'), which treadle loads as they are; leave --quantization unset (or pass mxfp4)"
         )
-    what = (
-        "random weights in the model dtype"
-        if load_format == "dummy"
-        else "dequantized to the model dtype at load"
-    )
+    what = "random experts" if load_format == "dummy" else "the checkpoint's experts"
     logger.info(
-        "%s: MXFP4 experts (quant_method mxfp4): %s; treadle has no MXFP4 expert kernel", config_file, what
-    )
+        "%s: MXFP4 experts (quant_method mxfp4): %s kept 4-bit on CUDA (Triton MXFP4 fused MoE), in the model dtype on "
+        "the CPU or with TREADLE_MXFP4_DEQUANTIZE=1", config_file, what,
+    )  # fmt: skip
