@@ -124,7 +124,7 @@ class _TritonBase(Experts):
             config, source = get_block_config(
                 num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name, int4=weight_only
             )
-        if mxfp4 and source != "given":
+        if mxfp4:  # whole scale blocks per K step, a given config too
             return mxfp4_config(config), source
         if int4 is None or source == "given":  # a given config runs as it is (steps may straddle groups)
             return config, source

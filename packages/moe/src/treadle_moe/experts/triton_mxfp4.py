@@ -5,7 +5,8 @@ operand is decoded from e2m1 nibbles and e8m0 scales in registers (triton_mxfp4_
 in the model dtype, so there is no quantization launch: hidden [rows, K] -> act(gate + b) * (up + b') [slots, N] ->
 (+ b2, * routing weight) [slots, K]. The experts' biases and swigluoai run in the epilogues as in the bf16 kernel.
 Block config (`mxfp4_config`): the tables' config for the problem, weight-only 4-bit tables first (configs/), with
-BLOCK_K at least 32. The tiles are a starting point, not tuned for this kernel.
+BLOCK_K at least 32 (the kernel's steps hold whole scale blocks; a given config is raised too). The tiles are a
+starting point, not tuned for this kernel (benchmarks/moe_mxfp4.py times it against bf16).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["invoke_moe_mxfp4_gemm", "mxfp4_config", "run_mxfp4_gemms"]
 
 
 def mxfp4_config(config: BlockConfig) -> BlockConfig:
-    """`config` with BLOCK_K at least one scale block (32)."""
+    """`config` with BLOCK_K at least one scale block (32; block sizes are powers of two)."""
     return dataclasses.replace(config, block_k=max(MXFP4_BLOCK, config.block_k))
 
 
@@ -53,6 +54,7 @@ def invoke_moe_mxfp4_gemm(
     assert a.stride(1) == 1 and c.stride(1) == 1, "rows of a and c must be contiguous"
     assert b.is_contiguous() and scale.is_contiguous(), "MXFP4 blocks and scales are contiguous"
     assert gated or activation == "silu", "the activation belongs to the gated (w13) GEMM"
+    assert config.block_k % MXFP4_BLOCK == 0, "MXFP4 K steps hold whole scale blocks (mxfp4_config)"
     rows = b.shape[1]
     n_out = rows // 2 if gated else rows
     k = b.shape[2] * MXFP4_BLOCK
@@ -64,7 +66,7 @@ def invoke_moe_mxfp4_gemm(
         tk.fused_moe_mxfp4_gemm_kernel[grid](
             a, b, scale, c, weights, bias if bias is not None else scale,
             alignment.sorted_token_ids, alignment.expert_ids, alignment.num_tokens_post_padded, n_out, k,
-            alignment.num_slots, a.stride(0), b.stride(0), scale.stride(0), c.stride(0),
+            alignment.num_slots, a.stride(0), b.stride(0), b.stride(1), scale.stride(0), scale.stride(1), c.stride(0),
             bias.stride(0) if bias is not None else 0, float(swiglu[0]), float(swiglu[1]),
             A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
             MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,

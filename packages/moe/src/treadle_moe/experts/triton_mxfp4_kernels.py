@@ -6,13 +6,15 @@ epilogue (HAS_BIAS: the expert's bias row added to the fp32 accumulators; the GA
 MUL_ROUTED_WEIGHT), with B the expert's MXFP4 blocks (experts/mxfp4.py): row n of the weight (an output column of
 the GEMM; GATED: gate row n and up row N + n) is K / 2 contiguous bytes with one e8m0 scale per 32 inputs.
 
-Each K step loads B's bytes as a [BLOCK_K, BLOCK_N] tile (element (k, n) reads byte k // 2 of row n and keeps its
-low nibble for even k, its high one for odd k) and decodes in registers, no lookup table:
+Each K step (BLOCK_K a multiple of 32: whole scale blocks) loads, per weight row, its BLOCK_K / 2 contiguous bytes
+(a [BLOCK_N, BLOCK_K / 2] tile: wide, pipelined loads when the row stride is a multiple of 16 bytes, as gpt-oss's
+are) and its BLOCK_K / 32 scale bytes, and decodes in registers, no lookup table:
     code = nibble & 7;  twice = code for code < 2, else (2 | code & 1) << (code >> 1) - 1   (2 x the e2m1 magnitude)
     w = +-twice * 2^(s - 128)         the scale built as float32 bits ((s - 1) << 23)
-exactly the spec's dequantized value, so rounding it to A's dtype for the dot loses nothing; the products are
-accumulated in float32. A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU interpreter, and fp32 A): fp32
-operands, IEEE dot. K must be a multiple of 32 (any BLOCK_K >= 16 works: each element reads its own block's scale).
+the low and high nibbles joined into inputs 2j and 2j + 1, each 32 inputs times their block's scale, transposed to the
+dot's [BLOCK_K, BLOCK_N]. That is exactly the spec's dequantized value, so rounding it to A's dtype for the dot loses
+nothing; the products are accumulated in float32. A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU
+interpreter, and fp32 A): fp32 operands, IEEE dot. K must be a multiple of 32.
 """
 
 from __future__ import annotations
@@ -25,18 +27,30 @@ from treadle_moe.experts.triton_tiles import block_rows, finish_rows, program_ti
 
 
 @triton.jit
-def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, offs_k, k_mask, offs_n, n_mask):
-    """Rows offs_n, inputs offs_k of one expert's MXFP4 weight (blocks at w_ptr, scales at s_ptr) -> fp32 [BK, BN]."""
-    tile_mask = k_mask[:, None] & n_mask[None, :]
-    rows = offs_n.to(tl.int64)[None, :]
-    byte = tl.load(w_ptr + rows * row_bytes + (offs_k // 2)[:, None], mask=tile_mask, other=0).to(tl.int32)
-    nibble = (byte >> ((offs_k % 2) * 4)[:, None]) & 15
+def _e2m1(nibble):
+    """Nibbles (int32) -> their e2m1 values times 2, as float32 (module docstring)."""
     code = nibble & 7
     twice = tl.where(code < 2, code, (2 | (code & 1)) << tl.maximum((code >> 1) - 1, 0))
-    signed = tl.where(nibble >= 8, -twice, twice).to(tl.float32)
-    s = tl.load(s_ptr + rows * row_scales + (offs_k // 32)[:, None], mask=tile_mask, other=1).to(tl.int32)
-    scale = (tl.maximum(s - 1, 0) << 23).to(tl.float32, bitcast=True)
-    return signed * scale
+    return tl.where(nibble >= 8, -twice, twice).to(tl.float32)
+
+
+@triton.jit
+def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """Rows offs_n, inputs [k0, k0 + BLOCK_K) of one expert's MXFP4 weight (blocks at w_ptr, scales at s_ptr) ->
+    fp32 [BLOCK_K, BLOCK_N]. k0 and BLOCK_K are multiples of 32, so the step holds whole scale blocks."""
+    rows = offs_n.to(tl.int64)[:, None]
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the bytes of the step in a row: contiguous
+    byte_mask = n_mask[:, None] & (offs_b < K // 2)[None, :]
+    byte = tl.load(w_ptr + rows * row_bytes + offs_b[None, :], mask=byte_mask, other=0).to(tl.int32)
+    # [BN, BK / 2, 2] -> [BN, BK]: input 2j is byte j's low nibble, 2j + 1 its high one
+    w = tl.reshape(tl.join(_e2m1(byte & 15), _e2m1(byte >> 4)), (BLOCK_N, BLOCK_K))
+    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    group_mask = n_mask[:, None] & (offs_g < K // 32)[None, :]
+    s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=group_mask, other=1).to(tl.int32)
+    scale = (tl.maximum(s - 1, 0) << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 128)
+    w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    return tl.trans(w)
 
 
 @triton.jit
@@ -44,7 +58,7 @@ def fused_moe_mxfp4_gemm_kernel(
     a_ptr, b_ptr, s_ptr, c_ptr, topk_weights_ptr, bias_ptr,
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
     N, K, num_valid_slots,
-    stride_am, stride_be, stride_se, stride_cm, stride_bias_e, alpha, limit,
+    stride_am, stride_be, stride_bn, stride_se, stride_sn, stride_cm, stride_bias_e, alpha, limit,
     A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -57,8 +71,6 @@ def fused_moe_mxfp4_gemm_kernel(
     if not live:
         return
 
-    row_bytes = K // 2  # a weight row's bytes, and its scales
-    row_scales = K // 32
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_ptr = b_ptr + expert * stride_be
@@ -68,16 +80,17 @@ def fused_moe_mxfp4_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
-        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        a = tl.load(a_base + offs_k[None, :], mask=slot_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _mxfp4_tile(w_ptr, es_ptr, row_bytes, row_scales, offs_k, k_mask, offs_n, n_mask)
+        k0 = step * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_base + offs_k[None, :], mask=slot_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N)
         if UPCAST:
             acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w.to(a.dtype), acc)
         if GATED:
-            w_up = _mxfp4_tile(w_ptr, es_ptr, row_bytes, row_scales, offs_k, k_mask, offs_n + N, n_mask)
+            up_rows = offs_n + N
+            w_up = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, up_rows, n_mask, BLOCK_K, BLOCK_N)
             if UPCAST:
                 acc_up = tl.dot(a.to(tl.float32), w_up, acc_up, input_precision="ieee")
             else:
