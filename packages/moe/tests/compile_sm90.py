@@ -14,6 +14,7 @@ from functools import partial
 from treadle_kernels.ops.support import compile_ahead
 from treadle_moe.experts import align_triton
 from treadle_moe.experts import triton_kernels as tk
+from treadle_moe.experts import triton_mxfp4_kernels as mx
 
 compile_one = partial(compile_ahead, default_pointer="*i32")
 
@@ -28,6 +29,19 @@ def main() -> int:
             "BLOCK_K": 128, "GROUP_M": 8,
         }  # fmt: skip
         compile_one(tk.fused_moe_gemm_kernel, constexprs, ptrs)
+    # the MXFP4 grouped GEMM as gpt-oss-20b runs it: w13 (biases, swigluoai) then w2 (bias, routed weights); the
+    # pointers and row strides are multiples of 16 as gpt-oss's are, so the byte loads take their wide form
+    mx_ptrs = {"a_ptr": "*bf16", "b_ptr": "*u8", "s_ptr": "*u8", "c_ptr": "*bf16", "topk_weights_ptr": "*fp32",
+               "bias_ptr": "*bf16"}  # fmt: skip
+    aligned = (*mx_ptrs, "K", "stride_am", "stride_be", "stride_bn", "stride_cm")
+    for gated, mul, block_m in ((True, False, 16), (False, True, 64)):
+        constexprs = {
+            "A_ROWS_PER_TOKEN": 4 if gated else 1, "GATED": gated,
+            "ACTIVATION": tk.ACTIVATION_CODES["swigluoai" if gated else "silu"], "MUL_ROUTED_WEIGHT": mul,
+            "HAS_BIAS": True, "UPCAST": False, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
+        }  # fmt: skip
+        compile_one(mx.fused_moe_mxfp4_gemm_kernel, constexprs, mx_ptrs, floats=("alpha", "limit"),
+                    divisible_by_16=aligned, options={"num_warps": 4, "num_stages": 3})  # fmt: skip
     compile_one(align_triton._count_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128, "FILL_BLOCK": 256}, {})
     compile_one(align_triton._offsets_kernel, {"BLOCK_M": 16, "E_P2": 128, "ROWS": 64, "BLOCKS": 64}, {})
     compile_one(align_triton._scatter_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128}, {})
