@@ -48,7 +48,10 @@ def run_mxfp4(
     fewer (expert parallelism)."""
     skip_without_triton(combo)
     pf_cls, experts_cls, _ = COMBOS[combo]
-    experts = experts_cls(config_experts=routed_experts) if "triton" in combo else experts_cls()  # type: ignore[call-arg]
+    if "triton" in combo:
+        experts = experts_cls(config_experts=routed_experts)  # type: ignore[call-arg]
+    else:
+        experts = experts_cls()
     kernel = ModularKernel(pf_cls(), experts)
     return kernel(inputs["hidden"], inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"],
                   activation, epilogue=epilogue, mxfp4=scales)  # fmt: skip

@@ -17,10 +17,11 @@ MoE:
 so each expert's down bias is weighted by its routing weight too. The experts are treadle_moe's FusedMoE with
 `activation="swigluoai"` and its biases `w13_bias` [E, 2N] (gate's, then up's) and `w2_bias` [E, K].
 Checkpoints (bf16 as transformers writes them, or the released MXFP4 experts) reach the FusedMoE layout through
-gpt_oss_weights.py; MXFP4 experts stay 4-bit on CUDA (quantization/mxfp4_experts.py), else are dequantized. Parallelism as the other MoE models (sparse_moe.py): heads and their sinks cut across
-tensor-parallel ranks, the router replicated, the experts cut by intermediate columns (their w13 bias with them;
-the down bias held by rank 0 alone, since the ranks' partial outputs are summed) or, under expert parallelism,
-held whole per rank.
+gpt_oss_weights.py; MXFP4 experts stay 4-bit on CUDA (quantization/mxfp4_experts.py), else are dequantized.
+Parallelism as the other MoE models (sparse_moe.py): heads and their sinks cut across tensor-parallel ranks, the
+router replicated, the experts cut by intermediate columns (their w13 bias with them; the down bias held by rank 0
+alone, since the ranks' partial outputs are summed; MXFP4 experts in whole blocks of 32) or, under expert
+parallelism, held whole per rank.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ The released checkpoints (quant_method "mxfp4") hold the two matrices as `gate_u
 with `gate_up_proj_scales` [E, 2I, H / 32], and `down_proj_blocks` [E, H, I / 32, 16] with `down_proj_scales`: one
 row per output feature (the transpose of the above; the gate_up rows interleaved the same way): kept 4-bit when the
 experts are (quantization/mxfp4_experts.py: on CUDA), passed on as one `pair` tensor that the expert loader copies
-into the MXFP4 storage, else dequantized by quantization/mxfp4.py in the model dtype on the experts' device. The biases, router, attention and embeddings are
-plain bf16 tensors in both.
+into the MXFP4 storage, else dequantized by quantization/mxfp4.py in the model dtype on the experts' device. The
+biases, router, attention and embeddings are plain bf16 tensors in both.
 FusedMoE wants w13 [E, 2N, K] with the N gate rows first, then the N up rows, and w2 [E, K, N]; so gate_up is split
 into its even and odd columns (rows, for the blocks), stacked gate then up and transposed, the w13 bias split the
 same way, and down_proj transposed. The results go on as `experts.gate_up_proj` / `experts.down_proj` (the fused

@@ -118,7 +118,8 @@ def resolve_quantization(
 
 def _check_mxfp4(requested: str | None, model_cls: type, config_file: Path, load_format: str) -> None:
     """MXFP4 experts (gpt-oss's released checkpoints): the model itself keeps them 4-bit on CUDA or dequantizes them
-    (mxfp4_experts.py), so there is no plan. Refused for a model class that does not read them, or with another requested method."""
+    (mxfp4_experts.py), so there is no plan. Refused for a model class that does not read them, or with another
+    requested method."""
     if not getattr(model_cls, "loads_mxfp4", False):
         raise ValueError(
             f"{config_file}: quantization_config.quant_method is 'mxfp4' (gpt-oss's MXFP4 experts), which treadle "
