@@ -36,7 +36,7 @@ from treadle_moe.experts.mxfp4 import dequantize_mxfp4
 @pytest.fixture
 def native_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mxfp4_experts, "NATIVE_DEVICE_TYPES", frozenset({"cpu", "cuda"}))
-    monkeypatch.delenv("TREADLE_MXFP4_DEQUANTIZE", raising=False)
+    monkeypatch.setenv("TREADLE_MXFP4_DEQUANTIZE", "0")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_gpu_native_experts_match_hf(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """The tiny model with head_dim 64 and its experts kept 4-bit on the Triton MXFP4 kernel (fp32 activations): a
     mixed step within 2e-3 of HF on the MXFP4-rounded weights (what the dequantized path computes), greedy equal,
     eagerly and with CUDA graphs; TREADLE_MXFP4_DEQUANTIZE=1 passes the same checks."""
-    monkeypatch.delenv("TREADLE_MXFP4_DEQUANTIZE", raising=False)
+    monkeypatch.setenv("TREADLE_MXFP4_DEQUANTIZE", "0")
     hf = tiny_hf(head_dim=64)
     path = tmp_path / "ckpt"
     _mxfp4_checkpoint(hf, path)
@@ -155,3 +155,25 @@ def test_gpu_native_experts_match_hf(tmp_path: Path, monkeypatch: pytest.MonkeyP
     check_mixed_batch(hf, path, VOCAB, atol=2e-3, **runner)
     shutil.rmtree(path)
     torch.cuda.empty_cache()
+
+
+def test_by_default_experts_stay_4bit_only_when_they_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset (or auto), the switch dequantizes the experts when in the model dtype they take at most half the
+    device's memory (the bf16 kernel is the faster one), and keeps them 4-bit when they would not fit so (gpt-oss-120b
+    on one GPU); 1 and 0 override it either way; a device without the kernel always dequantizes."""
+    monkeypatch.setattr(mxfp4_experts, "NATIVE_DEVICE_TYPES", frozenset({"cpu", "cuda"}))
+    config = tf.GptOssConfig(**{**CONFIG, "quantization_config": MXFP4_CONFIG})
+    need = mxfp4_experts.dequantized_expert_bytes(config)
+    # fp32, the default dtype here
+    assert need == CONFIG["num_hidden_layers"] * CONFIG["num_local_experts"] * 3 * 64 * 64 * 4
+    cpu = torch.device("cpu")
+    for raw, memory, kept in [("auto", 2 * need, False), ("auto", 2 * need - 1, True), ("1", 1, False),
+                              ("0", 1 << 40, True)]:  # fmt: skip
+        monkeypatch.setenv("TREADLE_MXFP4_DEQUANTIZE", raw)
+        monkeypatch.setattr(mxfp4_experts, "device_memory", lambda device, memory=memory: memory)
+        assert mxfp4_experts.keeps_mxfp4(config, cpu) is kept, (raw, memory)
+    monkeypatch.delenv("TREADLE_MXFP4_DEQUANTIZE")
+    monkeypatch.setattr(mxfp4_experts, "device_memory", lambda device: 2 * need - 1)
+    assert mxfp4_experts.keeps_mxfp4(config, cpu) is True
+    monkeypatch.setattr(mxfp4_experts, "NATIVE_DEVICE_TYPES", frozenset({"cuda"}))
+    assert mxfp4_experts.keeps_mxfp4(config, cpu) is False

@@ -60,6 +60,6 @@ def run_mxfp4(
 def assert_close_to(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     """out matches ref relative to ref's largest magnitude, at `dtype`'s tolerance."""
     assert torch.isfinite(out).all(), "non-finite values in the MoE output"
-    scale = ref.float().abs().max()
+    scale = ref.float().abs().max().item()
     atol, rtol = tolerance(dtype)
     torch.testing.assert_close(out.float().cpu() / scale, ref.float().cpu() / scale, atol=atol, rtol=rtol)

@@ -2,9 +2,13 @@
 
 A model whose config.json has quantization_config.quant_method "mxfp4" (gpt-oss's released checkpoints, and the
 bench configs made from them) keeps its routed experts in MXFP4 (treadle_moe.mxfp4_layer: uint8 e2m1 blocks and e8m0
-scales, 4.25 bits a weight) when they are built on CUDA, where the Triton MXFP4 fused-MoE kernel runs them; on the CPU
-(no such kernel: the torch reference would dequantize every expert at every call), and on CUDA when the user sets
-TREADLE_MXFP4_DEQUANTIZE=1, they are dequantized to the model dtype as they load (mxfp4.py, models/gpt_oss_weights.py).
+scales, 4.25 bits a weight) when they are built on CUDA, where the Triton MXFP4 fused-MoE kernel runs them, and either
+the user asks for it (TREADLE_MXFP4_DEQUANTIZE=0) or, by default, this rank's experts would take more than half the
+GPU's memory in the model dtype (gpt-oss-120b on one GPU). Otherwise, as on the CPU (no such kernel: the torch
+reference would dequantize every expert at every call) or with TREADLE_MXFP4_DEQUANTIZE=1, they are dequantized to
+the model dtype as they load (mxfp4.py, models/gpt_oss_weights.py): the bf16 fused-MoE kernel is faster than the MXFP4
+one as it stands (gpt-oss-20b dummy on an H200: 3.15 against 6.93 ms per token at batch 1, 12,981 against 5,721
+output tok/s on 1000 x 1024/1024; benchmarks/results/gpu-session33-h200-8d2ea77/call3).
 - `keeps_mxfp4`: that decision, for the device the model is built on;
 - `build_mxfp4_experts`: a FusedMoE built on the meta device and given MXFP4 storage on the device (so the model-dtype
   experts never take memory: gpt-oss-120b's would take ~220 GiB), its biases in the model dtype;
@@ -29,6 +33,7 @@ from torch import nn
 
 from treadle_model_runner import envs
 from treadle_model_runner.layers.linear import projections_on_meta
+from treadle_model_runner.parallel import get_tp
 from treadle_model_runner.quantization.mxfp4 import is_mxfp4_config
 from treadle_model_runner.quantization.scheme import quantization_config_of
 from treadle_moe import FusedMoE
@@ -57,9 +62,30 @@ def keeps_mxfp4(hf_config: Any, device: torch.device) -> bool:
         raw = quantization_config_of(hf_config)
     except ValueError:
         return False
-    if raw is None or not is_mxfp4_config(raw):
+    if raw is None or not is_mxfp4_config(raw) or device.type not in NATIVE_DEVICE_TYPES:
         return False
-    return device.type in NATIVE_DEVICE_TYPES and not envs.TREADLE_MXFP4_DEQUANTIZE()
+    dequantize = envs.TREADLE_MXFP4_DEQUANTIZE()
+    if dequantize is not None:
+        return not dequantize
+    return dequantized_expert_bytes(hf_config) > device_memory(device) // 2
+
+
+def dequantized_expert_bytes(hf_config: Any) -> int:
+    """What this rank's routed experts would take in the model dtype (the default dtype while the model is built):
+    every layer's E experts of gate, up and down projections (3 x hidden x intermediate), shared by the ranks
+    (tensor parallelism cuts each expert, expert parallelism the experts)."""
+    c = hf_config
+    per_layer = int(c.num_local_experts) * 3 * int(c.hidden_size) * int(c.intermediate_size)
+    weights = int(c.num_hidden_layers) * per_layer
+    bytes_per_weight = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    return weights * bytes_per_weight // max(1, get_tp().size)
+
+
+def device_memory(device: torch.device) -> int:
+    """The device's total memory in bytes (a CUDA device's; other devices: unbounded)."""
+    if device.type != "cuda":
+        return 1 << 62
+    return int(torch.cuda.get_device_properties(device).total_memory)
 
 
 def build_mxfp4_experts(make: Callable[[], FusedMoE], device: torch.device) -> FusedMoE:
@@ -117,7 +143,9 @@ def log_experts(model: nn.Module, how: str) -> None:
         return
     held = sum(expert_bytes(m) for m in experts)
     native = experts[0].mxfp4_layout is not None
-    path = ("kept 4-bit (Triton MXFP4 fused MoE on CUDA; TREADLE_MXFP4_DEQUANTIZE=1 dequantizes them)" if native
-            else "dequantized to the model dtype (the bf16 fused-MoE kernel)")  # fmt: skip
+    path = ("kept 4-bit (Triton MXFP4 fused MoE on CUDA: dequantized they would take over half the GPU's memory, "
+            "or TREADLE_MXFP4_DEQUANTIZE=0; =1 dequantizes them)" if native
+            else "dequantized to the model dtype (the bf16 fused-MoE kernel, faster than the MXFP4 one; "
+            "TREADLE_MXFP4_DEQUANTIZE=0 keeps them 4-bit on CUDA)")  # fmt: skip
     logger.info("gpt-oss MXFP4 experts (%s): %s; %d expert layers take %.2f GiB on this rank", how, path,
                 len(experts), held / 2**30)  # fmt: skip

@@ -11,10 +11,10 @@ Three cases, from `ModelConfig.quantization` (the user's) and config.json's `qua
   A 4-bit checkpoint (AWQ, GPTQ, compressed-tensors W4A16) loads in treadle's 4-bit layout (int4_checkpoint.py),
   with dummy weights too (random codes and scales); a MoE model's routed experts in the stacked 4-bit expert layout
   (int4_experts.py; the router stays in the model dtype).
-  An MXFP4 checkpoint (quant_method mxfp4: gpt-oss's released experts) is the exception: the model keeps its experts
-  4-bit on CUDA (mxfp4_experts.py: dummy weights are random experts quantized at load) and dequantizes them to the
-  model dtype as they load elsewhere or with TREADLE_MXFP4_DEQUANTIZE=1 (mxfp4.py, models/gpt_oss_weights.py), so
-  the plan is None (logged).
+  An MXFP4 checkpoint (quant_method mxfp4: gpt-oss's released experts) is the exception: the model dequantizes its
+  experts to the model dtype as they load (mxfp4.py, models/gpt_oss_weights.py), or keeps them 4-bit on CUDA when
+  they would not fit in half the GPU's memory or TREADLE_MXFP4_DEQUANTIZE=0 asks (mxfp4_experts.py: dummy weights are
+  then random experts quantized at load), so the plan is None (logged).
 Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE) quantize their routed experts too (experts.py): online
 per channel; a block-wise fp8 checkpoint (Qwen3-30B-A3B-FP8 style: quant_method fp8, weight_block_size) or one with
 per-channel / per-tensor weight scales, with dynamic or static (per-tensor input_scale, Mixtral-8x7B-Instruct-FP8
@@ -132,6 +132,7 @@ def _check_mxfp4(requested: str | None, model_cls: type, config_file: Path, load
         )
     what = "random experts" if load_format == "dummy" else "the checkpoint's experts"
     logger.info(
-        "%s: MXFP4 experts (quant_method mxfp4): %s kept 4-bit on CUDA (Triton MXFP4 fused MoE), in the model dtype on "
-        "the CPU or with TREADLE_MXFP4_DEQUANTIZE=1", config_file, what,
+        "%s: MXFP4 experts (quant_method mxfp4): %s dequantized to the model dtype when they fit in half the GPU's "
+        "memory so, on the CPU, or with TREADLE_MXFP4_DEQUANTIZE=1; else kept 4-bit on CUDA (Triton MXFP4 fused MoE)",
+        config_file, what,
     )  # fmt: skip
