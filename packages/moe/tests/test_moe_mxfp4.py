@@ -121,3 +121,19 @@ def test_mismatched_scales_are_refused() -> None:
     _, wide_w2, _ = quantize_experts_mxfp4(torch.randn(4, 128, 64), torch.randn(4, 64, 64))  # N 64, not 32
     with pytest.raises(ValueError, match="MXFP4 expert blocks disagree"):
         run_mxfp4("standard-torch", dict(inputs, w2=wide_w2), scales, "silu", None)
+
+
+@pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
+def test_triton_mxfp4_steps_of_several_scale_blocks(combo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BLOCK_K 64 over K 96 (the interpreter's config has 32, one scale block a step): a step of two scale blocks,
+    then one whose second block lies past K, as gpt-oss's K of 2880 with BLOCK_K 128 has."""
+    import dataclasses
+
+    from treadle_moe.experts import triton_fused
+
+    monkeypatch.setattr(triton_fused, "INTERPRETER_CONFIG",
+                        dataclasses.replace(triton_fused.INTERPRETER_CONFIG, block_k=64))  # fmt: skip
+    inputs, scales, epilogue = make_mxfp4_inputs((7, 96, 64, 8, 4, 2), torch.float32, 7, DEVICE, bias=True)
+    out = run_mxfp4(combo, inputs, scales, "swigluoai", epilogue)
+    ref = run_mxfp4("standard-torch", inputs, scales, "swigluoai", epilogue)
+    assert_close_to(out, ref, torch.float32)
