@@ -6,16 +6,15 @@ epilogue (HAS_BIAS: the expert's bias row added to the fp32 accumulators; the GA
 MUL_ROUTED_WEIGHT), with B the expert's MXFP4 blocks (experts/mxfp4.py): row n of the weight (an output column of
 the GEMM; GATED: gate row n and up row N + n) is K / 2 contiguous bytes with one e8m0 scale per 32 inputs.
 
-Each K step (BLOCK_K a multiple of 32) walks its 32-input scale blocks one by one (`_group_dot`): per weight row the
-block's 16 contiguous bytes, loaded straight into the dot's [16, BLOCK_N] orientation (no join, reshape or transpose
-of the tile), each byte's low nibble input 2j and its high nibble input 2j + 1; so the block is two dots of K 16, A's
-even inputs against the low nibbles and its odd inputs against the high ones, each nibble decoded in registers, no
-lookup table:
+Each K step (BLOCK_K a multiple of 32: whole scale blocks) loads, per weight row, its BLOCK_K / 2 contiguous bytes
+(a [BLOCK_N, BLOCK_K / 2] tile: wide, pipelined loads when the row stride is a multiple of 16 bytes, as gpt-oss's
+are) and its BLOCK_K / 32 scale bytes, and decodes in registers, no lookup table:
     code = nibble & 7;  twice = code for code < 2, else (2 | code & 1) << (code >> 1) - 1   (2 x the e2m1 magnitude)
-and the block's fp32 sum is multiplied by each row's scale 2^(s - 128) (built as float32 bits, (s - 1) << 23) before
-it joins the accumulator. Twice an e2m1 value is a small integer, exact in A's dtype, so the products are the spec's
-up to fp32 summation order. A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU interpreter, and fp32 A): fp32
-operands, IEEE dot. K must be a multiple of 32.
+    w = +-twice * 2^(s - 128)         the scale built as float32 bits ((s - 1) << 23)
+the low and high nibbles joined into inputs 2j and 2j + 1, each 32 inputs times their block's scale, transposed to the
+dot's [BLOCK_K, BLOCK_N]. That is exactly the spec's dequantized value, so rounding it to A's dtype for the dot loses
+nothing; the products are accumulated in float32. A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU
+interpreter, and fp32 A): fp32 operands, IEEE dot. K must be a multiple of 32.
 """
 
 from __future__ import annotations
@@ -36,25 +35,22 @@ def _e2m1(nibble):
 
 
 @triton.jit
-def _group_dot(acc, a_even, a_odd, w_ptr, s_ptr, row_bytes, row_scales, kg, K, rows, n_mask,
-               UPCAST: tl.constexpr):  # fmt: skip
-    """acc + the products of one 32-input scale block (inputs [kg, kg + 32)) for weight rows `rows`: the block's 16
-    bytes per row loaded as a [16, BN] tile (byte j of every row: inputs 2j, low nibble, and 2j + 1, high nibble),
-    decoded to twice their e2m1 values (exact in A's dtype), two dots against A's even and odd inputs, and the fp32
-    sum times the rows' scales 2^(s - 128) (twice the value times 2^(s - 128) is the value times 2^(s - 127))."""
-    offs_b = kg // 2 + tl.arange(0, 16)
-    byte_mask = n_mask[None, :] & (offs_b < K // 2)[:, None]
-    byte = tl.load(w_ptr + rows[None, :] * row_bytes + offs_b[:, None], mask=byte_mask, other=0).to(tl.int32)
-    # a block past K (the last step of a K that BLOCK_K does not divide) reads no scale: its bytes are all 0
-    s = tl.load(s_ptr + rows * row_scales + kg // 32, mask=n_mask & (kg + 0 * rows < K), other=0).to(tl.int32)
-    scale = (tl.maximum(s - 1, 0) << 23).to(tl.float32, bitcast=True)  # [BN]: 2^(s - 128); byte 0 -> 0
-    if UPCAST:
-        part = tl.dot(a_even.to(tl.float32), _e2m1(byte & 15), input_precision="ieee")
-        part = tl.dot(a_odd.to(tl.float32), _e2m1(byte >> 4), part, input_precision="ieee")
-    else:
-        part = tl.dot(a_even, _e2m1(byte & 15).to(a_even.dtype))
-        part = tl.dot(a_odd, _e2m1(byte >> 4).to(a_odd.dtype), part)
-    return acc + part * scale[None, :]
+def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """Rows offs_n, inputs [k0, k0 + BLOCK_K) of one expert's MXFP4 weight (blocks at w_ptr, scales at s_ptr) ->
+    fp32 [BLOCK_K, BLOCK_N]. k0 and BLOCK_K are multiples of 32, so the step holds whole scale blocks."""
+    rows = offs_n.to(tl.int64)[:, None]
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the bytes of the step in a row: contiguous
+    byte_mask = n_mask[:, None] & (offs_b < K // 2)[None, :]
+    byte = tl.load(w_ptr + rows * row_bytes + offs_b[None, :], mask=byte_mask, other=0).to(tl.int32)
+    # [BN, BK / 2, 2] -> [BN, BK]: input 2j is byte j's low nibble, 2j + 1 its high one
+    w = tl.reshape(tl.join(_e2m1(byte & 15), _e2m1(byte >> 4)), (BLOCK_N, BLOCK_K))
+    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    group_mask = n_mask[:, None] & (offs_g < K // 32)[None, :]
+    s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=group_mask, other=1).to(tl.int32)
+    scale = (tl.maximum(s - 1, 0) << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 128)
+    w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    return tl.trans(w)
 
 
 @triton.jit
@@ -83,20 +79,22 @@ def fused_moe_mxfp4_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rows = offs_n.to(tl.int64)
-    pairs = 2 * tl.arange(0, 16)  # a scale block's even inputs (relative); the odd ones follow each
     for step in range(0, tl.cdiv(K, BLOCK_K)):
-        for g in tl.static_range(BLOCK_K // 32):
-            kg = step * BLOCK_K + g * 32
-            a_mask = slot_mask[:, None] & (kg + pairs < K)[None, :]
-            a_even = tl.load(a_base + (kg + pairs)[None, :], mask=a_mask, other=0.0)
-            a_odd = tl.load(a_base + (kg + 1 + pairs)[None, :], mask=a_mask, other=0.0)
-            acc = _group_dot(
-                acc, a_even, a_odd, w_ptr, es_ptr, stride_bn, stride_sn, kg, K, rows, n_mask, UPCAST
-            )
-            if GATED:
-                acc_up = _group_dot(acc_up, a_even, a_odd, w_ptr, es_ptr, stride_bn, stride_sn, kg, K, rows + N,
-                                    n_mask, UPCAST)  # fmt: skip
+        k0 = step * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_base + offs_k[None, :], mask=slot_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc)
+        if GATED:
+            up_rows = offs_n + N
+            w_up = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, up_rows, n_mask, BLOCK_K, BLOCK_N)
+            if UPCAST:
+                acc_up = tl.dot(a.to(tl.float32), w_up, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a, w_up.to(a.dtype), acc_up)
 
     if HAS_BIAS:
         bias_row = bias_ptr + expert * stride_bias_e + offs_n  # [BN]; contiguous rows of [E, 2N] or [E, K]
