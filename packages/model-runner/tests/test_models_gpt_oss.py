@@ -152,6 +152,20 @@ def test_missing_sinks_or_expert_bias_is_named(tiny: tuple[Any, Path], dropped: 
         model.load_weights(weights)
 
 
+def test_a_backend_without_sinks_is_refused_before_loading(
+    tiny: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--attention-backend flashinfer on gpt-oss: refused as the runner picks the backend, before any weight is read
+    (the layer's own refusal comes only when the backend is bound, after loading)."""
+    from treadle_kernels.attention.flashinfer_backend import FlashInferAttentionBackend
+    from treadle_model_runner.runner import model_runner
+
+    monkeypatch.setattr(model_runner, "get_attn_backend", lambda name, device: FlashInferAttentionBackend)
+    monkeypatch.setattr(model_runner, "build_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError, match=r"GptOssForCausalLM has attention sinks.*'flashinfer'.*triton"):
+        make_runner(tiny[1])
+
+
 def _rank_main(rank: int, init_method: str, path: Path, results: Any) -> None:
     try:
         torch.set_num_threads(1)

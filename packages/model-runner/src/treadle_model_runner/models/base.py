@@ -73,6 +73,9 @@ class CausalLM(nn.Module):
     # routed experts (models/sparse_moe.py: FusedMoE layers besides the projections); quantization/plan.py says which
     # fp8 layouts they take
     has_experts: ClassVar[bool] = False
+    # its attention layers carry per-head sinks (gpt-oss): only backends with `supports_sinks` can run it, which the
+    # runner checks before loading any weight
+    has_attention_sinks: ClassVar[bool] = False
     weight_scale_name: str = "weight_scale"  # the files' name of fp8 weight scales (module docstring)
 
     def attention_layers(self) -> list[Attention]:

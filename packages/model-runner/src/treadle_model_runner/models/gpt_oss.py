@@ -117,6 +117,7 @@ class GptOssForCausalLM(MoeCausalLM):
     # config.json's quantization_config may be quant_method "mxfp4" (the released experts): 4-bit on CUDA, else
     # dequantized at load
     loads_mxfp4: ClassVar[bool] = True
+    has_attention_sinks: ClassVar[bool] = True
     model: GptOssModel  # type: ignore[assignment]  # not MoeModel: the layers carry sinks
 
     def __init__(self, config: Any, max_position: int | None = None) -> None:

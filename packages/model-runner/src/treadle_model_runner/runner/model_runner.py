@@ -53,6 +53,7 @@ from treadle_model_runner.runner.kv_setup import initialize_kv_cache
 from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, device_source, resolve
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
+    check_backend_fits_model,
     check_runner_args,
     eos_token_ids,
     resolve_device,
@@ -121,6 +122,7 @@ class ModelRunner:
         )  # fmt: skip
         backend_name = None if model_config.attention_backend == "auto" else model_config.attention_backend
         self.attn_backend: Any = get_attn_backend(backend_name, self.device)
+        check_backend_fits_model(self.attn_backend, get_model_class(self.hf_config))
         self.kv_cache_dtype = resolve_kv_cache_dtype(
             cache_config.kv_cache_dtype, self.dtype, self.attn_backend
         )

@@ -56,6 +56,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def check_backend_fits_model(backend: Any, model_cls: type) -> None:
+    """Refuse, before any weight loads, an attention backend that cannot run the model's attention (sinks)."""
+    if getattr(model_cls, "has_attention_sinks", False) and not getattr(backend, "supports_sinks", False):
+        raise ValueError(
+            f"{model_cls.__name__} has attention sinks, which attention backend '{backend.name}' does not support; "
+            "use --attention-backend triton (the CUDA default) or torch"
+        )
+
+
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     """The config's context length, or a smaller override; a larger one raises (positions were never trained).
     With YaRN rope scaling the context is original_max_position_embeddings x factor, as vLLM derives it (Qwen's
