@@ -21,8 +21,9 @@ another rank's expert, whose slots the kernel skips) and returns this rank's sha
 global expert ids and ignore other ranks' experts; static fp8 input scales are kept for every expert, so their
 fold is the same on every rank.
 
-fp8 experts (experts/fp8.py): `quantize_fp8(layout)` turns loaded model-dtype weights into float8_e4m3fn with scales
-(per channel: online `quantization="fp8"`; block-wise: dummy weights for a block-wise checkpoint's config), and
+fp8 experts (experts/fp8.py; done by fp8_layer.py): `quantize_fp8(layout)` turns loaded model-dtype weights into
+float8_e4m3fn with scales (per channel: online `quantization="fp8"`; block-wise: dummy weights for a block-wise
+checkpoint's config), and
 `allocate_fp8(layout)` gives an fp8 checkpoint's experts their storage, which the loader then fills: weights through
 `weight_loader` as always, scales through it too (`w13_weight_scale`: gate rows or block rows, then up ones;
 `w2_weight_scale`). Either way `fp8_layout` is set and the forward hands the scales to the kernel. A layout with
@@ -47,10 +48,11 @@ import logging
 import torch
 from torch import nn
 
+from treadle_moe import fp8_layer
 from treadle_moe.activation import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation
-from treadle_moe.expert_bias import allocate_biases, check_unquantized, describe_epilogue, layer_epilogue
+from treadle_moe.expert_bias import allocate_biases, describe_epilogue, layer_epilogue
 from treadle_moe.expert_weights import copy_expert_weight
-from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout, fold_input_scales, quantize_experts
+from treadle_moe.experts.fp8 import Fp8ExpertScales, Fp8Layout
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
 from treadle_moe.experts.mxfp4 import Mxfp4Layout
 from treadle_moe.modular_kernel import ModularKernel
@@ -176,23 +178,9 @@ class FusedMoE(nn.Module):
         return out.view(shape)
 
     def fp8_scales(self) -> Fp8ExpertScales | None:
-        """The fp8 experts' scales for the kernel; None for model-dtype weights."""
-        if self.fp8_layout is None:
-            return None
-        assert self.w13_weight_scale is not None and self.w2_weight_scale is not None, (
-            "fp8 experts have scales"
-        )
-        if not self.fp8_layout.static_activations:
-            return Fp8ExpertScales(self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout)
-        assert self.w13_input_scale is not None and self.w2_input_scale is not None
-        folded = self._folded_input_scales
-        # not folded yet, or the module moved since
-        if folded is None or folded[0].device != self.w13_input_scale.device:
-            folded = self._folded_input_scales = fold_input_scales(self.w13_input_scale, self.w2_input_scale)
-        w13_input, w2_input = folded
-        return Fp8ExpertScales(
-            self.w13_weight_scale, self.w2_weight_scale, self.fp8_layout, w13_input, w2_input
-        )
+        """The fp8 experts' scales for the kernel (a static layout's input scales folded); None for model-dtype
+        weights (fp8_layer.py)."""
+        return fp8_layer.fp8_scales(self)
 
     def adds_w2_bias(self) -> bool:
         """Whether this layer adds w2_bias to its output: a tensor-parallel subclass, whose ranks' outputs are
@@ -277,33 +265,13 @@ class FusedMoE(nn.Module):
 
     # ---- fp8 experts ----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def quantize_fp8(self, layout: Fp8Layout) -> None:
-        """Replace the loaded model-dtype experts by float8_e4m3fn in `layout` (experts/fp8.py); the originals are
-        freed."""
-        check_unquantized(self, "fp8")
-        q13, q2, scales = quantize_experts(self.w13_weight, self.w2_weight, layout, self.w2_row_amax)
-        self.w13_weight = self._parameter(q13)
-        self.w2_weight = self._parameter(q2)
-        self.w13_weight_scale = self._parameter(scales.w13)
-        self.w2_weight_scale = self._parameter(scales.w2)
-        self.fp8_layout = layout
+        """Replace the loaded model-dtype experts by float8_e4m3fn in `layout` (fp8_layer.py)."""
+        fp8_layer.quantize_fp8(self, layout)
 
     def allocate_fp8(self, layout: Fp8Layout, device: torch.device | str | None = None) -> None:
-        """Storage for an fp8 checkpoint's experts (the layer may have been built on the meta device): fp8 weights
-        and fp32 scales in `layout`, all to be filled by `weight_loader`."""
-        check_unquantized(self, "fp8")
-        e, k, n = self.placement.num_local, self.hidden_size, self.intermediate_size
-        fp8 = torch.float8_e4m3fn
-        self.w13_weight = self._parameter(torch.empty(e, 2 * n, k, dtype=fp8, device=device))
-        self.w2_weight = self._parameter(torch.empty(e, k, n, dtype=fp8, device=device))
-        self.w13_weight_scale = self._parameter(torch.empty(layout.w13_scale_shape(e, n, k), device=device))
-        self.w2_weight_scale = self._parameter(torch.empty(layout.w2_scale_shape(e, n, k), device=device))
-        if layout.static_activations:  # every expert's (the fold is their maximum, the same on every rank)
-            self.w13_input_scale = self._parameter(torch.ones(self.num_experts, 2, device=device))
-            self.w2_input_scale = self._parameter(torch.ones(self.num_experts, device=device))
-            self._folded_input_scales = None
-        self.fp8_layout = layout
+        """Storage for an fp8 checkpoint's experts in `layout`, to be filled by `weight_loader` (fp8_layer.py)."""
+        fp8_layer.allocate_fp8(self, layout, device)
 
     def allocate(self, device: torch.device | str | None = None) -> None:
         """Model-dtype storage for experts built on the meta device, to be filled by `weight_loader`."""
