@@ -88,6 +88,31 @@ def test_responses_function_call(client: openai.OpenAI, server: Any) -> None:
     assert json.loads("".join(args)) == {"city": "Paris"} and len(args) > 2
 
 
+def test_responses_reasoning_sent_back_goes_with_its_call(client: openai.OpenAI, server: Any) -> None:
+    """The next turn of an agent loop sends the reply's output items back with the call's result: the reasoning item
+    reaches the template as the tool-call turn's thinking (gpt-oss's renders it as the analysis before the call), as
+    chat completions' reasoning_content does; a reasoning item not followed by an assistant turn stays unshown."""
+    server.script(ANALYSIS + CALL)
+    try:
+        done = client.responses.create(model="tiny", input="Weather in Paris?", tools=[TOOL])
+        server.script(FINAL)
+        items = [item.model_dump(exclude_none=True) for item in done.output]
+        assert [item["type"] for item in items] == ["reasoning", "function_call"]
+        result = {"type": "function_call_output", "call_id": items[1]["call_id"], "output": '{"temp": 21}'}
+        ask = {"role": "user", "content": "Weather in Paris?"}
+        again = client.responses.create(model="tiny", input=[ask, *items, result], tools=[TOOL])
+        prompt = server.last_prompt()
+        # reasoning before a user turn, not an assistant one: not rendered
+        client.responses.create(model="tiny", input=[items[0], ask])
+        alone = server.last_prompt()
+    finally:
+        server.engine.script = None
+    assert again.output_text == ANSWER
+    analysis = f"<|start|>assistant<|channel|>analysis<|message|>{THOUGHT}<|end|>"
+    assert analysis + "<|start|>assistant to=functions.get_weather" in prompt, prompt
+    assert THOUGHT not in alone
+
+
 def test_responses_bad_effort(client: openai.OpenAI) -> None:
     bad: Any = {"effort": "maximal"}
     with pytest.raises(openai.BadRequestError) as err:

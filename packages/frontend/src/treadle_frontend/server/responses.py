@@ -60,27 +60,50 @@ def to_chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         return [*msgs, {"role": "user", "content": body.input}]
     if not body.input:
         raise APIError(400, "input: at least one input item is required", param="input")
+    thought: str | None = None  # a reasoning item's text, for the assistant turn that follows it
     for i, item in enumerate(body.input):
         kind = item.get("type", "message")
-        if kind == "reasoning":  # an earlier turn's reasoning: not shown to the model again
+        if kind == "reasoning":
+            thought = _reasoning_text(item)
             continue
         if kind in ("function_call", "function_call_output"):
             for turn in call_turns(body.input, i):
                 last = msgs[-1] if msgs else {}
                 if turn.get("tool_calls") and last.get("tool_calls") and last.get("content") is None:
                     last["tool_calls"] += turn["tool_calls"]  # calls in a row: one assistant turn
+                    turn = last
                 else:
                     msgs.append(turn)
+                if turn["role"] == "assistant" and thought:
+                    turn["reasoning_content"], thought = thought, None
             continue
         if kind != "message" or not isinstance(item.get("role"), str):
             raise APIError(400, f"input[{i}]: only message, reasoning, function_call and function_call_output "
                                 "items are supported here", param="input")  # fmt: skip
-        msgs.append({"role": item["role"], "content": _text(item.get("content"), i)})
+        turn = {"role": item["role"], "content": _text(item.get("content"), i)}
+        if item["role"] == "assistant" and thought:
+            turn["reasoning_content"] = thought
+        thought = None  # reasoning belongs to the assistant turn right after it
+        msgs.append(turn)
     if all(m["role"] == "system" for m in msgs):
         raise APIError(
-            400, "input: no turn to answer (reasoning items are not shown to the model)", param="input"
+            400,
+            "input: no turn to answer (reasoning items go with the assistant turn after them)",
+            param="input",
         )
     return template_messages(msgs)
+
+
+def _reasoning_text(item: dict[str, Any]) -> str | None:
+    """A reasoning item's text (its reasoning_text parts, else its summary's), as chat completions' reasoning_content:
+    handed to the chat template with the assistant turn it precedes (tool_calls.template_messages), which renders it
+    where the template does (gpt-oss's: before a tool call; Qwen3's: in turns after the last user message)."""
+    for key in ("content", "summary"):
+        parts = [p for p in item.get(key) or [] if isinstance(p, dict)]
+        texts = [p["text"] for p in parts if isinstance(p.get("text"), str)]
+        if texts:
+            return "\n".join(texts)
+    return None
 
 
 def _text(content: Any, i: int) -> str:

@@ -2,8 +2,8 @@
 
 Request side: `tools` (`{"type": "function", name, description, parameters}`) reach the chat template as chat
 tools; input items `function_call` (a call the model made) and `function_call_output` (its result) become an
-assistant turn's `tool_calls` and a `tool` turn; `reasoning` items sent back are dropped (as earlier turns'
-reasoning is). Reply side: calls are read from the reply by the server's tool
+assistant turn's `tool_calls` and a `tool` turn; a `reasoning` item sent back becomes the `reasoning_content` of
+the assistant turn after it (the template decides where it shows: gpt-oss's before a tool call). Reply side: calls are read from the reply by the server's tool
 parser (`--enable-auto-tool-choice`, tool_choice auto) or forced by constrained decoding (`tool_choice`
 "required" or `{"type": "function", "name"}`, no flag needed), as on chat completions. Each call is a
 `function_call` output item; text is a `message` item before them, and a reasoning block (`--reasoning-parser`)
