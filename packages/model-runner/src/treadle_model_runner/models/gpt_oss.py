@@ -2,7 +2,8 @@
 attention layers carry learned sinks and alternate a sliding window with full attention, and whose every MLP is a
 routed MoE with biased experts and a clamped SwiGLU.
 
-One decoder layer, as transformers' GptOssDecoderLayer:
+One decoder layer, as transformers' GptOssDecoderLayer (treadle's Llama decoder stack, models/sparse_moe.py's
+MoeModel, with sinks and the MoE below):
     h   = x + o_proj(attn(rope(q), rope(k), v; sinks))      q, k, v = split(qkv_proj(norm_in(x)))
     out = h + moe(norm_post(h))
 Attention: q/k/v/o all have biases (`attention_bias`); `head_dim` from the config (64, narrower than hidden /
@@ -32,12 +33,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from treadle_model_runner.layers.norm import RMSNorm
-from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
-from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from treadle_model_runner.layers.vocab import ParallelLMHead
 from treadle_model_runner.models.gpt_oss_weights import GptOssCheckpoint
-from treadle_model_runner.models.llama import LlamaSelfAttention, head_dim_of
-from treadle_model_runner.models.sparse_moe import MoeCausalLM, ParallelFusedMoE
+from treadle_model_runner.models.sparse_moe import MoeCausalLM, MoeModel, ParallelFusedMoE
 from treadle_model_runner.parallel import all_reduce
 from treadle_model_runner.quantization.mxfp4_experts import build_mxfp4_experts, keeps_mxfp4
 
@@ -63,50 +61,6 @@ class GptOssMoe(nn.Module):
         return all_reduce(self.experts(x, self.router(x)))
 
 
-class GptOssDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
-        super().__init__()
-        bias = bool(getattr(config, "attention_bias", True))
-        self.self_attn = LlamaSelfAttention(
-            config, layer_idx, rotary_emb, qkv_bias=bias, qk_norm=False, o_bias=bias, sinks=True
-        )
-        self.mlp = GptOssMoe(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous block's output (the embeddings when residual is None); residual: the stream before
-        it. Returns (this block's MoE output, the stream before it): each add is fused into the next norm."""
-        qkv_proj = self.self_attn.qkv_proj
-        if residual is None:
-            residual, qkv = x, qkv_proj(self.input_layernorm(x))
-        else:
-            qkv, residual = self.input_layernorm.add_norm_linear(x, residual, qkv_proj)
-        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(qkv, positions), residual)
-        return self.mlp(h), residual
-
-
-class GptOssModel(nn.Module):
-    def __init__(self, config: Any, max_position: int) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary_emb = RotaryEmbedding(head_dim_of(config), max_position, rope_parameters(config))
-        self.layers = nn.ModuleList(
-            GptOssDecoderLayer(config, i, rotary_emb) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            h, residual = layer(h, positions, residual)
-        if residual is None:  # no layers
-            return self.norm(h)
-        return self.norm.add_and_norm(h, residual)[0]
-
-
 class GptOssForCausalLM(MoeCausalLM):
     expert_width_field: ClassVar[str] = "intermediate_size"
     # the experts' biases in the files -> the FusedMoE parameters holding them (after gpt_oss_weights.py's reorder)
@@ -118,12 +72,13 @@ class GptOssForCausalLM(MoeCausalLM):
     # dequantized at load
     loads_mxfp4: ClassVar[bool] = True
     has_attention_sinks: ClassVar[bool] = True
-    model: GptOssModel  # type: ignore[assignment]  # not MoeModel: the layers carry sinks
 
     def __init__(self, config: Any, max_position: int | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = GptOssModel(config, max_position or config.max_position_embeddings)
+        bias = bool(getattr(config, "attention_bias", True))
+        self.model = MoeModel(config, max_position or config.max_position_embeddings, qk_norm=False,
+                              make_mlp=lambda i: GptOssMoe(config), qkv_bias=bias, o_bias=bias, sinks=True)  # fmt: skip
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)

@@ -166,12 +166,13 @@ class LlamaDecoderLayer(nn.Module):
         multipliers: Multipliers = Multipliers(),
         use_rope: bool = True,
         o_bias: bool | None = None,
+        sinks: bool = False,
     ) -> None:
         """`mlp`: the layer's MLP (a routed MoE block in sparse models); None = the dense gated MLP. `use_rope`
-        False: a NoPE layer (no rotary embedding); `o_bias`: LlamaSelfAttention's."""
+        False: a NoPE layer (no rotary embedding); `o_bias`, `sinks`: LlamaSelfAttention's."""
         super().__init__()
         self.self_attn = LlamaSelfAttention(
-            config, layer_idx, rotary_emb, qkv_bias, qk_norm, multipliers.attention, use_rope, o_bias
+            config, layer_idx, rotary_emb, qkv_bias, qk_norm, multipliers.attention, use_rope, o_bias, sinks
         )
         self.mlp = mlp if mlp is not None else dense_mlp(config)
         self.residual_multiplier = multipliers.residual
@@ -203,7 +204,8 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm; `make_mlp(layer_idx)` gives a layer's MLP (None: dense);
-    `nope_layers`: the indices of the layers that apply no rotary embedding; `o_bias`: LlamaSelfAttention's."""
+    `nope_layers`: the indices of the layers that apply no rotary embedding; `o_bias`, `sinks`:
+    LlamaSelfAttention's."""
 
     def __init__(
         self,
@@ -215,6 +217,7 @@ class LlamaModel(nn.Module):
         multipliers: Multipliers = Multipliers(),
         nope_layers: Collection[int] = (),
         o_bias: bool | None = None,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
@@ -223,8 +226,9 @@ class LlamaModel(nn.Module):
 
         def layer(i: int) -> LlamaDecoderLayer:
             mlp = make_mlp(i) if make_mlp else None
+            rope = i not in nope_layers
             return LlamaDecoderLayer(
-                config, i, rotary_emb, qkv_bias, qk_norm, mlp, multipliers, i not in nope_layers, o_bias
+                config, i, rotary_emb, qkv_bias, qk_norm, mlp, multipliers, rope, o_bias, sinks
             )
 
         self.layers = nn.ModuleList(layer(i) for i in range(config.num_hidden_layers))

@@ -173,7 +173,7 @@ class ParallelFusedMoE(FusedMoE):
 
 class MoeModel(LlamaModel):
     """The Llama decoder stack with `make_mlp(layer_idx)` giving each layer's MLP (routed or dense); `qkv_bias`
-    None: config.attention_bias decides; `o_bias`: LlamaSelfAttention's."""
+    None: config.attention_bias decides; `o_bias`, `sinks`: LlamaSelfAttention's."""
 
     def __init__(
         self,
@@ -183,10 +183,11 @@ class MoeModel(LlamaModel):
         make_mlp: Callable[[int], nn.Module],
         qkv_bias: bool | None = None,
         o_bias: bool | None = None,
+        sinks: bool = False,
     ) -> None:
         if qkv_bias is None:
             qkv_bias = bool(getattr(config, "attention_bias", False))
-        super().__init__(config, max_position, qkv_bias, qk_norm, make_mlp, o_bias=o_bias)
+        super().__init__(config, max_position, qkv_bias, qk_norm, make_mlp, o_bias=o_bias, sinks=sinks)
 
 
 class MoeCausalLM(CausalLM):
