@@ -31,7 +31,6 @@ __all__ = [
     "check_unquantized",
     "describe_epilogue",
     "layer_epilogue",
-    "load_stacked_biases",
 ]
 
 
@@ -63,18 +62,3 @@ def check_unquantized(moe: FusedMoE, weights: str) -> None:
     why = quantized_support_reason(weights, moe.activation, moe.w13_bias is not None)
     if why is not None:
         raise ValueError(f"MoE layer ({moe.extra_repr()}): {why}")
-
-
-def load_stacked_biases(moe: FusedMoE, gate_up_bias: torch.Tensor, down_bias: torch.Tensor) -> None:
-    """Every expert's biases at once: gate_up_bias [E, 2N] (gate's, then up's: already de-interleaved),
-    down_bias [E, K]; the layer keeps its own experts' rows."""
-    if moe.w13_bias is None or moe.w2_bias is None:
-        raise ValueError(f"MoE layer ({moe.extra_repr()}) has no expert biases; build it with bias=True")
-    for name, param, bias in (
-        ("gate_up_bias", moe.w13_bias, gate_up_bias),
-        ("down_bias", moe.w2_bias, down_bias),
-    ):
-        full = (moe.num_experts, *param.shape[1:])
-        if tuple(bias.shape) != full:
-            raise ValueError(f"{name} has shape {tuple(bias.shape)}, expected {full}")
-        param.data.copy_(bias.narrow(0, moe.placement.first, moe.placement.num_local))
