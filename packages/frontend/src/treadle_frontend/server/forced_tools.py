@@ -58,14 +58,6 @@ def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple
     return functions[name], name
 
 
-def _parses(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _array_items(text: str, partial: bool = False) -> list[Any]:
     """The items of a constrained "required" reply: none when it was cut short and does not parse, or, `partial`,
     what its text holds so far (complete values only: an item cut inside its name has no name)."""
@@ -153,7 +145,7 @@ class ForcedToolCalls:
             # cut before its first character: still the call the tool_choice named, with no arguments written
             return [CallDelta.whole(0, ToolCall(self.name, "", complete=False))] if self.calls_only else []
         # constrained JSON: whole unless max_tokens cut it
-        return [self._named.last(complete=_parses(self._named.call.arguments))]
+        return [self._named.last_if_json()]
 
 
 class ReplyReader:

@@ -29,7 +29,6 @@ gives the same reasoning, content and calls whether fed whole or in pieces.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,14 +68,6 @@ def _first(text: str, markers: tuple[str, ...]) -> tuple[int, str | None]:
     """(index, marker) of the earliest of `markers` in `text`; (-1, None) when none is there."""
     hits = [(at, m) for m in markers if (at := text.find(m)) >= 0]
     return min(hits) if hits else (-1, None)
-
-
-def _parses(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _add(pieces: list[Piece], reasoning: str = "", content: str = "", delta: CallDelta | None = None) -> None:
@@ -192,7 +183,7 @@ class HarmonyStream:
     def _close(self, pieces: list[Piece]) -> None:
         """The open body ends: a call's last delta (complete when its arguments parse as JSON)."""
         if self._call is not None:
-            _add(pieces, delta=self._call.last(complete=_parses(self._call.call.arguments)))
+            _add(pieces, delta=self._call.last_if_json())
             self._call = None
         self._route = ""
 

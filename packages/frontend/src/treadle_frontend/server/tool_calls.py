@@ -81,6 +81,14 @@ class CallDelta:
         self.call.complete = complete
         return CallDelta(self.index, self.call, "", done=True)
 
+    def last_if_json(self) -> CallDelta:
+        """The call's last delta, complete when its arguments parse as JSON (a reply cut inside them does not)."""
+        try:
+            json.loads(self.call.arguments)
+        except ValueError:
+            return self.last(complete=False)
+        return self.last()
+
     def openai(self) -> dict[str, Any]:
         """The streamed chat chunk's `delta.tool_calls` entry: the call's id, type and name on its first delta."""
         if self.first:
