@@ -9,21 +9,30 @@ dequantized MXFP4 weights, so both compute the same products. Each is timed repl
 steps run); reported per token count: microseconds, GB/s over the minimum bytes (the weights of the experts hit: 2
 bytes a value in bf16, 17/32 of a byte in MXFP4, plus activations), the speed ratio (bf16 time / MXFP4 time, > 1 is
 faster), and the MXFP4 output's relative error against the bf16 output (summation order only: the same weights).
+MXFP4 runs twice: the default (the GEMV while an expert expects at most TREADLE_MOE_MXFP4_GEMV_MAX_ROWS rows, else
+the grouped GEMM; `mxfp4_*`, `speedup`) and the grouped GEMM alone (`gemm_*`, `gemm_speedup`). `--sweep`: the GEMV's
+tiles (BLOCK_N, BLOCK_K, warps) at each token count instead, every one timed, the best first.
 
     PYTHONPATH=packages/moe/src:packages/ir/src:packages/kernels/src python benchmarks/moe_mxfp4.py out.json
     ... benchmarks/moe_mxfp4.py out.json --tokens 1,64
+    ... benchmarks/moe_mxfp4.py sweep.json --tokens 1,16,64 --sweep
 Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import itertools
 import json
+import os
+from collections.abc import Iterator
 
 import torch
 
 from treadle_moe import ModularKernel, NoEPStandardPrepareFinalize, TritonExperts
+from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.mxfp4 import dequantize_mxfp4, quantize_experts_mxfp4
 
@@ -52,7 +61,37 @@ def _time_graph(call: object, iters: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / iters
 
 
-def benchmark(tokens: list[int]) -> list[dict[str, object]]:
+@contextlib.contextmanager
+def _gemv_max_rows(value: str | None) -> Iterator[None]:
+    """TREADLE_MOE_MXFP4_GEMV_MAX_ROWS set to `value` (None: as it is) inside the block."""
+    old = os.environ.get("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS")
+    if value is not None:
+        os.environ["TREADLE_MOE_MXFP4_GEMV_MAX_ROWS"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", None)
+        if old is not None:
+            os.environ["TREADLE_MOE_MXFP4_GEMV_MAX_ROWS"] = old
+
+
+def _sweep(x: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+           scales: object, epilogue: ExpertEpilogue, block_m: int) -> list[dict[str, object]]:  # fmt: skip
+    """Every GEMV tile at this batch's BLOCK_M, timed, fastest first."""
+    timed = []
+    for block_n, block_k, warps in itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8)):
+        config = BlockConfig(block_m, block_n, block_k, group_m=1, num_warps=warps, num_stages=2)
+        kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts(config))
+        call = functools.partial(
+            kernel, x, b13, b2, weights, ids, "swigluoai", epilogue=epilogue, mxfp4=scales
+        )
+        timed.append(
+            {"block_n": block_n, "block_k": block_k, "warps": warps, "us": round(_time_graph(call), 2)}
+        )
+    return sorted(timed, key=lambda t: float(t["us"]))  # type: ignore[arg-type]
+
+
+def benchmark(tokens: list[int], sweep: bool = False) -> list[dict[str, object]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
     w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
@@ -79,11 +118,27 @@ def benchmark(tokens: list[int]) -> list[dict[str, object]]:
         error = float((out - ref).norm() / ref.norm())
         activations = 2 * m * K * 2
         row: dict[str, object] = {"tokens": m, "experts_hit": experts_hit, "relative_error": error}
-        for name, call, per_value in (("bf16", bf16, 2.0), ("mxfp4", mxfp4, 17 / 32)):
-            us = _time_graph(call)
+        if sweep:
+            block_m = min(8, 1 << max(-(-m * TOP_K // E) - 1, 0).bit_length())
+            row["block_m"], row["tiles"] = (
+                block_m,
+                _sweep(x, b13, b2, weights, ids, scales, epilogue, block_m),
+            )
+            print(row["tokens"], row["tiles"][:3], flush=True)  # type: ignore[index]
+            rows.append(row)
+            continue
+        with _gemv_max_rows("0"):
+            gemm_out = mxfp4().float()
+        row["gemm_relative_error"] = float((gemm_out - ref).norm() / ref.norm())
+        for name, call, per_value, max_rows in (
+            ("bf16", bf16, 2.0, None), ("mxfp4", mxfp4, 17 / 32, None), ("gemm", mxfp4, 17 / 32, "0")
+        ):  # fmt: skip
+            with _gemv_max_rows(max_rows):
+                us = _time_graph(call)
             moved = experts_hit * 3 * N * K * per_value + activations
             row[f"{name}_us"], row[f"{name}_gbs"] = round(us, 2), round(moved / us / 1e3, 1)
         row["speedup"] = round(float(row["bf16_us"]) / float(row["mxfp4_us"]), 3)  # type: ignore[arg-type]
+        row["gemm_speedup"] = round(float(row["bf16_us"]) / float(row["gemm_us"]), 3)  # type: ignore[arg-type]
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -93,10 +148,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="JSON file for the results")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    parser.add_argument("--sweep", action="store_true", help="time the GEMV's tiles instead")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": torch.cuda.get_device_name(), "shape": {"K": K, "N": N, "E": E, "top_k": TOP_K},
-              "rows": benchmark(tokens)}  # fmt: skip
+              "rows": benchmark(tokens, args.sweep)}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

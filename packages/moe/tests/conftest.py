@@ -26,3 +26,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["gemv", "gemm"])
+def mxfp4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per MXFP4 kernel (experts/triton_mxfp4.py): the GEMV at every batch size, then the
+    grouped GEMM at every batch size."""
+    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "1000000" if request.param == "gemv" else "0")
+    return str(request.param)

@@ -7,6 +7,7 @@ import torch
 from moe_cases import COMBOS, make_moe_inputs, skip_without_triton, tolerance
 
 from treadle_moe import ModularKernel
+from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.mxfp4 import Mxfp4ExpertScales, quantize_experts_mxfp4
 
@@ -43,13 +44,14 @@ def run_mxfp4(
     activation: str,
     epilogue: ExpertEpilogue | None,
     routed_experts: int | None = None,
+    block_config: BlockConfig | None = None,
 ) -> torch.Tensor:
     """The combo's kernel on MXFP4 `inputs`; `routed_experts`: the router's expert count when the weights hold
-    fewer (expert parallelism)."""
+    fewer (expert parallelism); `block_config`: a given Triton block config."""
     skip_without_triton(combo)
     pf_cls, experts_cls, _ = COMBOS[combo]
     if "triton" in combo:
-        experts = experts_cls(config_experts=routed_experts)  # type: ignore[call-arg]
+        experts = experts_cls(block_config, config_experts=routed_experts)  # type: ignore[call-arg]
     else:
         experts = experts_cls()
     kernel = ModularKernel(pf_cls(), experts)

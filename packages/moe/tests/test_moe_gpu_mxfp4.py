@@ -1,4 +1,4 @@
-"""GPU: the Triton MXFP4 grouped GEMM at gpt-oss-20b sizes (H 2880, N 2880, 32 experts, top 4, bf16) against the
+"""GPU: the Triton MXFP4 kernels (the decode GEMV and the grouped GEMM, each at every size) at gpt-oss-20b sizes (H 2880, N 2880, 32 experts, top 4, bf16) against the
 torch reference on the same blocks, with and without biases / swigluoai; expert parallelism's -1 ids; the oracle's
 choice; a FusedMoE with MXFP4 experts in a CUDA graph."""
 
@@ -48,7 +48,7 @@ def _routed(experts: dict[str, torch.Tensor], tokens: int, seed: int) -> dict[st
 @pytest.mark.parametrize(("activation", "bias"), [("swigluoai", True), ("silu", False)])
 @pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
 def test_gpt_oss_20b_sizes_match_reference(
-    experts: Experts, combo: str, activation: str, bias: bool, tokens: int
+    experts: Experts, combo: str, activation: str, bias: bool, tokens: int, mxfp4_kernel: str
 ) -> None:
     weights, scales = experts
     inputs = _routed(weights, tokens, seed=tokens)

@@ -1,6 +1,7 @@
 """MXFP4 experts (experts/mxfp4.py): the format's decoding and quantizer, the torch reference against the model-dtype
-experts on the dequantized weights, and the Triton MXFP4 grouped GEMM (triton_mxfp4_kernels.py) against the reference
-on the same blocks, in the CPU interpreter (tiny sizes; gpt-oss-20b sizes on GPU: test_moe_gpu_mxfp4.py)."""
+experts on the dequantized weights, and the Triton MXFP4 kernels, the grouped GEMM (triton_mxfp4_kernels.py) and the
+decode GEMV (triton_mxfp4_gemv.py), against the reference on the same blocks, in the CPU interpreter (tiny sizes;
+gpt-oss-20b sizes on GPU: test_moe_gpu_mxfp4.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_experts_mxfp4, quantize_mxfp4
 
 # (tokens, hidden K, intermediate N, experts, top_k, experts left without tokens)
-CASES = [(1, 64, 32, 8, 1, 0), (7, 96, 64, 8, 4, 2), (20, 32, 32, 16, 2, 0)]
+CASES = [(1, 64, 32, 8, 1, 0), (7, 96, 64, 8, 4, 2), (20, 32, 32, 16, 2, 0), (29, 64, 32, 4, 2, 0)]
 
 
 def test_decoding_by_hand() -> None:
@@ -89,7 +90,7 @@ def test_reference_is_the_model_dtype_experts_on_dequantized_weights(activation:
 @pytest.mark.parametrize(("activation", "bias"), [("swigluoai", True), ("silu", False), ("silu", True)])
 @pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
 def test_triton_mxfp4_matches_reference(
-    combo: str, activation: str, bias: bool, case: tuple[int, ...], dtype: torch.dtype
+    combo: str, activation: str, bias: bool, case: tuple[int, ...], dtype: torch.dtype, mxfp4_kernel: str
 ) -> None:
     inputs, scales, epilogue = make_mxfp4_inputs(case, dtype, case[0], DEVICE, bias)
     out = run_mxfp4(combo, inputs, scales, activation, epilogue)
@@ -124,7 +125,9 @@ def test_mismatched_scales_are_refused() -> None:
 
 
 @pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
-def test_triton_mxfp4_steps_of_several_scale_blocks(combo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_mxfp4_steps_of_several_scale_blocks(
+    combo: str, monkeypatch: pytest.MonkeyPatch, mxfp4_kernel: str
+) -> None:
     """BLOCK_K 64 over K 96 (the interpreter's config has 32, one scale block a step): a step of two scale blocks,
     then one whose second block lies past K, as gpt-oss's K of 2880 with BLOCK_K 128 has."""
     import dataclasses
@@ -135,5 +138,38 @@ def test_triton_mxfp4_steps_of_several_scale_blocks(combo: str, monkeypatch: pyt
                         dataclasses.replace(triton_fused.INTERPRETER_CONFIG, block_k=64))  # fmt: skip
     inputs, scales, epilogue = make_mxfp4_inputs((7, 96, 64, 8, 4, 2), torch.float32, 7, DEVICE, bias=True)
     out = run_mxfp4(combo, inputs, scales, "swigluoai", epilogue)
+    ref = run_mxfp4("standard-torch", inputs, scales, "swigluoai", epilogue)
+    assert_close_to(out, ref, torch.float32)
+
+
+def test_kernel_choice_follows_the_rows_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GEMV (BLOCK_M below 16: the rows per expert rounded up to a power of two, at most 8) while an expert
+    expects at most TREADLE_MOE_MXFP4_GEMV_MAX_ROWS rows; the grouped GEMM past it, when it is 0, or when given."""
+    from treadle_moe.configs import INTERPRETER_CONFIG
+    from treadle_moe.experts.triton_mxfp4 import mxfp4_config
+
+    def block_m(tokens: int, top_k: int = 4, experts: int = 32, given: bool = False) -> int:
+        return mxfp4_config(INTERPRETER_CONFIG, tokens, top_k, experts, given=given).block_m
+
+    assert [block_m(t) for t in (1, 8, 9, 24, 64)] == [1, 1, 2, 4, 8]
+    assert block_m(65) == INTERPRETER_CONFIG.block_m and block_m(1, given=True) == INTERPRETER_CONFIG.block_m
+    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "1000")
+    assert block_m(4096) == 8
+    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "0")
+    assert block_m(1) == INTERPRETER_CONFIG.block_m
+    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "some")
+    with pytest.raises(ValueError, match="TREADLE_MOE_MXFP4_GEMV_MAX_ROWS"):
+        block_m(1)
+
+
+@pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
+def test_gemv_given_tiles_past_the_edges(combo: str) -> None:
+    """A given GEMV config of 64-row blocks and 2 scale blocks a step over K 96 and N 32: the last step's second
+    scale block and half of the w13 GEMV's rows lie past the edges (the default tile fits these sizes exactly)."""
+    from treadle_moe.configs import BlockConfig
+
+    given = BlockConfig(block_m=2, block_n=64, block_k=64, num_stages=1)
+    inputs, scales, epilogue = make_mxfp4_inputs((5, 96, 32, 4, 2, 0), torch.float32, 11, DEVICE, bias=True)
+    out = run_mxfp4(combo, inputs, scales, "swigluoai", epilogue, block_config=given)
     ref = run_mxfp4("standard-torch", inputs, scales, "swigluoai", epilogue)
     assert_close_to(out, ref, torch.float32)

@@ -22,3 +22,31 @@ def moe_backend() -> str | None:
 def triton_interpret() -> bool:
     """TRITON_INTERPRET (Triton's own variable): kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def moe_mxfp4_gemv_max_rows() -> int:
+    """TREADLE_MOE_MXFP4_GEMV_MAX_ROWS: MXFP4 experts take the GEMV kernel (experts/triton_mxfp4_gemv.py) while
+    an expert's expected rows (tokens x top_k / experts, rounded up) are at most this; 0 turns it off (default 8)."""
+    value = os.environ.get("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "8").strip()
+    if not value.isdigit():
+        raise ValueError(f"TREADLE_MOE_MXFP4_GEMV_MAX_ROWS={value!r} must be a non-negative integer")
+    return int(value)
+
+
+def moe_int4_gemv_max_tokens() -> int | None:
+    """TREADLE_MOE_INT4_GEMV_MAX_TOKENS: 4-bit fused MoE runs its GEMV kernel (experts/triton_int4_gemv.py) up to
+    this many tokens (rows of the experts' input) and the tl.dot kernel above; 0 never runs the GEMV kernel;
+    unset = the default threshold (experts/triton_int4.py)."""
+    value = os.environ.get("TREADLE_MOE_INT4_GEMV_MAX_TOKENS", "").strip()
+    if not value:
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = -1
+    if tokens < 0:
+        raise ValueError(
+            f"TREADLE_MOE_INT4_GEMV_MAX_TOKENS={value!r} must be a token count >= 0 (0 disables the 4-bit GEMV "
+            "kernel), or unset for the default"
+        )
+    return tokens

@@ -188,7 +188,9 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 int4=problem.int4 is not None or problem.mxfp4 is not None,
             )
             if problem.mxfp4 is not None:
-                config = mxfp4_config(config)
+                config = mxfp4_config(
+                    config, tokens, problem.top_k, problem.routed_experts or problem.num_experts
+                )
             if problem.int4 is not None:
                 config = int4_config(config, problem.int4, problem.hidden_size, problem.intermediate_size)
             reasons.append(
