@@ -9,8 +9,8 @@ the GEMM; GATED: gate row n and up row N + n) is K / 2 contiguous bytes with one
 Each K step (BLOCK_K a multiple of 32: whole scale blocks) loads, per weight row, its BLOCK_K / 2 contiguous bytes
 (a [BLOCK_N, BLOCK_K / 2] tile: wide, pipelined loads when the row stride is a multiple of 16 bytes, as gpt-oss's
 are) and its BLOCK_K / 32 scale bytes, and decodes in registers, no lookup table:
-    code = nibble & 7;  twice = code for code < 2, else (2 | code & 1) << (code >> 1) - 1   (2 x the e2m1 magnitude)
-    w = +-twice * 2^(s - 128)         the scale built as float32 bits ((s - 1) << 23)
+    the code bits (e1 e0 m) placed at float32 bits 24-22 and the sign at bit 31 are the value times 2^-126 (code 1,
+    0.5, a subnormal), so times 2^126 the e2m1 value exactly;  w = e2m1 * 2^(s - 127), the scale float32 bits s << 23
 the low and high nibbles joined into inputs 2j and 2j + 1, each 32 inputs times their block's scale, transposed to the
 dot's [BLOCK_K, BLOCK_N]. That is exactly the spec's dequantized value, so rounding it to A's dtype for the dot loses
 nothing; the products are accumulated in float32. A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU
@@ -28,10 +28,9 @@ from treadle_moe.experts.triton_tiles import block_rows, finish_rows, program_ti
 
 @triton.jit
 def _e2m1(nibble):
-    """Nibbles (int32) -> their e2m1 values times 2, as float32 (module docstring)."""
-    code = nibble & 7
-    twice = tl.where(code < 2, code, (2 | (code & 1)) << tl.maximum((code >> 1) - 1, 0))
-    return tl.where(nibble >= 8, -twice, twice).to(tl.float32)
+    """Nibbles (int32, 0-15) -> their e2m1 values as float32 (module docstring)."""
+    bits = ((nibble & 7) << 22) | ((nibble & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
 
 
 @triton.jit
@@ -48,7 +47,7 @@ def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOC
     offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     group_mask = n_mask[:, None] & (offs_g < K // 32)[None, :]
     s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=group_mask, other=1).to(tl.int32)
-    scale = (tl.maximum(s - 1, 0) << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 128)
+    scale = (s << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 127)
     w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
     return tl.trans(w)
 
