@@ -8,9 +8,13 @@ For each projection (qkv 6144 x 4096, o_proj 4096 x 4096, gate_up 28672 x 4096, 
 - `w4a16`: ``ops.w4a16_linear`` with the production tiles (`choose_config`), group size 128, in the three layouts the
   formats load as: zero points (AWQ, asymmetric GPTQ / compressed-tensors), symmetric (GPTQ-Int4, compressed-tensors
   W4A16 sym), and act order (GPTQ desc_act: a g_idx, the per-row gather path);
+- `old`: the same dispatch with the GEMV turned off (``TREADLE_W4A16_GEMV_MAX_ROWS=0``: the tensor-core kernel at
+  every row count below the dequantize threshold, the behaviour before ops/w4a16_gemv.py), per layout;
+- `gemv`: the GEMV kernel forced (``launch_gemv`` with ``choose_gemv_config``'s tiles) at every row count up to its
+  limit (16), above the default threshold too, per layout;
 - with ``--sweep`` (default on), the zero-point layout at a grid of tiles around the production ones (`launch` with
   an explicit Config: tile sizes, split K, both ways of unpacking, warps, stages), so the production tiles can be
-  retuned from one run.
+  retuned from one run; up to 16 rows also a grid of GEMV tiles (JSON ``gemv_sweep``, ``gemv_sweep_best``).
 Every configuration is checked against the op's fp32 spec first (||got - expected|| / ||expected|| <= 1e-2) and timed
 only if it passes. Timing: benchmarks/gemv_sweep.py's graph timer, cycling over enough weight copies (>= 256 MB of
 4-bit weights) that no call finds its weight in L2. Reported: microseconds, GB/s (4-bit weight + scales + zero points +
@@ -24,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ from gemv_sweep import _graph_us
 import treadle_kernels  # noqa: F401  (registers the providers)
 from treadle_ir import ops
 from treadle_ir.ops.int4 import pack_int4_rows
+from treadle_kernels.ops import w4a16_gemv as gemv
 from treadle_kernels.ops import w4a16_linear as provider
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -59,6 +67,28 @@ LARGE_TILES = [
     provider.Config(64, 128, 64, 2, 4, 3),
     provider.Config(128, 128, 64, 2, 8, 3),
 ]  # fmt: skip
+# (block_m, block_n, block_k, split_k, warps, stages) of the GEMV; block_m is set to the rows' (capped at 8)
+GEMV_TILES = [
+    gemv.GemvConfig(1, bn, bk, split, 4, 1)
+    for bn, bk in ((64, 128), (128, 128), (128, 64), (256, 128), (64, 64))
+    for split in (4, 8, 16)
+]
+
+
+@contextmanager
+def _gemv_rows(value: str) -> Iterator[None]:
+    """TREADLE_W4A16_GEMV_MAX_ROWS set to `value` for the dispatches (graph captures) inside."""
+    old = os.environ.get("TREADLE_W4A16_GEMV_MAX_ROWS")
+    os.environ["TREADLE_W4A16_GEMV_MAX_ROWS"] = value
+    provider.gemv_max_rows.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TREADLE_W4A16_GEMV_MAX_ROWS"]
+        else:
+            os.environ["TREADLE_W4A16_GEMV_MAX_ROWS"] = old
+        provider.gemv_max_rows.cache_clear()
 
 
 def _weights(n: int, k: int, layout: str, seed: int) -> tuple[Any, ...]:
@@ -84,11 +114,14 @@ def _bytes(m: int, n: int, k: int, weights: tuple[Any, ...]) -> int:
 def _time_config(
     x: torch.Tensor, copies: list[tuple[Any, ...]], cfg: Any, expected: torch.Tensor
 ) -> dict[str, Any]:
-    """One configuration (None: the op's dispatch) checked, then timed; its numbers or its error."""
+    """One configuration (None: the op's dispatch; a GemvConfig: the GEMV) checked, then timed; its numbers or its
+    error."""
 
     def call(i: int) -> torch.Tensor:
         if cfg is None:
             return ops.w4a16_linear(x, *copies[i], None, GROUP)
+        if isinstance(cfg, gemv.GemvConfig):
+            return gemv.launch_gemv(x, *copies[i], None, GROUP, cfg)
         return provider.launch(x, *copies[i], None, GROUP, cfg)
 
     try:
@@ -111,19 +144,24 @@ def _measure(name: str, n: int, k: int, rows: int, sweep: bool, ceilings: dict[s
     record: dict[str, Any] = {"name": name, "n": n, "k": k, "rows": rows, "bf16_us": bf16_us,
                               "bf16_tflops": flops / bf16_us / 1e6}  # fmt: skip
     copies = max(2, -(-(256 << 20) // (n * k // 2)))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for layout in ("zero-points", "symmetric", "act-order"):
         weights = [_weights(n, k, layout, seed) for seed in range(copies)]
         expected = ops.w4a16_linear.native(x, *weights[0], None, GROUP).float()
-        production = provider.choose_config(
-            rows, n, k, GROUP, torch.cuda.get_device_properties(0).multi_processor_count
-        )
+        production = provider.choose_config(rows, n, k, GROUP, sms)
         result = _time_config(x, weights, None, expected) | {"config": list(production)}
-        if "us" in result:
-            us = result["us"]
-            result |= {"gbps": _bytes(rows, n, k, weights[0]) / us / 1e3, "tflops": flops / us / 1e6,
-                       "speedup_vs_bf16": bf16_us / us}  # fmt: skip
-            result["of_copy_bandwidth"] = result["gbps"] / ceilings["copy_gbps"]
-            result["of_bf16_matmul"] = result["tflops"] / ceilings["bf16_tflops"]
+        with _gemv_rows("0"):
+            result["old"] = _time_config(x, weights, None, expected)
+        if rows <= gemv.MAX_ROWS:
+            gemv_cfg = gemv.choose_gemv_config(rows, n, k, GROUP, sms)
+            result["gemv"] = _time_config(x, weights, gemv_cfg, expected) | {"config": list(gemv_cfg)}
+        for timed in (result, result["old"], result.get("gemv", {})):
+            if "us" in timed:
+                us = timed["us"]
+                timed |= {"gbps": _bytes(rows, n, k, weights[0]) / us / 1e3, "tflops": flops / us / 1e6,
+                          "speedup_vs_bf16": bf16_us / us}  # fmt: skip
+                timed["of_copy_bandwidth"] = timed["gbps"] / ceilings["copy_gbps"]
+                timed["of_bf16_matmul"] = timed["tflops"] / ceilings["bf16_tflops"]
         record[layout] = result
         if sweep and layout == "zero-points":
             grid = SMALL_TILES if rows <= 16 else MID_TILES if rows <= 64 else LARGE_TILES
@@ -131,20 +169,29 @@ def _measure(name: str, n: int, k: int, rows: int, sweep: bool, ceilings: dict[s
             ok = [t for t in timed if "us" in t]
             record["sweep_best"] = min(ok, key=lambda t: t["us"]) if ok else None
             record["sweep"] = timed
+            if rows <= gemv.MAX_ROWS:
+                block_m = min(gemv.MAX_BLOCK_M, 1 << (rows - 1).bit_length())
+                grid_gemv = [cfg._replace(block_m=block_m) for cfg in GEMV_TILES]
+                timed = [{"config": list(cfg)} | _time_config(x, weights, cfg, expected) for cfg in grid_gemv]
+                ok = [t for t in timed if "us" in t]
+                record["gemv_sweep_best"] = min(ok, key=lambda t: t["us"]) if ok else None
+                record["gemv_sweep"] = timed
         weights.clear()
         torch.cuda.empty_cache()
     return record
 
 
 def _row(r: dict[str, Any]) -> str:
-    def cell(layout: str) -> str:
-        v = r[layout]
+    def cell(v: dict[str, Any] | None) -> str:
+        if v is None:
+            return f"{'-':>16}"
         return f"{v['us']:9.1f} {v['speedup_vs_bf16']:5.2f}x" if "us" in v else f"{'error':>16}"
 
     best = r.get("sweep_best")
     best_cell = f"{best['us']:9.1f} {tuple(best['config'])}" if best else ""
-    return (f"{r['name']:8} {r['rows']:5d} {r['bf16_us']:9.1f} {cell('zero-points')} {cell('symmetric')} "
-            f"{cell('act-order')}  {best_cell}")  # fmt: skip
+    zp = r["zero-points"]
+    return (f"{r['name']:8} {r['rows']:5d} {r['bf16_us']:9.1f} {cell(zp)} {cell(r['symmetric'])} "
+            f"{cell(r['act-order'])} {cell(zp['old'])} {cell(zp.get('gemv'))}  {best_cell}")  # fmt: skip
 
 
 def main() -> None:
@@ -159,8 +206,8 @@ def main() -> None:
     ceilings = {"copy_gbps": copy_bandwidth_gbps(1 << 30), "bf16_tflops": matmul_tflops()}
     print(f"{torch.cuda.get_device_name()}: copy {ceilings['copy_gbps']:.0f} GB/s, "
           f"bf16 matmul {ceilings['bf16_tflops']:.0f} TFLOP/s", flush=True)  # fmt: skip
-    print(f"{'proj':8} {'rows':>5} {'bf16 us':>9} {'zero-points us':>16} {'symmetric us':>16} {'act-order us':>16}  "
-          "best swept (us, Config)", flush=True)  # fmt: skip
+    print(f"{'proj':8} {'rows':>5} {'bf16 us':>9} {'zero-points us':>16} {'symmetric us':>16} {'act-order us':>16} "
+          f"{'zp old us':>16} {'zp gemv us':>16}  best swept (us, Config)", flush=True)  # fmt: skip
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
         for name in args.shapes.split(","):
@@ -169,7 +216,8 @@ def main() -> None:
             print(_row(results[-1]), flush=True)
     record = {"device": torch.cuda.get_device_name(), "commit": args.commit, "command": " ".join(sys.argv),
               "torch": torch.__version__, "ceilings": ceilings, "group_size": GROUP, "dtype": "bfloat16",
-              "config_fields": list(provider.Config._fields), "wall_s": time.time() - t0, "results": results}  # fmt: skip
+              "config_fields": list(provider.Config._fields), "gemv_config_fields": list(gemv.GemvConfig._fields),
+              "gemv_max_rows": provider.gemv_max_rows(), "wall_s": time.time() - t0, "results": results}  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1))

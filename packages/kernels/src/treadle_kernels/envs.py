@@ -18,6 +18,7 @@ __all__ = [
     "STREAM_LINEAR",
     "TRITON_INTERPRET",
     "W4A16_DEQUANT_MIN_ROWS",
+    "W4A16_GEMV_MAX_ROWS",
 ]
 
 
@@ -69,6 +70,21 @@ def W4A16_DEQUANT_MIN_ROWS() -> int:
         value = 0
     if value < 1:
         raise ValueError(f"TREADLE_W4A16_DEQUANT_MIN_ROWS={raw!r}: expected a positive integer")
+    return value
+
+
+def W4A16_GEMV_MAX_ROWS(limit: int, default: int) -> int:
+    """Rows up to which ``w4a16_linear`` runs its GEMV kernel (fp32 FMAs, ops/w4a16_gemv.py) instead of the
+    tensor-core kernel (``TREADLE_W4A16_GEMV_MAX_ROWS``, 0 to ``limit``; default ``default``; 0 turns it off)."""
+    raw = os.environ.get("TREADLE_W4A16_GEMV_MAX_ROWS")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= limit:
+        raise ValueError(f"TREADLE_W4A16_GEMV_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}")
     return value
 
 

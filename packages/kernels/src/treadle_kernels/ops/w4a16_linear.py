@@ -1,6 +1,8 @@
 """The Triton provider of ``w4a16_linear`` (``triton``): 4-bit weights unpacked in registers before a 16-bit dot.
 
-One kernel (:mod:`.w4a16_linear_kernels`) for every row count; ``choose_config`` picks its tiles by the rows:
+Up to ``gemv_max_rows()`` rows (default 8, ``TREADLE_W4A16_GEMV_MAX_ROWS``; 0: never) a GEMV on fp32 FMAs runs
+instead (:mod:`.w4a16_gemv`: no padding of the rows to a 16-row tensor-core tile, the weight streamed once); then
+one kernel (:mod:`.w4a16_linear_kernels`) for every row count; ``choose_config`` picks its tiles by the rows:
 - up to 16 rows (decode): one 16-row tile, 64 columns by 128 input rows per step, and the K dimension split so that
   about ``PROGRAMS_PER_SM`` programs per SM stream the weight (a 4096-column projection has only 64 column tiles);
   the fp32 partials are summed in order by a second small kernel (deterministic, unlike atomics);
@@ -36,7 +38,17 @@ from treadle_ir.ops.int4 import INT4_PACK
 from .. import envs
 from .support import FLOAT_DTYPES, check_tensor, num_sms, row_count, rows_view, triton_supported
 
-__all__ = ["Config", "choose_config", "dequant_matmul", "dequantize", "launch", "layout_reason", "register"]
+__all__ = [
+    "Config",
+    "choose_config",
+    "dequant_matmul",
+    "dequant_min_rows",
+    "dequantize",
+    "gemv_max_rows",
+    "launch",
+    "layout_reason",
+    "register",
+]
 
 PROGRAMS_PER_SM = 4  # split-K target for few rows: enough programs in flight to keep HBM busy
 _INTERPRETER_SMS = 2
@@ -135,6 +147,14 @@ def dequant_min_rows() -> int:
     return envs.W4A16_DEQUANT_MIN_ROWS()
 
 
+@functools.cache
+def gemv_max_rows() -> int:
+    """Rows up to which the GEMV kernel runs (module docstring; read once)."""
+    from .w4a16_gemv import DEFAULT_MAX_ROWS, MAX_ROWS
+
+    return envs.W4A16_GEMV_MAX_ROWS(MAX_ROWS, DEFAULT_MAX_ROWS)
+
+
 def dequantize(
     packed_weight: torch.Tensor,
     scales: torch.Tensor,
@@ -184,11 +204,17 @@ def w4a16_linear(
     bias: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    if row_count(x) >= dequant_min_rows():
+    rows = row_count(x)
+    if rows >= dequant_min_rows():
         return dequant_matmul(x, packed_weight, scales, zeros, g_idx, bias, group_size)
     k8, n = packed_weight.shape
     sms = _sms(x.device.index or 0) if x.is_cuda else _INTERPRETER_SMS
-    cfg = choose_config(row_count(x), n, k8 * INT4_PACK, group_size, sms, x.is_cuda)
+    if rows <= gemv_max_rows():
+        from .w4a16_gemv import choose_gemv_config, launch_gemv
+
+        gemv = choose_gemv_config(rows, n, k8 * INT4_PACK, group_size, sms, x.is_cuda)
+        return launch_gemv(x, packed_weight, scales, zeros, g_idx, bias, group_size, gemv)
+    cfg = choose_config(rows, n, k8 * INT4_PACK, group_size, sms, x.is_cuda)
     return launch(x, packed_weight, scales, zeros, g_idx, bias, group_size, cfg)
 
 

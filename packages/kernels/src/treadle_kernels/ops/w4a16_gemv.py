@@ -1,0 +1,226 @@
+"""The few-rows (decode) path of the Triton ``w4a16_linear`` provider: a GEMV on fp32 FMAs, no ``tl.dot``.
+
+Why: a decode step reads every 4-bit weight once for a handful of rows, so the time is the weight's bytes over HBM
+bandwidth, a quarter of the bf16 weight's; the tensor-core kernel (w4a16_linear_kernels.py) pads the rows to a
+16-row tile and measured slower than the bf16 linear even at one row (H200, benchmarks/w4a16_gemm.py: 0.66-0.83x).
+
+Kernel (``w4a16_gemv_kernel``): a program owns BLOCK_N output columns and BLOCK_M rows (a 3-D broadcast
+[BLOCK_M, words, BLOCK_N]) and walks its share of K in steps of BLOCK_K input rows = BLOCK_K / 8 words per column.
+A step loads the [1, BLOCK_K / 8, BLOCK_N] word tile (coalesced along n: 16-byte loads of 4 columns a thread) and
+takes its eight nibble planes apart with one integer op each: plane j is ``(word & 0xF << 4 (j % 4)) | 0x4B000000``
+(``word >> 16`` instead of ``word`` for j >= 4, one shift per word), whose bits read as fp32 are 2^23 + q 16^(j % 4)
+exactly; one fp32 subtraction of 2^23 leaves q 16^(j % 4), and plane j's activations are pre-scaled by 16^-(j % 4)
+(exact: a power of two), so no per-nibble shift or int-to-float conversion runs. Each plane is a broadcast FMA into
+a [BLOCK_M, words, BLOCK_N] fp32 tile; the sum over the words runs once, after the K loop.
+Scales and zero points: a step lies inside one group (BLOCK_K divides group_size, or one group per column), so one
+[BLOCK_N] scale row scales a step's sums: ``(sum x q - z sum x) s`` (the zero point folded into the activations'
+sum, no per-element scale or zero load); act order (``g_idx``) and group sizes no step divides gather each row's
+scale and zero point instead (PER_ROW). Every product x (q - z) s is the spec's exact fp32 value, so the result is
+the spec's (treadle_ir.ops.int4) up to the fp32 summation order, rounded once to x's dtype.
+Split K (grid axis 1, a launch parameter): a 4096-column projection has 32 column tiles of 128, too few programs to
+keep 132 SMs streaming, so ``split_k`` programs share one tile's K; each stores fp32 partials and
+``w4a16_reduce_kernel`` adds them in split order (deterministic), adds the bias and rounds once.
+Compiled for sm_90 (Triton 3.9, not timed): the production tiles take 110-173 registers a thread, no spills, and the
+K loop keeps the word tile's layout (no shared-memory layout conversions but the scale / zero row's at 1-2 rows);
+Triton does not software-pipeline these loads (num_stages has no effect), so several programs per SM hide latency.
+
+Rows: each row costs one FMA per weight, the unpacking ~2 ops per weight, and an H200 issues ~33.5 T fp32 ops/s
+against ~4.3 TB/s of HBM: m rows cost ~(m + 2) / 33.5e12 s of issue per weight, the 4-bit weight 0.5 B / 4.3e12 B/s
+= 1.2e-13 s, the bf16 linear's weight 4.7e-13 s. On paper: bound by the 4-bit bytes (~4x bf16) up to 2 rows, 1.5x
+at 8, break-even near 14 rows and 0.87x at 16, where the tensor-core kernel does as well (measured 0.71-0.96x of
+bf16). Hence ``DEFAULT_MAX_ROWS`` = 8 rather than 16; ``TREADLE_W4A16_GEMV_MAX_ROWS`` moves it (0 to 16; 0 turns
+the GEMV off) once the benchmark has timed both kernels at each row count.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .support import rows_view
+
+__all__ = ["DEFAULT_MAX_ROWS", "MAX_ROWS", "GemvConfig", "choose_gemv_config", "launch_gemv"]
+
+DEFAULT_MAX_ROWS = 8
+# the knob's limit: at 16 rows the FMAs alone cost what the bf16 weight's bytes do (above)
+MAX_ROWS = 16
+# rows per program (registers); 9-16 rows run two row blocks per column tile, neighbours in launch order
+MAX_BLOCK_M = 8
+# split-K target: enough programs in flight per SM to keep HBM busy
+PROGRAMS_PER_SM = 4
+# the bits of fp32 2^23: OR-ing an integer below 2^23 into them reads as 2^23 + it
+MAGIC = tl.constexpr(0x4B000000)
+
+
+class GemvConfig(NamedTuple):
+    """Tiles and launch shape of ``w4a16_gemv_kernel``."""
+
+    # rows per program (a power of two)
+    block_m: int
+    # output columns per program
+    block_n: int
+    # input rows per step (a power of two >= 8: whole int32 words)
+    block_k: int
+    # programs sharing one column tile's K (fp32 partials, then an in-order reduction)
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_gemv_config(
+    num_rows: int, n: int, k: int, group_size: int, sms: int, on_gpu: bool = True
+) -> GemvConfig:
+    """The tiles for num_rows (<= MAX_ROWS) x [k -> n]: the [block_m, block_k / 8, block_n] fp32 accumulator at
+    16-32 registers a thread (4 warps) and at least 4 words a thread per step (16-byte loads, each activation
+    load feeding 4 columns' FMAs): more rows, fewer words per step."""
+    num_rows = max(1, num_rows)
+    block_m = min(MAX_BLOCK_M, 1 << (num_rows - 1).bit_length())
+    block_n, block_k = {1: (128, 128), 2: (128, 64)}.get(block_m, (64, 64))
+    if not on_gpu:
+        # the interpreter: small tiles run fast and leave partial tiles to check
+        block_n, block_k = 32, 32
+    if group_size < k and group_size % 8 == 0 and group_size & (group_size - 1) == 0:
+        # one group per step
+        block_k = min(block_k, group_size)
+    steps = -(-k // block_k)
+    tiles = -(-n // block_n) * -(-num_rows // block_m)
+    # partials cost 8 bytes per (split, row, column); keep them under a quarter of the weight's k * n / 2 bytes
+    split = max(1, min(steps, PROGRAMS_PER_SM * sms // tiles, k // (64 * num_rows)))
+    return GemvConfig(block_m, block_n, block_k, split, 4, 1)
+
+
+def _per_row(group_size: int, k: int, g_idx: torch.Tensor | None, block_k: int) -> bool:
+    """Whether steps must gather each row's scale (act order, or a step straddling groups)."""
+    return g_idx is not None or not (group_size >= k or group_size % block_k == 0)
+
+
+def launch_gemv(
+    x: torch.Tensor,
+    packed_weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    cfg: GemvConfig,
+) -> torch.Tensor:
+    """``w4a16_linear`` by the GEMV kernel with tiles `cfg` (the provider's dispatch, tests and benchmarks)."""
+    from .w4a16_linear_kernels import w4a16_reduce_kernel
+
+    x2 = rows_view(x)
+    assert x2 is not None, "x must be viewable as [rows, k] without a copy"
+    m, k = x2.shape
+    n = packed_weight.shape[1]
+    assert cfg.block_k % 8 == 0 and cfg.block_m >= 1, f"bad GEMV tiles {cfg}"
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.view(*x.shape[:-1], n)
+    steps = -(-k // cfg.block_k)
+    per_split = -(-steps // max(1, min(cfg.split_k, steps)))
+    # no empty split
+    split = -(-steps // per_split)
+    parts = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (-(-n // cfg.block_n) * -(-m // cfg.block_m), split)
+    w4a16_gemv_kernel[grid](
+        x2, x2.stride(0), packed_weight, scales, zeros if zeros is not None else packed_weight,
+        g_idx if g_idx is not None else packed_weight, bias if bias is not None else scales, parts, m, n, k,
+        group_size, per_split, HAS_ZEROS=zeros is not None, PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
+        G_IDX=g_idx is not None, HAS_BIAS=bias is not None, PARTIALS=split > 1, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split > 1:
+        block_n = 256 if x.is_cuda else 32
+        w4a16_reduce_kernel[(m, -(-n // block_n))](
+            parts, bias if bias is not None else parts, out, m, n, split, HAS_BIAS=bias is not None,
+            BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _plane(words, high, J: tl.constexpr):
+    """Nibble plane J of a word tile as fp32 q * 16^(J % 4), exact: one AND-OR, one subtraction."""
+    src = words if J < 4 else high
+    bits = (src & (0xF << (4 * (J % 4)))) | MAGIC
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def w4a16_gemv_kernel(x_ptr, x_row_stride, weight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr, m, n,
+                      k, group_size, steps_per_split, HAS_ZEROS: tl.constexpr, PER_ROW: tl.constexpr,
+                      G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """out[r, c] = sum_k x[r, k] * (q[k, c] - z[g(k), c]) * s[g(k), c] (+ bias[c]) over this program's split of K
+    (PARTIALS: fp32 partials [splits, m, n], no bias)."""
+    BLOCK_W: tl.constexpr = BLOCK_K // 8
+    # the row blocks of one column tile are neighbours in launch order: the weight tile's second read hits L2
+    blocks_m = tl.cdiv(m, BLOCK_M)
+    offs_n = (tl.program_id(0) // blocks_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    offs_w = tl.arange(0, BLOCK_W)
+    n_mask = offs_n < n
+    m_mask = offs_m < m
+    # [BLOCK_M, 1]
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * x_row_stride
+    acc = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
+    first_step = split * steps_per_split
+    last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(k, BLOCK_K))
+    for step in range(first_step, last_step):
+        k0 = step * BLOCK_K
+        word_rows = k0 // 8 + offs_w
+        w_mask = word_rows < k // 8
+        # [1, BLOCK_W, BLOCK_N]: loaded as a 3-D tile, so its coalesced layout is the accumulator's (a 2-D tile
+        # would go through shared memory to reach it)
+        tile_mask = w_mask[None, :, None] & n_mask[None, None, :]
+        words = tl.load(weight_ptr + word_rows.to(tl.int64)[None, :, None] * n + offs_n[None, None, :],
+                        mask=tile_mask, other=0)  # fmt: skip
+        high = words >> 16
+        x_mask = m_mask[:, None] & w_mask[None, :]
+        if PER_ROW:
+            for j in tl.static_range(8):
+                rows = word_rows * 8 + j
+                # [BLOCK_M, BLOCK_W]
+                xj = tl.load(x_rows + rows[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                if G_IDX:
+                    groups = tl.load(g_idx_ptr + rows, mask=w_mask, other=0)
+                else:
+                    groups = rows // group_size
+                at = groups.to(tl.int64)[None, :, None] * n + offs_n[None, None, :]
+                s = tl.load(scales_ptr + at, mask=tile_mask, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    z = tl.load(zeros_ptr + at, mask=tile_mask, other=0).to(tl.float32)
+                else:
+                    z = 8.0
+                q = _plane(words, high, j) * (1.0 / (1 << (4 * (j % 4))))
+                acc += xj[:, :, None] * ((q - z) * s)
+        else:
+            part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_rows + (word_rows * 8 + j)[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                x_sum += xj
+                x_scaled = xj * (1.0 / (1 << (4 * (j % 4))))
+                part += x_scaled[:, :, None] * _plane(words, high, j)
+            at = (k0 // group_size).to(tl.int64) * n + offs_n
+            s = tl.load(scales_ptr + at, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(zeros_ptr + at, mask=n_mask, other=0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N], 8.0, tl.float32)
+            acc += (part - x_sum[:, :, None] * z[None, None, :]) * s[None, None, :]
+
+    # [BLOCK_M, BLOCK_N]
+    total = tl.sum(acc, axis=1)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if PARTIALS:
+        part_rows = (split * m + offs_m).to(tl.int64)
+        tl.store(out_ptr + part_rows[:, None] * n + offs_n[None, :], total, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * n + offs_n[None, :]
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=out_mask)
