@@ -70,8 +70,8 @@ LARGE_TILES = [
 # (block_m, block_n, block_k, split_k, warps, stages) of the GEMV; block_m is set to the rows' (capped at 8)
 GEMV_TILES = [
     gemv.GemvConfig(1, bn, bk, split, 4, 1)
-    for bn, bk in ((64, 128), (128, 128), (128, 64), (256, 128), (64, 64))
-    for split in (4, 8, 16)
+    for bn, bk in ((64, 128), (128, 128), (32, 128), (64, 64))
+    for split in (4, 8, 16, 32)
 ]
 
 

@@ -126,10 +126,12 @@ def test_dispatch_follows_the_env(gemv_rows_env: pytest.MonkeyPatch) -> None:
 
 
 def test_production_tiles() -> None:
-    """A 4096-column projection's 32 column tiles are split to give 132 SMs 4 programs each; gate_up's 224 tiles
-    less; a step never straddles groups of 32 or 128 rows; rows past 8 run two row blocks."""
+    """A 4096-column projection's 64 column tiles are split to give 132 SMs 8 programs each at one row, 4 from two
+    rows; gate_up's 448 tiles less; a step never straddles groups of 32 or 128 rows; rows past 8 run two row
+    blocks."""
     one = gemv.choose_gemv_config(1, 4096, 4096, 128, sms=132)
-    assert (one.block_m, one.block_n, one.block_k, one.split_k) == (1, 128, 128, 16)
+    assert (one.block_m, one.block_n, one.block_k, one.split_k) == (1, 64, 128, 16)
+    assert gemv.choose_gemv_config(2, 4096, 4096, 128, sms=132).split_k == 8
     assert gemv.choose_gemv_config(1, 28672, 4096, 128, sms=132).split_k == 2
     assert gemv.choose_gemv_config(8, 4096, 4096, 32, sms=132).block_k == 32
     assert gemv.choose_gemv_config(16, 4096, 4096, 128, sms=132).block_m == 8

@@ -17,12 +17,13 @@ Scales and zero points: a step lies inside one group (BLOCK_K divides group_size
 sum, no per-element scale or zero load); act order (``g_idx``) and group sizes no step divides gather each row's
 scale and zero point instead (PER_ROW). Every product x (q - z) s is the spec's exact fp32 value, so the result is
 the spec's (treadle_ir.ops.int4) up to the fp32 summation order, rounded once to x's dtype.
-Split K (grid axis 1, a launch parameter): a 4096-column projection has 32 column tiles of 128, too few programs to
+Split K (grid axis 1, a launch parameter): a 4096-column projection has 64 column tiles of 64, too few programs to
 keep 132 SMs streaming, so ``split_k`` programs share one tile's K; each stores fp32 partials and
 ``w4a16_reduce_kernel`` adds them in split order (deterministic), adds the bias and rounds once.
-Compiled for sm_90 (Triton 3.9, not timed): the production tiles take 110-173 registers a thread, no spills, and the
-K loop keeps the word tile's layout (no shared-memory layout conversions but the scale / zero row's at 1-2 rows);
-Triton does not software-pipeline these loads (num_stages has no effect), so several programs per SM hide latency.
+Compiled for sm_90 (Triton 3.9, not timed): the production tiles take 62 (one row) to 173 (8 rows) registers a
+thread, no spills, and the K loop has no shared-memory layout conversion (128-column tiles had two a step, for the
+scale and zero rows); Triton does not software-pipeline these loads (num_stages has no effect), so the programs
+resident on an SM at once hide the latency.
 
 Rows: each row costs one FMA per weight, the unpacking ~2 ops per weight, and an H200 issues ~33.5 T fp32 ops/s
 against ~4.3 TB/s of HBM: m rows cost ~(m + 2) / 33.5e12 s of issue per weight, the 4-bit weight 0.5 B / 4.3e12 B/s
@@ -49,8 +50,9 @@ DEFAULT_MAX_ROWS = 8
 MAX_ROWS = 16
 # rows per program (registers); 9-16 rows run two row blocks per column tile, neighbours in launch order
 MAX_BLOCK_M = 8
-# split-K target: enough programs in flight per SM to keep HBM busy
-PROGRAMS_PER_SM = 4
+# split-K target at one row: the programs one SM holds at once (62 registers a thread: eight 4-warp programs), so
+# the grid is one wave with 8 word tiles of 4 KB in flight per SM; half that from 2 rows (116-173 registers)
+PROGRAMS_PER_SM = 8
 # the bits of fp32 2^23: OR-ing an integer below 2^23 into them reads as 2^23 + it
 MAGIC = tl.constexpr(0x4B000000)
 
@@ -74,11 +76,11 @@ def choose_gemv_config(
     num_rows: int, n: int, k: int, group_size: int, sms: int, on_gpu: bool = True
 ) -> GemvConfig:
     """The tiles for num_rows (<= MAX_ROWS) x [k -> n]: the [block_m, block_k / 8, block_n] fp32 accumulator at
-    16-32 registers a thread (4 warps) and at least 4 words a thread per step (16-byte loads, each activation
-    load feeding 4 columns' FMAs): more rows, fewer words per step."""
+    8-32 registers a thread (4 warps) and 4 columns a thread (16-byte word loads, each activation load feeding 4
+    columns' FMAs): more rows, fewer words per step."""
     num_rows = max(1, num_rows)
     block_m = min(MAX_BLOCK_M, 1 << (num_rows - 1).bit_length())
-    block_n, block_k = {1: (128, 128), 2: (128, 64)}.get(block_m, (64, 64))
+    block_n, block_k = (64, 128) if block_m <= 2 else (64, 64)
     if not on_gpu:
         # the interpreter: small tiles run fast and leave partial tiles to check
         block_n, block_k = 32, 32
@@ -88,7 +90,8 @@ def choose_gemv_config(
     steps = -(-k // block_k)
     tiles = -(-n // block_n) * -(-num_rows // block_m)
     # partials cost 8 bytes per (split, row, column); keep them under a quarter of the weight's k * n / 2 bytes
-    split = max(1, min(steps, PROGRAMS_PER_SM * sms // tiles, k // (64 * num_rows)))
+    per_sm = PROGRAMS_PER_SM if block_m == 1 else PROGRAMS_PER_SM // 2
+    split = max(1, min(steps, per_sm * sms // tiles, k // (64 * num_rows)))
     return GemvConfig(block_m, block_n, block_k, split, 4, 1)
 
 
