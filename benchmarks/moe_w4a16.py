@@ -11,10 +11,14 @@ and eagerly; reported per token count: microseconds, TFLOP/s (6·M·top_k·K·N 
 (the weights of the experts hit, at 2 bytes or half a byte plus scales a value, plus activations in and out), the
 speed ratio to bf16 (bf16 time / 4-bit time, > 1 is faster), the block config used, and the 4-bit output's relative
 error against the torch reference on the same 4-bit weights (the dense w4a16_linear reference per expert) and
-against the bf16 output (what 4 bits cost).
+against the bf16 output (what 4 bits cost). Small batches take the 4-bit GEMV kernel by default
+(experts/triton_int4_gemv.py, `use_gemv`): each layout's row also names the kernel the default ran (`_kernel`), the
+tl.dot grouped GEMM's time forced with TREADLE_MOE_INT4_GEMV_MAX_TOKENS=0 (`_dot_us`, graph-replayed), the default's
+speed-up over it (`_speedup_vs_dot`) and their outputs' relative difference (`_rel_err_vs_dot`).
 
     python benchmarks/moe_w4a16.py results.json                 # about a minute on one H200
     python benchmarks/moe_w4a16.py results.json --tokens 1,64    # a subset
+    python benchmarks/moe_w4a16.py gemv.json --tokens 1,4,16,32,64   # around the GEMV threshold (32 tokens)
     python benchmarks/moe_w4a16.py tuned.json --tune             # sweep 4-bit block configs (symmetric g128)
 The --tune file holds the `dtype=bfloat16,weights=int4` shape key (every 4-bit layout uses it; BLOCK_K is capped at
 the group size): merge its entry into packages/moe/src/treadle_moe/configs/<device>.json.
@@ -26,10 +30,13 @@ PYTHONPATH holding packages/moe/src, packages/ir/src and packages/kernels/src (a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 
 import torch
-from moe import CEILINGS, TOP_K, E, K, N, make_problem, make_weights, sweep
+from moe import CEILINGS, TOP_K, E, K, N, make_problem, make_weights, sweep, time_graph
 from moe_quant import bf16_row, environment, forward_call, layout_row, main, moved_bytes, relative_error
 
 from treadle_moe import (
@@ -41,6 +48,7 @@ from treadle_moe import (
 )
 from treadle_moe.configs import shape_key
 from treadle_moe.experts.int4 import quantize_experts_int4
+from treadle_moe.experts.triton_int4 import use_gemv
 
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 LAYOUTS = {
@@ -72,7 +80,18 @@ def benchmark(tokens: list[int]) -> list[dict[str, object]]:
             run = forward_call(kernel, p, q13, q2, int4=scales)
             out, ref = run(), forward_call(reference, p, q13, q2, int4=scales)()
             moved = moved_bytes(p["topk_ids"], int4_bytes[name])
-            row |= layout_row(name, m, run, moved, ("bf16", peak_tflops), peak_gbs, bf16_us)
+            timings = layout_row(name, m, run, moved, ("bf16", peak_tflops), peak_gbs, bf16_us)
+            row |= timings
+            with dot_kernel_forced():
+                dot_us, dot_out = 1000 * time_graph(run), run()
+            default_us = timings[f"{name}_us"]
+            assert isinstance(default_us, float), "layout_row's times are floats"
+            row |= {
+                f"{name}_kernel": "gemv" if use_gemv(m, E, TOP_K) else "dot",
+                f"{name}_dot_us": round(dot_us, 2),
+                f"{name}_speedup_vs_dot": round(dot_us / default_us, 3),
+                f"{name}_rel_err_vs_dot": relative_error(out, dot_out),
+            }
             config, source = fused.config_for(m, q13, TOP_K, scales)
             row |= {
                 f"{name}_rel_err_vs_reference": relative_error(out, ref),
@@ -84,11 +103,28 @@ def benchmark(tokens: list[int]) -> list[dict[str, object]]:
     return rows
 
 
+@contextlib.contextmanager
+def dot_kernel_forced() -> Iterator[None]:
+    """The 4-bit GEMMs run the tl.dot grouped GEMM at every batch size (TREADLE_MOE_INT4_GEMV_MAX_TOKENS=0)."""
+    name = "TREADLE_MOE_INT4_GEMV_MAX_TOKENS"
+    before = os.environ.get(name)
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def tune(tokens: list[int]) -> dict[str, object]:
     """Best block config per token count for the 4-bit GEMMs (symmetric, groups of 128; graph-replayed time)."""
     w13, w2 = make_weights(torch.bfloat16)
     q13, q2, scales = quantize_experts_int4(w13, w2, LAYOUTS["w4_g128_sym"])
-    table = sweep(tokens, lambda kernel, p: forward_call(kernel, p, q13, q2, int4=scales))
+    # the sweep times the grouped GEMM's block configs, which the GEMV kernel would ignore at small batches
+    with dot_kernel_forced():
+        table = sweep(tokens, lambda kernel, p: forward_call(kernel, p, q13, q2, int4=scales))
     return {
         "device_name": torch.cuda.get_device_name(),
         "tuned_with": "benchmarks/moe_w4a16.py --tune",

@@ -10,6 +10,16 @@ to the tensor cores with the scale applied to the partial sum (the kernel's PER_
 sizes a step cannot divide, gather each row's scale instead (PER_ROW 1). The tiles are a starting point:
 benchmarks/moe_w4a16.py times them against bf16 fused MoE on a GPU.
 Requirements (`int4_support_reason`): 16-bit or fp32 activations (the dtype's of the base class); any group size.
+
+Small batches (`use_gemv`) take the GEMV kernel of triton_int4_gemv.py instead: no tensor cores, BLOCK_M of 1..4
+slots, each nibble unpacked by a mask-and-or and a float subtract. Default: up to 2 * E / top_k rows of A (tokens in
+the standard format: 32 at Qwen3-30B-A3B's 128 experts, top-8; the batched format's E * max_tokens slab rows, top_k
+1), i.e. at most two slots an expert on average. There the GEMV streams each touched expert's weight about once and
+spends some two ALU operations a weight plus one FMA a weight and slot, about the time the GPU takes to stream that
+weight (half a byte) on an H100/H200, while the dot kernel's BLOCK_M >= 16 tiles are mostly padding. Above it the
+FMA work grows with the slots while the bytes do not, and the tensor cores win. The threshold is a starting point
+for benchmarks/moe_w4a16.py (its rows time both kernels): TREADLE_MOE_INT4_GEMV_MAX_TOKENS (envs.py) overrides it;
+0 never runs the GEMV kernel.
 """
 
 from __future__ import annotations
@@ -19,11 +29,12 @@ import dataclasses
 import torch
 
 from treadle_ir.ops.int4 import INT4_PACK
+from treadle_moe import envs
 from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.align import BlockAlignment
 from treadle_moe.experts.int4 import Int4ExpertScales, Int4Layout
 
-__all__ = ["int4_config", "invoke_moe_w4a16_gemm", "run_int4_gemms"]
+__all__ = ["int4_config", "invoke_moe_w4a16_gemm", "run_int4_gemms", "use_gemv"]
 
 
 def int4_config(config: BlockConfig, layout: Int4Layout, k: int, n: int) -> BlockConfig:
@@ -34,6 +45,15 @@ def int4_config(config: BlockConfig, layout: Int4Layout, k: int, n: int) -> Bloc
         if size < k and size >= 16 and size & (size - 1) == 0:
             block_k = min(block_k, size)
     return dataclasses.replace(config, block_k=max(16, block_k))
+
+
+def use_gemv(num_tokens: int, num_experts: int, top_k: int) -> bool:
+    """Whether `num_tokens` rows of A (each routed to top_k of num_experts experts; the batched format passes its slab
+    rows and 1) take the GEMV kernel: up to TREADLE_MOE_INT4_GEMV_MAX_TOKENS, else 2 * E / top_k (module docstring)."""
+    limit = envs.moe_int4_gemv_max_tokens()
+    if limit is None:
+        limit = max(1, 2 * num_experts // max(top_k, 1))
+    return 0 < num_tokens <= limit
 
 
 def _per_row(layout: Int4Layout, group_size: int, k: int, block_k: int) -> bool:
@@ -103,8 +123,20 @@ def run_int4_gemms(
     rows_per_token: int,
     activation: str,
 ) -> None:
-    """hidden [rows, K] -> intermediate [slots, N] (act(gate) * up) -> out [slots, K] (* topk_weights[slot])."""
+    """hidden [rows, K] -> intermediate [slots, N] (act(gate) * up) -> out [slots, K] (* topk_weights[slot]);
+    small batches by the GEMV kernel (`use_gemv`), the others by the grouped GEMM."""
     layout = int4.layout
+    if use_gemv(hidden.shape[0], w13.shape[0], rows_per_token):
+        from treadle_moe.experts.triton_int4_gemv import gemv_config, invoke_moe_w4a16_gemv
+
+        gemv = gemv_config(alignment.num_slots, w13.shape[0], hidden.shape[1])
+        invoke_moe_w4a16_gemv(hidden, w13, int4.w13_scale, int4.w13_zero, int4.w13_g_idx, intermediate, None,
+                              alignment, gemv, layout, a_rows_per_token=rows_per_token, gated=True,
+                              activation=activation)  # fmt: skip
+        gemv = gemv_config(alignment.num_slots, w13.shape[0], intermediate.shape[1])
+        invoke_moe_w4a16_gemv(intermediate, w2, int4.w2_scale, int4.w2_zero, int4.w2_g_idx, out, topk_weights,
+                              alignment, gemv, layout, a_rows_per_token=1, gated=False)  # fmt: skip
+        return
     invoke_moe_w4a16_gemm(hidden, w13, int4.w13_scale, int4.w13_zero, int4.w13_g_idx, intermediate, None, alignment,
                           config, layout, a_rows_per_token=rows_per_token, gated=True,
                           activation=activation)  # fmt: skip
