@@ -9,13 +9,14 @@ dequantized MXFP4 weights, so both compute the same products. Each is timed repl
 steps run); reported per token count: microseconds, GB/s over the minimum bytes (the weights of the experts hit: 2
 bytes a value in bf16, 17/32 of a byte in MXFP4, plus activations), the speed ratio (bf16 time / MXFP4 time, > 1 is
 faster), and the MXFP4 output's relative error against the bf16 output (summation order only: the same weights).
-MXFP4 runs twice: the default (the GEMV while an expert expects at most TREADLE_MOE_MXFP4_GEMV_MAX_ROWS rows, else
-the grouped GEMM; `mxfp4_*`, `speedup`) and the grouped GEMM alone (`gemm_*`, `gemm_speedup`). `--sweep`: the GEMV's
-tiles (BLOCK_N, BLOCK_K, warps) at each token count instead, every one timed, the best first.
+MXFP4 runs three times: the default (`mxfp4_*`, `speedup`), the grouped GEMM alone (`gemm_*`) and the grouped GEMM
+computing C^T = W A^T (`swap_ab_*`; experts/triton_mxfp4.py). `--sweep gemv|gemm`: that kernel's tiles at each token
+count instead (GEMV: BLOCK_N, BLOCK_K, warps, stages; GEMM: BLOCK_N, BLOCK_K, stages, plain and SWAP_AB), every one
+timed, the best first.
 
     PYTHONPATH=packages/moe/src:packages/ir/src:packages/kernels/src python benchmarks/moe_mxfp4.py out.json
     ... benchmarks/moe_mxfp4.py out.json --tokens 1,64
-    ... benchmarks/moe_mxfp4.py sweep.json --tokens 1,16,64 --sweep
+    ... benchmarks/moe_mxfp4.py sweep.json --tokens 1,16,64 --sweep gemm
 Needs a CUDA GPU.
 """
 
@@ -27,7 +28,7 @@ import functools
 import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -62,36 +63,52 @@ def _time_graph(call: object, iters: int = 50) -> float:
 
 
 @contextlib.contextmanager
-def _gemv_max_rows(value: str | None) -> Iterator[None]:
-    """TREADLE_MOE_MXFP4_GEMV_MAX_ROWS set to `value` (None: as it is) inside the block."""
-    old = os.environ.get("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS")
-    if value is not None:
-        os.environ["TREADLE_MOE_MXFP4_GEMV_MAX_ROWS"] = value
+def _env(**values: str) -> Iterator[None]:
+    """The TREADLE_MOE_MXFP4_* variables `values` name (gemv_max_rows="0": TREADLE_MOE_MXFP4_GEMV_MAX_ROWS=0) set
+    inside the block, as they were after it."""
+    names = {f"TREADLE_MOE_MXFP4_{key.upper()}": value for key, value in values.items()}
+    old = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
     try:
         yield
     finally:
-        os.environ.pop("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", None)
-        if old is not None:
-            os.environ["TREADLE_MOE_MXFP4_GEMV_MAX_ROWS"] = old
+        for name, value in old.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
-def _sweep(x: torch.Tensor, b13: torch.Tensor, b2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-           scales: object, epilogue: ExpertEpilogue, block_m: int) -> list[dict[str, object]]:  # fmt: skip
-    """Every GEMV tile at this batch's BLOCK_M, timed, fastest first."""
+GEMM_ONLY = {"gemv_max_rows": "0", "swap_ab_max_m": "0"}
+GEMM_SWAP_AB = {"gemv_max_rows": "0", "swap_ab_max_m": "1024"}
+
+
+def _tiles(mode: str, tokens: int) -> Iterator[tuple[BlockConfig, dict[str, str]]]:
+    """The tiles a sweep times: the GEMV's at this batch's BLOCK_M, or the GEMM's at BLOCK_M 16 (32 and 64 from
+    256 tokens), each plain and with SWAP_AB."""
+    if mode == "gemv":
+        block_m = min(8, 1 << max(-(-tokens * TOP_K // E) - 1, 0).bit_length())
+        for bn, bk, warps, stages in itertools.product((16, 32), (256, 512, 1024), (1, 2, 4), (1, 2, 3)):
+            yield BlockConfig(block_m, bn, bk, group_m=1, num_warps=warps, num_stages=stages), {}
+        return
+    for bm in (16,) if tokens < 256 else (32, 64):
+        for bn, bk, stages, env in itertools.product(
+            (32, 64, 128), (128, 256), (2, 4), (GEMM_ONLY, GEMM_SWAP_AB)
+        ):
+            yield BlockConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages), env
+
+
+def _sweep(mode: str, tokens: int, call: Callable[[TritonExperts], object]) -> list[dict[str, object]]:
+    """Every tile of `_tiles` timed on `call(experts)`, fastest first."""
     timed = []
-    for block_n, block_k, warps in itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8)):
-        config = BlockConfig(block_m, block_n, block_k, group_m=1, num_warps=warps, num_stages=2)
-        kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts(config))
-        call = functools.partial(
-            kernel, x, b13, b2, weights, ids, "swigluoai", epilogue=epilogue, mxfp4=scales
-        )
-        timed.append(
-            {"block_n": block_n, "block_k": block_k, "warps": warps, "us": round(_time_graph(call), 2)}
-        )
+    for config, env in _tiles(mode, tokens):
+        with _env(**env):
+            us = _time_graph(functools.partial(call, TritonExperts(config)))
+        swap = env.get("swap_ab_max_m", "0") != "0"
+        timed.append({**config.to_json(), "swap_ab": swap, "us": round(us, 2)})
     return sorted(timed, key=lambda t: float(t["us"]))  # type: ignore[arg-type]
 
 
-def benchmark(tokens: list[int], sweep: bool = False) -> list[dict[str, object]]:
+def benchmark(tokens: list[int], sweep: str | None = None) -> list[dict[str, object]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
     w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
@@ -119,26 +136,29 @@ def benchmark(tokens: list[int], sweep: bool = False) -> list[dict[str, object]]
         activations = 2 * m * K * 2
         row: dict[str, object] = {"tokens": m, "experts_hit": experts_hit, "relative_error": error}
         if sweep:
-            block_m = min(8, 1 << max(-(-m * TOP_K // E) - 1, 0).bit_length())
-            row["block_m"], row["tiles"] = (
-                block_m,
-                _sweep(x, b13, b2, weights, ids, scales, epilogue, block_m),
-            )
+            args = (x, b13, b2, weights, ids, "swigluoai")
+
+            def run(experts: TritonExperts, args: tuple[object, ...] = args) -> object:
+                kernel = ModularKernel(NoEPStandardPrepareFinalize(), experts)
+                return kernel(*args, epilogue=epilogue, mxfp4=scales)
+
+            row["tiles"] = _sweep(sweep, m, run)
             print(row["tokens"], row["tiles"][:3], flush=True)  # type: ignore[index]
             rows.append(row)
             continue
-        with _gemv_max_rows("0"):
-            gemm_out = mxfp4().float()
-        row["gemm_relative_error"] = float((gemm_out - ref).norm() / ref.norm())
-        for name, call, per_value, max_rows in (
-            ("bf16", bf16, 2.0, None), ("mxfp4", mxfp4, 17 / 32, None), ("gemm", mxfp4, 17 / 32, "0")
+        for name, env in (("gemm", GEMM_ONLY), ("swap_ab", GEMM_SWAP_AB)):
+            with _env(**env):
+                row[f"{name}_relative_error"] = float((mxfp4().float() - ref).norm() / ref.norm())
+        for name, call, per_value, env in (
+            ("bf16", bf16, 2.0, {}), ("mxfp4", mxfp4, 17 / 32, {}), ("gemm", mxfp4, 17 / 32, GEMM_ONLY),
+            ("swap_ab", mxfp4, 17 / 32, GEMM_SWAP_AB),
         ):  # fmt: skip
-            with _gemv_max_rows(max_rows):
+            with _env(**env):
                 us = _time_graph(call)
             moved = experts_hit * 3 * N * K * per_value + activations
             row[f"{name}_us"], row[f"{name}_gbs"] = round(us, 2), round(moved / us / 1e3, 1)
-        row["speedup"] = round(float(row["bf16_us"]) / float(row["mxfp4_us"]), 3)  # type: ignore[arg-type]
-        row["gemm_speedup"] = round(float(row["bf16_us"]) / float(row["gemm_us"]), 3)  # type: ignore[arg-type]
+        for name, key in (("mxfp4", "speedup"), ("gemm", "gemm_speedup"), ("swap_ab", "swap_ab_speedup")):
+            row[key] = round(float(row["bf16_us"]) / float(row[f"{name}_us"]), 3)  # type: ignore[arg-type]
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -148,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="JSON file for the results")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
-    parser.add_argument("--sweep", action="store_true", help="time the GEMV's tiles instead")
+    parser.add_argument("--sweep", choices=("gemv", "gemm"), help="time this kernel's tiles instead")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": torch.cuda.get_device_name(), "shape": {"K": K, "N": N, "E": E, "top_k": TOP_K},

@@ -28,9 +28,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(params=["gemv", "gemm"])
+@pytest.fixture(params=["gemv", "gemm", "gemm_swap_ab"])
 def mxfp4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs the test once per MXFP4 kernel (experts/triton_mxfp4.py): the GEMV at every batch size, then the
-    grouped GEMM at every batch size."""
+    """Runs the test once per MXFP4 kernel (experts/triton_mxfp4.py) at every batch size: the GEMV, the grouped
+    GEMM, the grouped GEMM computing C^T = W A^T."""
     monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "1000000" if request.param == "gemv" else "0")
+    monkeypatch.setenv(
+        "TREADLE_MOE_MXFP4_SWAP_AB_MAX_M", "1000000" if request.param == "gemm_swap_ab" else "0"
+    )
     return str(request.param)

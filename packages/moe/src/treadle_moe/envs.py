@@ -50,3 +50,12 @@ def moe_int4_gemv_max_tokens() -> int | None:
             "kernel), or unset for the default"
         )
     return tokens
+
+
+def moe_mxfp4_swap_ab_max_m() -> int:
+    """TREADLE_MOE_MXFP4_SWAP_AB_MAX_M: the MXFP4 grouped GEMM computes C^T = W A^T for BLOCK_M up to this (default 0:
+    never; experts/triton_mxfp4.py)."""
+    value = os.environ.get("TREADLE_MOE_MXFP4_SWAP_AB_MAX_M", "0").strip()
+    if not value.isdigit():
+        raise ValueError(f"TREADLE_MOE_MXFP4_SWAP_AB_MAX_M={value!r} must be a non-negative integer")
+    return int(value)

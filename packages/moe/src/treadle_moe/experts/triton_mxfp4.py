@@ -9,8 +9,10 @@ TREADLE_MOE_MXFP4_GEMV_MAX_ROWS (default 8), the GEMV of triton_mxfp4_gemv.py (n
 grouped GEMM of triton_mxfp4_kernels.py. The block config says which (`mxfp4_config`): BLOCK_M below 16 is the GEMV
 (BLOCK_M the rows' power of two, BLOCK_K / 32 scale blocks per step); else the tables' config for the problem,
 weight-only 4-bit tables first (configs/), with BLOCK_K at least 32 (the GEMM's steps hold whole scale blocks; a given
-config is raised too). The GEMM's tiles are a starting point, not tuned for it (benchmarks/moe_mxfp4.py times both
-against bf16).
+config is raised too). The GEMM computes C^T = W A^T instead (SWAP_AB: the decoded weight tile is the dot's left
+operand as it comes, no transpose; the rows the right one's 16-wide side) for BLOCK_M up to
+TREADLE_MOE_MXFP4_SWAP_AB_MAX_M. The GEMM's tiles are a starting point, not tuned for it (benchmarks/moe_mxfp4.py
+times both kernels against bf16).
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def invoke_moe_mxfp4_gemm(
         )  # fmt: skip
         return
 
+    swap_ab = config.block_m <= envs.moe_mxfp4_swap_ab_max_m()
+
     def launch(config: BlockConfig) -> None:
         grid = (alignment.num_blocks * -(-n_out // config.block_n),)
         tk.fused_moe_mxfp4_gemm_kernel[grid](
@@ -103,7 +107,7 @@ def invoke_moe_mxfp4_gemm(
             bias.stride(0) if bias is not None else 0, float(swiglu[0]), float(swiglu[1]),
             A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
             MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
-            UPCAST=a.device.type == "cpu" or a.dtype == torch.float32, BLOCK_M=config.block_m,
+            UPCAST=a.device.type == "cpu" or a.dtype == torch.float32, SWAP_AB=swap_ab, BLOCK_M=config.block_m,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
             num_stages=config.num_stages,
         )  # fmt: skip

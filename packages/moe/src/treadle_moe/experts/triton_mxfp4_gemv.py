@@ -42,10 +42,17 @@ def _nibble_values(words, i: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_blocks(a_base, k_base, a_mask, words, scale, acc):
+def _rows_times_blocks(a_base, k_base, a_mask, words, scale, acc, BLOCK_M: tl.constexpr):
     """acc [BM, BN] + sum over the step's scale blocks g of scale[n, g] * sum_k a[m, k] * e2m1(words[n, g])[k]:
-    a_base [BM, 1, 1] pointers to A's rows, k_base [1, G, 4] the input of nibble 0 of each word, words [BN, G, 4]."""
-    prods = tl.zeros((a_base.shape[0], words.shape[0], words.shape[1], words.shape[2]), dtype=tl.float32)
+    a_base [BM, 1, 1] pointers to A's rows, k_base [1, G, 4] the input of nibble 0 of each word, words [BN, G, 4].
+    One row (BLOCK_M 1) stays in three dimensions."""
+    if BLOCK_M == 1:
+        prod = tl.zeros(words.shape, dtype=tl.float32)
+        for i in tl.static_range(8):
+            a = tl.load(a_base + k_base + i, mask=a_mask, other=0.0).to(tl.float32)  # [1, G, 4]
+            prod += a * _nibble_values(words, i)
+        return acc + tl.sum(tl.sum(prod, axis=2) * scale, axis=1)[None, :]
+    prods = tl.zeros((BLOCK_M, words.shape[0], words.shape[1], words.shape[2]), dtype=tl.float32)
     for i in tl.static_range(8):
         a = tl.load(a_base + k_base + i, mask=a_mask, other=0.0).to(tl.float32)  # [BM, G, 4]
         prods += a[:, None, :, :] * _nibble_values(words, i)[None, :, :, :]
@@ -100,11 +107,11 @@ def fused_moe_mxfp4_gemv_kernel(
         k_base = groups[None, :, None] * 32 + offs_t[None, None, :] * 8  # [1, G, 4]
         words = tl.load(w_rows + words_at, mask=w_mask, other=0)
         scale = _e8m0(s_rows, groups[None, :], s_mask)
-        acc = _rows_times_blocks(a_base, k_base, a_mask, words, scale, acc)
+        acc = _rows_times_blocks(a_base, k_base, a_mask, words, scale, acc, BLOCK_M)
         if GATED:
             words_up = tl.load(w_rows + N * stride_wn + words_at, mask=w_mask, other=0)
             scale_up = _e8m0(s_rows + N * stride_sn, groups[None, :], s_mask)
-            acc_up = _rows_times_blocks(a_base, k_base, a_mask, words_up, scale_up, acc_up)
+            acc_up = _rows_times_blocks(a_base, k_base, a_mask, words_up, scale_up, acc_up, BLOCK_M)
 
     mxfp4_epilogue(acc, acc_up, c_ptr, stride_cm, topk_weights_ptr, bias_ptr, expert, stride_bias_e, slots, slot_mask,
                    offs_n, n_mask, N, alpha, limit, GATED, ACTIVATION, MUL_ROUTED_WEIGHT, HAS_BIAS)  # fmt: skip

@@ -35,9 +35,10 @@ def _e2m1(nibble):
 
 @triton.jit
 def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOCK_K: tl.constexpr,
-                BLOCK_N: tl.constexpr):  # fmt: skip
+                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):  # fmt: skip
     """Rows offs_n, inputs [k0, k0 + BLOCK_K) of one expert's MXFP4 weight (blocks at w_ptr, scales at s_ptr) ->
-    fp32 [BLOCK_K, BLOCK_N]. k0 and BLOCK_K are multiples of 32, so the step holds whole scale blocks."""
+    fp32 [BLOCK_K, BLOCK_N] (SWAP_AB: [BLOCK_N, BLOCK_K], as decoded). k0 and BLOCK_K are multiples of 32, so the
+    step holds whole scale blocks."""
     rows = offs_n.to(tl.int64)[:, None]
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the bytes of the step in a row: contiguous
     byte_mask = n_mask[:, None] & (offs_b < K // 2)[None, :]
@@ -49,7 +50,21 @@ def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOC
     s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=group_mask, other=1).to(tl.int32)
     scale = (s << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 127)
     w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    if SWAP_AB:
+        return w
     return tl.trans(w)
+
+
+@triton.jit
+def _mac(acc, a, w, UPCAST: tl.constexpr, SWAP_AB: tl.constexpr):
+    """acc + a @ w (a [BM, BK], w [BK, BN]), or SWAP_AB: acc + w @ a (w [BN, BK], a [BK, BM]); fp32 accumulators."""
+    if SWAP_AB:
+        if UPCAST:
+            return tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(w.to(a.dtype), a, acc)
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+    return tl.dot(a, w.to(a.dtype), acc)
 
 
 @triton.jit
@@ -61,6 +76,7 @@ def fused_moe_mxfp4_gemm_kernel(
     A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n, live = program_tile(num_tokens_post_padded_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
@@ -74,26 +90,31 @@ def fused_moe_mxfp4_gemm_kernel(
     n_mask = offs_n < N
     w_ptr = b_ptr + expert * stride_be
     es_ptr = s_ptr + expert * stride_se
-    a_base = a_ptr + a_rows[:, None] * stride_am
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB: the products transposed, C^T = W A^T (the weight tile the dot's left operand, as decoded)
+    if SWAP_AB:
+        a_base = a_ptr + a_rows[None, :] * stride_am
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        a_base = a_ptr + a_rows[:, None] * stride_am
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros_like(acc)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = step * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_base + offs_k[None, :], mask=slot_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+        if SWAP_AB:
+            a = tl.load(a_base + offs_k[:, None], mask=slot_mask[None, :] & (offs_k < K)[:, None], other=0.0)
         else:
-            acc = tl.dot(a, w.to(a.dtype), acc)
+            a = tl.load(a_base + offs_k[None, :], mask=slot_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N, SWAP_AB)
+        acc = _mac(acc, a, w, UPCAST, SWAP_AB)
         if GATED:
             up_rows = offs_n + N
-            w_up = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, up_rows, n_mask, BLOCK_K, BLOCK_N)
-            if UPCAST:
-                acc_up = tl.dot(a.to(tl.float32), w_up, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a, w_up.to(a.dtype), acc_up)
+            w_up = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, up_rows, n_mask, BLOCK_K, BLOCK_N,
+                               SWAP_AB)  # fmt: skip
+            acc_up = _mac(acc_up, a, w_up, UPCAST, SWAP_AB)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
 
     mxfp4_epilogue(acc, acc_up, c_ptr, stride_cm, topk_weights_ptr, bias_ptr, expert, stride_bias_e, slots, slot_mask,
                    offs_n, n_mask, N, alpha, limit, GATED, ACTIVATION, MUL_ROUTED_WEIGHT, HAS_BIAS)  # fmt: skip
