@@ -7,30 +7,33 @@ bandwidth, a quarter of the bf16 weight's; the tensor-core kernel (w4a16_linear_
 Kernel (``w4a16_gemv_kernel``): a program owns BLOCK_N output columns and BLOCK_M rows (a 3-D broadcast
 [BLOCK_M, words, BLOCK_N]) and walks its share of K in steps of BLOCK_K input rows = BLOCK_K / 8 words per column.
 A step loads the [1, BLOCK_K / 8, BLOCK_N] word tile (coalesced along n: 16-byte loads of 4 columns a thread) and
-takes its eight nibble planes apart with one integer op each: plane j is ``(word & 0xF << 4 (j % 4)) | 0x4B000000``
-(``word >> 16`` instead of ``word`` for j >= 4, one shift per word), whose bits read as fp32 are 2^23 + q 16^(j % 4)
-exactly; one fp32 subtraction of 2^23 leaves q 16^(j % 4), and plane j's activations are pre-scaled by 16^-(j % 4)
-(exact: a power of two), so no per-nibble shift or int-to-float conversion runs. Each plane is a broadcast FMA into
-a [BLOCK_M, words, BLOCK_N] fp32 tile; the sum over the words runs once, after the K loop.
+takes its eight nibble planes apart with one integer op each: plane j, at bits 4 j' (j' = j % 4) of the word (of
+``word >> 16`` for j >= 4: one shift per word), is ``(word & 0xF << 4 j') | bits(2^(23 - 4 j'))``, which reads as
+fp32 2^(23 - 4 j') + q exactly (the power of two's mantissa step is 16^j', so bit 4 j' is worth 1); one fp32
+subtraction of 2^(23 - 4 j') + z leaves q - z, exact, with no per-nibble shift, int-to-float conversion or scaling.
+Each plane is a broadcast FMA into a [BLOCK_M, words, BLOCK_N] fp32 tile; the sum over the words runs once, after
+the K loop.
 Scales and zero points: a step lies inside one group (BLOCK_K divides group_size, or one group per column), so one
-[BLOCK_N] scale row scales a step's sums: ``(sum x q - z sum x) s`` (the zero point folded into the activations'
-sum, no per-element scale or zero load); act order (``g_idx``) and group sizes no step divides gather each row's
-scale and zero point instead (PER_ROW). Every product x (q - z) s is the spec's exact fp32 value, so the result is
-the spec's (treadle_ir.ops.int4) up to the fp32 summation order, rounded once to x's dtype.
+[BLOCK_N] row of zero points (folded into the subtraction's constant) and one of scales (one multiply-add per word
+into the accumulator) serve the whole step, no per-element loads; act order (``g_idx``) and group sizes no step
+divides gather each row's scale and zero point instead (PER_ROW). Every product x (q - z) s is the spec's exact
+fp32 value, so the result is the spec's (treadle_ir.ops.int4) up to the fp32 summation order, rounded once to x's
+dtype.
 Split K (grid axis 1, a launch parameter): a 4096-column projection has 64 column tiles of 64, too few programs to
 keep 132 SMs streaming, so ``split_k`` programs share one tile's K; each stores fp32 partials and
 ``w4a16_reduce_kernel`` adds them in split order (deterministic), adds the bias and rounds once.
-Compiled for sm_90 (Triton 3.9, not timed): the production tiles take 62 (one row) to 173 (8 rows) registers a
-thread, no spills, and the K loop has no shared-memory layout conversion (128-column tiles had two a step, for the
-scale and zero rows); Triton does not software-pipeline these loads (num_stages has no effect), so the programs
-resident on an SM at once hide the latency.
+Compiled for sm_90 (Triton 3.9; SASS read, not timed): the production tiles take 71 (one row) to 167 (8 rows)
+registers a thread, no spills, and the K loop has no shared-memory layout conversion (128-column tiles had two a
+step, for the scale and zero rows); Triton does not software-pipeline these loads (num_stages has no effect), so
+the programs resident on an SM at once hide the latency.
 
-Rows: each row costs one FMA per weight, the unpacking ~2 ops per weight, and an H200 issues ~33.5 T fp32 ops/s
-against ~4.3 TB/s of HBM: m rows cost ~(m + 2) / 33.5e12 s of issue per weight, the 4-bit weight 0.5 B / 4.3e12 B/s
-= 1.2e-13 s, the bf16 linear's weight 4.7e-13 s. On paper: bound by the 4-bit bytes (~4x bf16) up to 2 rows, 1.5x
-at 8, break-even near 14 rows and 0.87x at 16, where the tensor-core kernel does as well (measured 0.71-0.96x of
-bf16). Hence ``DEFAULT_MAX_ROWS`` = 8 rather than 16; ``TREADLE_W4A16_GEMV_MAX_ROWS`` moves it (0 to 16; 0 turns
-the GEMV off) once the benchmark has timed both kernels at each row count.
+Rows: the K loop issues, per weight and row, 6.8 instructions at one row, 4.6 at two, 3.5 at four and 3.0 at eight
+(one AND-OR, one subtraction and one FMA; the rest is addresses, activation loads and conversions, the group index).
+An H200 SM issues 128 a clock, 3.35e13/s over 132 SMs, so the issue rate bounds a weight at one row to ~2.0e-13 s
+(~2.5 TB/s of 4-bit weight, against ~6e-13 s for a bf16 weight at ~3.3 TB/s: ~3x), at 3-4 rows (a 4-row block) to
+~4.2e-13 s (~1.45x), and at 5-8 rows (an 8-row block) to ~7.2e-13 s (~0.8x, no better than the tensor-core kernel's
+measured 0.71-0.96x at 16 rows). Hence ``DEFAULT_MAX_ROWS`` = 4 rather than 16; ``TREADLE_W4A16_GEMV_MAX_ROWS``
+moves it (0 to 16; 0 turns the GEMV off) once the benchmark has timed both kernels at each row count.
 """
 
 from __future__ import annotations
@@ -45,15 +48,15 @@ from .support import rows_view
 
 __all__ = ["DEFAULT_MAX_ROWS", "MAX_ROWS", "GemvConfig", "choose_gemv_config", "launch_gemv"]
 
-DEFAULT_MAX_ROWS = 8
-# the knob's limit: at 16 rows the FMAs alone cost what the bf16 weight's bytes do (above)
+DEFAULT_MAX_ROWS = 4
+# the knob's limit: at 16 rows the FMAs alone cost more than the bf16 weight's bytes (above)
 MAX_ROWS = 16
 # rows per program (registers); 9-16 rows run two row blocks per column tile, neighbours in launch order
 MAX_BLOCK_M = 8
-# split-K target at one row: the programs one SM holds at once (62 registers a thread: eight 4-warp programs), so
-# the grid is one wave with 8 word tiles of 4 KB in flight per SM; half that from 2 rows (116-173 registers)
+# split-K target at one row: about the programs one SM holds at once (71 registers a thread: seven 4-warp programs),
+# so the grid is about one wave with 8 word tiles of 4 KB in flight per SM; half that from 2 rows (93-167 registers)
 PROGRAMS_PER_SM = 8
-# the bits of fp32 2^23: OR-ing an integer below 2^23 into them reads as 2^23 + it
+# the bits of fp32 2^23: OR-ing an integer below 2^23 into them reads as 2^23 + it; minus j << 25: 2^(23 - 4 j)
 MAGIC = tl.constexpr(0x4B000000)
 
 
@@ -144,11 +147,13 @@ def launch_gemv(
 
 
 @triton.jit
-def _plane(words, high, J: tl.constexpr):
-    """Nibble plane J of a word tile as fp32 q * 16^(J % 4), exact: one AND-OR, one subtraction."""
+def _plane_minus_zero(words, high, z, J: tl.constexpr):
+    """Nibble plane J of a word tile minus the zero point z, q - z as fp32 (exact): the nibble's bits OR-ed into
+    those of 2^(23 - 4 (J % 4)), whose mantissa step is then 16^(J % 4), read as fp32 2^(23 - 4 (J % 4)) + q; one
+    subtraction of 2^(23 - 4 (J % 4)) + z leaves q - z."""
     src = words if J < 4 else high
-    bits = (src & (0xF << (4 * (J % 4)))) | MAGIC
-    return bits.to(tl.float32, bitcast=True) - 8388608.0
+    bits = (src & (0xF << (4 * (J % 4)))) | (MAGIC - ((J % 4) << 25))
+    return bits.to(tl.float32, bitcast=True) - (z + (1 << (23 - 4 * (J % 4))))
 
 
 @triton.jit
@@ -198,23 +203,19 @@ def w4a16_gemv_kernel(x_ptr, x_row_stride, weight_ptr, scales_ptr, zeros_ptr, g_
                     z = tl.load(zeros_ptr + at, mask=tile_mask, other=0).to(tl.float32)
                 else:
                     z = 8.0
-                q = _plane(words, high, j) * (1.0 / (1 << (4 * (j % 4))))
-                acc += xj[:, :, None] * ((q - z) * s)
+                acc += xj[:, :, None] * (_plane_minus_zero(words, high, z, j) * s)
         else:
-            part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = tl.load(x_rows + (word_rows * 8 + j)[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                x_sum += xj
-                x_scaled = xj * (1.0 / (1 << (4 * (j % 4))))
-                part += x_scaled[:, :, None] * _plane(words, high, j)
             at = (k0 // group_size).to(tl.int64) * n + offs_n
             s = tl.load(scales_ptr + at, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                z = tl.load(zeros_ptr + at, mask=n_mask, other=0).to(tl.float32)
+                z = tl.load(zeros_ptr + at, mask=n_mask, other=0).to(tl.float32)[None, None, :]
             else:
-                z = tl.full([BLOCK_N], 8.0, tl.float32)
-            acc += (part - x_sum[:, :, None] * z[None, None, :]) * s[None, None, :]
+                z = 8.0
+            part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_rows + (word_rows * 8 + j)[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                part += xj[:, :, None] * _plane_minus_zero(words, high, z, j)
+            acc += part * s[None, None, :]
 
     # [BLOCK_M, BLOCK_N]
     total = tl.sum(acc, axis=1)
