@@ -22,16 +22,16 @@ dtype.
 Split K (grid axis 1, a launch parameter): a 4096-column projection has 64 column tiles of 64, too few programs to
 keep 132 SMs streaming, so ``split_k`` programs share one tile's K; each stores fp32 partials and
 ``w4a16_reduce_kernel`` adds them in split order (deterministic), adds the bias and rounds once.
-Compiled for sm_90 (Triton 3.9; SASS read, not timed): the production tiles take 71 (one row) to 167 (8 rows)
+Compiled for sm_90 (Triton 3.9; SASS read, not timed): the production tiles take 72 (one row) to 161 (8 rows)
 registers a thread, no spills, and the K loop has no shared-memory layout conversion (128-column tiles had two a
 step, for the scale and zero rows); Triton does not software-pipeline these loads (num_stages has no effect), so
 the programs resident on an SM at once hide the latency.
 
-Rows: the K loop issues, per weight and row, 6.8 instructions at one row, 4.6 at two, 3.5 at four and 3.0 at eight
-(one AND-OR, one subtraction and one FMA; the rest is addresses, activation loads and conversions, the group index).
+Rows: the K loop issues, per weight and row, 6.6 instructions at one row, 4.5 at two, 3.3 at four and 3.0 at eight
+(one AND-OR, one subtraction and one FMA; the rest is addresses, masks, activation loads and conversions).
 An H200 SM issues 128 a clock, 3.35e13/s over 132 SMs, so the issue rate bounds a weight at one row to ~2.0e-13 s
 (~2.5 TB/s of 4-bit weight, against ~6e-13 s for a bf16 weight at ~3.3 TB/s: ~3x), at 3-4 rows (a 4-row block) to
-~4.2e-13 s (~1.45x), and at 5-8 rows (an 8-row block) to ~7.2e-13 s (~0.8x, no better than the tensor-core kernel's
+~3.9e-13 s (~1.5x), and at 5-8 rows (an 8-row block) to ~7.0e-13 s (~0.85x, no better than the tensor-core kernel's
 measured 0.71-0.96x at 16 rows). Hence ``DEFAULT_MAX_ROWS`` = 4 rather than 16; ``TREADLE_W4A16_GEMV_MAX_ROWS``
 moves it (0 to 16; 0 turns the GEMV off) once the benchmark has timed both kernels at each row count.
 """
@@ -53,8 +53,8 @@ DEFAULT_MAX_ROWS = 4
 MAX_ROWS = 16
 # rows per program (registers); 9-16 rows run two row blocks per column tile, neighbours in launch order
 MAX_BLOCK_M = 8
-# split-K target at one row: about the programs one SM holds at once (71 registers a thread: seven 4-warp programs),
-# so the grid is about one wave with 8 word tiles of 4 KB in flight per SM; half that from 2 rows (93-167 registers)
+# split-K target at one row: about the programs one SM holds at once (72 registers a thread: seven 4-warp programs),
+# so the grid is about one wave with 8 word tiles of 4 KB in flight per SM; half that from 2 rows (120-161 registers)
 PROGRAMS_PER_SM = 8
 # the bits of fp32 2^23: OR-ing an integer below 2^23 into them reads as 2^23 + it; minus j << 25: 2^(23 - 4 j)
 MAGIC = tl.constexpr(0x4B000000)
@@ -129,11 +129,14 @@ def launch_gemv(
     # no empty split
     split = -(-steps // per_split)
     parts = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    # a step lies in one group unless PER_ROW: the steps of a group, all of them for one group per column
+    steps_per_group = steps if group_size >= k else max(1, group_size // cfg.block_k)
     grid = (-(-n // cfg.block_n) * -(-m // cfg.block_m), split)
     w4a16_gemv_kernel[grid](
         x2, x2.stride(0), packed_weight, scales, zeros if zeros is not None else packed_weight,
         g_idx if g_idx is not None else packed_weight, bias if bias is not None else scales, parts, m, n, k,
-        group_size, per_split, HAS_ZEROS=zeros is not None, PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
+        group_size, steps_per_group, per_split, HAS_ZEROS=zeros is not None,
+        PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
         G_IDX=g_idx is not None, HAS_BIAS=bias is not None, PARTIALS=split > 1, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -158,7 +161,7 @@ def _plane_minus_zero(words, high, z, J: tl.constexpr):
 
 @triton.jit
 def w4a16_gemv_kernel(x_ptr, x_row_stride, weight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr, m, n,
-                      k, group_size, steps_per_split, HAS_ZEROS: tl.constexpr, PER_ROW: tl.constexpr,
+                      k, group_size, steps_per_group, steps_per_split, HAS_ZEROS: tl.constexpr, PER_ROW: tl.constexpr,
                       G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """out[r, c] = sum_k x[r, k] * (q[k, c] - z[g(k), c]) * s[g(k), c] (+ bias[c]) over this program's split of K
@@ -177,6 +180,10 @@ def w4a16_gemv_kernel(x_ptr, x_row_stride, weight_ptr, scales_ptr, zeros_ptr, g_
     acc = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
     first_step = split * steps_per_split
     last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(k, BLOCK_K))
+    # without PER_ROW: the group of the step (steps_per_group steps of one group follow each other; counted, not
+    # divided, each step) and the steps left in it
+    group = first_step // steps_per_group
+    group_left = steps_per_group - first_step % steps_per_group
     for step in range(first_step, last_step):
         k0 = step * BLOCK_K
         word_rows = k0 // 8 + offs_w
@@ -205,7 +212,10 @@ def w4a16_gemv_kernel(x_ptr, x_row_stride, weight_ptr, scales_ptr, zeros_ptr, g_
                     z = 8.0
                 acc += xj[:, :, None] * (_plane_minus_zero(words, high, z, j) * s)
         else:
-            at = (k0 // group_size).to(tl.int64) * n + offs_n
+            at = group.to(tl.int64) * n + offs_n
+            group_left -= 1
+            group = tl.where(group_left == 0, group + 1, group)
+            group_left = tl.where(group_left == 0, steps_per_group, group_left)
             s = tl.load(scales_ptr + at, mask=n_mask, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 z = tl.load(zeros_ptr + at, mask=n_mask, other=0).to(tl.float32)[None, None, :]
