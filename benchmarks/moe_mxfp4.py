@@ -87,12 +87,12 @@ def _tiles(mode: str, tokens: int) -> Iterator[tuple[BlockConfig, dict[str, str]
     256 tokens), each plain and with SWAP_AB."""
     if mode == "gemv":
         block_m = min(8, 1 << max(-(-tokens * TOP_K // E) - 1, 0).bit_length())
-        for bn, bk, warps, stages in itertools.product((16, 32), (256, 512, 1024), (1, 2, 4), (1, 2, 3)):
+        for bn, bk, warps, stages in itertools.product((16, 32), (256, 512), (2, 4), (1, 3)):
             yield BlockConfig(block_m, bn, bk, group_m=1, num_warps=warps, num_stages=stages), {}
         return
     for bm in (16,) if tokens < 256 else (32, 64):
         for bn, bk, stages, env in itertools.product(
-            (32, 64, 128), (128, 256), (2, 4), (GEMM_ONLY, GEMM_SWAP_AB)
+            (32, 64, 128), (128, 256), (3,), (GEMM_ONLY, GEMM_SWAP_AB)
         ):
             yield BlockConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages), env
 

@@ -51,12 +51,14 @@ def _rows_times_blocks(a_base, k_base, a_mask, words, scale, acc, BLOCK_M: tl.co
         for i in tl.static_range(8):
             a = tl.load(a_base + k_base + i, mask=a_mask, other=0.0).to(tl.float32)  # [1, G, 4]
             prod += a * _nibble_values(words, i)
-        return acc + tl.sum(tl.sum(prod, axis=2) * scale, axis=1)[None, :]
-    prods = tl.zeros((BLOCK_M, words.shape[0], words.shape[1], words.shape[2]), dtype=tl.float32)
-    for i in tl.static_range(8):
-        a = tl.load(a_base + k_base + i, mask=a_mask, other=0.0).to(tl.float32)  # [BM, G, 4]
-        prods += a[:, None, :, :] * _nibble_values(words, i)[None, :, :, :]
-    return acc + tl.sum(tl.sum(prods, axis=3) * scale[None, :, :], axis=2)
+        acc += tl.sum(tl.sum(prod, axis=2) * scale, axis=1)[None, :]
+    else:
+        prods = tl.zeros((BLOCK_M, words.shape[0], words.shape[1], words.shape[2]), dtype=tl.float32)
+        for i in tl.static_range(8):
+            a = tl.load(a_base + k_base + i, mask=a_mask, other=0.0).to(tl.float32)  # [BM, G, 4]
+            prods += a[:, None, :, :] * _nibble_values(words, i)[None, :, :, :]
+        acc += tl.sum(tl.sum(prods, axis=3) * scale[None, :, :], axis=2)
+    return acc
 
 
 @triton.jit

@@ -50,9 +50,10 @@ def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOC
     s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=group_mask, other=1).to(tl.int32)
     scale = (s << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 127)
     w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-    if SWAP_AB:
-        return w
-    return tl.trans(w)
+    # one return per jit function: the compiler visits code after a return under a constexpr branch
+    if not SWAP_AB:
+        w = tl.trans(w)
+    return w
 
 
 @triton.jit
@@ -60,11 +61,14 @@ def _mac(acc, a, w, UPCAST: tl.constexpr, SWAP_AB: tl.constexpr):
     """acc + a @ w (a [BM, BK], w [BK, BN]), or SWAP_AB: acc + w @ a (w [BN, BK], a [BK, BM]); fp32 accumulators."""
     if SWAP_AB:
         if UPCAST:
-            return tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(w.to(a.dtype), a, acc)
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
-    return tl.dot(a, w.to(a.dtype), acc)
+            acc = tl.dot(w, a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(a.dtype), a, acc)
+    elif UPCAST:
+        acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, w.to(a.dtype), acc)
+    return acc
 
 
 @triton.jit
