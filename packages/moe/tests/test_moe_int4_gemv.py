@@ -3,8 +3,9 @@
 On CPU the kernel runs in the Triton interpreter (conftest.py sets TRITON_INTERPRET) on tiny problems: every layout of
 int4_cases.py (groups of 16 and 32 that tile a K step, 24 and act order that gather each row's group, one group per
 column), K not a multiple of the K step (48 in one partial step; 200 in a full and a partial one), N not a multiple of
-BLOCK_N (48, 40), 1..8 tokens, top_k 1..4, both GEMMs launched directly for every BLOCK_M and alignment block size
-(gated with silu / gelu_tanh, and the routing-weight multiply), and the whole layer in both activation formats.
+BLOCK_N (48, 40), 1..8 tokens, top_k 1..4; both GEMMs launched directly (gated with silu / gelu_tanh, and the
+routing-weight multiply) with BLOCK_M 1, 2 and 8 in alignment blocks of 4 and 16 slots (several passes over a block,
+a partial last one); the whole layer in both activation formats; the dispatch and its environment variable.
 fp32 within 1e-5 of the reference; bf16 within a few % (the interpreter's fp32 -> bf16 conversion truncates).
 The GPU tests (`gpu` marker) run Qwen3-30B-A3B's sizes (hidden 2048, moe intermediate 768, 128 experts, top-8,
 groups of 128) against the spec and against the tl.dot kernel.
@@ -90,7 +91,7 @@ def reference_gemm(a: torch.Tensor, deq: torch.Tensor, ids: torch.Tensor, rows_p
     return h.to(a.dtype)
 
 
-@pytest.mark.parametrize(("align_m", "block_m"), [(1, 1), (4, 2), (16, 1), (16, 8)])
+@pytest.mark.parametrize(("align_m", "block_m"), [(4, 2), (16, 1), (16, 8)])
 @pytest.mark.parametrize("layout", ["g16-asym", "g32-sym", "channel-sym", "g16-asym-act-order"])
 def test_gemv_gemms_every_block_size(layout: str, align_m: int, block_m: int) -> None:
     """Both GEMMs launched directly: alignment blocks of align_m slots walked block_m at a time; 12 tokens, top-3 of

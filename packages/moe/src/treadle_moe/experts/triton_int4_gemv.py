@@ -7,15 +7,20 @@ pid_m of the block alignment (its slots are a prefix of the block, then padding;
 
     C[slot, n] = sum_k A[slot // A_ROWS_PER_TOKEN, k] * (q[expert, k, n] - z[expert, g(k), n]) * s[expert, g(k), n]
 
-A K step loads a tile of int32 words [GROUPS, WORDS, BLOCK_N] (GROUPS groups of WORDS words = BLOCK_K rows) and
-unpacks each word's eight nibbles with two bit operations a nibble: nibble j < 4 is `word & (0xF << 4j)`, nibble
-4 + j the same on `word >> 16`; OR-ed into the exponent of 2^23 and read as fp32, minus 2^23, that is exactly
-q * 16^j, so the activation it meets is pre-scaled by 16^-j (an exact power of two) instead of shifting every nibble.
-The products sum in fp32 with broadcast FMAs over the nibble axis, per word; a word lies in one group, so
-(PER_ROW 0) the zero point and scale apply per word and group: s * (sum a q - z * sum a), with s and z loaded once
-per group [GROUPS, BLOCK_N] and broadcast. The per-word fp32 partials accumulate over the K loop and are reduced
-(tl.sum) once per BLOCK_M rows. PER_ROW 1 (act order: g(k) = g_idx[expert, k]; or groups that do not tile a step)
-gathers each row's scale and zero point and dequantizes every element instead.
+A K step loads a tile of int32 words [1, GROUPS, WORDS, BLOCK_N] (GROUPS groups of WORDS words = BLOCK_K rows) and
+takes its eight nibble planes apart with one integer op each: plane j is `(word & 0xF << 4 (j % 4)) | 0x4B000000`
+(`word >> 16` instead of `word` for j >= 4, one shift a word), whose bits read as fp32 are 2^23 + q 16^(j % 4)
+exactly; one fp32 subtraction leaves q 16^(j % 4), and plane j's activations [BLOCK_M, GROUPS, WORDS] are pre-scaled
+by 16^-(j % 4) (a power of two: exact), so no per-nibble shift or int-to-float conversion runs. Each plane is one
+broadcast FMA into a per-word fp32 tile [BLOCK_M, GROUPS, WORDS, BLOCK_N]. A word lies in one group, so (PER_ROW 0)
+the zero point and scale apply per group: s (sum a q - z sum a), s and z loaded once per group and column
+[1, GROUPS, 1, BLOCK_N] and broadcast over the group's words (no per-element scale load). The per-word partials
+accumulate over the K loop and are reduced (tl.sum) once per BLOCK_M slots. PER_ROW 1 (act order: g(k) =
+g_idx[expert, k]; or groups that do not tile a step) gathers each row's scale and zero point and dequantizes every
+element instead. Every tile is made in the accumulator's 4-D shape, so the K loop has no layout conversion.
+Compiled for sm_90 (Triton 3.9, `gemv_config`'s tiles; not timed): the gated GEMM takes 95 registers a thread at one
+slot (116 with zero points, 96 act order), 92-95 at two, 145-204 at four, no spills; the K loop runs ~6 instructions
+a weight (one AND-OR, one subtraction, one FMA a slot; the rest loads and addresses) and no layout conversion.
 The epilogue is triton_tiles.py's `finish_rows` with ROUND, as the dot kernel (triton_int4_kernels.py): the
 projection's output rounded to C's dtype, act(gate) * up (GATED; up columns N + n), the routing weight, the store.
 Numerics: the spec's exact fp32 products (a 16-bit activation times a 4-bit integer), summed in another order.
@@ -51,80 +56,75 @@ class GemvConfig:
 
 
 def gemv_config(num_slots: int, num_experts: int, k: int) -> GemvConfig:
-    """BLOCK_M: the power of two at or above the mean slots an expert gets (capped at 4; a block's extra rows loop),
-    so the common decode case (under one slot an expert) wastes no FMA; BLOCK_K 128 (one Qwen3 group) or K's."""
+    """BLOCK_M: the power of two at or above the mean slots an expert gets (capped at 4; a block's extra slots loop),
+    so the common decode case (under one slot an expert) wastes no FMA. BLOCK_K: 256 rows at one slot (the grid is
+    under one wave at decode and these loads are not software-pipelined, so a program's step is what it has in
+    flight: 4 KB of words a projection), 128 from two slots (the accumulator grows with them); K's own size when
+    neither divides it. BLOCK_N 32: 24 column tiles of Qwen3-30B-A3B's 768-column w13, 64 of its w2."""
     mean = -(-num_slots // max(num_experts, 1))
     block_m = min(4, triton.next_power_of_2(max(mean, 1)))
-    return GemvConfig(
-        block_m=block_m, block_n=32, block_k=min(128, max(8, triton.next_power_of_2(k))), num_warps=4
-    )
+    step = 256 if block_m == 1 else 128
+    block_k = step if k % step == 0 else min(128, max(8, triton.next_power_of_2(k)))
+    return GemvConfig(block_m=block_m, block_n=32, block_k=block_k, num_warps=4)
 
 
 @triton.jit
-def _load_words(w_ptr, cols, k_words, word0, offs_n, n_mask, GROUPS: tl.constexpr, WORDS: tl.constexpr):
-    """int32 words [GROUPS, WORDS, BN] of word rows word0 + (g * WORDS + w) (0 past k_words or n)."""
-    rows = word0 + tl.arange(0, GROUPS)[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
-    mask = (rows < k_words)[:, :, None] & n_mask[None, None, :]
-    return tl.load(w_ptr + rows.to(tl.int64)[:, :, None] * cols + offs_n[None, None, :], mask=mask, other=0)
+def _plane(words, high, J: tl.constexpr):
+    """Nibble J of every word as fp32 q * 16^(J % 4), exact: one AND-OR into 2^23's bits, one subtraction."""
+    src = words if J < 4 else high
+    bits = (src & (0xF << (4 * (J % 4)))) | _MAGIC
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _nibbles(words):
-    """words [G, W, BN] -> (lo, hi) fp32 [G, W, 4, BN]: nibble j and nibble 4 + j of each word, times 16^j."""
-    masks = (0xF << (tl.arange(0, 4) * 4))[None, None, :, None]
-    lo = (words[:, :, None, :] & masks) | _MAGIC
-    hi = ((words >> 16)[:, :, None, :] & masks) | _MAGIC
-    return lo.to(tl.float32, bitcast=True) - 8388608.0, hi.to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _row_groups(g_ptr, k_rows, K, group_size, G_IDX: tl.constexpr):
-    """The group of each input row k_rows (any shape; 0 past K)."""
-    if G_IDX:
-        return tl.load(g_ptr + k_rows, mask=k_rows < K, other=0).to(tl.int64)
-    return (k_rows // group_size).to(tl.int64)
-
-
-@triton.jit
-def _step(acc, a_lo, a_hi, a_sum, w_ptr, s_ptr, z_ptr, g_ptr, cols, K, word0, k_lo, offs_n, n_mask, group_size,
-          HAS_ZEROS: tl.constexpr, PER_ROW: tl.constexpr, G_IDX: tl.constexpr, GROUPS: tl.constexpr,
-          WORDS: tl.constexpr):  # fmt: skip
-    """acc [BM, G, W, BN] += one K step's per-word partial sums of columns offs_n (module docstring)."""
-    lo, hi = _nibbles(_load_words(w_ptr, cols, K // 8, word0, offs_n, n_mask, GROUPS, WORDS))
+def _step(acc, a_rows, slot_mask, w_ptr, s_ptr, z_ptr, g_ptr, cols, K, word_rows, group_words, offs_n, n_mask,
+          group_size, HAS_ZEROS: tl.constexpr, PER_ROW: tl.constexpr, G_IDX: tl.constexpr):  # fmt: skip
+    """acc [BM, G, W, BN] += one K step's products of the word rows word_rows [G, W] (group g's first: group_words
+    [G, 1]) and columns offs_n, per word (module docstring); every tile is made in the accumulator's 4-D shape."""
+    w_mask = word_rows < K // 8
+    tile_mask = w_mask[None, :, :, None] & n_mask[None, None, None, :]
+    # [1, G, W, BN]
+    words = tl.load(w_ptr + word_rows.to(tl.int64)[None, :, :, None] * cols + offs_n[None, None, None, :],
+                    mask=tile_mask, other=0)  # fmt: skip
+    high = words >> 16
+    a_mask = slot_mask[:, None, None] & w_mask[None, :, :]
     if PER_ROW:
-        # every row's own group: dequantize each element, (q - z) 16^j = lo - z 16^j
-        k_hi = k_lo + 4
-        tile_mask = (k_lo < K)[:, :, :, None] & n_mask[None, None, None, :]
-        at_lo = (
-            _row_groups(g_ptr, k_lo, K, group_size, G_IDX)[:, :, :, None] * cols + offs_n[None, None, None, :]
-        )
-        at_hi = (
-            _row_groups(g_ptr, k_hi, K, group_size, G_IDX)[:, :, :, None] * cols + offs_n[None, None, None, :]
-        )
-        unit = (1 << (tl.arange(0, 4) * 4)).to(tl.float32)[None, None, :, None]
-        if HAS_ZEROS:
-            lo = lo - tl.load(z_ptr + at_lo, mask=tile_mask, other=0).to(tl.float32) * unit
-            hi = hi - tl.load(z_ptr + at_hi, mask=tile_mask, other=0).to(tl.float32) * unit
-        else:
-            lo = lo - 8.0 * unit
-            hi = hi - 8.0 * unit
-        w_lo = lo * tl.load(s_ptr + at_lo, mask=tile_mask, other=0.0).to(tl.float32)
-        w_hi = hi * tl.load(s_ptr + at_hi, mask=tile_mask, other=0.0).to(tl.float32)
-        return acc + tl.sum(a_lo[:, :, :, :, None] * w_lo[None] + a_hi[:, :, :, :, None] * w_hi[None], axis=3)
-    # a word lies in one group: scale and zero point per (group in step, column), broadcast over its words;
-    # part [BM, G, W, BN] is each word's sum of a q, first_rows [G] each group's first input row
-    part = tl.sum(a_lo[:, :, :, :, None] * lo[None] + a_hi[:, :, :, :, None] * hi[None], axis=3)
-    first_rows = 8 * (word0 + tl.arange(0, GROUPS) * WORDS)
-    group_mask = (first_rows < K)[:, None] & n_mask[None, :]
-    # [G, BN]
-    at = (first_rows // group_size).to(tl.int64)[:, None] * cols + offs_n[None, :]
+        for j in tl.static_range(8):
+            rows = word_rows * 8 + j
+            # [BM, G, W], pre-scaled by 16^-(j % 4)
+            a = tl.load(a_rows[:, None, None] + rows[None, :, :], mask=a_mask, other=0.0).to(tl.float32)
+            a = a * (1.0 / (1 << (4 * (j % 4))))
+            if G_IDX:
+                groups = tl.load(g_ptr + rows, mask=w_mask, other=0)
+            else:
+                groups = rows // group_size
+            at = groups.to(tl.int64)[None, :, :, None] * cols + offs_n[None, None, None, :]
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + at, mask=tile_mask, other=0).to(tl.float32)
+            else:
+                z = 8.0
+            scale = tl.load(s_ptr + at, mask=tile_mask, other=0.0).to(tl.float32)
+            acc += a[:, :, :, None] * ((_plane(words, high, j) - z * (1 << (4 * (j % 4)))) * scale)
+        return acc
+    # a word lies in one group: s (sum a q - z sum a), the scale and zero point of [1, G, 1, BN] broadcast over the
+    # group's words
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    a_sum = tl.zeros(a_mask.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        a_at = a_rows[:, None, None] + (word_rows * 8 + j)[None, :, :]
+        a = tl.load(a_at, mask=a_mask, other=0.0).to(tl.float32)
+        a_sum += a
+        part += (a * (1.0 / (1 << (4 * (j % 4)))))[:, :, :, None] * _plane(words, high, j)
+    # [1, G, 1, BN]
+    at = (group_words * 8 // group_size).to(tl.int64)[None, :, :, None] * cols + offs_n[None, None, None, :]
+    group_mask = (group_words < K // 8)[None, :, :, None] & n_mask[None, None, None, :]
     s = tl.load(s_ptr + at, mask=group_mask, other=0.0).to(tl.float32)
     if HAS_ZEROS:
         z = tl.load(z_ptr + at, mask=group_mask, other=0).to(tl.float32)
-        part = part - z[None, :, None, :] * a_sum[:, :, :, None]
+        part -= z * a_sum[:, :, :, None]
     else:
-        part = part - 8.0 * a_sum[:, :, :, None]
-    return acc + part * s[None, :, None, :]
+        part -= 8.0 * a_sum[:, :, :, None]
+    return acc + part * s
 
 
 @triton.jit
@@ -156,39 +156,26 @@ def fused_moe_w4a16_gemv_kernel(
     es_ptr = s_ptr + expert * stride_se
     ez_ptr = z_ptr + expert * stride_se
     eg_ptr = g_ptr + expert * stride_ge
-    # input row of (group in step g, word w, nibble j) of a step, before its offset: 8 (g W + w) + j, j < 4
-    k_in_step = (8 * (tl.arange(0, GROUPS)[:, None, None] * WORDS + tl.arange(0, WORDS)[None, :, None])
-                 + tl.arange(0, 4)[None, None, :])  # fmt: skip
-    # 16^-j, exact
-    inv_unit = 1.0 / (1 << (tl.arange(0, 4) * 4)).to(tl.float32)
+    # [G, W]: a step's word rows before its offset, group g's words first
+    step_groups = tl.arange(0, GROUPS)[:, None] * WORDS
+    step_words = step_groups + tl.arange(0, WORDS)[None, :]
 
     for r0 in range(0, num_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < num_rows
-        slots = tl.load(block + rows, mask=row_mask, other=num_valid_slots)
+        slots = tl.load(block + rows, mask=rows < num_rows, other=num_valid_slots)
         slot_mask = slots < num_valid_slots
         # [BM] row starts
         a_rows = a_ptr + (slots // A_ROWS_PER_TOKEN).to(tl.int64) * stride_am
         acc = tl.zeros((BLOCK_M, GROUPS, WORDS, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, GROUPS, WORDS, BLOCK_N), dtype=tl.float32)
         for word0 in range(0, tl.cdiv(K, 8), GROUPS * WORDS):
-            # [G, W, 4] rows of nibbles 0..3; nibbles 4..7 are 4 rows further
-            k_lo = 8 * word0 + k_in_step
-            a_mask = slot_mask[:, None, None, None] & (k_lo < K)[None]
-            a_at = a_rows[:, None, None, None] + k_lo[None]
-            # [BM, G, W, 4]
-            a_lo = tl.load(a_at, mask=a_mask, other=0.0).to(tl.float32)
-            a_hi = tl.load(a_at + 4, mask=a_mask, other=0.0).to(tl.float32)
-            # [BM, G, W]: each word's activations, for its zero point
-            a_sum = tl.sum(a_lo + a_hi, axis=3)
-            a_lo = a_lo * inv_unit[None, None, None, :]
-            a_hi = a_hi * inv_unit[None, None, None, :]
-            acc = _step(acc, a_lo, a_hi, a_sum, w_ptr, es_ptr, ez_ptr, eg_ptr, cols, K, word0, k_lo, offs_n,
-                        n_mask, group_size, HAS_ZEROS, PER_ROW, G_IDX, GROUPS, WORDS)  # fmt: skip
+            word_rows = word0 + step_words
+            group_words = word0 + step_groups
+            acc = _step(acc, a_rows, slot_mask, w_ptr, es_ptr, ez_ptr, eg_ptr, cols, K, word_rows, group_words,
+                        offs_n, n_mask, group_size, HAS_ZEROS, PER_ROW, G_IDX)  # fmt: skip
             if GATED:
-                acc_up = _step(acc_up, a_lo, a_hi, a_sum, w_ptr, es_ptr, ez_ptr, eg_ptr, cols, K, word0, k_lo,
-                               offs_n + N, n_mask, group_size, HAS_ZEROS, PER_ROW, G_IDX, GROUPS,
-                               WORDS)  # fmt: skip
+                acc_up = _step(acc_up, a_rows, slot_mask, w_ptr, es_ptr, ez_ptr, eg_ptr, cols, K, word_rows,
+                               group_words, offs_n + N, n_mask, group_size, HAS_ZEROS, PER_ROW, G_IDX)  # fmt: skip
         # [BM, BN]
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
         out_up = tl.sum(tl.sum(acc_up, axis=2), axis=1)
