@@ -33,8 +33,7 @@ CONFIG_DIR = Path(__file__).parent
 
 @dataclass(frozen=True, slots=True)
 class BlockConfig:
-    # slots per program (rows of one expert's block); below 16 only for the MXFP4 GEMV (tl.dot needs 16)
-    block_m: int
+    block_m: int  # slots per program (rows of one expert's block)
     block_n: int  # output columns per program
     block_k: int  # reduction step
     group_m: int = 1  # row blocks swept together (L2 reuse of A)
@@ -44,18 +43,8 @@ class BlockConfig:
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
-            least = 1 if name == "block_m" else 16
-            if value < least or value & (value - 1):
-                raise ValueError(
-                    f"{name} ({value}) must be a power of two >= {least} (tl.dot's minimum is 16)"
-                )
-
-    def check_dot(self) -> None:
-        """ValueError unless the config suits a tl.dot kernel (BLOCK_M >= 16; smaller ones are GEMV configs)."""
-        if self.block_m < 16:
-            raise ValueError(
-                f"BLOCK_M {self.block_m} is a GEMV config (MXFP4 experts only); tl.dot needs >= 16"
-            )
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} ({value}) must be a power of two >= 16 (tl.dot minimum)")
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
