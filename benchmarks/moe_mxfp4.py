@@ -9,31 +9,30 @@ dequantized MXFP4 weights, so both compute the same products. Each is timed repl
 steps run); reported per token count: microseconds, GB/s over the minimum bytes (the weights of the experts hit: 2
 bytes a value in bf16, 17/32 of a byte in MXFP4, plus activations), the speed ratio (bf16 time / MXFP4 time, > 1 is
 faster), and the MXFP4 output's relative error against the bf16 output (summation order only: the same weights).
-MXFP4 runs three times: the default (`mxfp4_*`, `speedup`), the grouped GEMM alone (`gemm_*`) and the grouped GEMM
-computing C^T = W A^T (`swap_ab_*`; experts/triton_mxfp4.py). `--sweep gemv|gemm`: that kernel's tiles at each token
-count instead (GEMV: BLOCK_N, BLOCK_K, warps, stages; GEMM: BLOCK_N, BLOCK_K, stages, plain and SWAP_AB), every one
-timed, the best first.
+MXFP4 runs twice: with the default block config (`mxfp4_*`, `speedup`; experts/triton_mxfp4.py's measured tiles)
+and with the tables' config as the default was before them (`table_*`, `table_speedup`: weight-only 4-bit tables or
+the fallback, BLOCK_K >= 32, never swapped). `--sweep`: GEMM tiles at each token count instead (BLOCK_N, BLOCK_K,
+plain and computing C^T = W A^T), every one timed, the best first.
 
     PYTHONPATH=packages/moe/src:packages/ir/src:packages/kernels/src python benchmarks/moe_mxfp4.py out.json
     ... benchmarks/moe_mxfp4.py out.json --tokens 1,64
-    ... benchmarks/moe_mxfp4.py sweep.json --tokens 1,16,64 --sweep gemm
+    ... benchmarks/moe_mxfp4.py sweep.json --tokens 1,16,64 --sweep
 Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import functools
 import itertools
 import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from treadle_moe import ModularKernel, NoEPStandardPrepareFinalize, TritonExperts
-from treadle_moe.configs import BlockConfig
+from treadle_moe.configs import BlockConfig, get_block_config
 from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.mxfp4 import dequantize_mxfp4, quantize_experts_mxfp4
 
@@ -62,53 +61,22 @@ def _time_graph(call: object, iters: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / iters
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """The TREADLE_MOE_MXFP4_* variables `values` name (gemv_max_rows="0": TREADLE_MOE_MXFP4_GEMV_MAX_ROWS=0) set
-    inside the block, as they were after it."""
-    names = {f"TREADLE_MOE_MXFP4_{key.upper()}": value for key, value in values.items()}
-    old = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
-
-
-GEMM_ONLY = {"gemv_max_rows": "0", "swap_ab_max_m": "0"}
-GEMM_SWAP_AB = {"gemv_max_rows": "0", "swap_ab_max_m": "1024"}
-
-
-def _tiles(mode: str, tokens: int) -> Iterator[tuple[BlockConfig, dict[str, str]]]:
-    """The tiles a sweep times: the GEMV's at this batch's BLOCK_M, or the GEMM's at BLOCK_M 16 (32 and 64 from
-    256 tokens), each plain and with SWAP_AB."""
-    if mode == "gemv":
-        block_m = min(8, 1 << max(-(-tokens * TOP_K // E) - 1, 0).bit_length())
-        for bn, bk, warps, stages in itertools.product((16, 32), (256, 512), (2, 4), (1, 3)):
-            yield BlockConfig(block_m, bn, bk, group_m=1, num_warps=warps, num_stages=stages), {}
-        return
+def _tiles(tokens: int) -> Iterator[BlockConfig]:
+    """The GEMM tiles a sweep times: BLOCK_M 16 (32 and 64 from 256 tokens), each plain and swapped."""
     for bm in (16,) if tokens < 256 else (32, 64):
-        for bn, bk, stages, env in itertools.product(
-            (32, 64, 128), (128, 256), (3,), (GEMM_ONLY, GEMM_SWAP_AB)
-        ):
-            yield BlockConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=stages), env
+        for bn, bk, swap in itertools.product((32, 64, 128), (128, 256), (False, True)):
+            yield BlockConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=3, swap_ab=swap)
 
 
-def _sweep(mode: str, tokens: int, call: Callable[[TritonExperts], object]) -> list[dict[str, object]]:
-    """Every tile of `_tiles` timed on `call(experts)`, fastest first."""
-    timed = []
-    for config, env in _tiles(mode, tokens):
-        with _env(**env):
-            us = _time_graph(functools.partial(call, TritonExperts(config)))
-        swap = env.get("swap_ab_max_m", "0") != "0"
-        timed.append({**config.to_json(), "swap_ab": swap, "us": round(us, 2)})
-    return sorted(timed, key=lambda t: float(t["us"]))  # type: ignore[arg-type]
+def _table_config(tokens: int) -> BlockConfig:
+    """The tables' config for this batch as MXFP4 took it before the measured tiles (BLOCK_K >= 32, not swapped)."""
+    config, _ = get_block_config(
+        tokens, E, N, K, TOP_K, torch.bfloat16, torch.cuda.get_device_name(), int4=True
+    )
+    return dataclasses.replace(config, block_k=max(32, config.block_k))
 
 
-def benchmark(tokens: list[int], sweep: str | None = None) -> list[dict[str, object]]:
+def benchmark(tokens: list[int], sweep: bool = False) -> list[dict[str, object]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
     w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
@@ -135,29 +103,31 @@ def benchmark(tokens: list[int], sweep: str | None = None) -> list[dict[str, obj
         error = float((out - ref).norm() / ref.norm())
         activations = 2 * m * K * 2
         row: dict[str, object] = {"tokens": m, "experts_hit": experts_hit, "relative_error": error}
+        kernel_args = (x, b13, b2, weights, ids, "swigluoai")
+
+        def run(config: BlockConfig, args: tuple[object, ...] = kernel_args) -> object:
+            kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts(config))
+            return kernel(*args, epilogue=epilogue, mxfp4=scales)
+
         if sweep:
-            args = (x, b13, b2, weights, ids, "swigluoai")
-
-            def run(experts: TritonExperts, args: tuple[object, ...] = args) -> object:
-                kernel = ModularKernel(NoEPStandardPrepareFinalize(), experts)
-                return kernel(*args, epilogue=epilogue, mxfp4=scales)
-
-            row["tiles"] = _sweep(sweep, m, run)
-            print(row["tokens"], row["tiles"][:3], flush=True)  # type: ignore[index]
+            timed = [
+                {**c.to_json(), "us": round(_time_graph(functools.partial(run, c)), 2)} for c in _tiles(m)
+            ]
+            row["tiles"] = sorted(timed, key=lambda t: float(t["us"]))
+            print(m, row["tiles"][:3], flush=True)
             rows.append(row)
             continue
-        for name, env in (("gemm", GEMM_ONLY), ("swap_ab", GEMM_SWAP_AB)):
-            with _env(**env):
-                row[f"{name}_relative_error"] = float((mxfp4().float() - ref).norm() / ref.norm())
-        for name, call, per_value, env in (
-            ("bf16", bf16, 2.0, {}), ("mxfp4", mxfp4, 17 / 32, {}), ("gemm", mxfp4, 17 / 32, GEMM_ONLY),
-            ("swap_ab", mxfp4, 17 / 32, GEMM_SWAP_AB),
-        ):  # fmt: skip
-            with _env(**env):
-                us = _time_graph(call)
+        table = functools.partial(run, _table_config(m))
+        row["table_relative_error"] = float((table().float() - ref).norm() / ref.norm())  # type: ignore[attr-defined]
+        for name, call, per_value in (
+            ("bf16", bf16, 2.0),
+            ("mxfp4", mxfp4, 17 / 32),
+            ("table", table, 17 / 32),
+        ):
+            us = _time_graph(call)
             moved = experts_hit * 3 * N * K * per_value + activations
             row[f"{name}_us"], row[f"{name}_gbs"] = round(us, 2), round(moved / us / 1e3, 1)
-        for name, key in (("mxfp4", "speedup"), ("gemm", "gemm_speedup"), ("swap_ab", "swap_ab_speedup")):
+        for name, key in (("mxfp4", "speedup"), ("table", "table_speedup")):
             row[key] = round(float(row["bf16_us"]) / float(row[f"{name}_us"]), 3)  # type: ignore[arg-type]
         print(row, flush=True)
         rows.append(row)
@@ -168,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="JSON file for the results")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
-    parser.add_argument("--sweep", choices=("gemv", "gemm"), help="time this kernel's tiles instead")
+    parser.add_argument("--sweep", action="store_true", help="time GEMM tiles instead")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": torch.cuda.get_device_name(), "shape": {"K": K, "N": N, "E": E, "top_k": TOP_K},

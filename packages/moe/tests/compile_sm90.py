@@ -14,7 +14,6 @@ from functools import partial
 from treadle_kernels.ops.support import compile_ahead
 from treadle_moe.experts import align_triton
 from treadle_moe.experts import triton_kernels as tk
-from treadle_moe.experts import triton_mxfp4_gemv as mv
 from treadle_moe.experts import triton_mxfp4_kernels as mx
 
 compile_one = partial(compile_ahead, default_pointer="*i32")
@@ -45,18 +44,6 @@ def main() -> int:
         }  # fmt: skip
         compile_one(mx.fused_moe_mxfp4_gemm_kernel, constexprs, mx_ptrs, floats=("alpha", "limit"),
                     divisible_by_16=aligned, options={"num_warps": 4, "num_stages": 3})  # fmt: skip
-    # the MXFP4 GEMV at decode sizes: one row per block (three-dimensional tiles) and four (four-dimensional)
-    gemv_ptrs = dict(mx_ptrs, w_ptr="*i32")
-    del gemv_ptrs["b_ptr"]
-    gemv_aligned = (*gemv_ptrs, "K", "stride_am", "stride_we", "stride_wn", "stride_cm")
-    for gated, mul, block_m in ((True, False, 1), (False, True, 1), (True, False, 4)):
-        constexprs = {
-            "A_ROWS_PER_TOKEN": 4 if gated else 1, "GATED": gated,
-            "ACTIVATION": tk.ACTIVATION_CODES["swigluoai" if gated else "silu"], "MUL_ROUTED_WEIGHT": mul,
-            "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": 32, "GROUPS": 4, "GROUP_M": 1,
-        }  # fmt: skip
-        compile_one(mv.fused_moe_mxfp4_gemv_kernel, constexprs, gemv_ptrs, floats=("alpha", "limit"),
-                    divisible_by_16=gemv_aligned, options={"num_warps": 4, "num_stages": 2})  # fmt: skip
     compile_one(align_triton._count_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128, "FILL_BLOCK": 256}, {})
     compile_one(align_triton._offsets_kernel, {"BLOCK_M": 16, "E_P2": 128, "ROWS": 64, "BLOCKS": 64}, {})
     compile_one(align_triton._scatter_kernel, {"CHUNK": align_triton.CHUNK, "E_P2": 128}, {})

@@ -28,12 +28,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(params=["gemv", "gemm", "gemm_swap_ab"])
+@pytest.fixture(params=["plain", "swap_ab"])
 def mxfp4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs the test once per MXFP4 kernel (experts/triton_mxfp4.py) at every batch size: the GEMV, the grouped
-    GEMM, the grouped GEMM computing C^T = W A^T."""
-    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "1000000" if request.param == "gemv" else "0")
-    monkeypatch.setenv(
-        "TREADLE_MOE_MXFP4_SWAP_AB_MAX_M", "1000000" if request.param == "gemm_swap_ab" else "0"
-    )
+    """Runs the test once per form of the MXFP4 grouped GEMM at every batch size (experts/triton_mxfp4.py): C = A W^T,
+    then C^T = W A^T, over the tiles the config policy picks."""
+    import dataclasses
+
+    from treadle_moe.experts import triton_fused
+
+    policy = triton_fused.mxfp4_config
+    swap = request.param == "swap_ab"
+
+    def forced(*args: object, **kwargs: object) -> object:
+        return dataclasses.replace(policy(*args, **kwargs), swap_ab=swap)  # type: ignore[arg-type, type-var]
+
+    monkeypatch.setattr(triton_fused, "mxfp4_config", forced)
     return str(request.param)

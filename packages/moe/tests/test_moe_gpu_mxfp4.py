@@ -1,4 +1,4 @@
-"""GPU: the Triton MXFP4 kernels (the decode GEMV and the grouped GEMM, each at every size) at gpt-oss-20b sizes
+"""GPU: the Triton MXFP4 grouped GEMM (plain and computing C^T = W A^T, each at every size) at gpt-oss-20b sizes
 (H 2880, N 2880, 32 experts, top 4, bf16) against the torch reference on the same blocks, with and without
 biases / swigluoai; expert parallelism's -1 ids; the oracle's choice; a FusedMoE with MXFP4 experts in a CUDA graph."""
 

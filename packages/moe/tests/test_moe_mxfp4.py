@@ -1,9 +1,11 @@
 """MXFP4 experts (experts/mxfp4.py): the format's decoding and quantizer, the torch reference against the model-dtype
-experts on the dequantized weights, and the Triton MXFP4 kernels, the grouped GEMM (triton_mxfp4_kernels.py) and the
-decode GEMV (triton_mxfp4_gemv.py), against the reference on the same blocks, in the CPU interpreter (tiny sizes;
-gpt-oss-20b sizes on GPU: test_moe_gpu_mxfp4.py)."""
+experts on the dequantized weights, and the Triton MXFP4 grouped GEMM (triton_mxfp4_kernels.py; plain and computing
+C^T = W A^T) against the reference on the same blocks, in the CPU interpreter (tiny sizes; gpt-oss-20b sizes on GPU:
+test_moe_gpu_mxfp4.py)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -130,8 +132,6 @@ def test_triton_mxfp4_steps_of_several_scale_blocks(
 ) -> None:
     """BLOCK_K 64 over K 96 (the interpreter's config has 32, one scale block a step): a step of two scale blocks,
     then one whose second block lies past K, as gpt-oss's K of 2880 with BLOCK_K 128 has."""
-    import dataclasses
-
     from treadle_moe.experts import triton_fused
 
     monkeypatch.setattr(triton_fused, "INTERPRETER_CONFIG",
@@ -142,33 +142,32 @@ def test_triton_mxfp4_steps_of_several_scale_blocks(
     assert_close_to(out, ref, torch.float32)
 
 
-def test_kernel_choice_follows_the_rows_per_expert(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GEMV (BLOCK_M below 16: the rows per expert rounded up to a power of two, at most 8) while an expert
-    expects at most TREADLE_MOE_MXFP4_GEMV_MAX_ROWS rows; the grouped GEMM past it, when it is 0, or when given."""
-    from treadle_moe.configs import INTERPRETER_CONFIG
+def test_tiles_follow_the_rows_per_expert() -> None:
+    """The measured tiles: one row per expert, then up to 8 rows swapped; the tables' config past that, swapped
+    from 128 rows; given and interpreter configs as they are (BLOCK_K raised to a scale block)."""
+    from treadle_moe.configs import BlockConfig
     from treadle_moe.experts.triton_mxfp4 import mxfp4_config
 
-    def block_m(tokens: int, top_k: int = 4, experts: int = 32, given: bool = False) -> int:
-        return mxfp4_config(INTERPRETER_CONFIG, tokens, top_k, experts, given=given).block_m
+    table = BlockConfig(64, 128, 16, group_m=8, num_warps=8, num_stages=4)
 
-    assert [block_m(t) for t in (1, 8, 9, 24, 64)] == [1, 1, 2, 4, 8]
-    assert block_m(65) == INTERPRETER_CONFIG.block_m and block_m(1, given=True) == INTERPRETER_CONFIG.block_m
-    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "1000")
-    assert block_m(4096) == 8
-    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "0")
-    assert block_m(1) == INTERPRETER_CONFIG.block_m
-    monkeypatch.setenv("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "some")
-    with pytest.raises(ValueError, match="TREADLE_MOE_MXFP4_GEMV_MAX_ROWS"):
-        block_m(1)
+    def config(tokens: int, source: str = "fallback heuristic") -> BlockConfig:
+        return mxfp4_config(table, tokens, 4, 32, source=source)
+
+    assert (config(1).block_n, config(8).block_k, config(8).swap_ab) == (32, 256, False)
+    assert (config(9).block_n, config(64).block_k, config(64).swap_ab) == (64, 128, True)
+    assert config(65) == dataclasses.replace(table, block_k=32) and config(1016) == config(65)
+    assert config(1024) == dataclasses.replace(table, block_k=32, swap_ab=True)
+    assert config(1, "given") == config(1, "interpreter") == dataclasses.replace(table, block_k=32)
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
-def test_gemv_given_tiles_past_the_edges(combo: str) -> None:
-    """A given GEMV config of 64-row blocks and 2 scale blocks a step over K 96 and N 32: the last step's second
-    scale block and half of the w13 GEMV's rows lie past the edges (the default tile fits these sizes exactly)."""
+def test_given_tiles_past_the_edges(combo: str, swap_ab: bool) -> None:
+    """A given config of 64 columns and 2 scale blocks a step over K 96 and N 32: the last step's second scale block
+    and half of the w13 GEMM's columns lie past the edges."""
     from treadle_moe.configs import BlockConfig
 
-    given = BlockConfig(block_m=2, block_n=64, block_k=64, num_stages=1)
+    given = BlockConfig(block_m=16, block_n=64, block_k=64, num_stages=1, swap_ab=swap_ab)
     inputs, scales, epilogue = make_mxfp4_inputs((5, 96, 32, 4, 2, 0), torch.float32, 11, DEVICE, bias=True)
     out = run_mxfp4(combo, inputs, scales, "swigluoai", epilogue, block_config=given)
     ref = run_mxfp4("standard-torch", inputs, scales, "swigluoai", epilogue)

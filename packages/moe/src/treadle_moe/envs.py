@@ -24,15 +24,6 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def moe_mxfp4_gemv_max_rows() -> int:
-    """TREADLE_MOE_MXFP4_GEMV_MAX_ROWS: MXFP4 experts take the GEMV kernel (experts/triton_mxfp4_gemv.py) while
-    an expert's expected rows (tokens x top_k / experts, rounded up) are at most this; 0 turns it off (default 8)."""
-    value = os.environ.get("TREADLE_MOE_MXFP4_GEMV_MAX_ROWS", "8").strip()
-    if not value.isdigit():
-        raise ValueError(f"TREADLE_MOE_MXFP4_GEMV_MAX_ROWS={value!r} must be a non-negative integer")
-    return int(value)
-
-
 def moe_int4_gemv_max_tokens() -> int | None:
     """TREADLE_MOE_INT4_GEMV_MAX_TOKENS: 4-bit fused MoE runs its GEMV kernel (experts/triton_int4_gemv.py) up to
     this many tokens (rows of the experts' input) and the tl.dot kernel above; 0 never runs the GEMV kernel;
@@ -50,12 +41,3 @@ def moe_int4_gemv_max_tokens() -> int | None:
             "kernel), or unset for the default"
         )
     return tokens
-
-
-def moe_mxfp4_swap_ab_max_m() -> int:
-    """TREADLE_MOE_MXFP4_SWAP_AB_MAX_M: the MXFP4 grouped GEMM computes C^T = W A^T for BLOCK_M up to this (default 0:
-    never; experts/triton_mxfp4.py)."""
-    value = os.environ.get("TREADLE_MOE_MXFP4_SWAP_AB_MAX_M", "0").strip()
-    if not value.isdigit():
-        raise ValueError(f"TREADLE_MOE_MXFP4_SWAP_AB_MAX_M={value!r} must be a non-negative integer")
-    return int(value)

@@ -188,14 +188,14 @@ def select_moe_kernel(problem: MoEProblem, backend: str | None = None) -> MoEKer
                 int4=problem.int4 is not None or problem.mxfp4 is not None,
             )
             if problem.mxfp4 is not None:
-                config = mxfp4_config(
-                    config, tokens, problem.top_k, problem.routed_experts or problem.num_experts
-                )
+                experts = problem.routed_experts or problem.num_experts
+                config = mxfp4_config(config, tokens, problem.top_k, experts, source=source)
             if problem.int4 is not None:
                 config = int4_config(config, problem.int4, problem.hidden_size, problem.intermediate_size)
             reasons.append(
                 f"block config at {tokens} tokens: BLOCK_M={config.block_m} BLOCK_N={config.block_n} "
-                f"BLOCK_K={config.block_k} warps={config.num_warps} stages={config.num_stages} ({source})"
+                f"BLOCK_K={config.block_k} warps={config.num_warps} stages={config.num_stages}"
+                f"{' swap_ab' if config.swap_ab else ''} ({source})"
             )
     choice = MoEKernelChoice(experts_cls, prepare_finalize, reasons, problem.routed_experts)
     _record(problem, choice)

@@ -39,6 +39,8 @@ class BlockConfig:
     group_m: int = 1  # row blocks swept together (L2 reuse of A)
     num_warps: int = 4
     num_stages: int = 3
+    # MXFP4 grouped GEMM only (experts/triton_mxfp4.py): compute C^T = W A^T
+    swap_ab: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -47,11 +49,15 @@ class BlockConfig:
                 raise ValueError(f"{name} ({value}) must be a power of two >= 16 (tl.dot minimum)")
 
     def to_json(self) -> dict[str, int]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.swap_ab:  # the tables' configs, as they were written before the field
+            del data["swap_ab"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, int]) -> BlockConfig:
-        return cls(**{key: int(value) for key, value in data.items()})
+        swap_ab = bool(data.get("swap_ab", False))
+        return cls(**{key: int(value) for key, value in data.items() if key != "swap_ab"}, swap_ab=swap_ab)
 
 
 INTERPRETER_CONFIG = BlockConfig(block_m=16, block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1)

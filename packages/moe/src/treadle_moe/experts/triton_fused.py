@@ -124,8 +124,8 @@ class _TritonBase(Experts):
             config, source = get_block_config(
                 num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name, int4=weight_only
             )
-        if mxfp4:  # the GEMV at decode sizes; else whole scale blocks per K step, a given config too
-            return mxfp4_config(config, num_tokens, top_k, num_experts, given=source == "given"), source
+        if mxfp4:  # measured tiles for few rows per expert; whole scale blocks per K step, a given config too
+            return mxfp4_config(config, num_tokens, top_k, num_experts, source=source), source
         if int4 is None or source == "given":  # a given config runs as it is (steps may straddle groups)
             return config, source
         return int4_config(config, int4.layout, hidden, two_n // 2), source

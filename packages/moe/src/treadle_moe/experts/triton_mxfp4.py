@@ -4,15 +4,15 @@ For MXFP4 expert weights (experts/mxfp4.py, gpt-oss) the two GEMMs of triton_fus
 operand is decoded from e2m1 nibbles and e8m0 scales in registers (triton_mxfp4_kernels.py); the activations stay
 in the model dtype, so there is no quantization launch: hidden [rows, K] -> act(gate + b) * (up + b') [slots, N] ->
 (+ b2, * routing weight) [slots, K]. The experts' biases and swigluoai run in the epilogues as in the bf16 kernel.
-Two kernels: while an expert's expected rows (tokens x top_k / experts, rounded up) are at most
-TREADLE_MOE_MXFP4_GEMV_MAX_ROWS (default 8), the GEMV of triton_mxfp4_gemv.py (no tl.dot; decode sizes), else the
-grouped GEMM of triton_mxfp4_kernels.py. The block config says which (`mxfp4_config`): BLOCK_M below 16 is the GEMV
-(BLOCK_M the rows' power of two, BLOCK_K / 32 scale blocks per step); else the tables' config for the problem,
-weight-only 4-bit tables first (configs/), with BLOCK_K at least 32 (the GEMM's steps hold whole scale blocks; a given
-config is raised too). The GEMM computes C^T = W A^T instead (SWAP_AB: the decoded weight tile is the dot's left
-operand as it comes, no transpose; the rows the right one's 16-wide side) for BLOCK_M up to
-TREADLE_MOE_MXFP4_SWAP_AB_MAX_M. The GEMM's tiles are a starting point, not tuned for it (benchmarks/moe_mxfp4.py
-times both kernels against bf16).
+Block config (`mxfp4_config`), measured at gpt-oss's expert shapes on an H200 (benchmarks/moe_mxfp4.py --sweep,
+session 34; an expert's expected rows = tokens x top_k / experts, rounded up):
+- at most 1 row (decode of a few sequences): BLOCK_N 32, BLOCK_K 256 (0.83x bf16's time against the tables' tiles);
+- 2-8 rows: BLOCK_N 64, BLOCK_K 128, and C^T = W A^T (`swap_ab`: the decoded weight tile is the dot's left operand
+  as it comes, no transpose; the rows fill the right operand's 16-wide side): 0.80-0.89x the tables' tiles;
+- more: the tables' config (weight-only 4-bit tables first, configs/), swapped from 128 rows (1,024 and 4,096
+  tokens: 0.85x; 256 tokens, 32 rows, ran 5 % slower swapped).
+BLOCK_K is at least 32 everywhere (the steps hold whole scale blocks; a given config is raised too, and keeps its
+swap_ab); the CPU interpreter keeps its small config.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import dataclasses
 
 import torch
 
-from treadle_moe import envs
 from treadle_moe.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
 from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.align import BlockAlignment
@@ -31,21 +30,25 @@ from treadle_moe.experts.mxfp4 import MXFP4_BLOCK, Mxfp4ExpertScales
 __all__ = ["invoke_moe_mxfp4_gemm", "mxfp4_config", "run_mxfp4_gemms"]
 
 
-# the GEMV's tile: 32 weight rows a program, 4 scale blocks (128 inputs) a step
-GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 32, 128, 4
-GEMV_MAX_BLOCK_M = 8  # more rows take more blocks
+# an expert's expected rows -> (tiles, C^T = W A^T) for few rows; from SWAP_AB_ROWS the tables' tiles swapped
+DECODE_TILES = ((1, BlockConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=3)),
+                (8, BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3, swap_ab=True)))  # fmt: skip
+SWAP_AB_ROWS = 128
 
 
 def mxfp4_config(
-    config: BlockConfig, num_tokens: int, top_k: int, num_experts: int, *, given: bool = False
+    config: BlockConfig, num_tokens: int, top_k: int, num_experts: int, *, source: str
 ) -> BlockConfig:
-    """The GEMV config when an expert's expected rows are few (module docstring), else `config` with BLOCK_K at
-    least one scale block (32; block sizes are powers of two). A `given` config keeps its kernel."""
+    """The block config for MXFP4 experts (module docstring): `config` is the tables' (`source` "given": as given;
+    "interpreter": the CPU interpreter's, kept) with BLOCK_K raised to one scale block (32)."""
+    config = dataclasses.replace(config, block_k=max(MXFP4_BLOCK, config.block_k))
+    if source in ("given", "interpreter"):
+        return config
     rows = -(-num_tokens * top_k // max(num_experts, 1))
-    if not given and rows <= envs.moe_mxfp4_gemv_max_rows():
-        block_m = min(1 << max(rows - 1, 0).bit_length(), GEMV_MAX_BLOCK_M)
-        return BlockConfig(block_m, GEMV_BLOCK_N, GEMV_BLOCK_K, group_m=1, num_warps=GEMV_WARPS, num_stages=2)
-    return dataclasses.replace(config, block_k=max(MXFP4_BLOCK, config.block_k))
+    for most, tiles in DECODE_TILES:
+        if rows <= most:
+            return tiles
+    return dataclasses.replace(config, swap_ab=rows >= SWAP_AB_ROWS)
 
 
 def invoke_moe_mxfp4_gemm(
@@ -65,7 +68,6 @@ def invoke_moe_mxfp4_gemm(
 ) -> None:
     """c[slot] = (gated: act_and_mul)(a[slot // a_rows_per_token] @ dequant(b[expert]).T + bias[expert])
     (* topk_weights[slot]); b uint8 blocks [E, ROWS, K / 32, 16] with scales [E, ROWS, K / 32]."""
-    from treadle_moe.experts import triton_mxfp4_gemv as tg
     from treadle_moe.experts import triton_mxfp4_kernels as tk
     from treadle_moe.experts.triton_kernels import ACTIVATION_CODES
     from treadle_moe.experts.triton_launch import launch_fitted
@@ -81,23 +83,6 @@ def invoke_moe_mxfp4_gemm(
     bias = bias.contiguous() if bias is not None else None
     weights = topk_weights if topk_weights is not None else scale  # unused pointer when not multiplying
 
-    if config.block_m < 16:
-        words = b.view(torch.int32)  # [E, ROWS, K / 32, 4]: a scale block's 16 bytes are 4 words
-        grid = (alignment.num_blocks * -(-n_out // config.block_n),)
-        tg.fused_moe_mxfp4_gemv_kernel[grid](
-            a, words, scale, c, weights, bias if bias is not None else scale,
-            alignment.sorted_token_ids, alignment.expert_ids, alignment.num_tokens_post_padded, n_out, k,
-            alignment.num_slots, a.stride(0), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1),
-            c.stride(0), bias.stride(0) if bias is not None else 0, float(swiglu[0]), float(swiglu[1]),
-            A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
-            MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None, BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n, GROUPS=config.block_k // MXFP4_BLOCK, GROUP_M=config.group_m,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
-        return
-
-    swap_ab = config.block_m <= envs.moe_mxfp4_swap_ab_max_m()
-
     def launch(config: BlockConfig) -> None:
         grid = (alignment.num_blocks * -(-n_out // config.block_n),)
         tk.fused_moe_mxfp4_gemm_kernel[grid](
@@ -107,7 +92,7 @@ def invoke_moe_mxfp4_gemm(
             bias.stride(0) if bias is not None else 0, float(swiglu[0]), float(swiglu[1]),
             A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
             MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
-            UPCAST=a.device.type == "cpu" or a.dtype == torch.float32, SWAP_AB=swap_ab, BLOCK_M=config.block_m,
+            UPCAST=a.device.type == "cpu" or a.dtype == torch.float32, SWAP_AB=config.swap_ab, BLOCK_M=config.block_m,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
             num_stages=config.num_stages,
         )  # fmt: skip

@@ -14,7 +14,9 @@ are) and its BLOCK_K / 32 scale bytes, and decodes in registers, no lookup table
 the low and high nibbles joined into inputs 2j and 2j + 1, each 32 inputs times their block's scale, transposed to the
 dot's [BLOCK_K, BLOCK_N]. That is exactly the spec's dequantized value, so rounding it to A's dtype for the dot loses
 nothing; the products are accumulated in float32. A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU
-interpreter, and fp32 A): fp32 operands, IEEE dot. K must be a multiple of 32.
+interpreter, and fp32 A): fp32 operands, IEEE dot. SWAP_AB: the dot computes C^T = W A^T, the decoded [BLOCK_N,
+BLOCK_K] tile its left operand as it is (no transpose), A^T [BLOCK_K, BLOCK_M] loaded transposed, the accumulators
+transposed once before the epilogue. K must be a multiple of 32.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def mxfp4_epilogue(acc, acc_up, c_ptr, stride_cm, topk_weights_ptr, bias_ptr, ex
                    offs_n, n_mask, N, alpha, limit, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
                    MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
     """The expert's bias row added to the fp32 accumulators, the activation (swigluoai or finish_rows' own), the
-    routing weight, the store to C's rows `slots` (this kernel's and the GEMV's, triton_mxfp4_gemv.py)."""
+    routing weight, the store to C's rows `slots`."""
     if HAS_BIAS:
         bias_row = bias_ptr + expert * stride_bias_e + offs_n  # [BN]; contiguous rows of [E, 2N] or [E, K]
         acc += tl.load(bias_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
