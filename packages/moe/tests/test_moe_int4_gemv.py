@@ -5,13 +5,19 @@ int4_cases.py (groups of 16 and 32 that tile a K step, 24 and act order that gat
 column), K not a multiple of the K step (48 in one partial step; 200 in a full and a partial one), N not a multiple of
 BLOCK_N (48, 40), 1..8 tokens, top_k 1..4; both GEMMs launched directly (gated with silu / gelu_tanh, and the
 routing-weight multiply) with BLOCK_M 1, 2 and 8 in alignment blocks of 4 and 16 slots (several passes over a block,
-a partial last one); the whole layer in both activation formats; the dispatch and its environment variable.
+a partial last one); the whole layer in both activation formats; the dispatch and its environment variable; and an
+ahead-of-time sm_90 compile of every layout (compile_int4_gemv_sm90.py: no register spills).
 fp32 within 1e-5 of the reference; bf16 within a few % (the interpreter's fp32 -> bf16 conversion truncates).
 The GPU tests (`gpu` marker) run Qwen3-30B-A3B's sizes (hidden 2048, moe intermediate 768, 128 experts, top-8,
 groups of 128) against the spec and against the tl.dot kernel.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,6 +178,17 @@ def test_dispatch_picks_the_kernel(
     got = run_moe("standard-triton", inputs, scales)
     assert calls == [kernel, kernel]
     assert relative_error(got, moe_int4_spec(inputs)) < 1e-5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's compiler ships for Linux")
+def test_gemv_compiles_for_sm90_without_spills() -> None:
+    """Every layout and BLOCK_M compiles for Hopper (the interpreter accepts code the compiler rejects) and keeps
+    its registers (compile_int4_gemv_sm90.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_int4_gemv_sm90.py")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "compiled for sm_90" in proc.stdout
 
 
 GPU_K, GPU_N, GPU_E, GPU_TOP_K = 2048, 768, 128, 8

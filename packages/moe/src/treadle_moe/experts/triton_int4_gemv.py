@@ -105,26 +105,29 @@ def _step(acc, a_rows, slot_mask, w_ptr, s_ptr, z_ptr, g_ptr, cols, K, word_rows
                 z = 8.0
             scale = tl.load(s_ptr + at, mask=tile_mask, other=0.0).to(tl.float32)
             acc += a[:, :, :, None] * ((_plane(words, high, j) - z * (1 << (4 * (j % 4)))) * scale)
-        return acc
-    # a word lies in one group: s (sum a q - z sum a), the scale and zero point of [1, G, 1, BN] broadcast over the
-    # group's words
-    part = tl.zeros(acc.shape, dtype=tl.float32)
-    a_sum = tl.zeros(a_mask.shape, dtype=tl.float32)
-    for j in tl.static_range(8):
-        a_at = a_rows[:, None, None] + (word_rows * 8 + j)[None, :, :]
-        a = tl.load(a_at, mask=a_mask, other=0.0).to(tl.float32)
-        a_sum += a
-        part += (a * (1.0 / (1 << (4 * (j % 4)))))[:, :, :, None] * _plane(words, high, j)
-    # [1, G, 1, BN]
-    at = (group_words * 8 // group_size).to(tl.int64)[None, :, :, None] * cols + offs_n[None, None, None, :]
-    group_mask = (group_words < K // 8)[None, :, :, None] & n_mask[None, None, None, :]
-    s = tl.load(s_ptr + at, mask=group_mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(z_ptr + at, mask=group_mask, other=0).to(tl.float32)
-        part -= z * a_sum[:, :, :, None]
     else:
-        part -= 8.0 * a_sum[:, :, :, None]
-    return acc + part * s
+        # a word lies in one group: s (sum a q - z sum a), the scale and zero point of [1, G, 1, BN] broadcast over
+        # the group's words
+        part = tl.zeros(acc.shape, dtype=tl.float32)
+        a_sum = tl.zeros(a_mask.shape, dtype=tl.float32)
+        for j in tl.static_range(8):
+            a_at = a_rows[:, None, None] + (word_rows * 8 + j)[None, :, :]
+            a = tl.load(a_at, mask=a_mask, other=0.0).to(tl.float32)
+            a_sum += a
+            part += (a * (1.0 / (1 << (4 * (j % 4)))))[:, :, :, None] * _plane(words, high, j)
+        # [1, G, 1, BN]
+        at = (group_words * 8 // group_size).to(tl.int64)[None, :, :, None] * cols + offs_n[
+            None, None, None, :
+        ]
+        group_mask = (group_words < K // 8)[None, :, :, None] & n_mask[None, None, None, :]
+        s = tl.load(s_ptr + at, mask=group_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + at, mask=group_mask, other=0).to(tl.float32)
+            part -= z * a_sum[:, :, :, None]
+        else:
+            part -= 8.0 * a_sum[:, :, :, None]
+        acc += part * s
+    return acc
 
 
 @triton.jit
