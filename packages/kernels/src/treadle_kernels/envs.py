@@ -48,7 +48,12 @@ def SMALL_BATCH_LINEAR_MAX_ROWS(limit: int) -> int:
 def FP8_LINEAR_MAX_ROWS(limit: int, default: int) -> int:
     """Rows up to which ``fp8_linear`` runs the fp8 weight-streaming Triton kernel (``TREADLE_FP8_LINEAR_MAX_ROWS``,
     0 to ``limit``; default ``default``); more rows quantize the activations and run ``torch._scaled_mm``."""
-    raw = os.environ.get("TREADLE_FP8_LINEAR_MAX_ROWS")
+    return _rows_knob("TREADLE_FP8_LINEAR_MAX_ROWS", limit, default)
+
+
+def _rows_knob(name: str, limit: int, default: int) -> int:
+    """The integer from 0 to ``limit`` that variable ``name`` holds (``default`` when unset); ValueError otherwise."""
+    raw = os.environ.get(name)
     if raw is None:
         return default
     try:
@@ -56,7 +61,7 @@ def FP8_LINEAR_MAX_ROWS(limit: int, default: int) -> int:
     except ValueError:
         value = -1
     if not 0 <= value <= limit:
-        raise ValueError(f"TREADLE_FP8_LINEAR_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}")
+        raise ValueError(f"{name}={raw!r}: expected an integer from 0 to {limit}")
     return value
 
 
@@ -76,16 +81,7 @@ def W4A16_DEQUANT_MIN_ROWS() -> int:
 def W4A16_GEMV_MAX_ROWS(limit: int, default: int) -> int:
     """Rows up to which ``w4a16_linear`` runs its GEMV kernel (fp32 FMAs, ops/w4a16_gemv.py) instead of the
     tensor-core kernel (``TREADLE_W4A16_GEMV_MAX_ROWS``, 0 to ``limit``; default ``default``; 0 turns it off)."""
-    raw = os.environ.get("TREADLE_W4A16_GEMV_MAX_ROWS")
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= limit:
-        raise ValueError(f"TREADLE_W4A16_GEMV_MAX_ROWS={raw!r}: expected an integer from 0 to {limit}")
-    return value
+    return _rows_knob("TREADLE_W4A16_GEMV_MAX_ROWS", limit, default)
 
 
 def FUSED_DECODE_ATTENTION() -> bool:

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .support import rows_view
+from .w4a16_linear import _per_row, split_k_launch
 
 __all__ = ["DEFAULT_MAX_ROWS", "MAX_ROWS", "GemvConfig", "choose_gemv_config", "launch_gemv"]
 
@@ -98,11 +98,6 @@ def choose_gemv_config(
     return GemvConfig(block_m, block_n, block_k, split, 4, 1)
 
 
-def _per_row(group_size: int, k: int, g_idx: torch.Tensor | None, block_k: int) -> bool:
-    """Whether steps must gather each row's scale (act order, or a step straddling groups)."""
-    return g_idx is not None or not (group_size >= k or group_size % block_k == 0)
-
-
 def launch_gemv(
     x: torch.Tensor,
     packed_weight: torch.Tensor,
@@ -114,39 +109,25 @@ def launch_gemv(
     cfg: GemvConfig,
 ) -> torch.Tensor:
     """``w4a16_linear`` by the GEMV kernel with tiles `cfg` (the provider's dispatch, tests and benchmarks)."""
-    from .w4a16_linear_kernels import w4a16_reduce_kernel
-
-    x2 = rows_view(x)
-    assert x2 is not None, "x must be viewable as [rows, k] without a copy"
-    m, k = x2.shape
-    n = packed_weight.shape[1]
     assert cfg.block_k % 8 == 0 and cfg.block_m >= 1, f"bad GEMV tiles {cfg}"
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out.view(*x.shape[:-1], n)
-    steps = -(-k // cfg.block_k)
-    per_split = -(-steps // max(1, min(cfg.split_k, steps)))
-    # no empty split
-    split = -(-steps // per_split)
-    parts = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    # a step lies in one group unless PER_ROW: the steps of a group, all of them for one group per column
-    steps_per_group = steps if group_size >= k else max(1, group_size // cfg.block_k)
-    grid = (-(-n // cfg.block_n) * -(-m // cfg.block_m), split)
-    w4a16_gemv_kernel[grid](
-        x2, x2.stride(0), packed_weight, scales, zeros if zeros is not None else packed_weight,
-        g_idx if g_idx is not None else packed_weight, bias if bias is not None else scales, parts, m, n, k,
-        group_size, steps_per_group, per_split, HAS_ZEROS=zeros is not None,
-        PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
-        G_IDX=g_idx is not None, HAS_BIAS=bias is not None, PARTIALS=split > 1, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if split > 1:
-        block_n = 256 if x.is_cuda else 32
-        w4a16_reduce_kernel[(m, -(-n // block_n))](
-            parts, bias if bias is not None else parts, out, m, n, split, HAS_BIAS=bias is not None,
-            BLOCK_N=block_n, num_warps=4,
+
+    def run(x2: torch.Tensor, parts: torch.Tensor, per_split: int, split: int) -> None:
+        m, k = x2.shape
+        n = parts.shape[-1]
+        steps = -(-k // cfg.block_k)
+        # a step lies in one group unless PER_ROW: the steps of a group, all of them for one group per column
+        steps_per_group = steps if group_size >= k else max(1, group_size // cfg.block_k)
+        grid = (-(-n // cfg.block_n) * -(-m // cfg.block_m), split)
+        w4a16_gemv_kernel[grid](
+            x2, x2.stride(0), packed_weight, scales, zeros if zeros is not None else packed_weight,
+            g_idx if g_idx is not None else packed_weight, bias if bias is not None else scales, parts, m, n, k,
+            group_size, steps_per_group, per_split, HAS_ZEROS=zeros is not None,
+            PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
+            G_IDX=g_idx is not None, HAS_BIAS=bias is not None, PARTIALS=split > 1, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    return out.view(*x.shape[:-1], n)
+
+    return split_k_launch(x, packed_weight.shape[1], bias, cfg.block_k, cfg.split_k, run)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ Under the CPU interpreter (tests) the same kernel runs on small tiles with fp32 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
@@ -105,31 +106,51 @@ def launch(
     """Run the kernel with tiles `cfg` (benchmarks and tests pass their own)."""
     from . import w4a16_linear_kernels as kernels
 
+    def run(x2: torch.Tensor, parts: torch.Tensor, per_split: int, split: int) -> None:
+        m, k = x2.shape
+        n = parts.shape[-1]
+        upcast = not x.is_cuda or x.dtype == torch.float32
+        grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n), split)
+        kernels.w4a16_gemm_kernel[grid](
+            x2, x2.stride(0), packed_weight, scales, zeros if zeros is not None else packed_weight,
+            g_idx if g_idx is not None else packed_weight, bias if bias is not None else scales, parts, m, n, k,
+            group_size, per_split, HAS_ZEROS=zeros is not None, PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
+            G_IDX=g_idx is not None, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, PARTIALS=split > 1, GROUP_M=cfg.group_m, EXPAND=cfg.expand, UPCAST=upcast,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    return split_k_launch(x, packed_weight.shape[1], bias, cfg.block_k, cfg.split_k, run)
+
+
+def split_k_launch(
+    x: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    block_k: int,
+    split_k: int,
+    run: Callable[[torch.Tensor, torch.Tensor, int, int], None],
+) -> torch.Tensor:
+    """The frame of both 4-bit kernels' launches (this GEMM's, w4a16_gemv.py's): x as [m, k] rows, the output,
+    K's steps of `block_k` cut into at most `split_k` non-empty splits; `run(x2, parts, per_split, split)` launches
+    the kernel into `parts` (the output itself, or fp32 partials [split, m, n] reduced here in split order, the
+    bias added once)."""
+    from .w4a16_linear_kernels import w4a16_reduce_kernel
+
     x2 = rows_view(x)
     assert x2 is not None, "x must be viewable as [rows, k] without a copy"
     m, k = x2.shape
-    n = packed_weight.shape[1]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.view(*x.shape[:-1], n)
-    steps = -(-k // cfg.block_k)
-    split = max(1, min(cfg.split_k, steps))
-    per_split = -(-steps // split)
+    steps = -(-k // block_k)
+    per_split = -(-steps // max(1, min(split_k, steps)))
     split = -(-steps // per_split)  # no empty split
     parts = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    upcast = not x.is_cuda or x.dtype == torch.float32
-    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n), split)
-    kernels.w4a16_gemm_kernel[grid](
-        x2, x2.stride(0), packed_weight, scales, zeros if zeros is not None else packed_weight,
-        g_idx if g_idx is not None else packed_weight, bias if bias is not None else scales, parts, m, n, k,
-        group_size, per_split, HAS_ZEROS=zeros is not None, PER_ROW=_per_row(group_size, k, g_idx, cfg.block_k),
-        G_IDX=g_idx is not None, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, PARTIALS=split > 1, GROUP_M=cfg.group_m, EXPAND=cfg.expand, UPCAST=upcast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    run(x2, parts, per_split, split)
     if split > 1:
         block_n = 256 if x.is_cuda else 32
-        kernels.w4a16_reduce_kernel[(m, -(-n // block_n))](
+        w4a16_reduce_kernel[(m, -(-n // block_n))](
             parts, bias if bias is not None else parts, out, m, n, split, HAS_BIAS=bias is not None,
             BLOCK_N=block_n, num_warps=4,
         )  # fmt: skip
