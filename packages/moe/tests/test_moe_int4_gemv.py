@@ -128,12 +128,12 @@ def test_gemv_gemms_every_block_size(layout: str, align_m: int, block_m: int) ->
 
 @pytest.mark.parametrize(
     ("env", "tokens", "expected"),
-    [(None, 1, True), (None, 32, True), (None, 33, False), ("0", 1, False), ("5", 5, True), ("5", 6, False)],
+    [(None, 1, True), (None, 16, True), (None, 17, False), ("0", 1, False), ("5", 5, True), ("5", 6, False)],
 )
 def test_use_gemv_threshold(
     monkeypatch: pytest.MonkeyPatch, env: str | None, tokens: int, expected: bool
 ) -> None:
-    """Default: up to 2 * E / top_k tokens (32 at 128 experts, top-8); the variable overrides it, 0 disables."""
+    """Default: up to E / top_k tokens (16 at 128 experts, top-8); the variable overrides it, 0 disables."""
     if env is None:
         monkeypatch.delenv(GEMV_ENV, raising=False)
     else:

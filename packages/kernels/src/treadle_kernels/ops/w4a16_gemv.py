@@ -32,8 +32,11 @@ Rows: the K loop issues, per weight and row, 6.6 instructions at one row, 4.5 at
 An H200 SM issues 128 a clock, 3.35e13/s over 132 SMs, so the issue rate bounds a weight at one row to ~2.0e-13 s
 (~2.5 TB/s of 4-bit weight, against ~6e-13 s for a bf16 weight at ~3.3 TB/s: ~3x), at 3-4 rows (a 4-row block) to
 ~3.9e-13 s (~1.5x), and at 5-8 rows (an 8-row block) to ~7.0e-13 s (~0.85x, no better than the tensor-core kernel's
-measured 0.71-0.96x at 16 rows). Hence ``DEFAULT_MAX_ROWS`` = 4 rather than 16; ``TREADLE_W4A16_GEMV_MAX_ROWS``
-moves it (0 to 16; 0 turns the GEMV off) once the benchmark has timed both kernels at each row count.
+measured 0.71-0.96x at 16 rows). Measured on an H200 at Llama-3.1-8B's projections (benchmarks/w4a16_gemm.py,
+session 34 call 4, zero points, GEMV against the tensor-core kernel): 1 row 11.4 / 20.9 us (qkv) .. 38.1 / 80.9
+(gate_up), 1.03-1.44x bf16; 2 rows 14.5 / 21.7 .. 58.4 / 80.4, 0.94-1.12x bf16; but 3 rows 22.0 / 21.7 .. 88.8 /
+80.7 and 4 rows 22.2 / 21.6 .. 89.1 / 80.1. Hence ``DEFAULT_MAX_ROWS`` = 2; ``TREADLE_W4A16_GEMV_MAX_ROWS`` moves it
+(0 to 16; 0 turns the GEMV off).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from .w4a16_linear import _per_row, split_k_launch
 
 __all__ = ["DEFAULT_MAX_ROWS", "MAX_ROWS", "GemvConfig", "choose_gemv_config", "launch_gemv"]
 
-DEFAULT_MAX_ROWS = 4
+DEFAULT_MAX_ROWS = 2
 # the knob's limit: at 16 rows the FMAs alone cost more than the bf16 weight's bytes (above)
 MAX_ROWS = 16
 # rows per program (registers); 9-16 rows run two row blocks per column tile, neighbours in launch order

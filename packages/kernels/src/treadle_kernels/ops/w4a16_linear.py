@@ -1,6 +1,6 @@
 """The Triton provider of ``w4a16_linear`` (``triton``): 4-bit weights unpacked in registers before a 16-bit dot.
 
-Up to ``gemv_max_rows()`` rows (default 4, ``TREADLE_W4A16_GEMV_MAX_ROWS``; 0: never) a GEMV on fp32 FMAs runs
+Up to ``gemv_max_rows()`` rows (default 2, ``TREADLE_W4A16_GEMV_MAX_ROWS``; 0: never) a GEMV on fp32 FMAs runs
 instead (:mod:`.w4a16_gemv`: no padding of the rows to a 16-row tensor-core tile, the weight streamed once); then
 one kernel (:mod:`.w4a16_linear_kernels`) for every row count; ``choose_config`` picks its tiles by the rows:
 - up to 16 rows (decode): one 16-row tile, 64 columns by 128 input rows per step, and the K dimension split so that

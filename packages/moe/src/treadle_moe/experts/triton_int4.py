@@ -12,14 +12,15 @@ benchmarks/moe_w4a16.py times them against bf16 fused MoE on a GPU.
 Requirements (`int4_support_reason`): 16-bit or fp32 activations (the dtype's of the base class); any group size.
 
 Small batches (`use_gemv`) take the GEMV kernel of triton_int4_gemv.py instead: no tensor cores, BLOCK_M of 1..4
-slots, each nibble unpacked by a mask-and-or and a float subtract. Default: up to 2 * E / top_k rows of A (tokens in
-the standard format: 32 at Qwen3-30B-A3B's 128 experts, top-8; the batched format's E * max_tokens slab rows, top_k
-1), i.e. at most two slots an expert on average. There the GEMV streams each touched expert's weight about once and
-spends some two ALU operations a weight plus one FMA a weight and slot, about the time the GPU takes to stream that
-weight (half a byte) on an H100/H200, while the dot kernel's BLOCK_M >= 16 tiles are mostly padding. Above it the
-FMA work grows with the slots while the bytes do not, and the tensor cores win. The threshold is a starting point
-for benchmarks/moe_w4a16.py (its rows time both kernels): TREADLE_MOE_INT4_GEMV_MAX_TOKENS (envs.py) overrides it;
-0 never runs the GEMV kernel.
+slots, each nibble unpacked by a mask-and-or and a float subtract. Default: up to E / top_k rows of A (tokens in
+the standard format: 16 at Qwen3-30B-A3B's 128 experts, top-8; the batched format's E * max_tokens slab rows, top_k
+1), i.e. at most one slot an expert on average. There the GEMV streams each touched expert's weight about once and
+spends some two ALU operations a weight plus one FMA a weight and slot, while the dot kernel's BLOCK_M >= 16 tiles
+are mostly padding. Measured on an H200 at Qwen3-30B-A3B's shapes (benchmarks/moe_w4a16.py, session 34 call 4),
+GEMV against dot: 1 token 26.7 / 41.8 us (symmetric; zero points 26.9 / 52.5, act order 36.5 / 57.6), 16 tokens
+207 / 221, but 32 tokens 334 / 265 (act order 436 / 414): above one slot an expert the FMA work grows with the slots
+while the bytes do not, and the tensor cores win. TREADLE_MOE_INT4_GEMV_MAX_TOKENS (envs.py) overrides it; 0 never
+runs the GEMV kernel.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def int4_config(config: BlockConfig, layout: Int4Layout, k: int, n: int) -> Bloc
 
 def use_gemv(num_tokens: int, num_experts: int, top_k: int) -> bool:
     """Whether `num_tokens` rows of A (each routed to top_k of num_experts experts; the batched format passes its slab
-    rows and 1) take the GEMV kernel: up to TREADLE_MOE_INT4_GEMV_MAX_TOKENS, else 2 * E / top_k (module docstring)."""
+    rows and 1) take the GEMV kernel: up to TREADLE_MOE_INT4_GEMV_MAX_TOKENS, else E / top_k (module docstring)."""
     limit = envs.moe_int4_gemv_max_tokens()
     if limit is None:
-        limit = max(1, 2 * num_experts // max(top_k, 1))
+        limit = max(1, num_experts // max(top_k, 1))
     return 0 < num_tokens <= limit
 
 
