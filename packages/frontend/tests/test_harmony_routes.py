@@ -183,3 +183,23 @@ def test_constrained_replies_on_responses_and_messages(client: openai.OpenAI, se
     assert [b.type for b in used.content] == ["thinking", "tool_use"]
     assert (used.content[0].thinking, used.content[1].name, used.content[1].input) == (  # type: ignore[union-attr]
         THOUGHT, "get_weather", {"city": "Paris"})  # fmt: skip
+
+
+def test_responses_required_call(client: openai.OpenAI, server: Any) -> None:
+    """tool_choice "required" on /v1/responses: the forced final message's array (structured.harmony_call) comes
+    back as a reasoning item and function_call items."""
+    calls = [{"name": "get_weather", "parameters": {"city": "Paris"}}]
+    server.script(
+        ANALYSIS + "<|start|>assistant<|channel|>final<|message|>" + json.dumps(calls) + "<|return|>"
+    )
+    try:
+        done = client.responses.create(
+            model="tiny", input="Weather in Paris?", tools=[TOOL], tool_choice="required"
+        )
+    finally:
+        server.engine.script = None
+    assert [item.type for item in done.output] == ["reasoning", "function_call"]
+    call = done.output[1]
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})  # type: ignore[union-attr]
+    so = server.requests[-1].sampling_params.structured_outputs
+    assert so.is_header_forced and json.loads(so.json)["type"] == "array"

@@ -2,8 +2,9 @@
 engine; the fake engine writes scripted replies, so what is checked here is what reaches the engine and how the
 reply is read): a JSON response_format or structured_outputs holds off until the final message's header (the
 analysis stays reasoning, the JSON is content); a forced named call is an analysis message or none, then its forced
-call header and its arguments, and comes back as reasoning and the call; "required" is a 400; an assistant turn of
-several calls reaches the template as one message per call, each followed by its result."""
+call header and its arguments, and comes back as reasoning and the call; "required" is the same with the final
+message's header forced and an array of calls as its JSON (chat, streamed or not, and Anthropic's tool_choice any);
+an assistant turn of several calls reaches the template as one message per call, each followed by its result."""
 
 from __future__ import annotations
 
@@ -134,10 +135,66 @@ def test_the_forced_call_reader_splits_the_same_in_any_pieces() -> None:
     assert ForcedCallHeader().split(ANALYSIS[:-3], final=True) == (THOUGHT + "<|en", "")
 
 
-def test_a_required_call_is_a_400(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required")
-    assert 'tool_choice "required" is not supported for gpt-oss (harmony) replies' in str(err.value)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("analysis", ["", ANALYSIS + "<|start|>assistant"])
+def test_a_required_call_is_the_final_message_array(
+    client: openai.OpenAI, server: Any, harmony_tokenizer: Any, stream: bool, analysis: str
+) -> None:
+    """tool_choice "required": an analysis message or none, then the final message's header forced and an array of
+    calls constrained to the tools' schemas; the analysis is reasoning, each item a call, finish_reason tool_calls."""
+    return_id = harmony_tokenizer.convert_tokens_to_ids("<|return|>")
+    calls = [{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]
+    server.script(analysis + "<|channel|>final<|message|>" + json.dumps(calls) + "<|return|>")
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    kw: dict[str, Any] = dict(messages=ASK, tools=[WEATHER, clock], tool_choice="required",
+                              extra_body={"stop_token_ids": [return_id]})  # fmt: skip
+    try:
+        if stream:
+            chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
+            streamed, _ = streamed_tool_calls(chunks)
+            got = [(name, json.loads(arguments)) for name, arguments in streamed.values()]
+            finish = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+            deltas = [c.delta for chunk in chunks for c in chunk.choices]
+            content = "".join(d.content or "" for d in deltas)
+            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        else:
+            reply = client.chat.completions.create(model="tiny", **kw)
+            message = reply.choices[0].message
+            got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+            finish, content = [reply.choices[0].finish_reason], message.content or ""
+            reasoning = getattr(message, "reasoning_content", None) or ""
+    finally:
+        server.engine.script = None
+    expected = [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert (got, finish, content, reasoning) == (expected, ["tool_calls"], "", THOUGHT if analysis else "")
+    so = server.requests[-1].sampling_params.structured_outputs
+    header = _ids(harmony_tokenizer, "<|channel|>final<|message|>")
+    assert (so.reasoning, so.is_header_forced, so.reasoning_end_ids) == ("harmony", True, header)
+    schema = json.loads(so.json)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    names = sorted(item["properties"]["name"]["enum"][0] for item in schema["items"]["anyOf"])
+    assert names == ["get_time", "get_weather"]
+
+
+def test_anthropic_any_tool_is_a_required_call(server: Any, harmony_tokenizer: Any) -> None:
+    """Anthropic's tool_choice {"type": "any"} is "required": the same forced final message, its items tool_use."""
+    import anthropic
+
+    server.script(ANALYSIS + "<|start|>assistant<|channel|>final<|message|>"
+                  + json.dumps([{"name": "get_weather", "parameters": {"city": "Paris"}}]) + "<|return|>")  # fmt: skip
+    tool = {"name": "get_weather", "description": "Weather in a city", "input_schema": SCHEMA}
+    client = anthropic.Anthropic(base_url=server.url, api_key="none")
+    try:
+        reply = client.messages.create(model="tiny", max_tokens=1024, messages=ASK, tools=[tool],
+                                       tool_choice={"type": "any"})  # fmt: skip
+    finally:
+        server.engine.script = None
+    blocks = [(b.type, getattr(b, "name", None), getattr(b, "input", None)) for b in reply.content]
+    assert blocks[-1] == ("tool_use", "get_weather", {"city": "Paris"}) and reply.stop_reason == "tool_use"
+    assert blocks[0][0] == "thinking"
+    so = server.requests[-1].sampling_params.structured_outputs
+    final_header = _ids(harmony_tokenizer, "<|channel|>final<|message|>")
+    assert so.is_header_forced and so.reasoning_end_ids == final_header
 
 
 def _call(i: int, name: str, city: str) -> dict[str, Any]:

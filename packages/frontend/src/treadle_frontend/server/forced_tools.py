@@ -12,8 +12,8 @@ is still calls (finish_reason "length", content null; Anthropic's stop_reason ma
 arguments written so far ("" if none), and each array item whose name was written whole.
 With a reasoning parser the constraint holds off until the reasoning block ends (structured.after_reasoning), so
 the block is split off first and streamed as reasoning; the JSON after it is the calls. A harmony reply (gpt-oss) of
-a named call is an analysis message (reasoning) or none, then the call's forced header (structured.harmony_call),
-dropped here; "required" is a 400 there.
+a forced call is an analysis message (reasoning) or none, then a forced header (structured.harmony_call: the named
+call's own, or for "required" the final message's, whose JSON is the array), dropped here.
 `ReplyReader` picks the parser for a reply (forced calls, the tool-call and reasoning parsers, or none), and
 `chat_delta` turns what a parser releases into a streamed chunk's delta.
 """

@@ -86,19 +86,20 @@ def harmony_call(
     params: StructuredOutputsParams, name: str | None, tokenizer: Any
 ) -> StructuredOutputsParams:
     """A forced call in the harmony format: the reply is an analysis message or none (`<|channel|>analysis
-    <|message|>`, free but for the stop tokens, to `<|end|>`), then `<|start|>assistant` and the call's header
-    `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`, forced token by token, then the
-    arguments' JSON and a stop token (`<|call|>`). "required" would leave the name to the model, which a forced
-    header cannot: a 400 asking for a named function (a tokenizer without the markers: unchanged)."""
+    <|message|>`, free but for the stop tokens, to `<|end|>`), then `<|start|>assistant` and a header forced token by
+    token, then the constrained JSON and a stop token. A named call's header is the call's own, `<|channel|>commentary
+    to=functions.NAME <|constrain|>json<|message|>`, and the JSON its arguments (then `<|call|>`). "required" leaves
+    the name to the model, which one forced header cannot: its header is the final message's, `<|channel|>final
+    <|message|>`, and the JSON the array of `{"name", "parameters"}` calls (forced_tools.py; then `<|return|>`), so
+    the model still reasons first. A tokenizer without the markers: unchanged."""
     opening = _harmony_ids(tokenizer, CHANNEL + "analysis" + MESSAGE)
     closing = tuple(tokenizer.encode(END + START + "assistant", add_special_tokens=False))
     if opening is None or closing[:2] != tuple(tokenizer.convert_tokens_to_ids([END, START])):
         return params
     if name is None:
-        raise APIError(400, 'tool_choice "required" is not supported for gpt-oss (harmony) replies: name the '
-                            'function ({"type": "function", "function": {"name": ...}}) or use "auto"',
-                       param="tool_choice")  # fmt: skip
-    header = _harmony_ids(tokenizer, f"{CHANNEL}commentary to={FUNCTIONS}{name} {CONSTRAIN}json{MESSAGE}")
+        header = _harmony_ids(tokenizer, CHANNEL + "final" + MESSAGE)
+    else:
+        header = _harmony_ids(tokenizer, f"{CHANNEL}commentary to={FUNCTIONS}{name} {CONSTRAIN}json{MESSAGE}")
     assert header is not None, "the markers were found above"
     return dataclasses.replace(params, reasoning="harmony", reasoning_end_ids=header, is_header_forced=True,
                                analysis_open_ids=opening, analysis_close_ids=closing)  # fmt: skip
