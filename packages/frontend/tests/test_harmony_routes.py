@@ -203,3 +203,32 @@ def test_responses_required_call(client: openai.OpenAI, server: Any) -> None:
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})  # type: ignore[union-attr]
     so = server.requests[-1].sampling_params.structured_outputs
     assert so.is_header_forced and json.loads(so.json)["type"] == "array"
+
+
+def test_responses_previous_response_id_carries_the_reasoning_and_call(
+    client: openai.OpenAI, server: Any
+) -> None:
+    """An agent loop by previous_response_id: the stored reply's reasoning and call reach the template as the
+    explicit items do above (the analysis before the call), then the call's result."""
+    server.script(ANALYSIS + CALL)
+    try:
+        done = client.responses.create(model="tiny", input="Weather in Paris?", tools=[TOOL])
+        server.script(FINAL)
+        call_id = done.output[1].call_id  # type: ignore[union-attr]
+        result = {"type": "function_call_output", "call_id": call_id, "output": '{"temp": 21}'}
+        again = client.responses.create(
+            model="tiny", input=[result], tools=[TOOL], previous_response_id=done.id
+        )
+        prompt = server.last_prompt()
+    finally:
+        server.engine.script = None
+    assert again.output_text == ANSWER
+    analysis = f"<|start|>assistant<|channel|>analysis<|message|>{THOUGHT}<|end|>"
+    assert (
+        "Weather in Paris?" in prompt and analysis + "<|start|>assistant to=functions.get_weather" in prompt
+    )
+    # then the call's result (the template writes the output string as JSON)
+    assert prompt.index("to=functions.get_weather") < prompt.index("functions.get_weather to=assistant"), (
+        prompt
+    )
+    assert "temp" in prompt[prompt.index("functions.get_weather to=assistant") :]

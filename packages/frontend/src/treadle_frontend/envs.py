@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TREADLE_ALLOW_RUNTIME_LORA_UPDATING"]
+__all__ = ["TREADLE_ALLOW_RUNTIME_LORA_UPDATING", "TREADLE_RESPONSES_STORE_SIZE"]
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
@@ -23,3 +23,13 @@ def TREADLE_ALLOW_RUNTIME_LORA_UPDATING() -> bool:
     if raw in _FALSE:
         return False
     raise ValueError(f"environment variable {name}={raw!r} is not a boolean; give 1 / true or 0 / false")
+
+
+def TREADLE_RESPONSES_STORE_SIZE() -> int:
+    """How many /v1/responses responses the server keeps for previous_response_id and GET /v1/responses/{id}
+    (server/responses_store.py): the newest, in memory; 0 keeps none. Default 1024."""
+    name = "TREADLE_RESPONSES_STORE_SIZE"
+    raw = os.environ.get(name, "1024").strip()
+    if not raw.isdigit():
+        raise ValueError(f"environment variable {name}={raw!r} is not a count; give an integer >= 0")
+    return int(raw)

@@ -158,6 +158,14 @@ def build_app(
         check_alive()
         return await responses.handle(body, request)
 
+    @v1.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> Any:
+        return responses.store.get(response_id)
+
+    @v1.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Any:
+        return responses.store.delete(response_id)
+
     @v1.post("/v1/messages")
     async def create_message(body: AnthropicMessagesRequest, request: Request) -> Any:
         check_alive()

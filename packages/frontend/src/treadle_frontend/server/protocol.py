@@ -115,9 +115,9 @@ class ResponsesRequest(_Body):
     tool_choice: Any = None
     # {"effort": low | medium | high}: the chat template's reasoning_effort variable
     reasoning: dict[str, Any] | None = None
-    previous_response_id: str | None = None  # rejected: nothing is stored
+    previous_response_id: str | None = None  # continues a stored response (server/responses_store.py)
     background: bool | None = None  # rejected
-    store: bool | None = None  # accepted, nothing is stored
+    store: bool | None = None  # false: not kept (default: kept, as OpenAI's)
     user: str | None = None
 
 

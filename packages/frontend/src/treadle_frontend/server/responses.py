@@ -9,8 +9,9 @@ reply cut at max_output_tokens has status "incomplete" with `incomplete_details.
 Streaming sends named events, each with a `sequence_number`: response.created → response.in_progress → response.output_item.added →
 response.content_part.added → response.output_text.delta* → response.output_text.done →
 response.content_part.done → response.output_item.done → response.completed (or response.incomplete); a failure
-mid-stream is an `error` event. Nothing is stored: `previous_response_id` and `background` are 400s. With a
-reasoning parser the block is a `reasoning` output item before the message (streamed as
+mid-stream is an `error` event. Responses are kept unless `store` is false (responses_store.py): a request naming
+`previous_response_id` continues one's conversation, GET / DELETE /v1/responses/{id} read and drop one;
+`background` is a 400. With a reasoning parser the block is a `reasoning` output item before the message (streamed as
 response.reasoning_text.delta events), its tokens counted in `usage.output_tokens_details.reasoning_tokens`.
 `reasoning.effort` (low, medium, high) reaches the chat template as its `reasoning_effort` variable (gpt-oss's).
 """
@@ -24,12 +25,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from treadle_frontend import envs
 from treadle_frontend.server.common import ServerState, new_id, reasoning_effort, sampling_params
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, forced_schema
 from treadle_frontend.server.harmony_messages import for_template
 from treadle_frontend.server.protocol import ResponsesRequest
 from treadle_frontend.server.reply import keeps_special_tokens
+from treadle_frontend.server.responses_store import ResponseStore
 from treadle_frontend.server.responses_tools import (
     ItemStream,
     call_item,
@@ -117,16 +120,27 @@ def _text(content: Any, i: int) -> str:
     return "\n".join(parts)
 
 
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as items (a string is one user message), after the stored conversation it continues."""
+    if isinstance(body.input, str):
+        return [{"type": "message", "role": "user", "content": body.input}]
+    return [dict(item) for item in body.input or []]
+
+
 class ResponsesHandler:
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.store = ResponseStore(envs.TREADLE_RESPONSES_STORE_SIZE())
 
     async def handle(self, body: ResponsesRequest, request: Request) -> Any:
         st = self.state
         st.check_model(body.model)
-        for name in ("previous_response_id", "background"):
-            if getattr(body, name):
-                raise APIError(400, f"{name} is not supported: this server keeps no responses", param=name)
+        if body.background:
+            raise APIError(400, "background is not supported: responses are answered in the request",
+                           param="background")  # fmt: skip
+        if body.previous_response_id:
+            items = [*self.store.conversation(body.previous_response_id), *input_items(body)]
+            body = body.model_copy(update={"input": items})
         tools = chat_tools(body.tools)
         choice = forced_choice(body.tool_choice)
         forced = forced_schema(tools, choice) if choice is not None else None
@@ -171,7 +185,7 @@ class ResponsesHandler:
         reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools, calls_only=True)
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
             gen = await first_output(request, gen)
-            stream = self._stream(rid, created, body, len(ids), gen, reply)
+            stream = self._stream(rid, created, body, len(ids), gen, reply)  # stored as it ends
             return event_stream(request, rid, stream, gen)
         out = (await until_disconnect(request, collect_all([gen])))[0]
         c = out.outputs[0]
@@ -186,7 +200,13 @@ class ResponsesHandler:
             ip.tokenizer, list(c.token_ids), reasoning is not None, st.config.reasoning_parser
         )
         counts = (len(ids), out.num_cached_tokens or 0, len(c.token_ids), thought)
-        return JSONResponse(self._response(rid, created, body, output, status, counts))
+        return JSONResponse(self._kept(body, self._response(rid, created, body, output, status, counts)))
+
+    def _kept(self, body: ResponsesRequest, response: dict[str, Any]) -> dict[str, Any]:
+        """`response`, stored with the input it answered unless the request said `store: false`."""
+        if body.store is not False:
+            self.store.put(response, input_items(body))
+        return response
 
     def _response(self, rid: str, created: int, body: ResponsesRequest, output: list[dict[str, Any]],
                   status: str, counts: tuple[int, int, int, int] | None) -> dict[str, Any]:  # fmt: skip
@@ -247,5 +267,5 @@ class ResponsesHandler:
         tokenizer, rp = self.state.llm.input_processor.tokenizer, self.state.config.reasoning_parser
         thought = reasoning_tokens(tokenizer, output_ids, reasoned, rp)
         counts = (num_input, num_cached, len(output_ids), thought)
-        done = self._response(rid, created, body, items.items, status, counts)
+        done = self._kept(body, self._response(rid, created, body, items.items, status, counts))
         yield event(f"response.{status}", response=done)
