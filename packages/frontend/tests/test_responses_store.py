@@ -1,7 +1,7 @@
 """Stored responses (server/responses_store.py) through the real openai SDK: a response is kept unless `store` is
 false, read back and deleted by id (unknown ids are 404s), continued by `previous_response_id` (the prompt holds the
-earlier turns and the earlier reply, streamed or not; the previous instructions are not carried over), and evicted
-past TREADLE_RESPONSES_STORE_SIZE."""
+earlier turns and the earlier reply, streamed or not; the previous instructions are not carried over), its input
+items listed and paged, and evicted past TREADLE_RESPONSES_STORE_SIZE."""
 
 from __future__ import annotations
 
@@ -117,3 +117,34 @@ def test_the_newest_are_kept(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) ->
             with contextlib.suppress(openai.NotFoundError):
                 kept.append(client.responses.retrieve(rid).id)
     assert kept == [ids[1], ids[3]]
+
+
+def test_input_items_list_the_conversation_answered(
+    client: openai.OpenAI, server: Any, tokenizer: Any
+) -> None:
+    """A continued response's input items: the earlier turn, the earlier reply and the new turn, newest first by
+    default, paged by limit / after, each with an id and its text as content parts."""
+    _reply(server, tokenizer, "Paris is the capital.")
+    try:
+        first = client.responses.create(model="tiny", input="Capital of France?")
+        second = client.responses.create(
+            model="tiny", input="And its population?", previous_response_id=first.id
+        )
+    finally:
+        server.engine.script = None
+
+    def texts(page: Any) -> list[str]:
+        return [item.content[0].text for item in page.data]
+
+    newest = client.responses.input_items.list(second.id)
+    assert texts(newest) == ["And its population?", "Paris is the capital.", "Capital of France?"]
+    assert [i.role for i in newest.data] == ["user", "assistant", "user"] and all(i.id for i in newest.data)
+    assert newest.data[1].id == first.output[0].id  # the earlier reply, as it was returned
+    head = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert texts(head) == ["Capital of France?", "Paris is the capital."] and head.has_more
+    rest = client.responses.input_items.list(second.id, order="asc", limit=2, after=head.data[-1].id)
+    assert texts(rest) == ["And its population?"] and not rest.has_more
+    bad = httpx.get(f"{server.url}/v1/responses/{second.id}/input_items", params={"limit": 101})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_none")

@@ -166,6 +166,16 @@ def build_app(
     async def delete_response(response_id: str) -> Any:
         return responses.store.delete(response_id)
 
+    @v1.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(
+        response_id: str,
+        limit: int = 20,
+        order: str = "desc",
+        after: str | None = None,
+        before: str | None = None,
+    ) -> Any:
+        return responses.store.input_items(response_id, limit, order, after, before)
+
     @v1.post("/v1/messages")
     async def create_message(body: AnthropicMessagesRequest, request: Request) -> Any:
         check_alive()

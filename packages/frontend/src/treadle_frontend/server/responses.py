@@ -10,7 +10,8 @@ Streaming sends named events, each with a `sequence_number`: response.created �
 response.content_part.added → response.output_text.delta* → response.output_text.done →
 response.content_part.done → response.output_item.done → response.completed (or response.incomplete); a failure
 mid-stream is an `error` event. Responses are kept unless `store` is false (responses_store.py): a request naming
-`previous_response_id` continues one's conversation, GET / DELETE /v1/responses/{id} read and drop one;
+`previous_response_id` continues one's conversation, GET / DELETE /v1/responses/{id} read and drop one (and
+GET .../input_items lists what it answered);
 `background` is a 400. With a reasoning parser the block is a `reasoning` output item before the message (streamed as
 response.reasoning_text.delta events), its tokens counted in `usage.output_tokens_details.reasoning_tokens`.
 `reasoning.effort` (low, medium, high) reaches the chat template as its `reasoning_effort` variable (gpt-oss's).
