@@ -52,6 +52,23 @@ def _ids(tokenizer: Any, text: str) -> tuple[int, ...]:
     return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
+def _called(client: openai.OpenAI, stream: bool, kw: dict[str, Any]) -> tuple[list[Any], list[Any], str, str]:
+    """A chat request's (calls as (name, arguments), finish reasons, content, reasoning), streamed or not."""
+    if stream:
+        chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
+        calls, _ = streamed_tool_calls(chunks)
+        got = [(name, json.loads(arguments)) for name, arguments in calls.values()]
+        finish = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+        deltas = [c.delta for chunk in chunks for c in chunk.choices]
+        content = "".join(d.content or "" for d in deltas)
+        return got, finish, content, "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    reply = client.chat.completions.create(model="tiny", **kw)
+    message = reply.choices[0].message
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+    reasoning = getattr(message, "reasoning_content", None) or ""
+    return got, [reply.choices[0].finish_reason], message.content or "", reasoning
+
+
 @pytest.mark.parametrize(
     "ask",
     [
@@ -95,20 +112,7 @@ def test_a_forced_named_call_is_a_harmony_call(
     kw: dict[str, Any] = dict(messages=ASK, tools=[WEATHER], tool_choice=choice,
                               extra_body={"stop_token_ids": [call_id]})  # fmt: skip
     try:
-        if stream:
-            chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
-            calls, _ = streamed_tool_calls(chunks)
-            got = [(name, json.loads(arguments)) for name, arguments in calls.values()]
-            finish = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
-            deltas = [c.delta for chunk in chunks for c in chunk.choices]
-            content = "".join(d.content or "" for d in deltas)
-            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
-        else:
-            reply = client.chat.completions.create(model="tiny", **kw)
-            message = reply.choices[0].message
-            got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
-            finish, content = [reply.choices[0].finish_reason], message.content or ""
-            reasoning = getattr(message, "reasoning_content", None) or ""
+        got, finish, content, reasoning = _called(client, stream, kw)
     finally:
         server.engine.script = None
     thought = THOUGHT if analysis else ""
@@ -149,20 +153,7 @@ def test_a_required_call_is_the_final_message_array(
     kw: dict[str, Any] = dict(messages=ASK, tools=[WEATHER, clock], tool_choice="required",
                               extra_body={"stop_token_ids": [return_id]})  # fmt: skip
     try:
-        if stream:
-            chunks = list(client.chat.completions.create(model="tiny", stream=True, **kw))
-            streamed, _ = streamed_tool_calls(chunks)
-            got = [(name, json.loads(arguments)) for name, arguments in streamed.values()]
-            finish = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
-            deltas = [c.delta for chunk in chunks for c in chunk.choices]
-            content = "".join(d.content or "" for d in deltas)
-            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
-        else:
-            reply = client.chat.completions.create(model="tiny", **kw)
-            message = reply.choices[0].message
-            got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
-            finish, content = [reply.choices[0].finish_reason], message.content or ""
-            reasoning = getattr(message, "reasoning_content", None) or ""
+        got, finish, content, reasoning = _called(client, stream, kw)
     finally:
         server.engine.script = None
     expected = [("get_weather", {"city": "Paris"}), ("get_time", {})]
