@@ -122,16 +122,6 @@ def fused_moe_mxfp4_gemm_kernel(
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
 
-    mxfp4_epilogue(acc, acc_up, c_ptr, stride_cm, topk_weights_ptr, bias_ptr, expert, stride_bias_e, slots, slot_mask,
-                   offs_n, n_mask, N, alpha, limit, GATED, ACTIVATION, MUL_ROUTED_WEIGHT, HAS_BIAS)  # fmt: skip
-
-
-@triton.jit
-def mxfp4_epilogue(acc, acc_up, c_ptr, stride_cm, topk_weights_ptr, bias_ptr, expert, stride_bias_e, slots, slot_mask,
-                   offs_n, n_mask, N, alpha, limit, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
-                   MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-    """The expert's bias row added to the fp32 accumulators, the activation (swigluoai or finish_rows' own), the
-    routing weight, the store to C's rows `slots`."""
     if HAS_BIAS:
         bias_row = bias_ptr + expert * stride_bias_e + offs_n  # [BN]; contiguous rows of [E, 2N] or [E, K]
         acc += tl.load(bias_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
