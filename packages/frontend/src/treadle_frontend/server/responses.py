@@ -10,10 +10,10 @@ Streaming sends named events, each with a `sequence_number`: response.created �
 response.content_part.added → response.output_text.delta* → response.output_text.done →
 response.content_part.done → response.output_item.done → response.completed (or response.incomplete); a failure
 mid-stream is an `error` event. Responses are kept unless `store` is false (responses_store.py): a request naming
-`previous_response_id` continues one's conversation, GET / DELETE /v1/responses/{id} read and drop one (and
-GET .../input_items lists what it answered);
-`background` is a 400. With a reasoning parser the block is a `reasoning` output item before the message (streamed as
-response.reasoning_text.delta events), its tokens counted in `usage.output_tokens_details.reasoning_tokens`.
+`previous_response_id` continues one's conversation, GET / DELETE /v1/responses/{id} read and drop one, GET
+/v1/responses/{id}/input_items lists what it answered; `background` is a 400. With a reasoning parser the block is
+a `reasoning` output item before the message (streamed as response.reasoning_text.delta events), its tokens
+counted in `usage.output_tokens_details.reasoning_tokens`.
 `reasoning.effort` (low, medium, high) reaches the chat template as its `reasoning_effort` variable (gpt-oss's).
 """
 
@@ -122,7 +122,8 @@ def _text(content: Any, i: int) -> str:
 
 
 def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as items (a string is one user message), after the stored conversation it continues."""
+    """The request's input as items (a string is one user message; with previous_response_id, the stored conversation
+    first, as `handle` puts it)."""
     if isinstance(body.input, str):
         return [{"type": "message", "role": "user", "content": body.input}]
     return [dict(item) for item in body.input or []]

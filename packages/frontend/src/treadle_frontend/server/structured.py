@@ -18,6 +18,7 @@ from treadle_frontend.server.harmony import CHANNEL, CONSTRAIN, END, FUNCTIONS, 
 from treadle_model_runner.structured_outputs import KINDS, StructuredOutputsParams
 
 OPTIONS = (*KINDS, "disable_any_whitespace")
+FINAL_HEADER = CHANNEL + "final" + MESSAGE  # harmony's final message opens with it
 GUIDED = {
     "guided_json": "json",
     "guided_regex": "regex",
@@ -97,7 +98,7 @@ def harmony_call(
     if opening is None or closing[:2] != tuple(tokenizer.convert_tokens_to_ids([END, START])):
         return params
     if name is None:
-        header = _harmony_ids(tokenizer, CHANNEL + "final" + MESSAGE)
+        header = _harmony_ids(tokenizer, FINAL_HEADER)
     else:
         header = _harmony_ids(tokenizer, f"{CHANNEL}commentary to={FUNCTIONS}{name} {CONSTRAIN}json{MESSAGE}")
     assert header is not None, "the markers were found above"
@@ -123,7 +124,7 @@ def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | Non
     (with or without `<|start|>assistant` before it), as the tokenizer writes it, so its analysis comes first; the
     grammar then ends with a stop token (`<|return|>`), and the reply parser reads the final message as content."""
     if reasoning_parser == HARMONY and tokenizer is not None:
-        header = _harmony_ids(tokenizer, CHANNEL + "final" + MESSAGE)
+        header = _harmony_ids(tokenizer, FINAL_HEADER)
         if header is None:
             return params
         return dataclasses.replace(params, reasoning="harmony", reasoning_end_ids=header)
