@@ -61,8 +61,15 @@ def _time_graph(call: object, iters: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / iters
 
 
-def _tiles(tokens: int) -> Iterator[BlockConfig]:
-    """The GEMM tiles a sweep times: BLOCK_M 16 (32 and 64 from 256 tokens), each plain and swapped."""
+def _tiles(tokens: int, wide: bool = False) -> Iterator[BlockConfig]:
+    """The GEMM tiles a sweep times: BLOCK_M 16 (32 and 64 from 256 tokens), each plain and swapped; `wide`: BLOCK_N
+    16-64, BLOCK_K 128-512, 2-8 warps and 1-4 stages, plain (the decode sizes' question: latency or bandwidth)."""
+    if wide:
+        for bn, bk, warps, stages in itertools.product(
+            (16, 32, 64), (128, 256, 512), (2, 4, 8), (1, 2, 3, 4)
+        ):
+            yield BlockConfig(16, bn, bk, group_m=1, num_warps=warps, num_stages=stages)
+        return
     for bm in (16,) if tokens < 256 else (32, 64):
         for bn, bk, swap in itertools.product((32, 64, 128), (128, 256), (False, True)):
             yield BlockConfig(bm, bn, bk, group_m=1, num_warps=4, num_stages=3, swap_ab=swap)
@@ -76,7 +83,7 @@ def _table_config(tokens: int) -> BlockConfig:
     return dataclasses.replace(config, block_k=max(32, config.block_k))
 
 
-def benchmark(tokens: list[int], sweep: bool = False) -> list[dict[str, object]]:
+def benchmark(tokens: list[int], sweep: bool = False, wide: bool = False) -> list[dict[str, object]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
     w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
@@ -110,11 +117,12 @@ def benchmark(tokens: list[int], sweep: bool = False) -> list[dict[str, object]]
             return kernel(*args, epilogue=epilogue, mxfp4=scales)
 
         if sweep:
-            timed = [
-                {**c.to_json(), "us": round(_time_graph(functools.partial(run, c)), 2)} for c in _tiles(m)
-            ]
+            timed = []
+            for c in _tiles(m, wide):
+                timed.append({**c.to_json(), "us": round(_time_graph(functools.partial(run, c)), 2)})
+                print(m, timed[-1], flush=True)
             row["tiles"] = sorted(timed, key=lambda t: float(t["us"]))
-            print(m, row["tiles"][:3], flush=True)
+            print(m, row["tiles"][:5], flush=True)
             rows.append(row)
             continue
         table = functools.partial(run, _table_config(m))
@@ -139,10 +147,11 @@ def main() -> None:
     parser.add_argument("out", help="JSON file for the results")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
     parser.add_argument("--sweep", action="store_true", help="time GEMM tiles instead")
+    parser.add_argument("--wide", action="store_true", help="with --sweep: warps, stages and wider tiles")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": torch.cuda.get_device_name(), "shape": {"K": K, "N": N, "E": E, "top_k": TOP_K},
-              "rows": benchmark(tokens, args.sweep)}  # fmt: skip
+              "rows": benchmark(tokens, args.sweep, args.wide)}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
