@@ -102,6 +102,8 @@ def build_app(
         finally:
             if task is not None:
                 task.cancel()
+            # background responses still running are cancelled (server/responses_background.py)
+            await responses.background.close()
 
     app = FastAPI(title="treadle", version=treadle_version(), lifespan=lifespan)
     app.state.treadle = state
@@ -159,12 +161,16 @@ def build_app(
         return await responses.handle(body, request)
 
     @v1.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str) -> Any:
-        return responses.store.get(response_id)
+    async def get_response(response_id: str, stream: bool = False, starting_after: int | None = None) -> Any:
+        return responses.background.retrieve(response_id, stream, starting_after)
 
     @v1.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> Any:
-        return responses.store.delete(response_id)
+        return await responses.background.delete(response_id)
+
+    @v1.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> Any:
+        return await responses.background.cancel(response_id)
 
     @v1.get("/v1/responses/{response_id}/input_items")
     async def list_input_items(

@@ -116,7 +116,7 @@ class ResponsesRequest(_Body):
     # {"effort": low | medium | high}: the chat template's reasoning_effort variable
     reasoning: dict[str, Any] | None = None
     previous_response_id: str | None = None  # continues a stored response (server/responses_store.py)
-    background: bool | None = None  # rejected
+    background: bool | None = None  # true: made in a server task (server/responses_background.py)
     store: bool | None = None  # false: not kept (default: kept, as OpenAI's)
     user: str | None = None
 

@@ -2,16 +2,18 @@
 it too). Tools and function-call items: responses_tools.py.
 
 `input` is a string (one user turn) or a list of turns (`{"role", "content"}` with a string or `input_text`
-parts; `type: "message"` items are the same); `instructions` become a leading system turn. `max_output_tokens`,
+parts; `type: "message"` items are the same); `instructions` become a leading system turn (responses_input.py).
+`max_output_tokens`,
 `temperature`, `top_p` and `text.format` (`json_schema` / `json_object`: structured outputs) apply. The reply's
 text is one `message` output item holding one `output_text` part, its calls `function_call` items after it. A
 reply cut at max_output_tokens has status "incomplete" with `incomplete_details.reason` "max_output_tokens".
-Streaming sends named events, each with a `sequence_number`: response.created → response.in_progress → response.output_item.added →
-response.content_part.added → response.output_text.delta* → response.output_text.done →
+Streaming sends named events, each with a `sequence_number`: response.created → response.in_progress →
+response.output_item.added → response.content_part.added → response.output_text.delta* → response.output_text.done →
 response.content_part.done → response.output_item.done → response.completed (or response.incomplete); a failure
 mid-stream is an `error` event. Responses are kept unless `store` is false (responses_store.py): a request naming
 `previous_response_id` continues one's conversation, GET / DELETE /v1/responses/{id} read and drop one, GET
-/v1/responses/{id}/input_items lists what it answered; `background` is a 400. With a reasoning parser the block is
+/v1/responses/{id}/input_items lists what it answered; `background: true` makes the reply in a server task, read back
+by GET, cancelled by POST /v1/responses/{id}/cancel (responses_background.py). With a reasoning parser the block is
 a `reasoning` output item before the message (streamed as response.reasoning_text.delta events), its tokens
 counted in `usage.output_tokens_details.reasoning_tokens`.
 `reasoning.effort` (low, medium, high) reaches the chat template as its `reasoning_effort` variable (gpt-oss's).
@@ -27,17 +29,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from treadle_frontend import envs
+from treadle_frontend.outputs import RequestOutput
 from treadle_frontend.server.common import ServerState, new_id, reasoning_effort, sampling_params
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.forced_tools import ReplyReader, forced_schema
 from treadle_frontend.server.harmony_messages import for_template
 from treadle_frontend.server.protocol import ResponsesRequest
 from treadle_frontend.server.reply import keeps_special_tokens
+from treadle_frontend.server.responses_background import BackgroundRun, BackgroundRuns, check_background
+from treadle_frontend.server.responses_input import input_items, to_chat_messages
 from treadle_frontend.server.responses_store import ResponseStore
 from treadle_frontend.server.responses_tools import (
     ItemStream,
     call_item,
-    call_turns,
     chat_tools,
     forced_choice,
     message,
@@ -52,94 +56,21 @@ from treadle_frontend.server.streams import (
     until_disconnect,
 )
 from treadle_frontend.server.structured import compile_constraint, forced_constraint, format_fields
-from treadle_frontend.server.tool_calls import Piece, template_messages
+from treadle_frontend.server.tool_calls import Piece
 from treadle_model_runner.sampling_params import RequestOutputKind
-
-
-def to_chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
-    msgs: list[dict[str, Any]] = (
-        [{"role": "system", "content": body.instructions}] if body.instructions else []
-    )
-    if isinstance(body.input, str):
-        return [*msgs, {"role": "user", "content": body.input}]
-    if not body.input:
-        raise APIError(400, "input: at least one input item is required", param="input")
-    thought: str | None = None  # a reasoning item's text, for the assistant turn that follows it
-    for i, item in enumerate(body.input):
-        kind = item.get("type", "message")
-        if kind == "reasoning":
-            thought = _reasoning_text(item)
-            continue
-        if kind in ("function_call", "function_call_output"):
-            for turn in call_turns(body.input, i):
-                last = msgs[-1] if msgs else {}
-                if turn.get("tool_calls") and last.get("tool_calls") and last.get("content") is None:
-                    last["tool_calls"] += turn["tool_calls"]  # calls in a row: one assistant turn
-                    turn = last
-                else:
-                    msgs.append(turn)
-                if turn["role"] == "assistant" and thought:
-                    turn["reasoning_content"], thought = thought, None
-            continue
-        if kind != "message" or not isinstance(item.get("role"), str):
-            raise APIError(400, f"input[{i}]: only message, reasoning, function_call and function_call_output "
-                                "items are supported here", param="input")  # fmt: skip
-        turn = {"role": item["role"], "content": _text(item.get("content"), i)}
-        if item["role"] == "assistant" and thought:
-            turn["reasoning_content"] = thought
-        thought = None  # reasoning belongs to the assistant turn right after it
-        msgs.append(turn)
-    if all(m["role"] == "system" for m in msgs):
-        raise APIError(
-            400,
-            "input: no turn to answer (reasoning items go with the assistant turn after them)",
-            param="input",
-        )
-    return template_messages(msgs)
-
-
-def _reasoning_text(item: dict[str, Any]) -> str | None:
-    """A reasoning item's text (its reasoning_text parts, else its summary's), as chat completions' reasoning_content:
-    handed to the chat template with the assistant turn it precedes (tool_calls.template_messages), which renders it
-    where the template does (gpt-oss's: before a tool call; Qwen3's: in turns after the last user message)."""
-    for key in ("content", "summary"):
-        parts = [p for p in item.get(key) or [] if isinstance(p, dict)]
-        texts = [p["text"] for p in parts if isinstance(p.get("text"), str)]
-        if texts:
-            return "\n".join(texts)
-    return None
-
-
-def _text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for j, part in enumerate(content or []):
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-            raise APIError(400, f"input[{i}].content[{j}]: only text parts are supported", param="input")
-        parts.append(str(part.get("text", "")))
-    return "\n".join(parts)
-
-
-def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as items (a string is one user message; with previous_response_id, the stored conversation
-    first, as `handle` puts it)."""
-    if isinstance(body.input, str):
-        return [{"type": "message", "role": "user", "content": body.input}]
-    return [dict(item) for item in body.input or []]
 
 
 class ResponsesHandler:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.store = ResponseStore(envs.TREADLE_RESPONSES_STORE_SIZE())
+        self.background = BackgroundRuns(self.store, state.llm.abort)
 
     async def handle(self, body: ResponsesRequest, request: Request) -> Any:
         st = self.state
         st.check_model(body.model)
         if body.background:
-            raise APIError(400, "background is not supported: responses are answered in the request",
-                           param="background")  # fmt: skip
+            check_background(body, self.store)
         if body.previous_response_id:
             items = [*self.store.conversation(body.previous_response_id), *input_items(body)]
             body = body.model_copy(update={"input": items})
@@ -185,11 +116,19 @@ class ResponsesHandler:
         created = int(time.time())
         # calls_only: a forced reply is function_call items also when max_output_tokens cuts it (forced_tools.py)
         reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools, calls_only=True)
+        if body.background:
+            return self._in_background(rid, created, body, len(ids), gen, reply)
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
             gen = await first_output(request, gen)
             stream = self._stream(rid, created, body, len(ids), gen, reply)  # stored as it ends
             return event_stream(request, rid, stream, gen)
         out = (await until_disconnect(request, collect_all([gen])))[0]
+        return JSONResponse(self._kept(body, self._unstreamed(rid, created, body, len(ids), out, reply)))
+
+    def _unstreamed(self, rid: str, created: int, body: ResponsesRequest, num_input: int, out: RequestOutput,
+                    reply: ReplyReader) -> dict[str, Any]:  # fmt: skip
+        """The response object of a reply read whole (its final output)."""
+        ip = self.state.llm.input_processor
         c = out.outputs[0]
         status = "incomplete" if c.finish_reason == "length" else "completed"
         reasoning, content, calls = reply.whole(c.text)
@@ -199,19 +138,45 @@ class ResponsesHandler:
             output.append(message(new_id("msg_"), content or "", status))
         output += [call_item(call, new_id("fc_")) for call in calls]
         thought = reasoning_tokens(
-            ip.tokenizer, list(c.token_ids), reasoning is not None, st.config.reasoning_parser
+            ip.tokenizer, list(c.token_ids), reasoning is not None, self.state.config.reasoning_parser
         )
-        counts = (len(ids), out.num_cached_tokens or 0, len(c.token_ids), thought)
-        return JSONResponse(self._kept(body, self._response(rid, created, body, output, status, counts)))
+        counts = (num_input, out.num_cached_tokens or 0, len(c.token_ids), thought)
+        return self._response(rid, created, body, output, status, counts)
+
+    def _in_background(self, rid: str, created: int, body: ResponsesRequest, num_input: int,
+                       gen: AsyncIterator[RequestOutput], reply: ReplyReader) -> Any:  # fmt: skip
+        """Starts the reply's server task (responses_background.py): the queued response, or with stream its
+        events from the first."""
+        queued = self._response(rid, created, body, [], "queued", None)
+        self.store.put(queued, input_items(body))
+
+        async def work(run: BackgroundRun) -> None:
+            self.store.update(self._response(rid, created, body, [], "in_progress", None))
+            if run.streamed:
+                async for event in self._stream(rid, created, body, num_input, gen, reply):
+                    run.add(event)
+            else:
+                out = (await collect_all([gen]))[0]
+                self._kept(body, self._unstreamed(rid, created, body, num_input, out, reply))
+
+        def end(status: str, error: str | None) -> dict[str, Any]:
+            return self._kept(body, self._response(rid, created, body, [], status, None, error))
+
+        run = BackgroundRun(rid, bool(body.stream), end)
+        self.background.start(run, work)
+        return self.background.stream(run, -1) if body.stream else JSONResponse(queued)
 
     def _kept(self, body: ResponsesRequest, response: dict[str, Any]) -> dict[str, Any]:
-        """`response`, stored with the input it answered unless the request said `store: false`."""
-        if body.store is not False:
+        """`response`, stored with the input it answered unless the request said `store: false` (a background
+        response is stored from its start: this is its new state)."""
+        if body.background:
+            self.store.update(response)
+        elif body.store is not False:
             self.store.put(response, input_items(body))
         return response
 
-    def _response(self, rid: str, created: int, body: ResponsesRequest, output: list[dict[str, Any]],
-                  status: str, counts: tuple[int, int, int, int] | None) -> dict[str, Any]:  # fmt: skip
+    def _response(self, rid: str, created: int, body: ResponsesRequest, output: list[dict[str, Any]], status: str,
+                  counts: tuple[int, int, int, int] | None, error: str | None = None) -> dict[str, Any]:  # fmt: skip
         usage = None
         if counts is not None:  # input, cached input, output, reasoning tokens
             n_in, n_cached, n_out, n_thought = counts
@@ -222,7 +187,8 @@ class ResponsesHandler:
         choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
         return {
             "id": rid, "object": "response", "created_at": created, "model": self.state.response_model(body.model),
-            "status": status, "output": output, "error": None,
+            "status": status, "output": output, "background": bool(body.background),
+            "error": None if error is None else {"code": "server_error", "message": error},
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "metadata": body.metadata or {}, "parallel_tool_calls": True, "tool_choice": choice,
@@ -238,7 +204,9 @@ class ResponsesHandler:
             return sse_event(kind, {"type": kind, "sequence_number": next(seq), **data})
 
         started = self._response(rid, created, body, [], "in_progress", None)
-        yield event("response.created", response=started)
+        # a background response is created queued (responses_background.py)
+        queued = {**started, "status": "queued"}
+        yield event("response.created", response=queued if body.background else started)
         yield event("response.in_progress", response=started)
         items = ItemStream(event)
         parser = reply.stream()
@@ -259,6 +227,8 @@ class ResponsesHandler:
                     ]:
                         yield ev
         except Exception as e:
+            if body.background:  # a failed background response (responses_background.py)
+                raise
             yield event("error", code="server_error", message=str(e), param=None)
             return
         finally:

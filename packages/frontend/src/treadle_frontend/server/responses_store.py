@@ -8,6 +8,10 @@ as new; an evicted, deleted or unknown id is a 404 on GET / DELETE and a 400 nam
 create. GET /v1/responses/{id}/input_items lists the items a response answered (the continued conversation's
 included), newest first unless `order` is asc, `limit` (1-100, default 20) a page, `after` / `before` an item id;
 each kept input item has an id (one is made where the request gave none) and its text as content parts.
+
+A background response (responses_background.py) is kept from its creation, `queued`, and replaced as it runs
+(`update`); one still running is never evicted, nor the one just stored or updated (the store may then hold more
+than its size until they end), and a request continuing it is a 400 until it has ended.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Any
 from treadle_frontend.server.common import new_id
 from treadle_frontend.server.errors import APIError
 
-__all__ = ["ResponseStore"]
+__all__ = ["RUNNING", "ResponseStore"]
+
+RUNNING = ("queued", "in_progress")  # the statuses of a background response that has not ended
 
 
 class ResponseStore:
@@ -29,13 +35,34 @@ class ResponseStore:
         self._kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
 
     def put(self, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
-        """Keep a finished response with the input items it answered (its output items follow them)."""
+        """Keep a response (finished, or a background one queued) with the input items it answered (its output items
+        follow them)."""
         if self.capacity <= 0:
             return
         self._kept[response["id"]] = (copy.deepcopy(response), [_listed(item) for item in input_items])
         self._kept.move_to_end(response["id"])
+        self._evict(response["id"])
+
+    def update(self, response: dict[str, Any]) -> None:
+        """A kept response's new state (a background response as it runs and ends); nothing when it is no longer
+        kept (deleted meanwhile)."""
+        entry = self._kept.get(response["id"])
+        if entry is not None:
+            self._kept[response["id"]] = (copy.deepcopy(response), entry[1])
+            self._evict(response["id"])
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._kept
+
+    def _evict(self, keep: str) -> None:
+        """Drops the least recently used responses past the capacity, but neither those still running nor `keep`
+        (the one just stored)."""
         while len(self._kept) > self.capacity:
-            self._kept.popitem(last=False)
+            kept = ((rid, r) for rid, (r, _) in self._kept.items() if rid != keep)
+            oldest = next((rid for rid, r in kept if r["status"] not in RUNNING), None)
+            if oldest is None:
+                return
+            del self._kept[oldest]
 
     def get(self, rid: str) -> dict[str, Any]:
         """The stored response object; 404 when it is not kept."""
@@ -44,6 +71,10 @@ class ResponseStore:
     def conversation(self, rid: str) -> list[dict[str, Any]]:
         """The items a continuation of `rid` starts from; 400 naming previous_response_id when it is not kept."""
         response, inputs = self._entry(rid, 400, "previous_response_id")
+        if response["status"] in RUNNING:
+            raise APIError(400, f"previous_response_id: response {rid!r} is still {response['status']} (a background "
+                           f"response); continue it once it has ended (poll GET /v1/responses/{rid}) or cancel it",
+                           param="previous_response_id")  # fmt: skip
         return copy.deepcopy([*inputs, *response["output"]])
 
     def delete(self, rid: str) -> dict[str, Any]:
