@@ -80,6 +80,11 @@ def test_polled_to_the_unstreamed_reply(client: openai.OpenAI, server: Any) -> N
     # cancelling an ended background response returns it unchanged
     assert client.responses.cancel(created.id).model_dump() == done.model_dump()
     assert client.responses.retrieve(created.id).model_dump() == done.model_dump()
+    # an ended one is continued as any stored response
+    follow = client.responses.create(
+        model="tiny", input="More", previous_response_id=created.id, max_output_tokens=2
+    )
+    assert follow.status == "incomplete"
 
 
 def test_cancel_in_flight_aborts_the_engine_request(client: openai.OpenAI, slow: Any) -> None:
@@ -118,11 +123,19 @@ def test_background_needs_the_store(client: openai.OpenAI, server: Any) -> None:
     assert _polled(client, kept.json()["id"]).status == "incomplete"
 
 
-def test_a_failed_response_has_its_error(client: openai.OpenAI, server: Any) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failed_response_has_its_error(client: openai.OpenAI, server: Any, stream: bool) -> None:
     server.engine.reject = "grammar rejected by the engine (test)"
     try:
-        created = client.responses.create(model="tiny", input="Hi", max_output_tokens=4, background=True)
-        failed = _polled(client, created.id)
+        ask: Any = {"model": "tiny", "input": "Hi", "max_output_tokens": 4, "background": True}
+        if stream:
+            events = list(client.responses.create(**ask, stream=True))
+            assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
+            assert [e.sequence_number for e in events] == [0, 1, 2]
+            rid = events[0].response.id  # type: ignore[union-attr]
+        else:
+            rid = client.responses.create(**ask).id
+        failed = _polled(client, rid)
     finally:
         server.engine.reject = None
     assert failed.status == "failed" and failed.output == []
@@ -174,6 +187,19 @@ def test_streamed_and_resumed_after_a_sequence_number(client: openai.OpenAI, slo
     again = list(client.responses.retrieve(rid, stream=True))
     assert [e.model_dump() for e in again] == [e.model_dump() for e in [*head, *rest]]
     assert list(client.responses.retrieve(rid, stream=True, starting_after=len(again) - 1)) == []
+
+
+def test_a_cancelled_stream_ends(client: openai.OpenAI, slow: Any) -> None:
+    ask: Any = {"model": "tiny", "input": "Go on", "max_output_tokens": 200, "background": True}
+    stream = client.responses.create(**ask, stream=True)
+    events = iter(stream)
+    head = [next(events) for _ in range(5)]
+    rid = head[0].response.id  # type: ignore[union-attr]
+    assert client.responses.cancel(rid).status == "cancelled" and not slow.engine.running
+    rest = list(events)  # the live stream ends, as does a replay: no event after the cancel
+    replay = list(client.responses.retrieve(rid, stream=True))
+    assert [e.model_dump() for e in replay] == [e.model_dump() for e in [*head, *rest]]
+    assert {e.type for e in rest} <= {"response.output_text.delta"}
 
 
 def test_only_a_streamed_background_response_streams_again(client: openai.OpenAI) -> None:

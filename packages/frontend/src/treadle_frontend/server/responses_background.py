@@ -13,7 +13,8 @@ cancels it first. At shutdown (`close`) every running task is cancelled the same
 With `stream: true` too, the task records each event it makes (`response.created` first, its status `queued`;
 every event's `sequence_number` is its place in the record): the create streams them from the start, and GET
 /v1/responses/{id}?stream=true&starting_after=N replays those after N, then follows the live ones until the
-response ends (`response.failed` when it fails). The record lives as long as the response stays in the store.
+response ends (`response.failed` when it fails; a cancelled one's stream just ends, the API having no event for
+it). The record lives as long as the response stays in the store.
 """
 
 from __future__ import annotations
