@@ -63,7 +63,8 @@ def _polled(client: openai.OpenAI, rid: str) -> Any:
 
 def test_polled_to_the_unstreamed_reply(client: openai.OpenAI, server: Any) -> None:
     ask: Any = {"model": "tiny", "input": "Tell me a story", "temperature": 0, "max_output_tokens": 12}
-    server.engine.hold = True  # the engine makes nothing yet: the create cannot wait for the reply
+    # the engine makes nothing yet: the create cannot wait for the reply
+    server.engine.hold = True
     try:
         created = client.responses.create(**ask, background=True)
         assert created.status == "queued" and created.output == [] and created.background is True
@@ -105,7 +106,8 @@ def test_cancel_in_flight_aborts_the_engine_request(client: openai.OpenAI, slow:
 def test_what_cannot_be_cancelled(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as unknown:
         client.responses.cancel("resp_unknown")
-    assert "no stored response with id 'resp_unknown'" in unknown.value.message  # not a missing route's 404
+    # the store's 404, not a missing route's
+    assert "no stored response with id 'resp_unknown'" in unknown.value.message
     answered = client.responses.create(model="tiny", input="Hi", max_output_tokens=2)
     with pytest.raises(openai.BadRequestError) as synchronous:
         client.responses.cancel(answered.id)
@@ -171,7 +173,8 @@ def test_streamed_and_resumed_after_a_sequence_number(client: openai.OpenAI, slo
     stream = client.responses.create(**ask, stream=True)
     events = iter(stream)
     head = [next(events) for _ in range(5)]
-    stream.close()  # the client leaves: the response goes on
+    # the client leaves: the response goes on
+    stream.close()
     assert head[0].type == "response.created" and head[0].response.status == "queued"  # type: ignore[union-attr]
     assert [e.sequence_number for e in head] == list(range(5))
     rid = head[0].response.id  # type: ignore[union-attr]
@@ -196,7 +199,8 @@ def test_a_cancelled_stream_ends(client: openai.OpenAI, slow: Any) -> None:
     head = [next(events) for _ in range(5)]
     rid = head[0].response.id  # type: ignore[union-attr]
     assert client.responses.cancel(rid).status == "cancelled" and not slow.engine.running
-    rest = list(events)  # the live stream ends, as does a replay: no event after the cancel
+    # the live stream ends, as does a replay: no event after the cancel
+    rest = list(events)
     replay = list(client.responses.retrieve(rid, stream=True))
     assert [e.model_dump() for e in replay] == [e.model_dump() for e in [*head, *rest]]
     assert {e.type for e in rest} <= {"response.output_text.delta"}
@@ -229,6 +233,7 @@ def test_a_running_response_is_not_evicted() -> None:
     running = {"id": "resp_bg", "status": "in_progress", "output": []}
     store.put(running, [])
     store.put({"id": "resp_a", "status": "completed", "output": []}, [])
-    assert "resp_bg" in store and "resp_a" in store  # past the capacity while one runs
+    # past the capacity while one runs
+    assert "resp_bg" in store and "resp_a" in store
     store.update({**running, "status": "completed"})
     assert "resp_bg" in store and "resp_a" not in store

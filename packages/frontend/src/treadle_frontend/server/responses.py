@@ -227,7 +227,8 @@ class ResponsesHandler:
                     ]:
                         yield ev
         except Exception as e:
-            if body.background:  # a failed background response (responses_background.py)
+            # a background response fails (responses_background.py)
+            if body.background:
                 raise
             yield event("error", code="server_error", message=str(e), param=None)
             return

@@ -8,7 +8,9 @@ Background needs the store: with `store: false`, or a store of size 0, it is a 4
 The task belongs to the server, not to the HTTP request: a client that disconnects leaves it running. POST
 /v1/responses/{id}/cancel aborts it in the engine, then cancels the task; cancelling an ended background response
 returns it unchanged, a response made without `background` is a 400, an unknown id a 404. DELETE of a running one
-cancels it first. At shutdown (`close`) every running task is cancelled the same way and awaited.
+cancels it first. At shutdown (`close`) every running task is cancelled the same way and awaited; uvicorn ends the
+lifespan only once open connections have closed, so a client still following a streamed one (below) holds the
+shutdown until that response ends, as any open stream does.
 
 With `stream: true` too, the task records each event it makes (`response.created` first, its status `queued`;
 every event's `sequence_number` is its place in the record): the create streams them from the start, and GET
@@ -80,7 +82,8 @@ class BackgroundRuns:
 
     def __init__(self, store: ResponseStore, abort: Callable[[str], Awaitable[None]]) -> None:
         self.store = store
-        self.abort = abort  # aborts a request in the engine, by its id
+        # aborts a request in the engine, by its id
+        self.abort = abort
         self._runs: dict[str, BackgroundRun] = {}
 
     def start(self, run: BackgroundRun, work: Callable[[BackgroundRun], Coroutine[Any, Any, None]]) -> None:
@@ -130,7 +133,8 @@ class BackgroundRuns:
             return
         try:
             await self.abort(rid)
-        except Exception as e:  # the engine is going away; cancelling the task still ends the response
+        except Exception as e:
+            # the engine is going away; cancelling the task still ends the response
             logger.debug("abort of background response %s failed: %s", rid, e)
         run.task.cancel()
         await asyncio.wait({run.task})
