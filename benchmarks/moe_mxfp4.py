@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 from collections.abc import Iterator
 
 import torch
@@ -84,22 +83,7 @@ def _table_config(tokens: int) -> BlockConfig:
     return dataclasses.replace(config, block_k=max(32, config.block_k))
 
 
-def _with_mode(mode: int, call: object) -> object:
-    """`call()` with TREADLE_MXFP4_DOT_SCALED=mode (a CUDA graph captures the kernel launched then)."""
-    before = os.environ.get("TREADLE_MXFP4_DOT_SCALED")
-    os.environ["TREADLE_MXFP4_DOT_SCALED"] = str(mode)
-    try:
-        return call()  # type: ignore[operator]
-    finally:
-        if before is None:
-            del os.environ["TREADLE_MXFP4_DOT_SCALED"]
-        else:
-            os.environ["TREADLE_MXFP4_DOT_SCALED"] = before
-
-
-def benchmark(
-    tokens: list[int], sweep: bool = False, wide: bool = False, modes: tuple[int, ...] = ()
-) -> list[dict[str, object]]:
+def benchmark(tokens: list[int], sweep: bool = False, wide: bool = False) -> list[dict[str, object]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
     w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
@@ -143,13 +127,11 @@ def benchmark(
             continue
         table = functools.partial(run, _table_config(m))
         row["table_relative_error"] = float((table().float() - ref).norm() / ref.norm())  # type: ignore[attr-defined]
-        timed = [("bf16", bf16, 2.0), ("mxfp4", mxfp4, 17 / 32), ("table", table, 17 / 32)]
-        for mode in modes:
-            # the GEMM's decode (TREADLE_MXFP4_DOT_SCALED) is read at each launch, so each mode is its own kernel
-            timed.append((f"mode{mode}", functools.partial(_with_mode, mode, mxfp4), 17 / 32))
-            out = _with_mode(mode, mxfp4).float()  # type: ignore[attr-defined]
-            row[f"mode{mode}_relative_error"] = float((out - ref).norm() / ref.norm())
-        for name, call, per_value in timed:
+        for name, call, per_value in (
+            ("bf16", bf16, 2.0),
+            ("mxfp4", mxfp4, 17 / 32),
+            ("table", table, 17 / 32),
+        ):
             us = _time_graph(call)
             moved = experts_hit * 3 * N * K * per_value + activations
             row[f"{name}_us"], row[f"{name}_gbs"] = round(us, 2), round(moved / us / 1e3, 1)
@@ -166,13 +148,10 @@ def main() -> None:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
     parser.add_argument("--sweep", action="store_true", help="time GEMM tiles instead")
     parser.add_argument("--wide", action="store_true", help="with --sweep: warps, stages and wider tiles")
-    parser.add_argument(
-        "--modes", default="", help="also time these TREADLE_MXFP4_DOT_SCALED decodes, e.g. 0,1,2"
-    )
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": torch.cuda.get_device_name(), "shape": {"K": K, "N": N, "E": E, "top_k": TOP_K},
-              "rows": benchmark(tokens, args.sweep, args.wide, tuple(int(m) for m in args.modes.split(",") if m))}  # fmt: skip
+              "rows": benchmark(tokens, args.sweep, args.wide)}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -41,15 +41,3 @@ def moe_int4_gemv_max_tokens() -> int | None:
             "kernel), or unset for the default"
         )
     return tokens
-
-
-def mxfp4_dot_scaled() -> int | None:
-    """TREADLE_MXFP4_DOT_SCALED: how the MXFP4 fused-MoE GEMM decodes its weights with bf16 activations
-    (experts/triton_mxfp4.py): 0 its own e2m1 decode into float32 then `tl.dot`, 1 `tl.dot_scaled` (the compiler's
-    decode), 2 `tl.dot_scaled` with fast_math (no NaN scale handling); unset = the default."""
-    value = os.environ.get("TREADLE_MXFP4_DOT_SCALED", "").strip()
-    if not value:
-        return None
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"TREADLE_MXFP4_DOT_SCALED={value!r} must be 0, 1 or 2, or unset for the default")
-    return int(value)

@@ -21,7 +21,6 @@ import dataclasses
 
 import torch
 
-from treadle_moe import envs
 from treadle_moe.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
 from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.align import BlockAlignment
@@ -50,15 +49,6 @@ def mxfp4_config(
         if rows <= most:
             return tiles
     return dataclasses.replace(config, swap_ab=rows >= SWAP_AB_ROWS)
-
-
-DOT_SCALED = 0  # the default decode (envs.mxfp4_dot_scaled)
-
-
-def dot_scaled_mode() -> int:
-    """0: the kernel's own e2m1 decode; 1: `tl.dot_scaled`; 2: `tl.dot_scaled` with fast_math."""
-    mode = envs.mxfp4_dot_scaled()
-    return DOT_SCALED if mode is None else mode
 
 
 def invoke_moe_mxfp4_gemm(
@@ -92,8 +82,6 @@ def invoke_moe_mxfp4_gemm(
     k = b.shape[2] * MXFP4_BLOCK
     bias = bias.contiguous() if bias is not None else None
     weights = topk_weights if topk_weights is not None else scale  # unused pointer when not multiplying
-    scaled = dot_scaled_mode() if a.dtype == torch.bfloat16 else 0
-    upcast = a.dtype == torch.float32 or (a.device.type == "cpu" and not scaled)
 
     def launch(config: BlockConfig) -> None:
         grid = (alignment.num_blocks * -(-n_out // config.block_n),)
@@ -104,7 +92,7 @@ def invoke_moe_mxfp4_gemm(
             bias.stride(0) if bias is not None else 0, float(swiglu[0]), float(swiglu[1]),
             A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
             MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
-            UPCAST=upcast, SCALED=scaled, SWAP_AB=config.swap_ab, BLOCK_M=config.block_m,
+            UPCAST=a.device.type == "cpu" or a.dtype == torch.float32, SWAP_AB=config.swap_ab, BLOCK_M=config.block_m,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
             num_stages=config.num_stages,
         )  # fmt: skip

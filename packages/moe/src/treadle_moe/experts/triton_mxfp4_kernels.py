@@ -59,32 +59,6 @@ def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOC
 
 
 @triton.jit
-def _mxfp4_raw(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOCK_K: tl.constexpr):
-    """Rows offs_n, inputs [k0, k0 + BLOCK_K) of one expert's MXFP4 weight as stored: bytes [BLOCK_N, BLOCK_K / 2]
-    (two e2m1 values each, the even input low) and e8m0 scales [BLOCK_N, BLOCK_K / 32], for `tl.dot_scaled`."""
-    rows = offs_n.to(tl.int64)[:, None]
-    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    byte = tl.load(w_ptr + rows * row_bytes + offs_b[None, :], mask=n_mask[:, None] & (offs_b < K // 2)[None, :],
-                   other=0)  # fmt: skip
-    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=n_mask[:, None] & (offs_g < K // 32)[None, :],
-                other=127)  # fmt: skip
-    return byte, s
-
-
-@triton.jit
-def _mac_scaled(acc, a, w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOCK_K: tl.constexpr,
-                SWAP_AB: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
-    """acc + a @ W^T (SWAP_AB: W @ a) by `tl.dot_scaled` (bf16 a; the compiler's own e2m1 / e8m0 decode)."""
-    byte, s = _mxfp4_raw(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOCK_K)
-    if SWAP_AB:
-        acc = tl.dot_scaled(byte, s, "e2m1", a, None, "bf16", acc, fast_math=FAST)
-    else:
-        acc = tl.dot_scaled(a, None, "bf16", tl.trans(byte), s, "e2m1", acc, fast_math=FAST)
-    return acc
-
-
-@triton.jit
 def _mac(acc, a, w, UPCAST: tl.constexpr, SWAP_AB: tl.constexpr):
     """acc + a @ w (a [BM, BK], w [BK, BN]), or SWAP_AB: acc + w @ a (w [BN, BK], a [BK, BM]); fp32 accumulators."""
     if SWAP_AB:
@@ -108,7 +82,7 @@ def fused_moe_mxfp4_gemm_kernel(
     A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr, SCALED: tl.constexpr = 0,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n, live = program_tile(num_tokens_post_padded_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
@@ -137,22 +111,13 @@ def fused_moe_mxfp4_gemm_kernel(
             a = tl.load(a_base + offs_k[:, None], mask=slot_mask[None, :] & (offs_k < K)[:, None], other=0.0)
         else:
             a = tl.load(a_base + offs_k[None, :], mask=slot_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        if SCALED:
-            acc = _mac_scaled(acc, a, w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, SWAP_AB,
-                              SCALED == 2)  # fmt: skip
-            if GATED:
-                acc_up = _mac_scaled(acc_up, a, w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n + N, n_mask,
-                                     BLOCK_K, SWAP_AB, SCALED == 2)  # fmt: skip
-        else:
-            w = _mxfp4_tile(
-                w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N, SWAP_AB
-            )
-            acc = _mac(acc, a, w, UPCAST, SWAP_AB)
-            if GATED:
-                up_rows = offs_n + N
-                w_up = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, up_rows, n_mask, BLOCK_K, BLOCK_N,
-                                   SWAP_AB)  # fmt: skip
-                acc_up = _mac(acc_up, a, w_up, UPCAST, SWAP_AB)
+        w = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N, SWAP_AB)
+        acc = _mac(acc, a, w, UPCAST, SWAP_AB)
+        if GATED:
+            up_rows = offs_n + N
+            w_up = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, up_rows, n_mask, BLOCK_K, BLOCK_N,
+                               SWAP_AB)  # fmt: skip
+            acc_up = _mac(acc_up, a, w_up, UPCAST, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
