@@ -65,6 +65,8 @@ class FakeScheduler:
         self.done_outputs: dict[str, list[int]] = {}  # finished request -> generated tokens
         self.preempted: set[str] = set()  # preempted since the last step
         self.deferred_steps = 0  # steps the runner returned before their tokens reached the host
+        # slots allocated past each step's tokens (the engine's lookahead for a runner's drafter's passes)
+        self.lookahead = 0
 
     def add(
         self,
@@ -91,7 +93,7 @@ class FakeScheduler:
             assert req.num_computed + n <= req.num_tokens + num_drafts, (
                 f"{req_id}: scheduling past known tokens"
             )
-            need = -(-(req.num_computed + n) // self.block_size)
+            need = -(-(req.num_computed + n + self.lookahead) // self.block_size)
             added = []
             for g in range(self.num_groups):
                 extra = [self.free.pop() for _ in range(need - len(req.blocks[g]))]

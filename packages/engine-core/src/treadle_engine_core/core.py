@@ -44,8 +44,8 @@ def describe_speculation(spec: SpeculativeConfig | None) -> str:
     """The speculative config in words, for start-up logs ("off" without one)."""
     if spec is None:
         return "off"
-    if spec.method == "draft_model":
-        return f"draft_model ({spec.model}, num_speculative_tokens={spec.num_speculative_tokens})"
+    if spec.drafts_in_runner:
+        return f"{spec.method} ({spec.model}, num_speculative_tokens={spec.num_speculative_tokens})"
     return (
         f"{spec.method} (num_speculative_tokens={spec.num_speculative_tokens}, "
         f"prompt_lookup_min={spec.prompt_lookup_min}, prompt_lookup_max={spec.prompt_lookup_max})"

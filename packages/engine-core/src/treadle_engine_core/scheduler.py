@@ -95,11 +95,11 @@ class Scheduler:
         # requests failed while scheduling (their adapter could not be loaded), reported by the next update
         self.failed: list[EngineCoreOutput] = []
         self.spec = SpecDecoding(speculative_config, self.max_model_len) if speculative_config else None
-        # draft_model: after a step that samples, the runner's draft model writes KV for its drafts' positions,
+        # draft_model, eagle3: after a step that samples, the runner's drafter writes KV for its drafts' positions,
         # up to this many slots past the step's tokens (allocated when the pool has room; see _allocate)
         self.draft_lookahead = (
             speculative_config.num_speculative_tokens
-            if speculative_config is not None and speculative_config.method == "draft_model"
+            if speculative_config is not None and speculative_config.drafts_in_runner
             else 0
         )
 

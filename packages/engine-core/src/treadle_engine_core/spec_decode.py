@@ -36,10 +36,9 @@ class SpecDecoding:
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        # the scheduler's own n-gram proposer, or the drafts the runner's draft model returns with each step
-        self.runner_drafts = (
-            RunnerDrafts(config.num_speculative_tokens) if config.method == "draft_model" else None
-        )
+        # the scheduler's own n-gram proposer, or the drafts the runner's draft model (or EAGLE-3 head) returns with
+        # each step
+        self.runner_drafts = RunnerDrafts(config.num_speculative_tokens) if config.drafts_in_runner else None
         self.proposer: NgramProposer | RunnerDrafts = self.runner_drafts or NgramProposer(
             config, max_model_len
         )

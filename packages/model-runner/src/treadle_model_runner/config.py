@@ -203,7 +203,9 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle3")
+# the methods whose drafts the model runner proposes (a model beside the target), not the scheduler
+RUNNER_DRAFT_METHODS = ("draft_model", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,8 @@ class SpeculativeConfig:
     draft_model: a smaller model sharing the target's tokenizer (`model`, loaded like the target, in its dtype)
     runs beside it with its own layers in the same paged KV cache and proposes its greedy continuation
     (runner/draft_model.py).
+    eagle3: an EAGLE-3 head (`model`: its checkpoint directory) reads the target's hidden states at three layers
+    and the target's embedding, and proposes its greedy continuation (runner/eagle3.py); eager only.
     Either way the target model scores the last token plus the drafts in one step; drafts are kept while they
     equal what the model samples at their position, so the output is the same as without speculation.
     """
@@ -223,7 +227,8 @@ class SpeculativeConfig:
     # None: draft_model when a model is given, else ngram (as vLLM infers it)
     method: str | None = None
     num_speculative_tokens: int = 5  # most draft tokens per request per step
-    model: str | None = None  # draft_model: the draft's HF-format directory (or a .gguf file)
+    # draft_model: the draft's HF-format directory (or a .gguf file); eagle3: the EAGLE-3 head's directory
+    model: str | None = None
     # draft_model: the draft runs sharded like the target, so None or the target's tensor_parallel_size
     draft_tensor_parallel_size: int | None = None
     # the longest n-gram matched (None: prompt_lookup_min, or 5 when both are None, as vLLM)
@@ -254,9 +259,15 @@ class SpeculativeConfig:
             )
         if self.method == "draft_model" and not self.model:
             raise ValueError("speculative_config method 'draft_model' needs a model (the draft's directory)")
-        if self.method != "draft_model" and self.model is not None:
+        if self.method == "eagle3" and not self.model:
             raise ValueError(
-                f"speculative_config model {self.model!r} is for method 'draft_model', not {self.method!r}"
+                "speculative_config method 'eagle3' needs a model: the EAGLE-3 head's directory (config.json and "
+                "its weights, e.g. yuhuili/EAGLE3-LLaMA3.1-Instruct-8B)"
+            )
+        if self.method not in RUNNER_DRAFT_METHODS and self.model is not None:
+            raise ValueError(
+                f"speculative_config model {self.model!r} is for method 'draft_model', not {self.method!r} "
+                "(or for 'eagle3': an EAGLE-3 head)"
             )
         if self.num_speculative_tokens < 1:
             raise ValueError(
@@ -275,3 +286,8 @@ class SpeculativeConfig:
             )
         object.__setattr__(self, "prompt_lookup_min", lo)
         object.__setattr__(self, "prompt_lookup_max", hi)
+
+    @property
+    def drafts_in_runner(self) -> bool:
+        """Whether the model runner proposes the drafts after each step (draft_model, eagle3), not the scheduler."""
+        return self.method in RUNNER_DRAFT_METHODS

@@ -233,16 +233,37 @@ class LlamaModel(nn.Module):
 
         self.layers = nn.ModuleList(layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # EAGLE-3 (runner/eagle3.py): the layers whose input residual stream each forward keeps, concatenated in
+        # this order into `aux_hidden` [T, len(aux_layers) * hidden]; () keeps nothing
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_hidden: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
-        for layer in self.layers:
-            h, residual = layer(h, positions, residual)
+        if self.aux_layers:
+            h, residual = self._layers_keeping_aux(h, positions)
+        else:
+            for layer in self.layers:
+                h, residual = layer(h, positions, residual)
         if residual is None:  # no layers
             return self.norm(h)
         return self.norm.add_and_norm(h, residual)[0]
+
+    def _layers_keeping_aux(
+        self, h: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder layers, keeping the residual stream that enters each of `aux_layers` (h + residual; a copy
+        of the embeddings before layer 0, which later layers may add into in place) in `aux_hidden`."""
+        kept: dict[int, torch.Tensor] = {}
+        residual: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                kept[i] = h.clone() if residual is None else h + residual
+            h, residual = layer(h, positions, residual)
+        self.aux_hidden = torch.cat([kept[i] for i in self.aux_layers], dim=-1)
+        return h, residual
 
 
 class LlamaForCausalLM(CausalLM):

@@ -46,6 +46,7 @@ from treadle_model_runner.runner.cuda_graph import GraphSet
 from treadle_model_runner.runner.describe import log_dispatch_report, log_expert_parallel, runtime_summary
 from treadle_model_runner.runner.device_inputs import StepBuffers
 from treadle_model_runner.runner.draft_model import DraftModel
+from treadle_model_runner.runner.eagle3 import load_drafter
 from treadle_model_runner.runner.graphs import batch_plan, forward_step, padded_size
 from treadle_model_runner.runner.input_batch import InputBatch
 from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
@@ -102,7 +103,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_speculative_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
         self.speculative_config = speculative_config
-        self.drafter: DraftModel | None = None  # speculative_config method draft_model, once loaded
+        self.drafter: DraftModel | None = None  # speculative_config method draft_model or eagle3, once loaded
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         start = time.perf_counter()
@@ -213,9 +214,7 @@ class ModelRunner:
         for layer in model.attention_layers():
             layer.bind_backend(self.attn_backend)
         self.model = model
-        spec = self.speculative_config
-        if spec is not None and spec.method == "draft_model":
-            self.drafter = DraftModel(self, spec)
+        self.drafter = load_drafter(self, self.speculative_config)  # a draft model or an EAGLE-3 head
         prepare_small_all_reduce(self.dtype, self.device)  # tensor parallel on CUDA: every rank, here
         logger.info("loaded %s (%s)", type(model).__name__, self.resolved.format)
         log_dispatch_report(model)

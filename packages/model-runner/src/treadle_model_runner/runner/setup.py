@@ -153,11 +153,16 @@ def check_runner_args(
     speculative_config: SpeculativeConfig | None,
 ) -> None:
     """ValueError, naming the setting, for a runner that cannot start: batch limits below 1, a tensor-parallel size
-    other than this process's group's, a draft model with LoRA adapters (`lora_config`: enabled, or None), or a
-    draft model sharded unlike the target."""
+    other than this process's group's, a draft model or EAGLE-3 head with LoRA adapters (`lora_config`: enabled, or
+    None), EAGLE-3 under tensor parallelism, or a draft model sharded unlike the target."""
     if max_num_seqs < 1 or max_num_batched_tokens < 1:
         raise ValueError(
             f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens ({max_num_batched_tokens}) must be >= 1"
+        )
+    if speculative_config and speculative_config.method == "eagle3" and model_config.tensor_parallel_size > 1:
+        raise ValueError(
+            f"speculative_config method 'eagle3' runs on one device; tensor_parallel_size is "
+            f"{model_config.tensor_parallel_size}: use tensor_parallel_size 1, or method 'draft_model' or 'ngram'"
         )
     tp = get_tp()
     if model_config.tensor_parallel_size != tp.size:
@@ -166,9 +171,10 @@ def check_runner_args(
             f"size (engine_core's TensorParallelExecutor starts one process per device); this process's group "
             f"has size {tp.size}"
         )
-    if lora_config is not None and speculative_config and speculative_config.method == "draft_model":
+    if lora_config is not None and speculative_config and speculative_config.drafts_in_runner:
         raise ValueError(
-            "speculative_config method 'draft_model' does not run with LoRA adapters (--enable-lora)"
+            f"speculative_config method {speculative_config.method!r} does not run with LoRA adapters "
+            "(--enable-lora)"
         )
     draft_tp = speculative_config.draft_tensor_parallel_size if speculative_config else None
     if draft_tp is not None and draft_tp != model_config.tensor_parallel_size:
