@@ -63,7 +63,14 @@ def _time_graph(call: object, iters: int = 50) -> float:
 
 def _tiles(tokens: int, wide: bool = False) -> Iterator[BlockConfig]:
     """The GEMM tiles a sweep times: BLOCK_M 16 (32 and 64 from 256 tokens), each plain and swapped; `wide`: BLOCK_N
-    16-64, BLOCK_K 128-512, 2-8 warps and 1-4 stages, plain (the decode sizes' question: latency or bandwidth)."""
+    16-64, BLOCK_K 128-512, 2-8 warps and 1-4 stages, plain (the decode sizes' question: latency or bandwidth); from
+    256 tokens BLOCK_M 32-128, BLOCK_N 64-128, BLOCK_K 64-128, 4 or 8 warps, plain and swapped."""
+    if wide and tokens >= 256:
+        for bm, bn, bk, warps, swap in itertools.product(
+            (32, 64) if tokens < 1024 else (64, 128), (64, 128), (64, 128), (4, 8), (False, True)
+        ):
+            yield BlockConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=3, swap_ab=swap)
+        return
     if wide:
         for bn, bk, warps, stages in itertools.product(
             (16, 32, 64), (128, 256, 512), (2, 4, 8), (1, 2, 3, 4)
