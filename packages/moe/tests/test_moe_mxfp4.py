@@ -143,10 +143,10 @@ def test_triton_mxfp4_steps_of_several_scale_blocks(
 
 
 def test_tiles_follow_the_rows_per_expert() -> None:
-    """The measured tiles: one row per expert, then up to 8 rows swapped; the tables' config past that, swapped
-    from 128 rows; given and interpreter configs as they are (BLOCK_K raised to a scale block)."""
+    """The measured tiles: one row per expert, then up to 8 rows swapped; the tables' config past that; the prefill
+    tile from 128 rows; given and interpreter configs as they are (BLOCK_K raised to a scale block)."""
     from treadle_moe.configs import BlockConfig
-    from treadle_moe.experts.triton_mxfp4 import mxfp4_config
+    from treadle_moe.experts.triton_mxfp4 import PREFILL_TILE, mxfp4_config
 
     table = BlockConfig(64, 128, 16, group_m=8, num_warps=8, num_stages=4)
 
@@ -156,7 +156,7 @@ def test_tiles_follow_the_rows_per_expert() -> None:
     assert (config(1).block_n, config(8).block_k, config(8).swap_ab) == (32, 256, False)
     assert (config(9).block_n, config(64).block_k, config(64).swap_ab) == (64, 128, True)
     assert config(65) == dataclasses.replace(table, block_k=32) and config(1016) == config(65)
-    assert config(1024) == dataclasses.replace(table, block_k=32, swap_ab=True)
+    assert config(1024) == config(4096) == PREFILL_TILE == BlockConfig(128, 64, 64, 8, 4, 3, swap_ab=True)
     assert config(1, "given") == config(1, "interpreter") == dataclasses.replace(table, block_k=32)
 
 

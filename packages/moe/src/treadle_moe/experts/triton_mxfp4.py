@@ -9,8 +9,10 @@ session 34; an expert's expected rows = tokens x top_k / experts, rounded up):
 - at most 1 row (decode of a few sequences): BLOCK_N 32, BLOCK_K 256 (0.83x bf16's time against the tables' tiles);
 - 2-8 rows: BLOCK_N 64, BLOCK_K 128, and C^T = W A^T (`swap_ab`: the decoded weight tile is the dot's left operand
   as it comes, no transpose; the rows fill the right operand's 16-wide side): 0.80-0.89x the tables' tiles;
-- more: the tables' config (weight-only 4-bit tables first, configs/), swapped from 128 rows (1,024 and 4,096
-  tokens: 0.85x; 256 tokens, 32 rows, ran 5 % slower swapped).
+- 9-127 rows: the tables' config (weight-only 4-bit tables first, configs/; 256 tokens, 32 rows, ran 5 % slower
+  swapped);
+- from 128 rows: BLOCK_M 128, BLOCK_N 64, BLOCK_K 64, 4 warps, swapped (session 35's sweep, `--sweep --wide`: 1,024
+  and 4,096 tokens 0.84x the tables' fallback tile swapped, 128 x 128 x 64 on 8 warps).
 BLOCK_K is at least 32 everywhere (the steps hold whole scale blocks; a given config is raised too, and keeps its
 swap_ab); the CPU interpreter keeps its small config.
 """
@@ -30,10 +32,11 @@ from treadle_moe.experts.mxfp4 import MXFP4_BLOCK, Mxfp4ExpertScales
 __all__ = ["invoke_moe_mxfp4_gemm", "mxfp4_config", "run_mxfp4_gemms"]
 
 
-# an expert's expected rows -> (tiles, C^T = W A^T) for few rows; from SWAP_AB_ROWS the tables' tiles swapped
+# an expert's expected rows -> (tiles, C^T = W A^T) for few rows; from PREFILL_ROWS the prefill tile
 DECODE_TILES = ((1, BlockConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=3)),
                 (8, BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3, swap_ab=True)))  # fmt: skip
-SWAP_AB_ROWS = 128
+PREFILL_ROWS = 128
+PREFILL_TILE = BlockConfig(128, 64, 64, group_m=8, num_warps=4, num_stages=3, swap_ab=True)
 
 
 def mxfp4_config(
@@ -48,7 +51,7 @@ def mxfp4_config(
     for most, tiles in DECODE_TILES:
         if rows <= most:
             return tiles
-    return dataclasses.replace(config, swap_ab=rows >= SWAP_AB_ROWS)
+    return PREFILL_TILE if rows >= PREFILL_ROWS else config
 
 
 def invoke_moe_mxfp4_gemm(
