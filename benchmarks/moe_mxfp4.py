@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 from collections.abc import Iterator
 
 import torch
@@ -90,7 +91,23 @@ def _table_config(tokens: int) -> BlockConfig:
     return dataclasses.replace(config, block_k=max(32, config.block_k))
 
 
-def benchmark(tokens: list[int], sweep: bool = False, wide: bool = False) -> list[dict[str, object]]:
+def _with_env(variant: str, call: object) -> object:
+    """`call()` with the environment variable `variant` ("NAME=VALUE") set."""
+    name, value = variant.split("=", 1)
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return call()  # type: ignore[operator]
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def benchmark(
+    tokens: list[int], sweep: bool = False, wide: bool = False, variants: tuple[str, ...] = ()
+) -> list[dict[str, object]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
     w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
@@ -134,11 +151,13 @@ def benchmark(tokens: list[int], sweep: bool = False, wide: bool = False) -> lis
             continue
         table = functools.partial(run, _table_config(m))
         row["table_relative_error"] = float((table().float() - ref).norm() / ref.norm())  # type: ignore[attr-defined]
-        for name, call, per_value in (
-            ("bf16", bf16, 2.0),
-            ("mxfp4", mxfp4, 17 / 32),
-            ("table", table, 17 / 32),
-        ):
+        timed = [("bf16", bf16, 2.0), ("mxfp4", mxfp4, 17 / 32), ("table", table, 17 / 32)]
+        for variant in variants:
+            # the GEMM reads its knobs at each launch, so each variant is its own kernel (and its own graph)
+            timed.append((variant, functools.partial(_with_env, variant, mxfp4), 17 / 32))
+            out = _with_env(variant, mxfp4).float()  # type: ignore[attr-defined]
+            row[f"{variant}_relative_error"] = float((out - ref).norm() / ref.norm())
+        for name, call, per_value in timed:
             us = _time_graph(call)
             moved = experts_hit * 3 * N * K * per_value + activations
             row[f"{name}_us"], row[f"{name}_gbs"] = round(us, 2), round(moved / us / 1e3, 1)
@@ -155,10 +174,11 @@ def main() -> None:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
     parser.add_argument("--sweep", action="store_true", help="time GEMM tiles instead")
     parser.add_argument("--wide", action="store_true", help="with --sweep: warps, stages and wider tiles")
+    parser.add_argument("--variant", action="append", default=[], help="also time MXFP4 under NAME=VALUE")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     result = {"device": torch.cuda.get_device_name(), "shape": {"K": K, "N": N, "E": E, "top_k": TOP_K},
-              "rows": benchmark(tokens, args.sweep, args.wide)}  # fmt: skip
+              "rows": benchmark(tokens, args.sweep, args.wide, tuple(args.variant))}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

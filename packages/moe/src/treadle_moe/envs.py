@@ -41,3 +41,15 @@ def moe_int4_gemv_max_tokens() -> int | None:
             "kernel), or unset for the default"
         )
     return tokens
+
+
+def mxfp4_decode() -> str | None:
+    """TREADLE_MXFP4_DECODE: how the MXFP4 fused-MoE GEMM decodes its weights on a GPU with bf16 activations
+    (experts/triton_mxfp4_kernels.py): "bf16" (packed bf16 pairs by inline PTX) or "fp32" (float32 bit placement,
+    Triton ops); unset = the default."""
+    value = os.environ.get("TREADLE_MXFP4_DECODE", "").strip().lower()
+    if not value:
+        return None
+    if value not in ("bf16", "fp32"):
+        raise ValueError(f"TREADLE_MXFP4_DECODE={value!r} must be bf16 or fp32, or unset for the default")
+    return value

@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from treadle_moe import envs
 from treadle_moe.activation import SWIGLU_ALPHA, SWIGLU_LIMIT
 from treadle_moe.configs import BlockConfig
 from treadle_moe.experts.align import BlockAlignment
@@ -52,6 +53,14 @@ def mxfp4_config(
         if rows <= most:
             return tiles
     return PREFILL_TILE if rows >= PREFILL_ROWS else config
+
+
+DECODE = "fp32"  # the default weight decode on a GPU with bf16 activations (envs.mxfp4_decode)
+
+
+def decode_kind() -> str:
+    """ "bf16" (packed pairs, inline PTX) or "fp32" (float32 bit placement) for bf16 activations on a GPU."""
+    return envs.mxfp4_decode() or DECODE
 
 
 def invoke_moe_mxfp4_gemm(
@@ -85,6 +94,7 @@ def invoke_moe_mxfp4_gemm(
     k = b.shape[2] * MXFP4_BLOCK
     bias = bias.contiguous() if bias is not None else None
     weights = topk_weights if topk_weights is not None else scale  # unused pointer when not multiplying
+    bf16_asm = a.dtype == torch.bfloat16 and a.is_cuda and decode_kind() == "bf16"
 
     def launch(config: BlockConfig) -> None:
         grid = (alignment.num_blocks * -(-n_out // config.block_n),)
@@ -95,7 +105,8 @@ def invoke_moe_mxfp4_gemm(
             bias.stride(0) if bias is not None else 0, float(swiglu[0]), float(swiglu[1]),
             A_ROWS_PER_TOKEN=a_rows_per_token, GATED=gated, ACTIVATION=ACTIVATION_CODES[activation],
             MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_BIAS=bias is not None,
-            UPCAST=a.device.type == "cpu" or a.dtype == torch.float32, SWAP_AB=config.swap_ab, BLOCK_M=config.block_m,
+            UPCAST=a.device.type == "cpu" or a.dtype == torch.float32, SWAP_AB=config.swap_ab, BF16_ASM=bf16_asm,
+            BLOCK_M=config.block_m,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, num_warps=config.num_warps,
             num_stages=config.num_stages,
         )  # fmt: skip

@@ -35,23 +35,77 @@ def _e2m1(nibble):
     return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
 
 
+# Four bytes ($4) and their four scale bytes ($5) -> the eight bf16 values: $0 $1 the low nibbles' (bytes 0-1, 2-3),
+# $2 $3 the high ones'. prmt spreads two bytes into the halves of a word; in each half the code bits go to bf16 bits
+# 8-6 and the sign to bit 15 (the value times 2^-126, a bf16 subnormal for code 1), one multiply by 2^126 (0x7E80)
+# makes the e2m1 value, one by the scale pair (scale byte s -> bf16 bits s << 7: 2^(s - 127); s = 0 -> 0) the weight.
+_BF16_DECODE = tl.constexpr("""{
+.reg .b32 v, p, x, y, s01, s23, c, z;
+mov.b32 z, 0;
+mov.b32 c, 0x7E807E80;
+prmt.b32 s01, $5, z, 0x4140;
+shl.b32 s01, s01, 7;
+prmt.b32 s23, $5, z, 0x4342;
+shl.b32 s23, s23, 7;
+shr.b32 v, $4, 4;
+prmt.b32 p, $4, z, 0x4140;
+shl.b32 x, p, 6;
+shl.b32 y, p, 12;
+and.b32 y, y, 0x80008000;
+lop3.b32 p, x, 0x01C001C0, y, 0xEA;
+mul.rn.bf16x2 p, p, c;
+mul.rn.bf16x2 $0, p, s01;
+prmt.b32 p, $4, z, 0x4342;
+shl.b32 x, p, 6;
+shl.b32 y, p, 12;
+and.b32 y, y, 0x80008000;
+lop3.b32 p, x, 0x01C001C0, y, 0xEA;
+mul.rn.bf16x2 p, p, c;
+mul.rn.bf16x2 $1, p, s23;
+prmt.b32 p, v, z, 0x4140;
+shl.b32 x, p, 6;
+shl.b32 y, p, 12;
+and.b32 y, y, 0x80008000;
+lop3.b32 p, x, 0x01C001C0, y, 0xEA;
+mul.rn.bf16x2 p, p, c;
+mul.rn.bf16x2 $2, p, s01;
+prmt.b32 p, v, z, 0x4342;
+shl.b32 x, p, 6;
+shl.b32 y, p, 12;
+and.b32 y, y, 0x80008000;
+lop3.b32 p, x, 0x01C001C0, y, 0xEA;
+mul.rn.bf16x2 p, p, c;
+mul.rn.bf16x2 $3, p, s23;
+}""")
+
+
 @triton.jit
 def _mxfp4_tile(w_ptr, s_ptr, row_bytes, row_scales, k0, K, offs_n, n_mask, BLOCK_K: tl.constexpr,
-                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):  # fmt: skip
+                BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr):  # fmt: skip
     """Rows offs_n, inputs [k0, k0 + BLOCK_K) of one expert's MXFP4 weight (blocks at w_ptr, scales at s_ptr) ->
-    fp32 [BLOCK_K, BLOCK_N] (SWAP_AB: [BLOCK_N, BLOCK_K], as decoded). k0 and BLOCK_K are multiples of 32, so the
-    step holds whole scale blocks."""
+    fp32 [BLOCK_K, BLOCK_N] (SWAP_AB: [BLOCK_N, BLOCK_K], as decoded; BF16_ASM: bf16 by _BF16_DECODE). k0 and
+    BLOCK_K are multiples of 32, so the step holds whole scale blocks."""
     rows = offs_n.to(tl.int64)[:, None]
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # the bytes of the step in a row: contiguous
     byte_mask = n_mask[:, None] & (offs_b < K // 2)[None, :]
-    byte = tl.load(w_ptr + rows * row_bytes + offs_b[None, :], mask=byte_mask, other=0).to(tl.int32)
-    # [BN, BK / 2, 2] -> [BN, BK]: input 2j is byte j's low nibble, 2j + 1 its high one
-    w = tl.reshape(tl.join(_e2m1(byte & 15), _e2m1(byte >> 4)), (BLOCK_N, BLOCK_K))
+    byte = tl.load(w_ptr + rows * row_bytes + offs_b[None, :], mask=byte_mask, other=0)
     offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     group_mask = n_mask[:, None] & (offs_g < K // 32)[None, :]
-    s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=group_mask, other=1).to(tl.int32)
-    scale = (s << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 127)
-    w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    s = tl.load(s_ptr + rows * row_scales + offs_g[None, :], mask=group_mask, other=1)
+    if BF16_ASM:
+        # each byte's scale byte beside it: [BN, BK / 2]
+        s_bytes = tl.reshape(
+            tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)), (BLOCK_N, BLOCK_K // 2)
+        )
+        low, high = tl.inline_asm_elementwise(_BF16_DECODE, "=r,=r,=r,=r,r,r", [byte, s_bytes],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)  # fmt: skip
+        w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    else:
+        byte = byte.to(tl.int32)
+        # [BN, BK / 2, 2] -> [BN, BK]: input 2j is byte j's low nibble, 2j + 1 its high one
+        w = tl.reshape(tl.join(_e2m1(byte & 15), _e2m1(byte >> 4)), (BLOCK_N, BLOCK_K))
+        scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BN, BK / 32]: 2^(s - 127)
+        w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
     # one return per jit function: the compiler visits code after a return under a constexpr branch
     if not SWAP_AB:
         w = tl.trans(w)
@@ -82,7 +136,7 @@ def fused_moe_mxfp4_gemm_kernel(
     A_ROWS_PER_TOKEN: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, BF16_ASM: tl.constexpr = False,
 ):  # fmt: skip
     pid_m, pid_n, live = program_tile(num_tokens_post_padded_ptr, N, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
@@ -111,12 +165,13 @@ def fused_moe_mxfp4_gemm_kernel(
             a = tl.load(a_base + offs_k[:, None], mask=slot_mask[None, :] & (offs_k < K)[:, None], other=0.0)
         else:
             a = tl.load(a_base + offs_k[None, :], mask=slot_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N, SWAP_AB)
+        w = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, offs_n, n_mask, BLOCK_K, BLOCK_N, SWAP_AB,
+                        BF16_ASM)  # fmt: skip
         acc = _mac(acc, a, w, UPCAST, SWAP_AB)
         if GATED:
             up_rows = offs_n + N
             w_up = _mxfp4_tile(w_ptr, es_ptr, stride_bn, stride_sn, k0, K, up_rows, n_mask, BLOCK_K, BLOCK_N,
-                               SWAP_AB)  # fmt: skip
+                               SWAP_AB, BF16_ASM)  # fmt: skip
             acc_up = _mac(acc_up, a, w_up, UPCAST, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
