@@ -34,13 +34,18 @@ def main() -> int:
     mx_ptrs = {"a_ptr": "*bf16", "b_ptr": "*u8", "s_ptr": "*u8", "c_ptr": "*bf16", "topk_weights_ptr": "*fp32",
                "bias_ptr": "*bf16"}  # fmt: skip
     aligned = (*mx_ptrs, "K", "stride_am", "stride_be", "stride_bn", "stride_cm")
-    for gated, mul, block_m, swap in ((True, False, 16, False), (False, True, 64, False), (True, False, 16, True),
-                                      (False, True, 16, True)):  # fmt: skip
+    # (the fp32 decode, then the bf16 decode's inline PTX at the policy's tiles: 1 row, 2-8 rows, prefill swapped)
+    for gated, mul, block_m, swap, bf16, block_n, block_k in (
+        (True, False, 16, False, False, 64, 128), (False, True, 64, False, False, 64, 128),
+        (True, False, 16, True, False, 64, 128), (False, True, 16, True, False, 64, 128),
+        (True, False, 16, False, True, 32, 256), (False, True, 16, False, True, 64, 128),
+        (True, False, 128, True, True, 64, 64),
+    ):  # fmt: skip
         constexprs = {
             "A_ROWS_PER_TOKEN": 4 if gated else 1, "GATED": gated,
             "ACTIVATION": tk.ACTIVATION_CODES["swigluoai" if gated else "silu"], "MUL_ROUTED_WEIGHT": mul,
-            "HAS_BIAS": True, "UPCAST": False, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
-            "SWAP_AB": swap,
+            "HAS_BIAS": True, "UPCAST": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "GROUP_M": 8, "SWAP_AB": swap, "BF16_ASM": bf16,
         }  # fmt: skip
         compile_one(mx.fused_moe_mxfp4_gemm_kernel, constexprs, mx_ptrs, floats=("alpha", "limit"),
                     divisible_by_16=aligned, options={"num_warps": 4, "num_stages": 3})  # fmt: skip

@@ -1,6 +1,7 @@
-"""GPU: the Triton MXFP4 grouped GEMM (plain and computing C^T = W A^T, each at every size) at gpt-oss-20b sizes
-(H 2880, N 2880, 32 experts, top 4, bf16) against the torch reference on the same blocks, with and without
-biases / swigluoai; expert parallelism's -1 ids; the oracle's choice; a FusedMoE with MXFP4 experts in a CUDA graph."""
+"""GPU: the Triton MXFP4 grouped GEMM (plain and computing C^T = W A^T, each at every size, with either weight
+decode) at gpt-oss-20b sizes (H 2880, N 2880, 32 experts, top 4, bf16) against the torch reference on the same blocks,
+with and without biases / swigluoai; the two decodes bit for bit; expert parallelism's -1 ids; the oracle's choice; a
+FusedMoE with MXFP4 experts in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -44,11 +45,19 @@ def _routed(experts: dict[str, torch.Tensor], tokens: int, seed: int) -> dict[st
     return dict(experts, hidden=hidden, topk_weights=top_logits.softmax(-1), topk_ids=ids.to(torch.int32))
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64, 512])
+@pytest.fixture(params=["bf16", "fp32"])
+def decode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per weight decode of the MXFP4 GEMM (experts/triton_mxfp4.py's `decode_kind`)."""
+    monkeypatch.setenv("TREADLE_MXFP4_DECODE", request.param)
+    return str(request.param)
+
+
+# 1,024 tokens: 128 rows an expert, the prefill tile
+@pytest.mark.parametrize("tokens", [1, 7, 64, 512, 1024])
 @pytest.mark.parametrize(("activation", "bias"), [("swigluoai", True), ("silu", False)])
 @pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
 def test_gpt_oss_20b_sizes_match_reference(
-    experts: Experts, combo: str, activation: str, bias: bool, tokens: int, mxfp4_kernel: str
+    experts: Experts, combo: str, activation: str, bias: bool, tokens: int, mxfp4_kernel: str, decode: str
 ) -> None:
     weights, scales = experts
     inputs = _routed(weights, tokens, seed=tokens)
@@ -56,6 +65,29 @@ def test_gpt_oss_20b_sizes_match_reference(
     out = run_mxfp4(combo, inputs, scales, activation, epilogue)
     ref = run_mxfp4("standard-torch", inputs, scales, activation, epilogue)
     assert_close_to(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 1024])
+def test_bf16_decode_is_the_fp32_decode_bit_for_bit(
+    experts: Experts, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both decodes give the exact weights, so the same tiles (the policy's for the bf16 decode) give the same bits:
+    a flushed bf16 subnormal (code 1, 0.5) or a wrong nibble, sign or scale in the PTX shows here."""
+    from treadle_moe.configs import BlockConfig
+    from treadle_moe.experts.triton_mxfp4 import mxfp4_config
+
+    weights, scales = experts
+    inputs = _routed(weights, tokens, seed=tokens + 1)
+    epilogue = ExpertEpilogue(inputs["b13"], inputs["b2"])
+    tiles = mxfp4_config(
+        BlockConfig(64, 64, 64, group_m=8), tokens, TOP_K, EXPERTS, source="tables", decode="bf16"
+    )
+    outs = []
+    for kind in ("bf16", "fp32"):
+        monkeypatch.setenv("TREADLE_MXFP4_DECODE", kind)
+        outs.append(run_mxfp4("standard-triton", inputs, scales, "swigluoai", epilogue, block_config=tiles))
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].abs().max() > 0
 
 
 def test_other_ranks_experts_add_nothing(experts: Experts) -> None:

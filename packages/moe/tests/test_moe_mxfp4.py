@@ -6,6 +6,7 @@ test_moe_gpu_mxfp4.py)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -158,6 +159,14 @@ def test_tiles_follow_the_rows_per_expert() -> None:
     assert config(65) == dataclasses.replace(table, block_k=32) and config(1016) == config(65)
     assert config(1024) == config(4096) == PREFILL_TILE == BlockConfig(128, 64, 64, 8, 4, 3, swap_ab=True)
     assert config(1, "given") == config(1, "interpreter") == dataclasses.replace(table, block_k=32)
+    # the bf16 decode: 2-8 rows not swapped, the rest as the fp32 decode's
+    bf16 = functools.partial(mxfp4_config, table, top_k=4, num_experts=32, source="tables", decode="bf16")
+    assert (bf16(num_tokens=64).block_n, bf16(num_tokens=64).block_k, bf16(num_tokens=64).swap_ab) == (
+        64,
+        128,
+        False,
+    )
+    assert [bf16(num_tokens=t) for t in (1, 65, 1024)] == [config(t) for t in (1, 65, 1024)]
 
 
 @pytest.mark.parametrize("swap_ab", [False, True])

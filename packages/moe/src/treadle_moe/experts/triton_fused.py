@@ -44,7 +44,7 @@ from treadle_moe.experts.mxfp4 import Mxfp4ExpertScales, check_mxfp4_experts
 from treadle_moe.experts.triton_fp8 import fp8_support_reason, run_fp8_gemms
 from treadle_moe.experts.triton_int4 import int4_config, run_int4_gemms
 from treadle_moe.experts.triton_launch import invoke_moe_gemm
-from treadle_moe.experts.triton_mxfp4 import mxfp4_config, run_mxfp4_gemms
+from treadle_moe.experts.triton_mxfp4 import decode_kind, mxfp4_config, run_mxfp4_gemms
 from treadle_moe.prepare_finalize import ActivationFormat
 from treadle_moe.topk_weight_and_reduce import (
     TopKWeightAndReduce,
@@ -125,7 +125,8 @@ class _TritonBase(Experts):
                 num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name, int4=weight_only
             )
         if mxfp4:  # measured tiles for few rows per expert; whole scale blocks per K step, a given config too
-            return mxfp4_config(config, num_tokens, top_k, num_experts, source=source), source
+            decode = decode_kind(dtype, w13.device.type)
+            return mxfp4_config(config, num_tokens, top_k, num_experts, source=source, decode=decode), source
         if int4 is None or source == "given":  # a given config runs as it is (steps may straddle groups)
             return config, source
         return int4_config(config, int4.layout, hidden, two_n // 2), source

@@ -4,11 +4,16 @@ For MXFP4 expert weights (experts/mxfp4.py, gpt-oss) the two GEMMs of triton_fus
 operand is decoded from e2m1 nibbles and e8m0 scales in registers (triton_mxfp4_kernels.py); the activations stay
 in the model dtype, so there is no quantization launch: hidden [rows, K] -> act(gate + b) * (up + b') [slots, N] ->
 (+ b2, * routing weight) [slots, K]. The experts' biases and swigluoai run in the epilogues as in the bf16 kernel.
+The weight decode (`decode_kind`): on a GPU with bf16 activations, packed bf16 pairs by inline PTX ("bf16", the
+default: gpt-oss-20b's experts at 1 token 64.5 µs against 74.2 for "fp32" and 71.6 for bf16 experts, H200, session
+35); else, and under TREADLE_MXFP4_DECODE=fp32, float32 bit placement in Triton ops ("fp32"). Both give the exact
+weights, so the same tiles give the same output.
 Block config (`mxfp4_config`), measured at gpt-oss's expert shapes on an H200 (benchmarks/moe_mxfp4.py --sweep,
-session 34; an expert's expected rows = tokens x top_k / experts, rounded up):
+sessions 34-35; an expert's expected rows = tokens x top_k / experts, rounded up):
 - at most 1 row (decode of a few sequences): BLOCK_N 32, BLOCK_K 256 (0.83x bf16's time against the tables' tiles);
-- 2-8 rows: BLOCK_N 64, BLOCK_K 128, and C^T = W A^T (`swap_ab`: the decoded weight tile is the dot's left operand
-  as it comes, no transpose; the rows fill the right operand's 16-wide side): 0.80-0.89x the tables' tiles;
+- 2-8 rows: BLOCK_N 64, BLOCK_K 128; with the fp32 decode C^T = W A^T (`swap_ab`: the decoded weight tile is the
+  dot's left operand as it comes, no transpose; the rows fill the right operand's 16-wide side; 0.80-0.89x the
+  tables' tiles), with the bf16 decode not swapped (16 / 64 tokens: 271 / 328 µs against 287 / 347 swapped);
 - 9-127 rows: the tables' config (weight-only 4-bit tables first, configs/; 256 tokens, 32 rows, ran 5 % slower
   swapped);
 - from 128 rows: BLOCK_M 128, BLOCK_N 64, BLOCK_K 64, 4 warps, swapped (session 35's sweep, `--sweep --wide`: 1,024
@@ -30,36 +35,43 @@ from treadle_moe.experts.align import BlockAlignment
 from treadle_moe.experts.epilogue import ExpertEpilogue
 from treadle_moe.experts.mxfp4 import MXFP4_BLOCK, Mxfp4ExpertScales
 
-__all__ = ["invoke_moe_mxfp4_gemm", "mxfp4_config", "run_mxfp4_gemms"]
+__all__ = ["decode_kind", "invoke_moe_mxfp4_gemm", "mxfp4_config", "run_mxfp4_gemms"]
 
 
-# an expert's expected rows -> (tiles, C^T = W A^T) for few rows; from PREFILL_ROWS the prefill tile
-DECODE_TILES = ((1, BlockConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=3)),
-                (8, BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3, swap_ab=True)))  # fmt: skip
+# an expert's expected rows -> tiles for few rows, per weight decode; from PREFILL_ROWS the prefill tile
+_FEW_ROWS = BlockConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=3)
+DECODE_TILES = {
+    decode: ((1, BlockConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=3)),
+             (8, dataclasses.replace(_FEW_ROWS, swap_ab=decode == "fp32")))
+    for decode in ("bf16", "fp32")
+}  # fmt: skip
 PREFILL_ROWS = 128
 PREFILL_TILE = BlockConfig(128, 64, 64, group_m=8, num_warps=4, num_stages=3, swap_ab=True)
 
 
 def mxfp4_config(
-    config: BlockConfig, num_tokens: int, top_k: int, num_experts: int, *, source: str
+    config: BlockConfig, num_tokens: int, top_k: int, num_experts: int, *, source: str, decode: str = "fp32"
 ) -> BlockConfig:
     """The block config for MXFP4 experts (module docstring): `config` is the tables' (`source` "given": as given;
-    "interpreter": the CPU interpreter's, kept) with BLOCK_K raised to one scale block (32)."""
+    "interpreter": the CPU interpreter's, kept) with BLOCK_K raised to one scale block (32); `decode` the kernel's
+    weight decode ("bf16" / "fp32")."""
     config = dataclasses.replace(config, block_k=max(MXFP4_BLOCK, config.block_k))
     if source in ("given", "interpreter"):
         return config
     rows = -(-num_tokens * top_k // max(num_experts, 1))
-    for most, tiles in DECODE_TILES:
+    for most, tiles in DECODE_TILES[decode]:
         if rows <= most:
             return tiles
     return PREFILL_TILE if rows >= PREFILL_ROWS else config
 
 
-DECODE = "fp32"  # the default weight decode on a GPU with bf16 activations (envs.mxfp4_decode)
+DECODE = "bf16"  # the default weight decode on a GPU with bf16 activations (envs.mxfp4_decode)
 
 
-def decode_kind() -> str:
-    """ "bf16" (packed pairs, inline PTX) or "fp32" (float32 bit placement) for bf16 activations on a GPU."""
+def decode_kind(dtype: torch.dtype, device_type: str) -> str:
+    """The weight decode for activations of `dtype` on `device_type` (module docstring)."""
+    if dtype != torch.bfloat16 or device_type != "cuda":
+        return "fp32"
     return envs.mxfp4_decode() or DECODE
 
 
@@ -94,7 +106,7 @@ def invoke_moe_mxfp4_gemm(
     k = b.shape[2] * MXFP4_BLOCK
     bias = bias.contiguous() if bias is not None else None
     weights = topk_weights if topk_weights is not None else scale  # unused pointer when not multiplying
-    bf16_asm = a.dtype == torch.bfloat16 and a.is_cuda and decode_kind() == "bf16"
+    bf16_asm = decode_kind(a.dtype, a.device.type) == "bf16"
 
     def launch(config: BlockConfig) -> None:
         grid = (alignment.num_blocks * -(-n_out // config.block_n),)
