@@ -16,9 +16,10 @@ dot's [BLOCK_K, BLOCK_N]. That is exactly the spec's dequantized value, so round
 nothing; the products are accumulated in float32. BF16_ASM (bf16 A on a GPU): the same bit placement in bf16, two
 weights a 32-bit register, by inline PTX (`_BF16_DECODE`, about 4 instructions a weight against about 8), so the
 tile is bf16 from the start; Nsight Compute, gpt-oss-20b's w13 GEMM at 1 token: 17.5M instructions against 23.5M.
-A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU interpreter, and fp32 A): fp32 operands, IEEE dot. SWAP_AB: the dot computes C^T = W A^T, the decoded [BLOCK_N,
-BLOCK_K] tile its left operand as it is (no transpose), A^T [BLOCK_K, BLOCK_M] loaded transposed, the accumulators
-transposed once before the epilogue. K must be a multiple of 32.
+A scale byte 0 (2^-127) is taken as 0. UPCAST (the CPU interpreter, and fp32 A): fp32 operands, IEEE dot.
+SWAP_AB: the dot computes C^T = W A^T, the decoded [BLOCK_N, BLOCK_K] tile its left operand as it is (no transpose),
+A^T [BLOCK_K, BLOCK_M] loaded transposed, the accumulators transposed once before the epilogue. K must be a multiple
+of 32.
 """
 
 from __future__ import annotations
