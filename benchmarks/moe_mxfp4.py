@@ -35,7 +35,7 @@ import torch
 from treadle_moe import ModularKernel, NoEPStandardPrepareFinalize, TritonExperts
 from treadle_moe.configs import BlockConfig, get_block_config
 from treadle_moe.experts.epilogue import ExpertEpilogue
-from treadle_moe.experts.mxfp4 import dequantize_mxfp4, quantize_experts_mxfp4
+from treadle_moe.experts.mxfp4 import Mxfp4ExpertScales, dequantize_mxfp4, quantize_experts_mxfp4
 
 K, N, E, TOP_K = 2880, 2880, 32, 4
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
@@ -105,18 +105,24 @@ def _with_env(variant: str, call: object) -> object:
             os.environ[name] = before
 
 
-def benchmark(
-    tokens: list[int], sweep: bool = False, wide: bool = False, variants: tuple[str, ...] = ()
-) -> list[dict[str, object]]:
+def make_experts() -> tuple[torch.Generator, torch.Tensor, torch.Tensor, Mxfp4ExpertScales, ExpertEpilogue]:
+    """gpt-oss-20b-shaped experts quantized to MXFP4 on the GPU (blocks w13, w2 and their scales) with bf16 biases,
+    and the generator that made them (seed 0), for the inputs that follow."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
     w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
     b13, b2, scales = quantize_experts_mxfp4(w13, w2)
-    dq13 = dequantize_mxfp4(b13, scales.w13_scale, torch.bfloat16)
-    dq2 = dequantize_mxfp4(b2, scales.w2_scale, torch.bfloat16)
     del w13, w2
     biases = torch.randn(E, 2 * N, device="cuda").bfloat16(), torch.randn(E, K, device="cuda").bfloat16()
-    epilogue = ExpertEpilogue(*biases)
+    return gen, b13, b2, scales, ExpertEpilogue(*biases)
+
+
+def benchmark(
+    tokens: list[int], sweep: bool = False, wide: bool = False, variants: tuple[str, ...] = ()
+) -> list[dict[str, object]]:
+    gen, b13, b2, scales, epilogue = make_experts()
+    dq13 = dequantize_mxfp4(b13, scales.w13_scale, torch.bfloat16)
+    dq2 = dequantize_mxfp4(b2, scales.w2_scale, torch.bfloat16)
     kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts())
     rows = []
     for m in tokens:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from moe_mxfp4 import TOP_K, E, K, N
+from moe_mxfp4 import TOP_K, E, K, make_experts
 
 from treadle_moe import ModularKernel, NoEPStandardPrepareFinalize, TritonExperts
-from treadle_moe.experts.epilogue import ExpertEpilogue
-from treadle_moe.experts.mxfp4 import quantize_experts_mxfp4
 
 
 def main() -> None:
@@ -23,14 +21,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--calls", type=int, default=6)
     args = parser.parse_args()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
-    w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
-    b13, b2, scales = quantize_experts_mxfp4(w13, w2)
-    del w13, w2
-    epilogue = ExpertEpilogue(
-        torch.randn(E, 2 * N, device="cuda").bfloat16(), torch.randn(E, K, device="cuda").bfloat16()
-    )
+    gen, b13, b2, scales, epilogue = make_experts()
     kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts())
     x = torch.randn(args.tokens, K, device="cuda", generator=gen).bfloat16()
     top, ids = torch.randn(args.tokens, E, device="cuda", generator=gen).topk(TOP_K, dim=-1)

@@ -16,12 +16,11 @@ import json
 from collections import defaultdict
 
 import torch
-from moe_mxfp4 import TOP_K, E, K, N, _time_graph
+from moe_mxfp4 import TOP_K, E, K, _time_graph, make_experts
 from torch.profiler import ProfilerActivity, profile
 
 from treadle_moe import ModularKernel, NoEPStandardPrepareFinalize, TritonExperts
-from treadle_moe.experts.epilogue import ExpertEpilogue
-from treadle_moe.experts.mxfp4 import dequantize_mxfp4, quantize_experts_mxfp4
+from treadle_moe.experts.mxfp4 import dequantize_mxfp4
 
 
 def _kernel_us(call: object, iters: int) -> dict[str, float]:
@@ -47,16 +46,9 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,4,16,64,1024", help="comma-separated token counts")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(E, 2 * N, K, device="cuda", generator=gen) * K**-0.5
-    w2 = torch.randn(E, K, N, device="cuda", generator=gen) * N**-0.5
-    b13, b2, scales = quantize_experts_mxfp4(w13, w2)
+    gen, b13, b2, scales, epilogue = make_experts()
     dq13 = dequantize_mxfp4(b13, scales.w13_scale, torch.bfloat16)
     dq2 = dequantize_mxfp4(b2, scales.w2_scale, torch.bfloat16)
-    del w13, w2
-    epilogue = ExpertEpilogue(
-        torch.randn(E, 2 * N, device="cuda").bfloat16(), torch.randn(E, K, device="cuda").bfloat16()
-    )
     kernel = ModularKernel(NoEPStandardPrepareFinalize(), TritonExperts())
     rows = []
     for m in (int(t) for t in args.tokens.split(",")):

@@ -42,7 +42,20 @@ def _e2m1(nibble):
 # $2 $3 the high ones'. prmt spreads two bytes into the halves of a word; in each half the code bits go to bf16 bits
 # 8-6 and the sign to bit 15 (the value times 2^-126, a bf16 subnormal for code 1), one multiply by 2^126 (0x7E80)
 # makes the e2m1 value, one by the scale pair (scale byte s -> bf16 bits s << 7: 2^(s - 127); s = 0 -> 0) the weight.
-_BF16_DECODE = tl.constexpr("""{
+def _bf16_pair(source: str, selector: str, out: str, scale: str) -> str:
+    """PTX for one output register: two bytes of `source` (prmt `selector`) -> two bf16 weights, times `scale`."""
+    return f"""prmt.b32 p, {source}, z, {selector};
+shl.b32 x, p, 6;
+shl.b32 y, p, 12;
+and.b32 y, y, 0x80008000;
+lop3.b32 p, x, 0x01C001C0, y, 0xEA;
+mul.rn.bf16x2 p, p, c;
+mul.rn.bf16x2 {out}, p, {scale};
+"""
+
+
+_BF16_DECODE = tl.constexpr(
+    """{
 .reg .b32 v, p, x, y, s01, s23, c, z;
 mov.b32 z, 0;
 mov.b32 c, 0x7E807E80;
@@ -51,35 +64,13 @@ shl.b32 s01, s01, 7;
 prmt.b32 s23, $5, z, 0x4342;
 shl.b32 s23, s23, 7;
 shr.b32 v, $4, 4;
-prmt.b32 p, $4, z, 0x4140;
-shl.b32 x, p, 6;
-shl.b32 y, p, 12;
-and.b32 y, y, 0x80008000;
-lop3.b32 p, x, 0x01C001C0, y, 0xEA;
-mul.rn.bf16x2 p, p, c;
-mul.rn.bf16x2 $0, p, s01;
-prmt.b32 p, $4, z, 0x4342;
-shl.b32 x, p, 6;
-shl.b32 y, p, 12;
-and.b32 y, y, 0x80008000;
-lop3.b32 p, x, 0x01C001C0, y, 0xEA;
-mul.rn.bf16x2 p, p, c;
-mul.rn.bf16x2 $1, p, s23;
-prmt.b32 p, v, z, 0x4140;
-shl.b32 x, p, 6;
-shl.b32 y, p, 12;
-and.b32 y, y, 0x80008000;
-lop3.b32 p, x, 0x01C001C0, y, 0xEA;
-mul.rn.bf16x2 p, p, c;
-mul.rn.bf16x2 $2, p, s01;
-prmt.b32 p, v, z, 0x4342;
-shl.b32 x, p, 6;
-shl.b32 y, p, 12;
-and.b32 y, y, 0x80008000;
-lop3.b32 p, x, 0x01C001C0, y, 0xEA;
-mul.rn.bf16x2 p, p, c;
-mul.rn.bf16x2 $3, p, s23;
-}""")
+"""
+    + _bf16_pair("$4", "0x4140", "$0", "s01")
+    + _bf16_pair("$4", "0x4342", "$1", "s23")
+    + _bf16_pair("v", "0x4140", "$2", "s01")
+    + _bf16_pair("v", "0x4342", "$3", "s23")
+    + "}"
+)
 
 
 @triton.jit
