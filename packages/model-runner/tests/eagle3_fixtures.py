@@ -65,6 +65,21 @@ def random_head(
     }  # fmt: skip
 
 
+def save_speculators_head(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """The head of `config` and `tensors` in RedHat's speculators format: the layer's config nested, its tensors
+    named `layers.0.*`, norm_before_residual left to the format's default (true)."""
+    layer = {k: v for k, v in config.items() if k not in ("architectures", "draft_vocab_size")}
+    speculators = {
+        "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "transformer_layer_config": layer,
+        "draft_vocab_size": config["draft_vocab_size"], "speculators_version": "0.1.0",
+        "speculators_config": {"algorithm": "eagle3", "proposal_methods": [{"speculative_tokens": 3}],
+                               "verifier": {"name_or_path": "target"}},
+    }  # fmt: skip
+    renamed = {("layers.0." + k.removeprefix("midlayer.") if k.startswith("midlayer.") else k): v
+               for k, v in tensors.items()}  # fmt: skip
+    return save_head(path, speculators, renamed)
+
+
 def save_head(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write `config` as config.json and `tensors` as model.safetensors into `path`."""
     from safetensors.torch import save_file

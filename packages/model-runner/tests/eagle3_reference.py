@@ -70,7 +70,9 @@ def head_rows(
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
     attn = torch.einsum("...hqk,...khd->...qhd", probs, v).reshape(*shape, heads * d)
-    h = hidden + attn @ w["midlayer.self_attn.o_proj.weight"].T
+    # norm_before_residual (the speculators format's default): the normed hidden state joins the residual stream
+    residual = normed if config.get("norm_before_residual") else hidden
+    h = residual + attn @ w["midlayer.self_attn.o_proj.weight"].T
     m = _rms(h, w["midlayer.post_attention_layernorm.weight"], eps)
     gate, up = m @ w["midlayer.mlp.gate_proj.weight"].T, m @ w["midlayer.mlp.up_proj.weight"].T
     return h + (F.silu(gate) * up) @ w["midlayer.mlp.down_proj.weight"].T

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from eagle3_fixtures import head_config, random_head, save_head
+from eagle3_fixtures import head_config, random_head, save_head, save_speculators_head
 from eagle3_reference import aux_layers, head_logits, head_rows, target_features, to_target
 from test_runner_fakes import FakeScheduler, make_runner, save_llama
 
@@ -124,3 +124,26 @@ def test_every_pass_matches_the_reference(
     torch.testing.assert_close(
         pass_zero[: kept["a"]], ref_a[n_a - 1 - kept["a"] : n_a - 1], atol=2e-4, rtol=2e-4
     )
+
+
+def test_a_speculators_checkpoint_matches_the_reference(
+    models: tuple[Path, Path, dict[str, Any], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """The same head in the speculators format, whose default norm_before_residual (the normed hidden state joins
+    the residual stream) the reference follows too."""
+    target, _, config, tensors = models
+    head = save_speculators_head(tmp_path / "speculators", config, tensors)
+    runner = make_runner(target, speculative_config=SpeculativeConfig(method="eagle3", model=str(head),
+                                                                      num_speculative_tokens=K))  # fmt: skip
+    calls = _recording(runner)
+    sched = FakeScheduler(runner)
+    sched.lookahead = K
+    prompt = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(5)).tolist()
+    sched.add("a", prompt, SamplingParams(temperature=0.0), max_tokens=8)
+    out = sched.step({"a": len(prompt)})
+    ref, drafts = _reference(target, {**config, "norm_before_residual": True}, tensors,
+                             prompt + sched.requests["a"].output, K)  # fmt: skip
+    assert out.draft_token_ids["a"] == drafts
+    torch.testing.assert_close(torch.cat(calls), ref, atol=2e-4, rtol=2e-4)
+    _, plain = _reference(target, config, tensors, prompt + sched.requests["a"].output, K)
+    assert plain != drafts  # the flag matters for this head

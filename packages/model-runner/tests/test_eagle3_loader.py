@@ -1,5 +1,5 @@
 """EAGLE-3 refusals: each names the option, file or field and what is wrong. No model; a checkpoint that is not an
-EAGLE-3 head (another architecture, the speculators format, more than one layer); fc not 3 x the target's hidden
+EAGLE-3 head (another architecture, another speculators type, more than one layer); fc not 3 x the target's hidden
 size; another vocabulary; no d2t for a smaller draft vocabulary; taps outside the target's layers; a target whose
 decoder keeps no hidden states; LoRA adapters; tensor parallelism. A good head loads and makes the target keep its
 hidden states at vLLM's taps."""
@@ -52,6 +52,9 @@ def test_a_good_head_loads_and_taps_the_target(target: Path, tmp_path: Path) -> 
         target, _head(tmp_path / "own", eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 3, 5]})
     )
     assert runner.model is not None and runner.model.model.aux_layers == (1, 3, 5)
+    # vLLM's top-level field first
+    runner = _load(target, _head(tmp_path / "top", eagle_aux_hidden_state_layer_ids=[0, 2, 4]))
+    assert runner.model is not None and runner.model.model.aux_layers == (0, 2, 4)
 
 
 def test_eagle3_without_a_model_is_refused() -> None:
@@ -67,15 +70,19 @@ def test_eagle3_without_a_model_is_refused() -> None:
             r"architectures \['LlamaForCausalLM'\] is not an EAGLE-3 head",
         ),
         (
+            {"architectures": ["EagleSpeculator"], "speculators_model_type": "eagle"},
+            r"speculators_model_type 'eagle'; treadle reads speculators checkpoints of type 'eagle3'",
+        ),
+        (
             {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3"},
-            r"in the speculators format \(Eagle3Speculator\), which treadle does not read",
+            r"a speculators checkpoint without a transformer_layer_config object",
         ),
         ({"num_hidden_layers": 2}, r"num_hidden_layers 2; treadle runs EAGLE-3 heads of one layer"),
         ({"vocab_size": 1000}, r"vocab_size 1000 but the target's is 128: an EAGLE-3 head must share"),
         ({"target_hidden_size": 32}, r"target_hidden_size 32 but the target's hidden_size is 64"),
         (
             {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 6]}},
-            r"eagle_config.eagle_aux_hidden_state_layer_ids gives target layers \[1, 3, 6\], but EAGLE-3 reads "
+            r"eagle_config.eagle_aux_hidden_state_layer_ids names target layers \[1, 3, 6\], but EAGLE-3 reads "
             r"three layers among the target's 6",
         ),
     ],

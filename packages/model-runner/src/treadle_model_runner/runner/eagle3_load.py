@@ -4,11 +4,15 @@ The checkpoint is the EAGLE repo's layout: config.json with architectures ["Llam
 (num_hidden_layers 1), vocab_size (the target's), draft_vocab_size, and safetensors holding `fc.weight`
 [H, 3 * H_target], `midlayer.*`, `norm.weight`, `lm_head.weight` [draft_vocab, H], `d2t` [draft_vocab] int64 and
 `t2d` [vocab] bool (unused); an `embed_tokens.weight` is the head's own embedding, else it shares the target's.
+RedHat's speculators format (speculators_model_type "eagle3", architectures ["Eagle3Speculator"]) is read as vLLM
+reads it: its transformer_layer_config is the head's config, with the top level's draft_vocab_size,
+target_hidden_size, eagle_aux_hidden_state_layer_ids and norm_before_residual (default true there); its tensors name
+the layer `layers.0` instead of `midlayer`.
 Everything that would make the head read the wrong features is refused here, naming the file and the field: another
-architecture (the speculators format included), a target without hidden-state taps (models/llama.py's LlamaModel
+architecture, a target without hidden-state taps (models/llama.py's LlamaModel
 has them), fc not 3 x the target's hidden size, another vocabulary, taps outside the target's layers.
-The taps: config.json's eagle_config.eagle_aux_hidden_state_layer_ids when given, else (2, L // 2, L - 3) of the
-target's L layers, as vLLM.
+The taps: config.json's eagle_aux_hidden_state_layer_ids (or eagle_config's) when given, else (2, L // 2, L - 3) of
+the target's L layers, as vLLM.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from treadle_model_runner.layers.vocab import VocabParallelEmbedding
 from treadle_model_runner.loader import iterate_weights
-from treadle_model_runner.loader.resolve import load_hf_config
+from treadle_model_runner.loader.light_config import light_config
 from treadle_model_runner.loader.weights import CONFIG_FILE, describe_checkpoint
 from treadle_model_runner.models import CausalLM
 from treadle_model_runner.models.llama import LlamaModel
@@ -50,16 +54,16 @@ def target_decoder(target: CausalLM) -> LlamaModel:
 def aux_layers_of(raw: dict[str, Any], num_layers: int, config_file: Path) -> tuple[int, ...]:
     """The three target layers whose input hidden states the head reads (module docstring)."""
     eagle_config = raw.get("eagle_config")
-    ids = eagle_config.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle_config, dict) else None
-    layers = tuple(ids) if ids is not None else (2, num_layers // 2, num_layers - 3)
-    where = (
-        "eagle_config.eagle_aux_hidden_state_layer_ids"
-        if ids is not None
-        else "the default (2, L // 2, L - 3)"
-    )
+    nested = eagle_config.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle_config, dict) else None
+    ids = raw.get("eagle_aux_hidden_state_layer_ids") or nested
+    layers = tuple(ids) if ids else (2, num_layers // 2, num_layers - 3)
+    where = "the default (2, L // 2, L - 3)"
+    if ids:
+        top = bool(raw.get("eagle_aux_hidden_state_layer_ids"))
+        where = "eagle_aux_hidden_state_layer_ids" if top else "eagle_config.eagle_aux_hidden_state_layer_ids"
     if len(layers) != 3 or not all(isinstance(i, int) and 0 <= i < num_layers for i in layers):
         raise ValueError(
-            f"{config_file}: {where} gives target layers {list(layers)}, but EAGLE-3 reads three layers among the "
+            f"{config_file}: {where} names target layers {list(layers)}, but EAGLE-3 reads three layers among the "
             f"target's {num_layers} (0 to {num_layers - 1}): the head was trained for a deeper target"
         )
     return layers
@@ -73,12 +77,9 @@ def read_config(path: Path) -> dict[str, Any]:
             f"speculative_config model {str(path)!r}: {config_file} is missing; give the EAGLE-3 head's directory"
         )
     raw = json.loads(config_file.read_text())
+    if "speculators_model_type" in raw:
+        raw = _from_speculators(raw, config_file)
     names = list(raw.get("architectures") or [])
-    if raw.get("speculators_model_type") or "Eagle3Speculator" in names:
-        raise ValueError(
-            f"{config_file}: a checkpoint in the speculators format (Eagle3Speculator), which treadle does not read; "
-            f"use an EAGLE-3 head in the EAGLE repo's layout (architectures {list(EAGLE3_ARCHITECTURES[:1])})"
-        )
     if not set(names) & set(EAGLE3_ARCHITECTURES):
         raise ValueError(
             f"{config_file}: architectures {names} is not an EAGLE-3 head (expected {EAGLE3_ARCHITECTURES[0]!r}); "
@@ -90,6 +91,39 @@ def read_config(path: Path) -> dict[str, Any]:
             "one layer (`midlayer`)"
         )
     return raw
+
+
+def _from_speculators(raw: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    """A speculators-format config.json as the EAGLE repo's (module docstring)."""
+    kind = raw.get("speculators_model_type")
+    layer = raw.get("transformer_layer_config")
+    if kind != "eagle3":
+        raise ValueError(
+            f"{config_file}: speculators_model_type {kind!r}; treadle reads speculators checkpoints of type 'eagle3'"
+        )
+    if not isinstance(layer, dict):
+        raise ValueError(
+            f"{config_file}: a speculators checkpoint without a transformer_layer_config object (the head's layer "
+            "config): the checkpoint is incomplete"
+        )
+    carried = ("draft_vocab_size", "target_hidden_size", "eagle_aux_hidden_state_layer_ids")
+    return {
+        **layer, **{k: raw[k] for k in carried if raw.get(k) is not None},
+        "norm_before_residual": raw.get("norm_before_residual", True), "architectures": ["Eagle3LlamaForCausalLM"],
+    }  # fmt: skip
+
+
+def _config_of(raw: dict[str, Any], config_file: Path) -> Any:
+    """The head's config object from its (speculators: flattened) config.json fields."""
+    light = light_config(raw)
+    if light is not None:
+        return light
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{config_file} cannot be read as a Llama layer's config ({exc})") from exc
 
 
 def load_eagle3_head(
@@ -119,7 +153,7 @@ def load_eagle3_head(
             "must share the target's tokenizer"
         )
     aux = aux_layers_of(raw, len(decoder.layers), config_file)
-    hf_config = load_hf_config(path)
+    hf_config = _config_of(raw, config_file)
     with default_dtype(dtype), device, skip_param_init():
         head = Eagle3LlamaForCausalLM(hf_config, max_model_len, target_hidden)
     source = describe_checkpoint(path)
@@ -158,6 +192,8 @@ def _checked(
     the identity d2t when there is none and the draft vocabulary is the target's."""
     has_d2t = False
     for name, tensor in weights:
+        # the speculators format's name of the one layer
+        name = "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
         if name == "fc.weight" and (tensor.dim() != 2 or tensor.shape[1] != 3 * target_hidden):
             raise ValueError(
                 f"{source}: fc.weight has shape {tuple(tensor.shape)}; an EAGLE-3 head for this target takes 3 x its "
