@@ -10,7 +10,7 @@ midlayer.self_attn.o_proj.weight, midlayer.mlp.{gate,up,down}_proj.weight, norm.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ class Served:
     num_verifications: int = 0  # steps in which a request verified drafts (counted per request)
     num_draft_tokens: int = 0  # drafts verified
     num_accepted: int = 0  # drafts kept
+    # every step's proposals (request id -> drafts), in order
+    proposals: list[dict[str, list[int]]] = field(default_factory=list)
 
     @property
     def mean_accepted(self) -> float:
@@ -141,5 +143,6 @@ def serve(
             served.num_accepted += kept
         for req_id in plan:
             drafts[req_id] = out.draft_token_ids.get(req_id, [])
+        served.proposals.append(dict(out.draft_token_ids))
     served.outputs = {r: sched.done_outputs[r] for r in (f"r{i}" for i in range(len(prompts)))}
     return served

@@ -24,9 +24,6 @@ def graph_mode(runner: Any) -> str:
         return "off (not a CUDA device)"
     if runner.model_config.enforce_eager:
         return "off (enforce_eager)"
-    spec = runner.speculative_config
-    if spec is not None and spec.method == "eagle3":
-        return "off (EAGLE-3 runs eagerly)"
     if runner.graphs is None:
         return f"off (attention backend {runner.attn_backend.name!r})"
     decode = runner.graphs.sizes

@@ -17,8 +17,9 @@ Draft slot p pairs the token at p + 1 with a hidden state for position p (rope a
     draft j with the head's own output hidden state at slot N - 3 + j; its greedy next token is draft j + 1. A row
     past its cap, or that does not draft, runs its last pass again (the same token, hidden state and slot: the
     same KV). The highest slot written is N - 3 + cap, within the lookahead the scheduler allocates.
-The head's draft ids map to target ids through d2t. Eager only: while EAGLE-3 is on no CUDA graph is captured
-(graphs.graphs_wanted), the target's included, since they would not hand over its hidden states.
+The head's draft ids map to target ids through d2t. The head runs eagerly (no graphs of its own); the target keeps
+its CUDA graphs: its forward writes the tapped hidden states into a persistent buffer (`LlamaModel.keep_aux`), which
+a replayed graph writes as the eager forward does.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ class Eagle3Drafter(DraftModel):
                                                   runner.max_model_len)  # fmt: skip
         self.model = self.head
         self.decoder = target_decoder(target)
-        self.decoder.aux_layers = aux_layers
+        self.decoder.keep_aux(aux_layers, max(runner.max_num_batched_tokens, runner.max_num_seqs))
         self.num_speculative_tokens = config.num_speculative_tokens
-        self.sets = DraftGraphs()  # none captured: EAGLE-3 runs eagerly
+        self.sets = DraftGraphs()  # none captured: the head runs eagerly
         self.vocab_size = runner.vocab_size
         offset = len(target.attention_layers())
         self.layers = [m for m in self.head.modules() if isinstance(m, Attention)]
@@ -77,7 +78,7 @@ class Eagle3Drafter(DraftModel):
             layer.bind_backend(runner.attn_backend)
         logger.info(
             "speculative decoding: EAGLE-3 head %s (draft vocabulary %d) reads target layers %s and proposes up to "
-            "%d tokens a step; eager (no CUDA graphs)", config.model, self.head.draft_vocab_size,
+            "%d tokens a step; the head runs eagerly", config.model, self.head.draft_vocab_size,
             list(aux_layers), self.num_speculative_tokens,
         )  # fmt: skip
 
@@ -181,4 +182,4 @@ class Eagle3Drafter(DraftModel):
         return drafts
 
     def capture(self, *args: object, **kwargs: object) -> None:
-        """No CUDA graphs for EAGLE-3 (module docstring)."""
+        """No CUDA graphs for the head (module docstring)."""

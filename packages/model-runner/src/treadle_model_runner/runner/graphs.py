@@ -44,19 +44,11 @@ logger = logging.getLogger(__name__)
 
 
 def graphs_wanted(runner: ModelRunner) -> bool:
-    """Graphs on CUDA unless enforce_eager, with a backend that takes them, and not under EAGLE-3 (its head reads
-    the target's hidden states, which a replayed graph does not hand over: runner/eagle3.py)."""
     return (
         runner.device.type == "cuda"
         and not runner.model_config.enforce_eager
         and bool(runner.attn_backend.supports_cuda_graphs)
-        and not is_eagle3(runner)
     )
-
-
-def is_eagle3(runner: ModelRunner) -> bool:
-    spec = runner.speculative_config
-    return spec is not None and spec.method == "eagle3"
 
 
 def prefill_graphs_wanted(runner: ModelRunner) -> bool:
@@ -72,9 +64,7 @@ def capture_graphs(runner: ModelRunner) -> None:
     """Capture the decode, one-request prefill, verify and mixed graphs, and the piecewise graphs where no mixed
     graphs are (when wanted), and set them on the runner."""
     if not graphs_wanted(runner):
-        if runner.device.type == "cuda" and is_eagle3(runner):
-            logger.info("CUDA graphs off: EAGLE-3 speculative decoding runs eagerly")
-        elif runner.device.type == "cuda" and not runner.model_config.enforce_eager:
+        if runner.device.type == "cuda" and not runner.model_config.enforce_eager:
             logger.info(
                 "CUDA graphs off: attention backend %r launches from host metadata", runner.attn_backend.name
             )
