@@ -1,7 +1,8 @@
 """EAGLE-3 speculative decoding end to end (speculative_config {"method": "eagle3", "model": ...}): the offline `LLM`
 with the real scheduler (its lookahead slots for the runner's drafter, chunked prefills, preemption) on a tiny random
 Llama of six layers gives the same tokens, finish reasons, text and logprobs as without speculation, with async
-scheduling on and off, for a random EAGLE-3 head (a draft vocabulary of half the target's, mapped through d2t)."""
+scheduling on and off, for a random EAGLE-3 head (a draft vocabulary of half the target's, mapped through d2t); a
+prefix hit computes its last block again."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from test_llm_spec_decode import _params, _prompts, _run, assert_same_outputs, check_preemption
+from test_llm_spec_decode import ENGINE, _params, _prompts, _run, assert_same_outputs, check_preemption
 from tiny_assets import build_tokenizer_dir
+
+from treadle_frontend import LLM
+from treadle_model_runner import SamplingParams
 
 VOCAB, HIDDEN = 400, 64
 
@@ -101,3 +105,21 @@ def test_preemption_with_eagle3(model: tuple[Path, list[int]], head: Path) -> No
     """Requests preempted (target and head KV recomputed) reply as without speculation."""
     stats = check_preemption(model, _spec(head))
     assert stats.spec_num_draft_tokens > 0, stats
+
+
+def test_a_prefix_hit_computes_its_last_block_again(model: tuple[Path, list[int]], head: Path) -> None:
+    """Under EAGLE-3 a prefix hit leaves its last block to be computed again (the head's KV at the block's last
+    position pairs it with the next token, this request's): 40 tokens in blocks of 16 hit 16 tokens, not 32."""
+    prompt: list[Any] = [{"prompt_token_ids": [(5 * j) % 390 + 3 for j in range(40)]}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    hits = {}
+    for name, options in (("plain", {}), ("eagle3", {"speculative_config": _spec(head)})):
+        llm = LLM(str(model[0]), **ENGINE, **options)
+        try:
+            first = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+            again = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+            hits[name] = llm.client.get_stats().prefix_cache_hits  # type: ignore[attr-defined]
+        finally:
+            llm.shutdown()
+        assert again == first
+    assert hits == {"plain": 32, "eagle3": 16}

@@ -6,7 +6,9 @@ request, all drawing from one `BlockPool`. Block j of a table holds the KV of to
   returns the longest prefix every group has, capped so at least one prompt token is still computed (the
   model must run at least one position to produce logits). A request that reads every prompt position (prompt
   logprobs, mean or first-token pooling: SamplingParams.needs_whole_prompt) gets no hit; its blocks are still
-  published for later requests.
+  published for later requests. Under EAGLE-3 (`drop_last_hit`) a hit gives its last block back, as vLLM's: the
+  head's KV at a block's last position pairs it with the token after the block, which the cached block took from
+  another request; computed again, it is this request's.
 - `allocate_slots` grows the tables so `num_computed + num_new (+ lookahead)` tokens have slots, taking
   prefix-hit blocks first, or returns None if the pool is short (the scheduler then preempts). Blocks that
   become full with known token ids are published in the prefix cache right away: the KV they will hold is
@@ -37,7 +39,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, kv_cache_config: KVCacheConfig, enable_caching: bool = True) -> None:
+    def __init__(
+        self, kv_cache_config: KVCacheConfig, enable_caching: bool = True, drop_last_hit: bool = False
+    ) -> None:
         if not kv_cache_config.groups:
             raise ValueError("KVCacheConfig.groups is empty: the model reported no attention layers")
         self.config = kv_cache_config
@@ -47,6 +51,7 @@ class KVCacheManager:
         self.has_sliding_window = any(w is not None for w in self.windows)
         self.is_single_full_group = self.windows == [None]
         self.enable_caching = enable_caching
+        self.drop_last_hit = drop_last_hit  # EAGLE-3: every prefix hit computes its last block again
         self.pool = BlockPool(kv_cache_config.num_blocks, self.num_groups, enable_caching)
         self.req_blocks: dict[str, list[list[KVCacheBlock]]] = {}  # request id -> per group block table
         self.num_cached_blocks: dict[str, int] = {}  # request id -> leading full blocks already published
@@ -85,6 +90,8 @@ class KVCacheManager:
                 hit.append(b)
             num_hit = len(hit)
             per_group.append(hit)
+        if self.drop_last_hit and num_hit:
+            num_hit -= 1
         per_group = [blocks[:num_hit] for blocks in per_group]
         return per_group, num_hit * self.block_size
 

@@ -74,7 +74,8 @@ class Scheduler:
         self.async_scheduling = bool(config.async_scheduling)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.log_stats = log_stats
-        self.kv = KVCacheManager(kv_cache_config, enable_caching=enable_prefix_caching)
+        eagle3 = speculative_config is not None and speculative_config.method == "eagle3"
+        self.kv = KVCacheManager(kv_cache_config, enable_caching=enable_prefix_caching, drop_last_hit=eagle3)
         need = self.kv.blocks_needed_for(self.max_model_len, config.max_num_batched_tokens)
         if need > kv_cache_config.num_blocks - 1:
             raise ValueError(
