@@ -17,6 +17,8 @@ Draft slot p pairs the token at p + 1 with a hidden state for position p (rope a
     draft j with the head's own output hidden state at slot N - 3 + j; its greedy next token is draft j + 1. A row
     past its cap, or that does not draft, runs its last pass again (the same token, hidden state and slot: the
     same KV). The highest slot written is N - 3 + cap, within the lookahead the scheduler allocates.
+Slots of a prefix-cache hit were written by the request that computed them; the hit's last block, whose last slot
+paired its position with that request's next token, is computed again (engine-core's KV manager, drop_last_hit).
 The head's draft ids map to target ids through d2t. The head runs eagerly (no graphs of its own); the target keeps
 its CUDA graphs: its forward writes the tapped hidden states into a persistent buffer (`LlamaModel.keep_aux`), which
 a replayed graph writes as the eager forward does.
