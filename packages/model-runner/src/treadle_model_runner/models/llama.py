@@ -28,6 +28,7 @@ from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import RMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from treadle_model_runner.models.aux_hidden import layers_keeping_aux
 from treadle_model_runner.models.base import CausalLM
 from treadle_model_runner.parallel import get_tp
 
@@ -233,9 +234,9 @@ class LlamaModel(nn.Module):
 
         self.layers = nn.ModuleList(layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # EAGLE-3 (runner/eagle3.py, `keep_aux`): the layers whose input residual stream each forward writes, side
-        # by side in this order, into rows [0, T) of the persistent `aux_hidden` [max tokens, len(aux_layers) *
-        # hidden] (a replayed CUDA graph writes it too); () keeps nothing
+        # EAGLE-3 (models/aux_hidden.py): the layers whose input residual stream each forward writes, side by side
+        # in this order, into rows [0, T) of the persistent `aux_hidden` [max tokens, len(aux_layers) * hidden]
+        # (a replayed CUDA graph writes it too); () keeps nothing
         self.aux_layers: tuple[int, ...] = ()
         self.aux_hidden: torch.Tensor | None = None
 
@@ -244,43 +245,13 @@ class LlamaModel(nn.Module):
         if self.embedding_multiplier != 1.0:
             h = h * self.embedding_multiplier
         if self.aux_layers:
-            h, residual = self._layers_keeping_aux(h, positions)
+            h, residual = layers_keeping_aux(self, h, positions)
         else:
             for layer in self.layers:
                 h, residual = layer(h, positions, residual)
         if residual is None:  # no layers
             return self.norm(h)
         return self.norm.add_and_norm(h, residual)[0]
-
-    def keep_aux(self, layers: tuple[int, ...], max_num_tokens: int) -> None:
-        """From now on every forward (of at most `max_num_tokens` tokens) writes the residual streams entering
-        `layers` into `aux_hidden`."""
-        width = self.embed_tokens.weight.shape[1]
-        weight = self.embed_tokens.weight
-        self.aux_hidden = torch.empty(
-            max_num_tokens, len(layers) * width, dtype=weight.dtype, device=weight.device
-        )
-        self.aux_layers = tuple(layers)
-
-    def _layers_keeping_aux(
-        self, h: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The decoder layers, writing the residual stream that enters each of `aux_layers` (h + residual; the
-        embeddings before layer 0) into its columns of `aux_hidden`."""
-        aux = self.aux_hidden
-        num_tokens, width = h.shape[0], h.shape[-1]
-        assert aux is not None and num_tokens <= aux.shape[0], "keep_aux() sized aux_hidden for fewer tokens"
-        residual: torch.Tensor | None = None
-        for i, layer in enumerate(self.layers):
-            for slot, tapped in enumerate(self.aux_layers):
-                if tapped == i:
-                    out = aux[:num_tokens, slot * width : (slot + 1) * width]
-                    if residual is None:
-                        out.copy_(h)
-                    else:
-                        torch.add(h, residual, out=out)
-            h, residual = layer(h, positions, residual)
-        return h, residual
 
 
 class LlamaForCausalLM(CausalLM):

@@ -20,7 +20,7 @@ Draft slot p pairs the token at p + 1 with a hidden state for position p (rope a
 Slots of a prefix-cache hit were written by the request that computed them; the hit's last block, whose last slot
 paired its position with that request's next token, is computed again (engine-core's KV manager, drop_last_hit).
 The head's draft ids map to target ids through d2t. The head runs eagerly (no graphs of its own); the target keeps
-its CUDA graphs: its forward writes the tapped hidden states into a persistent buffer (`LlamaModel.keep_aux`), which
+its CUDA graphs: its forward writes the tapped hidden states into a persistent buffer (models/aux_hidden.py), which
 a replayed graph writes as the eager forward does.
 """
 
@@ -35,6 +35,7 @@ import torch
 from treadle_model_runner.config import SpeculativeConfig
 from treadle_model_runner.forward_context import set_forward_context
 from treadle_model_runner.layers.attention import Attention
+from treadle_model_runner.models.aux_hidden import keep_aux
 from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.runner.device_inputs import move_decode_positions
 from treadle_model_runner.runner.draft_graphs import DraftGraphs
@@ -69,7 +70,7 @@ class Eagle3Drafter(DraftModel):
                                                   runner.max_model_len)  # fmt: skip
         self.model = self.head
         self.decoder = target_decoder(target)
-        self.decoder.keep_aux(aux_layers, max(runner.max_num_batched_tokens, runner.max_num_seqs))
+        keep_aux(self.decoder, aux_layers, max(runner.max_num_batched_tokens, runner.max_num_seqs))
         self.num_speculative_tokens = config.num_speculative_tokens
         self.sets = DraftGraphs()  # none captured: the head runs eagerly
         self.vocab_size = runner.vocab_size
