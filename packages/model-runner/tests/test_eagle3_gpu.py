@@ -1,11 +1,13 @@
 """EAGLE-3 on a GPU (marked gpu): the tokens of the run without speculation, with enforce_eager and without it
 (then the target replays its CUDA graphs, which write the hidden states the head reads into a persistent buffer,
-and the head runs eagerly). Triton attention, float32 (a near tie cannot round two ways), a random head (drafts
-mostly rejected); and the same drafts with graphs as without, which needs the graphs' hidden states right."""
+and the head's drafting passes replay its own decode graphs). Triton attention, float32 (a near tie cannot round
+two ways), a random head (drafts mostly rejected); and the same drafts with graphs as without, which needs the
+graphs' hidden states right."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +31,20 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return target, save_head(root / "head", config, random_head(config, 256, seed=2))
 
 
+def _count_replays(graphs: Any) -> list[int]:
+    """[replays of `graphs` from now on] (none when None)."""
+    replays = [0]
+    if graphs is not None:
+        replay = graphs.replay
+
+        def counted(size: int) -> torch.Tensor:
+            replays[0] += 1
+            return replay(size)
+
+        graphs.replay = counted
+    return replays
+
+
 def test_eagle3_on_gpu_equals_plain_decoding(models: tuple[Path, Path]) -> None:
     target, head = models
     gen = torch.Generator().manual_seed(0)
@@ -45,10 +61,14 @@ def test_eagle3_on_gpu_equals_plain_decoding(models: tuple[Path, Path]) -> None:
     served = {}
     for enforce_eager in (True, False):
         runner = make_runner(target, speculative_config=spec, enforce_eager=enforce_eager, **options)
-        # the target keeps its graphs (they write its hidden states into the head's buffer too); the head runs
-        # eagerly
+        # the target keeps its graphs (they write its hidden states into the head's buffer too), the head has its
+        # own (its hidden-state input a buffer too)
         assert (runner.graphs is None) == enforce_eager
+        sets = runner.drafter.sets
+        assert (sets.graphs is None) == enforce_eager and sets.pair_graphs is None
+        replays = _count_replays(sets.graphs)
         served[enforce_eager] = serve(runner, prompts, params, 30, budget=64)
+        assert enforce_eager or replays[0] > 0, "the head's decode graphs never replayed"
         assert served[enforce_eager].outputs == plain.outputs, enforce_eager
         assert served[enforce_eager].num_draft_tokens > 100, served[enforce_eager]
     # the graphs' hidden states are the eager forward's: the same drafts (a near tie may round apart)

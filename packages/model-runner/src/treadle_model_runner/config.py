@@ -219,7 +219,7 @@ class SpeculativeConfig:
     runs beside it with its own layers in the same paged KV cache and proposes its greedy continuation
     (runner/draft_model.py).
     eagle3: an EAGLE-3 head (`model`: its checkpoint directory) reads the target's hidden states at three layers
-    and the target's embedding, and proposes its greedy continuation (runner/eagle3.py; the head runs eagerly).
+    and the target's embedding, and proposes its greedy continuation (runner/eagle3.py).
     Either way the target model scores the last token plus the drafts in one step; drafts are kept while they
     equal what the model samples at their position, so the output is the same as without speculation.
     """

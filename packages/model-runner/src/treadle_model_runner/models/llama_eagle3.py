@@ -60,7 +60,8 @@ class Eagle3DecoderLayer(nn.Module):
 
 
 class Eagle3LlamaForCausalLM(CausalLM):
-    """The head; `forward(input_ids, positions, hidden)` -> its output hidden state [T, H] (before `norm`)."""
+    """The head; `forward(input_ids, positions)` -> its output hidden states [T, H] (before `norm`), fed the hidden
+    states in `hidden_in`."""
 
     def __init__(self, config: Any, max_position: int, target_hidden_size: int) -> None:
         super().__init__()
@@ -76,6 +77,9 @@ class Eagle3LlamaForCausalLM(CausalLM):
         self.d2t = nn.Parameter(torch.zeros(self.draft_vocab_size, dtype=torch.int64), requires_grad=False)
         # the target's embedding (runner/eagle3_load.py sets it; a plain attribute: not this head's parameters)
         self.__dict__["embed"] = None
+        # [max tokens, H] the hidden states a forward reads, rows [0, T) (`allocate`; persistent, so a CUDA graph
+        # replays over whatever the runner wrote there)
+        self.hidden_in = torch.zeros(0, hidden)
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -88,10 +92,18 @@ class Eagle3LlamaForCausalLM(CausalLM):
         """The target's three layers' hidden states [T, 3 * H_target] -> the head's hidden state [T, H]."""
         return self.fc(aux_hidden)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def allocate(self, max_num_tokens: int) -> None:
+        """The `hidden_in` buffer for forwards of up to `max_num_tokens` tokens."""
+        weight = self.fc.weight
+        self.hidden_in = torch.zeros(
+            max_num_tokens, weight.shape[0], dtype=weight.dtype, device=weight.device
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [T] -> the head's outputs [T, H], fed hidden_in[:T]."""
         embed = self.__dict__["embed"]
         assert embed is not None, "share_embedding() must run before the EAGLE-3 head's forward"
-        return self.midlayer(embed(input_ids), hidden, positions)
+        return self.midlayer(embed(input_ids), self.hidden_in[: input_ids.shape[0]], positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head's output hidden states [N, H] -> logits over the draft vocabulary [N, draft_vocab]."""

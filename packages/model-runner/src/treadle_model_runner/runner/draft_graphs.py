@@ -55,20 +55,23 @@ class DraftGraphs:
         prefill_graphs: bool,
         decode_sizes: list[int] | None = None,
         kind: str = "",
+        pairs: bool = True,
     ) -> None:
-        """Capture `model`'s decode graphs (`decode_sizes`, default the runner's capture sizes), its two-token
-        graphs (the same request counts that fit), its piecewise graphs (`piecewise_sizes` tokens) and, with
+        """Capture `model`'s decode graphs (`decode_sizes`, default the runner's capture sizes), with `pairs` its
+        two-token graphs (the same request counts that fit), its piecewise graphs (`piecewise_sizes` tokens) and, with
         `prefill_graphs`, its one-request prefill graphs (the same buckets). `kind` adds to their names in the log
         (the memory probe's)."""
         sizes = decode_sizes if decode_sizes is not None else capture_sizes(runner.max_num_seqs)
         decode = CudaGraphRunner(sizes, "draft model decode batch" + kind)
         decode.capture(lambda size: prepare_decode_capture(runner, size, model))
         self.graphs = decode if decode.is_captured else None
-        pairs = CudaGraphRunner(pair_sizes(runner, sizes), "draft model two-token batch" + kind)
-        if pairs.sizes:
-            pairs.capture(lambda n: prepare_batch_capture(runner, n, 2 * n, 2, model))
-        self.pair_graphs = pairs if pairs.is_captured else None
-        self.pairs = VerifyGraphs(pairs, 2) if pairs.is_captured else None
+        two = CudaGraphRunner(
+            pair_sizes(runner, sizes) if pairs else [], "draft model two-token batch" + kind
+        )
+        if two.sizes:
+            two.capture(lambda n: prepare_batch_capture(runner, n, 2 * n, 2, model))
+        self.pair_graphs = two if two.is_captured else None
+        self.pairs = VerifyGraphs(two, 2) if two.is_captured else None
         buffers = runner.buffers
         pieces = PiecewiseGraphs(piecewise_sizes, " (draft model)" + kind)
         if piecewise_sizes:

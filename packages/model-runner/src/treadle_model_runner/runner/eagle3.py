@@ -19,9 +19,11 @@ Draft slot p pairs the token at p + 1 with a hidden state for position p (rope a
     same KV). The highest slot written is N - 3 + cap, within the lookahead the scheduler allocates.
 Slots of a prefix-cache hit were written by the request that computed them; the hit's last block, whose last slot
 paired its position with that request's next token, is computed again (engine-core's KV manager, drop_last_hit).
-The head's draft ids map to target ids through d2t. The head runs eagerly (no graphs of its own); the target keeps
-its CUDA graphs: its forward writes the tapped hidden states into a persistent buffer (models/aux_hidden.py), which
-a replayed graph writes as the eager forward does.
+The head's draft ids map to target ids through d2t. CUDA graphs: the target keeps its own; its forward writes the
+tapped hidden states into a persistent buffer (models/aux_hidden.py), which a replayed graph writes as the eager
+forward does. The head's passes take the draft model's graph sets (draft_graphs.py: decode graphs for one token a
+row, piecewise and one-request prefill graphs for pass 0), its hidden-state input a persistent buffer too
+(`Eagle3LlamaForCausalLM.hidden_in`), written before each pass.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import numpy as np
 import torch
 
 from treadle_model_runner.config import SpeculativeConfig
-from treadle_model_runner.forward_context import set_forward_context
 from treadle_model_runner.layers.attention import Attention
 from treadle_model_runner.models.aux_hidden import keep_aux
 from treadle_model_runner.outputs import ModelRunnerOutput
@@ -70,9 +71,11 @@ class Eagle3Drafter(DraftModel):
                                                   runner.max_model_len)  # fmt: skip
         self.model = self.head
         self.decoder = target_decoder(target)
-        keep_aux(self.decoder, aux_layers, max(runner.max_num_batched_tokens, runner.max_num_seqs))
+        max_num_tokens = max(runner.max_num_batched_tokens, runner.max_num_seqs)  # the step buffers' size
+        keep_aux(self.decoder, aux_layers, max_num_tokens)
+        self.head.allocate(max_num_tokens)
         self.num_speculative_tokens = config.num_speculative_tokens
-        self.sets = DraftGraphs()  # none captured: the head runs eagerly
+        self.sets = DraftGraphs()  # its CUDA graphs (draft_graphs.py, no two-token ones), once captured
         self.vocab_size = runner.vocab_size
         offset = len(target.attention_layers())
         self.layers = [m for m in self.head.modules() if isinstance(m, Attention)]
@@ -81,7 +84,7 @@ class Eagle3Drafter(DraftModel):
             layer.bind_backend(runner.attn_backend)
         logger.info(
             "speculative decoding: EAGLE-3 head %s (draft vocabulary %d) reads target layers %s and proposes up to "
-            "%d tokens a step; the head runs eagerly", config.model, self.head.draft_vocab_size,
+            "%d tokens a step", config.model, self.head.draft_vocab_size,
             list(aux_layers), self.num_speculative_tokens,
         )  # fmt: skip
 
@@ -127,8 +130,10 @@ class Eagle3Drafter(DraftModel):
         input token [R] and hidden state [R, H])."""
         batch, buffers = runner.batch, runner.buffers
         buffers.wait_for_copies()
-        same = bool((counts == inputs.num_scheduled).all()) and inputs.num_padded_tokens == inputs.num_tokens
-        step = inputs if same else prepare_inputs(batch, counts, buffers, computed=first)
+        same = bool((counts == inputs.num_scheduled).all())
+        step = (
+            inputs if same else prepare_inputs(batch, counts, buffers, self._padded(counts), computed=first)
+        )
         num_tokens = int(counts.sum())
         query_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         # the token after each slot's position (a row's last: its new sample, or its next prompt token)
@@ -142,8 +147,7 @@ class Eagle3Drafter(DraftModel):
             index = concat_ranges(inputs.query_start[:-1], counts)
             features = aux.index_select(0, torch.from_numpy(index).to(device))
         hidden = self.head.combine(features)  # [T0, H]
-        with set_forward_context(runner.forward_context(step)):
-            out = self.head(step.input_ids[:num_tokens], step.positions[:num_tokens], hidden)
+        out = self._run(runner, step, hidden)
         last = torch.from_numpy(query_start[1:] - 1).to(device)
         return last, out, step.input_ids.index_select(0, last), hidden.index_select(0, last)
 
@@ -168,7 +172,8 @@ class Eagle3Drafter(DraftModel):
         device_positions = torch.from_numpy(positions).to(device)
         device_caps = torch.from_numpy(caps).to(device)
         buffers.wait_for_copies()
-        step = prepare_inputs(batch, np.ones(num_reqs, dtype=np.int64), buffers, computed=positions[1])
+        ones = np.ones(num_reqs, dtype=np.int64)
+        step = prepare_inputs(batch, ones, buffers, self._padded(ones), computed=positions[1])
         drafts = [draft]
         for j in range(1, num_passes):
             if j > 1:
@@ -179,10 +184,26 @@ class Eagle3Drafter(DraftModel):
             tokens = torch.where(going, drafts[-1], tokens)
             hidden = torch.where(going[:, None], out, hidden)
             step.input_ids[:num_reqs].copy_(tokens)
-            with set_forward_context(runner.forward_context(step)):
-                out = self.head(step.input_ids[:num_reqs], step.positions[:num_reqs], hidden)
+            out = self._run(runner, step, hidden)
             drafts.append(self.head.greedy(out))
         return drafts
 
-    def capture(self, *args: object, **kwargs: object) -> None:
-        """No CUDA graphs for the head (module docstring)."""
+    def _run(self, runner: ModelRunner, step: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """The head over `step`'s tokens fed `hidden` [T, H] (T: the step's real tokens), on its graphs where one
+        takes the step (as the draft model's passes, DraftModel._forward); its outputs [T, H]. A replayed graph
+        writes the same output tensor each time: read it before the next pass."""
+        num_tokens = hidden.shape[0]
+        self.head.hidden_in[:num_tokens].copy_(hidden)
+        return self._forward(runner, step)[:num_tokens]
+
+    def capture(
+        self,
+        runner: ModelRunner,
+        piecewise_sizes: list[int],
+        prefill_graphs: bool,
+        decode_sizes: list[int] | None = None,
+        kind: str = "",
+    ) -> None:
+        """Capture the head's graphs over the runner's step buffers (draft_graphs.DraftGraphs.capture); none of two
+        tokens a row: the head's passes are one token a row, or a step's positions."""
+        self.sets.capture(runner, self.head, piecewise_sizes, prefill_graphs, decode_sizes, kind, pairs=False)
