@@ -57,6 +57,35 @@ def test_a_good_head_loads_and_taps_the_target(target: Path, tmp_path: Path) -> 
     assert runner.model is not None and runner.model.model.aux_layers == (0, 2, 4)
 
 
+def test_a_config_without_method_infers_it_as_vllm(target: Path, tmp_path: Path) -> None:
+    """No method: eagle3 for a head named so or whose config.json is one (either format), eagle (refused) for an
+    EAGLE-1 name, draft_model for any other model, ngram without one."""
+    head = _head(tmp_path / "head")
+    plain = save_head(tmp_path / "plain", {"architectures": ["LlamaForCausalLM"]}, {})
+    speculators = save_head(tmp_path / "spec", {"architectures": ["Eagle3Speculator"]}, {})
+    tagged = save_head(tmp_path / "tagged", {"speculators_model_type": "eagle3"}, {})
+    for model in (
+        head,
+        speculators,
+        tagged,
+        tmp_path / "my-EAGLE3-head",
+        tmp_path / "AngelSlim_Qwen3-8B_eagle3",
+    ):
+        assert SpeculativeConfig(model=str(model)).method == "eagle3", model
+    assert SpeculativeConfig(model=str(plain)).method == "draft_model"
+    assert SpeculativeConfig(model=str(tmp_path / "missing")).method == "draft_model"
+    assert SpeculativeConfig().method == "ngram"
+    with pytest.raises(
+        ValueError, match=r"method 'eagle' is not supported; supported: ngram, draft_model, eagle3"
+    ):
+        SpeculativeConfig(model="yuhuili/EAGLE-LLaMA3-Instruct-8B")
+    # and the inferred head serves as one
+    runner = make_runner(
+        target, speculative_config=SpeculativeConfig(model=str(head), num_speculative_tokens=2)
+    )
+    assert runner.drafter is not None and type(runner.drafter).__name__ == "Eagle3Drafter"
+
+
 def test_eagle3_without_a_model_is_refused() -> None:
     with pytest.raises(ValueError, match=r"method 'eagle3' needs a model: the EAGLE-3 head's directory"):
         SpeculativeConfig(method="eagle3")

@@ -208,6 +208,32 @@ SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle3")
 RUNNER_DRAFT_METHODS = ("draft_model", "eagle3")
 
 
+def infer_method(model: str | None) -> str:
+    """The speculative method of a config that names none, as vLLM infers it: ngram without a model; for a model, eagle3
+    when its path says "eagle3" or its config.json is an EAGLE-3 head's (an architecture naming Eagle3, or RedHat's
+    speculators_model_type "eagle3"); eagle when its path says "eagle-" (EAGLE-1, e.g. yuhuili/EAGLE-LLaMA3-Instruct-8B;
+    refused as not supported); else draft_model."""
+    if not model:
+        return "ngram"
+    name = model.lower()
+    if "eagle3" in name:
+        return "eagle3"
+    if "eagle-" in name:
+        return "eagle"
+    try:
+        with open(f"{model}/config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return "draft_model"
+    if not isinstance(config, dict):
+        return "draft_model"
+    architectures = config.get("architectures")
+    names = [str(a).lower() for a in architectures] if isinstance(architectures, list) else []
+    if any("eagle3" in n for n in names) or config.get("speculators_model_type") == "eagle3":
+        return "eagle3"
+    return "draft_model"
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (vLLM's speculative_config): a proposer drafts tokens, one step verifies them all.
@@ -224,7 +250,8 @@ class SpeculativeConfig:
     equal what the model samples at their position, so the output is the same as without speculation.
     """
 
-    # None: draft_model when a model is given, else ngram (as vLLM infers it)
+    # None: inferred as vLLM does (`infer_method`): ngram without a model; eagle3 for an EAGLE-3 head; eagle (not
+    # supported here) for an EAGLE-1 one; else draft_model
     method: str | None = None
     num_speculative_tokens: int = 5  # most draft tokens per request per step
     # draft_model: the draft's HF-format directory (or a .gguf file); eagle3: the EAGLE-3 head's directory
@@ -251,7 +278,7 @@ class SpeculativeConfig:
         if self.model is not None and not (isinstance(self.model, str) and self.model):
             raise ValueError(f"speculative_config model must be a path, got {self.model!r}")
         if self.method is None:
-            object.__setattr__(self, "method", "draft_model" if self.model else "ngram")
+            object.__setattr__(self, "method", infer_method(self.model))
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(
                 f"speculative_config method {self.method!r} is not supported; "
