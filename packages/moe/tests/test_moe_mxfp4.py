@@ -169,6 +169,35 @@ def test_tiles_follow_the_rows_per_expert() -> None:
     assert [bf16(num_tokens=t) for t in (1, 65, 1024)] == [config(t) for t in (1, 65, 1024)]
 
 
+def test_decode_kind_follows_dtype_device_and_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 decode only for bf16 activations on a GPU of compute capability 9.0 or later (by default, or asked);
+    asked for on an older GPU it is refused by name; fp32 otherwise."""
+    from treadle_moe.experts import triton_mxfp4
+
+    gpu = torch.device("cuda", 0)
+    capability = {0: (9, 0)}
+    monkeypatch.setattr(triton_mxfp4, "_capability", lambda index: capability[index])
+    monkeypatch.delenv("TREADLE_MXFP4_DECODE", raising=False)
+    kind = triton_mxfp4.decode_kind
+    assert kind(torch.bfloat16, gpu) == "bf16"
+    assert (
+        kind(torch.float16, gpu)
+        == kind(torch.float32, gpu)
+        == kind(torch.bfloat16, torch.device("cpu"))
+        == "fp32"
+    )
+    monkeypatch.setenv("TREADLE_MXFP4_DECODE", "fp32")
+    assert kind(torch.bfloat16, gpu) == "fp32"
+    capability[0] = (8, 0)
+    monkeypatch.delenv("TREADLE_MXFP4_DECODE")
+    assert kind(torch.bfloat16, gpu) == "fp32"
+    monkeypatch.setenv("TREADLE_MXFP4_DECODE", "bf16")
+    with pytest.raises(
+        ValueError, match=r"TREADLE_MXFP4_DECODE=bf16 needs a GPU of compute capability 9.0.*8\.0"
+    ):
+        kind(torch.bfloat16, gpu)
+
+
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("combo", ["standard-triton", "batched-triton"])
 def test_given_tiles_past_the_edges(combo: str, swap_ab: bool) -> None:

@@ -125,7 +125,7 @@ class _TritonBase(Experts):
                 num_tokens, num_experts, two_n // 2, hidden, top_k, dtype, device_name, int4=weight_only
             )
         if mxfp4:  # measured tiles for few rows per expert; whole scale blocks per K step, a given config too
-            decode = decode_kind(dtype, w13.device.type)
+            decode = decode_kind(dtype, w13.device)
             return mxfp4_config(config, num_tokens, top_k, num_experts, source=source, decode=decode), source
         if int4 is None or source == "given":  # a given config runs as it is (steps may straddle groups)
             return config, source

@@ -4,7 +4,7 @@ For MXFP4 expert weights (experts/mxfp4.py, gpt-oss) the two GEMMs of triton_fus
 operand is decoded from e2m1 nibbles and e8m0 scales in registers (triton_mxfp4_kernels.py); the activations stay
 in the model dtype, so there is no quantization launch: hidden [rows, K] -> act(gate + b) * (up + b') [slots, N] ->
 (+ b2, * routing weight) [slots, K]. The experts' biases and swigluoai run in the epilogues as in the bf16 kernel.
-The weight decode (`decode_kind`): on a GPU with bf16 activations, packed bf16 pairs by inline PTX ("bf16", the
+The weight decode (`decode_kind`): on a Hopper GPU with bf16 activations, packed bf16 pairs by inline PTX ("bf16", the
 default: gpt-oss-20b's experts at 1 token 64.5 µs against 74.2 for "fp32" and 71.6 for bf16 experts, H200, session
 35); else, and under TREADLE_MXFP4_DECODE=fp32, float32 bit placement in Triton ops ("fp32"). Both give the exact
 weights, so the same tiles give the same output.
@@ -25,6 +25,7 @@ swap_ab); the CPU interpreter keeps its small config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -68,11 +69,25 @@ def mxfp4_config(
 DECODE = "bf16"  # the default weight decode on a GPU with bf16 activations (envs.mxfp4_decode)
 
 
-def decode_kind(dtype: torch.dtype, device_type: str) -> str:
-    """The weight decode for activations of `dtype` on `device_type` (module docstring)."""
-    if dtype != torch.bfloat16 or device_type != "cuda":
+def decode_kind(dtype: torch.dtype, device: torch.device) -> str:
+    """The weight decode for activations of `dtype` on `device` (module docstring): the bf16 decode needs compute
+    capability 9.0 (its PTX multiplies bf16 pairs: mul.bf16x2), so older GPUs take the fp32 one."""
+    if dtype != torch.bfloat16 or device.type != "cuda":
         return "fp32"
-    return envs.mxfp4_decode() or DECODE
+    chosen = envs.mxfp4_decode()
+    capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if chosen == "bf16" and capability < (9, 0):
+        raise ValueError(
+            f"TREADLE_MXFP4_DECODE=bf16 needs a GPU of compute capability 9.0 or later (its PTX multiplies bf16 "
+            f"pairs); this one is {capability[0]}.{capability[1]}: unset it, or set fp32"
+        )
+    return chosen or (DECODE if capability >= (9, 0) else "fp32")
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major, minor
 
 
 def invoke_moe_mxfp4_gemm(
@@ -106,7 +121,7 @@ def invoke_moe_mxfp4_gemm(
     k = b.shape[2] * MXFP4_BLOCK
     bias = bias.contiguous() if bias is not None else None
     weights = topk_weights if topk_weights is not None else scale  # unused pointer when not multiplying
-    bf16_asm = decode_kind(a.dtype, a.device.type) == "bf16"
+    bf16_asm = decode_kind(a.dtype, a.device) == "bf16"
 
     def launch(config: BlockConfig) -> None:
         grid = (alignment.num_blocks * -(-n_out // config.block_n),)
