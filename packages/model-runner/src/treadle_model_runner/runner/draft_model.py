@@ -68,6 +68,9 @@ MAX_VOCAB_PADDING = 128
 
 
 class DraftModel:
+    # its graphs include two-token ones (pass 0 joined with pass 1)
+    two_token_graphs = True
+
     def __init__(self, runner: ModelRunner, config: SpeculativeConfig) -> None:
         """Load the draft model of `config` on the runner's device, in its dtype, its attention layers numbered
         after the target's (call after the target is loaded)."""
@@ -248,7 +251,8 @@ class DraftModel:
         kind: str = "",
     ) -> None:
         """Capture the draft's graphs over the runner's step buffers (draft_graphs.DraftGraphs.capture)."""
-        self.sets.capture(runner, self.model, piecewise_sizes, prefill_graphs, decode_sizes, kind)
+        self.sets.capture(runner, self.model, piecewise_sizes, prefill_graphs, decode_sizes, kind,
+                          pairs=self.two_token_graphs)  # fmt: skip
 
     @property
     def memory_bytes(self) -> int:

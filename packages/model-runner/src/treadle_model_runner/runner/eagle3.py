@@ -62,6 +62,9 @@ def load_drafter(runner: ModelRunner, config: SpeculativeConfig | None) -> Draft
 
 
 class Eagle3Drafter(DraftModel):
+    # no graphs of two tokens a row: the head's passes are one token a row, or a step's positions
+    two_token_graphs = False
+
     def __init__(self, runner: ModelRunner, config: SpeculativeConfig) -> None:
         """Load the head of `config` on the runner's device in its dtype, its attention layer numbered after the
         target's, and make the target keep the hidden states it reads (call after the target is loaded)."""
@@ -195,15 +198,3 @@ class Eagle3Drafter(DraftModel):
         num_tokens = hidden.shape[0]
         self.head.hidden_in[:num_tokens].copy_(hidden)
         return self._forward(runner, step)[:num_tokens]
-
-    def capture(
-        self,
-        runner: ModelRunner,
-        piecewise_sizes: list[int],
-        prefill_graphs: bool,
-        decode_sizes: list[int] | None = None,
-        kind: str = "",
-    ) -> None:
-        """Capture the head's graphs over the runner's step buffers (draft_graphs.DraftGraphs.capture); none of two
-        tokens a row: the head's passes are one token a row, or a step's positions."""
-        self.sets.capture(runner, self.head, piecewise_sizes, prefill_graphs, decode_sizes, kind, pairs=False)
