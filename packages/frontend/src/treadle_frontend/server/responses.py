@@ -3,8 +3,8 @@ it too). Tools and function-call items: responses_tools.py.
 
 `input` is a string (one user turn) or a list of turns (`{"role", "content"}` with a string or `input_text`
 parts; `type: "message"` items are the same); `instructions` become a leading system turn (responses_input.py).
-`max_output_tokens`,
-`temperature`, `top_p` and `text.format` (`json_schema` / `json_object`: structured outputs) apply. The reply's
+`max_output_tokens`, `temperature`, `top_p` and `text.format` (`json_schema` / `json_object`: structured outputs)
+apply. The reply's
 text is one `message` output item holding one `output_text` part, its calls `function_call` items after it. A
 reply cut at max_output_tokens has status "incomplete" with `incomplete_details.reason` "max_output_tokens".
 Streaming sends named events, each with a `sequence_number`: response.created → response.in_progress →
