@@ -58,6 +58,7 @@ from treadle_model_runner.runner.inputs import StepInputs, prepare_inputs
 from treadle_model_runner.runner.setup import resolve_max_model_len
 
 if TYPE_CHECKING:
+    from treadle_model_runner.models import CausalLM
     from treadle_model_runner.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,17 @@ logger = logging.getLogger(__name__)
 # a draft's and its target's vocabulary sizes may differ by this much: the same tokenizer, embeddings padded to
 # other multiples (Qwen2's 1.5B has 151,936 rows, its 72B 152,064); more means another tokenizer
 MAX_VOCAB_PADDING = 128
+
+
+def join_pool(runner: ModelRunner, target: CausalLM, drafter: torch.nn.Module) -> list[Attention]:
+    """The drafter's attention layers, numbered after the target's (their KV joins the same paged pool) and bound to
+    the runner's attention backend."""
+    offset = len(target.attention_layers())
+    layers = [m for m in drafter.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        layer.layer_idx += offset
+        layer.bind_backend(runner.attn_backend)
+    return layers
 
 
 class DraftModel:
@@ -105,11 +117,7 @@ class DraftModel:
         self.sets = DraftGraphs()  # its CUDA graphs (draft_graphs.py), once captured
         # drafts are target token ids: a larger draft vocabulary's extra ids are never proposed
         self.vocab_size = min(draft_vocab, runner.vocab_size)
-        offset = len(target.attention_layers())
-        self.layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for layer in self.layers:
-            layer.layer_idx += offset
-            layer.bind_backend(runner.attn_backend)
+        self.layers = join_pool(runner, target, self.model)
         logger.info(
             "speculative decoding: draft model %s (%s, %d layers, %s) proposes up to %d tokens a step",
             resolved.path, type(self.model).__name__, len(self.layers), resolved.format,

@@ -35,12 +35,11 @@ import numpy as np
 import torch
 
 from treadle_model_runner.config import SpeculativeConfig
-from treadle_model_runner.layers.attention import Attention
 from treadle_model_runner.models.aux_hidden import keep_aux
 from treadle_model_runner.outputs import ModelRunnerOutput
 from treadle_model_runner.runner.device_inputs import move_decode_positions
 from treadle_model_runner.runner.draft_graphs import DraftGraphs
-from treadle_model_runner.runner.draft_model import DraftModel
+from treadle_model_runner.runner.draft_model import DraftModel, join_pool
 from treadle_model_runner.runner.draft_passes import drafting_rows
 from treadle_model_runner.runner.eagle3_load import load_eagle3_head, target_decoder
 from treadle_model_runner.runner.inputs import StepInputs, gather_input_ids, prepare_inputs
@@ -80,11 +79,7 @@ class Eagle3Drafter(DraftModel):
         self.num_speculative_tokens = config.num_speculative_tokens
         self.sets = DraftGraphs()  # its CUDA graphs (draft_graphs.py, no two-token ones), once captured
         self.vocab_size = runner.vocab_size
-        offset = len(target.attention_layers())
-        self.layers = [m for m in self.head.modules() if isinstance(m, Attention)]
-        for layer in self.layers:
-            layer.layer_idx += offset
-            layer.bind_backend(runner.attn_backend)
+        self.layers = join_pool(runner, target, self.head)
         logger.info(
             "speculative decoding: EAGLE-3 head %s (draft vocabulary %d) reads target layers %s and proposes up to "
             "%d tokens a step", config.model, self.head.draft_vocab_size,

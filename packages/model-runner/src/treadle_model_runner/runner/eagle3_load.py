@@ -31,12 +31,10 @@ from treadle_model_runner.loader.weights import CONFIG_FILE, describe_checkpoint
 from treadle_model_runner.models import CausalLM
 from treadle_model_runner.models.llama import LlamaModel
 from treadle_model_runner.models.llama_eagle3 import EAGLE3_ARCHITECTURES, Eagle3LlamaForCausalLM
+from treadle_model_runner.runner.draft_model import MAX_VOCAB_PADDING
 from treadle_model_runner.runner.setup import default_dtype, skip_param_init
 
 __all__ = ["aux_layers_of", "load_eagle3_head", "target_decoder"]
-
-# the head's and the target's vocabulary sizes may differ by this much (one tokenizer, embeddings padded apart)
-MAX_VOCAB_PADDING = 128
 
 
 def target_decoder(target: CausalLM) -> LlamaModel:
