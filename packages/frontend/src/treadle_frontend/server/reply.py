@@ -3,6 +3,9 @@
 Reasoning (vLLM's `reasoning_content`) is the text a thinking model writes between `<think>` and `</think>`:
   qwen3        reasoning only when the reply opens with `<think>` (after any whitespace); without it every word
                is content (Qwen3 with `enable_thinking: false` writes no block, or an empty one);
+  glm45        the same as qwen3 (an alias): GLM-4.5 / 4.6 open their reply with `<think>` when they think, and their
+               template puts an empty block in the prompt when thinking is off (vLLM's glm45 parser reads the
+               block likewise);
   deepseek_r1  the template opens the block in the prompt, so the reply is reasoning from its first word until
                `</think>` (a `<think>` the model writes anyway is dropped); a reply cut before `</think>` is all
                reasoning.
@@ -20,6 +23,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from treadle_frontend.server.call_deepseek import DeepSeekStream
+from treadle_frontend.server.call_glm45 import Glm45Stream
+from treadle_frontend.server.call_granite import GraniteStream
 from treadle_frontend.server.call_mistral import MistralStream
 from treadle_frontend.server.call_pythonic import PythonicStream
 from treadle_frontend.server.call_sequence import Llama3JsonStream
@@ -34,8 +40,9 @@ from treadle_frontend.server.tool_calls import (
     tag_prefix,
 )
 
-THINK_PARSERS = ("deepseek_r1", "qwen3")  # the parsers of a <think> block
-REASONING_PARSERS = ("deepseek_r1", HARMONY, "qwen3")
+THINK_PARSERS = ("deepseek_r1", "glm45", "qwen3")  # the parsers of a <think> block
+REASONING_PARSERS = ("deepseek_r1", HARMONY, "qwen3", "glm45")
+THINK_ALIASES = {"glm45": "qwen3"}  # a <think> parser read as another's semantics
 START, END = "<think>", "</think>"
 
 
@@ -48,6 +55,7 @@ class ReasoningStream:
     def __init__(self, parser: str) -> None:
         if parser not in THINK_PARSERS:
             raise ValueError(f"reasoning parser {parser!r} is not one of: {', '.join(THINK_PARSERS)}")
+        parser = THINK_ALIASES.get(parser, parser)
         self._state = "opening" if parser == "qwen3" else "reasoning"  # opening -> reasoning -> content
         self._buf = ""
         self._started = False  # any reasoning released yet
@@ -113,9 +121,13 @@ class ReasoningStream:
         return "", rest if self._state in ("opening", "content") else ""
 
 
-def tool_stream(
-    parser: str, schemas: dict[str, dict[str, Any]] | None = None
-) -> ToolCallStream | Llama3JsonStream | MistralStream | PythonicStream | Qwen3CoderStream | HarmonyStream:
+ToolStream = (
+    ToolCallStream | Llama3JsonStream | MistralStream | PythonicStream | Qwen3CoderStream | HarmonyStream
+    | Glm45Stream | GraniteStream | DeepSeekStream
+)  # fmt: skip
+
+
+def tool_stream(parser: str, schemas: dict[str, dict[str, Any]] | None = None) -> ToolStream:
     """The streaming reader of `--tool-call-parser` `parser` (tool_calls.PARSERS); `schemas`: the request's tools'
     parameter schemas by name (call_xml.tool_schemas), for formats whose values carry no JSON type."""
     # harmony's calls alone: its analysis channel is dropped (ReplyParser reads it when reasoning is read)
@@ -127,6 +139,12 @@ def tool_stream(
         return Qwen3CoderStream(schemas)
     if parser == "pythonic":
         return PythonicStream()
+    if parser == "glm45":
+        return Glm45Stream(schemas)
+    if parser == "granite":
+        return GraniteStream()
+    if parser in ("deepseek_v3", "deepseek_v31"):
+        return DeepSeekStream(v31=parser == "deepseek_v31")
     return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from treadle_frontend.server.errors import APIError
 from treadle_frontend.server.harmony import CHANNEL, CONSTRAIN, END, FUNCTIONS, HARMONY, MESSAGE, START
+from treadle_frontend.server.reply import THINK_ALIASES
 from treadle_model_runner.structured_outputs import KINDS, StructuredOutputsParams
 
 OPTIONS = (*KINDS, "disable_any_whitespace")
@@ -128,6 +129,7 @@ def after_reasoning(params: StructuredOutputsParams, reasoning_parser: str | Non
         if header is None:
             return params
         return dataclasses.replace(params, reasoning="harmony", reasoning_end_ids=header)
+    reasoning_parser = THINK_ALIASES.get(reasoning_parser or "", reasoning_parser)  # glm45 reads as qwen3
     if reasoning_parser not in ("qwen3", "deepseek_r1") or tokenizer is None:
         return params
     vocab = tokenizer.get_vocab()
