@@ -13,6 +13,7 @@ import sys
 
 from treadle_kernels.attention import triton_decode_kernel as decode
 from treadle_kernels.attention import triton_kernel as attn
+from treadle_kernels.attention.triton_launch import H100_PROFILE, choose_launch_config, wide_head_config
 from treadle_kernels.ops import (
     activation_kernels,
     cache_kernels,
@@ -61,6 +62,23 @@ def main() -> int:
             "HAS_SINKS": splits == 1,
         }  # fmt: skip
         compile_one(attn.paged_attention_kernel, constexprs, {**ints, **fp32, **out}, ("scale", "soft_cap"))
+    # MLA (DeepSeek): one 576-wide latent head (padded to 1024) shared by 16 query heads, in the tiles
+    # wide_head_config gives an H100 (a decode with 16 splits, a prefill); they must fit its 227 KB of shared memory
+    for max_query_len, num_reqs in ((1, 4), (64, 2)):
+        cfg = choose_launch_config(H100_PROFILE, num_reqs, max_query_len, 1, 16)
+        cfg = wide_head_config(cfg, H100_PROFILE, 1024, 16, max_query_len)
+        out = {"out_ptr": "*fp32" if cfg.num_splits > 1 else "*bf16"}
+        constexprs = {
+            "G": 16, "HEAD_DIM": 576, "HEAD_DIM_PAD": 1024, "BLOCK_SIZE": 16, "BLOCK_Q": cfg.block_q,
+            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "NUM_SPLITS": cfg.num_splits, "CAUSAL": True,
+            "USE_WINDOW": False, "USE_SOFT_CAP": False, "DOT_PRECISION": "tf32", "UPCAST": False,
+            "WIDE_OFFSETS": False,
+        }  # fmt: skip
+        kernel = compile_one(attn.paged_attention_kernel, constexprs, {**ints, **fp32, **out}, ("scale", "soft_cap"),
+                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})  # fmt: skip
+        assert kernel.metadata.shared <= 227 * 1024, (
+            f"MLA launch {cfg}: {kernel.metadata.shared} B of shared memory"
+        )
     for flt, sinks in ((False, False), (True, False), (True, True)):
         constexprs = {
             "HEAD_DIM": 128,

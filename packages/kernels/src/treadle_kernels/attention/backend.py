@@ -24,6 +24,13 @@ query sees (the sliding window and the causal mask apply to keys only; the sink 
 put weight on "nothing" and its output shrinks towards 0; a query that sees no key outputs 0. The impl keeps a
 reference to the caller's tensor (the model owns it as a parameter and may load weights into it later) and reads
 it as float32 at each call. Only backends with ``supports_sinks`` honour it; the others refuse a layer with sinks.
+
+Shared key/value (multi-head latent attention, DeepSeek's MLA): a layer whose key and value are one vector (the
+latent, ``num_kv_heads`` 1) has one cache tensor ``[num_blocks, block_size, 1, head_size]``, and the
+``kv_cache`` its impl sees is a stride-0 view ``[2, ...]`` over it (model-runner kv_cache.py): ``kv_cache[0]`` and
+``kv_cache[1]`` are the same memory. Backends that read both through their own strides and write them through
+``write_kv_cache`` (which writes the same rows twice to the same slots) set ``supports_shared_kv``; the others
+are refused such layers by the runner.
 """
 
 from __future__ import annotations
@@ -170,6 +177,8 @@ class AttentionBackend:
     compiles_ahead: ClassVar[bool] = False
     # honours per-head attention sinks (gpt-oss; module docstring); a backend without them refuses such layers
     supports_sinks: ClassVar[bool] = False
+    # runs layers whose key and value share one cache tensor (MLA's latent; module docstring)
+    supports_shared_kv: ClassVar[bool] = False
     builder_cls: ClassVar[type[AttentionMetadataBuilder]] = AttentionMetadataBuilder
     impl_cls: ClassVar[type[AttentionImpl]] = AttentionImpl
 

@@ -38,6 +38,7 @@ from treadle_kernels.attention.triton_launch import (
     LaunchConfig,
     choose_launch_config,
     device_profile,
+    wide_head_config,
     wide_offsets,
 )
 from treadle_kernels.ops.launch import launch
@@ -162,6 +163,9 @@ def paged_attention(
         profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits, fp8
     )
     short = choose_launch_config(profile, md.num_reqs, 1, num_kv_heads, group, 1, fp8)
+    head_dim_pad = max(16, next_pow2(query.shape[2]))
+    cfg = wide_head_config(cfg, profile, head_dim_pad, group, md.max_query_len)
+    short = wide_head_config(short, profile, head_dim_pad, group, 1)
     if cfg.block_m > short.block_m and min_query_len <= short.block_q:
         # mixed batch: short queries (decodes) in small tiles, long ones (prefills) in large tiles
         _launch(*args, short, (0, short.block_q), False, sinks)
@@ -189,9 +193,10 @@ class TritonAttentionImpl(AttentionImpl):
         md = attn_metadata.common
         write_kv_cache(key, value, kv_cache, md.slot_mapping)
         workspace = attn_metadata.xqa_workspace
-        # XQA is called without sinks: a layer with them stays on the Triton kernels
-        if self.sinks is None and xqa.applies(query, kv_cache, md, self.sliding_window, self.logits_soft_cap,
-                                              workspace):  # fmt: skip
+        # XQA is called without sinks, nor over a shared key/value cache (stride 0): such layers stay on Triton's
+        shared_kv = kv_cache.stride(0) == 0
+        if self.sinks is None and not shared_kv and xqa.applies(query, kv_cache, md, self.sliding_window,
+                                                                 self.logits_soft_cap, workspace):  # fmt: skip
             assert workspace is not None
             try:
                 return xqa.decode(query, kv_cache, md, output, self.scale, workspace)
@@ -234,6 +239,8 @@ class TritonAttentionBackend(AttentionBackend):
     # several requests of 1..Q tokens: the programs number their tiles from query_start_loc on the device, surplus
     # tiles (rows past the last request) exit at once, and the short / long launch split is by each query's length
     supports_batch_graphs = True
+    # the kernels take K's and V's strides apart (a stride-0 [2, ...] view aliases them); XQA is skipped for them
+    supports_shared_kv = True
     compiles_ahead = True  # every launch is ops.launch.launch (XQA, FlashInfer's, is switched off for it)
     builder_cls = TritonMetadataBuilder
     impl_cls = TritonAttentionImpl

@@ -15,6 +15,7 @@ inject a GPU's profile (``H100_PROFILE``) so the interpreter runs exactly the la
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -129,6 +130,27 @@ def choose_launch_config(
         num_warps, num_stages, max_registers = 4, 1, 0
     return LaunchConfig(block_m, block_q, block_n, num_splits, num_warps, num_stages, widen, max_registers,
                         _MASK_ALL_TILES)  # fmt: skip
+
+
+# head dims (padded to a power of two) above which a GPU launch takes `wide_head_config`'s tiles
+WIDE_HEAD_DIM = 256
+
+
+def wide_head_config(
+    cfg: LaunchConfig, profile: DeviceProfile, head_dim_pad: int, group: int, max_query_len: int
+) -> LaunchConfig:
+    """The launch for heads wider than WIDE_HEAD_DIM on a GPU (MLA's 576-wide latent heads, padded to 1024; interpreter
+    tiles are small already): one query row per head of the group (16 rows at most 16 heads), 16-key tiles, one
+    stage, 8 warps. Compiled for sm_90 (kernels tests/compile_sm90.py) the default 64-key, 2-stage decode tile of a
+    1024-wide head needs 288 KB of shared memory, past Hopper's 227 KB; this one 96 KB, 182 registers, no spills. A
+    split count stays where every query still fits one tile (decodes), so decode graphs keep theirs."""
+    if not profile.gpu_tiles or head_dim_pad <= WIDE_HEAD_DIM:
+        return cfg
+    block_m = max(16, next_pow2(group))
+    block_q = max(1, block_m // group)
+    num_splits = cfg.num_splits if max_query_len <= block_q else 1
+    return dataclasses.replace(cfg, block_m=block_m, block_q=block_q, block_n=16, num_splits=num_splits,
+                               num_warps=8, num_stages=1)  # fmt: skip
 
 
 def extent(t: torch.Tensor) -> int:
