@@ -32,6 +32,7 @@ CASES = [
     (f"Hi {TOKEN_TAG}{ARRAY}\nafter", "Hi after", TWO_CALLS),  # text around the calls keeps one separator
     (MALFORMED, MALFORMED, []),  # nothing in the array is a call: content, as written
     (f"{TOKEN_TAG} not an array", f"{TOKEN_TAG} not an array", []),
+    (f'{TEXT_TAG}["f"}}</tool_call>', f'{TEXT_TAG}["f"}}</tool_call>', []),  # its closing tag too
     ("[link](x) is text", "[link](x) is text", []),
     ("a <|tool_ca", "a <|tool_ca", []),
     ("Text  \n ends  here \n", "Text  \n ends  here \n", []),

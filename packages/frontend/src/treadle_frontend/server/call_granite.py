@@ -52,6 +52,7 @@ class GraniteStream:
         self._array: CallSequence | None = None
         self._nesting = JsonNesting()  # finds the array's closing `]`
         self._first = 0  # the index of the open block's first call
+        self._closing = False  # a `</tool_call>` after the array closing the text tag's calls is no content
         self.num_calls = 0
 
     def feed(self, text: str) -> list[Piece]:
@@ -89,11 +90,11 @@ class GraniteStream:
                 self._out.add(pieces, self._tag)
                 self._state = "text"
             return True
-        if self._state == "after":  # the text tag's closing tag, if it follows, is no content
+        if self._state == "after":  # the text tag's closing tag, if it follows calls, is no content
             body = self._buf.lstrip(WHITESPACE)
-            if self._tag == TEXT_TAG and body.startswith(TEXT_CLOSE):
+            if self._closing and body.startswith(TEXT_CLOSE):
                 self._buf = body[len(TEXT_CLOSE) :]
-            elif self._tag == TEXT_TAG and TEXT_CLOSE.startswith(body):
+            elif self._closing and TEXT_CLOSE.startswith(body):
                 return False
             self._state = "text"
             return True
@@ -128,6 +129,7 @@ class GraniteStream:
             self._array.count += 1
             rest = ""
         self._release(pieces, deltas)
+        self._closing = self._tag == TEXT_TAG and self.num_calls > self._first
         if self.num_calls == self._first:  # nothing in it was a call: content, as written
             self._out.add(pieces, self._written)
         else:
@@ -154,7 +156,7 @@ class GraniteStream:
             self._out.add(pieces, self._tag + self._buf)
         elif self._state == "after":  # a whole closing tag is no content
             body = self._buf.lstrip(WHITESPACE)
-            self._out.add(pieces, body.removeprefix(TEXT_CLOSE) if self._tag == TEXT_TAG else body)
+            self._out.add(pieces, body.removeprefix(TEXT_CLOSE) if self._closing else self._buf)
         else:
             self._out.add(pieces, self._buf)
         self._out.finish(pieces, self.num_calls)
