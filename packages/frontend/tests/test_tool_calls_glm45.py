@@ -69,17 +69,22 @@ def test_in_any_pieces(text: str, content: str | None, calls: list[Any]) -> None
     check_in_any_pieces("glm45", text, (content, calls), step=31, schemas=tool_schemas(TOOLS))
 
 
-def test_arguments_stream_per_value_and_a_cut_call_keeps_them() -> None:
+def test_arguments_stream_strings_as_written_and_a_cut_call_keeps_them() -> None:
+    """A string value streams a character at a time (escaped), other values once whole."""
     stream = tool_stream("glm45", tool_schemas(TOOLS))
-    text = _call("get_weather", city="Paris", days="3")
+    text = _call("get_weather", city='Pa"ris', days="3")
     deltas = [d for p in [p for ch in text for p in stream.feed(ch)] + stream.finish() for d in p.deltas]
-    assert [d.arguments for d in deltas] == ["", '{"city": "Paris"', ', "days": 3', "}", ""]
+    escaped = ['{"city": "', *"Pa", '\\"', *"ris", '"']
+    assert [d.arguments for d in deltas] == ["", *escaped, ', "days": 3', "}", ""]
     assert deltas[0].first and deltas[0].call.name == "get_weather" and deltas[-1].done
     cut = tool_stream("glm45", tool_schemas(TOOLS))
     pieces = cut.feed(text[: text.index("3</arg")] + "3</arg") + cut.finish()  # cut inside the days value
     assert [(c.arguments, c.complete) for p in pieces for c in p.calls] == [
-        ('{"city": "Paris", "days": 3', False)
+        ('{"city": "Pa\\"ris", "days": 3', False)
     ]
+    cut = tool_stream("glm45", tool_schemas(TOOLS))
+    pieces = cut.feed(text[: text.index("ris")] + "ri</arg_val") + cut.finish()  # cut inside the city value
+    assert [(c.arguments, c.complete) for p in pieces for c in p.calls] == [('{"city": "Pa\\"ri"', False)]
 
 
 def test_reasoning_alias_reads_as_qwen3() -> None:

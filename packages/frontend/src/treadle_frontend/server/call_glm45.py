@@ -12,8 +12,9 @@ arguments, as GLM-4.7's compact layout writes them). Each value is raw text; it 
 reads it: a parameter whose schema type is "string" keeps its text exactly; any other (a number, boolean, object,
 array, or a parameter the schema does not name) is read, stripped, as JSON, else as a Python literal (`True`,
 `['a']`), else it stays a string. A key without a value is skipped, as is stray text between pairs.
-A call streams as it is written: its first delta (the name) once the name's line ends, `{"city": "Paris"` once a
-value closes, `, "days": 3` for each one after, `}` at `</tool_call>`; a reply cut inside a call keeps what was
+A call streams as it is written: its first delta (the name) once the name's line ends; a string value as it comes
+(`{"city": "` when it opens, its text JSON-escaped piece by piece, `"` when it closes, as vLLM streams long strings),
+any other value once it closes (`, "days": 3`); `}` at `</tool_call>`. A reply cut inside a call keeps what was
 written, the open value included. A block whose head is not a function name stays in the content as written. The
 content around blocks follows call_text.py. Replies are decoded with special tokens kept (GLM's tags are added
 tokens, some marked special: vLLM keeps them too).
@@ -78,6 +79,7 @@ class Glm45Stream:
         self._call: CallDelta | None = None
         self._key = ""  # the open pair's key
         self._count = 0  # arguments written in the open call
+        self._open_string = False  # a string value is being streamed (its opening quote written)
         self.num_calls = 0
 
     def feed(self, text: str) -> list[Piece]:
@@ -127,9 +129,15 @@ class Glm45Stream:
             self._state = "args"
             return True
         end = self._buf.find(END_VALUE)  # value: raw up to its closing tag
+        if self._schema_type() == "string":  # streamed as it comes
+            held = 0 if end >= 0 else tag_prefix(self._buf, END_VALUE)
+            upto = self._buf[:end] if end >= 0 else self._buf[: len(self._buf) - held]
+            self._stream_string(pieces, upto, closes=end >= 0)
+            self._buf, end = self._buf[len(upto) :], min(end, 0)
+        elif end >= 0:
+            self._add_argument(pieces, self._buf[:end])
         if end < 0:
             return False
-        self._add_argument(pieces, self._buf[:end])
         self._state, self._buf = "args", self._buf[end + len(END_VALUE) :]
         return True
 
@@ -164,13 +172,34 @@ class Glm45Stream:
         assert self._call is not None, "arguments belong to an open call"
         pieces.append(Piece(deltas=[self._call.then(args)]))
 
-    def _add_argument(self, pieces: list[Piece], raw: str) -> None:
-        assert self._call is not None, "arguments belong to an open call"
+    def _schema(self) -> Any:
+        """The open pair's parameter schema (None: the tool's schema does not name it)."""
+        assert self._call is not None, "a pair belongs to an open call"
         properties = self._schemas.get(self._call.call.name, {}).get("properties")
-        schema = properties.get(self._key) if isinstance(properties, dict) else None
-        key = json.dumps(self._key, ensure_ascii=False)
-        self._add(pieces, ("{" if not self._count else ", ") + f"{key}: {glm_value(raw, schema)}")
+        return properties.get(self._key) if isinstance(properties, dict) else None
+
+    def _schema_type(self) -> Any:
+        schema = self._schema()
+        return schema.get("type") if isinstance(schema, dict) else None
+
+    def _pair_head(self) -> str:
+        """`{"key": ` for the call's first pair, `, "key": ` after it."""
+        return ("{" if not self._count else ", ") + json.dumps(self._key, ensure_ascii=False) + ": "
+
+    def _add_argument(self, pieces: list[Piece], raw: str) -> None:
+        self._add(pieces, self._pair_head() + glm_value(raw, self._schema()))
         self._count += 1
+
+    def _stream_string(self, pieces: list[Piece], text: str, closes: bool) -> None:
+        """More of a string value's text (JSON-escaped: the same escapes whatever the pieces), and its end."""
+        args = "" if self._open_string else self._pair_head() + '"'
+        self._open_string = True
+        args += json.dumps(text, ensure_ascii=False)[1:-1]
+        if closes:
+            args += '"'
+            self._open_string, self._count = False, self._count + 1
+        if args:
+            self._add(pieces, args)
 
     def _close_call(self, pieces: list[Piece]) -> None:
         assert self._call is not None, "a block closes an open call"
@@ -186,7 +215,11 @@ class Glm45Stream:
             self._out.add(pieces, self._buf)
         elif self._call is not None:
             if self._state == "value":  # cut inside a value: what was written of it
-                self._add_argument(pieces, self._buf[: len(self._buf) - tag_prefix(self._buf, END_VALUE)])
+                written = self._buf[: len(self._buf) - tag_prefix(self._buf, END_VALUE)]
+                if self._schema_type() == "string":
+                    self._stream_string(pieces, written, closes=True)
+                else:
+                    self._add_argument(pieces, written)
             pieces.append(Piece(deltas=[self._call.last(complete=False)]))
         self._out.finish(pieces, self.num_calls)
         self._state, self._buf, self._call = "text", "", None
