@@ -7,6 +7,9 @@ Full attention comes first, then sliding windows by size. Gemma 3 has two groups
 One pool. Block ids are shared by all groups: every layer gets a tensor of `num_blocks` blocks in its
 backend's shape (torch/triton: [2, num_blocks, block_size, nkv, head_size]), and a block id, owned by one group
 at a time, indexes that group's layers. So one block costs `bytes_per_block` = the sum over all layers.
+A layer whose key and value are one vector (`Attention.shares_kv`: DeepSeek's MLA latent) holds it once: one
+tensor [num_blocks, block_size, nkv, head_size], handed to the backend as a stride-0 view of the backend's
+[2, ...] shape (kv_cache[0] and kv_cache[1] are the same memory), and counted once in `bytes_per_block`.
 Block 0 is the null block: never handed out, read by padding. The cache's dtype is CacheConfig.kv_cache_dtype
 (`resolve_kv_cache_dtype`: auto = the model dtype; fp8 = 1 byte a value, half a bf16 block's bytes).
 
@@ -61,12 +64,20 @@ def bytes_per_block(layers: list[Attention], block_size: int, dtype: torch.dtype
     elem = torch.empty(0, dtype=dtype).element_size()
     total = 0
     for a in layers:
-        shape = backend.get_kv_cache_shape(1, block_size, a.num_kv_heads, a.head_size)
+        shape = _stored_shape(a, backend.get_kv_cache_shape(1, block_size, a.num_kv_heads, a.head_size))
         numel = 1
         for dim in shape:
             numel *= dim
         total += numel * elem
     return total
+
+
+def _stored_shape(layer: Attention, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """What a layer's cache of the backend's `shape` stores: one of the [2, ...] halves when K and V are one."""
+    if not layer.shares_kv:
+        return tuple(shape)
+    assert shape[0] == 2, f"a shared key/value cache needs the [2, ...] layout, the backend's is {shape}"
+    return tuple(shape[1:])
 
 
 def max_useful_blocks(num_groups: int, max_num_seqs: int, max_model_len: int, block_size: int) -> int:
@@ -115,8 +126,14 @@ def allocate_kv_caches(
     caches = []
     for a in layers:
         shape = backend.get_kv_cache_shape(num_blocks, block_size, a.num_kv_heads, a.head_size)
-        cache = torch.empty(shape, dtype=dtype, device=device)
-        if torch.device(device).type != "cuda" and len(shape) > 1 and shape[1] == num_blocks:
+        cache = torch.empty(_stored_shape(a, shape), dtype=dtype, device=device)
+        if a.shares_kv:  # [num_blocks, ...] once; the backend reads it as K and as V
+            if torch.device(device).type != "cuda":
+                cache[0].zero_()
+            else:
+                cache.zero_()
+            cache = cache.unsqueeze(0).expand(shape)
+        elif torch.device(device).type != "cuda" and len(shape) > 1 and shape[1] == num_blocks:
             cache[:, 0].zero_()  # CPU, [2, num_blocks, ...]: the null block only
         else:  # a GPU, or a layout this function does not know: all of it
             cache.zero_()

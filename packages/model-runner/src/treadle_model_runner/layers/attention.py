@@ -18,6 +18,10 @@ keeps the object current: weights copied into it in place, and `Module.to` / `pa
 parameter by swapping its storage under the same Parameter object (test_attention_layer_sinks.py holds torch to
 that). A view would not follow such a move, and a Parameter object replaced after `bind_backend` would leave the
 impl a stale tensor; no loader does either.
+
+Shared key/value (`shares_kv`, DeepSeek's multi-head latent attention: models/deepseek_mla.py): the model hands the
+same vector as key and value (num_kv_heads 1); the runner gives the layer one cache tensor that the backend sees
+as both K and V (kv_cache.py), and only backends with `supports_shared_kv` can run it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
         sinks: torch.Tensor | None = None,  # [num_heads] the model's sink logits parameter (module docstring)
+        shares_kv: bool = False,  # key and value are one vector, cached once (module docstring)
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -55,6 +60,7 @@ class Attention(nn.Module):
         self.logits_soft_cap = logits_soft_cap
         # a plain attribute, so an nn.Parameter is not registered as this module's own (nn.Module.__setattr__)
         self.__dict__["sinks"] = sinks
+        self.shares_kv = shares_kv
         self.impl: Any = None
 
     def bind_backend(self, backend: Any) -> None:
@@ -64,6 +70,8 @@ class Attention(nn.Module):
                 f"attention backend '{backend.name}' does not support attention sinks (gpt-oss); "
                 "use --attention-backend triton or torch."
             )
+        if self.shares_kv and not getattr(backend, "supports_shared_kv", False):
+            raise ValueError(refuse_shared_kv_message(backend.name))
         self.impl = backend.get_impl_cls()(
             self.num_heads,
             self.head_size,
@@ -113,3 +121,13 @@ class Attention(nn.Module):
             self.impl.forward(*args)
         else:
             self.impl.forward_rope(rope, *args)
+
+
+def refuse_shared_kv_message(backend_name: str) -> str:
+    """Why a backend without `supports_shared_kv` cannot run multi-head latent attention, and what to use."""
+    return (
+        f"attention backend '{backend_name}' cannot run multi-head latent attention (DeepSeek-V2/V3 MLA: one latent "
+        "vector per token, e.g. 576 wide, serves as the key and the value of every head; FlashInfer's paged "
+        "wrappers take neither that head size nor a shared key/value cache); use --attention-backend triton "
+        "(the CUDA default) or torch."
+    )

@@ -6,6 +6,7 @@ from typing import Any
 
 from treadle_model_runner.loader.multimodal import WRAPPERS
 from treadle_model_runner.models.base import CausalLM
+from treadle_model_runner.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from treadle_model_runner.models.gemma3 import Gemma2ForCausalLM, Gemma3ForCausalLM
 from treadle_model_runner.models.glm4_moe import Glm4MoeForCausalLM
 from treadle_model_runner.models.gpt_oss import GptOssForCausalLM
@@ -35,6 +36,8 @@ _ARCHITECTURES: dict[str, type[CausalLM]] = {
     "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -52,6 +55,8 @@ _MODEL_TYPES = {
     "smollm3": "SmolLM3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 

@@ -55,6 +55,7 @@ from treadle_model_runner.runner.pending import PendingTokens, TokenCopier, devi
 from treadle_model_runner.runner.sampling import sample_step
 from treadle_model_runner.runner.setup import (
     check_backend_fits_model,
+    check_model_features,
     check_runner_args,
     eos_token_ids,
     resolve_device,
@@ -124,6 +125,9 @@ class ModelRunner:
         backend_name = None if model_config.attention_backend == "auto" else model_config.attention_backend
         self.attn_backend: Any = get_attn_backend(backend_name, self.device)
         check_backend_fits_model(self.attn_backend, get_model_class(self.hf_config))
+        check_model_features(
+            get_model_class(self.hf_config), self.quantization is not None, self.lora_config is not None
+        )
         self.kv_cache_dtype = resolve_kv_cache_dtype(
             cache_config.kv_cache_dtype, self.dtype, self.attn_backend
         )

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from treadle_model_runner.config import LoRAConfig, ModelConfig, SpeculativeConfig
+from treadle_model_runner.layers.attention import refuse_shared_kv_message
 from treadle_model_runner.layers.rotary import rope_parameters
 from treadle_model_runner.parallel import get_tp
 
@@ -57,11 +58,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_backend_fits_model(backend: Any, model_cls: type) -> None:
-    """Refuse, before any weight loads, an attention backend that cannot run the model's attention (sinks)."""
+    """Refuse, before any weight loads, an attention backend that cannot run the model's attention (sinks, or
+    multi-head latent attention's shared key/value cache)."""
     if getattr(model_cls, "has_attention_sinks", False) and not getattr(backend, "supports_sinks", False):
         raise ValueError(
             f"{model_cls.__name__} has attention sinks, which attention backend '{backend.name}' does not support; "
             "use --attention-backend triton (the CUDA default) or torch"
+        )
+    if getattr(model_cls, "has_latent_attention", False) and not getattr(
+        backend, "supports_shared_kv", False
+    ):
+        raise ValueError(f"{model_cls.__name__}: {refuse_shared_kv_message(backend.name)}")
+
+
+def check_model_features(model_cls: type, quantized: bool, lora: bool) -> None:
+    """Refuse, before any weight loads, quantized weights or LoRA adapters for an architecture that cannot take them
+    (`supports_quantization` / `supports_lora` false: DeepSeek's MLA reads kv_b_proj's weight as its absorbed
+    matrices, and its fused down-projection has no adapter slots)."""
+    name = model_cls.__name__
+    if quantized and not getattr(model_cls, "supports_quantization", True):
+        raise ValueError(
+            f"{name} does not support quantized weights (fp8, 4-bit) in treadle yet; use a checkpoint in bf16 / "
+            "fp16 without a quantization_config, and no --quantization"
+        )
+    if lora and not getattr(model_cls, "supports_lora", True):
+        raise ValueError(
+            f"{name} does not support LoRA adapters in treadle yet; start it without --enable-lora"
         )
 
 
