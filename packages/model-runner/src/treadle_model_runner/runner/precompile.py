@@ -134,6 +134,9 @@ def attention_inputs(runner: ModelRunner, layer: Attention) -> tuple[torch.Tenso
     kv_cache = allocate_kv_caches([layer], 2, runner.cache_config.block_size, runner.kv_cache_dtype, runner.device,
                                   runner.attn_backend)[0]  # fmt: skip
     rotary = next((m for m in runner._require_model().modules() if isinstance(m, RotaryEmbedding)), None)
+    # MLA rotates its rope dims itself (models/deepseek_mla.py): its attention gets no rope
+    if layer.shares_kv:
+        rotary = None
     return kv_cache, rotary
 
 
