@@ -34,7 +34,8 @@ BATCHES = {"mixed": [(0, 7), (20, 1), (9, 5), (40, 1)], "decodes": [(30, 1), (50
 @pytest.mark.parametrize("batch", ["mixed", "decodes"])
 def test_shared_kv_cache_matches_torch_on_two_copies(batch: str, h100: bool) -> None:
     case = make_case(BATCHES[batch], NH, 1, D, BLOCK, device=DEVICE, seed=41, num_padding=1)
-    latent = case.kv_cache[0].clone()  # [num_blocks, block_size, 1, D], NaN where unwritten
+    # [num_blocks, block_size, 1, D], NaN where unwritten
+    latent = case.kv_cache[0].clone()
     shared = latent.unsqueeze(0).expand(2, *latent.shape)
     copies = torch.stack([latent, latent.clone()])
     outs = {}

@@ -81,7 +81,8 @@ def _tiny(kind: str, path: Path) -> tuple[Any, Path]:
     if kind == "v3":
         gen = torch.Generator().manual_seed(2)
         with torch.no_grad():
-            for layer in hf.model.layers[1:]:  # a buffer, which perturb_ leaves at HF's zeros
+            # a buffer, which perturb_ leaves at HF's zeros
+            for layer in hf.model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8, generator=gen) * 0.2)
     _save(hf, path, mtp=kind == "v3")
     return hf, path
@@ -114,7 +115,8 @@ def test_v2_routing_matches_hf_router() -> None:
             weights.gather(1, order), hf_weights.gather(1, hf_order), rtol=0, atol=1e-6
         )
         picks[method] = ids.sort(dim=1).values
-    assert not torch.equal(picks["greedy"], picks["group_limited_greedy"])  # the premise: the groups matter
+    # the premise: the groups matter
+    assert not torch.equal(picks["greedy"], picks["group_limited_greedy"])
 
 
 def test_mixed_batch_logits_match_hf(tiny: tuple[Any, Path]) -> None:

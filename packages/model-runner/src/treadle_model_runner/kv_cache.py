@@ -127,7 +127,8 @@ def allocate_kv_caches(
     for a in layers:
         shape = backend.get_kv_cache_shape(num_blocks, block_size, a.num_kv_heads, a.head_size)
         cache = torch.empty(_stored_shape(a, shape), dtype=dtype, device=device)
-        if a.shares_kv:  # [num_blocks, ...] once; the backend reads it as K and as V
+        # a shared key/value cache: [num_blocks, ...] once, which the backend reads as K and as V
+        if a.shares_kv:
             if torch.device(device).type != "cuda":
                 cache[0].zero_()
             else:

@@ -285,6 +285,7 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     supports_fp8_kv_cache = True
     supports_sinks = True
-    supports_shared_kv = True  # reads kv_cache[0] / [1] as views, whatever their storage
+    # reads kv_cache[0] / [1] as views, whatever their storage
+    supports_shared_kv = True
     builder_cls = AttentionMetadataBuilder
     impl_cls = TorchAttentionImpl

@@ -48,7 +48,8 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
         sinks: torch.Tensor | None = None,  # [num_heads] the model's sink logits parameter (module docstring)
-        shares_kv: bool = False,  # key and value are one vector, cached once (module docstring)
+        # key and value are one vector, cached once (module docstring)
+        shares_kv: bool = False,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx

@@ -40,6 +40,7 @@ from torch import nn
 
 from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import RMSNorm
+from treadle_model_runner.layers.rotary import RotaryEmbedding
 from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from treadle_model_runner.models.deepseek_mla import MlaAttention, mla_rotary
 from treadle_model_runner.models.glm4_moe import num_mtp_layers
@@ -100,9 +101,9 @@ def is_moe_layer(config: Any, layer_idx: int) -> bool:
 
 
 class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: nn.Module, mlp: nn.Module) -> None:
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = MlaAttention(config, layer_idx, rotary_emb)  # type: ignore[arg-type]
+        self.self_attn = MlaAttention(config, layer_idx, rotary_emb)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -147,7 +148,8 @@ class DeepseekModel(nn.Module):
         h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             h, residual = layer(h, positions, residual)
-        if residual is None:  # no layers
+        # no layers
+        if residual is None:
             return self.norm(h)
         return self.norm.add_and_norm(h, residual)[0]
 

@@ -43,7 +43,8 @@ from treadle_model_runner.layers.norm import RMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle_model_runner.parallel import get_tp
 
-LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers' DeepseekV2RMSNorm default
+# q_a_layernorm / kv_a_layernorm: transformers' DeepseekV2RMSNorm default
+LATENT_NORM_EPS = 1e-6
 
 
 def mla_softmax_scale(config: Any) -> float:
@@ -123,8 +124,10 @@ class MlaAttention(nn.Module):
         # [T, h, L]: each head's q_nope through its W_UK, one batched matmul over the heads
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
         query = torch.cat([q_latent, q_pe.view(num_tokens, self.num_heads, self.rope_dim)], dim=-1)
-        kv = torch.cat([self.kv_a_layernorm(latent.contiguous()), k_pe], dim=-1)  # [T, L + R]: key and value
-        out = self.attn(query.flatten(1), kv, kv).view(num_tokens, self.num_heads, -1)  # [T, h, L + R]
+        # [T, L + R]: the key and the value
+        kv = torch.cat([self.kv_a_layernorm(latent.contiguous()), k_pe], dim=-1)
+        # [T, h, L + R]
+        out = self.attn(query.flatten(1), kv, kv).view(num_tokens, self.num_heads, -1)
         # [T, h, V]: each head's latent output through its W_UV
         heads = torch.bmm(out[..., : self.latent_dim].transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return self.o_proj(heads.reshape(num_tokens, self.num_heads * self.v_dim))
