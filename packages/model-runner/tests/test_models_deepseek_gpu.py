@@ -4,8 +4,8 @@
   CUDA graphs, a mixed step within 2e-3 of HF's logits (HF on the CPU) and greedy continuations equal to HF's.
 - bf16, a DeepSeek-shaped attention (a 512-wide latent + 64 rope dims: the real 576-wide cached vector, padded to
   1024 by the Triton kernel, which takes its wide-head tiles; 16 query heads, 128 nope + 128 value dims) in a
-  two-layer model (one dense, one MoE): the Triton backend's hidden states within bf16 rounding of the torch
-  backend's on a prefill, a chunked prefill and decodes, and Triton's CUDA-graph decode equal to its eager decode
+  two-layer model (one dense, one MoE): the Triton backend's attention outputs (each layer's) within bf16 rounding of
+  the torch backend's on a prefill, a chunked prefill and decodes, and Triton's CUDA-graph decode equal to its eager decode
   (tokens, hidden states within bf16 rounding).
 Run: `uv run pytest -m gpu packages/model-runner/tests/test_models_deepseek_gpu.py`.
 """
@@ -25,7 +25,6 @@ from test_runner_fakes import (
     check_graph_decode_equals_eager,
     make_runner,
     perturb_,
-    record_hidden,
     release_gpu_runner,
 )
 
@@ -71,14 +70,25 @@ def _runner(path: Path, backend: str, eager: bool) -> Any:
                        block_size=16, num_blocks=128, max_model_len=256, max_num_batched_tokens=64)  # fmt: skip
 
 
+def record_attention(runner: Any) -> list[torch.Tensor]:
+    """Every MLA layer's output [tokens, hidden] of every step, in call order (eager runners only)."""
+    outs: list[torch.Tensor] = []
+    for layer in runner.model.model.layers:
+        layer.self_attn.register_forward_hook(lambda _m, _i, out: outs.append(out.float().cpu()))
+    return outs
+
+
 def test_gpu_bf16_triton_matches_torch_on_576_wide_latent(shaped: Path) -> None:
+    """Each layer's attention output, not the final hidden states: the MoE layer's top-k is discontinuous, and a
+    bf16 rounding difference upstream may pick another expert for a token (seen on an H200: one row of 57 in the
+    chunked-prefill step, its attention outputs within rounding)."""
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (40, 9, 70)]
-    hidden = {}
+    attention = {}
     for backend in ("torch", "triton"):
         runner = _runner(shaped, backend, eager=True)
         assert runner.kv_caches[0].shape[-1] == 576 and runner.kv_caches[0].stride(0) == 0
-        steps = record_hidden(runner)
+        outs = record_attention(runner)
         sched = FakeScheduler(runner, seed=1)
         for i, p in enumerate(prompts):
             sched.add(f"r{i}", p, max_tokens=4)
@@ -86,10 +96,15 @@ def test_gpu_bf16_triton_matches_torch_on_576_wide_latent(shaped: Path) -> None:
         sched.step({"r0": 40, "r1": 9, "r2": 15})
         sched.step({"r2": 55, "r0": 1, "r1": 1})
         sched.step({"r0": 1, "r1": 1, "r2": 1})
-        hidden[backend] = [h.float().cpu() for h in steps]
+        attention[backend] = outs
         release_gpu_runner(runner)
-    for step, (got, ref) in enumerate(zip(hidden["triton"], hidden["torch"], strict=True)):
-        torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2, msg=lambda m, s=step: f"step {s}: {m}")
+    assert len(attention["triton"]) == len(attention["torch"]) == 3 * SHAPED["num_hidden_layers"]
+    for call, (got, ref) in enumerate(zip(attention["triton"], attention["torch"], strict=True)):
+        # bf16 outputs whose largest entries are ~5-10, where one bf16 step is 1/128 - 1/256 of them: 2 % of the
+        # largest entry is two steps (under the interpreter on CPU the backends differ by 0.4-0.9 %)
+        tol = 2e-2 * ref.abs().max().item()
+        step = call // SHAPED["num_hidden_layers"]
+        torch.testing.assert_close(got, ref, atol=tol, rtol=2e-2, msg=lambda m, s=step: f"step {s}: {m}")
 
 
 def test_gpu_bf16_graph_decode_equals_eager(shaped: Path) -> None:
