@@ -10,6 +10,8 @@ and the max-abs error of Triton against the reference.
 
     python benchmarks/moe.py results.json                       # benchmark (< 3 min on one H100)
     python benchmarks/moe.py tuned.json --tune                  # sweep block configs, write a configs/ file
+    python benchmarks/moe.py t.json --tune --shape 64,1408,2048,6 --merge-into packages/moe/src/treadle_moe/configs/X.json
+                                # another shape (E,N,K,top_k: DeepSeek-V2-Lite / Moonlight), added to a configs/ file
 Needs a CUDA GPU and PYTHONPATH holding packages/moe/src (and packages/ir/src, packages/kernels/src).
 """
 
@@ -35,7 +37,18 @@ from treadle_moe import (
 )
 from treadle_moe.configs import BlockConfig, get_block_config, shape_key
 
-E, TOP_K, K, N = 128, 8, 2048, 768
+E, TOP_K, K, N = 128, 8, 2048, 768  # --shape replaces them
+
+
+def set_shape(text: str) -> None:
+    """--shape E,N,K,TOP_K: the experts' shape every function here reads."""
+    global E, N, K, TOP_K
+    parts = [int(v) for v in text.split(",")]
+    if len(parts) != 4 or min(parts) < 1 or parts[3] > parts[0]:
+        raise SystemExit(f"--shape wants E,N,K,TOP_K with 1 <= TOP_K <= E, got {text!r}")
+    E, N, K, TOP_K = parts
+
+
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 CEILINGS = {  # device name fragment -> (dense bf16 TFLOP/s, HBM GB/s), datasheet numbers
     "H100 80GB HBM3": (989.0, 3350.0),
@@ -225,7 +238,13 @@ def main() -> None:
     parser.add_argument(
         "--tune", action="store_true", help="sweep block configs and write a configs/ JSON file"
     )
+    parser.add_argument("--shape", default=None, help="E,N,K,TOP_K (default: Qwen3-30B-A3B's 128,768,2048,8)")
+    parser.add_argument(
+        "--merge-into", type=Path, default=None, help="with --tune: add the tuned shape to this configs/ file"
+    )
     args = parser.parse_args()
+    if args.shape:
+        set_shape(args.shape)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/moe.py needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
@@ -254,6 +273,12 @@ def main() -> None:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(format_config_file(result) if args.tune else json.dumps(result, indent=2) + "\n")
+    if args.tune and args.merge_into:
+        merged = json.loads(args.merge_into.read_text())
+        merged["shapes"].update(result["shapes"])  # type: ignore[call-overload]
+        merged["tuned_with"] = merged["tuned_with"].rsplit(" (torch", 1)[0]
+        merged["tuned_with"] += f", benchmarks/moe.py --tune --shape {args.shape}"
+        args.merge_into.write_text(format_config_file(merged))
 
 
 if __name__ == "__main__":
