@@ -30,9 +30,7 @@ kv_b_proj's weight is read directly as W_UK / W_UV -- and attention backends wit
 
 from __future__ import annotations
 
-import logging
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -43,13 +41,10 @@ from treadle_model_runner.layers.norm import RMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding
 from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from treadle_model_runner.models.deepseek_mla import MlaAttention, mla_rotary
-from treadle_model_runner.models.glm4_moe import num_mtp_layers
+from treadle_model_runner.models.glm4_moe import without_mtp_layers
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, ParallelFusedMoE
 from treadle_model_runner.parallel import all_reduce, get_tp
 
-logger = logging.getLogger(__name__)
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
@@ -192,25 +187,7 @@ class DeepseekV2ForCausalLM(MoeCausalLM):
     ) -> set[str]:
         """MoeCausalLM's loading, less the multi-token-prediction layers' tensors (module docstring); a kv_b_proj of
         the wrong shape is named by the base loader (its full shape is per head D + V rows, L columns)."""
-        return super().load_weights(self._skip_mtp_layers(weights), source)
-
-    def _skip_mtp_layers(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        first = int(self.config.num_hidden_layers)
-        mtp = range(first, first + num_mtp_layers(self.config))
-        skipped = 0
-        for name, tensor in weights:
-            layer = _LAYER.match(name)
-            if layer is not None and int(layer[1]) in mtp:
-                skipped += 1
-                continue
-            yield name, tensor
-        if skipped:
-            logger.info(
-                "%s: skipped %d tensors of the multi-token-prediction layers %d-%d (num_nextn_predict_layers %d; "
-                "treadle does not run MTP)", type(self).__name__, skipped, mtp.start, mtp.stop - 1, len(mtp),
-            )  # fmt: skip
+        return super().load_weights(without_mtp_layers(type(self).__name__, self.config, weights), source)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

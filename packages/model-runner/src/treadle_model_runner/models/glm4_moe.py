@@ -54,6 +54,27 @@ def num_mtp_layers(config: Any) -> int:
     return int(value if value is not None else getattr(config, "num_mtp_layers", 0) or 0)
 
 
+def without_mtp_layers(
+    model: str, config: Any, weights: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors less those of its multi-token-prediction layers (treadle does not run MTP), their
+    number logged for `model`."""
+    first = int(config.num_hidden_layers)
+    mtp = range(first, first + num_mtp_layers(config))
+    skipped = 0
+    for name, tensor in weights:
+        layer = _LAYER.match(name)
+        if layer is not None and int(layer[1]) in mtp:
+            skipped += 1
+            continue
+        yield name, tensor
+    if skipped:
+        logger.info(
+            "%s: skipped %d tensors of the multi-token-prediction layers %d-%d (num_nextn_predict_layers %d; "
+            "treadle does not run MTP)", model, skipped, mtp.start, mtp.stop - 1, len(mtp),
+        )  # fmt: skip
+
+
 class Glm4MoeBlock(nn.Module):
     """gate: fp32 hidden -> router logits [T, E]; experts: the routed FusedMoE; shared_experts: the dense MLP every
     token goes through."""
@@ -117,22 +138,4 @@ class Glm4MoeForCausalLM(MoeCausalLM):
         self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "the checkpoint"
     ) -> set[str]:
         """MoeCausalLM's loading, less the multi-token-prediction layers' tensors (module docstring)."""
-        return super().load_weights(self._skip_mtp_layers(weights), source)
-
-    def _skip_mtp_layers(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        first = int(self.config.num_hidden_layers)
-        mtp = range(first, first + num_mtp_layers(self.config))
-        skipped = 0
-        for name, tensor in weights:
-            layer = _LAYER.match(name)
-            if layer is not None and int(layer[1]) in mtp:
-                skipped += 1
-                continue
-            yield name, tensor
-        if skipped:
-            logger.info(
-                "%s: skipped %d tensors of the multi-token-prediction layers %d-%d (num_nextn_predict_layers %d; "
-                "treadle does not run MTP)", type(self).__name__, skipped, mtp.start, mtp.stop - 1, len(mtp),
-            )  # fmt: skip
+        return super().load_weights(without_mtp_layers(type(self).__name__, self.config, weights), source)
