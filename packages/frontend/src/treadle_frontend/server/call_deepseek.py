@@ -75,11 +75,8 @@ class DeepSeekStream:
     def _step(self, pieces: list[Piece]) -> bool:
         """Read what the buffer decides in the current state; True when the state moved on."""
         if self._state == "text":
-            at = self._buf.find(CALLS_BEGIN)
-            cut = at if at >= 0 else len(self._buf) - tag_prefix(self._buf, CALLS_BEGIN)
-            self._out.add(pieces, self._buf[:cut])
-            self._buf = self._buf[cut:]
-            if at < 0:
+            self._buf, found = self._out.add_until(pieces, self._buf, CALLS_BEGIN)
+            if not found:
                 return False
             self._state, self._held, self._section_calls = "section", CALLS_BEGIN, 0
             self._buf = self._buf[len(CALLS_BEGIN) :]

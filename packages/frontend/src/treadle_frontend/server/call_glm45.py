@@ -89,11 +89,8 @@ class Glm45Stream:
     def _step(self, pieces: list[Piece]) -> bool:
         """Read what the buffer decides in the current state; True when the state moved on."""
         if self._state == "text":
-            at = self._buf.find(OPEN)
-            cut = at if at >= 0 else len(self._buf) - tag_prefix(self._buf, OPEN)
-            self._out.add(pieces, self._buf[:cut])
-            self._buf = self._buf[cut:]
-            if at < 0:
+            self._buf, found = self._out.add_until(pieces, self._buf, OPEN)
+            if not found:
                 return False
             self._state = "name"  # the buffer keeps OPEN until the block is a call
             return True

@@ -10,7 +10,7 @@ Invariant: the text released is the same however the reply is split into pieces.
 from __future__ import annotations
 
 from treadle_frontend.server.call_scanner import WHITESPACE
-from treadle_frontend.server.tool_calls import Piece, add_text
+from treadle_frontend.server.tool_calls import Piece, add_text, tag_prefix
 
 
 class ContentOut:
@@ -32,6 +32,14 @@ class ContentOut:
         self._space = text[len(kept) :]
         self._wrote = self._wrote or bool(kept)
         add_text(pieces, kept)
+
+    def add_until(self, pieces: list[Piece], buf: str, tag: str) -> tuple[str, bool]:
+        """Release `buf`'s text before `tag` (an end that could begin it held back); (what stays in the buffer: from
+        the tag on, or the held end; whether the tag is there)."""
+        at = buf.find(tag)
+        cut = at if at >= 0 else len(buf) - tag_prefix(buf, tag)
+        self.add(pieces, buf[:cut])
+        return buf[cut:], at >= 0
 
     def block_opens(self) -> None:
         """A call block is committed: the whitespace before it is kept only to separate text around it."""
