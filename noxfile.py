@@ -30,9 +30,8 @@ PACKAGES = {
 }
 EXTRAS = {"model-runner": ["--extra", "default-model"]}
 # packages whose tests run on two pytest-xdist workers: CPU-bound in the single-threaded Triton interpreter, with no
-# servers of their own (kernels 196 -> 108 s, moe 238 -> 177 s on the 2-core CI machine); model-runner's process
-# groups take free ports, each test its own
-PARALLEL = {"kernels", "moe", "model-runner"}
+# servers, ports or process groups of their own (kernels 196 -> 108 s, moe 238 -> 177 s on the 2-core CI machine)
+PARALLEL = {"kernels", "moe"}
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
