@@ -106,7 +106,11 @@ class ChatHandler:
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced tool call cannot be combined with a structured "
                                     "output", param="tool_choice")  # fmt: skip
-            so = forced_constraint(forced, st.llm.input_processor.tokenizer, st.config.reasoning_parser)
+            so = forced_constraint(
+                forced,
+                st.llm.input_processor.tokenizer,
+                st.config.reply_reasoning_parser(body.chat_template_kwargs),
+            )
             params = params.clone(structured_outputs=so)
         messages = template_messages([m.model_dump(exclude_none=True) for m in body.messages])
         tools = st.config.reply_tool_parser(bool(body.tools) and choice != "none")
@@ -160,7 +164,7 @@ class ChatHandler:
         forced: tuple[Any, str | None] | None,
         echo: str,
     ) -> dict[str, Any]:
-        rp = self.state.config.reasoning_parser
+        rp = self.state.config.reply_reasoning_parser(body.chat_template_kwargs)
         names = self.state.token_names(body.return_tokens_as_token_ids)
         choices = []
         for c in out.outputs:
@@ -236,7 +240,7 @@ class ChatHandler:
                 data["usage"] = usage(len(prompt_ids), completion_tokens, cached) if continuous else None
             return sse_text(data) if heavy else sse(data)
 
-        rp = self.state.config.reasoning_parser
+        rp = self.state.config.reply_reasoning_parser(body.chat_template_kwargs)
         names = self.state.token_names(body.return_tokens_as_token_ids)
         reader = ReplyReader(rp, tools, forced, body.tools, calls_only=True)  # calls_only: for a forced reply
         parsers = {i: p for i in range(body.n) if (p := reader.stream()) is not None}

@@ -140,7 +140,8 @@ def sampling_params(
         except ValueError as e:
             raise APIError(400, str(e), param=name) from None
     tokenizer = state.llm.input_processor.tokenizer
-    values["structured_outputs"] = structured_outputs(body, tokenizer, state.config.reasoning_parser)
+    rp = state.config.reply_reasoning_parser(getattr(body, "chat_template_kwargs", None))
+    values["structured_outputs"] = structured_outputs(body, tokenizer, rp)
     try:
         return SamplingParams(
             n=n,

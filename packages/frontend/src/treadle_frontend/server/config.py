@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from treadle_frontend.server.harmony import HARMONY, TOOL_PARSER
 from treadle_frontend.server.lora import LoRAModule
-from treadle_frontend.server.reply import REASONING_PARSERS
+from treadle_frontend.server.reply import REASONING_PARSERS, request_reasoning_parser
 from treadle_frontend.server.tool_calls import PARSERS
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ class ServerConfig:
             )
         logger.info("gpt-oss model: replies are read in the harmony format (--reasoning-parser %s)", HARMONY)
         return dataclasses.replace(self, reasoning_parser=HARMONY)
+
+    def reply_reasoning_parser(self, template_kwargs: dict[str, Any] | None = None) -> str | None:
+        """The reasoning parser that reads a reply rendered with these chat template kwargs (reply.py's
+        request_reasoning_parser: deepseek_v3 follows the request's `thinking`)."""
+        return request_reasoning_parser(self.reasoning_parser, template_kwargs)
 
     def reply_tool_parser(self, auto: bool) -> str | None:
         """The parser that reads the calls a reply writes, when the request lets the model choose (`auto`: it

@@ -12,7 +12,8 @@ usage follows Anthropic: input_tokens excludes the prompt tokens read from the p
 forces a call (any / tool: constrained decoding, no flag needed), rather than ignored. With
 `--reasoning-parser` the `<think>` block is a `thinking` block first (empty signature; `thinking.budget_tokens`
 is not enforced beyond max_tokens), thinking blocks sent back in the history are dropped, as Anthropic drops
-them from earlier turns; without a reasoning parser, enabled `thinking` is a 400.
+them from earlier turns; without a reasoning parser, enabled `thinking` is a 400. Under `deepseek_v3` enabled
+`thinking` renders the template with `thinking=True` and reads the block; without it the reply is all text.
 """
 
 from __future__ import annotations
@@ -93,6 +94,13 @@ def to_chat_messages(body: AnthropicMessagesRequest | AnthropicCountTokensReques
 THINKING_BLOCKS = ("thinking", "redacted_thinking")
 
 
+def thinking_kwargs(body: AnthropicMessagesRequest | AnthropicCountTokensRequest) -> dict[str, Any]:
+    """The chat template kwargs of a request's `thinking`: {"thinking": True} when it is enabled, for the hybrid
+    templates that read it (DeepSeek-V3.1's, under --reasoning-parser deepseek_v3); nothing otherwise."""
+    enabled = bool(body.thinking) and (body.thinking or {}).get("type") == "enabled"
+    return {"thinking": True} if enabled else {}
+
+
 def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool, reasoning_on: bool) -> None:
     """Reject what the server cannot honour instead of silently replying with plain text."""
     kind = (body.tool_choice or {}).get("type")
@@ -130,7 +138,9 @@ class MessagesHandler:
     def _encode(self, body: AnthropicMessagesRequest | AnthropicCountTokensRequest) -> tuple[str, list[int]]:
         msgs = to_chat_messages(body)
         last_is_assistant = msgs[-1]["role"] == "assistant" and not msgs[-1].get("tool_calls")
-        kwargs = {"tools": openai_tools(body.tools)} if body.tools else {}
+        kwargs: dict[str, Any] = {"tools": openai_tools(body.tools)} if body.tools else {}
+        if self.state.config.reasoning_parser == "deepseek_v3":  # its template thinks when told to
+            kwargs.update(thinking_kwargs(body))
         return self.state.llm.input_processor.encode_chat(
             for_template(msgs, self.state.config.reasoning_parser),
             add_generation_prompt=not last_is_assistant,
@@ -148,8 +158,8 @@ class MessagesHandler:
         st.check_model(body.model)
         if body.max_tokens < 1:
             raise APIError(400, f"max_tokens: must be >= 1, got {body.max_tokens}")
-        rp = st.config.reasoning_parser
-        check_unsupported(body, st.config.enable_auto_tool_choice, rp is not None)
+        rp = st.config.reply_reasoning_parser(thinking_kwargs(body))
+        check_unsupported(body, st.config.enable_auto_tool_choice, st.config.reasoning_parser is not None)
         forced = forced_choice(body.tools, body.tool_choice)
         choice = (body.tool_choice or {}).get("type")
         tools = st.config.reply_tool_parser(bool(body.tools) and forced is None and choice != "none")
@@ -175,7 +185,7 @@ class MessagesHandler:
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
             gen = await first_output(request, gen)
             stream = self._stream(
-                mid, len(ids), gen, tools, forced, body.tools, st.response_model(body.model)
+                mid, len(ids), gen, rp, tools, forced, body.tools, st.response_model(body.model)
             )
             return event_stream(request, mid, stream, gen)
         out = (await until_disconnect(request, collect_all([gen])))[0]
@@ -223,6 +233,7 @@ class MessagesHandler:
         mid: str,
         num_input: int,
         gen: AsyncIterator[Any],
+        rp: str | None,
         tools: str | None,
         forced: Any,
         definitions: list[Any] | None,
@@ -232,7 +243,6 @@ class MessagesHandler:
         num_output, num_cached = 0, 0
         reason, seq = "end_turn", None
         blocks = BlockStream()
-        rp = self.state.config.reasoning_parser
         parser = ReplyReader(rp, tools, forced, definitions, calls_only=True).stream()
         on_demand = rp is not None or forced is not None or tools is not None  # a reply may open with a call
         started = False

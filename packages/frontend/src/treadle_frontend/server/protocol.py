@@ -153,6 +153,7 @@ class AnthropicCountTokensRequest(_Body):
     messages: list[AnthropicMessage]
     system: str | list[AnthropicTextBlock] | None = None
     tools: list[dict[str, Any]] | None = None  # rendered by the chat template, as in a request
+    thinking: dict[str, Any] | None = None  # rendered as a request renders it (deepseek_v3's `thinking`)
 
 
 class TokenizeRequest(_Body):

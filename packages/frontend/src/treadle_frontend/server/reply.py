@@ -41,9 +41,18 @@ from treadle_frontend.server.tool_calls import (
 )
 
 THINK_PARSERS = ("deepseek_r1", "glm45", "qwen3")  # the parsers of a <think> block
-REASONING_PARSERS = ("deepseek_r1", HARMONY, "qwen3", "glm45")
+REASONING_PARSERS = ("deepseek_r1", HARMONY, "qwen3", "glm45", "deepseek_v3")
 THINK_ALIASES = {"glm45": "qwen3"}  # a <think> parser read as another's semantics
 START, END = "<think>", "</think>"
+
+
+def request_reasoning_parser(parser: str | None, template_kwargs: dict[str, Any] | None) -> str | None:
+    """The reasoning parser a request's reply is read with. `deepseek_v3` (DeepSeek-V3.1's hybrid thinking) reads
+    as deepseek_r1 when the request's chat template kwargs set `thinking` (the template then opens the <think>
+    block) and as no reasoning parser otherwise, as vLLM's deepseek_v3 parser chooses; the others as they are."""
+    if parser != "deepseek_v3":
+        return parser
+    return "deepseek_r1" if (template_kwargs or {}).get("thinking") else None
 
 
 def keeps_special_tokens(reasoning_parser: str | None, tool_parser: str | None) -> bool:

@@ -87,7 +87,7 @@ class ResponsesHandler:
         effort = (body.reasoning or {}).get("effort") if isinstance(body.reasoning, dict) else None
         kwargs = {**({"tools": tools} if tools else {}), **reasoning_effort(effort, "reasoning.effort")}
         text, ids = ip.encode_chat(
-            for_template(to_chat_messages(body), st.config.reasoning_parser),
+            for_template(to_chat_messages(body), st.config.reply_reasoning_parser()),
             add_generation_prompt=True,
             template_kwargs=kwargs,
         )
@@ -95,18 +95,18 @@ class ResponsesHandler:
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=body.max_output_tokens, logprobs=None, kind=kind)
         # special tokens mark the reply's parts (harmony's channels, Mistral's calls)
-        if keeps_special_tokens(st.config.reasoning_parser, tool_parser):
+        if keeps_special_tokens(st.config.reply_reasoning_parser(), tool_parser):
             params = params.clone(skip_special_tokens=False)
         fmt = (body.text or {}).get("format") or {}
         if fmt.get("type") not in (None, "text"):  # the Responses API's structured outputs: text.format
             fields = format_fields(fmt.get("type"), fmt.get("schema"), "text.format", "text.format.schema")
-            so = compile_constraint("text.format", fields, ip.tokenizer, st.config.reasoning_parser)
+            so = compile_constraint("text.format", fields, ip.tokenizer, st.config.reply_reasoning_parser())
             params = params.clone(structured_outputs=so)
         if forced is not None:  # decoding constrained to the calls' JSON
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced call cannot be combined with text.format",
                                param="tool_choice")  # fmt: skip
-            so = forced_constraint(forced, ip.tokenizer, st.config.reasoning_parser)
+            so = forced_constraint(forced, ip.tokenizer, st.config.reply_reasoning_parser())
             params = params.clone(structured_outputs=so)
         ip.check_length(ids, params.clone())
         rid = new_id("resp_")
@@ -115,7 +115,7 @@ class ResponsesHandler:
         )
         created = int(time.time())
         # calls_only: a forced reply is function_call items also when max_output_tokens cuts it (forced_tools.py)
-        reply = ReplyReader(st.config.reasoning_parser, tool_parser, forced, tools, calls_only=True)
+        reply = ReplyReader(st.config.reply_reasoning_parser(), tool_parser, forced, tools, calls_only=True)
         if body.background:
             return self._in_background(rid, created, body, len(ids), gen, reply)
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
@@ -138,7 +138,7 @@ class ResponsesHandler:
             output.append(message(new_id("msg_"), content or "", status))
         output += [call_item(call, new_id("fc_")) for call in calls]
         thought = reasoning_tokens(
-            ip.tokenizer, list(c.token_ids), reasoning is not None, self.state.config.reasoning_parser
+            ip.tokenizer, list(c.token_ids), reasoning is not None, self.state.config.reply_reasoning_parser()
         )
         counts = (num_input, out.num_cached_tokens or 0, len(c.token_ids), thought)
         return self._response(rid, created, body, output, status, counts)
@@ -237,7 +237,7 @@ class ResponsesHandler:
         status = "incomplete" if finish == "length" else "completed"
         for ev in items.finish(status):
             yield ev
-        tokenizer, rp = self.state.llm.input_processor.tokenizer, self.state.config.reasoning_parser
+        tokenizer, rp = self.state.llm.input_processor.tokenizer, self.state.config.reply_reasoning_parser()
         thought = reasoning_tokens(tokenizer, output_ids, reasoned, rp)
         counts = (num_input, num_cached, len(output_ids), thought)
         done = self._kept(body, self._response(rid, created, body, items.items, status, counts))
