@@ -10,7 +10,7 @@ and the max-abs error of Triton against the reference.
 
     python benchmarks/moe.py results.json                       # benchmark (< 3 min on one H100)
     python benchmarks/moe.py tuned.json --tune                  # sweep block configs, write a configs/ file
-    python benchmarks/moe.py t.json --tune --shape 64,1408,2048,6 --merge-into packages/moe/src/treadle_moe/configs/X.json
+    python benchmarks/moe.py t.json --tune --shape 64,1408,2048,6 --merge-into CONFIGS_FILE
                                 # another shape (E,N,K,top_k: DeepSeek-V2-Lite / Moonlight), added to a configs/ file
 Needs a CUDA GPU and PYTHONPATH holding packages/moe/src (and packages/ir/src, packages/kernels/src).
 """

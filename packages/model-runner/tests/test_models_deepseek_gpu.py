@@ -4,9 +4,9 @@
   CUDA graphs, a mixed step within 2e-3 of HF's logits (HF on the CPU) and greedy continuations equal to HF's.
 - bf16, a DeepSeek-shaped attention (a 512-wide latent + 64 rope dims: the real 576-wide cached vector, padded to
   1024 by the Triton kernel, which takes its wide-head tiles; 16 query heads, 128 nope + 128 value dims) in a
-  two-layer model (one dense, one MoE): the Triton backend's attention outputs (each layer's) within bf16 rounding of
-  the torch backend's on a prefill, a chunked prefill and decodes, and Triton's CUDA-graph decode equal to its eager decode
-  (tokens, hidden states within bf16 rounding).
+  two-layer model (one dense, one MoE): the Triton backend's attention outputs (each layer's) within bf16 rounding
+  of the torch backend's on a prefill, a chunked prefill and decodes, and Triton's CUDA-graph decode equal to its
+  eager decode (tokens, hidden states within bf16 rounding).
 Run: `uv run pytest -m gpu packages/model-runner/tests/test_models_deepseek_gpu.py`.
 """
 

@@ -36,7 +36,7 @@ from treadle_frontend.server.messages_tools import (
     tool_use_block,
 )
 from treadle_frontend.server.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from treadle_frontend.server.reply import keeps_special_tokens
+from treadle_frontend.server.reply import keeps_special_tokens, thinking_template_kwargs
 from treadle_frontend.server.streams import (
     collect_all,
     event_stream,
@@ -94,11 +94,8 @@ def to_chat_messages(body: AnthropicMessagesRequest | AnthropicCountTokensReques
 THINKING_BLOCKS = ("thinking", "redacted_thinking")
 
 
-def thinking_kwargs(body: AnthropicMessagesRequest | AnthropicCountTokensRequest) -> dict[str, Any]:
-    """The chat template kwargs of a request's `thinking`: {"thinking": True} when it is enabled, for the hybrid
-    templates that read it (DeepSeek-V3.1's, under --reasoning-parser deepseek_v3); nothing otherwise."""
-    enabled = bool(body.thinking) and (body.thinking or {}).get("type") == "enabled"
-    return {"thinking": True} if enabled else {}
+def thinking_enabled(body: AnthropicMessagesRequest | AnthropicCountTokensRequest) -> bool:
+    return (body.thinking or {}).get("type") == "enabled"
 
 
 def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool, reasoning_on: bool) -> None:
@@ -109,7 +106,7 @@ def check_unsupported(body: AnthropicMessagesRequest, tools_on: bool, reasoning_
     if body.tools and not tools_on and kind not in ("any", "tool", "none"):
         raise APIError(400, "tools: tool use needs the server started with --enable-auto-tool-choice "
                             "--tool-call-parser hermes (or a tool_choice that forces a call)")  # fmt: skip
-    if body.thinking and body.thinking.get("type") == "enabled" and not reasoning_on:
+    if thinking_enabled(body) and not reasoning_on:
         raise APIError(400, "thinking: extended thinking needs the server started with --reasoning-parser")
     if body.temperature is not None and not 0.0 <= body.temperature <= 1.0:
         raise APIError(400, f"temperature: must be in [0, 1] (Anthropic's range), got {body.temperature}")
@@ -138,9 +135,9 @@ class MessagesHandler:
     def _encode(self, body: AnthropicMessagesRequest | AnthropicCountTokensRequest) -> tuple[str, list[int]]:
         msgs = to_chat_messages(body)
         last_is_assistant = msgs[-1]["role"] == "assistant" and not msgs[-1].get("tool_calls")
-        kwargs: dict[str, Any] = {"tools": openai_tools(body.tools)} if body.tools else {}
-        if self.state.config.reasoning_parser == "deepseek_v3":  # its template thinks when told to
-            kwargs.update(thinking_kwargs(body))
+        kwargs = thinking_template_kwargs(self.state.config.reasoning_parser, thinking_enabled(body))
+        if body.tools:
+            kwargs["tools"] = openai_tools(body.tools)
         return self.state.llm.input_processor.encode_chat(
             for_template(msgs, self.state.config.reasoning_parser),
             add_generation_prompt=not last_is_assistant,
@@ -158,7 +155,8 @@ class MessagesHandler:
         st.check_model(body.model)
         if body.max_tokens < 1:
             raise APIError(400, f"max_tokens: must be >= 1, got {body.max_tokens}")
-        rp = st.config.reply_reasoning_parser(thinking_kwargs(body))
+        thinking = thinking_template_kwargs(st.config.reasoning_parser, thinking_enabled(body))
+        rp = st.config.reply_reasoning_parser(thinking)
         check_unsupported(body, st.config.enable_auto_tool_choice, st.config.reasoning_parser is not None)
         forced = forced_choice(body.tools, body.tool_choice)
         choice = (body.tool_choice or {}).get("type")

@@ -46,13 +46,25 @@ THINK_ALIASES = {"glm45": "qwen3"}  # a <think> parser read as another's semanti
 START, END = "<think>", "</think>"
 
 
+# hybrid parsers: the chat template kwarg that turns a request's thinking on, and the parser its reply then takes
+HYBRID_THINKING = {"deepseek_v3": ("thinking", "deepseek_r1")}
+
+
 def request_reasoning_parser(parser: str | None, template_kwargs: dict[str, Any] | None) -> str | None:
-    """The reasoning parser a request's reply is read with. `deepseek_v3` (DeepSeek-V3.1's hybrid thinking) reads
-    as deepseek_r1 when the request's chat template kwargs set `thinking` (the template then opens the <think>
-    block) and as no reasoning parser otherwise, as vLLM's deepseek_v3 parser chooses; the others as they are."""
-    if parser != "deepseek_v3":
+    """The reasoning parser a request's reply is read with. A hybrid one (`deepseek_v3`, DeepSeek-V3.1's thinking)
+    reads as its thinking parser (deepseek_r1) when the request's chat template kwargs set its kwarg (`thinking`:
+    the template then opens the <think> block) and as no reasoning parser otherwise, as vLLM's deepseek_v3 parser
+    chooses; the others as they are."""
+    if parser not in HYBRID_THINKING:
         return parser
-    return "deepseek_r1" if (template_kwargs or {}).get("thinking") else None
+    kwarg, thinking_parser = HYBRID_THINKING[parser]
+    return thinking_parser if (template_kwargs or {}).get(kwarg) else None
+
+
+def thinking_template_kwargs(parser: str | None, thinking: bool) -> dict[str, Any]:
+    """The chat template kwargs that turn a hybrid parser's thinking on, for a request that asks to think
+    (/v1/messages' `thinking: enabled`); nothing for the other parsers, whose templates think by their own rule."""
+    return {HYBRID_THINKING[parser][0]: True} if thinking and parser in HYBRID_THINKING else {}
 
 
 def keeps_special_tokens(reasoning_parser: str | None, tool_parser: str | None) -> bool:

@@ -83,11 +83,11 @@ class ResponsesHandler:
         if body.max_output_tokens is not None and body.max_output_tokens < 1:
             raise APIError(400, f"max_output_tokens must be >= 1, got {body.max_output_tokens}",
                            param="max_output_tokens")  # fmt: skip
-        ip = st.llm.input_processor
+        ip, rp = st.llm.input_processor, st.config.reply_reasoning_parser()
         effort = (body.reasoning or {}).get("effort") if isinstance(body.reasoning, dict) else None
         kwargs = {**({"tools": tools} if tools else {}), **reasoning_effort(effort, "reasoning.effort")}
         text, ids = ip.encode_chat(
-            for_template(to_chat_messages(body), st.config.reply_reasoning_parser()),
+            for_template(to_chat_messages(body), rp),
             add_generation_prompt=True,
             template_kwargs=kwargs,
         )
@@ -95,18 +95,18 @@ class ResponsesHandler:
         kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
         params = sampling_params(st, body, max_tokens=body.max_output_tokens, logprobs=None, kind=kind)
         # special tokens mark the reply's parts (harmony's channels, Mistral's calls)
-        if keeps_special_tokens(st.config.reply_reasoning_parser(), tool_parser):
+        if keeps_special_tokens(rp, tool_parser):
             params = params.clone(skip_special_tokens=False)
         fmt = (body.text or {}).get("format") or {}
         if fmt.get("type") not in (None, "text"):  # the Responses API's structured outputs: text.format
             fields = format_fields(fmt.get("type"), fmt.get("schema"), "text.format", "text.format.schema")
-            so = compile_constraint("text.format", fields, ip.tokenizer, st.config.reply_reasoning_parser())
+            so = compile_constraint("text.format", fields, ip.tokenizer, rp)
             params = params.clone(structured_outputs=so)
         if forced is not None:  # decoding constrained to the calls' JSON
             if params.structured_outputs is not None:
                 raise APIError(400, "tool_choice: a forced call cannot be combined with text.format",
                                param="tool_choice")  # fmt: skip
-            so = forced_constraint(forced, ip.tokenizer, st.config.reply_reasoning_parser())
+            so = forced_constraint(forced, ip.tokenizer, rp)
             params = params.clone(structured_outputs=so)
         ip.check_length(ids, params.clone())
         rid = new_id("resp_")
@@ -115,7 +115,7 @@ class ResponsesHandler:
         )
         created = int(time.time())
         # calls_only: a forced reply is function_call items also when max_output_tokens cuts it (forced_tools.py)
-        reply = ReplyReader(st.config.reply_reasoning_parser(), tool_parser, forced, tools, calls_only=True)
+        reply = ReplyReader(rp, tool_parser, forced, tools, calls_only=True)
         if body.background:
             return self._in_background(rid, created, body, len(ids), gen, reply)
         if body.stream:  # the engine's refusal before the first output is an HTTP error, as unstreamed
