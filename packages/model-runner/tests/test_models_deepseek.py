@@ -11,9 +11,9 @@ random configs (CPU, fp32), and the latent KV cache they run on.
 - The KV cache: one tensor of latent + rope (48) dims a token per layer, seen as K and V (a stride-0 view), and
   bytes_per_block counts it once.
 - Loading: a kv_b_proj of the wrong shape is named; the MTP layer is skipped.
-- Refusals: FlashInfer (no shared key/value cache), LoRA, quantized weights, tensor parallelism, each by name.
+- Refusals: FlashInfer (no shared key/value cache), LoRA, quantized weights, each by name.
 - The Triton backend (interpreter) equals the torch backend on the V3 model.
-GPU checks: test_models_deepseek_gpu.py.
+Two ranks: test_models_deepseek_parallel.py; GPU checks: test_models_deepseek_gpu.py.
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ from test_runner_fakes import make_runner, perturb_, run_interpreted
 
 from treadle_model_runner.kv_cache import bytes_per_block
 from treadle_model_runner.loader import iterate_weights
-from treadle_model_runner.models import deepseek, get_model_class
+from treadle_model_runner.models import get_model_class
 from treadle_model_runner.models.deepseek import (
     DeepseekMoeBlock,
     DeepseekV2ForCausalLM,
     DeepseekV3ForCausalLM,
     v2_routing,
 )
-from treadle_model_runner.parallel import TensorParallel
 from treadle_model_runner.runner.setup import check_backend_fits_model, check_model_features
 
 VOCAB, LATENT = 128, 32 + 16
@@ -165,9 +164,7 @@ def test_malformed_kv_b_proj_and_mtp_layer(tmp_path: Path, caplog: pytest.LogCap
         DeepseekV3ForCausalLM(config).load_weights(weights)
 
 
-def test_unsupported_backend_lora_quantization_and_tensor_parallelism_are_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_unsupported_backend_lora_and_quantization_are_refused() -> None:
     class FlashInferLike:
         name = "flashinfer"
 
@@ -179,11 +176,6 @@ def test_unsupported_backend_lora_quantization_and_tensor_parallelism_are_refuse
         check_model_features(DeepseekV3ForCausalLM, quantized=True, lora=False)
     with pytest.raises(ValueError, match="DeepseekV2ForCausalLM does not support LoRA"):
         check_model_features(DeepseekV2ForCausalLM, quantized=False, lora=True)
-    monkeypatch.setattr(deepseek, "get_tp", lambda: TensorParallel(rank=0, size=2))
-    with pytest.raises(
-        ValueError, match=r"DeepseekV3ForCausalLM does not run under tensor parallelism.*size 2"
-    ):
-        DeepseekV3ForCausalLM(tf.DeepseekV3Config(**V3))
 
 
 TRITON_SCRIPT = textwrap.dedent(

@@ -26,7 +26,7 @@ import torch
 import transformers as tf
 from model_parity import check_greedy, check_mixed_batch
 from safetensors.torch import load_file, save_file
-from test_quantization_fp8_parallel import greedy_with_logprobs
+from test_quantization_fp8_parallel import check_same_greedy, greedy_with_logprobs
 from test_runner_fakes import FakeScheduler, make_runner, perturb_
 from test_runner_parallel import two_rank_results
 
@@ -182,13 +182,7 @@ def test_two_ranks_match_one_under_tensor_and_expert_parallelism(tiny: tuple[Any
     expected = greedy_with_logprobs(make_runner(path))
     for rank, got in by_rank.items():
         for mode in ("tp", "ep"):
-            assert got[mode]["tokens"] == expected["tokens"], (mode, rank)
-            for req_id, steps in expected["logprobs"].items():
-                pairs = list(zip(got[mode]["logprobs"][req_id], steps, strict=True))
-                assert pairs, (mode, req_id)
-                for (ids_a, lp_a), (ids_b, lp_b) in pairs:
-                    assert ids_a == ids_b, (mode, rank)
-                    assert max(abs(a - b) for a, b in zip(lp_a, lp_b, strict=True)) < 1e-4, (mode, rank)
+            check_same_greedy(got[mode], expected, (mode, rank))
 
 
 def test_dummy_weights_generate(tmp_path: Path) -> None:

@@ -45,6 +45,17 @@ def greedy_with_logprobs(runner: ModelRunner) -> dict[str, Any]:
     return {"tokens": tokens, "logprobs": logprobs}
 
 
+def check_same_greedy(got: dict[str, Any], expected: dict[str, Any], label: Any) -> None:
+    """Two greedy_with_logprobs results: the same tokens, and each token's logprob ids equal with values within 1e-4."""
+    assert got["tokens"] == expected["tokens"], label
+    for req_id, steps in expected["logprobs"].items():
+        pairs = list(zip(got["logprobs"][req_id], steps, strict=True))
+        assert pairs, (label, req_id)
+        for (ids_a, lp_a), (ids_b, lp_b) in pairs:
+            assert ids_a == ids_b, label
+            assert max(abs(a - b) for a, b in zip(lp_a, lp_b, strict=True)) < 1e-4, label
+
+
 def _run(path: Path, tp: int) -> dict[str, Any]:
     runner = make_runner(path, quantization="fp8", tensor_parallel_size=tp)
     decoded = greedy_with_logprobs(runner)

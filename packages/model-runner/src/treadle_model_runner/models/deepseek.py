@@ -20,10 +20,10 @@ keeps it):
   e_score_correction_bias within the `topk_group` best of `n_group` groups (scored by their two best biased scores),
   weights the unbiased s, renormalized when `norm_topk_prob`, times routed_scaling_factor.
 Multi-token prediction (V3's `num_nextn_predict_layers`): those layers' tensors are skipped at load, as glm4_moe.py
-does. The layers are written for tensor parallelism (MLA's heads cut across ranks: deepseek_mla.py; the experts
-as in sparse_moe.py, the shared experts column/row-parallel, routed and shared partial sums all-reduced once), but
-it is not tested yet, so a tensor-parallel group larger than one is refused (ValueError) when the model is built.
-Also refused by name before loading (runner/setup.py): LoRA adapters and quantized weights (fp8, 4-bit) --
+does. Tensor parallelism: MLA's heads cut across ranks (deepseek_mla.py); the experts as in sparse_moe.py (their
+columns, or whole experts under expert parallelism), the shared experts column/row-parallel, the routed and shared
+partial sums all-reduced once; the router and its correction bias replicated.
+Refused by name before loading (runner/setup.py): LoRA adapters and quantized weights (fp8, 4-bit) --
 kv_b_proj's weight is read directly as W_UK / W_UV -- and attention backends without a shared key/value cache
 (FlashInfer).
 """
@@ -43,7 +43,7 @@ from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbed
 from treadle_model_runner.models.deepseek_mla import MlaAttention, mla_rotary
 from treadle_model_runner.models.glm4_moe import without_mtp_layers
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, ParallelFusedMoE
-from treadle_model_runner.parallel import all_reduce, get_tp
+from treadle_model_runner.parallel import all_reduce
 
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
@@ -166,11 +166,6 @@ class DeepseekV2ForCausalLM(MoeCausalLM):
 
     def __init__(self, config: Any, max_position: int | None = None) -> None:
         super().__init__()
-        if get_tp().size > 1:
-            raise ValueError(
-                f"{type(self).__name__} does not run under tensor parallelism in treadle yet (tensor_parallel_size "
-                f"{get_tp().size}): MLA's head sharding is untested; use tensor_parallel_size 1"
-            )
         self.config = config
         max_position = max_position or config.max_position_embeddings
         self.model = DeepseekModel(config, max_position, self.routing(config))
