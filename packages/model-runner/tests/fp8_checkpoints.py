@@ -38,6 +38,11 @@ PROJECTIONS = (
     "down_proj",
     "qkv_proj",
     "gate_up_proj",
+    # DeepSeek's multi-head latent attention
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
 )
 
 

@@ -11,7 +11,7 @@ random configs (CPU, fp32), and the latent KV cache they run on.
 - The KV cache: one tensor of latent + rope (48) dims a token per layer, seen as K and V (a stride-0 view), and
   bytes_per_block counts it once.
 - Loading: a kv_b_proj of the wrong shape is named; the MTP layer is skipped.
-- Refusals: FlashInfer (no shared key/value cache), LoRA, quantized weights, each by name.
+- Refusals: FlashInfer (no shared key/value cache), LoRA, 4-bit weights, each by name (fp8: test_quantization_fp8_deepseek.py).
 - The Triton backend (interpreter) equals the torch backend on the V3 model.
 Two ranks: test_models_deepseek_parallel.py; GPU checks: test_models_deepseek_gpu.py.
 """
@@ -70,12 +70,13 @@ def _save(hf: Any, path: Path, mtp: bool) -> None:
         save_file({**tensors, **extra}, file, metadata={"format": "pt"})
 
 
-def _tiny(kind: str, path: Path) -> tuple[Any, Path]:
+def tiny_hf(kind: str, **overrides: Any) -> Any:
+    """The random HF model of V2 or V3 (module docstring), config fields replaced by `overrides`."""
     torch.manual_seed(0)
     if kind == "v2":
-        hf = tf.DeepseekV2ForCausalLM(tf.DeepseekV2Config(**V2)).eval()
+        hf = tf.DeepseekV2ForCausalLM(tf.DeepseekV2Config(**{**V2, **overrides})).eval()
     else:
-        hf = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**V3)).eval()
+        hf = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**{**V3, **overrides})).eval()
     perturb_(hf, seed=1, std=0.15)
     if kind == "v3":
         gen = torch.Generator().manual_seed(2)
@@ -83,6 +84,11 @@ def _tiny(kind: str, path: Path) -> tuple[Any, Path]:
             # a buffer, which perturb_ leaves at HF's zeros
             for layer in hf.model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8, generator=gen) * 0.2)
+    return hf
+
+
+def _tiny(kind: str, path: Path) -> tuple[Any, Path]:
+    hf = tiny_hf(kind)
     _save(hf, path, mtp=kind == "v3")
     return hf, path
 
@@ -164,7 +170,7 @@ def test_malformed_kv_b_proj_and_mtp_layer(tmp_path: Path, caplog: pytest.LogCap
         DeepseekV3ForCausalLM(config).load_weights(weights)
 
 
-def test_unsupported_backend_lora_and_quantization_are_refused() -> None:
+def test_unsupported_backend_lora_and_4bit_weights_are_refused() -> None:
     class FlashInferLike:
         name = "flashinfer"
 
@@ -172,10 +178,11 @@ def test_unsupported_backend_lora_and_quantization_are_refused() -> None:
         ValueError, match=r"'flashinfer' cannot run multi-head latent attention.*triton.*torch"
     ):
         check_backend_fits_model(FlashInferLike, DeepseekV2ForCausalLM)
-    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM does not support quantized"):
-        check_model_features(DeepseekV3ForCausalLM, quantized=True, lora=False)
+    with pytest.raises(ValueError, match=r"DeepseekV3ForCausalLM does not support w4a16 weights.*runs fp8"):
+        check_model_features(DeepseekV3ForCausalLM, "w4a16", lora=False)
+    check_model_features(DeepseekV3ForCausalLM, "fp8", lora=False)
     with pytest.raises(ValueError, match="DeepseekV2ForCausalLM does not support LoRA"):
-        check_model_features(DeepseekV2ForCausalLM, quantized=False, lora=True)
+        check_model_features(DeepseekV2ForCausalLM, None, lora=True)
 
 
 TRITON_SCRIPT = textwrap.dedent(

@@ -212,14 +212,21 @@ class StackedLinear(Linear):
         """Rows of one shard, or (None) of the whole stacked tensor a checkpoint may hold (Phi-3's qkv_proj)."""
         return self.full_sizes[shard] if shard is not None else sum(self.full_sizes.values())
 
+    def _shard(self, shard: str | None) -> str:
+        """`shard`, or (None: the checkpoint names the layer itself) its only one: a column-parallel projection
+        built as one stacked shard (MLA's q_b_proj)."""
+        if shard is None:
+            assert len(self.shard_sizes) == 1, "a stacked layer's rows are cut and placed shard by shard"
+            return next(iter(self.shard_sizes))
+        return shard
+
     def rank_rows(self, shard: str | None) -> slice:
-        assert shard is not None, "a stacked layer's rows are cut shard by shard"
+        shard = self._shard(shard)
         first = self._first_row(shard)
         return slice(first, first + self.shard_sizes[shard])
 
     def rank_row_offset(self, shard: str | None) -> int:
-        assert shard is not None, "a stacked layer's rows are placed shard by shard"
-        return self.shard_offsets[shard]
+        return self.shard_offsets[self._shard(shard)]
 
     def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of every shard of the stacked checkpoint-sized tensor `full`."""

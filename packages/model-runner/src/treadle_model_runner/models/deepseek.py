@@ -23,14 +23,17 @@ Multi-token prediction (V3's `num_nextn_predict_layers`): those layers' tensors 
 does. Tensor parallelism: MLA's heads cut across ranks (deepseek_mla.py); the experts as in sparse_moe.py (their
 columns, or whole experts under expert parallelism), the shared experts column/row-parallel, the routed and shared
 partial sums all-reduced once; the router and its correction bias replicated.
-Refused by name before loading (runner/setup.py): LoRA adapters and quantized weights (fp8, 4-bit) --
-kv_b_proj's weight is read directly as W_UK / W_UV -- and attention backends without a shared key/value cache
-(FlashInfer).
+fp8 weights (DeepSeek-V3 / R1's released block-wise checkpoints, others' per-channel ones, or --quantization fp8 /
+dummy weights for such a config.json): every projection and routed expert runs fp8 as in the other models, except
+kv_b_proj, which MLA reads whole as W_UK / W_UV: it stays in the model dtype, dequantized as it loads
+(deepseek_weights.py). Refused by name before loading (runner/setup.py): LoRA adapters and 4-bit weights (whose
+packed kv_b_proj MLA cannot read), and attention backends without a shared key/value cache (FlashInfer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -40,10 +43,17 @@ from treadle_model_runner.layers.mlp import GatedMLP
 from treadle_model_runner.layers.norm import RMSNorm
 from treadle_model_runner.layers.rotary import RotaryEmbedding
 from treadle_model_runner.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from treadle_model_runner.loader.weights import CONFIG_FILE
 from treadle_model_runner.models.deepseek_mla import MlaAttention, mla_rotary
+from treadle_model_runner.models.deepseek_weights import dequantized_latent_up
 from treadle_model_runner.models.glm4_moe import without_mtp_layers
 from treadle_model_runner.models.sparse_moe import MoeCausalLM, ParallelFusedMoE
 from treadle_model_runner.parallel import all_reduce
+from treadle_model_runner.quantization.scheme import (
+    Fp8CheckpointScheme,
+    parse_quantization_config,
+    quantization_config_of,
+)
 
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
@@ -161,7 +171,7 @@ class DeepseekV2ForCausalLM(MoeCausalLM):
     )
     has_latent_attention: ClassVar[bool] = True
     supports_lora: ClassVar[bool] = False
-    supports_quantization: ClassVar[bool] = False
+    quantization_methods: ClassVar[tuple[str, ...]] = ("fp8",)
     model: DeepseekModel  # type: ignore[assignment]
 
     def __init__(self, config: Any, max_position: int | None = None) -> None:
@@ -180,9 +190,19 @@ class DeepseekV2ForCausalLM(MoeCausalLM):
     def load_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "the checkpoint"
     ) -> set[str]:
-        """MoeCausalLM's loading, less the multi-token-prediction layers' tensors (module docstring); a kv_b_proj of
-        the wrong shape is named by the base loader (its full shape is per head D + V rows, L columns)."""
-        return super().load_weights(without_mtp_layers(type(self).__name__, self.config, weights), source)
+        """MoeCausalLM's loading, less the multi-token-prediction layers' tensors (module docstring), with an fp8
+        kv_b_proj dequantized (deepseek_weights.py); a kv_b_proj of the wrong shape is named by the base loader (its
+        full shape is per head D + V rows, L columns)."""
+        weights = without_mtp_layers(type(self).__name__, self.config, weights)
+        return super().load_weights(dequantized_latent_up(weights, self.weight_block()), source)
+
+    def weight_block(self) -> tuple[int, int] | None:
+        """The block size of config.json's block-wise fp8 quantization_config, else None."""
+        raw = quantization_config_of(self.config)
+        if raw is None:
+            return None
+        scheme = parse_quantization_config(raw, Path(CONFIG_FILE))
+        return scheme.weight_block if isinstance(scheme, Fp8CheckpointScheme) else None
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -73,6 +73,25 @@ def column_parallel(in_features: int, out_features: int) -> StackedLinear:
     return StackedLinear(in_features, {"rows": out_features}, parallel=True)
 
 
+class HeadRows(nn.Module):
+    """kv_b_proj's weight [heads x rows_per_head, in]: never run as a projection, so not a `Linear` (quantization
+    leaves it in the model dtype; an fp8 checkpoint's is dequantized as it loads: models/deepseek.py). Under tensor
+    parallelism this rank keeps its heads' rows of the checkpoint's whole tensor."""
+
+    def __init__(self, in_features: int, rows_per_head: int, num_heads: int) -> None:
+        super().__init__()
+        tp = get_tp()
+        self.local_rows = tp.shard(num_heads, "num_attention_heads") * rows_per_head
+        self.full_rows, self.rank = num_heads * rows_per_head, tp.rank
+        self.weight = nn.Parameter(torch.empty(self.local_rows, in_features), requires_grad=False)
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        return (self.full_rows, self.weight.shape[1])
+
+    def take_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        return full[self.rank * self.local_rows : (self.rank + 1) * self.local_rows]
+
+
 class MlaAttention(nn.Module):
     def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
@@ -100,7 +119,7 @@ class MlaAttention(nn.Module):
         self.q_b_proj = None if q_lora_rank is None else column_parallel(int(q_lora_rank), q_width)
         self.kv_a_layernorm = RMSNorm(self.latent_dim, LATENT_NORM_EPS)
         # never run as a projection: its per-head blocks are W_UK and W_UV (module docstring)
-        self.kv_b_proj = column_parallel(self.latent_dim, all_heads * (self.nope_dim + self.v_dim))
+        self.kv_b_proj = HeadRows(self.latent_dim, self.nope_dim + self.v_dim, all_heads)
         self.o_proj = RowParallelLinear(all_heads * self.v_dim, hidden, bias=False)
         self.rotary_emb = rotary_emb
         self.attn = Attention(layer_idx, self.num_heads, kv_a, mla_softmax_scale(config), 1, shares_kv=True)

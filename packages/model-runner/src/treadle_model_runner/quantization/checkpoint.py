@@ -52,7 +52,11 @@ def hf_projections(model: torch.nn.Module, name: str, layer: Linear) -> list[str
         return [name]
     prefix, _, stacked = name.rpartition(".")
     stacked_params = getattr(model, "stacked_params", ())
-    return [f"{prefix}.{hf_part}" for target, hf_part, _ in stacked_params if target == stacked] or [name]
+    return [
+        f"{prefix}.{hf_part}"
+        for target, hf_part, shard in stacked_params
+        if target == stacked and shard in layer.shard_sizes  # DeepSeek-V3's fused_qkv_a_proj has no V2 q_proj
+    ] or [name]
 
 
 def allocate_projections(model: CausalLM, scheme: CheckpointScheme, device: torch.device) -> None:

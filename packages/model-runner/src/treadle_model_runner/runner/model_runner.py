@@ -126,7 +126,9 @@ class ModelRunner:
         self.attn_backend: Any = get_attn_backend(backend_name, self.device)
         check_backend_fits_model(self.attn_backend, get_model_class(self.hf_config))
         check_model_features(
-            get_model_class(self.hf_config), self.quantization is not None, self.lora_config is not None
+            get_model_class(self.hf_config),
+            None if self.quantization is None else self.quantization.method,
+            self.lora_config is not None,
         )
         self.kv_cache_dtype = resolve_kv_cache_dtype(
             cache_config.kv_cache_dtype, self.dtype, self.attn_backend

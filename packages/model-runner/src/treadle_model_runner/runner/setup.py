@@ -71,15 +71,17 @@ def check_backend_fits_model(backend: Any, model_cls: type) -> None:
         raise ValueError(f"{model_cls.__name__}: {refuse_shared_kv_message(backend.name)}")
 
 
-def check_model_features(model_cls: type, quantized: bool, lora: bool) -> None:
-    """Refuse, before any weight loads, quantized weights or LoRA adapters for an architecture that cannot take them
-    (`supports_quantization` / `supports_lora` false: DeepSeek's MLA reads kv_b_proj's weight as its absorbed
-    matrices, and its fused down-projection has no adapter slots)."""
+def check_model_features(model_cls: type, quantization: str | None, lora: bool) -> None:
+    """Refuse, before any weight loads, a quantization method (the plan's: "fp8", "w4a16") or LoRA adapters for an
+    architecture that cannot take them (`quantization_methods`: the methods it runs, None = all; `supports_lora`
+    false: DeepSeek's MLA reads kv_b_proj's weight whole, which a 4-bit checkpoint packs, and its fused
+    down-projection has no adapter slots)."""
     name = model_cls.__name__
-    if quantized and not getattr(model_cls, "supports_quantization", True):
+    methods = getattr(model_cls, "quantization_methods", None)
+    if quantization is not None and methods is not None and quantization not in methods:
         raise ValueError(
-            f"{name} does not support quantized weights (fp8, 4-bit) in treadle yet; use a checkpoint in bf16 / "
-            "fp16 without a quantization_config, and no --quantization"
+            f"{name} does not support {quantization} weights in treadle yet (it runs {', '.join(methods)} "
+            "quantization, or none): use its bf16 or fp8 checkpoint"
         )
     if lora and not getattr(model_cls, "supports_lora", True):
         raise ValueError(
