@@ -83,7 +83,8 @@ def tiny_hf(kind: str, **overrides: Any) -> Any:
         with torch.no_grad():
             # a buffer, which perturb_ leaves at HF's zeros
             for layer in hf.model.layers[1:]:
-                layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8, generator=gen) * 0.2)
+                bias = layer.mlp.gate.e_score_correction_bias
+                bias.copy_(torch.randn(bias.shape[0], generator=gen) * 0.2)
     return hf
 
 

@@ -35,7 +35,7 @@ FMT = BlockFormat("fp8", (16, 16))
 KV_B = "model.layers.{}.self_attn.kv_b_proj"
 
 
-def _plain_latent_up(model: Any, weights: dict[str, torch.Tensor] | None = None) -> Any:
+def plain_latent_up(model: Any, weights: dict[str, torch.Tensor] | None = None) -> Any:
     """`model` (a reference) with every kv_b_proj computing in fp32 on `weights[name]` (else its own weight), its
     input unquantized, as MLA's absorbed matmuls run it."""
     for i, layer in enumerate(model.model.layers):
@@ -55,7 +55,7 @@ def block_checkpoint(
     kv_b = {KV_B.format(i): dequantize_blocks(files[f"{KV_B.format(i)}.weight"],
                                               files[f"{KV_B.format(i)}.weight_scale_inv"], *FMT.block)
             for i in range(len(hf.model.layers))}  # fmt: skip
-    ref = _plain_latent_up(moe_block_reference(hf, files, FMT.block), kv_b)
+    ref = plain_latent_up(moe_block_reference(hf, files, FMT.block), kv_b)
     return hf, files, path, ref
 
 
@@ -104,7 +104,7 @@ def test_online_fp8_keeps_kv_b_proj_and_matches_the_channel_reference(tmp_path: 
     assert attn.o_proj.weight.dtype == torch.float8_e4m3fn
     assert attn.kv_b_proj.weight.dtype == torch.float32
     assert torch.equal(attn.kv_b_proj.weight, hf.model.layers[0].self_attn.kv_b_proj.weight)
-    check_mixed_batch_logits(runner, _plain_latent_up(moe_channel_reference(hf)), hf, max_flipped=2)
+    check_mixed_batch_logits(runner, plain_latent_up(moe_channel_reference(hf)), hf, max_flipped=2)
 
 
 def test_incomplete_or_misshapen_kv_b_proj_is_named(block_checkpoint: tuple[Any, ...]) -> None:
