@@ -70,14 +70,15 @@ def _save(hf: Any, path: Path, mtp: bool) -> None:
         save_file({**tensors, **extra}, file, metadata={"format": "pt"})
 
 
-def tiny_hf(kind: str, **overrides: Any) -> Any:
-    """The random HF model of V2 or V3 (module docstring), config fields replaced by `overrides`."""
+def tiny_hf(kind: str, std: float = 0.15, **overrides: Any) -> Any:
+    """The random HF model of V2 or V3 (module docstring), config fields replaced by `overrides`, its weights
+    perturbed by `std`."""
     torch.manual_seed(0)
     if kind == "v2":
         hf = tf.DeepseekV2ForCausalLM(tf.DeepseekV2Config(**{**V2, **overrides})).eval()
     else:
         hf = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**{**V3, **overrides})).eval()
-    perturb_(hf, seed=1, std=0.15)
+    perturb_(hf, seed=1, std=std)
     if kind == "v3":
         gen = torch.Generator().manual_seed(2)
         with torch.no_grad():
