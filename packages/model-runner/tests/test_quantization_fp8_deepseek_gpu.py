@@ -23,20 +23,18 @@ import pytest
 import torch
 from fp8_block_checkpoints import BlockFormat, dequantize_blocks, write_block_checkpoint
 from fp8_moe_reference import moe_block_reference
-from quant_gpu import gpu_runner
+from quant_gpu import gpu_runner, top1_agreement
 from test_models_deepseek import tiny_hf
 from test_quantization_fp8_deepseek import KV_B, plain_latent_up
+from test_quantization_fp8_gpu import SMALL
 from test_runner_fakes import (
-    FakeScheduler,
     check_graph_decode_equals_eager,
-    record_hidden,
-    release_gpu_runner,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 FMT = BlockFormat("fp8", (128, 128))
-VOCAB = 2048
+VOCAB = SMALL["vocab_size"]  # top1_agreement draws its prompts from SMALL's vocabulary
 SHAPED: dict[str, Any] = dict(
     vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=16, num_key_value_heads=16, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
@@ -67,22 +65,8 @@ def test_top1_agrees_with_the_cpu_reference(checkpoint: tuple[Any, Path, Any]) -
     attn = runner._require_model().model.layers[1].self_attn
     assert attn.fused_qkv_a_proj.weight.dtype == torch.float8_e4m3fn
     assert attn.kv_b_proj.weight.dtype == torch.bfloat16
-    gen = torch.Generator().manual_seed(7)
-    sequences = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (100, 150, 120)]
-    sched = FakeScheduler(runner)
-    hidden = record_hidden(runner)
-    for i, seq in enumerate(sequences):
-        sched.add(f"s{i}", seq, max_tokens=1)
-    out = sched.step({f"s{i}": len(seq) for i, seq in enumerate(sequences)})
-    with torch.no_grad():
-        got = runner._require_model().compute_logits(hidden[0]).float().argmax(dim=-1).cpu()
-    release_gpu_runner(runner)
-    by_id = {f"s{i}": seq for i, seq in enumerate(sequences)}
-    with torch.no_grad():
-        expected = torch.cat([ref(torch.tensor([by_id[r]])).logits[0].argmax(dim=-1) for r in out.req_ids])
-    agreement = (got == expected).float().mean().item()
-    print(f"deepseek-v3 fp8 block: top-1 agreement {agreement:.3f} over {got.numel()} positions")
-    assert got.numel() == 370 and agreement >= 0.75, agreement
+    positions, agreement = top1_agreement(runner, ref, "deepseek-v3 fp8 block")
+    assert positions == 370 and agreement >= 0.75, agreement
 
 
 def test_cuda_graph_decode_equals_eager(checkpoint: tuple[Any, Path, Any]) -> None:
