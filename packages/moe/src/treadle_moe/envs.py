@@ -19,6 +19,15 @@ def moe_backend() -> str | None:
     return value
 
 
+def triton_router() -> bool:
+    """TREADLE_MOE_TRITON_ROUTER: route on CUDA in one Triton launch (router_triton.py); 0 = the torch ops
+    (router.py), for comparisons. Default on."""
+    value = os.environ.get("TREADLE_MOE_TRITON_ROUTER", "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on", "no", "yes"):
+        raise ValueError(f"TREADLE_MOE_TRITON_ROUTER={value!r} must be 0 or 1 (or unset: 1)")
+    return value in ("1", "true", "on", "yes")
+
+
 def triton_interpret() -> bool:
     """TRITON_INTERPRET (Triton's own variable): kernels run in the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")

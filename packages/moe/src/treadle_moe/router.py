@@ -14,6 +14,7 @@ models treadle serves:
 Invariants of the result: `topk_ids` is int32 [num_tokens, top_k] with distinct ids per row, in descending
 score order; `topk_weights` is float32 [num_tokens, top_k] and already includes `routed_scaling_factor`.
 Scoring runs in float32 whatever the logits dtype, so bf16 logits route like fp32 ones up to ties.
+On CUDA all of it runs as one Triton launch (router_triton.py), the same selection.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from typing import Literal
 
 import torch
 
+from treadle_moe import envs
+
 Scoring = Literal["softmax", "sigmoid"]
 SCORING_FUNCTIONS: tuple[str, ...] = ("softmax", "sigmoid")
+TRITON_MAX_EXPERTS = 1024  # router_triton.MAX_EXPERTS (that module imports triton, so it is imported lazily)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,14 +151,30 @@ def select_experts(
     topk_group: int | None = None,
     correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
+    use_triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route every token: router_logits [T, E] -> (topk_weights float32, topk_ids int32), both [T, top_k]."""
+    """Route every token: router_logits [T, E] -> (topk_weights float32, topk_ids int32), both [T, top_k].
+
+    use_triton: the whole routing in one Triton launch (router_triton.py) instead of 5-12 torch ops; None = on
+    CUDA, for up to 1,024 experts, unless TREADLE_MOE_TRITON_ROUTER=0."""
     if router_logits.dim() != 2:
         raise ValueError(
             f"router_logits must be [num_tokens, num_experts], got shape {tuple(router_logits.shape)}"
         )
     if not 1 <= top_k <= router_logits.shape[1]:
         raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({router_logits.shape[1]})")
+    if use_triton is None:
+        use_triton = (
+            router_logits.is_cuda and router_logits.shape[1] <= TRITON_MAX_EXPERTS and envs.triton_router()
+        )
+    if use_triton:
+        from treadle_moe.router_triton import route_triton
+
+        groups, kept = (num_expert_group, topk_group) if num_expert_group and topk_group else (1, 1)
+        return route_triton(
+            router_logits if router_logits.stride(1) == 1 else router_logits.contiguous(), top_k, renormalize,
+            scoring == "sigmoid", groups, kept, correction_bias, routed_scaling_factor,
+        )  # fmt: skip
     if num_expert_group is not None and topk_group is not None:
         topk_weights, topk_ids = grouped_topk(
             router_logits, top_k, renormalize, num_expert_group, topk_group, scoring, correction_bias
