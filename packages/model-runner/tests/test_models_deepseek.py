@@ -12,7 +12,7 @@ random configs (CPU, fp32), and the latent KV cache they run on.
   bytes_per_block counts it once.
 - Loading: a kv_b_proj of the wrong shape is named; the MTP layer is skipped.
 - Refusals: FlashInfer (no shared key/value cache), LoRA, 4-bit weights, each by name (fp8: test_quantization_fp8_deepseek.py).
-- The Triton backend (interpreter) equals the torch backend on the V3 model.
+- The Triton backend (interpreter) equals the torch backend on the V3 model, over a model-dtype and an e4m3 latent cache.
 Two ranks: test_models_deepseek_parallel.py; GPU checks: test_models_deepseek_gpu.py.
 """
 
@@ -197,7 +197,7 @@ TRITON_SCRIPT = textwrap.dedent(
     prompts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (9, 3)]
     results = {}
     for backend in ("torch", "triton"):
-        runner = make_runner(sys.argv[1], attention_backend=backend, block_size=4)
+        runner = make_runner(sys.argv[1], attention_backend=backend, block_size=4, kv_cache_dtype=sys.argv[2])
         hidden = record_hidden(runner)
         sched = FakeScheduler(runner, seed=1)
         for i, p in enumerate(prompts):
@@ -213,9 +213,11 @@ TRITON_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers the real kernels")
-def test_triton_interpreter_matches_torch_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_triton_interpreter_matches_torch_backend(tmp_path: Path, kv_cache_dtype: str) -> None:
     """Chunked prefills and decodes over the shared latent cache: the unified Triton kernel (head size 48, padded to
-    64) reads K and V through the stride-0 view as the torch backend does."""
+    64) reads K and V through the stride-0 view as the torch backend does, from the model-dtype cache and from an
+    e4m3 one (--kv-cache-dtype fp8: one latent of e4m3 values a token)."""
     pytest.importorskip("triton")
     _, path = _tiny("v3", tmp_path)
-    assert "steps" in run_interpreted(TRITON_SCRIPT, str(path))
+    assert "steps" in run_interpreted(TRITON_SCRIPT, str(path), kv_cache_dtype)
