@@ -1,5 +1,5 @@
-"""Shared by the glm45, granite and deepseek tool-call tests: a tokenizer whose special tokens include GLM's,
-Granite's and DeepSeek's markers (special, or added tokens, in those models' tokenizers: a reply decoded the default
+"""Shared by the glm45, granite, deepseek and kimi_k2 tool-call tests: a tokenizer whose special tokens include GLM's,
+Granite's, DeepSeek's and Kimi-K2's markers (special, or added tokens, in those models' tokenizers: a reply decoded the default
 way would lose them), replies scripted from text parts (a marker given whole is its one special token; a marker split
 over two parts is written in smaller tokens, so it reaches the parser split across stream chunks), a fake-engine
 server for one parser, and a chat request through the openai SDK, streamed or not."""
@@ -14,13 +14,15 @@ import pytest
 from frontend_helpers import openai_client, start_fake_server, streamed_tool_calls
 from tiny_assets import build_tokenizer_dir
 
-from treadle_frontend.server.call_deepseek import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+from treadle_frontend.server.call_deepseek import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, KIMI_K2, SEP
 from treadle_frontend.server.call_glm45 import CLOSE, END_KEY, END_VALUE, KEY, OPEN, VALUE
 from treadle_frontend.server.call_granite import TOKEN_TAG
 
 # GLM's tags are added tokens in its tokenizer too, kept when decoding as vLLM keeps them
 GLM_TAGS = (OPEN, CLOSE, KEY, END_KEY, VALUE, END_VALUE)
-MARKERS = (TOKEN_TAG, CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP, *GLM_TAGS)
+KIMI_ARGS = "<|tool_call_argument_begin|>"
+KIMI_MARKERS = (KIMI_K2.calls_begin, KIMI_K2.calls_end, KIMI_K2.call_begin, KIMI_K2.call_end, KIMI_ARGS)
+MARKERS = (TOKEN_TAG, CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP, *GLM_TAGS, *KIMI_MARKERS)
 _BUILT: dict[str, Any] = {}  # the tokenizer, built once per test session
 
 

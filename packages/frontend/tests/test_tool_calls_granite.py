@@ -59,10 +59,10 @@ def test_config_lists_the_new_parsers() -> None:
     """`--tool-call-parser` takes its choices from tool_calls.PARSERS, which ServerConfig validates against."""
     from treadle_frontend.server import ServerConfig
 
-    for name in ("glm45", "granite", "deepseek_v3", "deepseek_v31"):
+    for name in ("glm45", "granite", "deepseek_v3", "deepseek_v31", "kimi_k2"):
         assert ServerConfig(enable_auto_tool_choice=True, tool_call_parser=name).tool_call_parser == name
     assert ServerConfig(reasoning_parser="glm45").reasoning_parser == "glm45"
-    with pytest.raises(ValueError, match=r"qwen3_coder, glm45, granite, deepseek_v3, deepseek_v31$"):
+    with pytest.raises(ValueError, match=r"qwen3_coder, glm45, granite, deepseek_v3, deepseek_v31, kimi_k2$"):
         ServerConfig(enable_auto_tool_choice=True, tool_call_parser="granite-20b-fc")
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from treadle_frontend.server.call_deepseek import DeepSeekStream
+from treadle_frontend.server.call_deepseek import LAYOUTS, DeepSeekStream
 from treadle_frontend.server.call_glm45 import Glm45Stream
 from treadle_frontend.server.call_granite import GraniteStream
 from treadle_frontend.server.call_mistral import MistralStream
@@ -164,8 +164,8 @@ def tool_stream(parser: str, schemas: dict[str, dict[str, Any]] | None = None) -
         return Glm45Stream(schemas)
     if parser == "granite":
         return GraniteStream()
-    if parser in ("deepseek_v3", "deepseek_v31"):
-        return DeepSeekStream(v31=parser == "deepseek_v31")
+    if parser in LAYOUTS:
+        return DeepSeekStream(LAYOUTS[parser])
     return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()
 
 

@@ -27,13 +27,13 @@ from typing import Any
 from treadle_frontend.server.call_scanner import CallScanner
 
 # hermes: here; llama3_json: call_sequence.py; openai (gpt-oss's harmony format): harmony.py; qwen3_coder:
-# call_xml.py; deepseek_v3 and deepseek_v31: call_deepseek.py; the others: call_NAME.py
+# call_xml.py; deepseek_v3, deepseek_v31 and kimi_k2: call_deepseek.py; the others: call_NAME.py
 PARSERS = (
     "hermes", "llama3_json", "mistral", "openai", "pythonic", "qwen3_coder", "glm45", "granite", "deepseek_v3",
-    "deepseek_v31",
+    "deepseek_v31", "kimi_k2",
 )  # fmt: skip
 # formats marked by special tokens: replies keep special tokens in their text
-SPECIAL_TOKEN_PARSERS = ("deepseek_v3", "deepseek_v31", "glm45", "granite", "mistral", "openai")
+SPECIAL_TOKEN_PARSERS = ("deepseek_v3", "deepseek_v31", "glm45", "granite", "kimi_k2", "mistral", "openai")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
