@@ -7,6 +7,7 @@ server for one parser, and a chat request through the openai SDK, streamed or no
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,16 @@ def start(tokenizer: Any, parser: str, **options: Any) -> Any:
     """A fake-engine server (not yet started) reading `parser`'s calls; its handle's engine takes the scripts."""
     server_options = {"enable_auto_tool_choice": True, "tool_call_parser": parser, **options}
     return start_fake_server(tokenizer, server_options=server_options)
+
+
+def serving(tmp_path_factory: pytest.TempPathFactory, parser: str, **options: Any) -> Iterator[Any]:
+    """A module fixture's body: the fake-engine server for `parser` on the marker tokenizer, running; its handle
+    holds the tokenizer and the parser's name."""
+    tokenizer = marker_tokenizer(tmp_path_factory)
+    server, handle = start(tokenizer, parser, **options)
+    handle.tokenizer, handle.parser = tokenizer, parser
+    with server:
+        yield handle
 
 
 def chat(server: Any, stream: bool, tools: list[Any], **kw: Any) -> dict[str, Any]:

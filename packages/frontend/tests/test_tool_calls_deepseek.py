@@ -11,7 +11,7 @@ from typing import Any
 import anthropic
 import pytest
 from frontend_helpers import WEATHER, check_in_any_pieces
-from tagged_calls import chat, marker_tokenizer, no_marker_leaks, script, split, start
+from tagged_calls import chat, no_marker_leaks, script, serving, split
 
 from treadle_frontend.server.call_deepseek import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 from treadle_frontend.server.reply import tool_stream
@@ -95,11 +95,7 @@ def test_arguments_stream_as_written_and_a_cut_call_keeps_them(parser: str) -> N
 
 @pytest.fixture(scope="module", params=["deepseek_v3", "deepseek_v31"])
 def ds_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    tokenizer = marker_tokenizer(tmp_path_factory)
-    server, handle = start(tokenizer, request.param)
-    handle.tokenizer, handle.parser = tokenizer, request.param
-    with server:
-        yield handle
+    yield from serving(tmp_path_factory, request.param)
 
 
 @pytest.mark.parametrize(("split_marker", "stream"), [(False, False), (True, True)])

@@ -12,7 +12,7 @@ from typing import Any
 import anthropic
 import pytest
 from frontend_helpers import check_in_any_pieces
-from tagged_calls import chat, marker_tokenizer, no_marker_leaks, script, split, start
+from tagged_calls import chat, no_marker_leaks, script, serving, split
 
 from treadle_frontend.server.call_glm45 import CLOSE, OPEN
 from treadle_frontend.server.call_xml import tool_schemas
@@ -107,11 +107,7 @@ def test_structured_outputs_wait_for_the_block_as_qwen3s() -> None:
 
 @pytest.fixture(scope="module")
 def glm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    tokenizer = marker_tokenizer(tmp_path_factory)
-    server, handle = start(tokenizer, "glm45", reasoning_parser="glm45")
-    handle.tokenizer = tokenizer
-    with server:
-        yield handle
+    yield from serving(tmp_path_factory, "glm45", reasoning_parser="glm45")
 
 
 def _script(server: Any, parts: list[str]) -> None:

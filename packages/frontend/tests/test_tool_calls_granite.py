@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from frontend_helpers import WEATHER, check_in_any_pieces, openai_client
-from tagged_calls import chat, marker_tokenizer, no_marker_leaks, script, split, start
+from tagged_calls import chat, no_marker_leaks, script, serving, split
 
 from treadle_frontend.server.call_granite import TEXT_TAG, TOKEN_TAG
 from treadle_frontend.server.reply import tool_stream
@@ -68,11 +68,7 @@ def test_config_lists_the_new_parsers() -> None:
 
 @pytest.fixture(scope="module")
 def granite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    tokenizer = marker_tokenizer(tmp_path_factory)
-    server, handle = start(tokenizer, "granite")
-    handle.tokenizer = tokenizer
-    with server:
-        yield handle
+    yield from serving(tmp_path_factory, "granite")
 
 
 @pytest.mark.parametrize(("tag", "stream"), [("token", False), ("split", True), ("text", True)])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from frontend_helpers import WEATHER, check_in_any_pieces, openai_client
-from tagged_calls import KIMI_ARGS, chat, marker_tokenizer, no_marker_leaks, script, split, start
+from tagged_calls import KIMI_ARGS, chat, no_marker_leaks, script, serving, split
 
 from treadle_frontend.server.call_deepseek import KIMI_K2
 from treadle_frontend.server.reply import tool_stream
@@ -66,11 +66,7 @@ def test_calls_keep_the_models_ids_and_stream_their_arguments() -> None:
 
 @pytest.fixture(scope="module")
 def kimi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    tokenizer = marker_tokenizer(tmp_path_factory)
-    server, handle = start(tokenizer, "kimi_k2")
-    handle.tokenizer = tokenizer
-    with server:
-        yield handle
+    yield from serving(tmp_path_factory, "kimi_k2")
 
 
 @pytest.mark.parametrize(("split_marker", "stream"), [(False, False), (True, True)])
