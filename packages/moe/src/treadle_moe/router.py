@@ -19,7 +19,7 @@ On CUDA all of it runs as one Triton launch (router_triton.py), the same selecti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -42,6 +42,8 @@ class RouterConfig:
     num_expert_group: int | None = None  # grouped top-k: number of expert groups (None = no grouping)
     topk_group: int | None = None  # grouped top-k: groups kept per token
     routed_scaling_factor: float = 1.0  # multiplies the final weights (DeepSeek-V3 uses 2.5)
+    # route on CUDA in one Triton launch (TREADLE_MOE_TRITON_ROUTER, read once when the layer is built)
+    triton: bool = field(default_factory=envs.triton_router)
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -93,6 +95,7 @@ class RouterConfig:
             topk_group=self.topk_group,
             correction_bias=correction_bias,
             routed_scaling_factor=self.routed_scaling_factor,
+            use_triton=None if self.triton else False,
         )
 
 
@@ -156,7 +159,7 @@ def select_experts(
     """Route every token: router_logits [T, E] -> (topk_weights float32, topk_ids int32), both [T, top_k].
 
     use_triton: the whole routing in one Triton launch (router_triton.py) instead of 5-12 torch ops; None = on
-    CUDA, for up to 1,024 experts, unless TREADLE_MOE_TRITON_ROUTER=0."""
+    CUDA, for up to 1,024 experts (RouterConfig passes False under TREADLE_MOE_TRITON_ROUTER=0)."""
     if router_logits.dim() != 2:
         raise ValueError(
             f"router_logits must be [num_tokens, num_experts], got shape {tuple(router_logits.shape)}"
@@ -164,9 +167,7 @@ def select_experts(
     if not 1 <= top_k <= router_logits.shape[1]:
         raise ValueError(f"top_k ({top_k}) must be between 1 and num_experts ({router_logits.shape[1]})")
     if use_triton is None:
-        use_triton = (
-            router_logits.is_cuda and router_logits.shape[1] <= TRITON_MAX_EXPERTS and envs.triton_router()
-        )
+        use_triton = router_logits.is_cuda and router_logits.shape[1] <= TRITON_MAX_EXPERTS
     if use_triton:
         from treadle_moe.router_triton import route_triton
 

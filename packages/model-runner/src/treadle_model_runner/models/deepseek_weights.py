@@ -18,8 +18,8 @@ import torch
 
 from treadle_ir.ops.fp8 import FP8_DTYPE
 from treadle_ir.ops.fp8_block import dequantize_blocks, num_blocks
+from treadle_model_runner.models.base import WEIGHT_SCALE_NAMES
 
-SCALES = ("weight_scale_inv", "weight_scale")
 LATENT_UP = ".kv_b_proj"
 
 
@@ -54,11 +54,11 @@ def dequantized_latent_up(
     for name, tensor in weights:
         prefix, _, attr = name.rpartition(".")
         fp8_weight = attr == "weight" and tensor.dtype == FP8_DTYPE
-        if not prefix.endswith(LATENT_UP) or not (fp8_weight or attr in SCALES):
+        if not prefix.endswith(LATENT_UP) or not (fp8_weight or attr in WEIGHT_SCALE_NAMES):
             yield name, tensor
             continue
         held[name] = tensor
-        scale = next((f"{prefix}.{s}" for s in SCALES if f"{prefix}.{s}" in held), None)
+        scale = next((f"{prefix}.{s}" for s in WEIGHT_SCALE_NAMES if f"{prefix}.{s}" in held), None)
         if f"{prefix}.weight" in held and scale is not None:
             weight = held.pop(f"{prefix}.weight")
             yield f"{prefix}.weight", dequantize(f"{prefix}.weight", weight, held.pop(scale), block)
