@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,24 @@ def check_in_any_pieces(
                 cut,
                 cut2,
             )
+
+
+def check_in_random_pieces(parser: str, text: str, expected: tuple[Any, Any], seeds: int = 40) -> None:
+    """The reply gives `expected` fed a character at a time and, for each seed, cut at up to 16 random points (some
+    pieces empty); every call's deltas are one first, one last, and between them its arguments, in order."""
+    from treadle_frontend.server.reply import tool_stream
+
+    splits = [list(range(len(text) + 1))]
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        splits.append(sorted(rng.choices(range(len(text) + 1), k=rng.randint(1, 16))))
+    for cuts in splits:
+        parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert tool_reply(parser, parts) == expected, parts
+        stream = tool_stream(parser)
+        deltas = [d for part in parts for p in stream.feed(part) for d in p.deltas]
+        deltas += [d for p in stream.finish() for d in p.deltas]
+        for index in {d.index for d in deltas}:
+            own = [d for d in deltas if d.index == index]
+            assert own[0].first and own[-1].done and not any(d.first or d.done for d in own[1:-1]), own
+            assert "".join(d.arguments for d in own) == own[0].call.arguments, own

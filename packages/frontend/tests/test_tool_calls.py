@@ -117,7 +117,7 @@ def test_config_needs_a_known_parser() -> None:
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         ServerConfig(enable_auto_tool_choice=True)
     with pytest.raises(ValueError, match="not one of: hermes"):
-        ServerConfig(enable_auto_tool_choice=True, tool_call_parser="granite-20b-fc")
+        ServerConfig(enable_auto_tool_choice=True, tool_call_parser="no_such_parser")
 
 
 @pytest.fixture(scope="module")

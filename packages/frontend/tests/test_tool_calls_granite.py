@@ -59,11 +59,12 @@ def test_config_lists_the_new_parsers() -> None:
     """`--tool-call-parser` takes its choices from tool_calls.PARSERS, which ServerConfig validates against."""
     from treadle_frontend.server import ServerConfig
 
-    for name in ("glm45", "granite", "deepseek_v3", "deepseek_v31", "kimi_k2"):
+    names = ("glm45", "granite", "deepseek_v3", "deepseek_v31", "kimi_k2", "granite-20b-fc", "phi4_mini_json")
+    for name in names:
         assert ServerConfig(enable_auto_tool_choice=True, tool_call_parser=name).tool_call_parser == name
     assert ServerConfig(reasoning_parser="glm45").reasoning_parser == "glm45"
-    with pytest.raises(ValueError, match=r"qwen3_coder, glm45, granite, deepseek_v3, deepseek_v31, kimi_k2$"):
-        ServerConfig(enable_auto_tool_choice=True, tool_call_parser="granite-20b-fc")
+    with pytest.raises(ValueError, match=r"deepseek_v31, kimi_k2, granite-20b-fc, phi4_mini_json$"):
+        ServerConfig(enable_auto_tool_choice=True, tool_call_parser="no_such_parser")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,15 @@ tag; one that writes a sentence first keeps it here), released as soon as it can
 array streams as call_sequence.py reads it (the arguments as they are written); items it cannot stream are read
 whole when the array closes. An array in which nothing is a call stays in the content as written, tag included;
 text after the array's `]` (a `</tool_call>` closing the text tag aside) is content, and a further tag opens
-further calls. The content around blocks follows call_text.py.
+further calls. The content around blocks follows call_text.py. Phi-4-mini's `functools[...]` (call_phi4.py) is the
+same reading under another `Layout`.
 Invariant: the same reply text gives the same content and calls whether it is fed whole or in any pieces.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from treadle_frontend.server.call_scanner import WHITESPACE, JsonNesting
 from treadle_frontend.server.call_sequence import CallSequence
@@ -26,6 +28,19 @@ from treadle_frontend.server.tool_calls import CallDelta, Piece, ToolCall, parse
 TOKEN_TAG, TEXT_TAG = "<|tool_call|>", "<tool_call>"
 TAGS = (TOKEN_TAG, TEXT_TAG)
 TEXT_CLOSE = "</tool_call>"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a format's arrays of calls stand in the reply."""
+
+    tags: tuple[str, ...]  # the texts that open an array of calls
+    bare: bool  # a reply that opens with `[` is an array of calls (the tag decoded away)
+    gap: bool  # whitespace may stand between a tag and its `[`
+    closes: tuple[str, str] | None = None  # (tag, closing tag dropped after that tag's calls)
+
+
+GRANITE = Layout(TAGS, bare=True, gap=True, closes=(TEXT_TAG, TEXT_CLOSE))
 
 
 def array_calls(text: str) -> list[ToolCall]:
@@ -43,7 +58,8 @@ def array_calls(text: str) -> list[ToolCall]:
 class GraniteStream:
     """Reply text, fed in pieces, as content and call deltas (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: Layout = GRANITE) -> None:
+        self._layout = layout
         self._state = "start"  # start -> text -> tag -> array -> after -> text ...
         self._buf = ""  # text not yet decided
         self._out = ContentOut()
@@ -52,7 +68,7 @@ class GraniteStream:
         self._array: CallSequence | None = None
         self._nesting = JsonNesting()  # finds the array's closing `]`
         self._first = 0  # the index of the open block's first call
-        self._closing = False  # a `</tool_call>` after the array closing the text tag's calls is no content
+        self._closing = False  # the layout's closing tag after the array (`</tool_call>`) is no content
         self.num_calls = 0
 
     def feed(self, text: str) -> list[Piece]:
@@ -66,13 +82,13 @@ class GraniteStream:
             if not body:
                 return False
             self._state = "text"
-            if body.startswith("["):
+            if self._layout.bare and body.startswith("["):
                 self._open_array(pieces, "", self._buf[: len(self._buf) - len(body)], body)
             return True
         if self._state == "text":
-            hits = [(at, tag) for tag in TAGS if (at := self._buf.find(tag)) >= 0]
+            hits = [(at, tag) for tag in self._layout.tags if (at := self._buf.find(tag)) >= 0]
             if not hits:
-                cut = len(self._buf) - max(tag_prefix(self._buf, tag) for tag in TAGS)
+                cut = len(self._buf) - max(tag_prefix(self._buf, tag) for tag in self._layout.tags)
                 self._out.add(pieces, self._buf[:cut])
                 self._buf = self._buf[cut:]
                 return False
@@ -81,7 +97,7 @@ class GraniteStream:
             self._state, self._tag, self._buf = "tag", tag, self._buf[at + len(tag) :]
             return True
         if self._state == "tag":  # the array opens, or the tag was text
-            body = self._buf.lstrip(WHITESPACE)
+            body = self._buf.lstrip(WHITESPACE) if self._layout.gap else self._buf
             if not body:
                 return False
             if body.startswith("["):
@@ -91,10 +107,10 @@ class GraniteStream:
                 self._state = "text"
             return True
         if self._state == "after":  # the text tag's closing tag, if it follows calls, is no content
-            body = self._buf.lstrip(WHITESPACE)
-            if self._closing and body.startswith(TEXT_CLOSE):
-                self._buf = body[len(TEXT_CLOSE) :]
-            elif self._closing and TEXT_CLOSE.startswith(body):
+            body, close = self._buf.lstrip(WHITESPACE), self._close
+            if self._closing and body.startswith(close):
+                self._buf = body[len(close) :]
+            elif self._closing and close.startswith(body):
                 return False
             self._state = "text"
             return True
@@ -102,6 +118,11 @@ class GraniteStream:
             text, self._buf = self._buf, ""
             self._feed_array(pieces, text)
         return self._state != "array"
+
+    @property
+    def _close(self) -> str:
+        """The closing tag dropped after the open block's calls ("" when the layout has none)."""
+        return self._layout.closes[1] if self._layout.closes else ""
 
     def _open_array(self, pieces: list[Piece], tag: str, space: str, body: str) -> None:
         self._state, self._tag, self._written, self._buf = "array", tag, tag + space, ""
@@ -129,7 +150,8 @@ class GraniteStream:
             self._array.count += 1
             rest = ""
         self._release(pieces, deltas)
-        self._closing = self._tag == TEXT_TAG and self.num_calls > self._first
+        closes = self._layout.closes
+        self._closing = closes is not None and self._tag == closes[0] and self.num_calls > self._first
         if self.num_calls == self._first:  # nothing in it was a call: content, as written
             self._out.add(pieces, self._written)
         else:
@@ -156,7 +178,7 @@ class GraniteStream:
             self._out.add(pieces, self._tag + self._buf)
         elif self._state == "after":  # a whole closing tag is no content
             body = self._buf.lstrip(WHITESPACE)
-            self._out.add(pieces, body.removeprefix(TEXT_CLOSE) if self._closing else self._buf)
+            self._out.add(pieces, body.removeprefix(self._close) if self._closing else self._buf)
         else:
             self._out.add(pieces, self._buf)
         self._out.finish(pieces, self.num_calls)

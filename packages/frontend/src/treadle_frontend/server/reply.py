@@ -26,7 +26,9 @@ from typing import Any
 from treadle_frontend.server.call_deepseek import LAYOUTS, DeepSeekStream
 from treadle_frontend.server.call_glm45 import Glm45Stream
 from treadle_frontend.server.call_granite import GraniteStream
+from treadle_frontend.server.call_granite_fc import GraniteFcStream
 from treadle_frontend.server.call_mistral import MistralStream
+from treadle_frontend.server.call_phi4 import phi4_mini_stream
 from treadle_frontend.server.call_pythonic import PythonicStream
 from treadle_frontend.server.call_sequence import Llama3JsonStream
 from treadle_frontend.server.call_xml import Qwen3CoderStream
@@ -144,7 +146,7 @@ class ReasoningStream:
 
 ToolStream = (
     ToolCallStream | Llama3JsonStream | MistralStream | PythonicStream | Qwen3CoderStream | HarmonyStream
-    | Glm45Stream | GraniteStream | DeepSeekStream
+    | Glm45Stream | GraniteStream | GraniteFcStream | DeepSeekStream
 )  # fmt: skip
 
 
@@ -164,6 +166,10 @@ def tool_stream(parser: str, schemas: dict[str, dict[str, Any]] | None = None) -
         return Glm45Stream(schemas)
     if parser == "granite":
         return GraniteStream()
+    if parser == "granite-20b-fc":
+        return GraniteFcStream()
+    if parser == "phi4_mini_json":
+        return phi4_mini_stream()
     if parser in LAYOUTS:
         return DeepSeekStream(LAYOUTS[parser])
     return Llama3JsonStream() if parser == "llama3_json" else ToolCallStream()

@@ -27,10 +27,11 @@ from typing import Any
 from treadle_frontend.server.call_scanner import CallScanner
 
 # hermes: here; llama3_json: call_sequence.py; openai (gpt-oss's harmony format): harmony.py; qwen3_coder:
-# call_xml.py; deepseek_v3, deepseek_v31 and kimi_k2: call_deepseek.py; the others: call_NAME.py
+# call_xml.py; deepseek_v3, deepseek_v31 and kimi_k2: call_deepseek.py; granite-20b-fc: call_granite_fc.py;
+# phi4_mini_json: call_phi4.py; the others: call_NAME.py
 PARSERS = (
     "hermes", "llama3_json", "mistral", "openai", "pythonic", "qwen3_coder", "glm45", "granite", "deepseek_v3",
-    "deepseek_v31", "kimi_k2",
+    "deepseek_v31", "kimi_k2", "granite-20b-fc", "phi4_mini_json",
 )  # fmt: skip
 # formats marked by special tokens: replies keep special tokens in their text
 SPECIAL_TOKEN_PARSERS = ("deepseek_v3", "deepseek_v31", "glm45", "granite", "kimi_k2", "mistral", "openai")
