@@ -13,6 +13,8 @@ import sys
 
 from treadle_kernels.attention import triton_decode_kernel as decode
 from treadle_kernels.attention import triton_kernel as attn
+from treadle_kernels.attention import triton_mla
+from treadle_kernels.attention import triton_mla_kernel as latent
 from treadle_kernels.attention.triton_launch import H100_PROFILE, choose_launch_config, wide_head_config
 from treadle_kernels.ops import (
     activation_kernels,
@@ -79,6 +81,21 @@ def main() -> int:
         assert kernel.metadata.shared <= 227 * 1024, (
             f"MLA launch {cfg}: {kernel.metadata.shared} B of shared memory"
         )
+    # MLA's latent path (triton_mla.py): 576 = 512 + 64, 16 heads a program, the decode launch (split, bf16 and
+    # fp8 caches) and the prefill launch as an H100 gets them, under Hopper's 227 KB of shared memory
+    for max_query_len, num_reqs, cache in ((1, 4, "*bf16"), (1, 4, "*fp8e4nv"), (64, 2, "*bf16")):
+        cfg, heads = triton_mla.latent_config(H100_PROFILE, num_reqs, max_query_len, 16, None)
+        ptrs = {**ints, **fp32, "cache_ptr": cache, "out_ptr": "*fp32" if cfg.num_splits > 1 else "*bf16"}
+        constexprs = {
+            "MAIN": 512, "TAIL": 64, "TAIL_PAD": 64, "HEADS": heads, "BLOCK_SIZE": 16, "BLOCK_Q": cfg.block_q,
+            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "NUM_SPLITS": cfg.num_splits, "CAUSAL": True,
+            "DOT_PRECISION": "tf32", "UPCAST": False, "WIDE_OFFSETS": False,
+        }  # fmt: skip
+        kernel = compile_one(latent.latent_attention_kernel, constexprs, ptrs, ("scale",),
+                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})  # fmt: skip
+        assert kernel.metadata.shared <= 227 * 1024, f"latent launch {cfg}: {kernel.metadata.shared} B"
+    constexprs = {"MAIN": 512, "TAIL": 64, "TAIL_PAD": 64, "NUM_SPLITS": 16, "FILTER": True}
+    compile_one(latent.reduce_latent_splits_kernel, constexprs, {**ints, **fp32})
     for flt, sinks in ((False, False), (True, False), (True, True)):
         constexprs = {
             "HEAD_DIM": 128,

@@ -1,10 +1,12 @@
-"""Multi-head latent attention's cache on the Triton kernel: one tensor, read as K and as V, and wide heads.
+"""Multi-head latent attention's cache on the Triton backend: one tensor, read as K and as V, and wide heads.
 
 MLA (DeepSeek) caches one vector a token that is both the key and the value (num_kv_heads 1); the runner hands the
 backend a stride-0 view ``[2, ...]`` over that one tensor (model-runner kv_cache.py). Here the Triton backend, on
 such a view, writes the step's vectors through it (both halves see them) and attends as the torch backend does on
-two separate copies. Heads of 288 dims pad to 512, past ``WIDE_HEAD_DIM``: with an H100's launch profile they take
-``wide_head_config``'s tiles (16-key tiles, one query row per head; split-KV for the decodes), as on the GPU.
+two separate copies, on both of its paths: the latent kernel (``triton_mla.py``, the default; its own cases are in
+test_attention_triton_latent.py) and the unified kernel (``padded``: ``TREADLE_ATTN_MLA=0``), where heads of 288
+dims pad to 512, past ``WIDE_HEAD_DIM``: with an H100's launch profile they take ``wide_head_config``'s tiles
+(16-key tiles, one query row per head; split-KV for the decodes), as on the GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ if not torch.cuda.is_available():
 
 from attention_cases import make_case
 
-from treadle_kernels.attention import get_attn_backend
+from treadle_kernels.attention import get_attn_backend, triton_mla
 from treadle_kernels.attention.triton_backend import TritonAttentionImpl
 from treadle_kernels.attention.triton_launch import H100_PROFILE, choose_launch_config, wide_head_config
 
@@ -30,9 +32,13 @@ NH, D, BLOCK = 4, 288, 16
 BATCHES = {"mixed": [(0, 7), (20, 1), (9, 5), (40, 1)], "decodes": [(30, 1), (50, 1)]}
 
 
+@pytest.mark.parametrize("path", ["latent", "padded"])
 @pytest.mark.parametrize("h100", [False, True], ids=["interpreter-tiles", "h100-tiles"])
 @pytest.mark.parametrize("batch", ["mixed", "decodes"])
-def test_shared_kv_cache_matches_torch_on_two_copies(batch: str, h100: bool) -> None:
+def test_shared_kv_cache_matches_torch_on_two_copies(
+    batch: str, h100: bool, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(triton_mla, "_ENABLED", path == "latent")
     case = make_case(BATCHES[batch], NH, 1, D, BLOCK, device=DEVICE, seed=41, num_padding=1)
     # [num_blocks, block_size, 1, D], NaN where unwritten
     latent = case.kv_cache[0].clone()

@@ -5,6 +5,8 @@ sync); a mixed batch is launched twice, 16-row tiles for its short queries and 6
 builder records the step's shortest query). Decode-only steps over an e4m3 cache on Hopper take FlashInfer's
 XQA kernel instead, where flashinfer-python is installed (``xqa.py``), unless the layer has attention sinks
 (gpt-oss): every Triton path (unified, split-KV reduction, fused decode) folds those in; XQA is called without.
+A shared key/value cache (MLA's latent) takes its own kernel, the head cut into a power-of-two part and a tail and
+each key tile loaded once for both dots (``triton_mla.py``), instead of the unified kernel's padded head.
 
 Triton is imported lazily: importing this module never needs it. Under ``TRITON_INTERPRET=1`` the same kernel runs
 on CPU tensors (tests), with small tiles.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
-from treadle_kernels.attention import xqa
+from treadle_kernels.attention import triton_mla, xqa
 from treadle_kernels.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -154,10 +156,13 @@ def paged_attention(
         return output
     if query.stride(-1) != 1:
         query = query.contiguous()
+    profile = profile or device_profile(query.device)
+    if triton_mla.applies(kv_cache, sliding_window, logits_soft_cap, sinks):
+        return triton_mla.latent_attention(query, kv_cache, md, output, scale, profile, min_query_len,
+                                           force_num_splits)  # fmt: skip
     num_kv_heads = kv_cache.shape[3]
     group = query.shape[1] // num_kv_heads
     args = (query, kv_cache, md, output, scale, sliding_window, logits_soft_cap)
-    profile = profile or device_profile(query.device)
     fp8 = kv_cache.dtype in FP8_KV_CACHE_DTYPES
     cfg = choose_launch_config(
         profile, md.num_reqs, md.max_query_len, num_kv_heads, group, force_num_splits, fp8

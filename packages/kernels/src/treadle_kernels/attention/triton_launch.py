@@ -139,8 +139,8 @@ WIDE_HEAD_DIM = 256
 def wide_head_config(
     cfg: LaunchConfig, profile: DeviceProfile, head_dim_pad: int, group: int, max_query_len: int
 ) -> LaunchConfig:
-    """The launch for heads wider than WIDE_HEAD_DIM on a GPU (MLA's 576-wide latent heads, padded to 1024; interpreter
-    tiles are small already): one query row per head of the group (16 rows at most 16 heads), 16-key tiles, one
+    """The launch for heads wider than WIDE_HEAD_DIM on a GPU (MLA's 576-wide latent heads, padded to 1024, where
+    ``TREADLE_ATTN_MLA=0`` keeps them off the latent kernel, triton_mla.py; interpreter tiles are small already): one query row per head of the group (16 rows at most 16 heads), 16-key tiles, one
     stage, 8 warps. Compiled for sm_90 (kernels tests/compile_sm90.py) the default 64-key, 2-stage decode tile of a
     1024-wide head needs 288 KB of shared memory, past Hopper's 227 KB; this one 96 KB, 182 registers, no spills. A
     split count stays where every query still fits one tile (decodes), so decode graphs keep theirs."""
