@@ -33,9 +33,12 @@ def _env_ints(name: str, default: str) -> tuple[int, ...]:
 
 
 # A GPU launch's kernel variant, (key tile, warps, stages), for decodes (16-row tiles) and for prefills
-# (PREFILL_ROWS-row tiles); overridable for measurement as "BLOCK_N,WARPS,STAGES"
+# (PREFILL_ROWS-row tiles); overridable for measurement as "BLOCK_N,WARPS,STAGES". H200, one 16-head layer
+# (results/gpu-session39-h200-6d3ee7e, call 2; ms): decodes b256 ctx1536 0.155 at 32 keys, 4 warps, 2 stages
+# against 0.199-0.328 for 64 keys or 8 warps or 16 keys; prefill 1 x 2048 0.545 at 64 keys, 8 warps, 2 stages
+# against 0.871 at 32 keys (mixed 512 + 64 decodes 0.178 against 0.187)
 DECODE_TILES = _env_ints("TREADLE_MLA_DECODE", "32,4,2")
-PREFILL_TILES = _env_ints("TREADLE_MLA_PREFILL", "32,8,2")
+PREFILL_TILES = _env_ints("TREADLE_MLA_PREFILL", "64,8,2")
 PREFILL_ROWS = int(os.environ.get("TREADLE_MLA_PREFILL_ROWS", "32"))
 HEADS_PER_PROGRAM = 16  # query heads a program attends (16 rows: one decode token of 16 heads)
 
