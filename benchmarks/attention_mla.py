@@ -4,10 +4,10 @@ The layer caches one 576-wide latent a token (512 + 64), shared by every query h
 ``[2, ...]`` view, as the runner hands it). Variants: ``latent`` (``triton_mla.py``: the head cut into 512 + 64,
 each key tile loaded once), ``padded`` (the unified kernel with the head padded to 1,024, the path before it and
 what ``TREADLE_ATTN_MLA=0`` selects), and ``latent`` with its tiles overridden for a sweep, as
-``latent:d=BLOCK_NxWARPSxSTAGES`` (decode launches), ``:p=BLOCK_NxWARPSxSTAGES`` (prefill launches), ``:r=ROWS``
-(prefill rows). Timed with CUDA events around ``impl.forward`` (the cache write included), replayed from a CUDA
+``latent:d=BLOCK_NxWARPSxSTAGES`` (decode launches), ``:p=ROWSxBLOCK_NxWARPSxSTAGES`` (prefill launches), ``fd=`` /
+``fp=`` the same with an fp8 cache (``--kv-cache-dtype fp8``: e4m3 at unit scale, as the engine's). Timed with CUDA events around ``impl.forward`` (the cache write included), replayed from a CUDA
 graph for decode-only steps (as the engine's decode graphs), eagerly otherwise. Reports GB/s of latent read
-(``sum(seq_len) * 576 * 2`` bytes) and TFLOP/s (``4 * 576`` flops per query head per visible key).
+(``sum(seq_len) * 576`` values) and TFLOP/s (``4 * 576`` flops per query head per visible key).
 
     python benchmarks/attention_mla.py OUT.json [--variants latent,padded,...] [--heads 16,128] [--iters 20]
 """
@@ -33,7 +33,7 @@ from treadle_kernels.attention import AttentionMetadata, get_attn_backend, trito
 HEAD_DIM, BLOCK_SIZE, DTYPE = 576, 16, torch.bfloat16
 
 
-def make_step(requests: list[tuple[int, int]], num_heads: int, seed: int = 0):
+def make_step(requests: list[tuple[int, int]], num_heads: int, cache_dtype: torch.dtype, seed: int = 0):
     """Random queries, new latents and a filled shared cache for (context_len, query_len) requests."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     seq_lens = [c + q for c, q in requests]
@@ -45,6 +45,7 @@ def make_step(requests: list[tuple[int, int]], num_heads: int, seed: int = 0):
         table[i, :nb] = perm[start : start + nb]
         start += nb
     latent = torch.randn(sum(blocks), BLOCK_SIZE, 1, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+    latent = latent.to(cache_dtype)
     q_lens = torch.tensor([q for _, q in requests], dtype=torch.int32)
     qsl = torch.zeros(len(requests) + 1, dtype=torch.int32)
     qsl[1:] = torch.cumsum(q_lens, 0)
@@ -63,23 +64,19 @@ def make_step(requests: list[tuple[int, int]], num_heads: int, seed: int = 0):
     return q, kv, latent.unsqueeze(0).expand(2, *latent.shape), md
 
 
+TILE_NAMES = {"d": "DECODE_TILES", "p": "PREFILL_TILES", "fd": "FP8_DECODE_TILES", "fp": "FP8_PREFILL_TILES"}
+DEFAULTS = {name: getattr(triton_mla, name) for name in TILE_NAMES.values()}
+
+
 def configure(variant: str) -> None:
     """Set the latent path's module switches for a variant (module docstring)."""
     name, *opts = variant.split(":")
     triton_mla._ENABLED = name == "latent"
-    triton_mla.DECODE_TILES, triton_mla.PREFILL_TILES = DEFAULTS[0], DEFAULTS[1]
-    triton_mla.PREFILL_ROWS = DEFAULTS[2]
+    for attr, value in DEFAULTS.items():
+        setattr(triton_mla, attr, value)
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key == "d":
-            triton_mla.DECODE_TILES = tuple(map(int, value.split("x")))
-        elif key == "p":
-            triton_mla.PREFILL_TILES = tuple(map(int, value.split("x")))
-        elif key == "r":
-            triton_mla.PREFILL_ROWS = int(value)
-
-
-DEFAULTS = (triton_mla.DECODE_TILES, triton_mla.PREFILL_TILES, triton_mla.PREFILL_ROWS)
+        setattr(triton_mla, TILE_NAMES[key], tuple(map(int, value.split("x"))))
 
 
 def time_variant(variant: str, step, num_heads: int, iters: int) -> tuple[float, str]:
@@ -136,6 +133,7 @@ def main() -> None:
     parser.add_argument("--variants", default="latent,padded")
     parser.add_argument("--heads", default="16")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     parser.add_argument(
         "--workloads", default="", help="comma-separated words; only rows whose label holds one"
     )
@@ -143,13 +141,14 @@ def main() -> None:
     t0 = time.time()
     copy_gbs = copy_bandwidth_gbs()
     words = [w for w in args.workloads.split(",") if w]
+    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else DTYPE
     rows = []
     for num_heads in map(int, args.heads.split(",")):
         for label, requests in workloads():
             if words and not any(w in label for w in words):
                 continue
-            step = make_step(requests, num_heads)
-            kv_bytes = sum(c + q for c, q in requests) * HEAD_DIM * 2
+            step = make_step(requests, num_heads, cache_dtype)
+            kv_bytes = sum(c + q for c, q in requests) * HEAD_DIM * cache_dtype.itemsize
             flops = sum(4 * q * (c + (q + 1) / 2) * num_heads * HEAD_DIM for c, q in requests)
             for variant in args.variants.split(","):
                 try:
@@ -172,7 +171,8 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": "bfloat16",
-        "copy_bandwidth_gbs": copy_gbs, "default_tiles": DEFAULTS, "rows": rows, "wall_s": time.time() - t0,
+        "kv_cache_dtype": str(cache_dtype), "copy_bandwidth_gbs": copy_gbs, "default_tiles": DEFAULTS,
+        "rows": rows, "wall_s": time.time() - t0,
     }  # fmt: skip
     args.output.write_text(json.dumps(result, indent=2))
     print(f"{result['device']}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")

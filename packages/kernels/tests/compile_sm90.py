@@ -83,8 +83,15 @@ def main() -> int:
         )
     # MLA's latent path (triton_mla.py): 576 = 512 + 64, 16 heads a program, the decode launch (split, bf16 and
     # fp8 caches) and the prefill launch as an H100 gets them, under Hopper's 227 KB of shared memory
-    for max_query_len, num_reqs, cache in ((1, 4, "*bf16"), (1, 4, "*fp8e4nv"), (64, 2, "*bf16")):
-        cfg, heads = triton_mla.latent_config(H100_PROFILE, num_reqs, max_query_len, 16, None)
+    for max_query_len, num_reqs, cache in (
+        (1, 4, "*bf16"),
+        (1, 4, "*fp8e4nv"),
+        (64, 2, "*bf16"),
+        (64, 2, "*fp8e4nv"),
+    ):
+        cfg, heads = triton_mla.latent_config(
+            H100_PROFILE, num_reqs, max_query_len, 16, None, cache != "*bf16"
+        )
         ptrs = {**ints, **fp32, "cache_ptr": cache, "out_ptr": "*fp32" if cfg.num_splits > 1 else "*bf16"}
         constexprs = {
             "MAIN": 512, "TAIL": 64, "TAIL_PAD": 64, "HEADS": heads, "BLOCK_SIZE": 16, "BLOCK_Q": cfg.block_q,

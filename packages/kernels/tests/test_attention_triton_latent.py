@@ -87,13 +87,17 @@ def test_split_decodes(splits: int, nh: int, d: int) -> None:
     compare(case, nh, d, torch.float32, splits=splits)
 
 
+@pytest.mark.parametrize("cache", [None, "e4m3"])
 @pytest.mark.parametrize("batch", ["mixed", "decodes"])
-def test_h100_tiles(batch: str) -> None:
-    """An H100's launches (GPU key tiles and warps; decodes split to fill 132 SMs; a mixed batch launched twice)."""
+def test_h100_tiles(batch: str, cache: str | None) -> None:
+    """An H100's launches (GPU key tiles and warps; decodes split to fill 132 SMs; a mixed batch launched twice),
+    with a bf16 and an fp8 cache (which take their own tiles)."""
     cfg, heads = triton_mla.latent_config(H100_PROFILE, 4, 1, 16, None)
     assert (cfg.block_m, heads) == (16, 16) and cfg.num_splits > 1
-    case = make_case(BATCHES[batch], 16, 1, 288, BLOCK, device=DEVICE, seed=7, num_padding=1)
-    compare(case, 16, 288, torch.float32, h100=True)
+    dtype = torch.float32 if cache is None else torch.bfloat16
+    case = make_case(BATCHES[batch], 16, 1, 288, BLOCK, dtype=dtype, device=DEVICE, seed=7, num_padding=1,
+                     cache_dtype=None if cache is None else FP8[cache])  # fmt: skip
+    compare(case, 16, 288, dtype, h100=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

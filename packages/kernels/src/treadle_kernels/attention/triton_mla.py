@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from treadle_ir.ops.cache import FP8_KV_CACHE_DTYPES
 from treadle_kernels.attention.metadata import AttentionMetadata
 from treadle_kernels.attention.triton_launch import (
     DeviceProfile,
@@ -32,14 +33,17 @@ def _env_ints(name: str, default: str) -> tuple[int, ...]:
     return tuple(int(x) for x in os.environ.get(name, default).split(","))
 
 
-# A GPU launch's kernel variant, (key tile, warps, stages), for decodes (16-row tiles) and for prefills
-# (PREFILL_ROWS-row tiles); overridable for measurement as "BLOCK_N,WARPS,STAGES". H200, one 16-head layer
-# (results/gpu-session39-h200-6d3ee7e, call 2; ms): decodes b256 ctx1536 0.155 at 32 keys, 4 warps, 2 stages
-# against 0.199-0.328 for 64 keys or 8 warps or 16 keys; prefill 1 x 2048 0.545 at 64 keys, 8 warps, 2 stages
-# against 0.871 at 32 keys (mixed 512 + 64 decodes 0.178 against 0.187)
+# A GPU launch's kernel variant by cache and query kind: decodes (16-row tiles) as (key tile, warps, stages),
+# prefills as (rows, key tile, warps, stages); overridable for measurement, e.g. TREADLE_MLA_DECODE="32,4,2".
+# H200, one 16-head layer, bf16 cache (results/gpu-session39-h200-6d3ee7e, call 2; ms): decodes b256 ctx1536 0.155
+# at 32 keys, 4 warps, 2 stages against 0.199-0.328 for 64 keys or 8 warps or 16 keys; prefill 1 x 2048 0.545 at
+# 32 rows, 64 keys, 8 warps, 2 stages against 0.871 at 32 keys (mixed 512 + 64 decodes 0.178 against 0.187). An
+# fp8 cache widens its tiles in registers: compiled for sm_90 (Triton 3.6), those launches spill (255 registers),
+# 8 warps at 32 keys, 16-row prefill tiles do not (214-217 registers).
 DECODE_TILES = _env_ints("TREADLE_MLA_DECODE", "32,4,2")
-PREFILL_TILES = _env_ints("TREADLE_MLA_PREFILL", "64,8,2")
-PREFILL_ROWS = int(os.environ.get("TREADLE_MLA_PREFILL_ROWS", "32"))
+PREFILL_TILES = _env_ints("TREADLE_MLA_PREFILL", "32,64,8,2")
+FP8_DECODE_TILES = _env_ints("TREADLE_MLA_FP8_DECODE", "32,8,2")
+FP8_PREFILL_TILES = _env_ints("TREADLE_MLA_FP8_PREFILL", "16,32,8,2")
 HEADS_PER_PROGRAM = 16  # query heads a program attends (16 rows: one decode token of 16 heads)
 
 
@@ -60,7 +64,12 @@ def split_head(head_dim: int) -> tuple[int, int, int]:
 
 
 def latent_config(
-    profile: DeviceProfile, num_reqs: int, max_query_len: int, num_heads: int, force_num_splits: int | None
+    profile: DeviceProfile,
+    num_reqs: int,
+    max_query_len: int,
+    num_heads: int,
+    force_num_splits: int | None,
+    fp8_cache: bool = False,
 ) -> tuple[LaunchConfig, int]:
     """The launch for a batch shape and the query heads a program takes."""
     heads = min(HEADS_PER_PROGRAM, next_pow2(num_heads))
@@ -69,10 +78,10 @@ def latent_config(
     if not profile.gpu_tiles:
         return cfg, heads
     if cfg.block_m <= max(16, heads):
-        block_n, warps, stages = DECODE_TILES
+        block_n, warps, stages = FP8_DECODE_TILES if fp8_cache else DECODE_TILES
         return dataclasses.replace(cfg, block_n=block_n, num_warps=warps, num_stages=stages), heads
-    block_n, warps, stages = PREFILL_TILES
-    block_m = max(PREFILL_ROWS, heads)
+    rows, block_n, warps, stages = FP8_PREFILL_TILES if fp8_cache else PREFILL_TILES
+    block_m = max(rows, heads)
     return dataclasses.replace(cfg, block_m=block_m, block_q=block_m // heads, block_n=block_n, num_warps=warps,
                                num_stages=stages), heads  # fmt: skip
 
@@ -138,9 +147,9 @@ def latent_attention(
     force_num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attend ``query`` over the shared cache (new vectors already written)."""
-    num_heads = query.shape[1]
-    cfg, heads = latent_config(profile, md.num_reqs, md.max_query_len, num_heads, force_num_splits)
-    short, _ = latent_config(profile, md.num_reqs, 1, num_heads, 1)
+    num_heads, fp8 = query.shape[1], kv_cache.dtype in FP8_KV_CACHE_DTYPES
+    cfg, heads = latent_config(profile, md.num_reqs, md.max_query_len, num_heads, force_num_splits, fp8)
+    short, _ = latent_config(profile, md.num_reqs, 1, num_heads, 1, fp8)
     args = (query, kv_cache[0], md, output, scale)
     if cfg.block_m > short.block_m and min_query_len <= short.block_q:
         # mixed batch: short queries (decodes) in small tiles, long ones (prefills) in large tiles
