@@ -129,13 +129,14 @@ def test_applies_only_to_a_plain_shared_cache() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("nh", [16, 128])
+@pytest.mark.parametrize(("nh", "cache"), [(16, None), (128, None), (16, "e4m3")])
 @pytest.mark.parametrize("batch", ["mixed", "decodes", "prefill"])
-def test_gpu_real_sizes(batch: str, nh: int) -> None:
+def test_gpu_real_sizes(batch: str, nh: int, cache: str | None) -> None:
     requests = {
         "mixed": [(0, 300), (1000, 1), (517, 64), (2000, 1), (31, 1)] + [(100 * i, 1) for i in range(1, 40)],
         "decodes": [(64 * i + 3, 1) for i in range(1, 65)],
         "prefill": [(0, 1500), (0, 257)],
     }[batch]
-    case = make_case(requests, nh, 1, 576, BLOCK, dtype=torch.bfloat16, device="cuda", seed=nh, num_padding=3)
+    case = make_case(requests, nh, 1, 576, BLOCK, dtype=torch.bfloat16, device="cuda", seed=nh, num_padding=3,
+                     cache_dtype=None if cache is None else FP8[cache])  # fmt: skip
     compare(case, nh, 576, torch.bfloat16)
