@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -123,20 +124,27 @@ def time_backend(name: str, step, iters: int) -> tuple[float, str]:
         else:
             impl.forward_rope(rope, q, k, v, kv_cache, attn_md, out)
 
+    return time_forward(forward, iters)
+
+
+def time_forward(forward: Callable[[], None], iters: int, graphs: bool = True) -> tuple[float, str]:
+    """Mean milliseconds of ``forward`` after three warm-up calls, and the mode: replayed from a CUDA graph when
+    ``graphs`` and it can be captured, else eagerly (host syncs or CPU work inside it)."""
     for _ in range(3):
         forward()
     torch.cuda.synchronize()
     run, mode = forward, "eager"
     try:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.cuda.graph(graph):
-            forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph.replay()
-        torch.cuda.synchronize()
-        run, mode = graph.replay, "graph"
+        if graphs:
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.cuda.graph(graph):
+                forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph.replay()
+            torch.cuda.synchronize()
+            run, mode = graph.replay, "graph"
     except Exception:  # host syncs or CPU work inside forward: time it eagerly
         torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

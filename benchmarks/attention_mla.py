@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "packages/ir/src"), str(ROOT / "packages/kernels/src"), str(ROOT / "benchmarks")]
 
-from attention import copy_bandwidth_gbs  # noqa: E402
+from attention import copy_bandwidth_gbs, time_forward  # noqa: E402
 
 from treadle_kernels.attention import AttentionMetadata, get_attn_backend, triton_mla  # noqa: E402
 
@@ -92,27 +92,7 @@ def time_variant(variant: str, step, num_heads: int, iters: int) -> tuple[float,
     def forward() -> None:
         impl.forward(q, kv, kv, cache, attn_md, out)
 
-    for _ in range(3):
-        forward()
-    torch.cuda.synchronize()
-    run, mode = forward, "eager"
-    if decode_only:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.cuda.graph(graph):
-            forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        run, mode = graph.replay, "graph"
-        run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters, mode
+    return time_forward(forward, iters, graphs=decode_only)  # decode-only steps replay as the engine's graphs
 
 
 def workloads() -> list[tuple[str, list[tuple[int, int]]]]:

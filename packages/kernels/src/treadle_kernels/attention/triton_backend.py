@@ -40,6 +40,7 @@ from treadle_kernels.attention.triton_launch import (
     LaunchConfig,
     choose_launch_config,
     device_profile,
+    split_scratch,
     wide_head_config,
     wide_offsets,
 )
@@ -99,16 +100,9 @@ def _launch(
     # without sinks any tensor stands in for them: HAS_SINKS is False and the kernels never read it
     sinks_arg = output if sinks is None else sinks
     grid = (num_tokens // cfg.block_q + num_reqs, num_kv_heads, cfg.num_splits)
-    if cfg.num_splits == 1:
-        target, part_m, part_l = output, output, output
-        stride_t, stride_h, stride_s = output.stride(0), output.stride(1), 0
-    else:
-        # [T, nh, splits, d_pad] fp32 partial accumulators + [T, nh, splits] running max / sum
-        target = torch.empty(num_tokens, num_heads, cfg.num_splits, head_dim_pad, dtype=torch.float32,
-                             device=query.device)  # fmt: skip
-        part_m = torch.empty(num_tokens, num_heads, cfg.num_splits, dtype=torch.float32, device=query.device)
-        part_l = torch.empty_like(part_m)
-        stride_t, stride_h, stride_s = target.stride(0), target.stride(1), target.stride(2)
+    # with splits: [T, nh, splits, d_pad] fp32 partial accumulators + [T, nh, splits] running max / sum
+    target, part_m, part_l, (stride_t, stride_h, stride_s) = split_scratch(output, num_tokens, cfg.num_splits,
+                                                                           head_dim_pad)  # fmt: skip
     launch(
         paged_attention_kernel, grid,
         target, part_m, part_l, query, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,

@@ -75,6 +75,51 @@ def _find_request(query_start_loc_ptr, tile, last_req, BLOCK_Q: tl.constexpr, PE
     return lo
 
 
+@triton.jit
+def key_segment(
+    context_len,
+    q_tile,
+    seq_len,
+    split,
+    window,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    MASK_ALL: tl.constexpr,
+):
+    """The keys query tile ``q_tile`` of a request needs, this split's share of them: ``(seg_lo, open_hi, seg_hi)``.
+    Tiles wholly inside the keys every row sees (``[seg_lo, open_hi)``: causal rows sit at the tile's first position
+    or later) take the loop without masks; the rest, and every tile under a sliding window (or ``MASK_ALL``), the
+    masked one. Rows that hold no query (padding) score the unmasked keys against a zero query: finite, and never
+    stored."""
+    first_pos = context_len + q_tile * BLOCK_Q
+    last_pos = tl.minimum(context_len + q_tile * BLOCK_Q + BLOCK_Q, seq_len) - 1
+    kv_lo = 0
+    if USE_WINDOW:
+        kv_lo = tl.maximum(first_pos - window + 1, 0)
+    kv_hi = last_pos + 1
+    if not CAUSAL:
+        kv_hi = seq_len
+    kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    if NUM_SPLITS > 1:
+        num_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
+        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        seg_lo = kv_lo + split * per_split * BLOCK_N
+        seg_hi = tl.minimum(seg_lo + per_split * BLOCK_N, kv_hi)
+    else:
+        seg_lo = kv_lo
+        seg_hi = kv_hi
+    open_hi = seg_lo
+    if not USE_WINDOW and not MASK_ALL:
+        open_hi = seg_hi
+        if CAUSAL:
+            open_hi = tl.minimum(seg_hi, first_pos + 1)
+        open_hi = tl.maximum(seg_lo + (open_hi - seg_lo) // BLOCK_N * BLOCK_N, seg_lo)
+    return seg_lo, open_hi, seg_hi
+
+
 # Batch-shape integers are not specialised (Triton would compile a variant for value 1 and for multiples of 16 of
 # each): the decode graphs of 35 batch sizes and the prefill shapes then share one compiled kernel per tile config.
 _BATCH_INTS = ["num_reqs", "min_q_len", "max_q_len"]
@@ -157,39 +202,13 @@ def paged_attention_kernel(
         # fp8 widens to fp16 in one conversion (to bf16 in three): attend in fp16, q clamped to its range
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
-    # key range this tile needs, then this split's share of it
-    first_pos = context_len + q_tile * BLOCK_Q
-    last_pos = tl.minimum(context_len + q_tile * BLOCK_Q + BLOCK_Q, seq_len) - 1
-    kv_lo = 0
-    if USE_WINDOW:
-        kv_lo = tl.maximum(first_pos - window + 1, 0)
-    kv_hi = last_pos + 1
-    if not CAUSAL:
-        kv_hi = seq_len
-    kv_lo = (kv_lo // BLOCK_N) * BLOCK_N
-    if NUM_SPLITS > 1:
-        num_tiles = tl.cdiv(kv_hi - kv_lo, BLOCK_N)
-        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-        seg_lo = kv_lo + split * per_split * BLOCK_N
-        seg_hi = tl.minimum(seg_lo + per_split * BLOCK_N, kv_hi)
-    else:
-        seg_lo = kv_lo
-        seg_hi = kv_hi
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     qk_scale = scale * LOG2E
     bt_row = block_table_ptr + req * stride_bt
-    # Tiles wholly inside the keys every row sees ([seg_lo, open_hi): causal rows sit at first_pos or later)
-    # take the loop without masks; the rest, and every tile under a sliding window, the masked one. Rows that
-    # hold no query (padding) score the unmasked keys against a zero query: finite, and never stored.
-    open_hi = seg_lo
-    if not USE_WINDOW and not SCORE_MASK_ALWAYS:
-        open_hi = seg_hi
-        if CAUSAL:
-            open_hi = tl.minimum(seg_hi, first_pos + 1)
-        open_hi = tl.maximum(seg_lo + (open_hi - seg_lo) // BLOCK_N * BLOCK_N, seg_lo)
+    seg_lo, open_hi, seg_hi = key_segment(context_len, q_tile, seq_len, split, window, BLOCK_Q, BLOCK_N, NUM_SPLITS,
+                                          CAUSAL, USE_WINDOW, SCORE_MASK_ALWAYS)  # fmt: skip
     args = (q, k_cache_ptr, v_cache_ptr, bt_row, seg_hi, kv_head, stride_kb, stride_ks, stride_kh, stride_vb,
             stride_vs, stride_vh, dims, dim_ok, row_ok, q_pos, qk_scale, scale, soft_cap, window)  # fmt: skip
     m_i, l_i, acc = attend_tiles(m_i, l_i, acc, seg_lo, open_hi, *args, BLOCK_SIZE, BLOCK_N, CAUSAL, USE_WINDOW,
@@ -210,6 +229,25 @@ def paged_attention_kernel(
         ml_offs = ((q_start + tok) * num_heads + head) * NUM_SPLITS + split
         tl.store(part_m_ptr + ml_offs, m_i, mask=row_ok)
         tl.store(part_l_ptr + ml_offs, l_i, mask=row_ok)
+
+
+@triton.jit
+def not_served(query_start_loc_ptr, token, num_reqs, min_q_len, max_q_len):
+    """Whether token ``token``'s request lies outside the launch's query lengths (a mixed batch's other launch)."""
+    req = _find_request(query_start_loc_ptr, token, num_reqs - 1, 1, 0)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - tl.load(query_start_loc_ptr + req)
+    return (q_len < min_q_len) or (q_len > max_q_len)
+
+
+@triton.jit
+def split_stats(part_m_ptr, part_l_ptr, base, NUM_SPLITS: tl.constexpr):
+    """The split index range and one (token, head) row's per-split running max and sum (``base``: its row)."""
+    splits = tl.arange(0, NUM_SPLITS)
+    return (
+        splits,
+        tl.load(part_m_ptr + base * NUM_SPLITS + splits),
+        tl.load(part_l_ptr + base * NUM_SPLITS + splits),
+    )
 
 
 @triton.jit(do_not_specialize=_BATCH_INTS)
@@ -234,17 +272,13 @@ def reduce_splits_kernel(
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
-    if FILTER:
-        req = _find_request(query_start_loc_ptr, token, num_reqs - 1, 1, 0)
-        q_len = tl.load(query_start_loc_ptr + req + 1) - tl.load(query_start_loc_ptr + req)
-        if (q_len < min_q_len) or (q_len > max_q_len):
+    if FILTER:  # noqa: SIM102 (a constexpr guard: without FILTER the request search is not compiled)
+        if not_served(query_start_loc_ptr, token, num_reqs, min_q_len, max_q_len):
             return
-    splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < HEAD_DIM
     base = token * num_heads + head
-    m = tl.load(part_m_ptr + base * NUM_SPLITS + splits)
-    l_s = tl.load(part_l_ptr + base * NUM_SPLITS + splits)
+    splits, m, l_s = split_stats(part_m_ptr, part_l_ptr, base, NUM_SPLITS)
     m_max = tl.max(m, axis=0)
     if HAS_SINKS:  # one more logit, with no value: it joins the max and the sum
         sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E

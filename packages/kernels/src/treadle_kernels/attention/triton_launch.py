@@ -153,6 +153,20 @@ def wide_head_config(
                                num_warps=8, num_stages=1)  # fmt: skip
 
 
+def split_scratch(
+    output: torch.Tensor, num_tokens: int, num_splits: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """Where a launch writes ``(target, running max, running sum, target's (token, head, split) strides)``: without
+    splits the output itself (the max and sum never written); with them fp32 partial accumulators
+    ``[T, nh, splits, width]`` and ``[T, nh, splits]`` maxima and sums for the reduction."""
+    if num_splits == 1:
+        return output, output, output, (output.stride(0), output.stride(1), 0)
+    num_heads, device = output.shape[1], output.device
+    target = torch.empty(num_tokens, num_heads, num_splits, width, dtype=torch.float32, device=device)
+    part_m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=device)
+    return target, part_m, torch.empty_like(part_m), (target.stride(0), target.stride(1), target.stride(2))
+
+
 def extent(t: torch.Tensor) -> int:
     """One past the largest element offset a view reaches from its first element (its numel when contiguous)."""
     return (

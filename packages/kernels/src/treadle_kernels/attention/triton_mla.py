@@ -21,6 +21,7 @@ from treadle_kernels.attention.triton_launch import (
     DeviceProfile,
     LaunchConfig,
     choose_launch_config,
+    split_scratch,
     wide_offsets,
 )
 from treadle_kernels.ops.launch import launch
@@ -106,15 +107,8 @@ def _launch(
     num_heads, head_dim = query.shape[1], query.shape[2]
     main, tail, tail_pad = split_head(head_dim)
     grid = (num_tokens // cfg.block_q + num_reqs, -(-num_heads // heads), cfg.num_splits)
-    if cfg.num_splits == 1:
-        target, part_m, part_l = output, output, output
-        stride_t, stride_h, stride_s = output.stride(0), output.stride(1), 0
-    else:
-        target = torch.empty(num_tokens, num_heads, cfg.num_splits, head_dim, dtype=torch.float32,
-                             device=query.device)  # fmt: skip
-        part_m = torch.empty(num_tokens, num_heads, cfg.num_splits, dtype=torch.float32, device=query.device)
-        part_l = torch.empty_like(part_m)
-        stride_t, stride_h, stride_s = target.stride(0), target.stride(1), target.stride(2)
+    target, part_m, part_l, (stride_t, stride_h, stride_s) = split_scratch(output, num_tokens, cfg.num_splits,
+                                                                           head_dim)  # fmt: skip
     launch(
         latent_attention_kernel, grid,
         target, part_m, part_l, query, cache, md.block_table, md.seq_lens, md.query_start_loc,

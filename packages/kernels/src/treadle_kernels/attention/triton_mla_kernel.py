@@ -24,8 +24,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from treadle_kernels.attention.triton_kernel import _BATCH_INTS, _find_request
-from treadle_kernels.attention.triton_tiles import LOG2E
+from treadle_kernels.attention.triton_kernel import (
+    _BATCH_INTS,
+    _find_request,
+    key_segment,
+    not_served,
+    split_stats,
+)
+from treadle_kernels.attention.triton_tiles import LOG2E, key_pages
 
 
 @triton.jit
@@ -62,13 +68,7 @@ def _latent_tiles(
     cols = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         k_pos = n0 + cols
-        k_ok = k_pos < seg_hi
-        if MASKED:
-            page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
-        else:
-            page = tl.load(bt_row + k_pos // BLOCK_SIZE)
-        if WIDE_OFFSETS:
-            page = page.to(tl.int64)
+        page, k_ok = key_pages(bt_row, k_pos, seg_hi, BLOCK_SIZE, WIDE_OFFSETS, MASKED)
         slot = page * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs
         key_ok = k_ok if MASKED else k_pos >= 0  # unmasked tiles: every key is in the segment
         c = tl.load(cache_ptr + slot[:, None] + main[None, :], mask=key_ok[:, None], other=0.0)  # [N, MAIN]
@@ -167,24 +167,9 @@ def latent_attention_kernel(
         q_main = tl.minimum(tl.maximum(q_main.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         q_tail = tl.minimum(tl.maximum(q_tail.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
-    # key range this tile needs, then this split's share of it (the unified kernel's, without a window)
-    first_pos = context_len + q_tile * BLOCK_Q
-    kv_hi = tl.minimum(first_pos + BLOCK_Q, seq_len)
-    if not CAUSAL:
-        kv_hi = seq_len
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tl.cdiv(kv_hi, BLOCK_N), NUM_SPLITS)
-        seg_lo = split * per_split * BLOCK_N
-        seg_hi = tl.minimum(seg_lo + per_split * BLOCK_N, kv_hi)
-    else:
-        seg_lo = 0
-        seg_hi = kv_hi
-    # tiles wholly before every row's own position (and inside the segment) take the loop without masks
-    open_hi = seg_hi
-    if CAUSAL:
-        open_hi = tl.minimum(seg_hi, first_pos + 1)
-    open_hi = tl.maximum(seg_lo + (open_hi - seg_lo) // BLOCK_N * BLOCK_N, seg_lo)
-
+    # the key range this tile needs, this split's share of it, and the tiles that take the loop without masks
+    seg_lo, open_hi, seg_hi = key_segment(context_len, q_tile, seq_len, split, 0, BLOCK_Q, BLOCK_N, NUM_SPLITS, CAUSAL,
+                                          False, False)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_main = tl.zeros([BLOCK_M, MAIN], dtype=tl.float32)
@@ -192,38 +177,10 @@ def latent_attention_kernel(
     bt_row = block_table_ptr + req * stride_bt
     args = (q_main, q_tail, cache_ptr, bt_row, seg_hi, stride_cb, stride_cs, main, tail, tail_ok, row_ok, q_pos,
             scale * LOG2E)  # fmt: skip
-    m_i, l_i, acc_main, acc_tail = _latent_tiles(
-        m_i,
-        l_i,
-        acc_main,
-        acc_tail,
-        seg_lo,
-        open_hi,
-        *args,
-        MAIN,
-        BLOCK_SIZE,
-        BLOCK_N,
-        CAUSAL,
-        DOT_PRECISION,
-        WIDE_OFFSETS,
-        False,
-    )
-    m_i, l_i, acc_main, acc_tail = _latent_tiles(
-        m_i,
-        l_i,
-        acc_main,
-        acc_tail,
-        open_hi,
-        seg_hi,
-        *args,
-        MAIN,
-        BLOCK_SIZE,
-        BLOCK_N,
-        CAUSAL,
-        DOT_PRECISION,
-        WIDE_OFFSETS,
-        True,
-    )
+    m_i, l_i, acc_main, acc_tail = _latent_tiles(m_i, l_i, acc_main, acc_tail, seg_lo, open_hi, *args, MAIN, BLOCK_SIZE,
+                                                 BLOCK_N, CAUSAL, DOT_PRECISION, WIDE_OFFSETS, False)  # fmt: skip
+    m_i, l_i, acc_main, acc_tail = _latent_tiles(m_i, l_i, acc_main, acc_tail, open_hi, seg_hi, *args, MAIN, BLOCK_SIZE,
+                                                 BLOCK_N, CAUSAL, DOT_PRECISION, WIDE_OFFSETS, True)  # fmt: skip
 
     o_row = ((q_start + tok) * stride_ot + head * stride_oh)[:, None]
     tail_mask = row_ok[:, None] & tail_ok[None, :]
@@ -264,18 +221,14 @@ def reduce_latent_splits_kernel(
     """Merge one (token, head)'s split partials (the unified reduction's rescaling, on the two-part head)."""
     token = tl.program_id(0)
     head = tl.program_id(1)
-    if FILTER:
-        req = _find_request(query_start_loc_ptr, token, num_reqs - 1, 1, 0)
-        q_len = tl.load(query_start_loc_ptr + req + 1) - tl.load(query_start_loc_ptr + req)
-        if (q_len < min_q_len) or (q_len > max_q_len):
+    if FILTER:  # noqa: SIM102 (a constexpr guard: without FILTER the request search is not compiled)
+        if not_served(query_start_loc_ptr, token, num_reqs, min_q_len, max_q_len):
             return
-    splits = tl.arange(0, NUM_SPLITS)
     main = tl.arange(0, MAIN)
     tail = tl.arange(0, TAIL_PAD)
     tail_ok = tail < TAIL
     base = token * num_heads + head
-    m = tl.load(part_m_ptr + base * NUM_SPLITS + splits)
-    l_s = tl.load(part_l_ptr + base * NUM_SPLITS + splits)
+    splits, m, l_s = split_stats(part_m_ptr, part_l_ptr, base, NUM_SPLITS)
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)  # empty or fully masked splits: exp2(-inf) = 0

@@ -51,6 +51,22 @@ def fold_sinks(m_i, l_i, acc, sinks_ptr, head, row_ok):
 
 
 @triton.jit
+def key_pages(
+    bt_row, k_pos, seg_hi, BLOCK_SIZE: tl.constexpr, WIDE_OFFSETS: tl.constexpr, MASKED: tl.constexpr
+):
+    """A key tile's physical pages (its block-table entries, 64-bit with ``WIDE_OFFSETS``) and which of its keys are
+    in the segment (``MASKED``: the page loads skip the others; else every key is, by design)."""
+    k_ok = k_pos < seg_hi
+    if MASKED:
+        page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
+    else:
+        page = tl.load(bt_row + k_pos // BLOCK_SIZE)
+    if WIDE_OFFSETS:
+        page = page.to(tl.int64)
+    return page, k_ok
+
+
+@triton.jit
 def attend_tiles(
     m_i,
     l_i,
@@ -92,13 +108,7 @@ def attend_tiles(
     cols = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         k_pos = n0 + cols
-        k_ok = k_pos < seg_hi
-        if MASKED:
-            page = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
-        else:
-            page = tl.load(bt_row + k_pos // BLOCK_SIZE)
-        if WIDE_OFFSETS:
-            page = page.to(tl.int64)
+        page, k_ok = key_pages(bt_row, k_pos, seg_hi, BLOCK_SIZE, WIDE_OFFSETS, MASKED)
         in_page = k_pos % BLOCK_SIZE
         k_offs = (page * stride_kb + in_page * stride_ks + kv_head * stride_kh)[None, :] + dims[:, None]
         key_ok = k_ok if MASKED else k_pos >= 0  # unmasked tiles: every key is in the segment
